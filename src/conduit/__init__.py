@@ -1,0 +1,51 @@
+"""conduit: Trio-native, password-authenticated, encrypted RPC and file transfer.
+
+The public names live here; everything else is private. The same objects work
+under ``trio.run`` natively and under ``asyncio.run`` through a Trio guest run.
+"""
+
+from ._peer import Peer, RPCProxy
+from ._rpc import current_peer
+from ._version import __version__
+from .client import Client
+from .descriptors import ClientDescriptor, ServerDescriptor
+from .errors import (
+    AuthenticationError,
+    ChecksumMismatch,
+    ConduitError,
+    ConnectionClosed,
+    HandshakeTimeout,
+    IntegrityError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    RPCError,
+    RPCTimeoutError,
+    TransferError,
+    UnsafePathError,
+)
+from .server import Server
+
+__all__ = [
+    "AuthenticationError",
+    "ChecksumMismatch",
+    "Client",
+    "ClientDescriptor",
+    "ConduitError",
+    "ConnectionClosed",
+    "HandshakeTimeout",
+    "IntegrityError",
+    "LocalProtocolError",
+    "Peer",
+    "ProtocolError",
+    "RPCError",
+    "RPCProxy",
+    "RPCTimeoutError",
+    "RemoteProtocolError",
+    "Server",
+    "ServerDescriptor",
+    "TransferError",
+    "UnsafePathError",
+    "__version__",
+    "current_peer",
+]

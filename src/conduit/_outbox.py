@@ -1,0 +1,97 @@
+"""The queue between a connection's producers and its single writer task.
+
+Why not one ``trio.open_memory_channel``: a channel costs several microseconds
+per item and has no notion of priority. Control frames (RPC results, credit
+grants, pings) must overtake bulk data, or a 10 GiB upload would delay every
+RPC reply behind megabytes of file chunks. So the outbox keeps two queues:
+control frames (small, never blocking) and data frames (bounded in bytes;
+producers wait when it is full, which is the in-process backpressure), and the
+writer always drains control first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from .errors import ConnectionClosed
+from .protocol import OutFrame
+
+
+class OutboxClosed(Exception):
+    """Raised to the writer when there is nothing more to send, ever."""
+
+
+class Outbox:
+    """Frames waiting for the writer; control before data."""
+
+    def __init__(self, data_limit: int) -> None:
+        self._control: deque[OutFrame] = deque()
+        self._data: deque[tuple[OutFrame, int]] = deque()
+        self._data_bytes = 0
+        self._data_limit = data_limit
+        self._writer_waiting = trio.lowlevel.ParkingLot()
+        self._producers_waiting = trio.lowlevel.ParkingLot()
+        self._closed: str | None = None
+        self._finish_when_drained = False
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of data frames queued."""
+        return self._data_bytes
+
+    def put_control(self, frame: OutFrame) -> None:
+        """Queue a control frame. Never blocks: control traffic is bounded by the protocol."""
+        self._check_open()
+        self._control.append(frame)
+        self._writer_waiting.unpark_all()
+
+    async def put_data(self, frames: list[tuple[OutFrame, int]]) -> None:
+        """Queue data frames (with their sizes), waiting while the queue is full."""
+        while True:
+            self._check_open()
+            if self._data_bytes < self._data_limit:
+                break
+            await self._producers_waiting.park()
+        self._data.extend(frames)
+        self._data_bytes += sum(size for _, size in frames)
+        self._writer_waiting.unpark_all()
+
+    def finish_after_drain(self) -> None:
+        """Let the writer send what is queued, then stop (for a graceful close)."""
+        self._finish_when_drained = True
+        self._writer_waiting.unpark_all()
+
+    async def take(self, budget: int) -> list[OutFrame]:
+        """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
+        while not self._control and not self._data:
+            if self._closed is not None or self._finish_when_drained:
+                raise OutboxClosed
+            await self._writer_waiting.park()
+        batch = list(self._control)
+        self._control.clear()
+        taken = 0
+        while self._data and taken < budget:
+            frame, size = self._data.popleft()
+            batch.append(frame)
+            taken += size
+        if taken:
+            self._data_bytes -= taken
+            if self._data_bytes < self._data_limit:
+                self._producers_waiting.unpark_all()
+        return batch
+
+    def close(self, reason: str) -> None:
+        """Refuse further frames; wake everyone so they see :class:`ConnectionClosed`."""
+        if self._closed is None:
+            self._closed = reason
+        self._control.clear()
+        self._data.clear()
+        self._data_bytes = 0
+        self._writer_waiting.unpark_all()
+        self._producers_waiting.unpark_all()
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed)

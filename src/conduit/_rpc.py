@@ -1,0 +1,201 @@
+"""RPC and message handlers: registration, argument binding, dispatch.
+
+A handler is an ordinary function (sync, Trio or asyncio coroutine). Its
+parameters are filled from the call's keyword arguments, each structured by
+cattrs into the parameter's annotation, so ``def add(a: int, b: int)`` gets ints
+and ``def create(user: User)`` gets a ``User`` attrs instance. A parameter
+annotated :class:`~conduit.Peer` receives the calling peer instead, and
+:func:`current_peer` returns it anywhere inside the handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import typing
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import attrs
+import cattrs
+
+from ._callbacks import invoke
+from .errors import RPCError
+from .protocol import converter
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._peer import Peer
+
+log = logging.getLogger("conduit.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("conduit_current_peer")
+
+
+def current_peer() -> Peer:
+    """The peer whose call or message is being handled (inside a handler only)."""
+    try:
+        return _current_peer.get()
+    except LookupError:
+        raise RuntimeError("current_peer() called outside an RPC or message handler") from None
+
+
+@attrs.frozen
+class _Param:
+    name: str
+    annotation: Any
+    required: bool
+    wants_peer: bool
+
+
+def _is_peer_annotation(annotation: Any) -> bool:
+    from ._peer import Peer  # deferred: _peer imports this module
+
+    return annotation is Peer or (isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Peer")
+
+
+@attrs.frozen
+class RPCMethod:
+    """A registered handler and how to bind wire arguments to it."""
+
+    name: str
+    function: Callable[..., Any]
+    params: tuple[_Param, ...]
+    accepts_extra: bool
+    #: The one parameter that takes *all* arguments as one attrs object.
+    whole_args: _Param | None
+
+    @classmethod
+    def from_function(cls, name: str, function: Callable[..., Any]) -> RPCMethod:
+        """Inspect ``function``'s signature once, at registration."""
+        signature = inspect.signature(function)
+        try:
+            hints = typing.get_type_hints(function)
+        except Exception:  # unresolvable forward references: fall back to raw annotations
+            hints = {}
+        params: list[_Param] = []
+        accepts_extra = False
+        for parameter in signature.parameters.values():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                accepts_extra = True
+                continue
+            if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                continue
+            if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise TypeError(f"RPC handler {name!r}: positional-only parameters cannot be bound")
+            annotation = hints.get(parameter.name, parameter.annotation)
+            params.append(
+                _Param(
+                    parameter.name,
+                    annotation,
+                    parameter.default is inspect.Parameter.empty,
+                    _is_peer_annotation(annotation),
+                )
+            )
+        data_params = [p for p in params if not p.wants_peer]
+        whole = None
+        if len(data_params) == 1 and attrs.has(data_params[0].annotation):
+            whole = data_params[0]
+        return cls(name, function, tuple(params), accepts_extra, whole)
+
+    def bind(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """Structure wire arguments into keyword arguments for the handler."""
+        kwargs: dict[str, Any] = {}
+        remaining = dict(args)
+        for param in self.params:
+            if param.wants_peer:
+                kwargs[param.name] = peer
+            elif param is self.whole_args and param.name not in remaining:
+                kwargs[param.name] = _structure(remaining, param)
+                remaining = {}
+            elif param.name in remaining:
+                kwargs[param.name] = _structure(remaining.pop(param.name), param)
+            elif param.required:
+                raise RPCError(f"{self.name}() is missing argument {param.name!r}", "invalid_arguments")
+        if remaining:
+            if not self.accepts_extra:
+                names = ", ".join(sorted(map(repr, remaining)))
+                raise RPCError(f"{self.name}() got unexpected arguments {names}", "invalid_arguments")
+            kwargs.update(remaining)
+        return kwargs
+
+
+def _structure(value: Any, param: _Param) -> Any:
+    annotation = param.annotation
+    if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
+        return value
+    try:
+        return converter.structure(value, annotation)
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        if isinstance(exc, cattrs.BaseValidationError):
+            detail = "; ".join(cattrs.transform_error(exc))
+        else:
+            detail = str(exc) or type(exc).__name__
+        raise RPCError(f"argument {param.name!r}: {detail}", "invalid_arguments") from None
+
+
+class Handlers:
+    """The RPC methods and message handlers of one Server or Client."""
+
+    def __init__(self, *, message_handler_takes_peer: bool) -> None:
+        self.methods: dict[str, RPCMethod] = {}
+        self.events: dict[str, list[Callable[..., Any]]] = {}
+        self._message_handler_takes_peer = message_handler_takes_peer
+        self.peer_of: Callable[[Connection], Peer] | None = None
+
+    def add_method(self, function: Callable[..., Any], name: str | None = None) -> None:
+        """Register ``function`` under ``name`` (default: its ``__name__``)."""
+        method_name = name or function.__name__
+        self.methods[method_name] = RPCMethod.from_function(method_name, function)
+
+    @overload
+    def decorator(self, function: F, *, name: str | None = None) -> F: ...
+    @overload
+    def decorator(self, function: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+    def decorator(self, function: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+        """``@x.rpc`` or ``@x.rpc(name="...")``."""
+        if function is None:
+            return functools.partial(self.decorator, name=name)  # type: ignore[return-value]
+        self.add_method(function, name)
+        return function
+
+    def add_event(self, event: str, function: Callable[..., Any]) -> None:
+        """Register a handler for a one-way message."""
+        self.events.setdefault(event, []).append(function)
+
+    async def handle_call(self, connection: Connection, method: str, args: dict[str, Any]) -> Any:
+        """Dispatcher protocol: run an RPC and unstructure its value for the wire."""
+        entry = self.methods.get(method)
+        if entry is None:
+            raise RPCError(f"no RPC method named {method!r}", "not_found")
+        assert self.peer_of is not None
+        peer = self.peer_of(connection)
+        kwargs = entry.bind(args, peer)
+        token = _current_peer.set(peer)
+        try:
+            value = await invoke(functools.partial(entry.function, **kwargs))
+        finally:
+            _current_peer.reset(token)
+        return converter.unstructure(value)
+
+    async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
+        """Dispatcher protocol: run every handler registered for ``event``."""
+        handlers = self.events.get(event)
+        if not handlers:
+            log.debug("no handler for message %r; dropped", event)
+            return
+        assert self.peer_of is not None
+        peer = self.peer_of(connection)
+        token = _current_peer.set(peer)
+        try:
+            for handler in handlers:
+                if self._message_handler_takes_peer:
+                    await invoke(handler, peer, data)
+                else:
+                    await invoke(handler, data)
+        finally:
+            _current_peer.reset(token)

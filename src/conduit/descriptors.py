@@ -1,0 +1,154 @@
+"""Configuration of servers and clients: validated attrs classes.
+
+Every field has a sane default except the password. Values are checked when the
+descriptor is created, so a typo fails at start-up with a message naming the
+field, not later on the network.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+from .protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
+
+__all__ = ["ClientDescriptor", "ServerDescriptor"]
+
+
+def _non_empty(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
+def _port(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{attribute.name} must be between 0 and 65535, got {value}")
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
+
+
+def _optional_positive(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be positive or None, got {value}")
+
+
+def _frame_size(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
+        raise ValueError(
+            f"{attribute.name} must be between {MIN_FRAME_SIZE} and {MAX_FRAME_SIZE}, got {value}"
+        )
+
+
+def _window(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 64 * 1024 <= value <= 1 << 30:
+        raise ValueError(f"{attribute.name} must be between 64 KiB and 1 GiB, got {value}")
+
+
+def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: float) -> None:
+    if instance.heartbeat_interval > 0 and value <= instance.heartbeat_interval:
+        raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
+
+
+_SECRET = {"repr": False}
+
+
+@attrs.frozen(kw_only=True)
+class ServerDescriptor:
+    """How a :class:`~conduit.Server` listens, authenticates and limits its clients.
+
+    The password never leaves this process: clients prove they know it with
+    SPAKE2, and it is left out of ``repr()`` so it does not end up in logs.
+    """
+
+    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], **_SECRET)
+    #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one.
+    host: str = attrs.field(default="0.0.0.0", validator=v.instance_of(str))
+    #: Port to bind; 0 picks a free one (read it back from ``Server.port``).
+    port: int = attrs.field(default=8080, validator=[v.instance_of(int), _port])
+    #: Name reported to clients.
+    name: str = attrs.field(default="conduit-server", validator=v.instance_of(str))
+    #: Connections (authenticated or still in the handshake) served at once.
+    max_connections: int = attrs.field(default=1000, validator=[v.instance_of(int), _positive])
+    #: Largest frame this side accepts; peers never send more in one frame.
+    max_frame_size: int = attrs.field(
+        default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
+    )
+    #: Bytes a peer may send on one data stream before we grant more.
+    receive_window: int = attrs.field(default=4 * 1024 * 1024, validator=[v.instance_of(int), _window])
+    #: Seconds a new connection has to finish the (TLS and) password handshake.
+    auth_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Close connections with no calls, messages or data for this long; None: never.
+    idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
+    #: Seconds between pings; 0 disables heartbeats.
+    heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
+    #: Close a connection whose peer has sent nothing for this long.
+    heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
+    #: Calls from one client running at once; more are refused with code "overloaded".
+    max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
+    #: Default timeout of server-to-client calls, in seconds.
+    rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
+    #: Failed handshakes from one address, within ``auth_failure_window``,
+    #: before that address is refused for ``auth_lockout`` seconds.
+    auth_failure_limit: int = attrs.field(default=5, validator=[v.instance_of(int), _positive])
+    auth_failure_window: float = attrs.field(default=60.0, validator=_positive)
+    auth_lockout: float = attrs.field(default=30.0, validator=_positive)
+    #: PEM certificate chain and key: serve TLS (on top of the password handshake).
+    tls_certfile: str | None = attrs.field(default=None)
+    tls_keyfile: str | None = attrs.field(default=None)
+    #: A ready SSL context instead of the two files.
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
+
+    def build_ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side SSL context, or None when TLS is off."""
+        if self.ssl_context is not None:
+            return self.ssl_context
+        if self.tls_certfile is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_certfile, self.tls_keyfile)
+        return context
+
+
+@attrs.frozen(kw_only=True)
+class ClientDescriptor:
+    """Where a :class:`~conduit.Client` connects and how it behaves."""
+
+    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], **_SECRET)
+    server_host: str = attrs.field(default="localhost", validator=[v.instance_of(str), _non_empty])
+    server_port: int = attrs.field(default=8080, validator=[v.instance_of(int), _port])
+    #: Name reported to the server.
+    name: str = attrs.field(default="conduit-client", validator=v.instance_of(str))
+    #: Seconds for TCP connect plus the handshake.
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Default timeout of ``client.rpc.call``; None waits forever.
+    rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
+    max_frame_size: int = attrs.field(
+        default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
+    )
+    receive_window: int = attrs.field(default=4 * 1024 * 1024, validator=[v.instance_of(int), _window])
+    heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
+    heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
+    idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
+    #: Calls from the server running at once on this client.
+    max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
+    #: Wrap the connection in TLS and verify the server's certificate.
+    tls: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    #: CA bundle to verify the server with (default: the system's).
+    tls_ca_file: str | None = attrs.field(default=None)
+    #: Host name to check the certificate against (default: ``server_host``).
+    tls_server_hostname: str | None = attrs.field(default=None)
+    ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
+
+    def build_ssl_context(self) -> ssl.SSLContext | None:
+        """The client-side SSL context, or None when TLS is off."""
+        if self.ssl_context is not None:
+            return self.ssl_context
+        if not self.tls and self.tls_ca_file is None:
+            return None
+        return ssl.create_default_context(cafile=self.tls_ca_file)

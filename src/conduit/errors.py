@@ -1,0 +1,117 @@
+"""The exceptions conduit raises.
+
+Everything conduit raises on purpose derives from :class:`ConduitError`, so one
+``except ConduitError`` catches all of it. Where Python already has the right
+meaning, the class derives from that too (``TimeoutError``, ``ValueError``,
+``PermissionError``), so ordinary handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class ConduitError(Exception):
+    """Base class of every error conduit raises on purpose."""
+
+
+class ProtocolError(ConduitError):
+    """The byte stream broke the wire protocol.
+
+    Raised by the sans-IO layer for anything malformed: a bad magic number, an
+    unknown frame kind, a length over the negotiated limit, a body that does not
+    decode, a frame that is not allowed in the current state.
+    """
+
+
+class RemoteProtocolError(ProtocolError):
+    """The *peer* sent something that breaks the protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """*This side* was asked to do something the protocol does not allow."""
+
+
+class AuthenticationError(ConduitError):
+    """The password did not match, or the peer failed to prove it knows it."""
+
+
+class HandshakeTimeout(AuthenticationError, TimeoutError):
+    """The peer did not complete the handshake in time."""
+
+
+class ConnectionClosed(ConduitError):
+    """The connection is closed; the operation cannot complete.
+
+    ``reason`` says why, in words meant for a log line.
+    """
+
+    def __init__(self, reason: str = "connection closed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IntegrityError(ConnectionClosed):
+    """A sealed record failed authentication: the bytes were altered in transit."""
+
+
+class RPCError(ConduitError):
+    """A remote procedure call failed on the other side.
+
+    ``code`` is a short machine-readable string (``"not_found"``,
+    ``"invalid_arguments"``, ``"handler_error"``, ``"timeout"``, ...), ``message``
+    is for humans.
+    """
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
+
+
+class RPCTimeoutError(RPCError, TimeoutError):
+    """A remote procedure call got no answer within its timeout."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="timeout")
+
+
+class TransferError(ConduitError):
+    """A file transfer failed. ``code`` classifies it like :class:`RPCError`."""
+
+    def __init__(self, message: str, code: str = "transfer_failed") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ChecksumMismatch(TransferError):
+    """The received bytes do not hash to the checksum the sender announced."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="checksum_mismatch")
+
+
+class UnsafePathError(TransferError, ValueError):
+    """A file name from the network would escape, or is not allowed in, the storage root."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="unsafe_path")
+
+
+__all__ = [
+    "AuthenticationError",
+    "ChecksumMismatch",
+    "ConduitError",
+    "ConnectionClosed",
+    "HandshakeTimeout",
+    "IntegrityError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RPCError",
+    "RPCTimeoutError",
+    "RemoteProtocolError",
+    "TransferError",
+    "UnsafePathError",
+]

@@ -1,0 +1,177 @@
+"""Turning frames into bytes and bytes into frames.
+
+:class:`FrameDecoder` is incremental and sans-IO: feed it whatever the socket
+returned, pull complete frames out. It never allocates for a payload before the
+header's length has been checked against the limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import cattrs
+import msgpack
+from cattrs.preconf.msgpack import make_converter
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .frames import (
+    HEADER,
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    MAGIC,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameKind,
+    encode_header,
+    is_known_kind,
+)
+from .messages import BODY_TYPES, Body
+
+#: The wire converter: attrs bodies to msgpack-ready primitives and back.
+converter = make_converter()
+
+T = TypeVar("T")
+
+# Bodies nest user data (RPC arguments); msgpack's own depth limit (its C stack)
+# stops pathological nesting, this bounds how much we unpack at all.
+_UNPACK_LIMITS: dict[str, Any] = {"raw": False, "strict_map_key": False, "use_list": True}
+
+
+def pack(value: Any) -> bytes:
+    """msgpack-encode an already unstructured value."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"value cannot be sent: {exc}") from exc
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    """Decode msgpack from the network; anything malformed is a RemoteProtocolError."""
+    try:
+        return msgpack.unpackb(data, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise RemoteProtocolError(f"malformed msgpack body: {exc}") from exc
+
+
+def encode_frame(kind: FrameKind, stream_id: int, body: Body, flags: int = 0) -> bytes:
+    """Encode a control frame carrying ``body``."""
+    payload = pack(converter.unstructure(body))
+    return encode_header(kind, stream_id, flags, len(payload)) + payload
+
+
+def data_header(stream_id: int, length: int, flags: int = 0) -> bytes:
+    """Header of a DATA frame; the payload follows it on the wire unchanged."""
+    return encode_header(FrameKind.DATA, stream_id, flags, length)
+
+
+def decode_body(frame: Frame) -> Any:
+    """Structure the body of a control frame into its attrs class."""
+    body_type = BODY_TYPES.get(frame.kind)
+    if body_type is None:
+        raise RemoteProtocolError(f"{frame.kind.name} frames carry no body")
+    return structure_from_wire(unpack(frame.payload), body_type, what=frame.kind.name)
+
+
+def structure_from_wire(raw: Any, cls: type[T], *, what: str) -> T:
+    """Structure untrusted data, mapping every failure to RemoteProtocolError."""
+    try:
+        return converter.structure(raw, cls)
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise RemoteProtocolError(f"malformed {what} body: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc)) or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+class FrameDecoder:
+    """Incremental frame parser: ``feed(bytes)``, then ``next_frame()`` until None.
+
+    Used directly on the clear-text handshake and on each decrypted record.
+    """
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._offset = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes received from the peer."""
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buffer) - self._offset
+
+    def take_remaining(self) -> bytes:
+        """Hand over unparsed bytes (when the stream switches to sealed records)."""
+        rest = bytes(self._buffer[self._offset :])
+        self._buffer.clear()
+        self._offset = 0
+        return rest
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or None if more bytes are needed."""
+        available = len(self._buffer) - self._offset
+        if available < HEADER_SIZE:
+            self._compact()
+            return None
+        kind, stream_id, flags, length = parse_header(self._buffer, self._offset, self.max_frame_size)
+        end = self._offset + HEADER_SIZE + length
+        if end > len(self._buffer):
+            self._compact()
+            return None
+        payload = bytes(self._buffer[self._offset + HEADER_SIZE : end])
+        self._offset = end
+        return Frame(kind, stream_id, flags, payload)
+
+    def _compact(self) -> None:
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+
+
+def parse_header(
+    buffer: bytes | bytearray | memoryview, offset: int, max_frame_size: int
+) -> tuple[FrameKind, int, int, int]:
+    """Validate and unpack the header at ``offset``; raise RemoteProtocolError if bad."""
+    magic, version, kind, flags, stream_id, length = HEADER.unpack_from(buffer, offset)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"bad magic {bytes(magic)!r}: not a conduit peer")
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+        )
+    if not is_known_kind(kind):
+        raise RemoteProtocolError(f"unknown frame kind {kind}")
+    if flags & ~KNOWN_FLAGS:
+        raise RemoteProtocolError(f"unknown flags 0x{flags:02x}")
+    if length > max_frame_size:
+        raise RemoteProtocolError(
+            f"frame of {length} bytes exceeds the negotiated limit of {max_frame_size}"
+        )
+    return FrameKind(kind), stream_id, flags, length
+
+
+def iter_frames(record: bytes, max_frame_size: int) -> list[Frame]:
+    """Split one decrypted record into its frames, without copying payloads.
+
+    A sealed record always holds whole frames, so a leftover is a protocol error.
+    """
+    view = memoryview(record)
+    frames: list[Frame] = []
+    offset = 0
+    total = len(record)
+    while offset < total:
+        if total - offset < HEADER_SIZE:
+            raise RemoteProtocolError("record ends inside a frame header")
+        kind, stream_id, flags, length = parse_header(record, offset, max_frame_size)
+        start = offset + HEADER_SIZE
+        offset = start + length
+        if offset > total:
+            raise RemoteProtocolError("record ends inside a frame payload")
+        frames.append(Frame(kind, stream_id, flags, view[start:offset]))
+    return frames

@@ -1,0 +1,165 @@
+"""Typed bodies of control frames.
+
+Each body is a frozen attrs class; :mod:`conduit.protocol.codec` turns them into
+msgpack maps and back with cattrs, so a malformed body from the network becomes a
+:class:`~conduit.errors.RemoteProtocolError`, never a stray ``KeyError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .frames import FrameKind
+
+
+@attrs.frozen
+class ClientHello:
+    """First handshake frame: the client's SPAKE2 message and its limits."""
+
+    protocol_version: int
+    name: str
+    pake: bytes
+    max_frame_size: int
+    receive_window: int
+
+
+@attrs.frozen
+class ServerHello:
+    """The server's SPAKE2 message and its limits."""
+
+    protocol_version: int
+    name: str
+    pake: bytes
+    max_frame_size: int
+    receive_window: int
+
+
+@attrs.frozen
+class Confirm:
+    """Key confirmation: an HMAC over the handshake transcript."""
+
+    mac: bytes
+
+
+@attrs.frozen
+class AuthFailed:
+    """The server refuses the handshake. ``code`` is machine-readable."""
+
+    code: str
+    reason: str
+    retry_after: float = 0.0
+
+
+@attrs.frozen
+class Welcome:
+    """First sealed frame from the server: the client's identity on this server."""
+
+    client_id: str
+    server_name: str
+    heartbeat_interval: float
+
+
+@attrs.frozen
+class Call:
+    """Invoke ``method`` on the peer. The header's stream id is the call id."""
+
+    method: str
+    args: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Result:
+    """Outcome of a call. ``ok`` decides whether ``value`` or ``error``/``code`` count."""
+
+    ok: bool
+    value: Any = None
+    error: str = ""
+    code: str = ""
+
+
+@attrs.frozen
+class Cancel:
+    """The caller gave up on the call with the header's id."""
+
+
+@attrs.frozen
+class Message:
+    """A one-way event: no reply is expected."""
+
+    event: str
+    data: Any = None
+
+
+@attrs.frozen
+class Credit:
+    """Grant the sender of the header's stream ``increment`` more bytes."""
+
+    increment: int
+
+
+@attrs.frozen
+class Reset:
+    """Abort the stream in the header, with a reason for the other side."""
+
+    code: str
+    reason: str
+
+
+@attrs.frozen
+class Ping:
+    """Liveness probe; the peer answers with :class:`Pong` carrying the same nonce."""
+
+    nonce: int
+
+
+@attrs.frozen
+class Pong:
+    """Answer to :class:`Ping`."""
+
+    nonce: int
+
+
+@attrs.frozen
+class Goodbye:
+    """Orderly close, with the reason."""
+
+    reason: str
+
+
+Body = (
+    ClientHello
+    | ServerHello
+    | Confirm
+    | AuthFailed
+    | Welcome
+    | Call
+    | Result
+    | Cancel
+    | Message
+    | Credit
+    | Reset
+    | Ping
+    | Pong
+    | Goodbye
+)
+
+#: Which body class each control frame kind carries.
+BODY_TYPES: dict[FrameKind, type[Any]] = {
+    FrameKind.CLIENT_HELLO: ClientHello,
+    FrameKind.SERVER_HELLO: ServerHello,
+    FrameKind.CLIENT_CONFIRM: Confirm,
+    FrameKind.SERVER_CONFIRM: Confirm,
+    FrameKind.AUTH_FAILED: AuthFailed,
+    FrameKind.WELCOME: Welcome,
+    FrameKind.CALL: Call,
+    FrameKind.RESULT: Result,
+    FrameKind.CANCEL: Cancel,
+    FrameKind.MESSAGE: Message,
+    FrameKind.CREDIT: Credit,
+    FrameKind.RESET: Reset,
+    FrameKind.PING: Ping,
+    FrameKind.PONG: Pong,
+    FrameKind.GOODBYE: Goodbye,
+}
