@@ -4,6 +4,8 @@ The public names live here; everything else is private. The same objects work
 under ``trio.run`` natively and under ``asyncio.run`` through a Trio guest run.
 """
 
+import logging
+
 from ._peer import Peer, RPCProxy
 from ._rpc import current_peer
 from ._version import __version__
@@ -25,6 +27,9 @@ from .errors import (
     UnsafePathError,
 )
 from .server import Server
+
+# A library logs; the application decides where logs go.
+logging.getLogger("conduit").addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",

@@ -42,6 +42,7 @@ from .errors import (
 from .protocol import Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
 from .protocol.codec import decode_body, encode_frame
 from .protocol.messages import Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
+import contextlib
 
 log = logging.getLogger("conduit.connection")
 
@@ -188,8 +189,10 @@ class Connection:
         for pending in self._pending_calls.values():
             pending.error = ConnectionClosed(reason)
             pending.done.set()
-        for stream in [*self._incoming.values(), *self._outgoing.values()]:
-            stream.fail(ConnectionClosed(reason))
+        for incoming in self._incoming.values():
+            incoming.fail(ConnectionClosed(reason))
+        for outgoing in self._outgoing.values():
+            outgoing.fail(ConnectionClosed(reason))
         self._incoming.clear()
         self._outgoing.clear()
 
@@ -209,6 +212,8 @@ class Connection:
                 await self._drain_reader()
         except IntegrityError as exc:
             self.abort(exc.reason)
+        except ConnectionClosed:
+            pass  # we are closing; a reply had nowhere to go
         except ProtocolError as exc:
             self.abort(f"protocol error: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -245,6 +250,10 @@ class Connection:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
 
     async def _heartbeat_task(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._heartbeat_loop()
+
+    async def _heartbeat_loop(self) -> None:
         settings = self.settings
         while True:
             await trio.sleep(settings.heartbeat_interval)
@@ -253,7 +262,10 @@ class Connection:
             if silent > settings.heartbeat_timeout:
                 self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
                 return
-            if settings.idle_timeout is not None and now - self._last_activity > settings.idle_timeout:
+            if (
+                settings.idle_timeout is not None
+                and now - self._last_activity > settings.idle_timeout
+            ):
                 await self.close(f"idle for more than {settings.idle_timeout:g}s")
                 return
             self._send_control(FrameKind.PING, 0, Ping(next(self._ping_ids)))
@@ -359,7 +371,9 @@ class Connection:
                     return
                 except Exception as exc:
                     log.exception("%s: RPC handler %r failed", self.label, call.method)
-                    result = Result(False, error=f"{type(exc).__name__}: {exc}", code="handler_error")
+                    result = Result(
+                        False, error=f"{type(exc).__name__}: {exc}", code="handler_error"
+                    )
         finally:
             del self._running_calls[call_id]
         if result is not None and not scope.cancelled_caught:
@@ -372,7 +386,9 @@ class Connection:
             self._send_control(
                 FrameKind.RESULT,
                 call_id,
-                Result(False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"),
+                Result(
+                    False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
+                ),
             )
         except ConnectionClosed:
             pass
@@ -442,7 +458,9 @@ class Connection:
         self._outgoing[stream_id] = stream
         return stream
 
-    def close_stream(self, stream: IncomingStream | OutgoingStream, *, reset: tuple[str, str] | None = None) -> None:
+    def close_stream(
+        self, stream: IncomingStream | OutgoingStream, *, reset: tuple[str, str] | None = None
+    ) -> None:
         """Forget a stream; with ``reset=(code, reason)`` tell the peer to abort it."""
         if isinstance(stream, IncomingStream):
             self._incoming.pop(stream.stream_id, None)
@@ -450,17 +468,13 @@ class Connection:
             self._outgoing.pop(stream.stream_id, None)
         if reset is not None and self.is_open:
             code, reason = reset
-            try:
+            with contextlib.suppress(ConduitError):
                 self._send_control(FrameKind.RESET, stream.stream_id, Reset(code, reason))
-            except ConduitError:
-                pass
 
     def _grant_credit(self, stream_id: int, amount: int) -> None:
         if self.is_open and stream_id in self._incoming:
-            try:
+            with contextlib.suppress(ConnectionClosed):
                 self._send_control(FrameKind.CREDIT, stream_id, Credit(amount))
-            except ConnectionClosed:
-                pass
 
 
 __all__ = ["Connection", "ConnectionSettings", "Dispatcher", "OutFrame"]

@@ -22,6 +22,7 @@ from .protocol import (
 from .protocol.codec import decode_body, encode_frame
 from .protocol.handshake import refusal_frame
 from .protocol.messages import Welcome
+import contextlib
 
 _CHUNK = 4096
 
@@ -91,10 +92,8 @@ def welcome_record(writer: FrameWriter, welcome: Welcome) -> bytes | bytearray:
 async def refuse(stream: trio.abc.Stream, code: str, reason: str, retry_after: float = 0.0) -> None:
     """Tell a connecting client why it is turned away, best effort, then close."""
     with trio.move_on_after(1):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(refusal_frame(code, reason, retry_after))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
     await trio.aclose_forcefully(stream)
 
 

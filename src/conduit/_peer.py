@@ -32,7 +32,9 @@ def call_arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(args, dict):
         merged = {str(key): converter.unstructure(value) for key, value in args.items()}
     else:
-        raise TypeError(f"args must be a dict, an attrs instance or None, not {type(args).__name__}")
+        raise TypeError(
+            f"args must be a dict, an attrs instance or None, not {type(args).__name__}"
+        )
     merged.update({key: converter.unstructure(value) for key, value in kwargs.items()})
     return merged
 
@@ -65,7 +67,9 @@ class RPCProxy:
     def __call__(self, function: F, *, name: str | None = None) -> F: ...
     @overload
     def __call__(self, function: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
-    def __call__(self, function: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    def __call__(
+        self, function: F | None = None, *, name: str | None = None
+    ) -> F | Callable[[F], F]:
         """Register a handler the peer can call: ``@client.rpc`` or ``@client.rpc(name=...)``."""
         if self._handlers is None:
             raise TypeError("this side has no RPC registry; register on the Server or Client")
@@ -148,7 +152,9 @@ class Peer:
         return self._connection
 
     @bridged
-    async def call(self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def call(
+        self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         """Call ``method`` on this peer and return the value, or raise (see ``RPCProxy.invoke``)."""
         return await self.rpc.invoke(method, args, timeout, **kwargs)
 

@@ -55,7 +55,9 @@ class _Param:
 def _is_peer_annotation(annotation: Any) -> bool:
     from ._peer import Peer  # deferred: _peer imports this module
 
-    return annotation is Peer or (isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Peer")
+    return annotation is Peer or (
+        isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Peer"
+    )
 
 
 @attrs.frozen
@@ -115,11 +117,15 @@ class RPCMethod:
             elif param.name in remaining:
                 kwargs[param.name] = _structure(remaining.pop(param.name), param)
             elif param.required:
-                raise RPCError(f"{self.name}() is missing argument {param.name!r}", "invalid_arguments")
+                raise RPCError(
+                    f"{self.name}() is missing argument {param.name!r}", "invalid_arguments"
+                )
         if remaining:
             if not self.accepts_extra:
                 names = ", ".join(sorted(map(repr, remaining)))
-                raise RPCError(f"{self.name}() got unexpected arguments {names}", "invalid_arguments")
+                raise RPCError(
+                    f"{self.name}() got unexpected arguments {names}", "invalid_arguments"
+                )
             kwargs.update(remaining)
         return kwargs
 
@@ -156,10 +162,12 @@ class Handlers:
     def decorator(self, function: F, *, name: str | None = None) -> F: ...
     @overload
     def decorator(self, function: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
-    def decorator(self, function: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    def decorator(
+        self, function: F | None = None, *, name: str | None = None
+    ) -> F | Callable[[F], F]:
         """``@x.rpc`` or ``@x.rpc(name="...")``."""
         if function is None:
-            return functools.partial(self.decorator, name=name)  # type: ignore[return-value]
+            return functools.partial(self.decorator, name=name)
         self.add_method(function, name)
         return function
 

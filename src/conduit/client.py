@@ -236,7 +236,9 @@ class Client:
             await self._peer.connection.closed.wait()
 
     @bridged
-    async def call(self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def call(
+        self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
         """Call ``method`` on the server and return its value, or raise :class:`~conduit.RPCError`."""
         return await self.rpc.invoke(method, args, timeout, **kwargs)
 

@@ -55,7 +55,6 @@ def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: floa
         raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
 
 
-_SECRET = {"repr": False}
 
 
 @attrs.frozen(kw_only=True)
@@ -66,7 +65,7 @@ class ServerDescriptor:
     SPAKE2, and it is left out of ``repr()`` so it does not end up in logs.
     """
 
-    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], **_SECRET)
+    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], repr=False)
     #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one.
     host: str = attrs.field(default="0.0.0.0", validator=v.instance_of(str))
     #: Port to bind; 0 picks a free one (read it back from ``Server.port``).
@@ -80,7 +79,9 @@ class ServerDescriptor:
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
     )
     #: Bytes a peer may send on one data stream before we grant more.
-    receive_window: int = attrs.field(default=4 * 1024 * 1024, validator=[v.instance_of(int), _window])
+    receive_window: int = attrs.field(
+        default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
+    )
     #: Seconds a new connection has to finish the (TLS and) password handshake.
     auth_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Close connections with no calls, messages or data for this long; None: never.
@@ -119,7 +120,7 @@ class ServerDescriptor:
 class ClientDescriptor:
     """Where a :class:`~conduit.Client` connects and how it behaves."""
 
-    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], **_SECRET)
+    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], repr=False)
     server_host: str = attrs.field(default="localhost", validator=[v.instance_of(str), _non_empty])
     server_port: int = attrs.field(default=8080, validator=[v.instance_of(int), _port])
     #: Name reported to the server.
@@ -131,7 +132,9 @@ class ClientDescriptor:
     max_frame_size: int = attrs.field(
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
     )
-    receive_window: int = attrs.field(default=4 * 1024 * 1024, validator=[v.instance_of(int), _window])
+    receive_window: int = attrs.field(
+        default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
+    )
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)

@@ -159,7 +159,9 @@ class Server:
         ]
         ssl_context = descriptor.build_ssl_context()
         if ssl_context is not None:
-            listeners = [trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in listeners]
+            listeners = [
+                trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in listeners
+            ]
         self._stopped = trio.Event()
         self._closing = False
         try:
@@ -227,8 +229,12 @@ class Server:
             await refuse(stream, "shutting_down", "the server is shutting down")
             return
         if self._open_sockets > descriptor.max_connections:
-            log.warning("refused %s: max_connections (%d) reached", address, descriptor.max_connections)
-            await refuse(stream, "busy", f"the server is at max_connections ({descriptor.max_connections})")
+            log.warning(
+                "refused %s: max_connections (%d) reached", address, descriptor.max_connections
+            )
+            await refuse(
+                stream, "busy", f"the server is at max_connections ({descriptor.max_connections})"
+            )
             return
         wait = self._throttle.retry_after(host, trio.current_time())
         if wait > 0:
@@ -255,7 +261,11 @@ class Server:
                 welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval)
                 await stream.send_all(welcome_record(established.writer, welcome))
         except trio.TooSlowError:
-            log.warning("dropped %s: no handshake within auth_timeout (%gs)", address, descriptor.auth_timeout)
+            log.warning(
+                "dropped %s: no handshake within auth_timeout (%gs)",
+                address,
+                descriptor.auth_timeout,
+            )
             return
         except AuthenticationError as exc:
             self._throttle.record_failure(host, trio.current_time())

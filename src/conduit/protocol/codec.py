@@ -119,7 +119,9 @@ class FrameDecoder:
         if available < HEADER_SIZE:
             self._compact()
             return None
-        kind, stream_id, flags, length = parse_header(self._buffer, self._offset, self.max_frame_size)
+        kind, stream_id, flags, length = parse_header(
+            self._buffer, self._offset, self.max_frame_size
+        )
         end = self._offset + HEADER_SIZE + length
         if end > len(self._buffer):
             self._compact()

@@ -169,7 +169,9 @@ class ClientHandshake:
         if self.state is HandshakeState.WAIT_SERVER_HELLO:
             _expect(frame, FrameKind.SERVER_HELLO, self.state)
             hello: ServerHello = decode_body(frame)
-            _check_limits(hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version)
+            _check_limits(
+                hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
+            )
             secret = _finish_pake(self._pake, hello.pake)
             self._derived = _derive(secret, self._hello_payload, bytes(frame.payload))
             self._server_hello = hello
@@ -233,7 +235,9 @@ class ServerHandshake:
         if self.state is HandshakeState.WAIT_CLIENT_HELLO:
             _expect(frame, FrameKind.CLIENT_HELLO, self.state)
             hello: ClientHello = decode_body(frame)
-            _check_limits(hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version)
+            _check_limits(
+                hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
+            )
             pake = SPAKE2_B(self._password, idA=CLIENT_IDENTITY, idB=SERVER_IDENTITY)
             reply = encode_frame(
                 FrameKind.SERVER_HELLO,

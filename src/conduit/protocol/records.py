@@ -92,7 +92,9 @@ class RecordOpener:
         view = memoryview(buffer)
         try:
             plaintext = self._aead.decrypt(
-                _nonce(self._counter), view[start + LENGTH.size : end], bytes(view[start : start + 4])
+                _nonce(self._counter),
+                view[start + LENGTH.size : end],
+                bytes(view[start : start + 4]),
             )
         except InvalidTag:
             raise IntegrityError(

@@ -1,0 +1,497 @@
+"""The asyncio shim: run whole Trio operations from asyncio code.
+
+conduit's core is pure Trio. When a public coroutine is awaited from asyncio, the
+whole operation (one RPC, one transfer, ``Server.run``) is handed to a Trio *guest
+run* hosted on the running asyncio loop (:func:`trio.lowlevel.start_guest_run`):
+Trio's scheduler then runs as callbacks of the asyncio loop, in the same thread,
+and only Trio's I/O wait happens in a worker thread. There is one guest run per
+asyncio loop. It starts lazily on the first bridged call and ends when the loop
+ends (``asyncio.run`` cancelling its leftover tasks, or closing its async
+generators).
+
+The pieces:
+
+* :func:`current_flavor` says which library is running the current task;
+* :func:`run_in_trio` (asyncio side) runs one Trio coroutine function in this
+  loop's guest run and returns its result, with exceptions and cancellation
+  crossing in both directions;
+* :func:`bridged` turns an ``async def`` method into one that works when awaited
+  from either library;
+* :func:`is_asyncio_hosted` / :func:`current_host_loop` (Trio side) tell Trio code
+  that its user lives in asyncio, so user callbacks can be run there (see
+  :mod:`conduit._callbacks`);
+* :func:`get_guest_token` gives the guest run's :class:`trio.lowlevel.TrioToken`.
+
+See ``docs/trio-and-asyncio.md`` for costs and limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import functools
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
+
+import outcome
+import sniffio
+import trio
+
+__all__ = [
+    "bridged",
+    "current_flavor",
+    "current_host_loop",
+    "get_guest_token",
+    "is_asyncio_hosted",
+    "run_in_trio",
+]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def current_flavor() -> Literal["trio", "asyncio"]:
+    """Return which async library is running the calling code: ``"trio"`` or ``"asyncio"``.
+
+    Detection is sniffio's, so Trio code running inside one of our guest runs says
+    ``"trio"`` and asyncio tasks on the hosting loop say ``"asyncio"``.
+
+    Raises:
+        RuntimeError: when called outside async code, or under another library
+            (curio, ...), which conduit does not support.
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        raise RuntimeError(
+            "conduit's async API must be awaited from a Trio or asyncio task "
+            "(no async library is running here)"
+        ) from None
+    if library == "trio":
+        return "trio"
+    if library == "asyncio":
+        return "asyncio"
+    raise RuntimeError(f"conduit supports Trio and asyncio, not {library!r}")
+
+
+# --------------------------------------------------------------------------- guest runs
+
+# Set (to the hosting loop) inside each of our guest runs, and only there: a RunVar
+# is per Trio run, so it is absent under a plain ``trio.run`` and in a guest run
+# some other library started.
+_HOST_LOOP: trio.lowlevel.RunVar[asyncio.AbstractEventLoop | None] = trio.lowlevel.RunVar(
+    "conduit_host_loop", default=None
+)
+
+
+def current_host_loop() -> asyncio.AbstractEventLoop | None:
+    """From Trio code: the asyncio loop hosting this Trio run, or ``None``.
+
+    ``None`` under a plain ``trio.run`` and outside Trio tasks. Asyncio code on a
+    hosting loop also gets ``None``: it can use :func:`asyncio.get_running_loop`.
+    """
+    # Between guest ticks the guest's runner is still installed in the thread, so
+    # asyncio code could read the RunVar too; ``in_trio_task`` limits the answer to
+    # Trio code, as documented.
+    if not trio.lowlevel.in_trio_task():
+        return None
+    return _HOST_LOOP.get()
+
+
+def is_asyncio_hosted() -> bool:
+    """From Trio code: ``True`` when this Trio run is one of our guest runs on an asyncio loop.
+
+    That means the user of the current operation lives in asyncio, so their
+    ``async def`` callbacks are asyncio coroutines. ``False`` under a plain
+    ``trio.run`` (and outside Trio tasks).
+    """
+    return current_host_loop() is not None
+
+
+class _State(enum.Enum):
+    STARTING = "starting"  # start_guest_run returned; the root task has not run yet
+    RUNNING = "running"  # the service nursery is open
+    CLOSING = "closing"  # the root scope is cancelled; no new calls
+    DONE = "done"  # the done callback ran; the thread may host a new run
+
+
+class _Call(Generic[T]):
+    """One :func:`run_in_trio` call: shared by the asyncio caller and its Trio task."""
+
+    __slots__ = ("args", "context", "finished", "fn", "future", "late_error", "scope", "unwound")
+
+    def __init__(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], future: asyncio.Future[T]
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        # Settled by the Trio task, in the loop's thread, during a guest tick;
+        # the caller's wake-up is then an ordinary call_soon, not another hop.
+        self.future = future
+        # Created up front so the caller can cancel before the Trio task has even
+        # started (a scope cancelled before it is entered is cancelled on entry).
+        self.scope = trio.CancelScope()
+        # Only for calls queued before the service nursery exists.
+        self.context: contextvars.Context | None = None
+        self.finished = False
+        # Created only on the cancellation path, so the fast path pays nothing.
+        self.unwound: asyncio.Future[None] | None = None
+        self.late_error: BaseException | None = None
+
+    def settle_finished(self) -> None:
+        """Called once the Trio side is over (or will never run)."""
+        self.finished = True
+        if not self.future.done():
+            # The Trio task ended by a BaseException (Cancelled from a guest
+            # shutdown, KeyboardInterrupt, ...) or never ran: the caller gets
+            # CancelledError.
+            self.future.cancel()
+        if self.unwound is not None and not self.unwound.done():
+            self.unwound.set_result(None)
+
+
+class _Guest:
+    """One Trio guest run hosted on one asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.state = _State.STARTING
+        # Created up front so shutdown can be requested before the root task runs.
+        self.root_scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.pending: list[_Call[Any]] = []
+        self.calls: set[_Call[Any]] = set()
+        # Set by the done callback; awaited (never cancelled) by the keeper.
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.keeper: asyncio.Task[None] | None = None
+        self.sentinel: AsyncGenerator[None, None] | None = None
+        self.sentinel_closing = False
+
+    # -- asyncio side, between guest ticks ------------------------------------
+
+    def submit(self, call: _Call[Any]) -> None:
+        self.calls.add(call)
+        if self.nursery is None:
+            call.context = contextvars.copy_context()
+            self.pending.append(call)
+        else:
+            # Spawning from the host thread between guest ticks is supported by
+            # guest mode (the runner stays installed in the thread); Trio wakes
+            # its I/O thread itself. The task copies the caller's context, so
+            # asyncio-side contextvars are visible to the Trio operation.
+            self.nursery.start_soon(_run_call, self, call, name=call.fn)
+
+    def shutdown(self) -> None:
+        """Ask the guest run to end: cancel the root scope. Idempotent."""
+        if self.state in (_State.STARTING, _State.RUNNING):
+            self.state = _State.CLOSING
+            self.root_scope.cancel()
+
+    # -- called by Trio --------------------------------------------------------
+
+    def on_done(self, run_outcome: outcome.Outcome[None]) -> None:
+        """The guest's done callback: runs in the loop's thread after the run ended."""
+        self.state = _State.DONE
+        with _registry_lock:
+            if _guests.get(self.loop) is self:
+                del _guests[self.loop]
+        # Normally empty (the service nursery waited for every call task), but a
+        # crashed root may leave queued calls behind: never leave a caller hanging.
+        for call in [*self.calls, *self.pending]:
+            call.settle_finished()
+        self.calls.clear()
+        self.pending.clear()
+        if not self.finished.done():
+            self.finished.set_result(None)
+        self._close_sentinel()
+        if isinstance(run_outcome, outcome.Error):
+            error = run_outcome.error
+            fatal = _find_fatal(error)
+            if fatal is not None:
+                # KeyboardInterrupt / SystemExit must stop the host loop, as they
+                # would from an asyncio task: asyncio re-raises these two out of
+                # run_forever when a callback raises them.
+                raise fatal
+            self.loop.call_exception_handler(
+                {"message": "conduit: the Trio guest run crashed", "exception": error}
+            )
+
+    def _close_sentinel(self) -> None:
+        sentinel, self.sentinel = self.sentinel, None
+        if sentinel is None or self.sentinel_closing:
+            return
+        # The sentinel's finally sees DONE and returns without awaiting, so its
+        # aclose() completes synchronously; closing it here keeps asyncio's
+        # finalizer from scheduling an aclose() on a loop that may be closed.
+        try:
+            sentinel.aclose().send(None)
+        except StopIteration:
+            pass
+
+
+def _find_fatal(error: BaseException) -> BaseException | None:
+    """The first KeyboardInterrupt or SystemExit in ``error`` (looking inside groups)."""
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find_fatal(inner)
+            if found is not None:
+                return found
+    return None
+
+
+# One guest per loop. The lock only guards insertions and removals (loops in
+# different threads each have their own guest); lookups are plain dict reads.
+_guests: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Guest] = (
+    weakref.WeakKeyDictionary()
+)
+_registry_lock = threading.Lock()
+
+
+async def _guest_root(guest: _Guest) -> None:
+    """The guest run's main task: owns the service nursery every call runs in."""
+    _HOST_LOOP.set(guest.loop)
+    try:
+        with guest.root_scope:
+            async with trio.open_nursery() as nursery:
+                guest.nursery = nursery
+                if guest.state is _State.STARTING:
+                    guest.state = _State.RUNNING
+                pending, guest.pending = guest.pending, []
+                for call in pending:
+                    assert call.context is not None
+                    call.context.run(nursery.start_soon, _run_call, guest, call)
+                await trio.sleep_forever()
+    finally:
+        # From here on the nursery is (being) closed: refuse new calls.
+        if guest.state is not _State.DONE:
+            guest.state = _State.CLOSING
+
+
+async def _run_call(guest: _Guest, call: _Call[Any]) -> None:
+    """The Trio task behind one :func:`run_in_trio` call."""
+    future = call.future
+    try:
+        with call.scope:
+            try:
+                value = await call.fn(*call.args)
+            # Exception, not BaseException: trio.Cancelled (and KeyboardInterrupt)
+            # must keep propagating through Trio; the finally below settles the
+            # future for those.
+            except Exception as exc:
+                if future.done():
+                    # The caller was cancelled meanwhile; keep the error so the
+                    # caller can chain it onto its CancelledError.
+                    call.late_error = exc
+                else:
+                    _set_exception(future, exc)
+            else:
+                if not future.done():
+                    future.set_result(value)
+    finally:
+        guest.calls.discard(call)
+        call.settle_finished()
+
+
+def _set_exception(future: asyncio.Future[Any], exc: Exception) -> None:
+    try:
+        future.set_exception(exc)
+    except TypeError:  # asyncio refuses StopIteration; never let it crash the guest
+        future.set_exception(RuntimeError(f"Trio operation raised {exc!r}"))
+
+
+async def _keep_guest(guest: _Guest) -> None:
+    """The keeper task: ties the guest run's life to the asyncio loop's.
+
+    ``asyncio.run`` cancels every leftover task when its main coroutine ends; the
+    keeper then cancels the Trio root scope and waits for the guest's done
+    callback, so the run is over before the loop closes (an abandoned guest run
+    warns, and leaves its runner installed in the thread, which breaks the next
+    ``asyncio.run``).
+    """
+    try:
+        await asyncio.shield(guest.finished)  # returns only if the guest crashed
+    except asyncio.CancelledError:
+        guest.shutdown()
+        await _wait_ignoring_cancel(guest.finished)
+        raise
+
+
+async def _loop_end_sentinel(guest: _Guest) -> AsyncGenerator[None, None]:
+    """An async generator registered with the loop, as a second way to see it end.
+
+    ``asyncio.run`` closes every live async generator (``shutdown_asyncgens``)
+    *after* cancelling its tasks. If the guest was started by a task that was
+    itself being cancelled during that shutdown, the keeper was created too late
+    to be cancelled: closing this generator cancels it then.
+    """
+    try:
+        yield
+    finally:
+        if guest.state is not _State.DONE and guest.keeper is not None:
+            guest.sentinel_closing = True
+            guest.keeper.cancel()
+            # Wait for the keeper itself, not just the done callback, so the loop
+            # does not close with the keeper still pending.
+            await asyncio.wait([guest.keeper])
+
+
+async def _wait_ignoring_cancel(future: asyncio.Future[Any]) -> bool:
+    """Wait until ``future`` is done, whatever cancellations arrive; report if any did."""
+    cancelled = False
+    while not future.done():
+        try:
+            # asyncio.wait never cancels the future it waits on, nor raises its
+            # exception.
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
+def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
+    guest = _Guest(loop)
+
+    # Register the sentinel first, while asyncio's async-generator hooks are the
+    # thread's hooks (a running guest installs Trio's).
+    sentinel = _loop_end_sentinel(guest)
+    try:
+        sentinel.asend(None).send(None)
+    except StopIteration:
+        guest.sentinel = sentinel
+    except Exception:  # e.g. the loop already ran shutdown_asyncgens: go without
+        guest.sentinel = None
+
+    try:
+        # An empty context: the guest's system and root tasks must not inherit
+        # whatever contextvars the first caller happened to have set.
+        contextvars.Context().run(
+            trio.lowlevel.start_guest_run,
+            _guest_root,
+            guest,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            run_sync_soon_not_threadsafe=loop.call_soon,
+            done_callback=guest.on_done,
+            # asyncio owns signal.set_wakeup_fd (add_signal_handler, the Windows
+            # proactor, uvloop): Trio must not replace it, or asyncio's signal
+            # handlers stop firing, and Trio would put back a stale fd at exit.
+            # Ctrl-C still works: asyncio.run's SIGINT handler cancels the main
+            # task, which cancels the Trio scope of the call it awaits.
+            host_uses_signal_set_wakeup_fd=True,
+        )
+    except RuntimeError as exc:
+        guest.state = _State.DONE
+        guest._close_sentinel()
+        raise RuntimeError(
+            "cannot start conduit's Trio guest run: another Trio run is active in this "
+            "thread (run_in_trio() is for asyncio code; under Trio await the function "
+            "directly). If an earlier event loop in this thread was closed without "
+            "asyncio.run()'s cleanup, its guest run was abandoned."
+        ) from exc
+    guest.token = trio.lowlevel.current_trio_token()
+    with _registry_lock:
+        _guests[loop] = guest
+    guest.keeper = loop.create_task(
+        _keep_guest(guest), name="conduit: Trio guest run keeper", context=contextvars.Context()
+    )
+    # If the keeper ends without having shut the guest down (cancelled before its
+    # first step, so its except clause never ran), still ask the guest to end.
+    guest.keeper.add_done_callback(lambda _task: guest.shutdown())
+    return guest
+
+
+def get_guest_token(
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> trio.lowlevel.TrioToken | None:
+    """The :class:`trio.lowlevel.TrioToken` of ``loop``'s guest run, or ``None``.
+
+    ``loop`` defaults to the running loop. ``None`` when no guest run is alive on
+    it (none started yet, or it already ended). The token lets other threads
+    reach the guest (``trio.from_thread.run(..., trio_token=token)``).
+    """
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    guest = _guests.get(loop)
+    if guest is None or guest.state is _State.DONE:
+        return None
+    return guest.token
+
+
+async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``await fn(*args)`` in this asyncio loop's Trio guest run; return its result.
+
+    Must be awaited from asyncio. The first call on a loop starts the guest run;
+    later calls reuse it, and concurrent calls share its scheduler ticks. The
+    call runs as a Trio task in the guest's service nursery, with a copy of the
+    caller's contextvars.
+
+    * Exceptions raised by ``fn`` reach the caller as themselves (same object,
+      Trio frames kept in the traceback).
+    * Cancelling the caller (``task.cancel()``, ``asyncio.wait_for``,
+      ``asyncio.timeout``) cancels the call's Trio cancel scope and waits until
+      the Trio side has unwound (its ``finally`` blocks have run), then raises
+      :class:`asyncio.CancelledError`. An exception raised by the Trio side
+      while unwinding is chained as its ``__cause__``.
+    * When the guest run is shutting down (the loop is ending), the call raises
+      :class:`asyncio.CancelledError`.
+
+    Raises:
+        RuntimeError: when awaited from Trio code (under ``trio.run`` or inside a
+            guest run): await ``fn(*args)`` directly there, or use
+            :func:`bridged`, which picks the right path.
+    """
+    if current_flavor() != "asyncio":
+        raise RuntimeError(
+            "run_in_trio() must be awaited from asyncio code; this is already Trio "
+            "code, so await the function directly (a @bridged method does that itself)"
+        )
+    loop = asyncio.get_running_loop()
+    guest = _guests.get(loop)
+    if guest is None:
+        guest = _start_guest(loop)
+    elif guest.state is _State.CLOSING:
+        # The loop is ending (asyncio.run is cancelling its tasks): a caller
+        # arriving now is a task being cancelled, running its cleanup.
+        raise asyncio.CancelledError("conduit: the Trio guest run is shutting down")
+    call: _Call[T] = _Call(fn, args, loop.create_future())
+    guest.submit(call)
+    try:
+        return await call.future
+    except asyncio.CancelledError as cancel:
+        if not call.finished:
+            call.scope.cancel()
+            if call.unwound is None:
+                call.unwound = loop.create_future()
+            await _wait_ignoring_cancel(call.unwound)
+        # The Trio side may have settled the future before the cancellation got
+        # through: retrieve what it holds, or asyncio logs "exception was never
+        # retrieved".
+        if call.future.done() and not call.future.cancelled():
+            call.future.exception()
+        if call.late_error is not None:
+            raise cancel from call.late_error
+        raise
+
+
+def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Make an ``async def`` method (or function) awaitable from Trio and from asyncio.
+
+    The wrapper keeps the name, docstring and signature (:func:`functools.wraps`)
+    and is itself an ``async def``. At call time it asks :func:`current_flavor`:
+    under Trio it awaits ``method`` directly; under asyncio it runs the whole call
+    in the loop's Trio guest run through :func:`run_in_trio`. Bridge whole
+    operations: each asyncio call costs one asyncio-to-Trio hop.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if current_flavor() == "trio":
+            return await method(*args, **kwargs)
+        return await run_in_trio(functools.partial(method, *args, **kwargs))
+
+    return wrapper

@@ -1,0 +1,211 @@
+"""Running user callbacks from Trio code, in whichever world the user lives in.
+
+RPC handlers, message handlers, hooks and progress callbacks are user code. The
+library calls them from Trio tasks through :func:`invoke`, which picks where each
+one runs:
+
+* a plain function is called directly, in the Trio task (it blocks both worlds
+  while it runs, as any synchronous code on the loop's thread does);
+* an ``async def`` callback (or a coroutine a plain function returns) runs as an
+  **asyncio task on the host loop** when the Trio run is one of our guest runs on
+  an asyncio loop (the user called us from ``asyncio.run``), so it may await
+  asyncio things; under a plain ``trio.run`` it is awaited in Trio;
+* :func:`trio_callback` marks a callback that must run in Trio even when
+  asyncio-hosted (library-internal handlers, Trio code mixed into an asyncio
+  program); :func:`asyncio_callback` marks one that must run in an asyncio task
+  (a plain function that needs ``asyncio.current_task()``, say).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal, TypeVar, cast
+
+import outcome
+import trio
+
+from ._asyncio import current_host_loop
+from .errors import ConduitError
+
+__all__ = [
+    "CallbackCancelledError",
+    "asyncio_callback",
+    "callback_world",
+    "invoke",
+    "trio_callback",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+World = Literal["trio", "asyncio"]
+
+_WORLD_ATTRIBUTE = "__conduit_callback_world__"
+
+
+class CallbackCancelledError(ConduitError):
+    """An asyncio callback's task was cancelled by something other than conduit.
+
+    Typically the asyncio loop is shutting down and cancelled every task. Trio
+    code sees an ordinary exception instead of a foreign ``CancelledError``.
+    """
+
+
+def _mark(fn: F, world: World) -> F:
+    try:
+        setattr(fn, _WORLD_ATTRIBUTE, world)
+    except (AttributeError, TypeError):
+        function = getattr(fn, "__func__", None)  # a bound method: mark its function
+        if function is not None:
+            setattr(function, _WORLD_ATTRIBUTE, world)
+            return fn
+        # Objects that take no attributes (builtins, slotted callables): wrap.
+        # The wrapper is a plain function, so an async callable still returns
+        # its coroutine and invoke() treats it the same way.
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        setattr(wrapper, _WORLD_ATTRIBUTE, world)
+        return cast(F, wrapper)
+    return fn
+
+
+def trio_callback(fn: F) -> F:
+    """Mark ``fn`` to run in Trio, even when the user lives in asyncio.
+
+    For library-internal handlers and for Trio code registered by an asyncio
+    program. Returns ``fn`` itself (marked) whenever it accepts attributes.
+    """
+    return _mark(fn, "trio")
+
+
+def asyncio_callback(fn: F) -> F:
+    """Mark ``fn`` to run inside an asyncio task on the host loop.
+
+    Useful for a plain function that needs to be in an asyncio task
+    (``asyncio.current_task()``, ``asyncio.create_task``). Only valid when the
+    Trio run is hosted on asyncio; under a plain ``trio.run``, :func:`invoke`
+    raises ``RuntimeError`` for it.
+    """
+    return _mark(fn, "asyncio")
+
+
+def callback_world(callback: Callable[..., Any]) -> World | None:
+    """The world ``callback`` was marked for, or ``None`` when unmarked.
+
+    Looks through :func:`functools.partial` layers and bound methods (whose
+    attributes are their function's).
+    """
+    target: object = callback
+    while True:
+        world = getattr(target, _WORLD_ATTRIBUTE, None)
+        if world is not None:
+            return cast(World, world)
+        if isinstance(target, functools.partial):
+            target = target.func
+            continue
+        return None
+
+
+async def invoke(callback: Callable[..., Any], *args: Any) -> Any:
+    """Run a user callback from Trio code and return its result.
+
+    Must be awaited from a Trio task. ``callback(*args)`` is called in the Trio
+    task; if it returns an awaitable (an ``async def`` callback does), that is
+    awaited:
+
+    * in an asyncio task on the host loop when this Trio run is asyncio-hosted
+      (see :func:`conduit._asyncio.is_asyncio_hosted`) and the callback is not
+      marked :func:`trio_callback`. The Trio task waits without blocking Trio's
+      scheduler; exceptions come back with their types; cancelling the Trio
+      task cancels the asyncio task and waits for it to finish;
+    * in Trio otherwise.
+
+    A callback marked :func:`asyncio_callback` is called inside the asyncio task
+    as well (sync or async).
+
+    Raises:
+        RuntimeError: outside a Trio task, or for an ``asyncio_callback`` under a
+            plain ``trio.run``.
+        CallbackCancelledError: the asyncio task was cancelled by someone else.
+    """
+    if not trio.lowlevel.in_trio_task():
+        raise RuntimeError("invoke() must be awaited from a Trio task")
+    world = callback_world(callback)
+    loop = current_host_loop()
+    if world == "asyncio":
+        if loop is None:
+            raise RuntimeError(
+                f"{callback!r} is marked @asyncio_callback, but this Trio run is not "
+                "hosted on an asyncio loop (use it from asyncio.run, or unmark it)"
+            )
+        return await _await_on_host(loop, _call_in_task(callback, args))
+    result = callback(*args)
+    if not inspect.isawaitable(result):
+        return result
+    if world == "trio" or loop is None:
+        return await result
+    return await _await_on_host(loop, result)
+
+
+async def _call_in_task(callback: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    result = callback(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _await_for_task(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Any]) -> Any:
+    """Await ``awaitable`` in an asyncio task on ``loop``, from the current Trio task."""
+    future: asyncio.Future[Any]
+    if asyncio.isfuture(awaitable):
+        future = awaitable
+    else:
+        coro: Coroutine[Any, Any, Any] = (
+            awaitable if inspect.iscoroutine(awaitable) else _await_for_task(awaitable)
+        )
+        # asyncio.Task directly, not loop.create_task: an eager task factory
+        # (Python 3.12+) would run the first step right here, inside Trio's
+        # scheduler tick, where sniffio says "trio" and Trio's current task is
+        # ours. The task copies this Trio task's contextvars.
+        future = asyncio.Task(coro, loop=loop)
+    task = trio.lowlevel.current_task()
+    cancel_requested = False
+
+    def on_done(done: asyncio.Future[Any]) -> None:
+        # An asyncio callback, in the loop's thread between guest ticks: the guest
+        # runner is installed there, and rescheduling wakes the guest's I/O wait.
+        trio.lowlevel.reschedule(task, outcome.Value(done))
+
+    def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+        nonlocal cancel_requested
+        cancel_requested = True
+        future.cancel()
+        # FAILED: stay blocked until the asyncio task has really finished (its
+        # finally blocks ran); on_done reschedules us then.
+        return trio.lowlevel.Abort.FAILED
+
+    future.add_done_callback(on_done)
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+    if future.cancelled():
+        if cancel_requested:
+            # Raise a genuine trio.Cancelled: our scope is cancelled, so this
+            # checkpoint raises it.
+            await trio.lowlevel.checkpoint()
+        raise CallbackCancelledError(f"the asyncio task running {awaitable!r} was cancelled")
+    error = future.exception()  # marks it retrieved: no "never retrieved" log
+    if error is not None:
+        # An error while unwinding replaces the cancellation, as in Trio.
+        raise error
+    if cancel_requested:
+        # The task finished anyway (ignored or missed the cancellation); the Trio
+        # caller asked to be cancelled, so honour that rather than return.
+        await trio.lowlevel.checkpoint()
+    return future.result()

@@ -1,0 +1,1 @@
+"""File transfer: safe names, symlink-safe storage and chunked upload/download."""

@@ -1,0 +1,319 @@
+"""Shared fixtures for the real-socket tests (loopback 127.0.0.1 only).
+
+* ``server_factory``: ``await server_factory(register=..., **descriptor_fields)``
+  builds a :class:`~conduit.Server` on ``127.0.0.1:0``, lets ``register(server)``
+  add handlers, starts it with ``await nursery.start(server.run)`` and closes it
+  at teardown.
+* ``client_factory``: ``await client_factory(server_or_port, **descriptor_fields)``
+  builds a :class:`~conduit.Client` for it, connects it (unless
+  ``connect=False``) and disconnects it at teardown.
+* ``proxy_factory``: ``await proxy_factory(target_port)`` starts a
+  :class:`TcpProxy` that records every byte in both directions and can flip a
+  byte (:class:`FlipByte`), black-hole a direction or cut every connection.
+* :func:`wait_until` polls a condition under a deadline, for state that changes
+  on another task's schedule (a socket closing, a registry emptying).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, Protocol
+
+import attrs
+import pytest
+import trio
+
+from conduit import Client, ClientDescriptor, Server, ServerDescriptor
+
+PASSWORD = "correct horse battery staple \N{GREEK SMALL LETTER ALPHA} 42"
+LOOPBACK = "127.0.0.1"
+
+Direction = Literal["c2s", "s2c"]
+
+#: Clear-text handshake frames: 14-byte header, payload length at offset 10.
+_FRAME_HEADER = struct.Struct("!2sBBBxII")
+#: Sealed records: 4-byte big-endian length prefix, then ciphertext and tag.
+_RECORD_PREFIX = struct.Struct("!I")
+
+
+# --------------------------------------------------------------------------- polling
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float = 5.0, interval: float = 0.01
+) -> None:
+    """Return once ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(interval)
+
+
+def open_fd_count() -> int:
+    """Open file descriptors of this process (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --------------------------------------------------------------------------- server / client
+
+
+ServerFactory = Callable[..., Awaitable[Server]]
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+def server_descriptor(**fields: Any) -> ServerDescriptor:
+    """A descriptor on 127.0.0.1 with an OS-picked port and the test password."""
+    values: dict[str, Any] = {"host": LOOPBACK, "port": 0, "password": PASSWORD}
+    values.update(fields)
+    return ServerDescriptor(**values)
+
+
+def client_descriptor(port: int, **fields: Any) -> ClientDescriptor:
+    """A descriptor for a server on 127.0.0.1:``port`` with the test password."""
+    values: dict[str, Any] = {
+        "server_host": LOOPBACK,
+        "server_port": port,
+        "password": PASSWORD,
+        "connect_timeout": 5.0,
+        "rpc_timeout": 10.0,
+    }
+    values.update(fields)
+    return ClientDescriptor(**values)
+
+
+@pytest.fixture
+async def server_factory(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+    servers: list[Server] = []
+
+    async def make(register: Callable[[Server], None] | None = None, **fields: Any) -> Server:
+        server = Server(server_descriptor(**fields))
+        if register is not None:
+            register(server)
+        port = await nursery.start(server.run)
+        assert isinstance(port, int)
+        servers.append(server)
+        return server
+
+    yield make
+    with trio.move_on_after(10):
+        for server in servers:
+            await server.close()
+
+
+@pytest.fixture
+async def client_factory() -> AsyncIterator[ClientFactory]:
+    clients: list[Client] = []
+
+    async def make(
+        target: Server | int,
+        *,
+        connect: bool = True,
+        register: Callable[[Client], None] | None = None,
+        **fields: Any,
+    ) -> Client:
+        port = target if isinstance(target, int) else target.port
+        client = Client(client_descriptor(port, **fields))
+        if register is not None:
+            register(client)
+        clients.append(client)
+        if connect:
+            await client.connect()
+        return client
+
+    yield make
+    with trio.move_on_after(10):
+        for client in clients:
+            await client.disconnect()
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+class Tamper(Protocol):
+    """Rewrites the bytes of one direction of one proxied connection."""
+
+    def __call__(self, chunk: bytes) -> bytes: ...
+
+
+@attrs.define
+class FlipByte:
+    """Flip one byte of a direction, located by the wire structure.
+
+    Skips ``clear_frames`` clear-text handshake frames and then ``records``
+    sealed records, then XORs byte ``index`` of what follows (of the next
+    record when ``records`` or ``index`` point past the handshake). Negative
+    ``index`` counts back from the end of the last skipped clear frame, which
+    addresses a byte inside a handshake frame.
+
+    The target offset is computed as soon as the length fields before it have
+    passed, which is always before the target byte itself passes.
+    """
+
+    clear_frames: int
+    records: int = 0
+    index: int = 8
+    mask: int = 0xFF
+    seen: bytearray = attrs.field(factory=bytearray)
+    flipped_at: int | None = None
+
+    def _target(self) -> int | None:
+        position = 0
+        data = self.seen
+        for _ in range(self.clear_frames):
+            if len(data) < position + _FRAME_HEADER.size:
+                return None
+            length = _FRAME_HEADER.unpack_from(data, position)[-1]
+            position += _FRAME_HEADER.size + length
+        if self.index < 0:
+            return position + self.index
+        for _ in range(self.records):
+            if len(data) < position + _RECORD_PREFIX.size:
+                return None
+            (length,) = _RECORD_PREFIX.unpack_from(data, position)
+            position += _RECORD_PREFIX.size + length
+        return position + self.index
+
+    def __call__(self, chunk: bytes) -> bytes:
+        start = len(self.seen)
+        self.seen += chunk
+        if self.flipped_at is not None:
+            return chunk
+        target = self._target()
+        if target is None or not start <= target < len(self.seen):
+            return chunk
+        self.flipped_at = target
+        out = bytearray(chunk)
+        out[target - start] ^= self.mask
+        return bytes(out)
+
+
+@attrs.define(eq=False)
+class ProxiedConnection:
+    """One client connection through the proxy, and the bytes it carried."""
+
+    downstream: trio.SocketStream
+    upstream: trio.SocketStream
+    c2s: bytearray = attrs.field(factory=bytearray)
+    s2c: bytearray = attrs.field(factory=bytearray)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+class TcpProxy:
+    """A byte-recording TCP proxy on 127.0.0.1 in front of ``target_port``.
+
+    ``tamper_factory(direction)`` may return a :class:`Tamper` per direction of
+    each new connection; ``blackhole(direction)`` makes the proxy swallow that
+    direction from now on (the far side hears silence, not a close); ``cut()``
+    drops every connection at once.
+    """
+
+    def __init__(
+        self,
+        target_port: int,
+        tamper_factory: Callable[[Direction], Tamper | None] | None = None,
+    ) -> None:
+        self.target_port = target_port
+        self.tamper_factory = tamper_factory
+        self.connections: list[ProxiedConnection] = []
+        self.port = 0
+        self._blackholed: set[Direction] = set()
+
+    @property
+    def c2s(self) -> bytes:
+        """Everything clients sent, over all connections (as received by the proxy)."""
+        return b"".join(bytes(c.c2s) for c in self.connections)
+
+    @property
+    def s2c(self) -> bytes:
+        """Everything the server sent, over all connections."""
+        return b"".join(bytes(c.s2c) for c in self.connections)
+
+    def blackhole(self, direction: Direction) -> None:
+        self._blackholed.add(direction)
+
+    async def cut(self) -> None:
+        for connection in self.connections:
+            await trio.aclose_forcefully(connection.downstream)
+            await trio.aclose_forcefully(connection.upstream)
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self.port)
+
+    async def _handle(self, downstream: trio.SocketStream) -> None:
+        try:
+            upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
+        except OSError:
+            await trio.aclose_forcefully(downstream)
+            return
+        connection = ProxiedConnection(downstream, upstream)
+        self.connections.append(connection)
+        factory = self.tamper_factory
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    self._pump,
+                    nursery,
+                    "c2s",
+                    downstream,
+                    upstream,
+                    connection.c2s,
+                    factory("c2s") if factory else None,
+                )
+                nursery.start_soon(
+                    self._pump,
+                    nursery,
+                    "s2c",
+                    upstream,
+                    downstream,
+                    connection.s2c,
+                    factory("s2c") if factory else None,
+                )
+        finally:
+            await trio.aclose_forcefully(downstream)
+            await trio.aclose_forcefully(upstream)
+            connection.done.set()
+
+    async def _pump(
+        self,
+        nursery: trio.Nursery,
+        direction: Direction,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        record: bytearray,
+        tamper: Tamper | None,
+    ) -> None:
+        try:
+            while True:
+                data = await source.receive_some(65536)
+                if not data:
+                    break
+                record += data
+                if direction in self._blackholed:
+                    continue
+                if tamper is not None:
+                    data = tamper(data)
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        # One side is gone: drop the whole connection, like a middlebox would.
+        nursery.cancel_scope.cancel()
+
+
+ProxyFactory = Callable[..., Awaitable[TcpProxy]]
+
+
+@pytest.fixture
+async def proxy_factory(nursery: trio.Nursery) -> ProxyFactory:
+    async def make(
+        target_port: int, tamper_factory: Callable[[Direction], Tamper | None] | None = None
+    ) -> TcpProxy:
+        proxy = TcpProxy(target_port, tamper_factory)
+        await nursery.start(proxy.run)
+        return proxy
+
+    return make

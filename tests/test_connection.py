@@ -1,0 +1,365 @@
+"""The Trio connection engine over in-memory streams: calls, credit, heartbeats, close."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from conduit._connection import Connection, ConnectionSettings
+from conduit._streams import FRAME_COST, IncomingStream
+from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError
+from conduit.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ClientHandshake,
+    FrameReader,
+    FrameWriter,
+    ServerHandshake,
+    SessionKeys,
+)
+from conduit.protocol.codec import data_header
+
+WINDOW = 256 * 1024
+
+
+def _settings(**overrides: Any) -> ConnectionSettings:
+    values: dict[str, Any] = {
+        "max_frame_size": DEFAULT_MAX_FRAME_SIZE,
+        "receive_window": WINDOW,
+        "heartbeat_interval": 0,
+        "heartbeat_timeout": 10,
+        "idle_timeout": None,
+        "max_concurrent_calls": 16,
+    }
+    values.update(overrides)
+    return ConnectionSettings(**values)
+
+
+def _keys() -> tuple[SessionKeys, SessionKeys]:
+    client = ClientHandshake("pw", name="c", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW)
+    server = ServerHandshake("pw", name="s", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW)
+
+    def one(data: bytes) -> Any:
+        reader = FrameReader()
+        reader.feed(data)
+        return reader.next_frame()
+
+    reply = server.receive(one(client.start()))
+    confirm = client.receive(one(reply))
+    client.receive(one(server.receive(one(confirm))))
+    assert client.keys is not None and server.keys is not None
+    return client.keys, server.keys
+
+
+def _endpoint(keys: SessionKeys) -> tuple[FrameReader, FrameWriter]:
+    reader, writer = FrameReader(), FrameWriter()
+    reader.start_decryption(keys.receive_key, DEFAULT_MAX_FRAME_SIZE)
+    writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
+    return reader, writer
+
+
+@attrs.define
+class RecordingDispatcher:
+    """Handlers for tests: ``methods`` by name; messages are recorded."""
+
+    methods: dict[str, Any] = attrs.field(factory=dict)
+    messages: list[tuple[str, Any]] = attrs.field(factory=list)
+
+    async def handle_call(self, connection: Connection, method: str, args: dict[str, Any]) -> Any:
+        if method not in self.methods:
+            raise RPCError(f"no method {method}", "not_found")
+        return await self.methods[method](connection, **args)
+
+    async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
+        self.messages.append((event, data))
+
+
+@attrs.define
+class Pair:
+    client: Connection
+    server: Connection
+    client_dispatch: RecordingDispatcher
+    server_dispatch: RecordingDispatcher
+
+
+def _pair(
+    client_stream: trio.abc.Stream,
+    server_stream: trio.abc.Stream,
+    client_settings: ConnectionSettings | None = None,
+    server_settings: ConnectionSettings | None = None,
+) -> Pair:
+    client_keys, server_keys = _keys()
+    cd, sd = RecordingDispatcher(), RecordingDispatcher()
+    cr, cw = _endpoint(client_keys)
+    sr, sw = _endpoint(server_keys)
+    client = Connection(
+        client_stream, cr, cw, client_keys, is_client=True,
+        settings=client_settings or _settings(), dispatcher=cd, label="client",
+    )
+    server = Connection(
+        server_stream, sr, sw, server_keys, is_client=False,
+        settings=server_settings or _settings(), dispatcher=sd, label="server",
+    )
+    return Pair(client, server, cd, sd)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        yield p
+        nursery.cancel_scope.cancel()
+
+
+async def test_calls_both_ways(pair: Pair) -> None:
+    async def add(_c: Connection, a: int, b: int) -> int:
+        return a + b
+
+    pair.server_dispatch.methods["add"] = add
+    pair.client_dispatch.methods["add"] = add
+    with trio.fail_after(5):
+        assert await pair.client.call("add", {"a": 2, "b": 3}, None) == 5
+        assert await pair.server.call("add", {"a": 20, "b": 3}, None) == 23
+        with pytest.raises(RPCError) as info:
+            await pair.client.call("missing", {}, None)
+    assert info.value.code == "not_found"
+
+
+async def test_slow_handler_does_not_delay_other_calls(pair: Pair) -> None:
+    release = trio.Event()
+    finished: list[str] = []
+
+    async def slow(_c: Connection) -> str:
+        await release.wait()
+        finished.append("slow")
+        return "slow"
+
+    async def fast(_c: Connection) -> str:
+        finished.append("fast")
+        return "fast"
+
+    pair.server_dispatch.methods.update(slow=slow, fast=fast)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.client.call, "slow", {}, None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await pair.client.call("fast", {}, None) == "fast"
+            assert finished == ["fast"]
+            release.set()
+    assert finished == ["fast", "slow"]
+
+
+async def test_handler_may_call_back_into_its_peer(pair: Pair) -> None:
+    async def outer(conn: Connection) -> int:
+        return int(await conn.call("inner", {}, None)) + 1
+
+    async def inner(_c: Connection) -> int:
+        return 41
+
+    pair.server_dispatch.methods["outer"] = outer
+    pair.client_dispatch.methods["inner"] = inner
+    with trio.fail_after(5):
+        assert await pair.client.call("outer", {}, None) == 42
+
+
+@pytest.mark.parametrize("autojump", [True])
+async def test_timeout_cancels_the_remote_handler(
+    pair: Pair, autojump_clock: trio.testing.MockClock, autojump: bool
+) -> None:
+    cancelled = trio.Event()
+
+    async def forever(_c: Connection) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    pair.server_dispatch.methods["forever"] = forever
+    with pytest.raises(RPCTimeoutError):
+        await pair.client.call("forever", {}, 3)
+    with trio.fail_after(5):
+        await cancelled.wait()
+
+
+async def test_messages_arrive_in_order(pair: Pair) -> None:
+    for i in range(100):
+        await pair.client.send_message("tick", i)
+    with trio.fail_after(5):
+        while len(pair.server_dispatch.messages) < 100:
+            await trio.sleep(0.001)
+    assert [data for _, data in pair.server_dispatch.messages] == list(range(100))
+
+
+async def _consume(stream: IncomingStream, sink: bytearray) -> bytes:
+    while True:
+        chunks, trailer = await stream.receive()
+        for chunk in chunks:
+            sink += chunk
+        if trailer is not None:
+            return trailer
+
+
+async def test_stream_transfers_bytes_exactly(pair: Pair) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    incoming = pair.server.open_incoming_stream()
+    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
+    received = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                for start in range(0, len(payload), 100_000):
+                    await outgoing.send([payload[start : start + 100_000]])
+                await outgoing.finish(b"trailer")
+
+            nursery.start_soon(send)
+            assert await _consume(incoming, received) == b"trailer"
+    assert bytes(received) == payload
+
+
+async def test_slow_consumer_stalls_only_its_own_stream(pair: Pair) -> None:
+    """Stream A's consumer never reads; stream B and RPCs still flow."""
+    stalled = pair.server.open_incoming_stream()
+    flowing = pair.server.open_incoming_stream()
+    out_stalled = pair.client.open_outgoing_stream(stalled.stream_id)
+    out_flowing = pair.client.open_outgoing_stream(flowing.stream_id)
+
+    async def echo(_c: Connection, x: int) -> int:
+        return x
+
+    pair.server_dispatch.methods["echo"] = echo
+    blob = os.urandom(WINDOW * 4)
+    async with trio.open_nursery() as nursery:
+        # Sends one window's worth, then blocks waiting for credit forever.
+        nursery.start_soon(out_stalled.send, [blob])
+        with trio.fail_after(10):
+            await trio.testing.wait_all_tasks_blocked()
+            assert out_stalled.bytes_sent < WINDOW + 1
+            received = bytearray()
+
+            async def send_flowing() -> None:
+                await out_flowing.send([blob])
+                await out_flowing.finish()
+
+            nursery.start_soon(send_flowing)
+            await _consume(flowing, received)
+            assert bytes(received) == blob
+            assert await pair.client.call("echo", {"x": 7}, None) == 7
+        nursery.cancel_scope.cancel()
+
+
+async def test_peer_exceeding_credit_is_disconnected() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream)
+    incoming = p.server.open_incoming_stream()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        await trio.testing.wait_all_tasks_blocked()
+        # Bypass OutgoingStream's accounting: push more than the window.
+        chunk = b"x" * (64 * 1024)
+        frames = [
+            ((data_header(incoming.stream_id, len(chunk)), chunk), len(chunk))
+            for _ in range(WINDOW // len(chunk) + 1)
+        ]
+        await p.client._outbox.put_data(frames)
+        with trio.fail_after(5):
+            await p.server.closed.wait()
+        assert p.server.close_reason is not None
+        assert "credit window" in p.server.close_reason
+        nursery.cancel_scope.cancel()
+    assert FRAME_COST > 0
+
+
+async def test_data_for_unopened_stream_is_a_protocol_error() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        await trio.testing.wait_all_tasks_blocked()
+        await p.client._outbox.put_data([((data_header(2002, 3), b"abc"), 3)])
+        with trio.fail_after(5):
+            await p.server.closed.wait()
+        assert "never opened" in (p.server.close_reason or "")
+        nursery.cancel_scope.cancel()
+
+
+async def test_silent_peer_hits_the_heartbeat_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(
+        client_stream,
+        server_stream,
+        server_settings=_settings(heartbeat_interval=1.0, heartbeat_timeout=3.0),
+    )
+    # Only the server runs: the client never answers pings.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.server.run)
+        with trio.fail_after(30):
+            await p.server.closed.wait()
+    assert "heartbeat timeout" in (p.server.close_reason or "")
+    assert trio.current_time() < 10
+
+
+async def test_idle_connection_is_closed(autojump_clock: trio.testing.MockClock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(
+        client_stream,
+        server_stream,
+        client_settings=_settings(heartbeat_interval=1.0, heartbeat_timeout=5.0),
+        server_settings=_settings(heartbeat_interval=1.0, heartbeat_timeout=5.0, idle_timeout=4.0),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        with trio.fail_after(60):
+            await p.client.closed.wait()
+            await p.server.closed.wait()
+    # Pings alone kept the link alive but did not count as activity.
+    assert "idle" in (p.client.close_reason or "")
+
+
+async def test_graceful_close_fails_pending_calls_with_the_reason(pair: Pair) -> None:
+    async def forever(_c: Connection) -> None:
+        await trio.sleep_forever()
+
+    pair.server_dispatch.methods["forever"] = forever
+    async with trio.open_nursery() as nursery:
+
+        async def caller() -> None:
+            with pytest.raises(ConnectionClosed, match="maintenance"):
+                await pair.client.call("forever", {}, None)
+
+        nursery.start_soon(caller)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            await pair.server.close("maintenance")
+    with trio.fail_after(5):
+        await pair.client.closed.wait()
+    assert not pair.client.is_open
+
+
+async def test_lockstep_streams_work() -> None:
+    """Every send waits for the matching receive: no hidden buffering assumptions."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    p = _pair(client_stream, server_stream)
+
+    async def echo(_c: Connection, x: Any) -> Any:
+        return x
+
+    p.server_dispatch.methods["echo"] = echo
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        with trio.fail_after(5):
+            for i in range(20):
+                assert await p.client.call("echo", {"x": [i, "x" * i]}, None) == [i, "x" * i]
+        nursery.cancel_scope.cancel()
