@@ -27,6 +27,7 @@ from .errors import (
     UnsafePathError,
 )
 from .server import Server
+from .transfer import FileTransferHandler, TransferProgress
 
 # A library logs; the application decides where logs go.
 logging.getLogger("conduit").addHandler(logging.NullHandler())
@@ -38,6 +39,7 @@ __all__ = [
     "ClientDescriptor",
     "ConduitError",
     "ConnectionClosed",
+    "FileTransferHandler",
     "HandshakeTimeout",
     "IntegrityError",
     "LocalProtocolError",
@@ -50,6 +52,7 @@ __all__ = [
     "Server",
     "ServerDescriptor",
     "TransferError",
+    "TransferProgress",
     "UnsafePathError",
     "__version__",
     "current_peer",

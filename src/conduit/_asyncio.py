@@ -28,6 +28,7 @@ See ``docs/trio-and-asyncio.md`` for costs and limits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import enum
 import functools
@@ -170,6 +171,9 @@ class _Guest:
         self.keeper: asyncio.Task[None] | None = None
         self.sentinel: AsyncGenerator[None, None] | None = None
         self.sentinel_closing = False
+        # KeyboardInterrupt / SystemExit that ended the run (delivered by Trio to
+        # the root task): re-raised on the asyncio side, see _reraise.
+        self.fatal: BaseException | None = None
 
     # -- asyncio side, between guest ticks ------------------------------------
 
@@ -210,15 +214,15 @@ class _Guest:
         self._close_sentinel()
         if isinstance(run_outcome, outcome.Error):
             error = run_outcome.error
-            fatal = _find_fatal(error)
-            if fatal is not None:
-                # KeyboardInterrupt / SystemExit must stop the host loop, as they
-                # would from an asyncio task: asyncio re-raises these two out of
-                # run_forever when a callback raises them.
-                raise fatal
-            self.loop.call_exception_handler(
-                {"message": "conduit: the Trio guest run crashed", "exception": error}
-            )
+            self.fatal = _find_fatal(error)
+            if self.fatal is None:
+                self.loop.call_exception_handler(
+                    {"message": "conduit: the Trio guest run crashed", "exception": error}
+                )
+            elif self.keeper is None or self.keeper.done():
+                self.loop.call_soon(_reraise, self.fatal)
+            # Otherwise the keeper re-raises it once it has finished: raising
+            # here could interrupt asyncio.run's shutdown with the keeper pending.
 
     def _close_sentinel(self) -> None:
         sentinel, self.sentinel = self.sentinel, None
@@ -227,10 +231,8 @@ class _Guest:
         # The sentinel's finally sees DONE and returns without awaiting, so its
         # aclose() completes synchronously; closing it here keeps asyncio's
         # finalizer from scheduling an aclose() on a loop that may be closed.
-        try:
+        with contextlib.suppress(StopIteration):
             sentinel.aclose().send(None)
-        except StopIteration:
-            pass
 
 
 def _find_fatal(error: BaseException) -> BaseException | None:
@@ -247,9 +249,7 @@ def _find_fatal(error: BaseException) -> BaseException | None:
 
 # One guest per loop. The lock only guards insertions and removals (loops in
 # different threads each have their own guest); lookups are plain dict reads.
-_guests: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Guest] = (
-    weakref.WeakKeyDictionary()
-)
+_guests: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Guest] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
 
 
@@ -278,27 +278,44 @@ async def _run_call(guest: _Guest, call: _Call[Any]) -> None:
     future = call.future
     try:
         with call.scope:
-            try:
-                value = await call.fn(*call.args)
-            # Exception, not BaseException: trio.Cancelled (and KeyboardInterrupt)
-            # must keep propagating through Trio; the finally below settles the
-            # future for those.
-            except Exception as exc:
-                if future.done():
-                    # The caller was cancelled meanwhile; keep the error so the
-                    # caller can chain it onto its CancelledError.
-                    call.late_error = exc
-                else:
-                    _set_exception(future, exc)
+            value = await call.fn(*call.args)
+            if not future.done():
+                future.set_result(value)
+    except BaseException as exc:
+        # Only trio.Cancelled (and GeneratorExit) must keep propagating: Trio's
+        # cancel scopes absorb them. Everything else goes to the caller, including
+        # KeyboardInterrupt and SystemExit, which asyncio then raises out of the
+        # loop from the caller's task as it would for any task; letting them crash
+        # the service nursery would end every other call too.
+        propagate, error = _split_cancelled(exc)
+        if error is not None:
+            if future.done():
+                # The caller was cancelled meanwhile; it chains this error onto
+                # its CancelledError.
+                call.late_error = error
             else:
-                if not future.done():
-                    future.set_result(value)
+                _set_exception(future, error)
+        if propagate is exc:
+            raise
+        if propagate is not None:
+            raise propagate from None
     finally:
         guest.calls.discard(call)
         call.settle_finished()
 
 
-def _set_exception(future: asyncio.Future[Any], exc: Exception) -> None:
+def _split_cancelled(
+    exc: BaseException,
+) -> tuple[BaseException | None, BaseException | None]:
+    """Split ``exc`` into (what Trio must see, what the caller must see)."""
+    if isinstance(exc, trio.Cancelled | GeneratorExit):
+        return exc, None
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split((trio.Cancelled, GeneratorExit))
+    return None, exc
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     try:
         future.set_exception(exc)
     except TypeError:  # asyncio refuses StopIteration; never let it crash the guest
@@ -315,11 +332,25 @@ async def _keep_guest(guest: _Guest) -> None:
     ``asyncio.run``).
     """
     try:
-        await asyncio.shield(guest.finished)  # returns only if the guest crashed
+        await asyncio.shield(guest.finished)  # returns only if the run ended by itself
     except asyncio.CancelledError:
         guest.shutdown()
         await _wait_ignoring_cancel(guest.finished)
+        _reraise_later(guest)
         raise
+    _reraise_later(guest)
+
+
+def _reraise_later(guest: _Guest) -> None:
+    if guest.fatal is not None:
+        # From a plain callback queued after the keeper's last step, so the keeper
+        # is finished (no "Task was destroyed but it is pending") when asyncio
+        # lets KeyboardInterrupt / SystemExit out of the loop.
+        guest.loop.call_soon(_reraise, guest.fatal)
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
 
 
 async def _loop_end_sentinel(guest: _Guest) -> AsyncGenerator[None, None]:

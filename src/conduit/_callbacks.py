@@ -60,6 +60,7 @@ def _mark(fn: F, world: World) -> F:
         if function is not None:
             setattr(function, _WORLD_ATTRIBUTE, world)
             return fn
+
         # Objects that take no attributes (builtins, slotted callables): wrap.
         # The wrapper is a plain function, so an async callable still returns
         # its coroutine and invoke() treats it the same way.

@@ -19,6 +19,7 @@ reason; nothing outlives :meth:`Connection.run`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,6 @@ from .errors import (
 from .protocol import Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
 from .protocol.codec import decode_body, encode_frame
 from .protocol.messages import Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
-import contextlib
 
 log = logging.getLogger("conduit.connection")
 

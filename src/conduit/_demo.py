@@ -30,8 +30,11 @@ def _say(step: str, detail: str) -> None:
 
 async def _demo(calls: int) -> bool:
     password = secrets.token_urlsafe(12)
-    server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=password, name="demo-server"))
+    server = Server(
+        ServerDescriptor(host="127.0.0.1", port=0, password=password, name="demo-server")
+    )
     inbox: list[object] = []
+    noted = trio.Event()
 
     @server.rpc
     async def add(a: int, b: int) -> int:
@@ -50,13 +53,16 @@ async def _demo(calls: int) -> bool:
     @server.on("note")
     async def note(client: Peer, data: object) -> None:
         inbox.append(data)
+        noted.set()
 
     ok = True
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         print(f"conduit demo: server listening on 127.0.0.1:{port}")
         client = Client(
-            ClientDescriptor(server_host="127.0.0.1", server_port=port, password=password, name="demo")
+            ClientDescriptor(
+                server_host="127.0.0.1", server_port=port, password=password, name="demo"
+            )
         )
 
         @client.rpc
@@ -86,11 +92,12 @@ async def _demo(calls: int) -> bool:
 
         await client.send("note", {"text": "one-way message"})
         with trio.fail_after(5):
-            while not inbox:
-                await trio.sleep(0.01)
+            await noted.wait()
         _say("one-way message", repr(inbox[0]))
 
-        intruder = Client(ClientDescriptor(server_host="127.0.0.1", server_port=port, password="guess"))
+        intruder = Client(
+            ClientDescriptor(server_host="127.0.0.1", server_port=port, password="guess")
+        )
         try:
             await intruder.connect()
             ok = False

@@ -6,6 +6,8 @@ between the socket and :mod:`conduit.protocol.handshake`.
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 import trio
 
@@ -22,7 +24,6 @@ from .protocol import (
 from .protocol.codec import decode_body, encode_frame
 from .protocol.handshake import refusal_frame
 from .protocol.messages import Welcome
-import contextlib
 
 _CHUNK = 4096
 

@@ -1,1 +1,6 @@
 """File transfer: safe names, symlink-safe storage and chunked upload/download."""
+
+from ._handler import FileTransferHandler
+from ._progress import TransferProgress
+
+__all__ = ["FileTransferHandler", "TransferProgress"]

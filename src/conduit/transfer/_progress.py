@@ -1,0 +1,117 @@
+"""Progress reports for a transfer, and the throttle that decides when to send them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import attrs
+
+from .._callbacks import invoke
+
+Direction = Literal["upload", "download", "push", "receive"]
+
+#: Progress callbacks run at most this often (plus once at the end), so a
+#: 16,000-chunk file does not call user code 16,000 times.
+REPORT_INTERVAL = 0.1
+
+
+@attrs.frozen
+class TransferProgress:
+    """A snapshot of one transfer, handed to ``on_progress`` callbacks.
+
+    ``transferred`` and ``total_size`` count the whole file, including any part
+    resumed from an earlier attempt; ``speed`` counts only bytes moved in this
+    attempt, so it is honest about the wire.
+    """
+
+    filename: str
+    direction: Direction
+    transferred: int
+    total_size: int
+    elapsed: float
+    resumed_from: int = 0
+
+    @property
+    def percent(self) -> float:
+        """0 to 100. An empty file is 100% once done."""
+        if self.total_size <= 0:
+            return 100.0 if self.transferred >= self.total_size else 0.0
+        return min(100.0, 100.0 * self.transferred / self.total_size)
+
+    @property
+    def speed(self) -> float:
+        """Bytes per second over this attempt."""
+        moved = self.transferred - self.resumed_from
+        return moved / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float:
+        """Seconds left at the current speed (0 when done, ``inf`` when stalled)."""
+        left = self.total_size - self.transferred
+        if left <= 0:
+            return 0.0
+        speed = self.speed
+        return left / speed if speed > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for logs and JSON."""
+        return {
+            "filename": self.filename,
+            "direction": self.direction,
+            "transferred": self.transferred,
+            "total_size": self.total_size,
+            "percent": self.percent,
+            "speed": self.speed,
+            "eta": self.eta,
+            "elapsed": self.elapsed,
+        }
+
+
+class ProgressReporter:
+    """Calls a user's progress callback at a bounded rate."""
+
+    def __init__(
+        self,
+        callback: Callable[[TransferProgress], Any] | None,
+        *,
+        filename: str,
+        direction: Direction,
+        total_size: int,
+        resumed_from: int = 0,
+    ) -> None:
+        self._callback = callback
+        self._filename = filename
+        self._direction = direction
+        self._total = total_size
+        self._resumed_from = resumed_from
+        self._started = time.monotonic()
+        self._last_report = 0.0
+        self.transferred = resumed_from
+
+    def snapshot(self) -> TransferProgress:
+        """The current state."""
+        return TransferProgress(
+            self._filename,
+            self._direction,
+            self.transferred,
+            self._total,
+            time.monotonic() - self._started,
+            self._resumed_from,
+        )
+
+    async def advance(self, amount: int) -> None:
+        """Count ``amount`` more bytes; report if enough time has passed."""
+        self.transferred += amount
+        now = time.monotonic()
+        if self._callback is not None and now - self._last_report >= REPORT_INTERVAL:
+            self._last_report = now
+            await invoke(self._callback, self.snapshot())
+
+    async def finish(self) -> TransferProgress:
+        """Report the final state (always, so a callback sees 100%)."""
+        final = self.snapshot()
+        if self._callback is not None:
+            await invoke(self._callback, final)
+        return final

@@ -1,0 +1,834 @@
+"""Synchronous, symlink-safe storage for received and served files.
+
+The async transfer layer calls into this module through
+``trio.to_thread.run_sync``, in large blocks; nothing here is async and nothing
+here blocks on anything but the disk.
+
+Resolution is openat-style: every operation opens the storage root once and then
+walks the (already validated) name one segment at a time with
+``os.open(segment, O_DIRECTORY | O_NOFOLLOW, dir_fd=parent)``, and opens or
+creates the final entry relative to that directory descriptor with
+``O_NOFOLLOW``. A symbolic link anywhere below the root, including one planted
+after a check, is therefore never followed: there is no check-then-use window
+of the ``os.path.realpath`` kind. The root itself *may* be a symbolic link: it
+is chosen by the operator, not by the peer.
+
+Receiving writes into a hidden partial file next to the target
+(:func:`._names.partial_basename`), hashing while writing. Publishing fsyncs the
+file, gives it its final name without ever overwriting an existing file
+(``os.link``, which fails atomically with ``EEXIST``), removes the partial name
+and fsyncs the directory. See :meth:`PartialFile.publish` for the collision
+policy and the fallbacks for file systems without hard links.
+
+POSIX only: ``dir_fd``, ``O_NOFOLLOW`` and ``flock`` are what make this safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import hmac
+import io
+import itertools
+import os
+import stat
+import sys
+import time
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, contextmanager, suppress
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import attrs
+
+from ..errors import ChecksumMismatch, TransferError, UnsafePathError
+from ._names import (
+    MAX_DEPTH,
+    check_transfer_id,
+    collision_candidates,
+    is_partial_name,
+    partial_basename,
+    safe_relative_name,
+    split_name,
+)
+
+__all__ = ["FileEntry", "PartialFile", "StorageRoot"]
+
+_CLOEXEC: Final = os.O_CLOEXEC
+# O_NOFOLLOW on every open below the root: a symlink there is refused, not followed.
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK so that opening a FIFO planted under a file name cannot hang a
+# worker thread; it is cleared again once the entry is known to be a regular file.
+_READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+_PARTIAL_FLAGS: Final = (
+    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+)
+_PLACEHOLDER_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+# Partial files hold bytes nobody has verified yet: private while receiving.
+_PARTIAL_MODE: Final = 0o600
+_HASH_BLOCK: Final = 1 << 20
+_DEFAULT_MAX_ENTRIES: Final = 100_000
+
+# errno values meaning "this file system cannot make hard links".
+_NO_HARDLINK_ERRNOS: Final = frozenset(
+    {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+)
+# errno values meaning "renameat2(RENAME_NOREPLACE) is not supported here".
+_NO_RENAMEAT2_ERRNOS: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+_RENAME_NOREPLACE: Final = 1
+_FULL_DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+# --------------------------------------------------------------------------- public classes
+
+
+@attrs.frozen
+class FileEntry:
+    """One file in a listing of a :class:`StorageRoot`."""
+
+    #: Relative POSIX name, as accepted by :func:`safe_relative_name` unchanged.
+    name: str
+    #: Size in bytes.
+    size: int
+    #: Modification time, seconds since the epoch.
+    modified: float
+
+
+def _absolute(path: str | os.PathLike[str]) -> Path:
+    # Fix the meaning of a relative path now, not at first use after a chdir.
+    # Path.absolute() only consults the working directory; it touches no files.
+    return Path(os.fspath(path)).absolute()
+
+
+@attrs.frozen
+class StorageRoot:
+    """A directory that files are received into and served from.
+
+    Constructing one touches nothing on disk; :meth:`ensure` (called by every
+    operation that writes) creates the directory when it is first needed, and
+    the read-only operations treat a missing root as empty. Instances hold no
+    open descriptors and no mutable state, so one instance may be used from many
+    threads at once.
+
+    Every name argument is a name from the network: it is passed through
+    :func:`safe_relative_name` and then resolved without following symlinks.
+    """
+
+    #: The root directory (made absolute at construction).
+    path: Path = attrs.field(converter=_absolute)
+    #: Mode of directories conduit creates (subject to the umask).
+    dir_mode: int = 0o700
+    #: Mode a received file gets when it is published.
+    file_mode: int = 0o600
+
+    def ensure(self) -> None:
+        """Create the root directory (and missing parents) if it does not exist yet."""
+        os.makedirs(self.path, mode=self.dir_mode, exist_ok=True)
+
+    def open_partial(self, name: str, transfer_id: str, *, resume: bool) -> PartialFile:
+        """Open the partial file that receives ``name`` for ``transfer_id``.
+
+        Creates the root and the intermediate directories as needed. With
+        ``resume=True`` an existing partial file is kept and its bytes are
+        hashed once (:meth:`PartialFile.rehash_prefix`), so the returned
+        ``offset`` is the length to resume from and ``sha256_hex()`` the hash of
+        that prefix; with ``resume=False`` any existing partial is truncated.
+
+        The partial file is locked (``flock``) while open: a second transfer
+        with the same id, such as a retry racing the dropped original, gets
+        :class:`TransferError` with code ``"busy"`` instead of interleaving
+        writes into the same file.
+        """
+        safe = safe_relative_name(name)
+        tid = check_transfer_id(transfer_id)
+        directories, basename = split_name(safe)
+        partial_name = partial_basename(basename, tid)
+        dir_fd = self._open_directory(directories, safe, create=True)
+        try:
+            fd = _open_partial_fd(dir_fd, partial_name, safe, truncate=not resume)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        partial = PartialFile(self, safe, tid, dir_fd, partial_name, fd)
+        if resume:
+            try:
+                partial.rehash_prefix()
+            except BaseException:
+                partial.close()
+                raise
+        return partial
+
+    def find_partial(self, name: str, transfer_id: str) -> int | None:
+        """Size of the partial file left for ``name`` by ``transfer_id``, or ``None``.
+
+        Read-only: creates nothing. Lets the caller tell a retrying sender that
+        a resume is possible before it opens the partial with ``resume=True``
+        (which verifies the prefix).
+        """
+        info = self._stat_partial(name, transfer_id)
+        return None if info is None else info.st_size
+
+    def discard_partial(self, name: str, transfer_id: str) -> bool:
+        """Remove the partial file for ``name`` / ``transfer_id``; whether one existed."""
+        safe = safe_relative_name(name)
+        tid = check_transfer_id(transfer_id)
+        directories, basename = split_name(safe)
+        try:
+            dir_fd = self._open_directory(directories, safe, create=False)
+        except FileNotFoundError:
+            return False
+        with _closing(dir_fd):
+            return _remove_regular(dir_fd, partial_basename(basename, tid))
+
+    def open_for_read(self, name: str) -> tuple[io.FileIO, int]:
+        """Open the published file ``name`` for reading; return (file, size).
+
+        The file object is unbuffered (the caller reads large blocks with
+        ``readinto``) and owns its descriptor. Refused with
+        :class:`UnsafePathError`: symlinks (anywhere in the path), directories,
+        FIFOs, devices and sockets, and any hidden or partial name (those are
+        refused by :func:`safe_relative_name` before the disk is consulted).
+        A missing file, or a path through a regular file, is
+        :class:`FileNotFoundError`.
+        """
+        safe = safe_relative_name(name)
+        directories, basename = split_name(safe)
+        dir_fd = self._open_directory(directories, safe, create=False)
+        with _closing(dir_fd):
+            fd = _open_regular_for_read(dir_fd, basename, safe)
+        size = os.fstat(fd).st_size
+        return io.FileIO(fd, "r", closefd=True), size
+
+    def list_files(self, *, max_entries: int = _DEFAULT_MAX_ENTRIES) -> list[FileEntry]:
+        """Every published file below the root, sorted by name, at most ``max_entries``.
+
+        Never follows symlinks (they are skipped, as are FIFOs and other
+        special files), never lists hidden or partial files, and skips any
+        entry whose name :func:`safe_relative_name` would refuse or change, so
+        every listed name can be downloaded by exactly that name. A missing
+        root lists as empty.
+        """
+        if max_entries < 0:
+            raise ValueError("max_entries must not be negative")
+        entries: list[FileEntry] = []
+        root_fd = self._open_root(create=False, missing_ok=True)
+        if root_fd is None:
+            return entries
+        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+            for _directory, entry, relative in walk:
+                if len(entries) >= max_entries:
+                    break
+                listed = _listing_entry(entry, relative)
+                if listed is not None:
+                    entries.append(listed)
+        entries.sort(key=lambda item: item.name)
+        return entries
+
+    def free_space(self) -> int:
+        """Bytes available to this (unprivileged) process on the root's file system.
+
+        Measured on the root, or on its nearest existing ancestor while the
+        root has not been created yet (so asking creates nothing).
+        """
+        target = self.path
+        while not target.exists() and target.parent != target:
+            target = target.parent
+        result = os.statvfs(target)
+        return result.f_bavail * result.f_frsize
+
+    def check_can_accept(
+        self, size: int, max_file_size: int | None = None, *, offset: int = 0, reserve: int = 0
+    ) -> None:
+        """Raise :class:`TransferError` unless a ``size``-byte file can be received.
+
+        Codes: ``"invalid_size"`` for a negative size or an offset outside it,
+        ``"too_large"`` when ``size`` exceeds ``max_file_size``, ``"no_space"``
+        when the ``size - offset`` bytes still to come (``offset`` is what a
+        resumed partial already holds) plus ``reserve`` exceed the free space.
+        """
+        if size < 0 or not 0 <= offset <= size:
+            raise TransferError(f"invalid size {size} (offset {offset})", "invalid_size")
+        if max_file_size is not None and size > max_file_size:
+            raise TransferError(
+                f"file of {size} bytes exceeds the limit of {max_file_size} bytes", "too_large"
+            )
+        needed = size - offset + reserve
+        available = self.free_space()
+        if needed > available:
+            raise TransferError(
+                f"not enough disk space: {needed} bytes needed, {available} available",
+                "no_space",
+            )
+
+    def cleanup_stale_partials(self, max_age_seconds: float, *, now: float | None = None) -> int:
+        """Remove partial files not written to for ``max_age_seconds``; return how many.
+
+        Partial files survive a dropped connection so that the transfer can
+        resume; this is what eventually removes the ones nobody came back for.
+        A partial file that is open by a transfer (it holds the lock) is never
+        removed, however old. Symlinks are neither followed nor removed.
+        """
+        cutoff = (time.time() if now is None else now) - max_age_seconds
+        root_fd = self._open_root(create=False, missing_ok=True)
+        if root_fd is None:
+            return 0
+        removed = 0
+        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+            for directory, entry, _relative in walk:
+                if _is_stale_partial(entry, cutoff) and _remove_if_idle(directory, entry.name):
+                    removed += 1
+        return removed
+
+    # ----------------------------------------------------------------------- internals
+
+    def _open_root(self, *, create: bool, missing_ok: bool = False) -> int | None:
+        if create:
+            self.ensure()
+        try:
+            # The root itself may be a symlink: the operator chose it.
+            return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise
+
+    def _open_directory(self, directories: tuple[str, ...], name: str, *, create: bool) -> int:
+        """Descriptor of the directory that holds ``name``; the caller closes it."""
+        root_fd = self._open_root(create=create)
+        assert root_fd is not None  # missing_ok is False: a missing root raised
+        current = root_fd
+        try:
+            for segment in directories:
+                child = _open_subdirectory(current, segment, name, create, self.dir_mode)
+                os.close(current)
+                current = child
+        except BaseException:
+            os.close(current)
+            raise
+        return current
+
+    def _stat_partial(self, name: str, transfer_id: str) -> os.stat_result | None:
+        safe = safe_relative_name(name)
+        tid = check_transfer_id(transfer_id)
+        directories, basename = split_name(safe)
+        try:
+            dir_fd = self._open_directory(directories, safe, create=False)
+        except FileNotFoundError:
+            return None
+        with _closing(dir_fd):
+            info = _lstat(dir_fd, partial_basename(basename, tid))
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            raise UnsafePathError(f"the partial file for {name!r} is not a regular file")
+        return info
+
+
+class PartialFile:
+    """A hidden file being received, with a running SHA-256 of its contents.
+
+    Obtained from :meth:`StorageRoot.open_partial`. Writes go at :attr:`offset`
+    and are hashed as they are written (one pass, nothing is re-read). Closing
+    keeps the file on disk so that the transfer can resume; :meth:`publish`
+    makes it visible under its final name and :meth:`discard` deletes it.
+    Usable as a context manager, which closes (not discards) on exit.
+
+    Not thread-safe: one transfer drives one partial file.
+    """
+
+    def __init__(
+        self,
+        root: StorageRoot,
+        name: str,
+        transfer_id: str,
+        dir_fd: int,
+        partial_name: str,
+        fd: int,
+    ) -> None:
+        """Wrap open descriptors; use :meth:`StorageRoot.open_partial` instead."""
+        self._root = root
+        self._name = name
+        self._transfer_id = transfer_id
+        self._dir_fd: int | None = dir_fd
+        self._partial_name = partial_name
+        self._fd: int | None = fd
+        self._hash = hashlib.sha256()
+        self._offset = 0
+        self._finished = False  # published or discarded: nothing left on disk to manage
+
+    @property
+    def name(self) -> str:
+        """The safe relative name this file is being received as."""
+        return self._name
+
+    @property
+    def transfer_id(self) -> str:
+        """The transfer id the partial file belongs to."""
+        return self._transfer_id
+
+    @property
+    def partial_name(self) -> str:
+        """Base name of the hidden partial file, in the target's directory."""
+        return self._partial_name
+
+    @property
+    def offset(self) -> int:
+        """Bytes written (and hashed) so far; where the next block goes."""
+        return self._offset
+
+    @property
+    def closed(self) -> bool:
+        """Whether the descriptors have been released."""
+        return self._fd is None
+
+    def write_block(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` at :attr:`offset` and add it to the running hash.
+
+        A full disk raises :class:`TransferError` with code ``"no_space"``; the
+        offset and hash still match the bytes that did reach the file.
+        """
+        fd = self._require_open()
+        view = memoryview(data).cast("B")
+        while view:
+            try:
+                written = os.pwrite(fd, view, self._offset)
+            except OSError as exc:
+                raise _translate_write_error(exc, self._name) from exc
+            # Hash exactly what reached the file, so a failed write leaves a consistent prefix.
+            self._hash.update(view[:written])
+            self._offset += written
+            view = view[written:]
+
+    def rehash_prefix(self) -> int:
+        """Hash the bytes already in the file, seeding the running hash; return the length.
+
+        Used when resuming. Reads in large blocks, once. If the file changed
+        length while being read, it is truncated to what was hashed so that
+        offset, hash and contents agree.
+        """
+        fd = self._require_open()
+        digest = hashlib.sha256()
+        size = os.fstat(fd).st_size
+        position = 0
+        while position < size:
+            block = os.pread(fd, min(_HASH_BLOCK, size - position), position)
+            if not block:
+                break
+            digest.update(block)
+            position += len(block)
+        if os.fstat(fd).st_size != position:
+            os.ftruncate(fd, position)
+        self._hash = digest
+        self._offset = position
+        return position
+
+    def sha256_hex(self) -> str:
+        """Hex SHA-256 of everything written so far (the file does not need to be closed)."""
+        return self._hash.hexdigest()
+
+    def fsync(self) -> None:
+        """Flush the file's data to stable storage."""
+        os.fsync(self._require_open())
+
+    def close(self) -> None:
+        """Release the descriptors and the lock; the partial file stays for a resume."""
+        fd, dir_fd = self._fd, self._dir_fd
+        self._fd = self._dir_fd = None
+        if fd is not None:
+            os.close(fd)
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        """Delete the partial file and close. Harmless to call again."""
+        if self._finished:
+            return
+        if self._fd is None:
+            self._root.discard_partial(self._name, self._transfer_id)
+        else:
+            assert self._dir_fd is not None
+            if _same_file(self._dir_fd, self._partial_name, self._fd):
+                _unlink_quietly(self._dir_fd, self._partial_name)
+            self.close()
+        self._finished = True
+
+    def publish(
+        self,
+        final_name: str | None = None,
+        *,
+        overwrite: bool = False,
+        expected_sha256: str | None = None,
+    ) -> str:
+        """Make the file visible as ``final_name`` (default: the name it was opened for).
+
+        Returns the relative name actually used, then closes. Steps: compare
+        ``expected_sha256`` if given (a mismatch discards the partial and raises
+        :class:`ChecksumMismatch`: the bytes are wrong, resuming would not fix
+        them), fsync the file, give it its final name, fsync the directory.
+
+        Collision policy (``overwrite=False``): an existing entry is never
+        replaced. ``os.link`` either creates the name or fails with ``EEXIST``,
+        atomically, so two publishers (threads or processes) can never both get
+        one name; on ``EEXIST`` the next of ``stem (1).ext``, ``stem (2).ext``,
+        ... is tried (:func:`collision_candidates`, at most 10 000, then
+        :class:`TransferError` code ``"name_collision"``). An existing
+        directory or symlink under the name counts as taken. The partial name is
+        unlinked after the link succeeds.
+
+        File systems without hard links (FAT, some FUSE and network mounts):
+        first ``renameat2(RENAME_NOREPLACE)`` (Linux), which is just as atomic
+        and never overwrites. Failing that, the name is reserved with
+        ``O_CREAT | O_EXCL`` and then ``os.replace``-d by the partial. That still
+        never overwrites a file that existed before and never lets two conduit
+        publishers share a name (the reservation is atomic), but for an instant
+        the final name is visible as an empty file, and a crash in that instant
+        leaves the empty placeholder behind. It is the last resort only.
+
+        With ``overwrite=True`` the file atomically replaces whatever file had
+        the name (``os.replace``; a symlink there is replaced, not followed).
+        """
+        fd = self._require_open()
+        assert self._dir_fd is not None
+        target = self._name if final_name is None else safe_relative_name(final_name)
+        if expected_sha256 is not None:
+            self._verify(expected_sha256)
+        if self._root.file_mode != _PARTIAL_MODE:
+            os.fchmod(fd, self._root.file_mode)
+        os.fsync(fd)
+        if not _same_file(self._dir_fd, self._partial_name, fd):
+            raise TransferError(f"the partial file for {self._name!r} was replaced", "conflict")
+        directories, basename = split_name(target)
+        dest_fd = self._root._open_directory(directories, target, create=True)
+        with _closing(dest_fd):
+            placed = _place(self._dir_fd, self._partial_name, dest_fd, basename, overwrite)
+            os.fsync(dest_fd)
+            if not os.path.samestat(os.fstat(dest_fd), os.fstat(self._dir_fd)):
+                os.fsync(self._dir_fd)  # the partial's removal lives in another directory
+        self._finished = True
+        self.close()
+        return "/".join((*directories, placed))
+
+    def __enter__(self) -> PartialFile:
+        """Return self."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Close, keeping the partial file for a resume."""
+        self.close()
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"partial file for {self._name!r} is closed")
+        return self._fd
+
+    def _verify(self, expected_sha256: str) -> None:
+        actual = self.sha256_hex()
+        if not hmac.compare_digest(actual, expected_sha256.strip().lower()):
+            self.discard()
+            raise ChecksumMismatch(
+                f"{self._name!r}: received bytes hash to {actual}, expected {expected_sha256}"
+            )
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@contextmanager
+def _closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _lstat(dir_fd: int, entry: str) -> os.stat_result | None:
+    try:
+        return os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _open_subdirectory(parent: int, segment: str, name: str, create: bool, mode: int) -> int:
+    created = False
+    if create:
+        try:
+            os.mkdir(segment, mode, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            pass  # fine if it is a directory; anything else is refused by the open
+    try:
+        fd = os.open(segment, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such file in storage", name) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        raise _not_a_directory(parent, segment, name, create) from None
+    if created:
+        os.fsync(parent)  # make the new directory entry durable before files land in it
+    return fd
+
+
+def _not_a_directory(parent: int, segment: str, name: str, create: bool) -> Exception:
+    info = _lstat(parent, segment)
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        return UnsafePathError(
+            f"{name!r}: {segment!r} is a symbolic link; links inside the storage are never followed"
+        )
+    if create:
+        return TransferError(f"{name!r}: {segment!r} exists and is not a directory", "conflict")
+    return FileNotFoundError(errno.ENOENT, "no such file in storage", name)
+
+
+def _refuse_special(info: os.stat_result, name: str) -> None:
+    mode = info.st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise UnsafePathError(f"{name!r} is a symbolic link; links are never followed")
+    if stat.S_ISDIR(mode):
+        raise UnsafePathError(f"{name!r} is a directory, not a file")
+    raise UnsafePathError(f"{name!r} is not a regular file (device, FIFO or socket)")
+
+
+def _open_checked(dir_fd: int, entry: str, name: str, flags: int, mode: int = 0o600) -> int:
+    """Open ``entry`` with ``flags`` (including O_NOFOLLOW); refuse anything but a regular file."""
+    before = _lstat(dir_fd, entry)
+    if before is not None:
+        # Refuse devices before opening them: opening alone can have side effects.
+        _refuse_special(before, name)
+    try:
+        fd = os.open(entry, flags, mode, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "no such file in storage", name) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        raise UnsafePathError(f"{name!r} is not a regular file") from None
+    try:
+        after = os.fstat(fd)
+        _refuse_special(after, name)
+        if before is not None and not os.path.samestat(before, after):
+            raise UnsafePathError(f"{name!r} changed while it was being opened")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_regular_for_read(dir_fd: int, entry: str, name: str) -> int:
+    return _open_checked(dir_fd, entry, name, _READ_FLAGS)
+
+
+def _open_partial_fd(dir_fd: int, partial_name: str, name: str, *, truncate: bool) -> int:
+    fd = _open_checked(dir_fd, partial_name, name, _PARTIAL_FLAGS, _PARTIAL_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TransferError(f"{name!r} is already being received", "busy") from None
+        if truncate:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _same_file(dir_fd: int, entry: str, fd: int) -> bool:
+    info = _lstat(dir_fd, entry)
+    return info is not None and os.path.samestat(info, os.fstat(fd))
+
+
+def _unlink_quietly(dir_fd: int, entry: str) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(entry, dir_fd=dir_fd)
+
+
+def _remove_regular(dir_fd: int, entry: str) -> bool:
+    info = _lstat(dir_fd, entry)
+    if info is None or not stat.S_ISREG(info.st_mode):
+        return False
+    _unlink_quietly(dir_fd, entry)
+    return True
+
+
+def _translate_write_error(exc: OSError, name: str) -> Exception:
+    if exc.errno in _FULL_DISK_ERRNOS:
+        return TransferError(f"not enough disk space to receive {name!r}", "no_space")
+    if exc.errno == errno.EFBIG:
+        return TransferError(f"{name!r} is larger than the file system allows", "too_large")
+    return exc
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def _place(src_dir: int, src: str, dest_dir: int, basename: str, overwrite: bool) -> str:
+    """Give the partial ``src`` the name ``basename`` (or a collision variant); return it."""
+    if overwrite:
+        try:
+            os.replace(src, basename, src_dir_fd=src_dir, dst_dir_fd=dest_dir)
+        except IsADirectoryError:
+            raise TransferError(f"{basename!r} is a directory", "conflict") from None
+        return basename
+    # Lazily: the 10 000 alternatives are only built as far as they are needed.
+    for candidate in itertools.chain([basename], collision_candidates(basename)):
+        if _place_without_replacing(src_dir, src, dest_dir, candidate):
+            return candidate
+    raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+
+def _place_without_replacing(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool:
+    """True if ``src`` now also/instead lives at ``candidate``; False if the name is taken."""
+    try:
+        os.link(src, candidate, src_dir_fd=src_dir, dst_dir_fd=dest_dir, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINK_ERRNOS:
+            raise
+        return _rename_without_replacing(src_dir, src, dest_dir, candidate)
+    # Published; a failure to remove the partial name leaves only a hidden second
+    # link to the same bytes, which cleanup_stale_partials removes later.
+    with suppress(OSError):
+        os.unlink(src, dir_fd=src_dir)
+    return True
+
+
+def _rename_without_replacing(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool:
+    renamed = _renameat2_noreplace(src_dir, src, dest_dir, candidate)
+    if renamed is not None:
+        return renamed
+    return _reserve_and_replace(src_dir, src, dest_dir, candidate)
+
+
+def _reserve_and_replace(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool:
+    # Last resort, see PartialFile.publish: O_EXCL reserves the name atomically.
+    try:
+        os.close(os.open(candidate, _PLACEHOLDER_FLAGS, _PARTIAL_MODE, dir_fd=dest_dir))
+    except FileExistsError:
+        return False
+    try:
+        os.replace(src, candidate, src_dir_fd=src_dir, dst_dir_fd=dest_dir)
+    except BaseException:
+        _unlink_quietly(dest_dir, candidate)
+        raise
+    return True
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    function = getattr(libc, "renameat2", None)  # glibc >= 2.28
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    function.argtypes += [ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_renameat2: Callable[..., int] | None = _load_renameat2()
+
+
+def _renameat2_noreplace(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool | None:
+    """True if renamed, False if the name is taken, None if unsupported here."""
+    function = _renameat2
+    if function is None:
+        return None
+    result = function(
+        src_dir, os.fsencode(src), dest_dir, os.fsencode(candidate), _RENAME_NOREPLACE
+    )
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        return False
+    if code in _NO_RENAMEAT2_ERRNOS:
+        return None
+    raise OSError(code, os.strerror(code), candidate)
+
+
+# --------------------------------------------------------------------------- walking
+
+
+_Walk = Generator[tuple[int, os.DirEntry[str], str], None, None]
+
+
+def _walk_tree(root_fd: int) -> _Walk:
+    """Yield (directory fd, entry, relative name) for the non-hidden entries below the root.
+
+    Depth-first, children in name order; hidden entries are yielded (cleanup
+    needs the partial files) but hidden directories are not entered, nor are
+    symlinks, nor directories past MAX_DEPTH. A directory that is replaced
+    while the walk runs is skipped, not followed.
+    """
+    yield from _walk_directory(root_fd, ())
+
+
+def _walk_directory(dir_fd: int, prefix: tuple[str, ...]) -> _Walk:
+    with os.scandir(dir_fd) as iterator:
+        children = sorted(iterator, key=lambda entry: entry.name)
+    for entry in children:
+        relative = "/".join((*prefix, entry.name))
+        yield dir_fd, entry, relative
+        if entry.name.startswith(".") or len(prefix) + 1 >= MAX_DEPTH:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            try:
+                child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError:
+                continue  # removed or swapped for a symlink since the scan
+            with _closing(child):
+                yield from _walk_directory(child, (*prefix, entry.name))
+
+
+def _listing_entry(entry: os.DirEntry[str], relative: str) -> FileEntry | None:
+    """The listing row for ``entry``, or None if it must not be listed."""
+    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+        return None
+    try:
+        if safe_relative_name(relative) != relative:
+            return None  # not downloadable under exactly this name
+        info = entry.stat(follow_symlinks=False)
+    except (UnsafePathError, FileNotFoundError):
+        return None
+    return FileEntry(relative, info.st_size, info.st_mtime)
+
+
+def _is_stale_partial(entry: os.DirEntry[str], cutoff: float) -> bool:
+    if not is_partial_name(entry.name) or not entry.is_file(follow_symlinks=False):
+        return False
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime < cutoff
+    except FileNotFoundError:
+        return False
+
+
+def _remove_if_idle(dir_fd: int, entry: str) -> bool:
+    """Unlink a partial file unless a transfer holds its lock."""
+    try:
+        fd = _open_checked(dir_fd, entry, entry, _READ_FLAGS)
+    except (OSError, UnsafePathError):
+        return False  # vanished or not a regular file any more
+    with _closing(fd):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # an active transfer is writing it
+        if not _same_file(dir_fd, entry, fd):
+            return False
+        _unlink_quietly(dir_fd, entry)
+    return True

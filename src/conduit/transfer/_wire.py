@@ -1,0 +1,65 @@
+"""What file transfers put on the wire besides raw chunks.
+
+Control goes through ordinary RPCs (names below); the bytes go through a data
+stream whose END frame carries :class:`Trailer`: the size and SHA-256 of the
+whole file, computed by the sender while it read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import attrs
+
+from ..errors import RemoteProtocolError
+
+_TRAILER = struct.Struct("!Q32s")
+
+# RPC methods a server registers (the names are part of the protocol).
+FILE_LIST = "file_list"
+FILE_STAT = "file_stat"
+UPLOAD_BEGIN = "file_upload_begin"
+UPLOAD_FINISH = "file_upload_finish"
+DOWNLOAD = "file_download"
+# ... and a client registers, to receive pushes.
+PUSH_BEGIN = "file_push_begin"
+PUSH_FINISH = "file_push_finish"
+
+
+@attrs.frozen
+class Trailer:
+    """Size and SHA-256 digest of the complete file."""
+
+    size: int
+    sha256: bytes
+
+    def pack(self) -> bytes:
+        """Encode for the END frame."""
+        return _TRAILER.pack(self.size, self.sha256)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Trailer:
+        """Decode an END frame's payload; anything else is a protocol error."""
+        if len(data) != _TRAILER.size:
+            raise RemoteProtocolError(
+                f"file trailer must be {_TRAILER.size} bytes, got {len(data)}"
+            )
+        size, digest = _TRAILER.unpack(data)
+        return cls(size, digest)
+
+    @property
+    def checksum(self) -> str:
+        """The digest as lowercase hex, as reported to users."""
+        return self.sha256.hex()
+
+
+def transfer_key(name: str, size: int, mtime_ns: int) -> str:
+    """Identify one attempt to send one version of a file, for resuming.
+
+    The receiver keeps a partial file under this key; a retry of the same file
+    (same name, size and modification time) finds it. The receiver still
+    re-verifies the prefix by hash before trusting it.
+    """
+    digest = hashlib.sha256(f"{name}\0{size}\0{mtime_ns}".encode()).hexdigest()
+    return digest[:32]
