@@ -239,7 +239,7 @@ class Client:
     async def call(
         self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any
     ) -> Any:
-        """Call ``method`` on the server and return its value, or raise :class:`~conduit.RPCError`."""
+        """Call ``method`` on the server; return its value or raise :class:`~conduit.RPCError`."""
         return await self.rpc.invoke(method, args, timeout, **kwargs)
 
     @bridged

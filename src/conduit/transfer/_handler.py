@@ -39,7 +39,7 @@ import attrs
 import trio
 
 from .._asyncio import bridged
-from .._callbacks import invoke
+from .._callbacks import invoke, trio_callback
 from .._connection import Connection
 from .._peer import Peer
 from .._streams import IncomingStream, OutgoingStream, StreamReset
@@ -527,17 +527,22 @@ class FileTransferHandler:
                 log.info("removed %d stale partial files", removed)
 
     # ------------------------------------------------------------------ RPC methods
+    # Library code written for Trio: marked so that they run in Trio even when
+    # the application lives in asyncio (where plain coroutines run on asyncio).
 
+    @trio_callback
     async def _rpc_upload_begin(
         self, caller: Peer, name: str, size: int, key: str, restart: bool = False
     ) -> dict[str, Any]:
         return await self._begin_receive(caller, name, size, key, restart)
 
+    @trio_callback
     async def _rpc_push_begin(
         self, caller: Peer, name: str, size: int, key: str, restart: bool = False
     ) -> dict[str, Any]:
         return await self._begin_receive(caller, name, size, key, restart)
 
+    @trio_callback
     async def _rpc_receive_finish(
         self, caller: Peer, stream_id: int, abandon: bool = False
     ) -> dict[str, Any]:
@@ -555,6 +560,7 @@ class FileTransferHandler:
         assert inbound.result is not None
         return inbound.result
 
+    @trio_callback
     async def _rpc_file_list(self) -> dict[str, Any]:
         entries = await trio.to_thread.run_sync(
             lambda: self.storage.list_files(max_entries=self.max_listed)
@@ -563,6 +569,7 @@ class FileTransferHandler:
             "files": [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
         }
 
+    @trio_callback
     async def _rpc_file_stat(self, name: str) -> dict[str, Any]:
         try:
             file, size = await trio.to_thread.run_sync(self.storage.open_for_read, name)
@@ -572,6 +579,7 @@ class FileTransferHandler:
             info = os.fstat(file.fileno())
         return {"name": safe_relative_name(name), "size": size, "modified_ns": info.st_mtime_ns}
 
+    @trio_callback
     async def _rpc_download(
         self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
     ) -> dict[str, Any]:

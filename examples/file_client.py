@@ -1,0 +1,25 @@
+import asyncio
+from conduit import Client, ClientDescriptor, FileTransferHandler
+
+client = Client(ClientDescriptor(
+    server_host="localhost",
+    server_port=8080,
+    password="secret"
+))
+
+transfer = FileTransferHandler()
+
+async def main():
+    await client.connect()
+
+    # Upload a file
+    result = await transfer.send_to_server(
+        client,
+        "my_document.pdf",
+        on_progress=lambda p: print(f"\r{p.percent:.1f}%", end="")
+    )
+    print(f"\nUploaded: {result}")
+
+    await client.disconnect()
+
+asyncio.run(main())
