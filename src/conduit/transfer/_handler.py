@@ -487,7 +487,7 @@ class FileTransferHandler:
         finally:
             connection.close_stream(stream)
         final = await reporter.finish()
-        local_path = str(partial._root.path / published)
+        local_path = str(partial.root.path / published)
         metadata = {
             "filename": published,
             "original_name": name,

@@ -358,6 +358,11 @@ class PartialFile:
         self._finished = False  # published or discarded: nothing left on disk to manage
 
     @property
+    def root(self) -> StorageRoot:
+        """The storage root the file is received into."""
+        return self._root
+
+    @property
     def name(self) -> str:
         """The safe relative name this file is being received as."""
         return self._name

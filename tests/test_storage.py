@@ -1,0 +1,871 @@
+"""The synchronous storage layer: safe names, symlink-safe resolution, publishing.
+
+Everything runs against real files under ``tmp_path``. A test that plants a
+symlink also keeps a snapshot of the directory it points to and checks that
+nothing there changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import posixpath
+import re
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conduit.errors import ChecksumMismatch, TransferError, UnsafePathError
+from conduit.transfer import _names, _storage
+from conduit.transfer._names import (
+    MAX_SEGMENT_BYTES,
+    PARTIAL_PREFIX,
+    check_transfer_id,
+    collision_candidates,
+    partial_basename,
+    safe_relative_name,
+)
+from conduit.transfer._storage import FileEntry, PartialFile, StorageRoot
+from hostile_names import HOSTILE_NAMES, NORMALISED_NAMES, SAFE_NAMES
+
+TID = "transfer-1"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def snapshot(path: Path) -> dict[str, object]:
+    """Every entry below ``path``: file contents, directories, link targets."""
+    result: dict[str, object] = {}
+    for directory, dirnames, filenames in os.walk(path):  # does not follow links
+        for entry in dirnames + filenames:
+            full = Path(directory, entry)
+            relative = full.relative_to(path).as_posix()
+            if full.is_symlink():
+                result[relative] = ("link", os.readlink(full))
+            elif full.is_dir():
+                result[relative] = "dir"
+            elif full.is_file():
+                result[relative] = full.read_bytes()
+            else:
+                result[relative] = "special"
+    return result
+
+
+def receive(
+    storage: StorageRoot,
+    name: str,
+    data: bytes,
+    transfer_id: str = TID,
+    *,
+    final_name: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Receive ``data`` as ``name`` in two blocks and publish it; return the published name."""
+    partial = storage.open_partial(name, transfer_id, resume=False)
+    half = len(data) // 2
+    partial.write_block(data[:half])
+    partial.write_block(memoryview(data)[half:])
+    return partial.publish(final_name, overwrite=overwrite, expected_sha256=sha256(data))
+
+
+def read_back(storage: StorageRoot, name: str) -> bytes:
+    handle, size = storage.open_for_read(name)
+    with handle:
+        data = handle.read()
+    assert len(data) == size
+    return data
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> StorageRoot:
+    return StorageRoot(tmp_path / "root")
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory next to the root, with a file a hostile peer would love to reach."""
+    target = tmp_path / "outside"
+    target.mkdir()
+    (target / "secret.txt").write_bytes(b"top secret")
+    return target
+
+
+@pytest.fixture
+def trapped(storage: StorageRoot, outside: Path) -> StorageRoot:
+    """A root with symlinks planted inside that point outside it."""
+    storage.ensure()
+    os.symlink(outside, storage.path / "linkdir")
+    os.symlink(outside / "secret.txt", storage.path / "linkfile")
+    os.symlink(outside / "created.txt", storage.path / "dangling")
+    return storage
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def test_corpus_is_big_enough() -> None:
+    assert len(HOSTILE_NAMES) >= 30
+    assert len(SAFE_NAMES) >= 10
+    assert not set(HOSTILE_NAMES) & set(SAFE_NAMES)
+
+
+# --------------------------------------------------------------------------- safe_relative_name
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_are_refused(name: str) -> None:
+    with pytest.raises(UnsafePathError) as info:
+        safe_relative_name(name)
+    assert info.value.code == "unsafe_path"
+    assert str(info.value).startswith("unsafe file name ")
+
+
+@pytest.mark.parametrize("name", SAFE_NAMES)
+def test_safe_names_are_accepted_unchanged(name: str) -> None:
+    assert safe_relative_name(name) == name
+
+
+@pytest.mark.parametrize(("name", "expected"), NORMALISED_NAMES.items())
+def test_names_are_normalised(name: str, expected: str) -> None:
+    assert safe_relative_name(name) == expected
+    assert safe_relative_name(expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("..", "'..'"),
+        ("a/../b", "parent directory"),
+        ("/etc/passwd", "absolute"),
+        ("C:foo", "drive letter"),
+        ("a\\b", "backslash"),
+        ("nul.txt", "device name"),
+        ("x\x00y", "control character U+0000"),
+        (".hidden", "hidden"),
+        ("x" * 256, "255 bytes"),
+        ("a/" * 2049 + "b", "4096 bytes"),
+        ("\u2025", "looks like '..'"),
+        ("", "empty"),
+        ("dir/", "directory"),
+        ("\ud800", "surrogate"),
+        ("trailing.", "ends with a dot"),
+        ("evil\u202etxt.exe", "invisible"),
+    ],
+)
+def test_refusals_name_the_problem(name: str, words: str) -> None:
+    with pytest.raises(UnsafePathError, match=re.escape(words)):
+        safe_relative_name(name)
+
+
+@pytest.mark.parametrize("value", [None, b"a.txt", 42, ["a"]])
+def test_non_text_is_refused_as_unsafe(value: object) -> None:
+    with pytest.raises(UnsafePathError, match="must be text"):
+        safe_relative_name(value)  # type: ignore[arg-type]
+
+
+def test_error_message_of_a_huge_name_stays_short() -> None:
+    with pytest.raises(UnsafePathError) as info:
+        safe_relative_name("x" * 100_000)
+    assert len(str(info.value)) < 200
+
+
+_PIECES = [
+    "/", "//", ".", "..", "./", "../", "\\", ":", "a", "b.txt", "\u00e9", "e\u0301",
+    " ", "\x00", "\n", "nul", "CON", "com1", "\u2025", "\u2024", "\uff0e", "\uff0f",
+    "\u2215", "C:", "~", "%2f", "\ud800", PARTIAL_PREFIX, "\u202e", "\u00b9", "\ufb01",
+]  # fmt: skip
+_NAMES = st.one_of(
+    st.text(),
+    st.text(st.characters(codec=None, exclude_categories=())),
+    st.lists(st.sampled_from(_PIECES), max_size=12).map("".join),
+)
+
+
+@given(_NAMES)
+@settings(max_examples=1000)
+def test_any_text_is_refused_or_stays_inside_the_root(name: str) -> None:
+    root = "/srv/conduit root"
+    try:
+        result = safe_relative_name(name)
+    except UnsafePathError:
+        return
+    joined = posixpath.normpath(posixpath.join(root, result))
+    assert joined.startswith(root + "/")
+    assert joined == posixpath.join(root, result)  # nothing for normpath to resolve
+    assert safe_relative_name(result) == result
+    for segment in result.split("/"):
+        assert segment not in ("", ".", "..")
+        assert not segment.startswith(".")
+        assert len(segment.encode("utf-8")) <= MAX_SEGMENT_BYTES
+
+
+@given(_NAMES)
+@settings(max_examples=150, deadline=None)
+def test_any_accepted_name_is_written_inside_the_root(name: str) -> None:
+    try:
+        safe = safe_relative_name(name)
+    except UnsafePathError:
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        storage = StorageRoot(Path(scratch) / "root")
+        published = receive(storage, name, b"payload")
+        path = Path(scratch, "root", published)
+        assert published == safe
+        assert path.resolve().is_relative_to(Path(scratch, "root").resolve())
+        assert path.read_bytes() == b"payload"
+        assert [entry.name for entry in storage.list_files()] == [safe]
+
+
+@pytest.mark.parametrize(
+    "transfer_id", ["", "a/b", "../x", ".hidden", "x" * 65, "sp ace", "nul\x00", "\u00e9"]
+)
+def test_malformed_transfer_ids_are_refused(storage: StorageRoot, transfer_id: str) -> None:
+    with pytest.raises(UnsafePathError, match="transfer id"):
+        check_transfer_id(transfer_id)
+    with pytest.raises(UnsafePathError, match="transfer id"):
+        storage.open_partial("a.txt", transfer_id, resume=False)
+    assert not storage.path.exists()
+
+
+def test_partial_names_fit_in_one_segment_and_stay_distinct() -> None:
+    long_a, long_b = "a" * 254 + "1", "a" * 254 + "2"
+    names = {partial_basename(n, "t" * 64) for n in (long_a, long_b, "short.txt")}
+    assert len(names) == 3
+    for name in names:
+        assert name.startswith(PARTIAL_PREFIX)
+        assert len(name.encode("utf-8")) <= MAX_SEGMENT_BYTES
+    assert partial_basename("short.txt", "t1") == f"{PARTIAL_PREFIX}t1-short.txt"
+
+
+def test_collision_candidates() -> None:
+    first = [next(collision_candidates(name)) for name in ("a.txt", "archive.tar.gz", "README")]
+    assert first == ["a (1).txt", "archive (1).tar.gz", "README (1)"]
+    candidates = list(collision_candidates("\u540d" * 85))
+    assert len(candidates) == _names.MAX_COLLISION_ATTEMPTS
+    assert len(set(candidates)) == len(candidates)
+    for candidate in candidates[::997]:
+        assert len(candidate.encode("utf-8")) <= MAX_SEGMENT_BYTES
+        assert safe_relative_name(candidate) == candidate
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def test_construction_touches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    storage = StorageRoot("deep/files")
+    assert storage.path == tmp_path / "deep" / "files"
+    # Read-only operations on a root that does not exist yet create nothing either.
+    assert storage.list_files() == []
+    assert storage.find_partial("a.txt", TID) is None
+    assert storage.discard_partial("a.txt", TID) is False
+    assert storage.cleanup_stale_partials(0) == 0
+    assert storage.free_space() > 0
+    storage.check_can_accept(1)
+    with pytest.raises(FileNotFoundError):
+        storage.open_for_read("a.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ensure_creates_a_private_directory(storage: StorageRoot) -> None:
+    storage.ensure()
+    storage.ensure()  # idempotent
+    assert stat.S_IMODE(storage.path.stat().st_mode) == 0o700 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_symlinked_root_is_allowed(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "alias")
+    storage = StorageRoot(tmp_path / "alias")
+    assert receive(storage, "a.txt", b"x") == "a.txt"
+    assert (real / "a.txt").read_bytes() == b"x"
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_safe_names_round_trip(storage: StorageRoot) -> None:
+    for index, name in enumerate(SAFE_NAMES):
+        assert receive(storage, name, name.encode("utf-8") * 3, f"t{index}") == name
+    listed = storage.list_files()
+    assert [entry.name for entry in listed] == sorted(SAFE_NAMES)
+    for entry in listed:
+        assert read_back(storage, entry.name) == entry.name.encode("utf-8") * 3
+        assert entry.size == len(entry.name.encode("utf-8")) * 3
+
+
+def test_normalised_names_are_stored_under_the_canonical_name(storage: StorageRoot) -> None:
+    assert receive(storage, "./x//re\u0301sume\u0301.pdf", b"cv") == "x/r\u00e9sum\u00e9.pdf"
+    assert read_back(storage, "x/re\u0301sume\u0301.pdf") == b"cv"
+    assert read_back(storage, "x/r\u00e9sum\u00e9.pdf") == b"cv"
+
+
+def test_publish_under_another_directory(storage: StorageRoot) -> None:
+    partial = storage.open_partial("in/a.txt", TID, resume=False)
+    partial.write_block(b"moved")
+    assert partial.publish("out/b.txt") == "out/b.txt"
+    assert read_back(storage, "out/b.txt") == b"moved"
+    assert os.listdir(storage.path / "in") == []
+
+
+def test_empty_file(storage: StorageRoot) -> None:
+    assert receive(storage, "empty", b"") == "empty"
+    assert read_back(storage, "empty") == b""
+    assert storage.list_files()[0].size == 0
+
+
+# ------------------------------------------------------------------- hostile names everywhere
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_names_are_refused_by_every_entry_point(
+    tmp_path: Path, storage: StorageRoot, name: str
+) -> None:
+    storage.ensure()
+    partial = storage.open_partial("ok.txt", TID, resume=False)
+    partial.write_block(b"data")
+    before = snapshot(tmp_path)
+    attempts: list[Callable[[], object]] = [
+        lambda: storage.open_partial(name, "other", resume=False),
+        lambda: storage.open_partial(name, "other", resume=True),
+        lambda: storage.find_partial(name, "other"),
+        lambda: storage.discard_partial(name, "other"),
+        lambda: storage.open_for_read(name),
+        lambda: partial.publish(name),
+        lambda: partial.publish(name, overwrite=True),
+    ]
+    for attempt in attempts:
+        with pytest.raises(UnsafePathError):
+            attempt()
+    assert snapshot(tmp_path) == before
+    # The refused publish left the partial intact and usable.
+    assert partial.publish() == "ok.txt"
+    assert read_back(storage, "ok.txt") == b"data"
+
+
+# --------------------------------------------------------------------------- symlinks
+
+
+def test_write_through_a_symlinked_directory_is_refused(
+    trapped: StorageRoot, outside: Path
+) -> None:
+    before = snapshot(outside)
+    for name in ("linkdir/x.txt", "linkdir/sub/x.txt"):
+        with pytest.raises(UnsafePathError, match="symbolic link"):
+            trapped.open_partial(name, TID, resume=False)
+        with pytest.raises(UnsafePathError, match="symbolic link"):
+            trapped.find_partial(name, TID)
+    partial = trapped.open_partial("x.txt", TID, resume=False)
+    partial.write_block(b"evil")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        partial.publish("linkdir/x.txt")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        partial.publish("linkdir/secret.txt", overwrite=True)
+    assert snapshot(outside) == before
+
+
+def test_publish_onto_a_symlink_never_follows_it(trapped: StorageRoot, outside: Path) -> None:
+    before = snapshot(outside)
+    assert receive(trapped, "linkfile", b"one", "t1") == "linkfile (1)"
+    assert receive(trapped, "dangling", b"two", "t2") == "dangling (1)"
+    assert snapshot(outside) == before
+    assert not (outside / "created.txt").exists()
+    # Overwriting replaces the link itself, never the file it points to.
+    assert receive(trapped, "linkfile", b"three", "t3", overwrite=True) == "linkfile"
+    assert not (trapped.path / "linkfile").is_symlink()
+    assert read_back(trapped, "linkfile") == b"three"
+    assert snapshot(outside) == before
+
+
+def test_a_planted_partial_symlink_is_refused(trapped: StorageRoot, outside: Path) -> None:
+    before = snapshot(outside)
+    os.symlink(outside / "secret.txt", trapped.path / partial_basename("a.txt", "t1"))
+    os.symlink(outside / "new.txt", trapped.path / partial_basename("b.txt", "t2"))
+    for resume in (True, False):
+        with pytest.raises(UnsafePathError):
+            trapped.open_partial("a.txt", "t1", resume=resume)
+        with pytest.raises(UnsafePathError):
+            trapped.open_partial("b.txt", "t2", resume=resume)
+    with pytest.raises(UnsafePathError):
+        trapped.find_partial("a.txt", "t1")
+    assert trapped.discard_partial("a.txt", "t1") is False
+    assert snapshot(outside) == before
+
+
+def test_read_through_symlinks_is_refused(trapped: StorageRoot, outside: Path) -> None:
+    for name in ("linkfile", "dangling", "linkdir/secret.txt"):
+        with pytest.raises(UnsafePathError, match="symbolic link"):
+            trapped.open_for_read(name)
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        trapped.open_for_read("linkdir")
+
+
+def test_a_symlink_swapped_in_after_the_check_is_still_refused(
+    trapped: StorageRoot, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulate losing the race: the lstat check sees nothing, then a link is there.
+    monkeypatch.setattr(_storage, "_lstat", lambda dir_fd, entry: None)
+    before = snapshot(outside)
+    os.symlink(outside / "secret.txt", trapped.path / partial_basename("a.txt", "t1"))
+    os.symlink(outside / "new.txt", trapped.path / partial_basename("b.txt", "t2"))
+    with pytest.raises(UnsafePathError):
+        trapped.open_for_read("linkfile")
+    with pytest.raises(UnsafePathError):
+        trapped.open_for_read("dangling")
+    for name, transfer_id in (("a.txt", "t1"), ("b.txt", "t2")):
+        for resume in (True, False):
+            with pytest.raises(UnsafePathError):
+                trapped.open_partial(name, transfer_id, resume=resume)
+    assert snapshot(outside) == before
+
+
+def test_listing_skips_symlinks(trapped: StorageRoot) -> None:
+    receive(trapped, "real.txt", b"r")
+    assert trapped.list_files() == [FileEntry("real.txt", 1, _mtime(trapped, "real.txt"))]
+
+
+def _mtime(storage: StorageRoot, name: str) -> float:
+    return (storage.path / name).stat().st_mtime
+
+
+def test_directory_swapped_for_a_symlink_before_publish(
+    storage: StorageRoot, outside: Path
+) -> None:
+    before = snapshot(outside)
+    partial = storage.open_partial("sub/a.txt", TID, resume=False)
+    partial.write_block(b"late")
+    os.rename(storage.path / "sub", storage.path / "moved")
+    os.symlink(outside, storage.path / "sub")
+    with pytest.raises(UnsafePathError, match="symbolic link"):
+        partial.publish()
+    partial.close()
+    assert snapshot(outside) == before
+
+
+def test_cleanup_neither_follows_nor_removes_symlinks(trapped: StorageRoot, outside: Path) -> None:
+    before = snapshot(outside)
+    link = trapped.path / partial_basename("a.txt", "t1")
+    os.symlink(outside / "secret.txt", link)
+    os.utime(link, (1, 1), follow_symlinks=False)
+    assert trapped.cleanup_stale_partials(60) == 0
+    assert link.is_symlink()
+    assert snapshot(outside) == before
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def test_publish_never_overwrites(storage: StorageRoot) -> None:
+    assert receive(storage, "a.txt", b"first", "t1") == "a.txt"
+    assert receive(storage, "a.txt", b"second", "t2") == "a (1).txt"
+    assert receive(storage, "a.txt", b"third", "t3") == "a (2).txt"
+    assert receive(storage, "a (1).txt", b"fourth", "t4") == "a (1) (1).txt"
+    assert receive(storage, "d/archive.tar.gz", b"x", "t5") == "d/archive.tar.gz"
+    assert receive(storage, "d/archive.tar.gz", b"y", "t6") == "d/archive (1).tar.gz"
+    assert read_back(storage, "a.txt") == b"first"
+    assert read_back(storage, "a (1).txt") == b"second"
+    assert read_back(storage, "a (2).txt") == b"third"
+    assert not any(name.startswith(".") for name in os.listdir(storage.path))
+
+
+def test_publish_onto_a_directory_picks_another_name(storage: StorageRoot) -> None:
+    (storage.path / "d.txt").mkdir(parents=True)
+    assert receive(storage, "d.txt", b"x", "t1") == "d (1).txt"
+    with pytest.raises(TransferError) as info:
+        receive(storage, "d.txt", b"x", "t2", overwrite=True)
+    assert info.value.code == "conflict"
+
+
+def test_overwrite_replaces_atomically(storage: StorageRoot) -> None:
+    receive(storage, "a.txt", b"old", "t1")
+    assert receive(storage, "a.txt", b"new", "t2", overwrite=True) == "a.txt"
+    assert read_back(storage, "a.txt") == b"new"
+    assert [entry.name for entry in storage.list_files()] == ["a.txt"]
+
+
+def test_collision_attempts_are_bounded(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_names, "MAX_COLLISION_ATTEMPTS", 3)
+    for index in range(4):
+        receive(storage, "a.txt", b"x", f"t{index}")
+    with pytest.raises(TransferError) as info:
+        receive(storage, "a.txt", b"x", "t9")
+    assert info.value.code == "name_collision"
+    assert storage.find_partial("a.txt", "t9") == 1  # kept: the caller decides
+
+
+@pytest.mark.parametrize("fallback", ["link", "renameat2", "placeholder"])
+def test_concurrent_publishes_get_distinct_names(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch, fallback: str
+) -> None:
+    _force_publish_strategy(monkeypatch, fallback)
+    receive(storage, "same.txt", b"original", "t-orig")
+    workers = 8
+    barrier = threading.Barrier(workers)
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            partial = storage.open_partial("same.txt", f"t{index}", resume=False)
+            partial.write_block(b"payload %d" % index)
+            barrier.wait()
+            results[index] = partial.publish()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert sorted(results.values()) == sorted(f"same ({n}).txt" for n in range(1, workers + 1))
+    for index, name in results.items():
+        assert read_back(storage, name) == b"payload %d" % index
+    assert read_back(storage, "same.txt") == b"original"
+    assert not any(name.startswith(".") for name in os.listdir(storage.path))
+
+
+def _force_publish_strategy(monkeypatch: pytest.MonkeyPatch, strategy: str) -> None:
+    """Make hard links (and renameat2) look unsupported, like on FAT or some FUSE mounts."""
+    if strategy == "link":
+        return
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    if strategy == "renameat2":
+        if _storage._renameat2 is None:
+            pytest.skip("renameat2 is only loaded on Linux with glibc >= 2.28")
+        return
+
+    def no_renameat2(*args: object) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(_storage, "_renameat2", no_renameat2)
+
+
+@pytest.mark.parametrize("fallback", ["renameat2", "placeholder"])
+def test_fallbacks_never_overwrite(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch, fallback: str
+) -> None:
+    _force_publish_strategy(monkeypatch, fallback)
+    assert receive(storage, "a.txt", b"first", "t1") == "a.txt"
+    assert receive(storage, "a.txt", b"second", "t2") == "a (1).txt"
+    assert read_back(storage, "a.txt") == b"first"
+    assert read_back(storage, "a (1).txt") == b"second"
+    assert sorted(os.listdir(storage.path)) == ["a (1).txt", "a.txt"]
+
+
+def test_checksum_mismatch_discards_and_publishes_nothing(storage: StorageRoot) -> None:
+    partial = storage.open_partial("a.txt", TID, resume=False)
+    partial.write_block(b"corrupted")
+    with pytest.raises(ChecksumMismatch):
+        partial.publish(expected_sha256=sha256(b"original"))
+    assert partial.closed
+    assert storage.list_files() == []
+    assert storage.find_partial("a.txt", TID) is None
+
+
+def test_published_file_mode(tmp_path: Path) -> None:
+    private = StorageRoot(tmp_path / "private")
+    shared = StorageRoot(tmp_path / "shared", file_mode=0o644)
+    receive(private, "a.txt", b"x")
+    receive(shared, "a.txt", b"x")
+    assert stat.S_IMODE((private.path / "a.txt").stat().st_mode) == 0o600
+    assert stat.S_IMODE((shared.path / "a.txt").stat().st_mode) == 0o644
+
+
+def test_an_intermediate_file_is_a_conflict(storage: StorageRoot) -> None:
+    receive(storage, "a.txt", b"x")
+    with pytest.raises(TransferError) as info:
+        storage.open_partial("a.txt/b.txt", TID, resume=False)
+    assert info.value.code == "conflict"
+    with pytest.raises(FileNotFoundError):
+        storage.open_for_read("a.txt/b.txt")
+
+
+# --------------------------------------------------------------------------- partial files
+
+
+def test_partial_files_are_hidden(storage: StorageRoot) -> None:
+    partial = storage.open_partial("sub/a.txt", TID, resume=False)
+    partial.write_block(b"half")
+    assert storage.list_files() == []
+    assert partial.partial_name.startswith(PARTIAL_PREFIX)
+    assert partial.root is storage
+    assert (partial.name, partial.transfer_id) == ("sub/a.txt", TID)
+    assert (storage.path / "sub" / partial.partial_name).read_bytes() == b"half"
+    with pytest.raises(UnsafePathError):
+        storage.open_for_read(f"sub/{partial.partial_name}")
+    with pytest.raises(FileNotFoundError):
+        storage.open_for_read("sub/a.txt")
+    assert stat.S_IMODE((storage.path / "sub" / partial.partial_name).stat().st_mode) == 0o600
+    partial.publish()
+    assert [entry.name for entry in storage.list_files()] == ["sub/a.txt"]
+
+
+def test_resume_rehash_matches_one_shot_hash(storage: StorageRoot) -> None:
+    data = os.urandom(3 * _storage._HASH_BLOCK + 12345)
+    cut = 2 * _storage._HASH_BLOCK + 777  # several hash blocks and a ragged end
+    first = storage.open_partial("big.bin", TID, resume=False)
+    first.write_block(data[:cut])
+    first.close()  # the connection dropped
+    assert storage.find_partial("big.bin", TID) == cut
+    second = storage.open_partial("big.bin", TID, resume=True)
+    assert second.offset == cut
+    assert second.sha256_hex() == sha256(data[:cut])
+    second.write_block(memoryview(data)[cut:])
+    assert second.sha256_hex() == sha256(data)
+    assert second.rehash_prefix() == len(data)
+    assert second.sha256_hex() == sha256(data)
+    assert second.publish(expected_sha256=sha256(data)) == "big.bin"
+    assert read_back(storage, "big.bin") == data
+
+
+def test_restart_truncates_the_partial(storage: StorageRoot) -> None:
+    with storage.open_partial("a.txt", TID, resume=False) as partial:
+        partial.write_block(b"stale bytes")
+    fresh = storage.open_partial("a.txt", TID, resume=False)
+    assert fresh.offset == 0
+    assert storage.find_partial("a.txt", TID) == 0
+    fresh.write_block(b"new")
+    assert fresh.publish(expected_sha256=sha256(b"new")) == "a.txt"
+
+
+def test_resume_without_a_partial_starts_at_zero(storage: StorageRoot) -> None:
+    partial = storage.open_partial("a.txt", TID, resume=True)
+    assert partial.offset == 0
+    assert partial.sha256_hex() == sha256(b"")
+    partial.discard()
+
+
+def test_one_transfer_id_cannot_be_received_twice_at_once(storage: StorageRoot) -> None:
+    first = storage.open_partial("a.txt", TID, resume=False)
+    first.write_block(b"abc")
+    with pytest.raises(TransferError) as info:
+        storage.open_partial("a.txt", TID, resume=True)
+    assert info.value.code == "busy"
+    first.close()
+    second = storage.open_partial("a.txt", TID, resume=True)
+    assert second.offset == 3
+    second.close()
+
+
+def test_short_writes_are_completed(storage: StorageRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
+
+    def dribble(fd: int, data: memoryview, offset: int) -> int:
+        return real_pwrite(fd, data[:3], offset)
+
+    monkeypatch.setattr(os, "pwrite", dribble)
+    data = bytes(range(256)) * 4
+    partial = storage.open_partial("a.bin", TID, resume=False)
+    partial.write_block(data)
+    assert partial.offset == len(data)
+    assert partial.sha256_hex() == sha256(data)
+    monkeypatch.undo()
+    assert partial.publish() == "a.bin"
+    assert read_back(storage, "a.bin") == data
+
+
+def test_a_full_disk_is_a_transfer_error(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partial = storage.open_partial("a.bin", TID, resume=False)
+    partial.write_block(b"ok")
+
+    def full(fd: int, data: memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(TransferError) as info:
+        partial.write_block(b"more")
+    assert info.value.code == "no_space"
+    assert partial.offset == 2
+    assert partial.sha256_hex() == sha256(b"ok")
+    partial.close()
+
+
+def test_discard(storage: StorageRoot) -> None:
+    partial = storage.open_partial("a.txt", TID, resume=False)
+    partial.write_block(b"x")
+    partial.discard()
+    partial.discard()
+    assert partial.closed
+    assert storage.find_partial("a.txt", TID) is None
+    closed_first = storage.open_partial("b.txt", TID, resume=False)
+    closed_first.close()
+    closed_first.discard()  # after a close it removes the file by name
+    assert storage.find_partial("b.txt", TID) is None
+    assert os.listdir(storage.path) == []
+
+
+def test_a_closed_partial_refuses_use(storage: StorageRoot) -> None:
+    partial = storage.open_partial("a.txt", TID, resume=False)
+    partial.close()
+    partial.close()
+    for use in (lambda: partial.write_block(b"x"), partial.publish, partial.fsync):
+        with pytest.raises(ValueError, match="closed"):
+            use()
+
+
+def test_partial_file_for_a_maximal_name(storage: StorageRoot) -> None:
+    name = "\u540d" * 85  # 255 bytes: no room for the partial prefix without shortening
+    assert receive(storage, name, b"x", "t" * 64) == name
+    assert receive(storage, name, b"y", "u" * 64) == "\u540d" * 83 + " (1)"  # 249 + 4 bytes
+
+
+def test_cleanup_removes_only_stale_idle_partials(storage: StorageRoot) -> None:
+    def leave_partial(name: str, transfer_id: str, age: float) -> Path:
+        with storage.open_partial(name, transfer_id, resume=False) as partial:
+            partial.write_block(b"x")
+            path = storage.path / os.path.dirname(name) / partial.partial_name
+        os.utime(path, (time.time() - age, time.time() - age))
+        return path
+
+    stale = leave_partial("a.txt", "t1", 3600)
+    nested = leave_partial("d/e/b.txt", "t2", 3600)
+    fresh = leave_partial("c.txt", "t3", 1)
+    active = storage.open_partial("busy.txt", "t4", resume=False)
+    active_path = storage.path / active.partial_name
+    os.utime(active_path, (1, 1))
+    receive(storage, "old-but-published.txt", b"keep", "t5")
+    not_ours = storage.path / ".cache" / partial_basename("x.txt", "t6")
+    not_ours.parent.mkdir()
+    not_ours.write_bytes(b"hidden directories are not ours to clean")
+    os.utime(not_ours, (1, 1))
+    os.utime(storage.path / "old-but-published.txt", (1, 1))
+
+    assert storage.cleanup_stale_partials(600) == 2
+    assert not stale.exists()
+    assert not nested.exists()
+    assert fresh.exists()
+    assert active_path.exists()
+    assert read_back(storage, "old-but-published.txt") == b"keep"
+    assert not_ours.exists()
+    active.close()
+    assert storage.cleanup_stale_partials(600) == 1
+    assert storage.cleanup_stale_partials(0, now=time.time() + 10) == 1  # the fresh one
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_open_for_read_refuses_what_is_not_a_regular_file(storage: StorageRoot) -> None:
+    (storage.path / "dir").mkdir(parents=True)
+    os.mkfifo(storage.path / "fifo")  # opening it for reading would block a worker thread
+    with pytest.raises(UnsafePathError, match="directory"):
+        storage.open_for_read("dir")
+    with pytest.raises(UnsafePathError, match="regular file"):
+        storage.open_for_read("fifo")
+    with pytest.raises(FileNotFoundError):
+        storage.open_for_read("missing.txt")
+    with pytest.raises(FileNotFoundError):
+        storage.open_for_read("missing/a.txt")
+
+
+def test_open_for_read_returns_an_unbuffered_file(storage: StorageRoot) -> None:
+    receive(storage, "a.bin", b"0123456789")
+    handle, size = storage.open_for_read("a.bin")
+    with handle:
+        buffer = bytearray(4)
+        assert size == 10
+        assert handle.readinto(buffer) == 4
+        assert buffer == b"0123"
+        assert os.get_blocking(handle.fileno())
+    assert handle.closed
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_files(storage: StorageRoot) -> None:
+    receive(storage, "b.txt", b"bb", "t1")
+    receive(storage, "a/c.txt", b"ccc", "t2")
+    receive(storage, "a/b/d.txt", b"", "t3")
+    (storage.path / "empty-dir").mkdir()
+    listed = storage.list_files()
+    assert [(entry.name, entry.size) for entry in listed] == [
+        ("a/b/d.txt", 0),
+        ("a/c.txt", 3),
+        ("b.txt", 2),
+    ]
+    for entry in listed:
+        assert entry.modified == pytest.approx(_mtime(storage, entry.name))
+    assert storage.list_files(max_entries=2) == listed[:2]
+    assert storage.list_files(max_entries=0) == []
+    with pytest.raises(ValueError, match="max_entries"):
+        storage.list_files(max_entries=-1)
+
+
+def test_list_files_shows_only_downloadable_names(storage: StorageRoot) -> None:
+    storage.ensure()
+    root = storage.path
+    (root / "ok.txt").write_bytes(b"ok")
+    (root / ".hidden").write_bytes(b"h")
+    (root / "CON").write_bytes(b"c")
+    (root / "back\\slash").write_bytes(b"b")
+    (root / "ne\u0301.txt").write_bytes(b"nfd")  # would download as a different (NFC) name
+    (root / ".git").mkdir()
+    (root / ".git" / "config").write_bytes(b"g")
+    os.mkfifo(root / "fifo")
+    assert [entry.name for entry in storage.list_files()] == ["ok.txt"]
+
+
+# --------------------------------------------------------------------------- space checks
+
+
+def test_free_space(storage: StorageRoot) -> None:
+    storage.ensure()
+    result = os.statvfs(storage.path)
+    assert storage.free_space() == pytest.approx(result.f_bavail * result.f_frsize, rel=0.01)
+
+
+def test_check_can_accept(storage: StorageRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(StorageRoot, "free_space", lambda self: 1000)
+    storage.check_can_accept(1000)
+    storage.check_can_accept(1000, max_file_size=1000)
+    storage.check_can_accept(5000, offset=4000)  # a resume only needs the rest
+    cases = [
+        ((1001,), {"max_file_size": 1000}, "too_large"),
+        ((1001,), {}, "no_space"),
+        ((1000,), {"reserve": 1}, "no_space"),
+        ((-1,), {}, "invalid_size"),
+        ((10,), {"offset": 11}, "invalid_size"),
+    ]
+    for args, kwargs, code in cases:
+        with pytest.raises(TransferError) as info:
+            storage.check_can_accept(*args, **kwargs)
+        assert info.value.code == code
+
+
+def test_partial_file_is_a_context_manager(storage: StorageRoot) -> None:
+    with storage.open_partial("a.txt", TID, resume=False) as partial:
+        assert isinstance(partial, PartialFile)
+        partial.write_block(b"abc")
+        partial.fsync()
+    assert partial.closed
+    assert storage.find_partial("a.txt", TID) == 3
