@@ -45,8 +45,9 @@ async def wait_until(
     predicate: Callable[[], bool], *, timeout: float = 5.0, interval: float = 0.01
 ) -> None:
     """Return once ``predicate()`` is true; fail the test after ``timeout`` seconds."""
+    # Polling is the point: the state belongs to conduit, which offers no event for it.
     with trio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(interval)
 
 
@@ -138,41 +139,52 @@ class Tamper(Protocol):
 
 @attrs.define
 class FlipByte:
-    """Flip one byte of a direction, located by the wire structure.
+    """XOR one byte of a direction, located by the wire structure.
 
-    Skips ``clear_frames`` clear-text handshake frames and then ``records``
-    sealed records, then XORs byte ``index`` of what follows (of the next
-    record when ``records`` or ``index`` point past the handshake). Negative
-    ``index`` counts back from the end of the last skipped clear frame, which
-    addresses a byte inside a handshake frame.
+    Skips ``clear_frames`` clear-text handshake frames, then ``records`` sealed
+    records, then flips byte ``index`` of the next ``unit`` ("frame": a
+    handshake frame, header included; "record": a sealed record, length prefix
+    included). A negative ``index`` counts back from the end of that unit.
 
-    The target offset is computed as soon as the length fields before it have
-    passed, which is always before the target byte itself passes.
+    The target offset becomes known as soon as the length fields before it have
+    passed, which is always before the target byte itself passes, so chunks are
+    forwarded at once and unchanged until then.
     """
 
     clear_frames: int
     records: int = 0
+    unit: Literal["frame", "record"] = "record"
     index: int = 8
-    mask: int = 0xFF
+    mask: int = 0x01
     seen: bytearray = attrs.field(factory=bytearray)
     flipped_at: int | None = None
 
-    def _target(self) -> int | None:
-        position = 0
+    def _unit_length(self, position: int, unit: Literal["frame", "record"]) -> int | None:
         data = self.seen
-        for _ in range(self.clear_frames):
+        if unit == "frame":
             if len(data) < position + _FRAME_HEADER.size:
                 return None
-            length = _FRAME_HEADER.unpack_from(data, position)[-1]
-            position += _FRAME_HEADER.size + length
-        if self.index < 0:
+            return _FRAME_HEADER.size + int(_FRAME_HEADER.unpack_from(data, position)[-1])
+        if len(data) < position + _RECORD_PREFIX.size:
+            return None
+        return _RECORD_PREFIX.size + int(_RECORD_PREFIX.unpack_from(data, position)[0])
+
+    def _target(self) -> int | None:
+        position = 0
+        skips: tuple[tuple[Literal["frame", "record"], int], ...] = (
+            ("frame", self.clear_frames),
+            ("record", self.records),
+        )
+        for unit, count in skips:
+            for _ in range(count):
+                length = self._unit_length(position, unit)
+                if length is None:
+                    return None
+                position += length
+        if self.index >= 0:
             return position + self.index
-        for _ in range(self.records):
-            if len(data) < position + _RECORD_PREFIX.size:
-                return None
-            (length,) = _RECORD_PREFIX.unpack_from(data, position)
-            position += _RECORD_PREFIX.size + length
-        return position + self.index
+        length = self._unit_length(position, self.unit)
+        return None if length is None else position + length + self.index
 
     def __call__(self, chunk: bytes) -> bytes:
         start = len(self.seen)
@@ -186,6 +198,18 @@ class FlipByte:
         out = bytearray(chunk)
         out[target - start] ^= self.mask
         return bytes(out)
+
+
+def split_clear_frames(data: bytes, count: int) -> list[bytes]:
+    """The first ``count`` clear-text handshake frames of a recorded direction."""
+    frames: list[bytes] = []
+    position = 0
+    for _ in range(count):
+        length = _FRAME_HEADER.unpack_from(data, position)[-1]
+        end = position + _FRAME_HEADER.size + length
+        frames.append(data[position:end])
+        position = end
+    return frames
 
 
 @attrs.define(eq=False)

@@ -372,17 +372,17 @@ async def _loop_end_sentinel(guest: _Guest) -> AsyncGenerator[None, None]:
             await asyncio.wait([guest.keeper])
 
 
-async def _wait_ignoring_cancel(future: asyncio.Future[Any]) -> bool:
-    """Wait until ``future`` is done, whatever cancellations arrive; report if any did."""
-    cancelled = False
+async def _wait_ignoring_cancel(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, whatever cancellations arrive meanwhile.
+
+    The caller re-raises the CancelledError it is handling afterwards, so the
+    cancellations swallowed here are not lost.
+    """
     while not future.done():
-        try:
-            # asyncio.wait never cancels the future it waits on, nor raises its
-            # exception.
+        # asyncio.wait never cancels the future it waits on, nor raises its
+        # exception.
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait([future])
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
 
 
 def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
@@ -441,9 +441,10 @@ def get_guest_token(
 ) -> trio.lowlevel.TrioToken | None:
     """The :class:`trio.lowlevel.TrioToken` of ``loop``'s guest run, or ``None``.
 
-    ``loop`` defaults to the running loop. ``None`` when no guest run is alive on
-    it (none started yet, or it already ended). The token lets other threads
-    reach the guest (``trio.from_thread.run(..., trio_token=token)``).
+    ``loop`` defaults to the running loop (``RuntimeError`` when none is
+    running). ``None`` when no guest run is alive on it (none started yet, or it
+    already ended). The token lets other threads reach the guest
+    (``trio.from_thread.run(..., trio_token=token)``).
     """
     if loop is None:
         loop = asyncio.get_running_loop()

@@ -40,7 +40,7 @@ from .errors import (
     RPCError,
     RPCTimeoutError,
 )
-from .protocol import Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
+from .protocol import HEADER_SIZE, Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
 from .protocol.codec import decode_body, encode_frame
 from .protocol.messages import Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
 
@@ -144,6 +144,8 @@ class Connection:
                 nursery.start_soon(self._message_task)
                 if self.settings.heartbeat_interval > 0:
                     nursery.start_soon(self._heartbeat_task)
+                if self.settings.idle_timeout is not None:
+                    nursery.start_soon(self._idle_task, self.settings.idle_timeout)
                 self._started.set()
                 if on_started is not None:
                     on_started()
@@ -241,6 +243,9 @@ class Connection:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        except Exception as exc:  # a bug here must end this connection, not the server
+            log.exception("%s: writer failed", self.label)
+            self.abort(f"internal error in the writer: {exc}")
 
     async def _message_task(self) -> None:
         async for message in self._messages_out:
@@ -269,6 +274,16 @@ class Connection:
                 await self.close(f"idle for more than {settings.idle_timeout:g}s")
                 return
             self._send_control(FrameKind.PING, 0, Ping(next(self._ping_ids)))
+
+    async def _idle_task(self, idle_timeout: float) -> None:
+        # Sleep until the moment the connection would become idle; activity in
+        # the meantime moves that moment, so check again when we wake.
+        while True:
+            deadline = self._last_activity + idle_timeout
+            if trio.current_time() >= deadline:
+                await self.close(f"idle for more than {idle_timeout:g}s")
+                return
+            await trio.sleep_until(deadline)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -383,18 +398,31 @@ class Connection:
         try:
             self._send_control(FrameKind.RESULT, call_id, result)
         except LocalProtocolError as exc:
-            self._send_control(
-                FrameKind.RESULT,
-                call_id,
-                Result(
-                    False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
-                ),
+            refusal = Result(
+                False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
             )
+            with contextlib.suppress(ConnectionClosed):
+                self._send_control(FrameKind.RESULT, call_id, refusal)
         except ConnectionClosed:
             pass
 
     def _send_control(self, kind: FrameKind, stream_id: int, body: Any) -> None:
-        self._outbox.put_control((encode_frame(kind, stream_id, body),))
+        self._outbox.put_control((self._encode(kind, stream_id, body),))
+
+    def _encode(self, kind: FrameKind, stream_id: int, body: Any) -> bytes:
+        """Encode a control frame, refusing one the peer would not accept.
+
+        Checked here, where the caller can be told, rather than in the writer
+        task, where an oversized frame could only kill the connection.
+        """
+        frame = encode_frame(kind, stream_id, body)
+        limit = self.keys.peer_max_frame_size
+        if len(frame) - HEADER_SIZE > limit:
+            raise LocalProtocolError(
+                f"{kind.name} of {len(frame) - HEADER_SIZE} bytes exceeds the peer's "
+                f"max_frame_size ({limit}); send large data as a file or stream"
+            )
+        return frame
 
     # ------------------------------------------------------------------ API
 
@@ -404,7 +432,7 @@ class Connection:
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id = next(self._call_ids)
         pending = _PendingCall()
-        frame = encode_frame(FrameKind.CALL, call_id, Call(method, args))
+        frame = self._encode(FrameKind.CALL, call_id, Call(method, args))
         self._pending_calls[call_id] = pending
         self._last_activity = trio.current_time()
         try:
@@ -428,7 +456,7 @@ class Connection:
 
     async def send_message(self, event: str, data: Any) -> None:
         """Send a one-way message."""
-        frame = encode_frame(FrameKind.MESSAGE, 0, Message(event, data))
+        frame = self._encode(FrameKind.MESSAGE, 0, Message(event, data))
         self._last_activity = trio.current_time()
         self._outbox.put_control((frame,))
         await trio.lowlevel.checkpoint()

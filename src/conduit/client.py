@@ -192,6 +192,10 @@ class Client:
             )
             try:
                 await ssl_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(ssl_stream)
+                # trio's error has no text of its own; the SSL error is its cause.
+                raise ConnectionClosed(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
             except BaseException:
                 await trio.aclose_forcefully(ssl_stream)
                 raise

@@ -217,6 +217,8 @@ class Server:
         self._open_sockets += 1
         try:
             await self._serve_authenticated(stream, address, host)
+        except Exception:  # one connection's bug must never take the server down
+            log.exception("internal error serving %s", address)
         finally:
             self._open_sockets -= 1
             await trio.aclose_forcefully(stream)

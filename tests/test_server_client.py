@@ -1,0 +1,808 @@
+"""Server and Client over real loopback sockets: lifecycle, RPC, messages, limits, leaks."""
+
+import functools
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+import conduit
+from conduit import (
+    Client,
+    ConduitError,
+    ConnectionClosed,
+    HandshakeTimeout,
+    Peer,
+    RPCError,
+    RPCTimeoutError,
+    Server,
+)
+from conftest import (
+    LOOPBACK,
+    ClientFactory,
+    ProxyFactory,
+    ServerFactory,
+    client_descriptor,
+    open_fd_count,
+    server_descriptor,
+    wait_until,
+)
+
+
+@attrs.define
+class Point:
+    x: int
+    y: int
+
+
+@attrs.define
+class Span:
+    start: int
+    end: int
+    label: str = "span"
+
+
+def register_basics(server: Server) -> None:
+    @server.rpc
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.rpc
+    def sync_add(a: int, b: int) -> int:
+        return a + b
+
+    @server.rpc
+    async def boom() -> None:
+        raise ValueError("kaboom")
+
+    @server.rpc
+    async def forbidden() -> None:
+        raise RPCError("you may not", "forbidden")
+
+    @server.rpc
+    async def echo(value: Any) -> Any:
+        return value
+
+
+def _task_count() -> int:
+    """Every task alive in this Trio run."""
+    count = 0
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    todo = [root]
+    while todo:
+        task = todo.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return count
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+async def test_run_reports_bound_port(nursery: trio.Nursery) -> None:
+    server = Server(server_descriptor())
+    with pytest.raises(RuntimeError):
+        _ = server.port
+    port = await nursery.start(server.run)
+    assert isinstance(port, int)
+    assert port > 0
+    assert server.port == port
+    assert server.is_running
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    await stream.aclose()
+    with trio.fail_after(5):
+        await server.close()
+    assert not server.is_running
+
+
+async def test_client_id_is_the_key_in_server_clients(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory()
+    client = await client_factory(server, connect=False, name="alice")
+    assert client.id is None
+    assert not client.connected
+    await client.connect()
+    assert client.connected
+    assert client.id is not None
+    assert list(server.clients) == [client.id]
+    peer = server.clients[client.id]
+    assert isinstance(peer, Peer)
+    assert peer.id == client.id
+    assert peer.name == "alice"
+    assert peer.connected
+
+    other = await client_factory(server)
+    assert other.id != client.id
+    assert set(server.clients) == {client.id, other.id}
+
+
+async def test_async_with_connects_and_disconnects(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server, connect=False)
+    async with client as entered:
+        assert entered is client
+        assert client.connected
+        assert await client.call("add", a=2, b=3) == 5
+        client_id = client.id
+        assert client_id in server.clients
+    assert not client.connected
+    await wait_until(lambda: client_id not in server.clients)
+
+
+async def test_server_close_with_connected_clients_is_prompt(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+    clients = [await client_factory(server) for _ in range(5)]
+    assert len(server.clients) == 5
+    with trio.fail_after(5):
+        await server.close()
+    assert not server.is_running
+    assert server.clients == {}
+    for client in clients:
+        await wait_until(lambda: not client.connected)  # noqa: B023 (awaited at once)
+        result = await client.rpc.call("add", a=1, b=2)
+        assert result["success"] is False
+        assert result["code"] == "connection_closed"
+        assert isinstance(result["error"], str)
+        with pytest.raises(ConnectionClosed):
+            await client.call("add", a=1, b=2)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(LOOPBACK, clients[0].descriptor.server_port)
+
+
+async def test_cancelling_the_nursery_stops_the_server(client_factory: ClientFactory) -> None:
+    server = Server(server_descriptor())
+    register_basics(server)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            client = await client_factory(server)
+            assert await client.call("add", a=1, b=1) == 2
+            nursery.cancel_scope.cancel()
+    assert not server.is_running
+    await wait_until(lambda: not client.connected)
+    assert server.clients == {}
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(LOOPBACK, port)
+
+
+async def test_connect_to_a_closed_port_raises_oserror(client_factory: ClientFactory) -> None:
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()
+    client = await client_factory(port, connect=False)
+    with trio.fail_after(5), pytest.raises(OSError):
+        await client.connect()
+    assert not client.connected
+
+
+async def test_connect_timeout_when_the_server_never_answers(
+    nursery: trio.Nursery, client_factory: ClientFactory
+) -> None:
+    accepted: list[trio.SocketStream] = []
+
+    async def mute(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, mute, 0, host=LOOPBACK))
+    port = listeners[0].socket.getsockname()[1]
+    client = await client_factory(port, connect=False, connect_timeout=0.3)
+    with trio.fail_after(5), pytest.raises(HandshakeTimeout) as raised:
+        await client.connect()
+    assert isinstance(raised.value, TimeoutError)
+    assert isinstance(raised.value, ConduitError)
+    assert len(accepted) == 1
+    assert not client.connected
+
+
+# --------------------------------------------------------------------------- RPC results
+
+
+async def test_rpc_call_result_dict_shapes(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server)
+
+    assert await client.rpc.call("add", a=1, b=2) == {"success": True, "data": 3}
+    assert await client.rpc.call("sync_add", {"a": 4}, b=5) == {"success": True, "data": 9}
+    assert await client.rpc.call("echo", value=None) == {"success": True, "data": None}
+    nested = {"k": [1, 2.5, "s", b"\x00\xff", {"inner": True}]}
+    assert await client.rpc.call("echo", value=nested) == {"success": True, "data": nested}
+
+    cases = {
+        "not_found": ("no_such_method", {}),
+        "invalid_arguments": ("add", {"a": 1}),
+        "handler_error": ("boom", {}),
+        "forbidden": ("forbidden", {}),
+    }
+    for code, (method, args) in cases.items():
+        result = await client.rpc.call(method, args)
+        assert set(result) == {"success", "error", "code"}, result
+        assert result["success"] is False
+        assert result["code"] == code
+        assert isinstance(result["error"], str)
+        assert result["error"]
+    boom = await client.rpc.call("boom")
+    assert "kaboom" in boom["error"]
+    assert "no_such_method" in (await client.rpc.call("no_such_method"))["error"]
+    unexpected = await client.rpc.call("add", a=1, b=2, c=3)
+    assert unexpected["code"] == "invalid_arguments"
+    assert "'c'" in unexpected["error"]
+    wrong_type = await client.rpc.call("add", a="not a number", b=2)
+    assert wrong_type["code"] == "invalid_arguments"
+    assert "'a'" in wrong_type["error"]
+
+
+async def test_raising_call_forms(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server)
+    assert await client.call("add", a=20, b=22) == 42
+    assert await client.rpc.invoke("add", a=1, b=1) == 2
+    with pytest.raises(RPCError) as not_found:
+        await client.call("no_such_method")
+    assert not_found.value.code == "not_found"
+    assert isinstance(not_found.value, ConduitError)
+    with pytest.raises(RPCError) as handler:
+        await client.rpc.invoke("boom")
+    assert handler.value.code == "handler_error"
+    assert "kaboom" in handler.value.message
+    with pytest.raises(RPCError) as custom:
+        await client.call("forbidden")
+    assert custom.value.code == "forbidden"
+    assert custom.value.message == "you may not"
+    with pytest.raises(RPCError) as invalid:
+        await client.rpc.invoke("add", a=1)
+    assert invalid.value.code == "invalid_arguments"
+
+
+async def test_rpc_timeout(server_factory: ServerFactory, client_factory: ClientFactory) -> None:
+    handler_cancelled = trio.Event()
+
+    def register(server: Server) -> None:
+        register_basics(server)
+
+        @server.rpc
+        async def hang() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                handler_cancelled.set()
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    with trio.fail_after(5):
+        with pytest.raises(RPCTimeoutError) as raised:
+            await client.call("hang", timeout=0.2)
+    assert raised.value.code == "timeout"
+    assert isinstance(raised.value, TimeoutError)
+    assert isinstance(raised.value, RPCError)
+    with trio.fail_after(5):
+        result = await client.rpc.call("hang", timeout=0.2)
+    assert result["success"] is False
+    assert result["code"] == "timeout"
+    assert isinstance(result["error"], str)
+    # The server is told to stop working on an abandoned call.
+    with trio.fail_after(5):
+        await handler_cancelled.wait()
+    # The connection is still good afterwards.
+    assert await client.call("add", a=1, b=2) == 3
+
+
+async def test_descriptor_rpc_timeout_is_the_default(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    def register(server: Server) -> None:
+        @server.rpc
+        async def hang() -> None:
+            await trio.sleep_forever()
+
+    server = await server_factory(register=register)
+    client = await client_factory(server, rpc_timeout=0.2)
+    with trio.fail_after(5), pytest.raises(RPCTimeoutError):
+        await client.rpc.invoke("hang")
+
+
+# --------------------------------------------------------------------------- argument binding
+
+
+async def test_arguments_are_structured_from_annotations(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def register(server: Server) -> None:
+        @server.rpc
+        def total(numbers: list[int]) -> int:
+            seen["numbers"] = numbers
+            return sum(numbers)
+
+        @server.rpc
+        def shift(point: Point, dx: int) -> Point:
+            seen["point"] = point
+            return Point(point.x + dx, point.y)
+
+        @server.rpc
+        def length(span: Span) -> int:
+            # The only data parameter is an attrs class: it takes the whole args.
+            seen["span"] = span
+            return span.end - span.start
+
+        @server.rpc
+        def scale(factor: int, point: Point | None = None) -> list[int]:
+            return [] if point is None else [point.x * factor, point.y * factor]
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+
+    assert await client.call("total", numbers=[1, 2, 3]) == 6
+    assert seen["numbers"] == [1, 2, 3]
+    assert all(type(n) is int for n in seen["numbers"])
+
+    assert await client.call("shift", point={"x": 1, "y": 2}, dx=10) == {"x": 11, "y": 2}
+    assert seen["point"] == Point(1, 2)
+    # An attrs instance passed as an argument is unstructured on the way out.
+    assert await client.call("shift", point=Point(5, 6), dx=-5) == {"x": 0, "y": 6}
+    assert seen["point"] == Point(5, 6)
+
+    # Whole-args attrs parameter: from keywords, from an attrs instance, or by name.
+    assert await client.call("length", start=3, end=10) == 7
+    assert seen["span"] == Span(3, 10)
+    assert await client.call("length", Span(1, 4, "x")) == 3
+    assert seen["span"] == Span(1, 4, "x")
+    assert await client.call("length", span={"start": 0, "end": 2}) == 2
+    assert seen["span"] == Span(0, 2)
+
+    assert await client.call("scale", factor=2) == []
+    assert await client.call("scale", factor=2, point={"x": 1, "y": 3}) == [2, 6]
+
+    bad_list = await client.rpc.call("total", numbers=["a", "b"])
+    assert bad_list["code"] == "invalid_arguments"
+    bad_attrs = await client.rpc.call("shift", point={"x": 1}, dx=1)
+    assert bad_attrs["code"] == "invalid_arguments"
+    assert "point" in bad_attrs["error"]
+
+
+async def test_handler_receives_the_calling_peer(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    def register(server: Server) -> None:
+        @server.rpc
+        async def whoami(caller: Peer) -> str:
+            assert isinstance(caller, Peer)
+            return caller.id
+
+        @server.rpc
+        async def greet(greeting: str, caller: Peer) -> str:
+            return f"{greeting}, {caller.name}"
+
+        @server.rpc
+        async def whoami_ctx() -> str:
+            return conduit.current_peer().id
+
+    server = await server_factory(register=register)
+    alice = await client_factory(server, name="alice")
+    bob = await client_factory(server, name="bob")
+    assert await alice.call("whoami") == alice.id
+    assert await bob.call("whoami") == bob.id
+    assert await alice.call("whoami_ctx") == alice.id
+    assert await bob.call("whoami_ctx") == bob.id
+    assert await bob.call("greet", greeting="hi") == "hi, bob"
+    # The Peer parameter is never taken from the wire.
+    spoofed = await alice.rpc.call("whoami", caller="mallory")
+    assert spoofed in (
+        {"success": True, "data": alice.id},
+        {"success": False, "error": spoofed.get("error"), "code": "invalid_arguments"},
+    )
+    assert await alice.call("whoami") == alice.id
+    with pytest.raises(RuntimeError):
+        conduit.current_peer()
+
+
+async def test_rpc_registered_under_a_custom_name(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    def register(server: Server) -> None:
+        @server.rpc(name="math.multiply")
+        def multiply(a: int, b: int) -> int:
+            return a * b
+
+        server.register_rpc(lambda a, b: a - b, name="math.subtract")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    assert await client.call("math.multiply", a=6, b=7) == 42
+    assert await client.call("math.subtract", a=6, b=7) == -1
+    assert (await client.rpc.call("multiply", a=6, b=7))["code"] == "not_found"
+
+
+# --------------------------------------------------------------------------- both directions
+
+
+async def test_server_calls_the_client(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    def register_client(client: Client) -> None:
+        @client.rpc
+        async def client_add(a: int, b: int) -> int:
+            return a + b
+
+        @client.rpc(name="client.fail")
+        def fail() -> None:
+            raise RuntimeError("client side failure")
+
+    server = await server_factory()
+    client = await client_factory(server, register=register_client)
+    assert client.id is not None
+    peer = server.clients[client.id]
+    assert await peer.call("client_add", a=2, b=40) == 42
+    assert await peer.rpc.call("client_add", a=1, b=1) == {"success": True, "data": 2}
+    failed = await peer.rpc.call("client.fail")
+    assert failed["success"] is False
+    assert failed["code"] == "handler_error"
+    assert "client side failure" in failed["error"]
+    with pytest.raises(RPCError) as missing:
+        await peer.call("nope")
+    assert missing.value.code == "not_found"
+
+
+async def test_handler_calls_back_into_its_caller(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def relay(x: int, caller: Peer) -> int:
+            doubled: int = await caller.call("double", x=x)
+            return doubled + 1
+
+    def register_client(client: Client) -> None:
+        @client.rpc
+        async def double(x: int) -> int:
+            # And back again, three levels deep.
+            if x < 100:
+                return 2 * x
+            relayed: int = await conduit.current_peer().call("relay", x=x // 100)
+            return 2 * relayed
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    with trio.fail_after(5):
+        assert await client.call("relay", x=5) == 11
+        assert await client.call("relay", x=500) == 2 * 11 + 1
+
+
+async def test_slow_handler_does_not_delay_other_calls(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    gate = trio.Event()
+    slow_started = trio.Event()
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def slow() -> str:
+            slow_started.set()
+            await gate.wait()
+            return "slow done"
+
+        @server.rpc
+        def fast(n: int) -> int:
+            return n
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    results: list[Any] = []
+
+    async def call_slow() -> None:
+        results.append(await client.call("slow"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call_slow)
+            await slow_started.wait()
+            for n in range(5):
+                assert await client.call("fast", n=n) == n
+            assert results == []
+            gate.set()
+    assert results == ["slow done"]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+async def test_messages_both_ways(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    to_server: list[tuple[str, Any]] = []
+    to_client: list[Any] = []
+
+    def register_server(server: Server) -> None:
+        @server.on("chat")
+        async def on_chat(peer: Peer, data: Any) -> None:
+            to_server.append((peer.id, data))
+
+    def register_client(client: Client) -> None:
+        @client.on("news")
+        def on_news(data: Any) -> None:
+            to_client.append(data)
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    await client.send("chat", {"text": "hello"})
+    await client.send("chat", [1, 2, 3])
+    await client.send("unhandled", "dropped quietly")
+    await wait_until(lambda: len(to_server) == 2)
+    assert to_server == [(client.id, {"text": "hello"}), (client.id, [1, 2, 3])]
+
+    assert client.id is not None
+    peer = server.clients[client.id]
+    await peer.send("news", "first")
+    await peer.send("news", {"n": 2})
+    await wait_until(lambda: len(to_client) == 2)
+    assert to_client == ["first", {"n": 2}]
+    # Unhandled messages did not break the connection.
+    assert client.connected
+    assert peer.connected
+
+
+async def test_broadcast_with_exclude(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    inboxes: list[list[Any]] = [[], [], []]
+
+    def listener(inbox: list[Any]) -> Any:
+        def register(client: Client) -> None:
+            @client.on("news")
+            async def on_news(data: Any) -> None:
+                inbox.append(data)
+
+        return register
+
+    server = await server_factory()
+    clients = [await client_factory(server, register=listener(inbox)) for inbox in inboxes]
+    everyone = await server.broadcast("news", "to all")
+    assert everyone == 3
+    await wait_until(lambda: all(inbox == ["to all"] for inbox in inboxes))
+
+    excluded = clients[2].id
+    assert excluded is not None
+    sent = await server.broadcast("news", {"only": "two"}, exclude=[excluded])
+    assert sent == 2
+    await wait_until(lambda: len(inboxes[0]) == 2 and len(inboxes[1]) == 2)
+    # Messages arrive in order: once "direct" is in, the broadcast would be too.
+    await server.clients[excluded].send("news", "direct")
+    await wait_until(lambda: len(inboxes[2]) == 2)
+    assert inboxes[0] == inboxes[1] == ["to all", {"only": "two"}]
+    assert inboxes[2] == ["to all", "direct"]
+
+
+async def test_connect_and_disconnect_hooks(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    events: list[tuple[str, str | None]] = []
+
+    def register_server(server: Server) -> None:
+        @server.on_client_connect
+        async def connected(peer: Peer) -> None:
+            events.append(("server connect", peer.id))
+
+        @server.on_client_disconnect
+        def disconnected(peer: Peer) -> None:
+            events.append(("server disconnect", peer.id))
+
+    def register_client(client: Client) -> None:
+        @client.on_connect
+        def connected() -> None:
+            events.append(("client connect", client.id))
+
+        @client.on_disconnect
+        async def disconnected() -> None:
+            events.append(("client disconnect", client.id))
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    await wait_until(lambda: len(events) == 2)
+    assert sorted(events) == [("client connect", client.id), ("server connect", client.id)]
+    await client.disconnect()
+    await wait_until(lambda: len(events) == 4)
+    assert sorted(events[2:]) == [
+        ("client disconnect", client.id),
+        ("server disconnect", client.id),
+    ]
+
+    # The server ending the connection fires the same hooks.
+    events.clear()
+    await client.connect()
+    await wait_until(lambda: len(events) == 2)
+    assert client.id is not None
+    await server.clients[client.id].close()
+    await wait_until(lambda: len(events) == 4)
+    assert sorted(events[2:]) == [
+        ("client disconnect", client.id),
+        ("server disconnect", client.id),
+    ]
+    assert not client.connected
+
+
+# --------------------------------------------------------------------------- limits and timers
+
+
+async def test_max_connections_refuses_extra_client(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics, max_connections=2)
+    first = await client_factory(server)
+    await client_factory(server)
+    extra = await client_factory(server, connect=False)
+    with trio.fail_after(5), pytest.raises(ConduitError) as refused:
+        await extra.connect()
+    assert "max_connections" in str(refused.value)
+    assert not extra.connected
+    assert len(server.clients) == 2
+
+    # A freed slot can be taken again (the server frees it a moment after the close).
+    await first.disconnect()
+    with trio.fail_after(5):
+        for _ in range(100):
+            try:
+                await extra.connect()
+                break
+            except ConduitError:
+                await trio.sleep(0.05)
+    assert extra.connected
+    assert await extra.call("add", a=1, b=2) == 3
+
+
+async def test_idle_timeout_closes_quiet_connections(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(
+        register=register_basics, idle_timeout=0.5, heartbeat_interval=0.05
+    )
+    busy = await client_factory(server)
+    quiet = await client_factory(server)
+    # Calls every 50 ms keep one connection busy for well over the idle timeout.
+    with trio.fail_after(10):
+        for i in range(24):
+            assert await busy.call("add", a=i, b=0) == i
+            await trio.sleep(0.05)
+    assert busy.connected
+    await wait_until(lambda: not quiet.connected)
+    assert quiet.id not in server.clients
+    assert busy.id in server.clients
+
+
+async def test_idle_timeout_without_fast_heartbeats(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """idle_timeout is honoured on its own, not only at the next heartbeat tick (15 s)."""
+    server = await server_factory(idle_timeout=0.3)
+    client = await client_factory(server)
+    await wait_until(lambda: not client.connected, timeout=5)
+    assert server.clients == {}
+
+
+@pytest.mark.parametrize("silent", ["client", "server"])
+async def test_heartbeat_timeout_closes_silent_peer(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    proxy_factory: ProxyFactory,
+    silent: str,
+) -> None:
+    if silent == "client":
+        # The server pings; the client answers, until the proxy swallows its answers.
+        server = await server_factory(heartbeat_interval=0.05, heartbeat_timeout=0.5)
+        proxy = await proxy_factory(server.port)
+        client = await client_factory(proxy.port, heartbeat_interval=0)
+    else:
+        server = await server_factory(heartbeat_interval=0)
+        proxy = await proxy_factory(server.port)
+        client = await client_factory(proxy.port, heartbeat_interval=0.05, heartbeat_timeout=0.5)
+    # Pings and pongs keep an otherwise silent connection alive well past the timeout.
+    await trio.sleep(1.5)
+    assert client.connected
+    assert len(server.clients) == 1
+    proxy.blackhole("c2s" if silent == "client" else "s2c")
+    await wait_until(lambda: not client.connected and not server.clients, timeout=5)
+
+
+# --------------------------------------------------------------------------- leaks
+
+
+async def test_no_task_or_socket_leaks_after_many_connections(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(register=register_basics)
+
+    async def cycle(i: int) -> None:
+        client = Client(client_descriptor(server.port))
+        if i % 2:
+            async with client:
+                assert await client.call("add", a=i, b=1) == i + 1
+        else:
+            await client.connect()
+            assert await client.call("add", a=i, b=1) == i + 1
+            await client.disconnect()
+        assert not client.connected
+
+    # Warm up lazily created resources before taking the baseline.
+    await cycle(0)
+    await wait_until(lambda: not server.clients)
+    await trio.sleep(0.1)
+    fds = open_fd_count()
+    tasks = _task_count()
+
+    with trio.fail_after(30):
+        for i in range(40):
+            await cycle(i)
+        # Some at once, too.
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(cycle, i)
+
+    await wait_until(lambda: not server.clients)
+    await wait_until(lambda: open_fd_count() <= fds + 2)
+    await wait_until(lambda: _task_count() <= tasks)
+
+
+# --------------------------------------------------------------------------- oversized values
+
+TOO_BIG = 2 * 1024 * 1024  # over the default 1 MiB max_frame_size
+
+
+async def test_oversized_result_fails_that_call_only(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    def register(server: Server) -> None:
+        register_basics(server)
+
+        @server.rpc
+        async def huge() -> bytes:
+            return b"x" * TOO_BIG
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    bystander = await client_factory(server)
+    with trio.fail_after(10):
+        result = await client.rpc.call("huge")
+    assert result["success"] is False
+    assert result["code"] != "connection_closed", result
+    # The caller's connection, the other clients and the server all carry on.
+    assert server.is_running
+    assert await client.call("add", a=1, b=2) == 3
+    assert await bystander.call("add", a=2, b=2) == 4
+
+
+async def test_oversized_arguments_fail_that_call_only(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server)
+    with trio.fail_after(10), pytest.raises(ConduitError) as raised:
+        await client.call("echo", value=b"x" * TOO_BIG)
+    assert not isinstance(raised.value, ConnectionClosed), raised.value
+    assert client.connected
+    assert await client.call("add", a=1, b=2) == 3
+
+
+async def test_oversized_message_fails_that_send_only(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server)
+    assert client.id is not None
+    peer = server.clients[client.id]
+    with trio.fail_after(10), pytest.raises(ConduitError):
+        await peer.send("news", b"x" * TOO_BIG)
+    assert server.is_running
+    assert client.connected
+    assert await client.call("add", a=1, b=2) == 3
