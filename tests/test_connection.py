@@ -41,8 +41,12 @@ def _settings(**overrides: Any) -> ConnectionSettings:
 
 
 def _keys() -> tuple[SessionKeys, SessionKeys]:
-    client = ClientHandshake("pw", name="c", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW)
-    server = ServerHandshake("pw", name="s", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW)
+    client = ClientHandshake(
+        "pw", name="c", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+    )
+    server = ServerHandshake(
+        "pw", name="s", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+    )
 
     def one(data: bytes) -> Any:
         reader = FrameReader()
@@ -98,12 +102,24 @@ def _pair(
     cr, cw = _endpoint(client_keys)
     sr, sw = _endpoint(server_keys)
     client = Connection(
-        client_stream, cr, cw, client_keys, is_client=True,
-        settings=client_settings or _settings(), dispatcher=cd, label="client",
+        client_stream,
+        cr,
+        cw,
+        client_keys,
+        is_client=True,
+        settings=client_settings or _settings(),
+        dispatcher=cd,
+        label="client",
     )
     server = Connection(
-        server_stream, sr, sw, server_keys, is_client=False,
-        settings=server_settings or _settings(), dispatcher=sd, label="server",
+        server_stream,
+        sr,
+        sw,
+        server_keys,
+        is_client=False,
+        settings=server_settings or _settings(),
+        dispatcher=sd,
+        label="server",
     )
     return Pair(client, server, cd, sd)
 
@@ -293,7 +309,9 @@ async def test_data_for_unopened_stream_is_a_protocol_error() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_silent_peer_hits_the_heartbeat_timeout(autojump_clock: trio.testing.MockClock) -> None:
+async def test_silent_peer_hits_the_heartbeat_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     p = _pair(
         client_stream,

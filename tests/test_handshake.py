@@ -24,11 +24,15 @@ WINDOW = 4 << 20
 
 
 def _client(password: str = "correct horse") -> ClientHandshake:
-    return ClientHandshake(password, name="c", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW)
+    return ClientHandshake(
+        password, name="c", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+    )
 
 
 def _server(password: str = "correct horse") -> ServerHandshake:
-    return ServerHandshake(password, name="s", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW)
+    return ServerHandshake(
+        password, name="s", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+    )
 
 
 def _frames(data: bytes) -> list[Frame]:

@@ -121,7 +121,7 @@ def test_bad_headers_are_refused(header: bytes, message: str) -> None:
 def test_malformed_body_is_a_protocol_error() -> None:
     wire = encode_frame(FrameKind.CALL, 1, Call("x", {}))
     # A CALL whose body is a msgpack integer, then one missing its method.
-    bad_type = wire[:HEADER_SIZE - 4] + struct.pack("!I", 1) + b"\x05"
+    bad_type = wire[: HEADER_SIZE - 4] + struct.pack("!I", 1) + b"\x05"
     decoder = FrameDecoder(DEFAULT_MAX_FRAME_SIZE)
     decoder.feed(bad_type)
     frame = decoder.next_frame()
