@@ -209,8 +209,7 @@ async def test_messages_arrive_in_order(pair: Pair) -> None:
     for i in range(100):
         await pair.client.send_message("tick", i)
     with trio.fail_after(5):
-        while len(pair.server_dispatch.messages) < 100:
-            await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()
     assert [data for _, data in pair.server_dispatch.messages] == list(range(100))
 
 
