@@ -1,0 +1,499 @@
+"""The suite's plumbing: peer processes, statistics, machine info, tables, JSON.
+
+Scenarios (``benchmarks/scenarios/``) build on four ideas:
+
+* every contender runs in its own processes (:class:`ServerProcess`,
+  :func:`run_client`): a server that prints ``PORT <n>``, and one client process
+  per repetition that prints ``RESULT <json>``;
+* repetitions alternate the contenders (:func:`alternating_order`) so slow drift
+  of the machine hits all of them;
+* every figure is the median of the repetitions, reported with min and max
+  (:func:`spread`), and every comparison is a ratio against a reference measured
+  in the same run, paired repetition by repetition (:func:`paired_ratio`);
+* a scenario returns a :class:`ScenarioResult`; the runner prints its rows as a
+  table and stores everything as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import selectors
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+PEERS_DIR = BENCH_DIR / "peers"
+RESULTS_DIR = BENCH_DIR / "results"
+SRC_DIR = REPO_ROOT / "src"
+
+SCHEMA_VERSION = 1
+
+# ----------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the command line asked for."""
+
+    quick: bool
+    repeat: int
+    #: Directory for cProfile dumps of the peers (None: no profiling).
+    profile_dir: Path | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"quick"`` or ``"full"``."""
+        return "quick" if self.quick else "full"
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout carries only the table."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------- processes
+
+
+class PeerError(RuntimeError):
+    """A peer process failed, timed out or printed nothing usable."""
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def our_env(profile_dir: Path | None = None) -> dict[str, str]:
+    """Environment for peers that import *this* repository's ``conduit`` (from ``src/``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(SRC_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    if profile_dir is not None:
+        env["CONDUIT_BENCH_PROFILE_DIR"] = str(profile_dir)
+    return env
+
+
+def foreign_env() -> dict[str, str]:
+    """Environment for peers in another virtualenv: nothing of ours leaks in."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDUIT_BENCH_PROFILE_DIR"}
+    }
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+class ServerProcess:
+    """A peer server: started, its port read from stdout, always stopped.
+
+    Use as a context manager; the process is terminated (then killed) on exit,
+    whatever happened inside.
+    """
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], start_timeout: float) -> None:
+        self.argv = list(argv)
+        self.env = env
+        self.start_timeout = start_timeout
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        # Closed in stop(), which __exit__ always calls.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+
+    def __enter__(self) -> ServerProcess:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        self._process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=self.env,
+            cwd=PEERS_DIR,
+        )
+        assert self._process.stdout is not None
+        deadline = time.monotonic() + self.start_timeout
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._process.stdout, selectors.EVENT_READ)
+            while b"\n" not in buffer:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PeerError(
+                        f"server did not report its port within {self.start_timeout:g}s\n"
+                        + self.stderr_tail()
+                    )
+                if not selector.select(remaining):
+                    continue
+                chunk = os.read(self._process.stdout.fileno(), 4096)
+                if not chunk:
+                    raise PeerError(
+                        f"server exited (code {self._process.wait()}) before reporting a port\n"
+                        + self.stderr_tail()
+                    )
+                buffer += chunk
+        line = buffer.split(b"\n", 1)[0].decode()
+        match = re.fullmatch(r"PORT (\d+)", line.strip())
+        if match is None:
+            raise PeerError(f"unexpected first line from server: {line!r}")
+        self.port = int(match.group(1))
+
+    def stderr_tail(self) -> str:
+        """The last lines the server wrote to stderr."""
+        self._stderr.seek(0)
+        return _tail(self._stderr.read().decode(errors="replace"))
+
+    def check_alive(self) -> None:
+        """Raise :class:`PeerError` if the server has died."""
+        if self._process is not None and self._process.poll() is not None:
+            raise PeerError(f"server died (code {self._process.returncode})\n" + self.stderr_tail())
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU the server has used so far (Linux ``/proc``; else None)."""
+        if self._process is None:
+            return None
+        return process_cpu_seconds(self._process.pid)
+
+    def stop(self) -> None:
+        """Terminate, wait up to 5 s, then kill. Idempotent."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=5)
+            if process.stdout is not None:
+                process.stdout.close()
+        self._stderr.close()
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process from ``/proc/<pid>/stat``, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks = int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_client(argv: Sequence[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run one client process to completion and return its ``RESULT`` object."""
+    try:
+        completed = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            cwd=PEERS_DIR,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if exc.stderr else ""
+        raise PeerError(f"client timed out after {timeout:g}s\n{_tail(stderr)}") from None
+    stdout = completed.stdout.decode(errors="replace")
+    stderr = completed.stderr.decode(errors="replace")
+    if completed.returncode != 0:
+        raise PeerError(f"client exited with code {completed.returncode}\n{_tail(stderr)}")
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+            return result
+    raise PeerError(f"client printed no RESULT line\n{_tail(stdout)}\n{_tail(stderr)}")
+
+
+# ----------------------------------------------------------------------- statistics
+
+
+def alternating_order(names: Sequence[str], repetition: int) -> list[str]:
+    """Forward on even repetitions, reversed on odd ones (A B C, C B A, ...).
+
+    Each contender runs once per repetition, neighbours are interleaved, and no
+    contender is always first or always last.
+    """
+    return list(names) if repetition % 2 == 0 else list(reversed(names))
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """Median, min and max of one figure over the repetitions (plus the raw values)."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": list(values),
+    }
+
+
+def paired_ratio(values: Sequence[float], reference: Sequence[float]) -> dict[str, Any] | None:
+    """``value / reference`` per repetition (same run, adjacent in time); median, min, max."""
+    pairs = [(v, r) for v, r in zip(values, reference, strict=False) if r]
+    if not pairs:
+        return None
+    return spread([v / r for v, r in pairs])
+
+
+# ----------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One line of the table: one figure of one contender."""
+
+    group: str
+    metric: str
+    unit: str
+    contender: str
+    stats: dict[str, Any]
+    #: ratio name (``"x bare-trio"``) -> :func:`paired_ratio` result.
+    ratios: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    #: ``"lower"`` or ``"higher"`` is better.
+    better: str = "lower"
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as stored in the JSON document."""
+        return {
+            "group": self.group,
+            "metric": self.metric,
+            "unit": self.unit,
+            "better": self.better,
+            "contender": self.contender,
+            **{key: self.stats[key] for key in ("median", "min", "max", "n", "values")},
+            "ratios": self.ratios,
+        }
+
+
+@dataclass
+class ScenarioResult:
+    """Everything one scenario measured, ready for the table and the JSON file."""
+
+    name: str
+    config: dict[str, Any]
+    contenders: dict[str, dict[str, Any]]
+    rows: list[Row]
+    ratio_columns: list[str]
+    goals: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """The scenario as stored in the JSON document."""
+        return {
+            "config": self.config,
+            "contenders": self.contenders,
+            "rows": [row.as_json() for row in self.rows],
+            "ratio_columns": self.ratio_columns,
+            "goals": self.goals,
+            "notes": self.notes,
+            "duration_s": self.duration_s,
+        }
+
+
+def _format_number(value: float) -> str:
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text table; first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(cell).ljust(width) if index < 3 else str(cell).rjust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+
+
+def render_scenario(result: ScenarioResult) -> str:
+    """The scenario's table, unavailable contenders, goals and notes as text."""
+    headers = ["group", "metric", "contender", "median", "min", "max", "unit"]
+    headers += result.ratio_columns
+    body: list[list[str]] = []
+    previous_group = None
+    for row in result.rows:
+        ratio_cells = []
+        for column in result.ratio_columns:
+            ratio = row.ratios.get(column)
+            ratio_cells.append("" if ratio is None else f"{ratio['median']:.2f}x")
+        body.append(
+            [
+                row.group if row.group != previous_group else "",
+                row.metric,
+                row.contender,
+                _format_number(row.stats["median"]),
+                _format_number(row.stats["min"]),
+                _format_number(row.stats["max"]),
+                row.unit,
+                *ratio_cells,
+            ]
+        )
+        previous_group = row.group
+    parts = [
+        f"== scenario {result.name} ({result.duration_s:.0f} s) ==",
+        format_table(headers, body),
+    ]
+    missing = {name: info for name, info in result.contenders.items() if info.get("status") != "ok"}
+    if missing:
+        parts.append("not measured:")
+        for name, info in missing.items():
+            lines = str(info.get("reason", "")).strip().splitlines() or [""]
+            summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+            parts.append(f"  {name}: {info.get('status')}: {summary}")
+    if result.goals:
+        parts.append("goals (reported, not asserted):")
+        for goal in result.goals:
+            if goal.get("value") is None:
+                verdict = "not measured"
+            else:
+                verdict = f"{goal['value']:.2f}x -> {'met' if goal['met'] else 'MISSED'}"
+            parts.append(f"  {goal['goal']}: {verdict}")
+    if result.notes:
+        parts.append("notes:")
+        parts += [f"  - {note}" for note in result.notes]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory_total_mib() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _conduit_version() -> str | None:
+    with contextlib.suppress(OSError):
+        text = (SRC_DIR / "conduit" / "_version.py").read_text()
+        match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _git(*args: str) -> str | None:
+    """Read-only git queries (commit, dirty state) for the record."""
+    if shutil.which("git") is None:
+        return None
+    try:
+        completed = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, OS, Python and library versions of the machine running the suite."""
+    try:
+        usable_cores: int | None = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable_cores = os.cpu_count()
+    try:
+        load: list[float] | None = list(os.getloadavg())
+    except OSError:
+        load = None
+    status = _git("status", "--porcelain")
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores,
+        "memory_total_mib": _memory_total_mib(),
+        "load_average_at_start": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "python_executable": sys.executable,
+        "versions": {
+            "conduit": _conduit_version(),
+            "trio": _version("trio"),
+            "cryptography": _version("cryptography"),
+            "attrs": _version("attrs"),
+            "cattrs": _version("cattrs"),
+            "msgpack": _version("msgpack"),
+            "spake2": _version("spake2"),
+        },
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+def default_results_path(now: float | None = None) -> Path:
+    """``benchmarks/results/<UTC timestamp>.json``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return RESULTS_DIR / f"{stamp}.json"
+
+
+def write_json(document: dict[str, Any], path: Path) -> None:
+    """Write atomically (``.tmp`` then rename), creating the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    temporary.replace(path)
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[list[float]]:
+    """``with timed() as elapsed: ...`` then ``elapsed[0]`` holds the seconds."""
+    box: list[float] = []
+    started = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - started)

@@ -1,0 +1,125 @@
+"""conduit (this repository) as a benchmark peer.
+
+The server always runs natively on Trio. The client runs on Trio
+(``--flavor trio``) or under ``asyncio.run`` through conduit's asyncio shim
+(``--flavor asyncio``); both use the documented API: ``client.connect()`` and
+``client.rpc.call("echo", data=...)``, which returns ``{"success": True, "data": ...}``.
+
+Usage: ``python conduit_peer.py server`` /
+``python conduit_peer.py client --port N --spec JSON [--flavor asyncio]``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import _peerlib
+
+
+def _descriptor_kwargs() -> dict[str, Any]:
+    return {"password": _peerlib.PASSWORD}
+
+
+async def serve() -> None:
+    """Serve ``echo`` on an ephemeral loopback port until SIGTERM."""
+    import trio
+
+    from conduit import Server, ServerDescriptor
+
+    server = Server(ServerDescriptor(host=_peerlib.HOST, port=0, **_descriptor_kwargs()))
+
+    @server.rpc
+    async def echo(data: bytes) -> bytes:
+        return data
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        _peerlib.announce_port(port)
+        await _peerlib.trio_until_terminated()
+        await server.close()
+
+
+def _make_client(port: int) -> Any:
+    from conduit import Client, ClientDescriptor
+
+    return Client(
+        ClientDescriptor(server_host=_peerlib.HOST, server_port=port, **_descriptor_kwargs())
+    )
+
+
+async def client(port: int, spec: dict[str, Any], flavor: str) -> dict[str, Any]:
+    """Run the spec's handshakes and workloads under ``flavor``; return the measurements.
+
+    The same coroutine serves both flavors: conduit's public methods are the same
+    objects under Trio and asyncio, only the concurrency driver differs.
+    """
+    import conduit
+
+    body = _peerlib.payload(spec["payload_size"])
+    closed_loop = _peerlib.trio_closed_loop if flavor == "trio" else _peerlib.asyncio_closed_loop
+    result: dict[str, Any] = {
+        "runtime": {**_peerlib.runtime_info("conduit", conduit), "flavor": flavor},
+        "workloads": {},
+    }
+
+    async def connect_once() -> int:
+        probe = _make_client(port)
+        started = time.perf_counter_ns()
+        await probe.connect()
+        elapsed = time.perf_counter_ns() - started
+        await probe.disconnect()
+        return elapsed
+
+    if spec["handshakes"]:
+        result["handshake"] = await _peerlib.time_handshakes(
+            connect_once, spec["handshake_warmup"], spec["handshakes"]
+        )
+
+    if not spec["workloads"]:
+        return result
+    rpc_client = _make_client(port)
+    await rpc_client.connect()
+    try:
+        call = rpc_client.rpc.call
+
+        async def one_call() -> None:
+            reply = await call("echo", data=body)
+            if reply["data"] != body:
+                raise AssertionError(f"bad reply: {reply!r}")
+
+        for _ in range(spec["warmup"]):
+            await one_call()
+        for workload in spec["workloads"]:
+            result["workloads"][workload["name"]] = await closed_loop(
+                one_call, workload["callers"], workload["calls"]
+            )
+    finally:
+        await rpc_client.disconnect()
+    return result
+
+
+def main() -> None:
+    """Entry point (see the module docstring)."""
+    args = _peerlib.parse_args()
+    if args.role == "server":
+        import trio
+
+        with _peerlib.maybe_profiled("conduit-server"):
+            trio.run(serve)
+        return
+    spec = _peerlib.parse_spec(args.spec)
+    with _peerlib.maybe_profiled(f"conduit-{args.flavor}-client"):
+        if args.flavor == "trio":
+            import trio
+
+            result = trio.run(client, args.port, spec, "trio")
+        else:
+            import asyncio
+
+            result = asyncio.run(client(args.port, spec, "asyncio"))
+    _peerlib.emit_result(result)
+
+
+if __name__ == "__main__":
+    main()
