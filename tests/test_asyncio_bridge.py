@@ -1,0 +1,950 @@
+"""The asyncio <-> Trio bridge: conduit._asyncio and conduit._callbacks.
+
+Async tests run under Trio (pytest-trio, ``trio_mode = true``); asyncio cases are
+plain ``def`` tests that call ``asyncio.run`` themselves, through ``run_strict``,
+which also fails the test on any warning, any asyncio log record, anything passed
+to the loop's exception handler and any unraisable exception (the "Task was
+destroyed but it is pending" / "exception was never retrieved" family).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import gc
+import inspect
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import traceback
+import warnings
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pytest
+import sniffio
+import trio
+
+from conduit import _asyncio
+from conduit._asyncio import (
+    bridged,
+    current_flavor,
+    current_host_loop,
+    get_guest_token,
+    is_asyncio_hosted,
+    run_in_trio,
+)
+from conduit._callbacks import (
+    CallbackCancelledError,
+    asyncio_callback,
+    callback_world,
+    invoke,
+    trio_callback,
+)
+
+T = TypeVar("T")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.log_records: list[logging.LogRecord] = []
+        self.handler_contexts: list[dict[str, Any]] = []
+        self.unraisable: list[Any] = []
+
+    def describe(self) -> str:
+        return "\n".join(
+            [f"log: {r.getMessage()}" for r in self.log_records]
+            + [f"loop exception handler: {c}" for c in self.handler_contexts]
+            + [f"unraisable: {u.exc_value!r} in {u.object!r}" for u in self.unraisable]
+        )
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def _strict() -> Iterator[_Problems]:
+    problems = _Problems()
+    handler = _ListHandler(problems.log_records)
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = problems.unraisable.append
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield problems
+            # Pending-task and never-retrieved reports happen when objects die.
+            gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+        logger.removeHandler(handler)
+
+
+def _assert_guest_gone() -> None:
+    # The guest run must be over: no runner left installed in this thread (that
+    # is what breaks the next asyncio.run), and no registry entry.
+    assert not trio.lowlevel.in_trio_run()
+    assert len(_asyncio._guests) == 0
+
+
+def run_strict(main: Callable[[], Coroutine[Any, Any, T]], *, debug: bool = False) -> T:
+    """``asyncio.run(main())``, failing on warnings, logs and unretrieved errors."""
+    with _strict() as problems:
+
+        async def wrapper() -> T:
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(
+                lambda _loop, context: problems.handler_contexts.append(context)
+            )
+            # Debug mode checks thread affinity; do not let slow CI trip the
+            # slow-callback warning.
+            loop.slow_callback_duration = 60.0
+            return await main()
+
+        try:
+            return asyncio.run(wrapper(), debug=debug)
+        finally:
+            gc.collect()
+            assert not (problems.log_records or problems.handler_contexts or problems.unraisable), (
+                problems.describe()
+            )
+            _assert_guest_gone()
+
+
+def run_strict_raises(
+    expected: type[BaseException], main: Callable[[], Coroutine[Any, Any, object]]
+) -> BaseException:
+    """Like :func:`run_strict` but ``asyncio.run`` must raise ``expected``."""
+    with pytest.raises(expected) as info:
+        run_strict(main)
+    return info.value
+
+
+# --------------------------------------------------------------------------- flavor
+
+
+async def test_current_flavor_under_trio() -> None:
+    assert current_flavor() == "trio"
+
+
+def test_current_flavor_under_asyncio() -> None:
+    async def main() -> str:
+        return current_flavor()
+
+    assert run_strict(main) == "asyncio"
+
+
+def test_current_flavor_outside_async_code_raises() -> None:
+    with pytest.raises(RuntimeError, match="Trio or asyncio"):
+        current_flavor()
+
+
+# --------------------------------------------------------------------------- run_in_trio
+
+
+def test_result_crosses_and_code_runs_in_trio() -> None:
+    seen: dict[str, object] = {}
+
+    async def trio_side(x: int, y: int) -> int:
+        await trio.sleep(0.001)  # a real Trio wait, through the guest's I/O thread
+        seen["library"] = sniffio.current_async_library()
+        seen["hosted"] = is_asyncio_hosted()
+        seen["task"] = trio.lowlevel.current_task()
+        seen["host_loop"] = current_host_loop()
+        return x * y
+
+    async def main() -> tuple[int, asyncio.AbstractEventLoop, bool]:
+        result = await run_in_trio(trio_side, 6, 7)
+        # From asyncio code the Trio-side helpers answer "not in Trio".
+        return result, asyncio.get_running_loop(), is_asyncio_hosted()
+
+    result, loop, hosted_from_asyncio = run_strict(main)
+    assert result == 42
+    assert seen["library"] == "trio"
+    assert seen["hosted"] is True
+    assert isinstance(seen["task"], trio.lowlevel.Task)
+    assert seen["host_loop"] is loop
+    assert hosted_from_asyncio is False
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_exception_crosses_with_type_and_traceback() -> None:
+    raised: list[BaseException] = []
+
+    async def deep_in_trio() -> None:
+        await trio.lowlevel.checkpoint()
+        error = _Boom("from trio")
+        raised.append(error)
+        raise error
+
+    async def trio_side() -> None:
+        await deep_in_trio()
+
+    async def main() -> None:
+        await run_in_trio(trio_side)
+
+    error = run_strict_raises(_Boom, main)
+    assert error is raised[0]  # the very object, not a copy or a wrapper
+    names = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    assert "deep_in_trio" in names
+    assert "main" in names
+
+
+def test_exception_group_crosses() -> None:
+    async def fail(n: int) -> None:
+        raise ValueError(n)  # no checkpoint: the sibling's failure cannot cancel it first
+
+    async def trio_side() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fail, 1)
+            nursery.start_soon(fail, 2)
+
+    async def main() -> None:
+        await run_in_trio(trio_side)
+
+    group = run_strict_raises(ExceptionGroup, main)
+    assert isinstance(group, ExceptionGroup)
+    assert sorted(e.args[0] for e in group.exceptions) == [1, 2]
+
+
+def test_keyboard_interrupt_from_trio_code_crosses_and_spares_the_guest() -> None:
+    async def trio_side() -> None:
+        await trio.lowlevel.checkpoint()
+        raise KeyboardInterrupt
+
+    async def main() -> int:
+        await run_in_trio(_return_after_checkpoint, None)
+        token = get_guest_token()
+        with pytest.raises(KeyboardInterrupt):
+            await run_in_trio(trio_side)
+        # The guest run did not crash: later calls go on in the same run.
+        value: int = await run_in_trio(_return_after_checkpoint, 5)
+        assert get_guest_token() is token
+        return value
+
+    assert run_strict(main) == 5
+
+
+def test_keyboard_interrupt_from_trio_code_leaves_asyncio_run() -> None:
+    async def trio_side() -> None:
+        await trio.lowlevel.checkpoint()
+        raise KeyboardInterrupt
+
+    async def main() -> None:
+        await run_in_trio(trio_side)
+
+    run_strict_raises(KeyboardInterrupt, main)
+
+    # ...and the thread is fit for the next asyncio.run.
+    async def again() -> int:
+        return await run_in_trio(_return_after_checkpoint, 5)
+
+    assert run_strict(again) == 5
+
+
+async def _return_after_checkpoint(value: T) -> T:
+    await trio.lowlevel.checkpoint()
+    return value
+
+
+def test_many_concurrent_calls_share_one_guest() -> None:
+    tokens: list[trio.lowlevel.TrioToken | None] = []
+
+    async def trio_side(i: int) -> int:
+        tokens.append(get_guest_token(asyncio.get_running_loop()))
+        await trio.sleep(0.01)
+        return i
+
+    async def main() -> tuple[list[int], int, int]:
+        threads_before = threading.active_count()
+        # All 200 arrive while the guest run is still starting, then run at once.
+        results = await asyncio.gather(*(run_in_trio(trio_side, i) for i in range(200)))
+        return list(results), threads_before, threading.active_count()
+
+    results, threads_before, threads_after = run_strict(main)
+    assert results == list(range(200))
+    assert len(tokens) == 200
+    assert tokens[0] is not None
+    assert all(token is tokens[0] for token in tokens)  # one guest run served them all
+    # No thread per call: the guest's I/O wait uses Trio's thread cache.
+    assert threads_after <= threads_before + 2
+
+
+def test_loops_in_several_threads_each_get_their_own_guest() -> None:
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    async def trio_side(i: int) -> int:
+        await trio.sleep(0.01)
+        return i
+
+    async def main() -> int:
+        values = await asyncio.gather(*(run_in_trio(trio_side, i) for i in range(20)))
+        return sum(values)
+
+    def in_thread() -> None:
+        try:
+            for _ in range(3):
+                results.append(asyncio.run(main()))
+            assert not trio.lowlevel.in_trio_run()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=in_thread) for _ in range(3)]
+    with _strict() as problems:
+        for thread in threads:
+            thread.start()
+        try:
+            in_thread()  # the main thread too, at the same time
+        finally:
+            for thread in threads:
+                thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert results == [190] * 12
+    assert not (problems.log_records or problems.unraisable), problems.describe()
+    _assert_guest_gone()
+
+
+@pytest.mark.parametrize("how", ["wait_for", "timeout"])
+def test_asyncio_timeout_cancels_trio_work_and_waits_for_its_finally(how: str) -> None:
+    events: list[str] = []
+
+    async def trio_side() -> None:
+        try:
+            events.append("started")
+            await trio.sleep(30)
+            events.append("not cancelled")
+        except trio.Cancelled:
+            events.append("cancelled")
+            raise
+        finally:
+            # Cleanup that itself waits: the asyncio side must wait for it.
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.05)
+            events.append("finally done")
+
+    async def with_timeout() -> None:
+        if how == "wait_for":
+            await asyncio.wait_for(run_in_trio(trio_side), timeout=0.1)
+        else:
+            async with asyncio.timeout(0.1):
+                await run_in_trio(trio_side)
+
+    async def main() -> list[str]:
+        with pytest.raises(TimeoutError):
+            await with_timeout()
+        return list(events)  # snapshot at the moment the timeout was raised
+
+    assert run_strict(main) == ["started", "cancelled", "finally done"]
+
+
+def test_task_cancel_cancels_the_trio_scope() -> None:
+    events: list[str] = []
+
+    async def trio_side(started: asyncio.Event) -> None:
+        started.set()  # asyncio.Event.set from the guest: same thread, safe
+        try:
+            await trio.sleep(30)
+        except trio.Cancelled:
+            events.append("cancelled")
+            raise
+        finally:
+            events.append("finally")
+
+    async def main() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(run_in_trio(trio_side, started))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert events == ["cancelled", "finally"]
+        # The guest survives a cancelled call.
+        assert await run_in_trio(_return_after_checkpoint, "still here") == "still here"
+
+    run_strict(main)
+
+
+def test_cancel_of_a_trio_call_that_ignores_it_still_raises_cancelled_error() -> None:
+    async def trio_side(started: asyncio.Event) -> str:
+        started.set()
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.05)
+        return "finished anyway"
+
+    async def main() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(run_in_trio(trio_side, started))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_strict(main)
+
+
+def test_cancel_arriving_after_the_trio_side_failed_retrieves_the_error() -> None:
+    # The Trio side has already put an exception in the future when the caller
+    # is cancelled: the caller raises CancelledError, and nothing may be logged
+    # ("Future exception was never retrieved").
+    async def trio_side(started: asyncio.Event) -> None:
+        started.set()  # wakes main first...
+        raise _Boom("already failed")  # ...then settles the caller's future
+
+    async def main() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(run_in_trio(trio_side, started))
+        await started.wait()
+        task.cancel()  # before the task has seen its settled future
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_strict(main)
+
+
+def test_error_while_unwinding_is_chained_onto_cancelled_error() -> None:
+    async def trio_side(started: asyncio.Event) -> None:
+        started.set()
+        try:
+            await trio.sleep(30)
+        finally:
+            raise _Boom("cleanup failed")
+
+    async def main() -> None:
+        started = asyncio.Event()
+        task = asyncio.create_task(run_in_trio(trio_side, started))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as info:
+            await task
+        assert isinstance(info.value.__cause__, _Boom)
+
+    run_strict(main)
+
+
+def test_guest_started_by_a_task_with_a_pending_cancellation() -> None:
+    events: list[str] = []
+
+    async def trio_side() -> None:
+        try:
+            await trio.sleep(30)
+            events.append("not cancelled")
+        finally:
+            events.append("finally")
+
+    async def main() -> None:
+        # The cancellation lands on the first await, while the guest run is
+        # still starting (its root task has not run yet).
+        current = asyncio.current_task()
+        assert current is not None
+        current.cancel()
+        await run_in_trio(trio_side)
+
+    run_strict_raises(asyncio.CancelledError, main)
+    assert events == ["finally"]
+
+
+def test_guest_started_during_asyncio_run_shutdown() -> None:
+    # The first bridged call ever is made by a leftover task while asyncio.run
+    # is cancelling it: the keeper task is created too late to be cancelled
+    # with the others, so the loop-end sentinel has to end the guest run.
+    results: list[object] = []
+    background: list[asyncio.Task[None]] = []
+
+    async def leftover() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            results.append(await run_in_trio(_return_after_checkpoint, "cleanup ran"))
+
+    async def main() -> None:
+        background.append(asyncio.create_task(leftover()))
+        await asyncio.sleep(0)
+
+    run_strict(main)
+    assert results == ["cleanup ran"]
+    # The next asyncio.run in this thread still works.
+    assert run_strict(lambda: run_in_trio(_return_after_checkpoint, 1)) == 1
+
+
+def test_leftover_bridged_call_is_cancelled_when_asyncio_run_ends() -> None:
+    events: list[str] = []
+    background: list[asyncio.Task[None]] = []
+
+    async def trio_side() -> None:
+        try:
+            await trio.sleep(30)
+        finally:
+            events.append("trio finally")
+
+    async def main() -> None:
+        background.append(asyncio.create_task(run_in_trio(trio_side)))
+        await run_in_trio(_return_after_checkpoint, None)  # let it start
+
+    run_strict(main)
+    assert events == ["trio finally"]
+
+
+def test_cleanup_call_during_shutdown_does_not_log() -> None:
+    # A leftover task's cleanup calls the bridge while asyncio.run cancels every
+    # task, the keeper included: depending on which runs first the call either
+    # completes or raises CancelledError, and nothing may be logged.
+    outcomes: list[str] = []
+    background: list[asyncio.Task[None]] = []
+
+    async def leftover(started: asyncio.Event) -> None:
+        try:
+            started.set()
+            await asyncio.sleep(30)
+        finally:
+            try:
+                await run_in_trio(_return_after_checkpoint, None)
+                outcomes.append("completed")
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+                raise
+
+    async def main() -> None:
+        await run_in_trio(_return_after_checkpoint, None)  # the guest exists
+        started = asyncio.Event()
+        background.append(asyncio.create_task(leftover(started)))
+        await started.wait()
+
+    run_strict(main)
+    assert outcomes in (["completed"], ["cancelled"])
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_two_asyncio_runs_in_a_row(debug: bool) -> None:
+    tokens: list[trio.lowlevel.TrioToken | None] = []
+
+    async def main() -> int:
+        assert get_guest_token() is None  # lazily started...
+        value: int = await run_in_trio(_return_after_checkpoint, 3)
+        tokens.append(get_guest_token())  # ...on the first call
+        return value
+
+    for _ in range(2):
+        assert run_strict(main, debug=debug) == 3
+    assert len(tokens) == 2
+    assert tokens[0] is not None
+    assert tokens[1] is not None
+    assert tokens[0] is not tokens[1]  # one guest run per loop
+
+
+async def test_run_in_trio_from_trio_raises() -> None:
+    with pytest.raises(RuntimeError, match="must be awaited from asyncio"):
+        await run_in_trio(_return_after_checkpoint, 1)
+
+
+def test_run_in_trio_from_trio_code_inside_the_guest_raises() -> None:
+    async def trio_side() -> None:
+        await run_in_trio(_return_after_checkpoint, 1)
+
+    async def main() -> None:
+        await run_in_trio(trio_side)
+
+    run_strict_raises(RuntimeError, main)
+
+
+async def test_is_asyncio_hosted_is_false_under_trio_run() -> None:
+    assert is_asyncio_hosted() is False
+    assert current_host_loop() is None
+
+
+def test_is_asyncio_hosted_is_false_outside_trio() -> None:
+    assert is_asyncio_hosted() is False
+
+
+def test_contextvars_flow_from_the_asyncio_caller() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def trio_side() -> str:
+        await trio.lowlevel.checkpoint()
+        return var.get()
+
+    async def main() -> list[str]:
+        var.set("first")
+        first = await run_in_trio(trio_side)  # queued before the guest's nursery exists
+        var.set("second")
+        second = await run_in_trio(trio_side)  # spawned straight into it
+        return [first, second]
+
+    assert run_strict(main) == ["first", "second"]
+
+
+# --------------------------------------------------------------------------- bridged
+
+
+class _Service:
+    """A stand-in for a conduit class with bridged methods."""
+
+    def __init__(self) -> None:
+        self.libraries: list[str] = []
+
+    @bridged
+    async def double(self, x: int, *, extra: int = 0) -> int:
+        """Double ``x`` (in Trio)."""
+        await trio.sleep(0.001)
+        self.libraries.append(sniffio.current_async_library())
+        return 2 * x + extra
+
+    @bridged
+    async def fail(self) -> None:
+        await trio.lowlevel.checkpoint()
+        raise _Boom("bridged failure")
+
+
+def test_bridged_keeps_metadata() -> None:
+    assert _Service.double.__name__ == "double"
+    assert _Service.double.__doc__ == "Double ``x`` (in Trio)."
+    assert inspect.iscoroutinefunction(_Service.double)
+    assert list(inspect.signature(_Service.double).parameters) == ["self", "x", "extra"]
+
+
+async def test_bridged_under_trio() -> None:
+    service = _Service()
+    assert await service.double(20, extra=2) == 42
+    assert service.libraries == ["trio"]
+    with pytest.raises(_Boom):
+        await service.fail()
+
+
+def test_bridged_under_asyncio() -> None:
+    service = _Service()
+
+    async def main() -> int:
+        with pytest.raises(_Boom):
+            await service.fail()
+        return await service.double(20, extra=2)
+
+    assert run_strict(main) == 42
+    assert service.libraries == ["trio"]  # the body ran in Trio all the same
+
+
+# --------------------------------------------------------------------------- invoke, plain trio.run
+
+
+async def test_invoke_sync_callback_under_trio() -> None:
+    assert await invoke(lambda a, b: a + b, 1, 2) == 3
+
+
+async def test_invoke_trio_callback_under_trio() -> None:
+    async def callback(x: int) -> tuple[int, str]:
+        await trio.sleep(0.001)
+        return x, sniffio.current_async_library()
+
+    assert await invoke(callback, 7) == (7, "trio")
+
+
+async def test_invoke_sync_callback_returning_awaitable_under_trio() -> None:
+    def callback() -> Awaitable[str]:
+        return _return_after_checkpoint("awaited")
+
+    assert await invoke(callback) == "awaited"
+
+
+async def test_invoke_propagates_exceptions_under_trio() -> None:
+    async def callback() -> None:
+        await trio.lowlevel.checkpoint()
+        raise _Boom
+
+    with pytest.raises(_Boom):
+        await invoke(callback)
+
+    def sync_callback() -> None:
+        raise _Boom
+
+    with pytest.raises(_Boom):
+        await invoke(sync_callback)
+
+
+async def test_invoke_asyncio_callback_needs_an_asyncio_host() -> None:
+    @asyncio_callback
+    async def callback() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(RuntimeError, match="not hosted on an asyncio loop"):
+        await invoke(callback)
+
+
+def test_invoke_outside_trio_raises() -> None:
+    async def main() -> None:
+        await invoke(lambda: None)
+
+    with pytest.raises(RuntimeError, match="from a Trio task"):
+        run_strict(main)
+
+
+def test_markers() -> None:
+    async def plain(*args: object) -> None:
+        pass
+
+    marked = trio_callback(plain)
+    assert marked is plain
+    assert callback_world(marked) == "trio"
+    assert callback_world(functools.partial(functools.partial(marked, 1), 2)) == "trio"
+    assert callback_world(lambda: None) is None
+
+    class Handler:
+        async def handle(self) -> None:
+            pass
+
+    handler = Handler()
+    asyncio_callback(handler.handle)  # a bound method: its function gets the mark
+    assert callback_world(handler.handle) == "asyncio"
+    assert callback_world(Handler().handle) == "asyncio"
+
+    wrapped = asyncio_callback(len)  # takes no attributes: wrapped
+    assert callback_world(wrapped) == "asyncio"
+    assert wrapped([1, 2]) == 2
+
+
+# --------------------------------------------------------------------------- invoke, asyncio-hosted
+
+
+def _run_in_guest(trio_side: Callable[[], Awaitable[T]]) -> T:
+    async def main() -> T:
+        return await run_in_trio(trio_side)
+
+    return run_strict(main)
+
+
+def test_invoke_sync_callback_when_hosted() -> None:
+    def callback(x: int) -> tuple[int, str]:
+        return x, sniffio.current_async_library()
+
+    async def trio_side() -> tuple[int, str]:
+        return await invoke(callback, 4)  # type: ignore[no-any-return]
+
+    assert _run_in_guest(trio_side) == (4, "trio")  # called right in the Trio task
+
+
+def test_invoke_async_callback_runs_on_the_asyncio_loop_when_hosted() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def callback(x: int) -> dict[str, object]:
+        await asyncio.sleep(0.001)  # would fail under Trio
+        return {
+            "x": x,
+            "library": sniffio.current_async_library(),
+            "task": asyncio.current_task() is not None,
+            "var": var.get(),
+        }
+
+    async def trio_side() -> dict[str, object]:
+        var.set("from trio")
+        return await invoke(callback, 9)  # type: ignore[no-any-return]
+
+    assert _run_in_guest(trio_side) == {
+        "x": 9,
+        "library": "asyncio",
+        "task": True,
+        "var": "from trio",  # the asyncio task copies the Trio task's context
+    }
+
+
+def test_invoke_trio_marked_callback_runs_in_trio_when_hosted() -> None:
+    @trio_callback
+    async def callback() -> str:
+        await trio.sleep(0.001)  # would fail under asyncio
+        return sniffio.current_async_library()
+
+    async def trio_side() -> str:
+        return await invoke(callback)  # type: ignore[no-any-return]
+
+    assert _run_in_guest(trio_side) == "trio"
+
+
+def test_invoke_asyncio_marked_sync_callback_runs_in_an_asyncio_task() -> None:
+    @asyncio_callback
+    def callback() -> tuple[bool, str]:
+        return asyncio.current_task() is not None, sniffio.current_async_library()
+
+    async def trio_side() -> tuple[bool, str]:
+        return await invoke(callback)  # type: ignore[no-any-return]
+
+    assert _run_in_guest(trio_side) == (True, "asyncio")
+
+
+def test_invoke_asyncio_callback_exception_crosses_into_trio() -> None:
+    async def callback() -> None:
+        await asyncio.sleep(0)
+        raise _Boom("from asyncio")
+
+    async def trio_side() -> str:
+        with pytest.raises(_Boom, match="from asyncio"):
+            await invoke(callback)
+        return "caught in trio"
+
+    assert _run_in_guest(trio_side) == "caught in trio"
+
+
+def test_trio_cancellation_of_invoke_cancels_the_asyncio_task() -> None:
+    events: list[str] = []
+
+    async def callback() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            events.append("asyncio task cancelled")
+            raise
+        finally:
+            await asyncio.sleep(0.01)  # cleanup that awaits: Trio must wait for it
+            events.append("asyncio finally done")
+
+    async def trio_side() -> list[str]:
+        with trio.move_on_after(0.1) as scope:
+            await invoke(callback)
+        assert scope.cancelled_caught  # a genuine trio.Cancelled was raised
+        return list(events)  # snapshot right after invoke() gave up
+
+    assert _run_in_guest(trio_side) == ["asyncio task cancelled", "asyncio finally done"]
+
+
+def test_trio_cancellation_wins_over_an_asyncio_callback_that_ignores_it() -> None:
+    async def callback() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "ignored the cancellation"
+        return "slept"
+
+    async def trio_side() -> bool:
+        with trio.move_on_after(0.05) as scope:
+            await invoke(callback)
+        return scope.cancelled_caught
+
+    assert _run_in_guest(trio_side) is True
+
+
+def test_asyncio_callback_cancelled_by_someone_else() -> None:
+    async def callback() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+
+    async def trio_side() -> str:
+        with pytest.raises(CallbackCancelledError):
+            await invoke(callback)
+        return "ok"
+
+    assert _run_in_guest(trio_side) == "ok"
+
+
+def test_asyncio_callback_can_call_back_into_bridged_code() -> None:
+    service = _Service()
+
+    async def callback() -> int:
+        await asyncio.sleep(0)
+        return await service.double(10)  # asyncio -> Trio again, from inside invoke
+
+    async def trio_side() -> int:
+        return await invoke(callback)  # type: ignore[no-any-return]
+
+    assert _run_in_guest(trio_side) == 20
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+_CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    import trio
+    from conduit._asyncio import run_in_trio
+
+    async def long_operation(mode):
+        print("READY", flush=True)
+        try:
+            if mode == "idle":  # Trio waits in its I/O thread
+                await trio.sleep(60)
+            else:  # Trio keeps the loop busy with scheduler ticks
+                with trio.move_on_after(60):
+                    while True:
+                        await trio.lowlevel.checkpoint()
+        finally:
+            print("TRIO FINALLY", flush=True)
+
+    async def main(mode):
+        # Several bridged calls in flight, as in a real program.
+        await asyncio.gather(*(run_in_trio(long_operation, mode) for _ in range(3)))
+
+    try:
+        asyncio.run(main(sys.argv[1]))
+    except KeyboardInterrupt:
+        print("KEYBOARD INTERRUPT", flush=True)
+        sys.exit(42)
+    print("RETURNED NORMALLY", flush=True)
+    """
+)
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)  # end of stream
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("mode", ["idle", "busy"])
+def test_ctrl_c_stops_long_bridged_calls(mode: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(SRC), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_SCRIPT, mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream: tracebacks and warnings show up in it
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    # A reader thread, so every wait below has a timeout (select() on a
+    # buffered text stream would miss lines already buffered).
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    try:
+        for _ in range(3):
+            assert lines.get(timeout=30) == "READY"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)  # prompt: well before the Trio sleeps would end
+        reader.join(timeout=10)
+        output: list[str] = []
+        for _ in range(10_000):
+            line = lines.get(timeout=10)
+            if line is None:
+                break
+            output.append(line)
+        assert proc.returncode == 42, output
+        assert output == ["TRIO FINALLY"] * 3 + ["KEYBOARD INTERRUPT"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)  # EOF once the child is gone
+        proc.stdout.close()
