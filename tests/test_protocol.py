@@ -25,6 +25,7 @@ from conduit.protocol import (
 from conduit.protocol.codec import data_header
 from conduit.protocol.frames import FLAG_END, MAGIC, PROTOCOL_VERSION
 from conduit.protocol.messages import (
+    BODY_TYPES,
     AuthFailed,
     Call,
     Cancel,
@@ -248,3 +249,51 @@ def test_writer_batches_frames_into_records_within_the_peer_limit() -> None:
 def test_record_with_a_partial_frame_is_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="ends inside"):
         iter_frames(encode_frame(FrameKind.PING, 0, Ping(1))[:-1], DEFAULT_MAX_FRAME_SIZE)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        Call("add", {"a": 1, "b": [1, 2]}),
+        Call("noargs"),
+        Result(True, {"x": b"\x00"}),
+        Result(False, None, "boom", "handler_error"),
+        Message("chat", None),
+        Credit(123),
+    ],
+)
+def test_fast_codecs_match_cattrs(body: Any) -> None:
+    """The hand-written hot-path codecs are byte-compatible with the cattrs ones."""
+    from conduit.protocol.codec import _FAST_STRUCTURE, _FAST_UNSTRUCTURE, converter
+
+    assert _FAST_UNSTRUCTURE[type(body)](body) == converter.unstructure(body)
+    kind = next(k for k, cls in BODY_TYPES.items() if cls is type(body) and k in _FAST_STRUCTURE)
+    raw = converter.unstructure(body)
+    assert _FAST_STRUCTURE[kind](raw) == converter.structure(raw, type(body)) == body
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw"),
+    [
+        (FrameKind.CALL, {"method": 1}),
+        (FrameKind.CALL, {"method": "x", "args": {1: 2}}),
+        (FrameKind.CALL, [1, 2]),
+        (FrameKind.RESULT, {"ok": "yes"}),
+        (FrameKind.RESULT, {"ok": True, "error": 5}),
+        (FrameKind.MESSAGE, {"data": 1}),
+        (FrameKind.CREDIT, {"increment": "10"}),
+        (FrameKind.CREDIT, None),
+    ],
+)
+def test_fast_codecs_refuse_malformed_bodies(kind: FrameKind, raw: Any) -> None:
+    import msgpack
+
+    payload = msgpack.packb(raw, use_bin_type=True)
+    decoder = FrameDecoder(DEFAULT_MAX_FRAME_SIZE)
+    decoder.feed(
+        struct.pack("!2sBBBxII", MAGIC, PROTOCOL_VERSION, kind, 0, 1, len(payload)) + payload
+    )
+    frame = decoder.next_frame()
+    assert frame is not None
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode_body(frame)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from ._calls import CallWorkers, PendingCalls
 from ._outbox import Outbox, OutboxClosed
 from ._streams import IncomingStream, OutgoingStream, StreamReset
 from .errors import (
@@ -38,7 +39,6 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     RPCError,
-    RPCTimeoutError,
 )
 from .protocol import HEADER_SIZE, Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
 from .protocol.codec import decode_body, encode_frame
@@ -47,6 +47,7 @@ from .protocol.messages import Call, Cancel, Credit, Goodbye, Message, Ping, Pon
 log = logging.getLogger("conduit.connection")
 
 RECEIVE_SIZE = 256 * 1024
+_MAX_EARLY_RESETS = 1024
 _MESSAGE_QUEUE = 64
 
 
@@ -71,13 +72,6 @@ class Dispatcher(Protocol):
 
     async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
         """Deliver a one-way message."""
-
-
-@attrs.define
-class _PendingCall:
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: Result | None = None
-    error: BaseException | None = None
 
 
 class Connection:
@@ -109,16 +103,26 @@ class Connection:
         self._dispatcher = dispatcher
         self._outbox = Outbox(settings.send_buffer)
         self._call_ids = itertools.count(1)
-        self._pending_calls: dict[int, _PendingCall] = {}
-        self._running_calls: dict[int, trio.CancelScope] = {}
+        self._pending = PendingCalls(self._send_cancel)
+        self._workers = CallWorkers(
+            settings.max_concurrent_calls,
+            self._handle_call,
+            self._send_result,
+            self._queue_result,
+            self.spawn,
+            label,
+        )
         # Stream ids are allocated by the receiving side: odd by clients, even
         # by servers, so the two never collide.
         self._stream_ids = itertools.count(1 if is_client else 2, 2)
         self._last_stream_id = 0
         self._incoming: dict[int, IncomingStream] = {}
         self._outgoing: dict[int, OutgoingStream] = {}
+        self._early_resets: dict[int, StreamReset] = {}
         self._messages_in, self._messages_out = trio.open_memory_channel[Message](_MESSAGE_QUEUE)
         self._nursery: trio.Nursery | None = None
+        self._direct_sending = False
+        self._direct_done = trio.lowlevel.ParkingLot()
         self._ping_ids = itertools.count(1)
         now = trio.current_time()
         self._last_received = now
@@ -142,6 +146,7 @@ class Connection:
                 nursery.start_soon(self._receive_task)
                 nursery.start_soon(self._send_task)
                 nursery.start_soon(self._message_task)
+                nursery.start_soon(self._pending.run_timer)
                 if self.settings.heartbeat_interval > 0:
                     nursery.start_soon(self._heartbeat_task)
                 if self.settings.idle_timeout is not None:
@@ -188,9 +193,7 @@ class Connection:
 
     def _shutdown(self, reason: str) -> None:
         self._outbox.close(reason)
-        for pending in self._pending_calls.values():
-            pending.error = ConnectionClosed(reason)
-            pending.done.set()
+        self._pending.fail_all(reason)
         for incoming in self._incoming.values():
             incoming.fail(ConnectionClosed(reason))
         for outgoing in self._outgoing.values():
@@ -235,6 +238,8 @@ class Connection:
         try:
             while True:
                 frames = await self._outbox.take(budget)
+                while self._direct_sending:
+                    await self._direct_done.park()
                 for record in writer.write_frames(frames):
                     await self.stream.send_all(record)
         except OutboxClosed:
@@ -301,9 +306,7 @@ class Connection:
             self._on_result(frame)
         elif kind is FrameKind.CANCEL:
             decode_body(frame)
-            scope = self._running_calls.get(frame.stream_id)
-            if scope is not None:
-                scope.cancel()
+            self._workers.cancel(frame.stream_id)
         elif kind is FrameKind.RESET:
             self._on_reset(frame)
         elif kind is FrameKind.PING:
@@ -325,9 +328,11 @@ class Connection:
             raise RemoteProtocolError(f"data for stream {frame.stream_id}, which was never opened")
         stream.deliver(frame.payload, frame.flags)
 
+    def _is_our_stream_id(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self.is_client
+
     def _is_our_closed_stream(self, stream_id: int) -> bool:
-        ours = (stream_id % 2 == 1) == self.is_client
-        return ours and 0 < stream_id <= self._last_stream_id
+        return self._is_our_stream_id(stream_id) and 0 < stream_id <= self._last_stream_id
 
     def _on_credit(self, frame: Frame) -> None:
         credit: Credit = decode_body(frame)
@@ -346,65 +351,65 @@ class Connection:
         outgoing = self._outgoing.pop(frame.stream_id, None)
         if outgoing is not None:
             outgoing.fail(error)
+        elif incoming is None and not self._is_our_stream_id(frame.stream_id):
+            # The peer gave up on a stream we have not started sending on yet
+            # (e.g. its request timed out while we prepared): remember, so we
+            # never start. Bounded: the oldest entries go first.
+            self._early_resets[frame.stream_id] = error
+            while len(self._early_resets) > _MAX_EARLY_RESETS:
+                del self._early_resets[next(iter(self._early_resets))]
 
     def _on_result(self, frame: Frame) -> None:
-        result: Result = decode_body(frame)
-        pending = self._pending_calls.get(frame.stream_id)
-        if pending is not None:  # else: we gave up on it already
-            pending.result = result
-            pending.done.set()
+        self._pending.resolve(frame.stream_id, decode_body(frame))
 
     def _on_call(self, frame: Frame) -> None:
-        call: Call = decode_body(frame)
-        call_id = frame.stream_id
-        if call_id in self._running_calls:
-            raise RemoteProtocolError(f"call id {call_id} is already in use")
-        if len(self._running_calls) >= self.settings.max_concurrent_calls:
-            self._send_result(
-                call_id,
-                Result(
-                    False,
-                    error=f"too many concurrent calls (limit {self.settings.max_concurrent_calls})",
-                    code="overloaded",
-                ),
-            )
-            return
-        scope = trio.CancelScope()
-        self._running_calls[call_id] = scope
-        self.spawn(self._run_call, call_id, call, scope)
+        self._workers.submit(frame.stream_id, decode_body(frame))
 
-    async def _run_call(self, call_id: int, call: Call, scope: trio.CancelScope) -> None:
-        result: Result | None = None
-        try:
-            with scope:
-                try:
-                    value = await self._dispatcher.handle_call(self, call.method, call.args)
-                    result = Result(True, value)
-                except RPCError as exc:
-                    result = Result(False, error=exc.message, code=exc.code)
-                except ConnectionClosed:
-                    return
-                except Exception as exc:
-                    log.exception("%s: RPC handler %r failed", self.label, call.method)
-                    result = Result(
-                        False, error=f"{type(exc).__name__}: {exc}", code="handler_error"
-                    )
-        finally:
-            del self._running_calls[call_id]
-        if result is not None and not scope.cancelled_caught:
-            self._send_result(call_id, result)
+    async def _handle_call(self, method: str, args: dict[str, Any]) -> Any:
+        return await self._dispatcher.handle_call(self, method, args)
 
-    def _send_result(self, call_id: int, result: Result) -> None:
-        try:
+    def _send_cancel(self, call_id: int) -> None:
+        if self.is_open:
+            with contextlib.suppress(ConnectionClosed):
+                self._send_control(FrameKind.CANCEL, call_id, Cancel())
+
+    def _queue_result(self, call_id: int, result: Result) -> None:
+        with contextlib.suppress(ConnectionClosed):
             self._send_control(FrameKind.RESULT, call_id, result)
+
+    async def _send_result(self, call_id: int, result: Result) -> None:
+        try:
+            frame = self._encode(FrameKind.RESULT, call_id, result)
         except LocalProtocolError as exc:
             refusal = Result(
                 False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
             )
-            with contextlib.suppress(ConnectionClosed):
-                self._send_control(FrameKind.RESULT, call_id, refusal)
-        except ConnectionClosed:
-            pass
+            frame = self._encode(FrameKind.RESULT, call_id, refusal)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_soon(frame)
+
+    async def _send_soon(self, frame: bytes) -> None:
+        """Send a control frame: directly when the writer is idle, else through it.
+
+        Going direct saves waking the writer task, a full scheduler pass, on
+        every call and every reply. The send is shielded because a record cut
+        in half by a cancellation would corrupt the stream; a writer that is
+        idle means the socket has room, so it completes at once in practice.
+        """
+        if not (self._outbox.writer_idle and not self._direct_sending and self.is_open):
+            self._outbox.put_control((frame,))
+            return
+        self._direct_sending = True
+        try:
+            (record,) = self._writer.write_frames([(frame,)])
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(record)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+            raise ConnectionClosed(self.close_reason or "connection lost") from exc
+        finally:
+            self._direct_sending = False
+            self._direct_done.unpark_all()
 
     def _send_control(self, kind: FrameKind, stream_id: int, body: Any) -> None:
         self._outbox.put_control((self._encode(kind, stream_id, body),))
@@ -431,25 +436,9 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id = next(self._call_ids)
-        pending = _PendingCall()
         frame = self._encode(FrameKind.CALL, call_id, Call(method, args))
-        self._pending_calls[call_id] = pending
         self._last_activity = trio.current_time()
-        try:
-            self._outbox.put_control((frame,))
-            with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
-                await pending.done.wait()
-        finally:
-            del self._pending_calls[call_id]
-            if not pending.done.is_set() and self.is_open:
-                # Timed out or cancelled: tell the peer to stop working on it.
-                self._send_control(FrameKind.CANCEL, call_id, Cancel())
-        if scope.cancelled_caught:
-            raise RPCTimeoutError(f"call to {method!r} timed out after {timeout:g}s")
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        result = pending.result
+        result = await self._pending.wait(call_id, method, timeout, lambda: self._send_soon(frame))
         if not result.ok:
             raise RPCError(result.error or "remote call failed", result.code or "error")
         return result.value
@@ -477,6 +466,9 @@ class Connection:
             raise ConnectionClosed(self.close_reason or "connection closed")
         if stream_id in self._outgoing:
             raise LocalProtocolError(f"stream {stream_id} is already being sent")
+        early_reset = self._early_resets.pop(stream_id, None)
+        if early_reset is not None:
+            raise early_reset
         stream = OutgoingStream(
             stream_id,
             self.keys.peer_receive_window,

@@ -35,6 +35,9 @@ class Outbox:
         self._producers_waiting = trio.lowlevel.ParkingLot()
         self._closed: str | None = None
         self._finish_when_drained = False
+        #: True while the writer is parked with nothing to send: a producer may
+        #: then write a frame itself instead of waking the writer for it.
+        self.writer_idle = False
 
     @property
     def data_bytes(self) -> int:
@@ -68,7 +71,11 @@ class Outbox:
         while not self._control and not self._data:
             if self._closed is not None or self._finish_when_drained:
                 raise OutboxClosed
-            await self._writer_waiting.park()
+            self.writer_idle = True
+            try:
+                await self._writer_waiting.park()
+            finally:
+                self.writer_idle = False
         batch = list(self._control)
         self._control.clear()
         taken = 0

@@ -16,7 +16,7 @@ import attrs
 
 from ._asyncio import bridged
 from ._connection import Connection
-from ._rpc import Handlers
+from ._rpc import Handlers, to_wire
 from .errors import ConduitError, ConnectionClosed, RPCError
 from .protocol import converter
 
@@ -161,7 +161,7 @@ class Peer:
     @bridged
     async def send(self, event: str, data: Any = None) -> None:
         """Send a one-way message to this peer."""
-        await self._connection.send_message(event, converter.unstructure(data))
+        await self._connection.send_message(event, to_wire(data))
 
     @bridged
     async def close(self, reason: str = "closed by the server") -> None:

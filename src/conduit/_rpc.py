@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import attrs
 import cattrs
 
-from ._callbacks import invoke
+from ._asyncio import current_host_loop
+from ._callbacks import callback_world, invoke
 from .errors import RPCError
 from .protocol import converter
 
@@ -70,6 +71,8 @@ class RPCMethod:
     accepts_extra: bool
     #: The one parameter that takes *all* arguments as one attrs object.
     whole_args: _Param | None
+    #: Where the handler asked to run (``@trio_callback`` / ``@asyncio_callback``).
+    world: str | None = None
 
     @classmethod
     def from_function(cls, name: str, function: Callable[..., Any]) -> RPCMethod:
@@ -102,7 +105,7 @@ class RPCMethod:
         whole = None
         if len(data_params) == 1 and attrs.has(data_params[0].annotation):
             whole = data_params[0]
-        return cls(name, function, tuple(params), accepts_extra, whole)
+        return cls(name, function, tuple(params), accepts_extra, whole, callback_world(function))
 
     def bind(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """Structure wire arguments into keyword arguments for the handler."""
@@ -130,10 +133,20 @@ class RPCMethod:
         return kwargs
 
 
+_PRIMITIVES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def to_wire(value: Any) -> Any:
+    """Unstructure ``value`` for msgpack (attrs instances become maps)."""
+    return value if type(value) in _PRIMITIVES else converter.unstructure(value)
+
+
 def _structure(value: Any, param: _Param) -> Any:
     annotation = param.annotation
     if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
         return value
+    if type(value) is annotation and annotation in _PRIMITIVES:
+        return value  # already the right type: skip cattrs' dispatch
     try:
         return converter.structure(value, annotation)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -185,10 +198,17 @@ class Handlers:
         kwargs = entry.bind(args, peer)
         token = _current_peer.set(peer)
         try:
-            value = await invoke(functools.partial(entry.function, **kwargs))
+            if entry.world is None and current_host_loop() is None:
+                # Plain Trio and an unmarked handler: call it here, skipping
+                # invoke()'s world dispatch on the hot path.
+                value = entry.function(**kwargs)
+                if inspect.isawaitable(value):
+                    value = await value
+            else:
+                value = await invoke(functools.partial(entry.function, **kwargs))
         finally:
             _current_peer.reset(token)
-        return converter.unstructure(value)
+        return to_wire(value)
 
     async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
         """Dispatcher protocol: run every handler registered for ``event``."""

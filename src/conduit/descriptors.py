@@ -55,8 +55,6 @@ def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: floa
         raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
 
 
-
-
 @attrs.frozen(kw_only=True)
 class ServerDescriptor:
     """How a :class:`~conduit.Server` listens, authenticates and limits its clients.

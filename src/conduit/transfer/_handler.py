@@ -27,6 +27,7 @@ import errno
 import hashlib
 import io
 import logging
+import math
 import os
 import stat
 import time
@@ -70,6 +71,9 @@ ProgressCallback = Callable[[TransferProgress], Any]
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 _CLEANUP_INTERVAL = 600.0
+# Transfer control calls wait as long as the work takes (re-hashing a large
+# partial, fsync of a large file); a dead peer is caught by the heartbeat.
+_NO_TIMEOUT = math.inf
 
 
 @attrs.define
@@ -77,6 +81,8 @@ class _Inbound:
     """One file being received: its verdict, once known."""
 
     stream: IncomingStream
+    key: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     done: trio.Event = attrs.field(factory=trio.Event)
     result: dict[str, Any] | None = None
     error: RPCError | None = None
@@ -309,10 +315,14 @@ class FileTransferHandler:
         try:
             info = os.fstat(file.fileno())
             size = info.st_size
-            name = safe_relative_name(remote_name or Path(path).name)
+            name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
             key = transfer_key(name, size, info.st_mtime_ns)
             try:
-                begin = await peer.call(begin_method, name=name, size=size, key=key)
+                # No timeout: re-hashing a large partial may take a while;
+                # the heartbeat notices a dead peer.
+                begin = await peer.call(
+                    begin_method, name=name, size=size, key=key, timeout=_NO_TIMEOUT
+                )
                 start, stream_id = int(begin["offset"]), int(begin["stream_id"])
                 hasher = await self._resume_hasher(file, start, str(begin["prefix_sha256"]))
                 if hasher is None:  # our prefix differs from theirs: restart from zero
@@ -336,7 +346,7 @@ class FileTransferHandler:
                         peer.connection, stream_id, file, start, size, hasher, reporter
                     )
                 result: dict[str, Any] = await peer.call(
-                    finish_method, stream_id=stream_id, timeout=None
+                    finish_method, stream_id=stream_id, timeout=_NO_TIMEOUT
                 )
             except (ConduitError, OSError) as exc:
                 return _failure(exc)
@@ -391,6 +401,13 @@ class FileTransferHandler:
         self, peer: Peer, name: str, size: int, key: str, restart: bool
     ) -> dict[str, Any]:
         connection = peer.connection
+        inbound_here = self._inbound.setdefault(connection, {})
+        # A retry of the same file on this connection replaces an attempt the
+        # sender gave up on (its begin timed out or was cancelled after we had
+        # opened the partial), which would otherwise hold the partial's lock.
+        for stale in [entry for entry in inbound_here.values() if entry.key == key]:
+            stale.scope.cancel()
+            await stale.done.wait()
         try:
             safe = safe_relative_name(name)
             await self._maybe_cleanup()
@@ -407,9 +424,17 @@ class FileTransferHandler:
                 )
         except Exception as exc:
             raise _rpc_error(exc) from None
+        try:
+            # Cancelled while the (uncancellable) thread opened the file: the
+            # caller is gone, so do not keep the partial locked for nobody.
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial.close)
+            raise
         stream = connection.open_incoming_stream()
-        inbound = _Inbound(stream)
-        self._inbound.setdefault(connection, {})[stream.stream_id] = inbound
+        inbound = _Inbound(stream, key)
+        inbound_here[stream.stream_id] = inbound
         connection.spawn(self._receive_task, connection, peer, partial, safe, size, inbound)
         return {
             "stream_id": stream.stream_id,
@@ -427,9 +452,12 @@ class FileTransferHandler:
         inbound: _Inbound,
     ) -> None:
         try:
-            inbound.result = await self._receive_into(
-                connection, inbound.stream, partial, name, size, None, "receive", peer=peer
-            )
+            with inbound.scope:
+                inbound.result = await self._receive_into(
+                    connection, inbound.stream, partial, name, size, None, "receive", peer=peer
+                )
+            if inbound.scope.cancelled_caught:
+                inbound.error = RPCError("replaced by a newer attempt", "superseded")
         except Exception as exc:
             inbound.error = _rpc_error(exc)
             log.warning("receiving %r failed: %s", name, inbound.error)
@@ -508,13 +536,16 @@ class FileTransferHandler:
                     await invoke(callback, local_path, dict(metadata))
             except Exception:
                 log.exception("on_file_received callback %r failed", callback)
-        return {
+        result: dict[str, Any] = {
             "success": True,
             "path": published if direction != "download" else local_path,
             "filename": published,
             "size": size,
             "checksum": trailer.checksum,
         }
+        if direction == "download":
+            result.update(resumed_from=resumed_from, elapsed=final.elapsed, speed=final.speed)
+        return result
 
     async def _maybe_cleanup(self) -> None:
         now = time.monotonic()
@@ -551,8 +582,12 @@ class FileTransferHandler:
         if inbound is None:
             raise RPCError(f"no transfer on stream {stream_id}", "not_found")
         if abandon:
-            # The sender will restart from zero: stop receiving, keep nothing.
+            # The sender will restart from zero: stop receiving; its new begin
+            # (restart=True) truncates the partial.
             inbound.stream.fail(StreamReset("the sender restarts the transfer", "restart"))
+            await inbound.done.wait()
+            streams.pop(stream_id, None)
+            return {"abandoned": True}
         await inbound.done.wait()
         streams.pop(stream_id, None)
         if inbound.error is not None:

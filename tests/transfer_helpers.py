@@ -1,0 +1,171 @@
+"""Plain helpers for ``test_transfer.py``: random files, hashes, tree snapshots, a cutter.
+
+Nothing here is a fixture (fixtures live in the test module, so that ruff does
+not see fixture parameters as redefinitions of imported names). The file
+helpers are synchronous and meant to run in a worker thread
+(``await trio.to_thread.run_sync(...)``), or through the async wrappers below,
+so a test never blocks its event loop on the disk while a server is running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import attrs
+import trio
+
+from conftest import Direction, Tamper, TcpProxy
+from hostile_names import PARTIAL_PREFIX
+
+#: Block size for generating and hashing files: big files never sit in memory whole.
+BLOCK = 8 * 1024 * 1024
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """Write ``size`` bytes from ``os.urandom`` to ``path`` in blocks; return their SHA-256 hex.
+
+    Creates missing parent directories.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(path, "wb") as file:
+        remaining = size
+        while remaining > 0:
+            block = os.urandom(min(BLOCK, remaining))
+            digest.update(block)
+            file.write(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 hex of a file, read in blocks (never follows a final symlink)."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb") as file:
+        while block := file.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def make_file(path: Path, size: int) -> str:
+    """Async wrapper of :func:`write_random_file` (runs in a worker thread)."""
+    return await trio.to_thread.run_sync(write_random_file, path, size)
+
+
+async def file_sha256(path: Path) -> str:
+    """Async wrapper of :func:`sha256_of` (runs in a worker thread)."""
+    return await trio.to_thread.run_sync(sha256_of, path)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a small file, creating its parent directories."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def tree_snapshot(root: Path, *, skip: Path | None = None) -> dict[str, object]:
+    """Every entry below ``root`` (links not followed): what it is and what it holds.
+
+    Regular files map to ``(size, sha256)``, so the snapshot stays small for big
+    files; ``skip`` leaves one subtree out (the storage directory itself, whose
+    contents a test checks separately).
+    """
+    result: dict[str, object] = {}
+    if not root.exists():
+        return result
+    for directory, dirnames, filenames in os.walk(root):  # os.walk does not follow links
+        here = Path(directory)
+        if skip is not None and (here == skip or skip in here.parents):
+            dirnames[:] = []
+            continue
+        for entry in sorted(dirnames + filenames):
+            full = here / entry
+            if skip is not None and full == skip:
+                continue
+            relative = full.relative_to(root).as_posix()
+            info = full.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                result[relative] = ("link", os.readlink(full))
+            elif stat.S_ISDIR(info.st_mode):
+                result[relative] = "dir"
+            elif stat.S_ISREG(info.st_mode):
+                result[relative] = (info.st_size, sha256_of(full))
+            else:
+                result[relative] = "special"
+    return result
+
+
+def _regular_files(root: Path) -> list[Path]:
+    found: list[Path] = []
+    if not root.exists():
+        return found
+    for directory, dirnames, filenames in os.walk(root):
+        for entry in dirnames + filenames:
+            full = Path(directory, entry)
+            if stat.S_ISREG(full.lstat().st_mode):
+                found.append(full)
+    return found
+
+
+def visible_files(root: Path) -> list[str]:
+    """Relative names of the regular files below ``root`` with no hidden segment, sorted."""
+    names = [path.relative_to(root).as_posix() for path in _regular_files(root)]
+    return sorted(n for n in names if not any(part.startswith(".") for part in n.split("/")))
+
+
+def partial_files(root: Path) -> list[Path]:
+    """conduit's hidden partial files below ``root``."""
+    return sorted(p for p in _regular_files(root) if p.name.startswith(PARTIAL_PREFIX))
+
+
+def all_files(root: Path) -> list[str]:
+    """Relative names of every regular file below ``root``, hidden ones included, sorted."""
+    return sorted(path.relative_to(root).as_posix() for path in _regular_files(root))
+
+
+# --------------------------------------------------------------------------- cutting
+
+
+@attrs.define(eq=False)
+class Cutter:
+    """A ``tamper_factory`` for conftest's :class:`TcpProxy` that cuts the link mid-way.
+
+    Bytes of ``direction`` pass unchanged until ``threshold`` of them have been
+    forwarded; then the proxy black-holes that direction (nothing more gets
+    through) and :meth:`cut_when_tripped`, running in the test's nursery, drops
+    every connection. Set :attr:`proxy` once the proxy exists.
+    """
+
+    direction: Direction
+    threshold: int
+    proxy: TcpProxy | None = None
+    forwarded: int = 0
+    tripped: trio.Event = attrs.field(factory=trio.Event)
+
+    def __call__(self, direction: Direction) -> Tamper | None:
+        return self._count if direction == self.direction else None
+
+    def _count(self, chunk: bytes) -> bytes:
+        self.forwarded += len(chunk)
+        if self.forwarded >= self.threshold and not self.tripped.is_set():
+            assert self.proxy is not None, "set Cutter.proxy before traffic flows"
+            self.proxy.blackhole(self.direction)
+            self.tripped.set()
+        return chunk
+
+    async def cut_when_tripped(self) -> None:
+        """Wait for the threshold, then drop every connection of the proxy."""
+        await self.tripped.wait()
+        assert self.proxy is not None
+        await self.proxy.cut()
