@@ -81,6 +81,7 @@ class Server:
         self._addresses: list[tuple[str, int]] = []
         self._cancel_scope: trio.CancelScope | None = None
         self._stopped: trio.Event | None = None
+        self._listening = trio.Event()
         self._closing = False
 
     # ---------------------------------------------------------------- registry
@@ -169,11 +170,23 @@ class Server:
                 self._cancel_scope = nursery.cancel_scope
                 await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
                 log.info("conduit server %r listening on %s", descriptor.name, self._addresses)
+                self._listening.set()
                 task_status.started(self.port)
         finally:
             self._cancel_scope = None
             self._addresses = []
+            self._listening = trio.Event()
             self._stopped.set()
+
+    @bridged
+    async def wait_listening(self) -> int:
+        """Wait until :meth:`run` has bound its port; return the port.
+
+        The asyncio way to know a server started with ``asyncio.create_task(
+        server.run())`` is ready (Trio code can use ``nursery.start`` instead).
+        """
+        await self._listening.wait()
+        return self.port
 
     @bridged
     async def close(self, reason: str = "server shutting down") -> None:
