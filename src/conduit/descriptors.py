@@ -63,6 +63,7 @@ class ServerDescriptor:
     SPAKE2, and it is left out of ``repr()`` so it does not end up in logs.
     """
 
+    #: The shared secret clients must prove they know (required; never logged).
     password: str = attrs.field(validator=[v.instance_of(str), _non_empty], repr=False)
     #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one.
     host: str = attrs.field(default="0.0.0.0", validator=v.instance_of(str))
@@ -82,7 +83,7 @@ class ServerDescriptor:
     )
     #: Seconds a new connection has to finish the (TLS and) password handshake.
     auth_timeout: float = attrs.field(default=10.0, validator=_positive)
-    #: Close connections with no calls, messages or data for this long; None: never.
+    #: Close connections with no calls, messages or data for this long (never when None).
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
@@ -90,15 +91,18 @@ class ServerDescriptor:
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
-    #: Default timeout of server-to-client calls, in seconds.
+    #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
     #: Failed handshakes from one address, within ``auth_failure_window``,
     #: before that address is refused for ``auth_lockout`` seconds.
     auth_failure_limit: int = attrs.field(default=5, validator=[v.instance_of(int), _positive])
+    #: Seconds over which failed handshakes are counted (see ``auth_failure_limit``).
     auth_failure_window: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds an address is refused after too many failures.
     auth_lockout: float = attrs.field(default=30.0, validator=_positive)
     #: PEM certificate chain and key: serve TLS (on top of the password handshake).
     tls_certfile: str | None = attrs.field(default=None)
+    #: PEM private key for ``tls_certfile`` (None when the chain file holds it).
     tls_keyfile: str | None = attrs.field(default=None)
     #: A ready SSL context instead of the two files.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
@@ -118,14 +122,17 @@ class ServerDescriptor:
 class ClientDescriptor:
     """Where a :class:`~conduit.Client` connects and how it behaves."""
 
+    #: The server's password (required; never sent over the wire, never logged).
     password: str = attrs.field(validator=[v.instance_of(str), _non_empty], repr=False)
+    #: Host name or address of the server.
     server_host: str = attrs.field(default="localhost", validator=[v.instance_of(str), _non_empty])
+    #: Port of the server.
     server_port: int = attrs.field(default=8080, validator=[v.instance_of(int), _port])
     #: Name reported to the server.
     name: str = attrs.field(default="conduit-client", validator=v.instance_of(str))
     #: Seconds for TCP connect plus the handshake.
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
-    #: Default timeout of ``client.rpc.call``; None waits forever.
+    #: Default timeout of ``client.rpc.call``, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
     max_frame_size: int = attrs.field(
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
@@ -144,6 +151,7 @@ class ClientDescriptor:
     tls_ca_file: str | None = attrs.field(default=None)
     #: Host name to check the certificate against (default: ``server_host``).
     tls_server_hostname: str | None = attrs.field(default=None)
+    #: A ready SSL context instead of ``tls``/``tls_ca_file``.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
 
     def build_ssl_context(self) -> ssl.SSLContext | None:

@@ -1,0 +1,77 @@
+"""Every Python code block in the README and docs compiles; the runnable ones run.
+
+A block "runs" when it is a complete, self-contained program: it has its
+imports, creates its own ``Server`` and calls ``trio.run(`` or ``asyncio.run(``.
+Programs that serve forever (``asyncio.run(server.run())``) and clients that
+need one are run by ``tests/test_examples.py`` instead, as a pair; fragments
+are only compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "docs").glob("*.rst")),
+]
+
+_MD_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_RST_BLOCK = re.compile(r"\.\. code-block:: python\n\n((?:    .*\n|[ \t]*\n)+)")
+
+
+def _blocks() -> list[tuple[str, int, str]]:
+    found = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        pattern = _RST_BLOCK if path.suffix == ".rst" else _MD_BLOCK
+        for match in pattern.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append((path.relative_to(ROOT).as_posix(), line, textwrap.dedent(match.group(1))))
+    return found
+
+
+BLOCKS = _blocks()
+
+
+def test_there_are_blocks_to_check() -> None:
+    assert len(BLOCKS) >= 15
+
+
+@pytest.mark.parametrize(
+    ("document", "line", "code"), BLOCKS, ids=[f"{d}:{n}" for d, n, _ in BLOCKS]
+)
+def test_block_compiles(document: str, line: int, code: str) -> None:
+    compile(code, f"{document}:{line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+def _is_program(code: str) -> bool:
+    runs = "trio.run(" in code or "asyncio.run(" in code
+    has_own_server = "import" in code and "Server(" in code
+    return runs and has_own_server and "server.run())" not in code
+
+
+RUNNABLE = [block for block in BLOCKS if _is_program(block[2])]
+
+
+@pytest.mark.parametrize(
+    ("document", "line", "code"), RUNNABLE, ids=[f"{d}:{n}" for d, n, _ in RUNNABLE]
+)
+def test_runnable_block_runs(document: str, line: int, code: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, f"{document}:{line} failed:\n{result.stderr}"
+
+
+def test_some_blocks_run() -> None:
+    assert len(RUNNABLE) >= 2
