@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class RunConfig:
     repeat: int
     #: Directory for cProfile dumps of the peers (None: no profiling).
     profile_dir: Path | None = None
+    #: Transfer scenarios: files in a disk temp dir instead of RAM (``/dev/shm``).
+    disk: bool = False
 
     @property
     def mode(self) -> str:
@@ -126,6 +129,19 @@ class ServerProcess:
         self.stop()
 
     def _start(self) -> None:
+        line = self._first_line()
+        match = re.fullmatch(r"PORT (\d+)", line.strip())
+        if match is None:
+            raise PeerError(f"unexpected first line from server: {line!r}")
+        self.port = int(match.group(1))
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while it runs."""
+        return None if self._process is None else self._process.pid
+
+    def _first_line(self) -> str:
+        """Start the process and return the first line it prints (within the timeout)."""
         self._process = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -143,7 +159,7 @@ class ServerProcess:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PeerError(
-                        f"server did not report its port within {self.start_timeout:g}s\n"
+                        f"{self.argv[1]} printed nothing within {self.start_timeout:g}s\n"
                         + self.stderr_tail()
                     )
                 if not selector.select(remaining):
@@ -151,15 +167,11 @@ class ServerProcess:
                 chunk = os.read(self._process.stdout.fileno(), 4096)
                 if not chunk:
                     raise PeerError(
-                        f"server exited (code {self._process.wait()}) before reporting a port\n"
-                        + self.stderr_tail()
+                        f"{self.argv[1]} exited (code {self._process.wait()}) before its "
+                        "first line\n" + self.stderr_tail()
                     )
                 buffer += chunk
-        line = buffer.split(b"\n", 1)[0].decode()
-        match = re.fullmatch(r"PORT (\d+)", line.strip())
-        if match is None:
-            raise PeerError(f"unexpected first line from server: {line!r}")
-        self.port = int(match.group(1))
+        return buffer.split(b"\n", 1)[0].decode()
 
     def stderr_tail(self) -> str:
         """The last lines the server wrote to stderr."""
@@ -191,6 +203,74 @@ class ServerProcess:
             if process.stdout is not None:
                 process.stdout.close()
         self._stderr.close()
+
+
+class HoldingProcess(ServerProcess):
+    """A client that sets something up, prints ``READY <json>`` and holds it until SIGTERM.
+
+    Used to keep many idle connections open while the server is measured;
+    :attr:`ready` holds the JSON object of the ``READY`` line.
+    """
+
+    ready: dict[str, Any]
+
+    def _start(self) -> None:
+        line = self._first_line().strip()
+        if not line.startswith("READY "):
+            raise PeerError(f"unexpected first line from client: {line!r}\n" + self.stderr_tail())
+        self.ready = json.loads(line[len("READY ") :])
+
+
+def memory_kib(pid: int | None) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of a live process, in KiB (Linux; else {})."""
+    figures: dict[str, int] = {}
+    if pid is None:
+        return figures
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                figures[key] = int(value.split()[0])
+    return figures
+
+
+class RssSampler:
+    """Sample a process's RSS every ``interval`` seconds in a thread while the block runs.
+
+    ::
+
+        with RssSampler(pid) as sampler:
+            run_client(...)
+        sampler.peak_kib, sampler.samples
+    """
+
+    def __init__(self, pid: int | None, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            rss = memory_kib(self.pid).get("VmRSS")
+            if rss is not None:
+                self.samples.append(rss)
+            if self._stop.wait(self.interval):
+                return
+
+    @property
+    def peak_kib(self) -> int | None:
+        """The largest RSS sampled."""
+        return max(self.samples) if self.samples else None
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -380,10 +460,12 @@ def render_scenario(result: ScenarioResult) -> str:
     if result.goals:
         parts.append("goals (reported, not asserted):")
         for goal in result.goals:
+            unit = goal.get("unit", "x")
             if goal.get("value") is None:
                 verdict = "not measured"
             else:
-                verdict = f"{goal['value']:.2f}x -> {'met' if goal['met'] else 'MISSED'}"
+                shown = f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
+                verdict = f"{shown} -> {'met' if goal['met'] else 'MISSED'}"
             parts.append(f"  {goal['goal']}: {verdict}")
     if result.notes:
         parts.append("notes:")

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="dump cProfile stats of our peer processes into DIR (slows them down)",
     )
+    parser.add_argument(
+        "--disk",
+        action="store_true",
+        help="transfer scenarios: keep files in a disk temp dir instead of RAM (/dev/shm)",
+    )
     return parser
 
 
@@ -74,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--repeat must be at least 1")
     if args.repeat < MIN_REPEAT:
         log(f"warning: --repeat {args.repeat} < {MIN_REPEAT}: medians will be unstable")
-    config = RunConfig(quick=args.quick, repeat=args.repeat, profile_dir=args.profile)
+    config = RunConfig(
+        quick=args.quick, repeat=args.repeat, profile_dir=args.profile, disk=args.disk
+    )
     names = args.scenario or list(SCENARIOS)
     started_at = time.time()
     document: dict[str, Any] = {

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._harness import RunConfig, ScenarioResult
-from . import rpc
+from . import bulk, memory, rpc
 
 Scenario = Callable[[RunConfig], ScenarioResult]
 
 SCENARIOS: dict[str, Scenario] = {
     rpc.NAME: rpc.run,
+    bulk.NAME: bulk.run,
+    memory.NAME: memory.run,
 }
 
 __all__ = ["SCENARIOS", "Scenario"]

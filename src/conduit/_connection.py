@@ -129,7 +129,6 @@ class Connection:
         self._last_activity = now
         self.close_reason: str | None = None
         self.closed = trio.Event()
-        self._started = trio.Event()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -151,7 +150,6 @@ class Connection:
                     nursery.start_soon(self._heartbeat_task)
                 if self.settings.idle_timeout is not None:
                     nursery.start_soon(self._idle_task, self.settings.idle_timeout)
-                self._started.set()
                 if on_started is not None:
                     on_started()
         finally:
