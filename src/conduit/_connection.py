@@ -64,6 +64,18 @@ class ConnectionSettings:
     send_buffer: int = 4 * 1024 * 1024
 
 
+def settings_from(descriptor: Any) -> ConnectionSettings:
+    """The per-connection settings a Server- or ClientDescriptor asks for."""
+    return ConnectionSettings(
+        max_frame_size=descriptor.max_frame_size,
+        receive_window=descriptor.receive_window,
+        heartbeat_interval=descriptor.heartbeat_interval,
+        heartbeat_timeout=descriptor.heartbeat_timeout,
+        idle_timeout=descriptor.idle_timeout,
+        max_concurrent_calls=descriptor.max_concurrent_calls,
+    )
+
+
 class Dispatcher(Protocol):
     """What a connection hands incoming calls and messages to."""
 

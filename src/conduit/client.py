@@ -11,7 +11,7 @@ import trio
 
 from ._asyncio import bridged
 from ._callbacks import invoke
-from ._connection import Connection, ConnectionSettings
+from ._connection import Connection, settings_from
 from ._handshake_io import client_handshake
 from ._peer import Peer, RPCProxy
 from ._rpc import Handlers
@@ -46,14 +46,7 @@ class Client:
         self._peer: Peer | None = None
         self._connect_hooks: list[Callable[..., Any]] = []
         self._disconnect_hooks: list[Callable[..., Any]] = []
-        self._settings = ConnectionSettings(
-            max_frame_size=descriptor.max_frame_size,
-            receive_window=descriptor.receive_window,
-            heartbeat_interval=descriptor.heartbeat_interval,
-            heartbeat_timeout=descriptor.heartbeat_timeout,
-            idle_timeout=descriptor.idle_timeout,
-            max_concurrent_calls=descriptor.max_concurrent_calls,
-        )
+        self._settings = settings_from(descriptor)
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
         self.rpc = RPCProxy(self._current_connection, descriptor.rpc_timeout, self._handlers)

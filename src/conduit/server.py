@@ -11,7 +11,7 @@ import trio
 
 from ._asyncio import bridged
 from ._callbacks import invoke
-from ._connection import Connection, ConnectionSettings
+from ._connection import Connection, settings_from
 from ._handshake_io import refuse, server_handshake, welcome_record
 from ._peer import Peer
 from ._rpc import Handlers
@@ -69,14 +69,7 @@ class Server:
         self._throttle = AuthThrottle(
             descriptor.auth_failure_limit, descriptor.auth_failure_window, descriptor.auth_lockout
         )
-        self._settings = ConnectionSettings(
-            max_frame_size=descriptor.max_frame_size,
-            receive_window=descriptor.receive_window,
-            heartbeat_interval=descriptor.heartbeat_interval,
-            heartbeat_timeout=descriptor.heartbeat_timeout,
-            idle_timeout=descriptor.idle_timeout,
-            max_concurrent_calls=descriptor.max_concurrent_calls,
-        )
+        self._settings = settings_from(descriptor)
         self._open_sockets = 0
         self._addresses: list[tuple[str, int]] = []
         self._cancel_scope: trio.CancelScope | None = None

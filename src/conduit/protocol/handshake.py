@@ -126,7 +126,24 @@ def _expect(frame: Frame, kind: FrameKind, state: HandshakeState) -> None:
         )
 
 
-class ClientHandshake:
+class _Handshake:
+    """What both sides share: any failure leaves the machine in FAILED."""
+
+    state: HandshakeState
+
+    def receive(self, frame: Frame) -> bytes:
+        """Process one frame from the peer; return the bytes to send (maybe none)."""
+        try:
+            return self._receive(frame)
+        except BaseException:
+            self.state = HandshakeState.FAILED
+            raise
+
+    def _receive(self, frame: Frame) -> bytes:
+        raise NotImplementedError
+
+
+class ClientHandshake(_Handshake):
     """Client side of the handshake. Call :meth:`start`, then feed frames to :meth:`receive`."""
 
     def __init__(
@@ -151,14 +168,6 @@ class ClientHandshake:
         self._hello_payload = frame[HEADER_SIZE:]
         self.state = HandshakeState.WAIT_SERVER_HELLO
         return frame
-
-    def receive(self, frame: Frame) -> bytes:
-        """Process one frame from the server; return the bytes to send (maybe none)."""
-        try:
-            return self._receive(frame)
-        except BaseException:
-            self.state = HandshakeState.FAILED
-            raise
 
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:
@@ -201,7 +210,7 @@ class ClientHandshake:
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame after the handshake ended")
 
 
-class ServerHandshake:
+class ServerHandshake(_Handshake):
     """Server side of the handshake.
 
     :meth:`receive` returns bytes to send. When the client's confirmation is
@@ -222,14 +231,6 @@ class ServerHandshake:
         self._receive_window = receive_window
         self._derived: _Derived | None = None
         self._client_hello: ClientHello | None = None
-
-    def receive(self, frame: Frame) -> bytes:
-        """Process one frame from the client; return the bytes to send."""
-        try:
-            return self._receive(frame)
-        except BaseException:
-            self.state = HandshakeState.FAILED
-            raise
 
     def _receive(self, frame: Frame) -> bytes:
         if self.state is HandshakeState.WAIT_CLIENT_HELLO:
