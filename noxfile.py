@@ -18,7 +18,7 @@ PYTHON = None  # the interpreter nox itself runs on (3.11+ is required by pyproj
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the whole test suite."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,cli]")
     session.run("python", "-m", "pytest", *session.posargs)
 
 
@@ -32,14 +32,14 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library."""
-    session.install("-e", ".[test]", "mypy>=1.11")
+    session.install("-e", ".[test,cli]", "mypy>=1.11")
     session.run("mypy")
 
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The README's first command: a server and a client talking on loopback."""
-    session.install("-e", ".")
+    session.install("-e", ".[cli]")
     session.run("python", "-m", "conduit", "demo", *session.posargs)
 
 
@@ -55,5 +55,5 @@ def docs(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """The benchmark suite (``-- --quick`` for the small CI-sized run)."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)

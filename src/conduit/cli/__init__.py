@@ -1,0 +1,45 @@
+"""The ``conduit`` command-line tool: serve a directory, send, get and list files, demo.
+
+Everything the tool needs beyond the library (click for the command line, rich
+for progress bars) lives in the ``cli`` extra, so ``import conduit`` never
+imports them and this package imports them only inside :func:`main`. Without
+them, ``conduit`` prints a one-line hint and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+#: The one-line hint printed when click or rich is missing.
+MISSING_DEPENDENCIES_HINT = (
+    "conduit: the command-line tool needs its extra packages: pip install 'trio-conduit[cli]'"
+)
+
+_CLI_PACKAGES = ("click", "rich")
+
+
+def _missing_dependency() -> str | None:
+    """The first CLI package that cannot be imported, or None when all can."""
+    for name in _CLI_PACKAGES:
+        try:
+            __import__(name)
+        except ImportError:
+            return name
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``conduit`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    The console script ``conduit`` and ``python -m conduit`` both call this.
+    """
+    if _missing_dependency() is not None:
+        print(MISSING_DEPENDENCIES_HINT, file=sys.stderr)
+        return 2
+    from ._app import run
+
+    return run(list(sys.argv[1:] if argv is None else argv))
+
+
+__all__ = ["MISSING_DEPENDENCIES_HINT", "main"]

@@ -1,0 +1,374 @@
+"""The command line itself (click): options, help texts, and the hand-off to Trio.
+
+Each command parses and checks its arguments, reads the password (before Trio
+starts: :func:`getpass.getpass` blocks), then runs its ``async`` body from
+:mod:`._serve`, :mod:`._transfer` or :mod:`._demo` under :func:`._common.run_trio`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .._version import __version__
+from . import _demo, _serve, _transfer
+from ._common import (
+    ADDRESS_ENV,
+    DEFAULT_ADDRESS,
+    PASSWORD_ENV,
+    Address,
+    ClientOptions,
+    CLIError,
+    ExitCode,
+    configure_logging,
+    parse_address,
+    parse_size,
+    print_error,
+    read_password,
+    run_trio,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Option callback: ``10M``, ``2G``, ``4096`` (binary multiples)."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _address(ctx: click.Context, param: click.Parameter, value: str) -> Address:
+    """Option callback: ``HOST:PORT``, ``[IPv6]:PORT``, ``HOST`` or ``:PORT``."""
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.group(context_settings=_CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="conduit")
+@click.option("-v", "--verbose", count=True, help="Also show the library's log lines (-vv: debug).")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
+    """Serve a directory, and send, get and list files over an encrypted,
+    password-authenticated conduit connection.
+
+    The password comes from the CONDUIT_PASSWORD environment variable or a
+    prompt, never from the command line. Exit codes: 0 ok, 1 a transfer
+    failed, 2 usage or configuration error, 3 authentication failed, 4
+    connection failed, 130 interrupted.
+    """
+    ctx.obj = verbose
+
+
+def _library_level(verbose: int) -> int:
+    return {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+
+
+def _client_options(direction: str) -> Callable[[F], F]:
+    """``--to``/``--from``, TLS, ``--json``: shared by the client commands."""
+    flag = "--to" if direction == "to" else "--from"
+
+    def decorate(function: F) -> F:
+        options = [
+            click.option(
+                flag,
+                "address",
+                callback=_address,
+                metavar="HOST:PORT",
+                envvar=ADDRESS_ENV,
+                default=DEFAULT_ADDRESS,
+                show_default=True,
+                help=f"The server (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS}).",
+            ),
+            click.option("--tls", is_flag=True, help="Use TLS and check the server's certificate."),
+            click.option(
+                "--tls-ca",
+                type=click.Path(exists=True, dir_okay=False),
+                help="CA bundle to check the server's certificate with (implies --tls).",
+            ),
+            click.option(
+                "--json", "json_output", is_flag=True, help="Print one JSON document (scripts)."
+            ),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+_jobs_option = click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Files transferred at once.",
+)
+
+
+def _connect_options(
+    address: Address, tls: bool, tls_ca: str | None, verbose: int
+) -> ClientOptions:
+    if verbose:
+        configure_logging(cli_level=logging.INFO, library_level=_library_level(verbose))
+    password = read_password(prompt=f"Password for {address}: ")
+    return ClientOptions(
+        address=address, password=password, tls=tls or tls_ca is not None, tls_ca_file=tls_ca
+    )
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), metavar="DIR")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port (0: any free port; the log says which).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM certificate chain: serve TLS as well.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM private key (if not in --tls-cert).",
+)
+@click.option(
+    "--max-file-size",
+    callback=_size,
+    metavar="SIZE",
+    help="Refuse larger uploads (e.g. 10M, 2G).",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace existing files instead of storing 'name (1).ext'."
+)
+@click.pass_obj
+def serve(
+    verbose: int,
+    directory: Path,
+    host: str,
+    port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    max_file_size: int | None,
+    overwrite: bool,
+) -> int:
+    """Serve DIR: clients may upload into it, list it and download from it.
+
+    Logs one line per connection, authentication failure, upload and
+    download on stderr. Ctrl-C (or SIGTERM) closes every connection and
+    exits 0.
+    """
+    password = read_password(prompt="Password for this server: ", confirm=True)
+    configure_logging(
+        cli_level=logging.INFO,
+        library_level=_library_level(verbose),
+    )
+    options = _serve.ServeOptions(
+        directory=directory,
+        host=host,
+        port=port,
+        password=password,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_file_size=max_file_size,
+        overwrite=overwrite,
+    )
+    return run_trio(functools.partial(_serve.serve, options=options), cancel=False)
+
+
+# --------------------------------------------------------------------------- send
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument(
+    "sources",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    metavar="FILE_OR_DIR...",
+)
+@_client_options("to")
+@click.option(
+    "--as",
+    "rename",
+    metavar="NAME",
+    help="Name on the server (one FILE_OR_DIR only; may contain '/').",
+)
+@_jobs_option
+@click.pass_obj
+def send(
+    verbose: int,
+    sources: tuple[Path, ...],
+    address: Address,
+    tls: bool,
+    tls_ca: str | None,
+    json_output: bool,
+    rename: str | None,
+    jobs: int,
+) -> int:
+    """Upload files; directories recursively, keeping their layout (DIR/sub/file).
+
+    An interrupted upload resumes where it stopped when you run the same
+    command again.
+    """
+    planned, skipped = _transfer.collect_uploads(sources, rename)
+    options = _connect_options(address, tls, tls_ca, verbose)
+    return run_trio(
+        functools.partial(
+            _transfer.send,
+            options=options,
+            jobs=planned,
+            skipped=skipped,
+            parallel=jobs,
+            json_output=json_output,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- get
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@_client_options("from")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    help="Directory to download into (created if needed; default: here).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing local files.")
+@_jobs_option
+@click.pass_obj
+def get(
+    verbose: int,
+    names: tuple[str, ...],
+    address: Address,
+    tls: bool,
+    tls_ca: str | None,
+    json_output: bool,
+    output: Path,
+    overwrite: bool,
+    jobs: int,
+) -> int:
+    """Download files; a NAME that is a directory on the server brings all of it.
+
+    An interrupted download resumes when you run the same command again.
+    """
+    options = _connect_options(address, tls, tls_ca, verbose)
+    return run_trio(
+        functools.partial(
+            _transfer.get,
+            options=options,
+            names=names,
+            output_dir=output,
+            overwrite=overwrite,
+            parallel=jobs,
+            json_output=json_output,
+        )
+    )
+
+
+# --------------------------------------------------------------------------- ls
+
+
+@cli.command(context_settings=_CONTEXT)
+@_client_options("from")
+@click.pass_obj
+def ls(verbose: int, address: Address, tls: bool, tls_ca: str | None, json_output: bool) -> int:
+    """List the server's files: size, modification time, name."""
+    options = _connect_options(address, tls, tls_ca, verbose)
+    return run_trio(functools.partial(_transfer.ls, options=options, json_output=json_output))
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.option(
+    "--size",
+    callback=_size,
+    metavar="SIZE",
+    default="256M",
+    show_default=True,
+    help="Size of the file sent and fetched back.",
+)
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (its path is printed).")
+@click.option(
+    "--calls", type=click.IntRange(0), default=2000, show_default=True, help="RPC calls to time."
+)
+@click.pass_obj
+def demo(verbose: int, size: int, keep: bool, calls: int) -> int:
+    """A server and a client on loopback: RPC, a refused password, a file round trip."""
+    if verbose:
+        configure_logging(cli_level=logging.INFO, library_level=_library_level(verbose))
+    workdir = Path(tempfile.mkdtemp(prefix="conduit-demo-"))
+    try:
+        return run_trio(functools.partial(_demo.demo, workdir=workdir, size=size, calls=calls))
+    finally:
+        if keep:
+            print(f"conduit demo: kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def _password_in_argv(argv: list[str]) -> bool:
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--password" or arg.startswith("--password="):
+            return True
+    return False
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv``, run the command, map every outcome to an exit code."""
+    if _password_in_argv(argv):
+        print_error(
+            "conduit never takes a password on the command line (other users can read "
+            f"command lines with ps); set {PASSWORD_ENV} or type it at the prompt"
+        )
+        return ExitCode.USAGE
+    try:
+        result = cli.main(args=argv, prog_name="conduit", standalone_mode=False)
+    except click.exceptions.Abort:  # Ctrl-C or end of input at a prompt
+        return ExitCode.INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return ExitCode.USAGE
+    except CLIError as exc:
+        print_error(exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    return int(result) if isinstance(result, int) else ExitCode.OK

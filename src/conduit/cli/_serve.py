@@ -1,0 +1,160 @@
+"""``conduit serve DIR``: a file server on a directory, with one log line per event."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from .. import FileTransferHandler, Peer, RPCError, Server, ServerDescriptor
+from ._common import CLIError, ExitCode, Signals, human_bytes
+
+log = logging.getLogger("conduit.cli.serve")
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _who(peer: Peer) -> str:
+    if peer.address is None:
+        return f"client {peer.id}"
+    host, port = peer.address
+    return f"client {peer.id} ({host}:{port})"
+
+
+class _LoggingTransferHandler(FileTransferHandler):
+    """Logs each download it serves: the library has an event for received files only.
+
+    (``on_file_received`` covers uploads; nothing covers the other direction,
+    so the download RPC is wrapped here. See docs/cli.md, "Library wishes".)
+    """
+
+    async def _rpc_download(
+        self,
+        caller: Peer,
+        name: str,
+        stream_id: int,
+        size: int,
+        offset: int,
+        prefix_sha256: str,
+    ) -> dict[str, Any]:
+        try:
+            answer = await super()._rpc_download(
+                caller, name, stream_id, size, offset, prefix_sha256
+            )
+        except RPCError as exc:
+            log.warning("download   %s refused for %s: %s", name, _who(caller), exc)
+            raise
+        start = int(answer.get("offset", 0))
+        resumed = f", resuming at {human_bytes(start)}" if start else ""
+        log.info("download   %s (%s) to %s%s", name, human_bytes(size), _who(caller), resumed)
+        return answer
+
+
+@attrs.frozen
+class ServeOptions:
+    """What ``conduit serve`` was asked to do."""
+
+    directory: Path
+    host: str
+    port: int
+    password: str
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_file_size: int | None = None
+    overwrite: bool = False
+
+
+def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
+    """The server and its transfer handler, with the logging hooks; fails early on bad config."""
+    if options.tls_key is not None and options.tls_cert is None:
+        raise CLIError("--tls-key needs --tls-cert")
+    try:
+        options.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot use {options.directory} as the storage directory: {exc}") from None
+    try:
+        descriptor = ServerDescriptor(
+            host=options.host,
+            port=options.port,
+            password=options.password,
+            name="conduit-serve",
+            tls_certfile=str(options.tls_cert) if options.tls_cert else None,
+            tls_keyfile=str(options.tls_key) if options.tls_key else None,
+        )
+        descriptor.build_ssl_context()  # a bad certificate or key fails now, not per client
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise CLIError(f"invalid server configuration: {exc}") from None
+    server = Server(descriptor)
+    transfer = _LoggingTransferHandler(
+        options.directory, max_file_size=options.max_file_size, overwrite=options.overwrite
+    )
+    transfer.register_server_handlers(server)
+
+    @server.on_client_connect
+    def connect(peer: Peer) -> None:
+        log.info("connect    %s as %r", _who(peer), peer.name)
+
+    @server.on_client_disconnect
+    def disconnect(peer: Peer) -> None:
+        log.info("disconnect %s after %.1f s", _who(peer), time.time() - peer.connected_at)
+
+    @transfer.on_file_received
+    def received(peer: Peer, filepath: str, metadata: dict[str, Any]) -> None:
+        stored = metadata["filename"]
+        original = metadata["original_name"]
+        renamed = f" (stored as {stored})" if stored != original else ""
+        resumed = int(metadata.get("resumed_from", 0))
+        note = f", resumed at {human_bytes(resumed)}" if resumed else ""
+        log.info(
+            "upload     %s%s (%s) from %s%s",
+            original,
+            renamed,
+            human_bytes(int(metadata["size"])),
+            _who(peer),
+            note,
+        )
+
+    return server, transfer
+
+
+async def serve(signals: Signals, options: ServeOptions) -> int:
+    """Serve until Ctrl-C or SIGTERM, then close every connection and return 0."""
+    server, transfer = build_server(options)
+    if len(options.password) < 12 and options.host not in _LOOPBACK:
+        log.warning(
+            "the password is short (%d characters); use 12 or more random characters "
+            "for a server that others can reach",
+            len(options.password),
+        )
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(server.run)
+        except OSError as exc:
+            raise CLIError(
+                f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}",
+                ExitCode.CONNECTION_FAILED,
+            ) from None
+        limit = ""
+        if options.max_file_size is not None:
+            limit = f", files up to {human_bytes(options.max_file_size)}"
+        tls = ", TLS" if options.tls_cert else ""
+        addresses = ", ".join(f"{host}:{port}" for host, port in server.addresses)
+        log.info(
+            "listening on %s%s%s, serving %s (Ctrl-C stops)",
+            addresses,
+            tls,
+            limit,
+            transfer.storage_dir,
+        )
+        await signals.event.wait()
+        log.info("stopping: closing connections")
+        with trio.CancelScope(shield=True):
+            await server.close()
+        nursery.cancel_scope.cancel()
+    log.info("stopped")
+    return ExitCode.OK

@@ -1,0 +1,376 @@
+"""``conduit send``, ``conduit get`` and ``conduit ls``: the client side of file transfer."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from .. import Client, ConduitError, ConnectionClosed, FileTransferHandler, TransferError
+from ._common import (
+    Address,
+    ClientOptions,
+    CLIError,
+    ExitCode,
+    Signals,
+    connected,
+    emit_json,
+    human_bytes,
+)
+from ._display import Display, FileJob, ProgressCallback, Verb, make_display
+
+Transfer = Callable[[FileJob, ProgressCallback | None], Awaitable[dict[str, Any]]]
+
+
+@attrs.frozen
+class Skipped:
+    """A local entry ``conduit send DIR`` leaves out, and why."""
+
+    local: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        """The ``skipped`` entry of the ``--json`` document."""
+        return {"local": self.local, "reason": self.reason}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def collect_uploads(
+    sources: Sequence[Path], rename: str | None = None
+) -> tuple[list[FileJob], list[Skipped]]:
+    """Turn ``conduit send`` arguments into files to upload and entries to skip.
+
+    A file is sent under its base name (or ``rename``). A directory is walked
+    recursively and each file sent as ``DIRNAME/relative/path`` (``rename``
+    replaces ``DIRNAME``), so the tree keeps its layout on the server. Hidden
+    entries (the server refuses hidden names), special files and symbolic links
+    to directories are skipped and reported.
+    """
+    if rename is not None and len(sources) != 1:
+        raise CLIError("--as needs exactly one FILE_OR_DIR")
+    jobs: list[FileJob] = []
+    skipped: list[Skipped] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(local: Path, name: str, size: int | None) -> None:
+        key = (os.path.realpath(local), name)
+        if key not in seen:  # the same file twice would race itself
+            seen.add(key)
+            jobs.append(FileJob(name=name, local=str(local), size=size))
+
+    for source in sources:
+        if not source.is_dir():
+            try:
+                size: int | None = source.stat().st_size
+            except OSError:
+                size = None  # the library reports the problem when sending
+            add(source, rename if rename is not None else source.name, size)
+            continue
+        top = rename if rename is not None else (source.name or source.resolve().name)
+        top = top.strip("/")
+
+        def on_error(error: OSError) -> None:
+            skipped.append(Skipped(str(error.filename), f"cannot read: {error.strerror}"))
+
+        for root, dirs, files in os.walk(source, onerror=on_error):
+            root_path = Path(root)
+            keep = []
+            for directory in sorted(dirs):
+                path = root_path / directory
+                if _is_hidden(directory):
+                    skipped.append(Skipped(str(path), "hidden (servers refuse hidden names)"))
+                elif path.is_symlink():
+                    skipped.append(Skipped(str(path), "symbolic link to a directory"))
+                else:
+                    keep.append(directory)
+            dirs[:] = keep
+            for file in sorted(files):
+                path = root_path / file
+                if _is_hidden(file):
+                    skipped.append(Skipped(str(path), "hidden (servers refuse hidden names)"))
+                    continue
+                try:
+                    info = path.stat()
+                except OSError as exc:
+                    skipped.append(Skipped(str(path), f"cannot read: {exc.strerror}"))
+                    continue
+                if not stat.S_ISREG(info.st_mode):
+                    skipped.append(Skipped(str(path), "not a regular file"))
+                    continue
+                relative = path.relative_to(source).as_posix()
+                add(path, f"{top}/{relative}" if top else relative, info.st_size)
+    return jobs, skipped
+
+
+def local_failure(exc: BaseException) -> dict[str, Any]:
+    """A failure dict, shaped like the library's, for what it raises instead of returning."""
+    if isinstance(exc, TransferError):
+        code = exc.code
+    elif isinstance(exc, ConnectionClosed):
+        code = "connection_closed"
+    elif isinstance(exc, FileNotFoundError):
+        code = "not_found"
+    elif isinstance(exc, IsADirectoryError):
+        code = "not_a_file"
+    elif isinstance(exc, PermissionError):
+        code = "permission_denied"
+    elif isinstance(exc, OSError):
+        code = "io_error"
+    else:
+        code = getattr(exc, "code", "error")
+    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        message = f"{message}: {exc.filename}"
+    return {"success": False, "error": message, "code": code}
+
+
+# --------------------------------------------------------------------------- running
+
+
+async def _run_jobs(
+    jobs: Sequence[FileJob], transfer: Transfer, display: Display, parallel: int
+) -> None:
+    limiter = trio.CapacityLimiter(parallel)
+
+    async def one(job: FileJob) -> None:
+        async with limiter:
+            on_progress = display.file_started(job)
+            try:
+                job.result = await transfer(job, on_progress)
+            except (OSError, ConduitError) as exc:
+                job.result = local_failure(exc)
+            display.file_finished(job)
+
+    async with trio.open_nursery() as nursery:
+        for job in jobs:
+            nursery.start_soon(one, job)
+
+
+async def _transfer_files(
+    verb: Verb,
+    jobs: Sequence[FileJob],
+    transfer: Transfer,
+    *,
+    parallel: int,
+    json_output: bool,
+) -> float:
+    """Run every job with a display; return the elapsed time."""
+    display = make_display(verb, jobs, json_output=json_output)
+    started = time.monotonic()
+    with display:
+        interrupted = True
+        try:
+            await _run_jobs(jobs, transfer, display, parallel)
+            interrupted = False
+        finally:
+            display.finished(jobs, time.monotonic() - started, interrupted)
+    return time.monotonic() - started
+
+
+def _exit_code(jobs: Sequence[FileJob], signals: Signals) -> ExitCode:
+    if signals.received is not None:
+        return signals.exit_code
+    if any(not job.success for job in jobs):
+        return ExitCode.TRANSFER_FAILED
+    return ExitCode.OK
+
+
+def _report(
+    command: str,
+    address: Address,
+    jobs: Sequence[FileJob],
+    signals: Signals,
+    elapsed: float,
+    **extra: Any,
+) -> None:
+    emit_json(
+        {
+            "command": command,
+            "server": str(address),
+            "ok": _exit_code(jobs, signals) == ExitCode.OK,
+            "interrupted": signals.received is not None,
+            "elapsed": elapsed,
+            "files": [job.to_json() for job in jobs],
+            **extra,
+        }
+    )
+
+
+def _fatal_json(command: str, address: Address, error: CLIError) -> None:
+    emit_json(
+        {
+            "command": command,
+            "server": str(address),
+            "ok": False,
+            "error": error.message,
+            "exit_code": int(error.exit_code),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- send
+
+
+async def send(
+    signals: Signals,
+    options: ClientOptions,
+    jobs: list[FileJob],
+    skipped: list[Skipped],
+    *,
+    parallel: int,
+    json_output: bool,
+) -> int:
+    """``conduit send``: upload every job; the exit code says how it went."""
+    if not json_output:
+        for entry in skipped:
+            print(f"skipped   {entry.local}: {entry.reason}", flush=True)
+    elapsed = 0.0
+    started = time.monotonic()
+    try:
+        with signals.cancel_on_signal():
+            async with connected(options) as client:
+                handler = FileTransferHandler()
+
+                async def upload(job: FileJob, on_progress: ProgressCallback | None) -> Any:
+                    assert job.local is not None
+                    return await handler.send_to_server(
+                        client, job.local, on_progress, remote_name=job.name
+                    )
+
+                if not jobs and not json_output:
+                    print("nothing to send", flush=True)
+                await _transfer_files(
+                    "send", jobs, upload, parallel=parallel, json_output=json_output
+                )
+    except CLIError as exc:
+        if json_output:
+            _fatal_json("send", options.address, exc)
+        raise
+    elapsed = time.monotonic() - started
+    if json_output:
+        _report(
+            "send",
+            options.address,
+            jobs,
+            signals,
+            elapsed,
+            skipped=[entry.to_json() for entry in skipped],
+        )
+    return _exit_code(jobs, signals)
+
+
+# --------------------------------------------------------------------------- get
+
+
+async def _plan_downloads(
+    handler: FileTransferHandler, client: Client, names: Sequence[str]
+) -> list[FileJob]:
+    """Expand each NAME: a file on the server, or a directory prefix (every file under it)."""
+    try:
+        listing = await handler.list_files(client)
+    except ConduitError:
+        listing = []  # each download then reports its own error
+    sizes = {str(entry["name"]): int(entry["size"]) for entry in listing}
+    jobs: list[FileJob] = []
+    seen: set[str] = set()
+    for name in names:
+        prefix = name.strip("/") + "/"
+        if name in sizes:
+            matches = [name]
+        else:
+            matches = sorted(n for n in sizes if n.startswith(prefix)) or [name]
+        for match in matches:
+            if match not in seen:
+                seen.add(match)
+                jobs.append(FileJob(name=match, local=None, size=sizes.get(match)))
+    return jobs
+
+
+def _display_path(path: str) -> str:
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if relative.startswith("..") else relative
+
+
+async def get(
+    signals: Signals,
+    options: ClientOptions,
+    names: Sequence[str],
+    output_dir: Path,
+    *,
+    overwrite: bool,
+    parallel: int,
+    json_output: bool,
+) -> int:
+    """``conduit get``: download every NAME into ``output_dir``."""
+    jobs: list[FileJob] = []
+    started = time.monotonic()
+    try:
+        with signals.cancel_on_signal():
+            async with connected(options) as client:
+                handler = FileTransferHandler(overwrite=overwrite)
+                jobs = await _plan_downloads(handler, client, names)
+
+                async def download(job: FileJob, on_progress: ProgressCallback | None) -> Any:
+                    result = await handler.receive_from_server(
+                        client, job.name, output_dir, on_progress
+                    )
+                    if result.get("success"):
+                        job.local = _display_path(str(result["path"]))
+                    return result
+
+                await _transfer_files(
+                    "get", jobs, download, parallel=parallel, json_output=json_output
+                )
+    except CLIError as exc:
+        if json_output:
+            _fatal_json("get", options.address, exc)
+        raise
+    if json_output:
+        _report("get", options.address, jobs, signals, time.monotonic() - started)
+    return _exit_code(jobs, signals)
+
+
+# --------------------------------------------------------------------------- ls
+
+
+async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> int:
+    """``conduit ls``: the server's files, one per line (or ``--json``)."""
+    try:
+        async with connected(options) as client:
+            try:
+                files = await FileTransferHandler().list_files(client)
+            except ConduitError as exc:
+                raise CLIError(
+                    f"{options.address} could not list its files: {exc}",
+                    ExitCode.TRANSFER_FAILED,
+                ) from None
+    except CLIError as exc:
+        if json_output:
+            _fatal_json("ls", options.address, exc)
+        raise
+    files.sort(key=lambda entry: str(entry["name"]))
+    if json_output:
+        emit_json({"command": "ls", "server": str(options.address), "ok": True, "files": files})
+        return ExitCode.OK
+    for entry in files:
+        modified = datetime.datetime.fromtimestamp(float(entry["modified"]))
+        print(f"{human_bytes(int(entry['size'])):>11}  {modified:%Y-%m-%d %H:%M}  {entry['name']}")
+    total = sum(int(entry["size"]) for entry in files)
+    print(f"{len(files)} files, {human_bytes(total)}" if files else "no files", flush=True)
+    return ExitCode.OK

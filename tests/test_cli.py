@@ -1,0 +1,631 @@
+"""The ``conduit`` command-line tool, run as a user runs it: real subprocesses.
+
+Every test starts ``python -m conduit ...`` on 127.0.0.1 with bounded timeouts;
+servers are always stopped (SIGINT, then kill) in ``finally``. The password
+travels in ``CONDUIT_PASSWORD`` only, as the tool requires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from conduit.cli._common import Address, parse_address, parse_size
+
+PASSWORD = "cli test password \N{GREEK SMALL LETTER BETA} 7"
+RUN_TIMEOUT = 120
+PARTIAL_PREFIX = ".conduit-partial-"
+BIG = 200 * 1024 * 1024
+
+# Variables that would change how the tool behaves or renders.
+_SCRUBBED = (
+    "CONDUIT_PASSWORD",
+    "CONDUIT_ADDRESS",
+    "FORCE_COLOR",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    env.update(extra)
+    return env
+
+
+def conduit(
+    *args: str,
+    password: str | None = PASSWORD,
+    cwd: Path | None = None,
+    timeout: float = RUN_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m conduit ARGS`` to completion, stdin not a terminal."""
+    env = _env(CONDUIT_PASSWORD=password) if password is not None else _env()
+    return subprocess.run(
+        [sys.executable, "-m", "conduit", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def conduit_json(*args: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    result = conduit(*args, "--json", **kwargs)
+    try:
+        return result.returncode, json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"not one JSON document: {result.stdout!r} {result.stderr!r}"
+        ) from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_random(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        left = size
+        while left:
+            block = os.urandom(min(left, 1 << 20))
+            file.write(block)
+            left -= len(block)
+    return path
+
+
+def visible_files(root: Path) -> dict[str, bytes]:
+    """Relative name -> content of every non-hidden file under ``root``."""
+    found = {}
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            found[relative.as_posix()] = path.read_bytes()
+    return found
+
+
+def partial_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob(f"{PARTIAL_PREFIX}*") if p.is_file()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- server fixture
+
+
+@attrs.define
+class ServeProcess:
+    process: subprocess.Popen[bytes]
+    directory: Path
+    log: Path
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log_text())
+            if match:
+                return match
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the server log: {self.log_text()!r}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+
+def start_server(tmp_path: Path, *options: str, password: str = PASSWORD) -> ServeProcess:
+    directory = tmp_path / "served"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "conduit", "serve", str(directory), "--port", "0", *options],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            env=_env(CONDUIT_PASSWORD=password),
+        )
+    server = ServeProcess(process, directory, log)
+    try:
+        match = server.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)")
+    except BaseException:
+        server.stop()
+        raise
+    server.port = int(match.group(1))
+    return server
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServeProcess]:
+    serving = start_server(tmp_path)
+    try:
+        yield serving
+    finally:
+        serving.stop()
+
+
+def make_tree(root: Path) -> Path:
+    tree = root / "photos"
+    (tree / "2024" / "summer").mkdir(parents=True)
+    (tree / "empty dir").mkdir()
+    (tree / "a.txt").write_text("hello\n")
+    (tree / "empty.bin").write_bytes(b"")
+    (tree / "2024" / "caf\N{LATIN SMALL LETTER E WITH ACUTE}.txt").write_text("unicode name\n")
+    write_random(tree / "2024" / "summer" / "beach.raw", 3 * 1024 * 1024 + 17)
+    (tree / ".secret").write_text("hidden files are skipped\n")
+    return tree
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_send_tree_ls_get_round_trip(tmp_path: Path, server: ServeProcess) -> None:
+    tree = make_tree(tmp_path / "src")
+    sent = conduit("send", str(tree), "--to", server.address)
+    assert sent.returncode == 0, sent.stderr
+    assert "skipped" in sent.stdout and ".secret" in sent.stdout
+    assert re.search(r"^sent +photos/2024/summer/beach\.raw ", sent.stdout, re.M), sent.stdout
+    assert "4 of 4 files sent" in sent.stdout
+
+    expected = {f"photos/{name}": data for name, data in visible_files(tree).items()}
+    assert visible_files(server.directory) == expected  # the layout is kept on the server
+
+    listed = conduit("ls", "--from", server.address)
+    assert listed.returncode == 0, listed.stderr
+    for name in expected:
+        assert name in listed.stdout
+    assert "4 files" in listed.stdout
+
+    out = tmp_path / "out"
+    got = conduit("get", "photos", "-o", str(out), "--from", server.address)
+    assert got.returncode == 0, got.stderr
+    assert visible_files(out) == expected  # byte-identical, same layout
+    assert not partial_files(out)
+
+    log = server.log_text()
+    assert re.search(r"connect +client \w+ \(127\.0\.0\.1:\d+\)", log), log
+    assert re.search(r"upload +photos/2024/summer/beach\.raw \(3\.0 MiB\) from client", log), log
+    assert re.search(r"download +photos/a\.txt \(6 B\) to client", log), log
+
+
+def test_address_from_the_environment(tmp_path: Path, server: ServeProcess) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "conduit", "ls"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=_env(CONDUIT_PASSWORD=PASSWORD, CONDUIT_ADDRESS=server.address),
+        timeout=RUN_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no files" in result.stdout
+
+
+def test_json_documents(tmp_path: Path, server: ServeProcess) -> None:
+    source = write_random(tmp_path / "data" / "report.bin", 100_000)
+    code, sent = conduit_json("send", str(source), "--as", "reports/q1.bin", "--to", server.address)
+    assert code == 0, sent
+    assert sent["command"] == "send" and sent["ok"] is True and sent["interrupted"] is False
+    assert sent["server"] == server.address and sent["skipped"] == []
+    (entry,) = sent["files"]
+    assert entry["name"] == "reports/q1.bin" and entry["local"] == str(source)
+    assert entry["success"] is True and entry["path"] == "reports/q1.bin"
+    assert entry["size"] == 100_000 and entry["checksum"] == sha256(source)
+    assert entry["resumed_from"] == 0 and entry["elapsed"] >= 0 and entry["speed"] >= 0
+
+    code, listing = conduit_json("ls", "--from", server.address)
+    assert code == 0 and listing["command"] == "ls" and listing["ok"] is True
+    (file,) = listing["files"]
+    assert file["name"] == "reports/q1.bin" and file["size"] == 100_000
+    assert abs(file["modified"] - time.time()) < 3600
+
+    out = tmp_path / "out"
+    code, got = conduit_json(
+        "get", "reports", "missing.bin", "-o", str(out), "--from", server.address
+    )
+    assert code == 1  # one of the two failed
+    assert got["command"] == "get" and got["ok"] is False
+    by_name = {f["name"]: f for f in got["files"]}
+    fetched, missing = by_name["reports/q1.bin"], by_name["missing.bin"]
+    assert fetched["success"] is True and fetched["checksum"] == sha256(source)
+    assert Path(fetched["path"]) == (out / "reports" / "q1.bin").resolve()
+    assert (out / "reports" / "q1.bin").read_bytes() == source.read_bytes()
+    assert missing["success"] is False and missing["code"] == "not_found" and missing["error"]
+
+
+def test_too_large_is_a_failed_transfer(tmp_path: Path) -> None:
+    serving = start_server(tmp_path, "--max-file-size", "1K")
+    try:
+        small = write_random(tmp_path / "small.bin", 1000)
+        large = write_random(tmp_path / "large.bin", 2048)
+        code, sent = conduit_json("send", str(small), str(large), "--to", serving.address)
+        assert code == 1
+        results = {f["name"]: f for f in sent["files"]}
+        assert results["small.bin"]["success"] is True
+        assert results["large.bin"]["success"] is False
+        assert results["large.bin"]["code"] == "too_large"
+    finally:
+        serving.stop()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_wrong_password_exits_3(tmp_path: Path, server: ServeProcess) -> None:
+    result = conduit("ls", "--from", server.address, password="not the password")
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert "refused the password" in result.stderr and "CONDUIT_PASSWORD" in result.stderr
+    assert "Traceback" not in result.stderr
+    server.wait_for_log(r"warning: authentication failed from")
+
+    code, document = conduit_json("ls", "--from", server.address, password="still wrong")
+    assert code == 3
+    assert document["ok"] is False and document["exit_code"] == 3 and document["error"]
+
+
+def test_no_server_exits_4(tmp_path: Path) -> None:
+    port = free_port()
+    for command in (["ls"], ["get", "x"]):
+        result = conduit(*command, "--from", f"127.0.0.1:{port}")
+        assert result.returncode == 4, (result.stdout, result.stderr)
+        assert f"cannot connect to 127.0.0.1:{port}" in result.stderr
+        assert "Traceback" not in result.stderr
+    source = write_random(tmp_path / "f.bin", 10)
+    assert conduit("send", str(source), "--to", f"127.0.0.1:{port}").returncode == 4
+
+
+def test_password_is_never_an_argument(tmp_path: Path) -> None:
+    source = write_random(tmp_path / "f.bin", 10)
+    for args in (
+        ["send", str(source), "--password", "hunter2"],
+        ["ls", "--password=hunter2"],
+        ["serve", str(tmp_path / "d"), "--password", "hunter2"],
+    ):
+        result = conduit(*args, password=None, timeout=30)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "CONDUIT_PASSWORD" in result.stderr and "ps" in result.stderr
+    # No option and no variable, stdin not a terminal: refuse rather than hang.
+    for args in (["serve", str(tmp_path / "d"), "--port", "0"], ["ls"]):
+        result = conduit(*args, password=None, timeout=30)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "no password" in result.stderr and "CONDUIT_PASSWORD" in result.stderr
+    assert not (tmp_path / "d").exists()  # the server never started
+    assert conduit("ls", password="").returncode == 2  # set but empty
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    a = write_random(tmp_path / "a", 1)
+    b = write_random(tmp_path / "b", 1)
+    result = conduit("send", str(a), str(b), "--as", "x")
+    assert result.returncode == 2 and "--as needs exactly one" in result.stderr
+    assert conduit("send", str(tmp_path / "missing")).returncode == 2
+    assert conduit("ls", "--from", "host:notaport").returncode == 2
+    assert conduit("serve", str(tmp_path), "--max-file-size", "lots").returncode == 2
+    assert conduit("no-such-command").returncode == 2
+
+
+def test_serve_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    serving = start_server(tmp_path)
+    try:
+        assert conduit("ls", "--from", serving.address).returncode == 0
+        serving.process.send_signal(signal.SIGINT)
+        assert serving.process.wait(timeout=15) == 0
+        log = serving.log_text()
+        assert "stopped" in log and "Traceback" not in log, log
+    finally:
+        serving.stop()
+
+
+def test_serve_over_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    cert_file = tmp_path / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    serving = start_server(tmp_path, "--tls-cert", str(cert_file))
+    try:
+        assert ", TLS" in serving.log_text()
+        ok = conduit("ls", "--from", serving.address, "--tls-ca", str(ca_file))
+        assert ok.returncode == 0, ok.stderr
+        untrusted = conduit("ls", "--from", serving.address, "--tls")  # system CAs only
+        assert untrusted.returncode == 4, untrusted.stderr
+        assert "TLS handshake failed" in untrusted.stderr
+    finally:
+        serving.stop()
+
+
+# --------------------------------------------------------------------------- interruption
+
+
+def _interrupt_when_partial(
+    process: subprocess.Popen[str], where: Path, timeout: float = 60
+) -> None:
+    """SIGINT ``process`` once a hidden partial file under ``where`` holds 1 MiB or more."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"finished before it could be interrupted: {process.communicate()}"
+            )
+        sizes = []
+        for path in partial_files(where):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                continue
+        if any(size >= 1 << 20 for size in sizes):
+            process.send_signal(signal.SIGINT)
+            return
+        time.sleep(0.01)
+    raise AssertionError("no partial file appeared")
+
+
+def _popen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "conduit", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(CONDUIT_PASSWORD=PASSWORD),
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_send_then_rerun_resumes(tmp_path: Path, server: ServeProcess) -> None:
+    source = write_random(tmp_path / "big.bin", BIG)
+    process = _popen("send", str(source), "--to", server.address, "--json")
+    try:
+        _interrupt_when_partial(process, server.directory)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 130, (out, err)
+    assert "Traceback" not in err, err
+    first = json.loads(out)
+    assert first["interrupted"] is True and first["ok"] is False
+    assert first["files"][0]["code"] == "interrupted"
+    # Nothing visible on the server; the hidden partial stays for the resume.
+    assert visible_files(server.directory) == {}
+    assert partial_files(server.directory)
+    assert conduit_json("ls", "--from", server.address)[1]["files"] == []
+
+    code, second = conduit_json("send", str(source), "--to", server.address)
+    assert code == 0, second
+    (entry,) = second["files"]
+    assert entry["success"] is True and entry["resumed_from"] > 0
+    assert entry["checksum"] == sha256(source)
+    assert sha256(server.directory / "big.bin") == entry["checksum"]
+    assert not partial_files(server.directory)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_get_then_rerun_resumes(tmp_path: Path, server: ServeProcess) -> None:
+    stored = write_random(server.directory / "big.bin", BIG)
+    out = tmp_path / "out"
+    process = _popen("get", "big.bin", "-o", str(out), "--from", server.address)
+    try:
+        _interrupt_when_partial(process, out)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert visible_files(out) == {}  # only the hidden partial file
+    assert partial_files(out)
+
+    code, again = conduit_json("get", "big.bin", "-o", str(out), "--from", server.address)
+    assert code == 0, again
+    (entry,) = again["files"]
+    assert entry["success"] is True and entry["resumed_from"] > 0
+    assert sha256(out / "big.bin") == sha256(stored)
+    assert not partial_files(out)
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pty behaviour differs")
+def test_live_progress_bars_on_a_terminal(tmp_path: Path, server: ServeProcess) -> None:
+    import pty
+
+    source = write_random(tmp_path / "live.bin", 64 * 1024 * 1024)
+    primary, secondary = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "conduit", "send", str(source), "--to", server.address],
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+            env=_env(CONDUIT_PASSWORD=PASSWORD, TERM="xterm-256color", COLUMNS="100"),
+        )
+        os.close(secondary)
+        chunks = []
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert process.wait(timeout=30) == 0
+    finally:
+        os.close(primary)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "\x1b[" in screen  # drawn with terminal escapes, not plain lines
+    assert "live.bin" in screen and "%" in screen and "/s" in screen
+    assert "sent      live.bin" in screen and "1 of 1 files sent" in screen
+
+
+def test_plain_output_when_not_a_terminal(tmp_path: Path, server: ServeProcess) -> None:
+    source = write_random(tmp_path / "plain.bin", 5 * 1024 * 1024)
+    result = conduit("send", str(source), "--to", server.address)
+    assert result.returncode == 0
+    assert "\x1b[" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, lines  # one line per file, one summary line, nothing redrawn
+    assert lines[0].startswith("sent      plain.bin  5.0 MiB  ")
+    assert lines[1].startswith("1 of 1 files sent (5.0 MiB) in ")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _demo_dir(stdout: str) -> Path:
+    match = re.search(r"files in (\S+)", stdout)
+    assert match, stdout
+    return Path(match.group(1))
+
+
+def test_demo_small(tmp_path: Path) -> None:
+    result = conduit("demo", "--size", "2M", "--calls", "20", password=None)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    out = result.stdout
+    assert "everything matched" in out
+    assert re.search(r"wrong password +refused", out)
+    assert re.search(r"upload throughput +2\.0 MiB in .*/s", out), out
+    assert re.search(r"download throughput +2\.0 MiB in .*/s", out), out
+    assert re.search(r"sha256 after the round trip +identical", out), out
+    assert not _demo_dir(out).exists()  # cleaned up
+
+
+def test_demo_keep(tmp_path: Path) -> None:
+    result = conduit("demo", "--size", "100K", "--calls", "0", "--keep", password=None)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    kept = _demo_dir(result.stdout)
+    try:
+        assert (kept / "downloads" / "random.bin").stat().st_size == 100 * 1024
+        assert f"kept {kept}" in result.stdout
+    finally:
+        import shutil
+
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def test_missing_cli_dependencies_print_a_hint() -> None:
+    program = (
+        "import sys\n"
+        "sys.modules['rich'] = None\n"
+        "sys.modules['click'] = None\n"
+        "import conduit.cli\n"
+        "sys.exit(conduit.cli.main(['ls']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "conduit: the command-line tool needs its extra packages: pip install 'trio-conduit[cli]'"
+    ]
+
+
+def test_import_conduit_does_not_import_the_cli_packages() -> None:
+    program = (
+        "import sys, conduit, conduit.cli\n"
+        "loaded = [m for m in ('click', 'rich') if m in sys.modules]\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=_env(), timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("0", 0),
+        ("4096", 4096),
+        ("512K", 512 * 1024),
+        ("10M", 10 << 20),
+        ("2G", 2 << 30),
+        ("1.5g", 3 << 29),
+        ("10MiB", 10 << 20),
+        ("10 MB", 10 << 20),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", "10X", "ten"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("example.org:9000", Address("example.org", 9000)),
+        ("example.org", Address("example.org", 8080)),
+        (":9000", Address("127.0.0.1", 9000)),
+        ("[::1]:9000", Address("::1", 9000)),
+        ("[::1]", Address("::1", 8080)),
+    ],
+)
+def test_parse_address(text: str, address: Address) -> None:
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["host:0", "host:70000", "host:x", "::1:80", "[::1"])
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_address(text)
