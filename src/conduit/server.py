@@ -40,6 +40,13 @@ def _address_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
     return str(host), int(port)
 
 
+def _format_address(address: tuple[str, int] | None) -> str:
+    if address is None:
+        return "unknown address"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Server:
     """A conduit server.
 
@@ -218,11 +225,13 @@ class Server:
         return self._peers_by_connection[connection]
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        address = _address_of(stream)
-        host = address[0] if address else "unknown"
+        peer_address = _address_of(stream)
+        host = peer_address[0] if peer_address else "unknown"
+        # For log lines: host:port ([host]:port for IPv6), as people read them.
+        address = _format_address(peer_address)
         self._open_sockets += 1
         try:
-            await self._serve_authenticated(stream, address, host)
+            await self._serve_authenticated(stream, peer_address, address, host)
         except Exception:  # one connection's bug must never take the server down
             log.exception("internal error serving %s", address)
         finally:
@@ -230,7 +239,11 @@ class Server:
             await trio.aclose_forcefully(stream)
 
     async def _serve_authenticated(
-        self, stream: trio.abc.Stream, address: tuple[str, int] | None, host: str
+        self,
+        stream: trio.abc.Stream,
+        peer_address: tuple[str, int] | None,
+        address: str,
+        host: str,
     ) -> None:
         descriptor = self.descriptor
         if self._closing:
@@ -300,7 +313,7 @@ class Server:
             connection,
             peer_id=client_id,
             name=established.peer_name,
-            address=address,
+            address=peer_address,
             default_timeout=descriptor.rpc_timeout,
         )
         self._peers_by_connection[connection] = peer
