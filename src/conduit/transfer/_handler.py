@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import os
+import secrets
 import stat
 import time
 import weakref
@@ -55,8 +56,10 @@ from ._wire import (
     FILE_STAT,
     PUSH_BEGIN,
     PUSH_FINISH,
+    PUSH_SMALL,
     UPLOAD_BEGIN,
     UPLOAD_FINISH,
+    UPLOAD_SMALL,
     transfer_key,
 )
 
@@ -74,6 +77,8 @@ _CLEANUP_INTERVAL = 600.0
 # Transfer control calls wait as long as the work takes (re-hashing a large
 # partial, fsync of a large file); a dead peer is caught by the heartbeat.
 _NO_TIMEOUT = math.inf
+# Files up to this size (and the chunk size) go in one call instead of a stream.
+_SMALL_FILE = 256 * 1024
 
 
 @attrs.define
@@ -182,12 +187,14 @@ class FileTransferHandler:
         server.register_rpc(self._rpc_file_list, FILE_LIST)
         server.register_rpc(self._rpc_file_stat, FILE_STAT)
         server.register_rpc(self._rpc_upload_begin, UPLOAD_BEGIN)
+        server.register_rpc(self._rpc_receive_small, UPLOAD_SMALL)
         server.register_rpc(self._rpc_receive_finish, UPLOAD_FINISH)
         server.register_rpc(self._rpc_download, DOWNLOAD)
 
     def register_client_handlers(self, client: Client) -> None:
         """Let the server push files to this client, into ``storage_dir``."""
         client.register_rpc(self._rpc_push_begin, PUSH_BEGIN)
+        client.register_rpc(self._rpc_receive_small, PUSH_SMALL)
         client.register_rpc(self._rpc_receive_finish, PUSH_FINISH)
 
     # ------------------------------------------------------------------ public operations
@@ -316,6 +323,11 @@ class FileTransferHandler:
             info = os.fstat(file.fileno())
             size = info.st_size
             name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
+            if size <= min(self.chunk_size, _SMALL_FILE):
+                small_method = UPLOAD_SMALL if direction == "upload" else PUSH_SMALL
+                return await self._send_small(
+                    peer, file, name, size, on_progress, small_method, direction
+                )
             key = transfer_key(name, size, info.st_mtime_ns)
             try:
                 # No timeout: re-hashing a large partial may take a while;
@@ -358,6 +370,38 @@ class FileTransferHandler:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(file.close)
+
+    async def _send_small(
+        self,
+        peer: Peer,
+        file: io.FileIO,
+        name: str,
+        size: int,
+        on_progress: ProgressCallback | None,
+        method: str,
+        direction: Direction,
+    ) -> dict[str, Any]:
+        """Files up to one chunk travel inside a single call: one round trip, no stream."""
+        data = await trio.to_thread.run_sync(file.read, size + 1)
+        if len(data) != size:
+            return _failure(TransferError("the file changed while being read", "source_changed"))
+        reporter = ProgressReporter(
+            on_progress, filename=name, direction=direction, total_size=size
+        )
+        try:
+            result: dict[str, Any] = await peer.call(
+                method,
+                name=name,
+                data=data,
+                sha256=hashlib.sha256(data).hexdigest(),
+                timeout=_NO_TIMEOUT,
+            )
+        except (ConduitError, OSError) as exc:
+            return _failure(exc)
+        await reporter.advance(size)
+        final = await reporter.finish()
+        result.update(success=True, resumed_from=0, elapsed=final.elapsed, speed=final.speed)
+        return result
 
     async def _resume_hasher(self, file: io.FileIO, start: int, their_prefix: str) -> Any | None:
         if start == 0:
@@ -515,19 +559,50 @@ class FileTransferHandler:
         finally:
             connection.close_stream(stream)
         final = await reporter.finish()
-        local_path = str(partial.root.path / published)
+        result = await self._announce(
+            connection,
+            peer,
+            partial.root,
+            published,
+            name,
+            size,
+            trailer.checksum,
+            resumed_from=resumed_from,
+            elapsed=final.elapsed,
+        )
+        local_path = result.pop("local_path")  # never sent to the peer
+        result["path"] = published if direction != "download" else local_path
+        if direction == "download":
+            result.update(resumed_from=resumed_from, elapsed=final.elapsed, speed=final.speed)
+        return result
+
+    async def _announce(
+        self,
+        connection: Connection,
+        peer: Peer | None,
+        root: StorageRoot,
+        published: str,
+        name: str,
+        size: int,
+        checksum: str,
+        *,
+        resumed_from: int,
+        elapsed: float,
+    ) -> dict[str, Any]:
+        """A file was verified and published: tell the callbacks, build the result."""
+        local_path = str(root.path / published)
         metadata = {
             "filename": published,
             "original_name": name,
             "size": size,
-            "checksum": trailer.checksum,
+            "checksum": checksum,
             "path": local_path,
             "resumed_from": resumed_from,
-            "elapsed": final.elapsed,
+            "elapsed": elapsed,
         }
         if peer is not None:
             metadata["client_id"] = peer.id
-        log.info("received %r (%d bytes, sha256 %s)", published, size, trailer.checksum)
+        log.info("received %r (%d bytes, sha256 %s)", published, size, checksum)
         for callback in self._callbacks:
             try:
                 if peer is not None and not connection.is_client:
@@ -536,16 +611,49 @@ class FileTransferHandler:
                     await invoke(callback, local_path, dict(metadata))
             except Exception:
                 log.exception("on_file_received callback %r failed", callback)
-        result: dict[str, Any] = {
+        return {
             "success": True,
-            "path": published if direction != "download" else local_path,
+            "path": published,
+            "local_path": local_path,
             "filename": published,
             "size": size,
-            "checksum": trailer.checksum,
+            "checksum": checksum,
         }
-        if direction == "download":
-            result.update(resumed_from=resumed_from, elapsed=final.elapsed, speed=final.speed)
+
+    async def _receive_small(
+        self, peer: Peer, name: str, data: bytes, sha256: str
+    ) -> dict[str, Any]:
+        """A whole small file in one call: check, write, verify, fsync, publish in one
+        worker-thread hop. Nothing to resume, so the partial gets a one-off id."""
+        started = time.monotonic()
+        try:
+            safe = safe_relative_name(name)
+            published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
+        except Exception as exc:
+            raise _rpc_error(exc) from None
+        result = await self._announce(
+            peer.connection,
+            peer,
+            self.storage,
+            published,
+            safe,
+            len(data),
+            sha256,
+            resumed_from=0,
+            elapsed=time.monotonic() - started,
+        )
+        result.pop("local_path")
         return result
+
+    def _store_small(self, name: str, data: bytes, sha256: str) -> str:
+        self.storage.check_can_accept(len(data), self.max_file_size)
+        partial = self.storage.open_partial(name, secrets.token_hex(16), resume=False)
+        try:
+            partial.write_block(data)
+            return partial.publish(overwrite=self.overwrite, expected_sha256=sha256)
+        except BaseException:
+            partial.discard()
+            raise
 
     async def _maybe_cleanup(self) -> None:
         now = time.monotonic()
@@ -560,6 +668,12 @@ class FileTransferHandler:
     # ------------------------------------------------------------------ RPC methods
     # Library code written for Trio: marked so that they run in Trio even when
     # the application lives in asyncio (where plain coroutines run on asyncio).
+
+    @trio_callback
+    async def _rpc_receive_small(
+        self, caller: Peer, name: str, data: bytes, sha256: str
+    ) -> dict[str, Any]:
+        return await self._receive_small(caller, name, data, sha256)
 
     @trio_callback
     async def _rpc_upload_begin(

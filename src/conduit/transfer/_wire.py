@@ -21,10 +21,12 @@ FILE_LIST = "file_list"
 FILE_STAT = "file_stat"
 UPLOAD_BEGIN = "file_upload_begin"
 UPLOAD_FINISH = "file_upload_finish"
+UPLOAD_SMALL = "file_upload_small"
 DOWNLOAD = "file_download"
 # ... and a client registers, to receive pushes.
 PUSH_BEGIN = "file_push_begin"
 PUSH_FINISH = "file_push_finish"
+PUSH_SMALL = "file_push_small"
 
 
 @attrs.frozen
