@@ -22,6 +22,12 @@ The pieces:
   :mod:`conduit._callbacks`);
 * :func:`get_guest_token` gives the guest run's :class:`trio.lowlevel.TrioToken`.
 
+Calls are the hot path. Each runs in a long-lived worker task of the guest's
+service nursery (no task spawn, no cancel scope per call; cancelling a call
+retires its worker), and an idle worker stays runnable while calls keep
+finishing, so a caller that submits its next call right away does not have to
+wake Trio's I/O thread (see :func:`_spin`).
+
 See ``docs/trio-and-asyncio.md`` for costs and limits.
 """
 
@@ -32,7 +38,9 @@ import contextlib
 import contextvars
 import enum
 import functools
+import math
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
@@ -78,6 +86,28 @@ def current_flavor() -> Literal["trio", "asyncio"]:
     raise RuntimeError(f"conduit supports Trio and asyncio, not {library!r}")
 
 
+def _asyncio_caller_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when the caller is asyncio code; ``None`` under Trio.
+
+    What :func:`current_flavor` decides, minus a system call: the common case
+    goes through the asyncio task itself (``asyncio.get_running_loop`` calls
+    ``getpid()`` on every use in Python 3.11), the rest through sniffio.
+    """
+    name = sniffio.thread_local.name
+    if name == "trio":  # set by Trio while it runs (trio.run, guest ticks)
+        return None
+    if name is None and sniffio.current_async_library_cvar.get() is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: let current_flavor() explain
+            task = None
+        if task is not None:
+            return task.get_loop()
+    if current_flavor() == "trio":  # raises outside Trio and asyncio
+        return None
+    return asyncio.get_running_loop()
+
+
 # --------------------------------------------------------------------------- guest runs
 
 # Set (to the hosting loop) inside each of our guest runs, and only there: a RunVar
@@ -119,22 +149,75 @@ class _State(enum.Enum):
     DONE = "done"  # the done callback ran; the thread may host a new run
 
 
-class _Call(Generic[T]):
-    """One :func:`run_in_trio` call: shared by the asyncio caller and its Trio task."""
+class _Worker:
+    """One long-lived Trio task of the service nursery that runs bridged calls.
 
-    __slots__ = ("args", "context", "finished", "fn", "future", "late_error", "scope", "unwound")
+    A worker runs one call at a time and then waits for the next one, so the
+    hot path spawns no task and enters no cancel scope: both belong to the
+    worker's whole life. Cancelling a call cancels its worker's scope; that
+    worker then ends instead of taking another call, and a fresh one is
+    spawned when needed.
+    """
+
+    __slots__ = ("base_context", "call", "idle", "retired", "scope", "spinning", "task")
+
+    def __init__(self, idle: list[_Worker]) -> None:
+        self.idle = idle
+        # Created up front, so a call can be cancelled before its worker has
+        # even started (a scope cancelled before it is entered is cancelled on
+        # entry).
+        self.scope = trio.CancelScope()
+        # Set when a call's cancellation cancelled ``scope``: the worker must
+        # not take another call. (A flag, because ``scope.cancel_called``
+        # reads the clock.)
+        self.retired = False
+        self.task: trio.lowlevel.Task | None = None
+        # The call handed to this worker while it sat on the idle stack.
+        self.call: _Call[Any] | None = None
+        # True while the worker is idle but still runnable (see _spin): a call
+        # handed to it then needs no reschedule.
+        self.spinning = False
+        # What the worker runs in between calls; each call runs in a copy of
+        # its caller's context instead (see _Guest.submit).
+        self.base_context = contextvars.Context()
+
+    def abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        """Cancelled while parked idle (the guest run is ending): leave the stack."""
+        self.idle.remove(self)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class _Call(Generic[T]):
+    """One :func:`run_in_trio` call: shared by the asyncio caller and its worker."""
+
+    __slots__ = (
+        "args",
+        "context",
+        "finished",
+        "fn",
+        "future",
+        "kwargs",
+        "late_error",
+        "unwound",
+        "worker",
+    )
 
     def __init__(
-        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], future: asyncio.Future[T]
+        self,
+        fn: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        future: asyncio.Future[T],
     ) -> None:
         self.fn = fn
         self.args = args
-        # Settled by the Trio task, in the loop's thread, during a guest tick;
+        self.kwargs = kwargs
+        # Settled by the worker, in the loop's thread, during a guest tick;
         # the caller's wake-up is then an ordinary call_soon, not another hop.
         self.future = future
-        # Created up front so the caller can cancel before the Trio task has even
-        # started (a scope cancelled before it is entered is cancelled on entry).
-        self.scope = trio.CancelScope()
+        # The worker running (or about to run) this call: cancelling the call
+        # cancels its scope. Set by _Guest.submit.
+        self.worker: _Worker | None = None
         # Only for calls queued before the service nursery exists.
         self.context: contextvars.Context | None = None
         self.finished = False
@@ -146,7 +229,7 @@ class _Call(Generic[T]):
         """Called once the Trio side is over (or will never run)."""
         self.finished = True
         if not self.future.done():
-            # The Trio task ended by a BaseException (Cancelled from a guest
+            # The call ended by a BaseException (Cancelled from a guest
             # shutdown, KeyboardInterrupt, ...) or never ran: the caller gets
             # CancelledError.
             self.future.cancel()
@@ -166,6 +249,20 @@ class _Guest:
         self.token: trio.lowlevel.TrioToken | None = None
         self.pending: list[_Call[Any]] = []
         self.calls: set[_Call[Any]] = set()
+        # Workers waiting for a call, most recently used last (reused first).
+        self.idle: list[_Worker] = []
+        # The idle worker keeping a guest tick due (see _spin), and the count of
+        # calls finished, by which it sees whether calls keep finishing.
+        self.spinner: _Worker | None = None
+        self.completed = 0
+        # How many ticks without a call finishing the spinner waits before it
+        # parks (learnt, see _learn_gap); when the last one parked
+        # (perf_counter, 0.0 once learnt from), its mean tick duration, and
+        # how many calls in a row came too late to be caught.
+        self.spin_budget = 1
+        self.spin_ended = 0.0
+        self.spin_tick = 0.0
+        self.spin_misses = 0
         # Set by the done callback; awaited (never cancelled) by the keeper.
         self.finished: asyncio.Future[None] = loop.create_future()
         self.keeper: asyncio.Task[None] | None = None
@@ -178,16 +275,81 @@ class _Guest:
     # -- asyncio side, between guest ticks ------------------------------------
 
     def submit(self, call: _Call[Any]) -> None:
+        """Hand ``call`` to an idle worker, or to a new one.
+
+        Runs in the caller's task, between guest ticks. Guest mode allows
+        scheduling Trio tasks from the host thread then (the runner stays
+        installed in the thread), and Trio wakes its I/O thread only if no
+        guest tick is already due: calls submitted in the same asyncio
+        iteration share one wake-up.
+        """
         self.calls.add(call)
+        idle = self.idle
+        if idle:
+            worker = idle.pop()
+            worker.call = call
+            call.worker = worker
+            task = worker.task
+            assert task is not None
+            # The worker's next step runs in a copy of the caller's context
+            # (Trio runs each step of a task in ``task.context``): asyncio-side
+            # contextvars are visible to the Trio operation, and whatever it
+            # sets stays in this call, as with a task per call.
+            task.context = contextvars.copy_context()
+            if not worker.spinning:
+                if self.spin_ended:
+                    self._learn_gap()
+                trio.lowlevel.reschedule(task, outcome.Value(call))
+            # else: the worker is runnable already and picks the call up on
+            # its next step, with no wake-up at all.
+            return
+        worker = call.worker = _Worker(idle)
         if self.nursery is None:
             call.context = contextvars.copy_context()
             self.pending.append(call)
         else:
-            # Spawning from the host thread between guest ticks is supported by
-            # guest mode (the runner stays installed in the thread); Trio wakes
-            # its I/O thread itself. The task copies the caller's context, so
-            # asyncio-side contextvars are visible to the Trio operation.
-            self.nursery.start_soon(_run_call, self, call, name=call.fn)
+            # The new task copies the caller's context.
+            self.spawn(worker, call)
+
+    def _learn_gap(self) -> None:
+        """A call arrived after the spinner parked: should it have waited longer?
+
+        The caller's next call often arrives a few loop iterations after the
+        previous result (``asyncio.wait_for`` and ``create_task`` wrap each call
+        in a task; other awaits come in between). Had the spinner waited that
+        many more ticks (at most _MAX_SPIN_TICKS in all), the call would have
+        cost no wake-up: wait that long from now on. A call that would have
+        needed more lowers the budget again (on the second in a row), so a
+        caller with long pauses soon costs one extra tick, not several.
+        """
+        gap = time.perf_counter() - self.spin_ended
+        self.spin_ended = 0.0
+        extra = math.ceil(gap / max(self.spin_tick, 1e-6))
+        if self.spin_budget + extra <= _MAX_SPIN_TICKS:
+            self.spin_budget += extra
+            self.spin_misses = 0
+        elif self.spin_budget > 1:
+            # Lowered only on the second such call in a row: one gap stretched
+            # by the OS descheduling us must not undo what was learnt.
+            self.spin_misses += 1
+            if self.spin_misses >= 2:
+                self.spin_budget -= 1
+                self.spin_misses = 0
+
+    def spawn_pending(self) -> None:
+        """Start the calls submitted before the service nursery existed."""
+        pending, self.pending = self.pending, []
+        for call in pending:
+            context, call.context = call.context, None
+            assert context is not None
+            assert call.worker is not None
+            # Each in its caller's context, as if spawned by submit().
+            context.run(self.spawn, call.worker, call)
+
+    def spawn(self, worker: _Worker, call: _Call[Any]) -> None:
+        """Start ``worker``'s task, which runs ``call`` first (in the current context)."""
+        assert self.nursery is not None
+        self.nursery.start_soon(_worker, self, worker, call, name=_WORKER_NAME)
 
     def shutdown(self) -> None:
         """Ask the guest run to end: cancel the root scope. Idempotent."""
@@ -203,7 +365,7 @@ class _Guest:
         with _registry_lock:
             if _guests.get(self.loop) is self:
                 del _guests[self.loop]
-        # Normally empty (the service nursery waited for every call task), but a
+        # Normally empty (the service nursery waited for every worker), but a
         # crashed root may leave queued calls behind: never leave a caller hanging.
         for call in [*self.calls, *self.pending]:
             call.settle_finished()
@@ -262,10 +424,7 @@ async def _guest_root(guest: _Guest) -> None:
                 guest.nursery = nursery
                 if guest.state is _State.STARTING:
                     guest.state = _State.RUNNING
-                pending, guest.pending = guest.pending, []
-                for call in pending:
-                    assert call.context is not None
-                    call.context.run(nursery.start_soon, _run_call, guest, call)
+                guest.spawn_pending()
                 await trio.sleep_forever()
     finally:
         # From here on the nursery is (being) closed: refuse new calls.
@@ -273,35 +432,138 @@ async def _guest_root(guest: _Guest) -> None:
             guest.state = _State.CLOSING
 
 
-async def _run_call(guest: _Guest, call: _Call[Any]) -> None:
-    """The Trio task behind one :func:`run_in_trio` call."""
-    future = call.future
+_WORKER_NAME = "conduit: asyncio bridge worker"
+
+#: Idle workers kept for reuse; a worker finishing a call while this many are
+#: idle ends instead. Not a limit on concurrent calls: a call that finds no idle
+#: worker always gets a new one, so long calls (``Server.run``) never delay others.
+_MAX_IDLE_WORKERS = 256
+
+#: The most ticks without a call finishing that the spinner waits before it
+#: parks (see _spin): an idle tick costs ~5 us of CPU, a wake-up of the guest's
+#: I/O thread ~30 us (two thread hand-offs).
+_MAX_SPIN_TICKS = 6
+
+#: Whether Trio lets us set ``Task.context`` (it runs each step of a task in
+#: ``task.context``). If a future Trio refuses, every call gets its own task
+#: again (workers run one call and end), which is slower but equivalent.
+_context_swap_works = True
+
+
+async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
+    """A worker task: run ``call``, then the calls handed to it, until retired."""
+    global _context_swap_works
+    task = worker.task = trio.lowlevel.current_task()
+    idle = guest.idle
+    with worker.scope:
+        while True:
+            # -- run one call (inlined: this is the hot path) ------------------
+            future = call.future
+            try:
+                value = await call.fn(*call.args, **call.kwargs)
+                if not future.done():
+                    future.set_result(value)
+                del value
+            except BaseException as exc:
+                propagate = _deliver_error(call, exc)
+                # A Cancelled re-raised here ends the worker: either its call
+                # was cancelled (the worker's scope absorbs it) or the guest run
+                # is ending.
+                if propagate is exc:
+                    raise
+                if propagate is not None:
+                    raise propagate from None
+            finally:
+                guest.calls.discard(call)
+                call.finished = True
+                if call.unwound is not None or not future.done():
+                    call.settle_finished()
+            # Keep nothing of this call while idle (its arguments, its result).
+            del call, future
+            worker.call = None
+
+            # -- wait for the next call -----------------------------------------
+            if worker.retired or len(idle) >= _MAX_IDLE_WORKERS:
+                # A cancelled call retires its worker (its scope stays
+                # cancelled); so does a surplus worker.
+                return
+            if not _context_swap_works:
+                return
+            try:
+                task.context = worker.base_context  # drop the caller's context
+            except Exception:  # pragma: no cover - a Trio whose Task is frozen
+                _context_swap_works = False
+                return
+            idle.append(worker)
+            guest.completed += 1
+            handed = await _spin(guest, worker) if guest.spinner is None else None
+            if handed is None:
+                # Still on the idle stack: park until submit() hands us a call
+                # (it reschedules us with that call).
+                handed = await trio.lowlevel.wait_task_rescheduled(worker.abort)
+            call = handed
+
+
+def _deliver_error(call: _Call[Any], exc: BaseException) -> BaseException | None:
+    """Give ``call``'s caller what ``exc`` holds for it; return what Trio must see.
+
+    Only trio.Cancelled (and GeneratorExit) must keep propagating: Trio's cancel
+    scopes absorb them. Everything else goes to the caller, including
+    KeyboardInterrupt and SystemExit, which asyncio then raises out of the loop
+    from the caller's task as it would for any task; letting them crash the
+    service nursery would end every other call too.
+    """
+    propagate, error = _split_cancelled(exc)
+    if error is not None:
+        if call.future.done():
+            # The caller was cancelled meanwhile; it chains this error onto its
+            # CancelledError.
+            call.late_error = error
+        else:
+            _set_exception(call.future, error)
+    return propagate
+
+
+async def _spin(guest: _Guest, worker: _Worker) -> _Call[Any] | None:
+    """Keep the guest ticking while calls keep finishing (one worker at a time).
+
+    When no Trio task is runnable, the guest run waits for I/O in a worker
+    thread, and handing it a call means waking that thread, which wakes the
+    loop's thread back: two thread hand-offs per call. But the caller woken by a
+    call's result often submits its next call at once, before the next guest
+    tick (its wake-up was queued first), or a few loop iterations later. So one
+    idle worker stays runnable instead of parking: a guest tick stays due, and
+    calls submitted meanwhile are handed over with no wake-up at all. It stops
+    after ``guest.spin_budget`` ticks in a row with no call finishing (1 to
+    _MAX_SPIN_TICKS, learnt from when calls arrive), so an idle guest still
+    blocks in its I/O wait.
+
+    Returns the call handed to ``worker`` meanwhile, if any.
+    """
+    guest.spinner = worker
+    guest.spin_ended = 0.0  # a new spell: calls from now on are not late for the last one
+    worker.spinning = True
     try:
-        with call.scope:
-            value = await call.fn(*call.args)
-            if not future.done():
-                future.set_result(value)
-    except BaseException as exc:
-        # Only trio.Cancelled (and GeneratorExit) must keep propagating: Trio's
-        # cancel scopes absorb them. Everything else goes to the caller, including
-        # KeyboardInterrupt and SystemExit, which asyncio then raises out of the
-        # loop from the caller's task as it would for any task; letting them crash
-        # the service nursery would end every other call too.
-        propagate, error = _split_cancelled(exc)
-        if error is not None:
-            if future.done():
-                # The caller was cancelled meanwhile; it chains this error onto
-                # its CancelledError.
-                call.late_error = error
-            else:
-                _set_exception(future, error)
-        if propagate is exc:
-            raise
-        if propagate is not None:
-            raise propagate from None
+        started = time.perf_counter()
+        ticks = idle_ticks = 0
+        while True:
+            seen = guest.completed
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            ticks += 1
+            if worker.call is not None:
+                return worker.call
+            if guest.completed != seen:
+                idle_ticks = 0
+                continue
+            idle_ticks += 1
+            if idle_ticks >= guest.spin_budget:
+                now = time.perf_counter()
+                guest.spin_ended = now
+                guest.spin_tick = (now - started) / ticks
+                return None
     finally:
-        guest.calls.discard(call)
-        call.settle_finished()
+        worker.spinning = False
+        guest.spinner = None
 
 
 def _split_cancelled(
@@ -432,7 +694,11 @@ def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
     )
     # If the keeper ends without having shut the guest down (cancelled before its
     # first step, so its except clause never ran), still ask the guest to end.
-    guest.keeper.add_done_callback(lambda _task: guest.shutdown())
+    guest.keeper.add_done_callback(
+        lambda _task: guest.shutdown(),
+        # Not the first caller's context: the keeper lives as long as the loop.
+        context=contextvars.Context(),
+    )
     return guest
 
 
@@ -459,8 +725,9 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
 
     Must be awaited from asyncio. The first call on a loop starts the guest run;
     later calls reuse it, and concurrent calls share its scheduler ticks. The
-    call runs as a Trio task in the guest's service nursery, with a copy of the
-    caller's contextvars.
+    call runs in a worker task of the guest's service nursery (an idle one is
+    reused, else a new one starts: calls never wait for each other), in a copy
+    of the caller's contextvars.
 
     * Exceptions raised by ``fn`` reach the caller as themselves (same object,
       Trio frames kept in the traceback).
@@ -477,12 +744,29 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             guest run): await ``fn(*args)`` directly there, or use
             :func:`bridged`, which picks the right path.
     """
-    if current_flavor() != "asyncio":
+    loop = _asyncio_caller_loop()
+    if loop is None:
         raise RuntimeError(
             "run_in_trio() must be awaited from asyncio code; this is already Trio "
             "code, so await the function directly (a @bridged method does that itself)"
         )
-    loop = asyncio.get_running_loop()
+    call = _submit(loop, fn, args, {})
+    try:
+        return await call.future
+    except asyncio.CancelledError as cancel:
+        await _unwind(call)
+        if call.late_error is not None:
+            raise cancel from call.late_error
+        raise
+
+
+def _submit(
+    loop: asyncio.AbstractEventLoop,
+    fn: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> _Call[T]:
+    """Start ``fn(*args, **kwargs)`` in ``loop``'s guest run (asyncio side)."""
     guest = _guests.get(loop)
     if guest is None:
         guest = _start_guest(loop)
@@ -490,40 +774,51 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         # The loop is ending (asyncio.run is cancelling its tasks): a caller
         # arriving now is a task being cancelled, running its cleanup.
         raise asyncio.CancelledError("conduit: the Trio guest run is shutting down")
-    call: _Call[T] = _Call(fn, args, loop.create_future())
+    call: _Call[T] = _Call(fn, args, kwargs, loop.create_future())
     guest.submit(call)
-    try:
-        return await call.future
-    except asyncio.CancelledError as cancel:
-        if not call.finished:
-            call.scope.cancel()
-            if call.unwound is None:
-                call.unwound = loop.create_future()
-            await _wait_ignoring_cancel(call.unwound)
-        # The Trio side may have settled the future before the cancellation got
-        # through: retrieve what it holds, or asyncio logs "exception was never
-        # retrieved".
-        if call.future.done() and not call.future.cancelled():
-            call.future.exception()
-        if call.late_error is not None:
-            raise cancel from call.late_error
-        raise
+    return call
+
+
+async def _unwind(call: _Call[Any]) -> None:
+    """The caller of ``call`` was cancelled: cancel the Trio side, wait until it is over."""
+    if not call.finished:
+        worker = call.worker
+        assert worker is not None
+        worker.retired = True
+        worker.scope.cancel()
+        if call.unwound is None:
+            call.unwound = call.future.get_loop().create_future()
+        await _wait_ignoring_cancel(call.unwound)
+    # The Trio side may have settled the future before the cancellation got
+    # through: retrieve what it holds, or asyncio logs "exception was never
+    # retrieved".
+    if call.future.done() and not call.future.cancelled():
+        call.future.exception()
 
 
 def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Make an ``async def`` method (or function) awaitable from Trio and from asyncio.
 
     The wrapper keeps the name, docstring and signature (:func:`functools.wraps`)
-    and is itself an ``async def``. At call time it asks :func:`current_flavor`:
-    under Trio it awaits ``method`` directly; under asyncio it runs the whole call
-    in the loop's Trio guest run through :func:`run_in_trio`. Bridge whole
-    operations: each asyncio call costs one asyncio-to-Trio hop.
+    and is itself an ``async def``. At call time it asks which library runs the
+    caller (as :func:`current_flavor` does): under Trio it awaits ``method``
+    directly; under asyncio it runs the whole call in the loop's Trio guest run,
+    exactly as :func:`run_in_trio` does. Bridge whole operations: each asyncio
+    call costs one asyncio-to-Trio hop.
     """
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        if current_flavor() == "trio":
+        loop = _asyncio_caller_loop()
+        if loop is None:
             return await method(*args, **kwargs)
-        return await run_in_trio(functools.partial(method, *args, **kwargs))
+        call = _submit(loop, method, args, kwargs)
+        try:
+            return await call.future
+        except asyncio.CancelledError as cancel:
+            await _unwind(call)
+            if call.late_error is not None:
+                raise cancel from call.late_error
+            raise
 
     return wrapper

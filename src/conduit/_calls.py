@@ -174,7 +174,7 @@ class CallWorkers:
         if call_id in self._active:
             raise RemoteProtocolError(f"call id {call_id} is already in use")
         if len(self._active) >= self._limit:
-            self._send_result(
+            self._refuse(
                 call_id,
                 Result(
                     False,

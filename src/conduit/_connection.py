@@ -51,6 +51,9 @@ log = logging.getLogger("conduit.connection")
 RECEIVE_SIZE = 1024 * 1024
 _MAX_EARLY_RESETS = 1024
 _MESSAGE_QUEUE = 64
+# Well above any burst of replies (a result may be up to max_frame_size), so
+# only a peer that keeps sending without ever reading meets it.
+_CONTROL_BACKLOG = 8 * 1024 * 1024
 
 
 @attrs.frozen
@@ -227,6 +230,9 @@ class Connection:
                 self._last_received = trio.current_time()
                 reader.feed(data)
                 await self._drain_reader()
+                # A peer that sends PINGs (or calls) but never reads would make us
+                # queue answers forever: stop reading until they have gone out.
+                await self._outbox.wait_control_below(_CONTROL_BACKLOG)
         except IntegrityError as exc:
             self.abort(exc.reason)
         except ConnectionClosed:
@@ -476,6 +482,8 @@ class Connection:
         """Start sending on a stream id the peer allocated for us."""
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
+        if not 0 < stream_id < 2**32:
+            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
         if stream_id in self._outgoing:
             raise LocalProtocolError(f"stream {stream_id} is already being sent")
         early_reset = self._early_resets.pop(stream_id, None)

@@ -28,6 +28,8 @@ class Outbox:
 
     def __init__(self, data_limit: int) -> None:
         self._control: deque[OutFrame] = deque()
+        self._control_bytes = 0
+        self._control_drained = trio.lowlevel.ParkingLot()
         self._data: deque[tuple[OutFrame, int]] = deque()
         self._data_bytes = 0
         self._data_limit = data_limit
@@ -48,7 +50,14 @@ class Outbox:
         """Queue a control frame. Never blocks: control traffic is bounded by the protocol."""
         self._check_open()
         self._control.append(frame)
+        self._control_bytes += sum(len(piece) for piece in frame)
         self._writer_waiting.unpark_all()
+
+    async def wait_control_below(self, limit: int) -> None:
+        """Wait until the queued control frames fit in ``limit`` bytes (reader backpressure)."""
+        while self._control_bytes > limit:
+            self._check_open()
+            await self._control_drained.park()
 
     async def put_data(self, frames: list[tuple[OutFrame, int]]) -> None:
         """Queue data frames (with their sizes), waiting while the queue is full."""
@@ -78,6 +87,8 @@ class Outbox:
                 self.writer_idle = False
         batch = list(self._control)
         self._control.clear()
+        self._control_bytes = 0
+        self._control_drained.unpark_all()
         taken = 0
         while self._data and taken < budget:
             frame, size = self._data.popleft()
@@ -94,10 +105,12 @@ class Outbox:
         if self._closed is None:
             self._closed = reason
         self._control.clear()
+        self._control_bytes = 0
         self._data.clear()
         self._data_bytes = 0
         self._writer_waiting.unpark_all()
         self._producers_waiting.unpark_all()
+        self._control_drained.unpark_all()
 
     def _check_open(self) -> None:
         if self._closed is not None:

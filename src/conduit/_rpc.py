@@ -134,6 +134,13 @@ class RPCMethod:
 
 
 _PRIMITIVES = frozenset({str, int, float, bool, bytes, type(None)})
+_STRICT: dict[Any, Callable[[Any], bool]] = {
+    str: lambda v: type(v) is str,
+    int: lambda v: type(v) is int,
+    bool: lambda v: type(v) is bool,
+    bytes: lambda v: type(v) is bytes,
+    float: lambda v: type(v) in (int, float),
+}
 
 
 def to_wire(value: Any) -> Any:
@@ -147,9 +154,22 @@ def _structure(value: Any, param: _Param) -> Any:
         return value
     if type(value) is annotation and annotation in _PRIMITIVES:
         return value  # already the right type: skip cattrs' dispatch
+    if annotation in _STRICT and not _STRICT[annotation](value):
+        # cattrs would coerce with str()/int()/bool(): name=123 would become "123".
+        raise RPCError(
+            f"argument {param.name!r}: expected {annotation.__name__}, got {type(value).__name__}",
+            "invalid_arguments",
+        )
     try:
         return converter.structure(value, annotation)
-    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (
+        cattrs.BaseValidationError,
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
         if isinstance(exc, cattrs.BaseValidationError):
             detail = "; ".join(cattrs.transform_error(exc))
         else:

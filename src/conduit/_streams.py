@@ -134,6 +134,15 @@ class OutgoingStream:
         self.bytes_sent = 0
         self.finished = False
 
+    @property
+    def credit(self) -> int:
+        """Bytes (including per-frame cost) the peer currently lets us send."""
+        return self._credit
+
+    async def wait_for_credit(self, cost: int) -> None:
+        """Wait until at least ``cost`` bytes of credit are available."""
+        await self._wait_for_credit(cost)
+
     def grant(self, increment: int) -> None:
         """Credit arrived from the peer."""
         self._credit += increment

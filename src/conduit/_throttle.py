@@ -6,6 +6,7 @@ autojump clock or with plain numbers.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 import attrs
@@ -54,7 +55,8 @@ class AuthThrottle:
 
     def _forget_oldest(self, now: float) -> None:
         # Bound memory under a spray of addresses: drop records that no longer
-        # matter, and if none, the oldest one.
+        # matter and, if that is not enough, the oldest tenth. Evicting in bulk
+        # keeps the scan off the path of every new failing address.
         stale = [
             key
             for key, rec in self._records.items()
@@ -62,5 +64,6 @@ class AuthThrottle:
         ]
         for key in stale:
             del self._records[key]
-        if len(self._records) >= self.max_tracked:
-            del self._records[next(iter(self._records))]
+        excess = len(self._records) - self.max_tracked * 9 // 10
+        for key in list(itertools.islice(self._records, max(0, excess))):
+            del self._records[key]

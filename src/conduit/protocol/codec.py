@@ -7,6 +7,7 @@ header's length has been checked against the limit.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,6 +31,16 @@ from .messages import BODY_TYPES, Body, Call, Credit, Message, Result
 
 #: The wire converter: attrs bodies to msgpack-ready primitives and back.
 converter = make_converter()
+
+
+def _structure_bytes(value: Any, _type: Any) -> bytes:
+    # cattrs' default is bytes(value): an integer N would allocate N zero bytes.
+    if isinstance(value, bytes):
+        return value
+    raise TypeError(f"expected bytes, got {type(value).__name__}")
+
+
+converter.register_structure_hook(bytes, _structure_bytes)
 
 T = TypeVar("T")
 
@@ -100,8 +111,15 @@ def _describe(exc: BaseException) -> str:
 # results, message data) were already unstructured by the caller.
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel = 3
+_SHOW.maxstring = 60
+_SHOW.maxother = 60
+
+
 def _malformed(what: str, raw: Any) -> RemoteProtocolError:
-    return RemoteProtocolError(f"malformed {what} body: {type(raw).__name__} {str(raw)[:80]}")
+    # reprlib bounds depth and length: str() of a 1000-deep list raises RecursionError.
+    return RemoteProtocolError(f"malformed {what} body: {type(raw).__name__} {_SHOW.repr(raw)}")
 
 
 def _structure_call(raw: Any) -> Call:

@@ -58,11 +58,14 @@ class FrameReader:
         if self._opener is None:
             assert self._clear is not None
             return self._clear.next_frame()
-        record = self._opener.next_record()
-        if record is None:
-            return None
-        self._pending.extend(iter_frames(record, self._max_frame_size))
-        return self._pending.popleft() if self._pending else None
+        # An empty record is valid but holds no frame: look at the next one, or
+        # a whole record already buffered would wait for unrelated bytes.
+        while not self._pending:
+            record = self._opener.next_record()
+            if record is None:
+                return None
+            self._pending.extend(iter_frames(record, self._max_frame_size))
+        return self._pending.popleft()
 
 
 #: An outgoing frame as the pieces to concatenate: ``(header_and_body,)`` or

@@ -68,9 +68,12 @@ async def send_file(
     position = start
     block_size = max(chunk_size, READ_BLOCK - READ_BLOCK % chunk_size)
     while position < size:
-        block = await trio.to_thread.run_sync(
-            _read_and_hash, file, min(block_size, size - position), hasher
-        )
+        want = min(block_size, size - position)
+        # Read no further ahead than the peer lets us send: a receiver that never
+        # grants credit must not make us hold a 1 MiB block per stream.
+        await stream.wait_for_credit(min(stream.max_payload, chunk_size, want) + 64)
+        want = min(want, max(chunk_size, stream.credit))
+        block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
         if not block:
             raise TransferError(
                 f"the file shrank while it was being sent ({position} of {size} bytes)",

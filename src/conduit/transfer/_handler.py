@@ -162,6 +162,21 @@ class FileTransferHandler:
             weakref.WeakKeyDictionary()
         )
         self._last_cleanup = float("-inf")
+        self.max_transfers_per_connection = 128
+        self._active: weakref.WeakKeyDictionary[Connection, int] = weakref.WeakKeyDictionary()
+
+    def _claim(self, connection: Connection) -> None:
+        count = self._active.get(connection, 0)
+        if count >= self.max_transfers_per_connection:
+            raise RPCError(
+                f"too many transfers on this connection "
+                f"(limit {self.max_transfers_per_connection})",
+                "overloaded",
+            )
+        self._active[connection] = count + 1
+
+    def _release(self, connection: Connection) -> None:
+        self._active[connection] = self._active.get(connection, 1) - 1
 
     @property
     def storage_dir(self) -> Path:
@@ -452,6 +467,7 @@ class FileTransferHandler:
         for stale in [entry for entry in inbound_here.values() if entry.key == key]:
             stale.scope.cancel()
             await stale.done.wait()
+        self._claim(connection)
         try:
             safe = safe_relative_name(name)
             await self._maybe_cleanup()
@@ -466,13 +482,17 @@ class FileTransferHandler:
                 partial = await trio.to_thread.run_sync(
                     lambda: self.storage.open_partial(safe, key, resume=False)
                 )
-        except Exception as exc:
-            raise _rpc_error(exc) from None
+        except BaseException as exc:
+            self._release(connection)
+            if isinstance(exc, Exception):
+                raise _rpc_error(exc) from None
+            raise
         try:
             # Cancelled while the (uncancellable) thread opened the file: the
             # caller is gone, so do not keep the partial locked for nobody.
             await trio.lowlevel.checkpoint()
         except BaseException:
+            self._release(connection)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(partial.close)
             raise
@@ -506,6 +526,7 @@ class FileTransferHandler:
             inbound.error = _rpc_error(exc)
             log.warning("receiving %r failed: %s", name, inbound.error)
         finally:
+            self._release(connection)
             inbound.done.set()
 
     async def _receive_into(
@@ -732,10 +753,16 @@ class FileTransferHandler:
     async def _rpc_download(
         self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
     ) -> dict[str, Any]:
+        if not 0 < stream_id < 2**32:
+            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
+        self._claim(caller.connection)
         try:
             file, actual_size = await trio.to_thread.run_sync(self.storage.open_for_read, name)
-        except Exception as exc:
-            raise _rpc_error(exc) from None
+        except BaseException as exc:
+            self._release(caller.connection)
+            if isinstance(exc, Exception):
+                raise _rpc_error(exc) from None
+            raise
         try:
             if actual_size != size:
                 raise RPCError(f"{name!r} changed on the server; ask again", "source_changed")
@@ -758,6 +785,7 @@ class FileTransferHandler:
                 reporter,
             )
         except BaseException:
+            self._release(caller.connection)
             await trio.to_thread.run_sync(file.close)
             raise
         return {"offset": start, "size": size}
@@ -777,6 +805,7 @@ class FileTransferHandler:
         except (ConduitError, OSError) as exc:
             log.warning("download of %r stopped: %s", reporter.snapshot().filename, exc)
         finally:
+            self._release(connection)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(file.close)
 
