@@ -13,6 +13,11 @@ from collections.abc import Sequence
 from ..errors import LocalProtocolError
 from .codec import FrameDecoder, iter_frames
 from .frames import HEADER_SIZE, Frame
+
+#: A record's plaintext may exceed the largest frame by this much, so that a
+#: full megabyte of 64 KiB chunks (16 payloads plus 16 headers) and a few control
+#: frames fit in one record: one seal and one send per megabyte, not two.
+RECORD_SLACK = 4096
 from .handshake import HANDSHAKE_MAX_FRAME
 from .records import RecordOpener, RecordSealer
 
@@ -49,7 +54,7 @@ class FrameReader:
         leftover = self._clear.take_remaining()
         self._clear = None
         self._max_frame_size = max_frame_size
-        self._opener = RecordOpener(key, max_frame_size + HEADER_SIZE, leftover)
+        self._opener = RecordOpener(key, max_frame_size + HEADER_SIZE + RECORD_SLACK, leftover)
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed."""
@@ -82,7 +87,7 @@ class FrameWriter:
 
     def start_encryption(self, key: bytes, peer_max_frame_size: int) -> None:
         """Seal everything written from now on."""
-        self.record_limit = peer_max_frame_size + HEADER_SIZE
+        self.record_limit = peer_max_frame_size + HEADER_SIZE + RECORD_SLACK
         self._sealer = RecordSealer(key, self.record_limit)
 
     @property
