@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -117,7 +117,7 @@ class ServerProcess:
         # Closed in stop(), which __exit__ always calls.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         try:
             self._start()
         except BaseException:
@@ -140,8 +140,7 @@ class ServerProcess:
         """The process id while it runs."""
         return None if self._process is None else self._process.pid
 
-    def _first_line(self) -> str:
-        """Start the process and return the first line it prints (within the timeout)."""
+    def _launch(self) -> None:
         self._process = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -150,7 +149,12 @@ class ServerProcess:
             env=self.env,
             cwd=PEERS_DIR,
         )
-        assert self._process.stdout is not None
+
+    def _first_line(self) -> str:
+        """Start the process (unless launched) and return its first line (within the timeout)."""
+        if self._process is None:
+            self._launch()
+        assert self._process is not None and self._process.stdout is not None
         deadline = time.monotonic() + self.start_timeout
         buffer = b""
         with selectors.DefaultSelector() as selector:
@@ -213,6 +217,18 @@ class HoldingProcess(ServerProcess):
     """
 
     ready: dict[str, Any]
+
+    @staticmethod
+    def start_all(processes: Sequence[HoldingProcess], stack: contextlib.ExitStack) -> None:
+        """Launch every process at once, then wait for each one's ``READY``.
+
+        Each is registered on ``stack`` (stopped when it closes), even if another fails.
+        """
+        for process in processes:
+            stack.callback(process.stop)
+            process._launch()
+        for process in processes:
+            process._start()
 
     def _start(self) -> None:
         line = self._first_line().strip()

@@ -5,10 +5,13 @@
     python -m benchmarks                      # every scenario, full size
     python -m benchmarks --quick              # small counts (CI, the quick test)
     python -m benchmarks --scenario rpc --repeat 7 --json-out /tmp/rpc.json
+    python -m benchmarks --scenario bulk --update-docs   # and regenerate docs/benchmarks.md
 
 The table goes to stdout, progress to stderr, and the whole record (machine,
 versions, configuration, every repetition's raw figures) to
-``benchmarks/results/<UTC timestamp>.json`` unless ``--json-out`` says otherwise.
+``benchmarks/results/<UTC timestamp>.json`` unless ``--json-out`` says otherwise;
+one PNG chart per scenario group goes to the directory of the same name without
+``.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ._harness import (
     render_scenario,
     write_json,
 )
+from .report import charts_dir, make_charts, update_docs
 from .scenarios import SCENARIOS
 
 MIN_REPEAT = 5
@@ -63,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="dump cProfile stats of our peer processes into DIR (slows them down)",
+    )
+    parser.add_argument(
+        "--no-charts",
+        action="store_true",
+        help="do not draw the PNG charts next to the JSON record",
+    )
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help="regenerate docs/benchmarks.md from the newest records in benchmarks/results/",
     )
     parser.add_argument(
         "--disk",
@@ -108,4 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     path = args.json_out or default_results_path(started_at)
     write_json(document, path)
     print(f"results: {path}", flush=True)
+    if not args.no_charts:
+        try:
+            charts = make_charts(path)
+        except RuntimeError as exc:
+            document["charts_error"] = str(exc)
+            log(f"charts not drawn: {exc}")
+        else:
+            document["charts"] = [str(chart.relative_to(path.parent)) for chart in charts]
+            print(f"charts: {charts_dir(path)}/ ({len(charts)} PNG)", flush=True)
+        write_json(document, path)
+    if args.update_docs:
+        print(f"docs: {update_docs()}", flush=True)
     return 0

@@ -1,9 +1,12 @@
 """The benchmark suite runs end to end in ``--quick`` mode and writes a complete record.
 
-This runs the real thing: separate server and client processes for every
-contender, netconduit 5.0.0 in its private virtualenv (created by pip on first
-use under ``benchmarks/.venvs/``), conduit natively and through the asyncio
-shim. It checks the shape of the JSON record only: timings depend on the
+This runs the real thing, every scenario (rpc, bulk, memory, hol, smallfiles,
+sftp): separate server and client processes for every contender, netconduit
+5.0.0 in its private virtualenv (created by pip on first use under
+``benchmarks/.venvs/``, like asyncssh and matplotlib when this interpreter lacks
+them), conduit natively and through the asyncio shim, real files on /dev/shm
+whose SHA-256 the suite checks after every transfer. It checks the shape of the
+JSON record, that every contender ran, and the charts: timings depend on the
 machine, so nothing here asserts a number.
 """
 
@@ -31,6 +34,22 @@ WORKLOAD_KEYS = {
     "max_us",
 }
 ROW_KEYS = {"group", "metric", "unit", "better", "contender", "median", "min", "max", "n"}
+SCENARIOS = {"rpc", "bulk", "memory", "hol", "smallfiles", "sftp"}
+TRANSFER_CONTENDERS = {
+    "bulk": {
+        "raw-aead",
+        "raw-aead-64k",
+        "raw-plain",
+        "conduit-trio",
+        "conduit-asyncio",
+        "netconduit",
+    },
+    "memory": {"conduit-trio", "raw-aead", "netconduit"},
+    "hol": {"conduit-trio", "netconduit"},
+    "smallfiles": {"raw-aead", "conduit-trio", "conduit-trio x8", "netconduit"},
+    "sftp": {"conduit-trio", "sftp"},
+}
+OP_KEYS = {"bytes", "wall_s", "mb_per_s", "client_cpu_s", "client_cpu_s_per_gib"}
 
 
 def _is_number(value: Any) -> bool:
@@ -72,7 +91,7 @@ def test_record_header_and_machine(quick_run: tuple[dict[str, Any], str]) -> Non
     assert machine["python"].startswith("3.")
     for library in ("conduit", "trio", "cryptography"):
         assert machine["versions"][library]
-    assert set(record["scenarios"]) == {"rpc"}
+    assert set(record["scenarios"]) == SCENARIOS
 
 
 @pytest.mark.slow
@@ -148,3 +167,161 @@ def test_rows_ratios_and_goals(quick_run: tuple[dict[str, Any], str]) -> None:
     assert rpc["notes"]
     assert "== scenario rpc" in stdout
     assert "goals (reported, not asserted)" in stdout
+
+
+# ----------------------------------------------------------------------- transfer scenarios
+
+
+def _scenario(quick_run: tuple[dict[str, Any], str], name: str) -> dict[str, Any]:
+    record, _ = quick_run
+    scenario: dict[str, Any] = record["scenarios"][name]
+    assert set(scenario["contenders"]) == TRANSFER_CONTENDERS[name]
+    for contender, info in scenario["contenders"].items():
+        assert info["status"] == "ok", (name, contender, info.get("reason"))
+        assert len(info["repetitions"]) == record["repeat"]
+    return scenario
+
+
+def _check_rows(scenario: dict[str, Any], repeat: int) -> None:
+    assert scenario["rows"]
+    for row in scenario["rows"]:
+        assert set(row) >= ROW_KEYS
+        assert row["n"] == repeat
+        assert row["min"] <= row["median"] <= row["max"]
+        assert set(row["ratios"]) <= set(scenario["ratio_columns"])
+    for goal in scenario["goals"]:
+        assert _is_number(goal["value"]), goal
+        assert isinstance(goal["met"], bool)
+    assert scenario["notes"]
+
+
+def _check_op(op: dict[str, Any], kind: str, size: int) -> None:
+    assert op["op"] == kind
+    assert set(op) >= OP_KEYS
+    assert op["bytes"] == size == op["result"]["size"]
+    assert all(_is_number(op[key]) for key in OP_KEYS)
+
+
+@pytest.mark.slow
+def test_bulk_every_contender_moved_the_right_bytes(
+    quick_run: tuple[dict[str, Any], str],
+) -> None:
+    record, stdout = quick_run
+    bulk = _scenario(quick_run, "bulk")
+    size = bulk["config"]["file_bytes"]
+    assert size == 64 * 1024 * 1024
+    if sys.platform.startswith("linux"):
+        assert bulk["config"]["files"]["storage"] == "ram"
+    for info in bulk["contenders"].values():
+        for repetition in info["repetitions"]:
+            upload, download = repetition["ops"]
+            _check_op(upload, "upload", size)
+            _check_op(download, "download", size)
+            assert len(repetition["verified_sha256"]) == 64
+    contenders = bulk["contenders"]
+    assert _inside(contenders["conduit-trio"]["runtime"]["module_file"], REPO / "src")
+    assert contenders["conduit-asyncio"]["runtime"]["flavor"] == "asyncio"
+    assert contenders["netconduit"]["runtime"]["distribution_version"] == "5.0.0"
+    assert contenders["raw-aead"]["runtime"]["aead"] is True
+    assert contenders["raw-plain"]["runtime"]["aead"] is False
+    assert contenders["raw-aead-64k"]["runtime"]["record"] == 64 * 1024
+    assert bulk["ratio_columns"] == ["x raw-aead", "x netconduit"]
+    groups = {row["group"] for row in bulk["rows"]}
+    assert groups == {"upload 64 MiB", "download 64 MiB"}
+    for group in groups:
+        throughput = {
+            r["contender"]
+            for r in bulk["rows"]
+            if r["group"] == group and r["metric"] == "throughput"
+        }
+        assert throughput == TRANSFER_CONTENDERS["bulk"]
+    _check_rows(bulk, record["repeat"])
+    assert len(bulk["goals"]) == 4
+    assert "== scenario bulk" in stdout
+
+
+@pytest.mark.slow
+def test_memory_upload_peaks_and_idle_connections(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    memory = _scenario(quick_run, "memory")
+    small, large = memory["config"]["upload_sizes"]
+    connections = memory["config"]["idle_connections"]
+    assert connections == 100
+    for name, info in memory["contenders"].items():
+        for repetition in info["repetitions"]:
+            sizes = {small} if name == "netconduit" else {small, large}
+            assert set(repetition["upload"]) == sizes
+            for figures in repetition["upload"].values():
+                assert _is_number(figures["peak_rss_mib"])
+                assert _is_number(figures["sampled_peak_rss_mib"])
+                assert figures["samples"] >= 1
+            if name in ("conduit-trio", "netconduit"):
+                idle = repetition["idle"]
+                assert idle["connections"] == connections
+                assert _is_number(idle["rss_after_mib"])
+                assert isinstance(idle["kib_per_connection"], float)
+    groups = {row["group"] for row in memory["rows"]}
+    assert len(groups) == 3
+    _check_rows(memory, record["repeat"])
+    assert [goal["unit"] for goal in memory["goals"]] == ["MiB", "MiB", "KiB"]
+
+
+@pytest.mark.slow
+def test_hol_rpcs_ran_during_the_upload(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    hol = _scenario(quick_run, "hol")
+    for info in hol["contenders"].values():
+        for repetition in info["repetitions"]:
+            figures = repetition["hol"]
+            assert figures["idle"]["calls"] == hol["config"]["idle_calls"]
+            assert figures["during_upload"]["calls"] >= 1
+            assert _is_number(figures["during_upload"]["p99_us"])
+            assert figures["upload"]["bytes"] == hol["config"]["upload_bytes"]
+    _check_rows(hol, record["repeat"])
+    assert len(hol["goals"]) == 1
+    assert hol["goals"][0]["unit"] == "ms"
+
+
+@pytest.mark.slow
+def test_smallfiles_every_file_uploaded(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    smallfiles = _scenario(quick_run, "smallfiles")
+    for name, info in smallfiles["contenders"].items():
+        for repetition in info["repetitions"]:
+            figures = repetition["smallfiles"]
+            assert figures["files"] == smallfiles["config"]["files"] == 200
+            assert figures["concurrency"] == (8 if name.endswith("x8") else 1)
+            assert _is_number(figures["files_per_s"])
+    _check_rows(smallfiles, record["repeat"])
+
+
+@pytest.mark.slow
+def test_sftp_transfers_and_handshakes(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    sftp = _scenario(quick_run, "sftp")
+    size = sftp["config"]["file_bytes"]
+    for info in sftp["contenders"].values():
+        for repetition in info["repetitions"]:
+            upload, download = repetition["ops"]
+            _check_op(upload, "upload", size)
+            _check_op(download, "download", size)
+            assert repetition["handshake"]["connects"] == sftp["config"]["connects"]
+    runtime = sftp["contenders"]["sftp"]["runtime"]
+    assert runtime["library"] == "asyncssh"
+    assert runtime["cipher"] == "aes256-gcm@openssh.com"
+    _check_rows(sftp, record["repeat"])
+
+
+@pytest.mark.slow
+def test_charts_one_png_per_group(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, stdout = quick_run
+    assert "charts_error" not in record
+    groups = {
+        (name, row["group"])
+        for name, scenario in record["scenarios"].items()
+        for row in scenario["rows"]
+    }
+    assert len(record["charts"]) == len(groups)
+    results = Path(stdout.split("results: ", 1)[1].splitlines()[0])
+    for chart in record["charts"]:
+        assert (results.parent / chart).read_bytes().startswith(b"\x89PNG")

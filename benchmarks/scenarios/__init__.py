@@ -1,8 +1,9 @@
 """The suite's scenarios, by name.
 
 A scenario is a module with ``NAME`` and ``run(config: RunConfig) -> ScenarioResult``
-(see :mod:`benchmarks._harness`). Add new ones (bulk transfer, many small files,
-head-of-line blocking, memory, connection setup) here, in running order.
+(see :mod:`benchmarks._harness`), registered here in running order: small RPCs,
+bulk transfer, memory, head-of-line blocking, many small files, SFTP. The
+transfer scenarios share :mod:`benchmarks.scenarios._transfer`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._harness import RunConfig, ScenarioResult
-from . import bulk, memory, rpc
+from . import bulk, hol, memory, rpc, sftp, smallfiles
 
 Scenario = Callable[[RunConfig], ScenarioResult]
 
@@ -18,6 +19,9 @@ SCENARIOS: dict[str, Scenario] = {
     rpc.NAME: rpc.run,
     bulk.NAME: bulk.run,
     memory.NAME: memory.run,
+    hol.NAME: hol.run,
+    smallfiles.NAME: smallfiles.run,
+    sftp.NAME: sftp.run,
 }
 
 __all__ = ["SCENARIOS", "Scenario"]

@@ -1,0 +1,127 @@
+"""Helpers shared by the file-transfer peers (``bulk``, ``memory``, ``hol``, ``smallfiles``...).
+
+Standard library only, like :mod:`_peerlib`: the netconduit and SFTP peers run
+in other virtualenvs.
+
+A transfer client's ``--spec`` is a JSON object with a ``kind``:
+
+* ``{"kind": "transfer", "server_pid": 123, "ops": [{"op": "upload", "path":
+  SRC, "name": NAME}, {"op": "download", "name": NAME, "dir": DIR}]}`` runs
+  the operations one after another and reports one :class:`OpTimer` figure per
+  operation (wall time, client CPU, server CPU read from ``/proc``);
+* ``{"kind": "smallfiles", "dir": SRC_DIR, "names": [...], "concurrency": 8}``
+  uploads many small files;
+* ``{"kind": "hol", ...}`` times RPCs while a bulk upload runs (conduit,
+  netconduit);
+* ``{"kind": "idle", "connections": N}`` opens ``N`` authenticated connections,
+  prints ``READY <json>`` and holds them until SIGTERM (conduit, netconduit).
+
+Every operation's result carries the path of the file it produced, so that the
+orchestrator can hash it against the source: a benchmark that moves wrong
+bytes is void.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from types import TracebackType
+from typing import Any
+
+MB = 1_000_000
+
+
+def proc_cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of process ``pid`` from ``/proc/<pid>/stat`` (Linux), else None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            text = handle.read()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class OpTimer:
+    """Wall time, this process's CPU (all threads) and the server's CPU of one operation.
+
+    ::
+
+        with OpTimer(server_pid) as timer:
+            ...
+        figures = timer.figures(nbytes)
+    """
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self._wall = self._cpu = 0
+        self._server: float | None = None
+        self.wall_ns = self.cpu_ns = 0
+        self.server_cpu_s: float | None = None
+
+    def __enter__(self) -> OpTimer:
+        self._server = proc_cpu_seconds(self.server_pid)
+        self._cpu = time.process_time_ns()
+        self._wall = time.perf_counter_ns()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.wall_ns = time.perf_counter_ns() - self._wall
+        self.cpu_ns = time.process_time_ns() - self._cpu
+        after = proc_cpu_seconds(self.server_pid)
+        if self._server is not None and after is not None:
+            self.server_cpu_s = after - self._server
+
+    def figures(self, nbytes: int) -> dict[str, Any]:
+        """Throughput (decimal MB/s) and CPU per GiB moved."""
+        wall = self.wall_ns / 1e9
+        gib = nbytes / 2**30 if nbytes else 0.0
+        return {
+            "bytes": nbytes,
+            "wall_s": wall,
+            "mb_per_s": nbytes / MB / wall if wall > 0 else None,
+            "client_cpu_s": self.cpu_ns / 1e9,
+            "server_cpu_s": self.server_cpu_s,
+            "client_cpu_s_per_gib": self.cpu_ns / 1e9 / gib if gib else None,
+            "server_cpu_s_per_gib": (
+                self.server_cpu_s / gib if gib and self.server_cpu_s is not None else None
+            ),
+        }
+
+
+def announce_ready(info: dict[str, Any]) -> None:
+    """Tell the orchestrator that a holding client is in place (``idle`` kind)."""
+    print("READY " + json.dumps(info), flush=True)
+
+
+def memory_status(pid: int | None = None) -> dict[str, int]:
+    """VmRSS / VmHWM (KiB) of ``pid`` (default: this process) from ``/proc``; {} elsewhere."""
+    figures: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    figures[key] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return figures
+
+
+def file_size(path: str) -> int:
+    """Size of a local file (a plain function: async peers call it between awaits)."""
+    return os.stat(path).st_size
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` items as evenly as possible over ``parts`` workers."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if index < extra else 0) for index in range(parts)]

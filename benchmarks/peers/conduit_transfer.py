@@ -1,0 +1,342 @@
+"""conduit (this repository) as a file-transfer benchmark peer.
+
+The server runs on Trio: ``Server`` + ``FileTransferHandler(storage_dir=...)``
+with ``register_server_handlers`` (the guide's setup) and an ``echo`` RPC for
+the head-of-line scenario. The client runs on Trio (``--flavor trio``) or under
+``asyncio.run`` through the shim (``--flavor asyncio``) and uses the guide's API
+only: ``transfer.send_to_server(client, path)`` and
+``transfer.receive_from_server(client, name, local_dir=...)``.
+
+Client kinds (``--spec``, see ``_transferlib``): ``transfer``, ``smallfiles``,
+``hol`` and ``idle``.
+
+Usage: ``python conduit_transfer.py server --spec '{"storage": DIR}'`` /
+``python conduit_transfer.py client --port N --spec JSON [--flavor asyncio]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import _peerlib
+import _transferlib
+
+
+async def serve(spec: dict[str, Any]) -> None:
+    """Serve transfers into ``spec["storage"]`` (and ``echo``) until SIGTERM."""
+    import trio
+
+    from conduit import FileTransferHandler, Server, ServerDescriptor
+
+    server = Server(
+        ServerDescriptor(
+            host=_peerlib.HOST,
+            port=0,
+            password=_peerlib.PASSWORD,
+            max_connections=int(spec.get("max_connections", 1000)),
+        )
+    )
+    transfer = FileTransferHandler(storage_dir=spec["storage"])
+    transfer.register_server_handlers(server)
+
+    @server.rpc
+    async def echo(data: bytes) -> bytes:
+        return data
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        _peerlib.announce_port(port)
+        await _peerlib.trio_until_terminated()
+        await server.close()
+
+
+def _make_client(port: int) -> Any:
+    from conduit import Client, ClientDescriptor
+
+    return Client(
+        ClientDescriptor(server_host=_peerlib.HOST, server_port=port, password=_peerlib.PASSWORD)
+    )
+
+
+def _checked(outcome: dict[str, Any], what: str) -> dict[str, Any]:
+    if not outcome.get("success"):
+        raise RuntimeError(f"{what} failed: {outcome!r}")
+    return outcome
+
+
+class _Driver:
+    """The few concurrency primitives the workloads need, in Trio or asyncio."""
+
+    def __init__(self, flavor: str) -> None:
+        self.flavor = flavor
+        #: Set when ``while_running`` stops its side task: loops check it as well,
+        #: since an asyncio cancellation can be swallowed by a racing reply.
+        self.stopping = False
+
+    async def gather(self, jobs: list[Callable[[], Awaitable[None]]]) -> None:
+        """Run ``jobs`` concurrently and wait for all of them."""
+        if self.flavor == "trio":
+            import trio
+
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(job)
+        else:
+            import asyncio
+
+            await asyncio.gather(*(job() for job in jobs))
+
+    async def while_running(
+        self, main: Callable[[], Awaitable[Any]], side: Callable[[], Awaitable[None]]
+    ) -> Any:
+        """Run ``side`` in the background while ``main`` runs; stop it when ``main`` returns."""
+        if self.flavor == "trio":
+            import trio
+
+            box: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(side)
+                box.append(await main())
+                nursery.cancel_scope.cancel()
+            return box[0]
+        import asyncio
+        import contextlib
+
+        task = asyncio.ensure_future(side())
+        try:
+            return await main()
+        finally:
+            self.stopping = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep in the current world."""
+        if self.flavor == "trio":
+            import trio
+
+            await trio.sleep(seconds)
+        else:
+            import asyncio
+
+            await asyncio.sleep(seconds)
+
+
+async def _transfer(port: int, spec: dict[str, Any], result: dict[str, Any]) -> None:
+    from conduit import FileTransferHandler
+
+    client = _make_client(port)
+    await client.connect()
+    transfer = FileTransferHandler()
+    try:
+        for op in spec["ops"]:
+            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+                if op["op"] == "upload":
+                    outcome = await transfer.send_to_server(
+                        client, op["path"], remote_name=op["name"]
+                    )
+                else:
+                    outcome = await transfer.receive_from_server(
+                        client, op["name"], local_dir=op["dir"]
+                    )
+            _checked(outcome, op["op"])
+            result["ops"].append(
+                {"op": op["op"], "result": outcome, **timer.figures(outcome["size"])}
+            )
+    finally:
+        await client.disconnect()
+
+    async def connect_once() -> int:
+        probe = _make_client(port)
+        started = time.perf_counter_ns()
+        await probe.connect()
+        elapsed = time.perf_counter_ns() - started
+        await probe.disconnect()
+        return elapsed
+
+    if spec.get("connects"):
+        result["handshake"] = await _peerlib.time_handshakes(
+            connect_once, spec.get("handshake_warmup", 2), spec["connects"]
+        )
+
+
+async def _smallfiles(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, Any]:
+    from conduit import FileTransferHandler
+
+    client = _make_client(port)
+    await client.connect()
+    transfer = FileTransferHandler()
+    names: list[str] = list(spec["names"])
+    concurrency = int(spec.get("concurrency", 1))
+    queue = iter(names)
+
+    async def worker() -> None:
+        for name in queue:
+            _checked(
+                await transfer.send_to_server(
+                    client, os.path.join(spec["dir"], name), remote_name=name
+                ),
+                f"upload of {name}",
+            )
+
+    try:
+        with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+            await driver.gather([worker] * concurrency)
+    finally:
+        await client.disconnect()
+    figures = timer.figures(0)
+    return {
+        "files": len(names),
+        "concurrency": concurrency,
+        "wall_s": figures["wall_s"],
+        "files_per_s": len(names) / figures["wall_s"],
+        "client_cpu_s": figures["client_cpu_s"],
+        "server_cpu_s": figures["server_cpu_s"],
+    }
+
+
+async def _hol(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, Any]:
+    """RPC latency on an idle connection, then on the same connection during an upload."""
+    from conduit import FileTransferHandler
+
+    body = _peerlib.payload(spec.get("payload_size", 100))
+    client = _make_client(port)
+    await client.connect()
+    transfer = FileTransferHandler()
+    call = client.rpc.call
+    pause = float(spec.get("pause_s", 0.0))
+
+    async def one_call() -> int:
+        started = time.perf_counter_ns()
+        reply = await call("echo", data=body)
+        elapsed = time.perf_counter_ns() - started
+        if reply["data"] != body:
+            raise AssertionError(f"bad reply: {reply!r}")
+        return elapsed
+
+    try:
+        for _ in range(spec.get("warmup", 50)):
+            await one_call()
+        idle: list[int] = []
+        cpu = time.process_time_ns()
+        started = time.perf_counter_ns()
+        for _ in range(spec["idle_calls"]):
+            idle.append(await one_call())
+            if pause:
+                await driver.sleep(pause)
+        idle_figures = _peerlib.summarize(
+            idle, time.perf_counter_ns() - started, time.process_time_ns() - cpu
+        )
+        busy: list[int] = []
+
+        async def rpc_loop() -> None:
+            while not driver.stopping:
+                busy.append(await one_call())
+                if pause:
+                    await driver.sleep(pause)
+
+        async def upload() -> dict[str, Any]:
+            return _checked(
+                await transfer.send_to_server(client, spec["path"], remote_name=spec["name"]),
+                "upload",
+            )
+
+        with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+            outcome = await driver.while_running(upload, rpc_loop)
+        if not busy:
+            raise RuntimeError("no RPC completed during the upload")
+        busy_figures = _peerlib.summarize(busy, timer.wall_ns, timer.cpu_ns)
+    finally:
+        await client.disconnect()
+    return {
+        "idle": idle_figures,
+        "during_upload": busy_figures,
+        "upload": {"result": outcome, **timer.figures(outcome["size"])},
+    }
+
+
+async def _idle(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, Any]:
+    """Open ``connections`` authenticated clients, announce READY, hold them until SIGTERM."""
+    count = int(spec["connections"])
+    parallel = int(spec.get("parallel", 8))
+    clients: list[Any] = []
+    before = _transferlib.memory_status()
+
+    async def opener(amount: int) -> None:
+        for _ in range(amount):
+            client = _make_client(port)
+            await client.connect()
+            clients.append(client)
+
+    started = time.perf_counter()
+    await driver.gather(
+        [functools.partial(opener, n) for n in _transferlib.split(count, parallel) if n]
+    )
+    after = _transferlib.memory_status()
+    _transferlib.announce_ready(
+        {
+            "connections": len(clients),
+            "connect_s": time.perf_counter() - started,
+            "client_rss_kib_before": before.get("VmRSS"),
+            "client_rss_kib_after": after.get("VmRSS"),
+        }
+    )
+    if driver.flavor == "trio":
+        await _peerlib.trio_until_terminated()
+    else:
+        await _peerlib.asyncio_until_terminated()
+    return {"connections": len(clients)}
+
+
+async def client(port: int, spec: dict[str, Any], flavor: str) -> dict[str, Any]:
+    """Run the spec's workload under ``flavor``; return the measurements."""
+    import conduit
+
+    driver = _Driver(flavor)
+    result: dict[str, Any] = {
+        "runtime": {**_peerlib.runtime_info("conduit", conduit), "flavor": flavor},
+        "ops": [],
+    }
+    kind = spec["kind"]
+    if kind == "transfer":
+        await _transfer(port, spec, result)
+    elif kind == "smallfiles":
+        result["smallfiles"] = await _smallfiles(port, spec, driver)
+    elif kind == "hol":
+        result["hol"] = await _hol(port, spec, driver)
+    elif kind == "idle":
+        result["idle"] = await _idle(port, spec, driver)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return result
+
+
+def main() -> None:
+    """Entry point (see the module docstring)."""
+    args = _peerlib.parse_args()
+    spec = _peerlib.parse_spec(args.spec)
+    if args.role == "server":
+        import trio
+
+        with _peerlib.maybe_profiled("conduit-transfer-server"):
+            trio.run(serve, spec)
+        return
+    with _peerlib.maybe_profiled(f"conduit-transfer-{args.flavor}-client"):
+        if args.flavor == "trio":
+            import trio
+
+            result = trio.run(client, args.port, spec, "trio")
+        else:
+            import asyncio
+
+            result = asyncio.run(client(args.port, spec, "asyncio"))
+    _peerlib.emit_result(result)
+
+
+if __name__ == "__main__":
+    main()
