@@ -66,7 +66,18 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def test_guide_server_and_client_programs(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("server_script", "client_script"),
+    [
+        ("file_server.py", "file_client.py"),  # the guide's pair, under asyncio
+        ("file_server_trio.py", "file_client_trio.py"),  # the same, natively in Trio
+        ("file_server_trio.py", "file_client.py"),  # and across the two worlds
+        ("file_server.py", "file_client_trio.py"),
+    ],
+)
+def test_guide_server_and_client_programs(
+    server_script: str, client_script: str, tmp_path: Path
+) -> None:
     assert _port_is_free(GUIDE_PORT), (
         f"the guide's example hard-codes port {GUIDE_PORT}, which something else is using"
     )
@@ -74,7 +85,7 @@ def test_guide_server_and_client_programs(tmp_path: Path) -> None:
     (tmp_path / "my_document.pdf").write_bytes(document)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
-        [sys.executable, str(EXAMPLES / "file_server.py")],
+        [sys.executable, str(EXAMPLES / server_script)],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -84,7 +95,7 @@ def test_guide_server_and_client_programs(tmp_path: Path) -> None:
     try:
         _wait_for_port(GUIDE_PORT, server, time.monotonic() + 30)
         client = subprocess.run(
-            [sys.executable, str(EXAMPLES / "file_client.py")],
+            [sys.executable, str(EXAMPLES / client_script)],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -107,3 +118,50 @@ def test_guide_server_and_client_programs(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.communicate(timeout=10)
+
+
+def test_push_to_client_example(tmp_path: Path) -> None:
+    report = os.urandom(500_000)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "monthly.pdf").write_bytes(report)
+    server = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "push_to_client.py"), "server"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_port(8081, server, time.monotonic() + 30)
+        client = subprocess.run(
+            [sys.executable, str(EXAMPLES / "push_to_client.py"), "client"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert client.returncode == 0, client.stderr
+        assert "got monthly.pdf (500000 bytes" in client.stdout
+        assert (tmp_path / "inbox" / "monthly.pdf").read_bytes() == report
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.communicate(timeout=15)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.communicate(timeout=10)
+
+
+def test_rpc_example(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "rpc_example.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "server asks: 2 x tea?" in result.stdout
+    assert "{'success': True, 'data': {'accepted': True, 'client': " in result.stdout
+    assert "chat: alice: hello everyone" in result.stdout
