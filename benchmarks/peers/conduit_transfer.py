@@ -127,7 +127,29 @@ class _Driver:
             await asyncio.sleep(seconds)
 
 
-async def _transfer(port: int, spec: dict[str, Any], result: dict[str, Any]) -> None:
+#: The ticker that measures how late the event loop runs callbacks during a
+#: transfer (the asyncio shim's promise: big transfers never stall the loop).
+_TICK = 0.005
+
+
+async def _tick(driver: _Driver, lateness: list[float]) -> None:
+    while not driver.stopping:
+        started = time.perf_counter()
+        await driver.sleep(_TICK)
+        lateness.append(time.perf_counter() - started - _TICK)
+
+
+def _stall_figures(lateness: list[float]) -> dict[str, float | None]:
+    if not lateness:
+        return {"loop_stall_max_ms": None, "loop_stall_p99_ms": None}
+    ordered = sorted(lateness)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {"loop_stall_max_ms": ordered[-1] * 1000, "loop_stall_p99_ms": p99 * 1000}
+
+
+async def _transfer(
+    port: int, spec: dict[str, Any], result: dict[str, Any], driver: _Driver
+) -> None:
     from conduit import FileTransferHandler
 
     client = _make_client(port)
@@ -135,18 +157,28 @@ async def _transfer(port: int, spec: dict[str, Any], result: dict[str, Any]) -> 
     transfer = FileTransferHandler()
     try:
         for op in spec["ops"]:
-            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+
+            async def one(op: dict[str, Any] = op) -> dict[str, Any]:
                 if op["op"] == "upload":
-                    outcome = await transfer.send_to_server(
-                        client, op["path"], remote_name=op["name"]
-                    )
-                else:
-                    outcome = await transfer.receive_from_server(
-                        client, op["name"], local_dir=op["dir"]
-                    )
+                    return await transfer.send_to_server(client, op["path"], remote_name=op["name"])
+                return await transfer.receive_from_server(client, op["name"], local_dir=op["dir"])
+
+            lateness: list[float] = []
+
+            async def ticker(lateness: list[float] = lateness) -> None:
+                await _tick(driver, lateness)
+
+            driver.stopping = False
+            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+                outcome = await driver.while_running(one, ticker)
             _checked(outcome, op["op"])
             result["ops"].append(
-                {"op": op["op"], "result": outcome, **timer.figures(outcome["size"])}
+                {
+                    "op": op["op"],
+                    "result": outcome,
+                    **timer.figures(outcome["size"]),
+                    **_stall_figures(lateness),
+                }
             )
     finally:
         await client.disconnect()
@@ -304,7 +336,7 @@ async def client(port: int, spec: dict[str, Any], flavor: str) -> dict[str, Any]
     }
     kind = spec["kind"]
     if kind == "transfer":
-        await _transfer(port, spec, result)
+        await _transfer(port, spec, result, driver)
     elif kind == "smallfiles":
         result["smallfiles"] = await _smallfiles(port, spec, driver)
     elif kind == "hol":

@@ -43,8 +43,10 @@ from ._transfer import (
     Repetitions,
     build_rows,
     clear_dir,
+    goal,
     load_average,
     make_source,
+    median_of,
     ratio_goal,
     scratch_dir,
     slug,
@@ -141,6 +143,22 @@ def metrics(size_label: str) -> list[Metric]:
             Metric(group, "throughput", "MB/s", "higher", op_getter(index, "mb_per_s")),
             Metric(group, "client CPU", "s/GiB", "lower", op_getter(index, "client_cpu_s_per_gib")),
             Metric(group, "server CPU", "s/GiB", "lower", op_getter(index, "server_cpu_s_per_gib")),
+            Metric(
+                group,
+                "event-loop stall, max",
+                "ms",
+                "lower",
+                op_getter(index, "loop_stall_max_ms"),
+                only=("conduit-trio", "conduit-asyncio"),
+            ),
+            Metric(
+                group,
+                "event-loop stall, p99",
+                "ms",
+                "lower",
+                op_getter(index, "loop_stall_p99_ms"),
+                only=("conduit-trio", "conduit-asyncio"),
+            ),
         ]
     return layout
 
@@ -298,13 +316,34 @@ def run(config: RunConfig) -> ScenarioResult:
     for index, op in enumerate(OPS):
         goals.append(
             ratio_goal(
-                f"conduit-trio {op} throughput >= 3x netconduit",
+                f"conduit-trio {op} throughput >= 5x netconduit",
                 usable,
                 "conduit-trio",
                 COMPETITOR,
                 op_getter(index, "mb_per_s"),
-                3.0,
+                5.0,
                 at_most=False,
+            )
+        )
+    for index, op in enumerate(OPS):
+        goals.append(
+            ratio_goal(
+                f"conduit-asyncio {op} throughput >= 0.9x conduit-trio (the shim's cost)",
+                usable,
+                "conduit-asyncio",
+                "conduit-trio",
+                op_getter(index, "mb_per_s"),
+                0.9,
+                at_most=False,
+            )
+        )
+        goals.append(
+            goal(
+                f"conduit-asyncio {op}: longest asyncio event-loop stall < 50 ms",
+                median_of(usable, "conduit-asyncio", op_getter(index, "loop_stall_max_ms")),
+                50.0,
+                at_most=True,
+                unit="ms",
             )
         )
     return ScenarioResult(
