@@ -236,7 +236,17 @@ def test_bulk_every_contender_moved_the_right_bytes(
         }
         assert throughput == TRANSFER_CONTENDERS["bulk"]
     _check_rows(bulk, record["repeat"])
-    assert len(bulk["goals"]) == 4
+    # vs the reference and netconduit (both directions), the shim's cost and
+    # the asyncio event-loop stall (both directions)
+    assert len(bulk["goals"]) == 8
+    stalls = [goal for goal in bulk["goals"] if "event-loop stall" in goal["goal"]]
+    assert [goal["unit"] for goal in stalls] == ["ms", "ms"]
+    stall_rows = {
+        (row["group"], row["contender"])
+        for row in bulk["rows"]
+        if row["metric"].startswith("event-loop stall")
+    }
+    assert stall_rows == {(g, c) for g in groups for c in ("conduit-trio", "conduit-asyncio")}
     assert "== scenario bulk" in stdout
 
 
