@@ -25,6 +25,7 @@ import textwrap
 import threading
 import traceback
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -592,10 +593,290 @@ def test_contextvars_flow_from_the_asyncio_caller() -> None:
         var.set("first")
         first = await run_in_trio(trio_side)  # queued before the guest's nursery exists
         var.set("second")
-        second = await run_in_trio(trio_side)  # spawned straight into it
+        second = await run_in_trio(trio_side)  # handed to the (now idle) worker
         return [first, second]
 
     assert run_strict(main) == ["first", "second"]
+
+
+# --------------------------------------------------------------------------- worker pool
+#
+# Calls run in long-lived worker tasks of the guest's service nursery: an idle
+# worker is reused, a new one is started only when none is idle, and cancelling a
+# call retires the worker that ran it.
+
+
+async def _task_after_checkpoint() -> trio.lowlevel.Task:
+    await trio.lowlevel.checkpoint()
+    return trio.lowlevel.current_task()
+
+
+def test_sequential_calls_reuse_one_worker() -> None:
+    async def main() -> set[trio.lowlevel.Task]:
+        return {await run_in_trio(_task_after_checkpoint) for _ in range(50)}
+
+    assert len(run_strict(main)) == 1
+
+
+def test_concurrent_calls_get_a_worker_each_and_reuse_them() -> None:
+    async def trio_side() -> trio.lowlevel.Task:
+        await trio.sleep(0.01)
+        return trio.lowlevel.current_task()
+
+    async def main() -> tuple[list[trio.lowlevel.Task], list[trio.lowlevel.Task]]:
+        first = await asyncio.gather(*(run_in_trio(trio_side) for _ in range(10)))
+        second = await asyncio.gather(*(run_in_trio(trio_side) for _ in range(10)))
+        return first, second
+
+    first, second = run_strict(main)
+    assert len(set(first)) == 10  # concurrent calls never share a worker...
+    assert set(second) == set(first)  # ...and the idle ones were reused
+
+
+def test_calls_never_wait_for_a_free_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Far more calls than idle workers are kept, each waiting until all have
+    # started: only possible if every call runs at once (a long call, such as
+    # Server.run, must never delay the others). The surplus workers end after.
+    monkeypatch.setattr(_asyncio, "_MAX_IDLE_WORKERS", 3)
+    count = 40
+    started: list[int] = []
+    everyone: list[trio.Event] = []
+
+    async def trio_side(i: int) -> int:
+        if not everyone:
+            everyone.append(trio.Event())
+        started.append(i)
+        if len(started) == count:
+            everyone[0].set()
+        with trio.fail_after(10):
+            await everyone[0].wait()
+        return i
+
+    async def main() -> tuple[list[int], int]:
+        results = await asyncio.gather(*(run_in_trio(trio_side, i) for i in range(count)))
+        idle = len(_asyncio._guests[asyncio.get_running_loop()].idle)
+        # The kept workers still serve calls.
+        again = await asyncio.gather(*(run_in_trio(_return_after_checkpoint, i) for i in range(5)))
+        assert again == list(range(5))
+        return list(results), idle
+
+    results, idle = run_strict(main)
+    assert results == list(range(count))
+    assert idle == 3
+
+
+def test_cancelled_call_retires_its_worker() -> None:
+    ran_in: list[trio.lowlevel.Task] = []
+
+    async def trio_side(started: asyncio.Event) -> None:
+        ran_in.append(trio.lowlevel.current_task())
+        started.set()
+        await trio.sleep(30)
+
+    async def main() -> tuple[trio.lowlevel.Task, trio.lowlevel.Task]:
+        before = await run_in_trio(_task_after_checkpoint)
+        started = asyncio.Event()
+        task = asyncio.create_task(run_in_trio(trio_side, started))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # A fresh worker takes the next call, and it is not cancelled.
+        after = await run_in_trio(_task_after_checkpoint)
+        guest = _asyncio._guests[asyncio.get_running_loop()]
+        assert all(worker.task is not before for worker in guest.idle)
+        return before, after
+
+    before, after = run_strict(main)
+    assert ran_in == [before]  # the cancelled call ran in the idle worker...
+    assert after is not before  # ...which ended with it
+
+
+def test_call_cancelled_before_its_worker_picked_it_up() -> None:
+    events: list[str] = []
+
+    async def trio_side() -> None:
+        events.append("started")
+        try:
+            await trio.lowlevel.checkpoint()
+            events.append("not cancelled")
+        finally:
+            events.append("finally")
+
+    async def main() -> None:
+        await run_in_trio(_return_after_checkpoint, None)  # a worker is idle now
+        task = asyncio.create_task(run_in_trio(trio_side))
+        await asyncio.sleep(0)  # the task hands its call to the idle worker...
+        assert events == []  # ...which has not run it yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await run_in_trio(_return_after_checkpoint, "next") == "next"
+
+    run_strict(main)
+    # As with a task per call: the Trio side starts in a cancelled scope, so it
+    # is cancelled at its first checkpoint and its finally blocks run.
+    assert events == ["started", "finally"]
+
+
+def test_each_call_on_a_reused_worker_gets_its_callers_context() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    inner: contextvars.ContextVar[str] = contextvars.ContextVar("inner", default="unset")
+
+    async def trio_side() -> tuple[str, str, trio.lowlevel.Task]:
+        await trio.lowlevel.checkpoint()
+        seen = var.get(), inner.get()
+        # Set in Trio: stays in this call, as with a task per call.
+        inner.set("leaked")
+        var.set("leaked")
+        await trio.lowlevel.checkpoint()
+        return *seen, trio.lowlevel.current_task()
+
+    async def in_task(value: str) -> tuple[str, str, trio.lowlevel.Task]:
+        var.set(value)
+        return await run_in_trio(trio_side)
+
+    async def main() -> list[tuple[str, str, trio.lowlevel.Task]]:
+        results = [await asyncio.create_task(in_task(value)) for value in ("a", "b", "c")]
+        var.set("main")
+        results.append(await run_in_trio(trio_side))
+        assert (var.get(), inner.get()) == ("main", "unset")
+        return results
+
+    results = run_strict(main)
+    assert [result[:2] for result in results] == [
+        ("a", "unset"),
+        ("b", "unset"),
+        ("c", "unset"),
+        ("main", "unset"),
+    ]
+    assert len({result[2] for result in results}) == 1  # all four on one worker
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first call", "reused worker"])
+def test_idle_workers_keep_nothing_of_their_last_call(warm: bool) -> None:
+    class Payload:
+        pass
+
+    var: contextvars.ContextVar[Payload] = contextvars.ContextVar("var")
+    refs: list[weakref.ref[Payload]] = []
+
+    async def trio_side(argument: Payload) -> Payload:
+        await trio.lowlevel.checkpoint()
+        assert isinstance(var.get(), Payload)
+        return Payload()
+
+    async def caller() -> None:
+        in_context, argument = Payload(), Payload()
+        var.set(in_context)
+        result = await run_in_trio(trio_side, argument)
+        refs.extend(weakref.ref(obj) for obj in (in_context, argument, result))
+
+    async def main() -> list[bool]:
+        if warm:
+            await run_in_trio(_return_after_checkpoint, None)
+        await asyncio.create_task(caller())  # its context goes away with it
+        await asyncio.sleep(0.01)  # the worker is parked by now
+        gc.collect()
+        assert len(_asyncio._guests[asyncio.get_running_loop()].idle) == 1
+        return [ref() is None for ref in refs]
+
+    assert run_strict(main) == [True, True, True]
+
+
+def test_without_context_swapping_every_call_gets_its_own_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fallback for a Trio that would not let us set Task.context.
+    monkeypatch.setattr(_asyncio, "_context_swap_works", False)
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    async def trio_side() -> tuple[str, trio.lowlevel.Task]:
+        await trio.lowlevel.checkpoint()
+        return var.get(), trio.lowlevel.current_task()
+
+    async def main() -> list[tuple[str, trio.lowlevel.Task]]:
+        results = []
+        for value in ("a", "b", "c"):
+            var.set(value)
+            results.append(await run_in_trio(trio_side))
+        return results
+
+    results = run_strict(main)
+    assert [value for value, _ in results] == ["a", "b", "c"]
+    assert len({task for _, task in results}) == 3
+
+
+class _BlockingIOWaits(trio.abc.Instrument):
+    """Counts scheduler passes after which Trio may block waiting for I/O."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self.count += 1
+
+
+def test_calls_do_not_wake_trio_one_by_one() -> None:
+    # Waking a guest run that waits for I/O costs two thread hand-offs. A
+    # caller submitting its next call as soon as the previous one returns finds
+    # the guest still ticking (an idle worker stays runnable while calls keep
+    # finishing), and calls submitted together share one wake-up.
+    waits = _BlockingIOWaits()
+
+    async def add() -> None:
+        trio.lowlevel.add_instrument(waits)
+
+    async def remove() -> None:
+        trio.lowlevel.remove_instrument(waits)
+
+    async def main() -> tuple[int, int]:
+        await run_in_trio(add)
+        waits.count = 0
+        for i in range(200):
+            assert await run_in_trio(_return_after_checkpoint, i) == i
+        sequential, waits.count = waits.count, 0
+        await asyncio.gather(*(run_in_trio(_return_after_checkpoint, i) for i in range(200)))
+        together = waits.count
+        await run_in_trio(remove)
+        return sequential, together
+
+    sequential, together = run_strict(main)
+    assert sequential <= 5  # not one per call
+    assert together <= 5  # not one per call
+
+
+@pytest.mark.parametrize("wrapper", ["wait_for", "task"])
+def test_calls_a_few_loop_iterations_apart_do_not_wake_trio_one_by_one(wrapper: str) -> None:
+    # asyncio.wait_for and create_task put a few loop iterations between one
+    # call's result and the next call: the idle worker learns to wait that long.
+    waits = _BlockingIOWaits()
+
+    async def add() -> None:
+        trio.lowlevel.add_instrument(waits)
+
+    async def remove() -> None:
+        trio.lowlevel.remove_instrument(waits)
+
+    async def one_call(i: int) -> int:
+        if wrapper == "wait_for":
+            return await asyncio.wait_for(run_in_trio(_return_after_checkpoint, i), 10)
+        return await asyncio.create_task(run_in_trio(_return_after_checkpoint, i))
+
+    async def main() -> int:
+        await run_in_trio(add)
+        waits.count = 0
+        for i in range(200):
+            assert await one_call(i) == i
+        count = waits.count
+        await run_in_trio(remove)
+        return count
+
+    # Until the spinner has learnt how long to wait (counted in ticks, not
+    # time, so this does not depend on the machine's load) some calls wake Trio:
+    # 16 (one probe interval) or none here, 200 without the spinner.
+    assert run_strict(main) <= 20
 
 
 # --------------------------------------------------------------------------- bridged

@@ -38,9 +38,7 @@ import contextlib
 import contextvars
 import enum
 import functools
-import math
 import threading
-import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
@@ -255,14 +253,13 @@ class _Guest:
         # calls finished, by which it sees whether calls keep finishing.
         self.spinner: _Worker | None = None
         self.completed = 0
-        # How many ticks without a call finishing the spinner waits before it
-        # parks (learnt, see _learn_gap); when the last one parked
-        # (perf_counter, 0.0 once learnt from), its mean tick duration, and
-        # how many calls in a row came too late to be caught.
+        # How many ticks in a row without a call finishing the spinner waits
+        # before it parks (learnt, see _spin), how many times in a row it
+        # parked for nothing, and how many more times until it next waits
+        # the longest it may (a probe).
         self.spin_budget = 1
-        self.spin_ended = 0.0
-        self.spin_tick = 0.0
         self.spin_misses = 0
+        self.spin_probe_in = 0
         # Set by the done callback; awaited (never cancelled) by the keeper.
         self.finished: asyncio.Future[None] = loop.create_future()
         self.keeper: asyncio.Task[None] | None = None
@@ -297,8 +294,6 @@ class _Guest:
             # sets stays in this call, as with a task per call.
             task.context = contextvars.copy_context()
             if not worker.spinning:
-                if self.spin_ended:
-                    self._learn_gap()
                 trio.lowlevel.reschedule(task, outcome.Value(call))
             # else: the worker is runnable already and picks the call up on
             # its next step, with no wake-up at all.
@@ -310,31 +305,6 @@ class _Guest:
         else:
             # The new task copies the caller's context.
             self.spawn(worker, call)
-
-    def _learn_gap(self) -> None:
-        """A call arrived after the spinner parked: should it have waited longer?
-
-        The caller's next call often arrives a few loop iterations after the
-        previous result (``asyncio.wait_for`` and ``create_task`` wrap each call
-        in a task; other awaits come in between). Had the spinner waited that
-        many more ticks (at most _MAX_SPIN_TICKS in all), the call would have
-        cost no wake-up: wait that long from now on. A call that would have
-        needed more lowers the budget again (on the second in a row), so a
-        caller with long pauses soon costs one extra tick, not several.
-        """
-        gap = time.perf_counter() - self.spin_ended
-        self.spin_ended = 0.0
-        extra = math.ceil(gap / max(self.spin_tick, 1e-6))
-        if self.spin_budget + extra <= _MAX_SPIN_TICKS:
-            self.spin_budget += extra
-            self.spin_misses = 0
-        elif self.spin_budget > 1:
-            # Lowered only on the second such call in a row: one gap stretched
-            # by the OS descheduling us must not undo what was learnt.
-            self.spin_misses += 1
-            if self.spin_misses >= 2:
-                self.spin_budget -= 1
-                self.spin_misses = 0
 
     def spawn_pending(self) -> None:
         """Start the calls submitted before the service nursery existed."""
@@ -439,10 +409,14 @@ _WORKER_NAME = "conduit: asyncio bridge worker"
 #: worker always gets a new one, so long calls (``Server.run``) never delay others.
 _MAX_IDLE_WORKERS = 256
 
-#: The most ticks without a call finishing that the spinner waits before it
-#: parks (see _spin): an idle tick costs ~5 us of CPU, a wake-up of the guest's
-#: I/O thread ~30 us (two thread hand-offs).
+#: The most ticks in a row without a call finishing that the spinner waits
+#: before it parks (see _spin): an idle tick costs ~5 us of CPU, a wake-up of
+#: the guest's I/O thread ~30 us (two thread hand-offs) or more.
 _MAX_SPIN_TICKS = 6
+
+#: The spinner waits _MAX_SPIN_TICKS ticks once every this many times it parks
+#: for nothing, to find out whether calls would come a little later.
+_SPIN_PROBE_EVERY = 16
 
 #: Whether Trio lets us set ``Task.context`` (it runs each step of a task in
 #: ``task.context``). If a future Trio refuses, every call gets its own task
@@ -481,6 +455,7 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
             # Keep nothing of this call while idle (its arguments, its result).
             del call, future
             worker.call = None
+            guest.completed += 1
 
             # -- wait for the next call -----------------------------------------
             if worker.retired or len(idle) >= _MAX_IDLE_WORKERS:
@@ -495,7 +470,6 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
                 _context_swap_works = False
                 return
             idle.append(worker)
-            guest.completed += 1
             handed = await _spin(guest, worker) if guest.spinner is None else None
             if handed is None:
                 # Still on the idle stack: park until submit() hands us a call
@@ -531,36 +505,52 @@ async def _spin(guest: _Guest, worker: _Worker) -> _Call[Any] | None:
     thread, and handing it a call means waking that thread, which wakes the
     loop's thread back: two thread hand-offs per call. But the caller woken by a
     call's result often submits its next call at once, before the next guest
-    tick (its wake-up was queued first), or a few loop iterations later. So one
+    tick (its wake-up was queued first), or a few loop iterations later
+    (``asyncio.wait_for`` and ``create_task`` wrap each call in a task). So one
     idle worker stays runnable instead of parking: a guest tick stays due, and
-    calls submitted meanwhile are handed over with no wake-up at all. It stops
-    after ``guest.spin_budget`` ticks in a row with no call finishing (1 to
-    _MAX_SPIN_TICKS, learnt from when calls arrive), so an idle guest still
-    blocks in its I/O wait.
+    calls submitted meanwhile are handed over with no wake-up at all.
+
+    It parks after ``guest.spin_budget`` ticks in a row with no call finishing,
+    so an idle guest still blocks in its I/O wait. The budget is learnt, in
+    ticks: once in a while (a probe) the spinner waits _MAX_SPIN_TICKS ticks
+    instead, and a call caught that late raises the budget to match; parking
+    for nothing twice in a row lowers it by one. A caller whose calls come too
+    late to catch thus costs about one idle tick per call, not several.
 
     Returns the call handed to ``worker`` meanwhile, if any.
     """
     guest.spinner = worker
-    guest.spin_ended = 0.0  # a new spell: calls from now on are not late for the last one
     worker.spinning = True
     try:
-        started = time.perf_counter()
-        ticks = idle_ticks = 0
+        limit = guest.spin_budget
+        idle_ticks = 0
         while True:
             seen = guest.completed
             await trio.lowlevel.cancel_shielded_checkpoint()
-            ticks += 1
             if worker.call is not None:
+                needed = idle_ticks + 1
+                if needed > guest.spin_budget:  # caught by a probe
+                    guest.spin_budget = min(needed + 1, _MAX_SPIN_TICKS)
+                guest.spin_misses = 0
                 return worker.call
             if guest.completed != seen:
                 idle_ticks = 0
                 continue
             idle_ticks += 1
-            if idle_ticks >= guest.spin_budget:
-                now = time.perf_counter()
-                guest.spin_ended = now
-                guest.spin_tick = (now - started) / ticks
+            if idle_ticks < limit:
+                continue
+            if limit != guest.spin_budget:  # a probe that caught nothing
                 return None
+            if guest.spin_probe_in == 0 and limit < _MAX_SPIN_TICKS:
+                guest.spin_probe_in = _SPIN_PROBE_EVERY
+                limit = _MAX_SPIN_TICKS
+                continue
+            guest.spin_probe_in = max(guest.spin_probe_in - 1, 0)
+            guest.spin_misses += 1
+            if guest.spin_misses >= 2 and guest.spin_budget > 1:
+                guest.spin_budget -= 1
+                guest.spin_misses = 0
+            return None
     finally:
         worker.spinning = False
         guest.spinner = None

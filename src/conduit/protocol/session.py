@@ -14,12 +14,13 @@ from ..errors import LocalProtocolError
 from .codec import FrameDecoder, iter_frames
 from .frames import HEADER_SIZE, Frame
 
+from .handshake import HANDSHAKE_MAX_FRAME
+from .records import RecordOpener, RecordSealer
+
 #: A record's plaintext may exceed the largest frame by this much, so that a
 #: full megabyte of 64 KiB chunks (16 payloads plus 16 headers) and a few control
 #: frames fit in one record: one seal and one send per megabyte, not two.
 RECORD_SLACK = 4096
-from .handshake import HANDSHAKE_MAX_FRAME
-from .records import RecordOpener, RecordSealer
 
 
 class FrameReader:
