@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from ..errors import LocalProtocolError
 from .codec import FrameDecoder, iter_frames
 from .frames import HEADER_SIZE, Frame
-
 from .handshake import HANDSHAKE_MAX_FRAME
 from .records import RecordOpener, RecordSealer
 
