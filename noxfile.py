@@ -1,7 +1,10 @@
-"""Automation entry points: ``python -m nox -s <session>``.
+"""Automation entry points: ``python -m nox`` (the default sessions) or ``-s <session>``.
 
-Every session installs what it needs into its own virtualenv, so these work on a
-fresh machine that has only Python and pip.
+``python -m nox`` with no arguments runs what a reviewer checks, in order: lint,
+typecheck, docs (warnings are errors) and tests. It is the README's test command
+and what ``.ci/run`` runs. Every session installs what it needs into its own
+virtualenv under ``.nox/``, so these work on a fresh machine that has only Python
+and pip.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "tests"]
+# Cheap checks first: a lint error fails in seconds, before minutes of tests.
+nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
 
 PYTHON = None  # the interpreter nox itself runs on (3.11+ is required by pyproject)
 
@@ -24,9 +28,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check."""
+    """Ruff lint and format check (``examples/`` keeps the guide's own formatting)."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    paths = ["src", "tests", "benchmarks", "noxfile.py", "docs/conf.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session(python=PYTHON)
