@@ -5,6 +5,9 @@ imports, creates its own ``Server`` and calls ``trio.run(`` or ``asyncio.run(``.
 Programs that serve forever (``asyncio.run(server.run())``) and clients that
 need one are run by ``tests/test_examples.py`` instead, as a pair; fragments
 are only compiled.
+
+The README's test command is also what CI runs, and it runs every check a
+reviewer makes: both are checked here, from the files themselves.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ def test_block_compiles(document: str, line: int, code: str) -> None:
 def _is_program(code: str) -> bool:
     runs = "trio.run(" in code or "asyncio.run(" in code
     has_own_server = "import" in code and "Server(" in code
-    return runs and has_own_server and "server.run())" not in code
+    # A server run as a background task (asyncio.create_task(server.run())) ends
+    # with its program; only one run *as* the program serves forever.
+    return runs and has_own_server and "asyncio.run(server.run())" not in code
 
 
 RUNNABLE = [block for block in BLOCKS if _is_program(block[2])]
@@ -74,4 +79,29 @@ def test_runnable_block_runs(document: str, line: int, code: str, tmp_path: Path
 
 
 def test_some_blocks_run() -> None:
-    assert len(RUNNABLE) >= 2
+    assert len(RUNNABLE) >= 3
+    # Both worlds: a Trio program and an asyncio one (the port-0 pattern of each).
+    assert any("trio.run(" in code for _, _, code in RUNNABLE)
+    assert any("asyncio.run(" in code for _, _, code in RUNNABLE)
+
+
+README_TEST_COMMAND = "python -m pip install nox && python -m nox"
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    readme_lines = (ROOT / "README.md").read_text().splitlines()
+    assert README_TEST_COMMAND in readme_lines
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "set -euo pipefail" in ci
+    commands = [line for line in ci if line and not line.startswith("#")]
+    assert commands[-1] == README_TEST_COMMAND
+
+
+def test_the_default_nox_sessions_are_what_reviewers_check() -> None:
+    noxfile = ast.parse((ROOT / "noxfile.py").read_text())
+    defaults = next(
+        node.value
+        for node in ast.walk(noxfile)
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "nox.options.sessions"
+    )
+    assert ast.literal_eval(defaults) == ["lint", "typecheck", "docs", "tests"]
