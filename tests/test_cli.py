@@ -224,7 +224,9 @@ def test_send_tree_ls_get_round_trip(tmp_path: Path, server: ServeProcess) -> No
     log = server.log_text()
     assert re.search(r"connect +client \w+ \(127\.0\.0\.1:\d+\)", log), log
     assert re.search(r"upload +photos/2024/summer/beach\.raw \(3\.0 MiB\) from client", log), log
-    assert re.search(r"download +photos/a\.txt \(6 B\) to client", log), log
+    # Logged by on_file_served once the server has sent the whole file, which
+    # may be a moment after the client has it: wait for the line, do not race it.
+    server.wait_for_log(r"download +photos/a\.txt \(6 B\) to client")
 
 
 def test_address_from_the_environment(tmp_path: Path, server: ServeProcess) -> None:

@@ -8,6 +8,8 @@ meaning, the class derives from that too (``TimeoutError``, ``ValueError``,
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ConduitError(Exception):
     """Base class of every error conduit raises on purpose."""
@@ -98,6 +100,41 @@ class UnsafePathError(TransferError, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="unsafe_path")
+
+
+def failure_dict(exc: BaseException, *, default_code: str = "error") -> dict[str, Any]:
+    """The guide's failure result for ``exc``: ``{"success": False, "error": ..., "code": ...}``.
+
+    The one place that turns an exception into what a caller gets back instead
+    of a raise (transfer results, the CLI's per-file results, ``rpc.call``):
+    ``error`` is a message for people, ``code`` a short machine-readable string.
+    Errors that carry a code (:class:`RPCError`, :class:`TransferError`) keep
+    it; a closed connection is ``connection_closed``; the usual ``OSError``
+    subclasses get ``not_found``, ``not_a_file``, ``permission_denied`` or
+    ``io_error``. Anything else gets ``default_code``, and, when it is not one
+    of ours, its type name in the message (``ValueError: ...`` says more than
+    a bare message from deep inside the standard library).
+    """
+    message: str
+    code: str
+    if isinstance(exc, (RPCError, TransferError)):
+        message, code = exc.message, exc.code
+    elif isinstance(exc, ConnectionClosed):
+        message, code = exc.reason, "connection_closed"
+    elif isinstance(exc, FileNotFoundError):
+        message, code = f"no such file: {exc.filename or exc}", "not_found"
+    elif isinstance(exc, IsADirectoryError):
+        message, code = f"is a directory: {exc.filename or exc}", "not_a_file"
+    elif isinstance(exc, PermissionError):
+        message, code = f"permission denied: {exc.filename or exc}", "permission_denied"
+    elif isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        message, code = f"I/O error: {exc.strerror or exc}{where}", "io_error"
+    elif isinstance(exc, ConduitError):
+        message, code = str(exc), default_code
+    else:
+        message, code = f"{type(exc).__name__}: {exc}", default_code
+    return {"success": False, "error": message, "code": code}
 
 
 __all__ = [

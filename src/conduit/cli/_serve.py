@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import trio
 
-from .. import FileTransferHandler, Peer, RPCError, Server, ServerDescriptor
+from .. import FileTransferHandler, Peer, Server, ServerDescriptor
 from ._common import CLIError, ExitCode, Signals, human_bytes
 
 log = logging.getLogger("conduit.cli.serve")
@@ -24,35 +24,6 @@ def _who(peer: Peer) -> str:
         return f"client {peer.id}"
     host, port = peer.address
     return f"client {peer.id} ({host}:{port})"
-
-
-class _LoggingTransferHandler(FileTransferHandler):
-    """Logs each download it serves: the library has an event for received files only.
-
-    (``on_file_received`` covers uploads; nothing covers the other direction,
-    so the download RPC is wrapped here. See docs/cli.md, "Library wishes".)
-    """
-
-    async def _rpc_download(
-        self,
-        caller: Peer,
-        name: str,
-        stream_id: int,
-        size: int,
-        offset: int,
-        prefix_sha256: str,
-    ) -> dict[str, Any]:
-        try:
-            answer = await super()._rpc_download(
-                caller, name, stream_id, size, offset, prefix_sha256
-            )
-        except RPCError as exc:
-            log.warning("download   %s refused for %s: %s", name, _who(caller), exc)
-            raise
-        start = int(answer.get("offset", 0))
-        resumed = f", resuming at {human_bytes(start)}" if start else ""
-        log.info("download   %s (%s) to %s%s", name, human_bytes(size), _who(caller), resumed)
-        return answer
 
 
 @attrs.frozen
@@ -90,7 +61,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     except (ValueError, OSError, ssl.SSLError) as exc:
         raise CLIError(f"invalid server configuration: {exc}") from None
     server = Server(descriptor)
-    transfer = _LoggingTransferHandler(
+    transfer = FileTransferHandler(
         options.directory, max_file_size=options.max_file_size, overwrite=options.overwrite
     )
     transfer.register_server_handlers(server)
@@ -114,6 +85,23 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             "upload     %s%s (%s) from %s%s",
             original,
             renamed,
+            human_bytes(int(metadata["size"])),
+            _who(peer),
+            note,
+        )
+
+    @transfer.on_file_served
+    def served(peer: Peer, name: str, metadata: dict[str, Any]) -> None:
+        if not metadata["success"]:
+            # repr: a refused name is the client's raw text, never to be
+            # written into the log as is.
+            log.warning("download   %r for %s failed: %s", name, _who(peer), metadata["error"])
+            return
+        resumed = int(metadata.get("resumed_from", 0))
+        note = f", resumed at {human_bytes(resumed)}" if resumed else ""
+        log.info(
+            "download   %s (%s) to %s%s",
+            name,
             human_bytes(int(metadata["size"])),
             _who(peer),
             note,

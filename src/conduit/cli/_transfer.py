@@ -13,7 +13,8 @@ from typing import Any
 import attrs
 import trio
 
-from .. import Client, ConduitError, ConnectionClosed, FileTransferHandler, TransferError
+from .. import Client, ConduitError, FileTransferHandler
+from ..errors import failure_dict
 from ._common import (
     Address,
     ClientOptions,
@@ -115,28 +116,6 @@ def collect_uploads(
     return jobs, skipped
 
 
-def local_failure(exc: BaseException) -> dict[str, Any]:
-    """A failure dict, shaped like the library's, for what it raises instead of returning."""
-    if isinstance(exc, TransferError):
-        code = exc.code
-    elif isinstance(exc, ConnectionClosed):
-        code = "connection_closed"
-    elif isinstance(exc, FileNotFoundError):
-        code = "not_found"
-    elif isinstance(exc, IsADirectoryError):
-        code = "not_a_file"
-    elif isinstance(exc, PermissionError):
-        code = "permission_denied"
-    elif isinstance(exc, OSError):
-        code = "io_error"
-    else:
-        code = getattr(exc, "code", "error")
-    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if isinstance(exc, OSError) and exc.filename:
-        message = f"{message}: {exc.filename}"
-    return {"success": False, "error": message, "code": code}
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -151,7 +130,7 @@ async def _run_jobs(
             try:
                 job.result = await transfer(job, on_progress)
             except (OSError, ConduitError) as exc:
-                job.result = local_failure(exc)
+                job.result = failure_dict(exc)
             display.file_finished(job)
 
     async with trio.open_nursery() as nursery:

@@ -271,6 +271,9 @@ class StorageRoot:
         A partial file that is open by a transfer (it holds the lock) is never
         removed, however old. Symlinks are neither followed nor removed.
         """
+        # Wall clock on purpose, not Trio's: the age is compared with file
+        # mtimes, which the kernel stamps in wall-clock time and which outlive
+        # this process (a partial from yesterday's run is still a day old).
         cutoff = (time.time() if now is None else now) - max_age_seconds
         root_fd = self._open_root(create=False, missing_ok=True)
         if root_fd is None:

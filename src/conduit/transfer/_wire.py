@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Any
 
 import attrs
 
-from ..errors import RemoteProtocolError
+from ..errors import RemoteProtocolError, RPCError, failure_dict
 
 _TRAILER = struct.Struct("!Q32s")
 
@@ -65,3 +66,21 @@ def transfer_key(name: str, size: int, mtime_ns: int) -> str:
     """
     digest = hashlib.sha256(f"{name}\0{size}\0{mtime_ns}".encode()).hexdigest()
     return digest[:32]
+
+
+def as_rpc_error(exc: BaseException) -> RPCError:
+    """The error the peer sees for a local failure of a transfer RPC.
+
+    The same message and code as the failure dict a local caller gets
+    (:func:`conduit.errors.failure_dict`), so both sides of a transfer name a
+    failure alike.
+    """
+    if isinstance(exc, RPCError):
+        return exc
+    failure = transfer_failure(exc)
+    return RPCError(failure["error"], failure["code"])
+
+
+def transfer_failure(exc: BaseException) -> dict[str, Any]:
+    """The ``{"success": False, ...}`` result of a transfer that failed with ``exc``."""
+    return failure_dict(exc, default_code="transfer_failed")

@@ -1,0 +1,405 @@
+"""The receiving side of every transfer: begin, receive, verify, publish, tell.
+
+* :meth:`Receiver.rpc_begin` -- ``file_upload_begin`` on a server and
+  ``file_push_begin`` on a client (one method, registered under both names):
+  open the hidden partial file (resuming when a retry finds one), open a
+  stream, record it in the inbound registry and spawn the task that receives
+  into it. :meth:`Receiver.rpc_finish` hands the sender that task's verdict.
+* :meth:`Receiver.rpc_receive_small` -- a whole small file in one call.
+* :meth:`Receiver.download` -- ``receive_from_server``: the client's side of a
+  download, the same receive path with the roles of who opens what swapped.
+
+Every file lands in a hidden partial file, is checked against the sender's
+SHA-256, fsynced, then published by a link that never overwrites (see
+:mod:`._storage`); only then do ``on_file_received`` callbacks run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from .._callbacks import trio_callback
+from .._connection import Connection
+from .._peer import Peer
+from .._streams import IncomingStream, StreamReset
+from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError
+from ._engine import receive_file
+from ._hooks import Hooks, TransferSettings, notify
+from ._names import safe_relative_name
+from ._progress import Direction, ProgressReporter, TransferProgress
+from ._slots import TransferSlots
+from ._storage import PartialFile, StorageRoot
+from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
+
+log = logging.getLogger("conduit.transfer")
+
+ProgressCallback = Callable[[TransferProgress], Any]
+
+#: Seconds (of Trio's clock) between sweeps for stale partial files. How old a
+#: partial must be to go is ``partial_ttl``, judged by file mtimes (wall clock).
+_CLEANUP_INTERVAL = 600.0
+
+
+@attrs.define
+class _Inbound:
+    """One file being received: its verdict, once known."""
+
+    stream: IncomingStream
+    key: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: dict[str, Any] | None = None
+    error: RPCError | None = None
+
+
+class Receiver:
+    """Receives the files a peer sends, and the downloads this side asks for."""
+
+    def __init__(self, settings: TransferSettings, hooks: Hooks, slots: TransferSlots) -> None:
+        self._settings = settings
+        self._hooks = hooks
+        self._slots = slots
+        self._inbound: weakref.WeakKeyDictionary[Connection, dict[int, _Inbound]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last_cleanup = float("-inf")
+
+    # ------------------------------------------------------------------ RPC methods
+    # Library code written for Trio: marked so that they run in Trio even when
+    # the application lives in asyncio (where plain coroutines run on asyncio).
+
+    @trio_callback
+    async def rpc_begin(
+        self, caller: Peer, name: str, size: int, key: str, restart: bool = False
+    ) -> dict[str, Any]:
+        """``file_upload_begin`` / ``file_push_begin``: where to resume, and the stream to use."""
+        connection = caller.connection
+        inbound_here = self._inbound.setdefault(connection, {})
+        # A retry of the same file on this connection replaces an attempt the
+        # sender gave up on (its begin timed out or was cancelled after we had
+        # opened the partial), which would otherwise hold the partial's lock.
+        for stale in [entry for entry in inbound_here.values() if entry.key == key]:
+            stale.scope.cancel()
+            await stale.done.wait()
+        settings = self._settings
+        with self._slots.claim(connection, settings.max_transfers_per_connection) as slot:
+            try:
+                safe = safe_relative_name(name)
+                await self._maybe_cleanup()
+                await trio.to_thread.run_sync(
+                    lambda: settings.storage.check_can_accept(size, settings.max_file_size)
+                )
+                partial = await trio.to_thread.run_sync(
+                    lambda: settings.storage.open_partial(safe, key, resume=not restart)
+                )
+                if partial.offset > size:
+                    await trio.to_thread.run_sync(partial.close)
+                    partial = await trio.to_thread.run_sync(
+                        lambda: settings.storage.open_partial(safe, key, resume=False)
+                    )
+            except Exception as exc:
+                raise as_rpc_error(exc) from None
+            try:
+                # Cancelled while the (uncancellable) thread opened the file: the
+                # caller is gone, so do not keep the partial locked for nobody.
+                await trio.lowlevel.checkpoint()
+                stream = connection.open_incoming_stream()
+                inbound = _Inbound(stream, key)
+                slot.spawn(
+                    connection.spawn,
+                    self._receive_task,
+                    connection,
+                    caller,
+                    partial,
+                    safe,
+                    size,
+                    inbound,
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(partial.close)
+                raise
+            inbound_here[stream.stream_id] = inbound
+        return {
+            "stream_id": stream.stream_id,
+            "offset": partial.offset,
+            "prefix_sha256": partial.sha256_hex(),
+        }
+
+    @trio_callback
+    async def rpc_finish(
+        self, caller: Peer, stream_id: int, abandon: bool = False
+    ) -> dict[str, Any]:
+        """``file_upload_finish`` / ``file_push_finish``: the receive task's verdict."""
+        streams = self._inbound.get(caller.connection, {})
+        inbound = streams.get(stream_id)
+        if inbound is None:
+            raise RPCError(f"no transfer on stream {stream_id}", "not_found")
+        if abandon:
+            # The sender will restart from zero: stop receiving; its new begin
+            # (restart=True) truncates the partial.
+            inbound.stream.fail(StreamReset("the sender restarts the transfer", "restart"))
+            await inbound.done.wait()
+            streams.pop(stream_id, None)
+            return {"abandoned": True}
+        await inbound.done.wait()
+        streams.pop(stream_id, None)
+        if inbound.error is not None:
+            raise inbound.error
+        assert inbound.result is not None
+        return inbound.result
+
+    @trio_callback
+    async def rpc_receive_small(
+        self, caller: Peer, name: str, data: bytes, sha256: str
+    ) -> dict[str, Any]:
+        """``file_upload_small`` / ``file_push_small``: a whole small file in one call.
+
+        Check, write, verify, fsync, publish in one worker-thread hop. Nothing
+        to resume, so the partial gets a one-off id.
+        """
+        started = trio.current_time()
+        try:
+            safe = safe_relative_name(name)
+            published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        result = await self._announce(
+            caller.connection,
+            caller,
+            self._settings.storage,
+            published,
+            safe,
+            len(data),
+            sha256,
+            resumed_from=0,
+            elapsed=trio.current_time() - started,
+        )
+        result.pop("local_path")
+        return result
+
+    # ------------------------------------------------------------------ download (client side)
+
+    async def download(
+        self,
+        peer: Peer,
+        name: str,
+        local_dir: str | os.PathLike[str],
+        on_progress: ProgressCallback | None,
+    ) -> dict[str, Any]:
+        """Ask ``peer`` (a server) for ``name`` and receive it into ``local_dir``."""
+        local = StorageRoot(local_dir)
+        safe = safe_relative_name(name)
+        try:
+            stat = await peer.call(FILE_STAT, name=safe)
+        except (RPCError, ConnectionClosed) as exc:
+            return transfer_failure(exc)
+        size, mtime_ns = int(stat["size"]), int(stat["modified_ns"])
+        key = transfer_key(safe, size, mtime_ns)
+        connection = peer.connection
+        try:
+            await trio.to_thread.run_sync(local.check_can_accept, size, None)
+            partial = await trio.to_thread.run_sync(
+                lambda: local.open_partial(safe, key, resume=True)
+            )
+        except TransferError as exc:
+            return transfer_failure(exc)
+        stream: IncomingStream | None = None
+        try:
+            stream = connection.open_incoming_stream()
+            answer = await peer.call(
+                DOWNLOAD,
+                name=safe,
+                stream_id=stream.stream_id,
+                size=size,
+                offset=partial.offset,
+                prefix_sha256=partial.sha256_hex(),
+            )
+            start = int(answer["offset"])
+            if start != partial.offset:
+                # The server did not recognise our prefix: start over.
+                await trio.to_thread.run_sync(partial.close)
+                partial = await trio.to_thread.run_sync(
+                    lambda: local.open_partial(safe, key, resume=False)
+                )
+            result = await self._receive_into(
+                connection, stream, partial, safe, size, on_progress, "download", peer=None
+            )
+        except (ConduitError, OSError) as exc:
+            if stream is not None:
+                connection.close_stream(stream, reset=("aborted", "download aborted"))
+            await trio.to_thread.run_sync(partial.close)
+            return transfer_failure(exc)
+        except BaseException:
+            if stream is not None:
+                connection.close_stream(stream, reset=("cancelled", "download cancelled"))
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial.close)
+            raise
+        return result
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive_task(
+        self,
+        connection: Connection,
+        peer: Peer,
+        partial: PartialFile,
+        name: str,
+        size: int,
+        inbound: _Inbound,
+    ) -> None:
+        """The spawned half of an upload or push; its slot wrapper gives the slot back."""
+        try:
+            with inbound.scope:
+                inbound.result = await self._receive_into(
+                    connection, inbound.stream, partial, name, size, None, "receive", peer=peer
+                )
+            if inbound.scope.cancelled_caught:
+                inbound.error = RPCError("replaced by a newer attempt", "superseded")
+        except Exception as exc:
+            inbound.error = as_rpc_error(exc)
+            log.warning("receiving %r failed: %s", name, inbound.error)
+        finally:
+            inbound.done.set()
+
+    async def _receive_into(
+        self,
+        connection: Connection,
+        stream: IncomingStream,
+        partial: PartialFile,
+        name: str,
+        size: int,
+        on_progress: ProgressCallback | None,
+        direction: Direction,
+        *,
+        peer: Peer | None,
+    ) -> dict[str, Any]:
+        """Receive, verify, publish, notify. Keeps the partial file for a resume
+        when the connection drops; removes it when the data is wrong."""
+        resumed_from = partial.offset
+        reporter = ProgressReporter(
+            on_progress,
+            filename=name,
+            direction=direction,
+            total_size=size,
+            resumed_from=resumed_from,
+        )
+        overwrite = self._settings.overwrite
+        try:
+            trailer = await receive_file(stream, partial, size=size, reporter=reporter)
+            if trailer.size != size or partial.offset != size:
+                raise TransferError(
+                    f"size mismatch: announced {size}, trailer says {trailer.size}, "
+                    f"received {partial.offset}",
+                    "size_mismatch",
+                )
+            published = await trio.to_thread.run_sync(
+                lambda: partial.publish(overwrite=overwrite, expected_sha256=trailer.checksum)
+            )
+        except (ConnectionClosed, StreamReset, trio.Cancelled):
+            # The link or the sender went away, but the bytes we have are good:
+            # keep the partial file so that sending again resumes.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial.close)
+            raise
+        except BaseException as exc:
+            # The data itself is wrong or cannot be stored: remove it, and stop
+            # the sender if it is still sending.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial.discard)
+            if not stream.finished:
+                code = exc.code if isinstance(exc, TransferError) else "receiver_error"
+                connection.close_stream(stream, reset=(code, str(exc)))
+            raise
+        finally:
+            connection.close_stream(stream)
+        final = await reporter.finish()
+        result = await self._announce(
+            connection,
+            peer,
+            partial.root,
+            published,
+            name,
+            size,
+            trailer.checksum,
+            resumed_from=resumed_from,
+            elapsed=final.elapsed,
+        )
+        local_path = result.pop("local_path")  # never sent to the peer
+        result["path"] = published if direction != "download" else local_path
+        if direction == "download":
+            result.update(resumed_from=resumed_from, elapsed=final.elapsed, speed=final.speed)
+        return result
+
+    async def _announce(
+        self,
+        connection: Connection,
+        peer: Peer | None,
+        root: StorageRoot,
+        published: str,
+        name: str,
+        size: int,
+        checksum: str,
+        *,
+        resumed_from: int,
+        elapsed: float,
+    ) -> dict[str, Any]:
+        """A file was verified and published: tell the callbacks, build the result."""
+        local_path = str(root.path / published)
+        metadata = {
+            "filename": published,
+            "original_name": name,
+            "size": size,
+            "checksum": checksum,
+            "path": local_path,
+            "resumed_from": resumed_from,
+            "elapsed": elapsed,
+        }
+        if peer is not None:
+            metadata["client_id"] = peer.id
+        log.info("received %r (%d bytes, sha256 %s)", published, size, checksum)
+        # A server's callbacks are told which client sent the file; a client's
+        # (pushes, downloads) have only one peer.
+        who = (peer,) if peer is not None and not connection.is_client else ()
+        await notify(self._hooks.received, "on_file_received", *who, local_path, metadata=metadata)
+        return {
+            "success": True,
+            "path": published,
+            "local_path": local_path,
+            "filename": published,
+            "size": size,
+            "checksum": checksum,
+        }
+
+    def _store_small(self, name: str, data: bytes, sha256: str) -> str:
+        settings = self._settings
+        settings.storage.check_can_accept(len(data), settings.max_file_size)
+        partial = settings.storage.open_partial(name, secrets.token_hex(16), resume=False)
+        try:
+            partial.write_block(data)
+            return partial.publish(overwrite=settings.overwrite, expected_sha256=sha256)
+        except BaseException:
+            partial.discard()
+            raise
+
+    async def _maybe_cleanup(self) -> None:
+        # The sweep's cadence runs on Trio's clock (a MockClock drives it);
+        # what counts as stale is decided by file mtimes, on the wall clock.
+        now = trio.current_time()
+        if now - self._last_cleanup >= _CLEANUP_INTERVAL:
+            self._last_cleanup = now
+            settings = self._settings
+            removed = await trio.to_thread.run_sync(
+                lambda: settings.storage.cleanup_stale_partials(settings.partial_ttl)
+            )
+            if removed:
+                log.info("removed %d stale partial files", removed)

@@ -1,0 +1,348 @@
+"""The sending side of every transfer: uploads and pushes, and serving downloads.
+
+* :meth:`Sender.send` -- ``send_to_server`` / ``send_to_client``: ask the
+  receiver to begin (it answers with a stream and where to resume), check our
+  prefix against its hash, stream the rest under its credit, ask for the
+  verdict. Files up to one chunk go in a single call instead.
+* :meth:`Sender.rpc_download` -- the server's ``file_download``: open the
+  stored file, agree on where to resume, and spawn the task that streams it
+  into the stream the client opened; ``on_file_served`` hears how it ended.
+  ``file_list`` and ``file_stat``, the other reads a client makes before a
+  download, live here too.
+
+Every file is read and hashed in one pass in worker threads (see
+:mod:`._engine`); nothing here copies file data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import logging
+import math
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from .._callbacks import trio_callback
+from .._peer import Peer
+from .._streams import OutgoingStream, StreamReset
+from ..errors import ConduitError, RPCError, TransferError
+from ._engine import hash_prefix, send_file
+from ._hooks import Hooks, TransferSettings, notify
+from ._names import safe_relative_name
+from ._progress import ProgressReporter, TransferProgress
+from ._slots import TransferSlots
+from ._wire import (
+    PUSH_BEGIN,
+    PUSH_FINISH,
+    PUSH_SMALL,
+    UPLOAD_BEGIN,
+    UPLOAD_FINISH,
+    UPLOAD_SMALL,
+    Trailer,
+    as_rpc_error,
+    transfer_failure,
+    transfer_key,
+)
+
+log = logging.getLogger("conduit.transfer")
+
+ProgressCallback = Callable[[TransferProgress], Any]
+SendDirection = Literal["upload", "push"]
+
+# Transfer control calls wait as long as the work takes (re-hashing a large
+# partial, fsync of a large file); a dead peer is caught by the heartbeat.
+_NO_TIMEOUT = math.inf
+# Files up to this size (and the chunk size) go in one call instead of a stream.
+_SMALL_FILE = 256 * 1024
+
+#: The receiver's methods for each direction: begin, finish, small file.
+_METHODS: dict[SendDirection, tuple[str, str, str]] = {
+    "upload": (UPLOAD_BEGIN, UPLOAD_FINISH, UPLOAD_SMALL),
+    "push": (PUSH_BEGIN, PUSH_FINISH, PUSH_SMALL),
+}
+
+
+class Sender:
+    """Sends files to a peer and serves the downloads a peer asks for."""
+
+    def __init__(self, settings: TransferSettings, hooks: Hooks, slots: TransferSlots) -> None:
+        self._settings = settings
+        self._hooks = hooks
+        self._slots = slots
+
+    # ------------------------------------------------------------------ upload and push
+
+    async def send(
+        self,
+        peer: Peer,
+        path: str | os.PathLike[str],
+        remote_name: str | None,
+        on_progress: ProgressCallback | None,
+        direction: SendDirection,
+    ) -> dict[str, Any]:
+        """Send ``path`` to ``peer``'s receiver; the result dict (raises only before sending)."""
+        begin_method, finish_method, small_method = _METHODS[direction]
+        file = await trio.to_thread.run_sync(_open_local, Path(path))
+        try:
+            info = os.fstat(file.fileno())
+            size = info.st_size
+            name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
+            if size <= min(self._settings.chunk_size, _SMALL_FILE):
+                return await self._send_small(
+                    peer, file, name, size, on_progress, small_method, direction
+                )
+            key = transfer_key(name, size, info.st_mtime_ns)
+            try:
+                # No timeout: re-hashing a large partial may take a while;
+                # the heartbeat notices a dead peer.
+                begin = await peer.call(
+                    begin_method, name=name, size=size, key=key, timeout=_NO_TIMEOUT
+                )
+                start, stream_id = int(begin["offset"]), int(begin["stream_id"])
+                hasher = await resume_hasher(file, start, str(begin["prefix_sha256"]))
+                if hasher is None:  # our prefix differs from theirs: restart from zero
+                    await peer.call(finish_method, stream_id=stream_id, abandon=True)
+                    begin = await peer.call(
+                        begin_method, name=name, size=size, key=key, restart=True
+                    )
+                    start, stream_id = 0, int(begin["stream_id"])
+                    hasher = hashlib.sha256()
+                    await trio.to_thread.run_sync(file.seek, 0)
+                reporter = ProgressReporter(
+                    on_progress,
+                    filename=name,
+                    direction=direction,
+                    total_size=size,
+                    resumed_from=start,
+                )
+                # If the receiver stops us (StreamReset), its verdict below says why.
+                with contextlib.suppress(StreamReset):
+                    await self._stream_out(peer, stream_id, file, start, size, hasher, reporter)
+                result: dict[str, Any] = await peer.call(
+                    finish_method, stream_id=stream_id, timeout=_NO_TIMEOUT
+                )
+            except (ConduitError, OSError) as exc:
+                return transfer_failure(exc)
+            final = await reporter.finish()
+            result.update(
+                success=True, resumed_from=start, elapsed=final.elapsed, speed=final.speed
+            )
+            return result
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(file.close)
+
+    async def _send_small(
+        self,
+        peer: Peer,
+        file: io.FileIO,
+        name: str,
+        size: int,
+        on_progress: ProgressCallback | None,
+        method: str,
+        direction: SendDirection,
+    ) -> dict[str, Any]:
+        """Files up to one chunk travel inside a single call: one round trip, no stream."""
+        data = await trio.to_thread.run_sync(file.read, size + 1)
+        if len(data) != size:
+            return transfer_failure(
+                TransferError("the file changed while being read", "source_changed")
+            )
+        reporter = ProgressReporter(
+            on_progress, filename=name, direction=direction, total_size=size
+        )
+        try:
+            result: dict[str, Any] = await peer.call(
+                method,
+                name=name,
+                data=data,
+                sha256=hashlib.sha256(data).hexdigest(),
+                timeout=_NO_TIMEOUT,
+            )
+        except (ConduitError, OSError) as exc:
+            return transfer_failure(exc)
+        await reporter.advance(size)
+        final = await reporter.finish()
+        result.update(success=True, resumed_from=0, elapsed=final.elapsed, speed=final.speed)
+        return result
+
+    async def _stream_out(
+        self,
+        peer: Peer,
+        stream_id: int,
+        file: io.FileIO,
+        start: int,
+        size: int,
+        hasher: Any,
+        reporter: ProgressReporter,
+    ) -> Trailer:
+        connection = peer.connection
+        stream: OutgoingStream = connection.open_outgoing_stream(stream_id)
+        try:
+            trailer = await send_file(
+                stream,
+                file,
+                start=start,
+                size=size,
+                hasher=hasher,
+                chunk_size=self._settings.chunk_size,
+                reporter=reporter,
+            )
+        except BaseException as exc:
+            reason = exc.message if isinstance(exc, TransferError) else "the sender gave up"
+            connection.close_stream(stream, reset=("aborted", reason))
+            raise
+        connection.close_stream(stream)
+        return trailer
+
+    # ------------------------------------------------------------------ serving downloads
+    # Library code written for Trio: marked so that they run in Trio even when
+    # the application lives in asyncio (where plain coroutines run on asyncio).
+
+    @trio_callback
+    async def rpc_file_list(self) -> dict[str, Any]:
+        """``file_list``: the storage's visible files."""
+        settings = self._settings
+        entries = await trio.to_thread.run_sync(
+            lambda: settings.storage.list_files(max_entries=settings.max_listed)
+        )
+        return {
+            "files": [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
+        }
+
+    @trio_callback
+    async def rpc_file_stat(self, name: str) -> dict[str, Any]:
+        """``file_stat``: size and mtime of one stored file (what a download is keyed on)."""
+        try:
+            file, size = await trio.to_thread.run_sync(self._settings.storage.open_for_read, name)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        with file:
+            info = os.fstat(file.fileno())
+        return {"name": safe_relative_name(name), "size": size, "modified_ns": info.st_mtime_ns}
+
+    @trio_callback
+    async def rpc_download(
+        self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
+    ) -> dict[str, Any]:
+        """``file_download``: start streaming ``name`` into the caller's stream ``stream_id``."""
+        try:
+            return await self._start_download(caller, name, stream_id, size, offset, prefix_sha256)
+        except Exception as exc:
+            await self._served(caller, name, {"size": size, **transfer_failure(exc)})
+            raise
+
+    async def _start_download(
+        self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
+    ) -> dict[str, Any]:
+        if not 0 < stream_id < 2**32:
+            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
+        connection = caller.connection
+        limit = self._settings.max_transfers_per_connection
+        with self._slots.claim(connection, limit) as slot:
+            try:
+                file, actual_size = await trio.to_thread.run_sync(
+                    self._settings.storage.open_for_read, name
+                )
+            except Exception as exc:
+                raise as_rpc_error(exc) from None
+            try:
+                if actual_size != size:
+                    raise RPCError(f"{name!r} changed on the server; ask again", "source_changed")
+                start = offset if 0 <= offset <= size else 0
+                hasher = await resume_hasher(file, start, prefix_sha256)
+                if hasher is None:
+                    start, hasher = 0, hashlib.sha256()
+                    await trio.to_thread.run_sync(file.seek, 0)
+                reporter = ProgressReporter(
+                    None, filename=name, direction="download", total_size=size, resumed_from=start
+                )
+                slot.spawn(
+                    connection.spawn,
+                    self._serve_download,
+                    caller,
+                    safe_relative_name(name),
+                    stream_id,
+                    file,
+                    start,
+                    size,
+                    hasher,
+                    reporter,
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(file.close)
+                raise
+        return {"offset": start, "size": size}
+
+    async def _serve_download(
+        self,
+        caller: Peer,
+        name: str,
+        stream_id: int,
+        file: io.FileIO,
+        start: int,
+        size: int,
+        hasher: Any,
+        reporter: ProgressReporter,
+    ) -> None:
+        """The spawned half of a download; owns the file (and, via its slot wrapper, the slot)."""
+        outcome: dict[str, Any]
+        try:
+            trailer = await self._stream_out(caller, stream_id, file, start, size, hasher, reporter)
+        except (ConduitError, OSError) as exc:
+            log.warning("download of %r stopped: %s", name, exc)
+            outcome = transfer_failure(exc)
+        else:
+            final = await reporter.finish()
+            outcome = {
+                "success": True,
+                "checksum": trailer.checksum,
+                "path": str(self._settings.storage.path / name),
+                "elapsed": final.elapsed,
+                "speed": final.speed,
+            }
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(file.close)
+        await self._served(caller, name, {"size": size, "resumed_from": start, **outcome})
+
+    async def _served(self, caller: Peer, name: str, metadata: dict[str, Any]) -> None:
+        await notify(
+            self._hooks.served,
+            "on_file_served",
+            caller,
+            name,
+            metadata={"filename": name, "client_id": caller.id, **metadata},
+        )
+
+
+async def resume_hasher(file: io.FileIO, start: int, their_prefix: str) -> Any | None:
+    """A SHA-256 over our first ``start`` bytes if they hash to ``their_prefix``, else None.
+
+    The file position ends at ``start`` when they match.
+    """
+    if start == 0:
+        return hashlib.sha256()
+    try:
+        hasher = await hash_prefix(file, start)
+    except TransferError:
+        return None
+    return hasher if hasher.hexdigest() == their_prefix else None
+
+
+def _open_local(path: Path) -> io.FileIO:
+    """Open a local file to send; raise the usual OSError subclasses before anything is sent."""
+    info = os.stat(path)  # FileNotFoundError, PermissionError as usual
+    if not stat.S_ISREG(info.st_mode):
+        # Checked before opening: opening a FIFO for reading would block.
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+    return io.FileIO(path, "r")

@@ -1,0 +1,113 @@
+"""The per-connection transfer limit: a slot is claimed, owned, and given back exactly once.
+
+A transfer's RPC claims a slot before it opens anything, then hands the slot to
+the task it spawns to move the bytes, and that task gives it back when it ends.
+Pairing a claim and a release by hand at every exit (refused, failed while
+opening, cancelled before the spawn, the spawned task's end) is how a slot
+leaks; :class:`TransferSlot` makes each of those paths one ``with`` block.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from ..errors import RPCError
+
+#: Starts ``fn(*args)`` as a task: ``Connection.spawn`` (or a nursery's ``start_soon``).
+Spawner = Callable[..., None]
+
+
+class TransferSlots:
+    """How many transfers each connection has running; refuses one over the limit.
+
+    Keyed weakly by connection, so a connection that is gone takes its count
+    with it.
+    """
+
+    def __init__(self) -> None:
+        self._counts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def in_use(self, connection: object) -> int:
+        """The slots ``connection`` holds now."""
+        return self._counts.get(connection, 0)
+
+    def claim(self, connection: object, limit: int) -> TransferSlot:
+        """Take one of ``connection``'s ``limit`` slots, or raise ``RPCError("overloaded")``."""
+        count = self._counts.get(connection, 0)
+        if count >= limit:
+            raise RPCError(f"too many transfers on this connection (limit {limit})", "overloaded")
+        self._counts[connection] = count + 1
+        return TransferSlot(self, connection)
+
+    def _give_back(self, connection: object) -> None:
+        count = self._counts.get(connection, 0)
+        if count > 0:
+            self._counts[connection] = count - 1
+
+
+@attrs.define(eq=False)
+class TransferSlot:
+    """One claimed slot; a context manager that gives it back on exit, unless handed off.
+
+    ::
+
+        with slots.claim(connection, limit) as slot:
+            ...                                   # any exception gives the slot back
+            slot.spawn(connection.spawn, task, arg)   # now the task owns it
+
+    :meth:`spawn` starts the task in a wrapper that gives the slot back when
+    the task ends, however it ends (returned, raised, cancelled before its
+    first line); once started, leaving the ``with`` block no longer does.
+    """
+
+    _slots: TransferSlots
+    _connection: object
+    _held: bool = True
+    _handed_off: bool = False
+
+    @property
+    def held(self) -> bool:
+        """Whether this slot still counts against the connection's limit."""
+        return self._held
+
+    def release(self) -> None:
+        """Give the slot back; later calls do nothing."""
+        if self._held:
+            self._held = False
+            self._slots._give_back(self._connection)
+
+    def spawn(self, spawner: Spawner, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Start ``fn(*args)`` with ``spawner``; that task now owns the slot.
+
+        If ``spawner`` raises (the connection is closing), the slot stays with
+        the caller's ``with`` block, which gives it back.
+        """
+        spawner(self._run_owning, fn, *args)
+        # No checkpoint between the spawn and this line: the task cannot have
+        # run yet, and from here on only it releases the slot.
+        self._handed_off = True
+
+    async def _run_owning(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        # Trio runs every task it started at least up to its first checkpoint,
+        # so this ``try`` is entered even when the task is cancelled at once.
+        try:
+            await fn(*args)
+        finally:
+            self.release()
+
+    def __enter__(self) -> TransferSlot:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if not self._handed_off:
+            self.release()

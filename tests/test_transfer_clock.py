@@ -1,0 +1,70 @@
+"""Transfer timers read Trio's clock, so a ``MockClock`` drives them.
+
+The progress throttle and rate, and the cadence of the stale-partial sweep,
+run on ``trio.current_time()``; how old a partial file is stays a wall-clock
+question (file mtimes), checked here with real files aged by ``os.utime``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from conduit import FileTransferHandler, TransferProgress
+from conduit.transfer._progress import REPORT_INTERVAL, ProgressReporter
+from conduit.transfer._storage import StorageRoot
+from transfer_helpers import partial_files
+
+
+async def test_progress_reports_and_rates_follow_the_trio_clock(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    reports: list[TransferProgress] = []
+    reporter = ProgressReporter(
+        reports.append, filename="f.bin", direction="upload", total_size=1000, resumed_from=100
+    )
+    await reporter.advance(100)
+    assert len(reports) == 1  # the first advance always reports, whatever the clock reads
+    await reporter.advance(100)
+    assert len(reports) == 1  # no time has passed on this clock: throttled
+    mock_clock.jump(REPORT_INTERVAL)
+    await reporter.advance(100)
+    assert len(reports) == 2
+    mock_clock.jump(1.9)
+    final = await reporter.finish()
+    assert reports[-1] is final
+    assert final.transferred == 400
+    assert final.elapsed == REPORT_INTERVAL + 1.9  # exactly the mock time
+    assert final.speed == 300 / final.elapsed  # bytes of this attempt only
+
+
+def _stale_partial(storage: Path, name: str) -> Path:
+    partial = StorageRoot(storage).open_partial(name, "a" * 32, resume=False)
+    partial.write_block(b"left by a dropped connection")
+    partial.close()
+    [path] = [p for p in partial_files(storage) if name in p.name]
+    day_ago = time.time() - 24 * 3600
+    os.utime(path, (day_ago, day_ago))  # mtimes are wall clock, and so is their age
+    return path
+
+
+async def test_the_stale_partial_sweep_runs_on_the_trio_clock(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    storage = tmp_path / "server"
+    handler = FileTransferHandler(storage_dir=storage, partial_ttl=3600)
+    first = _stale_partial(storage, "first.bin")
+    await handler._receiver._maybe_cleanup()
+    assert not first.exists()  # the first transfer sweeps
+
+    second = _stale_partial(storage, "second.bin")
+    mock_clock.jump(599)
+    await handler._receiver._maybe_cleanup()
+    assert second.exists()  # within ten minutes of Trio time: no sweep
+    mock_clock.jump(1)
+    await handler._receiver._maybe_cleanup()
+    assert not second.exists()
