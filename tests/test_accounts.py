@@ -143,6 +143,8 @@ def test_the_file_holds_no_password_nor_a_fast_hash_of_it(tmp_path: Path) -> Non
         "memlimit",
         "w0",
         "L",
+        "w0M",
+        "w0N",
         "root",
         "quota",
         "read_only",
@@ -322,3 +324,15 @@ def test_a_new_password_takes_effect_and_a_removed_user_is_refused(tmp_path: Pat
     assert _connect(accounts, "alice", "new password").error is None
     accounts.remove("alice")
     assert _connect(accounts, "alice", "new password").error is not None
+
+
+def test_a_file_without_the_precomputed_points_still_loads(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    document = json.loads(path.read_text())
+    del document["users"]["alice"]["w0M"], document["users"]["alice"]["w0N"]
+    path.write_text(json.dumps(document))
+    reloaded = _accounts(tmp_path)
+    assert reloaded.get("alice").verifier == accounts.get("alice").verifier
+    assert _connect(reloaded, "alice", PASSWORD).error is None

@@ -13,7 +13,8 @@ The file::
     {"format": "conduit-accounts", "version": 1,
      "secret": "<base64: 32 random bytes for the fake records of unknown users>",
      "users": {"alice": {"salt": "<b64>", "opslimit": 3, "memlimit": 67108864,
-                         "w0": "<b64>", "L": "<b64>", "root": "alice",
+                         "w0": "<b64>", "L": "<b64>", "w0M": "<b64>", "w0N": "<b64>",
+                         "root": "alice",
                          "quota": null, "read_only": false}}}
 
 Every change is a read-modify-write of the whole file under an advisory lock
@@ -161,6 +162,9 @@ def _record_to_json(record: AccountRecord) -> dict[str, Any]:
         "memlimit": record.stretch.memlimit,
         "w0": _b64(record.verifier.w0),
         "L": _b64(record.verifier.L),
+        # w0*M and w0*N, so that loading the file costs no scalar multiplication.
+        "w0M": _b64(record.verifier.w0_m),
+        "w0N": _b64(record.verifier.w0_n),
         "root": record.root,
         "quota": record.quota,
         "read_only": record.read_only,
@@ -173,9 +177,16 @@ def _record_from_json(username: str, raw: object) -> AccountRecord:
         raise ValueError(f"{what} is not an object")
     try:
         stretch = StretchParams(raw["opslimit"], raw["memlimit"]).check()
-        verifier = Verifier(
-            _unb64(raw["w0"], 32, f"{what}: w0"), _unb64(raw["L"], 32, f"{what}: L")
-        )
+        w0 = _unb64(raw["w0"], 32, f"{what}: w0")
+        if "w0M" in raw and "w0N" in raw:
+            verifier = Verifier(
+                w0,
+                _unb64(raw["L"], 32, f"{what}: L"),
+                _unb64(raw["w0M"], 32, f"{what}: w0M"),
+                _unb64(raw["w0N"], 32, f"{what}: w0N"),
+            )
+        else:
+            verifier = Verifier(w0, _unb64(raw["L"], 32, f"{what}: L"))
         if not sodium.crypto_core_ed25519_is_valid_point(verifier.L):
             raise ValueError(f"{what}: L is not a valid point")
         read_only = raw.get("read_only", False)
@@ -263,9 +274,14 @@ class Accounts:
             username=username,
             salt=tag(b"salt")[:SALT_SIZE],
             stretch=self.stretch,
+            # Points of unknown logarithm stand in for L, w0*M and w0*N (no
+            # password can match them anyway), at a third of the cost of
+            # multiplying: the fake is built on every lookup, known user or not.
             verifier=Verifier(
                 reduce_scalar(tag(b"w0")),
                 sodium.crypto_core_ed25519_from_uniform(tag(b"L")[:32]),
+                sodium.crypto_core_ed25519_from_uniform(tag(b"w0M")[:32]),
+                sodium.crypto_core_ed25519_from_uniform(tag(b"w0N")[:32]),
             ),
             root=username,
             quota=None,
