@@ -33,6 +33,7 @@ from conduit.protocol.handshake import (
     ACCOUNTS_REFUSAL,
     ProverCache,
     account_verifier,
+    hello_username,
     peer_version,
     refusal_frame,
     version_refusal,
@@ -512,3 +513,14 @@ def test_arbitrary_frames_to_the_accounts_machines_only_raise_conduit_errors(
 
 _FUZZ_DIRECTORY = _Directory(alice="alice's password")
 _FUZZ_CACHE = ProverCache()
+
+
+def test_the_server_can_read_the_username_before_any_work() -> None:
+    (hello,) = _frames(_account_client("alice").start())
+    assert hello_username(hello) == "alice"
+    (hello,) = _frames(_client().start())
+    assert hello_username(hello) == ""
+    with pytest.raises(RemoteProtocolError):
+        hello_username(_rewrite(hello, username="x" * 129))
+    with pytest.raises(RemoteProtocolError):
+        hello_username(Frame(FrameKind.CLIENT_HELLO, 0, 0, b"\xc1"))

@@ -595,6 +595,21 @@ class ServerHandshake(_Handshake):
         self._server_mac = keys.confirm_v
 
 
+def hello_username(frame: Frame) -> str:
+    """The username a CLIENT_HELLO names ("" in shared-password mode), decoded alone.
+
+    Cheap (no group operation): the server calls it on the first frame to
+    count the attempt against the user and the address *before* handing the
+    frame to :meth:`ServerHandshake.receive`, which does the work.
+    RemoteProtocolError if the frame is not a well-formed CLIENT_HELLO.
+    """
+    _expect(frame, FrameKind.CLIENT_HELLO, HandshakeState.WAIT_CLIENT_HELLO)
+    hello: ClientHello = decode_body(frame)
+    if len(hello.username) > MAX_USERNAME:
+        raise RemoteProtocolError(f"username longer than {MAX_USERNAME} characters")
+    return hello.username
+
+
 def refusal_frame(code: str, reason: str, retry_after: float = 0.0) -> bytes:
     """An AUTH_FAILED frame (sent in clear: it carries nothing secret)."""
     return encode_frame(FrameKind.AUTH_FAILED, 0, AuthFailed(code, reason, retry_after))
