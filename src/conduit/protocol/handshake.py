@@ -44,7 +44,9 @@ is pure CPU work on the machine's own state, safe to run in a worker thread
 (``trio.to_thread.run_sync(handshake.receive, frame)``); the server's costs
 ~0.3-0.6 ms of scalar multiplications, the client's first SERVER_HELLO in
 accounts mode may run the Argon2id stretch (~0.1-0.2 s) unless its
-:class:`ProverCache` already holds it.
+:class:`ProverCache` already holds it. :func:`hello_username` reads the
+username of a CLIENT_HELLO without any group operation, so the server can count
+the attempt (per user and per address) before it does the work.
 
 Old peers: the version is the frame header's (``frames.PROTOCOL_VERSION``, the
 single source, checked by :func:`~conduit.protocol.codec.parse_header`) and
@@ -191,7 +193,7 @@ class ProverCache:
 def shared_secret(password: str) -> pake.BalancedSecret:
     """The shared-password mode's stretched ``w`` (memoised per process).
 
-    The first call per password runs Argon2id (~0.1-0.2 s): servers and
+    The first call per password runs Argon2id (~0.1-0.4 s, 64 MiB): servers and
     clients call it in a worker thread before their first handshake.
     """
     return pake.balanced_secret(password, CLIENT_IDENTITY, SERVER_IDENTITY)
