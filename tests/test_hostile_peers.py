@@ -293,9 +293,10 @@ async def test_data_before_authentication(arena: ArenaFactory) -> None:
             raw_header(FrameKind.CLIENT_HELLO, 0, 0, 0x80), "unknown flags 0x80", id="flags"
         ),
         pytest.param(
-            raw_header(FrameKind.CLIENT_HELLO, 0, 0, version=2),
-            "protocol version 2",
-            id="version-2",
+            # An old (version 1) peer.
+            raw_header(FrameKind.CLIENT_HELLO, 0, 0, version=1),
+            "protocol version 1",
+            id="version-1",
         ),
     ],
 )

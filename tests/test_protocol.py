@@ -108,8 +108,8 @@ def test_length_is_checked_before_the_payload_arrives() -> None:
     [
         (struct.pack("!2sBBBxII", b"XX", 1, 11, 0, 0, 0), "bad magic"),
         (struct.pack("!2sBBBxII", MAGIC, 99, 11, 0, 0, 0), "protocol version"),
-        (struct.pack("!2sBBBxII", MAGIC, 1, 200, 0, 0, 0), "unknown frame kind"),
-        (struct.pack("!2sBBBxII", MAGIC, 1, 11, 0x80, 0, 0), "unknown flags"),
+        (struct.pack("!2sBBBxII", MAGIC, PROTOCOL_VERSION, 200, 0, 0, 0), "unknown frame kind"),
+        (struct.pack("!2sBBBxII", MAGIC, PROTOCOL_VERSION, 11, 0x80, 0, 0), "unknown flags"),
     ],
 )
 def test_bad_headers_are_refused(header: bytes, message: str) -> None:

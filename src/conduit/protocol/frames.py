@@ -24,7 +24,7 @@ import struct
 import attrs
 
 MAGIC = b"\xc0\xd1"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!2sBBBxII")
 HEADER_SIZE = HEADER.size
 

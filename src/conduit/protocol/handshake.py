@@ -1,22 +1,58 @@
-"""The password handshake: SPAKE2 with explicit key confirmation, sans-IO.
+"""The password handshakes, sans-IO: SPAKE2 for a shared password, SPAKE2+ for accounts.
 
-::
+Shared password (balanced, RFC 9382)::
 
-    client                                   server
-      CLIENT_HELLO  {pake_A, name, limits}  ->
-                                          <-  SERVER_HELLO  {pake_B, name, limits}
-      CLIENT_CONFIRM {HMAC(kc_client, T)}   ->
-                                          <-  SERVER_CONFIRM {HMAC(kc_server, T)}
-                                              (or AUTH_FAILED {code, reason})
+    client (A)                                server (B)
+      CLIENT_HELLO  {pA, name, limits}       ->
+                                             <-  SERVER_HELLO  {pB, name, limits}
+      CLIENT_CONFIRM {cA}                    ->
+                                             <-  SERVER_CONFIRM {cB}
+                                                 (or AUTH_FAILED {code, reason})
 
-``T`` is a hash over both hello payloads exactly as they crossed the wire, so
-the names, limits and protocol version are authenticated too. The SPAKE2
-identities are the two roles, which stops a reflected message being accepted.
-Neither the password nor anything an eavesdropper could test guesses against
-ever crosses the wire: each connection allows one online guess, no more.
+Accounts (augmented, RFC 9383; the server holds only ``w0`` and ``L = w1*P``)::
 
-Keys come from HKDF-SHA256 over the SPAKE2 secret, salted with ``T``: two
-confirmation keys and one AES-256-GCM key per direction.
+    client (prover)                           server (verifier)
+      CLIENT_HELLO {username, name, limits}  ->
+                                             <-  SERVER_HELLO {shareV, salt, cost, ...}
+      CLIENT_CONFIRM {shareP, confirmP}      ->
+                                             <-  SERVER_CONFIRM {confirmV}
+                                                 (or AUTH_FAILED {code, reason})
+
+The cryptography is :mod:`conduit.protocol.pake`'s. What is bound in:
+
+- the two roles' identities: SPAKE2's ``idA``/``idB`` are ``conduit-client``
+  and ``conduit-server``; SPAKE2+'s are the username and ``conduit-server``
+  (a reflected message is never accepted);
+- the protocol version and both hello payloads exactly as they crossed the wire
+  (names, limits, username, salt, cost): hashed into SPAKE2's AAD and into
+  SPAKE2+'s ``Context``, so a tampered hello fails the confirmation.
+
+Each connection allows one online guess: every share commits its sender to one
+password guess. In the accounts flow the verifier sends ``shareV`` with the
+salt, before it has seen ``shareP``, so the prover confirms first, as the
+client already does in the balanced flow: ``confirmP`` lets a server that does
+not hold the verifier test only the one ``w0`` its ``shareV`` committed to
+(testing another needs ``x*N``, a Diffie-Hellman problem). This keeps two round
+trips; RFC 9383 shows the verifier confirming first in three.
+
+An unknown username gets a deterministic fake record from the lookup (same
+salt each time, a verifier nobody can match), so it costs the server the same
+work and the client sees the same message as a wrong password.
+
+Every call of :meth:`ServerHandshake.receive` and :meth:`ClientHandshake.receive`
+is pure CPU work on the machine's own state, safe to run in a worker thread
+(``trio.to_thread.run_sync(handshake.receive, frame)``); the server's costs
+~0.3-0.6 ms of scalar multiplications, the client's first SERVER_HELLO in
+accounts mode may run the Argon2id stretch (~0.1-0.2 s) unless its
+:class:`ProverCache` already holds it. :func:`hello_username` reads the
+username of a CLIENT_HELLO without any group operation, so the server can count
+the attempt (per user and per address) before it does the work.
+
+Old peers: the version is the frame header's (``frames.PROTOCOL_VERSION``, the
+single source, checked by :func:`~conduit.protocol.codec.parse_header`) and
+again in each hello. A server can answer an old client in that client's own
+header version with :func:`version_refusal`, which the old client reports as a
+refusal naming the protocol version rather than a MAC failure.
 """
 
 from __future__ import annotations
@@ -24,28 +60,49 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-from typing import Any
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import attrs
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from spake2 import SPAKE2_A, SPAKE2_B
 
 from ..errors import AuthenticationError, ConnectionClosed, RemoteProtocolError
-from .codec import decode_body, encode_frame
-from .frames import HEADER_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE, PROTOCOL_VERSION, Frame, FrameKind
+from . import pake
+from .codec import converter, decode_body, encode_frame, pack
+from .frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_FRAME_SIZE,
+    MIN_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameKind,
+)
 from .messages import AuthFailed, ClientHello, Confirm, ServerHello
+
+_T = TypeVar("_T")
 
 #: Handshake frames are tiny; anything larger is hostile.
 HANDSHAKE_MAX_FRAME = 4096
 CLIENT_IDENTITY = b"conduit-client"
 SERVER_IDENTITY = b"conduit-server"
+_VERSION_LABEL = b"conduit protocol v%d" % PROTOCOL_VERSION
+_SESSION_LABEL = b"conduit v%d session keys" % PROTOCOL_VERSION
+_ACCOUNTS_CONTEXT = b"conduit v%d SPAKE2+-edwards25519-SHA256-HKDF-SHA256-HMAC-SHA256" % (
+    PROTOCOL_VERSION
+)
 _MAX_NAME = 256
+#: Usernames longer than this are refused before any lookup (Accounts allows 64).
+MAX_USERNAME = 128
 _MIN_WINDOW = 64 * 1024
 _MAX_WINDOW = 1 << 30
 
 #: AUTH_FAILED codes that mean "the credentials were refused".
-AUTH_CODES = frozenset({"wrong_password", "throttled"})
+AUTH_CODES = frozenset({"wrong_password", "throttled", "auth_mode"})
+#: What a client is told for a wrong username or a wrong password: one message.
+ACCOUNTS_REFUSAL = "authentication failed: wrong username or password"
 
 
 class HandshakeState(enum.Enum):
@@ -74,29 +131,85 @@ class SessionKeys:
         return f"SessionKeys(peer_name={self.peer_name!r}, <keys hidden>)"
 
 
-@attrs.frozen
-class _Derived:
-    client_confirm: bytes
-    server_confirm: bytes
-    client_to_server: bytes
-    server_to_client: bytes
-    transcript: bytes
+class AccountVerifier(Protocol):
+    """What the server's account lookup returns for a username (real or fake)."""
+
+    @property
+    def salt(self) -> bytes:
+        """The account's Argon2id salt."""
+
+    @property
+    def stretch(self) -> pake.StretchParams:
+        """The account's Argon2id cost."""
+
+    @property
+    def verifier(self) -> pake.Verifier:
+        """``w0`` and ``L``."""
 
 
-def _derive(secret: bytes, client_hello: bytes, server_hello: bytes) -> _Derived:
-    transcript = hashlib.sha256()
-    for part in (b"conduit handshake v1", client_hello, server_hello):
-        transcript.update(len(part).to_bytes(4, "big"))
-        transcript.update(part)
-    digest = transcript.digest()
-    okm = HKDF(
-        algorithm=hashes.SHA256(), length=128, salt=digest, info=b"conduit v1 session keys"
-    ).derive(secret)
-    return _Derived(okm[0:32], okm[32:64], okm[64:96], okm[96:128], digest)
+#: ``lookup(username)``: never raises for an unknown user, returns a fake record.
+AccountLookup = Callable[[str], AccountVerifier]
 
 
-def _mac(key: bytes, role: bytes, transcript: bytes) -> bytes:
-    return hmac.new(key, role + transcript, hashlib.sha256).digest()
+class ProverCache:
+    """The client's stretched secrets, kept for the life of a ``Client``.
+
+    Keyed by everything the stretch depends on, so a reconnect to the same
+    account pays no Argon2id; bounded, so a server that changes salts on every
+    connection costs memory for a few entries only. Thread-safe.
+    """
+
+    def __init__(self, maxsize: int = 4) -> None:
+        self._maxsize = maxsize
+        self._entries: OrderedDict[tuple[str, str, bytes, pake.StretchParams], pake.ProverSecret]
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def secret(
+        self, password: str, username: str, salt: bytes, params: pake.StretchParams
+    ) -> pake.ProverSecret:
+        """``(w0, w1)`` for these inputs, stretched on the first call only."""
+        key = (password, username, salt, params)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        secret = pake.prover_secret(password, salt, params, username.encode(), SERVER_IDENTITY)
+        with self._lock:
+            self._entries[key] = secret
+            while len(self._entries) > self._maxsize:
+                self._entries.popitem(last=False)
+        return secret
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> ProverCache:
+        # A cache is shared, never copied (copies of a machine share its Client's).
+        return self
+
+
+def shared_secret(password: str) -> pake.BalancedSecret:
+    """The shared-password mode's stretched ``w`` (memoised per process).
+
+    The first call per password runs Argon2id (~0.1-0.4 s, 64 MiB): servers and
+    clients call it in a worker thread before their first handshake.
+    """
+    return pake.balanced_secret(password, CLIENT_IDENTITY, SERVER_IDENTITY)
+
+
+def account_verifier(
+    password: str, username: str, salt: bytes, params: pake.StretchParams
+) -> pake.Verifier:
+    """The verifier (``w0``, ``L``) stored for an account (used by :mod:`conduit.accounts`)."""
+    return pake.register(
+        pake.prover_secret(password, salt, params, username.encode(), SERVER_IDENTITY)
+    )
+
+
+def _hello_digest(client_hello: bytes, server_hello: bytes) -> bytes:
+    return hashlib.sha256(pake.lp(_VERSION_LABEL, client_hello, server_hello)).digest()
 
 
 def _check_limits(name: str, max_frame_size: int, receive_window: int, version: int) -> None:
@@ -112,11 +225,11 @@ def _check_limits(name: str, max_frame_size: int, receive_window: int, version: 
         raise RemoteProtocolError(f"peer receive window {receive_window} is out of range")
 
 
-def _finish_pake(pake: Any, message: bytes) -> bytes:
+def _pake_call(what: str, call: Callable[[], _T]) -> _T:
     try:
-        return pake.finish(message)  # type: ignore[no-any-return]
-    except Exception as exc:  # spake2 raises ValueError and its own classes
-        raise RemoteProtocolError(f"invalid SPAKE2 message: {exc}") from exc
+        return call()
+    except pake.PakeError as exc:
+        raise RemoteProtocolError(f"invalid {what}: {exc}") from exc
 
 
 def _expect(frame: Frame, kind: FrameKind, state: HandshakeState) -> None:
@@ -143,21 +256,91 @@ class _Handshake:
         raise NotImplementedError
 
 
+@attrs.frozen(repr=False)
+class _Pending:
+    """Keys derived from the hellos, waiting for the peer's confirmation."""
+
+    expected_mac: bytes
+    client_to_server: bytes
+    server_to_client: bytes
+
+
+def _balanced_keys(
+    secret: pake.BalancedSecret,
+    share_a: bytes,
+    share_b: bytes,
+    k: bytes,
+    client_hello: bytes,
+    server_hello: bytes,
+) -> tuple[pake.Spake2Keys, tuple[bytes, bytes]]:
+    transcript = pake.spake2_transcript(
+        CLIENT_IDENTITY, SERVER_IDENTITY, share_a, share_b, k, secret.w
+    )
+    aad = _hello_digest(client_hello, server_hello)
+    keys = pake.spake2_keys(transcript, aad)
+    return keys, pake.session_keys(keys.ke, _SESSION_LABEL + aad)
+
+
+def _account_keys(
+    username: str,
+    w0: bytes,
+    share_p: bytes,
+    share_v: bytes,
+    z: bytes,
+    v: bytes,
+    client_hello: bytes,
+    server_hello: bytes,
+) -> tuple[pake.Spake2PlusKeys, tuple[bytes, bytes]]:
+    context = _ACCOUNTS_CONTEXT + _hello_digest(client_hello, server_hello)
+    transcript = pake.spake2plus_transcript(
+        context, username.encode(), SERVER_IDENTITY, pake.M, pake.N, share_p, share_v, z, v, w0
+    )
+    keys = pake.spake2plus_keys(transcript, share_p, share_v)
+    return keys, pake.session_keys(keys.k_shared, _SESSION_LABEL)
+
+
+def _check_username(username: str) -> str:
+    if not username or len(username) > MAX_USERNAME:
+        raise ValueError(f"a username is 1 to {MAX_USERNAME} characters")
+    return username
+
+
 class ClientHandshake(_Handshake):
-    """Client side of the handshake. Call :meth:`start`, then feed frames to :meth:`receive`."""
+    """Client side of the handshake. Call :meth:`start`, then feed frames to :meth:`receive`.
+
+    ``username=None`` runs the shared-password SPAKE2 (the constructor derives
+    ``w``, memoised per process: see :func:`shared_secret`); a username runs
+    SPAKE2+ for that account, stretching the password when the server's salt
+    arrives unless ``cache`` (the Client's :class:`ProverCache`) has it.
+    """
 
     def __init__(
-        self, password: str, *, name: str, max_frame_size: int, receive_window: int
+        self,
+        password: str,
+        *,
+        name: str,
+        max_frame_size: int,
+        receive_window: int,
+        username: str | None = None,
+        cache: ProverCache | None = None,
     ) -> None:
         self.state = HandshakeState.START
         self.keys: SessionKeys | None = None
         self.server_name = ""
-        self._pake = SPAKE2_A(password.encode(), idA=CLIENT_IDENTITY, idB=SERVER_IDENTITY)
+        self.username = None if username is None else _check_username(username)
+        self._password = password
+        self._cache = cache if cache is not None else ProverCache(maxsize=1)
+        self._balanced: pake.BalancedSecret | None = None
+        self._x = b""
+        share = b""
+        if username is None:
+            self._balanced = shared_secret(password)
+            self._x, share = pake.spake2_share(self._balanced, role_a=True)
         self._hello = ClientHello(
-            PROTOCOL_VERSION, name, self._pake.start(), max_frame_size, receive_window
+            PROTOCOL_VERSION, name, share, max_frame_size, receive_window, username or ""
         )
         self._hello_payload = b""
-        self._derived: _Derived | None = None
+        self._pending: _Pending | None = None
         self._server_hello: ServerHello | None = None
 
     def start(self) -> bytes:
@@ -181,26 +364,26 @@ class ClientHandshake(_Handshake):
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
-            secret = _finish_pake(self._pake, hello.pake)
-            self._derived = _derive(secret, self._hello_payload, bytes(frame.payload))
+            if self._balanced is not None:
+                confirm = self._balanced_confirm(self._balanced, hello, bytes(frame.payload))
+            else:
+                confirm = self._account_confirm(hello, bytes(frame.payload))
             self._server_hello = hello
             self.server_name = hello.name
             self.state = HandshakeState.WAIT_SERVER_CONFIRM
-            mac = _mac(self._derived.client_confirm, b"client", self._derived.transcript)
-            return encode_frame(FrameKind.CLIENT_CONFIRM, 0, Confirm(mac))
+            return encode_frame(FrameKind.CLIENT_CONFIRM, 0, confirm)
         if self.state is HandshakeState.WAIT_SERVER_CONFIRM:
             _expect(frame, FrameKind.SERVER_CONFIRM, self.state)
-            confirm: Confirm = decode_body(frame)
-            assert self._derived is not None and self._server_hello is not None
-            expected = _mac(self._derived.server_confirm, b"server", self._derived.transcript)
-            if not hmac.compare_digest(expected, confirm.mac):
+            server_confirm: Confirm = decode_body(frame)
+            assert self._pending is not None and self._server_hello is not None
+            if not hmac.compare_digest(self._pending.expected_mac, server_confirm.mac):
                 raise AuthenticationError(
                     "the server could not prove it knows the password: "
                     "it may be an impostor, or it was configured with a different password"
                 )
             self.keys = SessionKeys(
-                send_key=self._derived.client_to_server,
-                receive_key=self._derived.server_to_client,
+                send_key=self._pending.client_to_server,
+                receive_key=self._pending.server_to_client,
                 peer_name=self._server_hello.name,
                 peer_max_frame_size=self._server_hello.max_frame_size,
                 peer_receive_window=self._server_hello.receive_window,
@@ -209,28 +392,85 @@ class ClientHandshake(_Handshake):
             return b""
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame after the handshake ended")
 
+    def _balanced_confirm(
+        self, secret: pake.BalancedSecret, hello: ServerHello, payload: bytes
+    ) -> Confirm:
+        if hmac.compare_digest(hello.pake, self._hello.pake):
+            # SPAKE2's identities would fail the confirmation anyway; say why now.
+            raise RemoteProtocolError("the server's SPAKE2 share is our own: a reflected message")
+        k = _pake_call(
+            "SPAKE2 share",
+            lambda: pake.spake2_shared_point(secret, True, self._x, hello.pake),
+        )
+        keys, (c2s, s2c) = _balanced_keys(
+            secret, self._hello.pake, hello.pake, k, self._hello_payload, payload
+        )
+        self._pending = _Pending(keys.confirm_b, c2s, s2c)
+        return Confirm(keys.confirm_a)
+
+    def _account_confirm(self, hello: ServerHello, payload: bytes) -> Confirm:
+        assert self.username is not None
+        params = _pake_call(
+            "stretch parameters", lambda: pake.StretchParams(hello.opslimit, hello.memlimit).check()
+        )
+        if len(hello.salt) != pake.SALT_SIZE:
+            raise RemoteProtocolError(f"the server's salt is not {pake.SALT_SIZE} bytes")
+        secret = self._cache.secret(self._password, self.username, hello.salt, params)
+        x, share_p = pake.spake2plus_prover_share(secret)
+        z, v = _pake_call(
+            "SPAKE2+ share", lambda: pake.spake2plus_prover_points(secret, x, hello.pake)
+        )
+        keys, (c2s, s2c) = _account_keys(
+            self.username, secret.w0, share_p, hello.pake, z, v, self._hello_payload, payload
+        )
+        self._pending = _Pending(keys.confirm_v, c2s, s2c)
+        return Confirm(keys.confirm_p, share_p)
+
 
 class ServerHandshake(_Handshake):
-    """Server side of the handshake.
+    """Server side of the handshake: a shared ``password``, or ``accounts``.
+
+    ``accounts`` is a lookup returning an :class:`AccountVerifier` for any
+    username, a deterministic fake one for unknown users (see
+    :meth:`conduit.accounts.Accounts.lookup`).
 
     :meth:`receive` returns bytes to send. When the client's confirmation is
-    wrong it returns an AUTH_FAILED frame and sets :attr:`error`; the caller
-    sends the frame, then raises the error.
+    wrong (or it asked for the other mode) it returns an AUTH_FAILED frame and
+    sets :attr:`error`; the caller sends the frame, then raises the error. On
+    success, :attr:`username` and :attr:`account` name the authenticated
+    account (None in shared-password mode).
     """
 
     def __init__(
-        self, password: str, *, name: str, max_frame_size: int, receive_window: int
+        self,
+        password: str | None,
+        *,
+        name: str,
+        max_frame_size: int,
+        receive_window: int,
+        accounts: AccountLookup | None = None,
     ) -> None:
+        if (password is None) == (accounts is None):
+            raise ValueError("give a shared password or an account lookup, not both")
         self.state = HandshakeState.WAIT_CLIENT_HELLO
         self.keys: SessionKeys | None = None
         self.error: AuthenticationError | None = None
         self.client_name = ""
-        self._password = password.encode()
+        self.username: str | None = None
+        self.account: AccountVerifier | None = None
+        self._balanced = None if password is None else shared_secret(password)
+        self._lookup = accounts
         self._name = name
         self._max_frame_size = max_frame_size
         self._receive_window = receive_window
-        self._derived: _Derived | None = None
+        self._pending: _Pending | None = None
         self._client_hello: ClientHello | None = None
+        # Accounts mode, between the hellos and the client's confirmation.
+        self._record: AccountVerifier | None = None
+        self._y = b""
+        self._hello_payloads = (b"", b"")
+        self._share_v = b""
+        self._server_mac = b""
 
     def _receive(self, frame: Frame) -> bytes:
         if self.state is HandshakeState.WAIT_CLIENT_HELLO:
@@ -239,46 +479,161 @@ class ServerHandshake(_Handshake):
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
-            pake = SPAKE2_B(self._password, idA=CLIENT_IDENTITY, idB=SERVER_IDENTITY)
-            reply = encode_frame(
-                FrameKind.SERVER_HELLO,
-                0,
-                ServerHello(
-                    PROTOCOL_VERSION,
-                    self._name,
-                    pake.start(),
-                    self._max_frame_size,
-                    self._receive_window,
-                ),
-            )
-            secret = _finish_pake(pake, hello.pake)
-            self._derived = _derive(secret, bytes(frame.payload), reply[HEADER_SIZE:])
             self._client_hello = hello
             self.client_name = hello.name
+            if self._lookup is not None:
+                if not hello.username:
+                    return self._refuse(
+                        "auth_mode",
+                        "this server has user accounts: connect with a username",
+                    )
+                reply = self._account_hello(self._lookup, hello, bytes(frame.payload))
+            else:
+                assert self._balanced is not None
+                if hello.username:
+                    return self._refuse(
+                        "auth_mode",
+                        "this server uses a shared password, not user accounts: "
+                        "connect without a username",
+                    )
+                reply = self._balanced_hello(self._balanced, hello, bytes(frame.payload))
             self.state = HandshakeState.WAIT_CLIENT_CONFIRM
             return reply
         if self.state is HandshakeState.WAIT_CLIENT_CONFIRM:
             _expect(frame, FrameKind.CLIENT_CONFIRM, self.state)
             confirm: Confirm = decode_body(frame)
-            assert self._derived is not None and self._client_hello is not None
-            expected = _mac(self._derived.client_confirm, b"client", self._derived.transcript)
-            if not hmac.compare_digest(expected, confirm.mac):
+            assert self._client_hello is not None
+            if self._record is not None:
+                self._account_pending(self._record, confirm.share)
+            assert self._pending is not None
+            if not hmac.compare_digest(self._pending.expected_mac, confirm.mac):
+                if self._record is not None:
+                    self.state = HandshakeState.FAILED
+                    self.error = AuthenticationError(
+                        f"wrong username or password (username {self._client_hello.username!r})"
+                    )
+                    return refusal_frame("wrong_password", ACCOUNTS_REFUSAL)
                 self.state = HandshakeState.FAILED
                 self.error = AuthenticationError("wrong password")
                 return refusal_frame("wrong_password", "authentication failed: wrong password")
             self.keys = SessionKeys(
-                send_key=self._derived.server_to_client,
-                receive_key=self._derived.client_to_server,
+                send_key=self._pending.server_to_client,
+                receive_key=self._pending.client_to_server,
                 peer_name=self._client_hello.name,
                 peer_max_frame_size=self._client_hello.max_frame_size,
                 peer_receive_window=self._client_hello.receive_window,
             )
+            if self._record is not None:
+                self.username = self._client_hello.username
+                self.account = self._record
             self.state = HandshakeState.DONE
-            mac = _mac(self._derived.server_confirm, b"server", self._derived.transcript)
-            return encode_frame(FrameKind.SERVER_CONFIRM, 0, Confirm(mac))
+            return encode_frame(FrameKind.SERVER_CONFIRM, 0, Confirm(self._server_mac))
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame in state {self.state.value}")
+
+    def _refuse(self, code: str, reason: str) -> bytes:
+        self.state = HandshakeState.FAILED
+        self.error = AuthenticationError(reason)
+        return refusal_frame(code, reason)
+
+    def _hello_frame(self, share: bytes, **extra: bytes | int) -> bytes:
+        hello = ServerHello(
+            PROTOCOL_VERSION,
+            self._name,
+            share,
+            self._max_frame_size,
+            self._receive_window,
+            **extra,  # type: ignore[arg-type]
+        )
+        return encode_frame(FrameKind.SERVER_HELLO, 0, hello)
+
+    def _balanced_hello(
+        self, secret: pake.BalancedSecret, hello: ClientHello, payload: bytes
+    ) -> bytes:
+        y, share_b = pake.spake2_share(secret, role_a=False)
+        reply = self._hello_frame(share_b)
+        k = _pake_call(
+            "SPAKE2 share", lambda: pake.spake2_shared_point(secret, False, y, hello.pake)
+        )
+        keys, (c2s, s2c) = _balanced_keys(
+            secret, hello.pake, share_b, k, payload, reply[HEADER_SIZE:]
+        )
+        self._pending = _Pending(keys.confirm_a, c2s, s2c)
+        self._server_mac = keys.confirm_b
+        return reply
+
+    def _account_hello(self, lookup: AccountLookup, hello: ClientHello, payload: bytes) -> bytes:
+        if len(hello.username) > MAX_USERNAME:
+            raise RemoteProtocolError(f"username longer than {MAX_USERNAME} characters")
+        if hello.pake:
+            raise RemoteProtocolError("CLIENT_HELLO carries a share in accounts mode")
+        record = lookup(hello.username)
+        self._y, self._share_v = pake.spake2plus_verifier_share(record.verifier)
+        reply = self._hello_frame(
+            self._share_v,
+            salt=record.salt,
+            opslimit=record.stretch.opslimit,
+            memlimit=record.stretch.memlimit,
+        )
+        self._record = record
+        self._hello_payloads = (payload, reply[HEADER_SIZE:])
+        return reply
+
+    def _account_pending(self, record: AccountVerifier, share_p: bytes) -> None:
+        assert self._client_hello is not None
+        verifier = record.verifier
+        z, v = _pake_call(
+            "SPAKE2+ share", lambda: pake.spake2plus_verifier_points(verifier, self._y, share_p)
+        )
+        keys, (c2s, s2c) = _account_keys(
+            self._client_hello.username,
+            verifier.w0,
+            share_p,
+            self._share_v,
+            z,
+            v,
+            *self._hello_payloads,
+        )
+        self._pending = _Pending(keys.confirm_p, c2s, s2c)
+        self._server_mac = keys.confirm_v
+
+
+def hello_username(frame: Frame) -> str:
+    """The username a CLIENT_HELLO names ("" in shared-password mode), decoded alone.
+
+    Cheap (no group operation): the server calls it on the first frame to
+    count the attempt against the user and the address *before* handing the
+    frame to :meth:`ServerHandshake.receive`, which does the work.
+    RemoteProtocolError if the frame is not a well-formed CLIENT_HELLO.
+    """
+    _expect(frame, FrameKind.CLIENT_HELLO, HandshakeState.WAIT_CLIENT_HELLO)
+    hello: ClientHello = decode_body(frame)
+    if len(hello.username) > MAX_USERNAME:
+        raise RemoteProtocolError(f"username longer than {MAX_USERNAME} characters")
+    return hello.username
 
 
 def refusal_frame(code: str, reason: str, retry_after: float = 0.0) -> bytes:
     """An AUTH_FAILED frame (sent in clear: it carries nothing secret)."""
     return encode_frame(FrameKind.AUTH_FAILED, 0, AuthFailed(code, reason, retry_after))
+
+
+def peer_version(data: bytes | bytearray) -> int | None:
+    """The protocol version in the first header a peer sent; None if not a conduit header."""
+    if len(data) < 3 or bytes(data[:2]) != MAGIC:
+        return None
+    return data[2]
+
+
+def version_refusal(version: int) -> bytes:
+    """AUTH_FAILED for a peer speaking protocol ``version``, in that version's header.
+
+    The AUTH_FAILED body (code, reason, retry_after) is the same in every
+    version so far, so an old client decodes it and reports the reason (a
+    refusal that names the protocol version) instead of a bare disconnect.
+    """
+    reason = (
+        f"protocol version mismatch: the server speaks conduit protocol version "
+        f"{PROTOCOL_VERSION}, this client speaks version {version}; upgrade conduit"
+    )
+    payload = pack(converter.unstructure(AuthFailed("protocol_version", reason, 0.0)))
+    return HEADER.pack(MAGIC, version & 0xFF, FrameKind.AUTH_FAILED, 0, 0, len(payload)) + payload

@@ -16,31 +16,50 @@ from .frames import FrameKind
 
 @attrs.frozen
 class ClientHello:
-    """First handshake frame: the client's SPAKE2 message and its limits."""
+    """First handshake frame: the client's limits and how it authenticates.
+
+    Shared-password mode: ``pake`` is the SPAKE2 share ``pA`` and ``username``
+    is empty. Accounts mode: ``username`` names the account and ``pake`` is
+    empty (the SPAKE2+ share needs the salt the server answers with).
+    """
 
     protocol_version: int
     name: str
     pake: bytes
     max_frame_size: int
     receive_window: int
+    username: str = ""
 
 
 @attrs.frozen
 class ServerHello:
-    """The server's SPAKE2 message and its limits."""
+    """The server's share (SPAKE2 ``pB``, or SPAKE2+ ``shareV``) and its limits.
+
+    In accounts mode it also carries the account's Argon2id ``salt`` and cost
+    (``opslimit``, ``memlimit``), so the client can stretch its password; an
+    unknown username gets a deterministic fake salt, indistinguishable.
+    """
 
     protocol_version: int
     name: str
     pake: bytes
     max_frame_size: int
     receive_window: int
+    salt: bytes = b""
+    opslimit: int = 0
+    memlimit: int = 0
 
 
 @attrs.frozen
 class Confirm:
-    """Key confirmation: an HMAC over the handshake transcript."""
+    """Key confirmation: an HMAC keyed from the transcript.
+
+    In accounts mode the client's confirmation also carries its SPAKE2+
+    share ``shareP`` (``share``); it is empty otherwise.
+    """
 
     mac: bytes
+    share: bytes = b""
 
 
 @attrs.frozen

@@ -1,0 +1,463 @@
+"""User accounts: per-user verifiers, never passwords, in one JSON file.
+
+Each record holds what SPAKE2+ (RFC 9383) needs on the server side: a random
+16-byte salt, the Argon2id cost, ``w0`` and ``L = w1*P`` (see
+:mod:`conduit.protocol.pake`). ``w0`` and ``L`` come out of a memory-hard
+stretch of the password with that salt and the username, so a stolen file
+gives an attacker an offline dictionary attack at the Argon2id price per guess
+per user, and two users with one password have unrelated records. Neither the
+password nor any fast or unsalted hash of it is ever written.
+
+The file::
+
+    {"format": "conduit-accounts", "version": 1,
+     "secret": "<base64: 32 random bytes for the fake records of unknown users>",
+     "users": {"alice": {"salt": "<b64>", "opslimit": 3, "memlimit": 67108864,
+                         "w0": "<b64>", "L": "<b64>", "w0M": "<b64>", "w0N": "<b64>",
+                         "root": "alice",
+                         "quota": null, "read_only": false}}}
+
+Every change is a read-modify-write of the whole file under an advisory lock
+(``<file>.lock``, so two ``conduit user add`` never lose each other's change),
+written to a temporary file, fsynced, and moved over the old one with
+``os.replace`` (mode 0600): a reader sees the old file or the new one, never a
+mix. A missing file is an empty set of accounts.
+
+A running server sees changes made by another process by calling
+:meth:`Accounts.reload_if_changed` (one ``stat``) before each lookup.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+from nacl import bindings as sodium
+
+from .protocol.handshake import account_verifier
+from .protocol.pake import DEFAULT_STRETCH, SALT_SIZE, StretchParams, Verifier, reduce_scalar
+
+if sys.platform != "win32":
+    # POSIX advisory locks; on Windows changes are still atomic, only not serialised.
+    import fcntl
+
+FORMAT = "conduit-accounts"
+VERSION = 1
+MAX_USERNAME = 64
+MAX_ROOT = 255
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
+_SECRET_SIZE = 32
+
+
+@attrs.frozen(repr=False)
+class AccountRecord:
+    """One account as the server uses it (or a fake one for an unknown username)."""
+
+    username: str
+    salt: bytes
+    stretch: StretchParams
+    verifier: Verifier
+    #: Relative to the server's storage directory.
+    root: str
+    #: Bytes the user may occupy (files, partials, reservations); None: no quota.
+    quota: int | None
+    read_only: bool
+
+    @property
+    def w0(self) -> bytes:
+        """SPAKE2+ ``w0``."""
+        return self.verifier.w0
+
+    @property
+    def L(self) -> bytes:
+        """SPAKE2+ ``L = w1*P``."""
+        return self.verifier.L
+
+    def __repr__(self) -> str:
+        return (
+            f"AccountRecord(username={self.username!r}, root={self.root!r}, "
+            f"quota={self.quota!r}, read_only={self.read_only!r}, <verifier hidden>)"
+        )
+
+
+def check_username(username: object) -> str:
+    """``username`` if it is a valid account name, else ValueError.
+
+    1 to 64 ASCII letters, digits and ``. _ @ + -``, starting with a letter or
+    digit and without ``..``: it names the user's default root directory, so it
+    must be a safe path component on every platform.
+    """
+    if not isinstance(username, str) or not 1 <= len(username) <= MAX_USERNAME:
+        raise ValueError(f"a username is 1 to {MAX_USERNAME} characters")
+    if not _USERNAME.match(username) or ".." in username:
+        raise ValueError(
+            f"invalid username {username!r}: use letters, digits and . _ @ + - "
+            "(starting with a letter or digit, no '..')"
+        )
+    return username
+
+
+def check_root(root: object) -> str:
+    """``root`` if it is a safe relative directory (``/``-separated), else ValueError."""
+    if not isinstance(root, str) or not 1 <= len(root) <= MAX_ROOT:
+        raise ValueError(f"a root is a relative path of 1 to {MAX_ROOT} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in root):
+        raise ValueError(f"root {root!r} contains a control character")
+    if "\\" in root:
+        raise ValueError(f"root {root!r}: use '/' as the separator")
+    if root.startswith("/") or re.match(r"[A-Za-z]:", root):
+        raise ValueError(f"root {root!r} must be relative to the storage directory")
+    if any(part in ("", ".", "..") for part in root.split("/")):
+        raise ValueError(f"root {root!r} must not contain empty, '.' or '..' components")
+    return root
+
+
+def _check_quota(quota: object) -> int | None:
+    if quota is None:
+        return None
+    if type(quota) is not int or quota < 0:
+        raise ValueError(f"quota must be a number of bytes >= 0 or None, not {quota!r}")
+    return quota
+
+
+def _check_password(password: object) -> str:
+    if not isinstance(password, str) or not password:
+        raise ValueError("the password must be a non-empty string")
+    return password
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(value: object, size: int, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} is not base64 text")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid base64") from exc
+    if len(data) != size:
+        raise ValueError(f"{what} is {len(data)} bytes, expected {size}")
+    return data
+
+
+def _record_to_json(record: AccountRecord) -> dict[str, Any]:
+    return {
+        "salt": _b64(record.salt),
+        "opslimit": record.stretch.opslimit,
+        "memlimit": record.stretch.memlimit,
+        "w0": _b64(record.verifier.w0),
+        "L": _b64(record.verifier.L),
+        # w0*M and w0*N, so that loading the file costs no scalar multiplication.
+        "w0M": _b64(record.verifier.w0_m),
+        "w0N": _b64(record.verifier.w0_n),
+        "root": record.root,
+        "quota": record.quota,
+        "read_only": record.read_only,
+    }
+
+
+def _record_from_json(username: str, raw: object) -> AccountRecord:
+    what = f"user {username!r}"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} is not an object")
+    try:
+        stretch = StretchParams(raw["opslimit"], raw["memlimit"]).check()
+        w0 = _unb64(raw["w0"], 32, f"{what}: w0")
+        if "w0M" in raw and "w0N" in raw:
+            verifier = Verifier(
+                w0,
+                _unb64(raw["L"], 32, f"{what}: L"),
+                _unb64(raw["w0M"], 32, f"{what}: w0M"),
+                _unb64(raw["w0N"], 32, f"{what}: w0N"),
+            )
+        else:
+            verifier = Verifier(w0, _unb64(raw["L"], 32, f"{what}: L"))
+        if not sodium.crypto_core_ed25519_is_valid_point(verifier.L):
+            raise ValueError(f"{what}: L is not a valid point")
+        read_only = raw.get("read_only", False)
+        if type(read_only) is not bool:
+            raise ValueError(f"{what}: read_only is not true or false")
+        return AccountRecord(
+            username=check_username(username),
+            salt=_unb64(raw["salt"], SALT_SIZE, f"{what}: salt"),
+            stretch=stretch,
+            verifier=verifier,
+            root=check_root(raw.get("root", username)),
+            quota=_check_quota(raw.get("quota")),
+            read_only=read_only,
+        )
+    except KeyError as exc:
+        raise ValueError(f"{what} lacks the field {exc.args[0]!r}") from exc
+
+
+@attrs.frozen
+class _State:
+    secret: bytes
+    users: dict[str, AccountRecord]
+    # (st_ino, st_size, st_mtime_ns) of the file this state was read from; None if absent.
+    signature: tuple[int, int, int] | None
+
+
+class Accounts:
+    """The accounts file at ``path`` (created on the first change).
+
+    ``stretch`` is the Argon2id cost given to new or re-passworded accounts
+    (stored in each record, so raising it later leaves old records valid);
+    lower it only in tests. Thread-safe; several processes may change the same
+    file (changes are serialised with a lock file where the OS has ``fcntl``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, stretch: StretchParams = DEFAULT_STRETCH):
+        self.path = Path(path)
+        self.stretch = stretch.check()
+        self._lock = threading.Lock()
+        self._state = self._read()
+
+    # --- Queries --------------------------------------------------------------------------
+
+    def __contains__(self, username: object) -> bool:
+        return isinstance(username, str) and username in self._state.users
+
+    def __len__(self) -> int:
+        return len(self._state.users)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.usernames())
+
+    def usernames(self) -> list[str]:
+        """Every account's name, sorted."""
+        return sorted(self._state.users)
+
+    def get(self, username: str) -> AccountRecord:
+        """The record of an existing account; KeyError if there is none."""
+        try:
+            return self._state.users[username]
+        except KeyError:
+            raise KeyError(f"no account named {username!r}") from None
+
+    def lookup(self, username: str) -> AccountRecord:
+        """The record for ``username``, or a fake one if there is no such account.
+
+        The fake is deterministic (keyed with the file's secret, so the same
+        unknown name always gets the same salt), uses the default cost, and
+        has a verifier no password matches; it is computed for every lookup,
+        known user or not, so both take the same work. This is what the
+        server's handshake calls (:data:`conduit.protocol.handshake.AccountLookup`).
+        """
+        state = self._state
+        fake = self._fake(state.secret, username)
+        real = state.users.get(username)
+        return fake if real is None else real
+
+    def _fake(self, secret: bytes, username: str) -> AccountRecord:
+        name = username.encode("utf-8", "replace")
+
+        def tag(label: bytes) -> bytes:
+            return hmac.new(secret, label + b"\0" + name, hashlib.sha512).digest()
+
+        return AccountRecord(
+            username=username,
+            salt=tag(b"salt")[:SALT_SIZE],
+            stretch=self.stretch,
+            # Points of unknown logarithm stand in for L, w0*M and w0*N (no
+            # password can match them anyway), at a third of the cost of
+            # multiplying: the fake is built on every lookup, known user or not.
+            verifier=Verifier(
+                reduce_scalar(tag(b"w0")),
+                sodium.crypto_core_ed25519_from_uniform(tag(b"L")[:32]),
+                sodium.crypto_core_ed25519_from_uniform(tag(b"w0M")[:32]),
+                sodium.crypto_core_ed25519_from_uniform(tag(b"w0N")[:32]),
+            ),
+            root=username,
+            quota=None,
+            read_only=False,
+        )
+
+    # --- Changes --------------------------------------------------------------------------
+
+    def add(
+        self,
+        username: str,
+        password: str,
+        *,
+        root: str | None = None,
+        quota: int | None = None,
+        read_only: bool = False,
+    ) -> None:
+        """Create an account; ValueError if it exists or an argument is invalid.
+
+        Runs the Argon2id stretch (~0.1-0.2 s at the default cost).
+        """
+        check_username(username)
+        _check_password(password)
+        self.reload_if_changed()
+        root = check_root(username if root is None else root)
+        quota = _check_quota(quota)
+        if type(read_only) is not bool:
+            raise ValueError("read_only must be True or False")
+        if username in self:
+            raise ValueError(f"an account named {username!r} already exists")
+        record = self._new_record(username, password, root, quota, read_only)
+        with self._changing() as users:
+            if username in users:
+                raise ValueError(f"an account named {username!r} already exists")
+            users[username] = record
+
+    def remove(self, username: str) -> None:
+        """Delete an account; KeyError if there is none. Its files stay on disk."""
+        with self._changing() as users:
+            if username not in users:
+                raise KeyError(f"no account named {username!r}")
+            del users[username]
+
+    def set_password(self, username: str, password: str) -> None:
+        """Give an account a new password (and a new salt); KeyError if there is none."""
+        _check_password(password)
+        self.reload_if_changed()
+        old = self.get(username)
+        fresh = self._new_record(username, password, old.root, old.quota, old.read_only)
+        with self._changing() as users:
+            current = users.get(username)
+            if current is None:
+                raise KeyError(f"no account named {username!r}")
+            users[username] = attrs.evolve(
+                current, salt=fresh.salt, stretch=fresh.stretch, verifier=fresh.verifier
+            )
+
+    def _new_record(
+        self, username: str, password: str, root: str, quota: int | None, read_only: bool
+    ) -> AccountRecord:
+        salt = secrets.token_bytes(SALT_SIZE)
+        return AccountRecord(
+            username=username,
+            salt=salt,
+            stretch=self.stretch,
+            verifier=account_verifier(password, username, salt, self.stretch),
+            root=root,
+            quota=quota,
+            read_only=read_only,
+        )
+
+    # --- The file -------------------------------------------------------------------------
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if another process changed it; True if it did.
+
+        One ``stat`` when nothing changed: cheap enough to call before every
+        handshake. A malformed file raises ValueError and leaves the accounts
+        as they were.
+        """
+        if self._signature() == self._state.signature:
+            return False
+        with self._lock:
+            if self._signature() == self._state.signature:
+                return False
+            self._state = self._read(keep_secret=self._state.secret)
+            return True
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _read(self, keep_secret: bytes | None = None) -> _State:
+        signature = self._signature()
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return _State(keep_secret or secrets.token_bytes(_SECRET_SIZE), {}, None)
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: not a JSON accounts file: {exc}") from exc
+        try:
+            return _State(*self._parse(raw, keep_secret), signature)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: {exc}") from exc
+
+    @staticmethod
+    def _parse(raw: object, keep_secret: bytes | None) -> tuple[bytes, dict[str, AccountRecord]]:
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} file")
+        if raw.get("version") != VERSION:
+            raise ValueError(f"accounts file version {raw.get('version')!r}, expected {VERSION}")
+        if "secret" in raw:
+            secret = _unb64(raw["secret"], _SECRET_SIZE, "secret")
+        else:
+            secret = keep_secret or secrets.token_bytes(_SECRET_SIZE)
+        users = raw.get("users", {})
+        if not isinstance(users, dict):
+            raise ValueError("users is not an object")
+        return secret, {name: _record_from_json(name, body) for name, body in users.items()}
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[dict[str, AccountRecord]]:
+        """Lock, re-read the file, let the caller change the users, write it back."""
+        with self._lock, self._file_lock():
+            state = self._read(keep_secret=self._state.secret)
+            users = dict(state.users)
+            yield users
+            document = {
+                "format": FORMAT,
+                "version": VERSION,
+                "secret": _b64(state.secret),
+                "users": {name: _record_to_json(users[name]) for name in sorted(users)},
+            }
+            _write_atomic(self.path, (json.dumps(document, indent=2) + "\n").encode())
+            self._state = _State(state.secret, users, self._signature())
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        if sys.platform == "win32":  # pragma: no cover
+            yield
+            return
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    # The rename itself must survive a crash too.
+    with contextlib.suppress(OSError):  # some platforms cannot open a directory
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+__all__ = ["AccountRecord", "Accounts", "check_root", "check_username"]

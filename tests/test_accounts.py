@@ -1,0 +1,338 @@
+"""The accounts file: verifiers only, atomic changes, fake records, and the handshake over it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from nacl import bindings as sodium
+
+from conduit.accounts import AccountRecord, Accounts
+from conduit.errors import AuthenticationError
+from conduit.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ClientHandshake,
+    Frame,
+    FrameReader,
+    HandshakeState,
+    ServerHandshake,
+)
+from conduit.protocol.handshake import ACCOUNTS_REFUSAL
+from conduit.protocol.pake import DEFAULT_STRETCH, StretchParams
+
+#: The lowest Argon2id cost, so the tests do not spend 0.1 s per account.
+FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
+PASSWORD = "correct horse battery staple \N{GREEK SMALL LETTER ALPHA}"
+
+
+def _accounts(tmp_path: Path, name: str = "users.json") -> Accounts:
+    return Accounts(tmp_path / name, stretch=FAST)
+
+
+def test_a_missing_file_is_empty_and_is_not_created_by_reading(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    assert accounts.usernames() == [] and "alice" not in accounts and len(accounts) == 0
+    accounts.lookup("alice")
+    assert accounts.reload_if_changed() is False
+    assert not (tmp_path / "users.json").exists()
+
+
+def test_add_remove_and_list(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    accounts.add("bob", "hunter2", root="shared/bob", quota=10_000, read_only=True)
+    assert accounts.usernames() == ["alice", "bob"]
+    assert "alice" in accounts and "carol" not in accounts and 42 not in accounts
+    alice, bob = accounts.get("alice"), accounts.get("bob")
+    assert (alice.root, alice.quota, alice.read_only) == ("alice", None, False)
+    assert (bob.root, bob.quota, bob.read_only) == ("shared/bob", 10_000, True)
+    with pytest.raises(ValueError, match="already exists"):
+        accounts.add("alice", "other")
+    accounts.remove("alice")
+    assert accounts.usernames() == ["bob"]
+    with pytest.raises(KeyError):
+        accounts.remove("alice")
+    # Another instance reads the same file.
+    again = _accounts(tmp_path)
+    assert again.usernames() == ["bob"]
+    assert again.get("bob").verifier == bob.verifier
+
+
+@pytest.mark.parametrize(
+    "username",
+    ["", "a" * 65, "..", ".hidden", "a/b", "a\\b", "a..b", "al\x00ice", "al\nice", "é", " a"],
+)
+def test_invalid_usernames_are_refused(tmp_path: Path, username: str) -> None:
+    accounts = _accounts(tmp_path)
+    with pytest.raises(ValueError):
+        accounts.add(username, PASSWORD)
+    assert not (tmp_path / "users.json").exists()
+
+
+@pytest.mark.parametrize(
+    "root",
+    [
+        "",
+        "/etc",
+        "../up",
+        "a/../b",
+        "a/./b",
+        "a//b",
+        "a/",
+        "C:/x",
+        "a\\b",
+        "a\x00b",
+        "a\x1fb",
+        "x" * 256,
+    ],
+)
+def test_invalid_roots_are_refused(tmp_path: Path, root: str) -> None:
+    accounts = _accounts(tmp_path)
+    with pytest.raises(ValueError):
+        accounts.add("alice", PASSWORD, root=root)
+    assert "alice" not in accounts
+
+
+@pytest.mark.parametrize("quota", [-1, 1.5, "10", True])
+def test_invalid_quotas_are_refused(tmp_path: Path, quota: object) -> None:
+    with pytest.raises(ValueError, match="quota"):
+        _accounts(tmp_path).add("alice", PASSWORD, quota=quota)  # type: ignore[arg-type]
+
+
+def test_an_empty_password_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="password"):
+        _accounts(tmp_path).add("alice", "")
+
+
+def _forbidden_forms(password: str) -> list[bytes]:
+    """The password and every fast, unsalted hash of it, as they could appear in the file."""
+    raw = password.encode()
+    forms = [raw, base64.b64encode(raw)]
+    for name in ("md5", "sha1", "sha256", "sha512", "sha3_256", "blake2b"):
+        digest = hashlib.new(name, raw).digest()
+        forms += [
+            digest.hex().encode(),
+            digest.hex().upper().encode(),
+            base64.b64encode(digest),
+            base64.urlsafe_b64encode(digest),
+        ]
+    return forms
+
+
+def test_the_file_holds_no_password_nor_a_fast_hash_of_it(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    accounts.add("bob", "hunter2")
+    accounts.set_password("bob", "tr0ub4dor&3")
+    data = (tmp_path / "users.json").read_bytes()
+    for password in (PASSWORD, "hunter2", "tr0ub4dor&3"):
+        for form in _forbidden_forms(password):
+            assert form not in data, form
+    assert stat.S_IMODE((tmp_path / "users.json").stat().st_mode) == 0o600
+    document = json.loads(data)
+    assert document["format"] == "conduit-accounts" and document["version"] == 1
+    assert set(document["users"]["alice"]) == {
+        "salt",
+        "opslimit",
+        "memlimit",
+        "w0",
+        "L",
+        "w0M",
+        "w0N",
+        "root",
+        "quota",
+        "read_only",
+    }
+
+
+def test_two_users_with_one_password_have_unrelated_records(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    accounts.add("bob", PASSWORD)
+    alice, bob = accounts.get("alice"), accounts.get("bob")
+    assert alice.salt != bob.salt
+    assert alice.w0 != bob.w0 and alice.L != bob.L
+
+
+def test_set_password_replaces_salt_and_verifier_and_keeps_the_rest(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD, root="home/alice", quota=5, read_only=True)
+    before = accounts.get("alice")
+    accounts.set_password("alice", PASSWORD)
+    after = accounts.get("alice")
+    assert after.salt != before.salt and after.verifier != before.verifier
+    assert (after.root, after.quota, after.read_only) == ("home/alice", 5, True)
+    with pytest.raises(KeyError):
+        accounts.set_password("nobody", PASSWORD)
+
+
+def test_the_default_cost_is_argon2id_at_64_mib(tmp_path: Path) -> None:
+    assert StretchParams(opslimit=3, memlimit=64 * 1024 * 1024) == DEFAULT_STRETCH
+    assert Accounts(tmp_path / "a.json").stretch == DEFAULT_STRETCH
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    before = (tmp_path / "users.json").read_bytes()
+
+    def refuse(_src: object, _dst: object) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk on fire"):
+        accounts.add("bob", PASSWORD)
+    monkeypatch.undo()
+    assert (tmp_path / "users.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json", "users.json.lock"]
+    assert accounts.usernames() == ["alice"]
+
+
+def test_writes_replace_the_file_whole(tmp_path: Path) -> None:
+    # Readers holding the old file keep reading the old contents: the new
+    # version is a different file moved into place.
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    with open(tmp_path / "users.json", "rb") as old:
+        accounts.add("bob", PASSWORD)
+        assert b"bob" not in old.read()
+    assert b"bob" in (tmp_path / "users.json").read_bytes()
+
+
+def test_changes_from_another_process_are_seen_after_reload(tmp_path: Path) -> None:
+    server_view = _accounts(tmp_path)
+    cli_view = _accounts(tmp_path)
+    assert server_view.reload_if_changed() is False
+    cli_view.add("alice", PASSWORD)
+    assert "alice" not in server_view
+    assert server_view.reload_if_changed() is True
+    assert "alice" in server_view
+    assert server_view.reload_if_changed() is False
+    # Both views changing the file: neither loses the other's change.
+    server_view.add("bob", PASSWORD)
+    cli_view.add("carol", PASSWORD)
+    assert _accounts(tmp_path).usernames() == ["alice", "bob", "carol"]
+
+
+def test_concurrent_adds_from_threads_all_land(tmp_path: Path) -> None:
+    views = [_accounts(tmp_path) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def add(view: Accounts, index: int) -> None:
+        try:
+            view.add(f"user{index}", PASSWORD)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(v, i)) for i, v in enumerate(views * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert _accounts(tmp_path).usernames() == sorted(f"user{i}" for i in range(8))
+
+
+def test_a_malformed_file_is_refused_and_a_bad_reload_keeps_the_accounts(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON accounts file"):
+        Accounts(path)
+    path.unlink()
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    document = json.loads(path.read_text())
+    document["users"]["alice"]["root"] = "../escape"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="root"):
+        accounts.reload_if_changed()
+    assert accounts.get("alice").root == "alice"
+    with pytest.raises(ValueError):
+        accounts.add("bob", PASSWORD)  # never overwrites a file it cannot read
+
+
+def test_unknown_users_get_stable_fake_records(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    fake = accounts.lookup("mallory")
+    assert isinstance(fake, AccountRecord)
+    assert "mallory" not in accounts
+    # Stable across lookups and instances (the secret is in the file)...
+    assert accounts.lookup("mallory") == fake == _accounts(tmp_path).lookup("mallory")
+    # ...different per name, shaped like a real record.
+    other = accounts.lookup("trudy")
+    assert other.salt != fake.salt and other.verifier != fake.verifier
+    real = accounts.lookup("alice")
+    assert real == accounts.get("alice")
+    assert len(fake.salt) == len(real.salt) and fake.stretch == real.stretch
+    assert sodium.crypto_core_ed25519_is_valid_point(fake.L)
+    assert "hidden" in repr(fake)
+
+
+# --- The handshake over a real accounts file -------------------------------------------------
+
+LIMITS = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
+
+
+def _frame(data: bytes) -> Frame:
+    reader = FrameReader()
+    reader.feed(data)
+    frame = reader.next_frame()
+    assert frame is not None
+    return frame
+
+
+def _connect(accounts: Accounts, username: str, password: str) -> ServerHandshake:
+    client = ClientHandshake(password, name="c", username=username, **LIMITS)
+    server = ServerHandshake(None, name="s", accounts=accounts.lookup, **LIMITS)
+    server_hello = server.receive(_frame(client.start()))
+    answer = server.receive(_frame(client.receive(_frame(server_hello))))
+    if server.error is not None:
+        with pytest.raises(AuthenticationError, match=ACCOUNTS_REFUSAL):
+            client.receive(_frame(answer))
+        return server
+    client.receive(_frame(answer))
+    assert client.state is HandshakeState.DONE
+    return server
+
+
+def test_the_handshake_authenticates_against_the_file(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD, root="data/alice", quota=100)
+    server = _connect(accounts, "alice", PASSWORD)
+    assert server.state is HandshakeState.DONE and server.username == "alice"
+    assert isinstance(server.account, AccountRecord)
+    assert (server.account.root, server.account.quota) == ("data/alice", 100)
+    for username, password in [("alice", "wrong"), ("mallory", PASSWORD), ("Alice", PASSWORD)]:
+        refused = _connect(accounts, username, password)
+        assert isinstance(refused.error, AuthenticationError) and refused.username is None
+
+
+def test_a_new_password_takes_effect_and_a_removed_user_is_refused(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    accounts.set_password("alice", "new password")
+    assert _connect(accounts, "alice", PASSWORD).error is not None
+    assert _connect(accounts, "alice", "new password").error is None
+    accounts.remove("alice")
+    assert _connect(accounts, "alice", "new password").error is not None
+
+
+def test_a_file_without_the_precomputed_points_still_loads(tmp_path: Path) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    document = json.loads(path.read_text())
+    del document["users"]["alice"]["w0M"], document["users"]["alice"]["w0N"]
+    path.write_text(json.dumps(document))
+    reloaded = _accounts(tmp_path)
+    assert reloaded.get("alice").verifier == accounts.get("alice").verifier
+    assert _connect(reloaded, "alice", PASSWORD).error is None
