@@ -33,7 +33,17 @@ from spake2 import SPAKE2_A, SPAKE2_B
 
 from ..errors import AuthenticationError, ConnectionClosed, RemoteProtocolError
 from .codec import decode_body, encode_frame
-from .frames import HEADER_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE, PROTOCOL_VERSION, Frame, FrameKind
+from .frames import (
+    HEADER_SIZE,
+    MAX_FRAME_SIZE,
+    MAX_WINDOW,
+    MIN_FRAME_SIZE,
+    MIN_WINDOW,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameKind,
+    check_version,
+)
 from .messages import AuthFailed, ClientHello, Confirm, ServerHello
 
 #: Handshake frames are tiny; anything larger is hostile.
@@ -41,8 +51,6 @@ HANDSHAKE_MAX_FRAME = 4096
 CLIENT_IDENTITY = b"conduit-client"
 SERVER_IDENTITY = b"conduit-server"
 _MAX_NAME = 256
-_MIN_WINDOW = 64 * 1024
-_MAX_WINDOW = 1 << 30
 
 #: AUTH_FAILED codes that mean "the credentials were refused".
 AUTH_CODES = frozenset({"wrong_password", "throttled"})
@@ -100,15 +108,12 @@ def _mac(key: bytes, role: bytes, transcript: bytes) -> bytes:
 
 
 def _check_limits(name: str, max_frame_size: int, receive_window: int, version: int) -> None:
-    if version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(
-            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
-        )
+    check_version(version)
     if len(name) > _MAX_NAME:
         raise RemoteProtocolError("peer name is too long")
     if not MIN_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE:
         raise RemoteProtocolError(f"peer max_frame_size {max_frame_size} is out of range")
-    if not _MIN_WINDOW <= receive_window <= _MAX_WINDOW:
+    if not MIN_WINDOW <= receive_window <= MAX_WINDOW:
         raise RemoteProtocolError(f"peer receive window {receive_window} is out of range")
 
 
@@ -171,13 +176,13 @@ class ClientHandshake(_Handshake):
 
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:
-            refusal: AuthFailed = decode_body(frame)
+            refusal = decode_body(frame, AuthFailed)
             if refusal.code in AUTH_CODES:
                 raise AuthenticationError(refusal.reason)
             raise ConnectionClosed(f"server refused the connection: {refusal.reason}")
         if self.state is HandshakeState.WAIT_SERVER_HELLO:
             _expect(frame, FrameKind.SERVER_HELLO, self.state)
-            hello: ServerHello = decode_body(frame)
+            hello = decode_body(frame, ServerHello)
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
@@ -190,7 +195,7 @@ class ClientHandshake(_Handshake):
             return encode_frame(FrameKind.CLIENT_CONFIRM, 0, Confirm(mac))
         if self.state is HandshakeState.WAIT_SERVER_CONFIRM:
             _expect(frame, FrameKind.SERVER_CONFIRM, self.state)
-            confirm: Confirm = decode_body(frame)
+            confirm = decode_body(frame, Confirm)
             assert self._derived is not None and self._server_hello is not None
             expected = _mac(self._derived.server_confirm, b"server", self._derived.transcript)
             if not hmac.compare_digest(expected, confirm.mac):
@@ -235,7 +240,7 @@ class ServerHandshake(_Handshake):
     def _receive(self, frame: Frame) -> bytes:
         if self.state is HandshakeState.WAIT_CLIENT_HELLO:
             _expect(frame, FrameKind.CLIENT_HELLO, self.state)
-            hello: ClientHello = decode_body(frame)
+            hello = decode_body(frame, ClientHello)
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
@@ -259,7 +264,7 @@ class ServerHandshake(_Handshake):
             return reply
         if self.state is HandshakeState.WAIT_CLIENT_CONFIRM:
             _expect(frame, FrameKind.CLIENT_CONFIRM, self.state)
-            confirm: Confirm = decode_body(frame)
+            confirm = decode_body(frame, Confirm)
             assert self._derived is not None and self._client_hello is not None
             expected = _mac(self._derived.client_confirm, b"client", self._derived.transcript)
             if not hmac.compare_digest(expected, confirm.mac):
