@@ -18,10 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from .errors import StreamReset
+# StreamReset and Buffer are re-exported for the modules that import them from
+# here (transfer/); they live in errors and protocol.connection.
+from .errors import StreamReset as StreamReset
 from .protocol import FLAG_END, FRAME_COST, OutFrame
 from .protocol.codec import data_header
-from .protocol.connection import Buffer, InboundStream, OutboundStream
+from .protocol.connection import Buffer as Buffer
+from .protocol.connection import InboundStream, OutboundStream
 
 
 class IncomingStream(InboundStream):
@@ -141,4 +144,4 @@ class OutgoingStream(OutboundStream):
             raise self.error
 
 
-__all__ = ["FRAME_COST", "Buffer", "IncomingStream", "OutgoingStream", "StreamReset"]
+__all__ = ["IncomingStream", "OutgoingStream"]
