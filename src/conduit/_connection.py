@@ -1,17 +1,22 @@
 """The Trio engine of one authenticated connection.
 
-One nursery per connection owns:
+The rules live in the sans-IO :class:`~conduit.protocol.connection.ConnectionState`
+(as HTTP's live in h11): this module feeds it frames, looks the event it returns
+up in an event -> handler table (as trio-websocket drives wsproto), and sends
+the frames it produces. One nursery per connection owns:
 
 * the **receive task**: socket -> :class:`~conduit.protocol.FrameReader` ->
-  dispatch. It never blocks on a consumer: data goes into credit-bounded stream
-  inboxes, calls start their own tasks, results wake their callers. Only one-way
-  messages go through a bounded memory channel, whose backpressure is the point:
-  they are delivered in order to one message task.
+  state machine -> handler. It never blocks on a consumer: data goes into
+  credit-bounded stream inboxes, calls go to the worker pool, results wake their
+  callers. Only one-way messages go through a bounded memory channel, whose
+  backpressure is the point: they are delivered in order to one message task.
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
   socket, control frames before data, many frames per record.
 * the **heartbeat task**: pings on a Trio timer and the idle/peer-silence checks.
-* one task per incoming call, so a slow handler never delays the others and a
-  handler may call back into its peer.
+* the **call timer** (:mod:`conduit._pending_calls`): one deadline heap for
+  every call this side waits on.
+* the **worker pool** (:mod:`conduit._call_workers`) running incoming calls, so a
+  slow handler never delays the others and a handler may call back into its peer.
 
 When any of them fails, :meth:`Connection.abort` cancels the nursery with a
 reason; nothing outlives :meth:`Connection.run`.
