@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conduit.errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from conduit.protocol import FRAME_COST, MAX_STREAM_ID, FrameKind, decode_body
@@ -435,3 +437,67 @@ def test_decode_body_checks_the_expected_class(pair: Pair) -> None:
     with pytest.raises(LocalProtocolError, match="does not carry a Result"):
         decode_body(frame, Result)
     assert msgpack.unpackb(bytes(frame.payload)) == {"nonce": 1}
+
+
+# ------------------------------------------------------------------ any frame sequence
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+_bodies = st.one_of(
+    _values,
+    st.fixed_dictionaries({"increment": st.integers(-5, 2**32)}),
+    st.fixed_dictionaries({"code": st.text(max_size=4), "reason": st.text(max_size=4)}),
+    st.fixed_dictionaries({"nonce": st.integers(0, 2**40)}),
+    st.fixed_dictionaries({"method": st.text(max_size=4), "args": st.just({})}),
+    st.fixed_dictionaries({"ok": st.booleans(), "value": _values}),
+)
+
+
+@st.composite
+def _frames(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(list(FrameKind)))
+    stream_id = draw(st.integers(0, 12) | st.integers(0, MAX_STREAM_ID))
+    if kind is FrameKind.DATA:
+        return data(stream_id, draw(st.binary(max_size=64)), draw(st.sampled_from([0, 1])))
+    return body_frame(kind, stream_id, draw(_bodies))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.booleans(), st.lists(_frames(), max_size=20))
+def test_any_frame_sequence_only_ever_raises_remote_protocol_error(
+    as_client: bool, frames: list[bytes]
+) -> None:
+    """Whatever an authenticated peer sends, the machine answers with events or a clear error.
+
+    Every event is one of the documented kinds, and the bookkeeping stays
+    within its bounds: at most ``max_concurrent_calls`` calls accepted.
+    """
+    state = machine(is_client=as_client, max_calls=4)
+    for _ in range(2):
+        state.open_inbound(InboundStream)
+    accepted = 0
+    try:
+        for frame in iter_frames(b"".join(frames), MAX_FRAME):
+            event = state.receive_frame(frame)
+            assert event is None or isinstance(event, EVENT_CLASSES)
+            accepted += isinstance(event, CallReceived)
+    except RemoteProtocolError:
+        return
+    assert accepted <= 4
+
+
+EVENT_CLASSES = (
+    CallReceived,
+    CallRefused,
+    CallCancelled,
+    ResultReceived,
+    MessageReceived,
+    StreamWasReset,
+    PingReceived,
+    GoodbyeReceived,
+    InboundStream,
+    OutboundStream,
+)
