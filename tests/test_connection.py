@@ -12,10 +12,11 @@ import trio
 import trio.testing
 
 from conduit._connection import Connection, ConnectionSettings
-from conduit._streams import FRAME_COST, IncomingStream
+from conduit._streams import IncomingStream
 from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
+    FRAME_COST,
     ClientHandshake,
     FrameReader,
     FrameWriter,

@@ -56,7 +56,7 @@ from conduit.protocol.codec import decode_body
 from conduit.protocol.handshake import HANDSHAKE_MAX_FRAME
 from conduit.protocol.messages import BODY_TYPES, Call, Credit, Message, Ping, Result
 from conduit.protocol.records import RecordSealer
-from conduit.protocol.session import RECORD_SLACK
+from conduit.protocol.records_io import RECORD_SLACK
 from hostile_helpers import (
     AmplificationError,
     check_amplification,

@@ -57,7 +57,7 @@ from conduit import (
 from conduit._throttle import AuthThrottle
 from conduit.protocol import ClientHandshake, FrameDecoder, FrameKind, encode_frame
 from conduit.protocol.codec import data_header, decode_body
-from conduit.protocol.messages import AuthFailed, ClientHello, Confirm, Ping, Reset
+from conduit.protocol.messages import AuthFailed, Ping, Reset
 from conduit.transfer._wire import Trailer
 from conftest import PASSWORD, ClientFactory, ServerFactory, client_descriptor, wait_until
 from hostile_helpers import (
@@ -569,33 +569,12 @@ async def test_tampered_record_from_an_authenticated_peer(arena: ArenaFactory) -
     await a.check_healthy()
 
 
+# The other unknown or misplaced kinds (6, unknown flags, replayed handshake
+# frames) are decided by the state machine alone: tests/test_connection_state.py.
 @pytest.mark.parametrize(
     ("frame", "reason"),
     [
         pytest.param(raw_header(99, 0, 0), "protocol error: unknown frame kind 99", id="kind-99"),
-        pytest.param(raw_header(6, 0, 0), "protocol error: unknown frame kind 6", id="kind-6"),
-        pytest.param(raw_header(FrameKind.PING, 0, 0, 0x02), "unknown flags 0x02", id="flags"),
-        pytest.param(
-            encode_frame(
-                FrameKind.CLIENT_HELLO, 0, ClientHello(1, "x", b"A" * 33, 1 << 20, 4 << 20)
-            ),
-            "CLIENT_HELLO frame is not allowed after the handshake",
-            id="replayed-hello",
-        ),
-        pytest.param(
-            encode_frame(FrameKind.CLIENT_CONFIRM, 0, Confirm(b"m" * 32)),
-            "CLIENT_CONFIRM frame is not allowed after the handshake",
-            id="replayed-confirm",
-        ),
-        pytest.param(
-            body_frame(
-                FrameKind.WELCOME,
-                0,
-                {"client_id": "x", "server_name": "y", "heartbeat_interval": 1.0},
-            ),
-            "WELCOME frame is not allowed after the handshake",
-            id="welcome-from-client",
-        ),
     ],
 )
 @hostile(
@@ -668,9 +647,8 @@ async def test_data_flood_ignoring_credit(arena: ArenaFactory) -> None:
     await a.check_healthy()
 
 
-@pytest.mark.parametrize(
-    "stream_id", [12345, 7, 0, U32_MAX], ids=["never-opened", "odd-client-side", "zero", "max"]
-)
+# Ids 7, 0 and 2^32-1 are decided by the state machine alone: tests/test_connection_state.py.
+@pytest.mark.parametrize("stream_id", [12345], ids=["never-opened"])
 @hostile(
     "data-unknown-stream",
     area="hostile peer, authenticated",
@@ -913,7 +891,8 @@ async def test_calls_over_the_concurrency_limit(arena: ArenaFactory) -> None:
     await a.check_healthy()
 
 
-@pytest.mark.parametrize("increment", [0, -1, 2**31 + 1, "many"])
+# -1, 2^31+1 and "many" are decided by the state machine alone: tests/test_connection_state.py.
+@pytest.mark.parametrize("increment", [0])
 @hostile(
     "credit-invalid",
     area="hostile peer, authenticated",
@@ -925,9 +904,7 @@ async def test_invalid_credit(arena: ArenaFactory, increment: Any) -> None:
     peer = await RawPeer.authenticated(a.port, PASSWORD)
     await peer.send_sealed(body_frame(FrameKind.CREDIT, 2, {"increment": increment}))
     await peer.expect_closed()
-    await a.wait_logged(
-        "invalid credit increment" if isinstance(increment, int) else "malformed CREDIT body"
-    )
+    await a.wait_logged("invalid credit increment")
     await a.check_healthy()
 
 

@@ -1,17 +1,22 @@
 """The Trio engine of one authenticated connection.
 
-One nursery per connection owns:
+The rules live in the sans-IO :class:`~conduit.protocol.connection.ConnectionState`
+(as HTTP's live in h11): this module feeds it frames, looks the event it returns
+up in an event -> handler table (as trio-websocket drives wsproto), and sends
+the frames it produces. One nursery per connection owns:
 
 * the **receive task**: socket -> :class:`~conduit.protocol.FrameReader` ->
-  dispatch. It never blocks on a consumer: data goes into credit-bounded stream
-  inboxes, calls start their own tasks, results wake their callers. Only one-way
-  messages go through a bounded memory channel, whose backpressure is the point:
-  they are delivered in order to one message task.
+  state machine -> handler. It never blocks on a consumer: data goes into
+  credit-bounded stream inboxes, calls go to the worker pool, results wake their
+  callers. Only one-way messages go through a bounded memory channel, whose
+  backpressure is the point: they are delivered in order to one message task.
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
   socket, control frames before data, many frames per record.
 * the **heartbeat task**: pings on a Trio timer and the idle/peer-silence checks.
-* one task per incoming call, so a slow handler never delays the others and a
-  handler may call back into its peer.
+* the **call timer** (:mod:`conduit._pending_calls`): one deadline heap for
+  every call this side waits on.
+* the **worker pool** (:mod:`conduit._call_workers`) running incoming calls, so a
+  slow handler never delays the others and a handler may call back into its peer.
 
 When any of them fails, :meth:`Connection.abort` cancels the nursery with a
 reason; nothing outlives :meth:`Connection.run`.
@@ -20,7 +25,6 @@ reason; nothing outlives :meth:`Connection.run`.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -28,28 +32,36 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._calls import CallWorkers, PendingCalls
+from ._call_workers import CallWorkers
 from ._outbox import Outbox, OutboxClosed
-from ._streams import IncomingStream, OutgoingStream, StreamReset
+from ._pending_calls import PendingCalls
+from ._streams import IncomingStream, OutgoingStream
 from .errors import (
-    ConduitError,
     ConnectionClosed,
     IntegrityError,
-    LocalProtocolError,
     ProtocolError,
-    RemoteProtocolError,
     RPCError,
 )
-from .protocol import HEADER_SIZE, Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
-from .protocol.codec import decode_body, encode_frame
-from .protocol.messages import Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
+from .protocol import FrameReader, FrameWriter, OutFrame, SessionKeys
+from .protocol.connection import (
+    CallCancelled,
+    CallReceived,
+    CallRefused,
+    ConnectionState,
+    GoodbyeReceived,
+    MessageReceived,
+    Phase,
+    PingReceived,
+    ResultReceived,
+    StreamWasReset,
+)
+from .protocol.messages import Result
 
 log = logging.getLogger("conduit.connection")
 
 # Large reads: one receive per sealed record at full speed (measured ~9% less
 # receiver CPU per GiB than 256 KiB reads), and idle connections allocate nothing.
 RECEIVE_SIZE = 1024 * 1024
-_MAX_EARLY_RESETS = 1024
 _MESSAGE_QUEUE = 64
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
@@ -95,7 +107,10 @@ class Connection:
     """An authenticated, encrypted link, after the handshake.
 
     Create it with the reader/writer the handshake used (they hold the keys and
-    any bytes already buffered), then ``await run()`` in a nursery.
+    any bytes already buffered), then ``await run()`` in a nursery. The rules
+    (what a frame means, what may be sent) are the sans-IO
+    :class:`~conduit.protocol.connection.ConnectionState`'s; this class owns the
+    tasks, the clock and the waiting.
     """
 
     def __init__(
@@ -118,33 +133,46 @@ class Connection:
         self._reader = reader
         self._writer = writer
         self._dispatcher = dispatcher
-        self._outbox = Outbox(settings.send_buffer)
-        self._call_ids = itertools.count(1)
-        self._pending = PendingCalls(self._send_cancel)
+        self._state = state = ConnectionState(
+            is_client=is_client,
+            receive_window=settings.receive_window,
+            peer_receive_window=keys.peer_receive_window,
+            peer_max_frame_size=keys.peer_max_frame_size,
+            max_concurrent_calls=settings.max_concurrent_calls,
+        )
+        self._outbox = Outbox(settings.send_buffer, state)
+        self._pending = PendingCalls(state, self._send_cancel)
         self._workers = CallWorkers(
             settings.max_concurrent_calls,
             self._handle_call,
             self._send_result,
-            self._queue_result,
+            state.call_finished,
             self.spawn,
             label,
         )
-        # Stream ids are allocated by the receiving side: odd by clients, even
-        # by servers, so the two never collide.
-        self._stream_ids = itertools.count(1 if is_client else 2, 2)
-        self._last_stream_id = 0
-        self._incoming: dict[int, IncomingStream] = {}
-        self._outgoing: dict[int, OutgoingStream] = {}
-        self._early_resets: dict[int, StreamReset] = {}
-        self._messages_in, self._messages_out = trio.open_memory_channel[Message](_MESSAGE_QUEUE)
+        # The event -> handler table, looked up by the event's exact class.
+        # MessageReceived is not here: the receive task awaits its queue.
+        self._handlers: dict[type[Any], Callable[[Any], None]] = {
+            IncomingStream: self._on_stream_data,
+            OutgoingStream: self._on_credit,
+            CallReceived: self._on_call,
+            ResultReceived: self._on_result,
+            CallRefused: self._on_reply_needed,
+            PingReceived: self._on_reply_needed,
+            CallCancelled: self._on_call_cancelled,
+            StreamWasReset: self._on_stream_reset,
+            GoodbyeReceived: self._on_goodbye,
+        }
+        self._messages_in, self._messages_out = trio.open_memory_channel[MessageReceived](
+            _MESSAGE_QUEUE
+        )
         self._nursery: trio.Nursery | None = None
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
-        self._ping_ids = itertools.count(1)
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
-        self.close_reason: str | None = None
+        #: Set once :meth:`run` has finished: every task is gone.
         self.closed = trio.Event()
 
     # ------------------------------------------------------------------ lifetime
@@ -152,7 +180,12 @@ class Connection:
     @property
     def is_open(self) -> bool:
         """Whether the connection can still carry traffic."""
-        return self.close_reason is None
+        return self._state.phase is Phase.OPEN
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection closed or is closing; None while it is open."""
+        return self._state.close_reason
 
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Serve the connection until it closes. Never raises for network failures."""
@@ -183,23 +216,20 @@ class Connection:
 
     def abort(self, reason: str) -> None:
         """Close at once: cancel every task of this connection."""
-        if self.close_reason is None:
-            self.close_reason = reason
+        if self._state.close_reason is None:
             log.debug("%s: closing: %s", self.label, reason)
-        self._outbox.close(self.close_reason)
+        self._state.close(reason)
+        self._outbox.close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
     async def close(self, reason: str = "closed by this side", grace: float = 2.0) -> None:
         """Say goodbye, let queued frames go out, then close. Waits until closed."""
         if self.is_open and self._nursery is not None:
-            try:
-                self._outbox.put_control((encode_frame(FrameKind.GOODBYE, 0, Goodbye(reason)),))
-                self._outbox.finish_after_drain()
-            except ConnectionClosed:
-                pass
-            if self.close_reason is None:
-                self.close_reason = reason
+            goodbye = self._state.goodbye(reason)
+            if goodbye is not None:
+                # CLOSING: the writer sends what is queued, this last, then stops.
+                self._outbox.put_control((goodbye,))
             with trio.move_on_after(grace):
                 await self.closed.wait()
         self.abort(reason)
@@ -207,14 +237,11 @@ class Connection:
             await self.closed.wait()
 
     def _shutdown(self, reason: str) -> None:
-        self._outbox.close(reason)
-        self._pending.fail_all(reason)
-        for incoming in self._incoming.values():
-            incoming.fail(ConnectionClosed(reason))
-        for outgoing in self._outgoing.values():
-            outgoing.fail(ConnectionClosed(reason))
-        self._incoming.clear()
-        self._outgoing.clear()
+        self._state.close(reason)
+        self._outbox.close()
+        self._pending.fail_all(self.close_reason or reason)
+        for stream in self._state.drop_streams():
+            stream.fail(ConnectionClosed(self.close_reason or reason))
 
     # ------------------------------------------------------------------ tasks
 
@@ -243,12 +270,20 @@ class Connection:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
 
     async def _drain_reader(self) -> None:
-        while (frame := self._reader.next_frame()) is not None:
-            if frame.kind is FrameKind.MESSAGE:
+        next_frame = self._reader.next_frame
+        receive_frame = self._state.receive_frame
+        handlers = self._handlers
+        while (frame := next_frame()) is not None:
+            event = receive_frame(frame)
+            if event is None:
+                continue
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(event)
+            elif isinstance(event, MessageReceived):
+                # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
-                await self._messages_in.send(decode_body(frame))
-            else:
-                self._dispatch(frame)
+                await self._messages_in.send(event)
 
     async def _send_task(self) -> None:
         writer = self._writer
@@ -296,7 +331,7 @@ class Connection:
             ):
                 await self.close(f"idle for more than {settings.idle_timeout:g}s")
                 return
-            self._send_control(FrameKind.PING, 0, Ping(next(self._ping_ids)))
+            self._outbox.put_control((self._state.ping(),))
 
     async def _idle_task(self, idle_timeout: float) -> None:
         # Sleep until the moment the connection would become idle; activity in
@@ -308,101 +343,50 @@ class Connection:
                 return
             await trio.sleep_until(deadline)
 
-    # ------------------------------------------------------------------ dispatch
+    # ------------------------------------------------------------------ event handlers
 
-    def _dispatch(self, frame: Frame) -> None:
-        kind = frame.kind
-        if kind is FrameKind.DATA:
-            self._last_activity = self._last_received
-            self._on_data(frame)
-        elif kind is FrameKind.CREDIT:
-            self._on_credit(frame)
-        elif kind is FrameKind.CALL:
-            self._last_activity = self._last_received
-            self._on_call(frame)
-        elif kind is FrameKind.RESULT:
-            self._on_result(frame)
-        elif kind is FrameKind.CANCEL:
-            decode_body(frame)
-            self._workers.cancel(frame.stream_id)
-        elif kind is FrameKind.RESET:
-            self._on_reset(frame)
-        elif kind is FrameKind.PING:
-            ping: Ping = decode_body(frame)
-            self._send_control(FrameKind.PONG, 0, Pong(ping.nonce))
-        elif kind is FrameKind.PONG:
-            decode_body(frame)
-        elif kind is FrameKind.GOODBYE:
-            goodbye: Goodbye = decode_body(frame)
-            self.abort(f"peer closed the connection: {goodbye.reason}")
-        else:
-            raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
+    def _on_stream_data(self, stream: IncomingStream) -> None:
+        self._last_activity = self._last_received
+        stream.wake()
 
-    def _on_data(self, frame: Frame) -> None:
-        stream = self._incoming.get(frame.stream_id)
-        if stream is None:
-            if self._is_our_closed_stream(frame.stream_id):
-                return  # in flight when we closed it; harmless
-            raise RemoteProtocolError(f"data for stream {frame.stream_id}, which was never opened")
-        stream.deliver(frame.payload, frame.flags)
+    def _on_credit(self, stream: OutgoingStream) -> None:
+        stream.wake()
 
-    def _is_our_stream_id(self, stream_id: int) -> bool:
-        return (stream_id % 2 == 1) == self.is_client
+    def _on_call(self, event: CallReceived) -> None:
+        self._last_activity = self._last_received
+        self._workers.submit(event)
 
-    def _is_our_closed_stream(self, stream_id: int) -> bool:
-        return self._is_our_stream_id(stream_id) and 0 < stream_id <= self._last_stream_id
+    def _on_result(self, event: ResultReceived) -> None:
+        self._pending.resolve(event.call_id, event.result)
 
-    def _on_credit(self, frame: Frame) -> None:
-        credit: Credit = decode_body(frame)
-        if not 0 < credit.increment <= 1 << 31:
-            raise RemoteProtocolError(f"invalid credit increment {credit.increment}")
-        stream = self._outgoing.get(frame.stream_id)
-        if stream is not None:
-            stream.grant(credit.increment)
+    def _on_reply_needed(self, event: CallRefused | PingReceived) -> None:
+        self._outbox.put_control((event.reply,))
 
-    def _on_reset(self, frame: Frame) -> None:
-        reset: Reset = decode_body(frame)
-        error = StreamReset(f"peer aborted the stream: {reset.reason}", code=reset.code)
-        incoming = self._incoming.pop(frame.stream_id, None)
-        if incoming is not None:
-            incoming.fail(error)
-        outgoing = self._outgoing.pop(frame.stream_id, None)
-        if outgoing is not None:
-            outgoing.fail(error)
-        elif incoming is None and not self._is_our_stream_id(frame.stream_id):
-            # The peer gave up on a stream we have not started sending on yet
-            # (e.g. its request timed out while we prepared): remember, so we
-            # never start. Bounded: the oldest entries go first.
-            self._early_resets[frame.stream_id] = error
-            while len(self._early_resets) > _MAX_EARLY_RESETS:
-                del self._early_resets[next(iter(self._early_resets))]
+    def _on_call_cancelled(self, event: CallCancelled) -> None:
+        self._workers.cancel(event.call_id)
 
-    def _on_result(self, frame: Frame) -> None:
-        self._pending.resolve(frame.stream_id, decode_body(frame))
+    def _on_stream_reset(self, event: StreamWasReset) -> None:
+        if event.incoming is not None:
+            event.incoming.fail(event.error)
+        if event.outgoing is not None:
+            event.outgoing.fail(event.error)
 
-    def _on_call(self, frame: Frame) -> None:
-        self._workers.submit(frame.stream_id, decode_body(frame))
+    def _on_goodbye(self, event: GoodbyeReceived) -> None:
+        self.abort(f"peer closed the connection: {event.reason}")
+
+    # ------------------------------------------------------------------ calls
 
     async def _handle_call(self, method: str, args: dict[str, Any]) -> Any:
         return await self._dispatcher.handle_call(self, method, args)
 
     def _send_cancel(self, call_id: int) -> None:
-        if self.is_open:
+        frame = self._state.cancel_call(call_id)
+        if frame is not None:
             with contextlib.suppress(ConnectionClosed):
-                self._send_control(FrameKind.CANCEL, call_id, Cancel())
-
-    def _queue_result(self, call_id: int, result: Result) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            self._send_control(FrameKind.RESULT, call_id, result)
+                self._outbox.put_control((frame,))
 
     async def _send_result(self, call_id: int, result: Result) -> None:
-        try:
-            frame = self._encode(FrameKind.RESULT, call_id, result)
-        except LocalProtocolError as exc:
-            refusal = Result(
-                False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
-            )
-            frame = self._encode(FrameKind.RESULT, call_id, refusal)
+        frame = self._state.result_frame(call_id, result)
         with contextlib.suppress(ConnectionClosed):
             await self._send_soon(frame)
 
@@ -429,32 +413,13 @@ class Connection:
             self._direct_sending = False
             self._direct_done.unpark_all()
 
-    def _send_control(self, kind: FrameKind, stream_id: int, body: Any) -> None:
-        self._outbox.put_control((self._encode(kind, stream_id, body),))
-
-    def _encode(self, kind: FrameKind, stream_id: int, body: Any) -> bytes:
-        """Encode a control frame, refusing one the peer would not accept.
-
-        Checked here, where the caller can be told, rather than in the writer
-        task, where an oversized frame could only kill the connection.
-        """
-        frame = encode_frame(kind, stream_id, body)
-        limit = self.keys.peer_max_frame_size
-        if len(frame) - HEADER_SIZE > limit:
-            raise LocalProtocolError(
-                f"{kind.name} of {len(frame) - HEADER_SIZE} bytes exceeds the peer's "
-                f"max_frame_size ({limit}); send large data as a file or stream"
-            )
-        return frame
-
     # ------------------------------------------------------------------ API
 
     async def call(self, method: str, args: dict[str, Any], timeout: float | None) -> Any:
         """Call ``method`` on the peer and return its value; raise RPCError on failure."""
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
-        call_id = next(self._call_ids)
-        frame = self._encode(FrameKind.CALL, call_id, Call(method, args))
+        call_id, frame = self._state.start_call(method, args)
         self._last_activity = trio.current_time()
         result = await self._pending.wait(call_id, method, timeout, lambda: self._send_soon(frame))
         if not result.ok:
@@ -463,7 +428,7 @@ class Connection:
 
     async def send_message(self, event: str, data: Any) -> None:
         """Send a one-way message."""
-        frame = self._encode(FrameKind.MESSAGE, 0, Message(event, data))
+        frame = self._state.message_frame(event, data)
         self._last_activity = trio.current_time()
         self._outbox.put_control((frame,))
         await trio.lowlevel.checkpoint()
@@ -472,49 +437,37 @@ class Connection:
         """Allocate a stream id that the peer may send data on."""
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
-        stream_id = next(self._stream_ids)
-        self._last_stream_id = stream_id
-        stream = IncomingStream(stream_id, self.settings.receive_window, self._grant_credit)
-        self._incoming[stream_id] = stream
-        return stream
+        grant = self._grant_credit
+        return self._state.open_inbound(
+            lambda stream_id, window: IncomingStream(stream_id, window, grant)
+        )
 
     def open_outgoing_stream(self, stream_id: int) -> OutgoingStream:
         """Start sending on a stream id the peer allocated for us."""
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
-        if not 0 < stream_id < 2**32:
-            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
-        if stream_id in self._outgoing:
-            raise LocalProtocolError(f"stream {stream_id} is already being sent")
-        early_reset = self._early_resets.pop(stream_id, None)
-        if early_reset is not None:
-            raise early_reset
-        stream = OutgoingStream(
+        put_data = self._outbox.put_data
+        return self._state.open_outbound(
             stream_id,
-            self.keys.peer_receive_window,
-            self.keys.peer_max_frame_size,
-            self._outbox.put_data,
+            lambda stream_id, window, max_payload: OutgoingStream(
+                stream_id, window, max_payload, put_data
+            ),
         )
-        self._outgoing[stream_id] = stream
-        return stream
 
     def close_stream(
         self, stream: IncomingStream | OutgoingStream, *, reset: tuple[str, str] | None = None
     ) -> None:
         """Forget a stream; with ``reset=(code, reason)`` tell the peer to abort it."""
-        if isinstance(stream, IncomingStream):
-            self._incoming.pop(stream.stream_id, None)
-        else:
-            self._outgoing.pop(stream.stream_id, None)
-        if reset is not None and self.is_open:
-            code, reason = reset
-            with contextlib.suppress(ConduitError):
-                self._send_control(FrameKind.RESET, stream.stream_id, Reset(code, reason))
+        frame = self._state.close_stream(stream, reset)
+        if frame is not None:
+            with contextlib.suppress(ConnectionClosed):
+                self._outbox.put_control((frame,))
 
     def _grant_credit(self, stream_id: int, amount: int) -> None:
-        if self.is_open and stream_id in self._incoming:
+        frame = self._state.credit_frame(stream_id, amount)
+        if frame is not None:
             with contextlib.suppress(ConnectionClosed):
-                self._send_control(FrameKind.CREDIT, stream_id, Credit(amount))
+                self._outbox.put_control((frame,))
 
 
 __all__ = ["Connection", "ConnectionSettings", "Dispatcher", "OutFrame"]

@@ -63,7 +63,7 @@ async def client_handshake(
     frame = await _next_frame(stream, reader)
     if frame.kind is not FrameKind.WELCOME:
         raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
-    welcome: Welcome = decode_body(frame)
+    welcome = decode_body(frame, Welcome)
     return Established(reader, writer, keys, handshake.server_name), welcome
 
 

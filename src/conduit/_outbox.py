@@ -7,6 +7,11 @@ RPC reply behind megabytes of file chunks. So the outbox keeps two queues:
 control frames (small, never blocking) and data frames (bounded in bytes;
 producers wait when it is full, which is the in-process backpressure), and the
 writer always drains control first.
+
+Whether the outbox still takes frames is the connection state machine's phase
+(:class:`~conduit.protocol.connection.Phase`): OPEN and CLOSING take them (a
+graceful close drains what is queued), CLOSED refuses them; the writer stops
+once nothing is queued and the phase is not OPEN.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import trio
 
 from .errors import ConnectionClosed
 from .protocol import OutFrame
+from .protocol.connection import ConnectionState, Phase
 
 
 class OutboxClosed(Exception):
@@ -26,7 +32,8 @@ class OutboxClosed(Exception):
 class Outbox:
     """Frames waiting for the writer; control before data."""
 
-    def __init__(self, data_limit: int) -> None:
+    def __init__(self, data_limit: int, state: ConnectionState) -> None:
+        self._state = state
         self._control: deque[OutFrame] = deque()
         self._control_bytes = 0
         self._control_drained = trio.lowlevel.ParkingLot()
@@ -35,8 +42,6 @@ class Outbox:
         self._data_limit = data_limit
         self._writer_waiting = trio.lowlevel.ParkingLot()
         self._producers_waiting = trio.lowlevel.ParkingLot()
-        self._closed: str | None = None
-        self._finish_when_drained = False
         #: True while the writer is parked with nothing to send: a producer may
         #: then write a frame itself instead of waking the writer for it.
         self.writer_idle = False
@@ -70,15 +75,10 @@ class Outbox:
         self._data_bytes += sum(size for _, size in frames)
         self._writer_waiting.unpark_all()
 
-    def finish_after_drain(self) -> None:
-        """Let the writer send what is queued, then stop (for a graceful close)."""
-        self._finish_when_drained = True
-        self._writer_waiting.unpark_all()
-
     async def take(self, budget: int) -> list[OutFrame]:
         """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
         while not self._control and not self._data:
-            if self._closed is not None or self._finish_when_drained:
+            if self._state.phase is not Phase.OPEN:
                 raise OutboxClosed
             self.writer_idle = True
             try:
@@ -100,10 +100,8 @@ class Outbox:
                 self._producers_waiting.unpark_all()
         return batch
 
-    def close(self, reason: str) -> None:
-        """Refuse further frames; wake everyone so they see :class:`ConnectionClosed`."""
-        if self._closed is None:
-            self._closed = reason
+    def close(self) -> None:
+        """The state machine is CLOSED: drop what is queued, wake everyone to see it."""
         self._control.clear()
         self._control_bytes = 0
         self._data.clear()
@@ -113,5 +111,5 @@ class Outbox:
         self._control_drained.unpark_all()
 
     def _check_open(self) -> None:
-        if self._closed is not None:
-            raise ConnectionClosed(self._closed)
+        if self._state.phase is Phase.CLOSED:
+            raise ConnectionClosed(self._state.close_reason or "connection closed")

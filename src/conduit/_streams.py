@@ -1,4 +1,4 @@
-"""Data streams with per-stream credit (flow control in the style of HTTP/2).
+"""Data streams with per-stream credit (flow control in the style of HTTP/2): the waiting.
 
 The receiver of a stream grants the sender a window of bytes. The sender spends
 it on DATA frames and waits when it runs out; the receiver returns credit only
@@ -6,80 +6,46 @@ after its consumer has taken the bytes. So a slow consumer (a slow disk) holds
 back only its own stream, and the connection's reader task never blocks: it
 can always append to an inbox, because the peer may not send beyond the window.
 
-Every frame costs its payload plus :data:`FRAME_COST`, so a flood of tiny
-frames is bounded too.
+The counters and their checks are sans-IO
+(:class:`~conduit.protocol.connection.InboundStream`,
+:class:`~conduit.protocol.connection.OutboundStream`); these subclasses add
+what needs Trio: parking the consumer or producer until the state changes.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from .errors import RemoteProtocolError, TransferError
-from .protocol import FLAG_END, OutFrame
+# StreamReset and Buffer are re-exported for the modules that import them from
+# here (transfer/); they live in errors and protocol.connection.
+from .errors import StreamReset as StreamReset
+from .protocol import FLAG_END, FRAME_COST, OutFrame
 from .protocol.codec import data_header
-
-#: Credit charged per frame on top of its payload (bounds per-frame bookkeeping).
-FRAME_COST = 64
-
-Buffer = bytes | bytearray | memoryview
+from .protocol.connection import Buffer as Buffer
+from .protocol.connection import InboundStream, OutboundStream
 
 
-class StreamReset(TransferError):
-    """The other side aborted the stream."""
-
-
-class IncomingStream:
+class IncomingStream(InboundStream):
     """The receiving end of one data stream.
 
-    The connection's reader calls :meth:`deliver`; the consumer calls
-    :meth:`receive` until it returns a trailer.
+    The connection's reader delivers DATA through its state machine, then calls
+    :meth:`wake`; the consumer calls :meth:`receive` until it returns a trailer.
     """
 
     def __init__(self, stream_id: int, window: int, grant: Callable[[int, int], None]) -> None:
-        self.stream_id = stream_id
-        self._window = window
-        self._available = window  # credit the peer still holds
+        super().__init__(stream_id, window)
         self._grant = grant
-        self._chunks: deque[Buffer] = deque()
-        self._taken_cost = 0  # consumed but not yet granted back
-        self._pending_cost = 0  # handed to the consumer by the last receive()
-        self._buffered_cost = 0
-        self._trailer: bytes | None = None
-        self._error: BaseException | None = None
         self._wakeup = trio.lowlevel.ParkingLot()
-        self.bytes_received = 0
 
-    @property
-    def finished(self) -> bool:
-        """True once the END frame has arrived."""
-        return self._trailer is not None
-
-    def deliver(self, payload: Buffer, flags: int) -> None:
-        """Accept a DATA frame from the reader. Never blocks."""
-        if self._trailer is not None:
-            raise RemoteProtocolError(f"data after the end of stream {self.stream_id}")
-        cost = len(payload) + FRAME_COST
-        if cost > self._available:
-            raise RemoteProtocolError(
-                f"peer exceeded the credit window on stream {self.stream_id} "
-                f"({cost} bytes with {self._available} granted)"
-            )
-        self._available -= cost
-        self._buffered_cost += cost
-        if flags & FLAG_END:
-            self._trailer = bytes(payload)
-        else:
-            self._chunks.append(payload)
-            self.bytes_received += len(payload)
+    def wake(self) -> None:
+        """Data arrived: let the consumer look."""
         self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error (reset by the peer, or connection lost)."""
-        if self._error is None and self._trailer is None:
-            self._error = exc
+        super().fail(exc)
         self._wakeup.unpark_all()
 
     async def receive(self) -> tuple[list[Buffer], bytes | None]:
@@ -88,33 +54,27 @@ class IncomingStream:
         Calling ``receive`` again tells the stream the previous chunks were
         consumed, which returns their credit to the sender.
         """
-        self._taken_cost += self._pending_cost
-        self._pending_cost = 0
-        while not self._chunks and self._trailer is None:
-            if self._error is not None:
-                raise self._error
+        self.consumed()
+        while not self.chunks and self.trailer is None:
+            if self.error is not None:
+                raise self.error
             # About to wait: hand back all credit, or the sender could be
             # waiting for credit we are sitting on.
             self._flush_credit(force=True)
             await self._wakeup.park()
-        if self._error is not None and self._trailer is None and not self._chunks:
-            raise self._error
-        chunks = list(self._chunks)
-        self._chunks.clear()
-        self._pending_cost = self._buffered_cost
-        self._buffered_cost = 0
+        if self.error is not None and self.trailer is None and not self.chunks:
+            raise self.error
+        result = self.take()
         self._flush_credit(force=False)
-        return chunks, self._trailer
+        return result
 
     def _flush_credit(self, *, force: bool) -> None:
-        amount = self._taken_cost
-        if amount and self._trailer is None and (force or amount >= self._window // 4):
-            self._taken_cost = 0
-            self._available += amount
+        amount = self.credit_to_return(force=force)
+        if amount:
             self._grant(self.stream_id, amount)
 
 
-class OutgoingStream:
+class OutgoingStream(OutboundStream):
     """The sending end of one data stream, spending the peer's credit."""
 
     def __init__(
@@ -124,34 +84,21 @@ class OutgoingStream:
         max_payload: int,
         enqueue: Callable[[list[tuple[OutFrame, int]]], Awaitable[None]],
     ) -> None:
-        self.stream_id = stream_id
-        self._credit = window
-        # A frame must fit in the window even when all of it is free.
-        self.max_payload = max(1, min(max_payload, window - FRAME_COST))
+        super().__init__(stream_id, window, max_payload)
         self._enqueue = enqueue
-        self._error: BaseException | None = None
         self._wakeup = trio.lowlevel.ParkingLot()
-        self.bytes_sent = 0
-        self.finished = False
-
-    @property
-    def credit(self) -> int:
-        """Bytes (including per-frame cost) the peer currently lets us send."""
-        return self._credit
 
     async def wait_for_credit(self, cost: int) -> None:
         """Wait until at least ``cost`` bytes of credit are available."""
         await self._wait_for_credit(cost)
 
-    def grant(self, increment: int) -> None:
-        """Credit arrived from the peer."""
-        self._credit += increment
+    def wake(self) -> None:
+        """Credit arrived (the state machine counted it): let the producer go on."""
         self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
         """The peer reset the stream or the connection ended."""
-        if self._error is None:
-            self._error = exc
+        super().fail(exc)
         self._wakeup.unpark_all()
 
     async def send(self, chunks: Sequence[Buffer]) -> None:
@@ -162,12 +109,12 @@ class OutgoingStream:
             for start in range(0, len(view), self.max_payload):
                 piece = view[start : start + self.max_payload]
                 cost = len(piece) + FRAME_COST
-                if self._credit < cost:
+                if self.credit < cost:
                     await self._flush(batch)
                     batch = []
                     await self._wait_for_credit(cost)
                 self._check()
-                self._credit -= cost
+                self.credit -= cost
                 batch.append(((data_header(self.stream_id, len(piece)), piece), len(piece)))
                 self.bytes_sent += len(piece)
         await self._flush(batch)
@@ -176,7 +123,7 @@ class OutgoingStream:
         """Send the END frame carrying ``trailer`` (e.g. the checksum)."""
         cost = len(trailer) + FRAME_COST
         await self._wait_for_credit(cost)
-        self._credit -= cost
+        self.credit -= cost
         frame: OutFrame = (data_header(self.stream_id, len(trailer), FLAG_END), trailer)
         await self._flush([(frame, len(trailer))])
         self.finished = True
@@ -187,14 +134,14 @@ class OutgoingStream:
             await self._enqueue(batch)
 
     async def _wait_for_credit(self, cost: int) -> None:
-        while self._credit < cost:
+        while self.credit < cost:
             self._check()
             await self._wakeup.park()
         self._check()
 
     def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
 
 
-__all__ = ["FRAME_COST", "IncomingStream", "OutgoingStream", "StreamReset"]
+__all__ = ["IncomingStream", "OutgoingStream"]

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 from attrs import validators as v
 
-from .protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MIN_FRAME_SIZE
+from .protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MAX_WINDOW, MIN_FRAME_SIZE, MIN_WINDOW
 
 __all__ = ["ClientDescriptor", "ServerDescriptor"]
 
@@ -46,7 +46,7 @@ def _frame_size(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None
 
 
 def _window(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
-    if not 64 * 1024 <= value <= 1 << 30:
+    if not MIN_WINDOW <= value <= MAX_WINDOW:
         raise ValueError(f"{attribute.name} must be between 64 KiB and 1 GiB, got {value}")
 
 

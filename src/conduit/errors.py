@@ -95,6 +95,10 @@ class ChecksumMismatch(TransferError):
         super().__init__(message, code="checksum_mismatch")
 
 
+class StreamReset(TransferError):
+    """The other side aborted the stream."""
+
+
 class UnsafePathError(TransferError, ValueError):
     """A file name from the network would escape, or is not allowed in, the storage root."""
 
@@ -149,6 +153,7 @@ __all__ = [
     "RPCError",
     "RPCTimeoutError",
     "RemoteProtocolError",
+    "StreamReset",
     "TransferError",
     "UnsafePathError",
 ]

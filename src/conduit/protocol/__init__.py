@@ -8,22 +8,31 @@ from .codec import FrameDecoder, converter, decode_body, encode_frame, iter_fram
 from .frames import (
     DEFAULT_MAX_FRAME_SIZE,
     FLAG_END,
+    FRAME_COST,
     HEADER_SIZE,
     MAX_FRAME_SIZE,
+    MAX_STREAM_ID,
+    MAX_WINDOW,
     MIN_FRAME_SIZE,
+    MIN_WINDOW,
     PROTOCOL_VERSION,
     Frame,
     FrameKind,
+    is_valid_stream_id,
 )
 from .handshake import ClientHandshake, HandshakeState, ServerHandshake, SessionKeys
-from .session import FrameReader, FrameWriter, OutFrame
+from .records_io import FrameReader, FrameWriter, OutFrame
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "FLAG_END",
+    "FRAME_COST",
     "HEADER_SIZE",
     "MAX_FRAME_SIZE",
+    "MAX_STREAM_ID",
+    "MAX_WINDOW",
     "MIN_FRAME_SIZE",
+    "MIN_WINDOW",
     "PROTOCOL_VERSION",
     "ClientHandshake",
     "Frame",
@@ -38,5 +47,6 @@ __all__ = [
     "converter",
     "decode_body",
     "encode_frame",
+    "is_valid_stream_id",
     "iter_frames",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import reprlib
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import cattrs
 import msgpack
@@ -21,9 +21,9 @@ from .frames import (
     HEADER_SIZE,
     KNOWN_FLAGS,
     MAGIC,
-    PROTOCOL_VERSION,
     Frame,
     FrameKind,
+    check_version,
     encode_header,
     is_known_kind,
 )
@@ -43,6 +43,7 @@ def _structure_bytes(value: Any, _type: Any) -> bytes:
 converter.register_structure_hook(bytes, _structure_bytes)
 
 T = TypeVar("T")
+B = TypeVar("B", bound=Body)
 
 # Bodies nest user data (RPC arguments); msgpack's own depth limit (its C stack)
 # stops pathological nesting, this bounds how much we unpack at all.
@@ -77,8 +78,23 @@ def data_header(stream_id: int, length: int, flags: int = 0) -> bytes:
     return encode_header(FrameKind.DATA, stream_id, flags, length)
 
 
-def decode_body(frame: Frame) -> Any:
-    """Structure the body of a control frame into its attrs class."""
+@overload
+def decode_body(frame: Frame) -> Body: ...
+
+
+@overload
+def decode_body(frame: Frame, expected: type[B]) -> B: ...
+
+
+def decode_body(frame: Frame, expected: type[Any] | None = None) -> Any:
+    """Structure the body of a control frame into its attrs class.
+
+    With ``expected`` (``ping = decode_body(frame, Ping)``) the result is typed
+    as that class, and a frame whose kind carries another body is refused:
+    the type checker then checks what used to be a cast.
+    """
+    if expected is not None and BODY_TYPES.get(frame.kind) is not expected:
+        raise LocalProtocolError(f"a {frame.kind.name} frame does not carry a {expected.__name__}")
     fast = _FAST_STRUCTURE.get(frame.kind)
     if fast is not None:
         return fast(unpack(frame.payload))
@@ -224,10 +240,7 @@ def parse_header(
     magic, version, kind, flags, stream_id, length = HEADER.unpack_from(buffer, offset)
     if magic != MAGIC:
         raise RemoteProtocolError(f"bad magic {bytes(magic)!r}: not a conduit peer")
-    if version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(
-            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
-        )
+    check_version(version)
     if not is_known_kind(kind):
         raise RemoteProtocolError(f"unknown frame kind {kind}")
     if flags & ~KNOWN_FLAGS:

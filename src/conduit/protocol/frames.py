@@ -23,6 +23,8 @@ import struct
 
 import attrs
 
+from ..errors import RemoteProtocolError
+
 MAGIC = b"\xc0\xd1"
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!2sBBBxII")
@@ -32,6 +34,17 @@ HEADER_SIZE = HEADER.size
 MIN_FRAME_SIZE = 16 * 1024
 MAX_FRAME_SIZE = 16 * 1024 * 1024
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
+
+#: Smallest and largest receive window (bytes of credit per stream) a peer may announce.
+MIN_WINDOW = 64 * 1024
+MAX_WINDOW = 1 << 30
+
+#: Stream and call ids are unsigned 32-bit header fields; 0 means "the connection".
+MAX_STREAM_ID = 2**32 - 1
+
+#: Credit charged per DATA frame on top of its payload, so that a flood of tiny
+#: frames is bounded by the window too (it bounds per-frame bookkeeping).
+FRAME_COST = 64
 
 #: Flag bit on a DATA frame: this is the last frame of the stream and its
 #: payload is the stream's trailer.
@@ -99,6 +112,19 @@ class Frame:
 def encode_header(kind: FrameKind, stream_id: int, flags: int, length: int) -> bytes:
     """Pack a frame header. Raises ``struct.error`` for out-of-range fields."""
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, flags, stream_id, length)
+
+
+def is_valid_stream_id(stream_id: int) -> bool:
+    """Whether ``stream_id`` can name a stream (1 to :data:`MAX_STREAM_ID`)."""
+    return 0 < stream_id <= MAX_STREAM_ID
+
+
+def check_version(version: int) -> None:
+    """Refuse a peer that speaks another protocol version."""
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+        )
 
 
 def is_known_kind(value: int) -> bool:

@@ -75,10 +75,13 @@ from .frames import (
     HEADER_SIZE,
     MAGIC,
     MAX_FRAME_SIZE,
+    MAX_WINDOW,
     MIN_FRAME_SIZE,
+    MIN_WINDOW,
     PROTOCOL_VERSION,
     Frame,
     FrameKind,
+    check_version,
 )
 from .messages import AuthFailed, ClientHello, Confirm, ServerHello
 
@@ -96,8 +99,6 @@ _ACCOUNTS_CONTEXT = b"conduit v%d SPAKE2+-edwards25519-SHA256-HKDF-SHA256-HMAC-S
 _MAX_NAME = 256
 #: Usernames longer than this are refused before any lookup (Accounts allows 64).
 MAX_USERNAME = 128
-_MIN_WINDOW = 64 * 1024
-_MAX_WINDOW = 1 << 30
 
 #: AUTH_FAILED codes that mean "the credentials were refused".
 AUTH_CODES = frozenset({"wrong_password", "throttled", "auth_mode"})
@@ -213,15 +214,12 @@ def _hello_digest(client_hello: bytes, server_hello: bytes) -> bytes:
 
 
 def _check_limits(name: str, max_frame_size: int, receive_window: int, version: int) -> None:
-    if version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(
-            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
-        )
+    check_version(version)
     if len(name) > _MAX_NAME:
         raise RemoteProtocolError("peer name is too long")
     if not MIN_FRAME_SIZE <= max_frame_size <= MAX_FRAME_SIZE:
         raise RemoteProtocolError(f"peer max_frame_size {max_frame_size} is out of range")
-    if not _MIN_WINDOW <= receive_window <= _MAX_WINDOW:
+    if not MIN_WINDOW <= receive_window <= MAX_WINDOW:
         raise RemoteProtocolError(f"peer receive window {receive_window} is out of range")
 
 
@@ -354,13 +352,13 @@ class ClientHandshake(_Handshake):
 
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:
-            refusal: AuthFailed = decode_body(frame)
+            refusal = decode_body(frame, AuthFailed)
             if refusal.code in AUTH_CODES:
                 raise AuthenticationError(refusal.reason)
             raise ConnectionClosed(f"server refused the connection: {refusal.reason}")
         if self.state is HandshakeState.WAIT_SERVER_HELLO:
             _expect(frame, FrameKind.SERVER_HELLO, self.state)
-            hello: ServerHello = decode_body(frame)
+            hello = decode_body(frame, ServerHello)
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
@@ -374,7 +372,7 @@ class ClientHandshake(_Handshake):
             return encode_frame(FrameKind.CLIENT_CONFIRM, 0, confirm)
         if self.state is HandshakeState.WAIT_SERVER_CONFIRM:
             _expect(frame, FrameKind.SERVER_CONFIRM, self.state)
-            server_confirm: Confirm = decode_body(frame)
+            server_confirm = decode_body(frame, Confirm)
             assert self._pending is not None and self._server_hello is not None
             if not hmac.compare_digest(self._pending.expected_mac, server_confirm.mac):
                 raise AuthenticationError(
@@ -475,7 +473,7 @@ class ServerHandshake(_Handshake):
     def _receive(self, frame: Frame) -> bytes:
         if self.state is HandshakeState.WAIT_CLIENT_HELLO:
             _expect(frame, FrameKind.CLIENT_HELLO, self.state)
-            hello: ClientHello = decode_body(frame)
+            hello = decode_body(frame, ClientHello)
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
@@ -501,7 +499,7 @@ class ServerHandshake(_Handshake):
             return reply
         if self.state is HandshakeState.WAIT_CLIENT_CONFIRM:
             _expect(frame, FrameKind.CLIENT_CONFIRM, self.state)
-            confirm: Confirm = decode_body(frame)
+            confirm = decode_body(frame, Confirm)
             assert self._client_hello is not None
             if self._record is not None:
                 self._account_pending(self._record, confirm.share)
@@ -606,7 +604,7 @@ def hello_username(frame: Frame) -> str:
     RemoteProtocolError if the frame is not a well-formed CLIENT_HELLO.
     """
     _expect(frame, FrameKind.CLIENT_HELLO, HandshakeState.WAIT_CLIENT_HELLO)
-    hello: ClientHello = decode_body(frame)
+    hello = decode_body(frame, ClientHello)
     if len(hello.username) > MAX_USERNAME:
         raise RemoteProtocolError(f"username longer than {MAX_USERNAME} characters")
     return hello.username

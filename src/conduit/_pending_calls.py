@@ -1,0 +1,133 @@
+"""The table of calls this side made and is waiting on, with their deadlines.
+
+Calls are the hot path, so this avoids per-call Trio objects where it can
+(measured on the benchmark machine: a task start and exit ~7 us, a cancel scope
+~4 us, a ``move_on_after`` ~5 us, an Event ~3.5 us): :class:`PendingCalls`
+parks the caller with ``wait_task_rescheduled`` and wakes it straight from the
+receive task; all timeouts share one timer task and a heap of deadlines.
+Calls the peer makes are run by :mod:`conduit._call_workers`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import outcome
+import trio
+
+from .errors import ConnectionClosed, RPCTimeoutError
+from .protocol.connection import ConnectionState, Phase
+from .protocol.messages import Result
+
+
+class _Pending:
+    __slots__ = ("early", "method", "parked", "task", "timeout")
+
+    def __init__(self, task: trio.lowlevel.Task, method: str, timeout: float | None) -> None:
+        self.task = task
+        self.method = method
+        self.timeout = timeout
+        self.parked = False
+        self.early: outcome.Outcome[Result] | None = None
+
+    def deliver(self, result: outcome.Outcome[Result]) -> None:
+        """Wake the caller, or leave the outcome for it if it is still sending."""
+        if self.parked:
+            trio.lowlevel.reschedule(self.task, result)
+        else:
+            self.early = result
+
+
+class PendingCalls:
+    """Calls this side made and is waiting on."""
+
+    def __init__(self, state: ConnectionState, send_cancel: Callable[[int], None]) -> None:
+        self._calls: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._state = state
+        self._send_cancel = send_cancel
+        self._timer_scope: trio.CancelScope | None = None
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def wait(
+        self,
+        call_id: int,
+        method: str,
+        timeout: float | None,
+        send: Callable[[], Awaitable[None]],
+    ) -> Result:
+        """Register ``call_id``, ``send`` the call, and park until its result arrives."""
+        if self._state.phase is Phase.CLOSED:
+            raise ConnectionClosed(self._state.close_reason or "connection closed")
+        # Registered before sending: the reply may arrive while send() yields.
+        pending = self._calls[call_id] = _Pending(trio.lowlevel.current_task(), method, timeout)
+        if timeout is not None:
+            self._add_deadline(trio.current_time() + timeout, call_id)
+        try:
+            await send()
+        except BaseException:
+            self._calls.pop(call_id, None)
+            raise
+        if pending.early is not None:  # answered, timed out or failed while sending
+            return pending.early.unwrap()
+        pending.parked = True
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            # Cancelled by the caller's own scope: forget the call; the peer is
+            # told below, once we are running again.
+            del self._calls[call_id]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            result: Result = await trio.lowlevel.wait_task_rescheduled(abort)
+        except trio.Cancelled:
+            self._send_cancel(call_id)
+            raise
+        return result
+
+    def resolve(self, call_id: int, result: Result) -> None:
+        """A RESULT arrived: wake its caller (unknown ids were given up on; ignore them)."""
+        pending = self._calls.pop(call_id, None)
+        if pending is not None:
+            pending.deliver(outcome.Value(result))
+
+    def fail_all(self, reason: str) -> None:
+        """The connection ended: every waiting caller gets ConnectionClosed."""
+        calls, self._calls = self._calls, {}
+        for pending in calls.values():
+            pending.deliver(outcome.Error(ConnectionClosed(reason)))
+
+    def _add_deadline(self, deadline: float, call_id: int) -> None:
+        heapq.heappush(self._deadlines, (deadline, call_id))
+        # Deadlines of answered calls stay in the heap until they come up;
+        # rebuild it when they outnumber the live ones, so memory stays bounded.
+        if len(self._deadlines) > 2 * len(self._calls) + 64:
+            self._deadlines = [entry for entry in self._deadlines if entry[1] in self._calls]
+            heapq.heapify(self._deadlines)
+        scope = self._timer_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    async def run_timer(self) -> None:
+        """Fail calls whose timeout passed. Runs for the connection's lifetime."""
+        while True:
+            deadline = self._deadlines[0][0] if self._deadlines else float("inf")
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, call_id = heapq.heappop(self._deadlines)
+                pending = self._calls.pop(call_id, None)
+                if pending is None:
+                    continue  # answered in time
+                error = RPCTimeoutError(
+                    f"call to {pending.method!r} timed out after {pending.timeout:g}s"
+                )
+                pending.deliver(outcome.Error(error))
+                self._send_cancel(call_id)

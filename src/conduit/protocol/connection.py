@@ -1,0 +1,510 @@
+"""The rules of an authenticated connection, decided from frames and state alone.
+
+:class:`ConnectionState` is to conduit what ``h11.Connection`` is to HTTP: the
+Trio engine (:mod:`conduit._connection`) feeds it every frame it reads with
+:meth:`~ConnectionState.receive_frame` and gets back a typed event (or None when
+the frame needs nothing from the engine); for what this side wants to do it
+asks the machine for the frame to send (:meth:`~ConnectionState.start_call`,
+:meth:`~ConnectionState.ping`, :meth:`~ConnectionState.goodbye`...). A frame
+that breaks the rules raises :class:`~conduit.errors.RemoteProtocolError` and
+the connection is over.
+
+What it owns: frame-kind dispatch, stream-id parity and allocation, early
+resets, the per-stream credit counters and their checks, call-id allocation and
+uniqueness, the concurrency limit, PING -> PONG, GOODBYE and the closing state.
+What it does not: time (heartbeats, idleness, call timeouts), waiting, tasks.
+
+The hot path is DATA: it allocates nothing per frame. The event for a DATA
+frame is the :class:`InboundStream` that took the bytes, and for a CREDIT frame
+the :class:`OutboundStream` that got the credit; the engine's subclasses of
+both add only the waking.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+
+from ..errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
+from .codec import decode_body, encode_frame
+from .frames import FLAG_END, FRAME_COST, HEADER_SIZE, Frame, FrameKind, is_valid_stream_id
+from .messages import Body, Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
+
+#: Early resets remembered at most (the oldest are forgotten first), so a peer
+#: resetting stream ids we never use cannot grow our memory.
+MAX_EARLY_RESETS = 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Phase(enum.Enum):
+    """Where a connection stands; the one record of whether it is closing."""
+
+    #: Carries traffic both ways.
+    OPEN = "open"
+    #: We said GOODBYE: queued frames still go out, nothing new starts.
+    CLOSING = "closing"
+    #: Over; :attr:`ConnectionState.close_reason` says why.
+    CLOSED = "closed"
+
+
+# ---------------------------------------------------------------------- events
+# Plain slotted classes (not frozen): an instance per call or result is on the
+# RPC hot path, and attrs' frozen __init__ is slower.
+
+
+@attrs.define(slots=True)
+class CallReceived:
+    """The peer calls ``call.method``; answer with :meth:`ConnectionState.finish_call`."""
+
+    call_id: int
+    call: Call
+
+
+@attrs.define(slots=True)
+class CallRefused:
+    """A call over the concurrency limit: send ``reply`` (an "overloaded" RESULT)."""
+
+    call_id: int
+    reply: bytes
+
+
+@attrs.define(slots=True)
+class CallCancelled:
+    """The peer gave up on call ``call_id``, which may be queued or running."""
+
+    call_id: int
+
+
+@attrs.define(slots=True)
+class ResultReceived:
+    """The outcome of a call this side made (the id may be one we gave up on)."""
+
+    call_id: int
+    result: Result
+
+
+@attrs.define(slots=True)
+class MessageReceived:
+    """A one-way message."""
+
+    event: str
+    data: Any
+
+
+@attrs.define(slots=True)
+class StreamWasReset:
+    """The peer aborted a stream: fail whichever ends of it we hold with ``error``."""
+
+    error: StreamReset
+    incoming: InboundStream | None
+    outgoing: OutboundStream | None
+
+
+@attrs.define(slots=True)
+class PingReceived:
+    """A liveness probe; send ``reply`` (the PONG)."""
+
+    nonce: int
+    reply: bytes
+
+
+@attrs.define(slots=True)
+class GoodbyeReceived:
+    """The peer closed the connection; the machine is now CLOSED."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------------- streams
+
+
+class InboundStream:
+    """The credit and buffer of a stream the peer sends on.
+
+    The machine calls :meth:`on_data` for each DATA frame; the consumer takes
+    the chunks with :meth:`take` and hands credit back with :meth:`credit_to_return`.
+    """
+
+    def __init__(self, stream_id: int, window: int) -> None:
+        self.stream_id = stream_id
+        self.window = window
+        self.available = window  # credit the peer still holds
+        self.chunks: deque[Buffer] = deque()
+        self.taken_cost = 0  # consumed but not yet granted back
+        self.pending_cost = 0  # handed to the consumer by the last take()
+        self.buffered_cost = 0
+        self.trailer: bytes | None = None
+        self.error: BaseException | None = None
+        self.bytes_received = 0
+
+    @property
+    def finished(self) -> bool:
+        """True once the END frame has arrived."""
+        return self.trailer is not None
+
+    def on_data(self, payload: Buffer, flags: int) -> None:
+        """Account for a DATA frame and buffer its payload; refuse one beyond the credit."""
+        if self.trailer is not None:
+            raise RemoteProtocolError(f"data after the end of stream {self.stream_id}")
+        cost = len(payload) + FRAME_COST
+        if cost > self.available:
+            raise RemoteProtocolError(
+                f"peer exceeded the credit window on stream {self.stream_id} "
+                f"({cost} bytes with {self.available} granted)"
+            )
+        self.available -= cost
+        self.buffered_cost += cost
+        if flags & FLAG_END:
+            self.trailer = bytes(payload)
+        else:
+            self.chunks.append(payload)
+            self.bytes_received += len(payload)
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with an error (reset by the peer, or connection lost)."""
+        if self.error is None and self.trailer is None:
+            self.error = exc
+
+    def consumed(self) -> None:
+        """The chunks of the last :meth:`take` were used up: their credit may return."""
+        self.taken_cost += self.pending_cost
+        self.pending_cost = 0
+
+    def take(self) -> tuple[list[Buffer], bytes | None]:
+        """Every buffered chunk, and the trailer once the stream has ended."""
+        chunks = list(self.chunks)
+        self.chunks.clear()
+        self.pending_cost = self.buffered_cost
+        self.buffered_cost = 0
+        return chunks, self.trailer
+
+    def credit_to_return(self, *, force: bool) -> int:
+        """Credit to grant the peer now (0 for none); counted as granted.
+
+        Without ``force``, credit goes back in quarter-window steps, so a fast
+        stream costs one CREDIT frame per quarter window, not one per chunk.
+        """
+        amount = self.taken_cost
+        if amount and self.trailer is None and (force or amount >= self.window // 4):
+            self.taken_cost = 0
+            self.available += amount
+            return amount
+        return 0
+
+
+class OutboundStream:
+    """The credit of a stream this side sends on."""
+
+    def __init__(self, stream_id: int, window: int, max_payload: int) -> None:
+        self.stream_id = stream_id
+        self.credit = window
+        # A frame must fit in the window even when all of it is free.
+        self.max_payload = max(1, min(max_payload, window - FRAME_COST))
+        self.error: BaseException | None = None
+        self.bytes_sent = 0
+        self.finished = False
+
+    def grant(self, increment: int) -> None:
+        """Credit arrived from the peer."""
+        self.credit += increment
+
+    def fail(self, exc: BaseException) -> None:
+        """The peer reset the stream or the connection ended."""
+        if self.error is None:
+            self.error = exc
+
+
+#: What :meth:`ConnectionState.receive_frame` returns. ``InboundStream`` is the
+#: event for DATA ("these bytes arrived"), ``OutboundStream`` for CREDIT.
+Event = (
+    CallReceived
+    | CallRefused
+    | CallCancelled
+    | ResultReceived
+    | MessageReceived
+    | StreamWasReset
+    | PingReceived
+    | GoodbyeReceived
+    | InboundStream
+    | OutboundStream
+)
+
+
+IS = TypeVar("IS", bound=InboundStream)
+OS = TypeVar("OS", bound=OutboundStream)
+
+
+# ---------------------------------------------------------------------- machine
+
+
+class ConnectionState:
+    """The sans-IO state of one authenticated connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        is_client: bool,
+        receive_window: int,
+        peer_receive_window: int,
+        peer_max_frame_size: int,
+        max_concurrent_calls: int,
+    ) -> None:
+        self.is_client = is_client
+        self.receive_window = receive_window
+        self.peer_receive_window = peer_receive_window
+        self.peer_max_frame_size = peer_max_frame_size
+        self.max_concurrent_calls = max_concurrent_calls
+        self.phase = Phase.OPEN
+        self.close_reason: str | None = None
+        self._call_ids = itertools.count(1)
+        self._ping_ids = itertools.count(1)
+        self._active_calls: set[int] = set()  # incoming calls queued or running
+        # Stream ids are allocated by the receiving side: odd by clients, even
+        # by servers, so the two never collide.
+        self._stream_ids = itertools.count(1 if is_client else 2, 2)
+        self._last_stream_id = 0
+        self.incoming: dict[int, InboundStream] = {}
+        self.outgoing: dict[int, OutboundStream] = {}
+        self._early_resets: dict[int, StreamReset] = {}
+
+    # ------------------------------------------------------------ closing
+
+    @property
+    def is_open(self) -> bool:
+        """Whether new calls, messages and streams may start."""
+        return self.phase is Phase.OPEN
+
+    def goodbye(self, reason: str) -> bytes | None:
+        """Start an orderly close: the GOODBYE frame to send, or None if already closing."""
+        if self.phase is not Phase.OPEN:
+            return None
+        self.phase = Phase.CLOSING
+        self.close_reason = reason
+        return encode_frame(FrameKind.GOODBYE, 0, Goodbye(reason))
+
+    def close(self, reason: str) -> None:
+        """The connection is over; the first reason given (or GOODBYE's) sticks."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.phase = Phase.CLOSED
+
+    def drop_streams(self) -> list[InboundStream | OutboundStream]:
+        """The connection ended: forget every open stream and incoming call; return the streams."""
+        streams: list[InboundStream | OutboundStream] = [*self.incoming.values()]
+        streams.extend(self.outgoing.values())
+        self.incoming.clear()
+        self.outgoing.clear()
+        self._active_calls.clear()
+        return streams
+
+    # ------------------------------------------------------------ receiving
+
+    def receive_frame(self, frame: Frame) -> Event | None:
+        """Apply one frame from the peer; return what the engine must act on, if anything."""
+        kind = frame.kind
+        if kind is FrameKind.DATA:  # first: it is most of the traffic
+            stream = self.incoming.get(frame.stream_id)
+            if stream is None:
+                if self._is_our_closed_stream(frame.stream_id):
+                    return None  # in flight when we closed it; harmless
+                raise RemoteProtocolError(
+                    f"data for stream {frame.stream_id}, which was never opened"
+                )
+            stream.on_data(frame.payload, frame.flags)
+            return stream
+        if kind is FrameKind.CALL:
+            return self._on_call(frame.stream_id, decode_body(frame, Call))
+        if kind is FrameKind.RESULT:
+            return ResultReceived(frame.stream_id, decode_body(frame, Result))
+        if kind is FrameKind.CREDIT:
+            return self._on_credit(frame.stream_id, decode_body(frame, Credit))
+        if kind is FrameKind.MESSAGE:
+            message = decode_body(frame, Message)
+            return MessageReceived(message.event, message.data)
+        if kind is FrameKind.CANCEL:
+            decode_body(frame, Cancel)
+            if frame.stream_id in self._active_calls:
+                return CallCancelled(frame.stream_id)
+            return None  # already answered
+        if kind is FrameKind.RESET:
+            return self._on_reset(frame.stream_id, decode_body(frame, Reset))
+        if kind is FrameKind.PING:
+            ping = decode_body(frame, Ping)
+            return PingReceived(ping.nonce, self.encode(FrameKind.PONG, 0, Pong(ping.nonce)))
+        if kind is FrameKind.PONG:
+            decode_body(frame, Pong)
+            return None
+        if kind is FrameKind.GOODBYE:
+            goodbye = decode_body(frame, Goodbye)
+            self.close(f"peer closed the connection: {goodbye.reason}")
+            return GoodbyeReceived(goodbye.reason)
+        raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
+
+    def _on_call(self, call_id: int, call: Call) -> CallReceived | CallRefused:
+        active = self._active_calls
+        if call_id in active:
+            raise RemoteProtocolError(f"call id {call_id} is already in use")
+        if len(active) >= self.max_concurrent_calls:
+            refusal = Result(
+                False,
+                error=f"too many concurrent calls (limit {self.max_concurrent_calls})",
+                code="overloaded",
+            )
+            return CallRefused(call_id, encode_frame(FrameKind.RESULT, call_id, refusal))
+        active.add(call_id)
+        return CallReceived(call_id, call)
+
+    def _on_credit(self, stream_id: int, credit: Credit) -> OutboundStream | None:
+        if not 0 < credit.increment <= 1 << 31:
+            raise RemoteProtocolError(f"invalid credit increment {credit.increment}")
+        stream = self.outgoing.get(stream_id)
+        if stream is not None:
+            stream.grant(credit.increment)
+        return stream
+
+    def _on_reset(self, stream_id: int, reset: Reset) -> StreamWasReset | None:
+        error = StreamReset(f"peer aborted the stream: {reset.reason}", code=reset.code)
+        incoming = self.incoming.pop(stream_id, None)
+        outgoing = self.outgoing.pop(stream_id, None)
+        if incoming is None and outgoing is None:
+            if not self._is_our_stream_id(stream_id):
+                # The peer gave up on a stream we have not started sending on
+                # yet (e.g. its request timed out while we prepared): remember,
+                # so we never start. Bounded: the oldest entries go first.
+                early = self._early_resets
+                early[stream_id] = error
+                while len(early) > MAX_EARLY_RESETS:
+                    del early[next(iter(early))]
+            return None
+        return StreamWasReset(error, incoming, outgoing)
+
+    def _is_our_stream_id(self, stream_id: int) -> bool:
+        return (stream_id % 2 == 1) == self.is_client
+
+    def _is_our_closed_stream(self, stream_id: int) -> bool:
+        return self._is_our_stream_id(stream_id) and 0 < stream_id <= self._last_stream_id
+
+    # ------------------------------------------------------------ calls
+
+    def start_call(self, method: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        """Allocate a call id; return it with the CALL frame to send."""
+        call_id = next(self._call_ids)
+        return call_id, self.encode(FrameKind.CALL, call_id, Call(method, args))
+
+    def cancel_call(self, call_id: int) -> bytes | None:
+        """The CANCEL frame for a call we gave up on (None once closing)."""
+        if self.phase is not Phase.OPEN:
+            return None
+        return encode_frame(FrameKind.CANCEL, call_id, Cancel())
+
+    def call_finished(self, call_id: int) -> None:
+        """An incoming call is no longer queued or running: its id is free again."""
+        self._active_calls.discard(call_id)
+
+    def result_frame(self, call_id: int, result: Result) -> bytes:
+        """The RESULT frame for an incoming call; a result too large to send becomes an error."""
+        try:
+            return self.encode(FrameKind.RESULT, call_id, result)
+        except LocalProtocolError as exc:
+            refusal = Result(
+                False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
+            )
+            return self.encode(FrameKind.RESULT, call_id, refusal)
+
+    def message_frame(self, event: str, data: Any) -> bytes:
+        """The MESSAGE frame of a one-way message."""
+        return self.encode(FrameKind.MESSAGE, 0, Message(event, data))
+
+    def ping(self) -> bytes:
+        """A PING frame with a fresh nonce."""
+        return encode_frame(FrameKind.PING, 0, Ping(next(self._ping_ids)))
+
+    # ------------------------------------------------------------ streams
+
+    def open_inbound(self, make: Callable[[int, int], IS]) -> IS:
+        """Allocate a stream id the peer may send on; ``make(stream_id, window)`` builds it."""
+        stream_id = next(self._stream_ids)
+        self._last_stream_id = stream_id
+        stream = make(stream_id, self.receive_window)
+        self.incoming[stream_id] = stream
+        return stream
+
+    def open_outbound(self, stream_id: int, make: Callable[[int, int, int], OS]) -> OS:
+        """Start sending on a stream id the peer allocated for us.
+
+        ``make(stream_id, window, max_payload)`` builds it. Raises the peer's
+        :class:`StreamReset` if it already gave up on that stream.
+        """
+        if not is_valid_stream_id(stream_id):
+            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
+        if stream_id in self.outgoing:
+            raise LocalProtocolError(f"stream {stream_id} is already being sent")
+        early_reset = self._early_resets.pop(stream_id, None)
+        if early_reset is not None:
+            raise early_reset
+        stream = make(stream_id, self.peer_receive_window, self.peer_max_frame_size)
+        self.outgoing[stream_id] = stream
+        return stream
+
+    def close_stream(
+        self, stream: InboundStream | OutboundStream, reset: tuple[str, str] | None
+    ) -> bytes | None:
+        """Forget a stream; with ``reset=(code, reason)``, the RESET frame to send."""
+        if isinstance(stream, InboundStream):
+            self.incoming.pop(stream.stream_id, None)
+        else:
+            self.outgoing.pop(stream.stream_id, None)
+        if reset is None or self.phase is not Phase.OPEN:
+            return None
+        code, reason = reset
+        try:
+            return self.encode(FrameKind.RESET, stream.stream_id, Reset(code, reason))
+        except LocalProtocolError:
+            return None  # a reason too long to send: the stream is forgotten anyway
+
+    def credit_frame(self, stream_id: int, amount: int) -> bytes | None:
+        """The CREDIT frame returning ``amount`` on an inbound stream we still hold."""
+        if self.phase is not Phase.OPEN or stream_id not in self.incoming:
+            return None
+        return encode_frame(FrameKind.CREDIT, stream_id, Credit(amount))
+
+    # ------------------------------------------------------------ encoding
+
+    def encode(self, kind: FrameKind, stream_id: int, body: Body) -> bytes:
+        """Encode a control frame, refusing one the peer would not accept.
+
+        Checked here, where the caller can be told, rather than in the writer
+        task, where an oversized frame could only kill the connection.
+        """
+        frame = encode_frame(kind, stream_id, body)
+        limit = self.peer_max_frame_size
+        if len(frame) - HEADER_SIZE > limit:
+            raise LocalProtocolError(
+                f"{kind.name} of {len(frame) - HEADER_SIZE} bytes exceeds the peer's "
+                f"max_frame_size ({limit}); send large data as a file or stream"
+            )
+        return frame
+
+
+__all__ = [
+    "MAX_EARLY_RESETS",
+    "CallCancelled",
+    "CallReceived",
+    "CallRefused",
+    "ConnectionState",
+    "Event",
+    "GoodbyeReceived",
+    "InboundStream",
+    "MessageReceived",
+    "OutboundStream",
+    "Phase",
+    "PingReceived",
+    "ResultReceived",
+    "StreamWasReset",
+]

@@ -1,0 +1,503 @@
+"""The connection's rules with no sockets: two sans-IO state machines driven against each other.
+
+In the style of h11's ``ConnectionPair``: a client and a server
+:class:`~conduit.protocol.connection.ConnectionState` start as if the handshake
+had just finished; whatever frames one produces are parsed the way the engine
+parses a decrypted record (:func:`~conduit.protocol.codec.iter_frames`) and fed
+to the other. The hostile-peer cases here were moved from
+``tests/test_hostile_peers.py`` (which keeps one real-socket case per feature):
+where the engine would log ``protocol error: <reason>`` and close, the machine
+raises :class:`~conduit.errors.RemoteProtocolError` with that reason, before
+any later frame can reach a handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conduit.errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
+from conduit.protocol import FRAME_COST, MAX_STREAM_ID, FrameKind, decode_body
+from conduit.protocol.codec import data_header, iter_frames
+from conduit.protocol.connection import (
+    MAX_EARLY_RESETS,
+    CallCancelled,
+    CallReceived,
+    CallRefused,
+    ConnectionState,
+    Event,
+    GoodbyeReceived,
+    InboundStream,
+    MessageReceived,
+    OutboundStream,
+    Phase,
+    PingReceived,
+    ResultReceived,
+    StreamWasReset,
+)
+from conduit.protocol.messages import Pong, Result
+from hostile_helpers import body_frame, call_frame, raw_header
+
+WINDOW = 64 * 1024
+MAX_FRAME = 64 * 1024
+
+
+def machine(*, is_client: bool, max_calls: int = 8) -> ConnectionState:
+    """A machine in the authenticated state, both sides with the same limits."""
+    return ConnectionState(
+        is_client=is_client,
+        receive_window=WINDOW,
+        peer_receive_window=WINDOW,
+        peer_max_frame_size=MAX_FRAME,
+        max_concurrent_calls=max_calls,
+    )
+
+
+@attrs.define
+class Pair:
+    """A client and a server machine, and the wire between them."""
+
+    client: ConnectionState
+    server: ConnectionState
+
+    def deliver(self, to: ConnectionState, *frames: bytes) -> list[Event]:
+        """Feed ``frames`` (as one decrypted record) to ``to``; the events it returned."""
+        events: list[Event] = []
+        for frame in iter_frames(b"".join(frames), MAX_FRAME):
+            event = to.receive_frame(frame)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def deliver_one(self, to: ConnectionState, frame: bytes) -> Event | None:
+        """Feed one frame; its event, or None."""
+        events = self.deliver(to, frame)
+        assert len(events) <= 1
+        return events[0] if events else None
+
+
+@pytest.fixture
+def pair() -> Pair:
+    return Pair(machine(is_client=True), machine(is_client=False, max_calls=4))
+
+
+def protocol_error(to: ConnectionState, pair: Pair, *frames: bytes) -> str:
+    """Deliver ``frames``; they must break the rules. The engine's close reason."""
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.deliver(to, *frames)
+    return f"protocol error: {info.value}"
+
+
+# ------------------------------------------------------------------ calls
+
+
+def test_call_and_result_round_trip(pair: Pair) -> None:
+    call_id, frame = pair.client.start_call("add", {"a": 1, "b": 2})
+    event = pair.deliver_one(pair.server, frame)
+    assert isinstance(event, CallReceived)
+    assert event.call_id == call_id == 1
+    assert (event.call.method, event.call.args) == ("add", {"a": 1, "b": 2})
+    pair.server.call_finished(call_id)
+    reply = pair.deliver_one(pair.client, pair.server.result_frame(call_id, Result(True, 3)))
+    assert reply == ResultReceived(call_id, Result(True, 3))
+
+
+def test_call_ids_are_allocated_per_side(pair: Pair) -> None:
+    assert [pair.client.start_call("m", {})[0] for _ in range(3)] == [1, 2, 3]
+    assert [pair.server.start_call("m", {})[0] for _ in range(2)] == [1, 2]
+
+
+def test_call_id_reused_while_running_is_a_protocol_error(pair: Pair) -> None:
+    """Moved from test_hostile_peers: 'call id 1 is already in use', the duplicate never runs."""
+    pair.deliver(pair.server, call_frame(1, "sleep", seconds=3))
+    with pytest.raises(RemoteProtocolError, match="call id 1 is already in use"):
+        pair.deliver(pair.server, call_frame(1, "record", tag="dup"))
+
+
+def test_call_id_is_free_again_once_the_call_finished(pair: Pair) -> None:
+    assert isinstance(pair.deliver_one(pair.server, call_frame(1, "a")), CallReceived)
+    pair.server.call_finished(1)
+    assert isinstance(pair.deliver_one(pair.server, call_frame(1, "b")), CallReceived)
+
+
+def test_calls_over_the_concurrency_limit_are_refused_with_overloaded(pair: Pair) -> None:
+    events = pair.deliver(pair.server, *(call_frame(i, "sleep") for i in range(1, 11)))
+    accepted = [e for e in events if isinstance(e, CallReceived)]
+    refused = [e for e in events if isinstance(e, CallRefused)]
+    assert [e.call_id for e in accepted] == [1, 2, 3, 4]
+    assert [e.call_id for e in refused] == list(range(5, 11))
+    replies = pair.deliver(pair.client, *(e.reply for e in refused))
+    assert all(isinstance(r, ResultReceived) and r.result.code == "overloaded" for r in replies)
+    # A finished call makes room again.
+    pair.server.call_finished(2)
+    assert isinstance(pair.deliver_one(pair.server, call_frame(11, "x")), CallReceived)
+
+
+def test_cancel_reaches_only_calls_still_active(pair: Pair) -> None:
+    pair.deliver(pair.server, call_frame(1, "sleep"))
+    cancel = pair.client.cancel_call(1)
+    assert cancel is not None
+    assert pair.deliver_one(pair.server, cancel) == CallCancelled(1)
+    pair.server.call_finished(1)
+    assert pair.deliver_one(pair.server, cancel) is None
+
+
+def test_a_result_too_large_to_send_becomes_bad_result(pair: Pair) -> None:
+    frame = pair.server.result_frame(1, Result(True, b"x" * (MAX_FRAME + 1)))
+    event = pair.deliver_one(pair.client, frame)
+    assert isinstance(event, ResultReceived)
+    assert (event.result.ok, event.result.code) == (False, "bad_result")
+
+
+def test_a_call_too_large_for_the_peer_is_refused_locally(pair: Pair) -> None:
+    with pytest.raises(LocalProtocolError, match="exceeds the peer's max_frame_size"):
+        pair.client.start_call("big", {"data": b"x" * (MAX_FRAME + 1)})
+
+
+def test_messages(pair: Pair) -> None:
+    frame = pair.client.message_frame("tick", [1, 2])
+    assert pair.deliver_one(pair.server, frame) == MessageReceived("tick", [1, 2])
+
+
+# ------------------------------------------------------------------ streams and credit
+
+
+def inbound(state: ConnectionState) -> InboundStream:
+    return state.open_inbound(InboundStream)
+
+
+def outbound(state: ConnectionState, stream_id: int) -> OutboundStream:
+    return state.open_outbound(stream_id, OutboundStream)
+
+
+def data(stream_id: int, payload: bytes, flags: int = 0) -> bytes:
+    return data_header(stream_id, len(payload), flags) + payload
+
+
+def test_stream_ids_are_allocated_by_the_receiver_odd_by_clients_even_by_servers(
+    pair: Pair,
+) -> None:
+    assert [inbound(pair.client).stream_id for _ in range(3)] == [1, 3, 5]
+    assert [inbound(pair.server).stream_id for _ in range(3)] == [2, 4, 6]
+
+
+def test_data_and_credit_flow(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    sending = outbound(pair.client, receiving.stream_id)
+    assert sending.credit == WINDOW
+    assert sending.max_payload == WINDOW - FRAME_COST
+    event = pair.deliver_one(pair.server, data(receiving.stream_id, b"abc"))
+    assert event is receiving  # the stream itself is the event: nothing allocated per frame
+    assert receiving.available == WINDOW - 3 - FRAME_COST
+    assert receiving.take() == ([b"abc"], None)
+    receiving.consumed()
+    amount = receiving.credit_to_return(force=True)
+    assert amount == 3 + FRAME_COST
+    credit = pair.server.credit_frame(receiving.stream_id, amount)
+    assert credit is not None
+    sending.credit -= amount  # what OutgoingStream.send spent
+    assert pair.deliver_one(pair.client, credit) is sending
+    assert sending.credit == WINDOW
+    end = pair.deliver_one(pair.server, data(receiving.stream_id, b"trailer", flags=1))
+    assert end is receiving and receiving.finished and receiving.trailer == b"trailer"
+
+
+def test_credit_returns_in_quarter_windows_unless_forced(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    pair.deliver(pair.server, data(receiving.stream_id, b"x" * 100))
+    receiving.take()
+    receiving.consumed()
+    assert receiving.credit_to_return(force=False) == 0
+    assert receiving.credit_to_return(force=True) == 100 + FRAME_COST
+
+
+def test_data_beyond_the_credit_window(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    payload = b"\xab" * (WINDOW - FRAME_COST + 1)
+    reason = protocol_error(pair.server, pair, data(receiving.stream_id, payload))
+    assert f"peer exceeded the credit window on stream {receiving.stream_id}" in reason
+
+
+def test_data_after_the_end_of_a_stream(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    pair.deliver(pair.server, data(receiving.stream_id, b"", flags=1))
+    reason = protocol_error(pair.server, pair, data(receiving.stream_id, b"more"))
+    assert f"data after the end of stream {receiving.stream_id}" in reason
+
+
+@pytest.mark.parametrize("stream_id", [7, 0, MAX_STREAM_ID], ids=["odd-client-side", "zero", "max"])
+def test_data_for_a_stream_never_opened(pair: Pair, stream_id: int) -> None:
+    """Moved from test_hostile_peers (which keeps the 'never-opened' id over a socket)."""
+    reason = protocol_error(
+        pair.server, pair, data(stream_id, b"hello"), data(stream_id, b"t" * 40, flags=1)
+    )
+    assert f"data for stream {stream_id}, which was never opened" in reason
+
+
+def test_data_for_our_closed_stream_is_ignored(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    assert pair.server.close_stream(receiving, None) is None
+    assert pair.deliver(pair.server, data(receiving.stream_id, b"late")) == []
+
+
+@pytest.mark.parametrize("increment", [-1, 2**31 + 1, "many"])
+def test_invalid_credit(pair: Pair, increment: Any) -> None:
+    """Moved from test_hostile_peers (which keeps increment 0 over a socket)."""
+    reason = protocol_error(
+        pair.server, pair, body_frame(FrameKind.CREDIT, 2, {"increment": increment})
+    )
+    expected = "invalid credit increment" if isinstance(increment, int) else "malformed CREDIT body"
+    assert expected in reason
+
+
+def test_credit_for_an_unknown_stream_is_ignored(pair: Pair) -> None:
+    assert pair.deliver(pair.server, body_frame(FrameKind.CREDIT, 9, {"increment": 5})) == []
+
+
+def test_open_outbound_checks_the_stream_id(pair: Pair) -> None:
+    for bad in (0, -1, MAX_STREAM_ID + 1):
+        with pytest.raises(RPCError) as info:
+            outbound(pair.client, bad)
+        assert info.value.code == "invalid_arguments"
+    outbound(pair.client, 2)
+    with pytest.raises(LocalProtocolError, match="already being sent"):
+        outbound(pair.client, 2)
+
+
+# ------------------------------------------------------------------ resets
+
+
+def test_reset_fails_both_ends(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    sending = outbound(pair.client, receiving.stream_id)
+    reset = pair.server.close_stream(receiving, ("disk_full", "no space"))
+    assert reset is not None
+    event = pair.deliver_one(pair.client, reset)
+    assert isinstance(event, StreamWasReset)
+    assert event.outgoing is sending and event.incoming is None
+    assert isinstance(event.error, StreamReset)
+    assert event.error.code == "disk_full" and "no space" in str(event.error)
+    assert receiving.stream_id not in pair.client.outgoing
+
+
+def test_early_reset_is_remembered_so_the_stream_never_starts(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    reset = pair.server.close_stream(receiving, ("timeout", "gave up"))
+    assert reset is not None
+    assert pair.deliver(pair.client, reset) == []  # nothing to fail yet
+    with pytest.raises(StreamReset, match="gave up"):
+        outbound(pair.client, receiving.stream_id)
+    outbound(pair.client, receiving.stream_id)  # remembered once only
+
+
+def test_early_resets_are_bounded_oldest_first(pair: Pair) -> None:
+    """The sans-IO half of test_hostile_peers::test_reset_flood_is_bounded."""
+    count = MAX_EARLY_RESETS + 10
+    frames = [
+        body_frame(FrameKind.RESET, 2 * i + 2, {"code": "x", "reason": "y"}) for i in range(count)
+    ]
+    assert pair.deliver(pair.client, *frames) == []
+    assert len(pair.client._early_resets) == MAX_EARLY_RESETS
+    outbound(pair.client, 2)  # among the first ten: forgotten
+    with pytest.raises(StreamReset):
+        outbound(pair.client, 2 * (count - 1) + 2)
+
+
+def test_reset_of_an_unknown_stream_of_our_own_is_not_remembered(pair: Pair) -> None:
+    # Odd ids are the client's to allocate: a reset for one it never opened is noise.
+    assert (
+        pair.deliver(pair.client, body_frame(FrameKind.RESET, 1, {"code": "x", "reason": "y"}))
+        == []
+    )
+    assert pair.client._early_resets == {}
+
+
+# ------------------------------------------------------------------ ping, goodbye, closing
+
+
+def test_ping_is_answered_with_a_pong_carrying_the_nonce(pair: Pair) -> None:
+    event = pair.deliver_one(pair.server, pair.client.ping())
+    assert isinstance(event, PingReceived)
+    assert event.nonce == 1
+    (pong,) = iter_frames(event.reply, MAX_FRAME)
+    assert decode_body(pong, Pong) == Pong(1)
+    assert pair.deliver(pair.client, event.reply) == []
+    second = pair.deliver_one(pair.server, pair.client.ping())
+    assert isinstance(second, PingReceived) and second.nonce == 2
+
+
+def test_goodbye(pair: Pair) -> None:
+    frame = pair.client.goodbye("done here")
+    assert frame is not None
+    assert pair.client.phase is Phase.CLOSING and not pair.client.is_open
+    assert pair.client.close_reason == "done here"
+    assert pair.client.goodbye("again") is None
+    assert pair.deliver_one(pair.server, frame) == GoodbyeReceived("done here")
+    assert pair.server.phase is Phase.CLOSED
+    assert pair.server.close_reason == "peer closed the connection: done here"
+
+
+def test_once_closing_nothing_new_is_produced(pair: Pair) -> None:
+    receiving = inbound(pair.client)
+    pair.client.goodbye("bye")
+    assert pair.client.cancel_call(1) is None
+    assert pair.client.credit_frame(receiving.stream_id, 10) is None
+    assert pair.client.close_stream(receiving, ("x", "y")) is None
+
+
+def test_close_keeps_the_first_reason_and_drops_streams(pair: Pair) -> None:
+    receiving = inbound(pair.server)
+    sending = outbound(pair.server, 1)
+    pair.deliver(pair.server, call_frame(1, "x"))
+    pair.server.close("connection lost")
+    pair.server.close("later reason")
+    assert pair.server.phase is Phase.CLOSED
+    assert pair.server.close_reason == "connection lost"
+    assert pair.server.drop_streams() == [receiving, sending]
+    assert pair.server.incoming == {} and pair.server.outgoing == {}
+    assert pair.server.drop_streams() == []
+
+
+# ------------------------------------------------------------------ protocol errors
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        pytest.param(raw_header(6, 0, 0), "protocol error: unknown frame kind 6", id="kind-6"),
+        pytest.param(raw_header(FrameKind.PING, 0, 0, 0x02), "unknown flags 0x02", id="flags"),
+        pytest.param(
+            body_frame(
+                FrameKind.CLIENT_HELLO,
+                0,
+                {
+                    "protocol_version": 1,
+                    "name": "x",
+                    "pake": b"A" * 33,
+                    "max_frame_size": 1 << 20,
+                    "receive_window": 4 << 20,
+                },
+            ),
+            "CLIENT_HELLO frame is not allowed after the handshake",
+            id="replayed-hello",
+        ),
+        pytest.param(
+            body_frame(FrameKind.CLIENT_CONFIRM, 0, {"mac": b"m" * 32}),
+            "CLIENT_CONFIRM frame is not allowed after the handshake",
+            id="replayed-confirm",
+        ),
+        pytest.param(
+            body_frame(
+                FrameKind.WELCOME,
+                0,
+                {"client_id": "x", "server_name": "y", "heartbeat_interval": 1.0},
+            ),
+            "WELCOME frame is not allowed after the handshake",
+            id="welcome-from-client",
+        ),
+    ],
+)
+def test_unknown_or_misplaced_kind_inside_the_session(
+    pair: Pair, frame: bytes, reason: str
+) -> None:
+    """Moved from test_hostile_peers (which keeps kind 99 over a socket).
+
+    The CALL after the bad frame never becomes an event: nothing runs.
+    """
+    assert reason in protocol_error(pair.server, pair, frame, call_frame(1, "record", tag="after"))
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "reason"),
+    [
+        (FrameKind.CALL, {"method": 5}, "malformed CALL body"),
+        (FrameKind.RESULT, {"ok": "yes"}, "malformed RESULT body"),
+        (FrameKind.MESSAGE, [1], "malformed MESSAGE body"),
+        (FrameKind.RESET, {"code": 1}, "malformed RESET body"),
+        (FrameKind.PING, {"nonce": "n"}, "malformed PING body"),
+        (FrameKind.GOODBYE, {}, "malformed GOODBYE body"),
+    ],
+)
+def test_malformed_bodies(pair: Pair, kind: FrameKind, body: Any, reason: str) -> None:
+    assert reason in protocol_error(pair.server, pair, body_frame(kind, 1, body))
+
+
+def test_a_body_that_is_not_msgpack(pair: Pair) -> None:
+    frame = raw_header(FrameKind.PING, 0, 1) + b"\xc1"
+    assert "malformed msgpack body" in protocol_error(pair.server, pair, frame)
+
+
+def test_decode_body_checks_the_expected_class(pair: Pair) -> None:
+    (frame,) = iter_frames(pair.client.ping(), MAX_FRAME)
+    with pytest.raises(LocalProtocolError, match="does not carry a Result"):
+        decode_body(frame, Result)
+    assert msgpack.unpackb(bytes(frame.payload)) == {"nonce": 1}
+
+
+# ------------------------------------------------------------------ any frame sequence
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+_bodies = st.one_of(
+    _values,
+    st.fixed_dictionaries({"increment": st.integers(-5, 2**32)}),
+    st.fixed_dictionaries({"code": st.text(max_size=4), "reason": st.text(max_size=4)}),
+    st.fixed_dictionaries({"nonce": st.integers(0, 2**40)}),
+    st.fixed_dictionaries({"method": st.text(max_size=4), "args": st.just({})}),
+    st.fixed_dictionaries({"ok": st.booleans(), "value": _values}),
+)
+
+
+@st.composite
+def _frames(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(list(FrameKind)))
+    stream_id = draw(st.integers(0, 12) | st.integers(0, MAX_STREAM_ID))
+    if kind is FrameKind.DATA:
+        return data(stream_id, draw(st.binary(max_size=64)), draw(st.sampled_from([0, 1])))
+    return body_frame(kind, stream_id, draw(_bodies))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.booleans(), st.lists(_frames(), max_size=20))
+def test_any_frame_sequence_only_ever_raises_remote_protocol_error(
+    as_client: bool, frames: list[bytes]
+) -> None:
+    """Whatever an authenticated peer sends, the machine answers with events or a clear error.
+
+    Every event is one of the documented kinds, and the bookkeeping stays
+    within its bounds: at most ``max_concurrent_calls`` calls accepted.
+    """
+    state = machine(is_client=as_client, max_calls=4)
+    for _ in range(2):
+        state.open_inbound(InboundStream)
+    accepted = 0
+    try:
+        for frame in iter_frames(b"".join(frames), MAX_FRAME):
+            event = state.receive_frame(frame)
+            assert event is None or isinstance(event, EVENT_CLASSES)
+            accepted += isinstance(event, CallReceived)
+    except RemoteProtocolError:
+        return
+    assert accepted <= 4
+
+
+EVENT_CLASSES = (
+    CallReceived,
+    CallRefused,
+    CallCancelled,
+    ResultReceived,
+    MessageReceived,
+    StreamWasReset,
+    PingReceived,
+    GoodbyeReceived,
+    InboundStream,
+    OutboundStream,
+)
