@@ -18,13 +18,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-# StreamReset and Buffer are re-exported for the modules that import them from
-# here (transfer/); they live in errors and protocol.connection.
-from .errors import StreamReset as StreamReset
 from .protocol import FLAG_END, FRAME_COST, OutFrame
 from .protocol.codec import data_header
-from .protocol.connection import Buffer as Buffer
-from .protocol.connection import InboundStream, OutboundStream
+from .protocol.connection import Buffer, InboundStream, OutboundStream
 
 
 class IncomingStream(InboundStream):

@@ -17,8 +17,9 @@ from typing import Any
 
 import trio
 
-from .._streams import Buffer, IncomingStream, OutgoingStream
+from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
+from ..protocol.connection import Buffer
 from ._progress import ProgressReporter
 from ._storage import PartialFile
 from ._wire import Trailer

@@ -29,8 +29,8 @@ import trio
 from .._callbacks import trio_callback
 from .._connection import Connection
 from .._peer import Peer
-from .._streams import IncomingStream, StreamReset
-from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError
+from .._streams import IncomingStream
+from ..errors import ConduitError, ConnectionClosed, RPCError, StreamReset, TransferError
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name

@@ -32,8 +32,9 @@ import trio
 
 from .._callbacks import trio_callback
 from .._peer import Peer
-from .._streams import OutgoingStream, StreamReset
-from ..errors import ConduitError, RPCError, TransferError
+from .._streams import OutgoingStream
+from ..errors import ConduitError, RPCError, StreamReset, TransferError
+from ..protocol import is_valid_stream_id
 from ._engine import hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
@@ -243,7 +244,7 @@ class Sender:
     async def _start_download(
         self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
     ) -> dict[str, Any]:
-        if not 0 < stream_id < 2**32:
+        if not is_valid_stream_id(stream_id):
             raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
         connection = caller.connection
         limit = self._settings.max_transfers_per_connection
