@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import trio
 
-from .._asyncio import bridged
+from .._bridge import bridged
 from .._callbacks import invoke, trio_callback
 from .._connection import Connection
 from .._peer import Peer
 from .._streams import IncomingStream, OutgoingStream, StreamReset
-from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError, UnsafePathError
+from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError
 from ._engine import hash_prefix, receive_file, send_file
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
@@ -819,4 +819,4 @@ def _open_local(path: Path) -> io.FileIO:
     return io.FileIO(path, "r")
 
 
-__all__ = ["FileTransferHandler", "TransferProgress", "UnsafePathError"]
+__all__ = ["FileTransferHandler"]
