@@ -54,9 +54,7 @@ def public_async_methods() -> set[tuple[str, str]]:
 
 def public_async_functions() -> set[str]:
     """Every coroutine function among the package's public names."""
-    return {
-        name for name in conduit.__all__ if inspect.iscoroutinefunction(getattr(conduit, name))
-    }
+    return {name for name in conduit.__all__ if inspect.iscoroutinefunction(getattr(conduit, name))}
 
 
 @attrs.define
