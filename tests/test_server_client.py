@@ -66,6 +66,26 @@ class Span:
     label: str = "span"
 
 
+@attrs.define
+class Inbox:
+    """What handlers received, with a way to wait for it that does not poll."""
+
+    items: list[Any] = attrs.field(factory=list)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def append(self, item: Any) -> None:
+        self.items.append(item)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Any]:
+        """Wait until ``count`` items have arrived; return them all."""
+        with trio.fail_after(timeout):
+            while len(self.items) < count:
+                await self.changed.wait()
+        return self.items
+
+
 def register_basics(server: Server) -> None:
     @server.rpc
     async def add(a: int, b: int) -> int:
@@ -642,8 +662,8 @@ async def test_messages_both_ways(
     client_factory: ClientFactory,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    to_server: list[tuple[str, Any]] = []
-    to_client: list[Any] = []
+    to_server = Inbox()
+    to_client = Inbox()
 
     def register_server(server: Server) -> None:
         @server.on("chat")
@@ -660,15 +680,13 @@ async def test_messages_both_ways(
     await client.send("chat", {"text": "hello"})
     await client.send("chat", [1, 2, 3])
     await client.send("unhandled", "dropped quietly")
-    await wait_until(lambda: len(to_server) == 2)
-    assert to_server == [(client.id, {"text": "hello"}), (client.id, [1, 2, 3])]
+    assert await to_server.wait_for(2) == [(client.id, {"text": "hello"}), (client.id, [1, 2, 3])]
 
     assert client.id is not None
     peer = server.clients[client.id]
     await peer.send("news", "first")
     await peer.send("news", {"n": 2})
-    await wait_until(lambda: len(to_client) == 2)
-    assert to_client == ["first", {"n": 2}]
+    assert await to_client.wait_for(2) == ["first", {"n": 2}]
     # Unhandled messages did not break the connection.
     assert client.connected
     assert peer.connected
@@ -679,9 +697,9 @@ async def test_broadcast_with_exclude(
     client_factory: ClientFactory,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    inboxes: list[list[Any]] = [[], [], []]
+    inboxes = [Inbox(), Inbox(), Inbox()]
 
-    def listener(inbox: list[Any]) -> Any:
+    def listener(inbox: Inbox) -> Any:
         def register(client: Client) -> None:
             @client.on("news")
             async def on_news(data: Any) -> None:
@@ -693,18 +711,20 @@ async def test_broadcast_with_exclude(
     clients = [await client_factory(server, register=listener(inbox)) for inbox in inboxes]
     everyone = await server.broadcast("news", "to all")
     assert everyone == 3
-    await wait_until(lambda: all(inbox == ["to all"] for inbox in inboxes))
+    for inbox in inboxes:
+        assert await inbox.wait_for(1) == ["to all"]
 
     excluded = clients[2].id
     assert excluded is not None
     sent = await server.broadcast("news", {"only": "two"}, exclude=[excluded])
     assert sent == 2
-    await wait_until(lambda: len(inboxes[0]) == 2 and len(inboxes[1]) == 2)
+    await inboxes[0].wait_for(2)
+    await inboxes[1].wait_for(2)
     # Messages arrive in order: once "direct" is in, the broadcast would be too.
     await server.clients[excluded].send("news", "direct")
-    await wait_until(lambda: len(inboxes[2]) == 2)
-    assert inboxes[0] == inboxes[1] == ["to all", {"only": "two"}]
-    assert inboxes[2] == ["to all", "direct"]
+    await inboxes[2].wait_for(2)
+    assert inboxes[0].items == inboxes[1].items == ["to all", {"only": "two"}]
+    assert inboxes[2].items == ["to all", "direct"]
 
 
 async def test_connect_and_disconnect_hooks(
@@ -712,7 +732,7 @@ async def test_connect_and_disconnect_hooks(
     client_factory: ClientFactory,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    events: list[tuple[str, str | None]] = []
+    events = Inbox()
 
     def register_server(server: Server) -> None:
         @server.on_client_connect
@@ -734,23 +754,23 @@ async def test_connect_and_disconnect_hooks(
 
     server = await server_factory(register=register_server)
     client = await client_factory(server, register=register_client)
-    await wait_until(lambda: len(events) == 2)
-    assert sorted(events) == [("client connect", client.id), ("server connect", client.id)]
+    assert sorted(await events.wait_for(2)) == [
+        ("client connect", client.id),
+        ("server connect", client.id),
+    ]
     await client.disconnect()
-    await wait_until(lambda: len(events) == 4)
-    assert sorted(events[2:]) == [
+    assert sorted((await events.wait_for(4))[2:]) == [
         ("client disconnect", client.id),
         ("server disconnect", client.id),
     ]
 
     # The server ending the connection fires the same hooks.
-    events.clear()
+    events.items.clear()
     await client.connect()
-    await wait_until(lambda: len(events) == 2)
+    await events.wait_for(2)
     assert client.id is not None
     await server.clients[client.id].close()
-    await wait_until(lambda: len(events) == 4)
-    assert sorted(events[2:]) == [
+    assert sorted((await events.wait_for(4))[2:]) == [
         ("client disconnect", client.id),
         ("server disconnect", client.id),
     ]
@@ -804,7 +824,8 @@ async def test_idle_timeout_closes_quiet_connections(
             assert await busy.call("add", a=i, b=0) == i
             await trio.sleep(0.05)
     assert busy.connected
-    await wait_until(lambda: not quiet.connected)
+    with trio.fail_after(5):
+        await quiet.wait_closed()
     assert quiet.id not in server.clients
     assert busy.id in server.clients
 
@@ -817,7 +838,8 @@ async def test_idle_timeout_without_fast_heartbeats(
     """idle_timeout is honoured on its own, not only at the next heartbeat tick (15 s)."""
     server = await server_factory(idle_timeout=0.3)
     client = await client_factory(server)
-    await wait_until(lambda: not client.connected, timeout=5)
+    with trio.fail_after(5):
+        await client.wait_closed()
     assert server.clients == {}
 
 
