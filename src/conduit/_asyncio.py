@@ -14,9 +14,8 @@ The pieces:
 * :func:`run_in_trio` (asyncio side) runs one Trio coroutine function in this
   loop's guest run and returns its result, with exceptions and cancellation
   crossing in both directions;
-* :func:`run_on_loop` does the same for a known loop; importing this module
-  installs it as the runner of :func:`conduit._bridge.bridged` methods awaited
-  from asyncio;
+* importing this module installs its ``_submit`` / ``_unwind`` as the way
+  :func:`conduit._bridge.bridged` methods awaited from asyncio reach the guest;
 * each guest run sets :data:`conduit._callbacks.HOST_LOOP`, which tells Trio
   code that its user lives in asyncio, so user callbacks can be run there;
 * :func:`get_guest_token` gives the guest run's :class:`trio.lowlevel.TrioToken`.
@@ -55,7 +54,6 @@ from ._callbacks import HOST_LOOP
 __all__ = [
     "get_guest_token",
     "run_in_trio",
-    "run_on_loop",
 ]
 
 T = TypeVar("T")
@@ -661,7 +659,14 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             "run_in_trio() must be awaited from asyncio code; this is already Trio "
             "code, so await the function directly (a @bridged method does that itself)"
         )
-    return await run_on_loop(loop, fn, args, {})
+    call = _submit(loop, fn, args, {})
+    try:
+        return await call.future
+    except asyncio.CancelledError as cancel:
+        await _unwind(call)
+        if call.late_error is not None:
+            raise cancel from call.late_error
+        raise
 
 
 def _submit(
@@ -700,25 +705,4 @@ async def _unwind(call: _Call[Any]) -> None:
         call.future.exception()
 
 
-async def run_on_loop(
-    loop: asyncio.AbstractEventLoop,
-    fn: Callable[..., Awaitable[T]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> T:
-    """Run ``await fn(*args, **kwargs)`` in ``loop``'s guest run, from asyncio code on ``loop``.
-
-    What :func:`run_in_trio` does once it knows the loop; ``@bridged`` methods
-    called from asyncio come here (see :mod:`conduit._bridge`).
-    """
-    call = _submit(loop, fn, args, kwargs)
-    try:
-        return await call.future
-    except asyncio.CancelledError as cancel:
-        await _unwind(call)
-        if call.late_error is not None:
-            raise cancel from call.late_error
-        raise
-
-
-_bridge.install_asyncio_runner(run_on_loop)
+_bridge.install_asyncio_runner(_submit, _unwind)

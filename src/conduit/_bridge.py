@@ -6,7 +6,7 @@ shim. At call time the wrapper asks which library runs the caller: under Trio it
 awaits the method directly; under asyncio it hands the whole call to the shim
 (:mod:`conduit._asyncio`), which runs it in the loop's Trio guest run.
 
-The shim registers itself here (:func:`install_asyncio_runner`) when it is
+The shim registers its hooks here (:func:`install_asyncio_runner`) when it is
 imported, and ``conduit/__init__.py`` imports it, so it is always in place
 before any bridged method can be called. The dependency points from the shim to
 this module, never back: this module decides, the shim executes.
@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 import sniffio
 
 __all__ = [
-    "AsyncioRunner",
+    "BridgedCall",
+    "Submit",
+    "Unwind",
     "asyncio_caller_loop",
     "bridged",
     "current_flavor",
@@ -32,20 +34,38 @@ __all__ = [
 T = TypeVar("T")
 P = ParamSpec("P")
 
-#: Runs ``await fn(*args, **kwargs)`` in the guest run of the given loop, from
-#: asyncio code, and returns its result (the shim's ``run_on_loop``).
-AsyncioRunner = Callable[
+
+class BridgedCall(Protocol):
+    """One call handed to the shim: settled by the Trio side, awaited by the asyncio caller."""
+
+    #: Settled with the call's result or exception (cancelled if it never ran).
+    future: asyncio.Future[Any]
+    #: An error the Trio side raised while unwinding after the caller was cancelled.
+    late_error: BaseException | None
+
+
+#: Starts ``fn(*args, **kwargs)`` in the guest run of the given loop (the shim's
+#: ``_submit``), from asyncio code running on that loop.
+Submit = Callable[
     [asyncio.AbstractEventLoop, Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
-    Awaitable[Any],
+    BridgedCall,
 ]
+#: Cancels a submitted call's Trio side and waits until it has unwound (``_unwind``).
+Unwind = Callable[[Any], Awaitable[None]]
 
-_asyncio_runner: AsyncioRunner | None = None
+_submit: Submit | None = None
+_unwind: Unwind | None = None
 
 
-def install_asyncio_runner(runner: AsyncioRunner) -> None:
-    """Called once by the shim at import: how bridged calls from asyncio are run."""
-    global _asyncio_runner
-    _asyncio_runner = runner
+def install_asyncio_runner(submit: Submit, unwind: Unwind) -> None:
+    """Called once by the shim at import: how bridged calls from asyncio are run.
+
+    Two plain hooks rather than one coroutine, so the hot path of a bridged call
+    from asyncio has no extra coroutine frame: the wrapper awaits the call's
+    future itself.
+    """
+    global _submit, _unwind
+    _submit, _unwind = submit, unwind
 
 
 def current_flavor() -> Literal["trio", "asyncio"]:
@@ -110,9 +130,16 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
         loop = asyncio_caller_loop()
         if loop is None:
             return await method(*args, **kwargs)
-        if _asyncio_runner is None:  # pragma: no cover - conduit/__init__ installs it
+        if _submit is None or _unwind is None:  # pragma: no cover - conduit/__init__ installs it
             raise RuntimeError("conduit's asyncio shim is not loaded (import conduit)")
-        result: T = await _asyncio_runner(loop, method, args, kwargs)
+        call = _submit(loop, method, args, kwargs)
+        try:
+            result: T = await call.future
+        except asyncio.CancelledError as cancel:
+            await _unwind(call)
+            if call.late_error is not None:
+                raise cancel from call.late_error
+            raise
         return result
 
     return wrapper
