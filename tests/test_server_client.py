@@ -869,6 +869,64 @@ async def test_heartbeat_timeout_closes_silent_peer(
     await wait_until(lambda: not client.connected and not server.clients, timeout=5)
 
 
+@attrs.define
+class Gate(trio.abc.Stream):
+    """A stream that can start swallowing one direction, as a dead route would."""
+
+    inner: trio.abc.Stream
+    drop_sends: bool = False
+    drop_receives: bool = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.drop_sends:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        while True:
+            data = await self.inner.receive_some(max_bytes)
+            if not data or not self.drop_receives:
+                return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("silent", ["client", "server"])
+async def test_heartbeat_timeout_closes_silent_peer_in_memory(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+    silent: str,
+) -> None:
+    """The same as over TCP above, on the autojump clock: minutes of silence cost nothing."""
+    if silent == "client":
+        server = await server_factory(heartbeat_interval=1, heartbeat_timeout=10)
+        client = await client_factory(server, connect=False, heartbeat_interval=0)
+    else:
+        server = await server_factory(heartbeat_interval=0)
+        client = await client_factory(
+            server, connect=False, heartbeat_interval=1, heartbeat_timeout=10
+        )
+    gate = Gate(await memory_listener_of(server).connect())
+    await client.connect(stream=gate)
+    # Pings and pongs keep an otherwise silent connection alive well past the timeout.
+    await trio.sleep(60)
+    assert client.connected
+    assert len(server.clients) == 1
+    if silent == "client":
+        gate.drop_sends = True
+    else:
+        gate.drop_receives = True
+    with trio.fail_after(30):
+        await client.wait_closed()
+    await wait_until(lambda: not server.clients)
+
+
 # --------------------------------------------------------------------------- leaks
 
 
