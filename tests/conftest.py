@@ -1,12 +1,17 @@
-"""Shared fixtures for the real-socket tests (loopback 127.0.0.1 only).
+"""Shared fixtures: servers and clients over real loopback sockets or in memory.
 
 * ``server_factory``: ``await server_factory(register=..., **descriptor_fields)``
   builds a :class:`~conduit.Server` on ``127.0.0.1:0``, lets ``register(server)``
   add handlers, starts it with ``await nursery.start(server.run)`` and closes it
-  at teardown.
+  at teardown. (``tcp_server_factory`` is the same fixture under a name that a
+  module overriding ``server_factory`` can still reach.)
 * ``client_factory``: ``await client_factory(server_or_port, **descriptor_fields)``
   builds a :class:`~conduit.Client` for it, connects it (unless
-  ``connect=False``) and disconnects it at teardown.
+  ``connect=False``) and disconnects it at teardown (``tcp_client_factory``).
+* ``memory_server_factory`` / ``memory_client_factory``: the same over
+  :class:`MemoryListener` (``Server.serve`` and ``Client.connect(stream=...)``),
+  for tests where the socket is not the point; with pytest-trio's
+  ``autojump_clock`` their timers cost no wall-clock time.
 * ``proxy_factory``: ``await proxy_factory(target_port)`` starts a
   :class:`TcpProxy` that records every byte in both directions and can flip a
   byte (:class:`FlipByte`), black-hole a direction or cut every connection.
@@ -24,6 +29,7 @@ from typing import Any, Literal, Protocol
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from conduit import Client, ClientDescriptor, Server, ServerDescriptor
 
@@ -84,7 +90,7 @@ def client_descriptor(port: int, **fields: Any) -> ClientDescriptor:
 
 
 @pytest.fixture
-async def server_factory(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+async def tcp_server_factory(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
     servers: list[Server] = []
 
     async def make(register: Callable[[Server], None] | None = None, **fields: Any) -> Server:
@@ -103,7 +109,12 @@ async def server_factory(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
 
 
 @pytest.fixture
-async def client_factory() -> AsyncIterator[ClientFactory]:
+async def server_factory(tcp_server_factory: ServerFactory) -> ServerFactory:
+    return tcp_server_factory
+
+
+@pytest.fixture
+async def tcp_client_factory() -> AsyncIterator[ClientFactory]:
     clients: list[Client] = []
 
     async def make(
@@ -115,6 +126,119 @@ async def client_factory() -> AsyncIterator[ClientFactory]:
     ) -> Client:
         port = target if isinstance(target, int) else target.port
         client = Client(client_descriptor(port, **fields))
+        if register is not None:
+            register(client)
+        clients.append(client)
+        if connect:
+            await client.connect()
+        return client
+
+    yield make
+    with trio.move_on_after(10):
+        for client in clients:
+            await client.disconnect()
+
+
+@pytest.fixture
+async def client_factory(tcp_client_factory: ClientFactory) -> ClientFactory:
+    return tcp_client_factory
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+class MemoryListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose connections are pairs of :func:`trio.testing.memory_stream_pair`.
+
+    :meth:`connect` makes a pair, queues the server end for :meth:`accept` and
+    returns the client end; once the listener is closed it raises
+    ``ConnectionRefusedError``, as connecting to a closed port does.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[trio.abc.Stream](float("inf"))
+        self.accepted = 0
+
+    async def connect(self) -> trio.abc.Stream:
+        """Open a connection to this listener; return the client's end."""
+        await trio.lowlevel.checkpoint()
+        client_end, server_end = trio.testing.memory_stream_pair()
+        try:
+            self._send.send_nowait(server_end)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ConnectionRefusedError("the memory listener is closed") from None
+        return client_end
+
+    async def accept(self) -> trio.abc.Stream:
+        """The server end of the next :meth:`connect`."""
+        try:
+            stream = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise trio.ClosedResourceError("the memory listener is closed") from None
+        self.accepted += 1
+        return stream
+
+    async def aclose(self) -> None:
+        """Refuse further connections; streams already accepted stay open."""
+        self._send.close()
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+
+class MemoryClient(Client):
+    """A Client whose ``connect()`` dials a :class:`MemoryListener` instead of TCP."""
+
+    def __init__(self, descriptor: ClientDescriptor, listener: MemoryListener) -> None:
+        super().__init__(descriptor)
+        self.listener = listener
+
+    async def connect(self, *, stream: trio.abc.Stream | None = None) -> None:  # type: ignore[override]
+        """Connect over a new memory connection (or ``stream``)."""
+        if stream is None:
+            stream = await self.listener.connect()
+        await super().connect(stream=stream)
+
+
+def memory_listener_of(server: Server) -> MemoryListener:
+    """The listener a ``memory_server_factory`` server serves."""
+    listener = getattr(server, "memory_listener", None)
+    assert isinstance(listener, MemoryListener), "not a memory_server_factory server"
+    return listener
+
+
+@pytest.fixture
+async def memory_server_factory(nursery: trio.Nursery) -> AsyncIterator[ServerFactory]:
+    servers: list[Server] = []
+
+    async def make(register: Callable[[Server], None] | None = None, **fields: Any) -> Server:
+        server = Server(server_descriptor(**fields))
+        if register is not None:
+            register(server)
+        listener = MemoryListener()
+        server.memory_listener = listener  # type: ignore[attr-defined]
+        await nursery.start(server.serve, [listener])
+        servers.append(server)
+        return server
+
+    yield make
+    with trio.move_on_after(10):
+        for server in servers:
+            await server.close()
+
+
+@pytest.fixture
+async def memory_client_factory() -> AsyncIterator[ClientFactory]:
+    clients: list[Client] = []
+
+    async def make(
+        target: Server,
+        *,
+        connect: bool = True,
+        register: Callable[[Client], None] | None = None,
+        **fields: Any,
+    ) -> Client:
+        # The port is never dialled; it only has to be a valid one.
+        client = MemoryClient(client_descriptor(1, **fields), memory_listener_of(target))
         if register is not None:
             register(client)
         clients.append(client)

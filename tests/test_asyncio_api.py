@@ -9,6 +9,7 @@ and checks what it returned.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,8 @@ from typing import Any
 
 import attrs
 import pytest
+import sniffio
+import trio
 
 import conduit
 from conduit import (
@@ -28,6 +31,10 @@ from conduit import (
     RPCProxy,
     Server,
     ServerDescriptor,
+    asyncio_callback,
+    is_asyncio_hosted,
+    run_in_trio,
+    trio_callback,
 )
 
 
@@ -43,6 +50,11 @@ def public_async_methods() -> set[tuple[str, str]]:
             if public and inspect.iscoroutinefunction(value):
                 found.add((name, attr))
     return found
+
+
+def public_async_functions() -> set[str]:
+    """Every coroutine function among the package's public names."""
+    return {name for name in conduit.__all__ if inspect.iscoroutinefunction(getattr(conduit, name))}
 
 
 @attrs.define
@@ -70,6 +82,12 @@ async def _client_connect(w: World) -> None:
     assert not w.client.connected
     assert await w.client.connect() is None
     assert w.client.connected
+    # Over a stream the caller opened (in the loop's Trio guest run).
+    stream = await run_in_trio(trio.open_tcp_stream, "127.0.0.1", w.server.port)
+    other = Client(ClientDescriptor(server_port=1, password="pw"))
+    assert await other.connect(stream=stream) is None
+    assert await other.call("add", a=3, b=4) == 7
+    await other.disconnect()
 
 
 async def _client_call(w: World) -> None:
@@ -155,6 +173,24 @@ async def _server_run(w: World) -> None:
     assert task.result() is None
 
 
+async def _server_serve(w: World) -> None:
+    other = Server(ServerDescriptor(password="pw"))
+
+    @other.rpc
+    def where() -> str:
+        return "served"
+
+    listeners = await run_in_trio(functools.partial(trio.open_tcp_listeners, 0, host="127.0.0.1"))
+    task = asyncio.create_task(other.serve(listeners))
+    await _until(lambda: other.is_running)
+    client = Client(ClientDescriptor(server_port=other.port, password="pw"))
+    async with client:
+        assert await client.call("where") == "served"
+    await other.close()
+    await asyncio.wait_for(task, 5)
+    assert task.result() is None
+
+
 async def _server_close(w: World) -> None:
     await _server_run(w)  # drives close() too
 
@@ -222,6 +258,7 @@ DRIVERS: dict[tuple[str, str], Driver] = {
     ("Peer", "send"): _peer_send,
     ("Peer", "close"): _peer_close,
     ("Server", "run"): _server_run,
+    ("Server", "serve"): _server_serve,
     ("Server", "close"): _server_close,
     ("Server", "stop"): _server_stop,
     ("Server", "wait_listening"): _server_wait_listening,
@@ -244,6 +281,48 @@ async def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
 def test_every_public_coroutine_method_has_a_driver() -> None:
     assert public_async_methods() == set(DRIVERS)
     assert RPCProxy.__name__ in conduit.__all__
+
+
+def test_every_public_coroutine_function_is_driven() -> None:
+    # run_in_trio is the one; test_public_callback_helpers_under_asyncio drives it.
+    assert public_async_functions() == {"run_in_trio"}
+
+
+def test_public_callback_helpers_under_asyncio() -> None:
+    """The documented helpers, from ``conduit``: marked handlers run where they asked."""
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
+
+        @server.rpc
+        @trio_callback
+        async def in_trio() -> str:
+            seen["trio_hosted"] = is_asyncio_hosted()
+            await trio.lowlevel.checkpoint()
+            return sniffio.current_async_library()
+
+        @server.rpc
+        @asyncio_callback
+        def in_asyncio() -> bool:
+            return asyncio.current_task() is not None
+
+        task = asyncio.create_task(server.run())
+        await asyncio.wait_for(server.wait_listening(), 5)
+        client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+        async with client:
+            assert await client.call("in_trio") == "trio"
+            assert await client.call("in_asyncio") is True
+        seen["asyncio_side_hosted"] = is_asyncio_hosted()  # asyncio code: not Trio
+        assert await run_in_trio(trio.sleep, 0) is None
+        await server.close()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert seen == {"trio_hosted": True, "asyncio_side_hosted": False}
+    with pytest.raises(conduit.CallbackCancelledError):
+        raise conduit.CallbackCancelledError("importable from conduit, a ConduitError")
+    assert issubclass(conduit.CallbackCancelledError, conduit.ConduitError)
 
 
 async def _world(tmp: Path) -> tuple[World, asyncio.Task[None]]:

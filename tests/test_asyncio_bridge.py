@@ -35,21 +35,17 @@ import sniffio
 import trio
 
 from conduit import _asyncio
-from conduit._asyncio import (
-    bridged,
-    current_flavor,
-    current_host_loop,
-    get_guest_token,
-    is_asyncio_hosted,
-    run_in_trio,
-)
+from conduit._asyncio import get_guest_token, run_in_trio
+from conduit._bridge import bridged, current_flavor
 from conduit._callbacks import (
-    CallbackCancelledError,
     asyncio_callback,
     callback_world,
+    current_host_loop,
     invoke,
+    is_asyncio_hosted,
     trio_callback,
 )
+from conduit.errors import CallbackCancelledError
 
 T = TypeVar("T")
 

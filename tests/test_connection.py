@@ -74,13 +74,15 @@ class RecordingDispatcher:
 
     methods: dict[str, Any] = attrs.field(factory=dict)
     messages: list[tuple[str, Any]] = attrs.field(factory=list)
+    # The connection this dispatcher is bound to (set once it is built).
+    connection: Connection | None = None
 
-    async def handle_call(self, connection: Connection, method: str, args: dict[str, Any]) -> Any:
+    async def handle_call(self, method: str, args: dict[str, Any]) -> Any:
         if method not in self.methods:
             raise RPCError(f"no method {method}", "not_found")
-        return await self.methods[method](connection, **args)
+        return await self.methods[method](self.connection, **args)
 
-    async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
+    async def handle_message(self, event: str, data: Any) -> None:
         self.messages.append((event, data))
 
 
@@ -122,6 +124,7 @@ def _pair(
         dispatcher=sd,
         label="server",
     )
+    cd.connection, sd.connection = client, server
     return Pair(client, server, cd, sd)
 
 

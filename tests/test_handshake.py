@@ -16,7 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conduit.errors import AuthenticationError, ConduitError, ProtocolError, RemoteProtocolError
+from conduit.errors import (
+    AuthenticationError,
+    ConduitError,
+    HandshakeError,
+    HandshakeTimeout,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
@@ -164,6 +171,18 @@ def test_refusal_codes_map_to_clear_errors() -> None:
     with pytest.raises(ConduitError, match="max_connections") as info:
         client.receive(_frames(refusal_frame("busy", "at max_connections"))[0])
     assert not isinstance(info.value, AuthenticationError)
+
+
+def test_handshake_errors_say_whether_the_password_is_in_question() -> None:
+    # Both end a handshake; only AuthenticationError means "check the password",
+    # so a timeout must not be caught by ``except AuthenticationError``.
+    assert issubclass(AuthenticationError, HandshakeError)
+    assert issubclass(HandshakeTimeout, HandshakeError)
+    assert issubclass(HandshakeTimeout, TimeoutError)
+    assert not issubclass(HandshakeTimeout, AuthenticationError)
+    assert issubclass(HandshakeError, ConduitError)
+    with pytest.raises(HandshakeError):
+        raise HandshakeTimeout("no answer")
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,4 +1,13 @@
-"""Server and Client over real loopback sockets: lifecycle, RPC, messages, limits, leaks."""
+"""Server and Client: lifecycle, RPC, messages, limits, leaks.
+
+In this module ``server_factory`` / ``client_factory`` are the in-memory ones
+(``Server.serve`` over a :class:`~conftest.MemoryListener`,
+``Client.connect(stream=...)``), driven by Trio's autojump clock, so timeouts
+and idle timers cost no wall-clock time and nothing waits on a scheduler.
+Where the socket is the point (binding a port, closing it, a silent TCP peer,
+file descriptors) the tests ask for ``tcp_server_factory`` /
+``tcp_client_factory``, real loopback sockets.
+"""
 
 import functools
 from typing import Any
@@ -6,6 +15,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 import conduit
 from conduit import (
@@ -21,13 +31,26 @@ from conduit import (
 from conftest import (
     LOOPBACK,
     ClientFactory,
+    MemoryClient,
+    MemoryListener,
     ProxyFactory,
     ServerFactory,
     client_descriptor,
+    memory_listener_of,
     open_fd_count,
     server_descriptor,
     wait_until,
 )
+
+
+@pytest.fixture
+async def server_factory(memory_server_factory: ServerFactory) -> ServerFactory:
+    return memory_server_factory
+
+
+@pytest.fixture
+async def client_factory(memory_client_factory: ClientFactory) -> ClientFactory:
+    return memory_client_factory
 
 
 @attrs.define
@@ -41,6 +64,26 @@ class Span:
     start: int
     end: int
     label: str = "span"
+
+
+@attrs.define
+class Inbox:
+    """What handlers received, with a way to wait for it that does not poll."""
+
+    items: list[Any] = attrs.field(factory=list)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def append(self, item: Any) -> None:
+        self.items.append(item)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Any]:
+        """Wait until ``count`` items have arrived; return them all."""
+        with trio.fail_after(timeout):
+            while len(self.items) < count:
+                await self.changed.wait()
+        return self.items
 
 
 def register_basics(server: Server) -> None:
@@ -99,7 +142,9 @@ async def test_run_reports_bound_port(nursery: trio.Nursery) -> None:
 
 
 async def test_client_id_is_the_key_in_server_clients(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory()
     client = await client_factory(server, connect=False, name="alice")
@@ -121,7 +166,9 @@ async def test_client_id_is_the_key_in_server_clients(
 
 
 async def test_async_with_connects_and_disconnects(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(register=register_basics)
     client = await client_factory(server, connect=False)
@@ -136,10 +183,10 @@ async def test_async_with_connects_and_disconnects(
 
 
 async def test_server_close_with_connected_clients_is_prompt(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    tcp_server_factory: ServerFactory, tcp_client_factory: ClientFactory
 ) -> None:
-    server = await server_factory(register=register_basics)
-    clients = [await client_factory(server) for _ in range(5)]
+    server = await tcp_server_factory(register=register_basics)
+    clients = [await tcp_client_factory(server) for _ in range(5)]
     assert len(server.clients) == 5
     with trio.fail_after(5):
         await server.close()
@@ -157,13 +204,13 @@ async def test_server_close_with_connected_clients_is_prompt(
         await trio.open_tcp_stream(LOOPBACK, clients[0].descriptor.server_port)
 
 
-async def test_cancelling_the_nursery_stops_the_server(client_factory: ClientFactory) -> None:
+async def test_cancelling_the_nursery_stops_the_server(tcp_client_factory: ClientFactory) -> None:
     server = Server(server_descriptor())
     register_basics(server)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.run)
-            client = await client_factory(server)
+            client = await tcp_client_factory(server)
             assert await client.call("add", a=1, b=1) == 2
             nursery.cancel_scope.cancel()
     assert not server.is_running
@@ -173,18 +220,18 @@ async def test_cancelling_the_nursery_stops_the_server(client_factory: ClientFac
         await trio.open_tcp_stream(LOOPBACK, port)
 
 
-async def test_connect_to_a_closed_port_raises_oserror(client_factory: ClientFactory) -> None:
+async def test_connect_to_a_closed_port_raises_oserror(tcp_client_factory: ClientFactory) -> None:
     listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
     port = listeners[0].socket.getsockname()[1]
     await listeners[0].aclose()
-    client = await client_factory(port, connect=False)
+    client = await tcp_client_factory(port, connect=False)
     with trio.fail_after(5), pytest.raises(OSError):
         await client.connect()
     assert not client.connected
 
 
 async def test_connect_timeout_when_the_server_never_answers(
-    nursery: trio.Nursery, client_factory: ClientFactory
+    nursery: trio.Nursery, tcp_client_factory: ClientFactory
 ) -> None:
     accepted: list[trio.SocketStream] = []
 
@@ -194,7 +241,7 @@ async def test_connect_timeout_when_the_server_never_answers(
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, mute, 0, host=LOOPBACK))
     port = listeners[0].socket.getsockname()[1]
-    client = await client_factory(port, connect=False, connect_timeout=0.3)
+    client = await tcp_client_factory(port, connect=False, connect_timeout=0.3)
     with trio.fail_after(5), pytest.raises(HandshakeTimeout) as raised:
         await client.connect()
     assert isinstance(raised.value, TimeoutError)
@@ -203,11 +250,82 @@ async def test_connect_timeout_when_the_server_never_answers(
     assert not client.connected
 
 
+async def test_connect_timeout_over_a_mute_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    client = Client(client_descriptor(1, connect_timeout=30.0))
+    with trio.fail_after(60), pytest.raises(HandshakeTimeout) as raised:
+        await client.connect(stream=client_end)
+    assert "the given stream" in str(raised.value)
+    assert isinstance(raised.value, TimeoutError)
+    assert not client.connected
+    # The client closed the stream it was given: the other end sees EOF.
+    with trio.fail_after(1):
+        while await server_end.receive_some():
+            pass
+
+
+async def test_serve_takes_any_listeners_and_closes_them(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = Server(server_descriptor())
+    register_basics(server)
+    listener = MemoryListener()
+    started = await nursery.start(server.serve, [listener])
+    assert started == [listener]
+    assert server.is_running
+    with pytest.raises(RuntimeError):
+        _ = server.port  # no socket among the listeners
+    client = MemoryClient(client_descriptor(1), listener)
+    async with client:
+        assert await client.call("add", a=20, b=22) == 42
+        assert client.id in server.clients
+    with trio.fail_after(5):
+        await server.close()
+    assert not server.is_running
+    with pytest.raises(ConnectionRefusedError):
+        await listener.connect()
+
+
+async def test_serve_a_socket_listener(
+    nursery: trio.Nursery, tcp_client_factory: ClientFactory
+) -> None:
+    server = Server(server_descriptor())
+    register_basics(server)
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    await nursery.start(server.serve, listeners)
+    assert server.port == listeners[0].socket.getsockname()[1]
+    client = await tcp_client_factory(server)
+    assert await client.call("add", a=1, b=2) == 3
+    assert client.id is not None
+    assert server.clients[client.id].address[0] == LOOPBACK
+    with trio.fail_after(5):
+        await server.close()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(LOOPBACK, listeners[0].socket.getsockname()[1])
+
+
+async def test_memory_clients_share_one_listener(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = await server_factory(register=register_basics)
+    first = await client_factory(server)
+    second = await client_factory(server)
+    assert memory_listener_of(server).accepted == 2
+    assert {first.id, second.id} == set(server.clients)
+    assert server.clients[first.id or ""].address is None  # no socket address in memory
+
+
 # --------------------------------------------------------------------------- RPC results
 
 
 async def test_rpc_call_result_dict_shapes(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(register=register_basics)
     client = await client_factory(server)
@@ -243,7 +361,9 @@ async def test_rpc_call_result_dict_shapes(
 
 
 async def test_raising_call_forms(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(register=register_basics)
     client = await client_factory(server)
@@ -266,7 +386,11 @@ async def test_raising_call_forms(
     assert invalid.value.code == "invalid_arguments"
 
 
-async def test_rpc_timeout(server_factory: ServerFactory, client_factory: ClientFactory) -> None:
+async def test_rpc_timeout(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     handler_cancelled = trio.Event()
 
     def register(server: Server) -> None:
@@ -300,7 +424,9 @@ async def test_rpc_timeout(server_factory: ServerFactory, client_factory: Client
 
 
 async def test_descriptor_rpc_timeout_is_the_default(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def register(server: Server) -> None:
         @server.rpc
@@ -317,7 +443,9 @@ async def test_descriptor_rpc_timeout_is_the_default(
 
 
 async def test_arguments_are_structured_from_annotations(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -374,7 +502,9 @@ async def test_arguments_are_structured_from_annotations(
 
 
 async def test_handler_receives_the_calling_peer(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def register(server: Server) -> None:
         @server.rpc
@@ -410,7 +540,9 @@ async def test_handler_receives_the_calling_peer(
 
 
 async def test_rpc_registered_under_a_custom_name(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def register(server: Server) -> None:
         @server.rpc(name="math.multiply")
@@ -430,7 +562,9 @@ async def test_rpc_registered_under_a_custom_name(
 
 
 async def test_server_calls_the_client(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def register_client(client: Client) -> None:
         @client.rpc
@@ -457,7 +591,9 @@ async def test_server_calls_the_client(
 
 
 async def test_handler_calls_back_into_its_caller(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def register_server(server: Server) -> None:
         @server.rpc
@@ -482,7 +618,9 @@ async def test_handler_calls_back_into_its_caller(
 
 
 async def test_slow_handler_does_not_delay_other_calls(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate = trio.Event()
     slow_started = trio.Event()
@@ -520,10 +658,12 @@ async def test_slow_handler_does_not_delay_other_calls(
 
 
 async def test_messages_both_ways(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    to_server: list[tuple[str, Any]] = []
-    to_client: list[Any] = []
+    to_server = Inbox()
+    to_client = Inbox()
 
     def register_server(server: Server) -> None:
         @server.on("chat")
@@ -540,26 +680,26 @@ async def test_messages_both_ways(
     await client.send("chat", {"text": "hello"})
     await client.send("chat", [1, 2, 3])
     await client.send("unhandled", "dropped quietly")
-    await wait_until(lambda: len(to_server) == 2)
-    assert to_server == [(client.id, {"text": "hello"}), (client.id, [1, 2, 3])]
+    assert await to_server.wait_for(2) == [(client.id, {"text": "hello"}), (client.id, [1, 2, 3])]
 
     assert client.id is not None
     peer = server.clients[client.id]
     await peer.send("news", "first")
     await peer.send("news", {"n": 2})
-    await wait_until(lambda: len(to_client) == 2)
-    assert to_client == ["first", {"n": 2}]
+    assert await to_client.wait_for(2) == ["first", {"n": 2}]
     # Unhandled messages did not break the connection.
     assert client.connected
     assert peer.connected
 
 
 async def test_broadcast_with_exclude(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    inboxes: list[list[Any]] = [[], [], []]
+    inboxes = [Inbox(), Inbox(), Inbox()]
 
-    def listener(inbox: list[Any]) -> Any:
+    def listener(inbox: Inbox) -> Any:
         def register(client: Client) -> None:
             @client.on("news")
             async def on_news(data: Any) -> None:
@@ -571,24 +711,28 @@ async def test_broadcast_with_exclude(
     clients = [await client_factory(server, register=listener(inbox)) for inbox in inboxes]
     everyone = await server.broadcast("news", "to all")
     assert everyone == 3
-    await wait_until(lambda: all(inbox == ["to all"] for inbox in inboxes))
+    for inbox in inboxes:
+        assert await inbox.wait_for(1) == ["to all"]
 
     excluded = clients[2].id
     assert excluded is not None
     sent = await server.broadcast("news", {"only": "two"}, exclude=[excluded])
     assert sent == 2
-    await wait_until(lambda: len(inboxes[0]) == 2 and len(inboxes[1]) == 2)
+    await inboxes[0].wait_for(2)
+    await inboxes[1].wait_for(2)
     # Messages arrive in order: once "direct" is in, the broadcast would be too.
     await server.clients[excluded].send("news", "direct")
-    await wait_until(lambda: len(inboxes[2]) == 2)
-    assert inboxes[0] == inboxes[1] == ["to all", {"only": "two"}]
-    assert inboxes[2] == ["to all", "direct"]
+    await inboxes[2].wait_for(2)
+    assert inboxes[0].items == inboxes[1].items == ["to all", {"only": "two"}]
+    assert inboxes[2].items == ["to all", "direct"]
 
 
 async def test_connect_and_disconnect_hooks(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    events: list[tuple[str, str | None]] = []
+    events = Inbox()
 
     def register_server(server: Server) -> None:
         @server.on_client_connect
@@ -610,23 +754,23 @@ async def test_connect_and_disconnect_hooks(
 
     server = await server_factory(register=register_server)
     client = await client_factory(server, register=register_client)
-    await wait_until(lambda: len(events) == 2)
-    assert sorted(events) == [("client connect", client.id), ("server connect", client.id)]
+    assert sorted(await events.wait_for(2)) == [
+        ("client connect", client.id),
+        ("server connect", client.id),
+    ]
     await client.disconnect()
-    await wait_until(lambda: len(events) == 4)
-    assert sorted(events[2:]) == [
+    assert sorted((await events.wait_for(4))[2:]) == [
         ("client disconnect", client.id),
         ("server disconnect", client.id),
     ]
 
     # The server ending the connection fires the same hooks.
-    events.clear()
+    events.items.clear()
     await client.connect()
-    await wait_until(lambda: len(events) == 2)
+    await events.wait_for(2)
     assert client.id is not None
     await server.clients[client.id].close()
-    await wait_until(lambda: len(events) == 4)
-    assert sorted(events[2:]) == [
+    assert sorted((await events.wait_for(4))[2:]) == [
         ("client disconnect", client.id),
         ("server disconnect", client.id),
     ]
@@ -637,7 +781,9 @@ async def test_connect_and_disconnect_hooks(
 
 
 async def test_max_connections_refuses_extra_client(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(register=register_basics, max_connections=2)
     first = await client_factory(server)
@@ -663,7 +809,9 @@ async def test_max_connections_refuses_extra_client(
 
 
 async def test_idle_timeout_closes_quiet_connections(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(
         register=register_basics, idle_timeout=0.5, heartbeat_interval=0.05
@@ -676,37 +824,43 @@ async def test_idle_timeout_closes_quiet_connections(
             assert await busy.call("add", a=i, b=0) == i
             await trio.sleep(0.05)
     assert busy.connected
-    await wait_until(lambda: not quiet.connected)
+    with trio.fail_after(5):
+        await quiet.wait_closed()
     assert quiet.id not in server.clients
     assert busy.id in server.clients
 
 
 async def test_idle_timeout_without_fast_heartbeats(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     """idle_timeout is honoured on its own, not only at the next heartbeat tick (15 s)."""
     server = await server_factory(idle_timeout=0.3)
     client = await client_factory(server)
-    await wait_until(lambda: not client.connected, timeout=5)
+    with trio.fail_after(5):
+        await client.wait_closed()
     assert server.clients == {}
 
 
 @pytest.mark.parametrize("silent", ["client", "server"])
 async def test_heartbeat_timeout_closes_silent_peer(
-    server_factory: ServerFactory,
-    client_factory: ClientFactory,
+    tcp_server_factory: ServerFactory,
+    tcp_client_factory: ClientFactory,
     proxy_factory: ProxyFactory,
     silent: str,
 ) -> None:
     if silent == "client":
         # The server pings; the client answers, until the proxy swallows its answers.
-        server = await server_factory(heartbeat_interval=0.05, heartbeat_timeout=0.5)
+        server = await tcp_server_factory(heartbeat_interval=0.05, heartbeat_timeout=0.5)
         proxy = await proxy_factory(server.port)
-        client = await client_factory(proxy.port, heartbeat_interval=0)
+        client = await tcp_client_factory(proxy.port, heartbeat_interval=0)
     else:
-        server = await server_factory(heartbeat_interval=0)
+        server = await tcp_server_factory(heartbeat_interval=0)
         proxy = await proxy_factory(server.port)
-        client = await client_factory(proxy.port, heartbeat_interval=0.05, heartbeat_timeout=0.5)
+        client = await tcp_client_factory(
+            proxy.port, heartbeat_interval=0.05, heartbeat_timeout=0.5
+        )
     # Pings and pongs keep an otherwise silent connection alive well past the timeout.
     await trio.sleep(1.5)
     assert client.connected
@@ -715,13 +869,71 @@ async def test_heartbeat_timeout_closes_silent_peer(
     await wait_until(lambda: not client.connected and not server.clients, timeout=5)
 
 
+@attrs.define
+class Gate(trio.abc.Stream):
+    """A stream that can start swallowing one direction, as a dead route would."""
+
+    inner: trio.abc.Stream
+    drop_sends: bool = False
+    drop_receives: bool = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.drop_sends:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        while True:
+            data = await self.inner.receive_some(max_bytes)
+            if not data or not self.drop_receives:
+                return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("silent", ["client", "server"])
+async def test_heartbeat_timeout_closes_silent_peer_in_memory(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+    silent: str,
+) -> None:
+    """The same as over TCP above, on the autojump clock: minutes of silence cost nothing."""
+    if silent == "client":
+        server = await server_factory(heartbeat_interval=1, heartbeat_timeout=10)
+        client = await client_factory(server, connect=False, heartbeat_interval=0)
+    else:
+        server = await server_factory(heartbeat_interval=0)
+        client = await client_factory(
+            server, connect=False, heartbeat_interval=1, heartbeat_timeout=10
+        )
+    gate = Gate(await memory_listener_of(server).connect())
+    await client.connect(stream=gate)
+    # Pings and pongs keep an otherwise silent connection alive well past the timeout.
+    await trio.sleep(60)
+    assert client.connected
+    assert len(server.clients) == 1
+    if silent == "client":
+        gate.drop_sends = True
+    else:
+        gate.drop_receives = True
+    with trio.fail_after(30):
+        await client.wait_closed()
+    await wait_until(lambda: not server.clients)
+
+
 # --------------------------------------------------------------------------- leaks
 
 
 async def test_no_task_or_socket_leaks_after_many_connections(
-    server_factory: ServerFactory,
+    tcp_server_factory: ServerFactory,
 ) -> None:
-    server = await server_factory(register=register_basics)
+    server = await tcp_server_factory(register=register_basics)
 
     async def cycle(i: int) -> None:
         client = Client(client_descriptor(server.port))
@@ -760,7 +972,9 @@ TOO_BIG = 2 * 1024 * 1024  # over the default 1 MiB max_frame_size
 
 
 async def test_oversized_result_fails_that_call_only(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def register(server: Server) -> None:
         register_basics(server)
@@ -783,7 +997,9 @@ async def test_oversized_result_fails_that_call_only(
 
 
 async def test_oversized_arguments_fail_that_call_only(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(register=register_basics)
     client = await client_factory(server)
@@ -795,7 +1011,9 @@ async def test_oversized_arguments_fail_that_call_only(
 
 
 async def test_oversized_message_fails_that_send_only(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     server = await server_factory(register=register_basics)
     client = await client_factory(server)

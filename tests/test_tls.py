@@ -1,4 +1,14 @@
-"""TLS on top of the password handshake, with certificates from a throwaway trustme CA."""
+"""TLS on top of the password handshake, with certificates from a throwaway trustme CA.
+
+The descriptor's TLS settings (``tls_certfile``, ``tls=True``, ``ssl_context``)
+apply to the TCP listeners and connections conduit opens itself, so the tests
+of those settings and of certificate checks run over loopback sockets. What
+TLS does for the conduit handshake on top of it (the password is still
+checked, a clear-text client gets nowhere, nothing readable crosses) does not
+depend on the socket: those tests run TLS over in-memory streams
+(``Server.serve`` with a ``trio.SSLListener``, ``Client.connect(stream=...)``
+with a ``trio.SSLStream``) on the autojump clock.
+"""
 
 import ssl
 from pathlib import Path
@@ -6,16 +16,18 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+import trio.testing
 import trustme
 
-from conduit import AuthenticationError, ConduitError, Server, ServerDescriptor
+from conduit import AuthenticationError, Client, ConduitError, Server, ServerDescriptor
 from conftest import (
     LOOPBACK,
     PASSWORD,
     ClientFactory,
-    ProxyFactory,
+    MemoryListener,
     ServerFactory,
-    wait_until,
+    client_descriptor,
+    server_descriptor,
 )
 
 
@@ -61,6 +73,44 @@ async def tls_server(server_factory: ServerFactory, pki: Pki, **fields: object) 
     return await server_factory(
         register=register, tls_certfile=pki.cert_file, tls_keyfile=pki.key_file, **fields
     )
+
+
+async def memory_tls_server(
+    nursery: trio.Nursery, pki: Pki, **fields: object
+) -> tuple[Server, MemoryListener]:
+    """A server behind TLS over a memory listener (the TLS layer wrapped by hand)."""
+    server = Server(server_descriptor(**fields))
+    register(server)
+    listener = MemoryListener()
+    tls = trio.SSLListener(listener, pki.server_context, https_compatible=False)
+    await nursery.start(server.serve, [tls])
+    return server, listener
+
+
+def tls_client_stream(transport: trio.abc.Stream, pki: Pki) -> trio.SSLStream[trio.abc.Stream]:
+    context = ssl.create_default_context(cafile=pki.ca_file)
+    return trio.SSLStream(transport, context, server_hostname="localhost", https_compatible=False)
+
+
+@attrs.define
+class RecordingStream(trio.abc.Stream):
+    """Passes everything through; keeps a copy of what was sent."""
+
+    inner: trio.abc.Stream
+    sent: bytearray = attrs.field(factory=bytearray)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def test_rpc_over_tls(
@@ -163,59 +213,52 @@ async def test_wrong_hostname_is_refused(
 
 
 async def test_password_still_required_over_tls(
-    server_factory: ServerFactory, client_factory: ClientFactory, pki: Pki
+    nursery: trio.Nursery, pki: Pki, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await tls_server(server_factory, pki)
-    client = await client_factory(
-        server,
-        connect=False,
-        tls=True,
-        tls_ca_file=pki.ca_file,
-        tls_server_hostname="localhost",
-        password="right certificate, wrong password",
-    )
+    server, listener = await memory_tls_server(nursery, pki)
+    client = Client(client_descriptor(1, password="right certificate, wrong password"))
+    stream = tls_client_stream(await listener.connect(), pki)
     with trio.fail_after(1), pytest.raises(AuthenticationError) as raised:
-        await client.connect()
+        await client.connect(stream=stream)
     assert "password" in str(raised.value).lower()
     assert not client.connected
     assert server.clients == {}
 
 
 async def test_plaintext_client_cannot_talk_to_tls_server(
-    server_factory: ServerFactory, client_factory: ClientFactory, pki: Pki
+    nursery: trio.Nursery, pki: Pki, autojump_clock: trio.testing.MockClock
 ) -> None:
     # OpenSSL reads the clear hello as an SSLv2 record header and waits for more
     # bytes, so the server only drops it at auth_timeout: keep that short.
-    server = await tls_server(server_factory, pki, auth_timeout=0.5)
-    client = await client_factory(server, connect=False, connect_timeout=5.0)
+    server, listener = await memory_tls_server(nursery, pki, auth_timeout=0.5)
+    dropped = trio.Event()
+
+    @server.on_client_disconnect
+    def gone(_peer: object) -> None:
+        dropped.set()  # must never fire: the client never authenticates
+
+    client = Client(client_descriptor(1, connect_timeout=5.0))
     with trio.fail_after(10), pytest.raises(ConduitError):
-        await client.connect()
+        await client.connect(stream=await listener.connect())
     assert not client.connected
-    await wait_until(lambda: not server.clients)
+    assert server.clients == {}
+    assert not dropped.is_set()
 
 
 async def test_tls_hides_even_the_handshake(
-    server_factory: ServerFactory,
-    client_factory: ClientFactory,
-    proxy_factory: ProxyFactory,
-    pki: Pki,
+    nursery: trio.Nursery, pki: Pki, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await tls_server(server_factory, pki)
-    proxy = await proxy_factory(server.port)
-    client = await client_factory(
-        proxy.port,
-        tls=True,
-        tls_ca_file=pki.ca_file,
-        tls_server_hostname="localhost",
-        name="distinctive-client-name",
-    )
+    _server, listener = await memory_tls_server(nursery, pki)
+    wire = RecordingStream(await listener.connect())
+    client = Client(client_descriptor(1, name="distinctive-client-name"))
+    await client.connect(stream=tls_client_stream(wire, pki))
     assert await client.call("add", a=1, b=2) == 3
     await client.disconnect()
-    await wait_until(lambda: all(c.done.is_set() for c in proxy.connections))
+    assert wire.sent, "nothing was recorded"
     # Without TLS the client name travels in the clear hello; with TLS it does not.
-    assert b"distinctive-client-name" not in proxy.c2s
-    assert b"\xc0\xd1" + bytes([1, 1]) not in proxy.c2s[:64]
-    assert PASSWORD.encode() not in proxy.c2s
+    assert b"distinctive-client-name" not in wire.sent
+    assert b"\xc0\xd1" + bytes([1, 1]) not in wire.sent[:64]
+    assert PASSWORD.encode() not in wire.sent
 
 
 def test_server_descriptor_builds_tls_context(pki: Pki) -> None:

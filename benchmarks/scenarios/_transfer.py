@@ -155,7 +155,7 @@ class Peers:
             self.pythons[name], self.envs[name] = python, env
             if contender.flavor == "asyncio" and contender.script.startswith("conduit"):
                 reason = _probe(
-                    python, env, "import conduit, conduit._asyncio as shim; shim.bridged"
+                    python, env, "import conduit, conduit._asyncio as shim; shim.run_in_trio"
                 )
                 if reason is not None:
                     self.fail(name, "unavailable", f"asyncio shim not importable: {reason}")

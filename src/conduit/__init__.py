@@ -6,16 +6,24 @@ under ``trio.run`` natively and under ``asyncio.run`` through a Trio guest run.
 
 import logging
 
-from ._peer import Peer, RPCProxy
+# The asyncio shim: importing it installs the runner of @bridged methods awaited
+# from asyncio (see conduit._bridge). Imported here, at the top of the layers,
+# and by no feature module.
+from ._asyncio import run_in_trio
+from ._callbacks import asyncio_callback, is_asyncio_hosted, trio_callback
+from ._peer import Peer
 from ._rpc import current_peer
+from ._rpc_proxy import RPCProxy
 from ._version import __version__
 from .client import Client
 from .descriptors import ClientDescriptor, ServerDescriptor
 from .errors import (
     AuthenticationError,
+    CallbackCancelledError,
     ChecksumMismatch,
     ConduitError,
     ConnectionClosed,
+    HandshakeError,
     HandshakeTimeout,
     IntegrityError,
     LocalProtocolError,
@@ -34,12 +42,14 @@ logging.getLogger("conduit").addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",
+    "CallbackCancelledError",
     "ChecksumMismatch",
     "Client",
     "ClientDescriptor",
     "ConduitError",
     "ConnectionClosed",
     "FileTransferHandler",
+    "HandshakeError",
     "HandshakeTimeout",
     "IntegrityError",
     "LocalProtocolError",
@@ -55,5 +65,9 @@ __all__ = [
     "TransferProgress",
     "UnsafePathError",
     "__version__",
+    "asyncio_callback",
     "current_peer",
+    "is_asyncio_hosted",
+    "run_in_trio",
+    "trio_callback",
 ]

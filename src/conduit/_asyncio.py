@@ -11,16 +11,19 @@ generators).
 
 The pieces:
 
-* :func:`current_flavor` says which library is running the current task;
 * :func:`run_in_trio` (asyncio side) runs one Trio coroutine function in this
   loop's guest run and returns its result, with exceptions and cancellation
   crossing in both directions;
-* :func:`bridged` turns an ``async def`` method into one that works when awaited
-  from either library;
-* :func:`is_asyncio_hosted` / :func:`current_host_loop` (Trio side) tell Trio code
-  that its user lives in asyncio, so user callbacks can be run there (see
-  :mod:`conduit._callbacks`);
+* importing this module installs its ``_submit`` / ``_unwind`` as the way
+  :func:`conduit._bridge.bridged` methods awaited from asyncio reach the guest;
+* each guest run sets :data:`conduit._callbacks.HOST_LOOP`, which tells Trio
+  code that its user lives in asyncio, so user callbacks can be run there;
 * :func:`get_guest_token` gives the guest run's :class:`trio.lowlevel.TrioToken`.
+
+This module is the only one that starts guest runs. Nothing in the package
+imports it but the public namespace (``conduit/__init__.py``, which exports
+:func:`run_in_trio`): the feature modules know only :mod:`conduit._bridge` and
+:mod:`conduit._callbacks`, which this module depends on.
 
 Calls are the hot path. Each runs in a long-lived worker task of the guest's
 service nursery (no task spawn, no cancel scope per call; cancelling a call
@@ -37,107 +40,23 @@ import asyncio
 import contextlib
 import contextvars
 import enum
-import functools
 import threading
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import outcome
-import sniffio
 import trio
 
+from . import _bridge
+from ._callbacks import HOST_LOOP
+
 __all__ = [
-    "bridged",
-    "current_flavor",
-    "current_host_loop",
     "get_guest_token",
-    "is_asyncio_hosted",
     "run_in_trio",
 ]
 
 T = TypeVar("T")
-P = ParamSpec("P")
-
-
-def current_flavor() -> Literal["trio", "asyncio"]:
-    """Return which async library is running the calling code: ``"trio"`` or ``"asyncio"``.
-
-    Detection is sniffio's, so Trio code running inside one of our guest runs says
-    ``"trio"`` and asyncio tasks on the hosting loop say ``"asyncio"``.
-
-    Raises:
-        RuntimeError: when called outside async code, or under another library
-            (curio, ...), which conduit does not support.
-    """
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        raise RuntimeError(
-            "conduit's async API must be awaited from a Trio or asyncio task "
-            "(no async library is running here)"
-        ) from None
-    if library == "trio":
-        return "trio"
-    if library == "asyncio":
-        return "asyncio"
-    raise RuntimeError(f"conduit supports Trio and asyncio, not {library!r}")
-
-
-def _asyncio_caller_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop when the caller is asyncio code; ``None`` under Trio.
-
-    What :func:`current_flavor` decides, minus a system call: the common case
-    goes through the asyncio task itself (``asyncio.get_running_loop`` calls
-    ``getpid()`` on every use in Python 3.11), the rest through sniffio.
-    """
-    name = sniffio.thread_local.name
-    if name == "trio":  # set by Trio while it runs (trio.run, guest ticks)
-        return None
-    if name is None and sniffio.current_async_library_cvar.get() is None:
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no running loop: let current_flavor() explain
-            task = None
-        if task is not None:
-            return task.get_loop()
-    if current_flavor() == "trio":  # raises outside Trio and asyncio
-        return None
-    return asyncio.get_running_loop()
-
-
-# --------------------------------------------------------------------------- guest runs
-
-# Set (to the hosting loop) inside each of our guest runs, and only there: a RunVar
-# is per Trio run, so it is absent under a plain ``trio.run`` and in a guest run
-# some other library started.
-_HOST_LOOP: trio.lowlevel.RunVar[asyncio.AbstractEventLoop | None] = trio.lowlevel.RunVar(
-    "conduit_host_loop", default=None
-)
-
-
-def current_host_loop() -> asyncio.AbstractEventLoop | None:
-    """From Trio code: the asyncio loop hosting this Trio run, or ``None``.
-
-    ``None`` under a plain ``trio.run`` and outside Trio tasks. Asyncio code on a
-    hosting loop also gets ``None``: it can use :func:`asyncio.get_running_loop`.
-    """
-    # Between guest ticks the guest's runner is still installed in the thread, so
-    # asyncio code could read the RunVar too; ``in_trio_task`` limits the answer to
-    # Trio code, as documented.
-    if not trio.lowlevel.in_trio_task():
-        return None
-    return _HOST_LOOP.get()
-
-
-def is_asyncio_hosted() -> bool:
-    """From Trio code: ``True`` when this Trio run is one of our guest runs on an asyncio loop.
-
-    That means the user of the current operation lives in asyncio, so their
-    ``async def`` callbacks are asyncio coroutines. ``False`` under a plain
-    ``trio.run`` (and outside Trio tasks).
-    """
-    return current_host_loop() is not None
 
 
 class _State(enum.Enum):
@@ -387,7 +306,7 @@ _registry_lock = threading.Lock()
 
 async def _guest_root(guest: _Guest) -> None:
     """The guest run's main task: owns the service nursery every call runs in."""
-    _HOST_LOOP.set(guest.loop)
+    HOST_LOOP.set(guest.loop)
     try:
         with guest.root_scope:
             async with trio.open_nursery() as nursery:
@@ -734,7 +653,7 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             guest run): await ``fn(*args)`` directly there, or use
             :func:`bridged`, which picks the right path.
     """
-    loop = _asyncio_caller_loop()
+    loop = _bridge.asyncio_caller_loop()
     if loop is None:
         raise RuntimeError(
             "run_in_trio() must be awaited from asyncio code; this is already Trio "
@@ -786,29 +705,4 @@ async def _unwind(call: _Call[Any]) -> None:
         call.future.exception()
 
 
-def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Make an ``async def`` method (or function) awaitable from Trio and from asyncio.
-
-    The wrapper keeps the name, docstring and signature (:func:`functools.wraps`)
-    and is itself an ``async def``. At call time it asks which library runs the
-    caller (as :func:`current_flavor` does): under Trio it awaits ``method``
-    directly; under asyncio it runs the whole call in the loop's Trio guest run,
-    exactly as :func:`run_in_trio` does. Bridge whole operations: each asyncio
-    call costs one asyncio-to-Trio hop.
-    """
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        loop = _asyncio_caller_loop()
-        if loop is None:
-            return await method(*args, **kwargs)
-        call = _submit(loop, method, args, kwargs)
-        try:
-            return await call.future
-        except asyncio.CancelledError as cancel:
-            await _unwind(call)
-            if call.late_error is not None:
-                raise cancel from call.late_error
-            raise
-
-    return wrapper
+_bridge.install_asyncio_runner(_submit, _unwind)

@@ -14,6 +14,12 @@ one runs:
   asyncio-hosted (library-internal handlers, Trio code mixed into an asyncio
   program); :func:`asyncio_callback` marks one that must run in an asyncio task
   (a plain function that needs ``asyncio.current_task()``, say).
+
+Whether "the user lives in asyncio" is the host-loop registry kept here:
+:data:`HOST_LOOP` is set by the asyncio shim (:mod:`conduit._asyncio`) in each
+guest run it starts, and read through :func:`current_host_loop`. The shim
+depends on this module, never the other way round, so RPC dispatch and the
+transfer code can ask the question without importing the shim.
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ from typing import Any, Literal, TypeVar, cast
 import outcome
 import trio
 
-from ._asyncio import current_host_loop
-from .errors import ConduitError
+from .errors import CallbackCancelledError
 
 __all__ = [
-    "CallbackCancelledError",
+    "HOST_LOOP",
     "asyncio_callback",
     "callback_world",
+    "current_host_loop",
     "invoke",
+    "is_asyncio_hosted",
     "trio_callback",
 ]
 
@@ -43,13 +50,36 @@ World = Literal["trio", "asyncio"]
 
 _WORLD_ATTRIBUTE = "__conduit_callback_world__"
 
+#: The asyncio loop hosting this Trio run. Set by the shim inside each of its
+#: guest runs, and only there: a RunVar is per Trio run, so it is absent under a
+#: plain ``trio.run`` and in a guest run some other library started.
+HOST_LOOP: trio.lowlevel.RunVar[asyncio.AbstractEventLoop | None] = trio.lowlevel.RunVar(
+    "conduit_host_loop", default=None
+)
 
-class CallbackCancelledError(ConduitError):
-    """An asyncio callback's task was cancelled by something other than conduit.
 
-    Typically the asyncio loop is shutting down and cancelled every task. Trio
-    code sees an ordinary exception instead of a foreign ``CancelledError``.
+def current_host_loop() -> asyncio.AbstractEventLoop | None:
+    """From Trio code: the asyncio loop hosting this Trio run, or ``None``.
+
+    ``None`` under a plain ``trio.run`` and outside Trio tasks. Asyncio code on a
+    hosting loop also gets ``None``: it can use :func:`asyncio.get_running_loop`.
     """
+    # Between guest ticks the guest's runner is still installed in the thread, so
+    # asyncio code could read the RunVar too; ``in_trio_task`` limits the answer to
+    # Trio code, as documented.
+    if not trio.lowlevel.in_trio_task():
+        return None
+    return HOST_LOOP.get()
+
+
+def is_asyncio_hosted() -> bool:
+    """From Trio code: ``True`` when this Trio run is a conduit guest run on an asyncio loop.
+
+    That means the user of the current operation lives in asyncio, so their
+    ``async def`` callbacks are asyncio coroutines. ``False`` under a plain
+    ``trio.run`` (and outside Trio tasks).
+    """
+    return current_host_loop() is not None
 
 
 def _mark(fn: F, world: World) -> F:
@@ -118,7 +148,7 @@ async def invoke(callback: Callable[..., Any], *args: Any) -> Any:
     awaited:
 
     * in an asyncio task on the host loop when this Trio run is asyncio-hosted
-      (see :func:`conduit._asyncio.is_asyncio_hosted`) and the callback is not
+      (see :func:`is_asyncio_hosted`) and the callback is not
       marked :func:`trio_callback`. The Trio task waits without blocking Trio's
       scheduler; exceptions come back with their types; cancelling the Trio
       task cancels the asyncio task and waits for it to finish;

@@ -42,7 +42,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import FrameReader, FrameWriter, OutFrame, SessionKeys
+from .protocol import FrameReader, FrameWriter, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -94,12 +94,16 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
 
 
 class Dispatcher(Protocol):
-    """What a connection hands incoming calls and messages to."""
+    """What a connection hands incoming calls and messages to.
 
-    async def handle_call(self, connection: Connection, method: str, args: dict[str, Any]) -> Any:
+    Bound to the connection's peer when the connection is built (see
+    ``conduit._rpc.PeerDispatcher``), so it needs no connection argument.
+    """
+
+    async def handle_call(self, method: str, args: dict[str, Any]) -> Any:
         """Run the RPC ``method`` and return its (unstructured) result."""
 
-    async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
+    async def handle_message(self, event: str, data: Any) -> None:
         """Deliver a one-way message."""
 
 
@@ -308,7 +312,7 @@ class Connection:
     async def _message_task(self) -> None:
         async for message in self._messages_out:
             try:
-                await self._dispatcher.handle_message(self, message.event, message.data)
+                await self._dispatcher.handle_message(message.event, message.data)
             except Exception:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
 
@@ -377,7 +381,7 @@ class Connection:
     # ------------------------------------------------------------------ calls
 
     async def _handle_call(self, method: str, args: dict[str, Any]) -> Any:
-        return await self._dispatcher.handle_call(self, method, args)
+        return await self._dispatcher.handle_call(method, args)
 
     def _send_cancel(self, call_id: int) -> None:
         frame = self._state.cancel_call(call_id)
@@ -470,4 +474,4 @@ class Connection:
                 self._outbox.put_control((frame,))
 
 
-__all__ = ["Connection", "ConnectionSettings", "Dispatcher", "OutFrame"]
+__all__ = ["Connection", "ConnectionSettings", "Dispatcher", "settings_from"]

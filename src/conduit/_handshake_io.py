@@ -11,7 +11,7 @@ import contextlib
 import attrs
 import trio
 
-from .errors import AuthenticationError, ConnectionClosed, RemoteProtocolError
+from .errors import ConnectionClosed, RemoteProtocolError
 from .protocol import (
     ClientHandshake,
     Frame,
@@ -99,7 +99,6 @@ async def refuse(stream: trio.abc.Stream, code: str, reason: str, retry_after: f
 
 
 __all__ = [
-    "AuthenticationError",
     "Established",
     "client_handshake",
     "refuse",

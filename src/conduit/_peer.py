@@ -1,118 +1,18 @@
-"""The handle on the other end of a connection, and ``.rpc``.
+"""The handle on the other end of a connection.
 
 On a server, ``server.clients[client_id]`` is a :class:`Peer`; the same class is
-what handlers receive as the caller. :class:`RPCProxy` is ``client.rpc`` and
-``peer.rpc``: ``await x.rpc.call(...)`` returns a result dict (the shape the
-guide reads), ``await x.rpc.invoke(...)`` returns the value or raises.
+what handlers receive as the caller, and ``client.server`` on a client.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any
 
-import attrs
-
-from ._asyncio import bridged
+from ._bridge import bridged
 from ._connection import Connection
-from ._rpc import Handlers, to_wire
-from .errors import ConduitError, ConnectionClosed, RPCError
-from .protocol import converter
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def call_arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``args`` (a mapping, an attrs instance or None) with keyword arguments."""
-    if args is None:
-        merged: dict[str, Any] = {}
-    elif attrs.has(type(args)):
-        merged = converter.unstructure(args)
-    elif isinstance(args, dict):
-        merged = {str(key): converter.unstructure(value) for key, value in args.items()}
-    else:
-        raise TypeError(
-            f"args must be a dict, an attrs instance or None, not {type(args).__name__}"
-        )
-    merged.update({key: converter.unstructure(value) for key, value in kwargs.items()})
-    return merged
-
-
-def result_dict(value: Any = None, error: ConduitError | None = None) -> dict[str, Any]:
-    """The guide's result shape: ``{"success", "data"}`` or ``{"success", "error", "code"}``."""
-    if error is None:
-        return {"success": True, "data": value}
-    if isinstance(error, RPCError):
-        return {"success": False, "error": error.message, "code": error.code}
-    if isinstance(error, ConnectionClosed):
-        return {"success": False, "error": error.reason, "code": "connection_closed"}
-    return {"success": False, "error": str(error), "code": "error"}
-
-
-class RPCProxy:
-    """Call methods on the peer; on a client also ``@client.rpc`` registers handlers."""
-
-    def __init__(
-        self,
-        connection: Callable[[], Connection],
-        default_timeout: float | None,
-        handlers: Handlers | None = None,
-    ) -> None:
-        self._connection = connection
-        self._handlers = handlers
-        self.default_timeout = default_timeout
-
-    @overload
-    def __call__(self, function: F, *, name: str | None = None) -> F: ...
-    @overload
-    def __call__(self, function: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
-    def __call__(
-        self, function: F | None = None, *, name: str | None = None
-    ) -> F | Callable[[F], F]:
-        """Register a handler the peer can call: ``@client.rpc`` or ``@client.rpc(name=...)``."""
-        if self._handlers is None:
-            raise TypeError("this side has no RPC registry; register on the Server or Client")
-        return self._handlers.decorator(function, name=name)
-
-    @bridged
-    async def invoke(
-        self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any
-    ) -> Any:
-        """Call ``method`` on the peer and return its value.
-
-        Raises :class:`~conduit.RPCError` (with ``.code``) when the peer reports a
-        failure, :class:`~conduit.RPCTimeoutError` after ``timeout`` seconds (default:
-        the descriptor's ``rpc_timeout``), :class:`~conduit.ConnectionClosed` when
-        the connection is gone. Keyword arguments become the call's arguments;
-        ``args`` (a dict or attrs instance) is merged in first, which is also how
-        to pass an argument literally named ``timeout``.
-        """
-        arguments = call_arguments(args, kwargs)
-        return await self._connection().call(
-            method, arguments, self.default_timeout if timeout is None else timeout
-        )
-
-    @bridged
-    async def call(
-        self, method: str, args: Any = None, timeout: float | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
-        """Call ``method``; return ``{"success": True, "data": value}`` or
-        ``{"success": False, "error": message, "code": code}``.
-
-        Failures of the call (remote errors, timeouts, a lost connection) come
-        back in the dict; only programming errors, such as arguments that cannot
-        be serialised, raise.
-        """
-        arguments = call_arguments(args, kwargs)
-        try:
-            connection = self._connection()
-            value = await connection.call(
-                method, arguments, self.default_timeout if timeout is None else timeout
-            )
-        except (RPCError, ConnectionClosed) as exc:
-            return result_dict(error=exc)
-        return result_dict(value)
+from ._rpc_proxy import RPCProxy, to_wire
 
 
 class Peer:
@@ -120,14 +20,18 @@ class Peer:
 
     def __init__(
         self,
-        connection: Connection,
+        connect: Callable[[Peer], Connection],
         *,
         peer_id: str,
         name: str,
         address: Any,
         default_timeout: float | None,
     ) -> None:
-        self._connection = connection
+        """``connect(peer)`` builds the connection's engine, its dispatcher bound to this peer.
+
+        The Peer comes first so that every call and message the connection
+        delivers already knows its caller (see ``Handlers.bound_to``).
+        """
         #: The client id the server assigned (the same on both sides).
         self.id = peer_id
         #: The name the peer announced in its handshake.
@@ -136,6 +40,7 @@ class Peer:
         self.address = address
         #: ``time.time()`` when the connection was authenticated.
         self.connected_at = time.time()
+        self._connection = connect(self)
         self.rpc = RPCProxy(lambda: self._connection, default_timeout)
 
     def __repr__(self) -> str:
@@ -167,3 +72,6 @@ class Peer:
     async def close(self, reason: str = "closed by the server") -> None:
         """Close this connection gracefully and wait until it is closed."""
         await self._connection.close(reason)
+
+
+__all__ = ["Peer"]

@@ -16,19 +16,16 @@ import inspect
 import logging
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import attrs
 import cattrs
 
-from ._asyncio import current_host_loop
-from ._callbacks import callback_world, invoke
+from ._callbacks import callback_world, current_host_loop, invoke
+from ._peer import Peer
+from ._rpc_proxy import to_wire
 from .errors import RPCError
 from .protocol import converter
-
-if TYPE_CHECKING:
-    from ._connection import Connection
-    from ._peer import Peer
 
 log = logging.getLogger("conduit.rpc")
 
@@ -54,8 +51,6 @@ class _Param:
 
 
 def _is_peer_annotation(annotation: Any) -> bool:
-    from ._peer import Peer  # deferred: _peer imports this module
-
     return annotation is Peer or (
         isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Peer"
     )
@@ -143,11 +138,6 @@ _STRICT: dict[Any, Callable[[Any], bool]] = {
 }
 
 
-def to_wire(value: Any) -> Any:
-    """Unstructure ``value`` for msgpack (attrs instances become maps)."""
-    return value if type(value) in _PRIMITIVES else converter.unstructure(value)
-
-
 def _structure(value: Any, param: _Param) -> Any:
     annotation = param.annotation
     if annotation is inspect.Parameter.empty or annotation is Any or isinstance(annotation, str):
@@ -183,8 +173,8 @@ class Handlers:
     def __init__(self, *, message_handler_takes_peer: bool) -> None:
         self.methods: dict[str, RPCMethod] = {}
         self.events: dict[str, list[Callable[..., Any]]] = {}
-        self._message_handler_takes_peer = message_handler_takes_peer
-        self.peer_of: Callable[[Connection], Peer] | None = None
+        #: Whether message handlers get ``(peer, data)`` (a server's) or ``(data)``.
+        self.message_handler_takes_peer = message_handler_takes_peer
 
     def add_method(self, function: Callable[..., Any], name: str | None = None) -> None:
         """Register ``function`` under ``name`` (default: its ``__name__``)."""
@@ -208,13 +198,29 @@ class Handlers:
         """Register a handler for a one-way message."""
         self.events.setdefault(event, []).append(function)
 
-    async def handle_call(self, connection: Connection, method: str, args: dict[str, Any]) -> Any:
-        """Dispatcher protocol: run an RPC and unstructure its value for the wire."""
-        entry = self.methods.get(method)
+    def bound_to(self, peer: Peer) -> PeerDispatcher:
+        """The dispatcher of one connection: these handlers, called on behalf of ``peer``."""
+        return PeerDispatcher(self, peer)
+
+
+@attrs.frozen
+class PeerDispatcher:
+    """What one connection hands its incoming calls and messages to.
+
+    Bound to the connection's :class:`~conduit.Peer` when the connection is
+    built, so a handler's caller is known without any lookup (the
+    ``conduit._connection.Dispatcher`` protocol).
+    """
+
+    handlers: Handlers
+    peer: Peer
+
+    async def handle_call(self, method: str, args: dict[str, Any]) -> Any:
+        """Run an RPC and return its value, unstructured for the wire."""
+        entry = self.handlers.methods.get(method)
         if entry is None:
             raise RPCError(f"no RPC method named {method!r}", "not_found")
-        assert self.peer_of is not None
-        peer = self.peer_of(connection)
+        peer = self.peer
         kwargs = entry.bind(args, peer)
         token = _current_peer.set(peer)
         try:
@@ -230,20 +236,22 @@ class Handlers:
             _current_peer.reset(token)
         return to_wire(value)
 
-    async def handle_message(self, connection: Connection, event: str, data: Any) -> None:
-        """Dispatcher protocol: run every handler registered for ``event``."""
-        handlers = self.events.get(event)
+    async def handle_message(self, event: str, data: Any) -> None:
+        """Deliver a one-way message: run every handler registered for ``event``."""
+        handlers = self.handlers.events.get(event)
         if not handlers:
             log.debug("no handler for message %r; dropped", event)
             return
-        assert self.peer_of is not None
-        peer = self.peer_of(connection)
+        peer = self.peer
         token = _current_peer.set(peer)
         try:
             for handler in handlers:
-                if self._message_handler_takes_peer:
+                if self.handlers.message_handler_takes_peer:
                     await invoke(handler, peer, data)
                 else:
                     await invoke(handler, data)
         finally:
             _current_peer.reset(token)
+
+
+__all__ = ["Handlers", "PeerDispatcher", "RPCMethod", "current_peer"]

@@ -9,12 +9,12 @@ from typing import Any, TypeVar
 
 import trio
 
-from ._asyncio import bridged
-from ._callbacks import invoke
-from ._connection import Connection, settings_from
+from ._bridge import bridged
+from ._connection import Connection
+from ._endpoint import Endpoint
 from ._handshake_io import client_handshake
-from ._peer import Peer, RPCProxy
-from ._rpc import Handlers
+from ._peer import Peer
+from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
 from .errors import ConnectionClosed, HandshakeTimeout
 from .protocol import ClientHandshake
@@ -24,7 +24,7 @@ log = logging.getLogger("conduit.client")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Client:
+class Client(Endpoint):
     """A conduit client.
 
     ::
@@ -40,31 +40,14 @@ class Client:
     """
 
     def __init__(self, descriptor: ClientDescriptor) -> None:
+        super().__init__(descriptor, message_handler_takes_peer=False)
         self.descriptor = descriptor
-        self._handlers = Handlers(message_handler_takes_peer=False)
-        self._handlers.peer_of = self._peer_of
         self._peer: Peer | None = None
-        self._connect_hooks: list[Callable[..., Any]] = []
-        self._disconnect_hooks: list[Callable[..., Any]] = []
-        self._settings = settings_from(descriptor)
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
         self.rpc = RPCProxy(self._current_connection, descriptor.rpc_timeout, self._handlers)
 
     # ---------------------------------------------------------------- registry
-
-    def on(self, event: str) -> Callable[[F], F]:
-        """Handle one-way messages from the server: ``@client.on("news") def h(data): ...``."""
-
-        def decorator(function: F) -> F:
-            self._handlers.add_event(event, function)
-            return function
-
-        return decorator
-
-    def register_rpc(self, function: Callable[..., Any], name: str | None = None) -> None:
-        """Register a method the server may call, without decorator syntax."""
-        self._handlers.add_method(function, name)
 
     def on_connect(self, function: F) -> F:
         """Call ``function()`` after each successful connect."""
@@ -95,10 +78,6 @@ class Client:
             raise ConnectionClosed("not connected")
         return self._peer
 
-    def _peer_of(self, connection: Connection) -> Peer:
-        assert self._peer is not None
-        return self._peer
-
     def _current_connection(self) -> Connection:
         if self._peer is None:
             raise ConnectionClosed("not connected: call connect() first")
@@ -110,7 +89,7 @@ class Client:
     # ---------------------------------------------------------------- lifecycle
 
     @bridged
-    async def connect(self) -> None:
+    async def connect(self, *, stream: trio.abc.Stream | None = None) -> None:
         """Connect and authenticate.
 
         Raises :class:`~conduit.AuthenticationError` for a wrong password,
@@ -118,13 +97,27 @@ class Client:
         does not answer within ``connect_timeout``, ``OSError`` when nothing
         listens there. The connection then runs in the background until
         :meth:`disconnect`.
+
+        ``stream``: authenticate over this already-open :class:`trio.abc.Stream`
+        instead of dialling ``server_host:server_port`` (a Unix socket, an SSH
+        tunnel, an in-memory stream in tests). It is used as it is: the
+        descriptor's TLS settings are not applied (wrap it in
+        :class:`trio.SSLStream` yourself), and it is closed when the connection
+        ends or the handshake fails.
         """
         if self.connected:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
             return
         descriptor = self.descriptor
+        given = stream is not None
+        where = (
+            "the given stream" if given else f"{descriptor.server_host}:{descriptor.server_port}"
+        )
         try:
             with trio.fail_after(descriptor.connect_timeout):
-                stream = await self._open_stream()
+                if stream is None:
+                    stream = await self._open_stream()
                 try:
                     handshake = ClientHandshake(
                         descriptor.password,
@@ -140,33 +133,25 @@ class Client:
                     raise
         except trio.TooSlowError:
             raise HandshakeTimeout(
-                f"no answer from {descriptor.server_host}:{descriptor.server_port} "
-                f"within connect_timeout ({descriptor.connect_timeout:g}s)"
+                f"no answer from {where} within connect_timeout ({descriptor.connect_timeout:g}s)"
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
-        connection = Connection(
+        peer = self._peer = self._open_session(
             stream,
-            established.reader,
-            established.writer,
-            established.keys,
+            established,
             is_client=True,
-            settings=self._settings,
-            dispatcher=self._handlers,
-            label=f"server {descriptor.server_host}:{descriptor.server_port}",
-        )
-        self._peer = Peer(
-            connection,
             peer_id=welcome.client_id,
             name=welcome.server_name,
-            address=(descriptor.server_host, descriptor.server_port),
+            address=None if given else (descriptor.server_host, descriptor.server_port),
             default_timeout=descriptor.rpc_timeout,
+            label=f"server {where}",
         )
         # The connection outlives this call, so it cannot live in the caller's
         # nursery: it runs as a system task of the current Trio run (under the
         # asyncio shim, of the loop's guest run) and ends with disconnect().
         started = trio.Event()
-        trio.lowlevel.spawn_system_task(self._run_connection, connection, started)
+        trio.lowlevel.spawn_system_task(self._run_connection, peer, started)
         await started.wait()
         log.info("connected to %r as client %s", welcome.server_name, welcome.client_id)
 
@@ -195,28 +180,17 @@ class Client:
             stream = ssl_stream
         return stream
 
-    async def _run_connection(self, connection: Connection, started: trio.Event) -> None:
-        def on_started() -> None:
+    async def _run_connection(self, peer: Peer, started: trio.Event) -> None:
+        def ended() -> None:
             started.set()
-            for hook in self._connect_hooks:
-                connection.spawn(self._run_hook, hook, "connect")
+            log.info("disconnected: %s", peer.connection.close_reason)
 
         try:
-            await connection.run(on_started=on_started)
+            await self._run_session(peer, (), on_started=started.set, on_ended=ended)
         except Exception:  # a system task must never raise; the reason is logged
             log.exception("connection to the server failed")
         finally:
             started.set()
-            log.info("disconnected: %s", connection.close_reason)
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                for hook in self._disconnect_hooks:
-                    await self._run_hook(hook, "disconnect")
-
-    async def _run_hook(self, hook: Callable[..., Any], what: str) -> None:
-        try:
-            await invoke(hook)
-        except Exception:
-            log.exception("%s hook %r failed", what, hook)
 
     @bridged
     async def disconnect(self, reason: str = "client disconnected") -> None:

@@ -32,12 +32,22 @@ class LocalProtocolError(ProtocolError):
     """*This side* was asked to do something the protocol does not allow."""
 
 
-class AuthenticationError(ConduitError):
+class HandshakeError(ConduitError):
+    """The connection ended before the handshake completed.
+
+    The base of :class:`AuthenticationError` (the peer was refused or failed to
+    prove it knows the password) and :class:`HandshakeTimeout` (it did not
+    answer in time), which are handled differently: only the first means
+    "check the password".
+    """
+
+
+class AuthenticationError(HandshakeError):
     """The password did not match, or the peer failed to prove it knows it."""
 
 
-class HandshakeTimeout(AuthenticationError, TimeoutError):
-    """The peer did not complete the handshake in time."""
+class HandshakeTimeout(HandshakeError, TimeoutError):
+    """The peer did not complete the handshake in time (no verdict on the password)."""
 
 
 class ConnectionClosed(ConduitError):
@@ -141,11 +151,21 @@ def failure_dict(exc: BaseException, *, default_code: str = "error") -> dict[str
     return {"success": False, "error": message, "code": code}
 
 
+class CallbackCancelledError(ConduitError):
+    """An asyncio callback's task was cancelled by something other than conduit.
+
+    Typically the asyncio loop is shutting down and cancelled every task. Trio
+    code sees an ordinary exception instead of a foreign ``CancelledError``.
+    """
+
+
 __all__ = [
     "AuthenticationError",
+    "CallbackCancelledError",
     "ChecksumMismatch",
     "ConduitError",
     "ConnectionClosed",
+    "HandshakeError",
     "HandshakeTimeout",
     "IntegrityError",
     "LocalProtocolError",

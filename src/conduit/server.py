@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
+import attrs
 import trio
 
-from ._asyncio import bridged
-from ._callbacks import invoke
-from ._connection import Connection, settings_from
-from ._handshake_io import refuse, server_handshake, welcome_record
+from ._bridge import bridged
+from ._endpoint import Endpoint, address_of, format_address
+from ._handshake_io import Established, refuse, server_handshake, welcome_record
 from ._peer import Peer
-from ._rpc import Handlers
 from ._throttle import AuthThrottle
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
@@ -25,29 +24,35 @@ log = logging.getLogger("conduit.server")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_HOOK_TIMEOUT = 10.0
+
+@attrs.frozen
+class _Arrival:
+    """Who is at the other end of a new connection, as far as the server can tell."""
+
+    #: The remote (host, port), when the stream is a socket.
+    address: tuple[str, int] | None
+
+    @property
+    def host(self) -> str:
+        """The key of the password-failure throttle."""
+        return self.address[0] if self.address else "unknown"
+
+    @property
+    def label(self) -> str:
+        """For log lines: host:port ([host]:port for IPv6), as people read them."""
+        return format_address(self.address)
 
 
-def _address_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
-    inner = getattr(stream, "transport_stream", stream)
+def _listener_address(listener: trio.abc.Listener[Any]) -> tuple[str, int] | None:
+    inner = getattr(listener, "transport_listener", listener)
     socket = getattr(inner, "socket", None)
     if socket is None:
         return None
-    try:
-        host, port, *_ = socket.getpeername()
-    except OSError:
-        return None
-    return str(host), int(port)
+    sockname = socket.getsockname()
+    return str(sockname[0]), int(sockname[1])
 
 
-def _format_address(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return "unknown address"
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class Server:
+class Server(Endpoint):
     """A conduit server.
 
     ::
@@ -61,22 +66,18 @@ class Server:
         trio.run(server.run)            # or asyncio.run(server.run())
 
     In Trio, ``await nursery.start(server.run)`` returns once the port is
-    bound (read it from :attr:`port`).
+    bound (read it from :attr:`port`). To serve other transports (a Unix
+    socket, an in-memory listener in tests), pass listeners to :meth:`serve`.
     """
 
     def __init__(self, descriptor: ServerDescriptor) -> None:
+        super().__init__(descriptor, message_handler_takes_peer=True)
         self.descriptor = descriptor
         #: Authenticated clients by client id.
         self.clients: dict[str, Peer] = {}
-        self._handlers = Handlers(message_handler_takes_peer=True)
-        self._handlers.peer_of = self._peer_of
-        self._peers_by_connection: dict[Connection, Peer] = {}
-        self._connect_hooks: list[Callable[..., Any]] = []
-        self._disconnect_hooks: list[Callable[..., Any]] = []
         self._throttle = AuthThrottle(
             descriptor.auth_failure_limit, descriptor.auth_failure_window, descriptor.auth_lockout
         )
-        self._settings = settings_from(descriptor)
         self._open_sockets = 0
         self._addresses: list[tuple[str, int]] = []
         self._cancel_scope: trio.CancelScope | None = None
@@ -98,19 +99,6 @@ class Server:
         receives the calling client.
         """
         return self._handlers.decorator(function, name=name)
-
-    def register_rpc(self, function: Callable[..., Any], name: str | None = None) -> None:
-        """Register an RPC method without decorator syntax."""
-        self._handlers.add_method(function, name)
-
-    def on(self, event: str) -> Callable[[F], F]:
-        """Handle one-way messages: ``@server.on("chat") async def h(client, data): ...``."""
-
-        def decorator(function: F) -> F:
-            self._handlers.add_event(event, function)
-            return function
-
-        return decorator
 
     def on_client_connect(self, function: F) -> F:
         """Call ``function(peer)`` after each client authenticates."""
@@ -138,14 +126,14 @@ class Server:
 
     @property
     def is_running(self) -> bool:
-        """Whether :meth:`run` is serving."""
+        """Whether :meth:`run` (or :meth:`serve`) is serving."""
         return self._cancel_scope is not None
 
     # ---------------------------------------------------------------- lifecycle
 
     @bridged
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until :meth:`close` or cancellation.
+        """Listen on the descriptor's host and port and serve until :meth:`close` or cancellation.
 
         Reports the bound port through ``task_status``.
         """
@@ -153,25 +141,54 @@ class Server:
             raise RuntimeError("this server is already running")
         descriptor = self.descriptor
         host: str | None = descriptor.host or None
-        listeners: list[Any] = list(await trio.open_tcp_listeners(descriptor.port, host=host))
-        self._addresses = [
-            (str(sockname[0]), int(sockname[1]))
-            for sockname in (listener.socket.getsockname() for listener in listeners)
-        ]
+        tcp_listeners = await trio.open_tcp_listeners(descriptor.port, host=host)
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
         ssl_context = descriptor.build_ssl_context()
         if ssl_context is not None:
             listeners = [
-                trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in listeners
+                trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in tcp_listeners
             ]
+        await self._serve(listeners, lambda: task_status.started(self.port))
+
+    @bridged
+    async def serve(
+        self,
+        listeners: Sequence[trio.abc.Listener[Any]],
+        *,
+        task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the connections ``listeners`` accept until :meth:`close` or cancellation.
+
+        What :meth:`run` does once it has opened its TCP listeners, for any
+        :class:`trio.abc.Listener` of :class:`trio.abc.Stream`\\ s: a
+        ``trio.SocketListener`` of your own, a ``trio.SSLListener`` (the
+        descriptor's TLS settings are not applied here: wrap the listener
+        yourself), an in-memory listener in tests. As with
+        :func:`trio.serve_listeners`, the listeners are closed when serving
+        ends, and ``await nursery.start(server.serve, listeners)`` returns the
+        listeners once they accept. :attr:`port` and :attr:`addresses` report
+        the socket listeners among them.
+        """
+        if self._cancel_scope is not None:
+            raise RuntimeError("this server is already running")
+        chosen = list(listeners)
+        await self._serve(chosen, lambda: task_status.started(chosen))
+
+    async def _serve(
+        self, listeners: list[trio.abc.Listener[Any]], report_started: Callable[[], None]
+    ) -> None:
+        self._addresses = [
+            address for address in map(_listener_address, listeners) if address is not None
+        ]
         self._stopped = trio.Event()
         self._closing = False
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
-                log.info("conduit server %r listening on %s", descriptor.name, self._addresses)
+                log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
                 self._listening.set()
-                task_status.started(self.port)
+                report_started()
         finally:
             self._cancel_scope = None
             self._addresses = []
@@ -221,52 +238,53 @@ class Server:
 
     # ---------------------------------------------------------------- per connection
 
-    def _peer_of(self, connection: Connection) -> Peer:
-        return self._peers_by_connection[connection]
-
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        peer_address = _address_of(stream)
-        host = peer_address[0] if peer_address else "unknown"
-        # For log lines: host:port ([host]:port for IPv6), as people read them.
-        address = _format_address(peer_address)
+        arrival = _Arrival(address_of(stream))
         self._open_sockets += 1
         try:
-            await self._serve_authenticated(stream, peer_address, address, host)
+            if not await self._refused(stream, arrival):
+                session = await self._authenticate(stream, arrival)
+                if session is not None:
+                    await self._serve_client(stream, arrival, *session)
         except Exception:  # one connection's bug must never take the server down
-            log.exception("internal error serving %s", address)
+            log.exception("internal error serving %s", arrival.label)
         finally:
             self._open_sockets -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _serve_authenticated(
-        self,
-        stream: trio.abc.Stream,
-        peer_address: tuple[str, int] | None,
-        address: str,
-        host: str,
-    ) -> None:
+    async def _refused(self, stream: trio.abc.Stream, arrival: _Arrival) -> bool:
+        """Refuse the connection before any handshake when the server cannot take it."""
         descriptor = self.descriptor
         if self._closing:
             await refuse(stream, "shutting_down", "the server is shutting down")
-            return
+            return True
         if self._open_sockets > descriptor.max_connections:
             log.warning(
-                "refused %s: max_connections (%d) reached", address, descriptor.max_connections
+                "refused %s: max_connections (%d) reached",
+                arrival.label,
+                descriptor.max_connections,
             )
             await refuse(
                 stream, "busy", f"the server is at max_connections ({descriptor.max_connections})"
             )
-            return
-        wait = self._throttle.retry_after(host, trio.current_time())
+            return True
+        wait = self._throttle.retry_after(arrival.host, trio.current_time())
         if wait > 0:
-            log.warning("refused %s: too many failed password attempts", address)
+            log.warning("refused %s: too many failed password attempts", arrival.label)
             await refuse(
                 stream,
                 "throttled",
-                f"too many failed password attempts from {host}; retry in {wait:.0f}s",
+                f"too many failed password attempts from {arrival.host}; retry in {wait:.0f}s",
                 wait,
             )
-            return
+            return True
+        return False
+
+    async def _authenticate(
+        self, stream: trio.abc.Stream, arrival: _Arrival
+    ) -> tuple[Established, str] | None:
+        """Run the handshake and welcome the client: its session and id, or None (logged)."""
+        descriptor = self.descriptor
         handshake = ServerHandshake(
             descriptor.password,
             name=descriptor.name,
@@ -284,58 +302,49 @@ class Server:
         except trio.TooSlowError:
             log.warning(
                 "dropped %s: no handshake within auth_timeout (%gs)",
-                address,
+                arrival.label,
                 descriptor.auth_timeout,
             )
-            return
+            return None
         except AuthenticationError as exc:
-            self._throttle.record_failure(host, trio.current_time())
-            log.warning("authentication failed from %s: %s", address, exc)
-            return
+            self._throttle.record_failure(arrival.host, trio.current_time())
+            log.warning("authentication failed from %s: %s", arrival.label, exc)
+            return None
         except (ProtocolError, ConduitError) as exc:
-            log.warning("dropped %s during the handshake: %s", address, exc)
-            return
+            log.warning("dropped %s during the handshake: %s", arrival.label, exc)
+            return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("connection from %s lost during the handshake: %s", address, exc)
-            return
-        self._throttle.record_success(host)
-        connection = Connection(
+            log.info("connection from %s lost during the handshake: %s", arrival.label, exc)
+            return None
+        self._throttle.record_success(arrival.host)
+        return established, client_id
+
+    async def _serve_client(
+        self,
+        stream: trio.abc.Stream,
+        arrival: _Arrival,
+        established: Established,
+        client_id: str,
+    ) -> None:
+        """Serve an authenticated client until its connection ends."""
+        peer = self._open_session(
             stream,
-            established.reader,
-            established.writer,
-            established.keys,
+            established,
             is_client=False,
-            settings=self._settings,
-            dispatcher=self._handlers,
-            label=f"client {client_id} {address}",
-        )
-        peer = Peer(
-            connection,
             peer_id=client_id,
             name=established.peer_name,
-            address=peer_address,
-            default_timeout=descriptor.rpc_timeout,
+            address=arrival.address,
+            default_timeout=self.descriptor.rpc_timeout,
+            label=f"client {client_id} {arrival.label}",
         )
-        self._peers_by_connection[connection] = peer
         self.clients[client_id] = peer
-        log.info("client %s (%r) connected from %s", client_id, peer.name, address)
+        log.info("client %s (%r) connected from %s", client_id, peer.name, arrival.label)
 
-        def started() -> None:
-            for hook in self._connect_hooks:
-                connection.spawn(self._run_hook, hook, peer, "connect")
-
-        try:
-            await connection.run(on_started=started)
-        finally:
+        def ended() -> None:
             del self.clients[client_id]
-            del self._peers_by_connection[connection]
-            log.info("client %s disconnected: %s", client_id, connection.close_reason)
-            with trio.CancelScope(shield=True), trio.move_on_after(_HOOK_TIMEOUT):
-                for hook in self._disconnect_hooks:
-                    await self._run_hook(hook, peer, "disconnect")
+            log.info("client %s disconnected: %s", client_id, peer.connection.close_reason)
 
-    async def _run_hook(self, hook: Callable[..., Any], peer: Peer, what: str) -> None:
-        try:
-            await invoke(hook, peer)
-        except Exception:
-            log.exception("%s hook %r failed for client %s", what, hook, peer.id)
+        await self._run_session(peer, (peer,), on_ended=ended)
+
+
+__all__ = ["Server"]

@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._asyncio import bridged
-from ..errors import ConnectionClosed, UnsafePathError
+from .._bridge import bridged
+from ..errors import ConnectionClosed
 from ._hooks import Hooks
 from ._progress import TransferProgress
 from ._receiver import Receiver
@@ -225,4 +225,4 @@ class FileTransferHandler:
         return list(answer["files"])
 
 
-__all__ = ["FileTransferHandler", "TransferProgress", "UnsafePathError"]
+__all__ = ["FileTransferHandler"]

@@ -1,0 +1,145 @@
+"""``@bridged``: public coroutines that work when awaited from Trio or from asyncio.
+
+The feature modules (server, client, peer, transfer) are pure Trio; they mark
+their public coroutine methods ``@bridged`` and import nothing of the asyncio
+shim. At call time the wrapper asks which library runs the caller: under Trio it
+awaits the method directly; under asyncio it hands the whole call to the shim
+(:mod:`conduit._asyncio`), which runs it in the loop's Trio guest run.
+
+The shim registers its hooks here (:func:`install_asyncio_runner`) when it is
+imported, and ``conduit/__init__.py`` imports it, so it is always in place
+before any bridged method can be called. The dependency points from the shim to
+this module, never back: this module decides, the shim executes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+
+import sniffio
+
+__all__ = [
+    "BridgedCall",
+    "Submit",
+    "Unwind",
+    "asyncio_caller_loop",
+    "bridged",
+    "current_flavor",
+    "install_asyncio_runner",
+]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class BridgedCall(Protocol):
+    """One call handed to the shim: settled by the Trio side, awaited by the asyncio caller."""
+
+    #: Settled with the call's result or exception (cancelled if it never ran).
+    future: asyncio.Future[Any]
+    #: An error the Trio side raised while unwinding after the caller was cancelled.
+    late_error: BaseException | None
+
+
+#: Starts ``fn(*args, **kwargs)`` in the guest run of the given loop (the shim's
+#: ``_submit``), from asyncio code running on that loop.
+Submit = Callable[
+    [asyncio.AbstractEventLoop, Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
+    BridgedCall,
+]
+#: Cancels a submitted call's Trio side and waits until it has unwound (``_unwind``).
+Unwind = Callable[[Any], Awaitable[None]]
+
+_submit: Submit | None = None
+_unwind: Unwind | None = None
+
+
+def install_asyncio_runner(submit: Submit, unwind: Unwind) -> None:
+    """Called once by the shim at import: how bridged calls from asyncio are run.
+
+    Two plain hooks rather than one coroutine, so the hot path of a bridged call
+    from asyncio has no extra coroutine frame: the wrapper awaits the call's
+    future itself.
+    """
+    global _submit, _unwind
+    _submit, _unwind = submit, unwind
+
+
+def current_flavor() -> Literal["trio", "asyncio"]:
+    """Return which async library is running the calling code: ``"trio"`` or ``"asyncio"``.
+
+    Detection is sniffio's, so Trio code running inside one of our guest runs says
+    ``"trio"`` and asyncio tasks on the hosting loop say ``"asyncio"``.
+
+    Raises:
+        RuntimeError: when called outside async code, or under another library
+            (curio, ...), which conduit does not support.
+    """
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        raise RuntimeError(
+            "conduit's async API must be awaited from a Trio or asyncio task "
+            "(no async library is running here)"
+        ) from None
+    if library == "trio":
+        return "trio"
+    if library == "asyncio":
+        return "asyncio"
+    raise RuntimeError(f"conduit supports Trio and asyncio, not {library!r}")
+
+
+def asyncio_caller_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when the caller is asyncio code; ``None`` under Trio.
+
+    What :func:`current_flavor` decides, minus a system call: the common case
+    goes through the asyncio task itself (``asyncio.get_running_loop`` calls
+    ``getpid()`` on every use in Python 3.11), the rest through sniffio.
+    """
+    name = sniffio.thread_local.name
+    if name == "trio":  # set by Trio while it runs (trio.run, guest ticks)
+        return None
+    if name is None and sniffio.current_async_library_cvar.get() is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: let current_flavor() explain
+            task = None
+        if task is not None:
+            return task.get_loop()
+    if current_flavor() == "trio":  # raises outside Trio and asyncio
+        return None
+    return asyncio.get_running_loop()
+
+
+def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Make an ``async def`` method (or function) awaitable from Trio and from asyncio.
+
+    The wrapper keeps the name, docstring and signature (:func:`functools.wraps`)
+    and is itself an ``async def``. At call time it asks which library runs the
+    caller (as :func:`current_flavor` does): under Trio it awaits ``method``
+    directly; under asyncio it runs the whole call in the loop's Trio guest run,
+    exactly as :func:`conduit.run_in_trio` does. Bridge whole operations: each
+    asyncio call costs one asyncio-to-Trio hop.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio_caller_loop()
+        if loop is None:
+            return await method(*args, **kwargs)
+        if _submit is None or _unwind is None:  # pragma: no cover - conduit/__init__ installs it
+            raise RuntimeError("conduit's asyncio shim is not loaded (import conduit)")
+        call = _submit(loop, method, args, kwargs)
+        try:
+            result: T = await call.future
+        except asyncio.CancelledError as cancel:
+            await _unwind(call)
+            if call.late_error is not None:
+                raise cancel from call.late_error
+            raise
+        return result
+
+    return wrapper

@@ -1,0 +1,150 @@
+"""What a Server and a Client share: the handler registry, hooks, and running one session.
+
+A *session* is one authenticated connection and the :class:`~conduit.Peer` at its
+other end. Both endpoints build it the same way once their handshake is done
+(:meth:`Endpoint._open_session`) and run it the same way
+(:meth:`Endpoint._run_session`): connect hooks start with the connection,
+disconnect hooks run after it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ._callbacks import invoke
+from ._connection import Connection, ConnectionSettings, settings_from
+from ._handshake_io import Established
+from ._peer import Peer
+from ._rpc import Handlers
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: How long disconnect hooks may take, all together, once a session has ended.
+HOOK_TIMEOUT = 10.0
+
+
+def address_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The remote (host, port) of a socket stream (through TLS); ``None`` for other streams."""
+    inner = getattr(stream, "transport_stream", stream)
+    socket = getattr(inner, "socket", None)
+    if socket is None:
+        return None
+    try:
+        host, port, *_ = socket.getpeername()
+    except OSError:
+        return None
+    return str(host), int(port)
+
+
+def format_address(address: tuple[str, int] | None) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), as people read them in logs."""
+    if address is None:
+        return "unknown address"
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Endpoint:
+    """The base of :class:`~conduit.Server` and :class:`~conduit.Client`."""
+
+    def __init__(self, descriptor: Any, *, message_handler_takes_peer: bool) -> None:
+        self._handlers = Handlers(message_handler_takes_peer=message_handler_takes_peer)
+        self._connect_hooks: list[Callable[..., Any]] = []
+        self._disconnect_hooks: list[Callable[..., Any]] = []
+        self._settings: ConnectionSettings = settings_from(descriptor)
+        self._log = logging.getLogger(type(self).__module__)
+
+    # ---------------------------------------------------------------- registry
+
+    def on(self, event: str) -> Callable[[F], F]:
+        """Handle one-way messages from the peer: ``@x.on("news") async def h(...): ...``.
+
+        On a server the handler gets ``(peer, data)``, on a client ``(data)``.
+        """
+
+        def decorator(function: F) -> F:
+            self._handlers.add_event(event, function)
+            return function
+
+        return decorator
+
+    def register_rpc(self, function: Callable[..., Any], name: str | None = None) -> None:
+        """Register an RPC method the peer may call, without decorator syntax."""
+        self._handlers.add_method(function, name)
+
+    # ---------------------------------------------------------------- sessions
+
+    def _open_session(
+        self,
+        stream: trio.abc.Stream,
+        established: Established,
+        *,
+        is_client: bool,
+        peer_id: str,
+        name: str,
+        address: Any,
+        default_timeout: float | None,
+        label: str,
+    ) -> Peer:
+        """The Peer of a finished handshake, with its connection (not running yet)."""
+
+        def connect(peer: Peer) -> Connection:
+            return Connection(
+                stream,
+                established.reader,
+                established.writer,
+                established.keys,
+                is_client=is_client,
+                settings=self._settings,
+                dispatcher=self._handlers.bound_to(peer),
+                label=label,
+            )
+
+        return Peer(
+            connect, peer_id=peer_id, name=name, address=address, default_timeout=default_timeout
+        )
+
+    async def _run_session(
+        self,
+        peer: Peer,
+        hook_args: tuple[Any, ...],
+        *,
+        on_started: Callable[[], None] | None = None,
+        on_ended: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``peer``'s connection until it closes, with the hooks around it.
+
+        ``on_started`` runs once the connection's tasks are up, before the
+        connect hooks start; ``on_ended`` runs when it has closed, before the
+        disconnect hooks run (shielded: they run even when we are cancelled).
+        """
+        connection = peer.connection
+
+        def started() -> None:
+            if on_started is not None:
+                on_started()
+            for hook in self._connect_hooks:
+                connection.spawn(self._run_hook, hook, hook_args, "connect")
+
+        try:
+            await connection.run(on_started=started)
+        finally:
+            if on_ended is not None:
+                on_ended()
+            with trio.CancelScope(shield=True), trio.move_on_after(HOOK_TIMEOUT):
+                for hook in self._disconnect_hooks:
+                    await self._run_hook(hook, hook_args, "disconnect")
+
+    async def _run_hook(self, hook: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
+        try:
+            await invoke(hook, *args)
+        except Exception:  # a hook's bug is the application's; log it, keep serving
+            about = f" for client {args[0].id}" if args else ""
+            self._log.exception("%s hook %r failed%s", what, hook, about)
+
+
+__all__ = ["HOOK_TIMEOUT", "Endpoint", "address_of", "format_address"]
