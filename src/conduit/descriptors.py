@@ -50,6 +50,24 @@ def _window(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
         raise ValueError(f"{attribute.name} must be between 64 KiB and 1 GiB, got {value}")
 
 
+def _at_least(minimum: float) -> Any:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{attribute.name} must be a number, got {value!r}")
+        if not value >= minimum:  # written so that NaN fails too
+            raise ValueError(f"{attribute.name} must be at least {minimum:g}, got {value}")
+
+    return check
+
+
+def _delay_max(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < instance.reconnect_delay:
+        raise ValueError(
+            f"{attribute.name} ({value}) must not be shorter than reconnect_delay "
+            f"({instance.reconnect_delay})"
+        )
+
+
 def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: float) -> None:
     if instance.heartbeat_interval > 0 and value <= instance.heartbeat_interval:
         raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
@@ -153,6 +171,34 @@ class ClientDescriptor:
     tls_server_hostname: str | None = attrs.field(default=None)
     #: A ready SSL context instead of ``tls``/``tls_ca_file``.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
+    #: Reconnect on its own when an established connection is lost (reset,
+    #: timeout, heartbeat), keeping ``client.id``; transfers in flight then
+    #: resume from the verified offset. Not after ``disconnect()``, not when
+    #: either side closed on purpose (a goodbye), never after a refused
+    #: password. The first ``connect()`` is not retried.
+    reconnect_enabled: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    #: Attempts per lost connection before giving up; 0 means unlimited.
+    reconnect_attempts: int = attrs.field(
+        default=5, validator=[v.instance_of(int), _at_least(0)]
+    )
+    #: Seconds before the first attempt; each later wait is multiplied by
+    #: ``reconnect_delay_multiplier``, capped at ``reconnect_delay_max``, and
+    #: jittered by up to -25 % so that many clients do not return in lockstep.
+    reconnect_delay: float = attrs.field(default=2.0, validator=_at_least(0))
+    #: The longest wait between two attempts, in seconds.
+    reconnect_delay_max: float = attrs.field(default=60.0, validator=[_at_least(0), _delay_max])
+    #: Growth of the wait between attempts (1 keeps it constant).
+    reconnect_delay_multiplier: float = attrs.field(default=2.0, validator=_at_least(1))
+
+    def reconnect_wait(self, attempt: int) -> float:
+        """Seconds before reconnect ``attempt`` (1-based), before jitter."""
+        exponent = min(attempt - 1, 64)  # beyond this the cap has long been reached
+        return float(
+            min(
+                self.reconnect_delay_max,
+                self.reconnect_delay * self.reconnect_delay_multiplier**exponent,
+            )
+        )
 
     def build_ssl_context(self) -> ssl.SSLContext | None:
         """The client-side SSL context, or None when TLS is off."""
