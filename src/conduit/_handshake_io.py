@@ -23,7 +23,7 @@ from .protocol import (
 )
 from .protocol.codec import decode_body, encode_frame
 from .protocol.handshake import refusal_frame
-from .protocol.messages import Welcome
+from .protocol.messages import Resume, Welcome
 
 _CHUNK = 4096
 
@@ -36,6 +36,8 @@ class Established:
     writer: FrameWriter
     keys: SessionKeys
     peer_name: str
+    #: Server side: the client announced a resume token (read it with :func:`read_resume`).
+    resuming: bool = False
 
 
 async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
@@ -48,9 +50,17 @@ async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
 
 
 async def client_handshake(
-    stream: trio.abc.Stream, handshake: ClientHandshake, max_frame_size: int
+    stream: trio.abc.Stream,
+    handshake: ClientHandshake,
+    max_frame_size: int,
+    resume_token: bytes = b"",
 ) -> tuple[Established, Welcome]:
-    """Authenticate to the server; return the session and its WELCOME."""
+    """Authenticate to the server; return the session and its WELCOME.
+
+    With a ``resume_token`` (the ``handshake`` must have been made with
+    ``resume=True``), present it sealed, first thing, to get the old client id
+    back.
+    """
     reader, writer = FrameReader(), FrameWriter()
     await stream.send_all(handshake.start())
     while handshake.keys is None:
@@ -60,6 +70,11 @@ async def client_handshake(
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
+    if resume_token:
+        (record,) = writer.write_frames(
+            [(encode_frame(FrameKind.MESSAGE, 0, Resume(resume_token)),)]
+        )
+        await stream.send_all(record)
     frame = await _next_frame(stream, reader)
     if frame.kind is not FrameKind.WELCOME:
         raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
@@ -81,7 +96,15 @@ async def server_handshake(
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
-    return Established(reader, writer, keys, handshake.client_name)
+    return Established(reader, writer, keys, handshake.client_name, handshake.client_resuming)
+
+
+async def read_resume(stream: trio.abc.Stream, established: Established) -> bytes:
+    """The resume token an authenticated client announced (its first sealed frame)."""
+    frame = await _next_frame(stream, established.reader)
+    if frame.kind is not FrameKind.MESSAGE:
+        raise RemoteProtocolError(f"expected the resume token, got {frame.kind.name}")
+    return decode_body(frame, Resume).token
 
 
 def welcome_record(writer: FrameWriter, welcome: Welcome) -> bytes | bytearray:
@@ -101,6 +124,7 @@ async def refuse(stream: trio.abc.Stream, code: str, reason: str, retry_after: f
 __all__ = [
     "Established",
     "client_handshake",
+    "read_resume",
     "refuse",
     "server_handshake",
     "welcome_record",

@@ -11,9 +11,10 @@ import attrs
 import trio
 
 from ._bridge import bridged
-from ._endpoint import Endpoint, address_of, format_address
-from ._handshake_io import Established, refuse, server_handshake, welcome_record
+from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
+from ._handshake_io import Established, read_resume, refuse, server_handshake, welcome_record
 from ._peer import Peer
+from ._resume import ResumeTokens
 from ._throttle import AuthThrottle
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
@@ -84,6 +85,11 @@ class Server(Endpoint):
         self._stopped: trio.Event | None = None
         self._listening = trio.Event()
         self._closing = False
+        self._resume_tokens = ResumeTokens()
+        # Set when a client's session has ended, hooks included (a reconnect
+        # that replaces a stale connection waits for it); woken on each arrival.
+        self._sessions_over: dict[str, trio.Event] = {}
+        self._arrivals = trio.lowlevel.ParkingLot()
 
     # ---------------------------------------------------------------- registry
 
@@ -123,6 +129,14 @@ class Server(Endpoint):
     def addresses(self) -> list[tuple[str, int]]:
         """Every bound (host, port)."""
         return list(self._addresses)
+
+    async def _wait_for_client(self, client_id: str, timeout: float) -> Peer | None:
+        """The client ``client_id`` once it is connected (again), or None after ``timeout``."""
+        with trio.move_on_after(timeout):
+            while (peer := self.clients.get(client_id)) is None or not peer.connected:
+                await self._arrivals.park()
+            return peer
+        return None
 
     @property
     def is_running(self) -> bool:
@@ -296,8 +310,9 @@ class Server(Endpoint):
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
                 established = await server_handshake(stream, handshake, descriptor.max_frame_size)
-                client_id = secrets.token_hex(8)
-                welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval)
+                client_id = await self._client_id_for(stream, established, arrival)
+                token = self._resume_tokens.issue(client_id)
+                welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval, token)
                 await stream.send_all(welcome_record(established.writer, welcome))
         except trio.TooSlowError:
             log.warning(
@@ -319,6 +334,19 @@ class Server(Endpoint):
         self._throttle.record_success(arrival.host)
         return established, client_id
 
+    async def _client_id_for(
+        self, stream: trio.abc.Stream, established: Established, arrival: _Arrival
+    ) -> str:
+        """A reconnecting client's old id if its (sealed, single-use) token is good, else a new one."""
+        if established.resuming:
+            token = await read_resume(stream, established)
+            client_id = self._resume_tokens.redeem(token, trio.current_time())
+            if client_id is not None:
+                log.info("client %s is back, from %s", client_id, arrival.label)
+                return client_id
+            log.info("unknown or expired resume token from %s: new client id", arrival.label)
+        return secrets.token_hex(8)
+
     async def _serve_client(
         self,
         stream: trio.abc.Stream,
@@ -337,14 +365,33 @@ class Server(Endpoint):
             default_timeout=self.descriptor.rpc_timeout,
             label=f"client {client_id} {arrival.label}",
         )
+        token = self._resume_tokens.current(client_id)
+        stale = self.clients.get(client_id)
+        if stale is not None:
+            # Only the holder of the token gets here: its old connection is a
+            # dead one we have not noticed yet. Close it, and let its session
+            # end (disconnect hooks too) before the new one starts.
+            log.info("client %s reconnected: closing its stale connection", client_id)
+            await stale.connection.close("replaced by the client's reconnect", grace=0.5)
+            with trio.move_on_after(HOOK_TIMEOUT + 1):
+                await self._sessions_over[client_id].wait()
+        over = self._sessions_over[client_id] = trio.Event()
         self.clients[client_id] = peer
+        self._arrivals.unpark_all()
         log.info("client %s (%r) connected from %s", client_id, peer.name, arrival.label)
 
         def ended() -> None:
-            del self.clients[client_id]
+            self._resume_tokens.start_expiry(token, trio.current_time())
+            if self.clients.get(client_id) is peer:
+                del self.clients[client_id]
             log.info("client %s disconnected: %s", client_id, peer.connection.close_reason)
 
-        await self._run_session(peer, (peer,), on_ended=ended)
+        try:
+            await self._run_session(peer, (peer,), on_ended=ended)
+        finally:
+            over.set()
+            if self._sessions_over.get(client_id) is over:
+                del self._sessions_over[client_id]
 
 
 __all__ = ["Server"]

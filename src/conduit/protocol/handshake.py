@@ -321,6 +321,7 @@ class ClientHandshake(_Handshake):
         receive_window: int,
         username: str | None = None,
         cache: ProverCache | None = None,
+        resume: bool = False,
     ) -> None:
         self.state = HandshakeState.START
         self.keys: SessionKeys | None = None
@@ -335,7 +336,7 @@ class ClientHandshake(_Handshake):
             self._balanced = shared_secret(password)
             self._x, share = pake.spake2_share(self._balanced, role_a=True)
         self._hello = ClientHello(
-            PROTOCOL_VERSION, name, share, max_frame_size, receive_window, username or ""
+            PROTOCOL_VERSION, name, share, max_frame_size, receive_window, username or "", resume
         )
         self._hello_payload = b""
         self._pending: _Pending | None = None
@@ -454,6 +455,8 @@ class ServerHandshake(_Handshake):
         self.keys: SessionKeys | None = None
         self.error: AuthenticationError | None = None
         self.client_name = ""
+        #: The client announced a resume token (it sends it sealed, first thing).
+        self.client_resuming = False
         self.username: str | None = None
         self.account: AccountVerifier | None = None
         self._balanced = None if password is None else shared_secret(password)
@@ -479,6 +482,7 @@ class ServerHandshake(_Handshake):
             )
             self._client_hello = hello
             self.client_name = hello.name
+            self.client_resuming = hello.resume
             if self._lookup is not None:
                 if not hello.username:
                     return self._refuse(

@@ -21,6 +21,10 @@ class ClientHello:
     Shared-password mode: ``pake`` is the SPAKE2 share ``pA`` and ``username``
     is empty. Accounts mode: ``username`` names the account and ``pake`` is
     empty (the SPAKE2+ share needs the salt the server answers with).
+
+    ``resume``: the client will present a resume token (see :class:`Resume`)
+    in its first sealed frame, before the server's WELCOME. Only a flag: the
+    token itself never crosses the wire in the clear.
     """
 
     protocol_version: int
@@ -29,6 +33,7 @@ class ClientHello:
     max_frame_size: int
     receive_window: int
     username: str = ""
+    resume: bool = False
 
 
 @attrs.frozen
@@ -73,11 +78,27 @@ class AuthFailed:
 
 @attrs.frozen
 class Welcome:
-    """First sealed frame from the server: the client's identity on this server."""
+    """First sealed frame from the server: the client's identity on this server.
+
+    ``resume_token`` is a fresh random secret the client presents (sealed) when
+    it reconnects, to get ``client_id`` back; it is single-use.
+    """
 
     client_id: str
     server_name: str
     heartbeat_interval: float
+    resume_token: bytes = b""
+
+
+@attrs.frozen
+class Resume:
+    """A reconnecting client's first sealed frame (a MESSAGE frame's body on the wire).
+
+    Sent only when its CLIENT_HELLO said ``resume``: the token of its previous
+    WELCOME, so the server gives it its old client id back.
+    """
+
+    token: bytes
 
 
 @attrs.frozen

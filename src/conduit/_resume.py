@@ -1,0 +1,109 @@
+"""Resume tokens: how a reconnecting client gets its client id back, and nobody else does.
+
+Every WELCOME carries a fresh random token, sent only inside the sealed
+channel. A client that reconnects presents it, sealed, right after it has
+authenticated again (see ``conduit._handshake_io.read_resume``); the server
+then gives it the same ``client_id``. Knowing a client id is not enough: ids
+are visible to server code and in logs, tokens only to the one client.
+
+Tokens are single-use (each WELCOME replaces the last one), kept as their
+SHA-256 (a table dump does not leak usable tokens), valid for
+:data:`RESUME_TTL` seconds after their connection ended, and the table is
+bounded: when it is full the oldest token goes, and that client simply gets a
+new id when it comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections import OrderedDict
+from itertools import islice
+
+import attrs
+
+#: Seconds a disconnected client may take to come back and keep its id.
+RESUME_TTL = 3600.0
+#: Tokens kept at most (one per client seen within ``RESUME_TTL``).
+MAX_TOKENS = 100_000
+_TOKEN_BYTES = 32
+
+
+@attrs.define
+class _Entry:
+    client_id: str
+    expires: float = math.inf
+
+
+class ResumeTokens:
+    """Token digest -> client id, bounded in size and in time.
+
+    Times are the caller's clock (``trio.current_time()``), so a test's
+    MockClock drives expiry like every other timer.
+    """
+
+    def __init__(self, *, ttl: float = RESUME_TTL, max_tokens: int = MAX_TOKENS) -> None:
+        self._ttl = ttl
+        self._max = max_tokens
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._by_client: dict[str, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def issue(self, client_id: str) -> bytes:
+        """A new token for ``client_id``, replacing the one it had."""
+        self._forget(client_id)
+        token = secrets.token_bytes(_TOKEN_BYTES)
+        digest = _digest(token)
+        self._entries[digest] = _Entry(client_id)
+        self._by_client[client_id] = digest
+        while len(self._entries) > self._max:
+            _, oldest = self._entries.popitem(last=False)
+            self._by_client.pop(oldest.client_id, None)
+        return token
+
+    def redeem(self, token: bytes, now: float) -> str | None:
+        """The client id ``token`` was issued for, once; None if unknown or expired."""
+        entry = self._entries.pop(_digest(token), None)
+        if entry is None:
+            return None
+        self._by_client.pop(entry.client_id, None)
+        return entry.client_id if now < entry.expires else None
+
+    def current(self, client_id: str) -> bytes | None:
+        """A handle on ``client_id``'s token now (for :meth:`start_expiry`), if it has one."""
+        return self._by_client.get(client_id)
+
+    def start_expiry(self, handle: bytes | None, now: float) -> None:
+        """The connection that got ``handle``'s token ended: it is good for ``ttl`` more seconds.
+
+        A token already redeemed or replaced is not touched: a replaced
+        connection's end must not start the clock on its successor's token.
+        """
+        entry = self._entries.get(handle) if handle is not None else None
+        if entry is not None:
+            entry.expires = now + self._ttl
+        self._sweep(now)
+
+    def _forget(self, client_id: str) -> None:
+        digest = self._by_client.pop(client_id, None)
+        if digest is not None:
+            self._entries.pop(digest, None)
+
+    def _sweep(self, now: float) -> None:
+        # Entries are in issue order, not expiry order; a bounded look at the
+        # oldest keeps each call cheap and the table clean over time.
+        for digest in list(islice(self._entries, 64)):
+            entry = self._entries[digest]
+            if entry.expires <= now:
+                del self._entries[digest]
+                self._by_client.pop(entry.client_id, None)
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+__all__ = ["MAX_TOKENS", "RESUME_TTL", "ResumeTokens"]
