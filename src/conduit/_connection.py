@@ -178,6 +178,9 @@ class Connection:
         self._last_activity = now
         #: Set once :meth:`run` has finished: every task is gone.
         self.closed = trio.Event()
+        #: Either side said goodbye: the close was meant, not a lost link
+        #: (a client reconnects only after a lost link).
+        self.closed_on_purpose = False
 
     # ------------------------------------------------------------------ lifetime
 
@@ -231,6 +234,7 @@ class Connection:
         """Say goodbye, let queued frames go out, then close. Waits until closed."""
         if self.is_open and self._nursery is not None:
             goodbye = self._state.goodbye(reason)
+            self.closed_on_purpose = True
             if goodbye is not None:
                 # CLOSING: the writer sends what is queued, this last, then stops.
                 self._outbox.put_control((goodbye,))
@@ -376,6 +380,7 @@ class Connection:
             event.outgoing.fail(event.error)
 
     def _on_goodbye(self, event: GoodbyeReceived) -> None:
+        self.closed_on_purpose = True
         self.abort(f"peer closed the connection: {event.reason}")
 
     # ------------------------------------------------------------------ calls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -10,13 +11,14 @@ from typing import Any, TypeVar
 import trio
 
 from ._bridge import bridged
+from ._callbacks import invoke
 from ._connection import Connection
 from ._endpoint import Endpoint
 from ._handshake_io import client_handshake
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
-from .errors import ConnectionClosed, HandshakeTimeout
+from .errors import AuthenticationError, ConduitError, ConnectionClosed, HandshakeTimeout
 from .protocol import ClientHandshake
 
 log = logging.getLogger("conduit.client")
@@ -37,12 +39,31 @@ class Client(Endpoint):
 
     ``async with client:`` connects and disconnects. Methods are the same
     under Trio and asyncio.
+
+    A lost connection is re-established in the background (see the
+    descriptor's ``reconnect_*`` fields), with the same :attr:`id`; file
+    transfers in flight wait for it and resume. RPC calls in flight fail with
+    ``ConnectionClosed``: they are never replayed, as they may not be
+    idempotent.
     """
 
     def __init__(self, descriptor: ClientDescriptor) -> None:
         super().__init__(descriptor, message_handler_takes_peer=False)
         self.descriptor = descriptor
         self._peer: Peer | None = None
+        self._reconnect_hooks: list[Callable[..., Any]] = []
+        self._reconnecting_hooks: list[Callable[..., Any]] = []
+        #: The secret of the last WELCOME, presented on reconnect to keep our id.
+        self._resume_token = b""
+        #: disconnect() was called: no reconnect, whatever happens.
+        self._stopping = False
+        #: The background task that runs the connection and reconnects it.
+        self._supervisor: trio.CancelScope | None = None
+        #: Set when that task will not bring a connection back (any more).
+        self._finished = trio.Event()
+        self._finished.set()
+        #: Wakes transfers waiting for a reconnect, on every change of connection.
+        self._changed = trio.lowlevel.ParkingLot()
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
         self.rpc = RPCProxy(self._current_connection, descriptor.rpc_timeout, self._handlers)
@@ -59,6 +80,27 @@ class Client(Endpoint):
         self._disconnect_hooks.append(function)
         return function
 
+    def on_reconnect(self, function: F) -> F:
+        """Call ``function()`` (sync or ``async``) after each automatic reconnect succeeds.
+
+        Runs after the ``on_connect`` hooks were started, under ``asyncio.run``
+        in the application's loop, like them.
+        """
+        self._reconnect_hooks.append(function)
+        return function
+
+    def on_reconnecting(self, function: F) -> F:
+        """Call ``function(attempt, delay)`` before each automatic reconnect attempt.
+
+        ``attempt`` counts from 1 (of ``descriptor.reconnect_attempts``; 0
+        there means unlimited) and ``delay`` is the wait, in seconds, before
+        it is made: what a progress display shows as "connection lost,
+        reconnecting in 2 s, attempt 2/5". Sync or ``async``; keep it short,
+        the attempt waits for it.
+        """
+        self._reconnecting_hooks.append(function)
+        return function
+
     # ---------------------------------------------------------------- state
 
     @property
@@ -68,8 +110,13 @@ class Client(Endpoint):
 
     @property
     def connected(self) -> bool:
-        """Whether the connection is open."""
+        """Whether the connection is open (False while reconnecting)."""
         return self._peer is not None and self._peer.connected
+
+    @property
+    def reconnecting(self) -> bool:
+        """Whether the connection was lost and is being re-established."""
+        return not self._finished.is_set() and not self.connected
 
     @property
     def server(self) -> Peer:
@@ -109,11 +156,29 @@ class Client(Endpoint):
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             return
+        if self._supervisor is not None:
+            # Reconnecting in the background: this call takes over.
+            self._supervisor.cancel()
+            await self._finished.wait()
+        self._stopping = False
+        redial = stream is None
+        peer = await self._establish(stream)
+        # The connection outlives this call, so it cannot live in the caller's
+        # nursery: it runs as a system task of the current Trio run (under the
+        # asyncio shim, of the loop's guest run) and ends with disconnect().
+        started = trio.Event()
+        self._finished = trio.Event()
+        trio.lowlevel.spawn_system_task(self._supervise, peer, started, redial)
+        await started.wait()
+
+    async def _establish(self, stream: trio.abc.Stream | None) -> Peer:
+        """Dial (unless given ``stream``) and authenticate; the new session's Peer."""
         descriptor = self.descriptor
         given = stream is not None
         where = (
             "the given stream" if given else f"{descriptor.server_host}:{descriptor.server_port}"
         )
+        token = self._resume_token
         try:
             with trio.fail_after(descriptor.connect_timeout):
                 if stream is None:
@@ -124,9 +189,10 @@ class Client(Endpoint):
                         name=descriptor.name,
                         max_frame_size=descriptor.max_frame_size,
                         receive_window=descriptor.receive_window,
+                        resume=bool(token),
                     )
                     established, welcome = await client_handshake(
-                        stream, handshake, descriptor.max_frame_size
+                        stream, handshake, descriptor.max_frame_size, token
                     )
                 except BaseException:
                     await trio.aclose_forcefully(stream)
@@ -137,6 +203,14 @@ class Client(Endpoint):
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
+        if token and self._peer is not None and welcome.client_id != self._peer.id:
+            log.warning(
+                "the server did not recognise this client (resume token expired?): "
+                "client id %s is now %s",
+                self._peer.id,
+                welcome.client_id,
+            )
+        self._resume_token = welcome.resume_token
         peer = self._peer = self._open_session(
             stream,
             established,
@@ -147,13 +221,8 @@ class Client(Endpoint):
             default_timeout=descriptor.rpc_timeout,
             label=f"server {where}",
         )
-        # The connection outlives this call, so it cannot live in the caller's
-        # nursery: it runs as a system task of the current Trio run (under the
-        # asyncio shim, of the loop's guest run) and ends with disconnect().
-        started = trio.Event()
-        trio.lowlevel.spawn_system_task(self._run_connection, peer, started)
-        await started.wait()
         log.info("connected to %r as client %s", welcome.server_name, welcome.client_id)
+        return peer
 
     async def _open_stream(self) -> trio.abc.Stream:
         descriptor = self.descriptor
@@ -180,31 +249,119 @@ class Client(Endpoint):
             stream = ssl_stream
         return stream
 
-    async def _run_connection(self, peer: Peer, started: trio.Event) -> None:
-        def ended() -> None:
-            started.set()
-            log.info("disconnected: %s", peer.connection.close_reason)
-
+    async def _supervise(self, peer: Peer, started: trio.Event, redial: bool) -> None:
+        """Run the connection; when it is lost, reconnect and run the new one, until done."""
         try:
-            await self._run_session(peer, (), on_started=started.set, on_ended=ended)
+            with trio.CancelScope() as self._supervisor:
+                first = True
+                while True:
+                    await self._run_connection(peer, started, reconnected=not first)
+                    if not (redial and self._should_reconnect(peer)):
+                        return
+                    self._changed.unpark_all()
+                    new_peer = await self._reconnect()
+                    if new_peer is None:
+                        return
+                    peer, first = new_peer, False
         except Exception:  # a system task must never raise; the reason is logged
             log.exception("connection to the server failed")
         finally:
+            self._supervisor = None
+            self._finished.set()
+            self._changed.unpark_all()
             started.set()
+
+    def _should_reconnect(self, peer: Peer) -> bool:
+        connection = peer.connection
+        return (
+            self.descriptor.reconnect_enabled
+            and not self._stopping
+            and not connection.closed_on_purpose
+        )
+
+    async def _run_connection(self, peer: Peer, started: trio.Event, *, reconnected: bool) -> None:
+        def on_started() -> None:
+            started.set()
+            self._changed.unpark_all()
+            if reconnected:
+                for hook in self._reconnect_hooks:
+                    peer.connection.spawn(self._run_hook, hook, (), "reconnect")
+
+        def ended() -> None:
+            started.set()
+            log.info("disconnected: %s", peer.connection.close_reason)
+            if not self._should_reconnect(peer):
+                # Say so now, not after the disconnect hooks: transfers waiting
+                # for a reconnect give up at once.
+                self._finished.set()
+            self._changed.unpark_all()
+
+        await self._run_session(peer, (), on_started=on_started, on_ended=ended)
+
+    async def _reconnect(self) -> Peer | None:
+        """Attempt after attempt, with backoff: the new session, or None when giving up."""
+        descriptor = self.descriptor
+        limit = descriptor.reconnect_attempts
+        attempt = 0
+        while limit == 0 or attempt < limit:
+            attempt += 1
+            # Up to 25% less than the nominal wait, so that the clients of a
+            # restarted server do not all come back in the same instant.
+            delay = descriptor.reconnect_wait(attempt) * (1.0 - 0.25 * random.random())
+            of = f"/{limit}" if limit else ""
+            log.info("connection lost; reconnecting in %.1fs (attempt %d%s)", delay, attempt, of)
+            for hook in self._reconnecting_hooks:
+                try:
+                    await invoke(hook, attempt, delay)
+                except Exception:  # the application's bug: log it, keep reconnecting
+                    log.exception("on_reconnecting hook %r failed", hook)
+            await trio.sleep(delay)
+            try:
+                return await self._establish(None)
+            except AuthenticationError as exc:
+                # Never retry a refused password: no retry storm, no lock-out
+                # of the user by their own client.
+                log.error("reconnect refused, giving up: %s", exc)
+                return None
+            except (OSError, ConduitError) as exc:
+                log.info("reconnect attempt %d%s failed: %s", attempt, of, exc)
+        log.error("could not reconnect after %d attempts; giving up", attempt)
+        return None
+
+    async def _wait_reconnected(self, lost: Peer) -> Peer:
+        """The session that replaced ``lost`` once reconnected; ConnectionClosed if none will."""
+        while True:
+            peer = self._peer
+            if peer is not None and peer is not lost and peer.connected:
+                return peer
+            if self._finished.is_set() or self._stopping:
+                reason = lost.connection.close_reason or "connection closed"
+                raise ConnectionClosed(f"{reason} (not reconnected)")
+            await self._changed.park()
 
     @bridged
     async def disconnect(self, reason: str = "client disconnected") -> None:
-        """Close the connection gracefully; a no-op when not connected."""
+        """Close the connection gracefully and stop reconnecting; a no-op when not connected."""
+        self._stopping = True
+        self._resume_token = b""
         if self._peer is not None:
             await self._peer.connection.close(reason)
+        if self._supervisor is not None and not self.connected:
+            # Between two connections (waiting, dialling): stop that at once.
+            self._supervisor.cancel()
+        self._changed.unpark_all()
 
     close = disconnect
 
     @bridged
     async def wait_closed(self) -> None:
-        """Wait until the connection ends (for clients that just serve the server's calls)."""
+        """Wait until the connection ends for good (for clients that just serve the server's calls).
+
+        A connection that is lost and re-established does not count as ended.
+        """
         if self._peer is not None:
             await self._peer.connection.closed.wait()
+            await self._finished.wait()
 
     @bridged
     async def call(

@@ -178,9 +178,7 @@ class ClientDescriptor:
     #: password. The first ``connect()`` is not retried.
     reconnect_enabled: bool = attrs.field(default=True, validator=v.instance_of(bool))
     #: Attempts per lost connection before giving up; 0 means unlimited.
-    reconnect_attempts: int = attrs.field(
-        default=5, validator=[v.instance_of(int), _at_least(0)]
-    )
+    reconnect_attempts: int = attrs.field(default=5, validator=[v.instance_of(int), _at_least(0)])
     #: Seconds before the first attempt; each later wait is multiplied by
     #: ``reconnect_delay_multiplier``, capped at ``reconnect_delay_max``, and
     #: jittered by up to -25 % so that many clients do not return in lockstep.

@@ -337,7 +337,7 @@ class Server(Endpoint):
     async def _client_id_for(
         self, stream: trio.abc.Stream, established: Established, arrival: _Arrival
     ) -> str:
-        """A reconnecting client's old id if its (sealed, single-use) token is good, else a new one."""
+        """A reconnecting client's old id if its sealed, single-use token is good; else a new id."""
         if established.resuming:
             token = await read_resume(stream, established)
             client_id = self._resume_tokens.redeem(token, trio.current_time())

@@ -174,6 +174,7 @@ Body = (
     | Confirm
     | AuthFailed
     | Welcome
+    | Resume
     | Call
     | Result
     | Cancel
