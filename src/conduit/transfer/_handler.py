@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._bridge import bridged
-from ..errors import ConnectionClosed
 from ._hooks import Hooks
 from ._progress import TransferProgress
 from ._receiver import Receiver
+from ._resilient import on_client, on_server
 from ._sender import Sender
 from ._slots import TransferSlots
 from ._storage import StorageRoot
@@ -105,6 +105,9 @@ class FileTransferHandler:
         #: Transfers (uploads, pushes, downloads served) one connection may run
         #: at once; more are refused with code ``"overloaded"``.
         self.max_transfers_per_connection = 128
+        #: Seconds ``send_to_client`` waits for a client whose connection
+        #: dropped mid-push to reconnect (it keeps its id) before giving up.
+        self.push_reconnect_timeout = 120.0
         hooks = Hooks()
         slots = TransferSlots()
         # Both roles read the settings above from this object at each use, so
@@ -184,7 +187,9 @@ class FileTransferHandler:
         ``remote_name`` (default: the file's base name) may contain
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
-        return await self._sender.send(client.server, path, remote_name, on_progress, "upload")
+        return await on_client(
+            client, lambda peer: self._sender.send(peer, path, remote_name, on_progress, "upload")
+        )
 
     @bridged
     async def send_to_client(
@@ -197,10 +202,12 @@ class FileTransferHandler:
         remote_name: str | None = None,
     ) -> dict[str, Any]:
         """Push ``path`` to the client ``client_id`` (which called ``register_client_handlers``)."""
-        peer = server.clients.get(client_id)
-        if peer is None:
-            raise ConnectionClosed(f"no connected client with id {client_id!r}")
-        return await self._sender.send(peer, path, remote_name, on_progress, "push")
+        return await on_server(
+            server,
+            client_id,
+            self.push_reconnect_timeout,
+            lambda peer: self._sender.send(peer, path, remote_name, on_progress, "push"),
+        )
 
     @bridged
     async def receive_from_server(
@@ -216,7 +223,9 @@ class FileTransferHandler:
         ..., "checksum": ...}``. An interrupted download leaves a hidden partial
         file in ``local_dir``; calling again resumes it.
         """
-        return await self._receiver.download(client.server, name, local_dir, on_progress)
+        return await on_client(
+            client, lambda peer: self._receiver.download(peer, name, local_dir, on_progress)
+        )
 
     @bridged
     async def list_files(self, client: Client) -> list[dict[str, Any]]:
