@@ -1,0 +1,494 @@
+"""Automatic reconnect: transfers that survive a cut connection, ids that survive a reconnect.
+
+A real loopback proxy (:mod:`cutting_proxy`, plain sockets in threads, so it
+serves Trio and asyncio tests alike) drops the first connection at ~40% of a
+64 MiB transfer. A single ``send_to_server`` / ``receive_from_server`` must
+then return success with no retry in user code, having sent less than 70% of
+the file again; ``client.id`` must not change and ``on_reconnect`` must run
+once. The rest: a refused password is never retried, a push resumes when its
+client comes back, the id cannot be claimed without the resume token, and a
+cancelled transfer leaves only its resumable partial behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import (
+    AuthenticationError,
+    Client,
+    ClientDescriptor,
+    ConnectionClosed,
+    FileTransferHandler,
+    Server,
+    ServerDescriptor,
+)
+from conftest import LOOPBACK, PASSWORD, open_fd_count, wait_until
+from cutting_proxy import CuttingProxy, Direction
+from hostile_names import PARTIAL_PREFIX
+from transfer_helpers import MiB, sha256_of, write_random_file
+
+BIG = 64 * MiB
+CUT_AT = int(BIG * 0.4)
+#: Fast reconnects: the scenario is the point, not the backoff.
+FAST = {"reconnect_delay": 0.05, "reconnect_delay_max": 0.5}
+
+
+def _client(port: int, **fields: Any) -> Client:
+    values: dict[str, Any] = {
+        "server_host": LOOPBACK,
+        "server_port": port,
+        "password": PASSWORD,
+        "connect_timeout": 5.0,
+        **FAST,
+    }
+    values.update(fields)
+    return Client(ClientDescriptor(**values))
+
+
+def _server(**fields: Any) -> Server:
+    values: dict[str, Any] = {"host": LOOPBACK, "port": 0, "password": PASSWORD, **fields}
+    return Server(ServerDescriptor(**values))
+
+
+def _partials(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(PARTIAL_PREFIX)]
+
+
+class Scenario:
+    """One cut transfer: the files, the expectations, the figures for the report."""
+
+    def __init__(self, tmp: Path, direction: Direction) -> None:
+        self.direction = direction
+        self.source = tmp / ("client" if direction == "c2s" else "server") / "big.bin"
+        self.digest = write_random_file(self.source, BIG)
+        self.server_dir = tmp / "server"
+        self.client_dir = tmp / "client-dl"
+        self.reconnects = 0
+
+    def check(self, result: dict[str, Any], proxy: CuttingProxy, ids: tuple[Any, Any]) -> None:
+        assert result["success"] is True, result
+        assert result["checksum"] == self.digest
+        assert result["resumed_from"] > 0, result
+        landed = (
+            self.server_dir / result["path"] if self.direction == "c2s" else Path(result["path"])
+        )
+        assert sha256_of(landed) == self.digest
+        assert proxy.was_cut and proxy.accepted == 2
+        resent = proxy.after_cut(self.direction)
+        assert resent < 0.7 * BIG, (resent, BIG)
+        before, after = ids
+        assert before is not None and before == after
+        assert self.reconnects == 1
+        print(f"{self.direction}: resent {resent} of {BIG} bytes ({resent / BIG:.1%})")
+
+
+async def _run_scenario(scenario: Scenario, server: Server, port: int) -> dict[str, Any]:
+    """The user's program: connect through the proxy, one transfer call, nothing else."""
+    with CuttingProxy(port, cut_after=(scenario.direction, CUT_AT)) as proxy:
+        client = _client(proxy.port)
+        transfer = FileTransferHandler(scenario.client_dir)
+
+        @client.on_reconnect
+        def counted() -> None:
+            scenario.reconnects += 1
+
+        await client.connect()
+        before = client.id
+        if scenario.direction == "c2s":
+            result = await transfer.send_to_server(client, scenario.source)
+        else:
+            result = await transfer.receive_from_server(
+                client, "big.bin", local_dir=scenario.client_dir
+            )
+        after = client.id
+        assert client.connected
+        assert server.clients[after].connected
+        await client.disconnect()
+        scenario.check(result, proxy, (before, after))
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["c2s", "s2c"])
+async def test_transfer_survives_a_cut_under_trio(tmp_path: Path, direction: Direction) -> None:
+    scenario = await trio.to_thread.run_sync(Scenario, tmp_path, direction)
+    server = _server()
+    FileTransferHandler(scenario.server_dir).register_server_handlers(server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with trio.fail_after(120):
+            await _run_scenario(scenario, server, port)
+        await server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["c2s", "s2c"])
+def test_transfer_survives_a_cut_under_asyncio(tmp_path: Path, direction: Direction) -> None:
+    scenario = Scenario(tmp_path, direction)
+
+    async def main() -> None:
+        server = _server()
+        FileTransferHandler(scenario.server_dir).register_server_handlers(server)
+        task = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        await asyncio.wait_for(_run_scenario(scenario, server, port), 120)
+        await server.close()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+async def test_wrong_password_is_never_retried() -> None:
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, password="not the password", reconnect_attempts=0)
+            with trio.fail_after(5), pytest.raises(AuthenticationError):
+                await client.connect()
+            await trio.sleep(0.3)  # room for a retry, were there one
+            assert proxy.accepted == 1
+            assert not client.connected and not client.reconnecting
+        await server.close()
+
+
+async def test_password_refused_on_reconnect_stops_reconnecting(tmp_path: Path) -> None:
+    first = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(first.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, reconnect_attempts=0)
+            attempts: list[int] = []
+            client.on_reconnecting(lambda attempt, delay: attempts.append(attempt))
+            await client.connect()
+            # The link drops and the proxy now leads to a server with another
+            # password: the reconnect is refused, once, and not tried again.
+            other = _server(password="changed")
+            proxy.target_port = await nursery.start(other.run)
+            proxy.legs[0].close()
+            with trio.fail_after(5):
+                await client.wait_closed()
+            assert attempts == [1]
+            assert proxy.accepted == 2 and not client.connected
+            await other.close()
+        await first.close()
+
+
+async def test_disconnect_and_async_with_stop_reconnecting() -> None:
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, reconnect_delay=30.0, reconnect_delay_max=30.0)
+            waiting = trio.Event()
+            client.on_reconnecting(lambda attempt, delay: waiting.set())
+            with trio.fail_after(5):
+                async with client:
+                    proxy.legs[0].close()
+                    await waiting.wait()
+                    assert client.reconnecting and not client.connected
+                # __aexit__ -> disconnect(): stops the 30 s wait at once.
+                await client.wait_closed()
+            assert not client.reconnecting
+            assert proxy.accepted == 1
+        await server.close()
+
+
+async def test_rpc_in_flight_is_not_replayed() -> None:
+    server = _server()
+    calls: list[int] = []
+    release = trio.Event()
+
+    @server.rpc
+    async def slow(n: int) -> int:
+        calls.append(n)
+        await release.wait()
+        return n
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port)
+            back = trio.Event()
+            client.on_reconnect(back.set)
+            await client.connect()
+            with trio.fail_after(10):
+                async with trio.open_nursery() as inner:
+
+                    async def call() -> None:
+                        with pytest.raises(ConnectionClosed):
+                            await client.call("slow", n=1)
+
+                    inner.start_soon(call)
+                    await wait_until(lambda: calls == [1])
+                    proxy.legs[0].close()
+                await back.wait()
+            release.set()
+            assert await client.call("slow", n=2) == 2
+            assert calls == [1, 2]  # the first call ran once, and was not sent again
+            await client.disconnect()
+        await server.close()
+
+
+async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
+    size = 16 * MiB
+    source = tmp_path / "server" / "pushed.bin"
+    digest = await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    server_transfer = FileTransferHandler(tmp_path / "server-store")
+    server_transfer.register_server_handlers(server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port, cut_after=("s2c", int(size * 0.4))) as proxy:
+            client = _client(proxy.port)
+            client_transfer = FileTransferHandler(tmp_path / "client-store")
+            client_transfer.register_client_handlers(client)
+            await client.connect()
+            client_id = client.id
+            assert client_id is not None
+            with trio.fail_after(60):
+                result = await server_transfer.send_to_client(server, client_id, source)
+            assert result["success"] is True, result
+            assert result["resumed_from"] > 0
+            assert client.id == client_id and proxy.accepted == 2
+            assert sha256_of(tmp_path / "client-store" / "pushed.bin") == digest
+            assert proxy.after_cut("s2c") < 0.7 * size
+            await client.disconnect()
+        await server.close()
+
+
+async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) -> None:
+    size = 4 * MiB
+    source = tmp_path / "pushed.bin"
+    await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    server_transfer = FileTransferHandler(tmp_path / "server-store")
+    server_transfer.push_reconnect_timeout = 0.5
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port, cut_after=("s2c", size // 2)) as proxy:
+            client = _client(proxy.port, reconnect_enabled=False)
+            FileTransferHandler(tmp_path / "client-store").register_client_handlers(client)
+            await client.connect()
+            assert client.id is not None
+            with trio.fail_after(10):
+                result = await server_transfer.send_to_client(server, client.id, source)
+            assert result["success"] is False and result["code"] == "connection_closed"
+            assert proxy.accepted == 1
+        await server.close()
+
+
+async def test_client_id_cannot_be_claimed_without_the_token() -> None:
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            owner = _client(proxy.port)
+            back = trio.Event()
+            owner.on_reconnect(back.set)
+            await owner.connect()
+            owner_id = owner.id
+            spent_token = owner._resume_token
+            with trio.fail_after(10):
+                proxy.legs[0].close()
+                await back.wait()
+            assert owner.id == owner_id and owner._resume_token != spent_token
+
+            # Another client that knows the password, the id and even a token
+            # that was good once (replayed), or makes one up, gets a new id and
+            # leaves the owner's connection alone.
+            for token in (spent_token, bytes(32), b"x"):
+                other = Client(ClientDescriptor(server_port=port, password=PASSWORD, **FAST))
+                other._resume_token = token
+                await other.connect()
+                assert other.id not in (None, owner_id)
+                assert server.clients[owner_id].connected and owner.connected
+                await other.disconnect()
+            await owner.disconnect()
+        await server.close()
+
+
+async def test_stale_connection_is_replaced_by_the_reconnect() -> None:
+    server = _server()
+    gone: list[str] = []
+    server.on_client_disconnect(lambda peer: gone.append(peer.id))
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port)
+            await client.connect()
+            client_id = client.id
+            assert client_id is not None
+            stale = server.clients[client_id]
+            # The client presents its token on a second connection while the
+            # server still holds the first one open (a half-open link).
+            second = Client(ClientDescriptor(server_port=port, password=PASSWORD, **FAST))
+            second._resume_token = client._resume_token
+            with trio.fail_after(10):
+                await second.connect()
+                assert second.id == client_id
+                # The server closes the stale connection, then serves the new one.
+                await wait_until(lambda: server.clients.get(client_id) not in (None, stale))
+            assert not stale.connected
+            assert gone == [client_id]
+            await second.disconnect()
+            await client.disconnect()
+        await server.close()
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+async def test_cancelled_upload_keeps_its_partial_and_frees_the_rest(tmp_path: Path) -> None:
+    size = 32 * MiB
+    source = tmp_path / "up.bin"
+    digest = await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    store = tmp_path / "store"
+    server_transfer = FileTransferHandler(store)
+    # One transfer per connection: the resend below proves the slot came back.
+    server_transfer.max_transfers_per_connection = 1
+    server_transfer.register_server_handlers(server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        client = _client(port)
+        await client.connect()
+        transfer = FileTransferHandler(tmp_path / "unused")
+        fds = open_fd_count()
+        with trio.fail_after(60):
+            with trio.CancelScope() as scope:
+
+                def progress(p: Any) -> None:
+                    if p.transferred > size * 0.3:
+                        scope.cancel()
+
+                await transfer.send_to_server(client, source, on_progress=progress)
+            assert scope.cancelled_caught
+            # Both ends' files are closed (the test runs both ends).
+            await wait_until(lambda: open_fd_count() <= fds)
+            assert len(_partials(store)) == 1
+            assert not list(store.glob("up*.bin"))
+            # The partial is resumable: the same call again resumes it.
+            result = await transfer.send_to_server(client, source)
+        assert result["success"] is True and result["resumed_from"] > 0, result
+        assert sha256_of(store / "up.bin") == digest and not _partials(store)
+        await client.disconnect()
+        await server.close()
+
+
+async def test_cancelled_download_keeps_its_partial_and_frees_the_rest(tmp_path: Path) -> None:
+    size = 32 * MiB
+    store = tmp_path / "store"
+    digest = await trio.to_thread.run_sync(write_random_file, store / "down.bin", size)
+    server = _server()
+    served: list[dict[str, Any]] = []
+    server_transfer = FileTransferHandler(store)
+    server_transfer.max_transfers_per_connection = 1
+    server_transfer.register_server_handlers(server)
+    server_transfer.on_file_served(lambda client, name, metadata: served.append(metadata))
+    local = tmp_path / "local"
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        client = _client(port)
+        await client.connect()
+        transfer = FileTransferHandler(tmp_path / "unused")
+        fds = open_fd_count()
+        with trio.fail_after(60):
+            with trio.CancelScope() as scope:
+
+                def progress(p: Any) -> None:
+                    if p.transferred > size * 0.3:
+                        scope.cancel()
+
+                await transfer.receive_from_server(
+                    client, "down.bin", local_dir=local, on_progress=progress
+                )
+            assert scope.cancelled_caught
+            await wait_until(lambda: len(served) == 1)
+            assert served[0]["success"] is False
+            await wait_until(lambda: open_fd_count() <= fds)
+            assert len(_partials(local)) == 1
+            result = await transfer.receive_from_server(client, "down.bin", local_dir=local)
+        assert result["success"] is True and result["resumed_from"] > 0, result
+        assert sha256_of(local / "down.bin") == digest and not _partials(local)
+        await client.disconnect()
+        await server.close()
+
+
+def test_cancelled_asyncio_task_keeps_the_partial(tmp_path: Path) -> None:
+    size = 32 * MiB
+    source = tmp_path / "up.bin"
+    digest = write_random_file(source, size)
+    store = tmp_path / "store"
+
+    async def main() -> dict[str, Any]:
+        server = _server()
+        FileTransferHandler(store).register_server_handlers(server)
+        task = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        client = _client(port)
+        await client.connect()
+        transfer = FileTransferHandler(tmp_path / "unused")
+        halfway = asyncio.Event()
+
+        def progress(p: Any) -> None:
+            if p.transferred > size * 0.3:
+                halfway.set()
+
+        upload = asyncio.create_task(transfer.send_to_server(client, source, on_progress=progress))
+        await asyncio.wait_for(halfway.wait(), 60)
+        upload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upload
+        for _ in range(500):  # bounded: the server notices the reset within a few ticks
+            if len(_partials(store)) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert len(_partials(store)) == 1
+        result = await asyncio.wait_for(transfer.send_to_server(client, source), 60)
+        await client.disconnect()
+        await server.close()
+        await asyncio.wait_for(task, 10)
+        return result
+
+    result = asyncio.run(main())
+    assert result["success"] is True and result["resumed_from"] > 0, result
+    assert sha256_of(store / "up.bin") == digest
+
+
+# --------------------------------------------------------------------------- descriptor
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("reconnect_attempts", -1),
+        ("reconnect_attempts", 1.5),
+        ("reconnect_delay", -0.1),
+        ("reconnect_delay", math.nan),
+        ("reconnect_delay_max", 1.0),  # shorter than reconnect_delay (2.0)
+        ("reconnect_delay_multiplier", 0.5),
+        ("reconnect_enabled", "yes"),
+    ],
+)
+def test_reconnect_fields_are_validated(field: str, value: Any) -> None:
+    with pytest.raises((ValueError, TypeError), match=field):
+        ClientDescriptor(password="pw", **{field: value})
+
+
+def test_reconnect_defaults_and_backoff() -> None:
+    descriptor = ClientDescriptor(password="pw")
+    assert descriptor.reconnect_enabled is True
+    assert descriptor.reconnect_attempts == 5
+    assert (descriptor.reconnect_delay, descriptor.reconnect_delay_max) == (2.0, 60.0)
+    assert descriptor.reconnect_delay_multiplier == 2.0
+    waits = [descriptor.reconnect_wait(n) for n in range(1, 8)]
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert ClientDescriptor(password="pw", reconnect_attempts=0).reconnect_attempts == 0
