@@ -8,6 +8,7 @@ measures what a resumed transfer sent again after the cut.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -37,14 +38,10 @@ class Leg:
     def close(self) -> None:
         """Drop both sockets at once, as a broken network would (RST, no FIN)."""
         for sock in (self.downstream, self.upstream):
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
 
@@ -90,10 +87,8 @@ class CuttingProxy:
     ) -> None:
         self._closed = True
         # Wake accept() with a connection, then close everything.
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            pass
         self._listener.close()
         with self._lock:
             legs = list(self.legs)

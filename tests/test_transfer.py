@@ -907,7 +907,8 @@ async def test_upload_resumes_after_the_connection_is_cut(
         cutter = Cutter("c2s", size // 2)
         proxy = await proxy_factory(fs.server.port, cutter)
         cutter.proxy = proxy
-        first_client = await client_factory(proxy.port)
+        # The manual resume path: no automatic reconnect (test_reconnect.py has that).
+        first_client = await client_factory(proxy.port, reconnect_enabled=False)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cutter.cut_when_tripped)
             first = await sender.send_to_server(first_client, source)
@@ -960,7 +961,8 @@ async def test_download_resumes_after_the_connection_is_cut(
         cutter = Cutter("s2c", size // 2)
         proxy = await proxy_factory(fs.server.port, cutter)
         cutter.proxy = proxy
-        first_client = await client_factory(proxy.port)
+        # The manual resume path: no automatic reconnect (test_reconnect.py has that).
+        first_client = await client_factory(proxy.port, reconnect_enabled=False)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cutter.cut_when_tripped)
             first = await receiver.transfer.receive_from_server(
