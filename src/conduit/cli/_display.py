@@ -10,6 +10,11 @@ Three displays share one small interface (:class:`Display`):
 * :class:`SilentDisplay` (``--json``): nothing; the command prints one JSON
   document at the end.
 
+When the connection drops, the client reconnects on its own and the transfers
+resume; the live and plain displays say so in a line ("connection lost,
+reconnecting in 2 s, attempt 2/5", then "reconnected, resuming"), so a user
+sees why the bars paused.
+
 Speed and ETA come from the library's :class:`~conduit.TransferProgress`, which
 counts only the bytes moved in this attempt, so a resumed file does not show a
 burst of impossible speed.
@@ -125,8 +130,20 @@ def summary_line(verb: Verb, jobs: Sequence[FileJob], elapsed: float, interrupte
     return line
 
 
+def reconnecting_line(attempt: int, attempts: int, delay: float) -> str:
+    """The line shown while the client reconnects (``attempts`` 0: unlimited)."""
+    of = f"/{attempts}" if attempts else ""
+    return f"connection lost, reconnecting in {delay:.0f} s, attempt {attempt}{of}"
+
+
+RECONNECTED_LINE = "reconnected, resuming"
+
+
 class Display:
     """What the transfer commands tell a display (the base class shows nothing)."""
+
+    def status(self, line: str) -> None:
+        """A line about the connection (reconnecting, reconnected)."""
 
     def __enter__(self) -> Display:
         return self
@@ -163,6 +180,10 @@ class PlainDisplay(Display):
     def file_finished(self, job: FileJob) -> None:
         """Print the file's line."""
         print(outcome_line(self.verb, job), flush=True)
+
+    def status(self, line: str) -> None:
+        """Print the line."""
+        print(line, flush=True)
 
     def finished(self, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> None:
         """Print the summary line."""
@@ -318,6 +339,10 @@ class LiveDisplay(Display):
             outcome_line(self.verb, job), markup=False, highlight=False, soft_wrap=True
         )
         self._update_total()
+
+    def status(self, line: str) -> None:
+        """Print the line above the bars (they stay, paused, until the transfers resume)."""
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def finished(self, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> None:
         """Remember the summary line; it is printed once the bars are gone."""

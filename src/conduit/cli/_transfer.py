@@ -25,7 +25,15 @@ from ._common import (
     emit_json,
     human_bytes,
 )
-from ._display import Display, FileJob, ProgressCallback, Verb, make_display
+from ._display import (
+    RECONNECTED_LINE,
+    Display,
+    FileJob,
+    ProgressCallback,
+    Verb,
+    make_display,
+    reconnecting_line,
+)
 
 Transfer = Callable[[FileJob, ProgressCallback | None], Awaitable[dict[str, Any]]]
 
@@ -145,9 +153,15 @@ async def _transfer_files(
     *,
     parallel: int,
     json_output: bool,
+    client: Client,
 ) -> float:
     """Run every job with a display; return the elapsed time."""
     display = make_display(verb, jobs, json_output=json_output)
+    attempts = client.descriptor.reconnect_attempts
+    client.on_reconnecting(
+        lambda attempt, delay: display.status(reconnecting_line(attempt, attempts, delay))
+    )
+    client.on_reconnect(lambda: display.status(RECONNECTED_LINE))
     started = time.monotonic()
     with display:
         interrupted = True
@@ -232,7 +246,7 @@ async def send(
                 if not jobs and not json_output:
                     print("nothing to send", flush=True)
                 await _transfer_files(
-                    "send", jobs, upload, parallel=parallel, json_output=json_output
+                    "send", jobs, upload, parallel=parallel, json_output=json_output, client=client
                 )
     except CLIError as exc:
         if json_output:
@@ -314,7 +328,7 @@ async def get(
                     return result
 
                 await _transfer_files(
-                    "get", jobs, download, parallel=parallel, json_output=json_output
+                    "get", jobs, download, parallel=parallel, json_output=json_output, client=client
                 )
     except CLIError as exc:
         if json_output:

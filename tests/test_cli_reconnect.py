@@ -1,0 +1,72 @@
+"""``conduit get`` / ``conduit send`` across a cut connection: the user sees why it paused.
+
+The CLI's client reconnects on its own (the descriptor's defaults: 5 attempts,
+2 s first wait); the transfer resumes and the run succeeds, and the output
+says "connection lost, reconnecting in 2 s, attempt 1/5", then "reconnected,
+resuming". Real subprocesses, through the plain-socket proxy of
+:mod:`cutting_proxy`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from conduit.cli._display import FileJob, LiveDisplay, reconnecting_line
+from cutting_proxy import CuttingProxy, Direction
+from test_cli import ServeProcess, conduit, sha256, start_server, write_random
+
+SIZE = 32 * 1024 * 1024
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServeProcess]:
+    serving = start_server(tmp_path)
+    try:
+        yield serving
+    finally:
+        serving.stop()
+
+
+@pytest.mark.parametrize("verb", ["get", "send"])
+def test_cli_transfer_survives_a_cut(tmp_path: Path, served: ServeProcess, verb: str) -> None:
+    direction: Direction
+    if verb == "get":
+        source = write_random(served.directory / "big.bin", SIZE)
+        direction = "s2c"
+        args = ["get", "big.bin", "-o", str(tmp_path / "out")]
+        landed = tmp_path / "out" / "big.bin"
+    else:
+        source = write_random(tmp_path / "big.bin", SIZE)
+        direction = "c2s"
+        args = ["send", str(source)]
+        landed = served.directory / "big.bin"
+    with CuttingProxy(served.port, cut_after=(direction, int(SIZE * 0.4))) as proxy:
+        where = "--from" if verb == "get" else "--to"
+        result = conduit(*args, where, f"127.0.0.1:{proxy.port}", timeout=120)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    out = result.stdout
+    assert "connection lost, reconnecting in " in out and "attempt 1/5" in out, out
+    assert "reconnected, resuming" in out, out
+    assert "(resumed at " in out, out
+    assert proxy.accepted == 2
+    assert sha256(landed) == sha256(source)
+
+
+def test_reconnecting_line() -> None:
+    assert reconnecting_line(2, 5, 2.0) == "connection lost, reconnecting in 2 s, attempt 2/5"
+    assert reconnecting_line(7, 0, 60.0) == "connection lost, reconnecting in 60 s, attempt 7"
+
+
+def test_live_display_shows_the_status_above_the_bars() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=100)
+    job = FileJob(name="big.bin", local=None, size=100)
+    with LiveDisplay("get", console, [job]) as display:
+        display.file_started(job)
+        display.status(reconnecting_line(1, 5, 2.0))
+    assert "connection lost, reconnecting in 2 s, attempt 1/5" in buffer.getvalue()
