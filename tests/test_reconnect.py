@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,20 @@ class Scenario:
         print(f"{self.direction}: resent {resent} of {BIG} bytes ({resent / BIG:.1%})")
 
 
-async def _run_scenario(scenario: Scenario, server: Server, port: int) -> dict[str, Any]:
+async def _run_scenario(
+    scenario: Scenario, server: Server, port: int, *, in_asyncio: bool = False
+) -> dict[str, Any]:
     """The user's program: connect through the proxy, one transfer call, nothing else."""
     with CuttingProxy(port, cut_after=(scenario.direction, CUT_AT)) as proxy:
         client = _client(proxy.port)
         transfer = FileTransferHandler(scenario.client_dir)
+        worlds: list[bool] = []
 
         @client.on_reconnect
-        def counted() -> None:
+        async def counted() -> None:
             scenario.reconnects += 1
+            if in_asyncio:  # an async hook runs in the application's asyncio loop
+                worlds.append(asyncio.current_task() is not None)
 
         await client.connect()
         before = client.id
@@ -112,6 +118,7 @@ async def _run_scenario(scenario: Scenario, server: Server, port: int) -> dict[s
         assert server.clients[after].connected
         await client.disconnect()
         scenario.check(result, proxy, (before, after))
+        assert worlds == ([True] if in_asyncio else [])
     return result
 
 
@@ -138,7 +145,7 @@ def test_transfer_survives_a_cut_under_asyncio(tmp_path: Path, direction: Direct
         FileTransferHandler(scenario.server_dir).register_server_handlers(server)
         task = asyncio.create_task(server.run())
         port = await asyncio.wait_for(server.wait_listening(), 10)
-        await asyncio.wait_for(_run_scenario(scenario, server, port), 120)
+        await asyncio.wait_for(_run_scenario(scenario, server, port, in_asyncio=True), 120)
         await server.close()
         await asyncio.wait_for(task, 10)
 
@@ -179,6 +186,40 @@ async def test_password_refused_on_reconnect_stops_reconnecting(tmp_path: Path) 
             assert proxy.accepted == 2 and not client.connected
             await other.close()
         await first.close()
+
+
+async def test_transfer_fails_cleanly_when_the_server_does_not_come_back(tmp_path: Path) -> None:
+    size = 8 * MiB
+    source = tmp_path / "up.bin"
+    await trio.to_thread.run_sync(write_random_file, source, size)
+    store = tmp_path / "store"
+    server = _server()
+    FileTransferHandler(store).register_server_handlers(server)
+    dead = socket.socket()
+    dead.bind((LOOPBACK, 0))  # bound, never listening: connections are refused
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with dead, CuttingProxy(port, cut_after=("c2s", size // 2)) as proxy:
+            client = _client(proxy.port, reconnect_attempts=2)
+            attempts: list[tuple[int, float]] = []
+
+            @client.on_reconnecting
+            def server_gone(attempt: int, delay: float) -> None:
+                attempts.append((attempt, delay))
+                proxy.target_port = dead.getsockname()[1]
+
+            await client.connect()
+            with trio.fail_after(30):
+                result = await FileTransferHandler(tmp_path / "unused").send_to_server(
+                    client, source
+                )
+            assert result["success"] is False and result["code"] == "connection_closed", result
+            assert [attempt for attempt, _ in attempts] == [1, 2]
+            # Backoff: 0.05 then 0.1, each jittered by at most -25%.
+            assert 0.0375 <= attempts[0][1] <= 0.05 and 0.075 <= attempts[1][1] <= 0.1
+            assert not client.connected and not client.reconnecting
+            await wait_until(lambda: len(_partials(store)) == 1)  # kept for a later resume
+        await server.close()
 
 
 async def test_disconnect_and_async_with_stop_reconnecting() -> None:
