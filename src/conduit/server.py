@@ -373,8 +373,10 @@ class Server(Endpoint):
             # end (disconnect hooks too) before the new one starts.
             log.info("client %s reconnected: closing its stale connection", client_id)
             await stale.connection.close("replaced by the client's reconnect", grace=0.5)
-            with trio.move_on_after(HOOK_TIMEOUT + 1):
-                await self._sessions_over[client_id].wait()
+            ending = self._sessions_over.get(client_id)
+            if ending is not None:
+                with trio.move_on_after(HOOK_TIMEOUT + 1):
+                    await ending.wait()
         over = self._sessions_over[client_id] = trio.Event()
         self.clients[client_id] = peer
         self._arrivals.unpark_all()
