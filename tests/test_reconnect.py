@@ -30,6 +30,7 @@ from conduit import (
     Server,
     ServerDescriptor,
 )
+from conduit._resume import ResumeTokens
 from conftest import LOOPBACK, PASSWORD, open_fd_count, wait_until
 from cutting_proxy import CuttingProxy, Direction
 from hostile_names import PARTIAL_PREFIX
@@ -533,3 +534,35 @@ def test_reconnect_defaults_and_backoff() -> None:
     waits = [descriptor.reconnect_wait(n) for n in range(1, 8)]
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert ClientDescriptor(password="pw", reconnect_attempts=0).reconnect_attempts == 0
+
+
+# --------------------------------------------------------------------------- resume tokens
+
+
+def test_resume_tokens_are_single_use_bounded_and_expire() -> None:
+    tokens = ResumeTokens(ttl=10.0, max_tokens=3)
+    first = tokens.issue("a")
+    assert tokens.redeem(first, now=0.0) == "a"
+    assert tokens.redeem(first, now=0.0) is None  # single use
+
+    again = tokens.issue("a")
+    replaced = tokens.issue("a")  # a new WELCOME replaces the old token
+    assert tokens.redeem(again, now=0.0) is None and len(tokens) == 1
+
+    # While connected a token does not expire; once its connection ended, ttl.
+    tokens.start_expiry(tokens.current("a"), now=100.0)
+    assert tokens.redeem(replaced, now=110.0) is None
+    kept = tokens.issue("a")
+    tokens.start_expiry(tokens.current("a"), now=100.0)
+    assert tokens.redeem(kept, now=109.0) == "a"
+
+    # Bounded: the oldest token goes first.
+    issued = [tokens.issue(name) for name in "bcde"]
+    assert len(tokens) == 3
+    assert tokens.redeem(issued[0], now=0.0) is None
+    assert tokens.redeem(issued[-1], now=0.0) == "e"
+    # A replaced connection's end does not start the clock on its successor's token.
+    old = tokens.current("d")
+    newer = tokens.issue("d")
+    tokens.start_expiry(old, now=0.0)
+    assert tokens.redeem(newer, now=1e9) == "d"
