@@ -395,3 +395,19 @@ def test_url_parsing() -> None:
     for bad in ("s3://B", "s3://a", "s3://bucket/../x", "s3://bucket/a\\b", "/tmp/x", "s3://x..y"):
         with pytest.raises(ValueError, match=r"(?i)s3"):
             parse_s3_url(bad)
+
+
+async def test_unreadable_state_starts_afresh(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    state_key = store._state_key("g.bin", "k")
+    for garbage in (b"not json", b'{"version": 1}', b"[]"):
+        store.client.put_object(Bucket=store.bucket, Key=state_key, Body=garbage)
+        assert await store.find_partial("g.bin", "k") is None
+        partial = await store.open_partial("g.bin", "k", resume=True)
+        assert partial.offset == 0
+        await partial.discard()
+    store.client.put_object(Bucket=store.bucket, Key=state_key, Body=b"garbage")
+    assert await store.discard_partial("g.bin", "k") is True
+    assert await store.discard_partial("g.bin", "k") is False

@@ -356,17 +356,18 @@ class S3Store:
 
     # ----------------------------------------------------------------- partials (sync)
 
-    def _load_state(self, name: str, transfer_id: str) -> tuple[_UploadState, str] | None:
+    def _load_state(self, name: str, transfer_id: str) -> tuple[_UploadState | None, str] | None:
+        """(state, its ETag); (None, ETag) if the object is unreadable; None if absent."""
         found = self._get(self._state_key(name, transfer_id))
         if found is None:
             return None
         data, etag = found
         try:
             state = _UploadState.loads(data)
-        except (ValueError, TypeError, KeyError):
-            return None  # unreadable: treated as absent, replaced by a fresh upload
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None, etag
         if state.name != name or state.transfer_id != transfer_id:
-            return None
+            return None, etag
         return state, etag
 
     def _reserve(self, name: str, owner: str, overwrite: bool) -> tuple[str, str | None]:
@@ -402,8 +403,13 @@ class S3Store:
         tid = check_transfer_id(transfer_id)
         state_key = self._state_key(safe, tid)
         loaded = self._load_state(safe, tid)
+        if loaded is not None and loaded[0] is None:
+            # Unreadable (not ours, or truncated): nothing to resume; start afresh.
+            self._delete(state_key)
+            loaded = None
         if loaded is not None:
             state, etag = loaded
+            assert state is not None
             if resume:
                 verified = self._verify_parts(state)
                 if verified is not None:
@@ -463,8 +469,9 @@ class S3Store:
         if loaded is None:
             return False
         state, _etag = loaded
-        self._abort(state.key, state.upload_id)
-        self._release(state)
+        if state is not None:
+            self._abort(state.key, state.upload_id)
+            self._release(state)
         self._delete(self._state_key(safe, tid))
         return True
 
@@ -590,7 +597,8 @@ class S3Store:
         safe = self._checked_name(name)
         tid = check_transfer_id(transfer_id)
         loaded = await self._guard(f"looking up {safe!r}", self._load_state, safe, tid)
-        return None if loaded is None else loaded[0].durable
+        state = None if loaded is None else loaded[0]
+        return None if state is None else state.durable
 
     async def discard_partial(self, name: str, transfer_id: str) -> bool:
         """See :meth:`conduit.cluster.store.Store.discard_partial`."""
