@@ -169,12 +169,25 @@ async def test_second_writer_of_one_partial_is_refused(
     node_b = make_store(s3_url, s3_client_factory)
     first = await node_a.open_partial("w.bin", "k", resume=True)
     second = await node_b.open_partial("w.bin", "k", resume=True)
-    await first.append(os.urandom(PART))
-    with pytest.raises(TransferError) as caught:
-        await second.append(os.urandom(PART))
-    assert caught.value.code == "busy"
-    await first.append(b"tail")
-    await first.publish()
+    writers = {"a": first, "b": second}
+    parts = [os.urandom(PART) for _ in range(2)]
+    for writer in writers.values():
+        await writer.append(parts[0])  # both upload part 1 in the background
+    # Only one can save its state after that part; the other learns it is not
+    # the writer when it next waits for its part.
+    outcomes = {}
+    for label, writer in writers.items():
+        try:
+            await writer.append(parts[1])
+        except TransferError as exc:
+            outcomes[label] = exc.code
+        else:
+            outcomes[label] = "ok"
+    assert sorted(outcomes.values()) == ["busy", "ok"]
+    winner = next(writers[label] for label, outcome in outcomes.items() if outcome == "ok")
+    data = b"".join(parts)
+    await winner.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    assert await read_all(await node_a.open_reader("w.bin")) == data
 
 
 async def test_existing_name_gets_a_numbered_name(
@@ -289,8 +302,9 @@ async def test_part_corrupted_in_transit_is_bad_digest(
     )
     store = S3Store(s3_url, client=client, part_size=PART)
     partial = await store.open_partial("flipped.bin", "t", resume=False)
+    await partial.append(marker + os.urandom(PART))  # the part goes up in the background
     with pytest.raises(TransferError) as caught:
-        await partial.append(marker + os.urandom(PART))
+        await partial.publish()
     assert caught.value.code == "bad_digest"
     assert "BadDigest" in caught.value.message
     client.close()

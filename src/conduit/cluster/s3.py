@@ -58,11 +58,14 @@ client is thread-safe and shared, and a capacity limiter bounds the threads.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import hmac
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
@@ -104,6 +107,8 @@ _SUFFIX_ROOM: Final = len(f" ({MAX_COLLISION_ATTEMPTS})")
 _LIST_PAGE: Final = 1000
 
 T = TypeVar("T")
+
+log = logging.getLogger("conduit.cluster.s3")
 
 
 def make_s3_client(**overrides: Any) -> Any:
@@ -242,6 +247,10 @@ class S3Store:
         self.client = make_s3_client() if client is None else client
         self.part_size = part_size
         self._limiter = trio.CapacityLimiter(max_threads)
+        # Background part uploads (one per partial at a time); threads start on demand.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="conduit-s3"
+        )
 
     # ----------------------------------------------------------------- plumbing
 
@@ -669,7 +678,16 @@ def _listable(relative: str) -> bool:
 
 
 class S3Partial:
-    """:class:`~conduit.cluster.store.PartialUpload` as a multipart upload."""
+    """:class:`~conduit.cluster.store.PartialUpload` as a multipart upload.
+
+    One part is uploaded in the background while the next one fills: a part
+    upload takes as long as receiving a part, and awaiting it in
+    :meth:`append` would stall the sender for that long every ``part_size``
+    bytes. The part is hashed (its own SHA-256 and the running whole-file
+    hash) before it is handed over, so :meth:`sha256_hex` and the saved states
+    never depend on the upload; a failed upload surfaces at the next
+    :meth:`append`, :meth:`publish` or :meth:`discard`.
+    """
 
     def __init__(self, store: S3Store, state: _UploadState, state_key: str, etag: str) -> None:
         """Use :meth:`S3Store.open_partial`."""
@@ -683,6 +701,9 @@ class S3Partial:
             if state.parts
             else ResumableSha256()
         )
+        self._queued = state.durable  # bytes in parts stored or being stored
+        self._next_part = len(state.parts) + 1
+        self._inflight: concurrent.futures.Future[None] | None = None
         self._closed = False
         self._finished = False
 
@@ -703,13 +724,8 @@ class S3Partial:
 
     @property
     def offset(self) -> int:
-        """Bytes accepted: whole parts stored plus the buffered tail."""
-        return self._state.durable + len(self._buffer)
-
-    @property
-    def durable_offset(self) -> int:
-        """Bytes stored in whole parts (what a resume would start from)."""
-        return self._state.durable
+        """Bytes accepted: parts stored or being stored, plus the buffered tail."""
+        return self._queued + len(self._buffer)
 
     @property
     def closed(self) -> bool:
@@ -729,21 +745,59 @@ class S3Partial:
             raise ValueError(f"partial upload for {self.name!r} is closed")
 
     async def append(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data``; every whole part is sent (and saved in the state) before returning."""
+        """Buffer ``data``; hand every whole part to the uploader (one part in flight)."""
         self._require_open()
         self._buffer += data
         size = self._state.part_size
         while len(self._buffer) >= size:
             part = bytes(self._buffer[:size])
-            await self._store._guard(f"storing {self.name!r}", self._send_part, part)
             del self._buffer[:size]
+            await self._queue_part(part)
 
-    def _send_part(self, data: bytes) -> None:
-        state = self._state
-        number = len(state.parts) + 1
+    async def _queue_part(self, data: bytes) -> None:
+        number = self._next_part
         if number > _MAX_PARTS:
             raise TransferError(f"{self.name!r} needs more than {_MAX_PARTS} parts", "too_large")
-        checksum = _b64_sha256(data)
+        checksum, hasher = await trio.to_thread.run_sync(self._hash_part, data)
+        await self._wait_inflight()
+        # A last part may end off a 64-byte boundary; its state is never resumed from.
+        saved = hasher.save() if hasher.length % 64 == 0 else b""
+        self._hash = hasher
+        self._next_part += 1
+        self._queued += len(data)
+        self._inflight = self._store._executor.submit(
+            self._send_part, number, data, checksum, base64.b64encode(saved).decode()
+        )
+
+    def _hash_part(self, data: bytes) -> tuple[str, ResumableSha256]:
+        hasher = self._hash.copy()
+        hasher.update(data)
+        return _b64_sha256(data), hasher
+
+    async def _wait_inflight(self) -> None:
+        """Wait for the part being uploaded; raise what it raised."""
+        future = self._inflight
+        if future is None:
+            return
+        await _wait_future(future)
+        self._inflight = None
+        try:
+            future.result()
+        except _S3_ERRORS as exc:
+            raise _storage_error(exc, f"storing {self.name!r}") from exc
+
+    async def _settle(self) -> None:
+        """Wait for an upload in flight, whatever the cancellation; its errors do not matter."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._wait_inflight()
+            except Exception as exc:
+                # Closing or discarding anyway: the part is resent or thrown away.
+                log.debug("part upload for %r failed while closing: %s", self.name, exc)
+
+    def _send_part(self, number: int, data: bytes, checksum: str, hash_state: str) -> None:
+        """Upload one part and record it in the state (worker thread)."""
+        state = self._state
         answer = self._store.client.upload_part(
             Bucket=self._store.bucket,
             Key=state.key,
@@ -752,28 +806,25 @@ class S3Partial:
             Body=data,
             ChecksumSHA256=checksum,
         )
-        hasher = self._hash.copy()
-        hasher.update(data)
-        # A last part may end off a 64-byte boundary; its state is never resumed from.
-        saved = hasher.save() if hasher.length % 64 == 0 else b""
-        part = _Part(
-            number, len(data), str(answer["ETag"]), checksum, base64.b64encode(saved).decode()
-        )
-        state.parts.append(part)
+        state.parts.append(_Part(number, len(data), str(answer["ETag"]), checksum, hash_state))
         etag = self._store._put(self._state_key, state.dumps(), if_match=self._etag)
         if etag is None:
             state.parts.pop()
             raise TransferError(f"{self.name!r} is being received by another writer", "busy")
         self._etag = etag
-        self._hash = hasher
 
     async def publish(self, *, expected_sha256: str | None = None) -> str:
         """Send the last part, check the SHA-256, complete without overwriting; return the name."""
         self._require_open()
-        if self._buffer or not self._state.parts:
-            tail = bytes(self._buffer)
-            await self._store._guard(f"storing {self.name!r}", self._send_part, tail)
-            self._buffer.clear()
+        try:
+            if self._buffer or self._next_part == 1:
+                tail = bytes(self._buffer)
+                self._buffer.clear()
+                await self._queue_part(tail)
+            await self._wait_inflight()
+        except BaseException:
+            await self._settle()
+            raise
         actual = self._hash.hexdigest()
         if expected_sha256 is not None and not hmac.compare_digest(
             actual, expected_sha256.strip().lower()
@@ -822,9 +873,13 @@ class S3Partial:
         self._store._delete(self._state_key)
 
     async def close(self) -> None:
-        """Drop the buffered tail (not durable) and stop; whole parts stay for a resume."""
+        """Finish the part in flight, drop the buffered tail (not durable) and stop.
+
+        Whole parts stay for a resume.
+        """
         self._buffer.clear()
         self._closed = True
+        await self._settle()
 
     async def discard(self) -> None:
         """Abort the multipart upload, release the name, delete the state."""
@@ -832,7 +887,23 @@ class S3Partial:
             return
         self._buffer.clear()
         self._closed = self._finished = True
+        await self._settle()
         await self._store._guard(f"discarding {self.name!r}", self._remove)
+
+
+async def _wait_future(future: concurrent.futures.Future[None]) -> None:
+    """Wait for a future of the store's executor without holding a thread."""
+    if future.done():
+        return
+    done = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def wake(_future: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
+
+    future.add_done_callback(wake)
+    await done.wait()
 
 
 # --------------------------------------------------------------------------- reader
