@@ -283,3 +283,30 @@ async def test_not_running_is_a_clear_error(engines: Any, bus_namespace: str) ->
         ClusterBus(engines.bus.url, "x", ttl=60)
     with pytest.raises(ValueError, match="node name"):
         ClusterBus(engines.bus.url, "bad:name")
+
+
+async def test_malformed_messages_are_ignored(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+
+    @node_b.on_request
+    async def handle(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        return {"ok": kind}
+
+    stranger = redis.Redis.from_url(engines.bus.url)
+    garbage = [
+        b"\xc1",  # not msgpack
+        b"\x93\x01\x02\x03",  # a list
+        b"\x82\xa1t\xa3req\xa1s\x01",  # sender not text
+        b"\x83\xa1t\xa3rep\xa1s\xa1x\xa1e\xa1z",  # error not a pair
+        b"\x82\xa1t\xa3zzz\xa1s\xa1x",  # unknown type
+    ]
+    for data in garbage:
+        stranger.xadd(f"{bus_namespace}:inbox:b", {"m": data})
+        stranger.xadd(f"{bus_namespace}:events", {"m": data})
+    stranger.xadd(f"{bus_namespace}:inbox:b", {"other": b"field"})
+    stranger.close()
+    # The reader survived all of it.
+    assert await node_a.request("b", "still-there", {}) == {"ok": "still-there"}
