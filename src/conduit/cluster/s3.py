@@ -284,7 +284,15 @@ class S3Store:
 
     def location_of(self, name: str) -> str:
         """See :meth:`conduit.cluster.store.Store.location_of`: ``s3://bucket/prefix/name``."""
-        return self.location.url(name)
+        return self.location.url(self._checked_name(name))
+
+    def close(self) -> None:
+        """Stop the background uploader once its parts are sent (call at shutdown).
+
+        Partials still open then fail at their next part; the client is the
+        caller's if it was passed in, so it is left open.
+        """
+        self._executor.shutdown(wait=False)
 
     # ----------------------------------------------------------------- S3 calls
 
