@@ -302,3 +302,31 @@ async def test_unreadable_state_starts_afresh(
     store.client.put_object(Bucket=store.bucket, Key=state_key, Body=b"garbage")
     assert await store.discard_partial("g.bin", "k") is True
     assert await store.discard_partial("g.bin", "k") is False
+
+
+async def test_staging_for_another_node(s3_url: str, s3_client_factory: ClientFactory) -> None:
+    node_a = make_store(s3_url, s3_client_factory)
+    node_b = make_store(s3_url, s3_client_factory)
+    data = os.urandom(SIZE)
+    first = await node_a.open_staging("push-1")
+    await first.append(b"abandoned attempt")
+    await first.close()
+    staging = await node_a.open_staging("push-1")  # starts over
+    assert staging.offset == 0
+    await append_in_blocks(staging, data)
+    await staging.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    # Never listed, but node B reads it by token, from any offset.
+    assert await node_b.list_files() == []
+    reader = await node_b.open_staged("push-1", start=3)
+    assert reader.size == SIZE
+    assert await read_all(reader) == data[3:]
+    assert await node_b.delete_staged("push-1") is True
+    assert await node_b.delete_staged("push-1") is False
+    with pytest.raises(FileNotFoundError):
+        await node_b.open_staged("push-1")
+    assert uploads_in_progress(node_a) == []
+    for token in ("../x", "a/b", "", "x" * 65):
+        with pytest.raises(UnsafePathError):
+            await node_a.open_staging(token)
+        with pytest.raises(UnsafePathError):
+            await node_b.open_staged(token)

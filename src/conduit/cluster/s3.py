@@ -511,6 +511,10 @@ class S3Store:
             self._release(state)
             self._delete(str(entry["Key"]))
             removed += 1
+        # Staged files nobody collected (the node that was to read them died).
+        for entry in self._list_keys(self._control_key("staging") + "/"):
+            if entry["LastModified"].timestamp() < cutoff:
+                self._delete(str(entry["Key"]))
         # Uploads whose state was never written (a crash right after creating them).
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.location.list_prefix):
@@ -546,6 +550,9 @@ class S3Store:
 
     def _open_reader(self, name: str, start: int) -> S3Reader:
         stored, etag = self._stat(name)
+        return self._read_key(self.location.key(stored.name), stored, etag, start)
+
+    def _read_key(self, key: str, stored: StoredFile, etag: str, start: int) -> S3Reader:
         if not 0 <= start <= stored.size:
             raise ValueError(f"start {start} is outside the file ({stored.size} bytes)")
         body = None
@@ -553,12 +560,67 @@ class S3Store:
             # If-Match: a file replaced since the HEAD is an error, not a mix of two files.
             answer = self.client.get_object(
                 Bucket=self.bucket,
-                Key=self.location.key(stored.name),
+                Key=key,
                 Range=f"bytes={start}-{stored.size - 1}",
                 IfMatch=etag,
             )
             body = answer["Body"]
         return S3Reader(self, stored, body)
+
+    # ----------------------------------------------------------------- staging (sync)
+
+    def _staging_key(self, token: str) -> str:
+        return self._control_key("staging", check_transfer_id(token))
+
+    def _open_staging(self, token: str) -> S3Partial:
+        key = self._staging_key(token)
+        # A name no published file can have, so its state never meets a real upload's.
+        name = f".staging/{token}"
+        state_key = self._state_key(name, token)
+        self._discard_state(state_key)  # a staging upload restarts, it never resumes
+        state = _UploadState(
+            name=name,
+            transfer_id=token,
+            key=key,
+            upload_id=self._create_upload(key),
+            part_size=self.part_size,
+            overwrite=True,
+            reservation=None,
+        )
+        created = self._put(state_key, state.dumps(), if_match=None)
+        if created is None:
+            self._abort(key, state.upload_id)
+            raise TransferError(f"staging {token!r} is already being written", "busy")
+        return S3Partial(self, state, state_key, created)
+
+    def _discard_state(self, state_key: str) -> None:
+        found = self._get(state_key)
+        if found is None:
+            return
+        try:
+            state = _UploadState.loads(found[0])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+        else:
+            self._abort(state.key, state.upload_id)
+        self._delete(state_key)
+
+    def _open_staged(self, token: str, start: int) -> S3Reader:
+        key = self._staging_key(token)
+        info = self._head(key)
+        if info is None:
+            raise FileNotFoundError(2, "no such staged file", token)
+        modified = int(info["LastModified"].timestamp() * 1e9)
+        stored = StoredFile(token, int(info["ContentLength"]), modified)
+        return self._read_key(key, stored, str(info["ETag"]), start)
+
+    def _delete_staged(self, token: str) -> bool:
+        key = self._staging_key(token)
+        self._discard_state(self._state_key(f".staging/{token}", token))
+        if self._head(key) is None:
+            return False
+        self._delete(key)
+        return True
 
     def _delete_file(self, name: str) -> bool:
         safe = self._checked_name(name)
@@ -661,8 +723,33 @@ class S3Store:
         return await self._guard(f"renaming {name!r}", self._rename, name, new_name, overwrite)
 
     async def cleanup_stale_partials(self, max_age_seconds: float) -> int:
-        """See :meth:`conduit.cluster.store.Store.cleanup_stale_partials`."""
+        """See :meth:`conduit.cluster.store.Store.cleanup_stale_partials`.
+
+        Also removes staged files older than ``max_age_seconds`` (not counted).
+        """
         return await self._guard("cleaning up", self._cleanup, max_age_seconds)
+
+    # ----------------------------------------------------------------- staging
+
+    async def open_staging(self, token: str) -> S3Partial:
+        """A partial for bytes another node will read by ``token``, e.g. a cross-node push.
+
+        ``token`` is 1-64 characters of ``[A-Za-z0-9_-]``. The staged file lives
+        under the hidden control prefix: never listed, never reachable by a
+        file name. Written and published like any partial (``publish``
+        returns its key below the prefix); opening the same token again starts
+        over. Read it with :meth:`open_staged`, remove it with
+        :meth:`delete_staged`; :meth:`cleanup_stale_partials` removes any left.
+        """
+        return await self._guard(f"staging {token!r}", self._open_staging, token)
+
+    async def open_staged(self, token: str, *, start: int = 0) -> S3Reader:
+        """Read a staged file from byte ``start``; ``FileNotFoundError`` if there is none."""
+        return await self._guard(f"reading staged {token!r}", self._open_staged, token, start)
+
+    async def delete_staged(self, token: str) -> bool:
+        """Remove a staged file (and an unfinished staging upload); whether it existed."""
+        return await self._guard(f"deleting staged {token!r}", self._delete_staged, token)
 
     async def _guard(self, what: str, function: Callable[..., T], /, *args: Any) -> T:
         """Run ``function`` in a thread; S3 failures become :class:`TransferError`."""
