@@ -31,7 +31,8 @@ machine (loopback, Valkey 9.1, two cores shared with other jobs, load average
 4.5): broadcast to handler one way, median 0.85 ms (p90 1.4 ms, best 0.53 ms);
 request to reply round trip, median 0.92 ms; the same XADD / XREAD BLOCK with
 plain threads and no Trio, median 0.46 ms, so the thread hops cost about
-0.4 ms. Last week's notes: valkey-glide (Rust core, native Trio support)
+0.4 ms. On the machine at rest (load 0.6): one way 0.65 ms (best 0.39 ms)
+against 0.42 ms for plain threads. Last week's notes: valkey-glide (Rust core, native Trio support)
 100-230 us, coredis (anyio) 270-450 us, redis-py in threads 190-520 us. A
 millisecond is small next to what the bus carries (a cross-node push is a
 file transfer, a broadcast a fan-out to sockets), and glide would add a native

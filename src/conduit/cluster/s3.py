@@ -53,6 +53,10 @@ API fails under Trio ("no running event loop") and has no part-level API;
 handtruck (httpx + anyio) is Trio-native but very young. The blocking calls are
 large (a part, a listing page), so a thread hop per call costs little; the
 client is thread-safe and shared, and a capacity limiter bounds the threads.
+Measured through this store against ``weed mini`` on this machine at rest:
+60-67 MiB/s upload (SHA-256 per part, the running whole-file hash and a state
+write per 8 MiB part, one part in flight) where bare ``upload_part`` calls
+without checksums reach 130-140 MiB/s; reading back is not the bottleneck.
 """
 
 from __future__ import annotations
