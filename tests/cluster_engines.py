@@ -35,12 +35,14 @@ Valkey is started with ``--bind 127.0.0.1``, no persistence (``--save ""``,
 ``--appendonly no``) and its working directory in the temporary directory.
 
 Teardown is by PID: terminate, wait, kill, wait; then the temporary directory
-is removed.
+is removed. On Linux the engines also get SIGTERM if the test process dies
+without tearing down (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import importlib.metadata
 import json
@@ -50,6 +52,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -66,6 +69,7 @@ BUCKET = "conduit-test"
 START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
 _GO_MEMORY_LIMIT = "384MiB"
+_PR_SET_PDEATHSIG = 1
 
 
 class EngineError(RuntimeError):
@@ -164,6 +168,17 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the test process dies (Linux).
+
+    Teardown normally stops the engines; this covers a test run that is
+    killed outright, which would otherwise leave them running.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -327,6 +342,7 @@ def seaweedfs(workdir: Path) -> Iterator[S3Engine]:
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C of pytest does not hit it mid-teardown
+            preexec_fn=_die_with_parent,
         )
     try:
         _wait_ready(
@@ -393,6 +409,7 @@ def valkey(workdir: Path) -> Iterator[BusEngine]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     try:
         _wait_ready(process, lambda: _ping(port), binary.name, log, START_TIMEOUT)
