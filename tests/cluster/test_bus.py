@@ -120,6 +120,33 @@ async def test_killed_node_is_forgotten(
             await process.stdout.aclose()
 
 
+async def test_restarted_node_takes_its_name_back(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    arguments = [sys.executable, str(NODE_PROGRAM), engines.bus.url, bus_namespace]
+    process = await trio.lowlevel.open_process(
+        [*arguments, "phoenix", "c1", str(TTL)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(20):
+            assert (await process.stdout.receive_some(64)).strip() == b"ready"
+        process.send_signal(signal.SIGKILL)
+        with trio.fail_after(10):
+            await process.wait()
+    finally:
+        process.kill()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+    # Restarted at once under the same name: it waits out the dead registration.
+    reborn = await bus_factory("phoenix")
+    assert await reborn.nodes() == ["phoenix"]
+    await reborn.register_client("c1-again")
+    assert await reborn.locate_client("c1-again") == "phoenix"
+
+
 async def test_requests_between_nodes(bus_factory: BusFactory) -> None:
     node_a = await bus_factory("a")
     node_b = await bus_factory("b")

@@ -350,8 +350,10 @@ class ClusterBus:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Register this node, then heartbeat and read the inbox until cancelled.
 
-        Raises :class:`NodeNameTaken` if a live node has the name, at start or
-        later (this node was presumed dead and its name reused: it must stop).
+        Raises :class:`NodeNameTaken` if a live node has the name (after
+        waiting up to 1.5 TTL for a crashed predecessor's registration to
+        expire), or later if this node was presumed dead and its name reused:
+        it must stop.
         On exit the node, its clients and its inbox are removed at once, so
         the rest of the cluster does not wait for them to expire.
         """
@@ -364,11 +366,7 @@ class ClusterBus:
         info = {"node": self.node_name, "pid": os.getpid(), "started": time.time()}
         self._registration = f"{secrets.token_hex(8)} {msgpack.packb(info).hex()}"
         node_key = self._key("node", self.node_name)
-        created = await self._call(
-            self._redis.set, node_key, self._registration, nx=True, px=_ms(self.ttl)
-        )
-        if not created:
-            raise NodeNameTaken(f"node name {self.node_name!r} is in use by a live node")
+        await self._claim_name(node_key)
         self._running = True
         reader = redis.Redis.from_url(
             self.url, socket_timeout=_READ_BLOCK_MS / 1000 + 5.0, socket_connect_timeout=5.0
@@ -393,6 +391,24 @@ class ClusterBus:
             self._clients.clear()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(reader.close, abandon_on_cancel=True)
+
+    async def _claim_name(self, node_key: str) -> None:
+        """Register the name; a previous holder gets one TTL to prove it is alive.
+
+        A node restarted right after a crash finds its old registration still
+        there; it is free once the TTL passes without a heartbeat. A live
+        holder keeps refreshing it, so the wait ends in NodeNameTaken.
+        """
+        deadline = trio.current_time() + self.ttl * 1.5
+        while True:
+            created = await self._call(
+                self._redis.set, node_key, self._registration, nx=True, px=_ms(self.ttl)
+            )
+            if created:
+                return
+            if trio.current_time() >= deadline:
+                raise NodeNameTaken(f"node name {self.node_name!r} is in use by a live node")
+            await trio.sleep(self.ttl / 6)
 
     def _last_id(self, stream: str) -> str:
         last = self._redis.xrevrange(stream, count=1)
