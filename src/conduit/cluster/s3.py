@@ -61,167 +61,58 @@ without checksums reach 130-140 MiB/s; reading back is not the bottleneck.
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import contextlib
 import functools
-import hashlib
-import hmac
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
-import attrs
-import boto3  # type: ignore[import-untyped]
 import botocore.config  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
 import trio
 
-from ..errors import ChecksumMismatch, TransferError, UnsafePathError
+from ..errors import TransferError, UnsafePathError
 from ..transfer._names import (
-    MAX_COLLISION_ATTEMPTS,
     check_transfer_id,
     collision_candidates,
     safe_relative_name,
     split_name,
 )
-from ._sha256 import ResumableSha256
+from ._s3_partial import S3Partial, S3Reader
+from ._s3_wire import (
+    CONTROL,
+    DEFAULT_PART_SIZE,
+    LIST_PAGE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    S3_ERRORS,
+    SUFFIX_ROOM,
+    Part,
+    UploadState,
+    error_code,
+    is_missing,
+    is_precondition,
+    make_s3_client,
+    short_digest,
+    storage_error,
+)
 from .location import MAX_KEY_BYTES, S3Location, parse_s3_url
 from .store import StoredFile
 
 __all__ = [
     "DEFAULT_PART_SIZE",
     "MIN_PART_SIZE",
+    "S3Partial",
+    "S3Reader",
     "S3Store",
     "make_s3_client",
 ]
 
-#: S3's smallest part (all but the last).
-MIN_PART_SIZE: Final = 5 * 1024 * 1024
-#: Default part size: what a dropped upload may have to resend, at most.
-DEFAULT_PART_SIZE: Final = 8 * 1024 * 1024
-_MAX_PARTS: Final = 10_000
-_CONTROL: Final = ".conduit"
-_STATE_VERSION: Final = 1
-# The longest collision suffix, " (10000)", must still fit in a key.
-_SUFFIX_ROOM: Final = len(f" ({MAX_COLLISION_ATTEMPTS})")
-_LIST_PAGE: Final = 1000
-
 T = TypeVar("T")
 
 log = logging.getLogger("conduit.cluster.s3")
-
-
-def make_s3_client(**overrides: Any) -> Any:
-    """A boto3 S3 client configured from the standard AWS environment.
-
-    ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
-    ``AWS_DEFAULT_REGION`` are read by boto3 itself; ``overrides`` (e.g.
-    ``endpoint_url=...``) win. Path-style addressing, because self-hosted
-    stores (SeaweedFS, MinIO) rarely have wildcard DNS; checksums only where
-    conduit supplies them (it sends SHA-256 per part itself).
-    """
-    config = botocore.config.Config(
-        s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 3},
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        max_pool_connections=16,
-    )
-    options: dict[str, Any] = {"config": config}
-    options.update(overrides)
-    return boto3.session.Session().client("s3", **options)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _error_code(exc: botocore.exceptions.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: botocore.exceptions.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
-    return _error_code(exc) in ("NoSuchKey", "404", "NotFound") or _status(exc) == 404
-
-
-def _is_precondition(exc: botocore.exceptions.ClientError) -> bool:
-    return _error_code(exc) == "PreconditionFailed" or _status(exc) == 412
-
-
-def _storage_error(exc: Exception, what: str) -> TransferError:
-    if isinstance(exc, botocore.exceptions.ClientError):
-        code = _error_code(exc)
-        message = exc.response.get("Error", {}).get("Message", "")
-        if code == "BadDigest":
-            return TransferError(
-                f"{what}: the store received a part that does not match its SHA-256 "
-                f"(BadDigest: {message})",
-                "bad_digest",
-            )
-        return TransferError(f"{what}: S3 error {code or _status(exc)}: {message}", "storage_error")
-    return TransferError(f"{what}: the S3 store is unreachable ({exc})", "storage_unavailable")
-
-
-_S3_ERRORS: Final = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError)
-
-
-# --------------------------------------------------------------------------- state
-
-
-@attrs.frozen
-class _Part:
-    number: int
-    size: int
-    etag: str
-    sha256_b64: str
-    #: Whole-file SHA-256 state after this part (ResumableSha256.save()).
-    hash_state: str
-
-
-@attrs.define
-class _UploadState:
-    name: str
-    transfer_id: str
-    key: str
-    upload_id: str
-    part_size: int
-    overwrite: bool
-    reservation: str | None
-    parts: list[_Part] = attrs.field(factory=list)
-
-    def dumps(self) -> bytes:
-        document = attrs.asdict(self)
-        document["version"] = _STATE_VERSION
-        document["updated"] = time.time()
-        return json.dumps(document, separators=(",", ":")).encode()
-
-    @classmethod
-    def loads(cls, data: bytes) -> _UploadState:
-        document = json.loads(data)
-        if document.pop("version", None) != _STATE_VERSION:
-            raise ValueError("unknown upload state version")
-        document.pop("updated", None)
-        document["parts"] = [_Part(**part) for part in document["parts"]]
-        return cls(**document)
-
-    @property
-    def durable(self) -> int:
-        return sum(part.size for part in self.parts)
-
-
-def _b64_sha256(data: bytes) -> str:
-    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
 
 
 # --------------------------------------------------------------------------- store
@@ -269,17 +160,17 @@ class S3Store:
         )
 
     def _control_key(self, *parts: str) -> str:
-        return self.location.key("/".join((_CONTROL, *parts)))
+        return self.location.key("/".join((CONTROL, *parts)))
 
     def _state_key(self, name: str, transfer_id: str) -> str:
-        return self._control_key("uploads", _digest(f"{name}\0{transfer_id}") + ".json")
+        return self._control_key("uploads", short_digest(f"{name}\0{transfer_id}") + ".json")
 
     def _reservation_key(self, key: str) -> str:
-        return self._control_key("names", _digest(key))
+        return self._control_key("names", short_digest(key))
 
     def _checked_name(self, name: str) -> str:
         safe = safe_relative_name(name)
-        if len(self.location.key(safe).encode("utf-8")) + _SUFFIX_ROOM > MAX_KEY_BYTES:
+        if len(self.location.key(safe).encode("utf-8")) + SUFFIX_ROOM > MAX_KEY_BYTES:
             raise UnsafePathError(
                 f"unsafe file name: {len(safe.encode('utf-8'))} bytes is too long for "
                 f"an S3 key under {self.location.url()!r} (keys are at most {MAX_KEY_BYTES} bytes)"
@@ -304,7 +195,7 @@ class S3Store:
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 return None
             raise
         with answer["Body"] as body:
@@ -319,7 +210,7 @@ class S3Store:
         try:
             answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
         except botocore.exceptions.ClientError as exc:
-            if _is_precondition(exc):
+            if is_precondition(exc):
                 return None
             raise
         return str(answer["ETag"])
@@ -331,7 +222,7 @@ class S3Store:
         try:
             answer: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 return None
             raise
         return answer
@@ -340,7 +231,7 @@ class S3Store:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except botocore.exceptions.ClientError as exc:
-            if _error_code(exc) != "NoSuchUpload" and not _is_missing(exc):
+            if error_code(exc) != "NoSuchUpload" and not is_missing(exc):
                 raise
 
     def _list_parts(self, key: str, upload_id: str) -> dict[int, set[tuple[int, str]]] | None:
@@ -351,13 +242,13 @@ class S3Store:
         """
         parts: dict[int, set[tuple[int, str]]] = {}
         marker = 0
-        for _page in range(_MAX_PARTS // _LIST_PAGE + 1):
+        for _page in range(MAX_PARTS // LIST_PAGE + 1):
             try:
                 answer = self.client.list_parts(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
                 )
             except botocore.exceptions.ClientError as exc:
-                if _error_code(exc) == "NoSuchUpload" or _is_missing(exc):
+                if error_code(exc) == "NoSuchUpload" or is_missing(exc):
                     return None
                 raise
             for part in answer.get("Parts", []):
@@ -371,20 +262,20 @@ class S3Store:
     def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(
-            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": _LIST_PAGE}
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
         ):
             yield from page.get("Contents", [])
 
     # ----------------------------------------------------------------- partials (sync)
 
-    def _load_state(self, name: str, transfer_id: str) -> tuple[_UploadState | None, str] | None:
+    def _load_state(self, name: str, transfer_id: str) -> tuple[UploadState | None, str] | None:
         """(state, its ETag); (None, ETag) if the object is unreadable; None if absent."""
         found = self._get(self._state_key(name, transfer_id))
         if found is None:
             return None
         data, etag = found
         try:
-            state = _UploadState.loads(data)
+            state = UploadState.loads(data)
         except (ValueError, TypeError, KeyError, AttributeError):
             return None, etag
         if state.name != name or state.transfer_id != transfer_id:
@@ -415,7 +306,7 @@ class S3Store:
             return key, reservation
         raise TransferError(f"no free name for {basename!r}", "name_collision")
 
-    def _release(self, state: _UploadState) -> None:
+    def _release(self, state: UploadState) -> None:
         if state.reservation is not None:
             self._delete(state.reservation)
 
@@ -444,10 +335,10 @@ class S3Store:
                 self._abort(state.key, state.upload_id)
                 raise TransferError(f"{safe!r} is already being received", "busy")
             return S3Partial(self, state, state_key, new_etag)
-        owner = _digest(f"{safe}\0{tid}")
+        owner = short_digest(f"{safe}\0{tid}")
         key, reservation = self._reserve(safe, owner, overwrite)
         upload_id = self._create_upload(key)
-        state = _UploadState(
+        state = UploadState(
             name=safe,
             transfer_id=tid,
             key=key,
@@ -468,12 +359,12 @@ class S3Store:
         )
         return str(answer["UploadId"])
 
-    def _verify_parts(self, state: _UploadState) -> _UploadState | None:
+    def _verify_parts(self, state: UploadState) -> UploadState | None:
         """Keep the longest prefix of parts the store agrees with; None if the upload is gone."""
         stored = self._list_parts(state.key, state.upload_id)
         if stored is None:
             return None
-        kept: list[_Part] = []
+        kept: list[Part] = []
         for number, part in enumerate(state.parts, start=1):
             if part.number != number or (part.size, part.etag) not in stored.get(number, ()):
                 break
@@ -505,7 +396,7 @@ class S3Store:
             if found is None:
                 continue
             try:
-                state = _UploadState.loads(found[0])
+                state = UploadState.loads(found[0])
             except (ValueError, TypeError, KeyError):
                 continue
             if entry["LastModified"].timestamp() >= cutoff:
@@ -582,7 +473,7 @@ class S3Store:
         name = f".staging/{token}"
         state_key = self._state_key(name, token)
         self._discard_state(state_key)  # a staging upload restarts, it never resumes
-        state = _UploadState(
+        state = UploadState(
             name=name,
             transfer_id=token,
             key=key,
@@ -602,7 +493,7 @@ class S3Store:
         if found is None:
             return
         try:
-            state = _UploadState.loads(found[0])
+            state = UploadState.loads(found[0])
         except (ValueError, TypeError, KeyError, AttributeError):
             pass
         else:
@@ -657,7 +548,7 @@ class S3Store:
                     **condition,
                 )
             except botocore.exceptions.ClientError as exc:
-                if _is_precondition(exc):
+                if is_precondition(exc):
                     continue
                 raise
             if final != safe:
@@ -697,9 +588,9 @@ class S3Store:
             raise TransferError(
                 f"file of {size} bytes exceeds the limit of {max_file_size} bytes", "too_large"
             )
-        if size > self.part_size * _MAX_PARTS:
+        if size > self.part_size * MAX_PARTS:
             raise TransferError(
-                f"file of {size} bytes exceeds {_MAX_PARTS} parts of {self.part_size} bytes",
+                f"file of {size} bytes exceeds {MAX_PARTS} parts of {self.part_size} bytes",
                 "too_large",
             )
 
@@ -759,8 +650,8 @@ class S3Store:
         """Run ``function`` in a thread; S3 failures become :class:`TransferError`."""
         try:
             return await self._run(function, *args)
-        except _S3_ERRORS as exc:
-            raise _storage_error(exc, what) from exc
+        except S3_ERRORS as exc:
+            raise storage_error(exc, what) from exc
 
 
 def _listable(relative: str) -> bool:
@@ -771,273 +662,3 @@ def _listable(relative: str) -> bool:
         return safe_relative_name(relative) == relative
     except UnsafePathError:
         return False
-
-
-# --------------------------------------------------------------------------- partial
-
-
-class S3Partial:
-    """:class:`~conduit.cluster.store.PartialUpload` as a multipart upload.
-
-    One part is uploaded in the background while the next one fills: a part
-    upload takes as long as receiving a part, and awaiting it in
-    :meth:`append` would stall the sender for that long every ``part_size``
-    bytes. The part is hashed (its own SHA-256 and the running whole-file
-    hash) before it is handed over, so :meth:`sha256_hex` and the saved states
-    never depend on the upload; a failed upload surfaces at the next
-    :meth:`append`, :meth:`publish` or :meth:`discard`.
-    """
-
-    def __init__(self, store: S3Store, state: _UploadState, state_key: str, etag: str) -> None:
-        """Use :meth:`S3Store.open_partial`."""
-        self._store = store
-        self._state = state
-        self._state_key = state_key
-        self._etag = etag
-        self._buffer = bytearray()
-        self._hash = (
-            ResumableSha256.restore(base64.b64decode(state.parts[-1].hash_state))
-            if state.parts
-            else ResumableSha256()
-        )
-        self._queued = state.durable  # bytes in parts stored or being stored
-        self._next_part = len(state.parts) + 1
-        self._inflight: concurrent.futures.Future[None] | None = None
-        self._closed = False
-        self._finished = False
-
-    @property
-    def name(self) -> str:
-        """The name it was opened for."""
-        return self._state.name
-
-    @property
-    def transfer_id(self) -> str:
-        """Its transfer id."""
-        return self._state.transfer_id
-
-    @property
-    def key(self) -> str:
-        """The object key it will be published as."""
-        return self._state.key
-
-    @property
-    def offset(self) -> int:
-        """Bytes accepted: parts stored or being stored, plus the buffered tail."""
-        return self._queued + len(self._buffer)
-
-    @property
-    def closed(self) -> bool:
-        """Whether it was closed, published or discarded."""
-        return self._closed
-
-    def sha256_hex(self) -> str:
-        """Hex SHA-256 of everything accepted, buffered tail included."""
-        if not self._buffer:
-            return self._hash.hexdigest()
-        total = self._hash.copy()
-        total.update(bytes(self._buffer))
-        return total.hexdigest()
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise ValueError(f"partial upload for {self.name!r} is closed")
-
-    async def append(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data``; hand every whole part to the uploader (one part in flight)."""
-        self._require_open()
-        self._buffer += data
-        size = self._state.part_size
-        while len(self._buffer) >= size:
-            part = bytes(self._buffer[:size])
-            del self._buffer[:size]
-            await self._queue_part(part)
-
-    async def _queue_part(self, data: bytes) -> None:
-        number = self._next_part
-        if number > _MAX_PARTS:
-            raise TransferError(f"{self.name!r} needs more than {_MAX_PARTS} parts", "too_large")
-        checksum, hasher = await trio.to_thread.run_sync(self._hash_part, data)
-        await self._wait_inflight()
-        # A last part may end off a 64-byte boundary; its state is never resumed from.
-        saved = hasher.save() if hasher.length % 64 == 0 else b""
-        self._hash = hasher
-        self._next_part += 1
-        self._queued += len(data)
-        self._inflight = self._store._executor.submit(
-            self._send_part, number, data, checksum, base64.b64encode(saved).decode()
-        )
-
-    def _hash_part(self, data: bytes) -> tuple[str, ResumableSha256]:
-        hasher = self._hash.copy()
-        hasher.update(data)
-        return _b64_sha256(data), hasher
-
-    async def _wait_inflight(self) -> None:
-        """Wait for the part being uploaded; raise what it raised."""
-        future = self._inflight
-        if future is None:
-            return
-        await _wait_future(future)
-        self._inflight = None
-        try:
-            future.result()
-        except _S3_ERRORS as exc:
-            raise _storage_error(exc, f"storing {self.name!r}") from exc
-
-    async def _settle(self) -> None:
-        """Wait for an upload in flight, whatever the cancellation; its errors do not matter."""
-        with trio.CancelScope(shield=True):
-            try:
-                await self._wait_inflight()
-            except Exception as exc:
-                # Closing or discarding anyway: the part is resent or thrown away.
-                log.debug("part upload for %r failed while closing: %s", self.name, exc)
-
-    def _send_part(self, number: int, data: bytes, checksum: str, hash_state: str) -> None:
-        """Upload one part and record it in the state (worker thread)."""
-        state = self._state
-        answer = self._store.client.upload_part(
-            Bucket=self._store.bucket,
-            Key=state.key,
-            UploadId=state.upload_id,
-            PartNumber=number,
-            Body=data,
-            ChecksumSHA256=checksum,
-        )
-        state.parts.append(_Part(number, len(data), str(answer["ETag"]), checksum, hash_state))
-        etag = self._store._put(self._state_key, state.dumps(), if_match=self._etag)
-        if etag is None:
-            state.parts.pop()
-            raise TransferError(f"{self.name!r} is being received by another writer", "busy")
-        self._etag = etag
-
-    async def publish(self, *, expected_sha256: str | None = None) -> str:
-        """Send the last part, check the SHA-256, complete without overwriting; return the name."""
-        self._require_open()
-        try:
-            if self._buffer or self._next_part == 1:
-                tail = bytes(self._buffer)
-                self._buffer.clear()
-                await self._queue_part(tail)
-            await self._wait_inflight()
-        except BaseException:
-            await self._settle()
-            raise
-        actual = self._hash.hexdigest()
-        if expected_sha256 is not None and not hmac.compare_digest(
-            actual, expected_sha256.strip().lower()
-        ):
-            await self.discard()
-            raise ChecksumMismatch(
-                f"{self.name!r}: received bytes hash to {actual}, expected {expected_sha256}"
-            )
-        await self._store._guard(f"publishing {self.name!r}", self._complete)
-        self._closed = self._finished = True
-        relative = self._store.location.relative(self._state.key)
-        assert relative is not None
-        return relative
-
-    def _complete(self) -> None:
-        state = self._state
-        condition = {} if state.overwrite else {"IfNoneMatch": "*"}
-        try:
-            self._store.client.complete_multipart_upload(
-                Bucket=self._store.bucket,
-                Key=state.key,
-                UploadId=state.upload_id,
-                MultipartUpload={
-                    "Parts": [
-                        {"PartNumber": p.number, "ETag": p.etag, "ChecksumSHA256": p.sha256_b64}
-                        for p in state.parts
-                    ]
-                },
-                **condition,
-            )
-        except botocore.exceptions.ClientError as exc:
-            if not _is_precondition(exc):
-                raise
-            self._remove()
-            raise TransferError(
-                f"{state.name!r}: {self._store.location.relative(state.key)!r} was created by "
-                "another writer while this file was being received; nothing was overwritten",
-                "name_collision",
-            ) from None
-        self._store._release(state)
-        self._store._delete(self._state_key)
-
-    def _remove(self) -> None:
-        self._store._abort(self._state.key, self._state.upload_id)
-        self._store._release(self._state)
-        self._store._delete(self._state_key)
-
-    async def close(self) -> None:
-        """Finish the part in flight, drop the buffered tail (not durable) and stop.
-
-        Whole parts stay for a resume.
-        """
-        self._buffer.clear()
-        self._closed = True
-        await self._settle()
-
-    async def discard(self) -> None:
-        """Abort the multipart upload, release the name, delete the state."""
-        if self._finished:
-            return
-        self._buffer.clear()
-        self._closed = self._finished = True
-        await self._settle()
-        await self._store._guard(f"discarding {self.name!r}", self._remove)
-
-
-async def _wait_future(future: concurrent.futures.Future[None]) -> None:
-    """Wait for a future of the store's executor without holding a thread."""
-    if future.done():
-        return
-    done = trio.Event()
-    token = trio.lowlevel.current_trio_token()
-
-    def wake(_future: object) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(done.set)
-
-    future.add_done_callback(wake)
-    await done.wait()
-
-
-# --------------------------------------------------------------------------- reader
-
-
-class S3Reader:
-    """:class:`~conduit.cluster.store.FileReader` over one ranged GET."""
-
-    def __init__(self, store: S3Store, stored: StoredFile, body: Any | None) -> None:
-        """Use :meth:`S3Store.open_reader`."""
-        self._store = store
-        self._stored = stored
-        self._body = body
-
-    @property
-    def size(self) -> int:
-        """Size of the whole file."""
-        return self._stored.size
-
-    @property
-    def modified_ns(self) -> int:
-        """Modification time of the object read."""
-        return self._stored.modified_ns
-
-    async def read(self, max_bytes: int) -> bytes:
-        """The next up to ``max_bytes`` bytes; ``b""`` at the end."""
-        if self._body is None or max_bytes <= 0:
-            return b""
-        data: bytes = await self._store._guard(
-            f"reading {self._stored.name!r}", self._body.read, max_bytes
-        )
-        return data
-
-    async def aclose(self) -> None:
-        """Close the HTTP response."""
-        body, self._body = self._body, None
-        if body is not None:
-            await trio.to_thread.run_sync(body.close)
