@@ -31,6 +31,7 @@ from conduit import (
     ServerDescriptor,
 )
 from conduit._resume import ResumeTokens
+from conduit.transfer._progress import REPORT_INTERVAL
 from conftest import LOOPBACK, PASSWORD, open_fd_count, wait_until
 from cutting_proxy import CuttingProxy, Direction
 from hostile_names import PARTIAL_PREFIX
@@ -407,9 +408,13 @@ async def test_cancelled_upload_keeps_its_partial_and_frees_the_rest(tmp_path: P
         with trio.fail_after(60):
             with trio.CancelScope() as scope:
 
-                def progress(p: Any) -> None:
+                async def progress(p: Any) -> None:
                     if p.transferred > size * 0.3:
                         scope.cancel()
+                    else:
+                        # Longer than the report interval: every block is reported,
+                        # so the cancel lands mid-transfer however fast the machine.
+                        await trio.sleep(REPORT_INTERVAL * 1.5)
 
                 await transfer.send_to_server(client, source, on_progress=progress)
             assert scope.cancelled_caught
@@ -445,9 +450,13 @@ async def test_cancelled_download_keeps_its_partial_and_frees_the_rest(tmp_path:
         with trio.fail_after(60):
             with trio.CancelScope() as scope:
 
-                def progress(p: Any) -> None:
+                async def progress(p: Any) -> None:
                     if p.transferred > size * 0.3:
                         scope.cancel()
+                    else:
+                        # Longer than the report interval: every block is reported,
+                        # so the cancel lands mid-transfer however fast the machine.
+                        await trio.sleep(REPORT_INTERVAL * 1.5)
 
                 await transfer.receive_from_server(
                     client, "down.bin", local_dir=local, on_progress=progress
@@ -480,9 +489,10 @@ def test_cancelled_asyncio_task_keeps_the_partial(tmp_path: Path) -> None:
         transfer = FileTransferHandler(tmp_path / "unused")
         halfway = asyncio.Event()
 
-        def progress(p: Any) -> None:
+        async def progress(p: Any) -> None:
             if p.transferred > size * 0.3:
                 halfway.set()
+            await asyncio.sleep(REPORT_INTERVAL * 1.5)  # every block is reported
 
         upload = asyncio.create_task(transfer.send_to_server(client, source, on_progress=progress))
         await asyncio.wait_for(halfway.wait(), 60)
