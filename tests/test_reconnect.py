@@ -343,6 +343,8 @@ async def test_client_id_cannot_be_claimed_without_the_token() -> None:
                 proxy.legs[0].close()
                 await back.wait()
             assert owner.id == owner_id and owner._resume_token != spent_token
+            # The server registers the client once the WELCOME is out.
+            await wait_until(lambda: owner_id in server.clients)
 
             # Another client that knows the password, the id and even a token
             # that was good once (replayed), or makes one up, gets a new id and

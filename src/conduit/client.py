@@ -57,8 +57,13 @@ class Client(Endpoint):
         self._resume_token = b""
         #: disconnect() was called: no reconnect, whatever happens.
         self._stopping = False
-        #: The background task that runs the connection and reconnects it.
+        #: The background task that runs the connection and reconnects it,
+        #: and the event it sets once it has exited.
         self._supervisor: trio.CancelScope | None = None
+        self._supervisor_exited = trio.Event()
+        self._supervisor_exited.set()
+        #: Whether the current connection was dialled (it can be redialled).
+        self._redial = False
         #: Set when that task will not bring a connection back (any more).
         self._finished = trio.Event()
         self._finished.set()
@@ -159,16 +164,18 @@ class Client(Endpoint):
         if self._supervisor is not None:
             # Reconnecting in the background: this call takes over.
             self._supervisor.cancel()
-            await self._finished.wait()
+            await self._supervisor_exited.wait()
         self._stopping = False
-        redial = stream is None
         peer = await self._establish(stream)
+        self._redial = stream is None
         # The connection outlives this call, so it cannot live in the caller's
         # nursery: it runs as a system task of the current Trio run (under the
         # asyncio shim, of the loop's guest run) and ends with disconnect().
         started = trio.Event()
         self._finished = trio.Event()
-        trio.lowlevel.spawn_system_task(self._supervise, peer, started, redial)
+        self._supervisor_exited = trio.Event()
+        self._supervisor = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._supervise, peer, started)
         await started.wait()
 
     async def _establish(self, stream: trio.abc.Stream | None) -> Peer:
@@ -249,14 +256,16 @@ class Client(Endpoint):
             stream = ssl_stream
         return stream
 
-    async def _supervise(self, peer: Peer, started: trio.Event, redial: bool) -> None:
+    async def _supervise(self, peer: Peer, started: trio.Event) -> None:
         """Run the connection; when it is lost, reconnect and run the new one, until done."""
+        scope, finished, exited = self._supervisor, self._finished, self._supervisor_exited
+        assert scope is not None
         try:
-            with trio.CancelScope() as self._supervisor:
+            with scope:
                 first = True
                 while True:
                     await self._run_connection(peer, started, reconnected=not first)
-                    if not (redial and self._should_reconnect(peer)):
+                    if not self._should_reconnect(peer):
                         return
                     self._changed.unpark_all()
                     new_peer = await self._reconnect()
@@ -266,17 +275,19 @@ class Client(Endpoint):
         except Exception:  # a system task must never raise; the reason is logged
             log.exception("connection to the server failed")
         finally:
-            self._supervisor = None
-            self._finished.set()
+            if self._supervisor is scope:
+                self._supervisor = None
+            finished.set()
+            exited.set()
             self._changed.unpark_all()
             started.set()
 
     def _should_reconnect(self, peer: Peer) -> bool:
-        connection = peer.connection
         return (
             self.descriptor.reconnect_enabled
+            and self._redial
             and not self._stopping
-            and not connection.closed_on_purpose
+            and not peer.connection.closed_on_purpose
         )
 
     async def _run_connection(self, peer: Peer, started: trio.Event, *, reconnected: bool) -> None:
