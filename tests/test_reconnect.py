@@ -244,6 +244,47 @@ async def test_disconnect_and_async_with_stop_reconnecting() -> None:
         await server.close()
 
 
+def test_async_with_exits_cleanly_while_reconnecting_under_asyncio() -> None:
+    async def main() -> None:
+        server = _server()
+        task = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, reconnect_delay=30.0, reconnect_delay_max=30.0)
+            waiting = asyncio.Event()
+
+            @client.on_reconnecting
+            async def lost(attempt: int, delay: float) -> None:
+                waiting.set()
+
+            async with client:
+                proxy.legs[0].close()
+                await asyncio.wait_for(waiting.wait(), 10)
+                assert client.reconnecting and not client.connected
+            await asyncio.wait_for(client.wait_closed(), 5)
+            assert not client.reconnecting and proxy.accepted == 1
+        await server.close()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+async def test_a_given_stream_is_not_redialled() -> None:
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port)
+            attempts: list[int] = []
+            client.on_reconnecting(lambda attempt, delay: attempts.append(attempt))
+            await client.connect(stream=await trio.open_tcp_stream(LOOPBACK, proxy.port))
+            proxy.legs[0].close()
+            with trio.fail_after(5):
+                await client.wait_closed()
+            assert attempts == [] and not client.reconnecting
+        await server.close()
+
+
 async def test_rpc_in_flight_is_not_replayed() -> None:
     server = _server()
     calls: list[int] = []
