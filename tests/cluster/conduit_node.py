@@ -8,7 +8,7 @@ with a ``FileTransferHandler`` and three RPC methods a test drives it with:
 
 * ``push(client_id, path, name)``: ``send_to_client`` from this node; the
   result dict (a raise becomes a failure dict, so the test sees its code);
-* ``broadcast(event, data)``: ``server.broadcast`` from this node;
+* ``broadcast(event, data, exclude)``: ``server.broadcast`` from this node;
 * ``whoami()``: this node's name and the caller's client id.
 
 Prints ``ready {"port": ..., "node": ...}`` once serving, then serves until
@@ -51,8 +51,8 @@ async def main(config: dict[str, Any]) -> None:
             return failure_dict(exc)
 
     @server.rpc
-    async def broadcast(event: str, data: Any) -> int:
-        return await server.broadcast(event, data)
+    async def broadcast(event: str, data: Any, exclude: list[str] | None = None) -> int:
+        return await server.broadcast(event, data, exclude=exclude or ())
 
     @server.rpc
     async def whoami() -> dict[str, str]:

@@ -9,6 +9,7 @@ bounded, then kills it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -121,7 +122,18 @@ class Receiver:
     client: Client
     inbox: Path
     messages: list[tuple[str, Any]] = attrs.field(factory=list)
-    arrived: trio.Event = attrs.field(factory=trio.Event)
+    _arrived: trio.Event = attrs.field(factory=trio.Event)
+
+    def record(self, event: str, data: Any) -> None:
+        """Keep one message and wake whoever waits for messages."""
+        self.messages.append((event, data))
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def wait_messages(self, count: int) -> None:
+        """Until ``count`` messages have arrived (bound it with ``trio.fail_after``)."""
+        while len(self.messages) < count:
+            await self._arrived.wait()
 
     @property
     def id(self) -> str:
@@ -137,11 +149,6 @@ async def receiver(port: int, inbox: Path, events: Sequence[str] = ()) -> AsyncI
     FileTransferHandler(storage_dir=inbox).register_client_handlers(client)
     found = Receiver(client, inbox)
     for event in events:
-
-        def record(data: Any, event: str = event) -> None:
-            found.messages.append((event, data))
-            found.arrived.set()
-
-        client.on(event)(record)
+        client.on(event)(functools.partial(found.record, event))
     async with client:
         yield found

@@ -111,9 +111,16 @@ async def test_push_broadcast_and_ids_across_three_nodes(
         assert sent_locally == 1  # A's own client; the others are other nodes' count
         with trio.fail_after(15):
             for found in on.values():
-                await found.arrived.wait()
+                await found.wait_messages(1)
         for found in on.values():
             assert found.messages == [("news", {"n": 1})]
+        # ... and skips the excluded clients of other nodes: C sees the third
+        # broadcast but not the second (one stream, delivered in order).
+        await control.call("broadcast", event="news", data={"n": 2}, exclude=[ids["c"]])
+        await control.call("broadcast", event="news", data={"n": 3})
+        with trio.fail_after(15):
+            await on["c"].wait_messages(2)
+        assert on["c"].messages == [("news", {"n": 1}), ("news", {"n": 3})]
 
         # A client that leaves gives its id back at once.
         await on["b"].client.disconnect()
