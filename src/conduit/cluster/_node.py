@@ -113,9 +113,10 @@ class ClusterNode:
     async def _sweep_staging(self, store: S3Store) -> None:
         # Staged files are deleted once delivered; only a node killed mid-push
         # leaves one behind. Any node may sweep: deleting twice is harmless.
+        # Only the staging area: upload partials are the transfer handler's.
         while True:
             try:
-                await store.cleanup_stale_partials(_SWEEP_INTERVAL)
+                await store.cleanup_staging(_SWEEP_INTERVAL)
             except Exception as exc:
                 log.warning("sweeping staged pushes failed: %s", exc)
             await trio.sleep(_SWEEP_INTERVAL)

@@ -73,6 +73,9 @@ class PushRequest:
     name: str
     size: int
     sha256: str
+    #: The source's modification time: the copy on the client's node gets it,
+    #: so a push cut off and sent again resumes as a local one would.
+    modified_ns: int
 
     def payload(self) -> dict[str, Any]:
         """As sent on the bus."""
@@ -92,6 +95,7 @@ class PushRequest:
                 name=payload["name"],
                 size=payload["size"],
                 sha256=payload["sha256"],
+                modified_ns=payload["modified_ns"],
             )
         except (KeyError, TypeError) as exc:
             raise RPCError(f"malformed push request: {exc}", "invalid_arguments") from None
@@ -104,6 +108,8 @@ class PushRequest:
             and request.size >= 0
             and isinstance(request.sha256, str)
             and _SHA256_HEX.fullmatch(request.sha256) is not None
+            and isinstance(request.modified_ns, int)
+            and request.modified_ns >= 0
         )
         if not valid:
             raise RPCError("malformed push request", "invalid_arguments")
@@ -143,6 +149,7 @@ async def push_via_node(
                 )
             )
         token = secrets.token_hex(16)
+        modified_ns = os.fstat(file.fileno()).st_mtime_ns
         try:
             size, digest = await _stage(store, token, file)
         except (ConduitError, OSError) as exc:
@@ -150,7 +157,7 @@ async def push_via_node(
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(file.close)
-    request = PushRequest(client_id, token, name, size, digest)
+    request = PushRequest(client_id, token, name, size, digest, modified_ns)
     delivered = False
     try:
         # No overall timeout: pushing a large file takes as long as it takes;
@@ -265,3 +272,5 @@ async def _fetch(store: S3Store, request: PushRequest, local: Path) -> None:
             await reader.aclose()
     if size != request.size or hasher.hexdigest() != request.sha256:
         raise RPCError("the staged file differs from what was staged", "checksum_mismatch")
+    modified = request.modified_ns
+    await trio.to_thread.run_sync(lambda: os.utime(local, ns=(modified, modified)))
