@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from .._rpc_proxy import to_wire
 from ..errors import ConnectionClosed, RPCError
 from ._push import PUSH_REQUEST, Pusher, PushRequest, deliver_staged, push_via_node
 from .bus import BusError, ClientIdTaken, ClusterBus
@@ -155,7 +156,8 @@ class ClusterNode:
         Best effort, like a broadcast to local clients: if the bus is
         unreachable the other nodes miss it and a warning is logged.
         """
-        document = {"event": event, "data": data, "exclude": sorted(exclude)}
+        # Unstructured as Peer.send does, so attrs instances cross the bus as maps.
+        document = {"event": event, "data": to_wire(data), "exclude": sorted(exclude)}
         try:
             await self.bus.broadcast(BROADCAST_EVENT, document)
         except (BusError, TypeError, ValueError) as exc:
