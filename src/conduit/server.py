@@ -388,7 +388,9 @@ class Server(Endpoint):
         try:
             await self._run_session(peer, (peer,), on_ended=ended)
         finally:
-            await self._release_client_id(client_id)
+            # Unless a newer connection of the same client holds the id by now.
+            if client_id not in self.clients:
+                await self._release_client_id(client_id)
 
 
 __all__ = ["Server"]
