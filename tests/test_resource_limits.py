@@ -208,15 +208,20 @@ async def test_inbound_streams_share_one_budget(
     await peer.aclose()
 
 
-@pytest.mark.parametrize("descriptor", [ServerDescriptor, ClientDescriptor])
-def test_stream_budget_settings_are_validated(descriptor: Callable[..., Any]) -> None:
-    with pytest.raises(ValueError, match="connection_receive_budget must be at least"):
-        descriptor(password="x", receive_window=1024 * 1024, connection_receive_budget=65536)
-    with pytest.raises(ValueError, match="max_streams_per_connection must be positive"):
-        descriptor(password="x", max_streams_per_connection=0)
-
-
-def test_transfer_limits_are_validated(tmp_path: Path) -> None:
+@hostile(
+    "limit-settings-checked",
+    area=AREA,
+    attack="a connection_receive_budget below receive_window, max_streams_per_connection=0, "
+    "max_transfers_per_connection=0, a read_ahead_per_connection below chunk_size, a "
+    "negative resume_hash_budget",
+    behaviour="ValueError naming the setting when the descriptor or handler is created",
+)
+def test_limit_settings_are_validated(tmp_path: Path) -> None:
+    for descriptor in (ServerDescriptor, ClientDescriptor):
+        with pytest.raises(ValueError, match="connection_receive_budget must be at least"):
+            descriptor(password="x", receive_window=1024 * 1024, connection_receive_budget=65536)
+        with pytest.raises(ValueError, match="max_streams_per_connection must be positive"):
+            descriptor(password="x", max_streams_per_connection=0)
     with pytest.raises(ValueError, match="max_transfers_per_connection"):
         FileTransferHandler(tmp_path, max_transfers_per_connection=0)
     with pytest.raises(ValueError, match="read_ahead_per_connection"):
