@@ -8,6 +8,9 @@ goes when the connection ends). Every download and push it serves draws on it:
   it back once the block is queued, so a peer that stops reading holds at most
   this much file data in this process, however many streams it opens; and a
   sender waiting for credit holds none.
+* worker threads -- at most :data:`READ_THREADS` of Trio's worker threads
+  read for one connection at once, so one connection's downloads cannot take
+  the whole pool from everyone else's ``file_list`` and reads.
 * resume hashing -- checking a claimed resume point means hashing the whole
   prefix, which a few bytes of request can make gigabytes. One prefix is hashed
   at a time per connection, in a worker-thread pool shared by every connection
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 import attrs
 import trio
+
+#: Worker threads one connection's senders may keep reading from disk at once.
+READ_THREADS = 4
 
 
 class ByteBudget:
@@ -50,10 +56,14 @@ class SendBudget:
     """The sending side's per-connection budget (see the module docstring)."""
 
     read_ahead: ByteBudget
+    #: Taken around each disk read, inside Trio's global thread limit.
+    read_threads: trio.CapacityLimiter = attrs.field(
+        factory=lambda: trio.CapacityLimiter(READ_THREADS)
+    )
     #: One resume hash at a time per connection.
     hash_lock: trio.Lock = attrs.field(factory=trio.Lock)
     #: Bytes hashed for resume points that turned out not to match.
     hashed_in_vain: int = 0
 
 
-__all__ = ["ByteBudget", "SendBudget"]
+__all__ = ["READ_THREADS", "ByteBudget", "SendBudget"]

@@ -64,13 +64,15 @@ async def send_file(
     chunk_size: int,
     reporter: ProgressReporter,
     read_ahead: ByteBudget | None = None,
+    read_threads: trio.CapacityLimiter | None = None,
 ) -> Trailer:
     """Send bytes ``start..size`` of ``file`` (positioned at ``start``) and the trailer.
 
     ``hasher`` already covers ``0..start``; the trailer carries the digest of the
     whole file. A file that shrinks while it is sent is an error, not a short file.
     Each block read is taken from ``read_ahead`` (the connection's budget) until
-    the outbox has it.
+    the outbox has it, and read while holding a ``read_threads`` token (the
+    connection's share of the worker threads).
     """
     position = start
     block_size = max(chunk_size, READ_BLOCK - READ_BLOCK % chunk_size)
@@ -85,7 +87,11 @@ async def send_file(
         taken = await read_ahead.take(want) if read_ahead is not None else want
         try:
             want = min(want, taken)
-            block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
+            if read_threads is None:
+                block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
+            else:
+                async with read_threads:
+                    block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
             if not block:
                 raise TransferError(
                     f"the file shrank while it was being sent ({position} of {size} bytes)",

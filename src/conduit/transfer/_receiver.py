@@ -300,7 +300,7 @@ class Receiver:
             if inbound.scope.cancelled_caught:
                 inbound.error = RPCError("replaced by a newer attempt", "superseded")
         except Exception as exc:
-            inbound.error = as_rpc_error(exc)
+            inbound.error = as_rpc_error(exc, name=name)
             log.warning("receiving %r failed: %s", name, inbound.error)
         finally:
             inbound.finished_at = now = trio.current_time()

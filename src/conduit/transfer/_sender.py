@@ -211,6 +211,7 @@ class Sender:
     ) -> Trailer:
         connection = peer.connection
         stream: OutgoingStream = connection.open_outgoing_stream(stream_id)
+        budget = self._budget(connection)
         try:
             trailer = await send_file(
                 stream,
@@ -220,7 +221,8 @@ class Sender:
                 hasher=hasher,
                 chunk_size=self._settings.chunk_size,
                 reporter=reporter,
-                read_ahead=self._budget(connection).read_ahead,
+                read_ahead=budget.read_ahead,
+                read_threads=budget.read_threads,
             )
         except BaseException as exc:
             reason = exc.message if isinstance(exc, TransferError) else "the sender gave up"

@@ -75,12 +75,12 @@ def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
     The same message and code as the failure dict a local caller gets
     (:func:`conduit.errors.failure_dict`), so both sides of a transfer name a
     failure alike. An ``OSError`` names the path it failed on, which may be
-    this side's absolute storage path: the peer is told ``name``, the file it
-    asked for, instead.
+    this side's absolute storage path: given ``name`` (the file the peer asked
+    for), the peer is told that instead.
     """
     if isinstance(exc, RPCError):
         return exc
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and name is not None:
         # OSError(errno, ...) builds the matching subclass (FileNotFoundError...).
         exc = OSError(exc.errno or errno.EIO, exc.strerror or "I/O error", name)
     failure = transfer_failure(exc)
