@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 import trio
@@ -20,6 +20,9 @@ from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
 from .protocol import ServerHandshake
 from .protocol.messages import Welcome
+
+if TYPE_CHECKING:
+    from .cluster._node import ClusterNode
 
 log = logging.getLogger("conduit.server")
 
@@ -90,6 +93,14 @@ class Server(Endpoint):
         # that replaces a stale connection waits for it); woken on each arrival.
         self._sessions_over: dict[str, trio.Event] = {}
         self._arrivals = trio.lowlevel.ParkingLot()
+        #: This server's node in the cluster when ``descriptor.cluster_url`` is
+        #: set (see :doc:`cluster`), else None.
+        self.cluster: ClusterNode | None = None
+        if descriptor.cluster_url is not None:
+            # Imported only here: a server without a cluster never loads redis.
+            from .cluster._node import ClusterNode
+
+            self.cluster = ClusterNode(self, descriptor)
 
     # ---------------------------------------------------------------- registry
 
@@ -199,6 +210,9 @@ class Server(Endpoint):
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
+                if self.cluster is not None:
+                    # Joined before the first client, whose id the cluster registers.
+                    await nursery.start(self.cluster.run)
                 await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
                 log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
                 self._listening.set()
@@ -237,8 +251,20 @@ class Server(Endpoint):
 
     @bridged
     async def broadcast(self, event: str, data: Any = None, exclude: Iterable[str] = ()) -> int:
-        """Send a one-way message to every connected client; return how many got it."""
+        """Send a one-way message to every connected client; return how many got it.
+
+        In a cluster (``cluster_url``), the clients of every other node get it
+        too (best effort, as for local clients); the count is this node's.
+        """
         skip = set(exclude)
+        sent = await self._broadcast_local(event, data, skip)
+        if self.cluster is not None:
+            await self.cluster.broadcast(event, data, skip)
+        return sent
+
+    async def _broadcast_local(self, event: str, data: Any, skip: Iterable[str]) -> int:
+        """Send to this server's own clients (not those of other cluster nodes)."""
+        skip = set(skip)
         sent = 0
         for peer in list(self.clients.values()):
             if peer.id in skip:
@@ -311,9 +337,16 @@ class Server(Endpoint):
                     await stream.do_handshake()
                 established = await server_handshake(stream, handshake, descriptor.max_frame_size)
                 client_id = await self._client_id_for(stream, established, arrival)
-                token = self._resume_tokens.issue(client_id)
-                welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval, token)
-                await stream.send_all(welcome_record(established.writer, welcome))
+                try:
+                    token = self._resume_tokens.issue(client_id)
+                    welcome = Welcome(
+                        client_id, descriptor.name, descriptor.heartbeat_interval, token
+                    )
+                    await stream.send_all(welcome_record(established.writer, welcome))
+                except BaseException:
+                    if client_id not in self.clients:  # not a stale connection's id
+                        await self._release_client_id(client_id)
+                    raise
         except trio.TooSlowError:
             log.warning(
                 "dropped %s: no handshake within auth_timeout (%gs)",
@@ -341,11 +374,26 @@ class Server(Endpoint):
         if established.resuming:
             token = await read_resume(stream, established)
             client_id = self._resume_tokens.redeem(token, trio.current_time())
-            if client_id is not None:
+            if client_id is not None and (
+                client_id in self.clients  # still held here, by its stale connection
+                or self.cluster is None
+                or await self.cluster.claim_client_id(client_id)
+            ):
                 log.info("client %s is back, from %s", client_id, arrival.label)
                 return client_id
             log.info("unknown or expired resume token from %s: new client id", arrival.label)
+        return await self._new_client_id()
+
+    async def _new_client_id(self) -> str:
+        """A fresh client id: random, and registered in the cluster when there is one."""
+        if self.cluster is not None:
+            return await self.cluster.new_client_id()
         return secrets.token_hex(8)
+
+    async def _release_client_id(self, client_id: str) -> None:
+        """The client with this id is gone: free the id in the cluster (bounded, never raises)."""
+        if self.cluster is not None:
+            await self.cluster.release_client_id(client_id)
 
     async def _serve_client(
         self,
@@ -367,18 +415,20 @@ class Server(Endpoint):
         )
         token = self._resume_tokens.current(client_id)
         stale = self.clients.get(client_id)
+        ending = self._sessions_over.get(client_id)
+        # Registered before the stale connection (if any) is closed, so that
+        # its end neither unregisters the id nor releases it in the cluster.
+        self.clients[client_id] = peer
         if stale is not None:
             # Only the holder of the token gets here: its old connection is a
             # dead one we have not noticed yet. Close it, and let its session
             # end (disconnect hooks too) before the new one starts.
             log.info("client %s reconnected: closing its stale connection", client_id)
             await stale.connection.close("replaced by the client's reconnect", grace=0.5)
-            ending = self._sessions_over.get(client_id)
             if ending is not None:
                 with trio.move_on_after(HOOK_TIMEOUT + 1):
                     await ending.wait()
         over = self._sessions_over[client_id] = trio.Event()
-        self.clients[client_id] = peer
         self._arrivals.unpark_all()
         log.info("client %s (%r) connected from %s", client_id, peer.name, arrival.label)
 
@@ -394,6 +444,9 @@ class Server(Endpoint):
             over.set()
             if self._sessions_over.get(client_id) is over:
                 del self._sessions_over[client_id]
+            # Unless a newer connection of the same client holds the id by now.
+            if client_id not in self.clients:
+                await self._release_client_id(client_id)
 
 
 __all__ = ["Server"]
