@@ -67,7 +67,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 
-from ..errors import AuthenticationError, ConnectionClosed, RemoteProtocolError
+from ..errors import AuthenticationError, ConnectionClosed, LockedOut, RemoteProtocolError
 from . import pake
 from .codec import converter, decode_body, encode_frame, pack
 from .frames import (
@@ -353,6 +353,8 @@ class ClientHandshake(_Handshake):
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:
             refusal = decode_body(frame, AuthFailed)
+            if refusal.code == "throttled":
+                raise LockedOut(refusal.reason, refusal.retry_after)
             if refusal.code in AUTH_CODES:
                 raise AuthenticationError(refusal.reason)
             raise ConnectionClosed(f"server refused the connection: {refusal.reason}")
