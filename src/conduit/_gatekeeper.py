@@ -29,11 +29,15 @@ import trio
 from ._handshake_io import Established, VersionMismatch, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
 from ._offload import run_sync
-from ._throttle import AuthThrottle
+from ._throttle import Attempt, AuthThrottle
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, ServerHandshake
 from .protocol.handshake import hello_username, shared_secret
+
+
+def _now() -> float:
+    return trio.current_time()
 
 
 @attrs.define
@@ -62,6 +66,9 @@ class Gatekeeper:
         )
         self._pending: dict[str, int] = {}
         self._pending_total = 0
+        # Set (and replaced) whenever an attempt settles: attempts queued
+        # behind a budget full of in-flight ones look again.
+        self._settled = trio.Event()
 
     async def prepare(self) -> None:
         """Before serving: the shared password's stretch, or the accounts file, in a thread.
@@ -114,8 +121,12 @@ class Gatekeeper:
         descriptor = self._descriptor
         reader, hello = await read_hello(stream)
         username = hello_username(hello)
-        attempt = self.throttle.reserve(host, username, trio.current_time())
-        if isinstance(attempt, float):
+        while not isinstance(attempt := self.throttle.reserve(host, username, _now()), Attempt):
+            if attempt > 0:
+                break
+            # The budget is full of attempts in flight: queue (within auth_timeout).
+            await self._settled.wait()
+        if not isinstance(attempt, Attempt):
             reason = (
                 f"locked out: too many failed password attempts from {host}"
                 f"{f' or for user {username!r}' if username else ''}; "
@@ -133,12 +144,18 @@ class Gatekeeper:
                 stream, handshake, descriptor.max_frame_size, reader=reader, hello=hello, run=run
             )
         except BaseException:
-            self.throttle.failed(attempt, trio.current_time())
+            self.throttle.failed(attempt, _now())
+            self._wake()
             raise
-        self.throttle.succeeded(attempt, trio.current_time())
+        self.throttle.succeeded(attempt, _now())
+        self._wake()
         established.username = handshake.username
         established.account = cast("AccountRecord | None", handshake.account)
         return established
+
+    def _wake(self) -> None:
+        self._settled.set()
+        self._settled = trio.Event()
 
     async def _machine(self) -> ServerHandshake:
         descriptor = self._descriptor

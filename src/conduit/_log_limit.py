@@ -24,22 +24,27 @@ class _Bucket:
 
 @attrs.define
 class LimitedLog:
-    """``warning(key, clock_now, msg, *args)``: at most ``burst`` lines, then one per ``period``."""
+    """``warning(key, clock_now, msg, *args)``: at most ``burst`` lines, then one per ``period``.
+
+    Budgets are per ``key`` (an address) and message template, so a flood of
+    one kind does not hide the first lines of another.
+    """
 
     log: logging.Logger
     burst: int = 5
     period: float = 10.0
     max_keys: int = 10_000
-    _buckets: OrderedDict[str, _Bucket] = attrs.field(factory=OrderedDict, init=False)
+    _buckets: OrderedDict[tuple[str, str], _Bucket] = attrs.field(factory=OrderedDict, init=False)
 
     def warning(self, key: str, now: float, message: str, *args: Any) -> None:
         """Log ``message % args`` for ``key`` (an address) unless it has used its budget."""
-        bucket = self._buckets.get(key)
+        slot = (key, message)
+        bucket = self._buckets.get(slot)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(float(self.burst), now)
+            bucket = self._buckets[slot] = _Bucket(float(self.burst), now)
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
-        self._buckets.move_to_end(key)
+        self._buckets.move_to_end(slot)
         bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) / self.period)
         bucket.stamp = now
         if bucket.tokens < 1:

@@ -2,7 +2,10 @@
 
 An attempt *reserves* a slot the moment the server has read a CLIENT_HELLO,
 before any password work: in-flight attempts count like failures, so N
-parallel connections get no more guesses than N sequential ones. A success
+parallel connections get no more guesses than N sequential ones. When a
+budget is full of attempts still in flight, a new attempt waits for one to
+settle (the server queues it) rather than being refused, so honest parallel
+connects from one address are serialised, not turned away. A success
 gives its slot back and forgives that user's earlier failures from that
 address; anything else (wrong password, a hello that never confirms, a
 dropped connection) leaves the slot counted, so hello replays are bounded by
@@ -25,7 +28,7 @@ autojump clock or with plain numbers.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 import attrs
 
@@ -45,12 +48,17 @@ class Attempt:
 
 @attrs.define
 class _Record:
-    attempts: deque[Attempt] = attrs.field(factory=deque)
+    # A list, not a deque: it holds at most a limit's worth (a few) of
+    # attempts, and 100,000 tracked addresses must stay small.
+    attempts: list[Attempt] = attrs.field(factory=list)
     locked_until: float = 0.0
 
     def prune(self, since: float) -> None:
-        while self.attempts and self.attempts[0].time < since:
-            self.attempts.popleft()
+        stale = 0
+        while stale < len(self.attempts) and self.attempts[stale].time < since:
+            stale += 1
+        if stale:
+            del self.attempts[:stale]
 
 
 @attrs.define
@@ -67,17 +75,30 @@ class AuthThrottle:
     _trusted: OrderedDict[tuple[str, str], float] = attrs.field(factory=OrderedDict, init=False)
 
     def retry_after(self, address: str, now: float, username: str = "") -> float:
-        """Seconds until ``address`` may try ``username`` again (0 when it may try now)."""
-        wait = self._wait(self._records.get(address), self.limit, now)
+        """Seconds ``address`` (trying ``username``) stays locked out (0 when not locked)."""
+        wait = self._locked(self._records.get(address), now)
         if username and not self._is_trusted(username, address, now):
-            wait = max(wait, self._wait(self._users.get(username), self.user_limit, now))
+            wait = max(wait, self._locked(self._users.get(username), now))
         return wait
 
     def reserve(self, address: str, username: str, now: float) -> Attempt | float:
-        """Count an attempt before its work: the ticket, or the seconds to wait when refused."""
+        """Count an attempt before its work.
+
+        The ticket; or the seconds of lock-out left (> 0) when refused; or 0.0
+        when the budget is full of attempts still in flight (try again when
+        one settles).
+        """
         wait = self.retry_after(address, now, username)
         if wait > 0:
             return wait
+        if self._full(self._records.get(address), self.limit, now):
+            return 0.0
+        if (
+            username
+            and not self._is_trusted(username, address, now)
+            and self._full(self._users.get(username), self.user_limit, now)
+        ):
+            return 0.0
         attempt = Attempt(address, username, now)
         self._record(self._records, address, now).attempts.append(attempt)
         if username:
@@ -88,13 +109,13 @@ class AuthThrottle:
         """The attempt authenticated: free its slot and that user's failures from its address."""
         record = self._records.get(attempt.address)
         if record is not None:
-            record.attempts = deque(a for a in record.attempts if a.username != attempt.username)
+            record.attempts = [a for a in record.attempts if a.username != attempt.username]
             if not record.attempts and record.locked_until <= now:
                 del self._records[attempt.address]
         user = self._users.get(attempt.username) if attempt.username else None
         if user is not None:
             # Only this attempt: a stranger's failures against the user keep counting.
-            user.attempts = deque(a for a in user.attempts if a is not attempt)
+            user.attempts = [a for a in user.attempts if a is not attempt]
         if attempt.username:
             key = (attempt.username, attempt.address)
             self._trusted[key] = now
@@ -127,16 +148,17 @@ class AuthThrottle:
         since = self._trusted.get((username, address))
         return since is not None and now - since < TRUST_PERIOD
 
-    def _wait(self, record: _Record | None, limit: int, now: float) -> float:
-        if record is None:
+    @staticmethod
+    def _locked(record: _Record | None, now: float) -> float:
+        if record is None or record.locked_until <= now:
             return 0.0
-        if record.locked_until > now:
-            return record.locked_until - now
+        return record.locked_until - now
+
+    def _full(self, record: _Record | None, limit: int, now: float) -> bool:
+        if record is None:
+            return False
         record.prune(now - self.window)
-        if len(record.attempts) >= limit:
-            # The budget is full of attempts still in flight: wait for the oldest to leave it.
-            return max(1.0, record.attempts[0].time + self.window - now)
-        return 0.0
+        return len(record.attempts) >= limit
 
     def _check(self, record: _Record | None, limit: int, now: float) -> None:
         if record is None:
