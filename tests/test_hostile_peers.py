@@ -62,8 +62,8 @@ from conduit.transfer._wire import Trailer
 from conftest import PASSWORD, ClientFactory, ServerFactory, client_descriptor, wait_until
 from hostile_helpers import (
     CASES,
-    HEADER,
     DOC_PATH,
+    HEADER,
     SUITE_MODULES,
     GoodTraffic,
     MiB,
