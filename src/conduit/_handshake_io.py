@@ -63,14 +63,15 @@ async def client_handshake(
 ) -> tuple[Established, Welcome]:
     """Authenticate to the server; return the session and its WELCOME.
 
-    ``offload``: run the machine's work in a worker thread (accounts mode,
-    where the first SERVER_HELLO may cost an Argon2id stretch).
+    ``offload``: handle the SERVER_HELLO in a worker thread (accounts mode,
+    where it may cost an Argon2id stretch); the SERVER_CONFIRM is one HMAC
+    comparison, handled inline.
     """
     reader, writer = FrameReader(), FrameWriter()
     await stream.send_all(handshake.start())
     while handshake.keys is None:
         frame = await _next_frame(stream, reader)
-        if offload:
+        if offload and frame.kind is FrameKind.SERVER_HELLO:
             reply = await run_sync(handshake.receive, frame)
         else:
             reply = handshake.receive(frame)

@@ -19,7 +19,7 @@ from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
 from .errors import ConnectionClosed, HandshakeTimeout
 from .protocol import ClientHandshake
-from .protocol.handshake import ProverCache, shared_secret
+from .protocol.handshake import ProverCache, shared_secret, shared_secret_ready
 
 log = logging.getLogger("conduit.client")
 
@@ -119,7 +119,7 @@ class Client(Endpoint):
         where = (
             "the given stream" if given else f"{descriptor.server_host}:{descriptor.server_port}"
         )
-        if descriptor.username is None:
+        if descriptor.username is None and not shared_secret_ready(descriptor.password):
             # The shared password's stretch (memoised), off the event loop and
             # outside connect_timeout: it is this process's one-time cost.
             await run_sync(shared_secret, descriptor.password)
