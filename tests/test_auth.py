@@ -407,3 +407,38 @@ def test_warnings_are_rate_limited_per_address(caplog: pytest.LogCaptureFixture)
     assert "failed from 10.0.0.2" in lines
     assert lines[-1].startswith("failed from 10.0.0.1 (") and "suppressed" in lines[-1]
     assert len(lines) <= 6
+
+
+# --------------------------------------------------------------------------- asyncio
+
+
+def test_accounts_under_asyncio(accounts: Accounts) -> None:
+    """The same API under asyncio.run: the server's and the client's worker threads too."""
+    import asyncio
+
+    async def main() -> str:
+        server = Server(ServerDescriptor(accounts=accounts, host=LOOPBACK, port=0))
+        register_whoami(server)
+        serving = asyncio.create_task(server.run())
+        port = await server.wait_listening()
+        client = Client(
+            ClientDescriptor(
+                server_host=LOOPBACK, server_port=port, username="bob", password=BOB_PASSWORD
+            )
+        )
+        try:
+            async with client:
+                reply = await client.call("whoami")
+            wrong = Client(
+                ClientDescriptor(
+                    server_host=LOOPBACK, server_port=port, username="bob", password="no"
+                )
+            )
+            with pytest.raises(AuthenticationError, match="wrong username or password"):
+                await wrong.connect()
+        finally:
+            await server.close()
+            await serving
+        return str(reply["username"])
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == "bob"

@@ -138,10 +138,6 @@ class AuthThrottle:
             self._record(self._users, username, now).attempts.append(attempt)
         self.failed(attempt, now)
 
-    def record_success(self, address: str) -> None:
-        """A correct shared password clears the address's record."""
-        self._records.pop(address, None)
-
     # ------------------------------------------------------------------ internals
 
     def _is_trusted(self, username: str, address: str, now: float) -> bool:
