@@ -176,6 +176,18 @@ async def test_accounts_file_path_is_opened_by_the_server(
     await carol.disconnect()
 
 
+async def test_a_malformed_accounts_file_keeps_the_old_accounts(
+    server_factory: ServerFactory, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await accounts_server(server_factory, str(accounts.path))
+    accounts.path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="conduit.server"):
+        client = await login(server, "alice", ALICE_PASSWORD)
+    assert (await client.call("whoami"))["username"] == "alice"
+    await client.disconnect()
+    assert any("unreadable, keeping the old data" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

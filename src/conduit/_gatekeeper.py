@@ -40,6 +40,23 @@ def _now() -> float:
     return trio.current_time()
 
 
+def _reload_then_receive(
+    accounts: Accounts, handshake: ServerHandshake, hello: Frame
+) -> tuple[bytes, ValueError | None]:
+    """In a worker thread: see changes to the accounts file, then answer the hello.
+
+    One ``stat`` when nothing changed, so a user added by ``conduit user add``
+    can log in at once; a malformed file keeps the old data (the error is
+    returned, to be logged on the event loop).
+    """
+    unreadable = None
+    try:
+        accounts.reload_if_changed()
+    except ValueError as exc:
+        unreadable = exc
+    return handshake.receive(hello), unreadable
+
+
 @attrs.define
 class Refused(Exception):
     """The attempt was turned away before any password work (the peer has been told)."""
@@ -135,9 +152,23 @@ class Gatekeeper:
             await refuse(stream, "throttled", reason, attempt)
             raise Refused(reason)
         try:
-            handshake = await self._machine()
+            handshake = self._machine()
 
             async def run(frame: Frame) -> bytes:
+                if frame.kind is FrameKind.CLIENT_HELLO and self.accounts is not None:
+                    # The reload rides on the hello's trip to a worker thread.
+                    reply, unreadable = await run_sync(
+                        _reload_then_receive, self.accounts, handshake, frame, limiter=self.limiter
+                    )
+                    if unreadable is not None:
+                        self.warnings.warning(
+                            "accounts file",
+                            _now(),
+                            "accounts file %s unreadable, keeping the old data: %s",
+                            self.accounts.path,
+                            unreadable,
+                        )
+                    return reply
                 if frame.kind is FrameKind.CLIENT_CONFIRM and self.accounts is None:
                     # Shared password: the group operations were all done with the
                     # hello; checking the confirmation is one HMAC comparison,
@@ -162,23 +193,11 @@ class Gatekeeper:
         self._settled.set()
         self._settled = trio.Event()
 
-    async def _machine(self) -> ServerHandshake:
+    def _machine(self) -> ServerHandshake:
         descriptor = self._descriptor
         lookup: Callable[[str], AccountRecord] | None = None
         if self.accounts is not None:
-            accounts = self.accounts
-            try:
-                # One stat; a change made by `conduit user add` is seen at the next login.
-                await run_sync(accounts.reload_if_changed)
-            except ValueError as exc:
-                self.warnings.warning(
-                    "accounts file",
-                    trio.current_time(),
-                    "accounts file %s unreadable, keeping the old data: %s",
-                    accounts.path,
-                    exc,
-                )
-            lookup = accounts.lookup
+            lookup = self.accounts.lookup
         return ServerHandshake(
             descriptor.password,
             name=descriptor.name,
