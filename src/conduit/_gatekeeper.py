@@ -26,7 +26,7 @@ from typing import cast
 import attrs
 import trio
 
-from ._handshake_io import Established, VersionMismatch, read_hello, refuse, server_handshake
+from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
 from ._offload import run_sync
 from ._throttle import Attempt, AuthThrottle
@@ -207,4 +207,4 @@ class Gatekeeper:
         )
 
 
-__all__ = ["Gatekeeper", "Refused", "VersionMismatch"]
+__all__ = ["Gatekeeper", "Refused"]

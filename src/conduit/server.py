@@ -12,8 +12,8 @@ import trio
 
 from ._bridge import bridged
 from ._endpoint import Endpoint, address_of, format_address
-from ._gatekeeper import Gatekeeper, Refused, VersionMismatch
-from ._handshake_io import Established, refuse, welcome_record
+from ._gatekeeper import Gatekeeper, Refused
+from ._handshake_io import Established, VersionMismatch, refuse, welcome_record
 from ._peer import Peer
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
