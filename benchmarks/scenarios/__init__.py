@@ -2,8 +2,8 @@
 
 A scenario is a module with ``NAME`` and ``run(config: RunConfig) -> ScenarioResult``
 (see :mod:`benchmarks._harness`), registered here in running order: small RPCs,
-bulk transfer, memory, head-of-line blocking, many small files, SFTP, and
-the pre-authentication abuse thresholds. The
+bulk transfer, memory, head-of-line blocking, many small files, SFTP, pushes
+across cluster nodes, and the pre-authentication abuse thresholds. The
 transfer scenarios share :mod:`benchmarks.scenarios._transfer`.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._harness import RunConfig, ScenarioResult
-from . import auth_abuse, bulk, hol, memory, rpc, sftp, smallfiles
+from . import auth_abuse, bulk, cluster, hol, memory, rpc, sftp, smallfiles
 
 Scenario = Callable[[RunConfig], ScenarioResult]
 
@@ -24,6 +24,7 @@ SCENARIOS: dict[str, Scenario] = {
     smallfiles.NAME: smallfiles.run,
     sftp.NAME: sftp.run,
     auth_abuse.NAME: auth_abuse.run,
+    cluster.NAME: cluster.run,
 }
 
 __all__ = ["SCENARIOS", "Scenario"]

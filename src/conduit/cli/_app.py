@@ -183,6 +183,17 @@ def _connect_options(
     metavar="FILE",
     help="Log users in from this accounts file (conduit user add) instead of one password.",
 )
+@click.option(
+    "--cluster",
+    "cluster_url",
+    metavar="URL",
+    help="Join a cluster through this Redis/Valkey (redis://HOST:PORT/DB); see docs/cluster.md.",
+)
+@click.option(
+    "--node-name",
+    metavar="NAME",
+    help="This node's name in the cluster (default: HOST-PID-RANDOM).",
+)
 @click.pass_obj
 def serve(
     verbose: int,
@@ -194,6 +205,8 @@ def serve(
     max_file_size: int | None,
     overwrite: bool,
     accounts: Path | None,
+    cluster_url: str | None,
+    node_name: str | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
 
@@ -222,6 +235,8 @@ def serve(
         max_file_size=max_file_size,
         overwrite=overwrite,
         accounts=store,
+        cluster_url=cluster_url,
+        node_name=node_name,
     )
     return run_trio(functools.partial(_serve.serve, options=options), cancel=False)
 
