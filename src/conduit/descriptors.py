@@ -70,6 +70,14 @@ def _accounts(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> Non
         raise TypeError(f"{attribute.name} must be a path or an Accounts, got {value!r}")
 
 
+def _receive_budget(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < instance.receive_window:
+        raise ValueError(
+            f"{attribute.name} must be at least receive_window ({instance.receive_window}), "
+            f"got {value}"
+        )
+
+
 _CLUSTER_SCHEMES = ("redis", "rediss", "unix")
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -164,6 +172,18 @@ class ServerDescriptor:
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
+    #: Data streams (uploads, downloads, pushes) open at once on one connection;
+    #: one more is refused with code "too_many_streams".
+    max_streams_per_connection: int = attrs.field(
+        default=64, validator=[v.instance_of(int), _positive]
+    )
+    #: Bytes of receive credit all inbound data streams of one connection may
+    #: hold together (each holds ``receive_window``): the memory one peer can
+    #: make this side buffer. A stream that would exceed it is refused with
+    #: code "too_many_streams". At least ``receive_window``.
+    connection_receive_budget: int = attrs.field(
+        default=64 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
+    )
     #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
     #: Failed handshakes from one address, within ``auth_failure_window``,
@@ -281,6 +301,18 @@ class ClientDescriptor:
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Calls from the server running at once on this client.
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
+    #: Data streams (uploads, downloads, pushes) open at once on one connection;
+    #: one more is refused with code "too_many_streams".
+    max_streams_per_connection: int = attrs.field(
+        default=64, validator=[v.instance_of(int), _positive]
+    )
+    #: Bytes of receive credit all inbound data streams of one connection may
+    #: hold together (each holds ``receive_window``): the memory one peer can
+    #: make this side buffer. A stream that would exceed it is refused with
+    #: code "too_many_streams". At least ``receive_window``.
+    connection_receive_budget: int = attrs.field(
+        default=64 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
+    )
     #: Wrap the connection in TLS and verify the server's certificate.
     tls: bool = attrs.field(default=False, validator=v.instance_of(bool))
     #: CA bundle to verify the server with (default: the system's).
