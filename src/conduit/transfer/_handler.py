@@ -39,6 +39,7 @@ from ._progress import TransferProgress
 from ._receiver import Receiver
 from ._sender import Sender
 from ._slots import TransferSlots
+from ._space import DEFAULT_FREE_SPACE_MARGIN, user_storage
 from ._storage import StorageRoot
 from ._wire import (
     DOWNLOAD,
@@ -53,6 +54,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
+    from .._peer import Peer
     from ..client import Client
     from ..server import Server
 
@@ -80,6 +82,15 @@ class FileTransferHandler:
     existing file: a clash becomes ``name (1).ext`` unless ``overwrite=True``.
     A partial file left by a dropped connection is kept for ``partial_ttl``
     seconds, and sending the same file again resumes from it.
+
+    Disk budget (see ``docs/security.md``): an upload is accepted only if its
+    declared size fits in the free space minus what uploads in progress have
+    reserved minus ``free_space_margin`` bytes; abandoned partial files are
+    removed within moments of ``partial_ttl`` passing, and the oldest of them
+    first whenever space is needed; ``max_partial_bytes`` (default: no cap
+    besides the disk) caps the bytes of unfinished uploads, abandoned or not.
+    On a server with accounts, each user sees only their own root below
+    ``storage_dir``, within their quota.
     """
 
     def __init__(
@@ -91,17 +102,30 @@ class FileTransferHandler:
         overwrite: bool = False,
         partial_ttl: float = 24 * 3600.0,
         max_listed: int = 10_000,
+        free_space_margin: int = DEFAULT_FREE_SPACE_MARGIN,
+        max_partial_bytes: int | None = None,
     ) -> None:
         if not 1024 <= chunk_size <= 1024 * 1024:
             raise ValueError(f"chunk_size must be between 1 KiB and 1 MiB, got {chunk_size}")
         if max_file_size is not None and max_file_size < 0:
             raise ValueError("max_file_size must be positive or None")
+        if free_space_margin < 0:
+            raise ValueError("free_space_margin must not be negative")
+        if max_partial_bytes is not None and max_partial_bytes < 0:
+            raise ValueError("max_partial_bytes must be positive or None")
         self.storage = StorageRoot(storage_dir)
         self.chunk_size = chunk_size
         self.max_file_size = max_file_size
         self.overwrite = overwrite
         self.partial_ttl = partial_ttl
         self.max_listed = max_listed
+        #: Free bytes never handed out to uploads (1 MiB by default): an upload
+        #: is accepted only if its size fits in free space minus reservations
+        #: minus this margin.
+        self.free_space_margin = free_space_margin
+        #: Cap on the bytes of unfinished uploads (in progress plus abandoned
+        #: partials); None: only the disk bounds them.
+        self.max_partial_bytes = max_partial_bytes
         #: Transfers (uploads, pushes, downloads served) one connection may run
         #: at once; more are refused with code ``"overloaded"``.
         self.max_transfers_per_connection = 128
@@ -117,6 +141,10 @@ class FileTransferHandler:
     def storage_dir(self) -> Path:
         """The storage directory, absolute."""
         return self.storage.path
+
+    def storage_for(self, peer: Peer | None) -> StorageRoot:
+        """The storage ``peer`` sees: its user's root in accounts mode, else :attr:`storage`."""
+        return user_storage(self.storage, peer)[0]
 
     def on_file_received(self, function: F) -> F:
         """Register a callback for every file this side receives and publishes.

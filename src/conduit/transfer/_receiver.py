@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -36,16 +35,13 @@ from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._slots import TransferSlots
+from ._space import Admission, DiskBudget
 from ._storage import PartialFile, StorageRoot
 from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
 
 log = logging.getLogger("conduit.transfer")
 
 ProgressCallback = Callable[[TransferProgress], Any]
-
-#: Seconds (of Trio's clock) between sweeps for stale partial files. How old a
-#: partial must be to go is ``partial_ttl``, judged by file mtimes (wall clock).
-_CLEANUP_INTERVAL = 600.0
 
 
 @attrs.define
@@ -70,7 +66,8 @@ class Receiver:
         self._inbound: weakref.WeakKeyDictionary[Connection, dict[int, _Inbound]] = (
             weakref.WeakKeyDictionary()
         )
-        self._last_cleanup = float("-inf")
+        # Reservations, quotas, partial ownership and expiry (see ._space).
+        self._budget = DiskBudget(settings)
 
     # ------------------------------------------------------------------ RPC methods
     # Library code written for Trio: marked so that they run in Trio even when
@@ -93,20 +90,11 @@ class Receiver:
         with self._slots.claim(connection, settings.max_transfers_per_connection) as slot:
             try:
                 safe = safe_relative_name(name)
-                await self._maybe_cleanup()
-                await trio.to_thread.run_sync(
-                    lambda: settings.storage.check_can_accept(size, settings.max_file_size)
-                )
-                partial = await trio.to_thread.run_sync(
-                    lambda: settings.storage.open_partial(safe, key, resume=not restart)
-                )
-                if partial.offset > size:
-                    await trio.to_thread.run_sync(partial.close)
-                    partial = await trio.to_thread.run_sync(
-                        lambda: settings.storage.open_partial(safe, key, resume=False)
-                    )
+                admission = await self._budget.admit(caller, safe, size, key, restart=restart)
             except Exception as exc:
                 raise as_rpc_error(exc) from None
+            partial = admission.partial
+            assert partial is not None
             try:
                 # Cancelled while the (uncancellable) thread opened the file: the
                 # caller is gone, so do not keep the partial locked for nobody.
@@ -118,7 +106,7 @@ class Receiver:
                     self._receive_task,
                     connection,
                     caller,
-                    partial,
+                    admission,
                     safe,
                     size,
                     inbound,
@@ -126,6 +114,7 @@ class Receiver:
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(partial.close)
+                    await self._budget.release(admission)
                 raise
             inbound_here[stream.stream_id] = inbound
         return {
@@ -169,13 +158,19 @@ class Receiver:
         started = trio.current_time()
         try:
             safe = safe_relative_name(name)
-            published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
+            admission = await self._budget.admit(caller, safe, len(data), None, restart=True)
         except Exception as exc:
             raise as_rpc_error(exc) from None
+        try:
+            published = await trio.to_thread.run_sync(self._store_small, admission, data, sha256)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        finally:
+            await self._budget.release(admission)
         result = await self._announce(
             caller.connection,
             caller,
-            self._settings.storage,
+            admission.storage,
             published,
             safe,
             len(data),
@@ -252,12 +247,14 @@ class Receiver:
         self,
         connection: Connection,
         peer: Peer,
-        partial: PartialFile,
+        admission: Admission,
         name: str,
         size: int,
         inbound: _Inbound,
     ) -> None:
         """The spawned half of an upload or push; its slot wrapper gives the slot back."""
+        partial = admission.partial
+        assert partial is not None
         try:
             with inbound.scope:
                 inbound.result = await self._receive_into(
@@ -269,6 +266,7 @@ class Receiver:
             inbound.error = as_rpc_error(exc)
             log.warning("receiving %r failed: %s", name, inbound.error)
         finally:
+            await self._budget.release(admission)
             inbound.done.set()
 
     async def _receive_into(
@@ -380,26 +378,12 @@ class Receiver:
             "checksum": checksum,
         }
 
-    def _store_small(self, name: str, data: bytes, sha256: str) -> str:
-        settings = self._settings
-        settings.storage.check_can_accept(len(data), settings.max_file_size)
-        partial = settings.storage.open_partial(name, secrets.token_hex(16), resume=False)
+    def _store_small(self, admission: Admission, data: bytes, sha256: str) -> str:
+        partial = admission.partial
+        assert partial is not None
         try:
             partial.write_block(data)
-            return partial.publish(overwrite=settings.overwrite, expected_sha256=sha256)
+            return partial.publish(overwrite=self._settings.overwrite, expected_sha256=sha256)
         except BaseException:
             partial.discard()
             raise
-
-    async def _maybe_cleanup(self) -> None:
-        # The sweep's cadence runs on Trio's clock (a MockClock drives it);
-        # what counts as stale is decided by file mtimes, on the wall clock.
-        now = trio.current_time()
-        if now - self._last_cleanup >= _CLEANUP_INTERVAL:
-            self._last_cleanup = now
-            settings = self._settings
-            removed = await trio.to_thread.run_sync(
-                lambda: settings.storage.cleanup_stale_partials(settings.partial_ttl)
-            )
-            if removed:
-                log.info("removed %d stale partial files", removed)

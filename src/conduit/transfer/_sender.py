@@ -209,21 +209,23 @@ class Sender:
     # the application lives in asyncio (where plain coroutines run on asyncio).
 
     @trio_callback
-    async def rpc_file_list(self) -> dict[str, Any]:
-        """``file_list``: the storage's visible files."""
+    async def rpc_file_list(self, caller: Peer) -> dict[str, Any]:
+        """``file_list``: the visible files of the caller's storage."""
         settings = self._settings
+        storage = settings.storage_for(caller)
         entries = await trio.to_thread.run_sync(
-            lambda: settings.storage.list_files(max_entries=settings.max_listed)
+            lambda: storage.list_files(max_entries=settings.max_listed)
         )
         return {
             "files": [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
         }
 
     @trio_callback
-    async def rpc_file_stat(self, name: str) -> dict[str, Any]:
+    async def rpc_file_stat(self, caller: Peer, name: str) -> dict[str, Any]:
         """``file_stat``: size and mtime of one stored file (what a download is keyed on)."""
+        storage = self._settings.storage_for(caller)
         try:
-            file, size = await trio.to_thread.run_sync(self._settings.storage.open_for_read, name)
+            file, size = await trio.to_thread.run_sync(storage.open_for_read, name)
         except Exception as exc:
             raise as_rpc_error(exc) from None
         with file:
@@ -251,7 +253,7 @@ class Sender:
         with self._slots.claim(connection, limit) as slot:
             try:
                 file, actual_size = await trio.to_thread.run_sync(
-                    self._settings.storage.open_for_read, name
+                    self._settings.storage_for(caller).open_for_read, name
                 )
             except Exception as exc:
                 raise as_rpc_error(exc) from None
@@ -307,7 +309,7 @@ class Sender:
             outcome = {
                 "success": True,
                 "checksum": trailer.checksum,
-                "path": str(self._settings.storage.path / name),
+                "path": str(self._settings.storage_for(caller).path / name),
                 "elapsed": final.elapsed,
                 "speed": final.speed,
             }
