@@ -168,7 +168,9 @@ async def eviction(port: int, storage: Path, workdir: Path) -> dict[str, Any]:
                 await client.disconnect()
         assert not result["success"], result
     await trio.sleep(1)  # let the server notice the drops
-    partial_bytes = sum(p.stat().st_size for p in _partials(storage))
+    partials_before = _partials(storage)
+    partial_bytes = sum(p.stat().st_size for p in partials_before)
+    free_before = _free(storage)
     honest = workdir / "honest.bin"
     honest.write_bytes(os.urandom(8 * MiB))
     client = await _client(port)
@@ -178,8 +180,10 @@ async def eviction(port: int, storage: Path, workdir: Path) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     await client.disconnect()
     return {
+        "abandoned_partials": len(partials_before),
         "abandoned_partial_bytes": partial_bytes,
-        "free_bytes_before_honest_upload": _free(storage),
+        "abandoned_partials_left": len(_partials(storage)),
+        "free_bytes_before_honest_upload": free_before,
         "honest_result": {k: result.get(k) for k in ("success", "code", "error")},
         "honest_seconds": round(elapsed, 3),
         "pass": bool(result.get("success")) and elapsed < 60,
