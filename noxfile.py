@@ -63,3 +63,10 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite (``-- --quick`` for the small CI-sized run)."""
     session.install("-e", ".[test,bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def stress_disk(session: nox.Session) -> None:
+    """Issue 11's full-size disk thresholds (needs root: mounts a 64 MiB tmpfs)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "benchmarks.scenarios.disk_abuse", *session.posargs)
