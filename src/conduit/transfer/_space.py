@@ -156,6 +156,7 @@ class DiskBudget:
         self._abandoned: dict[_Path, _Abandoned] = {}
         # Per Trio run: the sweeper task, its wake-up event, the index load.
         self._token: trio.lowlevel.TrioToken | None = None
+        self._sweeping = False
         self._wake = trio.Event()
         self._loaded = trio.Event()
 
@@ -200,7 +201,7 @@ class DiskBudget:
         """The upload ended: free its reservation; index its partial if one was kept."""
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._release_sync, admission, trio.current_time())
-            self._wake.set()
+        self._wake_sweeper()
 
     # ------------------------------------------------------------------ sweeper
 
@@ -208,23 +209,38 @@ class DiskBudget:
         token = trio.lowlevel.current_trio_token()
         if self._token is not token:
             # A new Trio run (or the first): the index's expiries were on another
-            # clock, so load it afresh from the disk.
+            # clock, so load it afresh from the disk, once.
             self._token = token
+            self._sweeping = False
             self._wake = trio.Event()
             self._loaded = trio.Event()
-            trio.lowlevel.spawn_system_task(
-                self._sweeper, token, self._loaded, name="conduit partial sweeper"
-            )
+            try:
+                await trio.to_thread.run_sync(self._load_sync, trio.current_time())
+            except Exception:
+                log.exception(
+                    "could not index the partial files in %s", self._settings.storage.path
+                )
+            finally:
+                self._loaded.set()
+            self._wake_sweeper()
         await self._loaded.wait()
 
-    async def _sweeper(self, token: trio.lowlevel.TrioToken, loaded: trio.Event) -> None:
-        try:
-            await trio.to_thread.run_sync(self._load_sync, trio.current_time())
-        except Exception:
-            log.exception("could not index the partial files in %s", self._settings.storage.path)
-        finally:
-            loaded.set()
-        while self._token is token:
+    def _wake_sweeper(self) -> None:
+        """Make sure a sweeper is waiting for the earliest expiry (it stops when none is left)."""
+        if self._sweeping:
+            self._wake.set()
+        elif self._abandoned and self._token is not None:
+            self._sweeping = True
+            self._wake = trio.Event()
+            trio.lowlevel.spawn_system_task(
+                self._sweeper, self._token, name="conduit partial sweeper"
+            )
+
+    async def _sweeper(self, token: trio.lowlevel.TrioToken) -> None:
+        # A system task: it outlives the connections whose partials it expires
+        # and ends with the run; it exits when nothing is left to expire, so an
+        # idle handler holds no task.
+        while self._token is token and self._abandoned:
             with trio.move_on_at(self._earliest_expiry()):
                 await self._wake.wait()
             if self._wake.is_set():
@@ -237,10 +253,14 @@ class DiskBudget:
                 continue
             if removed:
                 log.info("removed %d expired partial files", removed)
+        if self._token is token:
+            self._sweeping = False
 
     def _earliest_expiry(self) -> float:
-        with self._lock:
-            return min((entry.expires for entry in self._abandoned.values()), default=math.inf)
+        # Not under the lock: the event loop must not wait for a worker thread's
+        # walk. Copying the values is one C call, atomic under the GIL.
+        entries = list(self._abandoned.values())
+        return min((entry.expires for entry in entries), default=math.inf)
 
     # ------------------------------------------------------------------ worker-thread side
 
