@@ -180,21 +180,23 @@ class DiskBudget:
         admission = await trio.to_thread.run_sync(
             self._admit_sync, storage, prefix, name, size, key, owner, restart, quota
         )
+        resume = key is not None and not restart
         try:
-            partial = await trio.to_thread.run_sync(
-                lambda: storage.open_partial(
-                    name, admission.transfer_id, resume=key is not None and not restart
-                )
+            admission.partial = await trio.to_thread.run_sync(
+                lambda: storage.open_partial(name, admission.transfer_id, resume=resume)
             )
-            if partial.offset > size:
-                await trio.to_thread.run_sync(partial.close)
-                partial = await trio.to_thread.run_sync(
+            if admission.partial.offset > size:
+                # Longer than the file: not a prefix of it; start over.
+                await trio.to_thread.run_sync(admission.partial.close)
+                admission.partial = await trio.to_thread.run_sync(
                     lambda: storage.open_partial(name, admission.transfer_id, resume=False)
                 )
         except BaseException:
-            await self.release(admission)
+            with trio.CancelScope(shield=True):
+                if admission.partial is not None:
+                    await trio.to_thread.run_sync(admission.partial.close)
+                await self.release(admission)
             raise
-        admission.partial = partial
         return admission
 
     async def release(self, admission: Admission) -> None:
