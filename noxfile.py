@@ -70,3 +70,15 @@ def stress_disk(session: nox.Session) -> None:
     """Issue 11's full-size disk thresholds (needs root: mounts a 64 MiB tmpfs)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "benchmarks.scenarios.disk_abuse", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def stress(session: nox.Session) -> None:
+    """Issue 11's abuse thresholds at full size, each server in its own process (minutes).
+
+    ``benchmarks.abuse`` prints one PASS/FAIL line of figures per scenario; the
+    CI-sized versions (and every malformed peer answer) run as tests first.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", "tests/test_resource_limits.py")
+    session.run("python", "-m", "benchmarks.abuse", *session.posargs)

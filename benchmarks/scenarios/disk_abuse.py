@@ -13,7 +13,7 @@ commit) with the same client, to show the before/after figures.
    ~15 MiB partials, connections closed), then an honest 8 MiB upload. Pass: it
    succeeds, within 60 s.
 3. **deep paths**: ``partial_ttl`` 5 s; 1,000 begins into distinct 8-level-deep
-   paths on 10 connections, no data, connections closed; wait for the expiry
+   paths on 40 connections, no data, connections closed; wait for the expiry
    plus 5 s. Pass: no empty directory left, ``file_list`` < 200 ms (median of 5).
 """
 
@@ -192,18 +192,19 @@ async def eviction(port: int, storage: Path, workdir: Path) -> dict[str, Any]:
 
 async def deep_paths(port: int, storage: Path, ttl: float) -> dict[str, Any]:
     """1,000 abandoned deep-path begins, connections closed, expiry passed."""
-    clients = [await _client(port) for _ in range(10)]
+    # 25 per connection: under max_transfers_per_connection (32 by default).
+    clients = [await _client(port) for _ in range(40)]
 
-    async def hundred(c: int) -> None:
-        for i in range(100):
+    async def batch(c: int) -> None:
+        for i in range(25):
             name = "/".join(f"u{c}-{i}-{level}" for level in range(8)) + "/f.bin"
             await clients[c].rpc.call(
-                "file_upload_begin", name=name, size=1000, key=f"{c * 100 + i:032x}"
+                "file_upload_begin", name=name, size=1000, key=f"{c * 25 + i:032x}"
             )
 
     async with trio.open_nursery() as nursery:
-        for c in range(10):
-            nursery.start_soon(hundred, c)
+        for c in range(40):
+            nursery.start_soon(batch, c)
     directories_before = len(_directories(storage))
     for client in clients:
         await client.disconnect()
