@@ -66,6 +66,13 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def stress_disk(session: nox.Session) -> None:
+    """Issue 11's full-size disk thresholds (needs root: mounts a 64 MiB tmpfs)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "benchmarks.scenarios.disk_abuse", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def stress(session: nox.Session) -> None:
     """Issue 11's abuse thresholds at full size, each server in its own process (minutes).
 

@@ -60,6 +60,7 @@ SUITE_MODULES = (
     "test_load",
     "test_fuzz_properties",
     "test_resource_limits",
+    "test_disk_abuse",
 )
 BEGIN = "<!-- BEGIN GENERATED TABLE: python tests/hostile_helpers.py --write -->"
 END = "<!-- END GENERATED TABLE -->"

@@ -1,8 +1,8 @@
 """Transfer timers read Trio's clock, so a ``MockClock`` drives them.
 
-The progress throttle and rate, and the cadence of the stale-partial sweep,
-run on ``trio.current_time()``; how old a partial file is stays a wall-clock
-question (file mtimes), checked here with real files aged by ``os.utime``.
+The progress throttle and rate, and the expiry of abandoned partial files,
+run on ``trio.current_time()``; a partial found on disk gets the expiry its
+wall-clock mtime implies, checked here with real files aged by ``os.utime``.
 """
 
 from __future__ import annotations
@@ -52,19 +52,30 @@ def _stale_partial(storage: Path, name: str) -> Path:
     return path
 
 
+async def _until_gone(path: Path) -> None:
+    """Wait (in real time: the mock clock stands still) for the sweeper's worker thread."""
+    for _ in range(1000):
+        if not path.exists():
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+    raise AssertionError(f"{path} was not removed")
+
+
 async def test_the_stale_partial_sweep_runs_on_the_trio_clock(
     mock_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     storage = tmp_path / "server"
     handler = FileTransferHandler(storage_dir=storage, partial_ttl=3600)
+    budget = handler._receiver._budget
     first = _stale_partial(storage, "first.bin")
-    await handler._receiver._maybe_cleanup()
-    assert not first.exists()  # the first transfer sweeps
-
-    second = _stale_partial(storage, "second.bin")
-    mock_clock.jump(599)
-    await handler._receiver._maybe_cleanup()
-    assert second.exists()  # within ten minutes of Trio time: no sweep
+    fresh = StorageRoot(storage).open_partial("fresh.bin", "b" * 32, resume=False)
+    fresh.close()
+    await budget._ensure_running()  # what every upload begin does first
+    await _until_gone(first)  # a day old by its mtime: swept at once
+    [kept] = partial_files(storage)
+    assert "fresh.bin" in kept.name  # written just now: an hour to go
+    mock_clock.jump(3599)
+    await trio.testing.wait_all_tasks_blocked()
+    assert kept.exists()  # within partial_ttl of Trio time: kept
     mock_clock.jump(1)
-    await handler._receiver._maybe_cleanup()
-    assert not second.exists()
+    await _until_gone(kept)  # expired: the sweeper wakes and removes it

@@ -39,6 +39,7 @@ from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
 from ._slots import TransferSlots
+from ._space import DEFAULT_FREE_SPACE_MARGIN, user_storage
 from ._storage import StorageRoot
 from ._wire import (
     DOWNLOAD,
@@ -53,6 +54,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
+    from .._peer import Peer
     from ..client import Client
     from ..server import Server
 
@@ -92,6 +94,15 @@ class FileTransferHandler:
     * ``resume_hash_budget`` -- bytes the server hashes for a connection's
       download resume points that turn out wrong; past it, that connection's
       downloads restart from zero instead of being checked.
+
+    Disk budget (see ``docs/security.md``): an upload is accepted only if its
+    declared size fits in the free space minus what uploads in progress have
+    reserved minus ``free_space_margin`` bytes; abandoned partial files are
+    removed within moments of ``partial_ttl`` passing, and the oldest of them
+    first whenever space is needed; ``max_partial_bytes`` (default: no cap
+    besides the disk) caps the bytes of unfinished uploads, abandoned or not.
+    On a server with accounts, each user sees only their own root below
+    ``storage_dir``, within their quota.
     """
 
     def __init__(
@@ -106,11 +117,17 @@ class FileTransferHandler:
         max_transfers_per_connection: int = 32,
         read_ahead_per_connection: int = 8 * 1024 * 1024,
         resume_hash_budget: int = 1024 * 1024 * 1024,
+        free_space_margin: int = DEFAULT_FREE_SPACE_MARGIN,
+        max_partial_bytes: int | None = None,
     ) -> None:
         if not 1024 <= chunk_size <= 1024 * 1024:
             raise ValueError(f"chunk_size must be between 1 KiB and 1 MiB, got {chunk_size}")
         if max_file_size is not None and max_file_size < 0:
             raise ValueError("max_file_size must be positive or None")
+        if free_space_margin < 0:
+            raise ValueError("free_space_margin must not be negative")
+        if max_partial_bytes is not None and max_partial_bytes < 0:
+            raise ValueError("max_partial_bytes must be positive or None")
         if max_transfers_per_connection < 1:
             raise ValueError(
                 "max_transfers_per_connection must be at least 1, "
@@ -129,6 +146,13 @@ class FileTransferHandler:
         self.overwrite = overwrite
         self.partial_ttl = partial_ttl
         self.max_listed = max_listed
+        #: Free bytes never handed out to uploads (1 MiB by default): an upload
+        #: is accepted only if its size fits in free space minus reservations
+        #: minus this margin.
+        self.free_space_margin = free_space_margin
+        #: Cap on the bytes of unfinished uploads (in progress plus abandoned
+        #: partials); None: only the disk bounds them.
+        self.max_partial_bytes = max_partial_bytes
         #: Transfers (uploads, pushes, downloads served) one connection may run
         #: at once; more are refused with code ``"overloaded"``.
         self.max_transfers_per_connection = max_transfers_per_connection
@@ -153,6 +177,10 @@ class FileTransferHandler:
     def storage_dir(self) -> Path:
         """The storage directory, absolute."""
         return self.storage.path
+
+    def storage_for(self, peer: Peer | None) -> StorageRoot:
+        """The storage ``peer`` sees: its user's root in accounts mode, else :attr:`storage`."""
+        return user_storage(self.storage, peer)[0]
 
     def on_file_received(self, function: F) -> F:
         """Register a callback for every file this side receives and publishes.

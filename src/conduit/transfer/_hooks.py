@@ -35,8 +35,14 @@ class TransferSettings(Protocol):
     partial_ttl: float
     max_listed: int
     max_transfers_per_connection: int
+    free_space_margin: int
+    max_partial_bytes: int | None
     read_ahead_per_connection: int
     resume_hash_budget: int
+
+    def storage_for(self, peer: Any) -> StorageRoot:
+        """The root ``peer`` may see: its user's root in accounts mode, else ``storage``."""
+        ...
 
 
 @attrs.define

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._slots import TransferSlots
+from ._space import Admission, DiskBudget
 from ._storage import PartialFile, StorageRoot
 from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
 
@@ -47,9 +47,6 @@ log = logging.getLogger("conduit.transfer")
 
 ProgressCallback = Callable[[TransferProgress], Any]
 
-#: Seconds (of Trio's clock) between sweeps for stale partial files. How old a
-#: partial must be to go is ``partial_ttl``, judged by file mtimes (wall clock).
-_CLEANUP_INTERVAL = 600.0
 #: Finished transfers whose verdict a connection has not asked for
 #: (``*_finish``), kept at most; the oldest go first.
 MAX_UNCLAIMED = 16
@@ -95,7 +92,8 @@ class Receiver:
         self._settings = settings
         self._hooks = hooks
         self._slots = slots
-        self._last_cleanup = float("-inf")
+        # Reservations, quotas, partial ownership and expiry (see ._space).
+        self._budget = DiskBudget(settings)
 
     def _inbound(self, connection: Connection) -> dict[int, _Inbound]:
         """``connection``'s transfers being received, by stream id (owned by the connection)."""
@@ -125,20 +123,11 @@ class Receiver:
         with self._slots.claim(connection, settings.max_transfers_per_connection) as slot:
             try:
                 safe = safe_relative_name(name)
-                await self._maybe_cleanup()
-                await trio.to_thread.run_sync(
-                    lambda: settings.storage.check_can_accept(size, settings.max_file_size)
-                )
-                partial = await trio.to_thread.run_sync(
-                    lambda: settings.storage.open_partial(safe, key, resume=not restart)
-                )
-                if partial.offset > size:
-                    await trio.to_thread.run_sync(partial.close)
-                    partial = await trio.to_thread.run_sync(
-                        lambda: settings.storage.open_partial(safe, key, resume=False)
-                    )
+                admission = await self._budget.admit(caller, safe, size, key, restart=restart)
             except Exception as exc:
                 raise as_rpc_error(exc, name=name) from None
+            partial = admission.partial
+            assert partial is not None
             try:
                 # Cancelled while the (uncancellable) thread opened the file: the
                 # caller is gone, so do not keep the partial locked for nobody.
@@ -150,7 +139,7 @@ class Receiver:
                     self._receive_task,
                     connection,
                     caller,
-                    partial,
+                    admission,
                     safe,
                     size,
                     inbound,
@@ -159,6 +148,7 @@ class Receiver:
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(partial.close)
+                    await self._budget.release(admission)
                 raise
             inbound_here[stream.stream_id] = inbound
         return {
@@ -202,13 +192,19 @@ class Receiver:
         started = trio.current_time()
         try:
             safe = safe_relative_name(name)
-            published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
+            admission = await self._budget.admit(caller, safe, len(data), None, restart=True)
         except Exception as exc:
             raise as_rpc_error(exc, name=name) from None
+        try:
+            published = await trio.to_thread.run_sync(self._store_small, admission, data, sha256)
+        except Exception as exc:
+            raise as_rpc_error(exc, name=name) from None
+        finally:
+            await self._budget.release(admission)
         result = await self._announce(
             caller.connection,
             caller,
-            self._settings.storage,
+            admission.storage,
             published,
             safe,
             len(data),
@@ -285,13 +281,15 @@ class Receiver:
         self,
         connection: Connection,
         peer: Peer,
-        partial: PartialFile,
+        admission: Admission,
         name: str,
         size: int,
         inbound: _Inbound,
         inbound_here: dict[int, _Inbound],
     ) -> None:
         """The spawned half of an upload or push; its slot wrapper gives the slot back."""
+        partial = admission.partial
+        assert partial is not None
         try:
             with inbound.scope:
                 inbound.result = await self._receive_into(
@@ -303,6 +301,7 @@ class Receiver:
             inbound.error = as_rpc_error(exc, name=name)
             log.warning("receiving %r failed: %s", name, inbound.error)
         finally:
+            await self._budget.release(admission)
             inbound.finished_at = now = trio.current_time()
             inbound.done.set()
             _forget_unclaimed(inbound_here, now)
@@ -416,26 +415,12 @@ class Receiver:
             "checksum": checksum,
         }
 
-    def _store_small(self, name: str, data: bytes, sha256: str) -> str:
-        settings = self._settings
-        settings.storage.check_can_accept(len(data), settings.max_file_size)
-        partial = settings.storage.open_partial(name, secrets.token_hex(16), resume=False)
+    def _store_small(self, admission: Admission, data: bytes, sha256: str) -> str:
+        partial = admission.partial
+        assert partial is not None
         try:
             partial.write_block(data)
-            return partial.publish(overwrite=settings.overwrite, expected_sha256=sha256)
+            return partial.publish(overwrite=self._settings.overwrite, expected_sha256=sha256)
         except BaseException:
             partial.discard()
             raise
-
-    async def _maybe_cleanup(self) -> None:
-        # The sweep's cadence runs on Trio's clock (a MockClock drives it);
-        # what counts as stale is decided by file mtimes, on the wall clock.
-        now = trio.current_time()
-        if now - self._last_cleanup >= _CLEANUP_INTERVAL:
-            self._last_cleanup = now
-            settings = self._settings
-            removed = await trio.to_thread.run_sync(
-                lambda: settings.storage.cleanup_stale_partials(settings.partial_ttl)
-            )
-            if removed:
-                log.info("removed %d stale partial files", removed)

@@ -33,6 +33,7 @@ import trio
 from .._callbacks import trio_callback
 from .._connection import Connection
 from .._peer import Peer
+from .._rpc import current_peer
 from .._streams import OutgoingStream
 from ..errors import ConduitError, RPCError, StreamReset, TransferError
 from ..protocol import is_valid_stream_id
@@ -237,10 +238,11 @@ class Sender:
 
     @trio_callback
     async def rpc_file_list(self) -> dict[str, Any]:
-        """``file_list``: the storage's visible files."""
+        """``file_list``: the visible files of the caller's storage."""
         settings = self._settings
+        storage = settings.storage_for(current_peer())
         entries = await trio.to_thread.run_sync(
-            lambda: settings.storage.list_files(max_entries=settings.max_listed)
+            lambda: storage.list_files(max_entries=settings.max_listed)
         )
         return {
             "files": [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
@@ -249,8 +251,9 @@ class Sender:
     @trio_callback
     async def rpc_file_stat(self, name: str) -> dict[str, Any]:
         """``file_stat``: size and mtime of one stored file (what a download is keyed on)."""
+        storage = self._settings.storage_for(current_peer())
         try:
-            file, size = await trio.to_thread.run_sync(self._settings.storage.open_for_read, name)
+            file, size = await trio.to_thread.run_sync(storage.open_for_read, name)
         except Exception as exc:
             raise as_rpc_error(exc, name=name) from None
         with file:
@@ -278,7 +281,7 @@ class Sender:
         with self._slots.claim(connection, limit) as slot:
             try:
                 file, actual_size = await trio.to_thread.run_sync(
-                    self._settings.storage.open_for_read, name
+                    self._settings.storage_for(caller).open_for_read, name
                 )
             except Exception as exc:
                 raise as_rpc_error(exc, name=name) from None
@@ -366,7 +369,7 @@ class Sender:
             outcome = {
                 "success": True,
                 "checksum": trailer.checksum,
-                "path": str(self._settings.storage.path / name),
+                "path": str(self._settings.storage_for(caller).path / name),
                 "elapsed": final.elapsed,
                 "speed": final.speed,
             }

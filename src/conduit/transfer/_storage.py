@@ -55,7 +55,7 @@ from ._names import (
     split_name,
 )
 
-__all__ = ["FileEntry", "PartialFile", "StorageRoot"]
+__all__ = ["FileEntry", "PartialEntry", "PartialFile", "StorageRoot"]
 
 _CLOEXEC: Final = os.O_CLOEXEC
 # O_NOFOLLOW on every open below the root: a symlink there is refused, not followed.
@@ -94,6 +94,20 @@ class FileEntry:
     #: Size in bytes.
     size: int
     #: Modification time, seconds since the epoch.
+    modified: float
+
+
+@attrs.frozen
+class PartialEntry:
+    """One partial file below a :class:`StorageRoot` (see :meth:`StorageRoot.list_partials`)."""
+
+    #: The directories that hold it, relative to the root.
+    directories: tuple[str, ...]
+    #: The partial file's own (hidden) base name.
+    basename: str
+    #: Size in bytes.
+    size: int
+    #: Modification time (wall clock), seconds since the epoch.
     modified: float
 
 
@@ -285,6 +299,88 @@ class StorageRoot:
                     removed += 1
         return removed
 
+    # ---------------------------------------------------- disk budget (see ._space)
+
+    def list_partials(self) -> list[PartialEntry]:
+        """Every partial file below the root (not following symlinks); empty if no root."""
+        found: list[PartialEntry] = []
+        root_fd = self._open_root(create=False, missing_ok=True)
+        if root_fd is None:
+            return found
+        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+            for _directory, entry, relative in walk:
+                if not is_partial_name(entry.name) or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                *directories, basename = relative.split("/")
+                found.append(
+                    PartialEntry(tuple(directories), basename, info.st_size, info.st_mtime)
+                )
+        return found
+
+    def used_bytes(self) -> int:
+        """Bytes of every regular file below the root, partial files included (for quotas)."""
+        total = 0
+        root_fd = self._open_root(create=False, missing_ok=True)
+        if root_fd is None:
+            return 0
+        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+            for _directory, entry, _relative in walk:
+                if entry.is_file(follow_symlinks=False):
+                    with suppress(FileNotFoundError):
+                        total += entry.stat(follow_symlinks=False).st_size
+        return total
+
+    def remove_idle_partial(self, directories: tuple[str, ...], basename: str) -> bool:
+        """Unlink the partial file ``directories/basename`` unless a transfer holds it open.
+
+        ``basename`` must be a partial file's name; directories are walked
+        without following symlinks. Returns whether it was removed.
+        """
+        if not is_partial_name(basename) or "/" in basename:
+            raise UnsafePathError(f"{basename!r} is not a partial file name")
+        try:
+            dir_fd = self._open_directory(
+                directories, "/".join((*directories, basename)), create=False
+            )
+        except (OSError, UnsafePathError, TransferError):
+            return False
+        with _closing(dir_fd):
+            return _remove_if_idle(dir_fd, basename)
+
+    def prune_empty_directories(self, directories: tuple[str, ...], *, keep: int = 0) -> int:
+        """Remove ``directories`` from the deepest up while each is empty; return how many.
+
+        Stops at the first one that is not empty (or not a directory, or
+        gone), and above the first ``keep`` levels, which stay; never removes
+        the root itself. Symlinks are neither followed nor removed.
+        """
+        fds: list[int] = []
+        removed = 0
+        try:
+            root_fd = self._open_root(create=False, missing_ok=True)
+            if root_fd is None:
+                return 0
+            fds.append(root_fd)
+            for segment in directories[:-1]:
+                try:
+                    fds.append(os.open(segment, _DIR_FLAGS, dir_fd=fds[-1]))
+                except OSError:
+                    return 0
+            for depth in range(len(directories) - 1, max(keep, 0) - 1, -1):
+                try:
+                    os.rmdir(directories[depth], dir_fd=fds[depth])
+                except OSError:
+                    break
+                removed += 1
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return removed
+
     # ----------------------------------------------------------------------- internals
 
     def _open_root(self, *, create: bool, missing_ok: bool = False) -> int | None:
@@ -384,6 +480,11 @@ class PartialFile:
     def offset(self) -> int:
         """Bytes written (and hashed) so far; where the next block goes."""
         return self._offset
+
+    @property
+    def finished(self) -> bool:
+        """Whether the file was published or discarded (nothing of it is left to manage)."""
+        return self._finished
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,450 @@
+"""The receiving side's disk budget: reservations, abandoned partials, quotas, ownership.
+
+One :class:`DiskBudget` per handler decides whether an upload may begin and
+opens its partial file. The rules, each enforced here and nowhere else:
+
+* **Reservations.** An accepted upload reserves the bytes it still has to
+  write (its declared size minus what its partial already holds, shrinking as
+  data lands). A new upload is admitted only if its own remaining bytes fit in
+  the free space minus every other reservation minus ``free_space_margin``, so
+  the declared sizes of concurrent uploads can never add up to more than the
+  disk holds. The check and the registration happen under one lock.
+* **Abandoned partials** (kept for a resume when a connection drops) are
+  indexed in memory with their expiry, ``partial_ttl`` after they were last
+  written. A sweeper task sleeps until the earliest expiry and removes what has
+  expired, then the directories that were created for it and are now empty.
+  When space is needed, the oldest abandoned partials not currently being
+  written are evicted *before* an upload is refused with ``no_space`` (or
+  ``quota_exceeded``). ``max_partial_bytes`` caps abandoned plus in-flight
+  partial bytes the same way.
+* **Ownership.** A partial is bound to who created it (the user in accounts
+  mode; the client's network address in shared-password mode) until it
+  expires: another client sending a file with the same transfer key gets a
+  partial of its own and can neither resume, reset nor truncate the first.
+  With ``overwrite=True`` an upload to a name another upload is writing is
+  refused with ``busy``.
+* **Isolation.** In accounts mode every user has a :class:`StorageRoot` of
+  their own below the storage directory (``AccountRecord.root``), created on
+  demand; ``quota`` counts their stored files, partials and reservations;
+  ``read_only`` refuses uploads with ``forbidden``.
+
+Times: expiries are kept on Trio's clock (a ``MockClock`` drives the sweeper);
+a partial found on disk when the index is first loaded in a run gets the
+expiry its wall-clock mtime implies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+import trio
+
+from ..accounts import check_root
+from ..errors import TransferError, UnsafePathError
+from ._names import partial_basename, split_name
+from ._storage import PartialFile, StorageRoot
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+
+log = logging.getLogger("conduit.transfer")
+
+#: Default of ``FileTransferHandler.free_space_margin``: free space never handed out.
+DEFAULT_FREE_SPACE_MARGIN = 1 << 20
+
+_Path = tuple[str, ...]  # a partial file's path below the storage directory
+
+
+class BudgetSettings(Protocol):
+    """The handler settings the budget reads at each use."""
+
+    storage: StorageRoot
+    max_file_size: int | None
+    overwrite: bool
+    partial_ttl: float
+    free_space_margin: int
+    max_partial_bytes: int | None
+
+
+def user_storage(storage: StorageRoot, peer: Peer | None) -> tuple[StorageRoot, _Path]:
+    """The root ``peer`` may see, and its path below ``storage``.
+
+    Shared-password mode (no account): the storage directory itself. Accounts
+    mode: ``storage/<account.root>``, with the same no-symlink confinement below it.
+    """
+    account = getattr(peer, "account", None)
+    if account is None:
+        return storage, ()
+    root = check_root(account.root)
+    prefix = tuple(root.split("/"))
+    return (
+        StorageRoot(storage.path.joinpath(*prefix), storage.dir_mode, storage.file_mode),
+        prefix,
+    )
+
+
+def _owner(peer: Peer | None) -> str:
+    """Who a partial belongs to: the user, else the client's host, else the connection."""
+    if peer is None:
+        return ""
+    username = getattr(peer, "username", None)
+    if username is not None:
+        return f"user:{username}"
+    address = peer.address
+    if isinstance(address, tuple) and address:
+        return f"host:{address[0]}"
+    return f"connection:{peer.id}"
+
+
+@attrs.define(eq=False)
+class Admission:
+    """An accepted upload: its reservation and, once opened, its partial file."""
+
+    storage: StorageRoot
+    prefix: _Path
+    name: str
+    transfer_id: str
+    owner: str
+    size: int
+    start: int
+    partial: PartialFile | None = None
+
+    @property
+    def directories(self) -> _Path:
+        """The partial's directories below the storage directory."""
+        return (*self.prefix, *split_name(self.name)[0])
+
+    @property
+    def path(self) -> _Path:
+        """The partial file's path below the storage directory."""
+        return (*self.directories, partial_basename(split_name(self.name)[1], self.transfer_id))
+
+    def remaining(self) -> int:
+        """Bytes still to be written: the part of the reservation not yet on disk."""
+        partial = self.partial
+        written = self.start if partial is None or partial.closed else partial.offset
+        return max(0, self.size - written)
+
+
+@attrs.define(eq=False)
+class _Abandoned:
+    path: _Path
+    owner: str
+    size: int
+    modified: float  # wall clock: eviction order, oldest first
+    expires: float  # Trio clock
+
+
+class DiskBudget:
+    """Admits uploads against the disk, the partial cap and quotas; reclaims partials."""
+
+    def __init__(self, settings: BudgetSettings) -> None:
+        self._settings = settings
+        # Held (in worker threads) around every decision and every removal, so
+        # that two admissions cannot both count the same free bytes and a
+        # sweep never removes a directory an admitted upload is about to use.
+        self._lock = threading.Lock()
+        self._active: set[Admission] = set()
+        self._abandoned: dict[_Path, _Abandoned] = {}
+        # Per Trio run: the sweeper task, its wake-up event, the index load.
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._sweeping = False
+        self._wake = trio.Event()
+        self._loaded = trio.Event()
+
+    # ------------------------------------------------------------------ async API
+
+    async def admit(
+        self, peer: Peer | None, name: str, size: int, key: str | None, *, restart: bool
+    ) -> Admission:
+        """Check and reserve, then open the partial for ``name`` (raises TransferError).
+
+        ``key`` is the sender's transfer key; ``None`` for a one-shot small file.
+        """
+        await self._ensure_running()
+        settings = self._settings
+        account = getattr(peer, "account", None)
+        if account is not None and account.read_only:
+            raise TransferError("this account is read-only: uploads are refused", "forbidden")
+        storage, prefix = user_storage(settings.storage, peer)
+        owner = _owner(peer)
+        quota = None if account is None else account.quota
+        admission = await trio.to_thread.run_sync(
+            self._admit_sync, storage, prefix, name, size, key, owner, restart, quota
+        )
+        resume = key is not None and not restart
+        try:
+            admission.partial = await trio.to_thread.run_sync(
+                lambda: storage.open_partial(name, admission.transfer_id, resume=resume)
+            )
+            if admission.partial.offset > size:
+                # Longer than the file: not a prefix of it; start over.
+                await trio.to_thread.run_sync(admission.partial.close)
+                admission.partial = await trio.to_thread.run_sync(
+                    lambda: storage.open_partial(name, admission.transfer_id, resume=False)
+                )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if admission.partial is not None:
+                    await trio.to_thread.run_sync(admission.partial.close)
+                await self.release(admission)
+            raise
+        return admission
+
+    async def release(self, admission: Admission) -> None:
+        """The upload ended: free its reservation; index its partial if one was kept."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._release_sync, admission, trio.current_time())
+        self._wake_sweeper()
+
+    # ------------------------------------------------------------------ sweeper
+
+    async def _ensure_running(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+        if self._token is not token:
+            # A new Trio run (or the first): the index's expiries were on another
+            # clock, so load it afresh from the disk, once.
+            self._token = token
+            self._sweeping = False
+            self._wake = trio.Event()
+            self._loaded = trio.Event()
+            try:
+                await trio.to_thread.run_sync(self._load_sync, trio.current_time())
+            except Exception:
+                log.exception(
+                    "could not index the partial files in %s", self._settings.storage.path
+                )
+            finally:
+                self._loaded.set()
+            self._wake_sweeper()
+        await self._loaded.wait()
+
+    def _wake_sweeper(self) -> None:
+        """Make sure a sweeper is waiting for the earliest expiry (it stops when none is left)."""
+        if self._sweeping:
+            self._wake.set()
+        elif self._abandoned and self._token is not None:
+            self._sweeping = True
+            self._wake = trio.Event()
+            trio.lowlevel.spawn_system_task(
+                self._sweeper, self._token, name="conduit partial sweeper"
+            )
+
+    async def _sweeper(self, token: trio.lowlevel.TrioToken) -> None:
+        # A system task: it outlives the connections whose partials it expires
+        # and ends with the run; it exits when nothing is left to expire, so an
+        # idle handler holds no task.
+        while self._token is token and self._abandoned:
+            with trio.move_on_at(self._earliest_expiry()):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            try:
+                removed = await trio.to_thread.run_sync(self._sweep_sync, trio.current_time())
+            except Exception:
+                log.exception("sweeping expired partial files failed")
+                await trio.sleep(1)  # do not spin on a persistent error
+                continue
+            if removed:
+                log.info("removed %d expired partial files", removed)
+        if self._token is token:
+            self._sweeping = False
+
+    def _earliest_expiry(self) -> float:
+        # Not under the lock: the event loop must not wait for a worker thread's
+        # walk. Copying the values is one C call, atomic under the GIL.
+        entries = list(self._abandoned.values())
+        return min((entry.expires for entry in entries), default=math.inf)
+
+    # ------------------------------------------------------------------ worker-thread side
+
+    def _load_sync(self, now: float) -> None:
+        wall = time.time()
+        ttl = self._settings.partial_ttl
+        found = self._settings.storage.list_partials()
+        with self._lock:
+            self._abandoned.clear()
+            for entry in found:
+                path = (*entry.directories, entry.basename)
+                expires = now + max(0.0, entry.modified + ttl - wall)
+                self._abandoned[path] = _Abandoned(path, "", entry.size, entry.modified, expires)
+
+    def _sweep_sync(self, now: float) -> int:
+        with self._lock:
+            expired = [entry for entry in self._abandoned.values() if entry.expires <= now]
+            for entry in expired:
+                self._remove_locked(entry)
+            return len(expired)
+
+    def _admit_sync(
+        self,
+        storage: StorageRoot,
+        prefix: _Path,
+        name: str,
+        size: int,
+        key: str | None,
+        owner: str,
+        restart: bool,
+        quota: int | None,
+    ) -> Admission:
+        settings = self._settings
+        # Size rules first (invalid_size, too_large); space is decided below.
+        storage.check_can_accept(size, settings.max_file_size, offset=max(size, 0))
+        with self._lock:
+            transfer_id = self._transfer_id(prefix, name, key, owner)
+            start = 0
+            if not restart and key is not None:
+                start = storage.find_partial(name, transfer_id) or 0
+                if start > size:
+                    start = 0
+            admission = Admission(storage, prefix, name, transfer_id, owner, size, start)
+            own = admission.path
+            if settings.overwrite:
+                for other in self._active:
+                    if other.storage.path == storage.path and other.name == name:
+                        raise TransferError(
+                            f"{name!r} is being written by another upload; try again later",
+                            "busy",
+                        )
+            self._make_room_on_disk(storage, size - start, own)
+            self._make_room_for_partials(size, own)
+            if quota is not None:
+                self._make_room_in_quota(storage, prefix, size - start, quota, own)
+            self._abandoned.pop(own, None)
+            self._active.add(admission)
+            return admission
+
+    def _release_sync(self, admission: Admission, now: float) -> None:
+        with self._lock:
+            self._active.discard(admission)
+            partial = admission.partial
+            if partial is not None and not partial.finished:
+                try:
+                    info = admission.storage.find_partial(admission.name, admission.transfer_id)
+                except (OSError, UnsafePathError):
+                    info = None
+                if info is not None:
+                    self._abandoned[admission.path] = _Abandoned(
+                        admission.path,
+                        admission.owner,
+                        info,
+                        time.time(),
+                        now + self._settings.partial_ttl,
+                    )
+                    return
+            # Published, discarded or never opened: the directories made for it
+            # may now be empty.
+            self._prune_locked(admission.directories)
+
+    def _transfer_id(self, prefix: _Path, name: str, key: str | None, owner: str) -> str:
+        """The key itself, unless another owner's partial holds it: then a partial of our own."""
+        if key is None:
+            return secrets.token_hex(16)
+        directories, basename = split_name(name)
+        path = (*prefix, *directories, partial_basename(basename, key))
+        holders = [a.owner for a in self._active if a.path == path]
+        abandoned = self._abandoned.get(path)
+        if abandoned is not None and abandoned.owner:
+            holders.append(abandoned.owner)
+        if all(holder == owner for holder in holders):
+            return key
+        return hashlib.sha256(f"{key}\0{owner}".encode()).hexdigest()[:32]
+
+    def _reserved(self, storage: StorageRoot | None = None) -> int:
+        return sum(
+            a.remaining() for a in self._active if storage is None or a.storage.path == storage.path
+        )
+
+    def _make_room_on_disk(self, storage: StorageRoot, needed: int, own: _Path) -> None:
+        margin = self._settings.free_space_margin
+
+        def shortfall() -> int:
+            return needed - (storage.free_space() - self._reserved() - margin)
+
+        if not self._evict_until(shortfall, own, ()):
+            available = max(0, storage.free_space() - self._reserved() - margin)
+            raise TransferError(
+                f"not enough disk space: {needed} bytes needed, {available} available "
+                "(free space minus uploads in progress minus the margin)",
+                "no_space",
+            )
+
+    def _make_room_for_partials(self, size: int, own: _Path) -> None:
+        cap = self._settings.max_partial_bytes
+        if cap is None:
+            return
+
+        def shortfall() -> int:
+            kept = sum(e.size for p, e in self._abandoned.items() if p != own)
+            return kept + sum(a.size for a in self._active) + size - cap
+
+        if not self._evict_until(shortfall, own, ()):
+            raise TransferError(
+                f"unfinished uploads would exceed the limit of {cap} bytes; try again later",
+                "no_space",
+            )
+
+    def _make_room_in_quota(
+        self, storage: StorageRoot, prefix: _Path, needed: int, quota: int, own: _Path
+    ) -> None:
+        def shortfall() -> int:
+            return storage.used_bytes() + self._reserved(storage) + needed - quota
+
+        if not self._evict_until(shortfall, own, prefix):
+            raise TransferError(
+                f"the upload would exceed this account's quota of {quota} bytes",
+                "quota_exceeded",
+            )
+
+    def _evict_until(self, shortfall: Callable[[], int], own: _Path, within: _Path) -> bool:
+        """Evict the oldest abandoned partials (below ``within``) until ``shortfall() <= 0``."""
+        if shortfall() <= 0:
+            return True
+        candidates = sorted(
+            (
+                entry
+                for path, entry in self._abandoned.items()
+                if path != own and path[: len(within)] == within
+            ),
+            key=lambda entry: entry.modified,
+        )
+        for entry in candidates:
+            if self._remove_locked(entry):
+                log.info("evicted abandoned partial %s to make room", "/".join(entry.path))
+                if shortfall() <= 0:
+                    return True
+        return shortfall() <= 0
+
+    def _remove_locked(self, entry: _Abandoned) -> bool:
+        """Remove an abandoned partial (unless it is being written) and its empty directories."""
+        self._abandoned.pop(entry.path, None)
+        directories, basename = entry.path[:-1], entry.path[-1]
+        storage = self._settings.storage
+        removed = storage.remove_idle_partial(directories, basename)
+        self._prune_locked(directories)
+        return removed
+
+    def _prune_locked(self, directories: _Path) -> None:
+        # Keep every directory an admitted upload uses (it may be about to
+        # create its partial there); one holding a kept partial is not empty.
+        keep = 0
+        for path in [a.directories for a in self._active]:
+            common = 0
+            for mine, theirs in zip(directories, path, strict=False):
+                if mine != theirs:
+                    break
+                common += 1
+            keep = max(keep, common)
+        if keep < len(directories):
+            self._settings.storage.prune_empty_directories(directories, keep=keep)
+
+
+__all__ = ["DEFAULT_FREE_SPACE_MARGIN", "Admission", "DiskBudget", "user_storage"]

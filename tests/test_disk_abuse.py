@@ -1,0 +1,427 @@
+"""The disk under attack: reservations, abandoned partials, ownership, per-user storage.
+
+Issue 11 (items 4, 9 and 12) and issue 12's storage isolation, CI-sized:
+
+* concurrent begins can never be promised more bytes than the disk has;
+* abandoned partials are evicted, oldest first, before an honest upload is
+  refused with ``no_space``; ``max_partial_bytes`` caps unfinished uploads;
+* abandoned partials and the directories made for them go soon after
+  ``partial_ttl`` (here 1 s), not at the next 10-minute sweep;
+* a partial is bound to its creator: another client knowing the transfer key
+  cannot reset it, and ``overwrite=True`` cannot replace a file being written;
+* accounts: each user sees only their own root; ``quota`` -> ``quota_exceeded``,
+  ``read_only`` -> ``forbidden``.
+
+The disk-full cases run on a real small tmpfs when this machine lets the
+suite mount one (root), else on a normal directory whose free space is
+*injected*: ``os.statvfs`` reports a volume of the given size minus what the
+directory holds, so the same accounting logic runs (writes are not limited).
+The full-size figures are in ``benchmarks/scenarios/disk_abuse.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import Client, FileTransferHandler, Server
+from conduit.accounts import Accounts
+from conduit.protocol.pake import MIN_STRETCH
+from conduit.transfer import _storage
+from conduit.transfer._wire import transfer_key
+from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
+from hostile_helpers import MiB, hostile
+from transfer_helpers import Cutter, file_sha256, make_file, partial_files, visible_files
+
+Volume = Callable[[int], Path]
+
+
+def _tree_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+@pytest.fixture
+def volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Volume]:
+    """``volume(size)``: a directory on a ``size``-byte file system (see the module doc)."""
+    mounted: list[Path] = []
+
+    def make(size: int) -> Path:
+        mount_point = tmp_path / f"volume{len(mounted)}"
+        mount_point.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+            capture_output=True,
+            check=False,
+        )
+        if done.returncode == 0:
+            mounted.append(mount_point)
+            return mount_point
+        real_statvfs = os.statvfs
+
+        def statvfs(path: Any) -> Any:
+            result = real_statvfs(path)
+            if not Path(path).resolve().is_relative_to(mount_point):
+                return result
+            free = max(0, size - _tree_size(mount_point)) // result.f_frsize
+            return os.statvfs_result((*result[:4], free, *result[5:]))  # f_bavail
+
+        monkeypatch.setattr(_storage.os, "statvfs", statvfs)
+        return mount_point
+
+    yield make
+    for mount_point in mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+async def begin(client: Client, name: str, size: int, key: str, restart: bool = False) -> Any:
+    """A raw ``file_upload_begin``: the server reserves and opens a partial, no data follows."""
+    return await client.rpc.call(
+        "file_upload_begin", name=name, size=size, key=key, restart=restart
+    )
+
+
+async def abandon_upload(server: Server, source: Path, scratch: Path, cut_after: int) -> None:
+    """An upload of ``source`` whose connection drops after ``cut_after`` bytes."""
+    cutter = Cutter("c2s", cut_after)
+    proxy = TcpProxy(server.port, cutter)
+    cutter.proxy = proxy
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        nursery.start_soon(cutter.cut_when_tripped)
+        client = Client(client_descriptor(proxy.port))
+        await client.connect()
+        try:
+            result = await FileTransferHandler(storage_dir=scratch).send_to_server(client, source)
+        finally:
+            with trio.move_on_after(5):
+                await client.disconnect()
+        nursery.cancel_scope.cancel()
+    assert result["success"] is False, result
+    await wait_until(lambda: not server.clients, timeout=10)
+
+
+def empty_directories(root: Path) -> list[Path]:
+    """Directories below ``root`` that hold nothing."""
+    return [p for p in root.rglob("*") if p.is_dir() and not any(p.iterdir())]
+
+
+# --------------------------------------------------------------------------- reservations
+
+
+@hostile(
+    "disk-reservations",
+    area="disk",
+    attack="on a 16 MiB volume (max_file_size 4 MiB), 8 concurrent 4 MiB upload begins, "
+    "no data sent",
+    behaviour="begins are accepted only while their declared sizes fit in the free space minus "
+    "the others' reservations minus the margin; the rest get 'no_space'",
+)
+async def test_concurrent_begins_never_reserve_more_than_the_free_space(
+    server_factory: ServerFactory, client_factory: ClientFactory, volume: Volume
+) -> None:
+    storage = volume(16 * MiB) / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_file_size=4 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    free = transfer.storage.free_space()
+    with trio.fail_after(30):
+        answers = [await begin(client, f"f{i}.bin", 4 * MiB, f"{i:032x}") for i in range(8)]
+    accepted = [a for a in answers if a["success"]]
+    refused = [a for a in answers if not a["success"]]
+    assert len(accepted) * 4 * MiB <= free, (free, answers)
+    assert refused and all(a["code"] == "no_space" for a in refused), answers
+    await client.disconnect()
+    await wait_until(lambda: not server.clients, timeout=10)
+
+
+@hostile(
+    "disk-evict-abandoned",
+    area="disk",
+    attack="on a 16 MiB volume, 4 uploads of 3.75 MiB dropped at 3.5 MiB (their partials "
+    "kept for a resume), then an honest 4 MiB upload",
+    behaviour="the oldest abandoned partials are evicted to make room, the honest upload "
+    "succeeds byte-identical",
+)
+async def test_abandoned_partials_are_evicted_before_refusing_for_space(
+    server_factory: ServerFactory, volume: Volume, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = volume(16 * MiB) / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_file_size=4 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(60):
+        for i in range(4):
+            source = tmp_path / f"abandoned{i}.bin"
+            await make_file(source, 3 * MiB + 3 * MiB // 4)
+            await abandon_upload(server, source, tmp_path / "scratch", 7 * MiB // 2)
+        assert sum(p.stat().st_size for p in partial_files(storage)) >= 12 * MiB
+        honest = tmp_path / "honest.bin"
+        checksum = await make_file(honest, 4 * MiB)
+        client = await client_factory(server)
+        result = await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(
+            client, honest
+        )
+    assert result["success"] is True, result
+    assert await file_sha256(storage / "honest.bin") == checksum
+    assert len(partial_files(storage)) < 4
+
+
+@hostile(
+    "disk-partial-cap",
+    area="disk",
+    attack="max_partial_bytes=6 MiB: two abandoned 2.5 MiB partials, then three concurrent "
+    "2 MiB begins",
+    behaviour="the abandoned partials are evicted, oldest first, to admit the begins; in-flight "
+    "bytes beyond the cap are refused with 'no_space'",
+)
+async def test_total_partial_bytes_are_capped(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_partial_bytes=6 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(60):
+        for i in range(2):
+            source = tmp_path / f"abandoned{i}.bin"
+            await make_file(source, 3 * MiB)
+            await abandon_upload(server, source, tmp_path / "scratch", 5 * MiB // 2)
+        assert len(partial_files(storage)) == 2
+        client = await client_factory(server)
+        answers = [await begin(client, f"f{i}.bin", 2 * MiB, f"{i:032x}") for i in range(4)]
+    assert [a["success"] for a in answers] == [True, True, True, False], answers
+    assert answers[3]["code"] == "no_space"
+    kept = [p for p in partial_files(storage) if p.stat().st_size > 0]
+    assert kept == [], kept  # both abandoned partials made room
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+@hostile(
+    "disk-abandoned-deep-paths",
+    area="disk",
+    attack="12 upload begins into distinct 8-level-deep paths, no data, then the connection "
+    "closes; partial_ttl=1",
+    behaviour="within seconds of the expiry every partial and every directory made for them "
+    "is gone; file_list is empty",
+)
+async def test_abandoned_partials_and_their_directories_expire_on_time(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, partial_ttl=1)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    with trio.fail_after(30):
+        for i in range(12):  # under the connection's stream budget (16 x 4 MiB windows)
+            name = "/".join(f"d{i}-{level}" for level in range(8)) + "/f.bin"
+            answer = await begin(client, name, 1000, f"{i:032x}")
+            assert answer["success"], answer
+        assert len(partial_files(storage)) == 12
+        await client.disconnect()
+        await wait_until(lambda: not server.clients, timeout=10)
+        await wait_until(lambda: not any(storage.iterdir()), timeout=20, interval=0.1)
+        other = await client_factory(server)
+        assert await transfer.list_files(other) == []
+
+
+@hostile(
+    "disk-bad-checksum-directories",
+    area="disk",
+    attack="an upload into a new 6-level-deep path whose data does not match its checksum",
+    behaviour="refused with 'checksum_mismatch'; the partial and the directories made for it "
+    "are removed at once",
+)
+async def test_a_rejected_upload_leaves_no_directories(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    name = "/".join(f"level{i}" for i in range(6)) + "/wrong.bin"
+    with trio.fail_after(30):
+        answer = await client.rpc.call(
+            "file_upload_small", name=name, data=b"some bytes", sha256="0" * 64
+        )
+    assert answer["success"] is False and answer["code"] == "checksum_mismatch", answer
+    assert list(storage.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+async def connect_from(server: Server, address: str) -> Client:
+    """A client whose socket is bound to ``address`` (another 127.0.0.x host)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=address)
+    client = Client(client_descriptor(server.port))
+    await client.connect(stream=stream)
+    return client
+
+
+@hostile(
+    "disk-partial-owner",
+    area="disk",
+    attack="a client from another address sends begins (resume, then restart) with the "
+    "transfer key of another client's abandoned partial",
+    behaviour="it gets a partial of its own at offset 0; the owner's partial is untouched and "
+    "the owner's retry resumes it",
+)
+async def test_another_client_cannot_reset_a_partial_it_does_not_own(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    source = tmp_path / "victim.bin"
+    checksum = await make_file(source, 4 * MiB)
+    key = transfer_key("victim.bin", 4 * MiB, source.stat().st_mtime_ns)
+    with trio.fail_after(60):
+        await abandon_upload(server, source, tmp_path / "scratch", 2 * MiB)
+        [kept] = partial_files(storage)
+        kept_size = kept.stat().st_size
+        assert kept_size > 0
+        stranger = await connect_from(server, "127.0.0.2")
+        try:
+            for restart in (False, True):
+                answer = await begin(stranger, "victim.bin", 4 * MiB, key, restart)
+                assert answer["success"], answer
+                assert answer["data"]["offset"] == 0, answer
+        finally:
+            await stranger.disconnect()
+        await wait_until(lambda: not server.clients, timeout=10)
+        assert kept.stat().st_size == kept_size
+        owner = await client_factory(server)
+        result = await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(owner, source)
+    assert result["success"] is True and result["checksum"] == checksum, result
+    assert result["resumed_from"] > 0, result
+
+
+@hostile(
+    "disk-overwrite-while-writing",
+    area="disk",
+    attack="with overwrite=True, a second client uploads a file under a name another upload "
+    "is writing",
+    behaviour="the second upload is refused with 'busy'; the first completes and is what the "
+    "name holds",
+)
+async def test_overwrite_cannot_replace_a_file_being_written(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, overwrite=True)
+    server = await server_factory(register=transfer.register_server_handlers)
+    writer = await client_factory(server)
+    intruder = await client_factory(server)
+    with trio.fail_after(30):
+        answer = await begin(writer, "shared.bin", 1000, "a" * 32)
+        assert answer["success"], answer
+        source = tmp_path / "outbox" / "shared.bin"
+        await make_file(source, 2000)
+        result = await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(
+            intruder, source
+        )
+    assert result["success"] is False and result["code"] == "busy", result
+    assert visible_files(storage) == []
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    store = Accounts(tmp_path / "accounts.json", stretch=MIN_STRETCH)
+    store.add("alice", "pw-alice")
+    store.add("bob", "pw-bob", root="team/bob")
+    store.add("carol", "pw-carol", quota=1 * MiB)
+    store.add("dave", "pw-dave", read_only=True)
+    return store
+
+
+async def as_user(server: Server, client: Client, accounts: Accounts, username: str) -> None:
+    """Give ``client``'s server-side peer the account (what accounts mode does at login)."""
+    assert client.id is not None
+    peer = server.clients[client.id]
+    peer.username = username
+    peer.account = accounts.get(username)
+
+
+@hostile(
+    "accounts-isolation",
+    area="disk",
+    attack="user bob lists, stats, downloads and uploads under the names of alice's files",
+    behaviour="bob sees only his own root (storage/team/bob): alice's files are not listed, "
+    "'not_found' to download, and his upload of the same name lands in his root",
+)
+async def test_each_user_sees_only_their_root(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    alice, bob = await client_factory(server), await client_factory(server)
+    await as_user(server, alice, accounts, "alice")
+    await as_user(server, bob, accounts, "bob")
+    source = tmp_path / "outbox" / "secret.txt"
+    await make_file(source, 3000)
+    sender = FileTransferHandler(storage_dir=tmp_path / "c")
+    with trio.fail_after(30):
+        uploaded = await sender.send_to_server(alice, source)
+        assert uploaded["success"], uploaded
+        assert visible_files(storage / "alice") == ["secret.txt"]
+        assert await transfer.list_files(bob) == []
+        assert [f["name"] for f in await transfer.list_files(alice)] == ["secret.txt"]
+        download = await sender.receive_from_server(bob, "secret.txt", tmp_path / "bob-dl")
+        assert download["success"] is False and download["code"] == "not_found", download
+        mine = tmp_path / "bob-outbox" / "secret.txt"
+        await make_file(mine, 100)
+        assert (await sender.send_to_server(bob, mine))["success"]
+    assert visible_files(storage / "team" / "bob") == ["secret.txt"]
+    assert (storage / "alice" / "secret.txt").stat().st_size == 3000
+
+
+@hostile(
+    "accounts-quota-read-only",
+    area="disk",
+    attack="a user with a 1 MiB quota sends 600 KiB twice (streamed and small-file paths); "
+    "a read-only user uploads",
+    behaviour="the second upload fails with 'quota_exceeded' and nothing of it is published; "
+    "the read-only user's uploads fail with 'forbidden'",
+)
+async def test_quota_and_read_only(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    carol, dave = await client_factory(server), await client_factory(server)
+    await as_user(server, carol, accounts, "carol")
+    await as_user(server, dave, accounts, "dave")
+    sender = FileTransferHandler(storage_dir=tmp_path / "c")
+    first, second = tmp_path / "out" / "first.bin", tmp_path / "out" / "second.bin"
+    await make_file(first, 600 * 1024)
+    await make_file(second, 600 * 1024)
+    with trio.fail_after(30):
+        assert (await sender.send_to_server(carol, first))["success"]
+        over = await sender.send_to_server(carol, second)
+        assert over["success"] is False and over["code"] == "quota_exceeded", over
+        small = await carol.rpc.call(
+            "file_upload_small", name="tiny.bin", data=b"x" * 500_000, sha256="0" * 64
+        )
+        assert small["success"] is False and small["code"] == "quota_exceeded", small
+        refused = await sender.send_to_server(dave, first)
+        assert refused["success"] is False and refused["code"] == "forbidden", refused
+    assert visible_files(storage / "carol") == ["first.bin"]
+    assert partial_files(storage) == []
+    assert not (storage / "dave").exists() or visible_files(storage / "dave") == []
