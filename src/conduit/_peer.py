@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from ._bridge import bridged
 from ._connection import Connection
 from ._rpc_proxy import RPCProxy, to_wire
-from .accounts import AccountRecord
 
 if TYPE_CHECKING:
     from .accounts import AccountRecord
@@ -52,11 +51,6 @@ class Peer:
         self.address = address
         #: ``time.time()`` when the connection was authenticated.
         self.connected_at = time.time()
-        #: The authenticated user on the server side; None in shared-password mode.
-        self.username: str | None = None
-        #: The user's ``AccountRecord`` (root, quota, read-only) on the server
-        #: side; None in shared-password mode.
-        self.account: AccountRecord | None = None
         self._connection = connect(self)
         self.rpc = RPCProxy(lambda: self._connection, default_timeout)
 
