@@ -192,7 +192,7 @@ def _check_runtime(contender: Contender, result: dict[str, Any]) -> None:
 def _probe_asyncio_shim(python: str, env: dict[str, str]) -> str | None:
     """None if ``conduit._asyncio`` is importable in this tree, else the reason."""
     completed = subprocess.run(
-        [python, "-c", "import conduit, conduit._asyncio as shim; shim.bridged"],
+        [python, "-c", "import conduit, conduit._asyncio as shim; shim.run_in_trio"],
         capture_output=True,
         text=True,
         env=env,
