@@ -223,7 +223,9 @@ def render_docs(chosen: dict[str, tuple[Path, dict[str, Any]]]) -> str:
 
 #: Everything from this line to the end of ``docs/benchmarks.md`` is written by
 #: hand (analyses such as the per-call CPU budget) and survives regeneration.
-HAND_WRITTEN_MARKER = "<!-- Hand-written below this line: kept by `python -m benchmarks.report`. -->"
+HAND_WRITTEN_MARKER = (
+    "<!-- Hand-written below this line: kept by `python -m benchmarks.report`. -->"
+)
 
 
 def hand_written_tail(page: Path) -> str:

@@ -186,8 +186,9 @@ def trio_steps(loops: int) -> dict[str, float]:
         # One message each way over a socket pair: send_all, epoll wake-up,
         # receive_some, as every CALL and RESULT crosses the connection.
         left, right = socket.socketpair()
-        a, b = trio.SocketStream(trio.socket.from_stdlib_socket(left)), trio.SocketStream(
-            trio.socket.from_stdlib_socket(right)
+        a, b = (
+            trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+            trio.SocketStream(trio.socket.from_stdlib_socket(right)),
         )
         message = bytes(160)
 
