@@ -16,6 +16,7 @@ Figures are medians of ``--repeat`` runs of ``--loops`` iterations each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -113,10 +114,8 @@ def sans_io_steps(loops: int) -> dict[str, float]:
 
     def server_dispatch(_: int) -> None:
         coroutine = dispatcher.handle_call("echo", args)
-        try:
+        with contextlib.suppress(StopIteration):
             coroutine.send(None)
-        except StopIteration:
-            pass
 
     def server_encode(index: int) -> None:
         server.result_frame(index + 1, Result(True, {"data": PAYLOAD}))
@@ -150,9 +149,9 @@ def sans_io_steps(loops: int) -> dict[str, float]:
 
 def _skip(reader: FrameReader, count: int) -> None:
     """Bring ``reader``'s nonce counter past ``count`` records nobody will open."""
-    opener = reader._opener  # noqa: SLF001 - measurement only
+    opener = reader._opener  # measurement only
     assert opener is not None
-    opener._counter += count  # noqa: SLF001
+    opener._counter += count
 
 
 def trio_steps(loops: int) -> dict[str, float]:
@@ -174,7 +173,7 @@ def trio_steps(loops: int) -> dict[str, float]:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(side)
             while not lots[1]:  # side parks first (Trio picks the order)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             for _ in range(count):
                 lots[1].unpark()
                 await lots[0].park()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from .._harness import (
     log,
     our_env,
     paired_ratio,
+    probe_asyncio_shim,
     run_client,
     spread,
 )
@@ -189,22 +189,6 @@ def _check_runtime(contender: Contender, result: dict[str, Any]) -> None:
         raise PeerError(f"{contender.name} imported conduit from {module_file}, not {VENVS_DIR}")
 
 
-def _probe_asyncio_shim(python: str, env: dict[str, str]) -> str | None:
-    """None if ``conduit._asyncio`` is importable in this tree, else the reason."""
-    completed = subprocess.run(
-        [python, "-c", "import conduit, conduit._asyncio as shim; shim.run_in_trio"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    if completed.returncode == 0:
-        return None
-    last = (completed.stderr.strip().splitlines() or ["?"])[-1]
-    return f"asyncio shim not importable in this tree: {last}"
-
-
 # ----------------------------------------------------------------------- running
 
 
@@ -246,7 +230,7 @@ class _Runner:
                 self.pythons[name] = sys.executable
                 self.envs[name] = our_env(self.config.profile_dir)
             if contender.flavor == "asyncio":
-                reason = _probe_asyncio_shim(self.pythons[name], self.envs[name])
+                reason = probe_asyncio_shim(self.pythons[name], self.envs[name])
                 if reason is not None:
                     self.fail(name, "unavailable", reason)
 
