@@ -72,12 +72,16 @@ class FrameReader:
             return self._clear.next_frame()
         # An empty record is valid but holds no frame: look at the next one, or
         # a whole record already buffered would wait for unrelated bytes.
-        while not self._pending:
+        while True:
             record = self._opener.next_record()
             if record is None:
                 return None
-            self._pending.extend(iter_frames(record, self._max_frame_size))
-        return self._pending.popleft()
+            frames = iter_frames(record, self._max_frame_size)
+            if len(frames) == 1:
+                return frames[0]  # a call or a result: skip the queue
+            if frames:
+                self._pending.extend(frames)
+                return self._pending.popleft()
 
 
 #: An outgoing frame as the pieces to concatenate: ``(header_and_body,)`` or
