@@ -221,9 +221,27 @@ def render_docs(chosen: dict[str, tuple[Path, dict[str, Any]]]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+#: Everything from this line to the end of ``docs/benchmarks.md`` is written by
+#: hand (analyses such as the per-call CPU budget) and survives regeneration.
+HAND_WRITTEN_MARKER = (
+    "<!-- Hand-written below this line: kept by `python -m benchmarks.report`. -->"
+)
+
+
+def hand_written_tail(page: Path) -> str:
+    """The hand-written part of an existing page (from the marker on), or ""."""
+    if not page.is_file():
+        return ""
+    text = page.read_text()
+    start = text.find(HAND_WRITTEN_MARKER)
+    return "" if start < 0 else text[start:]
+
+
 def update_docs(results_dir: Path = RESULTS_DIR, page: Path = DOCS_PAGE) -> Path:
-    """Regenerate ``docs/benchmarks.md`` from the newest records."""
-    page.write_text(render_docs(latest_records(results_dir)))
+    """Regenerate ``docs/benchmarks.md`` from the newest records, keeping the hand-written tail."""
+    generated = render_docs(latest_records(results_dir))
+    tail = hand_written_tail(page)
+    page.write_text(generated + ("\n" + tail if tail else ""))
     log(f"wrote {page}")
     return page
 

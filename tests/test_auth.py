@@ -11,6 +11,7 @@ unauthenticated sockets, and the client keeping its stretched secret.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from conduit import (
     AuthenticationError,
     Client,
     ClientDescriptor,
+    FileTransferHandler,
     LockedOut,
     Peer,
     Server,
@@ -454,3 +456,48 @@ def test_accounts_under_asyncio(accounts: Accounts) -> None:
         return str(reply["username"])
 
     assert asyncio.run(asyncio.wait_for(main(), 30)) == "bob"
+
+
+# --------------------------------------------------------------------------- storage per user
+
+
+async def test_logged_in_users_are_isolated_end_to_end(
+    server_factory: ServerFactory, accounts: Accounts, tmp_path: Path
+) -> None:
+    """Real logins over loopback, no attribute set by hand: the account the
+    handshake authenticated decides the root, the quota and read-only."""
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(
+        register=transfer.register_server_handlers, password=None, accounts=accounts
+    )
+    alice = await login(server, "alice", ALICE_PASSWORD)
+    bob = await login(server, "bob", BOB_PASSWORD)
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    report = tmp_path / "out" / "report.bin"
+    report.parent.mkdir()
+    report.write_bytes(os.urandom(300_000))
+    too_big = tmp_path / "out" / "too-big.bin"
+    too_big.write_bytes(os.urandom(800_000))
+    try:
+        with trio.fail_after(30):
+            sent = await local.send_to_server(alice, report)
+            assert sent["success"], sent
+            assert (storage / "alice" / "report.bin").read_bytes() == report.read_bytes()
+            # alice's quota is 1 MiB: 300 kB stored + 800 kB does not fit.
+            over = await local.send_to_server(alice, too_big)
+            assert over["success"] is False and over["code"] == "quota_exceeded", over
+            # bob (read-only, root shared/bob) neither sees nor fetches alice's file...
+            assert await local.list_files(bob) == []
+            fetched = await local.receive_from_server(bob, "report.bin", tmp_path / "bob")
+            assert fetched["success"] is False and fetched["code"] == "not_found", fetched
+            # ...and may not upload.
+            refused = await local.send_to_server(bob, report)
+            assert refused["success"] is False and refused["code"] == "forbidden", refused
+            assert [f["name"] for f in await local.list_files(alice)] == ["report.bin"]
+    finally:
+        with trio.move_on_after(5):
+            await alice.disconnect()
+            await bob.disconnect()
+    assert not (storage / "alice" / "too-big.bin").exists()
+    assert not (storage / "shared" / "bob" / "report.bin").exists()

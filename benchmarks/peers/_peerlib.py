@@ -156,7 +156,7 @@ def maybe_profiled(tag: str) -> Iterator[None]:
     if not directory:
         yield
         return
-    profiler = cProfile.Profile(time.process_time)
+    profiler = cProfile.Profile(time.thread_time)
     profiler.enable()
     try:
         yield

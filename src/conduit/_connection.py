@@ -315,7 +315,7 @@ class Connection:
                 frames = await self._outbox.take(budget)
                 while self._direct_sending:
                     await self._direct_done.park()
-                for record in writer.write_frames(frames):
+                for record in writer.iter_records(frames):
                     await self.stream.send_all(record)
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
@@ -354,6 +354,8 @@ class Connection:
                 await self.close(f"idle for more than {settings.idle_timeout:g}s")
                 return
             self._outbox.put_control((self._state.ping(),))
+            # An idle connection must not keep a bulk transfer's megabytes.
+            self._writer.release_idle_buffers()
 
     async def _idle_task(self, idle_timeout: float) -> None:
         # Sleep until the moment the connection would become idle; activity in

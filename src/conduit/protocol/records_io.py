@@ -8,18 +8,25 @@ writer produced. Neither does I/O.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import LocalProtocolError
 from .codec import FrameDecoder, iter_frames
 from .frames import HEADER_SIZE, Frame
 from .handshake import HANDSHAKE_MAX_FRAME
-from .records import RecordOpener, RecordSealer
+from .records import LENGTH, TAG_SIZE, RecordOpener, RecordSealer
+
+#: Bytes a sealed record adds to its plaintext: the length prefix and the tag.
+RECORD_OVERHEAD = LENGTH.size + TAG_SIZE
 
 #: A record's plaintext may exceed the largest frame by this much, so that a
 #: full megabyte of 64 KiB chunks (16 payloads plus 16 headers) and a few control
 #: frames fit in one record: one seal and one send per megabyte, not two.
 RECORD_SLACK = 4096
+
+#: Records with at least this much plaintext are sealed into the writer's
+#: reused buffers (bulk data); smaller ones are allocated as before.
+SCRATCH_MIN = 64 * 1024
 
 
 class FrameReader:
@@ -65,12 +72,16 @@ class FrameReader:
             return self._clear.next_frame()
         # An empty record is valid but holds no frame: look at the next one, or
         # a whole record already buffered would wait for unrelated bytes.
-        while not self._pending:
+        while True:
             record = self._opener.next_record()
             if record is None:
                 return None
-            self._pending.extend(iter_frames(record, self._max_frame_size))
-        return self._pending.popleft()
+            frames = iter_frames(record, self._max_frame_size)
+            if len(frames) == 1:
+                return frames[0]  # a call or a result: skip the queue
+            if frames:
+                self._pending.extend(frames)
+                return self._pending.popleft()
 
 
 #: An outgoing frame as the pieces to concatenate: ``(header_and_body,)`` or
@@ -84,6 +95,10 @@ class FrameWriter:
     def __init__(self) -> None:
         self._sealer: RecordSealer | None = None
         self.record_limit = HANDSHAKE_MAX_FRAME
+        # Reused by iter_records for large records; None until bulk data flows.
+        self._plain: bytearray | None = None
+        self._sealed: bytearray | None = None
+        self._buffers_used = False
 
     def start_encryption(self, key: bytes, peer_max_frame_size: int) -> None:
         """Seal everything written from now on."""
@@ -104,20 +119,64 @@ class FrameWriter:
         """
         if self._sealer is None:
             return [b"".join(piece for frame in frames for piece in frame)]
-        out: list[bytes | bytearray] = []
+        sealer = self._sealer
+        return [sealer.seal(b"".join(batch)) for batch, _ in self._batches(frames)]
+
+    def iter_records(self, frames: Sequence[OutFrame]) -> Iterator[bytes | bytearray | memoryview]:
+        """Like :meth:`write_frames`, one record at a time, for the connection's writer.
+
+        A large record is sealed into buffers this writer keeps and reuses, so
+        it is only valid until the next record is asked for: send each one
+        before advancing. Small records (calls, results, credit) are fresh
+        objects and never make the writer hold a megabyte.
+        """
+        if self._sealer is None:
+            yield from self.write_frames(frames)
+            return
+        sealer = self._sealer
+        for batch, size in self._batches(frames):
+            if size < SCRATCH_MIN or len(batch) == 1:
+                yield sealer.seal(batch[0] if len(batch) == 1 else b"".join(batch))
+                continue
+            if self._plain is None or self._sealed is None:
+                self._plain = bytearray(self.record_limit)
+                self._sealed = bytearray(self.record_limit + RECORD_OVERHEAD)
+            self._buffers_used = True
+            plain = self._plain
+            position = 0
+            for piece in batch:
+                end = position + len(piece)
+                plain[position:end] = piece
+                position = end
+            with memoryview(plain) as view:
+                yield sealer.seal_into(view[:size], self._sealed)
+
+    def release_idle_buffers(self) -> None:
+        """Drop the reusable record buffers unless used since the previous call.
+
+        The connection calls this on every heartbeat, so a connection that has
+        stopped sending bulk data holds them for one interval at most.
+        """
+        if not self._buffers_used:
+            self._plain = self._sealed = None
+        self._buffers_used = False
+
+    def _batches(
+        self, frames: Sequence[OutFrame]
+    ) -> Iterator[tuple[list[bytes | bytearray | memoryview], int]]:
         batch: list[bytes | bytearray | memoryview] = []
         size = 0
+        limit = self.record_limit
         for frame in frames:
             frame_size = sum(len(piece) for piece in frame)
-            if frame_size > self.record_limit:
+            if frame_size > limit:
                 raise LocalProtocolError(
-                    f"frame of {frame_size} bytes exceeds the peer's limit {self.record_limit}"
+                    f"frame of {frame_size} bytes exceeds the peer's limit {limit}"
                 )
-            if size + frame_size > self.record_limit and batch:
-                out.append(self._sealer.seal(b"".join(batch)))
+            if size + frame_size > limit and batch:
+                yield batch, size
                 batch, size = [], 0
             batch.extend(frame)
             size += frame_size
         if batch:
-            out.append(self._sealer.seal(b"".join(batch)))
-        return out
+            yield batch, size

@@ -1,0 +1,236 @@
+"""The CPU cost of each step of one RPC, measured one step at a time.
+
+``python -m benchmarks.rpc_budget`` runs every step of a ~100-byte echo call
+(the ``rpc`` scenario's) in a tight loop on this process's thread CPU clock and
+prints a table: client encode + seal, server open + parse + decode, the worker
+hop, the dispatcher, result encode + seal, client open + decode, and the Trio
+socket and scheduler costs that every message pays. It uses the real objects
+(``ConnectionState``, ``FrameReader``/``FrameWriter``, ``PeerDispatcher``), not
+copies of them, so it moves when they do. The sum is compared with the server
+CPU per call that ``python -m benchmarks --scenario rpc`` measures end to end;
+what is left is the engine glue between the steps (task switches, the outbox).
+
+Figures are medians of ``--repeat`` runs of ``--loops`` iterations each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from conduit._rpc import Handlers
+from conduit.protocol import FrameReader, FrameWriter
+from conduit.protocol.connection import ConnectionState
+from conduit.protocol.messages import Result
+
+KEY_C2S = bytes(range(32))
+KEY_S2C = bytes(range(32, 64))
+MAX_FRAME = 1024 * 1024
+PAYLOAD = os.urandom(100)
+
+
+def _state(*, is_client: bool) -> ConnectionState:
+    return ConnectionState(
+        is_client=is_client,
+        receive_window=4 * 1024 * 1024,
+        peer_receive_window=4 * 1024 * 1024,
+        peer_max_frame_size=MAX_FRAME,
+        max_concurrent_calls=1 << 30,
+    )
+
+
+def _writer(key: bytes) -> FrameWriter:
+    writer = FrameWriter()
+    writer.start_encryption(key, MAX_FRAME)
+    return writer
+
+
+def _reader(key: bytes) -> FrameReader:
+    reader = FrameReader()
+    reader.start_decryption(key, MAX_FRAME)
+    return reader
+
+
+def _per_op(step: Callable[[int], Any], loops: int) -> float:
+    """Thread CPU microseconds per call of ``step(i)``."""
+    started = time.thread_time_ns()
+    for index in range(loops):
+        step(index)
+    return (time.thread_time_ns() - started) / loops / 1000
+
+
+def sans_io_steps(loops: int) -> dict[str, float]:
+    """Everything that is plain computation, in wire order."""
+    client, server = _state(is_client=True), _state(is_client=False)
+    c_writer, s_writer = _writer(KEY_C2S), _writer(KEY_S2C)
+    c_reader, s_reader = _reader(KEY_S2C), _reader(KEY_C2S)
+    args = {"data": PAYLOAD}
+
+    handlers = Handlers(message_handler_takes_peer=True)
+
+    async def echo(data: bytes) -> bytes:
+        return data
+
+    handlers.add_method(echo)
+    dispatcher = handlers.bound_to(None)  # type: ignore[arg-type]  # echo takes no Peer
+
+    # Pre-build one of each wire object, so each step is timed on its own.
+    _, call_frame = client.start_call("echo", args)
+    (call_record,) = c_writer.write_frames([(call_frame,)])
+    result_frame = server.result_frame(1, Result(True, {"data": PAYLOAD}))
+    (result_record,) = s_writer.write_frames([(result_frame,)])
+
+    def client_encode(_: int) -> None:
+        client.start_call("echo", args)
+
+    def client_seal(_: int) -> None:
+        c_writer.write_frames([(call_frame,)])
+
+    # Records open only in nonce order, so every record the open steps take is
+    # sealed up front, outside the timing.
+    call_records = [c_writer.write_frames([(call_frame,)])[0] for _ in range(loops)]
+    result_records = [s_writer.write_frames([(result_frame,)])[0] for _ in range(loops)]
+    reader_c2s, reader_s2c = _reader(KEY_C2S), _reader(KEY_S2C)
+    # Skip the one record of each direction sealed before these lists.
+    _skip(reader_c2s, 1)
+    _skip(reader_s2c, 1)
+    frames: list[Any] = []
+
+    def server_open(index: int) -> None:
+        reader_c2s.feed(call_records[index])
+        frames.append(reader_c2s.next_frame())
+
+    def server_decode(index: int) -> None:
+        event = server.receive_frame(frames[index])
+        server.call_finished(event.call_id)  # type: ignore[union-attr]
+
+    def server_dispatch(_: int) -> None:
+        coroutine = dispatcher.handle_call("echo", args)
+        with contextlib.suppress(StopIteration):
+            coroutine.send(None)
+
+    def server_encode(index: int) -> None:
+        server.result_frame(index + 1, Result(True, {"data": PAYLOAD}))
+
+    def server_seal(_: int) -> None:
+        s_writer.write_frames([(result_frame,)])
+
+    result_frames: list[Any] = []
+
+    def client_open(index: int) -> None:
+        reader_s2c.feed(result_records[index])
+        result_frames.append(reader_s2c.next_frame())
+
+    def client_decode(index: int) -> None:
+        client.receive_frame(result_frames[index])
+
+    steps = {
+        "client: encode CALL (msgpack + cattrs + header)": client_encode,
+        "client: seal CALL record (AES-256-GCM)": client_seal,
+        "server: open record + split frames": server_open,
+        "server: receive_frame (decode Call, id checks)": server_decode,
+        "server: dispatcher (bind args, peer contextvar, echo, to_wire)": server_dispatch,
+        "server: encode RESULT": server_encode,
+        "server: seal RESULT record": server_seal,
+        "client: open record + split frames": client_open,
+        "client: receive_frame (decode Result)": client_decode,
+    }
+    del c_reader, s_reader, call_record, result_record
+    return {name: _per_op(step, loops) for name, step in steps.items()}
+
+
+def _skip(reader: FrameReader, count: int) -> None:
+    """Bring ``reader``'s nonce counter past ``count`` records nobody will open."""
+    opener = reader._opener  # measurement only
+    assert opener is not None
+    opener._counter += count
+
+
+def trio_steps(loops: int) -> dict[str, float]:
+    """What every message pays to Trio: a task hop, and a socket send + wake-up + receive."""
+    result: dict[str, float] = {}
+
+    async def hop() -> None:
+        # Two tasks hand a token back and forth through ParkingLots: what the
+        # reader -> worker handoff (and the result -> caller wake-up) costs.
+        lots = trio.lowlevel.ParkingLot(), trio.lowlevel.ParkingLot()
+        count = loops
+
+        async def side() -> None:
+            for _ in range(count):
+                await lots[1].park()
+                lots[0].unpark()
+
+        started = time.thread_time_ns()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side)
+            while not lots[1]:  # side parks first (Trio picks the order)
+                await trio.lowlevel.checkpoint()
+            for _ in range(count):
+                lots[1].unpark()
+                await lots[0].park()
+        result["trio: one task hop (unpark + park + scheduler pass)"] = (
+            (time.thread_time_ns() - started) / (2 * count) / 1000
+        )
+
+    async def ping_pong() -> None:
+        # One message each way over a socket pair: send_all, epoll wake-up,
+        # receive_some, as every CALL and RESULT crosses the connection.
+        left, right = socket.socketpair()
+        a, b = (
+            trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+            trio.SocketStream(trio.socket.from_stdlib_socket(right)),
+        )
+        message = bytes(160)
+
+        async def echo() -> None:
+            for _ in range(loops):
+                data = await b.receive_some(65536)
+                await b.send_all(data)
+
+        started = time.thread_time_ns()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo)
+            for _ in range(loops):
+                await a.send_all(message)
+                await a.receive_some(65536)
+        result["trio: message over loopback (send_all + epoll wake + receive_some)"] = (
+            (time.thread_time_ns() - started) / (2 * loops) / 1000
+        )
+        await a.aclose()
+        await b.aclose()
+
+    trio.run(hop)
+    trio.run(ping_pong)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the per-step table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loops", type=int, default=20000)
+    parser.add_argument("--repeat", type=int, default=5)
+    options = parser.parse_args(argv)
+    runs: dict[str, list[float]] = {}
+    for _ in range(options.repeat):
+        for name, value in {**sans_io_steps(options.loops), **trio_steps(options.loops)}.items():
+            runs.setdefault(name, []).append(value)
+    width = max(len(name) for name in runs)
+    print(f"{'step':{width}s}  us/op (median of {options.repeat}; min-max)")
+    for name, values in runs.items():
+        print(
+            f"{name:{width}s}  {statistics.median(values):6.2f}  "
+            f"({min(values):.2f}-{max(values):.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
