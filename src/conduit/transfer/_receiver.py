@@ -30,11 +30,20 @@ from .._callbacks import trio_callback
 from .._connection import Connection
 from .._peer import Peer
 from .._streams import IncomingStream
-from ..errors import ConduitError, ConnectionClosed, RPCError, StreamReset, TransferError
+from ..errors import (
+    ConduitError,
+    ConnectionClosed,
+    RPCError,
+    StreamReset,
+    TransferError,
+    UnsafePathError,
+)
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
+from ._ranges import range_name, resolve_range
+from ._rerun import is_already_there, same_size_exists, skipped_result
 from ._slots import TransferSlots
 from ._storage import PartialFile, StorageRoot
 from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
@@ -78,9 +87,23 @@ class Receiver:
 
     @trio_callback
     async def rpc_begin(
-        self, caller: Peer, name: str, size: int, key: str, restart: bool = False
+        self,
+        caller: Peer,
+        name: str,
+        size: int,
+        key: str,
+        restart: bool = False,
+        sha256: str | None = None,
     ) -> dict[str, Any]:
-        """``file_upload_begin`` / ``file_push_begin``: where to resume, and the stream to use."""
+        """``file_upload_begin`` / ``file_push_begin``: where to resume, and the stream to use.
+
+        Or, for a file this side already has (see :mod:`._rerun`),
+        ``{"check_sha256": True}`` (begin again with ``sha256=``) or
+        ``{"already_there": True, ...}`` (nothing to send).
+        """
+        rerun = await self._rerun_answer(name, size, sha256)
+        if rerun is not None:
+            return rerun
         connection = caller.connection
         inbound_here = self._inbound.setdefault(connection, {})
         # A retry of the same file on this connection replaces an attempt the
@@ -134,6 +157,22 @@ class Receiver:
             "prefix_sha256": partial.sha256_hex(),
         }
 
+    async def _rerun_answer(
+        self, name: str, size: int, sha256: str | None
+    ) -> dict[str, Any] | None:
+        storage = self._settings.storage
+        try:
+            safe = safe_relative_name(name)
+            if not isinstance(size, int) or not await same_size_exists(storage, safe, size):
+                return None
+            if sha256 is None:
+                return {"check_sha256": True}
+            if await is_already_there(storage, safe, size, str(sha256)):
+                return skipped_result(safe, size, str(sha256))
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        return None
+
     @trio_callback
     async def rpc_finish(
         self, caller: Peer, stream_id: int, abandon: bool = False
@@ -169,6 +208,8 @@ class Receiver:
         started = trio.current_time()
         try:
             safe = safe_relative_name(name)
+            if await is_already_there(self._settings.storage, safe, len(data), sha256):
+                return skipped_result(safe, len(data), sha256)
             published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
         except Exception as exc:
             raise as_rpc_error(exc) from None
@@ -194,8 +235,13 @@ class Receiver:
         name: str,
         local_dir: str | os.PathLike[str],
         on_progress: ProgressCallback | None,
+        byte_range: tuple[int, int | None] | None = None,
     ) -> dict[str, Any]:
-        """Ask ``peer`` (a server) for ``name`` and receive it into ``local_dir``."""
+        """Ask ``peer`` (a server) for ``name`` and receive it into ``local_dir``.
+
+        ``byte_range`` is ``(offset, length or None)``: only those bytes, into
+        the local file named by :func:`._ranges.range_name`.
+        """
         local = StorageRoot(local_dir)
         safe = safe_relative_name(name)
         try:
@@ -203,12 +249,29 @@ class Receiver:
         except (RPCError, ConnectionClosed) as exc:
             return transfer_failure(exc)
         size, mtime_ns = int(stat["size"]), int(stat["modified_ns"])
-        key = transfer_key(safe, size, mtime_ns)
+        target, expected, extra = safe, size, {}
+        if byte_range is not None:
+            try:
+                requested = resolve_range(size, *byte_range)
+                target = range_name(safe, *requested)
+            except (TransferError, UnsafePathError) as exc:
+                return transfer_failure(exc)
+            expected = requested[1]
+            extra = {"range_offset": requested[0], "range_length": requested[1]}
+        else:
+            skipped = await self._local_copy_is_current(peer, local, safe, size)
+            if skipped is not None:
+                return skipped
+        key = (
+            transfer_key(f"{target}\0{safe}", size, mtime_ns)
+            if extra
+            else transfer_key(safe, size, mtime_ns)
+        )
         connection = peer.connection
         try:
-            await trio.to_thread.run_sync(local.check_can_accept, size, None)
+            await trio.to_thread.run_sync(local.check_can_accept, expected, None)
             partial = await trio.to_thread.run_sync(
-                lambda: local.open_partial(safe, key, resume=True)
+                lambda: local.open_partial(target, key, resume=True)
             )
         except TransferError as exc:
             return transfer_failure(exc)
@@ -222,17 +285,19 @@ class Receiver:
                 size=size,
                 offset=partial.offset,
                 prefix_sha256=partial.sha256_hex(),
+                **extra,
             )
             start = int(answer["offset"])
             if start != partial.offset:
                 # The server did not recognise our prefix: start over.
                 await trio.to_thread.run_sync(partial.close)
                 partial = await trio.to_thread.run_sync(
-                    lambda: local.open_partial(safe, key, resume=False)
+                    lambda: local.open_partial(target, key, resume=False)
                 )
             result = await self._receive_into(
-                connection, stream, partial, safe, size, on_progress, "download", peer=None
+                connection, stream, partial, target, expected, on_progress, "download", peer=None
             )
+            result.update(extra)
         except (ConduitError, OSError) as exc:
             if stream is not None:
                 connection.close_stream(stream, reset=("aborted", "download aborted"))
@@ -245,6 +310,23 @@ class Receiver:
                 await trio.to_thread.run_sync(partial.close)
             raise
         return result
+
+    async def _local_copy_is_current(
+        self, peer: Peer, local: StorageRoot, name: str, size: int
+    ) -> dict[str, Any] | None:
+        """The skipped result if ``local`` already holds ``name`` with the server's bytes."""
+        if not await same_size_exists(local, name, size):
+            return None
+        try:
+            remote = await peer.call(FILE_STAT, name=name, sha256=True)
+        except (RPCError, ConnectionClosed):
+            return None  # the download itself reports the problem
+        digest = str(remote.get("sha256", ""))
+        if int(remote.get("size", -1)) != size or not await is_already_there(
+            local, name, size, digest
+        ):
+            return None
+        return skipped_result(name, size, digest, path=str(local.path / name), resumed_from=0)
 
     # ------------------------------------------------------------------ receiving
 

@@ -1,0 +1,77 @@
+"""``conduit`` commands for managing and re-sending files, run as a user runs them.
+
+Re-runs of ``send`` and ``get`` that must not store copies, ``rm`` and ``mv``,
+and the one-line messages of expected failures (a port in use, a TLS server
+spoken to in plain text). Real subprocesses, helpers from ``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from test_cli import (
+    ServeProcess,
+    conduit,
+    conduit_json,
+    partial_files,
+    server,  # noqa: F401 (the fixture)
+    visible_files,
+    write_random,
+)
+
+
+def _batch(root: Path) -> Path:
+    batch = root / "batch"
+    (batch / "sub").mkdir(parents=True)
+    (batch / "small1.bin").write_bytes(b"one" * 100)
+    (batch / "sub" / "small2.bin").write_bytes(b"two" * 100)
+    write_random(batch / "big.bin", 3 * 1024 * 1024 + 5)
+    return batch
+
+
+def test_send_batch_rerun_stores_no_copies(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    batch = _batch(tmp_path)
+    assert conduit("send", str(batch), "--to", server.address).returncode == 0
+    first = visible_files(server.directory)
+    assert sorted(first) == ["batch/big.bin", "batch/small1.bin", "batch/sub/small2.bin"]
+
+    code, again = conduit_json("send", str(batch), "--to", server.address)
+    assert code == 0, again
+    assert visible_files(server.directory) == first  # no "small1 (1).bin"
+    for entry in again["files"]:
+        assert entry["success"] is True and entry["skipped"] is True, entry
+        assert entry["reason"] == "already_there"
+
+    # A genuinely different file under a taken name still gets "name (1)".
+    (batch / "small1.bin").write_bytes(b"ONE" * 100)
+    assert conduit("send", str(batch), "--to", server.address).returncode == 0
+    after = visible_files(server.directory)
+    assert after["batch/small1 (1).bin"] == b"ONE" * 100
+    assert after["batch/small1.bin"] == b"one" * 100
+    assert len(after) == 4
+    assert not partial_files(server.directory)
+
+
+def test_get_rerun_stores_no_copies(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    batch = _batch(server.directory)
+    out = tmp_path / "out"
+    for _attempt in range(3):
+        code, document = conduit_json("get", "batch", "-o", str(out), "--from", server.address)
+        assert code == 0, document
+    assert visible_files(out) == {
+        "batch/" + name: data for name, data in visible_files(batch).items()
+    }
+    assert all(entry["skipped"] is True for entry in document["files"]), document
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = conduit("serve", str(tmp_path / "d"), "--port", str(port), timeout=30)
+    assert result.returncode == 4, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
