@@ -235,6 +235,14 @@ class Signals:
                     self._scopes[-1].cancel()
 
 
+def _only_cli_error(group: BaseExceptionGroup[BaseException]) -> CLIError | None:
+    """The CLIError a group holds, if it holds exactly that (at any depth) and nothing else."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, CLIError) else None
+
+
 def run_trio(command: Callable[[Signals], Awaitable[int]], *, cancel: bool = True) -> int:
     """Run ``command(signals)`` under ``trio.run`` and return its exit code.
 
@@ -255,6 +263,14 @@ def run_trio(command: Callable[[Signals], Awaitable[int]], *, cancel: bool = Tru
                 except CLIError as exc:
                     print_error(exc.message)
                     code = exc.exit_code
+                except BaseExceptionGroup as group:
+                    # A CLIError raised inside a nursery arrives wrapped; it is
+                    # still one expected failure, worth one line, not a traceback.
+                    error = _only_cli_error(group)
+                    if error is None:
+                        raise
+                    print_error(error.message)
+                    code = error.exit_code
             nursery.cancel_scope.cancel()
         return signals.exit_code if code is None else code
 

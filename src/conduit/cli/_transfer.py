@@ -215,7 +215,7 @@ async def send(
     """``conduit send``: upload every job; the exit code says how it went."""
     if not json_output:
         for entry in skipped:
-            print(f"skipped   {entry.local}: {entry.reason}", flush=True)
+            print(f"skipped   {display_path(entry.local)}: {entry.reason}", flush=True)
     elapsed = 0.0
     started = time.monotonic()
     try:
@@ -278,12 +278,14 @@ async def _plan_downloads(
     return jobs
 
 
-def _display_path(path: str) -> str:
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a user reads it: relative to here when below here, else absolute; no ``..``."""
+    absolute = os.path.normpath(os.path.abspath(path))
     try:
-        relative = os.path.relpath(path)
+        relative = os.path.relpath(absolute)
     except ValueError:
-        return path
-    return path if relative.startswith("..") else relative
+        return absolute
+    return absolute if relative.startswith("..") else relative
 
 
 async def get(
@@ -310,7 +312,7 @@ async def get(
                         client, job.name, output_dir, on_progress
                     )
                     if result.get("success"):
-                        job.local = _display_path(str(result["path"]))
+                        job.local = display_path(str(result["path"]))
                     return result
 
                 await _transfer_files(
