@@ -10,12 +10,15 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from test_cli import (
     ServeProcess,
     conduit,
     conduit_json,
     partial_files,
     server,  # noqa: F401 (the fixture)
+    start_server,
     visible_files,
     write_random,
 )
@@ -75,3 +78,19 @@ def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
+def test_plain_client_to_a_tls_server_says_use_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert_file = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(cert_file)
+    )
+    serving = start_server(tmp_path, "--tls-cert", str(cert_file))
+    try:
+        result = conduit("ls", "--from", serving.address, timeout=30)
+    finally:
+        serving.stop()
+    assert result.returncode == 4, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the server speaks TLS; use --tls" in lines[0], result.stderr

@@ -26,6 +26,7 @@ from .. import (
     ConnectionClosed,
     HandshakeTimeout,
 )
+from ._tls_probe import speaks_tls
 
 PASSWORD_ENV = "CONDUIT_PASSWORD"
 ADDRESS_ENV = "CONDUIT_ADDRESS"
@@ -340,9 +341,13 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
             ExitCode.AUTH_FAILED,
         ) from None
     except (OSError, ConnectionClosed, ConduitError) as exc:
+        reason = describe_connect_error(exc)
+        # A TLS server hangs up on a plain HELLO without a word (see _tls_probe).
+        hung_up = isinstance(exc, ConnectionClosed) and "without answering" in str(exc)
+        if hung_up and not options.tls and await speaks_tls(address.host, address.port):
+            reason = "the server speaks TLS; use --tls (or --tls-ca FILE)"
         raise CLIError(
-            f"cannot connect to {address}: {describe_connect_error(exc)}",
-            ExitCode.CONNECTION_FAILED,
+            f"cannot connect to {address}: {reason}", ExitCode.CONNECTION_FAILED
         ) from None
     try:
         yield client
