@@ -32,17 +32,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import trio
+
 from .._bridge import bridged
-from ..errors import ConnectionClosed
+from ..errors import ConduitError, ConnectionClosed
+from . import _manage as manage
 from ._hooks import Hooks
+from ._names import safe_relative_name
 from ._progress import TransferProgress
 from ._receiver import Receiver
 from ._sender import Sender
 from ._slots import TransferSlots
 from ._storage import StorageRoot
+from ._tree import remote_entries, remote_prefix, transfer_all, tree_result, walk_local
 from ._wire import (
     DOWNLOAD,
+    FILE_DELETE,
     FILE_LIST,
+    FILE_RENAME,
     FILE_STAT,
     PUSH_BEGIN,
     PUSH_FINISH,
@@ -50,6 +57,7 @@ from ._wire import (
     UPLOAD_BEGIN,
     UPLOAD_FINISH,
     UPLOAD_SMALL,
+    transfer_failure,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +120,7 @@ class FileTransferHandler:
         self._hooks = hooks
         self._sender = Sender(self, hooks, slots)
         self._receiver = Receiver(self, hooks, slots)
+        self._manager = manage.Manager(self)
 
     @property
     def storage_dir(self) -> Path:
@@ -154,13 +163,19 @@ class FileTransferHandler:
     # ------------------------------------------------------------------ registration
 
     def register_server_handlers(self, server: Server) -> None:
-        """Register the transfer RPC methods (uploads, downloads, ``file_list``) on a server."""
+        """Register the transfer RPC methods on a server.
+
+        Uploads, downloads, ``file_list``, ``file_stat``, and ``file_delete`` /
+        ``file_rename`` (any authenticated client may delete and rename).
+        """
         server.register_rpc(self._sender.rpc_file_list, FILE_LIST)
         server.register_rpc(self._sender.rpc_file_stat, FILE_STAT)
         server.register_rpc(self._receiver.rpc_begin, UPLOAD_BEGIN)
         server.register_rpc(self._receiver.rpc_receive_small, UPLOAD_SMALL)
         server.register_rpc(self._receiver.rpc_finish, UPLOAD_FINISH)
         server.register_rpc(self._sender.rpc_download, DOWNLOAD)
+        server.register_rpc(self._manager.rpc_delete, FILE_DELETE)
+        server.register_rpc(self._manager.rpc_rename, FILE_RENAME)
 
     def register_client_handlers(self, client: Client) -> None:
         """Let the server push files to this client, into ``storage_dir``."""
@@ -184,7 +199,30 @@ class FileTransferHandler:
         ``remote_name`` (default: the file's base name) may contain
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
+        if await trio.to_thread.run_sync(os.path.isdir, path):
+            return await self._send_tree(client, Path(path), remote_name, on_progress)
         return await self._sender.send(client.server, path, remote_name, on_progress, "upload")
+
+    async def _send_tree(
+        self,
+        client: Client,
+        top: Path,
+        remote_name: str | None,
+        on_progress: ProgressCallback | None,
+    ) -> dict[str, Any]:
+        prefix = remote_prefix(top, remote_name)
+        entries = await trio.to_thread.run_sync(walk_local, top, prefix)
+
+        async def upload(name: str, local: str) -> dict[str, Any]:
+            try:
+                return await self._sender.send(
+                    client.server, local, name, on_progress, "upload", follow_symlinks=False
+                )
+            except (OSError, ConduitError) as exc:
+                return transfer_failure(exc)
+
+        await transfer_all(entries, upload)
+        return tree_result(prefix, entries)
 
     @bridged
     async def send_to_client(
@@ -209,20 +247,87 @@ class FileTransferHandler:
         name: str,
         local_dir: str | os.PathLike[str] = "./downloads",
         on_progress: ProgressCallback | None = None,
+        *,
+        offset: int | None = None,
+        length: int | None = None,
     ) -> dict[str, Any]:
         """Download the server's file ``name`` into ``local_dir``.
 
         Returns ``{"success": True, "path": local_path, "filename": ..., "size":
         ..., "checksum": ...}``. An interrupted download leaves a hidden partial
-        file in ``local_dir``; calling again resumes it.
+        file in ``local_dir``; calling again resumes it. A local file with the
+        same name, size and SHA-256 is not downloaded again (``"skipped": True,
+        "reason": "already_there"``).
+
+        A ``name`` that is a directory on the server brings every file under
+        it, to ``local_dir/name/...``, with one result per file (see
+        :mod:`conduit.transfer._tree`). ``offset`` / ``length`` download only
+        that byte range, into ``NAME.range-OFFSET-LENGTH``; the result's
+        ``checksum`` is the SHA-256 of the range, verified end to end.
         """
-        return await self._receiver.download(client.server, name, local_dir, on_progress)
+        peer = client.server
+        if offset is not None or length is not None:
+            byte_range = (0 if offset is None else offset, length)
+            return await self._receiver.download(peer, name, local_dir, on_progress, byte_range)
+        result = await self._receiver.download(peer, name, local_dir, on_progress)
+        if result.get("code") != "is_directory":
+            return result
+        return await self._receive_tree(client, name, Path(local_dir), on_progress)
+
+    async def _receive_tree(
+        self, client: Client, name: str, local_dir: Path, on_progress: ProgressCallback | None
+    ) -> dict[str, Any]:
+        peer = client.server
+        prefix = safe_relative_name(name)
+        try:
+            listing = await peer.call(FILE_LIST, prefix=prefix)
+            entries = remote_entries(listing, prefix, local_dir)
+        except ConduitError as exc:
+            return {**transfer_failure(exc), "directory": prefix, "files": []}
+
+        async def download(remote: str, _local: str) -> dict[str, Any]:
+            return await self._receiver.download(peer, remote, local_dir, on_progress)
+
+        await transfer_all(entries, download)
+        extra: dict[str, Any] = {}
+        if listing.get("truncated"):
+            extra = {"error": "the server listed only part of the directory", "code": "truncated"}
+        return tree_result(prefix, entries, **extra)
 
     @bridged
-    async def list_files(self, client: Client) -> list[dict[str, Any]]:
-        """The server's files as ``[{"name", "size", "modified"}, ...]`` (raises on failure)."""
-        answer = await client.call(FILE_LIST)
+    async def list_files(
+        self, client: Client, *, prefix: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The server's files as ``[{"name", "size", "modified"}, ...]`` (raises on failure).
+
+        ``prefix`` (a directory on the server) lists only the files under it.
+        """
+        if prefix is None:
+            answer = await client.call(FILE_LIST)
+        else:
+            answer = await client.call(FILE_LIST, prefix=prefix)
         return list(answer["files"])
+
+    @bridged
+    async def delete(self, client: Client, name: str) -> dict[str, Any]:
+        """Delete the server's file ``name``: ``{"success": True, "path": name}`` or a failure.
+
+        Failure codes: ``not_found``, ``busy`` (a transfer is writing it),
+        ``unsafe_path`` (a symlink, directory or refused name).
+        """
+        return await manage.delete(client.server, name)
+
+    @bridged
+    async def rename(
+        self, client: Client, old: str, new: str, *, overwrite: bool = False
+    ) -> dict[str, Any]:
+        """Rename the server's file ``old`` to ``new`` (directories created as needed).
+
+        Atomic; an existing ``new`` is refused with code ``exists`` unless
+        ``overwrite=True``. Returns ``{"success": True, "old": old, "path":
+        new}`` or a failure (codes as :meth:`delete`, plus ``exists``).
+        """
+        return await manage.rename(client.server, old, new, overwrite=overwrite)
 
 
 __all__ = ["FileTransferHandler"]

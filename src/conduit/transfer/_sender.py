@@ -232,14 +232,27 @@ class Sender:
     # the application lives in asyncio (where plain coroutines run on asyncio).
 
     @trio_callback
-    async def rpc_file_list(self) -> dict[str, Any]:
-        """``file_list``: the storage's visible files."""
+    async def rpc_file_list(self, prefix: str | None = None) -> dict[str, Any]:
+        """``file_list``: the storage's visible files (only those under ``prefix``, if given).
+
+        ``truncated`` says that ``max_listed`` cut the listing short.
+        """
         settings = self._settings
-        entries = await trio.to_thread.run_sync(
-            lambda: settings.storage.list_files(max_entries=settings.max_listed)
-        )
+        try:
+            entries = await trio.to_thread.run_sync(
+                lambda: settings.storage.list_files(
+                    max_entries=settings.max_listed + 1, prefix=prefix
+                )
+            )
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        truncated = len(entries) > settings.max_listed
         return {
-            "files": [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
+            "files": [
+                {"name": e.name, "size": e.size, "modified": e.modified}
+                for e in entries[: settings.max_listed]
+            ],
+            "truncated": truncated,
         }
 
     @trio_callback
