@@ -94,3 +94,34 @@ def test_plain_client_to_a_tls_server_says_use_tls(tmp_path: Path) -> None:
     assert result.returncode == 4, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "the server speaks TLS; use --tls" in lines[0], result.stderr
+
+
+def test_rm_and_mv(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    write_random(server.directory / "a.bin", 10)
+    write_random(server.directory / "b.bin", 20)
+    (server.directory / "d").mkdir()
+    address = ("--from", server.address)
+
+    result = conduit("mv", "a.bin", "b.bin", *address)
+    assert result.returncode == 1, result.stderr
+    assert "FAILED" in result.stdout and "[exists]" in result.stdout
+
+    result = conduit("mv", "a.bin", "sub/c.bin", *address)
+    assert result.returncode == 0, result.stderr
+    assert "renamed   a.bin -> sub/c.bin" in result.stdout
+    assert sorted(visible_files(server.directory)) == ["b.bin", "sub/c.bin"]
+
+    code, document = conduit_json("mv", "sub/c.bin", "b.bin", "--overwrite", *address)
+    assert code == 0 and document["ok"] is True, document
+    assert len(visible_files(server.directory)["b.bin"]) == 10
+
+    code, document = conduit_json("rm", "b.bin", "missing.bin", "d", "../x", *address)
+    assert code == 1, document
+    assert [entry["success"] for entry in document["files"]] == [True, False, False, False]
+    assert [entry.get("code") for entry in document["files"][1:]] == [
+        "not_found",
+        "unsafe_path",
+        "unsafe_path",
+    ]
+    assert visible_files(server.directory) == {}
+    assert conduit("rm", *address).returncode == 2  # NAME is required
