@@ -134,7 +134,7 @@ async def test_receive_a_directory_and_rerun(
     with trio.fail_after(60):
         result = await local.receive_from_server(client, "photos", local_dir=out)
         assert result["success"] is True, result
-        again = await local.receive_from_server(client, "photos/", local_dir=out)
+        again = await local.receive_from_server(client, "photos", local_dir=out)
     expected = {name: data for name, data in _visible(tmp_path / "server").items() if "/" in name}
     assert _visible(out) == expected
     assert result["transferred"] == 4 and result["directory"] == "photos"

@@ -260,7 +260,7 @@ class FileTransferHandler:
         "reason": "already_there"``).
 
         A ``name`` that is a directory on the server brings every file under
-        it (``"name/"`` says it is one), to ``local_dir/name/...``, with one result per file (see
+        it, to ``local_dir/name/...``, with one result per file (see
         :mod:`conduit.transfer._tree`). ``offset`` / ``length`` download only
         that byte range, into ``NAME.range-OFFSET-LENGTH``; the result's
         ``checksum`` is the SHA-256 of the range, verified end to end.
@@ -269,9 +269,6 @@ class FileTransferHandler:
         if offset is not None or length is not None:
             byte_range = (0 if offset is None else offset, length)
             return await self._receiver.download(peer, name, local_dir, on_progress, byte_range)
-        if isinstance(name, str) and name.endswith("/") and name.strip("/"):
-            # "photos/" names a directory outright.
-            return await self._receive_tree(client, name.rstrip("/"), Path(local_dir), on_progress)
         result = await self._receiver.download(peer, name, local_dir, on_progress)
         if result.get("code") != "is_directory":
             return result
