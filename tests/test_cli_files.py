@@ -53,6 +53,9 @@ def test_send_batch_rerun_stores_no_copies(tmp_path: Path, server: ServeProcess)
     assert after["batch/small1 (1).bin"] == b"ONE" * 100
     assert after["batch/small1.bin"] == b"one" * 100
     assert len(after) == 4
+    # ... and running it once more finds that copy: still four files.
+    assert conduit("send", str(batch), "--to", server.address).returncode == 0
+    assert visible_files(server.directory) == after
     assert not partial_files(server.directory)
 
 

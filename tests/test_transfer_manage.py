@@ -177,7 +177,9 @@ async def test_single_file_rerun_is_skipped_and_a_different_file_is_kept(
         assert again["path"] == "f.bin"
         other = _write(tmp_path / "other" / "f.bin", os.urandom(size))
         third = await transfer.send_to_server(client, other)
+        fourth = await transfer.send_to_server(client, other)  # found under its variant
     assert third["success"] is True and third["path"] == "f (1).bin"
+    assert fourth["skipped"] is True and fourth["path"] == "f (1).bin"
     assert _visible(tmp_path / "server") == {
         "f.bin": source.read_bytes(),
         "f (1).bin": other.read_bytes(),

@@ -14,6 +14,9 @@ from __future__ import annotations
 from ..errors import TransferError
 from ._names import safe_relative_name
 
+#: ``file_download``'s ``range_length`` when no range is asked for (with offset 0).
+WHOLE_FILE = -1
+
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -43,7 +43,7 @@ from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._ranges import range_name, resolve_range
-from ._rerun import is_already_there, same_size_exists, skipped_result
+from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._slots import TransferSlots
 from ._storage import PartialFile, StorageRoot
 from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
@@ -93,7 +93,7 @@ class Receiver:
         size: int,
         key: str,
         restart: bool = False,
-        sha256: str | None = None,
+        sha256: str = "",
     ) -> dict[str, Any]:
         """``file_upload_begin`` / ``file_push_begin``: where to resume, and the stream to use.
 
@@ -157,18 +157,17 @@ class Receiver:
             "prefix_sha256": partial.sha256_hex(),
         }
 
-    async def _rerun_answer(
-        self, name: str, size: int, sha256: str | None
-    ) -> dict[str, Any] | None:
+    async def _rerun_answer(self, name: str, size: int, sha256: str) -> dict[str, Any] | None:
         storage = self._settings.storage
         try:
             safe = safe_relative_name(name)
             if not isinstance(size, int) or not await same_size_exists(storage, safe, size):
                 return None
-            if sha256 is None:
+            if not sha256:
                 return {"check_sha256": True}
-            if await is_already_there(storage, safe, size, str(sha256)):
-                return skipped_result(safe, size, str(sha256))
+            stored = await find_already_there(storage, safe, size, sha256)
+            if stored is not None:
+                return skipped_result(stored, size, sha256)
         except Exception as exc:
             raise as_rpc_error(exc) from None
         return None
@@ -208,8 +207,9 @@ class Receiver:
         started = trio.current_time()
         try:
             safe = safe_relative_name(name)
-            if await is_already_there(self._settings.storage, safe, len(data), sha256):
-                return skipped_result(safe, len(data), sha256)
+            stored = await find_already_there(self._settings.storage, safe, len(data), sha256)
+            if stored is not None:
+                return skipped_result(stored, len(data), sha256)
             published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
         except Exception as exc:
             raise as_rpc_error(exc) from None
@@ -322,11 +322,12 @@ class Receiver:
         except (RPCError, ConnectionClosed):
             return None  # the download itself reports the problem
         digest = str(remote.get("sha256", ""))
-        if int(remote.get("size", -1)) != size or not await is_already_there(
-            local, name, size, digest
-        ):
+        if int(remote.get("size", -1)) != size or not digest:
             return None
-        return skipped_result(name, size, digest, path=str(local.path / name), resumed_from=0)
+        stored = await find_already_there(local, name, size, digest)
+        if stored is None:
+            return None
+        return skipped_result(stored, size, digest, path=str(local.path / stored), resumed_from=0)
 
     # ------------------------------------------------------------------ receiving
 

@@ -39,7 +39,7 @@ from ._engine import hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
-from ._ranges import resolve_range
+from ._ranges import WHOLE_FILE, resolve_range
 from ._slots import TransferSlots
 from ._storage import StorageRoot
 from ._wire import (
@@ -232,28 +232,29 @@ class Sender:
     # the application lives in asyncio (where plain coroutines run on asyncio).
 
     @trio_callback
-    async def rpc_file_list(self, prefix: str | None = None) -> dict[str, Any]:
-        """``file_list``: the storage's visible files (only those under ``prefix``, if given).
+    async def rpc_file_list(self, prefix: str = "") -> dict[str, Any]:
+        """``file_list``: the storage's visible files (only those under the directory ``prefix``).
 
-        ``truncated`` says that ``max_listed`` cut the listing short.
+        ``"truncated": True`` is added when ``max_listed`` cut the listing short.
         """
         settings = self._settings
         try:
             entries = await trio.to_thread.run_sync(
                 lambda: settings.storage.list_files(
-                    max_entries=settings.max_listed + 1, prefix=prefix
+                    max_entries=settings.max_listed + 1, prefix=prefix or None
                 )
             )
         except Exception as exc:
             raise as_rpc_error(exc) from None
-        truncated = len(entries) > settings.max_listed
-        return {
+        answer: dict[str, Any] = {
             "files": [
                 {"name": e.name, "size": e.size, "modified": e.modified}
                 for e in entries[: settings.max_listed]
-            ],
-            "truncated": truncated,
+            ]
         }
+        if len(entries) > settings.max_listed:
+            answer["truncated"] = True
+        return answer
 
     @trio_callback
     async def rpc_file_stat(self, name: str, sha256: bool = False) -> dict[str, Any]:
@@ -290,14 +291,15 @@ class Sender:
         size: int,
         offset: int,
         prefix_sha256: str,
-        range_offset: int | None = None,
-        range_length: int | None = None,
+        range_offset: int = 0,
+        range_length: int = WHOLE_FILE,
     ) -> dict[str, Any]:
         """``file_download``: start streaming ``name`` into the caller's stream ``stream_id``.
 
-        With ``range_offset`` / ``range_length``, only that slice of the file
-        (see :mod:`._ranges`); ``offset`` and the answer's ``size`` then count
-        within the slice.
+        With ``range_offset`` / ``range_length`` (both given by a client that
+        wants a range; the defaults mean the whole file), only that slice of
+        the file (see :mod:`._ranges`); ``offset`` and the answer's ``size``
+        then count within the slice.
         """
         try:
             return await self._start_download(
@@ -315,8 +317,8 @@ class Sender:
         size: int,
         offset: int,
         prefix_sha256: str,
-        range_offset: int | None,
-        range_length: int | None,
+        range_offset: int,
+        range_length: int,
     ) -> dict[str, Any]:
         if not is_valid_stream_id(stream_id):
             raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
@@ -333,9 +335,9 @@ class Sender:
                 if actual_size != size:
                     raise RPCError(f"{name!r} changed on the server; ask again", "source_changed")
                 base = 0
-                if range_offset is not None or range_length is not None:
+                if (range_offset, range_length) != (0, WHOLE_FILE):
                     try:
-                        base, size = resolve_range(size, range_offset or 0, range_length)
+                        base, size = resolve_range(size, range_offset, range_length)
                     except TransferError as exc:
                         raise as_rpc_error(exc) from None
                     await trio.to_thread.run_sync(file.seek, base)
