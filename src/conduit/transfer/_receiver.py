@@ -261,6 +261,14 @@ class Receiver:
         else:
             skipped = await self._local_copy_is_current(peer, local, safe, size)
             if skipped is not None:
+                # Complete already: the callback still sees its one 100% report.
+                await ProgressReporter(
+                    on_progress,
+                    filename=safe,
+                    direction="download",
+                    total_size=size,
+                    resumed_from=size,
+                ).finish()
                 return skipped
         key = (
             transfer_key(f"{target}\0{safe}", size, mtime_ns)

@@ -129,6 +129,15 @@ class Sender:
                         timeout=_NO_TIMEOUT,
                     )
                 if begin.get("skipped"):
+                    # Complete already: the callback still sees its one 100% report.
+                    done = ProgressReporter(
+                        on_progress,
+                        filename=name,
+                        direction=direction,
+                        total_size=size,
+                        resumed_from=size,
+                    )
+                    await done.finish()
                     return {**begin, "resumed_from": 0, "elapsed": 0.0, "speed": 0.0}
                 start, stream_id = int(begin["offset"]), int(begin["stream_id"])
                 hasher = await resume_hasher(file, start, str(begin["prefix_sha256"]))
