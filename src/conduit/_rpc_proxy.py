@@ -15,7 +15,7 @@ import attrs
 
 from ._bridge import bridged
 from ._connection import Connection
-from .errors import ConduitError, ConnectionClosed, RPCError
+from .errors import ConduitError, ConnectionClosed, RPCError, failure_dict
 from .protocol import converter
 
 if TYPE_CHECKING:
@@ -51,11 +51,7 @@ def result_dict(value: Any = None, error: ConduitError | None = None) -> dict[st
     """The guide's result shape: ``{"success", "data"}`` or ``{"success", "error", "code"}``."""
     if error is None:
         return {"success": True, "data": value}
-    if isinstance(error, RPCError):
-        return {"success": False, "error": error.message, "code": error.code}
-    if isinstance(error, ConnectionClosed):
-        return {"success": False, "error": error.reason, "code": "connection_closed"}
-    return {"success": False, "error": str(error), "code": "error"}
+    return failure_dict(error)
 
 
 class RPCProxy:

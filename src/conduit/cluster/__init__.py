@@ -1,0 +1,10 @@
+"""Scale-out engines: an S3 store for files and a Redis/Valkey bus between nodes.
+
+Nothing here is imported by ``import conduit``; the modules that need the
+``cluster`` extra (boto3, redis) import it themselves:
+
+* :mod:`.store`: the storage protocol file transfer uses (no extra needed);
+* :mod:`.location`: ``s3://BUCKET/PREFIX`` parsing (no extra needed);
+* :mod:`.s3`: :class:`~conduit.cluster.s3.S3Store` (boto3);
+* :mod:`.bus`: :class:`~conduit.cluster.bus.ClusterBus` (redis).
+"""

@@ -1,0 +1,161 @@
+"""S3 plumbing shared by the store and its partials: client, errors, upload state.
+
+Everything here runs in worker threads or is pure data; nothing waits.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from typing import Any, Final
+
+import attrs
+import boto3  # type: ignore[import-untyped]
+import botocore.config  # type: ignore[import-untyped]
+import botocore.exceptions  # type: ignore[import-untyped]
+
+from ..errors import TransferError
+from ..transfer._names import MAX_COLLISION_ATTEMPTS
+
+#: S3's smallest part (all but the last).
+MIN_PART_SIZE: Final = 5 * 1024 * 1024
+#: Default part size: what a dropped upload may have to resend, at most.
+DEFAULT_PART_SIZE: Final = 8 * 1024 * 1024
+MAX_PARTS: Final = 10_000
+CONTROL: Final = ".conduit"
+STATE_VERSION: Final = 1
+# The longest collision suffix, " (10000)", must still fit in a key.
+SUFFIX_ROOM: Final = len(f" ({MAX_COLLISION_ATTEMPTS})")
+LIST_PAGE: Final = 1000
+
+
+def make_s3_client(**overrides: Any) -> Any:
+    """A boto3 S3 client configured from the standard AWS environment.
+
+    ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
+    ``AWS_DEFAULT_REGION`` are read by boto3 itself; ``overrides`` (e.g.
+    ``endpoint_url=...``) win. Path-style addressing, because self-hosted
+    stores (SeaweedFS, MinIO) rarely have wildcard DNS; checksums only where
+    conduit supplies them (it sends SHA-256 per part itself).
+    """
+    config = botocore.config.Config(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": 3},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=16,
+    )
+    options: dict[str, Any] = {"config": config}
+    options.update(overrides)
+    return boto3.session.Session().client("s3", **options)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_code(exc: botocore.exceptions.ClientError) -> str:
+    """The S3 error code (``"NoSuchKey"``, ``"BadDigest"``, ...), or ``""``."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def http_status(exc: botocore.exceptions.ClientError) -> int:
+    """The HTTP status of the failed request, or 0."""
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def is_missing(exc: botocore.exceptions.ClientError) -> bool:
+    """Whether the object (or key) does not exist; HEAD answers a bare 404."""
+    return error_code(exc) in ("NoSuchKey", "404", "NotFound") or http_status(exc) == 404
+
+
+def is_precondition(exc: botocore.exceptions.ClientError) -> bool:
+    """Whether a conditional write (``If-None-Match`` / ``If-Match``) was refused."""
+    return error_code(exc) == "PreconditionFailed" or http_status(exc) == 412
+
+
+def storage_error(exc: Exception, what: str) -> TransferError:
+    """The :class:`TransferError` a caller sees for an S3 failure while doing ``what``.
+
+    Codes: ``"bad_digest"`` (a part arrived corrupted), ``"storage_error"``
+    (any other S3 refusal), ``"storage_unavailable"`` (no answer at all).
+    """
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = error_code(exc)
+        message = exc.response.get("Error", {}).get("Message", "")
+        if code == "BadDigest":
+            return TransferError(
+                f"{what}: the store received a part that does not match its SHA-256 "
+                f"(BadDigest: {message})",
+                "bad_digest",
+            )
+        return TransferError(
+            f"{what}: S3 error {code or http_status(exc)}: {message}", "storage_error"
+        )
+    return TransferError(f"{what}: the S3 store is unreachable ({exc})", "storage_unavailable")
+
+
+#: What boto3 raises: an S3 refusal or a transport failure.
+S3_ERRORS: Final = (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@attrs.frozen
+class Part:
+    """One stored part of a multipart upload, as the upload state records it."""
+
+    number: int
+    size: int
+    etag: str
+    sha256_b64: str
+    #: Whole-file SHA-256 state after this part (ResumableSha256.save()).
+    hash_state: str
+
+
+@attrs.define
+class UploadState:
+    """Everything needed to resume a partial on any node, saved as JSON beside it."""
+
+    name: str
+    transfer_id: str
+    key: str
+    upload_id: str
+    part_size: int
+    overwrite: bool
+    reservation: str | None
+    parts: list[Part] = attrs.field(factory=list)
+
+    def dumps(self) -> bytes:
+        """Serialise (JSON, with a version and the time of writing)."""
+        document = attrs.asdict(self)
+        document["version"] = STATE_VERSION
+        document["updated"] = time.time()
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    @classmethod
+    def loads(cls, data: bytes) -> UploadState:
+        """Parse :meth:`dumps` output; ``ValueError``/``TypeError``/``KeyError`` if malformed."""
+        document = json.loads(data)
+        if document.pop("version", None) != STATE_VERSION:
+            raise ValueError("unknown upload state version")
+        document.pop("updated", None)
+        document["parts"] = [Part(**part) for part in document["parts"]]
+        return cls(**document)
+
+    @property
+    def durable(self) -> int:
+        """Bytes in the recorded parts."""
+        return sum(part.size for part in self.parts)
+
+
+def b64_sha256(data: bytes) -> str:
+    """SHA-256 of ``data`` in base64, as ``x-amz-checksum-sha256`` wants it."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
+
+
+def short_digest(text: str) -> str:
+    """160 bits of SHA-256 as hex: fixed-length keys for names of any length."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]

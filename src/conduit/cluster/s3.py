@@ -1,0 +1,664 @@
+"""The S3 store: published files are objects, partials are multipart uploads.
+
+Layout under ``s3://BUCKET/PREFIX``:
+
+* ``PREFIX/<name>``: a published file; ``<name>`` is a
+  ``safe_relative_name`` (so never hidden).
+* ``PREFIX/.conduit/uploads/<id>.json``: the state of one partial, ``<id>``
+  derived from (name, transfer id): the object key it will be published as, the
+  multipart upload id, and for every stored part its number, size, ETag,
+  SHA-256 and the *whole-file* SHA-256 state after it. Any node can resume the
+  upload from it. Hidden, so never listed and never reachable by a name.
+* ``PREFIX/.conduit/names/<hash of key>``: the reservation of a final key by a
+  partial (created with ``If-None-Match: *``), so two conduit uploads never
+  aim at one name.
+
+Why the state lives beside the upload: SeaweedFS's ``ListParts`` does not
+return part checksums yet ``CompleteMultipartUpload`` requires them, and the
+parts of an unfinished upload cannot be read back to re-hash them, so the
+whole-file SHA-256 (the guide's ``checksum``; S3's own object checksum is a
+composite, not that) is carried forward as a saved hash state
+(:mod:`._sha256`). The store needs no bus: a single node on S3 resumes too.
+Resuming cross-checks the state with ``ListParts`` (sizes and ETags) and keeps
+the longest prefix of parts both agree on.
+
+Writers: every state update is a conditional PUT (``If-Match`` the ETag this
+writer last saw), so a second writer of the same partial fails with
+``TransferError("busy")`` at its next part instead of silently interleaving;
+the cluster's upload lease (:mod:`.bus`) keeps it from starting at all. A part
+another writer replaced under the same number no longer matches the ETag in
+the state, which ``CompleteMultipartUpload`` and a resume both refuse, so a
+race can fail an upload but never publish mixed bytes.
+
+Publishing: the whole-file SHA-256 is checked first, then
+``CompleteMultipartUpload`` with ``If-None-Match: *`` (SeaweedFS 4.48 honours
+it: 412 ``PreconditionFailed``, tested), so an object that appeared under the
+name meanwhile is never overwritten. The collision policy (``name (1).ext``)
+chooses the key when the partial is opened, since a multipart upload cannot
+change its key: the first candidate with neither an object nor a reservation.
+A non-conduit writer that creates the exact key between open and publish makes
+the publish fail with ``name_collision`` (nothing is overwritten; the bytes must
+be sent again).
+
+Parts are ``part_size`` bytes (default 8 MiB; S3 wants at least 5 MiB except
+for the last) and sent with ``ChecksumSHA256``, so the store verifies each one
+(``BadDigest`` becomes ``TransferError`` code ``"bad_digest"``). Bytes not yet
+making a whole part are buffered in memory and are not durable: a resume
+starts at the last whole part.
+
+Why boto3 in worker threads: it is the reference S3 client with the complete
+multipart API (per-part checksums, conditional writes), measured here at
+86-90 MiB/s through ``trio.to_thread`` with per-part SHA-256. obstore's async
+API fails under Trio ("no running event loop") and has no part-level API;
+handtruck (httpx + anyio) is Trio-native but very young. The blocking calls are
+large (a part, a listing page), so a thread hop per call costs little; the
+client is thread-safe and shared, and a capacity limiter bounds the threads.
+Measured through this store against ``weed mini`` on this machine at rest:
+60-67 MiB/s upload (SHA-256 per part, the running whole-file hash and a state
+write per 8 MiB part, one part in flight) where bare ``upload_part`` calls
+without checksums reach 130-140 MiB/s; reading back is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import botocore.config  # type: ignore[import-untyped]
+import botocore.exceptions  # type: ignore[import-untyped]
+import trio
+
+from ..errors import TransferError, UnsafePathError
+from ..transfer._names import (
+    check_transfer_id,
+    collision_candidates,
+    safe_relative_name,
+    split_name,
+)
+from ._s3_partial import S3Partial, S3Reader
+from ._s3_wire import (
+    CONTROL,
+    DEFAULT_PART_SIZE,
+    LIST_PAGE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    S3_ERRORS,
+    SUFFIX_ROOM,
+    Part,
+    UploadState,
+    error_code,
+    is_missing,
+    is_precondition,
+    make_s3_client,
+    short_digest,
+    storage_error,
+)
+from .location import MAX_KEY_BYTES, S3Location, parse_s3_url
+from .store import StoredFile
+
+__all__ = [
+    "DEFAULT_PART_SIZE",
+    "MIN_PART_SIZE",
+    "S3Partial",
+    "S3Reader",
+    "S3Store",
+    "make_s3_client",
+]
+
+T = TypeVar("T")
+
+log = logging.getLogger("conduit.cluster.s3")
+
+
+# --------------------------------------------------------------------------- store
+
+
+class S3Store:
+    """:class:`~conduit.cluster.store.Store` on an S3-compatible object store.
+
+    ``location`` is ``"s3://BUCKET/PREFIX"`` or an :class:`S3Location`;
+    ``client`` a boto3 S3 client (default: :func:`make_s3_client`, from the
+    AWS environment). Safe to share between tasks; one :class:`S3Partial` is
+    driven by one task.
+    """
+
+    def __init__(
+        self,
+        location: S3Location | str,
+        *,
+        client: Any | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_threads: int = 8,
+    ) -> None:
+        """Configure; nothing is contacted until the first operation."""
+        if part_size < MIN_PART_SIZE or part_size % (1024 * 1024):
+            raise ValueError("part_size must be a whole number of MiB, at least 5 MiB")
+        self.location = parse_s3_url(location) if isinstance(location, str) else location
+        self.client = make_s3_client() if client is None else client
+        self.part_size = part_size
+        self._limiter = trio.CapacityLimiter(max_threads)
+        # Background part uploads (one per partial at a time); threads start on demand.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_threads, thread_name_prefix="conduit-s3"
+        )
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def bucket(self) -> str:
+        """The bucket."""
+        return self.location.bucket
+
+    async def _run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        return await trio.to_thread.run_sync(
+            functools.partial(function, *args, **kwargs), limiter=self._limiter
+        )
+
+    def _control_key(self, *parts: str) -> str:
+        return self.location.key("/".join((CONTROL, *parts)))
+
+    def _state_key(self, name: str, transfer_id: str) -> str:
+        return self._control_key("uploads", short_digest(f"{name}\0{transfer_id}") + ".json")
+
+    def _reservation_key(self, key: str) -> str:
+        return self._control_key("names", short_digest(key))
+
+    def _checked_name(self, name: str) -> str:
+        safe = safe_relative_name(name)
+        if len(self.location.key(safe).encode("utf-8")) + SUFFIX_ROOM > MAX_KEY_BYTES:
+            raise UnsafePathError(
+                f"unsafe file name: {len(safe.encode('utf-8'))} bytes is too long for "
+                f"an S3 key under {self.location.url()!r} (keys are at most {MAX_KEY_BYTES} bytes)"
+            )
+        return safe
+
+    def location_of(self, name: str) -> str:
+        """See :meth:`conduit.cluster.store.Store.location_of`: ``s3://bucket/prefix/name``."""
+        return self.location.url(self._checked_name(name))
+
+    def close(self) -> None:
+        """Stop the background uploader once its parts are sent (call at shutdown).
+
+        Partials still open then fail at their next part; the client is the
+        caller's if it was passed in, so it is left open.
+        """
+        self._executor.shutdown(wait=False)
+
+    # ----------------------------------------------------------------- S3 calls
+
+    def _get(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise
+        with answer["Body"] as body:
+            return body.read(), str(answer["ETag"])
+
+    def _put(self, key: str, data: bytes, *, if_match: str | None) -> str | None:
+        """Conditional PUT: create-only (``if_match=None``) or replace that ETag only.
+
+        Returns the new ETag, or None if the precondition failed.
+        """
+        condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
+        try:
+            answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
+        except botocore.exceptions.ClientError as exc:
+            if is_precondition(exc):
+                return None
+            raise
+        return str(answer["ETag"])
+
+    def _delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            answer: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise
+        return answer
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) != "NoSuchUpload" and not is_missing(exc):
+                raise
+
+    def _list_parts(self, key: str, upload_id: str) -> dict[int, set[tuple[int, str]]] | None:
+        """Stored parts as {number: {(size, etag), ...}}, or None if the upload is gone.
+
+        A set per number: SeaweedFS keeps every upload of a part number (AWS
+        keeps the last) and completes with the one whose ETag is named.
+        """
+        parts: dict[int, set[tuple[int, str]]] = {}
+        marker = 0
+        for _page in range(MAX_PARTS // LIST_PAGE + 1):
+            try:
+                answer = self.client.list_parts(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
+                )
+            except botocore.exceptions.ClientError as exc:
+                if error_code(exc) == "NoSuchUpload" or is_missing(exc):
+                    return None
+                raise
+            for part in answer.get("Parts", []):
+                entry = (int(part["Size"]), str(part["ETag"]))
+                parts.setdefault(int(part["PartNumber"]), set()).add(entry)
+            if not answer.get("IsTruncated"):
+                break
+            marker = int(answer["NextPartNumberMarker"])
+        return parts
+
+    def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
+        ):
+            yield from page.get("Contents", [])
+
+    # ----------------------------------------------------------------- partials (sync)
+
+    def _load_state(self, name: str, transfer_id: str) -> tuple[UploadState | None, str] | None:
+        """(state, its ETag); (None, ETag) if the object is unreadable; None if absent."""
+        found = self._get(self._state_key(name, transfer_id))
+        if found is None:
+            return None
+        data, etag = found
+        try:
+            state = UploadState.loads(data)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None, etag
+        if state.name != name or state.transfer_id != transfer_id:
+            return None, etag
+        return state, etag
+
+    def _reserve(self, name: str, owner: str, overwrite: bool) -> tuple[str, str | None]:
+        """Choose the final key for ``name``; return (key, reservation key or None)."""
+        directories, basename = split_name(name)
+        if overwrite:
+            return self.location.key(name), None
+        candidates = itertools.chain([basename], collision_candidates(basename))
+        for candidate in candidates:
+            key = self.location.key("/".join((*directories, candidate)))
+            if self._head(key) is not None:
+                continue
+            reservation = self._reservation_key(key)
+            if self._put(reservation, owner.encode(), if_match=None) is None:
+                held = self._get(reservation)
+                if held is None or held[0] != owner.encode():
+                    continue  # another upload aims at this name
+                # else: ours, left by an attempt that crashed before saving its state
+            # A publisher completes its object before it releases the name, so
+            # an object that appeared before our reservation is visible now.
+            if self._head(key) is not None:
+                self._delete(reservation)
+                continue
+            return key, reservation
+        raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+    def _release(self, state: UploadState) -> None:
+        if state.reservation is not None:
+            self._delete(state.reservation)
+
+    def _open(self, name: str, transfer_id: str, resume: bool, overwrite: bool) -> S3Partial:
+        safe = self._checked_name(name)
+        tid = check_transfer_id(transfer_id)
+        state_key = self._state_key(safe, tid)
+        loaded = self._load_state(safe, tid)
+        if loaded is not None and loaded[0] is None:
+            # Unreadable (not ours, or truncated): nothing to resume; start afresh.
+            self._delete(state_key)
+            loaded = None
+        if loaded is not None:
+            state, etag = loaded
+            assert state is not None
+            if resume:
+                verified = self._verify_parts(state)
+                if verified is not None:
+                    return S3Partial(self, state, state_key, etag)
+            # Restart (asked for, or the upload is gone): same key, new upload.
+            self._abort(state.key, state.upload_id)
+            state.parts = []
+            state.upload_id = self._create_upload(state.key)
+            new_etag = self._put(state_key, state.dumps(), if_match=etag)
+            if new_etag is None:
+                self._abort(state.key, state.upload_id)
+                raise TransferError(f"{safe!r} is already being received", "busy")
+            return S3Partial(self, state, state_key, new_etag)
+        owner = short_digest(f"{safe}\0{tid}")
+        key, reservation = self._reserve(safe, owner, overwrite)
+        upload_id = self._create_upload(key)
+        state = UploadState(
+            name=safe,
+            transfer_id=tid,
+            key=key,
+            upload_id=upload_id,
+            part_size=self.part_size,
+            overwrite=overwrite,
+            reservation=reservation,
+        )
+        created = self._put(state_key, state.dumps(), if_match=None)
+        if created is None:  # another node opened the same partial at the same moment
+            self._abort(key, upload_id)
+            raise TransferError(f"{safe!r} is already being received", "busy")
+        return S3Partial(self, state, state_key, created)
+
+    def _create_upload(self, key: str) -> str:
+        answer = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256"
+        )
+        return str(answer["UploadId"])
+
+    def _verify_parts(self, state: UploadState) -> UploadState | None:
+        """Keep the longest prefix of parts the store agrees with; None if the upload is gone."""
+        stored = self._list_parts(state.key, state.upload_id)
+        if stored is None:
+            return None
+        kept: list[Part] = []
+        for number, part in enumerate(state.parts, start=1):
+            if part.number != number or (part.size, part.etag) not in stored.get(number, ()):
+                break
+            if part.size != state.part_size or not part.hash_state:
+                break  # a short last part (publish was cut): resent with what follows
+            kept.append(part)
+        state.parts = kept
+        return state
+
+    def _discard(self, name: str, transfer_id: str) -> bool:
+        safe = self._checked_name(name)
+        tid = check_transfer_id(transfer_id)
+        loaded = self._load_state(safe, tid)
+        if loaded is None:
+            return False
+        state, _etag = loaded
+        if state is not None:
+            self._abort(state.key, state.upload_id)
+            self._release(state)
+        self._delete(self._state_key(safe, tid))
+        return True
+
+    def _cleanup(self, max_age_seconds: float) -> int:
+        cutoff = time.time() - max_age_seconds
+        removed = 0
+        live_uploads: set[str] = set()
+        for entry in self._list_keys(self._control_key("uploads") + "/"):
+            found = self._get(str(entry["Key"]))
+            if found is None:
+                continue
+            try:
+                state = UploadState.loads(found[0])
+            except (ValueError, TypeError, KeyError):
+                continue
+            if entry["LastModified"].timestamp() >= cutoff:
+                live_uploads.add(state.upload_id)
+                continue
+            self._abort(state.key, state.upload_id)
+            self._release(state)
+            self._delete(str(entry["Key"]))
+            removed += 1
+        # Staged files nobody collected (the node that was to read them died).
+        for entry in self._list_keys(self._control_key("staging") + "/"):
+            if entry["LastModified"].timestamp() < cutoff:
+                self._delete(str(entry["Key"]))
+        # Uploads whose state was never written (a crash right after creating them).
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.location.list_prefix):
+            for upload in page.get("Uploads", []):
+                if upload["UploadId"] in live_uploads:
+                    continue
+                if upload["Initiated"].timestamp() < cutoff:
+                    self._abort(str(upload["Key"]), str(upload["UploadId"]))
+        return removed
+
+    # ----------------------------------------------------------------- published (sync)
+
+    def _list(self, max_entries: int) -> list[StoredFile]:
+        entries: list[StoredFile] = []
+        for entry in self._list_keys(self.location.list_prefix):
+            if len(entries) >= max_entries:
+                break
+            relative = self.location.relative(str(entry["Key"]))
+            if relative is None or not _listable(relative):
+                continue
+            modified = entry["LastModified"].timestamp()
+            entries.append(StoredFile(relative, int(entry["Size"]), int(modified * 1e9)))
+        entries.sort(key=lambda item: item.name)
+        return entries
+
+    def _stat(self, name: str) -> tuple[StoredFile, str]:
+        safe = self._checked_name(name)
+        info = self._head(self.location.key(safe))
+        if info is None:
+            raise FileNotFoundError(2, "no such file in storage", safe)
+        modified = int(info["LastModified"].timestamp() * 1e9)
+        return StoredFile(safe, int(info["ContentLength"]), modified), str(info["ETag"])
+
+    def _open_reader(self, name: str, start: int) -> S3Reader:
+        stored, etag = self._stat(name)
+        return self._read_key(self.location.key(stored.name), stored, etag, start)
+
+    def _read_key(self, key: str, stored: StoredFile, etag: str, start: int) -> S3Reader:
+        if not 0 <= start <= stored.size:
+            raise ValueError(f"start {start} is outside the file ({stored.size} bytes)")
+        body = None
+        if start < stored.size:
+            # If-Match: a file replaced since the HEAD is an error, not a mix of two files.
+            answer = self.client.get_object(
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{stored.size - 1}",
+                IfMatch=etag,
+            )
+            body = answer["Body"]
+        return S3Reader(self, stored, body)
+
+    # ----------------------------------------------------------------- staging (sync)
+
+    def _staging_key(self, token: str) -> str:
+        return self._control_key("staging", check_transfer_id(token))
+
+    def _open_staging(self, token: str) -> S3Partial:
+        key = self._staging_key(token)
+        # A name no published file can have, so its state never meets a real upload's.
+        name = f".staging/{token}"
+        state_key = self._state_key(name, token)
+        self._discard_state(state_key)  # a staging upload restarts, it never resumes
+        state = UploadState(
+            name=name,
+            transfer_id=token,
+            key=key,
+            upload_id=self._create_upload(key),
+            part_size=self.part_size,
+            overwrite=True,
+            reservation=None,
+        )
+        created = self._put(state_key, state.dumps(), if_match=None)
+        if created is None:
+            self._abort(key, state.upload_id)
+            raise TransferError(f"staging {token!r} is already being written", "busy")
+        return S3Partial(self, state, state_key, created)
+
+    def _discard_state(self, state_key: str) -> None:
+        found = self._get(state_key)
+        if found is None:
+            return
+        try:
+            state = UploadState.loads(found[0])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass
+        else:
+            self._abort(state.key, state.upload_id)
+        self._delete(state_key)
+
+    def _open_staged(self, token: str, start: int) -> S3Reader:
+        key = self._staging_key(token)
+        info = self._head(key)
+        if info is None:
+            raise FileNotFoundError(2, "no such staged file", token)
+        modified = int(info["LastModified"].timestamp() * 1e9)
+        stored = StoredFile(token, int(info["ContentLength"]), modified)
+        return self._read_key(key, stored, str(info["ETag"]), start)
+
+    def _delete_staged(self, token: str) -> bool:
+        key = self._staging_key(token)
+        self._discard_state(self._state_key(f".staging/{token}", token))
+        if self._head(key) is None:
+            return False
+        self._delete(key)
+        return True
+
+    def _delete_file(self, name: str) -> bool:
+        safe = self._checked_name(name)
+        key = self.location.key(safe)
+        if self._head(key) is None:
+            return False
+        self._delete(key)
+        return True
+
+    def _rename(self, name: str, new_name: str, overwrite: bool) -> str:
+        safe = self._checked_name(name)
+        target = self._checked_name(new_name)
+        source = self.location.key(safe)
+        if self._head(source) is None:
+            raise FileNotFoundError(2, "no such file in storage", safe)
+        directories, basename = split_name(target)
+        candidates = (
+            iter([basename])
+            if overwrite
+            else itertools.chain([basename], collision_candidates(basename))
+        )
+        condition = {} if overwrite else {"IfNoneMatch": "*"}
+        for candidate in candidates:
+            final = "/".join((*directories, candidate))
+            try:
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self.location.key(final),
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                    **condition,
+                )
+            except botocore.exceptions.ClientError as exc:
+                if is_precondition(exc):
+                    continue
+                raise
+            if final != safe:
+                self._delete(source)
+            return final
+        raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+    # ----------------------------------------------------------------- Store protocol
+
+    async def open_partial(
+        self, name: str, transfer_id: str, *, resume: bool, overwrite: bool = False
+    ) -> S3Partial:
+        """See :meth:`conduit.cluster.store.Store.open_partial`."""
+        return await self._guard(
+            f"opening {name!r}", self._open, name, transfer_id, resume, overwrite
+        )
+
+    async def find_partial(self, name: str, transfer_id: str) -> int | None:
+        """See :meth:`conduit.cluster.store.Store.find_partial` (from the saved state)."""
+        safe = self._checked_name(name)
+        tid = check_transfer_id(transfer_id)
+        loaded = await self._guard(f"looking up {safe!r}", self._load_state, safe, tid)
+        state = None if loaded is None else loaded[0]
+        return None if state is None else state.durable
+
+    async def discard_partial(self, name: str, transfer_id: str) -> bool:
+        """See :meth:`conduit.cluster.store.Store.discard_partial`."""
+        return await self._guard(f"discarding {name!r}", self._discard, name, transfer_id)
+
+    async def check_can_accept(
+        self, size: int, max_file_size: int | None = None, *, offset: int = 0
+    ) -> None:
+        """See :meth:`conduit.cluster.store.Store.check_can_accept` (no free-space limit)."""
+        if size < 0 or not 0 <= offset <= size:
+            raise TransferError(f"invalid size {size} (offset {offset})", "invalid_size")
+        if max_file_size is not None and size > max_file_size:
+            raise TransferError(
+                f"file of {size} bytes exceeds the limit of {max_file_size} bytes", "too_large"
+            )
+        if size > self.part_size * MAX_PARTS:
+            raise TransferError(
+                f"file of {size} bytes exceeds {MAX_PARTS} parts of {self.part_size} bytes",
+                "too_large",
+            )
+
+    async def list_files(self, *, max_entries: int = 100_000) -> list[StoredFile]:
+        """See :meth:`conduit.cluster.store.Store.list_files`."""
+        if max_entries < 0:
+            raise ValueError("max_entries must not be negative")
+        return await self._guard("listing", self._list, max_entries)
+
+    async def stat(self, name: str) -> StoredFile:
+        """See :meth:`conduit.cluster.store.Store.stat`."""
+        stored, _etag = await self._guard(f"reading {name!r}", self._stat, name)
+        return stored
+
+    async def open_reader(self, name: str, *, start: int = 0) -> S3Reader:
+        """See :meth:`conduit.cluster.store.Store.open_reader` (one ranged GET)."""
+        return await self._guard(f"reading {name!r}", self._open_reader, name, start)
+
+    async def delete(self, name: str) -> bool:
+        """See :meth:`conduit.cluster.store.Store.delete`."""
+        return await self._guard(f"deleting {name!r}", self._delete_file, name)
+
+    async def rename(self, name: str, new_name: str, *, overwrite: bool = False) -> str:
+        """See :meth:`conduit.cluster.store.Store.rename` (server-side copy, then delete)."""
+        return await self._guard(f"renaming {name!r}", self._rename, name, new_name, overwrite)
+
+    async def cleanup_stale_partials(self, max_age_seconds: float) -> int:
+        """See :meth:`conduit.cluster.store.Store.cleanup_stale_partials`.
+
+        Also removes staged files older than ``max_age_seconds`` (not counted).
+        """
+        return await self._guard("cleaning up", self._cleanup, max_age_seconds)
+
+    # ----------------------------------------------------------------- staging
+
+    async def open_staging(self, token: str) -> S3Partial:
+        """A partial for bytes another node will read by ``token``, e.g. a cross-node push.
+
+        ``token`` is 1-64 characters of ``[A-Za-z0-9_-]``. The staged file lives
+        under the hidden control prefix: never listed, never reachable by a
+        file name. Written and published like any partial (``publish``
+        returns its key below the prefix); opening the same token again starts
+        over. Read it with :meth:`open_staged`, remove it with
+        :meth:`delete_staged`; :meth:`cleanup_stale_partials` removes any left.
+        """
+        return await self._guard(f"staging {token!r}", self._open_staging, token)
+
+    async def open_staged(self, token: str, *, start: int = 0) -> S3Reader:
+        """Read a staged file from byte ``start``; ``FileNotFoundError`` if there is none."""
+        return await self._guard(f"reading staged {token!r}", self._open_staged, token, start)
+
+    async def delete_staged(self, token: str) -> bool:
+        """Remove a staged file (and an unfinished staging upload); whether it existed."""
+        return await self._guard(f"deleting staged {token!r}", self._delete_staged, token)
+
+    async def _guard(self, what: str, function: Callable[..., T], /, *args: Any) -> T:
+        """Run ``function`` in a thread; S3 failures become :class:`TransferError`."""
+        try:
+            return await self._run(function, *args)
+        except S3_ERRORS as exc:
+            raise storage_error(exc, what) from exc
+
+
+def _listable(relative: str) -> bool:
+    """Whether a key below the prefix is a published file: canonical and not hidden."""
+    if not relative or relative.endswith("/"):
+        return False
+    try:
+        return safe_relative_name(relative) == relative
+    except UnsafePathError:
+        return False

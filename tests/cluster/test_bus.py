@@ -1,0 +1,340 @@
+"""The cluster bus against a real Valkey: registry, expiry, inboxes, broadcast, leases."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import trio
+
+from conduit.cluster.bus import (
+    ClientIdTaken,
+    ClusterBus,
+    LeaseBusy,
+    LeaseLost,
+    NodeNameTaken,
+    NodeUnreachable,
+)
+from conduit.errors import RPCError
+
+#: Short TTL so that expiry tests take seconds, not thirty; with room for a
+#: loaded machine (a heartbeat every TTL / 3 must not be late by a whole TTL).
+TTL = 1.5
+NODE_PROGRAM = Path(__file__).with_name("bus_node.py")
+
+BusFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def bus_factory(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> AsyncIterator[BusFactory]:
+    """Start running buses (nodes) in the test's namespace; they stop at teardown."""
+    scopes: list[trio.CancelScope] = []
+
+    async def run(bus: ClusterBus, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await bus.run(task_status=task_status)
+
+    async def make(name: str, **options: Any) -> ClusterBus:
+        options.setdefault("ttl", TTL)
+        bus = ClusterBus(engines.bus.url, name, namespace=bus_namespace, **options)
+        await nursery.start(run, bus)
+        return bus
+
+    yield make
+    for scope in scopes:
+        scope.cancel()
+
+
+async def test_registry_and_clean_exit(engines: Any, bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    assert await node_a.nodes() == ["a", "b"]
+    await node_b.register_client("client-1")
+    assert await node_a.locate_client("client-1") == "b"
+    # Still there after several TTLs: the heartbeat refreshes node and client.
+    await trio.sleep(TTL * 2)
+    assert await node_a.node_alive("b")
+    assert await node_a.locate_client("client-1") == "b"
+
+
+async def test_stopped_node_is_removed_at_once(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = ClusterBus(engines.bus.url, "b", namespace=bus_namespace, ttl=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node_b.run)
+        await node_b.register_client("c")
+        assert await node_a.nodes() == ["a", "b"]
+        nursery.cancel_scope.cancel()
+    # A long TTL, yet gone at once: a clean stop unregisters.
+    assert await node_a.nodes() == ["a"]
+    assert await node_a.locate_client("c") is None
+
+
+async def test_killed_node_is_forgotten(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    arguments = [sys.executable, str(NODE_PROGRAM), engines.bus.url, bus_namespace]
+    process = await trio.lowlevel.open_process(
+        [*arguments, "doomed", "c9", "1.5"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(20):
+            line = await process.stdout.receive_some(64)
+        assert line.strip() == b"ready"
+        assert await node_a.locate_client("c9") == "doomed"
+        reply = await node_a.request("doomed", "echo", {"x": 1})
+        assert reply == {"kind": "echo", "payload": {"x": 1}, "from": "a"}
+
+        process.send_signal(signal.SIGKILL)
+        with trio.fail_after(10):
+            await process.wait()
+        # A request in flight to the dead node fails (not hangs) once it is forgotten.
+        with pytest.raises(NodeUnreachable), trio.fail_after(10):
+            await node_a.request("doomed", "echo", {"x": 2}, timeout=60)
+        assert not await node_a.node_alive("doomed")
+        assert await node_a.locate_client("c9") is None
+        with pytest.raises(NodeUnreachable):
+            await node_a.request_for_client("c9", "echo", {})
+        assert await node_a.nodes() == ["a"]
+    finally:
+        process.kill()
+        with trio.fail_after(10):
+            await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+
+
+async def test_restarted_node_takes_its_name_back(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    arguments = [sys.executable, str(NODE_PROGRAM), engines.bus.url, bus_namespace]
+    process = await trio.lowlevel.open_process(
+        [*arguments, "phoenix", "c1", str(TTL)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(20):
+            assert (await process.stdout.receive_some(64)).strip() == b"ready"
+        process.send_signal(signal.SIGKILL)
+        with trio.fail_after(10):
+            await process.wait()
+    finally:
+        process.kill()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+    # Restarted at once under the same name: it waits out the dead registration.
+    reborn = await bus_factory("phoenix")
+    assert await reborn.nodes() == ["phoenix"]
+    await reborn.register_client("c1-again")
+    assert await reborn.locate_client("c1-again") == "phoenix"
+
+
+async def test_requests_between_nodes(bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    seen: list[tuple[str, str]] = []
+
+    @node_b.on_request
+    async def handle(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        seen.append((kind, sender))
+        if kind == "refuse":
+            raise RPCError("not allowed here", "denied")
+        if kind == "crash":
+            raise ValueError("handler bug")
+        return {"data": payload["data"][::-1], "node": "b"}
+
+    assert await node_a.request("b", "push", {"data": b"\x00\x01\x02"}) == {
+        "data": b"\x02\x01\x00",
+        "node": "b",
+    }
+    with pytest.raises(RPCError) as caught:
+        await node_a.request("b", "refuse", {})
+    assert caught.value.code == "denied"
+    with pytest.raises(RPCError, match="handler bug"):
+        await node_a.request("b", "crash", {})
+    with pytest.raises(NodeUnreachable):
+        await node_a.request("nobody", "push", {})
+    # Routed by client id.
+    await node_b.register_client("client-7")
+    reply = await node_a.request_for_client("client-7", "push", {"data": b"ab"})
+    assert reply["data"] == b"ba"
+    assert seen == [("push", "a"), ("refuse", "a"), ("crash", "a"), ("push", "a")]
+    # Node a has no handler: a clear error, not a hang.
+    with pytest.raises(RPCError) as caught:
+        await node_b.request("a", "anything", {})
+    assert caught.value.code == "not_found"
+
+
+async def test_request_timeout(bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    release = trio.Event()
+
+    @node_b.on_request
+    async def slow(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    with pytest.raises(TimeoutError):
+        await node_a.request("b", "slow", {}, timeout=0.3)
+    release.set()
+
+
+async def test_broadcast_reaches_every_other_node(bus_factory: BusFactory) -> None:
+    nodes = [await bus_factory(name) for name in ("a", "b", "c")]
+    received: dict[str, list[tuple[str, Any, str]]] = {bus.node_name: [] for bus in nodes}
+    arrived = trio.Event()
+
+    for bus in nodes:
+
+        async def handler(event: str, data: Any, sender: str, name: str = bus.node_name) -> None:
+            received[name].append((event, data, sender))
+            if len(received["b"]) == 2 and len(received["c"]) == 2:
+                arrived.set()
+
+        bus.on_event(handler)
+
+    await nodes[0].broadcast("chat", {"text": "hello"})
+    await nodes[0].broadcast("tick", 2)
+    with trio.fail_after(10):
+        await arrived.wait()
+    expected = [("chat", {"text": "hello"}, "a"), ("tick", 2, "a")]
+    assert received["b"] == expected
+    assert received["c"] == expected
+    assert received["a"] == []  # the sender delivers to its own clients itself
+
+
+async def test_ids_and_names_are_unique(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    await node_a.register_client("same")
+    with pytest.raises(ClientIdTaken):
+        await node_b.register_client("same")
+    fresh = {await node.new_client_id("c-") for node in (node_a, node_b) for _ in range(20)}
+    assert len(fresh) == 40
+    assert all(client_id.startswith("c-") for client_id in fresh)
+    await node_a.unregister_client("same")
+    await node_b.register_client("same")
+    assert await node_a.locate_client("same") == "b"
+    twin = ClusterBus(engines.bus.url, "a", namespace=bus_namespace, ttl=TTL)
+    with pytest.raises(NodeNameTaken):
+        await twin.run()
+
+
+async def test_lease_exclusive_and_expires(bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    lease = await node_a.acquire_lease("upload:x", ttl=1.0)
+    assert lease is not None
+    assert await node_b.acquire_lease("upload:x", ttl=1.0) is None
+    assert await node_b.lease_holder("upload:x") == "a"
+    assert await lease.renew()
+    # Not renewed: it expires, someone else takes it, and the old holder knows.
+    taken = None
+    with trio.fail_after(5):
+        while taken is None:
+            await trio.sleep(0.1)
+            taken = await node_b.acquire_lease("upload:x", ttl=5)
+    assert not await lease.renew()
+    await lease.release()  # not ours any more: must not remove b's lease
+    assert await node_a.lease_holder("upload:x") == "b"
+    await taken.release()
+    assert await node_a.lease_holder("upload:x") is None
+
+
+async def test_lease_context_renews_and_releases(bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    async with node_a.lease("upload:y", ttl=1.0):
+        # Held for several TTLs thanks to renewal.
+        for _ in range(5):
+            await trio.sleep(0.5)
+            with pytest.raises(LeaseBusy):
+                async with node_b.lease("upload:y", ttl=1.0):
+                    pass  # pragma: no cover - must not be reached
+    async with node_b.lease("upload:y", ttl=1.0):
+        assert await node_a.lease_holder("upload:y") == "b"
+    assert await node_a.lease_holder("upload:y") is None
+
+
+async def test_lost_lease_cancels_the_holder(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    thief = redis.Redis.from_url(engines.bus.url)
+    reached_end = False
+
+    async def hold() -> None:
+        nonlocal reached_end
+        async with node_a.lease("upload:z", ttl=0.6):
+            # Someone takes the lease behind our back (as after an expiry).
+            thief.set(f"{bus_namespace}:lease:upload:z", "thief token", px=60_000)
+            await trio.sleep(5)
+            reached_end = True
+
+    with trio.fail_after(10), pytest.raises(LeaseLost):
+        await hold()
+    assert not reached_end
+    assert thief.get(f"{bus_namespace}:lease:upload:z") == b"thief token"
+    thief.close()
+
+
+async def test_not_running_is_a_clear_error(engines: Any, bus_namespace: str) -> None:
+    from conduit.cluster.bus import BusError
+
+    bus = ClusterBus(engines.bus.url, "idle", namespace=bus_namespace)
+    with pytest.raises(BusError, match="not running"):
+        await bus.request("x", "k", {})
+    with pytest.raises(BusError, match="not running"):
+        await bus.broadcast("e")
+    with pytest.raises(ValueError, match="ttl"):
+        ClusterBus(engines.bus.url, "x", ttl=60)
+    with pytest.raises(ValueError, match="node name"):
+        ClusterBus(engines.bus.url, "bad:name")
+
+
+async def test_malformed_messages_are_ignored(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+
+    @node_b.on_request
+    async def handle(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        return {"ok": kind}
+
+    stranger = redis.Redis.from_url(engines.bus.url)
+    garbage = [
+        b"\xc1",  # not msgpack
+        b"\x93\x01\x02\x03",  # a list
+        b"\x82\xa1t\xa3req\xa1s\x01",  # sender not text
+        b"\x83\xa1t\xa3rep\xa1s\xa1x\xa1e\xa1z",  # error not a pair
+        b"\x82\xa1t\xa3zzz\xa1s\xa1x",  # unknown type
+    ]
+    for data in garbage:
+        stranger.xadd(f"{bus_namespace}:inbox:b", {"m": data})
+        stranger.xadd(f"{bus_namespace}:events", {"m": data})
+    stranger.xadd(f"{bus_namespace}:inbox:b", {"other": b"field"})
+    stranger.close()
+    # The reader survived all of it.
+    assert await node_a.request("b", "still-there", {}) == {"ok": "still-there"}

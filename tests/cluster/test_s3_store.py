@@ -1,0 +1,332 @@
+"""The S3 store against a real SeaweedFS: parts, resume on another node, publishing races."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from conduit.cluster.location import parse_s3_url
+from conduit.cluster.s3 import MIN_PART_SIZE, S3Partial, S3Store
+from conduit.cluster.store import FileReader, PartialUpload
+from conduit.errors import ChecksumMismatch, TransferError, UnsafePathError
+
+PART = MIN_PART_SIZE
+# Two whole parts and a tail: exercises full parts, the short last part and the buffer.
+SIZE = 2 * PART + 123_457
+
+ClientFactory = Callable[[], Any]
+
+
+def make_store(url: str, client_factory: ClientFactory) -> S3Store:
+    """A store with its own client: to the test, a separate node."""
+    return S3Store(url, client=client_factory(), part_size=PART)
+
+
+async def append_in_blocks(partial: PartialUpload, data: bytes, block: int = 700_001) -> None:
+    # Uneven blocks, like a network delivers them: parts must be cut across them.
+    for start in range(0, len(data), block):
+        await partial.append(data[start : start + block])
+
+
+async def read_all(reader: FileReader) -> bytes:
+    chunks = []
+    with trio.fail_after(30):
+        while chunk := await reader.read(1 << 20):
+            chunks.append(chunk)
+    await reader.aclose()
+    return b"".join(chunks)
+
+
+def uploads_in_progress(store: S3Store) -> list[str]:
+    answer = store.client.list_multipart_uploads(
+        Bucket=store.bucket, Prefix=store.location.list_prefix
+    )
+    return [str(upload["Key"]) for upload in answer.get("Uploads", [])]
+
+
+async def test_published_upload_leaves_nothing_behind(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    data = os.urandom(SIZE)
+    partial = await store.open_partial("reports/q1.bin", "t-1", resume=False)
+    await append_in_blocks(partial, data)
+    name = await partial.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    assert await read_all(await store.open_reader(name)) == data
+    # No multipart upload, no state, no name reservation left.
+    assert uploads_in_progress(store) == []
+    location = parse_s3_url(s3_url)
+    keys = store.client.list_objects_v2(Bucket=location.bucket, Prefix=location.list_prefix)
+    assert [entry["Key"] for entry in keys["Contents"]] == [location.key(name)]
+    assert store.location_of(name) == f"{s3_url}/{name}"
+
+
+async def test_resume_starts_at_the_last_whole_part(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    node_a = make_store(s3_url, s3_client_factory)
+    node_b = make_store(s3_url, s3_client_factory)
+    data = os.urandom(SIZE)
+    partial = await node_a.open_partial("big.bin", "key-1", resume=True)
+    # Node A gets two parts and a bit, then the connection drops.
+    await append_in_blocks(partial, data[: 2 * PART + 5000])
+    assert partial.offset == 2 * PART + 5000
+    await partial.close()
+
+    # Node B knows nothing but the bucket: the state beside the upload says where to resume.
+    assert await node_b.find_partial("big.bin", "key-1") == 2 * PART
+    resumed = await node_b.open_partial("big.bin", "key-1", resume=True)
+    assert resumed.offset == 2 * PART
+    assert resumed.sha256_hex() == hashlib.sha256(data[: 2 * PART]).hexdigest()
+    await append_in_blocks(resumed, data[2 * PART :])
+    name = await resumed.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    assert name == "big.bin"
+    assert await read_all(await node_a.open_reader(name)) == data
+
+
+async def test_resume_keeps_only_parts_the_store_confirms(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    data = os.urandom(2 * PART)
+    partial = await store.open_partial("v.bin", "k", resume=False)
+    assert isinstance(partial, S3Partial)
+    await partial.append(data)
+    await partial.close()
+    # The saved state claims a part 2 the store does not have (as if the part
+    # were lost): a resume keeps part 1 only and the file still comes out whole.
+    state_key = store._state_key("v.bin", "k")
+    document = json.loads(
+        store.client.get_object(Bucket=store.bucket, Key=state_key)["Body"].read()
+    )
+    document["parts"][1]["etag"] = '"00000000000000000000000000000000"'
+    store.client.put_object(Bucket=store.bucket, Key=state_key, Body=json.dumps(document).encode())
+    resumed = await store.open_partial("v.bin", "k", resume=True)
+    assert resumed.offset == PART
+    assert resumed.sha256_hex() == hashlib.sha256(data[:PART]).hexdigest()
+    await resumed.append(data[PART:])
+    await resumed.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    assert await read_all(await store.open_reader("v.bin")) == data
+
+
+async def test_second_writer_of_one_partial_is_refused(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    node_a = make_store(s3_url, s3_client_factory)
+    node_b = make_store(s3_url, s3_client_factory)
+    first = await node_a.open_partial("w.bin", "k", resume=True)
+    second = await node_b.open_partial("w.bin", "k", resume=True)
+    writers = {"a": first, "b": second}
+    parts = [os.urandom(PART) for _ in range(2)]
+    for writer in writers.values():
+        await writer.append(parts[0])  # both upload part 1 in the background
+    # Only one can save its state after that part; the other learns it is not
+    # the writer when it next waits for its part.
+    outcomes = {}
+    for label, writer in writers.items():
+        try:
+            await writer.append(parts[1])
+        except TransferError as exc:
+            outcomes[label] = exc.code
+        else:
+            outcomes[label] = "ok"
+    assert sorted(outcomes.values()) == ["busy", "ok"]
+    winner = next(writers[label] for label, outcome in outcomes.items() if outcome == "ok")
+    data = b"".join(parts)
+    await winner.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    assert await read_all(await node_a.open_reader("w.bin")) == data
+
+
+async def test_name_taken_by_another_writer_before_publish(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    partial = await store.open_partial("late.bin", "t", resume=False)
+    await partial.append(b"ours")
+    # A writer that is not conduit (no reservation) creates the key meanwhile.
+    location = parse_s3_url(s3_url)
+    store.client.put_object(Bucket=location.bucket, Key=location.key("late.bin"), Body=b"theirs")
+    with pytest.raises(TransferError) as caught:
+        await partial.publish()
+    assert caught.value.code == "name_collision"
+    assert await read_all(await store.open_reader("late.bin")) == b"theirs"
+    assert uploads_in_progress(store) == []
+
+
+async def test_checksum_mismatch_discards(s3_url: str, s3_client_factory: ClientFactory) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    partial = await store.open_partial("bad.bin", "t", resume=False)
+    await partial.append(os.urandom(PART + 1))
+    with pytest.raises(ChecksumMismatch):
+        await partial.publish(expected_sha256="00" * 32)
+    assert await store.list_files() == []
+    assert uploads_in_progress(store) == []
+    assert await store.find_partial("bad.bin", "t") is None
+
+
+class FlipAfterMarker:
+    """Flip the byte that follows ``marker`` the first time it passes (client to server)."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.seen = bytearray()
+        self.flipped = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        start = len(self.seen)
+        self.seen += chunk
+        if self.flipped:
+            return chunk
+        found = self.seen.find(self.marker, max(0, start - len(self.marker)))
+        target = found + len(self.marker)
+        if found < 0 or target >= len(self.seen):
+            return chunk
+        self.flipped = True
+        out = bytearray(chunk)
+        out[target - start] ^= 0x01
+        return bytes(out)
+
+
+async def test_part_corrupted_in_transit_is_bad_digest(
+    s3_url: str, s3_client_factory: ClientFactory, engines: Any, proxy_factory: Any
+) -> None:
+    from conduit.cluster.s3 import make_s3_client
+
+    s3_port = int(engines.s3.endpoint_url.rsplit(":", 1)[1])
+    marker = os.urandom(32)
+    proxy = await proxy_factory(
+        s3_port, lambda direction: FlipAfterMarker(marker) if direction == "c2s" else None
+    )
+    client = make_s3_client(
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        aws_access_key_id=engines.s3.access_key,
+        aws_secret_access_key=engines.s3.secret_key,
+        region_name=engines.s3.region,
+    )
+    store = S3Store(s3_url, client=client, part_size=PART)
+    partial = await store.open_partial("flipped.bin", "t", resume=False)
+    await partial.append(marker + os.urandom(PART))  # the part goes up in the background
+    with pytest.raises(TransferError) as caught:
+        await partial.publish()
+    assert caught.value.code == "bad_digest"
+    assert "BadDigest" in caught.value.message
+    client.close()
+
+
+async def test_listing_hides_partials_and_foreign_keys(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    partial = await store.open_partial("pending.bin", "t", resume=False)
+    await partial.append(os.urandom(PART))  # one part stored, upload still open
+    location = parse_s3_url(s3_url)
+    # Objects another S3 writer put there, under names conduit would refuse
+    # (SeaweedFS itself refuses "a/../b" and control characters in keys).
+    for foreign in (".hidden", "dir/", "sub/.git/config", "CON.txt", "trailing. "):
+        store.client.put_object(Bucket=location.bucket, Key=location.key(foreign), Body=b"x")
+    done = await store.open_partial("done.txt", "t2", resume=False)
+    await done.append(b"done")
+    await done.publish()
+    assert [entry.name for entry in await store.list_files()] == ["done.txt"]
+    assert [entry.name for entry in await store.list_files(max_entries=0)] == []
+    assert uploads_in_progress(store) == [location.key("pending.bin")]
+    await partial.discard()
+    assert uploads_in_progress(store) == []
+
+
+async def test_cleanup_aborts_abandoned_uploads(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    stale = await store.open_partial("stale.bin", "old", resume=False)
+    await stale.append(os.urandom(PART))
+    await stale.close()
+    # An upload whose state was never written (a node died right after creating it).
+    location = parse_s3_url(s3_url)
+    store.client.create_multipart_upload(Bucket=location.bucket, Key=location.key("orphan.bin"))
+    assert len(uploads_in_progress(store)) == 2
+    assert await store.cleanup_stale_partials(3600) == 0
+    assert len(uploads_in_progress(store)) == 2
+    await trio.sleep(1.1)  # S3 timestamps have one-second resolution
+    assert await store.cleanup_stale_partials(1) == 1
+    assert uploads_in_progress(store) == []
+
+
+async def test_over_long_key_refused(s3_url: str, s3_client_factory: ClientFactory) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    # A fine local name (under 4096 bytes, segments under 255) but over S3's 1024-byte keys.
+    name = "/".join(letter * 200 for letter in "abcde") + ".txt"
+    with pytest.raises(UnsafePathError, match="too long"):
+        await store.open_partial(name, "t", resume=False)
+    with pytest.raises(UnsafePathError, match="too long"):
+        await store.stat(name)
+
+
+async def test_part_limit(s3_url: str, s3_client_factory: ClientFactory) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    await store.check_can_accept(PART * 10_000)
+    with pytest.raises(TransferError) as caught:
+        await store.check_can_accept(PART * 10_000 + 1)
+    assert caught.value.code == "too_large"
+
+
+def test_url_parsing() -> None:
+    location = parse_s3_url("s3://my-bucket//a/b/")
+    assert (location.bucket, location.prefix) == ("my-bucket", "a/b")
+    assert location.key("x.txt") == "a/b/x.txt"
+    assert location.relative("a/b/x.txt") == "x.txt"
+    assert location.relative("a/bx.txt") is None
+    assert parse_s3_url("s3://bucket").key("x") == "x"
+    for bad in ("s3://B", "s3://a", "s3://bucket/../x", "s3://bucket/a\\b", "/tmp/x", "s3://x..y"):
+        with pytest.raises(ValueError, match=r"(?i)s3"):
+            parse_s3_url(bad)
+
+
+async def test_unreadable_state_starts_afresh(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    state_key = store._state_key("g.bin", "k")
+    for garbage in (b"not json", b'{"version": 1}', b"[]"):
+        store.client.put_object(Bucket=store.bucket, Key=state_key, Body=garbage)
+        assert await store.find_partial("g.bin", "k") is None
+        partial = await store.open_partial("g.bin", "k", resume=True)
+        assert partial.offset == 0
+        await partial.discard()
+    store.client.put_object(Bucket=store.bucket, Key=state_key, Body=b"garbage")
+    assert await store.discard_partial("g.bin", "k") is True
+    assert await store.discard_partial("g.bin", "k") is False
+
+
+async def test_staging_for_another_node(s3_url: str, s3_client_factory: ClientFactory) -> None:
+    node_a = make_store(s3_url, s3_client_factory)
+    node_b = make_store(s3_url, s3_client_factory)
+    data = os.urandom(SIZE)
+    first = await node_a.open_staging("push-1")
+    await first.append(b"abandoned attempt")
+    await first.close()
+    staging = await node_a.open_staging("push-1")  # starts over
+    assert staging.offset == 0
+    await append_in_blocks(staging, data)
+    await staging.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    # Never listed, but node B reads it by token, from any offset.
+    assert await node_b.list_files() == []
+    reader = await node_b.open_staged("push-1", start=3)
+    assert reader.size == SIZE
+    assert await read_all(reader) == data[3:]
+    assert await node_b.delete_staged("push-1") is True
+    assert await node_b.delete_staged("push-1") is False
+    with pytest.raises(FileNotFoundError):
+        await node_b.open_staged("push-1")
+    assert uploads_in_progress(node_a) == []
+    for token in ("../x", "a/b", "", "x" * 65):
+        with pytest.raises(UnsafePathError):
+            await node_a.open_staging(token)
+        with pytest.raises(UnsafePathError):
+            await node_b.open_staged(token)

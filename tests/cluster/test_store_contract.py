@@ -1,0 +1,267 @@
+"""The Store protocol's contract, run against both stores: local directory and S3.
+
+Each test gets two store instances over the same storage ("node A" and "node
+B"): two LocalStores on one directory, or two S3Stores with their own clients
+on one bucket prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit.cluster.local import LocalStore
+from conduit.cluster.s3 import MIN_PART_SIZE, S3Store
+from conduit.cluster.store import FileReader, PartialUpload, Store
+from conduit.errors import ChecksumMismatch, TransferError, UnsafePathError
+
+PART = MIN_PART_SIZE
+SIZE = 2 * PART + 123_457
+
+StorePair = tuple[Store, Store]
+
+
+@pytest.fixture(params=["local", "s3"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> StorePair:
+    if request.param == "local":
+        return LocalStore(tmp_path / "store"), LocalStore(str(tmp_path / "store"))
+    url: str = request.getfixturevalue("s3_url")
+    make_client: Callable[[], Any] = request.getfixturevalue("s3_client_factory")
+    return (
+        S3Store(url, client=make_client(), part_size=PART),
+        S3Store(url, client=make_client(), part_size=PART),
+    )
+
+
+async def append_in_blocks(partial: PartialUpload, data: bytes, block: int = 700_001) -> None:
+    for start in range(0, len(data), block):
+        await partial.append(data[start : start + block])
+
+
+async def read_all(reader: FileReader) -> bytes:
+    chunks = []
+    with trio.fail_after(30):
+        while chunk := await reader.read(1 << 20):
+            chunks.append(chunk)
+    await reader.aclose()
+    return b"".join(chunks)
+
+
+async def put(store: Store, name: str, data: bytes, transfer_id: str = "t") -> str:
+    partial = await store.open_partial(name, transfer_id, resume=False)
+    await partial.append(data)
+    return await partial.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+
+
+async def test_protocols(stores: StorePair) -> None:
+    node_a, _ = stores
+    assert isinstance(node_a, Store)
+    partial = await node_a.open_partial("p.bin", "t", resume=False)
+    assert isinstance(partial, PartialUpload)
+    await partial.discard()
+    await put(node_a, "r.bin", b"x")
+    reader = await node_a.open_reader("r.bin")
+    assert isinstance(reader, FileReader)
+    await reader.aclose()
+
+
+async def test_round_trip_and_ranged_reads(stores: StorePair) -> None:
+    node_a, node_b = stores
+    data = os.urandom(SIZE)
+    partial = await node_a.open_partial("reports/2024/q1.bin", "t-1", resume=False)
+    await append_in_blocks(partial, data)
+    assert partial.offset == SIZE
+    assert partial.sha256_hex() == hashlib.sha256(data).hexdigest()
+    name = await partial.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    assert name == "reports/2024/q1.bin"
+    # Visible from the other node.
+    assert [(e.name, e.size) for e in await node_b.list_files()] == [(name, SIZE)]
+    stat = await node_b.stat(name)
+    assert (stat.name, stat.size) == (name, SIZE)
+    assert stat.modified_ns > 0
+    for start in (0, 1, PART + 3, SIZE - 1, SIZE):
+        reader = await node_b.open_reader(name, start=start)
+        assert reader.size == SIZE
+        assert await read_all(reader) == data[start:]
+    with pytest.raises(ValueError, match="outside"):
+        await node_b.open_reader(name, start=SIZE + 1)
+    with pytest.raises(FileNotFoundError):
+        await node_b.stat("missing.bin")
+    assert await node_b.find_partial("reports/2024/q1.bin", "t-1") is None
+
+
+async def test_empty_file(stores: StorePair) -> None:
+    node_a, node_b = stores
+    assert await put(node_a, "empty.txt", b"") == "empty.txt"
+    assert (await node_b.stat("empty.txt")).size == 0
+    assert await read_all(await node_b.open_reader("empty.txt")) == b""
+
+
+async def test_interrupted_upload_resumes_on_the_other_node(stores: StorePair) -> None:
+    node_a, node_b = stores
+    data = os.urandom(SIZE)
+    partial = await node_a.open_partial("big.bin", "key-1", resume=True)
+    await append_in_blocks(partial, data[: 2 * PART + 5000])
+    await partial.close()  # the connection dropped
+
+    durable = await node_b.find_partial("big.bin", "key-1")
+    # The local store keeps every byte written; S3 keeps whole parts.
+    assert durable is not None and 2 * PART <= durable <= 2 * PART + 5000
+    resumed = await node_b.open_partial("big.bin", "key-1", resume=True)
+    assert resumed.offset == durable
+    assert resumed.sha256_hex() == hashlib.sha256(data[:durable]).hexdigest()
+    await append_in_blocks(resumed, data[durable:])
+    assert await resumed.publish(expected_sha256=hashlib.sha256(data).hexdigest()) == "big.bin"
+    assert await read_all(await node_a.open_reader("big.bin")) == data
+
+
+async def test_restart_instead_of_resume(stores: StorePair) -> None:
+    node_a, node_b = stores
+    partial = await node_a.open_partial("x.bin", "k", resume=False)
+    await partial.append(os.urandom(PART + 1))
+    await partial.close()
+    restarted = await node_b.open_partial("x.bin", "k", resume=False)
+    assert restarted.offset == 0
+    await restarted.append(b"fresh")
+    assert await restarted.publish() == "x.bin"
+    assert await read_all(await node_a.open_reader("x.bin")) == b"fresh"
+
+
+async def test_collisions_get_numbered_names(stores: StorePair) -> None:
+    node_a, node_b = stores
+    names = [
+        await put(node, "report.tar.gz", b"version %d" % index, f"t{index}")
+        for index, node in enumerate((node_a, node_b, node_a))
+    ]
+    assert names == ["report.tar.gz", "report (1).tar.gz", "report (2).tar.gz"]
+    for index, name in enumerate(names):
+        assert await read_all(await node_b.open_reader(name)) == b"version %d" % index
+
+
+async def test_concurrent_publishers_never_overwrite(stores: StorePair) -> None:
+    payloads = [os.urandom(PART + 10) for _ in stores]
+    published: dict[int, str] = {}
+
+    async def upload(index: int) -> None:
+        partial = await stores[index].open_partial("same.bin", f"node{index}", resume=False)
+        await partial.append(payloads[index])
+        published[index] = await partial.publish()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for index in range(len(stores)):
+                nursery.start_soon(upload, index)
+    assert sorted(published.values()) == ["same (1).bin", "same.bin"]
+    for index, name in published.items():
+        assert await read_all(await stores[0].open_reader(name)) == payloads[index]
+
+
+async def test_overwrite_replaces(stores: StorePair) -> None:
+    for node, content in zip(stores, (b"one", b"two"), strict=True):
+        partial = await node.open_partial("o.txt", content.decode(), resume=False, overwrite=True)
+        await partial.append(content)
+        assert await partial.publish() == "o.txt"
+    assert await read_all(await stores[0].open_reader("o.txt")) == b"two"
+
+
+async def test_checksum_mismatch_discards(stores: StorePair) -> None:
+    node_a, node_b = stores
+    partial = await node_a.open_partial("bad.bin", "t", resume=False)
+    await partial.append(os.urandom(PART + 1))
+    with pytest.raises(ChecksumMismatch):
+        await partial.publish(expected_sha256="00" * 32)
+    assert await node_b.list_files() == []
+    assert await node_b.find_partial("bad.bin", "t") is None
+
+
+async def test_listing_hides_partials(stores: StorePair) -> None:
+    node_a, node_b = stores
+    pending = await node_a.open_partial("pending.bin", "t", resume=False)
+    await pending.append(os.urandom(PART + 7))
+    await put(node_a, "done.txt", b"done", "t2")
+    assert [entry.name for entry in await node_b.list_files()] == ["done.txt"]
+    assert await node_b.list_files(max_entries=0) == []
+    await pending.discard()
+    assert await node_b.find_partial("pending.bin", "t") is None
+
+
+async def test_delete_and_rename(stores: StorePair) -> None:
+    node_a, node_b = stores
+    await put(node_a, "a.txt", b"a")
+    await put(node_a, "b.txt", b"b")
+    assert await node_b.rename("a.txt", "b.txt") == "b (1).txt"
+    assert await node_b.rename("b (1).txt", "moved/c.txt") == "moved/c.txt"
+    assert [entry.name for entry in await node_a.list_files()] == ["b.txt", "moved/c.txt"]
+    assert await read_all(await node_a.open_reader("moved/c.txt")) == b"a"
+    assert await node_b.rename("b.txt", "moved/c.txt", overwrite=True) == "moved/c.txt"
+    assert await read_all(await node_a.open_reader("moved/c.txt")) == b"b"
+    with pytest.raises(FileNotFoundError):
+        await node_b.rename("b.txt", "d.txt")
+    assert await node_b.delete("moved/c.txt") is True
+    assert await node_b.delete("moved/c.txt") is False
+    assert await node_a.list_files() == []
+
+
+async def test_stale_partials_are_cleaned_up(stores: StorePair) -> None:
+    node_a, node_b = stores
+    stale = await node_a.open_partial("stale.bin", "old", resume=False)
+    await stale.append(os.urandom(PART + 1))
+    await stale.close()
+    assert await node_b.cleanup_stale_partials(3600) == 0
+    assert await node_b.find_partial("stale.bin", "old") is not None
+    await trio.sleep(0.05)
+    assert await node_b.cleanup_stale_partials(0) == 1
+    assert await node_b.find_partial("stale.bin", "old") is None
+
+
+async def test_size_checks(stores: StorePair) -> None:
+    node_a, _ = stores
+    await node_a.check_can_accept(10, 10)
+    for size, limit, offset, code in [
+        (-1, None, 0, "invalid_size"),
+        (10, None, 11, "invalid_size"),
+        (11, 10, 0, "too_large"),
+    ]:
+        with pytest.raises(TransferError) as caught:
+            await node_a.check_can_accept(size, limit, offset=offset)
+        assert caught.value.code == code
+
+
+HOSTILE = [
+    "../escape.txt",
+    "a/../../b.txt",
+    "/etc/passwd",
+    "nul\x00byte.txt",
+    "bell\x07.txt",
+    ".conduit/uploads/x.json",
+    ".conduit-partial-t-x.bin",
+    "dir/",
+    "",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+async def test_hostile_names_refused(name: str, stores: StorePair) -> None:
+    node_a, _ = stores
+    await put(node_a, "fine.txt", b"fine")
+    with pytest.raises(UnsafePathError):
+        await node_a.open_partial(name, "t", resume=False)
+    with pytest.raises(UnsafePathError):
+        await node_a.stat(name)
+    with pytest.raises(UnsafePathError):
+        await node_a.open_reader(name)
+    with pytest.raises(UnsafePathError):
+        await node_a.delete(name)
+    with pytest.raises(UnsafePathError):
+        await node_a.rename("fine.txt", name)
+    with pytest.raises(UnsafePathError):
+        await node_a.find_partial(name, "t")
+    with pytest.raises(UnsafePathError):
+        await node_a.open_partial("fine.txt", "../t", resume=False)
+    assert [entry.name for entry in await node_a.list_files()] == ["fine.txt"]
