@@ -128,3 +128,16 @@ def test_rm_and_mv(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
     ]
     assert visible_files(server.directory) == {}
     assert conduit("rm", *address).returncode == 2  # NAME is required
+
+
+def test_printed_paths_are_normalised(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    write_random(server.directory / "big.bin", 300 * 1024)
+    here = tmp_path / "client"
+    here.mkdir()
+    result = conduit("get", "big.bin", "-o", "../dl", "--from", server.address, cwd=here)
+    assert result.returncode == 0, result.stderr
+    assert "/../" not in result.stdout and "client/.." not in result.stdout, result.stdout
+    assert str(tmp_path / "dl" / "big.bin") in result.stdout
+    again = conduit("get", "big.bin", "-o", "../dl", "--from", server.address, cwd=here)
+    assert again.returncode == 0 and "already there" in again.stdout, again.stdout
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["big.bin"]

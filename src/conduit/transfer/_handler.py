@@ -35,16 +35,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from .._bridge import bridged
-from ..errors import ConduitError, ConnectionClosed
+from ..errors import ConnectionClosed
 from . import _manage as manage
 from ._hooks import Hooks
-from ._names import safe_relative_name
 from ._progress import TransferProgress
 from ._receiver import Receiver
 from ._sender import Sender
 from ._slots import TransferSlots
 from ._storage import StorageRoot
-from ._tree import remote_entries, remote_prefix, transfer_all, tree_result, walk_local
+from ._tree import receive_tree, send_tree
 from ._wire import (
     DOWNLOAD,
     FILE_DELETE,
@@ -57,7 +56,6 @@ from ._wire import (
     UPLOAD_BEGIN,
     UPLOAD_FINISH,
     UPLOAD_SMALL,
-    transfer_failure,
 )
 
 if TYPE_CHECKING:
@@ -200,29 +198,10 @@ class FileTransferHandler:
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
         if await trio.to_thread.run_sync(os.path.isdir, path):
-            return await self._send_tree(client, Path(path), remote_name, on_progress)
+            return await send_tree(
+                self._sender, client.server, Path(path), remote_name, on_progress
+            )
         return await self._sender.send(client.server, path, remote_name, on_progress, "upload")
-
-    async def _send_tree(
-        self,
-        client: Client,
-        top: Path,
-        remote_name: str | None,
-        on_progress: ProgressCallback | None,
-    ) -> dict[str, Any]:
-        prefix = remote_prefix(top, remote_name)
-        entries = await trio.to_thread.run_sync(walk_local, top, prefix)
-
-        async def upload(name: str, local: str) -> dict[str, Any]:
-            try:
-                return await self._sender.send(
-                    client.server, local, name, on_progress, "upload", follow_symlinks=False
-                )
-            except (OSError, ConduitError) as exc:
-                return transfer_failure(exc)
-
-        await transfer_all(entries, upload)
-        return tree_result(prefix, entries)
 
     @bridged
     async def send_to_client(
@@ -272,27 +251,7 @@ class FileTransferHandler:
         result = await self._receiver.download(peer, name, local_dir, on_progress)
         if result.get("code") != "is_directory":
             return result
-        return await self._receive_tree(client, name, Path(local_dir), on_progress)
-
-    async def _receive_tree(
-        self, client: Client, name: str, local_dir: Path, on_progress: ProgressCallback | None
-    ) -> dict[str, Any]:
-        peer = client.server
-        prefix = safe_relative_name(name)
-        try:
-            listing = await peer.call(FILE_LIST, prefix=prefix)
-            entries = remote_entries(listing, prefix, local_dir)
-        except ConduitError as exc:
-            return {**transfer_failure(exc), "directory": prefix, "files": []}
-
-        async def download(remote: str, _local: str) -> dict[str, Any]:
-            return await self._receiver.download(peer, remote, local_dir, on_progress)
-
-        await transfer_all(entries, download)
-        extra: dict[str, Any] = {}
-        if listing.get("truncated"):
-            extra = {"error": "the server listed only part of the directory", "code": "truncated"}
-        return tree_result(prefix, entries, **extra)
+        return await receive_tree(self._receiver, peer, name, Path(local_dir), on_progress)
 
     @bridged
     async def list_files(

@@ -29,18 +29,26 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from ..errors import TransferError
+from ..errors import ConduitError, TransferError
 from ._names import MAX_DEPTH, safe_relative_name
+from ._progress import TransferProgress
+from ._wire import FILE_LIST, transfer_failure
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+    from ._receiver import Receiver
+    from ._sender import Sender
 
 #: Files of one directory transferred at once over the connection.
 PARALLEL_FILES = 4
 
 FileTransfer = Callable[[str, str], Awaitable[dict[str, Any]]]
+ProgressCallback = Callable[[TransferProgress], Any]
 
 
 @attrs.define
@@ -137,3 +145,51 @@ def remote_entries(listing: dict[str, Any], prefix: str, local_dir: Path) -> lis
             raise TransferError(f"the server listed {name!r} outside {prefix!r}", "protocol_error")
         entries.append(_Entry(name, str(local_dir / name)))
     return entries
+
+
+async def send_tree(
+    sender: Sender,
+    peer: Peer,
+    top: Path,
+    remote_name: str | None,
+    on_progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Upload every file under ``top`` (``send_to_server`` on a directory)."""
+    prefix = remote_prefix(top, remote_name)
+    entries = await trio.to_thread.run_sync(walk_local, top, prefix)
+
+    async def upload(name: str, local: str) -> dict[str, Any]:
+        try:
+            return await sender.send(
+                peer, local, name, on_progress, "upload", follow_symlinks=False
+            )
+        except (OSError, ConduitError) as exc:
+            return transfer_failure(exc)
+
+    await transfer_all(entries, upload)
+    return tree_result(prefix, entries)
+
+
+async def receive_tree(
+    receiver: Receiver,
+    peer: Peer,
+    name: str,
+    local_dir: Path,
+    on_progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Download every file under the server's directory ``name`` into ``local_dir/name``."""
+    prefix = safe_relative_name(name)
+    try:
+        listing = await peer.call(FILE_LIST, prefix=prefix)
+        entries = remote_entries(listing, prefix, local_dir)
+    except ConduitError as exc:
+        return {**transfer_failure(exc), "directory": prefix, "files": []}
+
+    async def download(remote: str, _local: str) -> dict[str, Any]:
+        return await receiver.download(peer, remote, local_dir, on_progress)
+
+    await transfer_all(entries, download)
+    extra: dict[str, Any] = {}
+    if listing.get("truncated"):
+        extra = {"error": "the server listed only part of the directory", "code": "truncated"}
+    return tree_result(prefix, entries, **extra)
