@@ -283,9 +283,10 @@ async def test_delete_and_rename_refuse_a_file_being_written(
     assert _visible(storage) == {"g.bin": b"g"}
 
 
-def test_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
+def test_directories_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
     storage = tmp_path / "server"
     _write(storage / "a.txt", b"a")
+    top = _tree(tmp_path / "local")
 
     async def main() -> dict[str, Any]:
         transfer = FileTransferHandler(storage_dir=storage)
@@ -295,6 +296,12 @@ def test_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
         await asyncio.wait_for(server.wait_listening(), 5)
         try:
             async with Client(client_descriptor(server.port)) as client:
+                sent = await transfer.send_to_server(client, top)
+                assert sent["success"] is True and sent["transferred"] == 4, sent
+                got = await transfer.receive_from_server(
+                    client, "photos", local_dir=tmp_path / "out"
+                )
+                assert got["success"] is True and got["transferred"] == 4, got
                 moved = await transfer.rename(client, "a.txt", "b.txt")
                 assert moved["success"] is True
                 return await transfer.delete(client, "b.txt")
@@ -303,7 +310,11 @@ def test_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
             await asyncio.wait_for(task, 5)
 
     assert asyncio.run(asyncio.wait_for(main(), 30)) == {"success": True, "path": "b.txt"}
-    assert _visible(storage) == {}
+    assert _visible(storage) == {
+        f"photos/{n}": (top / n).read_bytes()
+        for n in ("a.txt", "empty.bin", "2024/summer/beach.raw", "2024/caf\u00e9.txt")
+    }
+    assert _visible(tmp_path / "out") == _visible(storage)
 
 
 # --------------------------------------------------------------------------- ranges
