@@ -1,7 +1,7 @@
 """The benchmark suite runs end to end in ``--quick`` mode and writes a complete record.
 
 This runs the real thing, every scenario (rpc, bulk, memory, hol, smallfiles,
-sftp): separate server and client processes for every contender, netconduit
+sftp, cluster): separate server and client processes for every contender, netconduit
 5.0.0 in its private virtualenv (created by pip on first use under
 ``benchmarks/.venvs/``, like asyncssh and matplotlib when this interpreter lacks
 them), conduit natively and through the asyncio shim, real files on /dev/shm
@@ -34,7 +34,7 @@ WORKLOAD_KEYS = {
     "max_us",
 }
 ROW_KEYS = {"group", "metric", "unit", "better", "contender", "median", "min", "max", "n"}
-SCENARIOS = {"rpc", "bulk", "memory", "hol", "smallfiles", "sftp"}
+SCENARIOS = {"rpc", "bulk", "memory", "hol", "smallfiles", "sftp", "cluster"}
 TRANSFER_CONTENDERS = {
     "bulk": {
         "raw-aead",
@@ -48,6 +48,7 @@ TRANSFER_CONTENDERS = {
     "hol": {"conduit-trio", "netconduit"},
     "smallfiles": {"raw-aead", "conduit-trio", "conduit-trio x8", "netconduit"},
     "sftp": {"conduit-trio", "sftp"},
+    "cluster": {"same-node", "cross-node"},
 }
 OP_KEYS = {"bytes", "wall_s", "mb_per_s", "client_cpu_s", "client_cpu_s_per_gib"}
 
@@ -320,6 +321,20 @@ def test_sftp_transfers_and_handshakes(quick_run: tuple[dict[str, Any], str]) ->
     assert runtime["library"] == "asyncssh"
     assert runtime["cipher"] == "aes256-gcm@openssh.com"
     _check_rows(sftp, record["repeat"])
+
+
+@pytest.mark.slow
+def test_cluster_pushes_to_both_nodes(quick_run: tuple[dict[str, Any], str]) -> None:
+    record, _ = quick_run
+    cluster = _scenario(quick_run, "cluster")
+    sizes = cluster["config"]["sizes"]
+    assert sizes == ["64 KiB", "4 MiB"]
+    for info in cluster["contenders"].values():
+        for repetition in info["repetitions"]:
+            assert set(repetition) == set(sizes)
+            assert all(_is_number(seconds) and seconds > 0 for seconds in repetition.values())
+    assert {row["group"] for row in cluster["rows"]} == {f"push of {size}" for size in sizes}
+    _check_rows(cluster, record["repeat"])
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 
 A scenario is a module with ``NAME`` and ``run(config: RunConfig) -> ScenarioResult``
 (see :mod:`benchmarks._harness`), registered here in running order: small RPCs,
-bulk transfer, memory, head-of-line blocking, many small files, SFTP. The
-transfer scenarios share :mod:`benchmarks.scenarios._transfer`.
+bulk transfer, memory, head-of-line blocking, many small files, SFTP, pushes
+across cluster nodes. The transfer scenarios share
+:mod:`benchmarks.scenarios._transfer`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .._harness import RunConfig, ScenarioResult
-from . import bulk, hol, memory, rpc, sftp, smallfiles
+from . import bulk, cluster, hol, memory, rpc, sftp, smallfiles
 
 Scenario = Callable[[RunConfig], ScenarioResult]
 
@@ -22,6 +23,7 @@ SCENARIOS: dict[str, Scenario] = {
     hol.NAME: hol.run,
     smallfiles.NAME: smallfiles.run,
     sftp.NAME: sftp.run,
+    cluster.NAME: cluster.run,
 }
 
 __all__ = ["SCENARIOS", "Scenario"]

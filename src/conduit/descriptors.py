@@ -7,8 +7,10 @@ field, not later on the network.
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from attrs import validators as v
@@ -48,6 +50,51 @@ def _frame_size(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None
 def _window(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not MIN_WINDOW <= value <= MAX_WINDOW:
         raise ValueError(f"{attribute.name} must be between 64 KiB and 1 GiB, got {value}")
+
+
+_CLUSTER_SCHEMES = ("redis", "rediss", "unix")
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _cluster_url(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or urlsplit(value).scheme.lower() not in _CLUSTER_SCHEMES:
+        raise ValueError(
+            f"{attribute.name} must be a redis://, rediss:// or unix:// URL, got {value!r}"
+        )
+
+
+def _needs_cluster(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    # A cluster setting without a cluster is a mistake worth failing on at start-up.
+    if value is not None and instance.cluster_url is None:
+        raise ValueError(f"{attribute.name} needs cluster_url")
+
+
+def _node_name(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not _NODE_NAME.fullmatch(value)):
+        raise ValueError(
+            f"{attribute.name} must be 1-63 letters, digits, '.', '_' or '-' "
+            f"(starting with a letter or digit), got {value!r}"
+        )
+
+
+def _cluster_ttl(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.3 <= value <= 30.0:
+        raise ValueError(f"{attribute.name} must be between 0.3 and 30 seconds, got {value}")
+
+
+def _cluster_staging(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is None:
+        return
+    # Imported here: conduit.cluster.location is light (no boto3), but a server
+    # without a cluster should not even load that.
+    from .cluster.location import parse_s3_url
+
+    try:
+        parse_s3_url(value)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: float) -> None:
@@ -106,6 +153,36 @@ class ServerDescriptor:
     tls_keyfile: str | None = attrs.field(default=None)
     #: A ready SSL context instead of the two files.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
+    #: Join a cluster of conduit nodes through this Redis or Valkey server:
+    #: ``redis://HOST:PORT/DB`` (``rediss://`` for TLS, ``redis://:PASSWORD@HOST``
+    #: with a password). Client ids are then unique across the nodes,
+    #: ``server.broadcast`` reaches the clients of every node and
+    #: ``send_to_client`` a client connected to any node. Needs
+    #: ``pip install 'trio-conduit[cluster]'``; see :doc:`cluster`. None: one
+    #: server on its own (nothing of the cluster is imported).
+    cluster_url: str | None = attrs.field(default=None, validator=_cluster_url)
+    #: This node's name in the cluster: 1-63 letters, digits, ``.``, ``_``,
+    #: ``-``. Two live nodes cannot share a name. None: ``HOST-PID-RANDOM``,
+    #: unique per process (and per server in it).
+    node_name: str | None = attrs.field(default=None, validator=[_needs_cluster, _node_name])
+    #: Seconds after which a node that stopped heartbeating (killed, cut off)
+    #: is forgotten with its clients; it heartbeats every third of this.
+    #: Between 0.3 and 30.
+    cluster_ttl: float = attrs.field(default=10.0, validator=_cluster_ttl)
+    #: Prefix of every key the cluster keeps in Redis, so that several
+    #: clusters can share one Redis database.
+    cluster_namespace: str = attrs.field(
+        default="conduit", validator=[v.instance_of(str), _non_empty, _node_name]
+    )
+    #: ``s3://BUCKET/PREFIX`` where a file pushed to a client of another node
+    #: waits while that node collects it (objects under ``PREFIX/.conduit/staging/``,
+    #: removed once delivered). Endpoint and credentials come from the standard
+    #: AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). None:
+    #: pushes to clients of other nodes fail with code ``"no_staging"``. Use
+    #: the location of the file store, so one bucket holds both.
+    cluster_staging: str | None = attrs.field(
+        default=None, validator=[_needs_cluster, _cluster_staging]
+    )
 
     def build_ssl_context(self) -> ssl.SSLContext | None:
         """The server-side SSL context, or None when TLS is off."""

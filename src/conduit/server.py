@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 import trio
@@ -19,6 +19,9 @@ from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
 from .protocol import ServerHandshake
 from .protocol.messages import Welcome
+
+if TYPE_CHECKING:
+    from .cluster._node import ClusterNode
 
 log = logging.getLogger("conduit.server")
 
@@ -84,6 +87,14 @@ class Server(Endpoint):
         self._stopped: trio.Event | None = None
         self._listening = trio.Event()
         self._closing = False
+        #: This server's node in the cluster when ``descriptor.cluster_url`` is
+        #: set (see :doc:`cluster`), else None.
+        self.cluster: ClusterNode | None = None
+        if descriptor.cluster_url is not None:
+            # Imported only here: a server without a cluster never loads redis.
+            from .cluster._node import ClusterNode
+
+            self.cluster = ClusterNode(self, descriptor)
 
     # ---------------------------------------------------------------- registry
 
@@ -185,6 +196,9 @@ class Server(Endpoint):
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
+                if self.cluster is not None:
+                    # Joined before the first client, whose id the cluster registers.
+                    await nursery.start(self.cluster.run)
                 await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
                 log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
                 self._listening.set()
@@ -223,8 +237,20 @@ class Server(Endpoint):
 
     @bridged
     async def broadcast(self, event: str, data: Any = None, exclude: Iterable[str] = ()) -> int:
-        """Send a one-way message to every connected client; return how many got it."""
+        """Send a one-way message to every connected client; return how many got it.
+
+        In a cluster (``cluster_url``), the clients of every other node get it
+        too (best effort, as for local clients); the count is this node's.
+        """
         skip = set(exclude)
+        sent = await self._broadcast_local(event, data, skip)
+        if self.cluster is not None:
+            await self.cluster.broadcast(event, data, skip)
+        return sent
+
+    async def _broadcast_local(self, event: str, data: Any, skip: Iterable[str]) -> int:
+        """Send to this server's own clients (not those of other cluster nodes)."""
+        skip = set(skip)
         sent = 0
         for peer in list(self.clients.values()):
             if peer.id in skip:
@@ -296,9 +322,13 @@ class Server(Endpoint):
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
                 established = await server_handshake(stream, handshake, descriptor.max_frame_size)
-                client_id = secrets.token_hex(8)
-                welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval)
-                await stream.send_all(welcome_record(established.writer, welcome))
+                client_id = await self._new_client_id()
+                try:
+                    welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval)
+                    await stream.send_all(welcome_record(established.writer, welcome))
+                except BaseException:
+                    await self._release_client_id(client_id)
+                    raise
         except trio.TooSlowError:
             log.warning(
                 "dropped %s: no handshake within auth_timeout (%gs)",
@@ -318,6 +348,17 @@ class Server(Endpoint):
             return None
         self._throttle.record_success(arrival.host)
         return established, client_id
+
+    async def _new_client_id(self) -> str:
+        """A fresh client id: random, and registered in the cluster when there is one."""
+        if self.cluster is not None:
+            return await self.cluster.new_client_id()
+        return secrets.token_hex(8)
+
+    async def _release_client_id(self, client_id: str) -> None:
+        """The client with this id is gone: free the id in the cluster (bounded, never raises)."""
+        if self.cluster is not None:
+            await self.cluster.release_client_id(client_id)
 
     async def _serve_client(
         self,
@@ -344,7 +385,12 @@ class Server(Endpoint):
             del self.clients[client_id]
             log.info("client %s disconnected: %s", client_id, peer.connection.close_reason)
 
-        await self._run_session(peer, (peer,), on_ended=ended)
+        try:
+            await self._run_session(peer, (peer,), on_ended=ended)
+        finally:
+            # Unless a newer connection of the same client holds the id by now.
+            if client_id not in self.clients:
+                await self._release_client_id(client_id)
 
 
 __all__ = ["Server"]

@@ -166,6 +166,17 @@ def _connect_options(
 @click.option(
     "--overwrite", is_flag=True, help="Replace existing files instead of storing 'name (1).ext'."
 )
+@click.option(
+    "--cluster",
+    "cluster_url",
+    metavar="URL",
+    help="Join a cluster through this Redis/Valkey (redis://HOST:PORT/DB); see docs/cluster.md.",
+)
+@click.option(
+    "--node-name",
+    metavar="NAME",
+    help="This node's name in the cluster (default: HOST-PID-RANDOM).",
+)
 @click.pass_obj
 def serve(
     verbose: int,
@@ -176,6 +187,8 @@ def serve(
     tls_key: Path | None,
     max_file_size: int | None,
     overwrite: bool,
+    cluster_url: str | None,
+    node_name: str | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
 
@@ -197,6 +210,8 @@ def serve(
         tls_key=tls_key,
         max_file_size=max_file_size,
         overwrite=overwrite,
+        cluster_url=cluster_url,
+        node_name=node_name,
     )
     return run_trio(functools.partial(_serve.serve, options=options), cancel=False)
 

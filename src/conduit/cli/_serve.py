@@ -6,12 +6,13 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from .. import FileTransferHandler, Peer, Server, ServerDescriptor
+from ..errors import ConduitError
 from ._common import CLIError, ExitCode, Signals, human_bytes
 
 log = logging.getLogger("conduit.cli.serve")
@@ -38,6 +39,8 @@ class ServeOptions:
     tls_key: Path | None = None
     max_file_size: int | None = None
     overwrite: bool = False
+    cluster_url: str | None = None
+    node_name: str | None = None
 
 
 def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
@@ -56,6 +59,8 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             name="conduit-serve",
             tls_certfile=str(options.tls_cert) if options.tls_cert else None,
             tls_keyfile=str(options.tls_key) if options.tls_key else None,
+            cluster_url=options.cluster_url,
+            node_name=options.node_name,
         )
         descriptor.build_ssl_context()  # a bad certificate or key fails now, not per client
     except (ValueError, OSError, ssl.SSLError) as exc:
@@ -110,6 +115,39 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     return server, transfer
 
 
+E = TypeVar("E", bound=BaseException)
+
+
+def _first(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E | None:
+    """The first ``kind`` among the leaves of ``group``."""
+    for leaf in group.exceptions:
+        if isinstance(leaf, BaseExceptionGroup):
+            found = _first(leaf, kind)
+            if found is not None:
+                return found
+        elif isinstance(leaf, kind):
+            return leaf
+    return None
+
+
+async def _start(nursery: trio.Nursery, server: Server, options: ServeOptions) -> None:
+    """Start serving; a port that cannot be bound or a cluster that cannot be joined is a
+    :class:`CLIError`."""
+    try:
+        await nursery.start(server.run)
+    except OSError as exc:
+        raise CLIError(
+            f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}",
+            ExitCode.CONNECTION_FAILED,
+        ) from None
+    except BaseExceptionGroup as group:
+        # The cluster bus failed to start (Redis unreachable, node name in use).
+        problem = _first(group, ConduitError)
+        if problem is None:
+            raise
+        raise CLIError(f"cannot join the cluster: {problem}", ExitCode.CONNECTION_FAILED) from None
+
+
 async def serve(signals: Signals, options: ServeOptions) -> int:
     """Serve until Ctrl-C or SIGTERM, then close every connection and return 0."""
     server, transfer = build_server(options)
@@ -119,30 +157,32 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
             "for a server that others can reach",
             len(options.password),
         )
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(server.run)
-        except OSError as exc:
-            raise CLIError(
-                f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}",
-                ExitCode.CONNECTION_FAILED,
-            ) from None
-        limit = ""
-        if options.max_file_size is not None:
-            limit = f", files up to {human_bytes(options.max_file_size)}"
-        tls = ", TLS" if options.tls_cert else ""
-        addresses = ", ".join(f"{host}:{port}" for host, port in server.addresses)
-        log.info(
-            "listening on %s%s%s, serving %s (Ctrl-C stops)",
-            addresses,
-            tls,
-            limit,
-            transfer.storage_dir,
-        )
-        await signals.event.wait()
-        log.info("stopping: closing connections")
-        with trio.CancelScope(shield=True):
-            await server.close()
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            await _start(nursery, server, options)
+            limit = ""
+            if options.max_file_size is not None:
+                limit = f", files up to {human_bytes(options.max_file_size)}"
+            tls = ", TLS" if options.tls_cert else ""
+            cluster = "" if server.cluster is None else f", cluster node {server.cluster.node_name}"
+            addresses = ", ".join(f"{host}:{port}" for host, port in server.addresses)
+            log.info(
+                "listening on %s%s%s%s, serving %s (Ctrl-C stops)",
+                addresses,
+                tls,
+                cluster,
+                limit,
+                transfer.storage_dir,
+            )
+            await signals.event.wait()
+            log.info("stopping: closing connections")
+            with trio.CancelScope(shield=True):
+                await server.close()
+            nursery.cancel_scope.cancel()
+    except* CLIError as failed:
+        # Raised inside the nursery, hence in a group: run_trio wants the error itself.
+        error = _first(failed, CLIError)
+        assert error is not None  # except* matched one
+        raise error from None
     log.info("stopped")
     return ExitCode.OK

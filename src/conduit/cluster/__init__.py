@@ -6,5 +6,8 @@ Nothing here is imported by ``import conduit``; the modules that need the
 * :mod:`.store`: the storage protocol file transfer uses (no extra needed);
 * :mod:`.location`: ``s3://BUCKET/PREFIX`` parsing (no extra needed);
 * :mod:`.s3`: :class:`~conduit.cluster.s3.S3Store` (boto3);
-* :mod:`.bus`: :class:`~conduit.cluster.bus.ClusterBus` (redis).
+* :mod:`.bus`: :class:`~conduit.cluster.bus.ClusterBus` (redis);
+* :mod:`._node` and :mod:`._push`: a server's part in the cluster
+  (``ServerDescriptor(cluster_url=...)``, ``server.cluster``): cluster-unique
+  client ids, broadcasts to every node, pushes to clients of other nodes.
 """

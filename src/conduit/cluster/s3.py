@@ -517,6 +517,25 @@ class S3Store:
         self._delete(key)
         return True
 
+    def _cleanup_staging(self, max_age_seconds: float) -> int:
+        cutoff = time.time() - max_age_seconds
+        prefix = self._control_key("staging") + "/"
+        removed = 0
+        for entry in self._list_keys(prefix):
+            token = str(entry["Key"])[len(prefix) :]
+            if entry["LastModified"].timestamp() < cutoff and _is_token(token):
+                removed += self._delete_staged(token)
+        # Staging uploads never completed (the sending node died while staging).
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                token = str(upload["Key"])[len(prefix) :]
+                if upload["Initiated"].timestamp() < cutoff and _is_token(token):
+                    self._abort(str(upload["Key"]), str(upload["UploadId"]))
+                    self._delete(self._state_key(f".staging/{token}", token))
+                    removed += 1
+        return removed
+
     def _delete_file(self, name: str) -> bool:
         safe = self._checked_name(name)
         key = self.location.key(safe)
@@ -646,12 +665,30 @@ class S3Store:
         """Remove a staged file (and an unfinished staging upload); whether it existed."""
         return await self._guard(f"deleting staged {token!r}", self._delete_staged, token)
 
+    async def cleanup_staging(self, max_age_seconds: float) -> int:
+        """Remove staged files (and unfinished staging uploads) older than ``max_age_seconds``.
+
+        Only the staging area: unlike :meth:`cleanup_stale_partials` it never
+        touches the partials of uploads, whose age limit is the transfer
+        handler's. Returns how many were removed.
+        """
+        return await self._guard("cleaning up staging", self._cleanup_staging, max_age_seconds)
+
     async def _guard(self, what: str, function: Callable[..., T], /, *args: Any) -> T:
         """Run ``function`` in a thread; S3 failures become :class:`TransferError`."""
         try:
             return await self._run(function, *args)
         except S3_ERRORS as exc:
             raise storage_error(exc, what) from exc
+
+
+def _is_token(token: str) -> bool:
+    """Whether a key below the staging prefix is one :meth:`S3Store.open_staging` made."""
+    try:
+        check_transfer_id(token)
+    except UnsafePathError:
+        return False
+    return True
 
 
 def _listable(relative: str) -> bool:

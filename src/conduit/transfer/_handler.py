@@ -174,6 +174,9 @@ class FileTransferHandler:
         server.register_rpc(self._sender.rpc_download, DOWNLOAD)
         server.register_rpc(self._manager.rpc_delete, FILE_DELETE)
         server.register_rpc(self._manager.rpc_rename, FILE_RENAME)
+        if server.cluster is not None:
+            # Pushes that other nodes stage for this node's clients go out through us.
+            server.cluster.serve_pushes(self._sender.send)
 
     def register_client_handlers(self, client: Client) -> None:
         """Let the server push files to this client, into ``storage_dir``."""
@@ -213,8 +216,14 @@ class FileTransferHandler:
         *,
         remote_name: str | None = None,
     ) -> dict[str, Any]:
-        """Push ``path`` to the client ``client_id`` (which called ``register_client_handlers``)."""
+        """Push ``path`` to the client ``client_id`` (which called ``register_client_handlers``).
+
+        In a cluster (``cluster_url``) the client may be connected to any node:
+        see :doc:`cluster` for how the file gets there and what can fail.
+        """
         peer = server.clients.get(client_id)
+        if peer is None and server.cluster is not None:
+            return await server.cluster.push(client_id, path, remote_name)
         if peer is None:
             raise ConnectionClosed(f"no connected client with id {client_id!r}")
         return await self._sender.send(peer, path, remote_name, on_progress, "push")

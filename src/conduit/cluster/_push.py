@@ -1,0 +1,276 @@
+"""A push to a client of another node: stage the file in the shared store, the other node delivers.
+
+The origin node (where ``send_to_client`` was called) copies the file into
+the staging area of the S3 store under a random token, hashing it on the way
+(the store verifies every part and the whole against that SHA-256), then
+sends a ``push`` request on the bus to the client's node with the token, the
+name, size and SHA-256. That node reads the staged object into a temporary
+file, checks size and SHA-256 again, deletes the staged object, and pushes the
+file to its client with its own transfer handler, exactly as a local push.
+The reply is the push's result dict, which ``send_to_client`` returns on the
+origin. The bus carries only the small request and reply, never file data.
+
+Failure handling: the origin removes the staged object whenever the request
+did not succeed (a dead node cannot), and the nodes sweep what a node killed
+mid-push left behind. A node that dies or leaves while the origin waits ends
+the wait within the cluster TTL (the bus watches its registration), with
+code ``"unreachable"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+
+from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError, failure_dict
+from ..transfer._names import safe_relative_name
+from .bus import ClusterBus, NodeUnreachable
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+    from .s3 import S3Store
+
+__all__ = ["PUSH_REQUEST", "PushRequest", "Pusher", "deliver_staged", "push_via_node"]
+
+log = logging.getLogger("conduit.cluster.push")
+
+#: The bus request kind of a cross-node push.
+PUSH_REQUEST: Final = "push"
+#: Bytes read (and staged, and fetched) per worker-thread call.
+_CHUNK: Final = 1024 * 1024
+#: Bound on removing a staged object after a failure (the sweep gets it otherwise).
+_CLEANUP_TIMEOUT: Final = 10.0
+_SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+_TOKEN: Final = re.compile(r"[0-9a-f]{32}")
+
+#: ``pusher(peer, path, remote_name, on_progress, "push")``: the transfer
+#: handler's sender, which sends a local file to one of this node's clients.
+Pusher = Callable[["Peer", Path, str, None, Any], Awaitable[dict[str, Any]]]
+
+
+@attrs.frozen
+class PushRequest:
+    """What the origin tells the client's node: who, which staged object, what it must be."""
+
+    client_id: str
+    token: str
+    name: str
+    size: int
+    sha256: str
+    #: The source's modification time: the copy on the client's node gets it,
+    #: so a push cut off and sent again resumes as a local one would.
+    modified_ns: int
+
+    def payload(self) -> dict[str, Any]:
+        """As sent on the bus."""
+        return attrs.asdict(self)
+
+    @classmethod
+    def parse(cls, payload: dict[str, Any]) -> PushRequest:
+        """Check a request read from the bus; :class:`RPCError` ``invalid_arguments`` if wrong.
+
+        Redis is infrastructure, not a peer, but a request that does not make
+        sense must still fail clearly rather than reach the store or a client.
+        """
+        try:
+            request = cls(
+                client_id=payload["client_id"],
+                token=payload["token"],
+                name=payload["name"],
+                size=payload["size"],
+                sha256=payload["sha256"],
+                modified_ns=payload["modified_ns"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise RPCError(f"malformed push request: {exc}", "invalid_arguments") from None
+        valid = (
+            isinstance(request.client_id, str)
+            and isinstance(request.token, str)
+            and _TOKEN.fullmatch(request.token) is not None
+            and isinstance(request.name, str)
+            and isinstance(request.size, int)
+            and request.size >= 0
+            and isinstance(request.sha256, str)
+            and _SHA256_HEX.fullmatch(request.sha256) is not None
+            and isinstance(request.modified_ns, int)
+            and request.modified_ns >= 0
+        )
+        if not valid:
+            raise RPCError("malformed push request", "invalid_arguments")
+        try:
+            safe = safe_relative_name(request.name)
+        except TransferError as exc:
+            raise RPCError(exc.message, exc.code) from None
+        return attrs.evolve(request, name=safe)
+
+
+# --------------------------------------------------------------------------- origin
+
+
+async def push_via_node(
+    bus: ClusterBus,
+    store: S3Store | None,
+    node: str,
+    client_id: str,
+    path: str | os.PathLike[str],
+    remote_name: str | None,
+) -> dict[str, Any]:
+    """Stage ``path`` and have ``node`` push it to ``client_id``; the push's result dict.
+
+    Raises what opening ``path`` raises and ``UnsafePathError`` for a bad
+    name, like a local push; every later failure is a failure dict.
+    """
+    local = Path(path)
+    name = safe_relative_name(local.name if remote_name is None else remote_name)
+    file = await trio.to_thread.run_sync(_open_regular, local)
+    try:
+        if store is None:
+            return failure_dict(
+                TransferError(
+                    f"client {client_id!r} is on node {node!r}, and pushing to another node "
+                    "needs cluster_staging (an s3:// location both nodes can read)",
+                    "no_staging",
+                )
+            )
+        token = secrets.token_hex(16)
+        modified_ns = os.fstat(file.fileno()).st_mtime_ns
+        try:
+            size, digest = await _stage(store, token, file)
+        except (ConduitError, OSError) as exc:
+            return failure_dict(exc, default_code="transfer_failed")
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(file.close)
+    request = PushRequest(client_id, token, name, size, digest, modified_ns)
+    delivered = False
+    try:
+        # No overall timeout: pushing a large file takes as long as it takes;
+        # a node that dies is noticed by the bus within its TTL.
+        reply = await bus.request(node, PUSH_REQUEST, request.payload(), timeout=math.inf)
+        delivered = True
+    except NodeUnreachable as exc:
+        return {"success": False, "error": str(exc), "code": "unreachable"}
+    except ConduitError as exc:  # RPCError from the other node (its code kept), BusError
+        return failure_dict(exc, default_code="transfer_failed")
+    finally:
+        if not delivered:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(_CLEANUP_TIMEOUT),
+                contextlib.suppress(ConduitError),
+            ):
+                await store.delete_staged(token)
+    return reply
+
+
+async def _stage(store: S3Store, token: str, file: io.FileIO) -> tuple[int, str]:
+    """Copy ``file`` into the staging object ``token``; its size and SHA-256."""
+    partial = await store.open_staging(token)
+    hasher = hashlib.sha256()
+    size = 0
+    try:
+        while True:
+            chunk = await trio.to_thread.run_sync(file.read, _CHUNK)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            size += len(chunk)
+            await partial.append(chunk)
+        digest = hasher.hexdigest()
+        await partial.publish(expected_sha256=digest)
+    except BaseException:
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(_CLEANUP_TIMEOUT),
+            contextlib.suppress(ConduitError),
+        ):
+            await partial.discard()
+        raise
+    return size, digest
+
+
+def _open_regular(path: Path) -> io.FileIO:
+    """Open a file to push; the usual OSError subclasses before anything is staged."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        # Checked before opening: opening a FIFO for reading would block.
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+    return io.FileIO(path, "r")
+
+
+# --------------------------------------------------------------------------- client's node
+
+
+def _write_all(out: io.FileIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        view = view[written or 0 :]
+
+
+async def deliver_staged(
+    store: S3Store, request: PushRequest, peer: Peer, pusher: Pusher
+) -> dict[str, Any]:
+    """Fetch the staged file, check it, delete it, push it to ``peer``; the push's result.
+
+    The copy goes through a private temporary file because the transfer
+    handler sends from a local file (and may resume from it).
+    """
+    directory = Path(await trio.to_thread.run_sync(tempfile.mkdtemp, None, "conduit-push-"))
+    try:
+        local = directory / "file"
+        await _fetch(store, request, local)
+        with contextlib.suppress(ConduitError):
+            await store.delete_staged(request.token)
+        try:
+            return await pusher(peer, local, request.name, None, "push")
+        except ConnectionClosed as exc:  # the client left just now
+            raise RPCError(exc.reason, "connection_closed") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(shutil.rmtree, directory, True)
+
+
+async def _fetch(store: S3Store, request: PushRequest, local: Path) -> None:
+    try:
+        reader = await store.open_staged(request.token)
+    except FileNotFoundError:
+        raise RPCError("the staged file is gone", "not_found") from None
+    except TransferError as exc:
+        raise RPCError(exc.message, exc.code) from None
+    hasher = hashlib.sha256()
+    size = 0
+    try:
+        with await trio.to_thread.run_sync(io.FileIO, local, "w") as out:
+            while True:
+                chunk = await reader.read(_CHUNK)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                size += len(chunk)
+                await trio.to_thread.run_sync(_write_all, out, chunk)
+    except TransferError as exc:
+        raise RPCError(exc.message, exc.code) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await reader.aclose()
+    if size != request.size or hasher.hexdigest() != request.sha256:
+        raise RPCError("the staged file differs from what was staged", "checksum_mismatch")
+    modified = request.modified_ns
+    await trio.to_thread.run_sync(lambda: os.utime(local, ns=(modified, modified)))

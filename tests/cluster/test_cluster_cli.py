@@ -1,0 +1,91 @@
+"""``conduit serve DIR --cluster URL --node-name NAME``: joins, says so, leaves on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+PASSWORD = "cluster-cli-password"
+_TIMEOUT = 60.0
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CONDUIT_PASSWORD": PASSWORD}
+
+
+def _serve(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "conduit",
+                "serve",
+                str(tmp_path / "d"),
+                "--port",
+                "0",
+                *options,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            env=_env(),
+        )
+    return process, log
+
+
+def _wait_for(log: Path, pattern: str, process: subprocess.Popen[bytes]) -> re.Match[str]:
+    deadline = time.monotonic() + _TIMEOUT
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log.read_text(errors="replace"))
+        if found is not None:
+            return found
+        assert process.poll() is None, log.read_text(errors="replace")
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} not logged: {log.read_text(errors='replace')}")
+
+
+def test_serve_joins_and_leaves_the_cluster(engines: Any, tmp_path: Path) -> None:
+    name = f"cli-{secrets.token_hex(4)}"
+    process, log = _serve(tmp_path, "--cluster", engines.bus.url, "--node-name", name)
+    bus = redis.Redis.from_url(engines.bus.url)
+    try:
+        _wait_for(log, rf"listening on 127\.0\.0\.1:\d+, cluster node {name},", process)
+        assert bus.exists(f"conduit:node:{name}")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=_TIMEOUT) == 0, log.read_text()
+        # A clean stop unregisters at once (no waiting for the TTL).
+        assert not bus.exists(f"conduit:node:{name}")
+        text = log.read_text()
+        assert "stopped" in text and "Traceback" not in text, text
+    finally:
+        process.kill()
+        process.wait(timeout=_TIMEOUT)
+        bus.close()
+
+
+def test_serve_refuses_bad_cluster_settings(tmp_path: Path) -> None:
+    process, log = _serve(tmp_path, "--cluster", "http://127.0.0.1:1")
+    assert process.wait(timeout=_TIMEOUT) == 2
+    assert "cluster_url must be a redis://" in log.read_text()
+
+
+def test_serve_reports_an_unreachable_bus(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process, log = _serve(tmp_path, "--cluster", f"redis://127.0.0.1:{port}/0")
+    assert process.wait(timeout=_TIMEOUT) == 4
+    text = log.read_text()
+    assert "cannot join the cluster" in text and "Traceback" not in text, text
