@@ -63,3 +63,15 @@ def bench(session: nox.Session) -> None:
     """The benchmark suite (``-- --quick`` for the small CI-sized run)."""
     session.install("-e", ".[test,bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def stress(session: nox.Session) -> None:
+    """Issue 11's abuse thresholds at full size, each server in its own process (minutes).
+
+    ``benchmarks.abuse`` prints one PASS/FAIL line of figures per scenario; the
+    CI-sized versions (and every malformed peer answer) run as tests first.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", "tests/test_resource_limits.py")
+    session.run("python", "-m", "benchmarks.abuse", *session.posargs)

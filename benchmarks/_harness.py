@@ -595,3 +595,23 @@ def timed() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - started)
+
+
+def probe(python: str, env: dict[str, str], code: str) -> str | None:
+    """None if ``code`` runs under ``python``, else the last line of its error."""
+    completed = subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    if completed.returncode == 0:
+        return None
+    return (completed.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def probe_asyncio_shim(python: str, env: dict[str, str]) -> str | None:
+    """None if this tree's asyncio shim imports under ``python``, else why not.
+
+    Probes a public name of the shim (``run_in_trio``), so that moving a
+    private helper between modules never disables the asyncio contenders.
+    """
+    reason = probe(python, env, "import conduit, conduit._asyncio as shim; shim.run_in_trio")
+    return None if reason is None else f"asyncio shim not importable in this tree: {reason}"

@@ -54,7 +54,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 TESTS_DIR = Path(__file__).resolve().parent
 DOC_PATH = TESTS_DIR.parent / "docs" / "hostile-inputs.md"
 #: The test modules whose every test must be registered (and so documented).
-SUITE_MODULES = ("test_hostile_peers", "test_faults", "test_load", "test_fuzz_properties")
+SUITE_MODULES = (
+    "test_hostile_peers",
+    "test_faults",
+    "test_load",
+    "test_fuzz_properties",
+    "test_resource_limits",
+)
 BEGIN = "<!-- BEGIN GENERATED TABLE: python tests/hostile_helpers.py --write -->"
 END = "<!-- END GENERATED TABLE -->"
 

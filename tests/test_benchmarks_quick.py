@@ -34,7 +34,7 @@ WORKLOAD_KEYS = {
     "max_us",
 }
 ROW_KEYS = {"group", "metric", "unit", "better", "contender", "median", "min", "max", "n"}
-SCENARIOS = {"rpc", "bulk", "memory", "hol", "smallfiles", "sftp", "cluster"}
+SCENARIOS = {"rpc", "bulk", "memory", "hol", "smallfiles", "sftp", "cluster", "auth_abuse"}
 TRANSFER_CONTENDERS = {
     "bulk": {
         "raw-aead",

@@ -501,3 +501,36 @@ EVENT_CLASSES = (
     InboundStream,
     OutboundStream,
 )
+
+
+def test_inbound_windows_come_out_of_one_connection_budget() -> None:
+    state = ConnectionState(
+        is_client=False,
+        receive_window=WINDOW,
+        peer_receive_window=WINDOW,
+        peer_max_frame_size=MAX_FRAME,
+        max_concurrent_calls=8,
+        receive_budget=3 * WINDOW,
+    )
+    streams = [state.open_inbound(InboundStream) for _ in range(3)]
+    with pytest.raises(RPCError) as refused:
+        state.open_inbound(InboundStream)
+    assert refused.value.code == "too_many_streams"
+    state.close_stream(streams[0], None)
+    assert state.open_inbound(InboundStream).window == WINDOW
+
+
+def test_streams_in_both_directions_count_against_max_streams() -> None:
+    state = ConnectionState(
+        is_client=True,
+        receive_window=WINDOW,
+        peer_receive_window=WINDOW,
+        peer_max_frame_size=MAX_FRAME,
+        max_concurrent_calls=8,
+        max_streams=2,
+    )
+    state.open_inbound(InboundStream)
+    state.open_outbound(2, OutboundStream)
+    with pytest.raises(RPCError) as refused:
+        state.open_inbound(InboundStream)
+    assert refused.value.code == "too_many_streams"

@@ -119,12 +119,13 @@ def emit_result(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """``server`` or ``client --port N --spec JSON``; ``--flavor`` picks trio or asyncio."""
+    """``server`` or ``client --port N --spec JSON``; ``--flavor`` picks trio or asyncio
+    (or ``accounts``: conduit on Trio in accounts mode, server and client)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=["server", "client"])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--spec", default="{}")
-    parser.add_argument("--flavor", choices=["trio", "asyncio"], default="trio")
+    parser.add_argument("--flavor", choices=["trio", "asyncio", "accounts"], default="trio")
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,9 @@ The server always runs natively on Trio. The client runs on Trio
 (``--flavor trio``) or under ``asyncio.run`` through conduit's asyncio shim
 (``--flavor asyncio``); both use the documented API: ``client.connect()`` and
 ``client.rpc.call("echo", data=...)``, which returns ``{"success": True, "data": ...}``.
+``--flavor accounts`` (server and client): accounts mode (SPAKE2+), user
+``bench`` in a temporary accounts file at the default Argon2id cost; the client
+is one ``Client`` reconnecting, so its one-time stretch falls in the warm-up.
 
 Usage: ``python conduit_peer.py server`` /
 ``python conduit_peer.py client --port N --spec JSON [--flavor asyncio]``.
@@ -11,23 +14,36 @@ Usage: ``python conduit_peer.py server`` /
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import _peerlib
 
+USERNAME = "bench"
 
-def _descriptor_kwargs() -> dict[str, Any]:
+
+def _descriptor_kwargs(flavor: str = "trio") -> dict[str, Any]:
+    if flavor == "accounts":
+        return {"password": _peerlib.PASSWORD, "username": USERNAME}
     return {"password": _peerlib.PASSWORD}
 
 
-async def serve() -> None:
+async def serve(flavor: str = "trio") -> None:
     """Serve ``echo`` on an ephemeral loopback port until SIGTERM."""
     import trio
 
-    from conduit import Server, ServerDescriptor
+    from conduit import Accounts, Server, ServerDescriptor
 
-    server = Server(ServerDescriptor(host=_peerlib.HOST, port=0, **_descriptor_kwargs()))
+    if flavor == "accounts":
+        directory = tempfile.mkdtemp(prefix="conduit-bench-accounts-")
+        accounts = Accounts(Path(directory) / "accounts.json")
+        accounts.add(USERNAME, _peerlib.PASSWORD)
+        descriptor = ServerDescriptor(host=_peerlib.HOST, port=0, accounts=accounts)
+    else:
+        descriptor = ServerDescriptor(host=_peerlib.HOST, port=0, **_descriptor_kwargs())
+    server = Server(descriptor)
 
     @server.rpc
     async def echo(data: bytes) -> bytes:
@@ -40,11 +56,11 @@ async def serve() -> None:
         await server.close()
 
 
-def _make_client(port: int) -> Any:
+def _make_client(port: int, flavor: str = "trio") -> Any:
     from conduit import Client, ClientDescriptor
 
     return Client(
-        ClientDescriptor(server_host=_peerlib.HOST, server_port=port, **_descriptor_kwargs())
+        ClientDescriptor(server_host=_peerlib.HOST, server_port=port, **_descriptor_kwargs(flavor))
     )
 
 
@@ -63,8 +79,12 @@ async def client(port: int, spec: dict[str, Any], flavor: str) -> dict[str, Any]
         "workloads": {},
     }
 
+    # Accounts mode: one Client reconnecting (it keeps the stretched secret,
+    # as an application's Client does); shared mode: a Client per connect.
+    reused = _make_client(port, flavor) if flavor == "accounts" else None
+
     async def connect_once() -> int:
-        probe = _make_client(port)
+        probe = reused if reused is not None else _make_client(port, flavor)
         started = time.perf_counter_ns()
         await probe.connect()
         elapsed = time.perf_counter_ns() - started
@@ -78,7 +98,7 @@ async def client(port: int, spec: dict[str, Any], flavor: str) -> dict[str, Any]
 
     if not spec["workloads"]:
         return result
-    rpc_client = _make_client(port)
+    rpc_client = _make_client(port, flavor)
     await rpc_client.connect()
     try:
         call = rpc_client.rpc.call
@@ -106,14 +126,14 @@ def main() -> None:
         import trio
 
         with _peerlib.maybe_profiled("conduit-server"):
-            trio.run(serve)
+            trio.run(serve, args.flavor)
         return
     spec = _peerlib.parse_spec(args.spec)
     with _peerlib.maybe_profiled(f"conduit-{args.flavor}-client"):
-        if args.flavor == "trio":
+        if args.flavor in ("trio", "accounts"):
             import trio
 
-            result = trio.run(client, args.port, spec, "trio")
+            result = trio.run(client, args.port, spec, args.flavor)
         else:
             import asyncio
 

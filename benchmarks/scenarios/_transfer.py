@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,8 @@ from .._harness import (
     log,
     our_env,
     paired_ratio,
+    probe,
+    probe_asyncio_shim,
     run_client,
     spread,
 )
@@ -90,19 +91,9 @@ def _inside(path: str | None, directory: Path) -> bool:
     return True
 
 
-def _probe(python: str, env: dict[str, str], code: str) -> str | None:
-    """None if ``code`` runs under ``python``, else the last line of its error."""
-    completed = subprocess.run(
-        [python, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-    if completed.returncode == 0:
-        return None
-    return (completed.stderr.strip().splitlines() or ["?"])[-1]
-
-
 def asyncssh_python() -> tuple[str, dict[str, str]]:
     """An interpreter with asyncssh: this one if it has it, else a private virtualenv."""
-    if _probe(sys.executable, foreign_env(), "import asyncssh") is None:
+    if probe(sys.executable, foreign_env(), "import asyncssh") is None:
         return sys.executable, foreign_env()
     return str(ensure_venv("asyncssh", ASYNCSSH_REQUIREMENTS)), foreign_env()
 
@@ -154,11 +145,9 @@ class Peers:
                 continue
             self.pythons[name], self.envs[name] = python, env
             if contender.flavor == "asyncio" and contender.script.startswith("conduit"):
-                reason = _probe(
-                    python, env, "import conduit, conduit._asyncio as shim; shim.run_in_trio"
-                )
+                reason = probe_asyncio_shim(python, env)
                 if reason is not None:
-                    self.fail(name, "unavailable", f"asyncio shim not importable: {reason}")
+                    self.fail(name, "unavailable", reason)
 
     def server(self, name: str, spec: dict[str, Any]) -> ServerProcess:
         """A server process for ``name`` (enter it to start it)."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from .._harness import (
     log,
     our_env,
     paired_ratio,
+    probe_asyncio_shim,
     run_client,
     spread,
 )
@@ -56,6 +56,8 @@ NAME = "rpc"
 REFERENCE = "bare-trio"
 COMPETITOR = "netconduit"
 DIRECT = "bare-trio (direct)"
+#: conduit in accounts mode: measured in the handshake group only.
+ACCOUNTS = "conduit-accounts"
 
 #: Call counts per client process (one repetition of one contender).
 COUNTS: dict[str, dict[str, int]] = {
@@ -116,6 +118,12 @@ CONTENDERS = (
         flavor="asyncio",
     ),
     Contender(
+        ACCOUNTS,
+        "conduit (this tree) in accounts mode (SPAKE2+), handshakes only",
+        "conduit_peer.py",
+        flavor="accounts",
+    ),
+    Contender(
         COMPETITOR,
         "netconduit 5.0.0 from PyPI (asyncio + pydantic), private virtualenv",
         "netconduit_peer.py",
@@ -138,6 +146,9 @@ NOTES = [
     "key exchange, no encryption; conduit runs SPAKE2 + key confirmation + HKDF and "
     "then AES-256-GCM: the handshake figures do not measure the same work",
     "bare-trio handshake = TCP connect only (the floor of any handshake)",
+    "conduit-trio's handshake is SPAKE2 on libsodium (shared password), conduit-accounts' "
+    "SPAKE2+ (accounts); both exclude the client's one-time Argon2id stretch (done in the "
+    "warm-up connects and kept for the life of the process / Client)",
     "CPU figures do not depend on how busy the machine is as much as latencies do: "
     "client CPU/call = process CPU time of the client during the workload / calls; "
     "server CPU/call = server process CPU (from /proc) during the whole RPC client run "
@@ -158,6 +169,9 @@ def _specs(counts: dict[str, int], contender: Contender) -> dict[str, dict[str, 
     }
     if contender.name == REFERENCE:
         rpc["direct_calls"] = counts["direct"]
+    if contender.name == ACCOUNTS:
+        # Its calls run on the same engine as conduit-trio's: only the handshake differs.
+        rpc.update(warmup=0, workloads=[])
     handshake = {"handshakes": counts["handshakes"], "handshake_warmup": 2, "workloads": []}
     return {"rpc": rpc, "handshake": handshake}
 
@@ -187,22 +201,6 @@ def _check_runtime(contender: Contender, result: dict[str, Any]) -> None:
         raise PeerError(f"{contender.name} imported conduit from {module_file}, not {SRC_DIR}")
     if contender.foreign and not _inside(module_file, VENVS_DIR):
         raise PeerError(f"{contender.name} imported conduit from {module_file}, not {VENVS_DIR}")
-
-
-def _probe_asyncio_shim(python: str, env: dict[str, str]) -> str | None:
-    """None if ``conduit._asyncio`` is importable in this tree, else the reason."""
-    completed = subprocess.run(
-        [python, "-c", "import conduit, conduit._asyncio as shim; shim.bridged"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    if completed.returncode == 0:
-        return None
-    last = (completed.stderr.strip().splitlines() or ["?"])[-1]
-    return f"asyncio shim not importable in this tree: {last}"
 
 
 # ----------------------------------------------------------------------- running
@@ -246,7 +244,7 @@ class _Runner:
                 self.pythons[name] = sys.executable
                 self.envs[name] = our_env(self.config.profile_dir)
             if contender.flavor == "asyncio":
-                reason = _probe_asyncio_shim(self.pythons[name], self.envs[name])
+                reason = probe_asyncio_shim(self.pythons[name], self.envs[name])
                 if reason is not None:
                     self.fail(name, "unavailable", reason)
 
@@ -284,7 +282,7 @@ class _Runner:
         result["server_cpu"] = {
             "rpc_calls": calls,
             "rpc_s": rpc_cpu,
-            "us_per_call": None if rpc_cpu is None else rpc_cpu / calls * 1e6,
+            "us_per_call": None if rpc_cpu is None or not calls else rpc_cpu / calls * 1e6,
             "connects": connects,
             "handshake_s": handshake_cpu,
             "ms_per_connect": None if handshake_cpu is None else handshake_cpu / connects * 1e3,
@@ -299,6 +297,8 @@ class _Runner:
             servers: dict[str, ServerProcess] = {}
             for contender in active:
                 argv = [self.pythons[contender.name], str(PEERS_DIR / contender.script), "server"]
+                if contender.flavor == "accounts":
+                    argv += ["--flavor", "accounts"]
                 try:
                     servers[contender.name] = stack.enter_context(
                         ServerProcess(argv, self.envs[contender.name], SERVER_START_TIMEOUT)

@@ -15,6 +15,7 @@ from ._peer import Peer
 from ._rpc import current_peer
 from ._rpc_proxy import RPCProxy
 from ._version import __version__
+from .accounts import Accounts
 from .client import Client
 from .descriptors import ClientDescriptor, ServerDescriptor
 from .errors import (
@@ -27,6 +28,7 @@ from .errors import (
     HandshakeTimeout,
     IntegrityError,
     LocalProtocolError,
+    LockedOut,
     ProtocolError,
     RemoteProtocolError,
     RPCError,
@@ -41,6 +43,7 @@ from .transfer import FileTransferHandler, TransferProgress
 logging.getLogger("conduit").addHandler(logging.NullHandler())
 
 __all__ = [
+    "Accounts",
     "AuthenticationError",
     "CallbackCancelledError",
     "ChecksumMismatch",
@@ -53,6 +56,7 @@ __all__ = [
     "HandshakeTimeout",
     "IntegrityError",
     "LocalProtocolError",
+    "LockedOut",
     "Peer",
     "ProtocolError",
     "RPCError",

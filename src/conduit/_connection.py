@@ -79,6 +79,10 @@ class ConnectionSettings:
     idle_timeout: float | None
     max_concurrent_calls: int
     send_buffer: int = 4 * 1024 * 1024
+    #: Data streams open at once (both directions); None for no limit.
+    max_streams: int | None = None
+    #: Sum of the receive windows of all inbound streams; None for no limit.
+    receive_budget: int | None = None
 
 
 def settings_from(descriptor: Any) -> ConnectionSettings:
@@ -90,6 +94,8 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
         heartbeat_timeout=descriptor.heartbeat_timeout,
         idle_timeout=descriptor.idle_timeout,
         max_concurrent_calls=descriptor.max_concurrent_calls,
+        max_streams=descriptor.max_streams_per_connection,
+        receive_budget=descriptor.connection_receive_budget,
     )
 
 
@@ -143,6 +149,8 @@ class Connection:
             peer_receive_window=keys.peer_receive_window,
             peer_max_frame_size=keys.peer_max_frame_size,
             max_concurrent_calls=settings.max_concurrent_calls,
+            max_streams=settings.max_streams,
+            receive_budget=settings.receive_budget,
         )
         self._outbox = Outbox(settings.send_buffer, state)
         self._pending = PendingCalls(state, self._send_cancel)
@@ -178,6 +186,11 @@ class Connection:
         self._last_activity = now
         #: Set once :meth:`run` has finished: every task is gone.
         self.closed = trio.Event()
+        #: State other layers keep for this connection (the transfer registry,
+        #: budgets), keyed by its owner. Owned here, not in a registry keyed by
+        #: the connection, so that it cannot outlive the connection: it is
+        #: emptied when :meth:`run` ends, however it ends.
+        self.owned: dict[object, Any] = {}
 
     # ------------------------------------------------------------------ lifetime
 
@@ -210,6 +223,7 @@ class Connection:
             self._shutdown(self.close_reason or "connection closed")
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.stream)
+            self.owned.clear()
             self.closed.set()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:

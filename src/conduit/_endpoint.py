@@ -105,7 +105,13 @@ class Endpoint:
             )
 
         return Peer(
-            connect, peer_id=peer_id, name=name, address=address, default_timeout=default_timeout
+            connect,
+            peer_id=peer_id,
+            name=name,
+            address=address,
+            default_timeout=default_timeout,
+            username=established.username,
+            account=established.account,
         )
 
     async def _run_session(

@@ -7,10 +7,13 @@ between the socket and :mod:`conduit.protocol.handshake`.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
+from ._offload import run_sync
+from .accounts import AccountRecord
 from .errors import ConnectionClosed, HandshakeError, RemoteProtocolError
 from .protocol import (
     ClientHandshake,
@@ -22,7 +25,8 @@ from .protocol import (
     SessionKeys,
 )
 from .protocol.codec import decode_body, encode_frame
-from .protocol.handshake import refusal_frame
+from .protocol.frames import PROTOCOL_VERSION
+from .protocol.handshake import peer_version, refusal_frame, version_refusal
 from .protocol.messages import Welcome
 
 _CHUNK = 4096
@@ -36,6 +40,9 @@ class Established:
     writer: FrameWriter
     keys: SessionKeys
     peer_name: str
+    #: Server side, accounts mode: the authenticated user and its record.
+    username: str | None = None
+    account: AccountRecord | None = None
 
 
 async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
@@ -72,14 +79,27 @@ async def _first_reply(stream: trio.abc.Stream, reader: FrameReader) -> None:
 
 
 async def client_handshake(
-    stream: trio.abc.Stream, handshake: ClientHandshake, max_frame_size: int
+    stream: trio.abc.Stream,
+    handshake: ClientHandshake,
+    max_frame_size: int,
+    *,
+    offload: bool = False,
 ) -> tuple[Established, Welcome]:
-    """Authenticate to the server; return the session and its WELCOME."""
+    """Authenticate to the server; return the session and its WELCOME.
+
+    ``offload``: handle the SERVER_HELLO in a worker thread (accounts mode,
+    where it may cost an Argon2id stretch); the SERVER_CONFIRM is one HMAC
+    comparison, handled inline.
+    """
     reader, writer = FrameReader(), FrameWriter()
     await stream.send_all(handshake.start())
     await _first_reply(stream, reader)
     while handshake.keys is None:
-        reply = handshake.receive(await _next_frame(stream, reader))
+        frame = await _next_frame(stream, reader)
+        if offload and frame.kind is FrameKind.SERVER_HELLO:
+            reply = await run_sync(handshake.receive, frame)
+        else:
+            reply = handshake.receive(frame)
         if reply:
             await stream.send_all(reply)
     keys = handshake.keys
@@ -92,13 +112,52 @@ async def client_handshake(
     return Established(reader, writer, keys, handshake.server_name), welcome
 
 
+class VersionMismatch(RemoteProtocolError):
+    """The peer speaks another protocol version (it has been told so)."""
+
+
+async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame]:
+    """The client's first frame, and the reader to go on with.
+
+    A peer whose first header names another protocol version gets an
+    AUTH_FAILED in its own version's header (an old client then reports a
+    protocol version error, not a MAC failure), then VersionMismatch.
+    """
+    reader = FrameReader()
+    first = await stream.receive_some(_CHUNK)
+    if not first:
+        raise ConnectionClosed("peer closed the connection during the handshake")
+    version = peer_version(first)
+    if version is not None and version != PROTOCOL_VERSION:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(version_refusal(version))
+        raise VersionMismatch(
+            f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+        )
+    reader.feed(first)
+    return reader, await _next_frame(stream, reader)
+
+
 async def server_handshake(
-    stream: trio.abc.Stream, handshake: ServerHandshake, max_frame_size: int
+    stream: trio.abc.Stream,
+    handshake: ServerHandshake,
+    max_frame_size: int,
+    *,
+    reader: FrameReader,
+    hello: Frame,
+    run: Callable[[Frame], Awaitable[bytes]],
 ) -> Established:
-    """Check the client's password proof; raise AuthenticationError if it is wrong."""
-    reader, writer = FrameReader(), FrameWriter()
+    """Check the client's password proof; raise AuthenticationError if it is wrong.
+
+    ``hello`` is the first frame (from :func:`read_hello`); ``run(frame)``
+    feeds a frame to ``handshake`` (in a worker thread, under the server's
+    limit of concurrent handshakes) and returns its reply.
+    """
+    writer = FrameWriter()
+    frame: Frame | None = hello
     while handshake.keys is None:
-        reply = handshake.receive(await _next_frame(stream, reader))
+        reply = await run(frame if frame is not None else await _next_frame(stream, reader))
+        frame = None
         if reply:
             await stream.send_all(reply)
         if handshake.error is not None:
@@ -125,7 +184,9 @@ async def refuse(stream: trio.abc.Stream, code: str, reason: str, retry_after: f
 
 __all__ = [
     "Established",
+    "VersionMismatch",
     "client_handshake",
+    "read_hello",
     "refuse",
     "server_handshake",
     "welcome_record",

@@ -13,6 +13,7 @@ from typing import Any
 from ._bridge import bridged
 from ._connection import Connection
 from ._rpc_proxy import RPCProxy, to_wire
+from .accounts import AccountRecord
 
 
 class Peer:
@@ -26,12 +27,20 @@ class Peer:
         name: str,
         address: Any,
         default_timeout: float | None,
+        username: str | None = None,
+        account: AccountRecord | None = None,
     ) -> None:
         """``connect(peer)`` builds the connection's engine, its dispatcher bound to this peer.
 
         The Peer comes first so that every call and message the connection
         delivers already knows its caller (see ``Handlers.bound_to``).
         """
+        #: On a server with accounts: the user this client authenticated as
+        #: (None in shared-password mode, and on the client side).
+        self.username = username
+        #: On a server with accounts: that user's :class:`~conduit.accounts.AccountRecord`
+        #: (its ``root``, ``quota``, ``read_only``) as it was when the client logged in.
+        self.account = account
         #: The client id the server assigned (the same on both sides).
         self.id = peer_id
         #: The name the peer announced in its handshake.
@@ -44,7 +53,8 @@ class Peer:
         self.rpc = RPCProxy(lambda: self._connection, default_timeout)
 
     def __repr__(self) -> str:
-        return f"<Peer id={self.id!r} name={self.name!r} address={self.address!r}>"
+        user = f" username={self.username!r}" if self.username is not None else ""
+        return f"<Peer id={self.id!r} name={self.name!r}{user} address={self.address!r}>"
 
     @property
     def connected(self) -> bool:

@@ -13,11 +13,13 @@ from ._bridge import bridged
 from ._connection import Connection
 from ._endpoint import Endpoint
 from ._handshake_io import client_handshake
+from ._offload import run_sync
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
 from .errors import ConnectionClosed, HandshakeTimeout
 from .protocol import ClientHandshake
+from .protocol.handshake import ProverCache, shared_secret, shared_secret_ready
 
 log = logging.getLogger("conduit.client")
 
@@ -43,6 +45,9 @@ class Client(Endpoint):
         super().__init__(descriptor, message_handler_takes_peer=False)
         self.descriptor = descriptor
         self._peer: Peer | None = None
+        # The stretched password, kept for the life of this Client: reconnects
+        # pay no Argon2id (accounts mode; shared mode memoises per process).
+        self._prover_cache = ProverCache()
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
         self.rpc = RPCProxy(self._current_connection, descriptor.rpc_timeout, self._handlers)
@@ -114,6 +119,10 @@ class Client(Endpoint):
         where = (
             "the given stream" if given else f"{descriptor.server_host}:{descriptor.server_port}"
         )
+        if descriptor.username is None and not shared_secret_ready(descriptor.password):
+            # The shared password's stretch (memoised), off the event loop and
+            # outside connect_timeout: it is this process's one-time cost.
+            await run_sync(shared_secret, descriptor.password)
         try:
             with trio.fail_after(descriptor.connect_timeout):
                 if stream is None:
@@ -124,9 +133,14 @@ class Client(Endpoint):
                         name=descriptor.name,
                         max_frame_size=descriptor.max_frame_size,
                         receive_window=descriptor.receive_window,
+                        username=descriptor.username,
+                        cache=self._prover_cache,
                     )
                     established, welcome = await client_handshake(
-                        stream, handshake, descriptor.max_frame_size
+                        stream,
+                        handshake,
+                        descriptor.max_frame_size,
+                        offload=descriptor.username is not None,
                     )
                 except BaseException:
                     await trio.aclose_forcefully(stream)

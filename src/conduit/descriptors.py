@@ -7,15 +7,19 @@ field, not later on the network.
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
 from attrs import validators as v
 
 from .protocol import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_SIZE, MAX_WINDOW, MIN_FRAME_SIZE, MIN_WINDOW
+
+if TYPE_CHECKING:
+    from .accounts import Accounts
 
 __all__ = ["ClientDescriptor", "ServerDescriptor"]
 
@@ -50,6 +54,28 @@ def _frame_size(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None
 def _window(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not MIN_WINDOW <= value <= MAX_WINDOW:
         raise ValueError(f"{attribute.name} must be between 64 KiB and 1 GiB, got {value}")
+
+
+def _optional_password(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        if not isinstance(value, str):
+            raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
+        _non_empty(_inst, attribute, value)
+
+
+def _accounts(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    from .accounts import Accounts
+
+    if value is not None and not isinstance(value, (str, os.PathLike, Accounts)):
+        raise TypeError(f"{attribute.name} must be a path or an Accounts, got {value!r}")
+
+
+def _receive_budget(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < instance.receive_window:
+        raise ValueError(
+            f"{attribute.name} must be at least receive_window ({instance.receive_window}), "
+            f"got {value}"
+        )
 
 
 _CLUSTER_SCHEMES = ("redis", "rediss", "unix")
@@ -106,12 +132,20 @@ def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: floa
 class ServerDescriptor:
     """How a :class:`~conduit.Server` listens, authenticates and limits its clients.
 
-    The password never leaves this process: clients prove they know it with
-    SPAKE2, and it is left out of ``repr()`` so it does not end up in logs.
+    Give ``password`` (one secret shared by every client, SPAKE2) or
+    ``accounts`` (per-user verifiers, SPAKE2+; see :class:`~conduit.Accounts`),
+    not both. The password never leaves this process and is left out of
+    ``repr()`` so it does not end up in logs.
     """
 
-    #: The shared secret clients must prove they know (required; never logged).
-    password: str = attrs.field(validator=[v.instance_of(str), _non_empty], repr=False)
+    #: The shared secret clients must prove they know (never logged). Required
+    #: unless ``accounts`` is given.
+    password: str | None = attrs.field(default=None, validator=_optional_password, repr=False)
+    #: User accounts (a path to an accounts file, or an :class:`~conduit.Accounts`):
+    #: each client logs in as a user, and the server stores only verifiers.
+    accounts: str | os.PathLike[str] | Accounts | None = attrs.field(
+        default=None, validator=_accounts
+    )
     #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one.
     host: str = attrs.field(default="0.0.0.0", validator=v.instance_of(str))
     #: Port to bind; 0 picks a free one (read it back from ``Server.port``).
@@ -138,6 +172,18 @@ class ServerDescriptor:
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
+    #: Data streams (uploads, downloads, pushes) open at once on one connection;
+    #: one more is refused with code "too_many_streams".
+    max_streams_per_connection: int = attrs.field(
+        default=64, validator=[v.instance_of(int), _positive]
+    )
+    #: Bytes of receive credit all inbound data streams of one connection may
+    #: hold together (each holds ``receive_window``): the memory one peer can
+    #: make this side buffer. A stream that would exceed it is refused with
+    #: code "too_many_streams". At least ``receive_window``.
+    connection_receive_budget: int = attrs.field(
+        default=64 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
+    )
     #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
     #: Failed handshakes from one address, within ``auth_failure_window``,
@@ -147,6 +193,24 @@ class ServerDescriptor:
     auth_failure_window: float = attrs.field(default=60.0, validator=_positive)
     #: Seconds an address is refused after too many failures.
     auth_lockout: float = attrs.field(default=30.0, validator=_positive)
+    #: Accounts mode: attempts against one user (from any address) within
+    #: ``auth_failure_window`` before that user is locked for ``auth_lockout``
+    #: seconds, except from addresses it logged in from in the last 24 hours.
+    auth_user_failure_limit: int = attrs.field(
+        default=20, validator=[v.instance_of(int), _positive]
+    )
+    #: Handshakes whose password work (SPAKE2 / SPAKE2+ group operations) runs at
+    #: once, in worker threads; more wait their turn (within ``auth_timeout``), so
+    #: a hello flood cannot starve authenticated clients of CPU.
+    max_handshakes: int = attrs.field(default=2, validator=[v.instance_of(int), _positive])
+    #: Connections not yet authenticated, from all addresses together; more are
+    #: refused with code "busy" (counted apart from ``max_connections``).
+    max_unauthenticated: int = attrs.field(default=256, validator=[v.instance_of(int), _positive])
+    #: Connections not yet authenticated from one address: an idle-socket flood
+    #: from one address cannot take the slots of the others.
+    max_unauthenticated_per_address: int = attrs.field(
+        default=32, validator=[v.instance_of(int), _positive]
+    )
     #: PEM certificate chain and key: serve TLS (on top of the password handshake).
     tls_certfile: str | None = attrs.field(default=None)
     #: PEM private key for ``tls_certfile`` (None when the chain file holds it).
@@ -184,6 +248,15 @@ class ServerDescriptor:
         default=None, validator=[_needs_cluster, _cluster_staging]
     )
 
+    def __attrs_post_init__(self) -> None:
+        if self.password is not None and self.accounts is not None:
+            raise ValueError("give ServerDescriptor a password or accounts, not both")
+        if self.password is None and self.accounts is None:
+            raise TypeError(
+                "ServerDescriptor.__init__() missing 1 required keyword-only argument: "
+                "'password' (or give accounts=)"
+            )
+
     def build_ssl_context(self) -> ssl.SSLContext | None:
         """The server-side SSL context, or None when TLS is off."""
         if self.ssl_context is not None:
@@ -199,8 +272,14 @@ class ServerDescriptor:
 class ClientDescriptor:
     """Where a :class:`~conduit.Client` connects and how it behaves."""
 
-    #: The server's password (required; never sent over the wire, never logged).
+    #: The server's password, or the user's own on an accounts server
+    #: (required; never sent over the wire, never logged).
     password: str = attrs.field(validator=[v.instance_of(str), _non_empty], repr=False)
+    #: The account to log in as on a server with accounts; None for a
+    #: shared-password server.
+    username: str | None = attrs.field(
+        default=None, validator=v.optional([v.instance_of(str), _non_empty])
+    )
     #: Host name or address of the server.
     server_host: str = attrs.field(default="localhost", validator=[v.instance_of(str), _non_empty])
     #: Port of the server.
@@ -222,6 +301,18 @@ class ClientDescriptor:
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Calls from the server running at once on this client.
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
+    #: Data streams (uploads, downloads, pushes) open at once on one connection;
+    #: one more is refused with code "too_many_streams".
+    max_streams_per_connection: int = attrs.field(
+        default=64, validator=[v.instance_of(int), _positive]
+    )
+    #: Bytes of receive credit all inbound data streams of one connection may
+    #: hold together (each holds ``receive_window``): the memory one peer can
+    #: make this side buffer. A stream that would exceed it is refused with
+    #: code "too_many_streams". At least ``receive_window``.
+    connection_receive_budget: int = attrs.field(
+        default=64 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
+    )
     #: Wrap the connection in TLS and verify the server's certificate.
     tls: bool = attrs.field(default=False, validator=v.instance_of(bool))
     #: CA bundle to verify the server with (default: the system's).

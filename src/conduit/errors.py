@@ -46,6 +46,19 @@ class AuthenticationError(HandshakeError):
     """The password did not match, or the peer failed to prove it knows it."""
 
 
+class LockedOut(AuthenticationError):
+    """The server refused to try the password: too many failed attempts lately.
+
+    ``retry_after`` is how many seconds the server said to wait. Nothing about
+    the password is known: it was not checked.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        #: Seconds until the server takes attempts again.
+        self.retry_after = retry_after
+
+
 class HandshakeTimeout(HandshakeError, TimeoutError):
     """The peer did not complete the handshake in time (no verdict on the password)."""
 
@@ -169,6 +182,7 @@ __all__ = [
     "HandshakeTimeout",
     "IntegrityError",
     "LocalProtocolError",
+    "LockedOut",
     "ProtocolError",
     "RPCError",
     "RPCTimeoutError",

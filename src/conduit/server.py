@@ -12,12 +12,11 @@ import trio
 
 from ._bridge import bridged
 from ._endpoint import Endpoint, address_of, format_address
-from ._handshake_io import Established, refuse, server_handshake, welcome_record
+from ._gatekeeper import Gatekeeper, Refused
+from ._handshake_io import Established, VersionMismatch, refuse, welcome_record
 from ._peer import Peer
-from ._throttle import AuthThrottle
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
-from .protocol import ServerHandshake
 from .protocol.messages import Welcome
 
 if TYPE_CHECKING:
@@ -78,9 +77,7 @@ class Server(Endpoint):
         self.descriptor = descriptor
         #: Authenticated clients by client id.
         self.clients: dict[str, Peer] = {}
-        self._throttle = AuthThrottle(
-            descriptor.auth_failure_limit, descriptor.auth_failure_window, descriptor.auth_lockout
-        )
+        self._gate = Gatekeeper(descriptor, log)
         self._open_sockets = 0
         self._addresses: list[tuple[str, int]] = []
         self._cancel_scope: trio.CancelScope | None = None
@@ -194,6 +191,7 @@ class Server(Endpoint):
         self._stopped = trio.Event()
         self._closing = False
         try:
+            await self._gate.prepare()
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 if self.cluster is not None:
@@ -267,25 +265,38 @@ class Server(Endpoint):
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         arrival = _Arrival(address_of(stream))
         self._open_sockets += 1
+        admitted = False
         try:
             if not await self._refused(stream, arrival):
+                admitted = True
                 session = await self._authenticate(stream, arrival)
+                self._gate.release(arrival.host)
+                admitted = False
                 if session is not None:
                     await self._serve_client(stream, arrival, *session)
         except Exception:  # one connection's bug must never take the server down
             log.exception("internal error serving %s", arrival.label)
         finally:
+            if admitted:
+                self._gate.release(arrival.host)
             self._open_sockets -= 1
             await trio.aclose_forcefully(stream)
 
     async def _refused(self, stream: trio.abc.Stream, arrival: _Arrival) -> bool:
-        """Refuse the connection before any handshake when the server cannot take it."""
+        """Refuse the connection before any handshake when the server cannot take it.
+
+        When it returns False the socket has been admitted (counted by the gatekeeper).
+        """
         descriptor = self.descriptor
+        warn = self._gate.warnings.warning
+        now = trio.current_time()
         if self._closing:
             await refuse(stream, "shutting_down", "the server is shutting down")
             return True
         if self._open_sockets > descriptor.max_connections:
-            log.warning(
+            warn(
+                arrival.host,
+                now,
                 "refused %s: max_connections (%d) reached",
                 arrival.label,
                 descriptor.max_connections,
@@ -294,15 +305,22 @@ class Server(Endpoint):
                 stream, "busy", f"the server is at max_connections ({descriptor.max_connections})"
             )
             return True
-        wait = self._throttle.retry_after(arrival.host, trio.current_time())
+        wait = self._gate.throttle.retry_after(arrival.host, now)
         if wait > 0:
-            log.warning("refused %s: too many failed password attempts", arrival.label)
+            # Locked out already: refused at once, before even reading the hello.
+            warn(arrival.host, now, "refused %s: too many failed password attempts", arrival.label)
             await refuse(
                 stream,
                 "throttled",
-                f"too many failed password attempts from {arrival.host}; retry in {wait:.0f}s",
+                f"locked out: too many failed password attempts from {arrival.host}; "
+                f"retry in {wait:.0f}s",
                 wait,
             )
+            return True
+        reason = self._gate.admit(arrival.host)
+        if reason is not None:
+            warn(arrival.host, now, "refused %s: %s", arrival.label, reason)
+            await refuse(stream, "busy", reason)
             return True
         return False
 
@@ -311,17 +329,15 @@ class Server(Endpoint):
     ) -> tuple[Established, str] | None:
         """Run the handshake and welcome the client: its session and id, or None (logged)."""
         descriptor = self.descriptor
-        handshake = ServerHandshake(
-            descriptor.password,
-            name=descriptor.name,
-            max_frame_size=descriptor.max_frame_size,
-            receive_window=descriptor.receive_window,
-        )
+
+        def warn(message: str, *args: object) -> None:
+            self._gate.warnings.warning(arrival.host, trio.current_time(), message, *args)
+
         try:
             with trio.fail_after(descriptor.auth_timeout):
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                established = await server_handshake(stream, handshake, descriptor.max_frame_size)
+                established = await self._gate.handshake(stream, arrival.host)
                 client_id = await self._new_client_id()
                 try:
                     welcome = Welcome(client_id, descriptor.name, descriptor.heartbeat_interval)
@@ -330,23 +346,27 @@ class Server(Endpoint):
                     await self._release_client_id(client_id)
                     raise
         except trio.TooSlowError:
-            log.warning(
+            warn(
                 "dropped %s: no handshake within auth_timeout (%gs)",
                 arrival.label,
                 descriptor.auth_timeout,
             )
             return None
+        except Refused as exc:
+            warn("refused %s: %s", arrival.label, exc.reason)
+            return None
         except AuthenticationError as exc:
-            self._throttle.record_failure(arrival.host, trio.current_time())
-            log.warning("authentication failed from %s: %s", arrival.label, exc)
+            warn("authentication failed from %s: %s", arrival.label, exc)
+            return None
+        except VersionMismatch as exc:
+            warn("refused %s: %s", arrival.label, exc)
             return None
         except (ProtocolError, ConduitError) as exc:
-            log.warning("dropped %s during the handshake: %s", arrival.label, exc)
+            warn("dropped %s during the handshake: %s", arrival.label, exc)
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("connection from %s lost during the handshake: %s", arrival.label, exc)
             return None
-        self._throttle.record_success(arrival.host)
         return established, client_id
 
     async def _new_client_id(self) -> str:
@@ -379,7 +399,8 @@ class Server(Endpoint):
             label=f"client {client_id} {arrival.label}",
         )
         self.clients[client_id] = peer
-        log.info("client %s (%r) connected from %s", client_id, peer.name, arrival.label)
+        user = f" as user {peer.username!r}" if peer.username is not None else ""
+        log.info("client %s (%r) connected from %s%s", client_id, peer.name, arrival.label, user)
 
         def ended() -> None:
             del self.clients[client_id]

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from .._version import __version__
-from . import _demo, _serve, _transfer
+from . import _demo, _serve, _transfer, _users
 from ._common import (
     ADDRESS_ENV,
     DEFAULT_ADDRESS,
@@ -105,6 +105,12 @@ def _client_options(direction: str) -> Callable[[F], F]:
             click.option(
                 "--json", "json_output", is_flag=True, help="Print one JSON document (scripts)."
             ),
+            click.option(
+                "--user",
+                "username",
+                metavar="NAME",
+                help="Log in as this user (servers with accounts; the password is the user's).",
+            ),
         ]
         for option in reversed(options):
             function = option(function)
@@ -124,13 +130,18 @@ _jobs_option = click.option(
 
 
 def _connect_options(
-    address: Address, tls: bool, tls_ca: str | None, verbose: int
+    address: Address, tls: bool, tls_ca: str | None, verbose: int, username: str | None = None
 ) -> ClientOptions:
     if verbose:
         configure_logging(cli_level=logging.INFO, library_level=_library_level(verbose))
-    password = read_password(prompt=f"Password for {address}: ")
+    who = f"{username}@{address}" if username else str(address)
+    password = read_password(prompt=f"Password for {who}: ")
     return ClientOptions(
-        address=address, password=password, tls=tls or tls_ca is not None, tls_ca_file=tls_ca
+        address=address,
+        password=password,
+        tls=tls or tls_ca is not None,
+        tls_ca_file=tls_ca,
+        username=username,
     )
 
 
@@ -167,6 +178,12 @@ def _connect_options(
     "--overwrite", is_flag=True, help="Replace existing files instead of storing 'name (1).ext'."
 )
 @click.option(
+    "--accounts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Log users in from this accounts file (conduit user add) instead of one password.",
+)
+@click.option(
     "--cluster",
     "cluster_url",
     metavar="URL",
@@ -187,16 +204,23 @@ def serve(
     tls_key: Path | None,
     max_file_size: int | None,
     overwrite: bool,
+    accounts: Path | None,
     cluster_url: str | None,
     node_name: str | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
 
-    Logs one line per connection, authentication failure, upload and
-    download on stderr. Ctrl-C (or SIGTERM) closes every connection and
-    exits 0.
+    With --accounts, each client logs in as a user of FILE (no server
+    password is asked for). Logs one line per connection, authentication
+    failure, upload and download on stderr. Ctrl-C (or SIGTERM) closes every
+    connection and exits 0.
     """
-    password = read_password(prompt="Password for this server: ", confirm=True)
+    store = None
+    password = None
+    if accounts is not None:
+        store = _users.open_accounts(accounts)
+    else:
+        password = read_password(prompt="Password for this server: ", confirm=True)
     configure_logging(
         cli_level=logging.INFO,
         library_level=_library_level(verbose),
@@ -210,6 +234,7 @@ def serve(
         tls_key=tls_key,
         max_file_size=max_file_size,
         overwrite=overwrite,
+        accounts=store,
         cluster_url=cluster_url,
         node_name=node_name,
     )
@@ -243,6 +268,7 @@ def send(
     tls: bool,
     tls_ca: str | None,
     json_output: bool,
+    username: str | None,
     rename: str | None,
     jobs: int,
 ) -> int:
@@ -252,7 +278,7 @@ def send(
     command again.
     """
     planned, skipped = _transfer.collect_uploads(sources, rename)
-    options = _connect_options(address, tls, tls_ca, verbose)
+    options = _connect_options(address, tls, tls_ca, verbose, username)
     return run_trio(
         functools.partial(
             _transfer.send,
@@ -288,6 +314,7 @@ def get(
     tls: bool,
     tls_ca: str | None,
     json_output: bool,
+    username: str | None,
     output: Path,
     overwrite: bool,
     jobs: int,
@@ -296,7 +323,7 @@ def get(
 
     An interrupted download resumes when you run the same command again.
     """
-    options = _connect_options(address, tls, tls_ca, verbose)
+    options = _connect_options(address, tls, tls_ca, verbose, username)
     return run_trio(
         functools.partial(
             _transfer.get,
@@ -316,9 +343,16 @@ def get(
 @cli.command(context_settings=_CONTEXT)
 @_client_options("from")
 @click.pass_obj
-def ls(verbose: int, address: Address, tls: bool, tls_ca: str | None, json_output: bool) -> int:
+def ls(
+    verbose: int,
+    address: Address,
+    tls: bool,
+    tls_ca: str | None,
+    json_output: bool,
+    username: str | None,
+) -> int:
     """List the server's files: size, modification time, name."""
-    options = _connect_options(address, tls, tls_ca, verbose)
+    options = _connect_options(address, tls, tls_ca, verbose, username)
     return run_trio(functools.partial(_transfer.ls, options=options, json_output=json_output))
 
 
@@ -379,6 +413,57 @@ def mv(
             json_output=json_output,
         )
     )
+
+
+# --------------------------------------------------------------------------- user
+
+_accounts_option = click.option(
+    "--accounts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    required=True,
+    help="The accounts file (created by the first 'user add').",
+)
+
+
+@cli.group(context_settings=_CONTEXT)
+def user() -> None:
+    """Manage the accounts of a 'conduit serve --accounts FILE' server.
+
+    The file holds verifiers (SPAKE2+, Argon2id-stretched), never passwords;
+    a running server sees changes at the next login.
+    """
+
+
+@user.command("add", context_settings=_CONTEXT)
+@click.argument("name")
+@_accounts_option
+@click.option("--root", metavar="DIR", help="The user's directory in DIR (default: NAME).")
+@click.option(
+    "--quota", callback=_size, metavar="SIZE", help="Bytes the user may store (e.g. 500M, 2G)."
+)
+@click.option("--read-only", is_flag=True, help="The user may list and download, not upload.")
+def user_add(
+    name: str, accounts: Path, root: str | None, quota: int | None, read_only: bool
+) -> int:
+    """Add user NAME; its password comes from CONDUIT_PASSWORD or a prompt."""
+    password = read_password(prompt=f"Password for user {name}: ", confirm=True)
+    return _users.add(accounts, name, password, root=root, quota=quota, read_only=read_only)
+
+
+@user.command("remove", context_settings=_CONTEXT)
+@click.argument("name")
+@_accounts_option
+def user_remove(name: str, accounts: Path) -> int:
+    """Remove user NAME (its files stay on disk)."""
+    return _users.remove(accounts, name)
+
+
+@user.command("list", context_settings=_CONTEXT)
+@_accounts_option
+def user_list(accounts: Path) -> int:
+    """List the users: name, root directory, quota, read-only."""
+    return _users.list_users(accounts)
 
 
 # --------------------------------------------------------------------------- demo

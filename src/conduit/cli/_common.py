@@ -25,6 +25,7 @@ from .. import (
     ConduitError,
     ConnectionClosed,
     HandshakeTimeout,
+    LockedOut,
 )
 from ._tls_probe import speaks_tls
 
@@ -293,6 +294,8 @@ class ClientOptions:
     tls: bool = False
     tls_ca_file: str | None = None
     tls_server_hostname: str | None = None
+    #: The account to log in as (servers with accounts); None: shared password.
+    username: str | None = None
 
 
 def describe_connect_error(exc: BaseException) -> str:
@@ -323,6 +326,7 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
             server_host=address.host,
             server_port=address.port,
             password=options.password,
+            username=options.username,
             name="conduit-cli",
             tls=options.tls,
             tls_ca_file=options.tls_ca_file,
@@ -335,9 +339,16 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
         await client.connect()
     except HandshakeTimeout as exc:
         raise CLIError(f"cannot connect to {address}: {exc}", ExitCode.CONNECTION_FAILED) from None
+    except LockedOut as exc:
+        raise CLIError(
+            f"{address} has locked this client out after too many failed logins; "
+            f"try again in {human_seconds(exc.retry_after)} ({exc})",
+            ExitCode.AUTH_FAILED,
+        ) from None
     except AuthenticationError as exc:
         raise CLIError(
-            f"{address} refused the password ({exc}); check {PASSWORD_ENV}",
+            f"{address} refused the password ({exc}); check {PASSWORD_ENV}"
+            + (f" and the user name {options.username!r}" if options.username else ""),
             ExitCode.AUTH_FAILED,
         ) from None
     except (OSError, ConnectionClosed, ConduitError) as exc:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from .. import FileTransferHandler, Peer, Server, ServerDescriptor
+from .. import Accounts, FileTransferHandler, Peer, Server, ServerDescriptor
 from ..errors import ConduitError
 from ._common import CLIError, ExitCode, Signals, human_bytes
 
@@ -21,10 +21,11 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _who(peer: Peer) -> str:
+    user = f" user {peer.username}" if peer.username is not None else ""
     if peer.address is None:
-        return f"client {peer.id}"
+        return f"client {peer.id}{user}"
     host, port = peer.address
-    return f"client {peer.id} ({host}:{port})"
+    return f"client {peer.id}{user} ({host}:{port})"
 
 
 @attrs.frozen
@@ -34,11 +35,14 @@ class ServeOptions:
     directory: Path
     host: str
     port: int
-    password: str
+    #: The shared password; None with ``accounts``.
+    password: str | None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_file_size: int | None = None
     overwrite: bool = False
+    #: Log users in from these accounts instead of one password.
+    accounts: Accounts | None = None
     cluster_url: str | None = None
     node_name: str | None = None
 
@@ -56,6 +60,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             host=options.host,
             port=options.port,
             password=options.password,
+            accounts=options.accounts,
             name="conduit-serve",
             tls_certfile=str(options.tls_cert) if options.tls_cert else None,
             tls_keyfile=str(options.tls_key) if options.tls_key else None,
@@ -151,7 +156,18 @@ async def _start(nursery: trio.Nursery, server: Server, options: ServeOptions) -
 async def serve(signals: Signals, options: ServeOptions) -> int:
     """Serve until Ctrl-C or SIGTERM, then close every connection and return 0."""
     server, transfer = build_server(options)
-    if len(options.password) < 12 and options.host not in _LOOPBACK:
+    if options.accounts is not None and not len(options.accounts):
+        log.warning(
+            "the accounts file %s has no users yet: add one with "
+            "'conduit user add NAME --accounts %s'",
+            options.accounts.path,
+            options.accounts.path,
+        )
+    if (
+        options.password is not None
+        and len(options.password) < 12
+        and options.host not in _LOOPBACK
+    ):
         log.warning(
             "the password is short (%d characters); use 12 or more random characters "
             "for a server that others can reach",

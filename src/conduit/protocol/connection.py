@@ -254,9 +254,17 @@ class ConnectionState:
         peer_receive_window: int,
         peer_max_frame_size: int,
         max_concurrent_calls: int,
+        max_streams: int | None = None,
+        receive_budget: int | None = None,
     ) -> None:
         self.is_client = is_client
         self.receive_window = receive_window
+        #: Data streams (both directions) open at once; None for no limit.
+        self.max_streams = max_streams
+        #: Bytes of credit all inbound streams together may have outstanding
+        #: (the sum of their windows); None for no limit. This, not the window
+        #: alone, bounds the memory a peer can make this side buffer.
+        self.receive_budget = receive_budget
         self.peer_receive_window = peer_receive_window
         self.peer_max_frame_size = peer_max_frame_size
         self.max_concurrent_calls = max_concurrent_calls
@@ -428,7 +436,22 @@ class ConnectionState:
     # ------------------------------------------------------------ streams
 
     def open_inbound(self, make: Callable[[int, int], IS]) -> IS:
-        """Allocate a stream id the peer may send on; ``make(stream_id, window)`` builds it."""
+        """Allocate a stream id the peer may send on; ``make(stream_id, window)`` builds it.
+
+        Raises ``RPCError("too_many_streams")`` when the stream limit is reached
+        or when one more window would take the outstanding credit of all
+        inbound streams beyond :attr:`receive_budget`.
+        """
+        self._check_stream_count()
+        budget = self.receive_budget
+        if budget is not None:
+            committed = sum(stream.window for stream in self.incoming.values())
+            if committed + self.receive_window > budget:
+                raise RPCError(
+                    f"too many data streams on this connection: {len(self.incoming)} inbound "
+                    f"streams hold {committed} of the {budget} bytes of receive budget",
+                    "too_many_streams",
+                )
         stream_id = next(self._stream_ids)
         self._last_stream_id = stream_id
         stream = make(stream_id, self.receive_window)
@@ -451,6 +474,16 @@ class ConnectionState:
         stream = make(stream_id, self.peer_receive_window, self.peer_max_frame_size)
         self.outgoing[stream_id] = stream
         return stream
+
+    def _check_stream_count(self) -> None:
+        # Outbound streams count too, but are only refused here, when this side
+        # opens an inbound one: the transfer layer caps what it sends with its
+        # per-connection slots, before it commits to a stream the peer waits on.
+        limit = self.max_streams
+        if limit is not None and len(self.incoming) + len(self.outgoing) >= limit:
+            raise RPCError(
+                f"too many data streams on this connection (limit {limit})", "too_many_streams"
+            )
 
     def close_stream(
         self, stream: InboundStream | OutboundStream, reset: tuple[str, str] | None

@@ -67,7 +67,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 
-from ..errors import AuthenticationError, ConnectionClosed, RemoteProtocolError
+from ..errors import AuthenticationError, ConnectionClosed, LockedOut, RemoteProtocolError
 from . import pake
 from .codec import converter, decode_body, encode_frame, pack
 from .frames import (
@@ -197,7 +197,20 @@ def shared_secret(password: str) -> pake.BalancedSecret:
     The first call per password runs Argon2id (~0.1-0.4 s, 64 MiB): servers and
     clients call it in a worker thread before their first handshake.
     """
-    return pake.balanced_secret(password, CLIENT_IDENTITY, SERVER_IDENTITY)
+    secret = pake.balanced_secret(password, CLIENT_IDENTITY, SERVER_IDENTITY)
+    _stretched.add(password)
+    return secret
+
+
+# Passwords whose stretch this process has done (pake.balanced_secret keeps the
+# results, keyed by the password too): lets callers skip the trip to a worker
+# thread when there is nothing to wait for.
+_stretched: set[str] = set()
+
+
+def shared_secret_ready(password: str) -> bool:
+    """Whether :func:`shared_secret` has been computed for ``password`` in this process."""
+    return password in _stretched
 
 
 def account_verifier(
@@ -353,6 +366,8 @@ class ClientHandshake(_Handshake):
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:
             refusal = decode_body(frame, AuthFailed)
+            if refusal.code == "throttled":
+                raise LockedOut(refusal.reason, refusal.retry_after)
             if refusal.code in AUTH_CODES:
                 raise AuthenticationError(refusal.reason)
             raise ConnectionClosed(f"server refused the connection: {refusal.reason}")

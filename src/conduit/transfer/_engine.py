@@ -20,6 +20,7 @@ import trio
 from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
 from ..protocol.connection import Buffer
+from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._storage import PartialFile
 from ._wire import Trailer
@@ -46,9 +47,11 @@ def _hash_prefix(file: io.FileIO, length: int) -> Any:
     return hasher
 
 
-async def hash_prefix(file: io.FileIO, length: int) -> Any:
+async def hash_prefix(
+    file: io.FileIO, length: int, *, limiter: trio.CapacityLimiter | None = None
+) -> Any:
     """Hash the first ``length`` bytes (the file position ends there). Returns the hasher."""
-    return await trio.to_thread.run_sync(_hash_prefix, file, length)
+    return await trio.to_thread.run_sync(_hash_prefix, file, length, limiter=limiter)
 
 
 async def send_file(
@@ -60,11 +63,16 @@ async def send_file(
     hasher: Any,
     chunk_size: int,
     reporter: ProgressReporter,
+    read_ahead: ByteBudget | None = None,
+    read_threads: trio.CapacityLimiter | None = None,
 ) -> Trailer:
     """Send bytes ``start..size`` of ``file`` (positioned at ``start``) and the trailer.
 
     ``hasher`` already covers ``0..start``; the trailer carries the digest of the
     whole file. A file that shrinks while it is sent is an error, not a short file.
+    Each block read is taken from ``read_ahead`` (the connection's budget) until
+    the outbox has it, and read while holding a ``read_threads`` token (the
+    connection's share of the worker threads).
     """
     position = start
     block_size = max(chunk_size, READ_BLOCK - READ_BLOCK % chunk_size)
@@ -74,14 +82,26 @@ async def send_file(
         # grants credit must not make us hold a 1 MiB block per stream.
         await stream.wait_for_credit(min(stream.max_payload, chunk_size, want) + 64)
         want = min(want, max(chunk_size, stream.credit))
-        block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
-        if not block:
-            raise TransferError(
-                f"the file shrank while it was being sent ({position} of {size} bytes)",
-                "source_changed",
-            )
-        view = memoryview(block)
-        await stream.send([view[i : i + chunk_size] for i in range(0, len(view), chunk_size)])
+        # Take the block's memory from the connection's budget only once the
+        # peer has granted credit for it: a stalled stream holds no block.
+        taken = await read_ahead.take(want) if read_ahead is not None else want
+        try:
+            want = min(want, taken)
+            if read_threads is None:
+                block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
+            else:
+                async with read_threads:
+                    block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
+            if not block:
+                raise TransferError(
+                    f"the file shrank while it was being sent ({position} of {size} bytes)",
+                    "source_changed",
+                )
+            view = memoryview(block)
+            await stream.send([view[i : i + chunk_size] for i in range(0, len(view), chunk_size)])
+        finally:
+            if read_ahead is not None:
+                read_ahead.give_back(taken)
         position += len(block)
         await reporter.advance(len(block))
     trailer = Trailer(size, hasher.digest())

@@ -86,6 +86,18 @@ class FileTransferHandler:
     existing file: a clash becomes ``name (1).ext`` unless ``overwrite=True``.
     A partial file left by a dropped connection is kept for ``partial_ttl``
     seconds, and sending the same file again resumes from it.
+
+    What one connection may cost this side (see ``docs/security.md``):
+
+    * ``max_transfers_per_connection`` -- transfers (uploads, pushes, downloads
+      served) running at once on one connection; more are refused with code
+      ``"overloaded"``. Each holds an open file.
+    * ``read_ahead_per_connection`` -- bytes of file data read ahead of the
+      socket for all of a connection's outgoing transfers together; a peer that
+      stops reading holds at most this much (plus the connection's send buffer).
+    * ``resume_hash_budget`` -- bytes the server hashes for a connection's
+      download resume points that turn out wrong; past it, that connection's
+      downloads restart from zero instead of being checked.
     """
 
     def __init__(
@@ -97,11 +109,26 @@ class FileTransferHandler:
         overwrite: bool = False,
         partial_ttl: float = 24 * 3600.0,
         max_listed: int = 10_000,
+        max_transfers_per_connection: int = 32,
+        read_ahead_per_connection: int = 8 * 1024 * 1024,
+        resume_hash_budget: int = 1024 * 1024 * 1024,
     ) -> None:
         if not 1024 <= chunk_size <= 1024 * 1024:
             raise ValueError(f"chunk_size must be between 1 KiB and 1 MiB, got {chunk_size}")
         if max_file_size is not None and max_file_size < 0:
             raise ValueError("max_file_size must be positive or None")
+        if max_transfers_per_connection < 1:
+            raise ValueError(
+                "max_transfers_per_connection must be at least 1, "
+                f"got {max_transfers_per_connection}"
+            )
+        if read_ahead_per_connection < chunk_size:
+            raise ValueError(
+                f"read_ahead_per_connection must be at least chunk_size ({chunk_size}), "
+                f"got {read_ahead_per_connection}"
+            )
+        if resume_hash_budget < 0:
+            raise ValueError(f"resume_hash_budget must not be negative, got {resume_hash_budget}")
         self.storage = StorageRoot(storage_dir)
         self.chunk_size = chunk_size
         self.max_file_size = max_file_size
@@ -110,7 +137,13 @@ class FileTransferHandler:
         self.max_listed = max_listed
         #: Transfers (uploads, pushes, downloads served) one connection may run
         #: at once; more are refused with code ``"overloaded"``.
-        self.max_transfers_per_connection = 128
+        self.max_transfers_per_connection = max_transfers_per_connection
+        #: Bytes of file data read ahead of the socket per connection (all its
+        #: outgoing transfers together).
+        self.read_ahead_per_connection = read_ahead_per_connection
+        #: Bytes of resume-prefix hashing a connection may waste on wrong
+        #: claims before its downloads restart from zero instead.
+        self.resume_hash_budget = resume_hash_budget
         hooks = Hooks()
         slots = TransferSlots()
         # Both roles read the settings above from this object at each use, so

@@ -35,6 +35,8 @@ class TransferSettings(Protocol):
     partial_ttl: float
     max_listed: int
     max_transfers_per_connection: int
+    read_ahead_per_connection: int
+    resume_hash_budget: int
 
 
 @attrs.define

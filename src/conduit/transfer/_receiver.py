@@ -5,6 +5,10 @@
   open the hidden partial file (resuming when a retry finds one), open a
   stream, record it in the inbound registry and spawn the task that receives
   into it. :meth:`Receiver.rpc_finish` hands the sender that task's verdict.
+  The registry of a connection is owned by the connection
+  (``Connection.owned``), so it goes when the connection ends, however it ends;
+  verdicts nobody asks for are kept for at most :data:`UNCLAIMED_TTL` seconds,
+  :data:`MAX_UNCLAIMED` per connection.
 * :meth:`Receiver.rpc_receive_small` -- a whole small file in one call.
 * :meth:`Receiver.download` -- ``receive_from_server``: the client's side of a
   download, the same receive path with the roles of who opens what swapped.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +41,7 @@ from ..errors import (
     TransferError,
     UnsafePathError,
 )
+from ._answers import download_offset, stat_answer
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
@@ -55,6 +59,11 @@ ProgressCallback = Callable[[TransferProgress], Any]
 #: Seconds (of Trio's clock) between sweeps for stale partial files. How old a
 #: partial must be to go is ``partial_ttl``, judged by file mtimes (wall clock).
 _CLEANUP_INTERVAL = 600.0
+#: Finished transfers whose verdict a connection has not asked for
+#: (``*_finish``), kept at most; the oldest go first.
+MAX_UNCLAIMED = 16
+#: Seconds (of Trio's clock) a verdict waits for its ``*_finish`` call.
+UNCLAIMED_TTL = 60.0
 
 
 @attrs.define
@@ -67,6 +76,25 @@ class _Inbound:
     done: trio.Event = attrs.field(factory=trio.Event)
     result: dict[str, Any] | None = None
     error: RPCError | None = None
+    #: When the receive task ended (Trio's clock); None while it runs.
+    finished_at: float | None = None
+
+
+def _forget_unclaimed(inbound_here: dict[int, _Inbound], now: float) -> None:
+    """Drop verdicts nobody asked for: too old, or too many (the oldest first).
+
+    A peer that begins transfers and never finishes them (a bad checksum, then
+    no ``*_finish``) must not grow this registry for the connection's lifetime.
+    """
+    finished = sorted(
+        (entry.finished_at, stream_id)
+        for stream_id, entry in inbound_here.items()
+        if entry.finished_at is not None
+    )
+    excess = len(finished) - MAX_UNCLAIMED
+    for index, (finished_at, stream_id) in enumerate(finished):
+        if index < excess or now - finished_at > UNCLAIMED_TTL:
+            del inbound_here[stream_id]
 
 
 class Receiver:
@@ -76,10 +104,14 @@ class Receiver:
         self._settings = settings
         self._hooks = hooks
         self._slots = slots
-        self._inbound: weakref.WeakKeyDictionary[Connection, dict[int, _Inbound]] = (
-            weakref.WeakKeyDictionary()
-        )
         self._last_cleanup = float("-inf")
+
+    def _inbound(self, connection: Connection) -> dict[int, _Inbound]:
+        """``connection``'s transfers being received, by stream id (owned by the connection)."""
+        inbound_here: dict[int, _Inbound] | None = connection.owned.get(self)
+        if inbound_here is None:
+            inbound_here = connection.owned[self] = {}
+        return inbound_here
 
     # ------------------------------------------------------------------ RPC methods
     # Library code written for Trio: marked so that they run in Trio even when
@@ -105,7 +137,7 @@ class Receiver:
         if rerun is not None:
             return rerun
         connection = caller.connection
-        inbound_here = self._inbound.setdefault(connection, {})
+        inbound_here = self._inbound(connection)
         # A retry of the same file on this connection replaces an attempt the
         # sender gave up on (its begin timed out or was cancelled after we had
         # opened the partial), which would otherwise hold the partial's lock.
@@ -129,7 +161,7 @@ class Receiver:
                         lambda: settings.storage.open_partial(safe, key, resume=False)
                     )
             except Exception as exc:
-                raise as_rpc_error(exc) from None
+                raise as_rpc_error(exc, name=name) from None
             try:
                 # Cancelled while the (uncancellable) thread opened the file: the
                 # caller is gone, so do not keep the partial locked for nobody.
@@ -145,6 +177,7 @@ class Receiver:
                     safe,
                     size,
                     inbound,
+                    inbound_here,
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -177,7 +210,7 @@ class Receiver:
         self, caller: Peer, stream_id: int, abandon: bool = False
     ) -> dict[str, Any]:
         """``file_upload_finish`` / ``file_push_finish``: the receive task's verdict."""
-        streams = self._inbound.get(caller.connection, {})
+        streams = self._inbound(caller.connection)
         inbound = streams.get(stream_id)
         if inbound is None:
             raise RPCError(f"no transfer on stream {stream_id}", "not_found")
@@ -212,7 +245,7 @@ class Receiver:
                 return skipped_result(stored, len(data), sha256)
             published = await trio.to_thread.run_sync(self._store_small, safe, data, sha256)
         except Exception as exc:
-            raise as_rpc_error(exc) from None
+            raise as_rpc_error(exc, name=name) from None
         result = await self._announce(
             caller.connection,
             caller,
@@ -245,10 +278,10 @@ class Receiver:
         local = StorageRoot(local_dir)
         safe = safe_relative_name(name)
         try:
-            stat = await peer.call(FILE_STAT, name=safe)
-        except (RPCError, ConnectionClosed) as exc:
+            stat = stat_answer(await peer.call(FILE_STAT, name=safe))
+        except (RPCError, ConnectionClosed, TransferError) as exc:
             return transfer_failure(exc)
-        size, mtime_ns = int(stat["size"]), int(stat["modified_ns"])
+        size, mtime_ns = stat.size, stat.modified_ns
         target, expected, extra = safe, size, {}
         if byte_range is not None:
             try:
@@ -295,7 +328,7 @@ class Receiver:
                 prefix_sha256=partial.sha256_hex(),
                 **extra,
             )
-            start = int(answer["offset"])
+            start = download_offset(answer, partial.offset)
             if start != partial.offset:
                 # The server did not recognise our prefix: start over.
                 await trio.to_thread.run_sync(partial.close)
@@ -327,10 +360,12 @@ class Receiver:
             return None
         try:
             remote = await peer.call(FILE_STAT, name=name, sha256=True)
-        except (RPCError, ConnectionClosed):
+            remote_size = stat_answer(remote).size
+        except (RPCError, ConnectionClosed, TransferError):
             return None  # the download itself reports the problem
-        digest = str(remote.get("sha256", ""))
-        if int(remote.get("size", -1)) != size or not digest:
+        digest = remote.get("sha256")
+        # A hash we compare with ours: hex of SHA-256, nothing else.
+        if remote_size != size or not isinstance(digest, str) or len(digest) != 64:
             return None
         stored = await find_already_there(local, name, size, digest)
         if stored is None:
@@ -347,6 +382,7 @@ class Receiver:
         name: str,
         size: int,
         inbound: _Inbound,
+        inbound_here: dict[int, _Inbound],
     ) -> None:
         """The spawned half of an upload or push; its slot wrapper gives the slot back."""
         try:
@@ -357,10 +393,12 @@ class Receiver:
             if inbound.scope.cancelled_caught:
                 inbound.error = RPCError("replaced by a newer attempt", "superseded")
         except Exception as exc:
-            inbound.error = as_rpc_error(exc)
+            inbound.error = as_rpc_error(exc, name=name)
             log.warning("receiving %r failed: %s", name, inbound.error)
         finally:
+            inbound.finished_at = now = trio.current_time()
             inbound.done.set()
+            _forget_unclaimed(inbound_here, now)
 
     async def _receive_into(
         self,

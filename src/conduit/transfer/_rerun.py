@@ -78,6 +78,16 @@ async def find_already_there(storage: StorageRoot, name: str, size: int, sha256:
     return await trio.to_thread.run_sync(_find, storage, name, size, sha256)
 
 
+def asks_for_sha256(answer: Any) -> bool:
+    """Whether a begin answer is ``{"check_sha256": True}`` (begin again with ``sha256=``)."""
+    return isinstance(answer, dict) and answer.get("check_sha256") is True
+
+
+def says_skipped(answer: Any) -> bool:
+    """Whether a begin answer says the file is already there (nothing to send)."""
+    return isinstance(answer, dict) and answer.get("skipped") is True
+
+
 def skipped_result(name: str, size: int, sha256: str, **extra: Any) -> dict[str, Any]:
     """The success result for a file that was not transferred because it is already there."""
     return {

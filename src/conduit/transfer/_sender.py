@@ -31,15 +31,19 @@ from typing import Any, Literal
 import trio
 
 from .._callbacks import trio_callback
+from .._connection import Connection
 from .._peer import Peer
 from .._streams import OutgoingStream
 from ..errors import ConduitError, RPCError, StreamReset, TransferError, UnsafePathError
 from ..protocol import is_valid_stream_id
+from ._answers import begin_answer, finish_answer
+from ._budget import ByteBudget, SendBudget
 from ._engine import hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
+from ._rerun import asks_for_sha256, says_skipped
 from ._slots import TransferSlots
 from ._storage import StorageRoot
 from ._wire import (
@@ -65,6 +69,10 @@ SendDirection = Literal["upload", "push"]
 _NO_TIMEOUT = math.inf
 # Files up to this size (and the chunk size) go in one call instead of a stream.
 _SMALL_FILE = 256 * 1024
+# Worker threads that may hash resume prefixes at once, for all connections
+# together: the rest of the thread pool stays free for everyone's file_list,
+# stat and disk reads, however many resumes are claimed.
+_HASH_THREADS = 2
 
 #: The receiver's methods for each direction: begin, finish, small file.
 _METHODS: dict[SendDirection, tuple[str, str, str]] = {
@@ -80,6 +88,15 @@ class Sender:
         self._settings = settings
         self._hooks = hooks
         self._slots = slots
+        self._hash_limiter = trio.CapacityLimiter(_HASH_THREADS)
+
+    def _budget(self, connection: Connection) -> SendBudget:
+        """``connection``'s sending budget, created on first use and owned by the connection."""
+        budget: SendBudget | None = connection.owned.get(self)
+        if budget is None:
+            budget = SendBudget(ByteBudget(self._settings.read_ahead_per_connection))
+            connection.owned[self] = budget
+        return budget
 
     # ------------------------------------------------------------------ upload and push
 
@@ -112,15 +129,15 @@ class Sender:
             try:
                 # No timeout: re-hashing a large partial may take a while;
                 # the heartbeat notices a dead peer.
-                begin = await peer.call(
+                raw = await peer.call(
                     begin_method, name=name, size=size, key=key, timeout=_NO_TIMEOUT
                 )
-                if begin.get("check_sha256"):
+                if asks_for_sha256(raw):
                     # The receiver has a file of this name and size: if it is
                     # this very file, there is nothing to send (see _rerun).
                     digest = (await hash_prefix(file, size)).hexdigest()
                     await trio.to_thread.run_sync(file.seek, 0)
-                    begin = await peer.call(
+                    raw = await peer.call(
                         begin_method,
                         name=name,
                         size=size,
@@ -128,7 +145,8 @@ class Sender:
                         sha256=digest,
                         timeout=_NO_TIMEOUT,
                     )
-                if begin.get("skipped"):
+                if says_skipped(raw):
+                    skipped = finish_answer(raw, size)
                     # Complete already: the callback still sees its one 100% report.
                     done = ProgressReporter(
                         on_progress,
@@ -138,15 +156,17 @@ class Sender:
                         resumed_from=size,
                     )
                     await done.finish()
-                    return {**begin, "resumed_from": 0, "elapsed": 0.0, "speed": 0.0}
-                start, stream_id = int(begin["offset"]), int(begin["stream_id"])
-                hasher = await resume_hasher(file, start, str(begin["prefix_sha256"]))
+                    return {**skipped, "resumed_from": 0, "elapsed": 0.0, "speed": 0.0}
+                begin = begin_answer(raw, size)
+                start, stream_id = begin.offset, begin.stream_id
+                hasher = await resume_hasher(file, start, begin.prefix_sha256)
                 if hasher is None:  # our prefix differs from theirs: restart from zero
                     await peer.call(finish_method, stream_id=stream_id, abandon=True)
-                    begin = await peer.call(
-                        begin_method, name=name, size=size, key=key, restart=True
+                    begin = begin_answer(
+                        await peer.call(begin_method, name=name, size=size, key=key, restart=True),
+                        0,  # a restart begins at zero; any other offset is a lie
                     )
-                    start, stream_id = 0, int(begin["stream_id"])
+                    start, stream_id = 0, begin.stream_id
                     hasher = hashlib.sha256()
                     await trio.to_thread.run_sync(file.seek, 0)
                 reporter = ProgressReporter(
@@ -159,8 +179,9 @@ class Sender:
                 # If the receiver stops us (StreamReset), its verdict below says why.
                 with contextlib.suppress(StreamReset):
                     await self._stream_out(peer, stream_id, file, start, size, hasher, reporter)
-                result: dict[str, Any] = await peer.call(
-                    finish_method, stream_id=stream_id, timeout=_NO_TIMEOUT
+                result = finish_answer(
+                    await peer.call(finish_method, stream_id=stream_id, timeout=_NO_TIMEOUT),
+                    size,
                 )
             except (ConduitError, OSError) as exc:
                 return transfer_failure(exc)
@@ -193,12 +214,15 @@ class Sender:
             on_progress, filename=name, direction=direction, total_size=size
         )
         try:
-            result: dict[str, Any] = await peer.call(
-                method,
-                name=name,
-                data=data,
-                sha256=hashlib.sha256(data).hexdigest(),
-                timeout=_NO_TIMEOUT,
+            result = finish_answer(
+                await peer.call(
+                    method,
+                    name=name,
+                    data=data,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    timeout=_NO_TIMEOUT,
+                ),
+                size,
             )
         except (ConduitError, OSError) as exc:
             return transfer_failure(exc)
@@ -219,6 +243,7 @@ class Sender:
     ) -> Trailer:
         connection = peer.connection
         stream: OutgoingStream = connection.open_outgoing_stream(stream_id)
+        budget = self._budget(connection)
         try:
             trailer = await send_file(
                 stream,
@@ -228,6 +253,8 @@ class Sender:
                 hasher=hasher,
                 chunk_size=self._settings.chunk_size,
                 reporter=reporter,
+                read_ahead=budget.read_ahead,
+                read_threads=budget.read_threads,
             )
         except BaseException as exc:
             reason = exc.message if isinstance(exc, TransferError) else "the sender gave up"
@@ -279,7 +306,7 @@ class Sender:
         except Exception as exc:
             if await trio.to_thread.run_sync(_is_directory, storage, name):
                 raise RPCError(f"{name!r} is a directory", "is_directory") from None
-            raise as_rpc_error(exc) from None
+            raise as_rpc_error(exc, name=name) from None
         with file:
             info = os.fstat(file.fileno())
             answer = {
@@ -339,7 +366,7 @@ class Sender:
                     self._settings.storage.open_for_read, name
                 )
             except Exception as exc:
-                raise as_rpc_error(exc) from None
+                raise as_rpc_error(exc, name=name) from None
             try:
                 if actual_size != size:
                     raise RPCError(f"{name!r} changed on the server; ask again", "source_changed")
@@ -351,7 +378,7 @@ class Sender:
                         raise as_rpc_error(exc) from None
                     await trio.to_thread.run_sync(file.seek, base)
                 start = offset if 0 <= offset <= size else 0
-                hasher = await resume_hasher(file, start, prefix_sha256)
+                hasher = await self._checked_resume(caller, name, file, start, prefix_sha256)
                 if hasher is None:
                     start, hasher = 0, hashlib.sha256()
                     await trio.to_thread.run_sync(file.seek, base)
@@ -375,6 +402,38 @@ class Sender:
                     await trio.to_thread.run_sync(file.close)
                 raise
         return {"offset": start, "size": size}
+
+    async def _checked_resume(
+        self, caller: Peer, name: str, file: io.FileIO, start: int, their_prefix: str
+    ) -> Any | None:
+        """:func:`resume_hasher` within the connection's budget; None means "from zero".
+
+        A resume point is checked by hashing everything before it, which costs
+        the server far more than the request costs the client. So one check at
+        a time per connection, on the shared hashing threads, and once a
+        connection's claims have cost ``resume_hash_budget`` bytes of hashing
+        for nothing, its resumes are refused: the download restarts from zero,
+        which the client's side already handles (it is told offset 0).
+        """
+        if start == 0:
+            return hashlib.sha256()
+        budget = self._budget(caller.connection)
+        limit = self._settings.resume_hash_budget
+        async with budget.hash_lock:
+            if budget.hashed_in_vain >= limit:
+                log.warning(
+                    "%s: resume of %r refused: its wrong resume claims already cost "
+                    "%d bytes of hashing (resume_hash_budget %d); sending from zero",
+                    caller.id,
+                    name,
+                    budget.hashed_in_vain,
+                    limit,
+                )
+                return None
+            hasher = await resume_hasher(file, start, their_prefix, limiter=self._hash_limiter)
+            if hasher is None:
+                budget.hashed_in_vain += start
+        return hasher
 
     async def _serve_download(
         self,
@@ -418,15 +477,22 @@ class Sender:
         )
 
 
-async def resume_hasher(file: io.FileIO, start: int, their_prefix: str) -> Any | None:
+async def resume_hasher(
+    file: io.FileIO,
+    start: int,
+    their_prefix: str,
+    *,
+    limiter: trio.CapacityLimiter | None = None,
+) -> Any | None:
     """A SHA-256 over our first ``start`` bytes if they hash to ``their_prefix``, else None.
 
-    The file position ends at ``start`` when they match.
+    The file position ends at ``start`` when they match. ``limiter`` bounds the
+    worker threads hashing at once (Trio's default pool when None).
     """
     if start == 0:
         return hashlib.sha256()
     try:
-        hasher = await hash_prefix(file, start)
+        hasher = await hash_prefix(file, start, limiter=limiter)
     except TransferError:
         return None
     return hasher if hasher.hexdigest() == their_prefix else None

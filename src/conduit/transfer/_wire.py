@@ -7,6 +7,7 @@ whole file, computed by the sender while it read.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import struct
 from typing import Any
@@ -70,15 +71,20 @@ def transfer_key(name: str, size: int, mtime_ns: int) -> str:
     return digest[:32]
 
 
-def as_rpc_error(exc: BaseException) -> RPCError:
+def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
     """The error the peer sees for a local failure of a transfer RPC.
 
     The same message and code as the failure dict a local caller gets
     (:func:`conduit.errors.failure_dict`), so both sides of a transfer name a
-    failure alike.
+    failure alike. An ``OSError`` names the path it failed on, which may be
+    this side's absolute storage path: given ``name`` (the file the peer asked
+    for), the peer is told that instead.
     """
     if isinstance(exc, RPCError):
         return exc
+    if isinstance(exc, OSError) and name is not None:
+        # OSError(errno, ...) builds the matching subclass (FileNotFoundError...).
+        exc = OSError(exc.errno or errno.EIO, exc.strerror or "I/O error", name)
     failure = transfer_failure(exc)
     return RPCError(failure["error"], failure["code"])
 

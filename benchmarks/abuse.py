@@ -1,0 +1,431 @@
+"""Issue 11's per-connection abuse thresholds, full size: ``python -m benchmarks.abuse``.
+
+Each scenario starts a conduit server **in its own process** on loopback with
+default settings (``python -m benchmarks.abuse serve STORAGE``: a ``Server``
+with a ``FileTransferHandler``, plus one ``abuse_probe`` RPC that reports the
+server's RSS and how many closed ``Connection`` objects survive
+``gc.collect()``), attacks it from this process, and prints one line of
+figures and a verdict per scenario:
+
+* ``dropped``: 150 uploads dropped mid-way (the socket closed under them) plus
+  10 cancelled by honest clients -> RSS back within 40 MiB of the baseline and
+  no closed connection alive after gc;
+* ``bad-checksum``: 5,000 begin + bad-checksum END cycles, never finished, on
+  one live connection -> RSS growth < 8 MiB;
+* ``stalled``: 4 connections x 128 ``file_download`` calls that never read their
+  socket -> RSS growth < 96 MiB;
+* ``resume-hash``: 4 connections x 128 downloads of a 256 MiB file claiming a
+  resume offset with a wrong prefix hash, while an honest client calls
+  ``file_list`` every 20 ms -> its p99 < 300 ms.
+
+``--scale`` shrinks every count (0.1 for a quick look). The CI-sized versions
+of the same findings are ``tests/test_resource_limits.py``; malformed answers
+are checked there in full (``nox -s stress`` runs both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from conduit import (
+    Client,
+    ClientDescriptor,
+    FileTransferHandler,
+    Server,
+    ServerDescriptor,
+    TransferProgress,
+)
+from conduit.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ClientHandshake,
+    FrameKind,
+    FrameReader,
+    FrameWriter,
+    decode_body,
+)
+from conduit.protocol.codec import encode_frame
+from conduit.protocol.messages import Call
+from conduit.transfer._wire import Trailer
+
+PASSWORD = "abuse-benchmark"
+MiB = 1024 * 1024
+PROBE = "abuse_probe"
+#: Uploads of the ``dropped`` scenario running at once.
+DROP_CONCURRENCY = 4
+
+
+# --------------------------------------------------------------------------- the server process
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def serve(storage: str) -> None:
+    """Run the server under test (default settings) until killed; print ``PORT n`` first."""
+    from conduit._connection import Connection
+
+    server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=PASSWORD))
+    FileTransferHandler(storage_dir=storage).register_server_handlers(server)
+
+    async def abuse_probe(trim: bool = False) -> dict[str, int]:
+        gc.collect()
+        closed = sum(
+            1 for obj in gc.get_objects() if isinstance(obj, Connection) and obj.closed.is_set()
+        )
+        rss = _rss_bytes()
+        if trim:
+            # What glibc keeps of freed memory counts as RSS too; after
+            # malloc_trim what remains is memory still in use.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return {
+            "rss": rss,
+            "rss_trimmed": _rss_bytes(),
+            "closed_alive": closed,
+            "clients": len(server.clients),
+        }
+
+    server.register_rpc(abuse_probe, PROBE)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            print(f"PORT {port}", flush=True)
+
+    trio.run(main)
+
+
+class ServerUnderTest:
+    """``serve`` in a subprocess; always killed on exit."""
+
+    def __init__(self, storage: Path) -> None:
+        self.storage = storage
+        self.port = 0
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ServerUnderTest:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.abuse", "serve", str(self.storage)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def _client(port: int) -> Client:
+    return Client(
+        ClientDescriptor(
+            server_host="127.0.0.1", server_port=port, password=PASSWORD, rpc_timeout=120.0
+        )
+    )
+
+
+async def probe(port: int, *, trim: bool = False) -> dict[str, int]:
+    """The server's RSS, closed connections alive after gc, and connected clients.
+
+    With ``trim``, also ``rss_trimmed``: the RSS after ``malloc_trim``.
+    """
+    client = _client(port)
+    await client.connect()
+    try:
+        answer: dict[str, int] = await client.call(PROBE, trim=trim)
+    finally:
+        await client.disconnect()
+    return answer
+
+
+class NeverReads:
+    """A hand-driven client: real handshake, then sealed CALLs; never reads its socket."""
+
+    def __init__(self, stream: trio.SocketStream, writer: FrameWriter) -> None:
+        self.stream = stream
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, receive_window: int = 4 * MiB) -> NeverReads:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        reader = FrameReader()
+        handshake = ClientHandshake(
+            PASSWORD,
+            name="abuser",
+            max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+            receive_window=receive_window,
+        )
+        await stream.send_all(handshake.start())
+
+        async def next_frame() -> Any:
+            while (frame := reader.next_frame()) is None:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise RuntimeError("server closed during the handshake")
+                reader.feed(data)
+            return frame
+
+        while handshake.keys is None:
+            reply = handshake.receive(await next_frame())
+            if reply:
+                await stream.send_all(reply)
+        keys = handshake.keys
+        reader.start_decryption(keys.receive_key, 4 * MiB)
+        writer = FrameWriter()
+        writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
+        welcome = await next_frame()
+        assert welcome.kind is FrameKind.WELCOME, welcome
+        decode_body(welcome)
+        return cls(stream, writer)
+
+    async def send_calls(self, calls: list[tuple[str, dict[str, Any]]], first_id: int) -> None:
+        frames = [
+            (encode_frame(FrameKind.CALL, first_id + index, Call(method, args)),)
+            for index, (method, args) in enumerate(calls)
+        ]
+        for record in self.writer.write_frames(frames):
+            await self.stream.send_all(record)
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+def _write_file(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        for _ in range(size // MiB):
+            file.write(os.urandom(MiB))
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+async def dropped(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """150 uploads dropped mid-way + 10 cancelled: RSS within 40 MiB, no closed connection alive.
+
+    ``DROP_CONCURRENCY`` of them run at once: what the allocator keeps after
+    they are gone follows that peak (each holds up to a 4 MiB receive window
+    on the server), not their number.
+    """
+    concurrency = DROP_CONCURRENCY
+    source = work / "upload.bin"
+    _write_file(source, 8 * MiB)
+    warm = _client(port)
+    await warm.connect()
+    await FileTransferHandler(work / "c").send_to_server(warm, source, remote_name="warm.bin")
+    await warm.disconnect()
+    baseline = (await probe(port))["rss"]
+    drops, cancels = max(1, int(150 * scale)), max(1, int(10 * scale))
+
+    async def one(index: int, drop: bool) -> None:
+        client = _client(port)
+        await client.connect()
+        transfer = FileTransferHandler(work / "c")
+        with trio.CancelScope() as scope:
+
+            async def cut(progress: TransferProgress) -> None:
+                if progress.transferred >= 2 * MiB:
+                    if drop:  # the socket goes away under the upload, as a crash would
+                        await trio.aclose_forcefully(client.server.connection.stream)
+                    scope.cancel()
+
+            await transfer.send_to_server(client, source, cut, remote_name=f"d/{index}.bin")
+        await client.disconnect()
+
+    async with trio.open_nursery() as nursery:
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def limited(index: int, drop: bool) -> None:
+            async with limiter:
+                await one(index, drop)
+
+        for index in range(drops + cancels):
+            nursery.start_soon(limited, index, index < drops)
+    for _ in range(100):
+        report = await probe(port)
+        if report["clients"] == 0 and report["closed_alive"] == 0:
+            break
+        await trio.sleep(0.2)
+    # Trio's idle worker threads (and what their malloc arenas hold) go after 10 s.
+    await trio.sleep(12)
+    report = await probe(port, trim=True)
+    growth = report["rss"] - baseline
+    ok = growth < 40 * MiB and report["closed_alive"] == 0
+    return (
+        f"{drops} dropped + {cancels} cancelled uploads, {concurrency} at a time: "
+        f"RSS {baseline / MiB:.0f} -> "
+        f"{report['rss'] / MiB:.0f} MiB (+{growth / MiB:.1f}; "
+        f"{report['rss_trimmed'] / MiB:.0f} MiB after malloc_trim), closed connections alive "
+        f"after gc: {report['closed_alive']}",
+        ok,
+    )
+
+
+async def bad_checksum(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """5,000 begin + bad-checksum END cycles on one connection: RSS growth < 8 MiB."""
+    cycles = max(1, int(5000 * scale))
+    client = _client(port)
+    await client.connect()
+    body = b"\x01" * 100
+    wrong = Trailer(len(body), hashlib.sha256(b"other").digest()).pack()
+    baseline = (await probe(port))["rss"]
+    connection = client.server.connection
+    for index in range(cycles):
+        begin = await client.call(
+            "file_upload_begin", name=f"bad/{index}.bin", size=len(body), key=f"{index:032x}"
+        )
+        stream = connection.open_outgoing_stream(int(begin["stream_id"]))
+        await stream.send([body])
+        await stream.finish(wrong)
+        connection.close_stream(stream)
+    after = (await probe(port))["rss"]
+    await client.disconnect()
+    growth = after - baseline
+    return (
+        f"{cycles} begin + bad-checksum END cycles: RSS +{growth / MiB:.1f} MiB",
+        growth < 8 * MiB,
+    )
+
+
+async def stalled(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """4 connections x 128 downloads that never read: RSS growth < 96 MiB."""
+    size = 16 * MiB
+    _write_file(work / "storage" / "big.bin", size)
+    baseline = (await probe(port))["rss"]
+    per_connection = max(1, int(128 * scale))
+    peers = [await NeverReads.connect(port) for _ in range(4)]
+    for peer in peers:
+        calls = [
+            (
+                "file_download",
+                {
+                    "name": "big.bin",
+                    "stream_id": 2 * index + 1,
+                    "size": size,
+                    "offset": 0,
+                    "prefix_sha256": "",
+                },
+            )
+            for index in range(per_connection)
+        ]
+        await peer.send_calls(calls, first_id=1)
+    peak = baseline
+    for _ in range(25):  # 5 s: the senders fill whatever they are allowed to
+        await trio.sleep(0.2)
+        peak = max(peak, (await probe(port))["rss"])
+    for peer in peers:
+        await peer.aclose()
+    growth = peak - baseline
+    return (
+        f"4 connections x {per_connection} stalled downloads: RSS {baseline / MiB:.0f} -> "
+        f"peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
+        growth < 96 * MiB,
+    )
+
+
+async def resume_hash(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """128 wrong resume claims x 4 connections: an honest file_list p99 < 300 ms."""
+    size = 256 * MiB
+    _write_file(work / "storage" / "huge.bin", size)
+    per_connection = max(1, int(128 * scale))
+    honest = _client(port)
+    await honest.connect()
+    timings: list[float] = []
+    peers = [await NeverReads.connect(port, receive_window=64 * 1024) for _ in range(4)]
+    for peer in peers:
+        calls = [
+            (
+                "file_download",
+                {
+                    "name": "huge.bin",
+                    "stream_id": 2 * index + 1,
+                    "size": size,
+                    "offset": size - 1,
+                    "prefix_sha256": "0" * 64,
+                },
+            )
+            for index in range(per_connection)
+        ]
+        await peer.send_calls(calls, first_id=1)
+    deadline = trio.current_time() + 15
+    while trio.current_time() < deadline:
+        started = time.perf_counter()
+        await honest.call("file_list")
+        timings.append(time.perf_counter() - started)
+        await trio.sleep(0.02)
+    for peer in peers:
+        await peer.aclose()
+    await honest.disconnect()
+    p99 = statistics.quantiles(timings, n=100)[98] if len(timings) > 1 else timings[0]
+    return (
+        f"4 connections x {per_connection} wrong resume claims on a 256 MiB file: honest "
+        f"file_list p99 {p99 * 1000:.0f} ms over {len(timings)} calls in 15 s",
+        p99 < 0.3,
+    )
+
+
+SCENARIOS: dict[str, Callable[[int, Path, float], Any]] = {
+    "dropped": dropped,
+    "bad-checksum": bad_checksum,
+    "stalled": stalled,
+    "resume-hash": resume_hash,
+}
+
+
+def run(names: list[str], scale: float) -> bool:
+    """Run the scenarios, each against a fresh server process; print figures; all passed?"""
+    passed = True
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix="conduit-abuse-") as tmp:
+            work = Path(tmp)
+            (work / "storage").mkdir()
+            with ServerUnderTest(work / "storage") as server:
+                started = time.monotonic()
+                line, ok = trio.run(SCENARIOS[name], server.port, work, scale)
+            verdict = "PASS" if ok else "FAIL"
+            print(f"[{verdict}] {name}: {line} ({time.monotonic() - started:.0f} s)", flush=True)
+            passed = passed and ok
+    return passed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``serve STORAGE`` (the server under test) or the scenarios."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["serve"]:
+        serve(args[1])
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.abuse", description=__doc__)
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every count")
+    options = parser.parse_args(args)
+    return 0 if run(options.scenario or list(SCENARIOS), options.scale) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

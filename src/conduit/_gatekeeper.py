@@ -1,0 +1,210 @@
+"""What a server does with a connection before it is authenticated.
+
+Every rule here bounds what an unauthenticated peer can make the server do:
+
+- **Sockets**: at most ``max_unauthenticated_per_address`` connections per
+  address and ``max_unauthenticated`` in total may be in the handshake at once
+  (apart from ``max_connections``), so an idle-socket flood from one address
+  cannot take the slots of the others.
+- **Attempts before work**: the CLIENT_HELLO is read and its username decoded
+  (no group operation), then the attempt reserves a slot in the per-address and
+  per-user budgets (:mod:`conduit._throttle`) *before* any password work; only a
+  success gives it back, so parallel guesses and replayed hellos are bounded.
+- **Work off the event loop, bounded**: the handshake machine's two calls run
+  in worker threads under a ``max_handshakes`` CapacityLimiter, so a hello
+  flood queues there while the event loop keeps serving authenticated clients.
+- **Quiet logs**: warnings about failing peers are rate-limited per address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import cast
+
+import attrs
+import trio
+
+from ._handshake_io import Established, read_hello, refuse, server_handshake
+from ._log_limit import LimitedLog
+from ._offload import run_sync
+from ._throttle import Attempt, AuthThrottle
+from .accounts import AccountRecord, Accounts
+from .descriptors import ServerDescriptor
+from .protocol import Frame, FrameKind, ServerHandshake
+from .protocol.handshake import hello_username, shared_secret
+
+
+def _now() -> float:
+    return trio.current_time()
+
+
+def _reload_then_receive(
+    accounts: Accounts, handshake: ServerHandshake, hello: Frame
+) -> tuple[bytes, ValueError | None]:
+    """In a worker thread: see changes to the accounts file, then answer the hello.
+
+    One ``stat`` when nothing changed, so a user added by ``conduit user add``
+    can log in at once; a malformed file keeps the old data (the error is
+    returned, to be logged on the event loop).
+    """
+    unreadable = None
+    try:
+        accounts.reload_if_changed()
+    except ValueError as exc:
+        unreadable = exc
+    return handshake.receive(hello), unreadable
+
+
+@attrs.define
+class Refused(Exception):
+    """The attempt was turned away before any password work (the peer has been told)."""
+
+    reason: str
+
+
+class Gatekeeper:
+    """Admission, throttling and the handshake of one server's connections."""
+
+    def __init__(self, descriptor: ServerDescriptor, log: logging.Logger) -> None:
+        self._descriptor = descriptor
+        self._log = log
+        self.warnings = LimitedLog(log)
+        self.throttle = AuthThrottle(
+            descriptor.auth_failure_limit,
+            descriptor.auth_failure_window,
+            descriptor.auth_lockout,
+            user_limit=descriptor.auth_user_failure_limit,
+        )
+        self.limiter = trio.CapacityLimiter(descriptor.max_handshakes)
+        self.accounts: Accounts | None = (
+            descriptor.accounts if isinstance(descriptor.accounts, Accounts) else None
+        )
+        self._pending: dict[str, int] = {}
+        self._pending_total = 0
+        # Set (and replaced) whenever an attempt settles: attempts queued
+        # behind a budget full of in-flight ones look again.
+        self._settled = trio.Event()
+
+    async def prepare(self) -> None:
+        """Before serving: the shared password's stretch, or the accounts file, in a thread.
+
+        Both take long enough (Argon2id; file I/O) to stall the event loop.
+        """
+        descriptor = self._descriptor
+        if descriptor.password is not None:
+            await run_sync(shared_secret, descriptor.password)
+        elif self.accounts is None:
+            path = cast("str | os.PathLike[str]", descriptor.accounts)
+            self.accounts = await run_sync(Accounts, path)
+
+    # ------------------------------------------------------------------ sockets
+
+    def admit(self, host: str) -> str | None:
+        """Count a new unauthenticated socket; the refusal reason when over a cap."""
+        descriptor = self._descriptor
+        if self._pending.get(host, 0) >= descriptor.max_unauthenticated_per_address:
+            return (
+                f"too many connections from {host} still authenticating "
+                f"(max_unauthenticated_per_address={descriptor.max_unauthenticated_per_address})"
+            )
+        if self._pending_total >= descriptor.max_unauthenticated:
+            return (
+                "too many connections still authenticating "
+                f"(max_unauthenticated={descriptor.max_unauthenticated})"
+            )
+        self._pending[host] = self._pending.get(host, 0) + 1
+        self._pending_total += 1
+        return None
+
+    def release(self, host: str) -> None:
+        """The socket admitted for ``host`` authenticated or ended."""
+        left = self._pending[host] - 1
+        if left:
+            self._pending[host] = left
+        else:
+            del self._pending[host]
+        self._pending_total -= 1
+
+    # ------------------------------------------------------------------ handshake
+
+    async def handshake(self, stream: trio.abc.Stream, host: str) -> Established:
+        """Authenticate the client on ``stream``.
+
+        Raises :class:`Refused` (throttled), VersionMismatch, AuthenticationError,
+        ProtocolError, ConnectionClosed or Trio's stream errors.
+        """
+        descriptor = self._descriptor
+        reader, hello = await read_hello(stream)
+        username = hello_username(hello)
+        while not isinstance(attempt := self.throttle.reserve(host, username, _now()), Attempt):
+            if attempt > 0:
+                break
+            # The budget is full of attempts in flight: queue (within auth_timeout).
+            await self._settled.wait()
+        if not isinstance(attempt, Attempt):
+            reason = (
+                f"locked out: too many failed password attempts from {host}"
+                f"{f' or for user {username!r}' if username else ''}; "
+                f"retry in {attempt:.0f}s"
+            )
+            await refuse(stream, "throttled", reason, attempt)
+            raise Refused(reason)
+        try:
+            handshake = self._machine()
+
+            async def run(frame: Frame) -> bytes:
+                if frame.kind is FrameKind.CLIENT_HELLO and self.accounts is not None:
+                    # The reload rides on the hello's trip to a worker thread.
+                    reply, unreadable = await run_sync(
+                        _reload_then_receive, self.accounts, handshake, frame, limiter=self.limiter
+                    )
+                    if unreadable is not None:
+                        self.warnings.warning(
+                            "accounts file",
+                            _now(),
+                            "accounts file %s unreadable, keeping the old data: %s",
+                            self.accounts.path,
+                            unreadable,
+                        )
+                    return reply
+                if frame.kind is FrameKind.CLIENT_CONFIRM and self.accounts is None:
+                    # Shared password: the group operations were all done with the
+                    # hello; checking the confirmation is one HMAC comparison,
+                    # cheaper than the trip to a worker thread.
+                    return handshake.receive(frame)
+                return await run_sync(handshake.receive, frame, limiter=self.limiter)
+
+            established = await server_handshake(
+                stream, handshake, descriptor.max_frame_size, reader=reader, hello=hello, run=run
+            )
+        except BaseException:
+            self.throttle.failed(attempt, _now())
+            self._wake()
+            raise
+        self.throttle.succeeded(attempt, _now())
+        self._wake()
+        established.username = handshake.username
+        established.account = cast("AccountRecord | None", handshake.account)
+        return established
+
+    def _wake(self) -> None:
+        self._settled.set()
+        self._settled = trio.Event()
+
+    def _machine(self) -> ServerHandshake:
+        descriptor = self._descriptor
+        lookup: Callable[[str], AccountRecord] | None = None
+        if self.accounts is not None:
+            lookup = self.accounts.lookup
+        return ServerHandshake(
+            descriptor.password,
+            name=descriptor.name,
+            max_frame_size=descriptor.max_frame_size,
+            receive_window=descriptor.receive_window,
+            accounts=lookup,
+        )
+
+
+__all__ = ["Gatekeeper", "Refused"]

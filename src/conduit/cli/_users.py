@@ -1,0 +1,73 @@
+"""``conduit user add|remove|list --accounts FILE``: manage a server's accounts file.
+
+Plain synchronous work (no Trio): read or change the file through
+:class:`~conduit.Accounts`, which writes atomically under a lock, so a running
+``conduit serve --accounts FILE`` sees the change at its next login.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..accounts import Accounts
+from ._common import CLIError, ExitCode, human_bytes
+
+
+def open_accounts(path: Path) -> Accounts:
+    """The accounts file at ``path`` (missing: empty); CLIError when unreadable."""
+    try:
+        return Accounts(path)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot read the accounts file {path}: {exc}") from None
+
+
+def add(
+    path: Path,
+    username: str,
+    password: str,
+    *,
+    root: str | None,
+    quota: int | None,
+    read_only: bool,
+) -> int:
+    """Create the account; a clear error if it exists or an argument is invalid."""
+    accounts = open_accounts(path)
+    try:
+        accounts.add(username, password, root=root, quota=quota, read_only=read_only)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc}", ExitCode.TRANSFER_FAILED) from None
+    record = accounts.get(username)
+    print(f"added user {username!r} (root {record.root!r}{_limits(record.quota, read_only)})")
+    return ExitCode.OK
+
+
+def remove(path: Path, username: str) -> int:
+    """Delete the account (its files stay on disk)."""
+    accounts = open_accounts(path)
+    try:
+        accounts.remove(username)
+    except KeyError:
+        raise CLIError(f"no user named {username!r} in {path}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc}", ExitCode.TRANSFER_FAILED) from None
+    print(f"removed user {username!r} (its files are left where they are)")
+    return ExitCode.OK
+
+
+def list_users(path: Path) -> int:
+    """One line per account: name, root, quota, read-only."""
+    accounts = open_accounts(path)
+    for username in accounts.usernames():
+        record = accounts.get(username)
+        print(f"{username}\troot={record.root}{_limits(record.quota, record.read_only)}")
+    return ExitCode.OK
+
+
+def _limits(quota: int | None, read_only: bool) -> str:
+    text = f", quota {human_bytes(quota)}" if quota is not None else ""
+    return text + (", read-only" if read_only else "")
+
+
+__all__ = ["add", "list_users", "open_accounts", "remove"]

@@ -1,0 +1,121 @@
+"""Checking what a peer answers to our transfer calls, before acting on it.
+
+The peer of ``send_to_client`` (a client) and of ``receive_from_server`` (a
+server) is not trusted to answer sensibly: a negative resume offset, a stream id
+of the wrong type or a missing key must end that one transfer with
+``{"success": False, "code": "bad_answer"}``, not raise out of the caller (an
+application pushing to many clients in one nursery would lose them all) and
+not make us act on it (a negative offset once made us send the whole file
+before failing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ..errors import TransferError
+from ..protocol import is_valid_stream_id
+
+#: The failure code of an answer that does not make sense.
+BAD_ANSWER = "bad_answer"
+# A SHA-256 in hex is 64 characters; anything much longer is not a hash.
+_MAX_HASH_TEXT = 128
+
+
+class BadAnswer(TransferError):
+    """The peer answered a transfer call with something malformed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"the peer's answer is malformed: {message}", BAD_ANSWER)
+
+
+def _mapping(answer: Any, what: str) -> dict[str, Any]:
+    if not isinstance(answer, dict):
+        raise BadAnswer(f"{what} is a {type(answer).__name__}, not a map")
+    return answer
+
+
+def _integer(answer: dict[str, Any], key: str, low: int, high: int | None) -> int:
+    value = answer.get(key)
+    # bool is an int subclass; True is not an offset.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadAnswer(f"{key!r} is {type(value).__name__}, not an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise BadAnswer(f"{key!r} is {value}, outside {bound}")
+    return value
+
+
+def _text(answer: dict[str, Any], key: str, limit: int) -> str:
+    value = answer.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadAnswer(f"{key!r} is not a string of at most {limit} characters")
+    return value
+
+
+@attrs.frozen
+class BeginAnswer:
+    """A receiver's answer to ``file_upload_begin`` / ``file_push_begin``."""
+
+    offset: int
+    stream_id: int
+    prefix_sha256: str
+
+
+def begin_answer(answer: Any, size: int) -> BeginAnswer:
+    """Check a begin answer: a valid stream id and a resume offset within the file."""
+    body = _mapping(answer, "the begin answer")
+    stream_id = _integer(body, "stream_id", 0, None)
+    if not is_valid_stream_id(stream_id):
+        raise BadAnswer(f"'stream_id' {stream_id} is not a valid stream id")
+    offset = _integer(body, "offset", 0, size)
+    return BeginAnswer(offset, stream_id, _text(body, "prefix_sha256", _MAX_HASH_TEXT))
+
+
+def finish_answer(answer: Any, size: int) -> dict[str, Any]:
+    """Check a receiver's verdict (``*_finish`` or ``*_small``): where it stored what."""
+    body = _mapping(answer, "the verdict")
+    _text(body, "path", 64 * 1024)
+    _text(body, "filename", 64 * 1024)
+    _text(body, "checksum", _MAX_HASH_TEXT)
+    if _integer(body, "size", 0, None) != size:
+        raise BadAnswer(f"'size' is {body['size']}, but {size} bytes were sent")
+    return dict(body)
+
+
+@attrs.frozen
+class StatAnswer:
+    """A server's answer to ``file_stat``."""
+
+    size: int
+    modified_ns: int
+
+
+def stat_answer(answer: Any) -> StatAnswer:
+    """Check a ``file_stat`` answer: a size and an mtime, both integers."""
+    body = _mapping(answer, "the file_stat answer")
+    return StatAnswer(
+        _integer(body, "size", 0, None), _integer(body, "modified_ns", -(2**63), 2**63 - 1)
+    )
+
+
+def download_offset(answer: Any, asked: int) -> int:
+    """Check a ``file_download`` answer: it resumes where we asked, or from zero."""
+    offset = _integer(_mapping(answer, "the file_download answer"), "offset", 0, asked)
+    if offset not in (0, asked):
+        raise BadAnswer(f"'offset' is {offset}; only 0 or {asked} were possible")
+    return offset
+
+
+__all__ = [
+    "BAD_ANSWER",
+    "BadAnswer",
+    "BeginAnswer",
+    "StatAnswer",
+    "begin_answer",
+    "download_offset",
+    "finish_answer",
+    "stat_answer",
+]

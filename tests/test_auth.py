@@ -1,0 +1,456 @@
+"""Accounts mode and the pre-authentication rules, end to end.
+
+Over real loopback (several 127.0.0.x source addresses) and memory streams:
+who a client is on the server (``Peer.username`` / ``Peer.account``), one
+message for a wrong user and a wrong password, the attempt throttle counted
+before the work (parallel guesses, hello replays, per-user budgets and the
+addresses a user logged in from), the lock-out message, the caps on
+unauthenticated sockets, and the client keeping its stretched secret.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import (
+    Accounts,
+    AuthenticationError,
+    Client,
+    ClientDescriptor,
+    LockedOut,
+    Peer,
+    Server,
+    ServerDescriptor,
+)
+from conduit._log_limit import LimitedLog
+from conduit._throttle import Attempt, AuthThrottle
+from conduit.protocol import ClientHandshake
+from conduit.protocol.pake import StretchParams
+from conftest import (
+    LOOPBACK,
+    PASSWORD,
+    ClientFactory,
+    ServerFactory,
+    client_descriptor,
+    wait_until,
+)
+
+FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
+ALICE_PASSWORD = "alice's long passphrase"
+BOB_PASSWORD = "bob's long passphrase"
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD, quota=1 << 20)
+    store.add("bob", BOB_PASSWORD, root="shared/bob", read_only=True)
+    return store
+
+
+def register_whoami(server: Server) -> None:
+    @server.rpc
+    async def whoami(caller: Peer) -> dict[str, Any]:
+        account = caller.account
+        return {
+            "username": caller.username,
+            "root": None if account is None else account.root,
+            "quota": None if account is None else account.quota,
+            "read_only": None if account is None else account.read_only,
+        }
+
+
+async def accounts_server(factory: ServerFactory, store: Accounts | str, **fields: Any) -> Server:
+    return await factory(register=register_whoami, password=None, accounts=store, **fields)
+
+
+async def login(
+    server: Server, username: str | None, password: str, *, source: str | None = None
+) -> Client:
+    """A connected client (from ``source``, a 127.0.0.x address, when given)."""
+    client = Client(client_descriptor(server.port, username=username, password=password))
+    stream = None
+    if source is not None:
+        stream = await trio.open_tcp_stream(LOOPBACK, server.port, local_address=source)
+    with trio.fail_after(10):
+        await client.connect(stream=stream)
+    return client
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+def test_descriptor_takes_a_password_or_accounts(tmp_path: Path) -> None:
+    path = tmp_path / "a.json"
+    assert ServerDescriptor(accounts=path).password is None
+    assert ServerDescriptor(accounts=str(path)).accounts == str(path)
+    with pytest.raises(ValueError, match="not both"):
+        ServerDescriptor(password="x", accounts=path)
+    with pytest.raises(TypeError, match="password"):
+        ServerDescriptor()
+    with pytest.raises(TypeError, match="accounts"):
+        ServerDescriptor(accounts=42)  # type: ignore[arg-type]
+    assert ClientDescriptor(password="x").username is None
+    assert ClientDescriptor(password="x", username="alice").username == "alice"
+    with pytest.raises(ValueError, match="username"):
+        ClientDescriptor(password="x", username="")
+
+
+# --------------------------------------------------------------------------- who is calling
+
+
+async def test_peer_carries_the_user_over_loopback(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(server_factory, accounts)
+    connected: list[tuple[str | None, str | None]] = []
+
+    @server.on_client_connect
+    def seen(peer: Peer) -> None:
+        connected.append((peer.username, None if peer.account is None else peer.account.root))
+
+    alice = await login(server, "alice", ALICE_PASSWORD)
+    bob = await login(server, "bob", BOB_PASSWORD)
+    try:
+        assert await alice.call("whoami") == {
+            "username": "alice",
+            "root": "alice",
+            "quota": 1 << 20,
+            "read_only": False,
+        }
+        assert await bob.call("whoami") == {
+            "username": "bob",
+            "root": "shared/bob",
+            "quota": None,
+            "read_only": True,
+        }
+        assert sorted(p.username or "" for p in server.clients.values()) == ["alice", "bob"]
+        assert sorted(connected, key=str) == [("alice", "alice"), ("bob", "shared/bob")]
+    finally:
+        await alice.disconnect()
+        await bob.disconnect()
+
+
+async def test_shared_password_mode_has_no_user(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_whoami)
+    client = await client_factory(server)
+    assert (await client.call("whoami"))["username"] is None
+    (peer,) = server.clients.values()
+    assert peer.username is None and peer.account is None
+
+
+async def test_accounts_over_memory_streams(
+    memory_server_factory: ServerFactory,
+    memory_client_factory: ClientFactory,
+    accounts: Accounts,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = await accounts_server(memory_server_factory, accounts)
+    client = await memory_client_factory(server, username="alice", password=ALICE_PASSWORD)
+    assert (await client.call("whoami"))["username"] == "alice"
+    stranger = await memory_client_factory(
+        server, connect=False, username="alice", password="wrong"
+    )
+    with pytest.raises(AuthenticationError):
+        await stranger.connect()
+
+
+async def test_accounts_file_path_is_opened_by_the_server(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(server_factory, str(accounts.path))
+    client = await login(server, "alice", ALICE_PASSWORD)
+    assert (await client.call("whoami"))["username"] == "alice"
+    await client.disconnect()
+    # A user added by another process (`conduit user add`) can log in next time.
+    Accounts(accounts.path, stretch=FAST).add("carol", "carol's passphrase")
+    carol = await login(server, "carol", "carol's passphrase")
+    assert (await carol.call("whoami"))["username"] == "carol"
+    await carol.disconnect()
+
+
+async def test_a_malformed_accounts_file_keeps_the_old_accounts(
+    server_factory: ServerFactory, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await accounts_server(server_factory, str(accounts.path))
+    accounts.path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="conduit.server"):
+        client = await login(server, "alice", ALICE_PASSWORD)
+    assert (await client.call("whoami"))["username"] == "alice"
+    await client.disconnect()
+    assert any("unreadable, keeping the old data" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+async def test_wrong_user_and_wrong_password_look_the_same(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(server_factory, accounts, auth_failure_limit=50)
+    messages = []
+    for username, password in [("alice", "wrong"), ("mallory", "wrong"), ("mallory", PASSWORD)]:
+        with pytest.raises(AuthenticationError) as refused:
+            await login(server, username, password)
+        assert not isinstance(refused.value, LockedOut)
+        messages.append(str(refused.value))
+    assert len(set(messages)) == 1, messages
+    assert "wrong username or password" in messages[0]
+    assert server.clients == {}
+
+
+async def test_mode_mismatch_is_explained(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(server_factory, accounts)
+    with pytest.raises(AuthenticationError, match="connect with a username"):
+        await login(server, None, ALICE_PASSWORD)
+    shared = await server_factory()
+    with pytest.raises(AuthenticationError, match="without a username"):
+        await login(shared, "alice", PASSWORD)
+
+
+# --------------------------------------------------------------------------- throttle
+
+
+async def test_parallel_guesses_get_no_more_tries_than_sequential(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(auth_failure_limit=4, auth_lockout=60)
+    outcomes = {"evaluated": 0, "locked": 0}
+
+    async def guess() -> None:
+        try:
+            await login(server, None, "guess", source="127.0.0.2")
+        except LockedOut:
+            outcomes["locked"] += 1
+        except AuthenticationError:
+            outcomes["evaluated"] += 1
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(30):
+                nursery.start_soon(guess)
+    assert outcomes == {"evaluated": 4, "locked": 26}
+    # Another address is not concerned.
+    client = await login(server, None, PASSWORD, source="127.0.0.3")
+    await client.disconnect()
+
+
+async def test_parallel_honest_clients_from_one_address_queue_not_fail(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(auth_failure_limit=2)
+    clients: list[Client] = []
+
+    async def connect() -> None:
+        clients.append(await login(server, None, PASSWORD))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(connect)
+    assert len(server.clients) == 12
+    for client in clients:
+        await client.disconnect()
+
+
+async def test_lock_out_says_so_and_for_how_long(server_factory: ServerFactory) -> None:
+    server = await server_factory(auth_failure_limit=2, auth_lockout=90)
+    for _ in range(2):
+        with pytest.raises(AuthenticationError) as wrong:
+            await login(server, None, "guess")
+        assert not isinstance(wrong.value, LockedOut)
+    with pytest.raises(LockedOut) as locked:
+        await login(server, None, PASSWORD)
+    assert 80 < locked.value.retry_after <= 90
+    assert "locked out" in str(locked.value) and "retry in" in str(locked.value)
+
+
+async def test_hello_replays_count_as_attempts(server_factory: ServerFactory) -> None:
+    """Hellos that never confirm (replayed, or abandoned) use up the budget like failures."""
+    server = await server_factory(auth_failure_limit=3, auth_lockout=60)
+    hello = ClientHandshake(
+        "guess", name="replay", max_frame_size=1 << 20, receive_window=4 << 20
+    ).start()
+    for _ in range(3):
+        stream = await trio.open_tcp_stream(LOOPBACK, server.port, local_address="127.0.0.4")
+        await stream.send_all(hello)
+        with trio.fail_after(5):
+            assert await stream.receive_some(4096)  # SERVER_HELLO: the work was done
+        await stream.aclose()
+    throttle = server._gate.throttle
+    await wait_until(lambda: throttle.retry_after("127.0.0.4", trio.current_time()) > 0)
+    with pytest.raises(LockedOut):
+        await login(server, None, PASSWORD, source="127.0.0.4")
+
+
+async def test_a_stranger_cannot_lock_a_user_out_of_known_addresses(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(
+        server_factory, accounts, auth_failure_limit=50, auth_user_failure_limit=3
+    )
+    # Alice logs in from home first.
+    home = await login(server, "alice", ALICE_PASSWORD, source="127.0.0.5")
+    await home.disconnect()
+    # A stranger guesses alice's password from elsewhere until alice is locked.
+    for _ in range(3):
+        with pytest.raises(AuthenticationError):
+            await login(server, "alice", "guess", source="127.0.0.6")
+    with pytest.raises(LockedOut, match="user 'alice'"):
+        await login(server, "alice", "guess", source="127.0.0.6")
+    # From a new address alice is locked out too (documented) ...
+    with pytest.raises(LockedOut):
+        await login(server, "alice", ALICE_PASSWORD, source="127.0.0.7")
+    # ... but not from the address she logged in from, and bob is not concerned.
+    again = await login(server, "alice", ALICE_PASSWORD, source="127.0.0.5")
+    bob = await login(server, "bob", BOB_PASSWORD, source="127.0.0.6")
+    await again.disconnect()
+    await bob.disconnect()
+
+
+def test_success_forgives_only_that_users_failures() -> None:
+    throttle = AuthThrottle(limit=3, window=60, lockout=30)
+    for _ in range(2):
+        attempt = throttle.reserve("10.0.0.1", "bob", 0.0)
+        assert isinstance(attempt, Attempt)
+        throttle.failed(attempt, 0.0)
+    mine = throttle.reserve("10.0.0.1", "mallory", 1.0)
+    assert isinstance(mine, Attempt)
+    throttle.succeeded(mine, 1.0)
+    # Mallory's own login does not reset the address's count of guesses at bob.
+    last = throttle.reserve("10.0.0.1", "bob", 2.0)
+    assert isinstance(last, Attempt)
+    throttle.failed(last, 2.0)
+    assert throttle.retry_after("10.0.0.1", 3.0) == pytest.approx(29.0)
+
+
+def test_in_flight_attempts_fill_the_budget() -> None:
+    throttle = AuthThrottle(limit=2, window=60, lockout=30)
+    first = throttle.reserve("10.0.0.1", "", 0.0)
+    second = throttle.reserve("10.0.0.1", "", 0.0)
+    assert isinstance(first, Attempt) and isinstance(second, Attempt)
+    assert throttle.reserve("10.0.0.1", "", 0.0) == 0.0  # wait: both still in flight
+    throttle.failed(first, 1.0)
+    throttle.failed(second, 1.0)
+    assert throttle.reserve("10.0.0.1", "", 2.0) == pytest.approx(29.0)  # locked
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+async def test_idle_socket_flood_from_one_address_spares_the_others(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(max_unauthenticated_per_address=8, auth_timeout=30)
+    idle: list[trio.SocketStream] = []
+    try:
+        for _ in range(40):
+            idle.append(await trio.open_tcp_stream(LOOPBACK, server.port))
+        await wait_until(lambda: server._gate._pending.get(LOOPBACK, 0) >= 8)
+        assert server._gate._pending[LOOPBACK] == 8
+        for _ in range(10):
+            client = await login(server, None, PASSWORD, source="127.0.0.8")
+            await client.disconnect()
+    finally:
+        for stream in idle:
+            await stream.aclose()
+
+
+async def test_total_unauthenticated_cap(server_factory: ServerFactory) -> None:
+    server = await server_factory(
+        max_unauthenticated=4, max_unauthenticated_per_address=4, auth_timeout=30
+    )
+    idle = [
+        await trio.open_tcp_stream(LOOPBACK, server.port, local_address=f"127.0.0.{20 + i}")
+        for i in range(4)
+    ]
+    try:
+        await wait_until(lambda: server._gate._pending_total >= 4)
+        with pytest.raises(Exception, match="still authenticating"):
+            await login(server, None, PASSWORD, source="127.0.0.30")
+    finally:
+        for stream in idle:
+            await stream.aclose()
+    await wait_until(lambda: server._gate._pending_total == 0)
+    client = await login(server, None, PASSWORD, source="127.0.0.30")
+    await client.disconnect()
+
+
+# --------------------------------------------------------------------------- client
+
+
+async def test_reconnects_reuse_the_stretched_secret(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(server_factory, accounts)
+    client = Client(client_descriptor(server.port, username="alice", password=ALICE_PASSWORD))
+    await client.connect()
+    cache = client._prover_cache
+    (entry,) = cache._entries.values()
+    await client.disconnect()
+    await client.connect()
+    assert list(cache._entries.values()) == [entry]
+    assert (await client.call("whoami"))["username"] == "alice"
+    await client.disconnect()
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_warnings_are_rate_limited_per_address(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("conduit.test_auth")
+    limited = LimitedLog(log, burst=3, period=10)
+    with caplog.at_level(logging.WARNING, logger="conduit.test_auth"):
+        for second in range(100):
+            limited.warning("10.0.0.1", second * 0.1, "failed from %s", "10.0.0.1")
+        limited.warning("10.0.0.2", 10.0, "failed from %s", "10.0.0.2")
+        limited.warning("10.0.0.1", 30.0, "failed from %s", "10.0.0.1")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[:3] == ["failed from 10.0.0.1"] * 3
+    assert "failed from 10.0.0.2" in lines
+    assert lines[-1].startswith("failed from 10.0.0.1 (") and "suppressed" in lines[-1]
+    assert len(lines) <= 6
+
+
+# --------------------------------------------------------------------------- asyncio
+
+
+def test_accounts_under_asyncio(accounts: Accounts) -> None:
+    """The same API under asyncio.run: the server's and the client's worker threads too."""
+    import asyncio
+
+    async def main() -> str:
+        server = Server(ServerDescriptor(accounts=accounts, host=LOOPBACK, port=0))
+        register_whoami(server)
+        serving = asyncio.create_task(server.run())
+        port = await server.wait_listening()
+        client = Client(
+            ClientDescriptor(
+                server_host=LOOPBACK, server_port=port, username="bob", password=BOB_PASSWORD
+            )
+        )
+        try:
+            async with client:
+                reply = await client.call("whoami")
+            wrong = Client(
+                ClientDescriptor(
+                    server_host=LOOPBACK, server_port=port, username="bob", password="no"
+                )
+            )
+            with pytest.raises(AuthenticationError, match="wrong username or password"):
+                await wrong.connect()
+        finally:
+            await server.close()
+            await serving
+        return str(reply["username"])
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == "bob"

@@ -1,0 +1,89 @@
+"""``conduit user add|remove|list``, ``serve --accounts`` and ``--user``, as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_cli import conduit, start_server
+
+ALICE = "alice's long passphrase"
+
+
+def test_user_add_list_remove(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.json"
+    added = conduit(
+        "user", "add", "alice", "--accounts", str(accounts), "--quota", "10M", password=ALICE
+    )
+    assert added.returncode == 0, added.stderr
+    assert "added user 'alice'" in added.stdout
+    bob = conduit(
+        "user",
+        "add",
+        "bob",
+        "--accounts",
+        str(accounts),
+        "--root",
+        "shared",
+        "--read-only",
+        password="bob's long passphrase",
+    )
+    assert bob.returncode == 0, bob.stderr
+    listed = conduit("user", "list", "--accounts", str(accounts), password=None)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "alice\troot=alice, quota 10.0 MiB",
+        "bob\troot=shared, read-only",
+    ]
+    # The file holds verifiers, never the password.
+    text = accounts.read_text()
+    assert ALICE not in text and json.loads(text)["users"]["alice"]["quota"] == 10 * 1024 * 1024
+    again = conduit("user", "add", "alice", "--accounts", str(accounts), password=ALICE)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    removed = conduit("user", "remove", "bob", "--accounts", str(accounts), password=None)
+    assert removed.returncode == 0, removed.stderr
+    gone = conduit("user", "remove", "bob", "--accounts", str(accounts), password=None)
+    assert gone.returncode == 2 and "no user named 'bob'" in gone.stderr
+    assert "bob" not in conduit("user", "list", "--accounts", str(accounts)).stdout
+    no_password = conduit("user", "add", "carol", "--accounts", str(accounts), password=None)
+    assert no_password.returncode == 2 and "CONDUIT_PASSWORD" in no_password.stderr
+
+
+def test_serve_with_accounts_and_log_in_as_a_user(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.json"
+    assert (
+        conduit("user", "add", "alice", "--accounts", str(accounts), password=ALICE).returncode == 0
+    )
+    server = start_server(tmp_path, "--accounts", str(accounts), password="unused")
+    try:
+        listed = conduit("ls", "--from", server.address, "--user", "alice", password=ALICE)
+        assert listed.returncode == 0, listed.stderr
+        server.wait_for_log(r"connect +client \w+ user alice")
+        wrong = conduit("ls", "--from", server.address, "--user", "alice", password="wrong")
+        assert wrong.returncode == 3
+        assert "refused the password" in wrong.stderr and "'alice'" in wrong.stderr
+        nobody = conduit("ls", "--from", server.address, "--user", "mallory", password="wrong")
+        assert nobody.returncode == 3
+        # No user: the server explains that it has accounts.
+        anonymous = conduit("ls", "--from", server.address, password=ALICE)
+        assert anonymous.returncode == 3 and "username" in anonymous.stderr
+    finally:
+        server.stop()
+
+
+def test_lock_out_is_reported_with_its_duration(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.json"
+    assert (
+        conduit("user", "add", "alice", "--accounts", str(accounts), password=ALICE).returncode == 0
+    )
+    server = start_server(tmp_path, "--accounts", str(accounts), password="unused")
+    try:
+        for _ in range(5):  # the default auth_failure_limit
+            result = conduit("ls", "--from", server.address, "--user", "alice", password="guess")
+            assert result.returncode == 3 and "locked out" not in result.stderr
+        locked = conduit("ls", "--from", server.address, "--user", "alice", password=ALICE)
+        assert locked.returncode == 3, locked.stderr
+        assert "locked this client out" in locked.stderr and "try again in" in locked.stderr
+        assert "check CONDUIT_PASSWORD" not in locked.stderr
+    finally:
+        server.stop()

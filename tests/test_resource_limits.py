@@ -1,0 +1,539 @@
+"""What one connection may cost: released when it ends, bounded while it lives.
+
+Issue 11's per-connection findings, each reproduced at CI size over real
+loopback sockets (the full-size versions, with the server in its own process,
+are ``python -m benchmarks.abuse``):
+
+* everything a connection owns goes when it ends, however it ends (dropped mid
+  upload, cancelled by an honest client): no closed ``Connection`` survives
+  ``gc.collect()``;
+* verdicts of uploads nobody finishes do not pile up on a live connection;
+* the receive windows of all inbound streams come out of one per-connection
+  budget, and streams per connection are capped (``too_many_streams``);
+* a peer that asks for downloads and never reads holds a bounded read-ahead;
+* resume points that turn out wrong cost a bounded amount of hashing;
+* every malformed answer a peer gives to ``send_to_client`` or
+  ``receive_from_server`` ends that transfer with ``success: False``;
+* failures never name the server's storage path, but the file asked for.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from conduit import (
+    Client,
+    ClientDescriptor,
+    FileTransferHandler,
+    Peer,
+    Server,
+    ServerDescriptor,
+    TransferProgress,
+)
+from conduit._connection import Connection
+from conduit.protocol.codec import data_header
+from conduit.transfer._wire import Trailer
+from conftest import PASSWORD, ClientFactory, ServerFactory, wait_until
+from hostile_helpers import MiB, PeakRSS, RawPeer, call_frame, hostile, open_fds
+from transfer_helpers import write_random_file
+
+AREA = "resource limits, per connection"
+
+
+def _server_connections(server: Server) -> dict[str, weakref.ref[Connection]]:
+    return {peer_id: weakref.ref(peer.connection) for peer_id, peer in server.clients.items()}
+
+
+async def _file_server(
+    server_factory: ServerFactory, storage: Path, **handler_args: Any
+) -> tuple[Server, FileTransferHandler]:
+    transfer = FileTransferHandler(storage_dir=storage, **handler_args)
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+
+    return await server_factory(register=register), transfer
+
+
+# --------------------------------------------------------------------------- released on end
+
+
+@hostile(
+    "connections-released",
+    area=AREA,
+    attack="12 raw clients begin an upload, send 256 KiB of it and drop the socket; 4 honest "
+    "clients cancel a 4 MiB send_to_server half-way (as Ctrl-C would) and disconnect",
+    behaviour="once the server has seen them go, gc.collect() leaves none of their 16 "
+    "server-side Connection objects alive (weak references) and the server's descriptors "
+    "return to their baseline; the registry of uploads is owned by the connection",
+)
+async def test_every_connection_is_released_however_it_ends(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    server, _ = await _file_server(server_factory, tmp_path / "storage")
+    source = tmp_path / "source.bin"
+    await trio.to_thread.run_sync(write_random_file, source, 4 * MiB)
+    gc.collect()
+    fds_before = open_fds()
+    seen: dict[str, weakref.ref[Connection]] = {}
+
+    for index in range(12):
+        peer = await RawPeer.authenticated(server.port, PASSWORD)
+        result = await peer.call(
+            "file_upload_begin", name=f"dropped/{index}.bin", size=MiB, key=f"{index:032x}"
+        )
+        assert result.ok, result
+        stream_id = int(result.value["stream_id"])
+        chunk = b"\x5a" * (64 * 1024)
+        await peer.send_sealed(*[data_header(stream_id, len(chunk)) + chunk] * 4)
+        seen.update(_server_connections(server))
+        await peer.aclose()
+
+    for index in range(4):
+        client = await client_factory(server)
+        transfer = FileTransferHandler(storage_dir=tmp_path / f"client{index}")
+        with trio.CancelScope() as scope:
+
+            def cancel_half_way(
+                progress: TransferProgress, scope: trio.CancelScope = scope
+            ) -> None:
+                if progress.transferred >= MiB:
+                    scope.cancel()
+
+            with trio.fail_after(30):
+                await transfer.send_to_server(
+                    client, source, cancel_half_way, remote_name=f"cancelled/{index}.bin"
+                )
+        assert scope.cancelled_caught
+        seen.update(_server_connections(server))
+        await client.disconnect()
+
+    assert len(seen) == 16
+    await wait_until(lambda: not server.clients, timeout=20)
+    await wait_until(lambda: open_fds() <= fds_before, timeout=20)
+    gc.collect()
+    alive = [peer_id for peer_id, ref in seen.items() if ref() is not None]
+    assert alive == [], f"{len(alive)} of 16 closed connections still alive after gc"
+
+
+@hostile(
+    "unclaimed-verdicts",
+    area=AREA,
+    attack="on one live connection, 100 cycles of file_upload_begin + the whole file with a "
+    "wrong checksum in its END, never calling file_upload_finish",
+    behaviour="the verdicts nobody asked for are bounded (16 per connection, oldest "
+    "forgotten first): the first stream's finish answers 'not_found', the last one's "
+    "'checksum_mismatch'; no partial file is left",
+)
+async def test_unclaimed_verdicts_are_bounded(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    server, _ = await _file_server(server_factory, storage)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    body = b"\x01" * 100
+    wrong = Trailer(len(body), hashlib.sha256(b"something else").digest()).pack()
+    stream_ids = []
+    for index in range(100):
+        result = await peer.call(
+            "file_upload_begin", name=f"bad/{index}.bin", size=len(body), key=f"{index:032x}"
+        )
+        assert result.ok, result
+        stream_id = int(result.value["stream_id"])
+        stream_ids.append(stream_id)
+        await peer.send_sealed(
+            data_header(stream_id, len(body)) + body,
+            data_header(stream_id, len(wrong), 0x01) + wrong,
+        )
+    last = await peer.call("file_upload_finish", stream_id=stream_ids[-1])
+    assert not last.ok and last.code == "checksum_mismatch", last
+    first = await peer.call("file_upload_finish", stream_id=stream_ids[0])
+    assert not first.ok and first.code == "not_found", first
+    await peer.aclose()
+    leftovers = [p for p in storage.rglob("*") if p.is_file()]
+    assert leftovers == []
+
+
+# --------------------------------------------------------------------------- stream budget
+
+
+@hostile(
+    "stream-budget",
+    area=AREA,
+    attack="uploads begun (no data) one after another on one connection, against "
+    "receive_window=64 KiB, connection_receive_budget=256 KiB; then max_streams_per_"
+    "connection=2",
+    behaviour="the 5th begin (a 5th window would exceed the budget) and then the 3rd stream "
+    "are refused with 'too_many_streams'; abandoning one lets the next begin in; the "
+    "connection stays usable",
+)
+@pytest.mark.parametrize(
+    ("fields", "accepted"),
+    [
+        ({"receive_window": 64 * 1024, "connection_receive_budget": 256 * 1024}, 4),
+        ({"max_streams_per_connection": 2}, 2),
+    ],
+)
+async def test_inbound_streams_share_one_budget(
+    server_factory: ServerFactory, tmp_path: Path, fields: dict[str, Any], accepted: int
+) -> None:
+    transfer = FileTransferHandler(storage_dir=tmp_path / "storage")
+    server = await server_factory(register=transfer.register_server_handlers, **fields)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    stream_ids = []
+    for index in range(accepted + 1):
+        result = await peer.call(
+            "file_upload_begin", name=f"s/{index}.bin", size=MiB, key=f"{index:032x}"
+        )
+        if index < accepted:
+            assert result.ok, result
+            stream_ids.append(int(result.value["stream_id"]))
+        else:
+            assert not result.ok and result.code == "too_many_streams", result
+    done = await peer.call("file_upload_finish", stream_id=stream_ids[0], abandon=True)
+    assert done.ok, done
+    again = await peer.call("file_upload_begin", name="s/again.bin", size=MiB, key="a" * 32)
+    assert again.ok, again
+    await peer.aclose()
+
+
+@hostile(
+    "limit-settings-checked",
+    area=AREA,
+    attack="a connection_receive_budget below receive_window, max_streams_per_connection=0, "
+    "max_transfers_per_connection=0, a read_ahead_per_connection below chunk_size, a "
+    "negative resume_hash_budget",
+    behaviour="ValueError naming the setting when the descriptor or handler is created",
+)
+def test_limit_settings_are_validated(tmp_path: Path) -> None:
+    for descriptor in (ServerDescriptor, ClientDescriptor):
+        with pytest.raises(ValueError, match="connection_receive_budget must be at least"):
+            descriptor(password="x", receive_window=1024 * 1024, connection_receive_budget=65536)
+        with pytest.raises(ValueError, match="max_streams_per_connection must be positive"):
+            descriptor(password="x", max_streams_per_connection=0)
+    with pytest.raises(ValueError, match="max_transfers_per_connection"):
+        FileTransferHandler(tmp_path, max_transfers_per_connection=0)
+    with pytest.raises(ValueError, match="read_ahead_per_connection"):
+        FileTransferHandler(tmp_path, read_ahead_per_connection=1024)
+    with pytest.raises(ValueError, match="resume_hash_budget"):
+        FileTransferHandler(tmp_path, resume_hash_budget=-1)
+
+
+# --------------------------------------------------------------------------- stalled downloads
+
+
+@hostile(
+    "stalled-downloads-no-read",
+    area=AREA,
+    attack="128 file_download calls for a 4 MiB file in one record (receive window 4 MiB, so "
+    "each stream has credit), from a peer that then never reads its socket",
+    behaviour="at most max_transfers_per_connection (32) are served, the rest refused; "
+    "the senders together hold at most read_ahead_per_connection (8 MiB) of file data, so "
+    "the process grows < 40 MiB and holds < 40 more descriptors",
+)
+async def test_stalled_downloads_hold_a_bounded_read_ahead(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    await trio.to_thread.run_sync(write_random_file, storage / "big.bin", 4 * MiB)
+    server, _ = await _file_server(server_factory, storage)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    stat = await peer.call("file_stat", name="big.bin")
+    assert stat.ok, stat
+    fds_before = open_fds()
+    calls = [
+        call_frame(
+            100 + index,
+            "file_download",
+            name="big.bin",
+            stream_id=2 * index + 1,
+            size=4 * MiB,
+            offset=0,
+            prefix_sha256="",
+        )
+        for index in range(128)
+    ]
+    with PeakRSS() as memory:
+        await peer.send_sealed(*calls)
+        # Give the senders time to fill whatever they are allowed to fill.
+        await trio.sleep(2)
+    held = open_fds() - fds_before
+    assert memory.growth < 40 * MiB, f"{memory.growth / MiB:.0f} MiB for stalled downloads"
+    assert held < 40, f"{held} descriptors held by stalled downloads"
+    await peer.aclose()
+    await wait_until(lambda: not server.clients, timeout=20)
+
+
+# --------------------------------------------------------------------------- resume hashing
+
+
+@hostile(
+    "resume-hash-budget",
+    area=AREA,
+    attack="10 file_download calls for an 8 MiB file claiming a resume offset of 8 MiB - 1 with "
+    "a wrong prefix hash, on one connection, with resume_hash_budget=16 MiB",
+    behaviour="every download restarts from offset 0; claims are hashed until 16 MiB have "
+    "been hashed in vain (3 claims: the budget is checked before each), the other 7 are "
+    "refused without hashing (logged 'resume of ... refused'); another connection's claims "
+    "are still checked",
+)
+async def test_wrong_resume_claims_cost_a_bounded_amount_of_hashing(
+    server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="conduit")
+    storage = tmp_path / "storage"
+    size = 8 * MiB
+    await trio.to_thread.run_sync(write_random_file, storage / "big.bin", size)
+    server, _ = await _file_server(server_factory, storage, resume_hash_budget=16 * MiB)
+
+    async def claim(peer: RawPeer, index: int) -> None:
+        result = await peer.call(
+            "file_download",
+            name="big.bin",
+            stream_id=2 * index + 1,
+            size=size,
+            offset=size - 1,
+            prefix_sha256="0" * 64,
+        )
+        assert result.ok, result
+        assert result.value["offset"] == 0
+
+    attacker = await RawPeer.authenticated(server.port, PASSWORD, receive_window=64 * 1024)
+    for index in range(10):
+        await claim(attacker, index)
+    refusals = caplog.text.count("refused: its wrong resume claims")
+    assert refusals == 7, caplog.text
+    other = await RawPeer.authenticated(server.port, PASSWORD, receive_window=64 * 1024)
+    await claim(other, 0)
+    assert caplog.text.count("refused: its wrong resume claims") == refusals
+    await attacker.aclose()
+    await other.aclose()
+
+
+# --------------------------------------------------------------------------- malformed answers
+
+
+@attrs.define
+class _Hostile:
+    """Which answer a hostile client forges: ``method`` returns ``answer(real_answer)``."""
+
+    method: str
+    answer: Callable[[Any], Any]
+    small: bool = False
+
+
+def _begin(**changes: Any) -> Callable[[Any], Any]:
+    def forge(real: Any) -> Any:
+        forged = dict(real)
+        for key, value in changes.items():
+            if value is _MISSING:
+                forged.pop(key)
+            else:
+                forged[key] = value
+        return forged
+
+    return forge
+
+
+_MISSING = object()
+_PUSH_CASES = {
+    "begin-none": _Hostile("file_push_begin", lambda real: None),
+    "begin-list": _Hostile("file_push_begin", lambda real: [1, 2]),
+    "begin-negative-offset": _Hostile("file_push_begin", _begin(offset=-5)),
+    "begin-offset-beyond-size": _Hostile("file_push_begin", _begin(offset=2**40)),
+    "begin-offset-string": _Hostile("file_push_begin", _begin(offset="0")),
+    "begin-offset-float": _Hostile("file_push_begin", _begin(offset=0.5)),
+    "begin-offset-bool": _Hostile("file_push_begin", _begin(offset=True)),
+    "begin-offset-missing": _Hostile("file_push_begin", _begin(offset=_MISSING)),
+    "begin-stream-negative": _Hostile("file_push_begin", _begin(stream_id=-1)),
+    "begin-stream-zero": _Hostile("file_push_begin", _begin(stream_id=0)),
+    "begin-stream-huge": _Hostile("file_push_begin", _begin(stream_id=2**40)),
+    "begin-stream-string": _Hostile("file_push_begin", _begin(stream_id="1")),
+    "begin-stream-missing": _Hostile("file_push_begin", _begin(stream_id=_MISSING)),
+    "begin-prefix-int": _Hostile("file_push_begin", _begin(prefix_sha256=5)),
+    "begin-prefix-missing": _Hostile("file_push_begin", _begin(prefix_sha256=_MISSING)),
+    "finish-none": _Hostile("file_push_finish", lambda real: None),
+    "finish-string": _Hostile("file_push_finish", lambda real: "ok"),
+    "finish-path-int": _Hostile("file_push_finish", _begin(path=5)),
+    "finish-size-wrong": _Hostile("file_push_finish", _begin(size=1)),
+    "finish-size-missing": _Hostile("file_push_finish", _begin(size=_MISSING)),
+    "finish-checksum-list": _Hostile("file_push_finish", _begin(checksum=["a"])),
+    "small-none": _Hostile("file_push_small", lambda real: None, small=True),
+    "small-filename-missing": _Hostile("file_push_small", _begin(filename=_MISSING), small=True),
+    "small-size-string": _Hostile("file_push_small", _begin(size="10"), small=True),
+}
+
+
+@hostile(
+    "push-malformed-answers",
+    area=AREA,
+    attack="a client whose file_push_begin / _finish / _small answers are each forged in turn: "
+    "not a map, negative / oversized / non-integer / missing offset, invalid stream ids, "
+    "wrong-typed or missing prefix, path, size and checksum",
+    behaviour="send_to_client returns success False with code 'bad_answer' (no exception); a "
+    "negative offset sends no data at all; the connection stays usable",
+)
+@pytest.mark.parametrize("case", sorted(_PUSH_CASES))
+async def test_send_to_client_survives_every_malformed_answer(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, case: str
+) -> None:
+    hostile_case = _PUSH_CASES[case]
+    pusher = FileTransferHandler(storage_dir=tmp_path / "server")
+    server = await server_factory(register=pusher.register_server_handlers)
+    receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+    streams_opened: list[Any] = []
+
+    def register(client: Client) -> None:
+        receiver.register_client_handlers(client)
+        real = receiver._receiver
+
+        async def begin(caller: Peer, name: str, size: int, key: str, restart: bool = False) -> Any:
+            answer = await real.rpc_begin(caller, name, size, key, restart)
+            streams_opened.append(caller.connection._state.incoming.get(answer["stream_id"]))
+            return answer
+
+        async def finish(caller: Peer, stream_id: int, abandon: bool = False) -> Any:
+            return await real.rpc_finish(caller, stream_id, abandon)
+
+        async def small(caller: Peer, name: str, data: bytes, sha256: str) -> Any:
+            return await real.rpc_receive_small(caller, name, data, sha256)
+
+        honest = {"file_push_begin": begin, "file_push_finish": finish, "file_push_small": small}
+        chosen = honest[hostile_case.method]
+
+        async def forged(caller: Peer, **args: Any) -> Any:
+            return hostile_case.answer(await chosen(caller, **args))
+
+        forged.__signature__ = inspect.signature(chosen)  # type: ignore[attr-defined]
+        client.register_rpc(forged, hostile_case.method)
+
+        async def echo(value: Any) -> Any:
+            return value
+
+        client.register_rpc(echo, "echo")
+
+    client = await client_factory(server, register=register)
+    source = tmp_path / "push.bin"
+    size = 10 if hostile_case.small else 2 * MiB
+    await trio.to_thread.run_sync(write_random_file, source, size)
+    with trio.fail_after(30):
+        result = await pusher.send_to_client(server, client.id, source)
+    assert result["success"] is False, result
+    assert result["code"] == "bad_answer", result
+    if case == "begin-negative-offset":
+        assert all(s is None or s.bytes_received == 0 for s in streams_opened), streams_opened
+    with trio.fail_after(10):
+        assert await server.clients[client.id].call("echo", value="still up") == "still up"
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+_DOWNLOAD_CASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "stat-none": ("file_stat", lambda real: None),
+    "stat-size-negative": ("file_stat", _begin(size=-1)),
+    "stat-size-string": ("file_stat", _begin(size="5")),
+    "stat-size-missing": ("file_stat", _begin(size=_MISSING)),
+    "stat-mtime-float": ("file_stat", _begin(modified_ns=1.5)),
+    "stat-mtime-missing": ("file_stat", _begin(modified_ns=_MISSING)),
+    "download-none": ("file_download", lambda real: None),
+    "download-offset-negative": ("file_download", _begin(offset=-1)),
+    "download-offset-elsewhere": ("file_download", _begin(offset=3)),
+    "download-offset-string": ("file_download", _begin(offset="0")),
+    "download-offset-missing": ("file_download", _begin(offset=_MISSING)),
+}
+
+
+@hostile(
+    "download-malformed-answers",
+    area=AREA,
+    attack="a server whose file_stat and file_download answers are each forged in turn: not a "
+    "map, negative / non-integer / missing size and mtime, an offset that is negative, not "
+    "where the client asked, a string or missing",
+    behaviour="receive_from_server returns success False with code 'bad_answer' (no "
+    "exception); nothing is published in the download directory",
+)
+@pytest.mark.parametrize("case", sorted(_DOWNLOAD_CASES))
+async def test_receive_from_server_survives_every_malformed_answer(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, case: str
+) -> None:
+    method, forge = _DOWNLOAD_CASES[case]
+    storage = tmp_path / "storage"
+    await trio.to_thread.run_sync(write_random_file, storage / "file.bin", 2 * MiB)
+    serving = FileTransferHandler(storage_dir=storage)
+
+    def register(server: Server) -> None:
+        serving.register_server_handlers(server)
+        real = server._handlers.methods[method].function
+
+        async def forged_stat(name: str) -> Any:
+            return forge(await real(name))
+
+        async def forged_download(caller: Peer, **args: Any) -> Any:
+            return forge(await real(caller, **args))
+
+        forged_download.__signature__ = inspect.signature(real)  # type: ignore[attr-defined]
+        forged = forged_stat if method == "file_stat" else forged_download
+        server.register_rpc(forged, method)
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    downloads = tmp_path / "downloads"
+    with trio.fail_after(30):
+        result = await FileTransferHandler(storage_dir=tmp_path / "c").receive_from_server(
+            client, "file.bin", downloads
+        )
+    assert result["success"] is False, result
+    assert result["code"] == "bad_answer", result
+    assert not (downloads / "file.bin").exists()
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@hostile(
+    "no-storage-path-in-errors",
+    area=AREA,
+    attack="file_stat, file_download and receive_from_server of 'not-created-yet' while the "
+    "server's storage directory does not exist yet",
+    behaviour="refused with 'not_found'; the message names 'not-created-yet' and never the "
+    "server's absolute storage path",
+)
+async def test_failures_name_the_file_not_the_storage_path(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "srv" / "storage-not-created"
+    server, _ = await _file_server(server_factory, storage)
+    client = await client_factory(server)
+    result = await FileTransferHandler(storage_dir=tmp_path / "c").receive_from_server(
+        client, "not-created-yet", tmp_path / "downloads"
+    )
+    assert result["success"] is False and result["code"] == "not_found", result
+    assert "not-created-yet" in result["error"], result
+    assert str(tmp_path) not in result["error"], result
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    for answer in (
+        await peer.call("file_stat", name="not-created-yet"),
+        await peer.call(
+            "file_download",
+            name="not-created-yet",
+            stream_id=1,
+            size=1,
+            offset=0,
+            prefix_sha256="",
+        ),
+    ):
+        assert not answer.ok and answer.code == "not_found", answer
+        assert "not-created-yet" in str(answer.error) and str(tmp_path) not in str(answer.error)
+    await peer.aclose()
