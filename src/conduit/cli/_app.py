@@ -370,13 +370,14 @@ def rm(
     tls: bool,
     tls_ca: str | None,
     json_output: bool,
+    username: str | None,
 ) -> int:
     """Delete files on the server (not directories, never through a link).
 
     A file that an upload is writing right now is refused (busy); exit 1 if
     any NAME could not be deleted.
     """
-    options = _connect_options(address, tls, tls_ca, verbose)
+    options = _connect_options(address, tls, tls_ca, verbose, username)
     return run_trio(
         functools.partial(_transfer.rm, options=options, names=names, json_output=json_output)
     )
@@ -396,13 +397,14 @@ def mv(
     tls: bool,
     tls_ca: str | None,
     json_output: bool,
+    username: str | None,
     overwrite: bool,
 ) -> int:
     """Rename the server's file OLD to NEW (directories in NEW are created).
 
     Atomic; an existing NEW is kept and the rename refused unless --overwrite.
     """
-    options = _connect_options(address, tls, tls_ca, verbose)
+    options = _connect_options(address, tls, tls_ca, verbose, username)
     return run_trio(
         functools.partial(
             _transfer.mv,
