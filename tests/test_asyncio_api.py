@@ -243,6 +243,20 @@ async def _list_files(w: World) -> None:
     assert "listed.txt" in names
 
 
+async def _delete(w: World) -> None:
+    (w.server_transfer.storage_dir / "doomed.txt").write_bytes(b"bye")
+    result = await w.client_transfer.delete(w.client, "doomed.txt")
+    assert result == {"success": True, "path": "doomed.txt"}
+    assert not (w.server_transfer.storage_dir / "doomed.txt").exists()
+
+
+async def _rename(w: World) -> None:
+    (w.server_transfer.storage_dir / "old.txt").write_bytes(b"moved")
+    result = await w.client_transfer.rename(w.client, "old.txt", "sub/new.txt")
+    assert result == {"success": True, "old": "old.txt", "path": "sub/new.txt"}
+    assert (w.server_transfer.storage_dir / "sub" / "new.txt").read_bytes() == b"moved"
+
+
 DRIVERS: dict[tuple[str, str], Driver] = {
     ("Client", "connect"): _client_connect,
     ("Client", "disconnect"): _client_disconnect,
@@ -267,6 +281,8 @@ DRIVERS: dict[tuple[str, str], Driver] = {
     ("FileTransferHandler", "send_to_client"): _send_to_client,
     ("FileTransferHandler", "receive_from_server"): _receive_from_server,
     ("FileTransferHandler", "list_files"): _list_files,
+    ("FileTransferHandler", "delete"): _delete,
+    ("FileTransferHandler", "rename"): _rename,
 }
 
 

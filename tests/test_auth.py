@@ -495,6 +495,15 @@ async def test_logged_in_users_are_isolated_end_to_end(
             refused = await local.send_to_server(bob, report)
             assert refused["success"] is False and refused["code"] == "forbidden", refused
             assert [f["name"] for f in await local.list_files(alice)] == ["report.bin"]
+            # Delete and rename stay inside the caller's root, and a read-only
+            # account changes nothing.
+            for change in (local.delete(bob, "report.bin"), local.rename(bob, "a", "b")):
+                denied = await change
+                assert denied["success"] is False and denied["code"] == "forbidden", denied
+            moved = await local.rename(alice, "report.bin", "kept.bin")
+            assert moved["success"], moved
+            assert (storage / "alice" / "kept.bin").read_bytes() == report.read_bytes()
+            assert (await local.delete(alice, "kept.bin"))["success"]
     finally:
         with trio.move_on_after(5):
             await alice.disconnect()

@@ -119,13 +119,17 @@ async def _scenario(start_server: Callable[[Server], Awaitable[None]], workdir: 
         client, "large_file.zip", on_progress=client_ns["on_progress"]
     )
     assert result["success"] is True
+    # The same bytes under the same name were uploaded above: a re-run stores
+    # no second copy (issue 13).
+    assert result["skipped"] is True and result["reason"] == "already_there"
 
     # --- List Available Files
     coroutine = _run_snippet(SECTIONS["List Available Files"][0], client_ns)
     assert coroutine is not None
     await coroutine
     names = {entry["name"] for entry in client_ns["result"]["data"]["files"]}
-    assert {"large_file.zip", "large_file (1).zip", "report.pdf"} <= names
+    assert {"large_file.zip", "report.pdf"} <= names
+    assert "large_file (1).zip" not in names
 
     await client.disconnect()
     await server.close()

@@ -113,9 +113,12 @@ async def test_small_upload_limits_and_collisions(
     with trio.fail_after(10):
         refused = await sender.send_to_server(client, big)
         first = await sender.send_to_server(client, small)
+        small.write_bytes(b"S" * 10)  # another file under the same name
         second = await sender.send_to_server(client, small)
+        again = await sender.send_to_server(client, small)  # already there (issue 13)
     assert refused["success"] is False and refused["code"] == "too_large"
     assert (first["path"], second["path"]) == ("small.bin", "small (1).bin")
+    assert again["skipped"] is True and again["path"] == "small (1).bin"
     assert _visible(tmp_path / "server") == ["small (1).bin", "small.bin"]
 
 

@@ -1235,8 +1235,9 @@ async def test_missing_or_directory_source_raises_before_sending(
 
         with pytest.raises(FileNotFoundError):
             await sender.send_to_server(client, tmp_path / "does-not-exist.bin")
-        with pytest.raises(IsADirectoryError):
-            await sender.send_to_server(client, directory)
+        # A directory is sent file by file (issue 13); an empty one sends nothing.
+        empty = await sender.send_to_server(client, directory)
+        assert empty["success"] is True and empty["files"] == []
         assert client_calls == calls_before  # nothing went to the server
         assert not fs.storage.exists()
         assert await client.rpc.call("echo", value=2) == {"success": True, "data": 2}
@@ -1353,9 +1354,11 @@ async def test_same_name_twice_never_overwrites(
         second = tmp_path / "two" / "report.txt"
         write_bytes(first, b"first version")
         write_bytes(second, b"second version, longer")
+        third = tmp_path / "three" / "report.txt"
+        write_bytes(third, b"first VERSION")  # the first's size, other bytes
         r1 = await sender.send_to_server(client, first)
         r2 = await sender.send_to_server(client, second)
-        r3 = await sender.send_to_server(client, first)
+        r3 = await sender.send_to_server(client, third)
         assert [r["path"] for r in (r1, r2, r3)] == [
             "report.txt",
             "report (1).txt",
@@ -1363,11 +1366,15 @@ async def test_same_name_twice_never_overwrites(
         ]
         assert (fs.storage / "report.txt").read_bytes() == b"first version"
         assert (fs.storage / "report (1).txt").read_bytes() == b"second version, longer"
-        assert (fs.storage / "report (2).txt").read_bytes() == b"first version"
+        assert (fs.storage / "report (2).txt").read_bytes() == b"first VERSION"
+        # The very same bytes again are already there: no second copy (issue 13).
+        r4 = await sender.send_to_server(client, first)
+        assert r4["skipped"] is True and r4["path"] == "report.txt"
 
         archive = tmp_path / "outbox" / "data.tar.gz"
         write_bytes(archive, b"gz")
         a1 = await sender.send_to_server(client, archive)
+        write_bytes(archive, b"g2")
         a2 = await sender.send_to_server(client, archive)
         assert [a1["path"], a2["path"]] == ["data.tar.gz", "data (1).tar.gz"]
         assert [metadata["filename"] for _, _, metadata in fs.received] == [

@@ -14,7 +14,7 @@ import trio
 
 from ._offload import run_sync
 from .accounts import AccountRecord
-from .errors import ConnectionClosed, RemoteProtocolError
+from .errors import ConnectionClosed, HandshakeError, RemoteProtocolError
 from .protocol import (
     ClientHandshake,
     Frame,
@@ -56,6 +56,30 @@ async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
     return frame
 
 
+_TLS_HINT = "use --tls / tls=True"
+
+
+def _looks_like_tls(data: bytes | bytearray) -> bool:
+    """Whether ``data`` starts with a TLS record header (alert or handshake, version 3.x)."""
+    return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
+
+
+async def _first_reply(stream: trio.abc.Stream, reader: FrameReader) -> None:
+    """Read the server's first bytes, recognising a TLS server spoken to in plain text.
+
+    A TLS server answers our HELLO with a TLS record (an alert) or just hangs up;
+    either way the user needs one hint, not a timeout or a bare "closed".
+    """
+    data = await stream.receive_some(_CHUNK)
+    if not data:
+        raise ConnectionClosed(
+            f"the server closed the connection without answering (if it speaks TLS, {_TLS_HINT})"
+        )
+    if _looks_like_tls(data):
+        raise HandshakeError(f"the server speaks TLS; {_TLS_HINT}")
+    reader.feed(data)
+
+
 async def client_handshake(
     stream: trio.abc.Stream,
     handshake: ClientHandshake,
@@ -74,6 +98,7 @@ async def client_handshake(
     """
     reader, writer = FrameReader(), FrameWriter()
     await stream.send_all(handshake.start())
+    await _first_reply(stream, reader)
     while handshake.keys is None:
         frame = await _next_frame(stream, reader)
         if offload and frame.kind is FrameKind.SERVER_HELLO:

@@ -65,8 +65,8 @@ _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option("-v", "--verbose", count=True, help="Also show the library's log lines (-vv: debug).")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
-    """Serve a directory, and send, get and list files over an encrypted,
-    password-authenticated conduit connection.
+    """Serve a directory, and send, get, list, delete and rename files over an
+    encrypted, password-authenticated conduit connection.
 
     The password comes from the CONDUIT_PASSWORD environment variable or a
     prompt, never from the command line. Exit codes: 0 ok, 1 a transfer
@@ -354,6 +354,67 @@ def ls(
     """List the server's files: size, modification time, name."""
     options = _connect_options(address, tls, tls_ca, verbose, username)
     return run_trio(functools.partial(_transfer.ls, options=options, json_output=json_output))
+
+
+# --------------------------------------------------------------------------- rm, mv
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@_client_options("from")
+@click.pass_obj
+def rm(
+    verbose: int,
+    names: tuple[str, ...],
+    address: Address,
+    tls: bool,
+    tls_ca: str | None,
+    json_output: bool,
+    username: str | None,
+) -> int:
+    """Delete files on the server (not directories, never through a link).
+
+    A file that an upload is writing right now is refused (busy); exit 1 if
+    any NAME could not be deleted.
+    """
+    options = _connect_options(address, tls, tls_ca, verbose, username)
+    return run_trio(
+        functools.partial(_transfer.rm, options=options, names=names, json_output=json_output)
+    )
+
+
+@cli.command(context_settings=_CONTEXT)
+@click.argument("old", metavar="OLD")
+@click.argument("new", metavar="NEW")
+@_client_options("from")
+@click.option("--overwrite", is_flag=True, help="Replace NEW if it exists.")
+@click.pass_obj
+def mv(
+    verbose: int,
+    old: str,
+    new: str,
+    address: Address,
+    tls: bool,
+    tls_ca: str | None,
+    json_output: bool,
+    username: str | None,
+    overwrite: bool,
+) -> int:
+    """Rename the server's file OLD to NEW (directories in NEW are created).
+
+    Atomic; an existing NEW is kept and the rename refused unless --overwrite.
+    """
+    options = _connect_options(address, tls, tls_ca, verbose, username)
+    return run_trio(
+        functools.partial(
+            _transfer.mv,
+            options=options,
+            old=old,
+            new=new,
+            overwrite=overwrite,
+            json_output=json_output,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- user

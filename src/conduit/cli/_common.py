@@ -27,6 +27,7 @@ from .. import (
     HandshakeTimeout,
     LockedOut,
 )
+from ._tls_probe import speaks_tls
 
 PASSWORD_ENV = "CONDUIT_PASSWORD"
 ADDRESS_ENV = "CONDUIT_ADDRESS"
@@ -236,6 +237,14 @@ class Signals:
                     self._scopes[-1].cancel()
 
 
+def _only_cli_error(group: BaseExceptionGroup[BaseException]) -> CLIError | None:
+    """The CLIError a group holds, if it holds exactly that (at any depth) and nothing else."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, CLIError) else None
+
+
 def run_trio(command: Callable[[Signals], Awaitable[int]], *, cancel: bool = True) -> int:
     """Run ``command(signals)`` under ``trio.run`` and return its exit code.
 
@@ -256,6 +265,14 @@ def run_trio(command: Callable[[Signals], Awaitable[int]], *, cancel: bool = Tru
                 except CLIError as exc:
                     print_error(exc.message)
                     code = exc.exit_code
+                except BaseExceptionGroup as group:
+                    # A CLIError raised inside a nursery arrives wrapped; it is
+                    # still one expected failure, worth one line, not a traceback.
+                    error = _only_cli_error(group)
+                    if error is None:
+                        raise
+                    print_error(error.message)
+                    code = error.exit_code
             nursery.cancel_scope.cancel()
         return signals.exit_code if code is None else code
 
@@ -335,9 +352,13 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
             ExitCode.AUTH_FAILED,
         ) from None
     except (OSError, ConnectionClosed, ConduitError) as exc:
+        reason = describe_connect_error(exc)
+        # A TLS server hangs up on a plain HELLO without a word (see _tls_probe).
+        hung_up = isinstance(exc, ConnectionClosed) and "without answering" in str(exc)
+        if hung_up and not options.tls and await speaks_tls(address.host, address.port):
+            reason = "the server speaks TLS; use --tls (or --tls-ca FILE)"
         raise CLIError(
-            f"cannot connect to {address}: {describe_connect_error(exc)}",
-            ExitCode.CONNECTION_FAILED,
+            f"cannot connect to {address}: {reason}", ExitCode.CONNECTION_FAILED
         ) from None
     try:
         yield client

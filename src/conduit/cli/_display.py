@@ -96,6 +96,9 @@ def outcome_line(verb: Verb, job: FileJob) -> str:
         error = result.get("error", "not transferred")
         return f"FAILED    {job.name}: {error} [{result.get('code')}]"
     size = int(result.get("size", job.size or 0))
+    if result.get("skipped"):
+        # A re-run: the peer (or this side) already has exactly these bytes.
+        return f"unchanged {job.name}  {human_bytes(size)}  (already there, not sent again)"
     if verb == "send":
         head = f"sent      {job.name}"
         stored = str(result.get("path", job.name))

@@ -1,4 +1,4 @@
-"""``conduit send``, ``conduit get`` and ``conduit ls``: the client side of file transfer."""
+"""``conduit send``, ``get``, ``ls``, ``rm`` and ``mv``: the client side of file transfer."""
 
 from __future__ import annotations
 
@@ -229,7 +229,7 @@ async def send(
     """``conduit send``: upload every job; the exit code says how it went."""
     if not json_output:
         for entry in skipped:
-            print(f"skipped   {entry.local}: {entry.reason}", flush=True)
+            print(f"skipped   {display_path(entry.local)}: {entry.reason}", flush=True)
     elapsed = 0.0
     started = time.monotonic()
     try:
@@ -292,12 +292,14 @@ async def _plan_downloads(
     return jobs
 
 
-def _display_path(path: str) -> str:
+def display_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a user reads it: relative to here when below here, else absolute; no ``..``."""
+    absolute = os.path.normpath(os.path.abspath(path))
     try:
-        relative = os.path.relpath(path)
+        relative = os.path.relpath(absolute)
     except ValueError:
-        return path
-    return path if relative.startswith("..") else relative
+        return absolute
+    return absolute if relative.startswith("..") else relative
 
 
 async def get(
@@ -324,7 +326,7 @@ async def get(
                         client, job.name, output_dir, on_progress
                     )
                     if result.get("success"):
-                        job.local = _display_path(str(result["path"]))
+                        job.local = display_path(str(result["path"]))
                     return result
 
                 await _transfer_files(
@@ -367,3 +369,73 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
     total = sum(int(entry["size"]) for entry in files)
     print(f"{len(files)} files, {human_bytes(total)}" if files else "no files", flush=True)
     return ExitCode.OK
+
+
+# --------------------------------------------------------------------------- rm, mv
+
+
+def _outcome(verb: str, label: str, result: dict[str, Any]) -> bool:
+    """Print one line for one operation's result; whether it succeeded."""
+    if result.get("success"):
+        print(f"{verb:<9} {label}", flush=True)
+        return True
+    print(f"FAILED    {label}: {result.get('error')} [{result.get('code')}]", flush=True)
+    return False
+
+
+async def _manage(
+    command: str,
+    verb: str,
+    options: ClientOptions,
+    operations: Sequence[tuple[str, Callable[[FileTransferHandler, Client], Awaitable[Any]]]],
+    *,
+    json_output: bool,
+) -> int:
+    results: list[dict[str, Any]] = []
+    try:
+        async with connected(options) as client:
+            handler = FileTransferHandler()
+            for label, operation in operations:
+                result = dict(await operation(handler, client))
+                results.append(result)
+                if not json_output:
+                    _outcome(verb, label, result)
+    except CLIError as exc:
+        if json_output:
+            _fatal_json(command, options.address, exc)
+        raise
+    ok = all(result.get("success") for result in results)
+    if json_output:
+        emit_json({"command": command, "server": str(options.address), "ok": ok, "files": results})
+    return ExitCode.OK if ok else ExitCode.TRANSFER_FAILED
+
+
+async def rm(
+    signals: Signals, options: ClientOptions, names: Sequence[str], *, json_output: bool
+) -> int:
+    """``conduit rm``: delete each NAME on the server."""
+
+    def delete(name: str) -> Callable[[FileTransferHandler, Client], Awaitable[Any]]:
+        return lambda handler, client: handler.delete(client, name)
+
+    operations = [(name, delete(name)) for name in names]
+    return await _manage("rm", "deleted", options, operations, json_output=json_output)
+
+
+async def mv(
+    signals: Signals,
+    options: ClientOptions,
+    old: str,
+    new: str,
+    *,
+    overwrite: bool,
+    json_output: bool,
+) -> int:
+    """``conduit mv``: rename OLD to NEW on the server."""
+
+    async def rename(handler: FileTransferHandler, client: Client) -> Any:
+        return await handler.rename(client, old, new, overwrite=overwrite)
+
+    return await _manage(
+        "mv", "renamed", options, [(f"{old} -> {new}", rename)], json_output=json_output
+    )

@@ -32,7 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import trio
+
 from .._bridge import bridged
+from . import _manage as manage
 from ._hooks import Hooks
 from ._progress import TransferProgress
 from ._receiver import Receiver
@@ -41,9 +44,12 @@ from ._sender import Sender
 from ._slots import TransferSlots
 from ._space import DEFAULT_FREE_SPACE_MARGIN, user_storage
 from ._storage import StorageRoot
+from ._tree import receive_tree, send_tree
 from ._wire import (
     DOWNLOAD,
+    FILE_DELETE,
     FILE_LIST,
+    FILE_RENAME,
     FILE_STAT,
     PUSH_BEGIN,
     PUSH_FINISH,
@@ -172,6 +178,7 @@ class FileTransferHandler:
         self._hooks = hooks
         self._sender = Sender(self, hooks, slots)
         self._receiver = Receiver(self, hooks, slots)
+        self._manager = manage.Manager(self)
 
     @property
     def storage_dir(self) -> Path:
@@ -218,13 +225,19 @@ class FileTransferHandler:
     # ------------------------------------------------------------------ registration
 
     def register_server_handlers(self, server: Server) -> None:
-        """Register the transfer RPC methods (uploads, downloads, ``file_list``) on a server."""
+        """Register the transfer RPC methods on a server.
+
+        Uploads, downloads, ``file_list``, ``file_stat``, and ``file_delete`` /
+        ``file_rename`` (any authenticated client may delete and rename).
+        """
         server.register_rpc(self._sender.rpc_file_list, FILE_LIST)
         server.register_rpc(self._sender.rpc_file_stat, FILE_STAT)
         server.register_rpc(self._receiver.rpc_begin, UPLOAD_BEGIN)
         server.register_rpc(self._receiver.rpc_receive_small, UPLOAD_SMALL)
         server.register_rpc(self._receiver.rpc_finish, UPLOAD_FINISH)
         server.register_rpc(self._sender.rpc_download, DOWNLOAD)
+        server.register_rpc(self._manager.rpc_delete, FILE_DELETE)
+        server.register_rpc(self._manager.rpc_rename, FILE_RENAME)
         if server.cluster is not None:
             # Pushes that other nodes stage for this node's clients go out through us.
             server.cluster.serve_pushes(self._sender.send)
@@ -251,6 +264,10 @@ class FileTransferHandler:
         ``remote_name`` (default: the file's base name) may contain
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
+        if await trio.to_thread.run_sync(os.path.isdir, path):
+            return await send_tree(
+                self._sender, client.server, Path(path), remote_name, on_progress
+            )
         return await on_client(
             client, lambda peer: self._sender.send(peer, path, remote_name, on_progress, "upload")
         )
@@ -288,22 +305,73 @@ class FileTransferHandler:
         name: str,
         local_dir: str | os.PathLike[str] = "./downloads",
         on_progress: ProgressCallback | None = None,
+        *,
+        offset: int | None = None,
+        length: int | None = None,
     ) -> dict[str, Any]:
         """Download the server's file ``name`` into ``local_dir``.
 
         Returns ``{"success": True, "path": local_path, "filename": ..., "size":
         ..., "checksum": ...}``. An interrupted download leaves a hidden partial
-        file in ``local_dir``; calling again resumes it.
+        file in ``local_dir``; calling again resumes it. A local file with the
+        same name, size and SHA-256 is not downloaded again (``"skipped": True,
+        "reason": "already_there"``).
+
+        A ``name`` that is a directory on the server brings every file under
+        it, to ``local_dir/name/...``, with one result per file (see
+        :mod:`conduit.transfer._tree`). ``offset`` / ``length`` download only
+        that byte range, into ``NAME.range-OFFSET-LENGTH``; the result's
+        ``checksum`` is the SHA-256 of the range, verified end to end.
         """
-        return await on_client(
+        if offset is not None or length is not None:
+            byte_range = (0 if offset is None else offset, length)
+            return await on_client(
+                client,
+                lambda peer: self._receiver.download(
+                    peer, name, local_dir, on_progress, byte_range
+                ),
+            )
+        result = await on_client(
             client, lambda peer: self._receiver.download(peer, name, local_dir, on_progress)
         )
+        if result.get("code") != "is_directory":
+            return result
+        return await receive_tree(self._receiver, client.server, name, Path(local_dir), on_progress)
 
     @bridged
-    async def list_files(self, client: Client) -> list[dict[str, Any]]:
-        """The server's files as ``[{"name", "size", "modified"}, ...]`` (raises on failure)."""
-        answer = await client.call(FILE_LIST)
+    async def list_files(
+        self, client: Client, *, prefix: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The server's files as ``[{"name", "size", "modified"}, ...]`` (raises on failure).
+
+        ``prefix`` (a directory on the server) lists only the files under it.
+        """
+        if prefix is None:
+            answer = await client.call(FILE_LIST)
+        else:
+            answer = await client.call(FILE_LIST, prefix=prefix)
         return list(answer["files"])
+
+    @bridged
+    async def delete(self, client: Client, name: str) -> dict[str, Any]:
+        """Delete the server's file ``name``: ``{"success": True, "path": name}`` or a failure.
+
+        Failure codes: ``not_found``, ``busy`` (a transfer is writing it),
+        ``unsafe_path`` (a symlink, directory or refused name).
+        """
+        return await manage.delete(client.server, name)
+
+    @bridged
+    async def rename(
+        self, client: Client, old: str, new: str, *, overwrite: bool = False
+    ) -> dict[str, Any]:
+        """Rename the server's file ``old`` to ``new`` (directories created as needed).
+
+        Atomic; an existing ``new`` is refused with code ``exists`` unless
+        ``overwrite=True``. Returns ``{"success": True, "old": old, "path":
+        new}`` or a failure (codes as :meth:`delete`, plus ``exists``).
+        """
+        return await manage.rename(client.server, old, new, overwrite=overwrite)
 
 
 __all__ = ["FileTransferHandler"]

@@ -32,12 +32,21 @@ from .._callbacks import trio_callback
 from .._connection import Connection
 from .._peer import Peer
 from .._streams import IncomingStream
-from ..errors import ConduitError, ConnectionClosed, RPCError, StreamReset, TransferError
+from ..errors import (
+    ConduitError,
+    ConnectionClosed,
+    RPCError,
+    StreamReset,
+    TransferError,
+    UnsafePathError,
+)
 from ._answers import download_offset, stat_answer
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
+from ._ranges import range_name, resolve_range
+from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._slots import TransferSlots
 from ._space import Admission, DiskBudget
 from ._storage import PartialFile, StorageRoot
@@ -108,9 +117,23 @@ class Receiver:
 
     @trio_callback
     async def rpc_begin(
-        self, caller: Peer, name: str, size: int, key: str, restart: bool = False
+        self,
+        caller: Peer,
+        name: str,
+        size: int,
+        key: str,
+        restart: bool = False,
+        sha256: str = "",
     ) -> dict[str, Any]:
-        """``file_upload_begin`` / ``file_push_begin``: where to resume, and the stream to use."""
+        """``file_upload_begin`` / ``file_push_begin``: where to resume, and the stream to use.
+
+        Or, for a file this side already has (see :mod:`._rerun`),
+        ``{"check_sha256": True}`` (begin again with ``sha256=``) or
+        ``{"already_there": True, ...}`` (nothing to send).
+        """
+        rerun = await self._rerun_answer(caller, name, size, sha256)
+        if rerun is not None:
+            return rerun
         connection = caller.connection
         inbound_here = self._inbound(connection)
         # A retry of the same file on this connection replaces an attempt the
@@ -157,6 +180,23 @@ class Receiver:
             "prefix_sha256": partial.sha256_hex(),
         }
 
+    async def _rerun_answer(
+        self, caller: Peer, name: str, size: int, sha256: str
+    ) -> dict[str, Any] | None:
+        storage = self._settings.storage_for(caller)
+        try:
+            safe = safe_relative_name(name)
+            if not isinstance(size, int) or not await same_size_exists(storage, safe, size):
+                return None
+            if not sha256:
+                return {"check_sha256": True}
+            stored = await find_already_there(storage, safe, size, sha256)
+            if stored is not None:
+                return skipped_result(stored, size, sha256)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        return None
+
     @trio_callback
     async def rpc_finish(
         self, caller: Peer, stream_id: int, abandon: bool = False
@@ -192,6 +232,11 @@ class Receiver:
         started = trio.current_time()
         try:
             safe = safe_relative_name(name)
+            stored = await find_already_there(
+                self._settings.storage_for(caller), safe, len(data), sha256
+            )
+            if stored is not None:
+                return skipped_result(stored, len(data), sha256)
             admission = await self._budget.admit(caller, safe, len(data), None, restart=True)
         except Exception as exc:
             raise as_rpc_error(exc, name=name) from None
@@ -223,8 +268,13 @@ class Receiver:
         name: str,
         local_dir: str | os.PathLike[str],
         on_progress: ProgressCallback | None,
+        byte_range: tuple[int, int | None] | None = None,
     ) -> dict[str, Any]:
-        """Ask ``peer`` (a server) for ``name`` and receive it into ``local_dir``."""
+        """Ask ``peer`` (a server) for ``name`` and receive it into ``local_dir``.
+
+        ``byte_range`` is ``(offset, length or None)``: only those bytes, into
+        the local file named by :func:`._ranges.range_name`.
+        """
         local = StorageRoot(local_dir)
         safe = safe_relative_name(name)
         try:
@@ -232,12 +282,37 @@ class Receiver:
         except (RPCError, ConnectionClosed, TransferError) as exc:
             return transfer_failure(exc)
         size, mtime_ns = stat.size, stat.modified_ns
-        key = transfer_key(safe, size, mtime_ns)
+        target, expected, extra = safe, size, {}
+        if byte_range is not None:
+            try:
+                requested = resolve_range(size, *byte_range)
+                target = range_name(safe, *requested)
+            except (TransferError, UnsafePathError) as exc:
+                return transfer_failure(exc)
+            expected = requested[1]
+            extra = {"range_offset": requested[0], "range_length": requested[1]}
+        else:
+            skipped = await self._local_copy_is_current(peer, local, safe, size)
+            if skipped is not None:
+                # Complete already: the callback still sees its one 100% report.
+                await ProgressReporter(
+                    on_progress,
+                    filename=safe,
+                    direction="download",
+                    total_size=size,
+                    resumed_from=size,
+                ).finish()
+                return skipped
+        key = (
+            transfer_key(f"{target}\0{safe}", size, mtime_ns)
+            if extra
+            else transfer_key(safe, size, mtime_ns)
+        )
         connection = peer.connection
         try:
-            await trio.to_thread.run_sync(local.check_can_accept, size, None)
+            await trio.to_thread.run_sync(local.check_can_accept, expected, None)
             partial = await trio.to_thread.run_sync(
-                lambda: local.open_partial(safe, key, resume=True)
+                lambda: local.open_partial(target, key, resume=True)
             )
         except TransferError as exc:
             return transfer_failure(exc)
@@ -251,17 +326,19 @@ class Receiver:
                 size=size,
                 offset=partial.offset,
                 prefix_sha256=partial.sha256_hex(),
+                **extra,
             )
             start = download_offset(answer, partial.offset)
             if start != partial.offset:
                 # The server did not recognise our prefix: start over.
                 await trio.to_thread.run_sync(partial.close)
                 partial = await trio.to_thread.run_sync(
-                    lambda: local.open_partial(safe, key, resume=False)
+                    lambda: local.open_partial(target, key, resume=False)
                 )
             result = await self._receive_into(
-                connection, stream, partial, safe, size, on_progress, "download", peer=None
+                connection, stream, partial, target, expected, on_progress, "download", peer=None
             )
+            result.update(extra)
         except (ConduitError, OSError) as exc:
             if stream is not None:
                 connection.close_stream(stream, reset=("aborted", "download aborted"))
@@ -274,6 +351,26 @@ class Receiver:
                 await trio.to_thread.run_sync(partial.close)
             raise
         return result
+
+    async def _local_copy_is_current(
+        self, peer: Peer, local: StorageRoot, name: str, size: int
+    ) -> dict[str, Any] | None:
+        """The skipped result if ``local`` already holds ``name`` with the server's bytes."""
+        if not await same_size_exists(local, name, size):
+            return None
+        try:
+            remote = await peer.call(FILE_STAT, name=name, sha256=True)
+            remote_size = stat_answer(remote).size
+        except (RPCError, ConnectionClosed, TransferError):
+            return None  # the download itself reports the problem
+        digest = remote.get("sha256")
+        # A hash we compare with ours: hex of SHA-256, nothing else.
+        if remote_size != size or not isinstance(digest, str) or len(digest) != 64:
+            return None
+        stored = await find_already_there(local, name, size, digest)
+        if stored is None:
+            return None
+        return skipped_result(stored, size, digest, path=str(local.path / stored), resumed_from=0)
 
     # ------------------------------------------------------------------ receiving
 

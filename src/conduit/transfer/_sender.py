@@ -35,7 +35,7 @@ from .._connection import Connection
 from .._peer import Peer
 from .._rpc import current_peer
 from .._streams import OutgoingStream
-from ..errors import ConduitError, RPCError, StreamReset, TransferError
+from ..errors import ConduitError, RPCError, StreamReset, TransferError, UnsafePathError
 from ..protocol import is_valid_stream_id
 from ._answers import begin_answer, finish_answer
 from ._budget import ByteBudget, SendBudget
@@ -43,7 +43,10 @@ from ._engine import hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
+from ._ranges import WHOLE_FILE, resolve_range
+from ._rerun import asks_for_sha256, says_skipped
 from ._slots import TransferSlots
+from ._storage import StorageRoot
 from ._wire import (
     PUSH_BEGIN,
     PUSH_FINISH,
@@ -105,10 +108,16 @@ class Sender:
         remote_name: str | None,
         on_progress: ProgressCallback | None,
         direction: SendDirection,
+        *,
+        follow_symlinks: bool = True,
     ) -> dict[str, Any]:
-        """Send ``path`` to ``peer``'s receiver; the result dict (raises only before sending)."""
+        """Send ``path`` to ``peer``'s receiver; the result dict (raises only before sending).
+
+        ``follow_symlinks=False`` (directory walks) refuses a ``path`` that is a
+        symbolic link, atomically (``O_NOFOLLOW``), instead of sending its target.
+        """
         begin_method, finish_method, small_method = _METHODS[direction]
-        file = await trio.to_thread.run_sync(_open_local, Path(path))
+        file = await trio.to_thread.run_sync(_open_local, Path(path), follow_symlinks)
         try:
             info = os.fstat(file.fileno())
             size = info.st_size
@@ -121,12 +130,35 @@ class Sender:
             try:
                 # No timeout: re-hashing a large partial may take a while;
                 # the heartbeat notices a dead peer.
-                begin = begin_answer(
-                    await peer.call(
-                        begin_method, name=name, size=size, key=key, timeout=_NO_TIMEOUT
-                    ),
-                    size,
+                raw = await peer.call(
+                    begin_method, name=name, size=size, key=key, timeout=_NO_TIMEOUT
                 )
+                if asks_for_sha256(raw):
+                    # The receiver has a file of this name and size: if it is
+                    # this very file, there is nothing to send (see _rerun).
+                    digest = (await hash_prefix(file, size)).hexdigest()
+                    await trio.to_thread.run_sync(file.seek, 0)
+                    raw = await peer.call(
+                        begin_method,
+                        name=name,
+                        size=size,
+                        key=key,
+                        sha256=digest,
+                        timeout=_NO_TIMEOUT,
+                    )
+                if says_skipped(raw):
+                    skipped = finish_answer(raw, size)
+                    # Complete already: the callback still sees its one 100% report.
+                    done = ProgressReporter(
+                        on_progress,
+                        filename=name,
+                        direction=direction,
+                        total_size=size,
+                        resumed_from=size,
+                    )
+                    await done.finish()
+                    return {**skipped, "resumed_from": 0, "elapsed": 0.0, "speed": 0.0}
+                begin = begin_answer(raw, size)
                 start, stream_id = begin.offset, begin.stream_id
                 hasher = await resume_hasher(file, start, begin.prefix_sha256)
                 if hasher is None:  # our prefix differs from theirs: restart from zero
@@ -237,42 +269,94 @@ class Sender:
     # the application lives in asyncio (where plain coroutines run on asyncio).
 
     @trio_callback
-    async def rpc_file_list(self) -> dict[str, Any]:
-        """``file_list``: the visible files of the caller's storage."""
+    async def rpc_file_list(self, prefix: str = "") -> dict[str, Any]:
+        """``file_list``: the storage's visible files (only those under the directory ``prefix``).
+
+        ``"truncated": True`` is added when ``max_listed`` cut the listing short.
+        """
         settings = self._settings
         storage = settings.storage_for(current_peer())
-        entries = await trio.to_thread.run_sync(
-            lambda: storage.list_files(max_entries=settings.max_listed)
-        )
-        return {
-            "files": [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
+        try:
+            entries = await trio.to_thread.run_sync(
+                lambda: storage.list_files(
+                    max_entries=settings.max_listed + 1, prefix=prefix or None
+                )
+            )
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        answer: dict[str, Any] = {
+            "files": [
+                {"name": e.name, "size": e.size, "modified": e.modified}
+                for e in entries[: settings.max_listed]
+            ]
         }
+        if len(entries) > settings.max_listed:
+            answer["truncated"] = True
+        return answer
 
     @trio_callback
-    async def rpc_file_stat(self, name: str) -> dict[str, Any]:
-        """``file_stat``: size and mtime of one stored file (what a download is keyed on)."""
+    async def rpc_file_stat(self, name: str, sha256: bool = False) -> dict[str, Any]:
+        """``file_stat``: size and mtime of one stored file (what a download is keyed on).
+
+        With ``sha256=True`` also its SHA-256 (one read of the file), which a
+        re-run compares with its local copy. A directory is refused with code
+        ``"is_directory"``, which tells ``receive_from_server`` to fetch the tree.
+        """
         storage = self._settings.storage_for(current_peer())
         try:
             file, size = await trio.to_thread.run_sync(storage.open_for_read, name)
         except Exception as exc:
+            if await trio.to_thread.run_sync(_is_directory, storage, name):
+                raise RPCError(f"{name!r} is a directory", "is_directory") from None
             raise as_rpc_error(exc, name=name) from None
         with file:
             info = os.fstat(file.fileno())
-        return {"name": safe_relative_name(name), "size": size, "modified_ns": info.st_mtime_ns}
+            answer = {
+                "name": safe_relative_name(name),
+                "size": size,
+                "modified_ns": info.st_mtime_ns,
+            }
+            if sha256 is True:
+                answer["sha256"] = (await hash_prefix(file, size)).hexdigest()
+        return answer
 
     @trio_callback
     async def rpc_download(
-        self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
+        self,
+        caller: Peer,
+        name: str,
+        stream_id: int,
+        size: int,
+        offset: int,
+        prefix_sha256: str,
+        range_offset: int = 0,
+        range_length: int = WHOLE_FILE,
     ) -> dict[str, Any]:
-        """``file_download``: start streaming ``name`` into the caller's stream ``stream_id``."""
+        """``file_download``: start streaming ``name`` into the caller's stream ``stream_id``.
+
+        With ``range_offset`` / ``range_length`` (both given by a client that
+        wants a range; the defaults mean the whole file), only that slice of
+        the file (see :mod:`._ranges`); ``offset`` and the answer's ``size``
+        then count within the slice.
+        """
         try:
-            return await self._start_download(caller, name, stream_id, size, offset, prefix_sha256)
+            return await self._start_download(
+                caller, name, stream_id, size, offset, prefix_sha256, range_offset, range_length
+            )
         except Exception as exc:
             await self._served(caller, name, {"size": size, **transfer_failure(exc)})
             raise
 
     async def _start_download(
-        self, caller: Peer, name: str, stream_id: int, size: int, offset: int, prefix_sha256: str
+        self,
+        caller: Peer,
+        name: str,
+        stream_id: int,
+        size: int,
+        offset: int,
+        prefix_sha256: str,
+        range_offset: int,
+        range_length: int,
     ) -> dict[str, Any]:
         if not is_valid_stream_id(stream_id):
             raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
@@ -288,11 +372,18 @@ class Sender:
             try:
                 if actual_size != size:
                     raise RPCError(f"{name!r} changed on the server; ask again", "source_changed")
+                base = 0
+                if (range_offset, range_length) != (0, WHOLE_FILE):
+                    try:
+                        base, size = resolve_range(size, range_offset, range_length)
+                    except TransferError as exc:
+                        raise as_rpc_error(exc) from None
+                    await trio.to_thread.run_sync(file.seek, base)
                 start = offset if 0 <= offset <= size else 0
                 hasher = await self._checked_resume(caller, name, file, start, prefix_sha256)
                 if hasher is None:
                     start, hasher = 0, hashlib.sha256()
-                    await trio.to_thread.run_sync(file.seek, 0)
+                    await trio.to_thread.run_sync(file.seek, base)
                 reporter = ProgressReporter(
                     None, filename=name, direction="download", total_size=size, resumed_from=start
                 )
@@ -409,10 +500,38 @@ async def resume_hasher(
     return hasher if hasher.hexdigest() == their_prefix else None
 
 
-def _open_local(path: Path) -> io.FileIO:
+def _is_directory(storage: StorageRoot, name: str) -> bool:
+    try:
+        return storage.is_directory(name)
+    except UnsafePathError:
+        return False
+
+
+def _open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
     """Open a local file to send; raise the usual OSError subclasses before anything is sent."""
+    if not follow_symlinks:
+        return _open_local_nofollow(path)
     info = os.stat(path)  # FileNotFoundError, PermissionError as usual
     if not stat.S_ISREG(info.st_mode):
         # Checked before opening: opening a FIFO for reading would block.
         raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
     return io.FileIO(path, "r")
+
+
+def _open_local_nofollow(path: Path) -> io.FileIO:
+    # O_NONBLOCK: a FIFO swapped in after the walk must not hang the open.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePathError(f"{str(path)!r} is a symbolic link; not followed") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.FileIO(fd, "r", closefd=True)

@@ -63,6 +63,13 @@ DEFAULT_FREE_SPACE_MARGIN = 1 << 20
 _Path = tuple[str, ...]  # a partial file's path below the storage directory
 
 
+def check_writable(peer: Peer | None) -> None:
+    """Refuse a read-only account's change to its storage (upload, delete, rename)."""
+    account = getattr(peer, "account", None)
+    if account is not None and account.read_only:
+        raise TransferError("this account is read-only: changes are refused", "forbidden")
+
+
 class BudgetSettings(Protocol):
     """The handler settings the budget reads at each use."""
 
@@ -171,9 +178,8 @@ class DiskBudget:
         """
         await self._ensure_running()
         settings = self._settings
+        check_writable(peer)
         account = getattr(peer, "account", None)
-        if account is not None and account.read_only:
-            raise TransferError("this account is read-only: uploads are refused", "forbidden")
         storage, prefix = user_storage(settings.storage, peer)
         owner = _owner(peer)
         quota = None if account is None else account.quota

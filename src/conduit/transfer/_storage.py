@@ -216,22 +216,35 @@ class StorageRoot:
         size = os.fstat(fd).st_size
         return io.FileIO(fd, "r", closefd=True), size
 
-    def list_files(self, *, max_entries: int = _DEFAULT_MAX_ENTRIES) -> list[FileEntry]:
+    def list_files(
+        self, *, max_entries: int = _DEFAULT_MAX_ENTRIES, prefix: str | None = None
+    ) -> list[FileEntry]:
         """Every published file below the root, sorted by name, at most ``max_entries``.
 
         Never follows symlinks (they are skipped, as are FIFOs and other
         special files), never lists hidden or partial files, and skips any
         entry whose name :func:`safe_relative_name` would refuse or change, so
         every listed name can be downloaded by exactly that name. A missing
-        root lists as empty.
+        root lists as empty. With ``prefix`` (a directory name, checked like
+        any name), only the files below that directory, still named from the
+        root; a prefix that is not a directory lists as empty.
         """
         if max_entries < 0:
             raise ValueError("max_entries must not be negative")
         entries: list[FileEntry] = []
-        root_fd = self._open_root(create=False, missing_ok=True)
+        segments: tuple[str, ...] = ()
+        if prefix is None:
+            root_fd = self._open_root(create=False, missing_ok=True)
+        else:
+            safe = safe_relative_name(prefix)
+            segments = tuple(safe.split("/"))
+            try:
+                root_fd = self._open_directory(segments, safe, create=False)
+            except (OSError, UnsafePathError, TransferError):
+                root_fd = None
         if root_fd is None:
             return entries
-        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+        with _closing(root_fd), closing(_walk_directory(root_fd, segments)) as walk:
             for _directory, entry, relative in walk:
                 if len(entries) >= max_entries:
                     break
@@ -380,6 +393,112 @@ class StorageRoot:
             for fd in fds:
                 os.close(fd)
         return removed
+
+    # ------------------------------------------- managing published files (issue 13)
+
+    def existing_sha256(self, name: str, size: int) -> str | None:
+        """SHA-256 hex of the published file ``name`` if it is a regular file of ``size`` bytes.
+
+        ``None`` when there is no such file, it has another size, or it is not a
+        regular file (a symlink is never followed). Lets a re-run recognise a
+        file that already arrived complete instead of storing a second copy.
+        """
+        safe = safe_relative_name(name)
+        directories, basename = split_name(safe)
+        try:
+            dir_fd = self._open_directory(directories, safe, create=False)
+        except (FileNotFoundError, UnsafePathError, TransferError):
+            return None
+        with _closing(dir_fd):
+            info = _lstat(dir_fd, basename)
+            if info is None or not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                return None
+            try:
+                fd = _open_regular_for_read(dir_fd, basename, safe)
+            except (FileNotFoundError, UnsafePathError):
+                return None
+        with _closing(fd):
+            return _hash_fd(fd, size)
+
+    def published_size(self, name: str) -> int | None:
+        """Size of the published regular file ``name``, or ``None`` (no symlink is followed)."""
+        safe = safe_relative_name(name)
+        directories, basename = split_name(safe)
+        try:
+            dir_fd = self._open_directory(directories, safe, create=False)
+        except (FileNotFoundError, UnsafePathError, TransferError):
+            return None
+        with _closing(dir_fd):
+            info = _lstat(dir_fd, basename)
+        return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
+
+    def is_directory(self, name: str) -> bool:
+        """Whether ``name`` is a directory below the root (symlinks are not followed)."""
+        safe = safe_relative_name(name)
+        try:
+            os.close(self._open_directory(tuple(safe.split("/")), safe, create=False))
+        except (OSError, UnsafePathError, TransferError):
+            return False
+        return True
+
+    def delete(self, name: str) -> None:
+        """Remove the published file ``name``.
+
+        Refused with :class:`TransferError`: ``"not_found"``, ``"unsafe_path"``
+        (a symlink, directory or special file: never followed, never removed)
+        and ``"busy"`` (a transfer is writing that name right now).
+        """
+        safe = _managed_name(name)
+        directories, basename = split_name(safe)
+        with _closing(self._managed_directory(directories, safe)) as dir_fd:
+            _require_regular(dir_fd, basename, safe)
+            _refuse_busy(dir_fd, basename, safe)
+            os.unlink(basename, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+
+    def rename(self, old: str, new: str, *, overwrite: bool = False) -> str:
+        """Give the published file ``old`` the name ``new`` (created directories as needed).
+
+        Atomic: ``renameat2(RENAME_NOREPLACE)`` where the kernel has it, else a
+        hard link (which fails atomically if ``new`` exists) then the removal of
+        ``old``; an existing ``new`` is refused (``"exists"``) unless
+        ``overwrite``, and then atomically replaced (``os.replace``). Never
+        follows a symlink; codes as :meth:`delete`. Returns the new name.
+        """
+        source = _managed_name(old)
+        target = _managed_name(new)
+        if source == target:
+            raise TransferError(f"{source!r} and {target!r} are the same name", "exists")
+        src_dirs, src_base = split_name(source)
+        dest_dirs, dest_base = split_name(target)
+        with _closing(self._managed_directory(src_dirs, source)) as src_fd:
+            _require_regular(src_fd, src_base, source)
+            _refuse_busy(src_fd, src_base, source)
+            try:
+                dest_fd = self._open_directory(dest_dirs, target, create=True)
+            except UnsafePathError as exc:
+                raise TransferError(str(exc), "unsafe_path") from None
+            with _closing(dest_fd):
+                _refuse_busy(dest_fd, dest_base, target)
+                existing = _lstat(dest_fd, dest_base)
+                if existing is not None and (not overwrite or stat.S_ISDIR(existing.st_mode)):
+                    raise TransferError(f"{target!r} already exists", "exists")
+                if overwrite:
+                    os.replace(src_base, dest_base, src_dir_fd=src_fd, dst_dir_fd=dest_fd)
+                elif not _move_without_replacing(src_fd, src_base, dest_fd, dest_base):
+                    raise TransferError(f"{target!r} already exists", "exists")
+                os.fsync(dest_fd)
+                if not os.path.samestat(os.fstat(dest_fd), os.fstat(src_fd)):
+                    os.fsync(src_fd)
+        return target
+
+    def _managed_directory(self, directories: tuple[str, ...], name: str) -> int:
+        try:
+            return self._open_directory(directories, name, create=False)
+        except FileNotFoundError:
+            raise TransferError(f"no such file: {name!r}", "not_found") from None
+        except UnsafePathError as exc:
+            raise TransferError(str(exc), "unsafe_path") from None
 
     # ----------------------------------------------------------------------- internals
 
@@ -868,6 +987,76 @@ def _renameat2_noreplace(src_dir: int, src: str, dest_dir: int, candidate: str) 
     if code in _NO_RENAMEAT2_ERRNOS:
         return None
     raise OSError(code, os.strerror(code), candidate)
+
+
+# --------------------------------------------------------------------------- managing
+
+
+def _managed_name(name: str) -> str:
+    try:
+        return safe_relative_name(name)
+    except UnsafePathError as exc:
+        raise TransferError(str(exc), "unsafe_path") from None
+
+
+def _hash_fd(fd: int, size: int) -> str:
+    digest = hashlib.sha256()
+    position = 0
+    while position < size:
+        block = os.pread(fd, min(_HASH_BLOCK, size - position), position)
+        if not block:
+            break
+        digest.update(block)
+        position += len(block)
+    return digest.hexdigest()
+
+
+def _require_regular(dir_fd: int, entry: str, name: str) -> None:
+    info = _lstat(dir_fd, entry)
+    if info is None:
+        raise TransferError(f"no such file: {name!r}", "not_found")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise TransferError(f"{name!r} is {kind}; refused", "unsafe_path")
+
+
+def _refuse_busy(dir_fd: int, basename: str, name: str) -> None:
+    """Refuse (``"busy"``) if a transfer holds the lock of a partial file for ``basename``.
+
+    The file system is the registry: every partial file being written is
+    ``flock``-ed by its writer (in this process or another), so a partial that
+    will become ``basename`` and cannot be locked is in use.
+    """
+    suffixes = ("-" + basename, "~" + hashlib.sha256(basename.encode("utf-8")).hexdigest()[:16])
+    with os.scandir(dir_fd) as iterator:
+        candidates = [
+            entry.name
+            for entry in iterator
+            if is_partial_name(entry.name) and entry.name.endswith(suffixes)
+        ]
+    for candidate in candidates:
+        try:
+            fd = os.open(candidate, _READ_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            continue  # gone, or not a file we would open
+        with _closing(fd):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise TransferError(f"{name!r} is being written; try again later", "busy") from None
+
+
+def _move_without_replacing(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool:
+    """Rename ``src`` to ``candidate`` unless it exists; False if it does."""
+    renamed = _renameat2_noreplace(src_dir, src, dest_dir, candidate)
+    if renamed is not None:
+        return renamed
+    try:
+        os.link(src, candidate, src_dir_fd=src_dir, dst_dir_fd=dest_dir, follow_symlinks=False)
+    except FileExistsError:
+        return False
+    os.unlink(src, dir_fd=src_dir)
+    return True
 
 
 # --------------------------------------------------------------------------- walking

@@ -25,6 +25,8 @@ UPLOAD_BEGIN = "file_upload_begin"
 UPLOAD_FINISH = "file_upload_finish"
 UPLOAD_SMALL = "file_upload_small"
 DOWNLOAD = "file_download"
+FILE_DELETE = "file_delete"
+FILE_RENAME = "file_rename"
 # ... and a client registers, to receive pushes.
 PUSH_BEGIN = "file_push_begin"
 PUSH_FINISH = "file_push_finish"

@@ -1,0 +1,102 @@
+"""Re-runs store no second copy: recognising a file that already arrived complete.
+
+A file counts as already there when a published file has the same relative
+name (or one of its collision variants ``name (1).ext``, ... up to the first
+free one: where an earlier run stored it), the same size and the same SHA-256
+as the one offered. Nothing weaker
+(name and size, or a modification time) is trusted: a different file of the
+same size under a taken name still gets the collision policy (``name (1).ext``).
+
+Who hashes what, so that the common case costs nothing:
+
+* small files (sent in one call) carry their SHA-256 anyway; the receiver
+  hashes its same-size file, if it has one, and compares;
+* a streamed upload or push asks ``begin`` first; only when the receiver has a
+  published file of exactly that size does it answer ``{"check_sha256": True}``,
+  and the sender then hashes its local file (one extra read, paid only on that
+  collision) and begins again with ``sha256=``; the receiver compares with its
+  own file's hash and answers ``{"already_there": True}`` or begins as usual;
+* a download whose local target exists with the server's size asks
+  ``file_stat(name, sha256=True)`` and compares with the local file's hash.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+from typing import Any
+
+import trio
+
+from ._names import collision_candidates, split_name
+from ._storage import StorageRoot
+
+#: The ``reason`` of a skipped file.
+ALREADY_THERE = "already_there"
+
+
+#: Collision variants (``name (1).ext``, ...) looked at, at most: a re-run of a
+#: file that once collided finds its earlier copy there.
+MAX_VARIANTS = 100
+
+
+def _candidates(storage: StorageRoot, name: str, size: int) -> list[str]:
+    """``name`` and its collision variants up to the first free one, of exactly ``size`` bytes.
+
+    The variants are those a non-overwriting publish would have produced, in
+    the same order, so the walk stops at the first name that was never taken.
+    """
+    directories, basename = split_name(name)
+    found = []
+    variants = itertools.islice(collision_candidates(basename), MAX_VARIANTS)
+    for candidate in itertools.chain([basename], variants):
+        full = "/".join((*directories, candidate))
+        existing = storage.published_size(full)
+        if existing is None:
+            break
+        if existing == size:
+            found.append(full)
+    return found
+
+
+async def same_size_exists(storage: StorageRoot, name: str, size: int) -> bool:
+    """Whether ``storage`` has ``name`` (or a collision variant) of ``size`` bytes (cheap)."""
+    return bool(await trio.to_thread.run_sync(_candidates, storage, name, size))
+
+
+def _find(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
+    wanted = sha256.strip().lower()
+    for candidate in _candidates(storage, name, size):
+        existing = storage.existing_sha256(candidate, size)
+        if existing is not None and hmac.compare_digest(existing, wanted):
+            return candidate
+    return None
+
+
+async def find_already_there(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
+    """The stored name (``name`` or a variant) holding exactly this size and SHA-256, if any."""
+    return await trio.to_thread.run_sync(_find, storage, name, size, sha256)
+
+
+def asks_for_sha256(answer: Any) -> bool:
+    """Whether a begin answer is ``{"check_sha256": True}`` (begin again with ``sha256=``)."""
+    return isinstance(answer, dict) and answer.get("check_sha256") is True
+
+
+def says_skipped(answer: Any) -> bool:
+    """Whether a begin answer says the file is already there (nothing to send)."""
+    return isinstance(answer, dict) and answer.get("skipped") is True
+
+
+def skipped_result(name: str, size: int, sha256: str, **extra: Any) -> dict[str, Any]:
+    """The success result for a file that was not transferred because it is already there."""
+    return {
+        "success": True,
+        "skipped": True,
+        "reason": ALREADY_THERE,
+        "path": name,
+        "filename": name,
+        "size": size,
+        "checksum": sha256,
+        **extra,
+    }

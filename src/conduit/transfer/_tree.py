@@ -1,0 +1,195 @@
+"""Whole directories: ``send_to_server(client, a_directory)`` and its download twin.
+
+A directory is sent file by file, each exactly like a single file (same names
+rules, same verification, resume and re-run rules), under
+``REMOTE_NAME/relative/path`` so the layout is kept. Downloading a name that
+is a directory on the server lists the files under it (``file_list`` with a
+``prefix``) and downloads each into ``local_dir`` under its full name.
+
+The local walk never follows a symbolic link: a link (to a file or a
+directory) and a special file (FIFO, device, socket) each become a failed entry
+with code ``"unsafe_path"`` or ``"not_a_file"``; every file is then opened with
+``O_NOFOLLOW``, so a link swapped in after the walk is refused too. Hidden
+entries (``.git``, ``.DS_Store``) are skipped, not failed: no receiver accepts
+hidden names. The result::
+
+    {"success": all entries succeeded,
+     "directory": the remote name of the directory,
+     "files": [{"name": remote name, "local": local path, **that file's result}, ...],
+     "transferred": n, "skipped": n, "failed": n}
+
+where each file's result is what a single transfer returns (a re-run's
+unchanged files have ``"skipped": True, "reason": "already_there"``, hidden
+ones ``"skipped": True, "reason": "hidden"``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..errors import ConduitError, TransferError
+from ._names import MAX_DEPTH, safe_relative_name
+from ._progress import TransferProgress
+from ._wire import FILE_LIST, transfer_failure
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+    from ._receiver import Receiver
+    from ._sender import Sender
+
+#: Files of one directory transferred at once over the connection.
+PARALLEL_FILES = 4
+
+FileTransfer = Callable[[str, str], Awaitable[dict[str, Any]]]
+ProgressCallback = Callable[[TransferProgress], Any]
+
+
+@attrs.define
+class _Entry:
+    name: str
+    local: str
+    result: dict[str, Any] | None = None
+
+
+def _failed(message: str, code: str) -> dict[str, Any]:
+    return {"success": False, "error": message, "code": code}
+
+
+def walk_local(top: Path, prefix: str) -> list[_Entry]:
+    """The entries under ``top`` to send as ``prefix/relative``; links are never followed."""
+    entries: list[_Entry] = []
+
+    def visit(directory: Path, relative: tuple[str, ...]) -> None:
+        try:
+            with os.scandir(directory) as iterator:
+                children = sorted(iterator, key=lambda entry: entry.name)
+        except OSError as exc:
+            name = "/".join((prefix, *relative)) or "."
+            entries.append(_Entry(name, str(directory), _failed(f"cannot read: {exc}", "io_error")))
+            return
+        for child in children:
+            parts = (*relative, child.name)
+            name = "/".join(part for part in (prefix, *parts) if part)
+            entry = _Entry(name, child.path)
+            if child.name.startswith("."):
+                entry.result = {"success": True, "skipped": True, "reason": "hidden"}
+            elif child.is_symlink():
+                entry.result = _failed("a symbolic link; not followed", "unsafe_path")
+            elif child.is_dir(follow_symlinks=False):
+                if len(parts) < MAX_DEPTH:
+                    visit(Path(child.path), parts)
+                    continue
+                entry.result = _failed(f"nested deeper than {MAX_DEPTH} levels", "unsafe_path")
+            elif not child.is_file(follow_symlinks=False):
+                entry.result = _failed("not a regular file (FIFO, device or socket)", "not_a_file")
+            entries.append(entry)
+
+    info = os.stat(top)  # the top directory is the caller's choice: it may be a link
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(str(top))
+    visit(top, ())
+    return entries
+
+
+def remote_prefix(top: Path, remote_name: str | None) -> str:
+    """The remote directory name: ``remote_name`` or the local directory's own name."""
+    if remote_name is None:
+        remote_name = top.name or Path(os.path.abspath(top)).name
+    remote_name = remote_name.strip("/")
+    return safe_relative_name(remote_name) if remote_name else ""
+
+
+async def transfer_all(entries: list[_Entry], transfer: FileTransfer) -> None:
+    """Run ``transfer(name, local)`` for every entry without a result yet, a few at a time."""
+    limiter = trio.CapacityLimiter(PARALLEL_FILES)
+
+    async def one(entry: _Entry) -> None:
+        async with limiter:
+            entry.result = await transfer(entry.name, entry.local)
+
+    async with trio.open_nursery() as nursery:
+        for entry in entries:
+            if entry.result is None:
+                nursery.start_soon(one, entry)
+
+
+def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str, Any]:
+    """The documented result of a directory transfer (see the module docstring)."""
+    files = [{"name": e.name, "local": e.local, **(e.result or {})} for e in entries]
+    failed = sum(1 for f in files if not f.get("success"))
+    skipped = sum(1 for f in files if f.get("success") and f.get("skipped"))
+    return {
+        "success": failed == 0 and not extra.get("error"),
+        "directory": directory,
+        "files": files,
+        "transferred": len(files) - failed - skipped,
+        "skipped": skipped,
+        "failed": failed,
+        **extra,
+    }
+
+
+def remote_entries(listing: dict[str, Any], prefix: str, local_dir: Path) -> list[_Entry]:
+    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``."""
+    entries = []
+    for item in listing.get("files", []):
+        name = str(item["name"])
+        if not name.startswith(prefix + "/"):
+            raise TransferError(f"the server listed {name!r} outside {prefix!r}", "protocol_error")
+        entries.append(_Entry(name, str(local_dir / name)))
+    return entries
+
+
+async def send_tree(
+    sender: Sender,
+    peer: Peer,
+    top: Path,
+    remote_name: str | None,
+    on_progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Upload every file under ``top`` (``send_to_server`` on a directory)."""
+    prefix = remote_prefix(top, remote_name)
+    entries = await trio.to_thread.run_sync(walk_local, top, prefix)
+
+    async def upload(name: str, local: str) -> dict[str, Any]:
+        try:
+            return await sender.send(
+                peer, local, name, on_progress, "upload", follow_symlinks=False
+            )
+        except (OSError, ConduitError) as exc:
+            return transfer_failure(exc)
+
+    await transfer_all(entries, upload)
+    return tree_result(prefix, entries)
+
+
+async def receive_tree(
+    receiver: Receiver,
+    peer: Peer,
+    name: str,
+    local_dir: Path,
+    on_progress: ProgressCallback | None,
+) -> dict[str, Any]:
+    """Download every file under the server's directory ``name`` into ``local_dir/name``."""
+    prefix = safe_relative_name(name)
+    try:
+        listing = await peer.call(FILE_LIST, prefix=prefix)
+        entries = remote_entries(listing, prefix, local_dir)
+    except ConduitError as exc:
+        return {**transfer_failure(exc), "directory": prefix, "files": []}
+
+    async def download(remote: str, _local: str) -> dict[str, Any]:
+        return await receiver.download(peer, remote, local_dir, on_progress)
+
+    await transfer_all(entries, download)
+    extra: dict[str, Any] = {}
+    if listing.get("truncated"):
+        extra = {"error": "the server listed only part of the directory", "code": "truncated"}
+    return tree_result(prefix, entries, **extra)

@@ -1,0 +1,143 @@
+"""``conduit`` commands for managing and re-sending files, run as a user runs them.
+
+Re-runs of ``send`` and ``get`` that must not store copies, ``rm`` and ``mv``,
+and the one-line messages of expected failures (a port in use, a TLS server
+spoken to in plain text). Real subprocesses, helpers from ``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from test_cli import (
+    ServeProcess,
+    conduit,
+    conduit_json,
+    partial_files,
+    server,  # noqa: F401 (the fixture)
+    start_server,
+    visible_files,
+    write_random,
+)
+
+
+def _batch(root: Path) -> Path:
+    batch = root / "batch"
+    (batch / "sub").mkdir(parents=True)
+    (batch / "small1.bin").write_bytes(b"one" * 100)
+    (batch / "sub" / "small2.bin").write_bytes(b"two" * 100)
+    write_random(batch / "big.bin", 3 * 1024 * 1024 + 5)
+    return batch
+
+
+def test_send_batch_rerun_stores_no_copies(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    batch = _batch(tmp_path)
+    assert conduit("send", str(batch), "--to", server.address).returncode == 0
+    first = visible_files(server.directory)
+    assert sorted(first) == ["batch/big.bin", "batch/small1.bin", "batch/sub/small2.bin"]
+
+    code, again = conduit_json("send", str(batch), "--to", server.address)
+    assert code == 0, again
+    assert visible_files(server.directory) == first  # no "small1 (1).bin"
+    for entry in again["files"]:
+        assert entry["success"] is True and entry["skipped"] is True, entry
+        assert entry["reason"] == "already_there"
+
+    # A genuinely different file under a taken name still gets "name (1)".
+    (batch / "small1.bin").write_bytes(b"ONE" * 100)
+    assert conduit("send", str(batch), "--to", server.address).returncode == 0
+    after = visible_files(server.directory)
+    assert after["batch/small1 (1).bin"] == b"ONE" * 100
+    assert after["batch/small1.bin"] == b"one" * 100
+    assert len(after) == 4
+    # ... and running it once more finds that copy: still four files.
+    assert conduit("send", str(batch), "--to", server.address).returncode == 0
+    assert visible_files(server.directory) == after
+    assert not partial_files(server.directory)
+
+
+def test_get_rerun_stores_no_copies(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    batch = _batch(server.directory)
+    out = tmp_path / "out"
+    for _attempt in range(3):
+        code, document = conduit_json("get", "batch", "-o", str(out), "--from", server.address)
+        assert code == 0, document
+    assert visible_files(out) == {
+        "batch/" + name: data for name, data in visible_files(batch).items()
+    }
+    assert all(entry["skipped"] is True for entry in document["files"]), document
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = conduit("serve", str(tmp_path / "d"), "--port", str(port), timeout=30)
+    assert result.returncode == 4, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+
+
+def test_plain_client_to_a_tls_server_says_use_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert_file = tmp_path / "server.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(cert_file)
+    )
+    serving = start_server(tmp_path, "--tls-cert", str(cert_file))
+    try:
+        result = conduit("ls", "--from", serving.address, timeout=30)
+    finally:
+        serving.stop()
+    assert result.returncode == 4, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "the server speaks TLS; use --tls" in lines[0], result.stderr
+
+
+def test_rm_and_mv(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    write_random(server.directory / "a.bin", 10)
+    write_random(server.directory / "b.bin", 20)
+    (server.directory / "d").mkdir()
+    address = ("--from", server.address)
+
+    result = conduit("mv", "a.bin", "b.bin", *address)
+    assert result.returncode == 1, result.stderr
+    assert "FAILED" in result.stdout and "[exists]" in result.stdout
+
+    result = conduit("mv", "a.bin", "sub/c.bin", *address)
+    assert result.returncode == 0, result.stderr
+    assert "renamed   a.bin -> sub/c.bin" in result.stdout
+    assert sorted(visible_files(server.directory)) == ["b.bin", "sub/c.bin"]
+
+    code, document = conduit_json("mv", "sub/c.bin", "b.bin", "--overwrite", *address)
+    assert code == 0 and document["ok"] is True, document
+    assert len(visible_files(server.directory)["b.bin"]) == 10
+
+    code, document = conduit_json("rm", "b.bin", "missing.bin", "d", "../x", *address)
+    assert code == 1, document
+    assert [entry["success"] for entry in document["files"]] == [True, False, False, False]
+    assert [entry.get("code") for entry in document["files"][1:]] == [
+        "not_found",
+        "unsafe_path",
+        "unsafe_path",
+    ]
+    assert visible_files(server.directory) == {}
+    assert conduit("rm", *address).returncode == 2  # NAME is required
+
+
+def test_printed_paths_are_normalised(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    write_random(server.directory / "big.bin", 300 * 1024)
+    here = tmp_path / "client"
+    here.mkdir()
+    result = conduit("get", "big.bin", "-o", "../dl", "--from", server.address, cwd=here)
+    assert result.returncode == 0, result.stderr
+    assert "/../" not in result.stdout and "client/.." not in result.stdout, result.stdout
+    assert str(tmp_path / "dl" / "big.bin") in result.stdout
+    again = conduit("get", "big.bin", "-o", "../dl", "--from", server.address, cwd=here)
+    assert again.returncode == 0 and "already there" in again.stdout, again.stdout
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["big.bin"]

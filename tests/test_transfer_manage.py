@@ -1,0 +1,376 @@
+"""Issue 13's file operations over real loopback connections and real files.
+
+Directories in both directions, re-runs that store no second copy, delete and
+rename (confined, atomic, never following links, refusing to overwrite or to
+touch a file being written), and ranged downloads. Every test is bounded by
+``trio.fail_after``; none asserts on speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import Client, FileTransferHandler, RPCError, Server
+from conduit.transfer._storage import StorageRoot
+from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
+
+BIG = 3 * 1024 * 1024 + 7  # streamed, not sent in one call
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _visible(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and not p.is_symlink()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+def _hidden(root: Path) -> list[Path]:
+    return list(root.rglob(".conduit-partial-*"))
+
+
+async def _pair(
+    server_factory: ServerFactory, client_factory: ClientFactory, storage: Path
+) -> tuple[FileTransferHandler, Client]:
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    return transfer, client
+
+
+def _tree(root: Path) -> Path:
+    top = root / "photos"
+    _write(top / "a.txt", b"hello\n")
+    _write(top / "empty.bin", b"")
+    _write(top / "2024" / "summer" / "beach.raw", os.urandom(BIG))
+    _write(top / "2024" / "caf\u00e9.txt", b"unicode\n")
+    _write(top / ".DS_Store", b"hidden")
+    return top
+
+
+# --------------------------------------------------------------------------- directories
+
+
+async def test_send_a_directory_keeps_its_layout_and_reports_each_file(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    top = _tree(tmp_path / "local")
+    os.symlink("/etc/passwd", top / "link.txt")
+    os.symlink(top / "2024", top / "linkdir")
+    os.mkfifo(top / "pipe")
+    with trio.fail_after(60):
+        result = await transfer.send_to_server(client, top)
+    files = {entry["name"]: entry for entry in result["files"]}
+    assert result["directory"] == "photos"
+    assert result["success"] is False and result["failed"] == 3
+    assert files["photos/link.txt"]["code"] == "unsafe_path"
+    assert files["photos/linkdir"]["code"] == "unsafe_path"
+    assert files["photos/pipe"]["code"] == "not_a_file"
+    assert files["photos/.DS_Store"] == {
+        "name": "photos/.DS_Store",
+        "local": str(top / ".DS_Store"),
+        "success": True,
+        "skipped": True,
+        "reason": "hidden",
+    }
+    for name in ("a.txt", "empty.bin", "2024/summer/beach.raw", "2024/caf\u00e9.txt"):
+        entry = files[f"photos/{name}"]
+        assert entry["success"] is True and "skipped" not in entry, entry
+        assert entry["checksum"] == hashlib.sha256((top / name).read_bytes()).hexdigest()
+    assert result["transferred"] == 4
+    stored = _visible(tmp_path / "server")
+    assert stored == {
+        f"photos/{n}": (top / n).read_bytes()
+        for n in ("a.txt", "empty.bin", "2024/summer/beach.raw", "2024/caf\u00e9.txt")
+    }
+
+
+async def test_directory_rerun_skips_what_arrived_and_sends_what_changed(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    top = _tree(tmp_path / "local")
+    with trio.fail_after(60):
+        first = await transfer.send_to_server(client, top, remote_name="backup/photos")
+        assert first["success"] is True and first["directory"] == "backup/photos"
+        again = await transfer.send_to_server(client, top, remote_name="backup/photos")
+        assert again["success"] is True and again["transferred"] == 0
+        for entry in again["files"]:
+            assert entry["skipped"] is True, entry
+        before = _visible(tmp_path / "server")
+        _write(top / "a.txt", b"HELLO\n")  # same size, different bytes
+        third = await transfer.send_to_server(client, top, remote_name="backup/photos")
+    after = _visible(tmp_path / "server")
+    assert third["transferred"] == 1
+    assert after.pop("backup/photos/a (1).txt") == b"HELLO\n"
+    assert after == before
+    assert not _hidden(tmp_path / "server")
+
+
+async def test_receive_a_directory_and_rerun(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    _, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    _tree(tmp_path / "server")
+    os.symlink("/etc", tmp_path / "server" / "photos" / "etc")  # never listed, never followed
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    out = tmp_path / "out"
+    with trio.fail_after(60):
+        result = await local.receive_from_server(client, "photos", local_dir=out)
+        assert result["success"] is True, result
+        again = await local.receive_from_server(client, "photos", local_dir=out)
+    expected = {name: data for name, data in _visible(tmp_path / "server").items() if "/" in name}
+    assert _visible(out) == expected
+    assert result["transferred"] == 4 and result["directory"] == "photos"
+    assert again["success"] is True and again["skipped"] == 4, again
+    assert all(e["reason"] == "already_there" for e in again["files"])
+    assert not (out / "photos" / "etc").exists()
+
+
+async def test_list_files_with_a_prefix(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    _write(tmp_path / "server" / "a" / "x.txt", b"x")
+    _write(tmp_path / "server" / "ab.txt", b"y")
+    _write(tmp_path / "server" / "a" / "b" / "y.txt", b"y")
+    with trio.fail_after(10):
+        names = [f["name"] for f in await transfer.list_files(client, prefix="a")]
+        assert names == ["a/b/y.txt", "a/x.txt"]
+        assert await transfer.list_files(client, prefix="missing") == []
+        with pytest.raises(RPCError) as refused:
+            await transfer.list_files(client, prefix="../etc")
+        assert refused.value.code == "unsafe_path"
+
+
+# --------------------------------------------------------------------------- re-runs
+
+
+@pytest.mark.parametrize("size", [300, BIG])
+async def test_single_file_rerun_is_skipped_and_a_different_file_is_kept(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, size: int
+) -> None:
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    source = _write(tmp_path / "local" / "f.bin", os.urandom(size))
+    with trio.fail_after(60):
+        first = await transfer.send_to_server(client, source)
+        again = await transfer.send_to_server(client, source)
+        assert first["success"] is True and "skipped" not in first
+        assert again["success"] is True and again["skipped"] is True
+        assert again["reason"] == "already_there" and again["checksum"] == first["checksum"]
+        assert again["path"] == "f.bin"
+        other = _write(tmp_path / "other" / "f.bin", os.urandom(size))
+        third = await transfer.send_to_server(client, other)
+        fourth = await transfer.send_to_server(client, other)  # found under its variant
+    assert third["success"] is True and third["path"] == "f (1).bin"
+    assert fourth["skipped"] is True and fourth["path"] == "f (1).bin"
+    assert _visible(tmp_path / "server") == {
+        "f.bin": source.read_bytes(),
+        "f (1).bin": other.read_bytes(),
+    }
+
+
+async def test_download_rerun_is_skipped_not_copied(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    data = os.urandom(BIG)
+    _write(tmp_path / "server" / "big.bin", data)
+    out = tmp_path / "out"
+    with trio.fail_after(60):
+        for _ in range(3):
+            result = await transfer.receive_from_server(client, "big.bin", local_dir=out)
+            assert result["success"] is True
+        assert result["skipped"] is True and result["reason"] == "already_there"
+        assert result["path"] == str(out / "big.bin")
+        _write(out / "big.bin", os.urandom(BIG))  # a different local file: kept, not replaced
+        changed = await transfer.receive_from_server(client, "big.bin", local_dir=out)
+    assert changed["success"] is True and "skipped" not in changed
+    assert (out / "big (1).bin").read_bytes() == data
+    assert len(_visible(out)) == 2
+
+
+# --------------------------------------------------------------------------- delete and rename
+
+
+async def test_delete(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "server"
+    transfer, client = await _pair(server_factory, client_factory, storage)
+    _write(storage / "dir" / "a.txt", b"a")
+    _write(tmp_path / "outside.txt", b"keep me")
+    os.symlink(tmp_path / "outside.txt", storage / "link.txt")
+    with trio.fail_after(10):
+        assert await transfer.delete(client, "dir/a.txt") == {"success": True, "path": "dir/a.txt"}
+        assert not (storage / "dir" / "a.txt").exists()
+        missing = await transfer.delete(client, "dir/a.txt")
+        assert missing["success"] is False and missing["code"] == "not_found"
+        link = await transfer.delete(client, "link.txt")
+        assert link["code"] == "unsafe_path"
+        assert (storage / "link.txt").is_symlink()
+        directory = await transfer.delete(client, "dir")
+        assert directory["code"] == "unsafe_path" and (storage / "dir").is_dir()
+        for bad in ("../outside.txt", "/etc/passwd", ".hidden"):
+            refused = await transfer.delete(client, bad)
+            assert refused["success"] is False and refused["code"] == "unsafe_path", bad
+    assert (tmp_path / "outside.txt").read_bytes() == b"keep me"
+
+
+async def test_rename(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "server"
+    transfer, client = await _pair(server_factory, client_factory, storage)
+    _write(storage / "a.txt", b"a")
+    _write(storage / "b.txt", b"b")
+    os.symlink(tmp_path, storage / "escape")
+    with trio.fail_after(10):
+        moved = await transfer.rename(client, "a.txt", "new/dir/a2.txt")
+        assert moved == {"success": True, "old": "a.txt", "path": "new/dir/a2.txt"}
+        taken = await transfer.rename(client, "new/dir/a2.txt", "b.txt")
+        assert taken["success"] is False and taken["code"] == "exists"
+        assert _visible(storage) == {"new/dir/a2.txt": b"a", "b.txt": b"b"}
+        replaced = await transfer.rename(client, "new/dir/a2.txt", "b.txt", overwrite=True)
+        assert replaced["success"] is True
+        assert _visible(storage) == {"b.txt": b"a"}
+        gone = await transfer.rename(client, "a.txt", "c.txt")
+        assert gone["code"] == "not_found"
+        through_link = await transfer.rename(client, "b.txt", "escape/b.txt")
+        assert through_link["code"] == "unsafe_path"
+        link_source = await transfer.rename(client, "escape", "e2")
+        assert link_source["code"] == "unsafe_path"
+        bad = await transfer.rename(client, "b.txt", "../b.txt")
+        assert bad["code"] == "unsafe_path"
+    assert _visible(storage) == {"b.txt": b"a"} and not (tmp_path / "b.txt").exists()
+
+
+async def test_delete_and_rename_refuse_a_file_being_written(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "server"
+    transfer, client = await _pair(server_factory, client_factory, storage)
+    _write(storage / "d" / "f.bin", b"old")
+    _write(storage / "g.bin", b"g")
+    # An upload of a new d/f.bin in progress holds its partial file's lock.
+    partial = StorageRoot(storage).open_partial("d/f.bin", "t" * 32, resume=False)
+    try:
+        with trio.fail_after(10):
+            assert (await transfer.delete(client, "d/f.bin"))["code"] == "busy"
+            assert (await transfer.rename(client, "d/f.bin", "x.bin"))["code"] == "busy"
+            into = await transfer.rename(client, "g.bin", "d/f.bin", overwrite=True)
+            assert into["code"] == "busy"
+    finally:
+        partial.close()
+    with trio.fail_after(10):
+        assert (await transfer.delete(client, "d/f.bin"))["success"] is True
+    assert _visible(storage) == {"g.bin": b"g"}
+
+
+def test_directories_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
+    storage = tmp_path / "server"
+    _write(storage / "a.txt", b"a")
+    top = _tree(tmp_path / "local")
+
+    async def main() -> dict[str, Any]:
+        transfer = FileTransferHandler(storage_dir=storage)
+        server = Server(server_descriptor())
+        transfer.register_server_handlers(server)
+        task = asyncio.create_task(server.run())
+        await asyncio.wait_for(server.wait_listening(), 5)
+        try:
+            async with Client(client_descriptor(server.port)) as client:
+                sent = await transfer.send_to_server(client, top)
+                assert sent["success"] is True and sent["transferred"] == 4, sent
+                got = await transfer.receive_from_server(
+                    client, "photos", local_dir=tmp_path / "out"
+                )
+                assert got["success"] is True and got["transferred"] == 4, got
+                moved = await transfer.rename(client, "a.txt", "b.txt")
+                assert moved["success"] is True
+                return await transfer.delete(client, "b.txt")
+        finally:
+            await server.close()
+            await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == {"success": True, "path": "b.txt"}
+    assert _visible(storage) == {
+        f"photos/{n}": (top / n).read_bytes()
+        for n in ("a.txt", "empty.bin", "2024/summer/beach.raw", "2024/caf\u00e9.txt")
+    }
+    assert _visible(tmp_path / "out") == _visible(storage)
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+async def test_ranged_download(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    data = os.urandom(BIG)
+    _write(tmp_path / "server" / "r" / "big.bin", data)
+    out = tmp_path / "out"
+    cases = [(0, 10), (1_000_000, 2_000_000), (BIG - 5, 100), (BIG, None), (17, None)]
+    with trio.fail_after(60):
+        for offset, length in cases:
+            result = await transfer.receive_from_server(
+                client, "r/big.bin", local_dir=out, offset=offset, length=length
+            )
+            expected = data[offset:] if length is None else data[offset : offset + length]
+            name = f"r/big.bin.range-{offset}-{len(expected)}"
+            assert result["success"] is True, result
+            assert result["path"] == str(out / name)
+            assert (out / name).read_bytes() == expected
+            assert result["checksum"] == hashlib.sha256(expected).hexdigest()
+            assert result["size"] == len(expected)
+            assert result["range_offset"] == offset
+            assert result["range_length"] == len(expected)
+        past = await transfer.receive_from_server(
+            client, "r/big.bin", local_dir=out, offset=BIG + 1, length=1
+        )
+        negative = await transfer.receive_from_server(client, "r/big.bin", local_dir=out, offset=-1)
+    assert past["success"] is False and past["code"] == "invalid_range"
+    assert negative["success"] is False and negative["code"] == "invalid_range"
+    assert not (out / "r" / "big.bin").exists()  # a part never passes for the whole
+    assert not _hidden(out)
+
+
+async def test_server_refuses_a_bad_range_from_a_raw_call(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    _, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    _write(tmp_path / "server" / "f.bin", b"x" * 100)
+    connection = client.server.connection
+    with trio.fail_after(10):
+        for offset, length in [(101, 1), (-1, 5), (0, -3)]:
+            stream = connection.open_incoming_stream()
+            with pytest.raises(RPCError) as refused:
+                await client.call(
+                    "file_download",
+                    name="f.bin",
+                    stream_id=stream.stream_id,
+                    size=100,
+                    offset=0,
+                    prefix_sha256="",
+                    range_offset=offset,
+                    range_length=length,
+                )
+            connection.close_stream(stream)
+            assert refused.value.code == "invalid_range", (offset, length)
