@@ -143,9 +143,15 @@ class ServerUnderTest:
 
 
 def _client(port: int) -> Client:
+    # Attackers and crashed clients do not come back: no automatic reconnect,
+    # so a dropped upload stays abandoned, which is what these scenarios measure.
     return Client(
         ClientDescriptor(
-            server_host="127.0.0.1", server_port=port, password=PASSWORD, rpc_timeout=120.0
+            server_host="127.0.0.1",
+            server_port=port,
+            password=PASSWORD,
+            rpc_timeout=120.0,
+            reconnect_enabled=False,
         )
     )
 

@@ -94,7 +94,8 @@ async def abandon_upload(server: Server, source: Path, scratch: Path, cut_after:
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
         nursery.start_soon(cutter.cut_when_tripped)
-        client = Client(client_descriptor(proxy.port))
+        # An abandoned upload: the client gives up at the cut instead of reconnecting.
+        client = Client(client_descriptor(proxy.port, reconnect_enabled=False))
         await client.connect()
         try:
             result = await FileTransferHandler(storage_dir=scratch).send_to_server(client, source)

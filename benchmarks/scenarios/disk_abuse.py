@@ -71,8 +71,15 @@ def _server(workdir: Path, storage: Path, server_src: Path | None, ttl: float) -
 
 
 async def _client(port: int) -> Client:
+    # An abandoning client: no automatic reconnect after the proxy's cut.
     client = Client(
-        ClientDescriptor(server_host=LOOPBACK, server_port=port, password=PASSWORD, rpc_timeout=60)
+        ClientDescriptor(
+            server_host=LOOPBACK,
+            server_port=port,
+            password=PASSWORD,
+            rpc_timeout=60,
+            reconnect_enabled=False,
+        )
     )
     await client.connect()
     return client
