@@ -207,6 +207,14 @@ async def _smallfiles(port: int, spec: dict[str, Any], driver: _Driver) -> dict[
     concurrency = int(spec.get("concurrency", 1))
     queue = iter(names)
 
+    async def directory() -> None:
+        # The whole source directory in one call, into the storage root itself.
+        outcome = _checked(
+            await transfer.send_to_server(client, spec["dir"], remote_name=""), "directory upload"
+        )
+        if outcome["transferred"] != len(names):
+            raise RuntimeError(f"directory upload sent {outcome['transferred']} of {len(names)}")
+
     async def worker() -> None:
         for name in queue:
             _checked(
@@ -218,7 +226,10 @@ async def _smallfiles(port: int, spec: dict[str, Any], driver: _Driver) -> dict[
 
     try:
         with _transferlib.OpTimer(spec.get("server_pid")) as timer:
-            await driver.gather([worker] * concurrency)
+            if spec.get("directory"):
+                await directory()
+            else:
+                await driver.gather([worker] * concurrency)
     finally:
         await client.disconnect()
     figures = timer.figures(0)

@@ -7,6 +7,9 @@ repetition and contender, on one connection:
   (request, sealed records, fsync + rename on the server, digest answer);
 * ``conduit-trio`` -- ``FileTransferHandler.send_to_server`` one file after the other;
 * ``conduit-trio x8`` -- the same with 8 uploads in flight (8 tasks in a nursery);
+* ``conduit-trio dir`` -- one ``send_to_server`` of the whole directory (the
+  source directory holds exactly the files): its small files go many per call
+  (``file_upload_batch``, one fsync pass per batch on the server);
 * ``netconduit`` -- its ``send_to_server`` one file after the other.
 
 Every uploaded file is verified (SHA-256) against its source; the server's
@@ -64,6 +67,13 @@ CONTENDERS = (
         client_spec={"concurrency": CONCURRENCY},
     ),
     Contender(
+        "conduit-trio dir",
+        "the same client, one send_to_server of the directory: small files in batches "
+        "(file_upload_batch)",
+        "conduit_transfer.py",
+        client_spec={"directory": True},
+    ),
+    Contender(
         COMPETITOR,
         "netconduit 5.0.0 FileTransferHandler.send_to_server, one file after the other",
         "netconduit_transfer.py",
@@ -78,6 +88,10 @@ NOTES = [
     "data, checked, written, verified, fsynced and published in one call; larger files "
     "take begin + data stream + finish); netconduit 3 (start, one chunk, complete) after "
     "hashing the file; the raw reference 1",
+    "conduit-trio dir: one call for the directory; the client reads the files, sends them "
+    "64 per file_upload_batch call (within the server's max_frame_size), 4 calls in flight; "
+    "each file is still checked, admitted, verified, fsynced and published on its own, and "
+    "each directory is fsynced once per batch before the answer",
     "CPU ms/file: client process CPU (all threads), server CPU from /proc, over the batch",
     "ratio columns: contender / reference per repetition, median over repetitions",
 ]
@@ -196,7 +210,7 @@ def run(config: RunConfig) -> ScenarioResult:
             3.0,
             at_most=False,
         )
-        for suffix in ("", f" x{CONCURRENCY}")
+        for suffix in ("", f" x{CONCURRENCY}", " dir")
     ]
     return ScenarioResult(
         name=NAME,

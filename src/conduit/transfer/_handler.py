@@ -54,6 +54,7 @@ from ._wire import (
     PUSH_BEGIN,
     PUSH_FINISH,
     PUSH_SMALL,
+    UPLOAD_BATCH,
     UPLOAD_BEGIN,
     UPLOAD_FINISH,
     UPLOAD_SMALL,
@@ -234,6 +235,7 @@ class FileTransferHandler:
         server.register_rpc(self._sender.rpc_file_stat, FILE_STAT)
         server.register_rpc(self._receiver.rpc_begin, UPLOAD_BEGIN)
         server.register_rpc(self._receiver.rpc_receive_small, UPLOAD_SMALL)
+        server.register_rpc(self._receiver.rpc_receive_batch, UPLOAD_BATCH)
         server.register_rpc(self._receiver.rpc_finish, UPLOAD_FINISH)
         server.register_rpc(self._sender.rpc_download, DOWNLOAD)
         server.register_rpc(self._manager.rpc_delete, FILE_DELETE)

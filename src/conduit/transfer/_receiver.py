@@ -41,6 +41,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ._answers import download_offset, stat_answer
+from ._batch_store import parse_batch, store_batch
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
@@ -259,6 +260,49 @@ class Receiver:
         )
         result.pop("local_path")
         return result
+
+    @trio_callback
+    async def rpc_receive_batch(self, caller: Peer, files: Any) -> dict[str, Any]:
+        """``file_upload_batch``: several small files in one call, one fsync pass.
+
+        ``files`` is a list of ``{"name", "data", "sha256"}``; the answer is
+        ``{"results": [...]}``, one ``file_upload_small`` result (or failure)
+        per entry, in order. See :mod:`._batch_store` for the bounds and the
+        durability guarantee.
+        """
+        started = trio.current_time()
+        entries = parse_batch(files, caller.connection.settings.max_frame_size)
+        try:
+            admitter = await self._budget.one_shot(caller)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        try:
+            await trio.to_thread.run_sync(store_batch, entries, admitter, self._settings.overwrite)
+        finally:
+            admitter.finished()
+        elapsed = trio.current_time() - started
+        results = []
+        for entry in entries:
+            if entry.error is not None:
+                results.append(entry.failure())
+            elif entry.skipped:
+                results.append(entry.skipped_result())
+            else:
+                assert entry.published is not None
+                result = await self._announce(
+                    caller.connection,
+                    caller,
+                    admitter.storage,
+                    entry.published,
+                    entry.safe,
+                    len(entry.data),
+                    entry.sha256,
+                    resumed_from=0,
+                    elapsed=elapsed,
+                )
+                result.pop("local_path")
+                results.append(result)
+        return {"results": results}
 
     # ------------------------------------------------------------------ download (client side)
 

@@ -64,7 +64,8 @@ async def same_size_exists(storage: StorageRoot, name: str, size: int) -> bool:
     return bool(await trio.to_thread.run_sync(_candidates, storage, name, size))
 
 
-def _find(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
+def find_sync(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
+    """:func:`find_already_there` for a worker thread."""
     wanted = sha256.strip().lower()
     for candidate in _candidates(storage, name, size):
         existing = storage.existing_sha256(candidate, size)
@@ -75,7 +76,7 @@ def _find(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None
 
 async def find_already_there(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
     """The stored name (``name`` or a variant) holding exactly this size and SHA-256, if any."""
-    return await trio.to_thread.run_sync(_find, storage, name, size, sha256)
+    return await trio.to_thread.run_sync(find_sync, storage, name, size, sha256)
 
 
 def asks_for_sha256(answer: Any) -> bool:

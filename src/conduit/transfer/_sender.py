@@ -99,6 +99,11 @@ class Sender:
             connection.owned[self] = budget
         return budget
 
+    @property
+    def small_file_limit(self) -> int:
+        """Files up to this many bytes travel inside a call instead of a stream."""
+        return min(self._settings.chunk_size, _SMALL_FILE)
+
     # ------------------------------------------------------------------ upload and push
 
     async def send(
@@ -122,7 +127,7 @@ class Sender:
             info = os.fstat(file.fileno())
             size = info.st_size
             name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
-            if size <= min(self._settings.chunk_size, _SMALL_FILE):
+            if size <= self.small_file_limit:
                 return await self._send_small(
                     peer, file, name, size, on_progress, small_method, direction
                 )
@@ -510,7 +515,7 @@ def _is_directory(storage: StorageRoot, name: str) -> bool:
 def _open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
     """Open a local file to send; raise the usual OSError subclasses before anything is sent."""
     if not follow_symlinks:
-        return _open_local_nofollow(path)
+        return open_local_nofollow(path)
     info = os.stat(path)  # FileNotFoundError, PermissionError as usual
     if not stat.S_ISREG(info.st_mode):
         # Checked before opening: opening a FIFO for reading would block.
@@ -518,7 +523,7 @@ def _open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
     return io.FileIO(path, "r")
 
 
-def _open_local_nofollow(path: Path) -> io.FileIO:
+def open_local_nofollow(path: Path) -> io.FileIO:
     # O_NONBLOCK: a FIFO swapped in after the walk must not hang the open.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:

@@ -150,6 +150,41 @@ class _Abandoned:
     expires: float  # Trio clock
 
 
+@attrs.frozen
+class OneShotAdmitter:
+    """:meth:`DiskBudget.admit` and :meth:`DiskBudget.release` for one-shot files,
+    called from a worker thread (the budget's lock is a thread lock)."""
+
+    budget: DiskBudget
+    storage: StorageRoot
+    prefix: _Path
+    owner: str
+    quota: int | None
+    #: Trio's clock when the batch began (release stamps expiries with it).
+    now: float
+
+    def admit(self, name: str, size: int) -> Admission:
+        """Check and reserve ``size`` bytes for ``name``, then open its partial."""
+        budget = self.budget
+        admission = budget._admit_sync(
+            self.storage, self.prefix, name, size, None, self.owner, True, self.quota
+        )
+        try:
+            admission.partial = self.storage.open_partial(name, admission.transfer_id, resume=False)
+        except BaseException:
+            budget._release_sync(admission, self.now)
+            raise
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        """The file was published or discarded: free its reservation."""
+        self.budget._release_sync(admission, self.now)
+
+    def finished(self) -> None:
+        """Back in Trio after the batch: let the sweeper see any partial a failure kept."""
+        self.budget._wake_sweeper()
+
+
 class DiskBudget:
     """Admits uploads against the disk, the partial cap and quotas; reclaims partials."""
 
@@ -204,6 +239,20 @@ class DiskBudget:
                 await self.release(admission)
             raise
         return admission
+
+    async def one_shot(self, peer: Peer | None) -> OneShotAdmitter:
+        """Admit many one-shot small files from a worker thread (see :mod:`._batch_store`).
+
+        Refuses a read-only account here, once; each file is then admitted
+        with exactly the rules of :meth:`admit` (size, space, partial cap,
+        quota), in the thread that stores it, without a hop per file.
+        """
+        await self._ensure_running()
+        check_writable(peer)
+        account = getattr(peer, "account", None)
+        storage, prefix = user_storage(self._settings.storage, peer)
+        quota = None if account is None else account.quota
+        return OneShotAdmitter(self, storage, prefix, _owner(peer), quota, trio.current_time())
 
     async def release(self, admission: Admission) -> None:
         """The upload ended: free its reservation; index its partial if one was kept."""
@@ -453,4 +502,10 @@ class DiskBudget:
             self._settings.storage.prune_empty_directories(directories, keep=keep)
 
 
-__all__ = ["DEFAULT_FREE_SPACE_MARGIN", "Admission", "DiskBudget", "user_storage"]
+__all__ = [
+    "DEFAULT_FREE_SPACE_MARGIN",
+    "Admission",
+    "DiskBudget",
+    "OneShotAdmitter",
+    "user_storage",
+]

@@ -36,7 +36,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -346,6 +346,19 @@ class StorageRoot:
                     with suppress(FileNotFoundError):
                         total += entry.stat(follow_symlinks=False).st_size
         return total
+
+    def sync_directories(self, names: Iterable[str]) -> None:
+        """fsync, once each, the directories that hold ``names`` (published with
+        ``sync_directory=False``), so that their new entries survive a crash.
+
+        The partial of a file lives in its target's directory, so this also
+        makes the partial names' removal durable.
+        """
+        for directories in dict.fromkeys(split_name(safe_relative_name(n))[0] for n in names):
+            with _closing(
+                self._open_directory(directories, "/".join(directories), create=False)
+            ) as fd:
+                os.fsync(fd)
 
     def remove_idle_partial(self, directories: tuple[str, ...], basename: str) -> bool:
         """Unlink the partial file ``directories/basename`` unless a transfer holds it open.
@@ -687,6 +700,7 @@ class PartialFile:
         *,
         overwrite: bool = False,
         expected_sha256: str | None = None,
+        sync_directory: bool = True,
     ) -> str:
         """Make the file visible as ``final_name`` (default: the name it was opened for).
 
@@ -715,6 +729,11 @@ class PartialFile:
 
         With ``overwrite=True`` the file atomically replaces whatever file had
         the name (``os.replace``; a symlink there is replaced, not followed).
+
+        ``sync_directory=False`` (group commit, see :mod:`._batch_store`) skips
+        the directory fsyncs: the file's own bytes are still fsynced before its
+        name exists, and the caller must :meth:`StorageRoot.sync_directories`
+        before it tells anyone the file is stored.
         """
         fd = self._require_open()
         assert self._dir_fd is not None
@@ -730,8 +749,9 @@ class PartialFile:
         dest_fd = self._root._open_directory(directories, target, create=True)
         with _closing(dest_fd):
             placed = _place(self._dir_fd, self._partial_name, dest_fd, basename, overwrite)
-            os.fsync(dest_fd)
-            if not os.path.samestat(os.fstat(dest_fd), os.fstat(self._dir_fd)):
+            if sync_directory:
+                os.fsync(dest_fd)
+            if sync_directory and not os.path.samestat(os.fstat(dest_fd), os.fstat(self._dir_fd)):
                 os.fsync(self._dir_fd)  # the partial's removal lives in another directory
         self._finished = True
         self.close()

@@ -1,7 +1,8 @@
 """Whole directories: ``send_to_server(client, a_directory)`` and its download twin.
 
-A directory is sent file by file, each exactly like a single file (same names
-rules, same verification, resume and re-run rules), under
+A directory's files are sent each exactly like a single file (same names
+rules, same verification, resume and re-run rules; the small ones many per
+call, see :mod:`._batch`), under
 ``REMOTE_NAME/relative/path`` so the layout is kept. Downloading a name that
 is a directory on the server lists the files under it (``file_list`` with a
 ``prefix``) and downloads each into ``local_dir`` under its full name.
@@ -35,6 +36,7 @@ import attrs
 import trio
 
 from ..errors import ConduitError, TransferError
+from ._batch import send_small_files
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
 from ._wire import FILE_LIST, transfer_failure
@@ -166,6 +168,13 @@ async def send_tree(
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
 
+    # Small files first, many per call (see ._batch); the rest one by one.
+    pending = [(i, e.name, e.local) for i, e in enumerate(entries) if e.result is None]
+    results, _rest = await send_small_files(
+        peer, pending, sender.small_file_limit, PARALLEL_FILES, on_progress
+    )
+    for index, result in results.items():
+        entries[index].result = result
     await transfer_all(entries, upload)
     return tree_result(prefix, entries)
 

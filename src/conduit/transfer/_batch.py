@@ -1,0 +1,181 @@
+"""The sending side of ``file_upload_batch``: a directory's small files, many per call.
+
+``send_to_server`` on a directory sends its files up to the small-file limit
+(one chunk, at most 256 KiB) in batches: up to
+:data:`._batch_store.MAX_BATCH_FILES` files per call, no more bytes than the
+server's ``max_frame_size`` allows, a few batches in flight. The server stores
+each batch with one fsync pass (see :mod:`._batch_store`) and answers one
+result per file, exactly what a single small upload returns; a file that fails
+fails alone. Larger files, and every file when the server predates batches
+(its answer is ``not_found``), take the per-file path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..errors import ConduitError, UnsafePathError
+from ._answers import BadAnswer, finish_answer
+from ._batch_store import MAX_BATCH_FILES
+from ._progress import ProgressReporter, TransferProgress
+from ._sender import open_local_nofollow
+from ._wire import UPLOAD_BATCH, transfer_failure
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+
+ProgressCallback = Callable[[TransferProgress], Any]
+
+#: Room kept in every batch call for its framing, the names and the digests.
+_FRAME_OVERHEAD = 64 * 1024
+#: Bytes per entry counted besides its data and name (keys, digest, encoding).
+_ENTRY_OVERHEAD = 256
+
+
+@attrs.define
+class _Small:
+    """A file read for a batch: its bytes and their SHA-256."""
+
+    index: int
+    name: str
+    data: bytes
+    sha256: str
+
+
+def _read_small(
+    names: Sequence[tuple[int, str, str]], limit: int
+) -> tuple[list[_Small], dict[int, dict[str, Any]], list[int]]:
+    """Read the files up to ``limit`` bytes: (read, failed results, too large for a batch)."""
+    read: list[_Small] = []
+    failed: dict[int, dict[str, Any]] = {}
+    large: list[int] = []
+    for index, name, local in names:
+        try:
+            with open_local_nofollow(Path(local)) as file:
+                data = file.read(limit + 1)
+        except (OSError, UnsafePathError) as exc:
+            failed[index] = transfer_failure(exc)
+            continue
+        if len(data) > limit:
+            large.append(index)
+        else:
+            read.append(_Small(index, name, data, hashlib.sha256(data).hexdigest()))
+    return read, failed, large
+
+
+def _batches(files: list[_Small], max_bytes: int) -> tuple[list[list[_Small]], list[int]]:
+    """Cut ``files`` into calls of at most MAX_BATCH_FILES entries and ``max_bytes``."""
+    batches: list[list[_Small]] = []
+    too_big: list[int] = []
+    current: list[_Small] = []
+    used = 0
+    for small in files:
+        cost = len(small.data) + len(small.name.encode()) + _ENTRY_OVERHEAD
+        if cost > max_bytes:
+            too_big.append(small.index)
+            continue
+        if current and (len(current) >= MAX_BATCH_FILES or used + cost > max_bytes):
+            batches.append(current)
+            current, used = [], 0
+        current.append(small)
+        used += cost
+    if current:
+        batches.append(current)
+    return batches, too_big
+
+
+def _entry_result(answer: Any, small: _Small) -> dict[str, Any]:
+    if not isinstance(answer, dict):
+        return transfer_failure(BadAnswer("a batch result is not a mapping"))
+    if answer.get("success") is not True:
+        error, code = answer.get("error"), answer.get("code")
+        if not isinstance(error, str) or not isinstance(code, str):
+            return transfer_failure(BadAnswer("a failed batch result lacks error and code"))
+        return {"success": False, "error": error[:4096], "code": code[:64]}
+    try:
+        return finish_answer(answer, len(small.data))
+    except BadAnswer as exc:
+        return transfer_failure(exc)
+
+
+async def send_small_files(
+    peer: Peer,
+    files: Sequence[tuple[int, str, str]],
+    limit: int,
+    parallel: int,
+    on_progress: ProgressCallback | None,
+) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """Upload the small ones of ``files`` (index, remote name, local path) in batches.
+
+    Returns the results by index, and the indexes left for the per-file path
+    (larger than ``limit``, or the server does not take batches).
+    """
+    results: dict[int, dict[str, Any]] = {}
+    rest: list[int] = []
+    max_bytes = peer.connection.keys.peer_max_frame_size - _FRAME_OVERHEAD
+    limiter = trio.CapacityLimiter(parallel)
+    unsupported = False
+
+    async def one(group: Sequence[tuple[int, str, str]]) -> None:
+        nonlocal unsupported
+        async with limiter:
+            read, failed, large = await trio.to_thread.run_sync(_read_small, group, limit)
+            results.update(failed)
+            rest.extend(large)
+            batches, too_big = _batches(read, max_bytes)
+            rest.extend(too_big)
+            for batch in batches:
+                if unsupported:
+                    rest.extend(small.index for small in batch)
+                    continue
+                unsupported = await _send_batch(peer, batch, results, on_progress)
+                if unsupported:
+                    rest.extend(small.index for small in batch)
+
+    async with trio.open_nursery() as nursery:
+        for start in range(0, len(files), MAX_BATCH_FILES):
+            nursery.start_soon(one, files[start : start + MAX_BATCH_FILES])
+    return results, sorted(rest)
+
+
+async def _send_batch(
+    peer: Peer,
+    batch: list[_Small],
+    results: dict[int, dict[str, Any]],
+    on_progress: ProgressCallback | None,
+) -> bool:
+    """One ``file_upload_batch`` call; True if the server does not know the method."""
+    reporters = [
+        ProgressReporter(on_progress, filename=s.name, direction="upload", total_size=len(s.data))
+        for s in batch
+    ]
+    try:
+        answer = await peer.call(
+            UPLOAD_BATCH,
+            files=[{"name": s.name, "data": s.data, "sha256": s.sha256} for s in batch],
+            timeout=math.inf,  # fsyncs take what they take; the heartbeat sees a dead peer
+        )
+        listed = answer.get("results") if isinstance(answer, dict) else None
+        if not isinstance(listed, list) or len(listed) != len(batch):
+            raise BadAnswer("a batch answer must list one result per file")
+    except ConduitError as exc:
+        if getattr(exc, "code", None) == "not_found" and "file_upload_batch" in str(exc):
+            return True
+        for small in batch:
+            results[small.index] = transfer_failure(exc)
+        return False
+    for small, reporter, raw in zip(batch, reporters, listed, strict=True):
+        result = _entry_result(raw, small)
+        if result.get("success"):
+            await reporter.advance(len(small.data))
+            final = await reporter.finish()
+            result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
+        results[small.index] = result
+    return False

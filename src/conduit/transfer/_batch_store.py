@@ -1,0 +1,145 @@
+"""The receiving side of ``file_upload_batch``: several small files per call and per fsync.
+
+A batch is a list of ``{"name", "data", "sha256"}`` entries (each one what
+``file_upload_small`` takes). Its size is bounded on both ends: at most
+:data:`MAX_BATCH_FILES` entries and, like any call, no more bytes than the
+receiving connection's ``max_frame_size`` (the frame decoder already refuses a
+larger call; the sender sizes its batches by the peer's limit). A batch over
+either bound is refused whole with code ``"batch_too_large"`` before anything
+is stored.
+
+Each entry gets exactly the per-file rules of ``file_upload_small``: its name
+is checked (:func:`._names.safe_relative_name`), a file already there is
+skipped (:mod:`._rerun`), the disk budget admits and reserves it (space,
+partial cap, quota; :mod:`._space`), it is written to a hidden partial file,
+hashed and compared with its SHA-256, fsynced, then published by the link that
+never overwrites. A failure of one entry (a hostile name, a checksum mismatch,
+no room) becomes that entry's ``{"success": False, "error", "code"}`` and
+touches no other entry.
+
+Group commit, and what it guarantees: all the entries are stored in one
+worker-thread hop. Every file's bytes are fsynced before its name is linked
+(so a name never points at bytes a crash could lose), and the directories that
+received names are fsynced once per batch, after the last link and before the
+answer is sent. So when the sender reads ``"success": True`` for an entry, that
+file is as durable as after ``file_upload_small``; a crash during the batch
+leaves some entries published in full and the others not at all (each as a
+partial file the sweeper removes), never a truncated file under a final name.
+Nothing outside the batch's own files and directories is synced.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import RPCError, TransferError
+from ._names import safe_relative_name
+from ._rerun import find_sync, skipped_result
+from ._space import OneShotAdmitter
+from ._wire import as_rpc_error
+
+log = logging.getLogger("conduit.transfer")
+
+#: Entries in one ``file_upload_batch`` call, at most.
+MAX_BATCH_FILES = 64
+
+
+@attrs.define
+class Entry:
+    """One file of a batch, and what became of it."""
+
+    name: str
+    data: bytes
+    sha256: str
+    #: The safe relative name it is stored under (set once checked).
+    safe: str = ""
+    #: The published name, or the stored name of an identical file (skipped).
+    published: str | None = None
+    skipped: bool = False
+    error: RPCError | None = None
+
+    def failure(self) -> dict[str, Any]:
+        """The entry's failure result (``error`` is set)."""
+        assert self.error is not None
+        return {"success": False, "error": self.error.message, "code": self.error.code}
+
+    def skipped_result(self) -> dict[str, Any]:
+        """The entry's ``already_there`` result."""
+        assert self.published is not None
+        return skipped_result(self.published, len(self.data), self.sha256)
+
+
+def parse_batch(files: Any, max_bytes: int) -> list[Entry]:
+    """Check a batch's shape and bounds; its entries (malformed ones already failed)."""
+    if not isinstance(files, list):
+        raise RPCError("files must be a list", "invalid_arguments")
+    total = 0
+    entries = []
+    for raw in files:
+        fields = raw if isinstance(raw, dict) else {}
+        name, data, sha256 = fields.get("name"), fields.get("data"), fields.get("sha256")
+        if isinstance(data, (bytes, bytearray)):
+            total += len(data)
+        if not (isinstance(name, str) and isinstance(data, bytes) and isinstance(sha256, str)):
+            entry = Entry(str(name), b"", "")
+            entry.error = RPCError(
+                "each file needs name (str), data (bytes) and sha256 (str)", "invalid_arguments"
+            )
+        else:
+            entry = Entry(name, data, sha256)
+        entries.append(entry)
+    if len(entries) > MAX_BATCH_FILES or total > max_bytes:
+        raise RPCError(
+            f"a batch holds at most {MAX_BATCH_FILES} files and {max_bytes} bytes; "
+            f"got {len(entries)} files, {total} bytes",
+            "batch_too_large",
+        )
+    return entries
+
+
+def store_batch(entries: Sequence[Entry], admitter: OneShotAdmitter, overwrite: bool) -> None:
+    """Skip, admit, write, verify, fsync and publish every entry; then sync the directories.
+
+    Runs in one worker thread. Each entry's outcome is left on the entry.
+    """
+    storage = admitter.storage
+    published = []
+    for entry in entries:
+        if entry.error is not None:
+            continue
+        try:
+            entry.safe = safe_relative_name(entry.name)
+            size = len(entry.data)
+            stored = find_sync(storage, entry.safe, size, entry.sha256)
+            if stored is not None:
+                entry.published, entry.skipped = stored, True
+                continue
+            admission = admitter.admit(entry.safe, size)
+        except Exception as exc:
+            entry.error = as_rpc_error(exc, name=entry.name)
+            continue
+        partial = admission.partial
+        assert partial is not None
+        try:
+            partial.write_block(entry.data)
+            entry.published = partial.publish(
+                overwrite=overwrite, expected_sha256=entry.sha256, sync_directory=False
+            )
+            published.append(entry)
+        except Exception as exc:
+            partial.discard()
+            entry.error = as_rpc_error(exc, name=entry.name)
+        finally:
+            admitter.release(admission)
+    try:
+        storage.sync_directories(entry.published for entry in published if entry.published)
+    except OSError as exc:
+        # Linked but not known to be durable: not reported as stored.
+        log.warning("syncing the directories of a batch failed: %s", exc)
+        failure = as_rpc_error(TransferError(f"could not sync the directory: {exc}", "io_error"))
+        for entry in published:
+            entry.error = failure
