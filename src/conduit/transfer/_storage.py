@@ -283,6 +283,8 @@ class StorageRoot:
                 f"file of {size} bytes exceeds the limit of {max_file_size} bytes", "too_large"
             )
         needed = size - offset + reserve
+        if needed <= 0:
+            return  # nothing to write: no need to ask the file system
         available = self.free_space()
         if needed > available:
             raise TransferError(
@@ -386,6 +388,8 @@ class StorageRoot:
         """
         fds: list[int] = []
         removed = 0
+        if len(directories) <= max(keep, 0):
+            return 0  # nothing below the kept levels: no need to open anything
         try:
             root_fd = self._open_root(create=False, missing_ok=True)
             if root_fd is None:
@@ -516,12 +520,14 @@ class StorageRoot:
     # ----------------------------------------------------------------------- internals
 
     def _open_root(self, *, create: bool, missing_ok: bool = False) -> int | None:
-        if create:
-            self.ensure()
+        # The root itself may be a symlink: the operator chose it.
         try:
-            # The root itself may be a symlink: the operator chose it.
             return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
         except FileNotFoundError:
+            if create:
+                # Created on first use only: an open that succeeds costs no makedirs.
+                self.ensure()
+                return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
             if missing_ok:
                 return None
             raise
