@@ -1,0 +1,233 @@
+"""Small files many per call: ``file_upload_batch`` and the directory sends that use it.
+
+Each file of a batch keeps every rule of a single small upload (names,
+re-runs, budget and quota, SHA-256, the no-overwrite publish) and gets its own
+result; the batch is bounded, and everything it reserved is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import FileTransferHandler, LocalProtocolError, RPCError, Server
+from conduit._connection import Connection
+from conduit.accounts import Accounts
+from conduit.protocol.pake import MIN_STRETCH
+from conduit.transfer._batch_store import MAX_BATCH_FILES
+from conftest import ClientFactory, ServerFactory
+from transfer_helpers import partial_files, visible_files
+
+KiB = 1024
+
+
+def _entry(name: str, data: bytes, sha256: str | None = None) -> dict[str, Any]:
+    return {"name": name, "data": data, "sha256": sha256 or hashlib.sha256(data).hexdigest()}
+
+
+async def _server(
+    server_factory: ServerFactory, storage: Path, **options: Any
+) -> tuple[FileTransferHandler, Server]:
+    handler = FileTransferHandler(storage_dir=storage, **options)
+    server = await server_factory(register=handler.register_server_handlers)
+    return handler, server
+
+
+def _nothing_held(handler: FileTransferHandler, storage: Path) -> None:
+    """Every reservation released, no partial file left behind."""
+    assert handler._receiver._budget._active == set()
+    assert partial_files(storage) == []
+
+
+async def test_a_directory_of_small_files_goes_in_batches(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    client = await client_factory(server)
+    top = tmp_path / "tree"
+    expected: dict[str, bytes] = {}
+    for index in range(MAX_BATCH_FILES + 6):
+        data = os.urandom(index * 37 % 4096)
+        name = f"sub/f{index:03d}.bin" if index % 2 else f"f{index:03d}.bin"
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_bytes(data)
+        expected[f"up/{name}"] = data
+    big = os.urandom(300 * KiB)  # over the small-file limit: streamed on its own
+    (top / "big.bin").write_bytes(big)
+    expected["up/big.bin"] = big
+    methods: list[str] = []
+    original = Connection.call
+
+    async def recording(
+        self: Connection, method: str, args: dict[str, object], timeout: float | None
+    ) -> object:
+        methods.append(method)
+        return await original(self, method, args, timeout)
+
+    monkeypatch.setattr(Connection, "call", recording)
+    with trio.fail_after(30):
+        result = await FileTransferHandler().send_to_server(client, top, remote_name="up")
+    assert result["success"] is True, result
+    assert result["transferred"] == len(expected) and result["failed"] == 0
+    assert methods.count("file_upload_batch") == 2
+    assert "file_upload_small" not in methods
+    assert methods.count("file_upload_begin") == 1
+    assert {name: (storage / name).read_bytes() for name in expected} == expected
+    for entry in result["files"]:
+        assert entry["checksum"] == hashlib.sha256(expected[entry["name"]]).hexdigest()
+    _nothing_held(handler, storage)
+
+
+async def test_each_file_of_a_batch_gets_its_own_result(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    client = await client_factory(server)
+    received: list[str] = []
+
+    @handler.on_file_received
+    async def heard(_client: Any, path: str, metadata: dict[str, Any]) -> None:
+        received.append(metadata["filename"])
+
+    storage.mkdir()
+    (storage / "again.txt").write_bytes(b"same bytes")
+    (storage / "taken.txt").write_bytes(b"someone else's")
+    files = [
+        _entry("fresh.txt", b"new"),
+        _entry("again.txt", b"same bytes"),
+        _entry("../escape.txt", b"hostile"),
+        _entry("wrong.txt", b"payload", "0" * 64),
+        {"name": "malformed.txt", "data": "not bytes", "sha256": ""},
+        _entry("taken.txt", b"mine"),
+        _entry("dir/nested.txt", b"deep"),
+    ]
+    with trio.fail_after(10):
+        answer = await client.call("file_upload_batch", files=files)
+    results = answer["results"]
+    assert len(results) == len(files)
+    fresh, again, escape, wrong, malformed, taken, nested = results
+    assert fresh["success"] is True and fresh["path"] == "fresh.txt"
+    assert fresh["checksum"] == hashlib.sha256(b"new").hexdigest()
+    assert again["success"] is True and again["skipped"] is True
+    assert again["reason"] == "already_there" and again["path"] == "again.txt"
+    assert escape["success"] is False and escape["code"] == "unsafe_path", escape
+    assert wrong["success"] is False and wrong["code"] == "checksum_mismatch", wrong
+    assert malformed["success"] is False and malformed["code"] == "invalid_arguments"
+    assert taken["success"] is True and taken["path"] == "taken (1).txt"
+    assert nested["success"] is True and nested["path"] == "dir/nested.txt"
+    assert (storage / "taken.txt").read_bytes() == b"someone else's"
+    assert (storage / "taken (1).txt").read_bytes() == b"mine"
+    assert visible_files(storage) == sorted(
+        ["again.txt", "dir/nested.txt", "fresh.txt", "taken (1).txt", "taken.txt"]
+    )
+    assert not (tmp_path / "escape.txt").exists()
+    assert sorted(received) == ["dir/nested.txt", "fresh.txt", "taken (1).txt"]
+    _nothing_held(handler, storage)
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    store = Accounts(tmp_path / "accounts.json", stretch=MIN_STRETCH)
+    store.add("carol", "pw-carol", quota=256 * KiB)
+    store.add("dave", "pw-dave", read_only=True)
+    return store
+
+
+async def test_a_batch_keeps_quotas_and_read_only(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, accounts: Accounts
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    carol, dave = await client_factory(server), await client_factory(server)
+    for client, username in ((carol, "carol"), (dave, "dave")):
+        assert client.id is not None
+        peer = server.clients[client.id]
+        peer.username = username
+        peer.account = accounts.get(username)
+    files = [
+        _entry("a.bin", os.urandom(100 * KiB)),
+        _entry("b.bin", os.urandom(200 * KiB)),  # a + b exceed the 256 KiB quota
+        _entry("c.bin", os.urandom(10 * KiB)),
+    ]
+    with trio.fail_after(10):
+        answer = await carol.call("file_upload_batch", files=files)
+        with pytest.raises(RPCError) as refused:
+            await dave.call("file_upload_batch", files=files)
+    first, second, third = answer["results"]
+    assert first["success"] is True and third["success"] is True
+    assert second["success"] is False and second["code"] == "quota_exceeded", second
+    assert visible_files(storage / "carol") == ["a.bin", "c.bin"]
+    assert refused.value.code == "forbidden"
+    assert not (storage / "dave").exists()
+    _nothing_held(handler, storage)
+    top = tmp_path / "tree"
+    top.mkdir()
+    (top / "x.txt").write_bytes(b"x")
+    with trio.fail_after(10):
+        tree = await FileTransferHandler().send_to_server(dave, top)
+    assert tree["success"] is False and tree["files"][0]["code"] == "forbidden", tree
+
+
+async def test_a_batch_over_the_bounds_is_refused_whole(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    client = await client_factory(server)
+    too_many = [_entry(f"f{i}.txt", b"x") for i in range(MAX_BATCH_FILES + 1)]
+    with trio.fail_after(10):
+        with pytest.raises(RPCError) as counted:
+            await client.call("file_upload_batch", files=too_many)
+        with pytest.raises(RPCError) as shaped:
+            await client.call("file_upload_batch", files={"not": "a list"})
+        # More bytes than a frame may carry never leaves this side...
+        with pytest.raises(LocalProtocolError):
+            await client.call(
+                "file_upload_batch", files=[_entry(f"g{i}.bin", bytes(300 * KiB)) for i in range(4)]
+            )
+        # ... and the connection is still good for a batch within the bounds.
+        fine = await client.call("file_upload_batch", files=too_many[:MAX_BATCH_FILES])
+    assert counted.value.code == "batch_too_large"
+    assert shaped.value.code == "invalid_arguments"
+    assert all(result["success"] for result in fine["results"])
+    assert len(visible_files(storage)) == MAX_BATCH_FILES
+    _nothing_held(handler, storage)
+
+
+async def test_a_server_without_batches_gets_one_file_per_call(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler = FileTransferHandler(storage_dir=storage)
+
+    def register_without_batches(server: Server) -> None:
+        # What a server from before file_upload_batch registers.
+        register = server.register_rpc
+
+        def everything_but_batches(function: Any, name: str | None = None) -> None:
+            if name != "file_upload_batch":
+                register(function, name)
+
+        server.register_rpc = everything_but_batches  # type: ignore[method-assign]
+        handler.register_server_handlers(server)
+
+    server = await server_factory(register=register_without_batches)
+    client = await client_factory(server)
+    top = tmp_path / "tree"
+    top.mkdir()
+    for index in range(5):
+        (top / f"f{index}.txt").write_bytes(b"%d" % index)
+    with trio.fail_after(10):
+        result = await FileTransferHandler().send_to_server(client, top, remote_name="up")
+    assert result["success"] is True and result["transferred"] == 5, result
+    assert visible_files(storage) == [f"up/f{index}.txt" for index in range(5)]
