@@ -221,6 +221,19 @@ async def _send_to_server(w: World) -> None:
     assert (w.server_transfer.storage_dir / "up.bin").read_bytes() == source.read_bytes()
 
 
+async def _send_files_to_server(w: World) -> None:
+    small, large = w.tmp / "batch-small.txt", w.tmp / "batch-large.bin"
+    small.write_bytes(b"small")
+    large.write_bytes(os.urandom(300_000))
+    results = await w.client_transfer.send_files_to_server(
+        w.client, [small, (large, "sub/large.bin"), w.tmp / "missing.txt"]
+    )
+    assert [result["success"] for result in results] == [True, True, False]
+    storage = w.server_transfer.storage_dir
+    assert (storage / "batch-small.txt").read_bytes() == b"small"
+    assert (storage / "sub" / "large.bin").read_bytes() == large.read_bytes()
+
+
 async def _send_to_client(w: World) -> None:
     source = w.tmp / "push.bin"
     source.write_bytes(os.urandom(50_000))
@@ -278,6 +291,7 @@ DRIVERS: dict[tuple[str, str], Driver] = {
     ("Server", "wait_listening"): _server_wait_listening,
     ("Server", "broadcast"): _server_broadcast,
     ("FileTransferHandler", "send_to_server"): _send_to_server,
+    ("FileTransferHandler", "send_files_to_server"): _send_files_to_server,
     ("FileTransferHandler", "send_to_client"): _send_to_client,
     ("FileTransferHandler", "receive_from_server"): _receive_from_server,
     ("FileTransferHandler", "list_files"): _list_files,

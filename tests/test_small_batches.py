@@ -231,3 +231,41 @@ async def test_a_server_without_batches_gets_one_file_per_call(
         result = await FileTransferHandler().send_to_server(client, top, remote_name="up")
     assert result["success"] is True and result["transferred"] == 5, result
     assert visible_files(storage) == [f"up/f{index}.txt" for index in range(5)]
+
+
+async def test_send_files_to_server_gives_one_result_per_file(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    client = await client_factory(server)
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    small = [outbox / f"s{index}.txt" for index in range(MAX_BATCH_FILES + 1)]
+    for index, path in enumerate(small):
+        path.write_bytes(b"small %d" % index)
+    big = outbox / "big.bin"
+    big.write_bytes(os.urandom(200 * KiB))  # over the default chunk_size: streamed
+    link = outbox / "link.txt"
+    link.symlink_to(small[0])  # an explicit path is followed, as send_to_server does
+    files: list[Any] = [
+        *small,
+        (big, "deep/big.bin"),
+        outbox / "missing.txt",
+        (small[1], "../escape.txt"),
+        (link, "via-link.txt"),
+    ]
+    with trio.fail_after(30):
+        results = await FileTransferHandler().send_files_to_server(client, files)
+        again = await FileTransferHandler().send_files_to_server(client, small[:2])
+    assert len(results) == len(files)
+    assert all(result["success"] for result in results[: len(small) + 1]), results
+    *_, missing, escape, via_link = results
+    assert missing["success"] is False and missing["code"] == "not_found", missing
+    assert escape["success"] is False and escape["code"] == "unsafe_path", escape
+    assert via_link["success"] is True and via_link["path"] == "via-link.txt"
+    assert (storage / "deep" / "big.bin").read_bytes() == big.read_bytes()
+    assert (storage / "via-link.txt").read_bytes() == b"small 0"
+    assert [result.get("reason") for result in again] == ["already_there"] * 2
+    assert len(visible_files(storage)) == len(small) + 2
+    _nothing_held(handler, storage)

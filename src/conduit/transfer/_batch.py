@@ -25,7 +25,7 @@ from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer, finish_answer
 from ._batch_store import MAX_BATCH_FILES
 from ._progress import ProgressReporter, TransferProgress
-from ._sender import open_local_nofollow
+from ._sender import open_local
 from ._wire import UPLOAD_BATCH, transfer_failure
 
 if TYPE_CHECKING:
@@ -50,36 +50,32 @@ class _Small:
 
 
 def _read_small(
-    names: Sequence[tuple[int, str, str]], limit: int
-) -> tuple[list[_Small], dict[int, dict[str, Any]], list[int]]:
-    """Read the files up to ``limit`` bytes: (read, failed results, too large for a batch)."""
+    names: Sequence[tuple[int, str, str]], limit: int, follow_symlinks: bool
+) -> tuple[list[_Small], dict[int, dict[str, Any]]]:
+    """Read the files up to ``limit`` bytes: (read, failed results); larger ones are left."""
     read: list[_Small] = []
     failed: dict[int, dict[str, Any]] = {}
-    large: list[int] = []
     for index, name, local in names:
         try:
-            with open_local_nofollow(Path(local)) as file:
+            with open_local(Path(local), follow_symlinks) as file:
                 data = file.read(limit + 1)
         except (OSError, UnsafePathError) as exc:
             failed[index] = transfer_failure(exc)
             continue
-        if len(data) > limit:
-            large.append(index)
-        else:
+        if len(data) <= limit:
             read.append(_Small(index, name, data, hashlib.sha256(data).hexdigest()))
-    return read, failed, large
+    return read, failed
 
 
-def _batches(files: list[_Small], max_bytes: int) -> tuple[list[list[_Small]], list[int]]:
-    """Cut ``files`` into calls of at most MAX_BATCH_FILES entries and ``max_bytes``."""
+def _batches(files: list[_Small], max_bytes: int) -> list[list[_Small]]:
+    """Cut ``files`` into calls of at most MAX_BATCH_FILES entries and ``max_bytes``;
+    a file that does not fit in a call alone is left out (it goes on its own)."""
     batches: list[list[_Small]] = []
-    too_big: list[int] = []
     current: list[_Small] = []
     used = 0
     for small in files:
         cost = len(small.data) + len(small.name.encode()) + _ENTRY_OVERHEAD
         if cost > max_bytes:
-            too_big.append(small.index)
             continue
         if current and (len(current) >= MAX_BATCH_FILES or used + cost > max_bytes):
             batches.append(current)
@@ -88,7 +84,7 @@ def _batches(files: list[_Small], max_bytes: int) -> tuple[list[list[_Small]], l
         used += cost
     if current:
         batches.append(current)
-    return batches, too_big
+    return batches
 
 
 def _entry_result(answer: Any, small: _Small) -> dict[str, Any]:
@@ -111,14 +107,17 @@ async def send_small_files(
     limit: int,
     parallel: int,
     on_progress: ProgressCallback | None,
-) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    *,
+    follow_symlinks: bool,
+) -> dict[int, dict[str, Any]]:
     """Upload the small ones of ``files`` (index, remote name, local path) in batches.
 
-    Returns the results by index, and the indexes left for the per-file path
-    (larger than ``limit``, or the server does not take batches).
+    Returns the results by index; the files without one are left for the
+    per-file path (larger than ``limit``, or the server does not take batches).
+    ``follow_symlinks=False`` (directory walks) refuses a link, as a single
+    send does.
     """
     results: dict[int, dict[str, Any]] = {}
-    rest: list[int] = []
     max_bytes = peer.connection.keys.peer_max_frame_size - _FRAME_OVERHEAD
     limiter = trio.CapacityLimiter(parallel)
     unsupported = False
@@ -126,23 +125,16 @@ async def send_small_files(
     async def one(group: Sequence[tuple[int, str, str]]) -> None:
         nonlocal unsupported
         async with limiter:
-            read, failed, large = await trio.to_thread.run_sync(_read_small, group, limit)
+            read, failed = await trio.to_thread.run_sync(_read_small, group, limit, follow_symlinks)
             results.update(failed)
-            rest.extend(large)
-            batches, too_big = _batches(read, max_bytes)
-            rest.extend(too_big)
-            for batch in batches:
-                if unsupported:
-                    rest.extend(small.index for small in batch)
-                    continue
-                unsupported = await _send_batch(peer, batch, results, on_progress)
-                if unsupported:
-                    rest.extend(small.index for small in batch)
+            for batch in _batches(read, max_bytes):
+                if not unsupported:
+                    unsupported = await _send_batch(peer, batch, results, on_progress)
 
     async with trio.open_nursery() as nursery:
         for start in range(0, len(files), MAX_BATCH_FILES):
             nursery.start_soon(one, files[start : start + MAX_BATCH_FILES])
-    return results, sorted(rest)
+    return results
 
 
 async def _send_batch(

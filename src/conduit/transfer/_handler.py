@@ -28,7 +28,7 @@ verified the SHA-256 and published the file.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,7 +44,7 @@ from ._sender import Sender
 from ._slots import TransferSlots
 from ._space import DEFAULT_FREE_SPACE_MARGIN, user_storage
 from ._storage import StorageRoot
-from ._tree import receive_tree, send_tree
+from ._tree import receive_tree, send_files, send_tree
 from ._wire import (
     DOWNLOAD,
     FILE_DELETE,
@@ -273,6 +273,27 @@ class FileTransferHandler:
         return await on_client(
             client, lambda peer: self._sender.send(peer, path, remote_name, on_progress, "upload")
         )
+
+    @bridged
+    async def send_files_to_server(
+        self,
+        client: Client,
+        files: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], str]],
+        on_progress: ProgressCallback | None = None,
+    ) -> list[dict[str, Any]]:
+        """Upload several files; return one result per file, in order.
+
+        ``files`` holds paths (sent under their base names) or ``(path,
+        remote_name)`` pairs. Each result is what :meth:`send_to_server`
+        returns for that file, and a problem with one file (missing, a name
+        the server refuses, over quota) is that file's ``{"success": False,
+        ...}``: nothing raises for it. Small files (up to ``chunk_size`` and
+        256 KiB) go many per call with one fsync pass per call on the server
+        (see :doc:`file-transfer`), which is much faster than a
+        ``send_to_server`` per file; the others go one by one, a few at once.
+        Raises ``ConnectionClosed`` when not connected.
+        """
+        return await send_files(self._sender, client.server, files, on_progress)
 
     @bridged
     async def send_to_client(

@@ -122,7 +122,7 @@ class Sender:
         symbolic link, atomically (``O_NOFOLLOW``), instead of sending its target.
         """
         begin_method, finish_method, small_method = _METHODS[direction]
-        file = await trio.to_thread.run_sync(_open_local, Path(path), follow_symlinks)
+        file = await trio.to_thread.run_sync(open_local, Path(path), follow_symlinks)
         try:
             info = os.fstat(file.fileno())
             size = info.st_size
@@ -512,10 +512,10 @@ def _is_directory(storage: StorageRoot, name: str) -> bool:
         return False
 
 
-def _open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
+def open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
     """Open a local file to send; raise the usual OSError subclasses before anything is sent."""
     if not follow_symlinks:
-        return open_local_nofollow(path)
+        return _open_local_nofollow(path)
     info = os.stat(path)  # FileNotFoundError, PermissionError as usual
     if not stat.S_ISREG(info.st_mode):
         # Checked before opening: opening a FIFO for reading would block.
@@ -523,7 +523,7 @@ def _open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
     return io.FileIO(path, "r")
 
 
-def open_local_nofollow(path: Path) -> io.FileIO:
+def _open_local_nofollow(path: Path) -> io.FileIO:
     # O_NONBLOCK: a FIFO swapped in after the walk must not hang the open.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:

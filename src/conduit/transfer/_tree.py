@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -159,24 +159,60 @@ async def send_tree(
     """Upload every file under ``top`` (``send_to_server`` on a directory)."""
     prefix = remote_prefix(top, remote_name)
     entries = await trio.to_thread.run_sync(walk_local, top, prefix)
+    await send_entries(sender, peer, entries, on_progress, follow_symlinks=False)
+    return tree_result(prefix, entries)
+
+
+async def send_files(
+    sender: Sender,
+    peer: Peer,
+    files: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], str]],
+    on_progress: ProgressCallback | None,
+) -> list[dict[str, Any]]:
+    """Upload ``files`` (paths, or (path, remote name) pairs); one result each, in order."""
+    entries = []
+    for item in files:
+        local, remote = item if isinstance(item, tuple) else (item, None)
+        entry = _Entry("", os.fspath(local))
+        try:
+            entry.name = safe_relative_name(Path(local).name if remote is None else remote)
+        except ConduitError as exc:
+            entry.name, entry.result = str(remote), transfer_failure(exc)
+        entries.append(entry)
+    await send_entries(sender, peer, entries, on_progress, follow_symlinks=True)
+    return [entry.result or {} for entry in entries]
+
+
+async def send_entries(
+    sender: Sender,
+    peer: Peer,
+    entries: list[_Entry],
+    on_progress: ProgressCallback | None,
+    *,
+    follow_symlinks: bool,
+) -> None:
+    """Upload every entry without a result yet: small files many per call, the rest one by one."""
 
     async def upload(name: str, local: str) -> dict[str, Any]:
         try:
             return await sender.send(
-                peer, local, name, on_progress, "upload", follow_symlinks=False
+                peer, local, name, on_progress, "upload", follow_symlinks=follow_symlinks
             )
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
 
-    # Small files first, many per call (see ._batch); the rest one by one.
     pending = [(i, e.name, e.local) for i, e in enumerate(entries) if e.result is None]
-    results, _rest = await send_small_files(
-        peer, pending, sender.small_file_limit, PARALLEL_FILES, on_progress
+    results = await send_small_files(
+        peer,
+        pending,
+        sender.small_file_limit,
+        PARALLEL_FILES,
+        on_progress,
+        follow_symlinks=follow_symlinks,
     )
     for index, result in results.items():
         entries[index].result = result
     await transfer_all(entries, upload)
-    return tree_result(prefix, entries)
 
 
 async def receive_tree(
