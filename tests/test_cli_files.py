@@ -141,3 +141,24 @@ def test_printed_paths_are_normalised(tmp_path: Path, server: ServeProcess) -> N
     again = conduit("get", "big.bin", "-o", "../dl", "--from", server.address, cwd=here)
     assert again.returncode == 0 and "already there" in again.stdout, again.stdout
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["big.bin"]
+
+
+def test_send_many_small_files_each_reported(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    # 70 small files (two batch calls) and one streamed file, named one by one.
+    outbox = tmp_path / "many"
+    outbox.mkdir()
+    sources = []
+    for index in range(70):
+        path = outbox / f"n{index:02d}.txt"
+        path.write_bytes(b"note %d" % index)
+        sources.append(str(path))
+    write_random(outbox / "large.bin", 200 * 1024)
+    sources.append(str(outbox / "large.bin"))
+    code, sent = conduit_json("send", *sources, "--to", server.address)
+    assert code == 0, sent
+    assert len(sent["files"]) == 71
+    assert all(entry["success"] is True for entry in sent["files"]), sent
+    stored = visible_files(server.directory)
+    assert sorted(stored) == sorted(Path(source).name for source in sources)
+    assert stored["n07.txt"] == b"note 7"
+    assert not partial_files(server.directory)

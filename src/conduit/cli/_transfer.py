@@ -36,6 +36,10 @@ from ._display import (
 )
 
 Transfer = Callable[[FileJob, ProgressCallback | None], Awaitable[dict[str, Any]]]
+#: Sends several jobs in one go; one result per job, in order.
+GroupTransfer = Callable[[Sequence[FileJob]], Awaitable[list[dict[str, Any]]]]
+#: Small files handed to ``send_files_to_server`` at once (one batch call each).
+GROUP_FILES = 64
 
 
 @attrs.frozen
@@ -128,8 +132,19 @@ def collect_uploads(
 
 
 async def _run_jobs(
-    jobs: Sequence[FileJob], transfer: Transfer, display: Display, parallel: int
+    jobs: Sequence[FileJob],
+    transfer: Transfer,
+    display: Display,
+    parallel: int,
+    group: tuple[int, GroupTransfer] | None = None,
 ) -> None:
+    """Run every job, ``parallel`` at a time.
+
+    With ``group = (limit, send)``, the jobs of at most ``limit`` bytes go
+    :data:`GROUP_FILES` at a time through ``send`` (many files per call); each
+    group takes one of the ``parallel`` places, and its files get their lines
+    as the group ends (no bar: each is done in one step).
+    """
     limiter = trio.CapacityLimiter(parallel)
 
     async def one(job: FileJob) -> None:
@@ -141,9 +156,28 @@ async def _run_jobs(
                 job.result = failure_dict(exc)
             display.file_finished(job)
 
+    async def several(batch: Sequence[FileJob], send: GroupTransfer) -> None:
+        async with limiter:
+            try:
+                results = await send(batch)
+            except (OSError, ConduitError) as exc:
+                results = [failure_dict(exc)] * len(batch)
+            for job, result in zip(batch, results, strict=True):
+                job.result = result
+                display.file_finished(job)
+
+    grouped: list[FileJob] = []
+    if group is not None:
+        limit = group[0]
+        grouped = [job for job in jobs if job.size is not None and job.size <= limit]
     async with trio.open_nursery() as nursery:
+        if group is not None:
+            for start in range(0, len(grouped), GROUP_FILES):
+                nursery.start_soon(several, grouped[start : start + GROUP_FILES], group[1])
+        alone = {id(job) for job in grouped}
         for job in jobs:
-            nursery.start_soon(one, job)
+            if id(job) not in alone:
+                nursery.start_soon(one, job)
 
 
 async def _transfer_files(
@@ -154,6 +188,7 @@ async def _transfer_files(
     parallel: int,
     json_output: bool,
     client: Client,
+    group: tuple[int, GroupTransfer] | None = None,
 ) -> float:
     """Run every job with a display; return the elapsed time."""
     display = make_display(verb, jobs, json_output=json_output)
@@ -166,7 +201,7 @@ async def _transfer_files(
     with display:
         interrupted = True
         try:
-            await _run_jobs(jobs, transfer, display, parallel)
+            await _run_jobs(jobs, transfer, display, parallel, group)
             interrupted = False
         finally:
             display.finished(jobs, time.monotonic() - started, interrupted)
@@ -243,10 +278,21 @@ async def send(
                         client, job.local, on_progress, remote_name=job.name
                     )
 
+                async def upload_group(group: Sequence[FileJob]) -> list[dict[str, Any]]:
+                    files = [(job.local or "", job.name) for job in group]
+                    return await handler.send_files_to_server(client, files)
+
                 if not jobs and not json_output:
                     print("nothing to send", flush=True)
                 await _transfer_files(
-                    "send", jobs, upload, parallel=parallel, json_output=json_output, client=client
+                    "send",
+                    jobs,
+                    upload,
+                    parallel=parallel,
+                    json_output=json_output,
+                    client=client,
+                    # Small files many per call (send_files_to_server batches them).
+                    group=(handler.chunk_size, upload_group),
                 )
     except CLIError as exc:
         if json_output:
