@@ -107,7 +107,6 @@ async def test_each_file_of_a_batch_gets_its_own_result(
         _entry("again.txt", b"same bytes"),
         _entry("../escape.txt", b"hostile"),
         _entry("wrong.txt", b"payload", "0" * 64),
-        {"name": "malformed.txt", "data": "not bytes", "sha256": ""},
         _entry("taken.txt", b"mine"),
         _entry("dir/nested.txt", b"deep"),
     ]
@@ -115,14 +114,13 @@ async def test_each_file_of_a_batch_gets_its_own_result(
         answer = await client.call("file_upload_batch", files=files)
     results = answer["results"]
     assert len(results) == len(files)
-    fresh, again, escape, wrong, malformed, taken, nested = results
+    fresh, again, escape, wrong, taken, nested = results
     assert fresh["success"] is True and fresh["path"] == "fresh.txt"
     assert fresh["checksum"] == hashlib.sha256(b"new").hexdigest()
     assert again["success"] is True and again["skipped"] is True
     assert again["reason"] == "already_there" and again["path"] == "again.txt"
     assert escape["success"] is False and escape["code"] == "unsafe_path", escape
     assert wrong["success"] is False and wrong["code"] == "checksum_mismatch", wrong
-    assert malformed["success"] is False and malformed["code"] == "invalid_arguments"
     assert taken["success"] is True and taken["path"] == "taken (1).txt"
     assert nested["success"] is True and nested["path"] == "dir/nested.txt"
     assert (storage / "taken.txt").read_bytes() == b"someone else's"
@@ -161,13 +159,12 @@ async def test_a_batch_keeps_quotas_and_read_only(
     ]
     with trio.fail_after(10):
         answer = await carol.call("file_upload_batch", files=files)
-        with pytest.raises(RPCError) as refused:
-            await dave.call("file_upload_batch", files=files)
+        refused = await dave.call("file_upload_batch", files=files)
     first, second, third = answer["results"]
     assert first["success"] is True and third["success"] is True
     assert second["success"] is False and second["code"] == "quota_exceeded", second
     assert visible_files(storage / "carol") == ["a.bin", "c.bin"]
-    assert refused.value.code == "forbidden"
+    assert [result["code"] for result in refused["results"]] == ["forbidden"] * 3
     assert not (storage / "dave").exists()
     _nothing_held(handler, storage)
     top = tmp_path / "tree"
@@ -190,6 +187,11 @@ async def test_a_batch_over_the_bounds_is_refused_whole(
             await client.call("file_upload_batch", files=too_many)
         with pytest.raises(RPCError) as shaped:
             await client.call("file_upload_batch", files={"not": "a list"})
+        with pytest.raises(RPCError) as malformed:
+            await client.call(
+                "file_upload_batch",
+                files=[_entry("fine.txt", b"fine"), {"name": "m.txt", "data": "str", "sha256": ""}],
+            )
         # More bytes than a frame may carry never leaves this side...
         with pytest.raises(LocalProtocolError):
             await client.call(
@@ -199,6 +201,7 @@ async def test_a_batch_over_the_bounds_is_refused_whole(
         fine = await client.call("file_upload_batch", files=too_many[:MAX_BATCH_FILES])
     assert counted.value.code == "batch_too_large"
     assert shaped.value.code == "invalid_arguments"
+    assert malformed.value.code == "invalid_arguments"
     assert all(result["success"] for result in fine["results"])
     assert len(visible_files(storage)) == MAX_BATCH_FILES
     _nothing_held(handler, storage)

@@ -15,7 +15,8 @@ partial cap, quota; :mod:`._space`), it is written to a hidden partial file,
 hashed and compared with its SHA-256, fsynced, then published by the link that
 never overwrites. A failure of one entry (a hostile name, a checksum mismatch,
 no room) becomes that entry's ``{"success": False, "error", "code"}`` and
-touches no other entry.
+touches no other entry. A malformed batch is refused whole
+(``invalid_arguments``).
 
 Group commit, and what it guarantees: all the entries are stored in one
 worker-thread hop. Every file's bytes are fsynced before its name is linked
@@ -74,29 +75,31 @@ class Entry:
 
 
 def parse_batch(files: Any, max_bytes: int) -> list[Entry]:
-    """Check a batch's shape and bounds; its entries (malformed ones already failed)."""
+    """Check a batch's shape and bounds; its entries.
+
+    A malformed batch (not a list, an entry without a str name, bytes data
+    and a str sha256) is refused whole with ``invalid_arguments``: no sender
+    of ours makes one, so it is a broken or hostile peer, not a bad file.
+    """
     if not isinstance(files, list):
         raise RPCError("files must be a list", "invalid_arguments")
-    total = 0
+    if len(files) > MAX_BATCH_FILES:
+        raise RPCError(
+            f"a batch holds at most {MAX_BATCH_FILES} files, got {len(files)}", "batch_too_large"
+        )
     entries = []
     for raw in files:
         fields = raw if isinstance(raw, dict) else {}
         name, data, sha256 = fields.get("name"), fields.get("data"), fields.get("sha256")
-        if isinstance(data, (bytes, bytearray)):
-            total += len(data)
         if not (isinstance(name, str) and isinstance(data, bytes) and isinstance(sha256, str)):
-            entry = Entry(str(name), b"", "")
-            entry.error = RPCError(
+            raise RPCError(
                 "each file needs name (str), data (bytes) and sha256 (str)", "invalid_arguments"
             )
-        else:
-            entry = Entry(name, data, sha256)
-        entries.append(entry)
-    if len(entries) > MAX_BATCH_FILES or total > max_bytes:
+        entries.append(Entry(name, data, sha256))
+    total = sum(len(entry.data) for entry in entries)
+    if total > max_bytes:
         raise RPCError(
-            f"a batch holds at most {MAX_BATCH_FILES} files and {max_bytes} bytes; "
-            f"got {len(entries)} files, {total} bytes",
-            "batch_too_large",
+            f"a batch holds at most {max_bytes} bytes of data, got {total}", "batch_too_large"
         )
     return entries
 

@@ -41,7 +41,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ._answers import download_offset, stat_answer
-from ._batch_store import parse_batch, store_batch
+from ._batch_store import Entry, parse_batch, store_batch
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
@@ -227,39 +227,20 @@ class Receiver:
     ) -> dict[str, Any]:
         """``file_upload_small`` / ``file_push_small``: a whole small file in one call.
 
-        Check, write, verify, fsync, publish in one worker-thread hop. Nothing
-        to resume, so the partial gets a one-off id.
+        Check, write, verify, fsync, publish in one worker-thread hop: a batch
+        of one (see :mod:`._batch_store`). Nothing to resume, so the partial
+        gets a one-off id.
         """
         started = trio.current_time()
-        try:
-            safe = safe_relative_name(name)
-            stored = await find_already_there(
-                self._settings.storage_for(caller), safe, len(data), sha256
-            )
-            if stored is not None:
-                return skipped_result(stored, len(data), sha256)
-            admission = await self._budget.admit(caller, safe, len(data), None, restart=True)
-        except Exception as exc:
-            raise as_rpc_error(exc, name=name) from None
-        try:
-            published = await trio.to_thread.run_sync(self._store_small, admission, data, sha256)
-        except Exception as exc:
-            raise as_rpc_error(exc, name=name) from None
-        finally:
-            await self._budget.release(admission)
-        result = await self._announce(
-            caller.connection,
-            caller,
-            admission.storage,
-            published,
-            safe,
-            len(data),
-            sha256,
-            resumed_from=0,
-            elapsed=trio.current_time() - started,
-        )
-        result.pop("local_path")
-        return result
+        if not isinstance(data, bytes):
+            raise RPCError("data must be bytes", "invalid_arguments")
+        entry = Entry(name, data, sha256)
+        await self._store(caller, [entry])
+        if entry.error is not None:
+            raise entry.error
+        if entry.skipped:
+            return entry.skipped_result()
+        return await self._announce_stored(caller, entry, trio.current_time() - started)
 
     @trio_callback
     async def rpc_receive_batch(self, caller: Peer, files: Any) -> dict[str, Any]:
@@ -272,14 +253,7 @@ class Receiver:
         """
         started = trio.current_time()
         entries = parse_batch(files, caller.connection.settings.max_frame_size)
-        try:
-            admitter = await self._budget.one_shot(caller)
-        except Exception as exc:
-            raise as_rpc_error(exc) from None
-        try:
-            await trio.to_thread.run_sync(store_batch, entries, admitter, self._settings.overwrite)
-        finally:
-            admitter.finished()
+        await self._store(caller, entries)
         elapsed = trio.current_time() - started
         results = []
         for entry in entries:
@@ -288,21 +262,35 @@ class Receiver:
             elif entry.skipped:
                 results.append(entry.skipped_result())
             else:
-                assert entry.published is not None
-                result = await self._announce(
-                    caller.connection,
-                    caller,
-                    admitter.storage,
-                    entry.published,
-                    entry.safe,
-                    len(entry.data),
-                    entry.sha256,
-                    resumed_from=0,
-                    elapsed=elapsed,
-                )
-                result.pop("local_path")
-                results.append(result)
+                results.append(await self._announce_stored(caller, entry, elapsed))
         return {"results": results}
+
+    async def _store(self, caller: Peer, entries: list[Entry]) -> None:
+        """Store one-shot files in one worker-thread hop; outcomes are left on the entries."""
+        try:
+            admitter = await self._budget.one_shot(caller)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        try:
+            await trio.to_thread.run_sync(store_batch, entries, admitter, self._settings.overwrite)
+        finally:
+            admitter.finished()
+
+    async def _announce_stored(self, caller: Peer, entry: Entry, elapsed: float) -> dict[str, Any]:
+        assert entry.published is not None
+        result = await self._announce(
+            caller.connection,
+            caller,
+            self._settings.storage_for(caller),
+            entry.published,
+            entry.safe,
+            len(entry.data),
+            entry.sha256,
+            resumed_from=0,
+            elapsed=elapsed,
+        )
+        result.pop("local_path")
+        return result
 
     # ------------------------------------------------------------------ download (client side)
 
@@ -555,13 +543,3 @@ class Receiver:
             "size": size,
             "checksum": checksum,
         }
-
-    def _store_small(self, admission: Admission, data: bytes, sha256: str) -> str:
-        partial = admission.partial
-        assert partial is not None
-        try:
-            partial.write_block(data)
-            return partial.publish(overwrite=self._settings.overwrite, expected_sha256=sha256)
-        except BaseException:
-            partial.discard()
-            raise

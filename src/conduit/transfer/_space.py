@@ -156,6 +156,7 @@ class OneShotAdmitter:
     called from a worker thread (the budget's lock is a thread lock)."""
 
     budget: DiskBudget
+    peer: Peer | None
     storage: StorageRoot
     prefix: _Path
     owner: str
@@ -165,6 +166,7 @@ class OneShotAdmitter:
 
     def admit(self, name: str, size: int) -> Admission:
         """Check and reserve ``size`` bytes for ``name``, then open its partial."""
+        check_writable(self.peer)
         budget = self.budget
         admission = budget._admit_sync(
             self.storage, self.prefix, name, size, None, self.owner, True, self.quota
@@ -243,16 +245,17 @@ class DiskBudget:
     async def one_shot(self, peer: Peer | None) -> OneShotAdmitter:
         """Admit many one-shot small files from a worker thread (see :mod:`._batch_store`).
 
-        Refuses a read-only account here, once; each file is then admitted
-        with exactly the rules of :meth:`admit` (size, space, partial cap,
-        quota), in the thread that stores it, without a hop per file.
+        Each file is admitted with exactly the rules of :meth:`admit` (read-only
+        accounts, size, space, partial cap, quota), in the thread that stores
+        it, without a hop per file.
         """
         await self._ensure_running()
-        check_writable(peer)
         account = getattr(peer, "account", None)
         storage, prefix = user_storage(self._settings.storage, peer)
         quota = None if account is None else account.quota
-        return OneShotAdmitter(self, storage, prefix, _owner(peer), quota, trio.current_time())
+        return OneShotAdmitter(
+            self, peer, storage, prefix, _owner(peer), quota, trio.current_time()
+        )
 
     async def release(self, admission: Admission) -> None:
         """The upload ended: free its reservation; index its partial if one was kept."""
