@@ -75,15 +75,15 @@ class Case:
     attack: str
     behaviour: str
     test: str
-    #: Set when the test currently fails because of a library bug (see the doc's notes).
-    bug: str = ""
+    #: The library bug this case found (since fixed; the test keeps it from returning).
+    found: str = ""
 
 
 CASES: dict[str, Case] = {}
 
 
 def hostile(
-    case_id: str, *, area: str, attack: str, behaviour: str, bug: str = ""
+    case_id: str, *, area: str, attack: str, behaviour: str, found: str = ""
 ) -> Callable[[F], F]:
     """Register the decorated test as the check for one hostile input or fault."""
 
@@ -92,7 +92,7 @@ def hostile(
         test = f"tests/{module}.py::{function.__name__}"
         if case_id in CASES and CASES[case_id].test != test:
             raise ValueError(f"hostile case {case_id!r} registered twice")
-        CASES[case_id] = Case(case_id, area, attack, behaviour, test, bug)
+        CASES[case_id] = Case(case_id, area, attack, behaviour, test, found)
         registered = getattr(function, "hostile_cases", ())
         function.hostile_cases = (*registered, case_id)  # type: ignore[attr-defined]
         return function
@@ -107,8 +107,8 @@ def _cell(text: str) -> str:
 def render_table(cases: Iterable[Case] | None = None) -> str:
     """The markdown table of every registered case, grouped by area, in a stable order.
 
-    "behaviour" is what the test asserts; for a passing test that is what conduit
-    does. Where a library bug makes the test fail, "today" says what happens instead.
+    "behaviour" is what the test asserts, which is what conduit does (the suite
+    passes). Where a case once found a library bug, "today" names it, as fixed.
     """
     rows = sorted(CASES.values() if cases is None else cases, key=lambda c: (c.area, c.case_id))
     lines = [
@@ -116,7 +116,7 @@ def render_table(cases: Iterable[Case] | None = None) -> str:
         "|----|------|------------------------|----------------------|-------|------------|",
     ]
     for case in rows:
-        today = f"**BUG, test fails:** {case.bug}" if case.bug else "as asserted"
+        today = f"as asserted; found and fixed: {case.found}" if case.found else "as asserted"
         lines.append(
             f"| `{case.case_id}` | {_cell(case.area)} | {_cell(case.attack)} | "
             f"{_cell(case.behaviour)} | {_cell(today)} | `{case.test}` |"

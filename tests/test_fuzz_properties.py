@@ -285,7 +285,7 @@ def test_length_over_the_limit_is_refused_from_the_header_alone(
     "wrong-typed fields",
     behaviour="either a body of the right class or RemoteProtocolError; never another "
     "exception; no bytes field longer than the payload",
-    bug="cattrs builds `bytes` fields with bytes(value): an integer N in CLIENT_HELLO.pake or "
+    found="cattrs builds `bytes` fields with bytes(value): an integer N in CLIENT_HELLO.pake or "
     "*_CONFIRM.mac allocates N zero bytes (finding 1)",
 )
 @FUZZ
@@ -306,7 +306,7 @@ def test_decode_body_only_raises_protocol_errors(sample: tuple[FrameKind, bytes]
     attack="for each kind with a body: every field set to each of None, True, -1, 4096, 2^64-1, "
     "1e308, NaN, '', 'x'*300, b'', [], {}, and a 200-deep list",
     behaviour="RemoteProtocolError or a body; never another exception; no amplification",
-    bug="same as fuzz-decode-body (bytes from an integer)",
+    found="same as fuzz-decode-body (bytes from an integer)",
 )
 def test_every_body_field_with_every_wrong_type(kind: FrameKind) -> None:
     names = [field.name for field in attrs.fields(BODY_TYPES[kind])]
@@ -500,7 +500,7 @@ def test_handshakes_fed_arbitrary_frames(state: str, frames: list[Frame]) -> Non
     attack="CLIENT_HELLO whose pake is the integer 64 Mi, or CLIENT_CONFIRM whose mac is; "
     "both accepted before authentication",
     behaviour="refused as malformed without allocating (tracemalloc peak < 1 MiB)",
-    bug="cattrs structures bytes fields with bytes(int), allocating the integer's value in "
+    found="cattrs structures bytes fields with bytes(int), allocating the integer's value in "
     "zero bytes: a 9-byte pre-auth frame makes the server allocate up to ~4 GiB (finding 1)",
 )
 @pytest.mark.parametrize(
@@ -538,7 +538,7 @@ def test_bytes_fields_are_not_built_from_integers(kind: FrameKind, field: str) -
     area="sans-IO fuzzing (finding)",
     attack="ServerHandshake fed a CLIENT_HELLO whose pake is the integer 64 Mi",
     behaviour="refused with RemoteProtocolError, the server allocates nothing for it",
-    bug="finding 1 reached through the real server state machine",
+    found="finding 1 reached through the real server state machine",
 )
 def test_server_handshake_hello_with_integer_pake() -> None:
     hello = {
@@ -566,7 +566,7 @@ def test_server_handshake_hello_with_integer_pake() -> None:
     attack="CALL / RESULT / MESSAGE / CREDIT body that is a list nested 900-1024 deep "
     "(msgpack's own limit is 1024)",
     behaviour="RemoteProtocolError('malformed ... body')",
-    bug="the hand-written fast decoders format the raw value with str() for the error "
+    found="the hand-written fast decoders format the raw value with str() for the error "
     "message; str() of a ~1000-deep list raises RecursionError, which escapes decode_body "
     "(finding 2)",
 )
@@ -588,7 +588,7 @@ def test_deeply_nested_bodies_are_protocol_errors(kind: FrameKind, depth: int) -
     attack="a valid sealed record with an empty plaintext, followed in the same read by a "
     "record holding a CALL",
     behaviour="the CALL is returned by the next next_frame() calls",
-    bug="FrameReader.next_frame returns None after an empty record although a whole record "
+    found="FrameReader.next_frame returns None after an empty record although a whole record "
     "is buffered, so the connection stops draining and the CALL waits for unrelated bytes "
     "(finding 3)",
 )

@@ -24,9 +24,8 @@ For each attack the server must
   grows with the attack, would cost.
 
 Access control (throttling, auth_timeout, max_connections) and confinement of
-every transfer RPC to the storage directory are here too. Tests that pin
-library bugs carry ``bug=`` in their registration; their docstring says what
-the library should do.
+every transfer RPC to the storage directory are here too. Cases that once
+found a library bug (since fixed) carry ``found=`` in their registration.
 """
 
 from __future__ import annotations
@@ -784,7 +783,7 @@ async def test_deeply_nested_body_beyond_msgpack_limit(arena: ArenaFactory, dept
     "(inside msgpack's limit)",
     behaviour="connection closed with a logged protocol error ('malformed CALL body'), like "
     "any malformed body",
-    bug="RecursionError from str() in codec._malformed escapes the receive task; the "
+    found="RecursionError from str() in codec._malformed escapes the receive task; the "
     "connection dies as 'internal error serving' with a traceback (finding 2)",
 )
 async def test_nested_body_within_msgpack_limit(arena: ArenaFactory, kind: FrameKind) -> None:
@@ -884,7 +883,7 @@ async def test_call_id_reused_while_running(arena: ArenaFactory) -> None:
     attack="max_concurrent_calls=8: 200 slow CALLs in one record",
     behaviour="8 run, the other 192 are answered at once with code 'overloaded'; the "
     "connection stays usable",
-    bug="CallWorkers.submit (src/conduit/_calls.py:177) calls the async self._send_result "
+    found="CallWorkers.submit (src/conduit/_calls.py:177) calls the async self._send_result "
     "without awaiting it (RuntimeWarning: coroutine never awaited) instead of the sync "
     "self._refuse: the refusal is never sent and the caller waits until its own timeout "
     "(finding 10)",
@@ -951,7 +950,7 @@ async def test_reset_flood_is_bounded(arena: ArenaFactory) -> None:
     "every PONG queues on the server",
     behaviour="memory stays bounded: the server stops reading, or closes that connection, "
     "once its outgoing control queue is full",
-    bug="Outbox.put_control never blocks and has no bound, the receive task answers every "
+    found="Outbox.put_control never blocks and has no bound, the receive task answers every "
     "PING with a queued PONG: ~6 bytes of server memory per byte of PING, without limit "
     "(finding 4)",
 )
@@ -1005,7 +1004,7 @@ async def test_message_flood_is_backpressured(arena: ArenaFactory) -> None:
     "credit (receive window 64 KiB)",
     behaviour="bounded: the server refuses streams beyond a per-connection limit (or reads "
     "only what credit allows), so memory and descriptors stay bounded",
-    bug="every file_download spawns a sender that holds an open file and a 1 MiB read block "
+    found="every file_download spawns a sender that holds an open file and a 1 MiB read block "
     "while it waits for credit, without limit: ~1 MiB of memory and 1 descriptor per call "
     "(finding 5)",
 )
@@ -1040,7 +1039,7 @@ async def test_stalled_downloads_are_bounded(arena: ArenaFactory) -> None:
     attack="600 file_upload_begin calls with distinct names and keys, no data ever sent",
     behaviour="bounded: refused beyond a per-connection limit of open transfers; descriptors "
     "bounded",
-    bug="each begin opens the partial file and its directory (2 descriptors) and keeps them "
+    found="each begin opens the partial file and its directory (2 descriptors) and keeps them "
     "until the connection closes, without limit: an authenticated client exhausts the "
     "server's descriptors (finding 6)",
 )
@@ -1067,7 +1066,7 @@ async def test_upload_begin_flood_is_bounded(arena: ArenaFactory) -> None:
     attack="a valid sealed record with no frames, followed in the same write by a record "
     "holding a CALL",
     behaviour="the CALL is answered promptly",
-    bug="FrameReader.next_frame returns None after an empty record, the receive task stops "
+    found="FrameReader.next_frame returns None after an empty record, the receive task stops "
     "draining and the CALL waits until the peer sends something else (finding 3)",
 )
 async def test_empty_record_does_not_stall_the_connection(arena: ArenaFactory) -> None:
@@ -1089,7 +1088,7 @@ async def test_empty_record_does_not_stall_the_connection(arena: ArenaFactory) -
     area="hostile peer, authenticated",
     attack="an RPC whose handler takes `data: bytes`, called with data=268435456 (an integer)",
     behaviour="refused with 'invalid_arguments' without allocating (tracemalloc peak bounded)",
-    bug="the RPC layer structures arguments with the same cattrs converter: bytes(268435456) "
+    found="the RPC layer structures arguments with the same cattrs converter: bytes(268435456) "
     "allocates 256 MiB of zeros for a 9-byte argument (finding 1, after authentication)",
 )
 async def test_bytes_argument_given_an_integer(arena: ArenaFactory) -> None:
@@ -1429,7 +1428,7 @@ async def test_rpc_names_are_confined(
     "the server, by register_client_handlers) given each wrong type in turn (None, int, "
     "float, bool, list, map, bytes), plus an unexpected argument",
     behaviour="refused with 'invalid_arguments'; nothing created on disk",
-    bug="RPC arguments are coerced, not checked: cattrs turns any value into a str with str() "
+    found="RPC arguments are coerced, not checked: cattrs turns any value into a str with str() "
     "and bytes/str/float into int with int(), so name=123 uploads a file called '123', "
     "name=['a'] one called \"['a']\", size=b'4' is 4, stream_id=True is 1 (finding 9)",
 )
@@ -1463,7 +1462,7 @@ async def test_rpc_wrong_types_are_refused(
     "characters; unexpected and missing arguments",
     behaviour="refused with invalid_size / invalid_arguments / not_found / source_changed; the "
     "connection stays up; nothing on disk changes",
-    bug="size=inf raises OverflowError, reported as 'handler_error' with a traceback in the "
+    found="size=inf raises OverflowError, reported as 'handler_error' with a traceback in the "
     "server log (finding 8); file_download with a stream id beyond 32 bits is accepted and "
     "the sender then dies on struct.error, killing the connection as 'internal error serving' "
     "(finding 7)",
