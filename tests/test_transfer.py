@@ -1392,3 +1392,15 @@ async def test_same_name_twice_never_overwrites(
         ]
         assert (fs.storage / "reports/2024/report.txt").read_bytes() == b"first version"
         assert partial_files(fs.storage) == []
+
+
+def test_an_s3_storage_dir_is_refused_until_the_handler_supports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``storage_dir="s3://..."`` used to become the local folder ``s3:/bucket/prefix``."""
+    monkeypatch.chdir(tmp_path)  # where a silently made "s3:" folder would appear
+    with pytest.raises(ValueError, match="cluster_staging"):
+        FileTransferHandler(storage_dir="s3://bucket/prefix")
+    with pytest.raises(ValueError, match="not supported yet"):
+        FileTransferHandler(storage_dir="S3://Bucket")
+    assert list(tmp_path.iterdir()) == []

@@ -146,6 +146,16 @@ class FileTransferHandler:
             )
         if resume_hash_budget < 0:
             raise ValueError(f"resume_hash_budget must not be negative, got {resume_hash_budget}")
+        if isinstance(storage_dir, str) and storage_dir.lower().startswith("s3://"):
+            # Not yet a store the handler writes to (issue 15): without this
+            # check the URL silently became the local folder "s3:/bucket/...".
+            # (Checked here, not with cluster.location.is_s3_url: the core
+            # must not load the cluster package.)
+            raise ValueError(
+                f"storage_dir={storage_dir!r}: an s3:// storage_dir is not supported yet; "
+                "give a local directory (S3 works today as the cluster's staging area: "
+                "ServerDescriptor(cluster_staging='s3://bucket/prefix'))"
+            )
         self.storage = StorageRoot(storage_dir)
         self.chunk_size = chunk_size
         self.max_file_size = max_file_size
