@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..errors import ConduitError, TransferError
+from ..errors import ConduitError, UnsafePathError
+from ._answers import BadAnswer
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
 from ._wire import FILE_LIST, transfer_failure
@@ -136,13 +137,27 @@ def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str
     }
 
 
-def remote_entries(listing: dict[str, Any], prefix: str, local_dir: Path) -> list[_Entry]:
-    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``."""
+def remote_entries(listing: Any, prefix: str, local_dir: Path) -> list[_Entry]:
+    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``.
+
+    The server is not trusted: the answer must be a map whose ``files`` is a
+    list of maps, each with a ``name`` that is already a safe relative name
+    under ``prefix``; anything else raises :class:`BadAnswer` (``bad_answer``)
+    before a single file is fetched or a local path is made from it.
+    """
+    if not isinstance(listing, dict) or not isinstance(listing.get("files", []), list):
+        raise BadAnswer("the directory listing is not a map with a list of files")
     entries = []
     for item in listing.get("files", []):
-        name = str(item["name"])
-        if not name.startswith(prefix + "/"):
-            raise TransferError(f"the server listed {name!r} outside {prefix!r}", "protocol_error")
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            raise BadAnswer(f"a listed file is {type(item).__name__} without a text name")
+        try:
+            safe = safe_relative_name(name)
+        except UnsafePathError:
+            safe = None
+        if safe != name or not name.startswith(prefix + "/"):
+            raise BadAnswer(f"the server listed {name!r}, not a file under {prefix!r}")
         entries.append(_Entry(name, str(local_dir / name)))
     return entries
 
@@ -186,7 +201,12 @@ async def receive_tree(
         return {**transfer_failure(exc), "directory": prefix, "files": []}
 
     async def download(remote: str, _local: str) -> dict[str, Any]:
-        return await receiver.download(peer, remote, local_dir, on_progress)
+        # One file's failure is that file's result, as in send_tree: never an
+        # exception that would cancel its siblings and escape as a group.
+        try:
+            return await receiver.download(peer, remote, local_dir, on_progress)
+        except (OSError, ConduitError) as exc:
+            return transfer_failure(exc)
 
     await transfer_all(entries, download)
     extra: dict[str, Any] = {}
