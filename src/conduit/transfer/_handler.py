@@ -276,7 +276,11 @@ class FileTransferHandler:
         """
         if await trio.to_thread.run_sync(os.path.isdir, path):
             return await send_tree(
-                self._sender, client.server, Path(path), remote_name, on_progress
+                self._sender,
+                lambda attempt: on_client(client, attempt),
+                Path(path),
+                remote_name,
+                on_progress,
             )
         return await on_client(
             client, lambda peer: self._sender.send(peer, path, remote_name, on_progress, "upload")
@@ -346,7 +350,13 @@ class FileTransferHandler:
         )
         if result.get("code") != "is_directory":
             return result
-        return await receive_tree(self._receiver, client.server, name, Path(local_dir), on_progress)
+        return await receive_tree(
+            self._receiver,
+            lambda attempt: on_client(client, attempt),
+            name,
+            Path(local_dir),
+            on_progress,
+        )
 
     @bridged
     async def list_files(
