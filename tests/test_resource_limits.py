@@ -593,3 +593,59 @@ async def test_a_forged_directory_listing_is_a_bad_answer(
     assert result["files"] == []
     written = [p for p in tmp_path.rglob("*") if p.is_file() and storage not in p.parents]
     assert written == [], written
+
+
+@hostile(
+    "file-stat-sha256-loop",
+    area=AREA,
+    attack="one client loops file_stat(name, sha256=True) on a 4 MiB file (40 calls, 4 in "
+    "flight) and re-run small-file uploads whose sha256 makes the server hash its copy, "
+    "while another client lists files",
+    behaviour="the hashing goes through the handler's hash gate (one hash at a time per "
+    "connection, shared threads, digests cached by inode/size/mtime): the file is read "
+    "once, not 40 times; the other client's file_list answers throughout",
+    found="whole-file hashes ran on Trio's default thread pool with no per-connection bound",
+)
+async def test_whole_file_hashing_is_bounded_per_connection(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    size = 4 * MiB
+    digest = await trio.to_thread.run_sync(write_random_file, storage / "big.bin", size)
+    small = b"small file bytes"
+    (storage / "small.bin").write_bytes(small)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    hammer = await client_factory(server)
+    other = await client_factory(server)
+    listed = 0
+
+    async def loop_stats() -> None:
+        for _ in range(10):
+            answer = await hammer.rpc.call("file_stat", name="big.bin", sha256=True)
+            assert answer["data"]["sha256"] == digest, answer
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(loop_stats)
+            for _ in range(5):
+                assert await transfer.list_files(other)
+                listed += 1
+        for _ in range(10):  # a re-run's check: the server hashes its same-size copy
+            answer = await hammer.rpc.call(
+                "file_upload_small",
+                name="small.bin",
+                data=small,
+                sha256=hashlib.sha256(small).hexdigest(),
+            )
+            assert answer["success"] and answer["data"]["skipped"], answer
+    assert listed == 5
+    # Each file read once: the loops cost what the distinct files cost.
+    assert transfer.hash_gate.hashed_bytes == size + len(small)
+    # A changed file is hashed again (the cache key includes mtime and size).
+    (storage / "small.bin").write_bytes(small.upper())
+    with trio.fail_after(30):
+        answer = await hammer.rpc.call("file_stat", name="small.bin", sha256=True)
+    assert answer["data"]["sha256"] == hashlib.sha256(small.upper()).hexdigest()
+    assert transfer.hash_gate.hashed_bytes == size + 2 * len(small)

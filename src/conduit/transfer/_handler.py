@@ -36,6 +36,7 @@ import trio
 
 from .._bridge import bridged
 from . import _manage as manage
+from ._hashing import HashGate
 from ._hooks import Hooks
 from ._progress import TransferProgress
 from ._receiver import Receiver
@@ -178,6 +179,9 @@ class FileTransferHandler:
         #: Bytes of resume-prefix hashing a connection may waste on wrong
         #: claims before its downloads restart from zero instead.
         self.resume_hash_budget = resume_hash_budget
+        #: Whole-file hashing for peers (``file_stat(sha256=True)``, re-run
+        #: checks): one hash at a time per connection, shared threads, cached.
+        self.hash_gate = HashGate()
         #: Seconds ``send_to_client`` waits for a client whose connection
         #: dropped mid-push to reconnect (it keeps its id) before giving up.
         self.push_reconnect_timeout = 120.0

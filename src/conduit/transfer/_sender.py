@@ -318,7 +318,12 @@ class Sender:
                 "modified_ns": info.st_mtime_ns,
             }
             if sha256 is True:
-                answer["sha256"] = (await hash_prefix(file, size)).hexdigest()
+                # Within the connection's hashing share, cached: not on the
+                # default thread pool, where a loop of these would starve others.
+                gate = self._settings.hash_gate
+                answer["sha256"] = await gate.run(
+                    current_peer().connection, lambda: gate.digest_of_fd(file.fileno(), size)
+                )
         return answer
 
     @trio_callback
