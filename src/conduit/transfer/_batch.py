@@ -12,10 +12,10 @@ fails alone. Larger files, and every file when the server predates batches
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -24,14 +24,16 @@ import trio
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer, finish_answer
 from ._batch_store import MAX_BATCH_FILES
+from ._local import open_local_file
 from ._progress import ProgressReporter, TransferProgress
-from ._sender import open_local
 from ._wire import UPLOAD_BATCH, transfer_failure
 
 if TYPE_CHECKING:
     from .._peer import Peer
 
 ProgressCallback = Callable[[TransferProgress], Any]
+Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
+OnPeer = Callable[[Attempt], Awaitable[dict[str, Any]]]
 
 #: Room kept in every batch call for its framing, the names and the digests.
 _FRAME_OVERHEAD = 64 * 1024
@@ -57,7 +59,7 @@ def _read_small(
     failed: dict[int, dict[str, Any]] = {}
     for index, name, local in names:
         try:
-            with open_local(Path(local), follow_symlinks) as file:
+            with open_local_file(local, follow_symlinks=follow_symlinks) as file:
                 data = file.read(limit + 1)
         except (OSError, UnsafePathError) as exc:
             failed[index] = transfer_failure(exc)
@@ -102,7 +104,7 @@ def _entry_result(answer: Any, small: _Small) -> dict[str, Any]:
 
 
 async def send_small_files(
-    peer: Peer,
+    on_peer: OnPeer,
     files: Sequence[tuple[int, str, str]],
     limit: int,
     parallel: int,
@@ -115,10 +117,11 @@ async def send_small_files(
     Returns the results by index; the files without one are left for the
     per-file path (larger than ``limit``, or the server does not take batches).
     ``follow_symlinks=False`` (directory walks) refuses a link, as a single
-    send does.
+    send does. ``on_peer`` runs each call on the connection, again after a
+    reconnect (a batch sent twice stores nothing twice: what arrived the first
+    time is ``already_there``).
     """
     results: dict[int, dict[str, Any]] = {}
-    max_bytes = peer.connection.keys.peer_max_frame_size - _FRAME_OVERHEAD
     limiter = trio.CapacityLimiter(parallel)
     unsupported = False
 
@@ -128,26 +131,36 @@ async def send_small_files(
             read, failed = await trio.to_thread.run_sync(_read_small, group, limit, follow_symlinks)
             results.update(failed)
             for batch in _batches(read, max_bytes):
-                if not unsupported:
-                    unsupported = await _send_batch(peer, batch, results, on_progress)
+                if unsupported:
+                    break
+                outcome = await on_peer(functools.partial(_send_batch, batch=batch))
+                if outcome.get("unsupported"):
+                    unsupported = True
+                elif not outcome.get("success"):
+                    for small in batch:
+                        results[small.index] = outcome
+                else:
+                    await _report(batch, outcome["results"], results, on_progress)
 
+    budget = await on_peer(_frame_budget)
+    if not budget.get("success"):
+        return results  # not connected: the per-file path reports it, file by file
+    max_bytes: int = budget["bytes"]
     async with trio.open_nursery() as nursery:
         for start in range(0, len(files), MAX_BATCH_FILES):
             nursery.start_soon(one, files[start : start + MAX_BATCH_FILES])
     return results
 
 
-async def _send_batch(
-    peer: Peer,
-    batch: list[_Small],
-    results: dict[int, dict[str, Any]],
-    on_progress: ProgressCallback | None,
-) -> bool:
-    """One ``file_upload_batch`` call; True if the server does not know the method."""
-    reporters = [
-        ProgressReporter(on_progress, filename=s.name, direction="upload", total_size=len(s.data))
-        for s in batch
-    ]
+async def _frame_budget(peer: Peer) -> dict[str, Any]:
+    """The data bytes one batch call to ``peer`` may carry."""
+    await trio.lowlevel.checkpoint()
+    return {"success": True, "bytes": peer.connection.keys.peer_max_frame_size - _FRAME_OVERHEAD}
+
+
+async def _send_batch(peer: Peer, *, batch: list[_Small]) -> dict[str, Any]:
+    """One ``file_upload_batch`` call: ``{"success": True, "results": [...]}``, a failure
+    dict, or ``{"unsupported": True}`` when the server does not know the method."""
     try:
         answer = await peer.call(
             UPLOAD_BATCH,
@@ -158,16 +171,26 @@ async def _send_batch(
         if not isinstance(listed, list) or len(listed) != len(batch):
             raise BadAnswer("a batch answer must list one result per file")
     except ConduitError as exc:
-        if getattr(exc, "code", None) == "not_found" and "file_upload_batch" in str(exc):
-            return True
-        for small in batch:
-            results[small.index] = transfer_failure(exc)
-        return False
-    for small, reporter, raw in zip(batch, reporters, listed, strict=True):
+        if getattr(exc, "code", None) == "not_found" and UPLOAD_BATCH in str(exc):
+            return {"success": True, "unsupported": True}
+        return transfer_failure(exc)
+    return {"success": True, "results": listed}
+
+
+async def _report(
+    batch: list[_Small],
+    listed: list[Any],
+    results: dict[int, dict[str, Any]],
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Each file's result from the batch answer; its one progress report on success."""
+    for small, raw in zip(batch, listed, strict=True):
         result = _entry_result(raw, small)
         if result.get("success"):
+            reporter = ProgressReporter(
+                on_progress, filename=small.name, direction="upload", total_size=len(small.data)
+            )
             await reporter.advance(len(small.data))
             final = await reporter.finish()
             result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
         results[small.index] = result
-    return False

@@ -32,7 +32,7 @@ Nothing outside the batch's own files and directories is synced.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -104,10 +104,17 @@ def parse_batch(files: Any, max_bytes: int) -> list[Entry]:
     return entries
 
 
-def store_batch(entries: Sequence[Entry], admitter: OneShotAdmitter, overwrite: bool) -> None:
+def store_batch(
+    entries: Sequence[Entry],
+    admitter: OneShotAdmitter,
+    overwrite: bool,
+    hash_fd: Callable[[int, int], str] | None = None,
+) -> None:
     """Skip, admit, write, verify, fsync and publish every entry; then sync the directories.
 
     Runs in one worker thread. Each entry's outcome is left on the entry.
+    ``hash_fd`` hashes a same-size stored file for the re-run check (the
+    handler's cached :class:`._hashing.HashGate`, within whose threads this runs).
     """
     storage = admitter.storage
     published = []
@@ -117,7 +124,7 @@ def store_batch(entries: Sequence[Entry], admitter: OneShotAdmitter, overwrite: 
         try:
             entry.safe = safe_relative_name(entry.name)
             size = len(entry.data)
-            stored = find_sync(storage, entry.safe, size, entry.sha256)
+            stored = find_sync(storage, entry.safe, size, entry.sha256, hash_fd)
             if stored is not None:
                 entry.published, entry.skipped = stored, True
                 continue

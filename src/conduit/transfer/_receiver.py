@@ -191,7 +191,9 @@ class Receiver:
                 return None
             if not sha256:
                 return {"check_sha256": True}
-            stored = await find_already_there(storage, safe, size, sha256)
+            stored = await find_already_there(
+                storage, safe, size, sha256, (self._settings.hash_gate, caller.connection)
+            )
             if stored is not None:
                 return skipped_result(stored, size, sha256)
         except Exception as exc:
@@ -271,8 +273,15 @@ class Receiver:
             admitter = await self._budget.one_shot(caller)
         except Exception as exc:
             raise as_rpc_error(exc) from None
+        gate = self._settings.hash_gate
+        overwrite = self._settings.overwrite
         try:
-            await trio.to_thread.run_sync(store_batch, entries, admitter, self._settings.overwrite)
+            # Within the hash gate: a re-run check may hash stored files (one
+            # batch at a time per connection, on the gate's shared threads).
+            await gate.run(
+                caller.connection,
+                lambda: store_batch(entries, admitter, overwrite, gate.digest_of_fd),
+            )
         finally:
             admitter.finished()
 

@@ -1,8 +1,9 @@
 """Whole directories: ``send_to_server(client, a_directory)`` and its download twin.
 
 A directory's files are sent each exactly like a single file (same names
-rules, same verification, resume and re-run rules; the small ones many per
-call, see :mod:`._batch`), under
+rules, same verification, resume and re-run rules, and each on its own
+survives a reconnect like a single transfer; the small ones many per call, see
+:mod:`._batch`), under
 ``REMOTE_NAME/relative/path`` so the layout is kept. Downloading a name that
 is a directory on the server lists the files under it (``file_list`` with a
 ``prefix``) and downloads each into ``local_dir`` under its full name.
@@ -35,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..errors import ConduitError, TransferError
+from ..errors import ConduitError, UnsafePathError
+from ._answers import BadAnswer
 from ._batch import send_small_files
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
+from ._resilient import Attempt
 from ._wire import FILE_LIST, transfer_failure
 
 if TYPE_CHECKING:
@@ -50,6 +53,10 @@ if TYPE_CHECKING:
 PARALLEL_FILES = 4
 
 FileTransfer = Callable[[str, str], Awaitable[dict[str, Any]]]
+#: Runs one attempt (a call on a peer, returning a result dict) on the
+#: client's connection, again after each reconnect: ``on_client`` bound to
+#: the client, so every file of a tree survives a cut on its own.
+OnPeer = Callable[[Attempt], Awaitable[dict[str, Any]]]
 ProgressCallback = Callable[[TransferProgress], Any]
 
 
@@ -138,20 +145,34 @@ def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str
     }
 
 
-def remote_entries(listing: dict[str, Any], prefix: str, local_dir: Path) -> list[_Entry]:
-    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``."""
+def remote_entries(listing: Any, prefix: str, local_dir: Path) -> list[_Entry]:
+    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``.
+
+    The server is not trusted: the answer must be a map whose ``files`` is a
+    list of maps, each with a ``name`` that is already a safe relative name
+    under ``prefix``; anything else raises :class:`BadAnswer` (``bad_answer``)
+    before a single file is fetched or a local path is made from it.
+    """
+    if not isinstance(listing, dict) or not isinstance(listing.get("files", []), list):
+        raise BadAnswer("the directory listing is not a map with a list of files")
     entries = []
     for item in listing.get("files", []):
-        name = str(item["name"])
-        if not name.startswith(prefix + "/"):
-            raise TransferError(f"the server listed {name!r} outside {prefix!r}", "protocol_error")
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            raise BadAnswer(f"a listed file is {type(item).__name__} without a text name")
+        try:
+            safe = safe_relative_name(name)
+        except UnsafePathError:
+            safe = None
+        if safe != name or not name.startswith(prefix + "/"):
+            raise BadAnswer(f"the server listed {name!r}, not a file under {prefix!r}")
         entries.append(_Entry(name, str(local_dir / name)))
     return entries
 
 
 async def send_tree(
     sender: Sender,
-    peer: Peer,
+    on_peer: OnPeer,
     top: Path,
     remote_name: str | None,
     on_progress: ProgressCallback | None,
@@ -159,13 +180,13 @@ async def send_tree(
     """Upload every file under ``top`` (``send_to_server`` on a directory)."""
     prefix = remote_prefix(top, remote_name)
     entries = await trio.to_thread.run_sync(walk_local, top, prefix)
-    await send_entries(sender, peer, entries, on_progress, follow_symlinks=False)
+    await send_entries(sender, on_peer, entries, on_progress, follow_symlinks=False)
     return tree_result(prefix, entries)
 
 
 async def send_files(
     sender: Sender,
-    peer: Peer,
+    on_peer: OnPeer,
     files: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], str]],
     on_progress: ProgressCallback | None,
 ) -> list[dict[str, Any]]:
@@ -179,13 +200,13 @@ async def send_files(
         except ConduitError as exc:
             entry.name, entry.result = str(remote), transfer_failure(exc)
         entries.append(entry)
-    await send_entries(sender, peer, entries, on_progress, follow_symlinks=True)
+    await send_entries(sender, on_peer, entries, on_progress, follow_symlinks=True)
     return [entry.result or {} for entry in entries]
 
 
 async def send_entries(
     sender: Sender,
-    peer: Peer,
+    on_peer: OnPeer,
     entries: list[_Entry],
     on_progress: ProgressCallback | None,
     *,
@@ -195,15 +216,17 @@ async def send_entries(
 
     async def upload(name: str, local: str) -> dict[str, Any]:
         try:
-            return await sender.send(
-                peer, local, name, on_progress, "upload", follow_symlinks=follow_symlinks
+            return await on_peer(
+                lambda peer: sender.send(
+                    peer, local, name, on_progress, "upload", follow_symlinks=follow_symlinks
+                )
             )
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
 
     pending = [(i, e.name, e.local) for i, e in enumerate(entries) if e.result is None]
     results = await send_small_files(
-        peer,
+        on_peer,
         pending,
         sender.small_file_limit,
         PARALLEL_FILES,
@@ -217,21 +240,39 @@ async def send_entries(
 
 async def receive_tree(
     receiver: Receiver,
-    peer: Peer,
+    on_peer: OnPeer,
     name: str,
     local_dir: Path,
     on_progress: ProgressCallback | None,
 ) -> dict[str, Any]:
     """Download every file under the server's directory ``name`` into ``local_dir/name``."""
     prefix = safe_relative_name(name)
+
+    async def list_once(peer: Peer) -> dict[str, Any]:
+        # A result dict, so that on_peer retries a listing cut by a lost link.
+        try:
+            return {"success": True, "listing": await peer.call(FILE_LIST, prefix=prefix)}
+        except ConduitError as exc:
+            return transfer_failure(exc)
+
+    listed = await on_peer(list_once)
+    if not listed.get("success"):
+        return {**listed, "directory": prefix, "files": []}
+    listing = listed["listing"]
     try:
-        listing = await peer.call(FILE_LIST, prefix=prefix)
         entries = remote_entries(listing, prefix, local_dir)
     except ConduitError as exc:
         return {**transfer_failure(exc), "directory": prefix, "files": []}
 
     async def download(remote: str, _local: str) -> dict[str, Any]:
-        return await receiver.download(peer, remote, local_dir, on_progress)
+        # One file's failure is that file's result, as in send_tree: never an
+        # exception that would cancel its siblings and escape as a group.
+        try:
+            return await on_peer(
+                lambda peer: receiver.download(peer, remote, local_dir, on_progress)
+            )
+        except (OSError, ConduitError) as exc:
+            return transfer_failure(exc)
 
     await transfer_all(entries, download)
     extra: dict[str, Any] = {}
