@@ -430,6 +430,46 @@ async def test_stale_connection_is_replaced_by_the_reconnect() -> None:
         await server.close()
 
 
+async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> None:
+    # The stale connection's disconnect hook holds the replacement back; the
+    # server is closed while it waits. Nothing of the replacement may stay
+    # behind: no registered client, no token that never expires.
+    server = _server()
+    hook_running, release = trio.Event(), trio.Event()
+
+    async def slow_goodbye(peer: Any) -> None:
+        hook_running.set()
+        await release.wait()
+
+    server.on_client_disconnect(slow_goodbye)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        client = _client(port, reconnect_enabled=False)
+        await client.connect()
+        second = _client(port, reconnect_enabled=False)
+        second._resume_token = client._resume_token
+        with trio.fail_after(10):
+            await second.connect()
+            assert second.id == client.id
+            await hook_running.wait()  # the replacement now waits for this hook
+            closed = trio.Event()
+
+            async def close() -> None:
+                await server.close()
+                closed.set()
+
+            nursery.start_soon(close)
+            scope = server._cancel_scope
+            assert scope is not None
+            await wait_until(lambda: scope.cancel_called)
+            release.set()
+            await closed.wait()
+        assert server.clients == {}
+        assert all(e.expires != math.inf for e in server._resume_tokens._entries.values())
+        await client.disconnect()
+        await second.disconnect()
+
+
 # --------------------------------------------------------------------------- cancellation
 
 
