@@ -30,6 +30,7 @@ from conduit import (
     ServerDescriptor,
 )
 from conduit._log_limit import LimitedLog
+from conduit._resume import ResumeTokens
 from conduit._throttle import Attempt, AuthThrottle
 from conduit.protocol import ClientHandshake
 from conduit.protocol.pake import StretchParams
@@ -510,3 +511,46 @@ async def test_logged_in_users_are_isolated_end_to_end(
             await bob.disconnect()
     assert not (storage / "alice" / "too-big.bin").exists()
     assert not (storage / "shared" / "bob" / "report.bin").exists()
+
+
+# --------------------------------------------------------------------------- resume tokens
+
+
+async def test_a_resume_token_works_only_for_its_own_account(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    # Bob holding alice's token (leaked, sniffed off her machine) logs in as
+    # himself: he gets an id of his own, alice keeps hers and her connection.
+    server = await accounts_server(server_factory, accounts)
+    alice = await login(server, "alice", ALICE_PASSWORD)
+    alice_id = alice.id
+    assert alice_id is not None
+    try:
+        bob = Client(client_descriptor(server.port, username="bob", password=BOB_PASSWORD))
+        bob._resume_token = alice._resume_token
+        with trio.fail_after(10):
+            await bob.connect()
+        assert bob.id not in (None, alice_id)
+        assert server.clients[alice_id].username == "alice"
+        assert alice.connected and server.clients[alice_id].connected
+        await bob.disconnect()
+        # The token is still alice's: she can still come back with it.
+        again = Client(client_descriptor(server.port, username="alice", password=ALICE_PASSWORD))
+        again._resume_token = alice._resume_token
+        with trio.fail_after(10):
+            await again.connect()
+        assert again.id == alice_id
+        await again.disconnect()
+    finally:
+        await alice.disconnect()
+
+
+def test_resume_tokens_are_redeemed_only_by_their_account() -> None:
+    tokens = ResumeTokens()
+    alice = tokens.issue("a1", "alice")
+    shared = tokens.issue("s1", None)
+    assert tokens.redeem(alice, 0.0, "bob") is None
+    assert tokens.redeem(alice, 0.0, None) is None  # shared mode is no account at all
+    assert tokens.redeem(alice, 0.0, "alice") == "a1"
+    assert tokens.redeem(shared, 0.0, "alice") is None
+    assert tokens.redeem(shared, 0.0, None) == "s1"

@@ -470,6 +470,28 @@ async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> 
         await second.disconnect()
 
 
+async def test_a_given_stream_is_not_shown_the_resume_token() -> None:
+    # The token is for the descriptor's target only: a stream the caller
+    # hands over may lead anywhere, so the client must not present it there.
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            # Slow backoff: the client is still waiting to redial when the
+            # caller takes over with a stream of its own.
+            client = _client(proxy.port, reconnect_delay=30.0, reconnect_delay_max=30.0)
+            await client.connect()
+            old_id = client.id
+            with trio.fail_after(10):
+                proxy.legs[0].close()
+                await wait_until(lambda: not client.connected)
+                await client.connect(stream=await trio.open_tcp_stream(LOOPBACK, port))
+            assert client.id not in (None, old_id)
+            assert client._resume_token == b""  # nor kept for the descriptor's target
+            await client.disconnect()
+        await server.close()
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

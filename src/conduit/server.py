@@ -354,7 +354,7 @@ class Server(Endpoint):
                 established = await self._gate.handshake(stream, arrival.host)
                 client_id = await self._client_id_for(stream, established, arrival)
                 try:
-                    token = self._resume_tokens.issue(client_id)
+                    token = self._resume_tokens.issue(client_id, established.username)
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
@@ -393,7 +393,7 @@ class Server(Endpoint):
         """A reconnecting client's old id if its sealed, single-use token is good; else a new id."""
         if established.resuming:
             token = await read_resume(stream, established)
-            client_id = self._resume_tokens.redeem(token, trio.current_time())
+            client_id = self._resume_tokens.redeem(token, trio.current_time(), established.username)
             if client_id is not None and (
                 client_id in self.clients  # still held here, by its stale connection
                 or self.cluster is None
