@@ -16,6 +16,7 @@ from ._gatekeeper import Gatekeeper, Refused
 from ._handshake_io import Established, VersionMismatch, read_resume, refuse, welcome_record
 from ._peer import Peer
 from ._resume import ResumeTokens
+from ._throttle import address_key
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
 from .protocol.messages import Welcome
@@ -37,8 +38,11 @@ class _Arrival:
 
     @property
     def host(self) -> str:
-        """The key of the password-failure throttle."""
-        return self.address[0] if self.address else "unknown"
+        """The key of the password-failure throttle and the per-address socket cap.
+
+        An IPv6 peer's /64, not its address (see :func:`address_key`).
+        """
+        return address_key(self.address[0]) if self.address else "unknown"
 
     @property
     def label(self) -> str:
