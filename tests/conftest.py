@@ -10,8 +10,11 @@
   ``connect=False``) and disconnects it at teardown (``tcp_client_factory``).
 * ``memory_server_factory`` / ``memory_client_factory``: the same over
   :class:`MemoryListener` (``Server.serve`` and ``Client.connect(stream=...)``),
-  for tests where the socket is not the point; with pytest-trio's
-  ``autojump_clock`` their timers cost no wall-clock time.
+  for tests where the socket is not the point; with ``autojump_clock`` their
+  timers cost (almost) no wall-clock time.
+* ``autojump_clock`` overrides pytest-trio's: a :class:`~trio.testing.MockClock`
+  that jumps only after :data:`AUTOJUMP_THRESHOLD` of real idle time, so the
+  library's worker threads (handshake crypto, file I/O) work under it.
 * ``proxy_factory``: ``await proxy_factory(target_port)`` starts a
   :class:`TcpProxy` that records every byte in both directions and can flip a
   byte (:class:`FlipByte`), black-hole a direction or cut every connection.
@@ -42,6 +45,38 @@ Direction = Literal["c2s", "s2c"]
 _FRAME_HEADER = struct.Struct("!2sBBBxII")
 #: Sealed records: 4-byte big-endian length prefix, then ciphertext and tag.
 _RECORD_PREFIX = struct.Struct("!I")
+
+
+#: Real seconds every task must sit blocked before ``autojump_clock`` jumps.
+AUTOJUMP_THRESHOLD = 0.02
+
+
+# --------------------------------------------------------------------------- clock
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's ``autojump_clock``, with a small non-zero threshold.
+
+    With ``autojump_threshold=0`` the clock jumps the moment every task is
+    blocked, and a task waiting for ``trio.to_thread.run_sync`` counts as
+    blocked: virtual time would leap past ``auth_timeout`` or a test's
+    ``fail_after`` while a worker thread does 1 ms of SPAKE2 or a file read
+    (Trio's docs call threads and a zero threshold incompatible). A threshold
+    makes the clock jump only after that much real idle time, and the library
+    offloads CPU work and file I/O to threads everywhere.
+
+    Why 20 ms: a thread's work here takes 1-5 ms of CPU, and on a 2-core
+    machine shared with other busy processes the scheduler can delay the
+    thread, or the wake-up of the Trio thread after it, by about one
+    scheduling period more (Linux's default ``sched_latency`` is 6-24 ms).
+    20 ms stays above that, so no thread wait turns into a jump, while each
+    jump costs only 20 ms of wall-clock time: the busiest test (a heartbeat
+    every virtual second for 90 s) makes about 75 jumps, 1.5 s. A first
+    Argon2id stretch (0.1-0.4 s) is longer than any sane threshold: tests
+    stretch a new password before their timed part (``shared_secret``).
+    """
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_THRESHOLD)
 
 
 # --------------------------------------------------------------------------- polling

@@ -33,7 +33,7 @@ import trio
 from conduit import Client, FileTransferHandler, Server
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
-from conduit.transfer import _storage
+from conduit.transfer import _space, _storage
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
 from hostile_helpers import MiB, hostile
@@ -210,8 +210,8 @@ async def test_total_partial_bytes_are_capped(
 @hostile(
     "disk-abandoned-deep-paths",
     area="disk",
-    attack="12 upload begins into distinct 8-level-deep paths, no data, then the connection "
-    "closes; partial_ttl=1",
+    attack="12 upload begins into distinct 8-level-deep paths, one byte of data each, then the "
+    "connection closes; partial_ttl=1",
     behaviour="within seconds of the expiry every partial and every directory made for them "
     "is gone; file_list is empty",
 )
@@ -227,12 +227,87 @@ async def test_abandoned_partials_and_their_directories_expire_on_time(
             name = "/".join(f"d{i}-{level}" for level in range(8)) + "/f.bin"
             answer = await begin(client, name, 1000, f"{i:032x}")
             assert answer["success"], answer
-        assert len(partial_files(storage)) == 12
+            # One byte, so the partial is worth keeping for a resume (an empty
+            # one is removed when the connection drops).
+            await client.server.connection.open_outgoing_stream(answer["data"]["stream_id"]).send(
+                [b"x"]
+            )
+        await wait_until(
+            lambda: [p.stat().st_size for p in partial_files(storage)] == [1] * 12, timeout=10
+        )
         await client.disconnect()
+        await wait_until(lambda: not server.clients, timeout=10)
+        assert len(partial_files(storage)) == 12  # kept until partial_ttl
         await wait_until(lambda: not server.clients, timeout=10)
         await wait_until(lambda: not any(storage.iterdir()), timeout=20, interval=0.1)
         other = await client_factory(server)
         assert await transfer.list_files(other) == []
+
+
+@hostile(
+    "disk-empty-partials",
+    area="disk",
+    attack="8 connections x 15 upload begins (size 1e5, names rN/dI/f.bin), no data, then each "
+    "connection closes; partial_ttl 24 h",
+    behaviour="the empty partials and the directories made for them are removed as each "
+    "connection ends; nothing is left in the storage directory",
+    found="empty partials were kept (and indexed) for partial_ttl: 120 files + 120 directories",
+)
+async def test_empty_abandoned_partials_do_not_pile_up(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(60):
+        for n in range(8):
+            client = await client_factory(server, reconnect_enabled=False)
+            for i in range(15):
+                answer = await begin(client, f"r{n}/d{i}/f.bin", 100_000, f"{n:016x}{i:016x}")
+                assert answer["success"], answer
+            await client.disconnect()
+        await wait_until(lambda: not server.clients, timeout=10)
+        await wait_until(lambda: not storage.exists() or not any(storage.iterdir()), timeout=10)
+    assert partial_files(storage) == [] and empty_directories(storage) == []
+
+
+@hostile(
+    "disk-abandoned-partial-count",
+    area="disk",
+    attack=f"one client leaves {_space.MAX_ABANDONED_PER_OWNER + 6} abandoned one-byte partials "
+    "in distinct directories",
+    behaviour="at most MAX_ABANDONED_PER_OWNER are kept for that owner, its oldest evicted "
+    "first with their directories",
+    found="abandoned partials were bounded by bytes only, not by count (inodes)",
+)
+async def test_abandoned_partials_per_owner_are_capped(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    cap = _space.MAX_ABANDONED_PER_OWNER
+    total = cap + 6
+    with trio.fail_after(120):
+        for batch in range(0, total, 12):  # under the connection's stream budget
+            client = await client_factory(server, reconnect_enabled=False)
+            count = min(12, total - batch)
+            for i in range(batch, batch + count):
+                answer = await begin(client, f"d{i:03}/f.bin", 1000, f"{i:032x}")
+                assert answer["success"], answer
+                stream = client.server.connection.open_outgoing_stream(answer["data"]["stream_id"])
+                await stream.send([b"x"])
+            await wait_until(
+                lambda n=batch + count: sum(p.stat().st_size for p in partial_files(storage)) >= n,
+                timeout=10,
+            )
+            await client.disconnect()
+            await wait_until(lambda: not server.clients, timeout=10)
+    kept = partial_files(storage)
+    assert len(kept) == cap, len(kept)
+    # The oldest (all from the first connection) went first, with their directories.
+    assert {f"d{i:03}" for i in range(12, total)} <= {p.parent.name for p in kept}
+    assert empty_directories(storage) == []
 
 
 @hostile(

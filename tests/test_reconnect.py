@@ -348,6 +348,45 @@ async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
         await server.close()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["c2s", "s2c"])
+async def test_directory_transfer_survives_a_cut(tmp_path: Path, direction: Direction) -> None:
+    """Every file of a directory upload (download) cut midway ends in success, none resent whole."""
+    files, size = 6, 2 * MiB
+    side = tmp_path / ("client" if direction == "c2s" else "server-store")
+    top = side / "tree"
+    digests = {
+        f"tree/sub{i % 2}/f{i}.bin": await trio.to_thread.run_sync(
+            write_random_file, top / f"sub{i % 2}" / f"f{i}.bin", size
+        )
+        for i in range(files)
+    }
+    server = _server()
+    FileTransferHandler(tmp_path / "server-store").register_server_handlers(server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port, cut_after=(direction, int(files * size * 0.4))) as proxy:
+            client = _client(proxy.port)
+            transfer = FileTransferHandler(tmp_path / "client-store")
+            await client.connect()
+            with trio.fail_after(120):
+                if direction == "c2s":
+                    result = await transfer.send_to_server(client, top)
+                    landed = tmp_path / "server-store"
+                else:
+                    landed = tmp_path / "downloads"
+                    result = await transfer.receive_from_server(client, "tree", landed)
+            assert proxy.was_cut and proxy.accepted == 2
+            assert result["success"] is True, result
+            assert result["failed"] == 0 and len(result["files"]) == files, result
+            assert all(f["success"] for f in result["files"]), result
+            for name, digest in digests.items():
+                assert sha256_of(landed / name) == digest, name
+            assert proxy.after_cut(direction) < files * size, proxy.after_cut(direction)
+            await client.disconnect()
+        await server.close()
+
+
 async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) -> None:
     size = 4 * MiB
     source = tmp_path / "pushed.bin"

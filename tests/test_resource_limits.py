@@ -537,3 +537,115 @@ async def test_failures_name_the_file_not_the_storage_path(
         assert not answer.ok and answer.code == "not_found", answer
         assert "not-created-yet" in str(answer.error) and str(tmp_path) not in str(answer.error)
     await peer.aclose()
+
+
+_LISTING_CASES: dict[str, Callable[[Any], Any]] = {
+    "not-a-map": lambda answer: "files",
+    "files-not-a-list": lambda answer: {"files": "d/a.bin"},
+    "item-not-a-map": lambda answer: {"files": [*answer["files"], 7]},
+    "name-missing": lambda answer: {"files": [*answer["files"], {"size": 1}]},
+    "name-not-text": lambda answer: {"files": [*answer["files"], {"name": 12}]},
+    "name-escapes": lambda answer: {"files": [*answer["files"], {"name": "d/../../x.bin"}]},
+    "name-not-canonical": lambda answer: {"files": [*answer["files"], {"name": "d//a.bin"}]},
+    "name-outside-prefix": lambda answer: {"files": [*answer["files"], {"name": "e/x.bin"}]},
+}
+
+
+@hostile(
+    "directory-listing-malformed",
+    area=AREA,
+    attack="receive_from_server of a directory from a server whose file_list answer is forged: "
+    "not a map, files not a list, an item not a map, a name missing / not text / "
+    "'d/../../x.bin' / not canonical / outside the directory",
+    behaviour="receive_from_server returns success False with code 'bad_answer' (no exception "
+    "group); nothing is written outside (or inside) the download directory",
+    found="KeyError / TypeError / UnsafePathError escaped as an ExceptionGroup",
+)
+@pytest.mark.parametrize("case", sorted(_LISTING_CASES))
+async def test_a_forged_directory_listing_is_a_bad_answer(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, case: str
+) -> None:
+    forge = _LISTING_CASES[case]
+    storage = tmp_path / "storage"
+    await trio.to_thread.run_sync(write_random_file, storage / "d" / "a.bin", 1000)
+    serving = FileTransferHandler(storage_dir=storage)
+
+    def register(server: Server) -> None:
+        serving.register_server_handlers(server)
+        real = server._handlers.methods["file_list"].function
+
+        async def forged_list(prefix: str = "") -> Any:
+            answer = await real(prefix)
+            return forge(answer) if prefix else answer
+
+        server.register_rpc(forged_list, "file_list")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    top = tmp_path / "client"
+    downloads = top / "downloads"
+    with trio.fail_after(30):
+        result = await FileTransferHandler(storage_dir=tmp_path / "c").receive_from_server(
+            client, "d", downloads
+        )
+    assert result["success"] is False, result
+    assert result["code"] == "bad_answer", result
+    assert result["files"] == []
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and storage not in p.parents]
+    assert written == [], written
+
+
+@hostile(
+    "file-stat-sha256-loop",
+    area=AREA,
+    attack="one client loops file_stat(name, sha256=True) on a 4 MiB file (40 calls, 4 in "
+    "flight) and re-run small-file uploads whose sha256 makes the server hash its copy, "
+    "while another client lists files",
+    behaviour="the hashing goes through the handler's hash gate (one hash at a time per "
+    "connection, shared threads, digests cached by inode/size/mtime): the file is read "
+    "once, not 40 times; the other client's file_list answers throughout",
+    found="whole-file hashes ran on Trio's default thread pool with no per-connection bound",
+)
+async def test_whole_file_hashing_is_bounded_per_connection(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    size = 4 * MiB
+    digest = await trio.to_thread.run_sync(write_random_file, storage / "big.bin", size)
+    small = b"small file bytes"
+    (storage / "small.bin").write_bytes(small)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    hammer = await client_factory(server)
+    other = await client_factory(server)
+    listed = 0
+
+    async def loop_stats() -> None:
+        for _ in range(10):
+            answer = await hammer.rpc.call("file_stat", name="big.bin", sha256=True)
+            assert answer["data"]["sha256"] == digest, answer
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(loop_stats)
+            for _ in range(5):
+                assert await transfer.list_files(other)
+                listed += 1
+        for _ in range(10):  # a re-run's check: the server hashes its same-size copy
+            answer = await hammer.rpc.call(
+                "file_upload_small",
+                name="small.bin",
+                data=small,
+                sha256=hashlib.sha256(small).hexdigest(),
+            )
+            assert answer["success"] and answer["data"]["skipped"], answer
+    assert listed == 5
+    # Each file read once: the loops cost what the distinct files cost.
+    assert transfer.hash_gate.hashed_bytes == size + len(small)
+    # A changed file is hashed again (the cache key includes mtime and size).
+    (storage / "small.bin").write_bytes(small.upper())
+    with trio.fail_after(30):
+        answer = await hammer.rpc.call("file_stat", name="small.bin", sha256=True)
+    assert answer["data"]["sha256"] == hashlib.sha256(small.upper()).hexdigest()
+    assert transfer.hash_gate.hashed_bytes == size + 2 * len(small)

@@ -42,6 +42,7 @@ from conduit import (
     UnsafePathError,
 )
 from conduit._connection import Connection
+from conduit.errors import failure_dict
 from conduit.transfer import _engine
 from conduit.transfer._names import partial_basename
 from conduit.transfer._storage import PartialFile, StorageRoot
@@ -1392,3 +1393,75 @@ async def test_same_name_twice_never_overwrites(
         ]
         assert (fs.storage / "reports/2024/report.txt").read_bytes() == b"first version"
         assert partial_files(fs.storage) == []
+
+
+def test_an_s3_storage_dir_is_refused_until_the_handler_supports_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``storage_dir="s3://..."`` used to become the local folder ``s3:/bucket/prefix``."""
+    monkeypatch.chdir(tmp_path)  # where a silently made "s3:" folder would appear
+    with pytest.raises(ValueError, match="cluster_staging"):
+        FileTransferHandler(storage_dir="s3://bucket/prefix")
+    with pytest.raises(ValueError, match="not supported yet"):
+        FileTransferHandler(storage_dir="S3://Bucket")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_fifo_swapped_in_after_a_stat_cannot_block_an_upload(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upload of a path that becomes a FIFO is refused (``not_a_file``) and blocks no thread.
+
+    The race is made certain: the second ``os.stat`` of the path (the first is
+    ``send_to_server``'s directory check) swaps a FIFO in right after it looked
+    (the old code stat-ed, then opened, and blocked in the open). A watchdog
+    sees a reader blocked on the FIFO (a non-blocking open for writing
+    succeeds only then) and releases it.
+    """
+    source = tmp_path / "data.bin"
+    source.write_bytes(b"x" * 100)
+    real_stat = os.stat
+    stats: list[object] = []
+
+    def stat_then_swap(path: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_stat(path, *args, **kwargs)
+        if os.fspath(path) == str(source):
+            stats.append(path)
+            if len(stats) == 2:
+                os.unlink(source)
+                os.mkfifo(source)
+        return result
+
+    transfer = FileTransferHandler(storage_dir=tmp_path / "storage")
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    blocked: list[bool] = []
+
+    async def watchdog() -> None:
+        for _ in range(500):
+            await trio.sleep(0.01)
+            try:
+                fd = os.open(source, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue  # no reader blocked (ENXIO), or not a FIFO yet
+            blocked.append(True)
+            os.close(fd)  # the blocked reader's open returns
+
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog)
+            # Raised before anything is sent, as for a missing file (the guide's contract).
+            with contextlib.suppress(IsADirectoryError):
+                await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(client, source)
+            nursery.cancel_scope.cancel()
+    assert not blocked, "a worker thread blocked opening the FIFO"
+    monkeypatch.undo()
+    source.unlink()
+    os.mkfifo(source)  # a FIFO from the start: refused at once
+    with trio.fail_after(30), pytest.raises(IsADirectoryError) as refused:
+        await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(client, source)
+    assert failure_dict(refused.value)["code"] == "not_a_file"

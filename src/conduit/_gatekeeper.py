@@ -28,7 +28,6 @@ import trio
 
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
-from ._offload import run_sync
 from ._throttle import Attempt, AuthThrottle
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
@@ -94,10 +93,10 @@ class Gatekeeper:
         """
         descriptor = self._descriptor
         if descriptor.password is not None:
-            await run_sync(shared_secret, descriptor.password)
+            await trio.to_thread.run_sync(shared_secret, descriptor.password)
         elif self.accounts is None:
             path = cast("str | os.PathLike[str]", descriptor.accounts)
-            self.accounts = await run_sync(Accounts, path)
+            self.accounts = await trio.to_thread.run_sync(Accounts, path)
 
     # ------------------------------------------------------------------ sockets
 
@@ -157,7 +156,7 @@ class Gatekeeper:
             async def run(frame: Frame) -> bytes:
                 if frame.kind is FrameKind.CLIENT_HELLO and self.accounts is not None:
                     # The reload rides on the hello's trip to a worker thread.
-                    reply, unreadable = await run_sync(
+                    reply, unreadable = await trio.to_thread.run_sync(
                         _reload_then_receive, self.accounts, handshake, frame, limiter=self.limiter
                     )
                     if unreadable is not None:
@@ -174,7 +173,7 @@ class Gatekeeper:
                     # hello; checking the confirmation is one HMAC comparison,
                     # cheaper than the trip to a worker thread.
                     return handshake.receive(frame)
-                return await run_sync(handshake.receive, frame, limiter=self.limiter)
+                return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
 
             established = await server_handshake(
                 stream, handshake, descriptor.max_frame_size, reader=reader, hello=hello, run=run

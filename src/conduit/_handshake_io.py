@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from ._offload import run_sync
 from .accounts import AccountRecord
 from .errors import ConnectionClosed, HandshakeError, RemoteProtocolError
 from .protocol import (
@@ -102,7 +101,7 @@ async def client_handshake(
     while handshake.keys is None:
         frame = await _next_frame(stream, reader)
         if offload and frame.kind is FrameKind.SERVER_HELLO:
-            reply = await run_sync(handshake.receive, frame)
+            reply = await trio.to_thread.run_sync(handshake.receive, frame)
         else:
             reply = handshake.receive(frame)
         if reply:

@@ -15,7 +15,6 @@ from ._callbacks import invoke
 from ._connection import Connection
 from ._endpoint import Endpoint
 from ._handshake_io import client_handshake
-from ._offload import run_sync
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
@@ -193,7 +192,7 @@ class Client(Endpoint):
         if descriptor.username is None and not shared_secret_ready(descriptor.password):
             # The shared password's stretch (memoised), off the event loop and
             # outside connect_timeout: it is this process's one-time cost.
-            await run_sync(shared_secret, descriptor.password)
+            await trio.to_thread.run_sync(shared_secret, descriptor.password)
         # A token is good only at the server that issued it: the descriptor's
         # target. A given stream may lead anywhere, so it gets none, and the
         # one its server sends back is not kept for the descriptor's target.

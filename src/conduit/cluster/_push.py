@@ -20,7 +20,6 @@ code ``"unreachable"``.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import logging
@@ -29,7 +28,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -39,6 +37,7 @@ import attrs
 import trio
 
 from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError, failure_dict
+from ..transfer._local import open_local_file
 from ..transfer._names import safe_relative_name
 from .bus import ClusterBus, NodeUnreachable
 
@@ -138,7 +137,7 @@ async def push_via_node(
     """
     local = Path(path)
     name = safe_relative_name(local.name if remote_name is None else remote_name)
-    file = await trio.to_thread.run_sync(_open_regular, local)
+    file = await trio.to_thread.run_sync(open_local_file, local)
     try:
         if store is None:
             return failure_dict(
@@ -203,15 +202,6 @@ async def _stage(store: S3Store, token: str, file: io.FileIO) -> tuple[int, str]
             await partial.discard()
         raise
     return size, digest
-
-
-def _open_regular(path: Path) -> io.FileIO:
-    """Open a file to push; the usual OSError subclasses before anything is staged."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        # Checked before opening: opening a FIFO for reading would block.
-        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-    return io.FileIO(path, "r")
 
 
 # --------------------------------------------------------------------------- client's node

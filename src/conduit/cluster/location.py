@@ -1,7 +1,10 @@
 """``storage_dir="s3://BUCKET/PREFIX"``: recognise and parse it without importing boto3.
 
-The transfer handler calls :func:`is_s3_url` on every ``storage_dir``; only a
-match imports the S3 store (and boto3), so the core install never needs it.
+Parsing needs no boto3, so the core install never imports it. Today
+``ServerDescriptor(cluster_staging=...)`` is parsed here. The transfer
+handler does not call :func:`is_s3_url` (the core never loads this package):
+it refuses an ``s3://`` ``storage_dir`` with a clear ``ValueError`` until the
+S3 store is wired into it (issue 15).
 """
 
 from __future__ import annotations

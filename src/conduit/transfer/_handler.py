@@ -36,6 +36,7 @@ import trio
 
 from .._bridge import bridged
 from . import _manage as manage
+from ._hashing import HashGate
 from ._hooks import Hooks
 from ._progress import TransferProgress
 from ._receiver import Receiver
@@ -146,6 +147,16 @@ class FileTransferHandler:
             )
         if resume_hash_budget < 0:
             raise ValueError(f"resume_hash_budget must not be negative, got {resume_hash_budget}")
+        if isinstance(storage_dir, str) and storage_dir.lower().startswith("s3://"):
+            # Not yet a store the handler writes to (issue 15): without this
+            # check the URL silently became the local folder "s3:/bucket/...".
+            # (Checked here, not with cluster.location.is_s3_url: the core
+            # must not load the cluster package.)
+            raise ValueError(
+                f"storage_dir={storage_dir!r}: an s3:// storage_dir is not supported yet; "
+                "give a local directory (S3 works today as the cluster's staging area: "
+                "ServerDescriptor(cluster_staging='s3://bucket/prefix'))"
+            )
         self.storage = StorageRoot(storage_dir)
         self.chunk_size = chunk_size
         self.max_file_size = max_file_size
@@ -168,6 +179,9 @@ class FileTransferHandler:
         #: Bytes of resume-prefix hashing a connection may waste on wrong
         #: claims before its downloads restart from zero instead.
         self.resume_hash_budget = resume_hash_budget
+        #: Whole-file hashing for peers (``file_stat(sha256=True)``, re-run
+        #: checks): one hash at a time per connection, shared threads, cached.
+        self.hash_gate = HashGate()
         #: Seconds ``send_to_client`` waits for a client whose connection
         #: dropped mid-push to reconnect (it keeps its id) before giving up.
         self.push_reconnect_timeout = 120.0
@@ -266,7 +280,11 @@ class FileTransferHandler:
         """
         if await trio.to_thread.run_sync(os.path.isdir, path):
             return await send_tree(
-                self._sender, client.server, Path(path), remote_name, on_progress
+                self._sender,
+                lambda attempt: on_client(client, attempt),
+                Path(path),
+                remote_name,
+                on_progress,
             )
         return await on_client(
             client, lambda peer: self._sender.send(peer, path, remote_name, on_progress, "upload")
@@ -336,7 +354,13 @@ class FileTransferHandler:
         )
         if result.get("code") != "is_directory":
             return result
-        return await receive_tree(self._receiver, client.server, name, Path(local_dir), on_progress)
+        return await receive_tree(
+            self._receiver,
+            lambda attempt: on_client(client, attempt),
+            name,
+            Path(local_dir),
+            on_progress,
+        )
 
     @bridged
     async def list_files(

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import attrs
 
 from .._callbacks import invoke
+from ._hashing import HashGate
 from ._storage import StorageRoot
 
 log = logging.getLogger("conduit.transfer")
@@ -39,6 +40,7 @@ class TransferSettings(Protocol):
     max_partial_bytes: int | None
     read_ahead_per_connection: int
     resume_hash_budget: int
+    hash_gate: HashGate
 
     def storage_for(self, peer: Any) -> StorageRoot:
         """The root ``peer`` may see: its user's root in accounts mode, else ``storage``."""

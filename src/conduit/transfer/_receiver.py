@@ -190,7 +190,9 @@ class Receiver:
                 return None
             if not sha256:
                 return {"check_sha256": True}
-            stored = await find_already_there(storage, safe, size, sha256)
+            stored = await find_already_there(
+                storage, safe, size, sha256, (self._settings.hash_gate, caller.connection)
+            )
             if stored is not None:
                 return skipped_result(stored, size, sha256)
         except Exception as exc:
@@ -233,7 +235,11 @@ class Receiver:
         try:
             safe = safe_relative_name(name)
             stored = await find_already_there(
-                self._settings.storage_for(caller), safe, len(data), sha256
+                self._settings.storage_for(caller),
+                safe,
+                len(data),
+                sha256,
+                (self._settings.hash_gate, caller.connection),
             )
             if stored is not None:
                 return skipped_result(stored, len(data), sha256)

@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import hmac
 import itertools
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._names import collision_candidates, split_name
 from ._storage import StorageRoot
+
+if TYPE_CHECKING:
+    from .._connection import Connection
+    from ._hashing import HashGate
 
 #: The ``reason`` of a skipped file.
 ALREADY_THERE = "already_there"
@@ -64,18 +69,40 @@ async def same_size_exists(storage: StorageRoot, name: str, size: int) -> bool:
     return bool(await trio.to_thread.run_sync(_candidates, storage, name, size))
 
 
-def _find(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
+def _find(
+    storage: StorageRoot,
+    name: str,
+    size: int,
+    sha256: str,
+    hash_fd: Callable[[int, int], str] | None = None,
+) -> str | None:
     wanted = sha256.strip().lower()
     for candidate in _candidates(storage, name, size):
-        existing = storage.existing_sha256(candidate, size)
+        existing = storage.existing_sha256(candidate, size, hash_fd)
         if existing is not None and hmac.compare_digest(existing, wanted):
             return candidate
     return None
 
 
-async def find_already_there(storage: StorageRoot, name: str, size: int, sha256: str) -> str | None:
-    """The stored name (``name`` or a variant) holding exactly this size and SHA-256, if any."""
-    return await trio.to_thread.run_sync(_find, storage, name, size, sha256)
+async def find_already_there(
+    storage: StorageRoot,
+    name: str,
+    size: int,
+    sha256: str,
+    gate: tuple[HashGate, Connection] | None = None,
+) -> str | None:
+    """The stored name (``name`` or a variant) holding exactly this size and SHA-256, if any.
+
+    ``gate``: the handler's :class:`HashGate` and the asking connection; a
+    peer's request then hashes within that connection's share (one hash at a
+    time, shared threads, cached digests) instead of on Trio's default pool.
+    """
+    if gate is None:
+        return await trio.to_thread.run_sync(_find, storage, name, size, sha256)
+    hashing, connection = gate
+    return await hashing.run(
+        connection, lambda: _find(storage, name, size, sha256, hashing.digest_of_fd)
+    )
 
 
 def asks_for_sha256(answer: Any) -> bool:

@@ -17,13 +17,11 @@ Every file is read and hashed in one pass in worker threads (see
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import logging
 import math
 import os
-import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +39,7 @@ from ._answers import begin_answer, finish_answer
 from ._budget import ByteBudget, SendBudget
 from ._engine import hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
+from ._local import open_local_file
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
@@ -117,7 +116,9 @@ class Sender:
         symbolic link, atomically (``O_NOFOLLOW``), instead of sending its target.
         """
         begin_method, finish_method, small_method = _METHODS[direction]
-        file = await trio.to_thread.run_sync(_open_local, Path(path), follow_symlinks)
+        file = await trio.to_thread.run_sync(
+            lambda: open_local_file(path, follow_symlinks=follow_symlinks)
+        )
         try:
             info = os.fstat(file.fileno())
             size = info.st_size
@@ -317,7 +318,12 @@ class Sender:
                 "modified_ns": info.st_mtime_ns,
             }
             if sha256 is True:
-                answer["sha256"] = (await hash_prefix(file, size)).hexdigest()
+                # Within the connection's hashing share, cached: not on the
+                # default thread pool, where a loop of these would starve others.
+                gate = self._settings.hash_gate
+                answer["sha256"] = await gate.run(
+                    current_peer().connection, lambda: gate.digest_of_fd(file.fileno(), size)
+                )
         return answer
 
     @trio_callback
@@ -505,33 +511,3 @@ def _is_directory(storage: StorageRoot, name: str) -> bool:
         return storage.is_directory(name)
     except UnsafePathError:
         return False
-
-
-def _open_local(path: Path, follow_symlinks: bool = True) -> io.FileIO:
-    """Open a local file to send; raise the usual OSError subclasses before anything is sent."""
-    if not follow_symlinks:
-        return _open_local_nofollow(path)
-    info = os.stat(path)  # FileNotFoundError, PermissionError as usual
-    if not stat.S_ISREG(info.st_mode):
-        # Checked before opening: opening a FIFO for reading would block.
-        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-    return io.FileIO(path, "r")
-
-
-def _open_local_nofollow(path: Path) -> io.FileIO:
-    # O_NONBLOCK: a FIFO swapped in after the walk must not hang the open.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafePathError(f"{str(path)!r} is a symbolic link; not followed") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return io.FileIO(fd, "r", closefd=True)

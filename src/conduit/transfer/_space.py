@@ -16,7 +16,10 @@ opens its partial file. The rules, each enforced here and nowhere else:
   When space is needed, the oldest abandoned partials not currently being
   written are evicted *before* an upload is refused with ``no_space`` (or
   ``quota_exceeded``). ``max_partial_bytes`` caps abandoned plus in-flight
-  partial bytes the same way.
+  partial bytes the same way. A partial with no bytes is removed when its
+  upload ends (nothing to resume), and each owner keeps at most
+  :data:`MAX_ABANDONED_PER_OWNER` abandoned partials (its oldest go first),
+  so tiny partials cannot pile up inodes and directories.
 * **Ownership.** A partial is bound to who created it (the user in accounts
   mode; the client's network address in shared-password mode) until it
   expires: another client sending a file with the same transfer key gets a
@@ -59,6 +62,11 @@ log = logging.getLogger("conduit.transfer")
 
 #: Default of ``FileTransferHandler.free_space_margin``: free space never handed out.
 DEFAULT_FREE_SPACE_MARGIN = 1 << 20
+
+#: Abandoned partials kept per owner (user or client host): beyond it the
+#: owner's oldest is evicted, so that many tiny partials cannot exhaust the
+#: inodes (``max_partial_bytes`` counts bytes only).
+MAX_ABANDONED_PER_OWNER = 64
 
 _Path = tuple[str, ...]  # a partial file's path below the storage directory
 
@@ -337,7 +345,7 @@ class DiskBudget:
                     info = admission.storage.find_partial(admission.name, admission.transfer_id)
                 except (OSError, UnsafePathError):
                     info = None
-                if info is not None:
+                if info:
                     self._abandoned[admission.path] = _Abandoned(
                         admission.path,
                         admission.owner,
@@ -345,10 +353,30 @@ class DiskBudget:
                         time.time(),
                         now + self._settings.partial_ttl,
                     )
+                    self._cap_owner_locked(admission.owner)
                     return
+                if info == 0:
+                    # Nothing to resume: keeping it would only cost an inode
+                    # (and directories) per begin for partial_ttl.
+                    directories, basename = admission.path[:-1], admission.path[-1]
+                    self._settings.storage.remove_idle_partial(directories, basename)
             # Published, discarded or never opened: the directories made for it
             # may now be empty.
             self._prune_locked(admission.directories)
+
+    def _cap_owner_locked(self, owner: str) -> None:
+        """Evict ``owner``'s oldest abandoned partials beyond :data:`MAX_ABANDONED_PER_OWNER`."""
+        if not owner:
+            return
+        mine = sorted(
+            (entry for entry in self._abandoned.values() if entry.owner == owner),
+            key=lambda entry: entry.modified,
+        )
+        for entry in mine[: max(0, len(mine) - MAX_ABANDONED_PER_OWNER)]:
+            if self._remove_locked(entry):
+                log.info(
+                    "evicted abandoned partial %s: too many for %s", "/".join(entry.path), owner
+                )
 
     def _transfer_id(self, prefix: _Path, name: str, key: str | None, owner: str) -> str:
         """The key itself, unless another owner's partial holds it: then a partial of our own."""
@@ -453,4 +481,10 @@ class DiskBudget:
             self._settings.storage.prune_empty_directories(directories, keep=keep)
 
 
-__all__ = ["DEFAULT_FREE_SPACE_MARGIN", "Admission", "DiskBudget", "user_storage"]
+__all__ = [
+    "DEFAULT_FREE_SPACE_MARGIN",
+    "MAX_ABANDONED_PER_OWNER",
+    "Admission",
+    "DiskBudget",
+    "user_storage",
+]

@@ -396,12 +396,16 @@ class StorageRoot:
 
     # ------------------------------------------- managing published files (issue 13)
 
-    def existing_sha256(self, name: str, size: int) -> str | None:
+    def existing_sha256(
+        self, name: str, size: int, hash_fd: Callable[[int, int], str] | None = None
+    ) -> str | None:
         """SHA-256 hex of the published file ``name`` if it is a regular file of ``size`` bytes.
 
         ``None`` when there is no such file, it has another size, or it is not a
         regular file (a symlink is never followed). Lets a re-run recognise a
         file that already arrived complete instead of storing a second copy.
+        ``hash_fd(fd, size)`` replaces the plain read (the handler's cached,
+        counted :meth:`HashGate.digest_of_fd <._hashing.HashGate.digest_of_fd>`).
         """
         safe = safe_relative_name(name)
         directories, basename = split_name(safe)
@@ -418,7 +422,7 @@ class StorageRoot:
             except (FileNotFoundError, UnsafePathError):
                 return None
         with _closing(fd):
-            return _hash_fd(fd, size)
+            return (hash_fd or _hash_fd)(fd, size)
 
     def published_size(self, name: str) -> int | None:
         """Size of the published regular file ``name``, or ``None`` (no symlink is followed)."""

@@ -1,7 +1,8 @@
 """Whole directories: ``send_to_server(client, a_directory)`` and its download twin.
 
 A directory is sent file by file, each exactly like a single file (same names
-rules, same verification, resume and re-run rules), under
+rules, same verification, resume and re-run rules, and each on its own
+survives a reconnect like a single transfer), under
 ``REMOTE_NAME/relative/path`` so the layout is kept. Downloading a name that
 is a directory on the server lists the files under it (``file_list`` with a
 ``prefix``) and downloads each into ``local_dir`` under its full name.
@@ -34,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..errors import ConduitError, TransferError
+from ..errors import ConduitError, UnsafePathError
+from ._answers import BadAnswer
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
+from ._resilient import Attempt
 from ._wire import FILE_LIST, transfer_failure
 
 if TYPE_CHECKING:
@@ -48,6 +51,10 @@ if TYPE_CHECKING:
 PARALLEL_FILES = 4
 
 FileTransfer = Callable[[str, str], Awaitable[dict[str, Any]]]
+#: Runs one attempt (a call on a peer, returning a result dict) on the
+#: client's connection, again after each reconnect: ``on_client`` bound to
+#: the client, so every file of a tree survives a cut on its own.
+OnPeer = Callable[[Attempt], Awaitable[dict[str, Any]]]
 ProgressCallback = Callable[[TransferProgress], Any]
 
 
@@ -136,20 +143,34 @@ def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str
     }
 
 
-def remote_entries(listing: dict[str, Any], prefix: str, local_dir: Path) -> list[_Entry]:
-    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``."""
+def remote_entries(listing: Any, prefix: str, local_dir: Path) -> list[_Entry]:
+    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``.
+
+    The server is not trusted: the answer must be a map whose ``files`` is a
+    list of maps, each with a ``name`` that is already a safe relative name
+    under ``prefix``; anything else raises :class:`BadAnswer` (``bad_answer``)
+    before a single file is fetched or a local path is made from it.
+    """
+    if not isinstance(listing, dict) or not isinstance(listing.get("files", []), list):
+        raise BadAnswer("the directory listing is not a map with a list of files")
     entries = []
     for item in listing.get("files", []):
-        name = str(item["name"])
-        if not name.startswith(prefix + "/"):
-            raise TransferError(f"the server listed {name!r} outside {prefix!r}", "protocol_error")
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
+            raise BadAnswer(f"a listed file is {type(item).__name__} without a text name")
+        try:
+            safe = safe_relative_name(name)
+        except UnsafePathError:
+            safe = None
+        if safe != name or not name.startswith(prefix + "/"):
+            raise BadAnswer(f"the server listed {name!r}, not a file under {prefix!r}")
         entries.append(_Entry(name, str(local_dir / name)))
     return entries
 
 
 async def send_tree(
     sender: Sender,
-    peer: Peer,
+    on_peer: OnPeer,
     top: Path,
     remote_name: str | None,
     on_progress: ProgressCallback | None,
@@ -160,8 +181,10 @@ async def send_tree(
 
     async def upload(name: str, local: str) -> dict[str, Any]:
         try:
-            return await sender.send(
-                peer, local, name, on_progress, "upload", follow_symlinks=False
+            return await on_peer(
+                lambda peer: sender.send(
+                    peer, local, name, on_progress, "upload", follow_symlinks=False
+                )
             )
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
@@ -172,21 +195,39 @@ async def send_tree(
 
 async def receive_tree(
     receiver: Receiver,
-    peer: Peer,
+    on_peer: OnPeer,
     name: str,
     local_dir: Path,
     on_progress: ProgressCallback | None,
 ) -> dict[str, Any]:
     """Download every file under the server's directory ``name`` into ``local_dir/name``."""
     prefix = safe_relative_name(name)
+
+    async def list_once(peer: Peer) -> dict[str, Any]:
+        # A result dict, so that on_peer retries a listing cut by a lost link.
+        try:
+            return {"success": True, "listing": await peer.call(FILE_LIST, prefix=prefix)}
+        except ConduitError as exc:
+            return transfer_failure(exc)
+
+    listed = await on_peer(list_once)
+    if not listed.get("success"):
+        return {**listed, "directory": prefix, "files": []}
+    listing = listed["listing"]
     try:
-        listing = await peer.call(FILE_LIST, prefix=prefix)
         entries = remote_entries(listing, prefix, local_dir)
     except ConduitError as exc:
         return {**transfer_failure(exc), "directory": prefix, "files": []}
 
     async def download(remote: str, _local: str) -> dict[str, Any]:
-        return await receiver.download(peer, remote, local_dir, on_progress)
+        # One file's failure is that file's result, as in send_tree: never an
+        # exception that would cancel its siblings and escape as a group.
+        try:
+            return await on_peer(
+                lambda peer: receiver.download(peer, remote, local_dir, on_progress)
+            )
+        except (OSError, ConduitError) as exc:
+            return transfer_failure(exc)
 
     await transfer_all(entries, download)
     extra: dict[str, Any] = {}
