@@ -30,7 +30,8 @@ from conduit import (
     ServerDescriptor,
 )
 from conduit._log_limit import LimitedLog
-from conduit._throttle import Attempt, AuthThrottle
+from conduit._resume import ResumeTokens
+from conduit._throttle import Attempt, AuthThrottle, address_key
 from conduit.protocol import ClientHandshake
 from conduit.protocol.pake import StretchParams
 from conftest import (
@@ -346,6 +347,66 @@ def test_in_flight_attempts_fill_the_budget() -> None:
     assert throttle.reserve("10.0.0.1", "", 2.0) == pytest.approx(29.0)  # locked
 
 
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # IPv4-mapped: the same peer as 10.1.2.3
+        ("::FFFF:0a01:0203", "10.1.2.3"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # same /64
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64 is another key
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::1", "::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_address_key_groups_an_ipv6_64_and_unmaps_ipv4(host: str, key: str) -> None:
+    assert address_key(host) == key
+
+
+def test_one_ipv6_64_shares_one_budget() -> None:
+    throttle = AuthThrottle(limit=2, window=60, lockout=30)
+    for suffix in ("1", "2"):
+        throttle.record_failure(address_key(f"2001:db8::{suffix}"), 0.0)
+    assert throttle.retry_after(address_key("2001:db8::ffff"), 1.0) == pytest.approx(29.0)
+    assert throttle.retry_after(address_key("2001:db8:0:1::1"), 1.0) == 0.0
+
+
+def test_a_spray_of_new_addresses_never_lifts_a_lock_out() -> None:
+    throttle = AuthThrottle(limit=1, window=60, lockout=1000, max_tracked=10)
+    throttle.record_failure("10.0.0.1", 0.0)  # locked until 1000
+    assert throttle.retry_after("10.0.0.1", 1.0) == pytest.approx(999.0)
+    # Far more new (unlocked) addresses than the table holds: they evict each
+    # other, never the lock.
+    for index in range(100):
+        attempt = throttle.reserve(f"10.1.0.{index}", "", 2.0)
+        assert isinstance(attempt, Attempt)
+        assert len(throttle._records) <= 10
+    assert throttle.retry_after("10.0.0.1", 3.0) == pytest.approx(997.0)
+
+
+def test_a_table_full_of_lock_outs_refuses_new_addresses() -> None:
+    throttle = AuthThrottle(limit=1, window=60, lockout=100, max_tracked=10)
+    for index in range(10):
+        throttle.record_failure(f"10.0.0.{index}", float(index))  # locked until 100 + index
+    # Full of locks: a new address is refused as throttled until the first
+    # lock ends, and every lock stays.
+    assert throttle.reserve("10.9.9.9", "", 50.0) == pytest.approx(50.0)
+    throttle.record_failure("10.9.9.8", 50.0)  # not counted, and forgets no lock
+    assert throttle.reserve("10.9.9.9", "", 60.0) == pytest.approx(40.0)
+    assert all(throttle.retry_after(f"10.0.0.{i}", 60.0) > 0 for i in range(10))
+    # The users' table follows the same rule.
+    users = AuthThrottle(limit=10, window=60, lockout=100, user_limit=1, max_tracked=10)
+    for index in range(10):
+        users.record_failure(f"10.0.0.{index}", 0.0, username=f"user{index}")
+    assert users.reserve("10.0.0.0", "newcomer", 1.0) == pytest.approx(99.0)
+    # Once the first lock has ended, its record makes room.
+    assert isinstance(throttle.reserve("10.9.9.9", "", 100.0), Attempt)
+    assert throttle.retry_after("10.0.0.0", 100.0) == 0.0
+    assert throttle.retry_after("10.0.0.9", 100.0) == pytest.approx(9.0)
+
+
 # --------------------------------------------------------------------------- sockets
 
 
@@ -510,3 +571,46 @@ async def test_logged_in_users_are_isolated_end_to_end(
             await bob.disconnect()
     assert not (storage / "alice" / "too-big.bin").exists()
     assert not (storage / "shared" / "bob" / "report.bin").exists()
+
+
+# --------------------------------------------------------------------------- resume tokens
+
+
+async def test_a_resume_token_works_only_for_its_own_account(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    # Bob holding alice's token (leaked, sniffed off her machine) logs in as
+    # himself: he gets an id of his own, alice keeps hers and her connection.
+    server = await accounts_server(server_factory, accounts)
+    alice = await login(server, "alice", ALICE_PASSWORD)
+    alice_id = alice.id
+    assert alice_id is not None
+    try:
+        bob = Client(client_descriptor(server.port, username="bob", password=BOB_PASSWORD))
+        bob._resume_token = alice._resume_token
+        with trio.fail_after(10):
+            await bob.connect()
+        assert bob.id not in (None, alice_id)
+        assert server.clients[alice_id].username == "alice"
+        assert alice.connected and server.clients[alice_id].connected
+        await bob.disconnect()
+        # The token is still alice's: she can still come back with it.
+        again = Client(client_descriptor(server.port, username="alice", password=ALICE_PASSWORD))
+        again._resume_token = alice._resume_token
+        with trio.fail_after(10):
+            await again.connect()
+        assert again.id == alice_id
+        await again.disconnect()
+    finally:
+        await alice.disconnect()
+
+
+def test_resume_tokens_are_redeemed_only_by_their_account() -> None:
+    tokens = ResumeTokens()
+    alice = tokens.issue("a1", "alice")
+    shared = tokens.issue("s1", None)
+    assert tokens.redeem(alice, 0.0, "bob") is None
+    assert tokens.redeem(alice, 0.0, None) is None  # shared mode is no account at all
+    assert tokens.redeem(alice, 0.0, "alice") == "a1"
+    assert tokens.redeem(shared, 0.0, "alice") is None
+    assert tokens.redeem(shared, 0.0, None) == "s1"

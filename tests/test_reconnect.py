@@ -469,6 +469,68 @@ async def test_stale_connection_is_replaced_by_the_reconnect() -> None:
         await server.close()
 
 
+async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> None:
+    # The stale connection's disconnect hook holds the replacement back; the
+    # server is closed while it waits. Nothing of the replacement may stay
+    # behind: no registered client, no token that never expires.
+    server = _server()
+    hook_running, release = trio.Event(), trio.Event()
+
+    async def slow_goodbye(peer: Any) -> None:
+        hook_running.set()
+        await release.wait()
+
+    server.on_client_disconnect(slow_goodbye)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        client = _client(port, reconnect_enabled=False)
+        await client.connect()
+        second = _client(port, reconnect_enabled=False)
+        second._resume_token = client._resume_token
+        with trio.fail_after(10):
+            await second.connect()
+            assert second.id == client.id
+            await hook_running.wait()  # the replacement now waits for this hook
+            closed = trio.Event()
+
+            async def close() -> None:
+                await server.close()
+                closed.set()
+
+            nursery.start_soon(close)
+            scope = server._cancel_scope
+            assert scope is not None
+            await wait_until(lambda: scope.cancel_called)
+            release.set()
+            await closed.wait()
+        assert server.clients == {}
+        assert all(e.expires != math.inf for e in server._resume_tokens._entries.values())
+        await client.disconnect()
+        await second.disconnect()
+
+
+async def test_a_given_stream_is_not_shown_the_resume_token() -> None:
+    # The token is for the descriptor's target only: a stream the caller
+    # hands over may lead anywhere, so the client must not present it there.
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            # Slow backoff: the client is still waiting to redial when the
+            # caller takes over with a stream of its own.
+            client = _client(proxy.port, reconnect_delay=30.0, reconnect_delay_max=30.0)
+            await client.connect()
+            old_id = client.id
+            with trio.fail_after(10):
+                proxy.legs[0].close()
+                await wait_until(lambda: not client.connected)
+                await client.connect(stream=await trio.open_tcp_stream(LOOPBACK, port))
+            assert client.id not in (None, old_id)
+            assert client._resume_token == b""  # nor kept for the descriptor's target
+            await client.disconnect()
+        await server.close()
+
+
 # --------------------------------------------------------------------------- cancellation
 
 

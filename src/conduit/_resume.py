@@ -5,6 +5,9 @@ channel. A client that reconnects presents it, sealed, right after it has
 authenticated again (see ``conduit._handshake_io.read_resume``); the server
 then gives it the same ``client_id``. Knowing a client id is not enough: ids
 are visible to server code and in logs, tokens only to the one client.
+A token is also tied to the account it was issued to (``None`` in shared
+password mode): someone holding alice's token who logs in as bob cannot take
+alice's id, close her live connection as stale, or receive her pushes.
 
 Tokens are single-use (each WELCOME replaces the last one), kept as their
 SHA-256 (a table dump does not leak usable tokens), valid for
@@ -33,6 +36,8 @@ _TOKEN_BYTES = 32
 @attrs.define
 class _Entry:
     client_id: str
+    #: The authenticated account the token was issued to (None in shared mode).
+    username: str | None
     expires: float = math.inf
 
 
@@ -52,23 +57,30 @@ class ResumeTokens:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def issue(self, client_id: str) -> bytes:
-        """A new token for ``client_id``, replacing the one it had."""
+    def issue(self, client_id: str, username: str | None = None) -> bytes:
+        """A new token for ``client_id`` (logged in as ``username``), replacing the one it had."""
         self._forget(client_id)
         token = secrets.token_bytes(_TOKEN_BYTES)
         digest = _digest(token)
-        self._entries[digest] = _Entry(client_id)
+        self._entries[digest] = _Entry(client_id, username)
         self._by_client[client_id] = digest
         while len(self._entries) > self._max:
             _, oldest = self._entries.popitem(last=False)
             self._by_client.pop(oldest.client_id, None)
         return token
 
-    def redeem(self, token: bytes, now: float) -> str | None:
-        """The client id ``token`` was issued for, once; None if unknown or expired."""
-        entry = self._entries.pop(_digest(token), None)
-        if entry is None:
+    def redeem(self, token: bytes, now: float, username: str | None = None) -> str | None:
+        """The client id ``token`` was issued for, once; None if unknown, expired or not ours.
+
+        Only the account the token was issued to (``username``, None in
+        shared mode) may redeem it. Another account's attempt leaves the
+        token in place, still good for its owner.
+        """
+        digest = _digest(token)
+        entry = self._entries.get(digest)
+        if entry is None or entry.username != username:
             return None
+        del self._entries[digest]
         self._by_client.pop(entry.client_id, None)
         return entry.client_id if now < entry.expires else None
 

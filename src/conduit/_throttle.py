@@ -21,19 +21,48 @@ Two budgets apply to each attempt:
   address budget). A stranger on another address can therefore lock a user out
   only of addresses the user has not logged in from recently.
 
+Addresses are keyed by :func:`address_key`: an IPv6 address by its /64 (one
+host usually owns a whole /64, so per-address budgets would otherwise be
+unlimited), an IPv4-mapped IPv6 address as the IPv4 address it is.
+
+The tables are bounded (``max_tracked`` keys each), but a lock-out is never
+forgotten to make room: when a table is full of locked records, new keys are
+refused as throttled until the first lock ends.
+
 Pure bookkeeping with an injected clock, so tests drive it with Trio's
 autojump clock or with plain numbers.
 """
 
 from __future__ import annotations
 
-import itertools
+import ipaddress
 from collections import OrderedDict
 
 import attrs
 
 #: Seconds an address that authenticated as a user stays exempt from that user's lock-out.
 TRUST_PERIOD = 24 * 3600.0
+#: IPv6 addresses are throttled per prefix of this length (a typical host's allocation).
+IPV6_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """The throttle's (and the per-address socket cap's) key for a peer's ``host``.
+
+    IPv4 as it is; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) as ``a.b.c.d``; other
+    IPv6 as its /64 network (``2001:db8:1:2::/64``), since a single host can
+    pick any of its 2**64 addresses; anything else (no address) unchanged.
+    """
+    try:
+        # A zone id (fe80::1%eth0) names the interface, not the peer.
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return str(ip)
 
 
 @attrs.define(eq=False)
@@ -73,6 +102,8 @@ class AuthThrottle:
     _records: dict[str, _Record] = attrs.field(factory=dict, init=False)
     _users: dict[str, _Record] = attrs.field(factory=dict, init=False)
     _trusted: OrderedDict[tuple[str, str], float] = attrs.field(factory=OrderedDict, init=False)
+    #: Per table (by id): until when it is known to be full of locked records.
+    _full_until: dict[int, float] = attrs.field(factory=dict, init=False)
 
     def retry_after(self, address: str, now: float, username: str = "") -> float:
         """Seconds ``address`` (trying ``username``) stays locked out (0 when not locked)."""
@@ -99,6 +130,13 @@ class AuthThrottle:
             and self._full(self._users.get(username), self.user_limit, now)
         ):
             return 0.0
+        # A table full of lock-outs takes no new key (a lock is never forgotten
+        # to make room): refused as throttled until the first lock ends.
+        full = self._room(self._records, address, now)
+        if username:
+            full = max(full, self._room(self._users, username, now))
+        if full > 0:
+            return full
         attempt = Attempt(address, username, now)
         self._record(self._records, address, now).attempts.append(attempt)
         if username:
@@ -131,7 +169,14 @@ class AuthThrottle:
             self._check(self._users.get(attempt.username), self.user_limit, now)
 
     def record_failure(self, address: str, now: float, username: str = "") -> None:
-        """Count a failed attempt that was not reserved (reserve + failed in one)."""
+        """Count a failed attempt that was not reserved (reserve + failed in one).
+
+        Not counted for a new key while its table is full of lock-outs.
+        """
+        if self._room(self._records, address, now) > 0 or (
+            username and self._room(self._users, username, now) > 0
+        ):
+            return
         attempt = Attempt(address, username, now)
         self._record(self._records, address, now).attempts.append(attempt)
         if username:
@@ -167,26 +212,45 @@ class AuthThrottle:
     def _record(self, table: dict[str, _Record], key: str, now: float) -> _Record:
         record = table.get(key)
         if record is None:
-            if len(table) >= self.max_tracked:
-                self._forget_oldest(table, now)
+            # The caller made room (see _room).
             record = table[key] = _Record()
         return record
 
+    def _room(self, table: dict[str, _Record], key: str, now: float) -> float:
+        """0 when ``key`` has or can get a record; else seconds until a lock in the table ends."""
+        if key in table or len(table) < self.max_tracked:
+            return 0.0
+        # While the table is known to be all locks, refuse without a scan: a
+        # spray of new keys must not cost a 100,000-record scan each.
+        full_until = self._full_until.get(id(table), 0.0)
+        if full_until > now:
+            return full_until - now
+        self._forget_oldest(table, now)
+        if len(table) < self.max_tracked:
+            return 0.0
+        full_until = self._full_until[id(table)] = min(r.locked_until for r in table.values())
+        return full_until - now
+
     def _forget_oldest(self, table: dict[str, _Record], now: float) -> None:
         # Bound memory under a spray of addresses or usernames: drop records
-        # that no longer matter and, if that is not enough, the oldest tenth.
+        # that no longer matter and, if that is not enough, the oldest unlocked
+        # ones down to nine tenths. A locked record is never dropped: that
+        # would lift its lock-out for whoever sprays enough new keys.
         # Evicting in bulk keeps the scan off the path of every new key.
         stale = [
             key
             for key, rec in table.items()
-            if rec.locked_until < now
+            if rec.locked_until <= now
             and (not rec.attempts or rec.attempts[-1].time < now - self.window)
         ]
         for key in stale:
             del table[key]
         excess = len(table) - self.max_tracked * 9 // 10
-        for key in list(itertools.islice(table, max(0, excess))):
+        if excess <= 0:
+            return
+        unlocked = [key for key, rec in table.items() if rec.locked_until <= now]
+        for key in unlocked[:excess]:
             del table[key]
 
 
-__all__ = ["TRUST_PERIOD", "Attempt", "AuthThrottle"]
+__all__ = ["IPV6_PREFIX", "TRUST_PERIOD", "Attempt", "AuthThrottle", "address_key"]

@@ -193,7 +193,10 @@ class Client(Endpoint):
             # The shared password's stretch (memoised), off the event loop and
             # outside connect_timeout: it is this process's one-time cost.
             await trio.to_thread.run_sync(shared_secret, descriptor.password)
-        token = self._resume_token
+        # A token is good only at the server that issued it: the descriptor's
+        # target. A given stream may lead anywhere, so it gets none, and the
+        # one its server sends back is not kept for the descriptor's target.
+        token = b"" if given else self._resume_token
         try:
             with trio.fail_after(descriptor.connect_timeout):
                 if stream is None:
@@ -231,7 +234,7 @@ class Client(Endpoint):
                 self._peer.id,
                 welcome.client_id,
             )
-        self._resume_token = welcome.resume_token
+        self._resume_token = b"" if given else welcome.resume_token
         peer = self._peer = self._open_session(
             stream,
             established,

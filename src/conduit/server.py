@@ -16,6 +16,7 @@ from ._gatekeeper import Gatekeeper, Refused
 from ._handshake_io import Established, VersionMismatch, read_resume, refuse, welcome_record
 from ._peer import Peer
 from ._resume import ResumeTokens
+from ._throttle import address_key
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
 from .protocol.messages import Welcome
@@ -37,8 +38,11 @@ class _Arrival:
 
     @property
     def host(self) -> str:
-        """The key of the password-failure throttle."""
-        return self.address[0] if self.address else "unknown"
+        """The key of the password-failure throttle and the per-address socket cap.
+
+        An IPv6 peer's /64, not its address (see :func:`address_key`).
+        """
+        return address_key(self.address[0]) if self.address else "unknown"
 
     @property
     def label(self) -> str:
@@ -354,7 +358,7 @@ class Server(Endpoint):
                 established = await self._gate.handshake(stream, arrival.host)
                 client_id = await self._client_id_for(stream, established, arrival)
                 try:
-                    token = self._resume_tokens.issue(client_id)
+                    token = self._resume_tokens.issue(client_id, established.username)
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
@@ -393,7 +397,7 @@ class Server(Endpoint):
         """A reconnecting client's old id if its sealed, single-use token is good; else a new id."""
         if established.resuming:
             token = await read_resume(stream, established)
-            client_id = self._resume_tokens.redeem(token, trio.current_time())
+            client_id = self._resume_tokens.redeem(token, trio.current_time(), established.username)
             if client_id is not None and (
                 client_id in self.clients  # still held here, by its stale connection
                 or self.cluster is None
@@ -436,38 +440,53 @@ class Server(Endpoint):
         token = self._resume_tokens.current(client_id)
         stale = self.clients.get(client_id)
         ending = self._sessions_over.get(client_id)
-        # Registered before the stale connection (if any) is closed, so that
-        # its end neither unregisters the id nor releases it in the cluster.
-        self.clients[client_id] = peer
-        if stale is not None:
-            # Only the holder of the token gets here: its old connection is a
-            # dead one we have not noticed yet. Close it, and let its session
-            # end (disconnect hooks too) before the new one starts.
-            log.info("client %s reconnected: closing its stale connection", client_id)
-            await stale.connection.close("replaced by the client's reconnect", grace=0.5)
-            if ending is not None:
-                with trio.move_on_after(HOOK_TIMEOUT + 1):
-                    await ending.wait()
-        over = self._sessions_over[client_id] = trio.Event()
-        self._arrivals.unpark_all()
-        user = f" as user {peer.username!r}" if peer.username is not None else ""
-        log.info("client %s (%r) connected from %s%s", client_id, peer.name, arrival.label, user)
+        over: trio.Event | None = None
+        expiring = False
 
         def ended() -> None:
+            nonlocal expiring
+            expiring = True
             self._resume_tokens.start_expiry(token, trio.current_time())
             if self.clients.get(client_id) is peer:
                 del self.clients[client_id]
             log.info("client %s disconnected: %s", client_id, peer.connection.close_reason)
 
+        # Everything from the registration on is inside the try: a cancel while
+        # a stale connection is being replaced (server.close() during a
+        # reconnect) must not leave this never-run peer registered, its id
+        # held in the cluster, or its token valid for ever.
         try:
+            # Registered before the stale connection (if any) is closed, so that
+            # its end neither unregisters the id nor releases it in the cluster.
+            self.clients[client_id] = peer
+            if stale is not None:
+                # Only the holder of the token gets here: its old connection is a
+                # dead one we have not noticed yet. Close it, and let its session
+                # end (disconnect hooks too) before the new one starts.
+                log.info("client %s reconnected: closing its stale connection", client_id)
+                await stale.connection.close("replaced by the client's reconnect", grace=0.5)
+                if ending is not None:
+                    with trio.move_on_after(HOOK_TIMEOUT + 1):
+                        await ending.wait()
+            over = self._sessions_over[client_id] = trio.Event()
+            self._arrivals.unpark_all()
+            user = f" as user {peer.username!r}" if peer.username is not None else ""
+            log.info(
+                "client %s (%r) connected from %s%s", client_id, peer.name, arrival.label, user
+            )
             await self._run_session(peer, (peer,), on_ended=ended)
         finally:
-            over.set()
-            if self._sessions_over.get(client_id) is over:
-                del self._sessions_over[client_id]
+            if not expiring:  # the session never ran: ended() did not see it out
+                self._resume_tokens.start_expiry(token, trio.current_time())
+            if self.clients.get(client_id) is peer:
+                del self.clients[client_id]
+            if over is not None:
+                over.set()
+                if self._sessions_over.get(client_id) is over:
+                    del self._sessions_over[client_id]
             # Unless a newer connection of the same client holds the id by now.
             if client_id not in self.clients:
-                await self._release_client_id(client_id)
+                await self._release_client_id(client_id)  # shielded, bounded
 
 
 __all__ = ["Server"]
