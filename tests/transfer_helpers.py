@@ -113,7 +113,13 @@ def _regular_files(root: Path) -> list[Path]:
     for directory, dirnames, filenames in os.walk(root):
         for entry in dirnames + filenames:
             full = Path(directory, entry)
-            if stat.S_ISREG(full.lstat().st_mode):
+            try:
+                mode = full.lstat().st_mode
+            except FileNotFoundError:
+                # A running server may remove a partial file (or its empty
+                # directory) between the listing and this look.
+                continue
+            if stat.S_ISREG(mode):
                 found.append(full)
     return found
 
