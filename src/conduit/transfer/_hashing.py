@@ -18,7 +18,6 @@ per handler, the same discipline as resume hashing (:mod:`._budget`):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections import OrderedDict
@@ -27,6 +26,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from ._storage import sha256_of_fd
+
 if TYPE_CHECKING:
     from .._connection import Connection
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 HASH_THREADS = 2
 #: Digests kept (an entry is ~200 bytes).
 CACHE_ENTRIES = 4096
-_BLOCK = 1 << 20
 
 T = TypeVar("T")
 _Key = tuple[int, int, int, int, int]
@@ -67,15 +67,7 @@ class HashGate:
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        digest = hashlib.sha256()
-        position = 0
-        while position < size:
-            block = os.pread(fd, min(_BLOCK, size - position), position)
-            if not block:
-                break
-            digest.update(block)
-            position += len(block)
-        result = digest.hexdigest()
+        result, position = sha256_of_fd(fd, size)
         with self._lock:
             self.hashed_bytes += position
             if position == size:  # a file shorter than expected is not remembered

@@ -55,7 +55,7 @@ from ._names import (
     split_name,
 )
 
-__all__ = ["FileEntry", "PartialEntry", "PartialFile", "StorageRoot"]
+__all__ = ["FileEntry", "PartialEntry", "PartialFile", "StorageRoot", "sha256_of_fd"]
 
 _CLOEXEC: Final = os.O_CLOEXEC
 # O_NOFOLLOW on every open below the root: a symlink there is refused, not followed.
@@ -1029,7 +1029,8 @@ def _managed_name(name: str) -> str:
         raise TransferError(str(exc), "unsafe_path") from None
 
 
-def _hash_fd(fd: int, size: int) -> str:
+def sha256_of_fd(fd: int, size: int) -> tuple[str, int]:
+    """SHA-256 hex of the first ``size`` bytes of ``fd`` by ``pread``, and how many were read."""
     digest = hashlib.sha256()
     position = 0
     while position < size:
@@ -1038,7 +1039,11 @@ def _hash_fd(fd: int, size: int) -> str:
             break
         digest.update(block)
         position += len(block)
-    return digest.hexdigest()
+    return digest.hexdigest(), position
+
+
+def _hash_fd(fd: int, size: int) -> str:
+    return sha256_of_fd(fd, size)[0]
 
 
 def _require_regular(dir_fd: int, entry: str, name: str) -> None:
