@@ -64,8 +64,13 @@ async def node_processes(
     environment: dict[str, str],
     staging: str | None,
     ttl: float,
+    shared_storage: str | None = None,
 ) -> AsyncIterator[dict[str, NodeProcess]]:
-    """Start one node process per name, wait until all serve, stop them afterwards."""
+    """Start one node process per name, wait until all serve, stop them afterwards.
+
+    Each node stores in ``storage/<name>``, or all in ``shared_storage`` (an
+    ``s3://`` URL) when given.
+    """
     env = {**os.environ, **environment, "PYTHONPATH": os.pathsep.join(sys.path)}
     nodes: dict[str, NodeProcess] = {}
     try:
@@ -76,7 +81,7 @@ async def node_processes(
                 "node_name": name,
                 "ttl": ttl,
                 "staging": staging,
-                "storage": str(storage / name),
+                "storage": shared_storage or str(storage / name),
                 "password": PASSWORD,
             }
             process = await trio.lowlevel.open_process(
