@@ -271,8 +271,9 @@ class FileTransferHandler:
         server.register_rpc(self._manager.rpc_delete, FILE_DELETE)
         server.register_rpc(self._manager.rpc_rename, FILE_RENAME)
         if server.cluster is not None:
-            # Pushes that other nodes stage for this node's clients go out through us.
-            server.cluster.serve_pushes(self._sender.send)
+            # Pushes that other nodes stage for this node's clients go out
+            # through us; an S3 storage is also where pushes may be staged.
+            server.cluster.serve_pushes(self._sender.send, self.backend.cluster_staging)
 
     def register_client_handlers(self, client: Client) -> None:
         """Let the server push files to this client, into ``storage_dir``."""
