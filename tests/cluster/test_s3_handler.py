@@ -297,3 +297,28 @@ async def test_accounts_on_s3_each_user_has_a_key_prefix(
         store.close()
         await alice.disconnect()
         await bob.disconnect()
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_overwrite_on_s3_replaces_instead_of_a_variant(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        plain, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        source = tmp_path / "out" / "same.bin"
+        await trio.to_thread.run_sync(_write, source, 700 * 1024)
+        assert (await plain.send_to_server(client, source))["path"] == "same.bin"
+        await trio.to_thread.run_sync(_write, source, 700 * 1024)  # other bytes, same name
+        assert (await plain.send_to_server(client, source))["path"] == "same (1).bin"
+
+        plain.overwrite = True  # read at each use, as every setting
+        newest = await trio.to_thread.run_sync(_write, source, 800 * 1024)
+        replaced = await plain.send_to_server(client, source)
+        assert (replaced["path"], replaced["checksum"]) == ("same.bin", newest), replaced
+        listing = await plain.list_files(client)
+        assert [(f["name"], f["size"]) for f in listing] == [
+            ("same (1).bin", 700 * 1024),
+            ("same.bin", 800 * 1024),
+        ]
+        stat = await client.call("file_stat", name="same.bin", sha256=True)
+        assert stat["sha256"] == newest

@@ -53,6 +53,7 @@ class S3Partial:
         """Use :meth:`S3Store.open_partial`."""
         self._store = store
         self._state = state
+        state.closing = False  # whoever wrote it last, this writer is live
         self._state_key = state_key
         self._etag = etag
         self._buffer = bytearray()
@@ -179,10 +180,11 @@ class S3Partial:
         """Save our state over a writer that was letting go; its new ETag, or None (busy).
 
         A node whose client was cut off finishes the part it was storing and
-        records it, possibly after this node resumed from the state before
-        that. Its parts are then a prefix of ours (the same bytes of the same
-        file: equal ETags), and ours is the state to keep. Anything else is a
-        second live writer, which must not be overwritten.
+        records it (marked ``closing``), possibly after this node resumed from
+        the state before that. Its parts are then a prefix of ours (the same
+        bytes of the same file: equal ETags), and ours is the state to keep.
+        Anything else, including a writer that is not letting go, is a second
+        live writer, which must not be overwritten.
         """
         for _attempt in range(3):
             found = self._store._get(self._state_key)
@@ -194,7 +196,11 @@ class S3Partial:
             except (ValueError, TypeError, KeyError, AttributeError):
                 return None
             ours = self._state
-            if theirs.upload_id != ours.upload_id or len(theirs.parts) > len(ours.parts):
+            if (
+                not theirs.closing
+                or theirs.upload_id != ours.upload_id
+                or len(theirs.parts) > len(ours.parts)
+            ):
                 return None
             if any(
                 (mine.number, mine.size, mine.etag) != (other.number, other.size, other.etag)
@@ -268,10 +274,12 @@ class S3Partial:
     async def close(self) -> None:
         """Finish the part in flight, drop the buffered tail (not durable) and stop.
 
-        Whole parts stay for a resume.
+        Whole parts stay for a resume. The part in flight is recorded as
+        ``closing``: a node that resumed meanwhile keeps its state over it.
         """
         self._buffer.clear()
         self._closed = True
+        self._state.closing = True
         await self._settle()
 
     async def discard(self) -> None:
