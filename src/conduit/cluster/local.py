@@ -6,10 +6,11 @@ on partials, publish by ``link`` without overwriting). Each call runs in a
 worker thread, as the transfer handler runs them today.
 
 It shows the protocol fits the existing store and lets one contract test
-suite run against both stores. ``delete`` and ``rename`` use StorageRoot's
-internal directory walk, since StorageRoot has no public delete or rename yet;
-when the transfer code adopts the protocol, this adapter belongs in
-``transfer/`` and those two operations in StorageRoot itself.
+suite run against both stores. The transfer handler does not use it: its
+local backend (``transfer/_backend_local.py``) calls ``StorageRoot``
+directly, one worker-thread hop per operation as before, with the disk budget
+and the hash gate around it. ``delete`` and ``rename`` here use StorageRoot's
+internal directory walk (with the collision policy of publishing).
 """
 
 from __future__ import annotations
