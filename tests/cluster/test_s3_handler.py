@@ -322,3 +322,21 @@ async def test_overwrite_on_s3_replaces_instead_of_a_variant(
         ]
         stat = await client.call("file_stat", name="same.bin", sha256=True)
         assert stat["sha256"] == newest
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_s3_partial_bytes_are_capped(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str
+) -> None:
+    """``max_partial_bytes`` holds on S3: unfinished uploads beyond it are refused."""
+    with trio.fail_after(120):
+        _handler, _server, client, _received = await _served(
+            server_factory, client_factory, s3_url, max_partial_bytes=3 * MiB
+        )
+        first = await client.call("file_upload_begin", name="a.bin", size=2 * MiB, key="a" * 32)
+        assert first["offset"] == 0
+        with pytest.raises(RPCError) as caught:
+            await client.call("file_upload_begin", name="b.bin", size=2 * MiB, key="b" * 32)
+        assert caught.value.code == "no_space"
+        small = await client.call("file_upload_begin", name="c.bin", size=MiB, key="c" * 32)
+        assert small["offset"] == 0
