@@ -56,6 +56,8 @@ class S3Partial:
         state.closing = False  # whoever wrote it last, this writer is live
         self._state_key = state_key
         self._etag = etag
+        # Whether the state saved last says "closing" (see close()).
+        self._saved_closing = False
         self._buffer = bytearray()
         self._hash = (
             ResumableSha256.restore(base64.b64decode(state.parts[-1].hash_state))
@@ -168,13 +170,14 @@ class S3Partial:
             ChecksumSHA256=checksum,
         )
         state.parts.append(Part(number, len(data), str(answer["ETag"]), checksum, hash_state))
+        closing = state.closing
         etag = self._store._put(self._state_key, state.dumps(), if_match=self._etag)
         if etag is None:
             etag = self._merge_late_writer()
         if etag is None:
             state.parts.pop()
             raise TransferError(f"{self.name!r} is being received by another writer", "busy")
-        self._etag = etag
+        self._etag, self._saved_closing = etag, closing
 
     def _merge_late_writer(self) -> str | None:
         """Save our state over a writer that was letting go; its new ETag, or None (busy).
@@ -281,6 +284,19 @@ class S3Partial:
         self._closed = True
         self._state.closing = True
         await self._settle()
+        if not self._finished and not self._saved_closing:
+            # Say so even with no part in flight: a node resuming this partial
+            # then need not wait to see whether a writer is still at work.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._store._guard(f"closing {self.name!r}", self._save_closing)
+                except TransferError as exc:
+                    log.debug("could not mark %r as closing: %s", self.name, exc)
+
+    def _save_closing(self) -> None:
+        etag = self._store._put(self._state_key, self._state.dumps(), if_match=self._etag)
+        if etag is not None:  # else another writer took over: its state stands
+            self._etag, self._saved_closing = etag, True
 
     async def discard(self) -> None:
         """Abort the multipart upload, release the name, delete the state."""
