@@ -340,3 +340,24 @@ async def test_s3_partial_bytes_are_capped(
         assert caught.value.code == "no_space"
         small = await client.call("file_upload_begin", name="c.bin", size=MiB, key="c" * 32)
         assert small["offset"] == 0
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_edge_sizes_on_s3(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    """An empty file, and files of exactly one part and one byte over (8 MiB parts)."""
+    with trio.fail_after(120):
+        handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        sizes = {"empty.bin": 0, "one-part.bin": 8 * MiB, "one-over.bin": 8 * MiB + 1}
+        sums = {}
+        for name, size in sizes.items():
+            sums[name] = await trio.to_thread.run_sync(_write, tmp_path / "out" / name, size)
+            result = await handler.send_to_server(client, tmp_path / "out" / name)
+            assert (result["success"], result["checksum"]) == (True, sums[name]), result
+        listing = await handler.list_files(client)
+        assert {f["name"]: f["size"] for f in listing} == sizes
+        for name in sizes:
+            got = await handler.receive_from_server(client, name, tmp_path / "back")
+            assert got["success"] is True, got
+            assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == sums[name]
