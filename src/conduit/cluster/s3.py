@@ -64,6 +64,8 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import functools
+import hashlib
+import hmac
 import itertools
 import logging
 import time
@@ -74,7 +76,7 @@ import botocore.config  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
 import trio
 
-from ..errors import TransferError, UnsafePathError
+from ..errors import ChecksumMismatch, TransferError, UnsafePathError
 from ..transfer._names import (
     check_transfer_id,
     collision_candidates,
@@ -92,6 +94,7 @@ from ._s3_wire import (
     SUFFIX_ROOM,
     Part,
     UploadState,
+    b64_sha256,
     error_code,
     is_missing,
     is_precondition,
@@ -636,6 +639,49 @@ class S3Store:
             if now - quiet_since >= WRITER_QUIET or now >= deadline:
                 return
             await trio.sleep(WRITER_POLL)
+
+    async def put_file(
+        self, name: str, data: bytes, *, sha256: str, overwrite: bool = False
+    ) -> str:
+        """See :meth:`conduit.cluster.store.Store.put_file`: one ``PUT`` (no multipart upload).
+
+        Checked against ``sha256`` here and by the store (``ChecksumSHA256``);
+        without ``overwrite``, conditional (``If-None-Match: *``) on the first
+        candidate name that no upload has reserved, the next one on a clash.
+        """
+        actual = hashlib.sha256(data).hexdigest()
+        if not hmac.compare_digest(actual, sha256.strip().lower()):
+            raise ChecksumMismatch(f"{name!r}: received bytes hash to {actual}, expected {sha256}")
+        return await self._guard(f"storing {name!r}", self._put_file, name, data, overwrite)
+
+    def _put_file(self, name: str, data: bytes, overwrite: bool) -> str:
+        safe = self._checked_name(name)
+        checksum = b64_sha256(data)
+        if overwrite:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self.location.key(safe), Body=data, ChecksumSHA256=checksum
+            )
+            return safe
+        directories, basename = split_name(safe)
+        for candidate in itertools.chain([basename], collision_candidates(basename)):
+            final = "/".join((*directories, candidate))
+            key = self.location.key(final)
+            if self._head(self._reservation_key(key)) is not None:
+                continue  # an upload in progress will publish under this name
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ChecksumSHA256=checksum,
+                    IfNoneMatch="*",
+                )
+            except botocore.exceptions.ClientError as exc:
+                if is_precondition(exc):
+                    continue
+                raise
+            return final
+        raise TransferError(f"no free name for {basename!r}", "name_collision")
 
     async def find_partial(self, name: str, transfer_id: str) -> int | None:
         """See :meth:`conduit.cluster.store.Store.find_partial` (from the saved state)."""

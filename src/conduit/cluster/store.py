@@ -140,6 +140,17 @@ class Store(Protocol):
         """
         ...
 
+    async def put_file(
+        self, name: str, data: bytes, *, sha256: str, overwrite: bool = False
+    ) -> str:
+        """Store a whole small file at once: verify, publish without overwriting; the name used.
+
+        The same checks and collision policy as a partial published with
+        ``expected_sha256=sha256`` (``ChecksumMismatch`` stores nothing), in
+        as few round trips as the store allows: nothing to resume.
+        """
+        ...
+
     async def find_partial(self, name: str, transfer_id: str) -> int | None:
         """The durable size of the partial for ``name`` / ``transfer_id``, or ``None``."""
         ...
