@@ -361,3 +361,23 @@ async def test_edge_sizes_on_s3(
             got = await handler.receive_from_server(client, name, tmp_path / "back")
             assert got["success"] is True, got
             assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == sums[name]
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_a_directory_goes_up_and_comes_back_through_s3(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        tree = tmp_path / "photos"
+        sums = {
+            "photos/a.jpg": await trio.to_thread.run_sync(_write, tree / "a.jpg", 5000),
+            "photos/2024/b.jpg": await trio.to_thread.run_sync(_write, tree / "2024/b.jpg", MiB),
+        }
+        sent = await handler.send_to_server(client, tree)
+        assert sent["success"] is True, sent
+        assert sorted(f["name"] for f in await handler.list_files(client)) == sorted(sums)
+        back = await handler.receive_from_server(client, "photos", tmp_path / "back")
+        assert [entry["success"] for entry in back["files"]] == [True, True], back
+        for name, checksum in sums.items():
+            assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == checksum
