@@ -345,6 +345,11 @@ class S3Reader:
         """Modification time of the object read."""
         return self._stored.modified_ns
 
+    @property
+    def version(self) -> str:
+        """The ETag of the object read."""
+        return self._stored.version
+
     async def read(self, max_bytes: int) -> bytes:
         """The next up to ``max_bytes`` bytes; ``b""`` at the end."""
         if self._body is None or max_bytes <= 0:

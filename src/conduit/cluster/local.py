@@ -227,6 +227,11 @@ class LocalReader:
         """Modification time of the file opened."""
         return self.stored.modified_ns
 
+    @property
+    def version(self) -> str:
+        """``""``: a local file has no version tag."""
+        return self.stored.version
+
     async def read(self, max_bytes: int) -> bytes:
         """The next up to ``max_bytes`` bytes; ``b""`` at the end."""
         if max_bytes <= 0:

@@ -452,7 +452,11 @@ class S3Store:
             if relative is None or not _listable(relative):
                 continue
             modified = entry["LastModified"].timestamp()
-            entries.append(StoredFile(relative, int(entry["Size"]), int(modified * 1e9)))
+            entries.append(
+                StoredFile(
+                    relative, int(entry["Size"]), int(modified * 1e9), str(entry.get("ETag", ""))
+                )
+            )
         entries.sort(key=lambda item: item.name)
         return entries
 
@@ -462,7 +466,8 @@ class S3Store:
         if info is None:
             raise FileNotFoundError(2, "no such file in storage", safe)
         modified = int(info["LastModified"].timestamp() * 1e9)
-        return StoredFile(safe, int(info["ContentLength"]), modified), str(info["ETag"])
+        etag = str(info["ETag"])
+        return StoredFile(safe, int(info["ContentLength"]), modified, etag), etag
 
     def _open_reader(self, name: str, start: int) -> S3Reader:
         stored, etag = self._stat(name)

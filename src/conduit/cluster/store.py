@@ -49,6 +49,9 @@ class StoredFile:
     size: int
     #: Modification time in nanoseconds since the epoch (part of the download resume key).
     modified_ns: int
+    #: An opaque tag that changes whenever the content may have (the ETag on
+    #: S3), for caches keyed on content; ``""`` when the store has none.
+    version: str = ""
 
     @property
     def modified(self) -> float:
@@ -68,6 +71,11 @@ class FileReader(Protocol):
     @property
     def modified_ns(self) -> int:
         """Modification time of the file opened, in nanoseconds since the epoch."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """:attr:`StoredFile.version` of the file opened."""
         ...
 
     async def read(self, max_bytes: int) -> bytes:

@@ -190,7 +190,7 @@ class StoreSource:
             return
         reader = await self._store.open_reader(self._name, start=position)
         old = self._reader
-        if (reader.size, reader.modified_ns) != (old.size, old.modified_ns):
+        if _identity(reader) != _identity(old):
             await reader.aclose()
             raise TransferError(
                 f"{self._name!r} changed on the server; ask again", "source_changed"
@@ -276,7 +276,7 @@ class StoreBackend:
         self._roots: dict[str, Store] = {}
         self._active: set[_Upload] = set()
         self._kept: dict[tuple[str, str, str], _Kept] = {}
-        self._digests: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._digests: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         self._token: trio.lowlevel.TrioToken | None = None
 
     # ------------------------------------------------------------------ roots
@@ -533,9 +533,14 @@ class StoreBackend:
         return found
 
     async def _digest(self, peer: Peer, store: Store, stored: StoredFile) -> str:
-        """SHA-256 hex of a stored object: read back, one at a time per connection, cached."""
-        key = (store.location_of(stored.name), stored.size, stored.modified_ns)
-        cached = self._digests.get(key)
+        """SHA-256 hex of a stored object: read back, one at a time per connection, cached.
+
+        Cached by the object's version (its ETag), never by its modification
+        time: S3 gives that to the second, and a same-size replacement within
+        the second would otherwise be taken for the file it replaced.
+        """
+        key = (store.location_of(stored.name), stored.size, stored.version)
+        cached = self._digests.get(key) if stored.version else None
         if cached is not None:
             self._digests.move_to_end(key)
             return cached
@@ -543,13 +548,15 @@ class StoreBackend:
         async with gate.lock_for(peer.connection):
             reader = await store.open_reader(stored.name)
             try:
-                if (reader.size, reader.modified_ns) != (stored.size, stored.modified_ns):
+                if _identity(reader) != (stored.size, stored.modified_ns, stored.version):
                     raise TransferError(f"{stored.name!r} changed; ask again", "source_changed")
                 source = StoreSource(store, stored.name, reader)
                 digest: str = (await source.hash_prefix(stored.size, gate.limiter)).hexdigest()
             finally:
                 await reader.aclose()
         gate.hashed_bytes += stored.size
+        if not stored.version:
+            return digest
         self._digests[key] = digest
         while len(self._digests) > _DIGESTS:
             self._digests.popitem(last=False)
@@ -625,6 +632,11 @@ class StoreBackend:
             else:
                 raise TransferError(f"{target!r} already exists", "exists")
         return await store.rename(source, target, overwrite=overwrite)
+
+
+def _identity(reader: FileReader) -> tuple[int, int, str]:
+    """What tells two versions of a stored file apart (the version: mtimes are to the second)."""
+    return reader.size, reader.modified_ns, reader.version
 
 
 async def _is_directory(store: Store, name: str) -> bool:
