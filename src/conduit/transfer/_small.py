@@ -1,0 +1,309 @@
+"""Small files on the sending side: read in one hop, several per call when several are in flight.
+
+A file up to the small-file limit (one chunk, at most 256 KiB) travels inside
+one call (``file_upload_small``) instead of begin + stream + finish. What is
+left per file is fixed cost, so it is cut here:
+
+* :func:`read_source` opens the local file, checks it, and for a small file
+  reads and hashes it and closes it, all in *one* worker-thread hop (it was
+  four: a directory check, open, read, close). :func:`probe_source` is the
+  same look for ``send_to_server``, which must also tell a directory apart.
+* :class:`SmallUploads` coalesces the small uploads in flight on one
+  connection (a nursery of ``send_to_server`` calls): while a call is on its
+  way, the next files queue, and go together as one ``file_upload_batch``
+  (the server stores a batch in one worker-thread hop with one directory fsync
+  per batch, see :mod:`._batch_store`). A lone caller never waits for a batch:
+  with nothing in flight its file goes at once, as ``file_upload_small``. Each
+  file still gets its own result, exactly what its own call would have
+  answered; a whole-call failure (the connection closed) is each file's failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import stat
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..errors import ConduitError, ConnectionClosed
+from ._answers import BadAnswer, finish_answer
+from ._batch import FRAME_OVERHEAD, entry_cost, entry_result
+from ._batch_store import MAX_BATCH_FILES
+from ._local import open_local_fd
+from ._wire import UPLOAD_BATCH, transfer_failure
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+
+#: Calls of small uploads in flight on one connection at once; the files that
+#: arrive meanwhile queue for the next batch. Two keep the server busy while
+#: the client collects the next batch.
+MAX_SMALL_CALLS = 2
+
+
+@attrs.frozen
+class SmallFile:
+    """A small local file, read whole: its bytes and their SHA-256 (hex)."""
+
+    data: bytes
+    sha256: str
+
+
+@attrs.frozen
+class LocalSource:
+    """What one look at a local path found: a small file read whole, or an open larger one."""
+
+    #: The file's bytes, when it is at most the small-file limit.
+    small: SmallFile | None = None
+    #: Otherwise the file, open for reading at position 0 (the caller closes it).
+    file: io.FileIO | None = None
+    #: A small file whose size changed while it was read (nothing to send).
+    changed: bool = False
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """Up to ``size + 1`` bytes of ``fd``: one more than expected shows a file that grew."""
+    parts = []
+    left = size + 1
+    while left > 0:
+        part = os.read(fd, left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def _small(fd: int, size: int) -> SmallFile | None:
+    """The file's bytes and hash; None when it did not hold ``size`` bytes (it changed)."""
+    data = _read_exactly(fd, size)
+    if len(data) != size:
+        return None
+    return SmallFile(data, hashlib.sha256(data).hexdigest())
+
+
+def read_source(
+    path: str | os.PathLike[str], limit: int, *, follow_symlinks: bool = True
+) -> LocalSource:
+    """Open ``path`` to send it (worker thread): a small file comes back read and closed.
+
+    Raises what :func:`._local.open_local_file` raises (a missing file, not a
+    regular file, a refused symbolic link).
+    """
+    fd, info = open_local_fd(path, follow_symlinks=follow_symlinks)
+    if info.st_size > limit:
+        return LocalSource(file=io.FileIO(fd, "r", closefd=True))
+    try:
+        small = _small(fd, info.st_size)
+        return LocalSource(small=small, changed=small is None)
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class Probe:
+    """What ``send_to_server`` needs to know about a path before choosing how to send it."""
+
+    is_directory: bool = False
+    #: The whole file, when it is a small regular file that could be read.
+    small: SmallFile | None = None
+
+
+def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
+    """Is ``path`` a directory, or a small file (read whole)? One look, in a worker thread.
+
+    Never raises: anything else (missing, unreadable, a special file, a small
+    file that changed while read) is left to the sending path, which reports it
+    as it always does.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        # An unreadable directory is still a directory (its walk reports it).
+        return Probe(is_directory=os.path.isdir(path))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            return Probe(is_directory=True)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return Probe()
+        os.set_blocking(fd, True)
+        return Probe(small=_small(fd, info.st_size))
+    except OSError:
+        return Probe()
+    finally:
+        os.close(fd)
+
+
+@attrs.define(eq=False)
+class _Queued:
+    """A small upload waiting for the next batch, then its answer."""
+
+    name: str
+    small: SmallFile
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: dict[str, Any] | None = None
+
+
+class SmallUploads:
+    """One connection's small uploads: sent at once when the line is free, else batched.
+
+    Kept in ``Connection.owned``, so it goes with the connection.
+    """
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self._queue: list[_Queued] = []
+        #: The server answered ``not_found`` to a batch: one call per file from now on.
+        self._no_batches = False
+
+    async def send(self, peer: Peer, name: str, small: SmallFile, method: str) -> dict[str, Any]:
+        """Upload one small file with ``method`` (or in a batch); its result dict.
+
+        A success is the receiver's verdict, as :func:`._answers.finish_answer`
+        checked it; a failure is ``{"success": False, "error", "code"}``.
+        """
+        if self._calls < MAX_SMALL_CALLS and not self._queue:
+            self._calls += 1
+            try:
+                return await send_one(peer, name, small, method)
+            finally:
+                self._calls -= 1
+                self._next_batch(peer)
+        queued = _Queued(name, small)
+        self._queue.append(queued)
+        try:
+            await queued.done.wait()
+        except BaseException:
+            # Cancelled before its batch was taken: it is not sent at all.
+            if queued in self._queue:
+                self._queue.remove(queued)
+            raise
+        assert queued.result is not None
+        return queued.result
+
+    def _next_batch(self, peer: Peer) -> None:
+        """Send what queued meanwhile, as one batch, if a call may start."""
+        if not self._queue or self._calls >= MAX_SMALL_CALLS:
+            return
+        batch = _take_batch(self._queue, peer.connection.keys.peer_max_frame_size)
+        self._calls += 1
+        try:
+            peer.connection.spawn(self._send_batch, peer, batch)
+        except ConnectionClosed as exc:
+            self._calls -= 1
+            _settle(batch, transfer_failure(exc))
+            self._next_batch(peer)
+
+    async def _send_batch(self, peer: Peer, batch: list[_Queued]) -> None:
+        # A task of the connection, not of any one caller: a caller cancelled
+        # while its file is on the way does not take the others' call down.
+        try:
+            if self._no_batches or len(batch) == 1:
+                for queued in batch:
+                    queued.result = await send_one(peer, queued.name, queued.small, _SMALL_OF)
+                    queued.done.set()
+                return
+            answer = await _call_batch(peer, batch)
+            if answer is None:
+                self._no_batches = True
+                for queued in batch:
+                    queued.result = await send_one(peer, queued.name, queued.small, _SMALL_OF)
+                    queued.done.set()
+                return
+            if isinstance(answer, dict):
+                _settle(batch, answer)
+                return
+            for queued, raw in zip(batch, answer, strict=True):
+                queued.result = entry_result(raw, len(queued.small.data))
+                queued.done.set()
+        except BaseException as exc:
+            # The connection is going (its tasks are cancelled): nobody waits forever.
+            _settle(batch, transfer_failure(ConnectionClosed(f"the upload was stopped: {exc!r}")))
+            raise
+        finally:
+            self._calls -= 1
+            if peer.connection.is_open:
+                self._next_batch(peer)
+            else:
+                _settle(self._queue, transfer_failure(ConnectionClosed("connection closed")))
+                self._queue.clear()
+
+
+#: The single-file method a batch falls back to (batches are uploads only).
+_SMALL_OF = "file_upload_small"
+
+
+def _settle(batch: Sequence[_Queued], result: dict[str, Any]) -> None:
+    for queued in batch:
+        if not queued.done.is_set():
+            queued.result = dict(result)
+            queued.done.set()
+
+
+def _take_batch(queue: list[_Queued], max_frame_size: int) -> list[_Queued]:
+    """The queue's first files that fit in one call (at least one); they leave the queue."""
+    room = max_frame_size - FRAME_OVERHEAD
+    taken: list[_Queued] = []
+    used = 0
+    for queued in queue:
+        cost = entry_cost(queued.name, len(queued.small.data))
+        if taken and (len(taken) >= MAX_BATCH_FILES or used + cost > room):
+            break
+        taken.append(queued)
+        used += cost
+    del queue[: len(taken)]
+    return taken
+
+
+async def send_one(peer: Peer, name: str, small: SmallFile, method: str) -> dict[str, Any]:
+    """One ``*_small`` call; the checked verdict or a failure dict."""
+    try:
+        answer = await peer.call(
+            method,
+            name=name,
+            data=small.data,
+            sha256=small.sha256,
+            timeout=math.inf,  # fsyncs take what they take; the heartbeat sees a dead peer
+        )
+        return finish_answer(answer, len(small.data))
+    except (ConduitError, OSError) as exc:
+        return transfer_failure(exc)
+
+
+async def _call_batch(peer: Peer, batch: list[_Queued]) -> list[Any] | dict[str, Any] | None:
+    """One ``file_upload_batch`` call: the per-file answers, a failure dict for all of
+    them, or None when the server does not take batches."""
+    try:
+        answer = await peer.call(
+            UPLOAD_BATCH,
+            files=[{"name": q.name, "data": q.small.data, "sha256": q.small.sha256} for q in batch],
+            timeout=math.inf,
+        )
+    except ConduitError as exc:
+        if getattr(exc, "code", None) == "not_found" and UPLOAD_BATCH in str(exc):
+            return None
+        return transfer_failure(exc)
+    listed = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(listed, list) or len(listed) != len(batch):
+        return transfer_failure(BadAnswer("a batch answer must list one result per file"))
+    return listed
+
+
+__all__ = [
+    "MAX_SMALL_CALLS",
+    "LocalSource",
+    "Probe",
+    "SmallFile",
+    "SmallUploads",
+    "probe_source",
+    "read_source",
+    "send_one",
+]
