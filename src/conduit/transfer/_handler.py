@@ -32,8 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import trio
-
 from .._bridge import bridged
 from . import _manage as manage
 from ._hashing import HashGate
@@ -43,7 +41,7 @@ from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
 from ._slots import TransferSlots
-from ._small import probe_source
+from ._small import probe
 from ._space import DEFAULT_FREE_SPACE_MARGIN, user_storage
 from ._storage import StorageRoot
 from ._tree import receive_tree, send_files, send_tree
@@ -282,7 +280,7 @@ class FileTransferHandler:
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
         # One look: a directory, or a small file read whole (see ._small).
-        found = await trio.to_thread.run_sync(probe_source, path, self._sender.small_file_limit)
+        found = await probe(path, self._sender.small_file_limit)
         if found.is_directory:
             return await send_tree(
                 self._sender,

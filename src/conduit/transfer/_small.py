@@ -7,7 +7,8 @@ left per file is fixed cost, so it is cut here:
 * :func:`read_source` opens the local file, checks it, and for a small file
   reads and hashes it and closes it, all in *one* worker-thread hop (it was
   four: a directory check, open, read, close). :func:`probe_source` is the
-  same look for ``send_to_server``, which must also tell a directory apart.
+  same look for ``send_to_server``, which must also tell a directory apart;
+  concurrent sends share its hop (:func:`probe`, see :mod:`._shared_hop`).
 * :class:`SmallUploads` coalesces the small uploads in flight on one
   connection (a nursery of ``send_to_server`` calls): while a call is on its
   way, the next files queue, and go together as one ``file_upload_batch``
@@ -36,6 +37,7 @@ from ._answers import BadAnswer, finish_answer
 from ._batch import FRAME_OVERHEAD, entry_cost, entry_result
 from ._batch_store import MAX_BATCH_FILES
 from ._local import open_local_fd
+from ._shared_hop import SharedHop
 from ._wire import UPLOAD_BATCH, transfer_failure
 
 if TYPE_CHECKING:
@@ -142,6 +144,68 @@ def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
         os.close(fd)
 
 
+def _probe_one(job: tuple[str | os.PathLike[str], int]) -> Probe:
+    return probe_source(*job)
+
+
+@attrs.define(eq=False)
+class _Preparing:
+    """Sends of the run between their start and their file read (see :func:`probe`)."""
+
+    count: int = 0
+    #: Set whenever ``count`` is zero.
+    settled: trio.Event = attrs.field(factory=trio.Event)
+
+    async def wait_settled(self) -> None:
+        """Return once no send is reading its file (at most one probe hop away)."""
+        # One checkpoint first: the callers an answer just released run up to
+        # their next send's probe, which counts them.
+        await trio.lowlevel.checkpoint()
+        while self.count:
+            await self.settled.wait()
+
+
+@attrs.frozen
+class _RunState:
+    """What the small sends of one Trio run share."""
+
+    #: Eight sends starting together look at their files in one hop, not eight.
+    probes: SharedHop[tuple[str | os.PathLike[str], int], Probe]
+    preparing: _Preparing
+
+
+_STATE: trio.lowlevel.RunVar[_RunState] = trio.lowlevel.RunVar("conduit_small_sends")
+
+
+def _state() -> _RunState:
+    try:
+        return _STATE.get()
+    except LookupError:
+        state = _RunState(SharedHop(_probe_one), _Preparing())
+        _STATE.set(state)
+        return state
+
+
+async def probe(path: str | os.PathLike[str], limit: int) -> Probe:
+    """:func:`probe_source` in a worker thread, sharing the hop with concurrent probes.
+
+    While it runs, the send counts as *preparing*: a batch about to leave waits
+    for it (see :class:`SmallUploads`), so eight sends that start together
+    leave together.
+    """
+    state = _state()
+    preparing = state.preparing
+    if preparing.count == 0:
+        preparing.settled = trio.Event()
+    preparing.count += 1
+    try:
+        return await state.probes.run((path, limit))
+    finally:
+        preparing.count -= 1
+        if preparing.count == 0:
+            preparing.settled.set()
+
+
 @attrs.define(eq=False)
 class _Queued:
     """A small upload waiting for the next batch, then its answer."""
@@ -153,14 +217,20 @@ class _Queued:
 
 
 class SmallUploads:
-    """One connection's small uploads: sent at once when the line is free, else batched.
+    """One connection's small uploads: sent at once when nothing else is under way, else batched.
 
-    Kept in ``Connection.owned``, so it goes with the connection.
+    A file goes at once, alone, when no call of small uploads is on the way, none
+    is queued and no other send is reading its file. Otherwise it queues; a
+    task of the connection takes the queue as one batch as soon as a call may
+    start, after the sends still reading their files have queued too. Kept in
+    ``Connection.owned``, so it goes with the connection.
     """
 
     def __init__(self) -> None:
         self._calls = 0
         self._queue: list[_Queued] = []
+        #: A task is about to take the queue.
+        self._flushing = False
         #: The server answered ``not_found`` to a batch: one call per file from now on.
         self._no_batches = False
 
@@ -170,15 +240,16 @@ class SmallUploads:
         A success is the receiver's verdict, as :func:`._answers.finish_answer`
         checked it; a failure is ``{"success": False, "error", "code"}``.
         """
-        if self._calls < MAX_SMALL_CALLS and not self._queue:
+        if not (self._calls or self._queue or self._flushing or _state().preparing.count):
             self._calls += 1
             try:
                 return await send_one(peer, name, small, method)
             finally:
                 self._calls -= 1
-                self._next_batch(peer)
+                self._schedule(peer)
         queued = _Queued(name, small)
         self._queue.append(queued)
+        self._schedule(peer)
         try:
             await queued.done.wait()
         except BaseException:
@@ -189,29 +260,36 @@ class SmallUploads:
         assert queued.result is not None
         return queued.result
 
-    def _next_batch(self, peer: Peer) -> None:
-        """Send what queued meanwhile, as one batch, if a call may start."""
-        if not self._queue or self._calls >= MAX_SMALL_CALLS:
+    def _schedule(self, peer: Peer) -> None:
+        """Start the task that sends the queue, if one may start and none is starting."""
+        if self._flushing or not self._queue or self._calls >= MAX_SMALL_CALLS:
             return
-        batch = _take_batch(self._queue, peer.connection.keys.peer_max_frame_size)
+        self._flushing = True
         self._calls += 1
         try:
-            peer.connection.spawn(self._send_batch, peer, batch)
+            peer.connection.spawn(self._send_batch, peer)
         except ConnectionClosed as exc:
+            self._flushing = False
             self._calls -= 1
-            _settle(batch, transfer_failure(exc))
-            self._next_batch(peer)
+            _settle(self._queue, transfer_failure(exc))
+            self._queue.clear()
 
-    async def _send_batch(self, peer: Peer, batch: list[_Queued]) -> None:
+    async def _send_batch(self, peer: Peer) -> None:
         # A task of the connection, not of any one caller: a caller cancelled
         # while its file is on the way does not take the others' call down.
+        batch: list[_Queued] = []
         try:
+            try:
+                await _state().preparing.wait_settled()
+            finally:
+                self._flushing = False
+            batch = _take_batch(self._queue, peer.connection.keys.peer_max_frame_size)
             if self._no_batches or len(batch) == 1:
                 for queued in batch:
                     queued.result = await send_one(peer, queued.name, queued.small, _SMALL_OF)
                     queued.done.set()
                 return
-            answer = await _call_batch(peer, batch)
+            answer = await _call_batch(peer, batch) if batch else []
             if answer is None:
                 self._no_batches = True
                 for queued in batch:
@@ -231,7 +309,7 @@ class SmallUploads:
         finally:
             self._calls -= 1
             if peer.connection.is_open:
-                self._next_batch(peer)
+                self._schedule(peer)
             else:
                 _settle(self._queue, transfer_failure(ConnectionClosed("connection closed")))
                 self._queue.clear()
@@ -303,6 +381,7 @@ __all__ = [
     "Probe",
     "SmallFile",
     "SmallUploads",
+    "probe",
     "probe_source",
     "read_source",
     "send_one",
