@@ -273,3 +273,39 @@ async def test_a_shared_hop_runs_queued_calls_together_and_drops_cancelled_ones(
     assert isinstance(results[3], ValueError)  # its own exception, nobody else's
     # One hop for the first call, one for the three still queued behind it.
     assert hop.hops == [1, 3]
+
+
+async def test_a_stalled_hop_holds_nobody_up(autojump_clock: trio.testing.MockClock) -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(arg: int) -> int:
+        if arg == 0:
+            release.wait(10)  # a file on a hung mount
+        ran.append(arg)
+        return arg
+
+    hop = SharedHop(work)
+    results: dict[int, int] = {}
+    done = {arg: trio.Event() for arg in (0, 1, 2)}
+
+    async def call(arg: int) -> None:
+        results[arg] = await hop.run(arg)
+        done[arg].set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, 1)  # queues behind the first hop, then leaves it
+            with trio.fail_after(5):
+                await done[1].wait()
+            await trio.sleep(1)
+            nursery.start_soon(call, 2)  # never queues behind a stalled hop
+            with trio.fail_after(5):
+                await done[2].wait()
+            assert ran == [1, 2]  # both ran while the first call was still stuck
+            release.set()
+    finally:
+        release.set()
+    assert ran == [1, 2, 0] and results == {0: 0, 1: 1, 2: 2}

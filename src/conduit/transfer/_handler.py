@@ -280,7 +280,7 @@ class FileTransferHandler:
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
         # One look: a directory, or a small file read whole (see ._small).
-        found = await probe(path, self._sender.small_file_limit)
+        found = await probe(path, self._sender.small_file_limit, client)
         if found.is_directory:
             return await send_tree(
                 self._sender,

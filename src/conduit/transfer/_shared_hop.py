@@ -14,6 +14,11 @@ small file would pay eight hops; :class:`SharedHop` makes them pay one:
 Each call gets its own result or exception. A queued task that is cancelled
 before its hop starts is dropped (its call never runs); a call already in a
 hop runs to its end, as any worker-thread call does.
+
+A slow call (a file on a hung network mount) must not hold up everyone: a
+task never queues behind a hop that has run for :data:`STALLED_AFTER` seconds,
+and a task that has waited that long in the queue leaves it; both run their
+call in a hop of their own instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ R = TypeVar("R")
 
 #: Calls run in one hop, at most (the rest wait for the next one).
 MAX_CALLS_PER_HOP = 64
+#: Seconds after which a hop under way counts as stalled: nobody waits for it.
+STALLED_AFTER = 0.05
 
 
 @attrs.define(eq=False)
@@ -53,35 +60,51 @@ class SharedHop(Generic[A, R]):
         self._queue: list[_Job[A, R]] = []
         #: A hop is under way, or a queued task has been told to lead one.
         self._busy = False
+        #: When the last shared hop started (Trio's clock).
+        self._started = 0.0
 
     async def run(self, arg: A) -> R:
         """``function(arg)``, run in a worker thread; its result, or its exception."""
         job: _Job[A, R] = _Job(arg)
-        if self._busy:
+        if not self._busy:
+            self._busy = True
+            await self._hop(job)
+        elif trio.current_time() - self._started < STALLED_AFTER:
             self._queue.append(job)
             try:
-                await job.wake.wait()
+                with trio.move_on_after(STALLED_AFTER):
+                    await job.wake.wait()
             except BaseException:
                 if not job.done:
-                    if job in self._queue:
-                        self._queue.remove(job)
-                    if job.lead:
-                        self._hand_on()
+                    self._leave(job)
                 raise
             if job.lead:
                 self._queue.remove(job)
+                await self._hop(job)
+            elif job in self._queue:
+                # Still queued behind a stalled hop: go alone.
+                self._queue.remove(job)
+                await self._alone(job)
+            else:
+                await job.wake.wait()  # taken by a hop under way: its call is running
         else:
-            self._busy = True
-        if not job.done:
-            await self._hop(job)
+            await self._alone(job)
         if job.error is not None:
             raise job.error
         return job.result  # type: ignore[return-value]
+
+    def _leave(self, job: _Job[A, R]) -> None:
+        """A queued task gives up (cancelled): drop its call, pass on the lead it got."""
+        if job in self._queue:
+            self._queue.remove(job)
+        if job.lead:
+            self._hand_on()
 
     async def _hop(self, leader: _Job[A, R]) -> None:
         """Run the leader's call and the queued ones (up to the bound) in one hop."""
         jobs = [leader, *self._queue[: MAX_CALLS_PER_HOP - 1]]
         del self._queue[: MAX_CALLS_PER_HOP - 1]
+        self._started = trio.current_time()
         try:
             await trio.to_thread.run_sync(self._run_all, jobs)
         finally:
@@ -89,6 +112,11 @@ class SharedHop(Generic[A, R]):
                 job.done = True
                 job.wake.set()
             self._hand_on()
+
+    async def _alone(self, job: _Job[A, R]) -> None:
+        """Run one call in a hop of its own, beside the shared ones."""
+        await trio.to_thread.run_sync(self._run_all, [job])
+        job.done = True
 
     def _run_all(self, jobs: list[_Job[A, R]]) -> None:
         # Worker thread: each call's outcome on its own job.
@@ -108,4 +136,4 @@ class SharedHop(Generic[A, R]):
             self._busy = False
 
 
-__all__ = ["MAX_CALLS_PER_HOP", "SharedHop"]
+__all__ = ["MAX_CALLS_PER_HOP", "STALLED_AFTER", "SharedHop"]

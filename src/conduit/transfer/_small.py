@@ -37,11 +37,13 @@ from ._answers import BadAnswer, finish_answer
 from ._batch import FRAME_OVERHEAD, entry_cost, entry_result
 from ._batch_store import MAX_BATCH_FILES
 from ._local import open_local_fd
-from ._shared_hop import SharedHop
+from ._shared_hop import STALLED_AFTER, SharedHop
 from ._wire import UPLOAD_BATCH, transfer_failure
 
 if TYPE_CHECKING:
+    from .._connection import Connection
     from .._peer import Peer
+    from ..client import Client
 
 #: Calls of small uploads in flight on one connection at once; the files that
 #: arrive meanwhile queue for the next batch. Two keep the server busy while
@@ -150,56 +152,57 @@ def _probe_one(job: tuple[str | os.PathLike[str], int]) -> Probe:
 
 @attrs.define(eq=False)
 class _Preparing:
-    """Sends of the run between their start and their file read (see :func:`probe`)."""
+    """A connection's sends between their start and their file read (see :func:`probe`)."""
 
     count: int = 0
     #: Set whenever ``count`` is zero.
     settled: trio.Event = attrs.field(factory=trio.Event)
 
     async def wait_settled(self) -> None:
-        """Return once no send is reading its file (at most one probe hop away)."""
+        """Return once no send is reading its file, or after :data:`STALLED_AFTER` seconds."""
         # One checkpoint first: the callers an answer just released run up to
         # their next send's probe, which counts them.
         await trio.lowlevel.checkpoint()
-        while self.count:
-            await self.settled.wait()
+        with trio.move_on_after(STALLED_AFTER):
+            while self.count:
+                await self.settled.wait()
 
 
-@attrs.frozen
-class _RunState:
-    """What the small sends of one Trio run share."""
-
-    #: Eight sends starting together look at their files in one hop, not eight.
-    probes: SharedHop[tuple[str | os.PathLike[str], int], Probe]
-    preparing: _Preparing
+def _preparing(connection: Connection) -> _Preparing:
+    preparing: _Preparing | None = connection.owned.get(_Preparing)
+    if preparing is None:
+        preparing = connection.owned[_Preparing] = _Preparing()
+    return preparing
 
 
-_STATE: trio.lowlevel.RunVar[_RunState] = trio.lowlevel.RunVar("conduit_small_sends")
+#: The run's shared probing hop: eight sends starting together look at their
+#: files in one worker-thread hop, not eight.
+_PROBES: trio.lowlevel.RunVar[SharedHop[tuple[str | os.PathLike[str], int], Probe]] = (
+    trio.lowlevel.RunVar("conduit_small_probes")
+)
 
 
-def _state() -> _RunState:
-    try:
-        return _STATE.get()
-    except LookupError:
-        state = _RunState(SharedHop(_probe_one), _Preparing())
-        _STATE.set(state)
-        return state
-
-
-async def probe(path: str | os.PathLike[str], limit: int) -> Probe:
+async def probe(path: str | os.PathLike[str], limit: int, client: Client) -> Probe:
     """:func:`probe_source` in a worker thread, sharing the hop with concurrent probes.
 
-    While it runs, the send counts as *preparing*: a batch about to leave waits
-    for it (see :class:`SmallUploads`), so eight sends that start together
-    leave together.
+    While it runs, the send counts as *preparing* on ``client``'s connection: a
+    batch about to leave waits for it (see :class:`SmallUploads`), so eight
+    sends that start together leave together.
     """
-    state = _state()
-    preparing = state.preparing
+    try:
+        hop = _PROBES.get()
+    except LookupError:
+        hop = SharedHop(_probe_one)
+        _PROBES.set(hop)
+    try:
+        preparing = _preparing(client.server.connection)
+    except ConnectionClosed:
+        return await hop.run((path, limit))  # not connected: the send reports it
     if preparing.count == 0:
         preparing.settled = trio.Event()
     preparing.count += 1
     try:
-        return await state.probes.run((path, limit))
+        return await hop.run((path, limit))
     finally:
         preparing.count -= 1
         if preparing.count == 0:
@@ -240,7 +243,9 @@ class SmallUploads:
         A success is the receiver's verdict, as :func:`._answers.finish_answer`
         checked it; a failure is ``{"success": False, "error", "code"}``.
         """
-        if not (self._calls or self._queue or self._flushing or _state().preparing.count):
+        preparing = peer.connection.owned.get(_Preparing)
+        busy = preparing is not None and preparing.count > 0
+        if not (self._calls or self._queue or self._flushing or busy):
             self._calls += 1
             try:
                 return await send_one(peer, name, small, method)
@@ -280,7 +285,7 @@ class SmallUploads:
         batch: list[_Queued] = []
         try:
             try:
-                await _state().preparing.wait_settled()
+                await _preparing(peer.connection).wait_settled()
             finally:
                 self._flushing = False
             batch = _take_batch(self._queue, peer.connection.keys.peer_max_frame_size)
