@@ -39,12 +39,13 @@ from ._answers import begin_answer, finish_answer
 from ._budget import ByteBudget, SendBudget
 from ._engine import hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
+from ._local import SmallFile, read_source
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
 from ._rerun import asks_for_sha256, says_skipped
 from ._slots import TransferSlots
-from ._small import SmallFile, SmallUploads, read_source, send_one
+from ._small import SmallUploads, send_one
 from ._storage import StorageRoot
 from ._wire import (
     PUSH_BEGIN,

@@ -4,11 +4,9 @@ A file up to the small-file limit (one chunk, at most 256 KiB) travels inside
 one call (``file_upload_small``) instead of begin + stream + finish. What is
 left per file is fixed cost, so it is cut here:
 
-* :func:`read_source` opens the local file, checks it, and for a small file
-  reads and hashes it and closes it, all in *one* worker-thread hop (it was
-  four: a directory check, open, read, close). :func:`probe_source` is the
-  same look for ``send_to_server``, which must also tell a directory apart;
-  concurrent sends share its hop (:func:`probe`, see :mod:`._shared_hop`).
+* :func:`probe` reads a small file in one worker-thread hop
+  (:func:`._local.probe_source`), and concurrent sends share that hop (see
+  :mod:`._shared_hop`).
 * :class:`SmallUploads` coalesces the small uploads in flight on one
   connection (a nursery of ``send_to_server`` calls): while a call is on its
   way, the next files queue, and go together as one ``file_upload_batch``
@@ -21,11 +19,8 @@ left per file is fixed cost, so it is cut here:
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 import os
-import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +31,7 @@ from ..errors import ConduitError, ConnectionClosed
 from ._answers import BadAnswer, finish_answer
 from ._batch import FRAME_OVERHEAD, entry_cost, entry_result
 from ._batch_store import MAX_BATCH_FILES
-from ._local import open_local_fd
+from ._local import Probe, SmallFile, probe_source
 from ._shared_hop import STALLED_AFTER, SharedHop
 from ._wire import UPLOAD_BATCH, transfer_failure
 
@@ -49,101 +44,6 @@ if TYPE_CHECKING:
 #: arrive meanwhile queue for the next batch. Two keep the server busy while
 #: the client collects the next batch.
 MAX_SMALL_CALLS = 2
-
-
-@attrs.frozen
-class SmallFile:
-    """A small local file, read whole: its bytes and their SHA-256 (hex)."""
-
-    data: bytes
-    sha256: str
-
-
-@attrs.frozen
-class LocalSource:
-    """What one look at a local path found: a small file read whole, or an open larger one."""
-
-    #: The file's bytes, when it is at most the small-file limit.
-    small: SmallFile | None = None
-    #: Otherwise the file, open for reading at position 0 (the caller closes it).
-    file: io.FileIO | None = None
-    #: A small file whose size changed while it was read (nothing to send).
-    changed: bool = False
-
-
-def _read_exactly(fd: int, size: int) -> bytes:
-    """Up to ``size + 1`` bytes of ``fd``: one more than expected shows a file that grew."""
-    parts = []
-    left = size + 1
-    while left > 0:
-        part = os.read(fd, left)
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
-def _small(fd: int, size: int) -> SmallFile | None:
-    """The file's bytes and hash; None when it did not hold ``size`` bytes (it changed)."""
-    data = _read_exactly(fd, size)
-    if len(data) != size:
-        return None
-    return SmallFile(data, hashlib.sha256(data).hexdigest())
-
-
-def read_source(
-    path: str | os.PathLike[str], limit: int, *, follow_symlinks: bool = True
-) -> LocalSource:
-    """Open ``path`` to send it (worker thread): a small file comes back read and closed.
-
-    Raises what :func:`._local.open_local_file` raises (a missing file, not a
-    regular file, a refused symbolic link).
-    """
-    fd, info = open_local_fd(path, follow_symlinks=follow_symlinks)
-    if info.st_size > limit:
-        return LocalSource(file=io.FileIO(fd, "r", closefd=True))
-    try:
-        small = _small(fd, info.st_size)
-        return LocalSource(small=small, changed=small is None)
-    finally:
-        os.close(fd)
-
-
-@attrs.frozen
-class Probe:
-    """What ``send_to_server`` needs to know about a path before choosing how to send it."""
-
-    is_directory: bool = False
-    #: The whole file, when it is a small regular file that could be read.
-    small: SmallFile | None = None
-
-
-def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
-    """Is ``path`` a directory, or a small file (read whole)? One look, in a worker thread.
-
-    Never raises: anything else (missing, unreadable, a special file, a small
-    file that changed while read) is left to the sending path, which reports it
-    as it always does.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        # An unreadable directory is still a directory (its walk reports it).
-        return Probe(is_directory=os.path.isdir(path))
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            return Probe(is_directory=True)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return Probe()
-        os.set_blocking(fd, True)
-        return Probe(small=_small(fd, info.st_size))
-    except OSError:
-        return Probe()
-    finally:
-        os.close(fd)
 
 
 def _probe_one(job: tuple[str | os.PathLike[str], int]) -> Probe:
@@ -380,14 +280,4 @@ async def _call_batch(peer: Peer, batch: list[_Queued]) -> list[Any] | dict[str,
     return listed
 
 
-__all__ = [
-    "MAX_SMALL_CALLS",
-    "LocalSource",
-    "Probe",
-    "SmallFile",
-    "SmallUploads",
-    "probe",
-    "probe_source",
-    "read_source",
-    "send_one",
-]
+__all__ = ["MAX_SMALL_CALLS", "SmallUploads", "probe", "send_one"]
