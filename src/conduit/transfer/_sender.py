@@ -121,12 +121,12 @@ class Sender:
 
         ``follow_symlinks=False`` (directory walks) refuses a ``path`` that is a
         symbolic link, atomically (``O_NOFOLLOW``), instead of sending its target.
-        ``small``: ``path``'s bytes, already read (see :func:`._small.probe_source`).
+        ``small``: ``path``'s bytes, already read (see :func:`._local.probe_source`).
         """
         begin_method, finish_method, small_method = _METHODS[direction]
         if small is None:
             # One worker-thread hop: open, check, and for a small file read,
-            # hash and close (see ._small).
+            # hash and close (see ._local.read_source).
             source = await trio.to_thread.run_sync(
                 lambda: read_source(path, self.small_file_limit, follow_symlinks=follow_symlinks)
             )
