@@ -355,6 +355,14 @@ class Accounts:
 
     # --- The file -------------------------------------------------------------------------
 
+    def changed(self) -> bool:
+        """Whether the file differs from what was last read: one ``stat``, nothing read.
+
+        Lets the server re-read the file (in a worker thread) only when there
+        is something to read.
+        """
+        return self._signature() != self._state.signature
+
     def reload_if_changed(self) -> bool:
         """Re-read the file if another process changed it; True if it did.
 

@@ -362,7 +362,7 @@ class Server(Endpoint):
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
-                    await stream.send_all(welcome_record(established.writer, welcome))
+                    await stream.send_all(welcome_record(established, welcome))
                 except BaseException:
                     if client_id not in self.clients:  # not a stale connection's id
                         await self._release_client_id(client_id)
