@@ -19,6 +19,11 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   CapacityLimiter, so a hello flood queues there while the event loop keeps
   serving authenticated clients. The accounts file is re-read (in a worker
   thread) only when its ``stat`` says it changed.
+- **Locked-out addresses cost next to nothing**: :meth:`Gatekeeper.screen`
+  wraps a socket listener so that a connection from an address the throttle
+  has locked out is refused (one small send, then closed) inside the accept
+  loop itself, before any task, handshake state or log formatting exists for
+  it: under a hello flood from locked addresses that is nearly all of them.
 - **Quiet logs**: warnings about failing peers are rate-limited per address.
 """
 
@@ -28,14 +33,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import trio
 
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
-from ._throttle import Attempt, AuthThrottle
+from ._throttle import Attempt, AuthThrottle, address_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, FrameKind, ServerHandshake
@@ -225,6 +230,20 @@ class Gatekeeper:
                 exc,
             )
 
+    def screen(self, listener: trio.abc.Listener[Any]) -> trio.abc.Listener[Any]:
+        """``listener``, refusing locked-out addresses as it accepts (socket listeners only).
+
+        A TLS listener is left alone: its refusal has to wait for the TLS
+        handshake, which the per-connection task does.
+        """
+        if isinstance(listener, trio.SocketListener):
+            return ScreenedListener(listener, self)
+        return listener
+
+    def locked_out(self, host: str) -> float:
+        """Seconds ``host`` (an address key) stays locked out; 0 if it may try."""
+        return self.throttle.retry_after(host, _now())
+
     def _wake(self) -> None:
         self._settled.set()
         self._settled = trio.Event()
@@ -243,4 +262,53 @@ class Gatekeeper:
         )
 
 
-__all__ = ["LOOP_BURST", "LOOP_SHARE", "Gatekeeper", "LoopShare", "Refused"]
+class ScreenedListener(trio.abc.Listener[trio.SocketStream]):
+    """A socket listener whose :meth:`accept` refuses locked-out addresses itself.
+
+    The refusal is what the per-connection task would have sent (AUTH_FAILED
+    "throttled" with ``retry_after``, in clear), but costs the server one
+    accept, one small send and one close: no task, no cancel scopes, no hello
+    read. What is not locked out is returned for the server to serve.
+    """
+
+    def __init__(self, inner: trio.SocketListener, gate: Gatekeeper) -> None:
+        self.inner = inner
+        self._gate = gate
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The listening socket (as :class:`trio.SocketListener` has it)."""
+        return self.inner.socket
+
+    async def accept(self) -> trio.SocketStream:
+        """The next connection from an address that is not locked out."""
+        while True:
+            stream = await self.inner.accept()
+            try:
+                host = stream.socket.getpeername()[0]
+            except OSError:  # already gone: nothing to refuse
+                return stream
+            key = address_key(str(host))
+            wait = self._gate.locked_out(key)
+            if wait <= 0:
+                return stream
+            self._gate.warnings.warning(
+                key, _now(), "refused %s: too many failed password attempts", key
+            )
+            try:
+                await refuse(
+                    stream,
+                    "throttled",
+                    f"locked out: too many failed password attempts from {key}; "
+                    f"retry in {wait:.0f}s",
+                    wait,
+                )
+            finally:
+                stream.socket.close()
+
+    async def aclose(self) -> None:
+        """Close the listening socket."""
+        await self.inner.aclose()
+
+
+__all__ = ["LOOP_BURST", "LOOP_SHARE", "Gatekeeper", "LoopShare", "Refused", "ScreenedListener"]
