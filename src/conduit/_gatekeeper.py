@@ -69,21 +69,22 @@ class LoopShare:
 
     share: float = LOOP_SHARE
     burst: float = LOOP_BURST
-    _tokens: float = attrs.field(init=False, default=0.0)
-    _stamp: float = attrs.field(init=False, factory=time.perf_counter)
+    #: Seconds of inline work available now (negative after an expensive step).
+    tokens: float = attrs.field(init=False, default=0.0)
+    _stamp: float = attrs.field(init=False, default=0.0)
 
     def __attrs_post_init__(self) -> None:
-        self._tokens = self.burst
+        self.tokens = self.burst
 
     def allows(self, now: float) -> bool:
         """Whether a step may run inline at ``now`` (``time.perf_counter()``)."""
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.share)
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self._stamp) * self.share)
         self._stamp = now
-        return self._tokens > 0
+        return self.tokens > 0
 
     def spend(self, seconds: float) -> None:
         """An inline step took ``seconds``."""
-        self._tokens -= seconds
+        self.tokens -= seconds
 
 
 @attrs.define
