@@ -356,6 +356,7 @@ class Connection:
             self._outbox.put_control((self._state.ping(),))
             # An idle connection must not keep a bulk transfer's megabytes.
             self._writer.release_idle_buffers()
+            self._reader.release_idle_buffers()
 
     async def _idle_task(self, idle_timeout: float) -> None:
         # Sleep until the moment the connection would become idle; activity in

@@ -1,0 +1,94 @@
+"""Bulk data's big buffers are page mappings, reused, and unmapped when done.
+
+Large records are opened into kept mapped buffers, reused only once free: a
+record's plaintext (and the frame payloads that are views of it) never changes
+while anything still refers to it, however many records follow; buffers are
+reused once no view is left (so bulk data does not make a fresh megabyte per
+record), and an idle opener unmaps them. The receiver joins each batch of
+chunks into one mapping per upload, reused, and unmapped at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from conduit.protocol.records import MAPPED_KEEP, MAPPED_MIN, RecordOpener, RecordSealer
+from conduit.transfer._engine import JoinBuffer
+from conduit.transfer._storage import StorageRoot
+
+KEY = bytes(range(32))
+LIMIT = 2 << 20
+
+
+def sealed(sealer: RecordSealer, fill: int, size: int = 200 * 1024) -> bytes:
+    return bytes(sealer.seal(bytes([fill]) * size))
+
+
+def test_live_views_are_never_overwritten() -> None:
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    held = []
+    for index in range(3 * MAPPED_KEEP):
+        opener.feed(sealed(sealer, index))
+        record = opener.next_record()
+        assert isinstance(record, memoryview)
+        held.append(record[100:200])  # a slice keeps the whole buffer
+    for index, view in enumerate(held):
+        assert bytes(view) == bytes([index]) * 100
+    assert len(opener._mapped) == MAPPED_KEEP  # the rest were one-off mappings
+
+
+def test_free_buffers_are_reused_and_idle_ones_unmapped() -> None:
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    for index in range(50):  # a consumer that is done with each record at once
+        opener.feed(sealed(sealer, index))
+        record = opener.next_record()
+        assert record is not None and bytes(record[:3]) == bytes([index]) * 3
+        del record
+    assert len(opener._mapped) == 1
+    opener.feed(sealed(sealer, 7))
+    kept = opener.next_record()
+    opener.release_idle_buffers()  # used since the last call: kept
+    assert len(opener._mapped) == 1
+    opener.release_idle_buffers()  # idle, but still referenced: kept
+    assert len(opener._mapped) == 1
+    assert kept is not None and bytes(kept[:1]) == b"\x07"
+    del kept
+    opener.release_idle_buffers()
+    assert opener._mapped == []
+
+
+def test_small_records_are_plain_bytes() -> None:
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    payload = os.urandom(MAPPED_MIN // 2)
+    opener.feed(bytes(sealer.seal(payload)))
+    record = opener.next_record()
+    assert type(record) is bytes and record == payload
+    assert opener._mapped == []
+
+
+# --------------------------------------------------------------------------- the receiver's join
+
+
+def test_join_buffer_writes_each_batch_whole_and_reuses_its_mapping(tmp_path: Path) -> None:
+    storage = StorageRoot(tmp_path / "storage")
+    partial = storage.open_partial("joined.bin", "transfer-1", resume=False)
+    joined = JoinBuffer()
+    batches = [
+        [os.urandom(64 * 1024) for _ in range(4)],
+        [memoryview(os.urandom(1000)), b"x" * 10],  # smaller: the same mapping
+        [os.urandom(100)],  # one chunk: written as it is
+        [os.urandom(300 * 1024), os.urandom(5)],  # larger: a new mapping
+    ]
+    mappings = []
+    for batch in batches:
+        joined.write(partial, batch)
+        mappings.append(joined._buffer)
+    assert mappings[1] is mappings[0] and mappings[2] is mappings[0]
+    assert mappings[3] is not mappings[0] and mappings[0].closed
+    joined.close()
+    assert mappings[3].closed and joined._buffer is None
+    data = b"".join(bytes(chunk) for batch in batches for chunk in batch)
+    assert partial.publish(overwrite=False, expected_sha256=hashlib.sha256(data).hexdigest())
+    assert (tmp_path / "storage" / "joined.bin").read_bytes() == data
