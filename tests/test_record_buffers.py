@@ -5,15 +5,24 @@ record's plaintext (and the frame payloads that are views of it) never changes
 while anything still refers to it, however many records follow; buffers are
 reused once no view is left (so bulk data does not make a fresh megabyte per
 record), and an idle opener unmaps them. The receiver joins each batch of
-chunks into one mapping per upload, reused, and unmapped at the end.
+chunks into one mapping per upload, reused, and unmapped at the end. A
+connection reads its socket into one mapping of its own, whose pages go back
+when it is idle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import struct
 from pathlib import Path
 
+import pytest
+import trio
+import trio.testing
+
+from conduit._receive_buffer import ReceiveBuffer
 from conduit.protocol.records import MAPPED_KEEP, MAPPED_MIN, RecordOpener, RecordSealer
 from conduit.transfer._engine import JoinBuffer
 from conduit.transfer._storage import StorageRoot
@@ -92,3 +101,62 @@ def test_join_buffer_writes_each_batch_whole_and_reuses_its_mapping(tmp_path: Pa
     data = b"".join(bytes(chunk) for batch in batches for chunk in batch)
     assert partial.publish(overwrite=False, expected_sha256=hashlib.sha256(data).hexdigest())
     assert (tmp_path / "storage" / "joined.bin").read_bytes() == data
+
+
+# --------------------------------------------------------------------------- socket reads
+
+
+def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return trio.SocketStream(left), trio.SocketStream(right)
+
+
+async def test_socket_reads_land_in_one_reused_mapping() -> None:
+    ours, peer = socket_pair()
+    buffer = ReceiveBuffer(256 * 1024)
+    with trio.fail_after(10):
+        await peer.send_all(b"first")
+        first = await buffer.receive(ours)
+        assert bytes(first) == b"first"
+        mapping = first.obj  # type: ignore[union-attr]
+        await peer.send_all(b"second")
+        second = await buffer.receive(ours)
+        assert bytes(second) == b"second" and second.obj is mapping  # type: ignore[union-attr]
+        # Idle (no bulk read since the last heartbeat): the pages go back.
+        buffer.release_idle()
+        assert bytes(second) == b"\0" * 6
+        big = os.urandom(200 * 1024)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, big)
+            received = bytearray()
+            while len(received) < len(big):
+                received += await buffer.receive(ours)
+        assert received == big
+        kept = bytes(mapping[:16])
+        buffer.release_idle()  # bulk data since the last call: kept this time
+        assert bytes(mapping[:16]) == kept
+        await peer.aclose()
+        assert len(await buffer.receive(ours)) == 0  # EOF
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await buffer.receive(ours)
+
+
+async def test_a_reset_socket_is_a_broken_stream() -> None:
+    ours, peer = socket_pair()
+    peer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await ours.send_all(b"unread")  # so that the close is a reset
+    await peer.aclose()
+    buffer = ReceiveBuffer(4096)
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await buffer.receive(ours)
+    await ours.aclose()
+
+
+async def test_other_streams_are_read_as_before() -> None:
+    ours, peer = trio.testing.memory_stream_pair()
+    buffer = ReceiveBuffer(4096)
+    await peer.send_all(b"over memory")
+    with trio.fail_after(10):
+        assert await buffer.receive(ours) == b"over memory"
+    assert buffer._mapping is None

@@ -41,6 +41,14 @@ _UNREFERENCED = 3
 _REUSABLE = sys.implementation.name == "cpython"
 
 
+def anonymous_buffer(size: int) -> mmap.mmap:
+    """``size`` zeroed bytes of private anonymous memory, given back to the system
+    when closed or collected (not a heap block: see :class:`RecordOpener`)."""
+    if sys.platform == "win32":  # pragma: no cover - no flags there; private already
+        return mmap.mmap(-1, size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def _nonce(counter: int) -> bytes:
     return _NONCE_PREFIX + counter.to_bytes(8, "big")
 
@@ -184,7 +192,7 @@ class RecordOpener:
         for buffer in self._mapped:
             if sys.getrefcount(buffer) == _UNREFERENCED:
                 return memoryview(buffer)
-        buffer = mmap.mmap(-1, self._max_sealed)
+        buffer = anonymous_buffer(self._max_sealed)
         if len(self._mapped) < MAPPED_KEEP:
             self._mapped.append(buffer)
         # Not kept: unmapped when its last view goes.

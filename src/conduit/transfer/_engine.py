@@ -22,6 +22,7 @@ import trio
 from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
 from ..protocol.connection import Buffer
+from ..protocol.records import anonymous_buffer
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._storage import PartialFile
@@ -132,7 +133,7 @@ class JoinBuffer:
         total = sum(len(chunk) for chunk in chunks)
         if self._buffer is None or len(self._buffer) < total:
             self.close()
-            self._buffer = mmap.mmap(-1, total)
+            self._buffer = anonymous_buffer(total)
         with memoryview(self._buffer) as view:
             position = 0
             for chunk in chunks:
