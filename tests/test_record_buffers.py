@@ -6,8 +6,8 @@ while anything still refers to it, however many records follow; buffers are
 reused once no view is left (so bulk data does not make a fresh megabyte per
 record), and an idle opener unmaps them. The receiver joins each batch of
 chunks into one mapping per upload, reused, and unmapped at the end. A
-connection reads its socket into one mapping of its own, whose pages go back
-when it is idle.
+connection reads bulk data from its socket into one mapping of its own,
+dropped when it is idle.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ import pytest
 import trio
 import trio.testing
 
-from conduit._receive_buffer import ReceiveBuffer
-from conduit.protocol.records import MAPPED_KEEP, MAPPED_MIN, RecordOpener, RecordSealer
+from conduit._receive_buffer import SMALL_READ, ReceiveBuffer
+from conduit.protocol.records import (
+    MAPPED_KEEP,
+    MAPPED_MIN,
+    RecordOpener,
+    RecordSealer,
+    anonymous_buffer,
+)
 from conduit.transfer._engine import JoinBuffer
 from conduit.transfer._storage import StorageRoot
 
@@ -111,35 +117,51 @@ def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return trio.SocketStream(left), trio.SocketStream(right)
 
 
-async def test_socket_reads_land_in_one_reused_mapping() -> None:
+async def test_bulk_socket_reads_land_in_one_reused_mapping() -> None:
     ours, peer = socket_pair()
     buffer = ReceiveBuffer(256 * 1024)
+
+    async def receive_exactly(size: int) -> bytes:
+        received = bytearray()
+        while len(received) < size:
+            received += await buffer.receive(ours)
+        return bytes(received)
+
     with trio.fail_after(10):
-        await peer.send_all(b"first")
-        first = await buffer.receive(ours)
-        assert bytes(first) == b"first"
-        mapping = first.obj  # type: ignore[union-attr]
-        await peer.send_all(b"second")
-        second = await buffer.receive(ours)
-        assert bytes(second) == b"second" and second.obj is mapping  # type: ignore[union-attr]
-        # Idle (no bulk read since the last heartbeat): the pages go back.
-        buffer.release_idle()
-        assert bytes(second) == b"\0" * 6
-        big = os.urandom(200 * 1024)
+        # Calls and results: small reads, no buffer held.
+        await peer.send_all(b"small")
+        assert await buffer.receive(ours) == b"small"
+        assert buffer._mapping is None
+        # A read that fills the small size: bulk data, read big from now on.
+        bulk = os.urandom(SMALL_READ + 300 * 1024)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.send_all, big)
-            received = bytearray()
-            while len(received) < len(big):
-                received += await buffer.receive(ours)
-        assert received == big
-        kept = bytes(mapping[:16])
-        buffer.release_idle()  # bulk data since the last call: kept this time
-        assert bytes(mapping[:16]) == kept
+            nursery.start_soon(peer.send_all, bulk)
+            assert await receive_exactly(len(bulk)) == bulk
+        mapping = buffer._mapping
+        assert mapping is not None
+        await peer.send_all(b"next")
+        view = await buffer.receive(ours)
+        assert bytes(view) == b"next" and view.obj is mapping  # type: ignore[union-attr]
+        buffer.release_idle()  # bulk data since the last heartbeat: kept
+        assert buffer._mapping is mapping
+        buffer.release_idle()  # idle for a whole interval: dropped
+        assert buffer._mapping is None
+        del view
+        assert mapping.closed is False  # unmapped when collected, not closed by hand
+        await peer.send_all(b"small again")
+        assert await buffer.receive(ours) == b"small again"
         await peer.aclose()
         assert len(await buffer.receive(ours)) == 0  # EOF
+
+
+async def test_a_closed_socket_is_a_closed_stream() -> None:
+    ours, peer = socket_pair()
+    buffer = ReceiveBuffer(256 * 1024)
+    buffer._mapping = anonymous_buffer(buffer.size)  # as after bulk data
     await ours.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await buffer.receive(ours)
+    await peer.aclose()
 
 
 async def test_a_reset_socket_is_a_broken_stream() -> None:
@@ -148,6 +170,7 @@ async def test_a_reset_socket_is_a_broken_stream() -> None:
     await ours.send_all(b"unread")  # so that the close is a reset
     await peer.aclose()
     buffer = ReceiveBuffer(4096)
+    buffer._mapping = anonymous_buffer(buffer.size)  # as after bulk data
     with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
         await buffer.receive(ours)
     await ours.aclose()

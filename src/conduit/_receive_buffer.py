@@ -1,17 +1,18 @@
-"""Where a connection's socket reads land: one page mapping, reused for every read.
+"""Where a connection's socket reads land: bulk data into one reused page mapping.
 
 ``SocketStream.receive_some(n)`` allocates ``n`` bytes per call and shrinks
-them to what arrived: at the 1 MiB a connection asks for (one read per sealed
-record at full speed), every read is a megabyte from ``malloc``, which glibc
-serves from its heap once a block that large has been freed; interleaved with
-the connection's other allocations, a few concurrent uploads leave tens of
-megabytes the process never gives back after they end. Reading into a buffer
-of the connection's own (``recv_into``) allocates nothing per read, and a page
-mapping, unlike a heap block, is returned to the system when the connection
-ends (with the connection object: the last view of it may outlive the
-receive task by a moment, so it is not closed by hand). Its pages are
-released after an idle heartbeat interval too
-(:meth:`ReceiveBuffer.release_idle`), so an idle connection holds none.
+them to what arrived: at the 1 MiB a connection asks for during bulk data (one
+read per sealed record at full speed), every read is a megabyte from
+``malloc``, which glibc serves from its heap once a block that large has been
+freed; interleaved with the connection's other allocations, a few concurrent
+uploads leave tens of megabytes the process never gives back after they end.
+
+So a connection reads small (``receive_some`` of 64 KiB, which is all calls
+and results need) until a read fills that, and from then on reads into a page
+mapping of its own (``recv_into``): nothing allocated per read, and given back
+to the system when the connection ends or an idle heartbeat interval passes
+(:meth:`ReceiveBuffer.release_idle`), after which it reads small again. Idle
+and RPC-only connections hold no buffer at all.
 
 Streams that are not plain sockets (TLS, memory streams in tests) keep using
 ``receive_some``.
@@ -26,8 +27,8 @@ import trio
 
 from .protocol.records import anonymous_buffer
 
-#: A read larger than this counts as bulk data for :meth:`ReceiveBuffer.release_idle`.
-_BULK = 64 * 1024
+#: The small read (and the size of read that switches to the mapping).
+SMALL_READ = 64 * 1024
 #: errno values trio reports as a closed (not a broken) stream.
 _CLOSED = frozenset({errno.EBADF, errno.ENOTSOCK})
 
@@ -43,32 +44,37 @@ class ReceiveBuffer:
     async def receive(self, stream: trio.abc.Stream) -> bytes | bytearray | memoryview:
         """The next bytes from ``stream`` (empty at EOF).
 
-        A view of the buffer: valid until the next call, so the caller copies
+        From the mapping, a view valid until the next call: the caller copies
         what it keeps (the frame reader does).
         """
         if type(stream) is not trio.SocketStream:
             return await stream.receive_some(self.size)
-        if self._mapping is None:
-            self._mapping = anonymous_buffer(self.size)
+        mapping = self._mapping
+        if mapping is None:
+            data = await stream.receive_some(SMALL_READ)
+            if len(data) == SMALL_READ:  # bulk data is flowing: read big from now on
+                self._mapping = anonymous_buffer(self.size)
+                self._bulk = True
+            return data
         try:
-            received = await stream.socket.recv_into(self._mapping)
+            received = await stream.socket.recv_into(mapping)
         except OSError as exc:
             # What SocketStream.receive_some reports for the same errors.
             if exc.errno in _CLOSED:
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise trio.BrokenResourceError(exc) from exc
-        if received > _BULK:
+        if received > SMALL_READ:
             self._bulk = True
-        return memoryview(self._mapping)[:received]
+        return memoryview(mapping)[:received]
 
     def release_idle(self) -> None:
-        """Give the pages back unless bulk data arrived since the previous call.
+        """Drop the mapping unless bulk data arrived since the previous call.
 
-        The mapping stays (its pages come back zeroed, on demand); the
-        connection calls this on every heartbeat.
+        It is unmapped as soon as no view of it is left; the connection calls
+        this on every heartbeat.
         """
-        if self._mapping is not None and not self._bulk and hasattr(mmap, "MADV_DONTNEED"):
-            self._mapping.madvise(mmap.MADV_DONTNEED)
+        if not self._bulk:
+            self._mapping = None
         self._bulk = False
 
 
