@@ -22,6 +22,7 @@ import trio
 
 from conduit import Accounts, AuthenticationError, Client, ServerDescriptor
 from conduit._gatekeeper import Gatekeeper, LoopShare, ScreenedListener
+from conduit.accounts import FAKE_CACHE
 from conduit.protocol import ClientHandshake, FrameKind, FrameReader, ServerHandshake, decode_body
 from conduit.protocol.handshake import ProverCache
 from conduit.protocol.messages import AuthFailed
@@ -210,3 +211,17 @@ def test_only_socket_listeners_are_screened() -> None:
 
     other = Other()
     assert gate.screen(other) is other
+
+
+def test_fake_records_are_kept_for_known_and_unknown_names_alike(accounts: Accounts) -> None:
+    first = accounts.lookup("mallory")
+    assert accounts.lookup("mallory") is first  # kept: a dictionary hit the second time
+    assert accounts.lookup("alice") is accounts.get("alice")
+    # A known name's fake was built and kept too: the same work as an unknown one.
+    assert len(accounts._fakes) == 2
+    assert Accounts(accounts.path, stretch=FAST).lookup("mallory").salt == first.salt
+    for index in range(FAKE_CACHE + 10):
+        accounts.lookup(f"user{index}")
+    assert len(accounts._fakes) == FAKE_CACHE
+    # Forgotten, rebuilt the same (deterministic).
+    assert accounts.lookup("mallory").verifier == first.verifier
