@@ -32,13 +32,6 @@ MAPPED_MIN = 64 * 1024
 #: Mapped buffers an opener keeps for reuse: a 4 MiB window of 1 MiB records
 #: in flight, the one being opened, and some slack.
 MAPPED_KEEP = 8
-#: ``sys.getrefcount`` of a kept buffer, seen from :meth:`RecordOpener._free_buffer`,
-#: when nothing else refers to it: its slot in the list, the loop variable,
-#: and the call's argument. Every live memoryview of it adds one (through its
-#: managed buffer), so this many means no view is left.
-_UNREFERENCED = 3
-#: Where that reasoning holds (CPython's reference counting).
-_REUSABLE = sys.implementation.name == "cpython"
 
 
 def anonymous_buffer(size: int) -> mmap.mmap:
@@ -47,6 +40,34 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     if sys.platform == "win32":  # pragma: no cover - no flags there; private already
         return mmap.mmap(-1, size)
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _has_views(buffer: mmap.mmap) -> bool:
+    """Whether a memoryview of ``buffer`` (a frame payload, say) is still alive.
+
+    An mmap counts the buffers it has exported and refuses to resize while any
+    is alive; resizing to its own size is otherwise a no-op (``mremap``), so the
+    refusal is an exact test, whatever the interpreter's reference counting.
+    """
+    try:
+        buffer.resize(len(buffer))
+    except BufferError:
+        return True
+    return False
+
+
+def _can_test_views() -> bool:
+    """Whether :func:`_has_views` works here (it needs ``mremap``: Linux)."""
+    try:
+        _has_views(anonymous_buffer(mmap.PAGESIZE))
+    except (OSError, SystemError, ValueError):
+        return False
+    return True
+
+
+#: Whether mapped buffers are reused (only where a live view can be detected
+#: exactly; elsewhere large records open into fresh ``bytes``, as small ones do).
+_REUSABLE = _can_test_views()
 
 
 def _nonce(counter: int) -> bytes:
@@ -177,20 +198,15 @@ class RecordOpener:
         """Unmap the kept buffers unless used since the previous call (and no
         longer referenced): an idle connection holds no bulk megabytes."""
         if not self._mapped_used:
-            self._mapped = [buffer for buffer in self._mapped if not self._free(buffer)]
+            # Dropped ones are unmapped with their last view.
+            self._mapped = [buffer for buffer in self._mapped if _has_views(buffer)]
         self._mapped_used = False
-
-    @staticmethod
-    def _free(buffer: mmap.mmap) -> bool:
-        # The list comprehension's variable and the argument: like the loop in
-        # _mapped_buffer, one reference each besides the list's.
-        return sys.getrefcount(buffer) <= _UNREFERENCED + 1
 
     def _mapped_buffer(self) -> memoryview:
         """A kept mapping no view refers to any more, or a new one."""
         self._mapped_used = True
         for buffer in self._mapped:
-            if sys.getrefcount(buffer) == _UNREFERENCED:
+            if not _has_views(buffer):
                 return memoryview(buffer)
         buffer = anonymous_buffer(self._max_sealed)
         if len(self._mapped) < MAPPED_KEEP:
