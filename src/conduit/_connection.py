@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._call_workers import CallWorkers
+from ._call_workers import Blocked, CallRunners
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
 from ._streams import IncomingStream, OutgoingStream
@@ -42,7 +42,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import FrameReader, FrameWriter, SessionKeys
+from .protocol import FrameReader, FrameWriter, OutFrame, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -154,12 +154,13 @@ class Connection:
         )
         self._outbox = Outbox(settings.send_buffer, state)
         self._pending = PendingCalls(state, self._send_cancel)
-        self._workers = CallWorkers(
-            settings.max_concurrent_calls,
+        self._calls = CallRunners(
+            self._read,
             self._handle_call,
+            self._queue_result,
             self._send_result,
             state.call_finished,
-            self.spawn,
+            self._spawn_follower,
             label,
         )
         # The event -> handler table, looked up by the event's exact class.
@@ -167,7 +168,6 @@ class Connection:
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             IncomingStream: self._on_stream_data,
             OutgoingStream: self._on_credit,
-            CallReceived: self._on_call,
             ResultReceived: self._on_result,
             CallRefused: self._on_reply_needed,
             PingReceived: self._on_reply_needed,
@@ -212,7 +212,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._receive_task)
+                nursery.start_soon(self._calls.run)
                 nursery.start_soon(self._send_task)
                 nursery.start_soon(self._message_task)
                 nursery.start_soon(self._pending.run_timer)
@@ -267,18 +267,27 @@ class Connection:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _receive_task(self) -> None:
+    async def _read(self) -> Blocked | None:
+        """Hold the reading role: read and handle frames until a call blocks or the end.
+
+        Run by one task at a time (:class:`~conduit._call_workers.CallRunners`):
+        returns the call whose handler blocked, which its caller then finishes
+        while a follower reads on, or None once the connection is over.
+        """
         reader = self._reader
         try:
-            await self._drain_reader()
             while True:
+                blocked = await self._drain_reader()
+                if blocked is not None:
+                    return blocked
+                # Results of the calls just run go out together, in one record.
+                await self._flush_control()
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 if not data:
                     self.abort(self.close_reason or "peer closed the connection")
-                    return
+                    return None
                 self._last_received = trio.current_time()
                 reader.feed(data)
-                await self._drain_reader()
                 # A peer that sends PINGs (or calls) but never reads would make us
                 # queue answers forever: stop reading until they have gone out.
                 await self._outbox.wait_control_below(_CONTROL_BACKLOG)
@@ -290,8 +299,9 @@ class Connection:
             self.abort(f"protocol error: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        return None
 
-    async def _drain_reader(self) -> None:
+    async def _drain_reader(self) -> Blocked | None:
         next_frame = self._reader.next_frame
         receive_frame = self._state.receive_frame
         handlers = self._handlers
@@ -299,13 +309,22 @@ class Connection:
             event = receive_frame(frame)
             if event is None:
                 continue
+            if type(event) is CallReceived:
+                # Run right here; only a handler that blocks leaves the reading path.
+                self._last_activity = self._last_received
+                blocked = self._calls.start(event)
+                if blocked is not None:
+                    return blocked
+                continue
             handler = handlers.get(type(event))
             if handler is not None:
                 handler(event)
             elif isinstance(event, MessageReceived):
                 # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
+                await self._flush_control()
                 await self._messages_in.send(event)
+        return None
 
     async def _send_task(self) -> None:
         writer = self._writer
@@ -376,10 +395,6 @@ class Connection:
     def _on_credit(self, stream: OutgoingStream) -> None:
         stream.wake()
 
-    def _on_call(self, event: CallReceived) -> None:
-        self._last_activity = self._last_received
-        self._workers.submit(event)
-
     def _on_result(self, event: ResultReceived) -> None:
         self._pending.resolve(event.call_id, event.result)
 
@@ -387,7 +402,7 @@ class Connection:
         self._outbox.put_control((event.reply,))
 
     def _on_call_cancelled(self, event: CallCancelled) -> None:
-        self._workers.cancel(event.call_id)
+        self._calls.cancel(event.call_id)
 
     def _on_stream_reset(self, event: StreamWasReset) -> None:
         if event.incoming is not None:
@@ -410,27 +425,64 @@ class Connection:
             with contextlib.suppress(ConnectionClosed):
                 self._outbox.put_control((frame,))
 
+    def _queue_result(self, call_id: int, result: Result) -> None:
+        # A call the reader ran inline: the reader sends what it queued once
+        # the record is done (_flush_control), several results in one record.
+        frame = self._state.result_frame(call_id, result)
+        with contextlib.suppress(ConnectionClosed):
+            self._outbox.queue_control((frame,))
+
     async def _send_result(self, call_id: int, result: Result) -> None:
         frame = self._state.result_frame(call_id, result)
         with contextlib.suppress(ConnectionClosed):
             await self._send_soon(frame)
 
+    def _spawn_follower(self, fn: Callable[[], Awaitable[None]]) -> None:
+        # Not spawn(): the reading role must pass on while CLOSING too, or the
+        # peer's last frames would never be read.
+        assert self._nursery is not None
+        self._nursery.start_soon(fn)
+
+    def _can_send_directly(self) -> bool:
+        return self._outbox.writer_idle and not self._direct_sending and self.is_open
+
     async def _send_soon(self, frame: bytes) -> None:
         """Send a control frame: directly when the writer is idle, else through it.
 
         Going direct saves waking the writer task, a full scheduler pass, on
-        every call and every reply. The send is shielded because a record cut
-        in half by a cancellation would corrupt the stream; a writer that is
-        idle means the socket has room, so it completes at once in practice.
+        every call and every reply. Frames queued meanwhile go first, in the
+        same record.
         """
-        if not (self._outbox.writer_idle and not self._direct_sending and self.is_open):
+        if not self._can_send_directly():
             self._outbox.put_control((frame,))
             return
+        frames = self._outbox.take_control() if self._outbox.control_queued else []
+        frames.append((frame,))
+        await self._send_directly(frames)
+
+    async def _flush_control(self) -> None:
+        """Send the control frames queued without waking the writer (see Outbox.queue_control)."""
+        if not self._outbox.control_queued:
+            return
+        if self._can_send_directly():
+            with contextlib.suppress(ConnectionClosed):
+                await self._send_directly(self._outbox.take_control())
+        else:
+            self._outbox.wake_writer()
+
+    async def _send_directly(self, frames: list[OutFrame]) -> None:
+        """Seal and send ``frames`` from this task while the writer is idle.
+
+        The send is shielded because a record cut in half by a cancellation
+        would corrupt the stream; a writer that is idle means the socket has
+        room, so it completes at once in practice.
+        """
         self._direct_sending = True
         try:
-            (record,) = self._writer.write_frames([(frame,)])
+            records = self._writer.write_frames(frames)
             with trio.CancelScope(shield=True):
-                await self.stream.send_all(record)
+                for record in records:
+                    await self.stream.send_all(record)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
             raise ConnectionClosed(self.close_reason or "connection lost") from exc

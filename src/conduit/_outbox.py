@@ -53,10 +53,43 @@ class Outbox:
 
     def put_control(self, frame: OutFrame) -> None:
         """Queue a control frame. Never blocks: control traffic is bounded by the protocol."""
+        self.queue_control(frame)
+        self._wake_writer()
+
+    def queue_control(self, frame: OutFrame) -> None:
+        """Queue a control frame without waking the writer.
+
+        For a producer about to queue more (the reader running several calls
+        of one record): it then sends them all at once with :meth:`take_control`
+        or wakes the writer, so a burst costs one record and one send.
+        """
         self._check_open()
         self._control.append(frame)
         self._control_bytes += sum(len(piece) for piece in frame)
-        self._writer_waiting.unpark_all()
+
+    @property
+    def control_queued(self) -> bool:
+        """Whether control frames wait to be sent."""
+        return bool(self._control)
+
+    def take_control(self) -> list[OutFrame]:
+        """Take every queued control frame, to send them right away instead of the writer."""
+        batch = list(self._control)
+        self._control.clear()
+        self._control_bytes = 0
+        self._control_drained.unpark_all()
+        return batch
+
+    def wake_writer(self) -> None:
+        """Make the writer send what is queued."""
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self.writer_idle:
+            # Not idle any more once woken: a producer that sees it woken queues
+            # behind it instead of sending alone (its frame joins the record).
+            self.writer_idle = False
+            self._writer_waiting.unpark_all()
 
     async def wait_control_below(self, limit: int) -> None:
         """Wait until the queued control frames fit in ``limit`` bytes (reader backpressure)."""
@@ -73,7 +106,7 @@ class Outbox:
             await self._producers_waiting.park()
         self._data.extend(frames)
         self._data_bytes += sum(size for _, size in frames)
-        self._writer_waiting.unpark_all()
+        self._wake_writer()
 
     async def take(self, budget: int) -> list[OutFrame]:
         """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
@@ -85,10 +118,7 @@ class Outbox:
                 await self._writer_waiting.park()
             finally:
                 self.writer_idle = False
-        batch = list(self._control)
-        self._control.clear()
-        self._control_bytes = 0
-        self._control_drained.unpark_all()
+        batch = self.take_control()
         taken = 0
         while self._data and taken < budget:
             frame, size = self._data.popleft()
