@@ -35,6 +35,7 @@ import trio
 from ._call_workers import Blocked, CallRunners
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
+from ._socket_io import SocketIO
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     ConnectionClosed,
@@ -136,6 +137,8 @@ class Connection:
         label: str,
     ) -> None:
         self.stream = stream
+        #: Plain sockets skip Trio's per-operation overhead (see _socket_io).
+        self._socket_io = SocketIO.of(stream)
         self.keys = keys
         self.settings = settings
         self.label = label
@@ -282,7 +285,11 @@ class Connection:
                     return blocked
                 # Results of the calls just run go out together, in one record.
                 await self._flush_control()
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data: bytes | bytearray
+                if self._socket_io is not None:
+                    data = await self._socket_io.receive(RECEIVE_SIZE)
+                else:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
                 if not data:
                     self.abort(self.close_reason or "peer closed the connection")
                     return None
@@ -473,13 +480,21 @@ class Connection:
     async def _send_directly(self, frames: list[OutFrame]) -> None:
         """Seal and send ``frames`` from this task while the writer is idle.
 
-        The send is shielded because a record cut in half by a cancellation
-        would corrupt the stream; a writer that is idle means the socket has
-        room, so it completes at once in practice.
+        On a plain socket the record goes out with one non-blocking write
+        (a writer that is idle means the socket has room, so it completes at
+        once in practice). Otherwise, and for whatever that write left, the send
+        is shielded: a record cut in half by a cancellation would corrupt the
+        stream.
         """
         self._direct_sending = True
         try:
-            records = self._writer.write_frames(frames)
+            records: list[Any] = self._writer.write_frames(frames)
+            if self._socket_io is not None and len(records) == 1:
+                (record,) = records
+                sent = self._socket_io.send_now(record)
+                if sent == len(record):
+                    return
+                records = [memoryview(record)[sent:]]
             with trio.CancelScope(shield=True):
                 for record in records:
                     await self.stream.send_all(record)
