@@ -156,7 +156,7 @@ class Connection:
             receive_budget=settings.receive_budget,
         )
         self._outbox = Outbox(settings.send_buffer, state)
-        self._pending = PendingCalls(state, self._send_cancel)
+        self._pending = PendingCalls(state, self._send_cancel, self._all_callers_woken)
         self._calls = CallRunners(
             self._read,
             self._handle_call,
@@ -453,13 +453,24 @@ class Connection:
     def _can_send_directly(self) -> bool:
         return self._outbox.writer_idle and not self._direct_sending and self.is_open
 
+    def _all_callers_woken(self) -> None:
+        # The callers woken by one batch of results have all run: what they
+        # queued (their next calls, see _send_soon) goes out now, in one record.
+        if self._outbox.control_queued:
+            self._outbox.wake_writer()
+
     async def _send_soon(self, frame: bytes) -> None:
         """Send a control frame: directly when the writer is idle, else through it.
 
         Going direct saves waking the writer task, a full scheduler pass, on
         every call and every reply. Frames queued meanwhile go first, in the
-        same record.
+        same record. While other callers woken by the same batch of results
+        have yet to run, the frame waits for theirs instead (the last of them
+        wakes the writer): a burst of calls costs one record and one send.
         """
+        if self._pending.waking:
+            self._outbox.queue_control((frame,))
+            return
         if not self._can_send_directly():
             self._outbox.put_control((frame,))
             return
