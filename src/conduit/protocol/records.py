@@ -20,12 +20,10 @@ from ..errors import IntegrityError, LocalProtocolError, RemoteProtocolError
 
 LENGTH = struct.Struct("!I")
 TAG_SIZE = 16
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
+#: The 12-byte nonce: four zero bytes, then the 64-bit counter, big endian.
+_NONCE = struct.Struct("!4xQ")
 _MAX_COUNTER = 2**64 - 1
-
-
-def _nonce(counter: int) -> bytes:
-    return _NONCE_PREFIX + counter.to_bytes(8, "big")
+_nonce = _NONCE.pack
 
 
 class RecordSealer:
@@ -72,12 +70,24 @@ class RecordOpener:
         self._aead = AESGCM(key)
         self._counter = 0
         self._max_sealed = max_plaintext + TAG_SIZE
-        self._buffer = bytearray(initial)
+        # Bytes received and not yet opened start at _offset. When everything
+        # before was opened, the next chunk from the socket becomes the buffer
+        # as it is (an RPC's record usually arrives whole: no copy); bytes
+        # that must wait for more are kept in a bytearray we own.
+        self._buffer: bytes | bytearray = bytearray(initial)
         self._offset = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the socket."""
-        self._buffer += data
+        buffer = self._buffer
+        if self._offset == len(buffer) and type(data) is bytes:
+            self._buffer = data
+            self._offset = 0
+            return
+        if type(buffer) is not bytearray:
+            buffer = self._buffer = bytearray(memoryview(buffer)[self._offset :])
+            self._offset = 0
+        buffer += data
 
     @property
     def buffered(self) -> int:
@@ -106,7 +116,7 @@ class RecordOpener:
             plaintext = self._aead.decrypt(
                 _nonce(self._counter),
                 view[start + LENGTH.size : end],
-                bytes(view[start : start + 4]),
+                bytes(buffer[start : start + 4]),
             )
         except InvalidTag:
             raise IntegrityError(
@@ -121,5 +131,8 @@ class RecordOpener:
 
     def _compact(self) -> None:
         if self._offset:
-            del self._buffer[: self._offset]
+            if type(self._buffer) is bytearray:
+                del self._buffer[: self._offset]
+            else:
+                self._buffer = bytearray(memoryview(self._buffer)[self._offset :])
             self._offset = 0

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 
 from ..errors import LocalProtocolError
-from .codec import FrameDecoder, iter_frames
+from .codec import FrameDecoder, iter_frames, parse_header
 from .frames import HEADER_SIZE, Frame
 from .handshake import HANDSHAKE_MAX_FRAME
 from .records import LENGTH, TAG_SIZE, RecordOpener, RecordSealer
@@ -76,9 +76,13 @@ class FrameReader:
             record = self._opener.next_record()
             if record is None:
                 return None
+            size = len(record)
+            if size >= HEADER_SIZE:
+                # A record of one frame (a call, a result): no list, no queue.
+                kind, stream_id, flags, length = parse_header(record, 0, self._max_frame_size)
+                if HEADER_SIZE + length == size:
+                    return Frame(kind, stream_id, flags, memoryview(record)[HEADER_SIZE:])
             frames = iter_frames(record, self._max_frame_size)
-            if len(frames) == 1:
-                return frames[0]  # a call or a result: skip the queue
             if frames:
                 self._pending.extend(frames)
                 return self._pending.popleft()
