@@ -24,6 +24,8 @@ TAG_SIZE = 16
 _NONCE = struct.Struct("!4xQ")
 _MAX_COUNTER = 2**64 - 1
 _nonce = _NONCE.pack
+#: Records below this size are sealed by concatenation, larger ones in place.
+_SMALL_RECORD = 64 * 1024
 
 
 class RecordSealer:
@@ -36,8 +38,21 @@ class RecordSealer:
 
     def seal(self, plaintext: bytes | bytearray | memoryview) -> bytearray:
         """Return one record ready for the socket."""
-        record = bytearray(LENGTH.size + len(plaintext) + TAG_SIZE)
-        self.seal_into(plaintext, record)
+        size = len(plaintext)
+        if size >= _SMALL_RECORD:
+            record = bytearray(LENGTH.size + size + TAG_SIZE)
+            self.seal_into(plaintext, record)
+            return record
+        # A small record (a call, a result): prefix + ciphertext is one short
+        # append, cheaper than a sized buffer and views around encrypt_into.
+        if size > self.max_plaintext:
+            raise LocalProtocolError(f"record of {size} bytes exceeds {self.max_plaintext}")
+        if self._counter >= _MAX_COUNTER:
+            raise LocalProtocolError("nonce space exhausted; reconnect")
+        prefix = LENGTH.pack(size + TAG_SIZE)
+        record = bytearray(prefix)
+        record += self._aead.encrypt(_nonce(self._counter), plaintext, prefix)
+        self._counter += 1
         return record
 
     def seal_into(self, plaintext: bytes | bytearray | memoryview, out: bytearray) -> memoryview:

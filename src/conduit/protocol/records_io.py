@@ -124,6 +124,14 @@ class FrameWriter:
         if self._sealer is None:
             return [b"".join(piece for frame in frames for piece in frame)]
         sealer = self._sealer
+        if len(frames) == 1 and len(frames[0]) == 1:
+            # One encoded control frame (a call, a result): it is the plaintext.
+            (piece,) = frames[0]
+            if len(piece) > self.record_limit:
+                raise LocalProtocolError(
+                    f"frame of {len(piece)} bytes exceeds the peer's limit {self.record_limit}"
+                )
+            return [sealer.seal(piece)]
         return [sealer.seal(b"".join(batch)) for batch, _ in self._batches(frames)]
 
     def iter_records(self, frames: Sequence[OutFrame]) -> Iterator[bytes | bytearray | memoryview]:
