@@ -5,18 +5,22 @@ The rules live in the sans-IO :class:`~conduit.protocol.connection.ConnectionSta
 up in an event -> handler table (as trio-websocket drives wsproto), and sends
 the frames it produces. One nursery per connection owns:
 
-* the **receive task**: socket -> :class:`~conduit.protocol.FrameReader` ->
-  state machine -> handler. It never blocks on a consumer: data goes into
-  credit-bounded stream inboxes, calls go to the worker pool, results wake their
-  callers. Only one-way messages go through a bounded memory channel, whose
-  backpressure is the point: they are delivered in order to one message task.
+* the **reading task** (one at a time holds the role, see
+  :mod:`conduit._call_workers`): socket -> :class:`~conduit.protocol.FrameReader`
+  -> state machine -> handler. It never blocks on a consumer: data goes into
+  credit-bounded stream inboxes, results wake their callers, and calls run
+  right there; a call whose handler blocks takes its task off reading and a
+  follower reads on. Only one-way messages go through a bounded memory
+  channel, whose backpressure is the point: they are delivered in order to one
+  message task.
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
   socket, control frames before data, many frames per record.
 * the **heartbeat task**: pings on a Trio timer and the idle/peer-silence checks.
 * the **call timer** (:mod:`conduit._pending_calls`): one deadline heap for
   every call this side waits on.
-* the **worker pool** (:mod:`conduit._call_workers`) running incoming calls, so a
-  slow handler never delays the others and a handler may call back into its peer.
+* the **followers** (:mod:`conduit._call_workers`): tasks finishing calls that
+  blocked, then waiting to read again, so a slow handler never delays the
+  others and a handler may call back into its peer.
 
 When any of them fails, :meth:`Connection.abort` cancels the nursery with a
 reason; nothing outlives :meth:`Connection.run`.
@@ -167,7 +171,8 @@ class Connection:
             label,
         )
         # The event -> handler table, looked up by the event's exact class.
-        # MessageReceived is not here: the receive task awaits its queue.
+        # CallReceived and MessageReceived are not here: the reader runs the
+        # call itself (CallRunners.start) and awaits the message queue.
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             IncomingStream: self._on_stream_data,
             OutgoingStream: self._on_credit,

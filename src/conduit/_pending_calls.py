@@ -4,7 +4,7 @@ Calls are the hot path, so this avoids per-call Trio objects where it can
 (measured on the benchmark machine: a task start and exit ~7 us, a cancel scope
 ~4 us, a ``move_on_after`` ~5 us, an Event ~3.5 us): :class:`PendingCalls`
 parks the caller with ``wait_task_rescheduled`` and wakes it straight from the
-receive task; all timeouts share one timer task and a heap of deadlines.
+reading task; all timeouts share one timer task and a heap of deadlines.
 Calls the peer makes are run by :mod:`conduit._call_workers`.
 """
 
