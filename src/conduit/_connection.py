@@ -163,7 +163,7 @@ class Connection:
         self._pending = PendingCalls(state, self._send_cancel, self._all_callers_woken)
         self._calls = CallRunners(
             self._read,
-            self._handle_call,
+            dispatcher.handle_call,
             self._queue_result,
             self._send_result,
             state.call_finished,
@@ -427,9 +427,6 @@ class Connection:
         self.abort(f"peer closed the connection: {event.reason}")
 
     # ------------------------------------------------------------------ calls
-
-    async def _handle_call(self, method: str, args: dict[str, Any]) -> Any:
-        return await self._dispatcher.handle_call(method, args)
 
     def _send_cancel(self, call_id: int) -> None:
         frame = self._state.cancel_call(call_id)
