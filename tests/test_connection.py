@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -520,3 +521,29 @@ async def test_real_socket_calls_results_larger_than_the_socket_buffer_and_a_str
             await p.server.close("done")
             await p.client.closed.wait()
     assert p.client.closed_on_purpose
+
+
+_SET_BY_A_HANDLER: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "set_by_a_handler", default="clean"
+)
+
+
+async def test_a_follower_does_not_inherit_what_a_blocked_handler_set(pair: Pair) -> None:
+    """The follower that takes over reading starts from the connection's context."""
+    release = trio.Event()
+
+    async def sets_and_waits(_c: Connection) -> str:
+        _SET_BY_A_HANDLER.set("set by the blocked handler")
+        await release.wait()
+        return "done"
+
+    async def reads(_c: Connection) -> str:
+        return _SET_BY_A_HANDLER.get()
+
+    pair.server_dispatch.methods.update(sets_and_waits=sets_and_waits, reads=reads)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.client.call, "sets_and_waits", {}, None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await pair.client.call("reads", {}, None) == "clean"
+            release.set()

@@ -29,6 +29,7 @@ reason; nothing outlives :meth:`Connection.run`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -187,6 +188,7 @@ class Connection:
             _MESSAGE_QUEUE
         )
         self._nursery: trio.Nursery | None = None
+        self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
         now = trio.current_time()
@@ -220,6 +222,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._task_context = contextvars.copy_context()
                 nursery.start_soon(self._calls.run)
                 nursery.start_soon(self._send_task)
                 nursery.start_soon(self._message_task)
@@ -449,8 +452,10 @@ class Connection:
     def _spawn_follower(self, fn: Callable[[], Awaitable[None]]) -> None:
         # Not spawn(): the reading role must pass on while CLOSING too, or the
         # peer's last frames would never be read.
+        # Started from the context the connection's tasks started with, not
+        # the reader's: its handler is blocked mid-call, with whatever it set.
         assert self._nursery is not None
-        self._nursery.start_soon(fn)
+        self._task_context.run(self._nursery.start_soon, fn)
 
     def _can_send_directly(self) -> bool:
         return self._outbox.writer_idle and not self._direct_sending and self.is_open
