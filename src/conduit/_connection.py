@@ -521,7 +521,8 @@ class Connection:
             raise ConnectionClosed(self.close_reason or "connection lost") from exc
         finally:
             self._direct_sending = False
-            self._direct_done.unpark_all()
+            if self._direct_done:  # the writer waits for this send to end
+                self._direct_done.unpark_all()
 
     # ------------------------------------------------------------------ API
 

@@ -77,7 +77,8 @@ class Outbox:
         batch = list(self._control)
         self._control.clear()
         self._control_bytes = 0
-        self._control_drained.unpark_all()
+        if self._control_drained:  # a reader held back by the backlog (rare)
+            self._control_drained.unpark_all()
         return batch
 
     def wake_writer(self) -> None:

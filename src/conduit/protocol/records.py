@@ -146,7 +146,9 @@ class RecordOpener:
 
     def _compact(self) -> None:
         if self._offset:
-            if type(self._buffer) is bytearray:
+            if self._offset == len(self._buffer):
+                self._buffer = b""  # all opened: the next chunk becomes the buffer
+            elif type(self._buffer) is bytearray:
                 del self._buffer[: self._offset]
             else:
                 self._buffer = bytearray(memoryview(self._buffer)[self._offset :])
