@@ -547,3 +547,37 @@ async def test_a_follower_does_not_inherit_what_a_blocked_handler_set(pair: Pair
             await trio.testing.wait_all_tasks_blocked()
             assert await pair.client.call("reads", {}, None) == "clean"
             release.set()
+
+
+async def test_readers_never_wait_on_a_full_socket() -> None:
+    """Both peers call each other for results far larger than the socket buffers.
+
+    Each reader runs the calls it reads and starts sending their results; if a
+    reader waited for the socket to take the whole result, both would wait for
+    the other to read, forever. Readers only write what the socket takes at
+    once and leave the rest to the writer, so every call is answered.
+    """
+    client_stream, server_stream = _socket_pair(send_buffer=16 * 1024)
+    p = _pair(client_stream, server_stream)
+    big = os.urandom(900 * 1024)
+
+    async def blob(_c: Connection, n: int) -> bytes:
+        return big[n:]
+
+    p.server_dispatch.methods["blob"] = blob
+    p.client_dispatch.methods["blob"] = blob
+    answers: list[bool] = []
+
+    async def call(connection: Connection, n: int) -> None:
+        answers.append(await connection.call("blob", {"n": n}, None) == big[n:])
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            async with trio.open_nursery() as calls:
+                for n in range(8):
+                    calls.start_soon(call, p.client, n)
+                    calls.start_soon(call, p.server, n)
+            nursery.cancel_scope.cancel()
+    assert answers == [True] * 16

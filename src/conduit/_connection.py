@@ -292,7 +292,7 @@ class Connection:
                 if blocked is not None:
                     return blocked
                 # Results of the calls just run go out together, in one record.
-                await self._flush_control()
+                self._flush_control()
                 data: bytes | bytearray
                 if self._socket_io is not None:
                     data = await self._socket_io.receive(RECEIVE_SIZE)
@@ -337,7 +337,7 @@ class Connection:
             elif isinstance(event, MessageReceived):
                 # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
-                await self._flush_control()
+                self._flush_control()
                 await self._messages_in.send(event)
         return None
 
@@ -349,6 +349,8 @@ class Connection:
                 frames = await self._outbox.take(budget)
                 while self._direct_sending:
                     await self._direct_done.park()
+                for chunk in self._outbox.take_sealed():
+                    await self.stream.send_all(chunk)
                 for record in writer.iter_records(frames):
                     await self.stream.send_all(record)
         except OutboxClosed:
@@ -458,6 +460,7 @@ class Connection:
         self._task_context.run(self._nursery.start_soon, fn)
 
     def _can_send_directly(self) -> bool:
+        # writer_idle also means nothing is queued for it (sealed bytes included).
         return self._outbox.writer_idle and not self._direct_sending and self.is_open
 
     def _all_callers_woken(self) -> None:
@@ -485,15 +488,32 @@ class Connection:
         frames.append((frame,))
         await self._send_directly(frames)
 
-    async def _flush_control(self) -> None:
-        """Send the control frames queued without waking the writer (see Outbox.queue_control)."""
-        if not self._outbox.control_queued:
+    def _flush_control(self) -> None:
+        """Send the control frames queued without waking the writer (see Outbox.queue_control).
+
+        Called by the reader, which must never wait on the socket: if the peer
+        stopped reading while it keeps sending, a reader stuck in a send would
+        stop us reading too, and two such peers would wait on each other. So
+        the reader only writes what the socket takes at once; the writer sends
+        the rest.
+        """
+        outbox = self._outbox
+        if not outbox.control_queued:
             return
-        if self._can_send_directly():
-            with contextlib.suppress(ConnectionClosed):
-                await self._send_directly(self._outbox.take_control())
-        else:
-            self._outbox.wake_writer()
+        if self._socket_io is None or not self._can_send_directly():
+            outbox.wake_writer()
+            return
+        records: list[Any] = self._writer.write_frames(outbox.take_control())
+        try:
+            for index, record in enumerate(records):
+                sent = self._socket_io.send_now(record)
+                if sent < len(record):
+                    outbox.put_sealed([memoryview(record)[sent:], *records[index + 1 :]])
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        except ConnectionClosed:
+            pass
 
     async def _send_directly(self, frames: list[OutFrame]) -> None:
         """Seal and send ``frames`` from this task while the writer is idle.

@@ -40,6 +40,9 @@ class Outbox:
         self._data: deque[tuple[OutFrame, int]] = deque()
         self._data_bytes = 0
         self._data_limit = data_limit
+        # Sealed bytes a producer could not finish sending without waiting
+        # (the reader never waits on the socket): the writer sends them first.
+        self._sealed: list[bytes | bytearray | memoryview] = []
         self._writer_waiting = trio.lowlevel.ParkingLot()
         self._producers_waiting = trio.lowlevel.ParkingLot()
         #: True while the writer is parked with nothing to send: a producer may
@@ -81,6 +84,22 @@ class Outbox:
             self._control_drained.unpark_all()
         return batch
 
+    def put_sealed(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        """Hand the writer sealed bytes (the rest of records already begun) to send first."""
+        self._check_open()
+        self._sealed.extend(chunks)
+        self._wake_writer()
+
+    @property
+    def sealed_queued(self) -> bool:
+        """Whether sealed bytes wait for the writer: nobody else may send before them."""
+        return bool(self._sealed)
+
+    def take_sealed(self) -> list[bytes | bytearray | memoryview]:
+        """The sealed bytes to send before any new record (see :meth:`put_sealed`)."""
+        chunks, self._sealed = self._sealed, []
+        return chunks
+
     def wake_writer(self) -> None:
         """Make the writer send what is queued."""
         self._wake_writer()
@@ -111,7 +130,7 @@ class Outbox:
 
     async def take(self, budget: int) -> list[OutFrame]:
         """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
-        while not self._control and not self._data:
+        while not self._control and not self._data and not self._sealed:
             if self._state.phase is not Phase.OPEN:
                 raise OutboxClosed
             self.writer_idle = True
@@ -137,6 +156,7 @@ class Outbox:
         self._control_bytes = 0
         self._data.clear()
         self._data_bytes = 0
+        self._sealed.clear()
         self._writer_waiting.unpark_all()
         self._producers_waiting.unpark_all()
         self._control_drained.unpark_all()
