@@ -40,6 +40,7 @@ import trio
 from ._call_workers import Blocked, CallRunners
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
+from ._receive_buffer import ReceiveBuffer
 from ._socket_io import SocketIO
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
@@ -144,6 +145,7 @@ class Connection:
         self.stream = stream
         #: Plain sockets skip Trio's per-operation overhead (see _socket_io).
         self._socket_io = SocketIO.of(stream)
+        self._receive_buffer = ReceiveBuffer(RECEIVE_SIZE)
         self.keys = keys
         self.settings = settings
         self.label = label
@@ -293,11 +295,7 @@ class Connection:
                     return blocked
                 # Results of the calls just run go out together, in one record.
                 self._flush_control()
-                data: bytes | bytearray
-                if self._socket_io is not None:
-                    data = await self._socket_io.receive(RECEIVE_SIZE)
-                else:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self._receive_buffer.receive(self.stream)
                 if not data:
                     self.abort(self.close_reason or "peer closed the connection")
                     return None
@@ -392,6 +390,8 @@ class Connection:
             self._outbox.put_control((self._state.ping(),))
             # An idle connection must not keep a bulk transfer's megabytes.
             self._writer.release_idle_buffers()
+            self._reader.release_idle_buffers()
+            self._receive_buffer.release_idle()
 
     async def _idle_task(self, idle_timeout: float) -> None:
         # Sleep until the moment the connection would become idle; activity in

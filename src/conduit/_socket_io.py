@@ -25,9 +25,15 @@ stream's is -1, never a number the process reused for another socket.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+from collections.abc import Callable
+from typing import Any
 
 import trio
+
+#: What a read may land in.
+Buffer = bytearray | memoryview | mmap.mmap
 
 
 class SocketIO:
@@ -57,10 +63,19 @@ class SocketIO:
 
     async def receive(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` bytes (b"" at end of stream); waits until some arrive."""
+        data: bytes = await self._read(lambda fd: os.read(fd, max_bytes))
+        return data
+
+    async def receive_into(self, buffer: Buffer) -> int:
+        """Read into ``buffer``; return the count (0 at end of stream), waiting as receive does."""
+        count: int = await self._read(lambda fd: os.readv(fd, (buffer,)))
+        return count
+
+    async def _read(self, read: Callable[[int], Any]) -> Any:
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                data = os.read(self._fd(), max_bytes)
+                result = read(self._fd())
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._socket)
                 self._woken = True
@@ -72,7 +87,7 @@ class SocketIO:
             else:
                 # Shielded, as Trio's own: the bytes are read, never lose them.
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            return result
 
     def _fd(self) -> int:
         fd = self._socket.fileno()
@@ -82,6 +97,7 @@ class SocketIO:
 
 
 def _translate(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    if exc.errno == errno.EBADF:
+    # What trio.SocketStream reports for the same errors.
+    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
         return trio.ClosedResourceError("the socket was closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
