@@ -359,6 +359,10 @@ class Server(Endpoint):
                 client_id = await self._client_id_for(stream, established, arrival)
                 try:
                     token = self._resume_tokens.issue(client_id, established.username)
+                    if self.cluster is not None:
+                        await self.cluster.share_resume_token(
+                            token, client_id, established.username
+                        )
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
@@ -398,11 +402,11 @@ class Server(Endpoint):
         if established.resuming:
             token = await read_resume(stream, established)
             client_id = self._resume_tokens.redeem(token, trio.current_time(), established.username)
-            if client_id is not None and (
-                client_id in self.clients  # still held here, by its stale connection
-                or self.cluster is None
-                or await self.cluster.claim_client_id(client_id)
-            ):
+            if self.cluster is not None:
+                # The bus decides: the token may be another node's, and it is
+                # good once in the whole cluster (the local entry is spent too).
+                client_id = await self.cluster.resume_client_id(token, established.username)
+            if client_id is not None:
                 log.info("client %s is back, from %s", client_id, arrival.label)
                 return client_id
             log.info("unknown or expired resume token from %s: new client id", arrival.label)

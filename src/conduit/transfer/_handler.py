@@ -333,7 +333,7 @@ class FileTransferHandler:
         ``push_reconnect_timeout`` seconds for it to come back, then resumes.
         """
         if client_id not in server.clients and server.cluster is not None:
-            return await server.cluster.push(client_id, path, remote_name)
+            return await server.cluster.push(client_id, path, remote_name, on_progress)
         return await on_server(
             server,
             client_id,
