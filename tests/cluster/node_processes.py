@@ -143,9 +143,16 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def receiver(port: int, inbox: Path, events: Sequence[str] = ()) -> AsyncIterator[Receiver]:
-    """A connected client of the node on ``port``, recording the ``events`` it is sent."""
-    client = Client(ClientDescriptor(server_host="127.0.0.1", server_port=port, password=PASSWORD))
+async def receiver(
+    port: int, inbox: Path, events: Sequence[str] = (), **fields: Any
+) -> AsyncIterator[Receiver]:
+    """A connected client of the node on ``port``, recording the ``events`` it is sent.
+
+    ``fields``: more ``ClientDescriptor`` settings (reconnect timing, say).
+    """
+    client = Client(
+        ClientDescriptor(server_host="127.0.0.1", server_port=port, password=PASSWORD, **fields)
+    )
     FileTransferHandler(storage_dir=inbox).register_client_handlers(client)
     found = Receiver(client, inbox)
     for event in events:
