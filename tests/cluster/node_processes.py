@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,13 @@ async def node_processes(
     environment: dict[str, str],
     staging: str | None,
     ttl: float,
+    storages: Mapping[str, str] | None = None,
 ) -> AsyncIterator[dict[str, NodeProcess]]:
-    """Start one node process per name, wait until all serve, stop them afterwards."""
+    """Start one node process per name, wait until all serve, stop them afterwards.
+
+    A node's handler stores files in ``storage / NAME``, or in ``storages[NAME]``
+    when given (an ``s3://`` location, say).
+    """
     env = {**os.environ, **environment, "PYTHONPATH": os.pathsep.join(sys.path)}
     nodes: dict[str, NodeProcess] = {}
     try:
@@ -76,7 +81,7 @@ async def node_processes(
                 "node_name": name,
                 "ttl": ttl,
                 "staging": staging,
-                "storage": str(storage / name),
+                "storage": (storages or {}).get(name, str(storage / name)),
                 "password": PASSWORD,
             }
             process = await trio.lowlevel.open_process(
