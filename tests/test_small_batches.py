@@ -40,7 +40,7 @@ async def _server(
 
 def _nothing_held(handler: FileTransferHandler, storage: Path) -> None:
     """Every reservation released, no partial file left behind."""
-    assert handler._receiver._budget._active == set()
+    assert handler.backend.budget._active == set()
     assert partial_files(storage) == []
 
 

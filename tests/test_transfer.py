@@ -1395,15 +1395,20 @@ async def test_same_name_twice_never_overwrites(
         assert partial_files(fs.storage) == []
 
 
-def test_an_s3_storage_dir_is_refused_until_the_handler_supports_it(
+def test_an_s3_storage_dir_is_an_object_store_never_a_local_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``storage_dir="s3://..."`` used to become the local folder ``s3:/bucket/prefix``."""
     monkeypatch.chdir(tmp_path)  # where a silently made "s3:" folder would appear
-    with pytest.raises(ValueError, match="cluster_staging"):
-        FileTransferHandler(storage_dir="s3://bucket/prefix")
-    with pytest.raises(ValueError, match="not supported yet"):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    handler = FileTransferHandler(storage_dir="s3://bucket/prefix")  # contacts nothing yet
+    assert handler.storage_url == "s3://bucket/prefix"
+    with pytest.raises(ValueError, match="not a local directory"):
+        handler.storage_dir  # noqa: B018 (the property raises)
+    with pytest.raises(ValueError, match="invalid S3 bucket"):
         FileTransferHandler(storage_dir="S3://Bucket")
+    with pytest.raises(ValueError, match="invalid S3 prefix"):
+        FileTransferHandler(storage_dir="s3://bucket/a/../b")
     assert list(tmp_path.iterdir()) == []
 
 

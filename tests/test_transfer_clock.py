@@ -66,7 +66,7 @@ async def test_the_stale_partial_sweep_runs_on_the_trio_clock(
 ) -> None:
     storage = tmp_path / "server"
     handler = FileTransferHandler(storage_dir=storage, partial_ttl=3600)
-    budget = handler._receiver._budget
+    budget = handler.backend.budget
     first = _stale_partial(storage, "first.bin")
     fresh = StorageRoot(storage).open_partial("fresh.bin", "b" * 32, resume=False)
     fresh.close()

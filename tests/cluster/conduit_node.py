@@ -2,7 +2,7 @@
 
 Usage: ``python conduit_node.py CONFIG_JSON`` with ``cluster_url``,
 ``namespace``, ``node_name``, ``ttl``, ``staging`` (an ``s3://`` URL or null),
-``storage`` (a directory) and ``password``; the S3 endpoint and credentials
+``storage`` (a directory or an ``s3://`` URL) and ``password``; the S3 endpoint and credentials
 come from the AWS environment variables. Serves on 127.0.0.1 (a free port)
 with a ``FileTransferHandler`` and three RPC methods a test drives it with:
 

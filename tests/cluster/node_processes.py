@@ -64,12 +64,14 @@ async def node_processes(
     environment: dict[str, str],
     staging: str | None,
     ttl: float,
+    shared_storage: str | None = None,
     storages: Mapping[str, str] | None = None,
 ) -> AsyncIterator[dict[str, NodeProcess]]:
     """Start one node process per name, wait until all serve, stop them afterwards.
 
-    A node's handler stores files in ``storage / NAME``, or in ``storages[NAME]``
-    when given (an ``s3://`` location, say).
+    Each node stores in ``storage/<name>``, or all in ``shared_storage`` (an
+    ``s3://`` URL) when given; ``storages[<name>]``, when given, wins for
+    that node.
     """
     env = {**os.environ, **environment, "PYTHONPATH": os.pathsep.join(sys.path)}
     nodes: dict[str, NodeProcess] = {}
@@ -81,7 +83,7 @@ async def node_processes(
                 "node_name": name,
                 "ttl": ttl,
                 "staging": staging,
-                "storage": (storages or {}).get(name, str(storage / name)),
+                "storage": (storages or {}).get(name, shared_storage or str(storage / name)),
                 "password": PASSWORD,
             }
             process = await trio.lowlevel.open_process(

@@ -1,4 +1,7 @@
-"""``conduit serve DIR --cluster URL --node-name NAME``: joins, says so, leaves on Ctrl-C."""
+"""``conduit serve DIR --cluster URL --node-name NAME``: joins, says so, leaves on Ctrl-C.
+
+And ``conduit serve s3://BUCKET/PREFIX --cluster URL``: stores in the bucket.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +22,18 @@ PASSWORD = "cluster-cli-password"
 _TIMEOUT = 60.0
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CONDUIT_PASSWORD": PASSWORD}
+def _env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "CONDUIT_PASSWORD": PASSWORD,
+        **extra,
+    }
 
 
-def _serve(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _serve(
+    tmp_path: Path, *options: str, directory: str | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "serve.log"
     with open(log, "wb") as output:
         process = subprocess.Popen(
@@ -32,7 +42,7 @@ def _serve(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[bytes], Path
                 "-m",
                 "conduit",
                 "serve",
-                str(tmp_path / "d"),
+                str(tmp_path / "d") if directory is None else directory,
                 "--port",
                 "0",
                 *options,
@@ -40,7 +50,7 @@ def _serve(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[bytes], Path
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
-            env=_env(),
+            env=_env() if env is None else env,
         )
     return process, log
 
@@ -89,3 +99,60 @@ def test_serve_reports_an_unreachable_bus(tmp_path: Path) -> None:
     assert process.wait(timeout=_TIMEOUT) == 4
     text = log.read_text()
     assert "cannot join the cluster" in text and "Traceback" not in text, text
+
+
+def test_serve_an_s3_prefix_in_a_cluster(
+    engines: Any, s3_url: str, s3_client_factory: Any, tmp_path: Path
+) -> None:
+    """``conduit serve s3://BUCKET/PREFIX --cluster URL``: uploads land in the bucket."""
+    import trio
+
+    from conduit import Client, ClientDescriptor, FileTransferHandler
+    from conduit.cluster.s3 import S3Store
+
+    process, log = _serve(
+        tmp_path,
+        "--cluster",
+        engines.bus.url,
+        directory=s3_url,
+        env=_env(**engines.s3.environment()),
+    )
+    try:
+        found = _wait_for(
+            log, r"listening on 127\.0\.0\.1:(\d+), cluster node [^,]+, serving (\S+)", process
+        )
+        assert found.group(2) == s3_url
+        source = tmp_path / "hello.txt"
+        source.write_bytes(b"hello from the CLI test" * 1000)
+
+        async def upload() -> dict[str, Any]:
+            descriptor = ClientDescriptor(
+                server_host="127.0.0.1", server_port=int(found.group(1)), password=PASSWORD
+            )
+            with trio.fail_after(_TIMEOUT):
+                async with Client(descriptor) as client:
+                    handler = FileTransferHandler(storage_dir=tmp_path / "client")
+                    return await handler.send_to_server(client, source)
+
+        result = trio.run(upload)
+        assert result["success"] is True, result
+        store = S3Store(s3_url, client=s3_client_factory())
+
+        async def listed() -> list[tuple[str, int]]:
+            return [(f.name, f.size) for f in await store.list_files()]
+
+        assert trio.run(listed) == [("hello.txt", source.stat().st_size)]
+        store.close()
+        assert re.search(r"upload +hello\.txt", log.read_text()), log.read_text()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=_TIMEOUT) == 0, log.read_text()
+    finally:
+        process.kill()
+        process.wait(timeout=_TIMEOUT)
+
+
+def test_serve_refuses_a_malformed_s3_url(tmp_path: Path) -> None:
+    process, log = _serve(tmp_path, directory="s3://Not_A_Bucket/x")
+    assert process.wait(timeout=_TIMEOUT) != 0
+    text = log.read_text()
+    assert "invalid S3 bucket name" in text and "Traceback" not in text, text

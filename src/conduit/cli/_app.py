@@ -149,7 +149,7 @@ def _connect_options(
 
 
 @cli.command(context_settings=_CONTEXT)
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), metavar="DIR")
+@click.argument("directory", metavar="DIR")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -197,7 +197,7 @@ def _connect_options(
 @click.pass_obj
 def serve(
     verbose: int,
-    directory: Path,
+    directory: str,
     host: str,
     port: int,
     tls_cert: Path | None,
@@ -209,6 +209,11 @@ def serve(
     node_name: str | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
+
+    DIR may be s3://BUCKET/PREFIX: files then live in that S3-compatible
+    store (endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), which several nodes of one
+    --cluster can share; see docs/cluster.md.
 
     With --accounts, each client logs in as a user of FILE (no server
     password is asked for). Logs one line per connection, authentication
@@ -226,7 +231,8 @@ def serve(
         library_level=_library_level(verbose),
     )
     options = _serve.ServeOptions(
-        directory=directory,
+        # An s3:// URL stays a string: as a Path it would lose a slash.
+        directory=directory if directory.lower().startswith("s3://") else Path(directory),
         host=host,
         port=port,
         password=password,

@@ -1,4 +1,5 @@
-"""``conduit serve DIR``: a file server on a directory, with one log line per event."""
+"""``conduit serve DIR``: a file server on a directory (or ``s3://BUCKET/PREFIX``),
+with one log line per event."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _who(peer: Peer) -> str:
 class ServeOptions:
     """What ``conduit serve`` was asked to do."""
 
-    directory: Path
+    #: The storage directory, or an ``s3://BUCKET/PREFIX`` URL (a str).
+    directory: Path | str
     host: str
     port: int
     #: The shared password; None with ``accounts``.
@@ -51,10 +53,13 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     """The server and its transfer handler, with the logging hooks; fails early on bad config."""
     if options.tls_key is not None and options.tls_cert is None:
         raise CLIError("--tls-key needs --tls-cert")
-    try:
-        options.directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CLIError(f"cannot use {options.directory} as the storage directory: {exc}") from None
+    if isinstance(options.directory, Path):
+        try:
+            options.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(
+                f"cannot use {options.directory} as the storage directory: {exc}"
+            ) from None
     try:
         descriptor = ServerDescriptor(
             host=options.host,
@@ -70,10 +75,13 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
         descriptor.build_ssl_context()  # a bad certificate or key fails now, not per client
     except (ValueError, OSError, ssl.SSLError) as exc:
         raise CLIError(f"invalid server configuration: {exc}") from None
+    try:
+        transfer = FileTransferHandler(
+            options.directory, max_file_size=options.max_file_size, overwrite=options.overwrite
+        )
+    except ValueError as exc:  # a malformed s3:// URL, or no S3 client installed
+        raise CLIError(f"cannot use {options.directory} as the storage: {exc}") from None
     server = Server(descriptor)
-    transfer = FileTransferHandler(
-        options.directory, max_file_size=options.max_file_size, overwrite=options.overwrite
-    )
     transfer.register_server_handlers(server)
 
     @server.on_client_connect
@@ -188,7 +196,7 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
                 tls,
                 cluster,
                 limit,
-                transfer.storage_dir,
+                transfer.storage_url,
             )
             await signals.event.wait()
             log.info("stopping: closing connections")

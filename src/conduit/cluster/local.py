@@ -75,9 +75,11 @@ class LocalStore:
         """See :meth:`conduit.cluster.store.Store.check_can_accept` (free disk space counts)."""
         await _run(self.root.check_can_accept, size, max_file_size, offset=offset)
 
-    async def list_files(self, *, max_entries: int = 100_000) -> list[StoredFile]:
+    async def list_files(
+        self, *, max_entries: int = 100_000, prefix: str | None = None
+    ) -> list[StoredFile]:
         """See :meth:`conduit.cluster.store.Store.list_files`."""
-        entries = await _run(self.root.list_files, max_entries=max_entries)
+        entries = await _run(self.root.list_files, max_entries=max_entries, prefix=prefix)
         return [StoredFile(e.name, e.size, int(e.modified * 1e9)) for e in entries]
 
     async def stat(self, name: str) -> StoredFile:

@@ -62,6 +62,7 @@ without checksums reach 130-140 MiB/s; reading back is not the bottleneck.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import functools
 import itertools
 import logging
@@ -180,6 +181,16 @@ class S3Store:
     def location_of(self, name: str) -> str:
         """See :meth:`conduit.cluster.store.Store.location_of`: ``s3://bucket/prefix/name``."""
         return self.location.url(self._checked_name(name))
+
+    def child(self, prefix: str) -> S3Store:
+        """The same bucket below ``PREFIX/prefix``, e.g. one user's root.
+
+        Shares this store's client, threads and background uploader (close
+        only the parent). ``prefix`` is checked as :func:`parse_s3_url` checks one.
+        """
+        child = copy.copy(self)
+        child.location = parse_s3_url(self.location.url(prefix))
+        return child
 
     def close(self) -> None:
         """Stop the background uploader once its parts are sent (call at shutdown).
@@ -422,9 +433,9 @@ class S3Store:
 
     # ----------------------------------------------------------------- published (sync)
 
-    def _list(self, max_entries: int) -> list[StoredFile]:
+    def _list(self, max_entries: int, below: str) -> list[StoredFile]:
         entries: list[StoredFile] = []
-        for entry in self._list_keys(self.location.list_prefix):
+        for entry in self._list_keys(below):
             if len(entries) >= max_entries:
                 break
             relative = self.location.relative(str(entry["Key"]))
@@ -613,11 +624,16 @@ class S3Store:
                 "too_large",
             )
 
-    async def list_files(self, *, max_entries: int = 100_000) -> list[StoredFile]:
-        """See :meth:`conduit.cluster.store.Store.list_files`."""
+    async def list_files(
+        self, *, max_entries: int = 100_000, prefix: str | None = None
+    ) -> list[StoredFile]:
+        """See :meth:`conduit.cluster.store.Store.list_files` (keys below ``prefix/``)."""
         if max_entries < 0:
             raise ValueError("max_entries must not be negative")
-        return await self._guard("listing", self._list, max_entries)
+        below = self.location.list_prefix
+        if prefix is not None:
+            below = self.location.key(self._checked_name(prefix)) + "/"
+        return await self._guard("listing", self._list, max_entries, below)
 
     async def stat(self, name: str) -> StoredFile:
         """See :meth:`conduit.cluster.store.Store.stat`."""

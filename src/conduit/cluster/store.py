@@ -151,8 +151,14 @@ class Store(Protocol):
         a ``size``-byte file, ``offset`` bytes of which are already stored, fits."""
         ...
 
-    async def list_files(self, *, max_entries: int = 100_000) -> list[StoredFile]:
-        """Published files sorted by name; never partials, never unsafe names."""
+    async def list_files(
+        self, *, max_entries: int = 100_000, prefix: str | None = None
+    ) -> list[StoredFile]:
+        """Published files sorted by name; never partials, never unsafe names.
+
+        With ``prefix`` (a directory name, checked like any name), only the
+        files below it, still named from the root.
+        """
         ...
 
     async def stat(self, name: str) -> StoredFile:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -22,11 +22,36 @@ from ..errors import TransferError
 from ..protocol.connection import Buffer
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
-from ._storage import PartialFile
 from ._wire import Trailer
 
 #: Bytes read (and hashed) per worker-thread call on the sending side.
 READ_BLOCK = 1024 * 1024
+
+
+class BlockReader(Protocol):
+    """Where :func:`send_file` reads from: a local file or a stored object (:mod:`._backend`)."""
+
+    async def read_hashed(
+        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
+    ) -> bytes:
+        """Up to ``size`` next bytes, already added to ``hasher``; ``b""`` at the end.
+
+        ``threads``: the connection's share of the worker threads, if any.
+        """
+        ...
+
+
+class BlockWriter(Protocol):
+    """Where :func:`receive_file` writes to: a partial file or a partial upload."""
+
+    @property
+    def offset(self) -> int:
+        """Bytes accepted so far."""
+        ...
+
+    async def write(self, chunks: Sequence[Buffer]) -> None:
+        """Append ``chunks`` at :attr:`offset`."""
+        ...
 
 
 def _read_and_hash(file: io.FileIO, size: int, hasher: Any) -> bytes:
@@ -54,9 +79,45 @@ async def hash_prefix(
     return await trio.to_thread.run_sync(_hash_prefix, file, length, limiter=limiter)
 
 
+class FileSource:
+    """A local file as the source of :func:`send_file` and of resume checks.
+
+    The reads run in worker threads on the file's descriptor, exactly as
+    before there were other sources: the local store pays nothing for the seam.
+    """
+
+    def __init__(self, file: io.FileIO) -> None:
+        """Wrap an open file (its position is where sending starts)."""
+        self.file = file
+
+    async def read_hashed(
+        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
+    ) -> bytes:
+        """See :meth:`BlockReader.read_hashed`."""
+        if threads is None:
+            return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
+        async with threads:
+            return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
+
+    async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
+        """Hash the next ``length`` bytes (the position ends after them); the hasher.
+
+        ``TransferError`` (``source_changed``) if the file is shorter.
+        """
+        return await hash_prefix(self.file, length, limiter=limiter)
+
+    async def seek(self, position: int) -> None:
+        """Continue reading from byte ``position``."""
+        await trio.to_thread.run_sync(self.file.seek, position)
+
+    async def aclose(self) -> None:
+        """Close the file."""
+        await trio.to_thread.run_sync(self.file.close)
+
+
 async def send_file(
     stream: OutgoingStream,
-    file: io.FileIO,
+    source: BlockReader,
     *,
     start: int,
     size: int,
@@ -66,7 +127,7 @@ async def send_file(
     read_ahead: ByteBudget | None = None,
     read_threads: trio.CapacityLimiter | None = None,
 ) -> Trailer:
-    """Send bytes ``start..size`` of ``file`` (positioned at ``start``) and the trailer.
+    """Send bytes ``start..size`` of ``source`` (positioned at ``start``) and the trailer.
 
     ``hasher`` already covers ``0..start``; the trailer carries the digest of the
     whole file. A file that shrinks while it is sent is an error, not a short file.
@@ -87,11 +148,7 @@ async def send_file(
         taken = await read_ahead.take(want) if read_ahead is not None else want
         try:
             want = min(want, taken)
-            if read_threads is None:
-                block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
-            else:
-                async with read_threads:
-                    block = await trio.to_thread.run_sync(_read_and_hash, file, want, hasher)
+            block = await source.read_hashed(want, hasher, read_threads)
             if not block:
                 raise TransferError(
                     f"the file shrank while it was being sent ({position} of {size} bytes)",
@@ -109,15 +166,8 @@ async def send_file(
     return trailer
 
 
-def _write_chunks(partial: PartialFile, chunks: Sequence[Buffer]) -> None:
-    # One write and one hash update per batch, not per chunk: every call that
-    # releases the GIL must win it back from the event loop thread, and with
-    # sixteen of them per megabyte that handoff, not the disk, set the pace.
-    partial.write_block(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
-
 async def receive_file(
-    stream: IncomingStream, partial: PartialFile, *, size: int, reporter: ProgressReporter
+    stream: IncomingStream, partial: BlockWriter, *, size: int, reporter: ProgressReporter
 ) -> Trailer:
     """Write the stream into ``partial`` until its END; return the sender's trailer.
 
@@ -131,7 +181,7 @@ async def receive_file(
                 raise TransferError(
                     f"the sender sent more than the {size} bytes it announced", "size_mismatch"
                 )
-            await trio.to_thread.run_sync(_write_chunks, partial, chunks)
+            await partial.write(chunks)
             await reporter.advance(amount)
         if raw_trailer is not None:
             return Trailer.unpack(raw_trailer)

@@ -36,6 +36,8 @@ import trio
 
 from .._bridge import bridged
 from . import _manage as manage
+from ._backend import Backend
+from ._backend_local import LocalBackend
 from ._hashing import HashGate
 from ._hooks import Hooks
 from ._progress import TransferProgress
@@ -43,7 +45,7 @@ from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
 from ._slots import TransferSlots
-from ._space import DEFAULT_FREE_SPACE_MARGIN, user_storage
+from ._space import DEFAULT_FREE_SPACE_MARGIN
 from ._storage import StorageRoot
 from ._tree import receive_tree, send_files, send_tree
 from ._wire import (
@@ -148,17 +150,22 @@ class FileTransferHandler:
             )
         if resume_hash_budget < 0:
             raise ValueError(f"resume_hash_budget must not be negative, got {resume_hash_budget}")
+        self._storage: StorageRoot | None = None
+        #: Where the server side stores: the local directory (the default) or
+        #: an object store (see :mod:`conduit.transfer._backend`).
+        self.backend: Backend
+        # Checked here, not with cluster.location.is_s3_url: the core loads
+        # the cluster package (and boto3) only for an s3:// storage_dir.
         if isinstance(storage_dir, str) and storage_dir.lower().startswith("s3://"):
-            # Not yet a store the handler writes to (issue 15): without this
-            # check the URL silently became the local folder "s3:/bucket/...".
-            # (Checked here, not with cluster.location.is_s3_url: the core
-            # must not load the cluster package.)
-            raise ValueError(
-                f"storage_dir={storage_dir!r}: an s3:// storage_dir is not supported yet; "
-                "give a local directory (S3 works today as the cluster's staging area: "
-                "ServerDescriptor(cluster_staging='s3://bucket/prefix'))"
-            )
-        self.storage = StorageRoot(storage_dir)
+            from ._s3 import s3_backend
+
+            self.backend = s3_backend(storage_dir, self)
+            self.storage_url = storage_dir
+        else:
+            self._storage = StorageRoot(storage_dir)
+            self.backend = LocalBackend(self)
+            #: ``storage_dir`` as given to the constructor, made absolute for a directory.
+            self.storage_url = str(self._storage.path)
         self.chunk_size = chunk_size
         self.max_file_size = max_file_size
         self.overwrite = overwrite
@@ -196,13 +203,22 @@ class FileTransferHandler:
         self._manager = manage.Manager(self)
 
     @property
+    def storage(self) -> StorageRoot:
+        """The local storage directory's root (``ValueError`` for an ``s3://`` storage)."""
+        if self._storage is None:
+            raise ValueError(f"storage {self.storage_url!r} is not a local directory")
+        return self._storage
+
+    @property
     def storage_dir(self) -> Path:
-        """The storage directory, absolute."""
+        """The storage directory, absolute (``ValueError`` for an ``s3://`` storage)."""
         return self.storage.path
 
     def storage_for(self, peer: Peer | None) -> StorageRoot:
-        """The storage ``peer`` sees: its user's root in accounts mode, else :attr:`storage`."""
-        return user_storage(self.storage, peer)[0]
+        """The local root ``peer`` sees: its user's root in accounts mode, else :attr:`storage`."""
+        if not isinstance(self.backend, LocalBackend):
+            raise ValueError(f"storage {self.storage_url!r} is not a local directory")
+        return self.backend.root_for(peer)
 
     def on_file_received(self, function: F) -> F:
         """Register a callback for every file this side receives and publishes.

@@ -50,12 +50,16 @@ class HashGate:
         self._cache: OrderedDict[_Key, str] = OrderedDict()
         self._lock = threading.Lock()  # the cache is used from worker threads
 
-    async def run(self, connection: Connection, function: Callable[[], T]) -> T:
-        """Run ``function`` (which hashes via :meth:`digest_of_fd`) within the gate."""
+    def lock_for(self, connection: Connection) -> trio.Lock:
+        """``connection``'s hashing lock (one whole-file hash at a time per connection)."""
         lock: trio.Lock | None = connection.owned.get(self)
         if lock is None:
             lock = connection.owned[self] = trio.Lock()
-        async with lock:
+        return lock
+
+    async def run(self, connection: Connection, function: Callable[[], T]) -> T:
+        """Run ``function`` (which hashes via :meth:`digest_of_fd`) within the gate."""
+        async with self.lock_for(connection):
             return await trio.to_thread.run_sync(function, limiter=self.limiter)
 
     def digest_of_fd(self, fd: int, size: int) -> str:

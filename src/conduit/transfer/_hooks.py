@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from .._callbacks import invoke
 from ._hashing import HashGate
-from ._storage import StorageRoot
+
+if TYPE_CHECKING:
+    from ._backend import Backend
 
 log = logging.getLogger("conduit.transfer")
 
@@ -29,7 +31,8 @@ class TransferSettings(Protocol):
     after construction (``handler.overwrite = True``) takes effect.
     """
 
-    storage: StorageRoot
+    #: Where the server side stores (see :mod:`._backend`).
+    backend: Backend
     chunk_size: int
     max_file_size: int | None
     overwrite: bool
@@ -41,10 +44,6 @@ class TransferSettings(Protocol):
     read_ahead_per_connection: int
     resume_hash_budget: int
     hash_gate: HashGate
-
-    def storage_for(self, peer: Any) -> StorageRoot:
-        """The root ``peer`` may see: its user's root in accounts mode, else ``storage``."""
-        ...
 
 
 @attrs.define

@@ -1,9 +1,11 @@
 """Deleting and renaming stored files: the ``file_delete`` and ``file_rename`` RPCs.
 
-The server's side runs :meth:`StorageRoot.delete` / :meth:`StorageRoot.rename`
-in a worker thread: confined to the storage root, never following a symlink,
+The server's side asks the handler's backend (:mod:`._backend`). In a local
+directory that is :meth:`StorageRoot.delete` / :meth:`StorageRoot.rename` in
+a worker thread: confined to the storage root, never following a symlink,
 atomic, refusing to overwrite unless asked, and refusing (``"busy"``) a name a
-transfer is writing at that moment. The client's side turns every refusal into
+transfer is writing at that moment. In an object store, a server-side copy
+then a delete (see :mod:`._backend_store`). The client's side turns every refusal into
 the usual failure dict, ``{"success": False, "error": ..., "code": ...}``, with
 the codes ``not_found``, ``exists``, ``busy`` and ``unsafe_path``.
 """
@@ -12,8 +14,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-
-import trio
 
 from .._callbacks import trio_callback
 from .._peer import Peer
@@ -37,8 +37,7 @@ class Manager:
         """``file_delete``: remove one stored file."""
         try:
             check_writable(caller)
-            storage = self._settings.storage_for(caller)
-            await trio.to_thread.run_sync(storage.delete, name)
+            await self._settings.backend.delete(caller, name)
         except Exception as exc:
             raise as_rpc_error(exc) from None
         safe = safe_relative_name(name)
@@ -52,9 +51,8 @@ class Manager:
         """``file_rename``: give one stored file another name."""
         try:
             check_writable(caller)
-            storage = self._settings.storage_for(caller)
-            renamed = await trio.to_thread.run_sync(
-                lambda: storage.rename(old, new, overwrite=overwrite is True)
+            renamed = await self._settings.backend.rename(
+                caller, old, new, overwrite=overwrite is True
             )
         except Exception as exc:
             raise as_rpc_error(exc) from None

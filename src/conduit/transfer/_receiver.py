@@ -13,9 +13,12 @@
 * :meth:`Receiver.download` -- ``receive_from_server``: the client's side of a
   download, the same receive path with the roles of who opens what swapped.
 
-Every file lands in a hidden partial file, is checked against the sender's
-SHA-256, fsynced, then published by a link that never overwrites (see
-:mod:`._storage`); only then do ``on_file_received`` callbacks run.
+Every file lands in a partial (a hidden partial file, or a multipart upload
+in an object store), is checked against the sender's SHA-256, made durable,
+then published without ever overwriting (see :mod:`._storage` and
+:mod:`._backend`); only then do ``on_file_received`` callbacks run. Where the
+server side stores is the handler's backend (:mod:`._backend`); the client
+side of a download always writes to a local directory.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from ..errors import (
     UnsafePathError,
 )
 from ._answers import download_offset, stat_answer
-from ._batch_store import Entry, parse_batch, store_batch
+from ._backend import Admitted, LocalSink, Sink
+from ._batch_store import Entry, parse_batch
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
@@ -49,8 +53,7 @@ from ._progress import Direction, ProgressReporter, TransferProgress
 from ._ranges import range_name, resolve_range
 from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._slots import TransferSlots
-from ._space import Admission, DiskBudget
-from ._storage import PartialFile, StorageRoot
+from ._storage import StorageRoot
 from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
 
 log = logging.getLogger("conduit.transfer")
@@ -102,8 +105,6 @@ class Receiver:
         self._settings = settings
         self._hooks = hooks
         self._slots = slots
-        # Reservations, quotas, partial ownership and expiry (see ._space).
-        self._budget = DiskBudget(settings)
 
     def _inbound(self, connection: Connection) -> dict[int, _Inbound]:
         """``connection``'s transfers being received, by stream id (owned by the connection)."""
@@ -145,13 +146,13 @@ class Receiver:
             await stale.done.wait()
         settings = self._settings
         with self._slots.claim(connection, settings.max_transfers_per_connection) as slot:
+            backend = settings.backend
             try:
                 safe = safe_relative_name(name)
-                admission = await self._budget.admit(caller, safe, size, key, restart=restart)
+                admission = await backend.admit(caller, safe, size, key, restart=restart)
             except Exception as exc:
                 raise as_rpc_error(exc, name=name) from None
-            partial = admission.partial
-            assert partial is not None
+            partial = admission.sink
             try:
                 # Cancelled while the (uncancellable) thread opened the file: the
                 # caller is gone, so do not keep the partial locked for nobody.
@@ -171,8 +172,8 @@ class Receiver:
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(partial.close)
-                    await self._budget.release(admission)
+                    await partial.close()
+                    await backend.release(admission)
                 raise
             inbound_here[stream.stream_id] = inbound
         return {
@@ -184,21 +185,12 @@ class Receiver:
     async def _rerun_answer(
         self, caller: Peer, name: str, size: int, sha256: str
     ) -> dict[str, Any] | None:
-        storage = self._settings.storage_for(caller)
         try:
             safe = safe_relative_name(name)
-            if not isinstance(size, int) or not await same_size_exists(storage, safe, size):
-                return None
-            if not sha256:
-                return {"check_sha256": True}
-            stored = await find_already_there(
-                storage, safe, size, sha256, (self._settings.hash_gate, caller.connection)
-            )
-            if stored is not None:
-                return skipped_result(stored, size, sha256)
+            # (A hostile size matches no stored file; the admission refuses it.)
+            return await self._settings.backend.rerun_answer(caller, safe, size, sha256)
         except Exception as exc:
             raise as_rpc_error(exc) from None
-        return None
 
     @trio_callback
     async def rpc_finish(
@@ -268,29 +260,15 @@ class Receiver:
         return {"results": results}
 
     async def _store(self, caller: Peer, entries: list[Entry]) -> None:
-        """Store one-shot files in one worker-thread hop; outcomes are left on the entries."""
-        try:
-            admitter = await self._budget.one_shot(caller)
-        except Exception as exc:
-            raise as_rpc_error(exc) from None
-        gate = self._settings.hash_gate
-        overwrite = self._settings.overwrite
-        try:
-            # Within the hash gate: a re-run check may hash stored files (one
-            # batch at a time per connection, on the gate's shared threads).
-            await gate.run(
-                caller.connection,
-                lambda: store_batch(entries, admitter, overwrite, gate.digest_of_fd),
-            )
-        finally:
-            admitter.finished()
+        """Store one-shot files (the backend's way); outcomes are left on the entries."""
+        await self._settings.backend.store_small(caller, entries)
 
     async def _announce_stored(self, caller: Peer, entry: Entry, elapsed: float) -> dict[str, Any]:
         assert entry.published is not None
         result = await self._announce(
             caller.connection,
             caller,
-            self._settings.storage_for(caller),
+            self._settings.backend.location_of(caller, entry.published),
             entry.published,
             entry.safe,
             len(entry.data),
@@ -352,8 +330,8 @@ class Receiver:
         connection = peer.connection
         try:
             await trio.to_thread.run_sync(local.check_can_accept, expected, None)
-            partial = await trio.to_thread.run_sync(
-                lambda: local.open_partial(target, key, resume=True)
+            partial = LocalSink(
+                await trio.to_thread.run_sync(lambda: local.open_partial(target, key, resume=True))
             )
         except TransferError as exc:
             return transfer_failure(exc)
@@ -372,9 +350,11 @@ class Receiver:
             start = download_offset(answer, partial.offset)
             if start != partial.offset:
                 # The server did not recognise our prefix: start over.
-                await trio.to_thread.run_sync(partial.close)
-                partial = await trio.to_thread.run_sync(
-                    lambda: local.open_partial(target, key, resume=False)
+                await partial.close()
+                partial = LocalSink(
+                    await trio.to_thread.run_sync(
+                        lambda: local.open_partial(target, key, resume=False)
+                    )
                 )
             result = await self._receive_into(
                 connection, stream, partial, target, expected, on_progress, "download", peer=None
@@ -383,13 +363,13 @@ class Receiver:
         except (ConduitError, OSError) as exc:
             if stream is not None:
                 connection.close_stream(stream, reset=("aborted", "download aborted"))
-            await trio.to_thread.run_sync(partial.close)
+            await partial.close()
             return transfer_failure(exc)
         except BaseException:
             if stream is not None:
                 connection.close_stream(stream, reset=("cancelled", "download cancelled"))
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(partial.close)
+                await partial.close()
             raise
         return result
 
@@ -419,15 +399,14 @@ class Receiver:
         self,
         connection: Connection,
         peer: Peer,
-        admission: Admission,
+        admission: Admitted,
         name: str,
         size: int,
         inbound: _Inbound,
         inbound_here: dict[int, _Inbound],
     ) -> None:
         """The spawned half of an upload or push; its slot wrapper gives the slot back."""
-        partial = admission.partial
-        assert partial is not None
+        partial = admission.sink
         try:
             with inbound.scope:
                 inbound.result = await self._receive_into(
@@ -439,7 +418,7 @@ class Receiver:
             inbound.error = as_rpc_error(exc, name=name)
             log.warning("receiving %r failed: %s", name, inbound.error)
         finally:
-            await self._budget.release(admission)
+            await self._settings.backend.release(admission)
             inbound.finished_at = now = trio.current_time()
             inbound.done.set()
             _forget_unclaimed(inbound_here, now)
@@ -448,7 +427,7 @@ class Receiver:
         self,
         connection: Connection,
         stream: IncomingStream,
-        partial: PartialFile,
+        partial: Sink,
         name: str,
         size: int,
         on_progress: ProgressCallback | None,
@@ -475,20 +454,18 @@ class Receiver:
                     f"received {partial.offset}",
                     "size_mismatch",
                 )
-            published = await trio.to_thread.run_sync(
-                lambda: partial.publish(overwrite=overwrite, expected_sha256=trailer.checksum)
-            )
+            published = await partial.publish(overwrite=overwrite, expected_sha256=trailer.checksum)
         except (ConnectionClosed, StreamReset, trio.Cancelled):
             # The link or the sender went away, but the bytes we have are good:
             # keep the partial file so that sending again resumes.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(partial.close)
+                await partial.close()
             raise
         except BaseException as exc:
             # The data itself is wrong or cannot be stored: remove it, and stop
             # the sender if it is still sending.
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(partial.discard)
+                await partial.discard()
             if not stream.finished:
                 code = exc.code if isinstance(exc, TransferError) else "receiver_error"
                 connection.close_stream(stream, reset=(code, str(exc)))
@@ -499,7 +476,7 @@ class Receiver:
         result = await self._announce(
             connection,
             peer,
-            partial.root,
+            partial.location_of(published),
             published,
             name,
             size,
@@ -517,7 +494,7 @@ class Receiver:
         self,
         connection: Connection,
         peer: Peer | None,
-        root: StorageRoot,
+        local_path: str,
         published: str,
         name: str,
         size: int,
@@ -527,7 +504,6 @@ class Receiver:
         elapsed: float,
     ) -> dict[str, Any]:
         """A file was verified and published: tell the callbacks, build the result."""
-        local_path = str(root.path / published)
         metadata = {
             "filename": published,
             "original_name": name,

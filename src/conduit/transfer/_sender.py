@@ -33,11 +33,12 @@ from .._connection import Connection
 from .._peer import Peer
 from .._rpc import current_peer
 from .._streams import OutgoingStream
-from ..errors import ConduitError, RPCError, StreamReset, TransferError, UnsafePathError
+from ..errors import ConduitError, RPCError, StreamReset, TransferError
 from ..protocol import is_valid_stream_id
 from ._answers import begin_answer, finish_answer
+from ._backend import Source
 from ._budget import ByteBudget, SendBudget
-from ._engine import hash_prefix, send_file
+from ._engine import FileSource, hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._local import open_local_file
 from ._names import safe_relative_name
@@ -45,7 +46,6 @@ from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
 from ._rerun import asks_for_sha256, says_skipped
 from ._slots import TransferSlots
-from ._storage import StorageRoot
 from ._wire import (
     PUSH_BEGIN,
     PUSH_FINISH,
@@ -166,7 +166,7 @@ class Sender:
                     return {**skipped, "resumed_from": 0, "elapsed": 0.0, "speed": 0.0}
                 begin = begin_answer(raw, size)
                 start, stream_id = begin.offset, begin.stream_id
-                hasher = await resume_hasher(file, start, begin.prefix_sha256)
+                hasher = await resume_hasher(FileSource(file), start, begin.prefix_sha256)
                 if hasher is None:  # our prefix differs from theirs: restart from zero
                     await peer.call(finish_method, stream_id=stream_id, abandon=True)
                     begin = begin_answer(
@@ -185,7 +185,9 @@ class Sender:
                 )
                 # If the receiver stops us (StreamReset), its verdict below says why.
                 with contextlib.suppress(StreamReset):
-                    await self._stream_out(peer, stream_id, file, start, size, hasher, reporter)
+                    await self._stream_out(
+                        peer, stream_id, FileSource(file), start, size, hasher, reporter
+                    )
                 result = finish_answer(
                     await peer.call(finish_method, stream_id=stream_id, timeout=_NO_TIMEOUT),
                     size,
@@ -242,7 +244,7 @@ class Sender:
         self,
         peer: Peer,
         stream_id: int,
-        file: io.FileIO,
+        source: Source,
         start: int,
         size: int,
         hasher: Any,
@@ -254,7 +256,7 @@ class Sender:
         try:
             trailer = await send_file(
                 stream,
-                file,
+                source,
                 start=start,
                 size=size,
                 hasher=hasher,
@@ -281,21 +283,13 @@ class Sender:
         ``"truncated": True`` is added when ``max_listed`` cut the listing short.
         """
         settings = self._settings
-        storage = settings.storage_for(current_peer())
         try:
-            entries = await trio.to_thread.run_sync(
-                lambda: storage.list_files(
-                    max_entries=settings.max_listed + 1, prefix=prefix or None
-                )
+            entries = await settings.backend.list_files(
+                current_peer(), max_entries=settings.max_listed + 1, prefix=prefix or None
             )
         except Exception as exc:
             raise as_rpc_error(exc) from None
-        answer: dict[str, Any] = {
-            "files": [
-                {"name": e.name, "size": e.size, "modified": e.modified}
-                for e in entries[: settings.max_listed]
-            ]
-        }
+        answer: dict[str, Any] = {"files": entries[: settings.max_listed]}
         if len(entries) > settings.max_listed:
             answer["truncated"] = True
         return answer
@@ -308,28 +302,7 @@ class Sender:
         re-run compares with its local copy. A directory is refused with code
         ``"is_directory"``, which tells ``receive_from_server`` to fetch the tree.
         """
-        storage = self._settings.storage_for(current_peer())
-        try:
-            file, size = await trio.to_thread.run_sync(storage.open_for_read, name)
-        except Exception as exc:
-            if await trio.to_thread.run_sync(_is_directory, storage, name):
-                raise RPCError(f"{name!r} is a directory", "is_directory") from None
-            raise as_rpc_error(exc, name=name) from None
-        with file:
-            info = os.fstat(file.fileno())
-            answer = {
-                "name": safe_relative_name(name),
-                "size": size,
-                "modified_ns": info.st_mtime_ns,
-            }
-            if sha256 is True:
-                # Within the connection's hashing share, cached: not on the
-                # default thread pool, where a loop of these would starve others.
-                gate = self._settings.hash_gate
-                answer["sha256"] = await gate.run(
-                    current_peer().connection, lambda: gate.digest_of_fd(file.fileno(), size)
-                )
-        return answer
+        return await self._settings.backend.stat(current_peer(), name, sha256=sha256 is True)
 
     @trio_callback
     async def rpc_download(
@@ -375,13 +348,12 @@ class Sender:
         limit = self._settings.max_transfers_per_connection
         with self._slots.claim(connection, limit) as slot:
             try:
-                file, actual_size = await trio.to_thread.run_sync(
-                    self._settings.storage_for(caller).open_for_read, name
-                )
+                opened = await self._settings.backend.open_source(caller, name)
             except Exception as exc:
                 raise as_rpc_error(exc, name=name) from None
+            source = opened.source
             try:
-                if actual_size != size:
+                if opened.size != size:
                     raise RPCError(f"{name!r} changed on the server; ask again", "source_changed")
                 base = 0
                 if (range_offset, range_length) != (0, WHOLE_FILE):
@@ -389,12 +361,12 @@ class Sender:
                         base, size = resolve_range(size, range_offset, range_length)
                     except TransferError as exc:
                         raise as_rpc_error(exc) from None
-                    await trio.to_thread.run_sync(file.seek, base)
+                    await source.seek(base)
                 start = offset if 0 <= offset <= size else 0
-                hasher = await self._checked_resume(caller, name, file, start, prefix_sha256)
+                hasher = await self._checked_resume(caller, name, source, start, prefix_sha256)
                 if hasher is None:
                     start, hasher = 0, hashlib.sha256()
-                    await trio.to_thread.run_sync(file.seek, base)
+                    await source.seek(base)
                 reporter = ProgressReporter(
                     None, filename=name, direction="download", total_size=size, resumed_from=start
                 )
@@ -404,7 +376,7 @@ class Sender:
                     caller,
                     safe_relative_name(name),
                     stream_id,
-                    file,
+                    source,
                     start,
                     size,
                     hasher,
@@ -412,12 +384,12 @@ class Sender:
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(file.close)
+                    await source.aclose()
                 raise
         return {"offset": start, "size": size}
 
     async def _checked_resume(
-        self, caller: Peer, name: str, file: io.FileIO, start: int, their_prefix: str
+        self, caller: Peer, name: str, source: Source, start: int, their_prefix: str
     ) -> Any | None:
         """:func:`resume_hasher` within the connection's budget; None means "from zero".
 
@@ -443,7 +415,7 @@ class Sender:
                     limit,
                 )
                 return None
-            hasher = await resume_hasher(file, start, their_prefix, limiter=self._hash_limiter)
+            hasher = await resume_hasher(source, start, their_prefix, limiter=self._hash_limiter)
             if hasher is None:
                 budget.hashed_in_vain += start
         return hasher
@@ -453,16 +425,18 @@ class Sender:
         caller: Peer,
         name: str,
         stream_id: int,
-        file: io.FileIO,
+        source: Source,
         start: int,
         size: int,
         hasher: Any,
         reporter: ProgressReporter,
     ) -> None:
-        """The spawned half of a download; owns the file (and, via its slot wrapper, the slot)."""
+        """The spawned half of a download; owns the source (and, via its slot wrapper, the slot)."""
         outcome: dict[str, Any]
         try:
-            trailer = await self._stream_out(caller, stream_id, file, start, size, hasher, reporter)
+            trailer = await self._stream_out(
+                caller, stream_id, source, start, size, hasher, reporter
+            )
         except (ConduitError, OSError) as exc:
             log.warning("download of %r stopped: %s", name, exc)
             outcome = transfer_failure(exc)
@@ -471,13 +445,13 @@ class Sender:
             outcome = {
                 "success": True,
                 "checksum": trailer.checksum,
-                "path": str(self._settings.storage_for(caller).path / name),
+                "path": self._settings.backend.location_of(caller, name),
                 "elapsed": final.elapsed,
                 "speed": final.speed,
             }
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(file.close)
+                await source.aclose()
         await self._served(caller, name, {"size": size, "resumed_from": start, **outcome})
 
     async def _served(self, caller: Peer, name: str, metadata: dict[str, Any]) -> None:
@@ -491,7 +465,7 @@ class Sender:
 
 
 async def resume_hasher(
-    file: io.FileIO,
+    source: Source,
     start: int,
     their_prefix: str,
     *,
@@ -505,14 +479,7 @@ async def resume_hasher(
     if start == 0:
         return hashlib.sha256()
     try:
-        hasher = await hash_prefix(file, start, limiter=limiter)
+        hasher = await source.hash_prefix(start, limiter)
     except TransferError:
         return None
     return hasher if hasher.hexdigest() == their_prefix else None
-
-
-def _is_directory(storage: StorageRoot, name: str) -> bool:
-    try:
-        return storage.is_directory(name)
-    except UnsafePathError:
-        return False

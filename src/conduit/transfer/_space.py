@@ -81,7 +81,11 @@ def check_writable(peer: Peer | None) -> None:
 class BudgetSettings(Protocol):
     """The handler settings the budget reads at each use."""
 
-    storage: StorageRoot
+    @property
+    def storage(self) -> StorageRoot:
+        """The storage directory's root."""
+        ...
+
     max_file_size: int | None
     overwrite: bool
     partial_ttl: float

@@ -1,0 +1,198 @@
+"""The storage seam of the transfer handler: what the server side asks of where files live.
+
+``FileTransferHandler`` picks one :class:`Backend` when it is built and the
+receiver, sender and manager only ever talk to it:
+
+* :class:`._backend_local.LocalBackend` -- a local directory (the default):
+  the fd-based :class:`._storage.StorageRoot`, fsync, the disk budget
+  (:mod:`._space`), the hash gate's cached ``pread`` hashing, the batch
+  store's group commit. It is the code that ran before the seam existed,
+  moved behind it unchanged, so the local store keeps every guarantee and
+  its speed;
+* :class:`._backend_store.StoreBackend` -- any
+  :class:`conduit.cluster.store.Store` (``storage_dir="s3://BUCKET/PREFIX"``:
+  :class:`conduit.cluster.s3.S3Store`), through that async protocol only.
+
+The seam is at the depth of the handler's operations (admit an upload, list,
+stat, open for a download, delete, rename) rather than of single file
+operations, because that is where the two differ: the local store decides
+space and ownership with one lock around its directory, an object store with
+conditional writes. Below the seam, bytes move through two small interfaces
+shared by both: a :class:`Sink` (a partial being received) and a
+:class:`Source` (a stored file being sent); the engine (:mod:`._engine`)
+streams into and out of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from ..protocol.connection import Buffer
+from ._engine import BlockReader, BlockWriter
+from ._storage import PartialFile
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+    from ._batch_store import Entry
+
+__all__ = ["Admitted", "Backend", "LocalSink", "Sink", "Source"]
+
+
+class Sink(BlockWriter, Protocol):
+    """A file being received: write, then publish (or close to resume later, or discard)."""
+
+    def sha256_hex(self) -> str:
+        """Hex SHA-256 of the bytes accepted so far."""
+        ...
+
+    async def publish(self, *, overwrite: bool, expected_sha256: str) -> str:
+        """Verify, make durable and visible without overwriting; the relative name used.
+
+        A wrong ``expected_sha256`` discards the partial and raises ``ChecksumMismatch``.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop writing and keep what is durable, for a resume."""
+        ...
+
+    async def discard(self) -> None:
+        """Delete the partial (harmless after :meth:`close` or twice)."""
+        ...
+
+    def location_of(self, name: str) -> str:
+        """Where the published ``name`` lives (a path or a URL), for callbacks and logs."""
+        ...
+
+
+class Source(BlockReader, Protocol):
+    """A stored file opened to be sent (a download served, or a local file uploaded)."""
+
+    async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
+        """Hash the next ``length`` bytes; the hasher (``TransferError`` if it is shorter)."""
+        ...
+
+    async def seek(self, position: int) -> None:
+        """Continue reading from byte ``position``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the file or connection."""
+        ...
+
+
+@attrs.define(eq=False)
+class Admitted:
+    """An upload a backend accepted: the partial to receive into, and the backend's ticket."""
+
+    sink: Sink
+    #: The backend's own record of the admission (its reservation), given back to release.
+    ticket: Any
+
+
+@attrs.frozen
+class Opened:
+    """A stored file opened for a download: where to read it, and what it is."""
+
+    source: Source
+    size: int
+    modified_ns: int
+
+
+class Backend(Protocol):
+    """The server side of storage, as the transfer roles use it (names are network names)."""
+
+    def location_of(self, peer: Peer | None, name: str) -> str:
+        """Where ``peer``'s published ``name`` lives (a path or a URL)."""
+        ...
+
+    async def rerun_answer(
+        self, peer: Peer, name: str, size: int, sha256: str
+    ) -> dict[str, Any] | None:
+        """A begin's answer when the file may already be there (see :mod:`._rerun`), else None."""
+        ...
+
+    async def admit(self, peer: Peer, name: str, size: int, key: str, *, restart: bool) -> Admitted:
+        """Check the upload against every limit, open its partial (resuming unless ``restart``)."""
+        ...
+
+    async def release(self, admitted: Admitted) -> None:
+        """The upload ended (published, kept for a resume or discarded): free its reservation."""
+        ...
+
+    async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
+        """Store one-shot small files; each outcome is left on its entry (:mod:`._batch_store`)."""
+        ...
+
+    async def list_files(
+        self, peer: Peer | None, *, max_entries: int, prefix: str | None
+    ) -> list[dict[str, Any]]:
+        """Published files as ``{"name", "size", "modified"}``, sorted by name."""
+        ...
+
+    async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:
+        """The ``file_stat`` answer; ``RPCError`` ``is_directory`` for a directory."""
+        ...
+
+    async def open_source(self, peer: Peer, name: str) -> Opened:
+        """Open the published ``name`` for a download, positioned at byte 0."""
+        ...
+
+    async def delete(self, peer: Peer, name: str) -> None:
+        """Remove the published ``name`` (``FileNotFoundError`` if there is none)."""
+        ...
+
+    async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
+        """Rename ``old`` to ``new`` (``exists`` unless ``overwrite``); the new name."""
+        ...
+
+
+def _write_chunks(partial: PartialFile, chunks: Sequence[Buffer]) -> None:
+    # One write and one hash update per batch, not per chunk: every call that
+    # releases the GIL must win it back from the event loop thread, and with
+    # sixteen of them per megabyte that handoff, not the disk, set the pace.
+    partial.write_block(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+class LocalSink:
+    """A :class:`Sink` over a local :class:`PartialFile`: each call one worker-thread hop."""
+
+    def __init__(self, partial: PartialFile) -> None:
+        """Wrap an open partial file."""
+        self.partial = partial
+
+    @property
+    def offset(self) -> int:
+        """Bytes written."""
+        return self.partial.offset
+
+    def sha256_hex(self) -> str:
+        """Hex SHA-256 of the bytes written."""
+        return self.partial.sha256_hex()
+
+    async def write(self, chunks: Sequence[Buffer]) -> None:
+        """Append ``chunks`` (one write, one hash update, in a worker thread)."""
+        await trio.to_thread.run_sync(_write_chunks, self.partial, chunks)
+
+    async def publish(self, *, overwrite: bool, expected_sha256: str) -> str:
+        """Verify, fsync, link without overwriting (see :meth:`PartialFile.publish`)."""
+        partial = self.partial
+        return await trio.to_thread.run_sync(
+            lambda: partial.publish(overwrite=overwrite, expected_sha256=expected_sha256)
+        )
+
+    async def close(self) -> None:
+        """Close, keeping the partial file for a resume."""
+        await trio.to_thread.run_sync(self.partial.close)
+
+    async def discard(self) -> None:
+        """Delete the partial file."""
+        await trio.to_thread.run_sync(self.partial.discard)
+
+    def location_of(self, name: str) -> str:
+        """The absolute path of the published ``name``."""
+        return str(self.partial.root.path / name)

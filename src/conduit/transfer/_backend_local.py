@@ -1,0 +1,163 @@
+"""The local directory behind the storage seam (:mod:`._backend`): the default store.
+
+Every operation is what the receiver, sender and manager did before the seam
+existed, unchanged: a :class:`._storage.StorageRoot` per user (fd-based
+confinement, never a symlink followed, fsync before a link that never
+overwrites), the :class:`._space.DiskBudget` (reservations, quotas, partial
+ownership and expiry), the :class:`._hashing.HashGate` (cached ``pread``
+hashing for ``file_stat(sha256=True)`` and re-run checks) and the batch
+store's group commit (:mod:`._batch_store`). Each call is one worker-thread
+hop, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ..errors import RPCError, UnsafePathError
+from ._backend import Admitted, LocalSink, Opened
+from ._batch_store import Entry, store_batch
+from ._engine import FileSource
+from ._hashing import HashGate
+from ._names import safe_relative_name
+from ._rerun import find_already_there, same_size_exists, skipped_result
+from ._space import Admission, BudgetSettings, DiskBudget, user_storage
+from ._storage import StorageRoot
+from ._wire import as_rpc_error
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+
+__all__ = ["LocalBackend"]
+
+
+class LocalSettings(BudgetSettings, Protocol):
+    """The handler settings the local store reads at each use."""
+
+    hash_gate: HashGate
+
+
+class LocalBackend:
+    """:class:`._backend.Backend` on the handler's storage directory."""
+
+    def __init__(self, settings: LocalSettings) -> None:
+        """Serve ``settings.storage`` (read at each use, as the handler's other settings)."""
+        self._settings = settings
+        # Reservations, quotas, partial ownership and expiry (see ._space).
+        self.budget = DiskBudget(settings)
+
+    def root_for(self, peer: Peer | None) -> StorageRoot:
+        """The root ``peer`` sees: its user's root in accounts mode, else the storage."""
+        return user_storage(self._settings.storage, peer)[0]
+
+    def location_of(self, peer: Peer | None, name: str) -> str:
+        """The absolute path of ``name`` in ``peer``'s root."""
+        return str(self.root_for(peer).path / name)
+
+    # ------------------------------------------------------------------ uploads
+
+    async def rerun_answer(
+        self, peer: Peer, name: str, size: int, sha256: str
+    ) -> dict[str, Any] | None:
+        """See :meth:`._backend.Backend.rerun_answer` (hashing within the hash gate)."""
+        storage = self.root_for(peer)
+        if not await same_size_exists(storage, name, size):
+            return None
+        if not sha256:
+            return {"check_sha256": True}
+        stored = await find_already_there(
+            storage, name, size, sha256, (self._settings.hash_gate, peer.connection)
+        )
+        return None if stored is None else skipped_result(stored, size, sha256)
+
+    async def admit(self, peer: Peer, name: str, size: int, key: str, *, restart: bool) -> Admitted:
+        """See :meth:`._backend.Backend.admit` (the disk budget's rules)."""
+        admission = await self.budget.admit(peer, name, size, key, restart=restart)
+        assert admission.partial is not None
+        return Admitted(LocalSink(admission.partial), admission)
+
+    async def release(self, admitted: Admitted) -> None:
+        """See :meth:`._backend.Backend.release`."""
+        admission: Admission = admitted.ticket
+        await self.budget.release(admission)
+
+    async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
+        """All of ``entries`` in one worker-thread hop, one fsync pass (:mod:`._batch_store`)."""
+        try:
+            admitter = await self.budget.one_shot(peer)
+        except Exception as exc:
+            raise as_rpc_error(exc) from None
+        gate = self._settings.hash_gate
+        overwrite = self._settings.overwrite
+        try:
+            # Within the hash gate: a re-run check may hash stored files (one
+            # batch at a time per connection, on the gate's shared threads).
+            await gate.run(
+                peer.connection,
+                lambda: store_batch(entries, admitter, overwrite, gate.digest_of_fd),
+            )
+        finally:
+            admitter.finished()
+
+    # ------------------------------------------------------------------ reads
+
+    async def list_files(
+        self, peer: Peer | None, *, max_entries: int, prefix: str | None
+    ) -> list[dict[str, Any]]:
+        """See :meth:`._backend.Backend.list_files`."""
+        storage = self.root_for(peer)
+        entries = await trio.to_thread.run_sync(
+            lambda: storage.list_files(max_entries=max_entries, prefix=prefix)
+        )
+        return [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
+
+    async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:
+        """See :meth:`._backend.Backend.stat` (``sha256``: cached, within the hash gate)."""
+        storage = self.root_for(peer)
+        try:
+            file, size = await trio.to_thread.run_sync(storage.open_for_read, name)
+        except Exception as exc:
+            if await trio.to_thread.run_sync(_is_directory, storage, name):
+                raise RPCError(f"{name!r} is a directory", "is_directory") from None
+            raise as_rpc_error(exc, name=name) from None
+        with file:
+            info = os.fstat(file.fileno())
+            answer: dict[str, Any] = {
+                "name": safe_relative_name(name),
+                "size": size,
+                "modified_ns": info.st_mtime_ns,
+            }
+            if sha256:
+                # Within the connection's hashing share, cached: not on the
+                # default thread pool, where a loop of these would starve others.
+                gate = self._settings.hash_gate
+                answer["sha256"] = await gate.run(
+                    peer.connection, lambda: gate.digest_of_fd(file.fileno(), size)
+                )
+        return answer
+
+    async def open_source(self, peer: Peer, name: str) -> Opened:
+        """See :meth:`._backend.Backend.open_source` (an open descriptor, read in threads)."""
+        file, size = await trio.to_thread.run_sync(self.root_for(peer).open_for_read, name)
+        return Opened(FileSource(file), size, os.fstat(file.fileno()).st_mtime_ns)
+
+    # ------------------------------------------------------------------ changes
+
+    async def delete(self, peer: Peer, name: str) -> None:
+        """See :meth:`._backend.Backend.delete` (see :meth:`StorageRoot.delete`)."""
+        await trio.to_thread.run_sync(self.root_for(peer).delete, name)
+
+    async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
+        """See :meth:`._backend.Backend.rename` (see :meth:`StorageRoot.rename`)."""
+        storage = self.root_for(peer)
+        return await trio.to_thread.run_sync(lambda: storage.rename(old, new, overwrite=overwrite))
+
+
+def _is_directory(storage: StorageRoot, name: str) -> bool:
+    try:
+        return storage.is_directory(name)
+    except UnsafePathError:
+        return False

@@ -1,0 +1,626 @@
+"""An object store behind the storage seam (:mod:`._backend`): ``storage_dir="s3://..."``.
+
+Everything goes through the async :class:`conduit.cluster.store.Store`
+protocol (:class:`conduit.cluster.s3.S3Store` in practice), whose partials are
+multipart uploads with their state beside them, so that any node sharing the
+bucket can resume, list, serve, delete and rename what another node stored.
+What the local store's disk budget (:mod:`._space`) decides with one lock
+around a directory is decided here as follows:
+
+* **Size.** ``max_file_size``, and what the store can hold at all
+  (:meth:`Store.check_can_accept`); there is no free-space check.
+* **Ownership.** A partial's transfer id is derived from the sender's
+  transfer key *and* its owner (the user in accounts mode, else the client's
+  host), so another client sending the same file gets a partial of its own
+  and can neither resume, reset nor truncate the first; the same client
+  resumes it through any node, since every node derives the same id.
+* **Memory.** An upload holds up to two parts in memory (one filling, one
+  being stored; 8 MiB each by default), so at most
+  :data:`MAX_UPLOADS_PER_CONNECTION` run at once per connection and
+  :data:`MAX_UPLOADS` per handler; more are refused with ``overloaded``.
+* **Abandoned partials.** Kept (their whole parts are durable) for a resume
+  from any node. This node indexes the ones it left and evicts an owner's
+  oldest beyond :data:`._space.MAX_ABANDONED_PER_OWNER`, and the oldest first
+  when ``max_partial_bytes`` would be exceeded; a sweeper removes, every
+  :func:`sweep_interval`, every partial of the store nobody wrote to for
+  ``partial_ttl`` (whichever node left it).
+* **Accounts.** A user's root is a key prefix (``PREFIX/<root>/...``): the
+  same confinement, since every name is a checked relative name below it.
+  ``quota`` counts the user's published files (one listing per upload) and
+  the uploads in progress on this node; ``read_only`` refuses changes.
+
+Re-runs store no second copy, as locally (:mod:`._rerun`): same-size
+candidates are found with ``stat`` and hashed by reading them back (cached by
+location, size and modification time; one hash at a time per connection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import attrs
+import trio
+
+from ..accounts import check_root
+from ..cluster.store import FileReader, PartialUpload, Store, StoredFile
+from ..errors import RPCError, TransferError
+from ..protocol.connection import Buffer
+from ._backend import Admitted, Opened
+from ._hashing import HashGate
+from ._names import collision_candidates, safe_relative_name, split_name
+from ._rerun import MAX_VARIANTS, skipped_result
+from ._space import MAX_ABANDONED_PER_OWNER, check_writable
+from ._wire import as_rpc_error
+
+if TYPE_CHECKING:
+    from .._peer import Peer
+    from ._batch_store import Entry
+
+__all__ = ["MAX_UPLOADS", "MAX_UPLOADS_PER_CONNECTION", "StoreBackend", "StoreSink", "StoreSource"]
+
+log = logging.getLogger("conduit.transfer")
+
+#: Uploads one connection may have open at once on an object store (each holds
+#: up to two parts in memory).
+MAX_UPLOADS_PER_CONNECTION: Final = 4
+#: Uploads the handler may have open at once on an object store.
+MAX_UPLOADS: Final = 32
+#: Bytes read per call when hashing a stored object.
+_HASH_BLOCK: Final = 4 * 1024 * 1024
+#: Digests of stored objects kept.
+_DIGESTS: Final = 1024
+
+
+def sweep_interval(partial_ttl: float) -> float:
+    """Seconds between two sweeps of the store's expired partials."""
+    return max(1.0, min(partial_ttl / 4, 300.0))
+
+
+class StoreSettings(Protocol):
+    """The handler settings the store backend reads at each use."""
+
+    max_file_size: int | None
+    overwrite: bool
+    partial_ttl: float
+    max_partial_bytes: int | None
+    hash_gate: HashGate
+
+
+# --------------------------------------------------------------------------- sink and source
+
+
+class StoreSink:
+    """A :class:`._backend.Sink` over a store's :class:`PartialUpload`."""
+
+    def __init__(self, partial: PartialUpload, store: Store) -> None:
+        """Wrap an open partial upload of ``store``."""
+        self.partial = partial
+        self._store = store
+        #: Published or discarded: nothing left to resume.
+        self.finished = False
+
+    @property
+    def offset(self) -> int:
+        """Bytes accepted."""
+        return self.partial.offset
+
+    def sha256_hex(self) -> str:
+        """Hex SHA-256 of the bytes accepted."""
+        return self.partial.sha256_hex()
+
+    async def write(self, chunks: Sequence[Buffer]) -> None:
+        """Append ``chunks`` (whole parts go to the store as they fill)."""
+        for chunk in chunks:
+            await self.partial.append(chunk)
+
+    async def publish(self, *, overwrite: bool, expected_sha256: str) -> str:
+        """Verify, complete without overwriting; the name used.
+
+        ``overwrite`` was decided when the partial was opened (an object
+        store fixes the final key then); the backend opened it with the same
+        setting.
+        """
+        name = await self.partial.publish(expected_sha256=expected_sha256)
+        self.finished = True
+        return name
+
+    async def close(self) -> None:
+        """Keep the stored parts for a resume."""
+        await self.partial.close()
+
+    async def discard(self) -> None:
+        """Abort the upload."""
+        self.finished = True
+        await self.partial.discard()
+
+    def location_of(self, name: str) -> str:
+        """The URL of the published ``name``."""
+        return self._store.location_of(name)
+
+
+class StoreSource:
+    """A :class:`._backend.Source` over a store's :class:`FileReader` (one ranged read)."""
+
+    def __init__(self, store: Store, name: str, reader: FileReader) -> None:
+        """Read ``name`` of ``store`` through ``reader`` (opened at byte 0)."""
+        self._store = store
+        self._name = name
+        self._reader = reader
+        self._position = 0
+
+    async def read_hashed(
+        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
+    ) -> bytes:
+        """See :meth:`._engine.BlockReader.read_hashed`."""
+        if threads is None:
+            data = await self._reader.read(size)
+        else:
+            async with threads:
+                data = await self._reader.read(size)
+        if data:
+            await trio.to_thread.run_sync(hasher.update, data)
+        self._position += len(data)
+        return data
+
+    async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
+        """Hash the next ``length`` bytes; ``TransferError`` if the object is shorter."""
+        hasher = hashlib.sha256()
+        remaining = length
+        while remaining > 0:
+            block = await self._reader.read(min(_HASH_BLOCK, remaining))
+            if not block:
+                raise TransferError("the file is shorter than the part to resume", "source_changed")
+            await trio.to_thread.run_sync(hasher.update, block, limiter=limiter)
+            remaining -= len(block)
+            self._position += len(block)
+        return hasher
+
+    async def seek(self, position: int) -> None:
+        """Continue from ``position``: a new ranged read of the same object."""
+        if position == self._position:
+            return
+        reader = await self._store.open_reader(self._name, start=position)
+        old = self._reader
+        if (reader.size, reader.modified_ns) != (old.size, old.modified_ns):
+            await reader.aclose()
+            raise TransferError(
+                f"{self._name!r} changed on the server; ask again", "source_changed"
+            )
+        self._reader, self._position = reader, position
+        await old.aclose()
+
+    async def aclose(self) -> None:
+        """Close the read."""
+        await self._reader.aclose()
+
+
+# --------------------------------------------------------------------------- bookkeeping
+
+
+@attrs.define(eq=False)
+class _Upload:
+    """An admitted upload: what it reserves, and who runs it."""
+
+    root: str
+    store: Store
+    name: str
+    transfer_id: str
+    owner: str
+    size: int
+    uploads: set[_Upload]
+    sink: StoreSink | None = None
+
+
+@attrs.define
+class _Kept:
+    """A partial this node left for a resume."""
+
+    root: str
+    store: Store
+    name: str
+    transfer_id: str
+    owner: str
+    size: int
+    modified: float  # wall clock
+
+
+def _owner(peer: Peer | None) -> str:
+    """Who a partial belongs to: the user, else the client's host, else the connection."""
+    if peer is None:
+        return ""
+    username = getattr(peer, "username", None)
+    if username is not None:
+        return f"user:{username}"
+    address = peer.address
+    if isinstance(address, tuple) and address:
+        return f"host:{address[0]}"
+    return f"connection:{peer.id}"
+
+
+def _transfer_id(key: str | None, owner: str) -> str:
+    """The partial's id: the sender's key bound to its owner (a one-off id without a key)."""
+    if key is None:
+        return secrets.token_hex(16)
+    return hashlib.sha256(f"{key}\0{owner}".encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class StoreBackend:
+    """:class:`._backend.Backend` on a :class:`conduit.cluster.store.Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: StoreSettings,
+        *,
+        substore: Callable[[str], Store] | None = None,
+    ) -> None:
+        """Serve ``store``; ``substore(root)`` gives a user's root (None: no accounts)."""
+        self.store = store
+        self._settings = settings
+        self._substore = substore
+        self._roots: dict[str, Store] = {}
+        self._active: set[_Upload] = set()
+        self._kept: dict[tuple[str, str, str], _Kept] = {}
+        self._digests: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # ------------------------------------------------------------------ roots
+
+    def _store_for(self, peer: Peer | None) -> tuple[str, Store]:
+        account = getattr(peer, "account", None)
+        if account is None:
+            return "", self.store
+        root = check_root(account.root)
+        store = self._roots.get(root)
+        if store is None:
+            if self._substore is None:
+                raise TransferError("this store has no per-user roots", "forbidden")
+            store = self._roots[root] = self._substore(root)
+        return root, store
+
+    def location_of(self, peer: Peer | None, name: str) -> str:
+        """The URL of ``name`` in ``peer``'s root."""
+        return self._store_for(peer)[1].location_of(name)
+
+    # ------------------------------------------------------------------ sweeping
+
+    def _ensure_sweeper(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+        if self._token is not token:
+            self._token = token
+            trio.lowlevel.spawn_system_task(
+                self._sweeper, token, name="conduit store partial sweeper"
+            )
+
+    async def _sweeper(self, token: trio.lowlevel.TrioToken) -> None:
+        # A system task: it outlives the connections whose partials it expires
+        # and ends with the run.
+        while self._token is token:
+            ttl = self._settings.partial_ttl
+            cutoff = time.time() - ttl
+            for key, kept in list(self._kept.items()):
+                if kept.modified < cutoff:
+                    del self._kept[key]
+            for store in [self.store, *self._roots.values()]:
+                try:
+                    removed = await store.cleanup_stale_partials(ttl)
+                except Exception:
+                    log.exception("sweeping the expired partials of the store failed")
+                else:
+                    if removed:
+                        log.info("removed %d expired partial uploads", removed)
+            await trio.sleep(sweep_interval(ttl))
+
+    # ------------------------------------------------------------------ uploads
+
+    async def admit(
+        self, peer: Peer, name: str, size: int, key: str | None, *, restart: bool
+    ) -> Admitted:
+        """See :meth:`._backend.Backend.admit`."""
+        self._ensure_sweeper()
+        settings = self._settings
+        check_writable(peer)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise TransferError(f"invalid size {size!r}", "invalid_size")
+        root, store = self._store_for(peer)
+        await store.check_can_accept(size, settings.max_file_size, offset=size)
+        quota = getattr(getattr(peer, "account", None), "quota", None)
+        used = 0
+        if quota is not None:
+            used = sum(entry.size for entry in await store.list_files())
+        owner = _owner(peer)
+        transfer_id = _transfer_id(key, owner)
+        connection = peer.connection
+        uploads: set[_Upload] | None = connection.owned.get(self)
+        if uploads is None:
+            uploads = connection.owned[self] = set()
+        # From here to registering the upload nothing waits, so no other
+        # admission can count the same room.
+        if len(uploads) >= MAX_UPLOADS_PER_CONNECTION or len(self._active) >= MAX_UPLOADS:
+            raise TransferError("too many uploads at once; try again later", "overloaded")
+        if settings.overwrite and any(
+            other.root == root and other.name == name for other in self._active
+        ):
+            raise TransferError(
+                f"{name!r} is being written by another upload; try again later", "busy"
+            )
+        if quota is not None:
+            reserved = sum(other.size for other in self._active if other.root == root)
+            if used + reserved + size > quota:
+                raise TransferError(
+                    f"the upload would exceed this account's quota of {quota} bytes",
+                    "quota_exceeded",
+                )
+        own = (root, name, transfer_id)
+        evict = self._room_for_partials(size, own)
+        upload = _Upload(root, store, name, transfer_id, owner, size, uploads)
+        self._active.add(upload)
+        uploads.add(upload)
+        self._kept.pop(own, None)
+        try:
+            for kept in evict:
+                log.info("evicted abandoned partial %r to make room", kept.name)
+                await kept.store.discard_partial(kept.name, kept.transfer_id)
+            resume = key is not None and not restart
+            overwrite = settings.overwrite
+            partial = await store.open_partial(
+                name, transfer_id, resume=resume, overwrite=overwrite
+            )
+            if partial.offset > size:
+                # Longer than the file: not a prefix of it; start over.
+                await partial.close()
+                partial = await store.open_partial(
+                    name, transfer_id, resume=False, overwrite=overwrite
+                )
+        except BaseException:
+            self._forget(upload)
+            raise
+        upload.sink = StoreSink(partial, store)
+        return Admitted(upload.sink, upload)
+
+    def _room_for_partials(self, size: int, own: tuple[str, str, str]) -> list[_Kept]:
+        """The abandoned partials to evict (oldest first) so that ``max_partial_bytes`` holds."""
+        cap = self._settings.max_partial_bytes
+        if cap is None:
+            return []
+        kept = sorted(
+            (entry for key, entry in self._kept.items() if key != own),
+            key=lambda entry: entry.modified,
+        )
+        total = sum(e.size for e in kept) + sum(a.size for a in self._active) + size
+        evict = []
+        for entry in kept:
+            if total <= cap:
+                break
+            evict.append(entry)
+            total -= entry.size
+        if total > cap:
+            raise TransferError(
+                f"unfinished uploads would exceed the limit of {cap} bytes; try again later",
+                "no_space",
+            )
+        for entry in evict:
+            self._kept.pop((entry.root, entry.name, entry.transfer_id), None)
+        return evict
+
+    def _forget(self, upload: _Upload) -> None:
+        self._active.discard(upload)
+        upload.uploads.discard(upload)
+
+    async def release(self, admitted: Admitted) -> None:
+        """See :meth:`._backend.Backend.release`: index a kept partial, or remove an empty one."""
+        upload: _Upload = admitted.ticket
+        self._forget(upload)
+        sink = upload.sink
+        if sink is None or sink.finished:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                durable = await upload.store.find_partial(upload.name, upload.transfer_id)
+                if not durable:
+                    # Nothing to resume: do not keep an upload (and a name) for nothing.
+                    await upload.store.discard_partial(upload.name, upload.transfer_id)
+                    return
+            except Exception as exc:
+                log.warning("could not look up the partial of %r: %s", upload.name, exc)
+                return
+            key = (upload.root, upload.name, upload.transfer_id)
+            self._kept[key] = _Kept(
+                upload.root,
+                upload.store,
+                upload.name,
+                upload.transfer_id,
+                upload.owner,
+                durable,
+                time.time(),
+            )
+            await self._cap_owner(upload.owner)
+
+    async def _cap_owner(self, owner: str) -> None:
+        """Evict ``owner``'s oldest kept partials beyond :data:`MAX_ABANDONED_PER_OWNER`."""
+        mine = sorted(
+            (entry for entry in self._kept.values() if entry.owner == owner),
+            key=lambda entry: entry.modified,
+        )
+        for entry in mine[: max(0, len(mine) - MAX_ABANDONED_PER_OWNER)]:
+            self._kept.pop((entry.root, entry.name, entry.transfer_id), None)
+            try:
+                await entry.store.discard_partial(entry.name, entry.transfer_id)
+            except Exception as exc:
+                log.warning("could not evict the partial of %r: %s", entry.name, exc)
+            else:
+                log.info("evicted abandoned partial %r: too many for %s", entry.name, owner)
+
+    async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
+        """Each entry as a one-part upload, one after the other; outcomes left on the entries."""
+        overwrite = self._settings.overwrite
+        for entry in entries:
+            if entry.error is not None:
+                continue
+            try:
+                entry.safe = safe_relative_name(entry.name)
+                size = len(entry.data)
+                answer = await self.rerun_answer(peer, entry.safe, size, entry.sha256)
+                if answer is not None and answer.get("skipped") is True:
+                    entry.published, entry.skipped = answer["path"], True
+                    continue
+                admitted = await self.admit(peer, entry.safe, size, None, restart=True)
+            except Exception as exc:
+                entry.error = as_rpc_error(exc, name=entry.name)
+                continue
+            sink = admitted.sink
+            try:
+                await sink.write([entry.data])
+                entry.published = await sink.publish(
+                    overwrite=overwrite, expected_sha256=entry.sha256
+                )
+            except Exception as exc:
+                with trio.CancelScope(shield=True):
+                    await sink.discard()
+                entry.error = as_rpc_error(exc, name=entry.name)
+            finally:
+                await self.release(admitted)
+
+    async def rerun_answer(
+        self, peer: Peer, name: str, size: int, sha256: str
+    ) -> dict[str, Any] | None:
+        """See :meth:`._backend.Backend.rerun_answer` (candidates by stat, hashed by reading)."""
+        _root, store = self._store_for(peer)
+        candidates = await self._same_size(store, name, size)
+        if not candidates:
+            return None
+        if not sha256:
+            return {"check_sha256": True}
+        wanted = sha256.strip().lower()
+        for stored in candidates:
+            digest = await self._digest(peer, store, stored)
+            if hmac.compare_digest(digest, wanted):
+                return skipped_result(stored.name, size, sha256)
+        return None
+
+    async def _same_size(self, store: Store, name: str, size: int) -> list[StoredFile]:
+        """``name`` and its collision variants up to the first free one, of ``size`` bytes."""
+        directories, basename = split_name(name)
+        found = []
+        variants = itertools.islice(collision_candidates(basename), MAX_VARIANTS)
+        for candidate in itertools.chain([basename], variants):
+            try:
+                stored = await store.stat("/".join((*directories, candidate)))
+            except FileNotFoundError:
+                break
+            if stored.size == size:
+                found.append(stored)
+        return found
+
+    async def _digest(self, peer: Peer, store: Store, stored: StoredFile) -> str:
+        """SHA-256 hex of a stored object: read back, one at a time per connection, cached."""
+        key = (store.location_of(stored.name), stored.size, stored.modified_ns)
+        cached = self._digests.get(key)
+        if cached is not None:
+            self._digests.move_to_end(key)
+            return cached
+        gate = self._settings.hash_gate
+        async with gate.lock_for(peer.connection):
+            reader = await store.open_reader(stored.name)
+            try:
+                if (reader.size, reader.modified_ns) != (stored.size, stored.modified_ns):
+                    raise TransferError(f"{stored.name!r} changed; ask again", "source_changed")
+                source = StoreSource(store, stored.name, reader)
+                digest: str = (await source.hash_prefix(stored.size, gate.limiter)).hexdigest()
+            finally:
+                await reader.aclose()
+        gate.hashed_bytes += stored.size
+        self._digests[key] = digest
+        while len(self._digests) > _DIGESTS:
+            self._digests.popitem(last=False)
+        return digest
+
+    # ------------------------------------------------------------------ reads
+
+    async def list_files(
+        self, peer: Peer | None, *, max_entries: int, prefix: str | None
+    ) -> list[dict[str, Any]]:
+        """See :meth:`._backend.Backend.list_files`."""
+        _root, store = self._store_for(peer)
+        entries = await store.list_files(max_entries=max_entries, prefix=prefix)
+        return [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
+
+    async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:
+        """See :meth:`._backend.Backend.stat`: a ``HEAD``; ``sha256`` reads the object back."""
+        _root, store = self._store_for(peer)
+        try:
+            stored = await store.stat(name)
+        except FileNotFoundError as exc:
+            if await _is_directory(store, name):
+                raise RPCError(f"{name!r} is a directory", "is_directory") from None
+            raise as_rpc_error(exc, name=name) from None
+        except Exception as exc:
+            raise as_rpc_error(exc, name=name) from None
+        answer: dict[str, Any] = {
+            "name": stored.name,
+            "size": stored.size,
+            "modified_ns": stored.modified_ns,
+        }
+        if sha256:
+            try:
+                answer["sha256"] = await self._digest(peer, store, stored)
+            except Exception as exc:
+                raise as_rpc_error(exc, name=name) from None
+        return answer
+
+    async def open_source(self, peer: Peer, name: str) -> Opened:
+        """See :meth:`._backend.Backend.open_source`: one ranged ``GET`` (again after a seek)."""
+        _root, store = self._store_for(peer)
+        safe = safe_relative_name(name)
+        reader = await store.open_reader(safe)
+        return Opened(StoreSource(store, safe, reader), reader.size, reader.modified_ns)
+
+    # ------------------------------------------------------------------ changes
+
+    async def delete(self, peer: Peer, name: str) -> None:
+        """See :meth:`._backend.Backend.delete`."""
+        _root, store = self._store_for(peer)
+        safe = safe_relative_name(name)
+        if not await store.delete(safe):
+            raise FileNotFoundError(2, "no such file in storage", safe)
+
+    async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
+        """See :meth:`._backend.Backend.rename`: a server-side copy, then a delete.
+
+        Without ``overwrite`` an existing ``new`` is refused with ``exists``;
+        the copy itself is conditional (``If-None-Match: *``), so a writer
+        that creates ``new`` in between is never overwritten either (the file
+        then takes a collision variant of ``new``).
+        """
+        _root, store = self._store_for(peer)
+        source, target = safe_relative_name(old), safe_relative_name(new)
+        await store.stat(source)  # FileNotFoundError first, as locally
+        if source == target:
+            raise TransferError(f"{source!r} and {target!r} are the same name", "exists")
+        if not overwrite:
+            try:
+                await store.stat(target)
+            except FileNotFoundError:
+                pass
+            else:
+                raise TransferError(f"{target!r} already exists", "exists")
+        return await store.rename(source, target, overwrite=overwrite)
+
+
+async def _is_directory(store: Store, name: str) -> bool:
+    """Whether published files live below ``name`` (an object store has no directories)."""
+    try:
+        return bool(await store.list_files(max_entries=1, prefix=name))
+    except Exception:
+        return False

@@ -1,0 +1,250 @@
+"""``FileTransferHandler(storage_dir="s3://...")`` in one process, on a real SeaweedFS.
+
+Every transfer path of the guide against the object store (uploads big and
+small, batches, re-runs, listing, stat, downloads whole, resumed and ranged,
+delete, rename, directory trees) and the bad input a peer may send (hostile
+names, lies about sizes and checksums). The multi-node behaviour is in
+``test_s3_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cluster_engines import Engines
+from conduit import Client, FileTransferHandler, Server
+from conduit.cluster.s3 import S3Store
+from conduit.errors import RPCError
+from conftest import ClientFactory, ServerFactory
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def aws_environment(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point boto3 (through the standard variables, as a user would) at the test store."""
+    for name, value in engines.s3.environment().items():
+        monkeypatch.setenv(name, value)
+
+
+async def _served(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    s3_url: str,
+    **settings: Any,
+) -> tuple[FileTransferHandler, Server, Client, list[tuple[str, dict[str, Any]]]]:
+    handler = FileTransferHandler(storage_dir=s3_url, **settings)
+    received: list[tuple[str, dict[str, Any]]] = []
+
+    @handler.on_file_received
+    def on_file(_client: Any, path: str, metadata: dict[str, Any]) -> None:
+        received.append((path, metadata))
+
+    server = await server_factory(handler.register_server_handlers)
+    client = await client_factory(server)
+    return handler, server, client, received
+
+
+def _write(path: Path, size: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_upload_list_stat_download_delete_rename_on_s3(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    s3_url: str,
+    s3_client_factory: Callable[[], Any],
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(120):
+        handler, _server, client, received = await _served(server_factory, client_factory, s3_url)
+        big, small = tmp_path / "out" / "big.bin", tmp_path / "out" / "small.txt"
+        big_sum = await trio.to_thread.run_sync(_write, big, 9 * MiB + 123)  # two parts
+        small_sum = await trio.to_thread.run_sync(_write, small, 1000)
+
+        result = await handler.send_to_server(client, big, remote_name="dir/big.bin")
+        assert result["success"] is True, result
+        assert (result["path"], result["checksum"]) == ("dir/big.bin", big_sum)
+        result = await handler.send_to_server(client, small)
+        assert result["success"] is True, result
+        assert [path for path, _ in received] == [f"{s3_url}/dir/big.bin", f"{s3_url}/small.txt"]
+        assert received[0][1]["checksum"] == big_sum
+
+        # The objects themselves, read straight from the store, are the files.
+        store = S3Store(s3_url, client=s3_client_factory())
+        reader = await store.open_reader("dir/big.bin")
+        stored = b""
+        while block := await reader.read(4 * MiB):
+            stored += block
+        await reader.aclose()
+        assert hashlib.sha256(stored).hexdigest() == big_sum
+
+        listing = await handler.list_files(client)
+        assert [(f["name"], f["size"]) for f in listing] == [
+            ("dir/big.bin", 9 * MiB + 123),
+            ("small.txt", 1000),
+        ]
+        assert [f["name"] for f in await handler.list_files(client, prefix="dir")] == [
+            "dir/big.bin"
+        ]
+        stat = await client.call("file_stat", name="small.txt", sha256=True)
+        assert (stat["size"], stat["sha256"]) == (1000, small_sum)
+
+        # A re-run stores no second copy.
+        again = await handler.send_to_server(client, big, remote_name="dir/big.bin")
+        assert again["success"] is True and again.get("skipped") is True, again
+        again = await handler.send_to_server(client, small)
+        assert again.get("skipped") is True, again
+
+        downloads = tmp_path / "downloads"
+        got = await handler.receive_from_server(client, "dir/big.bin", downloads)
+        assert got["success"] is True, got
+        assert await trio.to_thread.run_sync(_sha256, downloads / "dir/big.bin") == big_sum
+        ranged = await handler.receive_from_server(
+            client, "dir/big.bin", downloads, offset=5 * MiB, length=MiB
+        )
+        assert ranged["success"] is True, ranged
+        assert ranged["checksum"] == hashlib.sha256(stored[5 * MiB : 6 * MiB]).hexdigest()
+        # A directory on the server comes down as a tree.
+        tree = await handler.receive_from_server(client, "dir", tmp_path / "tree")
+        assert [entry["success"] for entry in tree["files"]] == [True], tree
+
+        renamed = await handler.rename(client, "small.txt", "dir/small.txt")
+        assert renamed == {"success": True, "old": "small.txt", "path": "dir/small.txt"}
+        exists = await handler.rename(client, "dir/small.txt", "dir/big.bin")
+        assert exists["code"] == "exists", exists
+        assert (await handler.delete(client, "dir/small.txt"))["success"] is True
+        assert (await handler.delete(client, "dir/small.txt"))["code"] == "not_found"
+        assert [f["name"] for f in await handler.list_files(client)] == ["dir/big.bin"]
+        store.close()
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_a_resumed_download_from_s3_sends_only_the_rest(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        source = tmp_path / "out" / "resume.bin"
+        checksum = await trio.to_thread.run_sync(_write, source, 3 * MiB)
+        assert (await handler.send_to_server(client, source))["success"] is True
+        # A download cut at 1 MiB: the partial file the client keeps for a resume.
+        stat = await client.call("file_stat", name="resume.bin")
+        from conduit.transfer._storage import StorageRoot
+        from conduit.transfer._wire import transfer_key
+
+        downloads = tmp_path / "downloads"
+        key = transfer_key("resume.bin", stat["size"], stat["modified_ns"])
+        partial = StorageRoot(downloads).open_partial("resume.bin", key, resume=False)
+        partial.write_block(source.read_bytes()[:MiB])
+        partial.close()
+        got = await handler.receive_from_server(client, "resume.bin", downloads)
+        assert got["success"] is True, got
+        assert got["resumed_from"] == MiB
+        assert await trio.to_thread.run_sync(_sha256, downloads / "resume.bin") == checksum
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_bad_input_is_refused_and_stores_nothing_on_s3(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        handler, _server, client, received = await _served(
+            server_factory, client_factory, s3_url, max_file_size=20 * MiB
+        )
+        for name in ["../escape.bin", "a/../../b", "nul\x00byte", "ctl\x01char", ".hidden", ""]:
+            with pytest.raises(RPCError) as caught:
+                await client.call("file_upload_begin", name=name, size=10, key="k" * 32)
+            assert caught.value.code in {"unsafe_path", "invalid_arguments"}, (name, caught.value)
+        long_name = "x" * 1100
+        with pytest.raises(RPCError) as caught:
+            await client.call("file_upload_begin", name=long_name, size=10, key="k" * 32)
+        assert caught.value.code == "unsafe_path"
+        refusals: list[tuple[Any, str]] = [
+            (-1, "invalid_size"),
+            (21 * MiB, "too_large"),
+            ("12", "invalid_arguments"),
+        ]
+        for size, code in refusals:
+            with pytest.raises(RPCError) as caught:
+                await client.call("file_upload_begin", name="ok.bin", size=size, key="k" * 32)
+            assert caught.value.code == code, (size, caught.value)
+        # A small file whose data does not match its checksum.
+        with pytest.raises(RPCError) as caught:
+            await client.call("file_upload_small", name="lie.txt", data=b"abc", sha256="0" * 64)
+        assert caught.value.code == "checksum_mismatch"
+        # A batch: one good entry, one hostile name, one lie; each its own result.
+        good = b"good data"
+        answer = await client.call(
+            "file_upload_batch",
+            files=[
+                {"name": "good.txt", "data": good, "sha256": hashlib.sha256(good).hexdigest()},
+                {"name": "../evil.txt", "data": b"x", "sha256": hashlib.sha256(b"x").hexdigest()},
+                {"name": "lie2.txt", "data": b"y", "sha256": "1" * 64},
+            ],
+        )
+        codes = [r.get("code") if not r["success"] else None for r in answer["results"]]
+        assert codes == [None, "unsafe_path", "checksum_mismatch"], answer
+        for name in ["../x", "nope.bin"]:
+            with pytest.raises(RPCError) as caught:
+                await client.call("file_stat", name=name)
+            assert caught.value.code in {"unsafe_path", "not_found"}
+        got = await handler.receive_from_server(client, "nope.bin", tmp_path / "d")
+        assert got["code"] == "not_found", got
+        assert [f["name"] for f in await handler.list_files(client)] == ["good.txt"]
+        assert [path.rsplit("/", 1)[1] for path, _ in received] == ["good.txt"]
+        # An upload that lies about its trailer checksum publishes nothing.
+        source = tmp_path / "out" / "honest.bin"
+        await trio.to_thread.run_sync(_write, source, 600 * 1024)
+        from conduit.transfer import _engine
+
+        real = _engine._read_and_hash
+
+        def lying(file: Any, size: int, hasher: Any) -> bytes:
+            data: bytes = real(file, size, hasher)
+            hasher.update(b"\x00")
+            return data
+
+        _engine._read_and_hash = lying  # type: ignore[assignment]
+        try:
+            lied = await handler.send_to_server(client, source)
+        finally:
+            _engine._read_and_hash = real  # type: ignore[assignment]
+        assert lied["code"] == "checksum_mismatch", lied
+        assert [f["name"] for f in await handler.list_files(client)] == ["good.txt"]
+        honest = await handler.send_to_server(client, source)
+        assert (honest["success"], honest["path"]) == (True, "honest.bin"), honest
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_s3_uploads_are_bounded_per_connection(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str
+) -> None:
+    """Each open S3 upload holds parts in memory: a connection may open only a few."""
+    from conduit.transfer._backend_store import MAX_UPLOADS_PER_CONNECTION
+
+    with trio.fail_after(120):
+        _handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        for index in range(MAX_UPLOADS_PER_CONNECTION):
+            begun = await client.call(
+                "file_upload_begin", name=f"f{index}.bin", size=MiB, key=f"{index:032d}"
+            )
+            assert begun["offset"] == 0
+        with pytest.raises(RPCError) as caught:
+            await client.call("file_upload_begin", name="more.bin", size=MiB, key="9" * 32)
+        assert caught.value.code == "overloaded"
