@@ -76,7 +76,9 @@ NOTES = (
     "fixed cost (bus round trip, S3 requests).",
     "Stores: upload / download throughput of one client through a node whose "
     "FileTransferHandler keeps files in a local directory vs one that keeps them in "
-    "S3 (multipart upload with per-part SHA-256, ranged GETs), same engines.",
+    "S3 (a multipart upload of 8 MiB parts, each with its SHA-256 and an update of "
+    "the upload's state object; downloads stream one GET), same engines. The "
+    "client's upload includes the server's publish (CompleteMultipartUpload).",
     "Engines, nodes and clients share this machine's cores, with other jobs.",
 )
 
