@@ -368,8 +368,7 @@ class Server(Endpoint):
                     )
                     await stream.send_all(welcome_record(established.writer, welcome))
                 except BaseException:
-                    if client_id not in self.clients:  # not a stale connection's id
-                        await self._release_client_id(client_id)
+                    await self._release_client_id(client_id)
                     raise
         except trio.TooSlowError:
             warn(
@@ -419,7 +418,10 @@ class Server(Endpoint):
         return secrets.token_hex(8)
 
     async def _release_client_id(self, client_id: str) -> None:
-        """The client with this id is gone: free the id in the cluster (bounded, never raises)."""
+        """A connection given this id ended: release it in the cluster (bounded, never raises).
+
+        Called once per id :meth:`_client_id_for` handed out.
+        """
         if self.cluster is not None:
             await self.cluster.release_client_id(client_id)
 
@@ -488,9 +490,9 @@ class Server(Endpoint):
                 over.set()
                 if self._sessions_over.get(client_id) is over:
                     del self._sessions_over[client_id]
-            # Unless a newer connection of the same client holds the id by now.
-            if client_id not in self.clients:
-                await self._release_client_id(client_id)  # shielded, bounded
+            # Each connection releases the id it was given; the cluster counts
+            # them, so a newer connection of the same client keeps holding it.
+            await self._release_client_id(client_id)  # shielded, bounded
 
 
 __all__ = ["Server"]

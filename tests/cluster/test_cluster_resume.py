@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import redis
 import trio
 
 from cluster.node_processes import NodeProcess, Receiver, node_processes, receiver
+from conduit import Server, ServerDescriptor
 from cutting_proxy import CuttingProxy
 
 #: Short, so a killed node's entries expire within the test, with room for a loaded machine.
@@ -199,3 +201,36 @@ async def test_client_of_a_killed_node_resumes_elsewhere_and_others_are_unreacha
                     while _registered_node(engines, bus_namespace, stranded.id) is not None:  # noqa: ASYNC110
                         await trio.sleep(0.05)
                 assert _registered_node(engines, bus_namespace, old_id) == "b"
+
+
+async def test_overlapping_connections_of_one_client_on_one_node(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    # The race the counting closes: a client reconnects here while its stale
+    # connection is still ending. Whichever ends first, the id stays registered
+    # until the last connection holding it is gone.
+    server = Server(
+        ServerDescriptor(
+            password="secret",
+            host="127.0.0.1",
+            port=0,
+            cluster_url=engines.bus.url,
+            cluster_namespace=bus_namespace,
+            node_name="solo",
+            cluster_ttl=TTL,
+        )
+    )
+    await nursery.start(server.run)
+    node = server.cluster
+    assert node is not None
+    client_id = await node.new_client_id()
+    token = secrets.token_bytes(32)
+    await node.share_resume_token(token, client_id, "alice")
+    assert await node.resume_client_id(token, "bob") is None  # another account's try
+    assert await node.resume_client_id(token, "alice") == client_id  # the reconnect
+    assert await node.resume_client_id(token, "alice") is None  # good once
+    await node.release_client_id(client_id)  # the stale connection ends first
+    assert _registered_node(engines, bus_namespace, client_id) == "solo"
+    await node.release_client_id(client_id)  # then the reconnect's
+    assert _registered_node(engines, bus_namespace, client_id) is None
+    await server.close()

@@ -88,6 +88,10 @@ class ClusterNode:
         #: Client id -> the digest of its current resume token on the bus, for
         #: this node's connected clients (refreshed while they stay).
         self._resume_digests: dict[str, str] = {}
+        #: Client id -> connections of this node holding it (handed out and
+        #: not released yet): a reconnect here overlaps its stale predecessor,
+        #: and only the last one to end may release the id.
+        self._holders: dict[str, int] = {}
         self.bus.on_event(self._on_event)
         self.bus.on_request(self._on_request)
 
@@ -145,8 +149,16 @@ class ClusterNode:
     # ----------------------------------------------------------------- client ids
 
     async def new_client_id(self) -> str:
-        """A fresh client id, unique in the cluster, registered to this node."""
-        return await self.bus.new_client_id()
+        """A fresh client id, unique in the cluster, registered to this node.
+
+        Held until :meth:`release_client_id`.
+        """
+        client_id = await self.bus.new_client_id()
+        self._hold(client_id)
+        return client_id
+
+    def _hold(self, client_id: str) -> None:
+        self._holders[client_id] = self._holders.get(client_id, 0) + 1
 
     async def claim_client_id(self, client_id: str) -> None:
         """Register a known id here (a client resuming its session), wherever it was.
@@ -167,10 +179,18 @@ class ClusterNode:
                 )
 
     async def release_client_id(self, client_id: str) -> None:
-        """Forget ``client_id`` (its connection ended); never raises, bounded in time.
+        """A connection given ``client_id`` ended; never raises, bounded in time.
 
-        Its resume token stays redeemable on any node for ``RESUME_TTL`` from now.
+        Once no connection of this node holds the id any more (one handed
+        out by :meth:`new_client_id` or :meth:`resume_client_id`, once per
+        connection), it is unregistered, and its resume token stays
+        redeemable on any node for ``RESUME_TTL`` from now.
         """
+        left = self._holders.get(client_id, 0) - 1
+        if left > 0:  # a reconnect of the same client, here, holds it now
+            self._holders[client_id] = left
+            return
+        self._holders.pop(client_id, None)
         digest = self._resume_digests.pop(client_id, None)
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
             try:
@@ -202,12 +222,14 @@ class ClusterNode:
 
         The token is consumed (good once in the whole cluster) and only
         ``username``'s (the account it was issued to, None in shared-password
-        mode). A client still connected here by a stale connection keeps its
-        registration; one from another node moves here (:meth:`claim_client_id`).
+        mode). The id moves here (:meth:`claim_client_id`) from wherever it
+        was registered, this node included (a stale connection here, or one
+        that has just ended), and is held until :meth:`release_client_id`.
         """
         client_id = await self.bus.redeem_resume(token_digest(token).hex(), _owner(username))
-        if client_id is not None and client_id not in self._server.clients:
+        if client_id is not None:
             await self.claim_client_id(client_id)
+            self._hold(client_id)
         return client_id
 
     async def _refresh_resume_tokens(self) -> None:
