@@ -733,16 +733,16 @@ class ClusterBus:
 
     async def expire_resume(self, digests: list[str], ttl: float) -> None:
         """Let the tokens with these digests live ``ttl`` more seconds (gone ones stay gone)."""
-        if not digests:
-            return
 
-        def work() -> None:
+        def work(batch: list[str]) -> None:
             pipe = self._redis.pipeline(transaction=False)
-            for digest in digests:
+            for digest in batch:
                 pipe.pexpire(self._key("resume", digest), _ms(ttl))
             pipe.execute()
 
-        await self._call(work)
+        # In batches: a node with many clients must not build one huge pipeline.
+        for start in range(0, len(digests), _CLIENT_BATCH):
+            await self._call(work, digests[start : start + _CLIENT_BATCH])
 
     # ----------------------------------------------------------------- requests
 
