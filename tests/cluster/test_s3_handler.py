@@ -248,3 +248,52 @@ async def test_s3_uploads_are_bounded_per_connection(
         with pytest.raises(RPCError) as caught:
             await client.call("file_upload_begin", name="more.bin", size=MiB, key="9" * 32)
         assert caught.value.code == "overloaded"
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_accounts_on_s3_each_user_has_a_key_prefix(
+    server_factory: ServerFactory,
+    s3_url: str,
+    s3_client_factory: Callable[[], Any],
+    tmp_path: Path,
+) -> None:
+    """Accounts mode: a user's root is a key prefix; quota and read-only hold."""
+    from conduit import Accounts, Client
+    from conduit.accounts import StretchParams
+    from conftest import client_descriptor
+
+    accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))
+    accounts.add("alice", "alice's long passphrase", quota=2 * MiB)
+    accounts.add("bob", "bob's long passphrase", root="shared/bob", read_only=True)
+    handler = FileTransferHandler(storage_dir=s3_url)
+    server = await server_factory(
+        handler.register_server_handlers, password=None, accounts=accounts
+    )
+
+    async def login(username: str, password: str) -> Client:
+        client = Client(client_descriptor(server.port, username=username, password=password))
+        await client.connect()
+        return client
+
+    with trio.fail_after(120):
+        alice = await login("alice", "alice's long passphrase")
+        bob = await login("bob", "bob's long passphrase")
+        source = tmp_path / "out" / "a.bin"
+        await trio.to_thread.run_sync(_write, source, MiB)
+        stored = await handler.send_to_server(alice, source)
+        assert stored["success"] is True, stored
+        assert [f["name"] for f in await handler.list_files(alice)] == ["a.bin"]
+        assert await handler.list_files(bob) == []  # bob's prefix is another
+        refused = await handler.send_to_server(bob, source)
+        assert refused["code"] == "forbidden", refused
+        assert (await handler.delete(bob, "a.bin"))["code"] in {"forbidden", "not_found"}
+        over = tmp_path / "out" / "big.bin"
+        await trio.to_thread.run_sync(_write, over, int(1.5 * MiB))
+        quota = await handler.send_to_server(alice, over)
+        assert quota["code"] == "quota_exceeded", quota
+        # Below the prefix, the object sits under alice's root.
+        store = S3Store(s3_url, client=s3_client_factory())
+        assert [f.name for f in await store.list_files()] == ["alice/a.bin"]
+        store.close()
+        await alice.disconnect()
+        await bob.disconnect()

@@ -84,6 +84,9 @@ class ClusterNode:
         )
         self._staging_url = descriptor.cluster_staging
         self._staging: S3Store | None = None
+        # The transfer handler's own S3 store (storage_dir="s3://..."): staged
+        # in when cluster_staging is unset, never closed here (it is the handler's).
+        self._handler_store: S3Store | None = None
         self._pusher: Pusher | None = None
         #: Client id -> the digest of its current resume token on the bus, for
         #: this node's connected clients (refreshed while they stay).
@@ -102,16 +105,23 @@ class ClusterNode:
 
     @property
     def staging(self) -> S3Store | None:
-        """The store cross-node pushes are staged in, while running (None without one)."""
-        return self._staging
+        """The store cross-node pushes are staged in (None without one).
 
-    def serve_pushes(self, pusher: Pusher) -> None:
+        ``cluster_staging`` while running, else the transfer handler's own S3
+        store when its ``storage_dir`` is ``s3://...``.
+        """
+        return self._staging if self._staging is not None else self._handler_store
+
+    def serve_pushes(self, pusher: Pusher, store: S3Store | None = None) -> None:
         """Deliver pushes from other nodes to this node's clients with ``pusher``.
 
         ``FileTransferHandler.register_server_handlers`` calls this with its
-        sender, so the files go out exactly as a local push would.
+        sender, so the files go out exactly as a local push would, and with
+        its S3 store if it stores in one (the staging area without
+        ``cluster_staging``).
         """
         self._pusher = pusher
+        self._handler_store = store
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -125,8 +135,8 @@ class ClusterNode:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.bus.run)
-                if self._staging is not None:
-                    nursery.start_soon(self._sweep_staging, self._staging)
+                if self.staging is not None:
+                    nursery.start_soon(self._sweep_staging, self.staging)
                 nursery.start_soon(self._refresh_resume_tokens)
                 log.info("cluster node %r joined %s", self.node_name, self.bus.namespace)
                 task_status.started()
@@ -303,7 +313,7 @@ class ClusterNode:
         """
         node = await self._locate(client_id)
         return await push_via_node(
-            self.bus, self._staging, node, client_id, path, remote_name, on_progress
+            self.bus, self.staging, node, client_id, path, remote_name, on_progress
         )
 
     async def _locate(self, client_id: str) -> str:
@@ -333,12 +343,11 @@ class ClusterNode:
             )
         if self._pusher is None:
             raise RPCError(f"node {self.node_name!r} has no FileTransferHandler", "not_found")
-        if self._staging is None:
+        staging = self.staging
+        if staging is None:
             raise RPCError(f"node {self.node_name!r} has no cluster_staging", "no_staging")
         log.info("push of %r to client %s, staged by node %r", request.name, peer.id, sender)
-        return await deliver_staged(
-            self._staging, request, peer, self._pusher, self.bus.report_progress
-        )
+        return await deliver_staged(staging, request, peer, self._pusher, self.bus.report_progress)
 
 
 def _owner(username: str | None) -> str:

@@ -169,9 +169,42 @@ class S3Partial:
         state.parts.append(Part(number, len(data), str(answer["ETag"]), checksum, hash_state))
         etag = self._store._put(self._state_key, state.dumps(), if_match=self._etag)
         if etag is None:
+            etag = self._merge_late_writer()
+        if etag is None:
             state.parts.pop()
             raise TransferError(f"{self.name!r} is being received by another writer", "busy")
         self._etag = etag
+
+    def _merge_late_writer(self) -> str | None:
+        """Save our state over a writer that was letting go; its new ETag, or None (busy).
+
+        A node whose client was cut off finishes the part it was storing and
+        records it, possibly after this node resumed from the state before
+        that. Its parts are then a prefix of ours (the same bytes of the same
+        file: equal ETags), and ours is the state to keep. Anything else is a
+        second live writer, which must not be overwritten.
+        """
+        for _attempt in range(3):
+            found = self._store._get(self._state_key)
+            if found is None:
+                return None  # discarded meanwhile
+            data, etag = found
+            try:
+                theirs = UploadState.loads(data)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                return None
+            ours = self._state
+            if theirs.upload_id != ours.upload_id or len(theirs.parts) > len(ours.parts):
+                return None
+            if any(
+                (mine.number, mine.size, mine.etag) != (other.number, other.size, other.etag)
+                for mine, other in zip(ours.parts, theirs.parts, strict=False)
+            ):
+                return None
+            saved = self._store._put(self._state_key, ours.dumps(), if_match=etag)
+            if saved is not None:
+                return saved
+        return None
 
     async def publish(self, *, expected_sha256: str | None = None) -> str:
         """Send the last part, check the SHA-256, complete without overwriting; return the name."""

@@ -37,6 +37,7 @@ from ._storage import PartialFile
 
 if TYPE_CHECKING:
     from .._peer import Peer
+    from ..cluster.s3 import S3Store
     from ._batch_store import Entry
 
 __all__ = ["Admitted", "Backend", "LocalSink", "Sink", "Source"]
@@ -105,6 +106,10 @@ class Opened:
 
 class Backend(Protocol):
     """The server side of storage, as the transfer roles use it (names are network names)."""
+
+    #: The S3 store a cluster node may stage cross-node pushes in when it has
+    #: no ``cluster_staging`` (None: this backend has none).
+    cluster_staging: S3Store | None
 
     def location_of(self, peer: Peer | None, name: str) -> str:
         """Where ``peer``'s published ``name`` lives (a path or a URL)."""

@@ -30,6 +30,7 @@ from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
     from .._peer import Peer
+    from ..cluster.s3 import S3Store
 
 __all__ = ["LocalBackend"]
 
@@ -46,6 +47,8 @@ class LocalBackend:
     def __init__(self, settings: LocalSettings) -> None:
         """Serve ``settings.storage`` (read at each use, as the handler's other settings)."""
         self._settings = settings
+        #: A local directory cannot stage pushes for other nodes.
+        self.cluster_staging: S3Store | None = None
         # Reservations, quotas, partial ownership and expiry (see ._space).
         self.budget = DiskBudget(settings)
 

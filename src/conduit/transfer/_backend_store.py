@@ -62,6 +62,7 @@ from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
     from .._peer import Peer
+    from ..cluster.s3 import S3Store
     from ._batch_store import Entry
 
 __all__ = ["MAX_UPLOADS", "MAX_UPLOADS_PER_CONNECTION", "StoreBackend", "StoreSink", "StoreSource"]
@@ -267,6 +268,9 @@ class StoreBackend:
     ) -> None:
         """Serve ``store``; ``substore(root)`` gives a user's root (None: no accounts)."""
         self.store = store
+        #: Set by whoever built ``store`` when it is an S3 store: a cluster node
+        #: without ``cluster_staging`` stages cross-node pushes in it.
+        self.cluster_staging: S3Store | None = None
         self._settings = settings
         self._substore = substore
         self._roots: dict[str, Store] = {}

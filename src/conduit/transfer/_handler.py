@@ -113,6 +113,18 @@ class FileTransferHandler:
     besides the disk) caps the bytes of unfinished uploads, abandoned or not.
     On a server with accounts, each user sees only their own root below
     ``storage_dir``, within their quota.
+
+    ``storage_dir="s3://BUCKET/PREFIX"`` keeps the files in an S3-compatible
+    object store instead (``pip install 'trio-conduit[cluster]'``; endpoint
+    and credentials from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which every node of a
+    cluster can share (see :doc:`cluster`): the same checks (SHA-256 verified
+    before publishing, never overwriting, hostile names refused), partials
+    that any node resumes from their last stored 8 MiB part, a user's root as
+    a key prefix. There is no disk budget there; at most 4 uploads run at once
+    per connection (each holds two parts in memory). ``storage_dir`` and
+    :attr:`storage` then raise ``ValueError``; :attr:`storage_url` says where
+    files go in both cases.
     """
 
     def __init__(
@@ -160,12 +172,13 @@ class FileTransferHandler:
             from ._s3 import s3_backend
 
             self.backend = s3_backend(storage_dir, self)
-            self.storage_url = storage_dir
+            url = storage_dir
         else:
             self._storage = StorageRoot(storage_dir)
             self.backend = LocalBackend(self)
-            #: ``storage_dir`` as given to the constructor, made absolute for a directory.
-            self.storage_url = str(self._storage.path)
+            url = str(self._storage.path)
+        #: Where received files go: the ``s3://`` URL, or the directory made absolute.
+        self.storage_url = url
         self.chunk_size = chunk_size
         self.max_file_size = max_file_size
         self.overwrite = overwrite
@@ -271,8 +284,9 @@ class FileTransferHandler:
         server.register_rpc(self._manager.rpc_delete, FILE_DELETE)
         server.register_rpc(self._manager.rpc_rename, FILE_RENAME)
         if server.cluster is not None:
-            # Pushes that other nodes stage for this node's clients go out through us.
-            server.cluster.serve_pushes(self._sender.send)
+            # Pushes that other nodes stage for this node's clients go out
+            # through us; an S3 storage is also where pushes may be staged.
+            server.cluster.serve_pushes(self._sender.send, self.backend.cluster_staging)
 
     def register_client_handlers(self, client: Client) -> None:
         """Let the server push files to this client, into ``storage_dir``."""

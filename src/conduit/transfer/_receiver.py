@@ -463,11 +463,13 @@ class Receiver:
             raise
         except BaseException as exc:
             # The data itself is wrong or cannot be stored: remove it, and stop
-            # the sender if it is still sending.
+            # the sender if it is still sending. Except "busy": another writer
+            # (the node the sender used before, not done letting go) stored a
+            # part under us; those bytes are good, so keep them for a resume.
+            code = exc.code if isinstance(exc, TransferError) else "receiver_error"
             with trio.CancelScope(shield=True):
-                await partial.discard()
+                await (partial.close() if code == "busy" else partial.discard())
             if not stream.finished:
-                code = exc.code if isinstance(exc, TransferError) else "receiver_error"
                 connection.close_stream(stream, reset=(code, str(exc)))
             raise
         finally:

@@ -26,4 +26,6 @@ def s3_backend(url: str, settings: StoreSettings) -> StoreBackend:
             f"storage_dir={url!r} needs the S3 client: pip install 'trio-conduit[cluster]' ({exc})"
         ) from None
     store = S3Store(url)
-    return StoreBackend(store, settings, substore=store.child)
+    backend = StoreBackend(store, settings, substore=store.child)
+    backend.cluster_staging = store
+    return backend
