@@ -143,9 +143,15 @@ class Server(Endpoint):
         return list(self._addresses)
 
     async def _wait_for_client(self, client_id: str, timeout: float) -> Peer | None:
-        """The client ``client_id`` once it is connected (again), or None after ``timeout``."""
+        """The client ``client_id`` once it is connected (again), or None after ``timeout``.
+
+        Also None as soon as the client resumed its session on another node
+        of the cluster (``self.cluster.moved_away``).
+        """
         with trio.move_on_after(timeout):
             while (peer := self.clients.get(client_id)) is None or not peer.connected:
+                if self.cluster is not None and self.cluster.moved_away(client_id) is not None:
+                    return None
                 await self._arrivals.park()
             return peer
         return None

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,48 @@ async def test_client_keeps_its_id_on_another_node_after_a_cut(
                 # registration alone.
                 await trio.sleep(2 * TTL)
                 assert _registered_node(engines, bus_namespace, old_id) == "b"
+
+
+async def test_a_push_in_flight_follows_its_client_to_another_node(
+    engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
+) -> None:
+    large = _file(tmp_path / "large.bin", LARGE)
+    # Bound, not listening: the client's reconnects are refused until we say.
+    nowhere = socket.socket()
+    nowhere.bind(("127.0.0.1", 0))
+    async with (
+        cluster(engines, bus_namespace, tmp_path, ["a", "b"], s3_url) as nodes,
+        receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
+    ):
+        with nowhere, CuttingProxy(nodes["a"].port) as proxy:
+            async with receiver(proxy.port, tmp_path / "inbox-roamer", **ROAMING) as roamer:
+                client_id = roamer.id
+                # The client's connection is lost without A noticing, and the
+                # client cannot come back yet: A still sees it connected.
+                proxy.target_port = nowhere.getsockname()[1]
+                proxy.legs[0].strand()
+                outcome: dict[str, Any] = {}
+
+                async def push() -> None:
+                    outcome.update(
+                        await control.client.call(
+                            "push", client_id=client_id, path=str(large), name="f.bin"
+                        )
+                    )
+
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(push)
+                        # Sequencing only: give A the time to start the push into
+                        # the dead connection (if it has not, it takes the direct
+                        # cross-node path below, and the test still holds).
+                        await trio.sleep(1.0)
+                        proxy.target_port = nodes["b"].port
+                back = outcome
+                assert back["success"] is True, back
+                assert roamer.id == client_id
+                assert _registered_node(engines, bus_namespace, client_id) == "b"
+                assert (roamer.inbox / "f.bin").read_bytes() == large.read_bytes()
 
 
 async def test_client_of_a_killed_node_resumes_elsewhere_and_others_are_unreachable(

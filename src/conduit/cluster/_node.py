@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -62,6 +63,8 @@ CLIENT_MOVED: Final = "client_moved"
 _SWEEP_INTERVAL: Final = 3600.0
 #: Bound on releasing a client id once its connection ended (the id expires anyway).
 _RELEASE_TIMEOUT: Final = 5.0
+#: Clients remembered as resumed on another node (for pushes waiting for them here).
+_MOVED_KEPT: Final = 10_000
 
 
 class ClusterNode:
@@ -95,6 +98,9 @@ class ClusterNode:
         #: not released yet): a reconnect here overlaps its stale predecessor,
         #: and only the last one to end may release the id.
         self._holders: dict[str, int] = {}
+        #: Client id -> the node it resumed its session on, for clients that
+        #: left this node that way (the newest few; forgotten when one is back).
+        self._moved_away: OrderedDict[str, str] = OrderedDict()
         self.bus.on_event(self._on_event)
         self.bus.on_request(self._on_request)
 
@@ -169,6 +175,16 @@ class ClusterNode:
 
     def _hold(self, client_id: str) -> None:
         self._holders[client_id] = self._holders.get(client_id, 0) + 1
+        self._moved_away.pop(client_id, None)
+
+    def moved_away(self, client_id: str) -> str | None:
+        """The node ``client_id`` resumed its session on, if it left this node that way.
+
+        A push waiting here for the client to come back stops waiting then
+        (see ``Server._wait_for_client``), and the transfer handler finishes
+        it through that node.
+        """
+        return self._moved_away.get(client_id)
 
     async def claim_client_id(self, client_id: str) -> None:
         """Register a known id here (a client resuming its session), wherever it was.
@@ -261,6 +277,10 @@ class ClusterNode:
             return  # it came back here meanwhile: the notice is out of date
         self.bus.forget_client(client_id)
         self._resume_digests.pop(client_id, None)
+        self._moved_away[client_id] = sender
+        while len(self._moved_away) > _MOVED_KEPT:
+            self._moved_away.popitem(last=False)
+        self._server._arrivals.unpark_all()  # pushes waiting for it here: it is not coming
         if peer is not None and self._server.clients.get(client_id) is peer:
             log.info(
                 "client %s resumed on node %r: closing its stale connection", client_id, sender
