@@ -39,8 +39,6 @@ CUT_SIZE = 64 * MiB
 #: Bounds for a loaded machine (two cores shared by several test runs).
 UPLOAD_TIMEOUT = 120.0
 TTL = 3.0
-#: The client's default reconnect_delay.
-RECONNECT_DELAY = 2.0
 
 
 @contextlib.asynccontextmanager
@@ -172,12 +170,8 @@ async def test_an_upload_cut_on_a_resumes_on_b_and_racing_publishes_keep_both(
                 assert proxy.was_cut
             assert cut["success"] is False, cut
 
-            # The same file to B: it resumes from the parts A stored. After a
-            # pause, as a reconnecting client makes (reconnect_delay): A first
-            # stores the part it had in flight, which B then need not receive.
-            # (Sooner works too, from the parts stored before: see
-            # test_an_early_retry_merges_with_the_node_letting_go.)
-            await trio.sleep(RECONNECT_DELAY)
+            # The same file to B, at once: it resumes from the parts A stored,
+            # including the one A had in flight (B waits for A to let go).
             with CuttingProxy(nodes["b"].port) as counting:
                 async with connected(counting.port) as client_b:
                     resumed = await _send_until_not_busy(handler, client_b, source)

@@ -297,3 +297,87 @@ async def test_accounts_on_s3_each_user_has_a_key_prefix(
         store.close()
         await alice.disconnect()
         await bob.disconnect()
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_overwrite_on_s3_replaces_instead_of_a_variant(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        plain, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        source = tmp_path / "out" / "same.bin"
+        await trio.to_thread.run_sync(_write, source, 700 * 1024)
+        assert (await plain.send_to_server(client, source))["path"] == "same.bin"
+        await trio.to_thread.run_sync(_write, source, 700 * 1024)  # other bytes, same name
+        assert (await plain.send_to_server(client, source))["path"] == "same (1).bin"
+
+        plain.overwrite = True  # read at each use, as every setting
+        newest = await trio.to_thread.run_sync(_write, source, 800 * 1024)
+        replaced = await plain.send_to_server(client, source)
+        assert (replaced["path"], replaced["checksum"]) == ("same.bin", newest), replaced
+        listing = await plain.list_files(client)
+        assert [(f["name"], f["size"]) for f in listing] == [
+            ("same (1).bin", 700 * 1024),
+            ("same.bin", 800 * 1024),
+        ]
+        stat = await client.call("file_stat", name="same.bin", sha256=True)
+        assert stat["sha256"] == newest
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_s3_partial_bytes_are_capped(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str
+) -> None:
+    """``max_partial_bytes`` holds on S3: unfinished uploads beyond it are refused."""
+    with trio.fail_after(120):
+        _handler, _server, client, _received = await _served(
+            server_factory, client_factory, s3_url, max_partial_bytes=3 * MiB
+        )
+        first = await client.call("file_upload_begin", name="a.bin", size=2 * MiB, key="a" * 32)
+        assert first["offset"] == 0
+        with pytest.raises(RPCError) as caught:
+            await client.call("file_upload_begin", name="b.bin", size=2 * MiB, key="b" * 32)
+        assert caught.value.code == "no_space"
+        small = await client.call("file_upload_begin", name="c.bin", size=MiB, key="c" * 32)
+        assert small["offset"] == 0
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_edge_sizes_on_s3(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    """An empty file, and files of exactly one part and one byte over (8 MiB parts)."""
+    with trio.fail_after(120):
+        handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        sizes = {"empty.bin": 0, "one-part.bin": 8 * MiB, "one-over.bin": 8 * MiB + 1}
+        sums = {}
+        for name, size in sizes.items():
+            sums[name] = await trio.to_thread.run_sync(_write, tmp_path / "out" / name, size)
+            result = await handler.send_to_server(client, tmp_path / "out" / name)
+            assert (result["success"], result["checksum"]) == (True, sums[name]), result
+        listing = await handler.list_files(client)
+        assert {f["name"]: f["size"] for f in listing} == sizes
+        for name in sizes:
+            got = await handler.receive_from_server(client, name, tmp_path / "back")
+            assert got["success"] is True, got
+            assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == sums[name]
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_a_directory_goes_up_and_comes_back_through_s3(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(120):
+        handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
+        tree = tmp_path / "photos"
+        sums = {
+            "photos/a.jpg": await trio.to_thread.run_sync(_write, tree / "a.jpg", 5000),
+            "photos/2024/b.jpg": await trio.to_thread.run_sync(_write, tree / "2024/b.jpg", MiB),
+        }
+        sent = await handler.send_to_server(client, tree)
+        assert sent["success"] is True, sent
+        assert sorted(f["name"] for f in await handler.list_files(client)) == sorted(sums)
+        back = await handler.receive_from_server(client, "photos", tmp_path / "back")
+        assert [entry["success"] for entry in back["files"]] == [True, True], back
+        for name, checksum in sums.items():
+            assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == checksum

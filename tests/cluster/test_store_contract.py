@@ -180,6 +180,39 @@ async def test_checksum_mismatch_discards(stores: StorePair) -> None:
     assert await node_b.find_partial("bad.bin", "t") is None
 
 
+async def test_put_file_publishes_at_once_without_overwriting(stores: StorePair) -> None:
+    """``put_file``: a whole small file in one call, with the rules of a publish."""
+    node_a, node_b = stores
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    assert await node_a.put_file("s/a.txt", b"one", sha256=digest(b"one")) == "s/a.txt"
+    assert await node_b.put_file("s/a.txt", b"two", sha256=digest(b"two")) == "s/a (1).txt"
+    with pytest.raises(ChecksumMismatch):
+        await node_a.put_file("s/c.txt", b"three", sha256=digest(b"other"))
+    with pytest.raises(UnsafePathError):
+        await node_a.put_file("../c.txt", b"x", sha256=digest(b"x"))
+    # A name an upload in progress aims at is not taken from under it.
+    partial = await node_a.open_partial("s/b.txt", "up", resume=False)
+    await partial.append(b"streamed")
+    put_name = await node_b.put_file("s/b.txt", b"small", sha256=digest(b"small"))
+    published = await partial.publish(expected_sha256=digest(b"streamed"))
+    assert sorted([put_name, published]) == ["s/b (1).txt", "s/b.txt"]
+    replaced = await node_b.put_file("s/a.txt", b"four", sha256=digest(b"four"), overwrite=True)
+    assert replaced == "s/a.txt"
+    contents = {
+        entry.name: await read_all(await node_b.open_reader(entry.name))
+        for entry in await node_b.list_files()
+    }
+    assert contents == {
+        "s/a.txt": b"four",
+        "s/a (1).txt": b"two",
+        put_name: b"small",
+        published: b"streamed",
+    }
+
+
 async def test_listing_hides_partials(stores: StorePair) -> None:
     node_a, node_b = stores
     pending = await node_a.open_partial("pending.bin", "t", resume=False)

@@ -53,8 +53,11 @@ class S3Partial:
         """Use :meth:`S3Store.open_partial`."""
         self._store = store
         self._state = state
+        state.closing = False  # whoever wrote it last, this writer is live
         self._state_key = state_key
         self._etag = etag
+        # Whether the state saved last says "closing" (see close()).
+        self._saved_closing = False
         self._buffer = bytearray()
         self._hash = (
             ResumableSha256.restore(base64.b64decode(state.parts[-1].hash_state))
@@ -167,22 +170,24 @@ class S3Partial:
             ChecksumSHA256=checksum,
         )
         state.parts.append(Part(number, len(data), str(answer["ETag"]), checksum, hash_state))
+        closing = state.closing
         etag = self._store._put(self._state_key, state.dumps(), if_match=self._etag)
         if etag is None:
             etag = self._merge_late_writer()
         if etag is None:
             state.parts.pop()
             raise TransferError(f"{self.name!r} is being received by another writer", "busy")
-        self._etag = etag
+        self._etag, self._saved_closing = etag, closing
 
     def _merge_late_writer(self) -> str | None:
         """Save our state over a writer that was letting go; its new ETag, or None (busy).
 
         A node whose client was cut off finishes the part it was storing and
-        records it, possibly after this node resumed from the state before
-        that. Its parts are then a prefix of ours (the same bytes of the same
-        file: equal ETags), and ours is the state to keep. Anything else is a
-        second live writer, which must not be overwritten.
+        records it (marked ``closing``), possibly after this node resumed from
+        the state before that. Its parts are then a prefix of ours (the same
+        bytes of the same file: equal ETags), and ours is the state to keep.
+        Anything else, including a writer that is not letting go, is a second
+        live writer, which must not be overwritten.
         """
         for _attempt in range(3):
             found = self._store._get(self._state_key)
@@ -194,7 +199,11 @@ class S3Partial:
             except (ValueError, TypeError, KeyError, AttributeError):
                 return None
             ours = self._state
-            if theirs.upload_id != ours.upload_id or len(theirs.parts) > len(ours.parts):
+            if (
+                not theirs.closing
+                or theirs.upload_id != ours.upload_id
+                or len(theirs.parts) > len(ours.parts)
+            ):
                 return None
             if any(
                 (mine.number, mine.size, mine.etag) != (other.number, other.size, other.etag)
@@ -268,11 +277,26 @@ class S3Partial:
     async def close(self) -> None:
         """Finish the part in flight, drop the buffered tail (not durable) and stop.
 
-        Whole parts stay for a resume.
+        Whole parts stay for a resume. The part in flight is recorded as
+        ``closing``: a node that resumed meanwhile keeps its state over it.
         """
         self._buffer.clear()
         self._closed = True
+        self._state.closing = True
         await self._settle()
+        if not self._finished and not self._saved_closing:
+            # Say so even with no part in flight: a node resuming this partial
+            # then need not wait to see whether a writer is still at work.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._store._guard(f"closing {self.name!r}", self._save_closing)
+                except TransferError as exc:
+                    log.debug("could not mark %r as closing: %s", self.name, exc)
+
+    def _save_closing(self) -> None:
+        etag = self._store._put(self._state_key, self._state.dumps(), if_match=self._etag)
+        if etag is not None:  # else another writer took over: its state stands
+            self._etag, self._saved_closing = etag, True
 
     async def discard(self) -> None:
         """Abort the multipart upload, release the name, delete the state."""

@@ -127,6 +127,10 @@ class UploadState:
     overwrite: bool
     reservation: str | None
     parts: list[Part] = attrs.field(factory=list)
+    #: Written by a writer that is letting go (its client is gone) while it
+    #: records the part it had in flight: a node that resumed meanwhile may
+    #: keep its own state over this one (see ``S3Partial._merge_late_writer``).
+    closing: bool = False
 
     def dumps(self) -> bytes:
         """Serialise (JSON, with a version and the time of writing)."""

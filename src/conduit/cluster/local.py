@@ -6,10 +6,11 @@ on partials, publish by ``link`` without overwriting). Each call runs in a
 worker thread, as the transfer handler runs them today.
 
 It shows the protocol fits the existing store and lets one contract test
-suite run against both stores. ``delete`` and ``rename`` use StorageRoot's
-internal directory walk, since StorageRoot has no public delete or rename yet;
-when the transfer code adopts the protocol, this adapter belongs in
-``transfer/`` and those two operations in StorageRoot itself.
+suite run against both stores. The transfer handler does not use it: its
+local backend (``transfer/_backend_local.py``) calls ``StorageRoot``
+directly, one worker-thread hop per operation as before, with the disk budget
+and the hash gate around it. ``delete`` and ``rename`` here use StorageRoot's
+internal directory walk (with the collision policy of publishing).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -60,6 +62,21 @@ class LocalStore:
         """See :meth:`conduit.cluster.store.Store.open_partial`."""
         partial = await _run(self.root.open_partial, name, transfer_id, resume=resume)
         return LocalPartial(partial, overwrite)
+
+    async def put_file(
+        self, name: str, data: bytes, *, sha256: str, overwrite: bool = False
+    ) -> str:
+        """See :meth:`conduit.cluster.store.Store.put_file` (a one-off partial, one hop)."""
+        return await _run(self._put_file, name, data, sha256, overwrite)
+
+    def _put_file(self, name: str, data: bytes, sha256: str, overwrite: bool) -> str:
+        partial = self.root.open_partial(name, secrets.token_hex(16), resume=False)
+        try:
+            partial.write_block(data)
+            return partial.publish(overwrite=overwrite, expected_sha256=sha256)
+        except BaseException:
+            partial.discard()
+            raise
 
     async def find_partial(self, name: str, transfer_id: str) -> int | None:
         """See :meth:`conduit.cluster.store.Store.find_partial`."""

@@ -1,10 +1,11 @@
 """``storage_dir="s3://BUCKET/PREFIX"``: recognise and parse it without importing boto3.
 
-Parsing needs no boto3, so the core install never imports it. Today
-``ServerDescriptor(cluster_staging=...)`` is parsed here. The transfer
-handler does not call :func:`is_s3_url` (the core never loads this package):
-it refuses an ``s3://`` ``storage_dir`` with a clear ``ValueError`` until the
-S3 store is wired into it (issue 15).
+Parsing needs no boto3, so the core install never imports it.
+``ServerDescriptor(cluster_staging=...)`` is parsed here, and
+``FileTransferHandler(storage_dir="s3://...")`` through
+:class:`~conduit.cluster.s3.S3Store`. The handler itself recognises the
+scheme without calling :func:`is_s3_url`, so that a local ``storage_dir``
+never loads this package.
 """
 
 from __future__ import annotations

@@ -64,6 +64,8 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import functools
+import hashlib
+import hmac
 import itertools
 import logging
 import time
@@ -74,7 +76,7 @@ import botocore.config  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
 import trio
 
-from ..errors import TransferError, UnsafePathError
+from ..errors import ChecksumMismatch, TransferError, UnsafePathError
 from ..transfer._names import (
     check_transfer_id,
     collision_candidates,
@@ -92,6 +94,7 @@ from ._s3_wire import (
     SUFFIX_ROOM,
     Part,
     UploadState,
+    b64_sha256,
     error_code,
     is_missing,
     is_precondition,
@@ -112,6 +115,13 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: Seconds a resume waits at most for another writer of the partial to let go.
+WRITER_WAIT = 5.0
+#: Seconds without a change of the partial's state after which its writer is taken for dead.
+WRITER_QUIET = 1.5
+#: Seconds between two looks at the state while waiting.
+WRITER_POLL = 0.2
 
 log = logging.getLogger("conduit.cluster.s3")
 
@@ -591,10 +601,87 @@ class S3Store:
     async def open_partial(
         self, name: str, transfer_id: str, *, resume: bool, overwrite: bool = False
     ) -> S3Partial:
-        """See :meth:`conduit.cluster.store.Store.open_partial`."""
+        """See :meth:`conduit.cluster.store.Store.open_partial`.
+
+        A resume first lets a writer that may still be at work (another
+        node whose client was just cut off, finishing the part it had in
+        flight) finish: see :meth:`_wait_for_writer`.
+        """
+        if resume:
+            await self._wait_for_writer(name, transfer_id)
         return await self._guard(
             f"opening {name!r}", self._open, name, transfer_id, resume, overwrite
         )
+
+    async def _wait_for_writer(self, name: str, transfer_id: str) -> None:
+        """Wait, bounded, until the partial's state says its writer let go or goes quiet.
+
+        A writer that closes marks the state ``closing`` (after storing the
+        part it had in flight), so resuming after that loses nothing. A state
+        without the mark was written by a writer that is still at work, or
+        was killed: wait until the mark appears, or the state has not changed
+        for :data:`WRITER_QUIET` seconds (a dead writer), at most
+        :data:`WRITER_WAIT` seconds in all (a live one: the resume then goes
+        ahead, and one of the two writers gets ``busy``).
+        """
+        safe = self._checked_name(name)
+        tid = check_transfer_id(transfer_id)
+        deadline = trio.current_time() + WRITER_WAIT
+        last_etag = None
+        quiet_since = trio.current_time()
+        while True:
+            loaded = await self._guard(f"looking up {safe!r}", self._load_state, safe, tid)
+            if loaded is None or loaded[0] is None or loaded[0].closing:
+                return
+            now = trio.current_time()
+            if loaded[1] != last_etag:
+                last_etag, quiet_since = loaded[1], now
+            if now - quiet_since >= WRITER_QUIET or now >= deadline:
+                return
+            await trio.sleep(WRITER_POLL)
+
+    async def put_file(
+        self, name: str, data: bytes, *, sha256: str, overwrite: bool = False
+    ) -> str:
+        """See :meth:`conduit.cluster.store.Store.put_file`: one ``PUT`` (no multipart upload).
+
+        Checked against ``sha256`` here and by the store (``ChecksumSHA256``);
+        without ``overwrite``, conditional (``If-None-Match: *``) on the first
+        candidate name that no upload has reserved, the next one on a clash.
+        """
+        actual = hashlib.sha256(data).hexdigest()
+        if not hmac.compare_digest(actual, sha256.strip().lower()):
+            raise ChecksumMismatch(f"{name!r}: received bytes hash to {actual}, expected {sha256}")
+        return await self._guard(f"storing {name!r}", self._put_file, name, data, overwrite)
+
+    def _put_file(self, name: str, data: bytes, overwrite: bool) -> str:
+        safe = self._checked_name(name)
+        checksum = b64_sha256(data)
+        if overwrite:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self.location.key(safe), Body=data, ChecksumSHA256=checksum
+            )
+            return safe
+        directories, basename = split_name(safe)
+        for candidate in itertools.chain([basename], collision_candidates(basename)):
+            final = "/".join((*directories, candidate))
+            key = self.location.key(final)
+            if self._head(self._reservation_key(key)) is not None:
+                continue  # an upload in progress will publish under this name
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ChecksumSHA256=checksum,
+                    IfNoneMatch="*",
+                )
+            except botocore.exceptions.ClientError as exc:
+                if is_precondition(exc):
+                    continue
+                raise
+            return final
+        raise TransferError(f"no free name for {basename!r}", "name_collision")
 
     async def find_partial(self, name: str, transfer_id: str) -> int | None:
         """See :meth:`conduit.cluster.store.Store.find_partial` (from the saved state)."""

@@ -5,9 +5,13 @@ today: open a hidden partial file under a transfer id (resuming from a
 verified prefix), append to it while hashing, publish it under its name
 without overwriting (``name (1).ext`` on a clash), discard it, list / stat /
 read published files (from an offset, for resumed downloads), and remove old
-partials. Two implementations are meant to satisfy it: the local directory
-store (``transfer/_storage.StorageRoot`` behind a thin async adapter, still the
-default) and :class:`conduit.cluster.s3.S3Store`.
+partials. Two implementations satisfy it: the local directory store
+(:class:`conduit.cluster.local.LocalStore`, ``transfer/_storage.StorageRoot``
+behind a thin async adapter) and :class:`conduit.cluster.s3.S3Store`. The
+transfer handler uses the protocol for an ``s3://`` storage
+(``transfer/_backend_store.py``); for a local directory it keeps calling
+``StorageRoot`` directly (``transfer/_backend_local.py``), whose fd-based,
+single-hop paths this protocol's per-call granularity would slow down.
 
 The protocol is async (Trio): the S3 store waits on the network, the local
 store on the disk, and both do their blocking work in worker threads, so the
@@ -133,6 +137,17 @@ class Store(Protocol):
         """Open (``resume=True``: reuse and verify, else restart) the partial for ``name``.
 
         A partial another writer is using raises ``TransferError`` code ``"busy"``.
+        """
+        ...
+
+    async def put_file(
+        self, name: str, data: bytes, *, sha256: str, overwrite: bool = False
+    ) -> str:
+        """Store a whole small file at once: verify, publish without overwriting; the name used.
+
+        The same checks and collision policy as a partial published with
+        ``expected_sha256=sha256`` (``ChecksumMismatch`` stores nothing), in
+        as few round trips as the store allows: nothing to resume.
         """
         ...
 

@@ -334,15 +334,7 @@ class StoreBackend:
         """See :meth:`._backend.Backend.admit`."""
         self._ensure_sweeper()
         settings = self._settings
-        check_writable(peer)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise TransferError(f"invalid size {size!r}", "invalid_size")
-        root, store = self._store_for(peer)
-        await store.check_can_accept(size, settings.max_file_size, offset=size)
-        quota = getattr(getattr(peer, "account", None), "quota", None)
-        used = 0
-        if quota is not None:
-            used = sum(entry.size for entry in await store.list_files())
+        root, store, quota, used = await self._checked(peer, size)
         owner = _owner(peer)
         transfer_id = _transfer_id(key, owner)
         connection = peer.connection
@@ -353,19 +345,7 @@ class StoreBackend:
         # admission can count the same room.
         if len(uploads) >= MAX_UPLOADS_PER_CONNECTION or len(self._active) >= MAX_UPLOADS:
             raise TransferError("too many uploads at once; try again later", "overloaded")
-        if settings.overwrite and any(
-            other.root == root and other.name == name for other in self._active
-        ):
-            raise TransferError(
-                f"{name!r} is being written by another upload; try again later", "busy"
-            )
-        if quota is not None:
-            reserved = sum(other.size for other in self._active if other.root == root)
-            if used + reserved + size > quota:
-                raise TransferError(
-                    f"the upload would exceed this account's quota of {quota} bytes",
-                    "quota_exceeded",
-                )
+        self._check_room(root, name, size, quota, used)
         own = (root, name, transfer_id)
         evict = self._room_for_partials(size, own)
         upload = _Upload(root, store, name, transfer_id, owner, size, uploads)
@@ -392,6 +372,35 @@ class StoreBackend:
             raise
         upload.sink = StoreSink(partial, store)
         return Admitted(upload.sink, upload)
+
+    async def _checked(self, peer: Peer, size: int) -> tuple[str, Store, int | None, int]:
+        """The checks that wait: writable, size; the root, its store, quota and bytes used."""
+        check_writable(peer)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise TransferError(f"invalid size {size!r}", "invalid_size")
+        root, store = self._store_for(peer)
+        await store.check_can_accept(size, self._settings.max_file_size, offset=size)
+        quota = getattr(getattr(peer, "account", None), "quota", None)
+        used = 0
+        if quota is not None:
+            used = sum(entry.size for entry in await store.list_files())
+        return root, store, quota, used
+
+    def _check_room(self, root: str, name: str, size: int, quota: int | None, used: int) -> None:
+        """The checks against uploads in progress (no waiting: call right before registering)."""
+        if self._settings.overwrite and any(
+            other.root == root and other.name == name for other in self._active
+        ):
+            raise TransferError(
+                f"{name!r} is being written by another upload; try again later", "busy"
+            )
+        if quota is not None:
+            reserved = sum(other.size for other in self._active if other.root == root)
+            if used + reserved + size > quota:
+                raise TransferError(
+                    f"the upload would exceed this account's quota of {quota} bytes",
+                    "quota_exceeded",
+                )
 
     def _room_for_partials(self, size: int, own: tuple[str, str, str]) -> list[_Kept]:
         """The abandoned partials to evict (oldest first) so that ``max_partial_bytes`` holds."""
@@ -467,7 +476,12 @@ class StoreBackend:
                 log.info("evicted abandoned partial %r: too many for %s", entry.name, owner)
 
     async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
-        """Each entry as a one-part upload, one after the other; outcomes left on the entries."""
+        """Each entry in one ``put_file`` (one ``PUT`` on S3), one after the other.
+
+        The same rules as an upload's admission (read-only, size, quota, a
+        name being overwritten by an upload), nothing to resume; each
+        outcome is left on its entry.
+        """
         overwrite = self._settings.overwrite
         for entry in entries:
             if entry.error is not None:
@@ -479,22 +493,13 @@ class StoreBackend:
                 if answer is not None and answer.get("skipped") is True:
                     entry.published, entry.skipped = answer["path"], True
                     continue
-                admitted = await self.admit(peer, entry.safe, size, None, restart=True)
-            except Exception as exc:
-                entry.error = as_rpc_error(exc, name=entry.name)
-                continue
-            sink = admitted.sink
-            try:
-                await sink.write([entry.data])
-                entry.published = await sink.publish(
-                    overwrite=overwrite, expected_sha256=entry.sha256
+                root, store, quota, used = await self._checked(peer, size)
+                self._check_room(root, entry.safe, size, quota, used)
+                entry.published = await store.put_file(
+                    entry.safe, entry.data, sha256=entry.sha256, overwrite=overwrite
                 )
             except Exception as exc:
-                with trio.CancelScope(shield=True):
-                    await sink.discard()
                 entry.error = as_rpc_error(exc, name=entry.name)
-            finally:
-                await self.release(admitted)
 
     async def rerun_answer(
         self, peer: Peer, name: str, size: int, sha256: str
