@@ -1420,22 +1420,23 @@ async def test_a_fifo_swapped_in_after_a_stat_cannot_block_an_upload(
 ) -> None:
     """An upload of a path that becomes a FIFO is refused (``not_a_file``) and blocks no thread.
 
-    The race is made certain: the second ``os.stat`` of the path (the first is
-    ``send_to_server``'s directory check) swaps a FIFO in right after it looked
-    (the old code stat-ed, then opened, and blocked in the open). A watchdog
-    sees a reader blocked on the FIFO (a non-blocking open for writing
-    succeeds only then) and releases it.
+    The race is made certain: right after ``send_to_server``'s first look at
+    the path (the open that tells a directory or a small file apart; this file
+    is too large to be read there), a FIFO is swapped in, so the sender's own
+    open finds it (an open that stat-ed first, or did not ask for
+    ``O_NONBLOCK``, would block in it). A watchdog sees a reader blocked on the
+    FIFO (a non-blocking open for writing succeeds only then) and releases it.
     """
     source = tmp_path / "data.bin"
-    source.write_bytes(b"x" * 100)
-    real_stat = os.stat
-    stats: list[object] = []
+    source.write_bytes(b"x" * (300 * 1024))
+    real_open = os.open
+    opens: list[object] = []
 
-    def stat_then_swap(path: Any, *args: Any, **kwargs: Any) -> Any:
-        result = real_stat(path, *args, **kwargs)
+    def open_then_swap(path: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_open(path, *args, **kwargs)
         if os.fspath(path) == str(source):
-            stats.append(path)
-            if len(stats) == 2:
+            opens.append(path)
+            if len(opens) == 1:
                 os.unlink(source)
                 os.mkfifo(source)
         return result
@@ -1455,7 +1456,7 @@ async def test_a_fifo_swapped_in_after_a_stat_cannot_block_an_upload(
             blocked.append(True)
             os.close(fd)  # the blocked reader's open returns
 
-    monkeypatch.setattr(os, "stat", stat_then_swap)
+    monkeypatch.setattr(os, "open", open_then_swap)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog)
@@ -1463,6 +1464,7 @@ async def test_a_fifo_swapped_in_after_a_stat_cannot_block_an_upload(
             with contextlib.suppress(IsADirectoryError):
                 await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(client, source)
             nursery.cancel_scope.cancel()
+    assert len(opens) >= 2, "the sender never opened the swapped-in FIFO"
     assert not blocked, "a worker thread blocked opening the FIFO"
     monkeypatch.undo()
     source.unlink()

@@ -6,7 +6,9 @@ repetition and contender, on one connection:
 * ``raw-aead`` -- the raw-socket reference from ``bulk``, one file after the other
   (request, sealed records, fsync + rename on the server, digest answer);
 * ``conduit-trio`` -- ``FileTransferHandler.send_to_server`` one file after the other;
-* ``conduit-trio x8`` -- the same with 8 uploads in flight (8 tasks in a nursery);
+* ``conduit-trio x8`` -- the same with 8 uploads in flight (8 tasks in a nursery):
+  the client reads their files in shared thread hops and sends the ones that
+  queue behind a call on its way together (``file_upload_batch``);
 * ``conduit-trio dir`` -- one ``send_to_server`` of the whole directory (the
   source directory holds exactly the files): its small files go many per call
   (``file_upload_batch``, one fsync pass per batch on the server);
@@ -88,6 +90,9 @@ NOTES = [
     "data, checked, written, verified, fsynced and published in one call; larger files "
     "take begin + data stream + finish); netconduit 3 (start, one chunk, complete) after "
     "hashing the file; the raw reference 1",
+    "conduit-trio x8: 8 send_to_server calls at once; a file goes alone when nothing is "
+    "under way, else it queues and the queue leaves as one file_upload_batch (2 calls in "
+    "flight at most); each call still returns only after its own file was stored",
     "conduit-trio dir: one call for the directory; the client reads the files, sends them "
     "64 per file_upload_batch call (within the server's max_frame_size), 4 calls in flight; "
     "each file is still checked, admitted, verified, fsynced and published on its own, and "

@@ -36,7 +36,7 @@ Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
 OnPeer = Callable[[Attempt], Awaitable[dict[str, Any]]]
 
 #: Room kept in every batch call for its framing, the names and the digests.
-_FRAME_OVERHEAD = 64 * 1024
+FRAME_OVERHEAD = 64 * 1024
 #: Bytes per entry counted besides its data and name (keys, digest, encoding).
 _ENTRY_OVERHEAD = 256
 
@@ -69,6 +69,11 @@ def _read_small(
     return read, failed
 
 
+def entry_cost(name: str, size: int) -> int:
+    """Bytes a file of ``size`` bytes named ``name`` takes in a batch call (a bound)."""
+    return size + len(name.encode()) + _ENTRY_OVERHEAD
+
+
 def _batches(files: list[_Small], max_bytes: int) -> list[list[_Small]]:
     """Cut ``files`` into calls of at most MAX_BATCH_FILES entries and ``max_bytes``;
     a file that does not fit in a call alone is left out (it goes on its own)."""
@@ -76,7 +81,7 @@ def _batches(files: list[_Small], max_bytes: int) -> list[list[_Small]]:
     current: list[_Small] = []
     used = 0
     for small in files:
-        cost = len(small.data) + len(small.name.encode()) + _ENTRY_OVERHEAD
+        cost = entry_cost(small.name, len(small.data))
         if cost > max_bytes:
             continue
         if current and (len(current) >= MAX_BATCH_FILES or used + cost > max_bytes):
@@ -89,7 +94,8 @@ def _batches(files: list[_Small], max_bytes: int) -> list[list[_Small]]:
     return batches
 
 
-def _entry_result(answer: Any, small: _Small) -> dict[str, Any]:
+def entry_result(answer: Any, size: int) -> dict[str, Any]:
+    """One file's result from a batch answer's entry (``size``: the bytes sent)."""
     if not isinstance(answer, dict):
         return transfer_failure(BadAnswer("a batch result is not a mapping"))
     if answer.get("success") is not True:
@@ -98,7 +104,7 @@ def _entry_result(answer: Any, small: _Small) -> dict[str, Any]:
             return transfer_failure(BadAnswer("a failed batch result lacks error and code"))
         return {"success": False, "error": error[:4096], "code": code[:64]}
     try:
-        return finish_answer(answer, len(small.data))
+        return finish_answer(answer, size)
     except BadAnswer as exc:
         return transfer_failure(exc)
 
@@ -155,7 +161,7 @@ async def send_small_files(
 async def _frame_budget(peer: Peer) -> dict[str, Any]:
     """The data bytes one batch call to ``peer`` may carry."""
     await trio.lowlevel.checkpoint()
-    return {"success": True, "bytes": peer.connection.keys.peer_max_frame_size - _FRAME_OVERHEAD}
+    return {"success": True, "bytes": peer.connection.keys.peer_max_frame_size - FRAME_OVERHEAD}
 
 
 async def _send_batch(peer: Peer, *, batch: list[_Small]) -> dict[str, Any]:
@@ -185,7 +191,7 @@ async def _report(
 ) -> None:
     """Each file's result from the batch answer; its one progress report on success."""
     for small, raw in zip(batch, listed, strict=True):
-        result = _entry_result(raw, small)
+        result = entry_result(raw, len(small.data))
         if result.get("success"):
             reporter = ProgressReporter(
                 on_progress, filename=small.name, direction="upload", total_size=len(small.data)

@@ -32,8 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import trio
-
 from .._bridge import bridged
 from . import _manage as manage
 from ._backend import Backend
@@ -45,6 +43,7 @@ from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
 from ._slots import TransferSlots
+from ._small import probe
 from ._space import DEFAULT_FREE_SPACE_MARGIN
 from ._storage import StorageRoot
 from ._tree import receive_tree, send_files, send_tree
@@ -310,7 +309,9 @@ class FileTransferHandler:
         ``remote_name`` (default: the file's base name) may contain
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
-        if await trio.to_thread.run_sync(os.path.isdir, path):
+        # One look: a directory, or a small file read whole (see ._small).
+        found = await probe(path, self._sender.small_file_limit, client)
+        if found.is_directory:
             return await send_tree(
                 self._sender,
                 lambda attempt: on_client(client, attempt),
@@ -319,7 +320,10 @@ class FileTransferHandler:
                 on_progress,
             )
         return await on_client(
-            client, lambda peer: self._sender.send(peer, path, remote_name, on_progress, "upload")
+            client,
+            lambda peer: self._sender.send(
+                peer, path, remote_name, on_progress, "upload", small=found.small
+            ),
         )
 
     @bridged

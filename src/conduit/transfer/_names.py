@@ -55,6 +55,7 @@ The policy of :func:`safe_relative_name`, each rule with its reason:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -105,6 +106,11 @@ _INVISIBLE_CONTROLS: Final = frozenset(
 # Slash look-alikes that NFKC does not fold (the full-width ones it does).
 _LOOKALIKE_SEPARATORS: Final = frozenset("\u2044\u2215\u2216\u29f8\u29f9")
 
+# Accepted names remembered by safe_relative_name, and the longest remembered
+# (in characters): at most ~1 MiB of names, whatever a peer sends.
+_NAMES_REMEMBERED: Final = 512
+_REMEMBERED_LENGTH: Final = 255
+
 # Extensions kept whole when a collision suffix is inserted: "a (1).tar.gz".
 _COMPOUND_EXTENSIONS: Final = (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst")
 # A longer "extension" is more likely part of the name than a real extension.
@@ -122,6 +128,21 @@ def safe_relative_name(name: str) -> str:
         UnsafePathError: naming the problem, for any name that is not allowed
             (including a value that is not a ``str`` at all).
     """
+    if type(name) is str and len(name) <= _REMEMBERED_LENGTH:
+        # One small file's name is checked at each step of storing it (the
+        # receiver, the budget, the partial, the publish, the directory sync):
+        # the Unicode checks are its largest fixed cost, so accepted names are
+        # remembered (a refused one raises, and is never remembered).
+        return _checked_name(name)
+    return _safe_relative_name(name)
+
+
+@functools.lru_cache(maxsize=_NAMES_REMEMBERED)
+def _checked_name(name: str) -> str:
+    return _safe_relative_name(name)
+
+
+def _safe_relative_name(name: str) -> str:
     text = _require_text(name)
     if not text:
         raise _unsafe(text, "the name is empty")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import math
 import os
@@ -40,12 +39,13 @@ from ._backend import Source
 from ._budget import ByteBudget, SendBudget
 from ._engine import FileSource, hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
-from ._local import open_local_file
+from ._local import SmallFile, read_source
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
 from ._rerun import asks_for_sha256, says_skipped
 from ._slots import TransferSlots
+from ._small import SmallUploads, send_one
 from ._wire import (
     PUSH_BEGIN,
     PUSH_FINISH,
@@ -114,24 +114,35 @@ class Sender:
         direction: SendDirection,
         *,
         follow_symlinks: bool = True,
+        small: SmallFile | None = None,
     ) -> dict[str, Any]:
         """Send ``path`` to ``peer``'s receiver; the result dict (raises only before sending).
 
         ``follow_symlinks=False`` (directory walks) refuses a ``path`` that is a
         symbolic link, atomically (``O_NOFOLLOW``), instead of sending its target.
+        ``small``: ``path``'s bytes, already read (see :func:`._local.probe_source`).
         """
         begin_method, finish_method, small_method = _METHODS[direction]
-        file = await trio.to_thread.run_sync(
-            lambda: open_local_file(path, follow_symlinks=follow_symlinks)
-        )
+        if small is None:
+            # One worker-thread hop: open, check, and for a small file read,
+            # hash and close (see ._local.read_source).
+            source = await trio.to_thread.run_sync(
+                lambda: read_source(path, self.small_file_limit, follow_symlinks=follow_symlinks)
+            )
+            if source.changed:
+                return transfer_failure(
+                    TransferError("the file changed while being read", "source_changed")
+                )
+            small = source.small
+        if small is not None:
+            name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
+            return await self._send_small(peer, name, small, on_progress, small_method, direction)
+        file = source.file
+        assert file is not None
         try:
             info = os.fstat(file.fileno())
             size = info.st_size
             name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
-            if size <= self.small_file_limit:
-                return await self._send_small(
-                    peer, file, name, size, on_progress, small_method, direction
-                )
             key = transfer_key(name, size, info.st_mtime_ns)
             try:
                 # No timeout: re-hashing a large partial may take a while;
@@ -206,35 +217,29 @@ class Sender:
     async def _send_small(
         self,
         peer: Peer,
-        file: io.FileIO,
         name: str,
-        size: int,
+        small: SmallFile,
         on_progress: ProgressCallback | None,
         method: str,
         direction: SendDirection,
     ) -> dict[str, Any]:
-        """Files up to one chunk travel inside a single call: one round trip, no stream."""
-        data = await trio.to_thread.run_sync(file.read, size + 1)
-        if len(data) != size:
-            return transfer_failure(
-                TransferError("the file changed while being read", "source_changed")
-            )
+        """Files up to one chunk travel inside a single call: one round trip, no stream.
+
+        Uploads in flight together on a connection share calls (see ._small).
+        """
+        size = len(small.data)
         reporter = ProgressReporter(
             on_progress, filename=name, direction=direction, total_size=size
         )
-        try:
-            result = finish_answer(
-                await peer.call(
-                    method,
-                    name=name,
-                    data=data,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    timeout=_NO_TIMEOUT,
-                ),
-                size,
-            )
-        except (ConduitError, OSError) as exc:
-            return transfer_failure(exc)
+        if direction == "upload":
+            uploads: SmallUploads | None = peer.connection.owned.get(SmallUploads)
+            if uploads is None:
+                uploads = peer.connection.owned[SmallUploads] = SmallUploads()
+            result = await uploads.send(peer, name, small, method)
+        else:
+            result = await send_one(peer, name, small, method)
+        if not result.get("success"):
+            return result
         await reporter.advance(size)
         final = await reporter.finish()
         result.update(success=True, resumed_from=0, elapsed=final.elapsed, speed=final.speed)

@@ -1,0 +1,139 @@
+"""Calls of one blocking function from many tasks, run many per worker-thread hop.
+
+A worker-thread hop costs tens of microseconds of CPU (waking a thread,
+handing it the GIL, waking the event loop with the answer), which is more
+than looking at a small file costs. Eight tasks that each open and read a
+small file would pay eight hops; :class:`SharedHop` makes them pay one:
+
+* a task that finds no hop under way runs its call at once, alone (a lone
+  caller waits for nothing);
+* a task that arrives while a hop is under way queues; when the hop ends, the
+  first queued task leads the next hop, which runs every queued call in one
+  worker thread, one after the other.
+
+Each call gets its own result or exception. A queued task that is cancelled
+before its hop starts is dropped (its call never runs); a call already in a
+hop runs to its end, as any worker-thread call does.
+
+A slow call (a file on a hung network mount) must not hold up everyone: a
+task never queues behind a hop that has run for :data:`STALLED_AFTER` seconds,
+and a task that has waited that long in the queue leaves it; both run their
+call in a hop of their own instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import attrs
+import trio
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+#: Calls run in one hop, at most (the rest wait for the next one).
+MAX_CALLS_PER_HOP = 64
+#: Seconds after which a hop under way counts as stalled: nobody waits for it.
+STALLED_AFTER = 0.05
+
+
+@attrs.define(eq=False)
+class _Job(Generic[A, R]):
+    arg: A
+    #: Set when the job is done, or when its task is to lead the next hop.
+    wake: trio.Event = attrs.field(factory=trio.Event)
+    lead: bool = False
+    done: bool = False
+    result: R | None = None
+    error: BaseException | None = None
+
+
+class SharedHop(Generic[A, R]):
+    """Run ``function(arg)`` in a worker thread, sharing the hop with concurrent callers.
+
+    One instance belongs to one Trio run (its events are that run's).
+    """
+
+    def __init__(self, function: Callable[[A], R]) -> None:
+        self._function = function
+        self._queue: list[_Job[A, R]] = []
+        #: A hop is under way, or a queued task has been told to lead one.
+        self._busy = False
+        #: When the last shared hop started (Trio's clock).
+        self._started = 0.0
+
+    async def run(self, arg: A) -> R:
+        """``function(arg)``, run in a worker thread; its result, or its exception."""
+        job: _Job[A, R] = _Job(arg)
+        if not self._busy:
+            self._busy = True
+            await self._hop(job)
+        elif trio.current_time() - self._started < STALLED_AFTER:
+            self._queue.append(job)
+            try:
+                with trio.move_on_after(STALLED_AFTER):
+                    await job.wake.wait()
+            except BaseException:
+                if not job.done:
+                    self._leave(job)
+                raise
+            if job.lead:
+                self._queue.remove(job)
+                await self._hop(job)
+            elif job in self._queue:
+                # Still queued behind a stalled hop: go alone.
+                self._queue.remove(job)
+                await self._alone(job)
+            else:
+                await job.wake.wait()  # taken by a hop under way: its call is running
+        else:
+            await self._alone(job)
+        if job.error is not None:
+            raise job.error
+        return job.result  # type: ignore[return-value]
+
+    def _leave(self, job: _Job[A, R]) -> None:
+        """A queued task gives up (cancelled): drop its call, pass on the lead it got."""
+        if job in self._queue:
+            self._queue.remove(job)
+        if job.lead:
+            self._hand_on()
+
+    async def _hop(self, leader: _Job[A, R]) -> None:
+        """Run the leader's call and the queued ones (up to the bound) in one hop."""
+        jobs = [leader, *self._queue[: MAX_CALLS_PER_HOP - 1]]
+        del self._queue[: MAX_CALLS_PER_HOP - 1]
+        self._started = trio.current_time()
+        try:
+            await trio.to_thread.run_sync(self._run_all, jobs)
+        finally:
+            for job in jobs:
+                job.done = True
+                job.wake.set()
+            self._hand_on()
+
+    async def _alone(self, job: _Job[A, R]) -> None:
+        """Run one call in a hop of its own, beside the shared ones."""
+        await trio.to_thread.run_sync(self._run_all, [job])
+        job.done = True
+
+    def _run_all(self, jobs: list[_Job[A, R]]) -> None:
+        # Worker thread: each call's outcome on its own job.
+        for job in jobs:
+            try:
+                job.result = self._function(job.arg)
+            except Exception as exc:
+                job.error = exc
+
+    def _hand_on(self) -> None:
+        """The first queued task leads the next hop; or nobody is busy any more."""
+        if self._queue:
+            following = self._queue[0]
+            following.lead = True
+            following.wake.set()
+        else:
+            self._busy = False
+
+
+__all__ = ["MAX_CALLS_PER_HOP", "STALLED_AFTER", "SharedHop"]

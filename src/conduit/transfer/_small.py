@@ -1,0 +1,283 @@
+"""Small files on the sending side: read in one hop, several per call when several are in flight.
+
+A file up to the small-file limit (one chunk, at most 256 KiB) travels inside
+one call (``file_upload_small``) instead of begin + stream + finish. What is
+left per file is fixed cost, so it is cut here:
+
+* :func:`probe` reads a small file in one worker-thread hop
+  (:func:`._local.probe_source`), and concurrent sends share that hop (see
+  :mod:`._shared_hop`).
+* :class:`SmallUploads` coalesces the small uploads in flight on one
+  connection (a nursery of ``send_to_server`` calls): while a call is on its
+  way, the next files queue, and go together as one ``file_upload_batch``
+  (the server stores a batch in one worker-thread hop with one directory fsync
+  per batch, see :mod:`._batch_store`). A lone caller never waits for a batch:
+  with nothing in flight its file goes at once, as ``file_upload_small``. Each
+  file still gets its own result, exactly what its own call would have
+  answered; a whole-call failure (the connection closed) is each file's failure.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..errors import ConduitError, ConnectionClosed
+from ._answers import BadAnswer, finish_answer
+from ._batch import FRAME_OVERHEAD, entry_cost, entry_result
+from ._batch_store import MAX_BATCH_FILES
+from ._local import Probe, SmallFile, probe_source
+from ._shared_hop import STALLED_AFTER, SharedHop
+from ._wire import UPLOAD_BATCH, transfer_failure
+
+if TYPE_CHECKING:
+    from .._connection import Connection
+    from .._peer import Peer
+    from ..client import Client
+
+#: Calls of small uploads in flight on one connection at once; the files that
+#: arrive meanwhile queue for the next batch. Two keep the server busy while
+#: the client collects the next batch.
+MAX_SMALL_CALLS = 2
+
+
+def _probe_one(job: tuple[str | os.PathLike[str], int]) -> Probe:
+    return probe_source(*job)
+
+
+@attrs.define(eq=False)
+class _Preparing:
+    """A connection's sends between their start and their file read (see :func:`probe`)."""
+
+    count: int = 0
+    #: Set whenever ``count`` is zero.
+    settled: trio.Event = attrs.field(factory=trio.Event)
+
+    async def wait_settled(self) -> None:
+        """Return once no send is reading its file, or after :data:`STALLED_AFTER` seconds."""
+        # One checkpoint first: the callers an answer just released run up to
+        # their next send's probe, which counts them.
+        await trio.lowlevel.checkpoint()
+        with trio.move_on_after(STALLED_AFTER):
+            while self.count:
+                await self.settled.wait()
+
+
+def _preparing(connection: Connection) -> _Preparing:
+    preparing: _Preparing | None = connection.owned.get(_Preparing)
+    if preparing is None:
+        preparing = connection.owned[_Preparing] = _Preparing()
+    return preparing
+
+
+#: The run's shared probing hop: eight sends starting together look at their
+#: files in one worker-thread hop, not eight.
+_PROBES: trio.lowlevel.RunVar[SharedHop[tuple[str | os.PathLike[str], int], Probe]] = (
+    trio.lowlevel.RunVar("conduit_small_probes")
+)
+
+
+async def probe(path: str | os.PathLike[str], limit: int, client: Client) -> Probe:
+    """:func:`probe_source` in a worker thread, sharing the hop with concurrent probes.
+
+    While it runs, the send counts as *preparing* on ``client``'s connection: a
+    batch about to leave waits for it (see :class:`SmallUploads`), so eight
+    sends that start together leave together.
+    """
+    try:
+        hop = _PROBES.get()
+    except LookupError:
+        hop = SharedHop(_probe_one)
+        _PROBES.set(hop)
+    try:
+        preparing = _preparing(client.server.connection)
+    except ConnectionClosed:
+        return await hop.run((path, limit))  # not connected: the send reports it
+    if preparing.count == 0:
+        preparing.settled = trio.Event()
+    preparing.count += 1
+    try:
+        return await hop.run((path, limit))
+    finally:
+        preparing.count -= 1
+        if preparing.count == 0:
+            preparing.settled.set()
+
+
+@attrs.define(eq=False)
+class _Queued:
+    """A small upload waiting for the next batch, then its answer."""
+
+    name: str
+    small: SmallFile
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: dict[str, Any] | None = None
+
+
+class SmallUploads:
+    """One connection's small uploads: sent at once when nothing else is under way, else batched.
+
+    A file goes at once, alone, when no call of small uploads is on the way, none
+    is queued and no other send is reading its file. Otherwise it queues; a
+    task of the connection takes the queue as one batch as soon as a call may
+    start, after the sends still reading their files have queued too. Kept in
+    ``Connection.owned``, so it goes with the connection.
+    """
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self._queue: list[_Queued] = []
+        #: A task is about to take the queue.
+        self._flushing = False
+        #: The server answered ``not_found`` to a batch: one call per file from now on.
+        self._no_batches = False
+
+    async def send(self, peer: Peer, name: str, small: SmallFile, method: str) -> dict[str, Any]:
+        """Upload one small file with ``method`` (or in a batch); its result dict.
+
+        A success is the receiver's verdict, as :func:`._answers.finish_answer`
+        checked it; a failure is ``{"success": False, "error", "code"}``.
+        """
+        preparing = peer.connection.owned.get(_Preparing)
+        busy = preparing is not None and preparing.count > 0
+        if not (self._calls or self._queue or self._flushing or busy):
+            self._calls += 1
+            try:
+                return await send_one(peer, name, small, method)
+            finally:
+                self._calls -= 1
+                self._schedule(peer)
+        queued = _Queued(name, small)
+        self._queue.append(queued)
+        self._schedule(peer)
+        try:
+            await queued.done.wait()
+        except BaseException:
+            # Cancelled before its batch was taken: it is not sent at all.
+            if queued in self._queue:
+                self._queue.remove(queued)
+            raise
+        assert queued.result is not None
+        return queued.result
+
+    def _schedule(self, peer: Peer) -> None:
+        """Start the task that sends the queue, if one may start and none is starting."""
+        if self._flushing or not self._queue or self._calls >= MAX_SMALL_CALLS:
+            return
+        self._flushing = True
+        self._calls += 1
+        try:
+            peer.connection.spawn(self._send_batch, peer)
+        except ConnectionClosed as exc:
+            self._flushing = False
+            self._calls -= 1
+            _settle(self._queue, transfer_failure(exc))
+            self._queue.clear()
+
+    async def _send_batch(self, peer: Peer) -> None:
+        # A task of the connection, not of any one caller: a caller cancelled
+        # while its file is on the way does not take the others' call down.
+        batch: list[_Queued] = []
+        try:
+            try:
+                await _preparing(peer.connection).wait_settled()
+            finally:
+                self._flushing = False
+            batch = _take_batch(self._queue, peer.connection.keys.peer_max_frame_size)
+            if self._no_batches or len(batch) == 1:
+                for queued in batch:
+                    queued.result = await send_one(peer, queued.name, queued.small, _SMALL_OF)
+                    queued.done.set()
+                return
+            answer = await _call_batch(peer, batch) if batch else []
+            if answer is None:
+                self._no_batches = True
+                for queued in batch:
+                    queued.result = await send_one(peer, queued.name, queued.small, _SMALL_OF)
+                    queued.done.set()
+                return
+            if isinstance(answer, dict):
+                _settle(batch, answer)
+                return
+            for queued, raw in zip(batch, answer, strict=True):
+                queued.result = entry_result(raw, len(queued.small.data))
+                queued.done.set()
+        except BaseException as exc:
+            # The connection is going (its tasks are cancelled): nobody waits forever.
+            _settle(batch, transfer_failure(ConnectionClosed(f"the upload was stopped: {exc!r}")))
+            raise
+        finally:
+            self._calls -= 1
+            if peer.connection.is_open:
+                self._schedule(peer)
+            else:
+                _settle(self._queue, transfer_failure(ConnectionClosed("connection closed")))
+                self._queue.clear()
+
+
+#: The single-file method a batch falls back to (batches are uploads only).
+_SMALL_OF = "file_upload_small"
+
+
+def _settle(batch: Sequence[_Queued], result: dict[str, Any]) -> None:
+    for queued in batch:
+        if not queued.done.is_set():
+            queued.result = dict(result)
+            queued.done.set()
+
+
+def _take_batch(queue: list[_Queued], max_frame_size: int) -> list[_Queued]:
+    """The queue's first files that fit in one call (at least one); they leave the queue."""
+    room = max_frame_size - FRAME_OVERHEAD
+    taken: list[_Queued] = []
+    used = 0
+    for queued in queue:
+        cost = entry_cost(queued.name, len(queued.small.data))
+        if taken and (len(taken) >= MAX_BATCH_FILES or used + cost > room):
+            break
+        taken.append(queued)
+        used += cost
+    del queue[: len(taken)]
+    return taken
+
+
+async def send_one(peer: Peer, name: str, small: SmallFile, method: str) -> dict[str, Any]:
+    """One ``*_small`` call; the checked verdict or a failure dict."""
+    try:
+        answer = await peer.call(
+            method,
+            name=name,
+            data=small.data,
+            sha256=small.sha256,
+            timeout=math.inf,  # fsyncs take what they take; the heartbeat sees a dead peer
+        )
+        return finish_answer(answer, len(small.data))
+    except (ConduitError, OSError) as exc:
+        return transfer_failure(exc)
+
+
+async def _call_batch(peer: Peer, batch: list[_Queued]) -> list[Any] | dict[str, Any] | None:
+    """One ``file_upload_batch`` call: the per-file answers, a failure dict for all of
+    them, or None when the server does not take batches."""
+    try:
+        answer = await peer.call(
+            UPLOAD_BATCH,
+            files=[{"name": q.name, "data": q.small.data, "sha256": q.small.sha256} for q in batch],
+            timeout=math.inf,
+        )
+    except ConduitError as exc:
+        if getattr(exc, "code", None) == "not_found" and UPLOAD_BATCH in str(exc):
+            return None
+        return transfer_failure(exc)
+    listed = answer.get("results") if isinstance(answer, dict) else None
+    if not isinstance(listed, list) or len(listed) != len(batch):
+        return transfer_failure(BadAnswer("a batch answer must list one result per file"))
+    return listed
+
+
+__all__ = ["MAX_SMALL_CALLS", "SmallUploads", "probe", "send_one"]

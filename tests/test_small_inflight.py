@@ -1,0 +1,311 @@
+"""Small uploads in flight together: one thread hop to read them, several per call.
+
+``send_to_server`` calls running at once on one connection (a nursery of
+them) read their files in a shared worker-thread hop and travel together as
+``file_upload_batch`` calls; a lone caller still sends its file at once, in
+one ``file_upload_small`` call. Every file keeps its own result, exactly what
+a call of its own would have answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import FileTransferHandler, Server
+from conduit._connection import Connection
+from conduit.accounts import Accounts
+from conduit.protocol.pake import MIN_STRETCH
+from conduit.transfer._shared_hop import SharedHop
+from conftest import ClientFactory, ServerFactory
+from transfer_helpers import partial_files, visible_files
+
+KiB = 1024
+
+
+async def _server(
+    server_factory: ServerFactory, storage: Path
+) -> tuple[FileTransferHandler, Server]:
+    handler = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=handler.register_server_handlers)
+    return handler, server
+
+
+def _record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods every connection calls from now on, in order."""
+    methods: list[str] = []
+    original = Connection.call
+
+    async def recording(
+        self: Connection, method: str, args: dict[str, object], timeout: float | None
+    ) -> object:
+        methods.append(method)
+        return await original(self, method, args, timeout)
+
+    monkeypatch.setattr(Connection, "call", recording)
+    return methods
+
+
+def _sources(directory: Path, count: int, size: int = 4 * KiB) -> dict[str, bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {f"small-{index:03d}.bin": os.urandom(size) for index in range(count)}
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return files
+
+
+async def _upload_all(
+    client: Any, directory: Path, names: list[str], tasks: int
+) -> dict[str, dict[str, Any]]:
+    """``send_to_server`` of every name, ``tasks`` at once; the results by name."""
+    transfer = FileTransferHandler()
+    results: dict[str, dict[str, Any]] = {}
+    pending = iter(names)
+
+    async def worker() -> None:
+        for name in pending:
+            results[name] = await transfer.send_to_server(
+                client, directory / name, remote_name=name
+            )
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(tasks):
+            nursery.start_soon(worker)
+    return results
+
+
+async def test_small_uploads_in_flight_share_calls(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    received: list[str] = []
+
+    @handler.on_file_received
+    async def heard(_client: Any, path: str, metadata: dict[str, Any]) -> None:
+        received.append(metadata["filename"])
+
+    client = await client_factory(server)
+    files = _sources(tmp_path / "source", 24)
+    methods = _record_calls(monkeypatch)
+    with trio.fail_after(30):
+        results = await _upload_all(client, tmp_path / "source", sorted(files), tasks=8)
+    for name, data in files.items():
+        result = results[name]
+        assert result["success"] is True, result
+        assert result["path"] == name and result["size"] == len(data)
+        assert result["checksum"] == hashlib.sha256(data).hexdigest()
+        assert result["resumed_from"] == 0
+        assert (storage / name).read_bytes() == data
+    assert visible_files(storage) == sorted(files)
+    assert sorted(received) == sorted(files)
+    # Eight sends that start together go together: far fewer calls than files.
+    assert "file_upload_batch" in methods
+    assert len(methods) <= len(files) // 2, methods
+    assert partial_files(storage) == []
+
+
+async def test_a_lone_upload_goes_at_once_in_one_call(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    _, server = await _server(server_factory, storage)
+    client = await client_factory(server)
+    files = _sources(tmp_path / "source", 3)
+    methods = _record_calls(monkeypatch)
+    with trio.fail_after(30):
+        results = await _upload_all(client, tmp_path / "source", sorted(files), tasks=1)
+    assert all(result["success"] for result in results.values()), results
+    assert methods == ["file_upload_small"] * 3
+    assert visible_files(storage) == sorted(files)
+
+
+async def test_each_file_in_flight_gets_its_own_result(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    accounts = Accounts(tmp_path / "accounts.json", stretch=MIN_STRETCH)
+    quota = 5 * 4 * KiB + KiB
+    accounts.add("carol", "pw-carol", quota=quota)
+    client = await client_factory(server)
+    assert client.id is not None
+    peer = server.clients[client.id]
+    peer.username = "carol"
+    peer.account = accounts.get("carol")
+    files = _sources(tmp_path / "source", 8)
+    with trio.fail_after(30):
+        results = await _upload_all(client, tmp_path / "source", sorted(files), tasks=8)
+    stored = [name for name, result in results.items() if result["success"]]
+    refused = [result for result in results.values() if not result["success"]]
+    # The quota holds five of the eight: each of the others fails alone.
+    assert len(stored) == 5 and len(refused) == 3, results
+    assert all(result["code"] == "quota_exceeded" for result in refused), refused
+    assert visible_files(storage / "carol") == sorted(stored)
+    for name in stored:
+        assert (storage / "carol" / name).read_bytes() == files[name]
+    assert handler._receiver._budget._active == set()
+    assert partial_files(storage) == []
+
+
+async def test_files_already_there_and_collisions_in_flight(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    _, server = await _server(server_factory, storage)
+    client = await client_factory(server)
+    files = _sources(tmp_path / "source", 8)
+    names = sorted(files)
+    storage.mkdir()
+    (storage / names[0]).write_bytes(files[names[0]])  # the same bytes: already there
+    (storage / names[1]).write_bytes(b"someone else's")  # taken: stored beside it
+    with trio.fail_after(30):
+        results = await _upload_all(client, tmp_path / "source", names, tasks=8)
+    again, taken = results[names[0]], results[names[1]]
+    assert again["success"] is True and again["skipped"] is True, again
+    assert again["reason"] == "already_there"
+    stem = names[1].removesuffix(".bin")
+    assert taken["success"] is True and taken["path"] == f"{stem} (1).bin", taken
+    assert (storage / names[1]).read_bytes() == b"someone else's"
+    assert (storage / f"{stem} (1).bin").read_bytes() == files[names[1]]
+    for name in names[2:]:
+        assert results[name]["success"] is True and "skipped" not in results[name]
+        assert (storage / name).read_bytes() == files[name]
+
+
+async def test_uploads_queued_when_the_connection_closes_fail_and_end(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler, server = await _server(server_factory, storage)
+    stuck = trio.Event()
+
+    @handler.on_file_received
+    async def hold(_client: Any, path: str, metadata: dict[str, Any]) -> None:
+        stuck.set()
+        await trio.sleep_forever()  # the answer never comes: later files queue
+
+    client = await client_factory(server)
+    files = _sources(tmp_path / "source", 12)
+    results: dict[str, dict[str, Any]] = {}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def upload_all() -> None:
+                results.update(await _upload_all(client, tmp_path / "source", sorted(files), 12))
+
+            nursery.start_soon(upload_all)
+            await stuck.wait()
+            await client.disconnect()
+    assert sorted(results) == sorted(files)
+    for result in results.values():
+        assert result["success"] is False and result["code"] == "connection_closed", result
+
+
+class _CountedHop(SharedHop[int, int]):
+    """A shared hop that records how many calls each worker-thread hop ran."""
+
+    hops: list[int]
+
+    def _run_all(self, jobs: list[Any]) -> None:
+        self.hops.append(len(jobs))
+        super()._run_all(jobs)
+
+
+async def test_a_shared_hop_runs_queued_calls_together_and_drops_cancelled_ones() -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(arg: int) -> int:
+        if arg == 0:
+            release.wait(10)  # the first hop is under way while the others queue
+        if arg == 3:
+            raise ValueError("three")
+        ran.append(arg)
+        return arg * 10
+
+    hop = _CountedHop(work)
+    hop.hops = []
+    results: dict[int, object] = {}
+
+    async def call(arg: int) -> None:
+        try:
+            results[arg] = await hop.run(arg)
+        except ValueError as exc:
+            results[arg] = exc
+
+    dropped = trio.CancelScope()
+
+    async def cancelled() -> None:
+        with dropped:
+            await hop.run(2)
+        results[2] = "cancelled"
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(cancelled)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, 3)
+            nursery.start_soon(call, 4)
+            await trio.testing.wait_all_tasks_blocked()
+            dropped.cancel()  # queued behind the first hop: its call never runs
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    assert ran == [0, 1, 4]
+    assert results[0] == 0 and results[1] == 10 and results[4] == 40
+    assert results[2] == "cancelled"
+    assert isinstance(results[3], ValueError)  # its own exception, nobody else's
+    # One hop for the first call, one for the three still queued behind it.
+    assert hop.hops == [1, 3]
+
+
+async def test_a_stalled_hop_holds_nobody_up(autojump_clock: trio.testing.MockClock) -> None:
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(arg: int) -> int:
+        if arg == 0:
+            release.wait(10)  # a file on a hung mount
+        ran.append(arg)
+        return arg
+
+    hop = SharedHop(work)
+    results: dict[int, int] = {}
+    done = {arg: trio.Event() for arg in (0, 1, 2)}
+
+    async def call(arg: int) -> None:
+        results[arg] = await hop.run(arg)
+        done[arg].set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(call, 1)  # queues behind the first hop, then leaves it
+            with trio.fail_after(5):
+                await done[1].wait()
+            await trio.sleep(1)
+            nursery.start_soon(call, 2)  # never queues behind a stalled hop
+            with trio.fail_after(5):
+                await done[2].wait()
+            assert ran == [1, 2]  # both ran while the first call was still stuck
+            release.set()
+    finally:
+        release.set()
+    assert ran == [1, 2, 0] and results == {0: 0, 1: 1, 2: 2}
