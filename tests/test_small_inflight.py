@@ -156,7 +156,7 @@ async def test_each_file_in_flight_gets_its_own_result(
     assert visible_files(storage / "carol") == sorted(stored)
     for name in stored:
         assert (storage / "carol" / name).read_bytes() == files[name]
-    assert handler._receiver._budget._active == set()
+    assert handler.backend.budget._active == set()
     assert partial_files(storage) == []
 
 
