@@ -65,7 +65,7 @@ PASSWORD = "abuse-benchmark"
 MiB = 1024 * 1024
 PROBE = "abuse_probe"
 #: Uploads of the ``dropped`` scenario running at once.
-DROP_CONCURRENCY = 4
+DROP_CONCURRENCY = 8
 
 
 # --------------------------------------------------------------------------- the server process
@@ -235,9 +235,10 @@ def _write_file(path: Path, size: int) -> None:
 async def dropped(port: int, work: Path, scale: float) -> tuple[str, bool]:
     """150 uploads dropped mid-way + 10 cancelled: RSS within 40 MiB, no closed connection alive.
 
-    ``DROP_CONCURRENCY`` of them run at once: what the allocator keeps after
-    they are gone follows that peak (each holds up to a 4 MiB receive window
-    on the server), not their number.
+    ``DROP_CONCURRENCY`` of them run at once, each holding up to a 4 MiB
+    receive window on the server: what stays after they are gone follows that
+    peak unless the bulk buffers are given back (they are page mappings,
+    unmapped with their connection and upload), not their number.
     """
     concurrency = DROP_CONCURRENCY
     source = work / "upload.bin"

@@ -7,15 +7,24 @@ the attack and its size::
     {"attack": "guesses", "guesses": 100, "window_s": 10}
     {"attack": "hello_flood", "sockets": 32, "seconds": 15, "addresses": 1}
     {"attack": "idle_flood", "rate": 100, "seconds": 15, "tries": 25}
+    {"attack": "honest", "seconds": 15, "baseline_s": 2}   (started by hello_flood)
 
 Each attack comes from its own loopback source address (127.0.0.x), the honest
 client from 127.0.0.1 (or 127.0.0.2 for the idle flood), as the thresholds of
 the hardening issue describe. Prints ``RESULT {...}``.
+
+The hello flood's honest client runs in a process of its own (this script with
+``{"attack": "honest", ...}``): 32 flooding sockets keep the attacker's event
+loop busy all the time (about a whole core), and an honest client sharing that
+loop would measure the attacker's scheduling, not the server's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -76,9 +85,42 @@ def _p(latencies: list[int], fraction: float) -> float:
     return _peerlib.percentile(sorted(latencies), fraction) / 1e6
 
 
+async def honest(port: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """The hello flood's honest client: RPC latencies for ``baseline_s`` before the
+    flood (then it prints ``BASELINE``, the signal to start it) and ``seconds`` during."""
+    client = await _connect(port, _peerlib.PASSWORD, "127.0.0.1")
+    baseline_stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sleep_then_set, spec.get("baseline_s", 2.0), baseline_stop)
+        baseline = await _rpc_latencies(client, baseline_stop)
+    print("BASELINE", flush=True)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_sleep_then_set, spec.get("seconds", 15), stop)
+        during = await _rpc_latencies(client, stop)
+    await client.disconnect()
+    return {
+        "baseline_p99_ms": _p(baseline, 0.99),
+        "p50_ms": _p(during, 0.50),
+        "p99_ms": _p(during, 0.99),
+        "max_ms": max(during) / 1e6,
+        "calls": len(during),
+    }
+
+
+async def _read_line(stdout: trio.abc.ReceiveStream, buffer: bytearray) -> str:
+    while b"\n" not in buffer:
+        data = await stdout.receive_some()
+        if not data:
+            raise RuntimeError(f"the honest client exited: {bytes(buffer)!r}")
+        buffer += data
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
 async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     """``sockets`` concurrent sockets replaying CLIENT_HELLOs; the honest client's RPC p99."""
-    honest = await _connect(port, _peerlib.PASSWORD, "127.0.0.1")
     hello = ClientHandshake(
         "wrong guess", name="flood", max_frame_size=1 << 20, receive_window=4 << 20
     ).start()
@@ -100,25 +142,32 @@ async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
                 finally:
                     await trio.aclose_forcefully(stream)
 
-    baseline_stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_sleep_then_set, 2.0, baseline_stop)
-        baseline = await _rpc_latencies(honest, baseline_stop)
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        for index in range(spec.get("sockets", 32)):
-            nursery.start_soon(flooder, index, stop)
-        nursery.start_soon(_sleep_then_set, seconds, stop)
-        during = await _rpc_latencies(honest, stop)
-    await honest.disconnect()
-    return {
-        "hellos_sent": sent,
-        "baseline_p99_ms": _p(baseline, 0.99),
-        "p50_ms": _p(during, 0.50),
-        "p99_ms": _p(during, 0.99),
-        "max_ms": max(during) / 1e6,
-        "calls": len(during),
-    }
+    honest_spec = {"attack": "honest", "seconds": seconds, "baseline_s": 2.0}
+    argv = [sys.executable, __file__, "client", "--port", str(port)]
+    argv += ["--spec", json.dumps(honest_spec)]
+    cpu_started = time.process_time()
+    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        buffer = bytearray()
+        while await _read_line(process.stdout, buffer) != "BASELINE":
+            pass
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for index in range(spec.get("sockets", 32)):
+                nursery.start_soon(flooder, index, stop)
+            nursery.start_soon(_sleep_then_set, seconds, stop)
+        attacker_cpu = time.process_time() - cpu_started
+        while not (line := await _read_line(process.stdout, buffer)).startswith("RESULT "):
+            pass
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    measured: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    measured.pop("attack", None)
+    return {"hellos_sent": sent, "attacker_cpu_s": attacker_cpu, **measured}
 
 
 async def _sleep_then_set(seconds: float, event: trio.Event) -> None:
@@ -163,7 +212,12 @@ async def idle_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     return {"tries": tries, "connected": connected, "idle_sockets_opened": opened}
 
 
-ATTACKS = {"guesses": guesses, "hello_flood": hello_flood, "idle_flood": idle_flood}
+ATTACKS = {
+    "guesses": guesses,
+    "hello_flood": hello_flood,
+    "honest": honest,
+    "idle_flood": idle_flood,
+}
 
 
 def main() -> None:

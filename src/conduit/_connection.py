@@ -35,6 +35,7 @@ import trio
 from ._call_workers import CallWorkers
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
+from ._receive_buffer import ReceiveBuffer
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     ConnectionClosed,
@@ -136,6 +137,7 @@ class Connection:
         label: str,
     ) -> None:
         self.stream = stream
+        self._receive_buffer = ReceiveBuffer(RECEIVE_SIZE)
         self.keys = keys
         self.settings = settings
         self.label = label
@@ -272,7 +274,7 @@ class Connection:
         try:
             await self._drain_reader()
             while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self._receive_buffer.receive(self.stream)
                 if not data:
                     self.abort(self.close_reason or "peer closed the connection")
                     return
@@ -356,6 +358,8 @@ class Connection:
             self._outbox.put_control((self._state.ping(),))
             # An idle connection must not keep a bulk transfer's megabytes.
             self._writer.release_idle_buffers()
+            self._reader.release_idle_buffers()
+            self._receive_buffer.release_idle()
 
     async def _idle_task(self, idle_timeout: float) -> None:
         # Sleep until the moment the connection would become idle; activity in

@@ -10,9 +10,20 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   (no group operation), then the attempt reserves a slot in the per-address and
   per-user budgets (:mod:`conduit._throttle`) *before* any password work; only a
   success gives it back, so parallel guesses and replayed hellos are bounded.
-- **Work off the event loop, bounded**: the handshake machine's two calls run
-  in worker threads under a ``max_handshakes`` CapacityLimiter, so a hello
-  flood queues there while the event loop keeps serving authenticated clients.
+- **A bounded share of the event loop**: the handshake machine's two calls
+  (a few scalar multiplications in C, ~0.1-0.3 ms) run on the event loop while
+  handshakes have used less than :data:`LOOP_SHARE` of its time lately (a
+  token bucket, :class:`LoopShare`): a worker thread would cost the loop as
+  much in hand-offs as the work itself. Beyond that share, and whatever a step
+  costs, they run in worker threads under a ``max_handshakes``
+  CapacityLimiter, so a hello flood queues there while the event loop keeps
+  serving authenticated clients. The accounts file is re-read (in a worker
+  thread) only when its ``stat`` says it changed.
+- **Locked-out addresses cost next to nothing**: :meth:`Gatekeeper.screen`
+  wraps a socket listener so that a connection from an address the throttle
+  has locked out is refused (one small send, then closed) inside the accept
+  loop itself, before any task, handshake state or log formatting exists for
+  it: under a hello flood from locked addresses that is nearly all of them.
 - **Quiet logs**: warnings about failing peers are rate-limited per address.
 """
 
@@ -20,15 +31,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import attrs
 import trio
 
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
-from ._throttle import Attempt, AuthThrottle
+from ._throttle import Attempt, AuthThrottle, address_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, FrameKind, ServerHandshake
@@ -39,21 +51,40 @@ def _now() -> float:
     return trio.current_time()
 
 
-def _reload_then_receive(
-    accounts: Accounts, handshake: ServerHandshake, hello: Frame
-) -> tuple[bytes, ValueError | None]:
-    """In a worker thread: see changes to the accounts file, then answer the hello.
+#: Share of the event loop's time that handshake steps may take inline (see LoopShare).
+LOOP_SHARE = 0.25
+#: Seconds of inline handshake work allowed in one burst (~100 handshakes).
+LOOP_BURST = 0.03
 
-    One ``stat`` when nothing changed, so a user added by ``conduit user add``
-    can log in at once; a malformed file keeps the old data (the error is
-    returned, to be logged on the event loop).
+
+@attrs.define
+class LoopShare:
+    """A token bucket of event-loop seconds for inline handshake work.
+
+    It fills at ``share`` seconds per second up to ``burst``; each inline step
+    spends what it measured. While it is empty, steps go to worker threads,
+    so handshakes never take more than about ``share`` of the loop, however
+    many arrive and whatever each costs.
     """
-    unreadable = None
-    try:
-        accounts.reload_if_changed()
-    except ValueError as exc:
-        unreadable = exc
-    return handshake.receive(hello), unreadable
+
+    share: float = LOOP_SHARE
+    burst: float = LOOP_BURST
+    #: Seconds of inline work available now (negative after an expensive step).
+    tokens: float = attrs.field(init=False, default=0.0)
+    _stamp: float = attrs.field(init=False, default=0.0)
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def allows(self, now: float) -> bool:
+        """Whether a step may run inline at ``now`` (``time.perf_counter()``)."""
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self._stamp) * self.share)
+        self._stamp = now
+        return self.tokens > 0
+
+    def spend(self, seconds: float) -> None:
+        """An inline step took ``seconds``."""
+        self.tokens -= seconds
 
 
 @attrs.define
@@ -77,6 +108,7 @@ class Gatekeeper:
             user_limit=descriptor.auth_user_failure_limit,
         )
         self.limiter = trio.CapacityLimiter(descriptor.max_handshakes)
+        self.loop_share = LoopShare()
         self.accounts: Accounts | None = (
             descriptor.accounts if isinstance(descriptor.accounts, Accounts) else None
         )
@@ -154,26 +186,13 @@ class Gatekeeper:
             handshake = self._machine()
 
             async def run(frame: Frame) -> bytes:
-                if frame.kind is FrameKind.CLIENT_HELLO and self.accounts is not None:
-                    # The reload rides on the hello's trip to a worker thread.
-                    reply, unreadable = await trio.to_thread.run_sync(
-                        _reload_then_receive, self.accounts, handshake, frame, limiter=self.limiter
-                    )
-                    if unreadable is not None:
-                        self.warnings.warning(
-                            "accounts file",
-                            _now(),
-                            "accounts file %s unreadable, keeping the old data: %s",
-                            self.accounts.path,
-                            unreadable,
-                        )
-                    return reply
-                if frame.kind is FrameKind.CLIENT_CONFIRM and self.accounts is None:
-                    # Shared password: the group operations were all done with the
-                    # hello; checking the confirmation is one HMAC comparison,
-                    # cheaper than the trip to a worker thread.
-                    return handshake.receive(frame)
-                return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
+                if (
+                    frame.kind is FrameKind.CLIENT_HELLO
+                    and self.accounts is not None
+                    and self.accounts.changed()
+                ):
+                    await self._reload(self.accounts)
+                return await self._step(handshake, frame)
 
             established = await server_handshake(
                 stream, handshake, descriptor.max_frame_size, reader=reader, hello=hello, run=run
@@ -187,6 +206,44 @@ class Gatekeeper:
         established.username = handshake.username
         established.account = cast("AccountRecord | None", handshake.account)
         return established
+
+    async def _step(self, handshake: ServerHandshake, frame: Frame) -> bytes:
+        """Feed ``frame`` to the machine: inline within the loop share, else in a thread."""
+        started = time.perf_counter()
+        if self.loop_share.allows(started):
+            try:
+                return handshake.receive(frame)
+            finally:
+                self.loop_share.spend(time.perf_counter() - started)
+        return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
+
+    async def _reload(self, accounts: Accounts) -> None:
+        """Re-read the changed accounts file in a worker thread (a user added by
+        ``conduit user add`` logs in at once); a malformed file keeps the old data."""
+        try:
+            await trio.to_thread.run_sync(accounts.reload_if_changed, limiter=self.limiter)
+        except ValueError as exc:
+            self.warnings.warning(
+                "accounts file",
+                _now(),
+                "accounts file %s unreadable, keeping the old data: %s",
+                accounts.path,
+                exc,
+            )
+
+    def screen(self, listener: trio.abc.Listener[Any]) -> trio.abc.Listener[Any]:
+        """``listener``, refusing locked-out addresses as it accepts (socket listeners only).
+
+        A TLS listener is left alone: its refusal has to wait for the TLS
+        handshake, which the per-connection task does.
+        """
+        if isinstance(listener, trio.SocketListener):
+            return ScreenedListener(listener, self)
+        return listener
+
+    def locked_out(self, host: str) -> float:
+        """Seconds ``host`` (an address key) stays locked out; 0 if it may try."""
+        return self.throttle.retry_after(host, _now())
 
     def _wake(self) -> None:
         self._settled.set()
@@ -206,4 +263,53 @@ class Gatekeeper:
         )
 
 
-__all__ = ["Gatekeeper", "Refused"]
+class ScreenedListener(trio.abc.Listener[trio.SocketStream]):
+    """A socket listener whose :meth:`accept` refuses locked-out addresses itself.
+
+    The refusal is what the per-connection task would have sent (AUTH_FAILED
+    "throttled" with ``retry_after``, in clear), but costs the server one
+    accept, one small send and one close: no task, no cancel scopes, no hello
+    read. What is not locked out is returned for the server to serve.
+    """
+
+    def __init__(self, inner: trio.SocketListener, gate: Gatekeeper) -> None:
+        self.inner = inner
+        self._gate = gate
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The listening socket (as :class:`trio.SocketListener` has it)."""
+        return self.inner.socket
+
+    async def accept(self) -> trio.SocketStream:
+        """The next connection from an address that is not locked out."""
+        while True:
+            stream = await self.inner.accept()
+            try:
+                host = stream.socket.getpeername()[0]
+            except OSError:  # already gone: nothing to refuse
+                return stream
+            key = address_key(str(host))
+            wait = self._gate.locked_out(key)
+            if wait <= 0:
+                return stream
+            self._gate.warnings.warning(
+                key, _now(), "refused %s: too many failed password attempts", key
+            )
+            try:
+                await refuse(
+                    stream,
+                    "throttled",
+                    f"locked out: too many failed password attempts from {key}; "
+                    f"retry in {wait:.0f}s",
+                    wait,
+                )
+            finally:
+                stream.socket.close()
+
+    async def aclose(self) -> None:
+        """Close the listening socket."""
+        await self.inner.aclose()
+
+
+__all__ = ["LOOP_BURST", "LOOP_SHARE", "Gatekeeper", "LoopShare", "Refused", "ScreenedListener"]

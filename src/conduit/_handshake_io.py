@@ -44,6 +44,9 @@ class Established:
     account: AccountRecord | None = None
     #: Server side: the client announced a resume token (read it with :func:`read_resume`).
     resuming: bool = False
+    #: Server side: the SERVER_CONFIRM, held back to go out in one send with
+    #: the WELCOME (:func:`welcome_record`), or before the resume token is read.
+    unsent: bytes = b""
 
 
 async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
@@ -84,23 +87,21 @@ async def client_handshake(
     handshake: ClientHandshake,
     max_frame_size: int,
     resume_token: bytes = b"",
-    *,
-    offload: bool = False,
 ) -> tuple[Established, Welcome]:
     """Authenticate to the server; return the session and its WELCOME.
 
     With a ``resume_token`` (the ``handshake`` must have been made with
     ``resume=True``), present it sealed, first thing, to get the old client id
-    back. ``offload``: handle the SERVER_HELLO in a worker thread (accounts
-    mode, where it may cost an Argon2id stretch); the SERVER_CONFIRM is one
-    HMAC comparison, handled inline.
+    back. A SERVER_HELLO that costs an Argon2id stretch (accounts mode, the
+    first connect of a ``Client``) is handled in a worker thread; every other
+    step (a few scalar multiplications, or one HMAC) inline.
     """
     reader, writer = FrameReader(), FrameWriter()
     await stream.send_all(handshake.start())
     await _first_reply(stream, reader)
     while handshake.keys is None:
         frame = await _next_frame(stream, reader)
-        if offload and frame.kind is FrameKind.SERVER_HELLO:
+        if handshake.will_stretch(frame):
             reply = await trio.to_thread.run_sync(handshake.receive, frame)
         else:
             reply = handshake.receive(frame)
@@ -164,9 +165,11 @@ async def server_handshake(
     """
     writer = FrameWriter()
     frame: Frame | None = hello
-    while handshake.keys is None:
+    while True:
         reply = await run(frame if frame is not None else await _next_frame(stream, reader))
         frame = None
+        if handshake.keys is not None:
+            break  # the reply is the SERVER_CONFIRM: it goes with the WELCOME
         if reply:
             await stream.send_all(reply)
         if handshake.error is not None:
@@ -175,12 +178,23 @@ async def server_handshake(
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
     return Established(
-        reader, writer, keys, handshake.client_name, resuming=handshake.client_resuming
+        reader,
+        writer,
+        keys,
+        handshake.client_name,
+        resuming=handshake.client_resuming,
+        unsent=reply,
     )
 
 
 async def read_resume(stream: trio.abc.Stream, established: Established) -> bytes:
-    """The resume token an authenticated client announced (its first sealed frame)."""
+    """The resume token an authenticated client announced (its first sealed frame).
+
+    The client sends it once it has the SERVER_CONFIRM: that goes out first.
+    """
+    if established.unsent:
+        unsent, established.unsent = established.unsent, b""
+        await stream.send_all(unsent)
     frame = await _next_frame(stream, established.reader)
     if frame.kind is not FrameKind.MESSAGE:
         raise RemoteProtocolError(f"expected the resume token, got {frame.kind.name}")
@@ -189,18 +203,27 @@ async def read_resume(stream: trio.abc.Stream, established: Established) -> byte
     return structure_from_wire(unpack(frame.payload), Resume, what="resume token").token
 
 
-def welcome_record(writer: FrameWriter, welcome: Welcome) -> bytes | bytearray:
-    """The first sealed record the server sends."""
-    (record,) = writer.write_frames([(encode_frame(FrameKind.WELCOME, 0, welcome),)])
+def welcome_record(established: Established, welcome: Welcome) -> bytes | bytearray:
+    """What the server sends to end the handshake: the SERVER_CONFIRM if still
+    held back, then the WELCOME, its first sealed record (one send, one wake-up
+    of the client)."""
+    (record,) = established.writer.write_frames([(encode_frame(FrameKind.WELCOME, 0, welcome),)])
+    if established.unsent:
+        unsent, established.unsent = established.unsent, b""
+        return unsent + record
     return record
 
 
 async def refuse(stream: trio.abc.Stream, code: str, reason: str, retry_after: float = 0.0) -> None:
-    """Tell a connecting client why it is turned away, best effort, then close."""
+    """Tell a connecting client why it is turned away, best effort.
+
+    The caller closes the stream (the server's per-connection task always
+    does, last thing): a refusal is the common case under a flood, so it is
+    not closed twice.
+    """
     with trio.move_on_after(1):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(refusal_frame(code, reason, retry_after))
-    await trio.aclose_forcefully(stream)
 
 
 __all__ = [

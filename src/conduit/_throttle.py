@@ -35,6 +35,7 @@ autojump clock or with plain numbers.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 
@@ -46,12 +47,14 @@ TRUST_PERIOD = 24 * 3600.0
 IPV6_PREFIX = 64
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(host: str) -> str:
     """The throttle's (and the per-address socket cap's) key for a peer's ``host``.
 
     IPv4 as it is; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) as ``a.b.c.d``; other
     IPv6 as its /64 network (``2001:db8:1:2::/64``), since a single host can
     pick any of its 2**64 addresses; anything else (no address) unchanged.
+    Memoised (bounded): a server asks for every connection, several times.
     """
     try:
         # A zone id (fe80::1%eth0) names the interface, not the peer.

@@ -40,6 +40,7 @@ import secrets
 import sys
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ FORMAT = "conduit-accounts"
 VERSION = 1
 MAX_USERNAME = 64
 MAX_ROOT = 255
+#: Fake records kept by :meth:`Accounts.lookup` (about 1 KiB each).
+FAKE_CACHE = 1024
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
 _SECRET_SIZE = 32
 
@@ -227,6 +230,9 @@ class Accounts:
         self.stretch = stretch.check()
         self._lock = threading.Lock()
         self._state = self._read()
+        # The last FAKE_CACHE fakes built, by username (see lookup).
+        self._fakes: OrderedDict[tuple[bytes, str], AccountRecord] = OrderedDict()
+        self._fakes_lock = threading.Lock()
 
     # --- Queries --------------------------------------------------------------------------
 
@@ -255,14 +261,31 @@ class Accounts:
 
         The fake is deterministic (keyed with the file's secret, so the same
         unknown name always gets the same salt), uses the default cost, and
-        has a verifier no password matches; it is computed for every lookup,
-        known user or not, so both take the same work. This is what the
-        server's handshake calls (:data:`conduit.protocol.handshake.AccountLookup`).
+        has a verifier no password matches; it is made for every lookup,
+        known user or not, so both take the same work. The last
+        :data:`FAKE_CACHE` fakes are kept, by username, for the same reason
+        both ways: a name looked up lately (known or not) costs a dictionary
+        hit, a new one (known or not) the building. This is what the server's
+        handshake calls (:data:`conduit.protocol.handshake.AccountLookup`).
         """
         state = self._state
-        fake = self._fake(state.secret, username)
+        fake = self._cached_fake(state.secret, username)
         real = state.users.get(username)
         return fake if real is None else real
+
+    def _cached_fake(self, secret: bytes, username: str) -> AccountRecord:
+        key = (secret, username)
+        with self._fakes_lock:
+            fake = self._fakes.get(key)
+            if fake is not None:
+                self._fakes.move_to_end(key)
+                return fake
+        fake = self._fake(secret, username)
+        with self._fakes_lock:
+            self._fakes[key] = fake
+            while len(self._fakes) > FAKE_CACHE:
+                self._fakes.popitem(last=False)
+        return fake
 
     def _fake(self, secret: bytes, username: str) -> AccountRecord:
         name = username.encode("utf-8", "replace")
@@ -354,6 +377,14 @@ class Accounts:
         )
 
     # --- The file -------------------------------------------------------------------------
+
+    def changed(self) -> bool:
+        """Whether the file differs from what was last read: one ``stat``, nothing read.
+
+        Lets the server re-read the file (in a worker thread) only when there
+        is something to read.
+        """
+        return self._signature() != self._state.signature
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if another process changed it; True if it did.

@@ -216,7 +216,6 @@ class Client(Endpoint):
                         handshake,
                         descriptor.max_frame_size,
                         token,
-                        offload=descriptor.username is not None,
                     )
                 except BaseException:
                     await trio.aclose_forcefully(stream)

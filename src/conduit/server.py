@@ -221,7 +221,8 @@ class Server(Endpoint):
                 if self.cluster is not None:
                     # Joined before the first client, whose id the cluster registers.
                     await nursery.start(self.cluster.run)
-                await nursery.start(trio.serve_listeners, self._serve_connection, listeners)
+                screened = [self._gate.screen(listener) for listener in listeners]
+                await nursery.start(trio.serve_listeners, self._serve_connection, screened)
                 log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
                 self._listening.set()
                 report_started()
@@ -372,7 +373,7 @@ class Server(Endpoint):
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
-                    await stream.send_all(welcome_record(established.writer, welcome))
+                    await stream.send_all(welcome_record(established, welcome))
                 except BaseException:
                     await self._release_client_id(client_id)
                     raise

@@ -259,7 +259,7 @@ def parse_header(
 _KIND_BY_VALUE: dict[int, FrameKind] = {kind.value: kind for kind in FrameKind}
 
 
-def iter_frames(record: bytes, max_frame_size: int) -> list[Frame]:
+def iter_frames(record: bytes | memoryview, max_frame_size: int) -> list[Frame]:
     """Split one decrypted record into its frames, without copying payloads.
 
     A sealed record always holds whole frames, so a leftover is a protocol error.

@@ -183,6 +183,11 @@ class ProverCache:
                 self._entries.popitem(last=False)
         return secret
 
+    def holds(self, password: str, username: str, salt: bytes, params: pake.StretchParams) -> bool:
+        """Whether :meth:`secret` for these inputs would return at once (no stretch)."""
+        with self._lock:
+            return (password, username, salt, params) in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -363,6 +368,28 @@ class ClientHandshake(_Handshake):
         self._hello_payload = frame[HEADER_SIZE:]
         self.state = HandshakeState.WAIT_SERVER_HELLO
         return frame
+
+    def will_stretch(self, frame: Frame) -> bool:
+        """Whether :meth:`receive` of ``frame`` would run the Argon2id stretch.
+
+        True only in accounts mode, for the SERVER_HELLO whose salt and cost
+        the :class:`ProverCache` does not hold yet: the caller runs that one
+        :meth:`receive` in a worker thread. Every other step costs a few scalar
+        multiplications, less than the hand-off to a thread.
+        """
+        if (
+            self.username is None
+            or self.state is not HandshakeState.WAIT_SERVER_HELLO
+            or frame.kind is not FrameKind.SERVER_HELLO
+        ):
+            return False
+        try:
+            hello = decode_body(frame, ServerHello)
+            params = pake.StretchParams(hello.opslimit, hello.memlimit)
+            held = self._cache.holds(self._password, self.username, hello.salt, params)
+        except (RemoteProtocolError, TypeError):  # malformed: receive() says so, at once
+            return False
+        return not held
 
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:

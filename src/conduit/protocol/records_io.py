@@ -63,6 +63,11 @@ class FrameReader:
         self._max_frame_size = max_frame_size
         self._opener = RecordOpener(key, max_frame_size + HEADER_SIZE + RECORD_SLACK, leftover)
 
+    def release_idle_buffers(self) -> None:
+        """Unmap the opener's kept record buffers unless used since the previous call."""
+        if self._opener is not None:
+            self._opener.release_idle_buffers()
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed."""
         if self._pending:

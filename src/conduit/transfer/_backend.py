@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from ..protocol.connection import Buffer
-from ._engine import BlockReader, BlockWriter
+from ._engine import BlockReader, BlockWriter, JoinBuffer
 from ._storage import PartialFile
 
 if TYPE_CHECKING:
@@ -156,19 +156,14 @@ class Backend(Protocol):
         ...
 
 
-def _write_chunks(partial: PartialFile, chunks: Sequence[Buffer]) -> None:
-    # One write and one hash update per batch, not per chunk: every call that
-    # releases the GIL must win it back from the event loop thread, and with
-    # sixteen of them per megabyte that handoff, not the disk, set the pace.
-    partial.write_block(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
-
 class LocalSink:
     """A :class:`Sink` over a local :class:`PartialFile`: each call one worker-thread hop."""
 
     def __init__(self, partial: PartialFile) -> None:
         """Wrap an open partial file."""
         self.partial = partial
+        # Batches are joined in one reused mapping, unmapped when the upload ends.
+        self._joined = JoinBuffer()
 
     @property
     def offset(self) -> int:
@@ -181,21 +176,27 @@ class LocalSink:
 
     async def write(self, chunks: Sequence[Buffer]) -> None:
         """Append ``chunks`` (one write, one hash update, in a worker thread)."""
-        await trio.to_thread.run_sync(_write_chunks, self.partial, chunks)
+        # One write and one hash update per batch, not per chunk: every call that
+        # releases the GIL must win it back from the event loop thread, and with
+        # sixteen of them per megabyte that handoff, not the disk, set the pace.
+        await trio.to_thread.run_sync(self._joined.write, self.partial, chunks)
 
     async def publish(self, *, overwrite: bool, expected_sha256: str) -> str:
         """Verify, fsync, link without overwriting (see :meth:`PartialFile.publish`)."""
         partial = self.partial
+        self._joined.close()
         return await trio.to_thread.run_sync(
             lambda: partial.publish(overwrite=overwrite, expected_sha256=expected_sha256)
         )
 
     async def close(self) -> None:
         """Close, keeping the partial file for a resume."""
+        self._joined.close()
         await trio.to_thread.run_sync(self.partial.close)
 
     async def discard(self) -> None:
         """Delete the partial file."""
+        self._joined.close()
         await trio.to_thread.run_sync(self.partial.discard)
 
     def location_of(self, name: str) -> str:

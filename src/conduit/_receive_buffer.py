@@ -1,0 +1,81 @@
+"""Where a connection's socket reads land: bulk data into one reused page mapping.
+
+``SocketStream.receive_some(n)`` allocates ``n`` bytes per call and shrinks
+them to what arrived: at the 1 MiB a connection asks for during bulk data (one
+read per sealed record at full speed), every read is a megabyte from
+``malloc``, which glibc serves from its heap once a block that large has been
+freed; interleaved with the connection's other allocations, a few concurrent
+uploads leave tens of megabytes the process never gives back after they end.
+
+So a connection reads small (``receive_some`` of 64 KiB, which is all calls
+and results need) until a read fills that, and from then on reads into a page
+mapping of its own (``recv_into``): nothing allocated per read, and given back
+to the system when the connection ends or an idle heartbeat interval passes
+(:meth:`ReceiveBuffer.release_idle`), after which it reads small again. Idle
+and RPC-only connections hold no buffer at all.
+
+Streams that are not plain sockets (TLS, memory streams in tests) keep using
+``receive_some``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+
+import trio
+
+from .protocol.records import anonymous_buffer
+
+#: The small read (and the size of read that switches to the mapping).
+SMALL_READ = 64 * 1024
+#: errno values trio reports as a closed (not a broken) stream.
+_CLOSED = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+class ReceiveBuffer:
+    """One connection's reads of up to ``size`` bytes (see the module docstring)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._mapping: mmap.mmap | None = None
+        self._bulk = False
+
+    async def receive(self, stream: trio.abc.Stream) -> bytes | bytearray | memoryview:
+        """The next bytes from ``stream`` (empty at EOF).
+
+        From the mapping, a view valid until the next call: the caller copies
+        what it keeps (the frame reader does).
+        """
+        if type(stream) is not trio.SocketStream:
+            return await stream.receive_some(self.size)
+        mapping = self._mapping
+        if mapping is None:
+            data = await stream.receive_some(SMALL_READ)
+            if len(data) == SMALL_READ:  # bulk data is flowing: read big from now on
+                self._mapping = anonymous_buffer(self.size)
+                self._bulk = True
+            return data
+        try:
+            received = await stream.socket.recv_into(mapping)
+        except OSError as exc:
+            # What SocketStream.receive_some reports for the same errors.
+            if exc.errno in _CLOSED:
+                raise trio.ClosedResourceError("this socket was already closed") from None
+            raise trio.BrokenResourceError(exc) from exc
+        if received > SMALL_READ:
+            self._bulk = True
+        return memoryview(mapping)[:received]
+
+    def release_idle(self) -> None:
+        """Drop the mapping unless bulk data arrived since the previous call.
+
+        It is unmapped as soon as no view of it is left; the connection calls
+        this on every heartbeat.
+        """
+        if not self._bulk:
+            self._mapping = None
+        self._bulk = False
+
+
+__all__ = ["ReceiveBuffer"]

@@ -1,0 +1,227 @@
+"""Where the handshake's work runs, and what a refusal costs the server.
+
+- the server's handshake steps run on the event loop within a bounded share of
+  its time (:class:`conduit._gatekeeper.LoopShare`), in worker threads beyond
+  it, and both paths authenticate the same;
+- the client stretches its password in a worker thread only when its
+  :class:`ProverCache` misses (:meth:`ClientHandshake.will_stretch`);
+- the accounts file is re-read only when its ``stat`` changed
+  (:meth:`Accounts.changed`);
+- a locked-out address is refused inside the accept loop
+  (:class:`conduit._gatekeeper.ScreenedListener`), with the same AUTH_FAILED
+  the per-connection task sends, and other addresses pass through.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+from conduit import Accounts, AuthenticationError, Client, ServerDescriptor
+from conduit._gatekeeper import Gatekeeper, LoopShare, ScreenedListener
+from conduit.accounts import FAKE_CACHE
+from conduit.protocol import ClientHandshake, FrameKind, FrameReader, ServerHandshake, decode_body
+from conduit.protocol.handshake import ProverCache
+from conduit.protocol.messages import AuthFailed
+from conduit.protocol.pake import StretchParams
+from conftest import LOOPBACK, PASSWORD, ServerFactory, client_descriptor
+
+FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
+ALICE_PASSWORD = "alice's long passphrase"
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    return store
+
+
+# --------------------------------------------------------------------------- the loop share
+
+
+def test_loop_share_is_a_token_bucket_of_loop_seconds() -> None:
+    share = LoopShare(share=0.25, burst=0.01)
+    assert share.allows(100.0)
+    share.spend(0.02)  # one expensive step overdraws the bucket
+    assert not share.allows(100.0)
+    assert not share.allows(100.03)  # refilled by 0.0075 of the 0.01 owed: still no
+    assert share.allows(100.05)
+    # Never more than the burst, however long it stayed idle.
+    share.allows(1000.0)
+    assert share.tokens == pytest.approx(0.01)
+    # A clock that goes backwards adds nothing.
+    share.spend(0.01)
+    assert not share.allows(999.0)
+
+
+async def test_steps_run_inline_within_the_share_and_in_threads_beyond(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await server_factory(password=None, accounts=accounts)
+    gate = server._gate
+    client = Client(client_descriptor(server.port, username="alice", password=ALICE_PASSWORD))
+    with trio.fail_after(10):
+        await client.connect()
+    await client.disconnect()
+    # Inline: the steps were measured against the share.
+    assert gate.loop_share.tokens < gate.loop_share.burst
+    # An exhausted share sends every step to a worker thread: same outcome.
+    gate.loop_share = LoopShare(share=0.0, burst=0.0)
+    with trio.fail_after(10):
+        await client.connect()
+    assert client.connected
+    await client.disconnect()
+    assert gate.loop_share.tokens == 0.0  # nothing ran inline
+    wrong = Client(client_descriptor(server.port, username="alice", password="wrong"))
+    with pytest.raises(AuthenticationError), trio.fail_after(10):
+        await wrong.connect()
+
+
+# --------------------------------------------------------------------------- the client's stretch
+
+
+def test_the_client_stretches_only_on_a_cache_miss(accounts: Accounts) -> None:
+    cache = ProverCache()
+
+    def server_hello(client: ClientHandshake) -> tuple[ServerHandshake, bytes]:
+        server = ServerHandshake(
+            None, name="s", max_frame_size=1 << 20, receive_window=1 << 22, accounts=accounts.lookup
+        )
+        reader = FrameReader()
+        reader.feed(client.start())
+        hello = reader.next_frame()
+        assert hello is not None
+        return server, server.receive(hello)
+
+    def frame_of(data: bytes):  # type: ignore[no-untyped-def]
+        reader = FrameReader()
+        reader.feed(data)
+        return reader.next_frame()
+
+    first = ClientHandshake(
+        ALICE_PASSWORD,
+        name="c",
+        max_frame_size=1 << 20,
+        receive_window=1 << 22,
+        username="alice",
+        cache=cache,
+    )
+    _, reply = server_hello(first)
+    frame = frame_of(reply)
+    assert first.will_stretch(frame)
+    first.receive(frame)  # stretches, and fills the cache
+    assert not first.will_stretch(frame)  # not in WAIT_SERVER_HELLO any more
+
+    again = ClientHandshake(
+        ALICE_PASSWORD,
+        name="c",
+        max_frame_size=1 << 20,
+        receive_window=1 << 22,
+        username="alice",
+        cache=cache,
+    )
+    _, reply = server_hello(again)
+    assert not again.will_stretch(frame_of(reply))
+
+    # Another password is another cache entry: a stretch again.
+    other = ClientHandshake(
+        "another password",
+        name="c",
+        max_frame_size=1 << 20,
+        receive_window=1 << 22,
+        username="alice",
+        cache=cache,
+    )
+    _, reply = server_hello(other)
+    assert other.will_stretch(frame_of(reply))
+
+    # Shared-password mode stretches once per process, before the handshake.
+    shared = ClientHandshake(PASSWORD, name="c", max_frame_size=1 << 20, receive_window=1 << 22)
+    assert not shared.will_stretch(frame_of(reply))
+
+
+# --------------------------------------------------------------------------- the accounts file
+
+
+def test_accounts_changed_is_one_stat_until_reloaded(accounts: Accounts) -> None:
+    assert not accounts.changed()
+    Accounts(accounts.path, stretch=FAST).add("carol", "carol's passphrase")
+    assert accounts.changed()
+    assert "carol" not in accounts  # nothing read yet
+    assert accounts.reload_if_changed()
+    assert not accounts.changed()
+    assert "carol" in accounts
+
+
+# --------------------------------------------------------------------------- refused at accept
+
+
+async def test_locked_out_addresses_are_refused_inside_the_accept_loop() -> None:
+    descriptor = ServerDescriptor(
+        host=LOOPBACK, port=0, password=PASSWORD, auth_failure_limit=1, auth_lockout=60
+    )
+    gate = Gatekeeper(descriptor, logging.getLogger("conduit.server"))
+    gate.throttle.record_failure("127.0.0.5", trio.current_time())
+    (listener,) = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    port = listener.socket.getsockname()[1]
+    screened = gate.screen(listener)
+    assert isinstance(screened, ScreenedListener)
+    accepted: list[trio.SocketStream] = []
+
+    async def accept_one() -> None:
+        accepted.append(await screened.accept())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_one)
+            locked = await trio.open_tcp_stream(LOOPBACK, port, local_address="127.0.0.5")
+            reader = FrameReader()
+            while (frame := reader.next_frame()) is None:
+                data = await locked.receive_some(4096)
+                assert data, "closed without a refusal"
+                reader.feed(data)
+            assert frame.kind is FrameKind.AUTH_FAILED
+            refusal = decode_body(frame, AuthFailed)
+            assert refusal.code == "throttled"
+            assert 50 < refusal.retry_after <= 60
+            assert await locked.receive_some(4096) == b""  # and closed
+            await locked.aclose()
+            assert accepted == []  # the server never saw it
+            honest = await trio.open_tcp_stream(LOOPBACK, port, local_address="127.0.0.6")
+    (stream,) = accepted
+    assert stream.socket.getpeername()[0] == "127.0.0.6"
+    await stream.aclose()
+    await honest.aclose()
+    await screened.aclose()
+
+
+def test_only_socket_listeners_are_screened() -> None:
+    gate = Gatekeeper(ServerDescriptor(password=PASSWORD), logging.getLogger("conduit.server"))
+
+    class Other(trio.abc.Listener[trio.abc.Stream]):
+        async def accept(self) -> trio.abc.Stream:
+            raise NotImplementedError
+
+        async def aclose(self) -> None:
+            pass
+
+    other = Other()
+    assert gate.screen(other) is other
+
+
+def test_fake_records_are_kept_for_known_and_unknown_names_alike(accounts: Accounts) -> None:
+    first = accounts.lookup("mallory")
+    assert accounts.lookup("mallory") is first  # kept: a dictionary hit the second time
+    assert accounts.lookup("alice") is accounts.get("alice")
+    # A known name's fake was built and kept too: the same work as an unknown one.
+    assert len(accounts._fakes) == 2
+    assert Accounts(accounts.path, stretch=FAST).lookup("mallory").salt == first.salt
+    for index in range(FAKE_CACHE + 10):
+        accounts.lookup(f"user{index}")
+    assert len(accounts._fakes) == FAKE_CACHE
+    # Forgotten, rebuilt the same (deterministic).
+    assert accounts.lookup("mallory").verifier == first.verifier
