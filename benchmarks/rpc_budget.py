@@ -4,7 +4,9 @@
 (the ``rpc`` scenario's) in a tight loop on this process's thread CPU clock and
 prints a table: client encode + seal, server open + parse + decode, the worker
 hop, the dispatcher, result encode + seal, client open + decode, and the Trio
-socket and scheduler costs that every message pays. It uses the real objects
+socket and scheduler costs that every message pays (with Trio's own
+``send_all``/``receive_some`` and with the engine's ``SocketIO`` fast path). It
+uses the real objects
 (``ConnectionState``, ``FrameReader``/``FrameWriter``, ``PeerDispatcher``), not
 copies of them, so it moves when they do. The sum is compared with the server
 CPU per call that ``python -m benchmarks --scenario rpc`` measures end to end;
@@ -27,6 +29,7 @@ from typing import Any
 import trio
 
 from conduit._rpc import Handlers
+from conduit._socket_io import SocketIO
 from conduit.protocol import FrameReader, FrameWriter
 from conduit.protocol.connection import ConnectionState
 from conduit.protocol.messages import Result
@@ -96,8 +99,9 @@ def sans_io_steps(loops: int) -> dict[str, float]:
 
     # Records open only in nonce order, so every record the open steps take is
     # sealed up front, outside the timing.
-    call_records = [c_writer.write_frames([(call_frame,)])[0] for _ in range(loops)]
-    result_records = [s_writer.write_frames([(result_frame,)])[0] for _ in range(loops)]
+    # As bytes, the way the engine's reads return them.
+    call_records = [bytes(c_writer.write_frames([(call_frame,)])[0]) for _ in range(loops)]
+    result_records = [bytes(s_writer.write_frames([(result_frame,)])[0]) for _ in range(loops)]
     reader_c2s, reader_s2c = _reader(KEY_C2S), _reader(KEY_S2C)
     # Skip the one record of each direction sealed before these lists.
     _skip(reader_c2s, 1)
@@ -208,8 +212,39 @@ def trio_steps(loops: int) -> dict[str, float]:
         await a.aclose()
         await b.aclose()
 
+    async def socket_io_ping_pong() -> None:
+        # The same over conduit's SocketIO, as the engine does on a plain
+        # socket: a non-blocking write, and no scheduler pass on the read that
+        # follows a wake-up.
+        left, right = socket.socketpair()
+        a, b = (
+            trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+            trio.SocketStream(trio.socket.from_stdlib_socket(right)),
+        )
+        fast_a, fast_b = SocketIO.of(a), SocketIO.of(b)
+        assert fast_a is not None and fast_b is not None
+        message = bytes(160)
+
+        async def echo() -> None:
+            for _ in range(loops):
+                data = await fast_b.receive(65536)
+                fast_b.send_now(data)
+
+        started = time.thread_time_ns()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(echo)
+            for _ in range(loops):
+                fast_a.send_now(message)
+                await fast_a.receive(65536)
+        result["conduit: message over loopback (SocketIO send_now + epoll wake + receive)"] = (
+            (time.thread_time_ns() - started) / (2 * loops) / 1000
+        )
+        await a.aclose()
+        await b.aclose()
+
     trio.run(hop)
     trio.run(ping_pong)
+    trio.run(socket_io_ping_pong)
     return result
 
 

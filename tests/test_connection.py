@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from conduit._call_workers import MAX_IDLE_FOLLOWERS
 from conduit._connection import Connection, ConnectionSettings
 from conduit._streams import IncomingStream
 from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError
@@ -384,3 +387,197 @@ async def test_lockstep_streams_work() -> None:
             for i in range(20):
                 assert await p.client.call("echo", {"x": [i, "x" * i]}, None) == [i, "x" * i]
         nursery.cancel_scope.cancel()
+
+
+async def test_blocking_handlers_hand_the_reading_over() -> None:
+    """Calls run in the task that read them; each one that blocks passes reading on.
+
+    More blocked calls than idle followers are kept, twice over: fast calls are
+    answered while they all wait, and every one of them is answered in the end.
+    """
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    pair = _pair(client_stream, server_stream, server_settings=_settings(max_concurrent_calls=100))
+    async with trio.open_nursery() as connections:
+        connections.start_soon(pair.client.run)
+        connections.start_soon(pair.server.run)
+        await _blocking_rounds(pair)
+        connections.cancel_scope.cancel()
+
+
+async def _blocking_rounds(pair: Pair) -> None:
+    release = trio.Event()
+
+    async def wait(_c: Connection, n: int) -> int:
+        await release.wait()
+        return n
+
+    async def fast(_c: Connection, n: int) -> int:
+        return -n
+
+    pair.server_dispatch.methods.update(wait=wait, fast=fast)
+    blocked = MAX_IDLE_FOLLOWERS + 8
+    for _round in range(2):
+        release = trio.Event()
+        answers: dict[int, int] = {}
+
+        async def call(method: str, n: int, into: dict[int, int]) -> None:
+            into[n] = await pair.client.call(method, {"n": n}, None)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for n in range(blocked):
+                    nursery.start_soon(call, "wait", n, answers)
+                await trio.testing.wait_all_tasks_blocked()
+                fast_answers: dict[int, int] = {}
+                async with trio.open_nursery() as fast_calls:
+                    for n in range(10):
+                        fast_calls.start_soon(call, "fast", n, fast_answers)
+                assert fast_answers == {n: -n for n in range(10)}
+                assert answers == {}
+                release.set()
+        assert answers == {n: n for n in range(blocked)}
+
+
+async def test_cancelling_a_blocked_call_ends_only_that_call(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    cancelled = trio.Event()
+
+    async def forever(_c: Connection) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async def echo(_c: Connection, x: int) -> int:
+        return x
+
+    pair.server_dispatch.methods.update(forever=forever, echo=echo)
+    for attempt in range(3):
+        cancelled = trio.Event()
+        with pytest.raises(RPCTimeoutError):
+            await pair.client.call("forever", {}, 1)
+        with trio.fail_after(5):
+            await cancelled.wait()
+            assert await pair.client.call("echo", {"x": attempt}, None) == attempt
+
+
+def _socket_pair(send_buffer: int | None = None) -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = socket.socketpair()
+    if send_buffer is not None:
+        for sock in (left, right):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, send_buffer)
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(right)),
+    )
+
+
+async def test_real_socket_calls_results_larger_than_the_socket_buffer_and_a_stream() -> None:
+    """Over a real socket (the SocketIO fast path): a result the socket cannot take
+    at once is finished by a shielded send, concurrent calls and a data stream
+    share the connection, and the peer closing ends it cleanly."""
+    client_stream, server_stream = _socket_pair(send_buffer=16 * 1024)
+    p = _pair(client_stream, server_stream)
+    big = os.urandom(900 * 1024)
+
+    async def blob(_c: Connection, n: int) -> bytes:
+        return big[n:]
+
+    async def echo(_c: Connection, x: int) -> int:
+        return x
+
+    p.server_dispatch.methods.update(blob=blob, echo=echo)
+    payload = os.urandom(2 * 1024 * 1024 + 5)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            # Alone on the connection: sent directly, more than the socket takes at once.
+            assert await p.client.call("blob", {"n": 0}, None) == big
+            incoming = p.server.open_incoming_stream()
+            outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+            received = bytearray()
+
+            async def send() -> None:
+                await outgoing.send([payload])
+                await outgoing.finish(b"end")
+
+            nursery.start_soon(send)
+            results: dict[int, Any] = {}
+
+            async def call(n: int) -> None:
+                results[n] = await p.client.call(
+                    "blob" if n % 4 == 0 else "echo", {"n": n} if n % 4 == 0 else {"x": n}, None
+                )
+
+            async with trio.open_nursery() as calls:
+                for n in range(32):
+                    calls.start_soon(call, n)
+            assert await _consume(incoming, received) == b"end"
+            assert bytes(received) == payload
+            assert results == {n: big[n:] if n % 4 == 0 else n for n in range(32)}
+            await p.server.close("done")
+            await p.client.closed.wait()
+    assert p.client.closed_on_purpose
+
+
+_SET_BY_A_HANDLER: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "set_by_a_handler", default="clean"
+)
+
+
+async def test_a_follower_does_not_inherit_what_a_blocked_handler_set(pair: Pair) -> None:
+    """The follower that takes over reading starts from the connection's context."""
+    release = trio.Event()
+
+    async def sets_and_waits(_c: Connection) -> str:
+        _SET_BY_A_HANDLER.set("set by the blocked handler")
+        await release.wait()
+        return "done"
+
+    async def reads(_c: Connection) -> str:
+        return _SET_BY_A_HANDLER.get()
+
+    pair.server_dispatch.methods.update(sets_and_waits=sets_and_waits, reads=reads)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.client.call, "sets_and_waits", {}, None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert await pair.client.call("reads", {}, None) == "clean"
+            release.set()
+
+
+async def test_readers_never_wait_on_a_full_socket() -> None:
+    """Both peers call each other for results far larger than the socket buffers.
+
+    Each reader runs the calls it reads and starts sending their results; if a
+    reader waited for the socket to take the whole result, both would wait for
+    the other to read, forever. Readers only write what the socket takes at
+    once and leave the rest to the writer, so every call is answered.
+    """
+    client_stream, server_stream = _socket_pair(send_buffer=16 * 1024)
+    p = _pair(client_stream, server_stream)
+    big = os.urandom(900 * 1024)
+
+    async def blob(_c: Connection, n: int) -> bytes:
+        return big[n:]
+
+    p.server_dispatch.methods["blob"] = blob
+    p.client_dispatch.methods["blob"] = blob
+    answers: list[bool] = []
+
+    async def call(connection: Connection, n: int) -> None:
+        answers.append(await connection.call("blob", {"n": n}, None) == big[n:])
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            async with trio.open_nursery() as calls:
+                for n in range(8):
+                    calls.start_soon(call, p.client, n)
+                    calls.start_soon(call, p.server, n)
+            nursery.cancel_scope.cancel()
+    assert answers == [True] * 16

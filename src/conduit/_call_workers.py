@@ -1,20 +1,32 @@
-"""The pool of worker tasks that run the calls a peer makes.
+"""The tasks that read a connection and run the calls its peer makes (leader/follower).
 
-Long-lived workers, one per concurrently running call, so a slow handler never
-delays the others and a handler may call back into its peer, without paying a
-task start (~7 us) per call. A CANCEL from the peer cancels that worker's scope;
-the worker ends and the pool starts a fresh one later. Which call ids are in
-use and how many may run is the state machine's
+One task at a time holds the *reading role*: it reads records, feeds the state
+machine and, when a CALL arrives, runs the handler itself, right there. Most
+handlers finish without ever blocking (an echo, a lookup, a computation): the
+result is queued and the reader reads on, with no task switch at all for the
+call. When a handler blocks (it awaits I/O, a sleep, a call back into the
+peer), the reading role passes to a follower (an idle task of this pool, or a
+new one) before Trio gets control, so the other calls and the data streams go
+on; the task that read the call finishes it, sends the result, and then waits
+to be handed the reading role again.
+
+So a slow handler still never delays the others and a handler may call back
+into its peer, while the common call costs no hop between a reader and a
+worker. A CANCEL from the peer cancels the scope of the task running that
+call (one scope for the task's whole life, as a scope per call costs ~4 us);
+the task then ends, and the pool starts a fresh one when it needs one. Which
+call ids are in use and how many may run is the state machine's
 (:class:`~conduit.protocol.connection.ConnectionState`) to decide.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
+import outcome
 import trio
 
 from .errors import ConnectionClosed, RPCError
@@ -25,78 +37,145 @@ log = logging.getLogger("conduit.connection")
 
 Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
+#: Idle tasks kept waiting for the reading role; one finishing a blocked call
+#: while this many wait ends instead. Not a limit on running calls (that is
+#: ``max_concurrent_calls``): a reader that must hand off and finds nobody
+#: idle starts a new task.
+MAX_IDLE_FOLLOWERS = 32
 
-class CallWorkers:
-    """A pool of worker tasks running incoming calls, at most ``limit`` at once."""
+
+class Blocked:
+    """A call whose handler blocked while the reader ran it: the rest runs off the reading path."""
+
+    __slots__ = ("call_id", "coroutine", "trap")
+
+    def __init__(self, call_id: int, coroutine: Coroutine[Any, Any, Result | None], trap: Any):
+        self.call_id = call_id
+        self.coroutine = coroutine
+        #: What the coroutine yielded to Trio when it blocked, still to be passed on.
+        self.trap = trap
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, Any]:
+    """Go on running ``coroutine``, which yielded ``trap`` while driven by hand.
+
+    The coroutine started in this same task (the reader), so the trap (a Trio
+    wait, a checkpoint) is this task's: it is passed to Trio unchanged, and
+    Trio's answer is passed back, as ``await`` would have done.
+    """
+    while True:
+        try:
+            reply = yield trap
+        except BaseException as exc:  # thrown into us (close()): the coroutine's to handle
+            try:
+                trap = coroutine.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                trap = coroutine.send(reply)
+            except StopIteration as stop:
+                return stop.value
+
+
+class CallRunners:
+    """The reading role and the tasks that take turns at it (see the module docstring)."""
 
     def __init__(
         self,
-        limit: int,
+        read: Callable[[], Awaitable[Blocked | None]],
         dispatch: Dispatch,
+        queue_result: Callable[[int, Result], None],
         send_result: Callable[[int, Result], Awaitable[None]],
         finished: Callable[[int], None],
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
         label: str,
     ) -> None:
-        self._limit = limit
+        self._read = read
         self._dispatch = dispatch
+        self._queue_result = queue_result
         self._send_result = send_result
         self._finished = finished
         self._spawn = spawn
         self._label = label
-        self._queue: deque[CallReceived] = deque()
-        self._idle = trio.lowlevel.ParkingLot()
-        self._workers = 0
+        # Tasks parked until handed the reading role, most recently parked last.
+        self._followers: list[trio.lowlevel.Task] = []
+        # Calls that blocked, by id: the scope that cancels the task running each.
         self._running: dict[int, trio.CancelScope] = {}
 
-    def submit(self, event: CallReceived) -> None:
-        """Queue an incoming call the state machine accepted."""
-        self._queue.append(event)
-        if self._idle:
-            self._idle.unpark()
-        elif self._workers < self._limit:
-            self._workers += 1
-            self._spawn(self._worker)
+    async def run(self) -> None:
+        """One task's life: read while holding the role, finish a call that blocked, follow.
+
+        The connection starts the first one, holding the reading role.
+        """
+        with trio.CancelScope() as scope:
+            while True:
+                blocked = await self._read()
+                if blocked is None:
+                    return  # the connection is over
+                self._pass_reading()
+                await self._finish(blocked, scope)
+                if len(self._followers) >= MAX_IDLE_FOLLOWERS:
+                    return
+                await self._follow()
+
+    def start(self, event: CallReceived) -> Blocked | None:
+        """Run an incoming call in the reading task until it finishes or first blocks.
+
+        A call that finishes has its result queued (``queue_result``); one that
+        blocks is returned, and the reader must hand over the reading role and
+        finish it (what :meth:`run` does when the reader returns it).
+        """
+        call_id = event.call_id
+        coroutine = self._run(event.call)
+        try:
+            trap = coroutine.send(None)
+        except StopIteration as stop:
+            self._finished(call_id)
+            result: Result | None = stop.value
+            if result is not None:
+                self._queue_result(call_id, result)
+            return None
+        except BaseException:
+            self._finished(call_id)
+            raise
+        return Blocked(call_id, coroutine, trap)
 
     def cancel(self, call_id: int) -> None:
-        """The caller gave up: cancel the handler, or drop the call if not started."""
+        """The caller gave up: cancel the task running that call, if it still runs."""
         scope = self._running.get(call_id)
         if scope is not None:
             scope.cancel()
-            return
-        for index, queued in enumerate(self._queue):
-            if queued.call_id == call_id:
-                del self._queue[index]
-                self._finished(call_id)
-                return
 
-    async def _worker(self) -> None:
+    async def _follow(self) -> None:
+        """Park until handed the reading role."""
+        task = trio.lowlevel.current_task()
+        self._followers.append(task)
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            self._followers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _pass_reading(self) -> None:
+        """Hand the reading role to an idle follower, or to a new task."""
+        if self._followers:
+            trio.lowlevel.reschedule(self._followers.pop(), outcome.Value(None))
+            return
+        self._spawn(self.run)
+
+    async def _finish(self, blocked: Blocked, scope: trio.CancelScope) -> None:
+        call_id = blocked.call_id
+        self._running[call_id] = scope
         try:
-            # One scope for the worker's whole life: a CANCEL ends the worker,
-            # which is rare, instead of costing a scope on every call.
-            with trio.CancelScope() as scope:
-                while True:
-                    while not self._queue:
-                        await self._idle.park()
-                    event = self._queue.popleft()
-                    call_id = event.call_id
-                    self._running[call_id] = scope
-                    try:
-                        result = await self._run(event.call)
-                    finally:
-                        del self._running[call_id]
-                        self._finished(call_id)
-                    if result is not None:
-                        await self._send_result(call_id, result)
+            result: Result | None = await _resume(blocked.coroutine, blocked.trap)
         finally:
-            self._workers -= 1
-            if self._queue and not self._idle:
-                # Cancelled with calls still queued and nobody idle: start a successor.
-                self._workers += 1
-                try:
-                    self._spawn(self._worker)
-                except ConnectionClosed:
-                    self._workers -= 1
+            del self._running[call_id]
+            self._finished(call_id)
+        if result is not None:
+            await self._send_result(call_id, result)
 
     async def _run(self, call: Call) -> Result | None:
         try:

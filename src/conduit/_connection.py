@@ -5,18 +5,22 @@ The rules live in the sans-IO :class:`~conduit.protocol.connection.ConnectionSta
 up in an event -> handler table (as trio-websocket drives wsproto), and sends
 the frames it produces. One nursery per connection owns:
 
-* the **receive task**: socket -> :class:`~conduit.protocol.FrameReader` ->
-  state machine -> handler. It never blocks on a consumer: data goes into
-  credit-bounded stream inboxes, calls go to the worker pool, results wake their
-  callers. Only one-way messages go through a bounded memory channel, whose
-  backpressure is the point: they are delivered in order to one message task.
+* the **reading task** (one at a time holds the role, see
+  :mod:`conduit._call_workers`): socket -> :class:`~conduit.protocol.FrameReader`
+  -> state machine -> handler. It never blocks on a consumer: data goes into
+  credit-bounded stream inboxes, results wake their callers, and calls run
+  right there; a call whose handler blocks takes its task off reading and a
+  follower reads on. Only one-way messages go through a bounded memory
+  channel, whose backpressure is the point: they are delivered in order to one
+  message task.
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
   socket, control frames before data, many frames per record.
 * the **heartbeat task**: pings on a Trio timer and the idle/peer-silence checks.
 * the **call timer** (:mod:`conduit._pending_calls`): one deadline heap for
   every call this side waits on.
-* the **worker pool** (:mod:`conduit._call_workers`) running incoming calls, so a
-  slow handler never delays the others and a handler may call back into its peer.
+* the **followers** (:mod:`conduit._call_workers`): tasks finishing calls that
+  blocked, then waiting to read again, so a slow handler never delays the
+  others and a handler may call back into its peer.
 
 When any of them fails, :meth:`Connection.abort` cancels the nursery with a
 reason; nothing outlives :meth:`Connection.run`.
@@ -25,6 +29,7 @@ reason; nothing outlives :meth:`Connection.run`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -32,10 +37,11 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ._call_workers import CallWorkers
+from ._call_workers import Blocked, CallRunners
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
 from ._receive_buffer import ReceiveBuffer
+from ._socket_io import SocketIO
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     ConnectionClosed,
@@ -43,7 +49,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import FrameReader, FrameWriter, SessionKeys
+from .protocol import FrameReader, FrameWriter, OutFrame, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -137,6 +143,8 @@ class Connection:
         label: str,
     ) -> None:
         self.stream = stream
+        #: Plain sockets skip Trio's per-operation overhead (see _socket_io).
+        self._socket_io = SocketIO.of(stream)
         self._receive_buffer = ReceiveBuffer(RECEIVE_SIZE)
         self.keys = keys
         self.settings = settings
@@ -155,21 +163,22 @@ class Connection:
             receive_budget=settings.receive_budget,
         )
         self._outbox = Outbox(settings.send_buffer, state)
-        self._pending = PendingCalls(state, self._send_cancel)
-        self._workers = CallWorkers(
-            settings.max_concurrent_calls,
-            self._handle_call,
+        self._pending = PendingCalls(state, self._send_cancel, self._all_callers_woken)
+        self._calls = CallRunners(
+            self._read,
+            dispatcher.handle_call,
+            self._queue_result,
             self._send_result,
             state.call_finished,
-            self.spawn,
+            self._spawn_follower,
             label,
         )
         # The event -> handler table, looked up by the event's exact class.
-        # MessageReceived is not here: the receive task awaits its queue.
+        # CallReceived and MessageReceived are not here: the reader runs the
+        # call itself (CallRunners.start) and awaits the message queue.
         self._handlers: dict[type[Any], Callable[[Any], None]] = {
             IncomingStream: self._on_stream_data,
             OutgoingStream: self._on_credit,
-            CallReceived: self._on_call,
             ResultReceived: self._on_result,
             CallRefused: self._on_reply_needed,
             PingReceived: self._on_reply_needed,
@@ -181,6 +190,7 @@ class Connection:
             _MESSAGE_QUEUE
         )
         self._nursery: trio.Nursery | None = None
+        self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
         now = trio.current_time()
@@ -214,7 +224,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._receive_task)
+                self._task_context = contextvars.copy_context()
+                nursery.start_soon(self._calls.run)
                 nursery.start_soon(self._send_task)
                 nursery.start_soon(self._message_task)
                 nursery.start_soon(self._pending.run_timer)
@@ -269,18 +280,27 @@ class Connection:
 
     # ------------------------------------------------------------------ tasks
 
-    async def _receive_task(self) -> None:
+    async def _read(self) -> Blocked | None:
+        """Hold the reading role: read and handle frames until a call blocks or the end.
+
+        Run by one task at a time (:class:`~conduit._call_workers.CallRunners`):
+        returns the call whose handler blocked, which its caller then finishes
+        while a follower reads on, or None once the connection is over.
+        """
         reader = self._reader
         try:
-            await self._drain_reader()
             while True:
+                blocked = await self._drain_reader()
+                if blocked is not None:
+                    return blocked
+                # Results of the calls just run go out together, in one record.
+                self._flush_control()
                 data = await self._receive_buffer.receive(self.stream)
                 if not data:
                     self.abort(self.close_reason or "peer closed the connection")
-                    return
+                    return None
                 self._last_received = trio.current_time()
                 reader.feed(data)
-                await self._drain_reader()
                 # A peer that sends PINGs (or calls) but never reads would make us
                 # queue answers forever: stop reading until they have gone out.
                 await self._outbox.wait_control_below(_CONTROL_BACKLOG)
@@ -292,8 +312,9 @@ class Connection:
             self.abort(f"protocol error: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        return None
 
-    async def _drain_reader(self) -> None:
+    async def _drain_reader(self) -> Blocked | None:
         next_frame = self._reader.next_frame
         receive_frame = self._state.receive_frame
         handlers = self._handlers
@@ -301,13 +322,22 @@ class Connection:
             event = receive_frame(frame)
             if event is None:
                 continue
+            if type(event) is CallReceived:
+                # Run right here; only a handler that blocks leaves the reading path.
+                self._last_activity = self._last_received
+                blocked = self._calls.start(event)
+                if blocked is not None:
+                    return blocked
+                continue
             handler = handlers.get(type(event))
             if handler is not None:
                 handler(event)
             elif isinstance(event, MessageReceived):
                 # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
+                self._flush_control()
                 await self._messages_in.send(event)
+        return None
 
     async def _send_task(self) -> None:
         writer = self._writer
@@ -317,6 +347,8 @@ class Connection:
                 frames = await self._outbox.take(budget)
                 while self._direct_sending:
                     await self._direct_done.park()
+                for chunk in self._outbox.take_sealed():
+                    await self.stream.send_all(chunk)
                 for record in writer.iter_records(frames):
                     await self.stream.send_all(record)
         except OutboxClosed:
@@ -380,10 +412,6 @@ class Connection:
     def _on_credit(self, stream: OutgoingStream) -> None:
         stream.wake()
 
-    def _on_call(self, event: CallReceived) -> None:
-        self._last_activity = self._last_received
-        self._workers.submit(event)
-
     def _on_result(self, event: ResultReceived) -> None:
         self._pending.resolve(event.call_id, event.result)
 
@@ -391,7 +419,7 @@ class Connection:
         self._outbox.put_control((event.reply,))
 
     def _on_call_cancelled(self, event: CallCancelled) -> None:
-        self._workers.cancel(event.call_id)
+        self._calls.cancel(event.call_id)
 
     def _on_stream_reset(self, event: StreamWasReset) -> None:
         if event.incoming is not None:
@@ -405,42 +433,116 @@ class Connection:
 
     # ------------------------------------------------------------------ calls
 
-    async def _handle_call(self, method: str, args: dict[str, Any]) -> Any:
-        return await self._dispatcher.handle_call(method, args)
-
     def _send_cancel(self, call_id: int) -> None:
         frame = self._state.cancel_call(call_id)
         if frame is not None:
             with contextlib.suppress(ConnectionClosed):
                 self._outbox.put_control((frame,))
 
+    def _queue_result(self, call_id: int, result: Result) -> None:
+        # A call the reader ran inline: the reader sends what it queued once
+        # the record is done (_flush_control), several results in one record.
+        frame = self._state.result_frame(call_id, result)
+        with contextlib.suppress(ConnectionClosed):
+            self._outbox.queue_control((frame,))
+
     async def _send_result(self, call_id: int, result: Result) -> None:
         frame = self._state.result_frame(call_id, result)
         with contextlib.suppress(ConnectionClosed):
             await self._send_soon(frame)
 
+    def _spawn_follower(self, fn: Callable[[], Awaitable[None]]) -> None:
+        # Not spawn(): the reading role must pass on while CLOSING too, or the
+        # peer's last frames would never be read.
+        # Started from the context the connection's tasks started with, not
+        # the reader's: its handler is blocked mid-call, with whatever it set.
+        assert self._nursery is not None
+        self._task_context.run(self._nursery.start_soon, fn)
+
+    def _can_send_directly(self) -> bool:
+        # writer_idle also means nothing is queued for it (sealed bytes included).
+        return self._outbox.writer_idle and not self._direct_sending and self.is_open
+
+    def _all_callers_woken(self) -> None:
+        # The callers woken by one batch of results have all run: what they
+        # queued (their next calls, see _send_soon) goes out now, in one record.
+        if self._outbox.control_queued:
+            self._outbox.wake_writer()
+
     async def _send_soon(self, frame: bytes) -> None:
         """Send a control frame: directly when the writer is idle, else through it.
 
         Going direct saves waking the writer task, a full scheduler pass, on
-        every call and every reply. The send is shielded because a record cut
-        in half by a cancellation would corrupt the stream; a writer that is
-        idle means the socket has room, so it completes at once in practice.
+        every call and every reply. Frames queued meanwhile go first, in the
+        same record. While other callers woken by the same batch of results
+        have yet to run, the frame waits for theirs instead (the last of them
+        wakes the writer): a burst of calls costs one record and one send.
         """
-        if not (self._outbox.writer_idle and not self._direct_sending and self.is_open):
+        if self._pending.waking:
+            self._outbox.queue_control((frame,))
+            return
+        if not self._can_send_directly():
             self._outbox.put_control((frame,))
             return
+        frames = self._outbox.take_control() if self._outbox.control_queued else []
+        frames.append((frame,))
+        await self._send_directly(frames)
+
+    def _flush_control(self) -> None:
+        """Send the control frames queued without waking the writer (see Outbox.queue_control).
+
+        Called by the reader, which must never wait on the socket: if the peer
+        stopped reading while it keeps sending, a reader stuck in a send would
+        stop us reading too, and two such peers would wait on each other. So
+        the reader only writes what the socket takes at once; the writer sends
+        the rest.
+        """
+        outbox = self._outbox
+        if not outbox.control_queued:
+            return
+        if self._socket_io is None or not self._can_send_directly():
+            outbox.wake_writer()
+            return
+        records: list[Any] = self._writer.write_frames(outbox.take_control())
+        try:
+            for index, record in enumerate(records):
+                sent = self._socket_io.send_now(record)
+                if sent < len(record):
+                    outbox.put_sealed([memoryview(record)[sent:], *records[index + 1 :]])
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        except ConnectionClosed:
+            pass
+
+    async def _send_directly(self, frames: list[OutFrame]) -> None:
+        """Seal and send ``frames`` from this task while the writer is idle.
+
+        On a plain socket the record goes out with one non-blocking write
+        (a writer that is idle means the socket has room, so it completes at
+        once in practice). Otherwise, and for whatever that write left, the send
+        is shielded: a record cut in half by a cancellation would corrupt the
+        stream.
+        """
         self._direct_sending = True
         try:
-            (record,) = self._writer.write_frames([(frame,)])
+            records: list[Any] = self._writer.write_frames(frames)
+            if self._socket_io is not None and len(records) == 1:
+                (record,) = records
+                sent = self._socket_io.send_now(record)
+                if sent == len(record):
+                    return
+                records = [memoryview(record)[sent:]]
             with trio.CancelScope(shield=True):
-                await self.stream.send_all(record)
+                for record in records:
+                    await self.stream.send_all(record)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
             raise ConnectionClosed(self.close_reason or "connection lost") from exc
         finally:
             self._direct_sending = False
-            self._direct_done.unpark_all()
+            if self._direct_done:  # the writer waits for this send to end
+                self._direct_done.unpark_all()
 
     # ------------------------------------------------------------------ API
 

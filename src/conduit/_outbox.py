@@ -40,6 +40,9 @@ class Outbox:
         self._data: deque[tuple[OutFrame, int]] = deque()
         self._data_bytes = 0
         self._data_limit = data_limit
+        # Sealed bytes a producer could not finish sending without waiting
+        # (the reader never waits on the socket): the writer sends them first.
+        self._sealed: list[bytes | bytearray | memoryview] = []
         self._writer_waiting = trio.lowlevel.ParkingLot()
         self._producers_waiting = trio.lowlevel.ParkingLot()
         #: True while the writer is parked with nothing to send: a producer may
@@ -53,10 +56,60 @@ class Outbox:
 
     def put_control(self, frame: OutFrame) -> None:
         """Queue a control frame. Never blocks: control traffic is bounded by the protocol."""
+        self.queue_control(frame)
+        self._wake_writer()
+
+    def queue_control(self, frame: OutFrame) -> None:
+        """Queue a control frame without waking the writer.
+
+        For a producer about to queue more (the reader running several calls
+        of one record): it then sends them all at once with :meth:`take_control`
+        or wakes the writer, so a burst costs one record and one send.
+        """
         self._check_open()
         self._control.append(frame)
         self._control_bytes += sum(len(piece) for piece in frame)
-        self._writer_waiting.unpark_all()
+
+    @property
+    def control_queued(self) -> bool:
+        """Whether control frames wait to be sent."""
+        return bool(self._control)
+
+    def take_control(self) -> list[OutFrame]:
+        """Take every queued control frame, to send them right away instead of the writer."""
+        batch = list(self._control)
+        self._control.clear()
+        self._control_bytes = 0
+        if self._control_drained:  # a reader held back by the backlog (rare)
+            self._control_drained.unpark_all()
+        return batch
+
+    def put_sealed(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        """Hand the writer sealed bytes (the rest of records already begun) to send first."""
+        self._check_open()
+        self._sealed.extend(chunks)
+        self._wake_writer()
+
+    @property
+    def sealed_queued(self) -> bool:
+        """Whether sealed bytes wait for the writer: nobody else may send before them."""
+        return bool(self._sealed)
+
+    def take_sealed(self) -> list[bytes | bytearray | memoryview]:
+        """The sealed bytes to send before any new record (see :meth:`put_sealed`)."""
+        chunks, self._sealed = self._sealed, []
+        return chunks
+
+    def wake_writer(self) -> None:
+        """Make the writer send what is queued."""
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self.writer_idle:
+            # Not idle any more once woken: a producer that sees it woken queues
+            # behind it instead of sending alone (its frame joins the record).
+            self.writer_idle = False
+            self._writer_waiting.unpark_all()
 
     async def wait_control_below(self, limit: int) -> None:
         """Wait until the queued control frames fit in ``limit`` bytes (reader backpressure)."""
@@ -73,11 +126,11 @@ class Outbox:
             await self._producers_waiting.park()
         self._data.extend(frames)
         self._data_bytes += sum(size for _, size in frames)
-        self._writer_waiting.unpark_all()
+        self._wake_writer()
 
     async def take(self, budget: int) -> list[OutFrame]:
         """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
-        while not self._control and not self._data:
+        while not self._control and not self._data and not self._sealed:
             if self._state.phase is not Phase.OPEN:
                 raise OutboxClosed
             self.writer_idle = True
@@ -85,10 +138,7 @@ class Outbox:
                 await self._writer_waiting.park()
             finally:
                 self.writer_idle = False
-        batch = list(self._control)
-        self._control.clear()
-        self._control_bytes = 0
-        self._control_drained.unpark_all()
+        batch = self.take_control()
         taken = 0
         while self._data and taken < budget:
             frame, size = self._data.popleft()
@@ -106,6 +156,7 @@ class Outbox:
         self._control_bytes = 0
         self._data.clear()
         self._data_bytes = 0
+        self._sealed.clear()
         self._writer_waiting.unpark_all()
         self._producers_waiting.unpark_all()
         self._control_drained.unpark_all()

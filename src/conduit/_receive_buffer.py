@@ -15,22 +15,21 @@ to the system when the connection ends or an idle heartbeat interval passes
 and RPC-only connections hold no buffer at all.
 
 Streams that are not plain sockets (TLS, memory streams in tests) keep using
-``receive_some``.
+``receive_some``; plain sockets are read through :class:`~conduit._socket_io.SocketIO`
+(no scheduler pass after a wake-up).
 """
 
 from __future__ import annotations
 
-import errno
 import mmap
 
 import trio
 
+from ._socket_io import SocketIO
 from .protocol.records import anonymous_buffer
 
 #: The small read (and the size of read that switches to the mapping).
 SMALL_READ = 64 * 1024
-#: errno values trio reports as a closed (not a broken) stream.
-_CLOSED = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 class ReceiveBuffer:
@@ -40,6 +39,7 @@ class ReceiveBuffer:
         self.size = size
         self._mapping: mmap.mmap | None = None
         self._bulk = False
+        self._io: SocketIO | None = None
 
     async def receive(self, stream: trio.abc.Stream) -> bytes | bytearray | memoryview:
         """The next bytes from ``stream`` (empty at EOF).
@@ -47,22 +47,19 @@ class ReceiveBuffer:
         From the mapping, a view valid until the next call: the caller copies
         what it keeps (the frame reader does).
         """
-        if type(stream) is not trio.SocketStream:
-            return await stream.receive_some(self.size)
+        io = self._io
+        if io is None:
+            if type(stream) is not trio.SocketStream:
+                return await stream.receive_some(self.size)
+            io = self._io = SocketIO(stream.socket)
         mapping = self._mapping
         if mapping is None:
-            data = await stream.receive_some(SMALL_READ)
+            data = await io.receive(SMALL_READ)
             if len(data) == SMALL_READ:  # bulk data is flowing: read big from now on
                 self._mapping = anonymous_buffer(self.size)
                 self._bulk = True
             return data
-        try:
-            received = await stream.socket.recv_into(mapping)
-        except OSError as exc:
-            # What SocketStream.receive_some reports for the same errors.
-            if exc.errno in _CLOSED:
-                raise trio.ClosedResourceError("this socket was already closed") from None
-            raise trio.BrokenResourceError(exc) from exc
+        received = await io.receive_into(mapping)
         if received > SMALL_READ:
             self._bulk = True
         return memoryview(mapping)[:received]

@@ -203,7 +203,7 @@ class Handlers:
         return PeerDispatcher(self, peer)
 
 
-@attrs.frozen
+@attrs.define
 class PeerDispatcher:
     """What one connection hands its incoming calls and messages to.
 
@@ -214,6 +214,10 @@ class PeerDispatcher:
 
     handlers: Handlers
     peer: Peer
+    #: Whether this connection's Trio run is hosted by asyncio (its users'
+    #: handlers live there). Looked up on the first call only: a connection
+    #: never leaves the Trio run it was made in.
+    _hosted: bool | None = attrs.field(init=False, default=None)
 
     async def handle_call(self, method: str, args: dict[str, Any]) -> Any:
         """Run an RPC and return its value, unstructured for the wire."""
@@ -224,7 +228,10 @@ class PeerDispatcher:
         kwargs = entry.bind(args, peer)
         token = _current_peer.set(peer)
         try:
-            if entry.world is None and current_host_loop() is None:
+            hosted = self._hosted
+            if hosted is None:
+                hosted = self._hosted = current_host_loop() is not None
+            if entry.world is None and not hosted:
                 # Plain Trio and an unmarked handler: call it here, skipping
                 # invoke()'s world dispatch on the hot path.
                 value = entry.function(**kwargs)

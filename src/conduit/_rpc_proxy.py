@@ -38,12 +38,13 @@ def call_arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     elif attrs.has(type(args)):
         merged = converter.unstructure(args)
     elif isinstance(args, dict):
-        merged = {str(key): converter.unstructure(value) for key, value in args.items()}
+        merged = {str(key): to_wire(value) for key, value in args.items()}
     else:
         raise TypeError(
             f"args must be a dict, an attrs instance or None, not {type(args).__name__}"
         )
-    merged.update({key: converter.unstructure(value) for key, value in kwargs.items()})
+    for key, value in kwargs.items():
+        merged[key] = to_wire(value)
     return merged
 
 

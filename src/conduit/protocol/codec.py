@@ -8,6 +8,7 @@ header's length has been checked against the limit.
 from __future__ import annotations
 
 import reprlib
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -50,10 +51,20 @@ B = TypeVar("B", bound=Body)
 _UNPACK_LIMITS: dict[str, Any] = {"raw": False, "strict_map_key": False, "use_list": True}
 
 
+# msgpack.packb builds a Packer per call (~1.8 us of a ~2.6 us pack): keep one
+# per thread instead (handshakes also encode in worker threads). A Packer
+# resets its buffer when a pack fails, so one bad value spoils nothing.
+_packers = threading.local()
+
+
 def pack(value: Any) -> bytes:
     """msgpack-encode an already unstructured value."""
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        return packer.pack(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"value cannot be sent: {exc}") from exc
 

@@ -22,8 +22,12 @@ from ..errors import IntegrityError, LocalProtocolError, RemoteProtocolError
 
 LENGTH = struct.Struct("!I")
 TAG_SIZE = 16
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
+#: The 12-byte nonce: four zero bytes, then the 64-bit counter, big endian.
+_NONCE = struct.Struct("!4xQ")
 _MAX_COUNTER = 2**64 - 1
+_nonce = _NONCE.pack
+#: Records below this size are sealed by concatenation, larger ones in place.
+_SMALL_RECORD = 64 * 1024
 
 
 #: Records with at least this much ciphertext are opened into the opener's
@@ -70,10 +74,6 @@ def _can_test_views() -> bool:
 _REUSABLE = _can_test_views()
 
 
-def _nonce(counter: int) -> bytes:
-    return _NONCE_PREFIX + counter.to_bytes(8, "big")
-
-
 class RecordSealer:
     """Seals outgoing plaintext into records with a counter nonce."""
 
@@ -84,8 +84,21 @@ class RecordSealer:
 
     def seal(self, plaintext: bytes | bytearray | memoryview) -> bytearray:
         """Return one record ready for the socket."""
-        record = bytearray(LENGTH.size + len(plaintext) + TAG_SIZE)
-        self.seal_into(plaintext, record)
+        size = len(plaintext)
+        if size >= _SMALL_RECORD:
+            record = bytearray(LENGTH.size + size + TAG_SIZE)
+            self.seal_into(plaintext, record)
+            return record
+        # A small record (a call, a result): prefix + ciphertext is one short
+        # append, cheaper than a sized buffer and views around encrypt_into.
+        if size > self.max_plaintext:
+            raise LocalProtocolError(f"record of {size} bytes exceeds {self.max_plaintext}")
+        if self._counter >= _MAX_COUNTER:
+            raise LocalProtocolError("nonce space exhausted; reconnect")
+        prefix = LENGTH.pack(size + TAG_SIZE)
+        record = bytearray(prefix)
+        record += self._aead.encrypt(_nonce(self._counter), plaintext, prefix)
+        self._counter += 1
         return record
 
     def seal_into(self, plaintext: bytes | bytearray | memoryview, out: bytearray) -> memoryview:
@@ -131,14 +144,26 @@ class RecordOpener:
         self._aead = AESGCM(key)
         self._counter = 0
         self._max_sealed = max_plaintext + TAG_SIZE
-        self._buffer = bytearray(initial)
+        # Bytes received and not yet opened start at _offset. When everything
+        # before was opened, the next chunk from the socket becomes the buffer
+        # as it is (an RPC's record usually arrives whole: no copy); bytes
+        # that must wait for more are kept in a bytearray we own.
+        self._buffer: bytes | bytearray = bytearray(initial)
         self._offset = 0
         self._mapped: list[mmap.mmap] = []
         self._mapped_used = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the socket."""
-        self._buffer += data
+        buffer = self._buffer
+        if self._offset == len(buffer) and type(data) is bytes:
+            self._buffer = data
+            self._offset = 0
+            return
+        if type(buffer) is not bytearray:
+            buffer = self._buffer = bytearray(memoryview(buffer)[self._offset :])
+            self._offset = 0
+        buffer += data
 
     @property
     def buffered(self) -> int:
@@ -174,14 +199,14 @@ class RecordOpener:
                 self._aead.decrypt_into(
                     _nonce(self._counter),
                     view[start + LENGTH.size : end],
-                    bytes(view[start : start + 4]),
+                    bytes(buffer[start : start + 4]),
                     plaintext,
                 )
             else:
                 plaintext = self._aead.decrypt(
                     _nonce(self._counter),
                     view[start + LENGTH.size : end],
-                    bytes(view[start : start + 4]),
+                    bytes(buffer[start : start + 4]),
                 )
         except InvalidTag:
             raise IntegrityError(
@@ -216,5 +241,10 @@ class RecordOpener:
 
     def _compact(self) -> None:
         if self._offset:
-            del self._buffer[: self._offset]
+            if self._offset == len(self._buffer):
+                self._buffer = b""  # all opened: the next chunk becomes the buffer
+            elif type(self._buffer) is bytearray:
+                del self._buffer[: self._offset]
+            else:
+                self._buffer = bytearray(memoryview(self._buffer)[self._offset :])
             self._offset = 0

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 
 from ..errors import LocalProtocolError
-from .codec import FrameDecoder, iter_frames
+from .codec import FrameDecoder, iter_frames, parse_header
 from .frames import HEADER_SIZE, Frame
 from .handshake import HANDSHAKE_MAX_FRAME
 from .records import LENGTH, TAG_SIZE, RecordOpener, RecordSealer
@@ -81,9 +81,13 @@ class FrameReader:
             record = self._opener.next_record()
             if record is None:
                 return None
+            size = len(record)
+            if size >= HEADER_SIZE:
+                # A record of one frame (a call, a result): no list, no queue.
+                kind, stream_id, flags, length = parse_header(record, 0, self._max_frame_size)
+                if HEADER_SIZE + length == size:
+                    return Frame(kind, stream_id, flags, memoryview(record)[HEADER_SIZE:])
             frames = iter_frames(record, self._max_frame_size)
-            if len(frames) == 1:
-                return frames[0]  # a call or a result: skip the queue
             if frames:
                 self._pending.extend(frames)
                 return self._pending.popleft()
@@ -125,6 +129,14 @@ class FrameWriter:
         if self._sealer is None:
             return [b"".join(piece for frame in frames for piece in frame)]
         sealer = self._sealer
+        if len(frames) == 1 and len(frames[0]) == 1:
+            # One encoded control frame (a call, a result): it is the plaintext.
+            (piece,) = frames[0]
+            if len(piece) > self.record_limit:
+                raise LocalProtocolError(
+                    f"frame of {len(piece)} bytes exceeds the peer's limit {self.record_limit}"
+                )
+            return [sealer.seal(piece)]
         return [sealer.seal(b"".join(batch)) for batch, _ in self._batches(frames)]
 
     def iter_records(self, frames: Sequence[OutFrame]) -> Iterator[bytes | bytearray | memoryview]:
