@@ -30,19 +30,38 @@ class Leg:
     c2s: int = 0
     s2c: int = 0
     cut: bool = False
+    #: Only the client's side was dropped (see :meth:`strand`).
+    stranded: bool = False
 
     def count(self, direction: Direction) -> int:
         """Bytes forwarded in ``direction``."""
         return self.c2s if direction == "c2s" else self.s2c
 
     def close(self) -> None:
-        """Drop both sockets at once, as a broken network would (RST, no FIN)."""
-        for sock in (self.downstream, self.upstream):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        """Drop both sockets at once, as a broken network would (RST, no FIN).
+
+        A stranded leg keeps its server side open until the proxy stops.
+        """
+        for sock in (self.downstream,) if self.stranded else (self.downstream, self.upstream):
+            _drop(sock)
+
+    def strand(self) -> None:
+        """Drop only the client's side: the server keeps a connection that leads nowhere.
+
+        As when a client's network vanishes without a reset reaching the
+        server: the client reconnects at once, the server notices only at
+        its heartbeat timeout.
+        """
+        self.stranded = True
+        _drop(self.downstream)
+
+
+def _drop(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 class CuttingProxy:
@@ -93,6 +112,7 @@ class CuttingProxy:
         with self._lock:
             legs = list(self.legs)
         for leg in legs:
+            leg.stranded = False
             leg.close()
         for thread in self._threads:
             thread.join(timeout=10)

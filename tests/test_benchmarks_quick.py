@@ -50,7 +50,7 @@ TRANSFER_CONTENDERS = {
     "hol": {"conduit-trio", "netconduit"},
     "smallfiles": {"raw-aead", "conduit-trio", "conduit-trio x8", "conduit-trio dir", "netconduit"},
     "sftp": {"conduit-trio", "sftp"},
-    "cluster": {"same-node", "cross-node"},
+    "cluster": {"same-node", "cross-node", "local store", "S3 store"},
 }
 OP_KEYS = {"bytes", "wall_s", "mb_per_s", "client_cpu_s", "client_cpu_s_per_gib"}
 
@@ -344,11 +344,21 @@ def test_cluster_pushes_to_both_nodes(quick_run: tuple[dict[str, Any], str]) -> 
     cluster = _scenario(quick_run, "cluster")
     sizes = cluster["config"]["sizes"]
     assert sizes == ["64 KiB", "4 MiB"]
-    for info in cluster["contenders"].values():
-        for repetition in info["repetitions"]:
+    for name in ("same-node", "cross-node"):
+        for repetition in cluster["contenders"][name]["repetitions"]:
             assert set(repetition) == set(sizes)
             assert all(_is_number(seconds) and seconds > 0 for seconds in repetition.values())
-    assert {row["group"] for row in cluster["rows"]} == {f"push of {size}" for size in sizes}
+    # The store comparison: the same file up and down through each store.
+    stored = cluster["config"]["store_file_size"]
+    for name in ("local store", "S3 store"):
+        for repetition in cluster["contenders"][name]["repetitions"]:
+            assert set(repetition) == {"upload MiB/s", "download MiB/s"}
+            assert all(_is_number(rate) and rate > 0 for rate in repetition.values())
+    assert {row["group"] for row in cluster["rows"]} == {
+        *(f"push of {size}" for size in sizes),
+        f"upload of {stored}",
+        f"download of {stored}",
+    }
     _check_rows(cluster, record["repeat"])
 
 

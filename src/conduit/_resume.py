@@ -14,6 +14,11 @@ SHA-256 (a table dump does not leak usable tokens), valid for
 :data:`RESUME_TTL` seconds after their connection ended, and the table is
 bounded: when it is full the oldest token goes, and that client simply gets a
 new id when it comes back.
+
+In a cluster every token is also shared on the bus, again as its SHA-256
+(:meth:`conduit.cluster._node.ClusterNode.share_resume_token`), so that a
+client whose node died can resume on another one; there the bus entry
+decides, redeemed once for the whole cluster.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class ResumeTokens:
         """A new token for ``client_id`` (logged in as ``username``), replacing the one it had."""
         self._forget(client_id)
         token = secrets.token_bytes(_TOKEN_BYTES)
-        digest = _digest(token)
+        digest = token_digest(token)
         self._entries[digest] = _Entry(client_id, username)
         self._by_client[client_id] = digest
         while len(self._entries) > self._max:
@@ -76,7 +81,7 @@ class ResumeTokens:
         shared mode) may redeem it. Another account's attempt leaves the
         token in place, still good for its owner.
         """
-        digest = _digest(token)
+        digest = token_digest(token)
         entry = self._entries.get(digest)
         if entry is None or entry.username != username:
             return None
@@ -114,8 +119,9 @@ class ResumeTokens:
                 self._by_client.pop(entry.client_id, None)
 
 
-def _digest(token: bytes) -> bytes:
+def token_digest(token: bytes) -> bytes:
+    """What a token is kept as: its SHA-256 (here and, in a cluster, on the bus)."""
     return hashlib.sha256(token).digest()
 
 
-__all__ = ["MAX_TOKENS", "RESUME_TTL", "ResumeTokens"]
+__all__ = ["MAX_TOKENS", "RESUME_TTL", "ResumeTokens", "token_digest"]

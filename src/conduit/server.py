@@ -143,9 +143,15 @@ class Server(Endpoint):
         return list(self._addresses)
 
     async def _wait_for_client(self, client_id: str, timeout: float) -> Peer | None:
-        """The client ``client_id`` once it is connected (again), or None after ``timeout``."""
+        """The client ``client_id`` once it is connected (again), or None after ``timeout``.
+
+        Also None as soon as the client resumed its session on another node
+        of the cluster (``self.cluster.moved_away``).
+        """
         with trio.move_on_after(timeout):
             while (peer := self.clients.get(client_id)) is None or not peer.connected:
+                if self.cluster is not None and self.cluster.moved_away(client_id) is not None:
+                    return None
                 await self._arrivals.park()
             return peer
         return None
@@ -360,13 +366,16 @@ class Server(Endpoint):
                 client_id = await self._client_id_for(stream, established, arrival)
                 try:
                     token = self._resume_tokens.issue(client_id, established.username)
+                    if self.cluster is not None:
+                        await self.cluster.share_resume_token(
+                            token, client_id, established.username
+                        )
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
                     await stream.send_all(welcome_record(established, welcome))
                 except BaseException:
-                    if client_id not in self.clients:  # not a stale connection's id
-                        await self._release_client_id(client_id)
+                    await self._release_client_id(client_id)
                     raise
         except trio.TooSlowError:
             warn(
@@ -399,11 +408,11 @@ class Server(Endpoint):
         if established.resuming:
             token = await read_resume(stream, established)
             client_id = self._resume_tokens.redeem(token, trio.current_time(), established.username)
-            if client_id is not None and (
-                client_id in self.clients  # still held here, by its stale connection
-                or self.cluster is None
-                or await self.cluster.claim_client_id(client_id)
-            ):
+            if self.cluster is not None:
+                # The bus decides: the token may be another node's, and it is
+                # good once in the whole cluster (the local entry is spent too).
+                client_id = await self.cluster.resume_client_id(token, established.username)
+            if client_id is not None:
                 log.info("client %s is back, from %s", client_id, arrival.label)
                 return client_id
             log.info("unknown or expired resume token from %s: new client id", arrival.label)
@@ -416,7 +425,10 @@ class Server(Endpoint):
         return secrets.token_hex(8)
 
     async def _release_client_id(self, client_id: str) -> None:
-        """The client with this id is gone: free the id in the cluster (bounded, never raises)."""
+        """A connection given this id ended: release it in the cluster (bounded, never raises).
+
+        Called once per id :meth:`_client_id_for` handed out.
+        """
         if self.cluster is not None:
             await self.cluster.release_client_id(client_id)
 
@@ -485,9 +497,9 @@ class Server(Endpoint):
                 over.set()
                 if self._sessions_over.get(client_id) is over:
                     del self._sessions_over[client_id]
-            # Unless a newer connection of the same client holds the id by now.
-            if client_id not in self.clients:
-                await self._release_client_id(client_id)  # shielded, bounded
+            # Each connection releases the id it was given; the cluster counts
+            # them, so a newer connection of the same client keeps holding it.
+            await self._release_client_id(client_id)  # shielded, bounded
 
 
 __all__ = ["Server"]

@@ -8,6 +8,8 @@ with a ``FileTransferHandler`` and three RPC methods a test drives it with:
 
 * ``push(client_id, path, name)``: ``send_to_client`` from this node; the
   result dict (a raise becomes a failure dict, so the test sees its code);
+* ``push_progress(client_id, path, name)``: the same, with ``on_progress``:
+  ``{"result": ..., "reports": [TransferProgress.to_dict(), ...]}``;
 * ``broadcast(event, data, exclude)``: ``server.broadcast`` from this node;
 * ``whoami()``: this node's name and the caller's client id.
 
@@ -25,6 +27,7 @@ import trio
 
 from conduit import FileTransferHandler, Server, ServerDescriptor, current_peer
 from conduit.errors import ConduitError, failure_dict
+from conduit.transfer import TransferProgress
 
 
 async def main(config: dict[str, Any]) -> None:
@@ -49,6 +52,18 @@ async def main(config: dict[str, Any]) -> None:
             return await transfer.send_to_client(server, client_id, path, remote_name=name)
         except (ConduitError, OSError) as exc:
             return failure_dict(exc)
+
+    @server.rpc
+    async def push_progress(client_id: str, path: str, name: str) -> dict[str, Any]:
+        reports: list[dict[str, Any]] = []
+
+        def seen(progress: TransferProgress) -> None:
+            reports.append(progress.to_dict())
+
+        result = await transfer.send_to_client(
+            server, client_id, path, on_progress=seen, remote_name=name
+        )
+        return {"result": result, "reports": reports}
 
     @server.rpc
     async def broadcast(event: str, data: Any, exclude: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +65,13 @@ async def node_processes(
     staging: str | None,
     ttl: float,
     shared_storage: str | None = None,
+    storages: Mapping[str, str] | None = None,
 ) -> AsyncIterator[dict[str, NodeProcess]]:
     """Start one node process per name, wait until all serve, stop them afterwards.
 
     Each node stores in ``storage/<name>``, or all in ``shared_storage`` (an
-    ``s3://`` URL) when given.
+    ``s3://`` URL) when given; ``storages[<name>]``, when given, wins for
+    that node.
     """
     env = {**os.environ, **environment, "PYTHONPATH": os.pathsep.join(sys.path)}
     nodes: dict[str, NodeProcess] = {}
@@ -81,7 +83,7 @@ async def node_processes(
                 "node_name": name,
                 "ttl": ttl,
                 "staging": staging,
-                "storage": shared_storage or str(storage / name),
+                "storage": (storages or {}).get(name, shared_storage or str(storage / name)),
                 "password": PASSWORD,
             }
             process = await trio.lowlevel.open_process(
@@ -148,9 +150,16 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def receiver(port: int, inbox: Path, events: Sequence[str] = ()) -> AsyncIterator[Receiver]:
-    """A connected client of the node on ``port``, recording the ``events`` it is sent."""
-    client = Client(ClientDescriptor(server_host="127.0.0.1", server_port=port, password=PASSWORD))
+async def receiver(
+    port: int, inbox: Path, events: Sequence[str] = (), **fields: Any
+) -> AsyncIterator[Receiver]:
+    """A connected client of the node on ``port``, recording the ``events`` it is sent.
+
+    ``fields``: more ``ClientDescriptor`` settings (reconnect timing, say).
+    """
+    client = Client(
+        ClientDescriptor(server_host="127.0.0.1", server_port=port, password=PASSWORD, **fields)
+    )
     FileTransferHandler(storage_dir=inbox).register_client_handlers(client)
     found = Receiver(client, inbox)
     for event in events:

@@ -338,3 +338,110 @@ async def test_malformed_messages_are_ignored(
     stranger.close()
     # The reader survived all of it.
     assert await node_a.request("b", "still-there", {}) == {"ok": "still-there"}
+
+
+async def test_a_resumed_client_moves_and_its_old_node_lets_go(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    await node_a.register_client("roamer")
+    await node_a.register_client("stayer")
+    # B takes the entry over (the client proved with its token that A's is stale);
+    # SET NX would have refused it.
+    assert await node_b.move_client("roamer") == "a"
+    assert await node_b.move_client("fresh") is None
+    assert await node_a.locate_client("roamer") == "b"
+    # A's cleanup compares before deleting: B's entry stays.
+    await node_b.move_client("stayer")
+    await node_a.unregister_client("stayer")
+    assert await node_a.locate_client("stayer") == "b"
+    # A's next heartbeat (every TTL / 3) sees the entry is B's and stops
+    # refreshing it, so it does not recreate it once B lets it go.
+    with trio.fail_after(10):
+        while "roamer" in node_a._clients:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.05)
+    assert await node_a.locate_client("roamer") == "b"
+    assert "stayer" not in node_a._clients
+    await node_b.unregister_client("roamer")
+    await trio.sleep(TTL)
+    assert await node_a.locate_client("roamer") is None
+    # Without the move, a re-registration by A would still be refused.
+    with pytest.raises(ClientIdTaken):
+        await node_a.register_client("fresh")
+
+
+async def test_resume_entries_are_owned_and_single_use(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    first, second = "aa" * 32, "bb" * 32
+    await node_a.share_resume(first, "client-1", "alice", 60.0)
+    # Another account cannot redeem it, and its attempt leaves it for the owner.
+    assert await node_b.redeem_resume(first, "mallory") is None
+    assert await node_b.redeem_resume(first, "alice") == "client-1"
+    assert await node_a.redeem_resume(first, "alice") is None  # good once, cluster-wide
+    # A new token for the client replaces its previous one.
+    await node_a.share_resume(first, "client-1", "alice", 60.0)
+    await node_a.share_resume(second, "client-1", "alice", 60.0, replaces=first)
+    assert await node_b.redeem_resume(first, "alice") is None
+    # Expiry: shortened to almost nothing, it is gone.
+    await node_a.expire_resume([second], 0.05)
+    await trio.sleep(0.2)
+    assert await node_b.redeem_resume(second, "alice") is None
+    with pytest.raises(ValueError, match="owner"):
+        await node_a.share_resume(first, "c", "two words", 60.0)
+    stranger = redis.Redis.from_url(engines.bus.url)
+    try:
+        await node_a.share_resume(first, "client-2", "-", 60.0)
+        assert stranger.get(f"{bus_namespace}:resume:{first}") == b"- client-2"
+    finally:
+        stranger.close()
+
+
+async def test_progress_reports_and_one_way_messages(bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    told: list[tuple[str, dict[str, Any], str]] = []
+    heard = trio.Event()
+
+    @node_b.on_request
+    async def handle(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        if kind == "work":
+            for step in range(1, 6):
+                await node_b.report_progress({"step": step})
+            return {"done": True}
+        told.append((kind, payload, sender))
+        heard.set()
+        if kind == "broken":
+            raise RPCError("nobody waits for this", "ignored")
+        return {"never": "sent"}
+
+    reports: list[Any] = []
+
+    async def on_progress(data: Any) -> None:
+        reports.append(data)
+
+    with trio.fail_after(20):
+        reply = await node_a.request("b", "work", {}, on_progress=on_progress)
+    assert reply == {"done": True}
+    # In order; a slow requester may skip some, never the last (it precedes the reply).
+    assert reports, reports
+    assert reports[-1] == {"step": 5}
+    steps = [report["step"] for report in reports]
+    assert steps == sorted(set(steps))
+    # Reporting is for request handlers only.
+    with pytest.raises(RuntimeError, match="report_progress"):
+        await node_a.report_progress({"step": 0})
+    # One-way: the handler runs, its failure is only logged, nothing is replied.
+    await node_a.tell("b", "broken", {"x": 1})
+    await node_a.tell("b", "notice", {"x": 2})
+    with trio.fail_after(10):
+        while len(told) < 2:
+            await heard.wait()
+            heard = trio.Event()
+    # Each in a task of its own, so not necessarily in order.
+    assert sorted(told) == [("broken", {"x": 1}, "a"), ("notice", {"x": 2}, "a")]
+    # And requests still work after them.
+    assert await node_a.request("b", "work", {}) == {"done": True}

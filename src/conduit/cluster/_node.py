@@ -6,6 +6,11 @@ A :class:`~conduit.Server` whose descriptor has ``cluster_url`` creates one
 * **ids**: every client id the server hands out is registered in the bus
   (``SET NX``), so it is unique in the cluster and says which node the client
   is on; it is released when the client goes, and expires with its node.
+* **resume**: every resume token the server issues is shared on the bus (as
+  its SHA-256, see :mod:`conduit._resume`), so a client that lost its node
+  and reconnects to another keeps its id: the new node redeems the token,
+  moves the id's registration to itself and tells the old node, which closes
+  the client's stale connection there (:meth:`ClusterNode.resume_client_id`).
 * **broadcast**: ``server.broadcast`` sends to this node's clients, then
   publishes the event on the bus; every other node sends it to its own
   clients (:meth:`ClusterNode.broadcast`, the ``"broadcast"`` bus event).
@@ -19,33 +24,47 @@ Nothing here is imported unless ``cluster_url`` is set; it needs the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from .._resume import RESUME_TTL, token_digest
 from .._rpc_proxy import to_wire
 from ..errors import ConnectionClosed, RPCError
-from ._push import PUSH_REQUEST, Pusher, PushRequest, deliver_staged, push_via_node
-from .bus import BusError, ClientIdTaken, ClusterBus
+from ._push import (
+    PUSH_REQUEST,
+    ProgressCallback,
+    Pusher,
+    PushRequest,
+    deliver_staged,
+    push_via_node,
+)
+from .bus import BusError, ClusterBus
 
 if TYPE_CHECKING:
     from ..descriptors import ServerDescriptor
     from ..server import Server
     from .s3 import S3Store
 
-__all__ = ["BROADCAST_EVENT", "ClusterNode"]
+__all__ = ["BROADCAST_EVENT", "CLIENT_MOVED", "ClusterNode"]
 
 log = logging.getLogger("conduit.cluster.node")
 
 #: The bus event that carries ``server.broadcast`` to the other nodes.
 BROADCAST_EVENT: Final = "broadcast"
+#: The one-way bus request that tells a node one of its clients resumed elsewhere.
+CLIENT_MOVED: Final = "client_moved"
 #: How often stale staged files are swept, and how old they must be.
 _SWEEP_INTERVAL: Final = 3600.0
 #: Bound on releasing a client id once its connection ended (the id expires anyway).
 _RELEASE_TIMEOUT: Final = 5.0
+#: Clients remembered as resumed on another node (for pushes waiting for them here).
+_MOVED_KEPT: Final = 10_000
 
 
 class ClusterNode:
@@ -72,6 +91,16 @@ class ClusterNode:
         # in when cluster_staging is unset, never closed here (it is the handler's).
         self._handler_store: S3Store | None = None
         self._pusher: Pusher | None = None
+        #: Client id -> the digest of its current resume token on the bus, for
+        #: this node's connected clients (refreshed while they stay).
+        self._resume_digests: dict[str, str] = {}
+        #: Client id -> connections of this node holding it (handed out and
+        #: not released yet): a reconnect here overlaps its stale predecessor,
+        #: and only the last one to end may release the id.
+        self._holders: dict[str, int] = {}
+        #: Client id -> the node it resumed its session on, for clients that
+        #: left this node that way (the newest few; forgotten when one is back).
+        self._moved_away: OrderedDict[str, str] = OrderedDict()
         self.bus.on_event(self._on_event)
         self.bus.on_request(self._on_request)
 
@@ -114,6 +143,7 @@ class ClusterNode:
                 await nursery.start(self.bus.run)
                 if self.staging is not None:
                     nursery.start_soon(self._sweep_staging, self.staging)
+                nursery.start_soon(self._refresh_resume_tokens)
                 log.info("cluster node %r joined %s", self.node_name, self.bus.namespace)
                 task_status.started()
         finally:
@@ -135,28 +165,127 @@ class ClusterNode:
     # ----------------------------------------------------------------- client ids
 
     async def new_client_id(self) -> str:
-        """A fresh client id, unique in the cluster, registered to this node."""
-        return await self.bus.new_client_id()
+        """A fresh client id, unique in the cluster, registered to this node.
 
-    async def claim_client_id(self, client_id: str) -> bool:
-        """Register a known id here (a client resuming its session).
-
-        False if another node holds it (its old connection there is still open).
+        Held until :meth:`release_client_id`.
         """
-        try:
-            await self.bus.register_client(client_id)
-        except ClientIdTaken:
-            return False
-        return True
+        client_id = await self.bus.new_client_id()
+        self._hold(client_id)
+        return client_id
+
+    def _hold(self, client_id: str) -> None:
+        self._holders[client_id] = self._holders.get(client_id, 0) + 1
+        self._moved_away.pop(client_id, None)
+
+    def moved_away(self, client_id: str) -> str | None:
+        """The node ``client_id`` resumed its session on, if it left this node that way.
+
+        A push waiting here for the client to come back stops waiting then
+        (see ``Server._wait_for_client``), and the transfer handler finishes
+        it through that node.
+        """
+        return self._moved_away.get(client_id)
+
+    async def claim_client_id(self, client_id: str) -> None:
+        """Register a known id here (a client resuming its session), wherever it was.
+
+        Only for an id the client proved is its own (its resume token): its
+        connection to the node that holds the id is a dead one, so the id
+        moves here at once, and that node is told to close its stale
+        connection (it also notices at its next heartbeat).
+        """
+        previous = await self.bus.move_client(client_id)
+        if previous is not None and previous != self.node_name:
+            log.info("client %s resumed here, moved from node %r", client_id, previous)
+            try:
+                await self.bus.tell(previous, CLIENT_MOVED, {"client_id": client_id})
+            except BusError as exc:
+                log.warning(
+                    "could not tell node %r that client %s moved: %s", previous, client_id, exc
+                )
 
     async def release_client_id(self, client_id: str) -> None:
-        """Forget ``client_id`` (its connection ended); never raises, bounded in time."""
+        """A connection given ``client_id`` ended; never raises, bounded in time.
+
+        Once no connection of this node holds the id any more (one handed
+        out by :meth:`new_client_id` or :meth:`resume_client_id`, once per
+        connection), it is unregistered, and its resume token stays
+        redeemable on any node for ``RESUME_TTL`` from now.
+        """
+        left = self._holders.get(client_id, 0) - 1
+        if left > 0:  # a reconnect of the same client, here, holds it now
+            self._holders[client_id] = left
+            return
+        self._holders.pop(client_id, None)
+        digest = self._resume_digests.pop(client_id, None)
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
             try:
                 await self.bus.unregister_client(client_id)
+                if digest is not None:
+                    await self.bus.expire_resume([digest], RESUME_TTL)
             except BusError as exc:
                 # The bus no longer refreshes it, so the entry expires within the TTL.
                 log.warning("releasing client id %s: %s", client_id, exc)
+
+    # ----------------------------------------------------------------- resume tokens
+
+    async def share_resume_token(self, token: bytes, client_id: str, username: str | None) -> None:
+        """Make ``token`` (just issued to ``client_id``) redeemable on every node.
+
+        Stored as its SHA-256, tied to ``username`` like the local table; it
+        replaces the client's previous token. :class:`BusError` if the bus is
+        unreachable (the handshake then fails, as for a new id).
+        """
+        digest = token_digest(token).hex()
+        previous = self._resume_digests.get(client_id)
+        await self.bus.share_resume(
+            digest, client_id, _owner(username), RESUME_TTL, replaces=previous
+        )
+        self._resume_digests[client_id] = digest
+
+    async def resume_client_id(self, token: bytes, username: str | None) -> str | None:
+        """The id ``token`` was issued for, by any node, now registered here; None if unknown.
+
+        The token is consumed (good once in the whole cluster) and only
+        ``username``'s (the account it was issued to, None in shared-password
+        mode). The id moves here (:meth:`claim_client_id`) from wherever it
+        was registered, this node included (a stale connection here, or one
+        that has just ended), and is held until :meth:`release_client_id`.
+        """
+        client_id = await self.bus.redeem_resume(token_digest(token).hex(), _owner(username))
+        if client_id is not None:
+            await self.claim_client_id(client_id)
+            self._hold(client_id)
+        return client_id
+
+    async def _refresh_resume_tokens(self) -> None:
+        # A connected client's token must outlive its connection by RESUME_TTL
+        # even if this node dies without a goodbye: refreshed well within it.
+        while True:
+            await trio.sleep(RESUME_TTL / 4)
+            try:
+                await self.bus.expire_resume(list(self._resume_digests.values()), RESUME_TTL)
+            except BusError as exc:
+                log.warning("refreshing resume tokens: %s", exc)
+
+    async def _client_moved(self, payload: dict[str, Any], sender: str) -> None:
+        client_id = payload.get("client_id")
+        if not isinstance(client_id, str):
+            raise RPCError("malformed client_moved notice", "invalid_arguments")
+        peer = self._server.clients.get(client_id)
+        if await self.bus.locate_client(client_id) == self.node_name:
+            return  # it came back here meanwhile: the notice is out of date
+        self.bus.forget_client(client_id)
+        self._resume_digests.pop(client_id, None)
+        self._moved_away[client_id] = sender
+        while len(self._moved_away) > _MOVED_KEPT:
+            self._moved_away.popitem(last=False)
+        self._server._arrivals.unpark_all()  # pushes waiting for it here: it is not coming
+        if peer is not None and self._server.clients.get(client_id) is peer:
+            log.info(
+                "client %s resumed on node %r: closing its stale connection", client_id, sender
+            )
+            await peer.connection.close(f"the client resumed its session on node {sender!r}", 0.5)
 
     # ----------------------------------------------------------------- broadcast
 
@@ -190,17 +319,22 @@ class ClusterNode:
         client_id: str,
         path: str | os.PathLike[str],
         remote_name: str | None,
+        on_progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
         """Push ``path`` to ``client_id`` on whichever node it is connected to.
 
-        Raises :class:`~conduit.ConnectionClosed` when no node has the client
-        (as a local push to an unknown id does), and what opening the local
-        file raises; every later failure is the usual ``{"success": False,
-        ...}``, with code ``"unreachable"`` when its node dies or leaves before
+        ``on_progress`` gets the delivering node's progress reports (about ten
+        a second at most, and the last one). Raises
+        :class:`~conduit.ConnectionClosed` when no node has the client (as a
+        local push to an unknown id does), and what opening the local file
+        raises; every later failure is the usual ``{"success": False, ...}``,
+        with code ``"unreachable"`` when its node dies or leaves before
         answering (noticed within ``cluster_ttl``).
         """
         node = await self._locate(client_id)
-        return await push_via_node(self.bus, self.staging, node, client_id, path, remote_name)
+        return await push_via_node(
+            self.bus, self.staging, node, client_id, path, remote_name, on_progress
+        )
 
     async def _locate(self, client_id: str) -> str:
         try:
@@ -215,6 +349,9 @@ class ClusterNode:
         return node
 
     async def _on_request(self, kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        if kind == CLIENT_MOVED:
+            await self._client_moved(payload, sender)
+            return {}
         if kind != PUSH_REQUEST:
             raise RPCError(f"unknown cluster request {kind!r}", "not_found")
         request = PushRequest.parse(payload)
@@ -230,4 +367,11 @@ class ClusterNode:
         if staging is None:
             raise RPCError(f"node {self.node_name!r} has no cluster_staging", "no_staging")
         log.info("push of %r to client %s, staged by node %r", request.name, peer.id, sender)
-        return await deliver_staged(staging, request, peer, self._pusher)
+        return await deliver_staged(staging, request, peer, self._pusher, self.bus.report_progress)
+
+
+def _owner(username: str | None) -> str:
+    """The bus tag of the account a token is for: a hash, so no name goes into Redis."""
+    if username is None:
+        return "-"
+    return hashlib.sha256(b"conduit-user\0" + username.encode()).hexdigest()

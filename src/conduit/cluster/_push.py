@@ -10,6 +10,14 @@ file to its client with its own transfer handler, exactly as a local push.
 The reply is the push's result dict, which ``send_to_client`` returns on the
 origin. The bus carries only the small request and reply, never file data.
 
+Progress: the client's node reports the push's progress on the bus as its
+handler reports it locally (at most every ``REPORT_INTERVAL``, about ten a
+second, plus once at the end), from a task of its own that sends only the
+latest report, so a slow bus never holds the transfer up. The origin hands
+each report to ``send_to_client``'s ``on_progress`` as a
+:class:`~conduit.transfer.TransferProgress` (direction ``"push"``; the
+counts and elapsed time are the delivering node's).
+
 Failure handling: the origin removes the staged object whenever the request
 did not succeed (a dead node cannot), and the nodes sweep what a node killed
 mid-push left behind. A node that dies or leaves while the origin waits ends
@@ -36,10 +44,12 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from .._callbacks import invoke, trio_callback
 from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError, failure_dict
 from ..transfer._local import open_local_file
 from ..transfer._names import safe_relative_name
-from .bus import ClusterBus, NodeUnreachable
+from ..transfer._progress import TransferProgress
+from .bus import BusError, ClusterBus, NodeUnreachable
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -55,12 +65,18 @@ PUSH_REQUEST: Final = "push"
 _CHUNK: Final = 1024 * 1024
 #: Bound on removing a staged object after a failure (the sweep gets it otherwise).
 _CLEANUP_TIMEOUT: Final = 10.0
+#: Bound on sending the final progress report before the reply.
+_LAST_REPORT_TIMEOUT: Final = 2.0
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _TOKEN: Final = re.compile(r"[0-9a-f]{32}")
 
+#: ``on_progress(progress)``, as ``send_to_client`` takes it.
+ProgressCallback = Callable[[TransferProgress], Any]
 #: ``pusher(peer, path, remote_name, on_progress, "push")``: the transfer
 #: handler's sender, which sends a local file to one of this node's clients.
-Pusher = Callable[["Peer", Path, str, None, Any], Awaitable[dict[str, Any]]]
+Pusher = Callable[["Peer", Path, str, ProgressCallback | None, Any], Awaitable[dict[str, Any]]]
+#: ``report(data)``: sends a progress report to the origin (``ClusterBus.report_progress``).
+Reporter = Callable[[Any], Awaitable[None]]
 
 
 @attrs.frozen
@@ -129,11 +145,13 @@ async def push_via_node(
     client_id: str,
     path: str | os.PathLike[str],
     remote_name: str | None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Stage ``path`` and have ``node`` push it to ``client_id``; the push's result dict.
 
     Raises what opening ``path`` raises and ``UnsafePathError`` for a bad
     name, like a local push; every later failure is a failure dict.
+    ``on_progress`` gets the delivering node's progress reports.
     """
     local = Path(path)
     name = safe_relative_name(local.name if remote_name is None else remote_name)
@@ -158,10 +176,22 @@ async def push_via_node(
             await trio.to_thread.run_sync(file.close)
     request = PushRequest(client_id, token, name, size, digest, modified_ns)
     delivered = False
+
+    async def progress(data: Any) -> None:
+        report = _parse_progress(data, name)
+        if report is not None and on_progress is not None:
+            await invoke(on_progress, report)
+
     try:
         # No overall timeout: pushing a large file takes as long as it takes;
         # a node that dies is noticed by the bus within its TTL.
-        reply = await bus.request(node, PUSH_REQUEST, request.payload(), timeout=math.inf)
+        reply = await bus.request(
+            node,
+            PUSH_REQUEST,
+            request.payload(),
+            timeout=math.inf,
+            on_progress=None if on_progress is None else progress,
+        )
         delivered = True
     except NodeUnreachable as exc:
         return {"success": False, "error": str(exc), "code": "unreachable"}
@@ -176,6 +206,71 @@ async def push_via_node(
             ):
                 await store.delete_staged(token)
     return reply
+
+
+def _parse_progress(data: Any, name: str) -> TransferProgress | None:
+    """A report from the delivering node as the origin's callback takes it; None if malformed."""
+    if not isinstance(data, dict):
+        return None
+    transferred, total_size, resumed_from, elapsed = (
+        data.get(key) for key in ("transferred", "total_size", "resumed_from", "elapsed")
+    )
+    if not (
+        isinstance(transferred, int)
+        and isinstance(total_size, int)
+        and isinstance(resumed_from, int)
+        and min(transferred, total_size, resumed_from) >= 0
+        and isinstance(elapsed, int | float)
+        and 0 <= elapsed < math.inf
+    ):
+        return None
+    return TransferProgress(name, "push", transferred, total_size, float(elapsed), resumed_from)
+
+
+def _progress_payload(progress: TransferProgress) -> dict[str, Any]:
+    return {
+        "transferred": progress.transferred,
+        "total_size": progress.total_size,
+        "elapsed": progress.elapsed,
+        "resumed_from": progress.resumed_from,
+    }
+
+
+class _ProgressRelay:
+    """The delivering node's progress, sent to the origin without slowing the push.
+
+    :meth:`update` is the push's ``on_progress``: it only keeps the report;
+    :meth:`run` sends the latest one whenever it is free, so a slow or
+    unreachable bus skips reports instead of holding the transfer up.
+    """
+
+    def __init__(self, report: Reporter) -> None:
+        self._report = report
+        self._latest: dict[str, Any] | None = None
+        self._wake = trio.Event()
+
+    @trio_callback
+    async def update(self, progress: TransferProgress) -> None:
+        """Keep ``progress`` to send (marked for Trio: it is ours, not the application's)."""
+        self._latest = _progress_payload(progress)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send reports as they come, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send the report not sent yet, if any (best effort)."""
+        latest, self._latest = self._latest, None
+        if latest is None:
+            return
+        try:
+            await self._report(latest)
+        except BusError as exc:
+            log.debug("progress report not sent: %s", exc)
 
 
 async def _stage(store: S3Store, token: str, file: io.FileIO) -> tuple[int, str]:
@@ -215,12 +310,13 @@ def _write_all(out: io.FileIO, data: bytes) -> None:
 
 
 async def deliver_staged(
-    store: S3Store, request: PushRequest, peer: Peer, pusher: Pusher
+    store: S3Store, request: PushRequest, peer: Peer, pusher: Pusher, report: Reporter
 ) -> dict[str, Any]:
     """Fetch the staged file, check it, delete it, push it to ``peer``; the push's result.
 
     The copy goes through a private temporary file because the transfer
-    handler sends from a local file (and may resume from it).
+    handler sends from a local file (and may resume from it). The push's
+    progress goes to ``report``, the last report before the result.
     """
     directory = Path(await trio.to_thread.run_sync(tempfile.mkdtemp, None, "conduit-push-"))
     try:
@@ -228,10 +324,26 @@ async def deliver_staged(
         await _fetch(store, request, local)
         with contextlib.suppress(ConduitError):
             await store.delete_staged(request.token)
-        try:
-            return await pusher(peer, local, request.name, None, "push")
-        except ConnectionClosed as exc:  # the client left just now
-            raise RPCError(exc.reason, "connection_closed") from None
+        relay = _ProgressRelay(report)
+        result: dict[str, Any] = {}
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            try:
+                result = await pusher(peer, local, request.name, relay.update, "push")
+            except Exception as exc:  # raised below as is, not inside the nursery's group
+                failure = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if isinstance(failure, ConnectionClosed):  # the client left just now
+            raise RPCError(failure.reason, "connection_closed") from None
+        if failure is not None:
+            raise failure
+        # After run() stopped (a send in flight completes first), so the final
+        # report goes out after every earlier one and before the reply.
+        with trio.move_on_after(_LAST_REPORT_TIMEOUT):
+            await relay.flush()
+        return result
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(shutil.rmtree, directory, True)

@@ -12,7 +12,16 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
   second process can never refresh (or steal) another's name.
 * ``client:<id>``: which node a client is connected to; created with ``SET NX``
   (client ids are unique in the cluster), refreshed with the node's heartbeat,
-  so the clients of a dead node expire with it.
+  so the clients of a dead node expire with it. A client that resumes its
+  session on another node *moves* its entry there (plain ``SET``, see
+  :meth:`ClusterBus.move_client`); the old node's refresh and cleanup only
+  ever touch an entry that still names it (compare-and-extend,
+  compare-and-delete), so they cannot undo the move.
+* ``resume:<sha256>``: a client's resume token, by the SHA-256 of the token
+  (never the token itself): the client id and a tag of the account it was
+  issued to, so that any node can give a reconnecting client its id back.
+  Redeemed by an atomic compare-and-delete (single use in the whole
+  cluster); expires ``RESUME_TTL`` after its connection ended.
 * ``inbox:<name>``: a stream of requests and replies addressed to the node.
   Streams rather than pub/sub: a message sent while the reader is between two
   reads is not lost, and the reader needs no subscription handshake.
@@ -45,6 +54,11 @@ ACL in the URL, ``rediss://``, a private network). The bus still type-checks
 every message it reads, so garbage on a stream is logged and skipped, never a
 crash.
 
+Besides requests, replies and broadcasts, an inbox carries one-way messages
+(:meth:`ClusterBus.tell`) and progress reports for a pending request
+(:meth:`ClusterBus.report_progress`, handed to the requester's
+``on_progress``).
+
 Payloads are msgpack (a dict of plain values, bytes allowed), at most
 ``max_message_bytes``: the bus routes requests, it does not carry files
 (a cross-node push stages the file in the shared store and sends its key).
@@ -52,6 +66,7 @@ Payloads are msgpack (a dict of plain values, bytes allowed), at most
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
@@ -80,6 +95,7 @@ __all__ = [
     "LeaseLost",
     "NodeNameTaken",
     "NodeUnreachable",
+    "ProgressHandler",
     "RequestHandler",
 ]
 
@@ -91,6 +107,8 @@ T = TypeVar("T")
 RequestHandler = Callable[[str, dict[str, Any], str], Awaitable[dict[str, Any]]]
 #: ``handler(event, data, sender_node)``.
 EventHandler = Callable[[str, Any, str], Awaitable[None]]
+#: ``on_progress(data)``: a progress report of a pending request (see :meth:`ClusterBus.request`).
+ProgressHandler = Callable[[Any], Awaitable[None]]
 
 _READ_BLOCK_MS: Final = 250
 _READ_COUNT: Final = 128
@@ -114,20 +132,31 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# Extend every KEYS[i] that still holds ARGV[1]; recreate missing ones (NX). Returns lost count.
+# Extend every KEYS[i] that still holds ARGV[1]; recreate missing ones (NX).
+# Returns the keys another node holds now (their clients moved there).
 _EXTEND_CLIENTS: Final = """
-local lost = 0
+local lost = {}
 for _, key in ipairs(KEYS) do
   local value = redis.call('GET', key)
   if value == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2])
   elseif not value then redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
-  else lost = lost + 1 end
+  else table.insert(lost, key) end
 end
 return lost
 """
 _DELETE_IF: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# Redeem a resume entry "OWNER CLIENT_ID": only for its owner (ARGV[1]), and only
+# once (deleted in the same step). Returns the client id, or nil.
+_REDEEM: Final = """
+local value = redis.call('GET', KEYS[1])
+if not value then return false end
+local owner = ARGV[1] .. ' '
+if string.sub(value, 1, string.len(owner)) ~= owner then return false end
+redis.call('DEL', KEYS[1])
+return string.sub(value, string.len(owner) + 1)
 """
 
 
@@ -166,18 +195,31 @@ class _Pending:
     done: trio.Event = attrs.field(factory=trio.Event)
     reply: dict[str, Any] | None = None
     error: RPCError | None = None
+    #: Set on a reply and on a progress report; the requester replaces it.
+    wake: trio.Event = attrs.field(factory=trio.Event)
+    #: The latest progress report not yet handed to ``on_progress`` (only the
+    #: latest counts: a slow callback skips reports, it never queues them).
+    progress: Any = None
+    has_progress: bool = False
 
 
 @attrs.frozen
 class _Message:
     """One bus message, as packed on the streams (short keys keep it small)."""
 
-    type: str  # "req", "rep" or "evt"
+    type: str  # "req", "rep", "evt", "one" (one-way request) or "prg" (progress)
     sender: str
     id: str = ""
     kind: str = ""
     payload: Any = None
     error: tuple[str, str] | None = None
+
+
+_TYPES: Final = frozenset({"req", "rep", "evt", "one", "prg"})
+#: The request a handler task is serving (where :meth:`ClusterBus.report_progress` sends).
+_SERVING: contextvars.ContextVar[_Message | None] = contextvars.ContextVar(
+    "conduit_cluster_serving", default=None
+)
 
 
 def _parse(raw: bytes) -> _Message | None:
@@ -196,7 +238,7 @@ def _parse(raw: bytes) -> _Message | None:
         if not (isinstance(error, list | tuple) and len(error) == 2):
             return None
         error = (str(error[0]), str(error[1]))
-    if document.get("t") not in ("req", "rep", "evt") or not document.get("s"):
+    if document.get("t") not in _TYPES or not document.get("s"):
         return None
     return _Message(
         document["t"],
@@ -229,6 +271,13 @@ class Lease:
         """Give it up (only if still ours)."""
         key = self.bus._key("lease", self.name)
         await self.bus._call(self.bus._delete_if, keys=[key], args=[self.token])
+
+
+async def _hand_over_progress(pending: _Pending, on_progress: ProgressHandler | None) -> None:
+    if pending.has_progress:
+        data, pending.progress, pending.has_progress = pending.progress, None, False
+        if on_progress is not None:
+            await on_progress(data)
 
 
 def _ms(seconds: float) -> int:
@@ -291,6 +340,7 @@ class ClusterBus:
         self._extend = self._redis.register_script(_EXTEND)
         self._extend_clients = self._redis.register_script(_EXTEND_CLIENTS)
         self._delete_if = self._redis.register_script(_DELETE_IF)
+        self._redeem = self._redis.register_script(_REDEEM)
         self._limiter = trio.CapacityLimiter(16)
         self._handler_limiter = trio.CapacityLimiter(max_handlers)
         self._request_handler: RequestHandler | None = None
@@ -457,7 +507,12 @@ class ClusterBus:
                 self._extend_clients, keys=keys, args=[self.node_name, _ms(self.ttl)]
             )
             if lost:
-                log.warning("%d client ids of this node were registered by another node", lost)
+                # Their clients resumed on another node: stop claiming them, or
+                # a later beat would recreate the entry here once they leave there.
+                prefix = self._key("client") + ":"
+                for key in lost:
+                    self._clients.discard(_text(key)[len(prefix) :])
+                log.info("%d client ids of this node moved to another node", len(lost))
 
     async def _read_loop(
         self, nursery: trio.Nursery, reader: redis.Redis, positions: dict[str, str]
@@ -492,10 +547,20 @@ class ClusterBus:
                 else:
                     pending.reply = message.payload if isinstance(message.payload, dict) else {}
                 pending.done.set()
-        elif message.type == "req":
+                pending.wake.set()
+        elif message.type == "prg":
+            pending = self._pending.get(message.id)
+            if pending is not None and not pending.done.is_set():
+                pending.progress = message.payload
+                pending.has_progress = True
+                pending.wake.set()
+        elif message.type in ("req", "one"):
             try:
                 self._handler_limiter.acquire_on_behalf_of_nowait(message.id)
             except (trio.WouldBlock, RuntimeError):  # RuntimeError: the same id twice
+                if message.type == "one":
+                    log.warning("node overloaded: dropped %r from %r", message.kind, message.sender)
+                    return
                 error = ("node overloaded", "overloaded")
                 nursery.start_soon(self._reply, message.sender, message.id, None, error)
                 return
@@ -509,18 +574,26 @@ class ClusterBus:
                 log.warning("event handler too slow: dropped cluster event %r", message.kind)
 
     async def _serve_request(self, message: _Message) -> None:
+        one_way = message.type == "one"
+        # This task's own context (Trio copies it per task): report_progress
+        # finds the request it is serving without the handler passing it along.
+        _SERVING.set(None if one_way else message)
         try:
             handler = self._request_handler
             if handler is None:
                 raise RPCError("this node serves no cluster requests", "not_found")
             payload = message.payload if isinstance(message.payload, dict) else {}
             reply = await handler(message.kind, payload, message.sender)
-            await self._reply(message.sender, message.id, reply, None)
+            if not one_way:
+                await self._reply(message.sender, message.id, reply, None)
         except Exception as exc:
             error = exc if isinstance(exc, RPCError) else RPCError(f"{type(exc).__name__}: {exc}")
             if not isinstance(exc, RPCError):
                 log.exception("cluster request %r failed", message.kind)
-            await self._reply(message.sender, message.id, None, (error.message, error.code))
+            if one_way:
+                log.warning("one-way %r from %r failed: %s", message.kind, message.sender, error)
+            else:
+                await self._reply(message.sender, message.id, None, (error.message, error.code))
         finally:
             self._handler_limiter.release_on_behalf_of(message.id)
 
@@ -593,6 +666,27 @@ class ClusterBus:
             return candidate
         raise BusError("could not find a free client id")  # pragma: no cover - 2**-64 odds
 
+    async def move_client(self, client_id: str) -> str | None:
+        """Register ``client_id`` here whoever held it; the node that held it before, if any.
+
+        For a client resuming its session here after it lost its connection to
+        another node (it proved it is the same client with its resume token):
+        its old node's entry is stale, so it is overwritten, not waited out.
+        That node's refresh and cleanup only touch an entry naming it, so
+        they leave this one alone.
+        """
+        self._require_running()
+        key = self._key("client", client_id)
+        previous = await self._call(
+            self._redis.set, key, self.node_name, px=_ms(self.ttl), get=True
+        )
+        self._clients.add(client_id)
+        return None if previous is None else _text(previous)
+
+    def forget_client(self, client_id: str) -> None:
+        """Stop refreshing ``client_id`` here, without touching its entry (it moved away)."""
+        self._clients.discard(client_id)
+
     async def unregister_client(self, client_id: str) -> None:
         """Forget ``client_id`` (only if this node holds it)."""
         self._clients.discard(client_id)
@@ -604,6 +698,52 @@ class ClusterBus:
         value = await self._call(self._redis.get, self._key("client", client_id))
         return None if value is None else _text(value)
 
+    # ----------------------------------------------------------------- resume tokens
+
+    async def share_resume(
+        self, digest: str, client_id: str, owner: str, ttl: float, *, replaces: str | None = None
+    ) -> None:
+        """Keep a resume token for ``ttl`` seconds, by its ``digest`` (hex SHA-256 of the token).
+
+        ``owner`` (no spaces) tags the account it was issued to; only that
+        owner can redeem it. ``replaces``: the digest of the client's previous
+        token, deleted in the same round trip (a token is good once).
+        """
+        if " " in owner or not owner:
+            raise ValueError("the owner tag must be non-empty, without spaces")
+        key = self._key("resume", digest)
+
+        def work() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(key, f"{owner} {client_id}", px=_ms(ttl))
+            if replaces is not None and replaces != digest:
+                pipe.delete(self._key("resume", replaces))
+            pipe.execute()
+
+        await self._call(work)
+
+    async def redeem_resume(self, digest: str, owner: str) -> str | None:
+        """The client id of the token with ``digest``, consumed; None if unknown or not ``owner``'s.
+
+        Atomic: of two nodes redeeming one token at once, one gets the id.
+        Another owner's attempt leaves the token in place for its owner.
+        """
+        value = await self._call(self._redeem, keys=[self._key("resume", digest)], args=[owner])
+        return None if value is None else _text(value)
+
+    async def expire_resume(self, digests: list[str], ttl: float) -> None:
+        """Let the tokens with these digests live ``ttl`` more seconds (gone ones stay gone)."""
+
+        def work(batch: list[str]) -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            for digest in batch:
+                pipe.pexpire(self._key("resume", digest), _ms(ttl))
+            pipe.execute()
+
+        # In batches: a node with many clients must not build one huge pipeline.
+        for start in range(0, len(digests), _CLIENT_BATCH):
+            await self._call(work, digests[start : start + _CLIENT_BATCH])
+
     # ----------------------------------------------------------------- requests
 
     async def request(
@@ -613,6 +753,7 @@ class ClusterBus:
         payload: dict[str, Any],
         *,
         timeout: float | None = None,
+        on_progress: ProgressHandler | None = None,
     ) -> dict[str, Any]:
         """Send ``kind`` / ``payload`` to ``node``'s request handler; return its reply.
 
@@ -620,6 +761,11 @@ class ClusterBus:
         forgotten while we wait (checked every ``ttl / 3``), ``TimeoutError``
         after ``timeout`` (default ``request_timeout``), and :class:`RPCError`
         with the handler's message and code if it failed.
+
+        ``on_progress(data)`` is awaited with what the handler passes to
+        :meth:`report_progress`, in order, before this returns; when it is
+        slower than the reports, only the latest waiting one is handed over.
+        What it raises ends the wait (the handler carries on regardless).
         """
         self._require_running()
         if not await self.node_alive(node):
@@ -632,11 +778,23 @@ class ClusterBus:
         try:
             await self._call(self._xadd, self._key("inbox", node), data)
             limit = self.request_timeout if timeout is None else timeout
+            failed: Exception | None = None
             with trio.move_on_after(limit) as waited:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_node, node, nursery.cancel_scope)
-                    await pending.done.wait()
+                    try:
+                        while not pending.done.is_set():
+                            await pending.wake.wait()
+                            pending.wake = trio.Event()
+                            await _hand_over_progress(pending, on_progress)
+                    except Exception as exc:  # on_progress's: raised as is, not in a group
+                        failed = exc
                     nursery.cancel_scope.cancel()
+                if failed is not None:
+                    raise failed
+                # A report that came in with the reply: the reply follows it on
+                # the stream, so it is the last one and must not be lost.
+                await _hand_over_progress(pending, on_progress)
             if waited.cancelled_caught:
                 raise TimeoutError(f"node {node!r} did not answer {kind!r} within {limit} s")
             if not pending.done.is_set():
@@ -665,6 +823,32 @@ class ClusterBus:
         if node is None:
             raise NodeUnreachable(f"no node has a client with id {client_id!r}")
         return await self.request(node, kind, payload, timeout=timeout)
+
+    async def tell(self, node: str, kind: str, payload: dict[str, Any]) -> None:
+        """Send ``kind`` / ``payload`` to ``node``'s request handler and return: no reply.
+
+        For notices whose outcome the sender does not need (and a node that
+        is gone simply never reads them: its inbox expires).
+        """
+        self._require_running()
+        request_id = secrets.token_hex(12)
+        data = self._pack(
+            {"t": "one", "s": self.node_name, "i": request_id, "k": kind, "p": payload}
+        )
+        await self._call(self._xadd, self._key("inbox", node), data)
+
+    async def report_progress(self, data: Any) -> None:
+        """From a request handler: hand ``data`` to the requester's ``on_progress``.
+
+        Best effort and not acknowledged; :class:`BusError` if it could not be
+        sent, ``RuntimeError`` outside a request handler. Throttle the calls
+        yourself: every one is a message on the requester's inbox.
+        """
+        serving = _SERVING.get()
+        if serving is None:
+            raise RuntimeError("report_progress is for the handler of a request (not one-way)")
+        message = self._pack({"t": "prg", "s": self.node_name, "i": serving.id, "p": data})
+        await self._call(self._xadd, self._key("inbox", serving.sender), message)
 
     async def broadcast(self, event: str, data: Any = None) -> None:
         """Deliver ``event`` / ``data`` to the event handler of every other node."""

@@ -15,7 +15,7 @@ import hashlib
 import io
 import mmap
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -27,6 +27,9 @@ from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._storage import PartialFile
 from ._wire import Trailer
+
+if TYPE_CHECKING:
+    from ._storage import PartialFile
 
 #: Bytes read (and hashed) per worker-thread call on the sending side.
 READ_BLOCK = 1024 * 1024

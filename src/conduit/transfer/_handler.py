@@ -367,13 +367,19 @@ class FileTransferHandler:
         ``push_reconnect_timeout`` seconds for it to come back, then resumes.
         """
         if client_id not in server.clients and server.cluster is not None:
-            return await server.cluster.push(client_id, path, remote_name)
-        return await on_server(
+            return await server.cluster.push(client_id, path, remote_name, on_progress)
+        result = await on_server(
             server,
             client_id,
             self.push_reconnect_timeout,
             lambda peer: self._sender.send(peer, path, remote_name, on_progress, "push"),
         )
+        cluster = server.cluster
+        if not result.get("success") and cluster is not None and cluster.moved_away(client_id):
+            # It resumed its session on another node meanwhile: finish there
+            # (from the client's partial file, as a local resume would).
+            return await cluster.push(client_id, path, remote_name, on_progress)
+        return result
 
     @bridged
     async def receive_from_server(

@@ -1,0 +1,279 @@
+"""A client that loses its node and reconnects to another keeps its id; progress across nodes.
+
+Node processes on one SeaweedFS and one Valkey (see :mod:`node_processes`);
+the roaming client reaches them through a :class:`CuttingProxy`, our stand-in
+for a TCP load balancer: the test points the proxy at another node, then
+cuts the client's connection (or kills its node), and the client's automatic
+reconnect lands on the other node with its resume token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import redis
+import trio
+
+from cluster.node_processes import NodeProcess, Receiver, node_processes, receiver
+from conduit import Server, ServerDescriptor
+from cutting_proxy import CuttingProxy
+
+#: Short, so a killed node's entries expire within the test, with room for a loaded machine.
+TTL = 1.5
+#: Large enough for several progress reports (at most ten a second) on the delivering node.
+LARGE = 24 * 1024 * 1024 + 4321
+#: Reconnect at once: the test waits for it.
+ROAMING = {"reconnect_delay": 0.05, "reconnect_delay_max": 0.5, "reconnect_attempts": 20}
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    engines: Any, namespace: str, tmp_path: Path, names: list[str], staging: str
+) -> AsyncIterator[dict[str, NodeProcess]]:
+    async with node_processes(
+        names=names,
+        bus_url=engines.bus.url,
+        namespace=namespace,
+        storage=tmp_path / "nodes",
+        environment=engines.s3.environment(),
+        staging=staging,
+        ttl=TTL,
+    ) as nodes:
+        yield nodes
+
+
+def _file(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def _bus(engines: Any) -> redis.Redis:
+    return redis.Redis.from_url(engines.bus.url)
+
+
+def _registered_node(engines: Any, namespace: str, client_id: str) -> str | None:
+    with contextlib.closing(_bus(engines)) as connection:
+        value = connection.get(f"{namespace}:client:{client_id}")
+    return None if value is None else value.decode()
+
+
+def _bus_contents(engines: Any, namespace: str) -> list[bytes]:
+    """Every key of the namespace, and the value of every string key."""
+    found: list[bytes] = []
+    with contextlib.closing(_bus(engines)) as connection:
+        for key in connection.scan_iter(match=f"{namespace}:*"):
+            found.append(key)
+            if connection.type(key) == b"string":
+                found.append(connection.get(key) or b"")
+    return found
+
+
+async def _reconnected(roamer: Receiver, cut: Any) -> None:
+    """Run ``cut()`` and wait (bounded) for the client's automatic reconnect."""
+    back = trio.Event()
+    roamer.client.on_reconnect(back.set)
+    cut()
+    with trio.fail_after(30):
+        await back.wait()
+
+
+async def test_client_keeps_its_id_on_another_node_after_a_cut(
+    engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
+) -> None:
+    large = _file(tmp_path / "large.bin", LARGE)
+    async with (
+        cluster(engines, bus_namespace, tmp_path, ["a", "b"], s3_url) as nodes,
+        receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
+    ):
+        with CuttingProxy(nodes["a"].port) as proxy:
+            async with receiver(
+                proxy.port, tmp_path / "inbox-roamer", events=["news"], **ROAMING
+            ) as roamer:
+                old_id = roamer.id
+                assert _registered_node(engines, bus_namespace, old_id) == "a"
+                first_token = roamer.client._resume_token
+                # The bus has the token only as its SHA-256.
+                contents = _bus_contents(engines, bus_namespace)
+                first_key = f"{bus_namespace}:resume:{hashlib.sha256(first_token).hexdigest()}"
+                assert first_key.encode() in contents
+                assert not [item for item in contents if first_token in item]
+                assert not [item for item in contents if first_token.hex().encode() in item]
+
+                # The balancer now sends new connections to B; the client's
+                # connection is lost without A noticing (A would only at its
+                # heartbeat timeout, 45 s): A keeps a stale connection.
+                proxy.target_port = nodes["b"].port
+                await _reconnected(roamer, lambda: proxy.legs[0].strand())
+
+                assert roamer.id == old_id
+                assert await roamer.client.call("whoami") == {"node": "b", "client_id": old_id}
+                assert _registered_node(engines, bus_namespace, old_id) == "b"
+                # The token A issued is spent; B's new one is shared, hashed, instead.
+                contents = _bus_contents(engines, bus_namespace)
+                assert first_key.encode() not in contents
+                new_token = roamer.client._resume_token
+                assert new_token != first_token
+                new_key = f"{bus_namespace}:resume:{hashlib.sha256(new_token).hexdigest()}"
+                assert new_key.encode() in contents
+
+                # A push from A, addressed by id, reaches the client on B (B told
+                # A to drop its stale connection: A would otherwise push into
+                # it), with B's progress reported to A.
+                with trio.fail_after(120):
+                    pushed = await control.client.call(
+                        "push_progress", client_id=old_id, path=str(large), name="l.bin"
+                    )
+                result, reports = pushed["result"], pushed["reports"]
+                assert result["success"] is True, result
+                assert (roamer.inbox / "l.bin").read_bytes() == large.read_bytes()
+                assert reports, "no progress reached the pushing node"
+                assert [r["direction"] for r in reports] == ["push"] * len(reports)
+                assert {r["filename"] for r in reports} == {"l.bin"}
+                assert reports[-1]["transferred"] == reports[-1]["total_size"] == LARGE
+                sent = [r["transferred"] for r in reports]
+                assert sent == sorted(sent)
+                # Throttled where it is produced: one per 0.1 s of B's clock, plus the last.
+                assert len(reports) <= reports[-1]["elapsed"] / 0.1 + 2
+
+                # A broadcast from A reaches it once, on B.
+                await control.client.call("broadcast", event="news", data={"n": 1})
+                with trio.fail_after(15):
+                    await roamer.wait_messages(1)
+                assert roamer.messages == [("news", {"n": 1})]
+
+                # A has let go of the id for good: its cleanup of the stale
+                # connection and its heartbeats (a few TTLs of them) leave B's
+                # registration alone.
+                await trio.sleep(2 * TTL)
+                assert _registered_node(engines, bus_namespace, old_id) == "b"
+
+
+async def test_a_push_in_flight_follows_its_client_to_another_node(
+    engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
+) -> None:
+    large = _file(tmp_path / "large.bin", LARGE)
+    # Bound, not listening: the client's reconnects are refused until we say.
+    nowhere = socket.socket()
+    nowhere.bind(("127.0.0.1", 0))
+    async with (
+        cluster(engines, bus_namespace, tmp_path, ["a", "b"], s3_url) as nodes,
+        receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
+    ):
+        with nowhere, CuttingProxy(nodes["a"].port) as proxy:
+            async with receiver(proxy.port, tmp_path / "inbox-roamer", **ROAMING) as roamer:
+                client_id = roamer.id
+                # The client's connection is lost without A noticing, and the
+                # client cannot come back yet: A still sees it connected.
+                proxy.target_port = nowhere.getsockname()[1]
+                proxy.legs[0].strand()
+                outcome: dict[str, Any] = {}
+
+                async def push() -> None:
+                    outcome.update(
+                        await control.client.call(
+                            "push", client_id=client_id, path=str(large), name="f.bin"
+                        )
+                    )
+
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(push)
+                        # Sequencing only: give A the time to start the push into
+                        # the dead connection (if it has not, it takes the direct
+                        # cross-node path below, and the test still holds).
+                        await trio.sleep(1.0)
+                        proxy.target_port = nodes["b"].port
+                back = outcome
+                assert back["success"] is True, back
+                assert roamer.id == client_id
+                assert _registered_node(engines, bus_namespace, client_id) == "b"
+                assert (roamer.inbox / "f.bin").read_bytes() == large.read_bytes()
+
+
+async def test_client_of_a_killed_node_resumes_elsewhere_and_others_are_unreachable(
+    engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
+) -> None:
+    small = _file(tmp_path / "small.bin", 50_000)
+    async with (
+        cluster(engines, bus_namespace, tmp_path, ["a", "b", "c"], s3_url) as nodes,
+        receiver(nodes["c"].port, tmp_path / "inbox-c") as control,
+        receiver(nodes["a"].port, tmp_path / "inbox-stranded", reconnect_enabled=False) as stranded,
+    ):
+        with CuttingProxy(nodes["a"].port) as proxy:
+            async with receiver(proxy.port, tmp_path / "inbox-roamer", **ROAMING) as roamer:
+                old_id = roamer.id
+                assert _registered_node(engines, bus_namespace, old_id) == "a"
+                proxy.target_port = nodes["b"].port
+
+                def kill_a() -> None:
+                    nodes["a"].kill()
+
+                # A dies without a goodbye: its registrations are still there
+                # (for up to a TTL) when the client comes back through B.
+                await _reconnected(roamer, kill_a)
+                with trio.fail_after(10):
+                    await nodes["a"].process.wait()
+                assert roamer.id == old_id
+                assert await roamer.client.call("whoami") == {"node": "b", "client_id": old_id}
+                assert _registered_node(engines, bus_namespace, old_id) == "b"
+
+                # C pushes to the id: B delivers it.
+                with trio.fail_after(60):
+                    result = await control.client.call(
+                        "push", client_id=old_id, path=str(small), name="s.bin"
+                    )
+                assert result["success"] is True, result
+                assert (roamer.inbox / "s.bin").read_bytes() == small.read_bytes()
+
+                # A client that stayed with A is reported unreachable: a clear
+                # failure within 30 s, not a hang; then forgotten.
+                with trio.fail_after(30):
+                    lost = await control.client.call(
+                        "push", client_id=stranded.id, path=str(small), name="s.bin"
+                    )
+                assert lost["success"] is False
+                assert lost["code"] in ("unreachable", "connection_closed"), lost
+                with trio.fail_after(30):
+                    while _registered_node(engines, bus_namespace, stranded.id) is not None:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                assert _registered_node(engines, bus_namespace, old_id) == "b"
+
+
+async def test_overlapping_connections_of_one_client_on_one_node(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    # The race the counting closes: a client reconnects here while its stale
+    # connection is still ending. Whichever ends first, the id stays registered
+    # until the last connection holding it is gone.
+    server = Server(
+        ServerDescriptor(
+            password="secret",
+            host="127.0.0.1",
+            port=0,
+            cluster_url=engines.bus.url,
+            cluster_namespace=bus_namespace,
+            node_name="solo",
+            cluster_ttl=TTL,
+        )
+    )
+    await nursery.start(server.run)
+    node = server.cluster
+    assert node is not None
+    client_id = await node.new_client_id()
+    token = secrets.token_bytes(32)
+    await node.share_resume_token(token, client_id, "alice")
+    assert await node.resume_client_id(token, "bob") is None  # another account's try
+    assert await node.resume_client_id(token, "alice") == client_id  # the reconnect
+    assert await node.resume_client_id(token, "alice") is None  # good once
+    await node.release_client_id(client_id)  # the stale connection ends first
+    assert _registered_node(engines, bus_namespace, client_id) == "solo"
+    await node.release_client_id(client_id)  # then the reconnect's
+    assert _registered_node(engines, bus_namespace, client_id) is None
+    await server.close()
