@@ -108,6 +108,39 @@ async def node_processes(
                 await _stop(node.process)
 
 
+@contextlib.asynccontextmanager
+async def engine_nodes(
+    engines: Any,
+    namespace: str,
+    tmp_path: Path,
+    names: Sequence[str],
+    *,
+    ttl: float,
+    staging: str | None = None,
+    shared_storage: str | None = None,
+) -> AsyncIterator[dict[str, NodeProcess]]:
+    """:func:`node_processes` on the test engines (``cluster_engines``): the bus,
+    the S3 environment, and a local store per node under ``tmp_path`` unless
+    ``shared_storage`` (an ``s3://`` URL) is given."""
+    async with node_processes(
+        names=names,
+        bus_url=engines.bus.url,
+        namespace=namespace,
+        storage=tmp_path / "nodes",
+        environment=engines.s3.environment(),
+        staging=staging,
+        ttl=ttl,
+        shared_storage=shared_storage,
+    ) as nodes:
+        yield nodes
+
+
+def random_file(path: Path, size: int) -> Path:
+    """Write ``size`` random bytes to ``path`` and return it."""
+    path.write_bytes(os.urandom(size))
+    return path
+
+
 async def _stop(process: trio.Process) -> None:
     if process.stdin is not None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

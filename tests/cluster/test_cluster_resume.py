@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import secrets
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import redis
 import trio
 
-from cluster.node_processes import NodeProcess, Receiver, node_processes, receiver
+from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
 from conduit import Server, ServerDescriptor
 from cutting_proxy import CuttingProxy
 
@@ -31,27 +29,6 @@ TTL = 1.5
 LARGE = 24 * 1024 * 1024 + 4321
 #: Reconnect at once: the test waits for it.
 ROAMING = {"reconnect_delay": 0.05, "reconnect_delay_max": 0.5, "reconnect_attempts": 20}
-
-
-@contextlib.asynccontextmanager
-async def cluster(
-    engines: Any, namespace: str, tmp_path: Path, names: list[str], staging: str
-) -> AsyncIterator[dict[str, NodeProcess]]:
-    async with node_processes(
-        names=names,
-        bus_url=engines.bus.url,
-        namespace=namespace,
-        storage=tmp_path / "nodes",
-        environment=engines.s3.environment(),
-        staging=staging,
-        ttl=TTL,
-    ) as nodes:
-        yield nodes
-
-
-def _file(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))
-    return path
 
 
 def _bus(engines: Any) -> redis.Redis:
@@ -87,9 +64,11 @@ async def _reconnected(roamer: Receiver, cut: Any) -> None:
 async def test_client_keeps_its_id_on_another_node_after_a_cut(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
-    large = _file(tmp_path / "large.bin", LARGE)
+    large = random_file(tmp_path / "large.bin", LARGE)
     async with (
-        cluster(engines, bus_namespace, tmp_path, ["a", "b"], s3_url) as nodes,
+        engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, staging=s3_url
+        ) as nodes,
         receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
     ):
         with CuttingProxy(nodes["a"].port) as proxy:
@@ -158,12 +137,14 @@ async def test_client_keeps_its_id_on_another_node_after_a_cut(
 async def test_a_push_in_flight_follows_its_client_to_another_node(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
-    large = _file(tmp_path / "large.bin", LARGE)
+    large = random_file(tmp_path / "large.bin", LARGE)
     # Bound, not listening: the client's reconnects are refused until we say.
     nowhere = socket.socket()
     nowhere.bind(("127.0.0.1", 0))
     async with (
-        cluster(engines, bus_namespace, tmp_path, ["a", "b"], s3_url) as nodes,
+        engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, staging=s3_url
+        ) as nodes,
         receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
     ):
         with nowhere, CuttingProxy(nodes["a"].port) as proxy:
@@ -200,9 +181,11 @@ async def test_a_push_in_flight_follows_its_client_to_another_node(
 async def test_client_of_a_killed_node_resumes_elsewhere_and_others_are_unreachable(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
-    small = _file(tmp_path / "small.bin", 50_000)
+    small = random_file(tmp_path / "small.bin", 50_000)
     async with (
-        cluster(engines, bus_namespace, tmp_path, ["a", "b", "c"], s3_url) as nodes,
+        engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b", "c"], ttl=TTL, staging=s3_url
+        ) as nodes,
         receiver(nodes["c"].port, tmp_path / "inbox-c") as control,
         receiver(nodes["a"].port, tmp_path / "inbox-stranded", reconnect_enabled=False) as stranded,
     ):

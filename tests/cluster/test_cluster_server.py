@@ -12,46 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import redis
 import trio
 
-from cluster.node_processes import NodeProcess, Receiver, node_processes, receiver
+from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
 
 #: Short, to see a killed node forgotten quickly, with room for a loaded machine.
 TTL = 1.5
 #: A file large enough to stream in chunks (not the one-call small-file path).
 LARGE = 3 * 1024 * 1024 + 12_345
-
-
-@contextlib.asynccontextmanager
-async def cluster(
-    engines: Any,
-    namespace: str,
-    tmp_path: Path,
-    names: list[str],
-    *,
-    staging: str | None,
-) -> AsyncIterator[dict[str, NodeProcess]]:
-    async with node_processes(
-        names=names,
-        bus_url=engines.bus.url,
-        namespace=namespace,
-        storage=tmp_path / "nodes",
-        environment=engines.s3.environment(),
-        staging=staging,
-        ttl=TTL,
-    ) as nodes:
-        yield nodes
-
-
-def _file(path: Path, size: int) -> Path:
-    path.write_bytes(os.urandom(size))
-    return path
 
 
 def _registered_node(engines: Any, namespace: str, client_id: str) -> str | None:
@@ -73,10 +45,12 @@ async def _wait_unregistered(engines: Any, namespace: str, client_id: str) -> No
 async def test_push_broadcast_and_ids_across_three_nodes(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
-    large = _file(tmp_path / "large.bin", LARGE)
-    small = _file(tmp_path / "small.bin", 10_000)
+    large = random_file(tmp_path / "large.bin", LARGE)
+    small = random_file(tmp_path / "small.bin", 10_000)
     async with (
-        cluster(engines, bus_namespace, tmp_path, ["a", "b", "c"], staging=s3_url) as nodes,
+        engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b", "c"], ttl=TTL, staging=s3_url
+        ) as nodes,
         contextlib.AsyncExitStack() as stack,
     ):
         on: dict[str, Receiver] = {}
@@ -133,9 +107,11 @@ async def test_push_broadcast_and_ids_across_three_nodes(
 async def test_killed_node_clients_are_unreachable(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
-    small = _file(tmp_path / "small.bin", 10_000)
+    small = random_file(tmp_path / "small.bin", 10_000)
     async with (
-        cluster(engines, bus_namespace, tmp_path, ["a", "b"], staging=s3_url) as nodes,
+        engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, staging=s3_url
+        ) as nodes,
         receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
         receiver(nodes["b"].port, tmp_path / "inbox-b") as doomed,
     ):
@@ -164,9 +140,9 @@ async def test_killed_node_clients_are_unreachable(
 async def test_push_to_another_node_needs_staging(
     engines: Any, bus_namespace: str, tmp_path: Path
 ) -> None:
-    small = _file(tmp_path / "small.bin", 10_000)
+    small = random_file(tmp_path / "small.bin", 10_000)
     async with (
-        cluster(engines, bus_namespace, tmp_path, ["a", "b"], staging=None) as nodes,
+        engine_nodes(engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, staging=None) as nodes,
         receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
         receiver(nodes["b"].port, tmp_path / "inbox-b") as target,
     ):

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from cluster.node_processes import PASSWORD, NodeProcess, node_processes, receiver
+from cluster.node_processes import PASSWORD, engine_nodes, receiver
 from conduit import Client, ClientDescriptor, FileTransferHandler
 from conduit.transfer import TransferProgress
 from cutting_proxy import CuttingProxy
@@ -39,23 +39,6 @@ CUT_SIZE = 64 * MiB
 #: Bounds for a loaded machine (two cores shared by several test runs).
 UPLOAD_TIMEOUT = 120.0
 TTL = 3.0
-
-
-@contextlib.asynccontextmanager
-async def s3_nodes(
-    engines: Any, namespace: str, s3_url: str, tmp_path: Path, names: list[str]
-) -> AsyncIterator[dict[str, NodeProcess]]:
-    async with node_processes(
-        names=names,
-        bus_url=engines.bus.url,
-        namespace=namespace,
-        storage=tmp_path / "nodes",
-        environment=engines.s3.environment(),
-        staging=None,
-        ttl=TTL,
-        shared_storage=s3_url,
-    ) as nodes:
-        yield nodes
 
 
 @contextlib.asynccontextmanager
@@ -115,7 +98,9 @@ async def test_upload_through_a_then_list_download_rename_delete_through_b(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
     with trio.fail_after(UPLOAD_TIMEOUT):
-        async with s3_nodes(engines, bus_namespace, s3_url, tmp_path, ["a", "b"]) as nodes:
+        async with engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, shared_storage=s3_url
+        ) as nodes:
             handler = FileTransferHandler(storage_dir=tmp_path / "client")
             source = tmp_path / "out" / "shared.bin"
             checksum = await trio.to_thread.run_sync(_write, source, 9 * MiB + 7)
@@ -157,7 +142,9 @@ async def test_an_upload_cut_on_a_resumes_on_b_and_racing_publishes_keep_both(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
     names = ["a", "b", "c"]
-    async with s3_nodes(engines, bus_namespace, s3_url, tmp_path, names) as nodes:
+    async with engine_nodes(
+        engines, bus_namespace, tmp_path, names, ttl=TTL, shared_storage=s3_url
+    ) as nodes:
         handler = FileTransferHandler(storage_dir=tmp_path / "client")
         source = tmp_path / "out" / "cut.bin"
         checksum = await trio.to_thread.run_sync(_write, source, CUT_SIZE)
@@ -214,7 +201,9 @@ async def test_a_node_killed_mid_upload_leaves_a_partial_another_node_resumes(
     engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
 ) -> None:
     size = 48 * MiB
-    async with s3_nodes(engines, bus_namespace, s3_url, tmp_path, ["a", "b"]) as nodes:
+    async with engine_nodes(
+        engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, shared_storage=s3_url
+    ) as nodes:
         handler = FileTransferHandler(storage_dir=tmp_path / "client")
         source = tmp_path / "out" / "killed.bin"
         checksum = await trio.to_thread.run_sync(_write, source, size)

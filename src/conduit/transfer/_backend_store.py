@@ -57,7 +57,7 @@ from ._backend import Admitted, Opened
 from ._hashing import HashGate
 from ._names import collision_candidates, safe_relative_name, split_name
 from ._rerun import MAX_VARIANTS, skipped_result
-from ._space import MAX_ABANDONED_PER_OWNER, check_writable
+from ._space import MAX_ABANDONED_PER_OWNER, check_writable, partial_owner
 from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
@@ -233,19 +233,6 @@ class _Kept:
     modified: float  # wall clock
 
 
-def _owner(peer: Peer | None) -> str:
-    """Who a partial belongs to: the user, else the client's host, else the connection."""
-    if peer is None:
-        return ""
-    username = getattr(peer, "username", None)
-    if username is not None:
-        return f"user:{username}"
-    address = peer.address
-    if isinstance(address, tuple) and address:
-        return f"host:{address[0]}"
-    return f"connection:{peer.id}"
-
-
 def _transfer_id(key: str | None, owner: str) -> str:
     """The partial's id: the sender's key bound to its owner (a one-off id without a key)."""
     if key is None:
@@ -335,7 +322,7 @@ class StoreBackend:
         self._ensure_sweeper()
         settings = self._settings
         root, store, quota, used = await self._checked(peer, size)
-        owner = _owner(peer)
+        owner = partial_owner(peer)
         transfer_id = _transfer_id(key, owner)
         connection = peer.connection
         uploads: set[_Upload] | None = connection.owned.get(self)

@@ -110,7 +110,7 @@ def user_storage(storage: StorageRoot, peer: Peer | None) -> tuple[StorageRoot, 
     )
 
 
-def _owner(peer: Peer | None) -> str:
+def partial_owner(peer: Peer | None) -> str:
     """Who a partial belongs to: the user, else the client's host, else the connection."""
     if peer is None:
         return ""
@@ -230,7 +230,7 @@ class DiskBudget:
         check_writable(peer)
         account = getattr(peer, "account", None)
         storage, prefix = user_storage(settings.storage, peer)
-        owner = _owner(peer)
+        owner = partial_owner(peer)
         quota = None if account is None else account.quota
         admission = await trio.to_thread.run_sync(
             self._admit_sync, storage, prefix, name, size, key, owner, restart, quota
@@ -266,7 +266,7 @@ class DiskBudget:
         storage, prefix = user_storage(self._settings.storage, peer)
         quota = None if account is None else account.quota
         return OneShotAdmitter(
-            self, peer, storage, prefix, _owner(peer), quota, trio.current_time()
+            self, peer, storage, prefix, partial_owner(peer), quota, trio.current_time()
         )
 
     async def release(self, admission: Admission) -> None:
@@ -543,5 +543,6 @@ __all__ = [
     "Admission",
     "DiskBudget",
     "OneShotAdmitter",
+    "partial_owner",
     "user_storage",
 ]
