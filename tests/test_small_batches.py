@@ -16,12 +16,11 @@ import pytest
 import trio
 
 from conduit import FileTransferHandler, LocalProtocolError, RPCError, Server
-from conduit._connection import Connection
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
 from conduit.transfer._batch_store import MAX_BATCH_FILES
 from conftest import ClientFactory, ServerFactory
-from transfer_helpers import partial_files, visible_files
+from transfer_helpers import partial_files, record_calls, visible_files
 
 KiB = 1024
 
@@ -64,16 +63,7 @@ async def test_a_directory_of_small_files_goes_in_batches(
     big = os.urandom(300 * KiB)  # over the small-file limit: streamed on its own
     (top / "big.bin").write_bytes(big)
     expected["up/big.bin"] = big
-    methods: list[str] = []
-    original = Connection.call
-
-    async def recording(
-        self: Connection, method: str, args: dict[str, object], timeout: float | None
-    ) -> object:
-        methods.append(method)
-        return await original(self, method, args, timeout)
-
-    monkeypatch.setattr(Connection, "call", recording)
+    methods = record_calls(monkeypatch)
     with trio.fail_after(30):
         result = await FileTransferHandler().send_to_server(client, top, remote_name="up")
     assert result["success"] is True, result

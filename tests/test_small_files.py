@@ -14,9 +14,9 @@ import pytest
 import trio
 
 from conduit import FileTransferHandler, LocalProtocolError, Server
-from conduit._connection import Connection
 from conftest import ClientFactory, ServerFactory
 from hostile_names import HOSTILE_NAMES
+from transfer_helpers import record_calls
 
 
 async def _file_server(server_factory: ServerFactory, tmp_path: Path, **options: object) -> Server:
@@ -45,16 +45,7 @@ async def test_small_upload_is_one_call_and_verified(
 ) -> None:
     server = await _file_server(server_factory, tmp_path)
     client = await client_factory(server)
-    methods: list[str] = []
-    original = Connection.call
-
-    async def recording(
-        self: Connection, method: str, args: dict[str, object], timeout: float | None
-    ) -> object:
-        methods.append(method)
-        return await original(self, method, args, timeout)
-
-    monkeypatch.setattr(Connection, "call", recording)
+    methods = record_calls(monkeypatch)
     source = tmp_path / "note.txt"
     source.write_bytes(os.urandom(4096))
     with trio.fail_after(10):

@@ -19,12 +19,11 @@ import pytest
 import trio
 
 from conduit import FileTransferHandler, Server
-from conduit._connection import Connection
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
 from conduit.transfer._shared_hop import SharedHop
 from conftest import ClientFactory, ServerFactory
-from transfer_helpers import partial_files, visible_files
+from transfer_helpers import partial_files, record_calls, visible_files
 
 KiB = 1024
 
@@ -35,21 +34,6 @@ async def _server(
     handler = FileTransferHandler(storage_dir=storage)
     server = await server_factory(register=handler.register_server_handlers)
     return handler, server
-
-
-def _record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The methods every connection calls from now on, in order."""
-    methods: list[str] = []
-    original = Connection.call
-
-    async def recording(
-        self: Connection, method: str, args: dict[str, object], timeout: float | None
-    ) -> object:
-        methods.append(method)
-        return await original(self, method, args, timeout)
-
-    monkeypatch.setattr(Connection, "call", recording)
-    return methods
 
 
 def _sources(directory: Path, count: int, size: int = 4 * KiB) -> dict[str, bytes]:
@@ -96,7 +80,7 @@ async def test_small_uploads_in_flight_share_calls(
 
     client = await client_factory(server)
     files = _sources(tmp_path / "source", 24)
-    methods = _record_calls(monkeypatch)
+    methods = record_calls(monkeypatch)
     with trio.fail_after(30):
         results = await _upload_all(client, tmp_path / "source", sorted(files), tasks=8)
     for name, data in files.items():
@@ -124,7 +108,7 @@ async def test_a_lone_upload_goes_at_once_in_one_call(
     _, server = await _server(server_factory, storage)
     client = await client_factory(server)
     files = _sources(tmp_path / "source", 3)
-    methods = _record_calls(monkeypatch)
+    methods = record_calls(monkeypatch)
     with trio.fail_after(30):
         results = await _upload_all(client, tmp_path / "source", sorted(files), tasks=1)
     assert all(result["success"] for result in results.values()), results

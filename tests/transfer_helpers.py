@@ -15,8 +15,10 @@ import stat
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
+from conduit._connection import Connection
 from conftest import Direction, Tamper, TcpProxy
 from hostile_names import PARTIAL_PREFIX
 
@@ -175,3 +177,18 @@ class Cutter:
         await self.tripped.wait()
         assert self.proxy is not None
         await self.proxy.cut()
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The RPC methods every connection calls from now on, in order."""
+    methods: list[str] = []
+    original = Connection.call
+
+    async def recording(
+        self: Connection, method: str, args: dict[str, object], timeout: float | None
+    ) -> object:
+        methods.append(method)
+        return await original(self, method, args, timeout)
+
+    monkeypatch.setattr(Connection, "call", recording)
+    return methods
