@@ -323,7 +323,14 @@ def _off_curve_point() -> bytes:
 INVALID_SHARES = {
     "identity": b"\x01" + b"\0" * 31,
     "order-2": _small_order_point(),
+    "order-4": bytes(32),  # (sqrt(-1), 0)
+    "order-8": bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
     "order-2L": _mixed_order_point(),
+    "order-8L": sodium.crypto_core_ed25519_add(
+        pake.base_mul(pake.random_scalar()),
+        bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    ),
+    "identity, sign bit set": b"\x01" + b"\0" * 30 + b"\x80",
     "off-curve": _off_curve_point(),
     "non-canonical": (2**255 - 19 + 1).to_bytes(32, "little"),  # y = p + 1
     "short": pake.M[:31],
@@ -344,6 +351,21 @@ def test_invalid_shares_are_refused_everywhere(share: bytes) -> None:
         pake.spake2plus_prover_points(prover, pake.random_scalar(), share)
     with pytest.raises(pake.PakeError):
         pake.spake2plus_verifier_points(pake.register(prover), pake.random_scalar(), share)
+
+
+def test_unblinding_accepts_exactly_the_shares_check_share_accepts() -> None:
+    # The handshakes validate a share with unblind() + the multiplication's own
+    # check instead of check_share(): same verdict, valid shares unchanged.
+    blind = pake.point_mul(pake.random_scalar(), pake.M)
+    for _ in range(20):
+        share = pake.base_mul(pake.random_scalar())
+        assert pake.check_share(share) == share
+        unblinded = pake.unblind(share, blind)
+        assert unblinded == pake.point_sub(share, blind)
+        pake.point_mul(pake.random_scalar(), unblinded)  # accepted
+    for share in INVALID_SHARES.values():
+        with pytest.raises(pake.PakeError):
+            pake.point_mul(pake.random_scalar(), pake.unblind(share, blind))
 
 
 def test_a_share_that_cancels_to_the_identity_is_refused_by_the_prover() -> None:
