@@ -721,3 +721,23 @@ def test_resume_tokens_are_single_use_bounded_and_expire() -> None:
     newer = tokens.issue("d")
     tokens.start_expiry(old, now=0.0)
     assert tokens.redeem(newer, now=1e9) == "d"
+
+
+def test_expired_resume_tokens_all_go_at_the_next_disconnect() -> None:
+    tokens = ResumeTokens(ttl=10.0, max_tokens=1000)
+    issued = {f"c{i}": tokens.issue(f"c{i}") for i in range(300)}
+    for i, client_id in enumerate(issued):
+        tokens.start_expiry(tokens.current(client_id), now=float(i % 7))
+    live = tokens.issue("live")
+    assert len(tokens) == 301
+    tokens.start_expiry(None, now=13.5)  # any disconnect sweeps what is due
+    assert len(tokens) == 1 + sum(1 for i in range(300) if i % 7 > 3)
+    tokens.start_expiry(None, now=17.0)
+    assert len(tokens) == 1 and tokens.current("c0") is None
+    assert tokens.redeem(live, now=1e9) == "live"  # never ended: never expires
+    # A token redeemed before its expiry leaves nothing behind to trip on.
+    again = tokens.issue("again")
+    tokens.start_expiry(tokens.current("again"), now=20.0)
+    assert tokens.redeem(again, now=21.0) == "again"
+    tokens.start_expiry(None, now=100.0)
+    assert len(tokens) == 0
