@@ -163,7 +163,9 @@ class Connection:
             receive_budget=settings.receive_budget,
         )
         self._outbox = Outbox(settings.send_buffer, state)
-        self._pending = PendingCalls(state, self._send_cancel, self._all_callers_woken)
+        self._pending = PendingCalls(
+            state, self._send_cancel, self._all_callers_woken, self._start_timer
+        )
         self._calls = CallRunners(
             self._read,
             dispatcher.handle_call,
@@ -190,6 +192,11 @@ class Connection:
             _MESSAGE_QUEUE
         )
         self._nursery: trio.Nursery | None = None
+        # The message task and the call timer start with the first message or
+        # deadline: most connections (a connect, a few calls) need neither, and
+        # each task costs every connection its start and its cancellation.
+        self._message_task_started = False
+        self._timer_wanted = False
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
@@ -227,8 +234,8 @@ class Connection:
                 self._task_context = contextvars.copy_context()
                 nursery.start_soon(self._calls.run)
                 nursery.start_soon(self._send_task)
-                nursery.start_soon(self._message_task)
-                nursery.start_soon(self._pending.run_timer)
+                if self._timer_wanted:  # a call with a timeout made before run()
+                    nursery.start_soon(self._pending.run_timer)
                 if self.settings.heartbeat_interval > 0:
                     nursery.start_soon(self._heartbeat_task)
                 if self.settings.idle_timeout is not None:
@@ -336,6 +343,10 @@ class Connection:
                 # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
                 self._flush_control()
+                if not self._message_task_started:
+                    self._message_task_started = True
+                    assert self._nursery is not None  # the reader runs in it
+                    self._task_context.run(self._nursery.start_soon, self._message_task)
                 await self._messages_in.send(event)
         return None
 
@@ -360,6 +371,13 @@ class Connection:
         except Exception as exc:  # a bug here must end this connection, not the server
             log.exception("%s: writer failed", self.label)
             self.abort(f"internal error in the writer: {exc}")
+
+    def _start_timer(self) -> None:
+        # The first call with a timeout; before run() it starts there.
+        if self._nursery is None:
+            self._timer_wanted = True
+        else:
+            self._task_context.run(self._nursery.start_soon, self._pending.run_timer)
 
     async def _message_task(self) -> None:
         async for message in self._messages_out:

@@ -141,9 +141,10 @@ class Endpoint:
         finally:
             if on_ended is not None:
                 on_ended()
-            with trio.CancelScope(shield=True), trio.move_on_after(HOOK_TIMEOUT):
-                for hook in self._disconnect_hooks:
-                    await self._run_hook(hook, hook_args, "disconnect")
+            if self._disconnect_hooks:  # the scopes cost every connection otherwise
+                with trio.CancelScope(shield=True), trio.move_on_after(HOOK_TIMEOUT):
+                    for hook in self._disconnect_hooks:
+                        await self._run_hook(hook, hook_args, "disconnect")
 
     async def _run_hook(self, hook: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         try:

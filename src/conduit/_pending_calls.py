@@ -52,8 +52,10 @@ class PendingCalls:
         state: ConnectionState,
         send_cancel: Callable[[int], None],
         all_woken: Callable[[], None],
+        start_timer: Callable[[], None] = lambda: None,
     ) -> None:
-        """``all_woken`` runs when the last caller woken by a batch of results has resumed."""
+        """``all_woken`` runs when the last caller woken by a batch of results has resumed;
+        ``start_timer`` when the first deadline comes (it starts :meth:`run_timer`)."""
         self._calls: dict[int, _Pending] = {}
         #: Callers woken whose task has not run yet. While some are, a caller
         #: sending its next call queues it behind theirs: one record for the
@@ -64,6 +66,7 @@ class PendingCalls:
         self._state = state
         self._send_cancel = send_cancel
         self._timer_scope: trio.CancelScope | None = None
+        self._start_timer: Callable[[], None] | None = start_timer
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -132,6 +135,9 @@ class PendingCalls:
 
     def _add_deadline(self, deadline: float, call_id: int) -> None:
         heapq.heappush(self._deadlines, (deadline, call_id))
+        if self._start_timer is not None:
+            start, self._start_timer = self._start_timer, None
+            start()
         # Deadlines of answered calls stay in the heap until they come up;
         # rebuild it when they outnumber the live ones, so memory stays bounded.
         if len(self._deadlines) > 2 * len(self._calls) + 64:
@@ -142,7 +148,7 @@ class PendingCalls:
             scope.deadline = deadline
 
     async def run_timer(self) -> None:
-        """Fail calls whose timeout passed. Runs for the connection's lifetime."""
+        """Fail calls whose timeout passed. Runs from the first deadline to the connection's end."""
         while True:
             deadline = self._deadlines[0][0] if self._deadlines else float("inf")
             with trio.CancelScope(deadline=deadline) as scope:
