@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from ._socket_io import SocketIO
 from .accounts import AccountRecord
 from .errors import ConnectionClosed, HandshakeError, RemoteProtocolError
 from .protocol import (
@@ -49,9 +50,32 @@ class Established:
     unsent: bytes = b""
 
 
+async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:
+    """Up to _CHUNK bytes; on a plain socket without Trio's per-call overhead
+    (:mod:`conduit._socket_io`: a scheduler pass per call, each handshake
+    makes five)."""
+    io = SocketIO.of(stream)
+    if io is None:
+        return await stream.receive_some(_CHUNK)
+    return await io.receive(_CHUNK)
+
+
+async def send_bytes(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
+    """Send all of ``data``: on a plain socket written at once when it fits (a
+    handshake message always does, so there is nothing to wait for or shield),
+    else the rest the Trio way."""
+    io = SocketIO.of(stream)
+    if io is not None:
+        sent = io.send_now(data)
+        if sent == len(data):
+            return
+        data = data[sent:]
+    await stream.send_all(data)
+
+
 async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
     while (frame := reader.next_frame()) is None:
-        data = await stream.receive_some(_CHUNK)
+        data = await _receive(stream)
         if not data:
             raise ConnectionClosed("peer closed the connection during the handshake")
         reader.feed(data)
@@ -72,7 +96,7 @@ async def _first_reply(stream: trio.abc.Stream, reader: FrameReader) -> None:
     A TLS server answers our HELLO with a TLS record (an alert) or just hangs up;
     either way the user needs one hint, not a timeout or a bare "closed".
     """
-    data = await stream.receive_some(_CHUNK)
+    data = await _receive(stream)
     if not data:
         raise ConnectionClosed(
             f"the server closed the connection without answering (if it speaks TLS, {_TLS_HINT})"
@@ -97,7 +121,7 @@ async def client_handshake(
     step (a few scalar multiplications, or one HMAC) inline.
     """
     reader, writer = FrameReader(), FrameWriter()
-    await stream.send_all(handshake.start())
+    await send_bytes(stream, handshake.start())
     await _first_reply(stream, reader)
     while handshake.keys is None:
         frame = await _next_frame(stream, reader)
@@ -106,7 +130,7 @@ async def client_handshake(
         else:
             reply = handshake.receive(frame)
         if reply:
-            await stream.send_all(reply)
+            await send_bytes(stream, reply)
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
@@ -114,7 +138,7 @@ async def client_handshake(
         (record,) = writer.write_frames(
             [(encode_frame(FrameKind.MESSAGE, 0, Resume(resume_token)),)]
         )
-        await stream.send_all(record)
+        await send_bytes(stream, record)
     frame = await _next_frame(stream, reader)
     if frame.kind is not FrameKind.WELCOME:
         raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
@@ -134,7 +158,7 @@ async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame]:
     protocol version error, not a MAC failure), then VersionMismatch.
     """
     reader = FrameReader()
-    first = await stream.receive_some(_CHUNK)
+    first = await _receive(stream)
     if not first:
         raise ConnectionClosed("peer closed the connection during the handshake")
     version = peer_version(first)
@@ -171,7 +195,7 @@ async def server_handshake(
         if handshake.keys is not None:
             break  # the reply is the SERVER_CONFIRM: it goes with the WELCOME
         if reply:
-            await stream.send_all(reply)
+            await send_bytes(stream, reply)
         if handshake.error is not None:
             raise handshake.error
     keys = handshake.keys
@@ -194,7 +218,7 @@ async def read_resume(stream: trio.abc.Stream, established: Established) -> byte
     """
     if established.unsent:
         unsent, established.unsent = established.unsent, b""
-        await stream.send_all(unsent)
+        await send_bytes(stream, unsent)
     frame = await _next_frame(stream, established.reader)
     if frame.kind is not FrameKind.MESSAGE:
         raise RemoteProtocolError(f"expected the resume token, got {frame.kind.name}")
@@ -233,6 +257,7 @@ __all__ = [
     "read_hello",
     "read_resume",
     "refuse",
+    "send_bytes",
     "server_handshake",
     "welcome_record",
 ]

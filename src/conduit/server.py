@@ -13,7 +13,14 @@ import trio
 from ._bridge import bridged
 from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
 from ._gatekeeper import Gatekeeper, Refused
-from ._handshake_io import Established, VersionMismatch, read_resume, refuse, welcome_record
+from ._handshake_io import (
+    Established,
+    VersionMismatch,
+    read_resume,
+    refuse,
+    send_bytes,
+    welcome_record,
+)
 from ._peer import Peer
 from ._resume import ResumeTokens
 from ._throttle import address_key
@@ -373,7 +380,7 @@ class Server(Endpoint):
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
-                    await stream.send_all(welcome_record(established, welcome))
+                    await send_bytes(stream, welcome_record(established, welcome))
                 except BaseException:
                     await self._release_client_id(client_id)
                     raise
