@@ -41,7 +41,7 @@ from ._call_workers import Blocked, CallRunners
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
 from ._receive_buffer import ReceiveBuffer
-from ._socket_io import SocketIO
+from ._socket_io import SocketIO, close_now
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     ConnectionClosed,
@@ -244,8 +244,9 @@ class Connection:
                     on_started()
         finally:
             self._shutdown(self.close_reason or "connection closed")
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+            if not close_now(self.stream):
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self.stream)
             self.owned.clear()
             self.closed.set()
 

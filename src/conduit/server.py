@@ -23,6 +23,8 @@ from ._handshake_io import (
 )
 from ._peer import Peer
 from ._resume import ResumeTokens
+from ._serve_loop import serve_listeners
+from ._socket_io import close_now
 from ._throttle import address_key
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
@@ -229,7 +231,7 @@ class Server(Endpoint):
                     # Joined before the first client, whose id the cluster registers.
                     await nursery.start(self.cluster.run)
                 screened = [self._gate.screen(listener) for listener in listeners]
-                await nursery.start(trio.serve_listeners, self._serve_connection, screened)
+                await nursery.start(serve_listeners, self._serve_connection, screened)
                 log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
                 self._listening.set()
                 report_started()
@@ -312,7 +314,9 @@ class Server(Endpoint):
             if admitted:
                 self._gate.release(arrival.host)
             self._open_sockets -= 1
-            await trio.aclose_forcefully(stream)
+            # Closed here, last thing, whatever happened (the accept loop does not).
+            if not close_now(stream):
+                await trio.aclose_forcefully(stream)
 
     async def _refused(self, stream: trio.abc.Stream, arrival: _Arrival) -> bool:
         """Refuse the connection before any handshake when the server cannot take it.

@@ -1,0 +1,71 @@
+"""The server's accept loops: :func:`trio.serve_listeners`, minus one close per connection.
+
+Trio's version closes each stream after its handler returns, with
+``aclose_forcefully``; the server's per-connection task closes its stream
+itself, last thing, so that second close (a cancel scope and a Cancelled
+raised and caught, for every connection) is left out here. Everything else is
+Trio's: each listener is closed when serving ends, and an ``accept`` failing
+for lack of resources (file descriptors, memory) is logged and retried after
+:data:`SLEEP_TIME`, not fatal.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+#: ``accept`` errors that mean the system is overloaded (Trio's list).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: Seconds to wait after one of those.
+SLEEP_TIME = 0.1
+
+log = logging.getLogger("conduit.server")
+
+Handler = Callable[[Any], Awaitable[object]]
+
+
+async def _serve_one(
+    listener: trio.abc.Listener[Any], nursery: trio.Nursery, handler: Handler
+) -> None:
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept returned %s (%s); retrying in %s seconds",
+                    errno.errorcode[exc.errno],
+                    os.strerror(exc.errno),
+                    SLEEP_TIME,
+                    exc_info=True,
+                )
+                await trio.sleep(SLEEP_TIME)
+            else:
+                nursery.start_soon(handler, stream)
+
+
+async def serve_listeners(
+    handler: Handler,
+    listeners: Sequence[trio.abc.Listener[Any]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``handler(stream)`` in a new task for each connection, until cancelled.
+
+    ``handler`` must close the stream it is given. Reports started once every
+    listener accepts.
+    """
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_serve_one, listener, nursery, handler)
+        task_status.started()
+
+
+__all__ = ["ACCEPT_CAPACITY_ERRNOS", "SLEEP_TIME", "serve_listeners"]
