@@ -71,6 +71,11 @@ class Outbox:
         self._control_bytes += sum(len(piece) for piece in frame)
 
     @property
+    def control_bytes(self) -> int:
+        """Bytes of control frames queued."""
+        return self._control_bytes
+
+    @property
     def control_queued(self) -> bool:
         """Whether control frames wait to be sent."""
         return bool(self._control)
