@@ -51,7 +51,16 @@ Received = bytes | bytearray | memoryview | None
 class HostReader:
     """The asyncio-side reading of one client connection (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_drain", "_fd", "_stream", "_task", "loop")
+    __slots__ = (
+        "_buffer",
+        "_drain",
+        "_fd",
+        "_stream",
+        "_task",
+        "_trio_only",
+        "_trio_reads",
+        "loop",
+    )
 
     def __init__(
         self,
@@ -67,6 +76,9 @@ class HostReader:
         self._drain = drain
         self._task: trio.lowlevel.Task | None = None
         self._fd = -1
+        # Reading the Trio way: bulk data flows, or the loop cannot watch sockets.
+        self._trio_reads = False
+        self._trio_only = False  # the loop cannot watch sockets
 
     @classmethod
     def of(
@@ -89,15 +101,19 @@ class HostReader:
 
     async def receive(self) -> Received:
         """Called by the reading task: the next bytes, or None once the loop handled them."""
-        if self._buffer.mapped:  # bulk data flows: big reads into the mapping, the Trio way
-            return await self._buffer.receive(self._stream)
+        if self._trio_reads:
+            return await self._receive_in_trio()
         await trio.lowlevel.checkpoint_if_cancelled()
         fd = self._stream.socket.fileno()
         if fd < 0:
             raise trio.ClosedResourceError("the socket was closed")
+        try:
+            self.loop.add_reader(fd, self._on_readable)
+        except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+            self._trio_only = self._trio_reads = True
+            return await self._receive_in_trio()
         self._task = trio.lowlevel.current_task()
         self._fd = fd
-        self.loop.add_reader(fd, self._on_readable)
 
         def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
             self._stop()
@@ -105,6 +121,13 @@ class HostReader:
 
         received: Received = await trio.lowlevel.wait_task_rescheduled(abort)
         return received
+
+    async def _receive_in_trio(self) -> Received:
+        data = await self._buffer.receive(self._stream)
+        if not self._trio_only and not self._buffer.mapped and len(data) < SMALL_READ:
+            # Bulk data stopped long enough for the buffer to drop its mapping.
+            self._trio_reads = False
+        return data
 
     def _on_readable(self) -> None:
         # An asyncio callback, on the loop's thread between guest ticks.
@@ -116,7 +139,9 @@ class HostReader:
             self._hand_over(outcome.Error(translate_error(exc)))
             return
         if not data or len(data) == SMALL_READ:
-            # The end of the stream, or bulk data: the reading task's to handle.
+            # The end of the stream, or bulk data: the reading task's to handle,
+            # and bulk data is read the Trio way, into the buffer's mapping.
+            self._trio_reads = bool(data)
             self._hand_over(outcome.Value(data))
             return
         try:
