@@ -604,12 +604,16 @@ class Connection:
         args: dict[str, Any],
         timeout: float | None,
         done: Callable[[outcome.Outcome[Result]], None],
+        *,
+        send: bool = True,
     ) -> int:
         """Send a call for a caller that is no Trio task; ``done`` gets its result.
 
         The asyncio shim's fast path (:mod:`conduit._host_rpc`), run on the
         hosting loop's thread between guest ticks: what :meth:`call` does,
-        without waiting. Returns the call id, for :meth:`forget_call`.
+        without waiting. Returns the call id, for :meth:`forget_call`. With
+        ``send=False`` the frame only joins the queue, for a burst of calls
+        the caller then sends with :meth:`send_queued`, in one record.
         """
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
@@ -617,10 +621,15 @@ class Connection:
         self._last_activity = trio.current_time()
         self._pending.register(call_id, method, timeout, done)
         self._outbox.queue_control((frame,))
-        if not self._pending.waking:
-            # Else the last Trio caller woken by a batch of results sends it.
-            self._flush_control()
+        if send:
+            self.send_queued()
         return call_id
+
+    def send_queued(self) -> None:
+        """Send the control frames queued, without waiting (see :meth:`call_nowait`)."""
+        if not self._pending.waking:
+            # Else the last Trio caller woken by a batch of results sends them.
+            self._flush_control()
 
     def forget_call(self, call_id: int) -> None:
         """The caller of :meth:`call_nowait` gave up: tell the peer, if it still waited."""

@@ -45,8 +45,71 @@ from .protocol.messages import Result
 __all__ = ["install"]
 
 
-def _hosted_connection(proxy: RPCProxy, loop: asyncio.AbstractEventLoop) -> Connection | None:
-    """``proxy``'s connection when its reading is hosted on ``loop``; else None."""
+class _HostCalls:
+    """The fast path's calls on one connection.
+
+    Callers woken by one batch of results run one after the other in the same
+    loop iteration, and most send their next call at once: as the Trio path
+    does (``PendingCalls.waking``), those calls are queued until the last
+    caller woken has resumed, then sent together, one record and one write
+    for the burst.
+    """
+
+    __slots__ = ("connection", "waking")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        #: Callers whose future was settled and who have not resumed yet.
+        self.waking = 0
+
+    async def call(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        method: str,
+        arguments: dict[str, Any],
+        timeout: float | None,
+    ) -> Any:
+        """What ``Connection.call`` does, awaited from asyncio on the hosting loop."""
+        future: asyncio.Future[Result] = loop.create_future()
+
+        def done(result: outcome.Outcome[Result]) -> None:
+            # On the loop's thread: from the host reader, or a Trio task of the guest.
+            if not future.done():
+                self.waking += 1
+                if isinstance(result, outcome.Error):
+                    future.set_exception(result.error)
+                else:
+                    future.set_result(result.unwrap())
+
+        connection = self.connection
+        call_id = connection.call_nowait(method, arguments, timeout, done, send=self.waking == 0)
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            if not future.done() or future.cancelled():  # not settled by done()
+                connection.forget_call(call_id)
+                raise
+            # Answered, but the caller was cancelled meanwhile: cancelled it is
+            # (asyncio's rule); an error that came back is marked retrieved.
+            future.exception()
+            self._resumed()
+            raise
+        except BaseException:
+            self._resumed()
+            raise
+        self._resumed()
+        if not result.ok:
+            raise RPCError(result.error or "remote call failed", result.code or "error")
+        return result.value
+
+    def _resumed(self) -> None:
+        self.waking -= 1
+        if not self.waking:
+            self.connection.send_queued()
+
+
+def _host_calls(proxy: RPCProxy, loop: asyncio.AbstractEventLoop) -> _HostCalls | None:
+    """The fast path of ``proxy``'s connection when its reading is hosted on ``loop``."""
     try:
         connection = proxy._connection()
     except Exception:  # not connected, closed: the bridged path reports it as ever
@@ -54,47 +117,21 @@ def _hosted_connection(proxy: RPCProxy, loop: asyncio.AbstractEventLoop) -> Conn
     host_reader = connection.host_reader
     if host_reader is None or host_reader.loop is not loop:
         return None
-    return connection
-
-
-async def _call(
-    connection: Connection,
-    loop: asyncio.AbstractEventLoop,
-    method: str,
-    arguments: dict[str, Any],
-    timeout: float | None,
-) -> Any:
-    """What ``Connection.call`` does, awaited from asyncio on the hosting loop."""
-    future: asyncio.Future[Result] = loop.create_future()
-
-    def done(result: outcome.Outcome[Result]) -> None:
-        # On the loop's thread: from the host reader, or a Trio task of the guest.
-        if not future.done():
-            if isinstance(result, outcome.Error):
-                future.set_exception(result.error)
-            else:
-                future.set_result(result.unwrap())
-
-    call_id = connection.call_nowait(method, arguments, timeout, done)
-    try:
-        result = await future
-    except asyncio.CancelledError:
-        connection.forget_call(call_id)
-        raise
-    if not result.ok:
-        raise RPCError(result.error or "remote call failed", result.code or "error")
-    return result.value
+    calls: _HostCalls | None = connection.owned.get(_HostCalls)
+    if calls is None:
+        calls = connection.owned[_HostCalls] = _HostCalls(connection)
+    return calls
 
 
 async def _rpc_call(
-    connection: Connection,
+    calls: _HostCalls,
     loop: asyncio.AbstractEventLoop,
     method: str,
     arguments: dict[str, Any],
     timeout: float | None,
 ) -> dict[str, Any]:
     try:
-        value = await _call(connection, loop, method, arguments, timeout)
+        value = await calls.call(loop, method, arguments, timeout)
     except (RPCError, ConnectionClosed) as exc:
         return result_dict(error=exc)
     return result_dict(value)
@@ -109,12 +146,12 @@ def fast_call(
     **kwargs: Any,
 ) -> Awaitable[dict[str, Any]] | None:
     """``RPCProxy.call`` on the loop (see the module docstring)."""
-    connection = _hosted_connection(proxy, loop)
-    if connection is None:
+    calls = _host_calls(proxy, loop)
+    if calls is None:
         return None
     arguments = call_arguments(args, kwargs)
     return _rpc_call(
-        connection, loop, method, arguments, proxy.default_timeout if timeout is None else timeout
+        calls, loop, method, arguments, proxy.default_timeout if timeout is None else timeout
     )
 
 
@@ -127,12 +164,12 @@ def fast_invoke(
     **kwargs: Any,
 ) -> Awaitable[Any] | None:
     """``RPCProxy.invoke`` on the loop (see the module docstring)."""
-    connection = _hosted_connection(proxy, loop)
-    if connection is None:
+    calls = _host_calls(proxy, loop)
+    if calls is None:
         return None
     arguments = call_arguments(args, kwargs)
-    return _call(
-        connection, loop, method, arguments, proxy.default_timeout if timeout is None else timeout
+    return calls.call(
+        loop, method, arguments, proxy.default_timeout if timeout is None else timeout
     )
 
 
