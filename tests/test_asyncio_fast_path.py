@@ -149,6 +149,22 @@ def test_calls_take_the_fast_path_and_the_loop_reads_the_socket() -> None:
     run(body)
 
 
+def test_concurrent_callers_calling_again_as_soon_as_woken() -> None:
+    """Callers woken by one batch queue their next calls; the last one woken sends them."""
+
+    async def body(r: Rig) -> None:
+        async def caller(index: int) -> list[int]:
+            return [await r.client.rpc.invoke("echo", data=index * 100 + n) for n in range(30)]
+
+        results = await asyncio.gather(*(caller(index) for index in range(8)))
+        assert results == [[index * 100 + n for n in range(30)] for index in range(8)]
+        calls = r.connection.owned
+        assert len(r.connection._pending) == 0
+        assert all(getattr(state, "waking", 0) == 0 for state in calls.values())
+
+    run(body)
+
+
 def test_failures_keep_their_types() -> None:
     async def body(r: Rig) -> None:
         with pytest.raises(RPCError) as info:
