@@ -30,6 +30,7 @@ from conduit import (
     _asyncio,
 )
 from conduit._connection import Connection
+from cutting_proxy import CuttingProxy
 from test_asyncio_bridge import run_strict
 
 
@@ -266,6 +267,41 @@ def test_a_lost_connection_fails_pending_and_later_calls() -> None:
             await pending
         result = await r.client.rpc.call("echo", data=1)
         assert result["success"] is False
+
+    run(body)
+
+
+def test_a_cut_connection_fails_the_call_and_the_next_connection_is_fast_again() -> None:
+    """The end of the stream read on the loop goes to the reading task; the client reconnects."""
+
+    async def body(r: Rig) -> None:
+        with CuttingProxy(r.server.port) as proxy:
+            client = Client(
+                ClientDescriptor(
+                    server_host="127.0.0.1",
+                    server_port=proxy.port,
+                    password="pw",
+                    reconnect_delay=0.05,
+                )
+            )
+            await client.connect()
+            try:
+                first = client._peer
+                assert first is not None and first.connection.host_reader is not None
+                pending = asyncio.create_task(client.rpc.invoke("block"))
+                await r.blocked.wait()
+                proxy.legs[0].close()  # RST, no FIN
+                with pytest.raises(ConnectionClosed):
+                    await pending
+                # The end of the stream, read on the loop, reached the reading task.
+                reason = first.connection.close_reason or ""
+                assert reason == "peer closed the connection" or "reset by peer" in reason
+                await until(lambda: client._peer is not first and client.connected)
+                before = r.worker_calls()
+                assert await client.rpc.invoke("echo", data="again") == "again"
+                assert r.worker_calls() == before
+            finally:
+                await client.disconnect()
 
     run(body)
 
