@@ -252,7 +252,12 @@ class Connection:
                     on_started()
         finally:
             self._shutdown(self.close_reason or "connection closed")
-            if not close_now(self.stream):
+            if close_now(self.stream):
+                # The scheduling pass aclose() ends with (other tasks see the
+                # connection closed before it is reported closed), minus its
+                # cancel scopes and the Cancelled raised and caught under them.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(self.stream)
             self.owned.clear()
