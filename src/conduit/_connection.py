@@ -68,8 +68,14 @@ log = logging.getLogger("conduit.connection")
 
 # Large reads: one receive per sealed record at full speed (measured ~9% less
 # receiver CPU per GiB than 256 KiB reads), and idle connections allocate nothing.
-RECEIVE_SIZE = 1024 * 1024
+# Room for a whole 1 MiB record and its framing (see _receive_buffer): only the
+# pages a read fills are ever touched.
+RECEIVE_SIZE = 2 * 1024 * 1024
 _MESSAGE_QUEUE = 64
+# Once a connection sends records this large (bulk data), its socket may queue
+# a few of them (see SocketIO.grow_send_buffer).
+_BULK_RECORD = 256 * 1024
+_BULK_SEND_BUFFER = 4 * 1024 * 1024
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
@@ -295,7 +301,7 @@ class Connection:
                     return blocked
                 # Results of the calls just run go out together, in one record.
                 self._flush_control()
-                data = await self._receive_buffer.receive(self.stream)
+                data = await self._receive_buffer.receive(self.stream, reader.missing)
                 if not data:
                     self.abort(self.close_reason or "peer closed the connection")
                     return None
@@ -341,6 +347,8 @@ class Connection:
 
     async def _send_task(self) -> None:
         writer = self._writer
+        io = self._socket_io
+        grown = False
         budget = max(self._writer.record_limit, 256 * 1024)
         try:
             while True:
@@ -350,7 +358,18 @@ class Connection:
                 for chunk in self._outbox.take_sealed():
                     await self.stream.send_all(chunk)
                 for record in writer.iter_records(frames):
+                    if io is not None:
+                        if not grown and len(record) > _BULK_RECORD:
+                            io.grow_send_buffer(_BULK_SEND_BUFFER)
+                            grown = True
+                        # Most records fit in the socket at once: no Trio send,
+                        # no scheduler pass per record (see _socket_io).
+                        sent = io.send_now(record)
+                        if sent == len(record):
+                            continue
+                        record = memoryview(record)[sent:]
                     await self.stream.send_all(record)
+                await trio.lowlevel.checkpoint()
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
         except ConnectionClosed:
@@ -598,7 +617,10 @@ class Connection:
         frame = self._state.credit_frame(stream_id, amount)
         if frame is not None:
             with contextlib.suppress(ConnectionClosed):
-                self._outbox.put_control((frame,))
+                # Straight out when the writer is idle (one grant per megabyte
+                # of bulk data would otherwise wake it: a scheduler pass each).
+                self._outbox.queue_control((frame,))
+                self._flush_control()
 
 
 __all__ = ["Connection", "ConnectionSettings", "Dispatcher", "settings_from"]

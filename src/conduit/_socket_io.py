@@ -24,9 +24,11 @@ stream's is -1, never a number the process reused for another socket.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
+import socket as _socket
 from collections.abc import Callable
 from typing import Any
 
@@ -39,11 +41,12 @@ Buffer = bytearray | memoryview | mmap.mmap
 class SocketIO:
     """The fast path of one connection's socket (see the module docstring)."""
 
-    __slots__ = ("_socket", "_woken")
+    __slots__ = ("_low_water", "_socket", "_woken")
 
     def __init__(self, socket: trio.socket.SocketType) -> None:
         self._socket = socket
         self._woken = False
+        self._low_water = 1
 
     @classmethod
     def of(cls, stream: trio.abc.Stream) -> SocketIO | None:
@@ -60,6 +63,32 @@ class SocketIO:
             return 0
         except OSError as exc:
             raise _translate(exc) from exc
+
+    def grow_send_buffer(self, size: int) -> None:
+        """Let the kernel queue ``size`` bytes for sending (``SO_SNDBUF``; never shrinks it).
+
+        Loopback autotuning starts small: a 1 MiB record then goes out in
+        four or five non-blocking writes, each followed by a wait for the
+        socket to drain (an epoll round trip and a scheduler pass), where one
+        write would do. Kernel memory, used only while bytes are queued.
+        """
+        # Not supported here: sends just wait more often.
+        with contextlib.suppress(OSError):
+            if self._socket.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) < size:
+                self._socket.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, size)
+
+    def set_low_water(self, count: int) -> None:
+        """Wake a waiting read only once ``count`` bytes are there (``SO_RCVLOWAT``).
+
+        Linux re-checks readability when the mark changes, so lowering it
+        wakes a reader already waiting on bytes that have arrived. A read that
+        does not wait still returns whatever is there.
+        """
+        if count != self._low_water and self._socket.fileno() >= 0:
+            self._low_water = count
+            # Not supported here: reads just wake earlier.
+            with contextlib.suppress(OSError):
+                self._socket.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVLOWAT, count)
 
     async def receive(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes`` bytes (b"" at end of stream); waits until some arrive."""

@@ -170,6 +170,19 @@ class RecordOpener:
         """Bytes received and not yet opened."""
         return len(self._buffer) - self._offset
 
+    @property
+    def missing(self) -> int:
+        """Bytes still to come before the next record is whole; 0 when its length is unknown.
+
+        The reader waits for that many (see :mod:`conduit._receive_buffer`):
+        a bulk record then arrives in one read, not in a read per TCP segment burst.
+        """
+        buffered = len(self._buffer) - self._offset
+        if buffered < LENGTH.size:
+            return 0
+        (sealed_size,) = LENGTH.unpack_from(self._buffer, self._offset)
+        return max(0, LENGTH.size + min(sealed_size, self._max_sealed) - buffered)
+
     def next_record(self) -> bytes | memoryview | None:
         """Return the next opened plaintext, or None if a whole record is not here yet.
 

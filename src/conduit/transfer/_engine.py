@@ -21,6 +21,7 @@ import trio
 
 from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
+from ..protocol import FRAME_COST
 from ..protocol.connection import Buffer
 from ..protocol.records import anonymous_buffer
 from ._budget import ByteBudget
@@ -148,8 +149,12 @@ async def send_file(
         want = min(block_size, size - position)
         # Read no further ahead than the peer lets us send: a receiver that never
         # grants credit must not make us hold a 1 MiB block per stream.
-        await stream.wait_for_credit(min(stream.max_payload, chunk_size, want) + 64)
-        want = min(want, max(chunk_size, stream.credit))
+        await stream.wait_for_credit(min(stream.max_payload, chunk_size, want) + FRAME_COST)
+        # Whole chunks the credit covers, frame costs included: a block the
+        # credit cannot carry would go out as two records (15 chunks, then 1)
+        # with a wait between them.
+        covered = stream.credit // (chunk_size + FRAME_COST) * chunk_size
+        want = min(want, max(chunk_size, covered))
         # Take the block's memory from the connection's budget only once the
         # peer has granted credit for it: a stalled stream holds no block.
         taken = await read_ahead.take(want) if read_ahead is not None else want
