@@ -180,7 +180,7 @@ class RecordOpener:
         buffered = len(self._buffer) - self._offset
         if buffered < LENGTH.size:
             return 0
-        (sealed_size,) = LENGTH.unpack_from(self._buffer, self._offset)
+        sealed_size: int = LENGTH.unpack_from(self._buffer, self._offset)[0]
         return max(0, LENGTH.size + min(sealed_size, self._max_sealed) - buffered)
 
     def next_record(self) -> bytes | memoryview | None:
