@@ -63,6 +63,7 @@ from .protocol.connection import (
     StreamWasReset,
 )
 from .protocol.messages import Result
+from .protocol.records_io import RECORD_OVERHEAD
 
 log = logging.getLogger("conduit.connection")
 
@@ -72,10 +73,9 @@ log = logging.getLogger("conduit.connection")
 # pages a read fills are ever touched.
 RECEIVE_SIZE = 2 * 1024 * 1024
 _MESSAGE_QUEUE = 64
-# Once a connection sends records this large (bulk data), its socket may queue
-# a few of them (see SocketIO.grow_send_buffer).
+# Once a connection sends records this large (bulk data), its socket may hold
+# one unsent record (see SocketIO.allow_unsent).
 _BULK_RECORD = 256 * 1024
-_BULK_SEND_BUFFER = 4 * 1024 * 1024
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
@@ -348,7 +348,7 @@ class Connection:
     async def _send_task(self) -> None:
         writer = self._writer
         io = self._socket_io
-        grown = False
+        bulk = False
         budget = max(self._writer.record_limit, 256 * 1024)
         try:
             while True:
@@ -359,9 +359,9 @@ class Connection:
                     await self.stream.send_all(chunk)
                 for record in writer.iter_records(frames):
                     if io is not None:
-                        if not grown and len(record) > _BULK_RECORD:
-                            io.grow_send_buffer(_BULK_SEND_BUFFER)
-                            grown = True
+                        if not bulk and len(record) > _BULK_RECORD:
+                            io.allow_unsent(writer.record_limit + RECORD_OVERHEAD)
+                            bulk = True
                         # Most records fit in the socket at once: no Trio send,
                         # no scheduler pass per record (see _socket_io).
                         sent = io.send_now(record)
