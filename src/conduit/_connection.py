@@ -76,6 +76,7 @@ _MESSAGE_QUEUE = 64
 # Once a connection sends records this large (bulk data), its socket may hold
 # one unsent record (see SocketIO.allow_unsent).
 _BULK_RECORD = 256 * 1024
+_BULK_UNSENT = 256 * 1024
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
@@ -360,7 +361,7 @@ class Connection:
                 for record in writer.iter_records(frames):
                     if io is not None:
                         if not bulk and len(record) > _BULK_RECORD:
-                            io.allow_unsent(writer.record_limit + RECORD_OVERHEAD)
+                            io.allow_unsent(_BULK_UNSENT)
                             bulk = True
                         # Most records fit in the socket at once: no Trio send,
                         # no scheduler pass per record (see _socket_io).
