@@ -70,9 +70,10 @@ class SocketIO:
         Trio sets the mark to 16 KiB so that a sender keeps its data until the
         last moment; for bulk records that means a 1 MiB record goes out in
         five or six writes, each after a wait for the socket (an epoll round
-        trip and a scheduler pass). With room for one record, it goes in one
-        write, and control frames still overtake bulk data at the next
-        record boundary (see :mod:`conduit._outbox`). TCP only; elsewhere a no-op.
+        trip and a scheduler pass). A larger mark takes fewer writes; control
+        frames still overtake bulk data at the next record boundary (see
+        :mod:`conduit._outbox`), behind at most this much more in the kernel.
+        TCP only; elsewhere a no-op.
         """
         with contextlib.suppress(OSError, AttributeError):
             self._socket.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NOTSENT_LOWAT, size)
