@@ -162,7 +162,7 @@ async def test_blocks_are_whole_chunks_the_credit_covers(tmp_path: Path) -> None
     batches: list[list[tuple[OutFrame, int]]] = []
     # Credit comes back a quarter window at a time, as a receiver grants it:
     # never a multiple of a chunk plus its frame cost.
-    window = 4 * READ_BLOCK
+    window = 4 * 1024 * 1024  # the default receive window
 
     async def enqueue(frames: list[tuple[OutFrame, int]]) -> None:
         batches.append(frames)

@@ -63,7 +63,6 @@ from .protocol.connection import (
     StreamWasReset,
 )
 from .protocol.messages import Result
-from .protocol.records_io import RECORD_OVERHEAD
 
 log = logging.getLogger("conduit.connection")
 
