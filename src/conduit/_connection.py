@@ -68,9 +68,9 @@ log = logging.getLogger("conduit.connection")
 
 # Large reads: one receive per sealed record at full speed (measured ~9% less
 # receiver CPU per GiB than 256 KiB reads), and idle connections allocate nothing.
-# Room for a whole 1 MiB record and its framing (see _receive_buffer): only the
-# pages a read fills are ever touched.
-RECEIVE_SIZE = 2 * 1024 * 1024
+# Room for a whole 1 MiB record and its framing (see _receive_buffer), and no
+# more: a larger read would grow the record opener's buffer, and peak RSS, with it.
+RECEIVE_SIZE = 1024 * 1024 + 8 * 1024
 _MESSAGE_QUEUE = 64
 # Once a connection sends records this large (bulk data), its socket may hold
 # this much unsent (see SocketIO.allow_unsent): a 1 MiB record then takes about
