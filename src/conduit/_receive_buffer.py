@@ -56,8 +56,8 @@ class ReceiveBuffer:
         """The next bytes from ``stream`` (empty at EOF).
 
         ``missing``: bytes the caller knows are still to come (the rest of a
-        record); with bulk data flowing, a read that has to wait waits for
-        that many (up to the mapping's size).
+        record); with bulk data flowing, a read then takes exactly that many
+        (up to the mapping's size), and waits until they are all there.
 
         From the mapping, a view valid until the next call: the caller copies
         what it keeps (the frame reader does).
@@ -74,9 +74,16 @@ class ReceiveBuffer:
                 self._mapping = anonymous_buffer(self.size)
                 self._bulk = True
             return data
-        # Only worth it for a bulk record: a call or a result is read at once.
-        io.set_low_water(min(missing, len(mapping)) if missing > SMALL_READ else 1)
-        received = await io.receive_into(mapping)
+        if missing > SMALL_READ:
+            # The rest of a bulk record, and no more: the record opener then
+            # never holds more than one record (its buffer is a copy of these).
+            want = min(missing, len(mapping))
+            io.set_low_water(want)
+            with memoryview(mapping) as whole, whole[:want] as target:
+                received = await io.receive_into(target)
+        else:  # a call or a result is read at once, with whatever follows
+            io.set_low_water(1)
+            received = await io.receive_into(mapping)
         if received > SMALL_READ:
             self._bulk = True
         return memoryview(mapping)[:received]
