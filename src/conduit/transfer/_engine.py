@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
 #: machine (GIL and futex hand-offs, Trio's wake-up), as much as hashing 200 KiB.
 READ_BLOCK = 2 * 1024 * 1024
+#: Bytes the receiver joins for one write (see :class:`JoinBuffer`): one record's data.
+JOIN_LIMIT = 1024 * 1024
 #: Bytes read per step when hashing a resume prefix.
 _HASH_BLOCK = 4 * 1024 * 1024
 
@@ -196,11 +198,28 @@ class JoinBuffer:
         self._buffer: mmap.mmap | None = None
 
     def write(self, partial: PartialFile, chunks: Sequence[Buffer]) -> None:
-        """Write ``chunks`` to ``partial`` in one block (in a worker thread)."""
+        """Write ``chunks`` to ``partial`` (in a worker thread): joined in groups of
+        up to :data:`JOIN_LIMIT` bytes, one write and one hash update per group.
+
+        A batch may be a whole window (4 MiB) when the disk was slower than the
+        network for a moment; joined whole, it would leave a window-sized
+        mapping (and peak RSS) behind for the rest of the upload.
+        """
+        group: list[Buffer] = []
+        size = 0
+        for chunk in chunks:
+            if group and size + len(chunk) > JOIN_LIMIT:
+                self._write_group(partial, group, size)
+                group, size = [], 0
+            group.append(chunk)
+            size += len(chunk)
+        if group:
+            self._write_group(partial, group, size)
+
+    def _write_group(self, partial: PartialFile, chunks: Sequence[Buffer], total: int) -> None:
         if len(chunks) == 1:
             partial.write_block(chunks[0])
             return
-        total = sum(len(chunk) for chunk in chunks)
         if self._buffer is None or len(self._buffer) < total:
             self.close()
             self._buffer = anonymous_buffer(total)
