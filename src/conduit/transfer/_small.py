@@ -88,8 +88,9 @@ def _preparing(connection: Connection) -> _Preparing:
 #: wake-ups. A larger one is left to the sender's own hop.
 INLINE_LIMIT = 64 * 1024
 #: A look that took longer than this (seconds, wall clock) was slow: a network
-#: or sleeping disk, not a page-cache read.
-INLINE_STALL = 0.002
+#: or sleeping disk, not a page-cache read (nor a look descheduled for a time
+#: slice on a busy machine, which is why it is not lower).
+INLINE_STALL = 0.005
 #: After this many slow looks, a run looks at every file in a worker thread
 #: (the shared hop) from then on: a slow file system stalls the loop a few
 #: times at most, never for the rest of the run.
