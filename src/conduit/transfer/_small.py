@@ -9,7 +9,10 @@ left per file is fixed cost, so it is cut here:
   costs less than the worker-thread hop it replaces, as long as the file
   system answers fast; after :data:`INLINE_SLOW_LOOKS` slow looks the run
   reads in a worker thread instead, and concurrent sends share that hop (see
-  :mod:`._shared_hop`).
+  :mod:`._shared_hop`). The price: an ``open`` that never returns (a hung
+  network mount) holds the client's loop, where a hop would hold only that
+  send; a directory walk, ``send_files_to_server`` and larger files always
+  read in worker threads.
 * :class:`SmallUploads` coalesces the small uploads in flight on one
   connection (a nursery of ``send_to_server`` calls): while a call is on its
   way, the next files queue, and go together as one ``file_upload_batch``
