@@ -202,22 +202,17 @@ def test_one_hop_serves_successive_trio_runs() -> None:
         hop.close()
 
 
-def test_a_runs_probe_thread_ends_with_the_run(tmp_path: Path) -> None:
-    """The shared probing hop of a run lets its thread go when the run ends."""
+async def test_a_shared_hops_thread_ends_once_idle_or_closed(tmp_path: Path) -> None:
     source = tmp_path / "one.bin"
     source.write_bytes(b"x" * 100)
-
-    async def main() -> None:
-        hop: SharedHop[Any, Any] = _small._looks().hop
-        assert await hop.run((source, 1000)) is not None
-        assert _hop_threads("shared hop")
-
-    trio.run(main)
-
-    async def wait_gone() -> None:
-        await _until(lambda: not _hop_threads("shared hop"))
-
-    trio.run(wait_gone)
+    idle: SharedHop[Any, Any] = SharedHop(_small._probe_one, name="idle look", idle_timeout=0.05)
+    closed: SharedHop[Any, Any] = SharedHop(_small._probe_one, name="closed look")
+    for hop in (idle, closed):
+        found = await hop.run((source, 1000))
+        assert found.small is not None and found.small.data == b"x" * 100
+    assert len(_hop_threads("closed look")) == 1
+    closed.close()
+    await _until(lambda: not _hop_threads("idle look") and not _hop_threads("closed look"))
 
 
 class _RecordingHop(SharedHop[int, int]):

@@ -34,7 +34,7 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
-from .._worker_hop import WorkerHop
+from .._worker_hop import IDLE_TIMEOUT, WorkerHop
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -59,12 +59,18 @@ class _Job(Generic[A, R]):
 class SharedHop(Generic[A, R]):
     """Run ``function(arg)`` in a worker thread, sharing the hop with concurrent callers.
 
-    One instance belongs to one Trio run (its events are that run's); call
-    :meth:`close` when the run ends, or its thread exits once idle for
-    :data:`.._worker_hop.IDLE_TIMEOUT` seconds.
+    One instance belongs to one Trio run (its events are that run's). Its
+    thread exits once idle for ``idle_timeout`` seconds, or at :meth:`close`.
     """
 
-    def __init__(self, function: Callable[[A], R]) -> None:
+    def __init__(
+        self,
+        function: Callable[[A], R],
+        *,
+        name: str = "shared hop",
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        """``name`` names the thread (``conduit <name> N``)."""
         self._function = function
         self._queue: list[_Job[A, R]] = []
         #: A hop is under way, or a queued task has been told to lead one.
@@ -73,7 +79,7 @@ class SharedHop(Generic[A, R]):
         self._started = 0.0
         #: The shared hops' thread (one hop at a time; a stalled one is not
         #: queued behind: those go alone, on Trio's threads).
-        self._worker = WorkerHop("shared hop")
+        self._worker = WorkerHop(name, idle_timeout=idle_timeout)
 
     async def run(self, arg: A) -> R:
         """``function(arg)``, run in a worker thread; its result, or its exception."""

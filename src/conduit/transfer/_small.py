@@ -117,23 +117,16 @@ def _looks() -> _Looks:
     try:
         return _LOOKS.get()
     except LookupError:
+        # Its thread is not tied to the run: it exits once idle for
+        # IDLE_TIMEOUT seconds, as Trio's own cached threads do.
         looks = _Looks(SharedHop(_probe_one))
         _LOOKS.set(looks)
-        trio.lowlevel.spawn_system_task(_close_at_exit, looks.hop, name="conduit probe hop closer")
         return looks
 
 
 def looks_inline() -> bool:
     """Whether this run still looks at small files inline (see :data:`INLINE_SLOW_LOOKS`)."""
     return _looks().slow < INLINE_SLOW_LOOKS
-
-
-async def _close_at_exit(hop: SharedHop[Any, Any]) -> None:
-    """Release the run's probing thread when the run ends (system tasks are cancelled then)."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        hop.close()
 
 
 async def _look(looks: _Looks, path: str | os.PathLike[str], limit: int) -> Probe:
