@@ -111,6 +111,11 @@ class Outbox:
             self.writer_idle = False
             self._writer_waiting.unpark_all()
 
+    @property
+    def control_bytes(self) -> int:
+        """Bytes of control frames queued."""
+        return self._control_bytes
+
     async def wait_control_below(self, limit: int) -> None:
         """Wait until the queued control frames fit in ``limit`` bytes (reader backpressure)."""
         while self._control_bytes > limit:
