@@ -63,6 +63,7 @@ from .protocol.connection import (
     StreamWasReset,
 )
 from .protocol.messages import Result
+from .protocol.records_io import SCRATCH_MIN
 
 log = logging.getLogger("conduit.connection")
 
@@ -303,7 +304,8 @@ class Connection:
                 reader.feed(data)
                 # A peer that sends PINGs (or calls) but never reads would make us
                 # queue answers forever: stop reading until they have gone out.
-                await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+                if self._outbox.control_bytes > _CONTROL_BACKLOG:
+                    await self._outbox.wait_control_below(_CONTROL_BACKLOG)
         except IntegrityError as exc:
             self.abort(exc.reason)
         except ConnectionClosed:
@@ -348,9 +350,9 @@ class Connection:
                 while self._direct_sending:
                     await self._direct_done.park()
                 for chunk in self._outbox.take_sealed():
-                    await self.stream.send_all(chunk)
+                    await self._write(chunk)
                 for record in writer.iter_records(frames):
-                    await self.stream.send_all(record)
+                    await self._write(record)
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
         except ConnectionClosed:
@@ -360,6 +362,23 @@ class Connection:
         except Exception as exc:  # a bug here must end this connection, not the server
             log.exception("%s: writer failed", self.label)
             self.abort(f"internal error in the writer: {exc}")
+
+    async def _write(self, record: bytes | bytearray | memoryview) -> None:
+        """The writer's send of one record (or the rest of one).
+
+        A small record on a plain socket goes out with one non-blocking write:
+        ``send_all`` would end with a scheduler pass, one per burst of calls
+        or results. The writer needs no such pass to be fair: it parks as soon
+        as the outbox is empty, and large records (bulk data, which can keep
+        it busy) still go through ``send_all``.
+        """
+        io = self._socket_io
+        if io is not None and len(record) < SCRATCH_MIN:
+            sent = io.send_now(record)
+            if sent == len(record):
+                return
+            record = memoryview(record)[sent:]
+        await self.stream.send_all(record)
 
     async def _message_task(self) -> None:
         async for message in self._messages_out:
@@ -551,8 +570,8 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id, frame = self._state.start_call(method, args)
-        self._last_activity = trio.current_time()
-        result = await self._pending.wait(call_id, method, timeout, lambda: self._send_soon(frame))
+        self._last_activity = now = trio.current_time()
+        result = await self._pending.wait(call_id, method, timeout, now, self._send_soon, frame)
         if not result.ok:
             raise RPCError(result.error or "remote call failed", result.code or "error")
         return result.value

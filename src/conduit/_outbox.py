@@ -68,7 +68,7 @@ class Outbox:
         """
         self._check_open()
         self._control.append(frame)
-        self._control_bytes += sum(len(piece) for piece in frame)
+        self._control_bytes += sum(map(len, frame))  # a generator costs ~0.4 us more
 
     @property
     def control_queued(self) -> bool:
@@ -110,6 +110,11 @@ class Outbox:
             # behind it instead of sending alone (its frame joins the record).
             self.writer_idle = False
             self._writer_waiting.unpark_all()
+
+    @property
+    def control_bytes(self) -> int:
+        """Bytes of control frames queued."""
+        return self._control_bytes
 
     async def wait_control_below(self, limit: int) -> None:
         """Wait until the queued control frames fit in ``limit`` bytes (reader backpressure)."""

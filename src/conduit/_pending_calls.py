@@ -73,17 +73,23 @@ class PendingCalls:
         call_id: int,
         method: str,
         timeout: float | None,
-        send: Callable[[], Awaitable[None]],
+        now: float,
+        send: Callable[[bytes], Awaitable[None]],
+        frame: bytes,
     ) -> Result:
-        """Register ``call_id``, ``send`` the call, and park until its result arrives."""
+        """Register ``call_id``, ``send(frame)`` (the call), and park until its result arrives.
+
+        ``now`` is Trio's clock, which the caller has just read: the deadline
+        counts from it.
+        """
         if self._state.phase is Phase.CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
         # Registered before sending: the reply may arrive while send() yields.
         pending = self._calls[call_id] = _Pending(trio.lowlevel.current_task(), method, timeout)
         if timeout is not None:
-            self._add_deadline(trio.current_time() + timeout, call_id)
+            self._add_deadline(now + timeout, call_id)
         try:
-            await send()
+            await send(frame)
         except BaseException:
             self._calls.pop(call_id, None)
             raise
