@@ -185,7 +185,7 @@ class FrameWriter:
         size = 0
         limit = self.record_limit
         for frame in frames:
-            frame_size = sum(len(piece) for piece in frame)
+            frame_size = sum(map(len, frame))
             if frame_size > limit:
                 raise LocalProtocolError(
                     f"frame of {frame_size} bytes exceeds the peer's limit {limit}"
