@@ -1,5 +1,9 @@
 """The RPC hot path's shortcuts behave exactly as the general paths they skip.
 
+* CALL and RESULT frames are encoded and decoded without the generic codec's
+  lookups (``encode_call`` / ``encode_result`` / ``decode_call`` /
+  ``decode_result``): the same bytes as ``encode_frame``, the same bodies as
+  ``decode_body``, and the same malformed payloads refused with the same error.
 * Records of every size open the same way: small ones (a call, a result) from
   a copy of their bytes, middle-sized ones through a view, large ones into a
   mapped buffer. The same tampering (ciphertext, length prefix, a replayed or
@@ -15,13 +19,119 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
+import msgpack
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conduit._socket_io import SocketIO
 from conduit.errors import IntegrityError, RemoteProtocolError
+from conduit.protocol.codec import (
+    decode_body,
+    decode_call,
+    decode_result,
+    encode_call,
+    encode_frame,
+    encode_result,
+)
+from conduit.protocol.frames import Frame, FrameKind
+from conduit.protocol.messages import Call, Result
 from conduit.protocol.records import MAPPED_MIN, RecordOpener, RecordSealer
+
+#: msgpack values as a peer could send them (maps keyed by anything, nesting).
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_ARGS = st.dictionaries(st.text(max_size=8), _VALUES, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**32 - 1), st.text(max_size=30), _ARGS)
+def test_a_call_encodes_to_the_same_bytes(call_id: int, method: str, args: dict[str, Any]) -> None:
+    assert encode_call(call_id, method, args) == encode_frame(
+        FrameKind.CALL, call_id, Call(method, args)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**32 - 1), st.booleans(), _VALUES, st.text(max_size=20), st.text(max_size=9))
+def test_a_result_encodes_to_the_same_bytes(
+    call_id: int, ok: bool, value: Any, error: str, code: str
+) -> None:
+    result = Result(ok, value, error, code)
+    assert encode_result(call_id, result) == encode_frame(FrameKind.RESULT, call_id, result)
+
+
+def _outcome(decode: Any, payload: bytes) -> Any:
+    try:
+        return ("ok", decode(payload))
+    except RemoteProtocolError as exc:
+        return ("refused", str(exc))
+
+
+def _both_ways(payload: bytes) -> None:
+    call_frame = Frame(FrameKind.CALL, 1, 0, payload)
+    result_frame = Frame(FrameKind.RESULT, 1, 0, payload)
+    assert _outcome(decode_call, payload) == _outcome(
+        lambda _: decode_body(call_frame, Call), payload
+    )
+    assert _outcome(decode_result, payload) == _outcome(
+        lambda _: decode_body(result_frame, Result), payload
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        _VALUES.map(lambda value: msgpack.packb(value, use_bin_type=True)),
+        st.fixed_dictionaries(
+            {"method": _VALUES, "args": _VALUES}, optional={"extra": _VALUES}
+        ).map(lambda body: msgpack.packb(body, use_bin_type=True)),
+        st.fixed_dictionaries(
+            {"ok": _VALUES}, optional={"value": _VALUES, "error": _VALUES, "code": _VALUES}
+        ).map(lambda body: msgpack.packb(body, use_bin_type=True)),
+        st.binary(max_size=40),
+    )
+)
+def test_the_fast_decoders_accept_and_refuse_what_decode_body_does(payload: bytes) -> None:
+    _both_ways(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",  # no body at all
+        b"\xc1",  # a byte msgpack never uses
+        b"\x92\x01",  # an array cut short
+        msgpack.packb({"method": 5, "args": {}}),
+        msgpack.packb({"method": "m", "args": {1: 2}}),  # a non-string argument name
+        msgpack.packb({"method": "m", "args": []}),
+        msgpack.packb({"ok": 1}),  # not a bool
+        msgpack.packb({"ok": True, "error": b"bytes"}),
+        msgpack.packb(["method", {}]),  # a tuple where a map belongs
+        msgpack.packb({"method": "m", "args": {"x": 1}}),  # valid CALL
+        msgpack.packb({"ok": False, "error": "e", "code": "c"}),  # valid RESULT
+    ],
+)
+def test_the_same_bad_bytes_are_refused_both_ways(payload: bytes) -> None:
+    _both_ways(payload)
+
 
 KEY = bytes(range(32))
 LIMIT = 2 << 20

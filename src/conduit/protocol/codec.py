@@ -84,6 +84,41 @@ def encode_frame(kind: FrameKind, stream_id: int, body: Body, flags: int = 0) ->
     return encode_header(kind, stream_id, flags, len(payload)) + payload
 
 
+# --- The frames of every call, without the generic path's lookups.
+#
+# A CALL and its RESULT are most of what an RPC does with the codec; these give
+# exactly the bytes encode_frame gives for Call / Result bodies (tests compare
+# them) and decode exactly as decode_body does, refusing the same input.
+
+_pack_header = HEADER.pack
+_CALL = FrameKind.CALL
+_RESULT = FrameKind.RESULT
+
+
+def encode_call(call_id: int, method: str, args: dict[str, Any]) -> bytes:
+    """``encode_frame(CALL, call_id, Call(method, args))``, without the Call."""
+    payload = pack({"method": method, "args": args})
+    return _pack_header(MAGIC, PROTOCOL_VERSION, _CALL, 0, call_id, len(payload)) + payload
+
+
+def encode_result(call_id: int, result: Result) -> bytes:
+    """``encode_frame(RESULT, call_id, result)``."""
+    payload = pack(
+        {"ok": result.ok, "value": result.value, "error": result.error, "code": result.code}
+    )
+    return _pack_header(MAGIC, PROTOCOL_VERSION, _RESULT, 0, call_id, len(payload)) + payload
+
+
+def decode_call(payload: bytes | memoryview) -> Call:
+    """``decode_body(frame, Call)`` of a CALL frame's payload."""
+    return _structure_call(unpack(payload))
+
+
+def decode_result(payload: bytes | memoryview) -> Result:
+    """``decode_body(frame, Result)`` of a RESULT frame's payload."""
+    return _structure_result(unpack(payload))
+
+
 def data_header(stream_id: int, length: int, flags: int = 0) -> bytes:
     """Header of a DATA frame; the payload follows it on the wire unchanged."""
     return encode_header(FrameKind.DATA, stream_id, flags, length)
