@@ -49,7 +49,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import FrameReader, FrameWriter, OutFrame, SessionKeys
+from .protocol import FrameReader, FrameWriter, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -508,7 +508,21 @@ class Connection:
             return
         frames = self._outbox.take_control() if self._outbox.control_queued else []
         frames.append((frame,))
-        await self._send_directly(frames)
+        records: list[Any] = self._writer.write_frames(frames)
+        io = self._socket_io
+        if io is not None and len(records) == 1:
+            # The common case, without a coroutine: one write the socket
+            # takes whole (nothing else runs meanwhile, so no flag is needed).
+            (record,) = records
+            try:
+                sent = io.send_now(record)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+                raise ConnectionClosed(self.close_reason or "connection lost") from exc
+            if sent == len(record):
+                return
+            records = [memoryview(record)[sent:]]
+        await self._send_directly(records)
 
     def _flush_control(self) -> None:
         """Send the control frames queued without waking the writer (see Outbox.queue_control).
@@ -537,24 +551,17 @@ class Connection:
         except ConnectionClosed:
             pass
 
-    async def _send_directly(self, frames: list[OutFrame]) -> None:
-        """Seal and send ``frames`` from this task while the writer is idle.
+    async def _send_directly(self, records: list[Any]) -> None:
+        """Send sealed ``records`` from this task while the writer is idle.
 
-        On a plain socket the record goes out with one non-blocking write
-        (a writer that is idle means the socket has room, so it completes at
-        once in practice). Otherwise, and for whatever that write left, the send
-        is shielded: a record cut in half by a cancellation would corrupt the
-        stream.
+        On a plain socket a single record has already gone out with one
+        non-blocking write (a writer that is idle means the socket has room, so
+        it completes at once in practice: see :meth:`_send_soon`); this sends
+        what is left, or several records (TLS, memory streams), shielded: a record cut
+        in half by a cancellation would corrupt the stream.
         """
         self._direct_sending = True
         try:
-            records: list[Any] = self._writer.write_frames(frames)
-            if self._socket_io is not None and len(records) == 1:
-                (record,) = records
-                sent = self._socket_io.send_now(record)
-                if sent == len(record):
-                    return
-                records = [memoryview(record)[sent:]]
             with trio.CancelScope(shield=True):
                 for record in records:
                     await self.stream.send_all(record)

@@ -67,6 +67,7 @@ class PendingCalls:
         self._state = state
         self._send_cancel = send_cancel
         self._timer_scope: trio.CancelScope | None = None
+        self._timer_deadline = float("inf")
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -146,9 +147,11 @@ class PendingCalls:
         if len(self._deadlines) > 2 * len(self._calls) + 64:
             self._deadlines = [entry for entry in self._deadlines if entry[1] in self._calls]
             heapq.heapify(self._deadlines)
+        # The scope's deadline, kept as a float: reading CancelScope.deadline
+        # (a property) on every call costs more than the heap push.
         scope = self._timer_scope
-        if scope is not None and deadline < scope.deadline:
-            scope.deadline = deadline
+        if scope is not None and deadline < self._timer_deadline:
+            scope.deadline = self._timer_deadline = deadline
 
     async def run_timer(self) -> None:
         """Fail calls whose timeout passed. Runs for the connection's lifetime."""
@@ -156,6 +159,7 @@ class PendingCalls:
             deadline = self._deadlines[0][0] if self._deadlines else float("inf")
             with trio.CancelScope(deadline=deadline) as scope:
                 self._timer_scope = scope
+                self._timer_deadline = deadline
                 await trio.sleep_forever()
             self._timer_scope = None
             now = trio.current_time()
