@@ -47,8 +47,7 @@ T = TypeVar("T")
 B = TypeVar("B", bound=Body)
 
 # Bodies nest user data (RPC arguments); msgpack's own depth limit (its C stack)
-# stops pathological nesting, this bounds how much we unpack at all.
-_UNPACK_LIMITS: dict[str, Any] = {"raw": False, "strict_map_key": False, "use_list": True}
+# stops pathological nesting, and unpackb bounds every length by the payload's.
 
 
 # msgpack.packb builds a Packer per call (~1.8 us of a ~2.6 us pack): keep one
@@ -72,7 +71,8 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes | memoryview) -> Any:
     """Decode msgpack from the network; anything malformed is a RemoteProtocolError."""
     try:
-        return msgpack.unpackb(data, **_UNPACK_LIMITS)
+        # Keywords spelled out: a **dict is copied on every call (~0.3 us).
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise RemoteProtocolError(f"malformed msgpack body: {exc}") from exc
 
