@@ -556,9 +556,10 @@ class Connection:
 
         On a plain socket a single record has already gone out with one
         non-blocking write (a writer that is idle means the socket has room, so
-        it completes at once in practice: see :meth:`_send_soon`); this sends
-        what is left, or several records (TLS, memory streams), shielded: a record cut
-        in half by a cancellation would corrupt the stream.
+        it completes at once in practice: see :meth:`_send_soon`). This sends
+        what that write left, or the records of other streams (TLS, memory),
+        shielded: a record cut in half by a cancellation would corrupt the
+        stream.
         """
         self._direct_sending = True
         try:
