@@ -241,7 +241,9 @@ async def test_kill_9_server_mid_upload_then_restart(
         port = int((await server.next_line("PORT ")).split()[1])
         proxy = TcpProxy(port, _proxy_killer(12 * MiB, server.kill9))
         await nursery.start(proxy.run)
-        client = await client_factory(proxy.port)
+        # No automatic reconnect: the killed server never comes back on this port, and
+        # five reconnect attempts would only add a minute of back-off before the result.
+        client = await client_factory(proxy.port, reconnect_enabled=False)
         first = await sender.send_to_server(client, source)
         assert first["success"] is False and first["code"] == "connection_closed", first
         assert await server.process.wait() == -9

@@ -48,7 +48,7 @@ from typing import Any, Generic, TypeVar
 import outcome
 import trio
 
-from . import _bridge
+from . import _bridge, _host_rpc
 from ._callbacks import HOST_LOOP
 
 __all__ = [
@@ -706,3 +706,4 @@ async def _unwind(call: _Call[Any]) -> None:
 
 
 _bridge.install_asyncio_runner(_submit, _unwind)
+_host_rpc.install()

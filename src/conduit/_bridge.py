@@ -28,6 +28,7 @@ __all__ = [
     "asyncio_caller_loop",
     "bridged",
     "current_flavor",
+    "install_asyncio_fast_path",
     "install_asyncio_runner",
 ]
 
@@ -56,6 +57,14 @@ Unwind = Callable[[Any], Awaitable[None]]
 _submit: Submit | None = None
 _unwind: Unwind | None = None
 
+#: A bridged method's asyncio-native implementation: called with the caller's
+#: loop and the call's arguments, it returns an awaitable to await instead of
+#: handing the call to the guest run, or None when it does not apply.
+FastPath = Callable[..., Awaitable[Any] | None]
+
+# By the bridged method (the undecorated function), see install_asyncio_fast_path.
+_fast_paths: dict[Callable[..., Any], FastPath] = {}
+
 
 def install_asyncio_runner(submit: Submit, unwind: Unwind) -> None:
     """Called once by the shim at import: how bridged calls from asyncio are run.
@@ -66,6 +75,17 @@ def install_asyncio_runner(submit: Submit, unwind: Unwind) -> None:
     """
     global _submit, _unwind
     _submit, _unwind = submit, unwind
+
+
+def install_asyncio_fast_path(wrapper: Callable[..., Any], fast_path: FastPath) -> None:
+    """Give the ``@bridged`` method ``wrapper`` an asyncio-native implementation.
+
+    Called by the shim at import, for hot calls it can run on the asyncio
+    loop's thread without a hop into the guest run. ``fast_path(loop, *args,
+    **kwargs)`` must keep the method's documented behaviour exactly (results,
+    exception types, cancellation); returning None falls back to the hop.
+    """
+    _fast_paths[wrapper.__wrapped__] = fast_path  # type: ignore[attr-defined]
 
 
 def current_flavor() -> Literal["trio", "asyncio"]:
@@ -132,6 +152,11 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
             return await method(*args, **kwargs)
         if _submit is None or _unwind is None:  # pragma: no cover - conduit/__init__ installs it
             raise RuntimeError("conduit's asyncio shim is not loaded (import conduit)")
+        fast = _fast_paths.get(method)
+        if fast is not None:
+            awaitable = fast(loop, *args, **kwargs)
+            if awaitable is not None:
+                return await awaitable  # type: ignore[no-any-return]
         call = _submit(loop, method, args, kwargs)
         try:
             result: T = await call.future

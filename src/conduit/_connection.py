@@ -35,9 +35,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
+import outcome
 import trio
 
 from ._call_workers import Blocked, CallRunners
+from ._host_reader import HostReader, Received
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
 from ._receive_buffer import ReceiveBuffer
@@ -49,7 +51,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import FrameReader, FrameWriter, SessionKeys
+from .protocol import Frame, FrameKind, FrameReader, FrameWriter, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -150,6 +152,12 @@ class Connection:
         #: Plain sockets skip Trio's per-operation overhead (see _socket_io).
         self._socket_io = SocketIO.of(stream)
         self._receive_buffer = ReceiveBuffer(RECEIVE_SIZE)
+        #: Under the asyncio shim, a client's socket is read by the loop (see _host_reader).
+        self.host_reader = HostReader.of(
+            stream, self._receive_buffer, self._drain_on_host, is_client=is_client
+        )
+        # A frame the loop's callback left for the reading task (a CALL or MESSAGE).
+        self._held_frame: Frame | None = None
         self.keys = keys
         self.settings = settings
         self.label = label
@@ -299,12 +307,13 @@ class Connection:
                     return blocked
                 # Results of the calls just run go out together, in one record.
                 self._flush_control()
-                data = await self._receive_buffer.receive(self.stream)
-                if not data:
-                    self.abort(self.close_reason or "peer closed the connection")
-                    return None
-                self._last_received = trio.current_time()
-                reader.feed(data)
+                data = await self._receive()
+                if data is not None:  # None: the host reader fed it (see _drain_on_host)
+                    if not data:
+                        self.abort(self.close_reason or "peer closed the connection")
+                        return None
+                    self._last_received = trio.current_time()
+                    reader.feed(data)
                 # A peer that sends PINGs (or calls) but never reads would make us
                 # queue answers forever: stop reading until they have gone out.
                 if self._outbox.control_bytes > _CONTROL_BACKLOG:
@@ -323,7 +332,9 @@ class Connection:
         next_frame = self._reader.next_frame
         receive_frame = self._state.receive_frame
         handlers = self._handlers
-        while (frame := next_frame()) is not None:
+        held, self._held_frame = self._held_frame, None
+        while (frame := next_frame() if held is None else held) is not None:
+            held = None
             event = receive_frame(frame)
             if event is None:
                 continue
@@ -343,6 +354,36 @@ class Connection:
                 self._flush_control()
                 await self._messages_in.send(event)
         return None
+
+    async def _receive(self) -> Received:
+        if self.host_reader is not None:
+            return await self.host_reader.receive()
+        return await self._receive_buffer.receive(self.stream)
+
+    def _drain_on_host(self, data: bytes) -> bool:
+        """The host reader's callback: handle ``data`` on the asyncio loop, between guest ticks.
+
+        Does what the reading task does after a read, for the frames whose
+        handlers never wait (the event table's); stops at the first CALL or
+        MESSAGE, which it leaves for the reading task. Returns whether
+        everything was handled (False: wake the reading task). Errors are
+        raised to the host reader, which hands them to the reading task.
+        """
+        self._last_received = trio.current_time()
+        reader = self._reader
+        reader.feed(data)
+        next_frame = reader.next_frame
+        receive_frame = self._state.receive_frame
+        handlers = self._handlers
+        while (frame := next_frame()) is not None:
+            if frame.kind is FrameKind.CALL or frame.kind is FrameKind.MESSAGE:
+                self._held_frame = frame
+                return False
+            event = receive_frame(frame)
+            if event is not None and (handler := handlers.get(type(event))) is not None:
+                handler(event)
+        self._flush_control()
+        return self._outbox.control_bytes <= _CONTROL_BACKLOG
 
     async def _send_task(self) -> None:
         writer = self._writer
@@ -586,6 +627,44 @@ class Connection:
         if not result.ok:
             raise RPCError(result.error or "remote call failed", result.code or "error")
         return result.value
+
+    def call_nowait(
+        self,
+        method: str,
+        args: dict[str, Any],
+        timeout: float | None,
+        done: Callable[[outcome.Outcome[Result]], None],
+        *,
+        send: bool = True,
+    ) -> int:
+        """Send a call for a caller that is no Trio task; ``done`` gets its result.
+
+        The asyncio shim's fast path (:mod:`conduit._host_rpc`), run on the
+        hosting loop's thread between guest ticks: what :meth:`call` does,
+        without waiting. Returns the call id, for :meth:`forget_call`. With
+        ``send=False`` the frame only joins the queue, for a burst of calls
+        the caller then sends with :meth:`send_queued`, in one record.
+        """
+        if not self.is_open:
+            raise ConnectionClosed(self.close_reason or "connection closed")
+        call_id, frame = self._state.start_call(method, args)
+        self._last_activity = trio.current_time()
+        self._pending.register(call_id, method, timeout, done)
+        self._outbox.queue_control((frame,))
+        if send:
+            self.send_queued()
+        return call_id
+
+    def send_queued(self) -> None:
+        """Send the control frames queued, without waiting (see :meth:`call_nowait`)."""
+        if not self._pending.waking:
+            # Else the last Trio caller woken by a batch of results sends them.
+            self._flush_control()
+
+    def forget_call(self, call_id: int) -> None:
+        """The caller of :meth:`call_nowait` gave up: tell the peer, if it still waited."""
+        if self._pending.forget(call_id):
+            self._send_cancel(call_id)
 
     async def send_message(self, event: str, data: Any) -> None:
         """Send a one-way message."""

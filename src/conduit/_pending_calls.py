@@ -26,21 +26,34 @@ _CLOSED = Phase.CLOSED
 
 
 class _Pending:
-    __slots__ = ("early", "method", "parked", "task", "timeout")
+    __slots__ = ("done", "early", "method", "parked", "task", "timeout")
 
-    def __init__(self, task: trio.lowlevel.Task, method: str, timeout: float | None) -> None:
+    def __init__(
+        self,
+        task: trio.lowlevel.Task | None,
+        method: str,
+        timeout: float | None,
+        done: Callable[[outcome.Outcome[Result]], None] | None = None,
+    ) -> None:
         self.task = task
         self.method = method
         self.timeout = timeout
         self.parked = False
         self.early: outcome.Outcome[Result] | None = None
+        #: For a caller that is no Trio task (see PendingCalls.register).
+        self.done = done
 
     def deliver(self, result: outcome.Outcome[Result]) -> bool:
         """Wake the caller, or leave the outcome for it if it is still sending.
 
-        Returns whether the caller was woken (it is parked no more).
+        Returns whether the caller was woken (it is parked no more); a
+        ``done`` callback is not counted: it wakes no Trio task.
         """
+        if self.done is not None:
+            self.done(result)
+            return False
         if self.parked:
+            assert self.task is not None
             trio.lowlevel.reschedule(self.task, result)
             return True
         self.early = result
@@ -118,6 +131,30 @@ class PendingCalls:
             raise
         self._resumed()
         return result
+
+    def register(
+        self,
+        call_id: int,
+        method: str,
+        timeout: float | None,
+        done: Callable[[outcome.Outcome[Result]], None],
+    ) -> None:
+        """Register ``call_id`` for a caller that is no Trio task: ``done`` gets its outcome.
+
+        For the asyncio shim's calls (:mod:`conduit._host_rpc`), made between
+        guest ticks on the loop's thread: ``done`` runs there too (from the
+        reading task, the timer, or :meth:`fail_all`), exactly once, unless
+        :meth:`forget` came first.
+        """
+        if self._state.phase is Phase.CLOSED:
+            raise ConnectionClosed(self._state.close_reason or "connection closed")
+        self._calls[call_id] = _Pending(None, method, timeout, done)
+        if timeout is not None:
+            self._add_deadline(trio.current_time() + timeout, call_id)
+
+    def forget(self, call_id: int) -> bool:
+        """The caller of a :meth:`register`-ed call gave up; whether it was still waiting."""
+        return self._calls.pop(call_id, None) is not None
 
     def _resumed(self) -> None:
         self.waking -= 1

@@ -64,6 +64,11 @@ class ReceiveBuffer:
             self._bulk = True
         return memoryview(mapping)[:received]
 
+    @property
+    def mapped(self) -> bool:
+        """Whether reads land in the mapping (bulk data flowed since the last idle release)."""
+        return self._mapping is not None
+
     def release_idle(self) -> None:
         """Drop the mapping unless bulk data arrived since the previous call.
 

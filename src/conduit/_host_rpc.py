@@ -1,0 +1,192 @@
+"""The asyncio shim's fast path for RPC: ``rpc.call``, ``rpc.invoke``, ``Client.call``.
+
+A bridged call from asyncio normally runs whole in the loop's Trio guest run
+(:mod:`conduit._asyncio`): a hop into Trio, the call, a hop back. For the calls
+that matter most in a hot loop, the work done while the call is in flight is
+all synchronous: encode the CALL frame, seal it, write it, register the
+caller. So when the connection is hosted on the caller's own loop (its guest
+run lives there), these run right in the caller's asyncio task, between guest
+ticks (:meth:`conduit._connection.Connection.call_nowait`), and the caller
+awaits an asyncio future that the result settles: from the loop's own socket
+callback when the connection's reading is on the loop
+(:mod:`conduit._host_reader`), otherwise from the Trio reading task. No Trio
+task runs for the call.
+
+Same behaviour as the bridged path:
+
+* results and failures: the same result dict, the same exceptions
+  (:class:`~conduit.RPCError`, :class:`~conduit.RPCTimeoutError` from the
+  connection's call timer, :class:`~conduit.ConnectionClosed`), argument
+  errors raised before anything is sent;
+* cancelling the caller (``task.cancel()``, ``asyncio.timeout``): the call is
+  forgotten and the peer told (a CANCEL frame), before ``CancelledError``
+  propagates, as the Trio side's unwinding did;
+* anything else (no connection yet, a connection of another loop or of a
+  plain ``trio.run``) takes the bridged path unchanged.
+
+:mod:`conduit._asyncio` installs these when it is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+import outcome
+
+from . import _bridge
+from ._connection import Connection
+from ._rpc_proxy import RPCProxy, call_arguments, result_dict
+from .client import Client
+from .errors import ConnectionClosed, RPCError
+from .protocol.messages import Result
+
+__all__ = ["install"]
+
+
+class _HostCalls:
+    """The fast path's calls on one connection.
+
+    Callers woken by one batch of results run one after the other in the same
+    loop iteration, and most send their next call at once: as the Trio path
+    does (``PendingCalls.waking``), those calls are queued until the last
+    caller woken has resumed, then sent together, one record and one write
+    for the burst.
+    """
+
+    __slots__ = ("connection", "waking")
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        #: Callers whose future was settled and who have not resumed yet.
+        self.waking = 0
+
+    async def call(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        method: str,
+        arguments: dict[str, Any],
+        timeout: float | None,
+    ) -> Any:
+        """What ``Connection.call`` does, awaited from asyncio on the hosting loop."""
+        future: asyncio.Future[Result] = loop.create_future()
+
+        def done(result: outcome.Outcome[Result]) -> None:
+            # On the loop's thread: from the host reader, or a Trio task of the guest.
+            if not future.done():
+                self.waking += 1
+                if isinstance(result, outcome.Error):
+                    future.set_exception(result.error)
+                else:
+                    future.set_result(result.unwrap())
+
+        connection = self.connection
+        call_id = connection.call_nowait(method, arguments, timeout, done, send=self.waking == 0)
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            if not future.done() or future.cancelled():  # not settled by done()
+                connection.forget_call(call_id)
+                raise
+            # Answered, but the caller was cancelled meanwhile: cancelled it is
+            # (asyncio's rule); an error that came back is marked retrieved.
+            future.exception()
+            self._resumed()
+            raise
+        except BaseException:
+            self._resumed()
+            raise
+        self._resumed()
+        if not result.ok:
+            raise RPCError(result.error or "remote call failed", result.code or "error")
+        return result.value
+
+    def _resumed(self) -> None:
+        self.waking -= 1
+        if not self.waking:
+            self.connection.send_queued()
+
+
+def _host_calls(proxy: RPCProxy, loop: asyncio.AbstractEventLoop) -> _HostCalls | None:
+    """The fast path of ``proxy``'s connection when its reading is hosted on ``loop``."""
+    try:
+        connection = proxy._connection()
+    except Exception:  # not connected, closed: the bridged path reports it as ever
+        return None
+    host_reader = connection.host_reader
+    if host_reader is None or host_reader.loop is not loop:
+        return None
+    calls: _HostCalls | None = connection.owned.get(_HostCalls)
+    if calls is None:
+        calls = connection.owned[_HostCalls] = _HostCalls(connection)
+    return calls
+
+
+async def _rpc_call(
+    calls: _HostCalls,
+    loop: asyncio.AbstractEventLoop,
+    method: str,
+    arguments: dict[str, Any],
+    timeout: float | None,
+) -> dict[str, Any]:
+    try:
+        value = await calls.call(loop, method, arguments, timeout)
+    except (RPCError, ConnectionClosed) as exc:
+        return result_dict(error=exc)
+    return result_dict(value)
+
+
+def fast_call(
+    loop: asyncio.AbstractEventLoop,
+    proxy: RPCProxy,
+    method: str,
+    args: Any = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Awaitable[dict[str, Any]] | None:
+    """``RPCProxy.call`` on the loop (see the module docstring)."""
+    calls = _host_calls(proxy, loop)
+    if calls is None:
+        return None
+    arguments = call_arguments(args, kwargs)
+    return _rpc_call(
+        calls, loop, method, arguments, proxy.default_timeout if timeout is None else timeout
+    )
+
+
+def fast_invoke(
+    loop: asyncio.AbstractEventLoop,
+    proxy: RPCProxy,
+    method: str,
+    args: Any = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Awaitable[Any] | None:
+    """``RPCProxy.invoke`` on the loop (see the module docstring)."""
+    calls = _host_calls(proxy, loop)
+    if calls is None:
+        return None
+    arguments = call_arguments(args, kwargs)
+    return calls.call(
+        loop, method, arguments, proxy.default_timeout if timeout is None else timeout
+    )
+
+
+def fast_client_call(
+    loop: asyncio.AbstractEventLoop,
+    client: Client,
+    method: str,
+    args: Any = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> Awaitable[Any] | None:
+    """``Client.call`` (``client.rpc.invoke``) on the loop."""
+    return fast_invoke(loop, client.rpc, method, args, timeout, **kwargs)
+
+
+def install() -> None:
+    """Register the fast paths with :mod:`conduit._bridge` (the shim calls this once)."""
+    _bridge.install_asyncio_fast_path(RPCProxy.call, fast_call)
+    _bridge.install_asyncio_fast_path(RPCProxy.invoke, fast_invoke)
+    _bridge.install_asyncio_fast_path(Client.call, fast_client_call)
