@@ -51,7 +51,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
+from .protocol import Frame, FrameKind, FrameReader, FrameWriter, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -65,6 +65,10 @@ from .protocol.connection import (
     StreamWasReset,
 )
 from .protocol.messages import Result
+from .protocol.records_io import SCRATCH_MIN
+
+# Enum members are class attribute lookups (~0.1 us each); these run per call.
+_OPEN = Phase.OPEN
 
 log = logging.getLogger("conduit.connection")
 
@@ -228,7 +232,7 @@ class Connection:
     @property
     def is_open(self) -> bool:
         """Whether the connection can still carry traffic."""
-        return self._state.phase is Phase.OPEN
+        return self._state.phase is _OPEN
 
     @property
     def close_reason(self) -> str | None:
@@ -320,7 +324,8 @@ class Connection:
                     reader.feed(data)
                 # A peer that sends PINGs (or calls) but never reads would make us
                 # queue answers forever: stop reading until they have gone out.
-                await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+                if self._outbox.control_bytes > _CONTROL_BACKLOG:
+                    await self._outbox.wait_control_below(_CONTROL_BACKLOG)
         except IntegrityError as exc:
             self.abort(exc.reason)
         except ConnectionClosed:
@@ -400,20 +405,12 @@ class Connection:
                 while self._direct_sending:
                     await self._direct_done.park()
                 for chunk in self._outbox.take_sealed():
-                    await self.stream.send_all(chunk)
+                    await self._write(chunk)
                 for record in writer.iter_records(frames):
-                    if io is not None:
-                        if not bulk and len(record) > _BULK_RECORD:
-                            io.allow_unsent(_BULK_UNSENT)
-                            bulk = True
-                        # Most records fit in the socket at once: no Trio send,
-                        # no scheduler pass per record (see _socket_io).
-                        sent = io.send_now(record)
-                        if sent == len(record):
-                            continue
-                        record = memoryview(record)[sent:]
-                    await self.stream.send_all(record)
-                await trio.lowlevel.checkpoint()
+                    if not bulk and io is not None and len(record) > _BULK_RECORD:
+                        io.allow_unsent(_BULK_UNSENT)
+                        bulk = True
+                    await self._write(record)
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
         except ConnectionClosed:
@@ -423,6 +420,29 @@ class Connection:
         except Exception as exc:  # a bug here must end this connection, not the server
             log.exception("%s: writer failed", self.label)
             self.abort(f"internal error in the writer: {exc}")
+
+    async def _write(self, record: bytes | bytearray | memoryview) -> None:
+        """The writer's send of one record (or the rest of one).
+
+        On a plain socket a record first goes out with one non-blocking write;
+        only what the socket did not take goes through ``send_all`` (which
+        waits for room). ``send_all`` would end with a scheduler pass, one per
+        burst of calls or results; a small record needs no such pass to be
+        fair, because the writer parks as soon as the outbox is empty. A bulk
+        record the socket took whole keeps one pass: a writer fed as fast as
+        the socket drains could otherwise keep the loop to itself.
+        """
+        io = self._socket_io
+        if io is not None:
+            sent = io.send_now(record)
+            if sent == len(record):
+                if sent >= SCRATCH_MIN:
+                    # Bulk data the socket took whole: a writer fed faster than
+                    # the socket drains would otherwise never let others run.
+                    await trio.lowlevel.checkpoint()
+                return
+            record = memoryview(record)[sent:]
+        await self.stream.send_all(record)
 
     async def _message_task(self) -> None:
         async for message in self._messages_out:
@@ -549,7 +569,21 @@ class Connection:
             return
         frames = self._outbox.take_control() if self._outbox.control_queued else []
         frames.append((frame,))
-        await self._send_directly(frames)
+        records: list[Any] = self._writer.write_frames(frames)
+        io = self._socket_io
+        if io is not None and len(records) == 1:
+            # The common case, without a coroutine: one write the socket
+            # takes whole (nothing else runs meanwhile, so no flag is needed).
+            (record,) = records
+            try:
+                sent = io.send_now(record)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+                raise ConnectionClosed(self.close_reason or "connection lost") from exc
+            if sent == len(record):
+                return
+            records = [memoryview(record)[sent:]]
+        await self._send_directly(records)
 
     def _flush_control(self) -> None:
         """Send the control frames queued without waking the writer (see Outbox.queue_control).
@@ -579,24 +613,18 @@ class Connection:
         except ConnectionClosed:
             pass
 
-    async def _send_directly(self, frames: list[OutFrame]) -> None:
-        """Seal and send ``frames`` from this task while the writer is idle.
+    async def _send_directly(self, records: list[Any]) -> None:
+        """Send sealed ``records`` from this task while the writer is idle.
 
-        On a plain socket the record goes out with one non-blocking write
-        (a writer that is idle means the socket has room, so it completes at
-        once in practice). Otherwise, and for whatever that write left, the send
-        is shielded: a record cut in half by a cancellation would corrupt the
+        On a plain socket a single record has already gone out with one
+        non-blocking write (a writer that is idle means the socket has room, so
+        it completes at once in practice: see :meth:`_send_soon`). This sends
+        what that write left, or the records of other streams (TLS, memory),
+        shielded: a record cut in half by a cancellation would corrupt the
         stream.
         """
         self._direct_sending = True
         try:
-            records: list[Any] = self._writer.write_frames(frames)
-            if self._socket_io is not None and len(records) == 1:
-                (record,) = records
-                sent = self._socket_io.send_now(record)
-                if sent == len(record):
-                    return
-                records = [memoryview(record)[sent:]]
             with trio.CancelScope(shield=True):
                 for record in records:
                     await self.stream.send_all(record)
@@ -615,8 +643,8 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id, frame = self._state.start_call(method, args)
-        self._last_activity = trio.current_time()
-        result = await self._pending.wait(call_id, method, timeout, lambda: self._send_soon(frame))
+        self._last_activity = now = trio.current_time()
+        result = await self._pending.wait(call_id, method, timeout, now, self._send_soon, frame)
         if not result.ok:
             raise RPCError(result.error or "remote call failed", result.code or "error")
         return result.value
