@@ -13,6 +13,13 @@ CPU per call that ``python -m benchmarks --scenario rpc`` measures end to end;
 what is left is the engine glue between the steps (task switches, the outbox).
 
 Figures are medians of ``--repeat`` runs of ``--loops`` iterations each.
+
+``--end-to-end`` measures the whole instead: a real ``Server`` and ``Client``
+in one Trio run over loopback TCP, ``--loops`` echo calls from 1 and from 16
+concurrent callers, and the process CPU time per call, client and server work
+together. One process, so the figure does not depend on how the other
+processes of a busy machine are scheduled (only on how fast its core runs);
+run it on two trees alternately to compare them.
 """
 
 from __future__ import annotations
@@ -248,12 +255,64 @@ def trio_steps(loops: int) -> dict[str, float]:
     return result
 
 
+def end_to_end(loops: int, callers: int) -> float:
+    """Process CPU microseconds per echo call, client and server in this process."""
+    from conduit import Client, ClientDescriptor, Server, ServerDescriptor
+
+    password = "rpc budget password"
+    spent: list[float] = []
+
+    async def main() -> None:
+        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=password))
+
+        @server.rpc
+        async def echo(data: bytes) -> bytes:
+            return data
+
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            client = Client(
+                ClientDescriptor(server_host="127.0.0.1", server_port=port, password=password)
+            )
+            await client.connect()
+            call = client.rpc.call
+
+            async def caller(count: int) -> None:
+                for _ in range(count):
+                    await call("echo", data=PAYLOAD)
+
+            await caller(500)  # warm-up
+            started = time.process_time_ns()
+            async with trio.open_nursery() as callers_nursery:
+                for _ in range(callers):
+                    callers_nursery.start_soon(caller, loops // callers)
+            spent.append((time.process_time_ns() - started) / (loops // callers * callers) / 1000)
+            await client.disconnect()
+            await server.close()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return spent[0]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Print the per-step table."""
+    """Print the per-step table (or the end-to-end figures)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loops", type=int, default=20000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="CPU per call of a real Server and Client"
+    )
     options = parser.parse_args(argv)
+    if options.end_to_end:
+        for callers in (1, 16):
+            values = [end_to_end(options.loops, callers) for _ in range(options.repeat)]
+            print(
+                f"end to end, {callers:2d} caller(s): {statistics.median(values):6.2f} us CPU/call "
+                f"(client + server; median of {options.repeat}; "
+                f"{min(values):.2f}-{max(values):.2f})"
+            )
+        return
     runs: dict[str, list[float]] = {}
     for _ in range(options.repeat):
         for name, value in {**sans_io_steps(options.loops), **trio_steps(options.loops)}.items():

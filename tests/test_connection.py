@@ -581,3 +581,27 @@ async def test_readers_never_wait_on_a_full_socket() -> None:
                     calls.start_soon(call, p.server, n)
             nursery.cancel_scope.cancel()
     assert answers == [True] * 16
+
+
+async def test_the_writer_finishes_small_records_the_socket_did_not_take() -> None:
+    """The writer sends a small record with one non-blocking write (no
+    ``send_all``); when the peer is not reading and the socket fills, the rest
+    of the record and every record after it still go out, in order."""
+    client_stream, server_stream = _socket_pair(send_buffer=16 * 1024)
+    p = _pair(client_stream, server_stream)
+    count = 300
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            # One-way messages go through the writer, one small record each.
+            for index in range(count):
+                await p.client.send_message("m", {"i": index, "pad": bytes(1000)})
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.client._outbox.control_queued or not p.client._outbox.writer_idle
+            nursery.start_soon(p.server.run)  # now the peer reads
+            for _ in range(1000):
+                if len(p.server_dispatch.messages) == count:
+                    break
+                await trio.sleep(0.01)
+            assert [data["i"] for _, data in p.server_dispatch.messages] == list(range(count))
+            await p.client.close("done")

@@ -5,7 +5,8 @@ record's plaintext (and the frame payloads that are views of it) never changes
 while anything still refers to it, however many records follow; buffers are
 reused once no view is left (so bulk data does not make a fresh megabyte per
 record), and an idle opener unmaps them. The receiver joins each batch of
-chunks into one mapping per upload, reused, and unmapped at the end. A
+chunks, a record's worth at a time, into one mapping per upload, reused, and
+unmapped at the end. A
 connection reads bulk data from its socket into one mapping of its own,
 dropped when it is idle.
 """
@@ -30,8 +31,8 @@ from conduit.protocol.records import (
     RecordSealer,
     anonymous_buffer,
 )
-from conduit.transfer._engine import JoinBuffer
-from conduit.transfer._storage import StorageRoot
+from conduit.transfer._engine import JOIN_LIMIT, JoinBuffer
+from conduit.transfer._storage import PartialFile, StorageRoot
 
 KEY = bytes(range(32))
 LIMIT = 2 << 20
@@ -107,6 +108,27 @@ def test_join_buffer_writes_each_batch_whole_and_reuses_its_mapping(tmp_path: Pa
     data = b"".join(bytes(chunk) for batch in batches for chunk in batch)
     assert partial.publish(overwrite=False, expected_sha256=hashlib.sha256(data).hexdigest())
     assert (tmp_path / "storage" / "joined.bin").read_bytes() == data
+
+
+def test_join_buffer_joins_a_large_batch_in_groups_of_a_record(tmp_path: Path) -> None:
+    storage = StorageRoot(tmp_path / "storage")
+    partial = storage.open_partial("grouped.bin", "transfer-1", resume=False)
+    joined = JoinBuffer()
+    # A whole window arrived while the disk was busy: 64 chunks of 64 KiB.
+    batch = [os.urandom(64 * 1024) for _ in range(64)]
+    joined.write(partial, batch)
+    assert joined._buffer is not None and len(joined._buffer) <= JOIN_LIMIT
+    joined.write(partial, [os.urandom(JOIN_LIMIT + 1)])  # one chunk: written as it is
+    assert joined._buffer is not None and len(joined._buffer) <= JOIN_LIMIT
+    data = b"".join(batch) + partial_tail(partial, JOIN_LIMIT + 1)
+    joined.close()
+    assert partial.publish(overwrite=False, expected_sha256=hashlib.sha256(data).hexdigest())
+    assert (tmp_path / "storage" / "grouped.bin").read_bytes() == data
+
+
+def partial_tail(partial: PartialFile, count: int) -> bytes:
+    """The last ``count`` bytes written to ``partial``."""
+    return os.pread(partial._require_open(), count, partial.offset - count)
 
 
 # --------------------------------------------------------------------------- socket reads

@@ -111,8 +111,8 @@ NOTES = [
     "(SHA-256); a mismatch voids the contender",
     "raw-aead is the reference: 1 MiB records (16 x 64 KiB chunks per seal) are what conduit "
     "seals too (its writer coalesces frames into records of up to 1 MiB, and its sender reads "
-    "and hashes 1 MiB blocks), so the reference does the same crypto and syscall work per "
-    "byte; raw-aead-64k shows what sealing every 64 KiB chunk separately costs",
+    "and hashes 2 MiB blocks, two records), so the reference does the same crypto and syscall "
+    "work per byte; raw-aead-64k shows what sealing every 64 KiB chunk separately costs",
     "raw-*: no handshake (fixed key), no resume, no name confinement, no flow control; they "
     "measure moving, hashing, sealing and writing bytes only",
     "netconduit: base64 chunks in msgpack RPCs, one round trip per 64 KiB; the sender hashes "

@@ -51,7 +51,7 @@ from .errors import (
     ProtocolError,
     RPCError,
 )
-from .protocol import Frame, FrameKind, FrameReader, FrameWriter, OutFrame, SessionKeys
+from .protocol import Frame, FrameKind, FrameReader, FrameWriter, SessionKeys
 from .protocol.connection import (
     CallCancelled,
     CallReceived,
@@ -65,13 +65,25 @@ from .protocol.connection import (
     StreamWasReset,
 )
 from .protocol.messages import Result
+from .protocol.records_io import SCRATCH_MIN
+
+# Enum members are class attribute lookups (~0.1 us each); these run per call.
+_OPEN = Phase.OPEN
 
 log = logging.getLogger("conduit.connection")
 
 # Large reads: one receive per sealed record at full speed (measured ~9% less
 # receiver CPU per GiB than 256 KiB reads), and idle connections allocate nothing.
-RECEIVE_SIZE = 1024 * 1024
+# Room for a whole 1 MiB record and its framing (see _receive_buffer), and no
+# more: a larger read would grow the record opener's buffer, and peak RSS, with it.
+RECEIVE_SIZE = 1024 * 1024 + 8 * 1024
 _MESSAGE_QUEUE = 64
+# Once a connection sends records this large (bulk data), its socket may hold
+# this much unsent (see SocketIO.allow_unsent): a 1 MiB record then takes about
+# two writes instead of six, and an RPC behind it waits for at most a quarter
+# record more than with Trio's 16 KiB (a whole record measured worse in `hol`).
+_BULK_RECORD = 256 * 1024
+_BULK_UNSENT = 256 * 1024
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
@@ -227,7 +239,7 @@ class Connection:
     @property
     def is_open(self) -> bool:
         """Whether the connection can still carry traffic."""
-        return self._state.phase is Phase.OPEN
+        return self._state.phase is _OPEN
 
     @property
     def close_reason(self) -> str | None:
@@ -325,7 +337,8 @@ class Connection:
                     reader.feed(data)
                 # A peer that sends PINGs (or calls) but never reads would make us
                 # queue answers forever: stop reading until they have gone out.
-                await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+                if self._outbox.control_bytes > _CONTROL_BACKLOG:
+                    await self._outbox.wait_control_below(_CONTROL_BACKLOG)
         except IntegrityError as exc:
             self.abort(exc.reason)
         except ConnectionClosed:
@@ -370,7 +383,8 @@ class Connection:
     async def _receive(self) -> Received:
         if self.host_reader is not None:
             return await self.host_reader.receive()
-        return await self._receive_buffer.receive(self.stream)
+        # The rest of a bulk record, if one is partly here, comes in one read.
+        return await self._receive_buffer.receive(self.stream, self._reader.missing)
 
     def _drain_on_host(self, data: bytes) -> bool:
         """The host reader's callback: handle ``data`` on the asyncio loop, between guest ticks.
@@ -399,6 +413,8 @@ class Connection:
 
     async def _send_task(self) -> None:
         writer = self._writer
+        io = self._socket_io
+        bulk = False
         budget = max(self._writer.record_limit, 256 * 1024)
         try:
             while True:
@@ -406,9 +422,12 @@ class Connection:
                 while self._direct_sending:
                     await self._direct_done.park()
                 for chunk in self._outbox.take_sealed():
-                    await self.stream.send_all(chunk)
+                    await self._write(chunk)
                 for record in writer.iter_records(frames):
-                    await self.stream.send_all(record)
+                    if not bulk and io is not None and len(record) > _BULK_RECORD:
+                        io.allow_unsent(_BULK_UNSENT)
+                        bulk = True
+                    await self._write(record)
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
         except ConnectionClosed:
@@ -425,6 +444,29 @@ class Connection:
             self._timer_wanted = True
         else:
             self._task_context.run(self._nursery.start_soon, self._pending.run_timer)
+
+    async def _write(self, record: bytes | bytearray | memoryview) -> None:
+        """The writer's send of one record (or the rest of one).
+
+        On a plain socket a record first goes out with one non-blocking write;
+        only what the socket did not take goes through ``send_all`` (which
+        waits for room). ``send_all`` would end with a scheduler pass, one per
+        burst of calls or results; a small record needs no such pass to be
+        fair, because the writer parks as soon as the outbox is empty. A bulk
+        record the socket took whole keeps one pass: a writer fed as fast as
+        the socket drains could otherwise keep the loop to itself.
+        """
+        io = self._socket_io
+        if io is not None:
+            sent = io.send_now(record)
+            if sent == len(record):
+                if sent >= SCRATCH_MIN:
+                    # Bulk data the socket took whole: a writer fed faster than
+                    # the socket drains would otherwise never let others run.
+                    await trio.lowlevel.checkpoint()
+                return
+            record = memoryview(record)[sent:]
+        await self.stream.send_all(record)
 
     async def _message_task(self) -> None:
         async for message in self._messages_out:
@@ -551,12 +593,27 @@ class Connection:
             return
         frames = self._outbox.take_control() if self._outbox.control_queued else []
         frames.append((frame,))
-        await self._send_directly(frames)
+        records: list[Any] = self._writer.write_frames(frames)
+        io = self._socket_io
+        if io is not None and len(records) == 1:
+            # The common case, without a coroutine: one write the socket
+            # takes whole (nothing else runs meanwhile, so no flag is needed).
+            (record,) = records
+            try:
+                sent = io.send_now(record)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+                raise ConnectionClosed(self.close_reason or "connection lost") from exc
+            if sent == len(record):
+                return
+            records = [memoryview(record)[sent:]]
+        await self._send_directly(records)
 
     def _flush_control(self) -> None:
         """Send the control frames queued without waking the writer (see Outbox.queue_control).
 
-        Called by the reader, which must never wait on the socket: if the peer
+        Called by the reader (and by a stream's consumer handing credit back),
+        which must never wait on the socket: if the peer
         stopped reading while it keeps sending, a reader stuck in a send would
         stop us reading too, and two such peers would wait on each other. So
         the reader only writes what the socket takes at once; the writer sends
@@ -580,24 +637,18 @@ class Connection:
         except ConnectionClosed:
             pass
 
-    async def _send_directly(self, frames: list[OutFrame]) -> None:
-        """Seal and send ``frames`` from this task while the writer is idle.
+    async def _send_directly(self, records: list[Any]) -> None:
+        """Send sealed ``records`` from this task while the writer is idle.
 
-        On a plain socket the record goes out with one non-blocking write
-        (a writer that is idle means the socket has room, so it completes at
-        once in practice). Otherwise, and for whatever that write left, the send
-        is shielded: a record cut in half by a cancellation would corrupt the
+        On a plain socket a single record has already gone out with one
+        non-blocking write (a writer that is idle means the socket has room, so
+        it completes at once in practice: see :meth:`_send_soon`). This sends
+        what that write left, or the records of other streams (TLS, memory),
+        shielded: a record cut in half by a cancellation would corrupt the
         stream.
         """
         self._direct_sending = True
         try:
-            records: list[Any] = self._writer.write_frames(frames)
-            if self._socket_io is not None and len(records) == 1:
-                (record,) = records
-                sent = self._socket_io.send_now(record)
-                if sent == len(record):
-                    return
-                records = [memoryview(record)[sent:]]
             with trio.CancelScope(shield=True):
                 for record in records:
                     await self.stream.send_all(record)
@@ -616,8 +667,8 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id, frame = self._state.start_call(method, args)
-        self._last_activity = trio.current_time()
-        result = await self._pending.wait(call_id, method, timeout, lambda: self._send_soon(frame))
+        self._last_activity = now = trio.current_time()
+        result = await self._pending.wait(call_id, method, timeout, now, self._send_soon, frame)
         if not result.ok:
             raise RPCError(result.error or "remote call failed", result.code or "error")
         return result.value
@@ -701,7 +752,10 @@ class Connection:
         frame = self._state.credit_frame(stream_id, amount)
         if frame is not None:
             with contextlib.suppress(ConnectionClosed):
-                self._outbox.put_control((frame,))
+                # Straight out when the writer is idle (one grant per megabyte
+                # of bulk data would otherwise wake it: a scheduler pass each).
+                self._outbox.queue_control((frame,))
+                self._flush_control()
 
 
 __all__ = ["Connection", "ConnectionSettings", "Dispatcher", "settings_from"]

@@ -24,6 +24,10 @@ from .errors import ConnectionClosed
 from .protocol import OutFrame
 from .protocol.connection import ConnectionState, Phase
 
+# Enum members are class attribute lookups (~0.1 us each); these run per call.
+_OPEN = Phase.OPEN
+_CLOSED = Phase.CLOSED
+
 
 class OutboxClosed(Exception):
     """Raised to the writer when there is nothing more to send, ever."""
@@ -68,7 +72,7 @@ class Outbox:
         """
         self._check_open()
         self._control.append(frame)
-        self._control_bytes += sum(len(piece) for piece in frame)
+        self._control_bytes += sum(map(len, frame))  # a generator costs ~0.4 us more
 
     @property
     def control_queued(self) -> bool:
@@ -136,7 +140,7 @@ class Outbox:
     async def take(self, budget: int) -> list[OutFrame]:
         """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
         while not self._control and not self._data and not self._sealed:
-            if self._state.phase is not Phase.OPEN:
+            if self._state.phase is not _OPEN:
                 raise OutboxClosed
             self.writer_idle = True
             try:
@@ -167,5 +171,5 @@ class Outbox:
         self._control_drained.unpark_all()
 
     def _check_open(self) -> None:
-        if self._state.phase is Phase.CLOSED:
+        if self._state.phase is _CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")

@@ -21,6 +21,9 @@ from .errors import ConnectionClosed, RPCTimeoutError
 from .protocol.connection import ConnectionState, Phase
 from .protocol.messages import Result
 
+# Enum members are class attribute lookups (~0.1 us each); these run per call.
+_CLOSED = Phase.CLOSED
+
 
 class _Pending:
     __slots__ = ("done", "early", "method", "parked", "task", "timeout")
@@ -80,6 +83,7 @@ class PendingCalls:
         self._send_cancel = send_cancel
         self._timer_scope: trio.CancelScope | None = None
         self._start_timer: Callable[[], None] | None = start_timer
+        self._timer_deadline = float("inf")
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -89,17 +93,23 @@ class PendingCalls:
         call_id: int,
         method: str,
         timeout: float | None,
-        send: Callable[[], Awaitable[None]],
+        now: float,
+        send: Callable[[bytes], Awaitable[None]],
+        frame: bytes,
     ) -> Result:
-        """Register ``call_id``, ``send`` the call, and park until its result arrives."""
-        if self._state.phase is Phase.CLOSED:
+        """Register ``call_id``, ``send(frame)`` (the call), and park until its result arrives.
+
+        ``now`` is Trio's clock, which the caller has just read: the deadline
+        counts from it.
+        """
+        if self._state.phase is _CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
         # Registered before sending: the reply may arrive while send() yields.
         pending = self._calls[call_id] = _Pending(trio.lowlevel.current_task(), method, timeout)
         if timeout is not None:
-            self._add_deadline(trio.current_time() + timeout, call_id)
+            self._add_deadline(now + timeout, call_id)
         try:
-            await send()
+            await send(frame)
         except BaseException:
             self._calls.pop(call_id, None)
             raise
@@ -180,9 +190,11 @@ class PendingCalls:
         if len(self._deadlines) > 2 * len(self._calls) + 64:
             self._deadlines = [entry for entry in self._deadlines if entry[1] in self._calls]
             heapq.heapify(self._deadlines)
+        # The scope's deadline, kept as a float: reading CancelScope.deadline
+        # (a property) on every call costs more than the heap push.
         scope = self._timer_scope
-        if scope is not None and deadline < scope.deadline:
-            scope.deadline = deadline
+        if scope is not None and deadline < self._timer_deadline:
+            scope.deadline = self._timer_deadline = deadline
 
     async def run_timer(self) -> None:
         """Fail calls whose timeout passed. Runs from the first deadline to the connection's end."""
@@ -190,6 +202,7 @@ class PendingCalls:
             deadline = self._deadlines[0][0] if self._deadlines else float("inf")
             with trio.CancelScope(deadline=deadline) as scope:
                 self._timer_scope = scope
+                self._timer_deadline = deadline
                 await trio.sleep_forever()
             self._timer_scope = None
             now = trio.current_time()

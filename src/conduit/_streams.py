@@ -36,8 +36,13 @@ class IncomingStream(InboundStream):
         self._wakeup = trio.lowlevel.ParkingLot()
 
     def wake(self) -> None:
-        """Data arrived: let the consumer look."""
-        self._wakeup.unpark_all()
+        """Data arrived: let the consumer look.
+
+        Called for every DATA frame (sixteen per megabyte of bulk data), and
+        the consumer waits for the first only: cheap when nobody waits.
+        """
+        if self._wakeup:
+            self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error (reset by the peer, or connection lost)."""
@@ -83,6 +88,9 @@ class OutgoingStream(OutboundStream):
         super().__init__(stream_id, window, max_payload)
         self._enqueue = enqueue
         self._wakeup = trio.lowlevel.ParkingLot()
+        # Every full chunk of a stream has the same header: encoded once.
+        self._header_size = -1
+        self._header = b""
 
     async def wait_for_credit(self, cost: int) -> None:
         """Wait until at least ``cost`` bytes of credit are available."""
@@ -90,7 +98,8 @@ class OutgoingStream(OutboundStream):
 
     def wake(self) -> None:
         """Credit arrived (the state machine counted it): let the producer go on."""
-        self._wakeup.unpark_all()
+        if self._wakeup:
+            self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
         """The peer reset the stream or the connection ended."""
@@ -100,19 +109,24 @@ class OutgoingStream(OutboundStream):
     async def send(self, chunks: Sequence[Buffer]) -> None:
         """Send chunks as DATA frames, waiting for credit as needed."""
         batch: list[tuple[OutFrame, int]] = []
+        max_payload = self.max_payload
+        self._check()
         for chunk in chunks:
             view = memoryview(chunk)
-            for start in range(0, len(view), self.max_payload):
-                piece = view[start : start + self.max_payload]
-                cost = len(piece) + FRAME_COST
+            for start in range(0, len(view), max_payload):
+                piece = view[start : start + max_payload]
+                size = len(piece)
+                cost = size + FRAME_COST
                 if self.credit < cost:
                     await self._flush(batch)
                     batch = []
                     await self._wait_for_credit(cost)
-                self._check()
                 self.credit -= cost
-                batch.append(((data_header(self.stream_id, len(piece)), piece), len(piece)))
-                self.bytes_sent += len(piece)
+                if size != self._header_size:
+                    self._header = data_header(self.stream_id, size)
+                    self._header_size = size
+                batch.append(((self._header, piece), size))
+                self.bytes_sent += size
         await self._flush(batch)
 
     async def finish(self, trailer: bytes = b"") -> None:

@@ -63,6 +63,11 @@ class FrameReader:
         self._max_frame_size = max_frame_size
         self._opener = RecordOpener(key, max_frame_size + HEADER_SIZE + RECORD_SLACK, leftover)
 
+    @property
+    def missing(self) -> int:
+        """Bytes still to come before the next sealed record is whole (0: unknown or none)."""
+        return self._opener.missing if self._opener is not None else 0
+
     def release_idle_buffers(self) -> None:
         """Unmap the opener's kept record buffers unless used since the previous call."""
         if self._opener is not None:
@@ -185,7 +190,7 @@ class FrameWriter:
         size = 0
         limit = self.record_limit
         for frame in frames:
-            frame_size = sum(len(piece) for piece in frame)
+            frame_size = sum(map(len, frame))
             if frame_size > limit:
                 raise LocalProtocolError(
                     f"frame of {frame_size} bytes exceeds the peer's limit {limit}"

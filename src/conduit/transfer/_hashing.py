@@ -8,7 +8,10 @@ and downloads. So every whole-file hash goes through one :class:`HashGate`
 per handler, the same discipline as resume hashing (:mod:`._budget`):
 
 * one hash at a time per connection (a lock the connection owns);
-* at most :data:`HASH_THREADS` hashing threads for all connections together;
+* at most :data:`HASH_THREADS` hashing threads for all connections together
+  (:attr:`HashGate.limiter`), kept as persistent threads of a
+  :class:`.._worker_hop.WorkerHop`: a small upload's store runs here, and a
+  ``trio.to_thread`` hop per file cost more than the file;
 * digests are cached by ``(st_dev, st_ino, size, st_mtime_ns, st_ctime_ns)``
   (at most :data:`CACHE_ENTRIES`, least recently used dropped first): asking
   again for an unchanged file costs no read at all, so a loop costs what the
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from .._worker_hop import WorkerHop
 from ._storage import sha256_of_fd
 
 if TYPE_CHECKING:
@@ -49,6 +53,8 @@ class HashGate:
         self.hashed_bytes = 0
         self._cache: OrderedDict[_Key, str] = OrderedDict()
         self._lock = threading.Lock()  # the cache is used from worker threads
+        #: The gate's threads (at most HASH_THREADS: the limiter admits no more calls).
+        self.hop = WorkerHop("hashing", max_threads=HASH_THREADS)
 
     def lock_for(self, connection: Connection) -> trio.Lock:
         """``connection``'s hashing lock (one whole-file hash at a time per connection)."""
@@ -59,8 +65,26 @@ class HashGate:
 
     async def run(self, connection: Connection, function: Callable[[], T]) -> T:
         """Run ``function`` (which hashes via :meth:`digest_of_fd`) within the gate."""
-        async with self.lock_for(connection):
-            return await trio.to_thread.run_sync(function, limiter=self.limiter)
+        # The fast paths take a free lock and limiter without the two
+        # checkpoints each of ``async with`` costs; the hop itself is the
+        # call's checkpoint (cancel point and schedule point).
+        lock = self.lock_for(connection)
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            limiter = self.limiter
+            try:
+                limiter.acquire_nowait()
+            except trio.WouldBlock:
+                await limiter.acquire()
+            try:
+                return await self.hop.run(function)
+            finally:
+                limiter.release()
+        finally:
+            lock.release()
 
     def digest_of_fd(self, fd: int, size: int) -> str:
         """SHA-256 hex of the first ``size`` bytes of ``fd`` (worker thread), cached."""

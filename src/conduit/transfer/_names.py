@@ -248,6 +248,12 @@ def _check_characters(original: str, text: str, *, allow_slash: bool) -> None:
         raise _unsafe(original, "it contains ':' (a drive letter or an NTFS stream on Windows)")
     if not allow_slash and "/" in text:
         raise _unsafe(original, "it contains a character that folds to '/'")
+    if text.isascii() and text.isprintable():
+        # The common name: no ASCII control (the only Cc in ASCII are the
+        # unprintable ones) and no invisible control or slash look-alike (none
+        # is ASCII). Skipping the loop saves a few µs per new name, paid on
+        # both ends of every small upload.
+        return
     for char in text:
         if unicodedata.category(char) == "Cc":
             raise _unsafe(original, f"it contains the control character U+{ord(char):04X}")

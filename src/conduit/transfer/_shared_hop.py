@@ -13,7 +13,12 @@ small file would pay eight hops; :class:`SharedHop` makes them pay one:
 
 Each call gets its own result or exception. A queued task that is cancelled
 before its hop starts is dropped (its call never runs); a call already in a
-hop runs to its end, as any worker-thread call does.
+hop runs to its end, as any worker-thread call does (the leader's hop is
+shielded: its cancellation must not leave the calls it carries unanswered).
+
+The shared hops run on a persistent worker thread (:class:`.._worker_hop.WorkerHop`),
+cheaper than a ``trio.to_thread`` hop; only one shared hop is under way at a
+time, so one thread serves them.
 
 A slow call (a file on a hung network mount) must not hold up everyone: a
 task never queues behind a hop that has run for :data:`STALLED_AFTER` seconds,
@@ -28,6 +33,8 @@ from typing import Generic, TypeVar
 
 import attrs
 import trio
+
+from .._worker_hop import IDLE_TIMEOUT, WorkerHop
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -52,16 +59,27 @@ class _Job(Generic[A, R]):
 class SharedHop(Generic[A, R]):
     """Run ``function(arg)`` in a worker thread, sharing the hop with concurrent callers.
 
-    One instance belongs to one Trio run (its events are that run's).
+    One instance belongs to one Trio run (its events are that run's). Its
+    thread exits once idle for ``idle_timeout`` seconds, or at :meth:`close`.
     """
 
-    def __init__(self, function: Callable[[A], R]) -> None:
+    def __init__(
+        self,
+        function: Callable[[A], R],
+        *,
+        name: str = "shared hop",
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        """``name`` names the thread (``conduit <name> N``)."""
         self._function = function
         self._queue: list[_Job[A, R]] = []
         #: A hop is under way, or a queued task has been told to lead one.
         self._busy = False
         #: When the last shared hop started (Trio's clock).
         self._started = 0.0
+        #: The shared hops' thread (one hop at a time; a stalled one is not
+        #: queued behind: those go alone, on Trio's threads).
+        self._worker = WorkerHop(name, idle_timeout=idle_timeout)
 
     async def run(self, arg: A) -> R:
         """``function(arg)``, run in a worker thread; its result, or its exception."""
@@ -93,6 +111,10 @@ class SharedHop(Generic[A, R]):
             raise job.error
         return job.result  # type: ignore[return-value]
 
+    def close(self) -> None:
+        """Let the shared hops' thread exit (see :meth:`.._worker_hop.WorkerHop.close`)."""
+        self._worker.close()
+
     def _leave(self, job: _Job[A, R]) -> None:
         """A queued task gives up (cancelled): drop its call, pass on the lead it got."""
         if job in self._queue:
@@ -106,7 +128,8 @@ class SharedHop(Generic[A, R]):
         del self._queue[: MAX_CALLS_PER_HOP - 1]
         self._started = trio.current_time()
         try:
-            await trio.to_thread.run_sync(self._run_all, jobs)
+            with trio.CancelScope(shield=True):
+                await self._worker.run(self._run_all, jobs)
         finally:
             for job in jobs:
                 job.done = True

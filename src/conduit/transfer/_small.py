@@ -1,12 +1,18 @@
-"""Small files on the sending side: read in one hop, several per call when several are in flight.
+"""Small files on the sending side: read cheaply, several per call when several are in flight.
 
 A file up to the small-file limit (one chunk, at most 256 KiB) travels inside
 one call (``file_upload_small``) instead of begin + stream + finish. What is
 left per file is fixed cost, so it is cut here:
 
-* :func:`probe` reads a small file in one worker-thread hop
-  (:func:`._local.probe_source`), and concurrent sends share that hop (see
-  :mod:`._shared_hop`).
+* :func:`probe` looks at the path once (:func:`._local.probe_source`): a
+  file up to :data:`INLINE_LIMIT` is opened, read and hashed inline, which
+  costs less than the worker-thread hop it replaces, as long as the file
+  system answers fast; after :data:`INLINE_SLOW_LOOKS` slow looks the run
+  reads in a worker thread instead, and concurrent sends share that hop (see
+  :mod:`._shared_hop`). The price: an ``open`` that never returns (a hung
+  network mount) holds the client's loop, where a hop would hold only that
+  send; a directory walk, ``send_files_to_server`` and larger files always
+  read in worker threads.
 * :class:`SmallUploads` coalesces the small uploads in flight on one
   connection (a nursery of ``send_to_server`` calls): while a call is on its
   way, the next files queue, and go together as one ``file_upload_batch``
@@ -19,8 +25,10 @@ left per file is fixed cost, so it is cut here:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +42,8 @@ from ._batch_store import MAX_BATCH_FILES
 from ._local import Probe, SmallFile, probe_source
 from ._shared_hop import STALLED_AFTER, SharedHop
 from ._wire import UPLOAD_BATCH, transfer_failure
+
+log = logging.getLogger("conduit.transfer")
 
 if TYPE_CHECKING:
     from .._connection import Connection
@@ -75,34 +85,82 @@ def _preparing(connection: Connection) -> _Preparing:
     return preparing
 
 
-#: The run's shared probing hop: eight sends starting together look at their
-#: files in one worker-thread hop, not eight.
-_PROBES: trio.lowlevel.RunVar[SharedHop[tuple[str | os.PathLike[str], int], Probe]] = (
-    trio.lowlevel.RunVar("conduit_small_probes")
-)
+#: Files up to this many bytes are looked at (opened, read, hashed) inline,
+#: in the Trio thread: about 10 µs of CPU for 4 KiB (52 µs for 64 KiB) on the
+#: benchmark machine, against 40-120 µs for a worker-thread hop and its two
+#: wake-ups. A larger one is left to the sender's own hop.
+INLINE_LIMIT = 64 * 1024
+#: A look that took longer than this (seconds, wall clock) was slow: a network
+#: or sleeping disk, not a page-cache read (nor a look descheduled for a time
+#: slice on a busy machine, which is why it is not lower).
+INLINE_STALL = 0.005
+#: After this many slow looks, a run looks at every file in a worker thread
+#: (the shared hop) from then on: a slow file system stalls the loop a few
+#: times at most, never for the rest of the run.
+INLINE_SLOW_LOOKS = 3
+
+
+@attrs.define(eq=False)
+class _Looks:
+    """The run's way of looking at files: inline while looks stay fast, else the shared hop."""
+
+    #: Eight sends starting together look at their files in one hop, not eight.
+    hop: SharedHop[tuple[str | os.PathLike[str], int], Probe]
+    #: Slow inline looks so far.
+    slow: int = 0
+
+
+_LOOKS: trio.lowlevel.RunVar[_Looks] = trio.lowlevel.RunVar("conduit_small_looks")
+
+
+def _looks() -> _Looks:
+    try:
+        return _LOOKS.get()
+    except LookupError:
+        # Its thread is not tied to the run: it exits once idle for
+        # IDLE_TIMEOUT seconds, as Trio's own cached threads do.
+        looks = _Looks(SharedHop(_probe_one))
+        _LOOKS.set(looks)
+        return looks
+
+
+def looks_inline() -> bool:
+    """Whether this run still looks at small files inline (see :data:`INLINE_SLOW_LOOKS`)."""
+    return _looks().slow < INLINE_SLOW_LOOKS
+
+
+async def _look(looks: _Looks, path: str | os.PathLike[str], limit: int) -> Probe:
+    if looks.slow >= INLINE_SLOW_LOOKS:
+        return await looks.hop.run((path, limit))
+    await trio.lowlevel.checkpoint()
+    started = time.perf_counter()
+    try:
+        # Never more than INLINE_LIMIT bytes read in the Trio thread.
+        return probe_source(path, min(limit, INLINE_LIMIT))
+    finally:
+        if time.perf_counter() - started > INLINE_STALL:
+            looks.slow += 1
+            if looks.slow == INLINE_SLOW_LOOKS:
+                log.info("slow file system: small files are read in a worker thread from now on")
 
 
 async def probe(path: str | os.PathLike[str], limit: int, client: Client) -> Probe:
-    """:func:`probe_source` in a worker thread, sharing the hop with concurrent probes.
+    """:func:`probe_source`: inline while looks are fast, else in a shared worker-thread hop.
 
     While it runs, the send counts as *preparing* on ``client``'s connection: a
     batch about to leave waits for it (see :class:`SmallUploads`), so eight
     sends that start together leave together.
     """
-    try:
-        hop = _PROBES.get()
-    except LookupError:
-        hop = SharedHop(_probe_one)
-        _PROBES.set(hop)
+    looks = _looks()
     try:
         preparing = _preparing(client.server.connection)
     except ConnectionClosed:
-        return await hop.run((path, limit))  # not connected: the send reports it
+        return await _look(looks, path, limit)  # not connected: the send reports it
     if preparing.count == 0:
         preparing.settled = trio.Event()
     preparing.count += 1
     try:
-        return await hop.run((path, limit))
+        return await _look(looks, path, limit)
     finally:
         preparing.count -= 1
         if preparing.count == 0:
@@ -280,4 +338,13 @@ async def _call_batch(peer: Peer, batch: list[_Queued]) -> list[Any] | dict[str,
     return listed
 
 
-__all__ = ["MAX_SMALL_CALLS", "SmallUploads", "probe", "send_one"]
+__all__ = [
+    "INLINE_LIMIT",
+    "INLINE_SLOW_LOOKS",
+    "INLINE_STALL",
+    "MAX_SMALL_CALLS",
+    "SmallUploads",
+    "looks_inline",
+    "probe",
+    "send_one",
+]

@@ -295,7 +295,10 @@ class DiskBudget:
             finally:
                 self._loaded.set()
             self._wake_sweeper()
-        await self._loaded.wait()
+        if not self._loaded.is_set():
+            # Loaded already (every call but the first few): no checkpoint
+            # here; the callers' own worker-thread hop is one.
+            await self._loaded.wait()
 
     def _wake_sweeper(self) -> None:
         """Make sure a sweeper is waiting for the earliest expiry (it stops when none is left)."""

@@ -260,11 +260,18 @@ class StorageRoot:
         Measured on the root, or on its nearest existing ancestor while the
         root has not been created yet (so asking creates nothing).
         """
+        # statvfs first: the root exists on every call but the first few, and
+        # an exists() check before it cost a stat per admitted file.
         target = self.path
-        while not target.exists() and target.parent != target:
-            target = target.parent
-        result = os.statvfs(target)
-        return result.f_bavail * result.f_frsize
+        while True:
+            try:
+                result = os.statvfs(target)
+            except (FileNotFoundError, NotADirectoryError):
+                if target.parent == target:
+                    raise
+                target = target.parent
+                continue
+            return result.f_bavail * result.f_frsize
 
     def check_can_accept(
         self, size: int, max_file_size: int | None = None, *, offset: int = 0, reserve: int = 0

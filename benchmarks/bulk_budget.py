@@ -1,0 +1,191 @@
+"""The CPU cost of each step of moving one MiB of bulk data, measured one step at a time.
+
+``python -m benchmarks.bulk_budget`` runs every step a megabyte of a file
+transfer goes through, alone, in a loop on this process's CPU clock, and prints
+microseconds per MiB: the work the raw-socket reference does too (SHA-256,
+AES-256-GCM, the file read, the copies) and the work only the engine does
+(sixteen DATA frames built and queued, joined and sealed into one record,
+opened and split again and run through the connection state machine, the
+worker-thread hop that keeps the disk off the event loop, a Trio scheduler
+pass). It uses the real objects (``OutgoingStream``, ``FrameWriter``,
+``FrameReader``, ``ConnectionState``), so it moves when they do.
+
+Multiply the engine-only steps by how often they happen per MiB (the per-MiB
+counts of scheduler passes, worker hops and syscalls in ``docs/benchmarks.md``,
+"Bulk: where the CPU goes") to get the engine's share of the CPU per GiB that
+``python -m benchmarks --scenario bulk`` measures end to end.
+
+Figures are medians of ``--repeat`` runs of ``--loops`` iterations each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from conduit._streams import IncomingStream, OutgoingStream
+from conduit.protocol import FrameReader, FrameWriter, OutFrame
+from conduit.protocol.codec import data_header
+from conduit.protocol.connection import ConnectionState
+from conduit.protocol.records import RecordSealer
+
+MiB = 1024 * 1024
+CHUNK = 64 * 1024
+KEY = bytes(range(32))
+
+
+def _per_op(step: Callable[[], Any], loops: int, clock: Callable[[], float]) -> float:
+    """Microseconds of ``clock`` per call of ``step``."""
+    started = clock()
+    for _ in range(loops):
+        step()
+    return (clock() - started) / loops * 1e6
+
+
+def _median(
+    step: Callable[[], Any], loops: int, repeat: int, clock: Any = time.thread_time
+) -> float:
+    return statistics.median(_per_op(step, loops, clock) for _ in range(repeat))
+
+
+def shared_steps(loops: int, repeat: int) -> dict[str, float]:
+    """What the reference does per MiB too."""
+    block = os.urandom(MiB)
+    hasher = hashlib.sha256()
+    sealer = RecordSealer(KEY, MiB + 4096)
+    sealed = bytearray(MiB + 64)
+    copy = bytearray(MiB)
+    figures = {
+        "SHA-256 of 1 MiB": _median(lambda: hasher.update(block), loops, repeat),
+        "AES-256-GCM seal of 1 MiB (into a reused buffer)": _median(
+            lambda: sealer.seal_into(block, sealed), loops, repeat
+        ),
+        "copy of 1 MiB (memcpy)": _median(
+            lambda: copy.__setitem__(slice(None), block), loops, repeat
+        ),
+    }
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        path = os.path.join(tmp, "block.bin")
+        with open(path, "wb") as out:
+            out.write(block)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            figures["read of 1 MiB from the page cache (fresh bytes)"] = _median(
+                lambda: os.pread(fd, MiB, 0), loops, repeat
+            )
+        finally:
+            os.close(fd)
+    return figures
+
+
+def engine_steps(loops: int, repeat: int) -> dict[str, float]:
+    """What only the engine does per MiB (per record of 16 DATA frames)."""
+    block = memoryview(os.urandom(MiB))
+    chunks = [block[i : i + CHUNK] for i in range(0, MiB, CHUNK)]
+    state = ConnectionState(
+        is_client=False,
+        receive_window=1 << 30,
+        peer_receive_window=1 << 30,
+        peer_max_frame_size=MiB,
+        max_concurrent_calls=16,
+        max_streams=16,
+        receive_budget=1 << 30,
+    )
+    stream = state.open_inbound(
+        lambda stream_id, window: IncomingStream(stream_id, window, _no_grant)
+    )
+    frames: list[OutFrame] = [(data_header(stream.stream_id, CHUNK), chunk) for chunk in chunks]
+    writer = FrameWriter()
+    writer.start_encryption(KEY, MiB)
+
+    def seal() -> None:
+        for _ in writer.iter_records(frames):
+            pass
+
+    # Records the reader opens in order (its nonce counts from zero, as the writer's).
+    sealing = FrameWriter()
+    sealing.start_encryption(KEY, MiB)
+    records = [bytes(r) for _ in range(loops * repeat) for r in sealing.iter_records(frames)]
+    pending = iter(records)
+    reader = FrameReader()
+    reader.start_decryption(KEY, MiB)
+
+    def open_and_deliver() -> None:
+        reader.feed(next(pending))
+        while (frame := reader.next_frame()) is not None:
+            event = state.receive_frame(frame)
+            if isinstance(event, IncomingStream):
+                event.wake()
+        stream.take()
+        stream.consumed()
+        state_grant = stream.credit_to_return(force=True)
+        del state_grant
+
+    return {
+        "join 16 frames (copy) + seal one record (iter_records)": _median(seal, loops, repeat),
+        "open (decrypt) a record, 16 frames through ConnectionState": _median(
+            open_and_deliver, loops, repeat
+        ),
+        **trio.run(_trio_steps, chunks, loops, repeat),
+    }
+
+
+def _no_grant(stream_id: int, amount: int) -> None:
+    del stream_id, amount
+
+
+async def _trio_steps(chunks: list[memoryview], loops: int, repeat: int) -> dict[str, float]:
+    async def enqueue(batch: list[tuple[OutFrame, int]]) -> None:
+        del batch
+
+    stream = OutgoingStream(1, 1 << 40, CHUNK, enqueue)
+
+    async def timed(step: Callable[[], Any], count: int, clock: Any) -> float:
+        runs = []
+        for _ in range(repeat):
+            started = clock()
+            for _ in range(count):
+                await step()
+            runs.append((clock() - started) / count * 1e6)
+        return statistics.median(runs)
+
+    return {
+        "build + queue 16 DATA frames (OutgoingStream.send)": await timed(
+            lambda: stream.send(chunks), loops, time.thread_time
+        ),
+        "one Trio scheduler pass (checkpoint)": await timed(
+            trio.lowlevel.checkpoint, loops * 10, time.thread_time
+        ),
+        # Process CPU: the hop's cost is in both threads (futex, GIL hand-offs).
+        "one worker-thread hop (trio.to_thread.run_sync of nothing)": await timed(
+            lambda: trio.to_thread.run_sync(lambda: None), loops, time.process_time
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the table (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loops", type=int, default=200, help="iterations per run")
+    parser.add_argument("--repeat", type=int, default=5, help="runs; the median is shown")
+    args = parser.parse_args(argv)
+    print(f"{'step':<82} {'µs':>8}")
+    for title, figures in (
+        ("shared with the reference, per MiB", shared_steps(args.loops, args.repeat)),
+        ("engine only", engine_steps(args.loops, args.repeat)),
+    ):
+        print(f"-- {title}")
+        for name, value in figures.items():
+            print(f"{name:<82} {value:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

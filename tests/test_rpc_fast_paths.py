@@ -1,0 +1,256 @@
+"""The RPC hot path's shortcuts behave exactly as the general paths they skip.
+
+* CALL and RESULT frames are encoded and decoded without the generic codec's
+  lookups (``encode_call`` / ``encode_result`` / ``decode_call`` /
+  ``decode_result``): the same bytes as ``encode_frame``, the same bodies as
+  ``decode_body``, and the same malformed payloads refused with the same error.
+* Records of every size open the same way: small ones (a call, a result) from
+  a copy of their bytes, middle-sized ones through a view, large ones into a
+  mapped buffer. The same tampering (ciphertext, length prefix, a replayed or
+  reordered record, a length beyond the limit) is refused the same way by each.
+* ``SocketIO.receive`` waits for readability first after a read that drained
+  the socket; whatever arrives (before or after it is called, in one piece or
+  several, or the end of the stream) is still returned, a closed socket is
+  still a closed stream, and cancellation still works.
+* The writer sends small records with one non-blocking write: what the socket
+  does not take still goes out, in order.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conduit._socket_io import SocketIO
+from conduit.errors import IntegrityError, RemoteProtocolError
+from conduit.protocol.codec import (
+    decode_body,
+    decode_call,
+    decode_result,
+    encode_call,
+    encode_frame,
+    encode_result,
+)
+from conduit.protocol.frames import Frame, FrameKind
+from conduit.protocol.messages import Call, Result
+from conduit.protocol.records import MAPPED_MIN, RecordOpener, RecordSealer
+
+#: msgpack values as a peer could send them (maps keyed by anything, nesting).
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_ARGS = st.dictionaries(st.text(max_size=8), _VALUES, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**32 - 1), st.text(max_size=30), _ARGS)
+def test_a_call_encodes_to_the_same_bytes(call_id: int, method: str, args: dict[str, Any]) -> None:
+    assert encode_call(call_id, method, args) == encode_frame(
+        FrameKind.CALL, call_id, Call(method, args)
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**32 - 1), st.booleans(), _VALUES, st.text(max_size=20), st.text(max_size=9))
+def test_a_result_encodes_to_the_same_bytes(
+    call_id: int, ok: bool, value: Any, error: str, code: str
+) -> None:
+    result = Result(ok, value, error, code)
+    assert encode_result(call_id, result) == encode_frame(FrameKind.RESULT, call_id, result)
+
+
+def _outcome(decode: Any, payload: bytes) -> Any:
+    try:
+        return ("ok", decode(payload))
+    except RemoteProtocolError as exc:
+        return ("refused", str(exc))
+
+
+def _both_ways(payload: bytes) -> None:
+    call_frame = Frame(FrameKind.CALL, 1, 0, payload)
+    result_frame = Frame(FrameKind.RESULT, 1, 0, payload)
+    assert _outcome(decode_call, payload) == _outcome(
+        lambda _: decode_body(call_frame, Call), payload
+    )
+    assert _outcome(decode_result, payload) == _outcome(
+        lambda _: decode_body(result_frame, Result), payload
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.one_of(
+        _VALUES.map(lambda value: msgpack.packb(value, use_bin_type=True)),
+        st.fixed_dictionaries(
+            {"method": _VALUES, "args": _VALUES}, optional={"extra": _VALUES}
+        ).map(lambda body: msgpack.packb(body, use_bin_type=True)),
+        st.fixed_dictionaries(
+            {"ok": _VALUES}, optional={"value": _VALUES, "error": _VALUES, "code": _VALUES}
+        ).map(lambda body: msgpack.packb(body, use_bin_type=True)),
+        st.binary(max_size=40),
+    )
+)
+def test_the_fast_decoders_accept_and_refuse_what_decode_body_does(payload: bytes) -> None:
+    _both_ways(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",  # no body at all
+        b"\xc1",  # a byte msgpack never uses
+        b"\x92\x01",  # an array cut short
+        msgpack.packb({"method": 5, "args": {}}),
+        msgpack.packb({"method": "m", "args": {1: 2}}),  # a non-string argument name
+        msgpack.packb({"method": "m", "args": []}),
+        msgpack.packb({"ok": 1}),  # not a bool
+        msgpack.packb({"ok": True, "error": b"bytes"}),
+        msgpack.packb(["method", {}]),  # a tuple where a map belongs
+        msgpack.packb({"method": "m", "args": {"x": 1}}),  # valid CALL
+        msgpack.packb({"ok": False, "error": "e", "code": "c"}),  # valid RESULT
+    ],
+)
+def test_the_same_bad_bytes_are_refused_both_ways(payload: bytes) -> None:
+    _both_ways(payload)
+
+
+KEY = bytes(range(32))
+LIMIT = 2 << 20
+
+#: One size per way of opening a record: copied, viewed, mapped.
+SIZES = [100, 16 * 1024, MAPPED_MIN + 1000]
+
+
+def _records(count: int, size: int) -> list[bytes]:
+    sealer = RecordSealer(KEY, LIMIT)
+    return [bytes(sealer.seal(bytes([index]) * size)) for index in range(count)]
+
+
+def _open_all(data: list[bytes | bytearray], *, split: int | None = None) -> list[bytes]:
+    opener = RecordOpener(KEY, LIMIT)
+    opened = []
+    for chunk in data:
+        pieces = [chunk] if split is None else [chunk[:split], chunk[split:]]
+        for piece in pieces:
+            opener.feed(piece)
+            while (record := opener.next_record()) is not None:
+                opened.append(bytes(record))
+    return opened
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("split", [None, 3, 9])
+def test_every_size_opens_whole_or_split(size: int, split: int | None) -> None:
+    """Whole chunks (bytes, opened in place) and split ones (buffered) alike."""
+    assert _open_all(list(_records(3, size)), split=split) == [bytes([i]) * size for i in range(3)]
+
+
+def _flip(record: bytes, index: int) -> bytes:
+    altered = bytearray(record)
+    altered[index] ^= 0x01
+    return bytes(altered)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("split", [None, 5])
+@pytest.mark.parametrize(
+    "tamper",
+    ["ciphertext", "tag", "replay", "reorder", "truncated-length"],
+)
+def test_every_size_refuses_the_same_tampering(size: int, split: int | None, tamper: str) -> None:
+    first, second = _records(2, size)
+    if tamper == "ciphertext":
+        stream = [_flip(first, 10)]
+    elif tamper == "tag":
+        stream = [_flip(first, len(first) - 1)]
+    elif tamper == "replay":
+        stream = [first, first]
+    elif tamper == "reorder":
+        stream = [second]
+    else:
+        # A smaller length prefix: the AEAD's associated data no longer matches.
+        shorter = (int.from_bytes(first[:4], "big") - 1).to_bytes(4, "big")
+        stream = [shorter + first[4:]]
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        _open_all(stream, split=split)
+
+
+@pytest.mark.parametrize("sealed_size", [LIMIT + 17, 15])
+def test_a_length_outside_the_limits_is_refused_before_buffering(sealed_size: int) -> None:
+    opener = RecordOpener(KEY, LIMIT)
+    opener.feed(sealed_size.to_bytes(4, "big") + b"x" * 32)
+    with pytest.raises(RemoteProtocolError, match="outside the limit"):
+        opener.next_record()
+
+
+def _socket_io_pair() -> tuple[SocketIO, trio.SocketStream, trio.SocketStream]:
+    left, right = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(left))
+    peer = trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    io = SocketIO.of(ours)
+    assert io is not None
+    return io, ours, peer
+
+
+async def test_a_drained_socket_still_returns_what_arrives_later_and_meanwhile() -> None:
+    io, ours, peer = _socket_io_pair()
+    with trio.fail_after(10):
+        await peer.send_all(b"first")
+        assert await io.receive(1024) == b"first"  # short: drained
+        assert io._drained
+        # Already there when receive is called: readable at once.
+        await peer.send_all(b"meanwhile")
+        assert await io.receive(1024) == b"meanwhile"
+        # Arrives while receive waits.
+        async with trio.open_nursery() as nursery:
+
+            async def later() -> None:
+                await trio.sleep(0.01)
+                await peer.send_all(b"later")
+
+            nursery.start_soon(later)
+            assert await io.receive(1024) == b"later"
+        # A read that fills the request: the next one tries to read at once.
+        await peer.send_all(b"x" * 10)
+        assert await io.receive(4) == b"xxxx"
+        assert not io._drained
+        assert await io.receive(1024) == b"x" * 6
+        await peer.aclose()
+        assert await io.receive(1024) == b""  # end of stream
+    await ours.aclose()
+
+
+async def test_a_drained_socket_can_be_cancelled_and_closed() -> None:
+    io, ours, peer = _socket_io_pair()
+    with trio.fail_after(10):
+        await peer.send_all(b"one")
+        assert await io.receive(1024) == b"one"
+        with trio.move_on_after(0.01) as scope:
+            await io.receive(1024)
+        assert scope.cancelled_caught
+        # Nothing was lost by the cancellation.
+        await peer.send_all(b"two")
+        assert await io.receive(1024) == b"two"
+        await ours.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await io.receive(1024)
+    await peer.aclose()
