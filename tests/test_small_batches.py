@@ -20,21 +20,13 @@ from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
 from conduit.transfer._batch_store import MAX_BATCH_FILES
 from conftest import ClientFactory, ServerFactory
-from transfer_helpers import partial_files, record_calls, visible_files
+from transfer_helpers import partial_files, record_calls, storage_server, visible_files
 
 KiB = 1024
 
 
 def _entry(name: str, data: bytes, sha256: str | None = None) -> dict[str, Any]:
     return {"name": name, "data": data, "sha256": sha256 or hashlib.sha256(data).hexdigest()}
-
-
-async def _server(
-    server_factory: ServerFactory, storage: Path, **options: Any
-) -> tuple[FileTransferHandler, Server]:
-    handler = FileTransferHandler(storage_dir=storage, **options)
-    server = await server_factory(register=handler.register_server_handlers)
-    return handler, server
 
 
 def _nothing_held(handler: FileTransferHandler, storage: Path) -> None:
@@ -50,7 +42,7 @@ async def test_a_directory_of_small_files_goes_in_batches(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     top = tmp_path / "tree"
     expected: dict[str, bytes] = {}
@@ -81,7 +73,7 @@ async def test_each_file_of_a_batch_gets_its_own_result(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     received: list[str] = []
 
@@ -135,7 +127,7 @@ async def test_a_batch_keeps_quotas_and_read_only(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, accounts: Accounts
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     carol, dave = await client_factory(server), await client_factory(server)
     for client, username in ((carol, "carol"), (dave, "dave")):
         assert client.id is not None
@@ -169,7 +161,7 @@ async def test_a_batch_over_the_bounds_is_refused_whole(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     too_many = [_entry(f"f{i}.txt", b"x") for i in range(MAX_BATCH_FILES + 1)]
     with trio.fail_after(10):
@@ -230,7 +222,7 @@ async def test_send_files_to_server_gives_one_result_per_file(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     outbox = tmp_path / "outbox"
     outbox.mkdir()

@@ -18,22 +18,14 @@ from typing import Any
 import pytest
 import trio
 
-from conduit import FileTransferHandler, Server
+from conduit import FileTransferHandler
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
 from conduit.transfer._shared_hop import SharedHop
 from conftest import ClientFactory, ServerFactory
-from transfer_helpers import partial_files, record_calls, visible_files
+from transfer_helpers import partial_files, record_calls, storage_server, visible_files
 
 KiB = 1024
-
-
-async def _server(
-    server_factory: ServerFactory, storage: Path
-) -> tuple[FileTransferHandler, Server]:
-    handler = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=handler.register_server_handlers)
-    return handler, server
 
 
 def _sources(directory: Path, count: int, size: int = 4 * KiB) -> dict[str, bytes]:
@@ -71,7 +63,7 @@ async def test_small_uploads_in_flight_share_calls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     received: list[str] = []
 
     @handler.on_file_received
@@ -105,7 +97,7 @@ async def test_a_lone_upload_goes_at_once_in_one_call(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = tmp_path / "storage"
-    _, server = await _server(server_factory, storage)
+    _, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     files = _sources(tmp_path / "source", 3)
     methods = record_calls(monkeypatch)
@@ -120,7 +112,7 @@ async def test_each_file_in_flight_gets_its_own_result(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     accounts = Accounts(tmp_path / "accounts.json", stretch=MIN_STRETCH)
     quota = 5 * 4 * KiB + KiB
     accounts.add("carol", "pw-carol", quota=quota)
@@ -148,7 +140,7 @@ async def test_files_already_there_and_collisions_in_flight(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    _, server = await _server(server_factory, storage)
+    _, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     files = _sources(tmp_path / "source", 8)
     names = sorted(files)
@@ -173,7 +165,7 @@ async def test_uploads_queued_when_the_connection_closes_fail_and_end(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    handler, server = await _server(server_factory, storage)
+    handler, server = await storage_server(server_factory, storage)
     stuck = trio.Event()
 
     @handler.on_file_received

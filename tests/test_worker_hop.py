@@ -23,6 +23,7 @@ from conduit._worker_hop import WorkerHop
 from conduit.transfer import _small
 from conduit.transfer._shared_hop import SharedHop
 from conftest import ClientFactory, ServerFactory
+from transfer_helpers import storage_server
 
 KiB = 1024
 
@@ -271,8 +272,7 @@ async def test_small_files_are_looked_at_inline_until_looks_are_slow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = tmp_path / "storage"
-    handler = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=handler.register_server_handlers)
+    _, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     source = tmp_path / "source"
     source.mkdir()
@@ -300,8 +300,7 @@ async def test_a_small_file_over_the_inline_limit_is_read_in_a_thread_and_arrive
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    handler = FileTransferHandler(storage_dir=storage, chunk_size=256 * KiB)
-    server = await server_factory(register=handler.register_server_handlers)
+    _, server = await storage_server(server_factory, storage, chunk_size=256 * KiB)
     client = await client_factory(server)
     data = os.urandom(_small.INLINE_LIMIT + 1)
     path = tmp_path / "bigger.bin"

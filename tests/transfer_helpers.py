@@ -13,18 +13,32 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
 import trio
 
+from conduit import FileTransferHandler, Server
 from conduit._connection import Connection
-from conftest import Direction, Tamper, TcpProxy
+from conftest import Direction, ServerFactory, Tamper, TcpProxy
 from hostile_names import PARTIAL_PREFIX
 
 #: Block size for generating and hashing files: big files never sit in memory whole.
 BLOCK = 8 * 1024 * 1024
 MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- servers
+
+
+async def storage_server(
+    server_factory: ServerFactory, storage: Path, **options: Any
+) -> tuple[FileTransferHandler, Server]:
+    """A server whose handler stores under ``storage`` (``options``: handler settings)."""
+    handler = FileTransferHandler(storage_dir=storage, **options)
+    server = await server_factory(register=handler.register_server_handlers)
+    return handler, server
 
 
 # --------------------------------------------------------------------------- files
