@@ -69,6 +69,7 @@ from .protocol.records_io import SCRATCH_MIN
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
+_CLOSED = Phase.CLOSED
 
 log = logging.getLogger("conduit.connection")
 
@@ -220,6 +221,9 @@ class Connection:
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
+        # The heartbeat and idle tasks wait here between their timers: abort()
+        # wakes them, so that they end without a cancellation (see abort).
+        self._timers_parked = trio.lowlevel.ParkingLot()
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
@@ -282,13 +286,37 @@ class Connection:
         self._nursery.start_soon(fn, *args)
 
     def abort(self, reason: str) -> None:
-        """Close at once: cancel every task of this connection."""
+        """Close at once: cancel every task of this connection.
+
+        Unless every task ends by itself anyway: the common end (the reader
+        meets the peer's GOODBYE or end of stream while the writer and the
+        timers wait for work) then costs no cancellation, no Cancelled raised
+        in each task, caught and grouped by the nursery.
+        """
         if self._state.close_reason is None:
             log.debug("%s: closing: %s", self.label, reason)
         self._state.close(reason)
+        writer_waits = self._outbox.writer_idle  # in take(), which close() ends
         self._outbox.close()
-        if self._nursery is not None:
+        self._timers_parked.unpark_all()
+        if self._nursery is not None and not self._ends_by_itself(writer_waits):
             self._nursery.cancel_scope.cancel()
+
+    def _ends_by_itself(self, writer_waits: bool) -> bool:
+        """Whether every task of the nursery now ends without being cancelled.
+
+        True when they are the calling task (the reader, which returns once the
+        state is CLOSED), the writer woken from take() and the timers woken
+        from their lot; any other task (a follower in a handler, the message
+        task, a hook) may be waiting anywhere, and is cancelled.
+        """
+        assert self._nursery is not None
+        children = self._nursery.child_tasks
+        try:
+            task = trio.lowlevel.current_task()
+        except RuntimeError:  # the asyncio host's callback (see _drain_on_host)
+            return False
+        return task in children and len(children) == 1 + writer_waits + len(self._timers_parked)
 
     async def close(self, reason: str = "closed by this side", grace: float = 2.0) -> None:
         """Say goodbye, let queued frames go out, then close. Waits until closed."""
@@ -328,6 +356,8 @@ class Connection:
                     return blocked
                 # Results of the calls just run go out together, in one record.
                 self._flush_control()
+                if self._state.phase is _CLOSED:
+                    return None  # aborted: its task ends without a cancellation
                 data = await self._receive()
                 if data is not None:  # None: the host reader fed it (see _drain_on_host)
                     if not data:
@@ -482,7 +512,8 @@ class Connection:
     async def _heartbeat_loop(self) -> None:
         settings = self.settings
         while True:
-            await trio.sleep(settings.heartbeat_interval)
+            if await self._sleep_unless_closed(trio.current_time() + settings.heartbeat_interval):
+                return
             now = trio.current_time()
             silent = now - self._last_received
             if silent > settings.heartbeat_timeout:
@@ -508,7 +539,16 @@ class Connection:
             if trio.current_time() >= deadline:
                 await self.close(f"idle for more than {idle_timeout:g}s")
                 return
-            await trio.sleep_until(deadline)
+            if await self._sleep_unless_closed(deadline):
+                return
+
+    async def _sleep_unless_closed(self, deadline: float) -> bool:
+        """Sleep until ``deadline``; True (at once) when the connection closed meanwhile."""
+        with trio.move_on_at(deadline):
+            if self._state.phase is not _CLOSED:
+                await self._timers_parked.park()
+            return True
+        return False
 
     # ------------------------------------------------------------------ event handlers
 
