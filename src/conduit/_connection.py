@@ -15,7 +15,9 @@ the frames it produces. One nursery per connection owns:
   message task.
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
   socket, control frames before data, many frames per record.
-* the **heartbeat task**: pings on a Trio timer and the idle/peer-silence checks.
+* the **heartbeat**: pings on a Trio timer and the idle/peer-silence checks
+  (:meth:`Connection.beat`); a task of its own, or a server's one timer task
+  for all its connections (:mod:`conduit._heartbeats`).
 * the **call timer** (:mod:`conduit._pending_calls`): one deadline heap for
   every call this side waits on.
 * the **followers** (:mod:`conduit._call_workers`): tasks finishing calls that
@@ -39,6 +41,7 @@ import outcome
 import trio
 
 from ._call_workers import Blocked, CallRunners
+from ._heartbeats import Entry, Heartbeats
 from ._host_reader import HostReader, Received
 from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCalls
@@ -156,6 +159,7 @@ class Connection:
         settings: ConnectionSettings,
         dispatcher: Dispatcher,
         label: str,
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.stream = stream
         #: Plain sockets skip Trio's per-operation overhead (see _socket_io).
@@ -224,6 +228,9 @@ class Connection:
         # The heartbeat and idle tasks wait here between their timers: abort()
         # wakes them, so that they end without a cancellation (see abort).
         self._timers_parked = trio.lowlevel.ParkingLot()
+        # A shared heartbeat timer (a server's), else a task of our own beats.
+        self._heartbeats = heartbeats
+        self._heartbeat_entry: Entry | None = None
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
@@ -261,12 +268,17 @@ class Connection:
                 if self._timer_wanted:  # a call with a timeout made before run()
                     nursery.start_soon(self._pending.run_timer)
                 if self.settings.heartbeat_interval > 0:
-                    nursery.start_soon(self._heartbeat_task)
+                    if self._heartbeats is not None:
+                        self._heartbeat_entry = self._heartbeats.add(self.beat, trio.current_time())
+                    else:
+                        nursery.start_soon(self._heartbeat_loop)
                 if self.settings.idle_timeout is not None:
                     nursery.start_soon(self._idle_task, self.settings.idle_timeout)
                 if on_started is not None:
                     on_started()
         finally:
+            if self._heartbeat_entry is not None:
+                Heartbeats.remove(self._heartbeat_entry)
             self._shutdown(self.close_reason or "connection closed")
             if close_now(self.stream):
                 # The scheduling pass aclose() ends with (other tasks see the
@@ -505,31 +517,38 @@ class Connection:
             except Exception:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
 
-    async def _heartbeat_task(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self._heartbeat_loop()
-
     async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while not await self._sleep_unless_closed(trio.current_time() + interval):
+            if not self.beat(trio.current_time()):
+                return
+
+    def beat(self, now: float) -> bool:
+        """One heartbeat at ``now``: ping, or end a silent or idle connection.
+
+        Returns False once the connection needs no more beats.
+        """
+        if self._state.phase is _CLOSED:
+            return False
         settings = self.settings
-        while True:
-            if await self._sleep_unless_closed(trio.current_time() + settings.heartbeat_interval):
-                return
-            now = trio.current_time()
-            silent = now - self._last_received
-            if silent > settings.heartbeat_timeout:
-                self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
-                return
-            if (
-                settings.idle_timeout is not None
-                and now - self._last_activity > settings.idle_timeout
-            ):
-                await self.close(f"idle for more than {settings.idle_timeout:g}s")
-                return
+        silent = now - self._last_received
+        if silent > settings.heartbeat_timeout:
+            self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
+            return False
+        if settings.idle_timeout is not None and now - self._last_activity > settings.idle_timeout:
+            # A graceful close waits (for the goodbye to go out): in a task.
+            with contextlib.suppress(ConnectionClosed):
+                self.spawn(self.close, f"idle for more than {settings.idle_timeout:g}s")
+            return False
+        try:
             self._outbox.put_control((self._state.ping(),))
-            # An idle connection must not keep a bulk transfer's megabytes.
-            self._writer.release_idle_buffers()
-            self._reader.release_idle_buffers()
-            self._receive_buffer.release_idle()
+        except ConnectionClosed:
+            return False
+        # An idle connection must not keep a bulk transfer's megabytes.
+        self._writer.release_idle_buffers()
+        self._reader.release_idle_buffers()
+        self._receive_buffer.release_idle()
+        return True
 
     async def _idle_task(self, idle_timeout: float) -> None:
         # Sleep until the moment the connection would become idle; activity in

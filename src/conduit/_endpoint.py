@@ -18,6 +18,7 @@ import trio
 from ._callbacks import invoke
 from ._connection import Connection, ConnectionSettings, settings_from
 from ._handshake_io import Established
+from ._heartbeats import Heartbeats
 from ._peer import Peer
 from ._rpc import Handlers
 
@@ -89,8 +90,13 @@ class Endpoint:
         address: Any,
         default_timeout: float | None,
         label: str,
+        heartbeats: Heartbeats | None = None,
     ) -> Peer:
-        """The Peer of a finished handshake, with its connection (not running yet)."""
+        """The Peer of a finished handshake, with its connection (not running yet).
+
+        ``heartbeats``: a timer shared with other connections (a server's), else
+        the connection beats in a task of its own.
+        """
 
         def connect(peer: Peer) -> Connection:
             return Connection(
@@ -102,6 +108,7 @@ class Endpoint:
                 settings=self._settings,
                 dispatcher=self._handlers.bound_to(peer),
                 label=label,
+                heartbeats=heartbeats,
             )
 
         return Peer(

@@ -21,6 +21,7 @@ from ._handshake_io import (
     send_bytes,
     welcome_record,
 )
+from ._heartbeats import Heartbeats
 from ._peer import Peer
 from ._resume import ResumeTokens
 from ._serve_loop import serve_listeners
@@ -99,6 +100,8 @@ class Server(Endpoint):
         self._listening = trio.Event()
         self._closing = False
         self._resume_tokens = ResumeTokens()
+        # One heartbeat timer for every client's connection, while serving.
+        self._heartbeats: Heartbeats | None = None
         # Set when a client's session has ended, hooks included (a reconnect
         # that replaces a stale connection waits for it); woken on each arrival.
         self._sessions_over: dict[str, trio.Event] = {}
@@ -230,6 +233,9 @@ class Server(Endpoint):
                 if self.cluster is not None:
                     # Joined before the first client, whose id the cluster registers.
                     await nursery.start(self.cluster.run)
+                if self.descriptor.heartbeat_interval > 0:
+                    self._heartbeats = Heartbeats(self.descriptor.heartbeat_interval)
+                    nursery.start_soon(self._heartbeats.run)
                 screened = [self._gate.screen(listener) for listener in listeners]
                 await nursery.start(serve_listeners, self._serve_connection, screened)
                 log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
@@ -237,6 +243,7 @@ class Server(Endpoint):
                 report_started()
         finally:
             self._cancel_scope = None
+            self._heartbeats = None
             self._addresses = []
             self._listening = trio.Event()
             self._stopped.set()
@@ -460,6 +467,7 @@ class Server(Endpoint):
             address=arrival.address,
             default_timeout=self.descriptor.rpc_timeout,
             label=f"client {client_id} {arrival.label}",
+            heartbeats=self._heartbeats,
         )
         token = self._resume_tokens.current(client_id)
         stale = self.clients.get(client_id)
