@@ -187,7 +187,7 @@ class Connection:
             max_streams=settings.max_streams,
             receive_budget=settings.receive_budget,
         )
-        self._outbox = Outbox(settings.send_buffer, state)
+        self._outbox = Outbox(settings.send_buffer, state, self._start_writer)
         self._pending = PendingCalls(
             state, self._send_cancel, self._all_callers_woken, self._start_timer
         )
@@ -222,6 +222,10 @@ class Connection:
         # each task costs every connection its start and its cancellation.
         self._message_task_started = False
         self._timer_wanted = False
+        # Likewise the writer: results and calls go out directly while it is
+        # idle, so it starts with the first frame that must wait (see Outbox).
+        self._writer_wanted = False
+        self._writer_started = False
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
@@ -264,7 +268,9 @@ class Connection:
                 self._nursery = nursery
                 self._task_context = contextvars.copy_context()
                 nursery.start_soon(self._calls.run)
-                nursery.start_soon(self._send_task)
+                if self._writer_wanted:  # frames queued before run()
+                    self._writer_started = True
+                    nursery.start_soon(self._send_task)
                 if self._timer_wanted:  # a call with a timeout made before run()
                     nursery.start_soon(self._pending.run_timer)
                 if self.settings.heartbeat_interval > 0:
@@ -308,7 +314,8 @@ class Connection:
         if self._state.close_reason is None:
             log.debug("%s: closing: %s", self.label, reason)
         self._state.close(reason)
-        writer_waits = self._outbox.writer_idle  # in take(), which close() ends
+        # Parked in take(), which close() ends.
+        writer_waits = self._writer_started and self._outbox.writer_idle
         self._outbox.close()
         self._timers_parked.unpark_all()
         if self._nursery is not None and not self._ends_by_itself(writer_waits):
@@ -479,6 +486,14 @@ class Connection:
         except Exception as exc:  # a bug here must end this connection, not the server
             log.exception("%s: writer failed", self.label)
             self.abort(f"internal error in the writer: {exc}")
+
+    def _start_writer(self) -> None:
+        # The outbox needs its writer for the first time; before run() it starts there.
+        if self._nursery is None:
+            self._writer_wanted = True
+        else:
+            self._writer_started = True
+            self._task_context.run(self._nursery.start_soon, self._send_task)
 
     def _start_timer(self) -> None:
         # The first call with a timeout; before run() it starts there.

@@ -17,6 +17,7 @@ once nothing is queued and the phase is not OPEN.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import trio
 
@@ -36,7 +37,12 @@ class OutboxClosed(Exception):
 class Outbox:
     """Frames waiting for the writer; control before data."""
 
-    def __init__(self, data_limit: int, state: ConnectionState) -> None:
+    def __init__(
+        self,
+        data_limit: int,
+        state: ConnectionState,
+        start_writer: Callable[[], None] | None = None,
+    ) -> None:
         self._state = state
         self._control: deque[OutFrame] = deque()
         self._control_bytes = 0
@@ -49,9 +55,13 @@ class Outbox:
         self._sealed: list[bytes | bytearray | memoryview] = []
         self._writer_waiting = trio.lowlevel.ParkingLot()
         self._producers_waiting = trio.lowlevel.ParkingLot()
-        #: True while the writer is parked with nothing to send: a producer may
-        #: then write a frame itself instead of waking the writer for it.
-        self.writer_idle = False
+        #: True while the writer is parked with nothing to send, or not
+        #: started yet: a producer may then write a frame itself instead of
+        #: waking the writer for it.
+        self.writer_idle = start_writer is not None
+        # Called instead of a wake-up the first time the writer is needed: a
+        # connection that only ever sends directly never starts its task.
+        self._start_writer = start_writer
 
     @property
     def data_bytes(self) -> int:
@@ -113,7 +123,11 @@ class Outbox:
             # Not idle any more once woken: a producer that sees it woken queues
             # behind it instead of sending alone (its frame joins the record).
             self.writer_idle = False
-            self._writer_waiting.unpark_all()
+            start, self._start_writer = self._start_writer, None
+            if start is not None:
+                start()
+            else:
+                self._writer_waiting.unpark_all()
 
     @property
     def control_bytes(self) -> int:
