@@ -226,6 +226,8 @@ class Connection:
         # idle, so it starts with the first frame that must wait (see Outbox).
         self._writer_wanted = False
         self._writer_started = False
+        # The task running run() while it takes part in reading (see run).
+        self._body_task: trio.lowlevel.Task | None = None
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
@@ -267,7 +269,6 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._task_context = contextvars.copy_context()
-                nursery.start_soon(self._calls.run)
                 if self._writer_wanted:  # frames queued before run()
                     self._writer_started = True
                     nursery.start_soon(self._send_task)
@@ -282,6 +283,11 @@ class Connection:
                     nursery.start_soon(self._idle_task, self.settings.idle_timeout)
                 if on_started is not None:
                     on_started()
+                # The reading role starts in this task, not a new one (the
+                # followers are tasks of the nursery): a task fewer per connection.
+                self._body_task = trio.lowlevel.current_task()
+                await self._calls.run()
+                self._body_task = None
         finally:
             if self._heartbeat_entry is not None:
                 Heartbeats.remove(self._heartbeat_entry)
@@ -327,7 +333,9 @@ class Connection:
         True when they are the calling task (the reader, which returns once the
         state is CLOSED), the writer woken from take() and the timers woken
         from their lot; any other task (a follower in a handler, the message
-        task, a hook) may be waiting anywhere, and is cancelled.
+        task, a hook) may be waiting anywhere, and is cancelled. The task of
+        :meth:`run` reads first: when another task reads, it must have left
+        the reading role's tasks (else it may be a follower, or in a handler).
         """
         assert self._nursery is not None
         children = self._nursery.child_tasks
@@ -335,7 +343,12 @@ class Connection:
             task = trio.lowlevel.current_task()
         except RuntimeError:  # the asyncio host's callback (see _drain_on_host)
             return False
-        return task in children and len(children) == 1 + writer_waits + len(self._timers_parked)
+        expected = writer_waits + len(self._timers_parked)
+        if task is not self._body_task:
+            if self._body_task is not None or task not in children:
+                return False
+            expected += 1
+        return len(children) == expected
 
     async def close(self, reason: str = "closed by this side", grace: float = 2.0) -> None:
         """Say goodbye, let queued frames go out, then close. Waits until closed."""
