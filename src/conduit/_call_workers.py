@@ -79,6 +79,14 @@ def _resume(coroutine: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, An
                 return stop.value
 
 
+async def _over(*_: object) -> None:
+    raise ConnectionClosed("the connection is over")
+
+
+def _ignore(*_: object) -> None:
+    pass
+
+
 class CallRunners:
     """The reading role and the tasks that take turns at it (see the module docstring)."""
 
@@ -119,6 +127,15 @@ class CallRunners:
                 if len(self._followers) >= MAX_IDLE_FOLLOWERS:
                     return
                 await self._follow()
+
+    def detach(self) -> None:
+        """The connection is over: drop its callbacks.
+
+        They are its bound methods, so they and the connection hold each
+        other: a reference cycle left to Python's cycle collector.
+        """
+        self._read = self._dispatch = self._send_result = _over
+        self._queue_result = self._finished = self._spawn = _ignore
 
     def start(self, event: CallReceived) -> Blocked | None:
         """Run an incoming call in the reading task until it finishes or first blocks.

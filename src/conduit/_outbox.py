@@ -180,6 +180,7 @@ class Outbox:
         self._data.clear()
         self._data_bytes = 0
         self._sealed.clear()
+        self._start_writer = None  # the connection's method: no cycle left behind
         self._writer_waiting.unpark_all()
         self._producers_waiting.unpark_all()
         self._control_drained.unpark_all()

@@ -51,8 +51,11 @@ class Peer:
         self.address = address
         #: ``time.time()`` when the connection was authenticated.
         self.connected_at = time.time()
-        self._connection = connect(self)
-        self.rpc = RPCProxy(lambda: self._connection, default_timeout)
+        self._connection = connection = connect(self)
+        # The connection, not this peer, in the closure: the peer and its
+        # proxy in a reference cycle would outlive every connection until
+        # Python's cycle collector ran.
+        self.rpc = RPCProxy(lambda: connection, default_timeout)
 
     def __repr__(self) -> str:
         user = f" username={self.username!r}" if self.username is not None else ""

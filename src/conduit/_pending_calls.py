@@ -60,6 +60,14 @@ class _Pending:
         return False
 
 
+def _ignore(_call_id: int) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
+
+
 class PendingCalls:
     """Calls this side made and is waiting on."""
 
@@ -87,6 +95,12 @@ class PendingCalls:
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    def detach(self) -> None:
+        """The connection is over (:meth:`fail_all` done): drop its callbacks,
+        its bound methods, which would keep it in a reference cycle with us."""
+        self._send_cancel = _ignore
+        self._all_woken = self._start_timer = _nothing
 
     async def wait(
         self,
