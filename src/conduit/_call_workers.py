@@ -13,8 +13,7 @@ to be handed the reading role again.
 So a slow handler still never delays the others and a handler may call back
 into its peer, while the common call costs no hop between a reader and a
 worker. A CANCEL from the peer cancels the scope of the task running that
-call (one scope for the task's life from its first blocked call on, as a scope
-per call costs ~4 us);
+call (one scope for the task's whole life, as a scope per call costs ~4 us);
 the task then ends, and the pool starts a fresh one when it needs one. Which
 call ids are in use and how many may run is the state machine's
 (:class:`~conduit.protocol.connection.ConnectionState`) to decide.
@@ -118,22 +117,16 @@ class CallRunners:
 
         The connection starts the first one, holding the reading role.
         """
-        blocked = await self._read()
-        if blocked is None:
-            return  # the connection is over
-        # The scope is only for cancelling a call this task finishes, so it
-        # starts with the first call that blocks: a reader whose calls never
-        # block (most connections) opens none.
         with trio.CancelScope() as scope:
             while True:
+                blocked = await self._read()
+                if blocked is None:
+                    return  # the connection is over
                 self._pass_reading()
                 await self._finish(blocked, scope)
                 if len(self._followers) >= MAX_IDLE_FOLLOWERS:
                     return
                 await self._follow()
-                blocked = await self._read()
-                if blocked is None:
-                    return  # the connection is over
 
     def detach(self) -> None:
         """The connection is over: drop its callbacks.
