@@ -29,8 +29,10 @@ Every rule here bounds what an unauthenticated peer can make the server do:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -263,6 +265,10 @@ class Gatekeeper:
         )
 
 
+#: ``accept`` errors that only mean that connection is gone (Trio's list).
+_IGNORED_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPERM, errno.EPROTO})
+
+
 class ScreenedListener(trio.abc.Listener[trio.SocketStream]):
     """A socket listener whose :meth:`accept` refuses locked-out addresses itself.
 
@@ -270,11 +276,25 @@ class ScreenedListener(trio.abc.Listener[trio.SocketStream]):
     "throttled" with ``retry_after``, in clear), but costs the server one
     accept, one small send and one close: no task, no cancel scopes, no hello
     read. What is not locked out is returned for the server to serve.
+
+    It accepts on the listening socket itself (a duplicate of its descriptor),
+    waiting for it to be readable first, then one ``accept``: what
+    :meth:`trio.SocketListener.accept` does costs each connection a scheduler
+    pass, an ``accept`` that fails once the backlog is empty, and the peer's
+    address asked of the new socket again (twice, with the server's own
+    ``getpeername``); here the address comes from the ``accept``
+    (:meth:`accept_with_address`). Waiting first also keeps the accept loop
+    fair under a connection flood: each connection is one pass of the scheduler.
     """
 
     def __init__(self, inner: trio.SocketListener, gate: Gatekeeper) -> None:
         self.inner = inner
         self._gate = gate
+        listening = inner.socket
+        self._inet = listening.family in (socket.AF_INET, socket.AF_INET6)
+        self._listening = socket.socket(
+            listening.family, listening.type, listening.proto, fileno=os.dup(listening.fileno())
+        )
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -283,16 +303,33 @@ class ScreenedListener(trio.abc.Listener[trio.SocketStream]):
 
     async def accept(self) -> trio.SocketStream:
         """The next connection from an address that is not locked out."""
+        stream, _ = await self.accept_with_address()
+        return stream
+
+    async def accept_with_address(self) -> tuple[trio.SocketStream, tuple[str, int] | None]:
+        """The next connection from an address that is not locked out, and that
+        address (host, port); None for a socket that is not TCP."""
+        listening = self._listening
         while True:
-            stream = await self.inner.accept()
+            await trio.lowlevel.wait_readable(listening)
             try:
-                host = stream.socket.getpeername()[0]
-            except OSError:  # already gone: nothing to refuse
-                return stream
-            key = address_key(str(host))
+                accepted, address = listening.accept()
+            except BlockingIOError:
+                continue  # the connection went away before we took it
+            except OSError as exc:
+                if exc.errno in _IGNORED_ACCEPT_ERRNOS:
+                    continue
+                if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                    raise trio.ClosedResourceError("the listener was closed") from None
+                raise
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(accepted))
+            if not self._inet:
+                return stream, None
+            peer = (str(address[0]), int(address[1]))
+            key = address_key(peer[0])
             wait = self._gate.locked_out(key)
             if wait <= 0:
-                return stream
+                return stream, peer
             self._gate.warnings.warning(
                 key, _now(), "refused %s: too many failed password attempts", key
             )
@@ -309,6 +346,9 @@ class ScreenedListener(trio.abc.Listener[trio.SocketStream]):
 
     async def aclose(self) -> None:
         """Close the listening socket."""
+        if self._listening.fileno() >= 0:
+            trio.lowlevel.notify_closing(self._listening)
+            self._listening.close()
         await self.inner.aclose()
 
 

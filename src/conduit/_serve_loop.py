@@ -3,10 +3,13 @@
 Trio's version closes each stream after its handler returns, with
 ``aclose_forcefully``; the server's per-connection task closes its stream
 itself, last thing, so that second close (a cancel scope and a Cancelled
-raised and caught, for every connection) is left out here. Everything else is
-Trio's: each listener is closed when serving ends, and an ``accept`` failing
-for lack of resources (file descriptors, memory) is logged and retried after
-:data:`SLEEP_TIME`, not fatal.
+raised and caught, for every connection) is left out here. A listener that
+also tells who connected (``accept_with_address``, as
+:class:`conduit._gatekeeper.ScreenedListener` does, from the ``accept`` call
+itself) passes that address to the handler, which then asks the socket for
+nothing. Everything else is Trio's: each listener is closed when serving
+ends, and an ``accept`` failing for lack of resources (file descriptors,
+memory) is logged and retried after :data:`SLEEP_TIME`, not fatal.
 """
 
 from __future__ import annotations
@@ -26,16 +29,21 @@ SLEEP_TIME = 0.1
 
 log = logging.getLogger("conduit.server")
 
-Handler = Callable[[Any], Awaitable[object]]
+#: ``handler(stream, address)``: the peer's (host, port), or None when unknown.
+Handler = Callable[[Any, "tuple[str, int] | None"], Awaitable[object]]
 
 
 async def _serve_one(
     listener: trio.abc.Listener[Any], nursery: trio.Nursery, handler: Handler
 ) -> None:
+    accept_with_address = getattr(listener, "accept_with_address", None)
     async with listener:
         while True:
             try:
-                stream = await listener.accept()
+                if accept_with_address is not None:
+                    stream, address = await accept_with_address()
+                else:
+                    stream, address = await listener.accept(), None
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
@@ -48,7 +56,7 @@ async def _serve_one(
                 )
                 await trio.sleep(SLEEP_TIME)
             else:
-                nursery.start_soon(handler, stream)
+                nursery.start_soon(handler, stream, address)
 
 
 async def serve_listeners(
@@ -57,7 +65,7 @@ async def serve_listeners(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run ``handler(stream)`` in a new task for each connection, until cancelled.
+    """Run ``handler(stream, address)`` in a new task for each connection, until cancelled.
 
     ``handler`` must close the stream it is given. Reports started once every
     listener accepts.

@@ -303,8 +303,11 @@ class Server(Endpoint):
 
     # ---------------------------------------------------------------- per connection
 
-    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
-        arrival = _Arrival(address_of(stream))
+    async def _serve_connection(
+        self, stream: trio.abc.Stream, address: tuple[str, int] | None = None
+    ) -> None:
+        # The accept loop knows the address of a TCP connection (see ScreenedListener).
+        arrival = _Arrival(address if address is not None else address_of(stream))
         self._open_sockets += 1
         admitted = False
         try:
