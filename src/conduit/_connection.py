@@ -173,11 +173,13 @@ class Connection:
         dispatcher: Dispatcher,
         label: str,
         heartbeats: Heartbeats | None = None,
+        socket_io: SocketIO | None = None,
     ) -> None:
         self.stream = stream
-        #: Plain sockets skip Trio's per-operation overhead (see _socket_io).
-        self._socket_io = SocketIO.of(stream)
-        self._receive_buffer = ReceiveBuffer(RECEIVE_SIZE)
+        #: Plain sockets skip Trio's per-operation overhead (see _socket_io);
+        #: the handshake's, when given, knows whether its last read drained the socket.
+        self._socket_io = socket_io if socket_io is not None else SocketIO.of(stream)
+        self._receive_buffer = ReceiveBuffer(RECEIVE_SIZE, self._socket_io)
         #: Under the asyncio shim, a client's socket is read by the loop (see _host_reader).
         self.host_reader = HostReader.of(
             stream, self._receive_buffer, self._drain_on_host, is_client=is_client

@@ -109,6 +109,7 @@ class Endpoint:
                 dispatcher=self._handlers.bound_to(peer),
                 label=label,
                 heartbeats=heartbeats,
+                socket_io=established.io,
             )
 
         return Peer(

@@ -46,7 +46,7 @@ from ._throttle import Attempt, AuthThrottle, address_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, FrameKind, ServerHandshake
-from .protocol.handshake import hello_username, shared_secret
+from .protocol.handshake import shared_secret
 
 
 def _now() -> float:
@@ -169,8 +169,9 @@ class Gatekeeper:
         ProtocolError, ConnectionClosed or Trio's stream errors.
         """
         descriptor = self._descriptor
-        reader, hello = await read_hello(stream)
-        username = hello_username(hello)
+        reader, hello, io = await read_hello(stream)
+        handshake = self._machine()
+        username = handshake.hello_username(hello)
         while not isinstance(attempt := self.throttle.reserve(host, username, _now()), Attempt):
             if attempt > 0:
                 break
@@ -185,7 +186,6 @@ class Gatekeeper:
             await refuse(stream, "throttled", reason, attempt)
             raise Refused(reason)
         try:
-            handshake = self._machine()
 
             async def run(frame: Frame) -> bytes:
                 if (
@@ -197,7 +197,13 @@ class Gatekeeper:
                 return await self._step(handshake, frame)
 
             established = await server_handshake(
-                stream, handshake, descriptor.max_frame_size, reader=reader, hello=hello, run=run
+                stream,
+                handshake,
+                descriptor.max_frame_size,
+                reader=reader,
+                hello=hello,
+                run=run,
+                io=io,
             )
         except BaseException:
             self.throttle.failed(attempt, _now())

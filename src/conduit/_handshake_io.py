@@ -48,23 +48,29 @@ class Established:
     #: Server side: the SERVER_CONFIRM, held back to go out in one send with
     #: the WELCOME (:func:`welcome_record`), or before the resume token is read.
     unsent: bytes = b""
+    #: The socket's fast path (plain sockets only), for the session to go on
+    #: with: it knows whether the last read drained the socket.
+    io: SocketIO | None = None
 
 
-async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:
-    """Up to _CHUNK bytes; on a plain socket without Trio's per-call overhead
-    (:mod:`conduit._socket_io`: a scheduler pass per call, each handshake
-    makes five)."""
-    io = SocketIO.of(stream)
+async def _receive(stream: trio.abc.Stream, io: SocketIO | None) -> bytes | bytearray:
+    """Up to _CHUNK bytes; on a plain socket (``io``, one per connection) without
+    Trio's per-call overhead (:mod:`conduit._socket_io`: a scheduler pass per
+    call, each handshake makes five)."""
     if io is None:
         return await stream.receive_some(_CHUNK)
     return await io.receive(_CHUNK)
 
 
-async def send_bytes(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
+async def send_bytes(
+    stream: trio.abc.Stream, data: bytes | bytearray, io: SocketIO | None = None
+) -> None:
     """Send all of ``data``: on a plain socket written at once when it fits (a
     handshake message always does, so there is nothing to wait for or shield),
-    else the rest the Trio way."""
-    io = SocketIO.of(stream)
+    else the rest the Trio way. ``io``: the stream's fast path, if the caller
+    has one."""
+    if io is None:
+        io = SocketIO.of(stream)
     if io is not None:
         sent = io.send_now(data)
         if sent == len(data):
@@ -73,9 +79,9 @@ async def send_bytes(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
     await stream.send_all(data)
 
 
-async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> Frame:
+async def _next_frame(stream: trio.abc.Stream, reader: FrameReader, io: SocketIO | None) -> Frame:
     while (frame := reader.next_frame()) is None:
-        data = await _receive(stream)
+        data = await _receive(stream, io)
         if not data:
             raise ConnectionClosed("peer closed the connection during the handshake")
         reader.feed(data)
@@ -90,13 +96,13 @@ def _looks_like_tls(data: bytes | bytearray) -> bool:
     return len(data) >= 2 and data[0] in (0x15, 0x16) and data[1] == 0x03
 
 
-async def _first_reply(stream: trio.abc.Stream, reader: FrameReader) -> None:
+async def _first_reply(stream: trio.abc.Stream, reader: FrameReader, io: SocketIO | None) -> None:
     """Read the server's first bytes, recognising a TLS server spoken to in plain text.
 
     A TLS server answers our HELLO with a TLS record (an alert) or just hangs up;
     either way the user needs one hint, not a timeout or a bare "closed".
     """
-    data = await _receive(stream)
+    data = await _receive(stream, io)
     if not data:
         raise ConnectionClosed(
             f"the server closed the connection without answering (if it speaks TLS, {_TLS_HINT})"
@@ -121,16 +127,17 @@ async def client_handshake(
     step (a few scalar multiplications, or one HMAC) inline.
     """
     reader, writer = FrameReader(), FrameWriter()
-    await send_bytes(stream, handshake.start())
-    await _first_reply(stream, reader)
+    io = SocketIO.of(stream)
+    await send_bytes(stream, handshake.start(), io)
+    await _first_reply(stream, reader, io)
     while handshake.keys is None:
-        frame = await _next_frame(stream, reader)
+        frame = await _next_frame(stream, reader, io)
         if handshake.will_stretch(frame):
             reply = await trio.to_thread.run_sync(handshake.receive, frame)
         else:
             reply = handshake.receive(frame)
         if reply:
-            await send_bytes(stream, reply)
+            await send_bytes(stream, reply, io)
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
@@ -138,27 +145,31 @@ async def client_handshake(
         (record,) = writer.write_frames(
             [(encode_frame(FrameKind.MESSAGE, 0, Resume(resume_token)),)]
         )
-        await send_bytes(stream, record)
-    frame = await _next_frame(stream, reader)
+        await send_bytes(stream, record, io)
+    frame = await _next_frame(stream, reader, io)
     if frame.kind is not FrameKind.WELCOME:
         raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
     welcome = decode_body(frame, Welcome)
-    return Established(reader, writer, keys, handshake.server_name), welcome
+    return Established(reader, writer, keys, handshake.server_name, io=io), welcome
 
 
 class VersionMismatch(RemoteProtocolError):
     """The peer speaks another protocol version (it has been told so)."""
 
 
-async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame]:
-    """The client's first frame, and the reader to go on with.
+async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame, SocketIO | None]:
+    """The client's first frame, the reader to go on with, and the stream's fast path.
 
     A peer whose first header names another protocol version gets an
     AUTH_FAILED in its own version's header (an old client then reports a
     protocol version error, not a MAC failure), then VersionMismatch.
     """
     reader = FrameReader()
-    first = await _receive(stream)
+    # A new connection's first bytes come after the client has built its
+    # hello (a scalar multiplication): wait for them rather than try a read
+    # that fails first.
+    io = SocketIO.of(stream, wait_first=True)
+    first = await _receive(stream, io)
     if not first:
         raise ConnectionClosed("peer closed the connection during the handshake")
     version = peer_version(first)
@@ -169,7 +180,7 @@ async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame]:
             f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
         )
     reader.feed(first)
-    return reader, await _next_frame(stream, reader)
+    return reader, await _next_frame(stream, reader, io), io
 
 
 async def server_handshake(
@@ -180,6 +191,7 @@ async def server_handshake(
     reader: FrameReader,
     hello: Frame,
     run: Callable[[Frame], Awaitable[bytes]],
+    io: SocketIO | None = None,
 ) -> Established:
     """Check the client's password proof; raise AuthenticationError if it is wrong.
 
@@ -190,12 +202,12 @@ async def server_handshake(
     writer = FrameWriter()
     frame: Frame | None = hello
     while True:
-        reply = await run(frame if frame is not None else await _next_frame(stream, reader))
+        reply = await run(frame if frame is not None else await _next_frame(stream, reader, io))
         frame = None
         if handshake.keys is not None:
             break  # the reply is the SERVER_CONFIRM: it goes with the WELCOME
         if reply:
-            await send_bytes(stream, reply)
+            await send_bytes(stream, reply, io)
         if handshake.error is not None:
             raise handshake.error
     keys = handshake.keys
@@ -208,6 +220,7 @@ async def server_handshake(
         handshake.client_name,
         resuming=handshake.client_resuming,
         unsent=reply,
+        io=io,
     )
 
 
@@ -218,8 +231,8 @@ async def read_resume(stream: trio.abc.Stream, established: Established) -> byte
     """
     if established.unsent:
         unsent, established.unsent = established.unsent, b""
-        await send_bytes(stream, unsent)
-    frame = await _next_frame(stream, established.reader)
+        await send_bytes(stream, unsent, established.io)
+    frame = await _next_frame(stream, established.reader, established.io)
     if frame.kind is not FrameKind.MESSAGE:
         raise RemoteProtocolError(f"expected the resume token, got {frame.kind.name}")
     # A MESSAGE frame in form (the one kind a sealed channel may open with),

@@ -44,11 +44,12 @@ SMALL_READ = 64 * 1024
 class ReceiveBuffer:
     """One connection's reads of up to ``size`` bytes (see the module docstring)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, io: SocketIO | None = None) -> None:
+        """``io``: the socket's fast path, when the caller has one already."""
         self.size = size
         self._mapping: mmap.mmap | None = None
         self._bulk = False
-        self._io: SocketIO | None = None
+        self._io: SocketIO | None = io
 
     async def receive(
         self, stream: trio.abc.Stream, missing: int = 0

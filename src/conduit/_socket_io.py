@@ -50,18 +50,24 @@ class SocketIO:
 
     __slots__ = ("_drained", "_low_water", "_socket", "_woken")
 
-    def __init__(self, socket: trio.socket.SocketType) -> None:
+    def __init__(self, socket: trio.socket.SocketType, *, wait_first: bool = False) -> None:
         self._socket = socket
         self._woken = False
         self._low_water = 1
-        # The last receive() came back short: the socket had nothing more.
-        self._drained = False
+        # The last receive() came back short: the socket had nothing more
+        # (or, with ``wait_first``, nothing can be there yet).
+        self._drained = wait_first
 
     @classmethod
-    def of(cls, stream: trio.abc.Stream) -> SocketIO | None:
-        """The fast path for ``stream``, or None when it is not a plain socket stream."""
+    def of(cls, stream: trio.abc.Stream, *, wait_first: bool = False) -> SocketIO | None:
+        """The fast path for ``stream``, or None when it is not a plain socket stream.
+
+        ``wait_first``: the first :meth:`receive` waits for the socket to be
+        readable instead of trying a read first (a new connection, whose
+        peer is still composing its first message).
+        """
         if type(stream) is trio.SocketStream:
-            return cls(stream.socket)
+            return cls(stream.socket, wait_first=wait_first)
         return None
 
     def send_now(self, data: bytes | bytearray | memoryview) -> int:

@@ -394,7 +394,7 @@ class Server(Endpoint):
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
-                    await send_bytes(stream, welcome_record(established, welcome))
+                    await send_bytes(stream, welcome_record(established, welcome), established.io)
                 except BaseException:
                     await self._release_client_id(client_id)
                     raise

@@ -514,11 +514,25 @@ class ServerHandshake(_Handshake):
         self._hello_payloads = (b"", b"")
         self._share_v = b""
         self._server_mac = b""
+        # The CLIENT_HELLO decoded by hello_username(), and its frame.
+        self._peeked: tuple[Frame, ClientHello] | None = None
+
+    def hello_username(self, frame: Frame) -> str:
+        """The username the CLIENT_HELLO ``frame`` names, as the module's
+        :func:`hello_username` reads it; the decoded hello is kept for
+        :meth:`receive` of the same frame, which then does not decode it again."""
+        hello = _decode_hello(frame)
+        self._peeked = (frame, hello)
+        return hello.username
 
     def _receive(self, frame: Frame) -> bytes:
         if self.state is HandshakeState.WAIT_CLIENT_HELLO:
-            _expect(frame, FrameKind.CLIENT_HELLO, self.state)
-            hello = decode_body(frame, ClientHello)
+            peeked, self._peeked = self._peeked, None
+            if peeked is not None and peeked[0] is frame:
+                hello = peeked[1]
+            else:
+                _expect(frame, FrameKind.CLIENT_HELLO, self.state)
+                hello = decode_body(frame, ClientHello)
             _check_limits(
                 hello.name, hello.max_frame_size, hello.receive_window, hello.protocol_version
             )
@@ -649,11 +663,15 @@ def hello_username(frame: Frame) -> str:
     frame to :meth:`ServerHandshake.receive`, which does the work.
     RemoteProtocolError if the frame is not a well-formed CLIENT_HELLO.
     """
+    return _decode_hello(frame).username
+
+
+def _decode_hello(frame: Frame) -> ClientHello:
     _expect(frame, FrameKind.CLIENT_HELLO, HandshakeState.WAIT_CLIENT_HELLO)
     hello = decode_body(frame, ClientHello)
     if len(hello.username) > MAX_USERNAME:
         raise RemoteProtocolError(f"username longer than {MAX_USERNAME} characters")
-    return hello.username
+    return hello
 
 
 def refusal_frame(code: str, reason: str, retry_after: float = 0.0) -> bytes:
