@@ -228,9 +228,8 @@ class Connection:
             StreamWasReset: self._on_stream_reset,
             GoodbyeReceived: self._on_goodbye,
         }
-        self._messages_in, self._messages_out = trio.open_memory_channel[MessageReceived](
-            _MESSAGE_QUEUE
-        )
+        # Made with the message task (see _drain_reader).
+        self._messages_in: trio.MemorySendChannel[MessageReceived]
         self._nursery: trio.Nursery | None = None
         # The message task and the call timer start with the first message or
         # deadline: most connections (a connect, a few calls) need neither, and
@@ -468,7 +467,12 @@ class Connection:
                 if not self._message_task_started:
                     self._message_task_started = True
                     assert self._nursery is not None  # the reader runs in it
-                    self._task_context.run(self._nursery.start_soon, self._message_task)
+                    self._messages_in, messages_out = trio.open_memory_channel[MessageReceived](
+                        _MESSAGE_QUEUE
+                    )
+                    self._task_context.run(
+                        self._nursery.start_soon, self._message_task, messages_out
+                    )
                 await self._messages_in.send(event)
         return None
 
@@ -568,8 +572,8 @@ class Connection:
             record = memoryview(record)[sent:]
         await self.stream.send_all(record)
 
-    async def _message_task(self) -> None:
-        async for message in self._messages_out:
+    async def _message_task(self, messages: trio.MemoryReceiveChannel[MessageReceived]) -> None:
+        async for message in messages:
             try:
                 await self._dispatcher.handle_message(message.event, message.data)
             except Exception:

@@ -181,9 +181,10 @@ class Outbox:
         self._data_bytes = 0
         self._sealed.clear()
         self._start_writer = None  # the connection's method: no cycle left behind
-        self._writer_waiting.unpark_all()
-        self._producers_waiting.unpark_all()
-        self._control_drained.unpark_all()
+        # Only lots with someone parked: this runs twice at every connection's end.
+        for lot in (self._writer_waiting, self._producers_waiting, self._control_drained):
+            if lot:
+                lot.unpark_all()
 
     def _check_open(self) -> None:
         if self._state.phase is _CLOSED:
