@@ -46,6 +46,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl import bindings as sodium
 from nacl import pwhash
 
+# The same libsodium functions without PyNaCl's wrappers (nacl.bindings): they
+# check their arguments with several calls that format their error messages
+# every time, about as much Python as the rest of a handshake's group
+# operations. The one check that matters (a C function reads 32 bytes) is
+# made here; a failure (return code) is reported as the wrappers would.
+from nacl._sodium import ffi as _ffi  # type: ignore[import-not-found]
+from nacl._sodium import lib as _lib
+
 #: RFC 9382 section 6: edwards25519 ``M``, from seed "edwards25519 point generation seed (M)".
 M = bytes.fromhex("d048032c6ea0b6d697ddc2e86bda85a33adac920f1bf18e1b0c6d166a5cecdaf")
 #: RFC 9382 section 6: edwards25519 ``N``, from seed "edwards25519 point generation seed (N)".
@@ -73,11 +81,25 @@ def lp(*parts: bytes) -> bytes:
 # --- Group operations (libsodium) -----------------------------------------------------------
 
 
+def _bytes32(*values: bytes) -> None:
+    for value in values:
+        if type(value) is not bytes or len(value) != 32:
+            raise TypeError("points and scalars are 32 bytes")
+
+
+def _result(out: object, rc: int) -> bytes:
+    if rc != 0:
+        raise RuntimeError("libsodium refused the operation")
+    return _ffi.buffer(out, 32)[:]  # type: ignore[no-any-return]
+
+
 def reduce_scalar(data: bytes) -> bytes:
     """An integer given little-endian in up to 64 bytes, reduced mod L."""
     if len(data) > 64:
         raise ValueError("at most 64 bytes can be reduced")
-    return sodium.crypto_core_ed25519_scalar_reduce(data.ljust(64, b"\0"))
+    out = _ffi.new("unsigned char[32]")
+    _lib.crypto_core_ed25519_scalar_reduce(out, bytes(data).ljust(64, b"\0"))
+    return _result(out, 0)
 
 
 def random_scalar() -> bytes:
@@ -90,31 +112,41 @@ def random_scalar() -> bytes:
 
 def cofactor_times(scalar: bytes) -> bytes:
     """``h * scalar`` mod L, so that ``h*x*P`` costs one multiplication."""
-    return sodium.crypto_core_ed25519_scalar_mul(scalar, COFACTOR)
+    _bytes32(scalar)
+    out = _ffi.new("unsigned char[32]")
+    _lib.crypto_core_ed25519_scalar_mul(out, scalar, COFACTOR)
+    return _result(out, 0)
 
 
 def base_mul(scalar: bytes) -> bytes:
     """``scalar * P`` (the standard base point)."""
-    return sodium.crypto_scalarmult_ed25519_base_noclamp(scalar)
+    _bytes32(scalar)
+    out = _ffi.new("unsigned char[32]")
+    return _result(out, _lib.crypto_scalarmult_ed25519_base_noclamp(out, scalar))
 
 
 def point_mul(scalar: bytes, point: bytes) -> bytes:
     """``scalar * point``; PakeError if ``point`` is not in the prime-order
     subgroup or the product is the identity (libsodium refuses both)."""
-    try:
-        return sodium.crypto_scalarmult_ed25519_noclamp(scalar, point)
-    except Exception as exc:  # nacl raises RuntimeError/ValueError for refused points
-        raise PakeError("point outside the prime-order group, or identity result") from exc
+    _bytes32(scalar, point)
+    out = _ffi.new("unsigned char[32]")
+    if _lib.crypto_scalarmult_ed25519_noclamp(out, scalar, point) != 0:
+        raise PakeError("point outside the prime-order group, or identity result")
+    return _result(out, 0)
 
 
 def point_add(p: bytes, q: bytes) -> bytes:
     """``p + q``."""
-    return sodium.crypto_core_ed25519_add(p, q)
+    _bytes32(p, q)
+    out = _ffi.new("unsigned char[32]")
+    return _result(out, _lib.crypto_core_ed25519_add(out, p, q))
 
 
 def point_sub(p: bytes, q: bytes) -> bytes:
     """``p - q``."""
-    return sodium.crypto_core_ed25519_sub(p, q)
+    _bytes32(p, q)
+    out = _ffi.new("unsigned char[32]")
+    return _result(out, _lib.crypto_core_ed25519_sub(out, p, q))
 
 
 def check_share(share: bytes) -> bytes:
@@ -171,8 +203,8 @@ def unblind(share: bytes, blind: bytes) -> bytes:
     """
     check_encoding(share)
     try:
-        return sodium.crypto_core_ed25519_sub(share, blind)
-    except Exception as exc:  # nacl raises RuntimeError for a point off the curve
+        return point_sub(share, blind)
+    except RuntimeError as exc:  # a point off the curve
         raise PakeError("the share is not a point of edwards25519") from exc
 
 
