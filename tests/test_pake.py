@@ -440,3 +440,17 @@ def test_session_keys_are_two_distinct_aes_256_keys() -> None:
     c2s, s2c = pake.session_keys(b"k" * 16, b"label")
     assert len(c2s) == len(s2c) == 32 and c2s != s2c
     assert pake.session_keys(b"k" * 16, b"other") != (c2s, s2c)
+
+
+def test_group_operations_refuse_wrong_sizes() -> None:
+    """libsodium reads 32 bytes: anything else is refused before the call."""
+    point = pake.base_mul(pake.random_scalar())
+    for bad in (b"", point[:31], point + b"\0", bytearray(point)):
+        with pytest.raises(TypeError):
+            pake.point_add(point, bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            pake.point_mul(pake.random_scalar(), bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            pake.base_mul(bad)  # type: ignore[arg-type]
+    with pytest.raises(pake.PakeError):
+        pake.point_mul(pake.random_scalar(), pake.IDENTITY)
