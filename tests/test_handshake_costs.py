@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,14 @@ from conduit.protocol import ClientHandshake, FrameKind, FrameReader, ServerHand
 from conduit.protocol.handshake import ProverCache
 from conduit.protocol.messages import AuthFailed
 from conduit.protocol.pake import StretchParams
-from conftest import LOOPBACK, PASSWORD, ServerFactory, client_descriptor
+from conftest import (
+    LOOPBACK,
+    PASSWORD,
+    ServerFactory,
+    client_descriptor,
+    open_fd_count,
+    wait_until,
+)
 
 FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
 ALICE_PASSWORD = "alice's long passphrase"
@@ -225,3 +234,101 @@ def test_fake_records_are_kept_for_known_and_unknown_names_alike(accounts: Accou
     assert len(accounts._fakes) == FAKE_CACHE
     # Forgotten, rebuilt the same (deterministic).
     assert accounts.lookup("mallory").verifier == first.verifier
+
+
+# --------------------------------------------------------------------------- what a session costs
+
+
+async def _echo(value: int) -> int:
+    return value
+
+
+async def test_a_session_ended_by_the_client_is_not_cancelled_and_leaves_no_cycles(
+    server_factory: ServerFactory,
+) -> None:
+    """The common end (the client's GOODBYE) needs no cancellation, starts no
+    writer task, and the session's objects go with their last reference: no
+    reference cycle is left for the cycle collector (disabled here)."""
+    server = await server_factory()
+    server.register_rpc(_echo, "echo")
+    client = Client(client_descriptor(server.port))
+    gc.disable()
+    try:
+        with trio.fail_after(10):
+            await client.connect()
+            assert (await client.rpc.call("echo", value=7))["data"] == 7
+        connection = server.clients[client.id].connection
+        nursery = connection._nursery
+        assert nursery is not None
+        scope = nursery.cancel_scope
+        gone = weakref.ref(connection)
+        del connection, nursery
+        await client.disconnect()
+        await wait_until(lambda: not server._open_sockets)
+        assert not scope.cancel_called
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+async def test_the_writer_task_starts_with_the_first_frame_that_must_wait(
+    server_factory: ServerFactory,
+) -> None:
+    """Results and calls go out directly while the writer is idle: a session
+    that only answers calls never starts it; a ping (the heartbeat's) does."""
+    server = await server_factory()
+    server.register_rpc(_echo, "echo")
+    client = Client(client_descriptor(server.port))
+    with trio.fail_after(10):
+        await client.connect()
+        assert (await client.rpc.call("echo", value=1))["data"] == 1
+        connection = server.clients[client.id].connection
+        assert not connection._writer_started
+        assert connection.beat(trio.current_time())  # queues a PING
+        assert connection._writer_started
+        assert (await client.rpc.call("echo", value=2))["data"] == 2
+        await client.disconnect()
+
+
+async def test_the_accept_loop_hands_over_the_peer_address() -> None:
+    gate = Gatekeeper(ServerDescriptor(password=PASSWORD), logging.getLogger("conduit.server"))
+    (listener,) = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    port = listener.socket.getsockname()[1]
+    before = open_fd_count()
+    screened = gate.screen(listener)
+    assert isinstance(screened, ScreenedListener)
+    with trio.fail_after(10):
+        client = await trio.open_tcp_stream(LOOPBACK, port, local_address="127.0.0.7")
+        stream, address = await screened.accept_with_address()
+    assert address == ("127.0.0.7", client.socket.getsockname()[1])
+    assert stream.socket.getpeername()[:2] == address
+    await stream.aclose()
+    await client.aclose()
+    await screened.aclose()
+    assert open_fd_count() < before  # the listener's descriptor and our duplicate
+
+
+def test_the_server_decodes_the_client_hello_once() -> None:
+    client = ClientHandshake(PASSWORD, name="c", max_frame_size=1 << 20, receive_window=1 << 20)
+    reader = FrameReader()
+    reader.feed(client.start())
+    hello = reader.next_frame()
+    assert hello is not None
+    server = ServerHandshake(PASSWORD, name="s", max_frame_size=1 << 20, receive_window=1 << 20)
+    assert server.hello_username(hello) == ""
+    assert server._peeked is not None and server._peeked[0] is hello
+    reply = server.receive(hello)  # the kept decoding
+    assert server._peeked is None
+    reader = FrameReader()
+    reader.feed(reply)
+    frame = reader.next_frame()
+    assert frame is not None and frame.kind is FrameKind.SERVER_HELLO
+    # Another frame object is decoded as usual.
+    other = ServerHandshake(PASSWORD, name="s", max_frame_size=1 << 20, receive_window=1 << 20)
+    other.hello_username(hello)
+    second = ClientHandshake(PASSWORD, name="c", max_frame_size=1 << 20, receive_window=1 << 20)
+    reader = FrameReader()
+    reader.feed(second.start())
+    again = reader.next_frame()
+    assert again is not None
+    assert other.receive(again)
