@@ -6,7 +6,7 @@ up in an event -> handler table (as trio-websocket drives wsproto), and sends
 the frames it produces. One nursery per connection owns:
 
 * the **reading task** (one at a time holds the role, see
-  :mod:`conduit._call_workers`): socket -> :class:`~conduit.protocol.FrameReader`
+  :mod:`conduit._call_workers`; first the task running :meth:`Connection.run`): socket -> :class:`~conduit.protocol.FrameReader`
   -> state machine -> handler. It never blocks on a consumer: data goes into
   credit-bounded stream inboxes, results wake their callers, and calls run
   right there; a call whose handler blocks takes its task off reading and a
@@ -14,7 +14,8 @@ the frames it produces. One nursery per connection owns:
   channel, whose backpressure is the point: they are delivered in order to one
   message task.
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
-  socket, control frames before data, many frames per record.
+  socket, control frames before data, many frames per record; started with
+  the first frame that cannot go out directly.
 * the **heartbeat**: pings on a Trio timer and the idle/peer-silence checks
   (:meth:`Connection.beat`); a task of its own, or a server's one timer task
   for all its connections (:mod:`conduit._heartbeats`).
@@ -25,7 +26,8 @@ the frames it produces. One nursery per connection owns:
   others and a handler may call back into its peer.
 
 When any of them fails, :meth:`Connection.abort` cancels the nursery with a
-reason; nothing outlives :meth:`Connection.run`.
+reason (unless every task ends by itself, the common end); nothing outlives
+:meth:`Connection.run`.
 """
 
 from __future__ import annotations
