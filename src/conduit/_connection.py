@@ -7,8 +7,9 @@ the frames it produces. One nursery per connection owns:
 
 * the **reading task** (one at a time holds the role, see
   :mod:`conduit._call_workers`; first the task running :meth:`Connection.run`):
-  socket -> :class:`~conduit.protocol.FrameReader` -> state machine -> handler. It never blocks on a consumer: data goes into
-  credit-bounded stream inboxes, results wake their callers, and calls run
+  socket -> :class:`~conduit.protocol.FrameReader` -> state machine -> handler.
+  It never blocks on a consumer: data goes into credit-bounded stream inboxes,
+  results wake their callers, and calls run
   right there; a call whose handler blocks takes its task off reading and a
   follower reads on. Only one-way messages go through a bounded memory
   channel, whose backpressure is the point: they are delivered in order to one
