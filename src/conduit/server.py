@@ -45,13 +45,13 @@ class _Arrival:
 
     #: The remote (host, port), when the stream is a socket.
     address: tuple[str, int] | None
+    #: The key of the password-failure throttle and the per-address socket cap:
+    #: an IPv6 peer's /64, not its address (see :func:`address_key`). Worked
+    #: out once: every step of the connection's admission asks for it.
+    host: str = attrs.field(init=False)
 
-    @property
-    def host(self) -> str:
-        """The key of the password-failure throttle and the per-address socket cap.
-
-        An IPv6 peer's /64, not its address (see :func:`address_key`).
-        """
+    @host.default
+    def _host(self) -> str:
         return address_key(self.address[0]) if self.address else "unknown"
 
     @property
