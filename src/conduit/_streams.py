@@ -30,18 +30,37 @@ class IncomingStream(InboundStream):
     :meth:`wake`; the consumer calls :meth:`receive` until it returns a trailer.
     """
 
-    def __init__(self, stream_id: int, window: int, grant: Callable[[int, int], None]) -> None:
+    def __init__(
+        self,
+        stream_id: int,
+        window: int,
+        grant: Callable[[int, int], None],
+        *,
+        max_frame_size: int | None = None,
+    ) -> None:
+        """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown)."""
         super().__init__(stream_id, window)
         self._grant = grant
         self._wakeup = trio.lowlevel.ParkingLot()
+        # Buffered bytes (frame costs included) that wake a waiting consumer:
+        # what its receive(at_least=...) asked for.
+        self._wake_at = 0
+        # The most receive(at_least=...) may wait for. A sender stops only when
+        # its credit cannot pay for its next frame, i.e. when more than
+        # window - (largest frame + FRAME_COST) bytes are buffered here: a
+        # batch no larger than that is always filled (or the stream ends).
+        # Unknown frame size: no batching.
+        largest = window if max_frame_size is None else max_frame_size + FRAME_COST
+        self._batch_limit = min(window // 2, max(0, window - largest))
 
     def wake(self) -> None:
-        """Data arrived: let the consumer look.
+        """Data arrived: let the consumer look, once there is as much as it waits for.
 
-        Called for every DATA frame (sixteen per megabyte of bulk data), and
-        the consumer waits for the first only: cheap when nobody waits.
+        Called for every DATA event (one per record of bulk data): cheap when
+        nobody waits, and a consumer waiting for a batch is not woken for
+        less (a wake-up it would only answer by parking again).
         """
-        if self._wakeup:
+        if self._wakeup and (self.buffered_cost >= self._wake_at or self.trailer is not None):
             self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
@@ -49,20 +68,31 @@ class IncomingStream(InboundStream):
         super().fail(exc)
         self._wakeup.unpark_all()
 
-    async def receive(self) -> tuple[list[Buffer], bytes | None]:
+    async def receive(self, at_least: int = 0) -> tuple[list[Buffer], bytes | None]:
         """Wait for data; return every buffered chunk and the trailer once the stream ends.
 
-        Calling ``receive`` again tells the stream the previous chunks were
-        consumed, which returns their credit to the sender.
+        With ``at_least``, wait until that many bytes (frame costs included)
+        are buffered, or the stream ends or fails: a consumer that pays a
+        fixed cost per batch (a worker-thread hop per write) pays it less
+        often. Capped at half the window, and below what a sender blocked on
+        credit may leave unsent, so the sender can always fill the batch (a
+        sender that stops for other reasons only delays it). Calling
+        ``receive`` again tells the stream the previous chunks were consumed,
+        which returns their credit to the sender.
         """
         self.consumed()
-        while not self.chunks and self.trailer is None:
+        at_least = min(at_least, self._batch_limit)
+        while self.trailer is None and (
+            not self.chunks or (self.buffered_cost < at_least and self.error is None)
+        ):
             if self.error is not None:
                 raise self.error
             # About to wait: hand back all credit, or the sender could be
             # waiting for credit we are sitting on.
             self._flush_credit(force=True)
+            self._wake_at = at_least
             await self._wakeup.park()
+        self._wake_at = 0
         if self.error is not None and self.trailer is None and not self.chunks:
             raise self.error
         result = self.take()
