@@ -263,6 +263,10 @@ async def receive_file(
                     f"the sender sent more than the {size} bytes it announced", "size_mismatch"
                 )
             await partial.write(chunks)
+            # Written: drop the views now, not when the next batch replaces
+            # them, so the decrypted records they pin can be reused while we
+            # wait (else up to a window more of fresh record buffers).
+            del chunks
             await reporter.advance(amount)
         if raw_trailer is not None:
             return Trailer.unpack(raw_trailer)
