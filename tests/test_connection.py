@@ -275,7 +275,7 @@ async def test_receive_at_least_returns_batches_of_that_size(at_least: int) -> N
             nursery.start_soon(p.server.run)
             nursery.start_soon(_send_chunk_by_chunk, outgoing, payload, 16 * 1024)
             while True:
-                chunks, trailer = await incoming.receive(at_least)
+                chunks, trailer = await incoming.receive(at_least, patience=60)
                 batches.append([bytes(chunk) for chunk in chunks])
                 if trailer is not None:
                     break
@@ -311,7 +311,7 @@ async def test_receive_at_least_never_waits_for_more_than_a_blocked_sender_leave
             # rest sits here, below half the window.
             nursery.start_soon(_send_chunk_by_chunk, outgoing, payload, piece)
             while True:
-                chunks, trailer = await incoming.receive(WINDOW)
+                chunks, trailer = await incoming.receive(WINDOW, patience=60)
                 for chunk in chunks:
                     received += chunk
                 if trailer is not None:
@@ -329,10 +329,21 @@ async def test_receive_at_least_hands_over_what_came_before_a_reset(pair: Pair) 
         await outgoing.send([b"k" * 5000])
         await trio.testing.wait_all_tasks_blocked()
         pair.client.close_stream(outgoing, reset=("cancelled", "sender gave up"))
-        chunks, trailer = await incoming.receive(WINDOW)
+        chunks, trailer = await incoming.receive(WINDOW, patience=60)
         assert b"".join(chunks) == b"k" * 5000 and trailer is None
         with pytest.raises(StreamReset, match="sender gave up"):
-            await incoming.receive(WINDOW)
+            await incoming.receive(WINDOW, patience=60)
+
+
+async def test_receive_at_least_waits_no_longer_than_its_patience(pair: Pair) -> None:
+    """A sender that pauses below the threshold: what came is handed over after
+    ``patience``, not when (if ever) the batch fills."""
+    incoming = pair.server.open_incoming_stream()
+    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
+    with trio.fail_after(10):
+        await outgoing.send([b"p" * 5000])
+        chunks, trailer = await incoming.receive(WINDOW, patience=0.05)
+        assert b"".join(chunks) == b"p" * 5000 and trailer is None
 
 
 async def test_slow_consumer_stalls_only_its_own_stream(pair: Pair) -> None:

@@ -68,36 +68,49 @@ class IncomingStream(InboundStream):
         super().fail(exc)
         self._wakeup.unpark_all()
 
-    async def receive(self, at_least: int = 0) -> tuple[list[Buffer], bytes | None]:
+    async def receive(
+        self, at_least: int = 0, *, patience: float = 0.0
+    ) -> tuple[list[Buffer], bytes | None]:
         """Wait for data; return every buffered chunk and the trailer once the stream ends.
 
-        With ``at_least``, wait until that many bytes (frame costs included)
-        are buffered, or the stream ends or fails: a consumer that pays a
-        fixed cost per batch (a worker-thread hop per write) pays it less
-        often. Capped at half the window, and below what a sender blocked on
-        credit may leave unsent, so the sender can always fill the batch (a
-        sender that stops for other reasons only delays it). Calling
-        ``receive`` again tells the stream the previous chunks were consumed,
-        which returns their credit to the sender.
+        With ``at_least`` and ``patience``: once some data is here, wait up to
+        ``patience`` seconds more until ``at_least`` bytes (frame costs
+        included) are buffered, or the stream ends or fails. A consumer that
+        pays a fixed cost per batch (a worker-thread hop per write) then pays
+        it less often while data streams in, and a sender that pauses leaves
+        its bytes waiting no longer than ``patience``. ``at_least`` is capped
+        at half the window, and below what a sender blocked on credit may leave
+        unsent, so a sender that keeps sending can always fill the batch.
+        Calling ``receive`` again tells the stream the previous chunks were
+        consumed, which returns their credit to the sender.
         """
         self.consumed()
-        at_least = min(at_least, self._batch_limit)
-        while self.trailer is None and (
-            not self.chunks or (self.buffered_cost < at_least and self.error is None)
-        ):
+        while not self.chunks and self.trailer is None:
             if self.error is not None:
                 raise self.error
             # About to wait: hand back all credit, or the sender could be
             # waiting for credit we are sitting on.
             self._flush_credit(force=True)
-            self._wake_at = at_least
             await self._wakeup.park()
-        self._wake_at = 0
+        at_least = min(at_least, self._batch_limit)
+        if self.buffered_cost < at_least and self.trailer is None and self.error is None:
+            await self._gather(at_least, patience)
         if self.error is not None and self.trailer is None and not self.chunks:
             raise self.error
         result = self.take()
         self._flush_credit(force=False)
         return result
+
+    async def _gather(self, at_least: int, patience: float) -> None:
+        # All credit back first: the cap on at_least assumes the sender has it.
+        self._flush_credit(force=True)
+        self._wake_at = at_least
+        try:
+            with trio.move_on_after(patience):
+                while self.buffered_cost < at_least and self.trailer is None and self.error is None:
+                    await self._wakeup.park()
+        finally:
+            self._wake_at = 0
 
     def _flush_credit(self, *, force: bool) -> None:
         amount = self.credit_to_return(force=force)
