@@ -93,7 +93,12 @@ class IncomingStream(InboundStream):
             self._flush_credit(force=True)
             await self._wakeup.park()
         at_least = min(at_least, self._batch_limit)
-        if self.buffered_cost < at_least and self.trailer is None and self.error is None:
+        if (
+            patience > 0
+            and self.buffered_cost < at_least
+            and self.trailer is None
+            and self.error is None
+        ):
             await self._gather(at_least, patience)
         if self.error is not None and self.trailer is None and not self.chunks:
             raise self.error
