@@ -131,7 +131,7 @@ def engine_steps(loops: int, repeat: int) -> dict[str, float]:
 
     return {
         "join 16 frames (copy) + seal one record (iter_records)": _median(seal, loops, repeat),
-        "open (decrypt) a record, 16 frames through ConnectionState": _median(
+        "open (decrypt) a record, its 16 frames through ConnectionState (one run)": _median(
             open_and_deliver, loops, repeat
         ),
         **trio.run(_trio_steps, chunks, loops, repeat),

@@ -16,7 +16,7 @@ import trio.testing
 from conduit._call_workers import MAX_IDLE_FOLLOWERS
 from conduit._connection import Connection, ConnectionSettings
 from conduit._streams import IncomingStream
-from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError
+from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError, StreamReset
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     FRAME_COST,
@@ -245,6 +245,105 @@ async def test_stream_transfers_bytes_exactly(pair: Pair) -> None:
             nursery.start_soon(send)
             assert await _consume(incoming, received) == b"trailer"
     assert bytes(received) == payload
+
+
+async def _send_chunk_by_chunk(outgoing: Any, payload: bytes, chunk: int) -> None:
+    """Send ``payload`` one chunk at a time, letting the receiver run between chunks."""
+    for start in range(0, len(payload), chunk):
+        await outgoing.send([payload[start : start + chunk]])
+        await trio.testing.wait_all_tasks_blocked()
+    await outgoing.finish(b"end")
+
+
+@pytest.mark.parametrize("at_least", [100_000, 64 * 1024 * 1024])
+async def test_receive_at_least_returns_batches_of_that_size(at_least: int) -> None:
+    """Chunks trickling in one by one come out in batches of ``at_least`` bytes
+    (frame costs included), capped at half the window so the sender can always
+    fill one; the last batch is whatever came before the END."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    # The server accepts frames of up to 16 KiB: a sender blocked on credit
+    # leaves at most that (+ FRAME_COST) of the window unsent.
+    p = _pair(client_stream, server_stream, server_settings=_settings(max_frame_size=16 * 1024))
+    payload = os.urandom(1024 * 1024 + 17)
+    incoming = p.server.open_incoming_stream()
+    outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+    wanted = min(at_least, WINDOW // 2)
+    batches: list[list[bytes]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            nursery.start_soon(_send_chunk_by_chunk, outgoing, payload, 16 * 1024)
+            while True:
+                chunks, trailer = await incoming.receive(at_least, patience=60)
+                batches.append([bytes(chunk) for chunk in chunks])
+                if trailer is not None:
+                    break
+            nursery.cancel_scope.cancel()
+    assert trailer == b"end"
+    assert b"".join(b"".join(batch) for batch in batches) == payload
+    for batch in batches[:-1]:
+        assert sum(map(len, batch)) + FRAME_COST * len(batch) >= wanted
+    assert len(batches) < len(payload) // (16 * 1024)
+
+
+@pytest.mark.parametrize(
+    ("frame", "piece"), [(16 * 1024, 16 * 1024), (WINDOW - FRAME_COST, WINDOW)]
+)
+async def test_receive_at_least_never_waits_for_more_than_a_blocked_sender_leaves(
+    frame: int, piece: int
+) -> None:
+    """The sender's frames as large as the receiver allows: a batch of half the
+    window would wait for bytes the sender has no credit to send (frames of a
+    whole window: no batching at all). Ends, with every byte, instead of hanging."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream, server_settings=_settings(max_frame_size=frame))
+    payload = os.urandom(3 * WINDOW + 100)
+    incoming = p.server.open_incoming_stream()
+    outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+    received = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            # A piece of a whole window goes as a frame and a 64-byte rest;
+            # the next frame then needs the whole window's credit while the
+            # rest sits here, below half the window.
+            nursery.start_soon(_send_chunk_by_chunk, outgoing, payload, piece)
+            while True:
+                chunks, trailer = await incoming.receive(WINDOW, patience=60)
+                for chunk in chunks:
+                    received += chunk
+                if trailer is not None:
+                    break
+            nursery.cancel_scope.cancel()
+    assert bytes(received) == payload
+
+
+async def test_receive_at_least_hands_over_what_came_before_a_reset(pair: Pair) -> None:
+    """A stream the sender aborts below the threshold: the bytes that did arrive
+    are returned first (a receiver keeps them for a resume), then the reset."""
+    incoming = pair.server.open_incoming_stream()
+    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
+    with trio.fail_after(10):
+        await outgoing.send([b"k" * 5000])
+        await trio.testing.wait_all_tasks_blocked()
+        pair.client.close_stream(outgoing, reset=("cancelled", "sender gave up"))
+        chunks, trailer = await incoming.receive(WINDOW, patience=60)
+        assert b"".join(chunks) == b"k" * 5000 and trailer is None
+        with pytest.raises(StreamReset, match="sender gave up"):
+            await incoming.receive(WINDOW, patience=60)
+
+
+async def test_receive_at_least_waits_no_longer_than_its_patience(pair: Pair) -> None:
+    """A sender that pauses below the threshold: what came is handed over after
+    ``patience``, not when (if ever) the batch fills."""
+    incoming = pair.server.open_incoming_stream()
+    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
+    with trio.fail_after(10):
+        await outgoing.send([b"p" * 5000])
+        chunks, trailer = await incoming.receive(WINDOW, patience=0.05)
+        assert b"".join(chunks) == b"p" * 5000 and trailer is None
 
 
 async def test_slow_consumer_stalls_only_its_own_stream(pair: Pair) -> None:

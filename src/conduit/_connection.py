@@ -847,8 +847,11 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         grant = self._grant_credit
+        max_frame_size = self.settings.max_frame_size
         return self._state.open_inbound(
-            lambda stream_id, window: IncomingStream(stream_id, window, grant)
+            lambda stream_id, window: IncomingStream(
+                stream_id, window, grant, max_frame_size=max_frame_size
+            )
         )
 
     def open_outgoing_stream(self, stream_id: int) -> OutgoingStream:

@@ -30,18 +30,37 @@ class IncomingStream(InboundStream):
     :meth:`wake`; the consumer calls :meth:`receive` until it returns a trailer.
     """
 
-    def __init__(self, stream_id: int, window: int, grant: Callable[[int, int], None]) -> None:
+    def __init__(
+        self,
+        stream_id: int,
+        window: int,
+        grant: Callable[[int, int], None],
+        *,
+        max_frame_size: int | None = None,
+    ) -> None:
+        """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown)."""
         super().__init__(stream_id, window)
         self._grant = grant
         self._wakeup = trio.lowlevel.ParkingLot()
+        # Buffered bytes (frame costs included) that wake a waiting consumer:
+        # what its receive(at_least=...) asked for.
+        self._wake_at = 0
+        # The most receive(at_least=...) may wait for. A sender stops only when
+        # its credit cannot pay for its next frame, i.e. when more than
+        # window - (largest frame + FRAME_COST) bytes are buffered here: a
+        # batch no larger than that is always filled (or the stream ends).
+        # Unknown frame size: no batching.
+        largest = window if max_frame_size is None else max_frame_size + FRAME_COST
+        self._batch_limit = min(window // 2, max(0, window - largest))
 
     def wake(self) -> None:
-        """Data arrived: let the consumer look.
+        """Data arrived: let the consumer look, once there is as much as it waits for.
 
-        Called for every DATA frame (sixteen per megabyte of bulk data), and
-        the consumer waits for the first only: cheap when nobody waits.
+        Called for every DATA event (one per record of bulk data): cheap when
+        nobody waits, and a consumer waiting for a batch is not woken for
+        less (a wake-up it would only answer by parking again).
         """
-        if self._wakeup:
+        if self._wakeup and (self.buffered_cost >= self._wake_at or self.trailer is not None):
             self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
@@ -49,9 +68,19 @@ class IncomingStream(InboundStream):
         super().fail(exc)
         self._wakeup.unpark_all()
 
-    async def receive(self) -> tuple[list[Buffer], bytes | None]:
+    async def receive(
+        self, at_least: int = 0, *, patience: float = 0.0
+    ) -> tuple[list[Buffer], bytes | None]:
         """Wait for data; return every buffered chunk and the trailer once the stream ends.
 
+        With ``at_least`` and ``patience``: once some data is here, wait up to
+        ``patience`` seconds more until ``at_least`` bytes (frame costs
+        included) are buffered, or the stream ends or fails. A consumer that
+        pays a fixed cost per batch (a worker-thread hop per write) then pays
+        it less often while data streams in, and a sender that pauses leaves
+        its bytes waiting no longer than ``patience``. ``at_least`` is capped
+        at half the window, and below what a sender blocked on credit may leave
+        unsent, so a sender that keeps sending can always fill the batch.
         Calling ``receive`` again tells the stream the previous chunks were
         consumed, which returns their credit to the sender.
         """
@@ -63,11 +92,30 @@ class IncomingStream(InboundStream):
             # waiting for credit we are sitting on.
             self._flush_credit(force=True)
             await self._wakeup.park()
+        at_least = min(at_least, self._batch_limit)
+        if (
+            patience > 0
+            and self.buffered_cost < at_least
+            and self.trailer is None
+            and self.error is None
+        ):
+            await self._gather(at_least, patience)
         if self.error is not None and self.trailer is None and not self.chunks:
             raise self.error
         result = self.take()
         self._flush_credit(force=False)
         return result
+
+    async def _gather(self, at_least: int, patience: float) -> None:
+        # All credit back first: the cap on at_least assumes the sender has it.
+        self._flush_credit(force=True)
+        self._wake_at = at_least
+        try:
+            with trio.move_on_after(patience):
+                while self.buffered_cost < at_least and self.trailer is None and self.error is None:
+                    await self._wakeup.park()
+        finally:
+            self._wake_at = 0
 
     def _flush_credit(self, *, force: bool) -> None:
         amount = self.credit_to_return(force=force)

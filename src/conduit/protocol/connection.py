@@ -14,8 +14,10 @@ resets, the per-stream credit counters and their checks, call-id allocation and
 uniqueness, the concurrency limit, PING -> PONG, GOODBYE and the closing state.
 What it does not: time (heartbeats, idleness, call timeouts), waiting, tasks.
 
-The hot path is DATA: it allocates nothing per frame. The event for a DATA
-frame is the :class:`InboundStream` that took the bytes, and for a CREDIT frame
+The hot path is DATA: it allocates nothing per frame, and the consecutive DATA
+frames of one stream in a record come as one
+:class:`~conduit.protocol.data_runs.DataRun` (one credit check, one event). The
+event for DATA is the :class:`InboundStream` that took the bytes, and for a CREDIT frame
 the :class:`OutboundStream` that got the credit; the engine's subclasses of
 both add only the waking.
 """
@@ -32,6 +34,7 @@ import attrs
 
 from ..errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from .codec import decode_body, decode_call, decode_result, encode_call, encode_frame, encode_result
+from .data_runs import DataRun
 from .frames import FLAG_END, FRAME_COST, HEADER_SIZE, Frame, FrameKind, is_valid_stream_id
 from .messages import Body, Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
 
@@ -171,6 +174,26 @@ class InboundStream:
         else:
             self.chunks.append(payload)
             self.bytes_received += len(payload)
+
+    def on_data_run(self, payloads: list[memoryview], size: int) -> None:
+        """Account for a run of DATA frames (none the END) at once; refuse it beyond the credit.
+
+        The same checks as :meth:`on_data` frame by frame: a run that the
+        credit does not cover is refused whole, as its first uncovered frame
+        would have been (either way the connection is over).
+        """
+        if self.trailer is not None:
+            raise RemoteProtocolError(f"data after the end of stream {self.stream_id}")
+        cost = size + len(payloads) * FRAME_COST
+        if cost > self.available:
+            raise RemoteProtocolError(
+                f"peer exceeded the credit window on stream {self.stream_id} "
+                f"({cost} bytes in {len(payloads)} frames with {self.available} granted)"
+            )
+        self.available -= cost
+        self.buffered_cost += cost
+        self.chunks.extend(payloads)
+        self.bytes_received += size
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error (reset by the peer, or connection lost)."""
@@ -330,7 +353,10 @@ class ConnectionState:
                 raise RemoteProtocolError(
                     f"data for stream {frame.stream_id}, which was never opened"
                 )
-            stream.on_data(frame.payload, frame.flags)
+            if type(frame) is DataRun:  # a record's run of frames (data_runs.py)
+                stream.on_data_run(frame.payloads, frame.size)
+            else:
+                stream.on_data(frame.payload, frame.flags)
             return stream
         if kind is _CALL:
             return self._on_call(frame.stream_id, decode_call(frame.payload))

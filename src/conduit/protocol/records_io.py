@@ -11,7 +11,8 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 
 from ..errors import LocalProtocolError
-from .codec import FrameDecoder, iter_frames, parse_header
+from .codec import FrameDecoder, parse_header
+from .data_runs import split_record
 from .frames import HEADER_SIZE, Frame
 from .handshake import HANDSHAKE_MAX_FRAME
 from .records import LENGTH, TAG_SIZE, RecordOpener, RecordSealer
@@ -74,7 +75,11 @@ class FrameReader:
             self._opener.release_idle_buffers()
 
     def next_frame(self) -> Frame | None:
-        """The next complete frame, or None when more bytes are needed."""
+        """The next complete frame, or None when more bytes are needed.
+
+        Consecutive DATA frames of one stream in a record come as one
+        :class:`~conduit.protocol.data_runs.DataRun` (see :func:`split_record`).
+        """
         if self._pending:
             return self._pending.popleft()
         if self._opener is None:
@@ -92,7 +97,7 @@ class FrameReader:
                 kind, stream_id, flags, length = parse_header(record, 0, self._max_frame_size)
                 if HEADER_SIZE + length == size:
                     return Frame(kind, stream_id, flags, memoryview(record)[HEADER_SIZE:])
-            frames = iter_frames(record, self._max_frame_size)
+            frames = split_record(record, self._max_frame_size)
             if frames:
                 self._pending.extend(frames)
                 return self._pending.popleft()
