@@ -869,3 +869,28 @@ def test_partial_file_is_a_context_manager(storage: StorageRoot) -> None:
         partial.fsync()
     assert partial.closed
     assert storage.find_partial("a.txt", TID) == 3
+
+
+def test_a_fresh_start_cuts_a_partial_left_over_but_a_new_one_needs_no_cut(
+    storage: StorageRoot,
+) -> None:
+    # A partial file already there (a crashed try with the same id) is cut to
+    # nothing by a fresh start; a partial the open creates is empty as it is.
+    left = storage.open_partial("cut.bin", TID, resume=False)
+    left.write_block(b"stale bytes of an earlier try" * 100)
+    left.close()
+    again = storage.open_partial("cut.bin", TID, resume=False)
+    assert again.offset == 0 and os.fstat(again._require_open()).st_size == 0
+    again.write_block(b"new")
+    assert again.publish(overwrite=False, expected_sha256=sha256(b"new")) == "cut.bin"
+    assert read_back(storage, "cut.bin") == b"new"
+    fresh = storage.open_partial("new.bin", "f" * 32, resume=False)
+    try:
+        assert os.fstat(fresh._require_open()).st_size == 0
+        # Written and read back through the descriptor, left non-blocking (a
+        # regular file's reads and writes are not affected).
+        fresh.write_block(b"x" * 70000)
+        assert fresh.publish(overwrite=False, expected_sha256=sha256(b"x" * 70000)) == "new.bin"
+    finally:
+        fresh.close()
+    assert read_back(storage, "new.bin") == b"x" * 70000
