@@ -29,12 +29,15 @@ from ._storage import StorageRoot
 from ._wire import as_rpc_error
 
 #: Seconds the Trio thread may wait inline for one small file's store (see
-#: :meth:`.._worker_hop.WorkerHop.run`): a store on tmpfs or a fast disk takes
-#: 70-200 µs, and waiting for it on a lock instead of through the loop saves
-#: the Trio thread about a third of a sequential upload's CPU; a slower store
-#: (an fsync of milliseconds) stalls the loop this long once, then the hop
-#: waits through the loop for a while. Batches are always waited for through
-#: the loop (they take longer, and come with concurrency).
+#: :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
+#: store. A store on tmpfs or a fast disk takes 0.1-0.3 ms in the worker, and
+#: waiting for it on a lock instead of through the loop cut the Trio thread's
+#: CPU per sequential upload by about a quarter (docs/benchmarks.md). At 0.5 ms,
+#: 2-4 % of tmpfs stores outlasted the wait at load 4 on two cores; at 1 ms,
+#: almost none. Stores whose fsyncs take milliseconds outlast it twice in a
+#: row, and the hop then waits through the loop for
+#: :data:`.._worker_hop.INLINE_BACKOFF` seconds. Batches are always waited for
+#: through the loop (they take longer, and come with concurrency).
 STORE_WAIT_INLINE = 0.001
 
 if TYPE_CHECKING:
