@@ -131,7 +131,9 @@ class WorkerHop:
         """``function(*args)`` in a worker thread; its result, or its exception.
 
         ``wait_inline``: seconds the Trio thread may block waiting for a short
-        call before it waits through the loop (see the module docstring).
+        call before it waits through the loop (see the module docstring). A
+        call is always a cancel point; one answered within ``wait_inline`` is
+        not a schedule point (the loop did not run meanwhile).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         call = _Call(function, args)

@@ -72,7 +72,8 @@ class HashGate:
         """
         # The fast paths take a free lock and limiter without the two
         # checkpoints each of ``async with`` costs; the hop itself is the
-        # call's checkpoint (cancel point and schedule point).
+        # call's cancel point (and its schedule point, unless it was waited
+        # for inline: then the RPC that carried it yields on its way out).
         lock = self.lock_for(connection)
         try:
             lock.acquire_nowait()
