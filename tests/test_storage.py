@@ -894,3 +894,30 @@ def test_a_fresh_start_cuts_a_partial_left_over_but_a_new_one_needs_no_cut(
     finally:
         fresh.close()
     assert read_back(storage, "new.bin") == b"x" * 70000
+
+
+def test_a_held_root_serves_this_threads_operations_and_is_closed_after(
+    storage: StorageRoot,
+) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    # A missing root is not held (nothing is created by the hold itself).
+    with storage.holding_root():
+        assert not storage.path.exists()
+        receive(storage, "made.bin", b"first")
+    before = open_fds()
+    with storage.holding_root():
+        receive(storage, "sub/held.bin", b"second")
+        storage.sync_directories(["sub/held.bin", "made.bin"])
+        # Another instance on the same path does not use this thread's hold.
+        other = StorageRoot(storage.path)
+        assert read_back(other, "sub/held.bin") == b"second"
+        # Another thread does not see the hold: it resolves the root itself.
+        seen: list[bytes] = []
+        reader = threading.Thread(target=lambda: seen.append(read_back(storage, "made.bin")))
+        reader.start()
+        reader.join(10)
+        assert seen == [b"first"]
+    assert open_fds() == before
+    assert read_back(storage, "sub/held.bin") == b"second"
