@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from conduit import FileTransferHandler, LocalProtocolError, Server
+from conduit.transfer import _local
 from conftest import ClientFactory, ServerFactory
 from hostile_names import HOSTILE_NAMES
 from transfer_helpers import record_calls
@@ -134,3 +135,34 @@ async def test_small_push_reaches_the_client(
     assert result["success"] is True, result
     assert (tmp_path / "client" / "hello.txt").read_bytes() == b"hello"
     assert received[0][1]["checksum"] == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_a_small_files_look_reads_it_whole_and_sees_a_size_that_changed(tmp_path: Path) -> None:
+    data = os.urandom(4096)
+    path = tmp_path / "four.bin"
+    path.write_bytes(data)
+    found = _local.probe_source(path, 64 * 1024)
+    assert found.small is not None
+    assert found.small.data == data and found.small.sha256 == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert _local.probe_source(empty, 64 * 1024).small == _local.SmallFile(
+        b"", hashlib.sha256(b"").hexdigest()
+    )
+    # The size fstat gave no longer holds (the file grew, or shrank, meanwhile):
+    # nothing is taken as the file.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert _local._small(fd, 4000) is None
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert _local._small(fd, 5000) is None
+        os.lseek(fd, 0, os.SEEK_SET)
+        assert _local._small(fd, 4096) is not None
+    finally:
+        os.close(fd)
+
+
+def test_a_fifo_is_looked_at_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert _local.probe_source(fifo, 64 * 1024) == _local.Probe()

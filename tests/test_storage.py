@@ -869,3 +869,55 @@ def test_partial_file_is_a_context_manager(storage: StorageRoot) -> None:
         partial.fsync()
     assert partial.closed
     assert storage.find_partial("a.txt", TID) == 3
+
+
+def test_a_fresh_start_cuts_a_partial_left_over_but_a_new_one_needs_no_cut(
+    storage: StorageRoot,
+) -> None:
+    # A partial file already there (a crashed try with the same id) is cut to
+    # nothing by a fresh start; a partial the open creates is empty as it is.
+    left = storage.open_partial("cut.bin", TID, resume=False)
+    left.write_block(b"stale bytes of an earlier try" * 100)
+    left.close()
+    again = storage.open_partial("cut.bin", TID, resume=False)
+    assert again.offset == 0 and os.fstat(again._require_open()).st_size == 0
+    again.write_block(b"new")
+    assert again.publish(overwrite=False, expected_sha256=sha256(b"new")) == "cut.bin"
+    assert read_back(storage, "cut.bin") == b"new"
+    fresh = storage.open_partial("new.bin", "f" * 32, resume=False)
+    try:
+        assert os.fstat(fresh._require_open()).st_size == 0
+        # Written and read back through the descriptor, left non-blocking (a
+        # regular file's reads and writes are not affected).
+        fresh.write_block(b"x" * 70000)
+        assert fresh.publish(overwrite=False, expected_sha256=sha256(b"x" * 70000)) == "new.bin"
+    finally:
+        fresh.close()
+    assert read_back(storage, "new.bin") == b"x" * 70000
+
+
+def test_a_held_root_serves_this_threads_operations_and_is_closed_after(
+    storage: StorageRoot,
+) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    # A missing root is not held (nothing is created by the hold itself).
+    with storage.holding_root():
+        assert not storage.path.exists()
+        receive(storage, "made.bin", b"first")
+    before = open_fds()
+    with storage.holding_root():
+        receive(storage, "sub/held.bin", b"second")
+        storage.sync_directories(["sub/held.bin", "made.bin"])
+        # Another instance on the same path does not use this thread's hold.
+        other = StorageRoot(storage.path)
+        assert read_back(other, "sub/held.bin") == b"second"
+        # Another thread does not see the hold: it resolves the root itself.
+        seen: list[bytes] = []
+        reader = threading.Thread(target=lambda: seen.append(read_back(storage, "made.bin")))
+        reader.start()
+        reader.join(10)
+        assert seen == [b"first"]
+    assert open_fds() == before
+    assert read_back(storage, "sub/held.bin") == b"second"

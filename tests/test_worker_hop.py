@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from conduit import FileTransferHandler
+from conduit import FileTransferHandler, _worker_hop
 from conduit._worker_hop import WorkerHop
 from conduit.transfer import _small
 from conduit.transfer._shared_hop import SharedHop
@@ -311,3 +311,76 @@ async def test_a_small_file_over_the_inline_limit_is_read_in_a_thread_and_arrive
     result = await transfer.send_to_server(client, path)
     assert result["success"] is True and result["size"] == len(data)
     assert (storage / "bigger.bin").read_bytes() == data
+
+
+async def test_sequential_calls_keep_one_thread() -> None:
+    # The thread counts itself idle before its caller hears back, so a caller
+    # whose next call comes at once never finds it "busy" and starts another.
+    hop = WorkerHop("sequential", max_threads=2)
+    try:
+        idents = {await hop.run(threading.get_ident) for _ in range(200)}
+        idents |= {await hop.run(threading.get_ident, wait_inline=10.0) for _ in range(200)}
+        assert len(idents) == 1 and hop.threads == 1
+    finally:
+        hop.close()
+
+
+def _loop_answers(token: trio.lowlevel.TrioToken, seconds: float) -> bool:
+    """Worker thread: does the Trio loop run a callback within ``seconds``?"""
+    answered = threading.Event()
+    token.run_sync_soon(answered.set)
+    return answered.wait(seconds)
+
+
+async def test_an_inline_wait_blocks_the_loop_for_the_call_and_brings_back_its_outcome() -> None:
+    hop = WorkerHop("inline")
+    token = trio.lowlevel.current_trio_token()
+
+    def fail() -> None:
+        raise KeyError("in the worker")
+
+    try:
+        await hop.run(int)  # starts the thread (a call that starts one is never waited inline)
+        # Waited for inline: the loop cannot run the thread's callback meanwhile.
+        assert await hop.run(_loop_answers, token, 0.2, wait_inline=30.0) is False
+        assert await hop.run(pow, 2, 10, wait_inline=30.0) == 1024
+        with pytest.raises(KeyError, match="in the worker"):
+            await hop.run(fail, wait_inline=30.0)
+        assert await hop.run(_loop_answers, token, 10.0) is True  # no inline wait asked
+        assert hop.threads == 1
+    finally:
+        hop.close()
+
+
+async def test_a_call_that_outlasts_its_inline_wait_is_heard_through_the_loop_and_backs_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_worker_hop, "INLINE_BACKOFF", 3600.0)
+    hop = WorkerHop("outlasting")
+    token = trio.lowlevel.current_trio_token()
+    release = threading.Event()
+    loop_ran: list[bool] = []
+
+    def slow() -> str:
+        # Only a Trio task sets ``release``: it can run once the inline wait gave up.
+        release.wait(10)
+        return "slow, but here"
+
+    async def releaser() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        loop_ran.append(True)
+        release.set()
+
+    try:
+        await hop.run(int)
+        with trio.fail_after(20):
+            for _ in range(_worker_hop.INLINE_MISSES):
+                release.clear()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(releaser)
+                    assert await hop.run(slow, wait_inline=0.001) == "slow, but here"
+            assert loop_ran == [True] * _worker_hop.INLINE_MISSES
+            # That many misses in a row: no inline wait for a while, even a long one.
+            assert await hop.run(_loop_answers, token, 10.0, wait_inline=30.0) is True
+    finally:
+        hop.close()

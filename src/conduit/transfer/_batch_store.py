@@ -117,6 +117,17 @@ def store_batch(
     handler's cached :class:`._hashing.HashGate`, within whose threads this runs).
     """
     storage = admitter.storage
+    with storage.holding_root():
+        _store_entries(entries, admitter, overwrite, hash_fd)
+
+
+def _store_entries(
+    entries: Sequence[Entry],
+    admitter: OneShotAdmitter,
+    overwrite: bool,
+    hash_fd: Callable[[int, int], str] | None,
+) -> None:
+    storage = admitter.storage
     published = []
     for entry in entries:
         if entry.error is not None:

@@ -63,11 +63,17 @@ class HashGate:
             lock = connection.owned[self] = trio.Lock()
         return lock
 
-    async def run(self, connection: Connection, function: Callable[[], T]) -> T:
-        """Run ``function`` (which hashes via :meth:`digest_of_fd`) within the gate."""
+    async def run(
+        self, connection: Connection, function: Callable[[], T], *, wait_inline: float = 0.0
+    ) -> T:
+        """Run ``function`` (which hashes via :meth:`digest_of_fd`) within the gate.
+
+        ``wait_inline``: see :meth:`.._worker_hop.WorkerHop.run`.
+        """
         # The fast paths take a free lock and limiter without the two
         # checkpoints each of ``async with`` costs; the hop itself is the
-        # call's checkpoint (cancel point and schedule point).
+        # call's cancel point (and its schedule point, unless it was waited
+        # for inline: then the RPC that carried it yields on its way out).
         lock = self.lock_for(connection)
         try:
             lock.acquire_nowait()
@@ -80,7 +86,7 @@ class HashGate:
             except trio.WouldBlock:
                 await limiter.acquire()
             try:
-                return await self.hop.run(function)
+                return await self.hop.run(function, wait_inline=wait_inline)
             finally:
                 limiter.release()
         finally:

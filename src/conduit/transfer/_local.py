@@ -80,13 +80,21 @@ class LocalSource:
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
-    """Up to ``size + 1`` bytes of ``fd``: one more than expected shows a file that grew."""
-    parts = []
-    left = size + 1
-    while left > 0:
+    """Up to ``size + 1`` bytes of ``fd``: one more than expected shows a file that grew.
+
+    A regular file's ``read`` returns fewer bytes than asked only at its end,
+    so a first read that brings ``size`` bytes (one short of what was asked)
+    is taken as the whole file, without the extra ``read`` that would see the
+    end: one system call fewer per small file. Only a read shorter than that
+    goes on reading (to the end, or to ``size + 1`` bytes).
+    """
+    part = os.read(fd, size + 1)
+    if len(part) >= size:
+        return part
+    parts = [part]
+    left = size + 1 - len(part)
+    while left > 0 and part:
         part = os.read(fd, left)
-        if not part:
-            break
         parts.append(part)
         left -= len(part)
     return b"".join(parts)
@@ -146,7 +154,8 @@ def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
             return Probe(is_directory=True)
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return Probe()
-        os.set_blocking(fd, True)
+        # Left non-blocking: ``O_NONBLOCK`` does not apply to a regular file's
+        # reads (two ``fcntl`` calls saved per small file).
         return Probe(small=_small(fd, info.st_size))
     except OSError:
         return Probe()
