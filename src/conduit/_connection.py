@@ -41,7 +41,8 @@ import trio
 from ._call_workers import Blocked, CallRunners
 from ._host_reader import HostReader, Received
 from ._outbox import Outbox, OutboxClosed
-from ._pending_calls import PendingCalls
+from ._pending_calls import PendingCall, PendingCalls
+from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._socket_io import SocketIO, close_now
 from ._streams import IncomingStream, OutgoingStream
@@ -69,6 +70,8 @@ from .protocol.records_io import SCRATCH_MIN
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
+_CALL = FrameKind.CALL
+_MESSAGE = FrameKind.MESSAGE
 
 log = logging.getLogger("conduit.connection")
 
@@ -164,8 +167,14 @@ class Connection:
         self.host_reader = HostReader.of(
             stream, self._receive_buffer, self._drain_on_host, is_client=is_client
         )
-        # A frame the loop's callback left for the reading task (a CALL or MESSAGE).
+        # A frame the loop's callback, or a caller holding the reading role,
+        # left for the reading task (a CALL or MESSAGE).
         self._held_frame: Frame | None = None
+        #: Callers may read their own replies (see _reading_role); made on the first call.
+        self._role: ReadingRole | None = None
+        self._role_possible = self.host_reader is None and self._socket_io is not None
+        #: The reading task waits in ReadingRole.wait_idle: a caller may take the role.
+        self._reader_parked = False
         self.keys = keys
         self.settings = settings
         self.label = label
@@ -184,7 +193,11 @@ class Connection:
         )
         self._outbox = Outbox(settings.send_buffer, state)
         self._pending = PendingCalls(
-            state, self._send_cancel, self._all_callers_woken, self._start_timer
+            state,
+            self._send_cancel,
+            self._all_callers_woken,
+            self._start_timer,
+            self._own_reading if self._role_possible else None,
         )
         self._calls = CallRunners(
             self._read,
@@ -264,6 +277,8 @@ class Connection:
                     on_started()
         finally:
             self._shutdown(self.close_reason or "connection closed")
+            if self._role is not None:
+                self._role.close()
             if close_now(self.stream):
                 # The scheduling pass aclose() ends with (other tasks see the
                 # connection closed before it is reported closed), minus its
@@ -328,6 +343,12 @@ class Connection:
                     return blocked
                 # Results of the calls just run go out together, in one record.
                 self._flush_control()
+                role = self._role
+                if role is not None and self._receive_buffer.would_wait:
+                    # Idle: wait where a caller can take over the socket.
+                    await self._wait_idle(role)
+                    if self._held_frame is not None:  # a caller left us a frame
+                        continue
                 data = await self._receive()
                 if data is not None:  # None: the host reader fed it (see _drain_on_host)
                     if not data:
@@ -380,6 +401,111 @@ class Connection:
                 await self._messages_in.send(event)
         return None
 
+    async def _wait_idle(self, role: ReadingRole) -> None:
+        """Until the socket has bytes and no caller holds the role, or a caller left a frame."""
+        while True:
+            self._reader_parked = True
+            try:
+                await role.wait_idle()
+            except trio.ClosedResourceError:
+                if role.closed:
+                    raise
+            finally:
+                self._reader_parked = False
+            if self._held_frame is not None:
+                return
+            if not role.held:
+                self._receive_buffer.woke()
+                return
+
+    def _own_reading(self, pending: PendingCall) -> Awaitable[None] | None:
+        """A caller about to park: its own read of the socket, if the reading task is idle.
+
+        PendingCalls' ``read_own`` hook. The first call only makes the role (the
+        reading task already waits on the socket itself; it moves to the role's
+        wait when next idle).
+        """
+        role = self._role
+        if role is None:
+            if self._role_possible:
+                self._role_possible = False
+                self._role = ReadingRole.of(self.stream)
+            return None
+        if not self._reader_parked or role.held or self._held_frame is not None:
+            return None
+        return self._read_own_result(pending, role)
+
+    async def _read_own_result(self, pending: PendingCall, role: ReadingRole) -> None:
+        """Hold the reading role until ``pending`` has an outcome (:mod:`conduit._reading_role`).
+
+        Reads and handles what the reading task would, for the frames whose
+        handlers never wait; returns early (the caller then parks as usual)
+        when a CALL or MESSAGE arrives (left for the reading task), bulk data
+        flows, replies back up, or the connection ends.
+        """
+        role.take()
+        buffer = self._receive_buffer
+        interrupt = role.interrupt_holder
+        try:
+            while pending.settled() is None:
+                pending.interrupt = interrupt
+                try:
+                    await role.wait_own()
+                except trio.ClosedResourceError:
+                    if role.closed:
+                        return
+                    continue  # interrupted: the call has its outcome
+                finally:
+                    pending.interrupt = None
+                if pending.settled() is not None:
+                    return
+                data = buffer.read_now()
+                if data is None:
+                    if buffer.mapped:
+                        return
+                    continue
+                if not data:
+                    self.abort(self.close_reason or "peer closed the connection")
+                    return
+                self._last_received = trio.current_time()
+                self._reader.feed(data)
+                if not self._drain_to_call():
+                    return
+                self._flush_control()
+                if buffer.mapped or self._outbox.control_bytes > _CONTROL_BACKLOG:
+                    return
+        except IntegrityError as exc:
+            self.abort(exc.reason)
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        finally:
+            role.release()
+            if self._held_frame is not None:
+                role.wake_idle()
+
+    def _drain_to_call(self) -> bool:
+        """Handle the frames read so far whose handlers never wait.
+
+        Stops at the first CALL or MESSAGE, which it leaves in ``_held_frame``
+        for the reading task (False); True when every frame was handled.
+        """
+        next_frame = self._reader.next_frame
+        receive_frame = self._state.receive_frame
+        handlers = self._handlers
+        while (frame := next_frame()) is not None:
+            kind = frame.kind
+            if kind is _CALL or kind is _MESSAGE:
+                self._held_frame = frame
+                return False
+            event = receive_frame(frame)
+            if event is not None and (handler := handlers.get(type(event))) is not None:
+                handler(event)
+        return True
+
     async def _receive(self) -> Received:
         if self.host_reader is not None:
             return await self.host_reader.receive()
@@ -396,18 +522,9 @@ class Connection:
         raised to the host reader, which hands them to the reading task.
         """
         self._last_received = trio.current_time()
-        reader = self._reader
-        reader.feed(data)
-        next_frame = reader.next_frame
-        receive_frame = self._state.receive_frame
-        handlers = self._handlers
-        while (frame := next_frame()) is not None:
-            if frame.kind is FrameKind.CALL or frame.kind is FrameKind.MESSAGE:
-                self._held_frame = frame
-                return False
-            event = receive_frame(frame)
-            if event is not None and (handler := handlers.get(type(event))) is not None:
-                handler(event)
+        self._reader.feed(data)
+        if not self._drain_to_call():
+            return False
         self._flush_control()
         return self._outbox.control_bytes <= _CONTROL_BACKLOG
 
