@@ -241,7 +241,9 @@ async def test_credit_for_an_upload_flows_while_callers_hold_the_role() -> None:
             assert bytes(received) == payload
 
 
-async def test_many_callers_share_the_role_and_all_get_their_replies() -> None:
+async def test_callers_alone_or_together_all_get_their_replies() -> None:
+    """A caller waiting alone reads for itself, others wait for the reading
+    task; callers come and go between the two while 16 call at once."""
     with trio.fail_after(20):
         async with _running() as (p, _nursery):
             results: dict[tuple[int, int], Any] = {}

@@ -419,7 +419,7 @@ class Connection:
                 return
 
     def _own_reading(self, pending: PendingCall) -> Awaitable[None] | None:
-        """A caller about to park: its own read of the socket, if the reading task is idle.
+        """A caller about to park: its own read of the socket, if alone and the reader idles.
 
         PendingCalls' ``read_own`` hook. The first call only makes the role (the
         reading task already waits on the socket itself; it moves to the role's
@@ -432,6 +432,11 @@ class Connection:
                 self._role = ReadingRole.of(self.stream)
             return None
         if not self._reader_parked or role.held or self._held_frame is not None:
+            return None
+        if len(self._pending) != 1:
+            # Others wait too: the reading task wakes them all from one read
+            # anyway, and a holder would hand it the rest of a burst (measured:
+            # 16 callers, ~1 us more CPU per call with any caller reading).
             return None
         return self._read_own_result(pending, role)
 
