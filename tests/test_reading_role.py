@@ -9,6 +9,7 @@ timeouts, the connection ending.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -211,6 +212,40 @@ async def test_closing_this_side_wakes_the_role_holder() -> None:
             await p.client.closed.wait()
             await failed.wait()
             assert "this side stops" in str(failures[0])
+
+
+async def test_a_tampered_record_read_by_the_role_holder_ends_the_connection() -> None:
+    """Bytes that are no sealed record of this session, read by a caller holding
+    the role: the connection ends with the integrity failure as its reason and
+    the caller gets ConnectionClosed (nothing is delivered)."""
+    entered = trio.Event()
+
+    async def forever(_c: Connection) -> None:
+        entered.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with _running() as (p, nursery):
+            p.server_dispatch.methods["forever"] = forever
+            failures: list[BaseException] = []
+            failed = trio.Event()
+
+            async def call() -> None:
+                try:
+                    await p.client.call("forever", {}, None)
+                except ConnectionClosed as exc:
+                    failures.append(exc)
+                    failed.set()
+
+            nursery.start_soon(call)
+            await entered.wait()
+            assert _role_held(p.client)
+            # A record-sized frame of random bytes, written past the server's engine.
+            await p.server.stream.send_all(struct.pack("!I", 48) + os.urandom(48))
+            await failed.wait()
+            await p.client.closed.wait()
+            reason = p.client.close_reason or ""
+            assert "failed authentication" in reason, reason
 
 
 async def test_credit_for_an_upload_flows_while_callers_hold_the_role() -> None:

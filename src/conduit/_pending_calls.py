@@ -134,7 +134,7 @@ class PendingCalls:
         if self._read_own is not None and (reading := self._read_own(pending)) is not None:
             try:
                 await reading
-            except trio.Cancelled:
+            except BaseException:  # cancelled (or worse) while holding the reading role
                 if self._calls.pop(call_id, None) is not None:
                     self._send_cancel(call_id)
                 raise
