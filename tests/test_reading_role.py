@@ -248,9 +248,9 @@ async def test_a_tampered_record_read_by_the_role_holder_ends_the_connection() -
             assert "failed authentication" in reason, reason
 
 
-async def test_credit_for_an_upload_flows_while_callers_hold_the_role() -> None:
-    """An 8 MiB upload (32 receive windows) needs the server's credit grants,
-    which arrive while sequential callers hold the reading role on the client."""
+async def test_calls_beside_an_upload_leave_the_socket_to_the_reading_task() -> None:
+    """While a data stream is open no caller takes the role (it measured worse
+    beside bulk data); calls and the upload's credit both keep flowing."""
     payload = os.urandom(8 * 1024 * 1024 + 3)
     with trio.fail_after(30):
         async with _running() as (p, nursery):
@@ -272,8 +272,50 @@ async def test_credit_for_an_upload_flows_while_callers_hold_the_role() -> None:
             while not trailers:
                 assert await p.client.call("echo", {"x": calls}, 5) == calls
                 calls += 1
+            assert not _role_held(p.client)
             assert trailers == [b"end"]
             assert bytes(received) == payload
+
+
+async def test_a_stream_opened_while_a_caller_holds_the_role_gets_its_data() -> None:
+    """A caller holds the role when a download starts on the connection: it
+    handles the first DATA frames (and this side's credit goes out), then hands
+    the socket back to the reading task once bulk reads begin."""
+    entered, release = trio.Event(), trio.Event()
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+
+    async def gate(_c: Connection) -> str:
+        entered.set()
+        await release.wait()
+        return "through"
+
+    with trio.fail_after(30):
+        async with _running() as (p, nursery):
+            p.server_dispatch.methods["gate"] = gate
+            results: list[Any] = []
+            answered = trio.Event()
+
+            async def call() -> None:
+                results.append(await p.client.call("gate", {}, 10))
+                answered.set()
+
+            nursery.start_soon(call)
+            await entered.wait()
+            assert _role_held(p.client)
+            incoming = p.client.open_incoming_stream()
+            outgoing = p.server.open_outgoing_stream(incoming.stream_id)
+
+            async def send() -> None:
+                await outgoing.send([payload])
+                await outgoing.finish(b"end")
+
+            nursery.start_soon(send)
+            received = bytearray()
+            assert await _consume(incoming, received) == b"end"
+            assert bytes(received) == payload
+            release.set()
+            await answered.wait()
+            assert results == ["through"]
 
 
 async def test_callers_alone_or_together_all_get_their_replies() -> None:

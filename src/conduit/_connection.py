@@ -344,7 +344,7 @@ class Connection:
                 # Results of the calls just run go out together, in one record.
                 self._flush_control()
                 role = self._role
-                if role is not None and self._receive_buffer.would_wait:
+                if role is not None and self._receive_buffer.would_wait and self._role_open():
                     # Idle: wait where a caller can take over the socket.
                     await self._wait_idle(role)
                     if self._held_frame is not None:  # a caller left us a frame
@@ -433,12 +433,24 @@ class Connection:
             return None
         if not self._reader_parked or role.held or self._held_frame is not None:
             return None
+        if not self._role_open():
+            return None
         if len(self._pending) != 1:
             # Others wait too: the reading task wakes them all from one read
             # anyway, and a holder would hand it the rest of a burst (measured:
             # 16 callers, ~1 us more CPU per call with any caller reading).
             return None
         return self._read_own_result(pending, role)
+
+    def _role_open(self) -> bool:
+        """Whether callers may read for themselves: not while data streams are open.
+
+        Beside bulk data the reading task keeps the socket and waits on it
+        directly, as before the role existed (measured in `hol`: RPC p99 during
+        an upload was worse in most pairs with the role; see docs/benchmarks.md).
+        """
+        state = self._state
+        return not (state.outgoing or state.incoming)
 
     async def _read_own_result(self, pending: PendingCall, role: ReadingRole) -> None:
         """Hold the reading role until ``pending`` has an outcome (:mod:`conduit._reading_role`).
