@@ -37,7 +37,7 @@ async def _running(**server_settings: Any) -> AsyncIterator[tuple[Pair, trio.Nur
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.client.run)
         nursery.start_soon(p.server.run)
-        # The first call makes the role; the reading task moves to it when idle.
+        # After its first read the idle reading task waits where callers can take over.
         assert await p.client.call("echo", {"x": 0}, None) == 0
         yield p, nursery
         nursery.cancel_scope.cancel()

@@ -170,9 +170,11 @@ class Connection:
         # A frame the loop's callback, or a caller holding the reading role,
         # left for the reading task (a CALL or MESSAGE).
         self._held_frame: Frame | None = None
-        #: Callers may read their own replies (see _reading_role); made on the first call.
+        #: Callers may read their own replies (see _reading_role): client
+        #: connections on plain sockets, made when run() starts (two descriptors
+        #: for the connection's life, so not on a server's many connections).
         self._role: ReadingRole | None = None
-        self._role_possible = self.host_reader is None and self._socket_io is not None
+        self._role_possible = is_client and self.host_reader is None and self._socket_io is not None
         #: The reading task waits in ReadingRole.wait_idle: a caller may take the role.
         self._reader_parked = False
         self.keys = keys
@@ -265,6 +267,8 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._task_context = contextvars.copy_context()
+                if self._role_possible:
+                    self._role = ReadingRole.of(self.stream)
                 nursery.start_soon(self._calls.run)
                 nursery.start_soon(self._send_task)
                 if self._timer_wanted:  # a call with a timeout made before run()
@@ -421,17 +425,10 @@ class Connection:
     def _own_reading(self, pending: PendingCall) -> Awaitable[None] | None:
         """A caller about to park: its own read of the socket, if alone and the reader idles.
 
-        PendingCalls' ``read_own`` hook. The first call only makes the role (the
-        reading task already waits on the socket itself; it moves to the role's
-        wait when next idle).
+        PendingCalls' ``read_own`` hook.
         """
         role = self._role
-        if role is None:
-            if self._role_possible:
-                self._role_possible = False
-                self._role = ReadingRole.of(self.stream)
-            return None
-        if not self._reader_parked or role.held or self._held_frame is not None:
+        if role is None or not self._reader_parked or role.held or self._held_frame is not None:
             return None
         if not self._role_open():
             return None
