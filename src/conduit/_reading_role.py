@@ -3,9 +3,10 @@
 A connection's reading task (:mod:`conduit._call_workers`) reads every frame
 and wakes the caller a RESULT is for. For a caller waiting alone that is one
 task hop per call: the reading task wakes from ``epoll``, reads, decodes and
-reschedules the caller, which then runs in the next scheduler pass (~4.5 us of
-CPU and a pass of latency, on a ~100 us round trip). So a caller that finds the
-reading task idle takes the reading role itself: it waits for the socket,
+reschedules the caller, which then runs in the next scheduler pass (a task
+switch, an ``epoll_wait`` and a pass of latency, on a ~100 us round trip). So a
+caller of a client connection that waits alone and finds the reading task idle
+takes the reading role itself: it waits for the socket,
 reads, handles what arrives (results, credit, pings, resets: the frames whose
 handlers never wait) and returns the role once its own result is in. Anything
 else (a CALL or MESSAGE from the peer, bulk data, a backlog of replies, an
@@ -31,8 +32,13 @@ socket:
   ``ClosedResourceError``); the same wakes the idle reading task when a caller
   hands it a frame.
 
-Only for plain sockets on Linux (``select.epoll``), and not under the asyncio
-shim, whose loop reads client sockets itself (:mod:`conduit._host_reader`).
+Only for client connections on plain sockets on Linux (``select.epoll``; the
+instances are made when the connection starts, two descriptors for its life,
+so not on a server's many connections), not under the asyncio shim, whose loop
+reads client sockets itself (:mod:`conduit._host_reader`), and not while data
+streams are open on the connection (see ``Connection._role_open``). Measured
+(``docs/benchmarks.md``): one scheduler pass and one ``epoll_wait`` fewer per
+sequential call, two ``epoll_ctl`` more; end to end within the noise here.
 """
 
 from __future__ import annotations
@@ -98,7 +104,10 @@ class ReadingRole:
     def take(self) -> None:
         """A caller takes the role: the idle reading task no longer wakes for the socket."""
         # Modified, not removed: adding a socket that other epoll instances
-        # watch takes the kernel's global epoll lock for a loop check.
+        # watch takes the kernel's global epoll lock for a loop check. With no
+        # events the kernel still reports a hang-up or an error; the reading
+        # task then wakes, finds the role held and waits again, while the
+        # holder (woken by the same condition) reads it and ends the connection.
         self._idle.modify(self._socket.fileno(), 0)
         self.held = True
 
