@@ -47,7 +47,8 @@ from ._call_workers import Blocked, CallRunners
 from ._heartbeats import Entry, Heartbeats
 from ._host_reader import HostReader, Received
 from ._outbox import Outbox, OutboxClosed
-from ._pending_calls import PendingCalls
+from ._pending_calls import PendingCall, PendingCalls
+from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._socket_io import SocketIO, close_now
 from ._streams import IncomingStream, OutgoingStream
@@ -76,6 +77,8 @@ from .protocol.records_io import SCRATCH_MIN
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
 _CLOSED = Phase.CLOSED
+_CALL = FrameKind.CALL
+_MESSAGE = FrameKind.MESSAGE
 
 log = logging.getLogger("conduit.connection")
 
@@ -187,8 +190,16 @@ class Connection:
         self.host_reader = HostReader.of(
             stream, self._receive_buffer, self._drain_on_host, is_client=is_client
         )
-        # A frame the loop's callback left for the reading task (a CALL or MESSAGE).
+        # A frame the loop's callback, or a caller holding the reading role,
+        # left for the reading task (a CALL or MESSAGE).
         self._held_frame: Frame | None = None
+        #: Callers may read their own replies (see _reading_role): client
+        #: connections on plain sockets, made when run() starts (two descriptors
+        #: for the connection's life, so not on a server's many connections).
+        self._role: ReadingRole | None = None
+        self._role_possible = is_client and self.host_reader is None and self._socket_io is not None
+        #: The reading task waits in ReadingRole.wait_idle: a caller may take the role.
+        self._reader_parked = False
         self.keys = keys
         self.settings = settings
         self.label = label
@@ -207,7 +218,11 @@ class Connection:
         )
         self._outbox = Outbox(settings.send_buffer, state, self._start_writer)
         self._pending = PendingCalls(
-            state, self._send_cancel, self._all_callers_woken, self._start_timer
+            state,
+            self._send_cancel,
+            self._all_callers_woken,
+            self._start_timer,
+            self._own_reading if self._role_possible else None,
         )
         self._calls = CallRunners(
             self._read,
@@ -286,6 +301,8 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._task_context = contextvars.copy_context()
+                if self._role_possible:
+                    self._role = ReadingRole.of(self.stream)
                 if self._writer_wanted:  # frames queued before run()
                     self._writer_started = True
                     nursery.start_soon(self._send_task)
@@ -309,6 +326,8 @@ class Connection:
             if self._heartbeat_entry is not None:
                 Heartbeats.remove(self._heartbeat_entry)
             self._shutdown(self.close_reason or "connection closed")
+            if self._role is not None:
+                self._role.close()
             if close_now(self.stream):
                 # The scheduling pass aclose() ends with (other tasks see the
                 # connection closed before it is reported closed), minus its
@@ -422,6 +441,12 @@ class Connection:
                 self._flush_control()
                 if self._state.phase is _CLOSED:
                     return None  # aborted: its task ends without a cancellation
+                role = self._role
+                if role is not None and self._receive_buffer.would_wait and self._role_open():
+                    # Idle: wait where a caller can take over the socket.
+                    await self._wait_idle(role)
+                    if self._held_frame is not None:  # a caller left us a frame
+                        continue
                 data = await self._receive()
                 if data is not None:  # None: the host reader fed it (see _drain_on_host)
                     if not data:
@@ -479,6 +504,121 @@ class Connection:
                 await self._messages_in.send(event)
         return None
 
+    async def _wait_idle(self, role: ReadingRole) -> None:
+        """Until the socket has bytes and no caller holds the role, or a caller left a frame."""
+        while True:
+            self._reader_parked = True
+            try:
+                await role.wait_idle()
+            except trio.ClosedResourceError:
+                if role.closed:
+                    raise
+            finally:
+                self._reader_parked = False
+            if self._held_frame is not None:
+                return
+            if not role.held:
+                self._receive_buffer.woke()
+                return
+
+    def _own_reading(self, pending: PendingCall) -> Awaitable[None] | None:
+        """A caller about to park: its own read of the socket, if alone and the reader idles.
+
+        PendingCalls' ``read_own`` hook.
+        """
+        role = self._role
+        if role is None or not self._reader_parked or role.held or self._held_frame is not None:
+            return None
+        if not self._role_open():
+            return None
+        if len(self._pending) != 1:
+            # Others wait too: the reading task wakes them all from one read
+            # anyway, and a holder would hand it the rest of a burst (measured:
+            # 16 callers, ~1 us more CPU per call with any caller reading).
+            return None
+        return self._read_own_result(pending, role)
+
+    def _role_open(self) -> bool:
+        """Whether callers may read for themselves: not while data streams are open.
+
+        Beside bulk data the reading task keeps the socket and waits on it
+        directly, as before the role existed (measured in `hol`: RPC p99 during
+        an upload was worse in most pairs with the role; see docs/benchmarks.md).
+        """
+        state = self._state
+        return not (state.outgoing or state.incoming)
+
+    async def _read_own_result(self, pending: PendingCall, role: ReadingRole) -> None:
+        """Hold the reading role until ``pending`` has an outcome (:mod:`conduit._reading_role`).
+
+        Reads and handles what the reading task would, for the frames whose
+        handlers never wait; returns early (the caller then parks as usual)
+        when a CALL or MESSAGE arrives (left for the reading task), bulk data
+        flows, replies back up, or the connection ends.
+        """
+        role.take()
+        buffer = self._receive_buffer
+        interrupt = role.interrupt_holder
+        try:
+            while pending.settled() is None:
+                pending.interrupt = interrupt
+                try:
+                    await role.wait_own()
+                except trio.ClosedResourceError:
+                    if role.closed:
+                        return
+                    continue  # interrupted: the call has its outcome
+                finally:
+                    pending.interrupt = None
+                if pending.settled() is not None:
+                    return
+                data = buffer.read_now()
+                if data is None:
+                    if buffer.mapped:
+                        return
+                    continue
+                if not data:
+                    self.abort(self.close_reason or "peer closed the connection")
+                    return
+                self._last_received = trio.current_time()
+                self._reader.feed(data)
+                if not self._drain_to_call():
+                    return
+                self._flush_control()
+                if buffer.mapped or self._outbox.control_bytes > _CONTROL_BACKLOG:
+                    return
+        except IntegrityError as exc:
+            self.abort(exc.reason)
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+        finally:
+            role.release()
+            if self._held_frame is not None:
+                role.wake_idle()
+
+    def _drain_to_call(self) -> bool:
+        """Handle the frames read so far whose handlers never wait.
+
+        Stops at the first CALL or MESSAGE, which it leaves in ``_held_frame``
+        for the reading task (False); True when every frame was handled.
+        """
+        next_frame = self._reader.next_frame
+        receive_frame = self._state.receive_frame
+        handlers = self._handlers
+        while (frame := next_frame()) is not None:
+            kind = frame.kind
+            if kind is _CALL or kind is _MESSAGE:
+                self._held_frame = frame
+                return False
+            event = receive_frame(frame)
+            if event is not None and (handler := handlers.get(type(event))) is not None:
+                handler(event)
+        return True
+
     async def _receive(self) -> Received:
         if self.host_reader is not None:
             return await self.host_reader.receive()
@@ -495,18 +635,9 @@ class Connection:
         raised to the host reader, which hands them to the reading task.
         """
         self._last_received = trio.current_time()
-        reader = self._reader
-        reader.feed(data)
-        next_frame = reader.next_frame
-        receive_frame = self._state.receive_frame
-        handlers = self._handlers
-        while (frame := next_frame()) is not None:
-            if frame.kind is FrameKind.CALL or frame.kind is FrameKind.MESSAGE:
-                self._held_frame = frame
-                return False
-            event = receive_frame(frame)
-            if event is not None and (handler := handlers.get(type(event))) is not None:
-                handler(event)
+        self._reader.feed(data)
+        if not self._drain_to_call():
+            return False
         self._flush_control()
         return self._outbox.control_bytes <= _CONTROL_BACKLOG
 

@@ -25,8 +25,10 @@ from .protocol.messages import Result
 _CLOSED = Phase.CLOSED
 
 
-class _Pending:
-    __slots__ = ("done", "early", "method", "parked", "task", "timeout")
+class PendingCall:
+    """One call this side waits on: who waits, and how to hand it the outcome."""
+
+    __slots__ = ("done", "early", "interrupt", "method", "parked", "task", "timeout")
 
     def __init__(
         self,
@@ -42,6 +44,13 @@ class _Pending:
         self.early: outcome.Outcome[Result] | None = None
         #: For a caller that is no Trio task (see PendingCalls.register).
         self.done = done
+        #: Set while the caller waits for the socket itself, holding the
+        #: reading role (see conduit._reading_role): wakes it from that wait.
+        self.interrupt: Callable[[], None] | None = None
+
+    def settled(self) -> outcome.Outcome[Result] | None:
+        """The outcome left for a caller that was not parked (None: none yet)."""
+        return self.early
 
     def deliver(self, result: outcome.Outcome[Result]) -> bool:
         """Wake the caller, or leave the outcome for it if it is still sending.
@@ -57,6 +66,8 @@ class _Pending:
             trio.lowlevel.reschedule(self.task, result)
             return True
         self.early = result
+        if self.interrupt is not None:
+            self.interrupt()
         return False
 
 
@@ -77,10 +88,14 @@ class PendingCalls:
         send_cancel: Callable[[int], None],
         all_woken: Callable[[], None],
         start_timer: Callable[[], None] = lambda: None,
+        read_own: Callable[[PendingCall], Awaitable[None] | None] | None = None,
     ) -> None:
         """``all_woken`` runs when the last caller woken by a batch of results has resumed;
-        ``start_timer`` when the first deadline comes (it starts :meth:`run_timer`)."""
-        self._calls: dict[int, _Pending] = {}
+        ``start_timer`` when the first deadline comes (it starts :meth:`run_timer`);
+        ``read_own`` (optional) is asked, when a caller is about to park, for a
+        wait in which the caller reads the socket itself until its call has an
+        outcome (None: park as usual; see :mod:`conduit._reading_role`)."""
+        self._calls: dict[int, PendingCall] = {}
         #: Callers woken whose task has not run yet. While some are, a caller
         #: sending its next call queues it behind theirs: one record for the
         #: burst (see Connection._send_soon).
@@ -92,6 +107,7 @@ class PendingCalls:
         self._timer_scope: trio.CancelScope | None = None
         self._start_timer: Callable[[], None] | None = start_timer
         self._timer_deadline = float("inf")
+        self._read_own = read_own
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -101,6 +117,7 @@ class PendingCalls:
         its bound methods, which would keep it in a reference cycle with us."""
         self._send_cancel = _ignore
         self._all_woken = self._start_timer = _nothing
+        self._read_own = None
 
     async def wait(
         self,
@@ -119,7 +136,7 @@ class PendingCalls:
         if self._state.phase is _CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
         # Registered before sending: the reply may arrive while send() yields.
-        pending = self._calls[call_id] = _Pending(trio.lowlevel.current_task(), method, timeout)
+        pending = self._calls[call_id] = PendingCall(trio.lowlevel.current_task(), method, timeout)
         if timeout is not None:
             self._add_deadline(now + timeout, call_id)
         try:
@@ -129,6 +146,16 @@ class PendingCalls:
             raise
         if pending.early is not None:  # answered, timed out or failed while sending
             return pending.early.unwrap()
+        if self._read_own is not None and (reading := self._read_own(pending)) is not None:
+            try:
+                await reading
+            except BaseException:  # cancelled (or worse) while holding the reading role
+                if self._calls.pop(call_id, None) is not None:
+                    self._send_cancel(call_id)
+                raise
+            if (early := pending.settled()) is not None:
+                return early.unwrap()
+            # Handed the reading role back before the outcome: wait for the reader.
         pending.parked = True
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
@@ -165,7 +192,7 @@ class PendingCalls:
         """
         if self._state.phase is Phase.CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
-        self._calls[call_id] = _Pending(None, method, timeout, done)
+        self._calls[call_id] = PendingCall(None, method, timeout, done)
         if timeout is not None:
             self._add_deadline(trio.current_time() + timeout, call_id)
 
@@ -178,7 +205,7 @@ class PendingCalls:
         if not self.waking:
             self._all_woken()
 
-    def _wake(self, pending: _Pending, result: outcome.Outcome[Result]) -> None:
+    def _wake(self, pending: PendingCall, result: outcome.Outcome[Result]) -> None:
         if pending.deliver(result):
             self.waking += 1
 

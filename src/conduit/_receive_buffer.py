@@ -90,6 +90,37 @@ class ReceiveBuffer:
         return memoryview(mapping)[:received]
 
     @property
+    def would_wait(self) -> bool:
+        """Whether the next :meth:`receive` of a call or result would wait for the socket first.
+
+        True only for small reads from a plain socket that found it drained:
+        then the reading task may wait through the connection's reading role
+        (:mod:`conduit._reading_role`) instead, and call :meth:`woke` after.
+        """
+        return self._mapping is None and self._io is not None and self._io.would_wait
+
+    def woke(self) -> None:
+        """The socket was reported readable: the next :meth:`receive` reads at once."""
+        if self._io is not None:
+            self._io.woke()
+
+    def read_now(self) -> bytes | None:
+        """A small read without waiting, for a caller holding the reading role.
+
+        None when nothing is there (or reads are not small now: bulk data, or
+        no plain socket); b"" at end of stream. A read that fills
+        :data:`SMALL_READ` switches to the mapping, as :meth:`receive` does.
+        """
+        io = self._io
+        if io is None or self._mapping is not None:
+            return None
+        data = io.read_now(SMALL_READ)
+        if data is not None and len(data) == SMALL_READ:
+            self._mapping = anonymous_buffer(self.size)
+            self._bulk = True
+        return data
+
+    @property
     def mapped(self) -> bool:
         """Whether reads land in the mapping (bulk data flowed since the last idle release)."""
         return self._mapping is not None

@@ -112,6 +112,35 @@ class SocketIO:
         self._drained = 0 < len(data) < max_bytes
         return data
 
+    @property
+    def would_wait(self) -> bool:
+        """Whether the next :meth:`receive` waits for readability before reading."""
+        return self._drained
+
+    def woke(self) -> None:
+        """The socket was just reported readable by another wait: the next read goes first.
+
+        And skips the scheduler pass after it, as after a wait of its own (see
+        :mod:`conduit._reading_role`, whose ``epoll`` the reading task waits on).
+        """
+        self._drained = False
+        self._woken = True
+
+    def read_now(self, max_bytes: int) -> bytes | None:
+        """Up to ``max_bytes`` bytes without waiting (b"" at end of stream); None if none are there.
+
+        For a task that waited for readability itself (see
+        :mod:`conduit._reading_role`); what :meth:`receive` does after its wait.
+        """
+        try:
+            data = os.read(self._fd(), max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _translate(exc) from exc
+        self._drained = 0 < len(data) < max_bytes
+        return data
+
     async def receive_into(self, buffer: Buffer) -> int:
         """Read into ``buffer``; return the count (0 at end of stream).
 
