@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import reprlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
 import cattrs
@@ -305,13 +305,15 @@ def parse_header(
 _KIND_BY_VALUE: dict[int, FrameKind] = {kind.value: kind for kind in FrameKind}
 
 
-def iter_frames(record: bytes | memoryview, max_frame_size: int) -> list[Frame]:
-    """Split one decrypted record into its frames, without copying payloads.
+def frame_spans(
+    record: bytes | memoryview, max_frame_size: int
+) -> Iterator[tuple[FrameKind, int, int, int, int]]:
+    """Walk one decrypted record's frame headers: ``(kind, stream_id, flags, start, end)``.
 
-    A sealed record always holds whole frames, so a leftover is a protocol error.
+    ``record[start:end]`` is the frame's payload. A sealed record always holds
+    whole frames, so a leftover is a protocol error, as is any header
+    :func:`parse_header` refuses.
     """
-    view = memoryview(record)
-    frames: list[Frame] = []
     offset = 0
     total = len(record)
     while offset < total:
@@ -322,5 +324,16 @@ def iter_frames(record: bytes | memoryview, max_frame_size: int) -> list[Frame]:
         offset = start + length
         if offset > total:
             raise RemoteProtocolError("record ends inside a frame payload")
-        frames.append(Frame(kind, stream_id, flags, view[start:offset]))
-    return frames
+        yield kind, stream_id, flags, start, offset
+
+
+def iter_frames(record: bytes | memoryview, max_frame_size: int) -> list[Frame]:
+    """Split one decrypted record into its frames, without copying payloads.
+
+    A sealed record always holds whole frames, so a leftover is a protocol error.
+    """
+    view = memoryview(record)
+    return [
+        Frame(kind, stream_id, flags, view[start:end])
+        for kind, stream_id, flags, start, end in frame_spans(record, max_frame_size)
+    ]

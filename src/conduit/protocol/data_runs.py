@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import attrs
 
-from ..errors import RemoteProtocolError
-from .codec import parse_header
-from .frames import HEADER_SIZE, Frame, FrameKind
+from .codec import frame_spans
+from .frames import Frame, FrameKind
 
 _DATA = FrameKind.DATA
 
@@ -48,35 +47,27 @@ def split_record(record: bytes | memoryview, max_frame_size: int) -> list[Frame]
     """Split one decrypted record into its frames and runs, without copying payloads.
 
     A sealed record always holds whole frames, so a leftover is a protocol error,
-    as is any header :func:`~conduit.protocol.codec.parse_header` refuses.
+    as is any header :func:`~conduit.protocol.codec.parse_header` refuses
+    (the walk is :func:`~conduit.protocol.codec.frame_spans`, shared with ``iter_frames``).
     """
     view = memoryview(record)
     items: list[Frame] = []
-    offset = 0
-    total = len(record)
     run: list[memoryview] = []
     run_stream = -1
     run_size = 0
-    while offset < total:
-        if total - offset < HEADER_SIZE:
-            raise RemoteProtocolError("record ends inside a frame header")
-        kind, stream_id, flags, length = parse_header(record, offset, max_frame_size)
-        start = offset + HEADER_SIZE
-        offset = start + length
-        if offset > total:
-            raise RemoteProtocolError("record ends inside a frame payload")
+    for kind, stream_id, flags, start, end in frame_spans(record, max_frame_size):
         if kind is _DATA and not flags:
             if stream_id != run_stream and run:
                 items.append(_run_item(run_stream, run, run_size))
                 run, run_size = [], 0
             run_stream = stream_id
-            run.append(view[start:offset])
-            run_size += length
+            run.append(view[start:end])
+            run_size += end - start
             continue
         if run:
             items.append(_run_item(run_stream, run, run_size))
             run, run_size, run_stream = [], 0, -1
-        items.append(Frame(kind, stream_id, flags, view[start:offset]))
+        items.append(Frame(kind, stream_id, flags, view[start:end]))
     if run:
         items.append(_run_item(run_stream, run, run_size))
     return items
