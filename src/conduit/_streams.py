@@ -52,6 +52,10 @@ class IncomingStream(InboundStream):
         # Unknown frame size: no batching.
         largest = window if max_frame_size is None else max_frame_size + FRAME_COST
         self._batch_limit = min(window // 2, max(0, window - largest))
+        # The most receive(ahead=True) returns as credit before the consumer is
+        # done with it: the stream then holds at most 1.5 windows (a window
+        # buffered, half a window being written).
+        self._ahead_limit = window // 2
 
     def wake(self) -> None:
         """Data arrived: let the consumer look, once there is as much as it waits for.
@@ -69,7 +73,7 @@ class IncomingStream(InboundStream):
         self._wakeup.unpark_all()
 
     async def receive(
-        self, at_least: int = 0, *, patience: float = 0.0
+        self, at_least: int = 0, *, patience: float = 0.0, ahead: bool = False
     ) -> tuple[list[Buffer], bytes | None]:
         """Wait for data; return every buffered chunk and the trailer once the stream ends.
 
@@ -83,6 +87,13 @@ class IncomingStream(InboundStream):
         unsent, so a sender that keeps sending can always fill the batch.
         Calling ``receive`` again tells the stream the previous chunks were
         consumed, which returns their credit to the sender.
+
+        With ``ahead``, the credit of up to half a window of the chunks
+        returned goes back at once, before they are consumed: the sender
+        refills the window while the consumer writes the batch, instead of
+        the two working in turn. The stream then holds at most a window
+        buffered plus half a window with the consumer (until its next call),
+        and the peer can still never make it hold more.
         """
         self.consumed()
         while not self.chunks and self.trailer is None:
@@ -103,6 +114,10 @@ class IncomingStream(InboundStream):
         if self.error is not None and self.trailer is None and not self.chunks:
             raise self.error
         result = self.take()
+        if ahead and self.trailer is None:
+            early = min(self.pending_cost, self._ahead_limit)
+            self.pending_cost -= early
+            self.taken_cost += early
         self._flush_credit(force=False)
         return result
 

@@ -265,7 +265,9 @@ async def receive_file(
         # or the start of a long one, is written as it comes, so a connection
         # cut early still leaves what arrived in the partial file for a resume.
         batch = WRITE_BATCH if written >= WRITE_BATCH else 0
-        chunks, raw_trailer = await stream.receive(batch, patience=WRITE_PATIENCE)
+        # ahead: the batch's credit goes back before it is written, so the
+        # sender keeps sending while this side writes (bounded: see receive).
+        chunks, raw_trailer = await stream.receive(batch, patience=WRITE_PATIENCE, ahead=True)
         if chunks:
             amount = sum(len(chunk) for chunk in chunks)
             written += amount
