@@ -346,14 +346,12 @@ async def test_receive_at_least_waits_no_longer_than_its_patience(pair: Pair) ->
         assert b"".join(chunks) == b"p" * 5000 and trailer is None
 
 
-async def test_receive_ahead_returns_credit_before_the_batch_is_consumed(pair: Pair) -> None:
-    """``receive(ahead=True)``: the sender refills the window while the consumer
-    still holds its batch, but never beyond half a window more: what the stream
-    buffers plus what the consumer holds stays within 1.5 windows, however long
-    the consumer holds it, and every byte arrives in order."""
-    incoming = pair.server.open_incoming_stream()
-    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
-    payload = os.urandom(6 * WINDOW + 123)
+async def _hold_each_batch(p: Pair, payload: bytes, *, ahead: bool) -> int:
+    """Send ``payload`` on a new stream; the consumer holds each batch until the
+    sender is blocked again. Checks every byte arrives in order; returns the most
+    bytes sent but not yet consumed (what the receiving side held) at any time."""
+    incoming = p.server.open_incoming_stream()
+    outgoing = p.client.open_outgoing_stream(incoming.stream_id)
     received = bytearray()
     most_held = 0
     with trio.fail_after(10):
@@ -367,13 +365,10 @@ async def test_receive_ahead_returns_credit_before_the_batch_is_consumed(pair: P
             while True:
                 # The sender runs until it is blocked on credit (or done).
                 await trio.testing.wait_all_tasks_blocked()
-                chunks, trailer = await incoming.receive(ahead=True)
+                chunks, trailer = await incoming.receive(ahead=ahead)
                 await trio.testing.wait_all_tasks_blocked()
-                # Still holding ``chunks``: the sender went on with the early
-                # credit, and stopped within the bound.
-                held = outgoing.bytes_sent - len(received)
-                most_held = max(most_held, held)
-                assert held <= WINDOW + WINDOW // 2
+                # Still holding ``chunks``: what did the sender get to send?
+                most_held = max(most_held, outgoing.bytes_sent - len(received))
                 assert incoming.buffered_cost + sum(map(len, chunks)) <= WINDOW + WINDOW // 2
                 for chunk in chunks:
                     received += chunk
@@ -381,34 +376,33 @@ async def test_receive_ahead_returns_credit_before_the_batch_is_consumed(pair: P
                     break
     assert trailer == b"end"
     assert bytes(received) == payload
-    # Without the early credit a held batch would keep the sender at one window.
-    assert most_held > WINDOW
+    return most_held
+
+
+async def test_receive_ahead_returns_credit_before_the_batch_is_consumed(pair: Pair) -> None:
+    """``receive(ahead=True)``: the sender refills the window while the consumer
+    still holds its batch, but never beyond half a window more: what the stream
+    buffers plus what the consumer holds stays within 1.5 windows, however long
+    the consumer holds it."""
+    most_held = await _hold_each_batch(pair, os.urandom(6 * WINDOW + 123), ahead=True)
+    assert WINDOW < most_held <= WINDOW + WINDOW // 2
+
+
+async def test_receive_ahead_stays_within_the_connection_receive_budget() -> None:
+    """A connection whose receive budget is one window has no room for credit
+    returned ahead: the sender is held to one window, as without ``ahead``."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream, server_settings=_settings(receive_budget=WINDOW))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        assert await _hold_each_batch(p, os.urandom(3 * WINDOW), ahead=True) <= WINDOW
+        nursery.cancel_scope.cancel()
 
 
 async def test_receive_without_ahead_holds_the_sender_to_one_window(pair: Pair) -> None:
     """The default: a batch's credit returns only when the consumer comes back."""
-    incoming = pair.server.open_incoming_stream()
-    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
-    payload = os.urandom(3 * WINDOW)
-    received = bytearray()
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                await outgoing.send([payload])
-                await outgoing.finish(b"end")
-
-            nursery.start_soon(send)
-            while True:
-                await trio.testing.wait_all_tasks_blocked()
-                chunks, trailer = await incoming.receive()
-                await trio.testing.wait_all_tasks_blocked()
-                assert outgoing.bytes_sent - len(received) <= WINDOW
-                for chunk in chunks:
-                    received += chunk
-                if trailer is not None:
-                    break
-    assert bytes(received) == payload
+    assert await _hold_each_batch(pair, os.urandom(3 * WINDOW), ahead=False) <= WINDOW
 
 
 async def test_slow_consumer_stalls_only_its_own_stream(pair: Pair) -> None:

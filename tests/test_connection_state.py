@@ -520,6 +520,27 @@ def test_inbound_windows_come_out_of_one_connection_budget() -> None:
     assert state.open_inbound(InboundStream).window == WINDOW
 
 
+def test_credit_returned_ahead_counts_against_the_connection_budget() -> None:
+    """A stream whose consumer returned credit early (still holding the bytes)
+    holds more than its window: a new window must fit beside both."""
+    state = ConnectionState(
+        is_client=False,
+        receive_window=WINDOW,
+        peer_receive_window=WINDOW,
+        peer_max_frame_size=MAX_FRAME,
+        max_concurrent_calls=8,
+        receive_budget=2 * WINDOW,
+    )
+    first = state.open_inbound(InboundStream)
+    first.ahead = WINDOW // 2
+    assert state.receive_committed() == WINDOW + WINDOW // 2
+    with pytest.raises(RPCError) as refused:
+        state.open_inbound(InboundStream)
+    assert refused.value.code == "too_many_streams"
+    first.ahead = 0
+    assert state.open_inbound(InboundStream).window == WINDOW
+
+
 def test_streams_in_both_directions_count_against_max_streams() -> None:
     state = ConnectionState(
         is_client=True,

@@ -979,11 +979,18 @@ class Connection:
             raise ConnectionClosed(self.close_reason or "connection closed")
         grant = self._grant_credit
         max_frame_size = self.settings.max_frame_size
+        room = self._receive_room if self._state.receive_budget is not None else None
         return self._state.open_inbound(
             lambda stream_id, window: IncomingStream(
-                stream_id, window, grant, max_frame_size=max_frame_size
+                stream_id, window, grant, max_frame_size=max_frame_size, room=room
             )
         )
+
+    def _receive_room(self) -> int:
+        """Bytes the receive budget has left beyond what the inbound streams may
+        hold (``ConnectionState.receive_committed``)."""
+        state = self._state
+        return (state.receive_budget or 0) - state.receive_committed()
 
     def open_outgoing_stream(self, stream_id: int) -> OutgoingStream:
         """Start sending on a stream id the peer allocated for us."""

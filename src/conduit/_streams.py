@@ -37,10 +37,17 @@ class IncomingStream(InboundStream):
         grant: Callable[[int, int], None],
         *,
         max_frame_size: int | None = None,
+        room: Callable[[], int] | None = None,
     ) -> None:
-        """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown)."""
+        """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown).
+
+        ``room``: how many bytes the connection's receive budget has left beyond
+        the windows of its inbound streams and the credit they returned ahead
+        (None: no budget); ``receive(ahead=True)`` returns no more than that early.
+        """
         super().__init__(stream_id, window)
         self._grant = grant
+        self._room = room
         self._wakeup = trio.lowlevel.ParkingLot()
         # Buffered bytes (frame costs included) that wake a waiting consumer:
         # what its receive(at_least=...) asked for.
@@ -93,9 +100,10 @@ class IncomingStream(InboundStream):
         refills the window while the consumer writes the batch, instead of
         the two working in turn. The stream then holds at most a window
         buffered plus half a window with the consumer (until its next call),
-        and the peer can still never make it hold more.
+        and never more than the connection's receive budget has room for.
         """
         self.consumed()
+        self.ahead = 0
         while not self.chunks and self.trailer is None:
             if self.error is not None:
                 raise self.error
@@ -115,11 +123,21 @@ class IncomingStream(InboundStream):
             raise self.error
         result = self.take()
         if ahead and self.trailer is None:
-            early = min(self.pending_cost, self._ahead_limit)
-            self.pending_cost -= early
-            self.taken_cost += early
+            self._return_ahead()
         self._flush_credit(force=False)
         return result
+
+    def _return_ahead(self) -> None:
+        # Within half a window, and within what the connection's receive
+        # budget has left: the peer can never make the connection buffer more
+        # than the budget (a full connection simply gets no early credit).
+        early = min(self.pending_cost, self._ahead_limit)
+        if self._room is not None:
+            early = min(early, max(0, self._room()))
+        if early:
+            self.pending_cost -= early
+            self.taken_cost += early
+            self.ahead = early
 
     async def _gather(self, at_least: int, patience: float) -> None:
         # All credit back first: the cap on at_least assumes the sender has it.

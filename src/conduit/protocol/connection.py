@@ -146,6 +146,9 @@ class InboundStream:
         self.available = window  # credit the peer still holds
         self.chunks: deque[Buffer] = deque()
         self.taken_cost = 0  # consumed but not yet granted back
+        # Credit granted back for chunks the consumer still holds (returned
+        # ahead of their use): counted against the connection's receive budget.
+        self.ahead = 0
         self.pending_cost = 0  # handed to the consumer by the last take()
         self.buffered_cost = 0
         self.trailer: bytes | None = None
@@ -477,7 +480,7 @@ class ConnectionState:
         self._check_stream_count()
         budget = self.receive_budget
         if budget is not None:
-            committed = sum(stream.window for stream in self.incoming.values())
+            committed = self.receive_committed()
             if committed + self.receive_window > budget:
                 raise RPCError(
                     f"too many data streams on this connection: {len(self.incoming)} inbound "
@@ -489,6 +492,11 @@ class ConnectionState:
         stream = make(stream_id, self.receive_window)
         self.incoming[stream_id] = stream
         return stream
+
+    def receive_committed(self) -> int:
+        """What the inbound streams may hold: their windows, and the credit
+        they returned ahead for chunks their consumers still hold."""
+        return sum(stream.window + stream.ahead for stream in self.incoming.values())
 
     def open_outbound(self, stream_id: int, make: Callable[[int, int, int], OS]) -> OS:
         """Start sending on a stream id the peer allocated for us.
