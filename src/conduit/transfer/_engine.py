@@ -4,7 +4,8 @@ Disk work happens in worker threads, in blocks of :data:`READ_BLOCK` bytes (the
 sender) or whatever the credit window delivered (the receiver), so the event
 loop never waits on the disk and a thread hop is paid per block, not per
 chunk. ``hashlib`` releases the GIL on large buffers, so hashing overlaps the
-event loop's work too. Memory is bounded by the credit window and the
+event loop's work too. Memory is bounded by the credit window (plus the half
+window whose credit the receiver returns before writing it) and the
 connection's send buffer, whatever the file size.
 """
 
