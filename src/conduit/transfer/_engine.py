@@ -259,28 +259,64 @@ async def receive_file(
     """Write the stream into ``partial`` until its END; return the sender's trailer.
 
     Refuses (``size_mismatch``) a sender that sends more than it announced.
+    Cancelled (the connection went away), it first writes what had arrived and
+    was not written yet, so that a resume starts after it.
     """
     written = 0
-    while True:
-        # Batches only once the stream has shown it is bulk: a short stream,
-        # or the start of a long one, is written as it comes, so a connection
-        # cut early still leaves what arrived in the partial file for a resume.
-        batch = WRITE_BATCH if written >= WRITE_BATCH else 0
-        # ahead: the batch's credit goes back before it is written, so the
-        # sender keeps sending while this side writes (bounded: see receive).
-        chunks, raw_trailer = await stream.receive(batch, patience=WRITE_PATIENCE, ahead=True)
-        if chunks:
-            amount = sum(len(chunk) for chunk in chunks)
-            written += amount
-            if partial.offset + amount > size:
-                raise TransferError(
-                    f"the sender sent more than the {size} bytes it announced", "size_mismatch"
-                )
-            await partial.write(chunks)
-            # Written: drop the views now, not when the next batch replaces
-            # them, so the decrypted records they pin can be reused while we
-            # wait (else up to a window more of fresh record buffers).
-            del chunks
-            await reporter.advance(amount)
-        if raw_trailer is not None:
-            return Trailer.unpack(raw_trailer)
+    # The batch taken from the stream and not yet written, and the sink's
+    # offset before its write (for _keep_arrived).
+    unwritten: list[Buffer] = []
+    offset = partial.offset
+    try:
+        while True:
+            # Batches only once the stream has shown it is bulk: a short stream,
+            # or the start of a long one, is written as it comes, so a connection
+            # cut early still leaves what arrived in the partial file for a resume.
+            batch = WRITE_BATCH if written >= WRITE_BATCH else 0
+            # ahead: the batch's credit goes back before it is written, so the
+            # sender keeps sending while this side writes (bounded: see receive).
+            chunks, raw_trailer = await stream.receive(batch, patience=WRITE_PATIENCE, ahead=True)
+            if chunks:
+                amount = sum(len(chunk) for chunk in chunks)
+                written += amount
+                if partial.offset + amount > size:
+                    raise TransferError(
+                        f"the sender sent more than the {size} bytes it announced",
+                        "size_mismatch",
+                    )
+                unwritten, offset = chunks, partial.offset
+                await partial.write(chunks)
+                # Written: drop the views now, not when the next batch replaces
+                # them, so the decrypted records they pin can be reused while we
+                # wait (else up to a window more of fresh record buffers).
+                unwritten = []
+                del chunks
+                await reporter.advance(amount)
+            if raw_trailer is not None:
+                return Trailer.unpack(raw_trailer)
+    except trio.Cancelled:
+        with trio.CancelScope(shield=True):
+            await _keep_arrived(stream, partial, size, unwritten, offset)
+        raise
+
+
+async def _keep_arrived(
+    stream: IncomingStream,
+    partial: BlockWriter,
+    size: int,
+    unwritten: list[Buffer],
+    offset: int,
+) -> None:
+    # Bytes that arrived (decrypted and authenticated, in order) but were not
+    # written when the receive was cancelled: with credit returned before a
+    # write, up to a window and a half. Written now, a resume need not fetch
+    # them again. Only if the interrupted batch did not reach the sink at all
+    # (a sink that may have written part of it is left as it is).
+    if unwritten and partial.offset != offset:
+        return
+    chunks = [*unwritten, *stream.chunks]
+    if not chunks or partial.offset + sum(map(len, chunks)) > size:
+        return
+    # A failure here (a full disk) must not hide the cancellation.
+    with contextlib.suppress(Exception):
+        await partial.write(chunks)
