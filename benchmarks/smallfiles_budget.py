@@ -8,8 +8,10 @@ from ``/proc/PID/task/*/schedstat`` (nanoseconds: finer than the 10 ms ticks
 ``/proc/PID/stat`` counts in) and the voluntary context switches per file;
 then the same for a sequential 4 KiB ``echo`` call on the same set-up (the
 round trip under every upload). Runs alternate ``--repeat`` times; each
-figure is the median. ``--src`` points at another tree's ``src`` for a
-before/after comparison (the server and client import conduit from there).
+figure is the median. ``--concurrency 8`` uploads eight at a time (the
+scenario's ``x8``: ``send_to_server`` calls in flight together). ``--src``
+points at another tree's ``src`` for a before/after comparison (the server
+and client import conduit from there).
 
 The storage is ``--storage`` (default: a directory under ``/dev/shm``, as
 the scenario's; an ext4 directory shows what a real disk's fsyncs do).
@@ -81,9 +83,12 @@ def _result(output: str) -> dict[str, Any]:
 
 
 class _Setup:
-    def __init__(self, src: Path, storage: Path, names: list[str], source: Path) -> None:
+    def __init__(
+        self, src: Path, storage: Path, names: list[str], source: Path, concurrency: int
+    ) -> None:
         self.env = {**os.environ, "PYTHONPATH": str(src)}
         self.storage, self.names, self.source = storage, names, source
+        self.concurrency = concurrency
 
     def _client(self, port: int, spec: dict[str, object]) -> dict[str, float]:
         argv = [sys.executable, str(PEERS_DIR / "conduit_transfer.py"), "client"]
@@ -108,7 +113,8 @@ class _Setup:
             before = _threads(server.pid)
             count = len(self.names)
             if kind == "upload":
-                client = self._client(port, {**base, "names": self.names})
+                spec = {**base, "names": self.names, "concurrency": self.concurrency}
+                client = self._client(port, spec)
                 wall, client_cpu = count / client["files_per_s"], client["client_cpu_s"]
             else:
                 argv = [sys.executable, "-c", _ECHO_CLIENT, str(port), str(count), str(PEERS_DIR)]
@@ -150,6 +156,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="uploads in flight (the scenario's x8: 8)"
+    )
     parser.add_argument("--src", type=Path, default=SRC_DIR, help="the conduit tree's src")
     parser.add_argument("--storage", type=Path, default=None, help="default: under /dev/shm")
     args = parser.parse_args()
@@ -162,12 +171,15 @@ def main() -> None:
         names = [f"small-{index:05d}.bin" for index in range(args.files)]
         for name in names:
             (source / name).write_bytes(generator.randbytes(FILE_SIZE))
-        setup = _Setup(args.src.resolve(), storage, names, source)
+        setup = _Setup(args.src.resolve(), storage, names, source, args.concurrency)
         runs: dict[str, list[dict[str, float]]] = {"upload": [], "echo": []}
         for _ in range(args.repeat):
             for kind in runs:
                 runs[kind].append(setup.measure(kind))
-        print(f"{args.files} sequential calls, conduit from {args.src}, load {os.getloadavg()}")
+        print(
+            f"{args.files} calls, {args.concurrency} uploads in flight (echo: 1),"
+            f" conduit from {args.src}, load {os.getloadavg()}"
+        )
         for kind, figures in runs.items():
             print(f"{kind} (4 KiB), median of {args.repeat}:")
             for key in figures[0]:

@@ -384,3 +384,45 @@ async def test_a_call_that_outlasts_its_inline_wait_is_heard_through_the_loop_an
             assert await hop.run(_loop_answers, token, 10.0, wait_inline=30.0) is True
     finally:
         hop.close()
+
+
+async def test_a_call_wakes_the_thread_idle_for_the_shortest_time_alone() -> None:
+    # Two threads, both idle: each call is handed to the one that went idle
+    # last (its own lock released, the other thread never woken), so
+    # sequential calls after a burst all run on that one thread.
+    hop = WorkerHop("handoff", max_threads=2)
+    both = threading.Barrier(2, timeout=10)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(hop.run, both.wait)
+        assert hop.threads == 2
+        idents = [await hop.run(threading.get_ident) for _ in range(50)]
+        idents += [await hop.run(threading.get_ident, wait_inline=10.0) for _ in range(50)]
+        assert len(set(idents)) == 1
+        assert len(_hop_threads("handoff")) == 2  # the other one stayed idle, not gone
+    finally:
+        hop.close()
+    await _until(lambda: hop.threads == 0 and not _hop_threads("handoff"))
+
+
+async def test_calls_queued_behind_busy_threads_run_in_order_even_across_close() -> None:
+    hop = WorkerHop("backlog", max_threads=1)
+    go = threading.Event()
+    ran: list[int] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hop.run, go.wait, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            for index in range(5):
+                nursery.start_soon(hop.run, ran.append, index)
+                await trio.testing.wait_all_tasks_blocked()
+            # Closing while the one thread is busy and calls wait in the
+            # backlog: the thread drains the backlog before it exits.
+            hop.close()
+            go.set()
+        assert ran == [0, 1, 2, 3, 4]
+        await _until(lambda: hop.threads == 0 and not _hop_threads("backlog"))
+        assert await hop.run(pow, 3, 3) == 27  # usable again: a new thread
+    finally:
+        hop.close()

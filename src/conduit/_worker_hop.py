@@ -12,10 +12,14 @@ token) and drops the rest, for about 35 µs:
   while they are busy; a thread idle for ``idle_timeout`` seconds exits, and
   :meth:`WorkerHop.close` ends them all (the threads are daemons, so an
   interpreter never waits for them either);
-* a call is handed over through a ``queue.SimpleQueue`` (a C queue: no Python
-  lock on the hand-off) and comes back as a ``run_sync_soon`` on the caller's
-  Trio token that reschedules the waiting task, so one hop may serve several
-  Trio runs (each call carries its own token);
+* a call goes straight to one idle thread, the one idle for the shortest
+  time: each idle thread waits on a lock of its own, and the caller releases
+  that one lock, so one call wakes one thread (on one shared queue, a ``get``
+  that takes an item wakes the next waiter too, and two idle threads were both
+  woken per call). A call that finds no idle thread waits in a backlog the
+  busy threads drain in order. It comes back as a ``run_sync_soon`` on the
+  caller's Trio token that reschedules the waiting task, so one hop may serve
+  several Trio runs (each call carries its own token);
 * cancellation is ``trio.to_thread.run_sync``'s (``abandon_on_cancel=False``):
   a call no thread has taken yet is withdrawn and raises ``Cancelled``; a call
   a thread has started runs to its end, and its outcome is delivered.
@@ -44,9 +48,9 @@ thread state ``to_thread`` sets up, which this hop does not).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -88,8 +92,23 @@ class _Call:
         self.outcome: outcome.Outcome[Any] | None = None
 
 
-#: Tells one worker thread to exit (see :meth:`WorkerHop.close`).
-_STOP = None
+class _Stop:
+    """Handed to an idle thread by :meth:`WorkerHop.close`: exit."""
+
+
+_STOP = _Stop()
+
+
+class _Worker:
+    """One thread's own hand-off: its wake lock, and what it is handed."""
+
+    __slots__ = ("handed", "wake")
+
+    def __init__(self) -> None:
+        #: Held while the thread waits; releasing it wakes this thread alone.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.handed: _Call | _Stop | None = None
 
 
 class WorkerHop:
@@ -107,15 +126,17 @@ class WorkerHop:
         self.name = name
         self.max_threads = max_threads
         self.idle_timeout = idle_timeout
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        # Guards the counts below and each call's state (a withdrawal racing
+        # Guards everything below and each call's state (a withdrawal racing
         # the thread that takes the call); held for a few bytecodes only.
         self._lock = threading.Lock()
+        #: Idle threads, the one idle for the shortest time last: a call goes
+        #: to it (its stack and the store's data are the likeliest in cache).
+        self._idle: list[_Worker] = []
+        #: Calls no idle thread was there to take, in order.
+        self._backlog: collections.deque[_Call] = collections.deque()
         self._threads = 0
-        #: Calls (and stop marks) put and not yet taken by a thread.
-        self._queued = 0
-        #: Threads waiting for a call.
-        self._idle = 0
+        #: Busy threads that :meth:`close` asked to exit once out of work.
+        self._retiring = 0
         self._started = 0
         #: Until when (``time.monotonic``) calls are not waited for inline.
         self._slow_until = 0.0
@@ -142,21 +163,28 @@ class WorkerHop:
             waiter = threading.Lock()
             waiter.acquire()
         start = False
+        worker = None
         with self._lock:
-            self._queued += 1
-            if self._queued > self._idle:
-                # No idle thread takes it at once: start one if allowed, and
-                # wait through the loop (a thread's start, or a busy thread's
+            if self._idle:
+                # Straight to one idle thread: it alone is woken.
+                worker = self._idle.pop()
+                worker.handed = call
+                call.state = _TAKEN
+            else:
+                # No thread takes it at once: start one if allowed, and wait
+                # through the loop (a thread's start, or a busy thread's
                 # current call, is no short wait).
                 waiter = None
+                self._backlog.append(call)
                 if self._threads < self.max_threads:
                     self._threads += 1
                     self._started += 1
                     start = True
             number = self._started
             call.waiter = waiter
-        self._calls.put(call)
-        if start:
+        if worker is not None:
+            worker.wake.release()
+        elif start:
             try:
                 threading.Thread(
                     target=self._work, name=f"conduit {self.name} {number}", daemon=True
@@ -198,10 +226,13 @@ class WorkerHop:
         The hop stays usable: a later :meth:`run` starts a thread again.
         """
         with self._lock:
-            count = self._threads
-            self._queued += count
-        for _ in range(count):
-            self._calls.put(_STOP)
+            idle, self._idle = self._idle, []
+            self._threads -= len(idle)
+            self._retiring = self._threads
+            for worker in idle:
+                worker.handed = _STOP
+        for worker in idle:
+            worker.wake.release()
 
     def _withdraw(self, call: _Call) -> bool:
         """Withdraw ``call`` if no thread has taken it (it is then skipped when taken)."""
@@ -211,38 +242,54 @@ class WorkerHop:
             call.state = _WITHDRAWN
             return True
 
+    def _next(self, worker: _Worker) -> _Call | None:
+        """The next call of the backlog; else idle (None), or exit (``_STOP``)."""
+        with self._lock:
+            while self._backlog:
+                call = self._backlog.popleft()
+                if call.state == _QUEUED:
+                    call.state = _TAKEN
+                    return call
+            if self._retiring:
+                self._retiring -= 1
+                self._threads -= 1
+                worker.handed = _STOP
+            else:
+                worker.handed = None
+                self._idle.append(worker)
+            return None
+
+    def _wait(self, worker: _Worker) -> _Call | None:
+        """Wait for a hand-off; the call, or None to exit."""
+        if not worker.wake.acquire(timeout=self.idle_timeout):
+            with self._lock:
+                if worker in self._idle:
+                    # Nothing was handed over meanwhile: exit.
+                    self._idle.remove(worker)
+                    self._threads -= 1
+                    return None
+            # Handed something as the wait ran out: its release is on its way.
+            worker.wake.acquire()
+        handed = worker.handed
+        return handed if isinstance(handed, _Call) else None
+
     def _work(self) -> None:
         lock = self._lock
-        with lock:
-            self._idle += 1
+        worker = _Worker()
+        call = self._next(worker)
         while True:
-            try:
-                call = self._calls.get(timeout=self.idle_timeout)
-            except queue.Empty:
-                with lock:
-                    if self._queued <= self._idle - 1:
-                        # Nothing was handed over meanwhile that another idle
-                        # thread would not take: exit.
-                        self._idle -= 1
-                        self._threads -= 1
-                        return
-                continue
-            with lock:
-                self._queued -= 1
-                if call is _STOP:
-                    self._idle -= 1
-                    self._threads -= 1
+            if call is None:
+                if worker.handed is _STOP:
                     return
-                if call.state == _WITHDRAWN:
-                    continue
-                self._idle -= 1
-                call.state = _TAKEN
+                call = self._wait(worker)
+                if call is None:
+                    return
             result = outcome.capture(call.context.run, call.function, *call.args)
-            # Idle again before the caller hears back: its next call (the
-            # caller's task may run before this thread reaches ``get``) must
-            # find this thread, not start another one.
+            # Idle again (or on to the backlog's next call) before the caller
+            # hears back: its next call (the caller's task may run before this
+            # thread waits again) must find this thread, not start another one.
+            following = self._next(worker)
             with lock:
-                self._idle += 1
                 waiter = call.waiter
                 if waiter is not None:
                     call.outcome = result
@@ -253,7 +300,8 @@ class WorkerHop:
                 # abandoned on cancel); the guard is for a run torn down anyway.
                 with contextlib.suppress(trio.RunFinishedError):
                     call.token.run_sync_soon(trio.lowlevel.reschedule, call.task, result)
-            del call, result, waiter  # drop references before waiting again
+            del result, waiter  # drop references before waiting again
+            call = following
 
 
 __all__ = ["IDLE_TIMEOUT", "INLINE_BACKOFF", "INLINE_MISSES", "WorkerHop"]
