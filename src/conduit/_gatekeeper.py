@@ -10,7 +10,7 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   (no group operation), then the attempt reserves a slot in the per-address and
   per-user budgets (:mod:`conduit._throttle`) *before* any password work; only a
   success gives it back, so parallel guesses and replayed hellos are bounded.
-- **A bounded share of the event loop**: the handshake machine's two calls
+- **A bounded share of the event loop**: the handshake machine's steps
   (a few scalar multiplications in C, ~0.1-0.3 ms) run on the event loop while
   handshakes have used less than :data:`LOOP_SHARE` of its time lately (a
   token bucket, :class:`LoopShare`): a worker thread would cost the loop as
@@ -35,7 +35,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, TypeVarTuple, cast
 
 import attrs
 import trio
@@ -47,6 +47,9 @@ from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, FrameKind, ServerHandshake
 from .protocol.handshake import shared_secret
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 
 def _now() -> float:
@@ -194,7 +197,10 @@ class Gatekeeper:
                     and self.accounts.changed()
                 ):
                     await self._reload(self.accounts)
-                return await self._step(handshake, frame)
+                return await self._step(handshake.receive, frame)
+
+            async def precompute() -> None:
+                await self._step(handshake.precompute)
 
             established = await server_handshake(
                 stream,
@@ -203,6 +209,7 @@ class Gatekeeper:
                 reader=reader,
                 hello=hello,
                 run=run,
+                precompute=precompute,
                 io=io,
             )
         except BaseException:
@@ -215,15 +222,16 @@ class Gatekeeper:
         established.account = cast("AccountRecord | None", handshake.account)
         return established
 
-    async def _step(self, handshake: ServerHandshake, frame: Frame) -> bytes:
-        """Feed ``frame`` to the machine: inline within the loop share, else in a thread."""
+    async def _step(self, step: Callable[[*_Args], _T], *args: *_Args) -> _T:
+        """One step of a machine (``handshake.receive(frame)``, ``handshake.precompute()``):
+        inline within the loop share, else in a thread."""
         started = time.perf_counter()
         if self.loop_share.allows(started):
             try:
-                return handshake.receive(frame)
+                return step(*args)
             finally:
                 self.loop_share.spend(time.perf_counter() - started)
-        return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
+        return await trio.to_thread.run_sync(step, *args, limiter=self.limiter)
 
     async def _reload(self, accounts: Accounts) -> None:
         """Re-read the changed accounts file in a worker thread (a user added by
