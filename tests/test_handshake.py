@@ -512,6 +512,32 @@ def test_precompute_is_optional_and_done_once(mode: str, early: bool) -> None:
     assert client.keys.receive_key == server.keys.send_key
 
 
+@pytest.mark.parametrize("mode", ["shared", "accounts"])
+def test_the_clients_precompute_makes_a_share_used_once(mode: str) -> None:
+    make_client, make_server = MODES[mode]
+    client, server = make_client(), make_server()
+    (hello,) = _frames(client.start())
+    client.precompute()
+    fresh = client._fresh
+    assert (fresh is not None) == (mode == "accounts")
+    client.precompute()  # made once
+    assert client._fresh is fresh
+    (server_hello,) = _frames(server.receive(hello))
+    (confirm,) = _frames(client.receive(server_hello))
+    if fresh is not None:
+        # The share is x*P + w0*M for the x made beforehand, which is gone now.
+        assert client._fresh is None
+        share = decode_body(confirm).share
+        w0_m = server._record.verifier.w0_m  # type: ignore[union-attr]
+        assert share == pake.point_add(fresh[1], w0_m)
+    client.precompute()  # too late: nothing made
+    assert client._fresh is None
+    (server_confirm,) = _frames(server.receive(confirm))
+    client.receive(server_confirm)
+    assert client.keys is not None and server.keys is not None
+    assert client.keys.send_key == server.keys.receive_key
+
+
 def test_one_guess_per_connection() -> None:
     client, server = _account_client(password="guess 1"), _account_server()
     wire = _run(client, server)

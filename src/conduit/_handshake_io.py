@@ -129,6 +129,7 @@ async def client_handshake(
     reader, writer = FrameReader(), FrameWriter()
     io = SocketIO.of(stream)
     await send_bytes(stream, handshake.start(), io)
+    handshake.precompute()  # while the server works on its hello
     await _first_reply(stream, reader, io)
     while handshake.keys is None:
         frame = await _next_frame(stream, reader, io)

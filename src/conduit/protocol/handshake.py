@@ -359,6 +359,21 @@ class ClientHandshake(_Handshake):
         self._hello_payload = b""
         self._pending: _Pending | None = None
         self._server_hello: ServerHello | None = None
+        # Accounts mode: x and x*P, made by precompute() while the SERVER_HELLO is awaited.
+        self._fresh: tuple[bytes, bytes] | None = None
+
+    def precompute(self) -> None:
+        """Accounts mode, after :meth:`start`: make the prover's ``x`` and ``x*P``
+        now, while the server works on its hello, rather than after its hello
+        (the share needs ``w0``, which needs the salt that hello brings).
+        Optional, and nothing to do in the shared-password mode (its share is
+        in the CLIENT_HELLO) or once the SERVER_HELLO has been received."""
+        if (
+            self.username is not None
+            and self.state is HandshakeState.WAIT_SERVER_HELLO
+            and self._fresh is None
+        ):
+            self._fresh = pake.ephemeral()
 
     def start(self) -> bytes:
         """The CLIENT_HELLO frame to send first."""
@@ -457,7 +472,8 @@ class ClientHandshake(_Handshake):
         if len(hello.salt) != pake.SALT_SIZE:
             raise RemoteProtocolError(f"the server's salt is not {pake.SALT_SIZE} bytes")
         secret = self._cache.secret(self._password, self.username, hello.salt, params)
-        x, share_p = pake.spake2plus_prover_share(secret)
+        fresh, self._fresh = self._fresh, None
+        x, share_p = pake.spake2plus_prover_share(secret, fresh)
         z, v = _pake_call(
             "SPAKE2+ share", lambda: pake.spake2plus_prover_points(secret, x, hello.pake)
         )

@@ -448,10 +448,19 @@ def register(secret: ProverSecret) -> Verifier:
     return Verifier(secret.w0, base_mul(secret.w1), secret.w0_m, secret.w0_n)
 
 
-def spake2plus_prover_share(secret: ProverSecret) -> tuple[bytes, bytes]:
-    """A fresh ``(x, shareP = x*P + w0*M)``."""
+def ephemeral() -> tuple[bytes, bytes]:
+    """A fresh random scalar ``x`` and ``x*P``, for one share only."""
     x = random_scalar()
-    return x, point_add(base_mul(x), secret.w0_m)
+    return x, base_mul(x)
+
+
+def spake2plus_prover_share(
+    secret: ProverSecret, fresh: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """A fresh ``(x, shareP = x*P + w0*M)``; ``fresh``: an unused :func:`ephemeral`
+    made beforehand (the prover makes it while it waits for the verifier's share)."""
+    x, x_p = fresh if fresh is not None else ephemeral()
+    return x, point_add(x_p, secret.w0_m)
 
 
 def spake2plus_verifier_share(verifier: Verifier) -> tuple[bytes, bytes]:
