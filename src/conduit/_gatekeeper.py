@@ -35,7 +35,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, TypeVarTuple, cast
+from typing import Any, cast
 
 import attrs
 import trio
@@ -47,9 +47,6 @@ from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, FrameKind, ServerHandshake
 from .protocol.handshake import shared_secret
-
-_T = TypeVar("_T")
-_Args = TypeVarTuple("_Args")
 
 
 def _now() -> float:
@@ -197,10 +194,12 @@ class Gatekeeper:
                     and self.accounts.changed()
                 ):
                     await self._reload(self.accounts)
-                return await self._step(handshake.receive, frame)
+                return await self._step(handshake, frame)
 
-            async def precompute() -> None:
-                await self._step(handshake.precompute)
+            def precompute() -> None:
+                # Inline only: beyond the loop share, the confirmation's step
+                # does this work in its worker thread, not in a hand-off of its own.
+                self._inline(handshake.precompute)
 
             established = await server_handshake(
                 stream,
@@ -222,16 +221,26 @@ class Gatekeeper:
         established.account = cast("AccountRecord | None", handshake.account)
         return established
 
-    async def _step(self, step: Callable[[*_Args], _T], *args: *_Args) -> _T:
-        """One step of a machine (``handshake.receive(frame)``, ``handshake.precompute()``):
-        inline within the loop share, else in a thread."""
+    async def _step(self, handshake: ServerHandshake, frame: Frame) -> bytes:
+        """Feed ``frame`` to the machine: inline within the loop share, else in a thread."""
         started = time.perf_counter()
         if self.loop_share.allows(started):
             try:
-                return step(*args)
+                return handshake.receive(frame)
             finally:
                 self.loop_share.spend(time.perf_counter() - started)
-        return await trio.to_thread.run_sync(step, *args, limiter=self.limiter)
+        return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
+
+    def _inline(self, step: Callable[[], object]) -> bool:
+        """Run ``step`` now if the loop share allows it; whether it ran."""
+        started = time.perf_counter()
+        if not self.loop_share.allows(started):
+            return False
+        try:
+            step()
+        finally:
+            self.loop_share.spend(time.perf_counter() - started)
+        return True
 
     async def _reload(self, accounts: Accounts) -> None:
         """Re-read the changed accounts file in a worker thread (a user added by

@@ -192,7 +192,7 @@ async def server_handshake(
     reader: FrameReader,
     hello: Frame,
     run: Callable[[Frame], Awaitable[bytes]],
-    precompute: Callable[[], Awaitable[None]] | None = None,
+    precompute: Callable[[], object] | None = None,
     io: SocketIO | None = None,
 ) -> Established:
     """Check the client's password proof; raise AuthenticationError if it is wrong.
@@ -200,10 +200,10 @@ async def server_handshake(
     ``hello`` is the first frame (from :func:`read_hello`); ``run(frame)``
     feeds a frame to ``handshake`` (inline or in a worker thread, as the
     server's gatekeeper decides) and returns its reply. ``precompute()`` runs
-    :meth:`ServerHandshake.precompute` the same way: called once the
-    SERVER_HELLO is sent, so that the server's multiplication overlaps the
-    client's instead of coming before it (without it, the CLIENT_CONFIRM's
-    step does that work).
+    :meth:`ServerHandshake.precompute` if the gatekeeper lets it run inline:
+    called once the SERVER_HELLO is sent, so that the server's multiplication
+    overlaps the client's instead of coming before it (otherwise, the
+    CLIENT_CONFIRM's step does that work).
     """
     writer = FrameWriter()
     frame: Frame | None = hello
@@ -217,7 +217,7 @@ async def server_handshake(
         if handshake.error is not None:
             raise handshake.error
         if precompute is not None and handshake.precompute_due:
-            await precompute()
+            precompute()
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)

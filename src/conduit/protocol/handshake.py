@@ -40,6 +40,8 @@ salt each time, a verifier nobody can match), so it costs the server the same
 work and the client sees the same message as a wrong password.
 
 Every call of :meth:`ServerHandshake.receive` and :meth:`ClientHandshake.receive`
+(and of their ``precompute``, the part of the next step that needs nothing
+from the peer, done while waiting for it)
 is pure CPU work on the machine's own state, safe to run in a worker thread
 (``trio.to_thread.run_sync(handshake.receive, frame)``); the server's costs
 ~0.3-0.6 ms of scalar multiplications, the client's first SERVER_HELLO in
