@@ -18,9 +18,13 @@ done twice, alternately, ``--repeat`` times:
 ``--callgrind`` runs the server under ``valgrind --tool=callgrind`` and reports
 instructions per connect instead of CPU time: slower (about 50x), but the same
 on a loaded machine as on a quiet one, so before/after comparisons need no
-quiet minutes. Last, the sans-IO steps of the server's handshake are timed in
-this process (thread CPU clock): the two ``ServerHandshake.receive`` calls and
-the group operations inside them.
+quiet minutes. (The server's loop share is unlimited then: at valgrind's pace
+it would run out and move steps to worker threads, as many as the load made
+it, and the count would depend on the load after all.) Last, the sans-IO
+steps of the server's handshake are timed in this process (thread CPU clock):
+the two ``ServerHandshake.receive`` calls, ``ServerHandshake.precompute``
+between them (the multiplication done once the SERVER_HELLO is sent) and the
+group operations inside them.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ HOST = "127.0.0.1"
 # ----------------------------------------------------------------------------- the server
 
 
-async def _serve(mode: str, handshake_only: bool) -> None:
+async def _serve(mode: str, handshake_only: bool, callgrind: bool) -> None:
     import trio
 
     from conduit import Accounts, Server, ServerDescriptor
+    from conduit._gatekeeper import LoopShare
 
     if mode == "accounts":
         accounts = Accounts(Path(tempfile.mkdtemp(prefix="conduit-budget-")) / "accounts.json")
@@ -65,6 +70,12 @@ async def _serve(mode: str, handshake_only: bool) -> None:
             return None
 
         server._serve_client = no_session  # type: ignore[method-assign]
+    if callgrind:
+        # Under valgrind every step takes ~50x longer, so the loop share (a
+        # budget of loop *seconds*) would run out and send steps to worker
+        # threads, more or fewer with the machine's load: the instructions
+        # would depend on the load. Measurement only: every step inline.
+        server._gate.loop_share = LoopShare(share=1.0, burst=float("inf"))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         print(port, flush=True)
@@ -116,6 +127,7 @@ def measure(mode: str, handshake_only: bool, connects: int, callgrind: str | Non
         command.append("--handshake-only")
     env = dict(os.environ)
     if callgrind is not None:
+        command.append("--callgrind")
         command = [
             "valgrind",
             "--tool=callgrind",
@@ -221,6 +233,7 @@ def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
         return call
 
     hello_us = timed([hello_call(i) for i in range(len(prepared))])
+    precompute_us = timed([server.precompute for _, server, _ in prepared])
     confirms = [
         (server, frames(client.receive(frames(reply)[0]))[0])
         for (client, server, _), reply in zip(prepared, replies, strict=True)
@@ -233,9 +246,13 @@ def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
             "read the hello's username (before the throttle)",
             _thread_us(lambda: hello_username(first_hello), loops),
         ),
-        ("receive(CLIENT_HELLO): decode, lookup, share, SERVER_HELLO (+ keys, shared)", hello_us),
+        ("receive(CLIENT_HELLO): decode, lookup, share, SERVER_HELLO", hello_us),
         (
-            "receive(CLIENT_CONFIRM): decode, (keys, accounts), MAC check, SERVER_CONFIRM",
+            "precompute(), after the SERVER_HELLO is sent: K and keys (shared), V (accounts)",
+            precompute_us,
+        ),
+        (
+            "receive(CLIENT_CONFIRM): decode, (Z and keys, accounts), MAC check, SERVER_CONFIRM",
             confirm_us,
         ),
         (
@@ -271,7 +288,7 @@ def main() -> None:
     if args.serve:
         import trio
 
-        trio.run(_serve, args.serve, args.handshake_only)
+        trio.run(_serve, args.serve, args.handshake_only, args.callgrind)
         return
     prefix = None
     if args.callgrind:

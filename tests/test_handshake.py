@@ -321,7 +321,7 @@ def test_a_wrong_user_and_a_wrong_password_look_and_run_the_same() -> None:
         seen.append((calls, refusal, str(info.value)))
     # The same server code ran, in the same order, and the client got the same answer.
     assert seen[0][0] == seen[1][0]
-    assert "spake2plus_verifier_points" in " ".join(seen[0][0])
+    assert "spake2plus_verifier_z" in " ".join(seen[0][0])
     assert seen[0][1:] == seen[1][1:]
     assert seen[0][2] == ACCOUNTS_REFUSAL
 
@@ -454,6 +454,88 @@ def test_invalid_client_shares_in_accounts_mode_are_protocol_errors(share: bytes
     with pytest.raises(RemoteProtocolError, match="SPAKE2\\+ share"):
         server.receive(_rewrite(confirm, share=share))
     assert server.state is HandshakeState.FAILED
+
+
+def _small_order_point() -> bytes:
+    # (0, -1), of order 2: added to a valid share, it makes a point outside the
+    # prime-order group that the cheap checks on the CLIENT_HELLO let through.
+    return ((2**255 - 19) - 1).to_bytes(32, "little")
+
+
+def test_a_shared_password_share_outside_the_group_fails_in_precompute() -> None:
+    client, server = _client(), _server()
+    (hello,) = _frames(client.start())
+    share = decode_body(hello).pake
+    bad = pake.point_add(share, _small_order_point())
+    (server_hello,) = _frames(server.receive(_rewrite(hello, pake=bad)))
+    assert server_hello.kind is FrameKind.SERVER_HELLO and server.precompute_due
+    with pytest.raises(RemoteProtocolError, match="SPAKE2 share"):
+        server.precompute()
+    assert server.state is HandshakeState.FAILED and server.keys is None
+    # Without precompute(), the client's confirmation meets the same refusal.
+    client, server = _client(), _server()
+    (hello,) = _frames(client.start())
+    server.receive(_rewrite(hello, pake=bad))
+    with pytest.raises(RemoteProtocolError, match="SPAKE2 share"):
+        server.receive(
+            Frame(
+                FrameKind.CLIENT_CONFIRM,
+                0,
+                0,
+                encode_frame(FrameKind.CLIENT_CONFIRM, 0, Confirm(bytes(32)))[HEADER_SIZE:],
+            )
+        )
+    assert server.state is HandshakeState.FAILED
+
+
+@pytest.mark.parametrize("mode", ["shared", "accounts"])
+@pytest.mark.parametrize("early", [True, False], ids=["precomputed", "at the confirmation"])
+def test_precompute_is_optional_and_done_once(mode: str, early: bool) -> None:
+    make_client, make_server = MODES[mode]
+    client, server = make_client(), make_server()
+    assert not server.precompute_due
+    server.precompute()  # nothing due yet: nothing done, no state change
+    assert server.state is HandshakeState.WAIT_CLIENT_HELLO
+    (hello,) = _frames(client.start())
+    (server_hello,) = _frames(server.receive(hello))
+    assert server.precompute_due
+    if early:
+        server.precompute()
+        assert not server.precompute_due
+        server.precompute()  # a second call does nothing
+    (confirm,) = _frames(client.receive(server_hello))
+    (server_confirm,) = _frames(server.receive(confirm))
+    assert not server.precompute_due
+    client.receive(server_confirm)
+    assert client.keys is not None and server.keys is not None
+    assert client.keys.send_key == server.keys.receive_key
+    assert client.keys.receive_key == server.keys.send_key
+
+
+@pytest.mark.parametrize("mode", ["shared", "accounts"])
+def test_the_clients_precompute_makes_a_share_used_once(mode: str) -> None:
+    make_client, make_server = MODES[mode]
+    client, server = make_client(), make_server()
+    (hello,) = _frames(client.start())
+    client.precompute()
+    fresh = client._fresh
+    assert (fresh is not None) == (mode == "accounts")
+    client.precompute()  # made once
+    assert client._fresh is fresh
+    (server_hello,) = _frames(server.receive(hello))
+    (confirm,) = _frames(client.receive(server_hello))
+    if fresh is not None:
+        # The share is x*P + w0*M for the x made beforehand, which is gone now.
+        assert client._fresh is None
+        share = decode_body(confirm).share
+        w0_m = server._record.verifier.w0_m  # type: ignore[union-attr]
+        assert share == pake.point_add(fresh[1], w0_m)
+    client.precompute()  # too late: nothing made
+    assert client._fresh is None
+    (server_confirm,) = _frames(server.receive(confirm))
+    client.receive(server_confirm)
+    assert client.keys is not None and server.keys is not None
+    assert client.keys.send_key == server.keys.receive_key
 
 
 def test_one_guess_per_connection() -> None:

@@ -25,7 +25,14 @@ import trio
 from conduit import Accounts, AuthenticationError, Client, ServerDescriptor
 from conduit._gatekeeper import Gatekeeper, LoopShare, ScreenedListener
 from conduit.accounts import FAKE_CACHE
-from conduit.protocol import ClientHandshake, FrameKind, FrameReader, ServerHandshake, decode_body
+from conduit.protocol import (
+    ClientHandshake,
+    FrameKind,
+    FrameReader,
+    HandshakeState,
+    ServerHandshake,
+    decode_body,
+)
 from conduit.protocol.handshake import ProverCache
 from conduit.protocol.messages import AuthFailed
 from conduit.protocol.pake import StretchParams
@@ -88,6 +95,47 @@ async def test_steps_run_inline_within_the_share_and_in_threads_beyond(
     wrong = Client(client_descriptor(server.port, username="alice", password="wrong"))
     with pytest.raises(AuthenticationError), trio.fail_after(10):
         await wrong.connect()
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["within the share", "share exhausted"])
+@pytest.mark.parametrize("mode", ["shared", "accounts"])
+async def test_the_server_multiplies_between_the_hellos(
+    server_factory: ServerFactory,
+    accounts: Accounts,
+    mode: str,
+    inline: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The SERVER_HELLO goes out first, then its multiplication, while the
+    # client works on its confirmation: the confirmation's step finds it done.
+    # Beyond the loop share it is left to the confirmation's step, which runs
+    # in a worker thread anyway (no hand-off of its own).
+    seen: list[tuple[HandshakeState, bool]] = []
+    precompute = ServerHandshake.precompute
+
+    def recording(machine: ServerHandshake) -> None:
+        seen.append((machine.state, machine.precompute_due))
+        precompute(machine)
+
+    monkeypatch.setattr(ServerHandshake, "precompute", recording)
+    if mode == "accounts":
+        server = await server_factory(password=None, accounts=accounts)
+        descriptor = client_descriptor(server.port, username="alice", password=ALICE_PASSWORD)
+    else:
+        server = await server_factory()
+        descriptor = client_descriptor(server.port)
+    if not inline:
+        server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
+    client = Client(descriptor)
+    with trio.fail_after(10):
+        await client.connect()
+    assert client.connected
+    await client.disconnect()
+    waiting = HandshakeState.WAIT_CLIENT_CONFIRM
+    if inline:
+        assert seen == [(waiting, True), (waiting, False)]
+    else:
+        assert seen == [(waiting, True)]  # from the confirmation's step only
 
 
 # --------------------------------------------------------------------------- the client's stretch

@@ -10,7 +10,7 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   (no group operation), then the attempt reserves a slot in the per-address and
   per-user budgets (:mod:`conduit._throttle`) *before* any password work; only a
   success gives it back, so parallel guesses and replayed hellos are bounded.
-- **A bounded share of the event loop**: the handshake machine's two calls
+- **A bounded share of the event loop**: the handshake machine's steps
   (a few scalar multiplications in C, ~0.1-0.3 ms) run on the event loop while
   handshakes have used less than :data:`LOOP_SHARE` of its time lately (a
   token bucket, :class:`LoopShare`): a worker thread would cost the loop as
@@ -196,6 +196,11 @@ class Gatekeeper:
                     await self._reload(self.accounts)
                 return await self._step(handshake, frame)
 
+            def precompute() -> None:
+                # Inline only: beyond the loop share, the confirmation's step
+                # does this work in its worker thread, not in a hand-off of its own.
+                self._inline(handshake.precompute)
+
             established = await server_handshake(
                 stream,
                 handshake,
@@ -203,6 +208,7 @@ class Gatekeeper:
                 reader=reader,
                 hello=hello,
                 run=run,
+                precompute=precompute,
                 io=io,
             )
         except BaseException:
@@ -224,6 +230,17 @@ class Gatekeeper:
             finally:
                 self.loop_share.spend(time.perf_counter() - started)
         return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
+
+    def _inline(self, step: Callable[[], object]) -> bool:
+        """Run ``step`` now if the loop share allows it; whether it ran."""
+        started = time.perf_counter()
+        if not self.loop_share.allows(started):
+            return False
+        try:
+            step()
+        finally:
+            self.loop_share.spend(time.perf_counter() - started)
+        return True
 
     async def _reload(self, accounts: Accounts) -> None:
         """Re-read the changed accounts file in a worker thread (a user added by

@@ -129,6 +129,7 @@ async def client_handshake(
     reader, writer = FrameReader(), FrameWriter()
     io = SocketIO.of(stream)
     await send_bytes(stream, handshake.start(), io)
+    handshake.precompute()  # while the server works on its hello
     await _first_reply(stream, reader, io)
     while handshake.keys is None:
         frame = await _next_frame(stream, reader, io)
@@ -191,13 +192,18 @@ async def server_handshake(
     reader: FrameReader,
     hello: Frame,
     run: Callable[[Frame], Awaitable[bytes]],
+    precompute: Callable[[], object] | None = None,
     io: SocketIO | None = None,
 ) -> Established:
     """Check the client's password proof; raise AuthenticationError if it is wrong.
 
     ``hello`` is the first frame (from :func:`read_hello`); ``run(frame)``
-    feeds a frame to ``handshake`` (in a worker thread, under the server's
-    limit of concurrent handshakes) and returns its reply.
+    feeds a frame to ``handshake`` (inline or in a worker thread, as the
+    server's gatekeeper decides) and returns its reply. ``precompute()`` runs
+    :meth:`ServerHandshake.precompute` if the gatekeeper lets it run inline:
+    called once the SERVER_HELLO is sent, so that the server's multiplication
+    overlaps the client's instead of coming before it (otherwise, the
+    CLIENT_CONFIRM's step does that work).
     """
     writer = FrameWriter()
     frame: Frame | None = hello
@@ -210,6 +216,8 @@ async def server_handshake(
             await send_bytes(stream, reply, io)
         if handshake.error is not None:
             raise handshake.error
+        if precompute is not None and handshake.precompute_due:
+            precompute()
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     writer.start_encryption(keys.send_key, keys.peer_max_frame_size)

@@ -40,6 +40,8 @@ salt each time, a verifier nobody can match), so it costs the server the same
 work and the client sees the same message as a wrong password.
 
 Every call of :meth:`ServerHandshake.receive` and :meth:`ClientHandshake.receive`
+(and of their ``precompute``, the part of the next step that needs nothing
+from the peer, done while waiting for it)
 is pure CPU work on the machine's own state, safe to run in a worker thread
 (``trio.to_thread.run_sync(handshake.receive, frame)``); the server's costs
 ~0.3-0.6 ms of scalar multiplications, the client's first SERVER_HELLO in
@@ -359,6 +361,21 @@ class ClientHandshake(_Handshake):
         self._hello_payload = b""
         self._pending: _Pending | None = None
         self._server_hello: ServerHello | None = None
+        # Accounts mode: x and x*P, made by precompute() while the SERVER_HELLO is awaited.
+        self._fresh: tuple[bytes, bytes] | None = None
+
+    def precompute(self) -> None:
+        """Accounts mode, after :meth:`start`: make the prover's ``x`` and ``x*P``
+        now, while the server works on its hello, rather than after its hello
+        (the share needs ``w0``, which needs the salt that hello brings).
+        Optional, and nothing to do in the shared-password mode (its share is
+        in the CLIENT_HELLO) or once the SERVER_HELLO has been received."""
+        if (
+            self.username is not None
+            and self.state is HandshakeState.WAIT_SERVER_HELLO
+            and self._fresh is None
+        ):
+            self._fresh = pake.ephemeral()
 
     def start(self) -> bytes:
         """The CLIENT_HELLO frame to send first."""
@@ -457,7 +474,8 @@ class ClientHandshake(_Handshake):
         if len(hello.salt) != pake.SALT_SIZE:
             raise RemoteProtocolError(f"the server's salt is not {pake.SALT_SIZE} bytes")
         secret = self._cache.secret(self._password, self.username, hello.salt, params)
-        x, share_p = pake.spake2plus_prover_share(secret)
+        fresh, self._fresh = self._fresh, None
+        x, share_p = pake.spake2plus_prover_share(secret, fresh)
         z, v = _pake_call(
             "SPAKE2+ share", lambda: pake.spake2plus_prover_points(secret, x, hello.pake)
         )
@@ -480,6 +498,11 @@ class ServerHandshake(_Handshake):
     sets :attr:`error`; the caller sends the frame, then raises the error. On
     success, :attr:`username` and :attr:`account` name the authenticated
     account (None in shared-password mode).
+
+    Once the SERVER_HELLO is sent, :meth:`precompute` does the one scalar
+    multiplication of the next step that needs nothing more from the client
+    (while the client computes its confirmation, not after it); the
+    CLIENT_CONFIRM's :meth:`receive` does it itself when it was not called.
     """
 
     def __init__(
@@ -508,14 +531,48 @@ class ServerHandshake(_Handshake):
         self._receive_window = receive_window
         self._pending: _Pending | None = None
         self._client_hello: ClientHello | None = None
-        # Accounts mode, between the hellos and the client's confirmation.
+        # Between the hellos and the client's confirmation: the account's
+        # record (accounts mode), h*y (the cofactor times the server's secret
+        # scalar), both hellos' payloads and the server's share.
         self._record: AccountVerifier | None = None
-        self._y = b""
+        self._hy = b""
         self._hello_payloads = (b"", b"")
-        self._share_v = b""
+        self._server_share = b""
         self._server_mac = b""
         # The CLIENT_HELLO decoded by hello_username(), and its frame.
         self._peeked: tuple[Frame, ClientHello] | None = None
+        # What precompute() does, between the hellos and the confirmation:
+        # shared password: K = h*y*(pA - w*M) and the keys (from the unblinded
+        # share and the server's share); accounts: V = h*y*L.
+        self._due = False
+        self._unblinded = b""
+        self._v = b""
+
+    @property
+    def precompute_due(self) -> bool:
+        """Whether :meth:`precompute` has work to do (the SERVER_HELLO went out)."""
+        return self._due
+
+    def precompute(self) -> None:
+        """The next step's multiplication, done before the CLIENT_CONFIRM arrives.
+
+        Shared password: ``K = h*y*(pA - w*M)``, then the session and
+        confirmation keys; RemoteProtocolError (and FAILED) if the client's
+        share is not in the prime-order group (its cheap checks were made on
+        the CLIENT_HELLO). Accounts: ``V = h*y*L``, the same work for a real
+        user and a fake one. Does nothing when nothing is due.
+        """
+        if not self._due:
+            return
+        self._due = False
+        try:
+            if self._record is not None:
+                self._v = pake.spake2plus_verifier_v(self._record.verifier, self._hy)
+            else:
+                self._balanced_pending()
+        except BaseException:
+            self.state = HandshakeState.FAILED
+            raise
 
     def hello_username(self, frame: Frame) -> str:
         """The username the CLIENT_HELLO ``frame`` names, as the module's
@@ -561,6 +618,7 @@ class ServerHandshake(_Handshake):
             _expect(frame, FrameKind.CLIENT_CONFIRM, self.state)
             confirm = decode_body(frame, Confirm)
             assert self._client_hello is not None
+            self.precompute()
             if self._record is not None:
                 self._account_pending(self._record, confirm.share)
             assert self._pending is not None
@@ -607,17 +665,26 @@ class ServerHandshake(_Handshake):
     def _balanced_hello(
         self, secret: pake.BalancedSecret, hello: ClientHello, payload: bytes
     ) -> bytes:
-        y, share_b = pake.spake2_share(secret, role_a=False)
-        reply = self._hello_frame(share_b)
-        k = _pake_call(
-            "SPAKE2 share", lambda: pake.spake2_shared_point(secret, False, y, hello.pake)
+        # The share's cheap checks now; the multiplication (which checks its
+        # group membership) in precompute(), once this reply is on its way.
+        self._unblinded = _pake_call(
+            "SPAKE2 share", lambda: pake.spake2_unblind(secret, False, hello.pake)
         )
+        y, self._server_share = pake.spake2_share(secret, role_a=False)
+        self._hy = pake.cofactor_times(y)
+        reply = self._hello_frame(self._server_share)
+        self._hello_payloads = (payload, reply[HEADER_SIZE:])
+        self._due = True
+        return reply
+
+    def _balanced_pending(self) -> None:
+        assert self._balanced is not None and self._client_hello is not None
+        k = _pake_call("SPAKE2 share", lambda: pake.point_mul(self._hy, self._unblinded))
         keys, (c2s, s2c) = _balanced_keys(
-            secret, hello.pake, share_b, k, payload, reply[HEADER_SIZE:]
+            self._balanced, self._client_hello.pake, self._server_share, k, *self._hello_payloads
         )
         self._pending = _Pending(keys.confirm_a, c2s, s2c)
         self._server_mac = keys.confirm_b
-        return reply
 
     def _account_hello(self, lookup: AccountLookup, hello: ClientHello, payload: bytes) -> bytes:
         if len(hello.username) > MAX_USERNAME:
@@ -625,30 +692,32 @@ class ServerHandshake(_Handshake):
         if hello.pake:
             raise RemoteProtocolError("CLIENT_HELLO carries a share in accounts mode")
         record = lookup(hello.username)
-        self._y, self._share_v = pake.spake2plus_verifier_share(record.verifier)
+        y, self._server_share = pake.spake2plus_verifier_share(record.verifier)
+        self._hy = pake.cofactor_times(y)
         reply = self._hello_frame(
-            self._share_v,
+            self._server_share,
             salt=record.salt,
             opslimit=record.stretch.opslimit,
             memlimit=record.stretch.memlimit,
         )
         self._record = record
         self._hello_payloads = (payload, reply[HEADER_SIZE:])
+        self._due = True
         return reply
 
     def _account_pending(self, record: AccountVerifier, share_p: bytes) -> None:
         assert self._client_hello is not None
         verifier = record.verifier
-        z, v = _pake_call(
-            "SPAKE2+ share", lambda: pake.spake2plus_verifier_points(verifier, self._y, share_p)
+        z = _pake_call(
+            "SPAKE2+ share", lambda: pake.spake2plus_verifier_z(verifier, self._hy, share_p)
         )
         keys, (c2s, s2c) = _account_keys(
             self._client_hello.username,
             verifier.w0,
             share_p,
-            self._share_v,
+            self._server_share,
             z,
-            v,
+            self._v,
             *self._hello_payloads,
         )
         self._pending = _Pending(keys.confirm_p, c2s, s2c)

@@ -341,9 +341,19 @@ def spake2_share(secret: BalancedSecret, role_a: bool) -> tuple[bytes, bytes]:
 def spake2_shared_point(
     secret: BalancedSecret, role_a: bool, scalar: bytes, peer_share: bytes
 ) -> bytes:
-    """A: ``K = h*x*(pB - w*N)``; B: ``K = h*y*(pA - w*M)``. PakeError for a bad share."""
-    unblinded = unblind(peer_share, secret.w_n if role_a else secret.w_m)
-    return point_mul(cofactor_times(scalar), unblinded)
+    """A: ``K = h*x*(pB - w*N)``; B: ``K = h*y*(pA - w*M)``. PakeError for a bad share.
+
+    The two halves, for a caller that does the cheap one first:
+    :func:`spake2_unblind` then :func:`point_mul` by ``h*scalar``.
+    """
+    return point_mul(cofactor_times(scalar), spake2_unblind(secret, role_a, peer_share))
+
+
+def spake2_unblind(secret: BalancedSecret, role_a: bool, peer_share: bytes) -> bytes:
+    """A: ``pB - w*N``; B: ``pA - w*M`` (:func:`unblind`: the cheap checks of the
+    share; its membership in the prime-order group is checked by the
+    multiplication that follows)."""
+    return unblind(peer_share, secret.w_n if role_a else secret.w_m)
 
 
 def spake2_transcript(
@@ -438,10 +448,19 @@ def register(secret: ProverSecret) -> Verifier:
     return Verifier(secret.w0, base_mul(secret.w1), secret.w0_m, secret.w0_n)
 
 
-def spake2plus_prover_share(secret: ProverSecret) -> tuple[bytes, bytes]:
-    """A fresh ``(x, shareP = x*P + w0*M)``."""
+def ephemeral() -> tuple[bytes, bytes]:
+    """A fresh random scalar ``x`` and ``x*P``, for one share only."""
     x = random_scalar()
-    return x, point_add(base_mul(x), secret.w0_m)
+    return x, base_mul(x)
+
+
+def spake2plus_prover_share(
+    secret: ProverSecret, fresh: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """A fresh ``(x, shareP = x*P + w0*M)``; ``fresh``: an unused :func:`ephemeral`
+    made beforehand (the prover makes it while it waits for the verifier's share)."""
+    x, x_p = fresh if fresh is not None else ephemeral()
+    return x, point_add(x_p, secret.w0_m)
 
 
 def spake2plus_verifier_share(verifier: Verifier) -> tuple[bytes, bytes]:
@@ -468,14 +487,25 @@ def spake2plus_verifier_points(verifier: Verifier, y: bytes, share_p: bytes) -> 
     as a wrong password does.
     """
     hy = cofactor_times(y)
+    return spake2plus_verifier_z(verifier, hy, share_p), spake2plus_verifier_v(verifier, hy)
+
+
+def spake2plus_verifier_z(verifier: Verifier, hy: bytes, share_p: bytes) -> bytes:
+    """Verifier: ``Z = hy*(shareP - w0*M)`` for ``hy = h*y`` (see
+    :func:`spake2plus_verifier_points`, also for the identity)."""
     unblinded = unblind(share_p, verifier.w0_m)
     try:
-        z = point_mul(hy, unblinded)
+        return point_mul(hy, unblinded)
     except PakeError:
         if unblinded != IDENTITY:
             raise  # an invalid share: not in the prime-order subgroup
-        z = base_mul(random_scalar())
-    return z, point_mul(hy, verifier.L)
+        return base_mul(random_scalar())
+
+
+def spake2plus_verifier_v(verifier: Verifier, hy: bytes) -> bytes:
+    """Verifier: ``V = hy*L`` for ``hy = h*y``. It needs nothing from the
+    prover: the server computes it while the prover works on its share."""
+    return point_mul(hy, verifier.L)
 
 
 def spake2plus_transcript(
