@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -30,6 +31,8 @@ from .protocol import converter
 log = logging.getLogger("conduit.rpc")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_CoroutineType = types.CoroutineType
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("conduit_current_peer")
 
@@ -235,7 +238,9 @@ class PeerDispatcher:
                 # Plain Trio and an unmarked handler: call it here, skipping
                 # invoke()'s world dispatch on the hot path.
                 value = entry.function(**kwargs)
-                if inspect.isawaitable(value):
+                # An async def handler's coroutine, tested by type before
+                # inspect.isawaitable (a Python function call).
+                if type(value) is _CoroutineType or inspect.isawaitable(value):
                     value = await value
             else:
                 value = await invoke(functools.partial(entry.function, **kwargs))

@@ -188,8 +188,13 @@ def _structure_call(raw: Any) -> Call:
     if type(raw) is dict:
         method = raw.get("method")
         args = raw.get("args", {})
-        if type(method) is str and type(args) is dict and all(type(k) is str for k in args):
-            return Call(method, args)
+        if type(method) is str and type(args) is dict:
+            # A loop, not all(<generator>): no generator frame per call.
+            for key in args:
+                if type(key) is not str:
+                    break
+            else:
+                return Call(method, args)
     raise _malformed("CALL", raw)
 
 

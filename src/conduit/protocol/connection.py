@@ -450,7 +450,10 @@ class ConnectionState:
     def result_frame(self, call_id: int, result: Result) -> bytes:
         """The RESULT frame for an incoming call; a result too large to send becomes an error."""
         try:
-            return self._checked(_RESULT, encode_result(call_id, result))
+            frame = encode_result(call_id, result)
+            if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:  # _checked's test, inline
+                return frame
+            return self._checked(_RESULT, frame)
         except LocalProtocolError as exc:
             refusal = Result(
                 False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
