@@ -96,6 +96,7 @@ class CallRunners:
         read: Callable[[], Awaitable[Blocked | None]],
         dispatch: Dispatch,
         queue_result: Callable[[int, Result], None],
+        queue_value: Callable[[int, Any], None],
         send_result: Callable[[int, Result], Awaitable[None]],
         finished: Callable[[int], None],
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
@@ -104,6 +105,7 @@ class CallRunners:
         self._read = read
         self._dispatch = dispatch
         self._queue_result = queue_result
+        self._queue_value = queue_value
         self._send_result = send_result
         self._finished = finished
         self._spawn = spawn
@@ -136,7 +138,7 @@ class CallRunners:
         other: a reference cycle left to Python's cycle collector.
         """
         self._read = self._dispatch = self._send_result = _over
-        self._queue_result = self._finished = self._spawn = _ignore
+        self._queue_result = self._queue_value = self._finished = self._spawn = _ignore
 
     def start(self, event: CallReceived) -> Blocked | None:
         """Run an incoming call in the reading task until it finishes or first blocks.
@@ -155,7 +157,7 @@ class CallRunners:
             trap = coroutine.send(None)
         except StopIteration as stop:
             self._finished(call_id)
-            self._queue_result(call_id, Result(True, stop.value))
+            self._queue_value(call_id, stop.value)
             return None
         except Exception as exc:
             self._finished(call_id)

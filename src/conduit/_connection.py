@@ -228,6 +228,7 @@ class Connection:
             self._read,
             dispatcher.handle_call,
             self._queue_result,
+            self._queue_value,
             self._send_result,
             state.call_finished,
             self._spawn_follower,
@@ -804,8 +805,14 @@ class Connection:
     def _queue_result(self, call_id: int, result: Result) -> None:
         # A call the reader ran inline: the reader sends what it queued once
         # the record is done (_flush_control), several results in one record.
+        self._queue_frame(self._state.result_frame(call_id, result))
+
+    def _queue_value(self, call_id: int, value: Any) -> None:
+        # The same for a call that returned ``value``: no Result object.
+        self._queue_frame(self._state.value_frame(call_id, value))
+
+    def _queue_frame(self, frame: bytes) -> None:
         # try/except, not contextlib.suppress: no context manager object per call.
-        frame = self._state.result_frame(call_id, result)
         try:
             self._outbox.queue_control((frame,))
         except ConnectionClosed:

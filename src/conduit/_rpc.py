@@ -51,6 +51,13 @@ class _Param:
     annotation: Any
     required: bool
     wants_peer: bool
+    #: The annotation when it is a type of _PRIMITIVES (a value of exactly it
+    #: needs no structuring), else None.
+    primitive: Any = attrs.field(init=False)
+
+    @primitive.default
+    def _primitive(self) -> Any:
+        return self.annotation if self.annotation in _PRIMITIVES else None
 
 
 def _is_peer_annotation(annotation: Any) -> bool:
@@ -116,7 +123,11 @@ class RPCMethod:
                 kwargs[param.name] = _structure(remaining, param)
                 remaining = {}
             elif param.name in remaining:
-                kwargs[param.name] = _structure(remaining.pop(param.name), param)
+                value = remaining.pop(param.name)
+                # Already the declared primitive type: no _structure call.
+                if type(value) is not param.primitive:
+                    value = _structure(value, param)
+                kwargs[param.name] = value
             elif param.required:
                 raise RPCError(
                     f"{self.name}() is missing argument {param.name!r}", "invalid_arguments"
@@ -246,7 +257,8 @@ class PeerDispatcher:
                 value = await invoke(functools.partial(entry.function, **kwargs))
         finally:
             _current_peer.reset(token)
-        return to_wire(value)
+        # to_wire, inline: most values are primitives already.
+        return value if type(value) in _PRIMITIVES else to_wire(value)
 
     async def handle_message(self, event: str, data: Any) -> None:
         """Deliver a one-way message: run every handler registered for ``event``."""

@@ -109,6 +109,12 @@ def encode_result(call_id: int, result: Result) -> bytes:
     return _pack_header(MAGIC, PROTOCOL_VERSION, _RESULT, 0, call_id, len(payload)) + payload
 
 
+def encode_value(call_id: int, value: Any) -> bytes:
+    """``encode_result(call_id, Result(True, value))``, without the Result (the common case)."""
+    payload = pack({"ok": True, "value": value, "error": "", "code": ""})
+    return _pack_header(MAGIC, PROTOCOL_VERSION, _RESULT, 0, call_id, len(payload)) + payload
+
+
 def decode_call(payload: bytes | memoryview) -> Call:
     """``decode_body(frame, Call)`` of a CALL frame's payload."""
     return _structure_call(unpack(payload))
