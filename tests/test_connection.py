@@ -180,6 +180,55 @@ async def test_slow_handler_does_not_delay_other_calls(pair: Pair) -> None:
     assert finished == ["fast", "slow"]
 
 
+async def test_a_burst_of_calls_runs_each_once_and_each_gets_its_own_outcome(pair: Pair) -> None:
+    # Calls that return, raise an RPCError, raise anything else, or block
+    # (and then return or raise), made together so that they travel and are
+    # run together: each runs once, the ones that do not block are answered
+    # while the others still wait, and each outcome is its own.
+    release = trio.Event()
+    ran: list[int] = []
+
+    async def work(_c: Connection, n: int, how: str) -> int:
+        ran.append(n)
+        if how.startswith("block"):
+            await release.wait()
+        if how.endswith("rpc_error"):
+            raise RPCError(f"refused {n}", "refused")
+        if how.endswith("crash"):
+            raise ValueError(f"bad {n}")
+        return n * 10
+
+    pair.server_dispatch.methods["work"] = work
+    kinds = ["ok", "rpc_error", "crash", "block", "block_rpc_error", "block_crash"]
+    calls = [(n, kinds[n % len(kinds)]) for n in range(24)]
+    outcomes: dict[int, Any] = {}
+
+    async def caller(n: int, how: str) -> None:
+        try:
+            outcomes[n] = await pair.client.call("work", {"n": n, "how": how}, None)
+        except RPCError as exc:
+            outcomes[n] = exc.code
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for n, how in calls:
+                nursery.start_soon(caller, n, how)
+            await trio.testing.wait_all_tasks_blocked()
+            # Every call ran once (the blocked ones up to their wait); the
+            # ones that did not block are answered already.
+            assert sorted(ran) == [n for n, _ in calls]
+            assert outcomes == {
+                n: {"ok": n * 10, "rpc_error": "refused", "crash": "handler_error"}[how]
+                for n, how in calls
+                if not how.startswith("block")
+            }
+            release.set()
+    expected = {"ok": None, "rpc_error": "refused", "crash": "handler_error"}
+    for n, how in calls:
+        want = expected[how.removeprefix("block_") if how != "block" else "ok"]
+        assert outcomes[n] == (n * 10 if want is None else want)
+
+
 async def test_handler_may_call_back_into_its_peer(pair: Pair) -> None:
     async def outer(conn: Connection) -> int:
         return int(await conn.call("inner", {}, None)) + 1

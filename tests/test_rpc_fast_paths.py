@@ -36,8 +36,10 @@ from conduit.protocol.codec import (
     encode_call,
     encode_frame,
     encode_result,
+    encode_value,
 )
-from conduit.protocol.frames import Frame, FrameKind
+from conduit.protocol.connection import ConnectionState
+from conduit.protocol.frames import HEADER_SIZE, Frame, FrameKind
 from conduit.protocol.messages import Call, Result
 from conduit.protocol.records import MAPPED_MIN, RecordOpener, RecordSealer
 
@@ -76,6 +78,27 @@ def test_a_result_encodes_to_the_same_bytes(
 ) -> None:
     result = Result(ok, value, error, code)
     assert encode_result(call_id, result) == encode_frame(FrameKind.RESULT, call_id, result)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 2**32 - 1), _VALUES)
+def test_a_returned_value_encodes_as_its_result(call_id: int, value: Any) -> None:
+    assert encode_value(call_id, value) == encode_result(call_id, Result(True, value))
+
+
+def test_a_value_too_large_to_send_becomes_the_same_refusal() -> None:
+    state = ConnectionState(
+        is_client=False,
+        receive_window=1 << 20,
+        peer_receive_window=1 << 20,
+        peer_max_frame_size=1024,
+        max_concurrent_calls=16,
+    )
+    big = b"x" * 2048
+    refusal = state.value_frame(7, big)
+    assert refusal == state.result_frame(7, Result(True, big))
+    assert decode_result(memoryview(refusal)[HEADER_SIZE:]).code == "bad_result"
+    assert state.value_frame(7, b"small") == encode_value(7, b"small")
 
 
 def _outcome(decode: Any, payload: bytes) -> Any:

@@ -31,11 +31,11 @@ import trio
 
 from .errors import ConnectionClosed, RPCError
 from .protocol.connection import CallReceived
-from .protocol.messages import Call, Result
+from .protocol.messages import Result
 
 log = logging.getLogger("conduit.connection")
 
-Dispatch = Callable[[str, dict[str, Any]], Awaitable[Any]]
+Dispatch = Callable[[str, dict[str, Any]], Coroutine[Any, Any, Any]]
 
 #: Idle tasks kept waiting for the reading role; one finishing a blocked call
 #: while this many wait ends instead. Not a limit on running calls (that is
@@ -47,10 +47,11 @@ MAX_IDLE_FOLLOWERS = 32
 class Blocked:
     """A call whose handler blocked while the reader ran it: the rest runs off the reading path."""
 
-    __slots__ = ("call_id", "coroutine", "trap")
+    __slots__ = ("call_id", "coroutine", "method", "trap")
 
-    def __init__(self, call_id: int, coroutine: Coroutine[Any, Any, Result | None], trap: Any):
+    def __init__(self, call_id: int, method: str, coroutine: Coroutine[Any, Any, Any], trap: Any):
         self.call_id = call_id
+        self.method = method
         self.coroutine = coroutine
         #: What the coroutine yielded to Trio when it blocked, still to be passed on.
         self.trap = trap
@@ -95,6 +96,7 @@ class CallRunners:
         read: Callable[[], Awaitable[Blocked | None]],
         dispatch: Dispatch,
         queue_result: Callable[[int, Result], None],
+        queue_value: Callable[[int, Any], None],
         send_result: Callable[[int, Result], Awaitable[None]],
         finished: Callable[[int], None],
         spawn: Callable[[Callable[[], Awaitable[None]]], None],
@@ -103,6 +105,7 @@ class CallRunners:
         self._read = read
         self._dispatch = dispatch
         self._queue_result = queue_result
+        self._queue_value = queue_value
         self._send_result = send_result
         self._finished = finished
         self._spawn = spawn
@@ -135,7 +138,7 @@ class CallRunners:
         other: a reference cycle left to Python's cycle collector.
         """
         self._read = self._dispatch = self._send_result = _over
-        self._queue_result = self._finished = self._spawn = _ignore
+        self._queue_result = self._queue_value = self._finished = self._spawn = _ignore
 
     def start(self, event: CallReceived) -> Blocked | None:
         """Run an incoming call in the reading task until it finishes or first blocks.
@@ -145,19 +148,27 @@ class CallRunners:
         finish it (what :meth:`run` does when the reader returns it).
         """
         call_id = event.call_id
-        coroutine = self._run(event.call)
+        call = event.call
+        # The handler's coroutine is driven directly, not through a wrapper
+        # coroutine that would turn its outcome into a Result (a frame and a
+        # coroutine less per call): _failure maps what it raises.
+        coroutine = self._dispatch(call.method, call.args)
         try:
             trap = coroutine.send(None)
         except StopIteration as stop:
             self._finished(call_id)
-            result: Result | None = stop.value
+            self._queue_value(call_id, stop.value)
+            return None
+        except Exception as exc:
+            self._finished(call_id)
+            result = self._failure(call.method, exc)
             if result is not None:
                 self._queue_result(call_id, result)
             return None
         except BaseException:
             self._finished(call_id)
             raise
-        return Blocked(call_id, coroutine, trap)
+        return Blocked(call_id, call.method, coroutine, trap)
 
     def cancel(self, call_id: int) -> None:
         """The caller gave up: cancel the task running that call, if it still runs."""
@@ -186,22 +197,24 @@ class CallRunners:
     async def _finish(self, blocked: Blocked, scope: trio.CancelScope) -> None:
         call_id = blocked.call_id
         self._running[call_id] = scope
+        result: Result | None
         try:
-            result: Result | None = await _resume(blocked.coroutine, blocked.trap)
+            value = await _resume(blocked.coroutine, blocked.trap)
+        except Exception as exc:
+            result = self._failure(blocked.method, exc)
+        else:
+            result = Result(True, value)
         finally:
             del self._running[call_id]
             self._finished(call_id)
         if result is not None:
             await self._send_result(call_id, result)
 
-    async def _run(self, call: Call) -> Result | None:
-        try:
-            value = await self._dispatch(call.method, call.args)
-        except RPCError as exc:
+    def _failure(self, method: str, exc: Exception) -> Result | None:
+        """The RESULT for a handler that raised ``exc`` (None: the connection is closing)."""
+        if isinstance(exc, RPCError):
             return Result(False, error=exc.message, code=exc.code)
-        except ConnectionClosed:
+        if isinstance(exc, ConnectionClosed):
             return None
-        except Exception as exc:
-            log.exception("%s: RPC handler %r failed", self._label, call.method)
-            return Result(False, error=f"{type(exc).__name__}: {exc}", code="handler_error")
-        return Result(True, value)
+        log.exception("%s: RPC handler %r failed", self._label, method, exc_info=exc)
+        return Result(False, error=f"{type(exc).__name__}: {exc}", code="handler_error")

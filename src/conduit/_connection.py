@@ -228,6 +228,7 @@ class Connection:
             self._read,
             dispatcher.handle_call,
             self._queue_result,
+            self._queue_value,
             self._send_result,
             state.call_finished,
             self._spawn_follower,
@@ -804,9 +805,18 @@ class Connection:
     def _queue_result(self, call_id: int, result: Result) -> None:
         # A call the reader ran inline: the reader sends what it queued once
         # the record is done (_flush_control), several results in one record.
-        frame = self._state.result_frame(call_id, result)
-        with contextlib.suppress(ConnectionClosed):
+        self._queue_frame(self._state.result_frame(call_id, result))
+
+    def _queue_value(self, call_id: int, value: Any) -> None:
+        # The same for a call that returned ``value``: no Result object.
+        self._queue_frame(self._state.value_frame(call_id, value))
+
+    def _queue_frame(self, frame: bytes) -> None:
+        # try/except, not contextlib.suppress: no context manager object per call.
+        try:
             self._outbox.queue_control((frame,))
+        except ConnectionClosed:
+            return  # closing: the result has nowhere to go
 
     async def _send_result(self, call_id: int, result: Result) -> None:
         frame = self._state.result_frame(call_id, result)
@@ -823,7 +833,7 @@ class Connection:
 
     def _can_send_directly(self) -> bool:
         # writer_idle also means nothing is queued for it (sealed bytes included).
-        return self._outbox.writer_idle and not self._direct_sending and self.is_open
+        return self._outbox.writer_idle and not self._direct_sending and self._state.phase is _OPEN
 
     def _all_callers_woken(self) -> None:
         # The callers woken by one batch of results have all run: what they
@@ -919,7 +929,7 @@ class Connection:
 
     async def call(self, method: str, args: dict[str, Any], timeout: float | None) -> Any:
         """Call ``method`` on the peer and return its value; raise RPCError on failure."""
-        if not self.is_open:
+        if self._state.phase is not _OPEN:  # is_open, without the property call
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id, frame = self._state.start_call(method, args)
         self._last_activity = now = trio.current_time()

@@ -212,8 +212,9 @@ class PendingCalls:
     def resolve(self, call_id: int, result: Result) -> None:
         """A RESULT arrived: wake its caller (unknown ids were given up on; ignore them)."""
         pending = self._calls.pop(call_id, None)
-        if pending is not None:
-            self._wake(pending, outcome.Value(result))
+        # _wake, inline: once per call.
+        if pending is not None and pending.deliver(outcome.Value(result)):
+            self.waking += 1
 
     def fail_all(self, reason: str) -> None:
         """The connection ended: every waiting caller gets ConnectionClosed."""

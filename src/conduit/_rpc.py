@@ -14,6 +14,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
@@ -30,6 +31,8 @@ from .protocol import converter
 log = logging.getLogger("conduit.rpc")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_CoroutineType = types.CoroutineType
 
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("conduit_current_peer")
 
@@ -48,6 +51,13 @@ class _Param:
     annotation: Any
     required: bool
     wants_peer: bool
+    #: The annotation when it is a type of _PRIMITIVES (a value of exactly it
+    #: needs no structuring), else None.
+    primitive: Any = attrs.field(init=False)
+
+    @primitive.default
+    def _primitive(self) -> Any:
+        return self.annotation if self.annotation in _PRIMITIVES else None
 
 
 def _is_peer_annotation(annotation: Any) -> bool:
@@ -113,7 +123,11 @@ class RPCMethod:
                 kwargs[param.name] = _structure(remaining, param)
                 remaining = {}
             elif param.name in remaining:
-                kwargs[param.name] = _structure(remaining.pop(param.name), param)
+                value = remaining.pop(param.name)
+                # Already the declared primitive type: no _structure call.
+                if type(value) is not param.primitive:
+                    value = _structure(value, param)
+                kwargs[param.name] = value
             elif param.required:
                 raise RPCError(
                     f"{self.name}() is missing argument {param.name!r}", "invalid_arguments"
@@ -235,13 +249,16 @@ class PeerDispatcher:
                 # Plain Trio and an unmarked handler: call it here, skipping
                 # invoke()'s world dispatch on the hot path.
                 value = entry.function(**kwargs)
-                if inspect.isawaitable(value):
+                # An async def handler's coroutine, tested by type before
+                # inspect.isawaitable (a Python function call).
+                if type(value) is _CoroutineType or inspect.isawaitable(value):
                     value = await value
             else:
                 value = await invoke(functools.partial(entry.function, **kwargs))
         finally:
             _current_peer.reset(token)
-        return to_wire(value)
+        # to_wire, inline: most values are primitives already.
+        return value if type(value) in _PRIMITIVES else to_wire(value)
 
     async def handle_message(self, event: str, data: Any) -> None:
         """Deliver a one-way message: run every handler registered for ``event``."""

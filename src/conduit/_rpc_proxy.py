@@ -44,7 +44,8 @@ def call_arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             f"args must be a dict, an attrs instance or None, not {type(args).__name__}"
         )
     for key, value in kwargs.items():
-        merged[key] = to_wire(value)
+        # to_wire's test, inline: one call less per argument of every call.
+        merged[key] = value if type(value) in _PRIMITIVES else converter.unstructure(value)
     return merged
 
 

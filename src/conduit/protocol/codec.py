@@ -109,6 +109,12 @@ def encode_result(call_id: int, result: Result) -> bytes:
     return _pack_header(MAGIC, PROTOCOL_VERSION, _RESULT, 0, call_id, len(payload)) + payload
 
 
+def encode_value(call_id: int, value: Any) -> bytes:
+    """``encode_result(call_id, Result(True, value))``, without the Result (the common case)."""
+    payload = pack({"ok": True, "value": value, "error": "", "code": ""})
+    return _pack_header(MAGIC, PROTOCOL_VERSION, _RESULT, 0, call_id, len(payload)) + payload
+
+
 def decode_call(payload: bytes | memoryview) -> Call:
     """``decode_body(frame, Call)`` of a CALL frame's payload."""
     return _structure_call(unpack(payload))
@@ -188,8 +194,13 @@ def _structure_call(raw: Any) -> Call:
     if type(raw) is dict:
         method = raw.get("method")
         args = raw.get("args", {})
-        if type(method) is str and type(args) is dict and all(type(k) is str for k in args):
-            return Call(method, args)
+        if type(method) is str and type(args) is dict:
+            # A loop, not all(<generator>): no generator frame per call.
+            for key in args:
+                if type(key) is not str:
+                    break
+            else:
+                return Call(method, args)
     raise _malformed("CALL", raw)
 
 

@@ -33,7 +33,15 @@ from typing import Any, TypeVar
 import attrs
 
 from ..errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
-from .codec import decode_body, decode_call, decode_result, encode_call, encode_frame, encode_result
+from .codec import (
+    decode_body,
+    decode_call,
+    decode_result,
+    encode_call,
+    encode_frame,
+    encode_result,
+    encode_value,
+)
 from .data_runs import DataRun
 from .frames import FLAG_END, FRAME_COST, HEADER_SIZE, Frame, FrameKind, is_valid_stream_id
 from .messages import Body, Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
@@ -453,12 +461,27 @@ class ConnectionState:
     def result_frame(self, call_id: int, result: Result) -> bytes:
         """The RESULT frame for an incoming call; a result too large to send becomes an error."""
         try:
-            return self._checked(_RESULT, encode_result(call_id, result))
+            frame = encode_result(call_id, result)
+            if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:  # _checked's test, inline
+                return frame
+            return self._checked(_RESULT, frame)
         except LocalProtocolError as exc:
             refusal = Result(
                 False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
             )
             return self.encode(FrameKind.RESULT, call_id, refusal)
+
+    def value_frame(self, call_id: int, value: Any) -> bytes:
+        """``result_frame(call_id, Result(True, value))``, without building the Result."""
+        try:
+            frame = encode_value(call_id, value)
+        except LocalProtocolError:
+            pass
+        else:
+            if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:
+                return frame
+        # Unsendable (rare): result_frame encodes it again and makes the refusal.
+        return self.result_frame(call_id, Result(True, value))
 
     def message_frame(self, event: str, data: Any) -> bytes:
         """The MESSAGE frame of a one-way message."""
