@@ -54,7 +54,7 @@ NOTES = [
     "not the same work: conduit hashes (SHA-256) and fsyncs on the receiver and verifies "
     "before publishing; SFTP moves the bytes only (integrity from the SSH MAC/AEAD per packet)",
     "connect p50 = connect + authenticate, measured in the client; conduit: TCP + SPAKE2 "
-    "(pure Python) + key confirmation; SSH: TCP + curve25519 key exchange + Ed25519 "
+    "(libsodium) + key confirmation; SSH: TCP + curve25519 key exchange + Ed25519 "
     "public-key user auth",
     "ratio column: contender / sftp per repetition, median over repetitions",
 ]
