@@ -47,14 +47,16 @@ WINDOW = 64 * 1024
 MAX_FRAME = 64 * 1024
 
 
-def machine(*, is_client: bool, max_calls: int = 8) -> ConnectionState:
-    """A machine in the authenticated state, both sides with the same limits."""
+def machine(*, is_client: bool, max_calls: int = 8, **limits: Any) -> ConnectionState:
+    """A machine in the authenticated state, both sides with the same limits
+    (``limits``: further ConnectionState limits, e.g. ``receive_budget``)."""
     return ConnectionState(
         is_client=is_client,
         receive_window=WINDOW,
         peer_receive_window=WINDOW,
         peer_max_frame_size=MAX_FRAME,
         max_concurrent_calls=max_calls,
+        **limits,
     )
 
 
@@ -504,14 +506,7 @@ EVENT_CLASSES = (
 
 
 def test_inbound_windows_come_out_of_one_connection_budget() -> None:
-    state = ConnectionState(
-        is_client=False,
-        receive_window=WINDOW,
-        peer_receive_window=WINDOW,
-        peer_max_frame_size=MAX_FRAME,
-        max_concurrent_calls=8,
-        receive_budget=3 * WINDOW,
-    )
+    state = machine(is_client=False, receive_budget=3 * WINDOW)
     streams = [state.open_inbound(InboundStream) for _ in range(3)]
     with pytest.raises(RPCError) as refused:
         state.open_inbound(InboundStream)
@@ -523,14 +518,7 @@ def test_inbound_windows_come_out_of_one_connection_budget() -> None:
 def test_credit_returned_ahead_counts_against_the_connection_budget() -> None:
     """A stream whose consumer returned credit early (still holding the bytes)
     holds more than its window: a new window must fit beside both."""
-    state = ConnectionState(
-        is_client=False,
-        receive_window=WINDOW,
-        peer_receive_window=WINDOW,
-        peer_max_frame_size=MAX_FRAME,
-        max_concurrent_calls=8,
-        receive_budget=2 * WINDOW,
-    )
+    state = machine(is_client=False, receive_budget=2 * WINDOW)
     first = state.open_inbound(InboundStream)
     first.ahead = WINDOW // 2
     assert state.receive_committed() == WINDOW + WINDOW // 2
@@ -542,14 +530,7 @@ def test_credit_returned_ahead_counts_against_the_connection_budget() -> None:
 
 
 def test_streams_in_both_directions_count_against_max_streams() -> None:
-    state = ConnectionState(
-        is_client=True,
-        receive_window=WINDOW,
-        peer_receive_window=WINDOW,
-        peer_max_frame_size=MAX_FRAME,
-        max_concurrent_calls=8,
-        max_streams=2,
-    )
+    state = machine(is_client=True, max_streams=2)
     state.open_inbound(InboundStream)
     state.open_outbound(2, OutboundStream)
     with pytest.raises(RPCError) as refused:
