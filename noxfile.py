@@ -21,9 +21,16 @@ PYTHON = None  # the interpreter nox itself runs on (3.11+ is required by pyproj
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the whole test suite."""
+    """Run the whole test suite, in two worker processes.
+
+    Most tests wait (on loopback sockets, subprocesses, real servers) rather
+    than compute, so two workers roughly halve the wall time on a 2-core
+    machine. ``--dist loadfile`` keeps each test file in one worker, so a
+    module's expensive fixture (the benchmark suite's quick run, the cluster
+    engines) starts once. Pass ``-- -n 0`` to run in one process.
+    """
     session.install("-e", ".[test,cli]")
-    session.run("python", "-m", "pytest", *session.posargs)
+    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadfile", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -248,13 +248,15 @@ async def test_flipped_byte_during_handshake_fails_connect(
 # --------------------------------------------------------------------------- passwords
 
 
-async def test_wrong_password_is_refused_within_a_second(
+async def test_wrong_password_is_refused_and_the_server_serves_on(
     server_factory: ServerFactory, client_factory: ClientFactory
 ) -> None:
     server = await server_factory(register=register_echo)
     authenticated = connection_counter(server)
     client = await client_factory(server, connect=False, password="not the password")
-    with trio.fail_after(1), pytest.raises(AuthenticationError) as raised:
+    # A hang guard, not a speed target: the refusal is an answer, never a timeout
+    # (how fast it comes is the benchmarks' business).
+    with trio.fail_after(20), pytest.raises(AuthenticationError) as raised:
         await client.connect()
     assert isinstance(raised.value, ConduitError)
     assert "password" in str(raised.value).lower()
