@@ -177,14 +177,14 @@ class OneShotAdmitter:
     now: float
 
     def admit(self, name: str, size: int) -> Admission:
-        """Check and reserve ``size`` bytes for ``name``, then open its partial."""
+        """Check and reserve ``size`` bytes for ``name``, then open its (anonymous) partial."""
         check_writable(self.peer)
         budget = self.budget
         admission = budget._admit_sync(
             self.storage, self.prefix, name, size, None, self.owner, True, self.quota
         )
         try:
-            admission.partial = self.storage.open_partial(name, admission.transfer_id, resume=False)
+            admission.partial = self.storage.open_one_shot(name, admission.transfer_id)
         except BaseException:
             budget._release_sync(admission, self.now)
             raise
