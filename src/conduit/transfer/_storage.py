@@ -18,7 +18,10 @@ Receiving writes into a hidden partial file next to the target
 file, gives it its final name without ever overwriting an existing file
 (``os.link``, which fails atomically with ``EEXIST``), removes the partial name
 and fsyncs the directory. See :meth:`PartialFile.publish` for the collision
-policy and the fallbacks for file systems without hard links.
+policy and the fallbacks for file systems without hard links. A file that
+arrives whole in one call (:meth:`StorageRoot.open_one_shot`) is written to an
+anonymous ``O_TMPFILE`` file in the target's directory instead, where the file
+system has them: it has no name to remove, to lock or to sweep after a crash.
 
 POSIX only: ``dir_fd``, ``O_NOFOLLOW`` and ``flock`` are what make this safe.
 """
