@@ -15,11 +15,13 @@ import os
 import stat
 from pathlib import Path
 
+import attrs
 import pytest
 
 from conduit.errors import ChecksumMismatch, TransferError
 from conduit.transfer import _storage
 from conduit.transfer._names import is_partial_name
+from conduit.transfer._space import DiskBudget, OneShotAdmitter
 from conduit.transfer._storage import StorageRoot
 
 TID = "one-shot-1"
@@ -136,3 +138,43 @@ def test_publish_under_another_name(storage: StorageRoot, mode: str) -> None:
     assert partial.publish("e/f/b.txt", expected_sha256=sha256(b"moved")) == "e/f/b.txt"
     assert read(storage.path / "e/f/b.txt") == b"moved"
     assert not any(is_partial_name(name) for name in entries(storage.path))
+
+
+@attrs.define
+class _Settings:
+    """What :class:`DiskBudget` reads (the handler's settings, for a budget alone)."""
+
+    storage: StorageRoot
+    max_file_size: int | None = None
+    overwrite: bool = False
+    partial_ttl: float = 3600.0
+    free_space_margin: int = 0
+    max_partial_bytes: int | None = None
+
+
+def test_a_written_one_shot_file_still_counts_against_the_quota(
+    storage: StorageRoot, mode: str
+) -> None:
+    # Two one-shot files of one account in flight at once (two store threads):
+    # the first one's bytes, written but not yet linked, must still count, or
+    # the second is admitted over the quota. Anonymous bytes are invisible to
+    # the quota's walk of the tree, so their reservation stays whole.
+    budget = DiskBudget(_Settings(storage))
+    quota = 2 * 4096 - 1
+    admitter = OneShotAdmitter(budget, None, storage, (), "user:carol", quota, 0.0)
+    first = admitter.admit("a.bin", 4096)
+    assert first.partial is not None
+    first.partial.write_block(b"x" * 4096)
+    with pytest.raises(TransferError) as info:
+        admitter.admit("b.bin", 4096)
+    assert info.value.code == "quota_exceeded"
+    assert first.partial.publish(expected_sha256=sha256(b"x" * 4096)) == "a.bin"
+    admitter.release(first)
+    # Published and released: the walk sees it, and nothing else is reserved.
+    with pytest.raises(TransferError):
+        admitter.admit("b.bin", 4096)
+    second = admitter.admit("b.bin", quota - 4096)
+    assert second.partial is not None
+    second.partial.discard()
+    admitter.release(second)
+    assert entries(storage.path) == ["a.bin"]
