@@ -178,3 +178,25 @@ def test_a_written_one_shot_file_still_counts_against_the_quota(
     second.partial.discard()
     admitter.release(second)
     assert entries(storage.path) == ["a.bin"]
+
+
+def test_a_proc_that_cannot_be_linked_from_turns_anonymous_files_off(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real failing linkat: the magic links' directory does not exist.
+    monkeypatch.setattr(_storage, "_TMPFILE_FLAGS", _storage._TMPFILE_FLAGS)
+    monkeypatch.setattr(_storage, "_PROC_FD", "/nonexistent-proc/self/fd/")
+    partial = storage.open_one_shot("a.txt", TID)
+    assert partial.partial_name is None
+    partial.write_block(b"lost")
+    with pytest.raises(FileNotFoundError):
+        partial.publish(expected_sha256=sha256(b"lost"))
+    partial.discard()
+    assert entries(storage.path) == []
+    # From now on: named partials, which need no /proc.
+    assert _storage._TMPFILE_FLAGS is None
+    partial = storage.open_one_shot("a.txt", "one-shot-2")
+    assert partial.partial_name is not None
+    partial.write_block(b"kept")
+    assert partial.publish(expected_sha256=sha256(b"kept")) == "a.txt"
+    assert entries(storage.path) == ["a.txt"]

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import io
 import itertools
+import logging
 import os
 import stat
 import sys
@@ -59,6 +60,8 @@ from ._names import (
     split_name,
 )
 
+log = logging.getLogger("conduit.transfer")
+
 __all__ = ["FileEntry", "PartialEntry", "PartialFile", "StorageRoot", "sha256_of_fd"]
 
 _CLOEXEC: Final = os.O_CLOEXEC
@@ -77,6 +80,12 @@ _TMPFILE_FLAGS: int | None = (
     os.O_TMPFILE | os.O_WRONLY | _CLOEXEC
     if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
     else None
+)
+# Where an open descriptor can be linked from (its magic link).
+_PROC_FD = "/proc/self/fd/"
+# errno values of that link meaning "not here" (no /proc, a restricted one, ...).
+_NO_PROC_LINK_ERRNOS: Final = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS}
 )
 # errno values meaning "no O_TMPFILE here": the file system does not support it
 # (EOPNOTSUPP), or the kernel predates it and sees O_DIRECTORY (EISDIR, EINVAL).
@@ -209,7 +218,8 @@ class StorageRoot:
         temporary that an overwriting publish links first and renames over the
         target. Elsewhere (no ``O_TMPFILE``, or no ``/proc`` to link it from) it
         is :meth:`open_partial` with ``resume=False``: the same guarantees, a
-        few more system calls.
+        few more system calls. A ``/proc`` that refuses the link (a sandbox)
+        fails that one file and turns anonymous files off for the process.
         """
         safe = safe_relative_name(name)
         tid = check_transfer_id(transfer_id)
@@ -1091,10 +1101,10 @@ def _place_anonymous(
     # linkat(AT_FDCWD, "/proc/self/fd/N", dest_dir, name, AT_SYMLINK_FOLLOW):
     # the magic link resolves to the open file itself, which an O_TMPFILE
     # file opened without O_EXCL may be linked from.
-    source = f"/proc/self/fd/{fd}"
+    source = f"{_PROC_FD}{fd}"
     if overwrite:
         temporary = partial_basename(basename, transfer_id)
-        os.link(source, temporary, dst_dir_fd=dest_dir, follow_symlinks=True)
+        _link_anonymous(source, dest_dir, temporary)
         try:
             os.replace(temporary, basename, src_dir_fd=dest_dir, dst_dir_fd=dest_dir)
         except IsADirectoryError:
@@ -1106,11 +1116,25 @@ def _place_anonymous(
         return basename
     for candidate in itertools.chain([basename], collision_candidates(basename)):
         try:
-            os.link(source, candidate, dst_dir_fd=dest_dir, follow_symlinks=True)
+            _link_anonymous(source, dest_dir, candidate)
         except FileExistsError:
             continue
         return candidate
     raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+
+def _link_anonymous(source: str, dest_dir: int, name: str) -> None:
+    """``linkat`` of an anonymous file; a refusal of the mechanism itself turns it off."""
+    global _TMPFILE_FLAGS
+    try:
+        os.link(source, name, dst_dir_fd=dest_dir, follow_symlinks=True)
+    except OSError as exc:
+        if exc.errno in _NO_PROC_LINK_ERRNOS and _TMPFILE_FLAGS is not None:
+            # A /proc that cannot be linked from (a sandbox, a restricted
+            # mount): this file fails, and later ones use named partials.
+            _TMPFILE_FLAGS = None
+            log.warning("anonymous files cannot be linked here (%s): named partials from now", exc)
+        raise
 
 
 def _place_without_replacing(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool:
