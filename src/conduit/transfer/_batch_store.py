@@ -11,12 +11,13 @@ is stored.
 Each entry gets exactly the per-file rules of ``file_upload_small``: its name
 is checked (:func:`._names.safe_relative_name`), a file already there is
 skipped (:mod:`._rerun`), the disk budget admits and reserves it (space,
-partial cap, quota; :mod:`._space`), it is written to a hidden partial file,
-hashed and compared with its SHA-256, fsynced, then published by the link that
-never overwrites. A failure of one entry (a hostile name, a checksum mismatch,
-no room) becomes that entry's ``{"success": False, "error", "code"}`` and
-touches no other entry. A malformed batch is refused whole
-(``invalid_arguments``).
+partial cap, quota; :mod:`._space`), it is written to an anonymous file (a
+hidden partial file where the file system has no ``O_TMPFILE``, see
+:meth:`._storage.StorageRoot.open_one_shot`), hashed and compared with its
+SHA-256, fsynced, then published by the link that never overwrites. A
+failure of one entry (a hostile name, a checksum mismatch, no room) becomes
+that entry's ``{"success": False, "error", "code"}`` and touches no other
+entry. A malformed batch is refused whole (``invalid_arguments``).
 
 Group commit, and what it guarantees: all the entries are stored in one
 worker-thread hop. Every file's bytes are fsynced before its name is linked
@@ -24,8 +25,9 @@ worker-thread hop. Every file's bytes are fsynced before its name is linked
 received names are fsynced once per batch, after the last link and before the
 answer is sent. So when the sender reads ``"success": True`` for an entry, that
 file is as durable as after ``file_upload_small``; a crash during the batch
-leaves some entries published in full and the others not at all (each as a
-partial file the sweeper removes), never a truncated file under a final name.
+leaves some entries published in full and the others not at all (an
+anonymous file the kernel frees, or a partial file the sweeper removes), never
+a truncated file under a final name.
 Nothing outside the batch's own files and directories is synced.
 """
 

@@ -147,9 +147,18 @@ class Admission:
         return (*self.directories, partial_basename(split_name(self.name)[1], self.transfer_id))
 
     def remaining(self) -> int:
-        """Bytes still to be written: the part of the reservation not yet on disk."""
+        """Bytes still to be written: the part of the reservation not yet on disk by a name.
+
+        An anonymous partial (:meth:`StorageRoot.open_one_shot`) keeps its
+        whole size reserved until it is released: its bytes are on the disk
+        (``statvfs`` counts them) but under no name, so a quota's walk of the
+        tree cannot see them before the link.
+        """
         partial = self.partial
-        written = self.start if partial is None or partial.closed else partial.offset
+        if partial is None or partial.closed or partial.partial_name is None:
+            written = self.start
+        else:
+            written = partial.offset
         return max(0, self.size - written)
 
 
@@ -177,14 +186,14 @@ class OneShotAdmitter:
     now: float
 
     def admit(self, name: str, size: int) -> Admission:
-        """Check and reserve ``size`` bytes for ``name``, then open its partial."""
+        """Check and reserve ``size`` bytes for ``name``, then open its (anonymous) partial."""
         check_writable(self.peer)
         budget = self.budget
         admission = budget._admit_sync(
             self.storage, self.prefix, name, size, None, self.owner, True, self.quota
         )
         try:
-            admission.partial = self.storage.open_partial(name, admission.transfer_id, resume=False)
+            admission.partial = self.storage.open_one_shot(name, admission.transfer_id)
         except BaseException:
             budget._release_sync(admission, self.now)
             raise

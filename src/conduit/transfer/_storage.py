@@ -18,7 +18,10 @@ Receiving writes into a hidden partial file next to the target
 file, gives it its final name without ever overwriting an existing file
 (``os.link``, which fails atomically with ``EEXIST``), removes the partial name
 and fsyncs the directory. See :meth:`PartialFile.publish` for the collision
-policy and the fallbacks for file systems without hard links.
+policy and the fallbacks for file systems without hard links. A file that
+arrives whole in one call (:meth:`StorageRoot.open_one_shot`) is written to an
+anonymous ``O_TMPFILE`` file in the target's directory instead, where the file
+system has them: it has no name to remove, to lock or to sweep after a crash.
 
 POSIX only: ``dir_fd``, ``O_NOFOLLOW`` and ``flock`` are what make this safe.
 """
@@ -32,6 +35,7 @@ import hashlib
 import hmac
 import io
 import itertools
+import logging
 import os
 import stat
 import sys
@@ -56,6 +60,8 @@ from ._names import (
     split_name,
 )
 
+log = logging.getLogger("conduit.transfer")
+
 __all__ = ["FileEntry", "PartialEntry", "PartialFile", "StorageRoot", "sha256_of_fd"]
 
 _CLOEXEC: Final = os.O_CLOEXEC
@@ -67,6 +73,24 @@ _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
 _PARTIAL_FLAGS: Final = (
     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | _CLOEXEC
+)
+# An anonymous file in a directory (see StorageRoot.open_one_shot), linked in
+# through /proc/self/fd when published; None where either is missing.
+_TMPFILE_FLAGS: int | None = (
+    os.O_TMPFILE | os.O_WRONLY | _CLOEXEC
+    if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+    else None
+)
+# Where an open descriptor can be linked from (its magic link).
+_PROC_FD = "/proc/self/fd/"
+# errno values of that link meaning "not here" (no /proc, a restricted one, ...).
+_NO_PROC_LINK_ERRNOS: Final = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS}
+)
+# errno values meaning "no O_TMPFILE here": the file system does not support it
+# (EOPNOTSUPP), or the kernel predates it and sees O_DIRECTORY (EISDIR, EINVAL).
+_NO_TMPFILE_ERRNOS: Final = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL, errno.ENOSYS}
 )
 _PLACEHOLDER_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 # Partial files hold bytes nobody has verified yet: private while receiving.
@@ -180,6 +204,41 @@ class StorageRoot:
                 partial.close()
                 raise
         return partial
+
+    def open_one_shot(self, name: str, transfer_id: str) -> PartialFile:
+        """A partial for a file that arrives whole in one call: anonymous where it can be.
+
+        On Linux file systems with ``O_TMPFILE`` (ext4, xfs, btrfs, tmpfs, ...)
+        the file is created in the target's directory without a name: nothing
+        under any name can be seen, opened or locked by anyone else until
+        :meth:`PartialFile.publish` links it in whole, and a crash leaves
+        nothing to sweep. That skips the named partial's checks (``lstat``,
+        ``fstat``, ``flock``: a file no other open can reach needs none of them)
+        and its ``unlink`` after the link. ``transfer_id`` names the hidden
+        temporary that an overwriting publish links first and renames over the
+        target. Elsewhere (no ``O_TMPFILE``, or no ``/proc`` to link it from) it
+        is :meth:`open_partial` with ``resume=False``: the same guarantees, a
+        few more system calls. A ``/proc`` that refuses the link (a sandbox)
+        fails that one file and turns anonymous files off for the process.
+        """
+        safe = safe_relative_name(name)
+        tid = check_transfer_id(transfer_id)
+        directories, _ = split_name(safe)
+        if _TMPFILE_FLAGS is None:
+            return self.open_partial(safe, tid, resume=False)
+        dir_fd = self._open_directory(directories, safe, create=True)
+        try:
+            fd = os.open(".", _TMPFILE_FLAGS, _PARTIAL_MODE, dir_fd=dir_fd)
+        except OSError as exc:
+            os.close(dir_fd)
+            if exc.errno not in _NO_TMPFILE_ERRNOS:
+                raise
+            # This file system (or kernel) has no anonymous files: a named one.
+            return self.open_partial(safe, tid, resume=False)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return PartialFile(self, safe, tid, dir_fd, None, fd)
 
     def find_partial(self, name: str, transfer_id: str) -> int | None:
         """Size of the partial file left for ``name`` by ``transfer_id``, or ``None``.
@@ -616,6 +675,9 @@ class PartialFile:
     makes it visible under its final name and :meth:`discard` deletes it.
     Usable as a context manager, which closes (not discards) on exit.
 
+    From :meth:`StorageRoot.open_one_shot` it may be anonymous (no
+    :attr:`partial_name`): closing or discarding it leaves nothing on disk.
+
     Not thread-safe: one transfer drives one partial file.
     """
 
@@ -625,7 +687,7 @@ class PartialFile:
         name: str,
         transfer_id: str,
         dir_fd: int,
-        partial_name: str,
+        partial_name: str | None,
         fd: int,
     ) -> None:
         """Wrap open descriptors; use :meth:`StorageRoot.open_partial` instead."""
@@ -655,8 +717,8 @@ class PartialFile:
         return self._transfer_id
 
     @property
-    def partial_name(self) -> str:
-        """Base name of the hidden partial file, in the target's directory."""
+    def partial_name(self) -> str | None:
+        """Base name of the hidden partial file, in the target's directory (None: anonymous)."""
         return self._partial_name
 
     @property
@@ -736,12 +798,15 @@ class PartialFile:
         """Delete the partial file and close. Harmless to call again."""
         if self._finished:
             return
-        if self._fd is None:
+        partial_name = self._partial_name
+        if partial_name is None:
+            self.close()  # anonymous: the last descriptor's close frees it
+        elif self._fd is None:
             self._root.discard_partial(self._name, self._transfer_id)
         else:
             assert self._dir_fd is not None
-            if _same_file(self._dir_fd, self._partial_name, self._fd):
-                _unlink_quietly(self._dir_fd, self._partial_name)
+            if _same_file(self._dir_fd, partial_name, self._fd):
+                _unlink_quietly(self._dir_fd, partial_name)
             self.close()
         self._finished = True
 
@@ -781,6 +846,13 @@ class PartialFile:
         With ``overwrite=True`` the file atomically replaces whatever file had
         the name (``os.replace``; a symlink there is replaced, not followed).
 
+        An anonymous file (:meth:`StorageRoot.open_one_shot`) is linked in
+        through ``/proc/self/fd`` (``linkat`` with ``AT_SYMLINK_FOLLOW``), with
+        the same rules: a link that fails on an existing name for
+        ``overwrite=False``; for ``overwrite=True``, a link to a hidden partial
+        name first, then ``os.replace`` of that over the target (a crash in
+        between leaves a complete hidden partial, which the sweeper removes).
+
         ``sync_directory=False`` (group commit, see :mod:`._batch_store`) skips
         the directory fsyncs: the file's own bytes are still fsynced before its
         name exists, and the caller must :meth:`StorageRoot.sync_directories`
@@ -794,12 +866,28 @@ class PartialFile:
         if self._root.file_mode != _PARTIAL_MODE:
             os.fchmod(fd, self._root.file_mode)
         os.fsync(fd)
-        if not _same_file(self._dir_fd, self._partial_name, fd):
-            raise TransferError(f"the partial file for {self._name!r} was replaced", "conflict")
         directories, basename = split_name(target)
+        partial_name = self._partial_name
+        if partial_name is None:
+            if target == self._name:
+                # Into the directory it was created in (a link must stay on
+                # its file system); no second walk from the root.
+                placed = _place_anonymous(fd, self._dir_fd, basename, self._transfer_id, overwrite)
+                if sync_directory:
+                    os.fsync(self._dir_fd)
+            else:
+                with _closing(self._root._open_directory(directories, target, create=True)) as dest:
+                    placed = _place_anonymous(fd, dest, basename, self._transfer_id, overwrite)
+                    if sync_directory:
+                        os.fsync(dest)
+            self._finished = True
+            self.close()
+            return "/".join((*directories, placed))
+        if not _same_file(self._dir_fd, partial_name, fd):
+            raise TransferError(f"the partial file for {self._name!r} was replaced", "conflict")
         dest_fd = self._root._open_directory(directories, target, create=True)
         with _closing(dest_fd):
-            placed = _place(self._dir_fd, self._partial_name, dest_fd, basename, overwrite)
+            placed = _place(self._dir_fd, partial_name, dest_fd, basename, overwrite)
             if sync_directory:
                 os.fsync(dest_fd)
             if sync_directory and not os.path.samestat(os.fstat(dest_fd), os.fstat(self._dir_fd)):
@@ -1004,6 +1092,49 @@ def _place(src_dir: int, src: str, dest_dir: int, basename: str, overwrite: bool
         if _place_without_replacing(src_dir, src, dest_dir, candidate):
             return candidate
     raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+
+def _place_anonymous(
+    fd: int, dest_dir: int, basename: str, transfer_id: str, overwrite: bool
+) -> str:
+    """Give the anonymous file ``fd`` the name ``basename`` (or a collision variant); return it."""
+    # linkat(AT_FDCWD, "/proc/self/fd/N", dest_dir, name, AT_SYMLINK_FOLLOW):
+    # the magic link resolves to the open file itself, which an O_TMPFILE
+    # file opened without O_EXCL may be linked from.
+    source = f"{_PROC_FD}{fd}"
+    if overwrite:
+        temporary = partial_basename(basename, transfer_id)
+        _link_anonymous(source, dest_dir, temporary)
+        try:
+            os.replace(temporary, basename, src_dir_fd=dest_dir, dst_dir_fd=dest_dir)
+        except IsADirectoryError:
+            _unlink_quietly(dest_dir, temporary)
+            raise TransferError(f"{basename!r} is a directory", "conflict") from None
+        except BaseException:
+            _unlink_quietly(dest_dir, temporary)
+            raise
+        return basename
+    for candidate in itertools.chain([basename], collision_candidates(basename)):
+        try:
+            _link_anonymous(source, dest_dir, candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+
+def _link_anonymous(source: str, dest_dir: int, name: str) -> None:
+    """``linkat`` of an anonymous file; a refusal of the mechanism itself turns it off."""
+    global _TMPFILE_FLAGS
+    try:
+        os.link(source, name, dst_dir_fd=dest_dir, follow_symlinks=True)
+    except OSError as exc:
+        if exc.errno in _NO_PROC_LINK_ERRNOS and _TMPFILE_FLAGS is not None:
+            # A /proc that cannot be linked from (a sandbox, a restricted
+            # mount): this file fails, and later ones use named partials.
+            _TMPFILE_FLAGS = None
+            log.warning("anonymous files cannot be linked here (%s): named partials from now", exc)
+        raise
 
 
 def _place_without_replacing(src_dir: int, src: str, dest_dir: int, candidate: str) -> bool:

@@ -1,0 +1,202 @@
+"""One-shot partials (:meth:`StorageRoot.open_one_shot`): anonymous files and their fallback.
+
+Every test runs twice on real files under ``tmp_path``: with ``O_TMPFILE``
+(the file has no name until it is published) and with the named partial
+that file systems without it get. The fallback is reached two ways: the
+module's switch off (no ``O_TMPFILE`` or no ``/proc``), and a real refusal
+from the kernel (``O_TMPFILE`` with ``O_RDONLY`` is ``EINVAL``), which takes
+the same branch as a file system's ``EOPNOTSUPP``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import attrs
+import pytest
+
+from conduit.errors import ChecksumMismatch, TransferError
+from conduit.transfer import _storage
+from conduit.transfer._names import is_partial_name
+from conduit.transfer._space import DiskBudget, OneShotAdmitter
+from conduit.transfer._storage import StorageRoot
+
+TID = "one-shot-1"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+@pytest.fixture(params=["anonymous", "switched off", "refused by the kernel"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    kind: str = request.param
+    if kind == "switched off":
+        monkeypatch.setattr(_storage, "_TMPFILE_FLAGS", None)
+    elif kind == "refused by the kernel":
+        monkeypatch.setattr(_storage, "_TMPFILE_FLAGS", os.O_TMPFILE | os.O_RDONLY)
+    return kind
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> StorageRoot:
+    return StorageRoot(tmp_path / "root", file_mode=0o640)
+
+
+def test_anonymous_where_supported_named_otherwise(storage: StorageRoot, mode: str) -> None:
+    partial = storage.open_one_shot("d/a.txt", TID)
+    partial.write_block(b"hello")
+    if mode == "anonymous":
+        # Nothing under any name until it is published.
+        assert partial.partial_name is None
+        assert entries(storage.path / "d") == []
+    else:
+        assert partial.partial_name is not None
+        assert entries(storage.path / "d") == [partial.partial_name]
+    assert partial.publish(expected_sha256=sha256(b"hello")) == "d/a.txt"
+    assert entries(storage.path / "d") == ["a.txt"]
+    assert read(storage.path / "d/a.txt") == b"hello"
+    # The root's file_mode, set on the descriptor before the name exists.
+    assert stat.S_IMODE(os.stat(storage.path / "d/a.txt").st_mode) == 0o640
+
+
+def test_publish_never_overwrites(storage: StorageRoot, mode: str) -> None:
+    published = []
+    for index, data in enumerate([b"first", b"second", b"third"]):
+        partial = storage.open_one_shot("a.txt", f"t{index}")
+        partial.write_block(data)
+        published.append(partial.publish(expected_sha256=sha256(data), sync_directory=False))
+    assert published == ["a.txt", "a (1).txt", "a (2).txt"]
+    assert read(storage.path / "a.txt") == b"first"
+    assert read(storage.path / "a (2).txt") == b"third"
+    assert entries(storage.path) == ["a (1).txt", "a (2).txt", "a.txt"]
+
+
+def test_overwrite_replaces_and_leaves_no_temporary(storage: StorageRoot, mode: str) -> None:
+    storage.ensure()
+    (storage.path / "a.txt").write_bytes(b"old")
+    partial = storage.open_one_shot("a.txt", TID)
+    partial.write_block(b"new")
+    assert partial.publish(overwrite=True, expected_sha256=sha256(b"new")) == "a.txt"
+    assert read(storage.path / "a.txt") == b"new"
+    assert entries(storage.path) == ["a.txt"]
+
+
+def test_overwrite_onto_a_directory_is_a_conflict(storage: StorageRoot, mode: str) -> None:
+    (storage.path / "d.txt").mkdir(parents=True)
+    partial = storage.open_one_shot("d.txt", TID)
+    partial.write_block(b"x")
+    with pytest.raises(TransferError) as info:
+        partial.publish(overwrite=True, expected_sha256=sha256(b"x"))
+    assert info.value.code == "conflict"
+    partial.discard()
+    assert entries(storage.path) == ["d.txt"]
+    assert entries(storage.path / "d.txt") == []
+
+
+def test_a_wrong_checksum_publishes_nothing(storage: StorageRoot, mode: str) -> None:
+    partial = storage.open_one_shot("a.txt", TID)
+    partial.write_block(b"bytes")
+    with pytest.raises(ChecksumMismatch):
+        partial.publish(expected_sha256=sha256(b"other bytes"))
+    assert partial.finished
+    assert entries(storage.path) == []
+
+
+def test_discard_leaves_nothing(storage: StorageRoot, mode: str) -> None:
+    partial = storage.open_one_shot("a.txt", TID)
+    partial.write_block(b"bytes")
+    partial.discard()
+    partial.discard()
+    assert entries(storage.path) == []
+
+
+def test_an_abandoned_anonymous_file_leaves_nothing_to_sweep(storage: StorageRoot) -> None:
+    # A worker that dies between write and publish (here: closes without
+    # either) leaves a named partial for the sweeper; an anonymous one is gone.
+    partial = storage.open_one_shot("a.txt", TID)
+    partial.write_block(b"bytes")
+    partial.close()
+    assert entries(storage.path) == []
+    assert storage.list_partials() == []
+
+
+def test_publish_under_another_name(storage: StorageRoot, mode: str) -> None:
+    partial = storage.open_one_shot("a.txt", TID)
+    partial.write_block(b"moved")
+    assert partial.publish("e/f/b.txt", expected_sha256=sha256(b"moved")) == "e/f/b.txt"
+    assert read(storage.path / "e/f/b.txt") == b"moved"
+    assert not any(is_partial_name(name) for name in entries(storage.path))
+
+
+@attrs.define
+class _Settings:
+    """What :class:`DiskBudget` reads (the handler's settings, for a budget alone)."""
+
+    storage: StorageRoot
+    max_file_size: int | None = None
+    overwrite: bool = False
+    partial_ttl: float = 3600.0
+    free_space_margin: int = 0
+    max_partial_bytes: int | None = None
+
+
+def test_a_written_one_shot_file_still_counts_against_the_quota(
+    storage: StorageRoot, mode: str
+) -> None:
+    # Two one-shot files of one account in flight at once (two store threads):
+    # the first one's bytes, written but not yet linked, must still count, or
+    # the second is admitted over the quota. Anonymous bytes are invisible to
+    # the quota's walk of the tree, so their reservation stays whole.
+    budget = DiskBudget(_Settings(storage))
+    quota = 2 * 4096 - 1
+    admitter = OneShotAdmitter(budget, None, storage, (), "user:carol", quota, 0.0)
+    first = admitter.admit("a.bin", 4096)
+    assert first.partial is not None
+    first.partial.write_block(b"x" * 4096)
+    with pytest.raises(TransferError) as info:
+        admitter.admit("b.bin", 4096)
+    assert info.value.code == "quota_exceeded"
+    assert first.partial.publish(expected_sha256=sha256(b"x" * 4096)) == "a.bin"
+    admitter.release(first)
+    # Published and released: the walk sees it, and nothing else is reserved.
+    with pytest.raises(TransferError):
+        admitter.admit("b.bin", 4096)
+    second = admitter.admit("b.bin", quota - 4096)
+    assert second.partial is not None
+    second.partial.discard()
+    admitter.release(second)
+    assert entries(storage.path) == ["a.bin"]
+
+
+def test_a_proc_that_cannot_be_linked_from_turns_anonymous_files_off(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real failing linkat: the magic links' directory does not exist.
+    monkeypatch.setattr(_storage, "_TMPFILE_FLAGS", _storage._TMPFILE_FLAGS)
+    monkeypatch.setattr(_storage, "_PROC_FD", "/nonexistent-proc/self/fd/")
+    partial = storage.open_one_shot("a.txt", TID)
+    assert partial.partial_name is None
+    partial.write_block(b"lost")
+    with pytest.raises(FileNotFoundError):
+        partial.publish(expected_sha256=sha256(b"lost"))
+    partial.discard()
+    assert entries(storage.path) == []
+    # From now on: named partials, which need no /proc.
+    assert _storage._TMPFILE_FLAGS is None
+    partial = storage.open_one_shot("a.txt", "one-shot-2")
+    assert partial.partial_name is not None
+    partial.write_block(b"kept")
+    assert partial.publish(expected_sha256=sha256(b"kept")) == "a.txt"
+    assert entries(storage.path) == ["a.txt"]
