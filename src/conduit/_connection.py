@@ -884,11 +884,11 @@ class Connection:
         """Send the control frames queued without waking the writer (see Outbox.queue_control).
 
         Called by the reader (and by a stream's consumer handing credit back,
-        and by the last caller of a burst), which must never wait on the socket: if the peer
-        stopped reading while it keeps sending, a reader stuck in a send would
-        stop us reading too, and two such peers would wait on each other. So
-        the reader only writes what the socket takes at once; the writer sends
-        the rest.
+        and by the last caller of a burst), which must never wait on the
+        socket: if the peer stopped reading while it keeps sending, a reader
+        stuck in a send would stop us reading too, and two such peers would
+        wait on each other. So the reader only writes what the socket takes at
+        once; the writer sends the rest.
         """
         outbox = self._outbox
         if not outbox.control_queued:
