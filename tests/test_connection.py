@@ -817,12 +817,11 @@ async def test_the_writer_finishes_small_records_the_socket_did_not_take() -> No
             await p.client.close("done")
 
 
-async def test_the_last_caller_woken_sends_the_burst_before_its_own_next_call() -> None:
-    """Callers woken by one record of results queue their next calls; the last
-    of them to run sends those (one record) before making its own next call,
-    which follows in a record of its own: the peer can start on the burst while
-    this side still runs its last caller. The peer here is driven by hand over a
-    real socket, so the records the client sends can be counted."""
+async def test_callers_woken_by_one_record_of_results_send_their_next_calls_in_one_record() -> None:
+    """Callers woken by one record of results queue their next calls behind
+    each other, and the burst goes out as one record (one seal, one write),
+    the last caller's own call included. The peer here is driven by hand over
+    a real socket, so the records the client sends can be counted."""
     client_stream, server_stream = _socket_pair()
     client_keys, server_keys = _keys()
     reader, writer = _endpoint(client_keys)
@@ -876,6 +875,7 @@ async def test_the_last_caller_woken_sends_the_burst_before_its_own_next_call() 
                 burst = await calls_in_records(4)
                 await answer([call_id for record in burst for call_id in record])
             nursery.cancel_scope.cancel()
-    # Before: one record of all four, sent by the writer after the last caller's call.
-    assert [len(record) for record in burst] == [3, 1]
+    # Sending the burst from the last caller before its own call gave [3, 1]:
+    # measured slower at load 4, see docs/benchmarks.md (wave 7, rpc).
+    assert [len(record) for record in burst] == [4]
     assert sorted(answers) == sorted(first + [c for record in burst for c in record])

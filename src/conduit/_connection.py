@@ -837,15 +837,9 @@ class Connection:
 
     def _all_callers_woken(self) -> None:
         # The callers woken by one batch of results have all run: what they
-        # queued (their next calls, see _send_soon) goes out now, in one record,
-        # sent from this caller's task as the reader sends its results (no
-        # writer wake-up, no scheduler pass). This caller's own next call then
-        # follows in a record of its own: the peer starts on the burst while
-        # this side still runs, and from there a few groups of calls stay in
-        # flight, so the two processes work at the same time instead of taking
-        # turns (the asyncio shim's fast path did this from the start and was
-        # faster at 16 callers; see docs/benchmarks.md, wave 7).
-        self._flush_control()
+        # queued (their next calls, see _send_soon) goes out now, in one record.
+        if self._outbox.control_queued:
+            self._outbox.wake_writer()
 
     async def _send_soon(self, frame: bytes) -> None:
         """Send a control frame: directly when the writer is idle, else through it.
@@ -854,7 +848,7 @@ class Connection:
         every call and every reply. Frames queued meanwhile go first, in the
         same record. While other callers woken by the same batch of results
         have yet to run, the frame waits for theirs instead (the last of them
-        sends the burst, see :meth:`_all_callers_woken`): one record and one send.
+        wakes the writer): a burst of calls costs one record and one send.
         """
         if self._pending.waking:
             self._outbox.queue_control((frame,))
@@ -883,12 +877,12 @@ class Connection:
     def _flush_control(self) -> None:
         """Send the control frames queued without waking the writer (see Outbox.queue_control).
 
-        Called by the reader (and by a stream's consumer handing credit back,
-        and by the last caller of a burst), which must never wait on the
-        socket: if the peer stopped reading while it keeps sending, a reader
-        stuck in a send would stop us reading too, and two such peers would
-        wait on each other. So the reader only writes what the socket takes at
-        once; the writer sends the rest.
+        Called by the reader (and by a stream's consumer handing credit back),
+        which must never wait on the socket: if the peer
+        stopped reading while it keeps sending, a reader stuck in a send would
+        stop us reading too, and two such peers would wait on each other. So
+        the reader only writes what the socket takes at once; the writer sends
+        the rest.
         """
         outbox = self._outbox
         if not outbox.control_queued:
