@@ -26,7 +26,10 @@ from conduit.protocol import (
     ServerHandshake,
     SessionKeys,
 )
-from conduit.protocol.codec import data_header
+from conduit.protocol.codec import data_header, encode_value, iter_frames
+from conduit.protocol.frames import HEADER_SIZE, FrameKind
+from conduit.protocol.records import RecordOpener
+from conduit.protocol.records_io import RECORD_SLACK
 
 WINDOW = 256 * 1024
 
@@ -812,3 +815,67 @@ async def test_the_writer_finishes_small_records_the_socket_did_not_take() -> No
                 await trio.sleep(0.01)
             assert [data["i"] for _, data in p.server_dispatch.messages] == list(range(count))
             await p.client.close("done")
+
+
+async def test_callers_woken_by_one_record_of_results_send_their_next_calls_in_one_record() -> None:
+    """Callers woken by one record of results queue their next calls behind
+    each other, and the burst goes out as one record (one seal, one write),
+    the last caller's own call included. The peer here is driven by hand over
+    a real socket, so the records the client sends can be counted."""
+    client_stream, server_stream = _socket_pair()
+    client_keys, server_keys = _keys()
+    reader, writer = _endpoint(client_keys)
+    client = Connection(
+        client_stream,
+        reader,
+        writer,
+        client_keys,
+        is_client=True,
+        settings=_settings(),
+        dispatcher=RecordingDispatcher(),
+        label="client",
+    )
+    opener = RecordOpener(
+        server_keys.receive_key, DEFAULT_MAX_FRAME_SIZE + HEADER_SIZE + RECORD_SLACK
+    )
+    _, server_writer = _endpoint(server_keys)
+
+    async def calls_in_records(count: int) -> list[list[int]]:
+        """Read records until ``count`` CALL frames came: their call ids, per record."""
+        records: list[list[int]] = []
+        while sum(map(len, records)) < count:
+            opener.feed(await server_stream.receive_some(65536))
+            while (record := opener.next_record()) is not None:
+                frames = iter_frames(record, DEFAULT_MAX_FRAME_SIZE)
+                assert all(frame.kind is FrameKind.CALL for frame in frames)
+                records.append([frame.stream_id for frame in frames])
+        return records
+
+    async def answer(call_ids: list[int]) -> None:
+        """Every result in one record: one read wakes all their callers at once."""
+        (record,) = server_writer.write_frames(
+            [(encode_value(call_id, call_id),) for call_id in call_ids]
+        )
+        await server_stream.send_all(record)
+
+    answers: list[Any] = []
+
+    async def caller() -> None:
+        for _ in range(2):
+            answers.append(await client.call("echo", {}, None))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            async with trio.open_nursery() as callers:
+                for _ in range(4):
+                    callers.start_soon(caller)
+                first = [call_id for record in await calls_in_records(4) for call_id in record]
+                await answer(first)
+                burst = await calls_in_records(4)
+                await answer([call_id for record in burst for call_id in record])
+            nursery.cancel_scope.cancel()
+    # Sending the burst from the last caller before its own call gave [3, 1]:
+    # measured slower at load 4, see docs/benchmarks.md (wave 7, rpc).
+    assert [len(record) for record in burst] == [4]
+    assert sorted(answers) == sorted(first + [c for record in burst for c in record])
