@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import mmap
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,6 +25,7 @@ from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
 from ..protocol import FRAME_COST
 from ..protocol.connection import Buffer
+from ..protocol.data_runs import DataRecord, lay_out
 from ..protocol.records import anonymous_buffer
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
@@ -79,10 +81,18 @@ class BlockWriter(Protocol):
         ...
 
 
-def _read_and_hash(file: io.FileIO, size: int, hasher: Any) -> bytes:
-    data = file.read(size) or b""
-    hasher.update(data)
-    return data
+def _read_records(
+    file: io.FileIO, stream_id: int, size: int, shape: tuple[int, int], hasher: Any
+) -> list[DataRecord] | None:
+    # In a worker thread: the file read straight into the frames' payload slots
+    # (one readv), hashed in file order; the event loop then only seals and
+    # sends. None if the file ended early (it shrank).
+    records, slots = lay_out(stream_id, size, *shape)
+    if os.readv(file.fileno(), slots) != size:
+        return None
+    for slot in slots:
+        hasher.update(slot)
+    return records
 
 
 def _hash_prefix(file: io.FileIO, length: int) -> Any:
@@ -95,6 +105,16 @@ def _hash_prefix(file: io.FileIO, length: int) -> Any:
         hasher.update(block)
         remaining -= len(block)
     return hasher
+
+
+def _read_and_hash(file: io.FileIO, size: int, hasher: Any) -> bytes:
+    data = file.read(size) or b""
+    hasher.update(data)
+    return data
+
+
+def _maybe(limiter: trio.CapacityLimiter | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    return limiter if limiter is not None else contextlib.nullcontext()
 
 
 async def hash_prefix(
@@ -119,10 +139,26 @@ class FileSource:
         self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
     ) -> bytes:
         """See :meth:`BlockReader.read_hashed`."""
-        if threads is None:
+        async with _maybe(threads):
             return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
-        async with threads:
-            return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
+
+    async def read_records(
+        self,
+        stream: OutgoingStream,
+        size: int,
+        shape: tuple[int, int],
+        hasher: Any,
+        threads: trio.CapacityLimiter | None,
+    ) -> list[DataRecord] | None:
+        """The next ``size`` bytes as DATA records of ``stream`` (see ``lay_out``), hashed.
+
+        Read, laid out and hashed in one worker-thread step. None if the file
+        ended before ``size`` bytes.
+        """
+        async with _maybe(threads):
+            return await trio.to_thread.run_sync(
+                _read_records, self.file, stream.stream_id, size, shape, hasher
+            )
 
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
         """Hash the next ``length`` bytes (the position ends after them); the hasher.
@@ -162,6 +198,7 @@ async def send_file(
     """
     position = start
     block_size = max(chunk_size, READ_BLOCK - READ_BLOCK % chunk_size)
+    shape = stream.record_shape(chunk_size)
     while position < size:
         want = min(block_size, size - position)
         # Read no further ahead than the peer lets us send: a receiver that never
@@ -177,22 +214,46 @@ async def send_file(
         taken = await read_ahead.take(want) if read_ahead is not None else want
         try:
             want = min(want, taken)
-            block = await source.read_hashed(want, hasher, read_threads)
-            if not block:
+            records = await _read_block(source, stream, want, shape, hasher, read_threads)
+            if records is None:
                 raise TransferError(
                     f"the file shrank while it was being sent ({position} of {size} bytes)",
                     "source_changed",
                 )
-            view = memoryview(block)
-            await stream.send([view[i : i + chunk_size] for i in range(0, len(view), chunk_size)])
+            await stream.send_records(records)
         finally:
             if read_ahead is not None:
                 read_ahead.give_back(taken)
-        position += len(block)
-        await reporter.advance(len(block))
+        amount = sum(record.payload for record in records)
+        position += amount
+        await reporter.advance(amount)
     trailer = Trailer(size, hasher.digest())
     await stream.finish(trailer.pack())
     return trailer
+
+
+async def _read_block(
+    source: BlockReader,
+    stream: OutgoingStream,
+    size: int,
+    shape: tuple[int, int],
+    hasher: Any,
+    threads: trio.CapacityLimiter | None,
+) -> list[DataRecord] | None:
+    # A local file is read into the records in its worker thread; another
+    # source (a stored object) gives bytes, laid out here.
+    if isinstance(source, FileSource):
+        return await source.read_records(stream, size, shape, hasher, threads)
+    block = await source.read_hashed(size, hasher, threads)
+    if not block:
+        return None
+    records, slots = lay_out(stream.stream_id, len(block), *shape)
+    position = 0
+    for slot in slots:
+        end = position + len(slot)
+        slot[:] = block[position:end]
+        position = end
+    return records
 
 
 class JoinBuffer:
