@@ -3,8 +3,11 @@
 Disk work happens in worker threads, in blocks of :data:`READ_BLOCK` bytes (the
 sender) or whatever the credit window delivered (the receiver), so the event
 loop never waits on the disk and a thread hop is paid per block, not per
-chunk. ``hashlib`` releases the GIL on large buffers, so hashing overlaps the
-event loop's work too. Memory is bounded by the credit window (plus the half
+chunk. The sender's worker step reads a block straight into DATA frames laid
+out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it, so
+the event loop only seals and sends; the receiver's writes a batch with one
+``pwritev`` and hashes it. ``hashlib`` releases the GIL on large buffers, so
+hashing overlaps the event loop's work too. Memory is bounded by the credit window (plus the half
 window whose credit the receiver returns before writing it) and the
 connection's send buffer, whatever the file size.
 """
@@ -14,10 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import mmap
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -26,21 +28,14 @@ from ..errors import TransferError
 from ..protocol import FRAME_COST
 from ..protocol.connection import Buffer
 from ..protocol.data_runs import DataRecord, lay_out
-from ..protocol.records import anonymous_buffer
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
-from ._storage import PartialFile
 from ._wire import Trailer
-
-if TYPE_CHECKING:
-    from ._storage import PartialFile
 
 #: Bytes read (and hashed) per worker-thread call on the sending side: two
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
 #: machine (GIL and futex hand-offs, Trio's wake-up), as much as hashing 200 KiB.
 READ_BLOCK = 2 * 1024 * 1024
-#: Bytes the receiver joins for one write (see :class:`JoinBuffer`): one record's data.
-JOIN_LIMIT = 1024 * 1024
 #: Bytes the receiver waits to have before it writes (unless the stream ends
 #: first): two records' worth, so a worker-thread hop is paid per 2 MiB
 #: written, as :data:`READ_BLOCK` does on the sending side. The stream caps it
@@ -254,64 +249,6 @@ async def _read_block(
         slot[:] = block[position:end]
         position = end
     return records
-
-
-class JoinBuffer:
-    """Where one upload's batches of chunks are joined before their single write.
-
-    An anonymous memory mapping, reused batch after batch (its pages are
-    faulted in once) and unmapped when the upload ends: a fresh
-    ``b"".join`` of up to a window (4 MiB) per batch would be a ``malloc`` in
-    the worker thread's arena, and a few concurrent uploads leave tens of
-    megabytes there that the process never gives back after they end.
-    """
-
-    def __init__(self) -> None:
-        self._buffer: mmap.mmap | None = None
-
-    def write(self, partial: PartialFile, chunks: Sequence[Buffer]) -> None:
-        """Write ``chunks`` to ``partial`` (in a worker thread): joined in groups of
-        up to :data:`JOIN_LIMIT` bytes, one write and one hash update per group.
-
-        A batch may be a whole window (4 MiB) when the disk was slower than the
-        network for a moment; joined whole, it would leave a window-sized
-        mapping (and peak RSS) behind for the rest of the upload.
-        """
-        group: list[Buffer] = []
-        size = 0
-        for chunk in chunks:
-            if group and size + len(chunk) > JOIN_LIMIT:
-                self._write_group(partial, group, size)
-                group, size = [], 0
-            group.append(chunk)
-            size += len(chunk)
-        if group:
-            self._write_group(partial, group, size)
-
-    def _write_group(self, partial: PartialFile, chunks: Sequence[Buffer], total: int) -> None:
-        if len(chunks) == 1:
-            partial.write_block(chunks[0])
-            return
-        if self._buffer is None or len(self._buffer) < total:
-            self.close()
-            self._buffer = anonymous_buffer(total)
-        with memoryview(self._buffer) as view:
-            position = 0
-            for chunk in chunks:
-                end = position + len(chunk)
-                view[position:end] = chunk
-                position = end
-            with view[:total] as block:
-                partial.write_block(block)
-
-    def close(self) -> None:
-        """Unmap the buffer (the upload is over, or a larger one replaces it)."""
-        if self._buffer is not None:
-            # A view kept alive elsewhere (a traceback's frame) makes close()
-            # refuse; the mapping then goes with its last reference.
-            with contextlib.suppress(BufferError):
-                self._buffer.close()
-            self._buffer = None
 
 
 async def receive_file(
