@@ -240,3 +240,38 @@ async def test_a_bulk_socket_may_hold_unsent_bytes_and_others_are_left_alone() -
     right.close()
     await ours.aclose()
     await peer.aclose()
+
+
+async def test_short_reads_of_the_source_are_continued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A readv that returns less than asked (as a network file system may) is
+    continued where it stopped, mid-frame included; only a read of 0 is the end."""
+    data = os.urandom(3 * CHUNK + 1000)
+    (tmp_path / "f.bin").write_bytes(data)
+    real_readv = os.readv
+
+    def dribble(fd: int, buffers: list[memoryview]) -> int:
+        first = next(buffer for buffer in buffers if buffer)
+        return real_readv(fd, [first[:1000]])
+
+    monkeypatch.setattr(os, "readv", dribble)
+    stream = OutgoingStream(1, 4 * 1024 * 1024, CHUNK, _swallow)
+    hasher = hashlib.sha256()
+    with io.FileIO(tmp_path / "f.bin", "r") as file:
+        records = await FileSource(file).read_records(
+            stream, len(data), stream.record_shape(CHUNK), hasher, None
+        )
+        assert records is not None
+        sent = [payload for record in records for payload in _payloads((record.buffer,))]
+        assert b"".join(sent) == data
+        assert hasher.digest() == hashlib.sha256(data).digest()
+        # At the end of the file: nothing more, which send_file reports as a shrink.
+        more = await FileSource(file).read_records(
+            stream, CHUNK, stream.record_shape(CHUNK), hasher, None
+        )
+        assert more is None
+
+
+async def _swallow(frames: list[tuple[OutFrame, int]]) -> None:
+    del frames

@@ -5,11 +5,11 @@ sender) or whatever the credit window delivered (the receiver), so the event
 loop never waits on the disk and a thread hop is paid per block, not per
 chunk. The sender's worker step reads a block straight into DATA frames laid
 out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it, so
-the event loop only seals and sends; the receiver's writes a batch with one
-``pwritev`` and hashes it. ``hashlib`` releases the GIL on large buffers, so
-hashing overlaps the event loop's work too. Memory is bounded by the credit window (plus the half
-window whose credit the receiver returns before writing it) and the
-connection's send buffer, whatever the file size.
+the event loop only seals and sends; the receiver's worker step writes a batch
+with one ``pwritev`` and hashes it. ``hashlib`` releases the GIL on large
+buffers, so hashing overlaps the event loop's work too. Memory is bounded by
+the credit window (plus the half window whose credit the receiver returns
+before writing it) and the connection's send buffer, whatever the file size.
 """
 
 from __future__ import annotations
@@ -83,11 +83,31 @@ def _read_records(
     # (one readv), hashed in file order; the event loop then only seals and
     # sends. None if the file ended early (it shrank).
     records, slots = lay_out(stream_id, size, *shape)
-    if os.readv(file.fileno(), slots) != size:
+    if not _fill(file.fileno(), slots, size):
         return None
     for slot in slots:
         hasher.update(slot)
     return records
+
+
+def _fill(fd: int, slots: list[memoryview], size: int) -> bool:
+    # readv until the slots hold ``size`` bytes: a read may be short (a network
+    # or FUSE file system) without the file having ended; only 0 means it did.
+    pending = slots
+    filled = 0
+    while filled < size:
+        got = os.readv(fd, pending)
+        if got == 0:
+            return False
+        filled += got
+        while got:
+            first = pending[0]
+            if got < len(first):
+                pending = [first[got:], *pending[1:]]
+                break
+            got -= len(first)
+            pending = pending[1:]
+    return True
 
 
 def _hash_prefix(file: io.FileIO, length: int) -> Any:
