@@ -31,6 +31,7 @@ from conduit._socket_io import SocketIO
 from conduit._streams import OutgoingStream
 from conduit.errors import IntegrityError, RemoteProtocolError
 from conduit.protocol import FRAME_COST, OutFrame
+from conduit.protocol.data_runs import DataRecord, DataRun, split_record
 from conduit.protocol.records import LENGTH, TAG_SIZE, RecordOpener, RecordSealer
 from conduit.transfer._engine import READ_BLOCK, FileSource, send_file
 from conduit.transfer._progress import ProgressReporter
@@ -146,12 +147,27 @@ class CountedSource(FileSource):
         super().__init__(file)
         self.blocks: list[int] = []
 
-    async def read_hashed(
-        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
-    ) -> bytes:
-        block = await super().read_hashed(size, hasher, threads)
-        self.blocks.append(len(block))
-        return block
+    async def read_records(
+        self,
+        stream: OutgoingStream,
+        size: int,
+        shape: tuple[int, int],
+        hasher: Any,
+        threads: trio.CapacityLimiter | None,
+    ) -> list[DataRecord] | None:
+        records = await super().read_records(stream, size, shape, hasher, threads)
+        self.blocks.append(sum(record.payload for record in records or []))
+        return records
+
+
+def _payloads(frame: OutFrame) -> list[bytes]:
+    """The DATA payloads of a laid-out record, in order (as the receiver splits it)."""
+    (buffer,) = frame
+    payloads: list[bytes] = []
+    for item in split_record(buffer, CHUNK):
+        views = item.payloads if isinstance(item, DataRun) else [item.payload]
+        payloads.extend(bytes(view) for view in views)
+    return payloads
 
 
 async def test_blocks_are_whole_chunks_the_credit_covers(tmp_path: Path) -> None:
@@ -173,7 +189,11 @@ async def test_blocks_are_whole_chunks_the_credit_covers(tmp_path: Path) -> None
     async def receiver() -> None:
         while not stream.finished:
             await trio.testing.wait_all_tasks_blocked()
-            spent = sum(length + FRAME_COST for batch in batches for _, length in batch)
+            spent = sum(
+                length + len(_payloads(frame)) * FRAME_COST
+                for batch in batches[: len(batches) - stream.finished]
+                for frame, length in batch
+            )
             step = window // 4
             while spent - spent_granted[0] >= step:
                 stream.credit += step
@@ -196,7 +216,10 @@ async def test_blocks_are_whole_chunks_the_credit_covers(tmp_path: Path) -> None
             )
     assert trailer.sha256 == hashlib.sha256(data).digest()
     data_batches = batches[:-1]  # the last is the END frame with the trailer
-    assert b"".join(bytes(frame[1]) for batch in data_batches for frame, _ in batch) == data
+    sent = [payload for batch in data_batches for frame, _ in batch for payload in _payloads(frame)]
+    assert b"".join(sent) == data
+    # Every frame a whole chunk but the file's last: what send() made too.
+    assert {len(payload) for payload in sent[:-1]} == {CHUNK}
     # One batch per block read: no block was split by a wait for credit...
     assert [sum(length for _, length in batch) for batch in data_batches] == source.blocks
     # ... and every block but the file's last is whole chunks.
@@ -217,3 +240,38 @@ async def test_a_bulk_socket_may_hold_unsent_bytes_and_others_are_left_alone() -
     right.close()
     await ours.aclose()
     await peer.aclose()
+
+
+async def test_short_reads_of_the_source_are_continued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A readv that returns less than asked (as a network file system may) is
+    continued where it stopped, mid-frame included; only a read of 0 is the end."""
+    data = os.urandom(3 * CHUNK + 1000)
+    (tmp_path / "f.bin").write_bytes(data)
+    real_readv = os.readv
+
+    def dribble(fd: int, buffers: list[memoryview]) -> int:
+        first = next(buffer for buffer in buffers if buffer)
+        return real_readv(fd, [first[:1000]])
+
+    monkeypatch.setattr(os, "readv", dribble)
+    stream = OutgoingStream(1, 4 * 1024 * 1024, CHUNK, _swallow)
+    hasher = hashlib.sha256()
+    with io.FileIO(tmp_path / "f.bin", "r") as file:
+        records = await FileSource(file).read_records(
+            stream, len(data), stream.record_shape(CHUNK), hasher, None
+        )
+        assert records is not None
+        sent = [payload for record in records for payload in _payloads((record.buffer,))]
+        assert b"".join(sent) == data
+        assert hasher.digest() == hashlib.sha256(data).digest()
+        # At the end of the file: nothing more, which send_file reports as a shrink.
+        more = await FileSource(file).read_records(
+            stream, CHUNK, stream.record_shape(CHUNK), hasher, None
+        )
+        assert more is None
+
+
+async def _swallow(frames: list[tuple[OutFrame, int]]) -> None:
+    del frames

@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conduit._streams import OutgoingStream
 from conduit.errors import IntegrityError, RemoteProtocolError
 from conduit.protocol import FLAG_END, FRAME_COST, FrameKind, FrameReader, FrameWriter
 from conduit.protocol.codec import data_header, encode_frame, iter_frames
 from conduit.protocol.connection import ConnectionState, InboundStream
-from conduit.protocol.data_runs import DataRun, split_record
+from conduit.protocol.data_runs import DataRun, lay_out, split_record
 from conduit.protocol.messages import Credit, Ping
 
 MAX_FRAME = 1024 * 1024
@@ -268,3 +269,65 @@ def test_bulk_records_out_of_order_are_refused() -> None:
     reader.feed(second)
     with pytest.raises(IntegrityError):
         reader.next_frame()
+
+
+# --------------------------------------------------------------------------- lay_out (sending)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=40_000),
+    frame_size=st.integers(min_value=1, max_value=5_000),
+    per_record=st.integers(min_value=1, max_value=20),
+)
+def test_laid_out_records_split_back_into_the_same_bytes(
+    size: int, frame_size: int, per_record: int
+) -> None:
+    """Filled slots, split as the receiver splits a record, give the bytes back in order."""
+    payload = os.urandom(size)
+    records, slots = lay_out(5, size, frame_size, per_record)
+    position = 0
+    for slot in slots:
+        slot[:] = payload[position : position + len(slot)]
+        position += len(slot)
+    assert position == size
+    received = b""
+    for record in records:
+        items = split_record(bytes(record.buffer), frame_size)
+        payloads = [
+            view
+            for item in items
+            for view in (item.payloads if isinstance(item, DataRun) else [item.payload])
+        ]
+        assert all(item.stream_id == 5 and not item.flags for item in items)
+        assert len(payloads) == record.frames <= per_record
+        assert sum(map(len, payloads)) == record.payload
+        # Every frame full but the very last one.
+        received += b"".join(bytes(view) for view in payloads)
+    assert received == payload
+    assert [len(slot) for slot in slots[:-1]] == [frame_size] * (len(slots) - 1)
+
+
+@pytest.mark.parametrize("window", [64 * 1024, 100_000, 4 * 1024 * 1024])
+@pytest.mark.parametrize("chunk", [1024, 16 * 1024, 64 * 1024, 1024 * 1024])
+def test_a_laid_out_record_fits_one_sealed_record_and_the_window(window: int, chunk: int) -> None:
+    """Whatever the window and chunk size, a record's frames fit the peer's record
+    limit (its largest frame + header + slack) and its credit fits the window, so
+    the sender can always send it."""
+    max_frame_size = 1024 * 1024
+    stream = OutgoingStream(1, window, max_frame_size, _never)
+    frame, per_record = stream.record_shape(chunk)
+    records, _ = lay_out(1, 3 * per_record * frame + 7, frame, per_record)
+    writer = FrameWriter()
+    writer.start_encryption(bytes(32), max_frame_size)
+    for record in records:
+        assert len(record.buffer) <= writer.record_limit
+        assert record.payload + record.frames * FRAME_COST <= window
+        assert record.frames <= per_record
+    # Sixteen 64 KiB chunks per record with the defaults (one record per MiB).
+    if window == 4 * 1024 * 1024 and chunk == 64 * 1024:
+        assert (frame, per_record) == (chunk, 16)
+
+
+async def _never(batch: object) -> None:
+    raise AssertionError("nothing is sent here")

@@ -425,8 +425,11 @@ async def _check_published(
 # --------------------------------------------------------------------------- disk full
 
 
-def _enospc_after(limit: int, marker: str, real_pwrite: Callable[..., int]) -> Callable[..., int]:
-    """An os.pwrite that fails with ENOSPC once ``limit`` bytes went to files named ``marker``."""
+def _enospc_after(
+    limit: int, marker: str, real_pwrite: Callable[..., int], *, vector: bool = False
+) -> Callable[..., int]:
+    """An os.pwrite (``vector``: os.pwritev) that fails with ENOSPC once ``limit``
+    bytes went to files named ``marker``."""
     written = {"bytes": 0}
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
@@ -435,9 +438,10 @@ def _enospc_after(limit: int, marker: str, real_pwrite: Callable[..., int]) -> C
         except OSError:
             target = ""
         if marker in target:
-            if written["bytes"] + len(data) > limit:
+            size = sum(len(buffer) for buffer in data) if vector else len(data)
+            if written["bytes"] + size > limit:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            written["bytes"] += len(data)
+            written["bytes"] += size
         return real_pwrite(fd, data, offset)
 
     return pwrite
@@ -466,6 +470,10 @@ async def test_disk_full_injected(
     doomed_sum = await make_file(doomed, 4 * MiB)
     other_sum = await make_file(other, 2 * MiB)
     monkeypatch.setattr(_storage.os, "pwrite", _enospc_after(1 * MiB, "doomed", os.pwrite))
+    # Uploads write their batches with pwritev (PartialFile.write_chunks).
+    monkeypatch.setattr(
+        _storage.os, "pwritev", _enospc_after(1 * MiB, "doomed", os.pwritev, vector=True)
+    )
     results: dict[str, dict[str, Any]] = {}
 
     async def send(path: Path) -> None:

@@ -31,8 +31,7 @@ from conduit.protocol.records import (
     RecordSealer,
     anonymous_buffer,
 )
-from conduit.transfer._engine import JOIN_LIMIT, JoinBuffer
-from conduit.transfer._storage import PartialFile, StorageRoot
+from conduit.transfer._storage import StorageRoot
 
 KEY = bytes(range(32))
 LIMIT = 2 << 20
@@ -84,51 +83,29 @@ def test_small_records_are_plain_bytes() -> None:
     assert opener._mapped == []
 
 
-# --------------------------------------------------------------------------- the receiver's join
+# --------------------------------------------------------------------------- the receiver's write
 
 
-def test_join_buffer_writes_each_batch_whole_and_reuses_its_mapping(tmp_path: Path) -> None:
+def test_chunks_are_written_in_order_and_hashed_without_a_join(tmp_path: Path) -> None:
     storage = StorageRoot(tmp_path / "storage")
-    partial = storage.open_partial("joined.bin", "transfer-1", resume=False)
-    joined = JoinBuffer()
-    batches = [
-        [os.urandom(64 * 1024) for _ in range(4)],
-        [memoryview(os.urandom(1000)), b"x" * 10],  # smaller: the same mapping
-        [os.urandom(100)],  # one chunk: written as it is
-        [os.urandom(300 * 1024), os.urandom(5)],  # larger: a new mapping
+    partial = storage.open_partial("chunks.bin", "transfer-1", resume=False)
+    record = bytearray(os.urandom(3 * (64 * 1024 + 14)))
+    view = memoryview(record)
+    batches: list[list[bytes | bytearray | memoryview]] = [
+        # Views of a decrypted record (frame headers between them), as the receiver has.
+        [view[14 + i * (64 * 1024 + 14) :][: 64 * 1024] for i in range(3)],
+        [memoryview(os.urandom(1000)), b"", b"x" * 10],  # an empty chunk is skipped
+        [os.urandom(100)],
+        # More chunks than one pwritev takes.
+        [os.urandom(7) for _ in range(1300)],
     ]
-    mappings = []
     for batch in batches:
-        joined.write(partial, batch)
-        mappings.append(joined._buffer)
-    assert mappings[1] is mappings[0] and mappings[2] is mappings[0]
-    assert mappings[3] is not mappings[0] and mappings[0].closed
-    joined.close()
-    assert mappings[3].closed and joined._buffer is None
+        partial.write_chunks(batch)
     data = b"".join(bytes(chunk) for batch in batches for chunk in batch)
+    assert partial.offset == len(data)
+    assert partial.sha256_hex() == hashlib.sha256(data).hexdigest()
     assert partial.publish(overwrite=False, expected_sha256=hashlib.sha256(data).hexdigest())
-    assert (tmp_path / "storage" / "joined.bin").read_bytes() == data
-
-
-def test_join_buffer_joins_a_large_batch_in_groups_of_a_record(tmp_path: Path) -> None:
-    storage = StorageRoot(tmp_path / "storage")
-    partial = storage.open_partial("grouped.bin", "transfer-1", resume=False)
-    joined = JoinBuffer()
-    # A whole window arrived while the disk was busy: 64 chunks of 64 KiB.
-    batch = [os.urandom(64 * 1024) for _ in range(64)]
-    joined.write(partial, batch)
-    assert joined._buffer is not None and len(joined._buffer) <= JOIN_LIMIT
-    joined.write(partial, [os.urandom(JOIN_LIMIT + 1)])  # one chunk: written as it is
-    assert joined._buffer is not None and len(joined._buffer) <= JOIN_LIMIT
-    data = b"".join(batch) + partial_tail(partial, JOIN_LIMIT + 1)
-    joined.close()
-    assert partial.publish(overwrite=False, expected_sha256=hashlib.sha256(data).hexdigest())
-    assert (tmp_path / "storage" / "grouped.bin").read_bytes() == data
-
-
-def partial_tail(partial: PartialFile, count: int) -> bytes:
-    """The last ``count`` bytes written to ``partial``."""
-    return os.pread(partial._require_open(), count, partial.offset - count)
+    assert (tmp_path / "storage" / "chunks.bin").read_bytes() == data
 
 
 # --------------------------------------------------------------------------- socket reads

@@ -709,6 +709,51 @@ def test_a_full_disk_is_a_transfer_error(
     partial.close()
 
 
+def test_short_vector_writes_are_completed_mid_chunk(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_chunks: a pwritev that takes 5 bytes at a time (ending inside a
+    chunk) is repeated from there; offset and hash match the file."""
+    real_pwritev = os.pwritev
+
+    def dribble(fd: int, buffers: list[memoryview], offset: int) -> int:
+        first = next(buffer for buffer in buffers if buffer)
+        return real_pwritev(fd, [first[:5]], offset)
+
+    monkeypatch.setattr(os, "pwritev", dribble)
+    chunks = [bytes(range(256)), b"", memoryview(b"abcdefgh"), bytearray(b"xy" * 50)]
+    data = b"".join(bytes(chunk) for chunk in chunks)
+    partial = storage.open_partial("v.bin", TID, resume=False)
+    partial.write_chunks(chunks)
+    assert partial.offset == len(data)
+    assert partial.sha256_hex() == sha256(data)
+    monkeypatch.undo()
+    assert partial.publish() == "v.bin"
+    assert read_back(storage, "v.bin") == data
+
+
+def test_a_full_disk_during_a_vector_write_keeps_what_reached_the_file(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partial = storage.open_partial("v.bin", TID, resume=False)
+    real_pwritev = os.pwritev
+    calls = {"n": 0}
+
+    def fills_up(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwritev(fd, [buffers[0][:3]], offset)  # 3 bytes went, then the disk is full
+
+    monkeypatch.setattr(os, "pwritev", fills_up)
+    with pytest.raises(TransferError) as info:
+        partial.write_chunks([b"okay", b"more"])
+    assert info.value.code == "no_space"
+    assert partial.offset == 3
+    assert partial.sha256_hex() == sha256(b"oka")
+    partial.close()
+
+
 def test_discard(storage: StorageRoot) -> None:
     partial = storage.open_partial("a.txt", TID, resume=False)
     partial.write_block(b"x")

@@ -853,12 +853,14 @@ async def test_checksum_mismatch_publishes_nothing(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    def lying_read_and_hash(file: Any, size: int, hasher: Any) -> bytes:
+    read_records = _engine._read_records
+
+    def lying_read_records(file: Any, stream_id: int, size: int, shape: Any, hasher: Any) -> Any:
         # The sender sends the right bytes but hashes something else, so its
         # trailer announces a digest the receiver's bytes do not have.
-        data: bytes = file.read(size) or b""
-        hasher.update(data + b"\x00")
-        return data
+        records = read_records(file, stream_id, size, shape, hasher)
+        hasher.update(b"\x00")
+        return records
 
     size = 3 * CHUNK + 5
     with trio.fail_after(30):
@@ -868,7 +870,7 @@ async def test_checksum_mismatch_publishes_nothing(
         checksum = await make_file(source, size)
         sender = FileTransferHandler(storage_dir=tmp_path / "client")
 
-        monkeypatch.setattr(_engine, "_read_and_hash", lying_read_and_hash)
+        monkeypatch.setattr(_engine, "_read_records", lying_read_records)
         result = await sender.send_to_server(client, source)
         monkeypatch.undo()
 

@@ -18,9 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from .protocol import FLAG_END, FRAME_COST, OutFrame
+from .protocol import FLAG_END, FRAME_COST, HEADER_SIZE, OutFrame
 from .protocol.codec import data_header
 from .protocol.connection import Buffer, InboundStream, OutboundStream
+from .protocol.data_runs import DataRecord
+from .protocol.records_io import RECORD_SLACK
 
 
 class IncomingStream(InboundStream):
@@ -167,6 +169,7 @@ class OutgoingStream(OutboundStream):
         enqueue: Callable[[list[tuple[OutFrame, int]]], Awaitable[None]],
     ) -> None:
         super().__init__(stream_id, window, max_payload)
+        self.window = window
         self._enqueue = enqueue
         self._wakeup = trio.lowlevel.ParkingLot()
         # Every full chunk of a stream has the same header: encoded once.
@@ -208,6 +211,38 @@ class OutgoingStream(OutboundStream):
                     self._header_size = size
                 batch.append(((self._header, piece), size))
                 self.bytes_sent += size
+        await self._flush(batch)
+
+    def record_shape(self, chunk_size: int) -> tuple[int, int]:
+        """``(frame payload, frames per record)`` for :func:`~conduit.protocol.data_runs.lay_out`.
+
+        A laid-out record fits in one sealed record whatever the peer's limit
+        (that limit is its largest frame plus a header plus ``RECORD_SLACK``,
+        and ``max_payload`` is at most its largest frame), and its credit cost
+        fits in the window, so :meth:`send_records` can always send it.
+        """
+        frame = max(1, min(chunk_size, self.max_payload))
+        room = self.max_payload + HEADER_SIZE + RECORD_SLACK
+        per_record = min(room // (frame + HEADER_SIZE), self.window // (frame + FRAME_COST))
+        return frame, max(1, per_record)
+
+    async def send_records(self, records: Sequence[DataRecord]) -> None:
+        """Send DATA frames already laid out as records (see :meth:`record_shape`).
+
+        Credit is spent per frame, as :meth:`send` does; each record is queued
+        as one piece, which the writer seals without copying it again.
+        """
+        batch: list[tuple[OutFrame, int]] = []
+        self._check()
+        for record in records:
+            cost = record.payload + record.frames * FRAME_COST
+            if self.credit < cost:
+                await self._flush(batch)
+                batch = []
+                await self._wait_for_credit(cost)
+            self.credit -= cost
+            batch.append(((record.buffer,), record.payload))
+            self.bytes_sent += record.payload
         await self._flush(batch)
 
     async def finish(self, trailer: bytes = b"") -> None:

@@ -213,18 +213,18 @@ async def test_bad_input_is_refused_and_stores_nothing_on_s3(
         await trio.to_thread.run_sync(_write, source, 600 * 1024)
         from conduit.transfer import _engine
 
-        real = _engine._read_and_hash
+        real = _engine._read_records
 
-        def lying(file: Any, size: int, hasher: Any) -> bytes:
-            data: bytes = real(file, size, hasher)
+        def lying(file: Any, stream_id: int, size: int, shape: Any, hasher: Any) -> Any:
+            records = real(file, stream_id, size, shape, hasher)
             hasher.update(b"\x00")
-            return data
+            return records
 
-        _engine._read_and_hash = lying  # type: ignore[assignment]
+        _engine._read_records = lying
         try:
             lied = await handler.send_to_server(client, source)
         finally:
-            _engine._read_and_hash = real  # type: ignore[assignment]
+            _engine._read_records = real
         assert lied["code"] == "checksum_mismatch", lied
         assert [f["name"] for f in await handler.list_files(client)] == ["good.txt"]
         honest = await handler.send_to_server(client, source)

@@ -162,13 +162,19 @@ class FrameWriter:
             return
         sealer = self._sealer
         for batch, size in self._batches(frames):
-            if size < SCRATCH_MIN or len(batch) == 1:
+            if size < SCRATCH_MIN:
                 yield sealer.seal(batch[0] if len(batch) == 1 else b"".join(batch))
                 continue
-            if self._plain is None or self._sealed is None:
-                self._plain = bytearray(self.record_limit)
+            if self._sealed is None:
                 self._sealed = bytearray(self.record_limit + RECORD_OVERHEAD)
             self._buffers_used = True
+            if len(batch) == 1:
+                # Already one buffer (a sender that laid out its DATA frames
+                # itself, data_runs.lay_out): sealed as it is, no join.
+                yield sealer.seal_into(batch[0], self._sealed)
+                continue
+            if self._plain is None:
+                self._plain = bytearray(self.record_limit)
             plain = self._plain
             position = 0
             for piece in batch:

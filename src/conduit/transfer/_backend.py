@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from ..protocol.connection import Buffer
-from ._engine import BlockReader, BlockWriter, JoinBuffer
+from ._engine import BlockReader, BlockWriter
 from ._storage import PartialFile
 
 if TYPE_CHECKING:
@@ -162,9 +162,6 @@ class LocalSink:
     def __init__(self, partial: PartialFile) -> None:
         """Wrap an open partial file."""
         self.partial = partial
-        # One reused mapping joins each batch of chunks for its single write;
-        # unmapped when the upload ends (published, kept or discarded).
-        self._joined = JoinBuffer()
 
     @property
     def offset(self) -> int:
@@ -176,20 +173,19 @@ class LocalSink:
         return self.partial.sha256_hex()
 
     async def write(self, chunks: Sequence[Buffer]) -> None:
-        """Append ``chunks`` (one write, one hash update, in a worker thread).
+        """Append ``chunks`` (one ``pwritev`` and their hash, in one worker-thread hop).
 
-        One write and one hash update per batch, not per chunk: every call
-        that releases the GIL must win it back from the event loop thread,
-        and with sixteen of them per megabyte that handoff, not the disk, set
-        the pace.
+        The hash is updated per chunk: each update gives up the GIL and wins
+        it back from the event loop thread, which measured cheaper than
+        joining the chunks first (a copy made holding the GIL; see
+        docs/benchmarks.md, "Fifth round (wave 7, bulk)").
         """
-        await trio.to_thread.run_sync(self._joined.write, self.partial, chunks)
+        await trio.to_thread.run_sync(self.partial.write_chunks, chunks)
 
     async def publish(self, *, overwrite: bool, expected_sha256: str) -> str:
         """Verify, fsync, link without overwriting (see :meth:`PartialFile.publish`)."""
         # No write can still be running: a worker thread is waited for, even
         # when the upload is cancelled.
-        self._joined.close()
         partial = self.partial
         return await trio.to_thread.run_sync(
             lambda: partial.publish(overwrite=overwrite, expected_sha256=expected_sha256)
@@ -197,12 +193,10 @@ class LocalSink:
 
     async def close(self) -> None:
         """Close, keeping the partial file for a resume."""
-        self._joined.close()
         await trio.to_thread.run_sync(self.partial.close)
 
     async def discard(self) -> None:
         """Delete the partial file."""
-        self._joined.close()
         await trio.to_thread.run_sync(self.partial.discard)
 
     def location_of(self, name: str) -> str:

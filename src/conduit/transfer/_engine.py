@@ -3,10 +3,13 @@
 Disk work happens in worker threads, in blocks of :data:`READ_BLOCK` bytes (the
 sender) or whatever the credit window delivered (the receiver), so the event
 loop never waits on the disk and a thread hop is paid per block, not per
-chunk. ``hashlib`` releases the GIL on large buffers, so hashing overlaps the
-event loop's work too. Memory is bounded by the credit window (plus the half
-window whose credit the receiver returns before writing it) and the
-connection's send buffer, whatever the file size.
+chunk. The sender's worker step reads a block straight into DATA frames laid
+out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it, so
+the event loop only seals and sends; the receiver's worker step writes a batch
+with one ``pwritev`` and hashes it. ``hashlib`` releases the GIL on large
+buffers, so hashing overlaps the event loop's work too. Memory is bounded by
+the credit window (plus the half window whose credit the receiver returns
+before writing it) and the connection's send buffer, whatever the file size.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import mmap
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -24,21 +27,15 @@ from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
 from ..protocol import FRAME_COST
 from ..protocol.connection import Buffer
-from ..protocol.records import anonymous_buffer
+from ..protocol.data_runs import DataRecord, lay_out
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
-from ._storage import PartialFile
 from ._wire import Trailer
-
-if TYPE_CHECKING:
-    from ._storage import PartialFile
 
 #: Bytes read (and hashed) per worker-thread call on the sending side: two
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
 #: machine (GIL and futex hand-offs, Trio's wake-up), as much as hashing 200 KiB.
 READ_BLOCK = 2 * 1024 * 1024
-#: Bytes the receiver joins for one write (see :class:`JoinBuffer`): one record's data.
-JOIN_LIMIT = 1024 * 1024
 #: Bytes the receiver waits to have before it writes (unless the stream ends
 #: first): two records' worth, so a worker-thread hop is paid per 2 MiB
 #: written, as :data:`READ_BLOCK` does on the sending side. The stream caps it
@@ -79,10 +76,38 @@ class BlockWriter(Protocol):
         ...
 
 
-def _read_and_hash(file: io.FileIO, size: int, hasher: Any) -> bytes:
-    data = file.read(size) or b""
-    hasher.update(data)
-    return data
+def _read_records(
+    file: io.FileIO, stream_id: int, size: int, shape: tuple[int, int], hasher: Any
+) -> list[DataRecord] | None:
+    # In a worker thread: the file read straight into the frames' payload slots
+    # (one readv), hashed in file order; the event loop then only seals and
+    # sends. None if the file ended early (it shrank).
+    records, slots = lay_out(stream_id, size, *shape)
+    if not _fill(file.fileno(), slots, size):
+        return None
+    for slot in slots:
+        hasher.update(slot)
+    return records
+
+
+def _fill(fd: int, slots: list[memoryview], size: int) -> bool:
+    # readv until the slots hold ``size`` bytes: a read may be short (a network
+    # or FUSE file system) without the file having ended; only 0 means it did.
+    pending = slots
+    filled = 0
+    while filled < size:
+        got = os.readv(fd, pending)
+        if got == 0:
+            return False
+        filled += got
+        while got:
+            first = pending[0]
+            if got < len(first):
+                pending = [first[got:], *pending[1:]]
+                break
+            got -= len(first)
+            pending = pending[1:]
+    return True
 
 
 def _hash_prefix(file: io.FileIO, length: int) -> Any:
@@ -95,6 +120,16 @@ def _hash_prefix(file: io.FileIO, length: int) -> Any:
         hasher.update(block)
         remaining -= len(block)
     return hasher
+
+
+def _read_and_hash(file: io.FileIO, size: int, hasher: Any) -> bytes:
+    data = file.read(size) or b""
+    hasher.update(data)
+    return data
+
+
+def _maybe(limiter: trio.CapacityLimiter | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    return limiter if limiter is not None else contextlib.nullcontext()
 
 
 async def hash_prefix(
@@ -119,10 +154,26 @@ class FileSource:
         self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
     ) -> bytes:
         """See :meth:`BlockReader.read_hashed`."""
-        if threads is None:
+        async with _maybe(threads):
             return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
-        async with threads:
-            return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
+
+    async def read_records(
+        self,
+        stream: OutgoingStream,
+        size: int,
+        shape: tuple[int, int],
+        hasher: Any,
+        threads: trio.CapacityLimiter | None,
+    ) -> list[DataRecord] | None:
+        """The next ``size`` bytes as DATA records of ``stream`` (see ``lay_out``), hashed.
+
+        Read, laid out and hashed in one worker-thread step. None if the file
+        ended before ``size`` bytes.
+        """
+        async with _maybe(threads):
+            return await trio.to_thread.run_sync(
+                _read_records, self.file, stream.stream_id, size, shape, hasher
+            )
 
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
         """Hash the next ``length`` bytes (the position ends after them); the hasher.
@@ -162,6 +213,7 @@ async def send_file(
     """
     position = start
     block_size = max(chunk_size, READ_BLOCK - READ_BLOCK % chunk_size)
+    shape = stream.record_shape(chunk_size)
     while position < size:
         want = min(block_size, size - position)
         # Read no further ahead than the peer lets us send: a receiver that never
@@ -177,80 +229,46 @@ async def send_file(
         taken = await read_ahead.take(want) if read_ahead is not None else want
         try:
             want = min(want, taken)
-            block = await source.read_hashed(want, hasher, read_threads)
-            if not block:
+            records = await _read_block(source, stream, want, shape, hasher, read_threads)
+            if records is None:
                 raise TransferError(
                     f"the file shrank while it was being sent ({position} of {size} bytes)",
                     "source_changed",
                 )
-            view = memoryview(block)
-            await stream.send([view[i : i + chunk_size] for i in range(0, len(view), chunk_size)])
+            await stream.send_records(records)
         finally:
             if read_ahead is not None:
                 read_ahead.give_back(taken)
-        position += len(block)
-        await reporter.advance(len(block))
+        amount = sum(record.payload for record in records)
+        position += amount
+        await reporter.advance(amount)
     trailer = Trailer(size, hasher.digest())
     await stream.finish(trailer.pack())
     return trailer
 
 
-class JoinBuffer:
-    """Where one upload's batches of chunks are joined before their single write.
-
-    An anonymous memory mapping, reused batch after batch (its pages are
-    faulted in once) and unmapped when the upload ends: a fresh
-    ``b"".join`` of up to a window (4 MiB) per batch would be a ``malloc`` in
-    the worker thread's arena, and a few concurrent uploads leave tens of
-    megabytes there that the process never gives back after they end.
-    """
-
-    def __init__(self) -> None:
-        self._buffer: mmap.mmap | None = None
-
-    def write(self, partial: PartialFile, chunks: Sequence[Buffer]) -> None:
-        """Write ``chunks`` to ``partial`` (in a worker thread): joined in groups of
-        up to :data:`JOIN_LIMIT` bytes, one write and one hash update per group.
-
-        A batch may be a whole window (4 MiB) when the disk was slower than the
-        network for a moment; joined whole, it would leave a window-sized
-        mapping (and peak RSS) behind for the rest of the upload.
-        """
-        group: list[Buffer] = []
-        size = 0
-        for chunk in chunks:
-            if group and size + len(chunk) > JOIN_LIMIT:
-                self._write_group(partial, group, size)
-                group, size = [], 0
-            group.append(chunk)
-            size += len(chunk)
-        if group:
-            self._write_group(partial, group, size)
-
-    def _write_group(self, partial: PartialFile, chunks: Sequence[Buffer], total: int) -> None:
-        if len(chunks) == 1:
-            partial.write_block(chunks[0])
-            return
-        if self._buffer is None or len(self._buffer) < total:
-            self.close()
-            self._buffer = anonymous_buffer(total)
-        with memoryview(self._buffer) as view:
-            position = 0
-            for chunk in chunks:
-                end = position + len(chunk)
-                view[position:end] = chunk
-                position = end
-            with view[:total] as block:
-                partial.write_block(block)
-
-    def close(self) -> None:
-        """Unmap the buffer (the upload is over, or a larger one replaces it)."""
-        if self._buffer is not None:
-            # A view kept alive elsewhere (a traceback's frame) makes close()
-            # refuse; the mapping then goes with its last reference.
-            with contextlib.suppress(BufferError):
-                self._buffer.close()
-            self._buffer = None
+async def _read_block(
+    source: BlockReader,
+    stream: OutgoingStream,
+    size: int,
+    shape: tuple[int, int],
+    hasher: Any,
+    threads: trio.CapacityLimiter | None,
+) -> list[DataRecord] | None:
+    # A local file is read into the records in its worker thread; another
+    # source (a stored object) gives bytes, laid out here.
+    if isinstance(source, FileSource):
+        return await source.read_records(stream, size, shape, hasher, threads)
+    block = await source.read_hashed(size, hasher, threads)
+    if not block:
+        return None
+    records, slots = lay_out(stream.stream_id, len(block), *shape)
+    position = 0
+    for slot in slots:
+        end = position + len(slot)
+        slot[:] = block[position:end]
+        position = end
+    return records
 
 
 async def receive_file(

@@ -41,7 +41,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -754,6 +754,34 @@ class PartialFile:
             self._offset += written
             view = view[written:]
 
+    def write_chunks(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Append ``chunks`` at :attr:`offset`, in order, and add them to the running hash.
+
+        One ``pwritev`` for the batch (no join into one buffer first: that
+        copy, made holding the GIL, cost the receiver more than the fifteen
+        extra hash updates it saved). Like :meth:`write_block`, a full disk
+        raises ``no_space`` with the offset and hash matching what reached the file.
+        """
+        fd = self._require_open()
+        views = [view for view in (memoryview(chunk).cast("B") for chunk in chunks) if view]
+        first = 0
+        while first < len(views):
+            try:
+                written = os.pwritev(fd, views[first : first + _IOV_MAX], self._offset)
+            except OSError as exc:
+                raise _translate_write_error(exc, self._name) from exc
+            # Hash exactly what reached the file (a short write ends mid-chunk).
+            while written:
+                view = views[first]
+                done = min(written, len(view))
+                self._hash.update(view[:done])
+                self._offset += done
+                written -= done
+                if done == len(view):
+                    first += 1
+                else:
+                    views[first] = view[done:]
+
     def rehash_prefix(self) -> int:
         """Hash the bytes already in the file, seeding the running hash; return the length.
 
@@ -1066,6 +1094,10 @@ def _remove_regular(dir_fd: int, entry: str) -> bool:
         return False
     _unlink_quietly(dir_fd, entry)
     return True
+
+
+#: Buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
+_IOV_MAX = 512
 
 
 def _translate_write_error(exc: OSError, name: str) -> Exception:
