@@ -230,6 +230,19 @@ async def test_connect_to_a_closed_port_raises_oserror(tcp_client_factory: Clien
     assert not client.connected
 
 
+async def test_client_dials_a_host_name_and_an_address(
+    tcp_server_factory: ServerFactory, tcp_client_factory: ClientFactory
+) -> None:
+    # An IP address is dialled directly, a name through Trio's resolver
+    # (client.open_tcp): both reach the same server.
+    server = await tcp_server_factory(register=register_basics)
+    by_address = await tcp_client_factory(server)
+    by_name = await tcp_client_factory(server, server_host="localhost")
+    assert await by_address.call("add", a=1, b=2) == 3
+    assert await by_name.call("add", a=2, b=2) == 4
+    assert len(server.clients) == 2
+
+
 async def test_connect_timeout_when_the_server_never_answers(
     nursery: trio.Nursery, tcp_client_factory: ClientFactory
 ) -> None:
