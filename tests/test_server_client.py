@@ -27,6 +27,7 @@ from conduit import (
     RPCError,
     RPCTimeoutError,
     Server,
+    _heartbeats,
 )
 from conftest import (
     LOOPBACK,
@@ -880,6 +881,20 @@ async def test_heartbeat_timeout_closes_silent_peer(
     assert len(server.clients) == 1
     proxy.blackhole("c2s" if silent == "client" else "s2c")
     await wait_until(lambda: not client.connected and not server.clients, timeout=5)
+
+
+async def test_clients_of_one_run_share_one_heartbeat_timer(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    # No timer task per connection: the run's timer of that interval beats them all.
+    server = await server_factory(register=register_basics)
+    timer = _heartbeats.shared(7.0)
+    assert _heartbeats.shared(7.0) is timer
+    assert _heartbeats.shared(8.0) is not timer
+    first = await client_factory(server, heartbeat_interval=7.0, heartbeat_timeout=21.0)
+    second = await client_factory(server, heartbeat_interval=7.0, heartbeat_timeout=21.0)
+    assert await first.call("add", a=1, b=1) == await second.call("add", a=0, b=2) == 2
+    assert len(timer) == 2
 
 
 @attrs.define

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from . import _heartbeats as heartbeats
 from ._bridge import bridged
 from ._callbacks import invoke
 from ._connection import Connection
@@ -272,6 +273,12 @@ class Client(Endpoint):
             address=None if given else (descriptor.server_host, descriptor.server_port),
             default_timeout=descriptor.rpc_timeout,
             label=f"server {where}",
+            # The run's shared timer: no heartbeat task per connection.
+            heartbeats=(
+                heartbeats.shared(descriptor.heartbeat_interval)
+                if descriptor.heartbeat_interval > 0
+                else None
+            ),
         )
         log.info("connected to %r as client %s", welcome.server_name, welcome.client_id)
         return peer
