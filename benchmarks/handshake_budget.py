@@ -99,10 +99,12 @@ async def _connects(port: int, mode: str, count: int) -> None:
         await client.disconnect()
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """The process's (user, system) CPU seconds so far."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _callgrind_total(prefix: str, pid: int) -> int:
@@ -118,8 +120,12 @@ def _callgrind_total(prefix: str, pid: int) -> int:
     raise RuntimeError("callgrind wrote no dump")
 
 
-def measure(mode: str, handshake_only: bool, connects: int, callgrind: str | None) -> float:
-    """Server CPU ms (or, with ``callgrind``, million instructions) per connect."""
+def measure(
+    mode: str, handshake_only: bool, connects: int, callgrind: str | None
+) -> tuple[float, float, float]:
+    """Server (user, system) CPU ms per connect and the client's (this
+    process's) CPU ms per connect; with ``callgrind``, the server's million
+    instructions (callgrind counts user space only), then 0, 0."""
     import trio
 
     command = [sys.executable, "-m", "benchmarks.handshake_budget", "--serve", mode]
@@ -152,11 +158,15 @@ def measure(mode: str, handshake_only: bool, connects: int, callgrind: str | Non
         if callgrind is not None:
             subprocess.run(["callgrind_control", "-z", str(server.pid)], capture_output=True)
         before = _cpu_seconds(server.pid)
+        client_before = time.process_time()
         trio.run(_connects, port, mode, connects)
+        client = (time.process_time() - client_before) / connects * 1e3
         time.sleep(0.2)
         if callgrind is not None:
-            return _callgrind_total(callgrind, server.pid) / connects / 1e6
-        return (_cpu_seconds(server.pid) - before) / connects * 1e3
+            return _callgrind_total(callgrind, server.pid) / connects / 1e6, 0.0, 0.0
+        after = _cpu_seconds(server.pid)
+        user, kernel = ((a - b) / connects * 1e3 for a, b in zip(after, before, strict=True))
+        return user, kernel, client
     finally:
         if server.stdin is not None:
             server.stdin.write("\n")
@@ -295,18 +305,33 @@ def main() -> None:
         prefix = os.path.join(tempfile.mkdtemp(prefix="conduit-budget-cg-"), "callgrind.out")
     unit = "M instructions" if args.callgrind else "ms CPU"
     results: dict[str, list[float]] = {"full": [], "handshake only": []}
+    system: dict[str, list[float]] = {"full": [], "handshake only": []}
+    client: list[float] = []
     print(f"load average at start: {os.getloadavg()}")
     for _ in range(args.repeat):
         for name, only in (("full", False), ("handshake only", True)):
-            results[name].append(measure(args.mode, only, args.connects, prefix))
+            user, kernel, client_ms = measure(args.mode, only, args.connects, prefix)
+            results[name].append(user + kernel)
+            system[name].append(kernel)
+            if not only:
+                client.append(client_ms)
     print(f"server, per connect ({args.mode}, {args.connects} connects x {args.repeat}): {unit}")
     for name, values in results.items():
+        split = ""
+        if not args.callgrind:
+            kernel = statistics.median(system[name])
+            split = f"  (system {kernel:.3f}, user {statistics.median(values) - kernel:.3f})"
         print(
             f"  {name:15s} median {statistics.median(values):.3f}  min {min(values):.3f}  "
-            f"all {[round(v, 3) for v in values]}"
+            f"all {[round(v, 3) for v in values]}{split}"
         )
     session = [f - h for f, h in zip(results["full"], results["handshake only"], strict=True)]
     print(f"  {'session start+end':15s} median {statistics.median(session):.3f}")
+    if not args.callgrind:
+        print(
+            f"client (this process, full runs), CPU ms per connect: median "
+            f"{statistics.median(client):.3f}  min {min(client):.3f}"
+        )
     print(f"load average at end: {os.getloadavg()}")
     print(f"server handshake steps, sans-IO ({args.mode}), thread CPU us:")
     for label, micros in sans_io_steps(args.mode, args.loops):

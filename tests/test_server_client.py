@@ -27,6 +27,7 @@ from conduit import (
     RPCError,
     RPCTimeoutError,
     Server,
+    _heartbeats,
 )
 from conftest import (
     LOOPBACK,
@@ -228,6 +229,19 @@ async def test_connect_to_a_closed_port_raises_oserror(tcp_client_factory: Clien
     with trio.fail_after(5), pytest.raises(OSError):
         await client.connect()
     assert not client.connected
+
+
+async def test_client_dials_a_host_name_and_an_address(
+    tcp_server_factory: ServerFactory, tcp_client_factory: ClientFactory
+) -> None:
+    # An IP address is dialled directly, a name through Trio's resolver
+    # (client.open_tcp): both reach the same server.
+    server = await tcp_server_factory(register=register_basics)
+    by_address = await tcp_client_factory(server)
+    by_name = await tcp_client_factory(server, server_host="localhost")
+    assert await by_address.call("add", a=1, b=2) == 3
+    assert await by_name.call("add", a=2, b=2) == 4
+    assert len(server.clients) == 2
 
 
 async def test_connect_timeout_when_the_server_never_answers(
@@ -867,6 +881,20 @@ async def test_heartbeat_timeout_closes_silent_peer(
     assert len(server.clients) == 1
     proxy.blackhole("c2s" if silent == "client" else "s2c")
     await wait_until(lambda: not client.connected and not server.clients, timeout=5)
+
+
+async def test_clients_of_one_run_share_one_heartbeat_timer(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    # No timer task per connection: the run's timer of that interval beats them all.
+    server = await server_factory(register=register_basics)
+    timer = _heartbeats.shared(7.0)
+    assert _heartbeats.shared(7.0) is timer
+    assert _heartbeats.shared(8.0) is not timer
+    first = await client_factory(server, heartbeat_interval=7.0, heartbeat_timeout=21.0)
+    second = await client_factory(server, heartbeat_interval=7.0, heartbeat_timeout=21.0)
+    assert await first.call("add", a=1, b=1) == await second.call("add", a=0, b=2) == 2
+    assert len(timer) == 2
 
 
 @attrs.define

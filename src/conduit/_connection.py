@@ -18,8 +18,9 @@ the frames it produces. One nursery per connection owns:
   socket, control frames before data, many frames per record; started with
   the first frame that cannot go out directly.
 * the **heartbeat**: pings on a Trio timer and the idle/peer-silence checks
-  (:meth:`Connection.beat`); a task of its own, or a server's one timer task
-  for all its connections (:mod:`conduit._heartbeats`).
+  (:meth:`Connection.beat`); a task of its own, or a shared timer task: a
+  server's for all its connections, the run's for clients
+  (:mod:`conduit._heartbeats`).
 * the **call timer** (:mod:`conduit._pending_calls`): one deadline heap for
   every call this side waits on.
 * the **followers** (:mod:`conduit._call_workers`): tasks finishing calls that

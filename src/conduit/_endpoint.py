@@ -94,8 +94,9 @@ class Endpoint:
     ) -> Peer:
         """The Peer of a finished handshake, with its connection (not running yet).
 
-        ``heartbeats``: a timer shared with other connections (a server's), else
-        the connection beats in a task of its own.
+        ``heartbeats``: a timer shared with other connections (a server's, or
+        the run's for clients: :func:`conduit._heartbeats.shared`), else the
+        connection beats in a task of its own.
         """
 
         def connect(peer: Peer) -> Connection:

@@ -1,4 +1,4 @@
-"""One timer task for the heartbeats of all of a server's connections.
+"""One timer task for the heartbeats of many connections.
 
 Every ``heartbeat_interval`` a connection pings its peer and checks that it has
 heard from it within ``heartbeat_timeout`` (:meth:`conduit._connection.Connection.beat`).
@@ -12,6 +12,12 @@ order they were scheduled: a FIFO queue whose head is always the next one due,
 served by one task that sleeps until that head. A connection that ends clears
 its entry (:meth:`Heartbeats.remove`), which then costs a few bytes until its
 time comes and it is dropped: the queue never holds a finished connection.
+
+A server runs one in its nursery for all its connections. Clients share one
+per Trio run and interval (:func:`shared`, a system task started on first
+use): a ``Client`` has one connection at a time, but a process may make many
+clients, or reconnect one many times, and each connection would otherwise
+start and end a task of its own on the connect's critical path.
 """
 
 from __future__ import annotations
@@ -87,4 +93,26 @@ class Heartbeats:
                     queue.append(entry)
 
 
-__all__ = ["Beat", "Entry", "Heartbeats"]
+#: This Trio run's shared timers, by interval (see :func:`shared`).
+_SHARED: trio.lowlevel.RunVar[dict[float, Heartbeats]] = trio.lowlevel.RunVar("conduit_heartbeats")
+
+
+def shared(interval: float) -> Heartbeats:
+    """The timer of ``interval`` shared by the current Trio run's client connections.
+
+    Started on first use as a system task; it parks while no connection
+    needs it and ends with the run.
+    """
+    try:
+        timers = _SHARED.get()
+    except LookupError:
+        timers = {}
+        _SHARED.set(timers)
+    timer = timers.get(interval)
+    if timer is None:
+        timer = timers[interval] = Heartbeats(interval)
+        trio.lowlevel.spawn_system_task(timer.run, name=f"conduit heartbeats every {interval:g}s")
+    return timer
+
+
+__all__ = ["Beat", "Entry", "Heartbeats", "shared"]
