@@ -54,6 +54,7 @@ from ..cluster.store import FileReader, PartialUpload, Store, StoredFile
 from ..errors import RPCError, TransferError
 from ..protocol.connection import Buffer
 from ._backend import Admitted, Opened
+from ._engine import records_of
 from ._hashing import HashGate
 from ._names import collision_candidates, safe_relative_name, split_name
 from ._rerun import MAX_VARIANTS, skipped_result
@@ -62,7 +63,9 @@ from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
     from .._peer import Peer
+    from .._streams import OutgoingStream
     from ..cluster.s3 import S3Store
+    from ..protocol.data_runs import DataRecord
     from ._batch_store import Entry
 
 __all__ = ["MAX_UPLOADS", "MAX_UPLOADS_PER_CONNECTION", "StoreBackend", "StoreSink", "StoreSource"]
@@ -157,19 +160,25 @@ class StoreSource:
         self._reader = reader
         self._position = 0
 
-    async def read_hashed(
-        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
-    ) -> bytes:
-        """See :meth:`._engine.BlockReader.read_hashed`."""
+    async def read_records(
+        self,
+        stream: OutgoingStream,
+        size: int,
+        shape: tuple[int, int],
+        hasher: Any,
+        threads: trio.CapacityLimiter | None,
+    ) -> list[DataRecord] | None:
+        """See :meth:`._engine.BlockReader.read_records`: one ranged read, then laid out."""
         if threads is None:
             data = await self._reader.read(size)
         else:
             async with threads:
                 data = await self._reader.read(size)
-        if data:
-            await trio.to_thread.run_sync(hasher.update, data)
+        if not data:
+            return None
+        await trio.to_thread.run_sync(hasher.update, data)
         self._position += len(data)
-        return data
+        return records_of(stream.stream_id, data, shape)
 
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
         """Hash the next ``length`` bytes; ``TransferError`` if the object is shorter."""

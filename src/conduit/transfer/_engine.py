@@ -53,12 +53,19 @@ _HASH_BLOCK = 4 * 1024 * 1024
 class BlockReader(Protocol):
     """Where :func:`send_file` reads from: a local file or a stored object (:mod:`._backend`)."""
 
-    async def read_hashed(
-        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
-    ) -> bytes:
-        """Up to ``size`` next bytes, already added to ``hasher``; ``b""`` at the end.
+    async def read_records(
+        self,
+        stream: OutgoingStream,
+        size: int,
+        shape: tuple[int, int],
+        hasher: Any,
+        threads: trio.CapacityLimiter | None,
+    ) -> list[DataRecord] | None:
+        """Up to ``size`` next bytes as DATA records of ``stream``, already added to ``hasher``.
 
-        ``threads``: the connection's share of the worker threads, if any.
+        ``shape`` is :meth:`OutgoingStream.record_shape`'s (see
+        :func:`~conduit.protocol.data_runs.lay_out`); ``threads``: the
+        connection's share of the worker threads, if any. None at the end.
         """
         ...
 
@@ -122,12 +129,6 @@ def _hash_prefix(file: io.FileIO, length: int) -> Any:
     return hasher
 
 
-def _read_and_hash(file: io.FileIO, size: int, hasher: Any) -> bytes:
-    data = file.read(size) or b""
-    hasher.update(data)
-    return data
-
-
 def _maybe(limiter: trio.CapacityLimiter | None) -> contextlib.AbstractAsyncContextManager[Any]:
     return limiter if limiter is not None else contextlib.nullcontext()
 
@@ -150,13 +151,6 @@ class FileSource:
         """Wrap an open file (its position is where sending starts)."""
         self.file = file
 
-    async def read_hashed(
-        self, size: int, hasher: Any, threads: trio.CapacityLimiter | None
-    ) -> bytes:
-        """See :meth:`BlockReader.read_hashed`."""
-        async with _maybe(threads):
-            return await trio.to_thread.run_sync(_read_and_hash, self.file, size, hasher)
-
     async def read_records(
         self,
         stream: OutgoingStream,
@@ -165,7 +159,7 @@ class FileSource:
         hasher: Any,
         threads: trio.CapacityLimiter | None,
     ) -> list[DataRecord] | None:
-        """The next ``size`` bytes as DATA records of ``stream`` (see ``lay_out``), hashed.
+        """See :meth:`BlockReader.read_records`: read straight into the records.
 
         Read, laid out and hashed in one worker-thread step. None if the file
         ended before ``size`` bytes.
@@ -229,7 +223,7 @@ async def send_file(
         taken = await read_ahead.take(want) if read_ahead is not None else want
         try:
             want = min(want, taken)
-            records = await _read_block(source, stream, want, shape, hasher, read_threads)
+            records = await source.read_records(stream, want, shape, hasher, read_threads)
             if records is None:
                 raise TransferError(
                     f"the file shrank while it was being sent ({position} of {size} bytes)",
@@ -247,22 +241,9 @@ async def send_file(
     return trailer
 
 
-async def _read_block(
-    source: BlockReader,
-    stream: OutgoingStream,
-    size: int,
-    shape: tuple[int, int],
-    hasher: Any,
-    threads: trio.CapacityLimiter | None,
-) -> list[DataRecord] | None:
-    # A local file is read into the records in its worker thread; another
-    # source (a stored object) gives bytes, laid out here.
-    if isinstance(source, FileSource):
-        return await source.read_records(stream, size, shape, hasher, threads)
-    block = await source.read_hashed(size, hasher, threads)
-    if not block:
-        return None
-    records, slots = lay_out(stream.stream_id, len(block), *shape)
+def records_of(stream_id: int, block: Buffer, shape: tuple[int, int]) -> list[DataRecord]:
+    """``block`` copied into DATA records of ``stream_id`` (a source that cannot read into them)."""
+    records, slots = lay_out(stream_id, len(block), *shape)
     position = 0
     for slot in slots:
         end = position + len(slot)
