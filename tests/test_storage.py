@@ -966,3 +966,44 @@ def test_a_held_root_serves_this_threads_operations_and_is_closed_after(
         assert seen == [b"first"]
     assert open_fds() == before
     assert read_back(storage, "sub/held.bin") == b"second"
+
+
+def test_a_held_root_is_used_as_it_is_for_a_top_level_check_and_sync(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small file's re-run check (published_size) and its directory's fsync
+    # use the held descriptor itself for a name at the top: no dup, no close,
+    # no open. A name in a subdirectory still opens (and closes) its directory.
+    receive(storage, "top.bin", b"top")
+    receive(storage, "sub/deep.bin", b"deep")
+    calls: list[str] = []
+    real_dup, real_close, real_open = os.dup, os.close, os.open
+
+    def dup(fd: int) -> int:
+        calls.append("dup")
+        return real_dup(fd)
+
+    def close(fd: int) -> None:
+        calls.append("close")
+        real_close(fd)
+
+    def open_(*args: object, **kwargs: object) -> int:
+        calls.append("open")
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    before = len(os.listdir("/proc/self/fd"))
+    with storage.holding_root():
+        monkeypatch.setattr(os, "dup", dup)
+        monkeypatch.setattr(os, "close", close)
+        monkeypatch.setattr(os, "open", open_)
+        assert storage.published_size("top.bin") == 3
+        assert storage.published_size("missing.bin") is None
+        storage.sync_directories(["top.bin"])
+        assert calls == []
+        assert storage.published_size("sub/deep.bin") == 4
+        storage.sync_directories(["sub/deep.bin"])
+        assert calls.count("close") == calls.count("dup") + calls.count("open") > 0
+        monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+    # The hold ended with its descriptor closed; the root still works unheld.
+    assert storage.published_size("top.bin") == 3

@@ -19,8 +19,8 @@ import attrs
 import pytest
 
 from conduit.errors import ChecksumMismatch, TransferError
-from conduit.transfer import _storage
-from conduit.transfer._names import is_partial_name
+from conduit.transfer import _space, _storage
+from conduit.transfer._names import check_transfer_id, is_partial_name
 from conduit.transfer._space import DiskBudget, OneShotAdmitter
 from conduit.transfer._storage import StorageRoot
 
@@ -200,3 +200,52 @@ def test_a_proc_that_cannot_be_linked_from_turns_anonymous_files_off(
     partial.write_block(b"kept")
     assert partial.publish(expected_sha256=sha256(b"kept")) == "a.txt"
     assert entries(storage.path) == ["a.txt"]
+
+
+def test_one_shot_ids_are_unique_without_a_random_draw_per_file(
+    storage: StorageRoot, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-shot file's transfer id comes from a secret drawn once per process
+    # and a counter: no getrandom per file. Each admission's id is new, valid
+    # as a partial's name, and (named fallback, overwrite) names its own temporary.
+    budget = DiskBudget(_Settings(storage))
+    admitter = OneShotAdmitter(budget, None, storage, (), "host:127.0.0.1", None, 0.0)
+
+    def no_draw(_nbytes: int | None = None) -> str:
+        raise AssertionError("a random draw per one-shot file")
+
+    monkeypatch.setattr(_space.secrets, "token_hex", no_draw)
+    ids = set()
+    for index in range(50):
+        data = b"%d" % index
+        admission = admitter.admit(f"f{index}.bin", len(data))
+        assert admission.partial is not None
+        assert check_transfer_id(admission.transfer_id) == admission.transfer_id
+        assert len(admission.transfer_id) == 32
+        ids.add(admission.transfer_id)
+        admission.partial.write_block(data)
+        assert admission.partial.publish(expected_sha256=sha256(data)) == f"f{index}.bin"
+        admitter.release(admission)
+    assert len(ids) == 50
+    assert [name for name in entries(storage.path) if is_partial_name(name)] == []
+
+
+def test_a_forked_child_draws_its_own_one_shot_secret() -> None:
+    # A child of a fork must not repeat its parent's ids (both may store into
+    # one directory): the secret half is drawn again after the fork.
+    read_end, write_end = os.pipe()
+    parent_id = _space._ONE_SHOT_IDS.new()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write_end, _space._ONE_SHOT_IDS.new().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        child_id = os.read(read_end, 64).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert len(child_id) == 32
+    assert child_id[:16] != parent_id[:16]

@@ -429,10 +429,12 @@ class StorageRoot:
         makes the partial names' removal durable.
         """
         for directories in dict.fromkeys(split_name(safe_relative_name(n))[0] for n in names):
-            with _closing(
-                self._open_directory(directories, "/".join(directories), create=False)
-            ) as fd:
+            fd, owned = self._borrow_directory(directories, "/".join(directories))
+            try:
                 os.fsync(fd)
+            finally:
+                if owned:
+                    os.close(fd)
 
     def remove_idle_partial(self, directories: tuple[str, ...], basename: str) -> bool:
         """Unlink the partial file ``directories/basename`` unless a transfer holds it open.
@@ -518,11 +520,14 @@ class StorageRoot:
         safe = safe_relative_name(name)
         directories, basename = split_name(safe)
         try:
-            dir_fd = self._open_directory(directories, safe, create=False)
+            dir_fd, owned = self._borrow_directory(directories, safe)
         except (FileNotFoundError, UnsafePathError, TransferError):
             return None
-        with _closing(dir_fd):
+        try:
             info = _lstat(dir_fd, basename)
+        finally:
+            if owned:
+                os.close(dir_fd)
         return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
 
     def is_directory(self, name: str) -> bool:
@@ -635,6 +640,23 @@ class StorageRoot:
             if missing_ok:
                 return None
             raise
+
+    def _borrow_directory(self, directories: tuple[str, ...], name: str) -> tuple[int, bool]:
+        """The directory that holds ``name`` (never created), and whether the caller closes it.
+
+        For a name at the top of a held root (:meth:`holding_root`) it is the
+        held descriptor itself, which the caller must not close: a small file's
+        re-run check and directory sync use it as it is, without the ``dup``
+        and ``close`` each that :meth:`_open_directory` costs (four system
+        calls of a sequential small upload's store). Only for a use that ends
+        before the caller returns: a descriptor kept beyond it (a partial's
+        directory) is always opened.
+        """
+        if not directories:
+            held: tuple[StorageRoot, int] | None = getattr(_held, "root", None)
+            if held is not None and held[0] is self:
+                return held[1], False
+        return self._open_directory(directories, name, create=False), True
 
     def _open_directory(self, directories: tuple[str, ...], name: str, *, create: bool) -> int:
         """Descriptor of the directory that holds ``name``; the caller closes it."""
