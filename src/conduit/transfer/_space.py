@@ -89,7 +89,8 @@ class _OneShotIds:
 
     def __init__(self) -> None:
         self._reseed()
-        os.register_at_fork(after_in_child=self._reseed)
+        if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+            os.register_at_fork(after_in_child=self._reseed)
 
     def _reseed(self) -> None:
         self._secret = secrets.token_hex(8)
