@@ -65,8 +65,9 @@ class _Preparing:
     """A connection's sends between their start and their file read (see :func:`probe`)."""
 
     count: int = 0
-    #: Set whenever ``count`` is zero.
-    settled: trio.Event = attrs.field(factory=trio.Event)
+    #: Set when ``count`` drops to zero; made only while a batch waits for it
+    #: (a lone sequential send then creates and sets no event per file).
+    settled: trio.Event | None = None
 
     async def wait_settled(self) -> None:
         """Return once no send is reading its file, or after :data:`STALLED_AFTER` seconds."""
@@ -75,6 +76,8 @@ class _Preparing:
         await trio.lowlevel.checkpoint()
         with trio.move_on_after(STALLED_AFTER):
             while self.count:
+                if self.settled is None:
+                    self.settled = trio.Event()
                 await self.settled.wait()
 
 
@@ -156,15 +159,14 @@ async def probe(path: str | os.PathLike[str], limit: int, client: Client) -> Pro
         preparing = _preparing(client.server.connection)
     except ConnectionClosed:
         return await _look(looks, path, limit)  # not connected: the send reports it
-    if preparing.count == 0:
-        preparing.settled = trio.Event()
     preparing.count += 1
     try:
         return await _look(looks, path, limit)
     finally:
         preparing.count -= 1
-        if preparing.count == 0:
+        if preparing.count == 0 and preparing.settled is not None:
             preparing.settled.set()
+            preparing.settled = None
 
 
 @attrs.define(eq=False)
