@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -230,22 +231,22 @@ def test_one_shot_ids_are_unique_without_a_random_draw_per_file(
     assert [name for name in entries(storage.path) if is_partial_name(name)] == []
 
 
-def test_a_forked_child_draws_its_own_one_shot_secret() -> None:
+def test_a_forked_child_draws_its_own_one_shot_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     # A child of a fork must not repeat its parent's ids (both may store into
-    # one directory): the secret half is drawn again after the fork.
-    read_end, write_end = os.pipe()
-    parent_id = _space._ONE_SHOT_IDS.new()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            os.write(write_end, _space._ONE_SHOT_IDS.new().encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    try:
-        child_id = os.read(read_end, 64).decode()
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
-    assert len(child_id) == 32
-    assert child_id[:16] != parent_id[:16]
+    # one directory): the secret half is drawn again in the child. The hook
+    # os.register_at_fork is given is run here as the child would run it
+    # (a real fork of the multi-threaded test process is not needed for that).
+    hooks: list[Callable[[], None]] = []
+
+    def register_at_fork(*, after_in_child: Callable[[], None]) -> None:
+        hooks.append(after_in_child)
+
+    monkeypatch.setattr(_space.os, "register_at_fork", register_at_fork)
+    ids = _space._OneShotIds()
+    assert len(hooks) == 1
+    parent = [ids.new() for _ in range(3)]
+    hooks[0]()  # in the child, after the fork
+    child = [ids.new() for _ in range(3)]
+    assert all(len(tid) == 32 for tid in parent + child)
+    assert {tid[:16] for tid in parent} != {tid[:16] for tid in child}
+    assert len({*parent, *child}) == 6
