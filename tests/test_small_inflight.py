@@ -21,6 +21,7 @@ import trio
 from conduit import FileTransferHandler
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
+from conduit.transfer import _small
 from conduit.transfer._shared_hop import SharedHop
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import partial_files, record_calls, storage_server, visible_files
@@ -106,6 +107,53 @@ async def test_a_lone_upload_goes_at_once_in_one_call(
     assert all(result["success"] for result in results.values()), results
     assert methods == ["file_upload_small"] * 3
     assert visible_files(storage) == sorted(files)
+
+
+async def test_a_sequential_sender_skips_the_gathering_pass_and_a_burst_still_gathers(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One sender, one file after the other: after LONE_SENDS files went alone
+    # with nothing queued, its looks skip the schedule point that only gathers
+    # sends starting together. A burst after that still gathers: its first
+    # file goes alone, the others queue (which ends the skipping) and share calls.
+    storage = tmp_path / "storage"
+    _, server = await storage_server(server_factory, storage)
+    client = await client_factory(server)
+    files = _sources(tmp_path / "source", 5 + 8 + 2)
+    names = sorted(files)
+    looked: list[bool] = []
+    real_look = _small._look
+
+    async def look(*args: Any, alone: bool = False) -> Any:
+        looked.append(alone)
+        return await real_look(*args, alone=alone)
+
+    monkeypatch.setattr(_small, "_look", look)
+    methods = record_calls(monkeypatch)
+    with trio.fail_after(30):
+        sequential = await _upload_all(client, tmp_path / "source", names[:5], tasks=1)
+    lone = _small.LONE_SENDS
+    assert looked == [False] * lone + [True] * (5 - lone)
+    assert methods == ["file_upload_small"] * 5
+    looked.clear()
+    methods.clear()
+    with trio.fail_after(30):
+        burst = await _upload_all(client, tmp_path / "source", names[5:13], tasks=8)
+    assert looked[0] is True and not any(looked[1:]), looked
+    assert methods[0] == "file_upload_small" and "file_upload_batch" in methods, methods
+    assert len(methods) <= 3, methods
+    looked.clear()
+    with trio.fail_after(30):
+        after = await _upload_all(client, tmp_path / "source", names[13:], tasks=1)
+    # The burst queued: the next sends gather again until LONE_SENDS went alone.
+    assert looked == [False, False]
+    for name, result in {**sequential, **burst, **after}.items():
+        assert result["success"] is True, result
+        assert (storage / name).read_bytes() == files[name]
+    assert visible_files(storage) == names
 
 
 async def test_each_file_in_flight_gets_its_own_result(

@@ -132,10 +132,20 @@ def looks_inline() -> bool:
     return _looks().slow < INLINE_SLOW_LOOKS
 
 
-async def _look(looks: _Looks, path: str | os.PathLike[str], limit: int) -> Probe:
+async def _look(
+    looks: _Looks, path: str | os.PathLike[str], limit: int, *, alone: bool = False
+) -> Probe:
     if looks.slow >= INLINE_SLOW_LOOKS:
         return await looks.hop.run((path, limit))
-    await trio.lowlevel.checkpoint()
+    if alone:
+        # A sender alone on its connection (see SmallUploads.alone): nobody
+        # to gather, so no pass of the run loop; still a cancel point, and
+        # the call that carries the file is the schedule point.
+        await trio.lowlevel.checkpoint_if_cancelled()
+    else:
+        # A schedule point while counted as preparing: sends started together
+        # all count themselves before the first one's file may leave alone.
+        await trio.lowlevel.checkpoint()
     started = time.perf_counter()
     try:
         # Never more than INLINE_LIMIT bytes read in the Trio thread.
@@ -152,16 +162,22 @@ async def probe(path: str | os.PathLike[str], limit: int, client: Client) -> Pro
 
     While it runs, the send counts as *preparing* on ``client``'s connection: a
     batch about to leave waits for it (see :class:`SmallUploads`), so eight
-    sends that start together leave together.
+    sends that start together leave together. A sender that has been alone on
+    the connection (:meth:`SmallUploads.alone`) looks without that schedule
+    point: the first send of a burst after such a run leaves alone, the
+    others gather behind it.
     """
     looks = _looks()
     try:
-        preparing = _preparing(client.server.connection)
+        connection = client.server.connection
     except ConnectionClosed:
         return await _look(looks, path, limit)  # not connected: the send reports it
+    preparing = _preparing(connection)
+    uploads: SmallUploads | None = connection.owned.get(SmallUploads)
+    alone = preparing.count == 0 and uploads is not None and uploads.alone()
     preparing.count += 1
     try:
-        return await _look(looks, path, limit)
+        return await _look(looks, path, limit, alone=alone)
     finally:
         preparing.count -= 1
         if preparing.count == 0 and preparing.settled is not None:
@@ -191,11 +207,29 @@ class SmallUploads:
 
     def __init__(self) -> None:
         self._calls = 0
+        #: Files in a row that went at once, alone, with no other send queued
+        #: meanwhile (a sequential sender); any queued send resets it.
+        self._lone = 0
+        #: Sends queued so far (a lone send that saw it move was not alone).
+        self._queued = 0
         self._queue: list[_Queued] = []
         #: A task is about to take the queue.
         self._flushing = False
         #: The server answered ``not_found`` to a batch: one call per file from now on.
         self._no_batches = False
+
+    def alone(self) -> bool:
+        """Whether the connection's small uploads have been one sequential sender's lately.
+
+        True after :data:`LONE_SENDS` files in a row went at once, alone, with
+        no send queued meanwhile, while nothing is on the way or queued now.
+        :func:`probe` then skips the schedule point that lets sends starting
+        together gather (a whole pass of the run loop per file, about a tenth
+        of a sequential upload's Python calls on the client). The first send
+        of a burst after such a run goes alone, and the burst's others queue,
+        which resets the count: from then on every send gathers again.
+        """
+        return self._lone >= LONE_SENDS and not (self._calls or self._queue or self._flushing)
 
     async def send(self, peer: Peer, name: str, small: SmallFile, method: str) -> dict[str, Any]:
         """Upload one small file with ``method`` (or in a batch); its result dict.
@@ -207,11 +241,15 @@ class SmallUploads:
         busy = preparing is not None and preparing.count > 0
         if not (self._calls or self._queue or self._flushing or busy):
             self._calls += 1
+            queued_before = self._queued
             try:
                 return await send_one(peer, name, small, method)
             finally:
                 self._calls -= 1
+                self._lone = self._lone + 1 if self._queued == queued_before else 0
                 self._schedule(peer)
+        self._lone = 0
+        self._queued += 1
         queued = _Queued(name, small)
         self._queue.append(queued)
         self._schedule(peer)
@@ -280,6 +318,10 @@ class SmallUploads:
                 self._queue.clear()
 
 
+#: Lone sends in a row (see :meth:`SmallUploads.alone`) after which a
+#: connection's next send skips the gathering schedule point.
+LONE_SENDS = 2
+
 #: The single-file method a batch falls back to (batches are uploads only).
 _SMALL_OF = "file_upload_small"
 
@@ -344,6 +386,7 @@ __all__ = [
     "INLINE_LIMIT",
     "INLINE_SLOW_LOOKS",
     "INLINE_STALL",
+    "LONE_SENDS",
     "MAX_SMALL_CALLS",
     "SmallUploads",
     "looks_inline",
