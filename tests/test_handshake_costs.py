@@ -14,17 +14,14 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import weakref
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
-import conduit.client
 from conduit import Accounts, AuthenticationError, Client, ServerDescriptor
 from conduit._gatekeeper import Gatekeeper, LoopShare, ScreenedListener
 from conduit.accounts import FAKE_CACHE
@@ -42,7 +39,6 @@ from conduit.protocol.pake import StretchParams
 from conftest import (
     LOOPBACK,
     PASSWORD,
-    ClientFactory,
     ServerFactory,
     client_descriptor,
     open_fd_count,
@@ -384,29 +380,3 @@ def test_the_server_decodes_the_client_hello_once() -> None:
     again = reader.next_frame()
     assert again is not None
     assert other.receive(again)
-
-
-async def test_the_client_builds_its_hello_before_it_dials(
-    tcp_server_factory: ServerFactory, tcp_client_factory: ClientFactory, monkeypatch: Any
-) -> None:
-    # Then the hello goes out as soon as the connection is up, and often
-    # reaches the server with the connection: one wake-up of the server for both.
-    order: list[str] = []
-
-    class Recorded(ClientHandshake):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            order.append("hello")
-
-    async def dial(host: str, port: int) -> trio.SocketStream:
-        order.append("dial")
-        return await conduit.client.open_tcp(host, port)
-
-    server = await tcp_server_factory()
-    client = await tcp_client_factory(server, connect=False)
-    monkeypatch.setattr(conduit.client, "ClientHandshake", Recorded)
-    monkeypatch.setattr(client, "_open_stream", functools.partial(dial, LOOPBACK, server.port))
-    with trio.fail_after(10):
-        await client.connect()
-    assert order == ["hello", "dial"]
-    assert client.connected

@@ -229,10 +229,8 @@ class Client(Endpoint):
         token = b"" if given else self._resume_token
         try:
             with trio.fail_after(descriptor.connect_timeout):
-                # The hello first (in the shared-password mode its share, a
-                # scalar multiplication), then the dial: it goes out as soon as
-                # the connection is up, and often reaches the server with the
-                # connection itself, one wake-up of the server for both.
+                if stream is None:
+                    stream = await self._open_stream()
                 try:
                     handshake = ClientHandshake(
                         descriptor.password,
@@ -243,13 +241,6 @@ class Client(Endpoint):
                         cache=self._prover_cache,
                         resume=bool(token),
                     )
-                except BaseException:
-                    if stream is not None:  # a given stream is closed whatever fails
-                        await trio.aclose_forcefully(stream)
-                    raise
-                if stream is None:
-                    stream = await self._open_stream()
-                try:
                     established, welcome = await client_handshake(
                         stream,
                         handshake,
