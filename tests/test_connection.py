@@ -733,6 +733,58 @@ async def test_real_socket_calls_results_larger_than_the_socket_buffer_and_a_str
     assert p.client.closed_on_purpose
 
 
+async def test_a_connection_ends_in_one_pass_after_the_peers_goodbye() -> None:
+    """The common end (the peer's GOODBYE, no task of the connection left) closes
+    the socket inside the nursery, so the nursery's exit is the one scheduling
+    pass between the end (a pending call failed, the socket closed) and
+    ``closed`` being set, as before: the task that runs ``run()`` takes two
+    steps from the GOODBYE to its end, not three."""
+    client_stream, server_stream = _socket_pair()
+    p = _pair(client_stream, server_stream)
+    blocked = trio.Event()
+
+    async def hang(_c: Connection) -> None:
+        blocked.set()
+        await trio.sleep_forever()
+
+    p.client_dispatch.methods["hang"] = hang
+    server_task: trio.lowlevel.Task | None = None
+    steps_after_close = 0
+    failed: list[str] = []
+
+    class Steps(trio.abc.Instrument):
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal steps_after_close
+            if task is server_task and not p.server.is_open:
+                steps_after_close += 1
+
+    async def run_server() -> None:
+        nonlocal server_task
+        server_task = trio.lowlevel.current_task()
+        await p.server.run()
+
+    async def caller() -> None:
+        with pytest.raises(ConnectionClosed) as raised:
+            await p.server.call("hang", {}, None)
+        failed.append(str(raised.value))
+
+    instrument = Steps()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(run_server)
+            nursery.start_soon(caller)
+            await blocked.wait()
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                await p.client.close("done", grace=5.0)
+                await p.server.closed.wait()
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+    assert steps_after_close == 2
+    assert len(failed) == 1 and "done" in failed[0]
+
+
 _SET_BY_A_HANDLER: contextvars.ContextVar[str] = contextvars.ContextVar(
     "set_by_a_handler", default="clean"
 )

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from conduit import (
     AuthenticationError,
@@ -30,7 +31,25 @@ from conduit import (
     Server,
     ServerDescriptor,
 )
+from conduit._handshake_io import (
+    client_handshake,
+    read_hello,
+    read_resume,
+    server_handshake,
+    welcome_record,
+)
 from conduit._resume import ResumeTokens
+from conduit.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    ClientHandshake,
+    Frame,
+    FrameKind,
+    FrameReader,
+    FrameWriter,
+    ServerHandshake,
+)
+from conduit.protocol.codec import encode_frame
+from conduit.protocol.messages import Resume, Welcome
 from conduit.transfer._progress import REPORT_INTERVAL
 from conftest import LOOPBACK, PASSWORD, open_fd_count, wait_until
 from cutting_proxy import CuttingProxy, Direction
@@ -741,3 +760,86 @@ def test_expired_resume_tokens_all_go_at_the_next_disconnect() -> None:
     assert tokens.redeem(again, now=21.0) == "again"
     tokens.start_expiry(None, now=100.0)
     assert len(tokens) == 0
+
+
+# --------------------------------------------------------------------------- the token on the wire
+
+TOKEN = b"t" * 32
+
+
+def _machines() -> tuple[ClientHandshake, ServerHandshake]:
+    limits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 1 << 20}
+    client = ClientHandshake(PASSWORD, name="c", resume=True, **limits)
+    return client, ServerHandshake(PASSWORD, name="s", **limits)
+
+
+async def test_a_resuming_client_sends_its_token_with_its_confirmation() -> None:
+    # One round trip fewer: the token goes in the CLIENT_CONFIRM's send, sealed
+    # with the keys it commits to, and the server answers both at once (its
+    # SERVER_CONFIRM then the WELCOME). The server reads the token without
+    # sending its confirmation first.
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client, server = _machines()
+    answered: list[bytes] = []
+
+    async def serve() -> None:
+        async def run(frame: Frame) -> bytes:
+            return server.receive(frame)
+
+        reader, hello, _ = await read_hello(server_stream)
+        established = await server_handshake(
+            server_stream, server, DEFAULT_MAX_FRAME_SIZE, reader=reader, hello=hello, run=run
+        )
+        unsent = established.unsent
+        assert unsent  # the SERVER_CONFIRM, held back
+        answered.append(await read_resume(server_stream, established))
+        # Read without sending the SERVER_CONFIRM: it goes with the WELCOME.
+        assert established.unsent == unsent
+        welcome = Welcome("old-id", "s", 0.0, b"n" * 32)
+        await server_stream.send_all(welcome_record(established, welcome))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            _, welcome = await client_handshake(
+                client_stream, client, DEFAULT_MAX_FRAME_SIZE, TOKEN
+            )
+    assert answered == [TOKEN] and welcome.client_id == "old-id"
+
+
+async def test_a_token_sent_after_the_servers_confirmation_still_resumes() -> None:
+    # An older client sends its token only once it has the SERVER_CONFIRM: the
+    # server, not finding it with the confirmation, sends that first (else
+    # both would wait for each other until auth_timeout).
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client, server = _machines()
+    answered: list[bytes] = []
+
+    async def serve() -> None:
+        async def run(frame: Frame) -> bytes:
+            return server.receive(frame)
+
+        reader, hello, _ = await read_hello(server_stream)
+        established = await server_handshake(
+            server_stream, server, DEFAULT_MAX_FRAME_SIZE, reader=reader, hello=hello, run=run
+        )
+        answered.append(await read_resume(server_stream, established))
+        assert established.unsent == b""  # the SERVER_CONFIRM went first
+
+    def frames(reader: FrameReader, data: bytes | bytearray) -> list[Frame]:
+        reader.feed(data)
+        return list(iter(reader.next_frame, None))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            reader, writer = FrameReader(), FrameWriter()
+            await client_stream.send_all(client.start())
+            (server_hello,) = frames(reader, await client_stream.receive_some())
+            await client_stream.send_all(client.receive(server_hello))
+            (server_confirm,) = frames(reader, await client_stream.receive_some())
+            assert client.receive(server_confirm) == b"" and client.keys is not None
+            writer.start_encryption(client.keys.send_key, client.keys.peer_max_frame_size)
+            (record,) = writer.write_frames([(encode_frame(FrameKind.MESSAGE, 0, Resume(TOKEN)),)])
+            await client_stream.send_all(record)
+    assert answered == [TOKEN]

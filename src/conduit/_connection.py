@@ -299,6 +299,7 @@ class Connection:
 
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Serve the connection until it closes. Never raises for network failures."""
+        released = socket_closed = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -324,16 +325,24 @@ class Connection:
                 self._body_task = trio.lowlevel.current_task()
                 await self._calls.run()
                 self._body_task = None
+                if not nursery.child_tasks:
+                    # The common end (no task left): close here, so that the
+                    # scheduling pass the nursery's exit makes when it has
+                    # nothing to wait for is also the close's (below), one
+                    # pass per connection's end instead of two.
+                    released = True
+                    self._release()
+                    socket_closed = close_now(self.stream)
         finally:
-            if self._heartbeat_entry is not None:
-                Heartbeats.remove(self._heartbeat_entry)
-            self._shutdown(self.close_reason or "connection closed")
-            if self._role is not None:
-                self._role.close()
-            if close_now(self.stream):
+            if not released:
+                self._release()
+            if socket_closed:
+                pass  # the nursery's exit made the pass
+            elif close_now(self.stream):
                 # The scheduling pass aclose() ends with (other tasks see the
-                # connection closed before it is reported closed), minus its
-                # cancel scopes and the Cancelled raised and caught under them.
+                # connection closed before it is reported closed: the transfer
+                # layer's partials rely on it), minus its cancel scopes and
+                # the Cancelled raised and caught under them.
                 await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 with trio.CancelScope(shield=True):
@@ -341,6 +350,15 @@ class Connection:
             self.owned.clear()
             self._unlink()
             self.closed.set()
+
+    def _release(self) -> None:
+        """The end of the session, before its socket is closed: no more beats,
+        every waiter failed, the reading role's descriptors gone."""
+        if self._heartbeat_entry is not None:
+            Heartbeats.remove(self._heartbeat_entry)
+        self._shutdown(self.close_reason or "connection closed")
+        if self._role is not None:
+            self._role.close()
 
     def _unlink(self) -> None:
         """Drop the links from this connection's parts back to it, now that it is over.

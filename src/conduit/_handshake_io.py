@@ -122,7 +122,12 @@ async def client_handshake(
 
     With a ``resume_token`` (the ``handshake`` must have been made with
     ``resume=True``), present it sealed, first thing, to get the old client id
-    back. A SERVER_HELLO that costs an Argon2id stretch (accounts mode, the
+    back: in the same send as the CLIENT_CONFIRM, sealed with the keys that
+    confirmation commits to (only a server that knows the password, hence
+    those keys, can open it; and it opens it only after checking the
+    confirmation), so the server answers both at once with its SERVER_CONFIRM
+    and the WELCOME: a round trip fewer than sending it after the server's
+    confirmation. A SERVER_HELLO that costs an Argon2id stretch (accounts mode, the
     first connect of a ``Client``) is handled in a worker thread; every other
     step (a few scalar multiplications, or one HMAC) inline.
     """
@@ -131,22 +136,28 @@ async def client_handshake(
     await send_bytes(stream, handshake.start(), io)
     handshake.precompute()  # while the server works on its hello
     await _first_reply(stream, reader, io)
+    sealing = False
     while handshake.keys is None:
         frame = await _next_frame(stream, reader, io)
         if handshake.will_stretch(frame):
             reply = await trio.to_thread.run_sync(handshake.receive, frame)
         else:
             reply = handshake.receive(frame)
+        early = handshake.unconfirmed_keys
+        if resume_token and early is not None and not sealing:
+            # The reply is the CLIENT_CONFIRM: the token goes with it.
+            sealing = True
+            writer.start_encryption(early.send_key, early.peer_max_frame_size)
+            (record,) = writer.write_frames(
+                [(encode_frame(FrameKind.MESSAGE, 0, Resume(resume_token)),)]
+            )
+            reply += record
         if reply:
             await send_bytes(stream, reply, io)
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
-    writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
-    if resume_token:
-        (record,) = writer.write_frames(
-            [(encode_frame(FrameKind.MESSAGE, 0, Resume(resume_token)),)]
-        )
-        await send_bytes(stream, record, io)
+    if not sealing:
+        writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
     frame = await _next_frame(stream, reader, io)
     if frame.kind is not FrameKind.WELCOME:
         raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
@@ -235,12 +246,19 @@ async def server_handshake(
 async def read_resume(stream: trio.abc.Stream, established: Established) -> bytes:
     """The resume token an authenticated client announced (its first sealed frame).
 
-    The client sends it once it has the SERVER_CONFIRM: that goes out first.
+    A client sends it with its CLIENT_CONFIRM: then it is read already, and
+    the SERVER_CONFIRM stays held back to go out with the WELCOME (one send
+    answers both). An older client sends it only once it has the
+    SERVER_CONFIRM: when the token has not come with the confirmation, that
+    goes out first, then the token is awaited.
     """
-    if established.unsent:
-        unsent, established.unsent = established.unsent, b""
-        await send_bytes(stream, unsent, established.io)
-    frame = await _next_frame(stream, established.reader, established.io)
+    reader = established.reader
+    frame = reader.next_frame()
+    if frame is None:
+        if established.unsent:
+            unsent, established.unsent = established.unsent, b""
+            await send_bytes(stream, unsent, established.io)
+        frame = await _next_frame(stream, reader, established.io)
     if frame.kind is not FrameKind.MESSAGE:
         raise RemoteProtocolError(f"expected the resume token, got {frame.kind.name}")
     # A MESSAGE frame in form (the one kind a sealed channel may open with),

@@ -345,6 +345,11 @@ class ClientHandshake(_Handshake):
     ) -> None:
         self.state = HandshakeState.START
         self.keys: SessionKeys | None = None
+        #: The keys the CLIENT_CONFIRM commits to, before the server has
+        #: confirmed them (set with that reply): enough to seal a record the
+        #: server opens only once it has checked our confirmation, never to
+        #: trust one from it (:attr:`keys` is set once its confirmation checks).
+        self.unconfirmed_keys: SessionKeys | None = None
         self.server_name = ""
         self.username = None if username is None else _check_username(username)
         self._password = password
@@ -428,6 +433,14 @@ class ClientHandshake(_Handshake):
                 confirm = self._account_confirm(hello, bytes(frame.payload))
             self._server_hello = hello
             self.server_name = hello.name
+            assert self._pending is not None
+            self.unconfirmed_keys = SessionKeys(
+                send_key=self._pending.client_to_server,
+                receive_key=self._pending.server_to_client,
+                peer_name=hello.name,
+                peer_max_frame_size=hello.max_frame_size,
+                peer_receive_window=hello.receive_window,
+            )
             self.state = HandshakeState.WAIT_SERVER_CONFIRM
             return encode_frame(FrameKind.CLIENT_CONFIRM, 0, confirm)
         if self.state is HandshakeState.WAIT_SERVER_CONFIRM:
@@ -439,13 +452,7 @@ class ClientHandshake(_Handshake):
                     "the server could not prove it knows the password: "
                     "it may be an impostor, or it was configured with a different password"
                 )
-            self.keys = SessionKeys(
-                send_key=self._pending.client_to_server,
-                receive_key=self._pending.server_to_client,
-                peer_name=self._server_hello.name,
-                peer_max_frame_size=self._server_hello.max_frame_size,
-                peer_receive_window=self._server_hello.receive_window,
-            )
+            self.keys = self.unconfirmed_keys
             self.state = HandshakeState.DONE
             return b""
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame after the handshake ended")
