@@ -103,7 +103,7 @@ def test_call_and_result_round_trip(pair: Pair) -> None:
     event = pair.deliver_one(pair.server, frame)
     assert isinstance(event, CallReceived)
     assert event.call_id == call_id == 1
-    assert (event.call.method, event.call.args) == ("add", {"a": 1, "b": 2})
+    assert (event.method, event.args) == ("add", {"a": 1, "b": 2})
     pair.server.call_finished(call_id)
     reply = pair.deliver_one(pair.client, pair.server.result_frame(call_id, Result(True, 3)))
     assert reply == ResultReceived(call_id, Result(True, 3))

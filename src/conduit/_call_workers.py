@@ -148,11 +148,11 @@ class CallRunners:
         finish it (what :meth:`run` does when the reader returns it).
         """
         call_id = event.call_id
-        call = event.call
+        method = event.method
         # The handler's coroutine is driven directly, not through a wrapper
         # coroutine that would turn its outcome into a Result (a frame and a
         # coroutine less per call): _failure maps what it raises.
-        coroutine = self._dispatch(call.method, call.args)
+        coroutine = self._dispatch(method, event.args)
         try:
             trap = coroutine.send(None)
         except StopIteration as stop:
@@ -161,14 +161,14 @@ class CallRunners:
             return None
         except Exception as exc:
             self._finished(call_id)
-            result = self._failure(call.method, exc)
+            result = self._failure(method, exc)
             if result is not None:
                 self._queue_result(call_id, result)
             return None
         except BaseException:
             self._finished(call_id)
             raise
-        return Blocked(call_id, call.method, coroutine, trap)
+        return Blocked(call_id, method, coroutine, trap)
 
     def cancel(self, call_id: int) -> None:
         """The caller gave up: cancel the task running that call, if it still runs."""

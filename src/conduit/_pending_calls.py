@@ -18,11 +18,12 @@ import outcome
 import trio
 
 from .errors import ConnectionClosed, RPCTimeoutError
-from .protocol.connection import ConnectionState, Phase
+from .protocol.connection import ConnectionState, Phase, ResultReceived
 from .protocol.messages import Result
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _CLOSED = Phase.CLOSED
+_reschedule = trio.lowlevel.reschedule
 
 
 class PendingCall:
@@ -209,11 +210,20 @@ class PendingCalls:
         if pending.deliver(result):
             self.waking += 1
 
-    def resolve(self, call_id: int, result: Result) -> None:
-        """A RESULT arrived: wake its caller (unknown ids were given up on; ignore them)."""
-        pending = self._calls.pop(call_id, None)
-        # _wake, inline: once per call.
-        if pending is not None and pending.deliver(outcome.Value(result)):
+    def resolve(self, event: ResultReceived) -> None:
+        """A RESULT arrived: wake its caller (unknown ids were given up on; ignore them).
+
+        The connection's handler for :class:`ResultReceived` itself (no
+        wrapper method between): this runs once per call.
+        """
+        pending = self._calls.pop(event.call_id, None)
+        if pending is None:
+            return
+        if pending.parked:
+            # PendingCall.deliver's common case, inline: a parked Trio caller.
+            _reschedule(pending.task, outcome.Value(event.result))  # type: ignore[arg-type]
+            self.waking += 1
+        elif pending.deliver(outcome.Value(event.result)):
             self.waking += 1
 
     def fail_all(self, reason: str) -> None:

@@ -44,7 +44,7 @@ from .codec import (
 )
 from .data_runs import DataRun
 from .frames import FLAG_END, FRAME_COST, HEADER_SIZE, Frame, FrameKind, is_valid_stream_id
-from .messages import Body, Call, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
+from .messages import Body, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
 
 # Enum members as module constants: ``FrameKind.CALL`` is a ~0.1 us class
 # attribute lookup, and receive_frame tests the kind of every frame.
@@ -77,10 +77,16 @@ class Phase(enum.Enum):
 
 @attrs.define(slots=True)
 class CallReceived:
-    """The peer calls ``call.method``; answer with :meth:`ConnectionState.finish_call`."""
+    """The peer calls ``method`` with ``args``; answer with :meth:`ConnectionState.value_frame`
+    or :meth:`ConnectionState.result_frame`, then :meth:`ConnectionState.call_finished`.
+
+    The call's two fields, not a :class:`~conduit.protocol.messages.Call`: no
+    frozen instance to build per call.
+    """
 
     call_id: int
-    call: Call
+    method: str
+    args: dict[str, Any]
 
 
 @attrs.define(slots=True)
@@ -370,7 +376,14 @@ class ConnectionState:
                 stream.on_data(frame.payload, frame.flags)
             return stream
         if kind is _CALL:
-            return self._on_call(frame.stream_id, decode_call(frame.payload))
+            method, args = decode_call(frame.payload)
+            call_id = frame.stream_id
+            active = self._active_calls
+            # The common case here, the rest in _refuse_call: one Python call less per call.
+            if call_id not in active and len(active) < self.max_concurrent_calls:
+                active.add(call_id)
+                return CallReceived(call_id, method, args)
+            return self._refuse_call(call_id)
         if kind is _RESULT:
             return ResultReceived(frame.stream_id, decode_result(frame.payload))
         if kind is FrameKind.CREDIT:
@@ -397,19 +410,16 @@ class ConnectionState:
             return GoodbyeReceived(goodbye.reason)
         raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
 
-    def _on_call(self, call_id: int, call: Call) -> CallReceived | CallRefused:
-        active = self._active_calls
-        if call_id in active:
+    def _refuse_call(self, call_id: int) -> CallRefused:
+        """A CALL whose id is in use (a protocol error) or over the concurrency limit."""
+        if call_id in self._active_calls:
             raise RemoteProtocolError(f"call id {call_id} is already in use")
-        if len(active) >= self.max_concurrent_calls:
-            refusal = Result(
-                False,
-                error=f"too many concurrent calls (limit {self.max_concurrent_calls})",
-                code="overloaded",
-            )
-            return CallRefused(call_id, encode_frame(FrameKind.RESULT, call_id, refusal))
-        active.add(call_id)
-        return CallReceived(call_id, call)
+        refusal = Result(
+            False,
+            error=f"too many concurrent calls (limit {self.max_concurrent_calls})",
+            code="overloaded",
+        )
+        return CallRefused(call_id, encode_frame(FrameKind.RESULT, call_id, refusal))
 
     def _on_credit(self, stream_id: int, credit: Credit) -> OutboundStream | None:
         if not 0 < credit.increment <= 1 << 31:
@@ -446,7 +456,10 @@ class ConnectionState:
     def start_call(self, method: str, args: dict[str, Any]) -> tuple[int, bytes]:
         """Allocate a call id; return it with the CALL frame to send."""
         call_id = next(self._call_ids)
-        return call_id, self._checked(_CALL, encode_call(call_id, method, args))
+        frame = encode_call(call_id, method, args)
+        if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:  # _checked's test, inline
+            return call_id, frame
+        return call_id, self._checked(_CALL, frame)
 
     def cancel_call(self, call_id: int) -> bytes | None:
         """The CANCEL frame for a call we gave up on (None once closing)."""
