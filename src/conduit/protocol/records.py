@@ -53,7 +53,7 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-def _has_views(buffer: mmap.mmap) -> bool:
+def has_views(buffer: mmap.mmap) -> bool:
     """Whether a memoryview of ``buffer`` (a frame payload, say) is still alive.
 
     An mmap counts the buffers it has exported and refuses to resize while any
@@ -68,9 +68,9 @@ def _has_views(buffer: mmap.mmap) -> bool:
 
 
 def _can_test_views() -> bool:
-    """Whether :func:`_has_views` works here (it needs ``mremap``: Linux)."""
+    """Whether :func:`has_views` works here (it needs ``mremap``: Linux)."""
     try:
-        _has_views(anonymous_buffer(mmap.PAGESIZE))
+        has_views(anonymous_buffer(mmap.PAGESIZE))
     except (OSError, SystemError, ValueError):
         return False
     return True
@@ -78,7 +78,7 @@ def _can_test_views() -> bool:
 
 #: Whether mapped buffers are reused (only where a live view can be detected
 #: exactly; elsewhere large records open into fresh ``bytes``, as small ones do).
-_REUSABLE = _can_test_views()
+REUSABLE = _can_test_views()
 
 
 class RecordSealer:
@@ -250,7 +250,7 @@ class RecordOpener:
         view = memoryview(buffer)
         plaintext: bytes | memoryview
         try:
-            if sealed_size >= MAPPED_MIN and _REUSABLE:
+            if sealed_size >= MAPPED_MIN and REUSABLE:
                 plaintext = self._mapped_buffer()[: sealed_size - TAG_SIZE]
                 self._aead.decrypt_into(
                     _nonce(self._counter),
@@ -277,14 +277,14 @@ class RecordOpener:
         longer referenced): an idle connection holds no bulk megabytes."""
         if not self._mapped_used:
             # Dropped ones are unmapped with their last view.
-            self._mapped = [buffer for buffer in self._mapped if _has_views(buffer)]
+            self._mapped = [buffer for buffer in self._mapped if has_views(buffer)]
         self._mapped_used = False
 
     def _mapped_buffer(self) -> memoryview:
         """A kept mapping no view refers to any more, or a new one."""
         self._mapped_used = True
         for buffer in self._mapped:
-            if not _has_views(buffer):
+            if not has_views(buffer):
                 return memoryview(buffer)
         buffer = anonymous_buffer(self._max_sealed)
         if len(self._mapped) < MAPPED_KEEP:

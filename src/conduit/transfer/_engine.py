@@ -27,7 +27,7 @@ from .._streams import IncomingStream, OutgoingStream
 from ..errors import TransferError
 from ..protocol import FRAME_COST
 from ..protocol.connection import Buffer
-from ..protocol.data_runs import DataRecord, lay_out
+from ..protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._wire import Trailer
@@ -84,12 +84,17 @@ class BlockWriter(Protocol):
 
 
 def _read_records(
-    file: io.FileIO, stream_id: int, size: int, shape: tuple[int, int], hasher: Any
+    file: io.FileIO,
+    stream_id: int,
+    size: int,
+    shape: tuple[int, int],
+    hasher: Any,
+    buffers: RecordBuffers,
 ) -> list[DataRecord] | None:
     # In a worker thread: the file read straight into the frames' payload slots
     # (one readv), hashed in file order; the event loop then only seals and
     # sends. None if the file ended early (it shrank).
-    records, slots = lay_out(stream_id, size, *shape)
+    records, slots = lay_out(stream_id, size, *shape, buffers)
     if not _fill(file.fileno(), slots, size):
         return None
     for slot in slots:
@@ -150,6 +155,9 @@ class FileSource:
     def __init__(self, file: io.FileIO) -> None:
         """Wrap an open file (its position is where sending starts)."""
         self.file = file
+        # Records are laid out in buffers reused once sealed, not a fresh
+        # zero-filled megabyte each (one sender at a time uses them).
+        self._buffers = RecordBuffers()
 
     async def read_records(
         self,
@@ -166,7 +174,7 @@ class FileSource:
         """
         async with _maybe(threads):
             return await trio.to_thread.run_sync(
-                _read_records, self.file, stream.stream_id, size, shape, hasher
+                _read_records, self.file, stream.stream_id, size, shape, hasher, self._buffers
             )
 
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
