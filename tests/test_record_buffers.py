@@ -273,6 +273,28 @@ async def test_a_cancelled_read_of_a_rest_leaves_the_start_with_the_opener() -> 
     await peer.aclose()
 
 
+async def test_a_start_larger_than_the_rest_stays_with_the_opener() -> None:
+    ours, peer = await tcp_pair()
+    buffer = ReceiveBuffer(LIMIT)
+    buffer._mapping = anonymous_buffer(buffer.size)
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    record = sealed(sealer, 4, 600 * 1024)
+    begun = 500 * 1024
+    opener.feed(record[:begun])
+    assert opener.next_record() is None
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, record[begun:])
+            read = await buffer.receive(ours, opener.missing, opener)
+        assert bytes(read) == record[begun:]  # only the rest: the opener appends it
+        assert bytes(opener.partial()) == record[:begun]
+        opener.feed(read)
+        opened = opener.next_record()
+        assert opened is not None and bytes(opened) == bytes([4]) * 600 * 1024
+    await ours.aclose()
+    await peer.aclose()
+
+
 async def test_a_record_larger_than_the_mapping_is_joined_by_the_opener() -> None:
     ours, peer = await tcp_pair()
     buffer = ReceiveBuffer(256 * 1024)

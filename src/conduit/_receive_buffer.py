@@ -26,7 +26,8 @@ heartbeat interval and the peer is never taken for silent.
 The rest of a record is read behind a copy of its start, at the front of the
 mapping (:class:`PartialRecord`), so the record opener can decrypt the whole
 record from the read as it is: only the start (usually a few KiB that came
-with the previous read) is copied, not the megabyte.
+with the previous read) is copied, not the megabyte. A start larger than the
+rest stays with the opener, which appends the rest to it (fewer bytes copied).
 
 Streams that are not plain sockets (TLS, memory streams in tests) keep using
 ``receive_some``; plain sockets are read through :class:`~conduit._socket_io.SocketIO`
@@ -102,9 +103,13 @@ class ReceiveBuffer:
             if partial is not None:
                 with partial.partial() as start:
                     begun = len(start)
-                    if begun + missing <= len(mapping):
+                    # The start is copied twice this way (the opener kept a copy
+                    # when the earlier read was reused), the rest never: worth it
+                    # when the start is the smaller part. A record larger than
+                    # the mapping is joined by the opener, as before.
+                    if begun < missing and begun + missing <= len(mapping):
                         mapping[:begun] = start
-                    else:  # a record larger than the mapping: the opener joins it
+                    else:
                         begun = -1
                 if begun >= 0:
                     return await self._receive_rest(io, mapping, begun, missing, partial)
