@@ -37,6 +37,7 @@ from conduit.protocol.codec import data_header
 from conduit.protocol.connection import ConnectionState
 from conduit.protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from conduit.protocol.records import RecordSealer
+from conduit.transfer import _engine
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -208,8 +209,11 @@ async def _trio_steps(chunks: list[memoryview], loops: int, repeat: int) -> dict
             trio.lowlevel.checkpoint, loops * 10, time.thread_time
         ),
         # Process CPU: the hop's cost is in both threads (futex, GIL hand-offs).
-        "one worker-thread hop (trio.to_thread.run_sync of nothing)": await timed(
+        "one worker-thread hop (trio.to_thread.run_sync of nothing; before)": await timed(
             lambda: trio.to_thread.run_sync(lambda: None), loops, time.process_time
+        ),
+        "one hop on the sender's read threads (WorkerHop.run of nothing; now)": await timed(
+            lambda: _engine._READS.run(lambda: None), loops, time.process_time
         ),
     }
 
