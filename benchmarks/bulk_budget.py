@@ -35,8 +35,9 @@ from conduit._streams import IncomingStream, OutgoingStream
 from conduit.protocol import FrameReader, FrameWriter, OutFrame
 from conduit.protocol.codec import data_header
 from conduit.protocol.connection import ConnectionState
-from conduit.protocol.data_runs import DataRecord, lay_out
+from conduit.protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from conduit.protocol.records import RecordSealer
+from conduit.transfer import _engine
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
@@ -86,16 +87,21 @@ def shared_steps(loops: int, repeat: int) -> dict[str, float]:
                 _median(lambda: hasher.update(os.pread(fd, MiB, 0)), loops, repeat)
             )
             figures[
-                "the sender's worker step now: lay out + readv into the frames + 16 updates"
+                "the sender's worker step, fresh buffers: lay out + readv into the frames + "
+                "16 updates (before)"
             ] = _median(lambda: _read_laid_out(fd, hasher), loops, repeat)
+            buffers = RecordBuffers()
+            figures["the sender's worker step, buffers reused once sealed (RecordBuffers; now)"] = (
+                _median(lambda: _read_laid_out(fd, hasher, buffers), loops, repeat)
+            )
         finally:
             os.close(fd)
     return figures
 
 
-def _read_laid_out(fd: int, hasher: Any) -> list[DataRecord]:
+def _read_laid_out(fd: int, hasher: Any, buffers: RecordBuffers | None = None) -> list[DataRecord]:
     """What ``_engine._read_records`` does for one record (pread: the file position stays)."""
-    records, slots = lay_out(1, MiB, CHUNK, 16)
+    records, slots = lay_out(1, MiB, CHUNK, 16, buffers)
     os.preadv(fd, slots, 0)
     for slot in slots:
         hasher.update(slot)
@@ -203,8 +209,11 @@ async def _trio_steps(chunks: list[memoryview], loops: int, repeat: int) -> dict
             trio.lowlevel.checkpoint, loops * 10, time.thread_time
         ),
         # Process CPU: the hop's cost is in both threads (futex, GIL hand-offs).
-        "one worker-thread hop (trio.to_thread.run_sync of nothing)": await timed(
+        "one worker-thread hop (trio.to_thread.run_sync of nothing; before)": await timed(
             lambda: trio.to_thread.run_sync(lambda: None), loops, time.process_time
+        ),
+        "one hop on the sender's read threads (WorkerHop.run of nothing; now)": await timed(
+            lambda: _engine._READS.run(lambda: None), loops, time.process_time
         ),
     }
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from conduit.errors import IntegrityError, RemoteProtocolError
 from conduit.protocol import FRAME_COST, OutFrame
 from conduit.protocol.data_runs import DataRecord, DataRun, split_record
 from conduit.protocol.records import LENGTH, TAG_SIZE, RecordOpener, RecordSealer
+from conduit.transfer import _engine
 from conduit.transfer._engine import READ_BLOCK, FileSource, send_file
 from conduit.transfer._progress import ProgressReporter
 
@@ -158,6 +160,38 @@ class CountedSource(FileSource):
         records = await super().read_records(stream, size, shape, hasher, threads)
         self.blocks.append(sum(record.payload for record in records or []))
         return records
+
+
+async def test_the_read_step_runs_on_the_bulk_read_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file's blocks are read, laid out and hashed on the persistent bulk-read
+    threads (a WorkerHop), not through a trio.to_thread hop, and arrive intact."""
+    threads: list[str] = []
+    real = _engine._read_records
+
+    def spy(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(_engine, "_read_records", spy)
+    data = os.urandom(3 * CHUNK + 5)
+    (tmp_path / "f.bin").write_bytes(data)
+
+    async def enqueue(frames: list[tuple[OutFrame, int]]) -> None:
+        del frames
+
+    stream = OutgoingStream(1, 4 * 1024 * 1024, CHUNK, enqueue)
+    hasher = hashlib.sha256()
+    with trio.fail_after(30), io.FileIO(tmp_path / "f.bin", "r") as file:
+        source = FileSource(file)
+        records = await source.read_records(
+            stream, len(data), stream.record_shape(CHUNK), hasher, None
+        )
+    assert records is not None
+    assert threads and all(name.startswith("conduit bulk reads") for name in threads)
+    assert b"".join(b"".join(_payloads((record.buffer,))) for record in records) == data
+    assert hasher.digest() == hashlib.sha256(data).digest()
 
 
 def _payloads(frame: OutFrame) -> list[bytes]:

@@ -19,7 +19,7 @@ from conduit.errors import IntegrityError, RemoteProtocolError
 from conduit.protocol import FLAG_END, FRAME_COST, FrameKind, FrameReader, FrameWriter
 from conduit.protocol.codec import data_header, encode_frame, iter_frames
 from conduit.protocol.connection import ConnectionState, InboundStream
-from conduit.protocol.data_runs import DataRun, lay_out, split_record
+from conduit.protocol.data_runs import DataRun, RecordBuffers, lay_out, split_record
 from conduit.protocol.messages import Credit, Ping
 
 MAX_FRAME = 1024 * 1024
@@ -327,6 +327,42 @@ def test_a_laid_out_record_fits_one_sealed_record_and_the_window(window: int, ch
     # Sixteen 64 KiB chunks per record with the defaults (one record per MiB).
     if window == 4 * 1024 * 1024 and chunk == 64 * 1024:
         assert (frame, per_record) == (chunk, 16)
+
+
+def test_record_buffers_are_reused_only_once_nothing_refers_to_them() -> None:
+    """A sender's large records are laid out in kept mappings: one is handed out
+    again only when no view of it (the record, a slot, the writer's piece) is
+    left, so a record queued or being sealed never changes; small ones are fresh."""
+    buffers = RecordBuffers()
+    frame, per_record = 64 * 1024, 16
+    first, slots = lay_out(3, 2 * per_record * frame, frame, per_record, buffers)
+    assert [type(record.buffer) for record in first] == [memoryview, memoryview]
+    for index, slot in enumerate(slots):
+        slot[:] = bytes([index]) * len(slot)
+    held = first[1].buffer  # e.g. still queued for the writer
+    kept = [bytes(record.buffer) for record in first]
+    mappings = {id(record.buffer.obj) for record in first}  # type: ignore[union-attr]
+    del first, slots
+    second, slots = lay_out(3, 2 * per_record * frame, frame, per_record, buffers)
+    for slot in slots:
+        slot[:] = b"\xff" * len(slot)
+    assert bytes(held) == kept[1]  # never handed out while held
+    reused = {id(record.buffer.obj) for record in second}  # type: ignore[union-attr]
+    assert id(held.obj) not in reused and len(reused & mappings) == 1
+    # The records still split back into their frames and bytes.
+    payload = b"".join(
+        bytes(view)
+        for record in second
+        for item in split_record(bytes(record.buffer), frame)
+        for view in (item.payloads if isinstance(item, DataRun) else [item.payload])
+    )
+    assert payload == b"\xff" * (2 * per_record * frame)
+    # A short last record fits a kept mapping; a small one is plain bytes.
+    del second, slots
+    short, _ = lay_out(3, 100 * 1024, frame, per_record, buffers)
+    assert id(short[0].buffer.obj) in mappings | reused  # type: ignore[union-attr]
+    tiny, _ = lay_out(3, 1000, frame, per_record, buffers)
+    assert type(tiny[0].buffer) is bytearray
 
 
 async def _never(batch: object) -> None:

@@ -182,3 +182,134 @@ async def test_other_streams_are_read_as_before() -> None:
     with trio.fail_after(10):
         assert await buffer.receive(ours) == b"over memory"
     assert buffer._mapping is None
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of a loopback TCP connection (the low-water mark is TCP's)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    return client, server
+
+
+def test_a_lent_read_is_opened_in_place_and_a_record_begun_is_kept() -> None:
+    # A read into the connection's mapping is fed as a view and decrypted from
+    # it (no copy); the start of a record behind it is copied before the next
+    # read reuses the memory, so overwriting the read afterwards changes nothing.
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    first, second = sealed(sealer, 1), sealed(sealer, 2)
+    read = bytearray(first + second[:1000])
+    opener.feed(memoryview(read))
+    assert opener._buffer.obj is read  # type: ignore[union-attr]  # lent, not copied
+    record = opener.next_record()
+    assert record is not None and bytes(record) == bytes([1]) * 200 * 1024
+    assert opener.next_record() is None
+    read[:] = bytes(len(read))  # the next read lands in the same memory
+    assert bytes(opener.partial()) == second[:1000]
+    opener.feed(memoryview(second)[1000:])
+    record = opener.next_record()
+    assert record is not None and bytes(record) == bytes([2]) * 200 * 1024
+    # A read that holds only the start of a record is copied too.
+    third = sealed(sealer, 3)
+    read = bytearray(third[:5000])
+    opener.feed(memoryview(read))
+    assert opener.next_record() is None
+    read[:] = bytes(len(read))
+    opener.feed(third[5000:])
+    record = opener.next_record()
+    assert record is not None and bytes(record) == bytes([3]) * 200 * 1024
+
+
+async def test_the_rest_of_a_record_is_read_behind_its_start() -> None:
+    # The start of a record (from an earlier read) goes in front of the mapping
+    # and the rest is read behind it: the read is the whole record, and the
+    # opener, its start discarded, opens it from the read.
+    ours, peer = await tcp_pair()
+    buffer = ReceiveBuffer(LIMIT)
+    buffer._mapping = anonymous_buffer(buffer.size)  # as after bulk data
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    record = sealed(sealer, 7, 600 * 1024)
+    with trio.fail_after(10):
+        opener.feed(record[:3000])
+        assert opener.next_record() is None
+        missing = opener.missing
+        assert missing == len(record) - 3000
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, record[3000:])
+            read = await buffer.receive(ours, missing, opener)
+        assert isinstance(read, memoryview) and read.obj is buffer._mapping
+        assert bytes(read) == record
+        assert len(opener.partial()) == 0  # discarded: it came back with the rest
+        opener.feed(read)
+        opened = opener.next_record()
+        assert opened is not None and bytes(opened) == bytes([7]) * 600 * 1024
+        del read
+        assert opener.next_record() is None
+    await ours.aclose()
+    await peer.aclose()
+
+
+async def test_a_cancelled_read_of_a_rest_leaves_the_start_with_the_opener() -> None:
+    ours, peer = await tcp_pair()
+    buffer = ReceiveBuffer(LIMIT)
+    buffer._mapping = anonymous_buffer(buffer.size)
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    record = sealed(sealer, 9, 600 * 1024)
+    opener.feed(record[:3000])
+    assert opener.next_record() is None
+    with trio.move_on_after(0.05):
+        await buffer.receive(ours, opener.missing, opener)
+    assert bytes(opener.partial()) == record[:3000]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, record[3000:])
+            read = await buffer.receive(ours, opener.missing, opener)
+        opener.feed(read)
+        opened = opener.next_record()
+        assert opened is not None and bytes(opened) == bytes([9]) * 600 * 1024
+    await ours.aclose()
+    await peer.aclose()
+
+
+async def test_a_start_larger_than_the_rest_stays_with_the_opener() -> None:
+    ours, peer = await tcp_pair()
+    buffer = ReceiveBuffer(LIMIT)
+    buffer._mapping = anonymous_buffer(buffer.size)
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    record = sealed(sealer, 4, 600 * 1024)
+    begun = 500 * 1024
+    opener.feed(record[:begun])
+    assert opener.next_record() is None
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, record[begun:])
+            read = await buffer.receive(ours, opener.missing, opener)
+        assert bytes(read) == record[begun:]  # only the rest: the opener appends it
+        assert bytes(opener.partial()) == record[:begun]
+        opener.feed(read)
+        opened = opener.next_record()
+        assert opened is not None and bytes(opened) == bytes([4]) * 600 * 1024
+    await ours.aclose()
+    await peer.aclose()
+
+
+async def test_a_record_larger_than_the_mapping_is_joined_by_the_opener() -> None:
+    ours, peer = await tcp_pair()
+    buffer = ReceiveBuffer(256 * 1024)
+    buffer._mapping = anonymous_buffer(buffer.size)
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    record = sealed(sealer, 5, 600 * 1024)
+    opener.feed(record[:3000])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, record[3000:])
+            opened = None
+            while opened is None:
+                assert opener.next_record() is None
+                opener.feed(await buffer.receive(ours, opener.missing, opener))
+                opened = opener.next_record()
+        assert bytes(opened) == bytes([5]) * 600 * 1024
+    await ours.aclose()
+    await peer.aclose()

@@ -855,10 +855,12 @@ async def test_checksum_mismatch_publishes_nothing(
 ) -> None:
     read_records = _engine._read_records
 
-    def lying_read_records(file: Any, stream_id: int, size: int, shape: Any, hasher: Any) -> Any:
+    def lying_read_records(
+        file: Any, stream_id: int, size: int, shape: Any, hasher: Any, *rest: Any
+    ) -> Any:
         # The sender sends the right bytes but hashes something else, so its
         # trailer announces a digest the receiver's bytes do not have.
-        records = read_records(file, stream_id, size, shape, hasher)
+        records = read_records(file, stream_id, size, shape, hasher, *rest)
         hasher.update(b"\x00")
         return records
 

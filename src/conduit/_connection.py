@@ -642,8 +642,10 @@ class Connection:
     async def _receive(self) -> Received:
         if self.host_reader is not None:
             return await self.host_reader.receive()
-        # The rest of a bulk record, if one is partly here, comes in one read.
-        return await self._receive_buffer.receive(self.stream, self._reader.missing)
+        # The rest of a bulk record, if one is partly here, comes in one read,
+        # behind the record's start: the opener decrypts it from the read.
+        reader = self._reader
+        return await self._receive_buffer.receive(self.stream, reader.missing, reader)
 
     def _drain_on_host(self, data: bytes) -> bool:
         """The host reader's callback: handle ``data`` on the asyncio loop, between guest ticks.

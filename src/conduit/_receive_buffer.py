@@ -23,6 +23,12 @@ bytes. The mark is dropped back on every heartbeat (:meth:`ReceiveBuffer.release
 so a record trickling in over a slow link is still read at least once per
 heartbeat interval and the peer is never taken for silent.
 
+The rest of a record is read behind a copy of its start, at the front of the
+mapping (:class:`PartialRecord`), so the record opener can decrypt the whole
+record from the read as it is: only the start (usually a few KiB that came
+with the previous read) is copied, not the megabyte. A start larger than the
+rest stays with the opener, which appends the rest to it (fewer bytes copied).
+
 Streams that are not plain sockets (TLS, memory streams in tests) keep using
 ``receive_some``; plain sockets are read through :class:`~conduit._socket_io.SocketIO`
 (no scheduler pass after a wake-up).
@@ -31,6 +37,7 @@ Streams that are not plain sockets (TLS, memory streams in tests) keep using
 from __future__ import annotations
 
 import mmap
+from typing import Protocol
 
 import trio
 
@@ -39,6 +46,18 @@ from .protocol.records import anonymous_buffer
 
 #: The small read (and the size of read that switches to the mapping).
 SMALL_READ = 64 * 1024
+
+
+class PartialRecord(Protocol):
+    """The record opener's side of a read of a record's rest (the frame reader)."""
+
+    def partial(self) -> memoryview:
+        """The bytes of the record begun (received, not yet opened)."""
+        ...
+
+    def discard_partial(self) -> None:
+        """Forget those bytes: they come back, with the rest, in the read."""
+        ...
 
 
 class ReceiveBuffer:
@@ -52,13 +71,16 @@ class ReceiveBuffer:
         self._io: SocketIO | None = io
 
     async def receive(
-        self, stream: trio.abc.Stream, missing: int = 0
+        self, stream: trio.abc.Stream, missing: int = 0, partial: PartialRecord | None = None
     ) -> bytes | bytearray | memoryview:
         """The next bytes from ``stream`` (empty at EOF).
 
         ``missing``: bytes the caller knows are still to come (the rest of a
         record); with bulk data flowing, a read then takes exactly that many
         (up to the mapping's size), and waits until they are all there.
+        ``partial``: where the record's start is; when the whole record fits
+        the mapping, the read returns it whole (its start copied in front,
+        then discarded from ``partial`` once the read succeeded).
 
         From the mapping, a view valid until the next call: the caller copies
         what it keeps (the frame reader does).
@@ -77,7 +99,20 @@ class ReceiveBuffer:
             return data
         if missing > SMALL_READ:
             # The rest of a bulk record, and no more: the record opener then
-            # never holds more than one record (its buffer is a copy of these).
+            # never holds more than one record.
+            if partial is not None:
+                with partial.partial() as start:
+                    begun = len(start)
+                    # The start is copied twice this way (the opener kept a copy
+                    # when the earlier read was reused), the rest never: worth it
+                    # when the start is the smaller part. A record larger than
+                    # the mapping is joined by the opener, as before.
+                    if begun < missing and begun + missing <= len(mapping):
+                        mapping[:begun] = start
+                    else:
+                        begun = -1
+                if begun >= 0:
+                    return await self._receive_rest(io, mapping, begun, missing, partial)
             want = min(missing, len(mapping))
             io.set_low_water(want)
             with memoryview(mapping) as whole, whole[:want] as target:
@@ -88,6 +123,26 @@ class ReceiveBuffer:
         if received > SMALL_READ:
             self._bulk = True
         return memoryview(mapping)[:received]
+
+    async def _receive_rest(
+        self,
+        io: SocketIO,
+        mapping: mmap.mmap,
+        begun: int,
+        missing: int,
+        partial: PartialRecord,
+    ) -> bytes | memoryview:
+        # The record's start is at the front of the mapping: its rest goes right
+        # behind it, and the caller gets the record whole.
+        io.set_low_water(missing)
+        with memoryview(mapping) as whole, whole[begun : begun + missing] as target:
+            received = await io.receive_into(target)
+        if not received:
+            return b""  # EOF: the record's start no longer matters
+        # Only now: a cancelled read leaves the start where it was.
+        partial.discard_partial()
+        self._bulk = True
+        return memoryview(mapping)[: begun + received]
 
     @property
     def would_wait(self) -> bool:
@@ -139,4 +194,4 @@ class ReceiveBuffer:
             self._io.set_low_water(1)
 
 
-__all__ = ["ReceiveBuffer"]
+__all__ = ["PartialRecord", "ReceiveBuffer"]

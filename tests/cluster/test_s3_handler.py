@@ -215,8 +215,8 @@ async def test_bad_input_is_refused_and_stores_nothing_on_s3(
 
         real = _engine._read_records
 
-        def lying(file: Any, stream_id: int, size: int, shape: Any, hasher: Any) -> Any:
-            records = real(file, stream_id, size, shape, hasher)
+        def lying(file: Any, stream_id: int, size: int, shape: Any, hasher: Any, *rest: Any) -> Any:
+            records = real(file, stream_id, size, shape, hasher, *rest)
             hasher.update(b"\x00")
             return records
 

@@ -14,17 +14,22 @@ other kind stay single frames, in their place in the record.
 On the sending side, :func:`lay_out` builds such a record before the data is
 there: the frame headers written and the payloads left as slots, so a worker
 thread can read the file straight into them and the connection's writer seals
-the whole buffer as it is (no join of sixteen frames on the event loop).
+the whole buffer as it is (no join of sixteen frames on the event loop). A
+sender's large records are laid out in :class:`RecordBuffers`, page mappings
+reused once the writer has sealed them, instead of a fresh zero-filled
+megabyte per record.
 """
 
 from __future__ import annotations
 
+import mmap
 from typing import NamedTuple
 
 import attrs
 
 from .codec import data_header, frame_spans
 from .frames import HEADER_SIZE, Frame, FrameKind
+from .records import MAPPED_KEEP, MAPPED_MIN, REUSABLE, anonymous_buffer, has_views
 
 _DATA = FrameKind.DATA
 
@@ -83,32 +88,73 @@ def split_record(record: bytes | memoryview, max_frame_size: int) -> list[Frame]
 class DataRecord(NamedTuple):
     """Consecutive DATA frames of one stream laid out in one buffer, sealed as one record."""
 
-    #: The frames, header then payload each, exactly as they go in the record.
-    buffer: bytearray
+    #: The frames, header then payload each, exactly as they go in the record
+    #: (a view of a :class:`RecordBuffers` mapping: it is reused once this
+    #: view and every view of it are gone).
+    buffer: bytearray | memoryview
     #: Bytes of payload in them.
     payload: int
     #: How many frames.
     frames: int
 
 
+class RecordBuffers:
+    """One sender's buffers for large laid-out records, reused once the writer is done.
+
+    A fresh ``bytearray`` per record is a megabyte zero-filled (and often
+    page-faulted in) holding the GIL, only for the file read to overwrite it.
+    These are page mappings, each reused once no view of it is left (the
+    record's buffer, its slots and the writer's piece are all views of it;
+    the test is exact, see :func:`~conduit.protocol.records.has_views`), so
+    a record being filled, queued or sealed is never handed out again. At most
+    :data:`~conduit.protocol.records.MAPPED_KEEP` are kept (a window of
+    records in flight and the block being read); more at once are one-off
+    mappings, unmapped with their last view. All are unmapped once the sender
+    drops this object and the writer has sealed the last record.
+    """
+
+    def __init__(self) -> None:
+        """No buffers yet: they are mapped as records need them."""
+        self._kept: list[mmap.mmap] = []
+
+    def take(self, size: int, full: int) -> bytearray | memoryview:
+        """A buffer of ``size`` bytes; a new one is mapped ``full`` bytes long (for reuse)."""
+        if size < MAPPED_MIN or not REUSABLE:
+            return bytearray(size)
+        for buffer in self._kept:
+            if len(buffer) >= size and not has_views(buffer):
+                return memoryview(buffer)[:size]
+        buffer = anonymous_buffer(max(size, full))
+        if len(self._kept) < MAPPED_KEEP:
+            self._kept.append(buffer)
+        return memoryview(buffer)[:size]
+
+
 def lay_out(
-    stream_id: int, size: int, frame_size: int, per_record: int
+    stream_id: int,
+    size: int,
+    frame_size: int,
+    per_record: int,
+    buffers: RecordBuffers | None = None,
 ) -> tuple[list[DataRecord], list[memoryview]]:
     """Buffers for ``size`` bytes of DATA on ``stream_id``, and the payload slots to fill.
 
     Frames carry ``frame_size`` bytes (the last one the rest), at most
     ``per_record`` of them per buffer. The headers are written; the slots
     (views of the buffers, in stream order) are for the caller to fill, e.g.
-    with one ``readv``. Nothing is sent until every slot is filled.
+    with one ``readv``. Nothing is sent until every slot is filled. The
+    buffers come from ``buffers`` if given, else they are fresh.
     """
     records: list[DataRecord] = []
     slots: list[memoryview] = []
     full_header = data_header(stream_id, frame_size)
+    full = per_record * (frame_size + HEADER_SIZE)
     remaining = size
     while remaining > 0:
         frames = min(per_record, -(-remaining // frame_size))
         payload = min(remaining, frames * frame_size)
-        buffer = bytearray(payload + frames * HEADER_SIZE)
+        length = payload + frames * HEADER_SIZE
+        buffer = bytearray(length) if buffers is None else buffers.take(length, full)
         view = memoryview(buffer)
         position = 0
         left = payload
@@ -125,4 +171,4 @@ def lay_out(
     return records, slots
 
 
-__all__ = ["DataRecord", "DataRun", "lay_out", "split_record"]
+__all__ = ["DataRecord", "DataRun", "RecordBuffers", "lay_out", "split_record"]

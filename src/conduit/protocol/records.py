@@ -53,7 +53,7 @@ def anonymous_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
-def _has_views(buffer: mmap.mmap) -> bool:
+def has_views(buffer: mmap.mmap) -> bool:
     """Whether a memoryview of ``buffer`` (a frame payload, say) is still alive.
 
     An mmap counts the buffers it has exported and refuses to resize while any
@@ -68,9 +68,9 @@ def _has_views(buffer: mmap.mmap) -> bool:
 
 
 def _can_test_views() -> bool:
-    """Whether :func:`_has_views` works here (it needs ``mremap``: Linux)."""
+    """Whether :func:`has_views` works here (it needs ``mremap``: Linux)."""
     try:
-        _has_views(anonymous_buffer(mmap.PAGESIZE))
+        has_views(anonymous_buffer(mmap.PAGESIZE))
     except (OSError, SystemError, ValueError):
         return False
     return True
@@ -78,7 +78,7 @@ def _can_test_views() -> bool:
 
 #: Whether mapped buffers are reused (only where a live view can be detected
 #: exactly; elsewhere large records open into fresh ``bytes``, as small ones do).
-_REUSABLE = _can_test_views()
+REUSABLE = _can_test_views()
 
 
 class RecordSealer:
@@ -153,17 +153,25 @@ class RecordOpener:
         self._max_sealed = max_plaintext + TAG_SIZE
         # Bytes received and not yet opened start at _offset. When everything
         # before was opened, the next chunk from the socket becomes the buffer
-        # as it is (an RPC's record usually arrives whole: no copy); bytes
-        # that must wait for more are kept in a bytearray we own.
-        self._buffer: bytes | bytearray = bytearray(initial)
+        # as it is (an RPC's record, or a bulk record read whole into the
+        # connection's mapping: no copy); bytes that must wait for more are
+        # kept in a bytearray we own.
+        self._buffer: bytes | bytearray | memoryview = bytearray(initial)
         self._offset = 0
         self._mapped: list[mmap.mmap] = []
         self._mapped_used = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append bytes received from the socket."""
+        """Append bytes received from the socket.
+
+        A memoryview fed while nothing is buffered is opened in place, not
+        copied: its memory must stay as it is until :meth:`next_record` has
+        returned None (the opener then copies the part of a record it keeps).
+        The connection's reads into its mapping are used so: a record that
+        arrived whole in one read is decrypted straight from the read.
+        """
         buffer = self._buffer
-        if self._offset == len(buffer) and type(data) is bytes:
+        if self._offset == len(buffer) and (type(data) is bytes or type(data) is memoryview):
             self._buffer = data
             self._offset = 0
             return
@@ -176,6 +184,20 @@ class RecordOpener:
     def buffered(self) -> int:
         """Bytes received and not yet opened."""
         return len(self._buffer) - self._offset
+
+    def partial(self) -> memoryview:
+        """The bytes received and not yet opened: the start of the next record.
+
+        With :meth:`discard_partial`, lets the reader put them in front of
+        the rest of the record in its own buffer and feed the whole record,
+        so that the rest is never copied (see :mod:`conduit._receive_buffer`).
+        """
+        return memoryview(self._buffer)[self._offset :]
+
+    def discard_partial(self) -> None:
+        """Forget the bytes of :meth:`partial`: the caller feeds them again, with the rest."""
+        self._buffer = b""
+        self._offset = 0
 
     @property
     def missing(self) -> int:
@@ -228,7 +250,7 @@ class RecordOpener:
         view = memoryview(buffer)
         plaintext: bytes | memoryview
         try:
-            if sealed_size >= MAPPED_MIN and _REUSABLE:
+            if sealed_size >= MAPPED_MIN and REUSABLE:
                 plaintext = self._mapped_buffer()[: sealed_size - TAG_SIZE]
                 self._aead.decrypt_into(
                     _nonce(self._counter),
@@ -255,14 +277,14 @@ class RecordOpener:
         longer referenced): an idle connection holds no bulk megabytes."""
         if not self._mapped_used:
             # Dropped ones are unmapped with their last view.
-            self._mapped = [buffer for buffer in self._mapped if _has_views(buffer)]
+            self._mapped = [buffer for buffer in self._mapped if has_views(buffer)]
         self._mapped_used = False
 
     def _mapped_buffer(self) -> memoryview:
         """A kept mapping no view refers to any more, or a new one."""
         self._mapped_used = True
         for buffer in self._mapped:
-            if not _has_views(buffer):
+            if not has_views(buffer):
                 return memoryview(buffer)
         buffer = anonymous_buffer(self._max_sealed)
         if len(self._mapped) < MAPPED_KEEP:
@@ -271,6 +293,13 @@ class RecordOpener:
         return memoryview(buffer)
 
     def _compact(self) -> None:
+        buffer = self._buffer
+        if type(buffer) is memoryview:
+            # A read we were lent (see feed): keep a copy of the part of a record
+            # in it, as its memory is reused by the next read.
+            self._buffer = bytearray(buffer[self._offset :]) if self._offset < len(buffer) else b""
+            self._offset = 0
+            return
         if self._offset:
             if self._offset == len(self._buffer):
                 self._buffer = b""  # all opened: the next chunk becomes the buffer

@@ -69,6 +69,16 @@ class FrameReader:
         """Bytes still to come before the next sealed record is whole (0: unknown or none)."""
         return self._opener.missing if self._opener is not None else 0
 
+    def partial(self) -> memoryview:
+        """The start of the sealed record begun (see :meth:`RecordOpener.partial`)."""
+        assert self._opener is not None, "only sealed records are read in parts"
+        return self._opener.partial()
+
+    def discard_partial(self) -> None:
+        """Forget :meth:`partial`'s bytes: they are fed again with the rest of the record."""
+        assert self._opener is not None, "only sealed records are read in parts"
+        self._opener.discard_partial()
+
     def release_idle_buffers(self) -> None:
         """Unmap the opener's kept record buffers unless used since the previous call."""
         if self._opener is not None:

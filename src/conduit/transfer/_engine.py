@@ -24,10 +24,11 @@ from typing import Any, Protocol
 import trio
 
 from .._streams import IncomingStream, OutgoingStream
+from .._worker_hop import WorkerHop
 from ..errors import TransferError
 from ..protocol import FRAME_COST
 from ..protocol.connection import Buffer
-from ..protocol.data_runs import DataRecord, lay_out
+from ..protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._wire import Trailer
@@ -48,6 +49,14 @@ WRITE_BATCH = 2 * 1024 * 1024
 WRITE_PATIENCE = 0.02
 #: Bytes read per step when hashing a resume prefix.
 _HASH_BLOCK = 4 * 1024 * 1024
+#: Threads for the senders' read steps, all connections together (as many as
+#: Trio's default limiter lets ``to_thread`` run; each connection takes its
+#: share through its own limiter).
+READ_THREADS = 40
+#: The senders' read steps hop here rather than through ``trio.to_thread``:
+#: persistent threads, no capacity-limiter round trip, no thread renamed twice
+#: per call (about half the CPU of a hop: ``benchmarks.bulk_budget``).
+_READS = WorkerHop("bulk reads", max_threads=READ_THREADS)
 
 
 class BlockReader(Protocol):
@@ -84,12 +93,17 @@ class BlockWriter(Protocol):
 
 
 def _read_records(
-    file: io.FileIO, stream_id: int, size: int, shape: tuple[int, int], hasher: Any
+    file: io.FileIO,
+    stream_id: int,
+    size: int,
+    shape: tuple[int, int],
+    hasher: Any,
+    buffers: RecordBuffers,
 ) -> list[DataRecord] | None:
     # In a worker thread: the file read straight into the frames' payload slots
     # (one readv), hashed in file order; the event loop then only seals and
     # sends. None if the file ended early (it shrank).
-    records, slots = lay_out(stream_id, size, *shape)
+    records, slots = lay_out(stream_id, size, *shape, buffers)
     if not _fill(file.fileno(), slots, size):
         return None
     for slot in slots:
@@ -150,6 +164,9 @@ class FileSource:
     def __init__(self, file: io.FileIO) -> None:
         """Wrap an open file (its position is where sending starts)."""
         self.file = file
+        # Records are laid out in buffers reused once sealed, not a fresh
+        # zero-filled megabyte each (one sender at a time uses them).
+        self._buffers = RecordBuffers()
 
     async def read_records(
         self,
@@ -165,8 +182,8 @@ class FileSource:
         ended before ``size`` bytes.
         """
         async with _maybe(threads):
-            return await trio.to_thread.run_sync(
-                _read_records, self.file, stream.stream_id, size, shape, hasher
+            return await _READS.run(
+                _read_records, self.file, stream.stream_id, size, shape, hasher, self._buffers
             )
 
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
