@@ -57,7 +57,9 @@ async def _serve(mode: str, handshake_only: bool, callgrind: bool) -> None:
     from conduit._gatekeeper import LoopShare
 
     if mode == "accounts":
-        accounts = Accounts(Path(tempfile.mkdtemp(prefix="conduit-budget-")) / "accounts.json")
+        # Removed when the server returns (a TemporaryDirectory's finalizer).
+        scratch = tempfile.TemporaryDirectory(prefix="conduit-budget-")
+        accounts = Accounts(Path(scratch.name) / "accounts.json")
         accounts.add(USERNAME, PASSWORD)
         descriptor = ServerDescriptor(host=HOST, port=0, accounts=accounts)
     else:
@@ -202,8 +204,9 @@ def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
     limits = {"max_frame_size": 1 << 20, "receive_window": 4 << 20}
     lookup = None
     if mode == "accounts":
-        directory = tempfile.mkdtemp(prefix="conduit-budget-")
-        accounts = Accounts(Path(directory) / "accounts.json")
+        # Removed when the steps are timed (a TemporaryDirectory's finalizer).
+        scratch = tempfile.TemporaryDirectory(prefix="conduit-budget-")
+        accounts = Accounts(Path(scratch.name) / "accounts.json")
         accounts.add(USERNAME, PASSWORD)
         lookup = accounts.lookup
     cache = ProverCache()
@@ -302,7 +305,9 @@ def main() -> None:
         return
     prefix = None
     if args.callgrind:
-        prefix = os.path.join(tempfile.mkdtemp(prefix="conduit-budget-cg-"), "callgrind.out")
+        # The profiles are read as each run ends; the directory goes at exit.
+        profiles = tempfile.TemporaryDirectory(prefix="conduit-budget-cg-")
+        prefix = os.path.join(profiles.name, "callgrind.out")
     unit = "M instructions" if args.callgrind else "ms CPU"
     results: dict[str, list[float]] = {"full": [], "handshake only": []}
     system: dict[str, list[float]] = {"full": [], "handshake only": []}

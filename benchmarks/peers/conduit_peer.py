@@ -36,24 +36,25 @@ async def serve(flavor: str = "trio") -> None:
 
     from conduit import Accounts, Server, ServerDescriptor
 
-    if flavor == "accounts":
-        directory = tempfile.mkdtemp(prefix="conduit-bench-accounts-")
-        accounts = Accounts(Path(directory) / "accounts.json")
-        accounts.add(USERNAME, _peerlib.PASSWORD)
-        descriptor = ServerDescriptor(host=_peerlib.HOST, port=0, accounts=accounts)
-    else:
-        descriptor = ServerDescriptor(host=_peerlib.HOST, port=0, **_descriptor_kwargs())
-    server = Server(descriptor)
+    # The accounts file lives only as long as the server (removed on SIGTERM too).
+    with tempfile.TemporaryDirectory(prefix="conduit-bench-accounts-") as directory:
+        if flavor == "accounts":
+            accounts = Accounts(Path(directory) / "accounts.json")
+            accounts.add(USERNAME, _peerlib.PASSWORD)
+            descriptor = ServerDescriptor(host=_peerlib.HOST, port=0, accounts=accounts)
+        else:
+            descriptor = ServerDescriptor(host=_peerlib.HOST, port=0, **_descriptor_kwargs())
+        server = Server(descriptor)
 
-    @server.rpc
-    async def echo(data: bytes) -> bytes:
-        return data
+        @server.rpc
+        async def echo(data: bytes) -> bytes:
+            return data
 
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(server.run)
-        _peerlib.announce_port(port)
-        await _peerlib.trio_until_terminated()
-        await server.close()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            _peerlib.announce_port(port)
+            await _peerlib.trio_until_terminated()
+            await server.close()
 
 
 def _make_client(port: int, flavor: str = "trio") -> Any:
