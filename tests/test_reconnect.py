@@ -32,6 +32,7 @@ from conduit import (
     ServerDescriptor,
 )
 from conduit._handshake_io import (
+    Established,
     client_handshake,
     read_hello,
     read_resume,
@@ -773,6 +774,18 @@ def _machines() -> tuple[ClientHandshake, ServerHandshake]:
     return client, ServerHandshake(PASSWORD, name="s", **limits)
 
 
+async def _establish(stream: trio.abc.Stream, server: ServerHandshake) -> Established:
+    """The server's side of the handshake on ``stream``, up to its held-back SERVER_CONFIRM."""
+
+    async def run(frame: Frame) -> bytes:
+        return server.receive(frame)
+
+    reader, hello, _ = await read_hello(stream)
+    return await server_handshake(
+        stream, server, DEFAULT_MAX_FRAME_SIZE, reader=reader, hello=hello, run=run
+    )
+
+
 async def test_a_resuming_client_sends_its_token_with_its_confirmation() -> None:
     # One round trip fewer: the token goes in the CLIENT_CONFIRM's send, sealed
     # with the keys it commits to, and the server answers both at once (its
@@ -783,13 +796,7 @@ async def test_a_resuming_client_sends_its_token_with_its_confirmation() -> None
     answered: list[bytes] = []
 
     async def serve() -> None:
-        async def run(frame: Frame) -> bytes:
-            return server.receive(frame)
-
-        reader, hello, _ = await read_hello(server_stream)
-        established = await server_handshake(
-            server_stream, server, DEFAULT_MAX_FRAME_SIZE, reader=reader, hello=hello, run=run
-        )
+        established = await _establish(server_stream, server)
         unsent = established.unsent
         assert unsent  # the SERVER_CONFIRM, held back
         answered.append(await read_resume(server_stream, established))
@@ -816,13 +823,7 @@ async def test_a_token_sent_after_the_servers_confirmation_still_resumes() -> No
     answered: list[bytes] = []
 
     async def serve() -> None:
-        async def run(frame: Frame) -> bytes:
-            return server.receive(frame)
-
-        reader, hello, _ = await read_hello(server_stream)
-        established = await server_handshake(
-            server_stream, server, DEFAULT_MAX_FRAME_SIZE, reader=reader, hello=hello, run=run
-        )
+        established = await _establish(server_stream, server)
         answered.append(await read_resume(server_stream, established))
         assert established.unsent == b""  # the SERVER_CONFIRM went first
 
