@@ -25,6 +25,17 @@ steps of the server's handshake are timed in this process (thread CPU clock):
 the two ``ServerHandshake.receive`` calls, ``ServerHandshake.precompute``
 between them (the multiplication done once the SERVER_HELLO is sent) and the
 group operations inside them.
+
+``--reference`` adds the floor: a bare-Trio server and client (no conduit
+connection, no codec, no state machines) that exchange the same messages over
+loopback, with the same sizes, reads and writes, and do the same cryptography
+inline (the same :mod:`conduit.protocol.pake` calls and key schedule, the
+WELCOME sealed and the GOODBYE opened with AES-256-GCM): accept (one task per
+connection, ``trio.serve_listeners``), read the hello, send the reply, the
+multiplication, read the confirmation, send the confirmation and the WELCOME,
+read the GOODBYE, close. Its CPU per connect, server and client, is what this
+machine needs for the handshake's work with Trio and nothing of ours: what
+conduit's figures are to be compared with.
 """
 
 from __future__ import annotations
@@ -85,6 +96,200 @@ async def _serve(mode: str, handshake_only: bool, callgrind: bool) -> None:
         nursery.cancel_scope.cancel()
 
 
+# ----------------------------------------------------------------------------- the floor
+
+#: The sealed WELCOME and GOODBYE records' sizes as conduit sends them (strace
+#: of one shared-mode connect: 225 bytes = the 61-byte SERVER_CONFIRM and a
+#: 164-byte WELCOME record; the GOODBYE record 62 bytes). The handshake
+#: messages' sizes are taken from the sans-IO machines (:func:`_message_sizes`).
+_WELCOME_RECORD = 164
+_GOODBYE_RECORD = 62
+_AEAD_TAG = 16
+
+
+def _frames(data: bytes) -> list[Any]:
+    from conduit.protocol import FrameReader
+
+    reader = FrameReader()
+    reader.feed(data)
+    out = []
+    while (frame := reader.next_frame()) is not None:
+        out.append(frame)
+    return out
+
+
+def _message_sizes(mode: str) -> tuple[int, int, int, int]:
+    """Bytes of CLIENT_HELLO, SERVER_HELLO, CLIENT_CONFIRM, SERVER_CONFIRM in ``mode``."""
+    from conduit.accounts import Accounts
+    from conduit.protocol import ClientHandshake, ServerHandshake
+
+    limits = {"max_frame_size": 1 << 20, "receive_window": 4 << 20}
+    with tempfile.TemporaryDirectory(prefix="conduit-budget-") as scratch:
+        lookup = None
+        if mode == "accounts":
+            accounts = Accounts(Path(scratch) / "accounts.json")
+            accounts.add(USERNAME, PASSWORD)
+            lookup = accounts.lookup
+        username = USERNAME if lookup else None
+        client = ClientHandshake(PASSWORD, name="conduit-client", username=username, **limits)
+        server = ServerHandshake(
+            None if lookup else PASSWORD, name="conduit-server", accounts=lookup, **limits
+        )
+        hello = client.start()
+        server_hello = server.receive(_frames(hello)[0])
+        confirm = client.receive(_frames(server_hello)[0])
+        server_confirm = server.receive(_frames(confirm)[0])
+        return len(hello), len(server_hello), len(confirm), len(server_confirm)
+
+
+class _Secrets:
+    """The reference's long-term secrets, derived once per process (as conduit's are)."""
+
+    def __init__(self, mode: str) -> None:
+        from conduit.protocol import pake
+        from conduit.protocol.handshake import SERVER_IDENTITY, shared_secret
+
+        self.mode = mode
+        self.sizes = _message_sizes(mode)
+        self.balanced = shared_secret(PASSWORD)
+        salt = bytes(pake.SALT_SIZE)
+        self.prover = pake.prover_secret(
+            PASSWORD, salt, pake.DEFAULT_STRETCH, USERNAME.encode(), SERVER_IDENTITY
+        )
+        self.verifier = pake.register(self.prover)
+
+
+def _padded(data: bytes, size: int) -> bytes:
+    return data + bytes(max(0, size - len(data)))
+
+
+async def _receive_exactly(stream: Any, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise EOFError("the peer closed early")
+        data += chunk
+    return data
+
+
+def _sealed(key: bytes, size: int) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key).encrypt(bytes(12), bytes(size - _AEAD_TAG), None)
+
+
+def _opened(key: bytes, record: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key).decrypt(bytes(12), record, None)
+
+
+async def _reference_connection(secrets: _Secrets, stream: Any) -> None:
+    """The server's side of one reference connect (see the module docstring)."""
+    import hmac
+
+    from conduit.protocol import pake
+    from conduit.protocol.handshake import _account_keys, _balanced_keys
+
+    hello_size, server_hello_size, confirm_size, server_confirm_size = secrets.sizes
+    async with stream:
+        hello = await _receive_exactly(stream, hello_size)
+        if secrets.mode == "shared":
+            y, share_b = pake.spake2_share(secrets.balanced, role_a=False)
+            server_hello = _padded(share_b, server_hello_size)
+            await stream.send_all(server_hello)
+            k = pake.spake2_shared_point(secrets.balanced, False, y, hello[:32])
+            keys, (c2s, s2c) = _balanced_keys(
+                secrets.balanced, hello[:32], share_b, k, hello, server_hello
+            )
+            confirm = await _receive_exactly(stream, confirm_size)
+            ok, mine = hmac.compare_digest(confirm[:32], keys.confirm_a), keys.confirm_b
+        else:
+            verifier = secrets.verifier
+            y, share_v = pake.spake2plus_verifier_share(verifier)
+            server_hello = _padded(share_v, server_hello_size)
+            await stream.send_all(server_hello)
+            hy = pake.cofactor_times(y)
+            v = pake.spake2plus_verifier_v(verifier, hy)
+            confirm = await _receive_exactly(stream, confirm_size)
+            share_p = confirm[32:64]
+            z = pake.spake2plus_verifier_z(verifier, hy, share_p)
+            keys2, (c2s, s2c) = _account_keys(
+                USERNAME, verifier.w0, share_p, share_v, z, v, hello, server_hello
+            )
+            ok, mine = hmac.compare_digest(confirm[:32], keys2.confirm_p), keys2.confirm_v
+        if not ok:
+            raise AssertionError("the reference's confirmation differs")
+        await stream.send_all(_padded(mine, server_confirm_size) + _sealed(s2c, _WELCOME_RECORD))
+        _opened(c2s, await _receive_exactly(stream, _GOODBYE_RECORD))
+
+
+async def _serve_reference(mode: str) -> None:
+    import trio
+
+    secrets = _Secrets(mode)
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host=HOST)
+        port = listeners[0].socket.getsockname()[1]
+
+        async def handler(stream: Any) -> None:
+            await _reference_connection(secrets, stream)
+
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        print(port, flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+        nursery.cancel_scope.cancel()
+
+
+async def _reference_connects(port: int, secrets: _Secrets, count: int) -> None:
+    """The client's side of ``count`` reference connects."""
+    import hmac
+    import socket
+
+    import trio
+
+    from conduit.protocol import pake
+    from conduit.protocol.handshake import _account_keys, _balanced_keys
+
+    mode = secrets.mode
+    hello_size, server_hello_size, confirm_size, server_confirm_size = secrets.sizes
+    for _ in range(count):
+        # As conduit's client dials an IP address: one socket, one connect.
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await sock.connect((HOST, port))
+        async with trio.SocketStream(sock) as stream:
+            if mode == "shared":
+                x, share_a = pake.spake2_share(secrets.balanced, role_a=True)
+                hello = _padded(share_a, hello_size)
+                await stream.send_all(hello)
+                server_hello = await _receive_exactly(stream, server_hello_size)
+                share_b = server_hello[:32]
+                k = pake.spake2_shared_point(secrets.balanced, True, x, share_b)
+                keys, (c2s, s2c) = _balanced_keys(
+                    secrets.balanced, share_a, share_b, k, hello, server_hello
+                )
+                mine, theirs = keys.confirm_a, keys.confirm_b
+            else:
+                hello = _padded(b"", hello_size)
+                await stream.send_all(hello)
+                fresh = pake.ephemeral()  # while the server works, as conduit's client
+                server_hello = await _receive_exactly(stream, server_hello_size)
+                share_v = server_hello[:32]
+                x, share_p = pake.spake2plus_prover_share(secrets.prover, fresh)
+                z, v = pake.spake2plus_prover_points(secrets.prover, x, share_v)
+                keys2, (c2s, s2c) = _account_keys(
+                    USERNAME, secrets.prover.w0, share_p, share_v, z, v, hello, server_hello
+                )
+                mine, theirs = keys2.confirm_p + share_p, keys2.confirm_v
+            await stream.send_all(_padded(mine, confirm_size))
+            answer = await _receive_exactly(stream, server_confirm_size + _WELCOME_RECORD)
+            if not hmac.compare_digest(answer[:32], theirs):
+                raise AssertionError("the reference's confirmation differs")
+            _opened(s2c, answer[server_confirm_size:])
+            await stream.send_all(_sealed(c2s, _GOODBYE_RECORD))
+
+
 # ----------------------------------------------------------------------------- the client
 
 
@@ -123,16 +328,23 @@ def _callgrind_total(prefix: str, pid: int) -> int:
 
 
 def measure(
-    mode: str, handshake_only: bool, connects: int, callgrind: str | None
+    mode: str,
+    handshake_only: bool,
+    connects: int,
+    callgrind: str | None,
+    reference: _Secrets | None = None,
 ) -> tuple[float, float, float]:
     """Server (user, system) CPU ms per connect and the client's (this
     process's) CPU ms per connect; with ``callgrind``, the server's million
-    instructions (callgrind counts user space only), then 0, 0."""
+    instructions (callgrind counts user space only), then 0, 0. With
+    ``reference`` (its secrets), the bare-Trio floor instead of conduit."""
     import trio
 
     command = [sys.executable, "-m", "benchmarks.handshake_budget", "--serve", mode]
     if handshake_only:
         command.append("--handshake-only")
+    if reference is not None:
+        command.append("--reference")
     env = dict(os.environ)
     if callgrind is not None:
         command.append("--callgrind")
@@ -155,13 +367,20 @@ def measure(
     try:
         assert server.stdout is not None and server.stdin is not None
         port = int(server.stdout.readline())
-        trio.run(_connects, port, mode, 5)  # warm-up: stretches, first-use imports
+
+        def run(count: int) -> None:
+            if reference is None:
+                trio.run(_connects, port, mode, count)
+            else:
+                trio.run(_reference_connects, port, reference, count)
+
+        run(5)  # warm-up: stretches, first-use imports
         time.sleep(0.3)
         if callgrind is not None:
             subprocess.run(["callgrind_control", "-z", str(server.pid)], capture_output=True)
         before = _cpu_seconds(server.pid)
         client_before = time.process_time()
-        trio.run(_connects, port, mode, connects)
+        run(connects)
         client = (time.process_time() - client_before) / connects * 1e3
         time.sleep(0.2)
         if callgrind is not None:
@@ -190,16 +409,10 @@ def _thread_us(step: Callable[[], object], loops: int) -> float:
 def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
     """Thread-CPU µs of the server's handshake steps, without any I/O."""
     from conduit.accounts import Accounts
-    from conduit.protocol import ClientHandshake, Frame, FrameReader, ServerHandshake, pake
+    from conduit.protocol import ClientHandshake, Frame, ServerHandshake, pake
     from conduit.protocol.handshake import ProverCache, hello_username
 
-    def frames(data: bytes) -> list[Frame]:
-        reader = FrameReader()
-        reader.feed(data)
-        out = []
-        while (frame := reader.next_frame()) is not None:
-            out.append(frame)
-        return out
+    frames = _frames
 
     limits = {"max_frame_size": 1 << 20, "receive_window": 4 << 20}
     lookup = None
@@ -297,11 +510,19 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true", help="instructions, not CPU time")
     parser.add_argument("--serve", choices=("shared", "accounts"), help=argparse.SUPPRESS)
     parser.add_argument("--handshake-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also measure the bare-Trio floor (same messages and cryptography, no conduit)",
+    )
     args = parser.parse_args()
     if args.serve:
         import trio
 
-        trio.run(_serve, args.serve, args.handshake_only, args.callgrind)
+        if args.reference:
+            trio.run(_serve_reference, args.serve)
+        else:
+            trio.run(_serve, args.serve, args.handshake_only, args.callgrind)
         return
     prefix = None
     if args.callgrind:
@@ -312,6 +533,8 @@ def main() -> None:
     results: dict[str, list[float]] = {"full": [], "handshake only": []}
     system: dict[str, list[float]] = {"full": [], "handshake only": []}
     client: list[float] = []
+    floor: list[tuple[float, float, float]] = []
+    secrets = _Secrets(args.mode) if args.reference else None
     print(f"load average at start: {os.getloadavg()}")
     for _ in range(args.repeat):
         for name, only in (("full", False), ("handshake only", True)):
@@ -320,6 +543,8 @@ def main() -> None:
             system[name].append(kernel)
             if not only:
                 client.append(client_ms)
+        if secrets is not None:
+            floor.append(measure(args.mode, False, args.connects, prefix, secrets))
     print(f"server, per connect ({args.mode}, {args.connects} connects x {args.repeat}): {unit}")
     for name, values in results.items():
         split = ""
@@ -332,11 +557,23 @@ def main() -> None:
         )
     session = [f - h for f, h in zip(results["full"], results["handshake only"], strict=True)]
     print(f"  {'session start+end':15s} median {statistics.median(session):.3f}")
+    if floor:
+        totals = [user + kernel for user, kernel, _ in floor]
+        print(
+            f"  {'bare-Trio floor':15s} median {statistics.median(totals):.3f}  "
+            f"min {min(totals):.3f}  all {[round(v, 3) for v in totals]}"
+        )
     if not args.callgrind:
         print(
             f"client (this process, full runs), CPU ms per connect: median "
             f"{statistics.median(client):.3f}  min {min(client):.3f}"
         )
+        if floor:
+            ours = [c for _, _, c in floor]
+            print(
+                f"client, bare-Trio floor, CPU ms per connect: median "
+                f"{statistics.median(ours):.3f}  min {min(ours):.3f}"
+            )
     print(f"load average at end: {os.getloadavg()}")
     print(f"server handshake steps, sans-IO ({args.mode}), thread CPU us:")
     for label, micros in sans_io_steps(args.mode, args.loops):
