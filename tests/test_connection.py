@@ -26,8 +26,9 @@ from conduit.protocol import (
     ServerHandshake,
     SessionKeys,
 )
-from conduit.protocol.codec import data_header, encode_value, iter_frames
+from conduit.protocol.codec import data_header, encode_frame, encode_value, iter_frames
 from conduit.protocol.frames import HEADER_SIZE, FrameKind
+from conduit.protocol.messages import Ping
 from conduit.protocol.records import RecordOpener
 from conduit.protocol.records_io import RECORD_SLACK
 
@@ -783,6 +784,48 @@ async def test_a_connection_ends_in_one_pass_after_the_peers_goodbye() -> None:
                 trio.lowlevel.remove_instrument(instrument)
     assert steps_after_close == 2
     assert len(failed) == 1 and "done" in failed[0]
+
+
+async def test_a_close_with_nothing_queued_sends_its_goodbye_without_the_writer_task() -> None:
+    """A disconnect with nothing queued (the writer idle or never started)
+    sends its GOODBYE from the closing task: no writer task is started for
+    it, and the peer still ends on that GOODBYE, with its reason, as a close
+    on purpose. With a frame still queued the writer sends it first, as
+    before (the second half)."""
+    spawned: list[object] = []  # the client's writer tasks
+
+    async def echo(_c: Connection, x: int) -> int:
+        return x
+
+    class Spawns(trio.abc.Instrument):
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            frame = getattr(task.coro, "cr_frame", None)
+            if "_send_task" in task.name and frame is not None:
+                spawned.append(frame.f_locals.get("self"))
+
+    for queued in (False, True):
+        client_stream, server_stream = _socket_pair()
+        p = _pair(client_stream, server_stream)
+        spawned.clear()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(p.client.run)
+                nursery.start_soon(p.server.run)
+                p.server_dispatch.methods["echo"] = echo
+                assert await p.client.call("echo", {"x": 1}, None) == 1
+                instrument = Spawns()
+                trio.lowlevel.add_instrument(instrument)
+                try:
+                    if queued:
+                        # A frame queued for the writer (which this starts).
+                        p.client._outbox.put_control((encode_frame(FrameKind.PING, 0, Ping(7)),))
+                    await p.client.close("bye")
+                    await p.server.closed.wait()
+                finally:
+                    trio.lowlevel.remove_instrument(instrument)
+        assert spawned.count(p.client) == (1 if queued else 0)
+        assert p.server.close_reason == "peer closed the connection: bye"
+        assert p.server.closed_on_purpose
 
 
 _SET_BY_A_HANDLER: contextvars.ContextVar[str] = contextvars.ContextVar(

@@ -424,16 +424,49 @@ class Connection:
     async def close(self, reason: str = "closed by this side", grace: float = 2.0) -> None:
         """Say goodbye, let queued frames go out, then close. Waits until closed."""
         if self.is_open and self._nursery is not None:
+            direct = self._socket_io is not None and self._can_send_directly()
             goodbye = self._state.goodbye(reason)
             self.closed_on_purpose = True
-            if goodbye is not None:
-                # CLOSING: the writer sends what is queued, this last, then stops.
-                self._outbox.put_control((goodbye,))
-            with trio.move_on_after(grace):
-                await self.closed.wait()
+            if goodbye is not None and direct:
+                # Nothing queued: sent from here (see _goodbye_now).
+                waits = not self._goodbye_now(goodbye)
+            else:
+                if goodbye is not None:
+                    # CLOSING: the writer sends what is queued, this last, then stops.
+                    self._outbox.put_control((goodbye,))
+                waits = True
+            if waits:
+                with trio.move_on_after(grace):
+                    await self.closed.wait()
         self.abort(reason)
         if self._nursery is not None:
             await self.closed.wait()
+
+    def _goodbye_now(self, goodbye: bytes) -> bool:
+        """Send the GOODBYE from the closing task; whether it is done (went
+        out whole, or the connection is lost), else the writer sends the rest.
+
+        Only when nothing is queued and the writer is idle (or was never
+        started: a connect, a few calls, a disconnect): the writer would
+        send it and then stop the connection, exactly as :meth:`close` then
+        does, but waking (or first starting) that task costs a disconnect a
+        task, a cancel scope for the grace period and a scheduling pass. What
+        the socket does not take at once (it always has room for one small
+        record here in practice) goes to the writer as sealed bytes, and the
+        close waits for it as before.
+        """
+        assert self._socket_io is not None
+        (record,) = self._writer.write_frames([(goodbye,)])
+        try:
+            sent = self._socket_io.send_now(record)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
+            return True
+        if sent == len(record):
+            return True
+        self._outbox.put_sealed([memoryview(record)[sent:]])
+        self._outbox.wake_writer()
+        return False
 
     def _shutdown(self, reason: str) -> None:
         self._state.close(reason)
