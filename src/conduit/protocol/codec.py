@@ -373,10 +373,24 @@ def frame_spans(
     """
     offset = 0
     total = len(record)
+    unpack_header = HEADER.unpack_from
+    kinds = _KIND_BY_VALUE
     while offset < total:
         if total - offset < HEADER_SIZE:
             raise RemoteProtocolError("record ends inside a frame header")
-        kind, stream_id, flags, length = parse_header(record, offset, max_frame_size)
+        # parse_header's checks, inline (one Python call less per frame of a
+        # record of several: a burst of calls or results); any header they
+        # refuse goes to parse_header itself, which raises its precise error.
+        magic, version, value, flags, stream_id, length = unpack_header(record, offset)
+        kind = kinds.get(value)
+        if (
+            kind is None
+            or magic != MAGIC
+            or version != PROTOCOL_VERSION
+            or flags & ~KNOWN_FLAGS
+            or length > max_frame_size
+        ):
+            kind, stream_id, flags, length = parse_header(record, offset, max_frame_size)
         start = offset + HEADER_SIZE
         offset = start + length
         if offset > total:
