@@ -980,11 +980,12 @@ class Connection:
         ``send=False`` the frame only joins the queue, for a burst of calls
         the caller then sends with :meth:`send_queued`, in one record.
         """
-        if not self.is_open:
+        if self._state.phase is not _OPEN:  # is_open, without the property call
             raise ConnectionClosed(self.close_reason or "connection closed")
         call_id, frame = self._state.start_call(method, args)
-        self._last_activity = trio.current_time()
-        self._pending.register(call_id, method, timeout, done)
+        # One clock read for the activity stamp and the deadline, as in call().
+        self._last_activity = now = trio.current_time()
+        self._pending.register(call_id, method, timeout, done, now)
         self._outbox.queue_control((frame,))
         if send:
             self.send_queued()

@@ -55,12 +55,15 @@ class _HostCalls:
     for the burst.
     """
 
-    __slots__ = ("connection", "waking")
+    __slots__ = ("connection", "held", "waking")
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
         #: Callers whose future was settled and who have not resumed yet.
         self.waking = 0
+        #: Whether a call was queued unsent (``send=False``) since the last
+        #: send: only then has the last caller resumed something to send.
+        self.held = False
 
     async def call(
         self,
@@ -82,7 +85,10 @@ class _HostCalls:
                     future.set_result(result.unwrap())
 
         connection = self.connection
-        call_id = connection.call_nowait(method, arguments, timeout, done, send=self.waking == 0)
+        send = self.waking == 0
+        call_id = connection.call_nowait(method, arguments, timeout, done, send=send)
+        if not send:
+            self.held = True
         try:
             result = await future
         except asyncio.CancelledError:
@@ -104,7 +110,10 @@ class _HostCalls:
 
     def _resumed(self) -> None:
         self.waking -= 1
-        if not self.waking:
+        if not self.waking and self.held:
+            # A sequential caller sent its call itself: nothing to send here
+            # (two Python calls less per call).
+            self.held = False
             self.connection.send_queued()
 
 
@@ -134,7 +143,7 @@ async def _rpc_call(
         value = await calls.call(loop, method, arguments, timeout)
     except (RPCError, ConnectionClosed) as exc:
         return result_dict(error=exc)
-    return result_dict(value)
+    return {"success": True, "data": value}  # result_dict(value), inline: once per call
 
 
 def fast_call(

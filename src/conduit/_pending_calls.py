@@ -204,19 +204,22 @@ class PendingCalls:
         method: str,
         timeout: float | None,
         done: Callable[[outcome.Outcome[Result]], None],
+        now: float,
     ) -> None:
         """Register ``call_id`` for a caller that is no Trio task: ``done`` gets its outcome.
+
+        ``now`` is Trio's clock, which the caller has just read (as for :meth:`wait`).
 
         For the asyncio shim's calls (:mod:`conduit._host_rpc`), made between
         guest ticks on the loop's thread: ``done`` runs there too (from the
         reading task, the timer, or :meth:`fail_all`), exactly once, unless
         :meth:`forget` came first.
         """
-        if self._state.phase is Phase.CLOSED:
+        if self._state.phase is _CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
         self._calls[call_id] = PendingCall(None, method, timeout, done)
         if timeout is not None:
-            self._add_deadline(trio.current_time() + timeout, call_id)
+            self._add_deadline(now + timeout, call_id)
 
     def forget(self, call_id: int) -> bool:
         """The caller of a :meth:`register`-ed call gave up; whether it was still waiting."""
