@@ -482,7 +482,8 @@ def render_scenario(result: ScenarioResult) -> str:
             else:
                 shown = f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
                 verdict = f"{shown} -> {'met' if goal['met'] else 'MISSED'}"
-            parts.append(f"  {goal['goal']}: {verdict}")
+            context = f" ({goal['context']})" if goal.get("context") else ""
+            parts.append(f"  {goal['goal']}: {verdict}{context}")
     if result.notes:
         parts.append("notes:")
         parts += [f"  - {note}" for note in result.notes]

@@ -137,7 +137,8 @@ def _goal_line(goal: dict[str, Any]) -> str:
         return f"- {goal['goal']}: not measured"
     unit = goal.get("unit", "x")
     shown = f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
-    return f"- {goal['goal']}: **{shown}** -> {'met' if goal['met'] else 'MISSED'}"
+    line = f"- {goal['goal']}: **{shown}** -> {'met' if goal['met'] else 'MISSED'}"
+    return f"{line} ({goal['context']})" if goal.get("context") else line
 
 
 def _load_text(machine: dict[str, Any]) -> str:

@@ -127,6 +127,16 @@ def test_call_id_is_free_again_once_the_call_finished(pair: Pair) -> None:
     assert isinstance(pair.deliver_one(pair.server, call_frame(1, "b")), CallReceived)
 
 
+def test_finish_value_frees_the_call_id_and_gives_its_result_frame(pair: Pair) -> None:
+    assert isinstance(pair.deliver_one(pair.server, call_frame(1, "a")), CallReceived)
+    with pytest.raises(RemoteProtocolError, match="call id 1 is already in use"):
+        pair.deliver(pair.server, call_frame(1, "dup"))
+    frame = pair.server.finish_value(1, {"x": 1})
+    assert frame == pair.server.value_frame(1, {"x": 1})
+    assert pair.deliver_one(pair.client, frame) == ResultReceived(1, Result(True, {"x": 1}))
+    assert isinstance(pair.deliver_one(pair.server, call_frame(1, "b")), CallReceived)
+
+
 def test_calls_over_the_concurrency_limit_are_refused_with_overloaded(pair: Pair) -> None:
     events = pair.deliver(pair.server, *(call_frame(i, "sleep") for i in range(1, 11)))
     accepted = [e for e in events if isinstance(e, CallReceived)]

@@ -38,9 +38,11 @@ from conduit.protocol.codec import (
     encode_frame,
     encode_result,
     encode_value,
+    iter_frames,
+    parse_header,
 )
 from conduit.protocol.connection import ConnectionState
-from conduit.protocol.frames import HEADER_SIZE, Frame, FrameKind
+from conduit.protocol.frames import HEADER_SIZE, PROTOCOL_VERSION, Frame, FrameKind
 from conduit.protocol.messages import Call, Result
 from conduit.protocol.records import MAPPED_MIN, RecordOpener, RecordSealer
 
@@ -100,6 +102,8 @@ def test_a_value_too_large_to_send_becomes_the_same_refusal() -> None:
     assert refusal == state.result_frame(7, Result(True, big))
     assert decode_result(memoryview(refusal)[HEADER_SIZE:]).code == "bad_result"
     assert state.value_frame(7, b"small") == encode_value(7, b"small")
+    assert state.finish_value(7, big) == refusal
+    assert state.finish_value(7, b"small") == encode_value(7, b"small")
 
 
 def _outcome(decode: Any, payload: bytes) -> Any:
@@ -282,3 +286,27 @@ async def test_a_drained_socket_can_be_cancelled_and_closed() -> None:
         with pytest.raises(trio.ClosedResourceError):
             await io.receive(1024)
     await peer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "reason"),
+    [
+        (0, 0x00, "bad magic"),
+        (2, PROTOCOL_VERSION + 1, "protocol version"),
+        (3, 99, "unknown frame kind 99"),
+        (4, 0x80, "unknown flags 0x80"),
+        (10, 0x01, "exceeds the negotiated limit"),
+    ],
+)
+def test_a_bad_header_inside_a_record_of_calls_gets_parse_headers_refusal(
+    offset: int, value: int, reason: str
+) -> None:
+    """frame_spans checks headers inline; what it refuses, parse_header explains."""
+    second = bytearray(encode_call(2, "echo", {"data": b"y"}))
+    second[offset] = value
+    record = encode_call(1, "echo", {"data": b"x"}) + bytes(second)
+    with pytest.raises(RemoteProtocolError, match=reason) as refused:
+        iter_frames(record, 1024)
+    with pytest.raises(RemoteProtocolError) as direct:
+        parse_header(bytes(second), 0, 1024)
+    assert str(refused.value) == str(direct.value)

@@ -105,6 +105,8 @@ class CallRunners:
         self._read = read
         self._dispatch = dispatch
         self._queue_result = queue_result
+        #: Queues the RESULT of a call that returned a value and frees the
+        #: call's id (``finished`` is not called for it as well).
         self._queue_value = queue_value
         self._send_result = send_result
         self._finished = finished
@@ -156,8 +158,7 @@ class CallRunners:
         try:
             trap = coroutine.send(None)
         except StopIteration as stop:
-            self._finished(call_id)
-            self._queue_value(call_id, stop.value)
+            self._queue_value(call_id, stop.value)  # frees the id too (one call less)
             return None
         except Exception as exc:
             self._finished(call_id)

@@ -17,7 +17,7 @@ from typing import Any
 import outcome
 import trio
 
-from .errors import ConnectionClosed, RPCTimeoutError
+from .errors import ConnectionClosed, RPCError, RPCTimeoutError
 from .protocol.connection import ConnectionState, Phase, ResultReceived
 from .protocol.messages import Result
 
@@ -72,6 +72,13 @@ class PendingCall:
         return False
 
 
+def _value(result: Result) -> Any:
+    """A call's value, or its failure raised as RPCError."""
+    if not result.ok:
+        raise RPCError(result.error or "remote call failed", result.code or "error")
+    return result.value
+
+
 def _ignore(_call_id: int) -> None:
     pass
 
@@ -93,9 +100,10 @@ class PendingCalls:
     ) -> None:
         """``all_woken`` runs when the last caller woken by a batch of results has resumed;
         ``start_timer`` when the first deadline comes (it starts :meth:`run_timer`);
-        ``read_own`` (optional) is asked, when a caller is about to park, for a
-        wait in which the caller reads the socket itself until its call has an
-        outcome (None: park as usual; see :mod:`conduit._reading_role`)."""
+        ``read_own`` (optional) is asked, when a caller waiting alone is about
+        to park, for a wait in which the caller reads the socket itself until
+        its call has an outcome (None: park as usual; see
+        :mod:`conduit._reading_role`)."""
         self._calls: dict[int, PendingCall] = {}
         #: Callers woken whose task has not run yet. While some are, a caller
         #: sending its next call queues it behind theirs: one record for the
@@ -128,11 +136,15 @@ class PendingCalls:
         now: float,
         send: Callable[[bytes], Awaitable[None]],
         frame: bytes,
-    ) -> Result:
-        """Register ``call_id``, ``send(frame)`` (the call), and park until its result arrives.
+    ) -> Any:
+        """Register ``call_id``, ``send(frame)`` (the call), park until its result
+        arrives, and return its value (a failure reported by the peer raises
+        :class:`~conduit.RPCError`).
 
         ``now`` is Trio's clock, which the caller has just read: the deadline
-        counts from it.
+        counts from it. The value is taken out here, not by the caller
+        (``Connection.call`` returns this coroutine itself): one coroutine
+        layer less to resume on every wake-up.
         """
         if self._state.phase is _CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
@@ -146,8 +158,15 @@ class PendingCalls:
             self._calls.pop(call_id, None)
             raise
         if pending.early is not None:  # answered, timed out or failed while sending
-            return pending.early.unwrap()
-        if self._read_own is not None and (reading := self._read_own(pending)) is not None:
+            return _value(pending.early.unwrap())
+        # Only a caller waiting alone reads for itself: with others waiting the
+        # reading task wakes them all from one read anyway (tested here, before
+        # the hook: one Python call less per call when callers are concurrent).
+        if (
+            self._read_own is not None
+            and len(self._calls) == 1
+            and (reading := self._read_own(pending)) is not None
+        ):
             try:
                 await reading
             except BaseException:  # cancelled (or worse) while holding the reading role
@@ -155,7 +174,7 @@ class PendingCalls:
                     self._send_cancel(call_id)
                 raise
             if (early := pending.settled()) is not None:
-                return early.unwrap()
+                return _value(early.unwrap())
             # Handed the reading role back before the outcome: wait for the reader.
         pending.parked = True
 
@@ -175,7 +194,9 @@ class PendingCalls:
             self._resumed()
             raise
         self._resumed()
-        return result
+        if result.ok:  # _value's common case, inline
+            return result.value
+        raise RPCError(result.error or "remote call failed", result.code or "error")
 
     def register(
         self,
@@ -183,19 +204,22 @@ class PendingCalls:
         method: str,
         timeout: float | None,
         done: Callable[[outcome.Outcome[Result]], None],
+        now: float,
     ) -> None:
         """Register ``call_id`` for a caller that is no Trio task: ``done`` gets its outcome.
+
+        ``now`` is Trio's clock, which the caller has just read (as for :meth:`wait`).
 
         For the asyncio shim's calls (:mod:`conduit._host_rpc`), made between
         guest ticks on the loop's thread: ``done`` runs there too (from the
         reading task, the timer, or :meth:`fail_all`), exactly once, unless
         :meth:`forget` came first.
         """
-        if self._state.phase is Phase.CLOSED:
+        if self._state.phase is _CLOSED:
             raise ConnectionClosed(self._state.close_reason or "connection closed")
         self._calls[call_id] = PendingCall(None, method, timeout, done)
         if timeout is not None:
-            self._add_deadline(trio.current_time() + timeout, call_id)
+            self._add_deadline(now + timeout, call_id)
 
     def forget(self, call_id: int) -> bool:
         """The caller of a :meth:`register`-ed call gave up; whether it was still waiting."""

@@ -118,7 +118,7 @@ class RPCProxy:
             )
         except (RPCError, ConnectionClosed) as exc:
             return result_dict(error=exc)
-        return result_dict(value)
+        return {"success": True, "data": value}  # result_dict(value), inline: once per call
 
 
 __all__ = ["RPCProxy", "call_arguments", "result_dict", "to_wire"]

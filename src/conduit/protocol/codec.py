@@ -61,11 +61,20 @@ def pack(value: Any) -> bytes:
     try:
         packer = _packers.packer
     except AttributeError:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+        packer = _new_packer()
     try:
         return packer.pack(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
-        raise LocalProtocolError(f"value cannot be sent: {exc}") from exc
+        raise _unpackable(exc) from exc
+
+
+def _new_packer() -> msgpack.Packer:
+    packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
+def _unpackable(exc: Exception) -> LocalProtocolError:
+    return LocalProtocolError(f"value cannot be sent: {exc}")
 
 
 def unpack(data: bytes | memoryview) -> Any:
@@ -97,7 +106,15 @@ _RESULT = FrameKind.RESULT
 
 def encode_call(call_id: int, method: str, args: dict[str, Any]) -> bytes:
     """``encode_frame(CALL, call_id, Call(method, args))``, without the Call."""
-    payload = pack({"method": method, "args": args})
+    # pack(), inline (one Python call less per call): the same packer, the same refusal.
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _new_packer()
+    try:
+        payload: bytes = packer.pack({"method": method, "args": args})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _unpackable(exc) from exc
     return _pack_header(MAGIC, PROTOCOL_VERSION, _CALL, 0, call_id, len(payload)) + payload
 
 
@@ -111,7 +128,15 @@ def encode_result(call_id: int, result: Result) -> bytes:
 
 def encode_value(call_id: int, value: Any) -> bytes:
     """``encode_result(call_id, Result(True, value))``, without the Result (the common case)."""
-    payload = pack({"ok": True, "value": value, "error": "", "code": ""})
+    # pack(), inline, as in encode_call.
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _new_packer()
+    try:
+        payload: bytes = packer.pack({"ok": True, "value": value, "error": "", "code": ""})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _unpackable(exc) from exc
     return _pack_header(MAGIC, PROTOCOL_VERSION, _RESULT, 0, call_id, len(payload)) + payload
 
 
@@ -348,10 +373,24 @@ def frame_spans(
     """
     offset = 0
     total = len(record)
+    unpack_header = HEADER.unpack_from
+    kinds = _KIND_BY_VALUE
     while offset < total:
         if total - offset < HEADER_SIZE:
             raise RemoteProtocolError("record ends inside a frame header")
-        kind, stream_id, flags, length = parse_header(record, offset, max_frame_size)
+        # parse_header's checks, inline (one Python call less per frame of a
+        # record of several: a burst of calls or results); any header they
+        # refuse goes to parse_header itself, which raises its precise error.
+        magic, version, value, flags, stream_id, length = unpack_header(record, offset)
+        kind = kinds.get(value)
+        if (
+            kind is None
+            or magic != MAGIC
+            or version != PROTOCOL_VERSION
+            or flags & ~KNOWN_FLAGS
+            or length > max_frame_size
+        ):
+            kind, stream_id, flags, length = parse_header(record, offset, max_frame_size)
         start = offset + HEADER_SIZE
         offset = start + length
         if offset > total:

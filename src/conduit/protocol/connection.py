@@ -484,6 +484,22 @@ class ConnectionState:
             )
             return self.encode(FrameKind.RESULT, call_id, refusal)
 
+    def finish_value(self, call_id: int, value: Any) -> bytes:
+        """An incoming call returned ``value``: free its id (:meth:`call_finished`)
+        and return its RESULT frame (:meth:`value_frame`).
+
+        The two in one, inline: this runs once per call the peer makes.
+        """
+        self._active_calls.discard(call_id)
+        try:
+            frame = encode_value(call_id, value)
+        except LocalProtocolError:
+            pass
+        else:
+            if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:
+                return frame
+        return self.result_frame(call_id, Result(True, value))
+
     def value_frame(self, call_id: int, value: Any) -> bytes:
         """``result_frame(call_id, Result(True, value))``, without building the Result."""
         try:
