@@ -16,6 +16,12 @@ counts of scheduler passes, worker hops and syscalls in ``docs/benchmarks.md``,
 ``python -m benchmarks --scenario bulk`` measures end to end.
 
 Figures are medians of ``--repeat`` runs of ``--loops`` iterations each.
+
+A third table says which of the shared steps release the GIL (and so can
+overlap the event loop's Python when run in a worker thread): how often
+another Python thread runs while the call runs, against a sleep as long.
+A call holding the GIL gives exactly 0 at any machine load; a positive share
+means it runs without the GIL (its size then depends on free cores).
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ import argparse
 import hashlib
 import os
 import statistics
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from conduit._streams import IncomingStream, OutgoingStream
 from conduit.protocol import FrameReader, FrameWriter, OutFrame
@@ -97,6 +106,79 @@ def shared_steps(loops: int, repeat: int) -> dict[str, float]:
         finally:
             os.close(fd)
     return figures
+
+
+def _beside_call(step: Callable[[], Any], repeat: int) -> float:
+    """How often a Python thread runs while ``step`` runs, against while this thread sleeps.
+
+    The other thread notes the time, runs a little bytecode, and sleeps 0.1 ms
+    (giving the GIL up of its own accord), over and over; what counts are the
+    notes taken strictly between the call's start and end. The switch
+    interval is set far above a step's length, so this thread is never made
+    to give the GIL up meanwhile: a call that holds the GIL leaves no note
+    (exactly 0, whatever the machine's load), one that releases it about as
+    many as a sleep as long.
+    """
+    notes: list[float] = []
+    stop = threading.Event()
+    clock = time.perf_counter
+
+    def spin() -> None:
+        while not stop.is_set():
+            notes.append(clock())
+            time.sleep(0.0001)
+
+    def inside(start: float, end: float) -> int:
+        return sum(1 for note in notes if start < note < end)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        shares = []
+        for _ in range(repeat):
+            notes.clear()
+            started = clock()
+            step()
+            ended = clock()
+            during = inside(started, ended)
+            notes.clear()
+            slept_from = clock()
+            time.sleep(ended - started)
+            slept = inside(slept_from, clock())
+            shares.append(during / slept if slept else 0.0)
+        return statistics.median(shares)
+    finally:
+        stop.set()
+        spinner.join()
+        sys.setswitchinterval(interval)
+
+
+def gil_steps(repeat: int) -> dict[str, float]:
+    """Whether each shared step lets another thread run (see :func:`_beside_call`)."""
+    size = 16 * MiB  # long calls: each takes milliseconds
+    block = os.urandom(size)
+    nonce = bytes(12)
+    # The cipher the engine's sealer and opener use (protocol/records.py).
+    aead = AESGCM(KEY)
+    sealed = aead.encrypt(nonce, block, b"")
+    out = bytearray(size + 16)
+    copy = bytearray(size)
+    return {
+        "SHA-256 update of 16 MiB (hashlib)": _beside_call(
+            lambda: hashlib.sha256().update(block), repeat
+        ),
+        "AES-256-GCM encrypt_into of 16 MiB (cryptography)": _beside_call(
+            lambda: aead.encrypt_into(nonce, block, b"", out), repeat
+        ),
+        "AES-256-GCM decrypt_into of 16 MiB (cryptography)": _beside_call(
+            lambda: aead.decrypt_into(nonce, sealed, b"", memoryview(out)[:size]), repeat
+        ),
+        "copy of 16 MiB (memcpy; holds the GIL)": _beside_call(
+            lambda: copy.__setitem__(slice(None), block), repeat
+        ),
+    }
 
 
 def _read_laid_out(fd: int, hasher: Any, buffers: RecordBuffers | None = None) -> list[DataRecord]:
@@ -228,10 +310,15 @@ def main(argv: list[str] | None = None) -> None:
     for title, figures in (
         ("shared with the reference, per MiB", shared_steps(args.loops, args.repeat)),
         ("engine only", engine_steps(args.loops, args.repeat)),
+        (
+            "GIL: another thread's progress during the call / during a sleep as long "
+            "(0 = holds the GIL)",
+            gil_steps(max(args.repeat, 5)),
+        ),
     ):
         print(f"-- {title}")
         for name, value in figures.items():
-            print(f"{name:<82} {value:8.1f}")
+            print(f"{name:<82} {value:8.2f}" if value < 10 else f"{name:<82} {value:8.1f}")
 
 
 if __name__ == "__main__":
