@@ -195,4 +195,5 @@ class SmallFileSteps:
             "client_cpu_s": sum(step["client_cpu_s"] for step in self.steps),
             "server_cpu_s": None if None in server else sum(server),
             "slices": len(self.steps),
+            "slice_wall_s": [step["wall_s"] for step in self.steps],
         }
