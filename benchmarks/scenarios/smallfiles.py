@@ -271,7 +271,6 @@ class _Runner:
         stack: contextlib.ExitStack,
     ) -> _PacedClient | None:
         """Launch ``name``'s client for one repetition and wait until it is connected."""
-        server.check_alive()
         spec = {"kind": "smallfiles", "slices": parts, "server_pid": server.pid}
         paced = _PacedClient(
             self.peers._client_argv(name, server.port, spec),
@@ -280,6 +279,7 @@ class _Runner:
         )
         stack.callback(paced.stop)
         try:
+            server.check_alive()
             paced._start()
         except PeerError as exc:
             self._fail(name, server, f"connect: {exc}")
