@@ -125,8 +125,9 @@ NOTES = [
     "conduit-trio x8: 8 send_to_server calls at once; a file goes alone when nothing is "
     "under way, else it queues and the queue leaves as one file_upload_batch (2 calls in "
     "flight at most); each call still returns only after its own file was stored",
-    "conduit-trio dir: one call per slice's directory; the client reads the files, sends them "
-    "64 per file_upload_batch call (within the server's max_frame_size), 4 calls in flight; "
+    "conduit-trio dir: one call per slice's directory (50 files); the client reads the files, "
+    "sends them up to 64 per file_upload_batch call (within the server's max_frame_size), up "
+    "to 4 calls in flight (a 50-file slice is one batch); "
     "each file is still checked, admitted, verified, fsynced and published on its own, and "
     "each directory is fsynced once per batch before the answer",
     "CPU ms/file: client process CPU (all threads), server CPU from /proc, over the batch",
