@@ -16,7 +16,7 @@ repetition and contender, on one connection:
 
 Each repetition starts one client per contender (one connection each, set
 up before anything is timed) and paces them slice by slice: the files are in
-``SLICES`` slices of 50 files (40 in full mode, 4 quick), every contender
+``SLICES`` slices (8 of 250 files in full mode, 4 of 50 quick), every contender
 uploads slice ``k`` before any contender starts slice ``k + 1``, in forward
 order on even slices and reversed on odd ones. A contender's figures add its
 slices up (files over the sum of the slices' wall times), so every contender
@@ -73,11 +73,12 @@ NAME = "smallfiles"
 REFERENCE = "raw-aead"
 COMPETITOR = "netconduit"
 FILES = {"quick": 200, "full": 2000}
-#: Each repetition's files in this many slices (50 files each); every contender
-#: uploads slice k (on its one connection) before any uploads slice k + 1, in
-#: alternating order. Half a second of work or less per slice: on this shared
-#: machine the speed of every contender moves several-fold within seconds.
-SLICES = {"quick": 4, "full": 40}
+#: Each repetition's files in this many slices; every contender uploads slice k
+#: (on its one connection) before any uploads slice k + 1, in alternating order.
+#: A full-mode slice (250 files) is 0.1-3 s of work, and still holds four
+#: 64-file batches for the ``dir`` client's 4 calls in flight; finer slices
+#: would drain and refill the x8 and dir pipelines every few dozen files.
+SLICES = {"quick": 4, "full": 8}
 FILE_SIZE = 4096
 CONCURRENCY = 8
 CLIENT_TIMEOUT = {"quick": 180.0, "full": 900.0}
@@ -125,14 +126,14 @@ NOTES = [
     "conduit-trio x8: 8 send_to_server calls at once; a file goes alone when nothing is "
     "under way, else it queues and the queue leaves as one file_upload_batch (2 calls in "
     "flight at most); each call still returns only after its own file was stored",
-    "conduit-trio dir: one call per slice's directory (50 files); the client reads the files, "
-    "sends them up to 64 per file_upload_batch call (within the server's max_frame_size), up "
-    "to 4 calls in flight (a 50-file slice is one batch); "
+    "conduit-trio dir: one call per slice's directory (250 files, quick 50); the client reads "
+    "the files, sends them up to 64 per file_upload_batch call (within the server's "
+    "max_frame_size), up to 4 calls in flight; "
     "each file is still checked, admitted, verified, fsynced and published on its own, and "
     "each directory is fsynced once per batch before the answer",
     "CPU ms/file: client process CPU (all threads), server CPU from /proc, over the batch",
-    "pacing: one connection per contender and repetition; the files in slices of 50 (40 "
-    "full, 4 quick), every contender's slice k before anyone's slice k + 1, order "
+    "pacing: one connection per contender and repetition; the files in slices (8 x 250 "
+    "full, 4 x 50 quick), every contender's slice k before anyone's slice k + 1, order "
     "reversed on alternate slices; figures add the slices' timed uploads up",
     "ratio columns: contender / reference per repetition, median over repetitions",
 ]
