@@ -333,6 +333,8 @@ def test_smallfiles_every_file_uploaded(quick_run: tuple[dict[str, Any], str]) -
             assert figures["files"] == smallfiles["config"]["files"] == 200
             assert figures["concurrency"] == (8 if name.endswith("x8") else 1)
             assert _is_number(figures["files_per_s"])
+            # Paced slice by slice with the other contenders, on one connection.
+            assert figures["slices"] == smallfiles["config"]["slices"] == 4
     _check_rows(smallfiles, record["repeat"])
 
 

@@ -10,7 +10,8 @@ A transfer client's ``--spec`` is a JSON object with a ``kind``:
   the operations one after another and reports one :class:`OpTimer` figure per
   operation (wall time, client CPU, server CPU read from ``/proc``);
 * ``{"kind": "smallfiles", "dir": SRC_DIR, "names": [...], "concurrency": 8}``
-  uploads many small files;
+  uploads many small files (or ``"slices": [...]``, paced over stdin: see
+  :class:`SmallFileSteps`);
 * ``{"kind": "hol", ...}`` times RPCs while a bulk upload runs (conduit,
   netconduit);
 * ``{"kind": "idle", "connections": N}`` opens ``N`` authenticated connections,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from types import TracebackType
 from typing import Any
@@ -125,3 +127,73 @@ def split(total: int, parts: int) -> list[int]:
     """``total`` items as evenly as possible over ``parts`` workers."""
     base, extra = divmod(total, parts)
     return [base + (1 if index < extra else 0) for index in range(parts)]
+
+
+class SmallFileSteps:
+    """The ``smallfiles`` kind's work, in one step or in steps the orchestrator paces.
+
+    Without ``"slices"`` in the spec the client uploads ``spec["names"]`` from
+    ``spec["dir"]`` in one timed step, as before. With ``"slices": [{"dir": D,
+    "names": [...]}, ...]`` it connects once, prints ``READY {}`` and then
+    uploads one slice per ``GO <index>`` line on its stdin (answering ``DONE
+    <figures>``) until ``END``: the orchestrator runs every contender's slice
+    ``k`` before any contender's slice ``k + 1``, so that a change of the
+    machine's state falls on all of them alike, while each contender still
+    uploads all its files on one connection. Only the uploads are timed; the
+    result adds the slices' wall and CPU times up.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.stepped = "slices" in spec
+        self.slices: list[dict[str, Any]] = (
+            list(spec["slices"]) if self.stepped else [{"dir": spec["dir"], "names": spec["names"]}]
+        )
+        self.server_pid: int | None = spec.get("server_pid")
+        self.steps: list[dict[str, Any]] = []
+        self._given = 0
+
+    def ready(self) -> None:
+        """Tell a pacing orchestrator that the connection is up (stepped only)."""
+        if self.stepped:
+            announce_ready({"slices": len(self.slices)})
+
+    def next_slice(self) -> dict[str, Any] | None:
+        """The next slice to upload, or None when done (blocks on stdin when stepped)."""
+        if not self.stepped:
+            self._given += 1
+            return self.slices[0] if self._given == 1 else None
+        line = sys.stdin.readline().split()
+        if not line or line[0] == "END":
+            return None
+        if line[0] != "GO" or len(line) != 2:
+            raise ValueError(f"unexpected step line {line!r}")
+        return self.slices[int(line[1])]
+
+    def finished(self, files: int, timer: OpTimer) -> None:
+        """Record one timed slice (and answer ``DONE`` when stepped)."""
+        figures = timer.figures(0)
+        step = {
+            "files": files,
+            "wall_s": figures["wall_s"],
+            "client_cpu_s": figures["client_cpu_s"],
+            "server_cpu_s": figures["server_cpu_s"],
+        }
+        self.steps.append(step)
+        if self.stepped:
+            print("DONE " + json.dumps(step), flush=True)
+
+    def result(self, concurrency: int) -> dict[str, Any]:
+        """The kind's figures: every slice's files over the sum of their wall times."""
+        files = sum(step["files"] for step in self.steps)
+        wall = sum(step["wall_s"] for step in self.steps)
+        server = [step["server_cpu_s"] for step in self.steps]
+        return {
+            "files": files,
+            "concurrency": concurrency,
+            "wall_s": wall,
+            "files_per_s": files / wall if wall > 0 else None,
+            "client_cpu_s": sum(step["client_cpu_s"] for step in self.steps),
+            "server_cpu_s": None if None in server else sum(server),
+            "slices": len(self.steps),
+            "slice_wall_s": [step["wall_s"] for step in self.steps],
+        }

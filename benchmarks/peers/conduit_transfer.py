@@ -115,6 +115,16 @@ class _Driver:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def to_thread(self, function: Callable[[], Any]) -> Any:
+        """Run a blocking ``function`` (a read of stdin) in a thread of the current world."""
+        if self.flavor == "trio":
+            import trio
+
+            return await trio.to_thread.run_sync(function)
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, function)
+
     async def sleep(self, seconds: float) -> None:
         """Sleep in the current world."""
         if self.flavor == "trio":
@@ -203,44 +213,48 @@ async def _smallfiles(port: int, spec: dict[str, Any], driver: _Driver) -> dict[
     client = _make_client(port)
     await client.connect()
     transfer = FileTransferHandler()
-    names: list[str] = list(spec["names"])
+    steps = _transferlib.SmallFileSteps(spec)
     concurrency = int(spec.get("concurrency", 1))
-    queue = iter(names)
 
-    async def directory() -> None:
+    async def directory(source: str, count: int) -> None:
         # The whole source directory in one call, into the storage root itself.
         outcome = _checked(
-            await transfer.send_to_server(client, spec["dir"], remote_name=""), "directory upload"
+            await transfer.send_to_server(client, source, remote_name=""), "directory upload"
         )
-        if outcome["transferred"] != len(names):
-            raise RuntimeError(f"directory upload sent {outcome['transferred']} of {len(names)}")
+        if outcome["transferred"] != count:
+            raise RuntimeError(f"directory upload sent {outcome['transferred']} of {count}")
 
-    async def worker() -> None:
-        for name in queue:
-            _checked(
-                await transfer.send_to_server(
-                    client, os.path.join(spec["dir"], name), remote_name=name
-                ),
-                f"upload of {name}",
-            )
+    async def uploads(source: str, names: list[str]) -> None:
+        queue = iter(names)
+
+        async def worker() -> None:
+            for name in queue:
+                _checked(
+                    await transfer.send_to_server(
+                        client, os.path.join(source, name), remote_name=name
+                    ),
+                    f"upload of {name}",
+                )
+
+        await driver.gather([worker] * concurrency)
+
+    async def next_slice() -> dict[str, Any] | None:
+        # Only a paced run waits on stdin (in a thread: the connection stays served).
+        return await driver.to_thread(steps.next_slice) if steps.stepped else steps.next_slice()
 
     try:
-        with _transferlib.OpTimer(spec.get("server_pid")) as timer:
-            if spec.get("directory"):
-                await directory()
-            else:
-                await driver.gather([worker] * concurrency)
+        steps.ready()
+        while (part := await next_slice()) is not None:
+            names: list[str] = list(part["names"])
+            with _transferlib.OpTimer(steps.server_pid) as timer:
+                if spec.get("directory"):
+                    await directory(part["dir"], len(names))
+                else:
+                    await uploads(part["dir"], names)
+            steps.finished(len(names), timer)
     finally:
         await client.disconnect()
-    figures = timer.figures(0)
-    return {
-        "files": len(names),
-        "concurrency": concurrency,
-        "wall_s": figures["wall_s"],
-        "files_per_s": len(names) / figures["wall_s"],
-        "client_cpu_s": figures["client_cpu_s"],
-        "server_cpu_s": figures["server_cpu_s"],
-    }
+    return steps.result(concurrency)
 
 
 async def _hol(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, Any]:

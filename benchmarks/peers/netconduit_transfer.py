@@ -125,26 +125,24 @@ async def _smallfiles(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     from conduit import FileTransferHandler
 
     client = await _connect(port)
-    transfer = FileTransferHandler(storage_dir=spec["dir"])
-    names: list[str] = list(spec["names"])
+    steps = _transferlib.SmallFileSteps(spec)
+    # storage_dir is where downloads land; an upload names its source path.
+    transfer = FileTransferHandler(storage_dir=steps.slices[0]["dir"])
+    loop = asyncio.get_running_loop()
     try:
-        with _transferlib.OpTimer(spec.get("server_pid")) as timer:
-            for name in names:
-                _checked(
-                    await transfer.send_to_server(client, os.path.join(spec["dir"], name)),
-                    f"upload of {name}",
-                )
+        steps.ready()
+        while (part := await loop.run_in_executor(None, steps.next_slice)) is not None:
+            names: list[str] = list(part["names"])
+            with _transferlib.OpTimer(steps.server_pid) as timer:
+                for name in names:
+                    _checked(
+                        await transfer.send_to_server(client, os.path.join(part["dir"], name)),
+                        f"upload of {name}",
+                    )
+            steps.finished(len(names), timer)
     finally:
         await client.disconnect()
-    figures = timer.figures(0)
-    return {
-        "files": len(names),
-        "concurrency": 1,
-        "wall_s": figures["wall_s"],
-        "files_per_s": len(names) / figures["wall_s"],
-        "client_cpu_s": figures["client_cpu_s"],
-        "server_cpu_s": figures["server_cpu_s"],
-    }
+    return steps.result(1)
 
 
 async def _hol(port: int, spec: dict[str, Any]) -> dict[str, Any]:

@@ -291,19 +291,14 @@ def client(port: int, spec: dict[str, Any]) -> dict[str, Any]:
                     {"op": op["op"], "result": outcome, **timer.figures(outcome["size"])}
                 )
         elif spec["kind"] == "smallfiles":
-            names = spec["names"]
-            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
-                for name in names:
-                    raw.upload(os.path.join(spec["dir"], name), name)
-            figures = timer.figures(0)
-            result["smallfiles"] = {
-                "files": len(names),
-                "concurrency": 1,
-                "wall_s": figures["wall_s"],
-                "files_per_s": len(names) / figures["wall_s"],
-                "client_cpu_s": figures["client_cpu_s"],
-                "server_cpu_s": figures["server_cpu_s"],
-            }
+            steps = _transferlib.SmallFileSteps(spec)
+            steps.ready()
+            while (part := steps.next_slice()) is not None:
+                with _transferlib.OpTimer(steps.server_pid) as timer:
+                    for name in part["names"]:
+                        raw.upload(os.path.join(part["dir"], name), name)
+                steps.finished(len(part["names"]), timer)
+            result["smallfiles"] = steps.result(1)
         else:
             raise ValueError(f"unknown kind {spec['kind']!r}")
     finally:
