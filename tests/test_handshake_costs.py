@@ -18,6 +18,7 @@ import gc
 import logging
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -34,7 +35,7 @@ from conduit.protocol import (
     decode_body,
 )
 from conduit.protocol.handshake import ProverCache
-from conduit.protocol.messages import AuthFailed
+from conduit.protocol.messages import AuthFailed, ServerHello
 from conduit.protocol.pake import StretchParams
 from conftest import (
     LOOPBACK,
@@ -380,3 +381,43 @@ def test_the_server_decodes_the_client_hello_once() -> None:
     again = reader.next_frame()
     assert again is not None
     assert other.receive(again)
+
+
+def test_the_accounts_client_decodes_the_server_hello_once(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """will_stretch() decodes the SERVER_HELLO; receive() of the same frame
+    uses that decoding (the connect's critical path), and still completes."""
+    import conduit.protocol.handshake as handshake_module
+
+    client = ClientHandshake(
+        ALICE_PASSWORD, name="c", max_frame_size=1 << 20, receive_window=1 << 22, username="alice"
+    )
+    server = ServerHandshake(
+        None, name="s", max_frame_size=1 << 20, receive_window=1 << 22, accounts=accounts.lookup
+    )
+    reader = FrameReader()
+    reader.feed(client.start())
+    hello = reader.next_frame()
+    assert hello is not None
+    reader = FrameReader()
+    reader.feed(server.receive(hello))
+    frame = reader.next_frame()
+    assert frame is not None
+    decoded: list[object] = []
+    real = handshake_module.decode_body
+
+    def counting(frame: Any, kind: Any) -> Any:
+        decoded.append(kind)
+        return real(frame, kind)
+
+    monkeypatch.setattr(handshake_module, "decode_body", counting)
+    assert client.will_stretch(frame)
+    confirm = client.receive(frame)
+    assert decoded == [ServerHello]
+    reader = FrameReader()
+    reader.feed(confirm)
+    confirm_frame = reader.next_frame()
+    assert confirm_frame is not None and confirm_frame.kind is FrameKind.CLIENT_CONFIRM
+    assert server.receive(confirm_frame)  # the SERVER_CONFIRM: the keys agree
+    assert server.keys is not None

@@ -569,6 +569,9 @@ async def test_cancelled_upload_keeps_its_partial_and_frees_the_rest(tmp_path: P
         client = _client(port)
         await client.connect()
         transfer = FileTransferHandler(tmp_path / "unused")
+        # connect() does not wait for its connection's task: count once it
+        # has started (with its reading role's descriptors).
+        await trio.testing.wait_all_tasks_blocked()
         fds = open_fd_count()
         with trio.fail_after(60):
             with trio.CancelScope() as scope:
@@ -611,6 +614,9 @@ async def test_cancelled_download_keeps_its_partial_and_frees_the_rest(tmp_path:
         client = _client(port)
         await client.connect()
         transfer = FileTransferHandler(tmp_path / "unused")
+        # connect() does not wait for its connection's task: count once it
+        # has started (with its reading role's descriptors).
+        await trio.testing.wait_all_tasks_blocked()
         fds = open_fd_count()
         with trio.fail_after(60):
             with trio.CancelScope() as scope:

@@ -250,6 +250,13 @@ class Connection:
         # Made with the message task (see _drain_reader).
         self._messages_in: trio.MemorySendChannel[MessageReceived]
         self._nursery: trio.Nursery | None = None
+        # run() is started in a task that has not run yet (see will_run): until
+        # it opens the nursery, spawn() queues here and close() waits for it.
+        self._run_expected = False
+        self._spawn_queue: list[tuple[contextvars.Context, Callable[..., Awaitable[Any]], Any]] = []
+        # run() is calling on_started for a connection closed before it
+        # started: its tasks (connect hooks) still start, cancelled at once.
+        self._starting = False
         # The message task and the call timer start with the first message or
         # deadline: most connections (a connect, a few calls) need neither, and
         # each task costs every connection its start and its cancellation.
@@ -296,34 +303,53 @@ class Connection:
         """Why the connection closed or is closing; None while it is open."""
         return self._state.close_reason
 
+    def will_run(self) -> None:
+        """Declare that :meth:`run` has been started in a task that has not run yet.
+
+        A client's ``connect()`` returns once its handshake is done, without
+        waiting for its connection's task to start (two scheduling passes on
+        the connect's critical path). Until that task opens the connection's
+        nursery, :meth:`spawn` queues the tasks it is given for it, and
+        :meth:`close` says goodbye and waits for :meth:`run` to end the
+        connection, as it does once it runs.
+        """
+        self._run_expected = True
+
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
-        """Serve the connection until it closes. Never raises for network failures."""
+        """Serve the connection until it closes. Never raises for network failures.
+
+        A connection already closed when this starts (closed after
+        :meth:`will_run`, before its task ran) starts no reading, no writer
+        and no timers, and takes no reading-role descriptors: it only ends.
+        ``on_started`` and the tasks spawned before still start (cancelled at
+        once), as they would have before a close that followed the start.
+        """
         released = socket_closed = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._task_context = contextvars.copy_context()
-                if self._role_possible:
-                    self._role = ReadingRole.of(self.stream)
-                if self._writer_wanted:  # frames queued before run()
-                    self._writer_started = True
-                    nursery.start_soon(self._send_task)
-                if self._timer_wanted:  # a call with a timeout made before run()
-                    nursery.start_soon(self._pending.run_timer)
-                if self.settings.heartbeat_interval > 0:
-                    if self._heartbeats is not None:
-                        self._heartbeat_entry = self._heartbeats.add(self.beat, trio.current_time())
-                    else:
-                        nursery.start_soon(self._heartbeat_loop)
-                if self.settings.idle_timeout is not None:
-                    nursery.start_soon(self._idle_task, self.settings.idle_timeout)
+                closed_early = self._state.phase is _CLOSED
+                if not closed_early:
+                    self._start_tasks(nursery)
                 if on_started is not None:
-                    on_started()
-                # The reading role starts in this task, not a new one (the
-                # followers are tasks of the nursery): a task fewer per connection.
-                self._body_task = trio.lowlevel.current_task()
-                await self._calls.run()
-                self._body_task = None
+                    self._starting = closed_early
+                    try:
+                        on_started()
+                    finally:
+                        self._starting = False
+                queued, self._spawn_queue = self._spawn_queue, []
+                for context, fn, args in queued:
+                    context.run(nursery.start_soon, fn, *args)
+                if closed_early:
+                    if nursery.child_tasks:
+                        nursery.cancel_scope.cancel()
+                else:
+                    # The reading role starts in this task, not a new one (the
+                    # followers are tasks of the nursery): a task fewer per connection.
+                    self._body_task = trio.lowlevel.current_task()
+                    await self._calls.run()
+                    self._body_task = None
                 if not nursery.child_tasks:
                     # The common end (no task left): close here, so that the
                     # scheduling pass the nursery's exit makes when it has
@@ -350,6 +376,25 @@ class Connection:
             self._unlink()
             self.closed.set()
 
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        """What a running connection needs besides its reading: the reading
+        role, the writer and call timer if already wanted, the heartbeat, the
+        idle check."""
+        if self._role_possible:
+            self._role = ReadingRole.of(self.stream)
+        if self._writer_wanted:  # frames queued before run()
+            self._writer_started = True
+            nursery.start_soon(self._send_task)
+        if self._timer_wanted:  # a call with a timeout made before run()
+            nursery.start_soon(self._pending.run_timer)
+        if self.settings.heartbeat_interval > 0:
+            if self._heartbeats is not None:
+                self._heartbeat_entry = self._heartbeats.add(self.beat, trio.current_time())
+            else:
+                nursery.start_soon(self._heartbeat_loop)
+        if self.settings.idle_timeout is not None:
+            nursery.start_soon(self._idle_task, self.settings.idle_timeout)
+
     def _release(self) -> None:
         """The end of the session, before its socket is closed: no more beats,
         every waiter failed, the reading role's descriptors gone."""
@@ -374,10 +419,22 @@ class Connection:
         self._dispatcher = _OVER
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Start a task that lives no longer than this connection."""
-        if self._nursery is None or not self.is_open:
-            raise ConnectionClosed(self.close_reason or "connection is not running")
-        self._nursery.start_soon(fn, *args)
+        """Start a task that lives no longer than this connection.
+
+        Before :meth:`run` has opened the connection's nursery (see
+        :meth:`will_run`) the task waits to be started by it, from the
+        caller's context; it then starts even if the connection was closed
+        meanwhile (cancelled at once), as every task Trio was asked to start
+        does: the caller may rely on its first lines running.
+        """
+        if not (self.is_open or self._starting):
+            raise ConnectionClosed(self.close_reason or "connection closed")
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+        elif self._run_expected:
+            self._spawn_queue.append((contextvars.copy_context(), fn, args))
+        else:
+            raise ConnectionClosed("connection is not running")
 
     def abort(self, reason: str) -> None:
         """Close at once: cancel every task of this connection.
@@ -421,8 +478,14 @@ class Connection:
         return len(children) == expected
 
     async def close(self, reason: str = "closed by this side", grace: float = 2.0) -> None:
-        """Say goodbye, let queued frames go out, then close. Waits until closed."""
-        if self.is_open and self._nursery is not None:
+        """Say goodbye, let queued frames go out, then close. Waits until closed.
+
+        Also before :meth:`run` has started, if it will (:meth:`will_run`):
+        the GOODBYE goes out from here, or from the writer that run() then
+        starts, and run() ends the connection (it starts nothing else).
+        """
+        running = self._nursery is not None or self._run_expected
+        if self.is_open and running:
             direct = self._socket_io is not None and self._can_send_directly()
             goodbye = self._state.goodbye(reason)
             self.closed_on_purpose = True
@@ -438,7 +501,7 @@ class Connection:
                 with trio.move_on_after(grace):
                     await self.closed.wait()
         self.abort(reason)
-        if self._nursery is not None:
+        if running:
             await self.closed.wait()
 
     def _goodbye_now(self, goodbye: bytes) -> bool:

@@ -205,12 +205,14 @@ class Client(Endpoint):
         # The connection outlives this call, so it cannot live in the caller's
         # nursery: it runs as a system task of the current Trio run (under the
         # asyncio shim, of the loop's guest run) and ends with disconnect().
-        started = trio.Event()
+        # Not waited for: the connection takes calls, spawns and a close
+        # before its task has started (Connection.will_run), and waiting
+        # would cost every connect two scheduling passes.
         self._finished = trio.Event()
         self._supervisor_exited = trio.Event()
         self._supervisor = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._supervise, peer, started)
-        await started.wait()
+        peer.connection.will_run()
+        trio.lowlevel.spawn_system_task(self._supervise, peer)
 
     async def _establish(self, stream: trio.abc.Stream | None) -> Peer:
         """Dial (unless given ``stream``) and authenticate; the new session's Peer."""
@@ -306,7 +308,7 @@ class Client(Endpoint):
             stream = ssl_stream
         return stream
 
-    async def _supervise(self, peer: Peer, started: trio.Event) -> None:
+    async def _supervise(self, peer: Peer) -> None:
         """Run the connection; when it is lost, reconnect and run the new one, until done."""
         scope, finished, exited = self._supervisor, self._finished, self._supervisor_exited
         assert scope is not None
@@ -314,7 +316,7 @@ class Client(Endpoint):
             with scope:
                 first = True
                 while True:
-                    await self._run_connection(peer, started, reconnected=not first)
+                    await self._run_connection(peer, reconnected=not first)
                     if not self._should_reconnect(peer):
                         return
                     self._changed.unpark_all()
@@ -330,7 +332,6 @@ class Client(Endpoint):
             finished.set()
             exited.set()
             self._changed.unpark_all()
-            started.set()
 
     def _should_reconnect(self, peer: Peer) -> bool:
         return (
@@ -340,16 +341,14 @@ class Client(Endpoint):
             and not peer.connection.closed_on_purpose
         )
 
-    async def _run_connection(self, peer: Peer, started: trio.Event, *, reconnected: bool) -> None:
+    async def _run_connection(self, peer: Peer, *, reconnected: bool) -> None:
         def on_started() -> None:
-            started.set()
             self._changed.unpark_all()
             if reconnected:
                 for hook in self._reconnect_hooks:
                     peer.connection.spawn(self._run_hook, hook, (), "reconnect")
 
         def ended() -> None:
-            started.set()
             log.info("disconnected: %s", peer.connection.close_reason)
             if not self._should_reconnect(peer):
                 # Say so now, not after the disconnect hooks: transfers waiting
