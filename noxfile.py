@@ -26,8 +26,10 @@ def tests(session: nox.Session) -> None:
     Most tests wait (on loopback sockets, subprocesses, real servers) rather
     than compute, so two workers roughly halve the wall time on a 2-core
     machine. ``--dist loadfile`` keeps each test file in one worker, so a
-    module's expensive fixture (the benchmark suite's quick run, the cluster
-    engines) starts once. Pass ``-- -n 0`` to run in one process.
+    module's expensive fixture (a benchmark scenario's quick run, the cluster
+    engines) starts once; each benchmark scenario has a test file of its own
+    (``tests/test_benchmarks_quick_<name>.py``), so the workers share them.
+    Pass ``-- -n 0`` to run in one process.
     """
     session.install("-e", ".[test,cli]")
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadfile", *session.posargs)

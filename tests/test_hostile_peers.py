@@ -36,6 +36,7 @@ import math
 import os
 import struct
 import tracemalloc
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ from hostile_helpers import (
     raw_header,
     read_until_closed,
     render_table,
+    settle,
     trio_task_count,
     trio_task_names,
 )
@@ -88,6 +90,19 @@ from hostile_names import HOSTILE_NAMES, PARTIAL_PREFIX
 from transfer_helpers import tree_snapshot, write_random_file
 
 MEMORY_BOUND = 64 * MiB
+#: How long a wait for a condition may take before the test fails: generous, as
+#: the suite shares its cores (load 8-9 on 2 cores is routine); the waits return
+#: as soon as their condition holds.
+LOADED_MACHINE_BOUND = 120.0
+#: Tasks a connection starts the first time it needs them and then keeps for its
+#: life. Both ends of an honest connection live in the test's process and may
+#: start them only after a test took its baseline (on a loaded machine a send
+#: waits, and the writer starts, sooner): at most one per end, and no leak.
+KEPT_ONCE_STARTED = (
+    "conduit._connection.Connection._send_task",
+    "conduit._connection.Connection._message_task",
+    "conduit._pending_calls.PendingCalls.run_timer",
+)
 GOOD_FILE_SIZE = 256 * 1024
 U32_MAX = 2**32 - 1
 
@@ -469,17 +484,27 @@ async def test_two_thousand_half_open_connections(arena: ArenaFactory) -> None:
     assert memory.growth < MEMORY_BOUND
     await a.wait_logged("max_connections (500) reached", "no handshake within auth_timeout (2s)")
     await a.check_healthy()
-    # Back to the baseline: the newcomer of check_healthy has gone too.
-    await wait_until(lambda: a.server._open_sockets == 1 and len(a.server.clients) == 1)
-    ok = await _settles(lambda: open_fds() <= fds_before and trio_task_count() <= tasks_before)
-    assert ok, (open_fds(), fds_before, sorted(set(trio_task_names()) - set(names_before)))
+    # Back to the baseline: the newcomer of check_healthy has gone too. Tearing
+    # down 2,000 connections takes as long as the machine's load makes it: wait
+    # for the condition itself, bounded by LOADED_MACHINE_BOUND.
+    await wait_until(
+        lambda: a.server._open_sockets == 1 and len(a.server.clients) == 1,
+        timeout=LOADED_MACHINE_BOUND,
+    )
+    before = Counter(names_before)
 
+    def started_for_the_honest_connection() -> int:
+        now = Counter(trio_task_names())
+        return sum(min(2, max(0, now[name] - before[name])) for name in KEPT_ONCE_STARTED)
 
-async def _settles(predicate: Callable[[], bool], timeout: float = 10) -> bool:
-    with trio.move_on_after(timeout):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.05)
-    return predicate()
+    ok = await settle(
+        lambda: (
+            open_fds() <= fds_before
+            and trio_task_count() <= tasks_before + started_for_the_honest_connection()
+        ),
+        timeout=LOADED_MACHINE_BOUND,
+    )
+    assert ok, (open_fds(), fds_before, Counter(trio_task_names()) - before)
 
 
 @hostile(
@@ -937,7 +962,11 @@ async def test_reset_flood_is_bounded(arena: ArenaFactory) -> None:
     with PeakRSS() as memory:
         for start in range(0, len(frames), 20_000):
             await peer.send_sealed(*frames[start : start + 20_000])
-        assert (await peer.call("echo", value=3, timeout=30)).value == 3
+            # The server answers in order, so the echo returns once it has handled
+            # this batch: each wait is for 20,000 frames' work however loaded the
+            # machine, not a guess at how long all 200,000 take.
+            echoed = await peer.call("echo", value=start, timeout=LOADED_MACHINE_BOUND)
+            assert echoed.value == start
     assert memory.growth < MEMORY_BOUND
     await peer.aclose()
     await a.check_healthy()
