@@ -52,6 +52,8 @@ from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._socket_io import SocketIO, close_now
+from ._socket_lease import AVAILABLE as LEASES_AVAILABLE
+from ._socket_lease import SocketLease
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     ConnectionClosed,
@@ -264,6 +266,8 @@ class Connection:
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
+        # The socket may hold _BULK_UNSENT bytes unsent (bulk records were sent).
+        self._bulk_unsent = False
         # The heartbeat and idle tasks wait here between their timers: abort()
         # wakes them, so that they end without a cancellation (see abort).
         self._timers_parked = trio.lowlevel.ParkingLot()
@@ -696,7 +700,6 @@ class Connection:
     async def _send_task(self) -> None:
         writer = self._writer
         io = self._socket_io
-        bulk = False
         budget = max(self._writer.record_limit, 256 * 1024)
         try:
             while True:
@@ -706,9 +709,9 @@ class Connection:
                 for chunk in self._outbox.take_sealed():
                     await self._write(chunk)
                 for record in writer.iter_records(frames):
-                    if not bulk and io is not None and len(record) > _BULK_RECORD:
+                    if not self._bulk_unsent and io is not None and len(record) > _BULK_RECORD:
                         io.allow_unsent(_BULK_UNSENT)
-                        bulk = True
+                        self._bulk_unsent = True
                     await self._write(record)
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
@@ -981,6 +984,52 @@ class Connection:
             if self._direct_done:  # the writer waits for this send to end
                 self._direct_done.unpark_all()
 
+    def lend_socket(self) -> SocketLease | None:
+        """Lend the socket to a worker thread for bulk records, or None (see :mod:`._socket_lease`).
+
+        Only while nobody else may write: a plain socket, the session
+        encrypted, the writer idle with nothing queued and no task sending
+        directly. Until :meth:`SocketLease.end` every other sender queues for
+        the writer, which waits for the lease as for a direct send.
+        """
+        io = self._socket_io
+        if io is None or not LEASES_AVAILABLE or not self._can_send_directly():
+            return None
+        if not self._writer.encrypted:
+            return None
+        try:
+            fd = io.duplicate()
+        except (OSError, trio.ClosedResourceError):
+            return None
+        if not self._bulk_unsent:
+            io.allow_unsent(_BULK_UNSENT)
+            self._bulk_unsent = True
+        outbox = self._outbox
+        state = self._state
+        self._direct_sending = True
+        return SocketLease(
+            fd,
+            self._writer,
+            # writer_idle was True when lent: a producer that queued anything
+            # since woke (or started) the writer, which cleared it.
+            wanted=lambda: not outbox.writer_idle,
+            closed=lambda: state.phase is _CLOSED,
+            release=self._end_lease,
+        )
+
+    def _end_lease(self, lease: SocketLease) -> None:
+        # On the loop, the thread done with the socket: the writer goes on,
+        # first with the rest of a record a cancellation cut short.
+        self._direct_sending = False
+        if lease.error is not None:
+            exc = lease.error
+            self.abort(self.close_reason or f"connection lost: {exc}")
+        elif lease.rest is not None:
+            with contextlib.suppress(ConnectionClosed):
+                self._outbox.put_sealed([lease.rest])
+        if self._direct_done:  # the writer waits for the lease to end
+            self._direct_done.unpark_all()
+
     # ------------------------------------------------------------------ API
 
     def call(self, method: str, args: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
@@ -1066,10 +1115,11 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         put_data = self._outbox.put_data
+        lend = self.lend_socket if self._socket_io is not None and LEASES_AVAILABLE else None
         return self._state.open_outbound(
             stream_id,
             lambda stream_id, window, max_payload: OutgoingStream(
-                stream_id, window, max_payload, put_data
+                stream_id, window, max_payload, put_data, lend
             ),
         )
 
