@@ -253,6 +253,11 @@ class OutgoingStream(OutboundStream):
             self.bytes_sent += record.payload
         await self._flush(batch)
 
+    @property
+    def may_lease(self) -> bool:
+        """Whether :meth:`lease` may ever lend a socket (its connection's is a plain one)."""
+        return self._lend is not None
+
     def lease(self, size: int, frame: int) -> SocketLease | None:
         """The connection's socket for a worker thread to send ``size`` bytes of DATA itself.
 

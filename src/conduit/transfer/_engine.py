@@ -369,7 +369,7 @@ async def _send_block(
 ) -> int | None:
     # A local file may be sent by its reading thread (FileSource.send_block);
     # other sources are read, then queued for the connection's writer.
-    if isinstance(source, FileSource):
+    if stream.may_lease and isinstance(source, FileSource):
         return await source.send_block(stream, size, shape, hasher, threads)
     records = await source.read_records(stream, size, shape, hasher, threads)
     if records is None:
