@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from conduit import _socket_lease
+from conduit import _connection, _socket_lease
 from conduit._connection import Connection
 from conduit._streams import IncomingStream
 from conduit._worker_hop import WorkerHop
@@ -295,3 +295,34 @@ async def test_a_hop_call_hears_that_its_caller_was_cancelled() -> None:
     assert ended == [True]
     assert after == [True]
     hop.close()
+
+
+async def test_the_socket_is_not_lent_again_soon_after_others_interrupted_a_lease(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A lease nobody interrupted is followed by another at once; one that ended
+    with a frame waiting for the writer (RPC traffic beside the bulk data) is
+    not, for ``_LEASE_QUIET`` seconds: bulk records then go through the writer,
+    where control frames overtake them at every record."""
+    p = _pair(*_socket_pair())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            await trio.testing.wait_all_tasks_blocked()
+            lease = p.client.lend_socket()
+            assert lease is not None
+            lease.end()
+            lease = p.client.lend_socket()
+            assert lease is not None
+            # A ping queued meanwhile waits for the writer: the lease was wanted.
+            p.client._outbox.put_control((p.client._state.ping(),))
+            lease.end()
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.client._outbox.writer_idle  # the writer sent it
+            assert p.client.lend_socket() is None
+            mock_clock.jump(_connection._LEASE_QUIET)
+            lease = p.client.lend_socket()
+            assert lease is not None
+            lease.end()
+            nursery.cancel_scope.cancel()
