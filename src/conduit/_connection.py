@@ -52,8 +52,6 @@ from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._socket_io import SocketIO, close_now
-from ._socket_lease import AVAILABLE as LEASES_AVAILABLE
-from ._socket_lease import SocketLease
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     ConnectionClosed,
@@ -96,13 +94,6 @@ _MESSAGE_QUEUE = 64
 # record more than with Trio's 16 KiB (a whole record measured worse in `hol`).
 _BULK_RECORD = 256 * 1024
 _BULK_UNSENT = 256 * 1024
-# Seconds after a lease that others interrupted (a call, a result, a ping
-# queued meanwhile) during which the socket is not lent again: while RPCs
-# share the connection, bulk records go through the writer, which lets a
-# control frame overtake them at every record, where a lease makes it wait
-# for the record the thread is reading and hashing (the hol benchmark's RPC
-# p99 during an upload: 31 ms leasing every block, 18 ms before leases).
-_LEASE_QUIET = 0.1
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
@@ -273,10 +264,6 @@ class Connection:
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
-        # The socket may hold _BULK_UNSENT bytes unsent (bulk records were sent).
-        self._bulk_unsent = False
-        # When a lease last ended with frames waiting for the writer (see _LEASE_QUIET).
-        self._lease_interrupted = -_LEASE_QUIET
         # The heartbeat and idle tasks wait here between their timers: abort()
         # wakes them, so that they end without a cancellation (see abort).
         self._timers_parked = trio.lowlevel.ParkingLot()
@@ -709,6 +696,7 @@ class Connection:
     async def _send_task(self) -> None:
         writer = self._writer
         io = self._socket_io
+        bulk = False
         budget = max(self._writer.record_limit, 256 * 1024)
         try:
             while True:
@@ -718,9 +706,9 @@ class Connection:
                 for chunk in self._outbox.take_sealed():
                     await self._write(chunk)
                 for record in writer.iter_records(frames):
-                    if not self._bulk_unsent and io is not None and len(record) > _BULK_RECORD:
+                    if not bulk and io is not None and len(record) > _BULK_RECORD:
                         io.allow_unsent(_BULK_UNSENT)
-                        self._bulk_unsent = True
+                        bulk = True
                     await self._write(record)
         except OutboxClosed:
             self.abort(self.close_reason or "closed")
@@ -993,58 +981,6 @@ class Connection:
             if self._direct_done:  # the writer waits for this send to end
                 self._direct_done.unpark_all()
 
-    def lend_socket(self) -> SocketLease | None:
-        """Lend the socket to a worker thread for bulk records, or None (see :mod:`._socket_lease`).
-
-        Only while nobody else may write: a plain socket, the session
-        encrypted, the writer idle with nothing queued and no task sending
-        directly; and not within ``_LEASE_QUIET`` of a lease others
-        interrupted (RPC traffic beside the bulk data). Until
-        :meth:`SocketLease.end` every other sender queues for the writer,
-        which waits for the lease as for a direct send.
-        """
-        io = self._socket_io
-        if io is None or not LEASES_AVAILABLE or not self._can_send_directly():
-            return None
-        if not self._writer.encrypted:
-            return None
-        if trio.current_time() - self._lease_interrupted < _LEASE_QUIET:
-            return None  # others use the socket: their frames overtake at every record
-        try:
-            fd = io.duplicate()
-        except (OSError, trio.ClosedResourceError):
-            return None
-        if not self._bulk_unsent:
-            io.allow_unsent(_BULK_UNSENT)
-            self._bulk_unsent = True
-        outbox = self._outbox
-        state = self._state
-        self._direct_sending = True
-        return SocketLease(
-            fd,
-            self._writer,
-            # writer_idle was True when lent: a producer that queued anything
-            # since woke (or started) the writer, which cleared it.
-            wanted=lambda: not outbox.writer_idle,
-            closed=lambda: state.phase is _CLOSED,
-            release=self._end_lease,
-        )
-
-    def _end_lease(self, lease: SocketLease) -> None:
-        # On the loop, the thread done with the socket: the writer goes on,
-        # first with the rest of a record a cancellation cut short.
-        self._direct_sending = False
-        if not self._outbox.writer_idle:
-            self._lease_interrupted = trio.current_time()
-        if lease.error is not None:
-            exc = lease.error
-            self.abort(self.close_reason or f"connection lost: {exc}")
-        elif lease.rest is not None:
-            with contextlib.suppress(ConnectionClosed):
-                self._outbox.put_sealed([lease.rest])
-        if self._direct_done:  # the writer waits for the lease to end
-            self._direct_done.unpark_all()
-
     # ------------------------------------------------------------------ API
 
     def call(self, method: str, args: dict[str, Any], timeout: float | None) -> Awaitable[Any]:
@@ -1130,11 +1066,10 @@ class Connection:
         if not self.is_open:
             raise ConnectionClosed(self.close_reason or "connection closed")
         put_data = self._outbox.put_data
-        lend = self.lend_socket if self._socket_io is not None and LEASES_AVAILABLE else None
         return self._state.open_outbound(
             stream_id,
             lambda stream_id, window, max_payload: OutgoingStream(
-                stream_id, window, max_payload, put_data, lend
+                stream_id, window, max_payload, put_data
             ),
         )
 

@@ -79,13 +79,6 @@ class SocketIO:
         except OSError as exc:
             raise _translate(exc) from exc
 
-    def duplicate(self) -> int:
-        """A duplicate of the socket's descriptor, for a worker thread (see :mod:`._socket_lease`).
-
-        The caller closes it. ``ClosedResourceError`` if the socket is closed.
-        """
-        return os.dup(self._fd())
-
     def allow_unsent(self, size: int) -> None:
         """Let the kernel hold ``size`` bytes not yet sent (``TCP_NOTSENT_LOWAT``).
 

@@ -15,7 +15,6 @@ what needs Trio: parking the consumer or producer until the state changes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -24,9 +23,6 @@ from .protocol.codec import data_header
 from .protocol.connection import Buffer, InboundStream, OutboundStream
 from .protocol.data_runs import DataRecord
 from .protocol.records_io import RECORD_SLACK
-
-if TYPE_CHECKING:
-    from ._socket_lease import SocketLease
 
 
 class IncomingStream(InboundStream):
@@ -171,14 +167,10 @@ class OutgoingStream(OutboundStream):
         window: int,
         max_payload: int,
         enqueue: Callable[[list[tuple[OutFrame, int]]], Awaitable[None]],
-        lend: Callable[[], SocketLease | None] | None = None,
     ) -> None:
-        """``enqueue`` queues frames for the connection's writer; ``lend``, if
-        given, lends its socket to a worker thread (see :meth:`lease`)."""
         super().__init__(stream_id, window, max_payload)
         self.window = window
         self._enqueue = enqueue
-        self._lend = lend
         self._wakeup = trio.lowlevel.ParkingLot()
         # Every full chunk of a stream has the same header: encoded once.
         self._header_size = -1
@@ -252,40 +244,6 @@ class OutgoingStream(OutboundStream):
             batch.append(((record.buffer,), record.payload))
             self.bytes_sent += record.payload
         await self._flush(batch)
-
-    @property
-    def may_lease(self) -> bool:
-        """Whether :meth:`lease` may ever lend a socket (its connection's is a plain one)."""
-        return self._lend is not None
-
-    def lease(self, size: int, frame: int) -> SocketLease | None:
-        """The connection's socket for a worker thread to send ``size`` bytes of DATA itself.
-
-        The bytes are laid out in frames of ``frame`` bytes (see
-        :meth:`record_shape`); their credit is spent now. None, and nothing
-        spent, when the credit does not cover them all or the connection
-        cannot lend its socket now (then :meth:`send_records` sends them).
-        What the thread did not send is handed back with :meth:`unsent`.
-        """
-        if self._lend is None or self.error is not None:
-            return None
-        cost = size + -(-size // frame) * FRAME_COST
-        if self.credit < cost:
-            return None
-        lease = self._lend()
-        if lease is not None:
-            self.credit -= cost
-            self.bytes_sent += size
-        return lease
-
-    def unsent(self, size: int, frame: int) -> None:
-        """The last ``size`` bytes of a :meth:`lease` were not sent: their credit comes back.
-
-        Whole records were sent before them, so they begin on a frame's start.
-        """
-        if size > 0:
-            self.credit += size + -(-size // frame) * FRAME_COST
-            self.bytes_sent -= size
 
     async def finish(self, trailer: bytes = b"") -> None:
         """Send the END frame carrying ``trailer`` (e.g. the checksum)."""

@@ -22,10 +22,7 @@ token) and drops the rest, for about 35 µs:
   several Trio runs (each call carries its own token);
 * cancellation is ``trio.to_thread.run_sync``'s (``abandon_on_cancel=False``):
   a call no thread has taken yet is withdrawn and raises ``Cancelled``; a call
-  a thread has started runs to its end, and its outcome is delivered (the
-  ``Cancelled`` then comes at the caller's next checkpoint). ``on_cancel``
-  lets such a call know that it should end early (a worker thread writing to
-  a socket the peer stopped reading: see :mod:`conduit._socket_lease`).
+  a thread has started runs to its end, and its outcome is delivered.
 
 A call expected to be short may be waited for in the Trio thread first
 (``wait_inline=seconds``): the Trio thread blocks on a lock, without the GIL,
@@ -151,21 +148,13 @@ class WorkerHop:
         """Worker threads alive now (busy or idle)."""
         return self._threads
 
-    async def run(
-        self,
-        function: Callable[..., R],
-        *args: Any,
-        wait_inline: float = 0.0,
-        on_cancel: Callable[[], None] | None = None,
-    ) -> R:
+    async def run(self, function: Callable[..., R], *args: Any, wait_inline: float = 0.0) -> R:
         """``function(*args)`` in a worker thread; its result, or its exception.
 
         ``wait_inline``: seconds the Trio thread may block waiting for a short
         call before it waits through the loop (see the module docstring). A
         call is always a cancel point; one answered within ``wait_inline`` is
-        not a schedule point (the loop did not run meanwhile). ``on_cancel``:
-        called (in the Trio thread) when the caller is cancelled while a
-        thread runs the call, which still ends with its outcome delivered.
+        not a schedule point (the loop did not run meanwhile).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         call = _Call(function, args)
@@ -222,11 +211,11 @@ class WorkerHop:
                 return result_
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            if self._withdraw(call):
-                return trio.lowlevel.Abort.SUCCEEDED
-            if on_cancel is not None:
-                on_cancel()
-            return trio.lowlevel.Abort.FAILED
+            return (
+                trio.lowlevel.Abort.SUCCEEDED
+                if self._withdraw(call)
+                else trio.lowlevel.Abort.FAILED
+            )
 
         result: R = await trio.lowlevel.wait_task_rescheduled(abort)
         return result

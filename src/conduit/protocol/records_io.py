@@ -175,14 +175,14 @@ class FrameWriter:
             if size < SCRATCH_MIN:
                 yield sealer.seal(batch[0] if len(batch) == 1 else b"".join(batch))
                 continue
-            if len(batch) == 1:
-                # Already one buffer (a sender that laid out its DATA frames
-                # itself, data_runs.lay_out): sealed as it is, no join.
-                yield self.seal_bulk(batch[0])
-                continue
             if self._sealed is None:
                 self._sealed = bytearray(self.record_limit + RECORD_OVERHEAD)
             self._buffers_used = True
+            if len(batch) == 1:
+                # Already one buffer (a sender that laid out its DATA frames
+                # itself, data_runs.lay_out): sealed as it is, no join.
+                yield sealer.seal_into(batch[0], self._sealed)
+                continue
             if self._plain is None:
                 self._plain = bytearray(self.record_limit)
             plain = self._plain
@@ -193,23 +193,6 @@ class FrameWriter:
                 position = end
             with memoryview(plain) as view:
                 yield sealer.seal_into(view[:size], self._sealed)
-
-    def seal_bulk(self, plaintext: bytes | bytearray | memoryview) -> memoryview:
-        """Seal one large record (a laid-out run of DATA frames) into the reused buffer.
-
-        The record is valid until the next large record is sealed: send it
-        first. For whoever owns the socket and so the nonce counter: the
-        connection's writer, or a worker thread it lent the socket to (see
-        :mod:`conduit._socket_lease`), never both at once.
-        """
-        assert self._sealer is not None, "bulk records are sealed"
-        self._buffers_used = True
-        # A local reference: the heartbeat may drop the attribute meanwhile
-        # (release_idle_buffers, on the event loop) while a thread seals here.
-        out = self._sealed
-        if out is None:
-            out = self._sealed = bytearray(self.record_limit + RECORD_OVERHEAD)
-        return self._sealer.seal_into(plaintext, out)
 
     def release_idle_buffers(self) -> None:
         """Drop the reusable record buffers unless used since the previous call.

@@ -4,11 +4,8 @@ Disk work happens in worker threads, in blocks of :data:`READ_BLOCK` bytes (the
 sender) or whatever the credit window delivered (the receiver), so the event
 loop never waits on the disk and a thread hop is paid per block, not per
 chunk. The sender's worker step reads a block straight into DATA frames laid
-out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it;
-when the connection lends it the socket (its writer idle: see
-:mod:`conduit._socket_lease`) the same step seals and writes each record, so
-the event loop does nothing per record, else the writer seals and sends them.
-The receiver's worker step writes a batch
+out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it, so
+the event loop only seals and sends; the receiver's worker step writes a batch
 with one ``pwritev`` and hashes it. ``hashlib`` releases the GIL on large
 buffers, so hashing overlaps the event loop's work too. Memory is bounded by
 the credit window (plus the half window whose credit the receiver returns
@@ -26,7 +23,6 @@ from typing import Any, Protocol
 
 import trio
 
-from .._socket_lease import SocketLease
 from .._streams import IncomingStream, OutgoingStream
 from .._worker_hop import WorkerHop
 from ..errors import TransferError
@@ -115,50 +111,6 @@ def _read_records(
     return records
 
 
-def _read_and_send(
-    file: io.FileIO,
-    stream_id: int,
-    size: int,
-    shape: tuple[int, int],
-    hasher: Any,
-    buffers: RecordBuffers,
-    lease: SocketLease,
-) -> tuple[int, DataRecord | None] | None:
-    # In a worker thread holding the connection's socket: each record read
-    # straight into its payload slots, hashed, sealed and written, one after
-    # the other, the loop not involved (see conduit._socket_lease). When
-    # others wait for the socket it stops, before a record (the rest of the
-    # block is read later: the file position and the hash are at the last
-    # record read) or, once it is read and hashed, before sealing it: that
-    # record goes back to the loop, for the writer to send after them. Also
-    # stops when the lease must end. Bytes sent (a record cut short by a
-    # cancellation counts: the writer sends its rest) and the record handed
-    # back; None if the file ended early.
-    records, slots = lay_out(stream_id, size, *shape, buffers)
-    fd = file.fileno()
-    sent = 0
-    first = 0
-    for record in records:
-        if lease.stopped() or lease.wanted():
-            break
-        mine = slots[first : first + record.frames]
-        first += record.frames
-        if not _fill(fd, mine, record.payload):
-            return None
-        for slot in mine:
-            hasher.update(slot)
-        if lease.stopped():
-            break
-        if lease.wanted():
-            return sent, record
-        if not lease.send(record.buffer):
-            if lease.rest is not None:
-                sent += record.payload
-            break
-        sent += record.payload
-    return sent, None
-
-
 def _fill(fd: int, slots: list[memoryview], size: int) -> bool:
     # readv until the slots hold ``size`` bytes: a read may be short (a network
     # or FUSE file system) without the file having ended; only 0 means it did.
@@ -234,61 +186,6 @@ class FileSource:
                 _read_records, self.file, stream.stream_id, size, shape, hasher, self._buffers
             )
 
-    async def send_block(
-        self,
-        stream: OutgoingStream,
-        size: int,
-        shape: tuple[int, int],
-        hasher: Any,
-        threads: trio.CapacityLimiter | None,
-    ) -> int | None:
-        """Send up to ``size`` next bytes on ``stream``, already added to ``hasher``; how many.
-
-        When the connection lends its socket (and the credit covers the
-        block), one worker-thread step reads, hashes, seals and writes the
-        block's records (see :mod:`conduit._socket_lease`), stopping early
-        when others wait for the socket; else it is read as by
-        :meth:`read_records` and queued for the writer. None if the file
-        ended early.
-        """
-        async with _maybe(threads):
-            # Lent only once the thread token is ours: a lease held while
-            # waiting for one would hold every other sender back.
-            lease = stream.lease(size, shape[0])
-            if lease is None:
-                records = await _READS.run(
-                    _read_records, self.file, stream.stream_id, size, shape, hasher, self._buffers
-                )
-            else:
-                try:
-                    done = await _READS.run(
-                        _read_and_send,
-                        self.file,
-                        stream.stream_id,
-                        size,
-                        shape,
-                        hasher,
-                        self._buffers,
-                        lease,
-                        on_cancel=lease.cancel,
-                    )
-                finally:
-                    lease.end()
-                if done is None:
-                    return None
-                sent, handed_back = done
-                stream.unsent(size - sent, shape[0])
-                if handed_back is None:
-                    return sent
-                # Read and hashed, not sealed: the writer sends it, after
-                # what made the thread hand the socket back.
-                records = [handed_back]
-                size = sent + handed_back.payload
-        if records is None:
-            return None
-        await stream.send_records(records)
-        return size
-
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
         """Hash the next ``length`` bytes (the position ends after them); the hasher.
 
@@ -343,39 +240,22 @@ async def send_file(
         taken = await read_ahead.take(want) if read_ahead is not None else want
         try:
             want = min(want, taken)
-            amount = await _send_block(source, stream, want, shape, hasher, read_threads)
-            if amount is None:
+            records = await source.read_records(stream, want, shape, hasher, read_threads)
+            if records is None:
                 raise TransferError(
                     f"the file shrank while it was being sent ({position} of {size} bytes)",
                     "source_changed",
                 )
+            await stream.send_records(records)
         finally:
             if read_ahead is not None:
                 read_ahead.give_back(taken)
+        amount = sum(record.payload for record in records)
         position += amount
         await reporter.advance(amount)
     trailer = Trailer(size, hasher.digest())
     await stream.finish(trailer.pack())
     return trailer
-
-
-async def _send_block(
-    source: BlockReader,
-    stream: OutgoingStream,
-    size: int,
-    shape: tuple[int, int],
-    hasher: Any,
-    threads: trio.CapacityLimiter | None,
-) -> int | None:
-    # A local file may be sent by its reading thread (FileSource.send_block);
-    # other sources are read, then queued for the connection's writer.
-    if stream.may_lease and isinstance(source, FileSource):
-        return await source.send_block(stream, size, shape, hasher, threads)
-    records = await source.read_records(stream, size, shape, hasher, threads)
-    if records is None:
-        return None
-    await stream.send_records(records)
-    return sum(record.payload for record in records)
 
 
 def records_of(stream_id: int, block: Buffer, shape: tuple[int, int]) -> list[DataRecord]:
