@@ -28,6 +28,7 @@ from conduit._gatekeeper import Gatekeeper, LoopShare, ScreenedListener
 from conduit.accounts import FAKE_CACHE
 from conduit.protocol import (
     ClientHandshake,
+    Frame,
     FrameKind,
     FrameReader,
     HandshakeState,
@@ -58,6 +59,15 @@ def accounts(tmp_path: Path) -> Accounts:
 
 
 # --------------------------------------------------------------------------- the loop share
+
+
+def _frame_of(data: bytes) -> Frame:
+    """The one whole frame at the start of ``data`` (a handshake step's output)."""
+    reader = FrameReader()
+    reader.feed(data)
+    frame = reader.next_frame()
+    assert frame is not None
+    return frame
 
 
 def test_loop_share_is_a_token_bucket_of_loop_seconds() -> None:
@@ -149,16 +159,7 @@ def test_the_client_stretches_only_on_a_cache_miss(accounts: Accounts) -> None:
         server = ServerHandshake(
             None, name="s", max_frame_size=1 << 20, receive_window=1 << 22, accounts=accounts.lookup
         )
-        reader = FrameReader()
-        reader.feed(client.start())
-        hello = reader.next_frame()
-        assert hello is not None
-        return server, server.receive(hello)
-
-    def frame_of(data: bytes):  # type: ignore[no-untyped-def]
-        reader = FrameReader()
-        reader.feed(data)
-        return reader.next_frame()
+        return server, server.receive(_frame_of(client.start()))
 
     first = ClientHandshake(
         ALICE_PASSWORD,
@@ -169,7 +170,7 @@ def test_the_client_stretches_only_on_a_cache_miss(accounts: Accounts) -> None:
         cache=cache,
     )
     _, reply = server_hello(first)
-    frame = frame_of(reply)
+    frame = _frame_of(reply)
     assert first.will_stretch(frame)
     first.receive(frame)  # stretches, and fills the cache
     assert not first.will_stretch(frame)  # not in WAIT_SERVER_HELLO any more
@@ -183,7 +184,7 @@ def test_the_client_stretches_only_on_a_cache_miss(accounts: Accounts) -> None:
         cache=cache,
     )
     _, reply = server_hello(again)
-    assert not again.will_stretch(frame_of(reply))
+    assert not again.will_stretch(_frame_of(reply))
 
     # Another password is another cache entry: a stretch again.
     other = ClientHandshake(
@@ -195,11 +196,11 @@ def test_the_client_stretches_only_on_a_cache_miss(accounts: Accounts) -> None:
         cache=cache,
     )
     _, reply = server_hello(other)
-    assert other.will_stretch(frame_of(reply))
+    assert other.will_stretch(_frame_of(reply))
 
     # Shared-password mode stretches once per process, before the handshake.
     shared = ClientHandshake(PASSWORD, name="c", max_frame_size=1 << 20, receive_window=1 << 22)
-    assert not shared.will_stretch(frame_of(reply))
+    assert not shared.will_stretch(_frame_of(reply))
 
 
 # --------------------------------------------------------------------------- the accounts file
@@ -396,14 +397,8 @@ def test_the_accounts_client_decodes_the_server_hello_once(
     server = ServerHandshake(
         None, name="s", max_frame_size=1 << 20, receive_window=1 << 22, accounts=accounts.lookup
     )
-    reader = FrameReader()
-    reader.feed(client.start())
-    hello = reader.next_frame()
-    assert hello is not None
-    reader = FrameReader()
-    reader.feed(server.receive(hello))
-    frame = reader.next_frame()
-    assert frame is not None
+    hello = _frame_of(client.start())
+    frame = _frame_of(server.receive(hello))
     decoded: list[object] = []
     real = handshake_module.decode_body
 
@@ -415,9 +410,7 @@ def test_the_accounts_client_decodes_the_server_hello_once(
     assert client.will_stretch(frame)
     confirm = client.receive(frame)
     assert decoded == [ServerHello]
-    reader = FrameReader()
-    reader.feed(confirm)
-    confirm_frame = reader.next_frame()
-    assert confirm_frame is not None and confirm_frame.kind is FrameKind.CLIENT_CONFIRM
+    confirm_frame = _frame_of(confirm)
+    assert confirm_frame.kind is FrameKind.CLIENT_CONFIRM
     assert server.receive(confirm_frame)  # the SERVER_CONFIRM: the keys agree
     assert server.keys is not None
