@@ -92,6 +92,17 @@ async def wait_until(
             await trio.sleep(interval)
 
 
+async def served(server: Server, client: Client) -> None:
+    """Return once ``server`` serves ``client`` (which has connected).
+
+    A shared-password server confirms first and welcomes with its hello, so
+    ``connect()`` returns once the client has checked that and sent its own
+    confirmation, before the server has checked it and registered the
+    client: a test that looks at ``server.clients`` waits for it.
+    """
+    await wait_until(lambda: client.id in server.clients)
+
+
 def open_fd_count() -> int:
     """Open file descriptors of this process (Linux)."""
     return len(os.listdir("/proc/self/fd"))
@@ -166,6 +177,8 @@ async def tcp_client_factory() -> AsyncIterator[ClientFactory]:
         clients.append(client)
         if connect:
             await client.connect()
+            if isinstance(target, Server):
+                await served(target, client)
         return client
 
     yield make
@@ -279,6 +292,7 @@ async def memory_client_factory() -> AsyncIterator[ClientFactory]:
         clients.append(client)
         if connect:
             await client.connect()
+            await served(target, client)
         return client
 
     yield make

@@ -43,6 +43,7 @@ from conduit.protocol import (
 )
 from conduit.protocol.frames import MAGIC, PROTOCOL_VERSION
 from conduit.protocol.messages import Call, Result
+from conduit.protocol.records import LENGTH
 
 LOOPBACK = "127.0.0.1"
 HEADER = struct.Struct("!2sBBBxII")
@@ -304,6 +305,24 @@ class RawPeer:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+def handshake_reply(data: bytes) -> list[FrameKind | str]:
+    """What a server sent during a handshake, from raw bytes: clear frames by
+    kind, and each sealed record (a length, then ciphertext) as ``"record"``
+    (a shared-password server sends its WELCOME sealed with its hello)."""
+    parts: list[FrameKind | str] = []
+    offset = 0
+    while offset + HEADER.size <= len(data):
+        if data[offset : offset + 2] == MAGIC:
+            _magic, _version, kind, _flags, _stream, length = HEADER.unpack_from(data, offset)
+            parts.append(FrameKind(kind))
+            offset += HEADER.size + length
+        else:
+            (length,) = LENGTH.unpack_from(data, offset)
+            parts.append("record")
+            offset += LENGTH.size + length
+    return parts
 
 
 async def read_until_closed(stream: trio.SocketStream, *, timeout: float = 10) -> bytes:

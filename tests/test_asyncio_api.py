@@ -113,6 +113,7 @@ async def _client_wait_closed(w: World) -> None:
     other = Client(ClientDescriptor(server_port=w.server.port, password="pw"))
     await other.connect()
     assert other.id is not None
+    await _served(w, other)
     await w.server.clients[other.id].close("bye")
     await asyncio.wait_for(other.wait_closed(), 5)
     assert not other.connected
@@ -154,6 +155,7 @@ async def _peer_close(w: World) -> None:
     other = Client(ClientDescriptor(server_port=w.server.port, password="pw"))
     await other.connect()
     assert other.id is not None
+    await _served(w, other)
     await w.server.clients[other.id].close()
     await asyncio.wait_for(other.wait_closed(), 5)
 
@@ -308,6 +310,12 @@ async def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+async def _served(w: World, client: Client) -> None:
+    """Until the server serves ``client`` (connect() returns before: the
+    server confirms first, see conftest.served)."""
+    await _until(lambda: client.id in w.server.clients)
+
+
 def test_every_public_coroutine_method_has_a_driver() -> None:
     assert public_async_methods() == set(DRIVERS)
     assert RPCProxy.__name__ in conduit.__all__
@@ -390,6 +398,7 @@ async def _world(tmp: Path) -> tuple[World, asyncio.Task[None]]:
     await client.connect()
     (tmp / "server").mkdir(exist_ok=True)
     world = World(tmp, server, client, server_transfer, client_transfer, events)
+    await _served(world, client)
     return world, task
 
 

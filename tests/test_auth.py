@@ -260,7 +260,7 @@ async def test_parallel_honest_clients_from_one_address_queue_not_fail(
         async with trio.open_nursery() as nursery:
             for _ in range(12):
                 nursery.start_soon(connect)
-    assert len(server.clients) == 12
+    await wait_until(lambda: len(server.clients) == 12)
     for client in clients:
         await client.disconnect()
 

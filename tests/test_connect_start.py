@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import trio
 
-from conduit import Client
+from conduit import Client, Peer
 from conduit._connection import Connection
-from conftest import ServerFactory, client_descriptor
+from conftest import ServerFactory, client_descriptor, wait_until
 from test_connection import _pair, _settings, _socket_pair
 
 
@@ -79,16 +79,23 @@ async def test_connect_returns_before_the_task_and_a_disconnect_right_after_rele
     purpose, with the reason) and returns once the connection has ended,
     having taken no heartbeat entry and no reading-role descriptors."""
     server = await server_factory()
+    ended: list[Peer] = []
+    server.on_client_disconnect(ended.append)
     client = Client(client_descriptor(server.port))
     with trio.fail_after(10):
         await client.connect()
         connection = client.server.connection
         assert connection._nursery is None  # its task has not run yet
         assert client.id is not None
-        on_server = server.clients[client.id].connection
         await client.disconnect()
         assert connection.closed.is_set()
-        await on_server.closed.wait()
+        # The server (which confirmed first, so connect() returned before it
+        # had checked our confirmation) serves the client, then ends on its
+        # GOODBYE.
+        await wait_until(lambda: bool(ended))
+    (peer,) = ended
+    assert peer.id == client.id
+    on_server = peer.connection
     assert on_server.close_reason == "peer closed the connection: client disconnected"
     assert on_server.closed_on_purpose
     assert connection.stream.socket.fileno() == -1  # type: ignore[attr-defined]

@@ -52,7 +52,7 @@ from conduit.protocol import (
 from conduit.protocol.codec import encode_frame
 from conduit.protocol.messages import Resume, Welcome
 from conduit.transfer._progress import REPORT_INTERVAL
-from conftest import LOOPBACK, PASSWORD, open_fd_count, wait_until
+from conftest import LOOPBACK, PASSWORD, open_fd_count, served, wait_until
 from cutting_proxy import CuttingProxy, Direction
 from hostile_names import PARTIAL_PREFIX
 from transfer_helpers import MiB, sha256_of, write_random_file
@@ -357,6 +357,7 @@ async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
             await client.connect()
             client_id = client.id
             assert client_id is not None
+            await served(server, client)
             with trio.fail_after(60):
                 result = await server_transfer.send_to_client(server, client_id, source)
             assert result["success"] is True, result
@@ -421,6 +422,7 @@ async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) 
             FileTransferHandler(tmp_path / "client-store").register_client_handlers(client)
             await client.connect()
             assert client.id is not None
+            await served(server, client)
             with trio.fail_after(10):
                 result = await server_transfer.send_to_client(server, client.id, source)
             assert result["success"] is False and result["code"] == "connection_closed"
@@ -471,6 +473,7 @@ async def test_stale_connection_is_replaced_by_the_reconnect() -> None:
             await client.connect()
             client_id = client.id
             assert client_id is not None
+            await served(server, client)
             stale = server.clients[client_id]
             # The client presents its token on a second connection while the
             # server still holds the first one open (a half-open link).

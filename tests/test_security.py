@@ -37,6 +37,7 @@ from conftest import (
     split_clear_frames,
     wait_until,
 )
+from hostile_helpers import handshake_reply
 
 METHOD = "quetzal_ledger_reconcile_v7"
 PAYLOAD = "PAYLOAD:aardvark-zeppelin-0xC0FFEE-\N{SNOWMAN}-7f3e19b2"
@@ -208,14 +209,16 @@ async def test_flipped_byte_after_handshake_fails_the_call(
 
 
 @pytest.mark.parametrize(
-    ("direction", "flip"),
+    ("direction", "flip", "caught_by"),
     [
-        pytest.param("c2s", FlipByte(0, unit="frame", index=0), id="client-hello-magic"),
-        pytest.param("c2s", FlipByte(0, unit="frame", index=-1), id="client-hello-body"),
-        pytest.param("c2s", FlipByte(1, unit="frame", index=-1), id="client-confirm-mac"),
-        pytest.param("s2c", FlipByte(0, unit="frame", index=-1), id="server-hello-body"),
-        pytest.param("s2c", FlipByte(1, unit="frame", index=-1), id="server-confirm-mac"),
-        pytest.param("s2c", FlipByte(2, unit="record", index=8), id="welcome-record"),
+        pytest.param("c2s", FlipByte(0, unit="frame", index=0), "client", id="client-hello-magic"),
+        pytest.param("c2s", FlipByte(0, unit="frame", index=-1), "client", id="client-hello-body"),
+        # The server confirms first and welcomes with it: the client's connect()
+        # has returned when the server finds its confirmation altered.
+        pytest.param("c2s", FlipByte(1, unit="frame", index=-1), "server", id="client-confirm-mac"),
+        pytest.param("s2c", FlipByte(0, unit="frame", index=-1), "client", id="server-hello-body"),
+        pytest.param("s2c", FlipByte(1, unit="frame", index=-1), "client", id="server-confirm-mac"),
+        pytest.param("s2c", FlipByte(2, unit="record", index=8), "client", id="welcome-record"),
     ],
 )
 async def test_flipped_byte_during_handshake_fails_connect(
@@ -224,17 +227,28 @@ async def test_flipped_byte_during_handshake_fails_connect(
     proxy_factory: ProxyFactory,
     direction: Direction,
     flip: FlipByte,
+    caught_by: str,
 ) -> None:
     flip = FlipByte(flip.clear_frames, flip.records, flip.unit, flip.index)
     server = await server_factory(register=register_echo)
     authenticated = connection_counter(server)
     factory, _ = tampering(**{direction: flip})
     proxy = await proxy_factory(server.port, factory)
-    client = await client_factory(proxy.port, connect=False, connect_timeout=5.0)
-    with trio.fail_after(10), pytest.raises(ConduitError) as raised:
-        await client.connect()
-    # Detected, not merely timed out.
-    assert not isinstance(raised.value, HandshakeTimeout)
+    client = await client_factory(
+        proxy.port, connect=False, connect_timeout=5.0, reconnect_enabled=False
+    )
+    if caught_by == "server":
+        with trio.fail_after(10):
+            await client.connect()
+            # The server drops it unserved: a call fails, nothing is lost silently.
+            with pytest.raises(ConnectionClosed):
+                await client.call(METHOD, text=PAYLOAD)
+            await wait_until(lambda: not client.connected)
+    else:
+        with trio.fail_after(10), pytest.raises(ConduitError) as raised:
+            await client.connect()
+        # Detected, not merely timed out.
+        assert not isinstance(raised.value, HandshakeTimeout)
     assert flip.flipped_at is not None
     assert not client.connected
     if direction == "c2s":
@@ -404,13 +418,21 @@ async def test_replayed_handshake_is_rejected(
     assert FrameKind.SERVER_CONFIRM not in kinds
     assert kinds == [FrameKind.AUTH_FAILED]
 
-    # All at once, sealed call record included: nothing runs.
+    # All at once, sealed call record included: nothing runs. The server
+    # confirms its own fresh hello first and sends the WELCOME sealed with its
+    # keys (worthless to a replayer: keyed from a new y and the password),
+    # then refuses the recorded confirmation.
     stream = await trio.open_tcp_stream(LOOPBACK, server.port)
     with contextlib.suppress(trio.BrokenResourceError):
         await stream.send_all(recorded)
     reply = await read_until_eof(stream)
     await stream.aclose()
-    assert FrameKind.SERVER_CONFIRM not in frame_kinds(reply)
+    assert handshake_reply(reply) == [
+        FrameKind.SERVER_HELLO,
+        FrameKind.SERVER_CONFIRM,
+        "record",
+        FrameKind.AUTH_FAILED,
+    ]
 
     assert calls == ["transfer 100"]
     assert len(authenticated) == 1

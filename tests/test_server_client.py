@@ -39,6 +39,7 @@ from conftest import (
     client_descriptor,
     memory_listener_of,
     open_fd_count,
+    served,
     server_descriptor,
     wait_until,
 )
@@ -154,6 +155,7 @@ async def test_client_id_is_the_key_in_server_clients(
     await client.connect()
     assert client.connected
     assert client.id is not None
+    await served(server, client)
     assert list(server.clients) == [client.id]
     peer = server.clients[client.id]
     assert isinstance(peer, Peer)

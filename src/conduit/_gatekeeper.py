@@ -30,6 +30,7 @@ Every rule here bounds what an unauthenticated peer can make the server do:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -47,6 +48,7 @@ from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .protocol import Frame, FrameKind, ServerHandshake
 from .protocol.handshake import shared_secret
+from .protocol.messages import Welcome
 
 
 def _now() -> float:
@@ -162,8 +164,18 @@ class Gatekeeper:
 
     # ------------------------------------------------------------------ handshake
 
-    async def handshake(self, stream: trio.abc.Stream, host: str) -> Established:
+    async def handshake(
+        self,
+        stream: trio.abc.Stream,
+        host: str,
+        welcome: Callable[[], Welcome] | None = None,
+    ) -> Established:
         """Authenticate the client on ``stream``.
+
+        ``welcome``: makes the client's WELCOME without side effects, to send
+        sealed with an early SERVER_CONFIRM when the handshake allows it (see
+        :func:`~conduit._handshake_io.server_handshake`; ``welcomed`` of the
+        result says whether it went).
 
         Raises :class:`Refused` (throttled), VersionMismatch, AuthenticationError,
         ProtocolError, ConnectionClosed or Trio's stream errors.
@@ -194,7 +206,10 @@ class Gatekeeper:
                     and self.accounts.changed()
                 ):
                     await self._reload(self.accounts)
-                return await self._step(handshake, frame)
+                return await self._step(functools.partial(handshake.receive, frame))
+
+            async def confirm_first() -> bytes:
+                return await self._step(handshake.confirm_first)
 
             def precompute() -> None:
                 # Inline only: beyond the loop share, the confirmation's step
@@ -210,6 +225,8 @@ class Gatekeeper:
                 run=run,
                 precompute=precompute,
                 io=io,
+                confirm_first=confirm_first,
+                welcome=welcome,
             )
         except BaseException:
             self.throttle.failed(attempt, _now())
@@ -221,15 +238,15 @@ class Gatekeeper:
         established.account = cast("AccountRecord | None", handshake.account)
         return established
 
-    async def _step(self, handshake: ServerHandshake, frame: Frame) -> bytes:
-        """Feed ``frame`` to the machine: inline within the loop share, else in a thread."""
+    async def _step(self, step: Callable[[], bytes]) -> bytes:
+        """Run a step of the machine: inline within the loop share, else in a thread."""
         started = time.perf_counter()
         if self.loop_share.allows(started):
             try:
-                return handshake.receive(frame)
+                return step()
             finally:
                 self.loop_share.spend(time.perf_counter() - started)
-        return await trio.to_thread.run_sync(handshake.receive, frame, limiter=self.limiter)
+        return await trio.to_thread.run_sync(step, limiter=self.limiter)
 
     def _inline(self, step: Callable[[], object]) -> bool:
         """Run ``step`` now if the loop share allows it; whether it ran."""

@@ -66,10 +66,17 @@ class ResumeTokens:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def issue(self, client_id: str, username: str | None = None) -> bytes:
-        """A new token for ``client_id`` (logged in as ``username``), replacing the one it had."""
+    def issue(
+        self, client_id: str, username: str | None = None, token: bytes | None = None
+    ) -> bytes:
+        """A new token for ``client_id`` (logged in as ``username``), replacing the one it had.
+
+        ``token``: one made beforehand by :func:`new_token` (a WELCOME sent
+        before the client had confirmed carries it; it is valid from now on).
+        """
         self._forget(client_id)
-        token = secrets.token_bytes(_TOKEN_BYTES)
+        if token is None:
+            token = new_token()
         digest = token_digest(token)
         self._entries[digest] = _Entry(client_id, username)
         self._by_client[client_id] = digest
@@ -136,9 +143,14 @@ class ResumeTokens:
         heapq.heapify(self._expiries)
 
 
+def new_token() -> bytes:
+    """A fresh random token, not yet valid anywhere (see :meth:`ResumeTokens.issue`)."""
+    return secrets.token_bytes(_TOKEN_BYTES)
+
+
 def token_digest(token: bytes) -> bytes:
     """What a token is kept as: its SHA-256 (here and, in a cluster, on the bus)."""
     return hashlib.sha256(token).digest()
 
 
-__all__ = ["MAX_TOKENS", "RESUME_TTL", "ResumeTokens", "token_digest"]
+__all__ = ["MAX_TOKENS", "RESUME_TTL", "ResumeTokens", "new_token", "token_digest"]

@@ -23,7 +23,7 @@ from ._handshake_io import (
 )
 from ._heartbeats import Heartbeats
 from ._peer import Peer
-from ._resume import ResumeTokens
+from ._resume import ResumeTokens, new_token
 from ._serve_loop import serve_listeners
 from ._socket_io import close_now
 from ._throttle import address_key
@@ -383,7 +383,17 @@ class Server(Endpoint):
             with trio.fail_after(descriptor.auth_timeout):
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                established = await self._gate.handshake(stream, arrival.host)
+                established = await self._gate.handshake(
+                    stream, arrival.host, None if self.cluster is not None else self._welcome
+                )
+                welcomed = established.welcomed
+                if welcomed is not None:
+                    # Sent with our early confirmation; its promises hold from now.
+                    client_id = welcomed.client_id
+                    self._resume_tokens.issue(
+                        client_id, established.username, welcomed.resume_token
+                    )
+                    return established, client_id
                 client_id = await self._client_id_for(stream, established, arrival)
                 try:
                     token = self._resume_tokens.issue(client_id, established.username)
@@ -421,6 +431,16 @@ class Server(Endpoint):
             log.info("connection from %s lost during the handshake: %s", arrival.label, exc)
             return None
         return established, client_id
+
+    def _welcome(self) -> Welcome:
+        """A new client's WELCOME, made before it has confirmed: a fresh id and
+        token that nothing knows yet (registered once it has; see
+        :func:`~conduit._handshake_io.server_handshake`). Not in a cluster,
+        where an id is registered on the bus when it is made."""
+        descriptor = self.descriptor
+        return Welcome(
+            secrets.token_hex(8), descriptor.name, descriptor.heartbeat_interval, new_token()
+        )
 
     async def _client_id_for(
         self, stream: trio.abc.Stream, established: Established, arrival: _Arrival

@@ -148,11 +148,12 @@ def _build_server(password: str, storage: Path) -> tuple[Server, FileTransferHan
 
 
 async def _rpc_tour(client: Client, server: Server, port: int, inbox: list[object]) -> bool:
-    ok = client.id in server.clients
-
     result = await client.rpc.call("add", a=2, b=40)
     _say("rpc.call('add', a=2, b=40)", repr(result))
-    ok &= result == {"success": True, "data": 42}
+    ok = result == {"success": True, "data": 42}
+    # Once a call is answered, the server has checked our confirmation and
+    # serves us (connect() may return before: the server confirms first).
+    ok &= client.id in server.clients
 
     length = await client.call("norm", point=Point(3, 4))
     _say("call('norm', Point(3, 4))", repr(length))

@@ -9,6 +9,15 @@ Shared password (balanced, RFC 9382)::
                                              <-  SERVER_CONFIRM {cB}
                                                  (or AUTH_FAILED {code, reason})
 
+or, the server confirming first (:meth:`ServerHandshake.confirm_first`: the
+client reads the same frames in the same order, one round trip sooner)::
+
+      CLIENT_HELLO  {pA, name, limits}       ->
+                                             <-  SERVER_HELLO  {pB, name, limits}
+                                                 SERVER_CONFIRM {cB}
+      CLIENT_CONFIRM {cA}                    ->
+                                                 (AUTH_FAILED if cA is wrong)
+
 Accounts (augmented, RFC 9383; the server holds only ``w0`` and ``L = w1*P``)::
 
     client (prover)                           server (verifier)
@@ -106,6 +115,12 @@ MAX_USERNAME = 128
 AUTH_CODES = frozenset({"wrong_password", "throttled", "auth_mode"})
 #: What a client is told for a wrong username or a wrong password: one message.
 ACCOUNTS_REFUSAL = "authentication failed: wrong username or password"
+#: What a shared-password client says when the server's confirmation does not
+#: match: the server confirms first, so this is what a wrong password looks
+#: like (and an impostor, which the client cannot tell apart from it).
+SHARED_MISMATCH = (
+    "authentication failed: wrong password, or a server that could not prove it knows the password"
+)
 
 
 class HandshakeState(enum.Enum):
@@ -457,6 +472,10 @@ class ClientHandshake(_Handshake):
             server_confirm = decode_body(frame, Confirm)
             assert self._pending is not None and self._server_hello is not None
             if not hmac.compare_digest(self._pending.expected_mac, server_confirm.mac):
+                if self._balanced is not None:
+                    # A server may confirm first (ServerHandshake.confirm_first),
+                    # before it has checked ours: a wrong password shows here.
+                    raise AuthenticationError(SHARED_MISMATCH)
                 raise AuthenticationError(
                     "the server could not prove it knows the password: "
                     "it may be an impostor, or it was configured with a different password"
@@ -519,6 +538,8 @@ class ServerHandshake(_Handshake):
     multiplication of the next step that needs nothing more from the client
     (while the client computes its confirmation, not after it); the
     CLIENT_CONFIRM's :meth:`receive` does it itself when it was not called.
+    In shared-password mode :meth:`confirm_first` instead makes the
+    SERVER_CONFIRM right after the hello, to go out with it.
     """
 
     def __init__(
@@ -534,6 +555,12 @@ class ServerHandshake(_Handshake):
             raise ValueError("give a shared password or an account lookup, not both")
         self.state = HandshakeState.WAIT_CLIENT_HELLO
         self.keys: SessionKeys | None = None
+        #: Set by :meth:`confirm_first`: the keys our early SERVER_CONFIRM
+        #: commits to, before the client has confirmed them: enough to seal
+        #: records only a client that knows the password opens (the WELCOME),
+        #: never to trust one from it (:attr:`keys` is set once its
+        #: confirmation checks).
+        self.unconfirmed_keys: SessionKeys | None = None
         self.error: AuthenticationError | None = None
         self.client_name = ""
         #: The client announced a resume token (it sends it sealed, first thing).
@@ -563,11 +590,60 @@ class ServerHandshake(_Handshake):
         self._due = False
         self._unblinded = b""
         self._v = b""
+        # confirm_first() sent the SERVER_CONFIRM: the CLIENT_CONFIRM's step
+        # answers nothing on success.
+        self._confirmed_first = False
 
     @property
     def precompute_due(self) -> bool:
         """Whether :meth:`precompute` has work to do (the SERVER_HELLO went out)."""
         return self._due
+
+    @property
+    def can_confirm_first(self) -> bool:
+        """Whether :meth:`confirm_first` may run: the SERVER_HELLO is made, the
+        client has not confirmed yet, and the mode lets the server confirm
+        first (the shared password's SPAKE2; in accounts mode the verifier
+        needs the prover's share, which comes with the client's confirmation)."""
+        return (
+            self.state is HandshakeState.WAIT_CLIENT_CONFIRM
+            and not self._confirmed_first
+            and self._record is None
+        )
+
+    def confirm_first(self) -> bytes:
+        """The SERVER_CONFIRM, to send right after the SERVER_HELLO instead of
+        after the client's confirmation; sets :attr:`unconfirmed_keys`.
+
+        This saves the client a round trip: it reads our confirmation with
+        our hello, checks it, and can open what we sealed with these keys (its
+        WELCOME) without waiting for us to check its own. It gives nothing
+        away: our MAC is keyed from ``K = h*y*(pA - w*M)``, so a client can
+        test with it only the one password its share ``pA`` committed to
+        (another needs ``y*M``, a Diffie-Hellman problem), as with our answer
+        to its confirmation in the usual order. The CLIENT_CONFIRM is still
+        checked before :attr:`keys` is set; its :meth:`receive` then returns
+        nothing on success (AUTH_FAILED on failure, as always). Runs
+        :meth:`precompute` if it is due (one scalar multiplication).
+        RuntimeError unless :attr:`can_confirm_first`.
+        """
+        if not self.can_confirm_first:
+            raise RuntimeError("the server cannot confirm first now")
+        self.precompute()
+        assert self._pending is not None and self._client_hello is not None
+        self.unconfirmed_keys = self._session_keys(self._pending, self._client_hello)
+        self._confirmed_first = True
+        return encode_frame(FrameKind.SERVER_CONFIRM, 0, Confirm(self._server_mac))
+
+    @staticmethod
+    def _session_keys(pending: _Pending, hello: ClientHello) -> SessionKeys:
+        return SessionKeys(
+            send_key=pending.server_to_client,
+            receive_key=pending.client_to_server,
+            peer_name=hello.name,
+            peer_max_frame_size=hello.max_frame_size,
+            peer_receive_window=hello.receive_window,
+        )
 
     def precompute(self) -> None:
         """The next step's multiplication, done before the CLIENT_CONFIRM arrives.
@@ -648,17 +724,15 @@ class ServerHandshake(_Handshake):
                 self.state = HandshakeState.FAILED
                 self.error = AuthenticationError("wrong password")
                 return refusal_frame("wrong_password", "authentication failed: wrong password")
-            self.keys = SessionKeys(
-                send_key=self._pending.server_to_client,
-                receive_key=self._pending.client_to_server,
-                peer_name=self._client_hello.name,
-                peer_max_frame_size=self._client_hello.max_frame_size,
-                peer_receive_window=self._client_hello.receive_window,
+            self.keys = self.unconfirmed_keys or self._session_keys(
+                self._pending, self._client_hello
             )
             if self._record is not None:
                 self.username = self._client_hello.username
                 self.account = self._record
             self.state = HandshakeState.DONE
+            if self._confirmed_first:
+                return b""
             return encode_frame(FrameKind.SERVER_CONFIRM, 0, Confirm(self._server_mac))
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame in state {self.state.value}")
 
