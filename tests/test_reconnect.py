@@ -441,6 +441,8 @@ async def test_client_id_cannot_be_claimed_without_the_token() -> None:
             await owner.connect()
             owner_id = owner.id
             spent_token = owner._resume_token
+            # Its token holds once the server serves it (connect() may return before).
+            await served(server, owner)
             with trio.fail_after(10):
                 proxy.legs[0].close()
                 await back.wait()
