@@ -1,5 +1,6 @@
 """The server's early confirmation: SERVER_HELLO, SERVER_CONFIRM and a sealed
-WELCOME in one reply (shared-password mode), and what it must not change.
+WELCOME in one reply (shared-password mode, and accounts mode when the
+client's hello carries its share), and what it must not change.
 
 The machines are driven against each other with no network; the server's
 side over real loopback sockets with a hand-driven client.
@@ -7,10 +8,13 @@ side over real loopback sockets with a hand-driven client.
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import pytest
 import trio
 
-from conduit import AuthenticationError, LockedOut, Server
+from conduit import Accounts, AuthenticationError, Client, LockedOut, RemoteProtocolError, Server
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
@@ -19,13 +23,34 @@ from conduit.protocol import (
     FrameReader,
     HandshakeState,
     ServerHandshake,
+    pake,
 )
 from conduit.protocol.codec import decode_body
-from conduit.protocol.handshake import SHARED_MISMATCH
-from conduit.protocol.messages import Welcome
-from conftest import LOOPBACK, PASSWORD, ServerFactory, wait_until
+from conduit.protocol.handshake import ACCOUNTS_REFUSAL, SHARED_MISMATCH, ProverCache
+from conduit.protocol.messages import ClientHello, Confirm, Welcome
+from conftest import (
+    LOOPBACK,
+    PASSWORD,
+    ProxyFactory,
+    ServerFactory,
+    client_descriptor,
+    served,
+    split_clear_frames,
+    wait_until,
+)
 from test_auth import login
-from test_handshake import _account_client, _account_server, _client, _frames, _server
+from test_handshake import (
+    FAST,
+    WINDOW,
+    _account_client,
+    _account_server,
+    _client,
+    _Directory,
+    _frames,
+    _record,
+    _rewrite,
+    _server,
+)
 
 
 def _early(client: ClientHandshake, server: ServerHandshake) -> tuple[Frame, Frame, bytes]:
@@ -81,25 +106,135 @@ def test_confirm_first_is_one_step_at_one_moment() -> None:
         server.confirm_first()  # twice
 
 
-def test_accounts_mode_keeps_the_usual_order() -> None:
+def test_accounts_mode_keeps_the_usual_order_on_a_first_login() -> None:
     """The verifier needs the prover's share, which comes with its confirmation."""
     client, server = _account_client(), _account_server()
     (hello,) = _frames(client.start())
+    assert decode_body(hello, ClientHello).pake == b""
     server.receive(hello)
     assert not server.can_confirm_first
     with pytest.raises(RuntimeError):
         server.confirm_first()
 
 
+def _login(client: ClientHandshake, server: ServerHandshake) -> None:
+    """A whole exchange in the usual order; AuthenticationError if refused."""
+    (hello,) = _frames(client.start())
+    (server_hello,) = _frames(server.receive(hello))
+    (confirm,) = _frames(client.receive(server_hello))
+    (answer,) = _frames(server.receive(confirm))
+    client.receive(answer)
+
+
+def _early_hello(client: ClientHandshake) -> tuple[Frame, ClientHello]:
+    (hello,) = _frames(client.start())
+    return hello, decode_body(hello, ClientHello)
+
+
+def test_a_returning_account_client_sends_its_share_and_the_server_confirms_first() -> None:
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    _login(_account_client(cache=cache), _account_server(directory))
+    record = directory.records["alice"]
+
+    client, server = _account_client(cache=cache), _account_server(directory)
+    hello, body = _early_hello(client)
+    # RFC 9383's order: shareP first, with the stretch it was made with.
+    assert len(body.pake) == 32 and body.salt == record.salt
+    assert (body.opslimit, body.memlimit) == (record.stretch.opslimit, record.stretch.memlimit)
+    (server_hello,) = _frames(server.receive(hello))
+    assert server.can_confirm_first
+    (server_confirm,) = _frames(server.confirm_first())
+    (confirm,) = _frames(client.receive(server_hello))
+    assert decode_body(confirm, Confirm).share == b""  # the one share was in the hello
+    assert client.receive(server_confirm) == b""
+    assert client.state is HandshakeState.DONE and client.keys is not None
+    assert server.keys is None  # nothing trusted before the client's confirmation
+    assert server.receive(confirm) == b""
+    assert server.keys is not None and server.username == "alice"
+    assert server.keys.send_key == client.keys.receive_key
+    assert len(cache) == 1  # no second stretch
+
+
+def test_an_early_share_made_with_an_old_salt_is_ignored() -> None:
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    _login(_account_client(cache=cache), _account_server(directory))
+    # The same password set again: a new salt, so the cached stretch is stale.
+    directory.records["alice"] = _record("alice", "alice's password")
+    client, server = _account_client(cache=cache), _account_server(directory)
+    hello, body = _early_hello(client)
+    assert body.pake
+    (server_hello,) = _frames(server.receive(hello))
+    assert not server.can_confirm_first
+    (confirm,) = _frames(client.receive(server_hello))
+    share = decode_body(confirm, Confirm).share
+    assert share and share != body.pake  # a new share: the early one is never reused
+    (answer,) = _frames(server.receive(confirm))
+    client.receive(answer)
+    assert client.keys is not None and server.username == "alice"
+
+
+def test_a_wrong_password_with_an_early_share_reads_as_any_refusal() -> None:
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    with pytest.raises(AuthenticationError, match=ACCOUNTS_REFUSAL):
+        _login(_account_client(password="guess", cache=cache), _account_server(directory))
+    client, server = _account_client(password="guess", cache=cache), _account_server(directory)
+    hello, body = _early_hello(client)
+    assert body.pake  # the failed login taught it the stretch
+    (server_hello,) = _frames(server.receive(hello))
+    (server_confirm,) = _frames(server.confirm_first())
+    confirm = client.receive(server_hello)
+    with pytest.raises(AuthenticationError) as raised:
+        client.receive(server_confirm)
+    # The same message as a wrong username or a refusal by the server.
+    assert str(raised.value) == ACCOUNTS_REFUSAL
+    (confirm_frame,) = _frames(confirm)
+    (refusal,) = _frames(server.receive(confirm_frame))
+    assert refusal.kind is FrameKind.AUTH_FAILED and server.keys is None
+
+
+def test_an_early_share_is_the_connections_one_guess() -> None:
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    _login(_account_client(cache=cache), _account_server(directory))
+    client, server = _account_client(cache=cache), _account_server(directory)
+    hello, _ = _early_hello(client)
+    (server_hello,) = _frames(server.receive(hello))
+    (confirm,) = _frames(client.receive(server_hello))
+    # A second share in the confirmation would be a second password guess.
+    stranger = pake.prover_secret("another guess", bytes(16), FAST, b"alice", b"conduit-server")
+    _, second_share = pake.spake2plus_prover_share(stranger)
+    with pytest.raises(RemoteProtocolError, match="second SPAKE2"):
+        server.receive(_rewrite(confirm, share=second_share))
+    assert server.state is HandshakeState.FAILED and server.keys is None
+
+
+def test_no_early_share_to_a_server_that_did_not_offer_it() -> None:
+    """An older server refuses a share in an accounts hello: a client sends one
+    only after a SERVER_HELLO that said ``early_share``."""
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    client, server = _account_client(cache=cache), _account_server(directory)
+    (hello,) = _frames(client.start())
+    (server_hello,) = _frames(server.receive(hello))
+    older = _rewrite(server_hello, early_share=False)
+    with contextlib.suppress(AuthenticationError, RemoteProtocolError):
+        client.receive(older)  # (the rewrite spoils the transcript; beside the point)
+    assert len(cache) == 1  # stretched and kept, yet:
+    _, body = _early_hello(_account_client(cache=cache))
+    assert body.pake == b"" and body.salt == b""
+
+
 async def _hello_and_early_reply(
-    port: int, password: str = PASSWORD, source: str = LOOPBACK
+    port: int,
+    password: str = PASSWORD,
+    source: str = LOOPBACK,
+    handshake: ClientHandshake | None = None,
 ) -> tuple[trio.SocketStream, ClientHandshake, bytes, Welcome]:
     """Send a CLIENT_HELLO and read the server's one reply, sending nothing
     else: its hello, its confirmation and the WELCOME, opened with the keys.
     Returns the stream, the machine, the CLIENT_CONFIRM still to send, the WELCOME."""
-    handshake = ClientHandshake(
-        password, name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=4 << 20
-    )
+    if handshake is None:
+        handshake = ClientHandshake(
+            password, name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+        )
     stream = await trio.open_tcp_stream(LOOPBACK, port, local_address=source)
     await stream.send_all(handshake.start())
     reader = FrameReader()
@@ -166,3 +301,79 @@ async def test_a_wrong_password_over_the_network_is_refused_and_counted(
     with pytest.raises(LockedOut):
         await login(server, None, PASSWORD, source="127.0.0.6")
     assert server.clients == {}
+
+
+async def test_a_returning_account_client_is_answered_at_once_over_the_network(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", "alice's password")
+    server = await server_factory(password=None, accounts=store)
+    cache = ProverCache()
+
+    def machine() -> ClientHandshake:
+        return ClientHandshake(
+            "alice's password",
+            name="by hand",
+            max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+            receive_window=WINDOW,
+            username="alice",
+            cache=cache,
+        )
+
+    # A first login, in the usual order, teaches the client the stretch.
+    stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+    handshake = machine()
+    await stream.send_all(handshake.start())
+    reader = FrameReader()
+    with trio.fail_after(10):
+        while handshake.keys is None:
+            while (frame := reader.next_frame()) is None:
+                reader.feed(await stream.receive_some(4096))
+            reply = (
+                await trio.to_thread.run_sync(handshake.receive, frame)
+                if handshake.will_stretch(frame)
+                else handshake.receive(frame)
+            )
+            if reply:
+                await stream.send_all(reply)
+    await stream.aclose()
+    # The next one sends its share in the hello and gets the server's hello,
+    # confirmation and WELCOME before it has sent anything else.
+    stream, _, confirm, welcome = await _hello_and_early_reply(server.port, handshake=machine())
+    assert decode_body(_frames(confirm)[0], Confirm).share == b""
+    await stream.send_all(confirm)
+    await wait_until(lambda: welcome.client_id in server.clients)
+    assert server.clients[welcome.client_id].username == "alice"
+    await stream.aclose()
+    await wait_until(lambda: not server.clients)
+
+
+async def test_a_reconnecting_client_object_uses_its_early_share(
+    server_factory: ServerFactory, proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", "alice's password")
+    server = await server_factory(password=None, accounts=store)
+    proxy = await proxy_factory(server.port)
+    client = Client(client_descriptor(proxy.port, username="alice", password="alice's password"))
+    with trio.fail_after(10):
+        for _ in range(2):
+            await client.connect()
+            await served(server, client)
+            assert server.clients[client.id or ""].username == "alice"
+            await client.disconnect()
+        await wait_until(lambda: len(proxy.connections) == 2)
+        await wait_until(lambda: proxy.connections[1].done.is_set())
+    shares = []
+    for connection in proxy.connections:
+        hello, confirm = split_clear_frames(bytes(connection.c2s), 2)
+        shares.append(
+            (
+                decode_body(_frames(hello)[0], ClientHello).pake,
+                decode_body(_frames(confirm)[0], Confirm).share,
+            )
+        )
+    (first_hello, first_confirm), (second_hello, second_confirm) = shares
+    assert first_hello == b"" and len(first_confirm) == 32  # learning the stretch
+    assert len(second_hello) == 32 and second_confirm == b""  # RFC 9383's order

@@ -117,10 +117,13 @@ async def test_the_server_multiplies_between_the_hellos(
     inline: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The SERVER_HELLO goes out first, then its multiplication, while the
-    # client works on its confirmation: the confirmation's step finds it done.
-    # Beyond the loop share it is left to the confirmation's step, which runs
-    # in a worker thread anyway (no hand-off of its own).
+    # Accounts mode (a first login): the SERVER_HELLO goes out first, then its
+    # multiplication, while the client works on its confirmation: the
+    # confirmation's step finds it done. Beyond the loop share it is left to
+    # the confirmation's step, which runs in a worker thread anyway (no
+    # hand-off of its own). Shared password: the server confirms first, so
+    # the multiplication is part of that step (inline or in a thread), before
+    # the reply goes out; the confirmation's step finds it done.
     seen: list[tuple[HandshakeState, bool]] = []
     precompute = ServerHandshake.precompute
 
@@ -143,7 +146,7 @@ async def test_the_server_multiplies_between_the_hellos(
     assert client.connected
     await client.disconnect()
     waiting = HandshakeState.WAIT_CLIENT_CONFIRM
-    if inline:
+    if inline or mode == "shared":
         assert seen == [(waiting, True), (waiting, False)]
     else:
         assert seen == [(waiting, True)]  # from the confirmation's step only

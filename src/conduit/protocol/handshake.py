@@ -27,6 +27,19 @@ Accounts (augmented, RFC 9383; the server holds only ``w0`` and ``L = w1*P``)::
                                              <-  SERVER_CONFIRM {confirmV}
                                                  (or AUTH_FAILED {code, reason})
 
+or, from a client that has logged in before (its :class:`ProverCache` holds
+the account's stretch, and the server said it takes an early share),
+RFC 9383's own order, the verifier confirming first::
+
+      CLIENT_HELLO {username, shareP, salt, cost, ...}  ->
+                                             <-  SERVER_HELLO {shareV, salt, cost, ...}
+                                                 SERVER_CONFIRM {confirmV}
+      CLIENT_CONFIRM {confirmP}              ->
+                                                 (AUTH_FAILED if confirmP is wrong)
+
+(if the salt or cost changed meanwhile, the server ignores the early share and
+the first flow follows: the client's confirmation brings a new one).
+
 The cryptography is :mod:`conduit.protocol.pake`'s. What is bound in:
 
 - the two roles' identities: SPAKE2's ``idA``/``idB`` are ``conduit-client``
@@ -181,6 +194,10 @@ class ProverCache:
         self._maxsize = maxsize
         self._entries: OrderedDict[tuple[str, str, bytes, pake.StretchParams], pake.ProverSecret]
         self._entries = OrderedDict()
+        # (password, username) -> the stretch a server that takes early
+        # shares last answered with: what the next hello's share is made with.
+        self._hints: OrderedDict[tuple[str, str], tuple[bytes, pake.StretchParams]]
+        self._hints = OrderedDict()
         self._lock = threading.Lock()
 
     def secret(
@@ -199,6 +216,29 @@ class ProverCache:
             while len(self._entries) > self._maxsize:
                 self._entries.popitem(last=False)
         return secret
+
+    def remember(
+        self, password: str, username: str, salt: bytes, params: pake.StretchParams
+    ) -> None:
+        """A server that takes early shares answered this account with this stretch."""
+        with self._lock:
+            self._hints[(password, username)] = (salt, params)
+            self._hints.move_to_end((password, username))
+            while len(self._hints) > self._maxsize:
+                self._hints.popitem(last=False)
+
+    def early(
+        self, password: str, username: str
+    ) -> tuple[bytes, pake.StretchParams, pake.ProverSecret] | None:
+        """The stretch :meth:`remember` kept for this account and its secret,
+        if both are held (nothing is stretched here): what an early share is
+        made with. None otherwise."""
+        with self._lock:
+            hint = self._hints.get((password, username))
+            if hint is None:
+                return None
+            secret = self._entries.get((password, username, *hint))
+            return None if secret is None else (*hint, secret)
 
     def holds(self, password: str, username: str, salt: bytes, params: pake.StretchParams) -> bool:
         """Whether :meth:`secret` for these inputs would return at once (no stretch)."""
@@ -372,11 +412,31 @@ class ClientHandshake(_Handshake):
         self._balanced: pake.BalancedSecret | None = None
         self._x = b""
         share = b""
+        # Accounts mode, logged in before on a server that takes early
+        # shares: the stretch, the secret, x and shareP sent in the hello.
+        self._early: tuple[bytes, pake.StretchParams, pake.ProverSecret, bytes, bytes] | None
+        self._early = None
+        # The server's hello named that stretch: it uses the early share, and
+        # may confirm first (a mismatch is then a wrong username or password).
+        self._early_used = False
+        stretch: dict[str, bytes | int] = {}
         if username is None:
             self._balanced = shared_secret(password)
             self._x, share = pake.spake2_share(self._balanced, role_a=True)
+        elif (early := self._cache.early(password, username)) is not None:
+            salt, params, secret = early
+            x, share = pake.spake2plus_prover_share(secret)
+            self._early = (salt, params, secret, x, share)
+            stretch = {"salt": salt, "opslimit": params.opslimit, "memlimit": params.memlimit}
         self._hello = ClientHello(
-            PROTOCOL_VERSION, name, share, max_frame_size, receive_window, username or "", resume
+            PROTOCOL_VERSION,
+            name,
+            share,
+            max_frame_size,
+            receive_window,
+            username or "",
+            resume,
+            **stretch,  # type: ignore[arg-type]
         )
         self._hello_payload = b""
         self._pending: _Pending | None = None
@@ -398,6 +458,7 @@ class ClientHandshake(_Handshake):
             self.username is not None
             and self.state is HandshakeState.WAIT_SERVER_HELLO
             and self._fresh is None
+            and self._early is None
         ):
             self._fresh = pake.ephemeral()
 
@@ -472,10 +533,12 @@ class ClientHandshake(_Handshake):
             server_confirm = decode_body(frame, Confirm)
             assert self._pending is not None and self._server_hello is not None
             if not hmac.compare_digest(self._pending.expected_mac, server_confirm.mac):
+                # A server may confirm first (ServerHandshake.confirm_first),
+                # before it has checked ours: a wrong password shows here.
                 if self._balanced is not None:
-                    # A server may confirm first (ServerHandshake.confirm_first),
-                    # before it has checked ours: a wrong password shows here.
                     raise AuthenticationError(SHARED_MISMATCH)
+                if self._early_used:
+                    raise AuthenticationError(ACCOUNTS_REFUSAL)
                 raise AuthenticationError(
                     "the server could not prove it knows the password: "
                     "it may be an impostor, or it was configured with a different password"
@@ -508,9 +571,19 @@ class ClientHandshake(_Handshake):
         )
         if len(hello.salt) != pake.SALT_SIZE:
             raise RemoteProtocolError(f"the server's salt is not {pake.SALT_SIZE} bytes")
-        secret = self._cache.secret(self._password, self.username, hello.salt, params)
-        fresh, self._fresh = self._fresh, None
-        x, share_p = pake.spake2plus_prover_share(secret, fresh)
+        early, self._early = self._early, None
+        if early is not None and early[:2] == (hello.salt, params):
+            # The server uses the share our hello carried (the same rule on
+            # both sides: the stretch it names is the account's).
+            _, _, secret, x, share_p = early
+            self._early_used = True
+        else:
+            # A new share (the one sent early, if any, is never used again).
+            secret = self._cache.secret(self._password, self.username, hello.salt, params)
+            fresh, self._fresh = self._fresh, None
+            x, share_p = pake.spake2plus_prover_share(secret, fresh)
+        if hello.early_share:
+            self._cache.remember(self._password, self.username, hello.salt, params)
         z, v = _pake_call(
             "SPAKE2+ share", lambda: pake.spake2plus_prover_points(secret, x, hello.pake)
         )
@@ -518,7 +591,7 @@ class ClientHandshake(_Handshake):
             self.username, secret.w0, share_p, hello.pake, z, v, self._hello_payload, payload
         )
         self._pending = _Pending(keys.confirm_v, c2s, s2c)
-        return Confirm(keys.confirm_p, share_p)
+        return Confirm(keys.confirm_p, b"" if self._early_used else share_p)
 
 
 class ServerHandshake(_Handshake):
@@ -593,6 +666,9 @@ class ServerHandshake(_Handshake):
         # confirm_first() sent the SERVER_CONFIRM: the CLIENT_CONFIRM's step
         # answers nothing on success.
         self._confirmed_first = False
+        # Accounts mode: the prover's share from its CLIENT_HELLO, made with
+        # the account's stretch (else empty: it comes with its confirmation).
+        self._early_share = b""
 
     @property
     def precompute_due(self) -> bool:
@@ -602,13 +678,15 @@ class ServerHandshake(_Handshake):
     @property
     def can_confirm_first(self) -> bool:
         """Whether :meth:`confirm_first` may run: the SERVER_HELLO is made, the
-        client has not confirmed yet, and the mode lets the server confirm
-        first (the shared password's SPAKE2; in accounts mode the verifier
-        needs the prover's share, which comes with the client's confirmation)."""
+        client has not confirmed yet, and the server holds what its
+        confirmation needs: always with the shared password's SPAKE2; in
+        accounts mode, the prover's share, when its CLIENT_HELLO carried one
+        made with the account's stretch (else it comes with the client's
+        confirmation)."""
         return (
             self.state is HandshakeState.WAIT_CLIENT_CONFIRM
             and not self._confirmed_first
-            and self._record is None
+            and (self._record is None or bool(self._early_share))
         )
 
     def confirm_first(self) -> bytes:
@@ -618,18 +696,26 @@ class ServerHandshake(_Handshake):
         This saves the client a round trip: it reads our confirmation with
         our hello, checks it, and can open what we sealed with these keys (its
         WELCOME) without waiting for us to check its own. It gives nothing
-        away: our MAC is keyed from ``K = h*y*(pA - w*M)``, so a client can
-        test with it only the one password its share ``pA`` committed to
-        (another needs ``y*M``, a Diffie-Hellman problem), as with our answer
-        to its confirmation in the usual order. The CLIENT_CONFIRM is still
-        checked before :attr:`keys` is set; its :meth:`receive` then returns
-        nothing on success (AUTH_FAILED on failure, as always). Runs
-        :meth:`precompute` if it is due (one scalar multiplication).
-        RuntimeError unless :attr:`can_confirm_first`.
+        away: our MAC is keyed from ``K = h*y*(pA - w*M)`` (SPAKE2) or ``Z =
+        h*y*(shareP - w0*M)`` (SPAKE2+, with the share the client's hello
+        carried: RFC 9383's own order), so a client can test with it only the
+        one password its share committed to (another needs ``y*M``, a
+        Diffie-Hellman problem), as with our answer to its confirmation in
+        the usual order. The CLIENT_CONFIRM is still checked before
+        :attr:`keys` is set; its :meth:`receive` then returns nothing on
+        success (AUTH_FAILED on failure, as always). Runs :meth:`precompute`
+        if it is due, and in accounts mode ``Z`` (a scalar multiplication
+        each). RuntimeError unless :attr:`can_confirm_first`.
         """
         if not self.can_confirm_first:
             raise RuntimeError("the server cannot confirm first now")
         self.precompute()
+        if self._record is not None:
+            try:
+                self._account_pending(self._record, self._early_share)
+            except BaseException:
+                self.state = HandshakeState.FAILED
+                raise
         assert self._pending is not None and self._client_hello is not None
         self.unconfirmed_keys = self._session_keys(self._pending, self._client_hello)
         self._confirmed_first = True
@@ -712,7 +798,14 @@ class ServerHandshake(_Handshake):
             assert self._client_hello is not None
             self.precompute()
             if self._record is not None:
-                self._account_pending(self._record, confirm.share)
+                if self._early_share:
+                    # One share, one guess: the one the hello carried.
+                    if confirm.share and confirm.share != self._early_share:
+                        raise RemoteProtocolError("CLIENT_CONFIRM carries a second SPAKE2+ share")
+                    if self._pending is None:
+                        self._account_pending(self._record, self._early_share)
+                else:
+                    self._account_pending(self._record, confirm.share)
             assert self._pending is not None
             if not hmac.compare_digest(self._pending.expected_mac, confirm.mac):
                 if self._record is not None:
@@ -741,7 +834,7 @@ class ServerHandshake(_Handshake):
         self.error = AuthenticationError(reason)
         return refusal_frame(code, reason)
 
-    def _hello_frame(self, share: bytes, **extra: bytes | int) -> bytes:
+    def _hello_frame(self, share: bytes, **extra: bytes | int | bool) -> bytes:
         hello = ServerHello(
             PROTOCOL_VERSION,
             self._name,
@@ -779,9 +872,20 @@ class ServerHandshake(_Handshake):
     def _account_hello(self, lookup: AccountLookup, hello: ClientHello, payload: bytes) -> bytes:
         if len(hello.username) > MAX_USERNAME:
             raise RemoteProtocolError(f"username longer than {MAX_USERNAME} characters")
-        if hello.pake:
-            raise RemoteProtocolError("CLIENT_HELLO carries a share in accounts mode")
         record = lookup(hello.username)
+        if hello.pake:
+            # An early share: its cheap checks now, the group's in the
+            # multiplication that uses it. Used only if made with this
+            # account's stretch (the client applies the same rule when it
+            # reads our hello); otherwise its confirmation brings a new one.
+            _pake_call("SPAKE2+ share", lambda: pake.check_encoding(hello.pake))
+            stretch = record.stretch
+            if (hello.salt, hello.opslimit, hello.memlimit) == (
+                record.salt,
+                stretch.opslimit,
+                stretch.memlimit,
+            ):
+                self._early_share = hello.pake
         y, self._server_share = pake.spake2plus_verifier_share(record.verifier)
         self._hy = pake.cofactor_times(y)
         reply = self._hello_frame(
@@ -789,6 +893,7 @@ class ServerHandshake(_Handshake):
             salt=record.salt,
             opslimit=record.stretch.opslimit,
             memlimit=record.stretch.memlimit,
+            early_share=True,
         )
         self._record = record
         self._hello_payloads = (payload, reply[HEADER_SIZE:])

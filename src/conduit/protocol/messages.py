@@ -20,7 +20,13 @@ class ClientHello:
 
     Shared-password mode: ``pake`` is the SPAKE2 share ``pA`` and ``username``
     is empty. Accounts mode: ``username`` names the account and ``pake`` is
-    empty (the SPAKE2+ share needs the salt the server answers with).
+    empty (the SPAKE2+ share needs the salt the server answers with), or,
+    from a client that has logged in to this account on a server that said
+    it takes one (``ServerHello.early_share``), its SPAKE2+ share ``shareP``
+    made with the stretch it was answered with then: ``salt``, ``opslimit``
+    and ``memlimit`` name that stretch, and the server uses the share only
+    if they are the account's (RFC 9383's order: the verifier can then
+    confirm first, and the client is done one round trip sooner).
 
     ``resume``: the client will present a resume token (see :class:`Resume`)
     in its first sealed frame, before the server's WELCOME. Only a flag: the
@@ -34,6 +40,9 @@ class ClientHello:
     receive_window: int
     username: str = ""
     resume: bool = False
+    salt: bytes = b""
+    opslimit: int = 0
+    memlimit: int = 0
 
 
 @attrs.frozen
@@ -42,7 +51,10 @@ class ServerHello:
 
     In accounts mode it also carries the account's Argon2id ``salt`` and cost
     (``opslimit``, ``memlimit``), so the client can stretch its password; an
-    unknown username gets a deterministic fake salt, indistinguishable.
+    unknown username gets a deterministic fake salt, indistinguishable; and
+    ``early_share``: this server takes the client's share in its next
+    CLIENT_HELLO (see :class:`ClientHello`; an older server refuses one, so
+    a client sends it only to a server that said so).
     """
 
     protocol_version: int
@@ -53,6 +65,7 @@ class ServerHello:
     salt: bytes = b""
     opslimit: int = 0
     memlimit: int = 0
+    early_share: bool = False
 
 
 @attrs.frozen
