@@ -60,6 +60,12 @@ NAME = "memory"
 SIZES = {"quick": (64 * MiB, 256 * MiB), "full": (GiB, 4 * GiB)}
 CONNECTIONS = {"quick": 100, "full": 1000}
 HOLDER_PROCESSES = {"quick": 2, "full": 4}
+#: Connects each holder process runs at once. Four processes of four stay
+#: within a conduit server's ``max_unauthenticated_per_address`` (32): the
+#: server confirms first, so a ``connect()`` returns before the server has
+#: checked that client's confirmation and an opener's next socket can arrive
+#: while its last one still holds a slot.
+OPENERS_PER_HOLDER = 4
 WARMUP_CONNECTIONS = 8
 CLIENT_TIMEOUT = {"quick": 180.0, "full": 900.0}
 HOLD_TIMEOUT = {"quick": 120.0, "full": 600.0}
@@ -209,7 +215,12 @@ class _Runner:
             before = memory_kib(server.pid)
             started = time.perf_counter()
             holders = [
-                self.peers.holder(name, server.port, {"kind": "idle", "connections": n}, timeout)
+                self.peers.holder(
+                    name,
+                    server.port,
+                    {"kind": "idle", "connections": n, "parallel": OPENERS_PER_HOLDER},
+                    timeout,
+                )
                 for n in per_process
             ]
             HoldingProcess.start_all(holders, stack)

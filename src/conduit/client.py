@@ -184,9 +184,10 @@ class Client(Endpoint):
         listens there. The connection then runs in the background until
         :meth:`disconnect`.
 
-        A shared-password server confirms first: ``connect()`` returns once
-        this client has checked the server's confirmation and sent its own,
-        one round trip after TCP's, before the server has checked it. Calls
+        The server confirms first (shared password; accounts mode from a
+        ``Client``'s second connect on): ``connect()`` returns once this
+        client has checked the server's confirmation and sent its own, one
+        round trip after TCP's, before the server has checked it. Calls
         and messages sent at once are served after that check; in the same
         process, the server's ``clients`` lists this client a moment later
         (once a first call is answered, it does).

@@ -226,7 +226,11 @@ class ServerDescriptor:
     #: refused with code "busy" (counted apart from ``max_connections``).
     max_unauthenticated: int = attrs.field(default=256, validator=[v.instance_of(int), _positive])
     #: Connections not yet authenticated from one address: an idle-socket flood
-    #: from one address cannot take the slots of the others.
+    #: from one address cannot take the slots of the others. A connection
+    #: holds its slot until the server has checked the client's confirmation,
+    #: which comes after the client's ``connect()`` returned (the server
+    #: confirms first): N clients connecting back to back from one address
+    #: can hold up to about 2N slots for a moment.
     max_unauthenticated_per_address: int = attrs.field(
         default=32, validator=[v.instance_of(int), _positive]
     )

@@ -419,7 +419,7 @@ class ClientHandshake(_Handshake):
         # The server's hello named that stretch: it uses the early share, and
         # may confirm first (a mismatch is then a wrong username or password).
         self._early_used = False
-        stretch: dict[str, bytes | int] = {}
+        salt, params = b"", pake.StretchParams(0, 0)  # no early share: no stretch named
         if username is None:
             self._balanced = shared_secret(password)
             self._x, share = pake.spake2_share(self._balanced, role_a=True)
@@ -427,7 +427,6 @@ class ClientHandshake(_Handshake):
             salt, params, secret = early
             x, share = pake.spake2plus_prover_share(secret)
             self._early = (salt, params, secret, x, share)
-            stretch = {"salt": salt, "opslimit": params.opslimit, "memlimit": params.memlimit}
         self._hello = ClientHello(
             PROTOCOL_VERSION,
             name,
@@ -436,7 +435,9 @@ class ClientHandshake(_Handshake):
             receive_window,
             username or "",
             resume,
-            **stretch,  # type: ignore[arg-type]
+            salt,
+            params.opslimit,
+            params.memlimit,
         )
         self._hello_payload = b""
         self._pending: _Pending | None = None
@@ -611,8 +612,9 @@ class ServerHandshake(_Handshake):
     multiplication of the next step that needs nothing more from the client
     (while the client computes its confirmation, not after it); the
     CLIENT_CONFIRM's :meth:`receive` does it itself when it was not called.
-    In shared-password mode :meth:`confirm_first` instead makes the
-    SERVER_CONFIRM right after the hello, to go out with it.
+    In shared-password mode, and in accounts mode when the client's hello
+    carried its share, :meth:`confirm_first` instead makes the SERVER_CONFIRM
+    right after the hello, to go out with it.
     """
 
     def __init__(
