@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from conduit import Accounts, AuthenticationError, Client, LockedOut, RemoteProtocolError, Server
+from conduit._gatekeeper import LoopShare
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
@@ -173,13 +174,17 @@ def test_an_early_share_made_with_an_old_salt_is_ignored() -> None:
     assert client.keys is not None and server.username == "alice"
 
 
-def test_a_wrong_password_with_an_early_share_reads_as_any_refusal() -> None:
+def test_a_mismatch_after_an_early_share_reads_as_any_refusal() -> None:
     directory, cache = _Directory(alice="alice's password"), ProverCache()
-    with pytest.raises(AuthenticationError, match=ACCOUNTS_REFUSAL):
-        _login(_account_client(password="guess", cache=cache), _account_server(directory))
-    client, server = _account_client(password="guess", cache=cache), _account_server(directory)
+    _login(_account_client(cache=cache), _account_server(directory))
+    # The record changed under the same salt (a server holding another
+    # verifier): the early share is used, the server confirms first, and its
+    # confirmation does not match ours.
+    old = directory.records["alice"]
+    directory.records["alice"] = _record("alice", "another password", salt=old.salt)
+    client, server = _account_client(cache=cache), _account_server(directory)
     hello, body = _early_hello(client)
-    assert body.pake  # the failed login taught it the stretch
+    assert body.pake
     (server_hello,) = _frames(server.receive(hello))
     (server_confirm,) = _frames(server.confirm_first())
     confirm = client.receive(server_hello)
@@ -190,6 +195,41 @@ def test_a_wrong_password_with_an_early_share_reads_as_any_refusal() -> None:
     (confirm_frame,) = _frames(confirm)
     (refusal,) = _frames(server.receive(confirm_frame))
     assert refusal.kind is FrameKind.AUTH_FAILED and server.keys is None
+
+
+def test_the_stretch_is_remembered_only_once_the_servers_confirmation_checks() -> None:
+    """A SERVER_HELLO alone (unauthenticated: a man in the middle could write
+    it) teaches the client nothing about early shares."""
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    with pytest.raises(AuthenticationError):
+        _login(_account_client(password="guess", cache=cache), _account_server(directory))
+    _, body = _early_hello(_account_client(password="guess", cache=cache))
+    assert body.pake == b""  # a failed login: no hint
+    _login(_account_client(cache=cache), _account_server(directory))
+    _, body = _early_hello(_account_client(cache=cache))
+    assert body.pake  # a login whose confirmation checked: the hint
+
+
+def test_an_exchange_that_ends_before_the_servers_hello_drops_the_early_share() -> None:
+    """An older server refuses an accounts hello with a share without a word:
+    the next hello goes without one instead of piling up failed attempts."""
+    directory, cache = _Directory(alice="alice's password"), ProverCache()
+    _login(_account_client(cache=cache), _account_server(directory))
+    client = _account_client(cache=cache)
+    _, body = _early_hello(client)
+    assert body.pake
+    client.abandon()  # what the I/O layer does when the exchange ends in error
+    _, body = _early_hello(_account_client(cache=cache))
+    assert body.pake == b"" and body.salt == b""
+    # Abandoning after the server's hello (a wrong password, say) keeps it.
+    _login(_account_client(cache=cache), _account_server(directory))
+    client, server = _account_client(cache=cache), _account_server(directory)
+    hello, _ = _early_hello(client)
+    (server_hello,) = _frames(server.receive(hello))
+    client.receive(server_hello)
+    client.abandon()
+    _, body = _early_hello(_account_client(cache=cache))
+    assert body.pake
 
 
 def test_an_early_share_is_the_connections_one_guess() -> None:
@@ -218,6 +258,7 @@ def test_no_early_share_to_a_server_that_did_not_offer_it() -> None:
     with contextlib.suppress(AuthenticationError, RemoteProtocolError):
         client.receive(older)  # (the rewrite spoils the transcript; beside the point)
     assert len(cache) == 1  # stretched and kept, yet:
+    assert client._hint is None  # nothing to remember, even had it confirmed
     _, body = _early_hello(_account_client(cache=cache))
     assert body.pake == b"" and body.salt == b""
 
@@ -377,3 +418,57 @@ async def test_a_reconnecting_client_object_uses_its_early_share(
     (first_hello, first_confirm), (second_hello, second_confirm) = shares
     assert first_hello == b"" and len(first_confirm) == 32  # learning the stretch
     assert len(second_hello) == 32 and second_confirm == b""  # RFC 9383's order
+
+
+async def test_a_client_that_leaves_after_the_servers_confirmation_is_logged_as_a_failure(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password can be tested offline against the server's early
+    confirmation (the connection's one guess): hanging up then is logged as
+    what it may be, an authentication failure."""
+    server: Server = await server_factory()
+    handshake = ClientHandshake(
+        "a guess", name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+    )
+    stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+    await stream.send_all(handshake.start())
+    reader = FrameReader()
+    kinds: list[FrameKind] = []
+    with trio.fail_after(10):
+        while len(kinds) < 2:
+            while (frame := reader.next_frame()) is None:
+                reader.feed(await stream.receive_some(4096))
+            kinds.append(frame.kind)
+    assert kinds == [FrameKind.SERVER_HELLO, FrameKind.SERVER_CONFIRM]
+    await stream.aclose()  # (its guess tested offline; no confirmation sent)
+    await wait_until(lambda: "the client left without confirming" in caplog.text)
+    assert "authentication failed from" in caplog.text
+
+
+async def test_under_a_spent_loop_share_the_server_keeps_the_usual_order(
+    server_factory: ServerFactory,
+) -> None:
+    """A flood of hellos (the loop's share spent) gets the usual order, in
+    which a hello that never confirms costs no multiplication beyond its own;
+    the client is served all the same."""
+    server: Server = await server_factory()
+    server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
+    handshake = ClientHandshake(
+        PASSWORD, name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
+    )
+    stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+    await stream.send_all(handshake.start())
+    reader = FrameReader()
+    with trio.fail_after(10):
+        while (frame := reader.next_frame()) is None:
+            reader.feed(await stream.receive_some(4096))
+        assert frame.kind is FrameKind.SERVER_HELLO
+        await trio.sleep(0.2)
+        assert reader.next_frame() is None  # no confirmation before ours
+        await stream.send_all(handshake.receive(frame))
+        while handshake.keys is None:
+            while (frame := reader.next_frame()) is None:
+                reader.feed(await stream.receive_some(4096))
+            handshake.receive(frame)
+    await wait_until(lambda: len(server.clients) == 1)
+    await stream.aclose()

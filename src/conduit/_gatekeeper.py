@@ -46,6 +46,7 @@ from ._log_limit import LimitedLog
 from ._throttle import Attempt, AuthThrottle, address_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
+from .errors import AuthenticationError, ConnectionClosed
 from .protocol import Frame, FrameKind, ServerHandshake
 from .protocol.handshake import shared_secret
 from .protocol.messages import Welcome
@@ -208,8 +209,13 @@ class Gatekeeper:
                     await self._reload(self.accounts)
                 return await self._step(functools.partial(handshake.receive, frame))
 
-            async def confirm_first() -> bytes:
-                return await self._step(handshake.confirm_first)
+            def confirm_first() -> bytes | None:
+                # Within the loop share only: under a flood of hellos (the
+                # share spent) the usual order, in which a hello that never
+                # confirms costs no more than its hello step.
+                confirmation: list[bytes] = []
+                self._inline(lambda: confirmation.append(handshake.confirm_first()))
+                return confirmation[0] if confirmation else None
 
             def precompute() -> None:
                 # Inline only: beyond the loop share, the confirmation's step
@@ -228,9 +234,19 @@ class Gatekeeper:
                 confirm_first=confirm_first,
                 welcome=welcome,
             )
-        except BaseException:
+        except BaseException as exc:
             self.throttle.failed(attempt, _now())
             self._wake()
+            if handshake.unconfirmed_keys is not None and isinstance(
+                exc, (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
+            ):
+                # We confirmed first and the client left without confirming:
+                # what a wrong password looks like (tested offline against
+                # our confirmation, its one guess), or a client gone at once.
+                raise AuthenticationError(
+                    "the client left without confirming after the server's confirmation "
+                    "(a wrong password, or a client gone)"
+                ) from exc
             raise
         self.throttle.succeeded(attempt, _now())
         self._wake()

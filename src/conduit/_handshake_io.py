@@ -134,6 +134,19 @@ async def client_handshake(
     first connect of a ``Client``) is handled in a worker thread; every other
     step (a few scalar multiplications, or one HMAC) inline.
     """
+    try:
+        return await _client_handshake(stream, handshake, max_frame_size, resume_token)
+    except BaseException:
+        handshake.abandon()
+        raise
+
+
+async def _client_handshake(
+    stream: trio.abc.Stream,
+    handshake: ClientHandshake,
+    max_frame_size: int,
+    resume_token: bytes,
+) -> tuple[Established, Welcome]:
     reader, writer = FrameReader(), FrameWriter()
     io = SocketIO.of(stream)
     await send_bytes(stream, handshake.start(), io)
@@ -208,7 +221,7 @@ async def server_handshake(
     run: Callable[[Frame], Awaitable[bytes]],
     precompute: Callable[[], object] | None = None,
     io: SocketIO | None = None,
-    confirm_first: Callable[[], Awaitable[bytes]] | None = None,
+    confirm_first: Callable[[], bytes | None] | None = None,
     welcome: Callable[[], Welcome] | None = None,
 ) -> Established:
     """Check the client's password proof; raise AuthenticationError if it is wrong.
@@ -221,9 +234,10 @@ async def server_handshake(
     overlaps the client's instead of coming before it (otherwise, the
     CLIENT_CONFIRM's step does that work).
 
-    With ``confirm_first`` (runs :meth:`ServerHandshake.confirm_first`, as
-    ``run`` runs a step) and ``welcome`` (makes the WELCOME, with no side
-    effect: it is only a promise until the client has confirmed), a client
+    With ``confirm_first`` (runs :meth:`ServerHandshake.confirm_first` if
+    the server can afford it now, else returns None) and ``welcome`` (makes
+    the WELCOME, with no side effect: it is only a promise until the client
+    has confirmed), a client
     that is not resuming gets the SERVER_CONFIRM and the sealed WELCOME in
     the same send as the SERVER_HELLO: its ``connect()`` ends one round trip
     sooner, as soon as it has checked our confirmation and sent its own.
@@ -239,8 +253,9 @@ async def server_handshake(
         and welcome is not None
         and handshake.can_confirm_first
         and not handshake.client_resuming
+        and (confirmation := confirm_first()) is not None
     ):
-        reply += await confirm_first()
+        reply += confirmation
         early = handshake.unconfirmed_keys
         assert early is not None
         writer.start_encryption(early.send_key, early.peer_max_frame_size)

@@ -185,9 +185,10 @@ class Client(Endpoint):
         :meth:`disconnect`.
 
         The server confirms first (shared password; accounts mode from a
-        ``Client``'s second connect on): ``connect()`` returns once this
-        client has checked the server's confirmation and sent its own, one
-        round trip after TCP's, before the server has checked it. Calls
+        ``Client``'s second connect on; not for an automatic reconnect that
+        resumes its client id): ``connect()`` returns once this client has
+        checked the server's confirmation and sent its own, one round trip
+        after TCP's, before the server has checked it. Calls
         and messages sent at once are served after that check; in the same
         process, the server's ``clients`` lists this client a moment later
         (once a first call is answered, it does).

@@ -388,7 +388,9 @@ class Server(Endpoint):
                 )
                 welcomed = established.welcomed
                 if welcomed is not None:
-                    # Sent with our early confirmation; its promises hold from now.
+                    # Sent with our early confirmation; its promises hold from
+                    # now. The token is kept only as its digest, as any other.
+                    established.welcomed = None
                     client_id = welcomed.client_id
                     self._resume_tokens.issue(
                         client_id, established.username, welcomed.resume_token

@@ -50,12 +50,15 @@ The cryptography is :mod:`conduit.protocol.pake`'s. What is bound in:
   SPAKE2+'s ``Context``, so a tampered hello fails the confirmation.
 
 Each connection allows one online guess: every share commits its sender to one
-password guess. In the accounts flow the verifier sends ``shareV`` with the
-salt, before it has seen ``shareP``, so the prover confirms first, as the
-client already does in the balanced flow: ``confirmP`` lets a server that does
-not hold the verifier test only the one ``w0`` its ``shareV`` committed to
-(testing another needs ``x*N``, a Diffie-Hellman problem). This keeps two round
-trips; RFC 9383 shows the verifier confirming first in three.
+password guess. In the accounts flow of a first login the verifier sends
+``shareV`` with the salt, before it has seen ``shareP``, so the prover confirms
+first: ``confirmP`` lets a server that does not hold the verifier test only the
+one ``w0`` its ``shareV`` committed to (testing another needs ``x*N``, a
+Diffie-Hellman problem). That is two round trips; with the prover's share in
+the hello (a returning client) the verifier confirms first, as in RFC 9383,
+and so does the shared-password server: one round trip. Whichever side
+confirms first, its MAC tests only the one password the other's share
+committed to.
 
 An unknown username gets a deterministic fake record from the lookup (same
 salt each time, a verifier nobody can match), so it costs the server the same
@@ -226,6 +229,11 @@ class ProverCache:
             self._hints.move_to_end((password, username))
             while len(self._hints) > self._maxsize:
                 self._hints.popitem(last=False)
+
+    def forget(self, password: str, username: str) -> None:
+        """Send no early share for this account until :meth:`remember` again."""
+        with self._lock:
+            self._hints.pop((password, username), None)
 
     def early(
         self, password: str, username: str
@@ -419,6 +427,12 @@ class ClientHandshake(_Handshake):
         # The server's hello named that stretch: it uses the early share, and
         # may confirm first (a mismatch is then a wrong username or password).
         self._early_used = False
+        # Our hello carried an early share (see abandon()).
+        self._sent_early = False
+        # The stretch a server offering early shares answered with: kept in
+        # the cache once its confirmation has checked (never on the word of
+        # an unauthenticated hello).
+        self._hint: tuple[bytes, pake.StretchParams] | None = None
         salt, params = b"", pake.StretchParams(0, 0)  # no early share: no stretch named
         if username is None:
             self._balanced = shared_secret(password)
@@ -427,6 +441,7 @@ class ClientHandshake(_Handshake):
             salt, params, secret = early
             x, share = pake.spake2plus_prover_share(secret)
             self._early = (salt, params, secret, x, share)
+            self._sent_early = True
         self._hello = ClientHello(
             PROTOCOL_VERSION,
             name,
@@ -495,6 +510,18 @@ class ClientHandshake(_Handshake):
             return False
         return not held
 
+    def abandon(self) -> None:
+        """The exchange ended without keys (refused, closed, timed out, an error).
+
+        If it ended before any SERVER_HELLO while our hello carried an early
+        share, the next hello goes without one: a server that does not take
+        early shares (an older one, or another one behind the same address)
+        refuses such a hello without a word, and a client that kept sending
+        it would only pile up failed attempts there.
+        """
+        if self._sent_early and self._server_hello is None and self.username is not None:
+            self._cache.forget(self._password, self.username)
+
     def _receive(self, frame: Frame) -> bytes:
         if frame.kind is FrameKind.AUTH_FAILED:
             refusal = decode_body(frame, AuthFailed)
@@ -546,6 +573,8 @@ class ClientHandshake(_Handshake):
                 )
             self.keys = self.unconfirmed_keys
             self.state = HandshakeState.DONE
+            if self._hint is not None and self.username is not None:
+                self._cache.remember(self._password, self.username, *self._hint)
             return b""
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame after the handshake ended")
 
@@ -584,7 +613,7 @@ class ClientHandshake(_Handshake):
             fresh, self._fresh = self._fresh, None
             x, share_p = pake.spake2plus_prover_share(secret, fresh)
         if hello.early_share:
-            self._cache.remember(self._password, self.username, hello.salt, params)
+            self._hint = (hello.salt, params)
         z, v = _pake_call(
             "SPAKE2+ share", lambda: pake.spake2plus_prover_points(secret, x, hello.pake)
         )
