@@ -263,6 +263,29 @@ def test_no_early_share_to_a_server_that_did_not_offer_it() -> None:
     assert body.pake == b"" and body.salt == b""
 
 
+def _by_hand(
+    password: str = PASSWORD, username: str | None = None, cache: ProverCache | None = None
+) -> ClientHandshake:
+    """A client machine driven by the test over a raw socket."""
+    return ClientHandshake(
+        password,
+        name="by hand",
+        max_frame_size=DEFAULT_MAX_FRAME_SIZE,
+        receive_window=WINDOW,
+        username=username,
+        cache=cache,
+    )
+
+
+async def _next_frame(stream: trio.SocketStream, reader: FrameReader) -> Frame:
+    """The server's next frame on ``stream``; fails the test if it closes first."""
+    while (frame := reader.next_frame()) is None:
+        data = await stream.receive_some(4096)
+        assert data, "the server closed the connection"
+        reader.feed(data)
+    return frame
+
+
 async def _hello_and_early_reply(
     port: int,
     password: str = PASSWORD,
@@ -273,20 +296,12 @@ async def _hello_and_early_reply(
     else: its hello, its confirmation and the WELCOME, opened with the keys.
     Returns the stream, the machine, the CLIENT_CONFIRM still to send, the WELCOME."""
     if handshake is None:
-        handshake = ClientHandshake(
-            password, name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
-        )
+        handshake = _by_hand(password)
     stream = await trio.open_tcp_stream(LOOPBACK, port, local_address=source)
     await stream.send_all(handshake.start())
     reader = FrameReader()
-    frames: list[Frame] = []
     with trio.fail_after(10):
-        while len(frames) < 2:
-            data = await stream.receive_some(4096)
-            assert data, "the server closed before its confirmation"
-            reader.feed(data)
-            while len(frames) < 2 and (frame := reader.next_frame()) is not None:
-                frames.append(frame)
+        frames = [await _next_frame(stream, reader) for _ in range(2)]
         assert [frame.kind for frame in frames] == [
             FrameKind.SERVER_HELLO,
             FrameKind.SERVER_CONFIRM,
@@ -296,10 +311,7 @@ async def _hello_and_early_reply(
         keys = handshake.keys
         assert keys is not None
         reader.start_decryption(keys.receive_key, DEFAULT_MAX_FRAME_SIZE)
-        while (frame := reader.next_frame()) is None:
-            data = await stream.receive_some(4096)
-            assert data, "the server closed before its WELCOME"
-            reader.feed(data)
+        frame = await _next_frame(stream, reader)
     assert frame.kind is FrameKind.WELCOME
     return stream, handshake, confirm, decode_body(frame, Welcome)
 
@@ -353,14 +365,7 @@ async def test_a_returning_account_client_is_answered_at_once_over_the_network(
     cache = ProverCache()
 
     def machine() -> ClientHandshake:
-        return ClientHandshake(
-            "alice's password",
-            name="by hand",
-            max_frame_size=DEFAULT_MAX_FRAME_SIZE,
-            receive_window=WINDOW,
-            username="alice",
-            cache=cache,
-        )
+        return _by_hand("alice's password", username="alice", cache=cache)
 
     # A first login, in the usual order, teaches the client the stretch.
     stream = await trio.open_tcp_stream(LOOPBACK, server.port)
@@ -369,8 +374,7 @@ async def test_a_returning_account_client_is_answered_at_once_over_the_network(
     reader = FrameReader()
     with trio.fail_after(10):
         while handshake.keys is None:
-            while (frame := reader.next_frame()) is None:
-                reader.feed(await stream.receive_some(4096))
+            frame = await _next_frame(stream, reader)
             reply = (
                 await trio.to_thread.run_sync(handshake.receive, frame)
                 if handshake.will_stretch(frame)
@@ -427,18 +431,12 @@ async def test_a_client_that_leaves_after_the_servers_confirmation_is_logged_as_
     confirmation (the connection's one guess): hanging up then is logged as
     what it may be, an authentication failure."""
     server: Server = await server_factory()
-    handshake = ClientHandshake(
-        "a guess", name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
-    )
+    handshake = _by_hand("a guess")
     stream = await trio.open_tcp_stream(LOOPBACK, server.port)
     await stream.send_all(handshake.start())
     reader = FrameReader()
-    kinds: list[FrameKind] = []
     with trio.fail_after(10):
-        while len(kinds) < 2:
-            while (frame := reader.next_frame()) is None:
-                reader.feed(await stream.receive_some(4096))
-            kinds.append(frame.kind)
+        kinds = [(await _next_frame(stream, reader)).kind for _ in range(2)]
     assert kinds == [FrameKind.SERVER_HELLO, FrameKind.SERVER_CONFIRM]
     await stream.aclose()  # (its guess tested offline; no confirmation sent)
     await wait_until(lambda: "the client left without confirming" in caplog.text)
@@ -453,22 +451,17 @@ async def test_under_a_spent_loop_share_the_server_keeps_the_usual_order(
     the client is served all the same."""
     server: Server = await server_factory()
     server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
-    handshake = ClientHandshake(
-        PASSWORD, name="by hand", max_frame_size=DEFAULT_MAX_FRAME_SIZE, receive_window=WINDOW
-    )
+    handshake = _by_hand()
     stream = await trio.open_tcp_stream(LOOPBACK, server.port)
     await stream.send_all(handshake.start())
     reader = FrameReader()
     with trio.fail_after(10):
-        while (frame := reader.next_frame()) is None:
-            reader.feed(await stream.receive_some(4096))
+        frame = await _next_frame(stream, reader)
         assert frame.kind is FrameKind.SERVER_HELLO
         await trio.sleep(0.2)
         assert reader.next_frame() is None  # no confirmation before ours
         await stream.send_all(handshake.receive(frame))
         while handshake.keys is None:
-            while (frame := reader.next_frame()) is None:
-                reader.feed(await stream.receive_some(4096))
-            handshake.receive(frame)
+            handshake.receive(await _next_frame(stream, reader))
     await wait_until(lambda: len(server.clients) == 1)
     await stream.aclose()
