@@ -50,6 +50,7 @@ from .errors import AuthenticationError, ConnectionClosed
 from .protocol import Frame, FrameKind, ServerHandshake
 from .protocol.handshake import shared_secret
 from .protocol.messages import Welcome
+from .protocol.pake import Ephemerals
 
 
 def _now() -> float:
@@ -114,6 +115,9 @@ class Gatekeeper:
         )
         self.limiter = trio.CapacityLimiter(descriptor.max_handshakes)
         self.loop_share = LoopShare()
+        #: The servers' random pairs for the next hellos, made while each
+        #: handshake waits for its client (see ServerHandshake).
+        self.ephemerals = Ephemerals()
         self.accounts: Accounts | None = (
             descriptor.accounts if isinstance(descriptor.accounts, Accounts) else None
         )
@@ -219,8 +223,11 @@ class Gatekeeper:
 
             def precompute() -> None:
                 # Inline only: beyond the loop share, the confirmation's step
-                # does this work in its worker thread, not in a hand-off of its own.
-                self._inline(handshake.precompute)
+                # does this work in its worker thread, not in a hand-off of its
+                # own, and the next hello's step makes its own pair.
+                if handshake.precompute_due:
+                    self._inline(handshake.precompute)
+                self._inline(self.ephemerals.refill)
 
             established = await server_handshake(
                 stream,
@@ -318,6 +325,7 @@ class Gatekeeper:
             max_frame_size=descriptor.max_frame_size,
             receive_window=descriptor.receive_window,
             accounts=lookup,
+            ephemerals=self.ephemerals,
         )
 
 

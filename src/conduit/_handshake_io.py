@@ -228,11 +228,14 @@ async def server_handshake(
 
     ``hello`` is the first frame (from :func:`read_hello`); ``run(frame)``
     feeds a frame to ``handshake`` (inline or in a worker thread, as the
-    server's gatekeeper decides) and returns its reply. ``precompute()`` runs
-    :meth:`ServerHandshake.precompute` if the gatekeeper lets it run inline:
-    called once the SERVER_HELLO is sent, so that the server's multiplication
-    overlaps the client's instead of coming before it (otherwise, the
-    CLIENT_CONFIRM's step does that work).
+    server's gatekeeper decides) and returns its reply. ``precompute()`` is
+    called after each reply is sent, while the client works on its answer:
+    the gatekeeper runs there what needs nothing from the client, if it lets
+    it run inline (:meth:`ServerHandshake.precompute` when
+    :attr:`~ServerHandshake.precompute_due`, so that the server's
+    multiplication overlaps the client's instead of coming before it, else
+    the CLIENT_CONFIRM's step does that work; and the next handshake's random
+    pair).
 
     With ``confirm_first`` (runs :meth:`ServerHandshake.confirm_first` if
     the server can afford it now, else returns None) and ``welcome`` (makes
@@ -267,7 +270,7 @@ async def server_handshake(
             await send_bytes(stream, reply, io)
         if handshake.error is not None:
             raise handshake.error
-        if precompute is not None and handshake.precompute_due:
+        if precompute is not None:
             precompute()
         reply = await run(await _next_frame(stream, reader, io))
     # ``reply``: the SERVER_CONFIRM, held back to go with the WELCOME, or

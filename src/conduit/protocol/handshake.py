@@ -644,6 +644,11 @@ class ServerHandshake(_Handshake):
     In shared-password mode, and in accounts mode when the client's hello
     carried its share, :meth:`confirm_first` instead makes the SERVER_CONFIRM
     right after the hello, to go out with it.
+
+    ``ephemerals``: a :class:`~conduit.protocol.pake.Ephemerals` stock the
+    server's random pair is taken from (the caller refills it between
+    messages, see :class:`~conduit._gatekeeper.Gatekeeper`); without one, the
+    hello's step makes its pair itself.
     """
 
     def __init__(
@@ -654,6 +659,7 @@ class ServerHandshake(_Handshake):
         max_frame_size: int,
         receive_window: int,
         accounts: AccountLookup | None = None,
+        ephemerals: pake.Ephemerals | None = None,
     ) -> None:
         if (password is None) == (accounts is None):
             raise ValueError("give a shared password or an account lookup, not both")
@@ -673,6 +679,7 @@ class ServerHandshake(_Handshake):
         self.account: AccountVerifier | None = None
         self._balanced = None if password is None else shared_secret(password)
         self._lookup = accounts
+        self._ephemerals = ephemerals
         self._name = name
         self._max_frame_size = max_frame_size
         self._receive_window = receive_window
@@ -860,6 +867,11 @@ class ServerHandshake(_Handshake):
             return encode_frame(FrameKind.SERVER_CONFIRM, 0, Confirm(self._server_mac))
         raise RemoteProtocolError(f"unexpected {frame.kind.name} frame in state {self.state.value}")
 
+    def _fresh_pair(self) -> tuple[bytes, bytes]:
+        if self._ephemerals is None:
+            return pake.ephemeral()
+        return self._ephemerals.take()
+
     def _refuse(self, code: str, reason: str) -> bytes:
         self.state = HandshakeState.FAILED
         self.error = AuthenticationError(reason)
@@ -884,7 +896,7 @@ class ServerHandshake(_Handshake):
         self._unblinded = _pake_call(
             "SPAKE2 share", lambda: pake.spake2_unblind(secret, False, hello.pake)
         )
-        y, self._server_share = pake.spake2_share(secret, role_a=False)
+        y, self._server_share = pake.spake2_share(secret, False, self._fresh_pair())
         self._hy = pake.cofactor_times(y)
         reply = self._hello_frame(self._server_share)
         self._hello_payloads = (payload, reply[HEADER_SIZE:])
@@ -917,7 +929,7 @@ class ServerHandshake(_Handshake):
                 stretch.memlimit,
             ):
                 self._early_share = hello.pake
-        y, self._server_share = pake.spake2plus_verifier_share(record.verifier)
+        y, self._server_share = pake.spake2plus_verifier_share(record.verifier, self._fresh_pair())
         self._hy = pake.cofactor_times(y)
         reply = self._hello_frame(
             self._server_share,

@@ -35,6 +35,7 @@ Choices, all from the RFCs unless said otherwise:
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import hmac
@@ -332,10 +333,13 @@ class Spake2Keys:
         return "Spake2Keys(<hidden>)"
 
 
-def spake2_share(secret: BalancedSecret, role_a: bool) -> tuple[bytes, bytes]:
-    """A fresh ``(x, pA = x*P + w*M)`` for A, or ``(y, pB = y*P + w*N)`` for B."""
-    scalar = random_scalar()
-    return scalar, point_add(base_mul(scalar), secret.w_m if role_a else secret.w_n)
+def spake2_share(
+    secret: BalancedSecret, role_a: bool, fresh: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """A fresh ``(x, pA = x*P + w*M)`` for A, or ``(y, pB = y*P + w*N)`` for B;
+    ``fresh``: an unused :func:`ephemeral` made beforehand (:class:`Ephemerals`)."""
+    scalar, scalar_p = fresh if fresh is not None else ephemeral()
+    return scalar, point_add(scalar_p, secret.w_m if role_a else secret.w_n)
 
 
 def spake2_shared_point(
@@ -454,6 +458,56 @@ def ephemeral() -> tuple[bytes, bytes]:
     return x, base_mul(x)
 
 
+class Ephemerals:
+    """A small stock of :func:`ephemeral` pairs made ahead of time.
+
+    A share's ``x*P`` (a base-point multiplication, ~40-50 us here) needs
+    nothing from the peer, so a handshake that has sent its message and waits
+    for the answer makes the *next* handshake's pair then (:meth:`refill`),
+    and that handshake takes it (:meth:`take`) instead of making it on its
+    critical path. Each pair is handed out once: :meth:`take` removes it
+    (atomically: a ``deque`` is safe across threads), and a forked child never
+    uses its parent's pairs (the stock belongs to the process that made it).
+    An empty stock makes a pair on the spot, as if there were none.
+    """
+
+    __slots__ = ("_capacity", "_pid", "_stock")
+
+    def __init__(self, capacity: int = 2) -> None:
+        if capacity < 1:
+            raise ValueError("an Ephemerals stock holds at least one pair")
+        self._capacity = capacity
+        self._stock: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._stock) if self._pid == os.getpid() else 0
+
+    def take(self) -> tuple[bytes, bytes]:
+        """An unused ``(x, x*P)``: from the stock, or made now."""
+        try:
+            pair = self._stock.popleft()
+        except IndexError:
+            return ephemeral()
+        if self._pid != os.getpid():  # made before a fork: the parent may use it too
+            self._forked()
+            return ephemeral()
+        return pair
+
+    def refill(self) -> bool:
+        """Make one pair if the stock is not full; whether one was made."""
+        if self._pid != os.getpid():
+            self._forked()
+        if len(self._stock) >= self._capacity:
+            return False
+        self._stock.append(ephemeral())
+        return True
+
+    def _forked(self) -> None:
+        self._stock.clear()
+        self._pid = os.getpid()
+
+
 def spake2plus_prover_share(
     secret: ProverSecret, fresh: tuple[bytes, bytes] | None = None
 ) -> tuple[bytes, bytes]:
@@ -463,10 +517,13 @@ def spake2plus_prover_share(
     return x, point_add(x_p, secret.w0_m)
 
 
-def spake2plus_verifier_share(verifier: Verifier) -> tuple[bytes, bytes]:
-    """A fresh ``(y, shareV = y*P + w0*N)``."""
-    y = random_scalar()
-    return y, point_add(base_mul(y), verifier.w0_n)
+def spake2plus_verifier_share(
+    verifier: Verifier, fresh: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """A fresh ``(y, shareV = y*P + w0*N)``; ``fresh``: an unused :func:`ephemeral`
+    made beforehand (:class:`Ephemerals`)."""
+    y, y_p = fresh if fresh is not None else ephemeral()
+    return y, point_add(y_p, verifier.w0_n)
 
 
 def spake2plus_prover_points(secret: ProverSecret, x: bytes, share_v: bytes) -> tuple[bytes, bytes]:
