@@ -271,6 +271,75 @@ async def test_a_drained_socket_still_returns_what_arrives_later_and_meanwhile()
     await ours.aclose()
 
 
+async def _read_first(io: SocketIO, peer: trio.SocketStream, data: bytes) -> bool:
+    """Whether ``io.receive`` of ``data`` (sent by ``peer`` beforehand)
+    returned before another task made runnable just before it ran: always
+    when the read did not yield to the scheduler; when it did, whichever Trio
+    ran first (it reverses half its batches, on purpose)."""
+    order: list[str] = []
+
+    async def other() -> None:
+        order.append("other")
+
+    await peer.send_all(data)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        assert await io.receive(1024) == data
+        order.append("read")
+    return order == ["read", "other"]
+
+
+def _socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
+    left, right = socket.socketpair()
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(right)),
+    )
+
+
+async def test_a_just_started_task_reads_what_is_there_without_a_pass() -> None:
+    # The server's hello read: the connection's task has just started and
+    # the client's hello is usually there already. 20 tries: a read that
+    # yielded would come first in all of them once in a million runs.
+    with trio.fail_after(10):
+        for _ in range(20):
+            ours, peer = _socket_streams()
+            io = SocketIO.of(ours, just_started=True)
+            assert io is not None
+            assert await _read_first(io, peer, b"hello")
+            await ours.aclose()
+            await peer.aclose()
+
+
+async def test_only_the_first_read_of_a_just_started_task_skips_its_pass() -> None:
+    ours, peer = _socket_streams()
+    with trio.fail_after(10):
+        io = SocketIO.of(ours, just_started=True)
+        plain = SocketIO.of(peer)
+        assert io is not None and plain is not None
+        await peer.send_all(b"hello")
+        assert await io.receive(1024) == b"hello"
+        # Later reads that find bytes at once yield (the other task comes
+        # first in about half of them), on a just-started stream as on any.
+        later = [await _read_first(io, peer, b"x") for _ in range(20)]
+        assert not all(later)
+        others = [await _read_first(plain, ours, b"y") for _ in range(20)]
+        assert not all(others)
+        # Nothing there yet: the first read waits, as any read.
+        waiting = SocketIO.of(peer, just_started=True)
+        assert waiting is not None
+        async with trio.open_nursery() as nursery:
+
+            async def later_send() -> None:
+                await trio.sleep(0.01)
+                await ours.send_all(b"late")
+
+            nursery.start_soon(later_send)
+            assert await waiting.receive(1024) == b"late"
+    await ours.aclose()
+    await peer.aclose()
+
+
 async def test_a_drained_socket_can_be_cancelled_and_closed() -> None:
     io, ours, peer = _socket_io_pair()
     with trio.fail_after(10):

@@ -193,10 +193,12 @@ async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame, Socke
     protocol version error, not a MAC failure), then VersionMismatch.
     """
     reader = FrameReader()
-    # A new connection's first bytes come after the client has built its
-    # hello (a scalar multiplication): wait for them rather than try a read
-    # that fails first.
-    io = SocketIO.of(stream, wait_first=True)
+    # The connection's task has just started, and its client's hello is
+    # usually there already: the client sends it right after TCP's handshake,
+    # while the server wakes for the accept and starts this task. So the read
+    # is tried at once, with no scheduler pass of its own (the task's start
+    # was one); a hello not there yet is waited for as any read.
+    io = SocketIO.of(stream, just_started=True)
     first = await _receive(stream, io)
     if not first:
         raise ConnectionClosed("peer closed the connection during the handshake")

@@ -50,24 +50,26 @@ class SocketIO:
 
     __slots__ = ("_drained", "_low_water", "_socket", "_woken")
 
-    def __init__(self, socket: trio.socket.SocketType, *, wait_first: bool = False) -> None:
+    def __init__(self, socket: trio.socket.SocketType, *, just_started: bool = False) -> None:
         self._socket = socket
-        self._woken = False
+        # The task was just scheduled: a read that succeeds now needs no
+        # scheduler pass of its own (as after a wake-up).
+        self._woken = just_started
         self._low_water = 1
-        # The last receive() came back short: the socket had nothing more
-        # (or, with ``wait_first``, nothing can be there yet).
-        self._drained = wait_first
+        # The last receive() came back short: the socket had nothing more.
+        self._drained = False
 
     @classmethod
-    def of(cls, stream: trio.abc.Stream, *, wait_first: bool = False) -> SocketIO | None:
+    def of(cls, stream: trio.abc.Stream, *, just_started: bool = False) -> SocketIO | None:
         """The fast path for ``stream``, or None when it is not a plain socket stream.
 
-        ``wait_first``: the first :meth:`receive` waits for the socket to be
-        readable instead of trying a read first (a new connection, whose
-        peer is still composing its first message).
+        ``just_started``: the caller is a task that has just started (its
+        start was its scheduler pass), so the first :meth:`receive`, tried at
+        once, adds no pass of its own when bytes are there; it waits for
+        readability as any read when none are.
         """
         if type(stream) is trio.SocketStream:
-            return cls(stream.socket, wait_first=wait_first)
+            return cls(stream.socket, just_started=just_started)
         return None
 
     def send_now(self, data: bytes | bytearray | memoryview) -> int:
