@@ -95,7 +95,7 @@ async def wait_until(
 async def served(server: Server, client: Client) -> None:
     """Return once ``server`` serves ``client`` (which has connected).
 
-    A shared-password server confirms first and welcomes with its hello, so
+    A shared-password server confirms first and welcomes right behind its hello, so
     ``connect()`` returns once the client has checked that and sent its own
     confirmation, before the server has checked it and registered the
     client: a test that looks at ``server.clients`` waits for it.

@@ -1,9 +1,11 @@
-"""The server's early confirmation: SERVER_HELLO, SERVER_CONFIRM and a sealed
-WELCOME in one reply (shared-password mode, and accounts mode when the
-client's hello carries its share), and what it must not change.
+"""The server's early confirmation: SERVER_HELLO, then SERVER_CONFIRM and a
+sealed WELCOME before the client's confirmation (shared-password mode, and
+accounts mode when the client's hello carries its share), and what it must
+not change.
 
 The machines are driven against each other with no network; the server's
-side over real loopback sockets with a hand-driven client.
+side over real loopback sockets with a hand-driven client, and over a
+memory stream whose sends are recorded (the hello goes alone, first).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import trio
 
 from conduit import Accounts, AuthenticationError, Client, LockedOut, RemoteProtocolError, Server
 from conduit._gatekeeper import LoopShare
+from conduit._handshake_io import read_hello, server_handshake
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
@@ -465,3 +468,103 @@ async def test_under_a_spent_loop_share_the_server_keeps_the_usual_order(
             handshake.receive(await _next_frame(stream, reader))
     await wait_until(lambda: len(server.clients) == 1)
     await stream.aclose()
+
+
+class _Recorded(trio.abc.Stream):
+    """One end of a memory stream pair that notes, for each send, the bytes
+    and whether the server machine had made its confirmation by then."""
+
+    def __init__(self, inner: trio.abc.Stream, server: ServerHandshake) -> None:
+        self._inner = inner
+        self._server = server
+        self.sends: list[tuple[bytes, bool]] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends.append((bytes(data), self._server.unconfirmed_keys is not None))
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.parametrize("accounts", [False, True])
+async def test_the_server_sends_its_hello_before_it_makes_its_confirmation(
+    accounts: bool,
+) -> None:
+    """The SERVER_HELLO goes alone, first: the client's multiplications then
+    run while the server makes its confirmation (on two machines, or two
+    cores, at once); the confirmation and the sealed WELCOME follow in one
+    send, before the server reads anything else, and the client is done
+    with its own confirmation sent, as before."""
+    if accounts:
+        cache = ProverCache()
+        directory = _Directory(alice="alice's password")
+        first_server = _account_server(directory)
+        first = _account_client(cache=cache)
+        # A first login (usual order) gives the client the stretch for an early share.
+        (hello,) = _frames(first.start())
+        (server_hello,) = _frames(first_server.receive(hello))
+        (confirm,) = _frames(first.receive(server_hello))
+        first.receive(_frames(first_server.receive(confirm))[0])
+        client, server = _account_client(cache=cache), _account_server(directory)
+    else:
+        client, server = _by_hand(), _server(PASSWORD)
+    client_end, server_end = trio.testing.memory_stream_pair()
+    recorded = _Recorded(server_end, server)
+
+    async def run(frame: Frame) -> bytes:
+        return server.receive(frame)
+
+    def welcome() -> Welcome:
+        return Welcome("c1", "s", 0.0, b"t" * 32)
+
+    async def serve() -> None:
+        reader, hello, _ = await read_hello(recorded)
+        await server_handshake(
+            recorded,
+            server,
+            DEFAULT_MAX_FRAME_SIZE,
+            reader=reader,
+            hello=hello,
+            run=run,
+            confirm_first=server.confirm_first,
+            welcome=welcome,
+        )
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client_end.send_all(client.start())
+            reader = FrameReader()
+            frames: list[Frame] = []
+            while len(frames) < 3:
+                reader.feed(await client_end.receive_some())
+                while (frame := reader.next_frame()) is not None:
+                    frames.append(frame)
+                    if len(frames) == 1:
+                        await client_end.send_all(client.receive(frame))
+                    elif len(frames) == 2:
+                        assert client.receive(frame) == b""
+                        assert client.keys is not None
+                        reader.start_decryption(client.keys.receive_key, DEFAULT_MAX_FRAME_SIZE)
+    assert [frame.kind for frame in frames] == [
+        FrameKind.SERVER_HELLO,
+        FrameKind.SERVER_CONFIRM,
+        FrameKind.WELCOME,
+    ]
+    assert decode_body(frames[2], Welcome).client_id == "c1"
+    assert server.keys is not None and server.state is HandshakeState.DONE
+    (hello_sent, confirmed), (rest_sent, confirmed_then) = recorded.sends
+    assert _frames(hello_sent)[0].kind is FrameKind.SERVER_HELLO and len(_frames(hello_sent)) == 1
+    assert not confirmed  # sent before the confirmation was made
+    assert confirmed_then
+    rest = FrameReader()  # the confirmation in clear, then the sealed WELCOME
+    rest.feed(rest_sent)
+    first_of_rest = rest.next_frame()
+    assert first_of_rest is not None and first_of_rest.kind is FrameKind.SERVER_CONFIRM

@@ -243,9 +243,11 @@ async def server_handshake(
     the server can afford it now, else returns None) and ``welcome`` (makes
     the WELCOME, with no side effect: it is only a promise until the client
     has confirmed), a client
-    that is not resuming gets the SERVER_CONFIRM and the sealed WELCOME in
-    the same send as the SERVER_HELLO: its ``connect()`` ends one round trip
-    sooner, as soon as it has checked our confirmation and sent its own.
+    that is not resuming gets the SERVER_CONFIRM and the sealed WELCOME right
+    behind the SERVER_HELLO, before we read its confirmation: its
+    ``connect()`` ends one round trip sooner, as soon as it has checked our
+    confirmation and sent its own. The SERVER_HELLO goes alone, first, so
+    that the client's multiplications run while we make our confirmation.
     The returned :class:`Established` names that WELCOME (``welcomed``); it
     is returned only once the client's confirmation has checked, as always.
     A resuming client's WELCOME waits for its token (:func:`read_resume`).
@@ -258,15 +260,19 @@ async def server_handshake(
         and welcome is not None
         and handshake.can_confirm_first
         and not handshake.client_resuming
-        and (confirmation := confirm_first()) is not None
     ):
-        reply += confirmation
-        early = handshake.unconfirmed_keys
-        assert early is not None
-        writer.start_encryption(early.send_key, early.peer_max_frame_size)
-        welcomed = welcome()
-        (record,) = writer.write_frames([(encode_frame(FrameKind.WELCOME, 0, welcomed),)])
-        reply += record
+        # The SERVER_HELLO goes at once: the client's multiplications (one
+        # with the shared password, two with SPAKE2+) then run while we make
+        # our confirmation, instead of after it.
+        await send_bytes(stream, reply, io)
+        reply = b""
+        if (confirmation := confirm_first()) is not None:
+            early = handshake.unconfirmed_keys
+            assert early is not None
+            writer.start_encryption(early.send_key, early.peer_max_frame_size)
+            welcomed = welcome()
+            (record,) = writer.write_frames([(encode_frame(FrameKind.WELCOME, 0, welcomed),)])
+            reply = confirmation + record
     while handshake.keys is None:
         if reply:
             await send_bytes(stream, reply, io)

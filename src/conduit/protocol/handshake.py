@@ -643,7 +643,7 @@ class ServerHandshake(_Handshake):
     CLIENT_CONFIRM's :meth:`receive` does it itself when it was not called.
     In shared-password mode, and in accounts mode when the client's hello
     carried its share, :meth:`confirm_first` instead makes the SERVER_CONFIRM
-    right after the hello, to go out with it.
+    right after the hello, to go out before the client's confirmation.
 
     ``ephemerals``: a :class:`~conduit.protocol.pake.Ephemerals` stock the
     server's random pair is taken from (the caller refills it between
