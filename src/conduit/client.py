@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -71,11 +70,11 @@ async def _connect(raw: socket.socket, address: Any) -> None:
     registration and an ``epoll_wait`` (~0.1-0.2 ms per connect here, on
     the connect's critical path).
     """
-    code = raw.connect_ex(address)
-    if code == 0:
+    try:
+        raw.connect(address)
         return
-    if code not in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-        raise OSError(code, f"connect to {address!r} failed: {os.strerror(code)}")
+    except BlockingIOError:
+        pass  # in progress (EINPROGRESS, or WSAEWOULDBLOCK on Windows)
     try:
         raw.getpeername()  # connected already (ENOTCONN while in progress)
         return
