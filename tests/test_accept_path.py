@@ -93,9 +93,17 @@ async def test_the_server_closes_the_socket_of_a_client_that_left(
         assert server._open_sockets == 1
         await client.disconnect()
         # Both ends are in this process: every descriptor is given back.
-        await wait_until(
-            lambda: not server._open_sockets and not server.clients and open_fd_count() == before
-        )
+        try:
+            await wait_until(
+                lambda: (
+                    not server._open_sockets and not server.clients and open_fd_count() == before
+                )
+            )
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"after the client left: {server._open_sockets} open sockets, clients "
+                f"{list(server.clients)}, {open_fd_count()} descriptors ({before} before)"
+            ) from None
 
 
 async def test_close_now_closes_plain_sockets_and_leaves_other_streams() -> None:
