@@ -84,15 +84,15 @@ def test_a_forked_child_never_uses_its_parents_pairs() -> None:
 # --------------------------------------------------------------------------- the machines
 
 
-def _server(stock: pake.Ephemerals | None, **extra: object) -> ServerHandshake:
-    password = None if "accounts" in extra else PASSWORD
+def _server(stock: pake.Ephemerals | None, accounts: _Directory | None = None) -> ServerHandshake:
+    """A server machine (the shared password, or ``accounts``) taking its pairs from ``stock``."""
     return ServerHandshake(
-        password,
+        PASSWORD if accounts is None else None,
         name="s",
         max_frame_size=DEFAULT_MAX_FRAME_SIZE,
         receive_window=WINDOW,
+        accounts=accounts,
         ephemerals=stock,
-        **extra,  # type: ignore[arg-type]
     )
 
 
