@@ -23,7 +23,7 @@ from conduit.protocol import DEFAULT_MAX_FRAME_SIZE, ServerHandshake, pake
 from conduit.protocol.codec import decode_body
 from conduit.protocol.handshake import shared_secret
 from conduit.protocol.messages import ServerHello
-from conftest import LOOPBACK, PASSWORD, ServerFactory, client_descriptor, served
+from conftest import LOOPBACK, PASSWORD, ServerFactory, client_descriptor, open_fd_count, served
 from test_handshake import WINDOW, _account_client, _client, _Directory, _frames
 
 # --------------------------------------------------------------------------- the stock
@@ -166,11 +166,17 @@ async def test_the_server_refills_its_stock_while_its_client_works(
 # --------------------------------------------------------------------------- the dial
 
 
-async def test_a_dial_completed_in_the_connect_call_is_used_at_once() -> None:
+def _listening(backlog: int) -> socket.socket:
+    """A loopback listening socket; backlog 0 holds one connection, so the
+    next connect stays in progress (its SYN unanswered) until there is room."""
     listener = socket.socket()
-    with listener:
-        listener.bind((LOOPBACK, 0))
-        listener.listen(8)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(backlog)
+    return listener
+
+
+async def test_a_dial_completed_in_the_connect_call_is_used_at_once() -> None:
+    with _listening(8) as listener:
         stream = await open_tcp(LOOPBACK, listener.getsockname()[1])
         accepted, _ = listener.accept()
         with accepted:
@@ -185,22 +191,18 @@ async def test_a_refused_dial_raises_and_leaves_no_descriptor() -> None:
     probe.bind((LOOPBACK, 0))
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now
-    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    before = open_fd_count()
     for _ in range(20):
         with pytest.raises(ConnectionRefusedError, match="refused"):
             await open_tcp(LOOPBACK, port)
-    if before is not None:
-        assert len(os.listdir("/proc/self/fd")) == before
+    assert open_fd_count() == before
 
 
 async def test_a_dial_that_must_wait_completes_once_the_server_takes_it() -> None:
     # A listening socket whose accept queue is full (backlog 0 holds one):
     # the next SYN gets no answer, so that connect stays in progress until
     # the queue has room and the SYN is sent again (~1 s).
-    listener = socket.socket()
-    with listener:
-        listener.bind((LOOPBACK, 0))
-        listener.listen(0)
+    with _listening(0) as listener:
         port = listener.getsockname()[1]
         first = await open_tcp(LOOPBACK, port)
         result: list[trio.SocketStream] = []
@@ -227,18 +229,14 @@ async def test_a_dial_that_must_wait_completes_once_the_server_takes_it() -> Non
 
 
 async def test_a_waiting_dial_is_cancelled_and_closes_its_socket() -> None:
-    listener = socket.socket()
-    with listener:
-        listener.bind((LOOPBACK, 0))
-        listener.listen(0)
+    with _listening(0) as listener:
         port = listener.getsockname()[1]
         first = await open_tcp(LOOPBACK, port)
-        before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        before = open_fd_count()
         with trio.move_on_after(0.2) as scope:
             await open_tcp(LOOPBACK, port)
         assert scope.cancelled_caught
-        if before is not None:
-            assert len(os.listdir("/proc/self/fd")) == before
+        assert open_fd_count() == before
         await first.aclose()
 
 

@@ -234,10 +234,16 @@ def test_a_length_outside_the_limits_is_refused_before_buffering(sealed_size: in
         opener.next_record()
 
 
-def _socket_io_pair() -> tuple[SocketIO, trio.SocketStream, trio.SocketStream]:
+def _socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
     left, right = socket.socketpair()
-    ours = trio.SocketStream(trio.socket.from_stdlib_socket(left))
-    peer = trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(left)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(right)),
+    )
+
+
+def _socket_io_pair() -> tuple[SocketIO, trio.SocketStream, trio.SocketStream]:
+    ours, peer = _socket_streams()
     io = SocketIO.of(ours)
     assert io is not None
     return io, ours, peer
@@ -287,14 +293,6 @@ async def _read_first(io: SocketIO, peer: trio.SocketStream, data: bytes) -> boo
         assert await io.receive(1024) == data
         order.append("read")
     return order == ["read", "other"]
-
-
-def _socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
-    left, right = socket.socketpair()
-    return (
-        trio.SocketStream(trio.socket.from_stdlib_socket(left)),
-        trio.SocketStream(trio.socket.from_stdlib_socket(right)),
-    )
 
 
 async def test_a_just_started_task_reads_what_is_there_without_a_pass() -> None:
