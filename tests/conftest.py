@@ -20,10 +20,13 @@
   byte (:class:`FlipByte`), black-hole a direction or cut every connection.
 * :func:`wait_until` polls a condition under a deadline, for state that changes
   on another task's schedule (a socket closing, a registry emptying).
+* :func:`competing_handshake` holds a socket in a server's gate, so that the
+  handshake under test competes with another (the loop share rations it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,6 +104,24 @@ async def served(server: Server, client: Client) -> None:
     client: a test that looks at ``server.clients`` waits for it.
     """
     await wait_until(lambda: client.id in server.clients)
+
+
+@contextlib.asynccontextmanager
+async def competing_handshake(server: Server) -> AsyncIterator[trio.SocketStream]:
+    """A socket in ``server``'s gate (admitted, sending nothing) for the body's duration.
+
+    A handshake alone in the gate runs inline whatever the loop share says
+    (:attr:`conduit._gatekeeper.Gatekeeper.alone`); with this one waiting
+    beside it, the share rations its steps, as under a flood.
+    """
+    gate = server._gate
+    before = gate._pending_total
+    stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+    try:
+        await wait_until(lambda: gate._pending_total > before)
+        yield stream
+    finally:
+        await stream.aclose()
 
 
 def open_fd_count() -> int:

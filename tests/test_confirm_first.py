@@ -38,6 +38,7 @@ from conftest import (
     ProxyFactory,
     ServerFactory,
     client_descriptor,
+    competing_handshake,
     served,
     split_clear_frames,
     wait_until,
@@ -455,19 +456,20 @@ async def test_under_a_spent_loop_share_the_server_keeps_the_usual_order(
     server: Server = await server_factory()
     server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
     handshake = _by_hand()
-    stream = await trio.open_tcp_stream(LOOPBACK, server.port)
-    await stream.send_all(handshake.start())
-    reader = FrameReader()
-    with trio.fail_after(10):
-        frame = await _next_frame(stream, reader)
-        assert frame.kind is FrameKind.SERVER_HELLO
-        await trio.sleep(0.2)
-        assert reader.next_frame() is None  # no confirmation before ours
-        await stream.send_all(handshake.receive(frame))
-        while handshake.keys is None:
-            handshake.receive(await _next_frame(stream, reader))
-    await wait_until(lambda: len(server.clients) == 1)
-    await stream.aclose()
+    async with competing_handshake(server):  # (one alone is never rationed)
+        stream = await trio.open_tcp_stream(LOOPBACK, server.port)
+        await stream.send_all(handshake.start())
+        reader = FrameReader()
+        with trio.fail_after(10):
+            frame = await _next_frame(stream, reader)
+            assert frame.kind is FrameKind.SERVER_HELLO
+            await trio.sleep(0.2)
+            assert reader.next_frame() is None  # no confirmation before ours
+            await stream.send_all(handshake.receive(frame))
+            while handshake.keys is None:
+                handshake.receive(await _next_frame(stream, reader))
+        await wait_until(lambda: len(server.clients) == 1)
+        await stream.aclose()
 
 
 class _Recorded(trio.abc.Stream):

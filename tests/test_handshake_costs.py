@@ -2,7 +2,8 @@
 
 - the server's handshake steps run on the event loop within a bounded share of
   its time (:class:`conduit._gatekeeper.LoopShare`), in worker threads beyond
-  it, and both paths authenticate the same;
+  it, and both paths authenticate the same; a handshake alone in the gate is
+  not rationed (:attr:`conduit._gatekeeper.Gatekeeper.alone`);
 - the client stretches its password in a worker thread only when its
   :class:`ProverCache` misses (:meth:`ClientHandshake.will_stretch`);
 - the accounts file is re-read only when its ``stat`` changed
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import weakref
@@ -43,6 +45,7 @@ from conftest import (
     PASSWORD,
     ServerFactory,
     client_descriptor,
+    competing_handshake,
     open_fd_count,
     served,
     wait_until,
@@ -86,27 +89,88 @@ def test_loop_share_is_a_token_bucket_of_loop_seconds() -> None:
     assert not share.allows(999.0)
 
 
-async def test_steps_run_inline_within_the_share_and_in_threads_beyond(
-    server_factory: ServerFactory, accounts: Accounts
+def _thread_steps(monkeypatch: pytest.MonkeyPatch, gate: Gatekeeper) -> list[object]:
+    """The handshake steps ``gate`` sends to worker threads from now on (a list
+    that fills as they go)."""
+    sent: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def recording(step: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("limiter") is gate.limiter:
+            sent.append(step)
+        return await run_sync(step, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", recording)
+    return sent
+
+
+async def test_competing_steps_run_inline_within_the_share_and_in_threads_beyond(
+    server_factory: ServerFactory, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server = await server_factory(password=None, accounts=accounts)
     gate = server._gate
+    in_threads = _thread_steps(monkeypatch, gate)
     client = Client(client_descriptor(server.port, username="alice", password=ALICE_PASSWORD))
-    with trio.fail_after(10):
-        await client.connect()
-    await client.disconnect()
-    # Inline: the steps were measured against the share.
-    assert gate.loop_share.tokens < gate.loop_share.burst
-    # An exhausted share sends every step to a worker thread: same outcome.
+    async with competing_handshake(server):
+        with trio.fail_after(10):
+            await client.connect()
+        await client.disconnect()
+        # Inline: the steps were measured against the share.
+        assert in_threads == []
+        assert gate.loop_share.tokens < gate.loop_share.burst
+        # An exhausted share sends every step to a worker thread: same outcome.
+        gate.loop_share = LoopShare(share=0.0, burst=0.0)
+        with trio.fail_after(10):
+            await client.connect()
+        assert client.connected
+        await client.disconnect()
+        assert len(in_threads) >= 2  # the hello's step and the confirmation's
+        assert gate.loop_share.tokens == 0.0  # nothing ran inline
+        wrong = Client(client_descriptor(server.port, username="alice", password="wrong"))
+        with pytest.raises(AuthenticationError), trio.fail_after(10):
+            await wrong.connect()
+
+
+@pytest.mark.parametrize("mode", ["shared", "accounts"])
+async def test_a_handshake_alone_in_the_gate_runs_inline_and_is_not_charged(
+    server_factory: ServerFactory,
+    accounts: Accounts,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One client reconnecting back to back spends more than the share of the
+    # loop's wall time on its steps; with no other handshake to compete with,
+    # none of them goes to a thread, however spent the share, and none is
+    # charged to it (a long run of them would otherwise leave the next flood's
+    # rationing in debt).
+    if mode == "accounts":
+        server = await server_factory(password=None, accounts=accounts)
+        descriptor = client_descriptor(server.port, username="alice", password=ALICE_PASSWORD)
+    else:
+        server = await server_factory()
+        descriptor = client_descriptor(server.port)
+    gate = server._gate
     gate.loop_share = LoopShare(share=0.0, burst=0.0)
-    with trio.fail_after(10):
-        await client.connect()
-    assert client.connected
-    await client.disconnect()
-    assert gate.loop_share.tokens == 0.0  # nothing ran inline
-    wrong = Client(client_descriptor(server.port, username="alice", password="wrong"))
-    with pytest.raises(AuthenticationError), trio.fail_after(10):
-        await wrong.connect()
+    in_threads = _thread_steps(monkeypatch, gate)
+    confirmed_first: list[bool] = []
+    confirm_first = ServerHandshake.confirm_first
+
+    def recording(machine: ServerHandshake) -> bytes:
+        confirmed_first.append(True)
+        return confirm_first(machine)
+
+    monkeypatch.setattr(ServerHandshake, "confirm_first", recording)
+    client = Client(descriptor)
+    for _ in range(3):
+        with trio.fail_after(10):
+            await client.connect()
+            await served(server, client)
+        await client.disconnect()
+    assert in_threads == []
+    assert gate.loop_share.tokens == 0.0
+    # Inline, hence in the order that saves the client a round trip (its
+    # first login in accounts mode has no early share to confirm with).
+    assert len(confirmed_first) == (3 if mode == "shared" else 2)
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["within the share", "share exhausted"])
@@ -140,12 +204,14 @@ async def test_the_server_multiplies_between_the_hellos(
     else:
         server = await server_factory()
         descriptor = client_descriptor(server.port)
-    if not inline:
-        server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
     client = Client(descriptor)
-    with trio.fail_after(10):
-        await client.connect()
-        await served(server, client)  # its confirmation's step has run
+    async with contextlib.AsyncExitStack() as competing:
+        if not inline:
+            server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
+            await competing.enter_async_context(competing_handshake(server))
+        with trio.fail_after(10):
+            await client.connect()
+            await served(server, client)  # its confirmation's step has run
     assert client.connected
     await client.disconnect()
     waiting = HandshakeState.WAIT_CLIENT_CONFIRM

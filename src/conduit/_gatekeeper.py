@@ -17,8 +17,15 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   much in hand-offs as the work itself. Beyond that share, and whatever a step
   costs, they run in worker threads under a ``max_handshakes``
   CapacityLimiter, so a hello flood queues there while the event loop keeps
-  serving authenticated clients. The accounts file is re-read (in a worker
-  thread) only when its ``stat`` says it changed.
+  serving authenticated clients. The share rations handshakes that compete
+  with each other: a handshake alone in the gate (no other unauthenticated
+  socket) always runs inline and is not charged. It can hold the loop's other
+  work up by one step at a time, paced by its own round trips, which is what
+  any inline step does; a 25 % share of wall time would push a single client
+  reconnecting back to back (its steps take ~40 % of the time between its
+  connects) into worker threads, and a lone attacker's failures are counted
+  by the throttle. The accounts file is re-read (in a worker thread) only
+  when its ``stat`` says it changed.
 - **Locked-out addresses cost next to nothing**: :meth:`Gatekeeper.screen`
   wraps a socket listener so that a connection from an address the throttle
   has locked out is refused (one small send, then closed) inside the accept
@@ -69,8 +76,9 @@ class LoopShare:
 
     It fills at ``share`` seconds per second up to ``burst``; each inline step
     spends what it measured. While it is empty, steps go to worker threads,
-    so handshakes never take more than about ``share`` of the loop, however
-    many arrive and whatever each costs.
+    so handshakes in the gate together never take more than about ``share``
+    of the loop, however many arrive and whatever each costs. (A handshake
+    alone in the gate is not rationed: :attr:`Gatekeeper.alone`.)
     """
 
     share: float = LOOP_SHARE
@@ -214,17 +222,18 @@ class Gatekeeper:
                 return await self._step(functools.partial(handshake.receive, frame))
 
             def confirm_first() -> bytes | None:
-                # Within the loop share only: under a flood of hellos (the
-                # share spent) the usual order, in which a hello that never
+                # Alone or within the loop share only: under a flood of hellos
+                # (the share spent) the usual order, in which a hello that never
                 # confirms costs no more than its hello step.
                 confirmation: list[bytes] = []
                 self._inline(lambda: confirmation.append(handshake.confirm_first()))
                 return confirmation[0] if confirmation else None
 
             def precompute() -> None:
-                # Inline only: beyond the loop share, the confirmation's step
-                # does this work in its worker thread, not in a hand-off of its
-                # own, and the next hello's step makes its own pair.
+                # Inline only: beyond the loop share (handshakes competing),
+                # the confirmation's step does this work in its worker thread,
+                # not in a hand-off of its own, and the next hello's step makes
+                # its own pair.
                 if handshake.precompute_due:
                     self._inline(handshake.precompute)
                 self._inline(self.ephemerals.refill)
@@ -261,8 +270,18 @@ class Gatekeeper:
         established.account = cast("AccountRecord | None", handshake.account)
         return established
 
+    @property
+    def alone(self) -> bool:
+        """Whether at most one unauthenticated socket is in the gate: the
+        handshake asking to run a step has no other to compete with, so the
+        loop share does not ration it (see the module's docstring)."""
+        return self._pending_total <= 1
+
     async def _step(self, step: Callable[[], bytes]) -> bytes:
-        """Run a step of the machine: inline within the loop share, else in a thread."""
+        """Run a step of the machine: inline when alone or within the loop
+        share, else in a thread."""
+        if self.alone:
+            return step()
         started = time.perf_counter()
         if self.loop_share.allows(started):
             try:
@@ -272,7 +291,10 @@ class Gatekeeper:
         return await trio.to_thread.run_sync(step, limiter=self.limiter)
 
     def _inline(self, step: Callable[[], object]) -> bool:
-        """Run ``step`` now if the loop share allows it; whether it ran."""
+        """Run ``step`` now if alone or if the loop share allows it; whether it ran."""
+        if self.alone:
+            step()
+            return True
         started = time.perf_counter()
         if not self.loop_share.allows(started):
             return False
