@@ -10,11 +10,13 @@ import pytest
 
 from benchmark_helpers import QuickRun, check_header_and_charts, check_rows, is_number, run_quick
 
-ATTACKS = {"guesses", "hello_flood_1", "hello_flood_32", "idle_flood"}
+FLOODS = ("hello_flood_1", "hello_flood_32", "hello_flood_seq")
+ATTACKS = {"guesses", *FLOODS, "idle_flood"}
 GROUPS = {
     "100 parallel wrong guesses",
     "hello flood, 32 sockets, 1 address",
     "hello flood, 32 sockets, 32 addresses",
+    "hello flood, 1 socket at a time, 4,000 addresses",
     "idle-socket flood from 127.0.0.30",
 }
 
@@ -46,7 +48,7 @@ def test_every_attack_ran_and_was_measured(quick_run: QuickRun) -> None:
         # Every guess that came back is counted once, and some did come back.
         answered = guesses["evaluated"] + guesses["locked_out"] + guesses["other"]
         assert 1 <= answered <= 100
-    for attack in ("hello_flood_1", "hello_flood_32"):
+    for attack in FLOODS:
         for flood in results[attack]:
             assert flood["hellos_sent"] >= 1
             # The honest client's calls during the flood.

@@ -6,6 +6,7 @@ the attack and its size::
 
     {"attack": "guesses", "guesses": 100, "window_s": 10}
     {"attack": "hello_flood", "sockets": 32, "seconds": 15, "addresses": 1}
+    {"attack": "hello_flood", "sockets": 1, "seconds": 15, "addresses": 4000}
     {"attack": "idle_flood", "rate": 100, "seconds": 15, "tries": 25}
     {"attack": "honest", "seconds": 15, "baseline_s": 2}   (started by hello_flood)
 
@@ -120,18 +121,28 @@ async def _read_line(stdout: trio.abc.ReceiveStream, buffer: bytearray) -> str:
 
 
 async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """``sockets`` concurrent sockets replaying CLIENT_HELLOs; the honest client's RPC p99."""
+    """``sockets`` concurrent sockets replaying CLIENT_HELLOs; the honest client's RPC p99.
+
+    Each new socket comes from the next of ``addresses`` source addresses
+    (127.0.20.1 on), in turn: 32 sockets over 1 or 32 addresses flood from
+    each at once; 1 socket over thousands sends one hello at a time from an
+    address that has failed too few times to be locked out (the per-address
+    budget is 5 failures a minute).
+    """
     hello = ClientHandshake(
         "wrong guess", name="flood", max_frame_size=1 << 20, receive_window=4 << 20
     ).start()
     seconds = spec.get("seconds", 15)
     addresses = spec.get("addresses", 1)
     sent = 0
+    opened = 0
 
-    async def flooder(index: int, stop: trio.Event) -> None:
-        nonlocal sent
-        source = f"127.0.{20 + index % addresses // 250}.{1 + index % addresses % 250}"
+    async def flooder(stop: trio.Event) -> None:
+        nonlocal sent, opened
         while not stop.is_set():
+            index = opened % addresses
+            opened += 1
+            source = f"127.0.{20 + index // 250}.{1 + index % 250}"
             with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 stream = await trio.open_tcp_stream(_peerlib.HOST, port, local_address=source)
                 try:
@@ -154,8 +165,8 @@ async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
             pass
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            for index in range(spec.get("sockets", 32)):
-                nursery.start_soon(flooder, index, stop)
+            for _ in range(spec.get("sockets", 32)):
+                nursery.start_soon(flooder, stop)
             nursery.start_soon(_sleep_then_set, seconds, stop)
         attacker_cpu = time.process_time() - cpu_started
         while not (line := await _read_line(process.stdout, buffer)).startswith("RESULT "):
