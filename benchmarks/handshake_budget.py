@@ -84,10 +84,12 @@ async def _serve(mode: str, handshake_only: bool, callgrind: bool) -> None:
 
         server._serve_client = no_session  # type: ignore[method-assign]
     if callgrind:
-        # Under valgrind every step takes ~50x longer, so the loop share (a
-        # budget of loop *seconds*) would run out and send steps to worker
-        # threads, more or fewer with the machine's load: the instructions
-        # would depend on the load. Measurement only: every step inline.
+        # Under valgrind every step takes ~50x longer, so a connect can come
+        # while the last one's confirmation is still being checked (two in
+        # the gate: the loop share applies), and the share (a budget of loop
+        # *seconds*) would run out and send steps to worker threads, more or
+        # fewer with the machine's load: the instructions would depend on the
+        # load. Measurement only: every step inline.
         server._gate.loop_share = LoopShare(share=1.0, burst=float("inf"))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)

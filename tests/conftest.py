@@ -112,7 +112,10 @@ async def competing_handshake(server: Server) -> AsyncIterator[trio.SocketStream
 
     A handshake alone in the gate runs inline whatever the loop share says
     (:attr:`conduit._gatekeeper.Gatekeeper.alone`); with this one waiting
-    beside it, the share rations its steps, as under a flood.
+    beside it, the share rations its steps, as under a flood. The server
+    drops it after its ``auth_timeout``: a test whose body may take long
+    gives the server a longer one. Checks on the way out that the socket was
+    still there (else the body did not test what it meant to).
     """
     gate = server._gate
     before = gate._pending_total
@@ -120,6 +123,7 @@ async def competing_handshake(server: Server) -> AsyncIterator[trio.SocketStream
     try:
         await wait_until(lambda: gate._pending_total > before)
         yield stream
+        assert gate._pending_total > before, "the competing socket left the gate (auth_timeout?)"
     finally:
         await stream.aclose()
 

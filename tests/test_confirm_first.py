@@ -453,7 +453,7 @@ async def test_under_a_spent_loop_share_the_server_keeps_the_usual_order(
     """A flood of hellos (the loop's share spent) gets the usual order, in
     which a hello that never confirms costs no multiplication beyond its own;
     the client is served all the same."""
-    server: Server = await server_factory()
+    server: Server = await server_factory(auth_timeout=60.0)
     server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
     handshake = _by_hand()
     async with competing_handshake(server):  # (one alone is never rationed)

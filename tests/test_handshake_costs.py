@@ -107,7 +107,8 @@ def _thread_steps(monkeypatch: pytest.MonkeyPatch, gate: Gatekeeper) -> list[obj
 async def test_competing_steps_run_inline_within_the_share_and_in_threads_beyond(
     server_factory: ServerFactory, accounts: Accounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = await server_factory(password=None, accounts=accounts)
+    # (A long auth_timeout: the competing socket stays in the gate throughout.)
+    server = await server_factory(password=None, accounts=accounts, auth_timeout=60.0)
     gate = server._gate
     in_threads = _thread_steps(monkeypatch, gate)
     client = Client(client_descriptor(server.port, username="alice", password=ALICE_PASSWORD))
@@ -173,23 +174,24 @@ async def test_a_handshake_alone_in_the_gate_runs_inline_and_is_not_charged(
     assert len(confirmed_first) == (3 if mode == "shared" else 2)
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["within the share", "share exhausted"])
+@pytest.mark.parametrize("gate", ["alone", "competing", "share exhausted"])
 @pytest.mark.parametrize("mode", ["shared", "accounts"])
 async def test_the_server_multiplies_between_the_hellos(
     server_factory: ServerFactory,
     accounts: Accounts,
     mode: str,
-    inline: bool,
+    gate: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Accounts mode (a first login): the SERVER_HELLO goes out first, then its
     # multiplication, while the client works on its confirmation: the
     # confirmation's step finds it done. Shared password: the server confirms
     # first, so the multiplication is part of that step, before the reply
-    # goes out; the confirmation's step finds it done. Beyond the loop share
-    # (both modes) the usual order, and the multiplication is left to the
-    # confirmation's step, which runs in a worker thread anyway (no hand-off
-    # of its own).
+    # goes out; the confirmation's step finds it done. So it goes alone in
+    # the gate, and with another handshake there within the loop share. Beyond
+    # the share (both modes) the usual order, and the multiplication is left
+    # to the confirmation's step, which runs in a worker thread anyway (no
+    # hand-off of its own).
     seen: list[tuple[HandshakeState, bool]] = []
     precompute = ServerHandshake.precompute
 
@@ -199,26 +201,30 @@ async def test_the_server_multiplies_between_the_hellos(
 
     monkeypatch.setattr(ServerHandshake, "precompute", recording)
     if mode == "accounts":
-        server = await server_factory(password=None, accounts=accounts)
+        server = await server_factory(password=None, accounts=accounts, auth_timeout=60.0)
         descriptor = client_descriptor(server.port, username="alice", password=ALICE_PASSWORD)
     else:
-        server = await server_factory()
+        server = await server_factory(auth_timeout=60.0)
         descriptor = client_descriptor(server.port)
     client = Client(descriptor)
     async with contextlib.AsyncExitStack() as competing:
-        if not inline:
-            server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
+        if gate != "alone":
             await competing.enter_async_context(competing_handshake(server))
+        if gate == "share exhausted":
+            server._gate.loop_share = LoopShare(share=0.0, burst=0.0)
         with trio.fail_after(10):
             await client.connect()
             await served(server, client)  # its confirmation's step has run
+        if gate == "competing":
+            # Within the share: the steps were charged to it.
+            assert server._gate.loop_share.tokens < server._gate.loop_share.burst
     assert client.connected
     await client.disconnect()
     waiting = HandshakeState.WAIT_CLIENT_CONFIRM
-    if inline:
-        assert seen == [(waiting, True), (waiting, False)]
-    else:
+    if gate == "share exhausted":
         assert seen == [(waiting, True)]  # from the confirmation's step only
+    else:
+        assert seen == [(waiting, True), (waiting, False)]
 
 
 # --------------------------------------------------------------------------- the client's stretch

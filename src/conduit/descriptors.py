@@ -218,9 +218,10 @@ class ServerDescriptor:
         default=20, validator=[v.instance_of(int), _positive]
     )
     #: Handshakes whose password work (SPAKE2 / SPAKE2+ group operations) runs at
-    #: once in worker threads, once handshakes have used their share of the event
-    #: loop (a quarter of its time); more wait their turn (within ``auth_timeout``),
-    #: so a hello flood cannot starve authenticated clients of CPU.
+    #: once in worker threads, once handshakes competing with each other have used
+    #: their share of the event loop (a quarter of its time); more wait their turn
+    #: (within ``auth_timeout``), so a hello flood cannot starve authenticated
+    #: clients of CPU. (A handshake alone in the gate always runs on the loop.)
     max_handshakes: int = attrs.field(default=2, validator=[v.instance_of(int), _positive])
     #: Connections not yet authenticated, from all addresses together; more are
     #: refused with code "busy" (counted apart from ``max_connections``).
