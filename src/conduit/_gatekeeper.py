@@ -20,12 +20,14 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   serving authenticated clients. The share rations handshakes that compete
   with each other: a handshake alone in the gate (no other unauthenticated
   socket) always runs inline and is not charged. It can hold the loop's other
-  work up by one step at a time, paced by its own round trips, which is what
-  any inline step does; a 25 % share of wall time would push a single client
-  reconnecting back to back (its steps take ~40 % of the time between its
-  connects) into worker threads, and a lone attacker's failures are counted
-  by the throttle. The accounts file is re-read (in a worker thread) only
-  when its ``stat`` says it changed.
+  work up by one step at a time, which is what any inline step does (a lone
+  hello also gets the early confirmation and the stock's refill, where a
+  rationed one costs only its hello step: see docs/security.md); a 25 %
+  share of wall time would push a single client reconnecting back to back
+  (its steps take ~40 % of the time between its connects) into worker
+  threads, and a lone attacker's failures are counted by the throttle. The
+  accounts file is re-read (in a worker thread) only when its ``stat`` says
+  it changed.
 - **Locked-out addresses cost next to nothing**: :meth:`Gatekeeper.screen`
   wraps a socket listener so that a connection from an address the throttle
   has locked out is refused (one small send, then closed) inside the accept
