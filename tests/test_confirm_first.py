@@ -11,25 +11,29 @@ memory stream whose sends are recorded (the hello goes alone, first).
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from conduit import Accounts, AuthenticationError, Client, LockedOut, RemoteProtocolError, Server
 from conduit._gatekeeper import LoopShare
-from conduit._handshake_io import read_hello, server_handshake
+from conduit._handshake_io import client_handshake, read_hello, server_handshake
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
     Frame,
     FrameKind,
     FrameReader,
+    FrameWriter,
     HandshakeState,
     ServerHandshake,
     pake,
 )
-from conduit.protocol.codec import decode_body
+from conduit.protocol.codec import decode_body, encode_frame
 from conduit.protocol.handshake import ACCOUNTS_REFUSAL, SHARED_MISMATCH, ProverCache
 from conduit.protocol.messages import ClientHello, Confirm, Welcome
 from conftest import (
@@ -570,3 +574,61 @@ async def test_the_server_sends_its_hello_before_it_makes_its_confirmation(
     rest.feed(rest_sent)
     first_of_rest = rest.next_frame()
     assert first_of_rest is not None and first_of_rest.kind is FrameKind.SERVER_CONFIRM
+
+
+async def test_the_client_reads_the_early_confirmation_without_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server's confirmation and WELCOME follow its hello without waiting
+    for the client's confirmation, so they are usually there by the time the
+    client has sent it: its next read takes them at once, with no wait for
+    readability first (which a drained socket otherwise gets, for answers)."""
+    client, server = _by_hand(), _server(PASSWORD)
+    left, right = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(left))
+    theirs = trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    waits: list[object] = []
+    wait_readable = trio.lowlevel.wait_readable
+    receive = ClientHandshake.receive
+
+    async def counting(sock: Any) -> None:
+        waits.append(sock)
+        await wait_readable(sock)
+
+    def receiving(machine: ClientHandshake, frame: Frame) -> bytes:
+        reply = receive(machine, frame)
+        if frame.kind is FrameKind.SERVER_HELLO:
+            # While the client works on the hello, the server's confirmation
+            # and WELCOME arrive; from here on, count the client's waits.
+            confirmation = server.confirm_first()
+            keys = server.unconfirmed_keys
+            assert keys is not None
+            writer = FrameWriter()
+            writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
+            welcome = encode_frame(FrameKind.WELCOME, 0, Welcome("c1", "s", 0.0, b"t" * 32))
+            (record,) = writer.write_frames([(welcome,)])
+            sent = confirmation + bytes(record)
+            assert os.write(theirs.socket.fileno(), sent) == len(sent)
+            monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)
+        return reply
+
+    monkeypatch.setattr(ClientHandshake, "receive", receiving)
+    done: list[Welcome] = []
+
+    async def connect() -> None:
+        _, welcome = await client_handshake(ours, client, DEFAULT_MAX_FRAME_SIZE)
+        done.append(welcome)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connect)
+            reader = FrameReader()
+            hello = await _next_frame(theirs, reader)
+            await theirs.send_all(server.receive(hello))
+            confirm = await _next_frame(theirs, reader)
+    assert done[0].client_id == "c1"
+    assert waits == []  # the read after the client's confirmation did not wait
+    assert server.receive(confirm) == b""  # and the server accepts that confirmation
+    assert server.keys is not None
+    await ours.aclose()
+    await theirs.aclose()

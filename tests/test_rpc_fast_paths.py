@@ -338,6 +338,50 @@ async def test_only_the_first_read_of_a_just_started_task_skips_its_pass() -> No
     await peer.aclose()
 
 
+def _counting_waits(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The sockets ``trio.lowlevel.wait_readable`` is called with from now on."""
+    waits: list[object] = []
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counting(sock: Any) -> None:
+        waits.append(sock)
+        await wait_readable(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)
+    return waits
+
+
+async def test_a_peer_that_may_have_sent_more_is_read_before_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    io, ours, peer = _socket_io_pair()
+    with trio.fail_after(10):
+        await peer.send_all(b"hello")
+        assert await io.receive(1024) == b"hello"
+        assert io.would_wait  # drained: an answer to us cannot be there yet
+        # But the peer sends on without waiting for us (its next message is
+        # no answer): it is there, and read without waiting for readability.
+        await peer.send_all(b"and more")
+        io.may_have_more()
+        assert not io.would_wait
+        waits = _counting_waits(monkeypatch)
+        assert await io.receive(1024) == b"and more"
+        assert waits == []
+        # Nothing there after all: a failed read, then the wait, as always.
+        io.may_have_more()
+        async with trio.open_nursery() as nursery:
+
+            async def later() -> None:
+                await trio.sleep(0.01)
+                await peer.send_all(b"late")
+
+            nursery.start_soon(later)
+            assert await io.receive(1024) == b"late"
+        assert len(waits) == 1
+    await ours.aclose()
+    await peer.aclose()
+
+
 async def test_a_drained_socket_can_be_cancelled_and_closed() -> None:
     io, ours, peer = _socket_io_pair()
     with trio.fail_after(10):

@@ -170,6 +170,11 @@ async def _client_handshake(
             reply += record
         if reply:
             await send_bytes(stream, reply, io)
+        if io is not None:
+            # A server that confirms first sends its confirmation right
+            # behind its hello, not in answer to ours: while we worked on the
+            # hello it has usually arrived, so the read goes first.
+            io.may_have_more()
     keys = handshake.keys
     reader.start_decryption(keys.receive_key, max_frame_size)
     if not sealing:

@@ -22,7 +22,11 @@ and Trio's public waiting primitives (:func:`trio.lowlevel.wait_readable`):
   next message cannot be there yet (its sender has not seen our reply), and
   the failed ``read`` and its ``BlockingIOError`` cost ~2.5 us per message. If
   bytes did arrive meanwhile, Trio reports the socket readable on its next
-  pass, which costs what the checkpoint after an immediate read costs.
+  pass, which costs what the checkpoint after an immediate read costs. Where
+  the protocol says the peer sends without waiting for us (a server's
+  confirmation right behind its hello), :meth:`SocketIO.may_have_more` makes
+  the next read go first: waiting for readability when the bytes are already
+  there costs two ``epoll_ctl`` and a wake-up.
 
 Only for a plain :class:`trio.SocketStream` (TCP, Unix); TLS and in-memory
 streams keep the Trio calls. The descriptor is read on every call: a closed
@@ -113,6 +117,12 @@ class SocketIO:
         data: bytes = await self._read(lambda fd: os.read(fd, max_bytes), self._drained)
         self._drained = 0 < len(data) < max_bytes
         return data
+
+    def may_have_more(self) -> None:
+        """The peer may have sent more without waiting for anything from us
+        (its next message does not answer our last one): the next
+        :meth:`receive` tries a read first, whatever the last one found."""
+        self._drained = False
 
     @property
     def would_wait(self) -> bool:
