@@ -5,7 +5,9 @@ not change.
 
 The machines are driven against each other with no network; the server's
 side over real loopback sockets with a hand-driven client, and over a
-memory stream whose sends are recorded (the hello goes alone, first).
+memory stream whose sends are recorded (the hello goes alone, first); the
+client's side over a socket pair with a hand-driven server (it reads the
+early confirmation without waiting for it).
 """
 
 from __future__ import annotations

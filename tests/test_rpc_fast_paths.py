@@ -10,9 +10,10 @@
   mapped buffer. The same tampering (ciphertext, length prefix, a replayed or
   reordered record, a length beyond the limit) is refused the same way by each.
 * ``SocketIO.receive`` waits for readability first after a read that drained
-  the socket; whatever arrives (before or after it is called, in one piece or
-  several, or the end of the stream) is still returned, a closed socket is
-  still a closed stream, and cancellation still works.
+  the socket (unless told the peer may have sent more: then it reads first);
+  whatever arrives (before or after it is called, in one piece or several,
+  or the end of the stream) is still returned, a closed socket is still a
+  closed stream, and cancellation still works.
 * The writer sends small records with one non-blocking write: what the socket
   does not take still goes out, in order.
 """
