@@ -484,6 +484,34 @@ def test_warnings_are_rate_limited_per_address(caplog: pytest.LogCaptureFixture)
     assert len(lines) <= 6
 
 
+def test_warnings_from_many_addresses_are_rate_limited_in_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A hello flood that rotates its source addresses: each address stays
+    # within its own budget, the kind of line as a whole does not.
+    log = logging.getLogger("conduit.test_auth")
+    limited = LimitedLog(log, burst=3, period=10, total_burst=5, total_period=1.0)
+    with caplog.at_level(logging.WARNING, logger="conduit.test_auth"):
+        for index in range(1_000):  # 1,000 addresses within one second
+            address = f"10.0.{index // 250}.{index % 250}"
+            limited.warning(address, index / 1_000, "failed from %s", address)
+        # Another kind of line keeps its own budget meanwhile.
+        limited.warning("10.9.9.9", 0.999, "refused %s", "10.9.9.9")
+        limited.warning("10.1.1.1", 3.0, "failed from %s", "10.1.1.1")
+    lines = [record.getMessage() for record in caplog.records]
+    failed = [line for line in lines if line.startswith("failed from")]
+    # The burst, one more line per second of the flood, and the line after it.
+    assert len(failed) <= 5 + 1 + 1
+    assert failed[:5] == [f"failed from 10.0.0.{index}" for index in range(5)]
+    assert "refused 10.9.9.9" in lines
+    # The next line that gets through says how many were left out, in all.
+    counted = failed[-1]
+    assert counted.startswith("failed from 10.1.1.1 (")
+    assert "from all addresses suppressed" in counted
+    suppressed = int(counted.split("(")[1].split()[0])
+    assert suppressed + len(failed) == 1_001
+
+
 # --------------------------------------------------------------------------- asyncio
 
 

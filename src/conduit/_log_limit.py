@@ -1,9 +1,12 @@
-"""Warning lines about unauthenticated peers, rate-limited per address.
+"""Warning lines about unauthenticated peers, rate-limited per address and in all.
 
 A flood of failed handshakes must not become a flood of log lines (disk,
 journald, whoever reads them): each address gets a small burst, then one line
 per ``period`` that says how many were suppressed. Honest mistakes (a few
-wrong passwords) are all logged.
+wrong passwords) are all logged. A flood spread over many addresses (each
+within its own budget) meets a second budget, per kind of line across all
+addresses: a larger burst, then one line per ``total_period``, which says how
+many lines from all addresses were suppressed.
 """
 
 from __future__ import annotations
@@ -21,23 +24,38 @@ class _Bucket:
     stamp: float
     suppressed: int = 0
 
+    def refill(self, now: float, burst: int, period: float) -> None:
+        """Add what ``now - stamp`` earned (one line per ``period``), up to ``burst``."""
+        self.tokens = min(float(burst), self.tokens + max(0.0, now - self.stamp) / period)
+        self.stamp = now
+
 
 @attrs.define
 class LimitedLog:
     """``warning(key, clock_now, msg, *args)``: at most ``burst`` lines, then one per ``period``.
 
     Budgets are per ``key`` (an address) and message template, so a flood of
-    one kind does not hide the first lines of another.
+    one kind does not hide the first lines of another; and per message
+    template across all keys (``total_burst``, then one per
+    ``total_period``), so a flood from many addresses is not one line per
+    attempt either.
     """
 
     log: logging.Logger
     burst: int = 5
     period: float = 10.0
     max_keys: int = 10_000
+    # Large enough that an honest incident (a few dozen clients with an old
+    # password) is logged line by line; a flood is ten lines a second.
+    total_burst: int = 100
+    total_period: float = 0.1
     _buckets: OrderedDict[tuple[str, str], _Bucket] = attrs.field(factory=OrderedDict, init=False)
+    # Per message template: the templates are the code's own, a handful.
+    _totals: dict[str, _Bucket] = attrs.field(factory=dict, init=False)
 
     def warning(self, key: str, now: float, message: str, *args: Any) -> None:
-        """Log ``message % args`` for ``key`` (an address) unless it has used its budget."""
+        """Log ``message % args`` for ``key`` (an address) unless it, or all
+        addresses together, have used their budget for this message."""
         slot = (key, message)
         bucket = self._buckets.get(slot)
         if bucket is None:
@@ -45,16 +63,28 @@ class LimitedLog:
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
         self._buckets.move_to_end(slot)
-        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) / self.period)
-        bucket.stamp = now
+        bucket.refill(now, self.burst, self.period)
         if bucket.tokens < 1:
             bucket.suppressed += 1
             return
+        total = self._totals.get(message)
+        if total is None:
+            total = self._totals[message] = _Bucket(float(self.total_burst), now)
+        total.refill(now, self.total_burst, self.total_period)
+        if total.tokens < 1:
+            # Counted once, here: the address's own budget is left as it was.
+            total.suppressed += 1
+            return
         bucket.tokens -= 1
+        total.tokens -= 1
         if bucket.suppressed:
             message += " (%d similar lines from this address suppressed)"
             args = (*args, bucket.suppressed)
             bucket.suppressed = 0
+        if total.suppressed:
+            message += " (%d similar lines from all addresses suppressed)"
+            args = (*args, total.suppressed)
+            total.suppressed = 0
         self.log.warning(message, *args)
 
 
