@@ -243,6 +243,12 @@ def _socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
     )
 
 
+async def _send_later(stream: trio.SocketStream, data: bytes) -> None:
+    """Send ``data`` a moment from now: a read started meanwhile has to wait for it."""
+    await trio.sleep(0.01)
+    await stream.send_all(data)
+
+
 def _socket_io_pair() -> tuple[SocketIO, trio.SocketStream, trio.SocketStream]:
     ours, peer = _socket_streams()
     io = SocketIO.of(ours)
@@ -261,12 +267,7 @@ async def test_a_drained_socket_still_returns_what_arrives_later_and_meanwhile()
         assert await io.receive(1024) == b"meanwhile"
         # Arrives while receive waits.
         async with trio.open_nursery() as nursery:
-
-            async def later() -> None:
-                await trio.sleep(0.01)
-                await peer.send_all(b"later")
-
-            nursery.start_soon(later)
+            nursery.start_soon(_send_later, peer, b"later")
             assert await io.receive(1024) == b"later"
         # A read that fills the request: the next one tries to read at once.
         await peer.send_all(b"x" * 10)
@@ -328,12 +329,7 @@ async def test_only_the_first_read_of_a_just_started_task_skips_its_pass() -> No
         waiting = SocketIO.of(peer, just_started=True)
         assert waiting is not None
         async with trio.open_nursery() as nursery:
-
-            async def later_send() -> None:
-                await trio.sleep(0.01)
-                await ours.send_all(b"late")
-
-            nursery.start_soon(later_send)
+            nursery.start_soon(_send_later, ours, b"late")
             assert await waiting.receive(1024) == b"late"
     await ours.aclose()
     await peer.aclose()
@@ -371,12 +367,7 @@ async def test_a_peer_that_may_have_sent_more_is_read_before_waiting(
         # Nothing there after all: a failed read, then the wait, as always.
         io.may_have_more()
         async with trio.open_nursery() as nursery:
-
-            async def later() -> None:
-                await trio.sleep(0.01)
-                await peer.send_all(b"late")
-
-            nursery.start_soon(later)
+            nursery.start_soon(_send_later, peer, b"late")
             assert await io.receive(1024) == b"late"
         assert len(waits) == 1
     await ours.aclose()
