@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, Protocol
 
@@ -128,9 +129,24 @@ async def competing_handshake(server: Server) -> AsyncIterator[trio.SocketStream
         await stream.aclose()
 
 
-def open_fd_count() -> int:
-    """Open file descriptors of this process (Linux)."""
-    return len(os.listdir("/proc/self/fd"))
+def open_descriptors() -> Counter[str]:
+    """What this process's descriptors point at (Linux), counted per target.
+
+    A target is ``socket:[inode]``, a file's path, ``anon_inode:[eventpoll]``...
+    Tests compare these rather than a count of descriptors: the suite shares its
+    process, and the garbage collector may close another test's leftovers (an
+    asyncio loop's socket pair, say) while a test is counting.
+    """
+    targets: Counter[str] = Counter()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed since the listing
+            targets[os.readlink(f"/proc/self/fd/{name}")] += 1
+    return targets
+
+
+def opened_since(before: Counter[str]) -> Counter[str]:
+    """The descriptors open now that were not open at ``before`` (an :func:`open_descriptors`)."""
+    return open_descriptors() - before
 
 
 # --------------------------------------------------------------------------- server / client

@@ -21,7 +21,8 @@ from conftest import (
     MemoryListener,
     ServerFactory,
     client_descriptor,
-    open_fd_count,
+    open_descriptors,
+    opened_since,
     server_descriptor,
     wait_until,
 )
@@ -66,7 +67,7 @@ async def test_the_server_closes_a_socket_that_never_authenticates(
     server_factory: ServerFactory,
 ) -> None:
     server = await server_factory(auth_timeout=5.0)
-    before = open_fd_count()
+    before = open_descriptors()
     for data in (b"GET / HTTP/1.0\r\n\r\n", b"CD\x01" + bytes(40), b""):
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream(LOOPBACK, server.port)
@@ -78,14 +79,14 @@ async def test_the_server_closes_a_socket_that_never_authenticates(
             while await stream.receive_some(4096):
                 pass
             await stream.aclose()
-    await wait_until(lambda: not server._open_sockets and open_fd_count() == before)
+    await wait_until(lambda: not server._open_sockets and not opened_since(before))
 
 
 async def test_the_server_closes_the_socket_of_a_client_that_left(
     server_factory: ServerFactory,
 ) -> None:
     server = await server_factory()
-    before = open_fd_count()
+    before = open_descriptors()
     for _ in range(3):
         client = Client(client_descriptor(server.port))
         with trio.fail_after(10):
@@ -95,14 +96,12 @@ async def test_the_server_closes_the_socket_of_a_client_that_left(
         # Both ends are in this process: every descriptor is given back.
         try:
             await wait_until(
-                lambda: (
-                    not server._open_sockets and not server.clients and open_fd_count() == before
-                )
+                lambda: not server._open_sockets and not server.clients and not opened_since(before)
             )
         except trio.TooSlowError:
             raise AssertionError(
                 f"after the client left: {server._open_sockets} open sockets, clients "
-                f"{list(server.clients)}, {open_fd_count()} descriptors ({before} before)"
+                f"{list(server.clients)}, still open since: {dict(opened_since(before))}"
             ) from None
 
 

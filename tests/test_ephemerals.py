@@ -23,7 +23,15 @@ from conduit.protocol import DEFAULT_MAX_FRAME_SIZE, ServerHandshake, pake
 from conduit.protocol.codec import decode_body
 from conduit.protocol.handshake import shared_secret
 from conduit.protocol.messages import ServerHello
-from conftest import LOOPBACK, PASSWORD, ServerFactory, client_descriptor, open_fd_count, served
+from conftest import (
+    LOOPBACK,
+    PASSWORD,
+    ServerFactory,
+    client_descriptor,
+    open_descriptors,
+    opened_since,
+    served,
+)
 from test_handshake import WINDOW, _account_client, _client, _Directory, _frames
 
 # --------------------------------------------------------------------------- the stock
@@ -191,11 +199,11 @@ async def test_a_refused_dial_raises_and_leaves_no_descriptor() -> None:
     probe.bind((LOOPBACK, 0))
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now
-    before = open_fd_count()
+    before = open_descriptors()
     for _ in range(20):
         with pytest.raises(ConnectionRefusedError, match="refused"):
             await open_tcp(LOOPBACK, port)
-    assert open_fd_count() == before
+    assert not opened_since(before)
 
 
 async def test_a_dial_that_must_wait_completes_once_the_server_takes_it() -> None:
@@ -232,11 +240,11 @@ async def test_a_waiting_dial_is_cancelled_and_closes_its_socket() -> None:
     with _listening(0) as listener:
         port = listener.getsockname()[1]
         first = await open_tcp(LOOPBACK, port)
-        before = open_fd_count()
+        before = open_descriptors()
         with trio.move_on_after(0.2) as scope:
             await open_tcp(LOOPBACK, port)
         assert scope.cancelled_caught
-        assert open_fd_count() == before
+        assert not opened_since(before)
         await first.aclose()
 
 

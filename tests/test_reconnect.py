@@ -52,7 +52,7 @@ from conduit.protocol import (
 from conduit.protocol.codec import encode_frame
 from conduit.protocol.messages import Resume, Welcome
 from conduit.transfer._progress import REPORT_INTERVAL
-from conftest import LOOPBACK, PASSWORD, open_fd_count, served, wait_until
+from conftest import LOOPBACK, PASSWORD, open_descriptors, opened_since, served, wait_until
 from cutting_proxy import CuttingProxy, Direction
 from hostile_names import PARTIAL_PREFIX
 from transfer_helpers import MiB, sha256_of, write_random_file
@@ -577,7 +577,7 @@ async def test_cancelled_upload_keeps_its_partial_and_frees_the_rest(tmp_path: P
         # connect() does not wait for its connection's task: count once it
         # has started (with its reading role's descriptors).
         await trio.testing.wait_all_tasks_blocked()
-        fds = open_fd_count()
+        before = open_descriptors()
         with trio.fail_after(60):
             with trio.CancelScope() as scope:
 
@@ -592,7 +592,7 @@ async def test_cancelled_upload_keeps_its_partial_and_frees_the_rest(tmp_path: P
                 await transfer.send_to_server(client, source, on_progress=progress)
             assert scope.cancelled_caught
             # Both ends' files are closed (the test runs both ends).
-            await wait_until(lambda: open_fd_count() <= fds)
+            await wait_until(lambda: not opened_since(before))
             assert len(_partials(store)) == 1
             assert not list(store.glob("up*.bin"))
             # The partial is resumable: the same call again resumes it.
@@ -622,7 +622,7 @@ async def test_cancelled_download_keeps_its_partial_and_frees_the_rest(tmp_path:
         # connect() does not wait for its connection's task: count once it
         # has started (with its reading role's descriptors).
         await trio.testing.wait_all_tasks_blocked()
-        fds = open_fd_count()
+        before = open_descriptors()
         with trio.fail_after(60):
             with trio.CancelScope() as scope:
 
@@ -640,7 +640,7 @@ async def test_cancelled_download_keeps_its_partial_and_frees_the_rest(tmp_path:
             assert scope.cancelled_caught
             await wait_until(lambda: len(served) == 1)
             assert served[0]["success"] is False
-            await wait_until(lambda: open_fd_count() <= fds)
+            await wait_until(lambda: not opened_since(before))
             assert len(_partials(local)) == 1
             result = await transfer.receive_from_server(client, "down.bin", local_dir=local)
         assert result["success"] is True and result["resumed_from"] > 0, result

@@ -38,7 +38,8 @@ from conftest import (
     ServerFactory,
     client_descriptor,
     memory_listener_of,
-    open_fd_count,
+    open_descriptors,
+    opened_since,
     served,
     server_descriptor,
     wait_until,
@@ -980,7 +981,7 @@ async def test_no_task_or_socket_leaks_after_many_connections(
     await cycle(0)
     await wait_until(lambda: not server.clients)
     await trio.sleep(0.1)
-    fds = open_fd_count()
+    before = open_descriptors()
     tasks = _task_count()
 
     with trio.fail_after(30):
@@ -992,7 +993,7 @@ async def test_no_task_or_socket_leaks_after_many_connections(
                 nursery.start_soon(cycle, i)
 
     await wait_until(lambda: not server.clients)
-    await wait_until(lambda: open_fd_count() <= fds + 2)
+    await wait_until(lambda: not opened_since(before))
     await wait_until(lambda: _task_count() <= tasks)
 
 
