@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -343,11 +342,6 @@ async def read_until_closed(stream: trio.SocketStream, *, timeout: float = 10) -
 # --------------------------------------------------------------------------- resources
 
 
-def open_fds() -> int:
-    """Open descriptors of this process (Linux)."""
-    return len(os.listdir("/proc/self/fd"))
-
-
 def trio_task_count() -> int:
     """Every task of the current Trio run: a walk from the root task through nurseries."""
     count = 0
@@ -444,7 +438,6 @@ __all__ = [
     "hostile",
     "log_text",
     "nested_msgpack",
-    "open_fds",
     "raw_frame",
     "raw_header",
     "read_until_closed",

@@ -59,7 +59,15 @@ from conduit.protocol import ClientHandshake, FrameDecoder, FrameKind, encode_fr
 from conduit.protocol.codec import data_header, decode_body
 from conduit.protocol.messages import AuthFailed, Ping, Reset
 from conduit.transfer._wire import Trailer
-from conftest import PASSWORD, ClientFactory, ServerFactory, client_descriptor, wait_until
+from conftest import (
+    PASSWORD,
+    ClientFactory,
+    ServerFactory,
+    client_descriptor,
+    open_descriptors,
+    opened_since,
+    wait_until,
+)
 from hostile_helpers import (
     CASES,
     DOC_PATH,
@@ -78,7 +86,6 @@ from hostile_helpers import (
     load_suite,
     log_text,
     nested_msgpack,
-    open_fds,
     raw_frame,
     raw_header,
     read_until_closed,
@@ -456,7 +463,7 @@ async def test_two_thousand_half_open_connections(arena: ArenaFactory) -> None:
     await warm_up.run()
     assert warm_up.errors == []
     await trio.sleep(0.2)
-    fds_before, tasks_before = open_fds(), trio_task_count()
+    fds_before, tasks_before = open_descriptors(), trio_task_count()
     names_before = trio_task_names()
     a.start_traffic()
     outcomes: dict[str, int] = {"busy": 0, "silent": 0, "other": 0}
@@ -506,12 +513,12 @@ async def test_two_thousand_half_open_connections(arena: ArenaFactory) -> None:
 
     ok = await settle(
         lambda: (
-            open_fds() <= fds_before
+            not opened_since(fds_before)
             and trio_task_count() <= tasks_before + started_for_the_honest_connection()
         ),
         timeout=LOADED_MACHINE_BOUND,
     )
-    assert ok, (open_fds(), fds_before, Counter(trio_task_names()) - before)
+    assert ok, (opened_since(fds_before), Counter(trio_task_names()) - before)
 
 
 @hostile(
@@ -1048,7 +1055,7 @@ async def test_stalled_downloads_are_bounded(arena: ArenaFactory) -> None:
     a = await arena()
     await trio.to_thread.run_sync(write_random_file, a.storage / "big.bin", 2 * MiB)
     peer = await RawPeer.authenticated(a.port, PASSWORD, receive_window=64 * 1024)
-    fds_before = open_fds()
+    fds_before = open_descriptors()
     refused = 0
     with PeakRSS() as memory:
         for index in range(600):
@@ -1062,7 +1069,7 @@ async def test_stalled_downloads_are_bounded(arena: ArenaFactory) -> None:
             )
             refused += not result.ok
         await trio.sleep(1)
-    held = open_fds() - fds_before
+    held = opened_since(fds_before).total()
     assert memory.growth < MEMORY_BOUND, f"{memory.growth / MiB:.0f} MiB for stalled downloads"
     assert held <= 300, f"{held} descriptors held for stalled downloads ({refused} refused)"
     await peer.aclose()
@@ -1082,17 +1089,17 @@ async def test_stalled_downloads_are_bounded(arena: ArenaFactory) -> None:
 async def test_upload_begin_flood_is_bounded(arena: ArenaFactory) -> None:
     a = await arena()
     peer = await RawPeer.authenticated(a.port, PASSWORD)
-    fds_before = open_fds()
+    fds_before = open_descriptors()
     refused = 0
     for index in range(600):
         result = await peer.call(
             "file_upload_begin", name=f"flood/{index}.bin", size=10, key=f"{index:032x}"
         )
         refused += not result.ok
-    held = open_fds() - fds_before
+    held = opened_since(fds_before).total()
     assert held <= 300, f"{held} descriptors held by {600 - refused} idle uploads"
     await peer.aclose()
-    await wait_until(lambda: open_fds() <= fds_before + 5)
+    await wait_until(lambda: opened_since(fds_before).total() <= 5)
     await a.check_healthy()
 
 

@@ -44,8 +44,15 @@ from conduit import (
 from conduit._connection import Connection
 from conduit.protocol.codec import data_header
 from conduit.transfer._wire import Trailer
-from conftest import PASSWORD, ClientFactory, ServerFactory, wait_until
-from hostile_helpers import MiB, PeakRSS, RawPeer, call_frame, hostile, open_fds
+from conftest import (
+    PASSWORD,
+    ClientFactory,
+    ServerFactory,
+    open_descriptors,
+    opened_since,
+    wait_until,
+)
+from hostile_helpers import MiB, PeakRSS, RawPeer, call_frame, hostile
 from transfer_helpers import write_random_file
 
 AREA = "resource limits, per connection"
@@ -85,7 +92,7 @@ async def test_every_connection_is_released_however_it_ends(
     source = tmp_path / "source.bin"
     await trio.to_thread.run_sync(write_random_file, source, 4 * MiB)
     gc.collect()
-    fds_before = open_fds()
+    fds_before = open_descriptors()
     seen: dict[str, weakref.ref[Connection]] = {}
 
     for index in range(12):
@@ -121,7 +128,7 @@ async def test_every_connection_is_released_however_it_ends(
 
     assert len(seen) == 16
     await wait_until(lambda: not server.clients, timeout=20)
-    await wait_until(lambda: open_fds() <= fds_before, timeout=20)
+    await wait_until(lambda: not opened_since(fds_before), timeout=20)
     gc.collect()
     alive = [peer_id for peer_id, ref in seen.items() if ref() is not None]
     assert alive == [], f"{len(alive)} of 16 closed connections still alive after gc"
@@ -251,7 +258,7 @@ async def test_stalled_downloads_hold_a_bounded_read_ahead(
     peer = await RawPeer.authenticated(server.port, PASSWORD)
     stat = await peer.call("file_stat", name="big.bin")
     assert stat.ok, stat
-    fds_before = open_fds()
+    fds_before = open_descriptors()
     calls = [
         call_frame(
             100 + index,
@@ -268,7 +275,7 @@ async def test_stalled_downloads_hold_a_bounded_read_ahead(
         await peer.send_sealed(*calls)
         # Give the senders time to fill whatever they are allowed to fill.
         await trio.sleep(2)
-    held = open_fds() - fds_before
+    held = opened_since(fds_before).total()
     assert memory.growth < 40 * MiB, f"{memory.growth / MiB:.0f} MiB for stalled downloads"
     assert held < 40, f"{held} descriptors held by stalled downloads"
     await peer.aclose()

@@ -35,6 +35,7 @@ from conduit.transfer._names import (
     safe_relative_name,
 )
 from conduit.transfer._storage import FileEntry, PartialFile, StorageRoot
+from conftest import open_descriptors, opened_since
 from hostile_names import HOSTILE_NAMES, NORMALISED_NAMES, SAFE_NAMES
 
 TID = "transfer-1"
@@ -944,14 +945,11 @@ def test_a_fresh_start_cuts_a_partial_left_over_but_a_new_one_needs_no_cut(
 def test_a_held_root_serves_this_threads_operations_and_is_closed_after(
     storage: StorageRoot,
 ) -> None:
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     # A missing root is not held (nothing is created by the hold itself).
     with storage.holding_root():
         assert not storage.path.exists()
         receive(storage, "made.bin", b"first")
-    before = open_fds()
+    before = open_descriptors()
     with storage.holding_root():
         receive(storage, "sub/held.bin", b"second")
         storage.sync_directories(["sub/held.bin", "made.bin"])
@@ -964,7 +962,7 @@ def test_a_held_root_serves_this_threads_operations_and_is_closed_after(
         reader.start()
         reader.join(10)
         assert seen == [b"first"]
-    assert open_fds() == before
+    assert not opened_since(before)
     assert read_back(storage, "sub/held.bin") == b"second"
 
 
@@ -991,7 +989,7 @@ def test_a_held_root_is_used_as_it_is_for_a_top_level_check_and_sync(
         calls.append("open")
         return real_open(*args, **kwargs)  # type: ignore[arg-type]
 
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_descriptors()
     with storage.holding_root():
         monkeypatch.setattr(os, "dup", dup)
         monkeypatch.setattr(os, "close", close)
@@ -1004,6 +1002,6 @@ def test_a_held_root_is_used_as_it_is_for_a_top_level_check_and_sync(
         storage.sync_directories(["sub/deep.bin"])
         assert calls.count("close") == calls.count("dup") + calls.count("open") > 0
         monkeypatch.undo()
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert not opened_since(before)
     # The hold ended with its descriptor closed; the root still works unheld.
     assert storage.published_size("top.bin") == 3

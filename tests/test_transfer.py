@@ -47,7 +47,7 @@ from conduit.transfer import _engine
 from conduit.transfer._names import partial_basename
 from conduit.transfer._storage import PartialFile, StorageRoot
 from conduit.transfer._wire import transfer_key
-from conftest import ClientFactory, ProxyFactory, ServerFactory, wait_until
+from conftest import ClientFactory, ProxyFactory, ServerFactory, open_descriptors, wait_until
 from hostile_names import HOSTILE_NAMES
 from transfer_helpers import (
     Cutter,
@@ -1131,17 +1131,6 @@ async def test_abandoned_upload_does_not_lock_out_a_retry(
         )
 
 
-def _open_paths() -> set[str]:
-    """Targets of this process's open file descriptors (Linux)."""
-    paths: set[str] = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            continue
-    return paths
-
-
 async def test_abandoned_download_does_not_leave_the_server_sending(
     file_server_factory: FileServerFactory,
     client_factory: ClientFactory,
@@ -1186,7 +1175,7 @@ async def test_abandoned_download_does_not_leave_the_server_sending(
         assert retry["success"] is True, retry
         assert await file_sha256(tmp_path / "downloads" / name) == checksum
         # Nothing of the server's is still reading the file once both attempts are over.
-        await wait_until(lambda: served not in _open_paths(), timeout=5)
+        await wait_until(lambda: served not in open_descriptors(), timeout=5)
 
 
 # -------------------------------------------------------------------- 9. limits, local errors
