@@ -438,6 +438,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
+def goal_value_text(goal: dict[str, Any]) -> str:
+    """A measured goal's value in its unit: ``0.54x`` for a ratio, ``6.5 ms``, ``100.0 %``."""
+    unit = goal.get("unit", "x")
+    return f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
+
+
 def render_scenario(result: ScenarioResult) -> str:
     """The scenario's table, unavailable contenders, goals and notes as text."""
     headers = ["group", "metric", "contender", "median", "min", "max", "unit"]
@@ -476,12 +482,10 @@ def render_scenario(result: ScenarioResult) -> str:
     if result.goals:
         parts.append("goals (reported, not asserted):")
         for goal in result.goals:
-            unit = goal.get("unit", "x")
             if goal.get("value") is None:
                 verdict = "not measured"
             else:
-                shown = f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
-                verdict = f"{shown} -> {'met' if goal['met'] else 'MISSED'}"
+                verdict = f"{goal_value_text(goal)} -> {'met' if goal['met'] else 'MISSED'}"
             context = f" ({goal['context']})" if goal.get("context") else ""
             parts.append(f"  {goal['goal']}: {verdict}{context}")
     if result.notes:

@@ -26,7 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._harness import BENCH_DIR, REPO_ROOT, RESULTS_DIR, _format_number, foreign_env, log
+from ._harness import (
+    BENCH_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    _format_number,
+    foreign_env,
+    goal_value_text,
+    log,
+)
 from ._venvs import VenvError, ensure_venv
 
 CHARTS_SCRIPT = BENCH_DIR / "_charts.py"
@@ -135,8 +143,7 @@ def _table(result: dict[str, Any]) -> list[str]:
 def _goal_line(goal: dict[str, Any]) -> str:
     if goal.get("value") is None:
         return f"- {goal['goal']}: not measured"
-    unit = goal.get("unit", "x")
-    shown = f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
+    shown = goal_value_text(goal)
     line = f"- {goal['goal']}: **{shown}** -> {'met' if goal['met'] else 'MISSED'}"
     return f"{line} ({goal['context']})" if goal.get("context") else line
 

@@ -62,3 +62,7 @@ def test_every_attack_ran_and_was_measured(quick_run: QuickRun) -> None:
     assert {row["group"] for row in scenario["rows"]} == GROUPS
     check_rows(scenario, record["repeat"])
     assert len(scenario["goals"]) == 2 + len(FLOODS)
+    # Each goal is shown in its own unit (a count, a latency, a share), never as a ratio.
+    assert [goal["unit"] for goal in scenario["goals"]] == ["guesses", "ms", "ms", "ms", "%"]
+    for goal in scenario["goals"]:
+        assert f"{goal['goal']}: {goal['value']:.1f} {goal['unit']} -> " in quick_run.stdout

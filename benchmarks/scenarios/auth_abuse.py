@@ -39,6 +39,7 @@ from .._harness import (
     run_client,
     spread,
 )
+from ._transfer import goal
 
 NAME = "auth_abuse"
 CONTENDER = "conduit-trio"
@@ -98,11 +99,6 @@ def _row(group: str, metric: str, unit: str, values: list[float], better: str) -
     return Row(group, metric, unit, CONTENDER, spread(values), {}, better)
 
 
-def _goal(goal: str, value: float | None, target: float, *, at_most: bool) -> dict[str, Any]:
-    met = None if value is None else (value <= target if at_most else value >= target)
-    return {"goal": goal, "value": value, "target": target, "met": met, "ratio": None}
-
-
 def run(config: RunConfig) -> ScenarioResult:
     """Run each attack ``repeat`` times against a fresh server; summarise."""
     started = time.perf_counter()
@@ -124,7 +120,13 @@ def run(config: RunConfig) -> ScenarioResult:
         evaluated = [float(r["evaluated"]) for r in results["guesses"]]
         rows.append(_row("100 parallel wrong guesses", "evaluated", "guesses", evaluated, "lower"))
         goals.append(
-            _goal("password attempts evaluated in 10 s <= 12", max(evaluated), 12, at_most=True)
+            goal(
+                "password attempts evaluated in 10 s <= 12",
+                max(evaluated),
+                12,
+                at_most=True,
+                unit="guesses",
+            )
         )
     for name, group in FLOODS.items():
         if not results[name]:
@@ -151,7 +153,13 @@ def run(config: RunConfig) -> ScenarioResult:
             if seconds:
                 rows.append(_row(group, metric, "s", seconds, "lower"))
         goals.append(
-            _goal(f"RPC p99 during a hello flood ({label}) < 60 ms", max(p99), 60, at_most=True)
+            goal(
+                f"RPC p99 during a hello flood ({label}) < 60 ms",
+                max(p99),
+                60,
+                at_most=True,
+                unit="ms",
+            )
         )
     if results["idle_flood"]:
         share = [100.0 * r["connected"] / r["tries"] for r in results["idle_flood"]]
@@ -159,8 +167,12 @@ def run(config: RunConfig) -> ScenarioResult:
             _row("idle-socket flood from 127.0.0.30", "honest connects", "%", share, "higher")
         )
         goals.append(
-            _goal(
-                "honest client from another address connects >= 90%", min(share), 90, at_most=False
+            goal(
+                "honest client from another address connects >= 90%",
+                min(share),
+                90,
+                at_most=False,
+                unit="%",
             )
         )
     return ScenarioResult(
