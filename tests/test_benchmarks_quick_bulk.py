@@ -25,6 +25,7 @@ CONTENDERS = {
     "raw-aead",
     "raw-aead-64k",
     "raw-plain",
+    "bare-trio",
     "conduit-trio",
     "conduit-asyncio",
     "netconduit",
@@ -63,6 +64,7 @@ def test_bulk_every_contender_moved_the_right_bytes(quick_run: QuickRun) -> None
     assert contenders["raw-aead"]["runtime"]["aead"] is True
     assert contenders["raw-plain"]["runtime"]["aead"] is False
     assert contenders["raw-aead-64k"]["runtime"]["record"] == 64 * 1024
+    assert contenders["bare-trio"]["runtime"]["library"] == "bare-trio-transfer"
     assert bulk["ratio_columns"] == ["x raw-aead", "x netconduit"]
     groups = {row["group"] for row in bulk["rows"]}
     assert groups == {"upload 64 MiB", "download 64 MiB"}

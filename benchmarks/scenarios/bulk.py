@@ -9,10 +9,15 @@ Contenders (server and client always in separate processes on loopback):
    publish on the receiver, digest compared by the sender.
 2. ``raw-aead-64k`` -- the same with one record per 64 KiB chunk (no batching).
 3. ``raw-plain`` -- ``raw-aead`` without the AEAD: what encryption costs.
-4. ``conduit-trio`` -- ``FileTransferHandler.send_to_server`` /
+4. ``bare-trio`` -- ``raw-aead``'s work and wire on plain Trio
+   (``peers/bare_trio_transfer.py``): each record read, hashed and sealed (or
+   opened, hashed and written) in a ``trio.to_thread`` worker, sent or received
+   by a task of its own; no protocol. What a Trio engine costs by itself, the
+   floor under ``conduit-trio``.
+5. ``conduit-trio`` -- ``FileTransferHandler.send_to_server`` /
    ``receive_from_server``, client and server on Trio.
-5. ``conduit-asyncio`` -- the same client under ``asyncio.run`` through the shim.
-6. ``netconduit`` -- netconduit 5.0.0's own ``FileTransferHandler`` (one RPC per
+6. ``conduit-asyncio`` -- the same client under ``asyncio.run`` through the shim.
+7. ``netconduit`` -- netconduit 5.0.0's own ``FileTransferHandler`` (one RPC per
    base64 chunk), in its private virtualenv.
 
 Each repetition runs one client process per contender (alternating order) that
@@ -79,6 +84,13 @@ CONTENDERS = (
         "raw-aead without encryption (1 MiB records in clear): the cost of the AEAD",
         "raw_reference.py",
         client_spec={"aead": False, "record": MiB},
+    ),
+    Contender(
+        "bare-trio",
+        "raw-aead's work and wire on plain Trio: records read, hashed and sealed (or opened, "
+        "hashed and written) in trio.to_thread workers, sent and received by their own tasks; "
+        "no protocol: the floor of a Trio engine",
+        "bare_trio_transfer.py",
     ),
     Contender(
         "conduit-trio",
