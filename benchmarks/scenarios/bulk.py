@@ -125,8 +125,9 @@ NOTES = [
     "seals too (its writer coalesces frames into records of up to 1 MiB, and its sender reads "
     "and hashes 2 MiB blocks, two records), so the reference does the same crypto and syscall "
     "work per byte; raw-aead-64k shows what sealing every 64 KiB chunk separately costs",
-    "raw-*: no handshake (fixed key), no resume, no name confinement, no flow control; they "
-    "measure moving, hashing, sealing and writing bytes only",
+    "raw-* and bare-trio: no handshake (fixed key), no resume, no name confinement, no flow "
+    "control; they measure moving, hashing, sealing and writing bytes only (bare-trio reads "
+    "one record ahead, in a worker thread beside the event loop)",
     "netconduit: base64 chunks in msgpack RPCs, one round trip per 64 KiB; the sender hashes "
     "the whole file before sending; downloads are neither hashed nor fsynced; no encryption "
     "(the orchestrator still verifies every file it produced)",
