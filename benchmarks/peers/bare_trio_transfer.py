@@ -81,13 +81,13 @@ class Records:
 
     async def receive_into(self, buffer: bytearray) -> tuple[bytes, bytes, memoryview]:
         """Receive one record's ciphertext into ``buffer``: (nonce, prefix, ciphertext view)."""
-        prefix = bytes(await self._exactly(bytearray(LENGTH.size)))
+        prefix = bytes(await self.receive_exactly(bytearray(LENGTH.size)))
         (size,) = LENGTH.unpack(prefix)
         if size > DEFAULT_RECORD + TAG:
             raise ValueError(f"record of {size} bytes is too large")
         if len(buffer) < size:
             buffer.extend(bytes(size - len(buffer)))
-        body = await self._exactly(buffer, size)
+        body = await self.receive_exactly(buffer, size)
         return self.next_nonce(), prefix, body
 
     async def receive(self) -> bytes:
@@ -96,7 +96,8 @@ class Records:
         plaintext: bytes = self.aead.decrypt(nonce, bytes(body), prefix)
         return plaintext
 
-    async def _exactly(self, buffer: bytearray, size: int | None = None) -> memoryview:
+    async def receive_exactly(self, buffer: bytearray, size: int | None = None) -> memoryview:
+        """Fill ``buffer`` (its first ``size`` bytes) from the socket; a view of them."""
         size = len(buffer) if size is None else size
         view = memoryview(buffer)[:size]
         received = 0
@@ -209,24 +210,15 @@ async def receive_file(records: Records, path: str, size: int) -> bytes:
     return hasher.digest()
 
 
-async def _request_of(stream: Any) -> tuple[int, int, str] | None:
+async def _request_of(incoming: Records) -> tuple[int, int, str] | None:
     """One request header, or None when the client hung up between requests."""
-    header = b""
-    while len(header) < REQUEST.size:
-        more = await stream.receive_some(REQUEST.size - len(header))
-        if not more:
-            if header:
-                raise ConnectionError("peer closed the connection mid-request")
-            return None
-        header += more
-    op, size, name_length = REQUEST.unpack(header)
-    name = b""
-    while len(name) < name_length:
-        more = await stream.receive_some(name_length - len(name))
-        if not more:
-            raise ConnectionError("peer closed the connection mid-request")
-        name += more
-    return op, size, name.decode()
+    first = await incoming.stream.receive_some(1)
+    if not first:
+        return None
+    rest = await incoming.receive_exactly(bytearray(REQUEST.size - 1))
+    op, size, name_length = REQUEST.unpack(first + bytes(rest))
+    name = await incoming.receive_exactly(bytearray(name_length))
+    return op, size, bytes(name).decode()
 
 
 def _handler(storage: str) -> Callable[[Any], Any]:
@@ -248,7 +240,7 @@ async def _serve_requests(stream: Any, storage: str) -> None:
     """Answer one connection's requests, in sequence, until it hangs up."""
     incoming = Records(stream, CLIENT_TO_SERVER)
     outgoing = Records(stream, SERVER_TO_CLIENT)
-    while (request := await _request_of(stream)) is not None:
+    while (request := await _request_of(incoming)) is not None:
         op, size, name = request
         path = os.path.join(storage, os.path.basename(name))
         if op == UPLOAD:
