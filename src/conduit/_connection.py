@@ -94,6 +94,12 @@ _MESSAGE_QUEUE = 64
 # record more than with Trio's 16 KiB (a whole record measured worse in `hol`).
 _BULK_RECORD = 256 * 1024
 _BULK_UNSENT = 256 * 1024
+#: The most frames a burst of calls (the next calls of the callers woken by one
+#: record of results) waits to send in one record. Fewer records cost less CPU
+#: per call; records of a whole burst make the two peers take turns, each idle
+#: while the other works on the burst. Eight measured best at 16 and 64
+#: callers on two cores (docs/benchmarks.md, "Tenth round").
+BURST_RECORD_FRAMES = 8
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
@@ -961,16 +967,29 @@ class Connection:
         every call and every reply. Frames queued meanwhile go first, in the
         same record. While other callers woken by the same batch of results
         have yet to run, the frame waits for theirs instead (the last of them
-        wakes the writer): a burst of calls costs one record and one send.
+        wakes the writer): a burst of calls costs one record and one send, up
+        to :data:`BURST_RECORD_FRAMES` frames. A longer burst goes out in
+        records of that many, as its callers make them: the peer then works on
+        the first calls while this side makes the rest, instead of the two
+        processes taking turns over whole bursts.
         """
+        outbox = self._outbox
         if self._pending.waking:
-            self._outbox.queue_control((frame,))
+            outbox.queue_control((frame,))
+            if outbox.control_count < BURST_RECORD_FRAMES:
+                return
+            # A long burst goes out in records of BURST_RECORD_FRAMES: the peer
+            # starts on these while the rest of the burst is made.
+            if not self._can_send_directly():
+                outbox.wake_writer()
+                return
+            frames = outbox.take_control()
+        elif not self._can_send_directly():
+            outbox.put_control((frame,))
             return
-        if not self._can_send_directly():
-            self._outbox.put_control((frame,))
-            return
-        frames = self._outbox.take_control() if self._outbox.control_queued else []
-        frames.append((frame,))
+        else:
+            frames = outbox.take_control() if outbox.control_queued else []
+            frames.append((frame,))
         records: list[Any] = self._writer.write_frames(frames)
         io = self._socket_io
         if io is not None and len(records) == 1:

@@ -90,6 +90,11 @@ class Outbox:
         """Whether control frames wait to be sent."""
         return bool(self._control)
 
+    @property
+    def control_count(self) -> int:
+        """How many control frames wait to be sent."""
+        return len(self._control)
+
     def take_control(self) -> list[OutFrame]:
         """Take every queued control frame, to send them right away instead of the writer."""
         batch = list(self._control)
