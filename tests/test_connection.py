@@ -912,6 +912,49 @@ async def test_the_writer_finishes_small_records_the_socket_did_not_take() -> No
             await p.client.close("done")
 
 
+class HandDrivenPeer:
+    """The server end of a real socket pair, driven by hand, so that the
+    records a client :class:`Connection` sends can be counted."""
+
+    def __init__(self) -> None:
+        client_stream, self.stream = _socket_pair()
+        client_keys, server_keys = _keys()
+        reader, writer = _endpoint(client_keys)
+        self.client = Connection(
+            client_stream,
+            reader,
+            writer,
+            client_keys,
+            is_client=True,
+            settings=_settings(),
+            dispatcher=RecordingDispatcher(),
+            label="client",
+        )
+        self._opener = RecordOpener(
+            server_keys.receive_key, DEFAULT_MAX_FRAME_SIZE + HEADER_SIZE + RECORD_SLACK
+        )
+        _, self._writer = _endpoint(server_keys)
+
+    async def calls_in_records(self, count: int) -> list[list[int]]:
+        """Read records until ``count`` CALL frames came: their call ids, per record."""
+        records: list[list[int]] = []
+        while sum(map(len, records)) < count:
+            self._opener.feed(await self.stream.receive_some(65536))
+            while (record := self._opener.next_record()) is not None:
+                frames = iter_frames(record, DEFAULT_MAX_FRAME_SIZE)
+                assert all(frame.kind is FrameKind.CALL for frame in frames)
+                records.append([frame.stream_id for frame in frames])
+        return records
+
+    async def answer(self, records: list[list[int]]) -> None:
+        """Every result in one record: one read wakes all their callers at once."""
+        call_ids = [call_id for record in records for call_id in record]
+        (record,) = self._writer.write_frames(
+            [(encode_value(call_id, call_id),) for call_id in call_ids]
+        )
+        await self.stream.send_all(record)
+
+
 @pytest.mark.parametrize(("count", "shape"), [(4, [4]), (8, [8]), (9, [8, 1]), (20, [8, 8, 4])])
 async def test_callers_woken_by_one_record_of_results_send_their_next_calls_in_few_records(
     count: int, shape: list[int]
@@ -919,64 +962,55 @@ async def test_callers_woken_by_one_record_of_results_send_their_next_calls_in_f
     """Callers woken by one record of results queue their next calls behind
     each other, and the burst goes out in records of at most
     ``BURST_RECORD_FRAMES`` calls (one seal, one write each), the last
-    caller's own call included. The peer here is driven by hand over a real
-    socket, so the records the client sends can be counted."""
+    caller's own call included."""
     assert BURST_RECORD_FRAMES == 8  # the shapes below are written for it
-    client_stream, server_stream = _socket_pair()
-    client_keys, server_keys = _keys()
-    reader, writer = _endpoint(client_keys)
-    client = Connection(
-        client_stream,
-        reader,
-        writer,
-        client_keys,
-        is_client=True,
-        settings=_settings(),
-        dispatcher=RecordingDispatcher(),
-        label="client",
-    )
-    opener = RecordOpener(
-        server_keys.receive_key, DEFAULT_MAX_FRAME_SIZE + HEADER_SIZE + RECORD_SLACK
-    )
-    _, server_writer = _endpoint(server_keys)
-
-    async def calls_in_records(count: int) -> list[list[int]]:
-        """Read records until ``count`` CALL frames came: their call ids, per record."""
-        records: list[list[int]] = []
-        while sum(map(len, records)) < count:
-            opener.feed(await server_stream.receive_some(65536))
-            while (record := opener.next_record()) is not None:
-                frames = iter_frames(record, DEFAULT_MAX_FRAME_SIZE)
-                assert all(frame.kind is FrameKind.CALL for frame in frames)
-                records.append([frame.stream_id for frame in frames])
-        return records
-
-    async def answer(call_ids: list[int]) -> None:
-        """Every result in one record: one read wakes all their callers at once."""
-        (record,) = server_writer.write_frames(
-            [(encode_value(call_id, call_id),) for call_id in call_ids]
-        )
-        await server_stream.send_all(record)
-
+    peer = HandDrivenPeer()
     answers: list[Any] = []
 
     async def caller() -> None:
         for _ in range(2):
-            answers.append(await client.call("echo", {}, None))
+            answers.append(await peer.client.call("echo", {}, None))
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.run)
+            nursery.start_soon(peer.client.run)
             async with trio.open_nursery() as callers:
                 for _ in range(count):
                     callers.start_soon(caller)
-                first = [call_id for record in await calls_in_records(count) for call_id in record]
-                await answer(first)
-                burst = await calls_in_records(count)
-                await answer([call_id for record in burst for call_id in record])
+                first = await peer.calls_in_records(count)
+                await peer.answer(first)
+                burst = await peer.calls_in_records(count)
+                await peer.answer(burst)
             nursery.cancel_scope.cancel()
     # Sending the burst from the last caller before its own call gave [3, 1]:
     # measured slower at load 4, see docs/benchmarks.md (wave 7, rpc). Whole
     # bursts of 16 or 64 made the two processes take turns (tenth round).
     assert [len(record) for record in burst] == shape
-    assert sorted(answers) == sorted(first + [c for record in burst for c in record])
+    assert sorted(answers) == sorted(c for record in first + burst for c in record)
+
+
+async def test_a_held_burst_of_calls_without_tasks_goes_out_in_records_of_eight() -> None:
+    """``call_nowait(send=False)`` (the asyncio shim's burst) holds calls
+    until :meth:`Connection.send_queued`, but never more than
+    ``BURST_RECORD_FRAMES`` of them: the peer gets each full record at once."""
+    peer = HandDrivenPeer()
+    results: list[Any] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.client.run)
+            for _ in range(BURST_RECORD_FRAMES + 3):
+                peer.client.call_nowait("echo", {}, None, results.append, send=False)
+            full = await peer.calls_in_records(BURST_RECORD_FRAMES)
+            assert [len(record) for record in full] == [BURST_RECORD_FRAMES]
+            peer.client.send_queued()
+            rest = await peer.calls_in_records(3)
+            assert [len(record) for record in rest] == [3]
+            await peer.answer(full + rest)
+            for _ in range(100):
+                if len(results) == BURST_RECORD_FRAMES + 3:
+                    break
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert sorted(result.unwrap().value for result in results) == sorted(
+        c for record in full + rest for c in record
+    )

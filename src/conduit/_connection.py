@@ -1093,7 +1093,8 @@ class Connection:
         hosting loop's thread between guest ticks: what :meth:`call` does,
         without waiting. Returns the call id, for :meth:`forget_call`. With
         ``send=False`` the frame only joins the queue, for a burst of calls
-        the caller then sends with :meth:`send_queued`, in one record.
+        the caller then sends with :meth:`send_queued`, in one record (or
+        several of :data:`BURST_RECORD_FRAMES` frames, the last one there).
         """
         if self._state.phase is not _OPEN:  # is_open, without the property call
             raise ConnectionClosed(self.close_reason or "connection closed")
@@ -1102,7 +1103,8 @@ class Connection:
         self._last_activity = now = trio.current_time()
         self._pending.register(call_id, method, timeout, done, now)
         self._outbox.queue_control((frame,))
-        if send:
+        if send or self._outbox.control_count >= BURST_RECORD_FRAMES:
+            # A held burst goes out in records of BURST_RECORD_FRAMES, as _send_soon's.
             self.send_queued()
         return call_id
 
