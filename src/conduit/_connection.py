@@ -98,7 +98,7 @@ _BULK_UNSENT = 256 * 1024
 #: record of results) waits to send in one record. Fewer records cost less CPU
 #: per call; records of a whole burst make the two peers take turns, each idle
 #: while the other works on the burst. Eight measured best at 16 and 64
-#: callers on two cores (docs/benchmarks.md, "Tenth round").
+#: callers on two cores (docs/benchmarks.md, RPC, "Eighth round").
 BURST_RECORD_FRAMES = 8
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
