@@ -52,7 +52,8 @@ class _HostCalls:
     loop iteration, and most send their next call at once: as the Trio path
     does (``PendingCalls.waking``), those calls are queued until the last
     caller woken has resumed, then sent together, one record and one write
-    for the burst.
+    for the burst (records of ``BURST_RECORD_FRAMES`` for a longer one, each
+    sent as it fills: see ``Connection.call_nowait``).
     """
 
     __slots__ = ("connection", "held", "waking")
