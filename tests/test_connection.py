@@ -995,21 +995,30 @@ async def test_a_held_burst_of_calls_without_tasks_goes_out_in_records_of_eight(
     ``BURST_RECORD_FRAMES`` of them: the peer gets each full record at once."""
     peer = HandDrivenPeer()
     results: list[Any] = []
+    all_answered = trio.Event()
+
+    def done(result: Any) -> None:
+        results.append(result)
+        if len(results) == BURST_RECORD_FRAMES + 3:
+            all_answered.set()
+
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(peer.client.run)
+            # The connection's tasks are up and idle: nothing but the calls
+            # below (and send_queued) sends anything.
+            await trio.testing.wait_all_tasks_blocked()
             for _ in range(BURST_RECORD_FRAMES + 3):
-                peer.client.call_nowait("echo", {}, None, results.append, send=False)
+                peer.client.call_nowait("echo", {}, None, done, send=False)
             full = await peer.calls_in_records(BURST_RECORD_FRAMES)
             assert [len(record) for record in full] == [BURST_RECORD_FRAMES]
+            await trio.testing.wait_all_tasks_blocked()
+            assert peer.client._outbox.control_count == 3  # held until asked
             peer.client.send_queued()
             rest = await peer.calls_in_records(3)
             assert [len(record) for record in rest] == [3]
             await peer.answer(full + rest)
-            for _ in range(100):
-                if len(results) == BURST_RECORD_FRAMES + 3:
-                    break
-                await trio.sleep(0.01)
+            await all_answered.wait()
             nursery.cancel_scope.cancel()
     assert sorted(result.unwrap().value for result in results) == sorted(
         c for record in full + rest for c in record

@@ -97,8 +97,10 @@ _BULK_UNSENT = 256 * 1024
 #: The most frames a burst of calls (the next calls of the callers woken by one
 #: record of results) waits to send in one record. Fewer records cost less CPU
 #: per call; records of a whole burst make the two peers take turns, each idle
-#: while the other works on the burst. Eight measured best at 16 and 64
-#: callers on two cores (docs/benchmarks.md, RPC, "Eighth round").
+#: while the other works on the burst. Eight measured best of 4, 6, 8 and 16
+#: at 16 callers on two cores, and no worse at 64 (docs/benchmarks.md, RPC,
+#: "Eighth round"). On a plain socket with an idle writer each record leaves
+#: as it fills; otherwise the writer takes what is queued when it runs.
 BURST_RECORD_FRAMES = 8
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
