@@ -62,9 +62,14 @@ class IncomingStream(InboundStream):
         largest = window if max_frame_size is None else max_frame_size + FRAME_COST
         self._batch_limit = min(window // 2, max(0, window - largest))
         # The most receive(ahead=True) returns as credit before the consumer is
-        # done with it: the stream then holds at most 1.5 windows (a window
-        # buffered, half a window being written).
-        self._ahead_limit = window // 2
+        # done with it: a whole batch (at most a window). The stream then holds
+        # at most two windows: a window buffered or in flight, and the batch
+        # being written. Only the first is ahead of an RPC on the connection
+        # (bytes in flight), so this, unlike a larger window, leaves the
+        # latency of calls behind a transfer where it was. Half a window left
+        # the sender waiting for credit whenever the consumer took a batch
+        # larger than that (docs/benchmarks.md, "Eleventh round").
+        self._ahead_limit = window
 
     def wake(self) -> None:
         """Data arrived: let the consumer look, once there is as much as it waits for.
@@ -97,12 +102,12 @@ class IncomingStream(InboundStream):
         Calling ``receive`` again tells the stream the previous chunks were
         consumed, which returns their credit to the sender.
 
-        With ``ahead``, the credit of up to half a window of the chunks
-        returned goes back at once, before they are consumed: the sender
-        refills the window while the consumer writes the batch, instead of
-        the two working in turn. The stream then holds at most a window
-        buffered plus half a window with the consumer (until its next call),
-        and never more than the connection's receive budget has room for.
+        With ``ahead``, the credit of the chunks returned (at most a window)
+        goes back at once, before they are consumed: the sender refills the
+        window while the consumer writes the batch, instead of the two working
+        in turn. The stream then holds at most a window buffered or in flight
+        plus a window with the consumer (until its next call), and never more
+        than the connection's receive budget has room for.
         """
         self.consumed()
         self.ahead = 0
@@ -130,7 +135,7 @@ class IncomingStream(InboundStream):
         return result
 
     def _return_ahead(self) -> None:
-        # Within half a window, and within what the connection's receive
+        # Within a window, and within what the connection's receive
         # budget has left: the peer can never make the connection buffer more
         # than the budget (a full connection simply gets no early credit).
         early = min(self.pending_cost, self._ahead_limit)

@@ -8,8 +8,8 @@ out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it, so
 the event loop only seals and sends; the receiver's worker step writes a batch
 with one ``pwritev`` and hashes it. ``hashlib`` releases the GIL on large
 buffers, so hashing overlaps the event loop's work too. Memory is bounded by
-the credit window (plus the half window whose credit the receiver returns
-before writing it) and the connection's send buffer, whatever the file size.
+the credit window (plus the batch, at most a window, whose credit the
+receiver returns before writing it) and the connection's send buffer, whatever the file size.
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ async def _keep_arrived(
 ) -> None:
     # Bytes that arrived (decrypted and authenticated, in order) but were not
     # written when the receive was cancelled: with credit returned before a
-    # write, up to a window and a half. Written now, a resume need not fetch
+    # write, up to two windows. Written now, a resume need not fetch
     # them again. Only if the interrupted batch did not reach the sink at all
     # (a sink that may have written part of it is left as it is).
     if unwritten and partial.offset != offset:
