@@ -65,10 +65,10 @@ class IncomingStream(InboundStream):
         # done with it: a whole batch (at most a window). The stream then holds
         # at most two windows: a window buffered or in flight, and the batch
         # being written. Only the first is ahead of an RPC on the connection
-        # (bytes in flight), so this, unlike a larger window, leaves the
-        # latency of calls behind a transfer where it was. Half a window left
-        # the sender waiting for credit whenever the consumer took a batch
-        # larger than that (docs/benchmarks.md, "Eleventh round").
+        # (bytes in flight), so this, unlike a larger window, leaves the bound
+        # on what a call behind a transfer waits for where it was. Half a
+        # window left the sender waiting for credit whenever the consumer took
+        # a batch larger than that (docs/benchmarks.md, "Eleventh round").
         self._ahead_limit = window
 
     def wake(self) -> None:

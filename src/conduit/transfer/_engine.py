@@ -9,7 +9,8 @@ the event loop only seals and sends; the receiver's worker step writes a batch
 with one ``pwritev`` and hashes it. ``hashlib`` releases the GIL on large
 buffers, so hashing overlaps the event loop's work too. Memory is bounded by
 the credit window (plus the batch, at most a window, whose credit the
-receiver returns before writing it) and the connection's send buffer, whatever the file size.
+receiver returns before writing it) and the connection's send buffer,
+whatever the file size.
 """
 
 from __future__ import annotations
