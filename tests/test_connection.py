@@ -454,6 +454,44 @@ async def test_receive_ahead_stays_within_the_connection_receive_budget() -> Non
         nursery.cancel_scope.cancel()
 
 
+async def test_receive_ahead_holds_batches_of_many_frames_within_two_windows() -> None:
+    """The same with frames much smaller than the window (a batch of many
+    frames, as a file transfer's 64 KiB chunks make): the credit of all of them
+    goes back when the batch is taken."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream, server_settings=_settings(max_frame_size=16 * 1024))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        most_held = await _hold_each_batch(p, os.urandom(6 * WINDOW + 123), ahead=True)
+        assert WINDOW + WINDOW // 2 < most_held <= 2 * WINDOW
+        nursery.cancel_scope.cancel()
+
+
+async def test_credit_returned_ahead_leaves_room_for_one_more_stream() -> None:
+    """Early credit never takes the last window of the receive budget: with a
+    budget of two and a half windows, a consumer holding most of a window still
+    leaves room to open a second stream (early credit for all of it would not)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    budget = 2 * WINDOW + WINDOW // 2
+    p = _pair(client_stream, server_stream, server_settings=_settings(receive_budget=budget))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        first = p.server.open_incoming_stream()
+        outgoing = p.client.open_outgoing_stream(first.stream_id)
+        with trio.fail_after(10):
+            nursery.start_soon(outgoing.send, [os.urandom(3 * WINDOW)])
+            await trio.testing.wait_all_tasks_blocked()
+            chunks, _ = await first.receive(ahead=True)  # held: not consumed yet
+            assert sum(map(len, chunks)) > WINDOW // 2
+            assert first.ahead <= WINDOW // 2
+            second = p.server.open_incoming_stream()
+            assert p.server._state.receive_committed() <= budget
+            p.server.close_stream(second, reset=None)
+        nursery.cancel_scope.cancel()
+
+
 async def test_receive_without_ahead_holds_the_sender_to_one_window(pair: Pair) -> None:
     """The default: a batch's credit returns only when the consumer comes back."""
     assert await _hold_each_batch(pair, os.urandom(3 * WINDOW), ahead=False) <= WINDOW

@@ -45,7 +45,8 @@ class IncomingStream(InboundStream):
 
         ``room``: how many bytes the connection's receive budget has left beyond
         the windows of its inbound streams and the credit they returned ahead
-        (None: no budget); ``receive(ahead=True)`` returns no more than that early.
+        (None: no budget); ``receive(ahead=True)`` returns early only what
+        leaves a window of that room for a stream yet to open.
         """
         super().__init__(stream_id, window)
         self._grant = grant
@@ -68,7 +69,8 @@ class IncomingStream(InboundStream):
         # (bytes in flight), so this, unlike a larger window, leaves the bound
         # on what a call behind a transfer waits for where it was. Half a
         # window left the sender waiting for credit whenever the consumer took
-        # a batch larger than that (docs/benchmarks.md, "Eleventh round").
+        # a batch larger than that (docs/benchmarks.md, "Eleventh round (wave
+        # 15, bulk)").
         self._ahead_limit = window
 
     def wake(self) -> None:
@@ -107,7 +109,8 @@ class IncomingStream(InboundStream):
         window while the consumer writes the batch, instead of the two working
         in turn. The stream then holds at most a window buffered or in flight
         plus a window with the consumer (until its next call), and never more
-        than the connection's receive budget has room for.
+        than the connection's receive budget has room for beside one more
+        stream's window.
         """
         self.consumed()
         self.ahead = 0
@@ -135,12 +138,14 @@ class IncomingStream(InboundStream):
         return result
 
     def _return_ahead(self) -> None:
-        # Within a window, and within what the connection's receive
-        # budget has left: the peer can never make the connection buffer more
-        # than the budget (a full connection simply gets no early credit).
+        # Within a window, and within what the connection's receive budget
+        # has left beyond one more window: the peer can never make the
+        # connection buffer more than the budget (a full connection simply
+        # gets no early credit), and early credit never takes the room a new
+        # stream needs (one is refused only when the windows alone fill it).
         early = min(self.pending_cost, self._ahead_limit)
         if self._room is not None:
-            early = min(early, max(0, self._room()))
+            early = min(early, max(0, self._room() - self.window))
         if early:
             self.pending_cost -= early
             self.taken_cost += early
