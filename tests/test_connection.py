@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import socket
@@ -135,15 +136,24 @@ def _pair(
     return Pair(client, server, cd, sd)
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
+@contextlib.asynccontextmanager
+async def _running_pair(**server_overrides: Any) -> AsyncIterator[Pair]:
+    """A connected pair over memory streams, both running; the server's
+    settings with ``server_overrides``. Cancelled on exit."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream)
+    server_settings = _settings(**server_overrides) if server_overrides else None
+    p = _pair(client_stream, server_stream, server_settings=server_settings)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.client.run)
         nursery.start_soon(p.server.run)
         yield p
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    async with _running_pair() as p:
+        yield p
 
 
 async def test_calls_both_ways(pair: Pair) -> None:
@@ -445,39 +455,25 @@ async def test_receive_ahead_returns_credit_before_the_batch_is_consumed(pair: P
 async def test_receive_ahead_stays_within_the_connection_receive_budget() -> None:
     """A connection whose receive budget is one window has no room for credit
     returned ahead: the sender is held to one window, as without ``ahead``."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream, server_settings=_settings(receive_budget=WINDOW))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(p.client.run)
-        nursery.start_soon(p.server.run)
+    async with _running_pair(receive_budget=WINDOW) as p:
         assert await _hold_each_batch(p, os.urandom(3 * WINDOW), ahead=True) <= WINDOW
-        nursery.cancel_scope.cancel()
 
 
 async def test_receive_ahead_holds_batches_of_many_frames_within_two_windows() -> None:
     """The same with frames much smaller than the window (a batch of many
     frames, as a file transfer's 64 KiB chunks make): the credit of all of them
     goes back when the batch is taken."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream, server_settings=_settings(max_frame_size=16 * 1024))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(p.client.run)
-        nursery.start_soon(p.server.run)
+    async with _running_pair(max_frame_size=16 * 1024) as p:
         most_held = await _hold_each_batch(p, os.urandom(6 * WINDOW + 123), ahead=True)
         assert WINDOW + WINDOW // 2 < most_held <= 2 * WINDOW
-        nursery.cancel_scope.cancel()
 
 
 async def test_credit_returned_ahead_leaves_room_for_one_more_stream() -> None:
     """Early credit never takes the last window of the receive budget: with a
     budget of two and a half windows, a consumer holding most of a window still
     leaves room to open a second stream (early credit for all of it would not)."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
     budget = 2 * WINDOW + WINDOW // 2
-    p = _pair(client_stream, server_stream, server_settings=_settings(receive_budget=budget))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(p.client.run)
-        nursery.start_soon(p.server.run)
+    async with _running_pair(receive_budget=budget) as p, trio.open_nursery() as nursery:
         first = p.server.open_incoming_stream()
         outgoing = p.client.open_outgoing_stream(first.stream_id)
         with trio.fail_after(10):

@@ -62,16 +62,6 @@ class IncomingStream(InboundStream):
         # Unknown frame size: no batching.
         largest = window if max_frame_size is None else max_frame_size + FRAME_COST
         self._batch_limit = min(window // 2, max(0, window - largest))
-        # The most receive(ahead=True) returns as credit before the consumer is
-        # done with it: a whole batch (at most a window). The stream then holds
-        # at most two windows: a window buffered or in flight, and the batch
-        # being written. Only the first is ahead of an RPC on the connection
-        # (bytes in flight), so this, unlike a larger window, leaves the bound
-        # on what a call behind a transfer waits for where it was. Half a
-        # window left the sender waiting for credit whenever the consumer took
-        # a batch larger than that (docs/benchmarks.md, "Eleventh round (wave
-        # 15, bulk)").
-        self._ahead_limit = window
 
     def wake(self) -> None:
         """Data arrived: let the consumer look, once there is as much as it waits for.
@@ -138,12 +128,19 @@ class IncomingStream(InboundStream):
         return result
 
     def _return_ahead(self) -> None:
-        # Within a window, and within what the connection's receive budget
-        # has left beyond one more window: the peer can never make the
+        # The credit of the whole batch just taken, which the window bounds
+        # (at most a window: the stream then holds at most two, a window
+        # buffered or in flight and the batch being written). Only the first
+        # is ahead of an RPC on the connection, so this, unlike a larger
+        # window, leaves the bound on what a call behind a transfer waits for
+        # where it was; half a window left the sender waiting for credit
+        # whenever the consumer took more (docs/benchmarks.md, "Eleventh round
+        # (wave 15, bulk)"). And only within what the connection's receive
+        # budget has left beyond one more window: the peer can never make the
         # connection buffer more than the budget (a full connection simply
         # gets no early credit), and early credit never takes the room a new
         # stream needs (one is refused only when the windows alone fill it).
-        early = min(self.pending_cost, self._ahead_limit)
+        early = self.pending_cost
         if self._room is not None:
             early = min(early, max(0, self._room() - self.window))
         if early:
