@@ -279,6 +279,18 @@ def make_source(path: Path, size: int, seed: int = 20240601) -> str:
     return hasher.hexdigest()
 
 
+def round_trip_spec(source: Path, downloads: Path) -> dict[str, Any]:
+    """A transfer client's work: upload ``source`` under its own name, then
+    download it again into ``downloads``."""
+    return {
+        "kind": "transfer",
+        "ops": [
+            {"op": "upload", "path": str(source), "name": source.name},
+            {"op": "download", "name": source.name, "dir": str(downloads)},
+        ],
+    }
+
+
 def sha256_of(path: Path) -> str:
     """SHA-256 of a file, hex."""
     with path.open("rb") as file:

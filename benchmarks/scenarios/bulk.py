@@ -53,6 +53,7 @@ from ._transfer import (
     make_source,
     median_of,
     ratio_goal,
+    round_trip_spec,
     scratch_dir,
     slug,
     verify,
@@ -216,15 +217,7 @@ class TransferRunner:
         """One client process: upload, download; both files verified, then removed."""
         downloads = storage.parent / f"client-{slug(name)}"
         clear_dir(downloads)
-        spec = {
-            "kind": "transfer",
-            "ops": [
-                {"op": "upload", "path": str(source), "name": source.name},
-                {"op": "download", "name": source.name, "dir": str(downloads)},
-            ],
-            **self.client_extra,
-            **self.shared,
-        }
+        spec = {**round_trip_spec(source, downloads), **self.client_extra, **self.shared}
         try:
             result = self.peers.client(name, server, spec, self.timeout)
             upload, download = result["ops"]
