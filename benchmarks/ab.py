@@ -7,8 +7,9 @@ machine's speed moves more than that from one minute to the next. This tool
 runs the same work on tree A and on tree B back to back, ``--pairs`` times,
 the order swapped on every other pair (A B, B A, A B, ...), and prints each
 figure's median (min-max) per tree, the paired ratio B / A (each pair's two
-runs are neighbours in time), and in how many pairs B did better. The rounds
-in ``docs/benchmarks.md`` were measured this way.
+runs are neighbours in time), and in how many pairs B did better. The pairs
+in the rounds of ``docs/benchmarks.md`` were measured this way (the older
+ones with scratch drivers that did the same).
 
 A tree is a directory holding conduit's ``src/`` and ``benchmarks/peers/``,
 for example ``git worktree add --detach /tmp/base HEAD~1``. Each tree runs its
@@ -61,7 +62,7 @@ from ._harness import (
     spread,
 )
 from .scenarios._transfer import RAM_DIR, make_source, round_trip_spec, verify
-from .scenarios.rpc import PAYLOAD_SIZE
+from .scenarios.rpc import COUNTS, PAYLOAD_SIZE
 from .scenarios.smallfiles import FILE_SIZE
 
 MiB = 1024 * 1024
@@ -70,7 +71,7 @@ START_TIMEOUT = 30.0
 #: Seconds one client run may take before it counts as hung.
 CLIENT_TIMEOUT = 900.0
 #: Calls before the timed ones (the ``rpc`` scenario's full-mode warm-up).
-RPC_WARMUP = 2000
+RPC_WARMUP = COUNTS["full"]["warmup"]
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,7 @@ def _median_text(figures: dict[str, Any]) -> str:
 
 
 def render(summary: dict[str, dict[str, Any]], base: str, other: str, pairs: int) -> str:
-    """The comparison as a Markdown table."""
+    """The comparison as a plain-text table, one row per figure."""
     rows = []
     for name, entry in summary.items():
         ratio = entry["ratio"]
