@@ -7,9 +7,7 @@ machine's speed moves more than that from one minute to the next. This tool
 runs the same work on tree A and on tree B back to back, ``--pairs`` times,
 the order swapped on every other pair (A B, B A, A B, ...), and prints each
 figure's median (min-max) per tree, the paired ratio B / A (each pair's two
-runs are neighbours in time), and in how many pairs B did better. The pairs
-in the rounds of ``docs/benchmarks.md`` were measured this way (the older
-ones with scratch drivers that did the same).
+runs are neighbours in time), and in how many pairs B did better.
 
 A tree is a directory holding conduit's ``src/`` and ``benchmarks/peers/``,
 for example ``git worktree add --detach /tmp/base HEAD~1``. Each tree runs its
@@ -17,23 +15,34 @@ own peer scripts with its own ``src/`` first on ``PYTHONPATH``, so the trees
 may differ anywhere, peers included, as long as the peers keep their command
 line. The interpreter is this one (``sys.executable``).
 
-Work (``--work``), each the same as in its scenario:
+Work (``--work``), each on its scenario's peer scripts:
 
 * ``rpc``: the ``rpc`` scenario's 100-byte echo (``peers/conduit_peer.py``),
-  ``--callers`` concurrent callers, ``--calls`` calls on one connection;
-  calls/s, p50, and the client's and the server's CPU per call (the server's
-  from ``/proc``, over every call it answered, the warm-up included).
+  one workload of ``--callers`` concurrent callers and ``--calls`` calls on
+  one connection, after the scenario's warm-up; calls/s, p50, and the
+  client's and the server's CPU per timed call. The server's comes from
+  ``/proc/<pid>/task/*/schedstat``: its CPU over the whole client run, less
+  its CPU over a client run of the warm-up and one call on the same server
+  just before, per call of the difference (``--calls`` less one). Too few
+  calls make that difference noise (give the timed run at least a few
+  hundred milliseconds).
 * ``smallfiles``: the ``smallfiles`` scenario's upload
   (``peers/conduit_transfer.py``), ``--files`` files of 4 KiB with
-  ``--concurrency`` in flight (1: one after the other); files/s, CPU per file.
-  Every stored file is checked against its SHA-256.
+  ``--concurrency`` in flight (1: one after the other), in one step (the
+  scenario paces its slices between contenders instead); files/s, CPU per
+  file. Every stored file is checked against its SHA-256.
 * ``bulk``: one file of ``--size`` MiB uploaded, then downloaded again; MB/s
   and CPU per GiB each way. The downloaded copy is checked against the source.
 
-Files live in a scratch directory on ``/dev/shm`` (``--disk``: the system's
-temporary directory), removed at the end. Figures are wall-clock and CPU
-measurements of real processes over loopback: read them as the scenarios'
-(see ``benchmarks/README.md``), and never as a timing assertion.
+Files live in a scratch directory on ``/dev/shm`` (``--disk``, or where
+``/dev/shm`` is not writable: the system's temporary directory; the output
+says which), removed at the end. Each client must have imported conduit from
+its tree's ``src/`` (the server runs with the same environment). A run that
+fails ends the comparison: the runs done so far are printed (and written to
+``--json-out``) with the error, and the exit status is 1. Figures are
+wall-clock and CPU measurements of real processes over loopback: read them as
+the scenarios' (see ``benchmarks/README.md``), and never as a timing
+assertion.
 """
 
 from __future__ import annotations
@@ -107,7 +116,8 @@ class Tree:
         """The tree's path and, when it is a git checkout, its commit (``+`` if changed)."""
         try:
             commit = self._git("rev-parse", "--short", "HEAD")
-            changed = self._git("status", "--porcelain", "--untracked-files=no")
+            # Untracked files count where they can change what runs.
+            changed = self._git("status", "--porcelain", "--", "src", "benchmarks/peers")
         except (OSError, subprocess.SubprocessError):
             return str(self.path)
         return f"{self.path} ({commit}{'+' if changed else ''})"
@@ -134,36 +144,78 @@ Work = Callable[[Tree, argparse.Namespace, Path], Figures]
 def _measured(tree: Tree, argv: list[str]) -> dict[str, Any]:
     """Run one client of ``tree``; its result, once sure it ran this tree's conduit."""
     result = run_client(argv, tree.env(), CLIENT_TIMEOUT)
-    imported = Path(result["runtime"]["module_file"]).resolve()
-    if not imported.is_relative_to(tree.path / "src"):
-        raise PeerError(f"{tree.label}: the client imported conduit from {imported}")
+    module_file = result.get("runtime", {}).get("module_file")
+    if not module_file or not Path(module_file).resolve().is_relative_to(tree.path / "src"):
+        raise PeerError(f"{tree.label}: the client imported conduit from {module_file}")
     return result
 
 
 def _rpc(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figures:
-    spec = {
-        "payload_size": PAYLOAD_SIZE,
-        "warmup": RPC_WARMUP,
-        "workloads": [{"name": "ab", "callers": options.callers, "calls": options.calls}],
-    }
+    def spec(callers: int, calls: int) -> dict[str, Any]:
+        workload = {"name": "ab", "callers": callers, "calls": calls}
+        return {"payload_size": PAYLOAD_SIZE, "warmup": RPC_WARMUP, "workloads": [workload]}
+
+    # The peer makes its warm-up calls only before a workload: one call stands in.
+    warm_up_only, timed = spec(1, 1), spec(options.callers, options.calls)
     argv = [sys.executable, tree.peer("conduit_peer.py")]
+    server_cpu: list[float | None] = []
     with ServerProcess([*argv, "server"], tree.env(), START_TIMEOUT) as server:
-        before = server.cpu_seconds()
-        result = _measured(
-            tree,
-            [*argv, "client", "--port", str(server.port), "--spec", json.dumps(spec)],
-        )
-        after = server.cpu_seconds()
+        assert server.pid is not None
+        # The server's CPU for the timed calls alone: a client run of the
+        # warm-up alone, then the measured run; the difference of their costs
+        # (the warm-up is one caller's, far dearer per call than a burst's).
+        for run in (warm_up_only, timed):
+            before = thread_cpu_ns(server.pid)
+            result = _measured(
+                tree,
+                [*argv, "client", "--port", str(server.port), "--spec", json.dumps(run)],
+            )
+            server_cpu.append(cpu_seconds_since(before, thread_cpu_ns(server.pid)))
     figures = result["workloads"]["ab"]
-    served = options.calls + RPC_WARMUP
+    warm, measured = server_cpu
     return {
         "calls/s": figures["calls_per_s"],
         "p50, us": figures["p50_us"],
         "client CPU per call, us": figures["cpu_us_per_call"],
-        "server CPU per call, us": (after - before) / served * 1e6
-        if after is not None and before is not None
-        else float("nan"),
+        "server CPU per call, us": _per_unit(
+            None if warm is None or measured is None else measured - warm, options.calls - 1
+        ),
     }
+
+
+def thread_cpu_ns(pid: int) -> dict[str, int] | None:
+    """Thread id -> CPU time in ns of each live thread of ``pid`` (``schedstat``), or None.
+
+    Nanoseconds, where ``/proc/<pid>/stat`` counts 10 ms ticks: the difference
+    of two client runs is only some tens of ticks.
+    """
+    found: dict[str, int] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            found[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return found or None
+
+
+def cpu_seconds_since(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """CPU seconds the process's threads used between two :func:`thread_cpu_ns` readings.
+
+    A thread that ended in between is left out (its time before ``before``
+    must not count against the others); one that started counts whole.
+    """
+    if before is None or after is None:
+        return None
+    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
+
+
+def _per_unit(seconds: float | None, count: int) -> float:
+    """Microseconds per unit, or NaN where the CPU time could not be read (no ``/proc``)."""
+    return float("nan") if seconds is None else seconds / count * 1e6
 
 
 def _transfer(tree: Tree, storage: Path, spec: dict[str, Any]) -> dict[str, Any]:
@@ -212,8 +264,8 @@ def _smallfiles(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figur
     files = figures["files"]
     return {
         "files/s": figures["files_per_s"],
-        "client CPU per file, us": figures["client_cpu_s"] / files * 1e6,
-        "server CPU per file, us": figures["server_cpu_s"] / files * 1e6,
+        "client CPU per file, us": _per_unit(figures["client_cpu_s"], files),
+        "server CPU per file, us": _per_unit(figures["server_cpu_s"], files),
     }
 
 
@@ -278,10 +330,18 @@ WORKS: dict[str, tuple[Work, tuple[Figure, ...]]] = {
 
 
 def run_pairs(
-    trees: Sequence[Tree], work: Work, options: argparse.Namespace, scratch: Path
-) -> dict[str, list[Figures]]:
-    """``options.pairs`` runs of ``work`` on each tree, alternating; the figures per tree."""
-    runs: dict[str, list[Figures]] = {tree.label: [] for tree in trees}
+    trees: Sequence[Tree],
+    work: Work,
+    options: argparse.Namespace,
+    scratch: Path,
+    runs: dict[str, list[Figures]],
+) -> None:
+    """``options.pairs`` runs of ``work`` on each tree, alternating, into ``runs`` (per tree).
+
+    Filled run by run, so that what was measured before a failure is kept.
+    """
+    for tree in trees:
+        runs.setdefault(tree.label, [])
     by_label = {tree.label: tree for tree in trees}
     for pair in range(options.pairs):
         for label in alternating_order(list(by_label), pair):
@@ -289,16 +349,24 @@ def run_pairs(
             runs[label].append(figures)
             shown = ", ".join(f"{name} {_format_number(value)}" for name, value in figures.items())
             print(f"pair {pair + 1}/{options.pairs} {label}: {shown}", file=sys.stderr, flush=True)
-    return runs
 
 
 def compare(
     runs: dict[str, list[Figures]], figures: Sequence[Figure], base: str, other: str
 ) -> dict[str, dict[str, Any]]:
-    """Per figure: each tree's spread, the paired ratio ``other / base``, pairs ``other`` won."""
+    """Per figure: each tree's spread, the paired ratio ``other / base``, pairs ``other`` won.
+
+    Only whole pairs count (a comparison cut short by a failure may end with
+    one tree's run alone); none at all gives an empty summary.
+    """
     summary: dict[str, dict[str, Any]] = {}
+    pairs = min(len(runs[base]), len(runs[other]))
+    if not pairs:
+        return summary
     for figure in figures:
-        values = {label: [run[figure.name] for run in runs[label]] for label in (base, other)}
+        values = {
+            label: [run[figure.name] for run in runs[label][:pairs]] for label in (base, other)
+        }
         better = sum(
             (b > a) if figure.higher_is_better else (b < a)
             for a, b in zip(values[base], values[other], strict=True)
@@ -318,10 +386,11 @@ def _median_text(figures: dict[str, Any]) -> str:
     return f"{median} ({low}-{high})"
 
 
-def render(summary: dict[str, dict[str, Any]], base: str, other: str, pairs: int) -> str:
+def render(summary: dict[str, dict[str, Any]], base: str, other: str) -> str:
     """The comparison as a plain-text table, one row per figure."""
     rows = []
     for name, entry in summary.items():
+        pairs = entry[base]["n"]
         ratio = entry["ratio"]
         rows.append(
             [
@@ -369,9 +438,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disk", action="store_true", help="files on disk, not /dev/shm")
     parser.add_argument("--json-out", type=Path, help="also write the figures here")
     options = parser.parse_args(argv)
-    for name in ("pairs", "callers", "calls", "files", "concurrency", "size"):
-        if getattr(options, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    for name, least in (
+        ("pairs", 1),
+        ("callers", 1),
+        ("calls", 2),
+        ("files", 1),
+        ("concurrency", 1),
+        ("size", 1),
+    ):
+        if getattr(options, name) < least:
+            parser.error(f"--{name} must be at least {least}")
     return options
 
 
@@ -379,31 +455,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison; print the table (stdout) and each run (stderr)."""
     options = parse_args(argv)
     trees = [Tree.checked("A", options.base), Tree.checked("B", options.other)]
+    described = {tree.label: tree.describe() for tree in trees}  # before anything runs
     work, figures = WORKS[options.work]
-    base_dir = None if options.disk or not os.access(RAM_DIR, os.W_OK) else RAM_DIR
-    scratch = Path(tempfile.mkdtemp(prefix="conduit-ab-", dir=base_dir))
+    on_ram = not options.disk and os.access(RAM_DIR, os.W_OK)
+    scratch = Path(tempfile.mkdtemp(prefix="conduit-ab-", dir=RAM_DIR if on_ram else None))
+    storage = f"{'RAM' if on_ram else 'disk'} ({scratch.parent})"
     load_before = _load()
+    runs: dict[str, list[Figures]] = {}
+    error = None
     try:
-        runs = run_pairs(trees, work, options, scratch)
+        run_pairs(trees, work, options, scratch, runs)
+    except PeerError as exc:
+        error = str(exc)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary = compare(runs, figures, "A", "B")
     print(f"work: {options.work}, {options.pairs} pairs, alternating (A B, B A, ...)")
-    for tree in trees:
-        print(f"{tree.label}: {tree.describe()}")
+    for label, description in described.items():
+        print(f"{label}: {description}")
+    print(f"files: {storage}")
     print(f"load average (1/5/15 min): start {load_before}; end {_load()}")
     print()
-    print(render(summary, "A", "B", options.pairs))
+    print(render(summary, "A", "B") if summary else "no whole pair was measured")
+    if error is not None:
+        print(f"\nstopped by a failed run: {error}")
     if options.json_out is not None:
         document = {
             "work": options.work,
             "options": {key: str(value) for key, value in vars(options).items()},
-            "trees": {tree.label: tree.describe() for tree in trees},
+            "trees": described,
+            "files": storage,
             "runs": runs,
             "summary": summary,
+            "error": error,
         }
         options.json_out.write_text(json.dumps(document, indent=1) + "\n")
-    return 0
+    return 0 if error is None else 1
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ streams are open on the connection (see ``Connection._role_open``). Measured
 (``docs/benchmarks.md``): one scheduler pass and one ``epoll_wait`` fewer per
 sequential call, two ``epoll_ctl`` more. End to end that was within the noise
 at the load of the round that added it; on a quiet machine, six pairs with
-and without the role gave 132 against 146 µs per sequential call at the
-median and 7 % more calls per second, in every pair.
+and without the role gave a sequential p50 of 132 against 146 µs and 8 %
+more calls per second, the role ahead in every pair.
 """
 
 from __future__ import annotations
