@@ -79,12 +79,11 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def our_env(profile_dir: Path | None = None) -> dict[str, str]:
-    """Environment for peers that import *this* repository's ``conduit`` (from ``src/``)."""
+def our_env(profile_dir: Path | None = None, src: Path = SRC_DIR) -> dict[str, str]:
+    """Environment for peers that import *this* repository's ``conduit`` (from ``src/``;
+    ``src``: another tree's)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(SRC_DIR), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
+    env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [os.environ.get("PYTHONPATH")])])
     if profile_dir is not None:
         env["CONDUIT_BENCH_PROFILE_DIR"] = str(profile_dir)
     return env
@@ -298,6 +297,29 @@ def process_cpu_seconds(pid: int) -> float | None:
         return ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def thread_stats(pid: int) -> dict[str, tuple[str, int, int]]:
+    """Thread id -> (name, CPU ns, voluntary switches) of each live thread of ``pid``.
+
+    From ``/proc/<pid>/task/*``: nanoseconds (``schedstat``), where
+    ``/proc/<pid>/stat`` counts 10 ms ticks. Empty where there is no ``/proc``.
+    """
+    found: dict[str, tuple[str, int, int]] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            name = (task / "comm").read_text().strip()
+            cpu = int((task / "schedstat").read_text().split()[0])
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+        found[task.name] = (name, cpu, switches)
+    return found
 
 
 def run_client(argv: Sequence[str], env: dict[str, str], timeout: float) -> dict[str, Any]:

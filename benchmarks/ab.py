@@ -66,9 +66,11 @@ from ._harness import (
     _format_number,
     alternating_order,
     format_table,
+    our_env,
     paired_ratio,
     run_client,
     spread,
+    thread_stats,
 )
 from .scenarios._transfer import RAM_DIR, make_source, round_trip_spec, verify
 from .scenarios.rpc import COUNTS, PAYLOAD_SIZE
@@ -104,11 +106,8 @@ class Tree:
         return str(self.path / "benchmarks" / "peers" / script)
 
     def env(self) -> dict[str, str]:
-        """The environment for this tree's peers: its ``src/`` first on the path."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(self.path / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
+        """The environment for this tree's peers: its ``src/`` first on the path, no profiling."""
+        env = our_env(src=self.path / "src")
         env.pop("CONDUIT_BENCH_PROFILE_DIR", None)
         return env
 
@@ -165,12 +164,12 @@ def _rpc(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figures:
         # warm-up alone, then the measured run; the difference of their costs
         # (the warm-up is one caller's, far dearer per call than a burst's).
         for run in (warm_up_only, timed):
-            before = thread_cpu_ns(server.pid)
+            before = thread_stats(server.pid)
             result = _measured(
                 tree,
                 [*argv, "client", "--port", str(server.port), "--spec", json.dumps(run)],
             )
-            server_cpu.append(cpu_seconds_since(before, thread_cpu_ns(server.pid)))
+            server_cpu.append(cpu_seconds_since(before, thread_stats(server.pid)))
     figures = result["workloads"]["ab"]
     warm, measured = server_cpu
     return {
@@ -183,34 +182,20 @@ def _rpc(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figures:
     }
 
 
-def thread_cpu_ns(pid: int) -> dict[str, int] | None:
-    """Thread id -> CPU time in ns of each live thread of ``pid`` (``schedstat``), or None.
+def cpu_seconds_since(
+    before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]]
+) -> float | None:
+    """CPU seconds a process's threads used between two :func:`thread_stats` readings.
 
     Nanoseconds, where ``/proc/<pid>/stat`` counts 10 ms ticks: the difference
-    of two client runs is only some tens of ticks.
+    of two client runs is only some tens of ticks. A thread that ended in
+    between is left out (its time before ``before`` must not count against
+    the others); one that started counts whole. None without ``/proc``.
     """
-    found: dict[str, int] = {}
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
+    if not before or not after:
         return None
-    for task in tasks:
-        try:
-            found[task.name] = int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended meanwhile
-    return found or None
-
-
-def cpu_seconds_since(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
-    """CPU seconds the process's threads used between two :func:`thread_cpu_ns` readings.
-
-    A thread that ended in between is left out (its time before ``before``
-    must not count against the others); one that started counts whole.
-    """
-    if before is None or after is None:
-        return None
-    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
+    used = sum(cpu - before.get(tid, (name, 0, 0))[1] for tid, (name, cpu, _) in after.items())
+    return used / 1e9
 
 
 def _per_unit(seconds: float | None, count: int) -> float:
@@ -233,15 +218,19 @@ def _transfer(tree: Tree, storage: Path, spec: dict[str, Any]) -> dict[str, Any]
 
 
 def _small_sources(scratch: Path, count: int) -> tuple[Path, dict[str, str]]:
-    """``count`` files of random bytes (made once per run), and name -> SHA-256."""
+    """``count`` files of random bytes and name -> SHA-256, made once per comparison."""
     source = scratch / "small-source"
-    digests: dict[str, str] = {}
-    source.mkdir(exist_ok=True)
+    listing = scratch / "small-source.json"
+    if listing.exists():
+        digests: dict[str, str] = json.loads(listing.read_text())
+        return source, digests
+    source.mkdir()
+    digests = {}
     for number in range(count):
-        path = source / f"small-{number:05d}.bin"
-        if not path.exists():
-            path.write_bytes(os.urandom(FILE_SIZE))
-        digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        name, data = f"small-{number:05d}.bin", os.urandom(FILE_SIZE)
+        (source / name).write_bytes(data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    listing.write_text(json.dumps(digests))
     return source, digests
 
 

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._harness import PEERS_DIR, SRC_DIR
+from ._harness import PEERS_DIR, SRC_DIR, thread_stats
 
 FILE_SIZE = 4096
 #: Uploads run before the measured ones (thread start, imports, caches).
@@ -59,21 +59,6 @@ async def main(port, count):
 
 trio.run(main, int(sys.argv[1]), int(sys.argv[2]))
 """
-
-
-def _threads(pid: int) -> dict[str, tuple[str, int, int]]:
-    """tid -> (name, CPU ns, voluntary switches) of every thread of ``pid``."""
-    found = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            cpu = int((task / "schedstat").read_text().split()[0])
-            status = (task / "status").read_text()
-        except OSError:
-            continue  # the thread ended meanwhile
-        switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
-        found[task.name] = (name, cpu, switches)
-    return found
 
 
 def _result(output: str) -> dict[str, Any]:
@@ -110,7 +95,7 @@ class _Setup:
             base = {"kind": "smallfiles", "dir": str(self.source), "server_pid": server.pid}
             self._client(port, {**base, "names": self.names[:WARMUP]})
             _empty(self.storage)
-            before = _threads(server.pid)
+            before = thread_stats(server.pid)
             count = len(self.names)
             if kind == "upload":
                 spec = {**base, "names": self.names, "concurrency": self.concurrency}
@@ -123,7 +108,7 @@ class _Setup:
                 )
                 echo = _result(done.stdout)
                 wall, client_cpu = echo["wall_s"], echo["client_cpu_s"]
-            after = _threads(server.pid)
+            after = thread_stats(server.pid)
         finally:
             server.terminate()
             server.wait(30)
