@@ -84,15 +84,22 @@ class _Setup:
 
     def measure(self, kind: str) -> dict[str, float]:
         """One run of ``kind`` (``upload`` or ``echo``): figures per file (or call)."""
-        spec = {"storage": str(self.storage)}
+        server_spec = {"storage": str(self.storage)}
         argv = [sys.executable, str(PEERS_DIR / "conduit_transfer.py"), "server"]
         server = subprocess.Popen(
-            [*argv, "--spec", json.dumps(spec)], env=self.env, stdout=subprocess.PIPE, text=True
+            [*argv, "--spec", json.dumps(server_spec)],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert server.stdout is not None
             port = int(server.stdout.readline().split()[1])
-            base = {"kind": "smallfiles", "dir": str(self.source), "server_pid": server.pid}
+            base: dict[str, object] = {
+                "kind": "smallfiles",
+                "dir": str(self.source),
+                "server_pid": server.pid,
+            }
             self._client(port, {**base, "names": self.names[:WARMUP]})
             _empty(self.storage)
             before = thread_stats(server.pid)
