@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import socket
 import threading
@@ -198,7 +199,7 @@ def _payloads(frame: OutFrame) -> list[bytes]:
     """The DATA payloads of a laid-out record, in order (as the receiver splits it)."""
     (buffer,) = frame
     payloads: list[bytes] = []
-    for item in split_record(buffer, CHUNK):
+    for item in split_record(memoryview(buffer), CHUNK):
         views = item.payloads if isinstance(item, DataRun) else [item.payload]
         payloads.extend(bytes(view) for view in views)
     return payloads
@@ -214,24 +215,26 @@ async def test_blocks_are_whole_chunks_the_credit_covers(tmp_path: Path) -> None
     # never a multiple of a chunk plus its frame cost.
     window = 4 * 1024 * 1024  # the default receive window
 
+    arrivals, arrived = trio.open_memory_channel[list[tuple[OutFrame, int]]](math.inf)
+
     async def enqueue(frames: list[tuple[OutFrame, int]]) -> None:
         batches.append(frames)
+        arrivals.send_nowait(frames)
 
     stream = OutgoingStream(1, window, CHUNK, enqueue)
-    spent_granted = [0]
 
     async def receiver() -> None:
-        while not stream.finished:
-            await trio.testing.wait_all_tasks_blocked()
-            spent = sum(
-                length + len(_payloads(frame)) * FRAME_COST
-                for batch in batches[: len(batches) - stream.finished]
-                for frame, length in batch
-            )
-            step = window // 4
-            while spent - spent_granted[0] >= step:
+        # Woken by each batch, never polling: a loop of checkpoints would keep
+        # the GIL from the thread that reads the file, and starve the sender.
+        spent = granted = 0
+        step = window // 4
+        async for batch in arrived:
+            if stream.finished:  # the END frame, with the trailer: no DATA to grant for
+                break
+            spent += sum(length + len(_payloads(frame)) * FRAME_COST for frame, length in batch)
+            while spent - granted >= step:
                 stream.credit += step
-                spent_granted[0] += step
+                granted += step
                 stream.wake()
 
     with trio.fail_after(30), io.FileIO(tmp_path / "f.bin", "r") as file:
@@ -248,6 +251,7 @@ async def test_blocks_are_whole_chunks_the_credit_covers(tmp_path: Path) -> None
                 chunk_size=CHUNK,
                 reporter=reporter,
             )
+            arrivals.close()
     assert trailer.sha256 == hashlib.sha256(data).digest()
     data_batches = batches[:-1]  # the last is the END frame with the trailer
     sent = [payload for batch in data_batches for frame, _ in batch for payload in _payloads(frame)]
