@@ -1,22 +1,37 @@
 """Automation entry points: ``python -m nox`` (the default sessions) or ``-s <session>``.
 
 ``python -m nox`` with no arguments runs what a reviewer checks, in order: lint,
-typecheck, docs (warnings are errors) and tests. It is the README's test command
-and what ``.ci/run`` runs. Every session installs what it needs into its own
+typecheck (the library, tests and benchmarks; netconduit's peers apart), docs
+(warnings are errors) and tests. It is the README's test command and what
+``.ci/run`` runs. Every session installs what it needs into its own
 virtualenv under ``.nox/``, so these work on a fresh machine that has only Python
 and pip.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 # Cheap checks first: a lint error fails in seconds, before minutes of tests.
-nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
+nox.options.sessions = ["lint", "typecheck", "typecheck_netconduit", "docs", "tests"]
 
 PYTHON = None  # the interpreter nox itself runs on (3.11+ is required by pyproject)
+
+#: The benchmark peers: scripts run from this directory, which import their
+#: helpers (``_peerlib``, ``_transferlib``) as top-level modules.
+PEERS_DIR = Path(__file__).parent / "benchmarks" / "peers"
+#: The peers that run in netconduit's own virtualenv (its import name is ``conduit`` too).
+NETCONDUIT_PEERS = sorted(str(path) for path in PEERS_DIR.glob("netconduit_*.py"))
+#: The peers that run in ours.
+OUR_PEERS = sorted(
+    str(path) for path in PEERS_DIR.glob("*.py") if not path.name.startswith("netconduit_")
+)
+#: What ``benchmarks/_venvs.py`` installs for the netconduit peers.
+NETCONDUIT = "netconduit==5.0.0"
 
 
 @nox.session(python=PYTHON)
@@ -46,9 +61,37 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over the library."""
-    session.install("-e", ".[test,cli]", "mypy>=1.11")
+    """mypy --strict over the library, its tests and the benchmark suite.
+
+    ``mypy`` alone checks what ``pyproject.toml`` names: ``src/conduit``,
+    ``tests`` and ``benchmarks`` less its peers. The peers are then checked as
+    the top-level modules they are when they run, all but netconduit's (see
+    ``typecheck_netconduit``).
+    """
+    session.install("-e", ".[test,cli,bench]", "mypy>=1.11")
     session.run("mypy")
+    session.run("mypy", "--explicit-package-bases", *OUR_PEERS, env={"MYPYPATH": str(PEERS_DIR)})
+
+
+@nox.session(python=PYTHON)
+def typecheck_netconduit(session: nox.Session) -> None:
+    """mypy --strict over the netconduit peers, against netconduit itself.
+
+    netconduit imports as ``conduit``, so it cannot share a virtualenv with this
+    package. The helper modules the peers import are checked by
+    ``typecheck``; here they (and netconduit's own code) are followed
+    silently.
+    """
+    session.install(NETCONDUIT, "mypy>=1.11")
+    session.run(
+        "mypy",
+        "--explicit-package-bases",
+        "--follow-imports=silent",
+        "--cache-dir",
+        ".mypy_cache/netconduit",
+        *NETCONDUIT_PEERS,
+        env={"MYPYPATH": str(PEERS_DIR)},
+    )
 
 
 @nox.session(python=PYTHON)

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -271,8 +271,10 @@ async def _trio_steps(chunks: list[memoryview], loops: int, repeat: int) -> dict
     stream = OutgoingStream(1, 1 << 40, CHUNK, enqueue)
     records = _read_laid_out_block()
 
-    async def timed(step: Callable[[], Any], count: int, clock: Any) -> float:
-        runs = []
+    async def timed(
+        step: Callable[[], Awaitable[object]], count: int, clock: Callable[[], float]
+    ) -> float:
+        runs: list[float] = []
         for _ in range(repeat):
             started = clock()
             for _ in range(count):

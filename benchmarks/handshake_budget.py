@@ -41,6 +41,7 @@ conduit's figures are to be compared with.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import glob
 import os
@@ -51,11 +52,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 PASSWORD = "handshake-budget-password"
 USERNAME = "bench"
 HOST = "127.0.0.1"
+
+
+class _Limits(TypedDict):
+    """The frame and window limits both handshake machines are built with."""
+
+    max_frame_size: int
+    receive_window: int
+
+
+#: The limits of the machines run in-process (the descriptors' defaults).
+LIMITS: _Limits = {"max_frame_size": 1 << 20, "receive_window": 4 << 20}
 
 
 # ----------------------------------------------------------------------------- the server
@@ -79,7 +91,9 @@ async def _serve(mode: str, handshake_only: bool, callgrind: bool) -> None:
     if handshake_only:
         # Measurement only: the session is skipped, the connection's task then
         # closes the socket as it does after any session.
-        async def no_session(*_: Any) -> None:
+        async def no_session(
+            stream: object, arrival: object, established: object, client_id: str
+        ) -> None:
             return None
 
         server._serve_client = no_session  # type: ignore[method-assign]
@@ -125,7 +139,6 @@ def _message_sizes(mode: str) -> tuple[int, int, int, int]:
     from conduit.accounts import Accounts
     from conduit.protocol import ClientHandshake, ServerHandshake
 
-    limits = {"max_frame_size": 1 << 20, "receive_window": 4 << 20}
     with tempfile.TemporaryDirectory(prefix="conduit-budget-") as scratch:
         lookup = None
         if mode == "accounts":
@@ -133,9 +146,9 @@ def _message_sizes(mode: str) -> tuple[int, int, int, int]:
             accounts.add(USERNAME, PASSWORD)
             lookup = accounts.lookup
         username = USERNAME if lookup else None
-        client = ClientHandshake(PASSWORD, name="conduit-client", username=username, **limits)
+        client = ClientHandshake(PASSWORD, name="conduit-client", username=username, **LIMITS)
         server = ServerHandshake(
-            None if lookup else PASSWORD, name="conduit-server", accounts=lookup, **limits
+            None if lookup else PASSWORD, name="conduit-server", accounts=lookup, **LIMITS
         )
         hello = client.start()
         server_hello = server.receive(_frames(hello)[0])
@@ -416,7 +429,6 @@ def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
 
     frames = _frames
 
-    limits = {"max_frame_size": 1 << 20, "receive_window": 4 << 20}
     lookup = None
     if mode == "accounts":
         # Removed when the steps are timed (a TemporaryDirectory's finalizer).
@@ -428,9 +440,9 @@ def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
 
     def machines() -> tuple[ClientHandshake, ServerHandshake, Frame]:
         client = ClientHandshake(
-            PASSWORD, name="c", username=USERNAME if lookup else None, cache=cache, **limits
+            PASSWORD, name="c", username=USERNAME if lookup else None, cache=cache, **LIMITS
         )
-        server = ServerHandshake(None if lookup else PASSWORD, name="s", accounts=lookup, **limits)
+        server = ServerHandshake(None if lookup else PASSWORD, name="s", accounts=lookup, **LIMITS)
         (hello,) = frames(client.start())
         return client, server, hello
 
@@ -466,7 +478,7 @@ def sans_io_steps(mode: str, loops: int) -> list[tuple[str, float]]:
         (server, frames(client.receive(frames(reply)[0]))[0])
         for (client, server, _), reply in zip(prepared, replies, strict=True)
     ]
-    confirm_us = timed([lambda s=server, f=frame: s.receive(f) for server, frame in confirms])
+    confirm_us = timed([functools.partial(server.receive, frame) for server, frame in confirms])
     scalar = pake.random_scalar()
     point = pake.base_mul(scalar)
     steps = [

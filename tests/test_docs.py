@@ -104,4 +104,10 @@ def test_the_default_nox_sessions_are_what_reviewers_check() -> None:
         for node in ast.walk(noxfile)
         if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "nox.options.sessions"
     )
-    assert ast.literal_eval(defaults) == ["lint", "typecheck", "docs", "tests"]
+    assert ast.literal_eval(defaults) == [
+        "lint",
+        "typecheck",
+        "typecheck_netconduit",
+        "docs",
+        "tests",
+    ]

@@ -39,7 +39,6 @@ import pytest
 import trio
 
 from conduit import Client, ConduitError, FileTransferHandler, Server
-from conduit.transfer import _storage
 from conftest import PASSWORD, ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
 from hostile_helpers import MiB, hostile
 from transfer_helpers import (
@@ -469,11 +468,10 @@ async def test_disk_full_injected(
     other = tmp_path / "other.bin"
     doomed_sum = await make_file(doomed, 4 * MiB)
     other_sum = await make_file(other, 2 * MiB)
-    monkeypatch.setattr(_storage.os, "pwrite", _enospc_after(1 * MiB, "doomed", os.pwrite))
+    # The os module conduit.transfer._storage writes with.
+    monkeypatch.setattr(os, "pwrite", _enospc_after(1 * MiB, "doomed", os.pwrite))
     # Uploads write their batches with pwritev (PartialFile.write_chunks).
-    monkeypatch.setattr(
-        _storage.os, "pwritev", _enospc_after(1 * MiB, "doomed", os.pwritev, vector=True)
-    )
+    monkeypatch.setattr(os, "pwritev", _enospc_after(1 * MiB, "doomed", os.pwritev, vector=True))
     results: dict[str, dict[str, Any]] = {}
 
     async def send(path: Path) -> None:

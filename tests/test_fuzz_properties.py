@@ -30,7 +30,7 @@ import itertools
 import os
 import struct
 import tracemalloc
-from typing import Any
+from typing import Any, TypedDict
 
 import attrs
 import msgpack
@@ -147,8 +147,8 @@ def frame_soup(draw: st.DrawFn) -> bytes:
             frame[position] ^= draw(st.integers(1, 255))
             parts.append(bytes(frame))
         elif choice == 2:
-            frame = draw(valid_frames())
-            parts.append(frame[: draw(st.integers(0, len(frame)))])
+            whole = draw(valid_frames())
+            parts.append(whole[: draw(st.integers(0, len(whole)))])
         else:
             parts.append(draw(valid_frames()))
     return b"".join(parts)
@@ -431,8 +431,15 @@ def test_sealed_round_trip(frames: list[bytes], step: int, limit: int) -> None:
 # --------------------------------------------------------------------------- handshakes
 
 
+class Limits(TypedDict):
+    """The handshake's limits, passed as keywords."""
+
+    max_frame_size: int
+    receive_window: int
+
+
 PASSWORD = "property password"
-LIMITS = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
+LIMITS: Limits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
 
 
 def _first(data: bytes) -> Frame:

@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from conduit import Accounts, AuthenticationError, Client, ServerDescriptor
+from conduit._connection import Connection
 from conduit._gatekeeper import Gatekeeper, LoopShare, ScreenedListener
 from conduit.accounts import FAKE_CACHE
 from conduit.protocol import (
@@ -39,7 +40,7 @@ from conduit.protocol import (
     decode_body,
 )
 from conduit.protocol.handshake import ProverCache
-from conduit.protocol.messages import AuthFailed, ServerHello
+from conduit.protocol.messages import AuthFailed, ClientHello, ServerHello
 from conduit.protocol.pake import StretchParams
 from conftest import (
     LOOPBACK,
@@ -386,6 +387,7 @@ async def test_a_session_ended_by_the_client_is_not_cancelled_and_leaves_no_cycl
         with trio.fail_after(10):
             await client.connect()
             assert (await client.rpc.call("echo", value=7))["data"] == 7
+        assert client.id is not None
         connection = server.clients[client.id].connection
         nursery = connection._nursery
         assert nursery is not None
@@ -400,6 +402,11 @@ async def test_a_session_ended_by_the_client_is_not_cancelled_and_leaves_no_cycl
         gc.enable()
 
 
+def writer_started(connection: Connection) -> bool:
+    """Whether the connection's writer task has started (read afresh at each call)."""
+    return connection._writer_started
+
+
 async def test_the_writer_task_starts_with_the_first_frame_that_must_wait(
     server_factory: ServerFactory,
 ) -> None:
@@ -411,10 +418,11 @@ async def test_the_writer_task_starts_with_the_first_frame_that_must_wait(
     with trio.fail_after(10):
         await client.connect()
         assert (await client.rpc.call("echo", value=1))["data"] == 1
+        assert client.id is not None
         connection = server.clients[client.id].connection
-        assert not connection._writer_started
+        assert not writer_started(connection)
         assert connection.beat(trio.current_time())  # queues a PING
-        assert connection._writer_started
+        assert writer_started(connection)
         assert (await client.rpc.call("echo", value=2))["data"] == 2
         await client.disconnect()
 
@@ -438,6 +446,11 @@ async def test_the_accept_loop_hands_over_the_peer_address() -> None:
     assert listening_socket not in open_descriptors()
 
 
+def peeked(server: ServerHandshake) -> tuple[Frame, ClientHello] | None:
+    """The server's kept decoding of a CLIENT_HELLO (read afresh at each call)."""
+    return server._peeked
+
+
 def test_the_server_decodes_the_client_hello_once() -> None:
     client = ClientHandshake(PASSWORD, name="c", max_frame_size=1 << 20, receive_window=1 << 20)
     reader = FrameReader()
@@ -448,7 +461,7 @@ def test_the_server_decodes_the_client_hello_once() -> None:
     assert server.hello_username(hello) == ""
     assert server._peeked is not None and server._peeked[0] is hello
     reply = server.receive(hello)  # the kept decoding
-    assert server._peeked is None
+    assert peeked(server) is None
     reader = FrameReader()
     reader.feed(reply)
     frame = reader.next_frame()
@@ -480,7 +493,7 @@ def test_the_accounts_client_decodes_the_server_hello_once(
     hello = _frame_of(client.start())
     frame = _frame_of(server.receive(hello))
     decoded: list[object] = []
-    real = handshake_module.decode_body
+    real = decode_body
 
     def counting(frame: Any, kind: Any) -> Any:
         decoded.append(kind)

@@ -57,7 +57,7 @@ from conduit import (
 from conduit._throttle import AuthThrottle
 from conduit.protocol import ClientHandshake, FrameDecoder, FrameKind, encode_frame
 from conduit.protocol.codec import data_header, decode_body
-from conduit.protocol.messages import AuthFailed, Ping, Reset
+from conduit.protocol.messages import AuthFailed, Ping, Reset, Result
 from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
@@ -851,7 +851,7 @@ async def test_deeply_nested_rpc_argument(arena: ArenaFactory) -> None:
     with trio.fail_after(10):
         while (frame := await peer.next_frame()).kind is not FrameKind.RESULT:
             pass
-    result = decode_body(frame)
+    result = decode_body(frame, Result)
     assert not result.ok, result
     assert (await peer.call("echo", value="after")).value == "after"
     await peer.aclose()
@@ -886,7 +886,7 @@ async def test_huge_msgpack_bodies(arena: ArenaFactory, shape: str) -> None:
             with trio.fail_after(15):
                 while (frame := await peer.next_frame()).kind is not FrameKind.RESULT:
                     pass
-            result = decode_body(frame)
+            result = decode_body(frame, Result)
             if shape == "map":
                 assert (result.ok, result.code) == (False, "invalid_arguments"), result
             else:  # the largest string a CALL can carry still fits in the RESULT
@@ -937,7 +937,7 @@ async def test_calls_over_the_concurrency_limit(arena: ArenaFactory) -> None:
         while len(codes) < 200:
             frame = await peer.next_frame()
             if frame.kind is FrameKind.RESULT:
-                result = decode_body(frame)
+                result = decode_body(frame, Result)
                 codes.append("ok" if result.ok else result.code)
     assert codes.count("ok") == 8 and codes.count("overloaded") == 192, codes
     assert (await peer.call("echo", value=2)).value == 2

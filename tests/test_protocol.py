@@ -243,7 +243,7 @@ def test_writer_batches_frames_into_records_within_the_peer_limit() -> None:
     while (frame := reader.next_frame()) is not None:
         received.append(frame)
     assert [bytes(f.payload) for f in received[:5]] == chunks
-    assert [decode_body(f).nonce for f in received[5:]] == list(range(50))
+    assert [decode_body(f, Ping).nonce for f in received[5:]] == list(range(50))
 
 
 def test_record_with_a_partial_frame_is_refused() -> None:

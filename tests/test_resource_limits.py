@@ -24,7 +24,7 @@ import hashlib
 import inspect
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -416,7 +416,11 @@ async def test_send_to_client_survives_every_malformed_answer(
         async def small(caller: Peer, name: str, data: bytes, sha256: str) -> Any:
             return await real.rpc_receive_small(caller, name, data, sha256)
 
-        honest = {"file_push_begin": begin, "file_push_finish": finish, "file_push_small": small}
+        honest: dict[str, Callable[..., Awaitable[Any]]] = {
+            "file_push_begin": begin,
+            "file_push_finish": finish,
+            "file_push_small": small,
+        }
         chosen = honest[hostile_case.method]
 
         async def forged(caller: Peer, **args: Any) -> Any:
@@ -431,6 +435,7 @@ async def test_send_to_client_survives_every_malformed_answer(
         client.register_rpc(echo, "echo")
 
     client = await client_factory(server, register=register)
+    assert client.id is not None
     source = tmp_path / "push.bin"
     size = 10 if hostile_case.small else 2 * MiB
     await trio.to_thread.run_sync(write_random_file, source, size)

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -178,7 +179,7 @@ def _records(count: int, size: int) -> list[bytes]:
     return [bytes(sealer.seal(bytes([index]) * size)) for index in range(count)]
 
 
-def _open_all(data: list[bytes | bytearray], *, split: int | None = None) -> list[bytes]:
+def _open_all(data: Sequence[bytes | bytearray], *, split: int | None = None) -> list[bytes]:
     opener = RecordOpener(KEY, LIMIT)
     opened = []
     for chunk in data:
@@ -256,12 +257,22 @@ def _socket_io_pair() -> tuple[SocketIO, trio.SocketStream, trio.SocketStream]:
     return io, ours, peer
 
 
+def drained(io: SocketIO) -> bool:
+    """Whether the last receive found the socket drained (read afresh at each call)."""
+    return io._drained
+
+
+def would_wait(io: SocketIO) -> bool:
+    """Whether the next receive waits for readability first (read afresh at each call)."""
+    return io.would_wait
+
+
 async def test_a_drained_socket_still_returns_what_arrives_later_and_meanwhile() -> None:
     io, ours, peer = _socket_io_pair()
     with trio.fail_after(10):
         await peer.send_all(b"first")
         assert await io.receive(1024) == b"first"  # short: drained
-        assert io._drained
+        assert drained(io)
         # Already there when receive is called: readable at once.
         await peer.send_all(b"meanwhile")
         assert await io.receive(1024) == b"meanwhile"
@@ -272,7 +283,7 @@ async def test_a_drained_socket_still_returns_what_arrives_later_and_meanwhile()
         # A read that fills the request: the next one tries to read at once.
         await peer.send_all(b"x" * 10)
         assert await io.receive(4) == b"xxxx"
-        assert not io._drained
+        assert not drained(io)
         assert await io.receive(1024) == b"x" * 6
         await peer.aclose()
         assert await io.receive(1024) == b""  # end of stream
@@ -355,12 +366,12 @@ async def test_a_peer_that_may_have_sent_more_is_read_before_waiting(
     with trio.fail_after(10):
         await peer.send_all(b"hello")
         assert await io.receive(1024) == b"hello"
-        assert io.would_wait  # drained: an answer to us cannot be there yet
+        assert would_wait(io)  # drained: an answer to us cannot be there yet
         # But the peer sends on without waiting for us (its next message is
         # no answer): it is there, and read without waiting for readability.
         await peer.send_all(b"and more")
         io.may_have_more()
-        assert not io.would_wait
+        assert not would_wait(io)
         waits = _counting_waits(monkeypatch)
         assert await io.receive(1024) == b"and more"
         assert waits == []

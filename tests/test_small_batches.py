@@ -18,6 +18,7 @@ import trio
 from conduit import FileTransferHandler, LocalProtocolError, RPCError, Server
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
+from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._batch_store import MAX_BATCH_FILES
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import partial_files, record_calls, storage_server, visible_files
@@ -31,7 +32,9 @@ def _entry(name: str, data: bytes, sha256: str | None = None) -> dict[str, Any]:
 
 def _nothing_held(handler: FileTransferHandler, storage: Path) -> None:
     """Every reservation released, no partial file left behind."""
-    assert handler.backend.budget._active == set()
+    backend = handler.backend
+    assert isinstance(backend, LocalBackend)  # a local storage_dir
+    assert backend.budget._active == set()
     assert partial_files(storage) == []
 
 

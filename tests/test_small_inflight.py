@@ -22,6 +22,7 @@ from conduit import FileTransferHandler
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
 from conduit.transfer import _small
+from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._shared_hop import SharedHop
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import partial_files, record_calls, storage_server, visible_files
@@ -180,7 +181,9 @@ async def test_each_file_in_flight_gets_its_own_result(
     assert visible_files(storage / "carol") == sorted(stored)
     for name in stored:
         assert (storage / "carol" / name).read_bytes() == files[name]
-    assert handler.backend.budget._active == set()
+    backend = handler.backend
+    assert isinstance(backend, LocalBackend)  # a local storage_dir
+    assert backend.budget._active == set()
     assert partial_files(storage) == []
 
 

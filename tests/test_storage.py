@@ -615,6 +615,7 @@ def test_partial_files_are_hidden(storage: StorageRoot) -> None:
     partial = storage.open_partial("sub/a.txt", TID, resume=False)
     partial.write_block(b"half")
     assert storage.list_files() == []
+    assert partial.partial_name is not None
     assert partial.partial_name.startswith(PARTIAL_PREFIX)
     assert partial.root is storage
     assert (partial.name, partial.transfer_id) == ("sub/a.txt", TID)
@@ -722,7 +723,12 @@ def test_short_vector_writes_are_completed_mid_chunk(
         return real_pwritev(fd, [first[:5]], offset)
 
     monkeypatch.setattr(os, "pwritev", dribble)
-    chunks = [bytes(range(256)), b"", memoryview(b"abcdefgh"), bytearray(b"xy" * 50)]
+    chunks: list[bytes | bytearray | memoryview] = [
+        bytes(range(256)),
+        b"",
+        memoryview(b"abcdefgh"),
+        bytearray(b"xy" * 50),
+    ]
     data = b"".join(bytes(chunk) for chunk in chunks)
     partial = storage.open_partial("v.bin", TID, resume=False)
     partial.write_chunks(chunks)
@@ -788,6 +794,7 @@ def test_cleanup_removes_only_stale_idle_partials(storage: StorageRoot) -> None:
     def leave_partial(name: str, transfer_id: str, age: float) -> Path:
         with storage.open_partial(name, transfer_id, resume=False) as partial:
             partial.write_block(b"x")
+            assert partial.partial_name is not None
             path = storage.path / os.path.dirname(name) / partial.partial_name
         os.utime(path, (time.time() - age, time.time() - age))
         return path
@@ -796,6 +803,7 @@ def test_cleanup_removes_only_stale_idle_partials(storage: StorageRoot) -> None:
     nested = leave_partial("d/e/b.txt", "t2", 3600)
     fresh = leave_partial("c.txt", "t3", 1)
     active = storage.open_partial("busy.txt", "t4", resume=False)
+    assert active.partial_name is not None
     active_path = storage.path / active.partial_name
     os.utime(active_path, (1, 1))
     receive(storage, "old-but-published.txt", b"keep", "t5")

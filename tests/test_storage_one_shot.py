@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -215,7 +216,7 @@ def test_one_shot_ids_are_unique_without_a_random_draw_per_file(
     def no_draw(_nbytes: int | None = None) -> str:
         raise AssertionError("a random draw per one-shot file")
 
-    monkeypatch.setattr(_space.secrets, "token_hex", no_draw)
+    monkeypatch.setattr(secrets, "token_hex", no_draw)  # the secrets module _space draws from
     ids = set()
     for index in range(50):
         data = b"%d" % index
@@ -241,7 +242,7 @@ def test_a_forked_child_draws_its_own_one_shot_secret(monkeypatch: pytest.Monkey
     def register_at_fork(*, after_in_child: Callable[[], None]) -> None:
         hooks.append(after_in_child)
 
-    monkeypatch.setattr(_space.os, "register_at_fork", register_at_fork)
+    monkeypatch.setattr(os, "register_at_fork", register_at_fork)  # as _space calls it
     ids = _space._OneShotIds()
     assert len(hooks) == 1
     parent = [ids.new() for _ in range(3)]

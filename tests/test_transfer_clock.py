@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from conduit import FileTransferHandler, TransferProgress
+from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._progress import REPORT_INTERVAL, ProgressReporter
 from conduit.transfer._storage import StorageRoot
 from transfer_helpers import partial_files
@@ -66,7 +67,9 @@ async def test_the_stale_partial_sweep_runs_on_the_trio_clock(
 ) -> None:
     storage = tmp_path / "server"
     handler = FileTransferHandler(storage_dir=storage, partial_ttl=3600)
-    budget = handler.backend.budget
+    backend = handler.backend
+    assert isinstance(backend, LocalBackend)  # a local storage_dir
+    budget = backend.budget
     first = _stale_partial(storage, "first.bin")
     fresh = StorageRoot(storage).open_partial("fresh.bin", "b" * 32, resume=False)
     fresh.close()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from typing import Any
@@ -118,7 +119,7 @@ async def send_file(records: Records, path: str, size: int) -> bytes:
     # One plaintext buffer: the worker calls run one at a time, and each seals it before it returns.
     block = bytearray(min(DEFAULT_RECORD, size))
     # Closed below, after both tasks.
-    file = await trio.to_thread.run_sync(functools.partial(open, path, "rb", buffering=0))
+    file = await trio.to_thread.run_sync(functools.partial(io.FileIO, path, "r"))
 
     def read_hash_seal(buffer: bytearray, count: int, nonce: bytes) -> memoryview:
         plaintext = memoryview(block)[:count]

@@ -42,7 +42,8 @@ async def serve() -> None:
             )
         )
 
-        @server.rpc
+        # The guide's bare-decorator form; netconduit annotates `name` as `str | None`.
+        @server.rpc  # type: ignore[arg-type]
         async def echo(data: bytes) -> bytes:
             return data
 

@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 async def serve(spec: dict[str, Any]) -> None:
     """Serve transfers into ``spec["storage"]`` (and ``echo``) until SIGTERM."""
-    from conduit import FileTransferHandler, Server, ServerDescriptor
+    from conduit import Server, ServerDescriptor
+    from conduit.transfer import FileTransferHandler
 
     for attempt in range(5):
         port = _free_port()
@@ -52,7 +53,8 @@ async def serve(spec: dict[str, Any]) -> None:
         transfer = FileTransferHandler(storage_dir=spec["storage"])
         transfer.register_server_handlers(server)
 
-        @server.rpc
+        # The guide's bare-decorator form; netconduit annotates `name` as `str | None`.
+        @server.rpc  # type: ignore[arg-type]
         async def echo(data: bytes) -> bytes:
             return data
 
@@ -96,7 +98,7 @@ def _upload_outcome(outcome: dict[str, Any], size: int) -> dict[str, Any]:
 
 
 async def _transfer(port: int, spec: dict[str, Any], result: dict[str, Any]) -> None:
-    from conduit import FileTransferHandler
+    from conduit.transfer import FileTransferHandler
 
     client = await _connect(port)
     try:
@@ -122,7 +124,7 @@ async def _transfer(port: int, spec: dict[str, Any], result: dict[str, Any]) -> 
 
 
 async def _smallfiles(port: int, spec: dict[str, Any]) -> dict[str, Any]:
-    from conduit import FileTransferHandler
+    from conduit.transfer import FileTransferHandler
 
     client = await _connect(port)
     steps = _transferlib.SmallFileSteps(spec)
@@ -147,7 +149,8 @@ async def _smallfiles(port: int, spec: dict[str, Any]) -> dict[str, Any]:
 
 async def _hol(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     """RPC latency on an idle connection, then on the same connection during an upload."""
-    from conduit import FileTransferHandler, data
+    from conduit import data
+    from conduit.transfer import FileTransferHandler
 
     body = _peerlib.payload(spec.get("payload_size", 100))
     client = await _connect(port)

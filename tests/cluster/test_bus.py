@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from conduit.errors import RPCError
 TTL = 1.5
 NODE_PROGRAM = Path(__file__).with_name("bus_node.py")
 
-BusFactory = Callable[..., Any]
+BusFactory = Callable[..., Awaitable[ClusterBus]]
 
 
 @pytest.fixture

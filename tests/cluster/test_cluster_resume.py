@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import redis
 import trio
@@ -27,8 +27,18 @@ from cutting_proxy import CuttingProxy
 TTL = 1.5
 #: Large enough for several progress reports (at most ten a second) on the delivering node.
 LARGE = 24 * 1024 * 1024 + 4321
+
+
+class Roaming(TypedDict):
+    """The roaming client's reconnect settings, passed as keywords."""
+
+    reconnect_delay: float
+    reconnect_delay_max: float
+    reconnect_attempts: int
+
+
 #: Reconnect at once: the test waits for it.
-ROAMING = {"reconnect_delay": 0.05, "reconnect_delay_max": 0.5, "reconnect_attempts": 20}
+ROAMING: Roaming = {"reconnect_delay": 0.05, "reconnect_delay_max": 0.5, "reconnect_attempts": 20}
 
 
 def _bus(engines: Any) -> redis.Redis:
@@ -38,7 +48,10 @@ def _bus(engines: Any) -> redis.Redis:
 def _registered_node(engines: Any, namespace: str, client_id: str) -> str | None:
     with contextlib.closing(_bus(engines)) as connection:
         value = connection.get(f"{namespace}:client:{client_id}")
-    return None if value is None else value.decode()
+    if value is None:
+        return None
+    assert isinstance(value, bytes)  # not decode_responses: replies are bytes
+    return value.decode()
 
 
 def _bus_contents(engines: Any, namespace: str) -> list[bytes]:
@@ -48,7 +61,9 @@ def _bus_contents(engines: Any, namespace: str) -> list[bytes]:
         for key in connection.scan_iter(match=f"{namespace}:*"):
             found.append(key)
             if connection.type(key) == b"string":
-                found.append(connection.get(key) or b"")
+                value = connection.get(key) or b""
+                assert isinstance(value, bytes)  # not decode_responses: replies are bytes
+                found.append(value)
     return found
 
 

@@ -32,7 +32,10 @@ def _registered_node(engines: Any, namespace: str, client_id: str) -> str | None
         value = connection.get(f"{namespace}:client:{client_id}")
     finally:
         connection.close()
-    return None if value is None else value.decode()
+    if value is None:
+        return None
+    assert isinstance(value, bytes)  # not decode_responses: replies are bytes
+    return value.decode()
 
 
 async def _wait_unregistered(engines: Any, namespace: str, client_id: str) -> None:

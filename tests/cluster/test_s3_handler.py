@@ -220,11 +220,9 @@ async def test_bad_input_is_refused_and_stores_nothing_on_s3(
             hasher.update(b"\x00")
             return records
 
-        _engine._read_records = lying
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_engine, "_read_records", lying)
             lied = await handler.send_to_server(client, source)
-        finally:
-            _engine._read_records = real
         assert lied["code"] == "checksum_mismatch", lied
         assert [f["name"] for f in await handler.list_files(client)] == ["good.txt"]
         honest = await handler.send_to_server(client, source)
@@ -259,7 +257,7 @@ async def test_accounts_on_s3_each_user_has_a_key_prefix(
 ) -> None:
     """Accounts mode: a user's root is a key prefix; quota and read-only hold."""
     from conduit import Accounts, Client
-    from conduit.accounts import StretchParams
+    from conduit.protocol.pake import StretchParams
     from conftest import client_descriptor
 
     accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))

@@ -20,7 +20,8 @@ async def whoami(caller: Peer) -> str:
 
 @server.rpc
 async def ask_back(caller: Peer) -> int:
-    return await caller.call("double", x=21)
+    doubled: int = await caller.call("double", x=21)
+    return doubled
 
 
 async def main() -> None:
