@@ -179,6 +179,7 @@ class NeverReads:
 
     @classmethod
     async def connect(cls, port: int, receive_window: int = 4 * MiB) -> NeverReads:
+        """Connect and authenticate to the server on ``port``; return once WELCOMEd."""
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         reader = FrameReader()
         handshake = ClientHandshake(
@@ -211,6 +212,7 @@ class NeverReads:
         return cls(stream, writer)
 
     async def send_calls(self, calls: list[tuple[str, dict[str, Any]]], first_id: int) -> None:
+        """Send ``calls`` as CALL frames numbered from ``first_id``, sealed in records."""
         frames = [
             (encode_frame(FrameKind.CALL, first_id + index, Call(method, args)),)
             for index, (method, args) in enumerate(calls)
@@ -219,6 +221,7 @@ class NeverReads:
             await self.stream.send_all(record)
 
     async def aclose(self) -> None:
+        """Drop the connection at once (no GOODBYE)."""
         await trio.aclose_forcefully(self.stream)
 
 

@@ -85,6 +85,7 @@ class MuxClient:
         self.next_id = 0
 
     async def reader(self) -> None:
+        """Hand each reply to the caller waiting for its id, until the stream ends."""
         framer = _Framer()
         while data := await self.stream.receive_some(CHUNK):
             for call_id, body in framer.feed(data):
@@ -93,6 +94,7 @@ class MuxClient:
                 slot[0].set()
 
     async def writer(self) -> None:
+        """Send whatever the callers queued since the last write, in one ``send_all``."""
         while True:
             await self.wakeup.wait()
             self.wakeup = trio.Event()
@@ -101,6 +103,7 @@ class MuxClient:
             await self.stream.send_all(data)
 
     async def call(self, body: bytes) -> bytes:
+        """Send ``body`` as one call and return the echoed reply."""
         self.next_id += 1
         call_id = self.next_id
         slot: list[Any] = [trio.Event(), None]
