@@ -64,11 +64,12 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, its tests and the benchmark suite.
 
     ``mypy`` alone checks what ``pyproject.toml`` names: ``src/conduit``,
-    ``tests`` and ``benchmarks`` less its peers. The peers are then checked as
+    ``tests``, ``benchmarks`` less its peers, this file and the docs'
+    ``conf.py``. The peers are then checked as
     the top-level modules they are when they run, all but netconduit's (see
     ``typecheck_netconduit``).
     """
-    session.install("-e", ".[test,cli,bench]", "mypy>=1.11")
+    session.install("-e", ".[test,cli,bench]", "mypy>=1.11", "nox")  # nox: for noxfile.py
     session.run("mypy")
     session.run("mypy", "--explicit-package-bases", *OUR_PEERS, env={"MYPYPATH": str(PEERS_DIR)})
 
