@@ -65,9 +65,8 @@ def typecheck(session: nox.Session) -> None:
 
     ``mypy`` alone checks what ``pyproject.toml`` names: ``src/conduit``,
     ``tests``, ``benchmarks`` less its peers, this file and the docs'
-    ``conf.py``. The peers are then checked as
-    the top-level modules they are when they run, all but netconduit's (see
-    ``typecheck_netconduit``).
+    ``conf.py``. The peers are then checked as the top-level modules they are
+    when they run, all but netconduit's (see ``typecheck_netconduit``).
     """
     session.install("-e", ".[test,cli,bench]", "mypy>=1.11", "nox")  # nox: for noxfile.py
     session.run("mypy")
