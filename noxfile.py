@@ -30,7 +30,7 @@ NETCONDUIT_PEERS = sorted(str(path) for path in PEERS_DIR.glob("netconduit_*.py"
 OUR_PEERS = sorted(
     str(path) for path in PEERS_DIR.glob("*.py") if not path.name.startswith("netconduit_")
 )
-#: What ``benchmarks/_venvs.py`` installs for the netconduit peers.
+#: What ``benchmarks/_venvs.py`` installs for the netconduit peers (a test checks).
 NETCONDUIT = "netconduit==5.0.0"
 
 

@@ -31,7 +31,7 @@ import os
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
 import attrs
 import pytest
@@ -39,6 +39,7 @@ import trio
 import trio.testing
 
 from conduit import Client, ClientDescriptor, Server, ServerDescriptor
+from conduit.protocol import DEFAULT_MAX_FRAME_SIZE
 
 PASSWORD = "correct horse battery staple \N{GREEK SMALL LETTER ALPHA} 42"
 LOOPBACK = "127.0.0.1"
@@ -49,6 +50,25 @@ Direction = Literal["c2s", "s2c"]
 _FRAME_HEADER = struct.Struct("!2sBBBxII")
 #: Sealed records: 4-byte big-endian length prefix, then ciphertext and tag.
 _RECORD_PREFIX = struct.Struct("!I")
+
+
+class HandshakeLimits(TypedDict):
+    """The limits a ``ClientHandshake`` or ``ServerHandshake`` is built with, as keywords."""
+
+    max_frame_size: int
+    receive_window: int
+
+
+#: The limits of handshake machines built by hand (the descriptors' defaults).
+HANDSHAKE_LIMITS: HandshakeLimits = {
+    "max_frame_size": DEFAULT_MAX_FRAME_SIZE,
+    "receive_window": 4 << 20,
+}
+
+
+def connected(client: Client) -> bool:
+    """Whether ``client`` is connected now (a call: a type checker must not assume it unchanged)."""
+    return client.connected
 
 
 #: Real seconds every task must sit blocked before ``autojump_clock`` jumps.

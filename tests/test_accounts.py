@@ -9,7 +9,6 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import TypedDict
 
 import pytest
 from nacl import bindings as sodium
@@ -17,7 +16,6 @@ from nacl import bindings as sodium
 from conduit.accounts import AccountRecord, Accounts
 from conduit.errors import AuthenticationError
 from conduit.protocol import (
-    DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
     Frame,
     FrameReader,
@@ -26,6 +24,7 @@ from conduit.protocol import (
 )
 from conduit.protocol.handshake import ACCOUNTS_REFUSAL
 from conduit.protocol.pake import DEFAULT_STRETCH, StretchParams
+from conftest import HANDSHAKE_LIMITS
 
 #: The lowest Argon2id cost, so the tests do not spend 0.1 s per account.
 FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
@@ -281,16 +280,6 @@ def test_unknown_users_get_stable_fake_records(tmp_path: Path) -> None:
 # --- The handshake over a real accounts file -------------------------------------------------
 
 
-class Limits(TypedDict):
-    """The handshake's limits, passed as keywords."""
-
-    max_frame_size: int
-    receive_window: int
-
-
-LIMITS: Limits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
-
-
 def _frame(data: bytes) -> Frame:
     reader = FrameReader()
     reader.feed(data)
@@ -300,8 +289,8 @@ def _frame(data: bytes) -> Frame:
 
 
 def _connect(accounts: Accounts, username: str, password: str) -> ServerHandshake:
-    client = ClientHandshake(password, name="c", username=username, **LIMITS)
-    server = ServerHandshake(None, name="s", accounts=accounts.lookup, **LIMITS)
+    client = ClientHandshake(password, name="c", username=username, **HANDSHAKE_LIMITS)
+    server = ServerHandshake(None, name="s", accounts=accounts.lookup, **HANDSHAKE_LIMITS)
     server_hello = server.receive(_frame(client.start()))
     answer = server.receive(_frame(client.receive(_frame(server_hello))))
     if server.error is not None:

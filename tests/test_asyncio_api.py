@@ -36,6 +36,7 @@ from conduit import (
     run_in_trio,
     trio_callback,
 )
+from conftest import connected
 
 
 def public_async_methods() -> set[tuple[str, str]]:
@@ -75,11 +76,6 @@ class World:
 
 
 Driver = Callable[[World], Awaitable[None]]
-
-
-def connected(client: Client) -> bool:
-    """Whether the client is connected now (read afresh at each call)."""
-    return client.connected
 
 
 async def _client_connect(w: World) -> None:

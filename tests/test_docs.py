@@ -111,3 +111,15 @@ def test_the_default_nox_sessions_are_what_reviewers_check() -> None:
         "docs",
         "tests",
     ]
+
+
+def test_the_netconduit_typecheck_pins_what_the_benchmarks_install() -> None:
+    from benchmarks._venvs import NETCONDUIT_REQUIREMENTS
+
+    noxfile = ast.parse((ROOT / "noxfile.py").read_text())
+    pinned = next(
+        node.value
+        for node in ast.walk(noxfile)
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "NETCONDUIT"
+    )
+    assert (ast.literal_eval(pinned),) == NETCONDUIT_REQUIREMENTS

@@ -30,7 +30,7 @@ import itertools
 import os
 import struct
 import tracemalloc
-from typing import Any, TypedDict
+from typing import Any
 
 import attrs
 import msgpack
@@ -58,6 +58,7 @@ from conduit.protocol.handshake import HANDSHAKE_MAX_FRAME
 from conduit.protocol.messages import BODY_TYPES, Call, Credit, Message, Ping, Result
 from conduit.protocol.records import RecordSealer
 from conduit.protocol.records_io import RECORD_SLACK
+from conftest import HANDSHAKE_LIMITS
 from hostile_helpers import (
     AmplificationError,
     check_amplification,
@@ -431,15 +432,7 @@ def test_sealed_round_trip(frames: list[bytes], step: int, limit: int) -> None:
 # --------------------------------------------------------------------------- handshakes
 
 
-class Limits(TypedDict):
-    """The handshake's limits, passed as keywords."""
-
-    max_frame_size: int
-    receive_window: int
-
-
 PASSWORD = "property password"
-LIMITS: Limits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 4 << 20}
 
 
 def _first(data: bytes) -> Frame:
@@ -451,14 +444,14 @@ def _first(data: bytes) -> Frame:
 
 
 def _prepared() -> dict[str, Any]:
-    client = ClientHandshake(PASSWORD, name="c", **LIMITS)
-    server = ServerHandshake(PASSWORD, name="s", **LIMITS)
+    client = ClientHandshake(PASSWORD, name="c", **HANDSHAKE_LIMITS)
+    server = ServerHandshake(PASSWORD, name="s", **HANDSHAKE_LIMITS)
     waiting_hello = copy.deepcopy(client)
     waiting_hello.start()
     reply = server.receive(_first(client.start()))
     client.receive(_first(reply))
     return {
-        "server-start": lambda: ServerHandshake(PASSWORD, name="s", **LIMITS),
+        "server-start": lambda: ServerHandshake(PASSWORD, name="s", **HANDSHAKE_LIMITS),
         "server-after-hello": lambda: copy.deepcopy(server),
         "client-after-start": lambda: copy.deepcopy(waiting_hello),
         "client-after-hello": lambda: copy.deepcopy(client),
@@ -562,7 +555,7 @@ def test_server_handshake_hello_with_integer_pake() -> None:
         "max_frame_size": 1 << 20,
         "receive_window": 4 << 20,
     }
-    server = ServerHandshake(PASSWORD, name="s", **LIMITS)
+    server = ServerHandshake(PASSWORD, name="s", **HANDSHAKE_LIMITS)
     tracemalloc.start()
     try:
         with pytest.raises(RemoteProtocolError):

@@ -52,7 +52,15 @@ from conduit.protocol import (
 from conduit.protocol.codec import encode_frame
 from conduit.protocol.messages import Resume, Welcome
 from conduit.transfer._progress import REPORT_INTERVAL
-from conftest import LOOPBACK, PASSWORD, open_descriptors, opened_since, served, wait_until
+from conftest import (
+    LOOPBACK,
+    PASSWORD,
+    HandshakeLimits,
+    open_descriptors,
+    opened_since,
+    served,
+    wait_until,
+)
 from cutting_proxy import CuttingProxy, Direction
 from hostile_names import PARTIAL_PREFIX
 from transfer_helpers import MiB, sha256_of, write_random_file
@@ -66,13 +74,6 @@ class Fast(TypedDict):
 
     reconnect_delay: float
     reconnect_delay_max: float
-
-
-class Limits(TypedDict):
-    """The handshake's limits, passed as keywords."""
-
-    max_frame_size: int
-    receive_window: int
 
 
 #: Fast reconnects: the scenario is the point, not the backoff.
@@ -803,7 +804,7 @@ TOKEN = b"t" * 32
 
 
 def _machines() -> tuple[ClientHandshake, ServerHandshake]:
-    limits: Limits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 1 << 20}
+    limits: HandshakeLimits = {"max_frame_size": DEFAULT_MAX_FRAME_SIZE, "receive_window": 1 << 20}
     client = ClientHandshake(PASSWORD, name="c", resume=True, **limits)
     return client, ServerHandshake(PASSWORD, name="s", **limits)
 

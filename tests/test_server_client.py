@@ -37,6 +37,7 @@ from conftest import (
     ProxyFactory,
     ServerFactory,
     client_descriptor,
+    connected,
     memory_listener_of,
     open_descriptors,
     opened_since,
@@ -109,11 +110,6 @@ def register_basics(server: Server) -> None:
     @server.rpc
     async def echo(value: Any) -> Any:
         return value
-
-
-def connected(client: Client) -> bool:
-    """Whether the client is connected now (read afresh at each call)."""
-    return client.connected
 
 
 def id_of(client: Client) -> str | None:
