@@ -97,14 +97,20 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert commands[-1] == README_TEST_COMMAND
 
 
-def test_the_default_nox_sessions_are_what_reviewers_check() -> None:
+def _noxfile_value(target: str) -> object:
+    """The literal that ``noxfile.py`` assigns to ``target``."""
     noxfile = ast.parse((ROOT / "noxfile.py").read_text())
-    defaults = next(
-        node.value
-        for node in ast.walk(noxfile)
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "nox.options.sessions"
+    return ast.literal_eval(
+        next(
+            node.value
+            for node in ast.walk(noxfile)
+            if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == target
+        )
     )
-    assert ast.literal_eval(defaults) == [
+
+
+def test_the_default_nox_sessions_are_what_reviewers_check() -> None:
+    assert _noxfile_value("nox.options.sessions") == [
         "lint",
         "typecheck",
         "typecheck_netconduit",
@@ -116,10 +122,4 @@ def test_the_default_nox_sessions_are_what_reviewers_check() -> None:
 def test_the_netconduit_typecheck_pins_what_the_benchmarks_install() -> None:
     from benchmarks._venvs import NETCONDUIT_REQUIREMENTS
 
-    noxfile = ast.parse((ROOT / "noxfile.py").read_text())
-    pinned = next(
-        node.value
-        for node in ast.walk(noxfile)
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "NETCONDUIT"
-    )
-    assert (ast.literal_eval(pinned),) == NETCONDUIT_REQUIREMENTS
+    assert (_noxfile_value("NETCONDUIT"),) == NETCONDUIT_REQUIREMENTS
