@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from nacl import bindings as sodium
 
-from conduit.accounts import AccountRecord, Accounts
+from conduit.accounts import DEFAULT_STRETCH, AccountRecord, Accounts, StretchParams
 from conduit.errors import AuthenticationError
 from conduit.protocol import (
     ClientHandshake,
@@ -23,7 +23,6 @@ from conduit.protocol import (
     ServerHandshake,
 )
 from conduit.protocol.handshake import ACCOUNTS_REFUSAL
-from conduit.protocol.pake import DEFAULT_STRETCH, StretchParams
 from conftest import HANDSHAKE_LIMITS
 
 #: The lowest Argon2id cost, so the tests do not spend 0.1 s per account.

@@ -90,9 +90,10 @@ def test_a_record_mixing_two_streams_and_control_frames_keeps_its_order() -> Non
     assert bytes(items[6].payload) == b"a4"
 
 
-def test_payloads_are_views_of_the_record_not_copies() -> None:
+@pytest.mark.parametrize("as_view", [False, True], ids=["bytearray", "memoryview"])
+def test_payloads_are_views_of_the_record_not_copies(as_view: bool) -> None:
     record = bytearray(data(2, b"x" * 100) + data(2, b"y" * 100))
-    (run,) = split_record(memoryview(record), MAX_FRAME)
+    (run,) = split_record(memoryview(record) if as_view else record, MAX_FRAME)
     assert isinstance(run, DataRun)
     assert all(payload.obj is record for payload in run.payloads)
 

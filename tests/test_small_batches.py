@@ -16,8 +16,7 @@ import pytest
 import trio
 
 from conduit import FileTransferHandler, LocalProtocolError, RPCError, Server
-from conduit.accounts import Accounts
-from conduit.protocol.pake import MIN_STRETCH
+from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._batch_store import MAX_BATCH_FILES
 from conftest import ClientFactory, ServerFactory

@@ -49,7 +49,14 @@ import attrs
 from nacl import bindings as sodium
 
 from .protocol.handshake import account_verifier
-from .protocol.pake import DEFAULT_STRETCH, SALT_SIZE, StretchParams, Verifier, reduce_scalar
+from .protocol.pake import (
+    DEFAULT_STRETCH,
+    MIN_STRETCH,
+    SALT_SIZE,
+    StretchParams,
+    Verifier,
+    reduce_scalar,
+)
 
 if sys.platform != "win32":
     # POSIX advisory locks; on Windows changes are still atomic, only not serialised.
@@ -220,9 +227,11 @@ class Accounts:
     """The accounts file at ``path`` (created on the first change).
 
     ``stretch`` is the Argon2id cost given to new or re-passworded accounts
-    (stored in each record, so raising it later leaves old records valid);
-    lower it only in tests. Thread-safe; several processes may change the same
-    file (changes are serialised with a lock file where the OS has ``fcntl``).
+    (stored in each record, so raising it later leaves old records valid):
+    :data:`DEFAULT_STRETCH` unless given; ``stretch=MIN_STRETCH`` makes
+    accounts cheap to create and to guess, for tests only. Thread-safe; several
+    processes may change the same file (changes are serialised with a lock
+    file where the OS has ``fcntl``).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, stretch: StretchParams = DEFAULT_STRETCH):
@@ -491,4 +500,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.close(directory)
 
 
-__all__ = ["AccountRecord", "Accounts", "check_root", "check_username"]
+__all__ = [
+    "DEFAULT_STRETCH",
+    "MIN_STRETCH",
+    "AccountRecord",
+    "Accounts",
+    "StretchParams",
+    "check_root",
+    "check_username",
+]

@@ -363,7 +363,7 @@ _KIND_BY_VALUE: dict[int, FrameKind] = {kind.value: kind for kind in FrameKind}
 
 
 def frame_spans(
-    record: bytes | memoryview, max_frame_size: int
+    record: bytes | bytearray | memoryview, max_frame_size: int
 ) -> Iterator[tuple[FrameKind, int, int, int, int]]:
     """Walk one decrypted record's frame headers: ``(kind, stream_id, flags, start, end)``.
 
@@ -398,7 +398,7 @@ def frame_spans(
         yield kind, stream_id, flags, start, offset
 
 
-def iter_frames(record: bytes | memoryview, max_frame_size: int) -> list[Frame]:
+def iter_frames(record: bytes | bytearray | memoryview, max_frame_size: int) -> list[Frame]:
     """Split one decrypted record into its frames, without copying payloads.
 
     A sealed record always holds whole frames, so a leftover is a protocol error.

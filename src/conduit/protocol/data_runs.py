@@ -55,7 +55,7 @@ def _run_item(stream_id: int, payloads: list[memoryview], size: int) -> Frame:
     return DataRun(_DATA, stream_id, 0, b"", payloads, size)
 
 
-def split_record(record: bytes | memoryview, max_frame_size: int) -> list[Frame]:
+def split_record(record: bytes | bytearray | memoryview, max_frame_size: int) -> list[Frame]:
     """Split one decrypted record into its frames and runs, without copying payloads.
 
     A sealed record always holds whole frames, so a leftover is a protocol error,
