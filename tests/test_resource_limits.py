@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from conduit import (
     Client,
@@ -43,6 +44,7 @@ from conduit import (
 )
 from conduit._connection import Connection
 from conduit.protocol.codec import data_header
+from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
@@ -661,3 +663,55 @@ async def test_whole_file_hashing_is_bounded_per_connection(
         answer = await hammer.rpc.call("file_stat", name="small.bin", sha256=True)
     assert answer["data"]["sha256"] == hashlib.sha256(small.upper()).hexdigest()
     assert transfer.hash_gate.hashed_bytes == size + 2 * len(small)
+
+
+@hostile(
+    "hash-threads-held-during-small-uploads",
+    area=AREA,
+    attack="every hashing thread of the server is taken (as by peers looping "
+    "file_stat(sha256=True) on a large file they rename between calls, so that no digest "
+    "is cached) while another client uploads small files",
+    behaviour="small files are stored on a thread pool of their own: the 20 uploads "
+    "complete while the hash gate admits nothing; the queued file_stat answers once a "
+    "hashing thread is free",
+    found="small files were stored on the hash gate's two threads, so each waited behind "
+    "the hashes under way (0.3-2.65 s per 100-byte upload behind 512 MiB hashes)",
+)
+async def test_small_uploads_do_not_wait_for_the_hashing_threads(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "big.bin").write_bytes(b"b" * 65536)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    hammer = await client_factory(server)
+    uploader = await client_factory(server)
+    gate = transfer.hash_gate
+    holders = [object() for _ in range(HASH_THREADS)]
+    stat_answer: dict[str, Any] = {}
+
+    async def stat_big() -> None:
+        stat_answer.update(await hammer.rpc.call("file_stat", name="big.bin", sha256=True))
+
+    with trio.fail_after(30):
+        for holder in holders:
+            await gate.limiter.acquire_on_behalf_of(holder)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stat_big)
+            await trio.testing.wait_all_tasks_blocked()
+            for index in range(20):
+                data = f"small file {index}".encode()
+                answer = await uploader.rpc.call(
+                    "file_upload_small",
+                    name=f"small-{index}.txt",
+                    data=data,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                )
+                assert answer["success"], answer
+            assert stat_answer == {}, "a hash ran with every hashing thread held"
+            for holder in holders:
+                gate.limiter.release_on_behalf_of(holder)
+    assert stat_answer["data"]["sha256"] == hashlib.sha256(b"b" * 65536).hexdigest()
+    stored = sorted(path.name for path in storage.iterdir() if path.name.startswith("small-"))
+    assert stored == sorted(f"small-{index}.txt" for index in range(20))

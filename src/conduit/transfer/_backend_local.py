@@ -6,8 +6,8 @@ confinement, never a symlink followed, fsync before a link that never
 overwrites), the :class:`._space.DiskBudget` (reservations, quotas, partial
 ownership and expiry), the :class:`._hashing.HashGate` (cached ``pread``
 hashing for ``file_stat(sha256=True)`` and re-run checks) and the batch
-store's group commit (:mod:`._batch_store`). Each call is one worker-thread
-hop, as before.
+store's group commit (:mod:`._batch_store`), on a thread pool of its own.
+Each call is one worker-thread hop, as before.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ from ._batch_store import Entry, store_batch
 from ._engine import FileSource
 from ._hashing import HashGate
 from ._names import safe_relative_name
+from ._rationed import RationedThreads
 from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._space import Admission, BudgetSettings, DiskBudget, user_storage
 from ._storage import StorageRoot
 from ._wire import as_rpc_error
+
+#: Worker threads storing batches of small files, all connections together.
+STORE_THREADS = 2
 
 #: Seconds the Trio thread may wait inline for one small file's store (see
 #: :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
@@ -63,6 +67,11 @@ class LocalBackend:
         self.cluster_staging: S3Store | None = None
         # Reservations, quotas, partial ownership and expiry (see ._space).
         self.budget = DiskBudget(settings)
+        # Small files' stores: one batch at a time per connection, on threads
+        # of their own. On the hash gate's, they waited behind the whole-file
+        # hashes any peer can ask for in a loop (seconds for a large file);
+        # their own re-run hashing reads only same-size files, small ones.
+        self._stores = RationedThreads("stores", STORE_THREADS)
 
     def root_for(self, peer: Peer | None) -> StorageRoot:
         """The root ``peer`` sees: its user's root in accounts mode, else the storage."""
@@ -107,14 +116,12 @@ class LocalBackend:
             admitter = await self.budget.one_shot(peer)
         except Exception as exc:
             raise as_rpc_error(exc) from None
-        gate = self._settings.hash_gate
+        digest_of_fd = self._settings.hash_gate.digest_of_fd  # the cache, not its threads
         overwrite = self._settings.overwrite
         try:
-            # Within the hash gate: a re-run check may hash stored files (one
-            # batch at a time per connection, on the gate's shared threads).
-            await gate.run(
+            await self._stores.run(
                 peer.connection,
-                lambda: store_batch(entries, admitter, overwrite, gate.digest_of_fd),
+                lambda: store_batch(entries, admitter, overwrite, digest_of_fd),
                 wait_inline=STORE_WAIT_INLINE if len(entries) == 1 else 0.0,
             )
         finally:

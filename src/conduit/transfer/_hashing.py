@@ -8,10 +8,11 @@ and downloads. So every whole-file hash goes through one :class:`HashGate`
 per handler, the same discipline as resume hashing (:mod:`._budget`):
 
 * one hash at a time per connection (a lock the connection owns);
-* at most :data:`HASH_THREADS` hashing threads for all connections together
-  (:attr:`HashGate.limiter`), kept as persistent threads of a
-  :class:`.._worker_hop.WorkerHop`: a small upload's store runs here, and a
-  ``trio.to_thread`` hop per file cost more than the file;
+* at most :data:`HASH_THREADS` hashing threads for all connections together,
+  admitted in arrival order (:class:`._rationed.RationedThreads`); no other
+  work runs on them, so a peer that keeps them busy delays only other
+  peers' whole-file hashes, by at most the hashes already under way (small
+  uploads are stored on a pool of their own, :class:`._backend_local.LocalBackend`);
 * digests are cached by ``(st_dev, st_ino, size, st_mtime_ns, st_ctime_ns)``
   (at most :data:`CACHE_ENTRIES`, least recently used dropped first): asking
   again for an unchanged file costs no read at all, so a loop costs what the
@@ -24,73 +25,28 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
 
-import trio
-
-from .._worker_hop import WorkerHop
+from ._rationed import RationedThreads
 from ._storage import sha256_of_fd
-
-if TYPE_CHECKING:
-    from .._connection import Connection
 
 #: Worker threads hashing whole files at once, all connections together.
 HASH_THREADS = 2
 #: Digests kept (an entry is ~200 bytes).
 CACHE_ENTRIES = 4096
 
-T = TypeVar("T")
 _Key = tuple[int, int, int, int, int]
 
 
-class HashGate:
+class HashGate(RationedThreads):
     """The handler's whole-file hashing: per-connection lock, shared threads, digest cache."""
 
     def __init__(self) -> None:
-        self.limiter = trio.CapacityLimiter(HASH_THREADS)
+        """Up to :data:`HASH_THREADS` hashing threads and an empty cache."""
+        super().__init__("hashing", HASH_THREADS)
         #: Bytes actually read and hashed (cache misses), for tests and metrics.
         self.hashed_bytes = 0
         self._cache: OrderedDict[_Key, str] = OrderedDict()
         self._lock = threading.Lock()  # the cache is used from worker threads
-        #: The gate's threads (at most HASH_THREADS: the limiter admits no more calls).
-        self.hop = WorkerHop("hashing", max_threads=HASH_THREADS)
-
-    def lock_for(self, connection: Connection) -> trio.Lock:
-        """``connection``'s hashing lock (one whole-file hash at a time per connection)."""
-        lock: trio.Lock | None = connection.owned.get(self)
-        if lock is None:
-            lock = connection.owned[self] = trio.Lock()
-        return lock
-
-    async def run(
-        self, connection: Connection, function: Callable[[], T], *, wait_inline: float = 0.0
-    ) -> T:
-        """Run ``function`` (which hashes via :meth:`digest_of_fd`) within the gate.
-
-        ``wait_inline``: see :meth:`.._worker_hop.WorkerHop.run`.
-        """
-        # The fast paths take a free lock and limiter without the two
-        # checkpoints each of ``async with`` costs; the hop itself is the
-        # call's cancel point (and its schedule point, unless it was waited
-        # for inline: then the RPC that carried it yields on its way out).
-        lock = self.lock_for(connection)
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            limiter = self.limiter
-            try:
-                limiter.acquire_nowait()
-            except trio.WouldBlock:
-                await limiter.acquire()
-            try:
-                return await self.hop.run(function, wait_inline=wait_inline)
-            finally:
-                limiter.release()
-        finally:
-            lock.release()
 
     def digest_of_fd(self, fd: int, size: int) -> str:
         """SHA-256 hex of the first ``size`` bytes of ``fd`` (worker thread), cached."""
