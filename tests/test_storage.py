@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -261,6 +262,79 @@ def test_collision_candidates() -> None:
 
 
 # --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("taken_count", [0, 1, 16, 17, 100, 4097, 9999])
+def test_collision_search_finds_the_first_free_number(taken_count: int) -> None:
+    numbers = {f"a ({n}).txt": n for n in range(1, _names.MAX_COLLISION_ATTEMPTS + 1)}
+    looks: list[str] = []
+
+    def is_taken(name: str) -> bool:
+        looks.append(name)
+        return numbers[name] <= taken_count
+
+    # The caller takes the first candidate that is free (its own attempt).
+    found = next(
+        name for name in collision_candidates("a.txt", is_taken) if not numbers[name] <= taken_count
+    )
+    assert found == f"a ({taken_count + 1}).txt"
+    # A linear scan would try taken_count names; the search looks at none of
+    # the first 16 and then at about two per doubling.
+    searched = max(0, taken_count - _names.LINEAR_COLLISION_ATTEMPTS)
+    assert len(looks) <= 2 * searched.bit_length() + 2
+
+
+def test_collision_search_with_every_number_taken_ends() -> None:
+    looks = 0
+
+    def is_taken(name: str) -> bool:
+        nonlocal looks
+        looks += 1
+        return True
+
+    tried = list(collision_candidates("a.txt", is_taken))
+    assert tried == [f"a ({n}).txt" for n in range(1, _names.LINEAR_COLLISION_ATTEMPTS + 1)]
+    assert looks <= 2 * _names.MAX_COLLISION_ATTEMPTS.bit_length() + 2
+
+
+def test_collision_search_resumes_past_a_name_taken_in_between() -> None:
+    taken = {f"a ({n}).txt" for n in range(1, 41)}
+    candidates = collision_candidates("a.txt", taken.__contains__)
+    results: list[str] = []
+    for name in candidates:
+        if name in taken:
+            continue
+        if len(results) < 2:
+            taken.add(name)  # another publisher took it first
+            results.append(name)
+            continue
+        results.append(name)
+        break
+    assert results == ["a (41).txt", "a (42).txt", "a (43).txt"]
+
+
+def test_a_crowded_name_is_published_with_few_links(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crowd = 300
+    storage.ensure()
+    for number in range(1, crowd + 1):
+        (storage.path / f"a ({number}).txt").write_bytes(b"x")
+    (storage.path / "a.txt").write_bytes(b"x")
+    links = 0
+    real_link = os.link
+
+    def counting_link(*args: Any, **kwargs: Any) -> None:
+        nonlocal links
+        links += 1
+        real_link(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", counting_link)
+    assert receive(storage, "a.txt", b"new", "t1") == f"a ({crowd + 1}).txt"
+    assert read_back(storage, f"a ({crowd + 1}).txt") == b"new"
+    # The name itself, the first 16 numbers, then the one the search found
+    # (a linear scan tried all 301).
+    assert links <= _names.LINEAR_COLLISION_ATTEMPTS + 2
 
 
 def test_construction_touches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from conduit.cluster.local import LocalStore
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Store
 from conduit.cluster.store import FileReader, PartialUpload, Store
 from conduit.errors import ChecksumMismatch, TransferError, UnsafePathError
+from conduit.transfer._names import LINEAR_COLLISION_ATTEMPTS
 
 PART = MIN_PART_SIZE
 SIZE = 2 * PART + 123_457
@@ -142,6 +143,24 @@ async def test_collisions_get_numbered_names(stores: StorePair) -> None:
     assert names == ["report.tar.gz", "report (1).tar.gz", "report (2).tar.gz"]
     for index, name in enumerate(names):
         assert await read_all(await node_b.open_reader(name)) == b"version %d" % index
+
+
+async def test_a_crowded_name_gets_the_next_number(stores: StorePair) -> None:
+    # Past the first 16 numbers the free one is searched for (a few looks),
+    # not tried one by one: each way of storing still lands on the next number.
+    node_a, node_b = stores
+    crowd = LINEAR_COLLISION_ATTEMPTS + 4
+    await node_a.put_file("c.txt", b"0", sha256=hashlib.sha256(b"0").hexdigest())
+    for number in range(1, crowd + 1):
+        name = f"c ({number}).txt"
+        data = b"%d" % number
+        assert await node_a.put_file(name, data, sha256=hashlib.sha256(data).hexdigest()) == name
+    assert await put(node_b, "c.txt", b"upload", "t1") == f"c ({crowd + 1}).txt"
+    small = hashlib.sha256(b"small").hexdigest()
+    assert await node_a.put_file("c.txt", b"small", sha256=small) == f"c ({crowd + 2}).txt"
+    assert await node_b.rename("c (3).txt", "c.txt") == f"c ({crowd + 3}).txt"
+    assert await read_all(await node_a.open_reader(f"c ({crowd + 1}).txt")) == b"upload"
+    assert await read_all(await node_a.open_reader(f"c ({crowd + 3}).txt")) == b"3"
 
 
 async def test_concurrent_publishers_never_overwrite(stores: StorePair) -> None:

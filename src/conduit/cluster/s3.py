@@ -303,12 +303,27 @@ class S3Store:
             return None, etag
         return state, etag
 
+    def _taken_in(self, directories: tuple[str, ...]) -> Callable[[str], bool]:
+        """Whether a name in ``directories`` is taken: an object or a reservation (two HEADs).
+
+        Leads :func:`collision_candidates`' search past its first numbers, so a
+        crowded name costs a few dozen requests, not thousands.
+        """
+
+        def taken(basename: str) -> bool:
+            key = self.location.key("/".join((*directories, basename)))
+            return self._head(key) is not None or self._head(self._reservation_key(key)) is not None
+
+        return taken
+
     def _reserve(self, name: str, owner: str, overwrite: bool) -> tuple[str, str | None]:
         """Choose the final key for ``name``; return (key, reservation key or None)."""
         directories, basename = split_name(name)
         if overwrite:
             return self.location.key(name), None
-        candidates = itertools.chain([basename], collision_candidates(basename))
+        candidates = itertools.chain(
+            [basename], collision_candidates(basename, self._taken_in(directories))
+        )
         for candidate in candidates:
             key = self.location.key("/".join((*directories, candidate)))
             if self._head(key) is not None:
@@ -580,11 +595,17 @@ class S3Store:
         candidates = (
             iter([basename])
             if overwrite
-            else itertools.chain([basename], collision_candidates(basename))
+            else itertools.chain(
+                [basename], collision_candidates(basename, self._taken_in(directories))
+            )
         )
         condition = {} if overwrite else {"IfNoneMatch": "*"}
         for candidate in candidates:
             final = "/".join((*directories, candidate))
+            if final == safe:
+                # The source's own name, among the numbered ones: taken (and
+                # S3 refuses a copy onto itself).
+                continue
             try:
                 self.client.copy_object(
                     Bucket=self.bucket,
@@ -668,7 +689,8 @@ class S3Store:
             )
             return safe
         directories, basename = split_name(safe)
-        for candidate in itertools.chain([basename], collision_candidates(basename)):
+        taken = self._taken_in(directories)
+        for candidate in itertools.chain([basename], collision_candidates(basename, taken)):
             final = "/".join((*directories, candidate))
             key = self.location.key(final)
             if self._head(self._reservation_key(key)) is not None:

@@ -880,7 +880,9 @@ class PartialFile:
         atomically, so two publishers (threads or processes) can never both get
         one name; on ``EEXIST`` the next of ``stem (1).ext``, ``stem (2).ext``,
         ... is tried (:func:`collision_candidates`, at most 10 000, then
-        :class:`TransferError` code ``"name_collision"``). An existing
+        :class:`TransferError` code ``"name_collision"``; past the first 16 an
+        ``lstat`` search finds the next free number, so a crowded name costs
+        a few dozen looks, not thousands of links). An existing
         directory or symlink under the name counts as taken. The partial name is
         unlinked after the link succeeds.
 
@@ -1141,8 +1143,8 @@ def _place(src_dir: int, src: str, dest_dir: int, basename: str, overwrite: bool
         except IsADirectoryError:
             raise TransferError(f"{basename!r} is a directory", "conflict") from None
         return basename
-    # Lazily: the 10 000 alternatives are only built as far as they are needed.
-    for candidate in itertools.chain([basename], collision_candidates(basename)):
+    # Lazily: the alternatives are only built as far as they are needed.
+    for candidate in itertools.chain([basename], _free_names(dest_dir, basename)):
         if _place_without_replacing(src_dir, src, dest_dir, candidate):
             return candidate
     raise TransferError(f"no free name for {basename!r}", "name_collision")
@@ -1168,13 +1170,18 @@ def _place_anonymous(
             _unlink_quietly(dest_dir, temporary)
             raise
         return basename
-    for candidate in itertools.chain([basename], collision_candidates(basename)):
+    for candidate in itertools.chain([basename], _free_names(dest_dir, basename)):
         try:
             _link_anonymous(source, dest_dir, candidate)
         except FileExistsError:
             continue
         return candidate
     raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+
+def _free_names(dest_dir: int, basename: str) -> Iterator[str]:
+    """``basename``'s collision variants in ``dest_dir``, the search led by an ``lstat`` each."""
+    return collision_candidates(basename, lambda name: _lstat(dest_dir, name) is not None)
 
 
 def _link_anonymous(source: str, dest_dir: int, name: str) -> None:
