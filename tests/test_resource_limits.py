@@ -23,6 +23,7 @@ import gc
 import hashlib
 import inspect
 import logging
+import os
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -715,3 +716,54 @@ async def test_small_uploads_do_not_wait_for_the_hashing_threads(
     assert stat_answer["data"]["sha256"] == hashlib.sha256(b"b" * 65536).hexdigest()
     stored = sorted(path.name for path in storage.iterdir() if path.name.startswith("small-"))
     assert stored == sorted(f"small-{index}.txt" for index in range(20))
+
+
+@hostile(
+    "crowded-name-batch",
+    area=AREA,
+    attack="a peer fills a.txt and a (1).txt to a (400).txt, then sends one "
+    "file_upload_batch of 64 small files, all named a.txt (about 1 KB of request)",
+    behaviour="each file gets the next free number (a (401).txt to a (464).txt); the "
+    "server tries the first 16 numbers, then finds the free one with a few lstat looks: "
+    "fewer than 20 links per file",
+    found="each file tried every taken number with a link of its own: 10,000 names taken "
+    "made the batch cost 640,000 links (3.6 s of a store thread)",
+)
+async def test_a_crowded_name_costs_few_links_per_file(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    crowd, batch = 400, 64
+    for name in ["a.txt", *(f"a ({number}).txt" for number in range(1, crowd + 1))]:
+        (storage / name).write_bytes(b"taken")
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    links = 0
+    real_link = os.link
+
+    def counting_link(*args: Any, **kwargs: Any) -> None:
+        nonlocal links
+        links += 1
+        real_link(*args, **kwargs)
+
+    monkeypatch.setattr(os, "link", counting_link)
+    files = [
+        {
+            "name": "a.txt",
+            "data": b"%d" % index,
+            "sha256": hashlib.sha256(b"%d" % index).hexdigest(),
+        }
+        for index in range(batch)
+    ]
+    with trio.fail_after(30):
+        answer = await client.rpc.call("file_upload_batch", files=files)
+    paths = [result["path"] for result in answer["data"]["results"]]
+    assert paths == [f"a ({crowd + 1 + index}).txt" for index in range(batch)], answer
+    for index in range(batch):
+        assert (storage / f"a ({crowd + 1 + index}).txt").read_bytes() == b"%d" % index
+    assert links < 20 * batch, links
