@@ -21,6 +21,7 @@ The full-size figures are in ``benchmarks/scenarios/disk_abuse.py``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -467,6 +468,58 @@ async def test_each_user_sees_only_their_root(
         assert (await sender.send_to_server(bob, mine))["success"]
     assert visible_files(storage / "team" / "bob") == ["secret.txt"]
     assert (storage / "alice" / "secret.txt").stat().st_size == 3000
+
+
+@hostile(
+    "accounts-deep-directories",
+    area="disk",
+    attack="a user with a quota uploads a 1-byte file 30 directories deep and deletes it, "
+    "20 times with other directory names, then renames a deep file away; and fills its "
+    "quota with directories alone (a 1-byte file 20 levels deep)",
+    behaviour="a delete or rename removes the directories it leaves empty (the user's root "
+    "stays), and directories count against the quota (their size as the file system "
+    "reports it): the next upload fails with 'quota_exceeded'",
+    found="directories were never removed after a delete or rename, and the quota counted "
+    "regular files only: 200 cycles left 12,603 empty directories (50 MiB) for a user with "
+    "a 10 KiB quota",
+)
+async def test_directories_are_pruned_and_count_against_the_quota(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+) -> None:
+    storage = tmp_path / "storage"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    directory_size = probe.stat().st_size  # an empty directory's, on this file system
+    probe.rmdir()
+    accounts.add("erin", "pw-erin", quota=10 * directory_size)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    erin = await client_factory(server)
+    await as_user(server, erin, accounts, "erin")
+    deep = "/".join(f"d{level}" for level in range(30))
+
+    async def upload(name: str) -> dict[str, Any]:
+        answer: dict[str, Any] = await erin.rpc.call(
+            "file_upload_small", name=name, data=b"x", sha256=hashlib.sha256(b"x").hexdigest()
+        )
+        return answer
+
+    with trio.fail_after(60):
+        for cycle in range(20):
+            assert (await upload(f"c{cycle}/{deep}/f.txt"))["success"]
+            deleted = await transfer.delete(erin, f"c{cycle}/{deep}/f.txt")
+            assert deleted["success"], deleted
+        assert (await upload(f"r/{deep}/f.txt"))["success"]
+        renamed = await transfer.rename(erin, f"r/{deep}/f.txt", "top.txt")
+        assert renamed["success"], renamed
+        assert [path.name for path in (storage / "erin").iterdir()] == ["top.txt"]
+        # Directories alone fill the quota: the next upload is refused.
+        assert (await upload("/".join(f"q{level}" for level in range(20)) + "/f.txt"))["success"]
+        over = await upload("more.txt")
+        assert over["success"] is False and over["code"] == "quota_exceeded", over
 
 
 @hostile(

@@ -588,6 +588,28 @@ def test_collision_attempts_are_bounded(
     assert storage.find_partial("a.txt", "t9") == 1  # kept: the caller decides
 
 
+def test_a_rename_survives_its_target_directory_being_pruned(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receive(storage, "a.txt", b"a")
+    real_move = StorageRoot._move
+    moves = 0
+
+    def pruned_before_the_first_move(*args: Any) -> None:
+        # What a delete's pruning in another thread can do between the
+        # rename's making of new/dir and its move: remove them, empty.
+        nonlocal moves
+        moves += 1
+        if moves == 1:
+            assert storage.prune_empty_directories(("new", "dir")) == 2
+        real_move(*args)
+
+    monkeypatch.setattr(StorageRoot, "_move", staticmethod(pruned_before_the_first_move))
+    assert storage.rename("a.txt", "new/dir/a.txt") == "new/dir/a.txt"
+    assert moves == 2
+    assert read_back(storage, "new/dir/a.txt") == b"a"
+
+
 @pytest.mark.parametrize("fallback", ["link", "renameat2", "placeholder"])
 def test_concurrent_publishes_get_distinct_names(
     storage: StorageRoot, monkeypatch: pytest.MonkeyPatch, fallback: str

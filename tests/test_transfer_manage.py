@@ -214,19 +214,25 @@ async def test_delete(
 ) -> None:
     storage = tmp_path / "server"
     transfer, client = await _pair(server_factory, client_factory, storage)
-    _write(storage / "dir" / "a.txt", b"a")
+    _write(storage / "dir" / "deeper" / "a.txt", b"a")
+    _write(storage / "dir" / "b.txt", b"b")
     _write(tmp_path / "outside.txt", b"keep me")
     os.symlink(tmp_path / "outside.txt", storage / "link.txt")
     with trio.fail_after(10):
-        assert await transfer.delete(client, "dir/a.txt") == {"success": True, "path": "dir/a.txt"}
-        assert not (storage / "dir" / "a.txt").exists()
-        missing = await transfer.delete(client, "dir/a.txt")
+        deleted = await transfer.delete(client, "dir/deeper/a.txt")
+        assert deleted == {"success": True, "path": "dir/deeper/a.txt"}
+        # The directory it leaves empty goes with it; one still holding a file stays.
+        assert not (storage / "dir" / "deeper").exists()
+        assert (storage / "dir" / "b.txt").read_bytes() == b"b"
+        missing = await transfer.delete(client, "dir/deeper/a.txt")
         assert missing["success"] is False and missing["code"] == "not_found"
         link = await transfer.delete(client, "link.txt")
         assert link["code"] == "unsafe_path"
         assert (storage / "link.txt").is_symlink()
         directory = await transfer.delete(client, "dir")
         assert directory["code"] == "unsafe_path" and (storage / "dir").is_dir()
+        assert await transfer.delete(client, "dir/b.txt") == {"success": True, "path": "dir/b.txt"}
+        assert not (storage / "dir").exists() and storage.is_dir()
         for bad in ("../outside.txt", "/etc/passwd", ".hidden"):
             refused = await transfer.delete(client, bad)
             assert refused["success"] is False and refused["code"] == "unsafe_path", bad
@@ -250,6 +256,7 @@ async def test_rename(
         replaced = await transfer.rename(client, "new/dir/a2.txt", "b.txt", overwrite=True)
         assert replaced["success"] is True
         assert _visible(storage) == {"b.txt": b"a"}
+        assert not (storage / "new").exists()  # left empty by the rename: pruned
         gone = await transfer.rename(client, "a.txt", "c.txt")
         assert gone["code"] == "not_found"
         through_link = await transfer.rename(client, "b.txt", "escape/b.txt")

@@ -172,13 +172,31 @@ class LocalBackend:
     # ------------------------------------------------------------------ changes
 
     async def delete(self, peer: Peer, name: str) -> None:
-        """See :meth:`._backend.Backend.delete` (see :meth:`StorageRoot.delete`)."""
-        await trio.to_thread.run_sync(self.root_for(peer).delete, name)
+        """See :meth:`._backend.Backend.delete` (see :meth:`StorageRoot.delete`).
+
+        The directories the file leaves empty go with it.
+        """
+        storage, prefix = user_storage(self._settings.storage, peer)
+
+        def delete() -> None:
+            storage.delete(name)
+            self.budget.prune_after_removal(prefix, name)
+
+        await trio.to_thread.run_sync(delete)
 
     async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
-        """See :meth:`._backend.Backend.rename` (see :meth:`StorageRoot.rename`)."""
-        storage = self.root_for(peer)
-        return await trio.to_thread.run_sync(lambda: storage.rename(old, new, overwrite=overwrite))
+        """See :meth:`._backend.Backend.rename` (see :meth:`StorageRoot.rename`).
+
+        The directories the file leaves empty go.
+        """
+        storage, prefix = user_storage(self._settings.storage, peer)
+
+        def rename() -> str:
+            renamed = storage.rename(old, new, overwrite=overwrite)
+            self.budget.prune_after_removal(prefix, old)
+            return renamed
+
+        return await trio.to_thread.run_sync(rename)
 
 
 def _is_directory(storage: StorageRoot, name: str) -> bool:

@@ -54,7 +54,7 @@ import trio
 
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
-from ._names import partial_basename, split_name
+from ._names import partial_basename, safe_relative_name, split_name
 from ._storage import PartialFile, StorageRoot
 
 if TYPE_CHECKING:
@@ -567,10 +567,24 @@ class DiskBudget:
         self._prune_locked(directories)
         return removed
 
-    def _prune_locked(self, directories: _Path) -> None:
+    def prune_after_removal(self, prefix: _Path, name: str) -> None:
+        """``name`` (in the root below ``prefix``) was deleted or renamed away: remove its
+        directories left empty (worker thread).
+
+        Under the budget's lock, as a release's pruning, so that no directory an
+        admitted upload is about to use goes; the directories of ``prefix`` (a
+        user's root) stay. Without it, a peer could make directories without
+        end (a file at depth 63, deleted, again) that no quota counted.
+        """
+        directories = split_name(safe_relative_name(name))[0]
+        if directories:
+            with self._lock:
+                self._prune_locked((*prefix, *directories), floor=len(prefix))
+
+    def _prune_locked(self, directories: _Path, *, floor: int = 0) -> None:
         # Keep every directory an admitted upload uses (it may be about to
         # create its partial there); one holding a kept partial is not empty.
-        keep = 0
+        keep = floor
         for path in [a.directories for a in self._active]:
             common = 0
             for mine, theirs in zip(directories, path, strict=False):

@@ -95,6 +95,8 @@ _NO_TMPFILE_ERRNOS: Final = frozenset(
 _PLACEHOLDER_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 # Partial files hold bytes nobody has verified yet: private while receiving.
 _PARTIAL_MODE: Final = 0o600
+#: Tries of a rename whose target directory is pruned under it (see StorageRoot.rename).
+_RENAME_ATTEMPTS: Final = 3
 _HASH_BLOCK: Final = 1 << 20
 _DEFAULT_MAX_ENTRIES: Final = 100_000
 
@@ -409,14 +411,16 @@ class StorageRoot:
         return found
 
     def used_bytes(self) -> int:
-        """Bytes of every regular file below the root, partial files included (for quotas)."""
+        """Bytes below the root, for quotas: every regular file's size, partial files
+        included, and every directory's (as the file system reports it: a block on
+        most disks), so that directories cannot be made without end for free."""
         total = 0
         root_fd = self._open_root(create=False, missing_ok=True)
         if root_fd is None:
             return 0
         with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
             for _directory, entry, _relative in walk:
-                if entry.is_file(follow_symlinks=False):
+                if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
                     with suppress(FileNotFoundError):
                         total += entry.stat(follow_symlinks=False).st_size
         return total
@@ -572,23 +576,40 @@ class StorageRoot:
         with _closing(self._managed_directory(src_dirs, source)) as src_fd:
             _require_regular(src_fd, src_base, source)
             _refuse_busy(src_fd, src_base, source)
-            try:
-                dest_fd = self._open_directory(dest_dirs, target, create=True)
-            except UnsafePathError as exc:
-                raise TransferError(str(exc), "unsafe_path") from None
-            with _closing(dest_fd):
-                _refuse_busy(dest_fd, dest_base, target)
-                existing = _lstat(dest_fd, dest_base)
-                if existing is not None and (not overwrite or stat.S_ISDIR(existing.st_mode)):
-                    raise TransferError(f"{target!r} already exists", "exists")
-                if overwrite:
-                    os.replace(src_base, dest_base, src_dir_fd=src_fd, dst_dir_fd=dest_fd)
-                elif not _move_without_replacing(src_fd, src_base, dest_fd, dest_base):
-                    raise TransferError(f"{target!r} already exists", "exists")
-                os.fsync(dest_fd)
-                if not os.path.samestat(os.fstat(dest_fd), os.fstat(src_fd)):
-                    os.fsync(src_fd)
-        return target
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    dest_fd = self._open_directory(dest_dirs, target, create=True)
+                except UnsafePathError as exc:
+                    raise TransferError(str(exc), "unsafe_path") from None
+                with _closing(dest_fd):
+                    try:
+                        self._move(src_fd, src_base, dest_fd, dest_base, target, overwrite)
+                    except FileNotFoundError:
+                        # The target's directory, made empty, was removed by
+                        # a pruning (after another delete or rename) between
+                        # its opening and the move: make it again.
+                        if attempt == _RENAME_ATTEMPTS or _lstat(src_fd, src_base) is None:
+                            raise
+                        continue
+                    os.fsync(dest_fd)
+                    if not os.path.samestat(os.fstat(dest_fd), os.fstat(src_fd)):
+                        os.fsync(src_fd)
+                    return target
+
+    @staticmethod
+    def _move(
+        src_fd: int, src_base: str, dest_fd: int, dest_base: str, target: str, overwrite: bool
+    ) -> None:
+        _refuse_busy(dest_fd, dest_base, target)
+        existing = _lstat(dest_fd, dest_base)
+        if existing is not None and (not overwrite or stat.S_ISDIR(existing.st_mode)):
+            raise TransferError(f"{target!r} already exists", "exists")
+        if overwrite:
+            os.replace(src_base, dest_base, src_dir_fd=src_fd, dst_dir_fd=dest_fd)
+        elif not _move_without_replacing(src_fd, src_base, dest_fd, dest_base):
+            raise TransferError(f"{target!r} already exists", "exists")
 
     def _managed_directory(self, directories: tuple[str, ...], name: str) -> int:
         try:
