@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,9 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, Server
-from conduit.accounts import Accounts
-from conduit.protocol.pake import MIN_STRETCH
+from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer import _space
+from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
 from hostile_helpers import MiB, hostile
@@ -520,6 +521,87 @@ async def test_directories_are_pruned_and_count_against_the_quota(
         assert (await upload("/".join(f"q{level}" for level in range(20)) + "/f.txt"))["success"]
         over = await upload("more.txt")
         assert over["success"] is False and over["code"] == "quota_exceeded", over
+
+
+class HeldWalk:
+    """``StorageRoot.stored_bytes`` (a quota's walk) held in its thread on its first call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        real = StorageRoot.stored_bytes
+
+        def held(root: StorageRoot) -> int:
+            self.calls += 1
+            counted = real(root)
+            if self.calls == 1:  # a walk that ends late: what it counted may be stale
+                self.entered.set()
+                assert self.release.wait(30), "the held walk was never released"
+            return counted
+
+        monkeypatch.setattr(StorageRoot, "stored_bytes", held)
+
+    async def wait_entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.entered.wait, 30)
+
+
+def _small(name: str, data: bytes) -> dict[str, Any]:
+    return {"name": name, "data": data, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@hostile(
+    "accounts-quota-walk",
+    area="disk",
+    attack="a quota user's uploads make the server walk its whole tree (30,000 files took "
+    "78 ms per upload) while other users upload; the walk is held in its thread here",
+    behaviour="the walk runs outside the disk budget's lock: another user's upload completes "
+    "while it is held; an upload of the quota user that completes meanwhile is seen (the "
+    "walk is done again under the lock), so the held one fails with 'quota_exceeded'",
+    found="the walk ran under the budget's single lock: every other user's upload waited "
+    "for it (1 ms became 120-257 ms)",
+)
+async def test_a_quota_walk_holds_no_one_else_up(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    accounts.add("frank", "pw-frank", quota=300 * 1024)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    alice, frank, frank_again = [await client_factory(server) for _ in range(3)]
+    await as_user(server, alice, accounts, "alice")
+    await as_user(server, frank, accounts, "frank")
+    await as_user(server, frank_again, accounts, "frank")
+    walk = HeldWalk(monkeypatch)
+    held: dict[str, Any] = {}
+
+    async def held_upload() -> None:
+        held.update(
+            await frank.rpc.call("file_upload_small", **_small("first.bin", b"1" * 200_000))
+        )
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held_upload)
+            await walk.wait_entered()
+            # No quota: no walk, and the held one does not stand in its way.
+            answer = await alice.rpc.call("file_upload_small", **_small("a.txt", b"alice"))
+            assert answer["success"], answer
+            # frank's other connection walks (not held) and stores 200 KB.
+            answer = await frank_again.rpc.call(
+                "file_upload_small", **_small("second.bin", b"2" * 200_000)
+            )
+            assert answer["success"], answer
+            assert held == {}
+            walk.release.set()
+    assert held["success"] is False and held["code"] == "quota_exceeded", held
+    assert walk.calls == 3  # the held walk, the second upload's, the held one's again
+    assert visible_files(storage / "frank") == ["second.bin"]
+    assert visible_files(storage / "alice") == ["a.txt"]
 
 
 @hostile(

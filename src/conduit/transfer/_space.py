@@ -28,8 +28,10 @@ opens its partial file. The rules, each enforced here and nowhere else:
   refused with ``busy``.
 * **Isolation.** In accounts mode every user has a :class:`StorageRoot` of
   their own below the storage directory (``AccountRecord.root``), created on
-  demand; ``quota`` counts their stored files, partials and reservations;
-  ``read_only`` refuses uploads with ``forbidden``.
+  demand; ``quota`` counts their stored files and directories, partials and
+  reservations (the walk of their tree runs outside the lock, checked against
+  a count of the changes made below their root meanwhile); ``read_only``
+  refuses uploads with ``forbidden``.
 
 Times: expiries are kept on Trio's clock (a ``MockClock`` drives the sweeper);
 a partial found on disk when the index is first loaded in a run gets the
@@ -252,6 +254,10 @@ class DiskBudget:
         self._lock = threading.Lock()
         self._active: set[Admission] = set()
         self._abandoned: dict[_Path, _Abandoned] = {}
+        # Per quota user's root (its prefix): bumped, under the lock, by every
+        # change this budget sees below it, so that an admission can walk the
+        # tree outside the lock and know whether what it counted still holds.
+        self._generations: dict[_Path, int] = {}
         # Per Trio run: the sweeper task, its wake-up event, the index load.
         self._token: trio.lowlevel.TrioToken | None = None
         self._sweeping = False
@@ -413,6 +419,12 @@ class DiskBudget:
         settings = self._settings
         # Size rules first (invalid_size, too_large); space is decided below.
         storage.check_can_accept(size, settings.max_file_size, offset=max(size, 0))
+        if quota is not None:
+            # The walk of the user's tree takes as long as the tree is big:
+            # done outside the lock, which every user's admission takes.
+            with self._lock:
+                generation = self._generations.setdefault(prefix, 0)
+            stored = storage.stored_bytes()
         with self._lock:
             transfer_id = self._transfer_id(prefix, name, key, owner)
             start = 0
@@ -432,7 +444,9 @@ class DiskBudget:
             self._make_room_on_disk(storage, size - start, own)
             self._make_room_for_partials(size, own)
             if quota is not None:
-                self._make_room_in_quota(storage, prefix, size - start, quota, own)
+                if self._generations[prefix] != generation:
+                    stored = storage.stored_bytes()  # changed since: count again, here
+                self._make_room_in_quota(storage, prefix, stored, size - start, quota, own)
             self._abandoned.pop(own, None)
             self._active.add(admission)
             return admission
@@ -440,6 +454,7 @@ class DiskBudget:
     def _release_sync(self, admission: Admission, now: float) -> None:
         with self._lock:
             self._active.discard(admission)
+            self._changed_locked(admission.path)
             partial = admission.partial
             if partial is not None and not partial.finished:
                 try:
@@ -528,10 +543,24 @@ class DiskBudget:
             )
 
     def _make_room_in_quota(
-        self, storage: StorageRoot, prefix: _Path, needed: int, quota: int, own: _Path
+        self, storage: StorageRoot, prefix: _Path, stored: int, needed: int, quota: int, own: _Path
     ) -> None:
+        """Evict ``prefix``'s abandoned partials until the upload fits in ``quota``.
+
+        Counted: ``stored`` (the walk's published files and directories), the
+        abandoned partials' bytes below ``prefix`` (all partials on disk are
+        indexed: loaded at start, added at each release), the whole size of
+        every admitted upload to this root (written or not), and ``needed``.
+        """
+
         def shortfall() -> int:
-            return storage.used_bytes() + self._reserved(storage) + needed - quota
+            kept = sum(
+                entry.size
+                for path, entry in self._abandoned.items()
+                if path[: len(prefix)] == prefix
+            )
+            admitted = sum(a.size for a in self._active if a.storage.path == storage.path)
+            return stored + kept + admitted + needed - quota
 
         if not self._evict_until(shortfall, own, prefix):
             raise TransferError(
@@ -561,6 +590,7 @@ class DiskBudget:
     def _remove_locked(self, entry: _Abandoned) -> bool:
         """Remove an abandoned partial (unless it is being written) and its empty directories."""
         self._abandoned.pop(entry.path, None)
+        self._changed_locked(entry.path)
         directories, basename = entry.path[:-1], entry.path[-1]
         storage = self._settings.storage
         removed = storage.remove_idle_partial(directories, basename)
@@ -577,9 +607,16 @@ class DiskBudget:
         end (a file at depth 63, deleted, again) that no quota counted.
         """
         directories = split_name(safe_relative_name(name))[0]
-        if directories:
-            with self._lock:
+        with self._lock:
+            self._changed_locked((*prefix, *directories))
+            if directories:
                 self._prune_locked((*prefix, *directories), floor=len(prefix))
+
+    def _changed_locked(self, path: _Path) -> None:
+        """Something below ``path`` changed: a quota walk of a root above it is stale."""
+        for prefix in self._generations:
+            if path[: len(prefix)] == prefix:
+                self._generations[prefix] += 1
 
     def _prune_locked(self, directories: _Path, *, floor: int = 0) -> None:
         # Keep every directory an admitted upload uses (it may be about to

@@ -410,16 +410,19 @@ class StorageRoot:
                 )
         return found
 
-    def used_bytes(self) -> int:
-        """Bytes below the root, for quotas: every regular file's size, partial files
-        included, and every directory's (as the file system reports it: a block on
-        most disks), so that directories cannot be made without end for free."""
+    def stored_bytes(self) -> int:
+        """Bytes below the root, for quotas, partial files left out (the disk budget
+        indexes those): every published regular file's size and every directory's
+        (as the file system reports it: a block on most disks), so that directories
+        cannot be made without end for free."""
         total = 0
         root_fd = self._open_root(create=False, missing_ok=True)
         if root_fd is None:
             return 0
         with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
             for _directory, entry, _relative in walk:
+                if is_partial_name(entry.name):
+                    continue
                 if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
                     with suppress(FileNotFoundError):
                         total += entry.stat(follow_symlinks=False).st_size
