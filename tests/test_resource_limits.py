@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,10 +43,13 @@ from conduit import (
     Server,
     ServerDescriptor,
     TransferProgress,
+    current_peer,
 )
 from conduit._connection import Connection
 from conduit.protocol.codec import data_header
+from conduit.transfer._backend_local import LIST_THREADS
 from conduit.transfer._hashing import HASH_THREADS
+from conduit.transfer._storage import FileEntry, StorageRoot
 from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
@@ -716,6 +720,72 @@ async def test_small_uploads_do_not_wait_for_the_hashing_threads(
     assert stat_answer["data"]["sha256"] == hashlib.sha256(b"b" * 65536).hexdigest()
     stored = sorted(path.name for path in storage.iterdir() if path.name.startswith("small-"))
     assert stored == sorted(f"small-{index}.txt" for index in range(20))
+
+
+@hostile(
+    "file-list-loop",
+    area=AREA,
+    attack="4 connections each keep 5 file_list calls in flight over a tree (each walk "
+    "held for up to 0.2 s, as a tree of tens of thousands of directories takes), while "
+    "another client stats a file",
+    behaviour="listings walk on two threads of their own, one at a time per connection: at "
+    "most 2 walks run at once, never 2 of one connection; every listing and the stat answer",
+    found="listings walked on Trio's default pool of 40 threads with no bound: two "
+    "connections looping file_list over 22,000 directories made another client's "
+    "file_stat take 5.6-16 s",
+)
+async def test_listings_walk_on_a_bounded_pool(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    (storage / "dir").mkdir(parents=True)
+    (storage / "dir" / "f.txt").write_bytes(b"f")
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    listers = [await client_factory(server) for _ in range(4)]
+    other = await client_factory(server)
+    lock = threading.Lock()
+    running: list[str] = []  # the ids of the peers whose walks are running
+    most = 0
+    too_many = threading.Event()  # set as soon as the walks running break a bound
+    real_list_files = StorageRoot.list_files
+
+    def watched(root: StorageRoot, **kwargs: Any) -> list[FileEntry]:
+        nonlocal most
+        peer = current_peer().id  # the walk runs in a copy of the call's context
+        with lock:
+            if peer in running or len(running) == LIST_THREADS:
+                too_many.set()
+            running.append(peer)
+            most = max(most, len(running))
+        try:
+            too_many.wait(0.2)
+            return real_list_files(root, **kwargs)
+        finally:
+            with lock:
+                running.remove(peer)
+
+    monkeypatch.setattr(StorageRoot, "list_files", watched)
+
+    async def list_five(client: Client) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(list_once, client)
+
+    async def list_once(client: Client) -> None:
+        answer = await client.rpc.call("file_list")
+        assert answer["success"] and answer["data"]["files"][0]["name"] == "dir/f.txt", answer
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for client in listers:
+                nursery.start_soon(list_five, client)
+            answer = await other.rpc.call("file_stat", name="dir/f.txt")
+            assert answer["success"], answer
+    assert not too_many.is_set() and most == LIST_THREADS, most
 
 
 @hostile(

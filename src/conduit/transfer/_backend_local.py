@@ -26,11 +26,13 @@ from ._names import safe_relative_name
 from ._rationed import RationedThreads
 from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._space import Admission, BudgetSettings, DiskBudget, user_storage
-from ._storage import StorageRoot
+from ._storage import FileEntry, StorageRoot
 from ._wire import as_rpc_error
 
 #: Worker threads storing batches of small files, all connections together.
 STORE_THREADS = 2
+#: Worker threads walking the tree for ``file_list``, all connections together.
+LIST_THREADS = 2
 
 #: Seconds the Trio thread may wait inline for one small file's store (see
 #: :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
@@ -72,6 +74,11 @@ class LocalBackend:
         # hashes any peer can ask for in a loop (seconds for a large file);
         # their own re-run hashing reads only same-size files, small ones.
         self._stores = RationedThreads("stores", STORE_THREADS)
+        # Listings: one walk at a time per connection, on threads of their
+        # own. On Trio's default pool, two connections looping file_list over
+        # a tree of many directories held its threads and everyone's
+        # file_stat and downloads waited seconds.
+        self._listings = RationedThreads("listing", LIST_THREADS)
 
     def root_for(self, peer: Peer | None) -> StorageRoot:
         """The root ``peer`` sees: its user's root in accounts mode, else the storage."""
@@ -134,9 +141,14 @@ class LocalBackend:
     ) -> list[dict[str, Any]]:
         """See :meth:`._backend.Backend.list_files`."""
         storage = self.root_for(peer)
-        entries = await trio.to_thread.run_sync(
-            lambda: storage.list_files(max_entries=max_entries, prefix=prefix)
-        )
+
+        def walk() -> list[FileEntry]:
+            return storage.list_files(max_entries=max_entries, prefix=prefix)
+
+        if peer is None:  # the application's own call: no connection to ration
+            entries = await trio.to_thread.run_sync(walk)
+        else:
+            entries = await self._listings.run(peer.connection, walk)
         return [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
 
     async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:
