@@ -39,7 +39,14 @@ from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
 from hostile_helpers import MiB, hostile
-from transfer_helpers import Cutter, file_sha256, make_file, partial_files, visible_files
+from transfer_helpers import (
+    Cutter,
+    file_sha256,
+    make_file,
+    partial_files,
+    upload_partial_name,
+    visible_files,
+)
 
 Volume = Callable[[int], Path]
 
@@ -521,6 +528,55 @@ async def test_directories_are_pruned_and_count_against_the_quota(
         assert (await upload("/".join(f"q{level}" for level in range(20)) + "/f.txt"))["success"]
         over = await upload("more.txt")
         assert over["success"] is False and over["code"] == "quota_exceeded", over
+
+
+@hostile(
+    "partial-owner-after-restart",
+    area="disk",
+    attack="shared password: a client from 127.0.0.1 left a partial upload; the server "
+    "restarts; a client from 127.0.0.2 that knows (or guessed) the transfer key begins the "
+    "same upload, then again with restart=True",
+    behaviour="the partial's name is derived from the key and its owner, so the index rebuilt "
+    "from the disk still tells them apart: the stranger gets partials of its own (offset 0) "
+    "and the first partial is left whole; its owner then resumes it",
+    found="a partial found on disk at a restart belonged to no one: the stranger got its "
+    "offset and the SHA-256 of its prefix, and with restart=True wiped it",
+)
+async def test_a_partial_keeps_its_owner_through_a_restart(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    key, size = "k" * 32, 10_000
+    kept = b"p" * 4096  # what the owner's upload left before the restart
+    owners_partial = storage / upload_partial_name("victim.bin", key)
+    owners_partial.write_bytes(kept)
+    transfer = FileTransferHandler(storage_dir=storage)  # a fresh server: index from the disk
+    server = await server_factory(register=transfer.register_server_handlers)
+    assert server.port is not None
+    with trio.fail_after(30):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address="127.0.0.2")
+        stranger = Client(client_descriptor(server.port))
+        await stranger.connect(stream=stream)
+        try:
+            for restart in (False, True):
+                answer = await stranger.rpc.call(
+                    "file_upload_begin", name="victim.bin", size=size, key=key, restart=restart
+                )
+                assert answer["success"] and answer["data"]["offset"] == 0, answer
+                await stranger.rpc.call(
+                    "file_upload_finish", stream_id=answer["data"]["stream_id"], abandon=True
+                )
+        finally:
+            await stranger.disconnect()
+        assert owners_partial.read_bytes() == kept
+        owner = await client_factory(server)
+        answer = await owner.rpc.call("file_upload_begin", name="victim.bin", size=size, key=key)
+        assert answer["success"] and answer["data"]["offset"] == len(kept), answer
+        assert answer["data"]["prefix_sha256"] == hashlib.sha256(kept).hexdigest()
+        await owner.rpc.call(
+            "file_upload_finish", stream_id=answer["data"]["stream_id"], abandon=True
+        )
 
 
 class HeldWalk:

@@ -57,6 +57,7 @@ from transfer_helpers import (
     make_file,
     partial_files,
     tree_snapshot,
+    upload_partial_name,
     visible_files,
     write_bytes,
 )
@@ -657,7 +658,7 @@ async def test_symlinked_file_in_storage_is_never_followed(
     link = storage / "escape.txt"
     link.symlink_to(outside / "secret.txt")
     # A symlink planted where the partial file for "victim.bin" (key KEY) would go.
-    (storage / partial_basename("victim.bin", KEY)).symlink_to(outside / "secret.txt")
+    (storage / upload_partial_name("victim.bin", KEY)).symlink_to(outside / "secret.txt")
     outside_before = tree_snapshot(outside)
     with trio.fail_after(30):
         fs = await file_server_factory(storage, overwrite=overwrite)
@@ -1034,7 +1035,7 @@ async def test_upload_restarts_when_the_kept_partial_does_not_match(
         source = tmp_path / "outbox" / "same-key.bin"
         checksum = await make_file(source, size)
         key = transfer_key("same-key.bin", size, source.stat().st_mtime_ns)
-        stale = fs.storage / partial_basename("same-key.bin", key)
+        stale = fs.storage / upload_partial_name("same-key.bin", key)
         write_bytes(stale, os.urandom(CHUNK))
         client = await client_factory(fs.server)
         sender = FileTransferHandler(storage_dir=tmp_path / "client")

@@ -21,6 +21,8 @@ import trio
 
 from conduit import FileTransferHandler, Server
 from conduit._connection import Connection
+from conduit.transfer._names import partial_basename
+from conduit.transfer._space import owned_transfer_id
 from conftest import Direction, ServerFactory, Tamper, TcpProxy
 from hostile_names import PARTIAL_PREFIX
 
@@ -42,6 +44,15 @@ async def storage_server(
 
 
 # --------------------------------------------------------------------------- files
+
+
+#: Who owns a loopback test client's uploads in shared-password mode (its address).
+LOOPBACK_OWNER = "host:127.0.0.1"
+
+
+def upload_partial_name(name: str, key: str, owner: str = LOOPBACK_OWNER) -> str:
+    """The basename of the partial file a server keeps for ``owner``'s upload of ``name``."""
+    return partial_basename(name, owned_transfer_id(key, owner))
 
 
 def write_random_file(path: Path, size: int) -> str:

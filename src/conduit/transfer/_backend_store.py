@@ -40,7 +40,6 @@ import hashlib
 import hmac
 import itertools
 import logging
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -58,7 +57,7 @@ from ._engine import records_of
 from ._hashing import HashGate
 from ._names import collision_candidates, safe_relative_name, split_name
 from ._rerun import MAX_VARIANTS, skipped_result
-from ._space import MAX_ABANDONED_PER_OWNER, check_writable, partial_owner
+from ._space import MAX_ABANDONED_PER_OWNER, check_writable, owned_transfer_id, partial_owner
 from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
@@ -242,13 +241,6 @@ class _Kept:
     modified: float  # wall clock
 
 
-def _transfer_id(key: str | None, owner: str) -> str:
-    """The partial's id: the sender's key bound to its owner (a one-off id without a key)."""
-    if key is None:
-        return secrets.token_hex(16)
-    return hashlib.sha256(f"{key}\0{owner}".encode()).hexdigest()[:32]
-
-
 # --------------------------------------------------------------------------- backend
 
 
@@ -332,7 +324,7 @@ class StoreBackend:
         settings = self._settings
         root, store, quota, used = await self._checked(peer, size)
         owner = partial_owner(peer)
-        transfer_id = _transfer_id(key, owner)
+        transfer_id = owned_transfer_id(key, owner)
         connection = peer.connection
         uploads: set[_Upload] | None = connection.owned.get(self)
         if uploads is None:

@@ -22,8 +22,10 @@ opens its partial file. The rules, each enforced here and nowhere else:
   so tiny partials cannot pile up inodes and directories.
 * **Ownership.** A partial is bound to who created it (the user in accounts
   mode; the client's network address in shared-password mode) until it
-  expires: another client sending a file with the same transfer key gets a
-  partial of its own and can neither resume, reset nor truncate the first.
+  expires: its id, and so its file name, is derived from the transfer key and
+  the owner (:func:`owned_transfer_id`), so another client sending a file with
+  the same transfer key gets a partial of its own and can neither resume,
+  reset nor truncate the first, before or after a restart of the server.
   With ``overwrite=True`` an upload to a name another upload is writing is
   refused with ``busy``.
 * **Isolation.** In accounts mode every user has a :class:`StorageRoot` of
@@ -56,7 +58,7 @@ import trio
 
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
-from ._names import partial_basename, safe_relative_name, split_name
+from ._names import check_transfer_id, partial_basename, safe_relative_name, split_name
 from ._storage import PartialFile, StorageRoot
 
 if TYPE_CHECKING:
@@ -104,6 +106,22 @@ class _OneShotIds:
 
 
 _ONE_SHOT_IDS = _OneShotIds()
+
+
+def owned_transfer_id(key: str | None, owner: str) -> str:
+    """A partial's id: the sender's transfer key bound to its owner; a one-off id without a key.
+
+    Derived, never the key itself, so the partial's name carries its owner
+    (:func:`partial_owner`) through a restart of the server, whose index,
+    rebuilt from the disk, knows no owners: a client at another address that
+    knows or guesses the key gets a partial of its own, never the first
+    one's offset and prefix digest. Both backends derive it so. The key is
+    checked first (``UnsafePathError``: 1-64 characters of ``[A-Za-z0-9_-]``).
+    """
+    if key is None:
+        return _ONE_SHOT_IDS.new()
+    check_transfer_id(key)
+    return hashlib.sha256(f"{key}\0{owner}".encode()).hexdigest()[:32]
 
 
 def check_writable(peer: Peer | None) -> None:
@@ -426,7 +444,7 @@ class DiskBudget:
                 generation = self._generations.setdefault(prefix, 0)
             stored = storage.stored_bytes()
         with self._lock:
-            transfer_id = self._transfer_id(prefix, name, key, owner)
+            transfer_id = owned_transfer_id(key, owner)
             start = 0
             if not restart and key is not None:
                 start = storage.find_partial(name, transfer_id) or 0
@@ -493,20 +511,6 @@ class DiskBudget:
                 log.info(
                     "evicted abandoned partial %s: too many for %s", "/".join(entry.path), owner
                 )
-
-    def _transfer_id(self, prefix: _Path, name: str, key: str | None, owner: str) -> str:
-        """The key itself, unless another owner's partial holds it: then a partial of our own."""
-        if key is None:
-            return _ONE_SHOT_IDS.new()
-        directories, basename = split_name(name)
-        path = (*prefix, *directories, partial_basename(basename, key))
-        holders = [a.owner for a in self._active if a.path == path]
-        abandoned = self._abandoned.get(path)
-        if abandoned is not None and abandoned.owner:
-            holders.append(abandoned.owner)
-        if all(holder == owner for holder in holders):
-            return key
-        return hashlib.sha256(f"{key}\0{owner}".encode()).hexdigest()[:32]
 
     def _reserved(self, storage: StorageRoot | None = None) -> int:
         return sum(
@@ -639,6 +643,7 @@ __all__ = [
     "Admission",
     "DiskBudget",
     "OneShotAdmitter",
+    "owned_transfer_id",
     "partial_owner",
     "user_storage",
 ]
