@@ -35,12 +35,18 @@ async def test_progress_reports_and_rates_follow_the_trio_clock(
     mock_clock.jump(REPORT_INTERVAL)
     await reporter.advance(100)
     assert len(reports) == 2
+    await reporter.advance(100)
+    assert len(reports) == 2  # throttled: finish() reports it
     mock_clock.jump(1.9)
     final = await reporter.finish()
-    assert reports[-1] is final
-    assert final.transferred == 400
+    assert reports[-1] is final and len(reports) == 3
+    assert final.transferred == 500
     assert final.elapsed == REPORT_INTERVAL + 1.9  # exactly the mock time
-    assert final.speed == 300 / final.elapsed  # bytes of this attempt only
+    assert final.speed == 400 / final.elapsed  # bytes of this attempt only
+    # A count already reported is not reported again (the guide's example
+    # printed "100.0%100.0%" for a file sent in one block).
+    assert (await reporter.finish()).transferred == 500
+    assert len(reports) == 3
 
 
 def _stale_partial(storage: Path, name: str) -> Path:

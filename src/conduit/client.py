@@ -10,6 +10,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from . import _heartbeats as heartbeats
@@ -86,6 +87,18 @@ async def _connect(raw: socket.socket, address: Any) -> None:
         raise OSError(code, f"connect to {address!r} failed: {os.strerror(code)}")
 
 
+@attrs.define(eq=False)
+class _Connecting:
+    """A :meth:`Client.connect` on its way: the one a concurrent ``connect()``
+    waits for (one connect at a time), and the one ``disconnect()`` cancels."""
+
+    #: Around the connect's work (taking over from a reconnect, dialling, the
+    #: handshake): cancelled by disconnect(), which must win.
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: Set once that connect has returned or raised.
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
 class Client(Endpoint):
     """A conduit client.
 
@@ -117,6 +130,11 @@ class Client(Endpoint):
         self._resume_token = b""
         #: disconnect() was called: no reconnect, whatever happens.
         self._stopping = False
+        #: How many times disconnect() was called: a connect() that sees it
+        #: change while it waited or worked lost to a disconnect.
+        self._disconnects = 0
+        #: The connect() on its way, if any (one at a time).
+        self._connecting: _Connecting | None = None
         #: The background task that runs the connection and reconnects it,
         #: and the event it sets once it has exited.
         self._supervisor: trio.CancelScope | None = None
@@ -188,9 +206,19 @@ class Client(Endpoint):
 
     @property
     def server(self) -> Peer:
-        """The server as a :class:`Peer` (for streams and advanced use)."""
+        """The server as a :class:`Peer` (for streams and advanced use).
+
+        Raises :class:`~conduit.ConnectionClosed` before the first connect and
+        after :meth:`disconnect`. While a lost connection is being
+        re-established it is the lost session's Peer (closed): file transfers
+        started then wait for the reconnect (see :attr:`reconnecting`).
+        """
         if self._peer is None:
             raise ConnectionClosed("not connected")
+        if self._stopping:
+            # The last session is over for good: a transfer started now must
+            # raise, not fail on a closed connection (docs/file-transfer.md).
+            raise ConnectionClosed("disconnected: call connect() first")
         return self._peer
 
     def _current_connection(self) -> Connection:
@@ -228,29 +256,92 @@ class Client(Endpoint):
         descriptor's TLS settings are not applied (wrap it in
         :class:`trio.SSLStream` yourself), and it is closed when the connection
         ends or the handshake fails.
+
+        One connect at a time: a ``connect()`` made while another is on its
+        way (two tasks, or ``asyncio.gather``) waits for it, then returns if it
+        connected (closing its own ``stream``, if given), or tries itself if it
+        failed. :meth:`disconnect` called while a ``connect()`` is on its way
+        wins: that connect (and any waiting for it) closes whatever it opened
+        and raises :class:`~conduit.ConnectionClosed`.
         """
         if self.connected:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             return
-        if self._supervisor is not None:
-            # Reconnecting in the background: this call takes over.
-            self._supervisor.cancel()
-            await self._supervisor_exited.wait()
-        self._stopping = False
-        peer = await self._establish(stream)
+        disconnects = self._disconnects
+        if self._connecting is not None and await self._wait_turn(stream, disconnects):
+            return
+        connecting = self._connecting = _Connecting()
+        try:
+            await self._connect(stream, connecting.scope, disconnects)
+        finally:
+            self._connecting = None
+            connecting.done.set()
+
+    async def _wait_turn(self, stream: trio.abc.Stream | None, disconnects: int) -> bool:
+        """Wait for the connect() on its way; whether it connected (then
+        ``stream`` is closed, unused), else it is our turn to try.
+
+        ``disconnects``: disconnect()'s count when our connect() began; a
+        disconnect() since makes it lose (ConnectionClosed) too.
+        """
+        try:
+            while (pending := self._connecting) is not None:
+                await pending.done.wait()
+                if self._disconnects != disconnects:
+                    raise ConnectionClosed("disconnect() was called during connect()")
+                if self.connected:
+                    if stream is not None:
+                        await trio.aclose_forcefully(stream)
+                    return True
+                # It failed (or its connection is lost already): our turn,
+                # unless another waiter took it first.
+        except BaseException:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise
+        return False
+
+    async def _connect(
+        self, stream: trio.abc.Stream | None, scope: trio.CancelScope, disconnects: int
+    ) -> None:
+        """connect()'s work, by the one connect() on its way (``scope``:
+        cancelled by disconnect(); ``disconnects``: the count it started at)."""
+        peer: Peer | None = None
+        with scope:
+            try:
+                if self._supervisor is not None:
+                    # Reconnecting in the background: this call takes over.
+                    self._supervisor.cancel()
+                    await self._supervisor_exited.wait()
+            except BaseException:
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)
+                raise
+            self._stopping = False
+            peer = await self._establish(stream)
+        if self._disconnects != disconnects:
+            # disconnect() was called meanwhile: it wins. Cancelled before the
+            # handshake was done, the stream is closed already; else the new
+            # session is said goodbye to and closed here, never run.
+            if peer is not None:
+                with trio.CancelScope(shield=True):
+                    await _close_unrun(peer, "client disconnected")
+            raise ConnectionClosed("disconnect() was called during connect()")
+        assert peer is not None  # not cancelled: only disconnect() cancels the scope
         self._redial = stream is None
         # The connection outlives this call, so it cannot live in the caller's
         # nursery: it runs as a system task of the current Trio run (under the
         # asyncio shim, of the loop's guest run) and ends with disconnect().
         # Not waited for: the connection takes calls, spawns and a close
         # before its task has started (Connection.will_run), and waiting
-        # would cost every connect two scheduling passes.
-        self._finished = trio.Event()
-        self._supervisor_exited = trio.Event()
-        self._supervisor = trio.CancelScope()
+        # would cost every connect two scheduling passes. Its scope and events
+        # are handed to it: a later connect() replaces the attributes.
+        finished = self._finished = trio.Event()
+        exited = self._supervisor_exited = trio.Event()
+        supervisor = self._supervisor = trio.CancelScope()
         peer.connection.will_run()
-        trio.lowlevel.spawn_system_task(self._supervise, peer)
+        trio.lowlevel.spawn_system_task(self._supervise, peer, supervisor, finished, exited)
 
     async def _establish(self, stream: trio.abc.Stream | None) -> Peer:
         """Dial (unless given ``stream``) and authenticate; the new session's Peer."""
@@ -346,15 +437,20 @@ class Client(Endpoint):
             stream = ssl_stream
         return stream
 
-    async def _supervise(self, peer: Peer) -> None:
-        """Run the connection; when it is lost, reconnect and run the new one, until done."""
-        scope, finished, exited = self._supervisor, self._finished, self._supervisor_exited
-        assert scope is not None
+    async def _supervise(
+        self, peer: Peer, scope: trio.CancelScope, finished: trio.Event, exited: trio.Event
+    ) -> None:
+        """Run the connection; when it is lost, reconnect and run the new one, until done.
+
+        ``scope`` (cancelled to stop this), ``finished`` and ``exited`` are
+        this supervisor's own, given by the connect() that started it: read
+        from ``self`` when the task first runs, they may already be another's.
+        """
         try:
             with scope:
                 first = True
                 while True:
-                    await self._run_connection(peer, reconnected=not first)
+                    await self._run_connection(peer, finished, reconnected=not first)
                     if not self._should_reconnect(peer):
                         return
                     self._changed.unpark_all()
@@ -379,7 +475,7 @@ class Client(Endpoint):
             and not peer.connection.closed_on_purpose
         )
 
-    async def _run_connection(self, peer: Peer, *, reconnected: bool) -> None:
+    async def _run_connection(self, peer: Peer, finished: trio.Event, *, reconnected: bool) -> None:
         def on_started() -> None:
             self._changed.unpark_all()
             if reconnected:
@@ -391,7 +487,7 @@ class Client(Endpoint):
             if not self._should_reconnect(peer):
                 # Say so now, not after the disconnect hooks: transfers waiting
                 # for a reconnect give up at once.
-                self._finished.set()
+                finished.set()
             self._changed.unpark_all()
 
         await self._run_session(peer, (), on_started=on_started, on_ended=ended)
@@ -439,8 +535,18 @@ class Client(Endpoint):
 
     @bridged
     async def disconnect(self, reason: str = "client disconnected") -> None:
-        """Close the connection gracefully and stop reconnecting; a no-op when not connected."""
+        """Close the connection gracefully and stop reconnecting; a no-op when not connected.
+
+        A :meth:`connect` on its way loses: it closes what it opened and
+        raises :class:`~conduit.ConnectionClosed`; this returns once it has.
+        """
         self._stopping = True
+        self._disconnects += 1
+        connecting = self._connecting
+        if connecting is not None:
+            connecting.scope.cancel()
+            await connecting.done.wait()
+        # After that connect: its handshake may have brought a new token.
         self._resume_token = b""
         if self._peer is not None:
             await self._peer.connection.close(reason)
@@ -486,6 +592,20 @@ class Client(Endpoint):
         traceback: TracebackType | None,
     ) -> None:
         await self.disconnect()
+
+
+async def _close_unrun(peer: Peer, reason: str) -> None:
+    """Say goodbye on ``peer``'s new connection and close it, without serving it.
+
+    Its run() starts nothing on a connection closed before it ran (no
+    reading, no hooks: see :meth:`Connection.will_run`); it only closes the
+    socket, once close() has sent the GOODBYE.
+    """
+    connection = peer.connection
+    connection.will_run()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connection.run)
+        await connection.close(reason)
 
 
 __all__ = ["Client"]

@@ -12,8 +12,9 @@ from .._callbacks import invoke
 
 Direction = Literal["upload", "download", "push", "receive"]
 
-#: Progress callbacks run at most this often (plus once at the end), so a
-#: 16,000-chunk file does not call user code 16,000 times.
+#: Progress callbacks run at most this often, plus once at the end unless the
+#: last report already showed the final count, so a 16,000-chunk file does not
+#: call user code 16,000 times.
 REPORT_INTERVAL = 0.1
 
 
@@ -93,6 +94,9 @@ class ProgressReporter:
         # MockClock starts at 0).
         self._last_report = float("-inf")
         self.transferred = resumed_from
+        # The count the last report showed: finish() does not repeat it (a
+        # file sent in one block reported 100% twice, back to back).
+        self._reported: int | None = None
 
     def snapshot(self) -> TransferProgress:
         """The current state."""
@@ -111,11 +115,14 @@ class ProgressReporter:
         now = trio.current_time()
         if self._callback is not None and now - self._last_report >= REPORT_INTERVAL:
             self._last_report = now
+            self._reported = self.transferred
             await invoke(self._callback, self.snapshot())
 
     async def finish(self) -> TransferProgress:
-        """Report the final state (always, so a callback sees 100%)."""
+        """Report the final state, unless the last report already showed it (so a
+        callback always sees 100%, once)."""
         final = self.snapshot()
-        if self._callback is not None:
+        if self._callback is not None and self._reported != self.transferred:
+            self._reported = self.transferred
             await invoke(self._callback, final)
         return final
