@@ -1070,10 +1070,15 @@ def test_a_held_root_serves_this_threads_operations_and_is_closed_after(
     assert read_back(storage, "sub/held.bin") == b"second"
 
 
+def size_of(info: os.stat_result | None) -> int:
+    assert info is not None
+    return info.st_size
+
+
 def test_a_held_root_is_used_as_it_is_for_a_top_level_check_and_sync(
     storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A small file's re-run check (published_size) and its directory's fsync
+    # A small file's re-run check (entry_stat) and its directory's fsync
     # use the held descriptor itself for a name at the top: no dup, no close,
     # no open. A name in a subdirectory still opens (and closes) its directory.
     receive(storage, "top.bin", b"top")
@@ -1098,14 +1103,14 @@ def test_a_held_root_is_used_as_it_is_for_a_top_level_check_and_sync(
         monkeypatch.setattr(os, "dup", dup)
         monkeypatch.setattr(os, "close", close)
         monkeypatch.setattr(os, "open", open_)
-        assert storage.published_size("top.bin") == 3
-        assert storage.published_size("missing.bin") is None
+        assert size_of(storage.entry_stat("top.bin")) == 3
+        assert storage.entry_stat("missing.bin") is None
         storage.sync_directories(["top.bin"])
         assert calls == []
-        assert storage.published_size("sub/deep.bin") == 4
+        assert size_of(storage.entry_stat("sub/deep.bin")) == 4
         storage.sync_directories(["sub/deep.bin"])
         assert calls.count("close") == calls.count("dup") + calls.count("open") > 0
         monkeypatch.undo()
     assert not opened_since(before)
     # The hold ended with its descriptor closed; the root still works unheld.
-    assert storage.published_size("top.bin") == 3
+    assert size_of(storage.entry_stat("top.bin")) == 3

@@ -206,6 +206,30 @@ async def test_download_rerun_is_skipped_not_copied(
     assert len(_visible(out)) == 2
 
 
+@pytest.mark.parametrize("direction", ["download", "upload"])
+async def test_a_rerun_past_a_directory_taking_the_name_is_skipped(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, direction: str
+) -> None:
+    # The first copy went past a directory holding the name ("f (1).bin"); a
+    # re-run must find it there, not store "f (2).bin", "f (3).bin", ...
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    data = os.urandom(BIG)
+    source = tmp_path / ("server" if direction == "download" else "outbox") / "f.bin"
+    _write(source, data)
+    target = tmp_path / "out" if direction == "download" else tmp_path / "server" / "in"
+    (target / "f.bin").mkdir(parents=True)
+    with trio.fail_after(60):
+        for _ in range(3):
+            if direction == "download":
+                result = await transfer.receive_from_server(client, "f.bin", local_dir=target)
+            else:
+                result = await transfer.send_to_server(client, source, remote_name="in/f.bin")
+            assert result["success"] is True, result
+    assert result["skipped"] is True and result["reason"] == "already_there", result
+    assert (target / "f (1).bin").read_bytes() == data
+    assert sorted(path.name for path in target.iterdir()) == ["f (1).bin", "f.bin"]
+
+
 # --------------------------------------------------------------------------- delete and rename
 
 

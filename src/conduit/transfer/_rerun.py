@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,16 +51,18 @@ def _candidates(storage: StorageRoot, name: str, size: int) -> list[str]:
 
     The variants are those a non-overwriting publish would have produced, in
     the same order, so the walk stops at the first name that was never taken.
+    A name taken by something else (a directory, a symlink) does not stop it:
+    a publish went past it too.
     """
     directories, basename = split_name(name)
     found = []
     variants = itertools.islice(collision_candidates(basename), MAX_VARIANTS)
     for candidate in itertools.chain([basename], variants):
         full = "/".join((*directories, candidate))
-        existing = storage.published_size(full)
-        if existing is None:
+        info = storage.entry_stat(full)
+        if info is None:
             break
-        if existing == size:
+        if stat.S_ISREG(info.st_mode) and info.st_size == size:
             found.append(full)
     return found
 

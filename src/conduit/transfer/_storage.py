@@ -522,8 +522,9 @@ class StorageRoot:
         with _closing(fd):
             return (hash_fd or _hash_fd)(fd, size)
 
-    def published_size(self, name: str) -> int | None:
-        """Size of the published regular file ``name``, or ``None`` (no symlink is followed)."""
+    def entry_stat(self, name: str) -> os.stat_result | None:
+        """``lstat`` of whatever is at ``name`` (a file, a directory, a symlink: never
+        followed), or ``None`` when nothing is (or its directory cannot be reached)."""
         safe = safe_relative_name(name)
         directories, basename = split_name(safe)
         try:
@@ -531,11 +532,10 @@ class StorageRoot:
         except (FileNotFoundError, UnsafePathError, TransferError):
             return None
         try:
-            info = _lstat(dir_fd, basename)
+            return _lstat(dir_fd, basename)
         finally:
             if owned:
                 os.close(dir_fd)
-        return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else None
 
     def is_directory(self, name: str) -> bool:
         """Whether ``name`` is a directory below the root (symlinks are not followed)."""
