@@ -1,6 +1,7 @@
 """A client's lifecycle when its own calls overlap: connect() racing connect(),
 disconnect() during a connect(), what a disconnected client's transfers do,
-and the final progress each file reports.
+the final progress each file reports, and a hook still running when
+asyncio.run() ends.
 
 Real loopback sockets throughout (the fixtures of conftest.py, a silent TCP
 listener for a server that never answers, a :class:`CuttingProxy` for a lost
@@ -10,6 +11,7 @@ link); the asyncio cases run the guide's way, under ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from pathlib import Path
@@ -275,6 +277,37 @@ def test_disconnect_during_connect_wins_under_asyncio() -> None:
                 assert not connected(client) and not reconnecting(client)
 
     asyncio.run(main())
+
+
+def test_a_hook_still_running_when_asyncio_run_ends_is_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hook_ran = []
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+        running = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        client = Client(client_descriptor(port))
+
+        @client.on_connect
+        async def slow_hook() -> None:
+            hook_ran.append(True)
+            await asyncio.sleep(30)  # still running when main() returns
+
+        await asyncio.wait_for(client.connect(), 10)
+        for _ in range(500):
+            if hook_ran:
+                break
+            await asyncio.sleep(0.01)
+        assert hook_ran
+        running.cancel()
+
+    with caplog.at_level(logging.DEBUG, logger="conduit"):
+        asyncio.run(main())  # returns without disconnect(): asyncio cancels the hook
+    errors = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert errors == [], [record.getMessage() for record in errors]
+    assert any("was cancelled by asyncio" in record.getMessage() for record in caplog.records)
 
 
 # ----------------------------------------------------------- after disconnect()

@@ -21,6 +21,7 @@ from ._handshake_io import Established
 from ._heartbeats import Heartbeats
 from ._peer import Peer
 from ._rpc import Handlers
+from .errors import CallbackCancelledError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -156,10 +157,15 @@ class Endpoint:
                         await self._run_hook(hook, hook_args, "disconnect")
 
     async def _run_hook(self, hook: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
+        about = f" for client {args[0].id}" if args else ""
         try:
             await invoke(hook, *args)
+        except CallbackCancelledError:
+            # Its asyncio task was cancelled from the asyncio side: most often
+            # asyncio.run() ending with the hook still running, a normal
+            # shutdown and no bug of the hook's.
+            self._log.debug("%s hook %r was cancelled by asyncio%s", what, hook, about)
         except Exception:  # a hook's bug is the application's; log it, keep serving
-            about = f" for client {args[0].id}" if args else ""
             self._log.exception("%s hook %r failed%s", what, hook, about)
 
 
