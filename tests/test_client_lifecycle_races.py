@@ -345,6 +345,27 @@ async def test_transfers_after_disconnect_raise_connection_closed(
         ]
 
 
+async def test_transfers_after_the_connection_ended_for_good_raise_connection_closed(
+    tmp_path: Path, server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(
+        register=lambda s: FileTransferHandler(tmp_path / "store").register_server_handlers(s)
+    )
+    client = await client_factory(server, reconnect_enabled=False)
+    source = tmp_path / "up.txt"
+    source.write_bytes(b"y" * 100)
+    transfer = FileTransferHandler(tmp_path / "client")
+    assert client.id is not None
+    with trio.fail_after(10):
+        await server.clients[client.id].close("closed by the test")
+        await wait_until(lambda: not connected(client) and not reconnecting(client))
+        # No reconnect will come: as after disconnect(), nothing to wait for.
+        with pytest.raises(ConnectionClosed, match="closed by the test"):
+            await transfer.send_to_server(client, source)
+        with pytest.raises(ConnectionClosed):
+            await transfer.receive_from_server(client, "up.txt", tmp_path / "down")
+
+
 async def test_a_transfer_started_while_reconnecting_waits_for_it(
     tmp_path: Path, server_factory: ServerFactory
 ) -> None:

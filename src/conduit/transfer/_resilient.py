@@ -11,9 +11,9 @@ happen on their own:
   reconnect (:class:`~conduit.ClientDescriptor` ``reconnect_*``) and try again
   on the new connection; give up with the attempt's failure dict when the
   client does not reconnect (disabled, gave up, refused, ``disconnect()``).
-  A client already disconnected on purpose when the transfer starts raises
-  ``ConnectionClosed`` (:attr:`~conduit.Client.server` does), as one never
-  connected does: there is nothing to wait for.
+  A client already disconnected (on purpose, or for good: no reconnect) when
+  the transfer starts raises ``ConnectionClosed``, as one never connected
+  does: there is nothing to wait for.
 * server side (``send_to_client``): wait, up to a timeout, for the client id
   to come back (a reconnecting client keeps its id), then push again.
 
@@ -54,11 +54,15 @@ _BUSY_TRIES = 20
 async def on_client(client: Client, attempt: Attempt) -> dict[str, Any]:
     """Run ``attempt`` on the client's connection, again after each reconnect.
 
-    Raises ``ConnectionClosed`` when the client was never connected or was
-    disconnected (``disconnect()``); a client that is reconnecting gives the
-    lost session's Peer: the attempt fails on it and waits for the reconnect.
+    Raises ``ConnectionClosed`` when the client was never connected, was
+    disconnected (``disconnect()``) or lost its connection for good (no
+    reconnect: disabled, given up, refused); a client that is reconnecting
+    gives the lost session's Peer: the attempt fails on it and waits for the
+    reconnect.
     """
     peer = client.server  # raises when disconnected on purpose
+    if not peer.connected and not client.reconnecting:
+        raise ConnectionClosed(peer.connection.close_reason or "connection closed")
     result = await attempt(peer)
     for _ in range(MAX_RESUMES):
         if result.get("success") or peer.connected:
