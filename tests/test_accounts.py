@@ -89,6 +89,9 @@ def test_invalid_usernames_are_refused(tmp_path: Path, username: str) -> None:
         "a\x00b",
         "a\x1fb",
         "x" * 256,
+        ".conduit",  # an S3 store's control keys: its sweeper acts on them
+        "alice/.conduit",
+        ".hidden/alice",
     ],
 )
 def test_invalid_roots_are_refused(tmp_path: Path, root: str) -> None:

@@ -132,6 +132,11 @@ def check_root(root: object) -> str:
         raise ValueError(f"root {root!r} must be relative to the storage directory")
     if any(part in ("", ".", "..") for part in root.split("/")):
         raise ValueError(f"root {root!r} must not contain empty, '.' or '..' components")
+    if any(part.startswith(".") for part in root.split("/")):
+        # Hidden names are conduit's own (partial files; an S3 store's
+        # .conduit/ control keys, which its sweeper acts on): a user's files
+        # must never live among them.
+        raise ValueError(f"root {root!r} must not contain hidden components (starting with '.')")
     return root
 
 
