@@ -304,6 +304,127 @@ async def test_unreadable_state_starts_afresh(
     assert await store.discard_partial("g.bin", "k") is False
 
 
+async def test_a_rename_never_lands_on_a_name_an_upload_reserved(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    other = make_store(s3_url, s3_client_factory)  # another node
+    data = os.urandom(PART + 10)
+    upload = await store.open_partial("big.bin", "t-big", resume=False)  # reserves big.bin
+    await append_in_blocks(upload, data)
+    small = b"small"
+    await other.put_file("small.txt", small, sha256=hashlib.sha256(small).hexdigest())
+    assert await other.rename("small.txt", "big.bin") == "big (1).bin"
+    with pytest.raises(TransferError) as refused:
+        await other.rename("big (1).bin", "big.bin", overwrite=True)
+    assert refused.value.code == "busy"
+    assert await upload.publish(expected_sha256=hashlib.sha256(data).hexdigest()) == "big.bin"
+    assert await read_all(await store.open_reader("big.bin")) == data
+    assert await read_all(await store.open_reader("big (1).bin")) == small
+
+
+@pytest.mark.parametrize("when", ["before the copy", "between the copy and the delete"])
+async def test_a_rename_keeps_a_file_written_at_its_source_meanwhile(
+    s3_url: str, s3_client_factory: ClientFactory, when: str
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    old, new = b"old bytes", b"new bytes, written during the rename"
+    await store.put_file("a.txt", old, sha256=hashlib.sha256(old).hexdigest())
+    source = store.location.key("a.txt")
+    real_copy = store.client.copy_object
+
+    def overwrite_source() -> None:  # what another node's overwrite=True upload does
+        store.client.put_object(Bucket=store.bucket, Key=source, Body=new)
+
+    def copy_object(**kwargs: Any) -> Any:
+        if when == "before the copy":
+            overwrite_source()
+        answer = real_copy(**kwargs)
+        if when != "before the copy":
+            overwrite_source()
+        return answer
+
+    store.client.copy_object = copy_object
+    if when == "before the copy":
+        with pytest.raises(TransferError) as refused:
+            await store.rename("a.txt", "b.txt")
+        assert refused.value.code == "busy"
+    else:
+        assert await store.rename("a.txt", "b.txt") == "b.txt"
+        assert await read_all(await store.open_reader("b.txt")) == old
+    assert await read_all(await store.open_reader("a.txt")) == new
+
+
+async def test_a_name_reserved_by_an_upload_that_never_began_is_freed(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    real_create = store.client.create_multipart_upload
+
+    def failing_create(**kwargs: Any) -> Any:
+        store.client.create_multipart_upload = real_create
+        raise RuntimeError("the store failed once")
+
+    # A store error after the name was reserved: the reservation is released.
+    store.client.create_multipart_upload = failing_create
+    with pytest.raises(RuntimeError):
+        await store.open_partial("report.pdf", "t1", resume=False)
+    # A node that died between the reservation and its state: the sweeper
+    # frees the name once it is older than the cutoff.
+    store._reserve("notes.txt", "someone", False)
+    data = b"mine"
+    assert await store.put_file("report.pdf", data, sha256=hashlib.sha256(data).hexdigest()) == (
+        "report.pdf"
+    )
+    await trio.sleep(1.1)  # S3 timestamps have one-second resolution
+    await store.cleanup_stale_partials(1)
+    assert await store.put_file("notes.txt", data, sha256=hashlib.sha256(data).hexdigest()) == (
+        "notes.txt"
+    )
+    # A reservation of an upload still under way is not swept.
+    upload = await store.open_partial("live.bin", "t2", resume=False)
+    await upload.append(data)
+    await trio.sleep(1.1)
+    await upload.close()  # its state is written again now: the upload is alive
+    await store.cleanup_stale_partials(1)
+    assert await store.put_file("live.bin", data, sha256=hashlib.sha256(data).hexdigest()) == (
+        "live (1).bin"
+    )
+
+
+async def test_a_forged_upload_state_steers_no_deletion(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    # A state object written by someone else (not by this store) names
+    # another user's object as its "reservation": neither the sweeper nor a
+    # discard may delete it.
+    root = make_store(s3_url, s3_client_factory)
+    alice = root.child("alice")
+    precious = b"alice's thesis"
+    await alice.put_file("thesis.pdf", precious, sha256=hashlib.sha256(precious).hexdigest())
+    victim = alice.location.key("thesis.pdf")
+    forged = {
+        "version": 1,
+        "updated": 0,
+        "name": "x.bin",
+        "transfer_id": "x",
+        "key": root.location.key("x.bin"),
+        "upload_id": "none",
+        "part_size": PART,
+        "overwrite": False,
+        "reservation": victim,
+        "parts": [],
+        "closing": False,
+    }
+    root.client.put_object(
+        Bucket=root.bucket, Key=root._state_key("x.bin", "x"), Body=json.dumps(forged).encode()
+    )
+    await trio.sleep(1.1)  # S3 timestamps have one-second resolution
+    assert await root.cleanup_stale_partials(1) == 0
+    assert await root.discard_partial("x.bin", "x") is True  # the unreadable state goes
+    assert await read_all(await alice.open_reader("thesis.pdf")) == precious
+
+
 async def test_staging_for_another_node(s3_url: str, s3_client_factory: ClientFactory) -> None:
     node_a = make_store(s3_url, s3_client_factory)
     node_b = make_store(s3_url, s3_client_factory)

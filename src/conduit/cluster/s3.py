@@ -299,9 +299,27 @@ class S3Store:
             state = UploadState.loads(data)
         except (ValueError, TypeError, KeyError, AttributeError):
             return None, etag
-        if state.name != name or state.transfer_id != transfer_id:
+        if state.name != name or state.transfer_id != transfer_id or not self._own(state):
             return None, etag
         return state, etag
+
+    def _own(self, state: UploadState) -> bool:
+        """Whether ``state`` names only keys this store would have chosen for its name.
+
+        Checked before anything a state names is aborted or deleted: a state
+        object is data in the bucket, and one written by anyone else (a
+        forged file where control keys live) must not steer the sweeper to
+        another user's objects.
+        """
+        relative = self.location.relative(state.key)
+        if relative is None or split_name(relative)[0] != split_name(state.name)[0]:
+            return False
+        try:
+            if safe_relative_name(relative) != relative:
+                return False
+        except UnsafePathError:
+            return False
+        return state.reservation in (None, self._reservation_key(state.key))
 
     def _taken_in(self, directories: tuple[str, ...]) -> Callable[[str], bool]:
         """Whether a name in ``directories`` is taken: an object or a reservation (two HEADs).
@@ -373,7 +391,12 @@ class S3Store:
             return S3Partial(self, state, state_key, new_etag)
         owner = short_digest(f"{safe}\0{tid}")
         key, reservation = self._reserve(safe, owner, overwrite)
-        upload_id = self._create_upload(key)
+        try:
+            upload_id = self._create_upload(key)
+        except BaseException:
+            if reservation is not None:  # no state will ever name it: release it now
+                self._delete(reservation)
+            raise
         state = UploadState(
             name=safe,
             transfer_id=tid,
@@ -427,6 +450,7 @@ class S3Store:
         cutoff = time.time() - max_age_seconds
         removed = 0
         live_uploads: set[str] = set()
+        live_reservations: set[str] = set()
         for entry in self._list_keys(self._control_key("uploads") + "/"):
             found = self._get(str(entry["Key"]))
             if found is None:
@@ -435,8 +459,13 @@ class S3Store:
                 state = UploadState.loads(found[0])
             except (ValueError, TypeError, KeyError):
                 continue
+            if not self._own(state):
+                log.warning("ignoring upload state %s: it names keys not its own", entry["Key"])
+                continue
             if entry["LastModified"].timestamp() >= cutoff:
                 live_uploads.add(state.upload_id)
+                if state.reservation is not None:
+                    live_reservations.add(state.reservation)
                 continue
             self._abort(state.key, state.upload_id)
             self._release(state)
@@ -446,6 +475,13 @@ class S3Store:
         for entry in self._list_keys(self._control_key("staging") + "/"):
             if entry["LastModified"].timestamp() < cutoff:
                 self._delete(str(entry["Key"]))
+        # Names reserved by an upload whose state was never written or is gone
+        # (a node died between the two, or a store error): left, they would
+        # keep the name from everyone for good.
+        for entry in self._list_keys(self._control_key("names") + "/"):
+            key = str(entry["Key"])
+            if entry["LastModified"].timestamp() < cutoff and key not in live_reservations:
+                self._delete(key)
         # Uploads whose state was never written (a crash right after creating them).
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.location.list_prefix):
@@ -589,38 +625,59 @@ class S3Store:
         safe = self._checked_name(name)
         target = self._checked_name(new_name)
         source = self.location.key(safe)
-        if self._head(source) is None:
+        found = self._head(source)
+        if found is None:
             raise FileNotFoundError(2, "no such file in storage", safe)
+        etag = str(found["ETag"])
         directories, basename = split_name(target)
-        candidates = (
-            iter([basename])
-            if overwrite
-            else itertools.chain(
-                [basename], collision_candidates(basename, self._taken_in(directories))
-            )
-        )
+        if overwrite:
+            if self._head(self._reservation_key(self.location.key(target))) is not None:
+                raise TransferError(f"{target!r} is being written; try again later", "busy")
+            candidates: Iterator[str] = iter([basename])
+        else:
+            taken = self._taken_in(directories)
+            candidates = itertools.chain([basename], collision_candidates(basename, taken))
         condition = {} if overwrite else {"IfNoneMatch": "*"}
         for candidate in candidates:
             final = "/".join((*directories, candidate))
+            key = self.location.key(final)
             if final == safe:
                 # The source's own name, among the numbered ones: taken (and
                 # S3 refuses a copy onto itself).
                 continue
+            if not overwrite and self._head(self._reservation_key(key)) is not None:
+                continue  # an upload in progress will publish under this name
             try:
                 self.client.copy_object(
                     Bucket=self.bucket,
-                    Key=self.location.key(final),
+                    Key=key,
                     CopySource={"Bucket": self.bucket, "Key": source},
+                    # The object looked at, not one written over it since.
+                    CopySourceIfMatch=etag,
                     **condition,
                 )
             except botocore.exceptions.ClientError as exc:
-                if is_precondition(exc):
-                    continue
-                raise
-            if final != safe:
+                if not is_precondition(exc):
+                    raise
+                if self._source_changed(source, etag):
+                    raise TransferError(
+                        f"{safe!r} changed during the rename; try again", "busy"
+                    ) from None
+                continue  # the target name is taken
+            # Remove the source only if it is still what was copied: a file
+            # written there meanwhile stays (the copy is then a second name for
+            # the old bytes, not the loss of the new ones). S3 has no
+            # conditional delete everywhere: a write between this look and the
+            # delete is the window left.
+            if not self._source_changed(source, etag):
                 self._delete(source)
             return final
         raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+    def _source_changed(self, source: str, etag: str) -> bool:
+        """Whether the object at ``source`` is gone or no longer the one of ``etag``."""
+        now = self._head(source)
+        return now is None or str(now["ETag"]) != etag
 
     # ----------------------------------------------------------------- Store protocol
 
