@@ -101,6 +101,24 @@ def test_serve_reports_an_unreachable_bus(tmp_path: Path) -> None:
     assert "cannot join the cluster" in text and "Traceback" not in text, text
 
 
+def test_a_bus_password_comes_from_the_environment_never_argv(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"redis://:s3cret@127.0.0.1:{port}/0"
+    for run in ("argv", "env"):
+        (tmp_path / run).mkdir()
+    process, log = _serve(tmp_path / "argv", "--cluster", url)
+    assert process.wait(timeout=_TIMEOUT) == 2
+    text = log.read_text()
+    assert "CONDUIT_CLUSTER_URL" in text and "cannot join" not in text, text
+    # The same URL from the environment is taken: it gets as far as the bus.
+    process, log = _serve(tmp_path / "env", env={**_env(), "CONDUIT_CLUSTER_URL": url})
+    assert process.wait(timeout=_TIMEOUT) == 4
+    text = log.read_text()
+    assert "cannot join the cluster" in text and "s3cret" not in text, text
+
+
 def test_serve_an_s3_prefix_in_a_cluster(
     engines: Any, s3_url: str, s3_client_factory: Any, tmp_path: Path
 ) -> None:

@@ -12,16 +12,19 @@ import logging
 import shutil
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from .._version import __version__
 from . import _demo, _serve, _transfer, _users
 from ._common import (
     ADDRESS_ENV,
+    CLUSTER_ENV,
     DEFAULT_ADDRESS,
     PASSWORD_ENV,
     Address,
@@ -47,6 +50,28 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         return parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
+
+
+def _cluster_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Option callback: a bus URL with a password comes from the environment, never argv."""
+    if (
+        value is None
+        or ctx.get_parameter_source(param.name or "") is not ParameterSource.COMMANDLINE
+    ):
+        return value
+    try:
+        secret = urllib.parse.urlsplit(value).password
+    except ValueError:
+        secret = None  # malformed: the bus reports it with its own words
+    if secret:
+        raise click.BadParameter(
+            "the URL holds a password, which every local user can read on a command line: "
+            f"set ${CLUSTER_ENV} to it instead (see 'Why the password is never an option' "
+            "in docs/cli.md)",
+            ctx,
+            param,
+        )
+    return value
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str) -> Address:
@@ -187,7 +212,12 @@ def _connect_options(
     "--cluster",
     "cluster_url",
     metavar="URL",
-    help="Join a cluster through this Redis/Valkey (redis://HOST:PORT/DB); see docs/cluster.md.",
+    envvar=CLUSTER_ENV,
+    callback=_cluster_url,
+    help=(
+        "Join a cluster through this Redis/Valkey (redis://HOST:PORT/DB; default: "
+        f"${CLUSTER_ENV}, where a URL with a password must come from); see docs/cluster.md."
+    ),
 )
 @click.option(
     "--node-name",

@@ -31,6 +31,8 @@ from ._tls_probe import speaks_tls
 
 PASSWORD_ENV = "CONDUIT_PASSWORD"
 ADDRESS_ENV = "CONDUIT_ADDRESS"
+#: ``conduit serve --cluster``'s default: where a bus URL holding a password goes.
+CLUSTER_ENV = "CONDUIT_CLUSTER_URL"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_ADDRESS = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
