@@ -33,6 +33,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from conduit import (
@@ -43,10 +44,14 @@ from conduit import (
     Server,
     ServerDescriptor,
     TransferProgress,
+    _connection,
     current_peer,
 )
 from conduit._connection import Connection
-from conduit.protocol.codec import data_header
+from conduit._outbox import CONTROL_FRAME_OVERHEAD
+from conduit.protocol import FrameKind
+from conduit.protocol.codec import data_header, encode_frame
+from conduit.protocol.messages import Ping
 from conduit.transfer._backend_local import LIST_THREADS
 from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._storage import FileEntry, StorageRoot
@@ -720,6 +725,72 @@ async def test_small_uploads_do_not_wait_for_the_hashing_threads(
     assert stat_answer["data"]["sha256"] == hashlib.sha256(b"b" * 65536).hexdigest()
     stored = sorted(path.name for path in storage.iterdir() if path.name.startswith("small-"))
     assert stored == sorted(f"small-{index}.txt" for index in range(20))
+
+
+@hostile(
+    "results-to-a-peer-that-never-reads",
+    area=AREA,
+    attack="an authenticated peer asks for 64 results of 256 KiB from a handler that "
+    "awaits once, then never reads its socket again (and sends nothing more)",
+    behaviour="the heartbeat timeout ends the connection although a result is stuck "
+    "half-sent; the server forgets the client and server.close() returns",
+    found="the rest of a result was sent in a shielded scope nothing could cancel: the "
+    "connection outlived its heartbeat timeout for as long as the peer kept the socket "
+    "open, and server.close() waited for it",
+)
+async def test_a_peer_that_never_reads_is_dropped_at_its_heartbeat_timeout(
+    server_factory: ServerFactory,
+) -> None:
+    def register(server: Server) -> None:
+        @server.rpc
+        async def blob(n: int) -> bytes:
+            # A handler that awaits: its result goes out from its own task.
+            await trio.lowlevel.checkpoint()
+            return b"b" * n
+
+    server = await server_factory(register=register, heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    try:
+        with trio.fail_after(30):
+            await peer.send_sealed(
+                *[call_frame(index + 1, "blob", n=256 * 1024) for index in range(64)]
+            )
+            await wait_until(lambda: bool(server.clients))
+            await wait_until(lambda: not server.clients, timeout=20)
+            await server.close()
+    finally:
+        await peer.aclose()
+
+
+@hostile(
+    "ping-flood-never-read",
+    area=AREA,
+    attack="an authenticated peer sends 200,000 PINGs (22 bytes each) and never reads a PONG",
+    behaviour="the server stops reading once its queued control frames reach the 8 MiB "
+    "backlog, counted as what they take in memory (their bytes plus 160 each): at most "
+    "~46,000 PONGs queued, not the ~380,000 that 8 MiB of wire bytes would allow",
+    found="the backlog counted wire bytes only: a PONG is 22 of them and ~170 bytes of "
+    "Python objects, so a never-reading peer held 68 MiB (107 MiB reading slowly) of one "
+    "server's memory per connection",
+)
+async def test_a_ping_flood_queues_a_bounded_number_of_pongs(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory()
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    ping = encode_frame(FrameKind.PING, 0, Ping(1))
+    try:
+        with trio.move_on_after(5):  # the server stops reading: our sends block
+            for _ in range(200):
+                await peer.send_sealed(*[ping] * 1000)
+        await trio.testing.wait_all_tasks_blocked()
+        (peer_on_server,) = server.clients.values()
+        queued = peer_on_server.connection._outbox.control_count
+        limit = _connection._CONTROL_BACKLOG // (len(ping) + CONTROL_FRAME_OVERHEAD)
+        # The reader checks the backlog after each record it reads (1,000 PINGs).
+        assert 0 < queued <= limit + 1000, (queued, limit)
+    finally:
+        await peer.aclose()
 
 
 @hostile(

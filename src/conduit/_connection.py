@@ -279,6 +279,8 @@ class Connection:
         self._task_context = contextvars.copy_context()
         self._direct_sending = False
         self._direct_done = trio.lowlevel.ParkingLot()
+        # The shielded scope of a direct send under way: abort() cancels it.
+        self._direct_scope: trio.CancelScope | None = None
         # The heartbeat and idle tasks wait here between their timers: abort()
         # wakes them, so that they end without a cancellation (see abort).
         self._timers_parked = trio.lowlevel.ParkingLot()
@@ -455,6 +457,8 @@ class Connection:
         if self._state.close_reason is None:
             log.debug("%s: closing: %s", self.label, reason)
         self._state.close(reason)
+        if self._direct_scope is not None:  # a direct send, shielded from all else
+            self._direct_scope.cancel()
         # Parked in take(), which close() ends.
         writer_waits = self._writer_started and self._outbox.writer_idle
         self._outbox.close()
@@ -1050,17 +1054,23 @@ class Connection:
         it completes at once in practice: see :meth:`_send_soon`). This sends
         what that write left, or the records of other streams (TLS, memory),
         shielded: a record cut in half by a cancellation would corrupt the
-        stream.
+        stream. Only :meth:`abort` cancels it (the stream is done with then):
+        a peer that stops reading must not hold this task, and with it the
+        connection and a server's close(), past its heartbeat timeout.
         """
         self._direct_sending = True
         try:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True) as scope:
+                self._direct_scope = scope
                 for record in records:
                     await self.stream.send_all(record)
+            if scope.cancelled_caught:
+                raise ConnectionClosed(self.close_reason or "connection closed")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
             raise ConnectionClosed(self.close_reason or "connection lost") from exc
         finally:
+            self._direct_scope = None
             self._direct_sending = False
             if self._direct_done:  # the writer waits for this send to end
                 self._direct_done.unpark_all()
