@@ -38,6 +38,7 @@ from conduit.transfer._names import (
 from conduit.transfer._storage import FileEntry, PartialFile, StorageRoot
 from conftest import open_descriptors, opened_since
 from hostile_names import HOSTILE_NAMES, NORMALISED_NAMES, SAFE_NAMES
+from transfer_helpers import LinkCounter
 
 TID = "transfer-1"
 
@@ -321,20 +322,12 @@ def test_a_crowded_name_is_published_with_few_links(
     for number in range(1, crowd + 1):
         (storage.path / f"a ({number}).txt").write_bytes(b"x")
     (storage.path / "a.txt").write_bytes(b"x")
-    links = 0
-    real_link = os.link
-
-    def counting_link(*args: Any, **kwargs: Any) -> None:
-        nonlocal links
-        links += 1
-        real_link(*args, **kwargs)
-
-    monkeypatch.setattr(os, "link", counting_link)
+    links = LinkCounter(monkeypatch)
     assert receive(storage, "a.txt", b"new", "t1") == f"a ({crowd + 1}).txt"
     assert read_back(storage, f"a ({crowd + 1}).txt") == b"new"
     # The name itself, the first 16 numbers, then the one the search found
     # (a linear scan tried all 301).
-    assert links <= _names.LINEAR_COLLISION_ATTEMPTS + 2
+    assert links.count <= _names.LINEAR_COLLISION_ATTEMPTS + 2
 
 
 def test_construction_touches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -55,6 +55,20 @@ def upload_partial_name(name: str, key: str, owner: str = LOOPBACK_OWNER) -> str
     return partial_basename(name, owned_transfer_id(key, owner))
 
 
+class LinkCounter:
+    """Counts the process's ``os.link`` calls (each still made) while ``monkeypatch`` lasts."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real_link = os.link
+
+        def counting_link(*args: Any, **kwargs: Any) -> None:
+            self.count += 1
+            real_link(*args, **kwargs)
+
+        monkeypatch.setattr(os, "link", counting_link)
+
+
 def write_random_file(path: Path, size: int) -> str:
     """Write ``size`` bytes from ``os.urandom`` to ``path`` in blocks; return their SHA-256 hex.
 
