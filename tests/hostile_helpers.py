@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import struct
 import sys
 from collections.abc import Callable, Iterable
@@ -203,10 +204,28 @@ class RawPeer:
     next_call_id: int = 1
 
     @classmethod
-    async def open(cls, port: int, *, local_address: str | None = None) -> RawPeer:
-        """Just the TCP connection (for clear-text attacks), optionally from 127.0.0.x."""
-        stream = await trio.open_tcp_stream(LOOPBACK, port, local_address=local_address)
-        return cls(stream, FrameReader())
+    async def open(
+        cls, port: int, *, local_address: str | None = None, receive_buffer: int | None = None
+    ) -> RawPeer:
+        """Just the TCP connection (for clear-text attacks), optionally from 127.0.0.x.
+
+        ``receive_buffer`` fixes the socket's ``SO_RCVBUF`` before it connects:
+        the kernel then holds at most about that much the peer does not read
+        (loopback autotuning would otherwise let it hold tens of MiB).
+        """
+        if receive_buffer is None:
+            stream = await trio.open_tcp_stream(LOOPBACK, port, local_address=local_address)
+            return cls(stream, FrameReader())
+        sock = trio.socket.socket()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            if local_address is not None:
+                await sock.bind((local_address, 0))
+            await sock.connect((LOOPBACK, port))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(trio.SocketStream(sock), FrameReader())
 
     @classmethod
     async def authenticated(
@@ -217,12 +236,13 @@ class RawPeer:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         receive_window: int = 4 * 1024 * 1024,
         local_address: str | None = None,
+        receive_buffer: int | None = None,
     ) -> RawPeer:
         """Connect and run the real password handshake by hand; return after WELCOME.
 
         A wrong password raises :class:`~conduit.AuthenticationError` like a client would.
         """
-        peer = await cls.open(port, local_address=local_address)
+        peer = await cls.open(port, local_address=local_address, receive_buffer=receive_buffer)
         try:
             await peer._authenticate(password, max_frame_size, receive_window)
         except BaseException:

@@ -28,7 +28,14 @@ from conduit.protocol import (
     ServerHandshake,
     SessionKeys,
 )
-from conduit.protocol.codec import data_header, encode_frame, encode_value, iter_frames
+from conduit.protocol.codec import (
+    data_header,
+    decode_result,
+    encode_call,
+    encode_frame,
+    encode_value,
+    iter_frames,
+)
 from conduit.protocol.frames import HEADER_SIZE, FrameKind
 from conduit.protocol.messages import Ping
 from conduit.protocol.records import RecordOpener
@@ -101,6 +108,9 @@ class Pair:
     server: Connection
     client_dispatch: RecordingDispatcher
     server_dispatch: RecordingDispatcher
+    #: The client's frame reader and writer, for a test that drives the client
+    #: side by hand instead of running ``client``.
+    client_frames: tuple[FrameReader, FrameWriter]
 
 
 def _pair(
@@ -134,7 +144,7 @@ def _pair(
         label="server",
     )
     cd.connection, sd.connection = client, server
-    return Pair(client, server, cd, sd)
+    return Pair(client, server, cd, sd, (cr, cw))
 
 
 @contextlib.asynccontextmanager
@@ -578,6 +588,86 @@ async def test_silent_peer_hits_the_heartbeat_timeout(
             await p.server.closed.wait()
     assert "heartbeat timeout" in (p.server.close_reason or "")
     assert trio.current_time() < 10
+
+
+async def _ping_every(
+    stream: trio.abc.SendStream, writer: FrameWriter, interval: float, until: trio.Event
+) -> None:
+    """A hand-driven peer's heartbeat: a PING every ``interval`` until ``until`` (at most 1,000)."""
+    ping = encode_frame(FrameKind.PING, 0, Ping(1))
+    for _ in range(1000):
+        if until.is_set():
+            return
+        try:
+            for record in writer.write_frames([(ping,)]):
+                await stream.send_all(record)
+        except trio.BrokenResourceError:
+            return  # the other side closed
+        await trio.sleep(interval)
+
+
+async def test_a_peer_that_sends_but_never_reads_hits_the_heartbeat_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Lockstep: every send waits until the peer has read it. The peer pings
+    # (so it is never silent) and reads nothing: the server's own first PING
+    # can never go out.
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    p = _pair(
+        client_stream,
+        server_stream,
+        server_settings=_settings(heartbeat_interval=1.0, heartbeat_timeout=3.0),
+    )
+    _reader, writer = p.client_frames
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.server.run)
+        nursery.start_soon(_ping_every, client_stream, writer, 0.5, p.server.closed)
+        with trio.fail_after(60):
+            await p.server.closed.wait()
+    assert "read nothing" in (p.server.close_reason or ""), p.server.close_reason
+    assert trio.current_time() < 10
+
+
+async def test_a_slow_reader_is_not_taken_for_one_that_stopped_reading(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A 960 KiB result read at 32 KiB per 0.4 s (82 KB/s) takes 12 s, over
+    # four heartbeat timeouts: each slice the peer takes is progress, and
+    # only a send that makes none for the timeout ends the connection.
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    p = _pair(
+        client_stream,
+        server_stream,
+        server_settings=_settings(heartbeat_interval=1.0, heartbeat_timeout=3.0),
+    )
+    payload = os.urandom(960 * 1024)  # one frame (max_frame_size is 1 MiB)
+
+    async def blob(_c: Connection) -> bytes:
+        return payload
+
+    p.server_dispatch.methods["blob"] = blob
+    reader, writer = p.client_frames
+    got_result = trio.Event()
+    results: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.server.run)
+        for record in writer.write_frames([(encode_call(1, "blob", {}),)]):
+            await client_stream.send_all(record)
+        nursery.start_soon(_ping_every, client_stream, writer, 1.0, got_result)
+        with trio.fail_after(120):
+            for _ in range(1000):
+                reader.feed(await client_stream.receive_some(32 * 1024))
+                while (frame := reader.next_frame()) is not None:
+                    if frame.kind is FrameKind.RESULT:
+                        results.append(decode_result(frame.payload))
+                        got_result.set()
+                if got_result.is_set():
+                    break
+                await trio.sleep(0.4)
+        assert p.server.is_open, p.server.close_reason
+        nursery.cancel_scope.cancel()
+    assert [(r.ok, r.value) for r in results] == [(True, payload)]
+    assert trio.current_time() > 3 * 3.0  # the read took over three timeouts
 
 
 async def test_idle_connection_is_closed(autojump_clock: trio.testing.MockClock) -> None:

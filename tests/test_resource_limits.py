@@ -762,6 +762,53 @@ async def test_a_peer_that_never_reads_is_dropped_at_its_heartbeat_timeout(
 
 
 @hostile(
+    "results-to-a-peer-that-pings-but-never-reads",
+    area=AREA,
+    attack="an authenticated peer (64 KiB socket receive buffer) asks for 24 results of "
+    "256 KiB, then sends a PING every 0.25 s and never reads its socket",
+    behaviour="the results (6 MiB, under the 8 MiB control backlog, so the server reads on) "
+    "wait for room; once the peer has taken none of the server's bytes for heartbeat_timeout "
+    "the heartbeat ends the connection, although the peer is never silent",
+    found="the heartbeat only checked that the peer sent something: a peer that kept pinging "
+    "held its connection (its stuck send, its queued results) for as long as it liked",
+)
+async def test_a_peer_that_pings_but_never_reads_is_dropped(
+    server_factory: ServerFactory,
+) -> None:
+    def register(server: Server) -> None:
+        @server.rpc
+        async def blob(n: int) -> bytes:
+            return b"b" * n
+
+    server = await server_factory(register=register, heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    peer = await RawPeer.authenticated(server.port, PASSWORD, receive_buffer=64 * 1024)
+    ping = encode_frame(FrameKind.PING, 0, Ping(1))
+
+    async def keep_pinging() -> None:
+        for _ in range(200):  # 50 s at most; the server drops us well before
+            try:
+                await peer.send_sealed(ping)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            await trio.sleep(0.25)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await peer.send_sealed(
+                *[call_frame(index + 1, "blob", n=256 * 1024) for index in range(24)]
+            )
+            await wait_until(lambda: bool(server.clients))
+            (client_on_server,) = server.clients.values()
+            nursery.start_soon(keep_pinging)
+            await wait_until(lambda: not server.clients, timeout=20)
+            nursery.cancel_scope.cancel()
+        reason = client_on_server.connection.close_reason or ""
+        assert "read nothing" in reason, reason
+    finally:
+        await peer.aclose()
+
+
+@hostile(
     "ping-flood-never-read",
     area=AREA,
     attack="an authenticated peer sends 200,000 PINGs (22 bytes each) and never reads a PONG",
@@ -786,8 +833,8 @@ async def test_a_ping_flood_queues_a_bounded_number_of_pongs(
         (peer_on_server,) = server.clients.values()
         queued = peer_on_server.connection._outbox.control_count
         limit = _connection._CONTROL_BACKLOG // (len(ping) + CONTROL_FRAME_OVERHEAD)
-        # The reader checks the backlog after each record it reads (1,000 PINGs).
-        assert 0 < queued <= limit + 1000, (queued, limit)
+        # The reader checks the backlog before each frame it handles.
+        assert 0 < queued <= limit + 1, (queued, limit)
     finally:
         await peer.aclose()
 

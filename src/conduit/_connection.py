@@ -94,6 +94,12 @@ _MESSAGE_QUEUE = 64
 # record more than with Trio's 16 KiB (a whole record measured worse in `hol`).
 _BULK_RECORD = 256 * 1024
 _BULK_UNSENT = 256 * 1024
+# A send that must wait goes out in slices this large on streams other than a
+# plain socket (TLS, memory): each slice sent is progress that beat() sees, so a
+# peer that takes a slice per heartbeat_timeout (2.9 KB/s at the defaults) is
+# not taken for one that stopped reading, even when a whole 1 MiB record takes
+# it longer than that. (A plain socket shows every write's progress.)
+_SEND_SLICE = 128 * 1024
 #: The most frames a burst of calls (the next calls of the callers woken by one
 #: record of results) waits to send in one record. Fewer records cost less CPU
 #: per call; records of a whole burst make the two peers take turns, each idle
@@ -290,6 +296,10 @@ class Connection:
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
+        # While a send waits for room: when the peer last took any of our
+        # bytes (None when no send waits). beat() ends a peer that keeps
+        # sending but stopped reading, whose silence check stays fresh.
+        self._send_waiting_since: float | None = None
         #: Set once :meth:`run` has finished: every task is gone.
         self.closed = trio.Event()
         #: Either side said goodbye: the close was meant, not a lost link
@@ -568,6 +578,13 @@ class Connection:
                 self._flush_control()
                 if self._state.phase is _CLOSED:
                     return None  # aborted: its task ends without a cancellation
+                if self._outbox.control_bytes > _CONTROL_BACKLOG:
+                    # A peer that sends PINGs (or calls) but never reads would make
+                    # us queue answers forever: stop reading until they have gone
+                    # out, then handle the frames already read (_drain_reader
+                    # stopped at the backlog, holding the next one).
+                    await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+                    continue
                 role = self._role
                 if role is not None and self._receive_buffer.would_wait and self._role_open():
                     # Idle: wait where a caller can take over the socket.
@@ -581,10 +598,6 @@ class Connection:
                         return None
                     self._last_received = trio.current_time()
                     reader.feed(data)
-                # A peer that sends PINGs (or calls) but never reads would make us
-                # queue answers forever: stop reading until they have gone out.
-                if self._outbox.control_bytes > _CONTROL_BACKLOG:
-                    await self._outbox.wait_control_below(_CONTROL_BACKLOG)
         except IntegrityError as exc:
             self.abort(exc.reason)
         except ConnectionClosed:
@@ -599,9 +612,15 @@ class Connection:
         next_frame = self._reader.next_frame
         receive_frame = self._state.receive_frame
         handlers = self._handlers
+        outbox = self._outbox
         held, self._held_frame = self._held_frame, None
         while (frame := next_frame() if held is None else held) is not None:
             held = None
+            if outbox.control_bytes > _CONTROL_BACKLOG:
+                # Answers back up: this frame (and the rest of one read, up to
+                # a MiB of PINGs or calls) waits until they have gone out.
+                self._held_frame = frame
+                return None
             event = receive_frame(frame)
             if event is None:
                 continue
@@ -728,15 +747,17 @@ class Connection:
     def _drain_to_call(self) -> bool:
         """Handle the frames read so far whose handlers never wait.
 
-        Stops at the first CALL or MESSAGE, which it leaves in ``_held_frame``
-        for the reading task (False); True when every frame was handled.
+        Stops at the first CALL or MESSAGE, or once the answers queued back up
+        past the backlog, leaving that frame in ``_held_frame`` for the reading
+        task (False); True when every frame was handled.
         """
         next_frame = self._reader.next_frame
         receive_frame = self._state.receive_frame
         handlers = self._handlers
+        outbox = self._outbox
         while (frame := next_frame()) is not None:
             kind = frame.kind
-            if kind is _CALL or kind is _MESSAGE:
+            if kind is _CALL or kind is _MESSAGE or outbox.control_bytes > _CONTROL_BACKLOG:
                 self._held_frame = frame
                 return False
             event = receive_frame(frame)
@@ -814,10 +835,11 @@ class Connection:
         """The writer's send of one record (or the rest of one).
 
         On a plain socket a record first goes out with one non-blocking write;
-        only what the socket did not take goes through ``send_all`` (which
-        waits for room). ``send_all`` would end with a scheduler pass, one per
-        burst of calls or results; a small record needs no such pass to be
-        fair, because the writer parks as soon as the outbox is empty. A bulk
+        only what the socket did not take goes through :meth:`_send_waiting`
+        (which waits for room). Trio's ``send_all`` would end with a scheduler
+        pass, one per burst of calls or results; a small record needs no such
+        pass to be fair, because the writer parks as soon as the outbox is
+        empty. A bulk
         record the socket took whole keeps one pass: a writer fed as fast as
         the socket drains could otherwise keep the loop to itself.
         """
@@ -831,7 +853,33 @@ class Connection:
                     await trio.lowlevel.checkpoint()
                 return
             record = memoryview(record)[sent:]
-        await self.stream.send_all(record)
+        await self._send_waiting(record)
+
+    async def _send_waiting(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, waiting for room: the peer reads slower than we write.
+
+        Notes in ``_send_waiting_since`` when the peer last took any of it, so
+        that :meth:`beat` can tell a slow reader (whose progress keeps moving
+        the mark) from one that stopped reading. On a plain socket each wait
+        for room is followed by one write; other streams send in slices of
+        :data:`_SEND_SLICE`, so that a slow link still shows progress within
+        a record.
+        """
+        io = self._socket_io
+        view = memoryview(data)
+        self._send_waiting_since = trio.current_time()
+        try:
+            while view:
+                if io is not None:
+                    sent = await io.send_when_writable(view)
+                else:
+                    sent = min(len(view), _SEND_SLICE)
+                    await self.stream.send_all(view[:sent])
+                if sent:
+                    view = view[sent:]
+                    self._send_waiting_since = trio.current_time()
+        finally:
+            self._send_waiting_since = None
 
     async def _message_task(self, messages: trio.MemoryReceiveChannel[MessageReceived]) -> None:
         async for message in messages:
@@ -857,6 +905,15 @@ class Connection:
         silent = now - self._last_received
         if silent > settings.heartbeat_timeout:
             self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
+            return False
+        waiting = self._send_waiting_since
+        if waiting is not None and now - waiting > settings.heartbeat_timeout:
+            # It still sends (so it is not silent) but has taken none of our
+            # bytes: a send stuck for good would hold this connection forever.
+            self.abort(
+                f"peer read nothing for {now - waiting:.1f}s while we had bytes for it "
+                "(heartbeat timeout)"
+            )
             return False
         if settings.idle_timeout is not None and now - self._last_activity > settings.idle_timeout:
             # A graceful close waits (for the goodbye to go out): in a task.
@@ -1063,7 +1120,7 @@ class Connection:
             with trio.CancelScope(shield=True) as scope:
                 self._direct_scope = scope
                 for record in records:
-                    await self.stream.send_all(record)
+                    await self._send_waiting(record)
             if scope.cancelled_caught:
                 raise ConnectionClosed(self.close_reason or "connection closed")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

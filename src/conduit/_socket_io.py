@@ -10,7 +10,9 @@ trip on the benchmark machine, about as much as all of our protocol work.
 and Trio's public waiting primitives (:func:`trio.lowlevel.wait_readable`):
 
 * :meth:`SocketIO.send_now` writes what the socket takes at once and never
-  waits, so it needs no shield; the caller sends any rest the Trio way;
+  waits, so it needs no shield; the caller sends any rest with
+  :meth:`SocketIO.send_when_writable`, one wait and one write at a time, so
+  that it sees whether the peer still takes bytes;
 * :meth:`SocketIO.receive` reads at once when bytes are there and waits for
   readability otherwise. It still checkpoints whenever it returns bytes without
   having waited first (bytes that keep coming), so a busy connection cannot
@@ -84,6 +86,19 @@ class SocketIO:
             return 0
         except OSError as exc:
             raise _translate(exc) from exc
+
+    async def send_when_writable(self, data: bytes | bytearray | memoryview) -> int:
+        """Wait until the socket has room, then write what it takes; return that count.
+
+        For the rest of a write that fell short (the socket is full, so waiting
+        first saves a write that would fail). The count may be 0 (the room went
+        to no one); the caller decides whether to go on, which lets it see
+        each write's progress, as ``send_all`` would not. Waking up from the
+        wait was this task's scheduler pass; no other follows the write.
+        """
+        self._fd()  # a closed socket fails here, as a write would
+        await trio.lowlevel.wait_writable(self._socket)
+        return self.send_now(data)
 
     def allow_unsent(self, size: int) -> None:
         """Let the kernel hold ``size`` bytes not yet sent (``TCP_NOTSENT_LOWAT``).

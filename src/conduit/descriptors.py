@@ -186,7 +186,8 @@ class ServerDescriptor:
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
-    #: Close a connection whose peer has sent nothing for this long.
+    #: Close a connection whose peer has sent nothing for this long, or has
+    #: taken none of the bytes we are waiting to send it for this long.
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
