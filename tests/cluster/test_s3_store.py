@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 
+from conduit.cluster import s3
 from conduit.cluster.location import parse_s3_url
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Partial, S3Store
 from conduit.cluster.store import FileReader, PartialUpload
@@ -353,6 +354,78 @@ async def test_a_rename_keeps_a_file_written_at_its_source_meanwhile(
         assert await store.rename("a.txt", "b.txt") == "b.txt"
         assert await read_all(await store.open_reader("b.txt")) == old
     assert await read_all(await store.open_reader("a.txt")) == new
+
+
+@pytest.fixture
+def copies_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rename past CopyObject's limit from 8 MiB, in parts of 5 MiB (AWS: 5 GiB, 1 GiB)."""
+    monkeypatch.setattr(s3, "MAX_COPY_OBJECT", 8 * 1024 * 1024)
+    monkeypatch.setattr(s3, "COPY_PART_SIZE", PART)
+
+
+def count_part_copies(
+    store: S3Store, before_each: Callable[[int], None] | None = None
+) -> list[int]:
+    """Wrap the store's UploadPartCopy: the part numbers copied, in order."""
+    real = store.client.upload_part_copy
+    copied: list[int] = []
+
+    def upload_part_copy(**kwargs: Any) -> Any:
+        if before_each is not None:
+            before_each(kwargs["PartNumber"])
+        answer = real(**kwargs)
+        copied.append(kwargs["PartNumber"])
+        return answer
+
+    store.client.upload_part_copy = upload_part_copy
+    return copied
+
+
+@pytest.mark.usefixtures("copies_in_parts")
+async def test_a_rename_past_the_copy_limit_copies_in_parts(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    data = os.urandom(SIZE)  # over the (lowered) limit: three parts, the last short
+    digest = hashlib.sha256(data).hexdigest()
+    await store.put_file("big.bin", data, sha256=digest)
+    await store.put_file("taken.bin", b"taken", sha256=hashlib.sha256(b"taken").hexdigest())
+    copied = count_part_copies(store)
+    # A taken name: the completion's condition refuses it, the next number is used.
+    assert await store.rename("big.bin", "taken.bin") == "taken (1).bin"
+    assert copied == [1, 2, 3, 1, 2, 3]
+    assert await read_all(await store.open_reader("taken (1).bin")) == data
+    assert await read_all(await store.open_reader("taken.bin")) == b"taken"
+    with pytest.raises(FileNotFoundError):
+        await store.stat("big.bin")
+    # overwrite=True replaces the target.
+    assert await store.rename("taken (1).bin", "taken.bin", overwrite=True) == "taken.bin"
+    assert await read_all(await store.open_reader("taken.bin")) == data
+    assert uploads_in_progress(store) == []
+
+
+@pytest.mark.usefixtures("copies_in_parts")
+async def test_a_rename_in_parts_stops_when_its_source_is_rewritten(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    store = make_store(s3_url, s3_client_factory)
+    data, new = os.urandom(SIZE), b"new bytes, written during the rename"
+    await store.put_file("big.bin", data, sha256=hashlib.sha256(data).hexdigest())
+    source = store.location.key("big.bin")
+
+    def overwrite_before_part_two(number: int) -> None:
+        if number == 2:  # what another node's overwrite=True upload does
+            store.client.put_object(Bucket=store.bucket, Key=source, Body=new)
+
+    copied = count_part_copies(store, overwrite_before_part_two)
+    with pytest.raises(TransferError) as refused:
+        await store.rename("big.bin", "moved.bin")
+    assert refused.value.code == "busy"
+    assert copied == [1]
+    with pytest.raises(FileNotFoundError):
+        await store.stat("moved.bin")
+    assert await read_all(await store.open_reader("big.bin")) == new
+    assert uploads_in_progress(store) == []  # the copy's upload was aborted
 
 
 async def test_a_name_reserved_by_an_upload_that_never_began_is_freed(

@@ -69,7 +69,7 @@ import hmac
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import botocore.config  # type: ignore[import-untyped]
@@ -122,6 +122,12 @@ WRITER_WAIT = 5.0
 WRITER_QUIET = 1.5
 #: Seconds between two looks at the state while waiting.
 WRITER_POLL = 0.2
+#: The largest object one ``CopyObject`` copies (AWS S3's limit): a rename of a
+#: larger file copies it in parts (``UploadPartCopy``).
+MAX_COPY_OBJECT = 5 * 1024**3
+#: The size of each part of such a copy: S3's largest object (5 TiB) in 5,120
+#: parts, within its 10,000.
+COPY_PART_SIZE = 1024**3
 
 log = logging.getLogger("conduit.cluster.s3")
 
@@ -648,14 +654,7 @@ class S3Store:
             if not overwrite and self._head(self._reservation_key(key)) is not None:
                 continue  # an upload in progress will publish under this name
             try:
-                self.client.copy_object(
-                    Bucket=self.bucket,
-                    Key=key,
-                    CopySource={"Bucket": self.bucket, "Key": source},
-                    # The object looked at, not one written over it since.
-                    CopySourceIfMatch=etag,
-                    **condition,
-                )
+                self._copy(source, found, key, condition)
             except botocore.exceptions.ClientError as exc:
                 if not is_precondition(exc):
                     raise
@@ -673,6 +672,70 @@ class S3Store:
                 self._delete(source)
             return final
         raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+    def _copy(
+        self, source: str, found: Mapping[str, Any], key: str, condition: dict[str, str]
+    ) -> None:
+        """Copy the object at ``source``, as ``found`` by its HEAD, to ``key`` (server side).
+
+        Only that object, not one written over it since (``CopySourceIfMatch``
+        its ETag), and under ``condition`` at the target. One ``CopyObject`` up
+        to :data:`MAX_COPY_OBJECT`; a larger object goes part by part
+        (``UploadPartCopy`` of :data:`COPY_PART_SIZE` ranges, each with the same
+        source condition) into a multipart upload completed under ``condition``,
+        and aborted if any step fails. A precondition that fails is raised as
+        the ``ClientError`` it is, either way.
+        """
+        copy_source = {"Bucket": self.bucket, "Key": source}
+        etag = str(found["ETag"])
+        size = int(found["ContentLength"])
+        if size <= MAX_COPY_OBJECT:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource=copy_source,
+                CopySourceIfMatch=etag,
+                **condition,
+            )
+            return
+        # CopyObject keeps the object's type and user metadata: so does this.
+        described = {
+            field: found[field] for field in ("ContentType", "Metadata") if found.get(field)
+        }
+        upload_id = str(
+            self.client.create_multipart_upload(Bucket=self.bucket, Key=key, **described)[
+                "UploadId"
+            ]
+        )
+        try:
+            parts = []
+            for number, start in enumerate(range(0, size, COPY_PART_SIZE), start=1):
+                end = min(start + COPY_PART_SIZE, size) - 1
+                answer = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=copy_source,
+                    CopySourceRange=f"bytes={start}-{end}",
+                    CopySourceIfMatch=etag,
+                )
+                parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **condition,
+            )
+        except BaseException:
+            # The error to report is this one; an abort that fails too leaves an
+            # incomplete upload for the bucket's lifecycle rule (docs/cluster.md).
+            try:
+                self._abort(key, upload_id)
+            except Exception:
+                log.warning("could not abort the copy to %r", key, exc_info=True)
+            raise
 
     def _source_changed(self, source: str, etag: str) -> bool:
         """Whether the object at ``source`` is gone or no longer the one of ``etag``."""
