@@ -35,6 +35,7 @@ import trio
 from conduit import Client, FileTransferHandler, Server
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer import _space
+from conduit.transfer._names import is_partial_name
 from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
@@ -658,6 +659,147 @@ async def test_a_quota_walk_holds_no_one_else_up(
     assert walk.calls == 3  # the held walk, the second upload's, the held one's again
     assert visible_files(storage / "frank") == ["second.bin"]
     assert visible_files(storage / "alice") == ["a.txt"]
+
+
+def _counted(root: Path) -> int:
+    """What a quota counts below ``root``: files and directories, partial files left out."""
+    return sum(
+        path.lstat().st_size
+        for path in root.rglob("*")
+        if not path.is_symlink() and not is_partial_name(path.name)
+    )
+
+
+def count_walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record each quota walk (``StorageRoot.stored_bytes``): the bytes it counted."""
+    walks: list[int] = []
+    real = StorageRoot.stored_bytes
+
+    def counted(root: StorageRoot) -> int:
+        walks.append(real(root))
+        return walks[-1]
+
+    monkeypatch.setattr(StorageRoot, "stored_bytes", counted)
+    return walks
+
+
+@hostile(
+    "accounts-quota-walk-per-file",
+    area="disk",
+    attack="a quota user with 300 stored files uploads 64 small files in one batch, then "
+    "20 more one by one, then one that does not fit",
+    behaviour="the user's tree is walked once for all 84 files: the walk's count stands as a "
+    "bound, each stored file adds its size (and 4 KiB per directory level) to it; the file "
+    "that does not fit by the bound is counted again, and refused with 'quota_exceeded'",
+    found="every file of a batch walked the user's whole tree: 64 walks per batch, each as "
+    "long as the tree is big (78 ms at 30,000 files)",
+)
+async def test_a_quota_users_files_are_counted_once_per_batch(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    quota = 600 * 1024
+    accounts.add("gina", "pw-gina", quota=quota)
+    old = storage / "gina" / "old"
+    old.mkdir(parents=True)
+    for index in range(300):
+        (old / f"{index}.txt").write_bytes(b"o" * 1000)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    gina = await client_factory(server)
+    await as_user(server, gina, accounts, "gina")
+    walks = count_walks(monkeypatch)
+    batch = [_small(f"batch/{index}.bin", os.urandom(1000)) for index in range(64)]
+    with trio.fail_after(30):
+        answer = await gina.rpc.call("file_upload_batch", files=batch)
+        results = answer["data"]["results"]
+        assert len(results) == 64 and all(result["success"] for result in results), answer
+        for index in range(20):
+            one = await gina.rpc.call(
+                "file_upload_small", **_small(f"one/{index}.bin", b"1" * 1000)
+            )
+            assert one["success"], one
+        assert len(walks) == 1
+        left = quota - _counted(storage / "gina")
+        over = await gina.rpc.call("file_upload_small", **_small("over.bin", b"x" * (left + 1)))
+    assert over["success"] is False and over["code"] == "quota_exceeded", over
+    assert len(walks) == 2  # the bound said no: counted again before refusing
+    assert walks[-1] == _counted(storage / "gina")
+
+
+@hostile(
+    "accounts-quota-after-delete",
+    area="disk",
+    attack="a quota user stores 200 KB of its 300 KiB quota, deletes it, and stores 200 KB again",
+    behaviour="the bound (which a delete does not lower) says no, so the tree is counted again "
+    "before anything is refused: the second file is stored",
+)
+async def test_room_a_delete_made_is_found_by_counting_again(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A delete leaves the bound where it was (it may count more than is
+    # there, never less); the upload it refuses is counted exactly instead.
+    storage = tmp_path / "storage"
+    accounts.add("hal", "pw-hal", quota=300 * 1024)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    hal = await client_factory(server)
+    await as_user(server, hal, accounts, "hal")
+    walks = count_walks(monkeypatch)
+    with trio.fail_after(30):
+        for name in ("a.bin", "b.bin"):
+            answer = await hal.rpc.call("file_upload_small", **_small(name, b"1" * 200_000))
+            if name == "a.bin":
+                assert answer["success"], answer
+                assert (await transfer.delete(hal, "a.bin"))["success"]
+        assert answer["success"], answer
+    assert len(walks) == 2
+    assert visible_files(storage / "hal") == ["b.bin"]
+
+
+@hostile(
+    "accounts-quota-behind-the-back",
+    area="disk",
+    attack="299 KB are copied into a quota user's root behind the server's back (300 KiB "
+    "quota), then the user uploads",
+    behaviour="the copy counts from the next walk: the bound stands for USAGE_RECOUNT_SECONDS "
+    "(0.5 s here, 60 s by default), then a 10 KB upload is refused with 'quota_exceeded'",
+)
+async def test_files_put_behind_the_servers_back_count_from_the_next_walk(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    accounts.add("ivy", "pw-ivy", quota=300 * 1024)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    ivy = await client_factory(server)
+    await as_user(server, ivy, accounts, "ivy")
+    monkeypatch.setattr(_space, "USAGE_RECOUNT_SECONDS", 0.5)
+    walks = count_walks(monkeypatch)
+    with trio.fail_after(30):
+        first = await ivy.rpc.call("file_upload_small", **_small("first.txt", b"1"))
+        assert first["success"], first
+        (storage / "ivy" / "copied-in.bin").write_bytes(b"c" * 299_000)  # not through conduit
+        # The bound still stands: not counted yet.
+        second = await ivy.rpc.call("file_upload_small", **_small("second.txt", b"2"))
+        assert second["success"], second
+        assert len(walks) == 1
+        await trio.sleep(0.6)
+        late = await ivy.rpc.call("file_upload_small", **_small("late.bin", b"3" * 10_000))
+    assert late["success"] is False and late["code"] == "quota_exceeded", late
+    assert len(walks) == 2
 
 
 @hostile(

@@ -205,7 +205,7 @@ class LocalBackend:
 
         def rename() -> str:
             renamed = storage.rename(old, new, overwrite=overwrite)
-            self.budget.prune_after_removal(prefix, old)
+            self.budget.prune_after_removal(prefix, old, moved_to=renamed)
             return renamed
 
         return await trio.to_thread.run_sync(rename)

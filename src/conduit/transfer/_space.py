@@ -31,9 +31,15 @@ opens its partial file. The rules, each enforced here and nowhere else:
 * **Isolation.** In accounts mode every user has a :class:`StorageRoot` of
   their own below the storage directory (``AccountRecord.root``), created on
   demand; ``quota`` counts their stored files and directories, partials and
-  reservations (the walk of their tree runs outside the lock, checked against
-  a count of the changes made below their root meanwhile); ``read_only``
-  refuses uploads with ``forbidden``.
+  reservations; ``read_only`` refuses uploads with ``forbidden``. The stored
+  bytes come from a walk of their tree, run outside the lock and checked
+  against a count of the changes made below their root meanwhile. A walk's
+  count is kept as an upper bound (:class:`_Usage`): every upload that ends
+  adds its size and what its directories may have grown, nothing is
+  subtracted, and while the bound leaves room no walk is needed (a batch of
+  small files walks once, not once per file). Only a bound that does not
+  leave room, or one older than :data:`USAGE_RECOUNT_SECONDS`, is counted
+  again, before anything is evicted or refused.
 
 Times: expiries are kept on Trio's clock (a ``MockClock`` drives the sweeper);
 a partial found on disk when the index is first loaded in a run gets the
@@ -74,7 +80,51 @@ DEFAULT_FREE_SPACE_MARGIN = 1 << 20
 #: inodes (``max_partial_bytes`` counts bytes only).
 MAX_ABANDONED_PER_OWNER = 64
 
+#: Seconds a quota user's counted bytes stand as a bound before their tree is
+#: walked again: files put into a root behind the server's back count from then.
+USAGE_RECOUNT_SECONDS = 60.0
+#: What a directory made for a file may add to its user's bytes (directories
+#: count as their size): a block on common disks.
+DIRECTORY_ALLOWANCE = 4096
+#: What a new entry may add to its directory: ext4's largest (8 bytes and a
+#: 255-byte name, rounded up to 4).
+ENTRY_ALLOWANCE = 264
+#: Directories a user's bound remembers having charged since its walk; past
+#: this many, each file charges its directories again.
+MAX_CHARGED_DIRECTORIES = 4096
+
 _Path = tuple[str, ...]  # a partial file's path below the storage directory
+
+
+@attrs.define
+class _Usage:
+    """A quota user's stored bytes, at most: a walk's count plus every growth since.
+
+    Nothing is subtracted (a delete leaves the bound above the truth); a file
+    stored adds its size, its entry, and each directory of its path the
+    bound has not charged since the walk, as if that directory were new.
+    """
+
+    bound: int
+    #: ``time.monotonic()`` of the walk.
+    counted_at: float
+    #: The directories charged since the walk (see :data:`MAX_CHARGED_DIRECTORIES`).
+    charged: set[_Path] = attrs.field(factory=set)
+
+    def fresh(self) -> bool:
+        """Whether the walk is recent enough to stand (see :data:`USAGE_RECOUNT_SECONDS`)."""
+        return time.monotonic() - self.counted_at < USAGE_RECOUNT_SECONDS
+
+    def add_file(self, directories: _Path, size: int) -> None:
+        """A file of ``size`` bytes was stored (or renamed) into ``directories`` of the root."""
+        grown = size + ENTRY_ALLOWANCE
+        for depth in range(1, len(directories) + 1):
+            directory = directories[:depth]
+            if directory not in self.charged:
+                grown += DIRECTORY_ALLOWANCE + ENTRY_ALLOWANCE
+                if len(self.charged) < MAX_CHARGED_DIRECTORIES:
+                    self.charged.add(directory)
+        self.bound += grown
 
 
 class _OneShotIds:
@@ -276,6 +326,8 @@ class DiskBudget:
         # change this budget sees below it, so that an admission can walk the
         # tree outside the lock and know whether what it counted still holds.
         self._generations: dict[_Path, int] = {}
+        # Per quota user's root: the last walk's count, grown by every change.
+        self._usage: dict[_Path, _Usage] = {}
         # Per Trio run: the sweeper task, its wake-up event, the index load.
         self._token: trio.lowlevel.TrioToken | None = None
         self._sweeping = False
@@ -437,12 +489,15 @@ class DiskBudget:
         settings = self._settings
         # Size rules first (invalid_size, too_large); space is decided below.
         storage.check_can_accept(size, settings.max_file_size, offset=max(size, 0))
+        walked: int | None = None
         if quota is not None:
-            # The walk of the user's tree takes as long as the tree is big:
-            # done outside the lock, which every user's admission takes.
             with self._lock:
                 generation = self._generations.setdefault(prefix, 0)
-            stored = storage.stored_bytes()
+                bounded = self._fits_bound_locked(storage, prefix, size, quota)
+            if not bounded:
+                # The walk of the user's tree takes as long as the tree is big:
+                # done outside the lock, which every user's admission takes.
+                walked = storage.stored_bytes()
         with self._lock:
             transfer_id = owned_transfer_id(key, owner)
             start = 0
@@ -461,10 +516,13 @@ class DiskBudget:
                         )
             self._make_room_on_disk(storage, size - start, own)
             self._make_room_for_partials(size, own)
-            if quota is not None:
-                if self._generations[prefix] != generation:
-                    stored = storage.stored_bytes()  # changed since: count again, here
-                self._make_room_in_quota(storage, prefix, stored, size - start, quota, own)
+            if quota is not None and not (
+                walked is None and self._fits_bound_locked(storage, prefix, size - start, quota)
+            ):
+                if walked is None or self._generations[prefix] != generation:
+                    walked = storage.stored_bytes()  # changed since: count again, here
+                self._usage[prefix] = _Usage(walked, time.monotonic())
+                self._make_room_in_quota(storage, prefix, walked, size - start, quota, own)
             self._abandoned.pop(own, None)
             self._active.add(admission)
             return admission
@@ -472,7 +530,8 @@ class DiskBudget:
     def _release_sync(self, admission: Admission, now: float) -> None:
         with self._lock:
             self._active.discard(admission)
-            self._changed_locked(admission.path)
+            # Published or not: a bound may count more than is there, never less.
+            self._changed_locked(admission.path, stored=admission.size)
             partial = admission.partial
             if partial is not None and not partial.finished:
                 try:
@@ -546,25 +605,40 @@ class DiskBudget:
                 "no_space",
             )
 
+    def _fits_bound_locked(
+        self, storage: StorageRoot, prefix: _Path, needed: int, quota: int
+    ) -> bool:
+        """Whether ``needed`` more bytes fit in ``quota`` by the user's bound alone (no walk)."""
+        usage = self._usage.get(prefix)
+        if usage is None or not usage.fresh():
+            return False
+        return self._quota_shortfall(storage, prefix, usage.bound, needed, quota) <= 0
+
+    def _quota_shortfall(
+        self, storage: StorageRoot, prefix: _Path, stored: int, needed: int, quota: int
+    ) -> int:
+        """Bytes over ``quota`` if ``needed`` more were stored below ``prefix``.
+
+        Counted: ``stored`` (the walk's published files and directories, or a
+        bound of them), the abandoned partials' bytes below ``prefix`` (all
+        partials on disk are indexed: loaded at start, added at each release),
+        the whole size of every admitted upload to this root (written or not),
+        and ``needed``.
+        """
+        kept = sum(
+            entry.size for path, entry in self._abandoned.items() if path[: len(prefix)] == prefix
+        )
+        admitted = sum(a.size for a in self._active if a.storage.path == storage.path)
+        return stored + kept + admitted + needed - quota
+
     def _make_room_in_quota(
         self, storage: StorageRoot, prefix: _Path, stored: int, needed: int, quota: int, own: _Path
     ) -> None:
-        """Evict ``prefix``'s abandoned partials until the upload fits in ``quota``.
-
-        Counted: ``stored`` (the walk's published files and directories), the
-        abandoned partials' bytes below ``prefix`` (all partials on disk are
-        indexed: loaded at start, added at each release), the whole size of
-        every admitted upload to this root (written or not), and ``needed``.
-        """
+        """Evict ``prefix``'s abandoned partials until the upload fits in ``quota``
+        (counted by :meth:`_quota_shortfall`, with ``stored`` from an exact walk)."""
 
         def shortfall() -> int:
-            kept = sum(
-                entry.size
-                for path, entry in self._abandoned.items()
-                if path[: len(prefix)] == prefix
-            )
-            admitted = sum(a.size for a in self._active if a.storage.path == storage.path)
-            return stored + kept + admitted + needed - quota
+            return self._quota_shortfall(storage, prefix, stored, needed, quota)
 
         if not self._evict_until(shortfall, own, prefix):
             raise TransferError(
@@ -601,26 +675,38 @@ class DiskBudget:
         self._prune_locked(directories)
         return removed
 
-    def prune_after_removal(self, prefix: _Path, name: str) -> None:
-        """``name`` (in the root below ``prefix``) was deleted or renamed away: remove its
-        directories left empty (worker thread).
+    def prune_after_removal(self, prefix: _Path, name: str, *, moved_to: str | None = None) -> None:
+        """``name`` (in the root below ``prefix``) was deleted, or renamed to
+        ``moved_to``: remove its directories left empty (worker thread).
 
         Under the budget's lock, as a release's pruning, so that no directory an
         admitted upload is about to use goes; the directories of ``prefix`` (a
         user's root) stay. Without it, a peer could make directories without
-        end (a file at depth 63, deleted, again) that no quota counted.
+        end (a file at depth 63, deleted, again) that no quota counted. The
+        directories of a rename's new name may be new: the user's bound grows.
         """
         directories = split_name(safe_relative_name(name))[0]
         with self._lock:
+            if moved_to is not None:  # its bytes are counted where they were
+                target = safe_relative_name(moved_to).split("/")
+                self._changed_locked((*prefix, *target), stored=0)
             self._changed_locked((*prefix, *directories))
             if directories:
                 self._prune_locked((*prefix, *directories), floor=len(prefix))
 
-    def _changed_locked(self, path: _Path) -> None:
-        """Something below ``path`` changed: a quota walk of a root above it is stale."""
+    def _changed_locked(self, path: _Path, *, stored: int | None = None) -> None:
+        """Something at or below ``path`` changed: a quota walk of a root above it is stale.
+
+        ``stored``: a file of that many bytes is now at ``path`` (0 for one
+        renamed there), which the root's bound adds (see :class:`_Usage`).
+        """
         for prefix in self._generations:
             if path[: len(prefix)] == prefix:
                 self._generations[prefix] += 1
+                usage = self._usage.get(prefix)
+                if usage is not None and stored is not None:
+                    # The walk counts what is below the root, not the root.
+                    usage.add_file(path[len(prefix) : -1], stored)
 
     def _prune_locked(self, directories: _Path, *, floor: int = 0) -> None:
         # Keep every directory an admitted upload uses (it may be about to
