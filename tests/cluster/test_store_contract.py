@@ -243,6 +243,25 @@ async def test_listing_hides_partials(stores: StorePair) -> None:
     assert await node_b.find_partial("pending.bin", "t") is None
 
 
+async def test_used_bytes_counts_every_published_file(stores: StorePair) -> None:
+    node_a, node_b = stores
+    assert await node_b.used_bytes() == 0
+    pending = await node_a.open_partial("pending.bin", "t", resume=False)
+    await pending.append(os.urandom(PART + 7))  # partials are not counted
+    sizes = {"a.txt": 10, "d/b.bin": 2000, "d/e/c.bin": 30_000}
+    for index, (name, size) in enumerate(sizes.items()):
+        await put(node_a, name, os.urandom(size), f"t{index}")
+    files = sum(sizes.values())
+    # More than a listing of one entry shows: the count is never cut short.
+    assert len(await node_b.list_files(max_entries=1)) == 1
+    if isinstance(node_b, LocalStore):  # and its two directories, at their size
+        directories = node_b.root.path / "d", node_b.root.path / "d" / "e"
+        assert await node_b.used_bytes() == files + sum(d.stat().st_size for d in directories)
+    else:
+        assert await node_b.used_bytes() == files
+    await pending.discard()
+
+
 async def test_delete_and_rename(stores: StorePair) -> None:
     node_a, node_b = stores
     await put(node_a, "a.txt", b"a")

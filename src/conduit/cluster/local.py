@@ -99,6 +99,10 @@ class LocalStore:
         entries = await _run(self.root.list_files, max_entries=max_entries, prefix=prefix)
         return [StoredFile(e.name, e.size, int(e.modified * 1e9)) for e in entries]
 
+    async def used_bytes(self) -> int:
+        """See :meth:`conduit.cluster.store.Store.used_bytes` (files and directories)."""
+        return await _run(self.root.stored_bytes)
+
     async def stat(self, name: str) -> StoredFile:
         """See :meth:`conduit.cluster.store.Store.stat`."""
         reader = await self.open_reader(name)

@@ -517,6 +517,14 @@ class S3Store:
         entries.sort(key=lambda item: item.name)
         return entries
 
+    def _used_bytes(self) -> int:
+        total = 0
+        for entry in self._list_keys(self.location.list_prefix):
+            relative = self.location.relative(str(entry["Key"]))
+            if relative is not None and _listable(relative):  # what list_files shows
+                total += int(entry["Size"])
+        return total
+
     def _stat(self, name: str) -> tuple[StoredFile, str]:
         safe = self._checked_name(name)
         info = self._head(self.location.key(safe))
@@ -868,6 +876,10 @@ class S3Store:
         if prefix is not None:
             below = self.location.key(self._checked_name(prefix)) + "/"
         return await self._guard("listing", self._list, max_entries, below)
+
+    async def used_bytes(self) -> int:
+        """See :meth:`conduit.cluster.store.Store.used_bytes` (one listing, summed as it pages)."""
+        return await self._guard("counting the stored bytes", self._used_bytes)
 
     async def stat(self, name: str) -> StoredFile:
         """See :meth:`conduit.cluster.store.Store.stat`."""

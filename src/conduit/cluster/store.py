@@ -184,6 +184,12 @@ class Store(Protocol):
         """
         ...
 
+    async def used_bytes(self) -> int:
+        """What a quota counts of this store: the bytes of every published file
+        (``list_files`` stops at ``max_entries``; this never does). A local
+        store adds its directories, at the size the file system gives them."""
+        ...
+
     async def stat(self, name: str) -> StoredFile:
         """The published file ``name``; ``FileNotFoundError`` if there is none."""
         ...

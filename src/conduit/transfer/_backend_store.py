@@ -26,7 +26,8 @@ around a directory is decided here as follows:
   ``partial_ttl`` (whichever node left it).
 * **Accounts.** A user's root is a key prefix (``PREFIX/<root>/...``): the
   same confinement, since every name is a checked relative name below it.
-  ``quota`` counts the user's published files (one listing per upload) and
+  ``quota`` counts the user's published files (one whole listing per
+  upload, :meth:`~conduit.cluster.store.Store.used_bytes`) and
   the uploads in progress on this node; ``read_only`` refuses changes.
 
 Re-runs store no second copy, as locally (:mod:`._rerun`): same-size
@@ -371,7 +372,7 @@ class StoreBackend:
         quota = getattr(getattr(peer, "account", None), "quota", None)
         used = 0
         if quota is not None:
-            used = sum(entry.size for entry in await store.list_files())
+            used = await store.used_bytes()
         return root, store, quota, used
 
     def _check_room(self, root: str, name: str, size: int, quota: int | None, used: int) -> None:
