@@ -23,6 +23,7 @@ import gc
 import hashlib
 import inspect
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,7 @@ from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit.protocol import FrameKind
 from conduit.protocol.codec import data_header, encode_frame
 from conduit.protocol.messages import Ping
+from conduit.transfer import _rerun
 from conduit.transfer._backend_local import LIST_THREADS
 from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._storage import FileEntry, StorageRoot
@@ -724,6 +726,56 @@ async def test_small_uploads_do_not_wait_for_the_hashing_threads(
     assert stat_answer["data"]["sha256"] == hashlib.sha256(b"b" * 65536).hexdigest()
     stored = sorted(path.name for path in storage.iterdir() if path.name.startswith("small-"))
     assert stored == sorted(f"small-{index}.txt" for index in range(20))
+
+
+@hostile(
+    "rerun-variants-in-a-batch",
+    area=AREA,
+    attack="a peer's root holds 64 names of 4 KiB with 20 same-size collision variants each "
+    "(the sent content is the 20th); it sends one batch of those 64 names",
+    behaviour="each name is checked, and variants are hashed only within the call's "
+    "variant budget (lowered to 80 KiB here; 16 MiB by default): the batch reads at most "
+    "its own size plus the budget, and the files found by no check are stored again under "
+    "the next free variant, none lost",
+    found="every entry hashed all its variants: 21 times the batch's size per batch (100 "
+    "times with 100 variants, 6,400 files, more than the digest cache holds), on a store "
+    "thread other users' small files wait for",
+)
+async def test_a_batch_reads_collision_variants_within_a_budget(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_rerun, "VARIANT_READ_BUDGET", 80 * 1024)  # 20 variants of 4 KiB
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    size, names, variants = 4096, 64, 20
+    sent = {f"n{index}.txt": os.urandom(size) for index in range(names)}
+    for name, data in sent.items():
+        stem = name.removesuffix(".txt")
+        (storage / name).write_bytes(os.urandom(size))
+        for number in range(1, variants):
+            (storage / f"{stem} ({number}).txt").write_bytes(os.urandom(size))
+        (storage / f"{stem} ({variants}).txt").write_bytes(data)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    batch = [
+        {"name": name, "data": data, "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in sent.items()
+    ]
+    with trio.fail_after(30):
+        answer = await client.rpc.call("file_upload_batch", files=batch)
+    results = answer["data"]["results"]
+    assert all(result["success"] for result in results), results
+    assert transfer.hash_gate.hashed_bytes <= names * size + 80 * 1024
+    # The first entry found its copy within the budget; the others were stored again.
+    assert results[0].get("skipped") is True and results[0]["path"] == f"n0 ({variants}).txt"
+    for result, (name, data) in list(zip(results, sent.items(), strict=True))[1:]:
+        stem = name.removesuffix(".txt")
+        assert result["path"] == f"{stem} ({variants + 1}).txt", result
+        assert (storage / result["path"]).read_bytes() == data
 
 
 @hostile(

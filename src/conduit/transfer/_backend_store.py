@@ -57,7 +57,7 @@ from ._backend import Admitted, Opened
 from ._engine import records_of
 from ._hashing import HashGate
 from ._names import collision_candidates, safe_relative_name, split_name
-from ._rerun import MAX_VARIANTS, skipped_result
+from ._rerun import MAX_VARIANTS, VariantBudget, skipped_result
 from ._space import MAX_ABANDONED_PER_OWNER, check_writable, owned_transfer_id, partial_owner
 from ._wire import as_rpc_error
 
@@ -472,13 +472,14 @@ class StoreBackend:
         outcome is left on its entry.
         """
         overwrite = self._settings.overwrite
+        budget = VariantBudget()  # one for the whole call (see _rerun)
         for entry in entries:
             if entry.error is not None:
                 continue
             try:
                 entry.safe = safe_relative_name(entry.name)
                 size = len(entry.data)
-                answer = await self.rerun_answer(peer, entry.safe, size, entry.sha256)
+                answer = await self.rerun_answer(peer, entry.safe, size, entry.sha256, budget)
                 if answer is not None and answer.get("skipped") is True:
                     entry.published, entry.skipped = answer["path"], True
                     continue
@@ -491,9 +492,10 @@ class StoreBackend:
                 entry.error = as_rpc_error(exc, name=entry.name)
 
     async def rerun_answer(
-        self, peer: Peer, name: str, size: int, sha256: str
+        self, peer: Peer, name: str, size: int, sha256: str, budget: VariantBudget | None = None
     ) -> dict[str, Any] | None:
-        """See :meth:`._backend.Backend.rerun_answer` (candidates by stat, hashed by reading)."""
+        """See :meth:`._backend.Backend.rerun_answer` (candidates by stat, hashed by reading;
+        ``budget``: what hashing variants may still read, see :class:`._rerun.VariantBudget`)."""
         _root, store = self._store_for(peer)
         candidates = await self._same_size(store, name, size)
         if not candidates:
@@ -502,6 +504,8 @@ class StoreBackend:
             return {"check_sha256": True}
         wanted = sha256.strip().lower()
         for stored in candidates:
+            if budget is not None and stored.name != name and not budget.allows(size):
+                return None
             digest = await self._digest(peer, store, stored)
             if hmac.compare_digest(digest, wanted):
                 return skipped_result(stored.name, size, sha256)

@@ -10,7 +10,8 @@ is stored.
 
 Each entry gets exactly the per-file rules of ``file_upload_small``: its name
 is checked (:func:`._names.safe_relative_name`), a file already there is
-skipped (:mod:`._rerun`), the disk budget admits and reserves it (space,
+skipped (:mod:`._rerun`, within one :class:`._rerun.VariantBudget` for the
+call), the disk budget admits and reserves it (space,
 partial cap, quota; :mod:`._space`), it is written to an anonymous file (a
 hidden partial file where the file system has no ``O_TMPFILE``, see
 :meth:`._storage.StorageRoot.open_one_shot`), hashed and compared with its
@@ -41,7 +42,7 @@ import attrs
 
 from ..errors import RPCError, TransferError
 from ._names import safe_relative_name
-from ._rerun import find_sync, skipped_result
+from ._rerun import VariantBudget, find_sync, skipped_result
 from ._space import OneShotAdmitter
 from ._wire import as_rpc_error
 
@@ -131,13 +132,14 @@ def _store_entries(
 ) -> None:
     storage = admitter.storage
     published = []
+    budget = VariantBudget()  # one for the whole call
     for entry in entries:
         if entry.error is not None:
             continue
         try:
             entry.safe = safe_relative_name(entry.name)
             size = len(entry.data)
-            stored = find_sync(storage, entry.safe, size, entry.sha256, hash_fd)
+            stored = find_sync(storage, entry.safe, size, entry.sha256, hash_fd, budget)
             if stored is not None:
                 entry.published, entry.skipped = stored, True
                 continue

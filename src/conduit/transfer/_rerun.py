@@ -18,6 +18,14 @@ Who hashes what, so that the common case costs nothing:
   own file's hash and answers ``{"already_there": True}`` or begins as usual;
 * a download whose local target exists with the server's size asks
   ``file_stat(name, sha256=True)`` and compares with the local file's hash.
+
+What a call of small files may read for it is bounded (:class:`VariantBudget`):
+each file's own name is always checked, its collision variants only while
+:data:`VARIANT_READ_BUDGET` lasts. Without it, a batch of 64 names with 100
+same-size variants each (6,400 files, more than the digest cache holds) made
+one store thread read 100 times the batch's size, every time it was sent.
+Past the budget, a file that is there only under a variant is stored again,
+under the next free one: a second copy, never a lost or a wrong file.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from ._names import collision_candidates, split_name
@@ -44,6 +53,35 @@ ALREADY_THERE = "already_there"
 #: Collision variants (``name (1).ext``, ...) looked at, at most: a re-run of a
 #: file that once collided finds its earlier copy there.
 MAX_VARIANTS = 100
+
+#: Bytes one call of small files (``file_upload_small``, a batch) may read
+#: hashing collision variants for its re-run checks (see :class:`VariantBudget`):
+#: 16 batches of the default 1 MiB frame, where a re-run reads each file's own
+#: name once.
+VARIANT_READ_BUDGET = 16 * 1024 * 1024
+
+
+def _budget_default() -> int:
+    return VARIANT_READ_BUDGET  # read at each call: tests lower it
+
+
+@attrs.define
+class VariantBudget:
+    """What one call may still read hashing collision variants (``name (1).ext``, ...).
+
+    A file's own name is always checked (a re-run's common case); each
+    variant hashed takes its size from :attr:`left`, and none is hashed once
+    that would go below zero.
+    """
+
+    left: int = attrs.field(factory=_budget_default)
+
+    def allows(self, size: int) -> bool:
+        """Take ``size`` bytes for hashing one variant; False (nothing taken) past the budget."""
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
 
 
 def _candidates(storage: StorageRoot, name: str, size: int) -> list[str]:
@@ -78,10 +116,14 @@ def find_sync(
     size: int,
     sha256: str,
     hash_fd: Callable[[int, int], str] | None = None,
+    budget: VariantBudget | None = None,
 ) -> str | None:
-    """:func:`find_already_there` for a worker thread (``hash_fd``: a cached hasher)."""
+    """:func:`find_already_there` for a worker thread (``hash_fd``: a cached hasher;
+    ``budget``: what hashing variants may still read, see :class:`VariantBudget`)."""
     wanted = sha256.strip().lower()
     for candidate in _candidates(storage, name, size):
+        if budget is not None and candidate != name and not budget.allows(size):
+            return None
         existing = storage.existing_sha256(candidate, size, hash_fd)
         if existing is not None and hmac.compare_digest(existing, wanted):
             return candidate
