@@ -249,6 +249,53 @@ async def test_s3_uploads_are_bounded_per_connection(
 
 
 @pytest.mark.usefixtures("aws_environment")
+async def test_a_quota_users_batch_on_s3_is_counted_once(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_url: str,
+) -> None:
+    """A call of small files lists the user's prefix once, and each file stored counts."""
+    from conduit import Accounts
+    from conduit.protocol.pake import StretchParams
+    from conftest import client_descriptor
+
+    accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))
+    accounts.add("carl", "carl's long passphrase", quota=100_000)
+    handler = FileTransferHandler(storage_dir=s3_url)
+    server = await server_factory(
+        handler.register_server_handlers, password=None, accounts=accounts
+    )
+    counts: list[int] = []
+    real = S3Store.used_bytes
+
+    async def counted(store: S3Store) -> int:
+        counts.append(await real(store))
+        return counts[-1]
+
+    monkeypatch.setattr(S3Store, "used_bytes", counted)
+    files = []
+    for index in range(3):  # the third goes over 100,000 bytes
+        data = os.urandom(40_000)
+        files.append(
+            {"name": f"{index}.bin", "data": data, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+    with trio.fail_after(60):
+        carl = Client(
+            client_descriptor(server.port, username="carl", password="carl's long passphrase")
+        )
+        await carl.connect()
+        try:
+            answer = await carl.call("file_upload_batch", files=files)
+        finally:
+            await carl.disconnect()
+    results = answer["results"]
+    assert [result["success"] for result in results] == [True, True, False], results
+    assert results[2]["code"] == "quota_exceeded", results
+    assert counts == [0]
+
+
+@pytest.mark.usefixtures("aws_environment")
 async def test_accounts_on_s3_each_user_has_a_key_prefix(
     server_factory: ServerFactory,
     s3_url: str,

@@ -27,7 +27,7 @@ around a directory is decided here as follows:
 * **Accounts.** A user's root is a key prefix (``PREFIX/<root>/...``): the
   same confinement, since every name is a checked relative name below it.
   ``quota`` counts the user's published files (one whole listing per
-  upload, :meth:`~conduit.cluster.store.Store.used_bytes`) and
+  upload or call of small files, :meth:`~conduit.cluster.store.Store.used_bytes`) and
   the uploads in progress on this node; ``read_only`` refuses changes.
 
 Re-runs store no second copy, as locally (:mod:`._rerun`): same-size
@@ -323,7 +323,8 @@ class StoreBackend:
         """See :meth:`._backend.Backend.admit`."""
         self._ensure_sweeper()
         settings = self._settings
-        root, store, quota, used = await self._checked(peer, size)
+        root, store, quota = await self._checked(peer, size)
+        used = 0 if quota is None else await store.used_bytes()
         owner = partial_owner(peer)
         transfer_id = owned_transfer_id(key, owner)
         connection = peer.connection
@@ -362,18 +363,14 @@ class StoreBackend:
         upload.sink = StoreSink(partial, store)
         return Admitted(upload.sink, upload)
 
-    async def _checked(self, peer: Peer, size: int) -> tuple[str, Store, int | None, int]:
-        """The checks that wait: writable, size; the root, its store, quota and bytes used."""
+    async def _checked(self, peer: Peer, size: int) -> tuple[str, Store, int | None]:
+        """The checks that wait, but count nothing: writable, size; the root, its store, quota."""
         check_writable(peer)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise TransferError(f"invalid size {size!r}", "invalid_size")
         root, store = self._store_for(peer)
         await store.check_can_accept(size, self._settings.max_file_size, offset=size)
-        quota = getattr(getattr(peer, "account", None), "quota", None)
-        used = 0
-        if quota is not None:
-            used = await store.used_bytes()
-        return root, store, quota, used
+        return root, store, getattr(getattr(peer, "account", None), "quota", None)
 
     def _check_room(self, root: str, name: str, size: int, quota: int | None, used: int) -> None:
         """The checks against uploads in progress (no waiting: call right before registering)."""
@@ -469,10 +466,12 @@ class StoreBackend:
 
         The same rules as an upload's admission (read-only, size, quota, a
         name being overwritten by an upload), nothing to resume; each
-        outcome is left on its entry.
+        outcome is left on its entry. A quota user's bytes are counted (a
+        whole listing) once per call, then grown by each file stored.
         """
         overwrite = self._settings.overwrite
         budget = VariantBudget()  # one for the whole call (see _rerun)
+        used: int | None = None
         for entry in entries:
             if entry.error is not None:
                 continue
@@ -483,11 +482,15 @@ class StoreBackend:
                 if answer is not None and answer.get("skipped") is True:
                     entry.published, entry.skipped = answer["path"], True
                     continue
-                root, store, quota, used = await self._checked(peer, size)
-                self._check_room(root, entry.safe, size, quota, used)
+                root, store, quota = await self._checked(peer, size)
+                if quota is not None and used is None:
+                    used = await store.used_bytes()
+                self._check_room(root, entry.safe, size, quota, used or 0)
                 entry.published = await store.put_file(
                     entry.safe, entry.data, sha256=entry.sha256, overwrite=overwrite
                 )
+                if used is not None:
+                    used += size  # an overwrite's replaced file is not taken off
             except Exception as exc:
                 entry.error = as_rpc_error(exc, name=entry.name)
 
