@@ -861,6 +861,46 @@ async def test_a_peer_that_pings_but_never_reads_is_dropped(
 
 
 @hostile(
+    "calls-past-the-control-backlog",
+    area=AREA,
+    attack="an authenticated peer sends 14 calls for 900 KB results (handlers that never "
+    "wait) in one record, then reads and sends nothing more",
+    behaviour="the reader stops at the 8 MiB control backlog holding the next call, and "
+    "handles it as soon as the results have gone out: all 14 are answered",
+    found="(in this round's own change) once the flush had sent the backlog, the reader went "
+    "back to the socket with the call still held: the last 4 results waited for the peer's "
+    "next bytes (its next PING, or for ever without heartbeats)",
+)
+async def test_calls_held_by_the_backlog_are_answered_without_more_bytes(
+    server_factory: ServerFactory,
+) -> None:
+    # 14 results of 900 KB from handlers that never wait pass the 8 MiB
+    # control backlog while the calls are read, in one record: the reader
+    # stops at the backlog, and must go on with the calls it holds once the
+    # results have gone out, not wait for the peer to send something else.
+    def register(server: Server) -> None:
+        @server.rpc
+        async def blob(n: int) -> bytes:
+            return b"b" * n
+
+    server = await server_factory(register=register, heartbeat_interval=30, heartbeat_timeout=90)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    calls = 14
+    answered: set[int] = set()
+    try:
+        await peer.send_sealed(
+            *[call_frame(index + 1, "blob", n=900_000) for index in range(calls)]
+        )
+        with trio.fail_after(10):
+            while len(answered) < calls:
+                frame = await peer.next_frame()
+                if frame.kind is FrameKind.RESULT:
+                    answered.add(frame.stream_id)
+    finally:
+        await peer.aclose()
+
+
+@hostile(
     "ping-flood-never-read",
     area=AREA,
     attack="an authenticated peer sends 200,000 PINGs (22 bytes each) and never reads a PONG",

@@ -585,6 +585,10 @@ class Connection:
                     # stopped at the backlog, holding the next one).
                     await self._outbox.wait_control_below(_CONTROL_BACKLOG)
                     continue
+                if self._held_frame is not None:
+                    # _drain_reader stopped at the backlog, which the flush
+                    # just sent: handle the rest before reading any more.
+                    continue
                 role = self._role
                 if role is not None and self._receive_buffer.would_wait and self._role_open():
                     # Idle: wait where a caller can take over the socket.
