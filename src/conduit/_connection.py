@@ -590,11 +590,15 @@ class Connection:
                     # just sent: handle the rest before reading any more.
                     continue
                 role = self._role
-                if role is not None and self._receive_buffer.would_wait and self._role_open():
-                    # Idle: wait where a caller can take over the socket.
-                    await self._wait_idle(role)
-                    if self._held_frame is not None:  # a caller left us a frame
-                        continue
+                # Idle: wait where a caller can take over the socket; True if a
+                # caller left us a frame.
+                if (
+                    role is not None
+                    and self._receive_buffer.would_wait
+                    and self._role_open()
+                    and await self._wait_idle(role)
+                ):
+                    continue
                 data = await self._receive()
                 if data is not None:  # None: the host reader fed it (see _drain_on_host)
                     if not data:
@@ -654,8 +658,9 @@ class Connection:
                 await self._messages_in.send(event)
         return None
 
-    async def _wait_idle(self, role: ReadingRole) -> None:
-        """Until the socket has bytes and no caller holds the role, or a caller left a frame."""
+    async def _wait_idle(self, role: ReadingRole) -> bool:
+        """Until the socket has bytes and no caller holds the role (False), or a caller
+        left a frame in ``_held_frame`` (True)."""
         while True:
             self._reader_parked = True
             try:
@@ -666,10 +671,10 @@ class Connection:
             finally:
                 self._reader_parked = False
             if self._held_frame is not None:
-                return
+                return True
             if not role.held:
                 self._receive_buffer.woke()
-                return
+                return False
 
     def _own_reading(self, pending: PendingCall) -> Awaitable[None] | None:
         """A caller about to park: its own read of the socket, if the reader idles.

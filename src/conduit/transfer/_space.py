@@ -38,8 +38,9 @@ opens its partial file. The rules, each enforced here and nowhere else:
   adds its size and what its directories may have grown, nothing is
   subtracted, and while the bound leaves room no walk is needed (a batch of
   small files walks once, not once per file). Only a bound that does not
-  leave room, or one older than :data:`USAGE_RECOUNT_SECONDS`, is counted
-  again, before anything is evicted or refused.
+  leave room, one older than :data:`USAGE_RECOUNT_SECONDS` or one grown by
+  more than a :data:`USAGE_RECOUNT_SHARE` of the quota since its walk is
+  counted again, before anything is evicted or refused.
 
 Times: expiries are kept on Trio's clock (a ``MockClock`` drives the sweeper);
 a partial found on disk when the index is first loaded in a run gets the
@@ -83,12 +84,17 @@ MAX_ABANDONED_PER_OWNER = 64
 #: Seconds a quota user's counted bytes stand as a bound before their tree is
 #: walked again: files put into a root behind the server's back count from then.
 USAGE_RECOUNT_SECONDS = 60.0
+#: A bound grown by more than the quota divided by this since its walk is
+#: counted again: what the allowances below miss (a file system whose
+#: directories grow faster) is then at most a part of an eighth of the quota.
+USAGE_RECOUNT_SHARE = 8
 #: What a directory made for a file may add to its user's bytes (directories
 #: count as their size): a block on common disks.
 DIRECTORY_ALLOWANCE = 4096
-#: What a new entry may add to its directory: ext4's largest (8 bytes and a
-#: 255-byte name, rounded up to 4).
-ENTRY_ALLOWANCE = 264
+#: What a new entry may add to its directory: twice ext4's largest (8 bytes and
+#: a 255-byte name, rounded up to 4), since a hashed directory splits a full
+#: block in two (300 names of 255 bytes measured 396 bytes each).
+ENTRY_ALLOWANCE = 528
 #: Directories a user's bound remembers having charged since its walk; past
 #: this many, each file charges its directories again.
 MAX_CHARGED_DIRECTORIES = 4096
@@ -105,15 +111,27 @@ class _Usage:
     bound has not charged since the walk, as if that directory were new.
     """
 
-    bound: int
+    #: What the walk counted.
+    counted: int
     #: ``time.monotonic()`` of the walk.
     counted_at: float
+    #: The walk's count plus every growth since.
+    bound: int = attrs.field()
     #: The directories charged since the walk (see :data:`MAX_CHARGED_DIRECTORIES`).
     charged: set[_Path] = attrs.field(factory=set)
 
-    def fresh(self) -> bool:
-        """Whether the walk is recent enough to stand (see :data:`USAGE_RECOUNT_SECONDS`)."""
-        return time.monotonic() - self.counted_at < USAGE_RECOUNT_SECONDS
+    @bound.default
+    def _counted(self) -> int:
+        return self.counted
+
+    def stands(self, quota: int) -> bool:
+        """Whether the bound may stand for ``quota`` without a walk: recent enough
+        (:data:`USAGE_RECOUNT_SECONDS`), and not grown by more than a
+        :data:`USAGE_RECOUNT_SHARE` of it since."""
+        return (
+            time.monotonic() - self.counted_at < USAGE_RECOUNT_SECONDS
+            and (self.bound - self.counted) * USAGE_RECOUNT_SHARE <= quota
+        )
 
     def add_file(self, directories: _Path, size: int) -> None:
         """A file of ``size`` bytes was stored (or renamed) into ``directories`` of the root."""
@@ -610,7 +628,7 @@ class DiskBudget:
     ) -> bool:
         """Whether ``needed`` more bytes fit in ``quota`` by the user's bound alone (no walk)."""
         usage = self._usage.get(prefix)
-        if usage is None or not usage.fresh():
+        if usage is None or not usage.stands(quota):
             return False
         return self._quota_shortfall(storage, prefix, usage.bound, needed, quota) <= 0
 
