@@ -296,6 +296,59 @@ async def test_a_quota_users_batch_on_s3_is_counted_once(
 
 
 @pytest.mark.usefixtures("aws_environment")
+async def test_concurrent_batches_of_one_quota_user_see_each_other(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    s3_url: str,
+    s3_client_factory: Callable[[], Any],
+) -> None:
+    """Each call lists once, and counts what this node published since (the other's too)."""
+    from conduit import Accounts
+    from conduit.protocol.pake import StretchParams
+    from conftest import client_descriptor
+
+    accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))
+    accounts.add("carl", "carl's long passphrase", quota=100_000)
+    handler = FileTransferHandler(storage_dir=s3_url)
+    server = await server_factory(
+        handler.register_server_handlers, password=None, accounts=accounts
+    )
+    accepted: list[bool] = []
+
+    async def send_batch(tag: int) -> None:
+        files = []
+        for index in range(5):
+            data = os.urandom(15_000)
+            files.append(
+                {
+                    "name": f"{tag}-{index}.bin",
+                    "data": data,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+        carl = Client(
+            client_descriptor(server.port, username="carl", password="carl's long passphrase")
+        )
+        await carl.connect()
+        try:
+            answer = await carl.call("file_upload_batch", files=files)
+        finally:
+            await carl.disconnect()
+        accepted.extend(result["success"] for result in answer["results"])
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_batch, 1)
+            nursery.start_soon(send_batch, 2)
+    store = S3Store(s3_url, client=s3_client_factory())
+    stored = sum(entry.size for entry in await store.list_files(prefix="carl"))
+    store.close()
+    # At most one file over: a check and its PUT are not one step (as with a listing per file).
+    assert stored <= 100_000 + 15_000, (stored, accepted)
+    assert stored == 15_000 * sum(accepted)
+
+
+@pytest.mark.usefixtures("aws_environment")
 async def test_accounts_on_s3_each_user_has_a_key_prefix(
     server_factory: ServerFactory,
     s3_url: str,

@@ -265,6 +265,11 @@ class StoreBackend:
         self._roots: dict[str, Store] = {}
         self._active: set[_Upload] = set()
         self._kept: dict[tuple[str, str, str], _Kept] = {}
+        # Per root: bytes published through this node so far (small files and
+        # uploads), never lowered. A call of small files lists the root once
+        # and adds what was published here since (its own files and every
+        # concurrent call's and upload's), so that none of them goes unseen.
+        self._published_here: dict[str, int] = {}
         self._digests: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -417,11 +422,17 @@ class StoreBackend:
         self._active.discard(upload)
         upload.uploads.discard(upload)
 
+    def _published(self, root: str, size: int) -> None:
+        self._published_here[root] = self._published_here.get(root, 0) + size
+
     async def release(self, admitted: Admitted) -> None:
         """See :meth:`._backend.Backend.release`: index a kept partial, or remove an empty one."""
         upload: _Upload = admitted.ticket
         self._forget(upload)
         sink = upload.sink
+        if sink is not None and sink.finished:
+            # No longer counted as in progress: counted as published instead.
+            self._published(upload.root, upload.size)
         if sink is None or sink.finished:
             return
         with trio.CancelScope(shield=True):
@@ -467,11 +478,13 @@ class StoreBackend:
         The same rules as an upload's admission (read-only, size, quota, a
         name being overwritten by an upload), nothing to resume; each
         outcome is left on its entry. A quota user's bytes are counted (a
-        whole listing) once per call, then grown by each file stored.
+        whole listing) once per call, then grown by what this node has
+        published in that root since (see ``_published_here``).
         """
         overwrite = self._settings.overwrite
         budget = VariantBudget()  # one for the whole call (see _rerun)
-        used: int | None = None
+        listed: int | None = None
+        published_before = 0
         for entry in entries:
             if entry.error is not None:
                 continue
@@ -483,14 +496,20 @@ class StoreBackend:
                     entry.published, entry.skipped = answer["path"], True
                     continue
                 root, store, quota = await self._checked(peer, size)
-                if quota is not None and used is None:
-                    used = await store.used_bytes()
-                self._check_room(root, entry.safe, size, quota, used or 0)
+                used = 0
+                if quota is not None:
+                    if listed is None:
+                        # Taken before the listing: what lands meanwhile counts twice, never not.
+                        published_before = self._published_here.get(root, 0)
+                        listed = await store.used_bytes()
+                    since = self._published_here.get(root, 0) - published_before
+                    used = listed + since
+                self._check_room(root, entry.safe, size, quota, used)
                 entry.published = await store.put_file(
                     entry.safe, entry.data, sha256=entry.sha256, overwrite=overwrite
                 )
-                if used is not None:
-                    used += size  # an overwrite's replaced file is not taken off
+                # An overwrite's replaced file is not taken off: counted high, never low.
+                self._published(root, size)
             except Exception as exc:
                 entry.error = as_rpc_error(exc, name=entry.name)
 
