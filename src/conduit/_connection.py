@@ -98,7 +98,12 @@ _BULK_UNSENT = 256 * 1024
 # plain socket (TLS, memory): each slice sent is progress that beat() sees, so a
 # peer that takes a slice per heartbeat_timeout (2.9 KB/s at the defaults) is
 # not taken for one that stopped reading, even when a whole 1 MiB record takes
-# it longer than that. (A plain socket shows every write's progress.)
+# it longer than that. On a plain socket each write the socket takes is
+# progress, and Linux lets one through only once a good part of the send
+# buffer has drained: a loopback reader taking 160 KiB/s after a fast start
+# (the buffer grown to 4 MiB) got no write for 10 s, ~1.6 MB. So a peer that
+# reads slower than ~35 KB/s after a fast start can be dropped at the 45 s
+# default. A slow link keeps a small buffer, and so a fine grain.
 _SEND_SLICE = 128 * 1024
 #: The most frames a burst of calls (the next calls of the callers woken by one
 #: record of results) waits to send in one record. Fewer records cost less CPU
