@@ -101,8 +101,8 @@ _BULK_UNSENT = 256 * 1024
 # it longer than that. On a plain socket each write the socket takes is
 # progress, and Linux lets one through only once a good part of the send
 # buffer has drained: a loopback reader taking 160 KiB/s after a fast start
-# (the buffer grown to 4 MiB) got no write for 10 s, ~1.6 MB. So a peer that
-# reads slower than ~35 KB/s after a fast start can be dropped at the 45 s
+# (the buffer grown to 4 MiB) got no write for 8-10 s, 1.3-1.6 MB. So a peer that
+# reads slower than ~30-35 KB/s after a fast start can be dropped at the 45 s
 # default. A slow link keeps a small buffer, and so a fine grain.
 _SEND_SLICE = 128 * 1024
 #: The most frames a burst of calls (the next calls of the callers woken by one
