@@ -8,10 +8,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import botocore.exceptions  # type: ignore[import-untyped]
 import pytest
 import trio
 
 from conduit.cluster import s3
+from conduit.cluster._s3_wire import is_precondition
 from conduit.cluster.location import parse_s3_url
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Partial, S3Store
 from conduit.cluster.store import FileReader, PartialUpload
@@ -391,9 +393,9 @@ async def test_a_rename_past_the_copy_limit_copies_in_parts(
     await store.put_file("big.bin", data, sha256=digest)
     await store.put_file("taken.bin", b"taken", sha256=hashlib.sha256(b"taken").hexdigest())
     copied = count_part_copies(store)
-    # A taken name: the completion's condition refuses it, the next number is used.
+    # A taken name is looked at first (not copied in parts to be refused at the end).
     assert await store.rename("big.bin", "taken.bin") == "taken (1).bin"
-    assert copied == [1, 2, 3, 1, 2, 3]
+    assert copied == [1, 2, 3]
     assert await read_all(await store.open_reader("taken (1).bin")) == data
     assert await read_all(await store.open_reader("taken.bin")) == b"taken"
     with pytest.raises(FileNotFoundError):
@@ -402,6 +404,18 @@ async def test_a_rename_past_the_copy_limit_copies_in_parts(
     assert await store.rename("taken (1).bin", "taken.bin", overwrite=True) == "taken.bin"
     assert await read_all(await store.open_reader("taken.bin")) == data
     assert uploads_in_progress(store) == []
+
+
+def test_a_conditional_write_conflict_counts_as_a_taken_name() -> None:
+    # AWS answers a conditional write racing another with 409 ConditionalRequestConflict.
+    def refusal(status: int, code: str) -> botocore.exceptions.ClientError:
+        response: Any = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return botocore.exceptions.ClientError(response, "CompleteMultipartUpload")
+
+    assert is_precondition(refusal(412, "PreconditionFailed"))
+    assert is_precondition(refusal(409, "ConditionalRequestConflict"))
+    assert not is_precondition(refusal(409, "OperationAborted"))
+    assert not is_precondition(refusal(403, "AccessDenied"))
 
 
 @pytest.mark.usefixtures("copies_in_parts")

@@ -661,6 +661,14 @@ class S3Store:
                 continue
             if not overwrite and self._head(self._reservation_key(key)) is not None:
                 continue  # an upload in progress will publish under this name
+            # A copy in parts learns that the name is taken only at its
+            # completion, after copying it all: look first.
+            if (
+                not overwrite
+                and int(found["ContentLength"]) > MAX_COPY_OBJECT
+                and self._head(key) is not None
+            ):
+                continue
             try:
                 self._copy(source, found, key, condition)
             except botocore.exceptions.ClientError as exc:

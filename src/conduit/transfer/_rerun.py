@@ -70,8 +70,9 @@ class VariantBudget:
     """What one call may still read hashing collision variants (``name (1).ext``, ...).
 
     A file's own name is always checked (a re-run's common case); each
-    variant hashed takes its size from :attr:`left`, and none is hashed once
-    that would go below zero.
+    variant looked at takes its size from :attr:`left` (one whose digest is
+    cached too, though it reads nothing: the budget is what could be read),
+    and none is looked at once that would go below zero.
     """
 
     left: int = attrs.field(factory=_budget_default)
