@@ -772,6 +772,42 @@ async def test_long_names_do_not_take_a_user_past_the_quota(
 
 
 @hostile(
+    "accounts-quota-deep-upload-in-progress",
+    area="disk",
+    attack="a user with a 700,000-byte quota begins a 300 KB upload 60 directories deep "
+    "(245 KB of directories on ext4) and, while it is in progress, stores a 300 KB small file",
+    behaviour="the upload's directories are charged to the quota bound when it is admitted "
+    "(they are made then), so the bound leaves no room, the tree is counted, and the small "
+    "file is refused with 'quota_exceeded'",
+    found="(in this round's own change, found in review) the directories were charged only "
+    "when the upload ended: the bound admitted the small file over the quota",
+)
+async def test_an_upload_in_progress_has_its_directories_counted(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+) -> None:
+    storage = tmp_path / "storage"
+    accounts.add("kim", "pw-kim", quota=700_000)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    kim = await client_factory(server)
+    await as_user(server, kim, accounts, "kim")
+    deep = "/".join(f"d{level:02d}" + "x" * 60 for level in range(60)) + "/a.bin"
+    with trio.fail_after(30):
+        seed = await kim.rpc.call("file_upload_small", **_small("seed.txt", b"s"))  # walks
+        assert seed["success"], seed
+        begun = await kim.rpc.call(
+            "file_upload_begin", name=deep, size=300_000, key="k" * 32, restart=False
+        )
+        assert begun["success"], begun
+        small = await kim.rpc.call("file_upload_small", **_small("b.bin", b"b" * 300_000))
+        await kim.rpc.call("file_upload_finish", stream_id=begun["data"]["stream_id"], abandon=True)
+    assert small["success"] is False and small["code"] == "quota_exceeded", small
+
+
+@hostile(
     "accounts-quota-after-delete",
     area="disk",
     attack="a quota user stores 200 KB of its 300 KiB quota, deletes it, and stores 200 KB again",

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from conduit.cluster import s3
-from conduit.cluster._s3_wire import is_precondition
+from conduit.cluster._s3_wire import is_precondition, is_write_conflict
 from conduit.cluster.location import parse_s3_url
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Partial, S3Store
 from conduit.cluster.store import FileReader, PartialUpload
@@ -406,16 +406,18 @@ async def test_a_rename_past_the_copy_limit_copies_in_parts(
     assert uploads_in_progress(store) == []
 
 
-def test_a_conditional_write_conflict_counts_as_a_taken_name() -> None:
-    # AWS answers a conditional write racing another with 409 ConditionalRequestConflict.
+def test_a_conditional_write_conflict_is_told_from_a_refusal() -> None:
+    # AWS answers a conditional write racing another with 409 ConditionalRequestConflict:
+    # a rename takes it as a taken name, a publish does not (the name may be free).
     def refusal(status: int, code: str) -> botocore.exceptions.ClientError:
         response: Any = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
         return botocore.exceptions.ClientError(response, "CompleteMultipartUpload")
 
     assert is_precondition(refusal(412, "PreconditionFailed"))
-    assert is_precondition(refusal(409, "ConditionalRequestConflict"))
-    assert not is_precondition(refusal(409, "OperationAborted"))
-    assert not is_precondition(refusal(403, "AccessDenied"))
+    assert not is_precondition(refusal(409, "ConditionalRequestConflict"))
+    assert is_write_conflict(refusal(409, "ConditionalRequestConflict"))
+    assert not is_write_conflict(refusal(409, "OperationAborted"))
+    assert not is_write_conflict(refusal(412, "PreconditionFailed"))
 
 
 @pytest.mark.usefixtures("copies_in_parts")

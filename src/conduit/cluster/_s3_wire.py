@@ -71,16 +71,14 @@ def is_missing(exc: botocore.exceptions.ClientError) -> bool:
 
 
 def is_precondition(exc: botocore.exceptions.ClientError) -> bool:
-    """Whether a conditional write (``If-None-Match`` / ``If-Match``) was refused.
+    """Whether a conditional write (``If-None-Match`` / ``If-Match``) was refused."""
+    return error_code(exc) == "PreconditionFailed" or http_status(exc) == 412
 
-    Also AWS's 409 ``ConditionalRequestConflict``: another conditional write to
-    the key was under way. Taken as the name being taken (the next free one is
-    used), which never overwrites.
-    """
-    return (
-        error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
-        or http_status(exc) == 412
-    )
+
+def is_write_conflict(exc: botocore.exceptions.ClientError) -> bool:
+    """Whether AWS answered a conditional write with 409 ``ConditionalRequestConflict``:
+    another write to the key was under way (it may yet fail, so the name may be free)."""
+    return error_code(exc) == "ConditionalRequestConflict"
 
 
 def storage_error(exc: Exception, what: str) -> TransferError:

@@ -98,6 +98,7 @@ from ._s3_wire import (
     error_code,
     is_missing,
     is_precondition,
+    is_write_conflict,
     make_s3_client,
     short_digest,
     storage_error,
@@ -672,7 +673,9 @@ class S3Store:
             try:
                 self._copy(source, found, key, condition)
             except botocore.exceptions.ClientError as exc:
-                if not is_precondition(exc):
+                # A racing write (409) is taken as a taken name too: the next
+                # free one is used, never an overwrite.
+                if not (is_precondition(exc) or is_write_conflict(exc)):
                     raise
                 if self._source_changed(source, etag):
                     raise TransferError(

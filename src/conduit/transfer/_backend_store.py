@@ -110,6 +110,8 @@ class StoreSink:
         self._store = store
         #: Published or discarded: nothing left to resume.
         self.finished = False
+        #: Published (counted as such by the backend once released).
+        self.published = False
 
     @property
     def offset(self) -> int:
@@ -133,7 +135,7 @@ class StoreSink:
         setting.
         """
         name = await self.partial.publish(expected_sha256=expected_sha256)
-        self.finished = True
+        self.finished = self.published = True
         return name
 
     async def close(self) -> None:
@@ -270,6 +272,8 @@ class StoreBackend:
         # and adds what was published here since (its own files and every
         # concurrent call's and upload's), so that none of them goes unseen.
         self._published_here: dict[str, int] = {}
+        # Per root: bytes of small files whose PUT is under way on this node.
+        self._storing: dict[str, int] = {}
         self._digests: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -329,7 +333,7 @@ class StoreBackend:
         self._ensure_sweeper()
         settings = self._settings
         root, store, quota = await self._checked(peer, size)
-        used = 0 if quota is None else await store.used_bytes()
+        used = 0 if quota is None else await self._used(root, store)
         owner = partial_owner(peer)
         transfer_id = owned_transfer_id(key, owner)
         connection = peer.connection
@@ -387,6 +391,7 @@ class StoreBackend:
             )
         if quota is not None:
             reserved = sum(other.size for other in self._active if other.root == root)
+            reserved += self._storing.get(root, 0)
             if used + reserved + size > quota:
                 raise TransferError(
                     f"the upload would exceed this account's quota of {quota} bytes",
@@ -425,12 +430,19 @@ class StoreBackend:
     def _published(self, root: str, size: int) -> None:
         self._published_here[root] = self._published_here.get(root, 0) + size
 
+    async def _used(self, root: str, store: Store) -> int:
+        """A quota user's bytes now: a listing, plus what this node published
+        meanwhile (counted twice if the listing saw it too, never not at all)."""
+        before = self._published_here.get(root, 0)
+        listed = await store.used_bytes()
+        return listed + self._published_here.get(root, 0) - before
+
     async def release(self, admitted: Admitted) -> None:
         """See :meth:`._backend.Backend.release`: index a kept partial, or remove an empty one."""
         upload: _Upload = admitted.ticket
         self._forget(upload)
         sink = upload.sink
-        if sink is not None and sink.finished:
+        if sink is not None and sink.published:
             # No longer counted as in progress: counted as published instead.
             self._published(upload.root, upload.size)
         if sink is None or sink.finished:
@@ -479,11 +491,12 @@ class StoreBackend:
         name being overwritten by an upload), nothing to resume; each
         outcome is left on its entry. A quota user's bytes are counted (a
         whole listing) once per call, then grown by what this node has
-        published in that root since (see ``_published_here``).
+        published in that root since (see ``_published_here``); a file whose
+        PUT is under way is reserved meanwhile (``_storing``).
         """
         overwrite = self._settings.overwrite
         budget = VariantBudget()  # one for the whole call (see _rerun)
-        listed: int | None = None
+        listed: int | None = None  # this call's _used() when first needed
         published_before = 0
         for entry in entries:
             if entry.error is not None:
@@ -499,17 +512,21 @@ class StoreBackend:
                 used = 0
                 if quota is not None:
                     if listed is None:
-                        # Taken before the listing: what lands meanwhile counts twice, never not.
+                        listed = await self._used(root, store)
                         published_before = self._published_here.get(root, 0)
-                        listed = await store.used_bytes()
-                    since = self._published_here.get(root, 0) - published_before
-                    used = listed + since
+                    used = listed + self._published_here.get(root, 0) - published_before
                 self._check_room(root, entry.safe, size, quota, used)
-                entry.published = await store.put_file(
-                    entry.safe, entry.data, sha256=entry.sha256, overwrite=overwrite
-                )
-                # An overwrite's replaced file is not taken off: counted high, never low.
-                self._published(root, size)
+                # Reserved while its PUT is under way (the check above does not
+                # wait): other calls and admissions see it until it counts as published.
+                self._storing[root] = self._storing.get(root, 0) + size
+                try:
+                    entry.published = await store.put_file(
+                        entry.safe, entry.data, sha256=entry.sha256, overwrite=overwrite
+                    )
+                    # An overwrite's replaced file is not taken off: counted high, never low.
+                    self._published(root, size)
+                finally:
+                    self._storing[root] -= size
             except Exception as exc:
                 entry.error = as_rpc_error(exc, name=entry.name)
 

@@ -543,6 +543,9 @@ class DiskBudget:
                 self._make_room_in_quota(storage, prefix, walked, size - start, quota, own)
             self._abandoned.pop(own, None)
             self._active.add(admission)
+            # Its partial's directories are made now, before any byte counts:
+            # a quota bound charges them here (its size counts as admitted).
+            self._changed_locked(own, stored=0)
             return admission
 
     def _release_sync(self, admission: Admission, now: float) -> None:
