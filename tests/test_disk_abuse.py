@@ -442,6 +442,24 @@ async def as_user(server: Server, client: Client, accounts: Accounts, username: 
     peer.account = accounts.get(username)
 
 
+async def quota_user(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    storage: Path,
+    accounts: Accounts,
+    username: str,
+    quota: int,
+) -> tuple[FileTransferHandler, Client]:
+    """A server storing under ``storage``, and a client of it logged in as
+    ``username`` (added to ``accounts`` with ``quota``)."""
+    accounts.add(username, f"pw-{username}", quota=quota)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    await as_user(server, client, accounts, username)
+    return transfer, client
+
+
 @hostile(
     "accounts-isolation",
     area="disk",
@@ -503,11 +521,9 @@ async def test_directories_are_pruned_and_count_against_the_quota(
     probe.mkdir()
     directory_size = probe.stat().st_size  # an empty directory's, on this file system
     probe.rmdir()
-    accounts.add("erin", "pw-erin", quota=10 * directory_size)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
-    erin = await client_factory(server)
-    await as_user(server, erin, accounts, "erin")
+    transfer, erin = await quota_user(
+        server_factory, client_factory, storage, accounts, "erin", 10 * directory_size
+    )
     deep = "/".join(f"d{level}" for level in range(30))
 
     async def upload(name: str) -> dict[str, Any]:
@@ -704,15 +720,13 @@ async def test_a_quota_users_files_are_counted_once_per_batch(
 ) -> None:
     storage = tmp_path / "storage"
     quota = 2 * MiB  # what the 84 files add stays under an eighth of it
-    accounts.add("gina", "pw-gina", quota=quota)
     old = storage / "gina" / "old"
     old.mkdir(parents=True)
     for index in range(300):
         (old / f"{index}.txt").write_bytes(b"o" * 5000)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
-    gina = await client_factory(server)
-    await as_user(server, gina, accounts, "gina")
+    _transfer, gina = await quota_user(
+        server_factory, client_factory, storage, accounts, "gina", quota
+    )
     walks = count_walks(monkeypatch)
     batch = [_small(f"batch/{index}.bin", os.urandom(1000)) for index in range(64)]
     with trio.fail_after(30):
@@ -752,11 +766,9 @@ async def test_long_names_do_not_take_a_user_past_the_quota(
 ) -> None:
     storage = tmp_path / "storage"
     quota = 120_000
-    accounts.add("zed", "pw-zed", quota=quota)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
-    zed = await client_factory(server)
-    await as_user(server, zed, accounts, "zed")
+    _transfer, zed = await quota_user(
+        server_factory, client_factory, storage, accounts, "zed", quota
+    )
     with trio.fail_after(60):
         first = await zed.rpc.call("file_upload_small", **_small("seed.bin", b"s"))
         assert first["success"], first
@@ -789,11 +801,9 @@ async def test_an_upload_in_progress_has_its_directories_counted(
     accounts: Accounts,
 ) -> None:
     storage = tmp_path / "storage"
-    accounts.add("kim", "pw-kim", quota=700_000)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
-    kim = await client_factory(server)
-    await as_user(server, kim, accounts, "kim")
+    _transfer, kim = await quota_user(
+        server_factory, client_factory, storage, accounts, "kim", 700_000
+    )
     deep = "/".join(f"d{level:02d}" + "x" * 60 for level in range(60)) + "/a.bin"
     with trio.fail_after(30):
         seed = await kim.rpc.call("file_upload_small", **_small("seed.txt", b"s"))  # walks
@@ -824,11 +834,9 @@ async def test_room_a_delete_made_is_found_by_counting_again(
     # A delete leaves the bound where it was (it may count more than is
     # there, never less); the upload it refuses is counted exactly instead.
     storage = tmp_path / "storage"
-    accounts.add("hal", "pw-hal", quota=300 * 1024)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
-    hal = await client_factory(server)
-    await as_user(server, hal, accounts, "hal")
+    transfer, hal = await quota_user(
+        server_factory, client_factory, storage, accounts, "hal", 300 * 1024
+    )
     walks = count_walks(monkeypatch)
     with trio.fail_after(30):
         for name in ("a.bin", "b.bin"):
@@ -857,11 +865,9 @@ async def test_files_put_behind_the_servers_back_count_from_the_next_walk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = tmp_path / "storage"
-    accounts.add("ivy", "pw-ivy", quota=300 * 1024)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
-    ivy = await client_factory(server)
-    await as_user(server, ivy, accounts, "ivy")
+    _transfer, ivy = await quota_user(
+        server_factory, client_factory, storage, accounts, "ivy", 300 * 1024
+    )
     monkeypatch.setattr(_space, "USAGE_RECOUNT_SECONDS", 0.5)
     walks = count_walks(monkeypatch)
     with trio.fail_after(30):

@@ -813,6 +813,14 @@ async def test_a_peer_that_never_reads_is_dropped_at_its_heartbeat_timeout(
         await peer.aclose()
 
 
+def serve_blobs(server: Server) -> None:
+    """Register ``blob(n)``: ``n`` bytes, from a handler that never waits."""
+
+    @server.rpc
+    async def blob(n: int) -> bytes:
+        return b"b" * n
+
+
 @hostile(
     "results-to-a-peer-that-pings-but-never-reads",
     area=AREA,
@@ -827,12 +835,9 @@ async def test_a_peer_that_never_reads_is_dropped_at_its_heartbeat_timeout(
 async def test_a_peer_that_pings_but_never_reads_is_dropped(
     server_factory: ServerFactory,
 ) -> None:
-    def register(server: Server) -> None:
-        @server.rpc
-        async def blob(n: int) -> bytes:
-            return b"b" * n
-
-    server = await server_factory(register=register, heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    server = await server_factory(
+        register=serve_blobs, heartbeat_interval=0.5, heartbeat_timeout=1.5
+    )
     peer = await RawPeer.authenticated(server.port, PASSWORD, receive_buffer=64 * 1024)
     ping = encode_frame(FrameKind.PING, 0, Ping(1))
 
@@ -878,12 +883,7 @@ async def test_calls_held_by_the_backlog_are_answered_without_more_bytes(
     # control backlog while the calls are read, in one record: the reader
     # stops at the backlog, and must go on with the calls it holds once the
     # results have gone out, not wait for the peer to send something else.
-    def register(server: Server) -> None:
-        @server.rpc
-        async def blob(n: int) -> bytes:
-            return b"b" * n
-
-    server = await server_factory(register=register, heartbeat_interval=30, heartbeat_timeout=90)
+    server = await server_factory(register=serve_blobs, heartbeat_interval=30, heartbeat_timeout=90)
     peer = await RawPeer.authenticated(server.port, PASSWORD)
     calls = 14
     answered: set[int] = set()

@@ -248,6 +248,38 @@ async def test_s3_uploads_are_bounded_per_connection(
         assert caught.value.code == "overloaded"
 
 
+CARL = "carl's long passphrase"
+
+
+async def _server_with_carl(server_factory: ServerFactory, tmp_path: Path, s3_url: str) -> Server:
+    """An accounts-mode server on S3 whose one user, carl, has a 100,000-byte quota."""
+    from conduit import Accounts
+    from conduit.protocol.pake import StretchParams
+
+    accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))
+    accounts.add("carl", CARL, quota=100_000)
+    handler = FileTransferHandler(storage_dir=s3_url)
+    return await server_factory(handler.register_server_handlers, password=None, accounts=accounts)
+
+
+async def _batch_as_carl(server: Server, names: list[str], size: int) -> list[dict[str, Any]]:
+    """carl sends ``names`` (``size`` random bytes each) in one file_upload_batch; its results."""
+    from conftest import client_descriptor
+
+    files = []
+    for name in names:
+        data = os.urandom(size)
+        files.append({"name": name, "data": data, "sha256": hashlib.sha256(data).hexdigest()})
+    carl = Client(client_descriptor(server.port, username="carl", password=CARL))
+    await carl.connect()
+    try:
+        answer = await carl.call("file_upload_batch", files=files)
+    finally:
+        await carl.disconnect()
+    results: list[dict[str, Any]] = answer["results"]
+    return results
+
+
 @pytest.mark.usefixtures("aws_environment")
 async def test_a_quota_users_batch_on_s3_is_counted_once(
     server_factory: ServerFactory,
@@ -256,16 +288,7 @@ async def test_a_quota_users_batch_on_s3_is_counted_once(
     s3_url: str,
 ) -> None:
     """A call of small files lists the user's prefix once, and each file stored counts."""
-    from conduit import Accounts
-    from conduit.protocol.pake import StretchParams
-    from conftest import client_descriptor
-
-    accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))
-    accounts.add("carl", "carl's long passphrase", quota=100_000)
-    handler = FileTransferHandler(storage_dir=s3_url)
-    server = await server_factory(
-        handler.register_server_handlers, password=None, accounts=accounts
-    )
+    server = await _server_with_carl(server_factory, tmp_path, s3_url)
     counts: list[int] = []
     real = S3Store.used_bytes
 
@@ -274,22 +297,8 @@ async def test_a_quota_users_batch_on_s3_is_counted_once(
         return counts[-1]
 
     monkeypatch.setattr(S3Store, "used_bytes", counted)
-    files = []
-    for index in range(3):  # the third goes over 100,000 bytes
-        data = os.urandom(40_000)
-        files.append(
-            {"name": f"{index}.bin", "data": data, "sha256": hashlib.sha256(data).hexdigest()}
-        )
-    with trio.fail_after(60):
-        carl = Client(
-            client_descriptor(server.port, username="carl", password="carl's long passphrase")
-        )
-        await carl.connect()
-        try:
-            answer = await carl.call("file_upload_batch", files=files)
-        finally:
-            await carl.disconnect()
-    results = answer["results"]
+    with trio.fail_after(60):  # the third goes over 100,000 bytes
+        results = await _batch_as_carl(server, ["0.bin", "1.bin", "2.bin"], 40_000)
     assert [result["success"] for result in results] == [True, True, False], results
     assert results[2]["code"] == "quota_exceeded", results
     assert counts == [0]
@@ -303,38 +312,13 @@ async def test_concurrent_batches_of_one_quota_user_see_each_other(
     s3_client_factory: Callable[[], Any],
 ) -> None:
     """Each call lists once, and counts what this node published since (the other's too)."""
-    from conduit import Accounts
-    from conduit.protocol.pake import StretchParams
-    from conftest import client_descriptor
-
-    accounts = Accounts(tmp_path / "accounts.json", stretch=StretchParams(1, 8 * 1024))
-    accounts.add("carl", "carl's long passphrase", quota=100_000)
-    handler = FileTransferHandler(storage_dir=s3_url)
-    server = await server_factory(
-        handler.register_server_handlers, password=None, accounts=accounts
-    )
+    server = await _server_with_carl(server_factory, tmp_path, s3_url)
     accepted: list[bool] = []
 
     async def send_batch(tag: int) -> None:
-        files = []
-        for index in range(5):
-            data = os.urandom(15_000)
-            files.append(
-                {
-                    "name": f"{tag}-{index}.bin",
-                    "data": data,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
-        carl = Client(
-            client_descriptor(server.port, username="carl", password="carl's long passphrase")
-        )
-        await carl.connect()
-        try:
-            answer = await carl.call("file_upload_batch", files=files)
-        finally:
-            await carl.disconnect()
-        accepted.extend(result["success"] for result in answer["results"])
+        names = [f"{tag}-{index}.bin" for index in range(5)]
+        results = await _batch_as_carl(server, names, 15_000)
+        accepted.extend(result["success"] for result in results)
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
