@@ -885,6 +885,46 @@ async def test_files_put_behind_the_servers_back_count_from_the_next_walk(
 
 
 @hostile(
+    "accounts-quota-many-users",
+    area="disk",
+    attack="40 quota users store a file each (one connection, its account switched), then one "
+    "of them, over its quota behind the server's back, uploads once the counts are stale",
+    behaviour="the disk budget keeps the counts of the last USAGE_RECOUNT_SECONDS (0.5 s "
+    "here) only: after the next admission it remembers that one user; the user forgotten "
+    "is walked again and refused with 'quota_exceeded'",
+    found="the budget kept every quota user's count (and up to 4,096 charged directories) for "
+    "the life of the handler, and scanned all of them on every file stored",
+)
+async def test_the_budget_forgets_the_counts_of_idle_quota_users(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    monkeypatch.setattr(_space, "USAGE_RECOUNT_SECONDS", 0.5)
+    budget = transfer.backend.budget  # type: ignore[attr-defined]
+    users = [f"user{n}" for n in range(40)]
+    with trio.fail_after(30):
+        for username in users:
+            accounts.add(username, f"pw-{username}", quota=100_000)
+            await as_user(server, client, accounts, username)
+            stored = await client.rpc.call("file_upload_small", **_small("a.txt", b"a"))
+            assert stored["success"], stored
+        assert len(budget._roots) == len(users)  # every user's count stands
+        (storage / "user7" / "copied-in.bin").write_bytes(b"c" * 99_000)
+        await trio.sleep(0.6)
+        await as_user(server, client, accounts, "user7")
+        late = await client.rpc.call("file_upload_small", **_small("late.bin", b"3" * 5_000))
+    assert late["success"] is False and late["code"] == "quota_exceeded", late
+    assert list(budget._roots) == [("user7",)]
+
+
+@hostile(
     "accounts-quota-read-only",
     area="disk",
     attack="a user with a 1 MiB quota sends 600 KiB twice (streamed and small-file paths); "

@@ -40,7 +40,9 @@ opens its partial file. The rules, each enforced here and nowhere else:
   small files walks once, not once per file). Only a bound that does not
   leave room, one older than :data:`USAGE_RECOUNT_SECONDS` or one grown by
   more than a :data:`USAGE_RECOUNT_SHARE` of the quota since its walk is
-  counted again, before anything is evicted or refused.
+  counted again, before anything is evicted or refused. Counts that no longer
+  stand are forgotten once a minute, so the budget holds the users of the last
+  minute, not every user it has seen.
 
 Times: expiries are kept on Trio's clock (a ``MockClock`` drives the sweeper);
 a partial found on disk when the index is first loaded in a run gets the
@@ -143,6 +145,16 @@ class _Usage:
                 if len(self.charged) < MAX_CHARGED_DIRECTORIES:
                     self.charged.add(directory)
         self.bound += grown
+
+
+@attrs.define
+class _QuotaRoot:
+    """What the budget remembers of one quota user's root."""
+
+    #: Changed (from the budget's counter) by every change seen below the root.
+    generation: int
+    #: The bound of its stored bytes, once walked.
+    usage: _Usage | None = None
 
 
 class _OneShotIds:
@@ -340,12 +352,17 @@ class DiskBudget:
         self._lock = threading.Lock()
         self._active: set[Admission] = set()
         self._abandoned: dict[_Path, _Abandoned] = {}
-        # Per quota user's root (its prefix): bumped, under the lock, by every
-        # change this budget sees below it, so that an admission can walk the
-        # tree outside the lock and know whether what it counted still holds.
-        self._generations: dict[_Path, int] = {}
-        # Per quota user's root: the last walk's count, grown by every change.
-        self._usage: dict[_Path, _Usage] = {}
+        # Per quota user's root (its prefix): a generation, bumped under the
+        # lock by every change this budget sees below it, so that an admission
+        # can walk the tree outside the lock and know whether what it counted
+        # still holds; and the last walk's count, grown by every change. Roots
+        # whose count no longer stands are forgotten (see _forget_stale_locked),
+        # so the map holds the users of the last minute, not every user seen.
+        self._roots: dict[_Path, _QuotaRoot] = {}
+        # Generations come from one counter: a root forgotten and seen again
+        # never repeats a number an admission in flight may hold.
+        self._ticks = itertools.count()
+        self._forgot_at = time.monotonic()
         # Per Trio run: the sweeper task, its wake-up event, the index load.
         self._token: trio.lowlevel.TrioToken | None = None
         self._sweeping = False
@@ -508,15 +525,17 @@ class DiskBudget:
         # Size rules first (invalid_size, too_large); space is decided below.
         storage.check_can_accept(size, settings.max_file_size, offset=max(size, 0))
         walked: int | None = None
+        generation = -1
         if quota is not None:
             with self._lock:
-                generation = self._generations.setdefault(prefix, 0)
+                generation = self._root_locked(prefix).generation
                 bounded = self._fits_bound_locked(storage, prefix, size, quota)
             if not bounded:
                 # The walk of the user's tree takes as long as the tree is big:
                 # done outside the lock, which every user's admission takes.
                 walked = storage.stored_bytes()
         with self._lock:
+            self._forget_stale_locked(keep=prefix)
             transfer_id = owned_transfer_id(key, owner)
             start = 0
             if not restart and key is not None:
@@ -537,9 +556,10 @@ class DiskBudget:
             if quota is not None and not (
                 walked is None and self._fits_bound_locked(storage, prefix, size - start, quota)
             ):
-                if walked is None or self._generations[prefix] != generation:
+                root = self._root_locked(prefix)
+                if walked is None or root.generation != generation:
                     walked = storage.stored_bytes()  # changed since: count again, here
-                self._usage[prefix] = _Usage(walked, time.monotonic())
+                root.usage = _Usage(walked, time.monotonic())
                 self._make_room_in_quota(storage, prefix, walked, size - start, quota, own)
             self._abandoned.pop(own, None)
             self._active.add(admission)
@@ -630,7 +650,8 @@ class DiskBudget:
         self, storage: StorageRoot, prefix: _Path, needed: int, quota: int
     ) -> bool:
         """Whether ``needed`` more bytes fit in ``quota`` by the user's bound alone (no walk)."""
-        usage = self._usage.get(prefix)
+        root = self._roots.get(prefix)
+        usage = None if root is None else root.usage
         if usage is None or not usage.stands(quota):
             return False
         return self._quota_shortfall(storage, prefix, usage.bound, needed, quota) <= 0
@@ -721,13 +742,43 @@ class DiskBudget:
         ``stored``: a file of that many bytes is now at ``path`` (0 for one
         renamed there), which the root's bound adds (see :class:`_Usage`).
         """
-        for prefix in self._generations:
-            if path[: len(prefix)] == prefix:
-                self._generations[prefix] += 1
-                usage = self._usage.get(prefix)
-                if usage is not None and stored is not None:
+        roots = self._roots
+        if not roots:
+            return
+        # A lookup per depth, not a scan of every user's root.
+        for depth in range(len(path) + 1):
+            root = roots.get(path[:depth])
+            if root is not None:
+                root.generation = next(self._ticks)
+                if root.usage is not None and stored is not None:
                     # The walk counts what is below the root, not the root.
-                    usage.add_file(path[len(prefix) : -1], stored)
+                    root.usage.add_file(path[depth:-1], stored)
+
+    def _root_locked(self, prefix: _Path) -> _QuotaRoot:
+        """``prefix``'s quota record, made on first use."""
+        root = self._roots.get(prefix)
+        if root is None:
+            root = self._roots[prefix] = _QuotaRoot(next(self._ticks))
+        return root
+
+    def _forget_stale_locked(self, *, keep: _Path) -> None:
+        """At most once per :data:`USAGE_RECOUNT_SECONDS`, drop the roots
+        (but ``keep``, the admitting user's) whose count would not stand any
+        more, or was never made.
+
+        Safe at any moment: a forgotten root's next admission walks its tree,
+        and one whose walk is under way finds a new generation and walks again.
+        """
+        now = time.monotonic()
+        if now - self._forgot_at < USAGE_RECOUNT_SECONDS:
+            return
+        self._forgot_at = now
+        self._roots = {
+            prefix: root
+            for prefix, root in self._roots.items()
+            if prefix == keep
+            or (root.usage is not None and now - root.usage.counted_at < USAGE_RECOUNT_SECONDS)
+        }
 
     def _prune_locked(self, directories: _Path, *, floor: int = 0) -> None:
         # Keep every directory an admitted upload uses (it may be about to
