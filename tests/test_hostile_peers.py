@@ -57,7 +57,7 @@ from conduit import (
 from conduit._throttle import AuthThrottle
 from conduit.protocol import ClientHandshake, FrameDecoder, FrameKind, encode_frame
 from conduit.protocol.codec import data_header, decode_body
-from conduit.protocol.messages import AuthFailed, Ping, Reset, Result
+from conduit.protocol.messages import AuthFailed, Goodbye, Ping, Reset, Result
 from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
@@ -191,11 +191,15 @@ async def arena(
         async def sleep(seconds: float) -> None:
             await trio.sleep(min(seconds, 5))
 
+        async def hold() -> None:  # a long poll: waits on something outside the connection
+            await trio.sleep_forever()
+
         def register(server: Server) -> None:
             transfer.register_server_handlers(server)
             server.register_rpc(echo, "echo")
             server.register_rpc(record, "record")
             server.register_rpc(sleep, "sleep")
+            server.register_rpc(hold, "hold")
 
         server = await server_factory(register=register, **fields)
         good = await client_factory(server)
@@ -648,6 +652,34 @@ async def test_unknown_or_misplaced_kind_inside_the_session(
     await peer.expect_closed()
     await a.wait_logged(reason)
     assert a.recorded == []
+    await a.check_healthy()
+
+
+@hostile(
+    "sealed-call-after-goodbye",
+    area="hostile peer, authenticated",
+    attack="max_connections=3: in one sealed record, GOODBYE then a CALL to a long poll (a "
+    "handler waiting on something outside the connection) and a CALL to a recording "
+    "handler; three times",
+    behaviour="nothing behind the GOODBYE runs: no handler is called, each connection ends "
+    "and gives its slot back, and a new client connects",
+    found="the CALLs behind the GOODBYE ran in the closed connection: the long poll kept "
+    "each connection (and its max_connections slot) until the server stopped",
+)
+async def test_frames_behind_a_goodbye_are_not_handled(arena: ArenaFactory) -> None:
+    a = await arena(max_connections=3)
+    for attempt in range(3):
+        peer = await RawPeer.authenticated(a.port, PASSWORD)
+        await peer.send_sealed(
+            encode_frame(FrameKind.GOODBYE, 0, Goodbye("bye")),
+            call_frame(1, "hold"),
+            call_frame(3, "record", tag=f"after the goodbye {attempt}"),
+        )
+        await peer.expect_closed()
+        await wait_until(lambda: a.server._open_sockets == 1)  # the honest client's
+    assert a.recorded == []
+    late = await a.client_factory(a.server)
+    assert await late.call("echo", value="still serving") == "still serving"
     await a.check_healthy()
 
 

@@ -10,6 +10,7 @@ file descriptors) the tests ask for ``tcp_server_factory`` /
 """
 
 import functools
+import logging
 from typing import Any
 
 import attrs
@@ -529,6 +530,35 @@ async def test_arguments_are_structured_from_annotations(
     assert "point" in bad_attrs["error"]
 
 
+async def test_unions_of_primitives_are_strict(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``str | None`` takes a str or None as it is: never a coerced 123, never a
+    nested list (which cattrs' union path turned into a handler's RecursionError
+    and a logged traceback per call when deep enough)."""
+
+    def register(server: Server) -> None:
+        @server.rpc
+        def greet(name: str | None = None) -> str:
+            return f"hello {name}"
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    nested: Any = "leaf"
+    for _ in range(200):
+        nested = [nested]
+    with trio.fail_after(10):
+        assert await client.call("greet", name="ann") == "hello ann"
+        assert await client.call("greet", name=None) == "hello None"
+        for value, kind in ((123, "int"), (nested, "list")):
+            refused = await client.rpc.call("greet", name=value)
+            assert refused["code"] == "invalid_arguments", refused
+            assert f"expected str | None, got {kind}" in refused["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_handler_receives_the_calling_peer(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
@@ -548,6 +578,11 @@ async def test_handler_receives_the_calling_peer(
         async def whoami_ctx() -> str:
             return conduit.current_peer().id
 
+        @server.rpc
+        async def whoami_extra(caller: Peer, **options: Any) -> str:
+            assert isinstance(caller, Peer)
+            return caller.id
+
     server = await server_factory(register=register)
     alice = await client_factory(server, name="alice")
     bob = await client_factory(server, name="bob")
@@ -556,12 +591,13 @@ async def test_handler_receives_the_calling_peer(
     assert await alice.call("whoami_ctx") == alice.id
     assert await bob.call("whoami_ctx") == bob.id
     assert await bob.call("greet", greeting="hi") == "hi, bob"
-    # The Peer parameter is never taken from the wire.
-    spoofed = await alice.rpc.call("whoami", caller="mallory")
-    assert spoofed in (
-        {"success": True, "data": alice.id},
-        {"success": False, "error": spoofed.get("error"), "code": "invalid_arguments"},
-    )
+    # The Peer parameter is never taken from the wire, even by a handler
+    # that takes any other argument (**options).
+    for method in ("whoami", "whoami_extra"):
+        spoofed = await alice.rpc.call(method, caller="mallory")
+        assert spoofed["success"] is False and spoofed["code"] == "invalid_arguments", spoofed
+        assert "'caller' is the calling peer" in spoofed["error"]
+    assert await alice.call("whoami_extra", colour="blue") == alice.id
     assert await alice.call("whoami") == alice.id
     with pytest.raises(RuntimeError):
         conduit.current_peer()
@@ -643,6 +679,52 @@ async def test_handler_calls_back_into_its_caller(
     with trio.fail_after(5):
         assert await client.call("relay", x=5) == 11
         assert await client.call("relay", x=500) == 2 * 11 + 1
+
+
+async def test_a_handler_whose_relay_target_left_answers_connection_closed(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """ConnectionClosed from another connection is the handler's failure, not this one's end."""
+    asked = trio.Event()
+    relays: dict[str, Peer] = {}
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def relay() -> str:
+            answer: str = await relays["target"].call("wait_here")
+            return answer
+
+        @server.rpc
+        def relay_now() -> None:  # fails before its first checkpoint: the inline path
+            raise ConnectionClosed("the relay target is gone")
+
+    def register_target(client: Client) -> None:
+        @client.rpc
+        async def wait_here() -> str:
+            asked.set()
+            await trio.sleep_forever()
+            return "never"
+
+    server = await server_factory(register=register_server)
+    caller = await client_factory(server)
+    target = await client_factory(server, register=register_target)
+    assert target.id is not None
+    relays["target"] = server.clients[target.id]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def drop_target() -> None:
+                await asked.wait()
+                await target.disconnect()
+
+            nursery.start_soon(drop_target)
+            answer = await caller.rpc.call("relay")
+        assert answer["success"] is False and answer["code"] == "connection_closed", answer
+        with pytest.raises(RPCError) as inline:
+            await caller.call("relay_now")
+        assert inline.value.code == "connection_closed"
+        assert "the relay target is gone" in str(inline.value)
+    assert caller.connected
 
 
 async def test_slow_handler_does_not_delay_other_calls(

@@ -162,9 +162,7 @@ class CallRunners:
             return None
         except Exception as exc:
             self._finished(call_id)
-            result = self._failure(method, exc)
-            if result is not None:
-                self._queue_result(call_id, result)
+            self._queue_result(call_id, self._failure(method, exc))
             return None
         except BaseException:
             self._finished(call_id)
@@ -198,7 +196,7 @@ class CallRunners:
     async def _finish(self, blocked: Blocked, scope: trio.CancelScope) -> None:
         call_id = blocked.call_id
         self._running[call_id] = scope
-        result: Result | None
+        result: Result
         try:
             value = await _resume(blocked.coroutine, blocked.trap)
         except Exception as exc:
@@ -208,14 +206,16 @@ class CallRunners:
         finally:
             del self._running[call_id]
             self._finished(call_id)
-        if result is not None:
-            await self._send_result(call_id, result)
+        await self._send_result(call_id, result)
 
-    def _failure(self, method: str, exc: Exception) -> Result | None:
-        """The RESULT for a handler that raised ``exc`` (None: the connection is closing)."""
+    def _failure(self, method: str, exc: Exception) -> Result:
+        """The RESULT for a handler that raised ``exc``."""
         if isinstance(exc, RPCError):
             return Result(False, error=exc.message, code=exc.code)
         if isinstance(exc, ConnectionClosed):
-            return None
+            # Perhaps this connection closing (then the RESULT has nowhere to
+            # go and is dropped), perhaps another one the handler relayed to:
+            # the caller hears why, and no traceback is logged either way.
+            return Result(False, error=exc.reason, code="connection_closed")
         log.exception("%s: RPC handler %r failed", self._label, method, exc_info=exc)
         return Result(False, error=f"{type(exc).__name__}: {exc}", code="handler_error")

@@ -54,10 +54,45 @@ class _Param:
     #: The annotation when it is a type of _PRIMITIVES (a value of exactly it
     #: needs no structuring), else None.
     primitive: Any = attrs.field(init=False)
+    #: For a primitive annotation, or a union of primitives (``str | None``):
+    #: whether a wire value is one of them as it is (see :func:`_strict_check`).
+    strict: Callable[[Any], bool] | None = attrs.field(init=False)
 
     @primitive.default
     def _primitive(self) -> Any:
         return self.annotation if self.annotation in _PRIMITIVES else None
+
+    @strict.default
+    def _strict(self) -> Callable[[Any], bool] | None:
+        return _strict_check(self.annotation)
+
+
+def _strict_check(annotation: Any) -> Callable[[Any], bool] | None:
+    """The exact-type test for ``annotation`` when it is a primitive or a union of them.
+
+    cattrs would coerce (``str(123)`` is ``"123"``), in a union too, so these
+    are checked here, and only a value that passes is structured.
+    """
+    try:
+        if annotation in _STRICT:
+            return _STRICT[annotation]
+    except TypeError:  # an unhashable annotation: not a primitive
+        return None
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    checks = []
+    for member in typing.get_args(annotation):
+        if member is type(None):
+            checks.append(_is_none)
+        elif member in _STRICT:
+            checks.append(_STRICT[member])
+        else:
+            return None
+    return lambda value: any(check(value) for check in checks)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
 
 
 def _is_peer_annotation(annotation: Any) -> bool:
@@ -118,6 +153,14 @@ class RPCMethod:
         remaining = dict(args)
         for param in self.params:
             if param.wants_peer:
+                if param.name in remaining:
+                    # Else **kwargs would take it over: the handler would see a
+                    # string of the caller's choosing where it checks who called.
+                    raise RPCError(
+                        f"{self.name}() argument {param.name!r} is the calling peer, "
+                        "not an argument",
+                        "invalid_arguments",
+                    )
                 kwargs[param.name] = peer
             elif param is self.whole_args and param.name not in remaining:
                 kwargs[param.name] = _structure(remaining, param)
@@ -158,10 +201,11 @@ def _structure(value: Any, param: _Param) -> Any:
         return value
     if type(value) is annotation and annotation in _PRIMITIVES:
         return value  # already the right type: skip cattrs' dispatch
-    if annotation in _STRICT and not _STRICT[annotation](value):
+    if param.strict is not None and not param.strict(value):
         # cattrs would coerce with str()/int()/bool(): name=123 would become "123".
+        expected = getattr(annotation, "__name__", None) or str(annotation)
         raise RPCError(
-            f"argument {param.name!r}: expected {annotation.__name__}, got {type(value).__name__}",
+            f"argument {param.name!r}: expected {expected}, got {type(value).__name__}",
             "invalid_arguments",
         )
     try:

@@ -70,6 +70,8 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+_CLOSED = Phase.CLOSED  # tested for every frame received (see _DATA)
+
 # ---------------------------------------------------------------------- events
 # Plain slotted classes (not frozen): an instance per call or result is on the
 # RPC hot path, and attrs' frozen __init__ is slower.
@@ -360,7 +362,14 @@ class ConnectionState:
     # ------------------------------------------------------------ receiving
 
     def receive_frame(self, frame: Frame) -> Event | None:
-        """Apply one frame from the peer; return what the engine must act on, if anything."""
+        """Apply one frame from the peer; return what the engine must act on, if anything.
+
+        Nothing once the connection is closed: a record may carry frames behind
+        the peer's GOODBYE (or behind what closed it here), and a CALL among
+        them would start a handler in a connection that is ending.
+        """
+        if self.phase is _CLOSED:
+            return None
         kind = frame.kind
         if kind is _DATA:  # first: it is most of the traffic
             stream = self.incoming.get(frame.stream_id)
