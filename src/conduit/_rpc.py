@@ -80,7 +80,7 @@ def _strict_check(annotation: Any) -> Callable[[Any], bool] | None:
         return None
     if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
         return None
-    checks = []
+    checks: list[Callable[[Any], bool]] = []
     for member in typing.get_args(annotation):
         if member is type(None):
             checks.append(_is_none)
