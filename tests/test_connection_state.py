@@ -257,6 +257,34 @@ def test_data_for_our_closed_stream_is_ignored(pair: Pair) -> None:
     assert pair.deliver(pair.server, data(receiving.stream_id, b"late")) == []
 
 
+def test_small_payloads_are_copied_out_of_the_record_that_holds_them() -> None:
+    """Credit counts payload bytes; a view would keep its whole record alive."""
+    stream = InboundStream(1, 1 << 20)
+    record = bytes(64 * 1024)  # a decrypted record: one byte of data, the rest padding
+    stream.on_data(memoryview(record)[:1], 0)
+    full = bytes(64 * 1024)  # a record of data: kept as a view, never copied
+    stream.on_data(memoryview(full)[: len(full) // 2], 0)
+    stream.on_data_run([memoryview(record)[10:20], memoryview(record)[20:30]], 20)
+    stream.on_data_run([memoryview(full)[:30000], memoryview(full)[30000:]], len(full))
+    chunks, _ = stream.take()
+    assert [type(chunk) for chunk in chunks] == [bytes, memoryview, bytes, bytes] + [memoryview] * 2
+    assert [len(chunk) for chunk in chunks] == [1, 32 * 1024, 10, 10, 30000, len(full) - 30000]
+
+
+def test_nothing_behind_a_goodbye_is_handled(pair: Pair) -> None:
+    """A record may carry frames behind the GOODBYE: none of them starts anything."""
+    receiving = inbound(pair.server)
+    events = pair.deliver(
+        pair.server,
+        pair.client.goodbye("bye") or b"",
+        call_frame(1, "anything"),
+        data(receiving.stream_id, b"late"),
+        body_frame(FrameKind.PING, 0, {"nonce": 1}),
+    )
+    assert [type(event) for event in events] == [GoodbyeReceived]
+    assert pair.server.phase is Phase.CLOSED
+
+
 @pytest.mark.parametrize("increment", [-1, 2**31 + 1, "many"])
 def test_invalid_credit(pair: Pair, increment: Any) -> None:
     """Moved from test_hostile_peers (which keeps increment 0 over a socket)."""

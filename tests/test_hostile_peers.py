@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import struct
+import time
 import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,6 +59,7 @@ from conduit._throttle import AuthThrottle
 from conduit.protocol import ClientHandshake, FrameDecoder, FrameKind, encode_frame
 from conduit.protocol.codec import data_header, decode_body
 from conduit.protocol.messages import AuthFailed, Goodbye, Ping, Reset, Result
+from conduit.transfer._storage import PartialFile
 from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
@@ -730,6 +732,45 @@ async def test_data_flood_ignoring_credit(arena: ArenaFactory) -> None:
     await a.wait_logged("exceeded the credit window")
     assert memory.growth < MEMORY_BOUND
     assert not (a.storage / "flood2.bin").exists()
+    await a.check_healthy()
+
+
+@hostile(
+    "data-pinning-records",
+    area="hostile peer, authenticated",
+    attack="an upload's stream, on a disk whose writes take 0.2 s: 160 records, each one "
+    "1-byte DATA frame beside a 1 MiB PONG padded with an extra key (65 bytes of credit "
+    "per record)",
+    behaviour="a DATA payload much smaller than the record holding it is copied out (the "
+    "record is freed); peak memory stays under 64 MiB",
+    found="each 1-byte payload kept its whole decrypted record alive until written: 600 "
+    "records pinned 602 MiB within the 4 MiB credit window",
+)
+async def test_small_data_frames_do_not_pin_their_records(
+    arena: ArenaFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await arena(traffic=False)
+    slow = True
+    write_chunks = PartialFile.write_chunks
+
+    def slow_disk(partial: PartialFile, chunks: Any) -> Any:
+        if slow:
+            time.sleep(0.2)
+        return write_chunks(partial, chunks)
+
+    monkeypatch.setattr(PartialFile, "write_chunks", slow_disk)
+    peer = await RawPeer.authenticated(a.port, PASSWORD)
+    stream_id = await _upload_stream(peer, "pinned.bin", 10 * MiB)
+    data = data_header(stream_id, 1) + b"x"
+    padding = body_frame(FrameKind.PONG, 0, {"nonce": 1, "pad": bytes(MiB - 64)})
+    with PeakRSS() as memory, trio.fail_after(60):
+        for _ in range(160):
+            await peer.send_sealed(data, padding)
+        assert (await peer.call("echo", value="read")).ok  # every record was read
+    slow = False
+    assert memory.growth < MEMORY_BOUND, memory.growth
+    await peer.aclose()
+    a.start_traffic()
     await a.check_healthy()
 
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sized
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -51,6 +51,14 @@ from .messages import Body, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset,
 _DATA = FrameKind.DATA
 _CALL = FrameKind.CALL
 _RESULT = FrameKind.RESULT
+
+#: A DATA payload (or a record's run of them) is a view of its decrypted
+#: record, which it keeps alive until the consumer has used it; credit counts
+#: the payload. One smaller than the record's buffer divided by this is copied
+#: out, so that what the peer's credit lets it pin is at most this many times
+#: the credit (a 1-byte DATA beside a megabyte of padding pinned the megabyte).
+#: Bulk records are full of data and are never copied.
+PIN_RATIO = 8
 
 #: Early resets remembered at most (the oldest are forgotten first), so a peer
 #: resetting stream ids we never use cannot grow our memory.
@@ -149,6 +157,12 @@ class GoodbyeReceived:
 # ---------------------------------------------------------------------- streams
 
 
+def _held(view: memoryview) -> int:
+    """Bytes of the buffer ``view`` keeps alive (its record, or the mapping it was opened in)."""
+    # bytes (a small record), an mmap (a bulk one): both sized.
+    return len(cast("Sized", view.obj))
+
+
 class InboundStream:
     """The credit and buffer of a stream the peer sends on.
 
@@ -191,6 +205,8 @@ class InboundStream:
         if flags & FLAG_END:
             self.trailer = bytes(payload)
         else:
+            if type(payload) is memoryview and len(payload) * PIN_RATIO < _held(payload):
+                payload = bytes(payload)
             self.chunks.append(payload)
             self.bytes_received += len(payload)
 
@@ -211,7 +227,10 @@ class InboundStream:
             )
         self.available -= cost
         self.buffered_cost += cost
-        self.chunks.extend(payloads)
+        if payloads and size * PIN_RATIO < _held(payloads[0]):
+            self.chunks.extend(bytes(payload) for payload in payloads)
+        else:
+            self.chunks.extend(payloads)
         self.bytes_received += size
 
     def fail(self, exc: BaseException) -> None:
