@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conduit.errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
-from conduit.protocol import FRAME_COST, MAX_STREAM_ID, FrameKind, decode_body
+from conduit.protocol import FRAME_COST, MAX_STREAM_ID, FrameKind, connection, decode_body
 from conduit.protocol.codec import data_header, iter_frames
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
@@ -269,6 +269,38 @@ def test_small_payloads_are_copied_out_of_the_record_that_holds_them() -> None:
     chunks, _ = stream.take()
     assert [type(chunk) for chunk in chunks] == [bytes, memoryview, bytes, bytes] + [memoryview] * 2
     assert [len(chunk) for chunk in chunks] == [1, 32 * 1024, 10, 10, 30000, len(full) - 30000]
+
+
+def test_large_calls_are_admitted_by_what_they_hold_decoded(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "LARGE_CALL_BYTES", 3 * 1024 * 1024)
+    strings = ["ab"] * 20_000  # 60 KB on the wire, about 1.3 MB decoded
+    first, second, third = (
+        pair.deliver_one(pair.server, call_frame(call_id, "store", items=strings))
+        for call_id in (1, 3, 5)
+    )
+    assert isinstance(first, CallReceived) and isinstance(second, CallReceived)
+    assert isinstance(third, CallRefused)  # 3 x 1.3 MB > 3 MiB
+    refusal = decode_body(iter_frames(third.reply, MAX_FRAME)[0], Result)
+    assert refusal.code == "overloaded" and "bytes of arguments are running" in refusal.error
+    small = pair.deliver_one(pair.server, call_frame(7, "ping"))
+    assert isinstance(small, CallReceived)  # small calls are not counted
+    pair.server.call_finished(1)
+    assert isinstance(
+        pair.deliver_one(pair.server, call_frame(9, "store", items=strings)), CallReceived
+    )
+    pair.server.finish_value(3, None)
+    pair.server.finish_value(9, None)
+    lone = call_frame(11, "store", items=["ab"] * 21_000)
+    assert isinstance(pair.deliver_one(pair.server, lone), CallReceived)  # alone: any size
+
+
+def test_a_body_of_many_empty_maps_is_malformed(pair: Pair) -> None:
+    maps = b"\xdc" + (8000).to_bytes(2, "big") + b"\x80" * 8000
+    body = b"\x82\xa6method\xa4echo\xa4args\x81\xa5value" + maps
+    reason = protocol_error(pair.server, pair, raw_header(FrameKind.CALL, 1, len(body)) + body)
+    assert "holds more than" in reason and "lists and maps" in reason
 
 
 def test_nothing_behind_a_goodbye_is_handled(pair: Pair) -> None:

@@ -193,7 +193,10 @@ async def arena(
         async def sleep(seconds: float) -> None:
             await trio.sleep(min(seconds, 5))
 
-        async def hold() -> None:  # a long poll: waits on something outside the connection
+        async def hold(value: Any = None) -> None:  # a long poll: waits on something else
+            await trio.sleep_forever()
+
+        async def hold_message(peer: Peer, data: Any) -> None:
             await trio.sleep_forever()
 
         def register(server: Server) -> None:
@@ -202,6 +205,7 @@ async def arena(
             server.register_rpc(record, "record")
             server.register_rpc(sleep, "sleep")
             server.register_rpc(hold, "hold")
+            server.on("hold")(hold_message)
 
         server = await server_factory(register=register, **fields)
         good = await client_factory(server)
@@ -928,6 +932,65 @@ async def test_deeply_nested_rpc_argument(arena: ArenaFactory) -> None:
     assert not result.ok, result
     assert (await peer.call("echo", value="after")).value == "after"
     await peer.aclose()
+    await a.check_healthy()
+
+
+@hostile(
+    "msgpack-expansion",
+    area="hostile peer, authenticated",
+    attack="sealed CALLs and MESSAGEs of 1 MiB that decode to far more than their bytes: "
+    "empty maps (1 byte each on the wire, ~64 in memory); and 2-character strings (3 bytes, "
+    "~59 in memory) sent 8 times to handlers that never return, as CALLs and as MESSAGEs",
+    behaviour="empty maps: connection closed, logged 'holds more than 349525 lists and maps'; "
+    "strings: the first CALL runs, the other 7 are answered 'overloaded' (what running calls "
+    "hold decoded is bounded: 8 MiB), the MESSAGEs wait for the queue's room (4 MiB decoded), "
+    "so the reader stops; peak memory under 64 MiB",
+    found="bodies were bounded by count, not by what they decode to: 12 messages of empty maps "
+    "(12 MiB) grew the server by 871 MiB, 8 calls by 646 MiB; 64 queued messages and 128 "
+    "blocked calls could hold ~14 GB",
+)
+@pytest.mark.parametrize(
+    "shape", ["empty-maps-call", "empty-maps-message", "strings-calls", "strings-messages"]
+)
+async def test_bodies_that_expand_when_decoded(arena: ArenaFactory, shape: str) -> None:
+    a = await arena()
+    peer = await RawPeer.authenticated(a.port, PASSWORD)
+    size = 1024 * 1024 - 64
+    if shape.startswith("empty-maps"):
+        maps = b"\xdd" + struct.pack("!I", size - 16) + b"\x80" * (size - 16)
+        if shape == "empty-maps-call":
+            body = b"\x82" + msgpack.packb("method") + msgpack.packb("echo")
+            body += msgpack.packb("args") + b"\x81" + msgpack.packb("value") + maps
+            frame = raw_frame(FrameKind.CALL, 1, body)
+        else:
+            body = b"\x82" + msgpack.packb("event") + msgpack.packb("hold")
+            body += msgpack.packb("data") + maps
+            frame = raw_frame(FrameKind.MESSAGE, 0, body)
+        with PeakRSS() as memory:
+            await peer.send_sealed(frame)
+            await peer.expect_closed()
+        await a.wait_logged("lists and maps")
+    elif shape == "strings-calls":
+        strings = ["ab"] * (size // 3 - 16)
+        with PeakRSS() as memory, trio.fail_after(30):
+            for call_id in range(1, 16, 2):
+                await peer.send_sealed(call_frame(call_id, "hold", value=strings))
+            answers: list[Result] = []
+            while len(answers) < 7:
+                received = await peer.next_frame()
+                if received.kind is FrameKind.RESULT:
+                    answers.append(decode_body(received, Result))
+        assert {(r.ok, r.code) for r in answers} == {(False, "overloaded")}, answers
+        assert "bytes of arguments are running" in answers[0].error
+        await peer.aclose()
+    else:
+        message = body_frame(FrameKind.MESSAGE, 0, {"event": "hold", "data": ["ab"] * 349_000})
+        with PeakRSS() as memory:
+            with trio.move_on_after(3):  # the reader stops once the queue is full
+                for _ in range(8):
+                    await peer.send_sealed(message)
+        await peer.aclose()
+    assert memory.growth < MEMORY_BOUND, memory.growth
     await a.check_healthy()
 
 

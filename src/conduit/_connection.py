@@ -88,6 +88,11 @@ log = logging.getLogger("conduit.connection")
 # more: a larger read would grow the record opener's buffer, and peak RSS, with it.
 RECEIVE_SIZE = 1024 * 1024 + 8 * 1024
 _MESSAGE_QUEUE = 64
+# What the messages queued for, or being handled by, the message task hold
+# decoded (their bytes on the wire for small ones, codec.unpack_sized's bound
+# for larger ones). The reader waits for room beyond it (a lone message of any
+# size is let in).
+_MESSAGE_QUEUE_BYTES = 4 * 1024 * 1024
 # Once a connection sends records this large (bulk data), its socket may hold
 # this much unsent (see SocketIO.allow_unsent): a 1 MiB record then takes about
 # two writes instead of six, and an RPC behind it waits for at most a quarter
@@ -280,6 +285,8 @@ class Connection:
         # deadline: most connections (a connect, a few calls) need neither, and
         # each task costs every connection its start and its cancellation.
         self._message_task_started = False
+        self._message_bytes = 0  # see _MESSAGE_QUEUE_BYTES
+        self._message_room: trio.Event | None = None
         self._timer_wanted = False
         # Likewise the writer: results and calls go out directly while it is
         # idle, so it starts with the first frame that must wait (see Outbox).
@@ -660,8 +667,16 @@ class Connection:
                     self._task_context.run(
                         self._nursery.start_soon, self._message_task, messages_out
                     )
-                await self._messages_in.send(event)
+                await self._queue_message(event)
         return None
+
+    async def _queue_message(self, message: MessageReceived) -> None:
+        # The channel bounds how many; this, how many bytes.
+        while self._message_bytes and self._message_bytes + message.size > _MESSAGE_QUEUE_BYTES:
+            room = self._message_room = trio.Event()
+            await room.wait()
+        self._message_bytes += message.size
+        await self._messages_in.send(message)
 
     async def _wait_idle(self, role: ReadingRole) -> bool:
         """Until the socket has bytes and no caller holds the role (False), or a caller
@@ -901,6 +916,13 @@ class Connection:
                 await self._dispatcher.handle_message(message.event, message.data)
             except Exception:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
+            finally:
+                self._message_bytes -= message.size
+                room = self._message_room
+                if room is not None:
+                    self._message_room = None
+                    room.set()
+                del message  # what it decoded goes now, not with the next one
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval

@@ -34,13 +34,17 @@ import attrs
 
 from ..errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from .codec import (
+    COUNTED_BODY,
     decode_body,
     decode_call,
+    decode_call_sized,
     decode_result,
     encode_call,
     encode_frame,
     encode_result,
     encode_value,
+    structure_from_wire,
+    unpack_sized,
 )
 from .data_runs import DataRun
 from .frames import FLAG_END, FRAME_COST, HEADER_SIZE, Frame, FrameKind, is_valid_stream_id
@@ -59,6 +63,12 @@ _RESULT = FrameKind.RESULT
 #: the credit (a 1-byte DATA beside a megabyte of padding pinned the megabyte).
 #: Bulk records are full of data and are never copied.
 PIN_RATIO = 8
+
+#: What the CALLs larger than COUNTED_BODY queued or running at once may hold
+#: decoded (bounded by codec.unpack_sized), for as long as their handlers run:
+#: one more is refused with ``overloaded``; a lone call of any size is admitted.
+#: Four batches of small files in flight (1 MiB of bytes each) fit.
+LARGE_CALL_BYTES = 8 * 1024 * 1024
 
 #: Early resets remembered at most (the oldest are forgotten first), so a peer
 #: resetting stream ids we never use cannot grow our memory.
@@ -128,6 +138,8 @@ class MessageReceived:
 
     event: str
     data: Any
+    #: Bytes of its body on the wire: what the engine's queue counts.
+    size: int = attrs.field(default=0, eq=False)
 
 
 @attrs.define(slots=True)
@@ -340,6 +352,9 @@ class ConnectionState:
         self._call_ids = itertools.count(1)
         self._ping_ids = itertools.count(1)
         self._active_calls: set[int] = set()  # incoming calls queued or running
+        # Those of them larger than COUNTED_BODY: their bytes on the wire.
+        self._large_calls: dict[int, int] = {}
+        self._large_call_bytes = 0
         # Stream ids are allocated by the receiving side: odd by clients, even
         # by servers, so the two never collide.
         self._stream_ids = itertools.count(1 if is_client else 2, 2)
@@ -376,6 +391,8 @@ class ConnectionState:
         self.incoming.clear()
         self.outgoing.clear()
         self._active_calls.clear()
+        self._large_calls.clear()
+        self._large_call_bytes = 0
         return streams
 
     # ------------------------------------------------------------ receiving
@@ -404,7 +421,10 @@ class ConnectionState:
                 stream.on_data(frame.payload, frame.flags)
             return stream
         if kind is _CALL:
-            method, args = decode_call(frame.payload)
+            payload = frame.payload
+            if len(payload) > COUNTED_BODY:
+                return self._large_call(frame.stream_id, payload)
+            method, args = decode_call(payload)
             call_id = frame.stream_id
             active = self._active_calls
             # The common case here, the rest in _refuse_call: one Python call less per call.
@@ -417,8 +437,13 @@ class ConnectionState:
         if kind is FrameKind.CREDIT:
             return self._on_credit(frame.stream_id, decode_body(frame, Credit))
         if kind is FrameKind.MESSAGE:
+            payload = frame.payload
+            if len(payload) > COUNTED_BODY:
+                raw, held = unpack_sized(payload)
+                message = structure_from_wire(raw, Message, what="MESSAGE")
+                return MessageReceived(message.event, message.data, held)
             message = decode_body(frame, Message)
-            return MessageReceived(message.event, message.data)
+            return MessageReceived(message.event, message.data, len(payload))
         if kind is FrameKind.CANCEL:
             decode_body(frame, Cancel)
             if frame.stream_id in self._active_calls:
@@ -438,16 +463,42 @@ class ConnectionState:
             return GoodbyeReceived(goodbye.reason)
         raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
 
-    def _refuse_call(self, call_id: int) -> CallRefused:
-        """A CALL whose id is in use (a protocol error) or over the concurrency limit."""
+    def _refuse_call(self, call_id: int, error: str | None = None) -> CallRefused:
+        """A CALL whose id is in use (a protocol error), over the concurrency
+        limit, or (``error``) over the large calls' bytes."""
         if call_id in self._active_calls:
             raise RemoteProtocolError(f"call id {call_id} is already in use")
         refusal = Result(
             False,
-            error=f"too many concurrent calls (limit {self.max_concurrent_calls})",
+            error=error or f"too many concurrent calls (limit {self.max_concurrent_calls})",
             code="overloaded",
         )
         return CallRefused(call_id, encode_frame(FrameKind.RESULT, call_id, refusal))
+
+    def _large_call(self, call_id: int, payload: bytes | memoryview) -> CallReceived | CallRefused:
+        """A CALL larger than :data:`COUNTED_BODY`: admitted while what the large
+        calls queued or running hold decoded (``codec.unpack_sized``'s bound)
+        stays within :data:`LARGE_CALL_BYTES` (a lone one always is)."""
+        method, args, size = decode_call_sized(payload)
+        held = self._large_call_bytes
+        if held and held + size > LARGE_CALL_BYTES:
+            # Dropped at once (the peer hears why): the arguments held by the
+            # calls already running are what the limit is about.
+            return self._refuse_call(
+                call_id,
+                f"calls holding {held} bytes of arguments are running (limit "
+                f"{LARGE_CALL_BYTES}); try again when they are done",
+            )
+        active = self._active_calls
+        if call_id in active or len(active) >= self.max_concurrent_calls:
+            return self._refuse_call(call_id)
+        active.add(call_id)
+        self._large_calls[call_id] = size
+        self._large_call_bytes = held + size
+        return CallReceived(call_id, method, args)
+
+    def _release_large_call(self, call_id: int) -> None:
+        self._large_call_bytes -= self._large_calls.pop(call_id, 0)
 
     def _on_credit(self, stream_id: int, credit: Credit) -> OutboundStream | None:
         if not 0 < credit.increment <= 1 << 31:
@@ -498,6 +549,8 @@ class ConnectionState:
     def call_finished(self, call_id: int) -> None:
         """An incoming call is no longer queued or running: its id is free again."""
         self._active_calls.discard(call_id)
+        if self._large_calls:
+            self._release_large_call(call_id)
 
     def result_frame(self, call_id: int, result: Result) -> bytes:
         """The RESULT frame for an incoming call; a result too large to send becomes an error."""
@@ -519,6 +572,8 @@ class ConnectionState:
         The two in one, inline: this runs once per call the peer makes.
         """
         self._active_calls.discard(call_id)
+        if self._large_calls:
+            self._release_large_call(call_id)
         try:
             frame = encode_value(call_id, value)
         except LocalProtocolError:
