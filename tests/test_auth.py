@@ -336,6 +336,41 @@ def test_success_forgives_only_that_users_failures() -> None:
     assert throttle.retry_after("10.0.0.1", 3.0) == pytest.approx(29.0)
 
 
+def test_a_shared_password_login_forgives_no_one() -> None:
+    """One password for everyone: an honest client's login behind a NAT does not
+    give the guesser beside it fresh attempts, nor drop the ones under way."""
+    throttle = AuthThrottle(limit=3, window=60, lockout=30)
+    guess = throttle.reserve("10.0.0.1", "", 0.0)
+    assert isinstance(guess, Attempt)
+    throttle.failed(guess, 0.0)
+    under_way = throttle.reserve("10.0.0.1", "", 1.0)
+    honest = throttle.reserve("10.0.0.1", "", 1.0)
+    assert isinstance(under_way, Attempt) and isinstance(honest, Attempt)
+    throttle.succeeded(honest, 2.0)
+    throttle.failed(under_way, 3.0)
+    last = throttle.reserve("10.0.0.1", "", 4.0)
+    assert isinstance(last, Attempt)
+    throttle.failed(last, 4.0)  # the third failure within the window
+    assert throttle.retry_after("10.0.0.1", 5.0) == pytest.approx(29.0)
+
+
+def test_a_login_keeps_the_same_users_attempts_under_way() -> None:
+    throttle = AuthThrottle(limit=3, window=60, lockout=30)
+    under_way = throttle.reserve("10.0.0.1", "bob", 0.0)
+    mistyped = throttle.reserve("10.0.0.1", "bob", 0.0)
+    assert isinstance(under_way, Attempt) and isinstance(mistyped, Attempt)
+    throttle.failed(mistyped, 0.5)
+    honest = throttle.reserve("10.0.0.1", "bob", 1.0)
+    assert isinstance(honest, Attempt)
+    throttle.succeeded(honest, 1.0)  # forgives the mistyped one ...
+    throttle.failed(under_way, 2.0)  # ... not one still under way: it counts
+    for _ in range(2):
+        again = throttle.reserve("10.0.0.1", "bob", 3.0)
+        assert isinstance(again, Attempt)
+        throttle.failed(again, 3.0)
+    assert throttle.retry_after("10.0.0.1", 4.0) == pytest.approx(29.0)
+
+
 def test_in_flight_attempts_fill_the_budget() -> None:
     throttle = AuthThrottle(limit=2, window=60, lockout=30)
     first = throttle.reserve("10.0.0.1", "", 0.0)

@@ -147,10 +147,21 @@ class AuthThrottle:
         return attempt
 
     def succeeded(self, attempt: Attempt, now: float) -> None:
-        """The attempt authenticated: free its slot and that user's failures from its address."""
+        """The attempt authenticated: free its slot, and (accounts) that user's
+        failures from its address.
+
+        Attempts still under way keep their slots (they count when they fail).
+        With one shared password (no username) no failure is forgiven: a
+        login proves nothing about the others behind the same address.
+        """
         record = self._records.get(attempt.address)
         if record is not None:
-            record.attempts = [a for a in record.attempts if a.username != attempt.username]
+            username = attempt.username
+            record.attempts = [
+                a
+                for a in record.attempts
+                if a is not attempt and not (username and a.failed and a.username == username)
+            ]
             if not record.attempts and record.locked_until <= now:
                 del self._records[attempt.address]
         user = self._users.get(attempt.username) if attempt.username else None
