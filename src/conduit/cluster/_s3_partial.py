@@ -113,11 +113,19 @@ class S3Partial:
         self._buffer += data
         size = self._state.part_size
         while len(self._buffer) >= size:
-            part = bytes(self._buffer[:size])
+            await self._queue_part(bytes(self._buffer[:size]))
+            # Only once it is queued (no checkpoint since): a cancellation or
+            # a failure while it waited for the part in flight leaves it in
+            # the buffer, so the offset (what the sender may have been told
+            # was accepted) never goes back.
             del self._buffer[:size]
-            await self._queue_part(part)
 
     async def _queue_part(self, data: bytes) -> None:
+        """Hash ``data``, wait for the part in flight, then send ``data`` as the next part.
+
+        Changes nothing until it returns (no checkpoint after the first
+        change), so if it raises or is cancelled, the part was not queued.
+        """
         number = self._next_part
         if number > MAX_PARTS:
             raise TransferError(f"{self.name!r} needs more than {MAX_PARTS} parts", "too_large")
@@ -220,9 +228,8 @@ class S3Partial:
         self._require_open()
         try:
             if self._buffer or self._next_part == 1:
-                tail = bytes(self._buffer)
+                await self._queue_part(bytes(self._buffer))
                 self._buffer.clear()
-                await self._queue_part(tail)
             await self._wait_inflight()
         except BaseException:
             await self._settle()
@@ -236,7 +243,12 @@ class S3Partial:
                 f"{self.name!r}: received bytes hash to {actual}, expected {expected_sha256}"
             )
         await self._store._guard(f"publishing {self.name!r}", self._complete)
+        # Published: whatever happens now, the file is there under its name,
+        # and saying otherwise would make the receiver discard a partial that
+        # no longer exists and tell the sender to send a file it has.
         self._closed = self._finished = True
+        with trio.CancelScope(shield=True):
+            await self._store._run(self._clean_up_published)
         relative = self._store.location.relative(self._state.key)
         assert relative is not None
         return relative
@@ -266,8 +278,29 @@ class S3Partial:
                 "another writer while this file was being received; nothing was overwritten",
                 "name_collision",
             ) from None
-        self._store._release(state)
-        self._store._delete(self._state_key)
+
+    def _clean_up_published(self) -> None:
+        """Release the name and delete the state of the published upload (worker thread).
+
+        A failure is logged, not raised: the file is published. What is left
+        is harmless meanwhile (the reservation holds a name whose object
+        exists; the state names an upload that is completed, so a resume
+        finds no upload and starts over) and the sweeper removes both once
+        the state is older than the partials' age limit
+        (``S3Store._cleanup``: the abort of a completed upload is a no-op).
+        """
+        try:
+            self._store._release(self._state)
+        except S3_ERRORS as exc:
+            log.warning(
+                "%r is published; its name reservation is left to the sweeper: %s", self.name, exc
+            )
+        try:
+            self._store._delete(self._state_key)
+        except S3_ERRORS as exc:
+            log.warning(
+                "%r is published; its upload state is left to the sweeper: %s", self.name, exc
+            )
 
     def _remove(self) -> None:
         self._store._abort(self._state.key, self._state.upload_id)
@@ -279,6 +312,13 @@ class S3Partial:
 
         Whole parts stay for a resume. The part in flight is recorded as
         ``closing``: a node that resumed meanwhile keeps its state over it.
+
+        Also right after a failed part or a failed publish (a transient S3
+        error, for a retry to resume): the state saved names only parts the
+        store acknowledged (a part whose upload failed was never added to
+        it), so a resume continues after the last stored part and skips no
+        byte; a short last part queued by :meth:`publish` is recorded but
+        never resumed from (see ``S3Store._verify_parts``).
         """
         self._buffer.clear()
         self._closed = True

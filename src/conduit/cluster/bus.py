@@ -758,9 +758,13 @@ class ClusterBus:
         """Send ``kind`` / ``payload`` to ``node``'s request handler; return its reply.
 
         Raises :class:`NodeUnreachable` if the node is not registered or is
-        forgotten while we wait (checked every ``ttl / 3``), ``TimeoutError``
-        after ``timeout`` (default ``request_timeout``), and :class:`RPCError`
-        with the handler's message and code if it failed.
+        forgotten while we wait (checked every ``ttl / 3``; a check the bus
+        fails to answer is tried again, and only a bus silent for a whole
+        ``ttl`` counts as the node being gone), :class:`BusError` if the
+        request could not be sent, ``TimeoutError`` after ``timeout`` (default
+        ``request_timeout``), and :class:`RPCError` with the handler's message
+        and code if it failed. Each as a plain exception, never inside an
+        ``ExceptionGroup``.
 
         ``on_progress(data)`` is awaited with what the handler passes to
         :meth:`report_progress`, in order, before this returns; when it is
@@ -779,9 +783,15 @@ class ClusterBus:
             await self._call(self._xadd, self._key("inbox", node), data)
             limit = self.request_timeout if timeout is None else timeout
             failed: Exception | None = None
+            # Why the watch gave up, if the bus stayed silent for a TTL (a
+            # node seen gone needs no reason). The watch never raises: under
+            # Trio's strict exception groups anything raised in the nursery
+            # would reach the caller wrapped in an ExceptionGroup, which
+            # callers catching NodeUnreachable / ConduitError would miss.
+            verdict: list[NodeUnreachable] = []
             with trio.move_on_after(limit) as waited:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_node, node, nursery.cancel_scope)
+                    nursery.start_soon(self._watch_node, node, nursery.cancel_scope, verdict)
                     try:
                         while not pending.done.is_set():
                             await pending.wake.wait()
@@ -792,6 +802,8 @@ class ClusterBus:
                     nursery.cancel_scope.cancel()
                 if failed is not None:
                     raise failed
+                if verdict and not pending.done.is_set():
+                    raise verdict[0]
                 # A report that came in with the reply: the reply follows it on
                 # the stream, so it is the last one and must not be lost.
                 await _hand_over_progress(pending, on_progress)
@@ -808,12 +820,40 @@ class ClusterBus:
         assert pending.reply is not None
         return pending.reply
 
-    async def _watch_node(self, node: str, scope: trio.CancelScope) -> None:
+    async def _watch_node(
+        self, node: str, scope: trio.CancelScope, verdict: list[NodeUnreachable]
+    ) -> None:
+        """Cancel ``scope`` once ``node`` is gone; never raises (a reason goes in ``verdict``).
+
+        Looks every ``ttl / 3``. A look that fails (the bus did not answer)
+        proves nothing about the node: one Redis blip must not fail a long
+        request, so it is tried again at the next look. The node is taken
+        for gone when it is seen missing, or when the bus has not answered
+        for a whole TTL since the node was last seen (by then the node's own
+        registration may have expired unseen, and nothing can be learnt).
+        """
+        seen = trio.current_time()  # request() saw it registered just before
         while True:
             await trio.sleep(self.ttl / 3)
-            if not await self.node_alive(node):
+            try:
+                alive = await self.node_alive(node)
+            except Exception as exc:  # BusError, or anything the thread raised
+                silent = trio.current_time() - seen
+                if silent < self.ttl:
+                    log.debug("could not look at node %r (trying again): %s", node, exc)
+                    continue
+                verdict.append(
+                    NodeUnreachable(
+                        f"node {node!r}: the cluster bus has not answered for {silent:.1f} s "
+                        f"while waiting for its reply ({exc})"
+                    )
+                )
                 scope.cancel()
                 return
+            if not alive:  # request() says so: no reply came
+                scope.cancel()
+                return
+            seen = trio.current_time()
 
     async def request_for_client(
         self, client_id: str, kind: str, payload: dict[str, Any], *, timeout: float | None = None

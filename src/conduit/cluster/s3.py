@@ -28,7 +28,11 @@ writer last saw), so a second writer of the same partial fails with
 the cluster's upload lease (:mod:`.bus`) keeps it from starting at all. A part
 another writer replaced under the same number no longer matches the ETag in
 the state, which ``CompleteMultipartUpload`` and a resume both refuse, so a
-race can fail an upload but never publish mixed bytes.
+race can fail an upload but never publish mixed bytes. Resuming a partial
+whose writer let go (marked ``closing``) writes its state back at once
+(:meth:`S3Store._claim`), so the node that let go, which may evict it later,
+sees it taken over: it evicts only through :meth:`S3Store.discard_partial_if`,
+conditional on the state's ETag (``DeleteObject`` with ``If-Match``).
 
 Publishing: the whole-file SHA-256 is checked first, then
 ``CompleteMultipartUpload`` with ``If-None-Match: *`` (SeaweedFS 4.48 honours
@@ -117,6 +121,8 @@ __all__ = [
 
 T = TypeVar("T")
 
+#: The name of a staging partial's state is this and its token (never a file name: hidden).
+_STAGING_NAME = ".staging/"
 #: Seconds a resume waits at most for another writer of the partial to let go.
 WRITER_WAIT = 5.0
 #: Seconds without a change of the partial's state after which its writer is taken for dead.
@@ -317,7 +323,20 @@ class S3Store:
         object is data in the bucket, and one written by anyone else (a
         forged file where control keys live) must not steer the sweeper to
         another user's objects.
+
+        A staging state (:meth:`open_staging`) is recognised by its exact
+        layout: name ``.staging/<token>``, transfer id ``<token>``, key the
+        staging key of that token, no reservation. A state of that name
+        naming any other key is still refused.
         """
+        if state.name.startswith(_STAGING_NAME):
+            token = state.name[len(_STAGING_NAME) :]
+            return (
+                _is_token(token)
+                and state.transfer_id == token
+                and state.key == self._staging_key(token)
+                and state.reservation is None
+            )
         relative = self.location.relative(state.key)
         if relative is None or split_name(relative)[0] != split_name(state.name)[0]:
             return False
@@ -386,7 +405,14 @@ class S3Store:
             if resume:
                 verified = self._verify_parts(state)
                 if verified is not None:
-                    return S3Partial(self, state, state_key, etag)
+                    claimed = self._claim(state, state_key, etag)
+                    if claimed is not None:
+                        return claimed
+                    # Gone since we read it: the node that let go of it evicted it.
+                    loaded = None
+        if loaded is not None:
+            state, etag = loaded
+            assert state is not None
             # Restart (asked for, or the upload is gone): same key, new upload.
             self._abort(state.key, state.upload_id)
             state.parts = []
@@ -419,6 +445,30 @@ class S3Store:
             raise TransferError(f"{safe!r} is already being received", "busy")
         return S3Partial(self, state, state_key, created)
 
+    def _claim(self, state: UploadState, state_key: str, etag: str) -> S3Partial | None:
+        """Resume ``state`` (read with ``etag``); None if its state was deleted meanwhile.
+
+        A state its last writer marked ``closing`` (it let go: its client was
+        cut off) is written back at once, unmarked, before any part is sent:
+        the node that let go indexed the partial as abandoned under the ETag
+        it saw, and may evict it later (``discard_partial_if``), which it does
+        only while the state still has that ETag. Without this write, a
+        resume that has not yet stored a part would leave the ETag unchanged
+        and could have its upload aborted under it. A state not marked
+        ``closing`` is resumed as it is: its writer may still be recording the
+        part it had in flight, which :meth:`S3Partial._merge_late_writer` then
+        keeps (a write here would make that writer's record fail instead).
+        """
+        if not state.closing:
+            return S3Partial(self, state, state_key, etag)
+        state.closing = False
+        claimed = self._put(state_key, state.dumps(), if_match=etag)
+        if claimed is not None:
+            return S3Partial(self, state, state_key, claimed)
+        if self._get(state_key) is None:
+            return None
+        raise TransferError(f"{state.name!r} is already being received", "busy")
+
     def _create_upload(self, key: str) -> str:
         answer = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ChecksumAlgorithm="SHA256"
@@ -440,18 +490,57 @@ class S3Store:
         state.parts = kept
         return state
 
-    def _discard(self, name: str, transfer_id: str) -> bool:
+    def _discard(self, name: str, transfer_id: str, version: str | None = None) -> bool:
         safe = self._checked_name(name)
         tid = check_transfer_id(transfer_id)
+        state_key = self._state_key(safe, tid)
         loaded = self._load_state(safe, tid)
         if loaded is None:
             return False
-        state, _etag = loaded
+        state, etag = loaded
+        if version is not None:
+            # Only the partial as the caller saw it: a state written since
+            # (another node resumed it: see _claim) is a live upload. The
+            # state is deleted first and only if it still has that ETag, so
+            # a node claiming it between this read and the delete makes the
+            # delete fail (412) rather than lose its upload; once the state
+            # is gone, no node can resume this upload any more, so aborting
+            # it hits nobody. (A resume that starts afresh right then reuses
+            # the name's reservation, which the release below may remove:
+            # that upload then publishes unreserved, still never over
+            # another file.)
+            if etag != version or not self._delete_if_match(state_key, etag):
+                return False
+            if state is not None:
+                self._abort(state.key, state.upload_id)
+                self._release(state)
+            return True
         if state is not None:
             self._abort(state.key, state.upload_id)
             self._release(state)
-        self._delete(self._state_key(safe, tid))
+        self._delete(state_key)
         return True
+
+    def _delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete ``key`` only while it is the object of ``etag``; whether it was deleted.
+
+        ``DeleteObject`` with ``If-Match`` (SeaweedFS honours it, tested; AWS
+        S3 too). A store that ignores the header deletes unconditionally: the
+        check of the ETag just before is then the only guard.
+        """
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+        except botocore.exceptions.ClientError as exc:
+            if is_precondition(exc) or is_missing(exc):
+                return False
+            raise
+        return True
+
+    def _partial_version(self, name: str, transfer_id: str) -> tuple[int, str] | None:
+        loaded = self._load_state(self._checked_name(name), check_transfer_id(transfer_id))
+        if loaded is None or loaded[0] is None:
+            return None
+        return loaded[0].durable, loaded[1]
 
     def _cleanup(self, max_age_seconds: float) -> int:
         cutoff = time.time() - max_age_seconds
@@ -474,10 +563,15 @@ class S3Store:
                 if state.reservation is not None:
                     live_reservations.add(state.reservation)
                 continue
+            # Also the state a publish left behind when its clean-up failed
+            # (S3Partial.publish): its upload is completed, so the abort
+            # finds none (NoSuchUpload, ignored) and the published object
+            # stays; the reservation and the state go.
             self._abort(state.key, state.upload_id)
             self._release(state)
             self._delete(str(entry["Key"]))
-            removed += 1
+            if not state.name.startswith(_STAGING_NAME):  # staged files are not counted
+                removed += 1
         # Staged files nobody collected (the node that was to read them died).
         for entry in self._list_keys(self._control_key("staging") + "/"):
             if entry["LastModified"].timestamp() < cutoff:
@@ -562,7 +656,7 @@ class S3Store:
     def _open_staging(self, token: str) -> S3Partial:
         key = self._staging_key(token)
         # A name no published file can have, so its state never meets a real upload's.
-        name = f".staging/{token}"
+        name = _STAGING_NAME + token
         state_key = self._state_key(name, token)
         self._discard_state(state_key)  # a staging upload restarts, it never resumes
         state = UploadState(
@@ -603,7 +697,7 @@ class S3Store:
 
     def _delete_staged(self, token: str) -> bool:
         key = self._staging_key(token)
-        self._discard_state(self._state_key(f".staging/{token}", token))
+        self._discard_state(self._state_key(_STAGING_NAME + token, token))
         if self._head(key) is None:
             return False
         self._delete(key)
@@ -624,7 +718,7 @@ class S3Store:
                 token = str(upload["Key"])[len(prefix) :]
                 if upload["Initiated"].timestamp() < cutoff and _is_token(token):
                     self._abort(str(upload["Key"]), str(upload["UploadId"]))
-                    self._delete(self._state_key(f".staging/{token}", token))
+                    self._delete(self._state_key(_STAGING_NAME + token, token))
                     removed += 1
         return removed
 
@@ -860,6 +954,25 @@ class S3Store:
     async def discard_partial(self, name: str, transfer_id: str) -> bool:
         """See :meth:`conduit.cluster.store.Store.discard_partial`."""
         return await self._guard(f"discarding {name!r}", self._discard, name, transfer_id)
+
+    async def partial_version(self, name: str, transfer_id: str) -> tuple[int, str] | None:
+        """The partial's durable size and the version (ETag) of its state; None if none.
+
+        What :meth:`discard_partial_if` compares with: the version changes
+        whenever any node writes the state (stores a part, resumes, lets go).
+        """
+        safe = self._checked_name(name)
+        return await self._guard(f"looking up {safe!r}", self._partial_version, safe, transfer_id)
+
+    async def discard_partial_if(self, name: str, transfer_id: str, version: str) -> bool:
+        """Discard the partial only if its state is still at ``version``; whether it was.
+
+        For a node evicting a partial it let go of earlier: if another node
+        has resumed it since, its state was written (another version) and it
+        is left alone. Conditional in the store too (``If-Match``), so a
+        resume that races with the eviction is never aborted.
+        """
+        return await self._guard(f"discarding {name!r}", self._discard, name, transfer_id, version)
 
     async def check_can_accept(
         self, size: int, max_file_size: int | None = None, *, offset: int = 0

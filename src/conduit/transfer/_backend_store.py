@@ -21,9 +21,11 @@ around a directory is decided here as follows:
 * **Abandoned partials.** Kept (their whole parts are durable) for a resume
   from any node. This node indexes the ones it left and evicts an owner's
   oldest beyond :data:`._space.MAX_ABANDONED_PER_OWNER`, and the oldest first
-  when ``max_partial_bytes`` would be exceeded; a sweeper removes, every
-  :func:`sweep_interval`, every partial of the store nobody wrote to for
-  ``partial_ttl`` (whichever node left it).
+  when ``max_partial_bytes`` would be exceeded, but only while nobody has
+  written it since this node left it (the client may have resumed it
+  through another node: see :meth:`StoreBackend._evict`); a sweeper
+  removes, every :func:`sweep_interval`, every partial of the store nobody
+  wrote to for ``partial_ttl`` (whichever node left it).
 * **Accounts.** A user's root is a key prefix (``PREFIX/<root>/...``): the
   same confinement, since every name is a checked relative name below it.
   ``quota`` counts the user's published files (one whole listing per
@@ -44,7 +46,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -68,7 +70,14 @@ if TYPE_CHECKING:
     from ..protocol.data_runs import DataRecord
     from ._batch_store import Entry
 
-__all__ = ["MAX_UPLOADS", "MAX_UPLOADS_PER_CONNECTION", "StoreBackend", "StoreSink", "StoreSource"]
+__all__ = [
+    "MAX_UPLOADS",
+    "MAX_UPLOADS_PER_CONNECTION",
+    "StoreBackend",
+    "StoreSink",
+    "StoreSource",
+    "VersionedPartials",
+]
 
 log = logging.getLogger("conduit.transfer")
 
@@ -96,6 +105,23 @@ class StoreSettings(Protocol):
     partial_ttl: float
     max_partial_bytes: int | None
     hash_gate: HashGate
+
+
+@runtime_checkable
+class VersionedPartials(Protocol):
+    """A store whose partials have versions (:class:`conduit.cluster.s3.S3Store`).
+
+    What a node needs to evict a partial it let go of without hitting an
+    upload that another node resumed since: see :meth:`StoreBackend._evict`.
+    """
+
+    async def partial_version(self, name: str, transfer_id: str) -> tuple[int, str] | None:
+        """The partial's durable size and the version of its state; None if there is none."""
+        ...
+
+    async def discard_partial_if(self, name: str, transfer_id: str, version: str) -> bool:
+        """Discard the partial only if its state is still at ``version``; whether it was."""
+        ...
 
 
 # --------------------------------------------------------------------------- sink and source
@@ -242,6 +268,8 @@ class _Kept:
     owner: str
     size: int
     modified: float  # wall clock
+    #: The version of its state when it was left (None: the store has none).
+    version: str | None = None
 
 
 # --------------------------------------------------------------------------- backend
@@ -353,8 +381,8 @@ class StoreBackend:
         self._kept.pop(own, None)
         try:
             for kept in evict:
-                log.info("evicted abandoned partial %r to make room", kept.name)
-                await kept.store.discard_partial(kept.name, kept.transfer_id)
+                if await self._evict(kept):
+                    log.info("evicted abandoned partial %r to make room", kept.name)
             resume = key is not None and not restart
             overwrite = settings.overwrite
             partial = await store.open_partial(
@@ -448,26 +476,50 @@ class StoreBackend:
         if sink is None or sink.finished:
             return
         with trio.CancelScope(shield=True):
-            try:
-                durable = await upload.store.find_partial(upload.name, upload.transfer_id)
-                if not durable:
-                    # Nothing to resume: do not keep an upload (and a name) for nothing.
-                    await upload.store.discard_partial(upload.name, upload.transfer_id)
-                    return
-            except Exception as exc:
-                log.warning("could not look up the partial of %r: %s", upload.name, exc)
-                return
-            key = (upload.root, upload.name, upload.transfer_id)
-            self._kept[key] = _Kept(
+            kept = _Kept(
                 upload.root,
                 upload.store,
                 upload.name,
                 upload.transfer_id,
                 upload.owner,
-                durable,
+                0,
                 time.time(),
             )
+            try:
+                kept.size, kept.version = await _find_partial(upload.store, kept)
+                if not kept.size:
+                    # Nothing to resume: do not keep an upload (and a name) for
+                    # nothing. As an eviction: the client may have resumed it
+                    # through another node already.
+                    await self._evict(kept)
+                    return
+            except Exception as exc:
+                log.warning("could not look up the partial of %r: %s", upload.name, exc)
+                return
+            self._kept[upload.root, upload.name, upload.transfer_id] = kept
             await self._cap_owner(upload.owner)
+
+    async def _evict(self, kept: _Kept) -> bool:
+        """Discard a partial this node let go of, unless it is live elsewhere; whether it was.
+
+        The index of kept partials is this node's view, and the client may
+        have resumed the partial through another node since (a cluster's
+        balancer sends a reconnecting client anywhere): discarding it then
+        would abort that node's upload under it, and the client would have
+        to start over. So the partial is discarded only if its state is
+        still the version this node saw when it let go, which the store
+        checks again in the discard itself (a conditional delete), so a
+        resume racing with the eviction is not hit either. The caller has
+        already dropped it from the index: a partial live elsewhere is that
+        node's to count and to keep.
+        """
+        store = kept.store
+        if kept.version is None or not isinstance(store, VersionedPartials):
+            return await store.discard_partial(kept.name, kept.transfer_id)
+        if await store.discard_partial_if(kept.name, kept.transfer_id, kept.version):
+            return True
+        log.info("left partial %r alone: it was resumed or changed elsewhere", kept.name)
+        return False
 
     async def _cap_owner(self, owner: str) -> None:
         """Evict ``owner``'s oldest kept partials beyond :data:`MAX_ABANDONED_PER_OWNER`."""
@@ -478,11 +530,12 @@ class StoreBackend:
         for entry in mine[: max(0, len(mine) - MAX_ABANDONED_PER_OWNER)]:
             self._kept.pop((entry.root, entry.name, entry.transfer_id), None)
             try:
-                await entry.store.discard_partial(entry.name, entry.transfer_id)
+                evicted = await self._evict(entry)
             except Exception as exc:
                 log.warning("could not evict the partial of %r: %s", entry.name, exc)
             else:
-                log.info("evicted abandoned partial %r: too many for %s", entry.name, owner)
+                if evicted:
+                    log.info("evicted abandoned partial %r: too many for %s", entry.name, owner)
 
     async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
         """Each entry in one ``put_file`` (one ``PUT`` on S3), one after the other.
@@ -664,6 +717,14 @@ class StoreBackend:
             else:
                 raise TransferError(f"{target!r} already exists", "exists")
         return await store.rename(source, target, overwrite=overwrite)
+
+
+async def _find_partial(store: Store, kept: _Kept) -> tuple[int, str | None]:
+    """The durable size of ``kept``'s partial (0: none) and its version, if the store has them."""
+    if isinstance(store, VersionedPartials):
+        found = await store.partial_version(kept.name, kept.transfer_id)
+        return (0, None) if found is None else found
+    return await store.find_partial(kept.name, kept.transfer_id) or 0, None
 
 
 def _identity(reader: FileReader) -> tuple[int, int, str]:
