@@ -52,6 +52,7 @@ from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._ranges import range_name, resolve_range
 from ._rerun import find_already_there, same_size_exists, skipped_result
+from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
 from ._storage import StorageRoot
 from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
@@ -202,9 +203,10 @@ class Receiver:
         if inbound is None:
             raise RPCError(f"no transfer on stream {stream_id}", "not_found")
         if abandon:
-            # The sender will restart from zero: stop receiving; its new begin
-            # (restart=True) truncates the partial.
-            inbound.stream.fail(StreamReset("the sender restarts the transfer", "restart"))
+            # The sender will restart from zero (its new begin, restart=True,
+            # truncates the partial), or gave up before it opened the stream:
+            # stop waiting for the stream. The partial stays for a resume.
+            inbound.stream.fail(StreamReset("the sender abandoned the stream", "restart"))
             await inbound.done.wait()
             streams.pop(stream_id, None)
             return {"abandoned": True}
@@ -329,15 +331,16 @@ class Receiver:
         )
         connection = peer.connection
         try:
-            await trio.to_thread.run_sync(local.check_can_accept, expected, None)
-            partial = LocalSink(
-                await trio.to_thread.run_sync(lambda: local.open_partial(target, key, resume=True))
-            )
+            partial = await self._open_download_partial(local, target, key, expected)
         except TransferError as exc:
             return transfer_failure(exc)
         stream: IncomingStream | None = None
         try:
             stream = connection.open_incoming_stream()
+            # No timeout when resuming: the server re-hashes our whole prefix
+            # inside this call (behind the connection's other hashes), which
+            # takes as long as the disk takes; the heartbeat notices a dead
+            # peer. From zero it only opens the file: the usual timeout.
             answer = await peer.call(
                 DOWNLOAD,
                 name=safe,
@@ -345,6 +348,7 @@ class Receiver:
                 size=size,
                 offset=partial.offset,
                 prefix_sha256=partial.sha256_hex(),
+                timeout=NO_TIMEOUT if partial.offset else None,
                 **extra,
             )
             start = download_offset(answer, partial.offset)
@@ -356,6 +360,7 @@ class Receiver:
                         lambda: local.open_partial(target, key, resume=False)
                     )
                 )
+                await trio.to_thread.run_sync(local.remove_other_partials, target, key)
             result = await self._receive_into(
                 connection, stream, partial, target, expected, on_progress, "download", peer=None
             )
@@ -373,6 +378,38 @@ class Receiver:
             raise
         return result
 
+    async def _open_download_partial(
+        self, local: StorageRoot, target: str, key: str, expected: int
+    ) -> LocalSink:
+        """Open (resuming) the partial that receives ``target``, if the disk can take the rest.
+
+        Only the ``expected`` bytes the partial does not hold yet need room: a
+        download cut at 6 of 10 GB resumes with 4 GB free. A partial that
+        starts at zero first removes the idle partials left for other versions
+        of ``target`` (:meth:`StorageRoot.remove_other_partials`), whose room
+        then counts too. Refused (``TransferError``, ``"no_space"``), a
+        partial with bytes stays for a later try; an empty one is removed.
+        """
+        partial = LocalSink(
+            await trio.to_thread.run_sync(lambda: local.open_partial(target, key, resume=True))
+        )
+        try:
+            if partial.offset == 0:
+                await trio.to_thread.run_sync(local.remove_other_partials, target, key)
+            held = min(partial.offset, expected)
+            await trio.to_thread.run_sync(
+                lambda: local.check_can_accept(expected, None, offset=held)
+            )
+        except TransferError:
+            with trio.CancelScope(shield=True):
+                await (partial.close() if partial.offset else partial.discard())
+            raise
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await partial.close()
+            raise
+        return partial
+
     async def _local_copy_is_current(
         self, peer: Peer, local: StorageRoot, name: str, size: int
     ) -> dict[str, Any] | None:
@@ -380,7 +417,10 @@ class Receiver:
         if not await same_size_exists(local, name, size):
             return None
         try:
-            remote = await peer.call(FILE_STAT, name=name, sha256=True)
+            # No timeout: the server hashes the whole file inside this call
+            # (behind the connection's other hashes); a timeout here would
+            # read as "not the same file" and fetch a second copy.
+            remote = await peer.call(FILE_STAT, name=name, sha256=True, timeout=NO_TIMEOUT)
             remote_size = stat_answer(remote).size
         except (RPCError, ConnectionClosed, TransferError):
             return None  # the download itself reports the problem

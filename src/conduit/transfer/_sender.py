@@ -64,9 +64,15 @@ log = logging.getLogger("conduit.transfer")
 ProgressCallback = Callable[[TransferProgress], Any]
 SendDirection = Literal["upload", "push"]
 
-# Transfer control calls wait as long as the work takes (re-hashing a large
-# partial, fsync of a large file); a dead peer is caught by the heartbeat.
-_NO_TIMEOUT = math.inf
+#: The timeout of transfer control calls (and of the downloads' ``file_download``
+#: and ``file_stat(sha256=True)``, see ._receiver): they wait as long as the
+#: work takes (re-hashing a large partial or a whole file, behind other hashes
+#: of the connection; fsync of a large file); a dead peer is caught by the heartbeat.
+NO_TIMEOUT = math.inf
+#: Seconds a sender that gives up waits for the receiver to acknowledge the
+#: abandon of a stream it never opened (a courtesy: a dead link must not hold
+#: up a cancellation, and the receiver lets go when the connection ends anyway).
+_ABANDON_TIMEOUT = 5.0
 # Files up to this size (and the chunk size) go in one call instead of a stream.
 _SMALL_FILE = 256 * 1024
 # Worker threads that may hash resume prefixes at once, for all connections
@@ -144,11 +150,13 @@ class Sender:
             size = info.st_size
             name = safe_relative_name(Path(path).name if remote_name is None else remote_name)
             key = transfer_key(name, size, info.st_mtime_ns)
+            # The stream id of a begin answered whose stream is not open yet.
+            unopened: int | None = None
             try:
                 # No timeout: re-hashing a large partial may take a while;
                 # the heartbeat notices a dead peer.
                 raw = await peer.call(
-                    begin_method, name=name, size=size, key=key, timeout=_NO_TIMEOUT
+                    begin_method, name=name, size=size, key=key, timeout=NO_TIMEOUT
                 )
                 if asks_for_sha256(raw):
                     # The receiver has a file of this name and size: if it is
@@ -161,7 +169,7 @@ class Sender:
                         size=size,
                         key=key,
                         sha256=digest,
-                        timeout=_NO_TIMEOUT,
+                        timeout=NO_TIMEOUT,
                     )
                 if says_skipped(raw):
                     skipped = finish_answer(raw, size)
@@ -177,14 +185,21 @@ class Sender:
                     return {**skipped, "resumed_from": 0, "elapsed": 0.0, "speed": 0.0}
                 begin = begin_answer(raw, size)
                 start, stream_id = begin.offset, begin.stream_id
+                # From the begin's answer until the stream opens, the receiver
+                # holds a partial, a disk reservation and a transfer slot for
+                # a stream only we can open: leaving before that (cancelled,
+                # or failed hashing or seeking) must tell it (see finally).
+                unopened = stream_id
                 hasher = await resume_hasher(FileSource(file), start, begin.prefix_sha256)
                 if hasher is None:  # our prefix differs from theirs: restart from zero
                     await peer.call(finish_method, stream_id=stream_id, abandon=True)
+                    unopened = None
                     begin = begin_answer(
                         await peer.call(begin_method, name=name, size=size, key=key, restart=True),
                         0,  # a restart begins at zero; any other offset is a lie
                     )
                     start, stream_id = 0, begin.stream_id
+                    unopened = stream_id
                     hasher = hashlib.sha256()
                     await trio.to_thread.run_sync(file.seek, 0)
                 reporter = ProgressReporter(
@@ -194,17 +209,24 @@ class Sender:
                     total_size=size,
                     resumed_from=start,
                 )
+                stream = peer.connection.open_outgoing_stream(stream_id)
+                # Open: from here its END, or its reset when sending stops
+                # (see _stream_out), is what ends the receiver's wait.
+                unopened = None
                 # If the receiver stops us (StreamReset), its verdict below says why.
                 with contextlib.suppress(StreamReset):
                     await self._stream_out(
-                        peer, stream_id, FileSource(file), start, size, hasher, reporter
+                        peer, stream, FileSource(file), start, size, hasher, reporter
                     )
                 result = finish_answer(
-                    await peer.call(finish_method, stream_id=stream_id, timeout=_NO_TIMEOUT),
+                    await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT),
                     size,
                 )
             except (ConduitError, OSError) as exc:
                 return transfer_failure(exc)
+            finally:
+                if unopened is not None:
+                    await _abandon(peer, finish_method, unopened)
             final = await reporter.finish()
             result.update(
                 success=True, resumed_from=start, elapsed=final.elapsed, speed=final.speed
@@ -248,15 +270,15 @@ class Sender:
     async def _stream_out(
         self,
         peer: Peer,
-        stream_id: int,
+        stream: OutgoingStream,
         source: Source,
         start: int,
         size: int,
         hasher: Any,
         reporter: ProgressReporter,
     ) -> Trailer:
+        """Send ``source`` from ``start`` on the open ``stream``; reset it if sending stops."""
         connection = peer.connection
-        stream: OutgoingStream = connection.open_outgoing_stream(stream_id)
         budget = self._budget(connection)
         try:
             trailer = await send_file(
@@ -439,9 +461,8 @@ class Sender:
         """The spawned half of a download; owns the source (and, via its slot wrapper, the slot)."""
         outcome: dict[str, Any]
         try:
-            trailer = await self._stream_out(
-                caller, stream_id, source, start, size, hasher, reporter
-            )
+            stream = caller.connection.open_outgoing_stream(stream_id)
+            trailer = await self._stream_out(caller, stream, source, start, size, hasher, reporter)
         except (ConduitError, OSError) as exc:
             log.warning("download of %r stopped: %s", name, exc)
             outcome = transfer_failure(exc)
@@ -467,6 +488,24 @@ class Sender:
             name,
             metadata={"filename": name, "client_id": caller.id, **metadata},
         )
+
+
+async def _abandon(peer: Peer, finish_method: str, stream_id: int) -> None:
+    """Tell the receiver that the stream ``stream_id`` will never open, so it lets go.
+
+    Its ``*_finish`` with ``abandon=True`` stops the task waiting for the
+    stream: the partial stays for a resume; the reservation and the transfer
+    slot are given back now rather than when the connection ends. Shielded,
+    because a cancelled sender is the usual reason to get here, and bounded
+    by :data:`_ABANDON_TIMEOUT`, so a dead link cannot hang the cancellation.
+    A courtesy: a failure (the connection is gone, the receiver already
+    forgot the stream) is not the caller's problem.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(_ABANDON_TIMEOUT):
+        try:
+            await peer.call(finish_method, stream_id=stream_id, abandon=True, timeout=NO_TIMEOUT)
+        except (ConduitError, OSError) as exc:
+            log.debug("abandoning stream %d: %s", stream_id, exc)
 
 
 async def resume_hasher(

@@ -52,6 +52,7 @@ import attrs
 from ..errors import ChecksumMismatch, TransferError, UnsafePathError
 from ._names import (
     MAX_DEPTH,
+    PARTIAL_PREFIX,
     check_transfer_id,
     collision_candidates,
     is_partial_name,
@@ -459,6 +460,44 @@ class StorageRoot:
             return False
         with _closing(dir_fd):
             return _remove_if_idle(dir_fd, basename)
+
+    def remove_other_partials(self, name: str, transfer_id: str) -> int:
+        """Remove the idle partial files of ``name`` other than ``transfer_id``'s; how many.
+
+        A download's partial is keyed by the server file's size and
+        modification time, so a file that changed on the server between a cut
+        and the retry gets a new partial, and the old one (up to the whole
+        old size) would stay forever. The downloader calls this when its
+        partial starts at zero. Only entries of ``name``'s directory whose
+        name is exactly :func:`partial_basename` of ``name``'s base name
+        under a valid transfer id as long as ``transfer_id`` go (ids of one
+        kind have one length, which tells ``b.bin``'s partials from those of
+        ``x-b.bin``), and only those no transfer holds locked
+        (:func:`_remove_if_idle`): never a published file, a partial of
+        another name, or one being written. A missing directory removes nothing.
+        """
+        safe = safe_relative_name(name)
+        directories, basename = split_name(safe)
+        tid = check_transfer_id(transfer_id)
+        keep = partial_basename(basename, tid)
+        try:
+            dir_fd = self._open_directory(directories, safe, create=False)
+        except (OSError, UnsafePathError, TransferError):
+            return 0
+        removed = 0
+        with _closing(dir_fd):
+            with os.scandir(dir_fd) as iterator:
+                candidates = [
+                    entry.name
+                    for entry in iterator
+                    if entry.name != keep
+                    and _is_partial_of(entry.name, basename, len(tid))
+                    and entry.is_file(follow_symlinks=False)
+                ]
+            for entry_name in candidates:
+                if _remove_if_idle(dir_fd, entry_name):
+                    removed += 1
+        return removed
 
     def prune_empty_directories(self, directories: tuple[str, ...], *, keep: int = 0) -> int:
         """Remove ``directories`` from the deepest up while each is empty; return how many.
@@ -1426,6 +1465,26 @@ def _is_stale_partial(entry: os.DirEntry[str], cutoff: float) -> bool:
         return entry.stat(follow_symlinks=False).st_mtime < cutoff
     except FileNotFoundError:
         return False
+
+
+def _is_partial_of(entry: str, basename: str, id_length: int) -> bool:
+    """Whether ``entry`` is the partial file of ``basename`` under an id of ``id_length``.
+
+    Transfer ids may contain ``-``, which also separates the id from the base
+    name: ``.conduit-partial-K-x-b.bin`` is ``x-b.bin``'s partial under id
+    ``K`` or ``b.bin``'s under ``K-x``. Ids of one kind have one length (a
+    download's key is 32 hex digits), which settles it.
+    """
+    if not is_partial_name(entry):
+        return False
+    rest = entry[len(PARTIAL_PREFIX) :]
+    if len(rest) <= id_length or rest[id_length] != "-":
+        return False
+    try:
+        transfer_id = check_transfer_id(rest[:id_length])
+    except UnsafePathError:
+        return False
+    return partial_basename(basename, transfer_id) == entry
 
 
 def _remove_if_idle(dir_fd: int, entry: str) -> bool:

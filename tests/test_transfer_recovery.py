@@ -1,0 +1,399 @@
+"""Coming back after a transfer was cut or given up: resuming, re-running, cleaning up.
+
+Real loopback sockets and real files, as in ``test_transfer.py``. Each test
+pins down a defect a review found (the docstrings say what the library should
+do):
+
+* a cut download resumes when the disk has room for the rest, not the whole file;
+* a resumed download, and a re-run's check of a complete local copy, wait
+  for the server's hashing however long it takes (no RPC timeout);
+* a sender that gives up after the receiver's begin answered, before the
+  stream opened, tells the receiver, which gives back its transfer slot;
+* a download that starts a new partial removes the idle partials that older
+  versions of the same file left in the directory.
+
+A slow disk is simulated by slowing the server's hash function down, a small
+disk by patching :meth:`StorageRoot.free_space`. Every test bounds its body
+with ``trio.fail_after``; none asserts on speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import Client, FileTransferHandler, Server, TransferProgress
+from conduit.transfer import _engine, _hashing, _sender
+from conduit.transfer._names import partial_basename
+from conduit.transfer._storage import StorageRoot, sha256_of_fd
+from conduit.transfer._wire import transfer_key
+from conftest import ClientFactory, ServerFactory, wait_until
+from transfer_helpers import (
+    MiB,
+    file_sha256,
+    make_file,
+    partial_files,
+    storage_server,
+    upload_partial_name,
+    visible_files,
+)
+
+#: Big enough to stream (more than one chunk), small enough to be quick.
+SIZE = 4 * MiB
+#: What a planted partial holds: a cut at three quarters.
+KEPT = 3 * MiB
+#: The client's RPC timeout in the tests of slow hashing, and how long the
+#: server's hash then takes: longer than the timeout, so a call that is still
+#: bound by it fails.
+SHORT_RPC_TIMEOUT = 0.5
+SLOW_HASH_SECONDS = 1.0
+
+
+def _plant_prefix(source: Path, partial: Path, length: int) -> None:
+    """Write the first ``length`` bytes of ``source`` as the partial file ``partial``."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as file:
+        partial.write_bytes(file.read(length))
+
+
+async def plant_download_partial(served: Path, local_dir: Path, length: int) -> Path:
+    """The partial a download of ``served`` cut after ``length`` bytes leaves in ``local_dir``."""
+    info = served.stat()
+    key = transfer_key(served.name, info.st_size, info.st_mtime_ns)
+    partial = local_dir / partial_basename(served.name, key)
+    await trio.to_thread.run_sync(_plant_prefix, served, partial, length)
+    return partial
+
+
+def limit_free_space(monkeypatch: pytest.MonkeyPatch, directory: Path, free: int) -> None:
+    """Make :meth:`StorageRoot.free_space` report ``free`` bytes for ``directory`` only."""
+    real_free_space = StorageRoot.free_space
+
+    def free_space(self: StorageRoot) -> int:
+        return free if self.path == directory else real_free_space(self)
+
+    monkeypatch.setattr(StorageRoot, "free_space", free_space)
+
+
+async def server_and_client(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    storage: Path,
+    *,
+    client_options: dict[str, Any] | None = None,
+    **handler_options: Any,
+) -> tuple[FileTransferHandler, Server, Client]:
+    """A server storing under ``storage`` and a client connected to it."""
+    handler, server = await storage_server(server_factory, storage, **handler_options)
+    client = await client_factory(server, **(client_options or {}))
+    return handler, server, client
+
+
+# --------------------------------------------------------------------------- free space
+
+
+async def test_download_resumes_with_room_for_only_the_rest(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A download cut at 3 of 4 MiB resumes with 1.5 MiB free: only the missing
+    bytes need room, not the whole file again."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "big.bin", SIZE)
+        await plant_download_partial(storage / "big.bin", local_dir, KEPT)
+        limit_free_space(monkeypatch, local_dir, SIZE - KEPT + MiB // 2)
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        result = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+
+        assert result["success"] is True, result
+        assert result["resumed_from"] == KEPT
+        assert await file_sha256(local_dir / "big.bin") == checksum
+        assert partial_files(local_dir) == []
+
+
+async def test_download_refused_for_space_keeps_its_partial(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Too little room even for the rest: refused with what is really needed, and
+    the partial stays, so that the download resumes once there is room."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "big.bin", SIZE)
+        partial = await plant_download_partial(storage / "big.bin", local_dir, KEPT)
+        limit_free_space(monkeypatch, local_dir, (SIZE - KEPT) // 2)
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        refused = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+
+        assert refused["success"] is False, refused
+        assert refused["code"] == "no_space", refused
+        assert f"{SIZE - KEPT} bytes needed" in refused["error"], refused
+        assert partial_files(local_dir) == [partial]
+        assert partial.stat().st_size == KEPT
+
+        monkeypatch.undo()  # room again
+        retry = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+        assert retry["success"] is True, retry
+        assert retry["resumed_from"] == KEPT
+        assert await file_sha256(local_dir / "big.bin") == checksum
+
+
+async def test_download_refused_for_space_leaves_no_empty_partial(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A download with nothing to resume that does not fit leaves nothing behind
+    (the partial is opened before the check now, to learn what it holds)."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        await make_file(storage / "big.bin", SIZE)
+        limit_free_space(monkeypatch, local_dir, SIZE // 2)
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        refused = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+
+        assert refused["code"] == "no_space", refused
+        assert partial_files(local_dir) == []
+
+
+# --------------------------------------------------------------------------- slow hashing
+
+
+@contextmanager
+def slow_server_hashing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Slow down the server's hashing (a resume prefix, a whole file) like a slow disk.
+
+    Patches the functions the serving side hashes with in its worker threads;
+    the client's side (its own partial, its local copy) hashes elsewhere.
+    """
+    real_prefix = _engine._hash_prefix
+    real_whole = sha256_of_fd  # what _hashing hashes a whole file with
+
+    def slow_prefix(file: Any, length: int) -> Any:
+        time.sleep(SLOW_HASH_SECONDS)
+        return real_prefix(file, length)
+
+    def slow_whole(fd: int, size: int) -> tuple[str, int]:
+        time.sleep(SLOW_HASH_SECONDS)
+        return real_whole(fd, size)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_engine, "_hash_prefix", slow_prefix)
+        patch.setattr(_hashing, "sha256_of_fd", slow_whole)
+        yield
+
+
+async def test_download_resume_waits_for_the_servers_prefix_hash(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Resuming, the server re-hashes the client's whole prefix inside
+    ``file_download``. That takes as long as the disk takes (here: longer than the
+    client's RPC timeout); the call must wait, as an upload's begin does, or a
+    large partial could never be resumed."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "big.bin", SIZE)
+        await plant_download_partial(storage / "big.bin", local_dir, KEPT)
+        _, _, client = await server_and_client(
+            server_factory,
+            client_factory,
+            storage,
+            client_options={"rpc_timeout": SHORT_RPC_TIMEOUT},
+        )
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        with slow_server_hashing(monkeypatch):
+            result = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+
+        assert result["success"] is True, result
+        assert result["resumed_from"] == KEPT
+        assert await file_sha256(local_dir / "big.bin") == checksum
+
+
+async def test_rerun_waits_for_the_servers_whole_file_hash(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A re-run of a download whose file is complete locally asks the server for
+    its SHA-256 (``file_stat(sha256=True)``: one read of the whole file). A hash
+    slower than the RPC timeout must not read as "a different file", which
+    downloads it again as ``big (1).bin``."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        await make_file(storage / "big.bin", SIZE)
+        _, _, client = await server_and_client(
+            server_factory,
+            client_factory,
+            storage,
+            client_options={"rpc_timeout": SHORT_RPC_TIMEOUT},
+        )
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+        first = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+        assert first["success"] is True, first
+
+        with slow_server_hashing(monkeypatch):
+            again = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+
+        assert again["success"] is True, again
+        assert again.get("skipped") is True, again
+        assert visible_files(local_dir) == ["big.bin"]
+
+
+# --------------------------------------------------------------------------- giving up after begin
+
+
+async def test_upload_given_up_while_streaming_frees_the_receivers_slot(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """Cancelled while streaming: the stream's reset ends the receiver's task, which
+    gives back its slot (and keeps the partial for a resume)."""
+    with trio.fail_after(30):
+        handler, server, client = await server_and_client(
+            server_factory, client_factory, tmp_path / "server", max_transfers_per_connection=1
+        )
+        source = tmp_path / "outbox" / "up.bin"
+        await make_file(source, SIZE)
+        sender = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_sending(progress: TransferProgress) -> None:
+                if progress.transferred > 0:
+                    scope.cancel()
+
+            await sender.send_to_server(client, source, on_progress=cancel_once_sending)
+        assert scope.cancelled_caught
+
+        assert client.id is not None
+        connection = server.clients[client.id].connection
+        await wait_until(lambda: handler._receiver._slots.in_use(connection) == 0)
+        assert len(partial_files(tmp_path / "server")) == 1
+
+
+@pytest.mark.parametrize("how", ["cancelled", "failed"])
+async def test_upload_given_up_after_begin_frees_the_receivers_slot(
+    how: str,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The receiver answered the begin (it holds a partial, a reservation, a slot
+    and a task waiting for the stream); the sender then stops before it opens the
+    stream: cancelled, or failing to read its file, while it checks its prefix
+    for the resume. It must tell the receiver, or the slot stays taken for the
+    connection's lifetime (with one slot: every later upload "overloaded").
+    The partial stays for the next try.
+    """
+    with trio.fail_after(30):
+        storage = tmp_path / "server"
+        _, _, client = await server_and_client(
+            server_factory, client_factory, storage, max_transfers_per_connection=1
+        )
+        source = tmp_path / "outbox" / "up.bin"
+        checksum = await make_file(source, SIZE)
+        other = tmp_path / "outbox" / "other.bin"
+        other_checksum = await make_file(other, SIZE)
+        key = transfer_key("up.bin", SIZE, source.stat().st_mtime_ns)
+        await trio.to_thread.run_sync(
+            _plant_prefix, source, storage / upload_partial_name("up.bin", key), KEPT
+        )
+        sender = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        real_resume_hasher = _sender.resume_hasher
+        with trio.CancelScope() as scope:
+
+            async def giving_up(*args: Any, **kwargs: Any) -> Any:
+                if how == "cancelled":
+                    scope.cancel()
+                    return await real_resume_hasher(*args, **kwargs)
+                raise OSError(errno.EIO, "Input/output error", str(source))
+
+            with monkeypatch.context() as patch:
+                patch.setattr(_sender, "resume_hasher", giving_up)
+                given_up = await sender.send_to_server(client, source)
+        if how == "cancelled":
+            assert scope.cancelled_caught
+        else:
+            assert given_up["success"] is False, given_up
+
+        # The one slot is free again: another file goes through at once.
+        second = await sender.send_to_server(client, other)
+        assert second["success"] is True, second
+        assert second["checksum"] == other_checksum
+
+        retry = await sender.send_to_server(client, source)
+        assert retry["success"] is True, retry
+        assert retry["resumed_from"] == KEPT
+        assert await file_sha256(storage / "up.bin") == checksum
+
+
+# --------------------------------------------------------------------------- old partials
+
+
+async def test_download_from_zero_removes_partials_of_older_versions(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A download cut, then its file changed on the server (another size or
+    mtime: another key), starts a new partial; the old one (up to the whole old
+    size) must go, not stay hidden forever. Only idle partials of that same name:
+    published files, partials of other names and a partial a transfer holds stay.
+    """
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "log.bin", SIZE)
+        old_version = partial_basename("log.bin", transfer_key("log.bin", KEPT, 1))
+        (local_dir / "sub").mkdir(parents=True)
+        keep = {
+            # a published file, another name's partial, and partials of names
+            # that end like this one (``x-log.bin``: the ids have one length)
+            "log (1).bin": b"published",
+            partial_basename("catalog.bin", "c" * 32): b"another name",
+            partial_basename("x-log.bin", "d" * 32): b"a name ending in -log.bin",
+            "sub/" + partial_basename("log.bin", "e" * 32): b"another directory",
+        }
+        for relative, data in {**keep, old_version: os.urandom(KEPT)}.items():
+            (local_dir / relative).write_bytes(data)
+        # Another transfer of the same name, under way (it holds its partial's lock).
+        busy = StorageRoot(local_dir).open_partial("log.bin", "f" * 32, resume=False)
+        busy.write_block(b"being written")
+        try:
+            _, _, client = await server_and_client(server_factory, client_factory, storage)
+            receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+
+            result = await receiver.receive_from_server(client, "log.bin", local_dir=local_dir)
+
+            assert result["success"] is True, result
+            assert await file_sha256(local_dir / "log.bin") == checksum
+            assert not (local_dir / old_version).exists()
+            for relative, data in keep.items():
+                assert (local_dir / relative).read_bytes() == data, relative
+            assert busy.partial_name is not None
+            assert (local_dir / busy.partial_name).read_bytes() == b"being written"
+        finally:
+            busy.close()
