@@ -396,6 +396,39 @@ async def test_a_published_file_is_reported_published_when_the_clean_up_fails(
         assert await _read_all(store, "doc.bin") == data
 
 
+@pytest.mark.usefixtures("aws_environment")
+async def test_a_part_refused_once_keeps_the_stored_parts_for_a_resume(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    """A 503 SlowDown outlasting boto3's retries fails the upload, not its stored parts."""
+    with trio.fail_after(120):
+        handler = FileTransferHandler(storage_dir=s3_url)
+        server = await server_factory(handler.register_server_handlers)
+        client = await client_factory(server)
+        store = handler.backend.store  # type: ignore[attr-defined]
+        assert isinstance(store, S3Store)
+        real_upload_part = store.client.upload_part
+        parts = 0
+
+        def upload_part(**request: Any) -> Any:
+            nonlocal parts
+            parts += 1
+            if parts == 4:
+                raise _client_error("SlowDown", 503, "UploadPart")
+            return real_upload_part(**request)
+
+        store.client.upload_part = upload_part
+        source = tmp_path / "big.bin"
+        data = os.urandom(40 * MiB)
+        source.write_bytes(data)
+        failed = await handler.send_to_server(client, source)
+        assert failed["success"] is False and failed["code"] == "storage_error", failed
+        again = await handler.send_to_server(client, source)
+        assert again["success"] is True, again
+        assert again["resumed_from"] > 0, again  # the parts stored before the 503
+        assert await _read_all(store, "big.bin") == data
+
+
 async def test_the_sweeper_removes_what_a_publish_could_not_clean_up(
     s3_url: str, s3_client_factory: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

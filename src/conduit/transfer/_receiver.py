@@ -99,6 +99,15 @@ def _forget_unclaimed(inbound_here: dict[int, _Inbound], now: float) -> None:
             del inbound_here[stream_id]
 
 
+#: Failures that say nothing against the bytes already stored, so the partial
+#: is kept for a resume rather than discarded: "busy" (another writer, the node
+#: the sender used before and not done letting go, stored a part under us),
+#: and an object store's refusal or absence ("storage_error",
+#: "storage_unavailable": a 503 SlowDown burst or a connection reset outlasting
+#: the client's retries), after which the parts it acknowledged are intact.
+_KEPT_ON_FAILURE = frozenset({"busy", "storage_error", "storage_unavailable"})
+
+
 class Receiver:
     """Receives the files a peer sends, and the downloads this side asks for."""
 
@@ -503,12 +512,11 @@ class Receiver:
             raise
         except BaseException as exc:
             # The data itself is wrong or cannot be stored: remove it, and stop
-            # the sender if it is still sending. Except "busy": another writer
-            # (the node the sender used before, not done letting go) stored a
-            # part under us; those bytes are good, so keep them for a resume.
+            # the sender if it is still sending. Except when the bytes kept
+            # are good (see _KEPT_ON_FAILURE): keep them for a resume.
             code = exc.code if isinstance(exc, TransferError) else "receiver_error"
             with trio.CancelScope(shield=True):
-                await (partial.close() if code == "busy" else partial.discard())
+                await (partial.close() if code in _KEPT_ON_FAILURE else partial.discard())
             if not stream.finished:
                 connection.close_stream(stream, reset=(code, str(exc)))
             raise
