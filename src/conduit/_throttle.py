@@ -147,12 +147,12 @@ class AuthThrottle:
         return attempt
 
     def succeeded(self, attempt: Attempt, now: float) -> None:
-        """The attempt authenticated: free its slot, and (accounts) that user's
-        failures from its address.
+        """The attempt authenticated: free its slot and that user's failures from its address.
 
-        Attempts still under way keep their slots (they count when they fail).
-        With one shared password (no username) no failure is forgiven: a
-        login proves nothing about the others behind the same address.
+        Attempts still under way keep their slots (they count if they fail).
+        The failures are forgiven because an honest client whose connection
+        was cut during a handshake counts as one (the server cannot tell it
+        from a wrong password), and a flaky network must not lock it out.
         """
         record = self._records.get(attempt.address)
         if record is not None:
@@ -160,7 +160,7 @@ class AuthThrottle:
             record.attempts = [
                 a
                 for a in record.attempts
-                if a is not attempt and not (username and a.failed and a.username == username)
+                if a is not attempt and not (a.failed and a.username == username)
             ]
             if not record.attempts and record.locked_until <= now:
                 del self._records[attempt.address]
