@@ -310,6 +310,51 @@ def test_a_hook_still_running_when_asyncio_run_ends_is_not_an_error(
     assert any("was cancelled by asyncio" in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.parametrize("callback", ["rpc", "message"])
+def test_a_client_handler_still_running_when_asyncio_run_ends_is_not_an_error(
+    caplog: pytest.LogCaptureFixture, callback: str
+) -> None:
+    started = []
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+        running = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        client = Client(client_descriptor(port))
+
+        @client.rpc
+        async def slow() -> None:
+            started.append(True)
+            await asyncio.sleep(30)  # still running when main() returns
+
+        @client.on("news")
+        async def news(data: object) -> None:
+            started.append(True)
+            await asyncio.sleep(30)
+
+        await asyncio.wait_for(client.connect(), 10)
+        assert client.id is not None
+        peer = server.clients[client.id]
+        if callback == "rpc":
+            calling = asyncio.ensure_future(peer.call("slow"))
+        else:
+            await peer.send("news", 1)
+        for _ in range(500):
+            if started:
+                break
+            await asyncio.sleep(0.01)
+        assert started
+        running.cancel()
+        if callback == "rpc":
+            calling.cancel()
+
+    with caplog.at_level(logging.DEBUG, logger="conduit"):
+        asyncio.run(main())  # returns without disconnect(): asyncio cancels the handler
+    errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [], [record.getMessage() for record in errors]
+    assert any("was cancelled" in record.getMessage() for record in caplog.records)
+
+
 # ----------------------------------------------------------- after disconnect()
 
 

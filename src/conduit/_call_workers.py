@@ -29,7 +29,7 @@ from typing import Any
 import outcome
 import trio
 
-from .errors import ConnectionClosed, RPCError
+from .errors import CallbackCancelledError, ConnectionClosed, RPCError
 from .protocol.connection import CallReceived
 from .protocol.messages import Result
 
@@ -212,6 +212,12 @@ class CallRunners:
         """The RESULT for a handler that raised ``exc``."""
         if isinstance(exc, RPCError):
             return Result(False, error=exc.message, code=exc.code)
+        if isinstance(exc, CallbackCancelledError):
+            # The asyncio task running the handler was cancelled from the
+            # asyncio side: asyncio.run() ending with it still running, most
+            # often. A shutdown, not the handler's bug: no traceback.
+            log.debug("%s: RPC handler %r was cancelled by asyncio", self._label, method)
+            return Result(False, error=str(exc), code="handler_error")
         if isinstance(exc, ConnectionClosed):
             # Perhaps this connection closing (then the RESULT has nowhere to
             # go and is dropped), perhaps another one the handler relayed to:

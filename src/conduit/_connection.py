@@ -54,6 +54,7 @@ from ._receive_buffer import ReceiveBuffer
 from ._socket_io import SocketIO, close_now
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
+    CallbackCancelledError,
     ConnectionClosed,
     IntegrityError,
     ProtocolError,
@@ -914,6 +915,8 @@ class Connection:
         async for message in messages:
             try:
                 await self._dispatcher.handle_message(message.event, message.data)
+            except CallbackCancelledError:  # asyncio's shutdown: see CallRunners._failure
+                log.debug("%s: handler for message %r was cancelled", self.label, message.event)
             except Exception:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
             finally:
