@@ -90,10 +90,13 @@ async def _connect(raw: socket.socket, address: Any) -> None:
 @attrs.define(eq=False)
 class _Connecting:
     """A :meth:`Client.connect` on its way: the one a concurrent ``connect()``
-    waits for (one connect at a time), and the one ``disconnect()`` cancels."""
+    waits for (one connect at a time), and the one ``disconnect()`` cancels.
+    Also a background reconnect on its way, which ``disconnect()`` cancels
+    and waits for likewise."""
 
     #: Around the connect's work (taking over from a reconnect, dialling, the
-    #: handshake): cancelled by disconnect(), which must win.
+    #: handshake) or the reconnect's attempts: cancelled by disconnect(),
+    #: which must win.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: Set once that connect has returned or raised.
     done: trio.Event = attrs.Factory(trio.Event)
@@ -135,6 +138,9 @@ class Client(Endpoint):
         self._disconnects = 0
         #: The connect() on its way, if any (one at a time).
         self._connecting: _Connecting | None = None
+        #: The background reconnect on its way, if any (the supervisor's
+        #: attempts, between two connections).
+        self._reconnecting: _Connecting | None = None
         #: The background task that runs the connection and reconnects it,
         #: and the event it sets once it has exited.
         self._supervisor: trio.CancelScope | None = None
@@ -343,8 +349,15 @@ class Client(Endpoint):
         peer.connection.will_run()
         trio.lowlevel.spawn_system_task(self._supervise, peer, supervisor, finished, exited)
 
-    async def _establish(self, stream: trio.abc.Stream | None) -> Peer:
-        """Dial (unless given ``stream``) and authenticate; the new session's Peer."""
+    async def _establish(
+        self, stream: trio.abc.Stream | None, *, reconnect: bool = False
+    ) -> Peer | None:
+        """Dial (unless given ``stream``) and authenticate; the new session's Peer.
+
+        ``reconnect``: for the background reconnect, which returns None (and
+        closes the new session) when disconnect() began meanwhile. A
+        connect() always returns a Peer: it sorts out a disconnect() itself.
+        """
         descriptor = self.descriptor
         given = stream is not None
         where = (
@@ -387,15 +400,7 @@ class Client(Endpoint):
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
-        if token and self._peer is not None and welcome.client_id != self._peer.id:
-            log.warning(
-                "the server did not recognise this client (resume token expired?): "
-                "client id %s is now %s",
-                self._peer.id,
-                welcome.client_id,
-            )
-        self._resume_token = b"" if given else welcome.resume_token
-        peer = self._peer = self._open_session(
+        peer = self._open_session(
             stream,
             established,
             is_client=True,
@@ -411,6 +416,23 @@ class Client(Endpoint):
                 else None
             ),
         )
+        # No await from this check to the install below: a disconnect() that
+        # began during the handshake (its last step may finish without a
+        # checkpoint, so the cancellation may not have reached it) must find
+        # no new session in self._peer, and no token it cleared written again.
+        if reconnect and self._stopping:
+            with trio.CancelScope(shield=True):
+                await _close_unrun(peer, "client disconnected")
+            return None
+        if token and self._peer is not None and welcome.client_id != self._peer.id:
+            log.warning(
+                "the server did not recognise this client (resume token expired?): "
+                "client id %s is now %s",
+                self._peer.id,
+                welcome.client_id,
+            )
+        self._resume_token = b"" if given else welcome.resume_token
+        self._peer = peer
         log.info("connected to %r as client %s", welcome.server_name, welcome.client_id)
         return peer
 
@@ -493,7 +515,19 @@ class Client(Endpoint):
         await self._run_session(peer, (), on_started=on_started, on_ended=ended)
 
     async def _reconnect(self) -> Peer | None:
-        """Attempt after attempt, with backoff: the new session, or None when giving up."""
+        """Attempt after attempt, with backoff: the new session, or None when
+        giving up or stopped by disconnect() (which cancels ``_reconnecting``)."""
+        reconnecting = self._reconnecting = _Connecting()
+        try:
+            with reconnecting.scope:
+                return await self._reconnect_attempts()
+            return None  # cancelled by disconnect()
+        finally:
+            if self._reconnecting is reconnecting:
+                self._reconnecting = None
+            reconnecting.done.set()
+
+    async def _reconnect_attempts(self) -> Peer | None:
         descriptor = self.descriptor
         limit = descriptor.reconnect_attempts
         attempt = 0
@@ -510,8 +544,10 @@ class Client(Endpoint):
                 except Exception:  # the application's bug: log it, keep reconnecting
                     log.exception("on_reconnecting hook %r failed", hook)
             await trio.sleep(delay)
+            if self._stopping:
+                return None
             try:
-                return await self._establish(None)
+                return await self._establish(None, reconnect=True)
             except AuthenticationError as exc:
                 # Never retry a refused password: no retry storm, no lock-out
                 # of the user by their own client.
@@ -542,17 +578,26 @@ class Client(Endpoint):
         """
         self._stopping = True
         self._disconnects += 1
+        # A background reconnect stops first, whatever self.connected says:
+        # its handshake may finish during any await below. From here on it
+        # cannot install a new session (_establish checks _stopping), and once
+        # it has ended, a session it made but no longer may use is closed.
+        reconnecting = self._reconnecting
+        if reconnecting is not None:
+            reconnecting.scope.cancel()
         connecting = self._connecting
         if connecting is not None:
             connecting.scope.cancel()
             await connecting.done.wait()
+        if reconnecting is not None:
+            await reconnecting.done.wait()
         # After that connect: its handshake may have brought a new token.
         self._resume_token = b""
+        # The session there is now is the last: a lost one (closed, whose
+        # supervisor now ends without reconnecting) or an open one, which
+        # says goodbye; its supervisor ends once it has closed.
         if self._peer is not None:
             await self._peer.connection.close(reason)
-        if self._supervisor is not None and not self.connected:
-            # Between two connections (waiting, dialling): stop that at once.
-            self._supervisor.cancel()
         self._changed.unpark_all()
 
     close = disconnect
