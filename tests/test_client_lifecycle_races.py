@@ -310,17 +310,22 @@ def test_a_hook_still_running_when_asyncio_run_ends_is_not_an_error(
     assert any("was cancelled by asyncio" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.parametrize("callback", ["rpc", "message"])
+@pytest.mark.parametrize("callback", ["rpc", "message", "reconnecting"])
 def test_a_client_handler_still_running_when_asyncio_run_ends_is_not_an_error(
     caplog: pytest.LogCaptureFixture, callback: str
 ) -> None:
     started = []
+    proxies: list[CuttingProxy] = []
 
     async def main() -> None:
         server = Server(server_descriptor())
         running = asyncio.create_task(server.run())
         port = await asyncio.wait_for(server.wait_listening(), 10)
-        client = Client(client_descriptor(port))
+        # A proxy that cuts the connection for the "reconnecting" case; it
+        # outlives the run, so that asyncio, not a lost link, ends the handlers.
+        proxy = CuttingProxy(port).__enter__()
+        proxies.append(proxy)
+        client = Client(client_descriptor(proxy.port))
 
         @client.rpc
         async def slow() -> None:
@@ -332,13 +337,23 @@ def test_a_client_handler_still_running_when_asyncio_run_ends_is_not_an_error(
             started.append(True)
             await asyncio.sleep(30)
 
+        @client.on_reconnecting
+        async def reconnecting(attempt: int, delay: float) -> None:
+            started.append(True)
+            await asyncio.sleep(30)
+
         await asyncio.wait_for(client.connect(), 10)
+        for _ in range(500):  # the server registers it once its side is up
+            if client.id in server.clients:
+                break
+            await asyncio.sleep(0.01)
         assert client.id is not None
-        peer = server.clients[client.id]
         if callback == "rpc":
-            calling = asyncio.ensure_future(peer.call("slow"))
+            calling = asyncio.ensure_future(server.clients[client.id].call("slow"))
+        elif callback == "message":
+            await server.clients[client.id].send("news", 1)
         else:
-            await peer.send("news", 1)
+            proxy.legs[0].close()
         for _ in range(500):
             if started:
                 break
@@ -348,8 +363,12 @@ def test_a_client_handler_still_running_when_asyncio_run_ends_is_not_an_error(
         if callback == "rpc":
             calling.cancel()
 
-    with caplog.at_level(logging.DEBUG, logger="conduit"):
-        asyncio.run(main())  # returns without disconnect(): asyncio cancels the handler
+    try:
+        with caplog.at_level(logging.DEBUG, logger="conduit"):
+            asyncio.run(main())  # returns without disconnect(): asyncio cancels the handler
+    finally:
+        for proxy in proxies:
+            proxy.__exit__(None, None, None)
     errors = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == [], [record.getMessage() for record in errors]
     assert any("was cancelled" in record.getMessage() for record in caplog.records)

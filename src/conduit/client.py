@@ -22,7 +22,13 @@ from ._handshake_io import client_handshake
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
-from .errors import AuthenticationError, ConduitError, ConnectionClosed, HandshakeTimeout
+from .errors import (
+    AuthenticationError,
+    CallbackCancelledError,
+    ConduitError,
+    ConnectionClosed,
+    HandshakeTimeout,
+)
 from .protocol import ClientHandshake
 from .protocol.handshake import ProverCache, shared_secret, shared_secret_ready
 
@@ -541,6 +547,8 @@ class Client(Endpoint):
             for hook in self._reconnecting_hooks:
                 try:
                     await invoke(hook, attempt, delay)
+                except CallbackCancelledError:  # asyncio's shutdown, not the hook's bug
+                    log.debug("on_reconnecting hook %r was cancelled by asyncio", hook)
                 except Exception:  # the application's bug: log it, keep reconnecting
                     log.exception("on_reconnecting hook %r failed", hook)
             await trio.sleep(delay)
