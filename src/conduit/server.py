@@ -69,6 +69,41 @@ def _listener_address(listener: trio.abc.Listener[Any]) -> tuple[str, int] | Non
     return str(sockname[0]), int(sockname[1])
 
 
+@attrs.define(eq=False)
+class _Run:
+    """One :meth:`Server.run` (or :meth:`Server.serve`), from its claim to its end."""
+
+    #: The task running it: a task of its own tree must not wait for it to end.
+    task: trio.lowlevel.Task
+    #: Covers the whole run, binding and preparing included: cancelled by a
+    #: close() that comes before the run is serving (nothing to say goodbye to).
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Set by close(): the decision to stop, which nothing can take back.
+    stop: trio.Event = attrs.field(factory=trio.Event)
+    #: The goodbye the clients get (the first close()'s).
+    reason: str = "server shutting down"
+    #: Accepting connections (the accept loops own the listeners).
+    serving: bool = False
+    #: Set last, once the run is over: listeners closed, clients gone.
+    stopped: trio.Event = attrs.field(factory=trio.Event)
+
+
+@attrs.define(eq=False)
+class _Startup:
+    """How a run got on, for :meth:`Server.wait_listening`: listening, or ended first."""
+
+    #: Set when the run listens (``port``) or ends without having listened.
+    over: trio.Event = attrs.field(factory=trio.Event)
+    #: It listened ...
+    listening: bool = False
+    #: ... on this port (None when it serves no socket listener).
+    port: int | None = None
+    #: Why it ended before listening: the error it raised, if any ...
+    error: Exception | None = None
+    #: ... and in words (an error, a close(), a cancellation).
+    why: str = ""
+
+
 class Server(Endpoint):
     """A conduit server.
 
@@ -95,9 +130,14 @@ class Server(Endpoint):
         self._gate = Gatekeeper(descriptor, log)
         self._open_sockets = 0
         self._addresses: list[tuple[str, int]] = []
+        # The run in progress (claimed, binding, or serving), or None.
+        self._run: _Run | None = None
+        # The serving nursery's scope, while serving: what close() cancels
+        # once the clients have had their goodbye.
         self._cancel_scope: trio.CancelScope | None = None
-        self._stopped: trio.Event | None = None
-        self._listening = trio.Event()
+        # What wait_listening() waits for: the run in progress or the next one.
+        self._startup = _Startup()
+        # Set by close(): connections arriving now are refused.
         self._closing = False
         self._resume_tokens = ResumeTokens()
         # One heartbeat timer for every client's connection, while serving.
@@ -171,28 +211,37 @@ class Server(Endpoint):
     @property
     def is_running(self) -> bool:
         """Whether :meth:`run` (or :meth:`serve`) is serving."""
-        return self._cancel_scope is not None
+        return self._run is not None and self._run.serving
 
     # ---------------------------------------------------------------- lifecycle
+
+    def _claim(self) -> _Run:
+        """Mark the server as running, for the run() or serve() calling this.
+
+        Synchronous, and the caller's first step: of two runs started together
+        the second fails at once, and a close() from now on reaches this run.
+        """
+        if self._run is not None:
+            raise RuntimeError("this server is already running")
+        run = self._run = _Run(trio.lowlevel.current_task())
+        self._closing = False
+        if self._startup.over.is_set():
+            # The last run's outcome, which no wait_listening() asked for: the
+            # calls from now on are about this run.
+            self._startup = _Startup()
+        return run
 
     @bridged
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on the descriptor's host and port and serve until :meth:`close` or cancellation.
 
-        Reports the bound port through ``task_status``.
+        Reports the bound port through ``task_status``. A :meth:`close` that
+        comes before the server listens ends it without serving (then
+        ``nursery.start(server.run)`` raises, as for any task that ends
+        before it started).
         """
-        if self._cancel_scope is not None:
-            raise RuntimeError("this server is already running")
-        descriptor = self.descriptor
-        host: str | None = descriptor.host or None
-        tcp_listeners = await trio.open_tcp_listeners(descriptor.port, host=host)
-        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
-        ssl_context = descriptor.build_ssl_context()
-        if ssl_context is not None:
-            listeners = [
-                trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in tcp_listeners
-            ]
-        await self._serve(listeners, lambda: task_status.started(self.port))
+        run = self._claim()
+        await self._run_claimed(run, None, lambda: task_status.started(self.port))
 
     @bridged
     async def serve(
@@ -209,44 +258,138 @@ class Server(Endpoint):
         descriptor's TLS settings are not applied here: wrap the listener
         yourself), an in-memory listener in tests. As with
         :func:`trio.serve_listeners`, the listeners are closed when serving
-        ends, and ``await nursery.start(server.serve, listeners)`` returns the
+        ends (also when it fails or is cancelled before it starts), and
+        ``await nursery.start(server.serve, listeners)`` returns the
         listeners once they accept. :attr:`port` and :attr:`addresses` report
         the socket listeners among them.
         """
-        if self._cancel_scope is not None:
-            raise RuntimeError("this server is already running")
         chosen = list(listeners)
-        await self._serve(chosen, lambda: task_status.started(chosen))
+        run = self._claim()
+        await self._run_claimed(run, chosen, lambda: task_status.started(chosen))
+
+    async def _bind(self) -> list[trio.abc.Listener[Any]]:
+        """The descriptor's TCP listeners, TLS-wrapped if it says so."""
+        descriptor = self.descriptor
+        # Built before binding: a bad TLS setting fails with no port bound.
+        ssl_context = descriptor.build_ssl_context()
+        tcp_listeners = await trio.open_tcp_listeners(descriptor.port, host=descriptor.host or None)
+        if ssl_context is None:
+            return list(tcp_listeners)
+        return [trio.SSLListener(lst, ssl_context, https_compatible=False) for lst in tcp_listeners]
+
+    async def _run_claimed(
+        self,
+        run: _Run,
+        given: list[trio.abc.Listener[Any]] | None,
+        report_started: Callable[[], None],
+    ) -> None:
+        """run() and serve() once claimed: bind (unless ``given`` listeners), prepare, serve.
+
+        Whichever way it ends (an error, a cancellation, a close() before
+        serving), the listeners the accept loops do not own yet are closed,
+        wait_listening() gets its answer and the claim is released.
+        """
+        startup = self._startup
+        listeners = given if given is not None else []
+        try:
+            with run.scope:
+                if given is None:
+                    listeners = await self._bind()
+                await self._serve(run, startup, listeners, report_started)
+        except Exception as exc:
+            if not startup.over.is_set():
+                startup.error, startup.why = exc, f"it failed: {exc!r}"
+            raise
+        except BaseException:
+            if not startup.over.is_set():
+                startup.why = "it was cancelled"
+            raise
+        finally:
+            if not run.serving:
+                # Bound (or given) but never handed to the accept loops: nobody
+                # else closes them, and a leaked listener keeps the port bound.
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+            if not startup.over.is_set():
+                startup.why = startup.why or "close() was called first"
+                startup.over.set()
+            elif self._startup is startup and startup.listening:
+                # It listened and is over: later calls wait for the next run.
+                self._startup = _Startup()
+            self._cancel_scope = None
+            self._heartbeats = None
+            self._addresses = []
+            if self._run is run:
+                self._run = None
+            run.stopped.set()
 
     async def _serve(
-        self, listeners: list[trio.abc.Listener[Any]], report_started: Callable[[], None]
+        self,
+        run: _Run,
+        startup: _Startup,
+        listeners: list[trio.abc.Listener[Any]],
+        report_started: Callable[[], None],
     ) -> None:
         self._addresses = [
             address for address in map(_listener_address, listeners) if address is not None
         ]
-        self._stopped = trio.Event()
-        self._closing = False
+        await self._gate.prepare()
+        async with trio.open_nursery() as nursery:
+            self._cancel_scope = nursery.cancel_scope
+            # First thing in the nursery: a close() from here on is carried out
+            # by this task, which nothing outside the run can cancel.
+            nursery.start_soon(self._stop_when_asked, run, nursery.cancel_scope)
+            if self.cluster is not None:
+                # Joined before the first client, whose id the cluster registers.
+                await nursery.start(self.cluster.run)
+            if self.descriptor.heartbeat_interval > 0:
+                self._heartbeats = Heartbeats(self.descriptor.heartbeat_interval)
+                nursery.start_soon(self._heartbeats.run)
+            screened = [self._gate.screen(listener) for listener in listeners]
+            await nursery.start(serve_listeners, self._serve_connection, screened)
+            # The accept loops own the listeners now: they close them when they end.
+            run.serving = True
+            log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
+            startup.listening = True
+            startup.port = self._addresses[0][1] if self._addresses else None
+            startup.over.set()
+            report_started()
+
+    async def _stop_when_asked(self, run: _Run, scope: trio.CancelScope) -> None:
+        """Once close() has asked: goodbye to every client (best effort), then end the run.
+
+        Done here, in a task of the run, not in close(): close() can be
+        cancelled midway (a timeout around it; or it runs in an RPC handler,
+        on one of the connections closed here), and the run must end all the
+        same. The goodbyes are bounded; the cancel comes whatever they do.
+        """
+        await run.stop.wait()
         try:
-            await self._gate.prepare()
-            async with trio.open_nursery() as nursery:
-                self._cancel_scope = nursery.cancel_scope
-                if self.cluster is not None:
-                    # Joined before the first client, whose id the cluster registers.
-                    await nursery.start(self.cluster.run)
-                if self.descriptor.heartbeat_interval > 0:
-                    self._heartbeats = Heartbeats(self.descriptor.heartbeat_interval)
-                    nursery.start_soon(self._heartbeats.run)
-                screened = [self._gate.screen(listener) for listener in listeners]
-                await nursery.start(serve_listeners, self._serve_connection, screened)
-                log.info("conduit server %r listening on %s", self.descriptor.name, self._addresses)
-                self._listening.set()
-                report_started()
+            with trio.move_on_after(2):
+                async with trio.open_nursery() as nursery:
+                    for peer in list(self.clients.values()):
+                        nursery.start_soon(self._say_goodbye, peer, run.reason)
         finally:
-            self._cancel_scope = None
-            self._heartbeats = None
-            self._addresses = []
-            self._listening = trio.Event()
-            self._stopped.set()
+            scope.cancel()
+
+    @staticmethod
+    async def _say_goodbye(peer: Peer, reason: str) -> None:
+        """Close one client's connection gracefully; an error there stops no other goodbye."""
+        try:
+            await peer.connection.close(reason, 1.0)
+        except Exception:
+            log.exception("error closing the connection of client %s", peer.id)
+
+    @staticmethod
+    def _called_from(run: _Run) -> bool:
+        """Whether the calling task is the run's own task or one of its descendants."""
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            if task is run.task:
+                return True
+            nursery = task.parent_nursery
+            task = nursery.parent_task if nursery is not None else None
+        return False
 
     @bridged
     async def wait_listening(self) -> int:
@@ -254,23 +397,64 @@ class Server(Endpoint):
 
         The asyncio way to know a server started with ``asyncio.create_task(
         server.run())`` is ready (Trio code can use ``nursery.start`` instead).
+        Raises :exc:`RuntimeError` (chained to the run's error, if any) when
+        the run ends before it listens: it failed (the port is in use, the
+        accounts file is unreadable, ...), was cancelled, or :meth:`close`
+        came first. The calls waiting then get that error, or else the next
+        call does; after that, a call waits for the next run.
         """
-        await self._listening.wait()
-        return self.port
+        startup = self._startup
+        await startup.over.wait()
+        if startup.listening:
+            # Its port, even if it has stopped since (self.port raises when
+            # the run serves no socket listener).
+            return self.port if startup.port is None else startup.port
+        if self._startup is startup:
+            # Reported: the next call is about the next run.
+            self._startup = _Startup()
+        raise RuntimeError(f"the server stopped before listening: {startup.why}") from startup.error
 
     @bridged
     async def close(self, reason: str = "server shutting down") -> None:
-        """Say goodbye to every client, stop listening, and wait for :meth:`run` to end."""
-        if self._cancel_scope is None or self._stopped is None:
-            return
+        """Say goodbye to every client, stop listening, and wait for :meth:`run` to end.
+
+        A run that is not serving yet (still binding or preparing) ends
+        without serving. Cancelling close() (a timeout around it) does not
+        stop the shutdown, only the wait for it. Called from a task of the
+        server itself (a Trio RPC handler, a connect hook), close() returns
+        at once: the run cannot end before that task has, and it ends once
+        it has. (An asyncio handler's close() is a task of its own: it waits,
+        and is cancelled when the handler's connection closes; the shutdown
+        goes on.) A close() before :meth:`run` was called does nothing.
+        """
+        run = self._run
+        if run is None:
+            # A run() started just before (asyncio: create_task(server.run()),
+            # then close(); Trio: start_soon) may not have taken its first
+            # step, the claim, yet. Two checkpoints let it: the first puts this
+            # task in the same batch as every task runnable now, whose order
+            # Trio shuffles; the second comes after that whole batch.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            run = self._run
+            if run is None:
+                return
+        # The decision to stop comes first, before any checkpoint: a cancel of
+        # this call from here on (a timeout around it, the close of the
+        # connection it runs in) cannot keep the run from ending.
         self._closing = True
-        with trio.move_on_after(2):
-            async with trio.open_nursery() as nursery:
-                for peer in list(self.clients.values()):
-                    nursery.start_soon(peer.connection.close, reason, 1.0)
-        if self._cancel_scope is not None:
-            self._cancel_scope.cancel()
-        await self._stopped.wait()
+        if not run.stop.is_set():
+            run.reason = reason
+            run.stop.set()
+        if not run.serving:
+            # Binding or preparing: no client to say goodbye to, nor a task of
+            # the run to say it (see _stop_when_asked).
+            run.scope.cancel()
+        if self._called_from(run):
+            # The run waits for this task to end: waiting for the run here
+            # would wait for ever.
+            return
+        await run.stopped.wait()
 
     stop = close
 
