@@ -167,3 +167,33 @@ async def test_a_reconnect_handshake_ending_after_disconnect_began_installs_noth
         finally:
             with trio.move_on_after(5):
                 await client.disconnect()
+
+
+async def test_disconnect_from_an_on_reconnecting_hook_finishes(
+    server_factory: ServerFactory,
+) -> None:
+    """The hook runs in the reconnect's own task: disconnect() there must neither
+    cancel itself nor wait for the reconnect, which stops once the hook returns."""
+    server = await server_factory()
+    with CuttingProxy(server.port) as proxy:
+        client = Client(client_descriptor(proxy.port, reconnect_delay=0.05, reconnect_attempts=0))
+        outcome: list[str] = []
+
+        @client.on_reconnecting
+        async def give_up(attempt: int, delay: float) -> None:
+            try:
+                await client.disconnect()
+            except BaseException as exc:
+                outcome.append(type(exc).__name__)
+                raise
+            outcome.append("returned")
+
+        with trio.fail_after(10):
+            await client.connect()
+            await served(server, client)
+            proxy.legs[0].close()  # the hook runs before the first new attempt
+            await wait_until(lambda: bool(outcome))
+            await client.wait_closed()
+    assert outcome == ["returned"]
+    assert not client.connected
+    assert client._resume_token == b""  # a later connect() starts a new session

@@ -938,59 +938,56 @@ async def test_deeply_nested_rpc_argument(arena: ArenaFactory) -> None:
 @hostile(
     "msgpack-expansion",
     area="hostile peer, authenticated",
-    attack="sealed CALLs and MESSAGEs of 1 MiB that decode to far more than their bytes: "
-    "empty maps (1 byte each on the wire, ~64 in memory); and 2-character strings (3 bytes, "
-    "~59 in memory) sent 8 times to handlers that never return, as CALLs and as MESSAGEs",
-    behaviour="empty maps: connection closed, logged 'holds more than 349525 lists and maps'; "
-    "strings: the first CALL runs, the other 7 are answered 'overloaded' (what running calls "
-    "hold decoded is bounded: 8 MiB), the MESSAGEs wait for the queue's room (4 MiB decoded), "
-    "so the reader stops; peak memory under 64 MiB",
+    attack="sealed CALLs and MESSAGEs of 1 MiB that decode to far more than their bytes, sent "
+    "8 times to handlers that never return: empty maps (1 byte each on the wire, ~64 in "
+    "memory) and 2-character strings (3 bytes, ~59 in memory)",
+    behaviour="large calls are admitted by what they hold decoded (32 MiB together; a lone "
+    "one of any size runs): the first CALL runs, the other 7 are answered 'overloaded'; "
+    "MESSAGEs wait for the queue's room (32 MiB decoded), so the reader stops; peak memory "
+    "under 64 MiB (strings), under 64 MiB plus two bodies' worth (empty maps: 2 x 72 MiB at "
+    "the 1 MiB frame limit)",
     found="bodies were bounded by count, not by what they decode to: 12 messages of empty maps "
     "(12 MiB) grew the server by 871 MiB, 8 calls by 646 MiB; 64 queued messages and 128 "
     "blocked calls could hold ~14 GB",
 )
-@pytest.mark.parametrize(
-    "shape", ["empty-maps-call", "empty-maps-message", "strings-calls", "strings-messages"]
-)
-async def test_bodies_that_expand_when_decoded(arena: ArenaFactory, shape: str) -> None:
+@pytest.mark.parametrize("calls", [True, False], ids=["calls", "messages"])
+@pytest.mark.parametrize("shape", ["empty-maps", "strings"])
+async def test_bodies_that_expand_when_decoded(
+    arena: ArenaFactory, shape: str, calls: bool
+) -> None:
     a = await arena()
     peer = await RawPeer.authenticated(a.port, PASSWORD)
-    size = 1024 * 1024 - 64
-    if shape.startswith("empty-maps"):
-        maps = b"\xdd" + struct.pack("!I", size - 16) + b"\x80" * (size - 16)
-        if shape == "empty-maps-call":
-            body = b"\x82" + msgpack.packb("method") + msgpack.packb("echo")
-            body += msgpack.packb("args") + b"\x81" + msgpack.packb("value") + maps
-            frame = raw_frame(FrameKind.CALL, 1, body)
-        else:
-            body = b"\x82" + msgpack.packb("event") + msgpack.packb("hold")
-            body += msgpack.packb("data") + maps
-            frame = raw_frame(FrameKind.MESSAGE, 0, body)
-        with PeakRSS() as memory:
-            await peer.send_sealed(frame)
-            await peer.expect_closed()
-        await a.wait_logged("lists and maps")
-    elif shape == "strings-calls":
-        strings = ["ab"] * (size // 3 - 16)
-        with PeakRSS() as memory, trio.fail_after(30):
+    count = 1024 * 1024 - 64
+    if shape == "empty-maps":
+        value = b"\xdd" + struct.pack("!I", count) + b"\x80" * count
+    else:
+        strings = ["ab"] * (count // 3)
+        value = msgpack.packb(strings)
+    with PeakRSS() as memory, trio.fail_after(60):
+        if calls:
             for call_id in range(1, 16, 2):
-                await peer.send_sealed(call_frame(call_id, "hold", value=strings))
+                body = b"\x82" + msgpack.packb("method") + msgpack.packb("hold")
+                body += msgpack.packb("args") + b"\x81" + msgpack.packb("value") + value
+                await peer.send_sealed(raw_frame(FrameKind.CALL, call_id, body))
             answers: list[Result] = []
             while len(answers) < 7:
                 received = await peer.next_frame()
                 if received.kind is FrameKind.RESULT:
                     answers.append(decode_body(received, Result))
-        assert {(r.ok, r.code) for r in answers} == {(False, "overloaded")}, answers
-        assert "bytes of arguments are running" in answers[0].error
-        await peer.aclose()
-    else:
-        message = body_frame(FrameKind.MESSAGE, 0, {"event": "hold", "data": ["ab"] * 349_000})
-        with PeakRSS() as memory:
+        else:
+            body = b"\x82" + msgpack.packb("event") + msgpack.packb("hold")
+            body += msgpack.packb("data") + value
             with trio.move_on_after(3):  # the reader stops once the queue is full
                 for _ in range(8):
-                    await peer.send_sealed(message)
-        await peer.aclose()
-    assert memory.growth < MEMORY_BOUND, memory.growth
+                    await peer.send_sealed(raw_frame(FrameKind.MESSAGE, 0, body))
+    await peer.aclose()
+    if calls:
+        assert {(r.ok, r.code) for r in answers} == {(False, "overloaded")}, answers
+        assert "bytes of arguments are running" in answers[0].error
+    # At most two bodies decoded at once: one running (or queued), one that the
+    # reader decoded and holds while it waits (or refuses).
+    bound = MEMORY_BOUND + (2 * 72 * MiB if shape == "empty-maps" else 0)
+    assert memory.growth < bound, memory.growth
     await a.check_healthy()
 
 

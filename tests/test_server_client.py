@@ -725,6 +725,54 @@ async def test_a_handler_whose_relay_target_left_answers_connection_closed(
     assert caller.connected
 
 
+async def test_ordinary_large_arguments_and_messages_are_not_held_up(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """What the bounds on decoded bodies must let through: concurrent calls of
+    50,000 short strings each (0.5 MB on the wire), and a message handler that
+    awaits a call on its own connection while a second large message arrives."""
+    strings = [f"s{n % 100}" for n in range(50_000)]
+    released = trio.Event()
+    acks: list[int] = []
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def store(items: list[str]) -> int:
+            await released.wait()
+            return len(items)
+
+        @server.rpc
+        def ack(n: int) -> None:
+            acks.append(n)
+
+    def register_client(client: Client) -> None:
+        @client.on("update")
+        async def update(data: list[str]) -> None:
+            await client.call("ack", n=len(data))
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    assert client.id is not None
+    with trio.fail_after(20):
+        results: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def store_one() -> None:
+                results.append(await client.call("store", items=strings))
+
+            for _ in range(8):
+                nursery.start_soon(store_one)
+            peer = server.clients[client.id]
+            running = peer.connection._state._large_calls  # all eight at once
+            await wait_until(lambda: len(running) == 8)
+            released.set()
+        assert results == [50_000] * 8
+        for _ in range(2):
+            await peer.send("update", strings)
+        await wait_until(lambda: len(acks) == 2)
+    assert acks == [50_000, 50_000]
+
+
 async def test_slow_handler_does_not_delay_other_calls(
     server_factory: ServerFactory,
     client_factory: ClientFactory,

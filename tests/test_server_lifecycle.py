@@ -157,6 +157,35 @@ async def test_a_cancelled_close_still_stops_the_server(
     assert not accepts_connections(port)
 
 
+async def test_close_from_a_sibling_of_the_run_waits_for_the_goodbyes(
+    tcp_client_factory: ClientFactory,
+) -> None:
+    """A task beside ``await server.run()`` in the caller's nursery is not part of
+    the run: its close() waits, so the clients get their goodbye before the
+    nursery is cancelled."""
+    server = Server(server_descriptor())
+    closed: list[bool] = []
+
+    async def stopper() -> None:
+        port = await server.wait_listening()
+        client = await tcp_client_factory(port, reconnect_enabled=False)
+        await wait_until(lambda: client.id in server.clients)
+        stopping.append(client)
+        await server.close("bye from a sibling")
+        closed.append(server.is_running)
+        nursery.cancel_scope.cancel()
+
+    stopping: list[Client] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stopper)
+            await server.run()
+        await stopping[0].wait_closed()
+    assert closed == [False]  # close() returned once the run had stopped
+    connection = stopping[0]._peer.connection  # type: ignore[union-attr]
+    assert connection.close_reason == "peer closed the connection: bye from a sibling"
+
+
 def test_close_from_an_asyncio_rpc_handler_ends_the_run() -> None:
     outcome: list[str] = []
 

@@ -92,8 +92,10 @@ _MESSAGE_QUEUE = 64
 # What the messages queued for, or being handled by, the message task hold
 # decoded (their bytes on the wire for small ones, codec.unpack_sized's bound
 # for larger ones). The reader waits for room beyond it (a lone message of any
-# size is let in).
-_MESSAGE_QUEUE_BYTES = 4 * 1024 * 1024
+# size is let in). Large, so that a handler awaiting a call on the same
+# connection (whose answer the reader must read) rarely finds it waiting: as
+# with the 64 messages the queue holds, a reader that waits reads nothing else.
+_MESSAGE_QUEUE_BYTES = 32 * 1024 * 1024
 # Once a connection sends records this large (bulk data), its socket may hold
 # this much unsent (see SocketIO.allow_unsent): a 1 MiB record then takes about
 # two writes instead of six, and an RPC behind it waits for at most a quarter

@@ -100,6 +100,8 @@ class _Connecting:
     Also a background reconnect on its way, which ``disconnect()`` cancels
     and waits for likewise."""
 
+    #: The task doing it.
+    task: trio.lowlevel.Task
     #: Around the connect's work (taking over from a reconnect, dialling, the
     #: handshake) or the reconnect's attempts: cancelled by disconnect(),
     #: which must win.
@@ -283,7 +285,7 @@ class Client(Endpoint):
         disconnects = self._disconnects
         if self._connecting is not None and await self._wait_turn(stream, disconnects):
             return
-        connecting = self._connecting = _Connecting()
+        connecting = self._connecting = _Connecting(trio.lowlevel.current_task())
         try:
             await self._connect(stream, connecting.scope, disconnects)
         finally:
@@ -523,7 +525,7 @@ class Client(Endpoint):
     async def _reconnect(self) -> Peer | None:
         """Attempt after attempt, with backoff: the new session, or None when
         giving up or stopped by disconnect() (which cancels ``_reconnecting``)."""
-        reconnecting = self._reconnecting = _Connecting()
+        reconnecting = self._reconnecting = _Connecting(trio.lowlevel.current_task())
         try:
             with reconnecting.scope:
                 return await self._reconnect_attempts()
@@ -586,27 +588,35 @@ class Client(Endpoint):
         """
         self._stopping = True
         self._disconnects += 1
+        self._resume_token = b""  # now, whatever may cancel the rest of this call
         # A background reconnect stops first, whatever self.connected says:
         # its handshake may finish during any await below. From here on it
         # cannot install a new session (_establish checks _stopping), and once
         # it has ended, a session it made but no longer may use is closed.
+        # Called by the reconnect itself (an on_reconnecting hook), it is left
+        # to stop on its own (it sees _stopping after the hook): cancelling it
+        # would cancel this call, and waiting for it would wait for ever.
         reconnecting = self._reconnecting
+        if reconnecting is not None and reconnecting.task is trio.lowlevel.current_task():
+            reconnecting = None
         if reconnecting is not None:
             reconnecting.scope.cancel()
-        connecting = self._connecting
-        if connecting is not None:
-            connecting.scope.cancel()
-            await connecting.done.wait()
-        if reconnecting is not None:
-            await reconnecting.done.wait()
-        # After that connect: its handshake may have brought a new token.
-        self._resume_token = b""
-        # The session there is now is the last: a lost one (closed, whose
-        # supervisor now ends without reconnecting) or an open one, which
-        # says goodbye; its supervisor ends once it has closed.
-        if self._peer is not None:
-            await self._peer.connection.close(reason)
-        self._changed.unpark_all()
+        try:
+            connecting = self._connecting
+            if connecting is not None:
+                connecting.scope.cancel()
+                await connecting.done.wait()
+            if reconnecting is not None:
+                await reconnecting.done.wait()
+            # After that connect: its handshake may have brought a new token.
+            self._resume_token = b""
+            # The session there is now is the last: a lost one (closed, whose
+            # supervisor now ends without reconnecting) or an open one, which
+            # says goodbye; its supervisor ends once it has closed.
+            if self._peer is not None:
+                await self._peer.connection.close(reason)
+        finally:
+            self._changed.unpark_all()
 
     close = disconnect
 

@@ -73,8 +73,6 @@ def _listener_address(listener: trio.abc.Listener[Any]) -> tuple[str, int] | Non
 class _Run:
     """One :meth:`Server.run` (or :meth:`Server.serve`), from its claim to its end."""
 
-    #: The task running it: a task of its own tree must not wait for it to end.
-    task: trio.lowlevel.Task
     #: Covers the whole run, binding and preparing included: cancelled by a
     #: close() that comes before the run is serving (nothing to say goodbye to).
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -84,6 +82,9 @@ class _Run:
     reason: str = "server shutting down"
     #: Accepting connections (the accept loops own the listeners).
     serving: bool = False
+    #: The nursery the run serves in (its connections, hooks and handlers run
+    #: below it): a task there must not wait for the run to end.
+    nursery: trio.Nursery | None = None
     #: Set last, once the run is over: listeners closed, clients gone.
     stopped: trio.Event = attrs.field(factory=trio.Event)
 
@@ -223,7 +224,7 @@ class Server(Endpoint):
         """
         if self._run is not None:
             raise RuntimeError("this server is already running")
-        run = self._run = _Run(trio.lowlevel.current_task())
+        run = self._run = _Run()
         self._closing = False
         if self._startup.over.is_set():
             # The last run's outcome, which no wait_listening() asked for: the
@@ -336,6 +337,7 @@ class Server(Endpoint):
         await self._gate.prepare()
         async with trio.open_nursery() as nursery:
             self._cancel_scope = nursery.cancel_scope
+            run.nursery = nursery
             # First thing in the nursery: a close() from here on is carried out
             # by this task, which nothing outside the run can cancel.
             nursery.start_soon(self._stop_when_asked, run, nursery.cancel_scope)
@@ -382,13 +384,20 @@ class Server(Endpoint):
 
     @staticmethod
     def _called_from(run: _Run) -> bool:
-        """Whether the calling task is the run's own task or one of its descendants."""
-        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
-        while task is not None:
-            if task is run.task:
+        """Whether the calling task runs below the run's serving nursery (a
+        handler, a hook, a task a handler started): the run waits for it.
+
+        Not any task below the task that called run(): a sibling of the run
+        in the caller's own nursery is not waited for by the run, and its
+        close() must wait for the goodbyes as any other caller's does.
+        """
+        if run.nursery is None:
+            return False
+        nursery = trio.lowlevel.current_task().parent_nursery
+        while nursery is not None:
+            if nursery is run.nursery:
                 return True
-            nursery = task.parent_nursery
-            task = nursery.parent_task if nursery is not None else None
+            nursery = nursery.parent_task.parent_nursery
         return False
 
     @bridged

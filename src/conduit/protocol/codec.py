@@ -81,44 +81,31 @@ def _unpackable(exc: Exception) -> LocalProtocolError:
 
 
 #: Bodies up to this many bytes are decoded as they are: whatever they hold,
-#: they stay small. A larger one is decoded counting its lists and maps.
+#: they stay small. A larger one is decoded counting its lists and maps (see
+#: :func:`unpack_sized`), so that what it holds decoded can be bounded.
 COUNTED_BODY = 4096
-#: A counted body may hold one list or map per this many of its bytes. An
-#: empty map is one byte of msgpack and ~64 bytes of Python: a megabyte of them
-#: decoded to ~70 MB. Pairs of small integers (``[[1, 2], ...]``: 3 bytes each)
-#: still pass.
-BYTES_PER_CONTAINER = 3
 #: What a decoded list or map, and each item in one (a map's key and value are
 #: two), may take in memory beyond the item's own bytes on the wire: a list's
-#: or dict's header, an empty map, a pointer and a 2-character string
-#: (51 + 8 bytes for 3 on the wire). Their sum bounds what a body holds
-#: decoded (see :func:`unpack_sized`).
+#: or dict's header (an empty map is 1 byte of msgpack and ~64 of Python), a
+#: pointer and a 2-character string (51 + 8 bytes for 3 on the wire).
 CONTAINER_OVERHEAD = 72
 ITEM_OVERHEAD = 64
-
-
-class _TooManyContainers(Exception):
-    pass
 
 
 def unpack_sized(data: bytes | memoryview) -> tuple[Any, int]:
     """:func:`unpack`, and a bound of the memory the value it decoded holds:
     its bytes, plus :data:`CONTAINER_OVERHEAD` per list or map and
-    :data:`ITEM_OVERHEAD` per item in them.
+    :data:`ITEM_OVERHEAD` per item in them (1-2 times the real size on the
+    shapes measured: strings, small dicts, pairs, integers, bytes).
 
-    Refused like any malformed body (RemoteProtocolError): more than one list
-    or map per :data:`BYTES_PER_CONTAINER` bytes.
+    No shape is refused (a list of empty lists is a valid argument): what
+    the bound is for is admitting calls and queueing messages by it.
     """
-    allowed = len(data) // BYTES_PER_CONTAINER
     containers = items = 0
 
     def count(container: Any) -> Any:
         nonlocal containers, items
         containers += 1
-        if containers > allowed:
-            raise _TooManyContainers(
-                f"a body of {len(data)} bytes holds more than {allowed} lists and maps"
-            )
         items += len(container) << (type(container) is dict)
         return container
 
@@ -137,12 +124,7 @@ def unpack_sized(data: bytes | memoryview) -> tuple[Any, int]:
 
 
 def unpack(data: bytes | memoryview) -> Any:
-    """Decode msgpack from the network; anything malformed is a RemoteProtocolError.
-
-    A body larger than :data:`COUNTED_BODY` is decoded by :func:`unpack_sized`.
-    """
-    if len(data) > COUNTED_BODY:
-        return unpack_sized(data)[0]
+    """Decode msgpack from the network; anything malformed is a RemoteProtocolError."""
     try:
         # Keywords spelled out: a **dict is copied on every call (~0.3 us).
         return _unpackb(data, raw=False, strict_map_key=False, use_list=True)
@@ -211,8 +193,6 @@ def decode_call(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
     frozen attrs instance costs a call to ``object.__setattr__`` per field.
     """
     # unpack(), inline (one Python call less per call): the same refusal.
-    if len(payload) > COUNTED_BODY:
-        return decode_call_sized(payload)[:2]
     try:
         raw = _unpackb(payload, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:  # msgpack raises a zoo of types for bad input
@@ -229,8 +209,6 @@ def decode_call_sized(payload: bytes | memoryview) -> tuple[str, dict[str, Any],
 
 def decode_result(payload: bytes | memoryview) -> Result:
     """``decode_body(frame, Result)`` of a RESULT frame's payload."""
-    if len(payload) > COUNTED_BODY:
-        return _structure_result(unpack_sized(payload)[0])
     try:  # unpack(), inline, as in decode_call
         raw = _unpackb(payload, raw=False, strict_map_key=False, use_list=True)
     except Exception as exc:

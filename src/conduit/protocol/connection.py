@@ -66,9 +66,11 @@ PIN_RATIO = 8
 
 #: What the CALLs larger than COUNTED_BODY queued or running at once may hold
 #: decoded (bounded by codec.unpack_sized), for as long as their handlers run:
-#: one more is refused with ``overloaded``; a lone call of any size is admitted.
-#: Four batches of small files in flight (1 MiB of bytes each) fit.
-LARGE_CALL_BYTES = 8 * 1024 * 1024
+#: one more is refused with ``overloaded``; a lone call of any size is admitted
+#: (a frame of the largest size may hold ~72 times its bytes: a megabyte of
+#: empty maps). Eight calls of 50,000 short strings each (0.5 MB on the wire,
+#: 3.7 MB by the bound) fit, as do batches of small files (1 MiB of bytes each).
+LARGE_CALL_BYTES = 32 * 1024 * 1024
 
 #: Early resets remembered at most (the oldest are forgotten first), so a peer
 #: resetting stream ids we never use cannot grow our memory.
