@@ -397,3 +397,19 @@ async def test_download_from_zero_removes_partials_of_older_versions(
             assert (local_dir / busy.partial_name).read_bytes() == b"being written"
         finally:
             busy.close()
+
+
+def test_a_directory_that_cannot_be_listed_removes_no_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removing older versions' partials is best effort: a drop box the client may
+    write to but not list (or an I/O error) must not fail the download."""
+    old_version = partial_basename("log.bin", "a" * 32)
+    (tmp_path / old_version).write_bytes(b"an older version")
+
+    def unlistable(path: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "scandir", unlistable)
+    assert StorageRoot(tmp_path).remove_other_partials("log.bin", "b" * 32) == 0
+    assert (tmp_path / old_version).exists()

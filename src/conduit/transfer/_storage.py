@@ -475,6 +475,10 @@ class StorageRoot:
         ``x-b.bin``), and only those no transfer holds locked
         (:func:`_remove_if_idle`): never a published file, a partial of
         another name, or one being written. A missing directory removes nothing.
+
+        Best effort: a directory that cannot be listed (write-only drop
+        boxes, an I/O error) removes nothing and raises nothing, since the
+        download itself does not depend on it.
         """
         safe = safe_relative_name(name)
         directories, basename = split_name(safe)
@@ -486,14 +490,17 @@ class StorageRoot:
             return 0
         removed = 0
         with _closing(dir_fd):
-            with os.scandir(dir_fd) as iterator:
-                candidates = [
-                    entry.name
-                    for entry in iterator
-                    if entry.name != keep
-                    and _is_partial_of(entry.name, basename, len(tid))
-                    and entry.is_file(follow_symlinks=False)
-                ]
+            try:
+                with os.scandir(dir_fd) as iterator:
+                    candidates = [
+                        entry.name
+                        for entry in iterator
+                        if entry.name != keep
+                        and _is_partial_of(entry.name, basename, len(tid))
+                        and entry.is_file(follow_symlinks=False)
+                    ]
+            except OSError:
+                return 0
             for entry_name in candidates:
                 if _remove_if_idle(dir_fd, entry_name):
                     removed += 1
