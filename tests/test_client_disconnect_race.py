@@ -79,6 +79,16 @@ def reconnecting_client(proxy_port: int, reconnected: list[str]) -> Client:
     return client
 
 
+async def assert_nothing_installed(client: Client, reconnected: list[str]) -> None:
+    """disconnect() has returned: no session now or once everything settles, no
+    on_reconnect hook, no resume token for a later connect() to use."""
+    assert not connected(client)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not connected(client)
+    assert not reconnected
+    assert client._resume_token == b""
+
+
 async def test_disconnect_stops_a_reconnect_whose_handshake_finishes_during_it(
     server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,11 +123,7 @@ async def test_disconnect_stops_a_reconnect_whose_handshake_finishes_during_it(
 
                 await client.disconnect()
 
-                assert not connected(client)
-                await trio.testing.wait_all_tasks_blocked()
-                assert not connected(client)
-                assert not reconnected
-                assert client._resume_token == b""
+                await assert_nothing_installed(client, reconnected)
                 await wait_until(lambda: not server.clients)
             with trio.fail_after(2):
                 await client.wait_closed()
@@ -154,11 +160,7 @@ async def test_a_reconnect_handshake_ending_after_disconnect_began_installs_noth
                     await trio.testing.wait_all_tasks_blocked()
                     hold.release.set()
 
-                assert not connected(client)
-                await trio.testing.wait_all_tasks_blocked()
-                assert not connected(client)
-                assert not reconnected
-                assert client._resume_token == b""
+                await assert_nothing_installed(client, reconnected)
                 # The reconnect's session was said goodbye to, not dropped.
                 await wait_until(lambda: not server.clients and len(gone) == 2)
                 assert gone[1].connection.closed_on_purpose

@@ -100,6 +100,13 @@ async def server_and_client(
 # --------------------------------------------------------------------------- free space
 
 
+async def assert_resumed(result: dict[str, Any], path: Path, checksum: str) -> None:
+    """The transfer succeeded from the kept prefix and ``path`` holds the whole file."""
+    assert result["success"] is True, result
+    assert result["resumed_from"] == KEPT
+    assert await file_sha256(path) == checksum
+
+
 async def test_download_resumes_with_room_for_only_the_rest(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
@@ -118,9 +125,7 @@ async def test_download_resumes_with_room_for_only_the_rest(
 
         result = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
 
-        assert result["success"] is True, result
-        assert result["resumed_from"] == KEPT
-        assert await file_sha256(local_dir / "big.bin") == checksum
+        await assert_resumed(result, local_dir / "big.bin", checksum)
         assert partial_files(local_dir) == []
 
 
@@ -150,9 +155,7 @@ async def test_download_refused_for_space_keeps_its_partial(
 
         monkeypatch.undo()  # room again
         retry = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
-        assert retry["success"] is True, retry
-        assert retry["resumed_from"] == KEPT
-        assert await file_sha256(local_dir / "big.bin") == checksum
+        await assert_resumed(retry, local_dir / "big.bin", checksum)
 
 
 async def test_download_refused_for_space_leaves_no_empty_partial(
@@ -228,9 +231,7 @@ async def test_download_resume_waits_for_the_servers_prefix_hash(
         with slow_server_hashing(monkeypatch):
             result = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
 
-        assert result["success"] is True, result
-        assert result["resumed_from"] == KEPT
-        assert await file_sha256(local_dir / "big.bin") == checksum
+        await assert_resumed(result, local_dir / "big.bin", checksum)
 
 
 async def test_rerun_waits_for_the_servers_whole_file_hash(
@@ -348,9 +349,7 @@ async def test_upload_given_up_after_begin_frees_the_receivers_slot(
         assert second["checksum"] == other_checksum
 
         retry = await sender.send_to_server(client, source)
-        assert retry["success"] is True, retry
-        assert retry["resumed_from"] == KEPT
-        assert await file_sha256(storage / "up.bin") == checksum
+        await assert_resumed(retry, storage / "up.bin", checksum)
 
 
 # --------------------------------------------------------------------------- old partials
