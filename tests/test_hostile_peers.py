@@ -37,6 +37,7 @@ import os
 import struct
 import time
 import tracemalloc
+import typing
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -1441,8 +1442,8 @@ def _type_probes(methods: dict[str, dict[str, Any]]) -> list[Probe]:
         good = _good_args(method, params)
         for arg, annotation in params.items():
             for wrong in WRONG_TYPES:
-                if type(wrong) is annotation:
-                    continue
+                if type(wrong) is annotation or type(wrong) in typing.get_args(annotation):
+                    continue  # (a member of a union such as ``int | None``)
                 probes.append(Probe(method, {**good, arg: wrong}, BAD_ARGUMENT))
         probes.append(Probe(method, {**good, "unexpected": 1}, BAD_ARGUMENT))
     return probes

@@ -20,6 +20,7 @@ with ``trio.fail_after``; none asserts on speed.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -31,8 +32,10 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, Server, TransferProgress
+from conduit.errors import RPCError
 from conduit.transfer import _engine, _hashing, _sender
 from conduit.transfer._names import partial_basename
+from conduit.transfer._receiver import Receiver
 from conduit.transfer._storage import StorageRoot, sha256_of_fd
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, wait_until
@@ -350,6 +353,83 @@ async def test_upload_given_up_after_begin_frees_the_receivers_slot(
 
         retry = await sender.send_to_server(client, source)
         await assert_resumed(retry, storage / "up.bin", checksum)
+
+
+async def test_upload_cancelled_before_the_begin_answer_frees_the_receivers_slot(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The receiver handled the begin (partial, reservation, slot, a task waiting
+    for the stream) but the sender was cancelled before the answer arrived, so it
+    never learnt the stream id. It must still tell the receiver (by the transfer's
+    key), or with one slot every later upload on the connection is "overloaded"
+    until the connection ends. The partial stays for the next try.
+    """
+    with trio.fail_after(30):
+        storage = tmp_path / "server"
+        source = tmp_path / "outbox" / "up.bin"
+        checksum = await make_file(source, SIZE)
+        other = tmp_path / "outbox" / "other.bin"
+        other_checksum = await make_file(other, SIZE)
+        key = transfer_key("up.bin", SIZE, source.stat().st_mtime_ns)
+        await trio.to_thread.run_sync(
+            _plant_prefix, source, storage / upload_partial_name("up.bin", key), KEPT
+        )
+        with trio.CancelScope() as scope:
+            real_begin = Receiver.rpc_begin
+            answered: list[dict[str, Any]] = []
+
+            @functools.wraps(real_begin)
+            async def begin_then_cancel_the_sender(*args: Any, **kwargs: Any) -> Any:
+                answer = await real_begin(*args, **kwargs)
+                if not answered:
+                    answered.append(answer)
+                    scope.cancel()  # the sender's call, before our answer reaches it
+                return answer
+
+            monkeypatch.setattr(Receiver, "rpc_begin", begin_then_cancel_the_sender)
+            handler, server, client = await server_and_client(
+                server_factory, client_factory, storage, max_transfers_per_connection=1
+            )
+            sender = FileTransferHandler(storage_dir=tmp_path / "client")
+            await sender.send_to_server(client, source)
+        assert scope.cancelled_caught
+        assert answered and answered[0]["offset"] == KEPT
+
+        # The one slot is free again: another file goes through at once.
+        assert client.id is not None
+        connection = server.clients[client.id].connection
+        await wait_until(lambda: handler._receiver._slots.in_use(connection) == 0)
+        second = await sender.send_to_server(client, other)
+        assert second["success"] is True, second
+        assert second["checksum"] == other_checksum
+
+        retry = await sender.send_to_server(client, source)
+        await assert_resumed(retry, storage / "up.bin", checksum)
+
+
+async def test_finish_abandons_by_key_alone(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """``file_upload_finish(key=..., abandon=True)`` lets go of nothing it was not
+    given (no stream of that key: ``abandoned`` is False), and a key with a stream
+    id, a key without ``abandon``, or neither is refused as invalid arguments."""
+    with trio.fail_after(30):
+        _, _, client = await server_and_client(server_factory, client_factory, tmp_path / "s")
+        assert await client.call("file_upload_finish", key="k" * 32, abandon=True) == {
+            "abandoned": False
+        }
+        for arguments in (
+            {"key": "k" * 32, "abandon": True, "stream_id": 2},
+            {"key": "k" * 32},
+            {"abandon": True},
+            {},
+        ):
+            with pytest.raises(RPCError) as refused:
+                await client.call("file_upload_finish", **arguments)
+            assert refused.value.code == "invalid_arguments", arguments
 
 
 # --------------------------------------------------------------------------- old partials

@@ -99,6 +99,13 @@ def _forget_unclaimed(inbound_here: dict[int, _Inbound], now: float) -> None:
             del inbound_here[stream_id]
 
 
+async def _abandon(streams: dict[int, _Inbound], stream_id: int, inbound: _Inbound) -> None:
+    """Stop waiting for ``inbound``'s stream (the sender will not send it) and forget it."""
+    inbound.stream.fail(StreamReset("the sender abandoned the stream", "restart"))
+    await inbound.done.wait()
+    streams.pop(stream_id, None)
+
+
 #: Failures that say nothing against the bytes already stored, so the partial
 #: is kept for a resume rather than discarded: "busy" (another writer, the node
 #: the sender used before and not done letting go, stored a part under us),
@@ -204,10 +211,26 @@ class Receiver:
 
     @trio_callback
     async def rpc_finish(
-        self, caller: Peer, stream_id: int, abandon: bool = False
+        self,
+        caller: Peer,
+        stream_id: int | None = None,
+        abandon: bool = False,
+        key: str = "",
     ) -> dict[str, Any]:
-        """``file_upload_finish`` / ``file_push_finish``: the receive task's verdict."""
+        """``file_upload_finish`` / ``file_push_finish``: the receive task's verdict.
+
+        With ``abandon=True``, stop waiting for the stream instead: the one of
+        ``stream_id``, or (``key=``, for a sender whose begin was cancelled
+        before its answer came, so it never learnt the stream id) the one
+        this connection's begin of ``key`` opened, if any.
+        """
         streams = self._inbound(caller.connection)
+        if key:
+            if stream_id is not None or not abandon:
+                raise RPCError("key= names a stream to abandon, alone", "invalid_arguments")
+            return {"abandoned": await self._abandon_key(streams, key)}
+        if stream_id is None:
+            raise RPCError("stream_id is required", "invalid_arguments")
         inbound = streams.get(stream_id)
         if inbound is None:
             raise RPCError(f"no transfer on stream {stream_id}", "not_found")
@@ -215,9 +238,7 @@ class Receiver:
             # The sender will restart from zero (its new begin, restart=True,
             # truncates the partial), or gave up before it opened the stream:
             # stop waiting for the stream. The partial stays for a resume.
-            inbound.stream.fail(StreamReset("the sender abandoned the stream", "restart"))
-            await inbound.done.wait()
-            streams.pop(stream_id, None)
+            await _abandon(streams, stream_id, inbound)
             return {"abandoned": True}
         await inbound.done.wait()
         streams.pop(stream_id, None)
@@ -225,6 +246,23 @@ class Receiver:
             raise inbound.error
         assert inbound.result is not None
         return inbound.result
+
+    @staticmethod
+    async def _abandon_key(streams: dict[int, _Inbound], key: str) -> bool:
+        """Abandon the stream still waiting for ``key``'s data; whether there was one.
+
+        The sender's CANCEL of its begin reached us before this call did, so a
+        begin still running has been cancelled (and lets go by itself); one that
+        had answered left its entry here, which is what this lets go.
+        """
+        waiting = [
+            (stream_id, inbound)
+            for stream_id, inbound in streams.items()
+            if inbound.key == key and inbound.finished_at is None
+        ]
+        for stream_id, inbound in waiting:
+            await _abandon(streams, stream_id, inbound)
+        return bool(waiting)
 
     @trio_callback
     async def rpc_receive_small(

@@ -32,7 +32,7 @@ from .._connection import Connection
 from .._peer import Peer
 from .._rpc import current_peer
 from .._streams import OutgoingStream
-from ..errors import ConduitError, RPCError, StreamReset, TransferError
+from ..errors import ConduitError, RPCError, RPCTimeoutError, StreamReset, TransferError
 from ..protocol import is_valid_stream_id
 from ._answers import begin_answer, finish_answer
 from ._backend import Source
@@ -152,25 +152,35 @@ class Sender:
             key = transfer_key(name, size, info.st_mtime_ns)
             # The stream id of a begin answered whose stream is not open yet.
             unopened: int | None = None
+            # A begin is under way: leaving now (cancelled) may leave the
+            # receiver waiting on a stream whose id we never learn.
+            unanswered = False
+
+            async def call_begin(**extra: Any) -> Any:
+                nonlocal unanswered
+                unanswered = True
+                try:
+                    # No timeout: re-hashing a large partial may take a while;
+                    # the heartbeat notices a dead peer.
+                    answer = await peer.call(
+                        begin_method, name=name, size=size, key=key, timeout=NO_TIMEOUT, **extra
+                    )
+                except RPCTimeoutError:
+                    raise
+                except RPCError:
+                    unanswered = False  # the receiver refused it: it holds nothing
+                    raise
+                unanswered = False
+                return answer
+
             try:
-                # No timeout: re-hashing a large partial may take a while;
-                # the heartbeat notices a dead peer.
-                raw = await peer.call(
-                    begin_method, name=name, size=size, key=key, timeout=NO_TIMEOUT
-                )
+                raw = await call_begin()
                 if asks_for_sha256(raw):
                     # The receiver has a file of this name and size: if it is
                     # this very file, there is nothing to send (see _rerun).
                     digest = (await hash_prefix(file, size)).hexdigest()
                     await trio.to_thread.run_sync(file.seek, 0)
-                    raw = await peer.call(
-                        begin_method,
-                        name=name,
-                        size=size,
-                        key=key,
-                        sha256=digest,
-                        timeout=NO_TIMEOUT,
-                    )
+                    raw = await call_begin(sha256=digest)
                 if says_skipped(raw):
                     skipped = finish_answer(raw, size)
                     # Complete already: the callback still sees its one 100% report.
@@ -195,7 +205,7 @@ class Sender:
                     await peer.call(finish_method, stream_id=stream_id, abandon=True)
                     unopened = None
                     begin = begin_answer(
-                        await peer.call(begin_method, name=name, size=size, key=key, restart=True),
+                        await call_begin(restart=True),
                         0,  # a restart begins at zero; any other offset is a lie
                     )
                     start, stream_id = 0, begin.stream_id
@@ -226,7 +236,9 @@ class Sender:
                 return transfer_failure(exc)
             finally:
                 if unopened is not None:
-                    await _abandon(peer, finish_method, unopened)
+                    await _abandon(peer, finish_method, stream_id=unopened)
+                elif unanswered:
+                    await _abandon(peer, finish_method, key=key)
             final = await reporter.finish()
             result.update(
                 success=True, resumed_from=start, elapsed=final.elapsed, speed=final.speed
@@ -490,8 +502,15 @@ class Sender:
         )
 
 
-async def _abandon(peer: Peer, finish_method: str, stream_id: int) -> None:
-    """Tell the receiver that the stream ``stream_id`` will never open, so it lets go.
+async def _abandon(
+    peer: Peer, finish_method: str, *, stream_id: int | None = None, key: str | None = None
+) -> None:
+    """Tell the receiver that a stream will never open, so it lets go.
+
+    The stream is ``stream_id``, or, when a begin was cancelled before its
+    answer came (so we never learnt the id), the one the receiver may have
+    opened for ``key``: our CANCEL reaches it first, so a begin still running
+    there is cancelled, and one that had answered is found by its key.
 
     Its ``*_finish`` with ``abandon=True`` stops the task waiting for the
     stream: the partial stays for a resume; the reservation and the transfer
@@ -503,9 +522,10 @@ async def _abandon(peer: Peer, finish_method: str, stream_id: int) -> None:
     """
     with trio.CancelScope(shield=True), trio.move_on_after(_ABANDON_TIMEOUT):
         try:
-            await peer.call(finish_method, stream_id=stream_id, abandon=True, timeout=NO_TIMEOUT)
+            which = {"stream_id": stream_id} if key is None else {"key": key}
+            await peer.call(finish_method, abandon=True, timeout=NO_TIMEOUT, **which)
         except (ConduitError, OSError) as exc:
-            log.debug("abandoning stream %d: %s", stream_id, exc)
+            log.debug("abandoning stream %s: %s", stream_id if key is None else key, exc)
 
 
 async def resume_hasher(
