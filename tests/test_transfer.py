@@ -46,7 +46,7 @@ from conduit.errors import failure_dict
 from conduit.transfer import _engine
 from conduit.transfer._names import partial_basename
 from conduit.transfer._storage import PartialFile, StorageRoot
-from conduit.transfer._wire import transfer_key
+from conduit.transfer._wire import download_transfer_id, transfer_key
 from conftest import ClientFactory, ProxyFactory, ServerFactory, open_descriptors, wait_until
 from hostile_names import HOSTILE_NAMES
 from transfer_helpers import (
@@ -1053,7 +1053,7 @@ async def test_download_restarts_when_the_kept_partial_does_not_match(
     with trio.fail_after(30):
         fs = await file_server_factory()
         checksum = await make_file(fs.storage / name, size)
-        key = transfer_key(name, size, (fs.storage / name).stat().st_mtime_ns)
+        key = download_transfer_id(transfer_key(name, size, (fs.storage / name).stat().st_mtime_ns))
         local_dir = tmp_path / "downloads"
         write_bytes(local_dir / partial_basename(name, key), os.urandom(CHUNK))
         client = await client_factory(fs.server)

@@ -37,7 +37,7 @@ from conduit.transfer import _engine, _hashing, _sender
 from conduit.transfer._names import partial_basename
 from conduit.transfer._receiver import Receiver
 from conduit.transfer._storage import StorageRoot, sha256_of_fd
-from conduit.transfer._wire import transfer_key
+from conduit.transfer._wire import download_transfer_id, transfer_key
 from conftest import ClientFactory, ServerFactory, wait_until
 from transfer_helpers import (
     MiB,
@@ -70,7 +70,7 @@ def _plant_prefix(source: Path, partial: Path, length: int) -> None:
 async def plant_download_partial(served: Path, local_dir: Path, length: int) -> Path:
     """The partial a download of ``served`` cut after ``length`` bytes leaves in ``local_dir``."""
     info = served.stat()
-    key = transfer_key(served.name, info.st_size, info.st_mtime_ns)
+    key = download_transfer_id(transfer_key(served.name, info.st_size, info.st_mtime_ns))
     partial = local_dir / partial_basename(served.name, key)
     await trio.to_thread.run_sync(_plant_prefix, served, partial, length)
     return partial
@@ -440,26 +440,34 @@ async def test_download_from_zero_removes_partials_of_older_versions(
 ) -> None:
     """A download cut, then its file changed on the server (another size or
     mtime: another key), starts a new partial; the old one (up to the whole old
-    size) must go, not stay hidden forever. Only idle partials of that same name:
-    published files, partials of other names and a partial a transfer holds stay.
+    size) must go, not stay hidden forever. Only idle download partials of that
+    same name: published files, partials of other names, an upload's or a push's
+    partial of the same name (a directory that also receives) and a partial a
+    transfer holds stay.
     """
     with trio.fail_after(30):
         storage, local_dir = tmp_path / "server", tmp_path / "downloads"
         checksum = await make_file(storage / "log.bin", SIZE)
-        old_version = partial_basename("log.bin", transfer_key("log.bin", KEPT, 1))
+        old_version = partial_basename(
+            "log.bin", download_transfer_id(transfer_key("log.bin", KEPT, 1))
+        )
         (local_dir / "sub").mkdir(parents=True)
         keep = {
             # a published file, another name's partial, and partials of names
             # that end like this one (``x-log.bin``: the ids have one length)
             "log (1).bin": b"published",
             partial_basename("catalog.bin", "c" * 32): b"another name",
-            partial_basename("x-log.bin", "d" * 32): b"a name ending in -log.bin",
-            "sub/" + partial_basename("log.bin", "e" * 32): b"another directory",
+            partial_basename("x-log.bin", download_transfer_id("d" * 32)): b"ends in -log.bin",
+            "sub/" + partial_basename("log.bin", download_transfer_id("e" * 32)): b"elsewhere",
+            # the same name's partial of an upload or a push being received here
+            partial_basename("log.bin", "a" * 32): b"a push's partial, resumable",
         }
         for relative, data in {**keep, old_version: os.urandom(KEPT)}.items():
             (local_dir / relative).write_bytes(data)
         # Another transfer of the same name, under way (it holds its partial's lock).
-        busy = StorageRoot(local_dir).open_partial("log.bin", "f" * 32, resume=False)
+        busy = StorageRoot(local_dir).open_partial(
+            "log.bin", download_transfer_id("f" * 32), resume=False
+        )
         busy.write_block(b"being written")
         try:
             _, _, client = await server_and_client(server_factory, client_factory, storage)
@@ -483,12 +491,61 @@ def test_a_directory_that_cannot_be_listed_removes_no_partial(
 ) -> None:
     """Removing older versions' partials is best effort: a drop box the client may
     write to but not list (or an I/O error) must not fail the download."""
-    old_version = partial_basename("log.bin", "a" * 32)
+    old_version = partial_basename("log.bin", download_transfer_id("a" * 32))
     (tmp_path / old_version).write_bytes(b"an older version")
 
     def unlistable(path: Any) -> Any:
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(os, "scandir", unlistable)
-    assert StorageRoot(tmp_path).remove_other_partials("log.bin", "b" * 32) == 0
+    new_version = download_transfer_id("b" * 32)
+    assert StorageRoot(tmp_path).remove_other_partials("log.bin", new_version) == 0
     assert (tmp_path / old_version).exists()
+
+
+async def test_a_download_partial_named_by_an_earlier_version_is_resumed(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """Before download ids had their ``dl_`` prefix, a download's partial was
+    named by its key alone: one cut before an upgrade resumes after it (taken
+    over under the new name), and none is left behind."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "log.bin", SIZE)
+        info = (storage / "log.bin").stat()
+        former = local_dir / partial_basename(
+            "log.bin", transfer_key("log.bin", info.st_size, info.st_mtime_ns)
+        )
+        await trio.to_thread.run_sync(_plant_prefix, storage / "log.bin", former, KEPT)
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        result = await receiver.receive_from_server(client, "log.bin", local_dir=local_dir)
+
+        await assert_resumed(result, local_dir / "log.bin", checksum)
+        assert partial_files(local_dir) == []
+
+
+def test_adopting_a_partial_never_replaces_one_nor_takes_one_in_use(tmp_path: Path) -> None:
+    """The take-over renames only an idle former partial, and only onto a free name."""
+    root = StorageRoot(tmp_path)
+    former_id, current_id = "a" * 32, download_transfer_id("a" * 32)
+    former = tmp_path / partial_basename("f.bin", former_id)
+    current = tmp_path / partial_basename("f.bin", current_id)
+    former.write_bytes(b"former")
+    current.write_bytes(b"current")
+    assert root.adopt_partial("f.bin", former_id, current_id) is False
+    assert current.read_bytes() == b"current"
+    assert former.read_bytes() == b"former"
+
+    current.unlink()
+    in_use = root.open_partial("f.bin", former_id, resume=True)
+    try:
+        assert root.adopt_partial("f.bin", former_id, current_id) is False
+    finally:
+        in_use.close()
+    assert not current.exists()
+    assert root.adopt_partial("f.bin", former_id, current_id) is True
+    assert current.read_bytes() == b"former"
+    assert not former.exists()
+    assert root.adopt_partial("missing.bin", former_id, current_id) is False

@@ -65,6 +65,7 @@ from typing import Final
 from ..errors import UnsafePathError
 
 __all__ = [
+    "DOWNLOAD_ID_PREFIX",
     "LINEAR_COLLISION_ATTEMPTS",
     "MAX_COLLISION_ATTEMPTS",
     "MAX_DEPTH",
@@ -82,6 +83,11 @@ __all__ = [
 #: Prefix of the hidden files conduit receives into. Hidden, so no accepted name
 #: can collide with it and no listing shows it.
 PARTIAL_PREFIX: Final = ".conduit-partial-"
+#: What a download's partial id starts with. Upload and push partials take
+#: ids of 32 hex digits (``._space.owned_transfer_id``), so a download's
+#: (``"dl_"`` and 32 hex digits) is never taken for one of theirs when a
+#: directory both receives pushes or uploads and downloads.
+DOWNLOAD_ID_PREFIX: Final = "dl_"
 #: Longest segment, in bytes of UTF-8 (the usual ``NAME_MAX``).
 MAX_SEGMENT_BYTES: Final = 255
 #: Longest whole name, in bytes of UTF-8 (the usual ``PATH_MAX``).

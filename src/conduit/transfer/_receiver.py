@@ -55,7 +55,14 @@ from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
 from ._storage import StorageRoot
-from ._wire import DOWNLOAD, FILE_STAT, as_rpc_error, transfer_failure, transfer_key
+from ._wire import (
+    DOWNLOAD,
+    FILE_STAT,
+    as_rpc_error,
+    download_transfer_id,
+    transfer_failure,
+    transfer_key,
+)
 
 log = logging.getLogger("conduit.transfer")
 
@@ -371,14 +378,18 @@ class Receiver:
                     resumed_from=size,
                 ).finish()
                 return skipped
-        key = (
+        # (Versions before DOWNLOAD_ID_PREFIX named the partial by the key alone.)
+        former_key = (
             transfer_key(f"{target}\0{safe}", size, mtime_ns)
             if extra
             else transfer_key(safe, size, mtime_ns)
         )
+        key = download_transfer_id(former_key)
         connection = peer.connection
         try:
-            partial = await self._open_download_partial(local, target, key, expected)
+            partial = await self._open_download_partial(
+                local, target, key, expected, former_key=former_key
+            )
         except TransferError as exc:
             return transfer_failure(exc)
         stream: IncomingStream | None = None
@@ -426,7 +437,7 @@ class Receiver:
         return result
 
     async def _open_download_partial(
-        self, local: StorageRoot, target: str, key: str, expected: int
+        self, local: StorageRoot, target: str, key: str, expected: int, *, former_key: str
     ) -> LocalSink:
         """Open (resuming) the partial that receives ``target``, if the disk can take the rest.
 
@@ -436,10 +447,15 @@ class Receiver:
         of ``target`` (:meth:`StorageRoot.remove_other_partials`), whose room
         then counts too. Refused (``TransferError``, ``"no_space"``), a
         partial with bytes stays for a later try; an empty one is removed.
+        A partial an earlier version of conduit left under ``former_key``
+        (before download ids had their prefix) is taken over first.
         """
-        partial = LocalSink(
-            await trio.to_thread.run_sync(lambda: local.open_partial(target, key, resume=True))
-        )
+
+        def adopt_and_open() -> Any:
+            local.adopt_partial(target, former_key, key)
+            return local.open_partial(target, key, resume=True)
+
+        partial = LocalSink(await trio.to_thread.run_sync(adopt_and_open))
         try:
             if partial.offset == 0:
                 await trio.to_thread.run_sync(local.remove_other_partials, target, key)

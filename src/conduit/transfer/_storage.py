@@ -51,6 +51,7 @@ import attrs
 
 from ..errors import ChecksumMismatch, TransferError, UnsafePathError
 from ._names import (
+    DOWNLOAD_ID_PREFIX,
     MAX_DEPTH,
     PARTIAL_PREFIX,
     check_transfer_id,
@@ -461,6 +462,40 @@ class StorageRoot:
         with _closing(dir_fd):
             return _remove_if_idle(dir_fd, basename)
 
+    def adopt_partial(self, name: str, former_id: str, transfer_id: str) -> bool:
+        """Rename ``name``'s idle partial under ``former_id`` to ``transfer_id``'s; whether it did.
+
+        Only if no partial of ``transfer_id`` exists (never replacing one) and
+        no transfer holds the former one locked. For partials that an earlier
+        version of conduit named otherwise, so that a transfer cut before an
+        upgrade resumes after it. Best effort: anything in the way (no such
+        partial, a directory missing or unreadable) adopts nothing.
+        """
+        safe = safe_relative_name(name)
+        directories, basename = split_name(safe)
+        former = partial_basename(basename, check_transfer_id(former_id))
+        current = partial_basename(basename, check_transfer_id(transfer_id))
+        try:
+            dir_fd = self._open_directory(directories, safe, create=False)
+        except (OSError, UnsafePathError, TransferError):
+            return False
+        with _closing(dir_fd):
+            try:
+                fd = _open_checked(dir_fd, former, safe, _READ_FLAGS)
+            except (OSError, UnsafePathError):
+                return False  # none (the usual case), or not a regular file
+            with _closing(fd):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # a transfer is writing it
+                if not _same_file(dir_fd, former, fd):
+                    return False
+                try:
+                    return _rename_without_replacing(dir_fd, former, dir_fd, current)
+                except OSError:
+                    return False
+
     def remove_other_partials(self, name: str, transfer_id: str) -> int:
         """Remove the idle partial files of ``name`` other than ``transfer_id``'s; how many.
 
@@ -470,11 +505,13 @@ class StorageRoot:
         old size) would stay forever. The downloader calls this when its
         partial starts at zero. Only entries of ``name``'s directory whose
         name is exactly :func:`partial_basename` of ``name``'s base name
-        under a valid transfer id as long as ``transfer_id`` go (ids of one
-        kind have one length, which tells ``b.bin``'s partials from those of
-        ``x-b.bin``), and only those no transfer holds locked
-        (:func:`_remove_if_idle`): never a published file, a partial of
-        another name, or one being written. A missing directory removes nothing.
+        under a valid transfer id of ``transfer_id``'s kind go (as long, and
+        with the same :data:`DOWNLOAD_ID_PREFIX` or none: a download's
+        partials are never taken for an upload's or a push's, and
+        ``b.bin``'s are told from those of ``x-b.bin``), and only those no
+        transfer holds locked (:func:`_remove_if_idle`): never a published
+        file, a partial of another name or kind, or one being written. A
+        missing directory removes nothing.
 
         Best effort: a directory that cannot be listed (write-only drop
         boxes, an I/O error) removes nothing and raises nothing, since the
@@ -496,7 +533,7 @@ class StorageRoot:
                         entry.name
                         for entry in iterator
                         if entry.name != keep
-                        and _is_partial_of(entry.name, basename, len(tid))
+                        and _is_partial_of(entry.name, basename, tid)
                         and entry.is_file(follow_symlinks=False)
                     ]
             except OSError:
@@ -1474,21 +1511,26 @@ def _is_stale_partial(entry: os.DirEntry[str], cutoff: float) -> bool:
         return False
 
 
-def _is_partial_of(entry: str, basename: str, id_length: int) -> bool:
-    """Whether ``entry`` is the partial file of ``basename`` under an id of ``id_length``.
+def _is_partial_of(entry: str, basename: str, like_id: str) -> bool:
+    """Whether ``entry`` is the partial file of ``basename`` under an id of ``like_id``'s kind.
 
     Transfer ids may contain ``-``, which also separates the id from the base
     name: ``.conduit-partial-K-x-b.bin`` is ``x-b.bin``'s partial under id
     ``K`` or ``b.bin``'s under ``K-x``. Ids of one kind have one length (a
-    download's key is 32 hex digits), which settles it.
+    download's is ``"dl_"`` and 32 hex digits), which settles it; the
+    prefix tells a download's from an upload's or a push's (32 hex digits).
     """
     if not is_partial_name(entry):
         return False
+    id_length = len(like_id)
     rest = entry[len(PARTIAL_PREFIX) :]
     if len(rest) <= id_length or rest[id_length] != "-":
         return False
+    candidate = rest[:id_length]
+    if candidate.startswith(DOWNLOAD_ID_PREFIX) != like_id.startswith(DOWNLOAD_ID_PREFIX):
+        return False
     try:
-        transfer_id = check_transfer_id(rest[:id_length])
+        transfer_id = check_transfer_id(candidate)
     except UnsafePathError:
         return False
     return partial_basename(basename, transfer_id) == entry

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from ..errors import RemoteProtocolError, RPCError, failure_dict
+from ._names import DOWNLOAD_ID_PREFIX
 
 _TRAILER = struct.Struct("!Q32s")
 
@@ -70,6 +71,11 @@ def transfer_key(name: str, size: int, mtime_ns: int) -> str:
     """
     digest = hashlib.sha256(f"{name}\0{size}\0{mtime_ns}".encode()).hexdigest()
     return digest[:32]
+
+
+def download_transfer_id(key: str) -> str:
+    """The id of a download's partial file, from its :func:`transfer_key`."""
+    return DOWNLOAD_ID_PREFIX + key
 
 
 def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
