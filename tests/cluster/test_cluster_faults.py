@@ -591,3 +591,42 @@ async def test_the_sweeper_owns_staging_states_and_not_forged_ones(
         assert "not its own" in caplog.text
         assert await _read_all(store, "victim.bin") == b"v"
         store.close()
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_parts_the_store_no_longer_has_are_discarded_not_resumed(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    """The multipart upload was aborted behind our back (a bucket lifecycle rule
+    that aborts incomplete uploads, an operator): completing it fails with
+    NoSuchUpload. The partial is kept, as for any S3 refusal, but its parts are
+    gone for good: the retry must find that out and start from zero, not fail
+    the same way until the partial expires."""
+    with trio.fail_after(120):
+        handler = FileTransferHandler(storage_dir=s3_url)
+        server = await server_factory(handler.register_server_handlers)
+        client = await client_factory(server)
+        store = handler.backend.store  # type: ignore[attr-defined]
+        assert isinstance(store, S3Store)
+        real_complete = store.client.complete_multipart_upload
+        aborted = 0
+
+        def aborted_first(**request: Any) -> Any:
+            nonlocal aborted
+            if aborted == 0:
+                aborted += 1
+                store.client.abort_multipart_upload(
+                    Bucket=request["Bucket"], Key=request["Key"], UploadId=request["UploadId"]
+                )
+            return real_complete(**request)
+
+        store.client.complete_multipart_upload = aborted_first
+        source = tmp_path / "big.bin"
+        data = os.urandom(12 * MiB)
+        source.write_bytes(data)
+        failed = await handler.send_to_server(client, source)
+        assert failed["success"] is False and failed["code"] == "storage_error", failed
+        again = await handler.send_to_server(client, source)
+        assert again["success"] is True, again
+        assert again["resumed_from"] == 0, again
+        assert await _read_all(store, "big.bin") == data
