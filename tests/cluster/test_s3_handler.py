@@ -466,3 +466,34 @@ async def test_a_directory_goes_up_and_comes_back_through_s3(
         assert [entry["success"] for entry in back["files"]] == [True, True], back
         for name, checksum in sums.items():
             assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == checksum
+
+
+@pytest.mark.usefixtures("aws_environment")
+@pytest.mark.parametrize("size", [1000, 3 * 1024 * 1024], ids=["small", "streamed"])
+async def test_overwriting_replaces_the_name_even_when_a_variant_holds_its_bytes(
+    size: int,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    s3_url: str,
+    tmp_path: Path,
+) -> None:
+    """An S3 store that overwrites publishes under the name itself, so ``a (1).txt``
+    holding the new bytes says nothing about ``a.txt``: the upload replaces it."""
+    with trio.fail_after(60):
+        handler, _server, client, _ = await _served(
+            server_factory, client_factory, s3_url, overwrite=True
+        )
+        old, new = tmp_path / "old" / "a.txt", tmp_path / "new" / "a.txt"
+        _write(old, size)
+        checksum = _write(new, size)
+        assert (await handler.send_to_server(client, old))["path"] == "a.txt"
+        copy = await handler.send_to_server(client, new, remote_name="a (1).txt")
+        assert copy["path"] == "a (1).txt", copy
+
+        result = await handler.send_to_server(client, new)
+
+        assert result["success"] is True and result.get("skipped") is not True, result
+        assert result["path"] == "a.txt"
+        fetched = await handler.receive_from_server(client, "a.txt", tmp_path / "fetched")
+        assert fetched["success"] is True, fetched
+        assert _sha256(tmp_path / "fetched" / "a.txt") == checksum

@@ -97,12 +97,18 @@ class LocalBackend:
     ) -> dict[str, Any] | None:
         """See :meth:`._backend.Backend.rerun_answer` (hashing within the hash gate)."""
         storage = self.root_for(peer)
-        if not await same_size_exists(storage, name, size):
+        overwrite = self._settings.overwrite
+        if not await same_size_exists(storage, name, size, overwrite=overwrite):
             return None
         if not sha256:
             return {"check_sha256": True}
         stored = await find_already_there(
-            storage, name, size, sha256, (self._settings.hash_gate, peer.connection)
+            storage,
+            name,
+            size,
+            sha256,
+            (self._settings.hash_gate, peer.connection),
+            overwrite=overwrite,
         )
         return None if stored is None else skipped_result(stored, size, sha256)
 

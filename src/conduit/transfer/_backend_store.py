@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -58,8 +57,8 @@ from ..protocol.connection import Buffer
 from ._backend import Admitted, Opened
 from ._engine import records_of
 from ._hashing import HashGate
-from ._names import collision_candidates, safe_relative_name, split_name
-from ._rerun import MAX_VARIANTS, VariantBudget, skipped_result
+from ._names import safe_relative_name, split_name
+from ._rerun import VariantBudget, names_to_check, skipped_result
 from ._space import MAX_ABANDONED_PER_OWNER, check_writable, owned_transfer_id, partial_owner
 from ._wire import as_rpc_error
 
@@ -604,11 +603,13 @@ class StoreBackend:
         return None
 
     async def _same_size(self, store: Store, name: str, size: int) -> list[StoredFile]:
-        """``name`` and its collision variants up to the first free one, of ``size`` bytes."""
+        """``name`` and its collision variants up to the first free one, of ``size`` bytes.
+
+        Only ``name`` when this receiver overwrites (see :func:`._rerun.names_to_check`).
+        """
         directories, basename = split_name(name)
         found = []
-        variants = itertools.islice(collision_candidates(basename), MAX_VARIANTS)
-        for candidate in itertools.chain([basename], variants):
+        for candidate in names_to_check(basename, overwrite=self._settings.overwrite):
             try:
                 stored = await store.stat("/".join((*directories, candidate)))
             except FileNotFoundError:

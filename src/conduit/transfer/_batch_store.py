@@ -139,7 +139,9 @@ def _store_entries(
         try:
             entry.safe = safe_relative_name(entry.name)
             size = len(entry.data)
-            stored = find_sync(storage, entry.safe, size, entry.sha256, hash_fd, budget)
+            stored = find_sync(
+                storage, entry.safe, size, entry.sha256, hash_fd, budget, overwrite=overwrite
+            )
             if stored is not None:
                 entry.published, entry.skipped = stored, True
                 continue

@@ -477,7 +477,8 @@ class Receiver:
         self, peer: Peer, local: StorageRoot, name: str, size: int
     ) -> dict[str, Any] | None:
         """The skipped result if ``local`` already holds ``name`` with the server's bytes."""
-        if not await same_size_exists(local, name, size):
+        overwrite = self._settings.overwrite
+        if not await same_size_exists(local, name, size, overwrite=overwrite):
             return None
         try:
             # No timeout: the server hashes the whole file inside this call
@@ -491,7 +492,7 @@ class Receiver:
         # A hash we compare with ours: hex of SHA-256, nothing else.
         if remote_size != size or not isinstance(digest, str) or len(digest) != 64:
             return None
-        stored = await find_already_there(local, name, size, digest)
+        stored = await find_already_there(local, name, size, digest, overwrite=overwrite)
         if stored is None:
             return None
         return skipped_result(stored, size, digest, path=str(local.path / stored), resumed_from=0)

@@ -3,7 +3,9 @@
 A file counts as already there when a published file has the same relative
 name (or one of its collision variants ``name (1).ext``, ... up to the first
 free one: where an earlier run stored it), the same size and the same SHA-256
-as the one offered. Nothing weaker
+as the one offered. A receiver that overwrites (``overwrite=True``) publishes
+under the name itself, never a variant, so there only the name counts: a new
+version of ``a.txt`` that equals ``a (1).txt`` must still replace ``a.txt``. Nothing weaker
 (name and size, or a modification time) is trusted: a different file of the
 same size under a taken name still gets the collision policy (``name (1).ext``).
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -85,18 +87,31 @@ class VariantBudget:
         return True
 
 
-def _candidates(storage: StorageRoot, name: str, size: int) -> list[str]:
+def names_to_check(basename: str, *, overwrite: bool) -> Iterable[str]:
+    """The base names where an earlier run may have stored ``basename``, in order.
+
+    The name, then (unless the receiver overwrites, and so never stores under
+    another name) the collision variants a non-overwriting publish would have
+    produced, at most :data:`MAX_VARIANTS`.
+    """
+    if overwrite:
+        return (basename,)
+    return itertools.chain(
+        [basename], itertools.islice(collision_candidates(basename), MAX_VARIANTS)
+    )
+
+
+def _candidates(storage: StorageRoot, name: str, size: int, *, overwrite: bool) -> list[str]:
     """``name`` and its collision variants up to the first free one, of exactly ``size`` bytes.
 
     The variants are those a non-overwriting publish would have produced, in
     the same order, so the walk stops at the first name that was never taken.
     A name taken by something else (a directory, a symlink) does not stop it:
-    a publish went past it too.
+    a publish went past it too. With ``overwrite``, only ``name``.
     """
     directories, basename = split_name(name)
     found = []
-    variants = itertools.islice(collision_candidates(basename), MAX_VARIANTS)
-    for candidate in itertools.chain([basename], variants):
+    for candidate in names_to_check(basename, overwrite=overwrite):
         full = "/".join((*directories, candidate))
         info = storage.entry_stat(full)
         if info is None:
@@ -106,9 +121,12 @@ def _candidates(storage: StorageRoot, name: str, size: int) -> list[str]:
     return found
 
 
-async def same_size_exists(storage: StorageRoot, name: str, size: int) -> bool:
-    """Whether ``storage`` has ``name`` (or a collision variant) of ``size`` bytes (cheap)."""
-    return bool(await trio.to_thread.run_sync(_candidates, storage, name, size))
+async def same_size_exists(storage: StorageRoot, name: str, size: int, *, overwrite: bool) -> bool:
+    """Whether ``storage`` has ``name`` (or, unless ``overwrite``, a collision variant)
+    of ``size`` bytes (cheap)."""
+    return bool(
+        await trio.to_thread.run_sync(lambda: _candidates(storage, name, size, overwrite=overwrite))
+    )
 
 
 def find_sync(
@@ -118,11 +136,13 @@ def find_sync(
     sha256: str,
     hash_fd: Callable[[int, int], str] | None = None,
     budget: VariantBudget | None = None,
+    *,
+    overwrite: bool,
 ) -> str | None:
     """:func:`find_already_there` for a worker thread (``hash_fd``: a cached hasher;
     ``budget``: what hashing variants may still read, see :class:`VariantBudget`)."""
     wanted = sha256.strip().lower()
-    for candidate in _candidates(storage, name, size):
+    for candidate in _candidates(storage, name, size, overwrite=overwrite):
         if budget is not None and candidate != name and not budget.allows(size):
             return None
         existing = storage.existing_sha256(candidate, size, hash_fd)
@@ -137,18 +157,24 @@ async def find_already_there(
     size: int,
     sha256: str,
     gate: tuple[HashGate, Connection] | None = None,
+    *,
+    overwrite: bool,
 ) -> str | None:
-    """The stored name (``name`` or a variant) holding exactly this size and SHA-256, if any.
+    """The stored name (``name`` or, unless ``overwrite``, a variant) holding exactly
+    this size and SHA-256, if any.
 
     ``gate``: the handler's :class:`HashGate` and the asking connection; a
     peer's request then hashes within that connection's share (one hash at a
     time, shared threads, cached digests) instead of on Trio's default pool.
     """
     if gate is None:
-        return await trio.to_thread.run_sync(find_sync, storage, name, size, sha256)
+        return await trio.to_thread.run_sync(
+            lambda: find_sync(storage, name, size, sha256, overwrite=overwrite)
+        )
     hashing, connection = gate
     return await hashing.run(
-        connection, lambda: find_sync(storage, name, size, sha256, hashing.digest_of_fd)
+        connection,
+        lambda: find_sync(storage, name, size, sha256, hashing.digest_of_fd, overwrite=overwrite),
     )
 
 
