@@ -314,6 +314,32 @@ async def test_delete_and_rename_refuse_a_file_being_written(
     assert _visible(storage) == {"g.bin": b"g"}
 
 
+async def test_a_file_is_not_busy_while_a_name_ending_like_it_is_written(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """``x-b.bin``'s partial (``.conduit-partial-ID-x-b.bin``) also ends in
+    ``-b.bin``: it must not make ``b.bin`` busy, long names (whose partial name
+    is shortened) included."""
+    storage = tmp_path / "server"
+    transfer, client = await _pair(server_factory, client_factory, storage)
+    long_name = "n" * 240 + ".bin"
+    for name in ("b.bin", long_name):
+        _write(storage / name, b"published")
+    writing = [
+        StorageRoot(storage).open_partial(name, "t" * 32, resume=False)
+        for name in ("x-b.bin", "x-" + long_name)
+    ]
+    try:
+        with trio.fail_after(10):
+            assert (await transfer.rename(client, "b.bin", "c.bin"))["success"] is True
+            assert (await transfer.delete(client, long_name))["success"] is True
+            assert (await transfer.delete(client, "c.bin"))["success"] is True
+    finally:
+        for partial in writing:
+            partial.close()
+    assert _visible(storage) == {}
+
+
 def test_directories_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
     storage = tmp_path / "server"
     _write(storage / "a.txt", b"a")

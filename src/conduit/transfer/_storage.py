@@ -1428,7 +1428,8 @@ def _refuse_busy(dir_fd: int, basename: str, name: str) -> None:
         candidates = [
             entry.name
             for entry in iterator
-            if is_partial_name(entry.name) and entry.name.endswith(suffixes)
+            # (the suffix test first: cheap, and false for nearly every entry)
+            if entry.name.endswith(suffixes) and _partial_id(entry.name, basename) is not None
         ]
     for candidate in candidates:
         try:
@@ -1511,29 +1512,42 @@ def _is_stale_partial(entry: os.DirEntry[str], cutoff: float) -> bool:
         return False
 
 
+def _partial_id(entry: str, basename: str) -> str | None:
+    """The transfer id under which ``entry`` is the partial file of ``basename``, if it is one.
+
+    Transfer ids may contain ``-``, which also separates the id from the base
+    name: ``.conduit-partial-K-x-b.bin`` reads as ``x-b.bin``'s partial under
+    id ``K`` and as ``b.bin``'s under ``K-x``. The ids conduit makes never
+    contain one (hex digits, and a download's ``dl_``), so the first ``-``
+    ends the id, and the entry counts only if :func:`partial_basename` gives
+    it back exactly (the long names' shortened form included): deleting
+    ``b.bin`` is not refused as busy while ``x-b.bin`` is being received.
+    """
+    if not is_partial_name(entry):
+        return None
+    rest = entry[len(PARTIAL_PREFIX) :]
+    transfer_id = rest[: rest.find("-")]
+    if not transfer_id or partial_basename(basename, transfer_id) != entry:
+        return None
+    try:
+        return check_transfer_id(transfer_id)
+    except UnsafePathError:
+        return None
+
+
 def _is_partial_of(entry: str, basename: str, like_id: str) -> bool:
     """Whether ``entry`` is the partial file of ``basename`` under an id of ``like_id``'s kind.
 
-    Transfer ids may contain ``-``, which also separates the id from the base
-    name: ``.conduit-partial-K-x-b.bin`` is ``x-b.bin``'s partial under id
-    ``K`` or ``b.bin``'s under ``K-x``. Ids of one kind have one length (a
-    download's is ``"dl_"`` and 32 hex digits), which settles it; the
-    prefix tells a download's from an upload's or a push's (32 hex digits).
+    Ids of one kind have one length (a download's is ``"dl_"`` and 32 hex
+    digits), and the prefix tells a download's from an upload's or a push's
+    (32 hex digits).
     """
-    if not is_partial_name(entry):
-        return False
-    id_length = len(like_id)
-    rest = entry[len(PARTIAL_PREFIX) :]
-    if len(rest) <= id_length or rest[id_length] != "-":
-        return False
-    candidate = rest[:id_length]
-    if candidate.startswith(DOWNLOAD_ID_PREFIX) != like_id.startswith(DOWNLOAD_ID_PREFIX):
-        return False
-    try:
-        transfer_id = check_transfer_id(candidate)
-    except UnsafePathError:
-        return False
-    return partial_basename(basename, transfer_id) == entry
+    transfer_id = _partial_id(entry, basename)
+    return (
+        transfer_id is not None
+        and len(transfer_id) == len(like_id)
+        and transfer_id.startswith(DOWNLOAD_ID_PREFIX) == like_id.startswith(DOWNLOAD_ID_PREFIX)
+    )
 
 
 def _remove_if_idle(dir_fd: int, entry: str) -> bool:
