@@ -191,6 +191,21 @@ async def test_a_malformed_accounts_file_keeps_the_old_accounts(
     assert any("unreadable, keeping the old data" in r.getMessage() for r in caplog.records)
 
 
+async def test_an_accounts_file_that_cannot_be_read_keeps_the_old_accounts(
+    server_factory: ServerFactory, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error (here a directory where the file was; a permission refused, a
+    disk error) is not a reason to refuse every login: the old data stays."""
+    server = await accounts_server(server_factory, str(accounts.path))
+    accounts.path.unlink()
+    accounts.path.mkdir()
+    with caplog.at_level(logging.WARNING, logger="conduit.server"):
+        client = await login(server, "alice", ALICE_PASSWORD)
+    assert (await client.call("whoami"))["username"] == "alice"
+    await client.disconnect()
+    assert any("unreadable, keeping the old data" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -308,10 +308,11 @@ class Gatekeeper:
 
     async def _reload(self, accounts: Accounts) -> None:
         """Re-read the changed accounts file in a worker thread (a user added by
-        ``conduit user add`` logs in at once); a malformed file keeps the old data."""
+        ``conduit user add`` logs in at once); a malformed or unreadable file
+        (an I/O error, a permission refused) keeps the old data."""
         try:
             await trio.to_thread.run_sync(accounts.reload_if_changed, limiter=self.limiter)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             self.warnings.warning(
                 "accounts file",
                 _now(),
