@@ -340,6 +340,39 @@ async def test_a_file_is_not_busy_while_a_name_ending_like_it_is_written(
     assert _visible(storage) == {}
 
 
+async def test_a_failed_rename_leaves_no_directories_behind(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file is deleted (by another connection) between the rename's checks and
+    its move, after the new name's directories were made: the rename fails with
+    ``not_found``, and those directories go too, or each such try would leave up
+    to 63 directories that no quota counts."""
+    storage = tmp_path / "server"
+    transfer, client = await _pair(server_factory, client_factory, storage)
+    _write(storage / "kept" / "other.bin", b"other")
+    _write(storage / "a.bin", b"a")
+    real_move = StorageRoot._move
+
+    def deleted_meanwhile(src_fd: int, src_base: str, *args: Any) -> None:
+        os.unlink(src_base, dir_fd=src_fd)
+        real_move(src_fd, src_base, *args)
+
+    monkeypatch.setattr(StorageRoot, "_move", staticmethod(deleted_meanwhile))
+    with trio.fail_after(10):
+        failed = await transfer.rename(client, "a.bin", "new/deep/dirs/b.bin")
+        assert failed["code"] == "not_found", failed
+        _write(storage / "c.bin", b"c")
+        kept = await transfer.rename(client, "c.bin", "kept/c.bin")
+        assert kept["code"] == "not_found", kept
+    assert sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*")) == [
+        "kept",
+        "kept/other.bin",
+    ]
+
+
 def test_directories_delete_and_rename_under_asyncio(tmp_path: Path) -> None:
     storage = tmp_path / "server"
     _write(storage / "a.txt", b"a")

@@ -12,12 +12,13 @@ Each call is one worker-thread hop, as before.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from ..errors import RPCError, UnsafePathError
+from ..errors import RPCError, TransferError, UnsafePathError
 from ._backend import Admitted, LocalSink, Opened
 from ._batch_store import Entry, store_batch
 from ._engine import FileSource
@@ -205,12 +206,19 @@ class LocalBackend:
     async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
         """See :meth:`._backend.Backend.rename` (see :meth:`StorageRoot.rename`).
 
-        The directories the file leaves empty go.
+        The directories the file leaves empty go, and so do those made for
+        ``new`` by a rename that then failed (its file deleted meanwhile, say):
+        otherwise each such try would leave directories no quota counts.
         """
         storage, prefix = user_storage(self._settings.storage, peer)
 
         def rename() -> str:
-            renamed = storage.rename(old, new, overwrite=overwrite)
+            try:
+                renamed = storage.rename(old, new, overwrite=overwrite)
+            except (TransferError, OSError):
+                with contextlib.suppress(UnsafePathError):  # a refused name made nothing
+                    self.budget.prune_after_removal(prefix, new)
+                raise
             self.budget.prune_after_removal(prefix, old, moved_to=renamed)
             return renamed
 
