@@ -53,7 +53,7 @@ from conduit.protocol import FrameKind
 from conduit.protocol.codec import data_header, encode_frame
 from conduit.protocol.messages import Ping
 from conduit.transfer import _rerun
-from conduit.transfer._backend_local import LIST_THREADS
+from conduit.transfer._backend_local import CHANGE_THREADS, LIST_THREADS
 from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._storage import FileEntry, StorageRoot
 from conduit.transfer._wire import Trailer
@@ -995,6 +995,84 @@ async def test_listings_walk_on_a_bounded_pool(
             answer = await other.rpc.call("file_stat", name="dir/f.txt")
             assert answer["success"], answer
     assert not too_many.is_set() and most == LIST_THREADS, most
+
+
+@hostile(
+    "file-change-loop",
+    area=AREA,
+    attack="4 connections each keep 5 file_rename or file_delete calls in flight (each "
+    "held for up to 0.2 s, as a scan and fsync of a large directory on a slow disk take), "
+    "while another client stats a file",
+    behaviour="deletes and renames run on two threads of their own, one at a time per "
+    "connection: at most 2 run at once, never 2 of one connection; every call and the "
+    "stat answer",
+    found="deletes and renames ran on Trio's default pool of 40 threads with no bound: "
+    "20 ran at once, one connection could hold every thread the other clients' file_stat "
+    "and downloads need",
+)
+async def test_deletes_and_renames_run_on_a_bounded_pool(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    (storage / "stat.txt").write_bytes(b"s")
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    changers = [await client_factory(server) for _ in range(4)]
+    other = await client_factory(server)
+    lock = threading.Lock()
+    running: list[str] = []  # the ids of the peers whose changes are running
+    most = 0
+    too_many = threading.Event()  # set as soon as the changes running break a bound
+
+    def watched(real: Callable[..., Any]) -> Callable[..., Any]:
+        def change(root: StorageRoot, *args: Any, **kwargs: Any) -> Any:
+            nonlocal most
+            peer = current_peer().id  # the change runs in a copy of the call's context
+            with lock:
+                if peer in running or len(running) == CHANGE_THREADS:
+                    too_many.set()
+                running.append(peer)
+                most = max(most, len(running))
+            try:
+                too_many.wait(0.2)
+                return real(root, *args, **kwargs)
+            finally:
+                with lock:
+                    running.remove(peer)
+
+        return change
+
+    monkeypatch.setattr(StorageRoot, "delete", watched(StorageRoot.delete))
+    monkeypatch.setattr(StorageRoot, "rename", watched(StorageRoot.rename))
+
+    async def change_five(index: int, client: Client) -> None:
+        async with trio.open_nursery() as nursery:
+            for call in range(5):
+                name = f"c{index}-{call}.txt"
+                (storage / name).write_bytes(b"x")
+                nursery.start_soon(change_once, client, name, call % 2 == 0)
+
+    async def change_once(client: Client, name: str, delete: bool) -> None:
+        if delete:
+            answer = await client.rpc.call("file_delete", name=name)
+        else:
+            answer = await client.rpc.call("file_rename", old=name, new="renamed/" + name)
+        assert answer["success"], answer
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for index, client in enumerate(changers):
+                nursery.start_soon(change_five, index, client)
+            answer = await other.rpc.call("file_stat", name="stat.txt")
+            assert answer["success"], answer
+    assert not too_many.is_set() and most == CHANGE_THREADS, most
+    assert sorted(p.name for p in (storage / "renamed").iterdir()) == sorted(
+        f"c{index}-{call}.txt" for index in range(4) for call in (1, 3)
+    )
 
 
 @hostile(

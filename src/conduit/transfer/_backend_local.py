@@ -34,6 +34,8 @@ from ._wire import as_rpc_error
 STORE_THREADS = 2
 #: Worker threads walking the tree for ``file_list``, all connections together.
 LIST_THREADS = 2
+#: Worker threads deleting and renaming files, all connections together.
+CHANGE_THREADS = 2
 
 #: Seconds the Trio thread may wait inline for one small file's store (see
 #: :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
@@ -80,6 +82,12 @@ class LocalBackend:
         # a tree of many directories held its threads and everyone's
         # file_stat and downloads waited seconds.
         self._listings = RationedThreads("listing", LIST_THREADS)
+        # Deletes and renames: one at a time per connection, on threads of
+        # their own. Each scans its directory (for a partial being written)
+        # and fsyncs it: on Trio's default pool, one connection keeping many
+        # in flight over a large directory held its threads, and everyone's
+        # file_stat and downloads waited.
+        self._changes = RationedThreads("changes", CHANGE_THREADS)
 
     def root_for(self, peer: Peer | None) -> StorageRoot:
         """The root ``peer`` sees: its user's root in accounts mode, else the storage."""
@@ -201,7 +209,7 @@ class LocalBackend:
             storage.delete(name)
             self.budget.prune_after_removal(prefix, name)
 
-        await trio.to_thread.run_sync(delete)
+        await self._changes.run(peer.connection, delete)
 
     async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
         """See :meth:`._backend.Backend.rename` (see :meth:`StorageRoot.rename`).
@@ -222,7 +230,7 @@ class LocalBackend:
             self.budget.prune_after_removal(prefix, old, moved_to=renamed)
             return renamed
 
-        return await trio.to_thread.run_sync(rename)
+        return await self._changes.run(peer.connection, rename)
 
 
 def _is_directory(storage: StorageRoot, name: str) -> bool:
