@@ -139,14 +139,14 @@ async def send_small_files(
             for batch in _batches(read, max_bytes):
                 if unsupported:
                     break
-                outcome = await on_peer(functools.partial(_send_batch, batch=batch))
+                outcome = await _call_batch(on_peer, batch, on_progress)
                 if outcome.get("unsupported"):
                     unsupported = True
                 elif not outcome.get("success"):
                     for small in batch:
-                        results[small.index] = outcome
+                        results[small.index] = dict(outcome)
                 else:
-                    await _report(batch, outcome["results"], results, on_progress)
+                    await _report(batch, outcome, results)
 
     budget = await on_peer(_frame_budget)
     if not budget.get("success"):
@@ -164,9 +164,42 @@ async def _frame_budget(peer: Peer) -> dict[str, Any]:
     return {"success": True, "bytes": peer.connection.keys.peer_max_frame_size - FRAME_OVERHEAD}
 
 
-async def _send_batch(peer: Peer, *, batch: list[_Small]) -> dict[str, Any]:
-    """One ``file_upload_batch`` call: ``{"success": True, "results": [...]}``, a failure
-    dict, or ``{"unsupported": True}`` when the server does not know the method."""
+async def _call_batch(
+    on_peer: OnPeer, batch: list[_Small], on_progress: ProgressCallback | None
+) -> dict[str, Any]:
+    """Send ``batch`` through ``on_peer``: what :func:`_send_batch` returns, or a failure dict.
+
+    ``on_peer`` raises (``ConnectionClosed``) when the connection is gone for
+    good: closed on purpose, or reconnecting gave up. That is this batch's
+    failure, file by file, like any other lost call: raised, it would cancel
+    the sibling batches and lose the results of the files already stored.
+    A batch after it meets the same closed connection and fails the same way,
+    so no file is left without a result.
+    """
+    attempt = functools.partial(_send_batch, batch=batch, on_progress=on_progress)
+    try:
+        return await on_peer(attempt)
+    except (ConduitError, OSError) as exc:
+        return transfer_failure(exc)
+
+
+def _reporter(small: _Small, on_progress: ProgressCallback | None) -> ProgressReporter:
+    """The progress reporter of one file of a batch; its clock starts now."""
+    return ProgressReporter(
+        on_progress, filename=small.name, direction="upload", total_size=len(small.data)
+    )
+
+
+async def _send_batch(
+    peer: Peer, *, batch: list[_Small], on_progress: ProgressCallback | None
+) -> dict[str, Any]:
+    """One ``file_upload_batch`` call: ``{"success": True, "results": [...], "reporters":
+    [...]}``, a failure dict, or ``{"unsupported": True}`` when the server does not know
+    the method."""
+    # Each file's clock starts before the call it travels in, as a single small
+    # upload's does (Sender._send_small): its elapsed and speed then cover the
+    # round trip and the server's storing, not the instant of reading the answer.
+    reporters = [_reporter(small, on_progress) for small in batch]
     try:
         answer = await peer.call(
             UPLOAD_BATCH,
@@ -180,22 +213,16 @@ async def _send_batch(peer: Peer, *, batch: list[_Small]) -> dict[str, Any]:
         if getattr(exc, "code", None) == "not_found" and UPLOAD_BATCH in str(exc):
             return {"success": True, "unsupported": True}
         return transfer_failure(exc)
-    return {"success": True, "results": listed}
+    return {"success": True, "results": listed, "reporters": reporters}
 
 
 async def _report(
-    batch: list[_Small],
-    listed: list[Any],
-    results: dict[int, dict[str, Any]],
-    on_progress: ProgressCallback | None,
+    batch: list[_Small], outcome: dict[str, Any], results: dict[int, dict[str, Any]]
 ) -> None:
     """Each file's result from the batch answer; its one progress report on success."""
-    for small, raw in zip(batch, listed, strict=True):
+    for small, raw, reporter in zip(batch, outcome["results"], outcome["reporters"], strict=True):
         result = entry_result(raw, len(small.data))
         if result.get("success"):
-            reporter = ProgressReporter(
-                on_progress, filename=small.name, direction="upload", total_size=len(small.data)
-            )
             await reporter.advance(len(small.data))
             final = await reporter.finish()
             result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)

@@ -107,10 +107,23 @@ def walk_local(top: Path, prefix: str) -> list[_Entry]:
     return entries
 
 
+def local_directory_name(top: Path) -> str:
+    """The name of the directory ``top`` points at, for ``"."`` and ``".."`` too.
+
+    ``Path("..").name`` is ``".."`` (and ``Path(".").name`` is ``""``): not a
+    name but a step, which as a remote segment would be refused as unsafe.
+    Those take the name from the resolved path (links followed, as the walk of
+    ``top`` itself does); ``"/"`` has none and gives ``""`` (the remote root).
+    """
+    if top.name not in ("", ".", ".."):
+        return top.name
+    return Path(os.path.realpath(top)).name
+
+
 def remote_prefix(top: Path, remote_name: str | None) -> str:
     """The remote directory name: ``remote_name`` or the local directory's own name."""
     if remote_name is None:
-        remote_name = top.name or Path(os.path.abspath(top)).name
+        remote_name = local_directory_name(top)
     remote_name = remote_name.strip("/")
     return safe_relative_name(remote_name) if remote_name else ""
 
