@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any, TypedDict
 
+import pytest
 import redis
 import trio
 
@@ -275,3 +276,49 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     await node.release_client_id(client_id)  # then the reconnect's
     assert _registered_node(engines, bus_namespace, client_id) is None
     await server.close()
+
+
+async def test_a_moved_notice_that_crossed_a_claim_here_keeps_the_id(
+    engines: Any, bus_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node A is told that client X resumed on node B, and while A looks X up on
+    the bus (and is answered B), X resumes on A again. The notice is out of date:
+    A must keep refreshing X's entry (else it expires while X is connected to A)
+    and must not route X's pushes to B."""
+    server = Server(
+        ServerDescriptor(
+            host="127.0.0.1",
+            port=0,
+            password="a password for the test",
+            cluster_url=engines.bus.url,
+            cluster_namespace=bus_namespace,
+            node_name="a",
+            cluster_ttl=TTL,
+        )
+    )
+    node = server.cluster
+    assert node is not None
+    client_id = "roaming-" + secrets.token_hex(4)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            await node.claim_client_id(client_id)
+            # X resumes on node B: B owns the entry now and tells A.
+            with contextlib.closing(_bus(engines)) as connection:
+                connection.set(f"{bus_namespace}:client:{client_id}", "b", px=int(TTL * 1000))
+            real_locate = node.bus.locate_client
+
+            async def locate_then_come_back(wanted: str) -> str | None:
+                answer = await real_locate(wanted)  # "b": read before the claim below
+                await node.claim_client_id(client_id)  # X resumes on A again
+                return answer
+
+            with monkeypatch.context() as patch:
+                patch.setattr(node.bus, "locate_client", locate_then_come_back)
+                await node._client_moved({"client_id": client_id}, "b")
+
+            assert node.moved_away(client_id) is None
+            # Still refreshed by A: the entry outlives several TTLs.
+            await trio.sleep(3 * TTL)
+            assert _registered_node(engines, bus_namespace, client_id) == "a"
+            await server.close()

@@ -25,6 +25,7 @@ Nothing here is imported unless ``cluster_url`` is set; it needs the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -101,6 +102,11 @@ class ClusterNode:
         #: Client id -> the node it resumed its session on, for clients that
         #: left this node that way (the newest few; forgotten when one is back).
         self._moved_away: OrderedDict[str, str] = OrderedDict()
+        #: Client id -> when (a serial of this node) it was last claimed here:
+        #: a "moved away" notice that raced a claim here is out of date (see
+        #: :meth:`_client_moved`). The newest few, as ``_moved_away``.
+        self._claims: OrderedDict[str, int] = OrderedDict()
+        self._claim_serials = itertools.count()
         self.bus.on_event(self._on_event)
         self.bus.on_request(self._on_request)
 
@@ -195,6 +201,12 @@ class ClusterNode:
         connection (it also notices at its next heartbeat).
         """
         previous = await self.bus.move_client(client_id)
+        # In the same step as move_client's own bookkeeping (no checkpoint in
+        # between): a notice handled across this claim sees the serial change.
+        self._claims[client_id] = next(self._claim_serials)
+        self._claims.move_to_end(client_id)
+        while len(self._claims) > _MOVED_KEPT:
+            self._claims.popitem(last=False)
         if previous is not None and previous != self.node_name:
             log.info("client %s resumed here, moved from node %r", client_id, previous)
             try:
@@ -273,8 +285,14 @@ class ClusterNode:
         if not isinstance(client_id, str):
             raise RPCError("malformed client_moved notice", "invalid_arguments")
         peer = self._server.clients.get(client_id)
-        if await self.bus.locate_client(client_id) == self.node_name:
-            return  # it came back here meanwhile: the notice is out of date
+        claimed = self._claims.get(client_id)
+        located = await self.bus.locate_client(client_id)
+        if located == self.node_name or self._claims.get(client_id) != claimed:
+            # It came back here meanwhile: the notice is out of date. (A claim
+            # here whose move crossed our lookup on the bus is caught by its
+            # serial: forgetting the id now would stop its refresh, and the
+            # id would expire while the client is connected here.)
+            return
         self.bus.forget_client(client_id)
         self._resume_digests.pop(client_id, None)
         self._moved_away[client_id] = sender
