@@ -63,11 +63,20 @@ class FileJob:
     local: str | None
     size: int | None
     result: dict[str, Any] | None = None
+    #: A download by name that turned out to be a whole directory (one the plan
+    #: did not expand into its files): one job per file it brought, and one for
+    #: the directory's own failure (a listing that failed or was cut short).
+    #: The job then stands for these, not for a file of its own.
+    parts: list[FileJob] | None = None
 
     @property
     def success(self) -> bool:
         """Whether the transfer finished and was verified."""
         return self.result is not None and bool(self.result.get("success"))
+
+    def files(self) -> list[FileJob]:
+        """What this job reports as: its :attr:`parts` once known, else itself."""
+        return [self] if self.parts is None else self.parts
 
     def to_json(self) -> dict[str, Any]:
         """The per-file entry of the ``--json`` document."""
@@ -82,6 +91,11 @@ class FileJob:
         document.setdefault("size", self.size)
         document["success"] = bool(document.get("success"))
         return document
+
+
+def file_jobs(jobs: Sequence[FileJob]) -> list[FileJob]:
+    """Every file the jobs stand for (a directory job's parts instead of the job)."""
+    return [part for job in jobs for part in job.files()]
 
 
 def shorten(label: str, width: int = _LABEL_WIDTH) -> str:
@@ -118,6 +132,7 @@ def outcome_line(verb: Verb, job: FileJob) -> str:
 
 def summary_line(verb: Verb, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> str:
     """The closing line: counts, bytes, time; what to do after an interruption."""
+    jobs = file_jobs(jobs)
     done = [job for job in jobs if job.success]
     failed = [job for job in jobs if job.result is not None and not job.success]
     moved = sum(int((job.result or {}).get("size", 0)) for job in done)
@@ -181,8 +196,9 @@ class PlainDisplay(Display):
     verb: Verb
 
     def file_finished(self, job: FileJob) -> None:
-        """Print the file's line."""
-        print(outcome_line(self.verb, job), flush=True)
+        """Print the file's line (a directory job: one line per file it brought)."""
+        for part in job.files():
+            print(outcome_line(self.verb, part), flush=True)
 
     def status(self, line: str) -> None:
         """Print the line."""
@@ -326,21 +342,30 @@ class LiveDisplay(Display):
         )
 
     def file_finished(self, job: FileJob) -> None:
-        """Replace the file's bar by its line."""
+        """Replace the file's bar by its line (a directory job's bar by one line per file)."""
         key = id(job)
         task = self._tasks.pop(key, None)
         if task is not None:
             self.progress.remove_task(task)
-        self._done += 1
-        if job.success:
+        files = job.files()
+        # A directory job counted as one file until its files were known.
+        self._count += len(files) - 1
+        self._done += len(files)
+        if job.parts is not None:
+            # Its bar followed one file after another: what arrived is the sum.
+            arrived = sum(int((f.result or {}).get("size", 0)) for f in files if f.success)
+            self._transferred[key] = self._sizes[key] = arrived
+            self._update_total_size()
+        elif job.success:
             self._transferred[key] = int((job.result or {}).get("size", job.size or 0))
         elif self._total is not None:
             # A failed file will not arrive: take it out of the total.
             self._sizes[key] = self._transferred.get(key, 0)
             self._update_total_size()
-        self.progress.console.print(
-            outcome_line(self.verb, job), markup=False, highlight=False, soft_wrap=True
-        )
+        for part in files:
+            self.progress.console.print(
+                outcome_line(self.verb, part), markup=False, highlight=False, soft_wrap=True
+            )
         self._update_total()
 
     def status(self, line: str) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 import attrs
 import trio
 
-from .. import Client, ConduitError, FileTransferHandler
+from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
+from ..transfer._names import safe_relative_name
+from ..transfer._tree import local_directory_name
 from ._common import (
     Address,
     ClientOptions,
@@ -24,6 +26,7 @@ from ._common import (
     connected,
     emit_json,
     human_bytes,
+    print_error,
 )
 from ._display import (
     RECONNECTED_LINE,
@@ -31,6 +34,7 @@ from ._display import (
     FileJob,
     ProgressCallback,
     Verb,
+    file_jobs,
     make_display,
     reconnecting_line,
 )
@@ -92,7 +96,8 @@ def collect_uploads(
                 size = None  # the library reports the problem when sending
             add(source, rename if rename is not None else source.name, size)
             continue
-        top = rename if rename is not None else (source.name or source.resolve().name)
+        # (.. and . take the name of the directory they resolve to, as the library does)
+        top = rename if rename is not None else local_directory_name(source)
         top = top.strip("/")
 
         def on_error(error: OSError) -> None:
@@ -211,7 +216,7 @@ async def _transfer_files(
 def _exit_code(jobs: Sequence[FileJob], signals: Signals) -> ExitCode:
     if signals.received is not None:
         return signals.exit_code
-    if any(not job.success for job in jobs):
+    if any(not job.success for job in file_jobs(jobs)):
         return ExitCode.TRANSFER_FAILED
     return ExitCode.OK
 
@@ -231,7 +236,7 @@ def _report(
             "ok": _exit_code(jobs, signals) == ExitCode.OK,
             "interrupted": signals.received is not None,
             "elapsed": elapsed,
-            "files": [job.to_json() for job in jobs],
+            "files": [job.to_json() for job in file_jobs(jobs)],
             **extra,
         }
     )
@@ -314,28 +319,95 @@ async def send(
 # --------------------------------------------------------------------------- get
 
 
+def download_name(name: str) -> str:
+    """NAME as the server names it: ``./photos/`` is ``photos``, ``a//b`` is ``a/b``.
+
+    The server lists and stores names in this form only, so planning must ask
+    for it (``./photos`` is a prefix of no listed name). A name the library
+    refuses (``..``, an absolute path) is kept as given: its download then
+    fails with ``unsafe_path``, as any refused name does.
+    """
+    try:
+        # A trailing "/" says "a directory"; the name itself has none.
+        return safe_relative_name(name.rstrip("/"))
+    except UnsafePathError:
+        return name
+
+
+async def _plan_name(handler: FileTransferHandler, client: Client, name: str) -> list[FileJob]:
+    """The jobs for one NAME: every file under it when it is a directory listed in full.
+
+    Only that directory is listed (``file_list`` with a prefix), never the
+    whole server, whose listing is cut at ``max_listed`` files and so may miss
+    the directory entirely or in part. Anything else is one job by name: a
+    file, a missing name and an empty directory list as empty, a refused name
+    or a lost connection fails the listing, and a directory listed only in
+    part is fetched whole by ``receive_from_server``, whose result names its
+    files and says it is incomplete (code ``truncated``).
+    """
+    try:
+        listing = await handler.list_files(client, prefix=name)
+    except ConduitError:
+        return [FileJob(name=name, local=None, size=None)]
+    if not listing or listing.truncated:
+        return [FileJob(name=name, local=None, size=None)]
+    entries = sorted(listing, key=lambda entry: str(entry["name"]))
+    return [FileJob(name=str(e["name"]), local=None, size=int(e["size"])) for e in entries]
+
+
 async def _plan_downloads(
     handler: FileTransferHandler, client: Client, names: Sequence[str]
 ) -> list[FileJob]:
-    """Expand each NAME: a file on the server, or a directory prefix (every file under it)."""
-    try:
-        listing = await handler.list_files(client)
-    except ConduitError:
-        listing = []  # each download then reports its own error
-    sizes = {str(entry["name"]): int(entry["size"]) for entry in listing}
+    """Expand each NAME: a file on the server, or a directory (every file under it)."""
     jobs: list[FileJob] = []
     seen: set[str] = set()
-    for name in names:
-        prefix = name.strip("/") + "/"
-        if name in sizes:
-            matches = [name]
-        else:
-            matches = sorted(n for n in sizes if n.startswith(prefix)) or [name]
-        for match in matches:
-            if match not in seen:
-                seen.add(match)
-                jobs.append(FileJob(name=match, local=None, size=sizes.get(match)))
+    for given in names:
+        for job in await _plan_name(handler, client, download_name(given)):
+            if job.name not in seen:  # the same file twice would race itself
+                seen.add(job.name)
+                jobs.append(job)
     return jobs
+
+
+def _is_tree(result: dict[str, Any]) -> bool:
+    """Whether ``result`` is a directory download's (``receive_tree``): files, no path."""
+    return "path" not in result and isinstance(result.get("files"), list)
+
+
+def _tree_parts(name: str, result: dict[str, Any]) -> list[FileJob]:
+    """A directory download's result as one finished job per file.
+
+    Plus one failed job for the directory itself when it failed as a whole:
+    its listing failed, or was cut at the server's ``max_listed`` (the files
+    listed were received; the others were not, and must not pass unnoticed).
+    """
+    parts: list[FileJob] = []
+    for entry in result["files"]:
+        if not isinstance(entry, dict):
+            continue
+        outcome = {k: v for k, v in entry.items() if k not in ("name", "local")}
+        path = outcome.get("path")
+        local = display_path(str(path)) if outcome.get("success") and path else None
+        size = outcome.get("size")
+        parts.append(
+            FileJob(
+                name=str(entry.get("name")),
+                local=local,
+                size=size if isinstance(size, int) else None,
+                result=outcome,
+            )
+        )
+    if result.get("error") is not None:
+        error = str(result["error"])
+        if result.get("code") == "truncated":
+            error = (
+                f"the server listed only the first {len(parts)} files of this directory "
+                "(its limit per listing); the others were not received: "
+                "get its subdirectories one at a time"
+            )
+        failure = {"success": False, "error": error, "code": result.get("code")}
+        parts.append(FileJob(name=name, local=None, size=None, result=failure))
+    return parts
 
 
 def display_path(path: str | os.PathLike[str]) -> str:
@@ -371,7 +443,10 @@ async def get(
                     result = await handler.receive_from_server(
                         client, job.name, output_dir, on_progress
                     )
-                    if result.get("success"):
+                    if _is_tree(result):
+                        # A directory the plan did not expand: report its files.
+                        job.parts = _tree_parts(job.name, result)
+                    elif result.get("success") and "path" in result:
                         job.local = display_path(str(result["path"]))
                     return result
 
@@ -391,7 +466,11 @@ async def get(
 
 
 async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> int:
-    """``conduit ls``: the server's files, one per line (or ``--json``)."""
+    """``conduit ls``: the server's files, one per line (or ``--json``).
+
+    A listing the server cut at its ``max_listed`` says so (``"truncated":
+    true``) and exits 1: it is not everything the server holds.
+    """
     try:
         async with connected(options) as client:
             try:
@@ -406,15 +485,30 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
             _fatal_json("ls", options.address, exc)
         raise
     files.sort(key=lambda entry: str(entry["name"]))
+    code = ExitCode.TRANSFER_FAILED if files.truncated else ExitCode.OK
     if json_output:
-        emit_json({"command": "ls", "server": str(options.address), "ok": True, "files": files})
-        return ExitCode.OK
+        emit_json(
+            {
+                "command": "ls",
+                "server": str(options.address),
+                "ok": code == ExitCode.OK,
+                "truncated": files.truncated,
+                "files": files,
+            }
+        )
+        return code
     for entry in files:
         modified = datetime.datetime.fromtimestamp(float(entry["modified"]))
         print(f"{human_bytes(int(entry['size'])):>11}  {modified:%Y-%m-%d %H:%M}  {entry['name']}")
     total = sum(int(entry["size"]) for entry in files)
     print(f"{len(files)} files, {human_bytes(total)}" if files else "no files", flush=True)
-    return ExitCode.OK
+    if files.truncated:
+        print(
+            f"truncated: the server lists at most {len(files)} files at once and holds more",
+            flush=True,
+        )
+        print_error(f"{options.address} listed only part of its files (the first {len(files)})")
+    return code
 
 
 # --------------------------------------------------------------------------- rm, mv

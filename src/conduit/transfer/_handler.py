@@ -38,6 +38,7 @@ from ._backend import Backend
 from ._backend_local import LocalBackend
 from ._hashing import HashGate
 from ._hooks import Hooks
+from ._listing import FileListing
 from ._progress import TransferProgress
 from ._receiver import Receiver
 from ._resilient import on_client, on_server
@@ -428,18 +429,24 @@ class FileTransferHandler:
         )
 
     @bridged
-    async def list_files(
-        self, client: Client, *, prefix: str | None = None
-    ) -> list[dict[str, Any]]:
+    async def list_files(self, client: Client, *, prefix: str | None = None) -> FileListing:
         """The server's files as ``[{"name", "size", "modified"}, ...]`` (raises on failure).
 
-        ``prefix`` (a directory on the server) lists only the files under it.
+        ``prefix`` (a directory on the server) lists only the files under it; a
+        name that is not a directory there lists as empty.
+
+        The result is a :class:`~conduit.transfer.FileListing`: a ``list`` with
+        a ``truncated`` attribute, True when the server had more files than its
+        ``max_listed`` (10,000 by default) and returned only the first ones.
+        Check it before treating the listing as everything there is (a
+        directory download planned from a cut listing would miss files).
         """
         if prefix is None:
             answer = await client.call(FILE_LIST)
         else:
             answer = await client.call(FILE_LIST, prefix=prefix)
-        return list(answer["files"])
+        # The server adds "truncated" only when it cut the list; older ones never do.
+        return FileListing(answer["files"], truncated=answer.get("truncated") is True)
 
     @bridged
     async def delete(self, client: Client, name: str) -> dict[str, Any]:

@@ -1,0 +1,277 @@
+"""``conduit ls`` and ``conduit get DIR`` against listings, and ``conduit send ..``.
+
+A server lists at most ``max_listed`` files in one answer. ``list_files``
+says when it had more (``FileListing.truncated``); ``ls`` reports a cut
+listing and exits 1; ``get DIR`` plans from DIR's own listing, never the
+server's whole (cut) one, and a directory whose own listing is cut fails
+instead of passing for complete. ``get`` also takes a directory by any
+spelling (``./photos``, ``photos//sub``, ``photos/``) and an empty one, and
+``send ..`` names the tree after the directory ``..`` is.
+
+The cut-listing cases need a small ``max_listed``, which ``conduit serve``
+does not offer: the server runs in this process (``server_factory``, real
+loopback socket, real files) and the command in a subprocess
+(:func:`trio.run_process`), each wait bounded by :func:`trio.fail_after`.
+The other cases run ``conduit serve`` as in ``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from rich.console import Console
+
+from conduit import Client, FileTransferHandler, Server
+from conduit.cli._display import FileJob, LiveDisplay, summary_line
+from conduit.cli._transfer import collect_uploads
+from conduit.transfer import FileListing
+from conftest import PASSWORD, ClientFactory, ServerFactory
+from test_cli import (
+    ServeProcess,
+    conduit,
+    conduit_json,
+    server,  # noqa: F401 (the fixture)
+    visible_files,
+)
+
+#: The in-process server's listing limit: small, so that a few files exceed it.
+MAX_LISTED = 3
+#: Seconds one command may take (a Python start and a handshake, a few files).
+RUN_TIMEOUT = 60
+
+
+def _env() -> dict[str, str]:
+    """This environment, the password in ``CONDUIT_PASSWORD``, nothing that changes the output."""
+    scrubbed = ("CONDUIT_ADDRESS", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+    env = {k: v for k, v in os.environ.items() if k not in scrubbed}
+    env["CONDUIT_PASSWORD"] = PASSWORD
+    return env
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+async def _served(tmp_path: Path, server_factory: ServerFactory, files: dict[str, bytes]) -> Server:
+    """A server in this process with ``max_listed=MAX_LISTED``, storing ``files``."""
+    directory = tmp_path / "served"
+    _tree(directory, files)
+    handler = FileTransferHandler(storage_dir=directory, max_listed=MAX_LISTED)
+    register: Callable[[Server], None] = handler.register_server_handlers
+    return await server_factory(register=register)
+
+
+async def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    """``python -m conduit ARGS`` in a subprocess, while this process's server serves it."""
+    with trio.fail_after(RUN_TIMEOUT):
+        return await trio.run_process(
+            [sys.executable, "-m", "conduit", *args],
+            stdin=b"",  # not a terminal: plain lines, no prompt
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_env(),
+            cwd=cwd,
+        )
+
+
+def _document(result: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    try:
+        document: dict[str, Any] = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(
+            f"not one JSON document: {result.stdout!r} {result.stderr!r}"
+        ) from None
+    return document
+
+
+# --------------------------------------------------------------------------- list_files
+
+
+async def test_list_files_says_when_the_server_cut_it(
+    tmp_path: Path, server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    files = {f"f{i}.txt": b"x" * i for i in range(1, 6)} | {"d/a.txt": b"a", "d/b.txt": b"b"}
+    serving = await _served(tmp_path, server_factory, files)
+    client: Client = await client_factory(serving)
+    handler = FileTransferHandler()
+    with trio.fail_after(10):
+        everything = await handler.list_files(client)
+        directory = await handler.list_files(client, prefix="d")
+        nothing = await handler.list_files(client, prefix="missing")
+    assert isinstance(everything, FileListing) and isinstance(everything, list)
+    assert everything.truncated is True and len(everything) == MAX_LISTED
+    assert directory.truncated is False
+    # Still a list to every caller written for one: equal to a plain list, sortable.
+    assert directory == [dict(entry) for entry in directory]
+    assert [entry["name"] for entry in sorted(directory, key=lambda e: e["name"])] == [
+        "d/a.txt",
+        "d/b.txt",
+    ]
+    assert nothing == [] and nothing.truncated is False
+
+
+# --------------------------------------------------------------------------- ls
+
+
+async def test_ls_says_the_listing_was_cut(tmp_path: Path, server_factory: ServerFactory) -> None:
+    serving = await _served(
+        tmp_path, server_factory, {f"f{i}.txt": b"%d" % i for i in range(1, 10)}
+    )
+    address = f"127.0.0.1:{serving.port}"
+
+    plain = await _run("ls", "--from", address)
+    assert plain.returncode == 1, plain
+    out = plain.stdout.decode()
+    assert out.count(".txt") == MAX_LISTED, out
+    assert "truncated" in out, out
+    assert "listed only part of its files" in plain.stderr.decode(), plain.stderr
+
+    as_json = await _run("ls", "--json", "--from", address)
+    assert as_json.returncode == 1, as_json
+    document = _document(as_json)
+    assert document["truncated"] is True and document["ok"] is False, document
+    assert len(document["files"]) == MAX_LISTED
+
+
+async def test_ls_of_a_complete_listing_is_not_truncated(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    serving = await _served(tmp_path, server_factory, {"a.txt": b"a", "b.txt": b"b"})
+    result = await _run("ls", "--json", "--from", f"127.0.0.1:{serving.port}")
+    assert result.returncode == 0, result
+    document = _document(result)
+    assert document["truncated"] is False and document["ok"] is True, document
+    assert [entry["name"] for entry in document["files"]] == ["a.txt", "b.txt"]
+
+
+# --------------------------------------------------------------------------- get DIR
+
+
+async def test_get_dir_is_planned_from_its_own_listing(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    # "aaa" fills the server's whole (cut) listing; "zdir" is not in it at all.
+    files = {f"aaa/f{i}.txt": b"a%d" % i for i in range(1, 5)}
+    files |= {"zdir/f1.txt": b"z1", "zdir/f2.txt": b"z2"}
+    serving = await _served(tmp_path, server_factory, files)
+    out = tmp_path / "out"
+    result = await _run(
+        "get", "zdir", "--json", "-o", str(out), "--from", f"127.0.0.1:{serving.port}"
+    )
+    assert result.returncode == 0, result
+    document = _document(result)
+    assert [entry["name"] for entry in document["files"]] == ["zdir/f1.txt", "zdir/f2.txt"]
+    assert visible_files(out) == {"zdir/f1.txt": b"z1", "zdir/f2.txt": b"z2"}
+
+
+async def test_get_dir_with_a_cut_listing_fails_instead_of_passing_for_complete(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    files = {f"zdir/f{i}.txt": b"z%d" % i for i in range(1, 6)}
+    serving = await _served(tmp_path, server_factory, files)
+    address = f"127.0.0.1:{serving.port}"
+
+    out = tmp_path / "out"
+    result = await _run("get", "zdir", "--json", "-o", str(out), "--from", address)
+    assert result.returncode == 1, result
+    document = _document(result)
+    assert document["ok"] is False
+    by_name = {entry["name"]: entry for entry in document["files"]}
+    cut = by_name.pop("zdir")
+    assert cut["success"] is False and cut["code"] == "truncated", cut
+    assert "only the first 3 files" in cut["error"], cut
+    # What was listed did arrive, and is reported file by file.
+    assert len(by_name) == MAX_LISTED and all(e["success"] for e in by_name.values())
+    assert len(visible_files(out)) == MAX_LISTED
+
+    plain = await _run("get", "zdir", "-o", str(tmp_path / "out2"), "--from", address)
+    assert plain.returncode == 1, plain
+    assert "FAILED    zdir: the server listed only the first 3 files" in plain.stdout.decode()
+
+
+@pytest.mark.parametrize("spelling", ["./photos", "photos/", "photos//sub", "./photos/sub/"])
+def test_get_dir_in_any_spelling(
+    tmp_path: Path,
+    server: ServeProcess,  # noqa: F811
+    spelling: str,
+) -> None:
+    _tree(server.directory, {"photos/a.txt": b"a", "photos/sub/b.txt": b"b"})
+    out = tmp_path / "out"
+    code, document = conduit_json("get", spelling, "-o", str(out), "--from", server.address)
+    assert code == 0, document
+    wanted = {"photos/sub/b.txt": b"b"}
+    if "sub" not in spelling:
+        wanted["photos/a.txt"] = b"a"
+    assert visible_files(out) == wanted
+    assert sorted(entry["name"] for entry in document["files"]) == sorted(wanted)
+    assert all(Path(entry["path"]).is_file() for entry in document["files"]), document
+
+
+def test_get_an_empty_directory(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
+    (server.directory / "empty").mkdir(parents=True)
+    code, document = conduit_json("get", "empty", "-o", str(tmp_path), "--from", server.address)
+    assert code == 0 and document["ok"] is True and document["files"] == [], document
+    result = conduit("get", "empty", "-o", str(tmp_path), "--from", server.address)
+    assert result.returncode == 0 and "0 of 0 files received" in result.stdout, result
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_live_display_shows_a_directory_jobs_files() -> None:
+    # A download by name that turned out to be a directory: one line per file.
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=160)
+    other = FileJob(name="other.bin", local=None, size=10)
+    tree = FileJob(name="zdir", local=None, size=None)
+    with LiveDisplay("get", console, [other, tree]) as display:
+        display.file_started(tree)
+        tree.result = {"success": False, "error": "cut", "code": "truncated", "files": []}
+        tree.parts = [
+            FileJob("zdir/a.txt", "out/zdir/a.txt", 2, {"success": True, "size": 2}),
+            FileJob("zdir", None, None, {"success": False, "error": "cut", "code": "truncated"}),
+        ]
+        display.file_finished(tree)
+    text = buffer.getvalue()
+    assert "received  zdir/a.txt -> out/zdir/a.txt" in text, text
+    assert "FAILED    zdir: cut [truncated]" in text, text
+    assert summary_line("get", [tree], 1.0, False).startswith("1 of 2 files received")
+
+
+# --------------------------------------------------------------------------- send ..
+
+
+def test_send_dotdot_uses_the_parent_directory_name(
+    tmp_path: Path,
+    server: ServeProcess,  # noqa: F811
+) -> None:
+    project = tmp_path / "proj"
+    _tree(project, {"a.txt": b"hello", "sub/b.txt": b"world"})
+    result = conduit("send", "..", "--to", server.address, cwd=project / "sub")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert visible_files(server.directory) == {"proj/a.txt": b"hello", "proj/sub/b.txt": b"world"}
+
+
+@pytest.mark.parametrize(("where", "given"), [("sub", ".."), ("sub", "."), ("", "sub/..")])
+def test_collect_uploads_names_dot_and_dotdot_by_what_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, given: str
+) -> None:
+    project = tmp_path / "proj"
+    _tree(project, {"sub/b.txt": b"b"})
+    monkeypatch.chdir(project / where)
+    jobs, skipped = collect_uploads([Path(given)])
+    top = "sub" if given == "." else "proj"
+    assert not skipped
+    assert [job.name for job in jobs] == ([f"{top}/sub/b.txt"] if top == "proj" else ["sub/b.txt"])
+    assert all(os.path.isfile(str(job.local)) for job in jobs)
