@@ -229,6 +229,28 @@ def test_send_tree_ls_get_round_trip(tmp_path: Path, server: ServeProcess) -> No
     server.wait_for_log(r"download +photos/a\.txt \(6 B\) to client")
 
 
+def test_send_fails_over_an_entry_it_cannot_read(tmp_path: Path, server: ServeProcess) -> None:
+    """An entry of the directory that cannot be read (here a symbolic link loop:
+    ELOOP; a permission refused or an I/O error alike) was meant to be sent: the
+    rest is sent, and the run says FAILED and exits 1, unlike a hidden file,
+    which is left out by choice."""
+    tree = tmp_path / "docs"
+    tree.mkdir()
+    (tree / "a.txt").write_text("a\n")
+    (tree / ".hidden").write_text("left out by choice\n")
+    os.symlink("loop", tree / "loop")
+    sent = conduit("send", str(tree), "--to", server.address)
+    assert sent.returncode == 1, (sent.stdout, sent.stderr)
+    assert re.search(r"^FAILED +\S*docs/loop: cannot read", sent.stdout, re.M), sent.stdout
+    assert re.search(r"^skipped +\S*docs/\.hidden", sent.stdout, re.M), sent.stdout
+    assert visible_files(server.directory) == {"docs/a.txt": b"a\n"}
+
+    code, document = conduit_json("send", str(tree), "--to", server.address)
+    assert code == 1 and document["ok"] is False, document
+    reasons = {Path(entry["local"]).name: entry["failed"] for entry in document["skipped"]}
+    assert reasons == {"loop": True, ".hidden": False}, document["skipped"]
+
+
 def test_address_from_the_environment(tmp_path: Path, server: ServeProcess) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "conduit", "ls"],

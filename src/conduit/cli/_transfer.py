@@ -52,10 +52,13 @@ class Skipped:
 
     local: str
     reason: str
+    #: Meant to be sent but it could not be read (a permission refused, a
+    #: dangling link, an I/O error): a failure, not a choice like a hidden name.
+    failed: bool = False
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, str | bool]:
         """The ``skipped`` entry of the ``--json`` document."""
-        return {"local": self.local, "reason": self.reason}
+        return {"local": self.local, "reason": self.reason, "failed": self.failed}
 
 
 # --------------------------------------------------------------------------- planning
@@ -101,7 +104,9 @@ def collect_uploads(
         top = top.strip("/")
 
         def on_error(error: OSError) -> None:
-            skipped.append(Skipped(str(error.filename), f"cannot read: {error.strerror}"))
+            skipped.append(
+                Skipped(str(error.filename), f"cannot read: {error.strerror}", failed=True)
+            )
 
         for root, dirs, files in os.walk(source, onerror=on_error):
             root_path = Path(root)
@@ -123,7 +128,7 @@ def collect_uploads(
                 try:
                     info = path.stat()
                 except OSError as exc:
-                    skipped.append(Skipped(str(path), f"cannot read: {exc.strerror}"))
+                    skipped.append(Skipped(str(path), f"cannot read: {exc.strerror}", failed=True))
                     continue
                 if not stat.S_ISREG(info.st_mode):
                     skipped.append(Skipped(str(path), "not a regular file"))
@@ -213,10 +218,11 @@ async def _transfer_files(
     return time.monotonic() - started
 
 
-def _exit_code(jobs: Sequence[FileJob], signals: Signals) -> ExitCode:
+def _exit_code(jobs: Sequence[FileJob], signals: Signals, *, unread: bool = False) -> ExitCode:
+    """The exit code: ``unread`` when local entries meant to be sent could not be read."""
     if signals.received is not None:
         return signals.exit_code
-    if any(not job.success for job in file_jobs(jobs)):
+    if unread or any(not job.success for job in file_jobs(jobs)):
         return ExitCode.TRANSFER_FAILED
     return ExitCode.OK
 
@@ -227,13 +233,15 @@ def _report(
     jobs: Sequence[FileJob],
     signals: Signals,
     elapsed: float,
+    *,
+    unread: bool = False,
     **extra: Any,
 ) -> None:
     emit_json(
         {
             "command": command,
             "server": str(address),
-            "ok": _exit_code(jobs, signals) == ExitCode.OK,
+            "ok": _exit_code(jobs, signals, unread=unread) == ExitCode.OK,
             "interrupted": signals.received is not None,
             "elapsed": elapsed,
             "files": [job.to_json() for job in file_jobs(jobs)],
@@ -267,9 +275,11 @@ async def send(
     json_output: bool,
 ) -> int:
     """``conduit send``: upload every job; the exit code says how it went."""
+    unread = any(entry.failed for entry in skipped)
     if not json_output:
         for entry in skipped:
-            print(f"skipped   {display_path(entry.local)}: {entry.reason}", flush=True)
+            label = "FAILED  " if entry.failed else "skipped "
+            print(f"{label}  {display_path(entry.local)}: {entry.reason}", flush=True)
     elapsed = 0.0
     started = time.monotonic()
     try:
@@ -311,9 +321,10 @@ async def send(
             jobs,
             signals,
             elapsed,
+            unread=unread,
             skipped=[entry.to_json() for entry in skipped],
         )
-    return _exit_code(jobs, signals)
+    return _exit_code(jobs, signals, unread=unread)
 
 
 # --------------------------------------------------------------------------- get
