@@ -49,6 +49,24 @@ def test_user_add_list_remove(tmp_path: Path) -> None:
     assert no_password.returncode == 2 and "CONDUIT_PASSWORD" in no_password.stderr
 
 
+def test_user_commands_on_an_unusable_accounts_file_are_configuration_errors(
+    tmp_path: Path,
+) -> None:
+    """A FILE in a missing directory cannot be written, a malformed one cannot be
+    read: exit 2 with one line saying so, never a traceback."""
+    missing = tmp_path / "no such directory" / "accounts.json"
+    added = conduit("user", "add", "alice", "--accounts", str(missing), password=ALICE)
+    assert added.returncode == 2, (added.stdout, added.stderr)
+    assert "cannot write the accounts file" in added.stderr and "Traceback" not in added.stderr
+    malformed = tmp_path / "accounts.json"
+    malformed.write_text("{not json")
+    for command in (["add", "alice"], ["remove", "alice"], ["list"]):
+        result = conduit("user", *command, "--accounts", str(malformed), password=ALICE)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "cannot read the accounts file" in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_serve_with_accounts_and_log_in_as_a_user(tmp_path: Path) -> None:
     accounts = tmp_path / "accounts.json"
     assert (

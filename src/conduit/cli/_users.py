@@ -37,7 +37,7 @@ def add(
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc}", ExitCode.TRANSFER_FAILED) from None
+        raise _cannot_write(path, exc) from None
     record = accounts.get(username)
     print(f"added user {username!r} (root {record.root!r}{_limits(record.quota, read_only)})")
     return ExitCode.OK
@@ -50,8 +50,10 @@ def remove(path: Path, username: str) -> int:
         accounts.remove(username)
     except KeyError:
         raise CLIError(f"no user named {username!r} in {path}") from None
+    except ValueError as exc:  # changed by someone else into something unreadable
+        raise CLIError(f"cannot read the accounts file {path}: {exc}") from None
     except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc}", ExitCode.TRANSFER_FAILED) from None
+        raise _cannot_write(path, exc) from None
     print(f"removed user {username!r} (its files are left where they are)")
     return ExitCode.OK
 
@@ -63,6 +65,13 @@ def list_users(path: Path) -> int:
         record = accounts.get(username)
         print(f"{username}\troot={record.root}{_limits(record.quota, record.read_only)}")
     return ExitCode.OK
+
+
+def _cannot_write(path: Path, exc: OSError) -> CLIError:
+    """The error for an accounts file that cannot be written: a configuration
+    problem (exit 2, as an unreadable one): its directory is missing or not
+    writable, or the disk refuses it."""
+    return CLIError(f"cannot write the accounts file {path}: {exc.strerror or exc}")
 
 
 def _limits(quota: int | None, read_only: bool) -> str:
