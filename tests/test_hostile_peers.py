@@ -1150,8 +1150,9 @@ async def test_ping_flood_from_a_peer_that_never_reads(arena: ArenaFactory) -> N
     "message-flood",
     area="hostile peer, authenticated",
     attack="100,000 one-way MESSAGEs for an event whose handler is slow",
-    behaviour="backpressure: the server stops reading that connection while its 64-message "
-    "queue is full; memory bounded; other clients unaffected",
+    behaviour="backpressure: the server stops reading that connection while its message "
+    "queue is full (32 MiB, each message counted as at least 1 KiB); memory bounded; other "
+    "clients unaffected",
 )
 async def test_message_flood_is_backpressured(arena: ArenaFactory) -> None:
     a = await arena()

@@ -28,6 +28,7 @@ from conduit import (
     RPCError,
     RPCTimeoutError,
     Server,
+    _connection,
     _heartbeats,
 )
 from conftest import (
@@ -846,6 +847,78 @@ async def test_messages_both_ways(
     # Unhandled messages did not break the connection.
     assert client.connected
     assert peer.connected
+
+
+async def test_message_handlers_that_call_back_get_their_answers_behind_a_burst(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """A burst of 1,000 notifications whose handler asks the sender for details
+    (a call on its own connection): the answers travel behind the notifications
+    still queued, so the reader must take those in to reach them. It does: they
+    hold far less than the queue's bytes (a bound of 64 messages, before, made
+    the first handler wait for good and the connection die of a heartbeat)."""
+    handled: list[int] = []
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        def details(n: int) -> int:
+            return n
+
+    def register_client(client: Client) -> None:
+        @client.on("news")
+        async def on_news(n: int) -> None:
+            await trio.sleep(0.001)  # some work first, so the burst queues up
+            handled.append(await conduit.current_peer().call("details", n=n))
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    assert client.id is not None
+    peer = server.clients[client.id]
+    with trio.fail_after(60):
+        for n in range(1000):
+            await peer.send("news", n)
+        await wait_until(lambda: len(handled) == 1000, timeout=60)
+    assert handled == list(range(1000))
+    assert client.connected
+
+
+async def test_a_message_handler_awaiting_its_own_connection_is_reported(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the queue's bytes (shrunk here to 64 small messages), a message
+    handler that awaits a call on its own connection cannot get the answer: the
+    reader, waiting for room in the queue, reads nothing, the answer included.
+    The wait cannot be told from a slow handler, but it is logged after a few
+    seconds with the way out, rather than passing in silence until a heartbeat
+    timeout."""
+    monkeypatch.setattr(_connection, "_MESSAGE_QUEUE_BYTES", 64 * _connection._MESSAGE_CHARGE)
+    monkeypatch.setattr(_connection, "_MESSAGE_STALL_WARNING", 0.5)
+    handled: list[int] = []
+
+    def register_server(server: Server) -> None:
+        @server.on("event")
+        async def on_event(peer: Peer, n: int) -> None:
+            handled.append(await peer.call("details", n=n))
+
+    def register_client(client: Client) -> None:
+        @client.rpc
+        def details(n: int) -> int:
+            return n
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    with caplog.at_level(logging.WARNING, logger="conduit.connection"):
+        for n in range(100):
+            await client.send("event", n)
+        await wait_until(
+            lambda: any("awaits a call on its own connection" in r.message for r in caplog.records),
+            timeout=30,
+        )
+    assert handled == list(range(len(handled))) and len(handled) < 100  # one waits for good
+    await client.disconnect()
 
 
 async def test_broadcast_with_exclude(

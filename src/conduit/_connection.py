@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -88,14 +89,22 @@ log = logging.getLogger("conduit.connection")
 # Room for a whole 1 MiB record and its framing (see _receive_buffer), and no
 # more: a larger read would grow the record opener's buffer, and peak RSS, with it.
 RECEIVE_SIZE = 1024 * 1024 + 8 * 1024
-_MESSAGE_QUEUE = 64
 # What the messages queued for, or being handled by, the message task hold
 # decoded (their bytes on the wire for small ones, codec.unpack_sized's bound
-# for larger ones). The reader waits for room beyond it (a lone message of any
-# size is let in). Large, so that a handler awaiting a call on the same
-# connection (whose answer the reader must read) rarely finds it waiting: as
-# with the 64 messages the queue holds, a reader that waits reads nothing else.
+# for larger ones, and at least _MESSAGE_CHARGE each). The reader waits for
+# room beyond it (a lone message of any size is let in). Large, so that a
+# handler awaiting a call on the same connection (whose answer the reader must
+# read) rarely finds it waiting: a reader that waits reads nothing else. A
+# bound of 64 messages, as before, made that wait as soon as a burst of 64
+# small notifications queued behind a handler that called back.
 _MESSAGE_QUEUE_BYTES = 32 * 1024 * 1024
+# What a message counts at least: a small one queued holds about 400 bytes (its
+# event object, its decoded data; a small map measured), so the byte bound
+# also bounds how many are queued (32,768), with room to spare.
+_MESSAGE_CHARGE = 1024
+# Seconds the reader may wait for room in the message queue before it says
+# why it stopped (see _wait_for_message_room).
+_MESSAGE_STALL_WARNING = 5.0
 # Once a connection sends records this large (bulk data), its socket may hold
 # this much unsent (see SocketIO.allow_unsent): a 1 MiB record then takes about
 # two writes instead of six, and an RPC behind it waits for at most a quarter
@@ -664,8 +673,9 @@ class Connection:
                 if not self._message_task_started:
                     self._message_task_started = True
                     assert self._nursery is not None  # the reader runs in it
+                    # Unbounded in count: _queue_message bounds what it holds.
                     self._messages_in, messages_out = trio.open_memory_channel[MessageReceived](
-                        _MESSAGE_QUEUE
+                        math.inf
                     )
                     self._task_context.run(
                         self._nursery.start_soon, self._message_task, messages_out
@@ -674,12 +684,37 @@ class Connection:
         return None
 
     async def _queue_message(self, message: MessageReceived) -> None:
-        # The channel bounds how many; this, how many bytes.
-        while self._message_bytes and self._message_bytes + message.size > _MESSAGE_QUEUE_BYTES:
+        charge = max(message.size, _MESSAGE_CHARGE)
+        while self._message_bytes and self._message_bytes + charge > _MESSAGE_QUEUE_BYTES:
             room = self._message_room = trio.Event()
-            await room.wait()
-        self._message_bytes += message.size
-        await self._messages_in.send(message)
+            await self._wait_for_message_room(room.wait)
+        self._message_bytes += charge
+        self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
+
+    async def _wait_for_message_room(self, wait: Callable[[], Awaitable[None]]) -> None:
+        """``wait()`` for room in the message queue, saying so if it takes long.
+
+        While it waits the reader reads nothing, answers included: a message
+        handler that awaits a call on this same connection then waits for
+        good (until a heartbeat timeout or the call's own). That cannot be
+        told from a merely slow handler, so after
+        :data:`_MESSAGE_STALL_WARNING` seconds with calls of ours waiting for
+        answers it is logged, once per wait, with the way out.
+        """
+        with trio.move_on_after(_MESSAGE_STALL_WARNING):
+            await wait()
+            return
+        if len(self._pending):
+            log.warning(
+                "%s: the message queue has been full for %g s, so this connection "
+                "reads nothing, while %d call(s) of ours wait for answers: a message "
+                "handler that awaits a call on its own connection cannot get the "
+                "answer until the queue drains (run such work in a task of its own)",
+                self.label,
+                _MESSAGE_STALL_WARNING,
+                len(self._pending),
+            )
+        await wait()  # (an Event's wait may be cancelled and started again)
 
     async def _wait_idle(self, role: ReadingRole) -> bool:
         """Until the socket has bytes and no caller holds the role (False), or a caller
@@ -922,7 +957,7 @@ class Connection:
             except Exception:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
             finally:
-                self._message_bytes -= message.size
+                self._message_bytes -= max(message.size, _MESSAGE_CHARGE)
                 room = self._message_room
                 if room is not None:
                     self._message_room = None
