@@ -655,6 +655,63 @@ async def test_server_calls_the_client(
     assert missing.value.code == "not_found"
 
 
+async def test_a_handler_that_closes_its_own_connection_ends_it(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """A "logout" method closes the connection it was called on: the close
+    cannot wait for the end (which waits for the handler), so it returns once
+    the goodbye is on its way, and the connection ends: the caller sees
+    ConnectionClosed, the server forgets the client. Before, the handler and
+    the connection waited for each other for good."""
+    returned = trio.Event()
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def logout() -> str:
+            await conduit.current_peer().close("logged out")
+            returned.set()
+            return "bye"
+
+    server = await server_factory(register=register_server, heartbeat_interval=0)
+    client = await client_factory(server)
+    assert client.id is not None
+    with trio.fail_after(10):
+        with pytest.raises(ConnectionClosed, match="logged out"):
+            await client.call("logout")
+        await returned.wait()
+        await wait_until(lambda: client.id not in server.clients, timeout=10)
+        await client.wait_closed()
+
+
+async def test_a_client_handler_that_disconnects_its_client_ends_the_connection(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """The client's side of the same: a method the server calls disconnects."""
+    returned = trio.Event()
+    holder: list[Client] = []
+
+    def register_client(client: Client) -> None:
+        holder.append(client)
+
+        @client.rpc
+        async def shutdown() -> str:
+            await holder[0].disconnect("told to")
+            returned.set()
+            return "ok"
+
+    server = await server_factory(heartbeat_interval=0)
+    client = await client_factory(server, register=register_client)
+    assert client.id is not None
+    peer = server.clients[client.id]
+    with trio.fail_after(10):
+        with pytest.raises(ConnectionClosed, match="told to"):
+            await peer.call("shutdown")
+        await returned.wait()
+        await client.wait_closed()
+        assert not client.connected
+        await client.disconnect()  # again: a no-op, at once
+
+
 async def test_handler_calls_back_into_its_caller(
     server_factory: ServerFactory,
     client_factory: ClientFactory,

@@ -529,8 +529,15 @@ class Connection:
         Also before :meth:`run` has started, if it will (:meth:`will_run`):
         the GOODBYE goes out from here, or from the writer that run() then
         starts, and run() ends the connection (it starts nothing else).
+
+        Called from a task of this connection (an RPC or message handler
+        closing its own connection: a "logout"), it cannot wait for the end,
+        which waits for that very task: it returns once the GOODBYE is on its
+        way, and the connection ends once the handler has returned and the
+        peer has answered (or after ``grace``).
         """
         running = self._nursery is not None or self._run_expected
+        inside = self._nursery is not None and self._called_from_inside()
         if self.is_open and running:
             direct = self._socket_io is not None and self._can_send_directly()
             goodbye = self._state.goodbye(reason)
@@ -544,11 +551,38 @@ class Connection:
                     self._outbox.put_control((goodbye,))
                 waits = True
             if waits:
+                if inside:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._abort_after, grace, reason)
+                    return
                 with trio.move_on_after(grace):
                     await self.closed.wait()
         self.abort(reason)
-        if running:
+        if running and not inside:
             await self.closed.wait()
+
+    def _called_from_inside(self) -> bool:
+        """Whether the calling task is this connection's: the task of :meth:`run`,
+        or one started in its nursery (or below one), which run() waits for."""
+        try:
+            task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        except RuntimeError:  # the asyncio host's callback (see _drain_on_host)
+            return False
+        while task is not None:
+            if task is self._body_task:
+                return True
+            nursery = task.parent_nursery
+            if nursery is None:
+                return False
+            if nursery is self._nursery:
+                return True
+            task = nursery.parent_task
+        return False
+
+    async def _abort_after(self, grace: float, reason: str) -> None:
+        """A close from inside (see :meth:`close`): the end it could not wait for."""
+        await trio.sleep(grace)
+        self.abort(reason)
 
     def _goodbye_now(self, goodbye: bytes) -> bool:
         """Send the GOODBYE from the closing task; whether it is done (went

@@ -85,7 +85,11 @@ class Peer:
 
     @bridged
     async def close(self, reason: str = "closed by the server") -> None:
-        """Close this connection gracefully and wait until it is closed."""
+        """Close this connection gracefully and wait until it is closed.
+
+        From a handler of this same connection it returns once the goodbye
+        is on its way: the connection ends after the handler has returned.
+        """
         await self._connection.close(reason)
 
 

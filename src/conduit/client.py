@@ -585,6 +585,9 @@ class Client(Endpoint):
 
         A :meth:`connect` on its way loses: it closes what it opened and
         raises :class:`~conduit.ConnectionClosed`; this returns once it has.
+        From a handler of the connection itself (a method the server calls),
+        it returns once the goodbye is on its way: the connection ends after
+        the handler has returned.
         """
         self._stopping = True
         self._disconnects += 1
