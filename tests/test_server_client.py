@@ -9,8 +9,10 @@ file descriptors) the tests ask for ``tcp_server_factory`` /
 ``tcp_client_factory``, real loopback sockets.
 """
 
+import contextlib
 import functools
 import logging
+import threading
 from typing import Any
 
 import attrs
@@ -710,6 +712,61 @@ async def test_a_client_handler_that_disconnects_its_client_ends_the_connection(
         await client.wait_closed()
         assert not client.connected
         await client.disconnect()  # again: a no-op, at once
+
+
+async def test_callers_hear_the_end_while_a_handler_still_runs_in_a_thread(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """The server says goodbye while one of the client's handlers is in a worker
+    thread (which no cancellation stops): the client's own call, waiting for its
+    answer, fails with ConnectionClosed at once, not when the thread returns (its
+    timeout could not end the wait either: the call timer goes with the
+    connection's other tasks)."""
+    in_thread, release = threading.Event(), threading.Event()
+    outcome: list[BaseException] = []
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def hang() -> None:
+            await trio.sleep_forever()
+
+    def register_client(client: Client) -> None:
+        def work() -> None:  # a hash of a large file, say
+            in_thread.set()
+            release.wait(30)
+
+        @client.rpc
+        async def crunch() -> None:
+            await trio.to_thread.run_sync(work)
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    assert client.id is not None
+    peer = server.clients[client.id]
+
+    async def ask_the_client() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await peer.call("crunch")
+
+    async def call_the_server(task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            await client.call("hang", timeout=20)
+        except ConnectionClosed as exc:
+            outcome.append(exc)
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask_the_client)
+                await trio.to_thread.run_sync(in_thread.wait, 10)
+                await nursery.start(call_the_server)
+                await peer.connection.close("server going away", 0.5)
+                await wait_until(lambda: bool(outcome), timeout=10)
+                assert not release.is_set()  # the thread still runs: the call did not wait
+    finally:
+        release.set()
+    assert "server going away" in str(outcome[0])
 
 
 async def test_handler_calls_back_into_its_caller(

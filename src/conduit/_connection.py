@@ -497,6 +497,12 @@ class Connection:
         writer_waits = self._writer_started and self._outbox.writer_idle
         self._outbox.close()
         self._timers_parked.unpark_all()
+        if trio.lowlevel.in_trio_task():  # (not the asyncio host's callback: see _release)
+            # Callers waiting for answers and streams waiting for data hear it
+            # now, not when every task of the connection has ended: a handler
+            # in a worker thread holds run() as long as the thread runs, and
+            # the call timer that would end their waits goes with the nursery.
+            self._fail_waiters()
         if self._nursery is not None and not self._ends_by_itself(writer_waits):
             self._nursery.cancel_scope.cancel()
 
@@ -613,9 +619,15 @@ class Connection:
     def _shutdown(self, reason: str) -> None:
         self._state.close(reason)
         self._outbox.close()
-        self._pending.fail_all(self.close_reason or reason)
+        self._fail_waiters()
+
+    def _fail_waiters(self) -> None:
+        """Every caller waiting for an answer, and every stream, fails: the
+        connection is over (once: the calls and streams are dropped)."""
+        reason = self.close_reason or "connection closed"
+        self._pending.fail_all(reason)
         for stream in self._state.drop_streams():
-            stream.fail(ConnectionClosed(self.close_reason or reason))
+            stream.fail(ConnectionClosed(reason))
 
     # ------------------------------------------------------------------ tasks
 
