@@ -105,6 +105,9 @@ class PendingCalls:
         its call has an outcome (None: park as usual; see
         :mod:`conduit._reading_role`)."""
         self._calls: dict[int, PendingCall] = {}
+        # The machine skips these ids when its call ids wrap: the dict itself,
+        # so nothing is added per call (fail_all empties it in place).
+        state.calls_in_use = self._calls
         #: Callers woken whose task has not run yet. While some are, a caller
         #: sending its next call queues it behind theirs: one record for the
         #: burst (see Connection._send_soon).
@@ -252,8 +255,9 @@ class PendingCalls:
 
     def fail_all(self, reason: str) -> None:
         """The connection ended: every waiting caller gets ConnectionClosed."""
-        calls, self._calls = self._calls, {}
-        for pending in calls.values():
+        calls = list(self._calls.values())
+        self._calls.clear()
+        for pending in calls:
             self._wake(pending, outcome.Error(ConnectionClosed(reason)))
 
     def _add_deadline(self, deadline: float, call_id: int) -> None:

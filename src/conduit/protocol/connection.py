@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Collection, Sized
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -47,7 +47,15 @@ from .codec import (
     unpack_sized,
 )
 from .data_runs import DataRun
-from .frames import FLAG_END, FRAME_COST, HEADER_SIZE, Frame, FrameKind, is_valid_stream_id
+from .frames import (
+    FLAG_END,
+    FRAME_COST,
+    HEADER_SIZE,
+    MAX_STREAM_ID,
+    Frame,
+    FrameKind,
+    is_valid_stream_id,
+)
 from .messages import Body, Cancel, Credit, Goodbye, Message, Ping, Pong, Reset, Result
 
 # Enum members as module constants: ``FrameKind.CALL`` is a ~0.1 us class
@@ -71,6 +79,11 @@ PIN_RATIO = 8
 #: empty maps). Eight calls of 50,000 short strings each (0.5 MB on the wire,
 #: 3.7 MB by the bound) fit, as do batches of small files (1 MiB of bytes each).
 LARGE_CALL_BYTES = 32 * 1024 * 1024
+
+#: The largest call id: the header's 32-bit stream id field. Call ids run from
+#: 1 to this and start again at 1, skipping those of this side's calls still
+#: awaiting their result (:attr:`ConnectionState.calls_in_use`).
+MAX_CALL_ID = MAX_STREAM_ID
 
 #: Early resets remembered at most (the oldest are forgotten first), so a peer
 #: resetting stream ids we never use cannot grow our memory.
@@ -351,7 +364,15 @@ class ConnectionState:
         self.max_concurrent_calls = max_concurrent_calls
         self.phase = Phase.OPEN
         self.close_reason: str | None = None
+        #: The ids of this side's calls still awaiting their result, which a
+        #: call id must not reuse once the ids start again at 1. The engine
+        #: sets it to its table of pending calls (``PendingCalls`` does, a
+        #: view, not a copy: nothing per call); none for a machine alone.
+        self.calls_in_use: Collection[int] = ()
+        # The next call ids, and the first of them that may be in use (once
+        # they wrapped): start_call's common case is next() and one comparison.
         self._call_ids = itertools.count(1)
+        self._call_id_end = MAX_CALL_ID + 1
         self._ping_ids = itertools.count(1)
         self._active_calls: set[int] = set()  # incoming calls queued or running
         # Those of them larger than COUNTED_BODY: their bytes on the wire.
@@ -535,12 +556,43 @@ class ConnectionState:
     # ------------------------------------------------------------ calls
 
     def start_call(self, method: str, args: dict[str, Any]) -> tuple[int, bytes]:
-        """Allocate a call id; return it with the CALL frame to send."""
+        """Allocate a call id; return it with the CALL frame to send.
+
+        Ids run from 1 to :data:`MAX_CALL_ID` (the header holds 32 bits), then
+        start again at 1, skipping ids in :attr:`calls_in_use`: an id is never
+        reused while its call awaits its result.
+        """
         call_id = next(self._call_ids)
+        if call_id >= self._call_id_end:  # past the last id, or at one that may be in use
+            call_id = self._free_call_id(call_id)
         frame = encode_call(call_id, method, args)
         if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:  # _checked's test, inline
             return call_id, frame
         return call_id, self._checked(_CALL, frame)
+
+    def _free_call_id(self, call_id: int) -> int:
+        """The first call id from ``call_id`` on (wrapping past :data:`MAX_CALL_ID`
+        to 1) that is not in :attr:`calls_in_use`; the counter goes on after it.
+
+        Until the next id in use above it, the ids that follow are free: the
+        ids added to :attr:`calls_in_use` meanwhile are the ones handed out,
+        all below the counter. So this runs once at each wrap and once per
+        call outstanding across it, not per call.
+        """
+        in_use = self.calls_in_use
+        if len(in_use) >= MAX_CALL_ID:
+            raise LocalProtocolError("every call id is in use")
+        while True:
+            if call_id > MAX_CALL_ID:
+                call_id = 1
+            if call_id not in in_use:
+                break
+            call_id += 1
+        self._call_id_end = min(
+            (other for other in in_use if other > call_id), default=MAX_CALL_ID + 1
+        )
+        self._call_ids = itertools.count(call_id + 1)
+        return call_id
 
     def cancel_call(self, call_id: int) -> bytes | None:
         """The CANCEL frame for a call we gave up on (None once closing)."""
@@ -610,9 +662,10 @@ class ConnectionState:
     def open_inbound(self, make: Callable[[int, int], IS]) -> IS:
         """Allocate a stream id the peer may send on; ``make(stream_id, window)`` builds it.
 
-        Raises ``RPCError("too_many_streams")`` when the stream limit is reached
-        or when one more window would take the outstanding credit of all
-        inbound streams beyond :attr:`receive_budget`.
+        Raises ``RPCError("too_many_streams")`` when the stream limit is reached,
+        when one more window would take the outstanding credit of all
+        inbound streams beyond :attr:`receive_budget`, or when this side's
+        2**31 stream ids are used up (they do not wrap, unlike call ids).
         """
         self._check_stream_count()
         budget = self.receive_budget
@@ -625,6 +678,15 @@ class ConnectionState:
                     "too_many_streams",
                 )
         stream_id = next(self._stream_ids)
+        if stream_id > MAX_STREAM_ID:
+            # Stream ids do not wrap: the peer may still hold a stream id we
+            # closed (data in flight, an early reset it remembers), and
+            # _is_our_closed_stream relies on them rising.
+            raise RPCError(
+                "this connection has used all of its 2**31 data stream ids; "
+                "reconnect to open more streams",
+                "too_many_streams",
+            )
         self._last_stream_id = stream_id
         stream = make(stream_id, self.receive_window)
         self.incoming[stream_id] = stream
@@ -705,6 +767,7 @@ class ConnectionState:
 
 
 __all__ = [
+    "MAX_CALL_ID",
     "MAX_EARLY_RESETS",
     "CallCancelled",
     "CallReceived",
