@@ -33,8 +33,10 @@ from conduit import (
     _connection,
     _heartbeats,
 )
+from conduit.protocol.frames import FrameKind
 from conftest import (
     LOOPBACK,
+    PASSWORD,
     ClientFactory,
     MemoryClient,
     MemoryListener,
@@ -49,6 +51,7 @@ from conftest import (
     server_descriptor,
     wait_until,
 )
+from hostile_helpers import RawPeer, call_frame
 
 
 @pytest.fixture
@@ -683,6 +686,35 @@ async def test_a_handler_that_closes_its_own_connection_ends_it(
         await returned.wait()
         await wait_until(lambda: client.id not in server.clients, timeout=10)
         await client.wait_closed()
+
+
+async def test_answers_already_made_go_out_before_the_goodbye(
+    tcp_server_factory: ServerFactory,
+) -> None:
+    """Two calls in one record: the first answered at once (its RESULT queued
+    with the burst's), the second a logout that closes the connection before
+    returning. The GOODBYE goes after the RESULT already made, or the peer,
+    which ignores what follows a GOODBYE, would see a call that succeeded fail."""
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        def quick() -> int:
+            return 1
+
+        @server.rpc
+        async def logout() -> None:
+            await conduit.current_peer().close("logged out")
+
+    server = await tcp_server_factory(register=register_server, heartbeat_interval=0)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    try:
+        await peer.send_sealed(call_frame(1, "quick"), call_frame(3, "logout"))
+        frames = await peer.expect_closed()
+    finally:
+        await peer.aclose()
+    kinds = [(frame.kind, frame.stream_id) for frame in frames if frame.kind != FrameKind.PING]
+    assert (FrameKind.RESULT, 1) in kinds, kinds
+    assert kinds.index((FrameKind.RESULT, 1)) < kinds.index((FrameKind.GOODBYE, 0)), kinds
 
 
 async def test_a_client_handler_that_disconnects_its_client_ends_the_connection(

@@ -545,7 +545,14 @@ class Connection:
         running = self._nursery is not None or self._run_expected
         inside = self._nursery is not None and self._called_from_inside()
         if self.is_open and running:
-            direct = self._socket_io is not None and self._can_send_directly()
+            # Not past frames queued without waking the writer (the answers of
+            # a burst of calls, say): the GOODBYE goes after them, or the peer,
+            # which ignores what follows it, loses answers already made.
+            direct = (
+                self._socket_io is not None
+                and self._can_send_directly()
+                and not self._outbox.control_queued
+            )
             goodbye = self._state.goodbye(reason)
             self.closed_on_purpose = True
             if goodbye is not None and direct:
