@@ -62,6 +62,7 @@ SUITE_MODULES = (
     "test_fuzz_properties",
     "test_resource_limits",
     "test_disk_abuse",
+    "test_account_storage",
 )
 BEGIN = "<!-- BEGIN GENERATED TABLE: python tests/hostile_helpers.py --write -->"
 END = "<!-- END GENERATED TABLE -->"

@@ -36,7 +36,7 @@ from conduit import Client, FileTransferHandler, Server
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer import _space
 from conduit.transfer._names import is_partial_name
-from conduit.transfer._storage import StorageRoot
+from conduit.transfer._storage import ENTRY_ALLOWANCE, StorageRoot
 from conduit.transfer._wire import transfer_key
 from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
 from hostile_helpers import MiB, hostile
@@ -678,12 +678,14 @@ async def test_a_quota_walk_holds_no_one_else_up(
 
 
 def _counted(root: Path) -> int:
-    """What a quota counts below ``root``: files and directories, partial files left out."""
-    return sum(
-        path.lstat().st_size
-        for path in root.rglob("*")
-        if not path.is_symlink() and not is_partial_name(path.name)
-    )
+    """What a quota counts below ``root``: files (and what each one's entry may
+    take) and directories, the root's own size included, partial files left out."""
+    counted = root.lstat().st_size
+    for path in root.rglob("*"):
+        if path.is_symlink() or is_partial_name(path.name):
+            continue
+        counted += path.lstat().st_size + (ENTRY_ALLOWANCE if path.is_file() else 0)
+    return counted
 
 
 def count_walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -815,6 +817,81 @@ async def test_an_upload_in_progress_has_its_directories_counted(
         small = await kim.rpc.call("file_upload_small", **_small("b.bin", b"b" * 300_000))
         await kim.rpc.call("file_upload_finish", stream_id=begun["data"]["stream_id"], abandon=True)
     assert small["success"] is False and small["code"] == "quota_exceeded", small
+
+
+@hostile(
+    "accounts-quota-rename-directories",
+    area="disk",
+    attack="a user with a 64 KiB quota stores 40 empty files and renames each into a new "
+    "path 60 directories deep (245 KB of directories on ext4), then into new 3-level paths "
+    "until refused; then renames within directories that exist; a user without a quota "
+    "renames into a new 60-level path",
+    behaviour="a rename that makes directories is admitted like an upload's: each missing "
+    "directory is charged (4 KiB and an entry) against the quota bound, counted again when "
+    "the bound says so, and refused with 'quota_exceeded' before anything is made; the "
+    "user's root stays within a directory block of the quota; renames into directories "
+    "that exist are not checked and succeed, and so are all renames of a user without a "
+    "quota",
+    found="a rename made its new name's directories unchecked (the bound grew only "
+    "afterwards, which stopped later uploads, never the rename): 40 renames took a 64 KiB "
+    "user to 9.8 MB, 150x its quota",
+)
+async def test_renames_into_new_directories_count_against_the_quota(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+) -> None:
+    storage = tmp_path / "storage"
+    quota = 64 * 1024
+    accounts.add("rita", "pw-rita", quota=quota)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    rita, alice = await client_factory(server), await client_factory(server)
+    await as_user(server, rita, accounts, "rita")
+    await as_user(server, alice, accounts, "alice")  # no quota
+    root = storage / "rita"
+    with trio.fail_after(60):
+        kept = await rita.rpc.call("file_upload_small", **_small("keep/k.bin", b"k"))
+        assert kept["success"], kept
+        for index in range(40):
+            stored = await rita.rpc.call("file_upload_small", **_small(f"f{index}", b""))
+            assert stored["success"], stored
+        for index in range(40):
+            deep = "/".join(f"r{index}x{level}" for level in range(60)) + f"/f{index}"
+            refused = await transfer.rename(rita, f"f{index}", deep)
+            assert refused["success"] is False, refused
+            assert refused["code"] == "quota_exceeded", refused
+            assert "rename would exceed" in refused["error"], refused
+            assert not (root / f"r{index}x0").exists()  # nothing made
+            assert (root / f"f{index}").exists()
+        moved: list[int] = []
+        stopped = False
+        for index in range(39):
+            answer = await transfer.rename(rita, f"f{index}", f"s{index}/a/b/f{index}")
+            if not answer["success"]:
+                assert answer["code"] == "quota_exceeded", answer
+                assert not (root / f"s{index}").exists()
+                stopped = True
+                break
+            moved.append(index)
+        assert moved  # what fits is admitted (on ext4: two, then the quota stops the rest)
+        # At the quota now; renames that make no directory are not checked.
+        assert (await transfer.rename(rita, "keep/k.bin", "keep/k2.bin"))["success"]
+        last = moved[-1]
+        into = await transfer.rename(rita, "f39", f"s{last}/a/b/g39")
+        assert into["success"], into
+        assert (await transfer.rename(rita, f"s{last}/a/b/g39", "g39"))["success"]
+        if stopped:  # (file systems with small directories fit all 39)
+            more = await rita.rpc.call("file_upload_small", **_small("more.bin", b"m" * 15_000))
+            assert more["success"] is False and more["code"] == "quota_exceeded", more
+        # Without a quota, nothing is checked (nor remembered).
+        assert (await alice.rpc.call("file_upload_small", **_small("a", b"")))["success"]
+        deep = "/".join(f"a{level}" for level in range(60)) + "/a"
+        assert (await transfer.rename(alice, "a", deep))["success"]
+    assert ("alice",) not in transfer.backend.budget._roots  # type: ignore[attr-defined]
+    assert StorageRoot(root).stored_bytes() <= quota + _space.DIRECTORY_ALLOWANCE
+    assert _counted(root) <= quota + _space.DIRECTORY_ALLOWANCE
 
 
 @hostile(

@@ -24,6 +24,8 @@ from conduit.protocol.pake import MIN_STRETCH
 from conduit.transfer import _small
 from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._shared_hop import SharedHop
+from conduit.transfer._space import DIRECTORY_ALLOWANCE
+from conduit.transfer._storage import ENTRY_ALLOWANCE
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import partial_files, record_calls, storage_server, visible_files
 
@@ -163,7 +165,8 @@ async def test_each_file_in_flight_gets_its_own_result(
     storage = tmp_path / "storage"
     handler, server = await storage_server(server_factory, storage)
     accounts = Accounts(tmp_path / "accounts.json", stretch=MIN_STRETCH)
-    quota = 5 * 4 * KiB + KiB
+    # Five files, what their entries may take, the root directory's block, and a little.
+    quota = 5 * (4 * KiB + ENTRY_ALLOWANCE) + DIRECTORY_ALLOWANCE + KiB
     accounts.add("carol", "pw-carol", quota=quota)
     client = await client_factory(server)
     assert client.id is not None

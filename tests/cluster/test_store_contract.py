@@ -21,6 +21,7 @@ from conduit.cluster.s3 import MIN_PART_SIZE, S3Store
 from conduit.cluster.store import FileReader, PartialUpload, Store
 from conduit.errors import ChecksumMismatch, TransferError, UnsafePathError
 from conduit.transfer._names import LINEAR_COLLISION_ATTEMPTS
+from conduit.transfer._storage import ENTRY_ALLOWANCE
 
 PART = MIN_PART_SIZE
 SIZE = 2 * PART + 123_457
@@ -254,9 +255,14 @@ async def test_used_bytes_counts_every_published_file(stores: StorePair) -> None
     files = sum(sizes.values())
     # More than a listing of one entry shows: the count is never cut short.
     assert len(await node_b.list_files(max_entries=1)) == 1
-    if isinstance(node_b, LocalStore):  # and its two directories, at their size
-        directories = node_b.root.path / "d", node_b.root.path / "d" / "e"
-        assert await node_b.used_bytes() == files + sum(d.stat().st_size for d in directories)
+    if isinstance(node_b, LocalStore):
+        # and its directories (the root's too), at their size, and its entries
+        root = node_b.root.path
+        directories = root, root / "d", root / "d" / "e"
+        entries = len(sizes) * ENTRY_ALLOWANCE
+        assert await node_b.used_bytes() == files + entries + sum(
+            d.stat().st_size for d in directories
+        )
     else:
         assert await node_b.used_bytes() == files
     await pending.discard()

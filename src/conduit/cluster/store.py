@@ -187,7 +187,9 @@ class Store(Protocol):
     async def used_bytes(self) -> int:
         """What a quota counts of this store: the bytes of every published file
         (``list_files`` stops at ``max_entries``; this never does). A local
-        store adds its directories, at the size the file system gives them."""
+        store adds its directories (its root's included), at the size the file
+        system gives them, and what each file's entry may take in its
+        directory (``transfer._storage.ENTRY_ALLOWANCE``)."""
         ...
 
     async def stat(self, name: str) -> StoredFile:

@@ -216,11 +216,18 @@ class LocalBackend:
 
         The directories the file leaves empty go, and so do those made for
         ``new`` by a rename that then failed (its file deleted meanwhile, say):
-        otherwise each such try would leave directories no quota counts.
+        otherwise each such try would leave directories no quota counts. A
+        quota user's rename that would make directories is first admitted
+        against the quota (:meth:`DiskBudget.admit_rename`): refused with
+        ``quota_exceeded``, it makes nothing.
         """
         storage, prefix = user_storage(self._settings.storage, peer)
+        account = getattr(peer, "account", None)
+        quota = None if account is None else account.quota
 
         def rename() -> str:
+            if quota is not None:
+                self.budget.admit_rename(storage, prefix, new, quota)
             try:
                 renamed = storage.rename(old, new, overwrite=overwrite)
             except (TransferError, OSError):

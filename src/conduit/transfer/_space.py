@@ -40,9 +40,11 @@ opens its partial file. The rules, each enforced here and nowhere else:
   small files walks once, not once per file). Only a bound that does not
   leave room, one older than :data:`USAGE_RECOUNT_SECONDS` or one grown by
   more than a :data:`USAGE_RECOUNT_SHARE` of the quota since its walk is
-  counted again, before anything is evicted or refused. Counts that no longer
-  stand are forgotten once a minute, so the budget holds the users of the last
-  minute, not every user it has seen.
+  counted again, before anything is evicted or refused. A rename that makes
+  directories (its new name's, not there yet) is admitted by the same rules
+  for what they add (:meth:`DiskBudget.admit_rename`); its file was counted
+  where it was. Counts that no longer stand are forgotten once a minute, so
+  the budget holds the users of the last minute, not every user it has seen.
 
 Times: expiries are kept on Trio's clock (a ``MockClock`` drives the sweeper);
 a partial found on disk when the index is first loaded in a run gets the
@@ -68,7 +70,7 @@ import trio
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
 from ._names import check_transfer_id, partial_basename, safe_relative_name, split_name
-from ._storage import PartialFile, StorageRoot
+from ._storage import ENTRY_ALLOWANCE, PartialFile, StorageRoot
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -93,10 +95,6 @@ USAGE_RECOUNT_SHARE = 8
 #: What a directory made for a file may add to its user's bytes (directories
 #: count as their size): a block on common disks.
 DIRECTORY_ALLOWANCE = 4096
-#: What a new entry may add to its directory: twice ext4's largest (8 bytes and
-#: a 255-byte name, rounded up to 4), since a hashed directory splits a full
-#: block in two (300 names of 255 bytes measured 396 bytes each).
-ENTRY_ALLOWANCE = 528
 #: Directories a user's bound remembers having charged since its walk; past
 #: this many, each file charges its directories again.
 MAX_CHARGED_DIRECTORIES = 4096
@@ -230,15 +228,18 @@ def user_storage(storage: StorageRoot, peer: Peer | None) -> tuple[StorageRoot, 
     """The root ``peer`` may see, and its path below ``storage``.
 
     Shared-password mode (no account): the storage directory itself. Accounts
-    mode: ``storage/<account.root>``, with the same no-symlink confinement below it.
+    mode: ``storage/<account.root>``, reached from the storage directory
+    without following a symlink (:attr:`StorageRoot.confined`), as everything
+    below it is: a root a local process turned into a link is refused.
     """
     account = getattr(peer, "account", None)
     if account is None:
         return storage, ()
     root = check_root(account.root)
     prefix = tuple(root.split("/"))
+    confined = storage.confined + len(prefix)  # reached from the storage, no links followed
     return (
-        StorageRoot(storage.path.joinpath(*prefix), storage.dir_mode, storage.file_mode),
+        StorageRoot(storage.path.joinpath(*prefix), storage.dir_mode, storage.file_mode, confined),
         prefix,
     )
 
@@ -339,6 +340,30 @@ class OneShotAdmitter:
     def finished(self) -> None:
         """Back in Trio after the batch: let the sweeper see any partial a failure kept."""
         self.budget._wake_sweeper()
+
+
+def _missing_directories(storage: StorageRoot, directories: _Path) -> int:
+    """How many of ``directories`` (a path below ``storage``'s root, outermost first)
+    do not exist yet: what making them would add.
+
+    Through :meth:`StorageRoot.is_directory` (its confinement: no symlink
+    followed): one look when they all exist, the common case; else a binary
+    search for the deepest that does (directories exist as a prefix of the
+    path), a handful of looks at 63 levels. A segment that is not a directory
+    counts as missing, with all below it: that can only overcount (the
+    rename itself then refuses it).
+    """
+    if not directories or storage.is_directory("/".join(directories)):
+        return 0
+    # The first ``there`` levels exist; the first ``absent + 1`` do not.
+    there, absent = 0, len(directories) - 1
+    while there < absent:
+        middle = (there + absent + 1) // 2
+        if storage.is_directory("/".join(directories[:middle])):
+            there = middle
+        else:
+            absent = middle - 1
+    return len(directories) - there
 
 
 class DiskBudget:
@@ -568,6 +593,50 @@ class DiskBudget:
             self._changed_locked(own, stored=0)
             return admission
 
+    def admit_rename(
+        self, storage: StorageRoot, prefix: _Path, new: str, quota: int | None
+    ) -> None:
+        """Admit a rename to ``new`` in ``storage`` (below ``prefix``) against ``quota``
+        before it is made (worker thread; raises TransferError ``quota_exceeded``).
+
+        The file's bytes are counted where they are; what a rename may add is
+        the directories of ``new`` that do not exist yet (it makes them). A
+        rename that makes none, or one without a quota, is not checked. One
+        that does is admitted as an upload's directories are: each missing
+        directory charged its :data:`DIRECTORY_ALLOWANCE` and an entry, plus
+        the file's new entry, against the user's bound, counted again when the
+        bound does not leave room (or no longer stands); refused before
+        anything is made, else charged to the bound at once, so that the
+        user's next admission counts them before they exist.
+        """
+        if quota is None:
+            return
+        try:
+            parts = tuple(safe_relative_name(new).split("/"))
+        except UnsafePathError:
+            return  # the rename refuses the name and makes nothing
+        missing = _missing_directories(storage, parts[:-1])
+        if not missing:
+            return
+        needed = ENTRY_ALLOWANCE + missing * (DIRECTORY_ALLOWANCE + ENTRY_ALLOWANCE)
+        walked: int | None = None
+        with self._lock:
+            generation = self._root_locked(prefix).generation
+            bounded = self._fits_bound_locked(storage, prefix, needed, quota)
+        if not bounded:
+            walked = storage.stored_bytes()  # outside the lock, as an admission's
+        with self._lock:
+            self._forget_stale_locked(keep=prefix)
+            if not (walked is None and self._fits_bound_locked(storage, prefix, needed, quota)):
+                root = self._root_locked(prefix)
+                if walked is None or root.generation != generation:
+                    walked = storage.stored_bytes()  # changed since: count again, here
+                root.usage = _Usage(walked, time.monotonic())
+                self._make_room_in_quota(storage, prefix, walked, needed, quota, (), "rename")
+            # The directories are made after the lock is released: charged now
+            # (prune_after_removal charges them again once they are there).
+            self._changed_locked((*prefix, *parts), stored=0)
+
     def _release_sync(self, admission: Admission, now: float) -> None:
         with self._lock:
             self._active.discard(admission)
@@ -674,17 +743,24 @@ class DiskBudget:
         return stored + kept + admitted + needed - quota
 
     def _make_room_in_quota(
-        self, storage: StorageRoot, prefix: _Path, stored: int, needed: int, quota: int, own: _Path
+        self,
+        storage: StorageRoot,
+        prefix: _Path,
+        stored: int,
+        needed: int,
+        quota: int,
+        own: _Path,
+        what: str = "upload",
     ) -> None:
-        """Evict ``prefix``'s abandoned partials until the upload fits in ``quota``
-        (counted by :meth:`_quota_shortfall`, with ``stored`` from an exact walk)."""
+        """Evict ``prefix``'s abandoned partials until the upload (or ``what``) fits in
+        ``quota`` (counted by :meth:`_quota_shortfall`, with ``stored`` from an exact walk)."""
 
         def shortfall() -> int:
             return self._quota_shortfall(storage, prefix, stored, needed, quota)
 
         if not self._evict_until(shortfall, own, prefix):
             raise TransferError(
-                f"the upload would exceed this account's quota of {quota} bytes",
+                f"the {what} would exceed this account's quota of {quota} bytes",
                 "quota_exceeded",
             )
 
@@ -725,7 +801,9 @@ class DiskBudget:
         admitted upload is about to use goes; the directories of ``prefix`` (a
         user's root) stay. Without it, a peer could make directories without
         end (a file at depth 63, deleted, again) that no quota counted. The
-        directories of a rename's new name may be new: the user's bound grows.
+        directories of a rename's new name may be new: the user's bound grows
+        (again: :meth:`admit_rename` charged them before they were made, but a
+        walk in between may not have seen them).
         """
         directories = split_name(safe_relative_name(name))[0]
         with self._lock:

@@ -64,7 +64,14 @@ from ._names import (
 
 log = logging.getLogger("conduit.transfer")
 
-__all__ = ["FileEntry", "PartialEntry", "PartialFile", "StorageRoot", "sha256_of_fd"]
+__all__ = [
+    "ENTRY_ALLOWANCE",
+    "FileEntry",
+    "PartialEntry",
+    "PartialFile",
+    "StorageRoot",
+    "sha256_of_fd",
+]
 
 _CLOEXEC: Final = os.O_CLOEXEC
 # O_NOFOLLOW on every open below the root: a symlink there is refused, not followed.
@@ -97,8 +104,9 @@ _NO_TMPFILE_ERRNOS: Final = frozenset(
 _PLACEHOLDER_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 # Partial files hold bytes nobody has verified yet: private while receiving.
 _PARTIAL_MODE: Final = 0o600
-#: Tries of a rename whose target directory is pruned under it (see StorageRoot.rename).
-_RENAME_ATTEMPTS: Final = 3
+#: Tries of an operation whose directory is pruned under it (a rename's target, a
+#: one-shot file's directory: see StorageRoot.rename and open_one_shot).
+_PRUNED_ATTEMPTS: Final = 3
 _HASH_BLOCK: Final = 1 << 20
 _DEFAULT_MAX_ENTRIES: Final = 100_000
 
@@ -110,6 +118,12 @@ _NO_HARDLINK_ERRNOS: Final = frozenset(
 _NO_RENAMEAT2_ERRNOS: Final = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 _RENAME_NOREPLACE: Final = 1
 _FULL_DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: What a file's entry may take in its directory, counted for each file
+#: against a quota: twice ext4's largest (8 bytes and a 255-byte name, rounded
+#: up to 4), since a hashed directory splits a full block in two (300 names
+#: of 255 bytes measured 396 bytes each). File systems that report small
+#: directory sizes (tmpfs, xfs) so still bound how many files a quota holds.
+ENTRY_ALLOWANCE: Final = 528
 
 
 # --------------------------------------------------------------------------- public classes
@@ -171,9 +185,20 @@ class StorageRoot:
     dir_mode: int = 0o700
     #: Mode a received file gets when it is published.
     file_mode: int = 0o600
+    #: How many of the last segments of :attr:`path` lie within the
+    #: confinement: a root below another one (an account's, below the storage
+    #: directory) is reached from that one without following symlinks, as
+    #: every name below a root is. 0: :attr:`path` is opened as it is (the
+    #: operator chose it, and it may be a symlink).
+    confined: int = 0
 
     def ensure(self) -> None:
         """Create the root directory (and missing parents) if it does not exist yet."""
+        if self.confined:
+            fd = self._open_confined(create=True)
+            assert fd is not None  # created, or raised
+            os.close(fd)
+            return
         os.makedirs(self.path, mode=self.dir_mode, exist_ok=True)
 
     def open_partial(self, name: str, transfer_id: str, *, resume: bool) -> PartialFile:
@@ -230,19 +255,30 @@ class StorageRoot:
         directories, _ = split_name(safe)
         if _TMPFILE_FLAGS is None:
             return self.open_partial(safe, tid, resume=False)
-        dir_fd = self._open_directory(directories, safe, create=True)
-        try:
-            fd = os.open(".", _TMPFILE_FLAGS, _PARTIAL_MODE, dir_fd=dir_fd)
-        except OSError as exc:
-            os.close(dir_fd)
-            if exc.errno not in _NO_TMPFILE_ERRNOS:
+        attempt = 0
+        while True:
+            attempt += 1
+            dir_fd = self._open_directory(directories, safe, create=True)
+            try:
+                fd = os.open(".", _TMPFILE_FLAGS, _PARTIAL_MODE, dir_fd=dir_fd)
+            except OSError as exc:
+                removed = os.fstat(dir_fd).st_nlink == 0
+                os.close(dir_fd)
+                if removed and attempt < _PRUNED_ATTEMPTS:
+                    # Made empty and pruned since it was opened (a user's root
+                    # held for a batch, whose last expired partial went): an
+                    # anonymous file keeps no directory alive. Make it again,
+                    # without the hold, which points at the removed one.
+                    self._forget_hold()
+                    continue
+                if exc.errno not in _NO_TMPFILE_ERRNOS:
+                    raise
+                # This file system (or kernel) has no anonymous files: a named one.
+                return self.open_partial(safe, tid, resume=False)
+            except BaseException:
+                os.close(dir_fd)
                 raise
-            # This file system (or kernel) has no anonymous files: a named one.
-            return self.open_partial(safe, tid, resume=False)
-        except BaseException:
-            os.close(dir_fd)
-            raise
-        return PartialFile(self, safe, tid, dir_fd, None, fd)
+            return PartialFile(self, safe, tid, dir_fd, None, fd)
 
     def find_partial(self, name: str, transfer_id: str) -> int | None:
         """Size of the partial file left for ``name`` by ``transfer_id``, or ``None``.
@@ -384,7 +420,7 @@ class StorageRoot:
         if root_fd is None:
             return 0
         removed = 0
-        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+        with _closing(root_fd), closing(_walk_tree(root_fd, _PARTIAL_WALK_DEPTH)) as walk:
             for directory, entry, _relative in walk:
                 if _is_stale_partial(entry, cutoff) and _remove_if_idle(directory, entry.name):
                     removed += 1
@@ -393,12 +429,16 @@ class StorageRoot:
     # ---------------------------------------------------- disk budget (see ._space)
 
     def list_partials(self) -> list[PartialEntry]:
-        """Every partial file below the root (not following symlinks); empty if no root."""
+        """Every partial file below the root (not following symlinks); empty if no root.
+
+        Deeper than names go (:data:`_PARTIAL_WALK_DEPTH`): from the storage
+        directory, an account's partials lie below its root as well.
+        """
         found: list[PartialEntry] = []
         root_fd = self._open_root(create=False, missing_ok=True)
         if root_fd is None:
             return found
-        with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+        with _closing(root_fd), closing(_walk_tree(root_fd, _PARTIAL_WALK_DEPTH)) as walk:
             for _directory, entry, relative in walk:
                 if not is_partial_name(entry.name) or not entry.is_file(follow_symlinks=False):
                     continue
@@ -414,19 +454,24 @@ class StorageRoot:
 
     def stored_bytes(self) -> int:
         """Bytes below the root, for quotas, partial files left out (the disk budget
-        indexes those): every published regular file's size and every directory's
-        (as the file system reports it: a block on most disks), so that directories
-        cannot be made without end for free."""
-        total = 0
+        indexes those): every published regular file's size plus
+        :data:`ENTRY_ALLOWANCE`, and every directory's size (as the file system
+        reports it: a block on most disks), the root's own included, so that
+        neither directories nor empty files can be made without end for free."""
         root_fd = self._open_root(create=False, missing_ok=True)
         if root_fd is None:
             return 0
         with _closing(root_fd), closing(_walk_tree(root_fd)) as walk:
+            # The root's own entries take room too (thousands of empty files
+            # there counted nothing: the walk sees what is below the root).
+            total = os.fstat(root_fd).st_size
             for _directory, entry, _relative in walk:
                 if is_partial_name(entry.name):
                     continue
-                if entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False):
-                    with suppress(FileNotFoundError):
+                with suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size + ENTRY_ALLOWANCE
+                    elif entry.is_dir(follow_symlinks=False):
                         total += entry.stat(follow_symlinks=False).st_size
         return total
 
@@ -676,7 +721,7 @@ class StorageRoot:
                         # The target's directory, made empty, was removed by
                         # a pruning (after another delete or rename) between
                         # its opening and the move: make it again.
-                        if attempt == _RENAME_ATTEMPTS or _lstat(src_fd, src_base) is None:
+                        if attempt == _PRUNED_ATTEMPTS or _lstat(src_fd, src_base) is None:
                             raise
                         continue
                     os.fsync(dest_fd)
@@ -720,7 +765,10 @@ class StorageRoot:
         held (nothing is created here). The instance itself stays stateless;
         the hold belongs to the calling thread.
         """
-        fd = self._open_root(create=False, missing_ok=True)
+        try:
+            fd = self._open_root(create=False, missing_ok=True)
+        except UnsafePathError:
+            fd = None  # (a confined root that is a link: each operation refuses it)
         if fd is None:
             yield
             return
@@ -732,10 +780,19 @@ class StorageRoot:
             _held.root = previous
             os.close(fd)
 
+    def _forget_hold(self) -> None:
+        """Stop using this thread's hold of this root (:meth:`holding_root`) for
+        the rest of it: the directory it holds was removed."""
+        held: tuple[StorageRoot, int] | None = getattr(_held, "root", None)
+        if held is not None and held[0] is self:
+            _held.root = None  # (the hold closes its descriptor when it ends)
+
     def _open_root(self, *, create: bool, missing_ok: bool = False) -> int | None:
         held: tuple[StorageRoot, int] | None = getattr(_held, "root", None)
         if held is not None and held[0] is self:
             return os.dup(held[1])
+        if self.confined:
+            return self._open_confined(create=create, missing_ok=missing_ok)
         # The root itself may be a symlink: the operator chose it.
         try:
             return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
@@ -744,6 +801,23 @@ class StorageRoot:
                 # Created on first use only: an open that succeeds costs no makedirs.
                 self.ensure()
                 return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+            if missing_ok:
+                return None
+            raise
+
+    def _open_confined(self, *, create: bool, missing_ok: bool = False) -> int | None:
+        """:meth:`_open_root` of a root below another one (see :attr:`confined`):
+        the outer root as the operator named it, then each segment below it
+        without following a symlink (``UnsafePathError`` for one), created
+        when ``create``."""
+        segments = self.path.parts[-self.confined :]
+        outer = StorageRoot(self.path.parents[self.confined - 1], self.dir_mode, self.file_mode)
+        fd = outer._open_root(create=create, missing_ok=missing_ok)
+        if fd is None:
+            return None
+        try:
+            return _descend(fd, segments, "/".join(segments), create, self.dir_mode)
+        except FileNotFoundError:
             if missing_ok:
                 return None
             raise
@@ -769,16 +843,7 @@ class StorageRoot:
         """Descriptor of the directory that holds ``name``; the caller closes it."""
         root_fd = self._open_root(create=create)
         assert root_fd is not None  # missing_ok is False: a missing root raised
-        current = root_fd
-        try:
-            for segment in directories:
-                child = _open_subdirectory(current, segment, name, create, self.dir_mode)
-                os.close(current)
-                current = child
-        except BaseException:
-            os.close(current)
-            raise
-        return current
+        return _descend(root_fd, directories, name, create, self.dir_mode)
 
     def _stat_partial(self, name: str, transfer_id: str) -> os.stat_result | None:
         safe = safe_relative_name(name)
@@ -1098,6 +1163,21 @@ def _lstat(dir_fd: int, entry: str) -> os.stat_result | None:
         return os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _descend(fd: int, segments: Iterable[str], name: str, create: bool, mode: int) -> int:
+    """The directory ``segments`` below the directory ``fd``, each opened without
+    following a symlink (:func:`_open_subdirectory`); ``fd`` is taken (closed
+    on the way down, or on failure)."""
+    try:
+        for segment in segments:
+            child = _open_subdirectory(fd, segment, name, create, mode)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _open_subdirectory(parent: int, segment: str, name: str, create: bool, mode: int) -> int:
@@ -1462,24 +1542,32 @@ def _move_without_replacing(src_dir: int, src: str, dest_dir: int, candidate: st
 _Walk = Generator[tuple[int, os.DirEntry[str], str], None, None]
 
 
-def _walk_tree(root_fd: int) -> _Walk:
+#: How deep the walks that find partial files go below the storage directory:
+#: an account's root (at most 128 segments, the 255 characters of
+#: ``accounts.MAX_ROOT``) and then a name of up to :data:`MAX_DEPTH` segments.
+#: At MAX_DEPTH alone, a user's deepest partials were never found after a
+#: restart: never expired, counted or evicted.
+_PARTIAL_WALK_DEPTH: Final = 128 + MAX_DEPTH
+
+
+def _walk_tree(root_fd: int, max_depth: int = MAX_DEPTH) -> _Walk:
     """Yield (directory fd, entry, relative name) for the non-hidden entries below the root.
 
     Depth-first, children in name order; hidden entries are yielded (cleanup
     needs the partial files) but hidden directories are not entered, nor are
-    symlinks, nor directories past MAX_DEPTH. A directory that is replaced
-    while the walk runs is skipped, not followed.
+    symlinks, nor directories past ``max_depth`` segments. A directory that is
+    replaced while the walk runs is skipped, not followed.
     """
-    yield from _walk_directory(root_fd, ())
+    yield from _walk_directory(root_fd, (), max_depth)
 
 
-def _walk_directory(dir_fd: int, prefix: tuple[str, ...]) -> _Walk:
+def _walk_directory(dir_fd: int, prefix: tuple[str, ...], max_depth: int = MAX_DEPTH) -> _Walk:
     with os.scandir(dir_fd) as iterator:
         children = sorted(iterator, key=lambda entry: entry.name)
     for entry in children:
         relative = "/".join((*prefix, entry.name))
         yield dir_fd, entry, relative
-        if entry.name.startswith(".") or len(prefix) + 1 >= MAX_DEPTH:
+        if entry.name.startswith(".") or len(prefix) + 1 >= max_depth:
             continue
         if entry.is_dir(follow_symlinks=False):
             try:
@@ -1487,7 +1575,7 @@ def _walk_directory(dir_fd: int, prefix: tuple[str, ...]) -> _Walk:
             except OSError:
                 continue  # removed or swapped for a symlink since the scan
             with _closing(child):
-                yield from _walk_directory(child, (*prefix, entry.name))
+                yield from _walk_directory(child, (*prefix, entry.name), max_depth)
 
 
 def _listing_entry(entry: os.DirEntry[str], relative: str) -> FileEntry | None:
