@@ -336,3 +336,131 @@ def test_a_file_without_the_precomputed_points_still_loads(tmp_path: Path) -> No
     reloaded = _accounts(tmp_path)
     assert reloaded.get("alice").verifier == accounts.get("alice").verifier
     assert _connect(reloaded, "alice", PASSWORD).error is None
+
+
+# --- What an unknown name's SERVER_HELLO shows ------------------------------------------------
+
+#: A second cost, as after an administrator raised the cost for new accounts.
+RAISED = StretchParams(opslimit=2, memlimit=16 * 1024)
+#: The cost the tested Accounts object is configured with: no record has it.
+CONFIGURED = StretchParams(opslimit=1, memlimit=16 * 1024)
+
+
+def _mixed_file(tmp_path: Path) -> Path:
+    """Three records at FAST, one at RAISED, and a fixed secret (so the draw is fixed)."""
+    path = tmp_path / "users.json"
+    old = Accounts(path, stretch=FAST)
+    for name in ("alice", "bob", "carol"):
+        old.add(name, PASSWORD)
+    Accounts(path, stretch=RAISED).add("dave", PASSWORD)
+    document = json.loads(path.read_text())
+    document["secret"] = base64.b64encode(bytes(range(32))).decode()
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_unknown_names_get_the_costs_of_the_records_in_their_mix(tmp_path: Path) -> None:
+    """A fake at a cost no record has (the configured one, say) would tell at once
+    that the name does not exist: the SERVER_HELLO shows the cost."""
+    accounts = Accounts(_mixed_file(tmp_path), stretch=CONFIGURED)
+    assert {accounts.get(n).stretch for n in accounts} == {FAST, RAISED}
+    names = [f"nobody{i}" for i in range(4000)]
+    costs = [accounts.lookup(name).stretch for name in names]
+    # Only costs the records have ...
+    assert set(costs) == {FAST, RAISED}
+    # ... the same for a name on every lookup and in another instance of the file ...
+    again = Accounts(accounts.path, stretch=DEFAULT_STRETCH)
+    assert [again.lookup(name).stretch for name in names] == costs
+    # ... and in the records' proportions: one record in four is at RAISED.
+    # Were the keyed draw uniform, the count at RAISED would be binomial,
+    # n = 4000, p = 1/4: mean 1000, standard deviation sqrt(n p (1-p)) = 27.4.
+    # Six deviations (165) is exceeded with a probability below 2e-9 for a
+    # random secret, and the secret here is fixed: the check cannot flake.
+    n, p = len(names), 1 / 4
+    bound = 6 * (n * p * (1 - p)) ** 0.5
+    assert abs(costs.count(RAISED) - n * p) < bound, costs.count(RAISED)
+
+
+def test_the_mix_of_fake_costs_follows_the_records_on_reload(tmp_path: Path) -> None:
+    path = _mixed_file(tmp_path)
+    accounts = Accounts(path, stretch=CONFIGURED)
+    names = [f"nobody{i}" for i in range(400)]
+    before = {name: accounts.lookup(name).stretch for name in names}
+    # Another process gives RAISED a larger share: a name at RAISED keeps it
+    # (a change in the mix moves only the names where the shares moved).
+    Accounts(path, stretch=RAISED).add("erin", PASSWORD)
+    assert accounts.reload_if_changed()
+    after = {name: accounts.lookup(name).stretch for name in names}
+    assert all(after[name] == RAISED for name in names if before[name] == RAISED)
+    assert sum(cost == RAISED for cost in after.values()) > sum(
+        cost == RAISED for cost in before.values()
+    )
+    # Only RAISED left: every unknown name has it.
+    other = Accounts(path, stretch=RAISED)
+    for name in ("alice", "bob", "carol"):
+        other.remove(name)
+    assert accounts.reload_if_changed()
+    assert {accounts.lookup(name).stretch for name in names} == {RAISED}
+    # No records at all: the configured cost.
+    for name in ("dave", "erin"):
+        other.remove(name)
+    assert accounts.reload_if_changed()
+    assert {accounts.lookup(name).stretch for name in names} == {CONFIGURED}
+
+
+# --- A file that is malformed or cannot be stat-ed --------------------------------------------
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    return reads
+
+
+def test_a_malformed_file_is_read_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    good = accounts.path.read_text()
+    reads = _count_reads(monkeypatch)
+    accounts.path.write_text(good[:-10])  # a truncated write
+    with pytest.raises(ValueError, match="not a JSON accounts file"):
+        accounts.reload_if_changed()
+    assert len(reads) == 1
+    for _ in range(5):
+        assert not accounts.changed()
+        assert not accounts.reload_if_changed()
+    assert len(reads) == 1 and accounts.usernames() == ["alice"]
+    # Fixed (here with a user more): read at the next call.
+    document = json.loads(good)
+    document["users"]["bob"] = dict(document["users"]["alice"], root="bob")
+    accounts.path.write_text(json.dumps(document))
+    assert accounts.changed()
+    assert accounts.reload_if_changed()
+    assert len(reads) == 2 and accounts.usernames() == ["alice", "bob"]
+
+
+def test_a_file_that_cannot_be_stated_counts_as_unchanged(tmp_path: Path) -> None:
+    """As root no permission bit stops ``stat``; a symlink loop (ELOOP) stands in
+    for EACCES on the directory, ESTALE or EIO."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "cfg").symlink_to(real)
+    accounts = Accounts(tmp_path / "cfg" / "users.json", stretch=FAST)
+    accounts.add("alice", PASSWORD)
+    (tmp_path / "cfg").unlink()
+    (tmp_path / "cfg").symlink_to(tmp_path / "cfg")
+    assert not accounts.changed()
+    assert isinstance(accounts.stat_error, OSError)
+    assert not accounts.reload_if_changed()
+    assert accounts.usernames() == ["alice"]
+    (tmp_path / "cfg").unlink()
+    (tmp_path / "cfg").symlink_to(real)
+    assert not accounts.changed() and accounts.stat_error is None

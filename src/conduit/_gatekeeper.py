@@ -10,6 +10,8 @@ Every rule here bounds what an unauthenticated peer can make the server do:
   (no group operation), then the attempt reserves a slot in the per-address and
   per-user budgets (:mod:`conduit._throttle`) *before* any password work; only a
   success gives it back, so parallel guesses and replayed hellos are bounded.
+  A handshake that fails by the server's own fault (not one of
+  :data:`PEER_FAILURES`) is not the peer's attempt: released uncounted.
 - **A bounded share of the event loop**: the handshake machine's steps
   (a few scalar multiplications in C, ~0.1-0.3 ms) run on the event loop while
   handshakes have used less than :data:`LOOP_SHARE` of its time lately (a
@@ -55,7 +57,7 @@ from ._log_limit import LimitedLog
 from ._throttle import Attempt, AuthThrottle, address_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
-from .errors import AuthenticationError, ConnectionClosed
+from .errors import AuthenticationError, ConnectionClosed, HandshakeError, ProtocolError
 from .protocol import Frame, FrameKind, ServerHandshake
 from .protocol.handshake import shared_secret
 from .protocol.messages import Welcome
@@ -70,6 +72,32 @@ def _now() -> float:
 LOOP_SHARE = 0.25
 #: Seconds of inline handshake work allowed in one burst (~100 handshakes).
 LOOP_BURST = 0.03
+#: How a handshake can end by the peer's doing: a failed attempt. (So can a
+#: BaseException that is not an Exception: the ``auth_timeout`` cancelling it.)
+#: Any other Exception is the server's own fault (a bug, say): the attempt
+#: is given back uncounted, so that honest clients are not locked out for it.
+PEER_FAILURES: tuple[type[BaseException], ...] = (
+    HandshakeError,  # AuthenticationError, ...
+    ProtocolError,  # the peer's bad frames, VersionMismatch
+    ConnectionClosed,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+def _server_fault(exc: BaseException) -> bool:
+    """Whether a handshake ended by the server's own fault, not the peer's doing."""
+    return isinstance(exc, Exception) and not isinstance(exc, PEER_FAILURES)
+
+
+def _guess_tested(handshake: ServerHandshake) -> bool:
+    """Whether the peer holds what tests its password guess (our confirmation,
+    sent first) without having proved it right: that attempt counts, whatever
+    ended it, or a fault of ours after it (a bus outage, say) would make each
+    guess free. Once the peer's own confirmation has been checked (keys set),
+    it knows the password: giving its attempt back gains a guesser nothing."""
+    return handshake.unconfirmed_keys is not None and handshake.keys is None
 
 
 @attrs.define
@@ -215,12 +243,8 @@ class Gatekeeper:
         try:
 
             async def run(frame: Frame) -> bytes:
-                if (
-                    frame.kind is FrameKind.CLIENT_HELLO
-                    and self.accounts is not None
-                    and self.accounts.changed()
-                ):
-                    await self._reload(self.accounts)
+                if frame.kind is FrameKind.CLIENT_HELLO and self.accounts is not None:
+                    await self._refresh(self.accounts)
                 return await self._step(functools.partial(handshake.receive, frame))
 
             def confirm_first() -> bytes | None:
@@ -253,7 +277,12 @@ class Gatekeeper:
                 welcome=welcome,
             )
         except BaseException as exc:
-            self.throttle.failed(attempt, _now())
+            if _server_fault(exc) and not _guess_tested(handshake):
+                # Our own failure, not the peer's (the server logs it): the
+                # attempt is given back, not counted against the address or user.
+                self.throttle.released(attempt, _now())
+            else:
+                self.throttle.failed(attempt, _now())
             self._wake()
             if handshake.unconfirmed_keys is not None and isinstance(
                 exc, (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError)
@@ -305,6 +334,21 @@ class Gatekeeper:
         finally:
             self.loop_share.spend(time.perf_counter() - started)
         return True
+
+    async def _refresh(self, accounts: Accounts) -> None:
+        """Before a hello's lookup: re-read the accounts file if it changed (one
+        ``stat`` when not). A file that cannot be ``stat``-ed counts as unchanged
+        (the old data stays), with a warning."""
+        if accounts.changed():
+            await self._reload(accounts)
+        elif accounts.stat_error is not None:
+            self.warnings.warning(
+                "accounts file",
+                _now(),
+                "accounts file %s unreadable, keeping the old data: %s",
+                accounts.path,
+                accounts.stat_error,
+            )
 
     async def _reload(self, accounts: Accounts) -> None:
         """Re-read the changed accounts file in a worker thread (a user added by

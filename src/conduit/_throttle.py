@@ -9,7 +9,15 @@ connects from one address are serialised, not turned away. A success
 gives its slot back and forgives that user's earlier failures from that
 address; anything else (wrong password, a hello that never confirms, a
 dropped connection) leaves the slot counted, so hello replays are bounded by
-the same budget.
+the same budget. (A handshake that ends by the server's own fault, not the
+peer's, is :meth:`~AuthThrottle.released`: neither given back as a success
+nor counted.)
+
+A failure counts for ``window`` seconds from when it failed; an attempt in
+flight counts until it settles, however long that takes (it is never aged
+out of the budget while in flight, or a guesser holding its attempts open
+longer than the window would get them for free). The server bounds an
+attempt's life with ``auth_timeout``, which must not exceed the window.
 
 Two budgets apply to each attempt:
 
@@ -74,8 +82,19 @@ class Attempt:
 
     address: str
     username: str
+    #: When it was reserved.
     time: float
-    failed: bool = False
+    #: When it failed; None while in flight.
+    failed_at: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether it failed (else it is still in flight)."""
+        return self.failed_at is not None
+
+    def stale(self, since: float) -> bool:
+        """Whether it failed before ``since`` (an attempt in flight never is)."""
+        return self.failed_at is not None and self.failed_at < since
 
 
 @attrs.define
@@ -86,11 +105,12 @@ class _Record:
     locked_until: float = 0.0
 
     def prune(self, since: float) -> None:
-        stale = 0
-        while stale < len(self.attempts) and self.attempts[stale].time < since:
-            stale += 1
-        if stale:
-            del self.attempts[:stale]
+        """Forget the failures older than ``since``; attempts in flight stay."""
+        if any(a.stale(since) for a in self.attempts):
+            self.attempts = [a for a in self.attempts if not a.stale(since)]
+
+    def in_flight(self) -> bool:
+        return any(a.failed_at is None for a in self.attempts)
 
 
 @attrs.define
@@ -177,10 +197,21 @@ class AuthThrottle:
 
     def failed(self, attempt: Attempt, now: float) -> None:
         """The attempt did not authenticate (wrong password, dropped, timed out, bad frames)."""
-        attempt.failed = True
+        attempt.failed_at = now
         self._check(self._records.get(attempt.address), self.limit, now)
         if attempt.username:
             self._check(self._users.get(attempt.username), self.user_limit, now)
+
+    def released(self, attempt: Attempt, now: float) -> None:
+        """The attempt ended by the server's fault, not the peer's: free its slot,
+        uncounted. Nothing is forgiven, nothing trusted."""
+        for table, key in ((self._records, attempt.address), (self._users, attempt.username)):
+            record = table.get(key) if key else None
+            if record is None:
+                continue
+            record.attempts = [a for a in record.attempts if a is not attempt]
+            if not record.attempts and record.locked_until <= now:
+                del table[key]
 
     def record_failure(self, address: str, now: float, username: str = "") -> None:
         """Count a failed attempt that was not reserved (reserve + failed in one).
@@ -221,7 +252,8 @@ class AuthThrottle:
         record.prune(now - self.window)
         if sum(1 for a in record.attempts if a.failed) >= limit:
             record.locked_until = now + self.lockout
-            record.attempts.clear()
+            # The failures are spent on the lock; attempts in flight count when they settle.
+            record.attempts = [a for a in record.attempts if not a.failed]
 
     def _record(self, table: dict[str, _Record], key: str, now: float) -> _Record:
         record = table.get(key)
@@ -249,21 +281,28 @@ class AuthThrottle:
         # Bound memory under a spray of addresses or usernames: drop records
         # that no longer matter and, if that is not enough, the oldest unlocked
         # ones down to nine tenths. A locked record is never dropped: that
-        # would lift its lock-out for whoever sprays enough new keys.
+        # would lift its lock-out for whoever sprays enough new keys. Nor is
+        # one with an attempt in flight unless nothing else is left to drop
+        # (there are at most as many as sockets still authenticating): its
+        # attempts would fail uncounted.
         # Evicting in bulk keeps the scan off the path of every new key.
+        since = now - self.window
         stale = [
             key
             for key, rec in table.items()
-            if rec.locked_until <= now
-            and (not rec.attempts or rec.attempts[-1].time < now - self.window)
+            if rec.locked_until <= now and all(a.stale(since) for a in rec.attempts)
         ]
         for key in stale:
             del table[key]
         excess = len(table) - self.max_tracked * 9 // 10
         if excess <= 0:
             return
-        unlocked = [key for key, rec in table.items() if rec.locked_until <= now]
-        for key in unlocked[:excess]:
+        idle: list[str] = []
+        busy: list[str] = []
+        for key, rec in table.items():
+            if rec.locked_until <= now:
+                (busy if rec.in_flight() else idle).append(key)
+        for key in (idle + busy)[:excess]:
             del table[key]
 
 

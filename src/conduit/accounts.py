@@ -30,6 +30,7 @@ A running server sees changes made by another process by calling
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -220,12 +221,38 @@ def _record_from_json(username: str, raw: object) -> AccountRecord:
         raise ValueError(f"{what} lacks the field {exc.args[0]!r}") from exc
 
 
+#: The costs of a set of records, in a fixed order, and the running count of each.
+_CostMix = tuple[tuple[StretchParams, ...], tuple[int, ...]]
+
+
+def _cost_mix(users: dict[str, AccountRecord]) -> _CostMix:
+    """The costs of ``users``' records (in a fixed order) and the running count of each.
+
+    ``([a, b], [3, 4])``: three records at cost ``a``, one at ``b``. What the
+    fake records of unknown names are drawn from (see :meth:`Accounts._fake`).
+    """
+    counts: dict[StretchParams, int] = {}
+    for record in users.values():
+        counts[record.stretch] = counts.get(record.stretch, 0) + 1
+    costs = tuple(sorted(counts, key=lambda cost: (cost.opslimit, cost.memlimit)))
+    running: list[int] = []
+    total = 0
+    for cost in costs:
+        total += counts[cost]
+        running.append(total)
+    return costs, tuple(running)
+
+
 @attrs.frozen
 class _State:
     secret: bytes
     users: dict[str, AccountRecord]
     # (st_ino, st_size, st_mtime_ns) of the file this state was read from; None if absent.
     signature: tuple[int, int, int] | None
+    # The records' costs and their running counts (see _cost_mix), for the fakes.
+    costs: _CostMix = attrs.field(
+        default=attrs.Factory(lambda state: _cost_mix(state.users), takes_self=True)
+    )
 
 
 class Accounts:
@@ -244,8 +271,14 @@ class Accounts:
         self.stretch = stretch.check()
         self._lock = threading.Lock()
         self._state = self._read()
-        # The last FAKE_CACHE fakes built, by username (see lookup).
-        self._fakes: OrderedDict[tuple[bytes, str], AccountRecord] = OrderedDict()
+        # The signature of a file that failed to parse: not read again until it moves.
+        self._malformed: tuple[int, int, int] | None = None
+        #: The error of the last ``stat`` of the file, if it failed (other than
+        #: a missing file): the accounts keep their data meanwhile (see changed).
+        self.stat_error: OSError | None = None
+        # The last FAKE_CACHE fakes built, by what they are drawn from (the
+        # secret and the records' mix of costs) and username (see lookup).
+        self._fakes: OrderedDict[tuple[bytes, _CostMix, str], AccountRecord] = OrderedDict()
         self._fakes_lock = threading.Lock()
 
     # --- Queries --------------------------------------------------------------------------
@@ -274,8 +307,9 @@ class Accounts:
         """The record for ``username``, or a fake one if there is no such account.
 
         The fake is deterministic (keyed with the file's secret, so the same
-        unknown name always gets the same salt), uses the default cost, and
-        has a verifier no password matches; it is made for every lookup,
+        unknown name always gets the same salt and cost), has a cost drawn
+        from those of the real records, as often as they hold it (see
+        :meth:`_fake`), and a verifier no password matches; it is made for every lookup,
         known user or not, so both take the same work. The last
         :data:`FAKE_CACHE` fakes are kept, by username, for the same reason
         both ways: a name looked up lately (known or not) costs a dictionary
@@ -283,34 +317,54 @@ class Accounts:
         handshake calls (:data:`conduit.protocol.handshake.AccountLookup`).
         """
         state = self._state
-        fake = self._cached_fake(state.secret, username)
+        fake = self._cached_fake(state, username)
         real = state.users.get(username)
         return fake if real is None else real
 
-    def _cached_fake(self, secret: bytes, username: str) -> AccountRecord:
-        key = (secret, username)
+    def _cached_fake(self, state: _State, username: str) -> AccountRecord:
+        # A reload that changes the mix of costs draws the fakes again.
+        key = (state.secret, state.costs, username)
         with self._fakes_lock:
             fake = self._fakes.get(key)
             if fake is not None:
                 self._fakes.move_to_end(key)
                 return fake
-        fake = self._fake(secret, username)
+        fake = self._fake(state, username)
         with self._fakes_lock:
             self._fakes[key] = fake
             while len(self._fakes) > FAKE_CACHE:
                 self._fakes.popitem(last=False)
         return fake
 
-    def _fake(self, secret: bytes, username: str) -> AccountRecord:
+    def _fake(self, state: _State, username: str) -> AccountRecord:
+        """The fake record of ``username`` in ``state``.
+
+        Its cost is what a real record of that name would likely have: drawn
+        from the costs of the real records, each as often as the records hold
+        it, by a number keyed with the file's secret (the same name always
+        gets the same cost while the records' costs stay the same mix); the
+        configured cost when there are no records. A fake at a cost no record
+        has would tell that the name does not exist, since the SERVER_HELLO
+        shows the cost (as it does the salt). The draw is a point in [0, 1)
+        placed on the costs' shares, so a change in the mix moves only the
+        names whose point lies where the shares moved.
+        """
+        secret = state.secret
         name = username.encode("utf-8", "replace")
 
         def tag(label: bytes) -> bytes:
             return hmac.new(secret, label + b"\0" + name, hashlib.sha512).digest()
 
+        costs, running = state.costs
+        if costs:
+            point = (int.from_bytes(tag(b"stretch")[:8], "big") * running[-1]) >> 64
+            stretch = costs[bisect.bisect_right(running, point)]
+        else:
+            stretch = self.stretch
         return AccountRecord(
             username=username,
             salt=tag(b"salt")[:SALT_SIZE],
-            stretch=self.stretch,
+            stretch=stretch,
             # Points of unknown logarithm stand in for L, w0*M and w0*N (no
             # password can match them anyway), at a third of the cost of
             # multiplying: the fake is built on every lookup, known user or not.
@@ -396,24 +450,51 @@ class Accounts:
         """Whether the file differs from what was last read: one ``stat``, nothing read.
 
         Lets the server re-read the file (in a worker thread) only when there
-        is something to read.
+        is something to read. A file that failed to parse counts as unchanged
+        until it changes again (it is not re-read for nothing), and so does a
+        file that cannot be ``stat``-ed for another reason than being missing
+        (a permission refused on its directory, a symlink loop, an I/O error):
+        the accounts keep their data, and :attr:`stat_error` says why.
         """
-        return self._signature() != self._state.signature
+        signature = self._current_signature()
+        return signature != self._state.signature and signature != self._malformed
 
     def reload_if_changed(self) -> bool:
         """Re-read the file if another process changed it; True if it did.
 
         One ``stat`` when nothing changed: cheap enough to call before every
         handshake. A malformed file raises ValueError and leaves the accounts
-        as they were.
+        as they were; it is not read again until it changes (a fixed file is
+        read at the next call). A file that cannot be ``stat``-ed counts as
+        unchanged (see :meth:`changed`); one that cannot be read raises
+        OSError, and is tried again at the next call.
         """
-        if self._signature() == self._state.signature:
+        if not self.changed():
             return False
         with self._lock:
-            if self._signature() == self._state.signature:
+            signature = self._current_signature()
+            if signature == self._state.signature or signature == self._malformed:
                 return False
-            self._state = self._read(keep_secret=self._state.secret)
+            try:
+                self._state = self._read(keep_secret=self._state.secret)
+            except ValueError:
+                # Parsing is what costs (the whole file); an I/O error is cheap
+                # and may pass, so only a malformed file is remembered.
+                self._malformed = signature
+                raise
+            self._malformed = None
             return True
+
+    def _current_signature(self) -> tuple[int, int, int] | None:
+        """The file's signature; the one last read if it cannot be stat-ed (the
+        error kept in :attr:`stat_error`), so that it counts as unchanged."""
+        try:
+            signature = self._signature()
+        except OSError as exc:
+            self.stat_error = exc
+            return self._state.signature
+        self.stat_error = None
+        return signature
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -467,6 +548,7 @@ class Accounts:
             }
             _write_atomic(self.path, (json.dumps(document, indent=2) + "\n").encode())
             self._state = _State(state.secret, users, self._signature())
+            self._malformed = None
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:

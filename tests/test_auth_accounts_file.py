@@ -1,0 +1,176 @@
+"""An accounts file that goes wrong under a running server, and faults of the
+server's own: over real loopback, honest users keep logging in.
+
+A file that cannot be ``stat``-ed keeps the old data (and is not a reason to
+count anyone's attempt as failed); a malformed one is read once, not once per
+hello, until it changes; a handshake that fails by the server's own fault
+gives its attempt back uncounted, so no one is locked out for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import Accounts, Client, ConduitError, LockedOut, Server
+from conduit.protocol import Frame, FrameKind, ServerHandshake
+from conduit.protocol.pake import StretchParams
+from conftest import ServerFactory, client_descriptor
+
+FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
+ALICE_PASSWORD = "alice's long passphrase"
+CAROL_PASSWORD = "carol's long passphrase"
+#: Logins tried: beyond the failure limit the servers below are given.
+LOGINS = 6
+LIMIT = 2
+
+
+async def _login(server: Server, username: str, password: str) -> None:
+    client = Client(client_descriptor(server.port, username=username, password=password))
+    with trio.fail_after(10):
+        await client.connect()
+    await client.disconnect()
+
+
+async def _accounts_server(factory: ServerFactory, store: Accounts | str, **fields: Any) -> Server:
+    return await factory(
+        password=None,
+        accounts=store,
+        auth_failure_limit=LIMIT,
+        auth_user_failure_limit=LIMIT,
+        auth_lockout=60,
+        **fields,
+    )
+
+
+async def test_an_accounts_file_that_cannot_be_stated_keeps_the_logins_working(
+    server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stat`` failing with another error than ENOENT (EACCES on the directory
+    for a server not run as root, ESTALE or EIO on NFS; here, as the tests run
+    as root, a symlink loop: ELOOP) leaves the old data in use, and the logins
+    that meet it are not counted as failures."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "cfg"
+    link.symlink_to(real)
+    store = Accounts(link / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    server = await _accounts_server(server_factory, str(store.path))
+    await _login(server, "alice", ALICE_PASSWORD)
+    link.unlink()
+    link.symlink_to(link)
+    with caplog.at_level(logging.WARNING, logger="conduit.server"):
+        for _ in range(LOGINS):
+            await _login(server, "alice", ALICE_PASSWORD)
+    assert any(
+        "unreadable, keeping the old data" in r.getMessage() and "symbolic links" in r.getMessage()
+        for r in caplog.records
+    )
+    assert server._gate.throttle.retry_after("127.0.0.1", trio.current_time(), "alice") == 0
+    link.unlink()
+    link.symlink_to(real)
+    await _login(server, "alice", ALICE_PASSWORD)
+
+
+async def test_a_malformed_accounts_file_is_read_once_not_per_hello(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "accounts.json"
+    Accounts(path, stretch=FAST).add("alice", ALICE_PASSWORD)
+    # The fixed file to come: alice and a new user, carol.
+    fixed = tmp_path / "fixed.json"
+    fixed.write_bytes(path.read_bytes())
+    Accounts(fixed, stretch=FAST).add("carol", CAROL_PASSWORD)
+    server = await _accounts_server(server_factory, str(path))
+    reads: list[object] = []
+    read = Accounts._read
+
+    def counting(self: Accounts, *args: Any, **kwargs: Any) -> Any:
+        reads.append(self)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accounts, "_read", counting)
+    document = json.loads(path.read_text())
+    document["users"]["alice"]["L"] = "AAAA"  # one bad field: the whole file is refused
+    path.write_text(json.dumps(document))
+    for _ in range(LOGINS):
+        # The old data stays: alice logs in (and no attempt fails).
+        await _login(server, "alice", ALICE_PASSWORD)
+    assert len(reads) == 1
+    # Fixed: picked up at the next hello.
+    path.write_bytes(fixed.read_bytes())
+    await _login(server, "carol", CAROL_PASSWORD)
+    assert len(reads) == 2
+
+
+async def test_a_fault_of_the_server_counts_against_no_one(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handshake that fails by the server's own fault (a bug, anything not the
+    peer's doing) is logged and gives its attempt back: the honest clients it
+    failed are not locked out for it."""
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    server = await _accounts_server(server_factory, store)
+    faults = LOGINS
+    lookup = Accounts.lookup
+
+    def failing(self: Accounts, username: str) -> Any:
+        nonlocal faults
+        if faults:
+            faults -= 1
+            raise RuntimeError("a bug in the server")
+        return lookup(self, username)
+
+    monkeypatch.setattr(Accounts, "lookup", failing)
+    with caplog.at_level(logging.ERROR, logger="conduit.server"):
+        for _ in range(LOGINS):
+            with pytest.raises(ConduitError) as failed:
+                await _login(server, "alice", ALICE_PASSWORD)
+            assert not isinstance(failed.value, LockedOut)
+    assert faults == 0
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+    await _login(server, "alice", ALICE_PASSWORD)
+
+
+async def test_a_fault_after_our_confirmation_still_counts(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shared-password mode: the server confirms first, so the client holds what
+    tests its guess before it confirms. A fault of ours after that (a bus outage
+    at the welcome, a bug) must count the attempt, or each guess would be free:
+    after the limit, the address is locked out as for wrong passwords."""
+    server = await server_factory(auth_failure_limit=LIMIT, auth_lockout=60)
+    receive = ServerHandshake.receive
+    faults = 0
+
+    def failing(self: ServerHandshake, frame: Frame) -> Any:
+        nonlocal faults
+        if frame.kind is FrameKind.CLIENT_CONFIRM:
+            assert self.unconfirmed_keys is not None  # our confirmation went first
+            faults += 1
+            raise RuntimeError("a fault of the server after its confirmation")
+        return receive(self, frame)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ServerHandshake, "receive", failing)
+        for _ in range(LIMIT):
+            # (The client may take the early welcome for a connection; the
+            # server ends it at once.)
+            client = Client(client_descriptor(server.port, reconnect_enabled=False))
+            with trio.fail_after(10), contextlib.suppress(ConduitError):
+                await client.connect()
+                await client.wait_closed()
+    assert faults == LIMIT
+    with trio.fail_after(10), pytest.raises(LockedOut):
+        await Client(client_descriptor(server.port)).connect()

@@ -1,0 +1,120 @@
+"""The attempt throttle's window: failures age from when they failed, attempts
+in flight never age out, and a server's window must hold a whole attempt.
+
+Driven with plain numbers for the clock (the throttle takes ``now`` on every
+call): attempts held open for longer than ``auth_failure_window``, which the
+descriptor no longer lets a server configure, but which a slow peer, a queue
+or a thread can still stretch an attempt to.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conduit import ServerDescriptor
+from conduit._throttle import Attempt, AuthThrottle
+
+ADDRESS = "10.0.0.1"
+
+
+def test_attempts_held_past_the_window_fill_the_budget_and_count() -> None:
+    """The reviewer's window_prune scenario: limit 3, window 2 s, each guess held
+    open 2.5 s before it fails. Were attempts aged out by their reservation
+    time, the budget would be empty again at each round and the failures
+    would find nothing to count: unlimited guesses."""
+    throttle = AuthThrottle(limit=3, window=2.0, lockout=60.0)
+    granted = 0
+    refused = 0
+    now = 0.0
+    for _ in range(10):
+        held: list[Attempt] = []
+        for _ in range(8):  # eight parallel guesses per round
+            attempt = throttle.reserve(ADDRESS, "", now)
+            if isinstance(attempt, Attempt):
+                held.append(attempt)
+            else:
+                refused += 1
+        granted += len(held)
+        now += 2.5  # held longer than the window, then failed
+        for attempt in held:
+            throttle.failed(attempt, now)
+        now += 0.1
+    assert granted == 3
+    assert refused == 10 * 8 - 3
+    assert throttle.retry_after(ADDRESS, now) > 0
+
+
+def test_a_users_budget_counts_attempts_held_past_the_window() -> None:
+    throttle = AuthThrottle(limit=100, window=2.0, lockout=60.0, user_limit=2)
+    first = throttle.reserve("10.0.0.1", "alice", 0.0)
+    second = throttle.reserve("10.0.0.2", "alice", 0.0)
+    assert isinstance(first, Attempt) and isinstance(second, Attempt)
+    assert throttle.reserve("10.0.0.3", "alice", 3.0) == 0.0  # both still in flight
+    throttle.failed(first, 3.0)
+    throttle.failed(second, 3.0)
+    assert throttle.retry_after("10.0.0.3", 3.5, "alice") == pytest.approx(59.5)
+
+
+def test_a_failure_counts_for_the_window_from_when_it_failed() -> None:
+    throttle = AuthThrottle(limit=2, window=2.0, lockout=60.0)
+    slow = throttle.reserve(ADDRESS, "", 0.0)
+    assert isinstance(slow, Attempt)
+    throttle.failed(slow, 5.0)  # reserved at 0, failed at 5: counts until 7
+    quick = throttle.reserve(ADDRESS, "", 6.5)
+    assert isinstance(quick, Attempt)
+    throttle.failed(quick, 6.5)
+    assert throttle.retry_after(ADDRESS, 6.6) == pytest.approx(59.9)
+    # Past the window of the first failure, one more does not lock.
+    later = AuthThrottle(limit=2, window=2.0, lockout=60.0)
+    slow = later.reserve(ADDRESS, "", 0.0)
+    assert isinstance(slow, Attempt)
+    later.failed(slow, 5.0)
+    quick = later.reserve(ADDRESS, "", 7.5)
+    assert isinstance(quick, Attempt)
+    later.failed(quick, 7.5)
+    assert later.retry_after(ADDRESS, 7.6) == 0.0
+
+
+def test_a_spray_of_new_addresses_never_drops_an_attempt_in_flight() -> None:
+    """Making room in a full table forgets records that no longer matter, never
+    one whose attempts are still in flight: they would then fail uncounted."""
+    throttle = AuthThrottle(limit=2, window=60.0, lockout=30.0, max_tracked=10)
+    held = [throttle.reserve(ADDRESS, "", 0.0) for _ in range(2)]
+    assert all(isinstance(a, Attempt) for a in held)
+    for i in range(20):  # long after the window: the spray fills the table
+        throttle.record_failure(f"10.1.0.{i}", 100.0)
+    for attempt in held:
+        throttle.failed(attempt, 101.0)  # type: ignore[arg-type]
+    assert throttle.retry_after(ADDRESS, 102.0) == pytest.approx(29.0)
+
+
+def test_a_released_attempt_frees_its_slot_uncounted() -> None:
+    """The server's own fault (not the peer's): the attempt is given back, neither
+    counted as a failure nor taken for a success."""
+    throttle = AuthThrottle(limit=2, window=60.0, lockout=30.0)
+    failed = throttle.reserve(ADDRESS, "bob", 0.0)
+    assert isinstance(failed, Attempt)
+    throttle.failed(failed, 0.0)
+    for _ in range(5):
+        attempt = throttle.reserve(ADDRESS, "bob", 1.0)
+        assert isinstance(attempt, Attempt)
+        throttle.released(attempt, 1.0)
+    assert throttle.retry_after(ADDRESS, 2.0, "bob") == 0.0
+    # The earlier failure still counts (nothing was forgiven): one more locks.
+    last = throttle.reserve(ADDRESS, "bob", 2.0)
+    assert isinstance(last, Attempt)
+    throttle.failed(last, 2.0)
+    assert throttle.retry_after(ADDRESS, 3.0) == pytest.approx(29.0)
+
+
+def test_the_failure_window_must_hold_an_attempt() -> None:
+    with pytest.raises(ValueError, match=r"auth_failure_window \(2.0\).*auth_timeout \(5.0\)"):
+        ServerDescriptor(
+            password="x", auth_failure_limit=3, auth_failure_window=2.0, auth_timeout=5.0
+        )
+    with pytest.raises(ValueError, match=r"auth_failure_window.*auth_timeout"):
+        ServerDescriptor(password="x", auth_failure_window=30.0, auth_timeout=30.5)
+    assert ServerDescriptor(password="x", auth_failure_window=30.0, auth_timeout=30.0)
+    assert ServerDescriptor(password="x", auth_failure_window=2.0, auth_timeout=1.0)
+    defaults = ServerDescriptor(password="x")
+    assert defaults.auth_failure_window > defaults.auth_timeout
