@@ -24,7 +24,7 @@ from conduit.errors import ChecksumMismatch, TransferError
 from conduit.transfer import _space, _storage
 from conduit.transfer._names import check_transfer_id, is_partial_name
 from conduit.transfer._space import DiskBudget, OneShotAdmitter
-from conduit.transfer._storage import StorageRoot
+from conduit.transfer._storage import ENTRY_ALLOWANCE, StorageRoot
 
 TID = "one-shot-1"
 
@@ -162,20 +162,23 @@ def test_a_written_one_shot_file_still_counts_against_the_quota(
     # the second is admitted over the quota. Anonymous bytes are invisible to
     # the quota's walk of the tree, so their reservation stays whole.
     budget = DiskBudget(_Settings(storage))
-    quota = 2 * 4096 - 1
+    storage.ensure()
+    # Two files of 4096 bytes, their entries (one is counted once stored) and
+    # the root directory's own size.
+    quota = storage.stored_bytes() + 2 * 4096 + ENTRY_ALLOWANCE
     admitter = OneShotAdmitter(budget, None, storage, (), "user:carol", quota, 0.0)
     first = admitter.admit("a.bin", 4096)
     assert first.partial is not None
     first.partial.write_block(b"x" * 4096)
     with pytest.raises(TransferError) as info:
-        admitter.admit("b.bin", 4096)
+        admitter.admit("b.bin", 4096 + ENTRY_ALLOWANCE + 1)
     assert info.value.code == "quota_exceeded"
     assert first.partial.publish(expected_sha256=sha256(b"x" * 4096)) == "a.bin"
     admitter.release(first)
-    # Published and released: the walk sees it, and nothing else is reserved.
+    # Published and released: the walk sees it (and its entry), nothing else is reserved.
     with pytest.raises(TransferError):
-        admitter.admit("b.bin", 4096)
-    second = admitter.admit("b.bin", quota - 4096)
+        admitter.admit("b.bin", 4096 + 1)
+    second = admitter.admit("b.bin", quota - storage.stored_bytes())
     assert second.partial is not None
     second.partial.discard()
     admitter.release(second)

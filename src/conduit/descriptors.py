@@ -141,17 +141,6 @@ def _cluster_staging(_inst: Any, attribute: attrs.Attribute[Any], value: str | N
         raise ValueError(f"{attribute.name}: {exc}") from None
 
 
-def _failure_window(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    # An attempt is counted from its reservation until it settles, within
-    # auth_timeout: a window shorter than that could not hold a whole attempt.
-    if value < instance.auth_timeout:
-        raise ValueError(
-            f"{attribute.name} ({value}) must not be shorter than auth_timeout "
-            f"({instance.auth_timeout}): failed attempts are counted over the window, "
-            "and an attempt may take up to auth_timeout"
-        )
-
-
 def _heartbeat_pair(instance: Any, _attribute: attrs.Attribute[Any], value: float) -> None:
     if instance.heartbeat_interval > 0 and value <= instance.heartbeat_interval:
         raise ValueError("heartbeat_timeout must be longer than heartbeat_interval")
@@ -220,7 +209,7 @@ class ServerDescriptor:
     #: before that address is refused for ``auth_lockout`` seconds.
     auth_failure_limit: int = attrs.field(default=5, validator=[v.instance_of(int), _positive])
     #: Seconds over which failed handshakes are counted (see ``auth_failure_limit``).
-    auth_failure_window: float = attrs.field(default=60.0, validator=[_positive, _failure_window])
+    auth_failure_window: float = attrs.field(default=60.0, validator=_positive)
     #: Seconds an address is refused after too many failures.
     auth_lockout: float = attrs.field(default=30.0, validator=_positive)
     #: Accounts mode: attempts against one user (from any address) within
