@@ -432,6 +432,95 @@ async def test_finish_abandons_by_key_alone(
             assert refused.value.code == "invalid_arguments", arguments
 
 
+async def test_the_same_file_sent_twice_at_once_ends_both_sends(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A second send of a file still streaming on the same connection replaces
+    the first on the receiver (it resumes from the first one's partial). The
+    first is told (its stream is reset) and returns its verdict, "superseded",
+    instead of waiting for credit for good."""
+    with trio.fail_after(60):
+        storage = tmp_path / "server"
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        source = tmp_path / "outbox" / "big.bin"
+        # Four receive windows: the first send needs credit after it is replaced.
+        checksum = await make_file(source, 4 * SIZE)
+        sender = FileTransferHandler(storage_dir=tmp_path / "client")
+        first_streaming, second_streaming = trio.Event(), trio.Event()
+        results: dict[str, dict[str, Any]] = {}
+
+        async def first_progress(progress: TransferProgress) -> None:
+            if progress.transferred and not progress.percent >= 100:
+                first_streaming.set()
+                await second_streaming.wait()  # paused mid-stream until replaced
+
+        def second_progress(progress: TransferProgress) -> None:
+            second_streaming.set()
+
+        async def first() -> None:
+            results["first"] = await sender.send_to_server(
+                client, source, on_progress=first_progress
+            )
+
+        async def second() -> None:
+            await first_streaming.wait()
+            results["second"] = await sender.send_to_server(
+                client, source, on_progress=second_progress
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+    assert results["second"]["success"] is True, results
+    assert await file_sha256(storage / "big.bin") == checksum
+    assert results["first"]["success"] is False, results
+    assert results["first"]["code"] == "superseded", results
+
+
+def _rewrite_tail(path: Path) -> None:
+    """Write new bytes over the last MiB of ``path`` in place (its size stays)."""
+    with open(path, "r+b") as file:
+        file.seek(-MiB, os.SEEK_END)
+        file.write(os.urandom(MiB))
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_a_file_written_while_it_is_sent_is_not_published(
+    direction: str, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The sender's file is written in place (same size) while it is sent. The
+    bytes received are then no one version of it, though they match the digest
+    the sender computed of what it read: the sender finds the file changed
+    before its trailer and fails the transfer with source_changed; nothing is
+    published (before, a mix of the two versions was, as a success)."""
+    with trio.fail_after(60):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        source = (tmp_path / "outbox" if direction == "upload" else storage) / "big.bin"
+        await make_file(source, 4 * SIZE)
+        written = False
+
+        async def write_it_once(progress: TransferProgress) -> None:
+            nonlocal written
+            if progress.transferred and not written:
+                written = True
+                await trio.to_thread.run_sync(_rewrite_tail, source)
+
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+        if direction == "upload":
+            result = await transfer.send_to_server(client, source, on_progress=write_it_once)
+            arrived = storage / "big.bin"
+        else:
+            result = await transfer.receive_from_server(
+                client, "big.bin", local_dir, on_progress=write_it_once
+            )
+            arrived = local_dir / "big.bin"
+    assert written
+    assert result["success"] is False, result
+    assert result["code"] == "source_changed", result
+    assert not arrived.exists()
+
+
 # --------------------------------------------------------------------------- old partials
 
 

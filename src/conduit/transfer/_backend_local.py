@@ -194,7 +194,8 @@ class LocalBackend:
     async def open_source(self, peer: Peer, name: str) -> Opened:
         """See :meth:`._backend.Backend.open_source` (an open descriptor, read in threads)."""
         file, size = await trio.to_thread.run_sync(self.root_for(peer).open_for_read, name)
-        return Opened(FileSource(file), size, os.fstat(file.fileno()).st_mtime_ns)
+        info = os.fstat(file.fileno())
+        return Opened(FileSource(file, info), size, info.st_mtime_ns)
 
     # ------------------------------------------------------------------ changes
 

@@ -207,6 +207,10 @@ class StoreSource:
         self._position += len(data)
         return records_of(stream.stream_id, data, shape)
 
+    async def check_unchanged(self) -> None:
+        """See :meth:`._engine.BlockReader.check_unchanged`: nothing to check, since
+        a read streams one version of the object (and :meth:`seek` refuses another)."""
+
     async def hash_prefix(self, length: int, limiter: trio.CapacityLimiter | None) -> Any:
         """Hash the next ``length`` bytes; ``TransferError`` if the object is shorter."""
         hasher = hashlib.sha256()

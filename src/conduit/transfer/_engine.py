@@ -79,6 +79,11 @@ class BlockReader(Protocol):
         """
         ...
 
+    async def check_unchanged(self) -> None:
+        """``TransferError`` (``source_changed``) if what was read may not be one
+        version of the source: a local file written to since it was opened."""
+        ...
+
 
 class BlockWriter(Protocol):
     """Where :func:`receive_file` writes to: a partial file or a partial upload."""
@@ -162,9 +167,15 @@ class FileSource:
     before there were other sources: the local store pays nothing for the seam.
     """
 
-    def __init__(self, file: io.FileIO) -> None:
-        """Wrap an open file (its position is where sending starts)."""
+    def __init__(self, file: io.FileIO, opened: os.stat_result | None = None) -> None:
+        """Wrap an open file (its position is where sending starts).
+
+        ``opened``: its ``fstat`` when it was opened (taken now if not given):
+        the version of the file the transfer sends (see :meth:`check_unchanged`).
+        """
         self.file = file
+        info = os.fstat(file.fileno()) if opened is None else opened
+        self._version = (info.st_size, info.st_mtime_ns)
         # Records are laid out in buffers reused once sealed, not a fresh
         # zero-filled megabyte each (one sender at a time uses them).
         self._buffers = RecordBuffers()
@@ -193,6 +204,22 @@ class FileSource:
         ``TransferError`` (``source_changed``) if the file is shorter.
         """
         return await hash_prefix(self.file, length, limiter=limiter)
+
+    async def check_unchanged(self) -> None:
+        """See :meth:`BlockReader.check_unchanged`: the file's size and modification
+        time are still those it was opened with.
+
+        A file written in place while it is sent (same size) would otherwise be
+        sent, hashed and published as a mix of its two versions, verified
+        against a digest of that mix; one that grew, cut at its old size.
+        (A rename or a change of mode is no change: only content is compared.)
+        """
+        info = await trio.to_thread.run_sync(os.fstat, self.file.fileno())
+        if (info.st_size, info.st_mtime_ns) != self._version:
+            raise TransferError(
+                "the file changed while it was being sent (written to since it was opened)",
+                "source_changed",
+            )
 
     async def seek(self, position: int) -> None:
         """Continue reading from byte ``position``."""
@@ -254,6 +281,8 @@ async def send_file(
         amount = sum(record.payload for record in records)
         position += amount
         await reporter.advance(amount)
+    # Before the trailer: the bytes sent must all be one version of the file.
+    await source.check_unchanged()
     trailer = Trailer(size, hasher.digest())
     await stream.finish(trailer.pack())
     return trailer

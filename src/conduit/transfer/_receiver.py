@@ -559,11 +559,16 @@ class Receiver:
                     "size_mismatch",
                 )
             published = await partial.publish(overwrite=overwrite, expected_sha256=trailer.checksum)
-        except (ConnectionClosed, StreamReset, trio.Cancelled):
+        except (ConnectionClosed, StreamReset, trio.Cancelled) as exc:
             # The link or the sender went away, but the bytes we have are good:
             # keep the partial file so that sending again resumes.
             with trio.CancelScope(shield=True):
                 await partial.close()
+            if isinstance(exc, trio.Cancelled) and not stream.finished:
+                # We stop (a newer attempt of the same file replaced this one,
+                # say) while the sender may still be sending: tell it, or it
+                # waits for credit for good on a live connection.
+                connection.close_stream(stream, reset=("cancelled", "the receiver stopped"))
             raise
         except BaseException as exc:
             # The data itself is wrong or cannot be stored: remove it, and stop

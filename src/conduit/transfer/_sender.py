@@ -200,7 +200,8 @@ class Sender:
                 # a stream only we can open: leaving before that (cancelled,
                 # or failed hashing or seeking) must tell it (see finally).
                 unopened = stream_id
-                hasher = await resume_hasher(FileSource(file), start, begin.prefix_sha256)
+                sending = FileSource(file, info)  # the version the key names
+                hasher = await resume_hasher(sending, start, begin.prefix_sha256)
                 if hasher is None:  # our prefix differs from theirs: restart from zero
                     await peer.call(finish_method, stream_id=stream_id, abandon=True)
                     unopened = None
@@ -225,9 +226,7 @@ class Sender:
                 unopened = None
                 # If the receiver stops us (StreamReset), its verdict below says why.
                 with contextlib.suppress(StreamReset):
-                    await self._stream_out(
-                        peer, stream, FileSource(file), start, size, hasher, reporter
-                    )
+                    await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
                 result = finish_answer(
                     await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT),
                     size,
@@ -305,8 +304,13 @@ class Sender:
                 read_threads=budget.read_threads,
             )
         except BaseException as exc:
-            reason = exc.message if isinstance(exc, TransferError) else "the sender gave up"
-            connection.close_stream(stream, reset=("aborted", reason))
+            # The receiver's verdict names the reason (source_changed: the file
+            # changed while it was sent), not a bare "aborted".
+            if isinstance(exc, TransferError):
+                reset = (exc.code, exc.message)
+            else:
+                reset = ("aborted", "the sender gave up")
+            connection.close_stream(stream, reset=reset)
             raise
         connection.close_stream(stream)
         return trailer
