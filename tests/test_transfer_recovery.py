@@ -521,6 +521,33 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
     assert not arrived.exists()
 
 
+async def test_a_progress_callback_that_raises_keeps_the_download_resumable(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The user's on_progress raises in the middle of a download: the exception
+    is the caller's, but the bytes received are fine and are kept, so the same
+    download resumes (before, the partial was removed as if the data were bad)."""
+    with trio.fail_after(60):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "big.bin", 4 * SIZE)
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        def fails_once_started(progress: TransferProgress) -> None:
+            if progress.transferred:
+                raise RuntimeError("a bug in the application's progress bar")
+
+        with pytest.raises(RuntimeError, match="progress bar"):
+            await transfer.receive_from_server(
+                client, "big.bin", local_dir, on_progress=fails_once_started
+            )
+        assert len(partial_files(local_dir)) == 1
+        again = await transfer.receive_from_server(client, "big.bin", local_dir)
+    assert again["success"] is True, again
+    assert again["resumed_from"] > 0, again
+    assert await file_sha256(local_dir / "big.bin") == checksum
+
+
 # --------------------------------------------------------------------------- old partials
 
 

@@ -575,8 +575,12 @@ class Receiver:
             # the sender if it is still sending. Except when the bytes kept
             # are good (see _KEPT_ON_FAILURE): keep them for a resume.
             code = exc.code if isinstance(exc, TransferError) else "receiver_error"
+            # What the user's own code raised (an on_progress callback, say)
+            # says nothing against the bytes either: kept, as a resume checks
+            # every prefix by hash anyway.
+            keep = code in _KEPT_ON_FAILURE or not isinstance(exc, (ConduitError, OSError))
             with trio.CancelScope(shield=True):
-                await (partial.close() if code in _KEPT_ON_FAILURE else partial.discard())
+                await (partial.close() if keep else partial.discard())
             if not stream.finished:
                 connection.close_stream(stream, reset=(code, str(exc)))
             raise
