@@ -25,6 +25,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit.protocol import FrameKind
 from conduit.protocol.codec import data_header, encode_frame
 from conduit.protocol.messages import Ping
-from conduit.transfer import _rerun
+from conduit.transfer import _hashing, _rerun
 from conduit.transfer._backend_local import CHANGE_THREADS, LIST_THREADS
 from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._storage import FileEntry, StorageRoot
@@ -627,18 +628,26 @@ async def test_a_forged_directory_listing_is_a_bad_answer(
     "flight) and re-run small-file uploads whose sha256 makes the server hash its copy, "
     "while another client lists files",
     behaviour="the hashing goes through the handler's hash gate (one hash at a time per "
-    "connection, shared threads, digests cached by inode/size/mtime): the file is read "
-    "once, not 40 times; the other client's file_list answers throughout",
+    "connection, shared threads, digests cached by inode/size/mtime/ctime once the file "
+    "has settled): a settled file is read once, not 40 times; the other client's "
+    "file_list answers throughout",
     found="whole-file hashes ran on Trio's default thread pool with no per-connection bound",
 )
 async def test_whole_file_hashing_is_bounded_per_connection(
-    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     storage = tmp_path / "storage"
     size = 4 * MiB
     digest = await trio.to_thread.run_sync(write_random_file, storage / "big.bin", size)
     small = b"small file bytes"
     (storage / "small.bin").write_bytes(small)
+    # The files were written just now: seen from an hour later they have
+    # settled, and their digests may be cached (tests/test_digest_cache.py
+    # shows a file changed a moment ago read every time instead).
+    monkeypatch.setattr(_hashing, "_now_ns", lambda: time.time_ns() + 3600 * 10**9)
     transfer = FileTransferHandler(storage_dir=storage)
     server = await server_factory(register=transfer.register_server_handlers)
     hammer = await client_factory(server)
