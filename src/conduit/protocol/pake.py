@@ -232,8 +232,11 @@ class StretchParams:
     The defaults (3 passes, 64 MiB: libsodium's OPSLIMIT_MODERATE passes at
     its INTERACTIVE memory) take ~0.1-0.2 s on one core; an attacker holding an
     accounts file pays that per guess per user. A client accepts a server's
-    parameters only between :data:`MIN_STRETCH` and :data:`MAX_STRETCH`, so a
-    hostile server can neither make it spend a gigabyte nor skip the stretch.
+    parameters only between :data:`MIN_STRETCH` and :data:`MAX_STRETCH`: a
+    hostile server can make it spend at most 10 passes over 1 GiB (seconds)
+    per connect, and at least one pass over 8 KiB, which is no stretch to
+    speak of but gives that server nothing: a password guess against the
+    client still costs it one connection.
     """
 
     opslimit: int = 3
