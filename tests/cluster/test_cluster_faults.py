@@ -594,7 +594,7 @@ async def test_the_sweeper_owns_staging_states_and_not_forged_ones(
 
 
 @pytest.mark.usefixtures("aws_environment")
-async def test_parts_the_store_no_longer_has_are_discarded_not_resumed(
+async def test_an_upload_aborted_behind_our_back_is_retried_from_zero(
     server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
 ) -> None:
     """The multipart upload was aborted behind our back (a bucket lifecycle rule
