@@ -717,6 +717,46 @@ async def test_answers_already_made_go_out_before_the_goodbye(
     assert kinds.index((FrameKind.RESULT, 1)) < kinds.index((FrameKind.GOODBYE, 0)), kinds
 
 
+async def test_two_closes_at_once_still_say_goodbye(
+    tcp_server_factory: ServerFactory,
+) -> None:
+    """Two closes of one connection at once (a user's close racing
+    server.close(), say) while answers still wait to go out to a peer that is
+    slow to read: the second waits for the first's grace, as the first does,
+    and the peer gets its answers and the GOODBYE. Before, the second aborted
+    at once, dropping them: the peer saw a lost connection, not a goodbye."""
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        def echo(value: bytes) -> bytes:
+            return value
+
+    server = await tcp_server_factory(register=register_server, heartbeat_interval=0)
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    try:
+        # Answers enough to fill the socket buffers while the peer reads nothing.
+        payload = b"x" * (900 * 1024)
+        await peer.send_sealed(*(call_frame(2 * n + 1, "echo", value=payload) for n in range(16)))
+        await trio.sleep(0.3)
+        (connection,) = [p.connection for p in server.clients.values()]
+        assert connection._outbox.control_queued  # the answers wait for the peer
+
+        async def close() -> None:
+            await connection.close("going away", grace=5.0)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close)
+                nursery.start_soon(close)
+                await trio.sleep(0.2)
+                frames = await peer.expect_closed()
+    finally:
+        await peer.aclose()
+    kinds = [frame.kind for frame in frames]
+    assert FrameKind.GOODBYE in kinds, kinds
+    assert kinds.count(FrameKind.RESULT) == 16, kinds
+
+
 async def test_a_client_handler_that_disconnects_its_client_ends_the_connection(
     server_factory: ServerFactory, client_factory: ClientFactory
 ) -> None:

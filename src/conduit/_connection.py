@@ -78,6 +78,7 @@ from .protocol.records_io import SCRATCH_MIN
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
+_CLOSING = Phase.CLOSING
 _CLOSED = Phase.CLOSED
 _CALL = FrameKind.CALL
 _MESSAGE = FrameKind.MESSAGE
@@ -570,6 +571,13 @@ class Connection:
                     return
                 with trio.move_on_after(grace):
                     await self.closed.wait()
+        elif running and not inside and self._state.phase is _CLOSING:
+            # Another close is under way (a user's racing server.close(), say),
+            # its GOODBYE perhaps still queued: the same grace for it to go
+            # out, not an abort that drops it (the peer would take the end
+            # for a lost connection and try to reconnect).
+            with trio.move_on_after(grace):
+                await self.closed.wait()
         self.abort(reason)
         if running and not inside:
             await self.closed.wait()
