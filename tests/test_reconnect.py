@@ -30,6 +30,7 @@ from conduit import (
     FileTransferHandler,
     Server,
     ServerDescriptor,
+    TransferProgress,
 )
 from conduit._handshake_io import (
     Established,
@@ -450,6 +451,45 @@ async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) 
                 result = await server_transfer.send_to_client(server, client.id, source)
             assert result["success"] is False and result["code"] == "connection_closed"
             assert proxy.accepted == 1
+        await server.close()
+
+
+async def test_a_push_ends_at_once_when_the_client_disconnects_on_purpose(
+    tmp_path: Path,
+) -> None:
+    """A client that disconnects on purpose (``disconnect()``: its resume token
+    gone) is not coming back under its id: a push to it in flight returns
+    ``connection_closed`` at once, not after ``push_reconnect_timeout``."""
+    size = 16 * MiB
+    source = tmp_path / "pushed.bin"
+    await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    server_transfer = FileTransferHandler(tmp_path / "server-store")
+    server_transfer.push_reconnect_timeout = 600.0  # what the push must not wait for
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        client = _client(server.port)
+        client_transfer = FileTransferHandler(tmp_path / "client-store")
+        client_transfer.register_client_handlers(client)
+        await client.connect()
+        assert client.id is not None
+        await served(server, client)
+        started = trio.Event()
+
+        async def disconnect_once_started(progress: TransferProgress) -> None:
+            if progress.transferred and not started.is_set():
+                started.set()
+
+        async def leave() -> None:
+            await started.wait()
+            await client.disconnect()
+
+        with trio.fail_after(30):
+            nursery.start_soon(leave)
+            result = await server_transfer.send_to_client(
+                server, client.id, source, on_progress=disconnect_once_started
+            )
+        assert result["success"] is False and result["code"] == "connection_closed", result
         await server.close()
 
 

@@ -85,7 +85,9 @@ async def on_server(
         raise ConnectionClosed(f"no connected client with id {client_id!r}")
     result = await attempt(peer)
     for _ in range(MAX_RESUMES):
-        if result.get("success") or peer.connected:
+        # A connection closed on purpose (the client's disconnect(), or ours)
+        # is not coming back under this id: no waiting for it.
+        if result.get("success") or peer.connected or peer.connection.closed_on_purpose:
             return result
         back = await server._wait_for_client(client_id, timeout)
         if back is None:
