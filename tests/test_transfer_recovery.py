@@ -521,12 +521,19 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
     assert not arrived.exists()
 
 
+#: What an application's on_progress may raise: a bug, or its print() into a
+#: closed pipe (an OSError, which is no I/O error of the transfer).
+CALLBACK_ERRORS = [RuntimeError("a bug in the progress bar"), BrokenPipeError(32, "Broken pipe")]
+
+
+@pytest.mark.parametrize("error", CALLBACK_ERRORS, ids=["bug", "broken-pipe"])
 async def test_a_progress_callback_that_raises_keeps_the_download_resumable(
-    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+    error: Exception, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     """The user's on_progress raises in the middle of a download: the exception
-    is the caller's, but the bytes received are fine and are kept, so the same
-    download resumes (before, the partial was removed as if the data were bad)."""
+    reaches the caller as it is (an OSError too, not an io_error result), and
+    the bytes received are kept, so the same download resumes (before, the
+    partial was removed as if the data were bad)."""
     with trio.fail_after(60):
         storage, local_dir = tmp_path / "server", tmp_path / "downloads"
         checksum = await make_file(storage / "big.bin", 4 * SIZE)
@@ -535,17 +542,53 @@ async def test_a_progress_callback_that_raises_keeps_the_download_resumable(
 
         def fails_once_started(progress: TransferProgress) -> None:
             if progress.transferred:
-                raise RuntimeError("a bug in the application's progress bar")
+                raise error
 
-        with pytest.raises(RuntimeError, match="progress bar"):
+        with pytest.raises(type(error)) as raised:
             await transfer.receive_from_server(
                 client, "big.bin", local_dir, on_progress=fails_once_started
             )
+        assert raised.value is error
         assert len(partial_files(local_dir)) == 1
         again = await transfer.receive_from_server(client, "big.bin", local_dir)
     assert again["success"] is True, again
     assert again["resumed_from"] > 0, again
     assert await file_sha256(local_dir / "big.bin") == checksum
+
+
+@pytest.mark.parametrize("error", CALLBACK_ERRORS, ids=["bug", "broken-pipe"])
+@pytest.mark.parametrize("what", ["file", "directory", "files"])
+async def test_a_progress_callback_error_reaches_the_caller_as_it_is(
+    what: str,
+    error: Exception,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+) -> None:
+    """Uploads too: what on_progress raises reaches the caller of the transfer
+    itself, not as an io_error result (an OSError) nor inside an ExceptionGroup
+    (several files moved at once: a directory, send_files_to_server)."""
+    with trio.fail_after(60):
+        _, _, client = await server_and_client(server_factory, client_factory, tmp_path / "s")
+        outbox = tmp_path / "outbox"
+        for index in range(6):
+            await make_file(outbox / f"f{index}.bin", SIZE if index % 2 else 1000)
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        def fails(progress: TransferProgress) -> None:
+            raise error
+
+        async def send() -> Any:
+            if what == "file":
+                return await transfer.send_to_server(client, outbox / "f1.bin", on_progress=fails)
+            if what == "directory":
+                return await transfer.send_to_server(client, outbox, on_progress=fails)
+            files = sorted(outbox.iterdir())
+            return await transfer.send_files_to_server(client, files, on_progress=fails)
+
+        with pytest.raises(type(error)) as raised:
+            await send()
+        assert raised.value is error
 
 
 # --------------------------------------------------------------------------- old partials

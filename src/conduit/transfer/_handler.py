@@ -39,7 +39,7 @@ from ._backend_local import LocalBackend
 from ._hashing import HashGate
 from ._hooks import Hooks
 from ._listing import FileListing
-from ._progress import TransferProgress
+from ._progress import TransferProgress, callback_errors_as_they_are
 from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
@@ -297,6 +297,7 @@ class FileTransferHandler:
     # ------------------------------------------------------------------ public operations
 
     @bridged
+    @callback_errors_as_they_are
     async def send_to_server(
         self,
         client: Client,
@@ -328,6 +329,7 @@ class FileTransferHandler:
         )
 
     @bridged
+    @callback_errors_as_they_are
     async def send_files_to_server(
         self,
         client: Client,
@@ -351,6 +353,7 @@ class FileTransferHandler:
         )
 
     @bridged
+    @callback_errors_as_they_are
     async def send_to_client(
         self,
         server: Server,
@@ -383,6 +386,7 @@ class FileTransferHandler:
         return result
 
     @bridged
+    @callback_errors_as_they_are
     async def receive_from_server(
         self,
         client: Client,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import attrs
 import trio
 
 from .._callbacks import invoke
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 Direction = Literal["upload", "download", "push", "receive"]
 
@@ -70,8 +74,55 @@ class TransferProgress:
         }
 
 
+class ProgressCallbackError(Exception):
+    """What a user's ``on_progress`` raised, carried through a transfer.
+
+    The transfer machinery tells it from a transfer's own failures: an
+    ``OSError`` the callback raised (a broken pipe under its ``print``) is no
+    I/O error of the transfer, and the bytes received stay for a resume. The
+    public transfer methods raise :attr:`error` itself to their caller
+    (:func:`callback_errors_as_they_are`).
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"on_progress raised {error!r}")
+        self.error = error
+
+
+def callback_errors_as_they_are(
+    function: Callable[P, Awaitable[T]],
+) -> Callable[P, Awaitable[T]]:
+    """Make a public transfer method raise what its ``on_progress`` raised, as it is.
+
+    Also when the callback raised in one of several files moved at once (a
+    directory, :meth:`send_files_to_server`): their nursery raises a group of
+    :class:`ProgressCallbackError`, whose first error is raised alone.
+    """
+
+    @functools.wraps(function)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await function(*args, **kwargs)
+        except ProgressCallbackError as exc:
+            raise exc.error from None
+        except BaseExceptionGroup as group:
+            matched, rest = group.split(ProgressCallbackError)
+            if matched is None or rest is not None:
+                raise
+            first: BaseException = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            assert isinstance(first, ProgressCallbackError)
+            raise first.error from None
+
+    return wrapper
+
+
 class ProgressReporter:
-    """Calls a user's progress callback at a bounded rate."""
+    """Calls a user's progress callback at a bounded rate.
+
+    What the callback raises comes out as :class:`ProgressCallbackError`.
+    """
 
     def __init__(
         self,
@@ -116,7 +167,7 @@ class ProgressReporter:
         if self._callback is not None and now - self._last_report >= REPORT_INTERVAL:
             self._last_report = now
             self._reported = self.transferred
-            await invoke(self._callback, self.snapshot())
+            await self._report(self._callback, self.snapshot())
 
     async def finish(self) -> TransferProgress:
         """Report the final state, unless the last report already showed it (so a
@@ -124,5 +175,14 @@ class ProgressReporter:
         final = self.snapshot()
         if self._callback is not None and self._reported != self.transferred:
             self._reported = self.transferred
-            await invoke(self._callback, final)
+            await self._report(self._callback, final)
         return final
+
+    @staticmethod
+    async def _report(
+        callback: Callable[[TransferProgress], Any], progress: TransferProgress
+    ) -> None:
+        try:
+            await invoke(callback, progress)
+        except Exception as exc:
+            raise ProgressCallbackError(exc) from exc
