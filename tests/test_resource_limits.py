@@ -56,7 +56,7 @@ from conduit.protocol.messages import Ping
 from conduit.transfer import _hashing, _rerun
 from conduit.transfer._backend_local import CHANGE_THREADS, LIST_THREADS
 from conduit.transfer._hashing import HASH_THREADS
-from conduit.transfer._storage import FileEntry, StorageRoot
+from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
@@ -940,6 +940,40 @@ async def test_a_ping_flood_queues_a_bounded_number_of_pongs(
         await peer.aclose()
 
 
+class PoolWatch:
+    """Watches a storage operation that a pool of ``threads`` rations: which
+    peers' calls run at once, at most how many, and whether a bound broke
+    (a second call of one peer, or more than ``threads``). Each call is held
+    up to 0.2 s, as a large tree or a slow disk would, so that they overlap."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.most = 0
+        #: Set as soon as the calls running break a bound.
+        self.too_many = threading.Event()
+        self._lock = threading.Lock()
+        self._running: list[str] = []  # the ids of the peers whose calls run
+
+    def watched(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        """``real`` (a StorageRoot method), watched."""
+
+        def call(root: StorageRoot, *args: Any, **kwargs: Any) -> Any:
+            peer = current_peer().id  # the call runs in a copy of the RPC's context
+            with self._lock:
+                if peer in self._running or len(self._running) == self.threads:
+                    self.too_many.set()
+                self._running.append(peer)
+                self.most = max(self.most, len(self._running))
+            try:
+                self.too_many.wait(0.2)
+                return real(root, *args, **kwargs)
+            finally:
+                with self._lock:
+                    self._running.remove(peer)
+
+        return call
+
+
 @hostile(
     "file-list-loop",
     area=AREA,
@@ -965,28 +999,8 @@ async def test_listings_walk_on_a_bounded_pool(
     server = await server_factory(register=transfer.register_server_handlers)
     listers = [await client_factory(server) for _ in range(4)]
     other = await client_factory(server)
-    lock = threading.Lock()
-    running: list[str] = []  # the ids of the peers whose walks are running
-    most = 0
-    too_many = threading.Event()  # set as soon as the walks running break a bound
-    real_list_files = StorageRoot.list_files
-
-    def watched(root: StorageRoot, **kwargs: Any) -> list[FileEntry]:
-        nonlocal most
-        peer = current_peer().id  # the walk runs in a copy of the call's context
-        with lock:
-            if peer in running or len(running) == LIST_THREADS:
-                too_many.set()
-            running.append(peer)
-            most = max(most, len(running))
-        try:
-            too_many.wait(0.2)
-            return real_list_files(root, **kwargs)
-        finally:
-            with lock:
-                running.remove(peer)
-
-    monkeypatch.setattr(StorageRoot, "list_files", watched)
+    pool = PoolWatch(LIST_THREADS)
+    monkeypatch.setattr(StorageRoot, "list_files", pool.watched(StorageRoot.list_files))
 
     async def list_five(client: Client) -> None:
         async with trio.open_nursery() as nursery:
@@ -1003,7 +1017,7 @@ async def test_listings_walk_on_a_bounded_pool(
                 nursery.start_soon(list_five, client)
             answer = await other.rpc.call("file_stat", name="dir/f.txt")
             assert answer["success"], answer
-    assert not too_many.is_set() and most == LIST_THREADS, most
+    assert not pool.too_many.is_set() and pool.most == LIST_THREADS, pool.most
 
 
 @hostile(
@@ -1032,31 +1046,9 @@ async def test_deletes_and_renames_run_on_a_bounded_pool(
     server = await server_factory(register=transfer.register_server_handlers)
     changers = [await client_factory(server) for _ in range(4)]
     other = await client_factory(server)
-    lock = threading.Lock()
-    running: list[str] = []  # the ids of the peers whose changes are running
-    most = 0
-    too_many = threading.Event()  # set as soon as the changes running break a bound
-
-    def watched(real: Callable[..., Any]) -> Callable[..., Any]:
-        def change(root: StorageRoot, *args: Any, **kwargs: Any) -> Any:
-            nonlocal most
-            peer = current_peer().id  # the change runs in a copy of the call's context
-            with lock:
-                if peer in running or len(running) == CHANGE_THREADS:
-                    too_many.set()
-                running.append(peer)
-                most = max(most, len(running))
-            try:
-                too_many.wait(0.2)
-                return real(root, *args, **kwargs)
-            finally:
-                with lock:
-                    running.remove(peer)
-
-        return change
-
-    monkeypatch.setattr(StorageRoot, "delete", watched(StorageRoot.delete))
-    monkeypatch.setattr(StorageRoot, "rename", watched(StorageRoot.rename))
+    pool = PoolWatch(CHANGE_THREADS)
+    monkeypatch.setattr(StorageRoot, "delete", pool.watched(StorageRoot.delete))
+    monkeypatch.setattr(StorageRoot, "rename", pool.watched(StorageRoot.rename))
 
     async def change_five(index: int, client: Client) -> None:
         async with trio.open_nursery() as nursery:
@@ -1078,7 +1070,7 @@ async def test_deletes_and_renames_run_on_a_bounded_pool(
                 nursery.start_soon(change_five, index, client)
             answer = await other.rpc.call("file_stat", name="stat.txt")
             assert answer["success"], answer
-    assert not too_many.is_set() and most == CHANGE_THREADS, most
+    assert not pool.too_many.is_set() and pool.most == CHANGE_THREADS, pool.most
     assert sorted(p.name for p in (storage / "renamed").iterdir()) == sorted(
         f"c{index}-{call}.txt" for index in range(4) for call in (1, 3)
     )

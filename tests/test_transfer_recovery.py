@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -299,6 +300,41 @@ async def test_upload_given_up_while_streaming_frees_the_receivers_slot(
         assert len(partial_files(tmp_path / "server")) == 1
 
 
+@attrs.frozen
+class CutUpload:
+    """``up.bin``, cut at :data:`KEPT` (its partial planted on the server), and
+    ``other.bin``: what the tests of a sender giving up after its begin use."""
+
+    source: Path
+    checksum: str
+    other: Path
+    other_checksum: str
+
+
+async def plant_cut_upload(outbox: Path, storage: Path) -> CutUpload:
+    """Write ``up.bin`` and ``other.bin`` in ``outbox``; plant ``up.bin``'s partial."""
+    source, other = outbox / "up.bin", outbox / "other.bin"
+    checksum = await make_file(source, SIZE)
+    other_checksum = await make_file(other, SIZE)
+    key = transfer_key("up.bin", SIZE, source.stat().st_mtime_ns)
+    await trio.to_thread.run_sync(
+        _plant_prefix, source, storage / upload_partial_name("up.bin", key), KEPT
+    )
+    return CutUpload(source, checksum, other, other_checksum)
+
+
+async def assert_slot_free_and_resumed(
+    sender: FileTransferHandler, client: Client, cut: CutUpload, storage: Path
+) -> None:
+    """The one slot is free again (another file goes through at once), and the
+    cut upload, sent again, resumes from its kept partial."""
+    second = await sender.send_to_server(client, cut.other)
+    assert second["success"] is True, second
+    assert second["checksum"] == cut.other_checksum
+    retry = await sender.send_to_server(client, cut.source)
+    await assert_resumed(retry, storage / "up.bin", cut.checksum)
+
+
 @pytest.mark.parametrize("how", ["cancelled", "failed"])
 async def test_upload_given_up_after_begin_frees_the_receivers_slot(
     how: str,
@@ -319,14 +355,8 @@ async def test_upload_given_up_after_begin_frees_the_receivers_slot(
         _, _, client = await server_and_client(
             server_factory, client_factory, storage, max_transfers_per_connection=1
         )
-        source = tmp_path / "outbox" / "up.bin"
-        checksum = await make_file(source, SIZE)
-        other = tmp_path / "outbox" / "other.bin"
-        other_checksum = await make_file(other, SIZE)
-        key = transfer_key("up.bin", SIZE, source.stat().st_mtime_ns)
-        await trio.to_thread.run_sync(
-            _plant_prefix, source, storage / upload_partial_name("up.bin", key), KEPT
-        )
+        cut = await plant_cut_upload(tmp_path / "outbox", storage)
+        source = cut.source
         sender = FileTransferHandler(storage_dir=tmp_path / "client")
 
         real_resume_hasher = _sender.resume_hasher
@@ -345,14 +375,7 @@ async def test_upload_given_up_after_begin_frees_the_receivers_slot(
             assert scope.cancelled_caught
         else:
             assert given_up["success"] is False, given_up
-
-        # The one slot is free again: another file goes through at once.
-        second = await sender.send_to_server(client, other)
-        assert second["success"] is True, second
-        assert second["checksum"] == other_checksum
-
-        retry = await sender.send_to_server(client, source)
-        await assert_resumed(retry, storage / "up.bin", checksum)
+        await assert_slot_free_and_resumed(sender, client, cut, storage)
 
 
 async def test_upload_cancelled_before_the_begin_answer_frees_the_receivers_slot(
@@ -369,14 +392,7 @@ async def test_upload_cancelled_before_the_begin_answer_frees_the_receivers_slot
     """
     with trio.fail_after(30):
         storage = tmp_path / "server"
-        source = tmp_path / "outbox" / "up.bin"
-        checksum = await make_file(source, SIZE)
-        other = tmp_path / "outbox" / "other.bin"
-        other_checksum = await make_file(other, SIZE)
-        key = transfer_key("up.bin", SIZE, source.stat().st_mtime_ns)
-        await trio.to_thread.run_sync(
-            _plant_prefix, source, storage / upload_partial_name("up.bin", key), KEPT
-        )
+        cut = await plant_cut_upload(tmp_path / "outbox", storage)
         with trio.CancelScope() as scope:
             real_begin = Receiver.rpc_begin
             answered: list[dict[str, Any]] = []
@@ -394,20 +410,13 @@ async def test_upload_cancelled_before_the_begin_answer_frees_the_receivers_slot
                 server_factory, client_factory, storage, max_transfers_per_connection=1
             )
             sender = FileTransferHandler(storage_dir=tmp_path / "client")
-            await sender.send_to_server(client, source)
+            await sender.send_to_server(client, cut.source)
         assert scope.cancelled_caught
         assert answered and answered[0]["offset"] == KEPT
-
-        # The one slot is free again: another file goes through at once.
         assert client.id is not None
         connection = server.clients[client.id].connection
         await wait_until(lambda: handler._receiver._slots.in_use(connection) == 0)
-        second = await sender.send_to_server(client, other)
-        assert second["success"] is True, second
-        assert second["checksum"] == other_checksum
-
-        retry = await sender.send_to_server(client, source)
-        await assert_resumed(retry, storage / "up.bin", checksum)
+        await assert_slot_free_and_resumed(sender, client, cut, storage)
 
 
 async def test_finish_abandons_by_key_alone(
