@@ -33,6 +33,7 @@ from conduit import (
     _connection,
     _heartbeats,
 )
+from conduit._connection import _CONTROL_BACKLOG
 from conduit.protocol.frames import FrameKind
 from conftest import (
     LOOPBACK,
@@ -734,9 +735,17 @@ async def test_two_closes_at_once_still_say_goodbye(
     server = await tcp_server_factory(register=register_server, heartbeat_interval=0)
     peer = await RawPeer.authenticated(server.port, PASSWORD)
     try:
-        # Answers enough to fill the socket buffers while the peer reads nothing.
+        # Answers enough to fill the socket buffers while the peer reads
+        # nothing, and fewer than the backlog at which the server stops
+        # reading a peer that never reads: past it the rest of the calls
+        # would stay in this task's send, and the test would wait for good.
         payload = b"x" * (900 * 1024)
-        await peer.send_sealed(*(call_frame(2 * n + 1, "echo", value=payload) for n in range(16)))
+        calls = 8
+        assert calls * len(payload) < _CONTROL_BACKLOG
+        with trio.fail_after(10):
+            await peer.send_sealed(
+                *(call_frame(2 * n + 1, "echo", value=payload) for n in range(calls))
+            )
         await trio.sleep(0.3)
         (connection,) = [p.connection for p in server.clients.values()]
         assert connection._outbox.control_queued  # the answers wait for the peer
@@ -754,7 +763,7 @@ async def test_two_closes_at_once_still_say_goodbye(
         await peer.aclose()
     kinds = [frame.kind for frame in frames]
     assert FrameKind.GOODBYE in kinds, kinds
-    assert kinds.count(FrameKind.RESULT) == 16, kinds
+    assert kinds.count(FrameKind.RESULT) == calls, kinds
 
 
 async def test_a_client_handler_that_disconnects_its_client_ends_the_connection(
