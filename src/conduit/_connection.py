@@ -194,6 +194,15 @@ class _Closed:
 _OVER = _Closed()
 
 
+def _only_cancellation(exc: BaseException | None) -> bool:
+    """Whether ``exc``, what ends :meth:`Connection.run`, is cancellation
+    only (Trio's Cancelled or a KeyboardInterrupt, alone or grouped), not a failure."""
+    cancellation = (trio.Cancelled, KeyboardInterrupt)
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(cancellation)[1] is None
+    return isinstance(exc, cancellation)
+
+
 class Connection:
     """An authenticated, encrypted link, after the handshake.
 
@@ -325,6 +334,9 @@ class Connection:
         # bytes (None when no send waits). beat() ends a peer that keeps
         # sending but stopped reading, whose silence check stays fresh.
         self._send_waiting_since: float | None = None
+        # A send left a record part way (see _send_waiting): nothing more may
+        # be written to the stream, not even a GOODBYE (see _goodbye_on_teardown).
+        self._record_cut = False
         #: Set once :meth:`run` has finished: every task is gone.
         self.closed = trio.Event()
         #: Either side said goodbye: the close was meant, not a lost link
@@ -370,6 +382,7 @@ class Connection:
         once), as they would have before a close that followed the start.
         """
         released = socket_closed = False
+        ending: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -403,8 +416,13 @@ class Connection:
                     released = True
                     self._release()
                     socket_closed = close_now(self.stream)
+        except BaseException as exc:
+            ending = exc
+            raise
         finally:
             if not released:
+                if self._state.phase is _OPEN and _only_cancellation(ending):
+                    self._goodbye_on_teardown()
                 self._release()
             if socket_closed:
                 pass  # the nursery's exit made the pass
@@ -420,6 +438,33 @@ class Connection:
             self.owned.clear()
             self._unlink()
             self.closed.set()
+
+    def _goodbye_on_teardown(self) -> None:
+        """:meth:`run` is cancelled from outside with the connection still
+        OPEN (a server's run() stopped by Ctrl-C, ``asyncio.run()`` ending
+        with a client left connected). Say GOODBYE if it can go out at once:
+        a peer that sees only the socket close takes it for a lost connection
+        and reconnects, or waits for its transfers to resume. Not when run()
+        fails: a server that crashed may be restarted, and its clients then
+        reconnect and resume.
+
+        Only on a plain socket (a non-blocking write; nothing can wait here)
+        and between records: a record the writer or a direct send left part
+        way would take the GOODBYE's bytes for its own (the peer then fails
+        to open it, and sees a lost connection, as without this).
+        """
+        io = self._socket_io
+        if io is None or self._outbox.sealed_queued or self._direct_sending or self._record_cut:
+            return
+        goodbye = self._state.goodbye(
+            "client shutting down" if self.is_client else "server shutting down"
+        )
+        if goodbye is None:
+            return
+        self.closed_on_purpose = True
+        (record,) = self._writer.write_frames([(goodbye,)])
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            io.send_now(record)
 
     def _start_tasks(self, nursery: trio.Nursery) -> None:
         """What a running connection needs besides its reading: the reading
@@ -539,18 +584,24 @@ class Connection:
 
         Called from a task of this connection (an RPC or message handler
         closing its own connection: a "logout"), it cannot wait for the end,
-        which waits for that very task: it returns once the GOODBYE is on its
-        way, and the connection ends once the handler has returned and the
-        peer has answered (or after ``grace``).
+        which waits for that very task: it returns once the GOODBYE is queued,
+        and the connection ends once the handler has returned and the peer
+        has answered (or after ``grace``). Frames queued before the writer
+        sends the GOODBYE go ahead of it: a handler that returns right after
+        its close gets its answer out.
         """
         running = self._nursery is not None or self._run_expected
         inside = self._nursery is not None and self._called_from_inside()
         if self.is_open and running:
             # Not past frames queued without waking the writer (the answers of
             # a burst of calls, say): the GOODBYE goes after them, or the peer,
-            # which ignores what follows it, loses answers already made.
+            # which ignores what follows it, loses answers already made. Nor
+            # from inside: the writer sends it once the handler's step is
+            # over, so that a "logout" returning right after its close gets
+            # its answer out ahead of the GOODBYE.
             direct = (
-                self._socket_io is not None
+                not inside
+                and self._socket_io is not None
                 and self._can_send_directly()
                 and not self._outbox.control_queued
             )
@@ -562,7 +613,7 @@ class Connection:
             else:
                 if goodbye is not None:
                     # CLOSING: the writer sends what is queued, this last, then stops.
-                    self._outbox.put_control((goodbye,))
+                    self._outbox.put_last((goodbye,))
                 waits = True
             if waits:
                 if inside:
@@ -1008,6 +1059,8 @@ class Connection:
                     self._send_waiting_since = trio.current_time()
         finally:
             self._send_waiting_since = None
+            if view:  # left part way (cancelled): no record may follow on this stream
+                self._record_cut = True
 
     async def _message_task(self, messages: trio.MemoryReceiveChannel[MessageReceived]) -> None:
         async for message in messages:

@@ -9,9 +9,13 @@ producers wait when it is full, which is the in-process backpressure), and the
 writer always drains control first.
 
 Whether the outbox still takes frames is the connection state machine's phase
-(:class:`~conduit.protocol.connection.Phase`): OPEN and CLOSING take them (a
-graceful close drains what is queued), CLOSED refuses them; the writer stops
-once nothing is queued and the phase is not OPEN.
+(:class:`~conduit.protocol.connection.Phase`): OPEN takes everything; CLOSING
+(a graceful close) takes control frames but no new data, and drains what is
+queued; CLOSED refuses all. The GOODBYE that starts a graceful close goes
+last (:meth:`Outbox.put_last`), after the data queued before it: the peer
+ignores whatever follows a GOODBYE, so one sent ahead of a download's last
+frames would lose a file already served. The writer stops once nothing is
+queued and the phase is not OPEN.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class Outbox:
         # Sealed bytes a producer could not finish sending without waiting
         # (the reader never waits on the socket): the writer sends them first.
         self._sealed: list[bytes | bytearray | memoryview] = []
+        # The frame that ends the connection (see put_last).
+        self._last: OutFrame | None = None
         self._writer_waiting = trio.lowlevel.ParkingLot()
         self._producers_waiting = trio.lowlevel.ParkingLot()
         #: True while the writer is parked with nothing to send, or not
@@ -111,6 +117,14 @@ class Outbox:
             self._control_drained.unpark_all()
         return batch
 
+    def put_last(self, frame: OutFrame) -> None:
+        """Queue the frame that ends the connection (its GOODBYE): the writer
+        sends it after every frame queued, data included; no data is taken
+        after it (:meth:`put_data` refuses once the phase is not OPEN)."""
+        self._check_open()
+        self._last = frame
+        self._wake_writer()
+
     def put_sealed(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         """Hand the writer sealed bytes (the rest of records already begun) to send first."""
         self._check_open()
@@ -155,9 +169,15 @@ class Outbox:
             await self._control_drained.park()
 
     async def put_data(self, frames: list[tuple[OutFrame, int]]) -> None:
-        """Queue data frames (with their sizes), waiting while the queue is full."""
+        """Queue data frames (with their sizes), waiting while the queue is full.
+
+        Only while the connection is OPEN: a graceful close sends what was
+        queued before it, then its GOODBYE (see :meth:`put_last`), and a
+        stream still sending fails with :class:`ConnectionClosed`.
+        """
         while True:
-            self._check_open()
+            if self._state.phase is not _OPEN:
+                raise ConnectionClosed(self._state.close_reason or "connection closed")
             if self._data_bytes < self._data_limit:
                 break
             await self._producers_waiting.park()
@@ -166,8 +186,9 @@ class Outbox:
         self._wake_writer()
 
     async def take(self, budget: int) -> list[OutFrame]:
-        """Wait for frames; return all control frames and up to ``budget`` bytes of data."""
-        while not self._control and not self._data and not self._sealed:
+        """Wait for frames; return all control frames and up to ``budget`` bytes
+        of data, and the last frame (see :meth:`put_last`) once no data is left."""
+        while not self._control and not self._data and not self._sealed and self._last is None:
             if self._state.phase is not _OPEN:
                 raise OutboxClosed
             self.writer_idle = True
@@ -188,6 +209,9 @@ class Outbox:
             self._data_bytes -= taken
             if self._data_bytes < self._data_limit:
                 self._producers_waiting.unpark_all()
+        if self._last is not None and not self._data:
+            batch.append(self._last)
+            self._last = None
         return batch
 
     def close(self) -> None:
@@ -197,6 +221,7 @@ class Outbox:
         self._data.clear()
         self._data_bytes = 0
         self._sealed.clear()
+        self._last = None
         self._start_writer = None  # the connection's method: no cycle left behind
         # Only lots with someone parked: this runs twice at every connection's end.
         for lot in (self._writer_waiting, self._producers_waiting, self._control_drained):

@@ -1,0 +1,148 @@
+"""How a connection ends when its own side ends it: the GOODBYE goes after what
+was queued before it, and a run cancelled from outside still says it.
+
+A peer ignores whatever follows a GOODBYE, and takes an end without one for a
+lost connection (it reconnects, and waits for its transfers to resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import Client, ClientDescriptor, FileTransferHandler, Server, ServerDescriptor
+from conduit.errors import ConnectionClosed
+
+PASSWORD = "graceful-ends"
+
+
+def _server_with_hello() -> Server:
+    server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=PASSWORD))
+
+    @server.rpc
+    def hello() -> str:
+        return "hi"
+
+    return server
+
+
+async def _listener_with_small_buffers() -> tuple[trio.SocketListener, int]:
+    """A loopback listener whose sockets hold little unsent: a slow link, on
+    which a download's last frames still wait in the outbox when it is served
+    (loopback would otherwise take megabytes at once)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 16 * 1024)
+    await sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return trio.SocketListener(sock), sock.getsockname()[1]
+
+
+async def _slow_reading_stream(port: int) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 16 * 1024)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def test_a_close_right_after_a_download_was_served_lets_its_last_frames_out(
+    tmp_path: Path,
+) -> None:
+    """The server closes as soon as a download is served (an operator's
+    shutdown racing its end), while the file's last frames still wait in the
+    outbox. The GOODBYE goes after them: the client gets the whole file.
+    Before, it overtook them: the download the server reported served failed
+    on the client with ``connection_closed``, its partial left behind."""
+    (tmp_path / "served").mkdir()
+    data = os.urandom(3 * 1024 * 1024)
+    (tmp_path / "served" / "big.bin").write_bytes(data)
+    server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=PASSWORD))
+    handler = FileTransferHandler(storage_dir=tmp_path / "served")
+    handler.register_server_handlers(server)
+    queued_when_served: list[int] = []
+
+    @handler.on_file_served
+    async def served(client: Any, name: str, metadata: dict[str, Any]) -> None:
+        (peer,) = server.clients.values()
+        queued_when_served.append(peer.connection._outbox.data_bytes)
+        await server.close()
+
+    listener, port = await _listener_with_small_buffers()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [listener])
+            client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
+            await client.connect(stream=await _slow_reading_stream(port))
+            downloads = FileTransferHandler(storage_dir=tmp_path / "client-side")
+            result = await downloads.receive_from_server(client, "big.bin", tmp_path / "got")
+            await client.wait_closed()
+            nursery.cancel_scope.cancel()
+    assert queued_when_served and queued_when_served[0] > 0  # the race this is about
+    assert result["success"], result
+    got = (tmp_path / "got" / "big.bin").read_bytes()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+async def test_a_server_run_cancelled_from_outside_says_goodbye() -> None:
+    """A server's run() cancelled (what Ctrl-C does to ``trio.run(server.run)``)
+    ends its connections with a GOODBYE: a client with automatic reconnect
+    on takes the end as meant and does not try to reconnect. Before, its
+    socket just closed, and every client went through its reconnect attempts."""
+    server = _server_with_hello()
+    attempts: list[int] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            run_scope = trio.CancelScope()
+
+            async def run_server() -> None:
+                with run_scope:
+                    await server.run()
+
+            nursery.start_soon(run_server)
+            port = await server.wait_listening()
+            client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
+
+            @client.on_reconnecting
+            def reconnecting(attempt: int, delay: float) -> None:
+                attempts.append(attempt)
+
+            await client.connect()
+            assert await client.call("hello") == "hi"
+            run_scope.cancel()
+            await client.wait_closed()
+            with pytest.raises(ConnectionClosed, match="server shutting down"):
+                await client.call("hello")
+    assert attempts == []
+
+
+def test_an_asyncio_server_task_cancelled_says_goodbye() -> None:
+    """The same under ``asyncio.run``, as the guide's users run a server (a
+    Ctrl-C there cancels the task of ``server.run()``)."""
+    attempts: list[int] = []
+
+    async def main() -> None:
+        server = _server_with_hello()
+        task = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 5)
+        client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
+
+        @client.on_reconnecting
+        def reconnecting(attempt: int, delay: float) -> None:
+            attempts.append(attempt)
+
+        await client.connect()
+        assert await client.call("hello") == "hi"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(client.wait_closed(), 10)
+        with pytest.raises(ConnectionClosed, match="server shutting down"):
+            await client.call("hello")
+
+    asyncio.run(main())
+    assert attempts == []
