@@ -591,7 +591,7 @@ class Server(Endpoint):
                     return established, client_id
                 client_id = await self._client_id_for(stream, established, arrival)
                 try:
-                    token = self._resume_tokens.issue(client_id, established.username)
+                    token = new_token()
                     if self.cluster is not None:
                         await self.cluster.share_resume_token(
                             token, client_id, established.username
@@ -600,6 +600,11 @@ class Server(Endpoint):
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
                     )
                     await send_bytes(stream, welcome_record(established, welcome), established.io)
+                    # Valid only once the WELCOME is out (no await in between),
+                    # as on the early path above: a token whose WELCOME was never
+                    # sent would stay valid for ever, its clock being started only
+                    # by the end of a session (which never began).
+                    self._resume_tokens.issue(client_id, established.username, token)
                 except BaseException:
                     await self._release_client_id(client_id)
                     raise
@@ -676,18 +681,25 @@ class Server(Endpoint):
         client_id: str,
     ) -> None:
         """Serve an authenticated client until its connection ends."""
-        peer = self._open_session(
-            stream,
-            established,
-            is_client=False,
-            peer_id=client_id,
-            name=established.peer_name,
-            address=arrival.address,
-            default_timeout=self.descriptor.rpc_timeout,
-            label=f"client {client_id} {arrival.label}",
-            heartbeats=self._heartbeats,
-        )
         token = self._resume_tokens.current(client_id)
+        try:
+            peer = self._open_session(
+                stream,
+                established,
+                is_client=False,
+                peer_id=client_id,
+                name=established.peer_name,
+                address=arrival.address,
+                default_timeout=self.descriptor.rpc_timeout,
+                label=f"client {client_id} {arrival.label}",
+                heartbeats=self._heartbeats,
+            )
+        except BaseException:
+            # Welcomed but never served: as in the finally below, its token
+            # must start to expire and its id be released.
+            self._resume_tokens.start_expiry(token, trio.current_time())
+            await self._release_client_id(client_id)
+            raise
         stale = self.clients.get(client_id)
         ending = self._sessions_over.get(client_id)
         over: trio.Event | None = None

@@ -1,0 +1,102 @@
+"""A resume token is valid only once its WELCOME is out, and always expires.
+
+A token in the server's table with no connection to start its clock
+(:meth:`conduit._resume.ResumeTokens.start_expiry`) would stay valid for ever,
+until the table's FIFO eviction: these tests check that a connection that
+fails between the password check and its session leaves no such token.
+Over in-memory streams (``memory_server_factory``): the socket is not the point.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from conduit import Accounts, Server
+from conduit.protocol import ClientHandshake, FrameReader
+from conduit.protocol.pake import StretchParams
+from conftest import (
+    HANDSHAKE_LIMITS,
+    ClientFactory,
+    ServerFactory,
+    memory_listener_of,
+    wait_until,
+)
+
+FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
+ALICE_PASSWORD = "alice's long passphrase"
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    return store
+
+
+def _settled(server: Server, accepted: int) -> bool:
+    """Whether ``server`` has accepted ``accepted`` connections and is done with them all."""
+    return memory_listener_of(server).accepted == accepted and server._open_sockets == 0
+
+
+async def _confirm_and_vanish(server: Server) -> None:
+    """Log in as alice by hand, first login (no early share: the server's usual
+    order), and close the connection right after the CLIENT_CONFIRM, so that
+    the server verifies it but cannot send the WELCOME."""
+    stream = await memory_listener_of(server).connect()
+    handshake = ClientHandshake(ALICE_PASSWORD, name="gone", username="alice", **HANDSHAKE_LIMITS)
+    await stream.send_all(handshake.start())
+    reader = FrameReader()
+    with trio.fail_after(10):
+        while (frame := reader.next_frame()) is None:
+            data = await stream.receive_some(4096)
+            assert data, "the server closed the connection"
+            reader.feed(data)
+    confirm = await trio.to_thread.run_sync(handshake.receive, frame)
+    assert confirm, "no CLIENT_CONFIRM: the server did not take the usual order"
+    await stream.send_all(confirm)
+    await stream.aclose()  # gone before the WELCOME, like a reset
+
+
+async def test_a_client_gone_before_its_welcome_leaves_no_token(
+    memory_server_factory: ServerFactory,
+    memory_client_factory: ClientFactory,
+    accounts: Accounts,
+) -> None:
+    server = await memory_server_factory(password=None, accounts=accounts)
+    for round_ in range(1, 4):
+        await _confirm_and_vanish(server)
+        await wait_until(functools.partial(_settled, server, round_))
+    assert server.clients == {}
+    assert len(server._resume_tokens) == 0
+    # The control: the same login, staying, does get its token.
+    client = await memory_client_factory(server, username="alice", password=ALICE_PASSWORD)
+    assert client.id is not None
+    assert server._resume_tokens.current(client.id) is not None
+    assert len(server._resume_tokens) == 1
+
+
+async def test_a_session_that_cannot_open_still_lets_its_token_expire(
+    memory_server_factory: ServerFactory,
+    memory_client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Welcomed, then the session fails to open (a bug of ours, say): the token
+    the client got must start to expire like that of any connection that ended."""
+    server = await memory_server_factory()
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no session today")
+
+    monkeypatch.setattr(server, "_open_session", broken)
+    client = await memory_client_factory(server, connect=False, reconnect_enabled=False)
+    await client.connect()  # the WELCOME came: the client holds a token
+    await wait_until(lambda: _settled(server, 1))
+    entries = list(server._resume_tokens._entries.values())
+    assert len(entries) == 1 and entries[0].client_id == client.id
+    assert entries[0].expires != math.inf
