@@ -21,6 +21,7 @@ from .protocol import (
     FrameKind,
     FrameReader,
     FrameWriter,
+    HandshakeState,
     ServerHandshake,
     SessionKeys,
 )
@@ -120,6 +121,8 @@ async def client_handshake(
     handshake: ClientHandshake,
     max_frame_size: int,
     resume_token: bytes = b"",
+    *,
+    on_cancel: Callable[[ClientRun], bool] | None = None,
 ) -> tuple[Established, Welcome]:
     """Authenticate to the server; return the session and its WELCOME.
 
@@ -133,57 +136,154 @@ async def client_handshake(
     confirmation. A SERVER_HELLO that costs an Argon2id stretch (accounts mode, the
     first connect of a ``Client``) is handled in a worker thread; every other
     step (a few scalar multiplications, or one HMAC) inline.
+
+    ``on_cancel(run)``: called when a cancellation stops the handshake where
+    it can go on (:attr:`ClientRun.resumable`); True if it takes the
+    handshake over (to finish it in another task: the stream is that task's
+    now), False to let it end here. Ended in any other way, the handshake is
+    over (the caller closes the stream).
     """
+    run = ClientRun(stream, handshake, max_frame_size, resume_token)
     try:
-        return await _client_handshake(stream, handshake, max_frame_size, resume_token)
+        return await run.run()
+    except trio.Cancelled:
+        if on_cancel is None or not run.resumable or not on_cancel(run):
+            run.give_up()
+        raise
     except BaseException:
-        handshake.abandon()
+        run.give_up()
         raise
 
 
-async def _client_handshake(
-    stream: trio.abc.Stream,
-    handshake: ClientHandshake,
-    max_frame_size: int,
-    resume_token: bytes,
-) -> tuple[Established, Welcome]:
-    reader, writer = FrameReader(), FrameWriter()
-    io = SocketIO.of(stream)
-    await send_bytes(stream, handshake.start(), io)
-    handshake.precompute()  # while the server works on its hello
-    await _first_reply(stream, reader, io)
-    sealing = False
-    while handshake.keys is None:
+@attrs.define(eq=False)
+class ClientRun:
+    """One client handshake over ``stream`` (see :func:`client_handshake`),
+    which a task other than the one that began it can finish.
+
+    :meth:`run` drives it to its end. A :meth:`run` cancelled while it waited
+    for the server loses nothing: the bytes read so far stay in the reader, a
+    frame taken and not yet handled stays pending, and a send never waits
+    when the socket takes it whole (a handshake message always fits). While
+    :attr:`resumable`, :meth:`run` may be called again, from any task, to go
+    on from there (see :func:`client_handshake`'s ``on_cancel``). Whoever
+    drops it instead calls :meth:`give_up` and closes the stream.
+    """
+
+    stream: trio.abc.Stream
+    handshake: ClientHandshake
+    max_frame_size: int
+    resume_token: bytes = b""
+    _reader: FrameReader = attrs.field(init=False, factory=FrameReader)
+    _writer: FrameWriter = attrs.field(init=False, factory=FrameWriter)
+    _io: SocketIO | None = attrs.field(init=False, default=None)
+    #: The server's first bytes were read (and were not a TLS server's).
+    _replied: bool = attrs.field(init=False, default=False)
+    #: The resume token went with our CLIENT_CONFIRM, sealed.
+    _sealing: bool = attrs.field(init=False, default=False)
+    #: A frame taken from the reader, not yet handled (a cancellation came
+    #: between: the stretch's hand-off to a thread checks for one first).
+    _frame: Frame | None = attrs.field(init=False, default=None)
+    #: The records after the server's confirmation are being read.
+    _keyed: bool = attrs.field(init=False, default=False)
+    #: A send was under way: cancelled there, what reached the socket is unknown.
+    _sending: bool = attrs.field(init=False, default=False)
+    #: It ended: done, failed, or given up.
+    _over: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._io = SocketIO.of(self.stream)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether our hello went out and the run stopped only where it can go on
+        (cancelled while it waited for the server, never within a send)."""
+        return (
+            self.handshake.state is not HandshakeState.START
+            and not self._sending
+            and not self._over
+        )
+
+    def give_up(self) -> None:
+        """Drop the handshake (the caller closes the stream): see
+        :meth:`ClientHandshake.abandon`."""
+        if not self._over:
+            self._over = True
+            self.handshake.abandon()
+
+    async def run(self) -> tuple[Established, Welcome]:
+        """Go on with the handshake until the WELCOME; the session and that WELCOME.
+
+        Any error but a cancellation ends it (:meth:`give_up` is done here).
+        """
+        if self._over:
+            raise RuntimeError("this handshake has ended")
+        try:
+            result = await self._run()
+        except trio.Cancelled:
+            raise  # the caller decides: take it on elsewhere, or give up
+        except BaseException:
+            self.give_up()
+            raise
+        self._over = True
+        return result
+
+    async def _send(self, data: bytes | bytearray) -> None:
+        self._sending = True
+        await send_bytes(self.stream, data, self._io)
+        self._sending = False
+
+    async def _run(self) -> tuple[Established, Welcome]:
+        stream, handshake, reader, io = self.stream, self.handshake, self._reader, self._io
+        if handshake.state is HandshakeState.START:
+            await self._send(handshake.start())
+            handshake.precompute()  # while the server works on its hello
+        if not self._replied:
+            await _first_reply(stream, reader, io)
+            self._replied = True
+        while handshake.keys is None:
+            if self._frame is None:
+                self._frame = await _next_frame(stream, reader, io)
+            frame = self._frame
+            if handshake.will_stretch(frame):
+                # Cancelled, it raises before the thread starts: the frame
+                # stays pending, unhandled.
+                reply = await trio.to_thread.run_sync(handshake.receive, frame)
+            else:
+                reply = handshake.receive(frame)
+            self._frame = None
+            reply = self._with_token(reply)
+            if reply:
+                await self._send(reply)
+            if io is not None:
+                # A server that confirms first sends its confirmation right
+                # behind its hello, not in answer to ours: while we worked on the
+                # hello it has usually arrived, so the read goes first.
+                io.may_have_more()
+        keys = handshake.keys
+        if not self._keyed:
+            self._keyed = True
+            reader.start_decryption(keys.receive_key, self.max_frame_size)
+            if not self._sealing:
+                self._writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
         frame = await _next_frame(stream, reader, io)
-        if handshake.will_stretch(frame):
-            reply = await trio.to_thread.run_sync(handshake.receive, frame)
-        else:
-            reply = handshake.receive(frame)
-        early = handshake.unconfirmed_keys
-        if resume_token and early is not None and not sealing:
-            # The reply is the CLIENT_CONFIRM: the token goes with it.
-            sealing = True
-            writer.start_encryption(early.send_key, early.peer_max_frame_size)
-            (record,) = writer.write_frames(
-                [(encode_frame(FrameKind.MESSAGE, 0, Resume(resume_token)),)]
-            )
-            reply += record
-        if reply:
-            await send_bytes(stream, reply, io)
-        if io is not None:
-            # A server that confirms first sends its confirmation right
-            # behind its hello, not in answer to ours: while we worked on the
-            # hello it has usually arrived, so the read goes first.
-            io.may_have_more()
-    keys = handshake.keys
-    reader.start_decryption(keys.receive_key, max_frame_size)
-    if not sealing:
-        writer.start_encryption(keys.send_key, keys.peer_max_frame_size)
-    frame = await _next_frame(stream, reader, io)
-    if frame.kind is not FrameKind.WELCOME:
-        raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
-    welcome = decode_body(frame, Welcome)
-    return Established(reader, writer, keys, handshake.server_name, io=io), welcome
+        if frame.kind is not FrameKind.WELCOME:
+            raise RemoteProtocolError(f"expected WELCOME, got {frame.kind.name}")
+        welcome = decode_body(frame, Welcome)
+        established = Established(reader, self._writer, keys, handshake.server_name, io=io)
+        return established, welcome
+
+    def _with_token(self, reply: bytes) -> bytes:
+        """``reply``, followed by the sealed resume token if it is the CLIENT_CONFIRM."""
+        early = self.handshake.unconfirmed_keys
+        if not self.resume_token or early is None or self._sealing:
+            return reply
+        # The reply is the CLIENT_CONFIRM: the token goes with it.
+        self._sealing = True
+        self._writer.start_encryption(early.send_key, early.peer_max_frame_size)
+        (record,) = self._writer.write_frames(
+            [(encode_frame(FrameKind.MESSAGE, 0, Resume(self.resume_token)),)]
+        )
+        return reply + record
 
 
 class VersionMismatch(RemoteProtocolError):
@@ -351,6 +451,7 @@ async def refuse(stream: trio.abc.Stream, code: str, reason: str, retry_after: f
 
 
 __all__ = [
+    "ClientRun",
     "Established",
     "VersionMismatch",
     "client_handshake",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -18,7 +19,7 @@ from ._bridge import bridged
 from ._callbacks import invoke
 from ._connection import Connection
 from ._endpoint import Endpoint
-from ._handshake_io import client_handshake
+from ._handshake_io import ClientRun, Established, client_handshake
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .protocol import ClientHandshake
 from .protocol.handshake import ProverCache, shared_secret, shared_secret_ready
+from .protocol.messages import Welcome
 
 log = logging.getLogger("conduit.client")
 
@@ -98,7 +100,9 @@ class _Connecting:
     """A :meth:`Client.connect` on its way: the one a concurrent ``connect()``
     waits for (one connect at a time), and the one ``disconnect()`` cancels.
     Also a background reconnect on its way, which ``disconnect()`` cancels
-    and waits for likewise."""
+    and waits for likewise; and the handshake of a cancelled ``connect()``,
+    going on alone (:attr:`alone`), which a later ``connect()`` waits for.
+    """
 
     #: The task doing it.
     task: trio.lowlevel.Task
@@ -106,8 +110,15 @@ class _Connecting:
     #: handshake) or the reconnect's attempts: cancelled by disconnect(),
     #: which must win.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    #: Set once that connect has returned or raised.
+    #: Set once that connect has returned or raised (or, :attr:`alone`, once
+    #: its handshake has ended).
     done: trio.Event = attrs.Factory(trio.Event)
+    #: Its connect() was cancelled after the hello went out, and its
+    #: handshake goes on in a task of its own (Client._finish_alone).
+    alone: bool = False
+    #: connect() calls waiting for it: a handshake going on alone that ends
+    #: with some waiting installs its session for them, instead of closing it.
+    waiters: int = 0
 
 
 class Client(Endpoint):
@@ -277,6 +288,15 @@ class Client(Endpoint):
         failed. :meth:`disconnect` called while a ``connect()`` is on its way
         wins: that connect (and any waiting for it) closes whatever it opened
         and raises :class:`~conduit.ConnectionClosed`.
+
+        Cancelled (a Trio scope, ``asyncio.wait_for``) once its hello has gone
+        out, ``connect()`` raises at once, but its handshake goes on in the
+        background, within ``connect_timeout``: the server counts a handshake
+        its client leaves half-way as a failed password attempt, so retrying
+        under a short timeout would lock this address out. Finished with
+        nobody waiting, it says goodbye (a success to the server) and closes;
+        a ``connect()`` made meanwhile waits for it and takes its session.
+        See docs/trio-and-asyncio.md for what still counts.
         """
         if self.connected:
             if stream is not None:
@@ -287,10 +307,11 @@ class Client(Endpoint):
             return
         connecting = self._connecting = _Connecting(trio.lowlevel.current_task())
         try:
-            await self._connect(stream, connecting.scope, disconnects)
+            await self._connect(stream, connecting, disconnects)
         finally:
-            self._connecting = None
-            connecting.done.set()
+            if not connecting.alone:  # else its handshake's task does this
+                self._connecting = None
+                connecting.done.set()
 
     async def _wait_turn(self, stream: trio.abc.Stream | None, disconnects: int) -> bool:
         """Wait for the connect() on its way; whether it connected (then
@@ -301,7 +322,11 @@ class Client(Endpoint):
         """
         try:
             while (pending := self._connecting) is not None:
-                await pending.done.wait()
+                pending.waiters += 1
+                try:
+                    await pending.done.wait()
+                finally:
+                    pending.waiters -= 1
                 if self._disconnects != disconnects:
                     raise ConnectionClosed("disconnect() was called during connect()")
                 if self.connected:
@@ -317,12 +342,13 @@ class Client(Endpoint):
         return False
 
     async def _connect(
-        self, stream: trio.abc.Stream | None, scope: trio.CancelScope, disconnects: int
+        self, stream: trio.abc.Stream | None, connecting: _Connecting, disconnects: int
     ) -> None:
-        """connect()'s work, by the one connect() on its way (``scope``:
-        cancelled by disconnect(); ``disconnects``: the count it started at)."""
+        """connect()'s work, by the one connect() on its way (``connecting``:
+        its scope is cancelled by disconnect(); ``disconnects``: the count it
+        started at)."""
         peer: Peer | None = None
-        with scope:
+        with connecting.scope:
             try:
                 if self._supervisor is not None:
                     # Reconnecting in the background: this call takes over.
@@ -333,7 +359,7 @@ class Client(Endpoint):
                     await trio.aclose_forcefully(stream)
                 raise
             self._stopping = False
-            peer = await self._establish(stream)
+            peer = await self._establish(stream, connecting=(connecting, disconnects))
         if self._disconnects != disconnects:
             # disconnect() was called meanwhile: it wins. Cancelled before the
             # handshake was done, the stream is closed already; else the new
@@ -343,7 +369,12 @@ class Client(Endpoint):
                     await _close_unrun(peer, "client disconnected")
             raise ConnectionClosed("disconnect() was called during connect()")
         assert peer is not None  # not cancelled: only disconnect() cancels the scope
-        self._redial = stream is None
+        self._start(peer, redial=stream is None)
+
+    def _start(self, peer: Peer, *, redial: bool) -> None:
+        """Run the newly installed session ``peer`` in the background (and
+        reconnect it when lost, if ``redial``: it was dialled)."""
+        self._redial = redial
         # The connection outlives this call, so it cannot live in the caller's
         # nursery: it runs as a system task of the current Trio run (under the
         # asyncio shim, of the loop's guest run) and ends with disconnect().
@@ -358,19 +389,23 @@ class Client(Endpoint):
         trio.lowlevel.spawn_system_task(self._supervise, peer, supervisor, finished, exited)
 
     async def _establish(
-        self, stream: trio.abc.Stream | None, *, reconnect: bool = False
+        self,
+        stream: trio.abc.Stream | None,
+        *,
+        reconnect: bool = False,
+        connecting: tuple[_Connecting, int] | None = None,
     ) -> Peer | None:
         """Dial (unless given ``stream``) and authenticate; the new session's Peer.
 
         ``reconnect``: for the background reconnect, which returns None (and
         closes the new session) when disconnect() began meanwhile. A
         connect() always returns a Peer: it sorts out a disconnect() itself.
+        ``connecting``: a connect()'s own record and disconnect()'s count when
+        it began; cancelled after its hello went out, its handshake goes on
+        alone (see :meth:`_finish_alone`).
         """
         descriptor = self.descriptor
         given = stream is not None
-        where = (
-            "the given stream" if given else f"{descriptor.server_host}:{descriptor.server_port}"
-        )
         if descriptor.username is None and not shared_secret_ready(descriptor.password):
             # The shared password's stretch (memoised), off the event loop and
             # outside connect_timeout: it is this process's one-time cost.
@@ -380,50 +415,20 @@ class Client(Endpoint):
         # one its server sends back is not kept for the descriptor's target.
         token = b"" if given else self._resume_token
         try:
-            with trio.fail_after(descriptor.connect_timeout):
+            with trio.fail_after(descriptor.connect_timeout) as timeout:
                 if stream is None:
                     stream = await self._open_stream()
-                try:
-                    handshake = ClientHandshake(
-                        descriptor.password,
-                        name=descriptor.name,
-                        max_frame_size=descriptor.max_frame_size,
-                        receive_window=descriptor.receive_window,
-                        username=descriptor.username,
-                        cache=self._prover_cache,
-                        resume=bool(token),
-                    )
-                    established, welcome = await client_handshake(
-                        stream,
-                        handshake,
-                        descriptor.max_frame_size,
-                        token,
-                    )
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
+                established, welcome = await self._handshake(
+                    stream, token, given=given, timeout=timeout, connecting=connecting
+                )
         except trio.TooSlowError:
             raise HandshakeTimeout(
-                f"no answer from {where} within connect_timeout ({descriptor.connect_timeout:g}s)"
+                f"no answer from {self._where(given)} within connect_timeout "
+                f"({descriptor.connect_timeout:g}s)"
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(f"connection lost during the handshake: {exc}") from exc
-        peer = self._open_session(
-            stream,
-            established,
-            is_client=True,
-            peer_id=welcome.client_id,
-            name=welcome.server_name,
-            address=None if given else (descriptor.server_host, descriptor.server_port),
-            default_timeout=descriptor.rpc_timeout,
-            label=f"server {where}",
-            # The run's shared timer: no heartbeat task per connection.
-            heartbeats=(
-                heartbeats.shared(descriptor.heartbeat_interval)
-                if descriptor.heartbeat_interval > 0
-                else None
-            ),
-        )
+        peer = self._session(stream, established, welcome, given=given)
         # No await from this check to the install below: a disconnect() that
         # began during the handshake (its last step may finish without a
         # checkpoint, so the cancellation may not have reached it) must find
@@ -432,6 +437,164 @@ class Client(Endpoint):
             with trio.CancelScope(shield=True):
                 await _close_unrun(peer, "client disconnected")
             return None
+        self._install(peer, welcome, token, given=given)
+        return peer
+
+    def _where(self, given: bool) -> str:
+        descriptor = self.descriptor
+        if given:
+            return "the given stream"
+        return f"{descriptor.server_host}:{descriptor.server_port}"
+
+    async def _handshake(
+        self,
+        stream: trio.abc.Stream,
+        token: bytes,
+        *,
+        given: bool,
+        timeout: trio.CancelScope,
+        connecting: tuple[_Connecting, int] | None,
+    ) -> tuple[Established, Welcome]:
+        """Authenticate over ``stream``, which is closed if that fails, unless
+        a cancelled connect() hands it to :meth:`_finish_alone` (see
+        :meth:`_go_on_alone`). ``timeout``: the scope of connect_timeout."""
+        descriptor = self.descriptor
+        on_cancel = None
+        if connecting is not None:
+            on_cancel = functools.partial(
+                self._go_on_alone,
+                token=token,
+                given=given,
+                timeout=timeout,
+                connecting=connecting[0],
+                disconnects=connecting[1],
+            )
+        try:
+            handshake = ClientHandshake(
+                descriptor.password,
+                name=descriptor.name,
+                max_frame_size=descriptor.max_frame_size,
+                receive_window=descriptor.receive_window,
+                username=descriptor.username,
+                cache=self._prover_cache,
+                resume=bool(token),
+            )
+            return await client_handshake(
+                stream, handshake, descriptor.max_frame_size, token, on_cancel=on_cancel
+            )
+        except BaseException:
+            if connecting is None or not connecting[0].alone:
+                await trio.aclose_forcefully(stream)
+            raise
+
+    def _go_on_alone(
+        self,
+        run: ClientRun,
+        *,
+        token: bytes,
+        given: bool,
+        timeout: trio.CancelScope,
+        connecting: _Connecting,
+        disconnects: int,
+    ) -> bool:
+        """Whether the handshake of a connect() cancelled now goes on in a task
+        of its own (started here), rather than being dropped with its socket.
+
+        A handshake the client leaves once its hello has gone out is a failed
+        password attempt to the server, which cannot tell a client that gave
+        up from a guesser that left as soon as it could test its guess: an
+        application retrying connect() under a short timeout, with the right
+        password, would lock its own address out. So the handshake goes on,
+        within connect_timeout, whoever stopped waiting for it (a Trio scope,
+        asyncio.wait_for through the shim). Dropped as before: a handshake cut
+        in a send, one whose connect_timeout is spent, and one disconnect()
+        cancelled (it wins, and returns once the socket is closed).
+        """
+        if connecting.scope.cancel_called or timeout.cancel_called:
+            return False
+        try:
+            trio.lowlevel.spawn_system_task(
+                self._finish_alone, run, timeout.deadline, connecting, disconnects, token, given
+            )
+        except RuntimeError:  # the Trio run is ending: no task can start
+            return False
+        connecting.alone = True
+        return True
+
+    async def _finish_alone(
+        self,
+        run: ClientRun,
+        deadline: float,
+        connecting: _Connecting,
+        disconnects: int,
+        token: bytes,
+        given: bool,
+    ) -> None:
+        """Take the handshake of a cancelled connect() to its end (by
+        ``deadline``, its connect_timeout); then install its session if
+        connect() calls wait for it (a retry; and no disconnect() came since
+        its connect() began), else say goodbye and close it.
+
+        A handshake that ends with its goodbye is a success to the server
+        (which also forgives the failed attempts before it); until it ends,
+        ``connecting`` stays this Client's connect on its way: a later
+        connect() waits for it rather than start a second handshake.
+        """
+        try:
+            with trio.move_on_at(deadline) as timeout:
+                try:
+                    established, welcome = await run.run()
+                except BaseException:
+                    run.give_up()
+                    await trio.aclose_forcefully(run.stream)
+                    raise
+            if timeout.cancelled_caught:
+                log.info("the handshake of a cancelled connect() ran out of connect_timeout")
+                return
+            peer = self._session(run.stream, established, welcome, given=given)
+            ours = self._disconnects == disconnects  # no disconnect() since
+            if connecting.waiters and ours and not self.connected:
+                self._install(peer, welcome, token, given=given)
+                self._start(peer, redial=not given)
+                return
+            if token and ours:
+                # The token it presented is spent (single use): the WELCOME's
+                # replaces it, or the next connect() would lose our client id.
+                self._resume_token = welcome.resume_token
+            log.debug("the handshake of a cancelled connect() finished; closing its session")
+            await _close_unrun(peer, "connect() was cancelled")
+        except Exception as exc:  # a system task must never raise; nobody waits for this one
+            log.info("the handshake of a cancelled connect() failed: %s", exc)
+        finally:
+            if self._connecting is connecting:
+                self._connecting = None
+            connecting.done.set()
+
+    def _session(
+        self, stream: trio.abc.Stream, established: Established, welcome: Welcome, *, given: bool
+    ) -> Peer:
+        """The Peer of a finished handshake (not installed, not running yet)."""
+        descriptor = self.descriptor
+        return self._open_session(
+            stream,
+            established,
+            is_client=True,
+            peer_id=welcome.client_id,
+            name=welcome.server_name,
+            address=None if given else (descriptor.server_host, descriptor.server_port),
+            default_timeout=descriptor.rpc_timeout,
+            label=f"server {self._where(given)}",
+            # The run's shared timer: no heartbeat task per connection.
+            heartbeats=(
+                heartbeats.shared(descriptor.heartbeat_interval)
+                if descriptor.heartbeat_interval > 0
+                else None
+            ),
+        )
+
+    def _install(self, peer: Peer, welcome: Welcome, token: bytes, *, given: bool) -> None:
+        """Make ``peer`` this Client's session (``token``: the resume token its
+        handshake presented)."""
         if token and self._peer is not None and welcome.client_id != self._peer.id:
             log.warning(
                 "the server did not recognise this client (resume token expired?): "
@@ -442,7 +605,6 @@ class Client(Endpoint):
         self._resume_token = b"" if given else welcome.resume_token
         self._peer = peer
         log.info("connected to %r as client %s", welcome.server_name, welcome.client_id)
-        return peer
 
     async def _open_stream(self) -> trio.abc.Stream:
         descriptor = self.descriptor
@@ -585,6 +747,8 @@ class Client(Endpoint):
 
         A :meth:`connect` on its way loses: it closes what it opened and
         raises :class:`~conduit.ConnectionClosed`; this returns once it has.
+        The handshake of a cancelled ``connect()``, going on alone, is not
+        waited for: it says goodbye and closes when it ends.
         From a handler of the connection itself (a method the server calls),
         it returns once the goodbye is on its way: the connection ends after
         the handler has returned.
@@ -606,7 +770,7 @@ class Client(Endpoint):
             reconnecting.scope.cancel()
         try:
             connecting = self._connecting
-            if connecting is not None:
+            if connecting is not None and not connecting.alone:
                 connecting.scope.cancel()
                 await connecting.done.wait()
             if reconnecting is not None:
