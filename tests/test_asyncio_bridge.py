@@ -1156,9 +1156,13 @@ def test_asyncio_callback_can_call_back_into_bridged_code() -> None:
 
 _CTRL_C_SCRIPT = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, signal, sys
     import trio
     from conduit._asyncio import run_in_trio
+
+    # Python's Ctrl-C handler even when this was started with SIGINT ignored
+    # (a shell's background job): asyncio.run() installs its own only then.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     async def long_operation(mode):
         print("READY", flush=True)
