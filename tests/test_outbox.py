@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conduit._outbox import Outbox
+from conduit.errors import ConnectionClosed
 from conduit.protocol import OutFrame
 from conduit.protocol.codec import data_header
 from conduit.protocol.connection import ConnectionState
@@ -13,15 +16,18 @@ CHUNK = 64 * 1024
 RECORD_BUDGET = 1024 * 1024 + 14 + 4096
 
 
-def _outbox() -> Outbox:
-    state = ConnectionState(
+def _outbox(state: ConnectionState | None = None) -> Outbox:
+    return Outbox(8 * 1024 * 1024, state or _state())
+
+
+def _state() -> ConnectionState:
+    return ConnectionState(
         is_client=True,
         receive_window=4 * 1024 * 1024,
         peer_receive_window=4 * 1024 * 1024,
         peer_max_frame_size=1024 * 1024,
         max_concurrent_calls=8,
     )
-    return Outbox(8 * 1024 * 1024, state)
 
 
 def _frames(count: int, size: int) -> list[tuple[OutFrame, int]]:
@@ -44,3 +50,22 @@ async def test_take_hands_over_a_frame_larger_than_the_budget_alone() -> None:
     await outbox.put_data(_frames(2, 300_000))
     assert len(await outbox.take(256 * 1024)) == 1
     assert len(await outbox.take(256 * 1024)) == 1
+
+
+async def test_the_goodbye_goes_after_the_data_queued_before_it() -> None:
+    """A graceful close's GOODBYE leaves with the last take of the data queued
+    before it (the peer ignores what follows a GOODBYE), after control frames
+    queued even later; no data is taken once the connection is closing."""
+    state = _state()
+    outbox = _outbox(state)
+    await outbox.put_data(_frames(20, CHUNK))
+    goodbye = state.goodbye("done")
+    assert goodbye is not None
+    outbox.put_last((goodbye,))
+    with pytest.raises(ConnectionClosed, match="done"):
+        await outbox.put_data(_frames(1, CHUNK))
+    outbox.put_control((b"answer",))
+    first = await outbox.take(RECORD_BUDGET)
+    assert first[0] == (b"answer",) and (goodbye,) not in first and len(first) == 17
+    second = await outbox.take(RECORD_BUDGET)
+    assert len(second) == 5 and second[-1] == (goodbye,)
