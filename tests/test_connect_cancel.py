@@ -239,8 +239,10 @@ def test_connects_timed_out_by_asyncio_wait_for_do_not_lock_the_address_out() ->
             for _ in range(CANCELLED_CONNECTS):
                 timed_out.clear()
                 client = Client(client_descriptor(relay_port))
+                # The relay holds the server's answer until the timeout: 1 s
+                # leaves a loaded machine ample time to send the hello first.
                 with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(client.connect(), 0.2)
+                    await asyncio.wait_for(client.connect(), 1.0)
                 timed_out.set()
                 assert not client.connected
                 # Its handshake ended (the next one must not queue behind it).
