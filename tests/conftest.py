@@ -31,6 +31,7 @@ import os
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal, Protocol, TypedDict
 
 import attrs
@@ -38,11 +39,16 @@ import pytest
 import trio
 import trio.testing
 
-from conduit import Client, ClientDescriptor, Server, ServerDescriptor
+from conduit import Accounts, Client, ClientDescriptor, Server, ServerDescriptor
 from conduit.protocol import DEFAULT_MAX_FRAME_SIZE
+from conduit.protocol.pake import StretchParams
 
 PASSWORD = "correct horse battery staple \N{GREEK SMALL LETTER ALPHA} 42"
 LOOPBACK = "127.0.0.1"
+#: The one user of the ``accounts`` fixture, "alice", logs in with this.
+ALICE_PASSWORD = "alice's long passphrase"
+#: The cheapest Argon2id stretch libsodium allows: accounts tests need not pay a real one.
+FAST_STRETCH = StretchParams(opslimit=1, memlimit=8 * 1024)
 
 Direction = Literal["c2s", "s2c"]
 
@@ -194,6 +200,15 @@ def client_descriptor(port: int, **fields: Any) -> ClientDescriptor:
     }
     values.update(fields)
     return ClientDescriptor(**values)
+
+
+@pytest.fixture
+def accounts(tmp_path: Path) -> Accounts:
+    """An accounts file with one user, "alice" (:data:`ALICE_PASSWORD`); test
+    modules that need other users define their own."""
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST_STRETCH)
+    store.add("alice", ALICE_PASSWORD)
+    return store
 
 
 @pytest.fixture
@@ -446,6 +461,18 @@ def split_clear_frames(data: bytes, count: int) -> list[bytes]:
     return frames
 
 
+async def serve_on_loopback(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on a free port of 127.0.0.1; ``started`` with that port."""
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
 @attrs.define(eq=False)
 class ProxiedConnection:
     """One client connection through the proxy, and the bytes it carried."""
@@ -496,10 +523,8 @@ class TcpProxy:
             await trio.aclose_forcefully(connection.upstream)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            self.port = await nursery.start(serve_on_loopback, self._handle)
             task_status.started(self.port)
 
     async def _handle(self, downstream: trio.SocketStream) -> None:

@@ -33,6 +33,7 @@ from conftest import (
     PASSWORD,
     ServerFactory,
     client_descriptor,
+    serve_on_loopback,
     server_descriptor,
     wait_until,
 )
@@ -94,14 +95,8 @@ class HoldingRelay:
     connections: int = 0
     ended: int = 0
 
-    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(self.port)
-
-    async def _handle(self, downstream: trio.SocketStream) -> None:
+    async def handle(self, downstream: trio.SocketStream) -> None:
+        """Relay one connection (served by :func:`conftest.serve_on_loopback`)."""
         self.connections += 1
         upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
         try:
@@ -135,7 +130,7 @@ async def _start_relay(
     nursery: trio.Nursery, server: Server, on_hold: Callable[[], Awaitable[None]]
 ) -> HoldingRelay:
     relay = HoldingRelay(server.port, on_hold)
-    await nursery.start(relay.run)
+    relay.port = await nursery.start(serve_on_loopback, relay.handle)
     return relay
 
 

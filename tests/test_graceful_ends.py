@@ -32,6 +32,17 @@ def _server_with_hello() -> Server:
     return server
 
 
+def _client_counting_reconnects(port: int, attempts: list[int]) -> Client:
+    """A client of ``port`` that notes each automatic reconnect attempt in ``attempts``."""
+    client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
+
+    @client.on_reconnecting
+    def reconnecting(attempt: int, delay: float) -> None:
+        attempts.append(attempt)
+
+    return client
+
+
 async def _listener_with_small_buffers() -> tuple[trio.SocketListener, int]:
     """A loopback listener whose sockets hold little unsent: a slow link, on
     which a download's last frames still wait in the outbox when it is served
@@ -105,12 +116,7 @@ async def test_a_server_run_cancelled_from_outside_says_goodbye() -> None:
 
             nursery.start_soon(run_server)
             port = await server.wait_listening()
-            client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
-
-            @client.on_reconnecting
-            def reconnecting(attempt: int, delay: float) -> None:
-                attempts.append(attempt)
-
+            client = _client_counting_reconnects(port, attempts)
             await client.connect()
             assert await client.call("hello") == "hi"
             run_scope.cancel()
@@ -129,12 +135,7 @@ def test_an_asyncio_server_task_cancelled_says_goodbye() -> None:
         server = _server_with_hello()
         task = asyncio.create_task(server.run())
         port = await asyncio.wait_for(server.wait_listening(), 5)
-        client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
-
-        @client.on_reconnecting
-        def reconnecting(attempt: int, delay: float) -> None:
-            attempts.append(attempt)
-
+        client = _client_counting_reconnects(port, attempts)
         await client.connect()
         assert await client.call("hello") == "hi"
         task.cancel()

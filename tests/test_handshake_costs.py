@@ -20,7 +20,6 @@ import gc
 import logging
 import os
 import weakref
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,8 +40,9 @@ from conduit.protocol import (
 )
 from conduit.protocol.handshake import ProverCache
 from conduit.protocol.messages import AuthFailed, ClientHello, ServerHello
-from conduit.protocol.pake import StretchParams
 from conftest import (
+    ALICE_PASSWORD,
+    FAST_STRETCH,
     LOOPBACK,
     PASSWORD,
     ServerFactory,
@@ -52,17 +52,6 @@ from conftest import (
     served,
     wait_until,
 )
-
-FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
-ALICE_PASSWORD = "alice's long passphrase"
-
-
-@pytest.fixture
-def accounts(tmp_path: Path) -> Accounts:
-    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
-    store.add("alice", ALICE_PASSWORD)
-    return store
-
 
 # --------------------------------------------------------------------------- the loop share
 
@@ -288,7 +277,7 @@ def test_the_client_stretches_only_on_a_cache_miss(accounts: Accounts) -> None:
 
 def test_accounts_changed_is_one_stat_until_reloaded(accounts: Accounts) -> None:
     assert not accounts.changed()
-    Accounts(accounts.path, stretch=FAST).add("carol", "carol's passphrase")
+    Accounts(accounts.path, stretch=FAST_STRETCH).add("carol", "carol's passphrase")
     assert accounts.changed()
     assert "carol" not in accounts  # nothing read yet
     assert accounts.reload_if_changed()
@@ -358,7 +347,7 @@ def test_fake_records_are_kept_for_known_and_unknown_names_alike(accounts: Accou
     assert accounts.lookup("alice") is accounts.get("alice")
     # A known name's fake was built and kept too: the same work as an unknown one.
     assert len(accounts._fakes) == 2
-    assert Accounts(accounts.path, stretch=FAST).lookup("mallory").salt == first.salt
+    assert Accounts(accounts.path, stretch=FAST_STRETCH).lookup("mallory").salt == first.salt
     for index in range(FAKE_CACHE + 10):
         accounts.lookup(f"user{index}")
     assert len(accounts._fakes) == FAKE_CACHE

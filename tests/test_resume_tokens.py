@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,24 +18,14 @@ import trio
 
 from conduit import Accounts, Server
 from conduit.protocol import ClientHandshake, FrameReader
-from conduit.protocol.pake import StretchParams
 from conftest import (
+    ALICE_PASSWORD,
     HANDSHAKE_LIMITS,
     ClientFactory,
     ServerFactory,
     memory_listener_of,
     wait_until,
 )
-
-FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
-ALICE_PASSWORD = "alice's long passphrase"
-
-
-@pytest.fixture
-def accounts(tmp_path: Path) -> Accounts:
-    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
-    store.add("alice", ALICE_PASSWORD)
-    return store
 
 
 def _settled(server: Server, accepted: int) -> bool:
