@@ -215,6 +215,54 @@ async def test_a_connect_after_a_cancelled_one_takes_its_handshake_over(
         await client.disconnect()
 
 
+async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
+    server_factory: ServerFactory, nursery: trio.Nursery
+) -> None:
+    """A disconnect() after a cancelled connect() returns only once that
+    handshake has ended: not cut (a failed attempt to the server), finished,
+    said goodbye to and closed."""
+    sessions = Sessions()
+    server = await server_factory(register=sessions.watch)
+    first = trio.CancelScope()
+    unwound = trio.Event()
+    disconnected = trio.Event()
+    returned_while_held: list[bool] = []
+    clients: list[Client] = []
+
+    async def disconnect() -> None:
+        await clients[0].disconnect()
+        disconnected.set()
+
+    async def cancel_then_disconnect() -> None:
+        first.cancel()
+        await unwound.wait()
+        nursery.start_soon(disconnect)
+        await trio.testing.wait_all_tasks_blocked()
+        # The server's answer is still held: the handshake cannot have ended.
+        returned_while_held.append(disconnected.is_set())
+
+    relay = await _start_relay(nursery, server, cancel_then_disconnect)
+    client = Client(client_descriptor(relay.port))
+    clients.append(client)
+    with trio.fail_after(20):
+        with first:
+            try:
+                await client.connect()
+            finally:
+                unwound.set()
+        assert first.cancelled_caught
+        await disconnected.wait()
+        assert returned_while_held == [False]
+        assert not client.connected
+        # Its handshake finished (a success to the server) and said goodbye;
+        # the disconnect() won: the session was not installed.
+        await wait_until(lambda: sessions.gone == 1)
+        assert sessions.goodbyes == 1
+        assert relay.connections == 1
+        # Its socket is closed: the relay's both directions end.
+        await wait_until(lambda: relay.ended == 1)
+
+
 def test_connects_timed_out_by_asyncio_wait_for_do_not_lock_the_address_out() -> None:
     """The reviewer's case: ``asyncio.wait_for(client.connect(), short)``
     retried with the right password; the server's answer comes only after the

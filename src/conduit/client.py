@@ -101,7 +101,8 @@ class _Connecting:
     waits for (one connect at a time), and the one ``disconnect()`` cancels.
     Also a background reconnect on its way, which ``disconnect()`` cancels
     and waits for likewise; and the handshake of a cancelled ``connect()``,
-    going on alone (:attr:`alone`), which a later ``connect()`` waits for.
+    going on alone (:attr:`alone`), which a later ``connect()`` or
+    ``disconnect()`` waits for (neither cancels it).
     """
 
     #: The task doing it.
@@ -747,8 +748,10 @@ class Client(Endpoint):
 
         A :meth:`connect` on its way loses: it closes what it opened and
         raises :class:`~conduit.ConnectionClosed`; this returns once it has.
-        The handshake of a cancelled ``connect()``, going on alone, is not
-        waited for: it says goodbye and closes when it ends.
+        The handshake of a cancelled ``connect()``, going on alone, is not cut
+        (to the server, that would be a failed password attempt): this waits
+        for it to end, say goodbye and close its socket, within what is left of
+        its ``connect_timeout``.
         From a handler of the connection itself (a method the server calls),
         it returns once the goodbye is on its way: the connection ends after
         the handler has returned.
@@ -770,8 +773,12 @@ class Client(Endpoint):
             reconnecting.scope.cancel()
         try:
             connecting = self._connecting
-            if connecting is not None and not connecting.alone:
-                connecting.scope.cancel()
+            if connecting is not None:
+                # One going on alone is left to finish (within its
+                # connect_timeout): it sees the count of disconnects changed,
+                # and says goodbye instead of installing its session.
+                if not connecting.alone:
+                    connecting.scope.cancel()
                 await connecting.done.wait()
             if reconnecting is not None:
                 await reconnecting.done.wait()
