@@ -19,7 +19,14 @@ import trio
 import trio.testing
 import trustme
 
-from conduit import AuthenticationError, Client, ConduitError, Server, ServerDescriptor
+from conduit import (
+    AuthenticationError,
+    Client,
+    ConduitError,
+    ConnectionClosed,
+    Server,
+    ServerDescriptor,
+)
 from conduit.protocol.handshake import shared_secret
 from conftest import (
     LOOPBACK,
@@ -274,3 +281,40 @@ def test_server_descriptor_builds_tls_context(pki: Pki) -> None:
     context = descriptor.build_ssl_context()
     assert isinstance(context, ssl.SSLContext)
     assert ServerDescriptor(password=PASSWORD).build_ssl_context() is None
+
+
+async def test_a_tls_server_run_cancelled_from_outside_says_goodbye(pki: Pki) -> None:
+    """A TLS server's run() cancelled (Ctrl-C on ``trio.run(server.run)``)
+    ends its connections with a GOODBYE, as on a plain socket: a client with
+    automatic reconnect on takes the end as meant and does not reconnect.
+    Before, only plain sockets said it (TLS cannot send without awaiting)."""
+    server = Server(server_descriptor(tls_certfile=pki.cert_file, tls_keyfile=pki.key_file))
+    register(server)
+    attempts: list[int] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            run_scope = trio.CancelScope()
+
+            async def run_server() -> None:
+                with run_scope:
+                    await server.run()
+
+            nursery.start_soon(run_server)
+            port = await server.wait_listening()
+            client = Client(
+                client_descriptor(
+                    port, tls=True, tls_ca_file=pki.ca_file, tls_server_hostname="localhost"
+                )
+            )
+
+            @client.on_reconnecting
+            def reconnecting(attempt: int, delay: float) -> None:
+                attempts.append(attempt)
+
+            await client.connect()
+            assert await client.call("add", a=40, b=2) == 42
+            run_scope.cancel()
+            await client.wait_closed()
+            with pytest.raises(ConnectionClosed, match="server shutting down"):
+                await client.call("add", a=1, b=2)
+    assert attempts == []

@@ -134,6 +134,10 @@ BURST_RECORD_FRAMES = 8
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
+# How long the GOODBYE of a run cancelled from outside may take to go out on a
+# stream that cannot send without awaiting (TLS): a socket with room takes it
+# at once, and a teardown must not wait on a peer that does not read.
+_TEARDOWN_SEND_GRACE = 0.5
 
 
 @attrs.frozen
@@ -422,7 +426,7 @@ class Connection:
         finally:
             if not released:
                 if self._state.phase is _OPEN and _only_cancellation(ending):
-                    self._goodbye_on_teardown()
+                    await self._goodbye_on_teardown()
                 self._release()
             if socket_closed:
                 pass  # the nursery's exit made the pass
@@ -439,7 +443,7 @@ class Connection:
             self._unlink()
             self.closed.set()
 
-    def _goodbye_on_teardown(self) -> None:
+    async def _goodbye_on_teardown(self) -> None:
         """:meth:`run` is cancelled from outside with the connection still
         OPEN (a server's run() stopped by Ctrl-C, ``asyncio.run()`` ending
         with a client left connected). Say GOODBYE if it can go out at once:
@@ -448,13 +452,15 @@ class Connection:
         fails: a server that crashed may be restarted, and its clients then
         reconnect and resume.
 
-        Only on a plain socket (a non-blocking write; nothing can wait here)
-        and between records: a record the writer or a direct send left part
+        Only between records: a record the writer or a direct send left part
         way would take the GOODBYE's bytes for its own (the peer then fails
-        to open it, and sees a lost connection, as without this).
+        to open it, and sees a lost connection, as without this). On a plain
+        socket, one non-blocking write; on TLS (or any other stream), which
+        cannot send without awaiting, a send shielded for at most
+        :data:`_TEARDOWN_SEND_GRACE` seconds (a peer that does not read
+        cannot hold the teardown).
         """
-        io = self._socket_io
-        if io is None or self._outbox.sealed_queued or self._direct_sending or self._record_cut:
+        if self._outbox.sealed_queued or self._direct_sending or self._record_cut:
             return
         goodbye = self._state.goodbye(
             "client shutting down" if self.is_client else "server shutting down"
@@ -463,8 +469,14 @@ class Connection:
             return
         self.closed_on_purpose = True
         (record,) = self._writer.write_frames([(goodbye,)])
+        io = self._socket_io
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            io.send_now(record)
+            if io is not None:
+                io.send_now(record)
+                return
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + _TEARDOWN_SEND_GRACE
+                await self.stream.send_all(record)
 
     def _start_tasks(self, nursery: trio.Nursery) -> None:
         """What a running connection needs besides its reading: the reading
