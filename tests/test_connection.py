@@ -954,6 +954,77 @@ async def test_a_close_with_nothing_queued_sends_its_goodbye_without_the_writer_
         assert p.server.closed_on_purpose
 
 
+@attrs.define(eq=False)
+class _FailingAfterArming(trio.abc.Stream):
+    """A stream that, once :attr:`armed`, fails every send with a reset (not a
+    broken stream): what a stream given to ``connect(stream=...)`` may raise."""
+
+    inner: trio.abc.Stream
+    armed: bool = False
+    sends_armed: int = 0
+    closed: bool = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.armed:
+            self.sends_armed += 1
+            await trio.lowlevel.checkpoint()
+            raise ConnectionResetError(104, "reset by the test")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("send_fails", [False, True])
+async def test_a_run_cancelled_from_outside_says_goodbye_on_a_stream_that_awaits(
+    send_fails: bool,
+) -> None:
+    """On a stream that cannot send without awaiting (TLS; here a memory
+    stream), a run() cancelled from outside sends its GOODBYE at teardown:
+    the peer ends on it, as a close on purpose. A send that fails with an
+    error of its own still lets the teardown end: run() returns, the stream
+    is closed and the connection reported closed."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    wrapped = _FailingAfterArming(client_stream)
+    p = _pair(wrapped, server_stream)
+
+    async def echo(_c: Connection, x: int) -> int:
+        return x
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_scope = trio.CancelScope()
+
+            async def run_client() -> None:
+                with client_scope:
+                    await p.client.run()
+
+            nursery.start_soon(run_client)
+            nursery.start_soon(p.server.run)
+            p.server_dispatch.methods["echo"] = echo
+            assert await p.client.call("echo", {"x": 1}, None) == 1
+            wrapped.armed = send_fails
+            client_scope.cancel()
+            await p.client.closed.wait()
+            if send_fails:
+                p.server.abort("the test is over")
+            await p.server.closed.wait()
+    assert wrapped.closed
+    assert p.client.closed_on_purpose
+    if send_fails:
+        assert wrapped.sends_armed == 1  # the GOODBYE was tried
+    else:
+        assert p.server.close_reason == "peer closed the connection: client shutting down"
+        assert p.server.closed_on_purpose
+
+
 _SET_BY_A_HANDLER: contextvars.ContextVar[str] = contextvars.ContextVar(
     "set_by_a_handler", default="clean"
 )

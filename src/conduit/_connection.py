@@ -424,26 +424,31 @@ class Connection:
             ending = exc
             raise
         finally:
+            goodbye = None
             if not released:
                 if self._state.phase is _OPEN and _only_cancellation(ending):
-                    await self._goodbye_on_teardown()
+                    goodbye = self._goodbye_on_teardown()
                 self._release()
-            if socket_closed:
-                pass  # the nursery's exit made the pass
-            elif close_now(self.stream):
-                # The scheduling pass aclose() ends with (other tasks see the
-                # connection closed before it is reported closed: the transfer
-                # layer's partials rely on it), minus its cancel scopes and
-                # the Cancelled raised and caught under them.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            else:
-                with trio.CancelScope(shield=True):
-                    await trio.aclose_forcefully(self.stream)
-            self.owned.clear()
-            self._unlink()
-            self.closed.set()
+            try:
+                if goodbye is not None:
+                    await self._send_at_teardown(goodbye)
+            finally:
+                if socket_closed:
+                    pass  # the nursery's exit made the pass
+                elif close_now(self.stream):
+                    # The scheduling pass aclose() ends with (other tasks see
+                    # the connection closed before it is reported closed: the
+                    # transfer layer's partials rely on it), minus its cancel
+                    # scopes and the Cancelled raised and caught under them.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                else:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(self.stream)
+                self.owned.clear()
+                self._unlink()
+                self.closed.set()
 
-    async def _goodbye_on_teardown(self) -> None:
+    def _goodbye_on_teardown(self) -> bytes | bytearray | None:
         """:meth:`run` is cancelled from outside with the connection still
         OPEN (a server's run() stopped by Ctrl-C, ``asyncio.run()`` ending
         with a client left connected). Say GOODBYE if it can go out at once:
@@ -455,28 +460,38 @@ class Connection:
         Only between records: a record the writer or a direct send left part
         way would take the GOODBYE's bytes for its own (the peer then fails
         to open it, and sees a lost connection, as without this). On a plain
-        socket, one non-blocking write; on TLS (or any other stream), which
-        cannot send without awaiting, a send shielded for at most
-        :data:`_TEARDOWN_SEND_GRACE` seconds (a peer that does not read
-        cannot hold the teardown).
+        socket it goes here, in one non-blocking write. Returns the sealed
+        record when the stream cannot send without awaiting (TLS): the
+        caller sends it with :meth:`_send_at_teardown`, once the session is
+        released (nothing else may use the connection while that awaits).
         """
         if self._outbox.sealed_queued or self._direct_sending or self._record_cut:
-            return
+            return None
         goodbye = self._state.goodbye(
             "client shutting down" if self.is_client else "server shutting down"
         )
         if goodbye is None:
-            return
+            return None
         self.closed_on_purpose = True
         (record,) = self._writer.write_frames([(goodbye,)])
         io = self._socket_io
+        if io is None:
+            return record
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            if io is not None:
-                io.send_now(record)
-                return
+            io.send_now(record)
+        return None
+
+    async def _send_at_teardown(self, record: bytes | bytearray) -> None:
+        """Send the teardown's GOODBYE ``record`` on a stream that must await to
+        send, shielded for at most :data:`_TEARDOWN_SEND_GRACE` seconds: a peer
+        that does not read cannot hold the teardown. A failure is no reason
+        to stop it either (the stream is closed next, whatever happens)."""
+        try:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _TEARDOWN_SEND_GRACE
                 await self.stream.send_all(record)
+        except Exception as exc:
+            log.debug("%s: the GOODBYE of the teardown was not sent: %r", self.label, exc)
 
     def _start_tasks(self, nursery: trio.Nursery) -> None:
         """What a running connection needs besides its reading: the reading
