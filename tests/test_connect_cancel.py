@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,7 @@ import pytest
 import trio
 import trio.testing
 
+import conduit.client
 from conduit import Client, Peer, Server
 from conduit.protocol.handshake import shared_secret
 from conftest import (
@@ -91,9 +93,11 @@ class HoldingRelay:
     target_port: int
     on_hold: Callable[[], Awaitable[None]]
     port: int = 0
-    #: Connections relayed, and those over (both directions ended).
+    #: Connections relayed, and those over (both directions ended); the
+    #: connections whose client side has ended (its socket closed).
     connections: int = 0
     ended: int = 0
+    client_ends: int = 0
 
     async def handle(self, downstream: trio.SocketStream) -> None:
         """Relay one connection (served by :func:`conftest.serve_on_loopback`)."""
@@ -109,6 +113,7 @@ class HoldingRelay:
             self.ended += 1
 
     async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream, hold: bool) -> None:
+        from_client = not hold
         held = bytearray()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             while data := await source.receive_some(65536):
@@ -120,6 +125,8 @@ class HoldingRelay:
                     await self.on_hold()
                     data, held = bytes(held), bytearray()
                 await sink.send_all(data)
+            if from_client:
+                self.client_ends += 1
             if held:  # the server hung up before confirming (a refusal)
                 await sink.send_all(held)
             # A half-close, as the ends did: the other direction drains.
@@ -261,6 +268,39 @@ async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
         assert relay.connections == 1
         # Its socket is closed: the relay's both directions end.
         await wait_until(lambda: relay.ended == 1)
+
+
+async def test_a_disconnect_cuts_a_handshake_going_on_alone_that_does_not_end(
+    server_factory: ServerFactory, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handshake of a cancelled connect() whose server never answers, with
+    no connect_timeout to end it: disconnect() waits ALONE_DISCONNECT_WAIT for
+    it, then cuts it and returns (before, it would have waited for ever)."""
+    monkeypatch.setattr(conduit.client, "ALONE_DISCONNECT_WAIT", 0.3)
+    server = await server_factory()
+    first = trio.CancelScope()
+    unwound = trio.Event()
+
+    async def cancel_and_hold_for_ever() -> None:
+        first.cancel()
+        await unwound.wait()
+        await trio.sleep_forever()  # the server's answer never comes through
+
+    relay = await _start_relay(nursery, server, cancel_and_hold_for_ever)
+    client = Client(client_descriptor(relay.port, connect_timeout=math.inf))
+    with trio.fail_after(20):
+        with first:
+            try:
+                await client.connect()
+            finally:
+                unwound.set()
+        assert first.cancelled_caught
+        started = trio.current_time()
+        await client.disconnect()
+        assert trio.current_time() - started >= 0.3
+        assert not client.connected
+        # Its socket is closed: the relay's way from the client to the server ends.
+        await wait_until(lambda: relay.client_ends == 1)
 
 
 def test_connects_timed_out_by_asyncio_wait_for_do_not_lock_the_address_out() -> None:

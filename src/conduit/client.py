@@ -38,6 +38,12 @@ log = logging.getLogger("conduit.client")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Seconds a disconnect() gives the handshake of a cancelled connect(), going
+#: on alone, to finish and say goodbye before it cuts it (less if its
+#: connect_timeout ends sooner): a server answers a handshake within
+#: milliseconds, and a connect_timeout may be long, or infinite.
+ALONE_DISCONNECT_WAIT = 5.0
+
 
 async def open_tcp(host: str, port: int) -> trio.SocketStream:
     """A TCP connection to ``host``:``port``.
@@ -109,7 +115,8 @@ class _Connecting:
     task: trio.lowlevel.Task
     #: Around the connect's work (taking over from a reconnect, dialling, the
     #: handshake) or the reconnect's attempts: cancelled by disconnect(),
-    #: which must win.
+    #: which must win. Once :attr:`alone`, around the handshake's task, with
+    #: the connect_timeout's deadline, which disconnect() brings closer.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: Set once that connect has returned or raised (or, :attr:`alone`, once
     #: its handshake has ended).
@@ -513,28 +520,30 @@ class Client(Endpoint):
         """
         if connecting.scope.cancel_called or timeout.cancel_called:
             return False
+        alone = trio.CancelScope(deadline=timeout.deadline)
         try:
             trio.lowlevel.spawn_system_task(
-                self._finish_alone, run, timeout.deadline, connecting, disconnects, token, given
+                self._finish_alone, run, connecting, disconnects, token, given
             )
         except RuntimeError:  # the Trio run is ending: no task can start
             return False
+        connecting.scope = alone  # the connect() holds its own scope still
         connecting.alone = True
         return True
 
     async def _finish_alone(
         self,
         run: ClientRun,
-        deadline: float,
         connecting: _Connecting,
         disconnects: int,
         token: bytes,
         given: bool,
     ) -> None:
-        """Take the handshake of a cancelled connect() to its end (by
-        ``deadline``, its connect_timeout); then install its session if
-        connect() calls wait for it (a retry; and no disconnect() came since
-        its connect() began), else say goodbye and close it.
+        """Take the handshake of a cancelled connect() to its end (within
+        ``connecting.scope``: its connect_timeout, or less once disconnect()
+        is called); then install its session if connect() calls wait for it
+        (a retry; and no disconnect() came since its connect() began), else
+        say goodbye and close it.
 
         A handshake that ends with its goodbye is a success to the server
         (which also forgives the failed attempts before it); until it ends,
@@ -542,30 +551,33 @@ class Client(Endpoint):
         connect() waits for it rather than start a second handshake.
         """
         try:
-            with trio.move_on_at(deadline) as timeout:
+            with connecting.scope:
                 try:
                     established, welcome = await run.run()
                 except BaseException:
                     run.give_up()
                     await trio.aclose_forcefully(run.stream)
                     raise
-            if timeout.cancelled_caught:
-                log.info("the handshake of a cancelled connect() ran out of connect_timeout")
-                return
-            peer = self._session(run.stream, established, welcome, given=given)
-            ours = self._disconnects == disconnects  # no disconnect() since
-            if connecting.waiters and ours and not self.connected:
-                self._install(peer, welcome, token, given=given)
-                self._start(peer, redial=not given)
-                return
-            if token and ours:
-                # The token it presented is spent (single use): the WELCOME's
-                # replaces it, or the next connect() would lose our client id.
-                self._resume_token = welcome.resume_token
-            log.debug("the handshake of a cancelled connect() finished; closing its session")
-            await _close_unrun(peer, "connect() was cancelled")
+                peer = self._session(run.stream, established, welcome, given=given)
+                ours = self._disconnects == disconnects  # no disconnect() since
+                if connecting.waiters and ours and not self.connected:
+                    self._install(peer, welcome, token, given=given)
+                    self._start(peer, redial=not given)
+                    return
+                if token and ours:
+                    # The token it presented is spent (single use): the WELCOME's
+                    # replaces it, or the next connect() would lose our client id.
+                    self._resume_token = welcome.resume_token
+                log.debug("the handshake of a cancelled connect() finished; closing its session")
+                await _close_unrun(peer, "connect() was cancelled")
+            if connecting.scope.cancelled_caught:
+                log.info(
+                    "the handshake of a cancelled connect() ran out of time "
+                    "(its connect_timeout, or disconnect()'s wait)"
+                )
         except Exception as exc:  # a system task must never raise; nobody waits for this one
             log.info("the handshake of a cancelled connect() failed: %s", exc)
+            await trio.aclose_forcefully(run.stream)  # whichever step failed
         finally:
             if self._connecting is connecting:
                 self._connecting = None
@@ -749,9 +761,10 @@ class Client(Endpoint):
         A :meth:`connect` on its way loses: it closes what it opened and
         raises :class:`~conduit.ConnectionClosed`; this returns once it has.
         The handshake of a cancelled ``connect()``, going on alone, is not cut
-        (to the server, that would be a failed password attempt): this waits
-        for it to end, say goodbye and close its socket, within what is left of
-        its ``connect_timeout``.
+        at once (to the server, that would be a failed password attempt): this
+        waits for it to end, say goodbye and close its socket, for what is left
+        of its ``connect_timeout`` but at most :data:`ALONE_DISCONNECT_WAIT`
+        seconds, then cuts it.
         From a handler of the connection itself (a method the server calls),
         it returns once the goodbye is on its way: the connection ends after
         the handler has returned.
@@ -774,10 +787,16 @@ class Client(Endpoint):
         try:
             connecting = self._connecting
             if connecting is not None:
-                # One going on alone is left to finish (within its
-                # connect_timeout): it sees the count of disconnects changed,
-                # and says goodbye instead of installing its session.
-                if not connecting.alone:
+                if connecting.alone:
+                    # Left to finish (cut, it is a failed attempt to the
+                    # server), for ALONE_DISCONNECT_WAIT at most: it sees the
+                    # count of disconnects changed, and says goodbye instead
+                    # of installing its session.
+                    scope = connecting.scope
+                    scope.deadline = min(
+                        scope.deadline, trio.current_time() + ALONE_DISCONNECT_WAIT
+                    )
+                else:
                     connecting.scope.cancel()
                 await connecting.done.wait()
             if reconnecting is not None:
