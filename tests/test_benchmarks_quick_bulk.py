@@ -51,7 +51,10 @@ def test_bulk_every_contender_moved_the_right_bytes(quick_run: QuickRun) -> None
     assert size == 64 * 1024 * 1024
     if sys.platform.startswith("linux"):
         assert bulk["config"]["files"]["storage"] == "ram"
-    assert "scratch file" in bulk["config"]["primed"]
+    primed = bulk["config"]["primed"]
+    if sys.platform.startswith("linux"):
+        assert primed["round_trips_primed"] == len(CONTENDERS) * record["repeat"]
+        assert primed["round_trips_unprimed"] == 0
     for info in bulk["contenders"].values():
         assert len(info["repetitions"]) == record["repeat"]
         for repetition in info["repetitions"]:
