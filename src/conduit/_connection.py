@@ -455,7 +455,8 @@ class Connection:
         a peer that sees only the socket close takes it for a lost connection
         and reconnects, or waits for its transfers to resume. Not when run()
         fails: a server that crashed may be restarted, and its clients then
-        reconnect and resume.
+        reconnect and resume. (A run() cancelled because a task beside it
+        crashed cannot be told from Ctrl-C here: it says GOODBYE too.)
 
         Only between records: a record the writer or a direct send left part
         way would take the GOODBYE's bytes for its own (the peer then fails
