@@ -295,17 +295,24 @@ def prime_memory(size: int) -> bool:
     """
     if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK)):
         return False
+    if shutil.disk_usage(RAM_DIR).free < size:
+        log(f"{RAM_DIR} has no room to prime memory: this round trip runs unprimed")
+        return False
     block = bytes(MiB)
-    descriptor, name = tempfile.mkstemp(prefix="conduit-bench-prime-", dir=RAM_DIR)
+    scratch: Path | None = None
     try:
+        descriptor, name = tempfile.mkstemp(prefix="conduit-bench-prime-", dir=RAM_DIR)
+        scratch = Path(name)
         with os.fdopen(descriptor, "wb") as file:
-            for _ in range(size // MiB):
+            for _ in range((size + MiB - 1) // MiB):
                 file.write(block)
     except OSError as exc:
         log(f"priming memory failed ({exc}): this round trip runs unprimed")
         return False
     finally:
-        Path(name).unlink(missing_ok=True)
+        if scratch is not None:
+            with contextlib.suppress(OSError):
+                scratch.unlink()
     return True
 
 
