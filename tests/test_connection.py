@@ -6,7 +6,7 @@ import contextlib
 import contextvars
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -36,6 +36,7 @@ from conduit.protocol.codec import (
     encode_value,
     iter_frames,
 )
+from conduit.protocol.connection import Phase
 from conduit.protocol.frames import HEADER_SIZE, FrameKind
 from conduit.protocol.messages import Ping
 from conduit.protocol.records import RecordOpener
@@ -963,8 +964,12 @@ class _FailingAfterArming(trio.abc.Stream):
     armed: bool = False
     sends_armed: int = 0
     closed: bool = False
+    #: Called at each send, once set.
+    on_send: Callable[[], None] | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.on_send is not None:
+            self.on_send()
         if self.armed:
             self.sends_armed += 1
             await trio.lowlevel.checkpoint()
@@ -987,10 +992,11 @@ async def test_a_run_cancelled_from_outside_says_goodbye_on_a_stream_that_awaits
     send_fails: bool,
 ) -> None:
     """On a stream that cannot send without awaiting (TLS; here a memory
-    stream), a run() cancelled from outside sends its GOODBYE at teardown:
-    the peer ends on it, as a close on purpose. A send that fails with an
-    error of its own still lets the teardown end: run() returns, the stream
-    is closed and the connection reported closed."""
+    stream), a run() cancelled from outside sends its GOODBYE at teardown,
+    once the session is released (nothing else may use the connection while
+    that send awaits): the peer ends on it, as a close on purpose. A send
+    that fails with an error of its own still lets the teardown end: run()
+    returns, the stream is closed and the connection reported closed."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     wrapped = _FailingAfterArming(client_stream)
     p = _pair(wrapped, server_stream)
@@ -1011,6 +1017,8 @@ async def test_a_run_cancelled_from_outside_says_goodbye_on_a_stream_that_awaits
             p.server_dispatch.methods["echo"] = echo
             assert await p.client.call("echo", {"x": 1}, None) == 1
             wrapped.armed = send_fails
+            phases_at_send: list[Phase] = []
+            wrapped.on_send = lambda: phases_at_send.append(p.client._state.phase)
             client_scope.cancel()
             await p.client.closed.wait()
             if send_fails:
@@ -1018,6 +1026,7 @@ async def test_a_run_cancelled_from_outside_says_goodbye_on_a_stream_that_awaits
             await p.server.closed.wait()
     assert wrapped.closed
     assert p.client.closed_on_purpose
+    assert phases_at_send == [Phase.CLOSED]  # one send, the GOODBYE, once released
     if send_fails:
         assert wrapped.sends_armed == 1  # the GOODBYE was tried
     else:

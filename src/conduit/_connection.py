@@ -425,14 +425,14 @@ class Connection:
             raise
         finally:
             goodbye = None
-            if not released:
-                if self._state.phase is _OPEN and _only_cancellation(ending):
-                    goodbye = self._goodbye_on_teardown()
-                self._release()
             try:
+                if not released:
+                    if self._state.phase is _OPEN and _only_cancellation(ending):
+                        goodbye = self._goodbye_on_teardown()
+                    self._release()
                 if goodbye is not None:
                     await self._send_at_teardown(goodbye)
-            finally:
+            finally:  # whatever failed above: the stream is closed all the same
                 if socket_closed:
                     pass  # the nursery's exit made the pass
                 elif close_now(self.stream):
