@@ -473,6 +473,53 @@ async def serve_on_loopback(
         task_status.started(listeners[0].socket.getsockname()[1])
 
 
+async def serve_until_cancelled(
+    nursery: trio.Nursery, server: Server
+) -> tuple[trio.CancelScope, int]:
+    """Start ``server.run()`` in ``nursery`` under a scope of its own (cancelling
+    it is what Ctrl-C does to ``trio.run(server.run)``); that scope, and the
+    port once the server listens."""
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await server.run()
+
+    nursery.start_soon(run)
+    return scope, await server.wait_listening()
+
+
+def count_reconnects(client: Client) -> list[int]:
+    """The automatic reconnect attempts of ``client``, noted as each begins."""
+    attempts: list[int] = []
+
+    @client.on_reconnecting
+    def reconnecting(attempt: int, delay: float) -> None:
+        attempts.append(attempt)
+
+    return attempts
+
+
+@attrs.define(eq=False)
+class PassThroughStream(trio.abc.Stream):
+    """Passes every operation to ``inner``: tests subclass it to watch or
+    disturb one of them."""
+
+    inner: trio.abc.Stream
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @attrs.define(eq=False)
 class ProxiedConnection:
     """One client connection through the proxy, and the bytes it carried."""

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -42,6 +43,7 @@ from conduit.protocol.messages import ClientHello, Confirm, Welcome
 from conftest import (
     LOOPBACK,
     PASSWORD,
+    PassThroughStream,
     ProxyFactory,
     ServerFactory,
     client_descriptor,
@@ -486,27 +488,17 @@ async def test_under_a_spent_loop_share_the_server_keeps_the_usual_order(
         await stream.aclose()
 
 
-class _Recorded(trio.abc.Stream):
+@attrs.define(eq=False)
+class _Recorded(PassThroughStream):
     """One end of a memory stream pair that notes, for each send, the bytes
     and whether the server machine had made its confirmation by then."""
 
-    def __init__(self, inner: trio.abc.Stream, server: ServerHandshake) -> None:
-        self._inner = inner
-        self._server = server
-        self.sends: list[tuple[bytes, bool]] = []
+    server: ServerHandshake
+    sends: list[tuple[bytes, bool]] = attrs.field(factory=list)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self.sends.append((bytes(data), self._server.unconfirmed_keys is not None))
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        self.sends.append((bytes(data), self.server.unconfirmed_keys is not None))
+        await self.inner.send_all(data)
 
 
 @pytest.mark.parametrize("accounts", [False, True])

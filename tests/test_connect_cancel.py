@@ -141,6 +141,28 @@ async def _start_relay(
     return relay
 
 
+@attrs.define(eq=False)
+class CancelledConnect:
+    """A connect() that the relay's hold cancels: :meth:`run` makes it and
+    checks it was cancelled; :meth:`cancel` (from the hold) cancels it and
+    returns once it has raised."""
+
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    unwound: trio.Event = attrs.Factory(trio.Event)
+
+    async def run(self, client: Client) -> None:
+        with self.scope:
+            try:
+                await client.connect()
+            finally:
+                self.unwound.set()
+        assert self.scope.cancelled_caught, "connect() was not cancelled"
+
+    async def cancel(self) -> None:
+        self.scope.cancel()
+        await self.unwound.wait()
+
+
 async def test_connects_cancelled_after_the_servers_confirmation_do_not_lock_the_address_out(
     server_factory: ServerFactory, nursery: trio.Nursery
 ) -> None:
@@ -148,26 +170,18 @@ async def test_connects_cancelled_after_the_servers_confirmation_do_not_lock_the
     server = await server_factory(
         register=sessions.watch, auth_failure_limit=FAILURE_LIMIT, auth_lockout=60
     )
-    # The connect() under way: its scope, and an event set once it has raised.
-    current: list[tuple[trio.CancelScope, trio.Event]] = []
+    # The connect() under way.
+    current: list[CancelledConnect] = []
 
     async def cancel_the_connect() -> None:
-        scope, unwound = current[-1]
-        scope.cancel()
-        await unwound.wait()
+        await current[-1].cancel()
 
     relay = await _start_relay(nursery, server, cancel_the_connect)
     with trio.fail_after(20):
         for _ in range(CANCELLED_CONNECTS):
             client = Client(client_descriptor(relay.port))
-            unwound = trio.Event()
-            with trio.CancelScope() as scope:
-                current.append((scope, unwound))
-                try:
-                    await client.connect()
-                finally:
-                    unwound.set()
-            assert scope.cancelled_caught, "connect() was not cancelled"
+            current.append(CancelledConnect())
+            await current[-1].run(client)
             assert not client.connected
             # Its handshake ended (the next one must not queue behind it).
             await wait_until(lambda: relay.ended == relay.connections)
@@ -186,8 +200,7 @@ async def test_a_connect_after_a_cancelled_one_takes_its_handshake_over(
 ) -> None:
     sessions = Sessions()
     server = await server_factory(register=sessions.watch)
-    first = trio.CancelScope()
-    unwound = trio.Event()
+    first = CancelledConnect()
     retried = trio.Event()
     clients: list[Client] = []
 
@@ -196,8 +209,7 @@ async def test_a_connect_after_a_cancelled_one_takes_its_handshake_over(
         retried.set()
 
     async def cancel_and_retry() -> None:
-        first.cancel()
-        await unwound.wait()
+        await first.cancel()
         nursery.start_soon(retry)
         # The retry waits for the first handshake, still under way.
         await trio.testing.wait_all_tasks_blocked()
@@ -206,12 +218,7 @@ async def test_a_connect_after_a_cancelled_one_takes_its_handshake_over(
     client = Client(client_descriptor(relay.port))
     clients.append(client)
     with trio.fail_after(20):
-        with first:
-            try:
-                await client.connect()
-            finally:
-                unwound.set()
-        assert first.cancelled_caught
+        await first.run(client)
         await retried.wait()
         assert client.connected
         # One handshake served both calls: the first's, finished for the retry.
@@ -230,8 +237,7 @@ async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
     said goodbye to and closed."""
     sessions = Sessions()
     server = await server_factory(register=sessions.watch)
-    first = trio.CancelScope()
-    unwound = trio.Event()
+    first = CancelledConnect()
     disconnected = trio.Event()
     returned_while_held: list[bool] = []
     clients: list[Client] = []
@@ -241,8 +247,7 @@ async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
         disconnected.set()
 
     async def cancel_then_disconnect() -> None:
-        first.cancel()
-        await unwound.wait()
+        await first.cancel()
         nursery.start_soon(disconnect)
         await trio.testing.wait_all_tasks_blocked()
         # The server's answer is still held: the handshake cannot have ended.
@@ -252,12 +257,7 @@ async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
     client = Client(client_descriptor(relay.port))
     clients.append(client)
     with trio.fail_after(20):
-        with first:
-            try:
-                await client.connect()
-            finally:
-                unwound.set()
-        assert first.cancelled_caught
+        await first.run(client)
         await disconnected.wait()
         assert returned_while_held == [False]
         assert not client.connected
@@ -278,23 +278,16 @@ async def test_a_disconnect_cuts_a_handshake_going_on_alone_that_does_not_end(
     it, then cuts it and returns (before, it would have waited for ever)."""
     monkeypatch.setattr(conduit.client, "ALONE_DISCONNECT_WAIT", 0.3)
     server = await server_factory()
-    first = trio.CancelScope()
-    unwound = trio.Event()
+    first = CancelledConnect()
 
     async def cancel_and_hold_for_ever() -> None:
-        first.cancel()
-        await unwound.wait()
+        await first.cancel()
         await trio.sleep_forever()  # the server's answer never comes through
 
     relay = await _start_relay(nursery, server, cancel_and_hold_for_ever)
     client = Client(client_descriptor(relay.port, connect_timeout=math.inf))
     with trio.fail_after(20):
-        with first:
-            try:
-                await client.connect()
-            finally:
-                unwound.set()
-        assert first.cancelled_caught
+        await first.run(client)
         started = trio.current_time()
         await client.disconnect()
         assert trio.current_time() - started >= 0.3

@@ -41,6 +41,7 @@ from conduit.protocol.frames import HEADER_SIZE, FrameKind
 from conduit.protocol.messages import Ping
 from conduit.protocol.records import RecordOpener
 from conduit.protocol.records_io import RECORD_SLACK
+from conftest import PassThroughStream
 
 WINDOW = 256 * 1024
 
@@ -956,11 +957,10 @@ async def test_a_close_with_nothing_queued_sends_its_goodbye_without_the_writer_
 
 
 @attrs.define(eq=False)
-class _FailingAfterArming(trio.abc.Stream):
+class _FailingAfterArming(PassThroughStream):
     """A stream that, once :attr:`armed`, fails every send with a reset (not a
     broken stream): what a stream given to ``connect(stream=...)`` may raise."""
 
-    inner: trio.abc.Stream
     armed: bool = False
     sends_armed: int = 0
     closed: bool = False
@@ -975,12 +975,6 @@ class _FailingAfterArming(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             raise ConnectionResetError(104, "reset by the test")
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
 
     async def aclose(self) -> None:
         self.closed = True

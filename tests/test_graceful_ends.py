@@ -18,6 +18,7 @@ import trio
 
 from conduit import Client, ClientDescriptor, FileTransferHandler, Server, ServerDescriptor
 from conduit.errors import ConnectionClosed
+from conftest import count_reconnects, serve_until_cancelled
 
 PASSWORD = "graceful-ends"
 
@@ -32,15 +33,8 @@ def _server_with_hello() -> Server:
     return server
 
 
-def _client_counting_reconnects(port: int, attempts: list[int]) -> Client:
-    """A client of ``port`` that notes each automatic reconnect attempt in ``attempts``."""
-    client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
-
-    @client.on_reconnecting
-    def reconnecting(attempt: int, delay: float) -> None:
-        attempts.append(attempt)
-
-    return client
+def _client_of(port: int) -> Client:
+    return Client(ClientDescriptor(server_port=port, password=PASSWORD))
 
 
 async def _listener_with_small_buffers() -> tuple[trio.SocketListener, int]:
@@ -105,18 +99,11 @@ async def test_a_server_run_cancelled_from_outside_says_goodbye() -> None:
     on takes the end as meant and does not try to reconnect. Before, its
     socket just closed, and every client went through its reconnect attempts."""
     server = _server_with_hello()
-    attempts: list[int] = []
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            run_scope = trio.CancelScope()
-
-            async def run_server() -> None:
-                with run_scope:
-                    await server.run()
-
-            nursery.start_soon(run_server)
-            port = await server.wait_listening()
-            client = _client_counting_reconnects(port, attempts)
+            run_scope, port = await serve_until_cancelled(nursery, server)
+            client = _client_of(port)
+            attempts = count_reconnects(client)
             await client.connect()
             assert await client.call("hello") == "hi"
             run_scope.cancel()
@@ -132,10 +119,12 @@ def test_an_asyncio_server_task_cancelled_says_goodbye() -> None:
     attempts: list[int] = []
 
     async def main() -> None:
+        nonlocal attempts
         server = _server_with_hello()
         task = asyncio.create_task(server.run())
         port = await asyncio.wait_for(server.wait_listening(), 5)
-        client = _client_counting_reconnects(port, attempts)
+        client = _client_of(port)
+        attempts = count_reconnects(client)
         await client.connect()
         assert await client.call("hello") == "hi"
         task.cancel()

@@ -33,8 +33,11 @@ from conftest import (
     PASSWORD,
     ClientFactory,
     MemoryListener,
+    PassThroughStream,
     ServerFactory,
     client_descriptor,
+    count_reconnects,
+    serve_until_cancelled,
     server_descriptor,
 )
 
@@ -100,25 +103,15 @@ def tls_client_stream(transport: trio.abc.Stream, pki: Pki) -> trio.SSLStream[tr
     return trio.SSLStream(transport, context, server_hostname="localhost", https_compatible=False)
 
 
-@attrs.define
-class RecordingStream(trio.abc.Stream):
+@attrs.define(eq=False)
+class RecordingStream(PassThroughStream):
     """Passes everything through; keeps a copy of what was sent."""
 
-    inner: trio.abc.Stream
     sent: bytearray = attrs.field(factory=bytearray)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += data
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_rpc_over_tls(
@@ -290,27 +283,15 @@ async def test_a_tls_server_run_cancelled_from_outside_says_goodbye(pki: Pki) ->
     Before, only plain sockets said it (TLS cannot send without awaiting)."""
     server = Server(server_descriptor(tls_certfile=pki.cert_file, tls_keyfile=pki.key_file))
     register(server)
-    attempts: list[int] = []
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            run_scope = trio.CancelScope()
-
-            async def run_server() -> None:
-                with run_scope:
-                    await server.run()
-
-            nursery.start_soon(run_server)
-            port = await server.wait_listening()
+            run_scope, port = await serve_until_cancelled(nursery, server)
             client = Client(
                 client_descriptor(
                     port, tls=True, tls_ca_file=pki.ca_file, tls_server_hostname="localhost"
                 )
             )
-
-            @client.on_reconnecting
-            def reconnecting(attempt: int, delay: float) -> None:
-                attempts.append(attempt)
-
+            attempts = count_reconnects(client)
             await client.connect()
             assert await client.call("add", a=40, b=2) == 42
             run_scope.cancel()
