@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from conduit import Client, ClientDescriptor, FileTransferHandler, Server, ServerDescriptor
 from conduit.errors import ConnectionClosed
-from conftest import count_reconnects, serve_until_cancelled
+from conftest import PassThroughStream, count_reconnects, serve_until_cancelled
 
 PASSWORD = "graceful-ends"
 
@@ -55,6 +56,25 @@ async def _slow_reading_stream(port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+@attrs.define(eq=False)
+class _SlowReads(PassThroughStream):
+    """A client's stream that, once :attr:`slow`, reads 16 KiB every 2 ms
+    at most (8 MB/s): a slow link, whatever the machine's speed, on which
+    the server's last frames still wait in its outbox when it has served
+    them (a fast loopback reader sometimes took them all at once)."""
+
+    slow: bool = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.slow:
+            await trio.sleep(0.002)
+            max_bytes = min(max_bytes or _SLOW_READ, _SLOW_READ)
+        return await self.inner.receive_some(max_bytes)
+
+
+_SLOW_READ = 16 * 1024
+
+
 async def test_a_close_right_after_a_download_was_served_lets_its_last_frames_out(
     tmp_path: Path,
 ) -> None:
@@ -82,7 +102,9 @@ async def test_a_close_right_after_a_download_was_served_lets_its_last_frames_ou
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, [listener])
             client = Client(ClientDescriptor(server_port=port, password=PASSWORD))
-            await client.connect(stream=await _slow_reading_stream(port))
+            wire = _SlowReads(await _slow_reading_stream(port))
+            await client.connect(stream=wire)
+            wire.slow = True
             downloads = FileTransferHandler(storage_dir=tmp_path / "client-side")
             result = await downloads.receive_from_server(client, "big.bin", tmp_path / "got")
             await client.wait_closed()
