@@ -280,7 +280,7 @@ async def client(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     incoming = Records(stream, SERVER_TO_CLIENT)
     try:
         for op in spec["ops"]:
-            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+            with _transferlib.OpTimer(spec.get("server_pid"), spec.get("prime")) as timer:
                 name = os.path.basename(op["name"])
                 if op["op"] == "upload":
                     size = os.stat(op["path"]).st_size

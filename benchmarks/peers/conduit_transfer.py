@@ -179,7 +179,7 @@ async def _transfer(
                 await _tick(driver, lateness)
 
             driver.stopping = False
-            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+            with _transferlib.OpTimer(spec.get("server_pid"), spec.get("prime")) as timer:
                 outcome = await driver.while_running(one, ticker)
             _checked(outcome, op["op"])
             result["ops"].append(

@@ -104,7 +104,7 @@ async def _transfer(port: int, spec: dict[str, Any], result: dict[str, Any]) -> 
     try:
         for op in spec["ops"]:
             transfer = FileTransferHandler(storage_dir=op.get("dir") or os.path.dirname(op["path"]))
-            with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+            with _transferlib.OpTimer(spec.get("server_pid"), spec.get("prime")) as timer:
                 if op["op"] == "upload":
                     if os.path.basename(op["path"]) != op["name"]:
                         raise ValueError("netconduit uploads under the source's base name")

@@ -282,7 +282,7 @@ def client(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     try:
         if spec["kind"] == "transfer":
             for op in spec["ops"]:
-                with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+                with _transferlib.OpTimer(spec.get("server_pid"), spec.get("prime")) as timer:
                     if op["op"] == "upload":
                         outcome = raw.upload(op["path"], op["name"])
                     else:

@@ -93,7 +93,7 @@ async def client(port: int, spec: dict[str, Any]) -> dict[str, Any]:
         runtime["cipher"] = str(connection.get_extra_info("send_cipher"))
         async with connection.start_sftp_client() as sftp:
             for op in spec["ops"]:
-                with _transferlib.OpTimer(spec.get("server_pid")) as timer:
+                with _transferlib.OpTimer(spec.get("server_pid"), spec.get("prime")) as timer:
                     if op["op"] == "upload":
                         await sftp.put(op["path"], op["name"])
                         outcome = {"path": op["name"], "size": _transferlib.file_size(op["path"])}

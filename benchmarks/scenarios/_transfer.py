@@ -279,52 +279,31 @@ def make_source(path: Path, size: int, seed: int = 20240601) -> str:
     return hasher.hexdigest()
 
 
-def prime_memory(size: int) -> bool:
-    """Write ``size`` bytes to a scratch file on ``/dev/shm``, then remove it;
-    whether it could (without ``/dev/shm``, or on an error, it does nothing).
+def prime_spec(size: int) -> dict[str, Any] | None:
+    """The ``"prime"`` of a transfer client's spec: before each timed operation
+    it writes ``size`` bytes to a scratch file on ``/dev/shm`` and removes them
+    (``peers/_transferlib.prime_memory`` says why). None without ``/dev/shm``.
 
-    Run before every timed round trip of ``bulk`` and ``sftp``. On the
-    project's machine (a 2-vCPU VM) a receiver that writes its gibibyte right
-    after the run began, or right after netconduit's round trip, used 1.5-2.4 s
-    more CPU for it than the same receiver at any other time: the first upload
-    of the first contender in the order, the first download after
-    netconduit's. Memory written and freed just before takes that cost out of
-    the timed work, whoever ran before. Always on ``/dev/shm``, even with
-    ``--disk``: on a disk the writes would leave writeback and block frees to
-    fall inside the timed transfer.
+    Always ``/dev/shm``, even with ``--disk``: on a disk the writes would leave
+    writeback and block frees to fall inside the timed transfer.
     """
     if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK)):
-        return False
-    if shutil.disk_usage(RAM_DIR).free < size:
-        log(f"{RAM_DIR} has no room to prime memory: this round trip runs unprimed")
-        return False
-    block = bytes(MiB)
-    scratch: Path | None = None
-    try:
-        descriptor, name = tempfile.mkstemp(prefix="conduit-bench-prime-", dir=RAM_DIR)
-        scratch = Path(name)
-        with os.fdopen(descriptor, "wb") as file:
-            for _ in range((size + MiB - 1) // MiB):
-                file.write(block)
-    except OSError as exc:
-        log(f"priming memory failed ({exc}): this round trip runs unprimed")
-        return False
-    finally:
-        if scratch is not None:
-            with contextlib.suppress(OSError):
-                scratch.unlink()
-    return True
+        return None
+    return {"dir": str(RAM_DIR), "bytes": size}
 
 
 def round_trip_spec(source: Path, downloads: Path) -> dict[str, Any]:
     """A transfer client's work: upload ``source`` under its own name, then
-    download it again into ``downloads``."""
+    download it again into ``downloads``; memory primed before each
+    (:func:`prime_spec`, twice the file's size: less left some of the
+    receiver's writes to land on pages handed back to the host)."""
     return {
         "kind": "transfer",
         "ops": [
             {"op": "upload", "path": str(source), "name": source.name},
             {"op": "download", "name": source.name, "dir": str(downloads)},
         ],
+        "prime": prime_spec(2 * source.stat().st_size),
     }
 
 

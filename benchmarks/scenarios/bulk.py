@@ -21,10 +21,10 @@ Contenders (server and client always in separate processes on loopback):
    base64 chunk), in its private virtualenv.
 
 Each repetition runs one client process per contender (alternating order) that
-uploads the source file and then downloads it back (after the orchestrator has
-written and removed as much as the round trip writes: see
-``_transfer.prime_memory``); the client times each
-operation and reads the server's CPU time from ``/proc`` around it. After every
+uploads the source file and then downloads it back; right before each of the
+two it writes and removes twice the file's size on ``/dev/shm`` (see
+``peers/_transferlib.prime_memory``), then times the operation and reads the
+server's CPU time from ``/proc`` around it. After every
 repetition the orchestrator hashes the uploaded and the downloaded file against
 the source: a contender that moved wrong bytes is marked failed, not measured.
 Files live in a fresh directory on ``/dev/shm`` (``--disk``: a disk temp dir),
@@ -54,7 +54,6 @@ from ._transfer import (
     load_average,
     make_source,
     median_of,
-    prime_memory,
     ratio_goal,
     round_trip_spec,
     scratch_dir,
@@ -137,9 +136,10 @@ NOTES = [
     "(the orchestrator still verifies every file it produced)",
     "both peers share 2 vCPUs with each other and with whatever else runs on the machine: "
     "see load_average in the config",
-    "before each round trip the orchestrator wrote and removed twice the file size on "
-    "/dev/shm (config: primed): without it, the first upload of a run and the first download "
-    "after netconduit's cost their receiver 1.5-2.4 s more CPU per GiB, whoever the contender",
+    "right before each upload and each download the client wrote and removed twice the file "
+    "size on /dev/shm (config: primed): this VM hands freed memory back to its host, and a "
+    "receiver writing into pages handed back spent up to 2.9 s more system CPU per GiB, "
+    "depending on how long ago memory was last freed, not on the contender",
 ]
 
 OPS = ("upload", "download")
@@ -216,8 +216,9 @@ class TransferRunner:
         self.server_extra = server_extra
         self.client_extra = client_extra or {}
         self.shared: dict[str, Any] = {}
-        #: Round trips run after priming the memory (True) or without (False).
-        self.primed = {True: 0, False: 0}
+        #: Operations run right after priming the memory (True), or without
+        #: (False: no room; None: no /dev/shm).
+        self.primed: dict[bool | None, int] = {True: 0, False: 0, None: 0}
 
     def repetition(
         self, name: str, server: ServerProcess, storage: Path, source: Path, digest: str
@@ -229,6 +230,8 @@ class TransferRunner:
         try:
             result = self.peers.client(name, server, spec, self.timeout)
             upload, download = result["ops"]
+            for op in (upload, download):
+                self.primed[op.get("primed")] += 1
             verify(storage / upload["result"]["path"], digest, f"{name} upload")
             downloaded = Path(download["result"]["path"])
             if not downloaded.is_absolute():
@@ -277,8 +280,6 @@ class TransferRunner:
                             f"{name}"
                         )
                         server, storage = servers[name]
-                        # As much as both ways write (see prime_memory).
-                        self.primed[prime_memory(2 * self.size)] += 1
                         try:
                             self.repetitions[name].append(
                                 self.repetition(name, server, storage, source, digest)
@@ -303,10 +304,10 @@ class TransferRunner:
             "files": self.where,
             "order": "alternating: forward on even repetitions, reversed on odd ones",
             "primed": {
-                "how": "before each round trip, 2x the file size written to a scratch file "
-                "on /dev/shm and removed (see _transfer.prime_memory)",
-                "round_trips_primed": self.primed[True],
-                "round_trips_unprimed": self.primed[False],
+                "how": "right before each timed operation, the client wrote 2x the file size "
+                "to a scratch file on /dev/shm and removed it (see _transferlib.prime_memory)",
+                "ops_primed": self.primed[True],
+                "ops_unprimed": self.primed[False] + self.primed[None],
             },
             "client_timeout_s": self.timeout,
             "load_average_per_repetition": self.loads,

@@ -57,8 +57,8 @@ NOTES = [
     "(libsodium) + key confirmation; SSH: TCP + curve25519 key exchange + Ed25519 "
     "public-key user auth",
     "ratio column: contender / sftp per repetition, median over repetitions",
-    "before each round trip the orchestrator wrote and removed twice the file size on "
-    "/dev/shm (config: primed; see the bulk scenario)",
+    "right before each upload and each download the client wrote and removed twice the file "
+    "size on /dev/shm (config: primed; see the bulk scenario)",
 ]
 
 
