@@ -72,7 +72,7 @@ from ._harness import (
     spread,
     thread_stats,
 )
-from .scenarios._transfer import RAM_DIR, make_source, round_trip_spec, verify
+from .scenarios._transfer import RAM_DIR, make_source, priming, round_trip_spec, verify
 from .scenarios.rpc import COUNTS, PAYLOAD_SIZE
 from .scenarios.smallfiles import FILE_SIZE
 
@@ -269,7 +269,8 @@ def _bulk(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figures:
     storage.mkdir()
     downloads.mkdir()
     try:
-        result = _transfer(tree, storage, round_trip_spec(source, downloads))
+        with priming(2 * options.size * MiB) as prime:
+            result = _transfer(tree, storage, round_trip_spec(source, downloads, prime))
         verify(storage / source.name, expected, f"{tree.label}: uploaded copy")
         verify(downloads / source.name, expected, f"{tree.label}: downloaded copy")
     finally:

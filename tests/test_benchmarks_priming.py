@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 from benchmarks._harness import PEERS_DIR
+from benchmarks.scenarios._transfer import RAM_DIR, priming
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +67,16 @@ def test_the_timer_primes_before_it_starts_and_says_so(
         pass
     assert unprimed.figures(2**20)["primed"] is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_priming_directory_goes_with_what_a_killed_client_left() -> None:
+    with priming(2**20) as prime:
+        if not RAM_DIR.is_dir():
+            assert prime is None  # nowhere to prime: the clients run unprimed
+            return
+        assert prime is not None and prime["bytes"] == 2**20
+        directory = Path(prime["dir"])
+        assert directory.parent == RAM_DIR and directory.is_dir()
+        # What a client killed in the middle of priming would leave.
+        (directory / ".conduit-bench-prime-12345").write_bytes(b"x" * 4096)
+    assert not directory.exists()

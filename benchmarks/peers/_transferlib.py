@@ -114,10 +114,10 @@ def prime_memory(prime: dict[str, Any]) -> bool:
 
     The project's machine is a VM whose guest reports free memory back to its
     host (virtio-balloon free page reporting): a page freed more than a moment
-    ago is handed back, and writing to it again costs the host a fault and a
-    zeroed page. On that machine a receiver writing its gibibyte into such
-    pages spent 2.9 s of system CPU on the copy, against 0.33 s for pages freed
-    just before; how many it got depended on how long ago, and in which
+    ago may have been handed back, and writing to it again costs the host a
+    fault and a zeroed page. On that machine writing a gibibyte into such
+    pages took 2.9 s of system CPU, against 0.33 s for pages freed just
+    before; how many it got depended on how long ago, and in which
     contender's turn, memory was last freed. Written and freed right before
     each timed operation, as much memory as it writes is fresh for every
     contender alike.

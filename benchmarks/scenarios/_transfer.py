@@ -279,31 +279,39 @@ def make_source(path: Path, size: int, seed: int = 20240601) -> str:
     return hasher.hexdigest()
 
 
-def prime_spec(size: int) -> dict[str, Any] | None:
+@contextlib.contextmanager
+def priming(size: int) -> Iterator[dict[str, Any] | None]:
     """The ``"prime"`` of a transfer client's spec: before each timed operation
-    it writes ``size`` bytes to a scratch file on ``/dev/shm`` and removes them
-    (``peers/_transferlib.prime_memory`` says why). None without ``/dev/shm``.
+    the client writes ``size`` bytes to a scratch file and removes them
+    (``peers/_transferlib.prime_memory`` says why). The file goes in a
+    directory of its own on ``/dev/shm``, removed on exit with anything a
+    killed client left in it. None without ``/dev/shm``.
 
     Always ``/dev/shm``, even with ``--disk``: on a disk the writes would leave
     writeback and block frees to fall inside the timed transfer.
     """
     if not (RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK)):
-        return None
-    return {"dir": str(RAM_DIR), "bytes": size}
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="conduit-bench-prime-", dir=RAM_DIR) as directory:
+        yield {"dir": directory, "bytes": size}
 
 
-def round_trip_spec(source: Path, downloads: Path) -> dict[str, Any]:
+def round_trip_spec(
+    source: Path, downloads: Path, prime: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A transfer client's work: upload ``source`` under its own name, then
-    download it again into ``downloads``; memory primed before each
-    (:func:`prime_spec`, twice the file's size: less left some of the
-    receiver's writes to land on pages handed back to the host)."""
+    download it again into ``downloads``; memory primed before each as
+    ``prime`` says (see :func:`priming`; the scenarios prime twice the file's
+    size: less left some of the receiver's writes to land on pages handed back
+    to the host)."""
     return {
         "kind": "transfer",
         "ops": [
             {"op": "upload", "path": str(source), "name": source.name},
             {"op": "download", "name": source.name, "dir": str(downloads)},
         ],
-        "prime": prime_spec(2 * source.stat().st_size),
+        "prime": prime,
     }
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from .._harness import PeerError, RunConfig, ScenarioResult, ServerProcess, alternating_order, log
 from ._transfer import (
+    RAM_DIR,
     Contender,
     GiB,
     Metric,
@@ -54,6 +55,7 @@ from ._transfer import (
     load_average,
     make_source,
     median_of,
+    priming,
     ratio_goal,
     round_trip_spec,
     scratch_dir,
@@ -216,6 +218,8 @@ class TransferRunner:
         self.server_extra = server_extra
         self.client_extra = client_extra or {}
         self.shared: dict[str, Any] = {}
+        #: The clients' "prime" (see _transfer.priming), set while the run is on.
+        self.prime: dict[str, Any] | None = None
         #: Operations run right after priming the memory (True), or without
         #: (False: no room; None: no /dev/shm).
         self.primed: dict[bool | None, int] = {True: 0, False: 0, None: 0}
@@ -226,12 +230,18 @@ class TransferRunner:
         """One client process: upload, download; both files verified, then removed."""
         downloads = storage.parent / f"client-{slug(name)}"
         clear_dir(downloads)
-        spec = {**round_trip_spec(source, downloads), **self.client_extra, **self.shared}
+        spec = {
+            **round_trip_spec(source, downloads, self.prime),
+            **self.client_extra,
+            **self.shared,
+        }
         try:
             result = self.peers.client(name, server, spec, self.timeout)
             upload, download = result["ops"]
             for op in (upload, download):
                 self.primed[op.get("primed")] += 1
+                if op.get("primed") is False:
+                    log(f"{name} {op['op']}: no room on {RAM_DIR} to prime memory: not primed")
             verify(storage / upload["result"]["path"], digest, f"{name} upload")
             downloaded = Path(download["result"]["path"])
             if not downloaded.is_absolute():
@@ -258,6 +268,8 @@ class TransferRunner:
                 f"in {time.perf_counter() - started:.1f}s"
             )
             with contextlib.ExitStack() as stack:
+                # As much as both ways write (see _transferlib.prime_memory).
+                self.prime = stack.enter_context(priming(2 * self.size))
                 servers: dict[str, tuple[ServerProcess, Path]] = {}
                 for name in self.peers.pending():
                     storage = root / f"server-{slug(name)}"
