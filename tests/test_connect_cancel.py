@@ -163,6 +163,45 @@ class CancelledConnect:
         await self.unwound.wait()
 
 
+@attrs.define(eq=False)
+class ActingAfterCancel:
+    """A Client behind a :class:`HoldingRelay` whose first connect() the hold
+    cancels; then, still in the hold, ``action`` starts on the Client in the
+    background and the hold waits until every task is blocked."""
+
+    client: Client
+    first: CancelledConnect
+    relay: HoldingRelay
+    #: Set when ``action`` returned.
+    done: trio.Event
+    #: Whether ``action`` had returned when the hold ended (the server's
+    #: answer still held until then).
+    done_in_hold: list[bool]
+
+
+async def _act_after_cancel(
+    nursery: trio.Nursery, server: Server, action: Callable[[Client], Awaitable[None]]
+) -> ActingAfterCancel:
+    first = CancelledConnect()
+    done = trio.Event()
+    done_in_hold: list[bool] = []
+    clients: list[Client] = []
+
+    async def act() -> None:
+        await action(clients[0])
+        done.set()
+
+    async def cancel_then_act() -> None:
+        await first.cancel()
+        nursery.start_soon(act)
+        await trio.testing.wait_all_tasks_blocked()
+        done_in_hold.append(done.is_set())
+
+    relay = await _start_relay(nursery, server, cancel_then_act)
+    clients.append(Client(client_descriptor(relay.port)))
+    return ActingAfterCancel(clients[0], first, relay, done, done_in_hold)
+
+
 async def test_connects_cancelled_after_the_servers_confirmation_do_not_lock_the_address_out(
     server_factory: ServerFactory, nursery: trio.Nursery
 ) -> None:
@@ -200,26 +239,12 @@ async def test_a_connect_after_a_cancelled_one_takes_its_handshake_over(
 ) -> None:
     sessions = Sessions()
     server = await server_factory(register=sessions.watch)
-    first = CancelledConnect()
-    retried = trio.Event()
-    clients: list[Client] = []
-
-    async def retry() -> None:
-        await clients[0].connect()
-        retried.set()
-
-    async def cancel_and_retry() -> None:
-        await first.cancel()
-        nursery.start_soon(retry)
-        # The retry waits for the first handshake, still under way.
-        await trio.testing.wait_all_tasks_blocked()
-
-    relay = await _start_relay(nursery, server, cancel_and_retry)
-    client = Client(client_descriptor(relay.port))
-    clients.append(client)
+    # The retry waits for the first handshake, still under way.
+    acting = await _act_after_cancel(nursery, server, lambda client: client.connect())
+    client, relay = acting.client, acting.relay
     with trio.fail_after(20):
-        await first.run(client)
-        await retried.wait()
+        await acting.first.run(client)
+        await acting.done.wait()
         assert client.connected
         # One handshake served both calls: the first's, finished for the retry.
         assert relay.connections == 1
@@ -237,29 +262,13 @@ async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
     said goodbye to and closed."""
     sessions = Sessions()
     server = await server_factory(register=sessions.watch)
-    first = CancelledConnect()
-    disconnected = trio.Event()
-    returned_while_held: list[bool] = []
-    clients: list[Client] = []
-
-    async def disconnect() -> None:
-        await clients[0].disconnect()
-        disconnected.set()
-
-    async def cancel_then_disconnect() -> None:
-        await first.cancel()
-        nursery.start_soon(disconnect)
-        await trio.testing.wait_all_tasks_blocked()
-        # The server's answer is still held: the handshake cannot have ended.
-        returned_while_held.append(disconnected.is_set())
-
-    relay = await _start_relay(nursery, server, cancel_then_disconnect)
-    client = Client(client_descriptor(relay.port))
-    clients.append(client)
+    acting = await _act_after_cancel(nursery, server, lambda client: client.disconnect())
+    client, relay = acting.client, acting.relay
     with trio.fail_after(20):
-        await first.run(client)
-        await disconnected.wait()
-        assert returned_while_held == [False]
+        await acting.first.run(client)
+        await acting.done.wait()
+        # The server's answer was still held: the handshake could not have ended.
+        assert acting.done_in_hold == [False]
         assert not client.connected
         # Its handshake finished (a success to the server) and said goodbye;
         # the disconnect() won: the session was not installed.
