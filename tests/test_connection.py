@@ -501,6 +501,133 @@ async def test_credit_returned_ahead_leaves_room_for_one_more_stream() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _keep_two_batches(p: Pair, payload: bytes) -> tuple[int, int]:
+    """Send ``payload`` on a new stream to a consumer that writes behind, as
+    ``receive_file`` does: it takes each batch with ``receive(ahead=True,
+    keep=True)`` and queues it for a writer task, which releases it once
+    "written" (after everyone else has run as far as they can); the next
+    batch is taken once at most one is left with the writer, so at most two
+    are kept. Checks every byte arrives in
+    order and ``ahead`` never exceeds the kept batches; returns the most bytes
+    held on the receiving side (sent but not released) and the most early
+    credit outstanding."""
+    incoming = p.server.open_incoming_stream()
+    outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+    received = bytearray()
+    kept: list[int] = []  # bytes of each batch kept, oldest first
+    kept_cost: list[int] = []  # and their credit (bytes and frame costs)
+    released = most_held = most_ahead = 0
+    queue_in, queue_out = trio.open_memory_channel[int](0)
+
+    def look() -> None:
+        nonlocal most_held, most_ahead
+        most_held = max(most_held, outgoing.bytes_sent - released)
+        most_ahead = max(most_ahead, incoming.ahead)
+        assert incoming.ahead <= sum(kept_cost)
+        assert p.server._state.receive_committed() == incoming.window + incoming.ahead
+
+    async def send() -> None:
+        await outgoing.send([payload])
+        await outgoing.finish(b"end")
+
+    async def write() -> None:
+        nonlocal released
+        async for size in queue_out:
+            await trio.testing.wait_all_tasks_blocked()
+            look()
+            released += kept.pop(0)
+            kept_cost.pop(0)
+            assert size >= 0
+            incoming.release()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            nursery.start_soon(write)
+            async with queue_in:
+                while True:
+                    assert len(kept) <= 1
+                    chunks, trailer = await incoming.receive(ahead=True, keep=True)
+                    kept.append(sum(map(len, chunks)))
+                    kept_cost.append(kept[-1] + len(chunks) * FRAME_COST)
+                    for chunk in chunks:
+                        received += chunk
+                    look()
+                    await queue_in.send(kept[-1])
+                    if trailer is not None:
+                        break
+    assert trailer == b"end"
+    assert bytes(received) == payload
+    assert not kept and incoming.ahead == 0
+    return most_held, most_ahead
+
+
+async def test_kept_batches_stay_counted_until_released(pair: Pair) -> None:
+    """``receive(keep=True)``: a consumer may keep two batches (one being
+    written, the next queued behind it); their early credit stays counted
+    against the connection's receive budget (``ahead``) until each is
+    released, and the sender refills the window all the while. The stream and
+    its consumer then hold at most a window and the batches kept."""
+    most_held, most_ahead = await _keep_two_batches(pair, os.urandom(8 * WINDOW + 123))
+    assert 2 * WINDOW < most_held <= 3 * WINDOW
+    assert WINDOW < most_ahead <= 2 * WINDOW
+
+
+async def test_kept_batches_stay_within_the_connection_receive_budget() -> None:
+    """With a budget of three windows, keeping batches earns no more early
+    credit than the budget's room beyond one more window (one window here):
+    the sender is held to two windows, though the consumer keeps two."""
+    async with _running_pair(receive_budget=3 * WINDOW) as p:
+        most_held, most_ahead = await _keep_two_batches(p, os.urandom(6 * WINDOW))
+        assert WINDOW < most_held <= 2 * WINDOW
+        assert WINDOW // 2 < most_ahead <= WINDOW
+
+
+async def test_a_release_returns_credit_to_a_consumer_parked_for_data() -> None:
+    """With no room for early credit, a kept batch's credit returns only when
+    it is released, even while the consumer is parked in ``receive`` (a
+    writer thread releases it): the sender, blocked on that credit, goes on."""
+    async with _running_pair(receive_budget=WINDOW) as p, trio.open_nursery() as nursery:
+        incoming = p.server.open_incoming_stream()
+        outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+        payload = os.urandom(2 * WINDOW)
+        with trio.fail_after(10):
+            nursery.start_soon(outgoing.send, [payload])
+            await trio.testing.wait_all_tasks_blocked()
+            first, _ = await incoming.receive(ahead=True, keep=True)
+            assert incoming.ahead == 0  # no room beyond one window: nothing early
+            taken = sum(map(len, first))
+
+            async def release_later() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                incoming.release()  # as the writer's callback does, from outside receive
+
+            nursery.start_soon(release_later)
+            second, _ = await incoming.receive(ahead=True, keep=True)
+            assert b"".join([*first, *second]) == payload[: taken + sum(map(len, second))]
+            assert sum(map(len, second)) > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_receive_without_keep_consumes_the_batches_kept(pair: Pair) -> None:
+    """A call without ``keep`` consumes every batch kept so far: their early
+    credit no longer counts, and a release after it is a no-op."""
+    incoming = pair.server.open_incoming_stream()
+    outgoing = pair.client.open_outgoing_stream(incoming.stream_id)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outgoing.send, [os.urandom(3 * WINDOW)])
+            await trio.testing.wait_all_tasks_blocked()
+            await incoming.receive(ahead=True, keep=True)
+            assert incoming.ahead > 0
+            await trio.testing.wait_all_tasks_blocked()
+            await incoming.receive(ahead=False)
+            assert incoming.ahead == 0
+            incoming.release()
+            assert incoming.ahead == 0
+            nursery.cancel_scope.cancel()
+
+
 async def test_receive_without_ahead_holds_the_sender_to_one_window(pair: Pair) -> None:
     """The default: a batch's credit returns only when the consumer comes back."""
     assert await _hold_each_batch(pair, os.urandom(3 * WINDOW), ahead=False) <= WINDOW

@@ -14,6 +14,7 @@ what needs Trio: parking the consumer or producer until the state changes.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -62,6 +63,9 @@ class IncomingStream(InboundStream):
         # Unknown frame size: no batching.
         largest = window if max_frame_size is None else max_frame_size + FRAME_COST
         self._batch_limit = min(window // 2, max(0, window - largest))
+        # Batches a consumer keeps (receive(keep=True)), oldest first: the
+        # credit of each not yet returned, and the credit returned ahead for it.
+        self._held: deque[tuple[int, int]] = deque()
 
     def wake(self) -> None:
         """Data arrived: let the consumer look, once there is as much as it waits for.
@@ -79,7 +83,12 @@ class IncomingStream(InboundStream):
         self._wakeup.unpark_all()
 
     async def receive(
-        self, at_least: int = 0, *, patience: float = 0.0, ahead: bool = False
+        self,
+        at_least: int = 0,
+        *,
+        patience: float = 0.0,
+        ahead: bool = False,
+        keep: bool = False,
     ) -> tuple[list[Buffer], bytes | None]:
         """Wait for data; return every buffered chunk and the trailer once the stream ends.
 
@@ -101,9 +110,21 @@ class IncomingStream(InboundStream):
         plus a window with the consumer (until its next call), and never more
         than the connection's receive budget has room for beside one more
         stream's window.
+
+        With ``keep``, calling ``receive`` again does not consume the batches
+        returned before: the consumer keeps each until it calls
+        :meth:`release` for it, oldest first (a consumer whose writer thread
+        writes one batch while it takes the next: see
+        ``conduit.transfer._write_behind``). The stream then holds at most a
+        window and the batches kept. Their credit returned ahead still counts
+        against the connection's receive budget until released, so the budget
+        bounds them however many a consumer keeps; without ``ahead`` the
+        window alone does. The release must not wait for this call: with no
+        room for early credit, a sender may be waiting for the credit of the
+        batches kept. A call without ``keep`` consumes every batch kept so far.
         """
-        self.consumed()
-        self.ahead = 0
+        if not keep:
+            self._consume_all()
         while not self.chunks and self.trailer is None:
             if self.error is not None:
                 raise self.error
@@ -122,15 +143,36 @@ class IncomingStream(InboundStream):
         if self.error is not None and self.trailer is None and not self.chunks:
             raise self.error
         result = self.take()
-        if ahead and self.trailer is None:
-            self._return_ahead()
+        early = self._return_ahead() if ahead and self.trailer is None else 0
+        if keep:
+            self._held.append((self.pending_cost, early))
+            self.pending_cost = 0
         self._flush_credit(force=False)
         return result
 
-    def _return_ahead(self) -> None:
+    def release(self) -> None:
+        """The oldest batch a ``receive(keep=True)`` returned was used up: its credit may return.
+
+        All of it at once, since its consumer may be parked waiting for data
+        (a ``receive`` would otherwise return it in quarter-window steps). A
+        no-op when no batch is kept.
+        """
+        if self._held:
+            rest, early = self._held.popleft()
+            self.taken_cost += rest
+            self.ahead -= early
+            self._flush_credit(force=True)
+
+    def _consume_all(self) -> None:
+        while self._held:
+            self.taken_cost += self._held.popleft()[0]
+        self.consumed()
+        self.ahead = 0
+
+    def _return_ahead(self) -> int:
         # The credit of the whole batch just taken, which the window bounds
-        # (at most a window: the stream then holds at most two, a window
-        # buffered or in flight and the batch being written). Only the first
+        # (at most a window: the stream then holds a window buffered or in
+        # flight and the batches its consumer keeps). Only the first
         # is ahead of an RPC on the connection, so this, unlike a larger
         # window, leaves the bound on what a call behind a transfer waits for
         # where it was; half a window left the sender waiting for credit
@@ -146,7 +188,8 @@ class IncomingStream(InboundStream):
         if early:
             self.pending_cost -= early
             self.taken_cost += early
-            self.ahead = early
+            self.ahead += early
+        return early
 
     async def _gather(self, at_least: int, patience: float) -> None:
         # All credit back first: the cap on at_least assumes the sender has it.

@@ -41,8 +41,9 @@ _TAMPERED = (
 #: reusable mapped buffers (bulk data); smaller ones into fresh ``bytes``.
 MAPPED_MIN = 64 * 1024
 #: Mapped buffers an opener keeps for reuse: a 4 MiB window of 1 MiB records
-#: in flight, the one being opened, and some slack.
-MAPPED_KEEP = 8
+#: in flight, a receiver's two 2 MiB batches being written or queued (see
+#: ``conduit.transfer._write_behind``), the one being opened, and slack.
+MAPPED_KEEP = 12
 
 
 def anonymous_buffer(size: int) -> mmap.mmap:

@@ -25,7 +25,7 @@ streams into and out of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -162,6 +162,8 @@ class LocalSink:
     def __init__(self, partial: PartialFile) -> None:
         """Wrap an open partial file."""
         self.partial = partial
+        #: What a writing thread calls (see :func:`~._engine.receive_file`).
+        self.blocking_write: Callable[[Sequence[Buffer]], None] | None = partial.write_chunks
 
     @property
     def offset(self) -> int:

@@ -137,6 +137,9 @@ class StoreSink:
         self.finished = False
         #: Published (counted as such by the backend once released).
         self.published = False
+        #: None: parts go to the store from the event loop, so each batch's
+        #: write is awaited (see :func:`~._engine.receive_file`).
+        self.blocking_write: Callable[[Sequence[Buffer]], None] | None = None
 
     @property
     def offset(self) -> int:

@@ -5,12 +5,14 @@ sender) or whatever the credit window delivered (the receiver), so the event
 loop never waits on the disk and a thread hop is paid per block, not per
 chunk. The sender's worker step reads a block straight into DATA frames laid
 out as records (:func:`~conduit.protocol.data_runs.lay_out`) and hashes it, so
-the event loop only seals and sends; the receiver's worker step writes a batch
-with one ``pwritev`` and hashes it. ``hashlib`` releases the GIL on large
-buffers, so hashing overlaps the event loop's work too. Memory is bounded by
-the credit window (plus the batch, at most a window, whose credit the
-receiver returns before writing it) and the connection's send buffer,
-whatever the file size.
+the event loop only seals and sends; the receiver's writer thread writes each
+batch with one ``pwritev`` and hashes it, and takes the next batch, queued
+meanwhile, without waiting for the event loop (:mod:`._write_behind`).
+``hashlib`` releases the GIL on large buffers, so hashing overlaps the event
+loop's work too. Memory is bounded by the credit window (plus the two
+batches, each at most a window, whose credit the receiver returns before
+writing them, within the connection's receive budget) and the connection's
+send buffer, whatever the file size.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import contextlib
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -33,6 +35,7 @@ from ..protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._wire import Trailer
+from ._write_behind import WriteBehind
 
 #: Bytes read (and hashed) per worker-thread call on the sending side: two
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
@@ -96,6 +99,11 @@ class BlockWriter(Protocol):
     async def write(self, chunks: Sequence[Buffer]) -> None:
         """Append ``chunks`` at :attr:`offset`."""
         ...
+
+    #: The same append as a blocking call a worker thread may make, for
+    #: :func:`receive_file` to write behind (:mod:`._write_behind`); None
+    #: where only :meth:`write` can append (it is awaited per batch).
+    blocking_write: Callable[[Sequence[Buffer]], None] | None
 
 
 def _read_records(
@@ -305,45 +313,85 @@ async def receive_file(
     """Write the stream into ``partial`` until its END; return the sender's trailer.
 
     Refuses (``size_mismatch``) a sender that sends more than it announced.
-    Cancelled (the connection went away), it first writes what had arrived and
-    was not written yet, so that a resume starts after it.
+    Where the sink has a blocking append, a thread of the transfer's own
+    writes each batch while the next one is taken (:class:`WriteBehind`);
+    else each batch's write is awaited. Either way nothing is left writing
+    when this returns or raises. Cancelled (the connection went away), it
+    first writes what had arrived and was not written yet, so that a resume
+    starts after it.
     """
-    written = 0
-    # The batch taken from the stream and not yet written, and the sink's
-    # offset before its write (for _keep_arrived).
-    unwritten: list[Buffer] = []
-    offset = partial.offset
+    start = partial.offset
+    # Bytes taken from the stream so far, and the batch taken but not yet
+    # handed to the sink (for _keep_arrived).
+    taken = 0
+    unqueued: list[Buffer] = []
+    reported = 0
+    behind = (
+        WriteBehind.start(partial.blocking_write, stream.release)
+        if partial.blocking_write is not None
+        else None
+    )
     try:
         while True:
             # Batches only once the stream has shown it is bulk: a short stream,
             # or the start of a long one, is written as it comes, so a connection
             # cut early still leaves what arrived in the partial file for a resume.
-            batch = WRITE_BATCH if written >= WRITE_BATCH else 0
+            batch = WRITE_BATCH if taken >= WRITE_BATCH else 0
+            if behind is not None:
+                # Taken only once the writer has room for it: the stream and
+                # this side then hold at most a window and two batches.
+                await behind.wait_for_room()
             # ahead: the batch's credit goes back before it is written, so the
-            # sender keeps sending while this side writes (bounded: see receive).
-            chunks, raw_trailer = await stream.receive(batch, patience=WRITE_PATIENCE, ahead=True)
+            # sender keeps sending while this side writes; keep: it stays
+            # counted against the connection's budget until stream.release()
+            # says it was written (bounded: see IncomingStream.receive).
+            chunks, raw_trailer = await stream.receive(
+                batch, patience=WRITE_PATIENCE, ahead=True, keep=True
+            )
             if chunks:
-                amount = sum(len(chunk) for chunk in chunks)
-                written += amount
-                if partial.offset + amount > size:
+                amount = _length(chunks)
+                if start + taken + amount > size:
                     raise TransferError(
                         f"the sender sent more than the {size} bytes it announced",
                         "size_mismatch",
                     )
-                unwritten, offset = chunks, partial.offset
-                await partial.write(chunks)
-                # Written: drop the views now, not when the next batch replaces
-                # them, so the decrypted records they pin can be reused while we
-                # wait (else up to a window more of fresh record buffers).
-                unwritten = []
+                taken += amount
+                unqueued = chunks
+                if behind is None:
+                    await partial.write(chunks)
+                    stream.release()
+                else:
+                    await behind.put(chunks)
+                # Handed over: drop the views now, not when the next batch
+                # replaces them, so the decrypted records they pin can be
+                # reused once written (else up to a window more of fresh
+                # record buffers).
+                unqueued = []
                 del chunks
-                await reporter.advance(amount)
+            if raw_trailer is not None and behind is not None:
+                await behind.drain()
+            written = taken if behind is None else behind.bytes_written
+            if written > reported:
+                await reporter.advance(written - reported)
+                reported = written
             if raw_trailer is not None:
                 return Trailer.unpack(raw_trailer)
     except trio.Cancelled:
         with trio.CancelScope(shield=True):
-            await _keep_arrived(stream, partial, size, unwritten, offset)
+            if behind is not None:
+                await behind.settle()
+            await _keep_arrived(stream, partial, size, unqueued, start + taken - _length(unqueued))
         raise
+    finally:
+        if behind is not None:
+            behind.close()
+            # The sink must not be closed or discarded under a write.
+            with trio.CancelScope(shield=True):
+                await behind.settle()
+
+
+def _length(chunks: Sequence[Buffer]) -> int:
+    return sum(len(chunk) for chunk in chunks)
 
 
 async def _keep_arrived(
@@ -355,13 +403,14 @@ async def _keep_arrived(
 ) -> None:
     # Bytes that arrived (decrypted and authenticated, in order) but were not
     # written when the receive was cancelled: with credit returned before a
-    # write, up to two windows. Written now, a resume need not fetch
-    # them again. Only if the interrupted batch did not reach the sink at all
-    # (a sink that may have written part of it is left as it is).
-    if unwritten and partial.offset != offset:
+    # write, up to a window and the batches kept. Written now, a resume need
+    # not fetch them again. Only if the sink is at ``offset``, where
+    # everything handed to it ends (a sink that may have written part of the
+    # interrupted batch, or failed a write, is left as it is).
+    if partial.offset != offset:
         return
     chunks = [*unwritten, *stream.chunks]
-    if not chunks or partial.offset + sum(map(len, chunks)) > size:
+    if not chunks or partial.offset + _length(chunks) > size:
         return
     # A failure here (a full disk) must not hide the cancellation.
     with contextlib.suppress(Exception):

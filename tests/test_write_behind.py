@@ -1,0 +1,226 @@
+"""The receiver's write-behind thread (``conduit.transfer._write_behind``) and its use.
+
+A :class:`WriteBehind` must write every batch in order, in a real thread,
+report each one written (in order) to the Trio side, keep at most
+``WRITE_DEPTH`` batches queued or being written, surface a write's failure and
+write nothing after it, leave nothing writing once settled, and give its
+thread back. A transfer that finds no write-behind thread free writes with a
+hop per batch and moves the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from conduit import FileTransferHandler
+from conduit.protocol.connection import Buffer
+from conduit.transfer import _write_behind
+from conduit.transfer._write_behind import WRITE_DEPTH, WriteBehind
+from conftest import ClientFactory, ServerFactory
+from transfer_helpers import storage_server
+
+MiB = 1024 * 1024
+
+
+class _Sink:
+    """A blocking append that records what it wrote, and in which thread;
+    ``gate`` (when set) holds each write until the test opens it."""
+
+    def __init__(self, *, gated: bool = False, fail_at: int | None = None) -> None:
+        self.data = bytearray()
+        self.threads: set[int] = set()
+        self.calls = 0
+        self.gate: threading.Semaphore | None = threading.Semaphore(0) if gated else None
+        self.fail_at = fail_at
+
+    def write(self, chunks: Sequence[Buffer]) -> None:
+        if self.gate is not None:
+            assert self.gate.acquire(timeout=10), "the test never opened the gate"
+        self.threads.add(threading.get_ident())
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(28, "No space left on device")
+        for chunk in chunks:
+            self.data += chunk
+
+
+async def _until(condition: object, seconds: float = 10.0) -> None:
+    """Wait (real time: the writer is a real thread) until ``condition()`` holds, bounded."""
+    with trio.fail_after(seconds):
+        for _ in range(int(seconds / 0.005) + 1):
+            if condition():  # type: ignore[operator]
+                return
+            await trio.sleep(0.005)
+
+
+async def test_batches_are_written_in_order_in_one_other_thread() -> None:
+    sink = _Sink()
+    released: list[int] = []
+    behind = WriteBehind.start(sink.write, lambda: released.append(len(released)))
+    assert behind is not None
+    batches = [[os.urandom(1000), os.urandom(10)] for _ in range(20)]
+    try:
+        for batch in batches:
+            await behind.put(batch)
+        await behind.drain()
+    finally:
+        behind.close()
+        await behind.settle()
+    assert bytes(sink.data) == b"".join(b"".join(batch) for batch in batches)
+    assert released == list(range(20))  # one release per batch, after its write
+    assert behind.bytes_written == len(sink.data)
+    assert len(sink.threads) == 1 and threading.get_ident() not in sink.threads
+
+
+async def test_at_most_write_depth_batches_are_queued_or_being_written() -> None:
+    """While the sink holds its first write, ``WRITE_DEPTH`` batches are let in
+    and the next waits for room; it goes in once a write finished."""
+    sink = _Sink(gated=True)
+    behind = WriteBehind.start(sink.write, lambda: None)
+    assert behind is not None
+    assert sink.gate is not None
+    try:
+        for number in range(WRITE_DEPTH):
+            await behind.put([bytes([number])])
+        assert behind.outstanding == WRITE_DEPTH
+        with trio.move_on_after(0.2) as waited:
+            await behind.put([b"late"])
+        assert waited.cancelled_caught  # no room: put() waited, and was not queued
+        sink.gate.release()  # the first write may finish
+        with trio.fail_after(10):
+            await behind.put([b"next"])
+        for _ in range(WRITE_DEPTH):
+            sink.gate.release()
+        await behind.drain()
+    finally:
+        behind.close()
+        await behind.settle()
+    assert bytes(sink.data) == bytes(range(WRITE_DEPTH)) + b"next"
+
+
+async def test_a_failed_write_is_raised_and_nothing_is_written_after_it() -> None:
+    sink = _Sink(fail_at=2)
+    released: list[None] = []
+    behind = WriteBehind.start(sink.write, lambda: released.append(None))
+    assert behind is not None
+    try:
+        await behind.put([b"first"])
+        await behind.put([b"second"])  # fails in the thread
+        await _until(lambda: behind.outstanding == 0)
+        with pytest.raises(OSError, match="No space"):
+            await behind.put([b"third"])
+        with pytest.raises(OSError, match="No space"):
+            await behind.drain()
+    finally:
+        behind.close()
+        await behind.settle()
+    assert bytes(sink.data) == b"first"
+    assert sink.calls == 2
+    assert len(released) == 1  # the failed batch was not released as written
+    assert behind.bytes_written == len(b"first")
+
+
+async def test_batches_queued_behind_a_failure_are_skipped() -> None:
+    sink = _Sink(gated=True, fail_at=1)
+    assert sink.gate is not None
+    behind = WriteBehind.start(sink.write, lambda: None)
+    assert behind is not None
+    try:
+        await behind.put([b"fails"])
+        await behind.put([b"queued behind it"])
+        sink.gate.release()
+        sink.gate.release()
+        await behind.settle()  # settles, whatever happened
+        assert behind.outstanding == 0
+        with pytest.raises(OSError):
+            await behind.drain()
+    finally:
+        behind.close()
+        await behind.settle()
+    assert sink.data == b"" and sink.calls == 1
+
+
+async def test_the_thread_is_given_back_and_the_run_limit_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At most ``WRITE_BEHIND_THREADS`` writers per run: one more gets None
+    (its transfer writes with a hop per batch); a writer closed gives its
+    thread back, and the next one gets it."""
+    monkeypatch.setattr(_write_behind, "WRITE_BEHIND_THREADS", 2)
+    sinks = [_Sink() for _ in range(3)]
+    first = WriteBehind.start(sinks[0].write, lambda: None)
+    second = WriteBehind.start(sinks[1].write, lambda: None)
+    assert first is not None and second is not None
+    assert WriteBehind.start(sinks[2].write, lambda: None) is None
+    for behind in (first, second):
+        await behind.put([b"x"])
+        behind.close()
+        await behind.settle()
+    third: WriteBehind | None = None
+
+    def started() -> bool:
+        nonlocal third
+        third = third or WriteBehind.start(sinks[2].write, lambda: None)
+        return third is not None
+
+    await _until(started)
+    assert third is not None
+    await third.put([b"y"])
+    third.close()
+    await third.settle()
+    assert sinks[2].data == b"y"
+
+
+@pytest.mark.parametrize("threads", [16, 0])
+async def test_a_transfer_writes_the_same_bytes_with_or_without_a_writer_thread(
+    tmp_path: Path,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+) -> None:
+    """An upload and a download of several batches: with write-behind threads
+    (the default) and with none free (each batch's write awaited), both
+    sides end with the source's bytes, and no writer thread is left."""
+    monkeypatch.setattr(_write_behind, "WRITE_BEHIND_THREADS", threads)
+    writers: list[WriteBehind | None] = []
+    real_start = WriteBehind.start.__func__  # type: ignore[attr-defined]
+
+    def start(cls: type[WriteBehind], *args: object) -> WriteBehind | None:
+        writers.append(real_start(cls, *args))
+        return writers[-1]
+
+    monkeypatch.setattr(WriteBehind, "start", classmethod(start))
+    source = tmp_path / "source.bin"
+    payload = os.urandom(9 * MiB + 12345)
+    source.write_bytes(payload)
+    downloads = tmp_path / "down"
+    downloads.mkdir()
+    with trio.fail_after(60):
+        _handler, server = await storage_server(server_factory, tmp_path / "store")
+        client = await client_factory(server.port)
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+        sent = await transfer.send_to_server(client, str(source))
+        assert sent["success"], sent
+        got = await transfer.receive_from_server(client, "source.bin", local_dir=str(downloads))
+        assert got["success"], got
+        await _until(lambda: not _writer_threads())
+    # One receiver each way (the server's for the upload, ours for the download).
+    assert len(writers) == 2
+    assert all(writer is not None for writer in writers) == bool(threads)
+    assert any(writer is not None for writer in writers) == bool(threads)
+    expected = hashlib.sha256(payload).hexdigest()
+    for copy in (tmp_path / "store" / "source.bin", downloads / "source.bin"):
+        assert hashlib.sha256(copy.read_bytes()).hexdigest() == expected
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "conduit write-behind"]
