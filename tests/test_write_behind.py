@@ -148,6 +148,26 @@ async def test_batches_queued_behind_a_failure_are_skipped() -> None:
     assert sink.data == b"" and sink.calls == 1
 
 
+async def test_a_failing_report_is_the_transfers_failure_not_the_runs() -> None:
+    """``written()`` runs outside any task (through the Trio token): what it
+    raises is raised by the writer's next call, and the run goes on."""
+    sink = _Sink()
+
+    def written() -> None:
+        raise RuntimeError("the stream could not take its credit back")
+
+    behind = WriteBehind.start(sink.write, written)
+    assert behind is not None
+    try:
+        await behind.put([b"data"])
+        with pytest.raises(RuntimeError, match="credit back"):
+            await behind.drain()
+    finally:
+        behind.close()
+        await behind.settle()
+    assert sink.data == b"data"
+
+
 async def test_the_thread_is_given_back_and_the_run_limit_holds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -313,30 +313,35 @@ async def receive_file(
     """Write the stream into ``partial`` until its END; return the sender's trailer.
 
     Refuses (``size_mismatch``) a sender that sends more than it announced.
-    Where the sink has a blocking append, a thread of the transfer's own
+    Once the stream has shown it is bulk (:data:`WRITE_BATCH` taken), and
+    where the sink has a blocking append, a thread of the transfer's own
     writes each batch while the next one is taken (:class:`WriteBehind`);
-    else each batch's write is awaited. Either way nothing is left writing
-    when this returns or raises. Cancelled (the connection went away), it
-    first writes what had arrived and was not written yet, so that a resume
-    starts after it.
+    before that, and for other sinks, each batch's write is awaited. Either
+    way nothing is left writing when this returns or raises. Cancelled (the
+    connection went away), it first writes what had arrived and was not
+    written yet, so that a resume starts after it.
     """
     start = partial.offset
     # Bytes taken from the stream so far, and the batch taken but not yet
     # handed to the sink (for _keep_arrived).
     taken = 0
     unqueued: list[Buffer] = []
-    reported = 0
-    behind = (
-        WriteBehind.start(partial.blocking_write, stream.release)
-        if partial.blocking_write is not None
-        else None
-    )
+    # Bytes written by awaited writes (the writer thread counts its own), and
+    # reported as progress.
+    awaited = reported = 0
+    behind: WriteBehind | None = None
+    # Until a writer thread was asked for (once the stream is bulk).
+    blocking_write = partial.blocking_write
     try:
         while True:
             # Batches only once the stream has shown it is bulk: a short stream,
             # or the start of a long one, is written as it comes, so a connection
             # cut early still leaves what arrived in the partial file for a resume.
+            # A writer thread only then too: a short or stalled stream holds none.
             batch = WRITE_BATCH if taken >= WRITE_BATCH else 0
+            if batch and blocking_write is not None:
+                behind = WriteBehind.start(blocking_write, stream.release)
+                blocking_write = None
             if behind is not None:
                 # Taken only once the writer has room for it: the stream and
                 # this side then hold at most a window and two batches.
@@ -360,6 +365,7 @@ async def receive_file(
                 if behind is None:
                     await partial.write(chunks)
                     stream.release()
+                    awaited += amount
                 else:
                     await behind.put(chunks)
                 # Handed over: drop the views now, not when the next batch
@@ -370,7 +376,7 @@ async def receive_file(
                 del chunks
             if raw_trailer is not None and behind is not None:
                 await behind.drain()
-            written = taken if behind is None else behind.bytes_written
+            written = awaited + (behind.bytes_written if behind is not None else 0)
             if written > reported:
                 await reporter.advance(written - reported)
                 reported = written

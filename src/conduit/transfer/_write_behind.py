@@ -161,14 +161,15 @@ class WriteBehind:
                 return
 
     def _batch_done(self, result: outcome.Outcome[Any], count: int) -> None:
-        # In the Trio thread, in the order the batches were written.
+        # In the Trio thread, in the order the batches were written. Outside
+        # any task: an exception escaping here would crash the whole run, so
+        # the callback's is the transfer's failure instead.
         self.outstanding -= 1
-        if isinstance(result, outcome.Error):
-            if self._failure is None:
-                self._failure = result.error
-        elif count:
+        if isinstance(result, outcome.Value) and count:
             self.bytes_written += count
-            self._written()
+            result = outcome.capture(self._written)
+        if isinstance(result, outcome.Error) and self._failure is None:
+            self._failure = result.error
         self._done.unpark_all()
 
     def _thread_ended(self, result: outcome.Outcome[Any]) -> None:
