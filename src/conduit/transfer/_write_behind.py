@@ -9,10 +9,10 @@ cores, that was about a tenth of a download (docs/benchmarks.md, "Bulk: the
 writer that never waits for the loop"), and the writing thread is the one
 that sets the pace of a download: it hashes and writes every byte.
 
-:class:`WriteBehind` keeps one thread for the whole transfer and a queue of
-at most :data:`WRITE_DEPTH` batches: the consumer queues the next batch while
-the thread writes the current one, and the thread takes it as soon as it is
-done. Each batch written is reported back through the Trio token, in order
+:class:`WriteBehind` keeps one thread for the rest of the transfer (from the
+point the stream shows it is bulk) and a queue of at most :data:`WRITE_DEPTH`
+batches: the consumer queues the next batch while the thread writes the
+current one, and the thread takes it as soon as it is done. Each batch written is reported back through the Trio token, in order
 (the stream then returns its credit: see ``IncomingStream.receive(keep=True)``).
 Threads come from Trio's thread cache, at most :data:`WRITE_BEHIND_THREADS`
 per Trio run; a transfer that finds none free writes with a hop per batch,
@@ -36,7 +36,7 @@ from ..protocol.connection import Buffer
 #: so the stream holds at most its window and two batches.
 WRITE_DEPTH = 2
 #: Transfers of one Trio run that write behind at once, each with a thread of
-#: its own for as long as it lasts; more write with a hop per batch.
+#: its own from its first bulk batch to its end; more write with a hop per batch.
 WRITE_BEHIND_THREADS = 16
 
 _THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
