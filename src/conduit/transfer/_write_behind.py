@@ -12,11 +12,11 @@ that sets the pace of a download: it hashes and writes every byte.
 :class:`WriteBehind` keeps one thread for the rest of the transfer (from the
 point the stream shows it is bulk) and a queue of at most :data:`WRITE_DEPTH`
 batches: the consumer queues the next batch while the thread writes the
-current one, and the thread takes it as soon as it is done. Each batch written is reported back through the Trio token, in order
-(the stream then returns its credit: see ``IncomingStream.receive(keep=True)``).
-Threads come from Trio's thread cache, at most :data:`WRITE_BEHIND_THREADS`
-per Trio run; a transfer that finds none free writes with a hop per batch,
-as before.
+current one, and the thread takes it as soon as it is done. Each batch
+written is reported back through the Trio token, in order (the stream then
+returns its credit: see ``IncomingStream.receive(keep=True)``). Threads come
+from Trio's thread cache, at most :data:`WRITE_BEHIND_THREADS` per Trio run;
+a transfer that finds none free writes with a hop per batch, as before.
 """
 
 from __future__ import annotations
