@@ -23,6 +23,7 @@ import trio.testing
 from conduit import FileTransferHandler
 from conduit.protocol.connection import Buffer
 from conduit.transfer import _write_behind
+from conduit.transfer._storage import PartialFile
 from conduit.transfer._write_behind import WRITE_DEPTH, WriteBehind
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import storage_server
@@ -50,6 +51,19 @@ class _Sink:
             raise OSError(28, "No space left on device")
         for chunk in chunks:
             self.data += chunk
+
+
+def _record_writers(monkeypatch: pytest.MonkeyPatch) -> list[WriteBehind | None]:
+    """What each ``WriteBehind.start`` returns from now on (None: no thread was free)."""
+    writers: list[WriteBehind | None] = []
+    real_start = WriteBehind.start.__func__  # type: ignore[attr-defined]
+
+    def start(cls: type[WriteBehind], *args: object) -> WriteBehind | None:
+        writers.append(real_start(cls, *args))
+        return writers[-1]
+
+    monkeypatch.setattr(WriteBehind, "start", classmethod(start))
+    return writers
 
 
 async def _until(condition: object, seconds: float = 10.0) -> None:
@@ -211,14 +225,7 @@ async def test_a_transfer_writes_the_same_bytes_with_or_without_a_writer_thread(
     (the default) and with none free (each batch's write awaited), both
     sides end with the source's bytes, and no writer thread is left."""
     monkeypatch.setattr(_write_behind, "WRITE_BEHIND_THREADS", threads)
-    writers: list[WriteBehind | None] = []
-    real_start = WriteBehind.start.__func__  # type: ignore[attr-defined]
-
-    def start(cls: type[WriteBehind], *args: object) -> WriteBehind | None:
-        writers.append(real_start(cls, *args))
-        return writers[-1]
-
-    monkeypatch.setattr(WriteBehind, "start", classmethod(start))
+    writers = _record_writers(monkeypatch)
     source = tmp_path / "source.bin"
     payload = os.urandom(9 * MiB + 12345)
     source.write_bytes(payload)
@@ -244,3 +251,51 @@ async def test_a_transfer_writes_the_same_bytes_with_or_without_a_writer_thread(
 
 def _writer_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name == "conduit write-behind"]
+
+
+async def test_a_transfer_finds_no_writer_free_and_still_completes(
+    tmp_path: Path,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one writer thread per run, held by an upload whose writes are
+    stuck (a stalled disk, or a peer that stopped sending), a second upload
+    gets none: it writes with a hop per batch and completes while the first
+    still holds the thread; the first completes once its writes go on."""
+    monkeypatch.setattr(_write_behind, "WRITE_BEHIND_THREADS", 1)
+    writers = _record_writers(monkeypatch)
+    stuck = threading.Event()
+    real_write = PartialFile.write_chunks
+
+    def write_chunks(self: PartialFile, chunks: Sequence[Buffer]) -> None:
+        # Only the writer thread's writes are stuck, until the gate opens.
+        if threading.current_thread().name == "conduit write-behind":
+            assert stuck.wait(timeout=30), "the test never opened the gate"
+        real_write(self, chunks)
+
+    monkeypatch.setattr(PartialFile, "write_chunks", write_chunks)
+    payloads = {name: os.urandom(9 * MiB + number) for number, name in enumerate("ab")}
+    for name, payload in payloads.items():
+        (tmp_path / f"{name}.bin").write_bytes(payload)
+    results: dict[str, dict[str, object]] = {}
+    with trio.fail_after(60):
+        _handler, server = await storage_server(server_factory, tmp_path / "store")
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        async def upload(name: str) -> None:
+            client = await client_factory(server.port)
+            results[name] = await transfer.send_to_server(client, str(tmp_path / f"{name}.bin"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload, "a")
+            nursery.start_soon(upload, "b")
+            await _until(lambda: len(results) == 1)  # one finished, one is stuck
+            assert len(writers) == 2 and writers.count(None) == 1
+            held = next(writer for writer in writers if writer is not None)
+            # The upload with the thread is the one still going, its writes held.
+            assert held.outstanding > 0 and len(results) == 1
+            stuck.set()
+    assert all(result["success"] for result in results.values()), results
+    for name, payload in payloads.items():
+        assert (tmp_path / "store" / f"{name}.bin").read_bytes() == payload
