@@ -10,10 +10,11 @@ hop per batch and moves the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,20 @@ class _Sink:
             self.data += chunk
 
 
+@contextlib.asynccontextmanager
+async def _writer(
+    write: Callable[[Sequence[Buffer]], None], written: Callable[[], None] = lambda: None
+) -> AsyncIterator[WriteBehind]:
+    """A started :class:`WriteBehind`, closed and settled on the way out."""
+    behind = WriteBehind.start(write, written)
+    assert behind is not None
+    try:
+        yield behind
+    finally:
+        behind.close()
+        await behind.settle()
+
+
 def _record_writers(monkeypatch: pytest.MonkeyPatch) -> list[WriteBehind | None]:
     """What each ``WriteBehind.start`` returns from now on (None: no thread was free)."""
     writers: list[WriteBehind | None] = []
@@ -78,16 +93,11 @@ async def _until(condition: object, seconds: float = 10.0) -> None:
 async def test_batches_are_written_in_order_in_one_other_thread() -> None:
     sink = _Sink()
     released: list[int] = []
-    behind = WriteBehind.start(sink.write, lambda: released.append(len(released)))
-    assert behind is not None
     batches = [[os.urandom(1000), os.urandom(10)] for _ in range(20)]
-    try:
+    async with _writer(sink.write, lambda: released.append(len(released))) as behind:
         for batch in batches:
             await behind.put(batch)
         await behind.drain()
-    finally:
-        behind.close()
-        await behind.settle()
     assert bytes(sink.data) == b"".join(b"".join(batch) for batch in batches)
     assert released == list(range(20))  # one release per batch, after its write
     assert behind.bytes_written == len(sink.data)
@@ -98,10 +108,8 @@ async def test_at_most_write_depth_batches_are_queued_or_being_written() -> None
     """While the sink holds its first write, ``WRITE_DEPTH`` batches are let in
     and the next waits for room; it goes in once a write finished."""
     sink = _Sink(gated=True)
-    behind = WriteBehind.start(sink.write, lambda: None)
-    assert behind is not None
     assert sink.gate is not None
-    try:
+    async with _writer(sink.write) as behind:
         for number in range(WRITE_DEPTH):
             await behind.put([bytes([number])])
         assert behind.outstanding == WRITE_DEPTH
@@ -114,18 +122,13 @@ async def test_at_most_write_depth_batches_are_queued_or_being_written() -> None
         for _ in range(WRITE_DEPTH):
             sink.gate.release()
         await behind.drain()
-    finally:
-        behind.close()
-        await behind.settle()
     assert bytes(sink.data) == bytes(range(WRITE_DEPTH)) + b"next"
 
 
 async def test_a_failed_write_is_raised_and_nothing_is_written_after_it() -> None:
     sink = _Sink(fail_at=2)
     released: list[None] = []
-    behind = WriteBehind.start(sink.write, lambda: released.append(None))
-    assert behind is not None
-    try:
+    async with _writer(sink.write, lambda: released.append(None)) as behind:
         await behind.put([b"first"])
         await behind.put([b"second"])  # fails in the thread
         await _until(lambda: behind.outstanding == 0)
@@ -133,9 +136,6 @@ async def test_a_failed_write_is_raised_and_nothing_is_written_after_it() -> Non
             await behind.put([b"third"])
         with pytest.raises(OSError, match="No space"):
             await behind.drain()
-    finally:
-        behind.close()
-        await behind.settle()
     assert bytes(sink.data) == b"first"
     assert sink.calls == 2
     assert len(released) == 1  # the failed batch was not released as written
@@ -145,9 +145,7 @@ async def test_a_failed_write_is_raised_and_nothing_is_written_after_it() -> Non
 async def test_batches_queued_behind_a_failure_are_skipped() -> None:
     sink = _Sink(gated=True, fail_at=1)
     assert sink.gate is not None
-    behind = WriteBehind.start(sink.write, lambda: None)
-    assert behind is not None
-    try:
+    async with _writer(sink.write) as behind:
         await behind.put([b"fails"])
         await behind.put([b"queued behind it"])
         sink.gate.release()
@@ -156,9 +154,6 @@ async def test_batches_queued_behind_a_failure_are_skipped() -> None:
         assert behind.outstanding == 0
         with pytest.raises(OSError):
             await behind.drain()
-    finally:
-        behind.close()
-        await behind.settle()
     assert sink.data == b"" and sink.calls == 1
 
 
@@ -170,15 +165,10 @@ async def test_a_failing_report_is_the_transfers_failure_not_the_runs() -> None:
     def written() -> None:
         raise RuntimeError("the stream could not take its credit back")
 
-    behind = WriteBehind.start(sink.write, written)
-    assert behind is not None
-    try:
+    async with _writer(sink.write, written) as behind:
         await behind.put([b"data"])
         with pytest.raises(RuntimeError, match="credit back"):
             await behind.drain()
-    finally:
-        behind.close()
-        await behind.settle()
     assert sink.data == b"data"
 
 

@@ -126,8 +126,7 @@ class WriteBehind:
 
     async def drain(self) -> None:
         """Wait until every batch queued was written; raise what a write raised."""
-        while self.outstanding:
-            await self._done.park()
+        await self.settle()
         if self._failure is not None:
             raise self._failure
 
