@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -23,7 +25,7 @@ import trio.testing
 
 from conduit import FileTransferHandler
 from conduit.protocol.connection import Buffer
-from conduit.transfer import _write_behind
+from conduit.transfer import _engine, _write_behind
 from conduit.transfer._storage import PartialFile
 from conduit.transfer._write_behind import WRITE_DEPTH, WriteBehind
 from conftest import ClientFactory, ServerFactory
@@ -230,8 +232,9 @@ async def test_a_transfer_writes_the_same_bytes_with_or_without_a_writer_thread(
         got = await transfer.receive_from_server(client, "source.bin", local_dir=str(downloads))
         assert got["success"], got
         await _until(lambda: not _writer_threads())
-    # One receiver each way (the server's for the upload, ours for the download).
-    assert len(writers) == 2
+    # One receiver each way (the server's for the upload, ours for the download);
+    # with none free, each asks again after every batch.
+    assert len(writers) == 2 if threads else len(writers) >= 2
     assert all(writer is not None for writer in writers) == bool(threads)
     assert any(writer is not None for writer in writers) == bool(threads)
     expected = hashlib.sha256(payload).hexdigest()
@@ -281,7 +284,8 @@ async def test_a_transfer_finds_no_writer_free_and_still_completes(
             nursery.start_soon(upload, "a")
             nursery.start_soon(upload, "b")
             await _until(lambda: len(results) == 1)  # one finished, one is stuck
-            assert len(writers) == 2 and writers.count(None) == 1
+            # One got the thread; the other asked again after each batch, in vain.
+            assert len(writers) >= 2 and len([w for w in writers if w is not None]) == 1
             held = next(writer for writer in writers if writer is not None)
             # The upload with the thread is the one still going, its writes held.
             assert held.outstanding > 0 and len(results) == 1
@@ -289,3 +293,60 @@ async def test_a_transfer_finds_no_writer_free_and_still_completes(
     assert all(result["success"] for result in results.values()), results
     for name, payload in payloads.items():
         assert (tmp_path / "store" / f"{name}.bin").read_bytes() == payload
+
+
+async def test_a_stalled_sender_gives_its_writer_thread_back(
+    tmp_path: Path,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With one writer thread per run: an upload whose sender stops after
+    4 MiB holds the thread only until its stream has brought nothing for
+    ``WRITE_BEHIND_IDLE``; a second upload then gets it and completes while
+    the first is still stalled; the first completes once its sender goes on,
+    and asks for a thread again."""
+    monkeypatch.setattr(_write_behind, "WRITE_BEHIND_THREADS", 1)
+    writers = _record_writers(monkeypatch)
+    go_on = threading.Event()
+    reads: dict[str, int] = {}
+    real_read = _engine._read_records
+
+    def read_records(file: io.FileIO, *args: Any) -> Any:
+        # The stalled upload's third read (4 MiB sent) waits for the gate.
+        name = inodes[os.fstat(file.fileno()).st_ino]
+        reads[name] = reads.get(name, 0) + 1
+        if name == "stalls.bin" and reads[name] == 3:
+            assert go_on.wait(timeout=30), "the test never let the sender go on"
+        return real_read(file, *args)
+
+    monkeypatch.setattr(_engine, "_read_records", read_records)
+    payloads = {name: os.urandom(9 * MiB + len(name)) for name in ("stalls.bin", "flows.bin")}
+    for name, payload in payloads.items():
+        (tmp_path / name).write_bytes(payload)
+    inodes = {(tmp_path / name).stat().st_ino: name for name in payloads}
+    results: dict[str, dict[str, object]] = {}
+    with trio.fail_after(60):
+        _handler, server = await storage_server(server_factory, tmp_path / "store")
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+
+        async def upload(name: str) -> None:
+            client = await client_factory(server.port)
+            results[name] = await transfer.send_to_server(client, str(tmp_path / name))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upload, "stalls.bin")
+            await _until(lambda: reads.get("stalls.bin", 0) == 3 and len(writers) == 1)
+            assert writers[0] is not None  # it had the run's one thread...
+            limiter = _write_behind._threads()
+            await _until(lambda: limiter.borrowed_tokens == 0)  # ...and gave it back
+            assert not results
+            stalled_writers = len(writers)
+            await upload("flows.bin")
+            assert not go_on.is_set() and "stalls.bin" not in results
+            assert any(writer is not None for writer in writers[stalled_writers:])
+            go_on.set()
+    assert all(result["success"] for result in results.values()), results
+    assert len([writer for writer in writers if writer is not None]) >= 3
+    for name, payload in payloads.items():
+        assert (tmp_path / "store" / name).read_bytes() == payload

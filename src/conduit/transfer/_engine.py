@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -35,7 +36,7 @@ from ..protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
 from ._wire import Trailer
-from ._write_behind import WriteBehind
+from ._write_behind import WRITE_BEHIND_IDLE, WriteBehind
 
 #: Bytes read (and hashed) per worker-thread call on the sending side: two
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
@@ -316,32 +317,37 @@ async def receive_file(
     Once the stream has shown it is bulk (:data:`WRITE_BATCH` taken), and
     where the sink has a blocking append, a thread of the transfer's own
     writes each batch while the next one is taken (:class:`WriteBehind`);
-    before that, and for other sinks, each batch's write is awaited. Either
-    way nothing is left writing when this returns or raises. Cancelled (the
-    connection went away), it first writes what had arrived and was not
-    written yet, so that a resume starts after it.
+    before that, and for other sinks, each batch's write is awaited. The
+    thread is given back once the stream has brought nothing to write for
+    :data:`WRITE_BEHIND_IDLE` (a stalled sender holds none); a transfer
+    without one asks again each time another :data:`WRITE_BATCH` has arrived
+    (after such a spell, or when none was free). Either way nothing is
+    left writing when this returns or raises. Cancelled (the connection went
+    away), it first writes what had arrived and was not written yet, so that
+    a resume starts after it.
     """
     start = partial.offset
     # Bytes taken from the stream so far, and the batch taken but not yet
     # handed to the sink (for _keep_arrived).
     taken = 0
     unqueued: list[Buffer] = []
-    # Bytes written by awaited writes (the writer thread counts its own), and
-    # reported as progress.
+    # Bytes written by awaited writes and by writer threads given back (the
+    # current writer counts its own), and reported as progress.
     awaited = reported = 0
     behind: WriteBehind | None = None
-    # Until a writer thread was asked for (once the stream is bulk).
-    blocking_write = partial.blocking_write
+    # A writer thread is asked for once this much was taken: when the stream
+    # has shown it is bulk, and after each batch while it has none.
+    writer_from = WRITE_BATCH
     try:
         while True:
             # Batches only once the stream has shown it is bulk: a short stream,
             # or the start of a long one, is written as it comes, so a connection
             # cut early still leaves what arrived in the partial file for a resume.
-            # A writer thread only then too: a short or stalled stream holds none.
+            # A writer thread only then too: a short stream holds none.
             batch = WRITE_BATCH if taken >= WRITE_BATCH else 0
-            if batch and blocking_write is not None:
-                behind = WriteBehind.start(blocking_write, stream.release)
-                blocking_write = None
+            if behind is None and partial.blocking_write is not None and taken >= writer_from:
+                behind = WriteBehind.start(partial.blocking_write, stream.release)
+                writer_from = taken + WRITE_BATCH
             if behind is not None:
                 # Taken only once the writer has room for it: the stream and
                 # this side then hold at most a window and two batches.
@@ -349,10 +355,24 @@ async def receive_file(
             # ahead: the batch's credit goes back before it is written, so the
             # sender keeps sending while this side writes; keep: it stays
             # counted against the connection's budget until stream.release()
-            # says it was written (bounded: see IncomingStream.receive).
-            chunks, raw_trailer = await stream.receive(
-                batch, patience=WRITE_PATIENCE, ahead=True, keep=True
-            )
+            # says it was written (bounded: see IncomingStream.receive). A
+            # wait cut short leaves the stream as it was.
+            idle = WRITE_BEHIND_IDLE if behind is not None else math.inf
+            with trio.move_on_after(idle) as waiting:
+                chunks, raw_trailer = await stream.receive(
+                    batch, patience=WRITE_PATIENCE, ahead=True, keep=True
+                )
+            if waiting.cancelled_caught and behind is not None:
+                if not behind.outstanding:
+                    # Nothing came to write for that long (a stalled or slow
+                    # sender): the thread goes back to the run's few; another
+                    # is asked for once the stream brings the next batch.
+                    behind.close()
+                    await behind.drain()
+                    awaited += behind.bytes_written
+                    behind = None
+                    writer_from = taken + WRITE_BATCH
+                continue
             if chunks:
                 amount = _length(chunks)
                 if start + taken + amount > size:

@@ -9,8 +9,9 @@ cores, that was about a tenth of a download (docs/benchmarks.md, "Bulk: the
 writer that never waits for the loop"), and the writing thread is the one
 that sets the pace of a download: it hashes and writes every byte.
 
-:class:`WriteBehind` keeps one thread for the rest of the transfer (from the
-point the stream shows it is bulk) and a queue of at most :data:`WRITE_DEPTH`
+:class:`WriteBehind` keeps one thread while the transfer's data flows (from
+the point the stream shows it is bulk until the stream has brought nothing
+for :data:`WRITE_BEHIND_IDLE`) and a queue of at most :data:`WRITE_DEPTH`
 batches: the consumer queues the next batch while the thread writes the
 current one, and the thread takes it as soon as it is done. Each batch
 written is reported back through the Trio token, in order (the stream then
@@ -36,8 +37,14 @@ from ..protocol.connection import Buffer
 #: so the stream holds at most its window and two batches.
 WRITE_DEPTH = 2
 #: Transfers of one Trio run that write behind at once, each with a thread of
-#: its own from its first bulk batch to its end; more write with a hop per batch.
+#: its own while its data flows; more write with a hop per batch.
 WRITE_BEHIND_THREADS = 16
+
+#: Seconds a transfer's stream may bring nothing to write (its writer thread
+#: idle) before the thread goes back to the run's few: a sender that stalls
+#: holds none. Much longer than a batch takes to arrive at bulk speed (a few
+#: milliseconds), so a stream that flows keeps its thread.
+WRITE_BEHIND_IDLE = 0.5
 
 _THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
     "conduit_write_behind_threads"
