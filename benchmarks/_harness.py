@@ -299,13 +299,25 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def thread_stats(pid: int) -> dict[str, tuple[str, int, int]]:
-    """Thread id -> (name, CPU ns, voluntary switches) of each live thread of ``pid``.
+@dataclass(frozen=True)
+class TaskTimes:
+    """One thread's scheduler counters, from ``/proc/<pid>/task/<tid>``."""
 
-    From ``/proc/<pid>/task/*``: nanoseconds (``schedstat``), where
-    ``/proc/<pid>/stat`` counts 10 ms ticks. Empty where there is no ``/proc``.
-    """
-    found: dict[str, tuple[str, int, int]] = {}
+    #: Its name (``comm``): Trio names its worker threads while they run a job.
+    name: str
+    #: Nanoseconds it ran on a core (``schedstat``, first field).
+    run_ns: int
+    #: Nanoseconds it was runnable but waited for a core (``schedstat``, second field).
+    wait_ns: int
+    #: Times it slept (``voluntary_ctxt_switches``).
+    voluntary: int
+    #: Times it was taken off a core while it could still run (``nonvoluntary_ctxt_switches``).
+    involuntary: int
+
+
+def task_times(pid: int) -> dict[str, TaskTimes]:
+    """Thread id -> :class:`TaskTimes` of each live thread of ``pid``; empty without ``/proc``."""
+    found: dict[str, TaskTimes] = {}
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
@@ -313,13 +325,26 @@ def thread_stats(pid: int) -> dict[str, tuple[str, int, int]]:
     for task in tasks:
         try:
             name = (task / "comm").read_text().strip()
-            cpu = int((task / "schedstat").read_text().split()[0])
+            run_ns, wait_ns = map(int, (task / "schedstat").read_text().split()[:2])
             status = (task / "status").read_text()
         except OSError:
             continue  # the thread ended meanwhile
-        switches = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
-        found[task.name] = (name, cpu, switches)
+        voluntary = int(status.split("\nvoluntary_ctxt_switches:")[1].split()[0])
+        involuntary = int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+        found[task.name] = TaskTimes(name, run_ns, wait_ns, voluntary, involuntary)
     return found
+
+
+def thread_stats(pid: int) -> dict[str, tuple[str, int, int]]:
+    """Thread id -> (name, CPU ns, voluntary switches) of each live thread of ``pid``.
+
+    From ``/proc/<pid>/task/*`` (:func:`task_times`): nanoseconds
+    (``schedstat``), where ``/proc/<pid>/stat`` counts 10 ms ticks. Empty
+    where there is no ``/proc``.
+    """
+    return {
+        tid: (times.name, times.run_ns, times.voluntary) for tid, times in task_times(pid).items()
+    }
 
 
 def run_client(argv: Sequence[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -337,10 +362,15 @@ def run_client(argv: Sequence[str], env: dict[str, str], timeout: float) -> dict
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if exc.stderr else ""
         raise PeerError(f"client timed out after {timeout:g}s\n{_tail(stderr)}") from None
-    stdout = completed.stdout.decode(errors="replace")
-    stderr = completed.stderr.decode(errors="replace")
-    if completed.returncode != 0:
-        raise PeerError(f"client exited with code {completed.returncode}\n{_tail(stderr)}")
+    return client_result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def client_result(returncode: int, stdout_bytes: bytes, stderr_bytes: bytes) -> dict[str, Any]:
+    """The ``RESULT`` of a client process that ended, or :class:`PeerError` saying why not."""
+    stdout = stdout_bytes.decode(errors="replace")
+    stderr = stderr_bytes.decode(errors="replace")
+    if returncode != 0:
+        raise PeerError(f"client exited with code {returncode}\n{_tail(stderr)}")
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
             result: dict[str, Any] = json.loads(line[len("RESULT ") :])

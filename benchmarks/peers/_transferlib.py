@@ -68,6 +68,9 @@ class OpTimer:
         self._server: float | None = None
         self.wall_ns = self.cpu_ns = 0
         self.server_cpu_s: float | None = None
+        #: The operation's window on the system's monotonic clock (seconds), which
+        #: other processes read too (``benchmarks.bulk_threads`` cuts its samples by it).
+        self.started_s = self.ended_s = 0.0
 
     def __enter__(self) -> OpTimer:
         # Last thing before the clocks start: see prime_memory for why.
@@ -75,6 +78,7 @@ class OpTimer:
             self.primed = prime_memory(self.prime)
         self._server = proc_cpu_seconds(self.server_pid)
         self._cpu = time.process_time_ns()
+        self.started_s = time.monotonic()
         self._wall = time.perf_counter_ns()
         return self
 
@@ -85,6 +89,7 @@ class OpTimer:
         traceback: TracebackType | None,
     ) -> None:
         self.wall_ns = time.perf_counter_ns() - self._wall
+        self.ended_s = time.monotonic()
         self.cpu_ns = time.process_time_ns() - self._cpu
         after = proc_cpu_seconds(self.server_pid)
         if self._server is not None and after is not None:
@@ -105,6 +110,8 @@ class OpTimer:
                 self.server_cpu_s / gib if gib and self.server_cpu_s is not None else None
             ),
             "primed": self.primed,
+            "started_s": self.started_s,
+            "ended_s": self.ended_s,
         }
 
 
