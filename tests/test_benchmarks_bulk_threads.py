@@ -14,10 +14,6 @@ import pytest
 from benchmarks import bulk_threads
 from benchmarks._harness import TaskTimes
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the tool reads /proc (Linux only)"
-)
-
 
 def test_a_window_counts_each_thread_between_its_nearest_samples() -> None:
     def times(
@@ -55,6 +51,9 @@ def test_a_window_counts_each_thread_between_its_nearest_samples() -> None:
         bulk_threads.shares(samples, start=10.4, end=10.6, mib=1.0)
 
 
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the tool reads /proc (Linux only)"
+)
 def test_a_run_reports_every_operation_thread_by_thread(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
