@@ -15,7 +15,7 @@ import hashlib
 import io
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,36 @@ async def _until(condition: object, seconds: float = 10.0) -> None:
             if condition():  # type: ignore[operator]
                 return
             await trio.sleep(0.005)
+
+
+Upload = Callable[[str], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _uploads(
+    tmp_path: Path,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    payloads: dict[str, bytes],
+) -> AsyncIterator[tuple[Upload, dict[str, dict[str, object]]]]:
+    """A storage server, and ``upload(name)`` sending ``tmp_path / name`` (each
+    of ``payloads`` written there first) on a connection of its own, its
+    result recorded by name. On the way out every upload succeeded and
+    stored its payload."""
+    for name, payload in payloads.items():
+        (tmp_path / name).write_bytes(payload)
+    results: dict[str, dict[str, object]] = {}
+    _handler, server = await storage_server(server_factory, tmp_path / "store")
+    transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+
+    async def upload(name: str) -> None:
+        client = await client_factory(server.port)
+        results[name] = await transfer.send_to_server(client, str(tmp_path / name))
+
+    yield upload, results
+    assert all(result["success"] for result in results.values()), results
+    for name, payload in payloads.items():
+        assert (tmp_path / "store" / name).read_bytes() == payload
 
 
 async def test_batches_are_written_in_order_in_one_other_thread() -> None:
@@ -268,21 +298,12 @@ async def test_a_transfer_finds_no_writer_free_and_still_completes(
         real_write(self, chunks)
 
     monkeypatch.setattr(PartialFile, "write_chunks", write_chunks)
-    payloads = {name: os.urandom(9 * MiB + number) for number, name in enumerate("ab")}
-    for name, payload in payloads.items():
-        (tmp_path / f"{name}.bin").write_bytes(payload)
-    results: dict[str, dict[str, object]] = {}
+    payloads = {f"{name}.bin": os.urandom(9 * MiB + number) for number, name in enumerate("ab")}
     with trio.fail_after(60):
-        _handler, server = await storage_server(server_factory, tmp_path / "store")
-        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
-
-        async def upload(name: str) -> None:
-            client = await client_factory(server.port)
-            results[name] = await transfer.send_to_server(client, str(tmp_path / f"{name}.bin"))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(upload, "a")
-            nursery.start_soon(upload, "b")
+        uploads = _uploads(tmp_path, server_factory, client_factory, payloads)
+        async with uploads as (upload, results), trio.open_nursery() as nursery:
+            nursery.start_soon(upload, "a.bin")
+            nursery.start_soon(upload, "b.bin")
             await _until(lambda: len(results) == 1)  # one finished, one is stuck
             # One got the thread; the other asked again after each batch, in vain.
             assert len(writers) >= 2 and len([w for w in writers if w is not None]) == 1
@@ -290,9 +311,6 @@ async def test_a_transfer_finds_no_writer_free_and_still_completes(
             # The upload with the thread is the one still going, its writes held.
             assert held.outstanding > 0 and len(results) == 1
             stuck.set()
-    assert all(result["success"] for result in results.values()), results
-    for name, payload in payloads.items():
-        assert (tmp_path / "store" / f"{name}.bin").read_bytes() == payload
 
 
 async def test_a_stalled_sender_gives_its_writer_thread_back(
@@ -322,19 +340,11 @@ async def test_a_stalled_sender_gives_its_writer_thread_back(
 
     monkeypatch.setattr(_engine, "_read_records", read_records)
     payloads = {name: os.urandom(9 * MiB + len(name)) for name in ("stalls.bin", "flows.bin")}
-    for name, payload in payloads.items():
-        (tmp_path / name).write_bytes(payload)
-    inodes = {(tmp_path / name).stat().st_ino: name for name in payloads}
-    results: dict[str, dict[str, object]] = {}
+    inodes: dict[int, str] = {}
     with trio.fail_after(60):
-        _handler, server = await storage_server(server_factory, tmp_path / "store")
-        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
-
-        async def upload(name: str) -> None:
-            client = await client_factory(server.port)
-            results[name] = await transfer.send_to_server(client, str(tmp_path / name))
-
-        async with trio.open_nursery() as nursery:
+        uploads = _uploads(tmp_path, server_factory, client_factory, payloads)
+        async with uploads as (upload, results), trio.open_nursery() as nursery:
+            inodes.update({(tmp_path / name).stat().st_ino: name for name in payloads})
             nursery.start_soon(upload, "stalls.bin")
             await _until(lambda: reads.get("stalls.bin", 0) == 3 and len(writers) == 1)
             assert writers[0] is not None  # it had the run's one thread...
@@ -346,7 +356,4 @@ async def test_a_stalled_sender_gives_its_writer_thread_back(
             assert not go_on.is_set() and "stalls.bin" not in results
             assert any(writer is not None for writer in writers[stalled_writers:])
             go_on.set()
-    assert all(result["success"] for result in results.values()), results
     assert len([writer for writer in writers if writer is not None]) >= 3
-    for name, payload in payloads.items():
-        assert (tmp_path / "store" / name).read_bytes() == payload
