@@ -16,6 +16,7 @@ import trio.testing
 
 from conduit._call_workers import MAX_IDLE_FOLLOWERS
 from conduit._connection import BURST_RECORD_FRAMES, Connection, ConnectionSettings
+from conduit._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
 from conduit._streams import IncomingStream
 from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError, StreamReset
 from conduit.protocol import (
@@ -519,12 +520,18 @@ async def _keep_two_batches(p: Pair, payload: bytes) -> tuple[int, int]:
     released = most_held = most_ahead = 0
     queue_in, queue_out = trio.open_memory_channel[int](0)
 
+    memory = p.server.settings.receive_memory
+
     def look() -> None:
         nonlocal most_held, most_ahead
         most_held = max(most_held, outgoing.bytes_sent - released)
         most_ahead = max(most_ahead, incoming.ahead)
         assert incoming.ahead <= sum(kept_cost)
         assert p.server._state.receive_committed() == incoming.window + incoming.ahead
+        if memory is not None:
+            # Early credit leaves the kept bytes counted: sent and not yet
+            # granted back, plus granted back early and still kept.
+            assert memory.held == incoming.window - incoming.available + incoming.ahead
 
     async def send() -> None:
         await outgoing.send([payload])
@@ -571,6 +578,58 @@ async def test_kept_batches_stay_counted_until_released(pair: Pair) -> None:
     most_held, most_ahead = await _keep_two_batches(pair, os.urandom(8 * WINDOW + 123))
     assert 2 * WINDOW < most_held <= 3 * WINDOW
     assert WINDOW < most_ahead <= 2 * WINDOW
+
+
+async def test_the_servers_receive_memory_counts_kept_batches_until_released() -> None:
+    """A server's receive memory (``server_receive_budget``) counts what a
+    stream holds, not the credit it has returned: a batch kept by a writer
+    stays counted though its credit went back early, until it is released;
+    the stream's end and close leave nothing counted."""
+    memory = SharedReceiveMemory(1 << 30)
+    async with _running_pair(receive_memory=memory) as p:
+        most_held, most_ahead = await _keep_two_batches(p, os.urandom(8 * WINDOW + 123))
+        assert most_ahead > WINDOW  # early credit was returned for kept batches
+        assert 2 * WINDOW < most_held <= 3 * WINDOW
+        (stream,) = p.server._state.incoming.values()
+        assert isinstance(stream, IncomingStream)
+        p.server.close_stream(stream)
+        assert memory.held == 0
+
+
+async def test_a_reader_waits_for_room_in_the_servers_receive_memory(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``wait_for_room`` returns at once when something taken out makes room
+    (``freed``), within ``RECHECK_INTERVAL`` when a decrease was not
+    announced, and as soon as the reader no longer needs room (its streams
+    are gone); never while the budget is exceeded and room is needed."""
+    memory = SharedReceiveMemory(100)
+    needed = True
+    returned: list[float] = []
+
+    async def reader() -> None:
+        await memory.wait_for_room(lambda: needed)
+        returned.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for change in ("freed", "unannounced", "not needed"):
+            memory.held, needed = 150, True
+            returned.clear()
+            nursery.start_soon(reader)
+            # Halfway between two of its looks, so that one not woken shows.
+            await trio.sleep(5.5 * RECHECK_INTERVAL)
+            assert returned == [], change
+            start = trio.current_time()
+            if change == "not needed":
+                needed = False
+            else:
+                memory.held = 100
+            if change == "freed":
+                memory.freed()
+            await trio.sleep(2 * RECHECK_INTERVAL)
+            assert len(returned) == 1, change
+            waited = returned[0] - start
+            assert waited == 0 if change == "freed" else 0 < waited <= RECHECK_INTERVAL, change
 
 
 async def test_kept_batches_stay_within_the_connection_receive_budget() -> None:

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conduit.errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
-from conduit.protocol import FRAME_COST, MAX_STREAM_ID, FrameKind, connection, decode_body
+from conduit.protocol import FRAME_COST, MAX_STREAM_ID, Frame, FrameKind, connection, decode_body
 from conduit.protocol.codec import data_header, iter_frames
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
@@ -37,6 +37,7 @@ from conduit.protocol.connection import (
     OutboundStream,
     Phase,
     PingReceived,
+    ReceiveMemory,
     ResultReceived,
     StreamWasReset,
 )
@@ -583,6 +584,79 @@ def test_inbound_windows_come_out_of_one_connection_budget() -> None:
     assert refused.value.code == "too_many_streams"
     state.close_stream(streams[0], None)
     assert state.open_inbound(InboundStream).window == WINDOW
+
+
+def only_frame(encoded: bytes) -> Frame:
+    """The frame whose bytes are ``encoded``, as the engine parses it from a record."""
+    (frame,) = iter_frames(encoded, MAX_FRAME)
+    return frame
+
+
+_MEMORY_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["open", "frame", "run", "take", "use", "credit", "end", "reset", "close"]),
+        st.integers(0, 3),
+        st.integers(1, 20 * 1024),
+    ),
+    min_size=10,
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(_MEMORY_STEPS)
+def test_one_receive_memory_counts_what_the_streams_of_two_connections_hold(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    """``ReceiveMemory.held`` is, after every step, what the inbound streams of
+    both machines hold (sent and not granted back), and 0 once all are gone.
+
+    The steps: streams opened, DATA (single frames through the machine, and
+    runs), chunks taken and consumed (and their credit returned at once, or
+    later), END, the peer's RESET,
+    this side closing a stream; at the end both connections drop theirs.
+    """
+    memory = ReceiveMemory(limit=1 << 30)
+    states = [machine(is_client=False), machine(is_client=False)]
+
+    def holding() -> int:
+        return sum(
+            stream.window - stream.available + stream.ahead
+            for state in states
+            for stream in state.incoming.values()
+        )
+
+    for action, pick, size in steps:
+        state = states[pick % 2]
+        streams = list(state.incoming.values())
+        if action == "open":
+            state.open_inbound(lambda sid, window: InboundStream(sid, window, memory))
+        elif streams:
+            stream = streams[pick % len(streams)]
+            room = stream.available - FRAME_COST
+            if action == "frame" and room > 0 and not stream.finished:
+                state.receive_frame(only_frame(data(stream.stream_id, bytes(min(size, room)))))
+            elif action == "run" and room > 2 * FRAME_COST and not stream.finished:
+                piece = min(size, room // 2 - FRAME_COST)
+                stream.on_data_run([memoryview(bytes(piece))] * 2, 2 * piece)
+            elif action in ("take", "use"):
+                stream.take()
+                stream.consumed()
+                if action == "use":
+                    stream.credit_to_return(force=True)
+            elif action == "credit":
+                stream.credit_to_return(force=True)
+            elif action == "end" and room >= 0 and not stream.finished:
+                state.receive_frame(only_frame(data(stream.stream_id, b"", 1)))
+            elif action == "reset":
+                reset = body_frame(FrameKind.RESET, stream.stream_id, {"code": "x", "reason": "y"})
+                assert isinstance(state.receive_frame(only_frame(reset)), StreamWasReset)
+            elif action == "close":
+                state.close_stream(stream, None)
+        assert memory.held == holding()
+    for state in states:
+        state.drop_streams()
+    assert memory.held == 0
 
 
 def test_credit_returned_ahead_counts_against_the_connection_budget() -> None:

@@ -50,11 +50,12 @@ from conduit import (
 )
 from conduit._connection import Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
-from conduit.protocol import FrameKind
+from conduit.protocol import FRAME_COST, FrameKind
 from conduit.protocol.codec import data_header, encode_frame
 from conduit.protocol.messages import Ping
-from conduit.transfer import _hashing, _rerun
+from conduit.transfer import _hashing, _receiver, _rerun
 from conduit.transfer._backend_local import CHANGE_THREADS, LIST_THREADS
+from conduit.transfer._engine import receive_file
 from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import Trailer
@@ -230,9 +231,110 @@ async def test_inbound_streams_share_one_budget(
 
 
 @hostile(
+    "server-receive-budget",
+    area="resource limits, whole server",
+    attack="4 connections each begin an upload and send 960 KiB of it (15 records of 64 KiB, "
+    "within its 1 MiB window) while the server's uploads write nothing (their writing "
+    "waits), against receive_window=1 MiB and server_receive_budget=1 MiB",
+    behaviour="the server's streams hold more than the budget by at most one record per "
+    "connection (3.75 MiB without the bound), and the connections holding them stop being "
+    "read; a fifth connection, with no upload, is answered meanwhile; once the writing goes "
+    "on, every upload is read to its end and stored byte for byte, and the server holds "
+    "nothing once the connections close",
+)
+async def test_the_server_bounds_what_all_its_uploads_hold_together(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing = trio.Event()
+
+    async def receive_once_writing(*args: Any, **kwargs: Any) -> Trailer:
+        await writing.wait()
+        return await receive_file(*args, **kwargs)
+
+    monkeypatch.setattr(_receiver, "receive_file", receive_once_writing)
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    budget = MiB
+    server = await server_factory(
+        register=transfer.register_server_handlers,
+        receive_window=MiB,
+        server_receive_budget=budget,
+    )
+    memory = server._settings.receive_memory
+    assert memory is not None
+    chunk, records, uploads = 64 * 1024, 15, 4
+    bodies = [os.urandom(chunk * records) for _ in range(uploads)]
+    peers = [await RawPeer.authenticated(server.port, PASSWORD) for _ in range(uploads)]
+    await wait_until(lambda: len(server.clients) == uploads)
+    by_address = {peer.address: peer.connection for peer in server.clients.values()}
+    begun = []
+    for index, peer in enumerate(peers):
+        result = await peer.call(
+            "file_upload_begin",
+            name=f"held/{index}.bin",
+            size=len(bodies[index]),
+            key=f"{index:032x}",
+        )
+        assert result.ok, result
+        stream_id = int(result.value["stream_id"])
+        connection = by_address[peer.stream.socket.getsockname()[:2]]
+        begun.append((peer, stream_id, connection, connection._state.incoming[stream_id]))
+
+    async def send(index: int) -> None:
+        peer, stream_id, connection, stream = begun[index]
+        body = memoryview(bodies[index])
+        for record in range(records):
+            await peer.send_sealed(
+                data_header(stream_id, chunk) + body[record * chunk : (record + 1) * chunk]
+            )
+            # One record per read, so a read adds at most one: the next goes
+            # once this one was read, or once the server stopped reading here.
+            sent = (record + 1) * chunk
+
+            def read_or_paused(sent: int = sent) -> bool:
+                return stream.bytes_received >= sent or connection._reading_paused
+
+            await wait_until(read_or_paused, timeout=10)
+        trailer = Trailer(len(body), hashlib.sha256(body).digest()).pack()
+        await peer.send_sealed(data_header(stream_id, len(trailer), 0x01) + trailer)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(uploads):
+            nursery.start_soon(send, index)
+        await wait_until(
+            lambda: (
+                memory.held > budget
+                and all(
+                    stream.bytes_received == len(bodies[index]) or connection._reading_paused
+                    for index, (_, _, connection, stream) in enumerate(begun)
+                )
+            ),
+            timeout=30,
+        )
+        held = memory.held
+        paused = [connection._reading_paused for _, _, connection, _ in begun]
+        assert budget < held <= budget + uploads * (chunk + FRAME_COST), (held, paused)
+        assert any(paused), paused
+        bystander = await RawPeer.authenticated(server.port, PASSWORD)
+        await bystander.send_sealed(encode_frame(FrameKind.PING, 0, Ping(7)))
+        with trio.fail_after(10):
+            while (await bystander.next_frame()).kind is not FrameKind.PONG:
+                pass
+        await bystander.aclose()
+        writing.set()
+    for index, (peer, stream_id, _, _) in enumerate(begun):
+        finished = await peer.call("file_upload_finish", stream_id=stream_id, timeout=30)
+        assert finished.ok, finished
+        assert (storage / "held" / f"{index}.bin").read_bytes() == bodies[index]
+        await peer.aclose()
+    await wait_until(lambda: memory.held == 0, timeout=10)
+
+
+@hostile(
     "limit-settings-checked",
     area=AREA,
-    attack="a connection_receive_budget below receive_window, max_streams_per_connection=0, "
+    attack="a connection_receive_budget or server_receive_budget below receive_window, "
+    "max_streams_per_connection=0, "
     "max_transfers_per_connection=0, a read_ahead_per_connection below chunk_size, a "
     "negative resume_hash_budget",
     behaviour="ValueError naming the setting when the descriptor or handler is created",
@@ -243,6 +345,8 @@ def test_limit_settings_are_validated(tmp_path: Path) -> None:
             descriptor(password="x", receive_window=1024 * 1024, connection_receive_budget=65536)
         with pytest.raises(ValueError, match="max_streams_per_connection must be positive"):
             descriptor(password="x", max_streams_per_connection=0)
+    with pytest.raises(ValueError, match="server_receive_budget must be at least"):
+        ServerDescriptor(password="x", receive_window=1024 * 1024, server_receive_budget=65536)
     with pytest.raises(ValueError, match="max_transfers_per_connection"):
         FileTransferHandler(tmp_path, max_transfers_per_connection=0)
     with pytest.raises(ValueError, match="read_ahead_per_connection"):

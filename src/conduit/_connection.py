@@ -13,7 +13,9 @@ the frames it produces. One nursery per connection owns:
   right there; a call whose handler blocks takes its task off reading and a
   follower reads on. Only one-way messages go through a bounded memory
   channel, whose backpressure is the point: they are delivered in order to one
-  message task.
+  message task. On a server it also stops before a read while the streams of
+  all connections hold more than the server's receive budget and this
+  connection has one coming in (:mod:`conduit._receive_memory`).
 * the **send task**: :class:`~conduit._outbox.Outbox` -> sealed records ->
   socket, control frames before data, many frames per record; started with
   the first frame that cannot go out directly.
@@ -52,6 +54,7 @@ from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
+from ._receive_memory import SharedReceiveMemory
 from ._socket_io import SocketIO, close_now
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
@@ -155,10 +158,18 @@ class ConnectionSettings:
     max_streams: int | None = None
     #: Sum of the receive windows of all inbound streams; None for no limit.
     receive_budget: int | None = None
+    #: What the inbound streams of all the endpoint's connections may hold
+    #: together (a server's ``server_receive_budget``); None for no bound.
+    receive_memory: SharedReceiveMemory | None = attrs.field(default=None, eq=False)
 
 
 def settings_from(descriptor: Any) -> ConnectionSettings:
-    """The per-connection settings a Server- or ClientDescriptor asks for."""
+    """The per-connection settings a Server- or ClientDescriptor asks for.
+
+    A server's settings carry its :class:`SharedReceiveMemory`, made here: one
+    per endpoint, as the endpoint makes its settings once.
+    """
+    server_budget: int | None = getattr(descriptor, "server_receive_budget", None)
     return ConnectionSettings(
         max_frame_size=descriptor.max_frame_size,
         receive_window=descriptor.receive_window,
@@ -168,6 +179,7 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
         max_concurrent_calls=descriptor.max_concurrent_calls,
         max_streams=descriptor.max_streams_per_connection,
         receive_budget=descriptor.connection_receive_budget,
+        receive_memory=None if server_budget is None else SharedReceiveMemory(server_budget),
     )
 
 
@@ -334,6 +346,10 @@ class Connection:
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
+        #: The server's receive memory (see _wait_for_receive_memory), if any.
+        self._receive_memory = settings.receive_memory
+        # Reading stopped for it: the peer's silence is not counted meanwhile.
+        self._reading_paused = False
         # While a send waits for room: when the peer last took any of our
         # bytes (None when no send waits). beat() ends a peer that keeps
         # sending but stopped reading, whose silence check stays fresh.
@@ -722,6 +738,7 @@ class Connection:
         self._pending.fail_all(reason)
         for stream in self._state.drop_streams():
             stream.fail(ConnectionClosed(reason))
+        self._memory_freed()
 
     # ------------------------------------------------------------------ tasks
 
@@ -753,6 +770,10 @@ class Connection:
                     # _drain_reader stopped at the backlog, which the flush
                     # just sent: handle the rest before reading any more.
                     continue
+                memory = self._receive_memory
+                if memory is not None and memory.held > memory.limit and self._state.incoming:
+                    await self._wait_for_receive_memory(memory)
+                    continue
                 role = self._role
                 # Idle: wait where a caller can take over the socket; True if a
                 # caller left us a frame.
@@ -779,6 +800,21 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
         return None
+
+    async def _wait_for_receive_memory(self, memory: SharedReceiveMemory) -> None:
+        """The server's streams hold more than its budget: read nothing until
+        they hold less, or this connection has no stream coming in.
+
+        A peer we do not read cannot be heard either: the time spent here does
+        not count as its silence (its heartbeat timeout starts again after).
+        """
+        state = self._state
+        self._reading_paused = True
+        try:
+            await memory.wait_for_room(lambda: bool(state.incoming) and state.phase is not _CLOSED)
+        finally:
+            self._reading_paused = False
+            self._last_received = trio.current_time()
 
     async def _drain_reader(self) -> Blocked | None:
         next_frame = self._reader.next_frame
@@ -1121,7 +1157,7 @@ class Connection:
             return False
         settings = self.settings
         silent = now - self._last_received
-        if silent > settings.heartbeat_timeout:
+        if silent > settings.heartbeat_timeout and not self._reading_paused:
             self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
             return False
         waiting = self._send_waiting_since
@@ -1185,6 +1221,7 @@ class Connection:
     def _on_stream_reset(self, event: StreamWasReset) -> None:
         if event.incoming is not None:
             event.incoming.fail(event.error)
+            self._memory_freed()
         if event.outgoing is not None:
             event.outgoing.fail(event.error)
 
@@ -1420,9 +1457,10 @@ class Connection:
         grant = self._grant_credit
         max_frame_size = self.settings.max_frame_size
         room = self._receive_room if self._state.receive_budget is not None else None
+        memory = self._receive_memory
         return self._state.open_inbound(
             lambda stream_id, window: IncomingStream(
-                stream_id, window, grant, max_frame_size=max_frame_size, room=room
+                stream_id, window, grant, max_frame_size=max_frame_size, room=room, memory=memory
             )
         )
 
@@ -1449,9 +1487,16 @@ class Connection:
     ) -> None:
         """Forget a stream; with ``reset=(code, reason)`` tell the peer to abort it."""
         frame = self._state.close_stream(stream, reset)
+        self._memory_freed()
         if frame is not None:
             with contextlib.suppress(ConnectionClosed):
                 self._outbox.put_control((frame,))
+
+    def _memory_freed(self) -> None:
+        # A stream was forgotten: what it held left the server's receive memory.
+        memory = self._receive_memory
+        if memory is not None:
+            memory.freed()
 
     def _grant_credit(self, stream_id: int, amount: int) -> None:
         frame = self._state.credit_frame(stream_id, amount)

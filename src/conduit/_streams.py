@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from ._receive_memory import SharedReceiveMemory
 from .protocol import FLAG_END, FRAME_COST, HEADER_SIZE, OutFrame
 from .protocol.codec import data_header
 from .protocol.connection import Buffer, InboundStream, OutboundStream
@@ -41,6 +42,7 @@ class IncomingStream(InboundStream):
         *,
         max_frame_size: int | None = None,
         room: Callable[[], int] | None = None,
+        memory: SharedReceiveMemory | None = None,
     ) -> None:
         """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown).
 
@@ -48,8 +50,12 @@ class IncomingStream(InboundStream):
         the windows of its inbound streams and the credit they returned ahead
         (None: no budget); ``receive(ahead=True)`` returns early only what
         leaves a window of that room for a stream yet to open.
+
+        ``memory``: the server's receive memory, where the stream counts what
+        it holds (None: not counted; see :mod:`conduit._receive_memory`).
         """
-        super().__init__(stream_id, window)
+        super().__init__(stream_id, window, memory)
+        self._shared = memory
         self._grant = grant
         self._room = room
         self._wakeup = trio.lowlevel.ParkingLot()
@@ -160,14 +166,20 @@ class IncomingStream(InboundStream):
         if self._held:
             rest, early = self._held.popleft()
             self.taken_cost += rest
-            self.ahead -= early
+            self._less_ahead(early)
             self._flush_credit(force=True)
 
     def _consume_all(self) -> None:
         while self._held:
             self.taken_cost += self._held.popleft()[0]
         self.consumed()
-        self.ahead = 0
+        self._less_ahead(self.ahead)
+
+    def _less_ahead(self, amount: int) -> None:
+        # Bytes whose credit went back early are used up: no longer held.
+        self.ahead -= amount
+        if self.memory is not None:
+            self.memory.held -= amount
 
     def _return_ahead(self) -> int:
         # The credit of the whole batch just taken, which the window bounds
@@ -188,7 +200,11 @@ class IncomingStream(InboundStream):
         if early:
             self.pending_cost -= early
             self.taken_cost += early
+            # Still held (the consumer has it) though its credit goes back:
+            # the server's receive memory keeps counting it.
             self.ahead += early
+            if self.memory is not None:
+                self.memory.held += early
         return early
 
     async def _gather(self, at_least: int, patience: float) -> None:
@@ -206,6 +222,8 @@ class IncomingStream(InboundStream):
         amount = self.credit_to_return(force=force)
         if amount:
             self._grant(self.stream_id, amount)
+        if self._shared is not None:
+            self._shared.freed()
 
 
 class OutgoingStream(OutboundStream):

@@ -203,6 +203,16 @@ class ServerDescriptor:
     connection_receive_budget: int = attrs.field(
         default=64 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
     )
+    #: Bytes of data that the inbound streams of all connections together may
+    #: hold: received and not yet written by their uploads. Over it, every
+    #: connection with an upload coming in stops reading its socket until the
+    #: uploads have written enough (its peer then waits, as TCP makes it);
+    #: connections with no upload coming in read on. Each connection's own
+    #: share is bounded by ``connection_receive_budget``; this bounds the
+    #: server, whatever the number of connections. At least ``receive_window``.
+    server_receive_budget: int = attrs.field(
+        default=1024 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
+    )
     #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
     #: Failed handshakes from one address, within ``auth_failure_window``,

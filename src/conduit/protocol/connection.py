@@ -10,7 +10,9 @@ that breaks the rules raises :class:`~conduit.errors.RemoteProtocolError` and
 the connection is over.
 
 What it owns: frame-kind dispatch, stream-id parity and allocation, early
-resets, the per-stream credit counters and their checks, call-id allocation and
+resets, the per-stream credit counters and their checks (and the count of what
+the inbound streams hold, in a :class:`ReceiveMemory` that many connections
+may share), call-id allocation and
 uniqueness, the concurrency limit, PING -> PONG, GOODBYE and the closing state.
 What it does not: time (heartbeats, idleness, call timeouts), waiting, tasks.
 
@@ -184,6 +186,29 @@ class GoodbyeReceived:
 # ---------------------------------------------------------------------- streams
 
 
+class ReceiveMemory:
+    """The bytes that the inbound streams of many connections hold together.
+
+    One for all the connections of a server (``server_receive_budget``):
+    every :class:`InboundStream` given it counts in :attr:`held` what it
+    holds, the bytes the peer sent that have not been granted back as credit
+    yet, plus the credit granted back early for bytes its consumer still has
+    (``window - available + ahead``), and takes all of it out when it is
+    forgotten. That is what the peers' data costs this side's memory, however
+    many windows are open: a stream its peer leaves idle holds nothing. The
+    engine stops reading the connections that have inbound streams while
+    :attr:`held` is over :attr:`limit` (this class only counts).
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        #: What :attr:`held` may reach before the engine stops reading streams' connections.
+        self.limit = limit
+        #: What the streams counting here hold now.
+        self.held = 0
+
+
 def _held(view: memoryview) -> int:
     """Bytes of the buffer ``view`` keeps alive (its record, or the mapping it was opened in)."""
     # bytes (a small record), an mmap (a bulk one): both sized.
@@ -197,10 +222,14 @@ class InboundStream:
     the chunks with :meth:`take` and hands credit back with :meth:`credit_to_return`.
     """
 
-    def __init__(self, stream_id: int, window: int) -> None:
+    def __init__(self, stream_id: int, window: int, memory: ReceiveMemory | None = None) -> None:
         self.stream_id = stream_id
         self.window = window
         self.available = window  # credit the peer still holds
+        #: Where this stream counts what it holds, until it is forgotten (see
+        #: :class:`ReceiveMemory`): every change of ``available`` or ``ahead``
+        #: below moves its ``held`` by as much.
+        self.memory = memory
         self.chunks: deque[Buffer] = deque()
         self.taken_cost = 0  # consumed but not yet granted back
         # Credit granted back for chunks the consumer still holds (returned
@@ -228,6 +257,8 @@ class InboundStream:
                 f"({cost} bytes with {self.available} granted)"
             )
         self.available -= cost
+        if self.memory is not None:
+            self.memory.held += cost
         self.buffered_cost += cost
         if flags & FLAG_END:
             self.trailer = bytes(payload)
@@ -253,6 +284,8 @@ class InboundStream:
                 f"({cost} bytes in {len(payloads)} frames with {self.available} granted)"
             )
         self.available -= cost
+        if self.memory is not None:
+            self.memory.held += cost
         self.buffered_cost += cost
         if payloads and size * PIN_RATIO < _held(payloads[0]):
             self.chunks.extend(bytes(payload) for payload in payloads)
@@ -288,8 +321,16 @@ class InboundStream:
         if amount and self.trailer is None and (force or amount >= self.window // 4):
             self.taken_cost = 0
             self.available += amount
+            if self.memory is not None:
+                self.memory.held -= amount
             return amount
         return 0
+
+    def forgotten(self) -> None:
+        """The connection no longer holds this stream: what it counted leaves its memory."""
+        memory, self.memory = self.memory, None
+        if memory is not None:
+            memory.held -= self.window - self.available + self.ahead
 
 
 class OutboundStream:
@@ -410,6 +451,8 @@ class ConnectionState:
     def drop_streams(self) -> list[InboundStream | OutboundStream]:
         """The connection ended: forget every open stream and incoming call; return the streams."""
         streams: list[InboundStream | OutboundStream] = [*self.incoming.values()]
+        for stream in self.incoming.values():
+            stream.forgotten()
         streams.extend(self.outgoing.values())
         self.incoming.clear()
         self.outgoing.clear()
@@ -534,6 +577,8 @@ class ConnectionState:
     def _on_reset(self, stream_id: int, reset: Reset) -> StreamWasReset | None:
         error = StreamReset(f"peer aborted the stream: {reset.reason}", code=reset.code)
         incoming = self.incoming.pop(stream_id, None)
+        if incoming is not None:
+            incoming.forgotten()
         outgoing = self.outgoing.pop(stream_id, None)
         if incoming is None and outgoing is None:
             if not self._is_our_stream_id(stream_id):
@@ -729,7 +774,8 @@ class ConnectionState:
     ) -> bytes | None:
         """Forget a stream; with ``reset=(code, reason)``, the RESET frame to send."""
         if isinstance(stream, InboundStream):
-            self.incoming.pop(stream.stream_id, None)
+            if self.incoming.pop(stream.stream_id, None) is stream:
+                stream.forgotten()
         else:
             self.outgoing.pop(stream.stream_id, None)
         if reset is None or self.phase is not Phase.OPEN:
@@ -780,6 +826,7 @@ __all__ = [
     "OutboundStream",
     "Phase",
     "PingReceived",
+    "ReceiveMemory",
     "ResultReceived",
     "StreamWasReset",
 ]
