@@ -10,6 +10,8 @@ are ``python -m benchmarks.abuse``):
 * verdicts of uploads nobody finishes do not pile up on a live connection;
 * the receive windows of all inbound streams come out of one per-connection
   budget, and streams per connection are capped (``too_many_streams``);
+* what the uploads of all connections hold together stays within the
+  server's receive budget: past it, the connections bringing them are not read;
 * a peer that asks for downloads and never reads holds a bounded read-ahead;
 * resume points that turn out wrong cost a bounded amount of hashing;
 * every malformed answer a peer gives to ``send_to_client`` or
