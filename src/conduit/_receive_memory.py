@@ -8,8 +8,8 @@ sans-IO :class:`~conduit.protocol.connection.ReceiveMemory`'s (the bytes the
 streams hold, not the windows they may fill, so idle uploads cost nothing);
 this adds the waiting. While more is held than the budget, every connection
 that has a data stream coming in stops reading its socket (before its next
-read, so each adds at most the record it was reading) until the consumers,
-the uploads writing to disk, have taken enough out. The peers then meet TCP's
+read, so each adds at most the read it was doing, about 1 MiB) until the
+consumers, the uploads writing to disk, have taken enough out. The peers then meet TCP's
 own backpressure: what they send waits in the kernel's socket buffers, which
 the kernel bounds. Connections with no stream coming in, calls and downloads
 alone, read on.
@@ -41,11 +41,6 @@ class SharedReceiveMemory(ReceiveMemory):
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
         self._waiting = trio.lowlevel.ParkingLot()
-
-    @property
-    def over(self) -> bool:
-        """Whether the streams hold more than the budget: readers of streams stop."""
-        return self.held > self.limit
 
     def freed(self) -> None:
         """Something was taken out: wake the paused readers once the budget has room.
