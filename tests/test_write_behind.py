@@ -11,10 +11,12 @@ hop per batch and moves the same bytes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import trio
 import trio.testing
 
 from conduit import FileTransferHandler
+from conduit._streams import IncomingStream
 from conduit.protocol.connection import Buffer
 from conduit.transfer import _engine, _write_behind
 from conduit.transfer._storage import PartialFile
@@ -136,6 +139,29 @@ async def test_batches_are_written_in_order_in_one_other_thread() -> None:
     assert len(sink.threads) == 1 and threading.get_ident() not in sink.threads
 
 
+async def test_an_empty_batch_is_reported_written_and_its_stream_gets_all_credit_back() -> None:
+    """A peer may send zero-length DATA frames; a batch of them alone is still
+    a batch its stream keeps: it must be reported written like any other, or
+    every later report releases the batch before it and the last one's credit
+    never goes back (a sender waiting for it would wait for ever)."""
+    sink = _Sink()
+    grants: list[int] = []
+    window = 64 * 1024
+    stream = IncomingStream(1, window, lambda _stream, amount: grants.append(amount))
+    async with _writer(sink.write, stream.release) as behind:
+        for payload in (b"a" * 1000, b"", b"b" * 2000):
+            stream.on_data(memoryview(payload), 0)
+            chunks, trailer = await stream.receive(keep=True)
+            assert trailer is None
+            await behind.put(chunks)
+            del chunks
+        await behind.drain()
+    assert bytes(sink.data) == b"a" * 1000 + b"b" * 2000
+    assert behind.bytes_written == 3000
+    assert stream.available == window  # every batch's credit came back
+    assert sum(grants) > 3000  # granted back: the payloads and their frames' costs
+
+
 async def test_at_most_write_depth_batches_are_queued_or_being_written() -> None:
     """While the sink holds its first write, ``WRITE_DEPTH`` batches are let in
     and the next waits for room; it goes in once a write finished."""
@@ -172,6 +198,31 @@ async def test_a_failed_write_is_raised_and_nothing_is_written_after_it() -> Non
     assert sink.calls == 2
     assert len(released) == 1  # the failed batch was not released as written
     assert behind.bytes_written == len(b"first")
+
+
+class _Record(bytearray):
+    """A record buffer that can be watched (``weakref``) for being let go."""
+
+
+async def test_a_failed_write_keeps_its_error_and_not_its_batch() -> None:
+    """The failure outlives the write (raised by the next call, kept as the
+    stream's error); the frames of its traceback must not keep the batch's
+    records alive with it."""
+
+    def write(chunks: Sequence[Buffer]) -> None:
+        views = [memoryview(chunk) for chunk in chunks]
+        raise OSError(28, f"No space left on device ({len(views)} chunks)")
+
+    record = _Record(b"x" * 4096)
+    watched = weakref.ref(record)
+    async with _writer(write) as behind:
+        await behind.put([memoryview(record)[:100], memoryview(record)[100:]])
+        del record
+        await behind.settle()
+        gc.collect()
+        assert watched() is None  # let go, while the failure is still kept:
+        with pytest.raises(OSError, match=r"No space left on device \(2 chunks\)"):
+            await behind.drain()
 
 
 async def test_batches_queued_behind_a_failure_are_skipped() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,25 +154,38 @@ class WriteBehind:
         failed = False
         while (job := self._jobs.get()) is not _STOP:
             chunks, count = job
-            result: outcome.Outcome[Any]
+            result: outcome.Outcome[Any] | None
             if failed:  # the sink is in an unknown state: write nothing more
-                result = outcome.Value(None)
-                count = 0
+                result = None
             else:
-                result = outcome.capture(self._write, chunks)
-                failed = isinstance(result, outcome.Error)
+                try:
+                    self._write(chunks)
+                except BaseException as exc:
+                    failed = True
+                    # The failure is kept (raised by the transfer's next call,
+                    # then as its stream's error): the frames it was raised in
+                    # must not keep the batch's records alive with it. (Not
+                    # outcome.capture: its own frame, which the write's frame
+                    # points back to, would keep the batch in its arguments.)
+                    traceback.clear_frames(exc.__traceback__)
+                    result = outcome.Error(exc)
+                else:
+                    result = outcome.Value(None)
             del chunks, job  # the records the chunks pin can be reused now
             try:
                 self._token.run_sync_soon(self._batch_done, result, count)
             except trio.RunFinishedError:
                 return
 
-    def _batch_done(self, result: outcome.Outcome[Any], count: int) -> None:
-        # In the Trio thread, in the order the batches were written. Outside
-        # any task: an exception escaping here would crash the whole run, so
-        # the callback's is the transfer's failure instead.
+    def _batch_done(self, result: outcome.Outcome[Any] | None, count: int) -> None:
+        # In the Trio thread, in the order the batches were written (None: one
+        # skipped after a failure). Outside any task: an exception escaping
+        # here would crash the whole run, so the callback's is the transfer's
+        # failure instead. Every batch written is reported, an empty one too
+        # (a peer's zero-length DATA): the stream releases its kept batches
+        # oldest first, one per report.
         self.outstanding -= 1
-        if isinstance(result, outcome.Value) and count:
+        if isinstance(result, outcome.Value):
             self.bytes_written += count
             result = outcome.capture(self._written)
         if isinstance(result, outcome.Error) and self._failure is None:
