@@ -850,6 +850,40 @@ def test_a_full_disk_during_a_vector_write_keeps_what_reached_the_file(
     partial.close()
 
 
+def _write_more(partial: PartialFile, *, vector: bool) -> None:
+    """Four more bytes, with ``write_chunks`` (``vector``) or ``write_block``."""
+    if vector:
+        partial.write_chunks([b"mo", b"re"])
+    else:
+        partial.write_block(b"more")
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["write_block", "write_chunks"])
+def test_a_write_that_takes_nothing_is_an_error_not_a_spin(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch, vector: bool
+) -> None:
+    """A write that reports 0 bytes and no error (a file system in user space
+    may) raises EIO; retrying it would spin for ever in the writer thread.
+    What reached the file before still matches the offset and hash."""
+    partial = storage.open_partial("z.bin", TID, resume=False)
+    partial.write_block(b"ok")
+    calls = {"n": 0}
+
+    def takes_nothing(*args: object) -> int:
+        calls["n"] += 1
+        assert calls["n"] < 100, "the write was retried without end"
+        return 0
+
+    monkeypatch.setattr(os, "pwritev" if vector else "pwrite", takes_nothing)
+    with pytest.raises(OSError, match="took none of 4 bytes") as info:
+        _write_more(partial, vector=vector)
+    assert info.value.errno == errno.EIO
+    assert calls["n"] == 1
+    assert partial.offset == 2
+    assert partial.sha256_hex() == sha256(b"ok")
+    partial.close()
+
+
 def test_discard(storage: StorageRoot) -> None:
     partial = storage.open_partial("a.txt", TID, resume=False)
     partial.write_block(b"x")

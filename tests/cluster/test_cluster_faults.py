@@ -18,7 +18,9 @@ fails once, as a transient S3 or Redis error would.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import logging
 import os
 import threading
@@ -33,7 +35,7 @@ import trio
 
 from cluster_engines import Engines
 from conduit import FileTransferHandler
-from conduit.cluster._push import push_via_node
+from conduit.cluster._push import _write_all, push_via_node
 from conduit.cluster._s3_wire import UploadState
 from conduit.cluster.bus import BusError, ClusterBus, NodeUnreachable
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Store
@@ -453,6 +455,30 @@ async def test_the_sweeper_removes_what_a_publish_could_not_clean_up(
 
 def _always_fails(key: str) -> None:
     raise _client_error("SlowDown", 503, "DeleteObject")
+
+
+def test_a_local_copy_the_file_system_takes_none_of_is_an_error_not_a_spin(
+    tmp_path: Path,
+) -> None:
+    """The client's node copies a staged file to a local one before pushing
+    it: a write that takes 0 bytes with no error raises EIO instead of being
+    retried for ever in its worker thread."""
+
+    class TakesNothing(io.FileIO):
+        calls = 0
+
+        def write(self, data: Any) -> int:
+            TakesNothing.calls += 1
+            assert TakesNothing.calls < 100, "the write was retried without end"
+            return 0
+
+    with (
+        TakesNothing(tmp_path / "copy", "wb") as out,
+        pytest.raises(OSError, match="took none of 5 bytes") as info,
+    ):
+        _write_all(out, b"bytes")
+    assert info.value.errno == errno.EIO
+    assert TakesNothing.calls == 1
 
 
 # --------------------------------------------------------------------------- the partial's close

@@ -28,6 +28,7 @@ code ``"unreachable"``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -306,7 +307,9 @@ def _write_all(out: io.FileIO, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = out.write(view)
-        view = view[written or 0 :]
+        if not written:  # took nothing, with no error: trying again would spin for ever
+            raise OSError(errno.EIO, f"the file system took none of {len(view)} bytes")
+        view = view[written:]
 
 
 async def deliver_staged(

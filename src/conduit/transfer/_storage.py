@@ -943,6 +943,8 @@ class PartialFile:
                 written = os.pwrite(fd, view, self._offset)
             except OSError as exc:
                 raise _translate_write_error(exc, self._name) from exc
+            if not written:
+                raise _wrote_nothing(len(view), self._name)
             # Hash exactly what reached the file, so a failed write leaves a consistent prefix.
             self._hash.update(view[:written])
             self._offset += written
@@ -964,6 +966,8 @@ class PartialFile:
                 written = os.pwritev(fd, views[first : first + _IOV_MAX], self._offset)
             except OSError as exc:
                 raise _translate_write_error(exc, self._name) from exc
+            if not written:
+                raise _wrote_nothing(sum(map(len, views[first:])), self._name)
             # Hash exactly what reached the file (a short write ends mid-chunk).
             while written:
                 view = views[first]
@@ -1309,6 +1313,13 @@ def _remove_regular(dir_fd: int, entry: str) -> bool:
 
 #: Buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
 _IOV_MAX = 512
+
+
+def _wrote_nothing(size: int, name: str) -> OSError:
+    # A write that takes none of its bytes and reports no error (a file system
+    # in user space may): trying again would spin for ever, in a thread a
+    # shielded settle waits for.
+    return OSError(errno.EIO, f"the file system took none of {size} bytes written to {name!r}")
 
 
 def _translate_write_error(exc: OSError, name: str) -> Exception:
