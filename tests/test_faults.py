@@ -425,10 +425,16 @@ async def _check_published(
 
 
 def _enospc_after(
-    limit: int, marker: str, real_pwrite: Callable[..., int], *, vector: bool = False
+    limit: int,
+    marker: str,
+    real_pwrite: Callable[..., int],
+    *,
+    vector: bool = False,
+    whole_writes: bool = False,
 ) -> Callable[..., int]:
     """An os.pwrite (``vector``: os.pwritev) that fails with ENOSPC once ``limit``
-    bytes went to files named ``marker``."""
+    bytes went to files named ``marker`` (``whole_writes``: a write that starts
+    under ``limit`` goes through whole, so the first one always does)."""
     written = {"bytes": 0}
 
     def pwrite(fd: int, data: Any, offset: int) -> int:
@@ -438,7 +444,7 @@ def _enospc_after(
             target = ""
         if marker in target:
             size = sum(len(buffer) for buffer in data) if vector else len(data)
-            if written["bytes"] + size > limit:
+            if written["bytes"] >= limit if whole_writes else written["bytes"] + size > limit:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             written["bytes"] += size
         return real_pwrite(fd, data, offset)
@@ -492,6 +498,50 @@ async def test_disk_full_injected(
     with trio.fail_after(30):
         again = await sender.send_to_server(client, doomed)
     assert again["success"] is True and again["checksum"] == doomed_sum, again
+
+
+@hostile(
+    "disk-full-download",
+    area="crashes and cuts",
+    attack="ENOSPC injected into the downloading client's os.pwrite/os.pwritev after 1 MiB "
+    "of a 6 MiB download",
+    behaviour="the download fails with 'no_space' and keeps its partial file (a prefix of the "
+    "file, as many bytes as reached it); once there is room again, the same download resumes "
+    "from there and the file is whole",
+)
+async def test_a_download_the_disk_fills_under_keeps_its_partial_for_a_resume(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    served = await make_file(storage / "doomed.bin", 6 * MiB)
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    downloads = tmp_path / "downloads"
+    full = {"whole_writes": True}
+    monkeypatch.setattr(os, "pwrite", _enospc_after(1 * MiB, "doomed", os.pwrite, **full))
+    monkeypatch.setattr(
+        os, "pwritev", _enospc_after(1 * MiB, "doomed", os.pwritev, vector=True, **full)
+    )
+    with trio.fail_after(30):
+        failed = await local.receive_from_server(client, "doomed.bin", local_dir=downloads)
+    assert failed["success"] is False and failed["code"] == "no_space", failed
+    kept = partial_files(downloads)
+    assert len(kept) == 1, kept
+    kept_bytes = kept[0].read_bytes()
+    assert 1 * MiB <= len(kept_bytes) < 6 * MiB
+    assert kept_bytes == (storage / "doomed.bin").read_bytes()[: len(kept_bytes)]
+    monkeypatch.undo()
+    with trio.fail_after(30):
+        again = await local.receive_from_server(client, "doomed.bin", local_dir=downloads)
+    assert again["success"] is True, again
+    assert again["resumed_from"] == len(kept_bytes)
+    assert await file_sha256(downloads / "doomed.bin") == served
+    assert partial_files(downloads) == []
 
 
 @pytest.fixture

@@ -120,6 +120,11 @@ async def _abandon(streams: dict[int, _Inbound], stream_id: int, inbound: _Inbou
 #: "storage_unavailable": a 503 SlowDown burst or a connection reset outlasting
 #: the client's retries), after which the parts it acknowledged are intact.
 _KEPT_ON_FAILURE = frozenset({"busy", "storage_error", "storage_unavailable"})
+#: What a download keeps besides: a full disk ("no_space") says nothing
+#: against what reached the file either. A download cut there resumes once
+#: room is made, as one refused up front for room does (the server's uploads
+#: remove theirs: the room is the server's users', not one peer's).
+_DOWNLOAD_KEPT_ON_FAILURE = _KEPT_ON_FAILURE | {"no_space"}
 
 
 class Receiver:
@@ -578,7 +583,8 @@ class Receiver:
             # What the user's own code raised (an on_progress callback, say)
             # says nothing against the bytes either: kept, as a resume checks
             # every prefix by hash anyway.
-            keep = code in _KEPT_ON_FAILURE or not isinstance(exc, (ConduitError, OSError))
+            kept = _DOWNLOAD_KEPT_ON_FAILURE if direction == "download" else _KEPT_ON_FAILURE
+            keep = code in kept or not isinstance(exc, (ConduitError, OSError))
             with trio.CancelScope(shield=True):
                 await (partial.close() if keep else partial.discard())
             if not stream.finished:
