@@ -26,6 +26,8 @@ import hashlib
 import inspect
 import logging
 import os
+import socket
+import struct
 import threading
 import time
 import weakref
@@ -232,6 +234,19 @@ async def test_inbound_streams_share_one_budget(
     await peer.aclose()
 
 
+def _hold_uploads(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Make the server's uploads write nothing (their writing waits) until the
+    event returned is set."""
+    writing = trio.Event()
+
+    async def receive_once_writing(*args: Any, **kwargs: Any) -> Trailer:
+        await writing.wait()
+        return await receive_file(*args, **kwargs)
+
+    monkeypatch.setattr(_receiver, "receive_file", receive_once_writing)
+    return writing
+
+
 @hostile(
     "server-receive-budget",
     area="resource limits, whole server",
@@ -247,13 +262,7 @@ async def test_inbound_streams_share_one_budget(
 async def test_the_server_bounds_what_all_its_uploads_hold_together(
     server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writing = trio.Event()
-
-    async def receive_once_writing(*args: Any, **kwargs: Any) -> Trailer:
-        await writing.wait()
-        return await receive_file(*args, **kwargs)
-
-    monkeypatch.setattr(_receiver, "receive_file", receive_once_writing)
+    writing = _hold_uploads(monkeypatch)
     storage = tmp_path / "storage"
     transfer = FileTransferHandler(storage_dir=storage)
     budget = MiB
@@ -329,6 +338,124 @@ async def test_the_server_bounds_what_all_its_uploads_hold_together(
         assert finished.ok, finished
         assert (storage / "held" / f"{index}.bin").read_bytes() == bodies[index]
         await peer.aclose()
+    await wait_until(lambda: memory.held == 0, timeout=10)
+
+
+@hostile(
+    "server-receive-budget-peer-gone",
+    area="resource limits, whole server",
+    attack="2 connections each send 960 KiB of an upload while the server's uploads write "
+    "nothing, against receive_window=1 MiB and server_receive_budget=1 MiB, then close their "
+    "sockets abortively (RST) while the server is not reading them",
+    behaviour="the server notices each close within moments, not at its next heartbeats "
+    "(before: 15-30 s, and a client resuming meanwhile was refused 'busy'); their streams "
+    "are forgotten, and the server holds nothing once the others close",
+)
+async def test_a_connection_the_server_stopped_reading_still_ends_when_its_peer_closes(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing = _hold_uploads(monkeypatch)
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(
+        register=transfer.register_server_handlers,
+        receive_window=MiB,
+        server_receive_budget=MiB,
+    )
+    memory = server._settings.receive_memory
+    assert memory is not None
+    chunk, records, uploads = 64 * 1024, 15, 2
+    peers = [await RawPeer.authenticated(server.port, PASSWORD) for _ in range(uploads)]
+    await wait_until(lambda: len(server.clients) == uploads)
+    by_address = {peer.address: peer.connection for peer in server.clients.values()}
+    connections = []
+
+    async def send(peer: RawPeer, stream_id: int) -> None:
+        # All within the window; what the server does not read waits in the
+        # kernel's buffers, and then in this send.
+        for _ in range(records):
+            await peer.send_sealed(data_header(stream_id, chunk) + os.urandom(chunk))
+
+    async with trio.open_nursery() as nursery:
+        for index, peer in enumerate(peers):
+            result = await peer.call(
+                "file_upload_begin",
+                name=f"gone/{index}.bin",
+                size=2 * chunk * records,
+                key=f"{index:032x}",
+            )
+            assert result.ok, result
+            connections.append(by_address[peer.stream.socket.getsockname()[:2]])
+            nursery.start_soon(send, peer, int(result.value["stream_id"]))
+        await wait_until(lambda: memory.held > MiB and any(c._reading_paused for c in connections))
+        nursery.cancel_scope.cancel()
+    paused = [c for c in connections if c._reading_paused]
+    for peer, connection in zip(peers, connections, strict=True):
+        if connection in paused:
+            # An abortive close (RST), as a client's kernel sends when the
+            # client ends with bytes unread: it is seen at once. (A FIN
+            # behind bytes the server does not read waits behind them.)
+            peer.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            await peer.aclose()
+    with trio.fail_after(5):  # the heartbeats (15 s, 45 s) have no part in it
+        await wait_until(lambda: not any(c.is_open for c in paused), timeout=5)
+    writing.set()
+    for peer in peers:
+        await peer.aclose()
+    await wait_until(lambda: memory.held == 0, timeout=10)
+
+
+@hostile(
+    "server-receive-budget-not-idle",
+    area="resource limits, whole server",
+    attack="one connection sends 960 KiB on each of two uploads while the server's uploads "
+    "write nothing, against receive_window=1 MiB, server_receive_budget=1 MiB and "
+    "idle_timeout=1 s",
+    behaviour="the server stops reading the connection and does not close it as idle "
+    "meanwhile (before: 'idle for more than 1s'); once the writing goes on it reads on",
+)
+async def test_a_connection_the_server_stopped_reading_is_not_idle(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing = _hold_uploads(monkeypatch)
+    transfer = FileTransferHandler(storage_dir=tmp_path / "storage")
+    server = await server_factory(
+        register=transfer.register_server_handlers,
+        receive_window=MiB,
+        server_receive_budget=MiB,
+        idle_timeout=1,
+    )
+    memory = server._settings.receive_memory
+    assert memory is not None
+    chunk, records = 64 * 1024, 15
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    await wait_until(lambda: len(server.clients) == 1)
+    (connection,) = (client.connection for client in server.clients.values())
+    streams = []
+    for index in range(2):
+        result = await peer.call(
+            "file_upload_begin", name=f"{index}.bin", size=4 * MiB, key=f"{index:032x}"
+        )
+        assert result.ok, result
+        streams.append(int(result.value["stream_id"]))
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            for _ in range(records):
+                for stream_id in streams:
+                    await peer.send_sealed(data_header(stream_id, chunk) + os.urandom(chunk))
+
+        nursery.start_soon(send)
+        await wait_until(lambda: memory.held > MiB and connection._reading_paused)
+        await trio.sleep(2.5)  # over two idle timeouts without a byte read
+        assert connection.is_open, connection.close_reason
+        assert connection._reading_paused
+        writing.set()
+        await wait_until(lambda: not connection._reading_paused, timeout=10)
+        nursery.cancel_scope.cancel()
+    await peer.aclose()
     await wait_until(lambda: memory.held == 0, timeout=10)
 
 

@@ -55,7 +55,7 @@ from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._receive_memory import SharedReceiveMemory
-from ._socket_io import SocketIO, close_now
+from ._socket_io import SocketIO, close_now, peer_has_closed
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     CallbackCancelledError,
@@ -348,8 +348,13 @@ class Connection:
         self._last_activity = now
         #: The server's receive memory (see _wait_for_receive_memory), if any.
         self._receive_memory = settings.receive_memory
-        # Reading stopped for it: the peer's silence is not counted meanwhile.
+        # Reading stopped for it: the peer's silence (and idleness) is not
+        # counted meanwhile.
         self._reading_paused = False
+        # The peer closed its side while we were not reading it: it sends
+        # nothing more, so what it sent before its end (bounded by the
+        # socket's buffers) is read, and the end seen, whatever the budget.
+        self._read_to_the_end = False
         # While a send waits for room: when the peer last took any of our
         # bytes (None when no send waits). beat() ends a peer that keeps
         # sending but stopped reading, whose silence check stays fresh.
@@ -771,7 +776,12 @@ class Connection:
                     # just sent: handle the rest before reading any more.
                     continue
                 memory = self._receive_memory
-                if memory is not None and memory.held > memory.limit and self._state.incoming:
+                if (
+                    memory is not None
+                    and memory.held > memory.limit
+                    and self._state.incoming
+                    and not self._read_to_the_end
+                ):
                     await self._wait_for_receive_memory(memory)
                     continue
                 role = self._role
@@ -806,15 +816,30 @@ class Connection:
         they hold less, or this connection has no stream coming in.
 
         A peer we do not read cannot be heard either: the time spent here does
-        not count as its silence (its heartbeat timeout starts again after).
+        not count as its silence or idleness (both start again after). Its
+        end cannot be read either: a peer that closed its side (or a
+        connection that failed) is looked for at each look at the budget, and
+        then read to its end (it sends nothing more), so that it ends as any
+        other and a client resuming elsewhere does not find its upload still
+        held here.
         """
         state = self._state
+        stream = self.stream
+
+        def still_needed() -> bool:
+            if not state.incoming or state.phase is _CLOSED:
+                return False
+            if peer_has_closed(stream):
+                self._read_to_the_end = True
+                return False
+            return True
+
         self._reading_paused = True
         try:
-            await memory.wait_for_room(lambda: bool(state.incoming) and state.phase is not _CLOSED)
+            await memory.wait_for_room(still_needed)
         finally:
             self._reading_paused = False
-            self._last_received = trio.current_time()
+            self._last_received = self._last_activity = trio.current_time()
 
     async def _drain_reader(self) -> Blocked | None:
         next_frame = self._reader.next_frame
@@ -1169,7 +1194,11 @@ class Connection:
                 "(heartbeat timeout)"
             )
             return False
-        if settings.idle_timeout is not None and now - self._last_activity > settings.idle_timeout:
+        if (
+            settings.idle_timeout is not None
+            and now - self._last_activity > settings.idle_timeout
+            and not self._reading_paused
+        ):
             # A graceful close waits (for the goodbye to go out): in a task.
             with contextlib.suppress(ConnectionClosed):
                 self.spawn(self.close, f"idle for more than {settings.idle_timeout:g}s")
@@ -1190,8 +1219,13 @@ class Connection:
         while True:
             deadline = self._last_activity + idle_timeout
             if trio.current_time() >= deadline:
-                await self.close(f"idle for more than {idle_timeout:g}s")
-                return
+                if self._reading_paused:
+                    # We are the ones not reading it: not idle. Looked at
+                    # again after idle_timeout; the pause's end counts as activity.
+                    deadline = trio.current_time() + idle_timeout
+                else:
+                    await self.close(f"idle for more than {idle_timeout:g}s")
+                    return
             if await self._sleep_unless_closed(deadline):
                 return
 

@@ -12,7 +12,9 @@ read, so each adds at most the read it was doing, about 1 MiB) until the
 consumers, the uploads writing to disk, have taken enough out. The peers then meet TCP's
 own backpressure: what they send waits in the kernel's socket buffers, which
 the kernel bounds. Connections with no stream coming in, calls and downloads
-alone, read on.
+alone, read on. A paused connection is not silent nor idle for its heartbeat
+(we are the ones not reading it), and one whose peer has closed or reset it
+is read to its end (``Connection._wait_for_receive_memory``).
 """
 
 from __future__ import annotations

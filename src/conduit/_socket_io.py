@@ -41,6 +41,7 @@ import contextlib
 import errno
 import mmap
 import os
+import select
 import socket as _socket
 from collections.abc import Callable
 from typing import Any
@@ -226,3 +227,30 @@ def close_now(stream: trio.abc.Stream) -> bool:
         stream.socket.close()
         return True
     return False
+
+
+#: poll() events that say the peer will send nothing more: it closed its side
+#: (``POLLRDHUP``, Linux; elsewhere only a whole hang-up shows) or the
+#: connection failed.
+_PEER_GONE = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+def peer_has_closed(stream: trio.abc.Stream) -> bool:
+    """Whether the peer of a socket stream (plain or under TLS) has closed its
+    side or the connection failed, even with unread bytes before its end.
+
+    For a reader that has stopped reading on purpose: it sees neither the end
+    nor a reset until it reads everything before them. False for streams on
+    no socket (in memory), and when nothing says so yet. One ``poll`` that
+    never waits.
+    """
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    fd = stream.socket.fileno()
+    if fd < 0:
+        return True  # closed here
+    poller = select.poll()
+    poller.register(fd, _PEER_GONE)
+    return any(events & _PEER_GONE for _, events in poller.poll(0))
