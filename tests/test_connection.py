@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import signal
 import socket
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -168,6 +171,46 @@ async def _running_pair(**server_overrides: Any) -> AsyncIterator[Pair]:
 async def pair() -> AsyncIterator[Pair]:
     async with _running_pair() as p:
         yield p
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_in_a_parked_caller_leaves_the_next_calls_sent_at_once() -> None:
+    """Ctrl-C reaches a caller parked for its result through the same abort as
+    a cancellation: its call is forgotten (and cancelled at the peer), and the
+    count of callers being woken, which holds new calls back to send them
+    together, is left as it was. Before, it went to -1, and from then on every
+    call waited to be sent until eight were queued or something else was."""
+
+    async def main() -> None:
+        async with _running_pair() as p:
+            gate = trio.Event()
+
+            async def slow(_c: Connection) -> str:
+                await gate.wait()
+                return "slow"
+
+            async def echo(_c: Connection, x: int) -> int:
+                return x
+
+            p.server_dispatch.methods.update(slow=slow, echo=echo)
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                with pytest.raises(KeyboardInterrupt), trio.fail_after(10):
+                    await p.client.call("slow", {}, None)  # parked: Ctrl-C lands here
+            finally:
+                timer.cancel()
+            assert p.client._pending.waking == 0
+            with trio.fail_after(5):
+                assert await p.client.call("echo", {"x": 2}, 2.0) == 2
+            gate.set()
+
+    # Python's handler, even when the tests were started with SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trio.run(main)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def test_calls_both_ways(pair: Pair) -> None:

@@ -182,19 +182,20 @@ class PendingCalls:
         pending.parked = True
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
-            # Cancelled by the caller's own scope: forget the call; the peer is
-            # told below, once we are running again.
+            # Cancelled by the caller's own scope, or interrupted (Ctrl-C
+            # reaches a parked task this way too): forget the call; the peer
+            # is told below, once we are running again.
             del self._calls[call_id]
+            pending.parked = False
             return trio.lowlevel.Abort.SUCCEEDED
 
         try:
             result: Result = await trio.lowlevel.wait_task_rescheduled(abort)
-        except trio.Cancelled:
-            # Never woken by us (abort() succeeded): not counted in ``waking``.
-            self._send_cancel(call_id)
-            raise
         except BaseException:
-            self._resumed()
+            if pending.parked:  # woken by us with an error: counted in ``waking``
+                self._resumed()
+            else:  # abort() succeeded: never woken by us, so not counted
+                self._send_cancel(call_id)
             raise
         self._resumed()
         if result.ok:  # _value's common case, inline
