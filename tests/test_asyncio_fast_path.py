@@ -80,6 +80,10 @@ async def start_rig() -> tuple[Rig, asyncio.Task[None]]:
         return data
 
     @server.rpc
+    async def names(loop: int, proxy: int, client: int) -> list[int]:
+        return [loop, proxy, client]
+
+    @server.rpc
     async def fail(code: str) -> None:
         raise RPCError("refused on purpose", code)
 
@@ -180,6 +184,19 @@ def test_failures_keep_their_types() -> None:
         with pytest.raises(TypeError):
             await r.client.rpc.call("echo", args=["not", "a", "dict"])
         assert await r.client.rpc.invoke("echo", data="still fine") == "still fine"
+
+    run(body)
+
+
+def test_arguments_may_bear_the_names_of_the_fast_paths_own_parameters() -> None:
+    """``loop=``, ``proxy=`` and ``client=`` are the caller's arguments, as
+    under Trio (they raised TypeError: "got multiple values for argument")."""
+
+    async def body(r: Rig) -> None:
+        names = {"loop": 1, "proxy": 2, "client": 3}
+        assert await r.client.rpc.call("names", **names) == {"success": True, "data": [1, 2, 3]}
+        assert await r.client.rpc.invoke("names", **names) == [1, 2, 3]
+        assert await r.client.call("names", **names) == [1, 2, 3]
 
     run(body)
 

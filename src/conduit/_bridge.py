@@ -84,6 +84,8 @@ def install_asyncio_fast_path(wrapper: Callable[..., Any], fast_path: FastPath) 
     loop's thread without a hop into the guest run. ``fast_path(loop, *args,
     **kwargs)`` must keep the method's documented behaviour exactly (results,
     exception types, cancellation); returning None falls back to the hop.
+    Its own leading parameters (the loop, the method's ``self``) must be
+    positional-only: keyword arguments are the caller's, and may have any name.
     """
     _fast_paths[wrapper.__wrapped__] = fast_path  # type: ignore[attr-defined]
 

@@ -152,6 +152,7 @@ async def _rpc_call(
 def fast_call(
     loop: asyncio.AbstractEventLoop,
     proxy: RPCProxy,
+    /,
     method: str,
     args: Any = None,
     timeout: float | None = None,
@@ -170,6 +171,7 @@ def fast_call(
 def fast_invoke(
     loop: asyncio.AbstractEventLoop,
     proxy: RPCProxy,
+    /,
     method: str,
     args: Any = None,
     timeout: float | None = None,
@@ -188,6 +190,7 @@ def fast_invoke(
 def fast_client_call(
     loop: asyncio.AbstractEventLoop,
     client: Client,
+    /,
     method: str,
     args: Any = None,
     timeout: float | None = None,
