@@ -26,7 +26,7 @@ import threading
 import traceback
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -490,6 +490,60 @@ def test_guest_started_during_asyncio_run_shutdown() -> None:
     run_strict(main)
     assert results == ["cleanup ran"]
     # The next asyncio.run in this thread still works.
+    assert run_strict(lambda: run_in_trio(_return_after_checkpoint, 1)) == 1
+
+
+def test_a_call_while_asyncio_run_closes_async_generators_starts_no_guest() -> None:
+    # asyncio.run closes the async generators left open after it cancelled its
+    # tasks, the guest's keeper included: a bridged call from one's finally
+    # raises CancelledError (the loop is ending). It started a guest run that
+    # nothing ended, and the next asyncio.run in the thread failed.
+    outcomes: list[str] = []
+    kept: list[AsyncIterator[int]] = []
+
+    async def generator() -> AsyncIterator[int]:
+        try:
+            yield 1
+        finally:
+            try:
+                await run_in_trio(_return_after_checkpoint, None)
+                outcomes.append("completed")
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+                raise
+
+    async def main() -> None:
+        await run_in_trio(_return_after_checkpoint, None)  # the guest exists
+        opened = generator()
+        kept.append(opened)  # still referenced when main returns
+        assert await anext(opened) == 1
+
+    run_strict(main)
+    kept.clear()
+    assert outcomes == ["cancelled"]
+    # The next asyncio.run in this thread still works.
+    assert run_strict(lambda: run_in_trio(_return_after_checkpoint, 1)) == 1
+
+
+def test_a_task_factory_without_a_context_argument_still_gets_a_guest() -> None:
+    # Task factories written before Python 3.11 take (loop, coro) only (some
+    # instrumentation libraries'): the guest's keeper task is made without
+    # the factory. It was made with it, failed, and left the guest running
+    # with no keeper: the call hung, and the next asyncio.run failed.
+    made: list[str] = []
+
+    def old_style_factory(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]
+    ) -> asyncio.Task[Any]:
+        made.append(getattr(coro, "__name__", "?"))
+        return asyncio.Task(coro, loop=loop)
+
+    async def main() -> int:
+        asyncio.get_running_loop().set_task_factory(old_style_factory)  # type: ignore[arg-type]
+        result: int = await asyncio.wait_for(run_in_trio(_return_after_checkpoint, 7), 10)
+        return result
+
+    assert run_strict(main) == 7
     assert run_strict(lambda: run_in_trio(_return_after_checkpoint, 1)) == 1
 
 

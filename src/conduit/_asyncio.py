@@ -598,8 +598,14 @@ def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
     guest.token = trio.lowlevel.current_trio_token()
     with _registry_lock:
         _guests[loop] = guest
-    guest.keeper = loop.create_task(
-        _keep_guest(guest), name="conduit: Trio guest run keeper", context=contextvars.Context()
+    # asyncio.Task itself, not loop.create_task: a task factory written before
+    # Python 3.11 takes no context, and failing here would leave the guest
+    # running with no keeper to end it.
+    guest.keeper = asyncio.Task(
+        _keep_guest(guest),
+        loop=loop,
+        name="conduit: Trio guest run keeper",
+        context=contextvars.Context(),
     )
     # If the keeper ends without having shut the guest down (cancelled before its
     # first step, so its except clause never ran), still ask the guest to end.
@@ -678,6 +684,13 @@ def _submit(
     """Start ``fn(*args, **kwargs)`` in ``loop``'s guest run (asyncio side)."""
     guest = _guests.get(loop)
     if guest is None:
+        if getattr(loop, "_asyncgens_shutdown_called", False):
+            # The loop's last steps (asyncio.run closing the async generators
+            # left open, whose finally blocks may call us): a guest run started
+            # now would outlive the loop, nothing would end it, and it would
+            # break the next asyncio.run in this thread. (asyncio's own flag,
+            # which uvloop keeps too; where it is missing, nothing changes.)
+            raise asyncio.CancelledError("conduit: the event loop is ending")
         guest = _start_guest(loop)
     elif guest.state is _State.CLOSING:
         # The loop is ending (asyncio.run is cancelling its tasks): a caller
