@@ -213,6 +213,31 @@ def test_ctrl_c_in_a_parked_caller_leaves_the_next_calls_sent_at_once() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+_REQUEST_USER: contextvars.ContextVar[str] = contextvars.ContextVar("request_user", default="-")
+
+
+async def test_each_call_has_its_own_contextvars(pair: Pair) -> None:
+    """A handler runs in the task that read its call (and, once it blocks,
+    goes on there), but with its own copy of the context: what it sets is seen
+    by itself, across its waits, and by no later call."""
+
+    async def login(_c: Connection, name: str, block: bool) -> str:
+        _REQUEST_USER.set(name)
+        if block:
+            await trio.sleep(0.01)  # blocked: finished off the reading path
+        return _REQUEST_USER.get()
+
+    async def whoami(_c: Connection) -> str:
+        return _REQUEST_USER.get()
+
+    pair.server_dispatch.methods.update(login=login, whoami=whoami)
+    with trio.fail_after(10):
+        assert await pair.client.call("login", {"name": "alice", "block": False}, None) == "alice"
+        assert await pair.client.call("whoami", {}, None) == "-"
+        assert await pair.client.call("login", {"name": "bob", "block": True}, None) == "bob"
+        assert await pair.client.call("whoami", {}, None) == "-"
+
+
 async def test_calls_both_ways(pair: Pair) -> None:
     async def add(_c: Connection, a: int, b: int) -> int:
         return a + b

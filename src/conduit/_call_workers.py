@@ -1,7 +1,8 @@
 """The tasks that read a connection and run the calls its peer makes (leader/follower).
 
 One task at a time holds the *reading role*: it reads records, feeds the state
-machine and, when a CALL arrives, runs the handler itself, right there. Most
+machine and, when a CALL arrives, runs the handler itself, right there (in a
+copy of its contextvars, as a task of its own would have). Most
 handlers finish without ever blocking (an echo, a lookup, a computation): the
 result is queued and the reader reads on, with no task switch at all for the
 call. When a handler blocks (it awaits I/O, a sleep, a call back into the
@@ -21,6 +22,7 @@ call ids are in use and how many may run is the state machine's
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -47,19 +49,31 @@ MAX_IDLE_FOLLOWERS = 32
 class Blocked:
     """A call whose handler blocked while the reader ran it: the rest runs off the reading path."""
 
-    __slots__ = ("call_id", "coroutine", "method", "trap")
+    __slots__ = ("call_id", "context", "coroutine", "method", "trap")
 
-    def __init__(self, call_id: int, method: str, coroutine: Coroutine[Any, Any, Any], trap: Any):
+    def __init__(
+        self,
+        call_id: int,
+        method: str,
+        coroutine: Coroutine[Any, Any, Any],
+        trap: Any,
+        context: contextvars.Context,
+    ):
         self.call_id = call_id
         self.method = method
         self.coroutine = coroutine
         #: What the coroutine yielded to Trio when it blocked, still to be passed on.
         self.trap = trap
+        #: The call's own contextvars, in which every step of it runs.
+        self.context = context
 
 
 @types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, Any]:
-    """Go on running ``coroutine``, which yielded ``trap`` while driven by hand.
+def _resume(
+    coroutine: Coroutine[Any, Any, Any], trap: Any, context: contextvars.Context
+) -> Generator[Any, Any, Any]:
+    """Go on running ``coroutine``, which yielded ``trap`` while driven by hand,
+    each step in its call's ``context``.
 
     The coroutine started in this same task (the reader), so the trap (a Trio
     wait, a checkpoint) is this task's: it is passed to Trio unchanged, and
@@ -70,12 +84,12 @@ def _resume(coroutine: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, An
             reply = yield trap
         except BaseException as exc:  # thrown into us (close()): the coroutine's to handle
             try:
-                trap = coroutine.throw(exc)
+                trap = context.run(coroutine.throw, exc)
             except StopIteration as stop:
                 return stop.value
         else:
             try:
-                trap = coroutine.send(reply)
+                trap = context.run(coroutine.send, reply)
             except StopIteration as stop:
                 return stop.value
 
@@ -155,8 +169,12 @@ class CallRunners:
         # coroutine that would turn its outcome into a Result (a frame and a
         # coroutine less per call): _failure maps what it raises.
         coroutine = self._dispatch(method, event.args)
+        # A context of its own, as a task of its own would give it: what one
+        # handler sets (a ContextVar, a tracing span) must not be seen by the
+        # next calls this task runs.
+        context = contextvars.copy_context()
         try:
-            trap = coroutine.send(None)
+            trap = context.run(coroutine.send, None)
         except StopIteration as stop:
             self._queue_value(call_id, stop.value)  # frees the id too (one call less)
             return None
@@ -167,7 +185,7 @@ class CallRunners:
         except BaseException:
             self._finished(call_id)
             raise
-        return Blocked(call_id, method, coroutine, trap)
+        return Blocked(call_id, method, coroutine, trap, context)
 
     def cancel(self, call_id: int) -> None:
         """The caller gave up: cancel the task running that call, if it still runs."""
@@ -198,7 +216,7 @@ class CallRunners:
         self._running[call_id] = scope
         result: Result
         try:
-            value = await _resume(blocked.coroutine, blocked.trap)
+            value = await _resume(blocked.coroutine, blocked.trap, blocked.context)
         except Exception as exc:
             result = self._failure(blocked.method, exc)
         else:
