@@ -313,6 +313,43 @@ def test_async_with_exits_cleanly_while_reconnecting_under_asyncio() -> None:
     asyncio.run(main())
 
 
+def test_an_asyncio_reconnect_hook_may_give_up_with_disconnect() -> None:
+    """An ``async def`` on_reconnecting hook that calls ``disconnect()`` (giving
+    up) is the reconnect's own: the disconnect returns at once and the hook
+    runs to its end, as under Trio. It was taken for an outside caller: the
+    disconnect cancelled the reconnect, and with it the hook, mid-await."""
+    log: list[str] = []
+
+    async def main() -> None:
+        server = _server()
+        task = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, reconnect_delay=0.05, reconnect_attempts=5)
+
+            @client.on_reconnecting
+            async def give_up(attempt: int, delay: float) -> None:
+                log.append(f"attempt {attempt}")
+                await client.disconnect("giving up")
+                log.append("disconnect() returned")
+                await asyncio.sleep(0)
+                log.append("hook ended")
+
+            await client.connect()
+            proxy.legs[0].close()
+            await asyncio.wait_for(client.wait_closed(), 10)
+            for _ in range(100):  # the hook's last steps, after the end
+                if "hook ended" in log:
+                    break
+                await asyncio.sleep(0.01)
+            assert not client.connected and not reconnecting(client)
+        await server.close()
+        await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+    assert log == ["attempt 1", "disconnect() returned", "hook ended"]
+
+
 async def test_a_given_stream_is_not_redialled() -> None:
     server = _server()
     async with trio.open_nursery() as nursery:

@@ -9,6 +9,7 @@ file descriptors) the tests ask for ``tcp_server_factory`` /
 ``tcp_client_factory``, real loopback sockets.
 """
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -688,6 +689,78 @@ async def test_a_handler_that_closes_its_own_connection_ends_it(
         await client.wait_closed()
         with pytest.raises(ConnectionClosed, match="logged out"):
             await client.call("logout")  # the end was the server's goodbye
+
+
+async def test_a_handler_that_waited_before_closing_its_connection_still_answers(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """A handler that had awaited something before its close (its call runs
+    off the reading path then) may await more after it: the goodbye waits for
+    its answer. Before, the writer sent the goodbye as soon as it ran, and
+    the caller saw ConnectionClosed."""
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def logout() -> str:
+            await trio.sleep(0.01)
+            await conduit.current_peer().close("logged out")
+            await trio.sleep(0.05)
+            return "bye"
+
+    server = await server_factory(register=register_server, heartbeat_interval=0)
+    client = await client_factory(server)
+    with trio.fail_after(10):
+        assert await client.call("logout") == "bye"
+        await client.wait_closed()
+
+
+def test_an_asyncio_handler_that_closes_its_own_connection_still_answers() -> None:
+    """The same "logout" under the asyncio shim, on both sides: the ``async
+    def`` handler runs in an asyncio task, its close (or disconnect) in a
+    task of the guest run on its behalf. It returns at once, and the goodbye
+    waits for the handler's answer. Before, the close was taken for an
+    outside one: it closed at once, the handler was cancelled at its await
+    and the caller saw ConnectionClosed."""
+    log: list[str] = []
+
+    async def main() -> None:
+        server = Server(server_descriptor(heartbeat_interval=0))
+
+        @server.rpc
+        async def logout() -> str:
+            await conduit.current_peer().close("logged out")
+            log.append("server: close() returned")
+            return "bye"
+
+        serving = asyncio.create_task(server.run())
+        port = await asyncio.wait_for(server.wait_listening(), 10)
+        client = Client(client_descriptor(port, reconnect_enabled=False, heartbeat_interval=0))
+
+        @client.rpc
+        async def leave() -> str:
+            await client.disconnect("left")
+            log.append("client: disconnect() returned")
+            return "bye"
+
+        try:
+            await client.connect()
+            assert await asyncio.wait_for(client.call("logout"), 10) == "bye"
+            await asyncio.wait_for(client.wait_closed(), 10)
+            await client.connect()
+            for _ in range(500):
+                if server.clients:
+                    break
+                await asyncio.sleep(0.01)
+            (peer,) = server.clients.values()
+            assert await asyncio.wait_for(peer.call("leave"), 10) == "bye"
+            await asyncio.wait_for(client.wait_closed(), 10)
+        finally:
+            await client.disconnect()
+            await server.close()
+            await asyncio.wait_for(serving, 10)
+
+    asyncio.run(main())
+    assert log == ["server: close() returned", "client: disconnect() returned"]
 
 
 async def test_answers_already_made_go_out_before_the_goodbye(

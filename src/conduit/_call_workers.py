@@ -130,6 +130,10 @@ class CallRunners:
         self._followers: list[trio.lowlevel.Task] = []
         # Calls that blocked, by id: the scope that cancels the task running each.
         self._running: dict[int, trio.CancelScope] = {}
+        # The tasks finishing a call that blocked, until its answer is sent
+        # (see answering), and where to wait for one to be.
+        self._answering: set[trio.lowlevel.Task] = set()
+        self._answered = trio.lowlevel.ParkingLot()
 
     async def run(self) -> None:
         """One task's life: read while holding the role, finish a call that blocked, follow.
@@ -211,20 +215,35 @@ class CallRunners:
             return
         self._spawn(self.run)
 
+    def answering(self, task: trio.lowlevel.Task) -> bool:
+        """Whether ``task`` runs a call that blocked and has not sent its answer yet."""
+        return task in self._answering
+
+    async def wait_answered(self, task: trio.lowlevel.Task) -> None:
+        """Wait until ``task`` has sent the answer of the call it runs (see :meth:`answering`)."""
+        while task in self._answering:
+            await self._answered.park()
+
     async def _finish(self, blocked: Blocked, scope: trio.CancelScope) -> None:
         call_id = blocked.call_id
         self._running[call_id] = scope
-        result: Result
+        task = trio.lowlevel.current_task()
+        self._answering.add(task)
         try:
-            value = await _resume(blocked.coroutine, blocked.trap, blocked.context)
-        except Exception as exc:
-            result = self._failure(blocked.method, exc)
-        else:
-            result = Result(True, value)
+            result: Result
+            try:
+                value = await _resume(blocked.coroutine, blocked.trap, blocked.context)
+            except Exception as exc:
+                result = self._failure(blocked.method, exc)
+            else:
+                result = Result(True, value)
+            finally:
+                del self._running[call_id]
+                self._finished(call_id)
+            await self._send_result(call_id, result)
         finally:
-            del self._running[call_id]
-            self._finished(call_id)
-        await self._send_result(call_id, result)
+            self._answering.discard(task)
+            self._answered.unpark_all()
 
     def _failure(self, method: str, exc: Exception) -> Result:
         """The RESULT for a handler that raised ``exc``."""

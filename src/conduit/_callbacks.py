@@ -25,6 +25,7 @@ transfer code can ask the question without importing the shim.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
@@ -39,6 +40,7 @@ __all__ = [
     "HOST_LOOP",
     "asyncio_callback",
     "callback_world",
+    "calling_task",
     "current_host_loop",
     "invoke",
     "is_asyncio_hosted",
@@ -46,6 +48,13 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: In an asyncio callback run by :func:`invoke` (and in what it calls through
+#: the bridge, which copies the caller's contextvars): the Trio task that
+#: awaits the callback. See :func:`calling_task`.
+_AWAITED_BY: contextvars.ContextVar[trio.lowlevel.Task | None] = contextvars.ContextVar(
+    "conduit_awaited_by", default=None
+)
 World = Literal["trio", "asyncio"]
 
 _WORLD_ATTRIBUTE = "__conduit_callback_world__"
@@ -56,6 +65,20 @@ _WORLD_ATTRIBUTE = "__conduit_callback_world__"
 HOST_LOOP: trio.lowlevel.RunVar[asyncio.AbstractEventLoop | None] = trio.lowlevel.RunVar(
     "conduit_host_loop", default=None
 )
+
+
+def calling_task() -> trio.lowlevel.Task:
+    """The Trio task on whose behalf the calling Trio code runs.
+
+    The current task, except in code that an asyncio callback calls through
+    the bridge (an ``async def`` RPC handler's ``await peer.close()`` under
+    the asyncio shim runs in a worker task of the guest run): there, the task
+    that awaits the callback (the handler's own, in the connection). Code that
+    asks "is this one of the connection's own tasks?" asks it of this task.
+    Raises RuntimeError outside a Trio task, as ``current_task()`` does.
+    """
+    awaited_by = _AWAITED_BY.get()
+    return awaited_by if awaited_by is not None else trio.lowlevel.current_task()
 
 
 def current_host_loop() -> asyncio.AbstractEventLoop | None:
@@ -204,8 +227,13 @@ async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[A
         # asyncio.Task directly, not loop.create_task: an eager task factory
         # (Python 3.12+) would run the first step right here, inside Trio's
         # scheduler tick, where sniffio says "trio" and Trio's current task is
-        # ours. The task copies this Trio task's contextvars.
-        future = asyncio.Task(coro, loop=loop)
+        # ours. The task copies this Trio task's contextvars, and with them
+        # which Trio task awaits it (see calling_task).
+        token = _AWAITED_BY.set(trio.lowlevel.current_task())
+        try:
+            future = asyncio.Task(coro, loop=loop)
+        finally:
+            _AWAITED_BY.reset(token)
     task = trio.lowlevel.current_task()
     cancel_requested = False
 

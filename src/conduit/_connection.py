@@ -48,6 +48,7 @@ import outcome
 import trio
 
 from ._call_workers import Blocked, CallRunners
+from ._callbacks import calling_task
 from ._heartbeats import Entry, Heartbeats
 from ._host_reader import HostReader, Received
 from ._outbox import Outbox, OutboxClosed
@@ -661,8 +662,17 @@ class Connection:
                 waits = not self._goodbye_now(goodbye)
             else:
                 if goodbye is not None:
-                    # CLOSING: the writer sends what is queued, this last, then stops.
-                    self._outbox.put_last((goodbye,))
+                    closing = self._closing_call_runner() if inside else None
+                    if closing is not None:
+                        # A handler whose answer is still to come (an async
+                        # handler under the asyncio shim, whose close came
+                        # through the bridge before its Trio task resumed):
+                        # the goodbye goes once it is sent (grace bounds it).
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self._goodbye_once_answered, closing, goodbye)
+                    else:
+                        # CLOSING: the writer sends what is queued, this last, then stops.
+                        self._outbox.put_last((goodbye,))
                 waits = True
             if waits:
                 if inside:
@@ -686,7 +696,7 @@ class Connection:
         """Whether the calling task is this connection's: the task of :meth:`run`,
         or one started in its nursery (or below one), which run() waits for."""
         try:
-            task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+            task: trio.lowlevel.Task | None = calling_task()
         except RuntimeError:  # the asyncio host's callback (see _drain_on_host)
             return False
         while task is not None:
@@ -699,6 +709,25 @@ class Connection:
                 return True
             task = nursery.parent_task
         return False
+
+    async def wait_answered(self, task: trio.lowlevel.Task) -> None:
+        """Wait until ``task``, if it runs a call of this connection that
+        blocked, has sent that call's answer (at once when it runs none)."""
+        await self._calls.wait_answered(task)
+
+    def _closing_call_runner(self) -> trio.lowlevel.Task | None:
+        """The task running the call whose handler is closing this connection,
+        if that call has blocked and its answer is not sent yet; else None."""
+        try:
+            task = calling_task()
+        except RuntimeError:
+            return None
+        return task if self._calls.answering(task) else None
+
+    async def _goodbye_once_answered(self, task: trio.lowlevel.Task, goodbye: bytes) -> None:
+        await self._calls.wait_answered(task)
+        with contextlib.suppress(ConnectionClosed):  # ended meanwhile (grace, the peer)
+            self._outbox.put_last((goodbye,))
 
     async def _abort_after(self, grace: float, reason: str) -> None:
         """A close from inside (see :meth:`close`): the end it could not wait for."""

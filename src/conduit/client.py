@@ -16,7 +16,7 @@ import trio
 
 from . import _heartbeats as heartbeats
 from ._bridge import bridged
-from ._callbacks import invoke
+from ._callbacks import calling_task, invoke
 from ._connection import Connection
 from ._endpoint import Endpoint
 from ._handshake_io import ClientRun, Established, client_handshake
@@ -780,7 +780,7 @@ class Client(Endpoint):
         # to stop on its own (it sees _stopping after the hook): cancelling it
         # would cancel this call, and waiting for it would wait for ever.
         reconnecting = self._reconnecting
-        if reconnecting is not None and reconnecting.task is trio.lowlevel.current_task():
+        if reconnecting is not None and reconnecting.task is calling_task():
             reconnecting = None
         if reconnecting is not None:
             reconnecting.scope.cancel()

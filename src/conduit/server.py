@@ -11,6 +11,7 @@ import attrs
 import trio
 
 from ._bridge import bridged
+from ._callbacks import calling_task
 from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
 from ._gatekeeper import Gatekeeper, Refused
 from ._handshake_io import (
@@ -87,6 +88,9 @@ class _Run:
     nursery: trio.Nursery | None = None
     #: Set last, once the run is over: listeners closed, clients gone.
     stopped: trio.Event = attrs.field(factory=trio.Event)
+    #: The task of the run that asked it to stop (a handler's close()), if one
+    #: did: its connection's goodbye waits for that handler's answer.
+    stopped_by: trio.lowlevel.Task | None = None
 
 
 @attrs.define(eq=False)
@@ -370,14 +374,23 @@ class Server(Endpoint):
             with trio.move_on_after(2):
                 async with trio.open_nursery() as nursery:
                     for peer in list(self.clients.values()):
-                        nursery.start_soon(self._say_goodbye, peer, run.reason)
+                        nursery.start_soon(self._say_goodbye, peer, run.reason, run.stopped_by)
         finally:
             scope.cancel()
 
     @staticmethod
-    async def _say_goodbye(peer: Peer, reason: str) -> None:
-        """Close one client's connection gracefully; an error there stops no other goodbye."""
+    async def _say_goodbye(
+        peer: Peer, reason: str, stopped_by: trio.lowlevel.Task | None = None
+    ) -> None:
+        """Close one client's connection gracefully; an error there stops no other goodbye.
+
+        ``stopped_by``: the handler that closed the server. On its connection
+        the goodbye waits for its answer (the handler of an asyncio RPC, whose
+        Trio task sends that answer a few steps after its close() returned).
+        """
         try:
+            if stopped_by is not None:
+                await peer.connection.wait_answered(stopped_by)
             await peer.connection.close(reason, 1.0)
         except Exception:
             log.exception("error closing the connection of client %s", peer.id)
@@ -393,7 +406,7 @@ class Server(Endpoint):
         """
         if run.nursery is None:
             return False
-        nursery = trio.lowlevel.current_task().parent_nursery
+        nursery = calling_task().parent_nursery
         while nursery is not None:
             if nursery is run.nursery:
                 return True
@@ -430,11 +443,11 @@ class Server(Endpoint):
         A run that is not serving yet (still binding or preparing) ends
         without serving. Cancelling close() (a timeout around it) does not
         stop the shutdown, only the wait for it. Called from a task of the
-        server itself (a Trio RPC handler, a connect hook), close() returns
-        at once: the run cannot end before that task has, and it ends once
-        it has. (An asyncio handler's close() is a task of its own: it waits,
-        and is cancelled when the handler's connection closes; the shutdown
-        goes on.) A close() before :meth:`run` was called does nothing.
+        server itself (an RPC handler, a connect hook; under the asyncio
+        shim an ``async def`` one too, whose close() the bridge runs on its
+        behalf), close() returns at once: the run cannot end before that
+        task has, and it ends once it has. A close() before :meth:`run` was
+        called does nothing.
         """
         run = self._run
         if run is None:
@@ -462,6 +475,8 @@ class Server(Endpoint):
         if self._called_from(run):
             # The run waits for this task to end: waiting for the run here
             # would wait for ever.
+            if run.stopped_by is None:
+                run.stopped_by = calling_task()
             return
         await run.stopped.wait()
 
