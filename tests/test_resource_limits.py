@@ -54,9 +54,9 @@ from conduit import (
 )
 from conduit._connection import Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
-from conduit.protocol import FRAME_COST, FrameKind
+from conduit.protocol import FRAME_COST, FrameKind, decode_body
 from conduit.protocol.codec import data_header, encode_frame
-from conduit.protocol.messages import Ping
+from conduit.protocol.messages import Credit, Ping
 from conduit.transfer import _hashing, _receiver, _rerun
 from conduit.transfer._backend_local import CHANGE_THREADS, LIST_THREADS
 from conduit.transfer._engine import receive_file
@@ -457,6 +457,70 @@ async def test_a_connection_the_server_stopped_reading_is_not_idle(
         nursery.cancel_scope.cancel()
     await peer.aclose()
     await wait_until(lambda: memory.held == 0, timeout=10)
+
+
+@hostile(
+    "server-receive-budget-empty-data",
+    area="resource limits, whole server",
+    attack="an upload sent in bulk (its writer thread running) with a zero-length DATA frame "
+    "between every 960 KiB, eight times, then left open and idle",
+    behaviour="every batch written, the empty ones included, is released: once the writer "
+    "has written everything the stream holds nothing in the server's receive memory "
+    "(before: each empty batch left the batch before it counted, 8 MiB here, for as long "
+    "as the peer kept the stream open; a few such peers held the whole budget, and every "
+    "upload of the server stopped being read)",
+)
+async def test_empty_data_frames_leave_nothing_counted_in_the_servers_receive_memory(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    transfer = FileTransferHandler(storage_dir=tmp_path / "storage")
+    server = await server_factory(
+        register=transfer.register_server_handlers,
+        receive_window=MiB,
+        connection_receive_budget=16 * MiB,
+        server_receive_budget=64 * MiB,
+    )
+    memory = server._settings.receive_memory
+    assert memory is not None
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    begun = await peer.call("file_upload_begin", name="empty.bin", size=64 * MiB, key="e" * 32)
+    assert begun.ok, begun
+    stream_id = int(begun.value["stream_id"])
+    credit = {"left": MiB}
+    more_credit = trio.Condition()
+    chunk = 64 * 1024
+
+    async def take_credit() -> None:
+        while True:
+            frame = await peer.next_frame()
+            if frame.kind is FrameKind.CREDIT and frame.stream_id == stream_id:
+                async with more_credit:
+                    credit["left"] += decode_body(frame, Credit).increment
+                    more_credit.notify_all()
+
+    async def send(size: int) -> None:
+        async with more_credit:
+            while credit["left"] < size + FRAME_COST:
+                await more_credit.wait()
+            credit["left"] -= size + FRAME_COST
+        await peer.send_sealed(data_header(stream_id, size) + os.urandom(size))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take_credit)
+        with trio.fail_after(60):
+            for _ in range(33):  # past 2 MiB: the stream is bulk, its writer thread starts
+                await send(chunk)
+            for _ in range(8):
+                await send(0)  # a batch of its own: the consumer is waiting for data
+                await trio.sleep(0.1)
+                for _ in range(15):
+                    await send(chunk)
+            # Idle from here: the writer writes what came, and gives it all back.
+            await wait_until(lambda: memory.held == 0, timeout=20)
+        (connection,) = (client.connection for client in server.clients.values())
+        assert stream_id in connection._state.incoming  # still open, holding nothing
+        nursery.cancel_scope.cancel()
+    await peer.aclose()
 
 
 @hostile(
