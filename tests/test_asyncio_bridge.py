@@ -40,6 +40,7 @@ from conduit._bridge import bridged, current_flavor
 from conduit._callbacks import (
     asyncio_callback,
     callback_world,
+    calling_task,
     current_host_loop,
     invoke,
     is_asyncio_hosted,
@@ -1102,6 +1103,38 @@ def test_invoke_async_callback_runs_on_the_asyncio_loop_when_hosted() -> None:
         "task": True,
         "var": "from trio",  # the asyncio task copies the Trio task's context
     }
+
+
+def test_calling_task_of_a_bridged_call_is_the_task_awaiting_its_asyncio_callback() -> None:
+    # A Trio task awaits an asyncio callback (a handler), which awaits a
+    # bridged call: that call runs in a worker on the Trio task's behalf
+    # (the connection's "is this one of my tasks?" asks about it). The tasks
+    # the call starts inherit its contextvars, but are themselves.
+    seen: dict[str, object] = {}
+
+    async def bridged_call() -> None:
+        seen["worker"] = trio.lowlevel.current_task()
+        seen["on behalf of"] = calling_task()
+        async with trio.open_nursery() as nursery:
+
+            async def started() -> None:
+                seen["child"] = trio.lowlevel.current_task()
+                seen["child on behalf of"] = calling_task()
+
+            nursery.start_soon(started)
+
+    async def callback() -> None:
+        await run_in_trio(bridged_call)
+
+    async def trio_side() -> None:
+        seen["awaiting"] = trio.lowlevel.current_task()
+        assert calling_task() is seen["awaiting"]
+        await invoke(callback)
+
+    _run_in_guest(trio_side)
+    assert seen["worker"] is not seen["awaiting"]
+    assert seen["on behalf of"] is seen["awaiting"]
+    assert seen["child on behalf of"] is seen["child"]
 
 
 def test_invoke_trio_marked_callback_runs_in_trio_when_hosted() -> None:

@@ -49,7 +49,7 @@ import outcome
 import trio
 
 from . import _bridge, _host_rpc
-from ._callbacks import HOST_LOOP
+from ._callbacks import BRIDGE_NURSERY, HOST_LOOP
 
 __all__ = [
     "get_guest_token",
@@ -311,6 +311,7 @@ async def _guest_root(guest: _Guest) -> None:
         with guest.root_scope:
             async with trio.open_nursery() as nursery:
                 guest.nursery = nursery
+                BRIDGE_NURSERY.set(nursery)
                 if guest.state is _State.STARTING:
                     guest.state = _State.RUNNING
                 guest.spawn_pending()

@@ -37,6 +37,7 @@ import trio
 from .errors import CallbackCancelledError
 
 __all__ = [
+    "BRIDGE_NURSERY",
     "HOST_LOOP",
     "asyncio_callback",
     "callback_world",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+World = Literal["trio", "asyncio"]
+
+_WORLD_ATTRIBUTE = "__conduit_callback_world__"
 
 #: In an asyncio callback run by :func:`invoke` (and in what it calls through
 #: the bridge, which copies the caller's contextvars): the Trio task that
@@ -55,15 +59,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 _AWAITED_BY: contextvars.ContextVar[trio.lowlevel.Task | None] = contextvars.ContextVar(
     "conduit_awaited_by", default=None
 )
-World = Literal["trio", "asyncio"]
-
-_WORLD_ATTRIBUTE = "__conduit_callback_world__"
 
 #: The asyncio loop hosting this Trio run. Set by the shim inside each of its
 #: guest runs, and only there: a RunVar is per Trio run, so it is absent under a
 #: plain ``trio.run`` and in a guest run some other library started.
 HOST_LOOP: trio.lowlevel.RunVar[asyncio.AbstractEventLoop | None] = trio.lowlevel.RunVar(
     "conduit_host_loop", default=None
+)
+#: The nursery whose tasks run the bridged calls of asyncio code (the shim's
+#: workers), set by the shim in each of its guest runs as :data:`HOST_LOOP`.
+BRIDGE_NURSERY: trio.lowlevel.RunVar[trio.Nursery | None] = trio.lowlevel.RunVar(
+    "conduit_bridge_nursery", default=None
 )
 
 
@@ -77,8 +83,14 @@ def calling_task() -> trio.lowlevel.Task:
     asks "is this one of the connection's own tasks?" asks it of this task.
     Raises RuntimeError outside a Trio task, as ``current_task()`` does.
     """
+    task = trio.lowlevel.current_task()
     awaited_by = _AWAITED_BY.get()
-    return awaited_by if awaited_by is not None else trio.lowlevel.current_task()
+    # Only a bridge worker runs on another task's behalf: the tasks a bridged
+    # call starts (a client's own, say) inherit the contextvars too, and are
+    # themselves.
+    if awaited_by is not None and task.parent_nursery is BRIDGE_NURSERY.get():
+        return awaited_by
+    return task
 
 
 def current_host_loop() -> asyncio.AbstractEventLoop | None:

@@ -664,10 +664,11 @@ class Connection:
                 if goodbye is not None:
                     closing = self._closing_call_runner() if inside else None
                     if closing is not None:
-                        # A handler whose answer is still to come (an async
-                        # handler under the asyncio shim, whose close came
-                        # through the bridge before its Trio task resumed):
-                        # the goodbye goes once it is sent (grace bounds it).
+                        # A handler whose call blocked and is not answered
+                        # yet (every async one under the asyncio shim, whose
+                        # close comes through the bridge; a Trio one that
+                        # awaited before its close): the goodbye goes once
+                        # that answer is sent (grace bounds the wait).
                         assert self._nursery is not None
                         self._nursery.start_soon(self._goodbye_once_answered, closing, goodbye)
                     else:
@@ -725,7 +726,7 @@ class Connection:
         return task if self._calls.answering(task) else None
 
     async def _goodbye_once_answered(self, task: trio.lowlevel.Task, goodbye: bytes) -> None:
-        await self._calls.wait_answered(task)
+        await self.wait_answered(task)
         with contextlib.suppress(ConnectionClosed):  # ended meanwhile (grace, the peer)
             self._outbox.put_last((goodbye,))
 
