@@ -471,6 +471,17 @@ def test_guest_started_by_a_task_with_a_pending_cancellation() -> None:
     assert events == ["finally"]
 
 
+async def _cleanup_call(outcomes: list[str]) -> None:
+    """A bridged call from cleanup code run while asyncio.run ends; records
+    whether it "completed" or was "cancelled" (and re-raises that)."""
+    try:
+        await run_in_trio(_return_after_checkpoint, None)
+        outcomes.append("completed")
+    except asyncio.CancelledError:
+        outcomes.append("cancelled")
+        raise
+
+
 def test_guest_started_during_asyncio_run_shutdown() -> None:
     # The first bridged call ever is made by a leftover task while asyncio.run
     # is cancelling it: the keeper task is created too late to be cancelled
@@ -506,12 +517,7 @@ def test_a_call_while_asyncio_run_closes_async_generators_starts_no_guest() -> N
         try:
             yield 1
         finally:
-            try:
-                await run_in_trio(_return_after_checkpoint, None)
-                outcomes.append("completed")
-            except asyncio.CancelledError:
-                outcomes.append("cancelled")
-                raise
+            await _cleanup_call(outcomes)
 
     async def main() -> None:
         await run_in_trio(_return_after_checkpoint, None)  # the guest exists
@@ -578,12 +584,7 @@ def test_cleanup_call_during_shutdown_does_not_log() -> None:
             started.set()
             await asyncio.sleep(30)
         finally:
-            try:
-                await run_in_trio(_return_after_checkpoint, None)
-                outcomes.append("completed")
-            except asyncio.CancelledError:
-                outcomes.append("cancelled")
-                raise
+            await _cleanup_call(outcomes)
 
     async def main() -> None:
         await run_in_trio(_return_after_checkpoint, None)  # the guest exists

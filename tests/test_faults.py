@@ -46,6 +46,7 @@ from transfer_helpers import (
     file_sha256,
     make_file,
     partial_files,
+    storage_server,
     visible_files,
     write_random_file,
 )
@@ -517,8 +518,7 @@ async def test_a_download_the_disk_fills_under_keeps_its_partial_for_a_resume(
 ) -> None:
     storage = tmp_path / "storage"
     served = await make_file(storage / "doomed.bin", 6 * MiB)
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(register=transfer.register_server_handlers)
+    _, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
     local = FileTransferHandler(storage_dir=tmp_path / "client")
     downloads = tmp_path / "downloads"

@@ -13,8 +13,10 @@ cancelled transfer leaves only its resumable partial behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -288,12 +290,22 @@ async def test_disconnect_and_async_with_stop_reconnecting() -> None:
         await server.close()
 
 
+@contextlib.asynccontextmanager
+async def _asyncio_server_behind_proxy() -> AsyncIterator[CuttingProxy]:
+    """Under asyncio: a server run as a task, and a proxy to it that can cut
+    its legs; the server is closed and its run awaited on the way out."""
+    server = _server()
+    task = asyncio.create_task(server.run())
+    port = await asyncio.wait_for(server.wait_listening(), 10)
+    with CuttingProxy(port) as proxy:
+        yield proxy
+    await server.close()
+    await asyncio.wait_for(task, 10)
+
+
 def test_async_with_exits_cleanly_while_reconnecting_under_asyncio() -> None:
     async def main() -> None:
-        server = _server()
-        task = asyncio.create_task(server.run())
-        port = await asyncio.wait_for(server.wait_listening(), 10)
-        with CuttingProxy(port) as proxy:
+        async with _asyncio_server_behind_proxy() as proxy:
             client = _client(proxy.port, reconnect_delay=30.0, reconnect_delay_max=30.0)
             waiting = asyncio.Event()
 
@@ -307,8 +319,6 @@ def test_async_with_exits_cleanly_while_reconnecting_under_asyncio() -> None:
                 assert reconnecting(client) and not client.connected
             await asyncio.wait_for(client.wait_closed(), 5)
             assert not reconnecting(client) and proxy.accepted == 1
-        await server.close()
-        await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
 
@@ -321,10 +331,7 @@ def test_an_asyncio_reconnect_hook_may_give_up_with_disconnect() -> None:
     log: list[str] = []
 
     async def main() -> None:
-        server = _server()
-        task = asyncio.create_task(server.run())
-        port = await asyncio.wait_for(server.wait_listening(), 10)
-        with CuttingProxy(port) as proxy:
+        async with _asyncio_server_behind_proxy() as proxy:
             client = _client(proxy.port, reconnect_delay=0.05, reconnect_attempts=5)
 
             @client.on_reconnecting
@@ -343,8 +350,6 @@ def test_an_asyncio_reconnect_hook_may_give_up_with_disconnect() -> None:
                     break
                 await asyncio.sleep(0.01)
             assert not client.connected and not reconnecting(client)
-        await server.close()
-        await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
     assert log == ["attempt 1", "disconnect() returned", "hook ended"]

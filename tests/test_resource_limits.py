@@ -54,6 +54,7 @@ from conduit import (
 )
 from conduit._connection import Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
+from conduit._receive_memory import SharedReceiveMemory
 from conduit.protocol import FRAME_COST, FrameKind, decode_body
 from conduit.protocol.codec import data_header, encode_frame
 from conduit.protocol.messages import Credit, Ping
@@ -234,6 +235,21 @@ async def test_inbound_streams_share_one_budget(
     await peer.aclose()
 
 
+async def _budgeted_server(
+    server_factory: ServerFactory, storage: Path, **fields: Any
+) -> tuple[Server, SharedReceiveMemory]:
+    """A server storing uploads under ``storage``, with a 1 MiB receive window
+    and the descriptor ``fields`` (a ``server_receive_budget``), and its
+    receive memory."""
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(
+        register=transfer.register_server_handlers, receive_window=MiB, **fields
+    )
+    memory = server._settings.receive_memory
+    assert memory is not None
+    return server, memory
+
+
 def _hold_uploads(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
     """Make the server's uploads write nothing (their writing waits) until the
     event returned is set."""
@@ -264,15 +280,8 @@ async def test_the_server_bounds_what_all_its_uploads_hold_together(
 ) -> None:
     writing = _hold_uploads(monkeypatch)
     storage = tmp_path / "storage"
-    transfer = FileTransferHandler(storage_dir=storage)
     budget = MiB
-    server = await server_factory(
-        register=transfer.register_server_handlers,
-        receive_window=MiB,
-        server_receive_budget=budget,
-    )
-    memory = server._settings.receive_memory
-    assert memory is not None
+    server, memory = await _budgeted_server(server_factory, storage, server_receive_budget=budget)
     chunk, records, uploads = 64 * 1024, 15, 4
     bodies = [os.urandom(chunk * records) for _ in range(uploads)]
     peers = [await RawPeer.authenticated(server.port, PASSWORD) for _ in range(uploads)]
@@ -355,15 +364,9 @@ async def test_a_connection_the_server_stopped_reading_still_ends_when_its_peer_
     server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writing = _hold_uploads(monkeypatch)
-    storage = tmp_path / "storage"
-    transfer = FileTransferHandler(storage_dir=storage)
-    server = await server_factory(
-        register=transfer.register_server_handlers,
-        receive_window=MiB,
-        server_receive_budget=MiB,
+    server, memory = await _budgeted_server(
+        server_factory, tmp_path / "storage", server_receive_budget=MiB
     )
-    memory = server._settings.receive_memory
-    assert memory is not None
     chunk, records, uploads = 64 * 1024, 15, 2
     peers = [await RawPeer.authenticated(server.port, PASSWORD) for _ in range(uploads)]
     await wait_until(lambda: len(server.clients) == uploads)
@@ -420,15 +423,9 @@ async def test_a_connection_the_server_stopped_reading_is_not_idle(
     server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writing = _hold_uploads(monkeypatch)
-    transfer = FileTransferHandler(storage_dir=tmp_path / "storage")
-    server = await server_factory(
-        register=transfer.register_server_handlers,
-        receive_window=MiB,
-        server_receive_budget=MiB,
-        idle_timeout=1,
+    server, memory = await _budgeted_server(
+        server_factory, tmp_path / "storage", server_receive_budget=MiB, idle_timeout=1
     )
-    memory = server._settings.receive_memory
-    assert memory is not None
     chunk, records = 64 * 1024, 15
     peer = await RawPeer.authenticated(server.port, PASSWORD)
     await wait_until(lambda: len(server.clients) == 1)
@@ -473,15 +470,12 @@ async def test_a_connection_the_server_stopped_reading_is_not_idle(
 async def test_empty_data_frames_leave_nothing_counted_in_the_servers_receive_memory(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    transfer = FileTransferHandler(storage_dir=tmp_path / "storage")
-    server = await server_factory(
-        register=transfer.register_server_handlers,
-        receive_window=MiB,
+    server, memory = await _budgeted_server(
+        server_factory,
+        tmp_path / "storage",
         connection_receive_budget=16 * MiB,
         server_receive_budget=64 * MiB,
     )
-    memory = server._settings.receive_memory
-    assert memory is not None
     peer = await RawPeer.authenticated(server.port, PASSWORD)
     begun = await peer.call("file_upload_begin", name="empty.bin", size=64 * MiB, key="e" * 32)
     assert begun.ok, begun
