@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from conduit.errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from conduit.protocol import FRAME_COST, MAX_STREAM_ID, Frame, FrameKind, connection, decode_body
-from conduit.protocol.codec import data_header, iter_frames
+from conduit.protocol.codec import COUNTED_BODY, data_header, iter_frames
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
     CallCancelled,
@@ -421,6 +421,23 @@ def test_once_closing_nothing_new_is_produced(pair: Pair) -> None:
     assert pair.client.cancel_call(1) is None
     assert pair.client.credit_frame(receiving.stream_id, 10) is None
     assert pair.client.close_stream(receiving, ("x", "y")) is None
+
+
+def test_once_closing_no_call_received_starts(pair: Pair) -> None:
+    """The peer sent these before our GOODBYE reached it: that GOODBYE fails
+    them there, so none runs here, small or large, and none takes an id.
+    A call already running still answers; the other frames still count."""
+    assert isinstance(pair.deliver_one(pair.server, call_frame(1, "running")), CallReceived)
+    receiving = inbound(pair.server)
+    pair.server.goodbye("logged out")
+    late = [call_frame(3, "late"), call_frame(5, "large", blob=b"x" * (COUNTED_BODY + 1))]
+    events = pair.deliver(pair.server, *late, data(receiving.stream_id, b"still counted"))
+    assert events == [receiving]
+    assert receiving.bytes_received == len(b"still counted")
+    pair.server.call_finished(1)
+    assert pair.server.phase is Phase.CLOSING
+    with pytest.raises(RemoteProtocolError, match="data for stream 99"):
+        pair.deliver(pair.server, data(99, b"never opened"))
 
 
 def test_close_keeps_the_first_reason_and_drops_streams(pair: Pair) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
-from conduit._outbox import Outbox
+from conduit._outbox import Outbox, OutboxClosed
 from conduit.errors import ConnectionClosed
 from conduit.protocol import OutFrame
 from conduit.protocol.codec import data_header
@@ -69,3 +71,43 @@ async def test_the_goodbye_goes_after_the_data_queued_before_it() -> None:
     assert first[0] == (b"answer",) and (goodbye,) not in first and len(first) == 17
     second = await outbox.take(RECORD_BUDGET)
     assert len(second) == 5 and second[-1] == (goodbye,)
+
+
+async def test_once_closing_the_writer_stops_after_the_goodbye_not_before_it() -> None:
+    """Nothing queued while closing ends the writer (the GOODBYE went out),
+    except while the GOODBYE is still to come (a handler's close waiting for
+    that handler's answer): the writer then waits for it. Before, it stopped
+    after the frames queued meanwhile, ending the connection without its
+    GOODBYE."""
+    state = _state()
+    outbox = _outbox(state)
+    goodbye = state.goodbye("logged out")
+    assert goodbye is not None
+    outbox.expect_last()
+    outbox.put_control((b"another call's answer",))
+    assert await outbox.take(RECORD_BUDGET) == [(b"another call's answer",)]
+    async with trio.open_nursery() as nursery:
+        taken: list[list[OutFrame]] = []
+
+        async def writer() -> None:
+            taken.append(await outbox.take(RECORD_BUDGET))
+
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == []  # waiting, not stopped
+        outbox.put_last((goodbye,))
+    assert taken == [[(goodbye,)]]
+    with pytest.raises(OutboxClosed):
+        await outbox.take(RECORD_BUDGET)
+
+
+async def test_a_goodbye_expected_but_never_sent_still_lets_the_writer_stop_at_the_end() -> None:
+    """The connection ended meanwhile (the grace ran out, the peer left)."""
+    state = _state()
+    outbox = _outbox(state)
+    state.goodbye("logged out")
+    outbox.expect_last()
+    state.close("connection lost")
+    outbox.close()
+    with trio.fail_after(5), pytest.raises(OutboxClosed):  # (not: waiting for ever)
+        await outbox.take(RECORD_BUDGET)

@@ -46,6 +46,7 @@ from conftest import (
     ServerFactory,
     client_descriptor,
     connected,
+    count_reconnects,
     memory_listener_of,
     open_descriptors,
     opened_since,
@@ -712,6 +713,53 @@ async def test_a_handler_that_waited_before_closing_its_connection_still_answers
     with trio.fail_after(10):
         assert await client.call("logout") == "bye"
         await client.wait_closed()
+
+
+async def test_answers_sent_while_a_goodbye_waits_do_not_end_the_connection_without_it(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """While the goodbye of a handler's close waits for that handler's
+    answer, the writer may run out of frames: another call answered
+    meanwhile. It then waits for the goodbye. Before, it stopped there (the
+    connection was closing and nothing was queued), so the connection ended
+    without its goodbye: the closing handler's caller saw ConnectionClosed
+    and the client, taking the end for a lost connection, reconnected. Seen
+    as a directory upload that a server closed mid-way, then resumed in
+    full on the new connection."""
+    other_running = trio.Event()
+    release_other = trio.Event()
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def other() -> str:
+            other_running.set()
+            await release_other.wait()
+            return "done"
+
+        @server.rpc
+        async def logout() -> str:
+            await trio.lowlevel.checkpoint()  # blocked: the goodbye waits for this answer
+            await conduit.current_peer().close("logged out")
+            release_other.set()
+            await trio.sleep(0.05)  # the writer sends other's answer, then has nothing
+            return "bye"
+
+    server = await server_factory(register=register_server, heartbeat_interval=0)
+    client = await client_factory(server)
+    reconnects = count_reconnects(client)
+    answers: dict[str, str] = {}
+
+    async def call(method: str) -> None:
+        answers[method] = await client.call(method)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "other")
+            await other_running.wait()
+            nursery.start_soon(call, "logout")
+        await client.wait_closed()
+    assert answers == {"other": "done", "logout": "bye"}
+    assert reconnects == []
 
 
 def test_an_asyncio_handler_that_closes_its_own_connection_still_answers() -> None:

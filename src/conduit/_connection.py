@@ -670,6 +670,7 @@ class Connection:
                         # awaited before its close): the goodbye goes once
                         # that answer is sent (grace bounds the wait).
                         assert self._nursery is not None
+                        self._outbox.expect_last()
                         self._nursery.start_soon(self._goodbye_once_answered, closing, goodbye)
                     else:
                         # CLOSING: the writer sends what is queued, this last, then stops.

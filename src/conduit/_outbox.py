@@ -15,7 +15,8 @@ queued; CLOSED refuses all. The GOODBYE that starts a graceful close goes
 last (:meth:`Outbox.put_last`), after the data queued before it: the peer
 ignores whatever follows a GOODBYE, so one sent ahead of a download's last
 frames would lose a file already served. The writer stops once nothing is
-queued and the phase is not OPEN.
+queued and the phase is not OPEN, unless the GOODBYE is still to come
+(:meth:`Outbox.expect_last`: a handler's close whose answer is not sent yet).
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ class Outbox:
         # Sealed bytes a producer could not finish sending without waiting
         # (the reader never waits on the socket): the writer sends them first.
         self._sealed: list[bytes | bytearray | memoryview] = []
-        # The frame that ends the connection (see put_last).
+        # The frame that ends the connection (see put_last), and whether it
+        # is still to come (see expect_last).
         self._last: OutFrame | None = None
+        self._last_expected = False
         self._writer_waiting = trio.lowlevel.ParkingLot()
         self._producers_waiting = trio.lowlevel.ParkingLot()
         #: True while the writer is parked with nothing to send, or not
@@ -123,7 +126,16 @@ class Outbox:
         after it (:meth:`put_data` refuses once the phase is not OPEN)."""
         self._check_open()
         self._last = frame
+        self._last_expected = False
         self._wake_writer()
+
+    def expect_last(self) -> None:
+        """The phase is CLOSING, and the frame that ends the connection comes
+        later (:meth:`put_last`): until then the writer waits for it when
+        nothing else is queued, instead of stopping, which would end the
+        connection without its GOODBYE."""
+        self._check_open()
+        self._last_expected = True
 
     def put_sealed(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         """Hand the writer sealed bytes (the rest of records already begun) to send first."""
@@ -189,7 +201,7 @@ class Outbox:
         """Wait for frames; return all control frames and up to ``budget`` bytes
         of data, and the last frame (see :meth:`put_last`) once no data is left."""
         while not self._control and not self._data and not self._sealed and self._last is None:
-            if self._state.phase is not _OPEN:
+            if self._state.phase is not _OPEN and not self._last_expected:
                 raise OutboxClosed
             self.writer_idle = True
             try:
@@ -222,6 +234,7 @@ class Outbox:
         self._data_bytes = 0
         self._sealed.clear()
         self._last = None
+        self._last_expected = False
         self._start_writer = None  # the connection's method: no cycle left behind
         # Only lots with someone parked: this runs twice at every connection's end.
         for lot in (self._writer_waiting, self._producers_waiting, self._control_drained):

@@ -105,6 +105,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+_OPEN = Phase.OPEN  # tested for every CALL received
 _CLOSED = Phase.CLOSED  # tested for every frame received (see _DATA)
 
 # ---------------------------------------------------------------------- events
@@ -468,9 +469,15 @@ class ConnectionState:
 
         Nothing once the connection is closed: a record may carry frames behind
         the peer's GOODBYE (or behind what closed it here), and a CALL among
-        them would start a handler in a connection that is ending.
+        them would start a handler in a connection that is ending. Nor for a
+        CALL once closing: the peer sent it before our GOODBYE reached it, and
+        that GOODBYE, which follows, fails the call there (``ConnectionClosed``:
+        it never ran). A handler that closes its own connection may hold the
+        GOODBYE until its answer is sent; calls started meanwhile would keep
+        the connection serving for as long.
         """
-        if self.phase is _CLOSED:
+        phase = self.phase
+        if phase is _CLOSED:
             return None
         kind = frame.kind
         if kind is _DATA:  # first: it is most of the traffic
@@ -487,6 +494,8 @@ class ConnectionState:
                 stream.on_data(frame.payload, frame.flags)
             return stream
         if kind is _CALL:
+            if phase is not _OPEN:
+                return None
             payload = frame.payload
             if len(payload) > COUNTED_BODY:
                 return self._large_call(frame.stream_id, payload)
