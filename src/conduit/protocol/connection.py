@@ -71,8 +71,15 @@ _RESULT = FrameKind.RESULT
 #: the payload. One smaller than the record's buffer divided by this is copied
 #: out, so that what the peer's credit lets it pin is at most this many times
 #: the credit (a 1-byte DATA beside a megabyte of padding pinned the megabyte).
-#: Bulk records are full of data and are never copied.
-PIN_RATIO = 8
+#: Each view kept is at least half of its buffer, so a buffer is at most twice
+#: what is kept of it. Bulk records are full of data and are never copied;
+#: what is copied is a file's last record (or a file's only one) when under
+#: half the record buffer, and every record of a stream whose receive window
+#: is under about half a megabyte (the sender's records are that small, and
+#: the buffers of bulk records hold the largest one).
+#: (It was 8: a peer that padded its records with frames nothing keeps, such
+#: as DATA for a stream it had reset, pinned 8 times its credit.)
+PIN_RATIO = 2
 
 #: What the CALLs larger than COUNTED_BODY queued or running at once may hold
 #: decoded (bounded by codec.unpack_sized), for as long as their handlers run:
