@@ -715,6 +715,65 @@ async def test_a_handler_that_waited_before_closing_its_connection_still_answers
         await client.wait_closed()
 
 
+async def test_a_second_close_from_inside_keeps_the_goodbye(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """A handler that closes its connection twice (a clean-up path closing
+    again), or two handlers that each close it: the second close waits for
+    the first one's goodbye (``grace`` at most), as a close from outside
+    does, and a goodbye still waiting for the first handler's answer waits
+    for the second's too. Before, the second close aborted the connection:
+    the goodbye queued or still to come was dropped, the callers saw a lost
+    connection and the client reconnected."""
+
+    running = 0
+    all_running = trio.Event()
+    closes = 0
+
+    def register_server(server: Server) -> None:
+        @server.rpc
+        async def logout(times: int, together: int = 1) -> str:
+            nonlocal running, closes
+            running += 1
+            if running == together:
+                all_running.set()
+            await all_running.wait()  # blocked: the goodbye waits for this answer
+            for _ in range(times):
+                await conduit.current_peer().close("logged out")
+            closes += 1
+            # The second to close answers well after the first.
+            await trio.sleep(0.05 if closes == 1 else 0.3)
+            return "bye"
+
+    server = await server_factory(register=register_server, heartbeat_interval=0)
+    client = await client_factory(server)
+    reconnects = count_reconnects(client)
+    with trio.fail_after(10):
+        assert await client.call("logout", times=2) == "bye"
+        await client.wait_closed()
+    assert reconnects == []
+
+    # Two handlers, both running when the first closes: the goodbye waits
+    # for both answers.
+    client = await client_factory(server)
+    reconnects = count_reconnects(client)
+    running = 0
+    all_running = trio.Event()
+    closes = 0
+    answers: list[str] = []
+
+    async def logout() -> None:
+        answers.append(await client.call("logout", times=1, together=2))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(logout)
+            nursery.start_soon(logout)
+        await client.wait_closed()
+    assert answers == ["bye", "bye"]
+    assert reconnects == []
+
+
 async def test_answers_sent_while_a_goodbye_waits_do_not_end_the_connection_without_it(
     server_factory: ServerFactory, client_factory: ClientFactory
 ) -> None:

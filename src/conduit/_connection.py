@@ -352,6 +352,9 @@ class Connection:
         # Reading stopped for it: the peer's silence (and idleness) is not
         # counted meanwhile.
         self._reading_paused = False
+        # The handlers whose answers a deferred GOODBYE waits for (see
+        # close); None unless one is deferred.
+        self._goodbye_waits_for: set[trio.lowlevel.Task] | None = None
         # The peer closed its side while we were not reading it: it sends
         # nothing more, so what it sent before its end (bounded by the
         # socket's buffers) is read, and the end seen, whatever the budget.
@@ -670,8 +673,9 @@ class Connection:
                         # awaited before its close): the goodbye goes once
                         # that answer is sent (grace bounds the wait).
                         assert self._nursery is not None
+                        self._goodbye_waits_for = {closing}
                         self._outbox.expect_last()
-                        self._nursery.start_soon(self._goodbye_once_answered, closing, goodbye)
+                        self._nursery.start_soon(self._goodbye_once_answered, goodbye)
                     else:
                         # CLOSING: the writer sends what is queued, this last, then stops.
                         self._outbox.put_last((goodbye,))
@@ -683,11 +687,21 @@ class Connection:
                     return
                 with trio.move_on_after(grace):
                     await self.closed.wait()
-        elif running and not inside and self._state.phase is _CLOSING:
-            # Another close is under way (a user's racing server.close(), say),
-            # its GOODBYE perhaps still queued: the same grace for it to go
-            # out, not an abort that drops it (the peer would take the end
-            # for a lost connection and try to reconnect).
+        elif running and self._state.phase is _CLOSING:
+            # Another close is under way (a user's racing server.close(), a
+            # handler closing twice, two handlers closing), its GOODBYE
+            # perhaps still queued or still to come: the same grace for it
+            # to go out, not an abort that drops it (the peer would take the
+            # end for a lost connection and try to reconnect).
+            if inside:
+                closing = self._closing_call_runner()
+                if self._goodbye_waits_for is not None and closing is not None:
+                    # The GOODBYE still waits for an answer: this one goes
+                    # ahead of it too.
+                    self._goodbye_waits_for.add(closing)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._abort_after, grace, reason)
+                return
             with trio.move_on_after(grace):
                 await self.closed.wait()
         self.abort(reason)
@@ -726,8 +740,13 @@ class Connection:
             return None
         return task if self._calls.answering(task) else None
 
-    async def _goodbye_once_answered(self, task: trio.lowlevel.Task, goodbye: bytes) -> None:
-        await self.wait_answered(task)
+    async def _goodbye_once_answered(self, goodbye: bytes) -> None:
+        """Queue ``goodbye`` once every handler in ``_goodbye_waits_for`` has answered."""
+        waits_for = self._goodbye_waits_for
+        assert waits_for is not None
+        while waits_for:  # (a handler closing meanwhile adds itself)
+            await self.wait_answered(waits_for.pop())
+        self._goodbye_waits_for = None
         with contextlib.suppress(ConnectionClosed):  # ended meanwhile (grace, the peer)
             self._outbox.put_last((goodbye,))
 
