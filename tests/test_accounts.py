@@ -224,6 +224,25 @@ def test_changes_from_another_process_are_seen_after_reload(tmp_path: Path) -> N
     assert _accounts(tmp_path).usernames() == ["alice", "bob", "carol"]
 
 
+def test_generation_counts_each_replacement_of_the_records(tmp_path: Path) -> None:
+    """What a server compares to find the sessions whose record changed."""
+    server_view = _accounts(tmp_path)
+    cli_view = _accounts(tmp_path)
+    start = server_view.generation
+    server_view.add("alice", PASSWORD)  # by this process
+    assert server_view.generation == start + 1
+    record = server_view.current("alice")
+    assert record is not None and record == server_view.get("alice")
+    assert server_view.reload_if_changed() is False
+    assert server_view.generation == start + 1  # nothing read: nothing replaced
+    cli_view.reload_if_changed()
+    cli_view.set_password("alice", "another long passphrase")  # by another process
+    assert server_view.reload_if_changed() is True
+    assert server_view.generation == start + 2
+    assert server_view.current("alice") != record  # a new salt and verifier
+    assert server_view.current("nobody") is None
+
+
 def test_concurrent_adds_from_threads_all_land(tmp_path: Path) -> None:
     views = [_accounts(tmp_path) for _ in range(4)]
     errors: list[BaseException] = []

@@ -174,3 +174,52 @@ async def test_a_fault_after_our_confirmation_still_counts(
     assert faults == LIMIT
     with trio.fail_after(10), pytest.raises(LockedOut):
         await Client(client_descriptor(server.port)).connect()
+
+
+async def test_a_user_removed_or_given_a_new_password_loses_the_sessions_it_has(
+    server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Removing a user, or changing their password (the remedy docs/security.md
+    gives for a stolen password), ends the sessions they have open, with a
+    goodbye that says why, whichever process changed the file; the other
+    users' sessions go on. Before, a session kept working, uploads and
+    deletes included, for as long as its connection lasted: every check reads
+    the record taken at login."""
+    path = tmp_path / "accounts.json"
+    store = Accounts(path, stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    store.add("bob", "bob's long passphrase")
+    store.add("carol", CAROL_PASSWORD)
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def echo(value: str) -> str:
+            return value
+
+    server = await _accounts_server(server_factory, store, register=register)
+
+    def connected(username: str, password: str) -> Client:
+        return Client(
+            client_descriptor(server.port, username=username, password=password, rpc_timeout=5)
+        )
+
+    alice = connected("alice", ALICE_PASSWORD)
+    bob = connected("bob", "bob's long passphrase")
+    carol = connected("carol", CAROL_PASSWORD)
+    caplog.set_level(logging.INFO, logger="conduit")
+    with trio.fail_after(10):
+        for client in (alice, bob, carol):
+            await client.connect()
+        store.remove("alice")  # by this process
+        # By another process: conduit user passwd, say.
+        await trio.to_thread.run_sync(
+            lambda: Accounts(path, stretch=FAST).set_password("bob", "a new passphrase")
+        )
+        await alice.wait_closed()
+        await bob.wait_closed()
+    assert "account 'alice' was removed: ending its session" in caplog.text
+    assert "account 'bob' was changed: log in again: ending its session" in caplog.text
+    assert not alice.connected and not bob.connected
+    with trio.fail_after(10):
+        assert await carol.call("echo", value="still here") == "still here"
+        await carol.disconnect()

@@ -70,6 +70,11 @@ def _now() -> float:
 
 #: Share of the event loop's time that handshake steps may take inline (see LoopShare).
 LOOP_SHARE = 0.25
+
+#: Seconds between two looks at the accounts file while serving (one ``stat``
+#: each): a user removed or given a new password loses their sessions within
+#: this, not at the next login.
+ACCOUNTS_POLL = 1.0
 #: Seconds of inline handshake work allowed in one burst (~100 handshakes).
 LOOP_BURST = 0.03
 #: How a handshake can end by the peer's doing: a failed attempt. (So can a
@@ -334,6 +339,33 @@ class Gatekeeper:
         finally:
             self.loop_share.spend(time.perf_counter() - started)
         return True
+
+    def account_change(self, account: AccountRecord | None) -> str | None:
+        """Why a session authenticated as ``account`` must end: its account was
+        removed or its record changed (password, root, quota, access); None
+        if it stands, or if the session has no account."""
+        if account is None or self.accounts is None:
+            return None
+        current = self.accounts.current(account.username)
+        if current is None:
+            return f"account {account.username!r} was removed"
+        if current != account:
+            return f"account {account.username!r} was changed: log in again"
+        return None
+
+    async def watch_accounts(self, on_change: Callable[[], None]) -> None:
+        """While serving: re-read the accounts file when it changes (every
+        :data:`ACCOUNTS_POLL` seconds), and call ``on_change`` whenever the
+        records were replaced, here, before a hello, or by this process."""
+        accounts = self.accounts
+        assert accounts is not None
+        seen = accounts.generation
+        while True:
+            await trio.sleep(ACCOUNTS_POLL)
+            await self._refresh(accounts)
+            if accounts.generation != seen:
+                seen = accounts.generation
+                on_change()
 
     async def _refresh(self, accounts: Accounts) -> None:
         """Before a hello's lookup: re-read the accounts file if it changed (one

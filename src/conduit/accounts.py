@@ -271,6 +271,10 @@ class Accounts:
         self.stretch = stretch.check()
         self._lock = threading.Lock()
         self._state = self._read()
+        #: Counts the times the records were replaced (re-read or changed by
+        #: this process): a server compares it to end the sessions of users
+        #: whose record changed (see :meth:`current`).
+        self.generation = 0
         # The signature of a file that failed to parse: not read again until it moves.
         self._malformed: tuple[int, int, int] | None = None
         #: The error of the last ``stat`` of the file, if it failed (other than
@@ -302,6 +306,10 @@ class Accounts:
             return self._state.users[username]
         except KeyError:
             raise KeyError(f"no account named {username!r}") from None
+
+    def current(self, username: str) -> AccountRecord | None:
+        """The record of ``username`` as the accounts stand now; None if there is none."""
+        return self._state.users.get(username)
 
     def lookup(self, username: str) -> AccountRecord:
         """The record for ``username``, or a fake one if there is no such account.
@@ -477,6 +485,7 @@ class Accounts:
                 return False
             try:
                 self._state = self._read(keep_secret=self._state.secret)
+                self.generation += 1
             except ValueError:
                 # Parsing is what costs (the whole file); an I/O error is cheap
                 # and may pass, so only a malformed file is remembered.
@@ -548,6 +557,7 @@ class Accounts:
             }
             _write_atomic(self.path, (json.dumps(document, indent=2) + "\n").encode())
             self._state = _State(state.secret, users, self._signature())
+            self.generation += 1
             self._malformed = None
 
     @contextlib.contextmanager

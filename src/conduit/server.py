@@ -351,6 +351,8 @@ class Server(Endpoint):
             if self.descriptor.heartbeat_interval > 0:
                 self._heartbeats = Heartbeats(self.descriptor.heartbeat_interval)
                 nursery.start_soon(self._heartbeats.run)
+            if self._gate.accounts is not None:
+                nursery.start_soon(self._gate.watch_accounts, self._end_changed_sessions)
             screened = [self._gate.screen(listener) for listener in listeners]
             await nursery.start(serve_listeners, self._serve_connection, screened)
             # The accept loops own the listeners now: they close them when they end.
@@ -360,6 +362,22 @@ class Server(Endpoint):
             startup.port = self._addresses[0][1] if self._addresses else None
             startup.over.set()
             report_started()
+
+    def _end_changed_sessions(self) -> None:
+        """The accounts changed: end the sessions of the users whose record did
+        (removed, a new password, root, quota or access), with a goodbye that
+        says why. A changed user logs in again under the new record."""
+        for peer in list(self.clients.values()):
+            reason = self._gate.account_change(peer.account)
+            if reason is None:
+                continue
+            log.info("client %s: %s: ending its session", peer.id, reason)
+            try:
+                # From a task of its own connection: close() returns once the
+                # goodbye is queued, and the connection ends after it.
+                peer.connection.spawn(peer.connection.close, reason)
+            except ConnectionClosed:
+                peer.connection.abort(reason)  # not running yet, or over already
 
     async def _stop_when_asked(self, run: _Run, scope: trio.CancelScope) -> None:
         """Once close() has asked: goodbye to every client (best effort), then end the run.
@@ -697,6 +715,17 @@ class Server(Endpoint):
     ) -> None:
         """Serve an authenticated client until its connection ends."""
         token = self._resume_tokens.current(client_id)
+        changed = self._gate.account_change(established.account)
+        if changed is not None:
+            # The record it authenticated with changed since (after the sweep
+            # of _end_changed_sessions, which ended the sessions it had):
+            # ended as they were. Nothing awaits from this check to the
+            # registration below, so no change slips in between unseen.
+            log.info("client %s: %s: not served", client_id, changed)
+            self._resume_tokens.start_expiry(token, trio.current_time())
+            await self._release_client_id(client_id)
+            await trio.aclose_forcefully(stream)
+            return
         try:
             peer = self._open_session(
                 stream,
