@@ -261,6 +261,48 @@ async def test_cleanup_aborts_abandoned_uploads(
     assert uploads_in_progress(store) == []
 
 
+async def test_a_sweep_leaves_alone_uploads_still_written_whose_state_it_does_not_hold(
+    s3_url: str, s3_client_factory: ClientFactory
+) -> None:
+    """The store above a user's root (accounts) holds none of that user's
+    upload states, and another node's staging sweep none of the sender's:
+    their sweeps judged those uploads by their creation only, so a long
+    upload, or one resumed after a pause, was aborted under its writer
+    (NoSuchUpload at its next part). Now an upload that had a part stored
+    since the cutoff is left; one not written to for as long is abandoned."""
+    parent = make_store(s3_url, s3_client_factory)
+    alice = parent.child("alice")
+    other_node = make_store(s3_url, s3_client_factory)
+    upload = await alice.open_partial("big.bin", "upload-1", resume=False)
+    idle = await alice.open_partial("idle.bin", "upload-2", resume=False)
+    staging = await parent.open_staging("a" * 32)
+    first = os.urandom(PART)
+    for partial in (upload, idle, staging):
+        await partial.append(first)
+    await idle.close()
+    await trio.sleep(2.5)  # all created before the cutoff (S3 timestamps: 1 s)
+    second, third = os.urandom(PART), os.urandom(PART)
+    await upload.append(second)
+    await upload.close()  # its second part stored after the cutoff
+    await staging.append(second)
+    await staging.append(third)  # queued once the second part is stored
+
+    await parent.cleanup_stale_partials(2)
+    assert await other_node.cleanup_staging(2) == 0
+    # The idle upload went (its writer is gone: nothing since the cutoff), the others stay.
+    expected = sorted([alice.location.key("big.bin"), staging.key])
+    assert sorted(uploads_in_progress(parent)) == expected
+    resumed = await alice.open_partial("big.bin", "upload-1", resume=True)
+    assert resumed.offset == 2 * PART
+    await resumed.append(b"end")
+    await resumed.publish(expected_sha256=hashlib.sha256(first + second + b"end").hexdigest())
+    await staging.publish(expected_sha256=hashlib.sha256(first + second + third).hexdigest())
+    assert await parent.delete_staged("a" * 32)
+    assert uploads_in_progress(parent) == []
+    for store in (parent, other_node):
+        store.close()
+
+
 async def test_over_long_key_refused(s3_url: str, s3_client_factory: ClientFactory) -> None:
     store = make_store(s3_url, s3_client_factory)
     # A fine local name (under 4096 bytes, segments under 255) but over S3's 1024-byte keys.

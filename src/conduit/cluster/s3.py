@@ -293,6 +293,39 @@ class S3Store:
             marker = int(answer["NextPartNumberMarker"])
         return parts
 
+    def _written_since(self, upload: dict[str, Any], cutoff: float) -> bool:
+        """Whether ``upload`` (an entry of ``list_multipart_uploads``) was
+        created or had a part stored at ``cutoff`` or later.
+
+        What tells a live upload from an abandoned one whose state nobody
+        here knows of: an upload's creation says nothing of a long upload,
+        or of one resumed after a pause, still written to (the state of a
+        user's upload lives in that user's store, and a staging upload's in
+        the sending node's). Looked at only for uploads created before the
+        cutoff; one gone meanwhile counts as not written.
+        """
+        if upload["Initiated"].timestamp() >= cutoff:
+            return True
+        marker = 0
+        for _page in range(MAX_PARTS // LIST_PAGE + 1):
+            try:
+                answer = self.client.list_parts(
+                    Bucket=self.bucket,
+                    Key=str(upload["Key"]),
+                    UploadId=str(upload["UploadId"]),
+                    PartNumberMarker=marker,
+                )
+            except botocore.exceptions.ClientError as exc:
+                if error_code(exc) == "NoSuchUpload" or is_missing(exc):
+                    return False
+                raise
+            if any(part["LastModified"].timestamp() >= cutoff for part in answer.get("Parts", [])):
+                return True
+            if not answer.get("IsTruncated"):
+                return False
+            marker = int(answer["NextPartNumberMarker"])
+        return False
+
     def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(
@@ -583,13 +616,16 @@ class S3Store:
             key = str(entry["Key"])
             if entry["LastModified"].timestamp() < cutoff and key not in live_reservations:
                 self._delete(key)
-        # Uploads whose state was never written (a crash right after creating them).
+        # Uploads whose state was never written (a crash right after creating
+        # them). Those of the stores below this one (users' roots, under
+        # accounts) have their states there: not written to for as long as
+        # the cutoff, they are abandoned too.
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.location.list_prefix):
             for upload in page.get("Uploads", []):
                 if upload["UploadId"] in live_uploads:
                     continue
-                if upload["Initiated"].timestamp() < cutoff:
+                if not self._written_since(upload, cutoff):
                     self._abort(str(upload["Key"]), str(upload["UploadId"]))
         return removed
 
@@ -716,7 +752,7 @@ class S3Store:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for upload in page.get("Uploads", []):
                 token = str(upload["Key"])[len(prefix) :]
-                if upload["Initiated"].timestamp() < cutoff and _is_token(token):
+                if _is_token(token) and not self._written_since(upload, cutoff):
                     self._abort(str(upload["Key"]), str(upload["UploadId"]))
                     self._delete(self._state_key(_STAGING_NAME + token, token))
                     removed += 1
