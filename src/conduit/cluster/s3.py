@@ -275,22 +275,13 @@ class S3Store:
         keeps the last) and completes with the one whose ETag is named.
         """
         parts: dict[int, set[tuple[int, str]]] = {}
-        marker = 0
-        for _page in range(MAX_PARTS // LIST_PAGE + 1):
-            try:
-                answer = self.client.list_parts(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
-                )
-            except botocore.exceptions.ClientError as exc:
-                if error_code(exc) == "NoSuchUpload" or is_missing(exc):
-                    return None
-                raise
-            for part in answer.get("Parts", []):
-                entry = (int(part["Size"]), str(part["ETag"]))
-                parts.setdefault(int(part["PartNumber"]), set()).add(entry)
-            if not answer.get("IsTruncated"):
-                break
-            marker = int(answer["NextPartNumberMarker"])
+        try:
+            for page in self._part_pages(key, upload_id):
+                for part in page:
+                    entry = (int(part["Size"]), str(part["ETag"]))
+                    parts.setdefault(int(part["PartNumber"]), set()).add(entry)
+        except _UploadGone:
+            return None
         return parts
 
     def _written_since(self, upload: dict[str, Any], cutoff: float) -> bool:
@@ -306,25 +297,31 @@ class S3Store:
         """
         if upload["Initiated"].timestamp() >= cutoff:
             return True
+        pages = self._part_pages(str(upload["Key"]), str(upload["UploadId"]))
+        try:
+            return any(
+                part["LastModified"].timestamp() >= cutoff for page in pages for part in page
+            )
+        except _UploadGone:
+            return False
+
+    def _part_pages(self, key: str, upload_id: str) -> Iterator[list[dict[str, Any]]]:
+        """The stored parts of an upload, a page of ``list_parts`` at a time;
+        raises :class:`_UploadGone` if the upload is gone."""
         marker = 0
         for _page in range(MAX_PARTS // LIST_PAGE + 1):
             try:
                 answer = self.client.list_parts(
-                    Bucket=self.bucket,
-                    Key=str(upload["Key"]),
-                    UploadId=str(upload["UploadId"]),
-                    PartNumberMarker=marker,
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
                 )
             except botocore.exceptions.ClientError as exc:
                 if error_code(exc) == "NoSuchUpload" or is_missing(exc):
-                    return False
+                    raise _UploadGone from None
                 raise
-            if any(part["LastModified"].timestamp() >= cutoff for part in answer.get("Parts", [])):
-                return True
+            yield answer.get("Parts", [])
             if not answer.get("IsTruncated"):
-                return False
+                return
             marker = int(answer["NextPartNumberMarker"])
-        return False
 
     def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_objects_v2")
@@ -1102,6 +1099,10 @@ class S3Store:
             return await self._run(function, *args)
         except S3_ERRORS as exc:
             raise storage_error(exc, what) from exc
+
+
+class _UploadGone(Exception):
+    """A multipart upload was aborted or completed meanwhile (see ``S3Store._part_pages``)."""
 
 
 def _is_token(token: str) -> bool:
