@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 import trio
@@ -196,6 +198,44 @@ async def test_request_timeout(bus_factory: BusFactory) -> None:
     with pytest.raises(TimeoutError):
         await node_a.request("b", "slow", {}, timeout=0.3)
     release.set()
+
+
+async def test_a_request_served_for_longer_than_a_ttl_is_waited_for(
+    bus_factory: BusFactory,
+) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+
+    @node_b.on_request
+    async def slow(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        await trio.sleep(3 * TTL)  # no progress reports: only "still served" keeps it
+        return {"done": True}
+
+    with trio.fail_after(10 * TTL):
+        assert await node_a.request("b", "slow", {}, timeout=math.inf) == {"done": True}
+
+
+async def test_a_reply_the_bus_fails_to_take_is_sent_again(bus_factory: BusFactory) -> None:
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+
+    @node_b.on_request
+    async def answer(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        return {"answer": kind}
+
+    # Node b's first reply fails as a Redis blip would (the retried one goes through).
+    real_xadd, refused = node_b._xadd, list[str]()
+
+    def xadd(stream: str, data: bytes) -> None:
+        if msgpack.unpackb(data)["t"] == "rep" and not refused:
+            refused.append(stream)
+            raise redis.ConnectionError("injected")
+        real_xadd(stream, data)
+
+    node_b._xadd = xadd  # type: ignore[method-assign]
+    with trio.fail_after(10 * TTL):
+        assert await node_a.request("b", "question", {}) == {"answer": "question"}
+    assert len(refused) == 1
 
 
 async def test_broadcast_reaches_every_other_node(bus_factory: BusFactory) -> None:

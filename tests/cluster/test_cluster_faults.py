@@ -5,6 +5,9 @@
   version of the partial's state).
 * One failed look at the bus while a cross-node request waits is retried,
   not a failure (and nothing reaches the caller as an ``ExceptionGroup``).
+* A request (or its reply) the bus loses, while its node stays registered,
+  ends the wait with ``RequestLost`` about a TTL after the node's last word
+  about it; a TTL counted from when the bus came back, if it was away.
 * A file whose ``CompleteMultipartUpload`` succeeded is reported published
   even if the clean-up after it fails; the sweeper removes what was left.
 * A cancelled ``append`` loses no byte; a partial closed after a failed
@@ -13,15 +16,19 @@
   still ignores a forged one.
 
 Failures are injected by replacing one client or store method so that it
-fails once, as a transient S3 or Redis error would.
+fails once, as a transient S3 or Redis error would; a lost request by a node
+the test registers on the bus itself, which never answers (as a node whose
+inbox lost the request looks to the requester).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -30,14 +37,16 @@ from typing import Any
 
 import attrs
 import botocore.exceptions  # type: ignore[import-untyped]
+import msgpack
 import pytest
+import redis
 import trio
 
 from cluster_engines import Engines
 from conduit import FileTransferHandler
 from conduit.cluster._push import _write_all, push_via_node
 from conduit.cluster._s3_wire import UploadState
-from conduit.cluster.bus import BusError, ClusterBus, NodeUnreachable
+from conduit.cluster.bus import BusError, ClusterBus, NodeUnreachable, RequestLost
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Store
 from conduit.errors import TransferError
 from conduit.transfer import _backend_store
@@ -356,6 +365,106 @@ async def test_a_bus_silent_for_a_ttl_is_a_plain_node_unreachable(
     assert result["success"] is False
     assert result["code"] == "unreachable"
     store.close()
+
+
+async def _registered_but_deaf(
+    url: str, namespace: str, name: str, *, say_served: int = 0, said: list[float] | None = None
+) -> None:
+    """Run as node ``name`` that never answers, until cancelled.
+
+    Its registration is kept fresh as a live node's is. It reads its inbox
+    only to say ``say_served`` times, ``TTL / 3`` apart, that the first
+    request (from node "a") is still being served, appending to ``said``
+    when it did; then it falls silent: from the requester's side, a reply
+    lost on the bus. With ``say_served=0`` it never reads: a request lost on
+    the bus.
+    """
+    bus = redis.Redis.from_url(url)
+    node_key, inbox = f"{namespace}:node:{name}", f"{namespace}:inbox:{name}"
+
+    async def keep_registered() -> None:
+        while True:
+            await trio.to_thread.run_sync(
+                lambda: bus.set(node_key, "registered by the test", px=int(TTL * 1000))
+            )
+            await trio.sleep(TTL / 3)
+
+    async def say_still_served() -> None:
+        entries: Any = []
+        while not entries:
+            entries = await trio.to_thread.run_sync(
+                lambda: bus.xread({inbox: "0-0"}, count=1, block=100)
+            )
+        request_id = msgpack.unpackb(entries[0][1][0][1][b"m"])["i"]
+        message = msgpack.packb({"t": "alv", "s": name, "p": [request_id]})
+        for _ in range(say_served):
+            await trio.to_thread.run_sync(lambda: bus.xadd(f"{namespace}:inbox:a", {"m": message}))
+            if said is not None:
+                said.append(trio.current_time())
+            await trio.sleep(TTL / 3)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_registered)
+            if say_served:
+                nursery.start_soon(say_still_served)
+    finally:
+        bus.close()
+
+
+async def test_a_request_the_bus_lost_ends_the_wait_instead_of_lasting_for_ever(
+    two_buses: tuple[ClusterBus, Answering],
+    engines: Engines,
+    bus_namespace: str,
+    nursery: trio.Nursery,
+) -> None:
+    a, _answering = two_buses
+    nursery.start_soon(_registered_but_deaf, engines.bus.url, bus_namespace, "deaf")
+    await trio.sleep(0.1)  # registered
+    started = trio.current_time()
+    with trio.fail_after(10 * TTL), pytest.raises(RequestLost, match="request or its reply"):
+        await a.request("deaf", "push", {}, timeout=math.inf)
+    assert trio.current_time() - started > TTL  # a whole TTL without word
+    assert await a.node_alive("deaf")  # the node never left: the request was lost
+
+
+async def test_a_reply_the_bus_lost_ends_the_wait_a_ttl_after_the_last_word(
+    two_buses: tuple[ClusterBus, Answering],
+    engines: Engines,
+    bus_namespace: str,
+    nursery: trio.Nursery,
+) -> None:
+    a, _answering = two_buses
+    said: list[float] = []
+    deaf = functools.partial(
+        _registered_but_deaf, engines.bus.url, bus_namespace, "deaf", say_served=4, said=said
+    )
+    nursery.start_soon(deaf)
+    await trio.sleep(0.1)
+    with trio.fail_after(10 * TTL), pytest.raises(RequestLost):
+        await a.request("deaf", "push", {}, timeout=math.inf)
+    # Each word counted: the wait outlasted a TTL from the last one, not from the request.
+    assert len(said) == 4
+    assert trio.current_time() - said[-1] > TTL
+
+
+async def test_a_request_is_not_taken_for_lost_the_moment_the_bus_comes_back(
+    two_buses: tuple[ClusterBus, Answering],
+    engines: Engines,
+    bus_namespace: str,
+    nursery: trio.Nursery,
+) -> None:
+    a, _answering = two_buses
+    nursery.start_soon(_registered_but_deaf, engines.bus.url, bus_namespace, "deaf")
+    await trio.sleep(0.1)
+    # The look before sending works; the watch's first two fail, the third works.
+    _failing_looks(a, lambda n: n in (2, 3))
+    started = trio.current_time()
+    with trio.fail_after(10 * TTL), pytest.raises(RequestLost):
+        await a.request("deaf", "push", {}, timeout=math.inf)
+    # While the bus was away the node's word could not have got through
+    # either: the TTL of silence counts from the third look (after 3 x TTL / 3).
+    assert trio.current_time() - started > 2 * TTL
 
 
 # --------------------------------------------------------------------------- C: publishing

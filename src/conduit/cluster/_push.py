@@ -185,7 +185,8 @@ async def push_via_node(
 
     try:
         # No overall timeout: pushing a large file takes as long as it takes;
-        # a node that dies is noticed by the bus within its TTL.
+        # a node that dies, or a request or reply the bus loses, is noticed
+        # within about its TTL (NodeUnreachable, RequestLost).
         reply = await bus.request(
             node,
             PUSH_REQUEST,

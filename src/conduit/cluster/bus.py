@@ -55,9 +55,15 @@ every message it reads, so garbage on a stream is logged and skipped, never a
 crash.
 
 Besides requests, replies and broadcasts, an inbox carries one-way messages
-(:meth:`ClusterBus.tell`) and progress reports for a pending request
+(:meth:`ClusterBus.tell`), progress reports for a pending request
 (:meth:`ClusterBus.report_progress`, handed to the requester's
-``on_progress``).
+``on_progress``) and word that requests are still being served: every
+``ttl / 3`` a node tells each node it is serving requests for which ones it
+is still working on. A request with no word for a whole ``ttl``, while its
+node stays registered and the bus answers, was lost on the way (a Redis
+restart without persistence, a failover that missed the last writes, a
+trimmed stream), or its reply was: the requester stops waiting
+(:class:`RequestLost`) instead of waiting for ever.
 
 Payloads are msgpack (a dict of plain values, bytes allowed), at most
 ``max_message_bytes``: the bus routes requests, it does not carry files
@@ -97,6 +103,7 @@ __all__ = [
     "NodeUnreachable",
     "ProgressHandler",
     "RequestHandler",
+    "RequestLost",
 ]
 
 log = logging.getLogger("conduit.cluster.bus")
@@ -168,6 +175,15 @@ class NodeUnreachable(BusError):
     """The node (or the node of a client) is not registered, or stopped answering."""
 
 
+class RequestLost(NodeUnreachable):
+    """The node stayed registered, but sent no word about the request for a whole TTL.
+
+    The request, or its reply, was lost on the bus: whether the node ran it
+    is unknown. A :class:`NodeUnreachable`, so code that handles an
+    unreachable node handles this too.
+    """
+
+
 class NodeNameTaken(BusError):
     """Another live process is registered under this node name."""
 
@@ -192,6 +208,7 @@ def default_node_name() -> str:
 
 @attrs.define
 class _Pending:
+    node: str
     done: trio.Event = attrs.field(factory=trio.Event)
     reply: dict[str, Any] | None = None
     error: RPCError | None = None
@@ -201,13 +218,19 @@ class _Pending:
     #: latest counts: a slow callback skips reports, it never queues them).
     progress: Any = None
     has_progress: bool = False
+    #: When the last word about the request came (sent, still served, a
+    #: progress report), in ``trio.current_time()``; a whole TTL without one
+    #: means the request or its reply was lost.
+    heard: float = attrs.field(factory=trio.current_time)
 
 
 @attrs.frozen
 class _Message:
     """One bus message, as packed on the streams (short keys keep it small)."""
 
-    type: str  # "req", "rep", "evt", "one" (one-way request) or "prg" (progress)
+    # "req", "rep", "evt", "one" (one-way request), "prg" (progress) or
+    # "alv" (the request ids in ``payload`` are still being served)
+    type: str
     sender: str
     id: str = ""
     kind: str = ""
@@ -215,7 +238,7 @@ class _Message:
     error: tuple[str, str] | None = None
 
 
-_TYPES: Final = frozenset({"req", "rep", "evt", "one", "prg"})
+_TYPES: Final = frozenset({"req", "rep", "evt", "one", "prg", "alv"})
 #: The request a handler task is serving (where :meth:`ClusterBus.report_progress` sends).
 _SERVING: contextvars.ContextVar[_Message | None] = contextvars.ContextVar(
     "conduit_cluster_serving", default=None
@@ -346,6 +369,8 @@ class ClusterBus:
         self._request_handler: RequestHandler | None = None
         self._event_handler: EventHandler | None = None
         self._pending: dict[str, _Pending] = {}
+        #: The requests this node is serving (replies not yet sent), by requesting node.
+        self._serving: dict[str, set[str]] = {}
         self._clients: set[str] = set()
         self._registration = ""
         self._running = False
@@ -424,6 +449,7 @@ class ClusterBus:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._still_serving_loop)
                 nursery.start_soon(self._read_loop, nursery, reader, positions)
                 nursery.start_soon(self._event_loop)
                 task_status.started()
@@ -499,6 +525,26 @@ class ClusterBus:
                     f"node {self.node_name!r} was presumed dead and its name taken by another node"
                 )
 
+    async def _still_serving_loop(self) -> None:
+        """Every ``ttl / 3``, tell each requesting node which of its requests are still served.
+
+        One message per requesting node (not per request): what lets a
+        requester tell a long request from a lost one (see :meth:`request`).
+        A message the bus fails to take is not retried: the next round
+        carries the same word.
+        """
+        while True:
+            await trio.sleep(self.ttl / 3)
+            for node, served in list(self._serving.items()):
+                ids = sorted(served)
+                for start in range(0, len(ids), _CLIENT_BATCH):
+                    batch = ids[start : start + _CLIENT_BATCH]
+                    data = self._pack({"t": "alv", "s": self.node_name, "p": batch})
+                    try:
+                        await self._call(self._xadd, self._key("inbox", node), data)
+                    except BusError as exc:
+                        log.debug("could not tell node %r its requests are served: %s", node, exc)
+
     async def _refresh_clients(self) -> None:
         clients = sorted(self._clients)
         for start in range(0, len(clients), _CLIENT_BATCH):
@@ -553,7 +599,14 @@ class ClusterBus:
             if pending is not None and not pending.done.is_set():
                 pending.progress = message.payload
                 pending.has_progress = True
+                pending.heard = trio.current_time()
                 pending.wake.set()
+        elif message.type == "alv" and isinstance(message.payload, list):
+            now = trio.current_time()
+            for request_id in message.payload:
+                pending = self._pending.get(request_id) if isinstance(request_id, str) else None
+                if pending is not None and pending.node == message.sender:
+                    pending.heard = now
         elif message.type in ("req", "one"):
             try:
                 self._handler_limiter.acquire_on_behalf_of_nowait(message.id)
@@ -578,6 +631,8 @@ class ClusterBus:
         # This task's own context (Trio copies it per task): report_progress
         # finds the request it is serving without the handler passing it along.
         _SERVING.set(None if one_way else message)
+        if not one_way:
+            self._serving.setdefault(message.sender, set()).add(message.id)
         try:
             handler = self._request_handler
             if handler is None:
@@ -595,6 +650,11 @@ class ClusterBus:
             else:
                 await self._reply(message.sender, message.id, None, (error.message, error.code))
         finally:
+            served = self._serving.get(message.sender)
+            if served is not None:
+                served.discard(message.id)
+                if not served:
+                    del self._serving[message.sender]
             self._handler_limiter.release_on_behalf_of(message.id)
 
     async def _event_loop(self) -> None:
@@ -620,10 +680,19 @@ class ClusterBus:
             data = self._pack(message)
         except BusError as exc:
             data = self._pack({**message, "p": None, "e": (str(exc), "too_large")})
-        try:
-            await self._call(self._xadd, self._key("inbox", node), data)
-        except BusError as exc:
-            log.warning("could not reply to node %r: %s", node, exc)
+        # Tried again for a TTL: the requester waits that long after the bus
+        # answers again (and a reply sent twice is harmless: the second finds
+        # no request waiting). Meanwhile the request is still "served".
+        deadline = trio.current_time() + self.ttl
+        while True:
+            try:
+                await self._call(self._xadd, self._key("inbox", node), data)
+                return
+            except BusError as exc:
+                if trio.current_time() >= deadline:
+                    log.warning("could not reply to node %r: %s", node, exc)
+                    return
+            await trio.sleep(self.ttl / 6)
 
     # ----------------------------------------------------------------- nodes
 
@@ -760,7 +829,12 @@ class ClusterBus:
         Raises :class:`NodeUnreachable` if the node is not registered or is
         forgotten while we wait (checked every ``ttl / 3``; a check the bus
         fails to answer is tried again, and only a bus silent for a whole
-        ``ttl`` counts as the node being gone), :class:`BusError` if the
+        ``ttl`` counts as the node being gone), :class:`RequestLost` (a
+        :class:`NodeUnreachable`) if the node stays registered but sends no
+        word about the request for a whole ``ttl`` while the bus answers (it
+        says every ``ttl / 3`` which requests it is still serving, so only a
+        request or reply lost on the bus ends here; whether it ran is then
+        unknown), :class:`BusError` if the
         request could not be sent, ``TimeoutError`` after ``timeout`` (default
         ``request_timeout``), and :class:`RPCError` with the handler's message
         and code if it failed. Each as a plain exception, never inside an
@@ -778,9 +852,10 @@ class ClusterBus:
         data = self._pack(
             {"t": "req", "s": self.node_name, "i": request_id, "k": kind, "p": payload}
         )
-        pending = self._pending[request_id] = _Pending()
+        pending = self._pending[request_id] = _Pending(node)
         try:
             await self._call(self._xadd, self._key("inbox", node), data)
+            pending.heard = trio.current_time()
             limit = self.request_timeout if timeout is None else timeout
             failed: Exception | None = None
             # Why the watch gave up, if the bus stayed silent for a TTL (a
@@ -791,7 +866,9 @@ class ClusterBus:
             verdict: list[NodeUnreachable] = []
             with trio.move_on_after(limit) as waited:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_node, node, nursery.cancel_scope, verdict)
+                    nursery.start_soon(
+                        self._watch_node, kind, pending, nursery.cancel_scope, verdict
+                    )
                     try:
                         while not pending.done.is_set():
                             await pending.wake.wait()
@@ -821,23 +898,34 @@ class ClusterBus:
         return pending.reply
 
     async def _watch_node(
-        self, node: str, scope: trio.CancelScope, verdict: list[NodeUnreachable]
+        self,
+        kind: str,
+        pending: _Pending,
+        scope: trio.CancelScope,
+        verdict: list[NodeUnreachable],
     ) -> None:
-        """Cancel ``scope`` once ``node`` is gone; never raises (a reason goes in ``verdict``).
+        """Cancel ``scope`` once the node is gone or the request lost; why goes in ``verdict``.
 
-        Looks every ``ttl / 3``. A look that fails (the bus did not answer)
-        proves nothing about the node: one Redis blip must not fail a long
-        request, so it is tried again at the next look. The node is taken
-        for gone when it is seen missing, or when the bus has not answered
-        for a whole TTL since the node was last seen (by then the node's own
-        registration may have expired unseen, and nothing can be learnt).
+        Never raises. Looks every ``ttl / 3``. A look that fails (the bus did
+        not answer) proves nothing about the node: one Redis blip must not
+        fail a long request, so it is tried again at the next look. The node
+        is taken for gone when it is seen missing, or when the bus has not
+        answered for a whole TTL since the node was last seen (by then the
+        node's own registration may have expired unseen, and nothing can be
+        learnt). The request is taken for lost when the node is seen
+        registered and has sent no word about it for a whole TTL, counted
+        from when the bus last came back if it was away (the node's word
+        could not get through meanwhile either).
         """
+        node = pending.node
         seen = trio.current_time()  # request() saw it registered just before
+        blind = False
         while True:
             await trio.sleep(self.ttl / 3)
             try:
                 alive = await self.node_alive(node)
             except Exception as exc:  # BusError, or anything the thread raised
+                blind = True
                 silent = trio.current_time() - seen
                 if silent < self.ttl:
                     log.debug("could not look at node %r (trying again): %s", node, exc)
@@ -854,6 +942,19 @@ class ClusterBus:
                 scope.cancel()
                 return
             seen = trio.current_time()
+            if blind:
+                pending.heard = max(pending.heard, seen)
+                blind = False
+            elif seen - pending.heard > self.ttl:
+                verdict.append(
+                    RequestLost(
+                        f"node {node!r} is in the cluster but has sent no word about {kind!r} "
+                        f"for {seen - pending.heard:.1f} s: the request or its reply was lost "
+                        "on the cluster bus (whether it ran is unknown)"
+                    )
+                )
+                scope.cancel()
+                return
 
     async def request_for_client(
         self, client_id: str, kind: str, payload: dict[str, Any], *, timeout: float | None = None
