@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 import trio
 
+import conduit
 from conduit import Accounts, Client, ConduitError, LockedOut, Server
 from conduit.protocol import Frame, FrameKind, ServerHandshake
 from conduit.protocol.pake import StretchParams
-from conftest import ServerFactory, client_descriptor
+from conftest import ServerFactory, client_descriptor, count_reconnects
 
 FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
 ALICE_PASSWORD = "alice's long passphrase"
@@ -223,3 +224,47 @@ async def test_a_user_removed_or_given_a_new_password_loses_the_sessions_it_has(
     with trio.fail_after(10):
         assert await carol.call("echo", value="still here") == "still here"
         await carol.disconnect()
+
+
+async def test_a_session_already_closing_when_its_account_changes_keeps_its_goodbye(
+    server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session whose handler has closed it (a "logout" still to answer)
+    when its account changes is left to end with that goodbye. Before, the
+    change aborted it: the answer and the goodbye were dropped, the caller
+    saw a lost connection and the client reconnected."""
+    path = tmp_path / "accounts.json"
+    store = Accounts(path, stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    ended = trio.Event()
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def logout() -> str:
+            # Awaited before its close: its goodbye then waits for its answer.
+            await trio.lowlevel.checkpoint()
+            await conduit.current_peer().close("logged out")
+            store.remove("alice")  # meanwhile, by an administrator
+            await ended.wait()  # the goodbye waits for this answer
+            return "bye"
+
+    server = await _accounts_server(server_factory, store, register=register)
+    alice = Client(
+        client_descriptor(server.port, username="alice", password=ALICE_PASSWORD, rpc_timeout=10)
+    )
+    reconnects = count_reconnects(alice)
+    caplog.set_level(logging.INFO, logger="conduit")
+
+    async def answer_once_the_change_is_seen() -> None:
+        while "account 'alice' was removed: ending its session" not in caplog.text:  # noqa: ASYNC110
+            await trio.sleep(0.05)  # (the log is the only sign the server gives)
+        ended.set()
+
+    with trio.fail_after(10):
+        await alice.connect()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_once_the_change_is_seen)
+            assert await alice.call("logout") == "bye"
+        await alice.wait_closed()
+    assert reconnects == []
+    assert not alice.connected

@@ -377,7 +377,12 @@ class Server(Endpoint):
                 # goodbye is queued, and the connection ends after it.
                 peer.connection.spawn(peer.connection.close, reason)
             except ConnectionClosed:
-                peer.connection.abort(reason)  # not running yet, or over already
+                # Closing or over already: its goodbye is under way (grace
+                # bounds it), and an abort would drop it. Not running yet
+                # (the client is replacing a stale connection): ended before
+                # it serves anything.
+                if peer.connection.is_open:
+                    peer.connection.abort(reason)
 
     async def _stop_when_asked(self, run: _Run, scope: trio.CancelScope) -> None:
         """Once close() has asked: goodbye to every client (best effort), then end the run.
