@@ -253,6 +253,28 @@ def test_a_result_arriving_for_a_cancelled_caller_is_dropped() -> None:
     run(body)
 
 
+def test_a_call_whose_coroutine_is_closed_before_its_answer_holds_back_no_later_call() -> None:
+    """A fast-path call's coroutine closed while it waits (``GeneratorExit`` at
+    its ``await``: a coroutine finalised, or driven by something other than an
+    asyncio task) is forgotten, and the callers after it send their calls at
+    once. Before, it was counted as a caller woken by its answer that had
+    resumed, though no answer had come: the count went negative, and from
+    then on every call was queued unsent until another one's traffic flushed
+    it, or timed out."""
+
+    async def body(r: Rig) -> None:
+        pending = r.client.rpc.invoke("block")
+        pending.send(None)  # sends the CALL, then waits for its answer
+        await r.blocked.wait()
+        pending.close()
+        for index in range(5):  # while "block" still runs on the server
+            assert await r.client.rpc.invoke("echo", data=index, timeout=2) == index
+        assert len(r.connection._pending) == 0  # the closed call was forgotten
+        r.release.set()
+
+    run(body)
+
+
 def test_frames_for_the_reading_task_are_handed_over() -> None:
     """A CALL and a MESSAGE from the server, between results, reach the client's handlers."""
 

@@ -94,16 +94,15 @@ class _HostCalls:
             self.held = True
         try:
             result = await future
-        except asyncio.CancelledError:
-            if not future.done() or future.cancelled():  # not settled by done()
+        except BaseException:
+            if not future.done() or future.cancelled():
+                # Not settled by done(), which counts the callers it wakes: this
+                # one was cancelled, or its coroutine closed, before the answer.
                 connection.forget_call(call_id)
                 raise
-            # Answered, but the caller was cancelled meanwhile: cancelled it is
-            # (asyncio's rule); an error that came back is marked retrieved.
+            # Settled: its error, or answered while the caller was cancelled
+            # (cancelled it is, asyncio's rule; the error is marked retrieved).
             future.exception()
-            self._resumed()
-            raise
-        except BaseException:
             self._resumed()
             raise
         self._resumed()
