@@ -20,7 +20,8 @@ Work (``--work``), each on its scenario's peer scripts:
 * ``rpc``: the ``rpc`` scenario's 100-byte echo (``peers/conduit_peer.py``),
   one workload of ``--callers`` concurrent callers and ``--calls`` calls on
   one connection, after the scenario's warm-up; calls/s, p50, and the
-  client's and the server's CPU per timed call. The server's comes from
+  client's and the server's CPU per timed call (``--flavor asyncio``: the
+  client under ``asyncio.run`` through the shim). The server's comes from
   ``/proc/<pid>/task/*/schedstat``: its CPU over the whole client run, less
   its CPU over a client run of the warm-up and one call on the same server
   just before, per call of the difference (``--calls`` less one). Too few
@@ -165,10 +166,8 @@ def _rpc(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figures:
         # (the warm-up is one caller's, far dearer per call than a burst's).
         for run in (warm_up_only, timed):
             before = thread_stats(server.pid)
-            result = _measured(
-                tree,
-                [*argv, "client", "--port", str(server.port), "--spec", json.dumps(run)],
-            )
+            client = [*argv, "client", "--port", str(server.port), "--spec", json.dumps(run)]
+            result = _measured(tree, [*client, "--flavor", options.flavor])
             server_cpu.append(cpu_seconds_since(before, thread_stats(server.pid)))
     figures = result["workloads"]["ab"]
     warm, measured = server_cpu
@@ -422,6 +421,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=4, help="runs per tree (default 4)")
     parser.add_argument("--callers", type=int, default=16, help="rpc: concurrent callers")
     parser.add_argument("--calls", type=int, default=100_000, help="rpc: timed calls per run")
+    parser.add_argument(
+        "--flavor", choices=("trio", "asyncio"), default="trio", help="rpc: the client's"
+    )
     parser.add_argument("--files", type=int, default=2000, help="smallfiles: files per run")
     parser.add_argument("--concurrency", type=int, default=1, help="smallfiles: in flight")
     parser.add_argument("--size", type=int, default=1024, help="bulk: MiB per transfer")

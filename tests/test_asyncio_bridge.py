@@ -268,6 +268,109 @@ def test_keyboard_interrupt_from_trio_code_leaves_asyncio_run() -> None:
     assert run_strict(again) == 5
 
 
+async def _keyboard_interrupt_under_a_nursery() -> None:
+    """Trio code whose child task meets Ctrl-C: a KeyboardInterrupt inside a group."""
+
+    async def child() -> None:
+        await trio.lowlevel.checkpoint()
+        raise KeyboardInterrupt
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(child)
+
+
+async def _keyboard_interrupt_under_a_nursery_once_cancelled() -> None:
+    """The same, met while the call unwinds from its caller's cancellation."""
+
+    async def child() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise KeyboardInterrupt
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(child)
+
+
+def test_keyboard_interrupt_in_a_group_from_trio_code_leaves_asyncio_run() -> None:
+    """A KeyboardInterrupt raised under a nursery (as a second Ctrl-C is, in
+    whatever Trio task it lands: a server's connection tasks run in
+    nurseries) stops the loop as a bare one does, from a background task and
+    from a task cancelled meanwhile. Before, it reached asyncio inside an
+    exception group, which asyncio keeps as the task's result: the Ctrl-C was
+    swallowed and the program went on."""
+
+    async def from_a_background_task() -> None:
+        task = asyncio.create_task(run_in_trio(_keyboard_interrupt_under_a_nursery))
+        await asyncio.sleep(5)  # the main task busy with something else
+        task.cancel()
+
+    error = run_strict_raises(KeyboardInterrupt, from_a_background_task)
+    assert type(error) is KeyboardInterrupt
+
+    async def from_a_cancelled_task() -> None:
+        task = asyncio.create_task(run_in_trio(_keyboard_interrupt_under_a_nursery_once_cancelled))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(5)
+
+    error = run_strict_raises(KeyboardInterrupt, from_a_cancelled_task)
+    assert type(error) is KeyboardInterrupt
+
+    # ...and the thread is fit for the next asyncio.run.
+    async def again() -> int:
+        return await run_in_trio(_return_after_checkpoint, 5)
+
+    assert run_strict(again) == 5
+
+
+def test_trio_async_generators_are_finalised_by_trio_in_every_run_of_a_runner() -> None:
+    """``asyncio.Runner.run`` twice (or a loop kept across tests): Trio code
+    in the second run starts its async generators under the guest run's
+    hooks, so one dropped half-way is finalised by Trio, whose ``finally`` can
+    await. Before, asyncio's ``run_forever`` had put back the hooks it found
+    when the first run returned: the generator went to asyncio, which closed
+    it in an asyncio task ("Task got bad yield" at its first Trio await)."""
+    finalised: list[str] = []
+
+    async def numbers(tag: str) -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            # Trio clean-up (shielded: Trio finalises in a cancelled scope).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            finalised.append(tag)
+
+    async def drop_half_way(tag: str) -> None:
+        generator = numbers(tag)
+        assert await generator.__anext__() == 1
+        del generator
+        gc.collect()
+        for _ in range(100):  # Trio finalises it in a system task
+            if tag in finalised:
+                return
+            await trio.sleep(0.01)
+
+    with _strict() as problems:
+        # Trio's warning for each generator dropped half-way: on purpose here.
+        warnings.filterwarnings("ignore", "Async generator .* garbage collected", ResourceWarning)
+        with asyncio.Runner() as runner:
+            runner.get_loop().set_exception_handler(
+                lambda _loop, context: problems.handler_contexts.append(context)
+            )
+            runner.run(run_in_trio(drop_half_way, "first run"))
+            runner.run(run_in_trio(drop_half_way, "second run"))
+        gc.collect()
+    assert finalised == ["first run", "second run"]
+    assert not (problems.log_records or problems.handler_contexts or problems.unraisable), (
+        problems.describe()
+    )
+    _assert_guest_gone()
+
+
 async def _return_after_checkpoint(value: T) -> T:
     await trio.lowlevel.checkpoint()
     return value

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import sys
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -187,6 +188,34 @@ class _Guest:
         # KeyboardInterrupt / SystemExit that ended the run (delivered by Trio to
         # the root task): re-raised on the asyncio side, see _reraise.
         self.fatal: BaseException | None = None
+        # The async-generator hooks the guest run installed (see _tick).
+        self.hooks: Any = None
+
+    # -- guest ticks --------------------------------------------------------------
+
+    def tick_soon(self, tick: Callable[[], object]) -> None:
+        """Trio's ``run_sync_soon_not_threadsafe``: the tick, from the loop."""
+        self.loop.call_soon(self._tick, tick)
+
+    def tick_soon_threadsafe(self, tick: Callable[[], object]) -> None:
+        """Trio's ``run_sync_soon_threadsafe``: the tick, from Trio's I/O thread."""
+        self.loop.call_soon_threadsafe(self._tick, tick)
+
+    def _tick(self, tick: Callable[[], object]) -> None:
+        """Run a guest tick with the guest run's async-generator hooks in place.
+
+        Trio installs its hooks once, when the guest starts, but asyncio's
+        ``run_forever`` puts back the hooks it found each time it returns and
+        installs the loop's own each time it starts: after the first
+        ``asyncio.Runner.run`` (or a ``run_until_complete`` on a loop kept
+        across tests), and during ``asyncio.run``'s shutdown, Trio code would
+        start its async generators under asyncio's hooks, which finalise them
+        in an asyncio task, where their ``finally`` cannot await Trio.
+        """
+        hooks = self.hooks
+        if hooks is not None and sys.get_asyncgen_hooks().firstiter is not hooks.firstiter:
+            sys.set_asyncgen_hooks(*hooks)
+        tick()
 
     # -- asyncio side, between guest ticks ------------------------------------
 
@@ -405,14 +434,25 @@ def _deliver_error(call: _Call[Any], exc: BaseException) -> BaseException | None
     scopes absorb them. Everything else goes to the caller, including
     KeyboardInterrupt and SystemExit, which asyncio then raises out of the loop
     from the caller's task as it would for any task; letting them crash the
-    service nursery would end every other call too.
+    service nursery would end every other call too. A KeyboardInterrupt or
+    SystemExit inside an exception group (raised under a nursery, as a second
+    Ctrl-C lands in whatever Trio task runs) goes to the caller bare: asyncio
+    lets only a bare one out of the loop, and would keep a group as the task's
+    result, the Ctrl-C swallowed.
     """
     propagate, error = _split_cancelled(exc)
     if error is not None:
+        fatal = _find_fatal(error)
+        if fatal is not None and fatal is not error:
+            if fatal.__context__ is None:
+                fatal.__context__ = error  # the rest of the group, still shown
+            error = fatal
         if call.future.done():
             # The caller was cancelled meanwhile; it chains this error onto its
-            # CancelledError.
+            # CancelledError. A Ctrl-C must still stop the loop.
             call.late_error = error
+            if fatal is not None:
+                call.future.get_loop().call_soon(_reraise, fatal)
         else:
             _set_exception(call.future, error)
     return propagate
@@ -577,8 +617,8 @@ def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
             trio.lowlevel.start_guest_run,
             _guest_root,
             guest,
-            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
-            run_sync_soon_not_threadsafe=loop.call_soon,
+            run_sync_soon_threadsafe=guest.tick_soon_threadsafe,
+            run_sync_soon_not_threadsafe=guest.tick_soon,
             done_callback=guest.on_done,
             # asyncio owns signal.set_wakeup_fd (add_signal_handler, the Windows
             # proactor, uvloop): Trio must not replace it, or asyncio's signal
@@ -597,6 +637,7 @@ def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
             "asyncio.run()'s cleanup, its guest run was abandoned."
         ) from exc
     guest.token = trio.lowlevel.current_trio_token()
+    guest.hooks = sys.get_asyncgen_hooks()  # the guest run's, installed as it started
     with _registry_lock:
         _guests[loop] = guest
     # asyncio.Task itself, not loop.create_task: a task factory written before
