@@ -20,8 +20,7 @@ Work (``--work``), each on its scenario's peer scripts:
 * ``rpc``: the ``rpc`` scenario's 100-byte echo (``peers/conduit_peer.py``),
   one workload of ``--callers`` concurrent callers and ``--calls`` calls on
   one connection, after the scenario's warm-up; calls/s, p50, and the
-  client's and the server's CPU per timed call (``--flavor asyncio``: the
-  client under ``asyncio.run`` through the shim). The server's comes from
+  client's and the server's CPU per timed call. The server's comes from
   ``/proc/<pid>/task/*/schedstat``: its CPU over the whole client run, less
   its CPU over a client run of the warm-up and one call on the same server
   just before, per call of the difference (``--calls`` less one). Too few
@@ -34,6 +33,9 @@ Work (``--work``), each on its scenario's peer scripts:
   file. Every stored file is checked against its SHA-256.
 * ``bulk``: one file of ``--size`` MiB uploaded, then downloaded again; MB/s
   and CPU per GiB each way. The downloaded copy is checked against the source.
+
+Each client runs on Trio, or with ``--flavor asyncio`` under ``asyncio.run``
+through the shim (the servers always on Trio).
 
 Files live in a scratch directory on ``/dev/shm`` (``--disk``, or where
 ``/dev/shm`` is not writable: the system's temporary directory; the output
@@ -202,8 +204,9 @@ def _per_unit(seconds: float | None, count: int) -> float:
     return float("nan") if seconds is None else seconds / count * 1e6
 
 
-def _transfer(tree: Tree, storage: Path, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``spec`` on a transfer client of ``tree``, its server storing into ``storage``."""
+def _transfer(tree: Tree, storage: Path, spec: dict[str, Any], flavor: str) -> dict[str, Any]:
+    """Run ``spec`` on a transfer client of ``tree`` (under ``flavor``), its server
+    storing into ``storage``."""
     argv = [sys.executable, tree.peer("conduit_transfer.py")]
     with ServerProcess(
         [*argv, "server", "--spec", json.dumps({"storage": str(storage)})],
@@ -211,9 +214,8 @@ def _transfer(tree: Tree, storage: Path, spec: dict[str, Any]) -> dict[str, Any]
         START_TIMEOUT,
     ) as server:
         spec = {**spec, "server_pid": server.pid}
-        return _measured(
-            tree, [*argv, "client", "--port", str(server.port), "--spec", json.dumps(spec)]
-        )
+        client = [*argv, "client", "--port", str(server.port), "--spec", json.dumps(spec)]
+        return _measured(tree, [*client, "--flavor", flavor])
 
 
 def _small_sources(scratch: Path, count: int) -> tuple[Path, dict[str, str]]:
@@ -243,7 +245,7 @@ def _smallfiles(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figur
         "concurrency": options.concurrency,
     }
     try:
-        result = _transfer(tree, storage, spec)
+        result = _transfer(tree, storage, spec, options.flavor)
         for name, digest in digests.items():
             verify(storage / name, digest, f"{tree.label}: stored {name}")
     finally:
@@ -269,7 +271,9 @@ def _bulk(tree: Tree, options: argparse.Namespace, scratch: Path) -> Figures:
     downloads.mkdir()
     try:
         with priming(2 * options.size * MiB) as prime:
-            result = _transfer(tree, storage, round_trip_spec(source, downloads, prime))
+            result = _transfer(
+                tree, storage, round_trip_spec(source, downloads, prime), options.flavor
+            )
         verify(storage / source.name, expected, f"{tree.label}: uploaded copy")
         verify(downloads / source.name, expected, f"{tree.label}: downloaded copy")
     finally:
@@ -422,7 +426,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--callers", type=int, default=16, help="rpc: concurrent callers")
     parser.add_argument("--calls", type=int, default=100_000, help="rpc: timed calls per run")
     parser.add_argument(
-        "--flavor", choices=("trio", "asyncio"), default="trio", help="rpc: the client's"
+        "--flavor", choices=("trio", "asyncio"), default="trio", help="the client's (default trio)"
     )
     parser.add_argument("--files", type=int, default=2000, help="smallfiles: files per run")
     parser.add_argument("--concurrency", type=int, default=1, help="smallfiles: in flight")

@@ -371,6 +371,78 @@ def test_trio_async_generators_are_finalised_by_trio_in_every_run_of_a_runner() 
     _assert_guest_gone()
 
 
+def test_a_second_ctrl_c_landing_in_trio_code_stops_asyncio_run_without_crashing_it() -> None:
+    """Under ``asyncio.run`` the second Ctrl-C raises ``KeyboardInterrupt`` at
+    once, wherever the main thread is. One that lands in a guest tick is
+    raised from the loop's next turn instead: Trio's code in between (here
+    the line after the signal) runs to its next ``await``, and the
+    ``KeyboardInterrupt`` leaves ``asyncio.run`` as usual, which puts back
+    Python's default handler. Before, it was raised in the middle of Trio's
+    scheduler or of conduit's tasks: the guest run crashed with
+    ``TrioInternalError``, or hung until a third Ctrl-C."""
+    steps: list[str] = []
+
+    async def trio_side() -> None:
+        signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, in Trio code
+        steps.append("went on")
+        await trio.sleep(5)
+        steps.append("slept")
+
+    async def main() -> None:
+        await run_in_trio(_return_after_checkpoint, None)  # the guest runs
+        try:
+            signal.raise_signal(signal.SIGINT)  # the first: cancels the main task
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            steps.append("cancelled")  # and it drains, as a graceful stop does
+        await run_in_trio(trio_side)
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with _strict() as problems:
+            with asyncio.Runner() as runner:
+                runner.get_loop().set_exception_handler(
+                    lambda _loop, context: problems.handler_contexts.append(context)
+                )
+                with pytest.raises(KeyboardInterrupt):
+                    runner.run(main())
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            gc.collect()
+    finally:
+        signal.signal(signal.SIGINT, default)
+    assert steps == ["cancelled", "went on"]
+    assert not (problems.log_records or problems.handler_contexts or problems.unraisable), (
+        problems.describe()
+    )
+    _assert_guest_gone()
+
+
+def test_the_sigint_guard_steps_aside_as_each_run_of_a_runner_ends() -> None:
+    """While a run of ``asyncio.Runner`` goes on, its SIGINT handler has the
+    guard in front (a new one for each run); when the run ends, Python's
+    default handler is back, as the runner leaves it without conduit (it puts
+    it back only if it finds its own handler)."""
+    during: list[Any] = []
+
+    async def look() -> None:
+        await run_in_trio(_return_after_checkpoint, None)
+        during.append(signal.getsignal(signal.SIGINT))
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with asyncio.Runner() as runner:
+            runner.run(look())
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            runner.run(look())
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, default)
+    first, second = during
+    assert first.__qualname__.endswith("wrapper") and second.__qualname__.endswith("wrapper")
+    assert first is not second
+
+
 async def _return_after_checkpoint(value: T) -> T:
     await trio.lowlevel.checkpoint()
     return value

@@ -51,6 +51,7 @@ import trio
 
 from . import _bridge, _host_rpc
 from ._callbacks import BRIDGE_NURSERY, HOST_LOOP
+from ._sigint_guard import SigintGuard
 
 __all__ = [
     "get_guest_token",
@@ -190,6 +191,8 @@ class _Guest:
         self.fatal: BaseException | None = None
         # The async-generator hooks the guest run installed (see _tick).
         self.hooks: Any = None
+        # Keeps asyncio.run's second Ctrl-C out of Trio's own code.
+        self.sigint = SigintGuard(loop, _Guest._tick.__code__)
 
     # -- guest ticks --------------------------------------------------------------
 
@@ -202,7 +205,8 @@ class _Guest:
         self.loop.call_soon_threadsafe(self._tick, tick)
 
     def _tick(self, tick: Callable[[], object]) -> None:
-        """Run a guest tick with the guest run's async-generator hooks in place.
+        """Run a guest tick with the guest run's async-generator hooks in place
+        (and asyncio's SIGINT handler guarded: see :mod:`conduit._sigint_guard`).
 
         Trio installs its hooks once, when the guest starts, but asyncio's
         ``run_forever`` puts back the hooks it found each time it returns and
@@ -215,6 +219,7 @@ class _Guest:
         hooks = self.hooks
         if hooks is not None and sys.get_asyncgen_hooks().firstiter is not hooks.firstiter:
             sys.set_asyncgen_hooks(*hooks)
+        self.sigint.follow()
         tick()
 
     # -- asyncio side, between guest ticks ------------------------------------
@@ -280,6 +285,7 @@ class _Guest:
     def on_done(self, run_outcome: outcome.Outcome[None]) -> None:
         """The guest's done callback: runs in the loop's thread after the run ended."""
         self.state = _State.DONE
+        self.sigint.release()
         with _registry_lock:
             if _guests.get(self.loop) is self:
                 del _guests[self.loop]
