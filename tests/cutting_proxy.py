@@ -69,12 +69,20 @@ class CuttingProxy:
 
     With ``cut_after=(direction, n)``, the first connection is dropped once
     ``n`` bytes went through in ``direction``; later connections are never cut.
+    With ``strand=True`` only its client side is (see :meth:`Leg.strand`).
     ``with CuttingProxy(...) as proxy:`` starts and stops it.
     """
 
-    def __init__(self, target_port: int, cut_after: tuple[Direction, int] | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        cut_after: tuple[Direction, int] | None = None,
+        *,
+        strand: bool = False,
+    ) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
+        self.strand = strand
         self.legs: list[Leg] = []
         self.accepted = 0
         self._lock = threading.Lock()
@@ -171,6 +179,7 @@ class CuttingProxy:
                         with self._lock:
                             setattr(leg, direction, leg.count(direction) + max(room, 0))
                             leg.cut = True
+                            leg.stranded = self.strand
                         break
                 sink.sendall(data)
                 with self._lock:

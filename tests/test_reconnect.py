@@ -30,6 +30,7 @@ from conduit import (
     ClientDescriptor,
     ConnectionClosed,
     FileTransferHandler,
+    LockedOut,
     Server,
     ServerDescriptor,
     TransferProgress,
@@ -236,6 +237,48 @@ async def test_password_refused_on_reconnect_stops_reconnecting(tmp_path: Path) 
         await first.close()
 
 
+async def test_a_reconnect_met_by_a_locked_out_address_waits_and_tries_again() -> None:
+    """A lock-out is no verdict on the password (it was not checked): the
+    address is refused for a while, because of other clients' failures or of
+    handshakes the network cut (the server counts those too). A reconnect
+    that meets one waits as long as the server says, and tries again. Before,
+    it gave up for good, as for a refused password: a flaky link could end
+    a correctly configured client's reconnecting."""
+    server = _server(
+        auth_failure_limit=2, auth_failure_window=1.0, auth_lockout=1.0, auth_timeout=1.0
+    )
+
+    @server.rpc
+    async def echo(value: str) -> str:
+        return value
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, reconnect_attempts=0)
+            attempts: list[int] = []
+            client.on_reconnecting(lambda attempt, delay: attempts.append(attempt))
+            back = trio.Event()
+            client.on_reconnect(back.set)
+            await client.connect()
+            # Another client on the same address locks it out.
+            guesser = _client(port, password="not the password", reconnect_attempts=0)
+            with trio.fail_after(10):
+                for _ in range(2):
+                    with pytest.raises(AuthenticationError):
+                        await guesser.connect()
+                with pytest.raises(LockedOut):
+                    await guesser.connect()
+            proxy.legs[0].close()
+            with trio.fail_after(20):
+                await back.wait()
+            assert client.connected
+            assert len(attempts) >= 2  # the locked-out one, then the one that got in
+            assert await client.call("echo", value="back") == "back"
+            await client.disconnect()
+        await server.close()
+
+
 async def test_transfer_fails_cleanly_when_the_server_does_not_come_back(tmp_path: Path) -> None:
     size = 8 * MiB
     source = tmp_path / "up.bin"
@@ -431,6 +474,41 @@ async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
             assert client.id == client_id and proxy.accepted == 2
             assert sha256_of(tmp_path / "client-store" / "pushed.bin") == digest
             assert proxy.after_cut("s2c") < 0.7 * size
+            await client.disconnect()
+        await server.close()
+
+
+async def test_push_resumes_when_the_clients_reconnect_replaces_the_connection_it_was_on(
+    tmp_path: Path,
+) -> None:
+    """The client's network changes mid-push: its side of the connection is
+    gone, the server's stays open (no reset reached it). The client
+    reconnects at once with its id, and the server closes the connection it
+    still held, replaced. The push resumes on the new connection. Before, it
+    took that close for one made on purpose and failed at once with
+    ``connection_closed``, its partial left on the client."""
+    size = 16 * MiB
+    source = tmp_path / "server" / "pushed.bin"
+    digest = await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    server_transfer = FileTransferHandler(tmp_path / "server-store")
+    server_transfer.register_server_handlers(server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port, cut_after=("s2c", int(size * 0.4)), strand=True) as proxy:
+            client = _client(proxy.port)
+            client_transfer = FileTransferHandler(tmp_path / "client-store")
+            client_transfer.register_client_handlers(client)
+            await client.connect()
+            client_id = client.id
+            assert client_id is not None
+            await served(server, client)
+            with trio.fail_after(60):
+                result = await server_transfer.send_to_client(server, client_id, source)
+            assert proxy.legs[0].stranded and proxy.accepted == 2
+            assert result["success"] is True, result
+            assert result["resumed_from"] > 0
+            assert sha256_of(tmp_path / "client-store" / "pushed.bin") == digest
             await client.disconnect()
         await server.close()
 

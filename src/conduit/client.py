@@ -29,6 +29,7 @@ from .errors import (
     ConduitError,
     ConnectionClosed,
     HandshakeTimeout,
+    LockedOut,
 )
 from .protocol import ClientHandshake
 from .protocol.handshake import ProverCache, shared_secret, shared_secret_ready
@@ -733,6 +734,19 @@ class Client(Endpoint):
                 return None
             try:
                 return await self._establish(None, reconnect=True)
+            except LockedOut as exc:
+                # No verdict on the password (it was not checked): the address
+                # is refused for a while, by others' failures or by handshakes
+                # the network cut (the server counts those too). Wait it out;
+                # one attempt per lock-out is no retry storm.
+                log.warning(
+                    "reconnect attempt %d%s: %s; trying again after %.1fs",
+                    attempt,
+                    of,
+                    exc,
+                    exc.retry_after,
+                )
+                await trio.sleep(exc.retry_after)
             except AuthenticationError as exc:
                 # Never retry a refused password: no retry storm, no lock-out
                 # of the user by their own client.

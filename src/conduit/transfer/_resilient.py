@@ -85,9 +85,14 @@ async def on_server(
         raise ConnectionClosed(f"no connected client with id {client_id!r}")
     result = await attempt(peer)
     for _ in range(MAX_RESUMES):
+        if result.get("success") or peer.connected:
+            return result
         # A connection closed on purpose (the client's disconnect(), or ours)
-        # is not coming back under this id: no waiting for it.
-        if result.get("success") or peer.connected or peer.connection.closed_on_purpose:
+        # is not coming back under this id: no waiting for it. Unless we
+        # closed it because the client is back on another one already (its
+        # reconnect replaced a connection we had not seen die).
+        now = server.clients.get(client_id)
+        if peer.connection.closed_on_purpose and (now is None or now is peer):
             return result
         back = await server._wait_for_client(client_id, timeout)
         if back is None:
