@@ -67,9 +67,10 @@ def _drop(sock: socket.socket) -> None:
 class CuttingProxy:
     """Forward 127.0.0.1:``port`` to 127.0.0.1:``target_port``; cut the first connection.
 
-    With ``cut_after=(direction, n)``, the first connection is dropped once
-    ``n`` bytes went through in ``direction``; later connections are never cut.
-    With ``strand=True`` only its client side is (see :meth:`Leg.strand`).
+    With ``cut_after=(direction, n)``, the first connection (or the one
+    numbered ``cut_leg``, from 0) is dropped once ``n`` bytes went through in
+    ``direction``; the others are never cut. With ``strand=True`` only its
+    client side is (see :meth:`Leg.strand`).
     ``with CuttingProxy(...) as proxy:`` starts and stops it.
     """
 
@@ -79,10 +80,12 @@ class CuttingProxy:
         cut_after: tuple[Direction, int] | None = None,
         *,
         strand: bool = False,
+        cut_leg: int = 0,
     ) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
         self.strand = strand
+        self.cut_leg = cut_leg
         self.legs: list[Leg] = []
         self.accepted = 0
         self._lock = threading.Lock()
@@ -98,9 +101,9 @@ class CuttingProxy:
 
     @property
     def was_cut(self) -> bool:
-        """Whether the first connection has been cut."""
+        """Whether the connection to cut (the first, or ``cut_leg``) has been cut."""
         with self._lock:
-            return bool(self.legs) and self.legs[0].cut
+            return len(self.legs) > self.cut_leg and self.legs[self.cut_leg].cut
 
     def __enter__(self) -> CuttingProxy:
         self._start(self._accept_loop)
@@ -153,9 +156,9 @@ class CuttingProxy:
             leg = Leg(downstream, upstream)
             with self._lock:
                 self.accepted += 1
-                first = not self.legs
+                chosen = len(self.legs) == self.cut_leg
                 self.legs.append(leg)
-            cut = self.cut_after if first else None
+            cut = self.cut_after if chosen else None
             self._start(self._pump, leg, "c2s", downstream, upstream, cut)
             self._start(self._pump, leg, "s2c", upstream, downstream, cut)
 

@@ -43,7 +43,7 @@ from conduit._handshake_io import (
     server_handshake,
     welcome_record,
 )
-from conduit._resume import ResumeTokens
+from conduit._resume import ResumeTokens, token_digest
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     ClientHandshake,
@@ -245,7 +245,13 @@ async def test_a_reconnect_met_by_a_locked_out_address_waits_and_tries_again() -
     it gave up for good, as for a refused password: a flaky link could end
     a correctly configured client's reconnecting."""
     server = _server(
-        auth_failure_limit=2, auth_failure_window=1.0, auth_lockout=1.0, auth_timeout=1.0
+        # Locked long enough that the reconnect, 0.05 s after the cut, meets
+        # the lock-out whatever the machine's load; the failures have aged out
+        # of their window by its end.
+        auth_failure_limit=2,
+        auth_failure_window=1.0,
+        auth_lockout=3.0,
+        auth_timeout=1.0,
     )
 
     @server.rpc
@@ -275,6 +281,41 @@ async def test_a_reconnect_met_by_a_locked_out_address_waits_and_tries_again() -
             assert client.connected
             assert len(attempts) >= 2  # the locked-out one, then the one that got in
             assert await client.call("echo", value="back") == "back"
+            await client.disconnect()
+        await server.close()
+
+
+async def test_a_reconnect_cut_inside_its_handshake_does_not_cost_the_client_its_id() -> None:
+    """The connection drops; the reconnect that follows is cut just before
+    the last byte of its WELCOME, after the server has redeemed the client's
+    resume token; the next one goes through. The client keeps its id: a
+    redeemed token stays good until the session that redeemed it hears from
+    its client. Before, the cut reconnect had spent it, and the client came
+    back under a new id (a push to the old one then waited in vain)."""
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        # What a whole handshake sends the client, WELCOME included.
+        with CuttingProxy(port) as measure:
+            client = _client(measure.port)
+            await client.connect()
+            handshake = measure.legs[0].s2c
+            await client.disconnect()
+        with CuttingProxy(port, cut_after=("s2c", handshake - 1), cut_leg=1) as proxy:
+            client = _client(proxy.port, reconnect_attempts=0)
+            back = trio.Event()
+            client.on_reconnect(back.set)
+            await client.connect()
+            client_id = client.id
+            await served(server, client)
+            proxy.legs[0].close()
+            with trio.fail_after(20):
+                await back.wait()
+            assert proxy.was_cut and proxy.accepted == 3
+            assert client.id == client_id
+            await served(server, client)
+            # Spent now, once the session that redeemed it has heard from
+            # the client: a stranger replaying it would get a new id.
             await client.disconnect()
         await server.close()
 
@@ -631,8 +672,11 @@ async def test_client_id_cannot_be_claimed_without_the_token() -> None:
                 proxy.legs[0].close()
                 await back.wait()
             assert owner.id == owner_id and owner._resume_token != spent_token
-            # The server registers the client once the WELCOME is out.
+            # The server registers the client once the WELCOME is out, and
+            # the token it presented is spent once the server has heard from
+            # it (the client pings at once: it holds the WELCOME's token).
             await wait_until(lambda: owner_id in server.clients)
+            await wait_until(lambda: server.clients[owner_id].connection.heard_from_peer)
 
             # Another client that knows the password, the id and even a token
             # that was good once (replayed), or makes one up, gets a new id and
@@ -907,6 +951,42 @@ def test_reconnect_defaults_and_backoff() -> None:
 
 
 # --------------------------------------------------------------------------- resume tokens
+
+
+def test_a_redeemed_token_stays_good_until_its_session_hears_from_the_client() -> None:
+    tokens = ResumeTokens(ttl=10.0)
+    token = tokens.issue("a")
+    handle = token_digest(token)
+    heard = {"first": False, "second": False}
+
+    def first() -> bool:
+        return heard["first"]
+
+    def second() -> bool:
+        return heard["second"]
+
+    assert tokens.redeem(token, 0.0, held_by=first) == "a"
+    tokens.issue("a")  # its WELCOME's token, which may never reach the client
+    # The WELCOME was lost: the client presents the same token again.
+    assert tokens.redeem(token, 1.0, held_by=second) == "a"
+    tokens.settle(handle, 2.0, first)  # the first session's end: not its token any more
+    heard["second"] = True  # the client has the second session's token
+    assert tokens.redeem(token, 3.0, held_by=first) is None  # spent
+    tokens.settle(handle, 4.0, second)  # (gone already: nothing to do)
+
+    # A session that ends without hearing from its client puts it back, for ttl.
+    def never() -> bool:
+        return False
+
+    token = tokens.issue("b")
+    assert tokens.redeem(token, 0.0, held_by=never) == "b"
+    tokens.settle(token_digest(token), 5.0, never)
+    assert tokens.redeem(token, 14.0) == "b"
+    assert tokens.redeem(token, 14.0) is None  # spent at once without held_by
+    token = tokens.issue("c")
+    assert tokens.redeem(token, 0.0, held_by=never) == "c"
+    tokens.settle(token_digest(token), 5.0, never)
+    assert tokens.redeem(token, 15.0) is None  # expired
 
 
 def test_resume_tokens_are_single_use_bounded_and_expire() -> None:

@@ -268,6 +268,8 @@ class Connection:
         self.label = label
         self.is_client = is_client
         self._reader = reader
+        # Records the handshake opened: heard_from_peer counts the ones after.
+        self._records_at_start = reader.records_opened
         self._writer = writer
         self._dispatcher = dispatcher
         self._state = state = ConnectionState(
@@ -383,6 +385,17 @@ class Connection:
     def is_open(self) -> bool:
         """Whether the connection can still carry traffic."""
         return self._state.phase is _OPEN
+
+    def ping_now(self) -> None:
+        """Queue a PING (ahead of data, as the heartbeat's): the peer hears from
+        us at once. ``ConnectionClosed`` once closing."""
+        self._outbox.put_control((self._state.ping(),))
+
+    @property
+    def heard_from_peer(self) -> bool:
+        """Whether a sealed record from the peer arrived since this connection
+        was made (after its handshake): a client that sent one has its WELCOME."""
+        return self._reader.records_opened > self._records_at_start
 
     @property
     def close_reason(self) -> str | None:

@@ -15,6 +15,15 @@ SHA-256 (a table dump does not leak usable tokens), valid for
 bounded: when it is full the oldest token goes, and that client simply gets a
 new id when it comes back.
 
+Single use counts from when the client is known to hold its next token: a
+redeemed token is *held* by the session that redeemed it until that session
+hears from its client (``held_by`` of :meth:`ResumeTokens.redeem`; a client
+that sends a frame has its WELCOME, and the new token in it). Until then the
+network may have lost the WELCOME, so the client may present the same token
+again; a session that ends before hearing from its client puts the token
+back (:meth:`ResumeTokens.settle`). Without that, a reconnect cut inside its
+own handshake spent the token, and the client came back under a new id.
+
 In a cluster every token is also shared on the bus, again as its SHA-256
 (:meth:`conduit.cluster._node.ClusterNode.share_resume_token`), so that a
 client whose node died can resume on another one; there the bus entry
@@ -28,6 +37,7 @@ import heapq
 import math
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 
 import attrs
 
@@ -44,6 +54,9 @@ class _Entry:
     #: The authenticated account the token was issued to (None in shared mode).
     username: str | None
     expires: float = math.inf
+    #: Redeemed by a session that may not have heard from its client yet:
+    #: whether it has (None: not held).
+    held_by: Callable[[], bool] | None = None
 
 
 class ResumeTokens:
@@ -85,20 +98,63 @@ class ResumeTokens:
             self._by_client.pop(oldest.client_id, None)
         return token
 
-    def redeem(self, token: bytes, now: float, username: str | None = None) -> str | None:
+    def redeem(
+        self,
+        token: bytes,
+        now: float,
+        username: str | None = None,
+        held_by: Callable[[], bool] | None = None,
+    ) -> str | None:
         """The client id ``token`` was issued for, once; None if unknown, expired or not ours.
 
         Only the account the token was issued to (``username``, None in
         shared mode) may redeem it. Another account's attempt leaves the
         token in place, still good for its owner.
+
+        ``held_by``: whether the session redeeming it has heard from its
+        client; the token stays good until then (see the module docstring,
+        and :meth:`settle` when that session ends). None: spent at once.
         """
         digest = token_digest(token)
         entry = self._entries.get(digest)
         if entry is None or entry.username != username:
             return None
-        del self._entries[digest]
-        self._by_client.pop(entry.client_id, None)
-        return entry.client_id if now < entry.expires else None
+        if now >= entry.expires or (entry.held_by is not None and entry.held_by()):
+            # Expired, or redeemed by a session that has heard from its
+            # client since: that client holds a newer token.
+            self.spend(digest)
+            return None
+        if held_by is None:
+            self.spend(digest)
+            return entry.client_id
+        if self._by_client.get(entry.client_id) == digest:
+            del self._by_client[entry.client_id]  # the new WELCOME's token is current
+        entry.expires = math.inf
+        entry.held_by = held_by
+        return entry.client_id
+
+    def settle(self, handle: bytes, now: float, held_by: Callable[[], bool]) -> None:
+        """The session that redeemed ``handle``'s token as ``held_by`` ended (or never began).
+
+        ``handle`` is :func:`token_digest` of the token. Heard from its
+        client: the token is spent. Not: the client may not have its next
+        token, so this one is good for ``ttl`` more seconds. A token a later
+        session redeemed since is that session's to settle.
+        """
+        entry = self._entries.get(handle)
+        if entry is None or entry.held_by is not held_by:
+            return
+        if held_by():
+            self.spend(handle)
+            return
+        entry.held_by = None
+        self.start_expiry(handle, now)
+
+    def spend(self, handle: bytes) -> None:
+        """Forget ``handle``'s token: good no more (a no-op for one already gone)."""
+        entry = self._entries.pop(handle, None)
+        if entry is not None and self._by_client.get(entry.client_id) == handle:
+            del self._by_client[entry.client_id]
 
     def current(self, client_id: str) -> bytes | None:
         """A handle on ``client_id``'s token now (for :meth:`start_expiry`), if it has one."""
@@ -108,10 +164,11 @@ class ResumeTokens:
         """The connection that got ``handle``'s token ended: it is good for ``ttl`` more seconds.
 
         A token already redeemed or replaced is not touched: a replaced
-        connection's end must not start the clock on its successor's token.
+        connection's end must not start the clock on its successor's token
+        (nor on a token a newer session holds: see :meth:`settle`).
         """
         entry = self._entries.get(handle) if handle is not None else None
-        if entry is not None and handle is not None:
+        if entry is not None and handle is not None and entry.held_by is None:
             entry.expires = now + self._ttl
             heapq.heappush(self._expiries, (entry.expires, handle))
             if len(self._expiries) > 2 * self._max + 64:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -618,6 +619,12 @@ class Client(Endpoint):
             )
         self._resume_token = b"" if given else welcome.resume_token
         self._peer = peer
+        if token:
+            # The server keeps the token we presented good until it hears from
+            # us (our WELCOME may have been lost on the way): a PING now spends
+            # it within a round trip, not at the next heartbeat.
+            with contextlib.suppress(ConnectionClosed):
+                peer.connection.ping_now()
         log.info("connected to %r as client %s", welcome.server_name, welcome.client_id)
 
     async def _open_stream(self) -> trio.abc.Stream:

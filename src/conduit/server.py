@@ -24,7 +24,7 @@ from ._handshake_io import (
 )
 from ._heartbeats import Heartbeats
 from ._peer import Peer
-from ._resume import ResumeTokens, new_token
+from ._resume import ResumeTokens, new_token, token_digest
 from ._serve_loop import serve_listeners
 from ._socket_io import close_now
 from ._throttle import address_key
@@ -33,6 +33,7 @@ from .errors import AuthenticationError, ConduitError, ConnectionClosed, Protoco
 from .protocol.messages import Welcome
 
 if TYPE_CHECKING:
+    from ._connection import Connection
     from .cluster._node import ClusterNode
 
 log = logging.getLogger("conduit.server")
@@ -107,6 +108,26 @@ class _Startup:
     error: Exception | None = None
     #: ... and in words (an error, a close(), a cancellation).
     why: str = ""
+
+
+@attrs.define(eq=False)
+class _HeldToken:
+    """A resume token a reconnecting client presented, held by the session it
+    opens until that session hears from the client (see ``conduit._resume``).
+
+    Called: whether it has. ``connection`` is set once the session has one.
+    """
+
+    handle: bytes
+    connection: Connection | None = None
+
+    def __call__(self) -> bool:
+        """Whether the session has heard from its client (who then has its WELCOME)."""
+        return self.connection is not None and self.connection.heard_from_peer
+
+    def settle(self, tokens: ResumeTokens) -> None:
+        """The session ended, or never began: the token is spent, or good again."""
+        tokens.settle(self.handle, trio.current_time(), self)
 
 
 class Server(Endpoint):
@@ -603,8 +624,9 @@ class Server(Endpoint):
 
     async def _authenticate(
         self, stream: trio.abc.Stream, arrival: _Arrival
-    ) -> tuple[Established, str] | None:
-        """Run the handshake and welcome the client: its session and id, or None (logged)."""
+    ) -> tuple[Established, str, _HeldToken | None] | None:
+        """Run the handshake and welcome the client: its session, id and the
+        resume token it redeemed (held: see ``ResumeTokens.hold``), or None (logged)."""
         descriptor = self.descriptor
 
         def warn(message: str, *args: object) -> None:
@@ -626,8 +648,8 @@ class Server(Endpoint):
                     self._resume_tokens.issue(
                         client_id, established.username, welcomed.resume_token
                     )
-                    return established, client_id
-                client_id = await self._client_id_for(stream, established, arrival)
+                    return established, client_id, None
+                client_id, held = await self._client_id_for(stream, established, arrival)
                 try:
                     token = new_token()
                     if self.cluster is not None:
@@ -644,6 +666,8 @@ class Server(Endpoint):
                     # by the end of a session (which never began).
                     self._resume_tokens.issue(client_id, established.username, token)
                 except BaseException:
+                    if held is not None:  # its WELCOME, with the next token, never went
+                        held.settle(self._resume_tokens)
                     await self._release_client_id(client_id)
                     raise
         except trio.TooSlowError:
@@ -668,7 +692,7 @@ class Server(Endpoint):
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("connection from %s lost during the handshake: %s", arrival.label, exc)
             return None
-        return established, client_id
+        return established, client_id, held
 
     def _welcome(self) -> Welcome:
         """A new client's WELCOME, made before it has confirmed: a fresh id and
@@ -682,26 +706,44 @@ class Server(Endpoint):
 
     async def _client_id_for(
         self, stream: trio.abc.Stream, established: Established, arrival: _Arrival
-    ) -> str:
-        """A reconnecting client's old id if its sealed, single-use token is good; else a new id."""
+    ) -> tuple[str, _HeldToken | None]:
+        """A reconnecting client's old id if its sealed, single-use token is good; else a new id.
+
+        With the token redeemed, held until the session hears from its
+        client (None when none was, and in a cluster).
+        """
         if established.resuming:
             token = await read_resume(stream, established)
-            client_id = self._resume_tokens.redeem(token, trio.current_time(), established.username)
             if self.cluster is not None:
                 # The bus decides: the token may be another node's, and it is
                 # good once in the whole cluster (the local entry is spent too).
+                self._resume_tokens.redeem(token, trio.current_time(), established.username)
                 client_id = await self.cluster.resume_client_id(token, established.username)
+                held = None
+            else:
+                held = _HeldToken(token_digest(token))
+                client_id = self._resume_tokens.redeem(
+                    token, trio.current_time(), established.username, held_by=held
+                )
+                if client_id is None:
+                    held = None
             if client_id is not None:
                 log.info("client %s is back, from %s", client_id, arrival.label)
-                return client_id
+                return client_id, held
             log.info("unknown or expired resume token from %s: new client id", arrival.label)
-        return await self._new_client_id()
+        return await self._new_client_id(), None
 
     async def _new_client_id(self) -> str:
         """A fresh client id: random, and registered in the cluster when there is one."""
         if self.cluster is not None:
             return await self.cluster.new_client_id()
         return secrets.token_hex(8)
+
+    def _settle_tokens(self, token: bytes | None, held: _HeldToken | None) -> None:
+        """A session that never ran: its token's clock starts, the one it redeemed is back."""
+        self._resume_tokens.start_expiry(token, trio.current_time())
+        if held is not None:
+            held.settle(self._resume_tokens)
 
     async def _release_client_id(self, client_id: str) -> None:
         """A connection given this id ended: release it in the cluster (bounded, never raises).
@@ -717,8 +759,13 @@ class Server(Endpoint):
         arrival: _Arrival,
         established: Established,
         client_id: str,
+        held: _HeldToken | None,
     ) -> None:
-        """Serve an authenticated client until its connection ends."""
+        """Serve an authenticated client until its connection ends.
+
+        ``held``: the resume token it redeemed, good until this session hears
+        from it (or again if it never does: its WELCOME may have been lost).
+        """
         token = self._resume_tokens.current(client_id)
         changed = self._gate.account_change(established.account)
         if changed is not None:
@@ -727,7 +774,7 @@ class Server(Endpoint):
             # ended as they were. Nothing awaits from this check to the
             # registration below, so no change slips in between unseen.
             log.info("client %s: %s: not served", client_id, changed)
-            self._resume_tokens.start_expiry(token, trio.current_time())
+            self._settle_tokens(token, held)
             await self._release_client_id(client_id)
             await trio.aclose_forcefully(stream)
             return
@@ -746,9 +793,11 @@ class Server(Endpoint):
         except BaseException:
             # Welcomed but never served: as in the finally below, its token
             # must start to expire and its id be released.
-            self._resume_tokens.start_expiry(token, trio.current_time())
+            self._settle_tokens(token, held)
             await self._release_client_id(client_id)
             raise
+        if held is not None:
+            held.connection = peer.connection
         stale = self.clients.get(client_id)
         ending = self._sessions_over.get(client_id)
         over: trio.Event | None = None
@@ -787,6 +836,8 @@ class Server(Endpoint):
             )
             await self._run_session(peer, (peer,), on_ended=ended)
         finally:
+            if held is not None:
+                held.settle(self._resume_tokens)
             if not expiring:  # the session never ran: ended() did not see it out
                 self._resume_tokens.start_expiry(token, trio.current_time())
             if self.clients.get(client_id) is peer:

@@ -186,6 +186,11 @@ class RecordOpener:
         """Bytes received and not yet opened."""
         return len(self._buffer) - self._offset
 
+    @property
+    def opened(self) -> int:
+        """Records opened so far."""
+        return self._counter
+
     def partial(self) -> memoryview:
         """The bytes received and not yet opened: the start of the next record.
 

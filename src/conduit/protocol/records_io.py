@@ -65,6 +65,11 @@ class FrameReader:
         self._opener = RecordOpener(key, max_frame_size + HEADER_SIZE + RECORD_SLACK, leftover)
 
     @property
+    def records_opened(self) -> int:
+        """Sealed records opened so far (0 before :meth:`start_decryption`)."""
+        return self._opener.opened if self._opener is not None else 0
+
+    @property
     def missing(self) -> int:
         """Bytes still to come before the next sealed record is whole (0: unknown or none)."""
         return self._opener.missing if self._opener is not None else 0
