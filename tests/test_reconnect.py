@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import socket
 from collections.abc import AsyncIterator
@@ -54,6 +55,7 @@ from conduit.protocol import (
     ServerHandshake,
 )
 from conduit.protocol.codec import encode_frame
+from conduit.protocol.handshake import refusal_frame
 from conduit.protocol.messages import Resume, Welcome
 from conduit.transfer._progress import REPORT_INTERVAL
 from conftest import (
@@ -244,15 +246,9 @@ async def test_a_reconnect_met_by_a_locked_out_address_waits_and_tries_again() -
     that meets one waits as long as the server says, and tries again. Before,
     it gave up for good, as for a refused password: a flaky link could end
     a correctly configured client's reconnecting."""
-    server = _server(
-        # Locked long enough that the reconnect, 0.05 s after the cut, meets
-        # the lock-out whatever the machine's load; the failures have aged out
-        # of their window by its end.
-        auth_failure_limit=2,
-        auth_failure_window=1.0,
-        auth_lockout=3.0,
-        auth_timeout=1.0,
-    )
+    # Two failures in the window lock the address for 3 s (and are spent on
+    # the lock: the first attempt after it starts afresh).
+    server = _server(auth_failure_limit=2, auth_failure_window=30.0, auth_lockout=3.0)
 
     @server.rpc
     async def echo(value: str) -> str:
@@ -263,26 +259,69 @@ async def test_a_reconnect_met_by_a_locked_out_address_waits_and_tries_again() -
         with CuttingProxy(port) as proxy:
             client = _client(proxy.port, reconnect_attempts=0)
             attempts: list[int] = []
-            client.on_reconnecting(lambda attempt, delay: attempts.append(attempt))
+            locked_out: list[float] = []
+
+            @client.on_reconnecting
+            async def lock_the_address_out(attempt: int, delay: float) -> None:
+                # Right before the first attempt, another client on the same
+                # address locks it out: that attempt meets the lock-out.
+                attempts.append(attempt)
+                if attempt == 1:
+                    guesser = _client(port, password="not the password", reconnect_attempts=0)
+                    for _ in range(2):
+                        with pytest.raises(AuthenticationError):
+                            await guesser.connect()
+                    with pytest.raises(LockedOut) as caught:
+                        await guesser.connect()
+                    locked_out.append(caught.value.retry_after)
+
             back = trio.Event()
             client.on_reconnect(back.set)
             await client.connect()
-            # Another client on the same address locks it out.
-            guesser = _client(port, password="not the password", reconnect_attempts=0)
-            with trio.fail_after(10):
-                for _ in range(2):
-                    with pytest.raises(AuthenticationError):
-                        await guesser.connect()
-                with pytest.raises(LockedOut):
-                    await guesser.connect()
             proxy.legs[0].close()
-            with trio.fail_after(20):
+            with trio.fail_after(30):
                 await back.wait()
-            assert client.connected
-            assert len(attempts) >= 2  # the locked-out one, then the one that got in
+            assert client.connected and locked_out and locked_out[0] > 0
+            assert attempts == [1, 2]  # the locked-out one, then the one that got in
             assert await client.call("echo", value="back") == "back"
             await client.disconnect()
         await server.close()
+
+
+@pytest.mark.parametrize("retry_after", [-5.0, math.nan, math.inf])
+async def test_a_lock_out_with_an_insane_wait_is_waited_out_with_the_reconnects_backoff(
+    retry_after: float,
+) -> None:
+    """A lock-out's wait arrives in clear, before authentication: anyone on
+    the path can forge one. A wait that is not a positive number, or is
+    longer than an hour, is replaced by the reconnect's own backoff: the
+    client neither crashes (``trio.sleep`` refuses a negative or NaN wait)
+    nor waits for ever."""
+    server = _server()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+
+        async def forged_lock_out(stream: trio.SocketStream) -> None:
+            await stream.receive_some()  # the client's hello
+            await stream.send_all(refusal_frame("throttled", "locked out", retry_after))
+            proxy.target_port = port  # the next attempt reaches the server
+            await stream.aclose()
+
+        serve = functools.partial(trio.serve_tcp, forged_lock_out, 0, host=LOOPBACK)
+        forger = (await nursery.start(serve))[0]
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port, reconnect_attempts=0)
+            back = trio.Event()
+            client.on_reconnect(back.set)
+            await client.connect()
+            proxy.target_port = forger.socket.getsockname()[1]
+            proxy.legs[0].close()
+            with trio.fail_after(20):
+                await back.wait()
+            assert client.connected and proxy.accepted == 3
+            await client.disconnect()
+        await server.close()
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_reconnect_cut_inside_its_handshake_does_not_cost_the_client_its_id() -> None:
@@ -291,8 +330,13 @@ async def test_a_reconnect_cut_inside_its_handshake_does_not_cost_the_client_its
     resume token; the next one goes through. The client keeps its id: a
     redeemed token stays good until the session that redeemed it hears from
     its client. Before, the cut reconnect had spent it, and the client came
-    back under a new id (a push to the old one then waited in vain)."""
-    server = _server()
+    back under a new id (a push to the old one then waited in vain).
+
+    The reconnected client pings at once, so its session hears from it
+    within a round trip (here no heartbeat would for a minute), and from then
+    on the token is spent: replayed, it gives a new id."""
+    quiet = {"heartbeat_interval": 60.0, "heartbeat_timeout": 120.0}
+    server = _server(**quiet)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         # What a whole handshake sends the client, WELCOME included.
@@ -302,11 +346,12 @@ async def test_a_reconnect_cut_inside_its_handshake_does_not_cost_the_client_its
             handshake = measure.legs[0].s2c
             await client.disconnect()
         with CuttingProxy(port, cut_after=("s2c", handshake - 1), cut_leg=1) as proxy:
-            client = _client(proxy.port, reconnect_attempts=0)
+            client = _client(proxy.port, reconnect_attempts=0, **quiet)
             back = trio.Event()
             client.on_reconnect(back.set)
             await client.connect()
             client_id = client.id
+            presented = client._resume_token
             await served(server, client)
             proxy.legs[0].close()
             with trio.fail_after(20):
@@ -314,8 +359,14 @@ async def test_a_reconnect_cut_inside_its_handshake_does_not_cost_the_client_its
             assert proxy.was_cut and proxy.accepted == 3
             assert client.id == client_id
             await served(server, client)
-            # Spent now, once the session that redeemed it has heard from
-            # the client: a stranger replaying it would get a new id.
+            assert client_id is not None
+            session = server.clients[client_id]
+            await wait_until(lambda: session.connection.heard_from_peer, timeout=10)
+            stranger = _client(port)
+            stranger._resume_token = presented
+            await stranger.connect()
+            assert stranger.id != client_id and client.connected
+            await stranger.disconnect()
             await client.disconnect()
         await server.close()
 
@@ -974,19 +1025,37 @@ def test_a_redeemed_token_stays_good_until_its_session_hears_from_the_client() -
     assert tokens.redeem(token, 3.0, held_by=first) is None  # spent
     tokens.settle(handle, 4.0, second)  # (gone already: nothing to do)
 
-    # A session that ends without hearing from its client puts it back, for ttl.
+    # A session that ends without hearing from its client puts it back, until
+    # ttl after it was first redeemed (its connection, live then, had no
+    # expiry yet: it would have had ttl from about then).
     def never() -> bool:
         return False
 
     token = tokens.issue("b")
     assert tokens.redeem(token, 0.0, held_by=never) == "b"
     tokens.settle(token_digest(token), 5.0, never)
-    assert tokens.redeem(token, 14.0) == "b"
-    assert tokens.redeem(token, 14.0) is None  # spent at once without held_by
+    assert tokens.redeem(token, 9.0) == "b"
+    assert tokens.redeem(token, 9.0) is None  # spent at once without held_by
     token = tokens.issue("c")
     assert tokens.redeem(token, 0.0, held_by=never) == "c"
     tokens.settle(token_digest(token), 5.0, never)
-    assert tokens.redeem(token, 15.0) is None  # expired
+    assert tokens.redeem(token, 10.5) is None  # expired
+
+    # Put back again and again, a token still dies when it first would have.
+    token = tokens.issue("d")
+    for now in (0.0, 4.0, 8.0):
+        assert tokens.redeem(token, now, held_by=never) == "d"
+        tokens.settle(token_digest(token), now + 1.0, never)
+    assert tokens.redeem(token, 10.5) is None
+
+    # Evicting a held token (the oldest) leaves its client's new one current.
+    tokens = ResumeTokens(ttl=10.0, max_tokens=2)
+    old = tokens.issue("x")
+    assert tokens.redeem(old, 0.0, held_by=never) == "x"
+    new = tokens.issue("x")  # its WELCOME's
+    tokens.issue("y")  # the table is full: the held one goes
+    assert tokens.current("x") == token_digest(new)
+    assert tokens.redeem(old, 1.0) is None
 
 
 def test_resume_tokens_are_single_use_bounded_and_expire() -> None:

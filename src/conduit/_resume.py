@@ -21,8 +21,9 @@ hears from its client (``held_by`` of :meth:`ResumeTokens.redeem`; a client
 that sends a frame has its WELCOME, and the new token in it). Until then the
 network may have lost the WELCOME, so the client may present the same token
 again; a session that ends before hearing from its client puts the token
-back (:meth:`ResumeTokens.settle`). Without that, a reconnect cut inside its
-own handshake spent the token, and the client came back under a new id.
+back (:meth:`ResumeTokens.settle`), never past ``ttl`` after it was first
+redeemed. Without that, a reconnect cut inside its own handshake spent the
+token, and the client came back under a new id.
 
 In a cluster every token is also shared on the bus, again as its SHA-256
 (:meth:`conduit.cluster._node.ClusterNode.share_resume_token`), so that a
@@ -57,6 +58,9 @@ class _Entry:
     #: Redeemed by a session that may not have heard from its client yet:
     #: whether it has (None: not held).
     held_by: Callable[[], bool] | None = None
+    #: Fixed when first held: a token put back never lives past it (or one
+    #: leaked could be kept good for ever, redeemed and dropped again and again).
+    deadline: float = math.inf
 
 
 class ResumeTokens:
@@ -94,8 +98,10 @@ class ResumeTokens:
         self._entries[digest] = _Entry(client_id, username)
         self._by_client[client_id] = digest
         while len(self._entries) > self._max:
-            _, oldest = self._entries.popitem(last=False)
-            self._by_client.pop(oldest.client_id, None)
+            evicted, oldest = self._entries.popitem(last=False)
+            # (A held token is not its client's current one: leave that be.)
+            if self._by_client.get(oldest.client_id) == evicted:
+                del self._by_client[oldest.client_id]
         return token
 
     def redeem(
@@ -129,6 +135,8 @@ class ResumeTokens:
             return entry.client_id
         if self._by_client.get(entry.client_id) == digest:
             del self._by_client[entry.client_id]  # the new WELCOME's token is current
+        if entry.deadline == math.inf:
+            entry.deadline = entry.expires if entry.expires != math.inf else now + self._ttl
         entry.expires = math.inf
         entry.held_by = held_by
         return entry.client_id
@@ -138,8 +146,9 @@ class ResumeTokens:
 
         ``handle`` is :func:`token_digest` of the token. Heard from its
         client: the token is spent. Not: the client may not have its next
-        token, so this one is good for ``ttl`` more seconds. A token a later
-        session redeemed since is that session's to settle.
+        token, so this one is good for ``ttl`` more seconds, but never past
+        the deadline it had when first redeemed. A token a later session
+        redeemed since is that session's to settle.
         """
         entry = self._entries.get(handle)
         if entry is None or entry.held_by is not held_by:
@@ -149,6 +158,7 @@ class ResumeTokens:
             return
         entry.held_by = None
         self.start_expiry(handle, now)
+        entry.expires = min(entry.expires, entry.deadline)
 
     def spend(self, handle: bytes) -> None:
         """Forget ``handle``'s token: good no more (a no-op for one already gone)."""

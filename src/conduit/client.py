@@ -45,6 +45,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: connect_timeout ends sooner): a server answers a handshake within
 #: milliseconds, and a connect_timeout may be long, or infinite.
 ALONE_DISCONNECT_WAIT = 5.0
+#: Longest a reconnect waits out a server's lock-out (``LockedOut.retry_after``,
+#: which arrives before authentication: a value past this, or not a positive
+#: number, is taken as the reconnect's own backoff instead).
+MAX_LOCKOUT_WAIT = 3600.0
 
 
 async def open_tcp(host: str, port: int) -> trio.SocketStream:
@@ -745,15 +749,15 @@ class Client(Endpoint):
                 # No verdict on the password (it was not checked): the address
                 # is refused for a while, by others' failures or by handshakes
                 # the network cut (the server counts those too). Wait it out;
-                # one attempt per lock-out is no retry storm.
+                # one attempt per lock-out is no retry storm. The wait comes
+                # in clear, before authentication: only a sane one is taken.
+                wait = exc.retry_after
+                if not 0 < wait <= MAX_LOCKOUT_WAIT:
+                    wait = min(descriptor.reconnect_wait(attempt), MAX_LOCKOUT_WAIT)
                 log.warning(
-                    "reconnect attempt %d%s: %s; trying again after %.1fs",
-                    attempt,
-                    of,
-                    exc,
-                    exc.retry_after,
+                    "reconnect attempt %d%s: %s; trying again after %.1fs", attempt, of, exc, wait
                 )
-                await trio.sleep(exc.retry_after)
+                await trio.sleep(wait)
             except AuthenticationError as exc:
                 # Never retry a refused password: no retry storm, no lock-out
                 # of the user by their own client.

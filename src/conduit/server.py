@@ -626,7 +626,7 @@ class Server(Endpoint):
         self, stream: trio.abc.Stream, arrival: _Arrival
     ) -> tuple[Established, str, _HeldToken | None] | None:
         """Run the handshake and welcome the client: its session, id and the
-        resume token it redeemed (held: see ``ResumeTokens.hold``), or None (logged)."""
+        resume token it redeemed (held: see ``conduit._resume``), or None (logged)."""
         descriptor = self.descriptor
 
         def warn(message: str, *args: object) -> None:
