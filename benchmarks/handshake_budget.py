@@ -92,7 +92,7 @@ async def _serve(mode: str, handshake_only: bool, callgrind: bool) -> None:
         # Measurement only: the session is skipped, the connection's task then
         # closes the socket as it does after any session.
         async def no_session(
-            stream: object, arrival: object, established: object, client_id: str
+            stream: object, arrival: object, established: object, client_id: str, held: object
         ) -> None:
             return None
 
