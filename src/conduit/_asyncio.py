@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import functools
 import sys
 import threading
 import weakref
@@ -51,7 +52,7 @@ import trio
 
 from . import _bridge, _host_rpc
 from ._callbacks import BRIDGE_NURSERY, HOST_LOOP
-from ._sigint_guard import SigintGuard
+from ._sigint_guard import SIGINT, SigintGuard, getsignal
 
 __all__ = [
     "get_guest_token",
@@ -189,22 +190,14 @@ class _Guest:
         # KeyboardInterrupt / SystemExit that ended the run (delivered by Trio to
         # the root task): re-raised on the asyncio side, see _reraise.
         self.fatal: BaseException | None = None
-        # The async-generator hooks the guest run installed (see _tick).
+        # The async-generator hooks the guest run installed (see tick).
         self.hooks: Any = None
         # Keeps asyncio.run's second Ctrl-C out of Trio's own code.
-        self.sigint = SigintGuard(loop, _Guest._tick.__code__)
+        self.sigint = SigintGuard(loop, _Guest.tick.__code__)
 
     # -- guest ticks --------------------------------------------------------------
 
-    def tick_soon(self, tick: Callable[[], object]) -> None:
-        """Trio's ``run_sync_soon_not_threadsafe``: the tick, from the loop."""
-        self.loop.call_soon(self._tick, tick)
-
-    def tick_soon_threadsafe(self, tick: Callable[[], object]) -> None:
-        """Trio's ``run_sync_soon_threadsafe``: the tick, from Trio's I/O thread."""
-        self.loop.call_soon_threadsafe(self._tick, tick)
-
-    def _tick(self, tick: Callable[[], object]) -> None:
+    def tick(self, tick: Callable[[], object]) -> None:
         """Run a guest tick with the guest run's async-generator hooks in place
         (and asyncio's SIGINT handler guarded: see :mod:`conduit._sigint_guard`).
 
@@ -216,10 +209,13 @@ class _Guest:
         start its async generators under asyncio's hooks, which finalise them
         in an asyncio task, where their ``finally`` cannot await Trio.
         """
+        # Per tick, so only C calls and comparisons while nothing changed.
         hooks = self.hooks
         if hooks is not None and sys.get_asyncgen_hooks().firstiter is not hooks.firstiter:
             sys.set_asyncgen_hooks(*hooks)
-        self.sigint.follow()
+        sigint = self.sigint
+        if sigint.active and getsignal(SIGINT) is not sigint.seen:
+            sigint.follow()
         tick()
 
     # -- asyncio side, between guest ticks ------------------------------------
@@ -623,8 +619,17 @@ def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
             trio.lowlevel.start_guest_run,
             _guest_root,
             guest,
-            run_sync_soon_threadsafe=guest.tick_soon_threadsafe,
-            run_sync_soon_not_threadsafe=guest.tick_soon,
+            # Every tick runs in guest.tick; partial, not a method, so that
+            # scheduling one costs no Python frame. (mypy cannot follow a
+            # partial of call_soon's variadic signature.)
+            run_sync_soon_threadsafe=functools.partial(
+                loop.call_soon_threadsafe,
+                guest.tick,  # type: ignore[arg-type]
+            ),
+            run_sync_soon_not_threadsafe=functools.partial(
+                loop.call_soon,
+                guest.tick,  # type: ignore[arg-type]
+            ),
             done_callback=guest.on_done,
             # asyncio owns signal.set_wakeup_fd (add_signal_handler, the Windows
             # proactor, uvloop): Trio must not replace it, or asyncio's signal

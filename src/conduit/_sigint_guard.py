@@ -38,11 +38,12 @@ from types import CodeType, FrameType
 from typing import Any
 
 try:  # the C function: signal.getsignal converts to an enum (over 1 µs, per tick)
-    from _signal import getsignal as _getsignal  # type: ignore[import-not-found]
+    from _signal import getsignal  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - interpreters without CPython's module
-    _getsignal = signal.getsignal
+    getsignal = signal.getsignal
 
-_SIGINT = int(signal.SIGINT)
+#: SIGINT as a plain int, for :func:`getsignal`.
+SIGINT = int(signal.SIGINT)
 
 #: ``asyncio.Runner``'s SIGINT handler method (a ``functools.partial`` of it,
 #: with the run's ``main_task``, is what ``Runner.run`` installs).
@@ -64,8 +65,9 @@ def _runner_main_task(handler: Any) -> asyncio.Future[Any] | None:
 class SigintGuard:
     """The SIGINT wrapper of one guest run (see the module docstring).
 
-    :meth:`follow` runs at each guest tick: one C call and a comparison while
-    the handler stays the same. :meth:`release` runs when the guest run ends.
+    At each guest tick the caller compares ``getsignal(SIGINT)`` with
+    :attr:`seen` (one C call) and calls :meth:`follow` when they differ.
+    :meth:`release` runs when the guest run ends.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick_code: CodeType) -> None:
@@ -83,7 +85,7 @@ class SigintGuard:
         """At a guest tick: wrap a newly installed ``asyncio.Runner`` handler."""
         if not self.active:
             return
-        current = _getsignal(_SIGINT)
+        current = getsignal(SIGINT)
         if current is self.seen:
             return
         self.seen = current
@@ -91,7 +93,7 @@ class SigintGuard:
         if main_task is None or main_task.done():
             return
         wrapper = self._wrap(current)
-        signal.signal(_SIGINT, wrapper)
+        signal.signal(SIGINT, wrapper)
         self.seen, self._wrapper, self._wrapped = wrapper, wrapper, current
         main_task.add_done_callback(lambda _task: self.release())
 
@@ -99,8 +101,8 @@ class SigintGuard:
         """Put back the handler wrapped, if the wrapper is still installed."""
         wrapper, wrapped = self._wrapper, self._wrapped
         self._wrapper = self._wrapped = None
-        if wrapper is not None and _getsignal(_SIGINT) is wrapper:
-            signal.signal(_SIGINT, wrapped)
+        if wrapper is not None and getsignal(SIGINT) is wrapper:
+            signal.signal(SIGINT, wrapped)
 
     def _wrap(self, handler: Any) -> Any:
         def call_handler(signum: int, frame: FrameType | None) -> None:
@@ -127,3 +129,6 @@ class SigintGuard:
                 return True
             frame = frame.f_back
         return False
+
+
+__all__ = ["SIGINT", "SigintGuard", "getsignal"]
