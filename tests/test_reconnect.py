@@ -542,7 +542,21 @@ async def test_rpc_in_flight_is_not_replayed() -> None:
         await server.close()
 
 
-async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
+class PushedAcrossACut(TypedDict):
+    """What :func:`_push_across_a_cut` saw."""
+
+    result: dict[str, Any]
+    proxy: CuttingProxy
+    #: Whether the cut connection was stranded (read before the proxy stops,
+    #: which closes every leg whole).
+    stranded: bool
+    id_kept: bool
+    intact: bool
+
+
+async def _push_across_a_cut(tmp_path: Path, *, strand: bool) -> PushedAcrossACut:
+    """Push 16 MiB to a client whose connection is cut (``strand``: only its
+    side) at 40 % of the push; the push's result and what came of it."""
     size = 16 * MiB
     source = tmp_path / "server" / "pushed.bin"
     digest = await trio.to_thread.run_sync(write_random_file, source, size)
@@ -551,7 +565,7 @@ async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
     server_transfer.register_server_handlers(server)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
-        with CuttingProxy(port, cut_after=("s2c", int(size * 0.4))) as proxy:
+        with CuttingProxy(port, cut_after=("s2c", int(size * 0.4)), strand=strand) as proxy:
             client = _client(proxy.port)
             client_transfer = FileTransferHandler(tmp_path / "client-store")
             client_transfer.register_client_handlers(client)
@@ -561,13 +575,28 @@ async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
             await served(server, client)
             with trio.fail_after(60):
                 result = await server_transfer.send_to_client(server, client_id, source)
-            assert result["success"] is True, result
-            assert result["resumed_from"] > 0
-            assert client.id == client_id and proxy.accepted == 2
-            assert sha256_of(tmp_path / "client-store" / "pushed.bin") == digest
-            assert proxy.after_cut("s2c") < 0.7 * size
+            id_kept, stranded = client.id == client_id, proxy.legs[0].stranded
             await client.disconnect()
         await server.close()
+    stored = tmp_path / "client-store" / "pushed.bin"
+    intact = stored.exists() and sha256_of(stored) == digest
+    return {
+        "result": result,
+        "proxy": proxy,
+        "stranded": stranded,
+        "id_kept": id_kept,
+        "intact": intact,
+    }
+
+
+async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
+    pushed = await _push_across_a_cut(tmp_path, strand=False)
+    result, proxy = pushed["result"], pushed["proxy"]
+    assert result["success"] is True, result
+    assert result["resumed_from"] > 0
+    assert pushed["id_kept"] and proxy.accepted == 2
+    assert pushed["intact"]
+    assert proxy.after_cut("s2c") < 0.7 * 16 * MiB
 
 
 async def test_push_resumes_when_the_clients_reconnect_replaces_the_connection_it_was_on(
@@ -579,30 +608,12 @@ async def test_push_resumes_when_the_clients_reconnect_replaces_the_connection_i
     still held, replaced. The push resumes on the new connection. Before, it
     took that close for one made on purpose and failed at once with
     ``connection_closed``, its partial left on the client."""
-    size = 16 * MiB
-    source = tmp_path / "server" / "pushed.bin"
-    digest = await trio.to_thread.run_sync(write_random_file, source, size)
-    server = _server()
-    server_transfer = FileTransferHandler(tmp_path / "server-store")
-    server_transfer.register_server_handlers(server)
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(server.run)
-        with CuttingProxy(port, cut_after=("s2c", int(size * 0.4)), strand=True) as proxy:
-            client = _client(proxy.port)
-            client_transfer = FileTransferHandler(tmp_path / "client-store")
-            client_transfer.register_client_handlers(client)
-            await client.connect()
-            client_id = client.id
-            assert client_id is not None
-            await served(server, client)
-            with trio.fail_after(60):
-                result = await server_transfer.send_to_client(server, client_id, source)
-            assert proxy.legs[0].stranded and proxy.accepted == 2
-            assert result["success"] is True, result
-            assert result["resumed_from"] > 0
-            assert sha256_of(tmp_path / "client-store" / "pushed.bin") == digest
-            await client.disconnect()
-        await server.close()
+    pushed = await _push_across_a_cut(tmp_path, strand=True)
+    result, proxy = pushed["result"], pushed["proxy"]
+    assert pushed["stranded"] and proxy.accepted == 2
+    assert result["success"] is True, result
+    assert result["resumed_from"] > 0
+    assert pushed["intact"]
 
 
 @pytest.mark.slow
