@@ -448,6 +448,48 @@ async def _return_after_checkpoint(value: T) -> T:
     return value
 
 
+def test_after_the_guest_run_crashed_calls_on_its_loop_get_a_clear_error() -> None:
+    """A crashed guest run (a bug: here a system task raising, which Trio
+    turns into ``TrioInternalError``) takes every conduit object of the run
+    with it. The call in flight and every later call on that loop raise a
+    ``RuntimeError`` that says so, instead of a fresh run letting the old
+    objects fail deep in Trio; the crash goes to the loop's exception
+    handler once, and the next ``asyncio.run`` starts afresh."""
+
+    async def crash_the_run() -> None:
+        async def failing_system_task() -> None:
+            raise ValueError("a bug")
+
+        trio.lowlevel.spawn_system_task(failing_system_task)
+        await trio.sleep_forever()
+
+    async def main() -> tuple[BaseException, BaseException, BaseException]:
+        with pytest.raises(RuntimeError, match="guest run on this event loop crashed") as flight:
+            await run_in_trio(crash_the_run)
+        later = []
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="crashed .*TrioInternalError") as info:
+                await run_in_trio(_return_after_checkpoint, 1)
+            later.append(info.value)
+            assert get_guest_token() is None
+        return flight.value, later[0], later[1]
+
+    contexts: list[dict[str, Any]] = []
+
+    async def recording(crashing: Callable[[], Awaitable[T]]) -> T:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, c: contexts.append(c))
+        return await crashing()
+
+    with _strict():
+        in_flight, first, second = asyncio.run(recording(main))
+    assert isinstance(in_flight.__cause__, trio.TrioInternalError)
+    assert first.__cause__ is None and second.__cause__ is None  # the loop is not kept alive
+    assert [c["message"] for c in contexts] == ["conduit: the Trio guest run crashed"]
+    assert isinstance(contexts[0]["exception"], trio.TrioInternalError)
+    _assert_guest_gone()
+    assert run_strict(functools.partial(run_in_trio, _return_after_checkpoint, 7)) == 7
+
+
 def test_many_concurrent_calls_share_one_guest() -> None:
     tokens: list[trio.lowlevel.TrioToken | None] = []
 

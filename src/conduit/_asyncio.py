@@ -145,9 +145,14 @@ class _Call(Generic[T]):
         self.unwound: asyncio.Future[None] | None = None
         self.late_error: BaseException | None = None
 
-    def settle_finished(self) -> None:
-        """Called once the Trio side is over (or will never run)."""
+    def settle_finished(self, crash: BaseException | None = None) -> None:
+        """Called once the Trio side is over (or will never run).
+
+        ``crash``: the guest run crashed under the call (see :func:`_crashed_error`).
+        """
         self.finished = True
+        if crash is not None and not self.future.done():
+            self.future.set_exception(_crashed_error(crash))
         if not self.future.done():
             # The call ended by a BaseException (Cancelled from a guest
             # shutdown, KeyboardInterrupt, ...) or never ran: the caller gets
@@ -285,26 +290,32 @@ class _Guest:
         with _registry_lock:
             if _guests.get(self.loop) is self:
                 del _guests[self.loop]
+        crash = None
+        if isinstance(run_outcome, outcome.Error):
+            self.fatal = _find_fatal(run_outcome.error)
+            if self.fatal is None:
+                crash = run_outcome.error
+                # Every conduit object of the run is gone with it: a fresh
+                # run started by the next call would let them fail deep in
+                # Trio instead, so later calls on this loop get a clear error.
+                _crashes[self.loop] = repr(crash)
         # Normally empty (the service nursery waited for every worker), but a
         # crashed root may leave queued calls behind: never leave a caller hanging.
         for call in [*self.calls, *self.pending]:
-            call.settle_finished()
+            call.settle_finished(crash)
         self.calls.clear()
         self.pending.clear()
         if not self.finished.done():
             self.finished.set_result(None)
         self._close_sentinel()
-        if isinstance(run_outcome, outcome.Error):
-            error = run_outcome.error
-            self.fatal = _find_fatal(error)
-            if self.fatal is None:
-                self.loop.call_exception_handler(
-                    {"message": "conduit: the Trio guest run crashed", "exception": error}
-                )
-            elif self.keeper is None or self.keeper.done():
-                self.loop.call_soon(_reraise, self.fatal)
-            # Otherwise the keeper re-raises it once it has finished: raising
-            # here could interrupt asyncio.run's shutdown with the keeper pending.
+        if crash is not None:
+            self.loop.call_exception_handler(
+                {"message": "conduit: the Trio guest run crashed", "exception": crash}
+            )
+        elif self.fatal is not None and (self.keeper is None or self.keeper.done()):
+            self.loop.call_soon(_reraise, self.fatal)
+        # Otherwise the keeper re-raises a fatal error once it has finished:
+        # raising here could interrupt asyncio.run's shutdown with the keeper pending.
 
     def _close_sentinel(self) -> None:
         sentinel, self.sentinel = self.sentinel, None
@@ -333,6 +344,25 @@ def _find_fatal(error: BaseException) -> BaseException | None:
 # different threads each have their own guest); lookups are plain dict reads.
 _guests: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Guest] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
+# What crashed the guest run of a loop, by its repr: the exception itself
+# (logged with its traceback by the loop's exception handler) would keep the
+# loop alive through its frames. Each loop's own thread writes its entry.
+_crashes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str] = weakref.WeakKeyDictionary()
+
+
+def _crashed_error(crash: BaseException | str) -> RuntimeError:
+    """What a call on a loop whose guest run crashed raises (``crash`` as its
+    cause when the call was in flight, else what it was)."""
+    what = crash if isinstance(crash, str) else repr(crash)
+    error = RuntimeError(
+        f"conduit's Trio guest run on this event loop crashed ({what}); "
+        "every conduit object of that run (clients, servers, connections) went "
+        "with it. This is a bug in conduit or in Trio code it ran: please report "
+        "it. To use conduit again, start a new event loop (a new asyncio.run)."
+    )
+    if isinstance(crash, BaseException):
+        error.__cause__ = crash
+    return error
 
 
 async def _guest_root(guest: _Guest) -> None:
@@ -384,6 +414,7 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
         while True:
             # -- run one call (inlined: this is the hot path) ------------------
             future = call.future
+            crashing = False
             try:
                 value = await call.fn(*call.args, **call.kwargs)
                 if not future.done():
@@ -393,16 +424,21 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
                 propagate = _deliver_error(call, exc)
                 # A Cancelled re-raised here ends the worker: either its call
                 # was cancelled (the worker's scope absorbs it) or the guest run
-                # is ending.
+                # is ending: by shutdown, or crashing (cancelled by nobody of
+                # ours; on_done then tells the caller what crashed it).
+                crashing = (
+                    propagate is not None and not worker.retired and guest.state is _State.RUNNING
+                )
                 if propagate is exc:
                     raise
                 if propagate is not None:
                     raise propagate from None
             finally:
-                guest.calls.discard(call)
-                call.finished = True
-                if call.unwound is not None or not future.done():
-                    call.settle_finished()
+                if not crashing:
+                    guest.calls.discard(call)
+                    call.finished = True
+                    if call.unwound is not None or not future.done():
+                        call.settle_finished()
             # Keep nothing of this call while idle (its arguments, its result).
             del call, future
             worker.call = None
@@ -737,6 +773,9 @@ def _submit(
     """Start ``fn(*args, **kwargs)`` in ``loop``'s guest run (asyncio side)."""
     guest = _guests.get(loop)
     if guest is None:
+        crash = _crashes.get(loop)
+        if crash is not None:
+            raise _crashed_error(crash)
         if getattr(loop, "_asyncgens_shutdown_called", False):
             # The loop's last steps (asyncio.run closing the async generators
             # left open, whose finally blocks may call us): a guest run started
