@@ -28,7 +28,9 @@ token, and the client came back under a new id.
 In a cluster every token is also shared on the bus, again as its SHA-256
 (:meth:`conduit.cluster._node.ClusterNode.share_resume_token`), so that a
 client whose node died can resume on another one; there the bus entry
-decides, redeemed once for the whole cluster.
+decides, held in the same way for the whole cluster (the redeeming node
+deletes it once its session has heard from the client:
+:meth:`conduit.cluster._node.ClusterNode.spend_resume_token`).
 """
 
 from __future__ import annotations

@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("conduit.server")
 
+#: How often a cluster session first looks whether it has heard from its
+#: resumed client, and at most (see Server._spend_when_heard): the client
+#: pings right after a resumed WELCOME, so most sessions look once or twice.
+_HEARD_POLL_FIRST = 0.001
+_HEARD_POLL_MAX = 1.0
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -120,13 +126,17 @@ class _HeldToken:
 
     handle: bytes
     connection: Connection | None = None
+    #: In a cluster: whether it was spent on the bus (see Server._spend_held).
+    spent: bool = False
 
     def __call__(self) -> bool:
         """Whether the session has heard from its client (who then has its WELCOME)."""
         return self.connection is not None and self.connection.heard_from_peer
 
     def settle(self, tokens: ResumeTokens) -> None:
-        """The session ended, or never began: the token is spent, or good again."""
+        """The session ended, or never began: the token is spent, or good again.
+
+        (In a cluster the local table no longer has it: the bus holds it.)"""
         tokens.settle(self.handle, trio.current_time(), self)
 
 
@@ -710,23 +720,22 @@ class Server(Endpoint):
         """A reconnecting client's old id if its sealed, single-use token is good; else a new id.
 
         With the token redeemed, held until the session hears from its
-        client (None when none was, and in a cluster).
+        client (None when none was).
         """
         if established.resuming:
             token = await read_resume(stream, established)
+            held: _HeldToken | None = _HeldToken(token_digest(token))
             if self.cluster is not None:
-                # The bus decides: the token may be another node's, and it is
-                # good once in the whole cluster (the local entry is spent too).
+                # The bus decides and holds it: the token may be another
+                # node's (the local entry is spent, the bus entry is the one).
                 self._resume_tokens.redeem(token, trio.current_time(), established.username)
                 client_id = await self.cluster.resume_client_id(token, established.username)
-                held = None
             else:
-                held = _HeldToken(token_digest(token))
                 client_id = self._resume_tokens.redeem(
                     token, trio.current_time(), established.username, held_by=held
                 )
-                if client_id is None:
-                    held = None
+            if client_id is None:
+                held = None
             if client_id is not None:
                 log.info("client %s is back, from %s", client_id, arrival.label)
                 return client_id, held
@@ -744,6 +753,26 @@ class Server(Endpoint):
         self._resume_tokens.start_expiry(token, trio.current_time())
         if held is not None:
             held.settle(self._resume_tokens)
+
+    async def _spend_when_heard(self, held: _HeldToken) -> None:
+        """In a cluster: spend the redeemed token on the bus once the session
+        hears from its client (then the only holder of the next token).
+
+        Looks with a growing pause rather than a hook on every record read:
+        the client pings right after a resumed WELCOME.
+        """
+        pause = _HEARD_POLL_FIRST
+        while not held():
+            await trio.sleep(pause)
+            pause = min(pause * 2, _HEARD_POLL_MAX)
+        await self._spend_held(held)
+
+    async def _spend_held(self, held: _HeldToken) -> None:
+        """Spend ``held`` on the bus, once (shielded, bounded, never raises)."""
+        assert self.cluster is not None
+        if not held.spent:
+            held.spent = True
+            await self.cluster.spend_resume_token(held.handle)
 
     async def _release_client_id(self, client_id: str) -> None:
         """A connection given this id ended: release it in the cluster (bounded, never raises).
@@ -803,6 +832,12 @@ class Server(Endpoint):
         over: trio.Event | None = None
         expiring = False
 
+        def started() -> None:
+            if held is not None and self.cluster is not None:
+                # The bus cannot ask this session whether it has heard from
+                # its client, as the local table does: it is told.
+                peer.connection.spawn(self._spend_when_heard, held)
+
         def ended() -> None:
             nonlocal expiring
             expiring = True
@@ -834,10 +869,13 @@ class Server(Endpoint):
             log.info(
                 "client %s (%r) connected from %s%s", client_id, peer.name, arrival.label, user
             )
-            await self._run_session(peer, (peer,), on_ended=ended)
+            await self._run_session(peer, (peer,), on_started=started, on_ended=ended)
         finally:
             if held is not None:
                 held.settle(self._resume_tokens)
+                if self.cluster is not None and held():
+                    # Heard from its client before the watcher could spend it.
+                    await self._spend_held(held)
             if not expiring:  # the session never ran: ended() did not see it out
                 self._resume_tokens.start_expiry(token, trio.current_time())
             if self.clients.get(client_id) is peer:

@@ -440,6 +440,42 @@ async def test_resume_entries_are_owned_and_single_use(
         stranger.close()
 
 
+async def test_a_held_resume_entry_stays_good_until_spent_and_never_longer_than_its_hold(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """A token redeemed with ``hold`` stays redeemable (the redeeming session
+    has not heard from its client, whose WELCOME may be lost) until it is
+    spent, and for at most ``hold`` from its first redemption: a later
+    redemption never gives it more time."""
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    digest, other = "cc" * 32, "dd" * 32
+    key = f"{bus_namespace}:resume:{digest}"
+    stranger = redis.Redis.from_url(engines.bus.url)
+    try:
+        await node_a.share_resume(digest, "client-3", "alice", 60.0)
+        assert await node_b.redeem_resume(digest, "mallory", hold=30.0) is None
+        assert await node_b.redeem_resume(digest, "alice", hold=30.0) == "client-3"
+        left = stranger.pttl(key)
+        assert isinstance(left, int) and 25_000 < left <= 30_000  # shortened to the hold
+        assert await node_a.redeem_resume(digest, "alice", hold=50.0) == "client-3"  # again
+        again = stranger.pttl(key)
+        assert isinstance(again, int) and again <= left  # never lengthened
+        await node_b.spend_resume(digest)
+        assert await node_a.redeem_resume(digest, "alice", hold=30.0) is None
+        await node_b.spend_resume(digest)  # already gone: nothing happens
+        # The hold runs out by itself when nobody spends it.
+        await node_a.share_resume(other, "client-4", "alice", 60.0)
+        assert await node_a.redeem_resume(other, "alice", hold=0.05) == "client-4"
+        await trio.sleep(0.2)
+        assert await node_b.redeem_resume(other, "alice", hold=30.0) is None
+        for wrong in (0.0, -1.0, math.nan, math.inf):
+            with pytest.raises(ValueError, match="hold"):
+                await node_a.redeem_resume(digest, "alice", hold=wrong)
+    finally:
+        stranger.close()
+
+
 async def test_progress_reports_and_one_way_messages(bus_factory: BusFactory) -> None:
     node_a = await bus_factory("a")
     node_b = await bus_factory("b")

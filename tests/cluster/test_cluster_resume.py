@@ -21,7 +21,9 @@ import redis
 import trio
 
 from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
-from conduit import Server, ServerDescriptor
+from conduit import Client, ClientDescriptor, Server, ServerDescriptor
+from conduit._resume import token_digest
+from conftest import served, wait_until
 from cutting_proxy import CuttingProxy
 
 #: Short, so a killed node's entries expire within the test, with room for a loaded machine.
@@ -110,9 +112,13 @@ async def test_client_keeps_its_id_on_another_node_after_a_cut(
                 assert roamer.id == old_id
                 assert await roamer.client.call("whoami") == {"node": "b", "client_id": old_id}
                 assert _registered_node(engines, bus_namespace, old_id) == "b"
-                # The token A issued is spent; B's new one is shared, hashed, instead.
+                # The token A issued is spent once B has heard from the client
+                # (it pings at once; see the test of the cut handshake below);
+                # B's new one is shared, hashed, instead.
+                await wait_until(
+                    lambda: first_key.encode() not in _bus_contents(engines, bus_namespace)
+                )
                 contents = _bus_contents(engines, bus_namespace)
-                assert first_key.encode() not in contents
                 new_token = roamer.client._resume_token
                 assert new_token != first_token
                 new_key = f"{bus_namespace}:resume:{hashlib.sha256(new_token).hexdigest()}"
@@ -270,6 +276,7 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     await node.share_resume_token(token, client_id, "alice")
     assert await node.resume_client_id(token, "bob") is None  # another account's try
     assert await node.resume_client_id(token, "alice") == client_id  # the reconnect
+    await node.spend_resume_token(token_digest(token))  # its session heard from the client
     assert await node.resume_client_id(token, "alice") is None  # good once
     await node.release_client_id(client_id)  # the stale connection ends first
     assert _registered_node(engines, bus_namespace, client_id) == "solo"
@@ -322,3 +329,76 @@ async def test_a_moved_notice_that_crossed_a_claim_here_keeps_the_id(
             await trio.sleep(3 * TTL)
             assert _registered_node(engines, bus_namespace, client_id) == "a"
             await server.close()
+
+
+async def test_a_reconnect_cut_inside_its_handshake_keeps_the_client_id_in_a_cluster(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    """As on a single server (``tests/test_reconnect.py``): the connection
+    drops, the reconnect that follows is cut just before the last byte of its
+    WELCOME, after the node has redeemed the client's token on the bus, and
+    the next one goes through. The client keeps its id: the bus holds a
+    redeemed token until the session that redeemed it hears from its client
+    (before, it was consumed at once, and the client came back under a new
+    id). The reconnected client pings at once, and from then on the token is
+    spent: replayed, it gives a new id."""
+    quiet = {"heartbeat_interval": 60.0, "heartbeat_timeout": 120.0}
+    server = Server(
+        ServerDescriptor(
+            password="secret",
+            host="127.0.0.1",
+            port=0,
+            cluster_url=engines.bus.url,
+            cluster_namespace=bus_namespace,
+            node_name="solo",
+            cluster_ttl=TTL,
+            **quiet,
+        )
+    )
+
+    def client(port: int, **fields: Any) -> Client:
+        return Client(
+            ClientDescriptor(
+                server_host="127.0.0.1",
+                server_port=port,
+                password="secret",
+                connect_timeout=5.0,
+                reconnect_delay=0.05,
+                reconnect_delay_max=0.5,
+                **fields,
+            )
+        )
+
+    port = await nursery.start(server.run)
+    with CuttingProxy(port) as measure:  # what a whole handshake sends the client
+        first = client(measure.port)
+        await first.connect()
+        handshake = measure.legs[0].s2c
+        await first.disconnect()
+    with CuttingProxy(port, cut_after=("s2c", handshake - 1), cut_leg=1) as proxy:
+        roamer = client(proxy.port, **quiet)
+        back = trio.Event()
+        roamer.on_reconnect(back.set)
+        await roamer.connect()
+        client_id = roamer.id
+        assert client_id is not None
+        presented = roamer._resume_token
+        held_key = f"{bus_namespace}:resume:{token_digest(presented).hex()}".encode()
+        await served(server, roamer)
+        proxy.legs[0].close()
+        with trio.fail_after(20):
+            await back.wait()
+        assert proxy.was_cut and proxy.accepted == 3
+        assert roamer.id == client_id
+        assert _registered_node(engines, bus_namespace, client_id) == "solo"
+        await served(server, roamer)
+        session = server.clients[client_id]
+        await wait_until(lambda: session.connection.heard_from_peer, timeout=10)
+        await wait_until(lambda: held_key not in _bus_contents(engines, bus_namespace))
+        stranger = client(port)
+        stranger._resume_token = presented
+        await stranger.connect()
+        assert stranger.id != client_id and roamer.connected
+        await stranger.disconnect()
+        await roamer.disconnect()
+    await server.close()

@@ -258,17 +258,40 @@ class ClusterNode:
     async def resume_client_id(self, token: bytes, username: str | None) -> str | None:
         """The id ``token`` was issued for, by any node, now registered here; None if unknown.
 
-        The token is consumed (good once in the whole cluster) and only
-        ``username``'s (the account it was issued to, None in shared-password
-        mode). The id moves here (:meth:`claim_client_id`) from wherever it
-        was registered, this node included (a stale connection here, or one
-        that has just ended), and is held until :meth:`release_client_id`.
+        Only ``username``'s (the account it was issued to, None in
+        shared-password mode). The token stays good, in the whole cluster,
+        until the session that redeemed it has heard from its client
+        (:meth:`spend_resume_token`; the network may lose the WELCOME with
+        the next token, and the client then presents this one again), and
+        for at most ``RESUME_TTL`` from its first redemption, as on a single
+        server (see ``conduit._resume``). The id moves here
+        (:meth:`claim_client_id`) from wherever it was registered, this node
+        included (a stale connection here, or one that has just ended), and
+        is held until :meth:`release_client_id`.
         """
-        client_id = await self.bus.redeem_resume(token_digest(token).hex(), _owner(username))
+        digest = token_digest(token).hex()
+        client_id = await self.bus.redeem_resume(digest, _owner(username), hold=RESUME_TTL)
         if client_id is not None:
+            if self._resume_digests.get(client_id) == digest:
+                # Its stale connection was here: the token must be neither
+                # refreshed (its hold would outlive its deadline) nor deleted
+                # as replaced by the WELCOME's new one (which may be lost).
+                del self._resume_digests[client_id]
             await self.claim_client_id(client_id)
             self._hold(client_id)
         return client_id
+
+    async def spend_resume_token(self, token_handle: bytes) -> None:
+        """The session that redeemed a token has heard from its client, who
+        holds the next one: the token (``token_handle``, its
+        :func:`~conduit._resume.token_digest`) is good no more. Never raises,
+        bounded in time (if the bus is unreachable, the hold's own deadline
+        ends it)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
+            try:
+                await self.bus.spend_resume(token_handle.hex())
+            except BusError as exc:
+                log.warning("spending a redeemed resume token: %s", exc)
 
     async def _refresh_resume_tokens(self) -> None:
         # A connected client's token must outlive its connection by RESUME_TTL

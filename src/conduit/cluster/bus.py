@@ -157,12 +157,20 @@ return 0
 """
 # Redeem a resume entry "OWNER CLIENT_ID": only for its owner (ARGV[1]), and only
 # once (deleted in the same step). Returns the client id, or nil.
+# ARGV[2]: 0 to consume the token, else the most milliseconds it may stay
+# good from now (held: see ClusterBus.redeem_resume); never lengthened.
 _REDEEM: Final = """
 local value = redis.call('GET', KEYS[1])
 if not value then return false end
 local owner = ARGV[1] .. ' '
 if string.sub(value, 1, string.len(owner)) ~= owner then return false end
-redis.call('DEL', KEYS[1])
+local hold = tonumber(ARGV[2])
+if hold == 0 then
+  redis.call('DEL', KEYS[1])
+else
+  local left = redis.call('PTTL', KEYS[1])
+  if left < 0 or left > hold then redis.call('PEXPIRE', KEYS[1], hold) end
+end
 return string.sub(value, string.len(owner) + 1)
 """
 
@@ -791,14 +799,29 @@ class ClusterBus:
 
         await self._call(work)
 
-    async def redeem_resume(self, digest: str, owner: str) -> str | None:
-        """The client id of the token with ``digest``, consumed; None if unknown or not ``owner``'s.
+    async def redeem_resume(
+        self, digest: str, owner: str, *, hold: float | None = None
+    ) -> str | None:
+        """The client id of the token with ``digest``; None if unknown or not ``owner``'s.
 
-        Atomic: of two nodes redeeming one token at once, one gets the id.
         Another owner's attempt leaves the token in place for its owner.
+        ``hold=None``: the token is consumed, atomically (of two nodes
+        redeeming it at once, one gets the id). ``hold``: seconds; the token
+        stays good for at most that long from now (never longer than it
+        already had), until :meth:`spend_resume`: the redeeming session has
+        not heard from its client yet, whose WELCOME the network may lose.
         """
-        value = await self._call(self._redeem, keys=[self._key("resume", digest)], args=[owner])
+        if hold is not None and not (hold > 0 and math.isfinite(hold)):
+            raise ValueError("hold must be a positive, finite number of seconds")
+        hold_ms = 0 if hold is None else _ms(hold)
+        value = await self._call(
+            self._redeem, keys=[self._key("resume", digest)], args=[owner, hold_ms]
+        )
         return None if value is None else _text(value)
+
+    async def spend_resume(self, digest: str) -> None:
+        """Forget the token with ``digest``: good no more (a no-op for one already gone)."""
+        await self._call(self._redis.delete, self._key("resume", digest))
 
     async def expire_resume(self, digests: list[str], ttl: float) -> None:
         """Let the tokens with these digests live ``ttl`` more seconds (gone ones stay gone)."""
