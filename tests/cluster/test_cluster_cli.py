@@ -106,12 +106,14 @@ def test_a_bus_password_comes_from_the_environment_never_argv(tmp_path: Path) ->
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"redis://:s3cret@127.0.0.1:{port}/0"
-    for run in ("argv", "env"):
+    for run in ("argv", "query", "env"):
         (tmp_path / run).mkdir()
-    process, log = _serve(tmp_path / "argv", "--cluster", url)
-    assert process.wait(timeout=_TIMEOUT) == 2
-    text = log.read_text()
-    assert "CONDUIT_CLUSTER_URL" in text and "cannot join" not in text, text
+    # In the URL's user part, or in its query (which redis-py reads too).
+    for run, given in (("argv", url), ("query", f"redis://127.0.0.1:{port}/0?password=s3cret")):
+        process, log = _serve(tmp_path / run, "--cluster", given)
+        assert process.wait(timeout=_TIMEOUT) == 2
+        text = log.read_text()
+        assert "CONDUIT_CLUSTER_URL" in text and "cannot join" not in text, text
     # The same URL from the environment is taken: it gets as far as the bus.
     process, log = _serve(tmp_path / "env", env={**_env(), "CONDUIT_CLUSTER_URL": url})
     assert process.wait(timeout=_TIMEOUT) == 4

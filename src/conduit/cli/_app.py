@@ -60,9 +60,14 @@ def _cluster_url(ctx: click.Context, param: click.Parameter, value: str | None) 
     ):
         return value
     try:
-        secret = urllib.parse.urlsplit(value).password
+        parts = urllib.parse.urlsplit(value)
+        secret = parts.password
     except ValueError:
-        secret = None  # malformed: the bus reports it with its own words
+        parts, secret = None, None  # malformed: the bus reports it with its own words
+    if parts is not None and not secret:
+        # redis-py also takes it from the query: redis://host/0?password=...
+        query = urllib.parse.parse_qs(parts.query)
+        secret = next((v[0] for k, v in query.items() if k.lower() == "password" and v[0]), None)
     if secret:
         raise click.BadParameter(
             "the URL holds a password, which every local user can read on a command line: "
