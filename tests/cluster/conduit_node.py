@@ -10,6 +10,8 @@ with a ``FileTransferHandler`` and three RPC methods a test drives it with:
   result dict (a raise becomes a failure dict, so the test sees its code);
 * ``push_progress(client_id, path, name)``: the same, with ``on_progress``:
   ``{"result": ..., "reports": [TransferProgress.to_dict(), ...]}``;
+* ``push_stopped(client_id, path, name)``: the same, with an ``on_progress``
+  that raises at its first report: ``{"stopped": True}`` if the push raised it;
 * ``broadcast(event, data, exclude)``: ``server.broadcast`` from this node;
 * ``whoami()``: this node's name and the caller's client id.
 
@@ -64,6 +66,22 @@ async def main(config: dict[str, Any]) -> None:
             server, client_id, path, on_progress=seen, remote_name=name
         )
         return {"result": result, "reports": reports}
+
+    @server.rpc
+    async def push_stopped(client_id: str, path: str, name: str) -> dict[str, Any]:
+        class Stop(Exception):
+            pass
+
+        def stop(progress: TransferProgress) -> None:
+            raise Stop
+
+        try:
+            result = await transfer.send_to_client(
+                server, client_id, path, on_progress=stop, remote_name=name
+            )
+        except Stop:
+            return {"stopped": True}
+        return {"stopped": False, "result": result}
 
     @server.rpc
     async def broadcast(event: str, data: Any, exclude: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from conduit.cluster.bus import (
     NodeUnreachable,
 )
 from conduit.errors import RPCError
+from conftest import wait_until
 
 #: Short TTL so that expiry tests take seconds, not thirty; with room for a
 #: loaded machine (a heartbeat every TTL / 3 must not be late by a whole TTL).
@@ -213,6 +214,54 @@ async def test_a_request_served_for_longer_than_a_ttl_is_waited_for(
 
     with trio.fail_after(10 * TTL):
         assert await node_a.request("b", "slow", {}, timeout=math.inf) == {"done": True}
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancelled", "on_progress raised"])
+async def test_a_request_its_requester_stops_waiting_for_is_stopped_on_its_node(
+    bus_factory: BusFactory, how: str
+) -> None:
+    """However the requester stops waiting (a timeout, its caller's
+    cancellation, what ``on_progress`` raised), the serving node's handler is
+    cancelled: before, it went on (a cross-node push its caller had stopped
+    was still delivered, whole, seconds later). The node sends no reply, and
+    a request nobody stopped is left alone."""
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    started, stopped = trio.Event(), trio.Event()
+
+    @node_b.on_request
+    async def long(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        if kind == "quick":
+            return {}
+        started.set()
+        try:
+            while True:  # bounded by the test's fail_after
+                await node_b.report_progress({"still": "going"})
+                await trio.sleep(0.05)
+        finally:
+            stopped.set()
+
+    class Stop(Exception):
+        pass
+
+    async def stop(data: Any) -> None:
+        raise Stop
+
+    with trio.fail_after(10 * TTL):
+        if how == "timeout":
+            with pytest.raises(TimeoutError):
+                await node_a.request("b", "long", {}, timeout=0.5)
+        elif how == "cancelled":
+            with trio.move_on_after(0.5):
+                await node_a.request("b", "long", {}, timeout=math.inf)
+        else:
+            with pytest.raises(Stop):
+                await node_a.request("b", "long", {}, timeout=math.inf, on_progress=stop)
+        assert started.is_set()
+        await stopped.wait()
+        assert await node_a.request("b", "quick", {}) == {}  # the node serves on
+    # (Its task may still be between the reply and its end.)
+    await wait_until(lambda: not node_b._serving_scopes and not node_b._serving)
 
 
 async def test_a_reply_the_bus_fails_to_take_is_sent_again(bus_factory: BusFactory) -> None:

@@ -157,3 +157,44 @@ async def test_push_to_another_node_needs_staging(
         assert "cluster_staging" in result["error"]
         # Broadcasts and ids need no store.
         assert _registered_node(engines, bus_namespace, target.id) == "b"
+
+
+async def test_a_cross_node_push_its_caller_stops_is_not_delivered(
+    engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
+) -> None:
+    """``on_progress`` raising stops a push to a client of another node too,
+    as it stops a local one: node A tells node B to stop serving the request,
+    B cancels its local push, and the client keeps only a partial (for a
+    resume), never the whole file published. Before, B went on and delivered
+    it seconds after A's caller had stopped it."""
+    big = random_file(tmp_path / "big.bin", 256 * 1024 * 1024)
+    async with (
+        engine_nodes(
+            engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, staging=s3_url
+        ) as nodes,
+        receiver(nodes["a"].port, tmp_path / "inbox-a") as control,
+        receiver(nodes["b"].port, tmp_path / "inbox-b") as target,
+    ):
+        with trio.fail_after(120):
+            outcome = await control.client.call(
+                "push_stopped", client_id=target.id, path=str(big), name="big.bin", timeout=120
+            )
+        assert outcome == {"stopped": True}
+        # Until the client's inbox has stopped changing for 2 s (B went on
+        # to publish the whole file within 8 s when it did not stop).
+        published = target.inbox / "big.bin"
+        with trio.fail_after(60):
+            last, still = -1, 0
+            while still < 4 and not published.exists():
+                await trio.sleep(0.5)
+                now = sum(p.stat().st_size for p in target.inbox.rglob("*") if p.is_file())
+                still, last = (still + 1 if now == last else 0), now
+        assert not published.exists()
+        # B serves on: a push that is not stopped goes through.
+        small = random_file(tmp_path / "small.bin", LARGE)
+        with trio.fail_after(60):
+            result = await control.client.call(
+                "push", client_id=target.id, path=str(small), name="small.bin"
+            )
+        assert result["success"] is True, result
+        assert (target.inbox / "small.bin").read_bytes() == small.read_bytes()

@@ -123,6 +123,8 @@ _STREAM_MAXLEN: Final = 10_000
 _CLIENT_BATCH: Final = 500
 #: Broadcasts waiting for the event handler; beyond this they are dropped (and logged).
 _EVENT_BACKLOG: Final = 1024
+#: Seconds a requester that stopped waiting tries to tell the serving node so.
+_CANCEL_TIMEOUT: Final = 5.0
 
 # Extend KEYS[1] by ARGV[2] ms if it still holds ARGV[1]; recreate it if it expired.
 # 1: extended, 2: recreated, 0: someone else holds it.
@@ -236,8 +238,9 @@ class _Pending:
 class _Message:
     """One bus message, as packed on the streams (short keys keep it small)."""
 
-    # "req", "rep", "evt", "one" (one-way request), "prg" (progress) or
-    # "alv" (the request ids in ``payload`` are still being served)
+    # "req", "rep", "evt", "one" (one-way request), "prg" (progress), "alv"
+    # (the request ids in ``payload`` are still being served) or "cxl" (the
+    # requester stopped waiting for request ``id``: stop serving it)
     type: str
     sender: str
     id: str = ""
@@ -246,7 +249,7 @@ class _Message:
     error: tuple[str, str] | None = None
 
 
-_TYPES: Final = frozenset({"req", "rep", "evt", "one", "prg", "alv"})
+_TYPES: Final = frozenset({"req", "rep", "evt", "one", "prg", "alv", "cxl"})
 #: The request a handler task is serving (where :meth:`ClusterBus.report_progress` sends).
 _SERVING: contextvars.ContextVar[_Message | None] = contextvars.ContextVar(
     "conduit_cluster_serving", default=None
@@ -379,6 +382,9 @@ class ClusterBus:
         self._pending: dict[str, _Pending] = {}
         #: The requests this node is serving (replies not yet sent), by requesting node.
         self._serving: dict[str, set[str]] = {}
+        #: The cancel scope of each request being served, by request id, with
+        #: its requesting node (only that node may cancel it).
+        self._serving_scopes: dict[str, tuple[str, trio.CancelScope]] = {}
         self._clients: set[str] = set()
         self._registration = ""
         self._running = False
@@ -625,7 +631,17 @@ class ClusterBus:
                 error = ("node overloaded", "overloaded")
                 nursery.start_soon(self._reply, message.sender, message.id, None, error)
                 return
-            nursery.start_soon(self._serve_request, message)
+            scope = trio.CancelScope()
+            if message.type == "req":
+                # Registered now, not when the task starts: a "cxl" read in
+                # the same batch must find it (a scope cancelled before it is
+                # entered is cancelled on entry).
+                self._serving_scopes[message.id] = (message.sender, scope)
+            nursery.start_soon(self._serve_request, message, scope)
+        elif message.type == "cxl":
+            serving = self._serving_scopes.get(message.id)
+            if serving is not None and serving[0] == message.sender:
+                serving[1].cancel()
         elif message.type == "evt" and message.sender != self.node_name:
             if self._event_handler is None:
                 return
@@ -634,7 +650,9 @@ class ClusterBus:
             except trio.WouldBlock:
                 log.warning("event handler too slow: dropped cluster event %r", message.kind)
 
-    async def _serve_request(self, message: _Message) -> None:
+    async def _serve_request(self, message: _Message, scope: trio.CancelScope) -> None:
+        """Run the handler for ``message`` and reply; ``scope`` is cancelled
+        when its requester stops waiting (nobody to reply to then)."""
         one_way = message.type == "one"
         # This task's own context (Trio copies it per task): report_progress
         # finds the request it is serving without the handler passing it along.
@@ -642,22 +660,36 @@ class ClusterBus:
         if not one_way:
             self._serving.setdefault(message.sender, set()).add(message.id)
         try:
-            handler = self._request_handler
-            if handler is None:
-                raise RPCError("this node serves no cluster requests", "not_found")
-            payload = message.payload if isinstance(message.payload, dict) else {}
-            reply = await handler(message.kind, payload, message.sender)
-            if not one_way:
-                await self._reply(message.sender, message.id, reply, None)
-        except Exception as exc:
-            error = exc if isinstance(exc, RPCError) else RPCError(f"{type(exc).__name__}: {exc}")
-            if not isinstance(exc, RPCError):
-                log.exception("cluster request %r failed", message.kind)
-            if one_way:
-                log.warning("one-way %r from %r failed: %s", message.kind, message.sender, error)
-            else:
-                await self._reply(message.sender, message.id, None, (error.message, error.code))
+            with scope:
+                try:
+                    handler = self._request_handler
+                    if handler is None:
+                        raise RPCError("this node serves no cluster requests", "not_found")
+                    payload = message.payload if isinstance(message.payload, dict) else {}
+                    reply = await handler(message.kind, payload, message.sender)
+                    if not one_way:
+                        await self._reply(message.sender, message.id, reply, None)
+                except Exception as exc:
+                    error = (
+                        exc
+                        if isinstance(exc, RPCError)
+                        else RPCError(f"{type(exc).__name__}: {exc}")
+                    )
+                    if not isinstance(exc, RPCError):
+                        log.exception("cluster request %r failed", message.kind)
+                    if one_way:
+                        log.warning(
+                            "one-way %r from %r failed: %s", message.kind, message.sender, error
+                        )
+                    else:
+                        await self._reply(
+                            message.sender, message.id, None, (error.message, error.code)
+                        )
+            if scope.cancelled_caught:
+                log.info("node %r stopped waiting for %r: stopped", message.sender, message.kind)
         finally:
+            if self._serving_scopes.get(message.id, (None, None))[1] is scope:
+                del self._serving_scopes[message.id]
             served = self._serving.get(message.sender)
             if served is not None:
                 served.discard(message.id)
@@ -866,7 +898,13 @@ class ClusterBus:
         ``on_progress(data)`` is awaited with what the handler passes to
         :meth:`report_progress`, in order, before this returns; when it is
         slower than the reports, only the latest waiting one is handed over.
-        What it raises ends the wait (the handler carries on regardless).
+        What it raises ends the wait.
+
+        Whenever the wait ends without the reply (what ``on_progress``
+        raises, a timeout, a cancellation, the node taken for gone or the
+        request for lost), the node is told to stop serving the request: its
+        handler is cancelled (a node of a version before 2026-12-05 ignores
+        this, and logs it as a malformed message).
         """
         self._require_running()
         if not await self.node_alive(node):
@@ -876,8 +914,10 @@ class ClusterBus:
             {"t": "req", "s": self.node_name, "i": request_id, "k": kind, "p": payload}
         )
         pending = self._pending[request_id] = _Pending(node)
+        sent = False
         try:
             await self._call(self._xadd, self._key("inbox", node), data)
+            sent = True
             pending.heard = trio.current_time()
             limit = self.request_timeout if timeout is None else timeout
             failed: Exception | None = None
@@ -913,12 +953,26 @@ class ClusterBus:
                 raise NodeUnreachable(f"node {node!r} left the cluster before answering {kind!r}")
         finally:
             del self._pending[request_id]
+            if sent and not pending.done.is_set():
+                # We stopped waiting (on_progress raised, a timeout, our
+                # caller's cancellation, the node taken for gone or the
+                # request for lost): the node must not go on serving it.
+                await self._cancel_request(node, request_id)
         if pending.error is not None:
             if pending.error.code == "node_unreachable":
                 raise NodeUnreachable(pending.error.message)
             raise pending.error
         assert pending.reply is not None
         return pending.reply
+
+    async def _cancel_request(self, node: str, request_id: str) -> None:
+        """Tell ``node`` to stop serving ``request_id`` (shielded, bounded, never raises)."""
+        data = self._pack({"t": "cxl", "s": self.node_name, "i": request_id})
+        with trio.CancelScope(shield=True), trio.move_on_after(_CANCEL_TIMEOUT):
+            try:
+                await self._call(self._xadd, self._key("inbox", node), data)
+            except BusError as exc:
+                log.debug("could not tell node %r to stop request %s: %s", node, request_id, exc)
 
     async def _watch_node(
         self,
