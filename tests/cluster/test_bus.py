@@ -264,6 +264,41 @@ async def test_a_request_its_requester_stops_waiting_for_is_stopped_on_its_node(
     await wait_until(lambda: not node_b._serving_scopes and not node_b._serving)
 
 
+async def test_a_node_busy_with_as_many_requests_as_it_serves_still_hears_notices(
+    bus_factory: BusFactory,
+) -> None:
+    """One-way notices (a client that moved away) do not wait behind
+    requests: a node serving ``max_handlers`` long requests (pushes) refuses
+    one more request as overloaded, but still handles a notice. Before, the
+    notice was dropped (logged), and a push waiting on that node for the
+    moved client waited its whole ``push_reconnect_timeout``."""
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b", max_handlers=2)
+    release, noticed = trio.Event(), trio.Event()
+
+    @node_b.on_request
+    async def handle(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        if kind == "notice":
+            noticed.set()
+        else:
+            await release.wait()
+        return {}
+
+    async def ask() -> None:
+        await node_a.request("b", "long", {}, timeout=math.inf)
+
+    with trio.fail_after(10 * TTL):
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(ask)
+            await wait_until(lambda: len(node_b._serving.get("a", ())) == 2)
+            with pytest.raises(RPCError, match="overloaded"):
+                await node_a.request("b", "one more", {})
+            await node_a.tell("b", "notice", {})
+            await noticed.wait()
+            release.set()
+
+
 async def test_a_reply_the_bus_fails_to_take_is_sent_again(bus_factory: BusFactory) -> None:
     node_a = await bus_factory("a")
     node_b = await bus_factory("b")

@@ -377,6 +377,10 @@ class ClusterBus:
         self._redeem = self._redis.register_script(_REDEEM)
         self._limiter = trio.CapacityLimiter(16)
         self._handler_limiter = trio.CapacityLimiter(max_handlers)
+        # One-way notices (a client moved away, ...) have a limit of their
+        # own: a node busy with max_handlers long requests (pushes) must
+        # still hear them.
+        self._notice_limiter = trio.CapacityLimiter(max_handlers)
         self._request_handler: RequestHandler | None = None
         self._event_handler: EventHandler | None = None
         self._pending: dict[str, _Pending] = {}
@@ -622,8 +626,9 @@ class ClusterBus:
                 if pending is not None and pending.node == message.sender:
                     pending.heard = now
         elif message.type in ("req", "one"):
+            limiter = self._handler_limiter if message.type == "req" else self._notice_limiter
             try:
-                self._handler_limiter.acquire_on_behalf_of_nowait(message.id)
+                limiter.acquire_on_behalf_of_nowait(message.id)
             except (trio.WouldBlock, RuntimeError):  # RuntimeError: the same id twice
                 if message.type == "one":
                     log.warning("node overloaded: dropped %r from %r", message.kind, message.sender)
@@ -695,7 +700,8 @@ class ClusterBus:
                 served.discard(message.id)
                 if not served:
                     del self._serving[message.sender]
-            self._handler_limiter.release_on_behalf_of(message.id)
+            limiter = self._notice_limiter if one_way else self._handler_limiter
+            limiter.release_on_behalf_of(message.id)
 
     async def _event_loop(self) -> None:
         # One at a time, in stream order: broadcasts arrive in the order they were sent.
