@@ -198,6 +198,66 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     assert accounts.usernames() == ["alice"]
 
 
+def test_a_file_nested_too_deep_is_a_malformed_file(tmp_path: Path) -> None:
+    # json.loads raises RecursionError there, which is not a ValueError: it
+    # crashed a running server's reload (which keeps the old data on a
+    # ValueError) and `conduit user list`.
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="not a JSON accounts file"):
+        Accounts(path)
+    with pytest.raises(ValueError, match="not a JSON accounts file"):
+        accounts.reload_if_changed()
+    assert accounts.usernames() == ["alice"]  # the old data stays
+
+
+_NOBODY = 65534
+_as_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="giving a file to another user takes root",
+)
+
+
+@_as_root
+def test_a_change_keeps_the_files_owner_and_group(tmp_path: Path) -> None:
+    # An administrator adding a user as root to the file of a server that
+    # runs as a service user: the file must stay the service's (mode 0600).
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    os.chown(path, _NOBODY, _NOBODY)
+    accounts.add("bob", PASSWORD)
+    status = path.stat()
+    assert (status.st_uid, status.st_gid) == (_NOBODY, _NOBODY)
+    assert stat.S_IMODE(status.st_mode) == 0o600
+    assert b"bob" in path.read_bytes()
+
+
+@_as_root
+def test_a_change_that_cannot_keep_the_files_owner_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for a user who is neither root nor the file's owner: the kernel
+    # refuses to give the new file away, and it would be unreadable to its
+    # owner; the old file stays, with no temporary left.
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    os.chown(path, _NOBODY, _NOBODY)
+    before = path.read_bytes()
+
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+    with pytest.raises(PermissionError, match=f"belongs to uid {_NOBODY}"):
+        accounts.add("bob", PASSWORD)
+    assert path.read_bytes() == before and path.stat().st_uid == _NOBODY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json", "users.json.lock"]
+
+
 def test_writes_replace_the_file_whole(tmp_path: Path) -> None:
     # Readers holding the old file keep reading the old contents: the new
     # version is a different file moved into place.

@@ -520,7 +520,7 @@ class Accounts:
             return _State(keep_secret or secrets.token_bytes(_SECRET_SIZE), {}, None)
         try:
             raw = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise ValueError(f"{self.path}: not a JSON accounts file: {exc}") from exc
         try:
             return _State(*self._parse(raw, keep_secret), signature)
@@ -574,14 +574,45 @@ class Accounts:
             os.close(fd)  # closing releases the lock
 
 
+def _keep_owner(fd: int, owner: os.stat_result, path: Path) -> None:
+    """Give the new file the old one's owner and group (an administrator
+    changing a service's file as root must not lock the service out of it).
+
+    ``PermissionError`` (with a message that says so) when that is not
+    allowed: the file stays as it was rather than become unreadable to its
+    owner.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no owners to keep
+        return
+    if (owner.st_uid, owner.st_gid) == (os.geteuid(), os.getegid()):
+        return  # mkstemp made it ours already
+    try:
+        os.fchown(fd, owner.st_uid, owner.st_gid)
+    except PermissionError as exc:
+        if owner.st_uid == os.geteuid():
+            return  # ours, only the group is lost: it has no access to a 0600 file
+        raise PermissionError(
+            exc.errno,
+            f"{path} belongs to uid {owner.st_uid} / gid {owner.st_gid}, and the changed "
+            "file could not be given to them (its mode is 0600: its owner could no "
+            "longer read it); change it as that user or as root",
+        ) from None
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
+    try:
+        owner: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        owner = None
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+            if owner is not None:
+                _keep_owner(file.fileno(), owner, path)
         os.chmod(temporary, 0o600)
         os.replace(temporary, path)
     except BaseException:
