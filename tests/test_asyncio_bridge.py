@@ -468,7 +468,7 @@ def test_after_the_guest_run_crashed_calls_on_its_loop_get_a_clear_error() -> No
             await run_in_trio(crash_the_run)
         later = []
         for _ in range(2):
-            with pytest.raises(RuntimeError, match="crashed .*TrioInternalError") as info:
+            with pytest.raises(RuntimeError, match=r"crashed .*TrioInternalError") as info:
                 await run_in_trio(_return_after_checkpoint, 1)
             later.append(info.value)
             assert get_guest_token() is None

@@ -623,15 +623,33 @@ def test_import_conduit_does_not_import_the_cli_packages() -> None:
         ("1.5g", 3 << 29),
         ("10MiB", 10 << 20),
         ("10 MB", 10 << 20),
+        ("0.5K", 512),
+        # Exact, where a float would round to 2**53.
+        ("9007199254740993", 9007199254740993),
     ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "M", "-1", "10X", "ten"])
-def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "not a size"),
+        ("M", "not a size"),
+        ("-1", "not a size"),
+        ("10X", "not a size"),
+        ("ten", "not a size"),
+        # Not a whole number of bytes (it was rounded down: 0.5 gave 0 bytes).
+        ("0.5", "whole number"),
+        ("1.3K", "whole number"),
+        # Beyond a 64-bit file offset (9 * 400 digits overflowed a float into a traceback).
+        ("9" * 400, "too large"),
+        ("8388608T", "too large"),
+    ],
+)
+def test_parse_size_refuses(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
         parse_size(text)
 
 

@@ -29,18 +29,28 @@ def _non_empty(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         raise ValueError(f"{attribute.name} must not be empty")
 
 
+def _listen_host(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        # The socket layer would take "" for every interface: an unset
+        # variable in a config must not expose the server.
+        raise ValueError(
+            f"{attribute.name} must not be empty (every interface is spelt "
+            '"0.0.0.0" for IPv4, "::" for IPv6 as well)'
+        )
+
+
 def _port(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not 0 <= value <= 65535:
         raise ValueError(f"{attribute.name} must be between 0 and 65535, got {value}")
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # not "value <= 0": NaN must fail too
         raise ValueError(f"{attribute.name} must be positive, got {value}")
 
 
 def _optional_positive(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and value <= 0:
+    if value is not None and not value > 0:  # NaN fails too
         raise ValueError(f"{attribute.name} must be positive or None, got {value}")
 
 
@@ -164,8 +174,9 @@ class ServerDescriptor:
     accounts: str | os.PathLike[str] | Accounts | None = attrs.field(
         default=None, validator=_accounts
     )
-    #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one.
-    host: str = attrs.field(default="0.0.0.0", validator=v.instance_of(str))
+    #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one
+    #: (an empty one is refused rather than taken for every interface).
+    host: str = attrs.field(default="0.0.0.0", validator=[v.instance_of(str), _listen_host])
     #: Port to bind; 0 picks a free one (read it back from ``Server.port``).
     port: int = attrs.field(default=8080, validator=[v.instance_of(int), _port])
     #: Name reported to clients.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import decimal
 import enum
 import getpass
 import json
@@ -73,6 +74,8 @@ def print_error(message: str) -> None:
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: The largest size taken (a signed 64-bit file offset).
+MAX_SIZE = (1 << 63) - 1
 
 
 def parse_size(text: str) -> int:
@@ -81,7 +84,14 @@ def parse_size(text: str) -> int:
     if match is None:
         raise ValueError(f"not a size: {text!r} (examples: 4096, 512K, 10M, 2G)")
     number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.lower()])
+    # Exact decimal arithmetic: a float would round a large size silently
+    # (2**53 + 1 bytes) and overflow a huge one into a traceback.
+    size = decimal.Decimal(number) * _UNITS[unit.lower()]
+    if size != size.to_integral_value():
+        raise ValueError(f"not a whole number of bytes: {text!r} is {size} bytes")
+    if size > MAX_SIZE:
+        raise ValueError(f"too large: {text!r} (at most {MAX_SIZE} bytes)")
+    return int(size)
 
 
 def human_bytes(size: float) -> str:

@@ -1,0 +1,43 @@
+"""Descriptor values that cannot work fail when the descriptor is made, not later."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import pytest
+
+from conduit import ClientDescriptor, ServerDescriptor
+from conduit.descriptors import _optional_positive, _positive
+
+
+def _positive_fields(descriptor: type[Any]) -> list[str]:
+    names = []
+    for field in attrs.fields(descriptor):
+        checks = field.validator
+        inner = getattr(checks, "_validators", (checks,))
+        numeric = field.type in ("float", "float | None")  # an int field refuses NaN itself
+        if numeric and any(check in (_positive, _optional_positive) for check in inner):
+            names.append(field.name)
+    return names
+
+
+@pytest.mark.parametrize("descriptor", [ServerDescriptor, ClientDescriptor])
+def test_a_nan_setting_is_refused(descriptor: type[Any]) -> None:
+    # NaN passed "value <= 0" (every comparison with NaN is false); the
+    # server then failed every connection (trio.fail_after refuses NaN).
+    names = _positive_fields(descriptor)
+    assert {"rpc_timeout", "heartbeat_timeout"} <= set(names), names
+    for name in names:
+        with pytest.raises(ValueError, match=f"{name} must be positive"):
+            descriptor(password="x", **{name: math.nan})
+        descriptor(password="x", **{name: math.inf})  # no limit: still a number
+
+
+def test_an_empty_listening_host_is_refused() -> None:
+    # The socket layer takes "" for every interface: an unset variable in
+    # `--host "$HOST"` exposed the server on IPv4 and IPv6.
+    with pytest.raises(ValueError, match="host must not be empty"):
+        ServerDescriptor(password="x", host="")
+    ServerDescriptor(password="x", host="0.0.0.0")
