@@ -11,7 +11,7 @@ pass). It uses the real objects (``OutgoingStream``, ``FrameWriter``,
 ``FrameReader``, ``ConnectionState``), so it moves when they do.
 
 Multiply the engine-only steps by how often they happen per MiB (the per-MiB
-counts of scheduler passes, worker hops and syscalls in ``docs/benchmarks.md``,
+counts of scheduler passes, worker hops and syscalls in ``docs/benchmark-journal.md``,
 "Bulk: where the CPU goes") to get the engine's share of the CPU per GiB that
 ``python -m benchmarks --scenario bulk`` measures end to end.
 

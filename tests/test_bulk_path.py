@@ -1,6 +1,6 @@
 """The bulk path's wake-ups: a record in one read, a block in one batch, a record in one write.
 
-Each of these saves scheduler passes per megabyte (see docs/benchmarks.md,
+Each of these saves scheduler passes per megabyte (see docs/benchmark-journal.md,
 "bulk: where the CPU goes"); none may cost a guarantee:
 
 * a read waiting for the rest of a record (``SO_RCVLOWAT``) returns it whole,

@@ -1437,7 +1437,7 @@ async def test_callers_woken_by_one_record_of_results_send_their_next_calls_in_f
                 await peer.answer(burst)
             nursery.cancel_scope.cancel()
     # Sending the burst from the last caller before its own call gave [3, 1]:
-    # measured slower at load 4, see docs/benchmarks.md (wave 7, rpc). Whole
+    # measured slower at load 4, see docs/benchmark-journal.md (wave 7, rpc). Whole
     # bursts of 16 or 64 made the two processes take turns (eighth round, rpc).
     assert [len(record) for record in burst] == shape
     assert sorted(answers) == sorted(c for record in first + burst for c in record)

@@ -131,7 +131,7 @@ _SEND_SLICE = 128 * 1024
 #: record of results) waits to send in one record. Fewer records cost less CPU
 #: per call; records of a whole burst make the two peers take turns, each idle
 #: while the other works on the burst. Eight measured best of 4, 6, 8 and 16
-#: at 16 callers on two cores, and no worse at 64 (docs/benchmarks.md, RPC,
+#: at 16 callers on two cores, and no worse at 64 (docs/benchmark-journal.md, RPC,
 #: "Eighth round"). On a plain socket with an idle writer each record leaves
 #: as it fills; otherwise the writer takes what is queued when it runs.
 BURST_RECORD_FRAMES = 8
@@ -1018,7 +1018,7 @@ class Connection:
 
         Beside bulk data the reading task keeps the socket and waits on it
         directly, as before the role existed (measured in `hol`: RPC p99 during
-        an upload was worse in most pairs with the role; see docs/benchmarks.md).
+        an upload was worse in most pairs with the role; see docs/benchmark-journal.md).
         """
         state = self._state
         return not (state.outgoing or state.incoming)

@@ -37,7 +37,7 @@ instances are made when the connection starts, two descriptors for its life,
 so not on a server's many connections), not under the asyncio shim, whose loop
 reads client sockets itself (:mod:`conduit._host_reader`), and not while data
 streams are open on the connection (see ``Connection._role_open``). Measured
-(``docs/benchmarks.md``): one scheduler pass and one ``epoll_wait`` fewer per
+(``docs/benchmark-journal.md``): one scheduler pass and one ``epoll_wait`` fewer per
 sequential call, two ``epoll_ctl`` more. End to end that was within the noise
 at the load of the round that added it; on a quiet machine, six pairs with
 and without the role gave a sequential p50 of 132 against 146 µs and 8 %

@@ -188,7 +188,7 @@ class IncomingStream(InboundStream):
         # is ahead of an RPC on the connection, so this, unlike a larger
         # window, leaves the bound on what a call behind a transfer waits for
         # where it was; half a window left the sender waiting for credit
-        # whenever the consumer took more (docs/benchmarks.md, "Eleventh round
+        # whenever the consumer took more (docs/benchmark-journal.md, "Eleventh round
         # (wave 15, bulk)"). And only within what the connection's receive
         # budget has left beyond one more window: the peer can never make the
         # connection buffer more than the budget (a full connection simply

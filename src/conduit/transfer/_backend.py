@@ -180,7 +180,7 @@ class LocalSink:
         The hash is updated per chunk: each update gives up the GIL and wins
         it back from the event loop thread, which measured cheaper than
         joining the chunks first (a copy made holding the GIL; see
-        docs/benchmarks.md, "Fifth round (wave 7, bulk)").
+        docs/benchmark-journal.md, "Fifth round (wave 7, bulk)").
         """
         await trio.to_thread.run_sync(self.partial.write_chunks, chunks)
 

@@ -41,7 +41,7 @@ CHANGE_THREADS = 2
 #: :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
 #: store. A store on tmpfs or a fast disk takes 0.1-0.3 ms in the worker, and
 #: waiting for it on a lock instead of through the loop cut the Trio thread's
-#: CPU per sequential upload by about a quarter (docs/benchmarks.md). At 0.5 ms,
+#: CPU per sequential upload by about a quarter (docs/benchmark-journal.md). At 0.5 ms,
 #: 2-4 % of tmpfs stores outlasted the wait at load 4 on two cores; at 1 ms,
 #: almost none. Stores whose fsyncs take milliseconds outlast it twice in a
 #: row, and the hop then waits through the loop for

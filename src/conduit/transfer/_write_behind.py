@@ -5,7 +5,7 @@ hop per batch) leaves that thread idle between two batches for as long as the
 way back takes: the thread wakes the event loop, the loop wakes the consumer,
 the consumer takes the next batch from the stream and wakes a thread again.
 On the two-core benchmark machine, with both peers' threads wanting the
-cores, that was about a tenth of a download (docs/benchmarks.md, "Bulk: the
+cores, that was about a tenth of a download (docs/benchmark-journal.md, "Bulk: the
 writer that never waits for the loop"), and the writing thread is the one
 that sets the pace of a download: it hashes and writes every byte.
 
