@@ -272,7 +272,7 @@ def _parse(raw: bytes) -> _Message | None:
         if not (isinstance(error, list | tuple) and len(error) == 2):
             return None
         error = (str(error[0]), str(error[1]))
-    if document.get("t") not in _TYPES or not document.get("s"):
+    if not document.get("t") or not document.get("s"):
         return None
     return _Message(
         document["t"],
@@ -602,6 +602,11 @@ class ClusterBus:
         message = _parse(raw)
         if message is None:
             log.warning("ignoring a malformed bus message")
+            return
+        if message.type not in _TYPES:
+            # From a node of a later version, during a rolling upgrade: not
+            # an error (it must still work with this one, which ignores it).
+            log.debug("ignoring a bus message of unknown type %r", message.type)
             return
         if message.type == "rep":
             pending = self._pending.get(message.id)
