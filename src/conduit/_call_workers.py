@@ -37,6 +37,27 @@ from .protocol.messages import Result
 
 log = logging.getLogger("conduit.connection")
 
+#: The most characters of an error message a RESULT carries: a handler's
+#: exception with a megabyte of text must still reach its caller, shortened.
+MAX_ERROR_TEXT = 8192
+
+
+class UnsendableResult(Exception):
+    """What a dispatcher raises when a handler returned but its value cannot
+    go on the wire (answered ``bad_result``, not taken for the handler's own failure)."""
+
+
+def _text(value: object) -> str:
+    """``value`` as a RESULT's text: a str, never raising, at most MAX_ERROR_TEXT long."""
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:  # a __str__ that raises must not end the connection
+        text = f"<{type(value).__name__} that cannot be shown>"
+    if len(text) > MAX_ERROR_TEXT:
+        text = f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} characters cut)"
+    return text
+
+
 Dispatch = Callable[[str, dict[str, Any]], Coroutine[Any, Any, Any]]
 
 #: Idle tasks kept waiting for the reading role; one finishing a blocked call
@@ -246,19 +267,31 @@ class CallRunners:
             self._answered.unpark_all()
 
     def _failure(self, method: str, exc: Exception) -> Result:
-        """The RESULT for a handler that raised ``exc``."""
+        """The RESULT for a handler that raised ``exc``.
+
+        Its text always goes as a (bounded) str, whatever the exception
+        holds: a RESULT the peer cannot decode ends the whole connection.
+        """
         if isinstance(exc, RPCError):
-            return Result(False, error=exc.message, code=exc.code)
+            return Result(False, error=_text(exc.message), code=_text(exc.code))
+        if isinstance(exc, UnsendableResult):
+            log.error(
+                "%s: RPC handler %r returned a value that cannot be sent",
+                self._label,
+                method,
+                exc_info=exc.__cause__,
+            )
+            return Result(False, error=_text(exc), code="bad_result")
         if isinstance(exc, CallbackCancelledError):
             # The asyncio task running the handler was cancelled from the
             # asyncio side: asyncio.run() ending with it still running, most
             # often. A shutdown, not the handler's bug: no traceback.
             log.debug("%s: RPC handler %r was cancelled by asyncio", self._label, method)
-            return Result(False, error=str(exc), code="handler_error")
+            return Result(False, error=_text(exc), code="handler_error")
         if isinstance(exc, ConnectionClosed):
             # Perhaps this connection closing (then the RESULT has nowhere to
             # go and is dropped), perhaps another one the handler relayed to:
             # the caller hears why, and no traceback is logged either way.
-            return Result(False, error=exc.reason, code="connection_closed")
+            return Result(False, error=_text(exc.reason), code="connection_closed")
         log.exception("%s: RPC handler %r failed", self._label, method, exc_info=exc)
-        return Result(False, error=f"{type(exc).__name__}: {exc}", code="handler_error")
+        return Result(False, error=f"{type(exc).__name__}: {_text(exc)}", code="handler_error")

@@ -162,9 +162,7 @@ def fast_call(
     if calls is None:
         return None
     arguments = call_arguments(args, kwargs)
-    return _rpc_call(
-        calls, loop, method, arguments, proxy.default_timeout if timeout is None else timeout
-    )
+    return _rpc_call(calls, loop, method, arguments, proxy.timeout_for(timeout))
 
 
 def fast_invoke(
@@ -181,9 +179,7 @@ def fast_invoke(
     if calls is None:
         return None
     arguments = call_arguments(args, kwargs)
-    return calls.call(
-        loop, method, arguments, proxy.default_timeout if timeout is None else timeout
-    )
+    return calls.call(loop, method, arguments, proxy.timeout_for(timeout))
 
 
 def fast_client_call(

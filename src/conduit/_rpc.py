@@ -22,6 +22,7 @@ from typing import Any, TypeVar, overload
 import attrs
 import cattrs
 
+from ._call_workers import UnsendableResult
 from ._callbacks import callback_world, current_host_loop, invoke
 from ._peer import Peer
 from ._rpc_proxy import to_wire
@@ -235,8 +236,23 @@ class Handlers:
         self.message_handler_takes_peer = message_handler_takes_peer
 
     def add_method(self, function: Callable[..., Any], name: str | None = None) -> None:
-        """Register ``function`` under ``name`` (default: its ``__name__``)."""
-        method_name = name or function.__name__
+        """Register ``function`` under ``name`` (default: its ``__name__``).
+
+        A name registered again gets the new handler (logged: a second
+        FileTransferHandler, or two functions of one name, replace the
+        first one's methods).
+        """
+        given: object = function  # typed as callable; a caller may still pass anything
+        if not callable(given):
+            hint = " (to name the method, write @rpc(name=...))" if isinstance(given, str) else ""
+            raise TypeError(f"an RPC handler must be callable, got {given!r}{hint}")
+        method_name = name or getattr(function, "__name__", None)
+        if not method_name:
+            raise TypeError(f"{function!r} has no __name__: register it with name=...")
+        if method_name in self.methods:
+            log.warning(
+                "RPC method %r registered again: the new handler replaces the old", method_name
+            )
         self.methods[method_name] = RPCMethod.from_function(method_name, function)
 
     @overload
@@ -302,7 +318,14 @@ class PeerDispatcher:
         finally:
             _current_peer.reset(token)
         # to_wire, inline: most values are primitives already.
-        return value if type(value) in _PRIMITIVES else to_wire(value)
+        if type(value) in _PRIMITIVES:
+            return value
+        try:
+            return to_wire(value)
+        except Exception as exc:  # RecursionError too: a value nested too deep
+            raise UnsendableResult(
+                f"the handler's result cannot be sent: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def handle_message(self, event: str, data: Any) -> None:
         """Deliver a one-way message: run every handler registered for ``event``."""

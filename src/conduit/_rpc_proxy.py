@@ -69,6 +69,21 @@ class RPCProxy:
         self._handlers = handlers
         self.default_timeout = default_timeout
 
+    def timeout_for(self, timeout: float | None) -> float | None:
+        """A call's timeout: ``timeout``, or the default when it is None.
+
+        Checked before the call takes an id: a NaN deadline crashed the
+        connection's timer (every call on it failed), a string failed after
+        the call was registered (left pending for ever).
+        """
+        if timeout is None:
+            return self.default_timeout
+        if type(timeout) is not float and type(timeout) is not int:  # bool is no timeout
+            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if timeout != timeout:
+            raise ValueError("timeout must not be NaN")
+        return timeout
+
     @overload
     def __call__(self, function: F, *, name: str | None = None) -> F: ...
     @overload
@@ -95,9 +110,7 @@ class RPCProxy:
         to pass an argument literally named ``timeout``.
         """
         arguments = call_arguments(args, kwargs)
-        return await self._connection().call(
-            method, arguments, self.default_timeout if timeout is None else timeout
-        )
+        return await self._connection().call(method, arguments, self.timeout_for(timeout))
 
     @bridged
     async def call(
@@ -113,9 +126,7 @@ class RPCProxy:
         arguments = call_arguments(args, kwargs)
         try:
             connection = self._connection()
-            value = await connection.call(
-                method, arguments, self.default_timeout if timeout is None else timeout
-            )
+            value = await connection.call(method, arguments, self.timeout_for(timeout))
         except (RPCError, ConnectionClosed) as exc:
             return result_dict(error=exc)
         return {"success": True, "data": value}  # result_dict(value), inline: once per call
