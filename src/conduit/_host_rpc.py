@@ -37,7 +37,7 @@ import outcome
 
 from . import _bridge
 from ._connection import Connection
-from ._rpc_proxy import RPCProxy, call_arguments, result_dict
+from ._rpc_proxy import RPCProxy, call_arguments, checked_timeout, result_dict
 from .client import Client
 from .errors import ConnectionClosed, RPCError
 from .protocol.messages import Result
@@ -162,7 +162,13 @@ def fast_call(
     if calls is None:
         return None
     arguments = call_arguments(args, kwargs)
-    return _rpc_call(calls, loop, method, arguments, proxy.timeout_for(timeout))
+    return _rpc_call(
+        calls,
+        loop,
+        method,
+        arguments,
+        proxy.default_timeout if timeout is None else checked_timeout(timeout),
+    )
 
 
 def fast_invoke(
@@ -179,7 +185,12 @@ def fast_invoke(
     if calls is None:
         return None
     arguments = call_arguments(args, kwargs)
-    return calls.call(loop, method, arguments, proxy.timeout_for(timeout))
+    return calls.call(
+        loop,
+        method,
+        arguments,
+        proxy.default_timeout if timeout is None else checked_timeout(timeout),
+    )
 
 
 def fast_client_call(

@@ -56,6 +56,20 @@ def result_dict(value: Any = None, error: ConduitError | None = None) -> dict[st
     return failure_dict(error)
 
 
+def checked_timeout(timeout: float) -> float:
+    """A call's timeout given by the caller (None, the default, needs no check).
+
+    Checked before the call takes an id: a NaN deadline crashed the
+    connection's timer (every call on it failed), a string failed after the
+    call was registered (left pending for ever).
+    """
+    if type(timeout) is not float and type(timeout) is not int:  # bool is no timeout
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if timeout != timeout:
+        raise ValueError("timeout must not be NaN")
+    return timeout
+
+
 class RPCProxy:
     """Call methods on the peer; on a client also ``@client.rpc`` registers handlers."""
 
@@ -68,21 +82,6 @@ class RPCProxy:
         self._connection = connection
         self._handlers = handlers
         self.default_timeout = default_timeout
-
-    def timeout_for(self, timeout: float | None) -> float | None:
-        """A call's timeout: ``timeout``, or the default when it is None.
-
-        Checked before the call takes an id: a NaN deadline crashed the
-        connection's timer (every call on it failed), a string failed after
-        the call was registered (left pending for ever).
-        """
-        if timeout is None:
-            return self.default_timeout
-        if type(timeout) is not float and type(timeout) is not int:  # bool is no timeout
-            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-        if timeout != timeout:
-            raise ValueError("timeout must not be NaN")
-        return timeout
 
     @overload
     def __call__(self, function: F, *, name: str | None = None) -> F: ...
@@ -110,7 +109,9 @@ class RPCProxy:
         to pass an argument literally named ``timeout``.
         """
         arguments = call_arguments(args, kwargs)
-        return await self._connection().call(method, arguments, self.timeout_for(timeout))
+        return await self._connection().call(
+            method, arguments, self.default_timeout if timeout is None else checked_timeout(timeout)
+        )
 
     @bridged
     async def call(
@@ -126,10 +127,14 @@ class RPCProxy:
         arguments = call_arguments(args, kwargs)
         try:
             connection = self._connection()
-            value = await connection.call(method, arguments, self.timeout_for(timeout))
+            value = await connection.call(
+                method,
+                arguments,
+                self.default_timeout if timeout is None else checked_timeout(timeout),
+            )
         except (RPCError, ConnectionClosed) as exc:
             return result_dict(error=exc)
         return {"success": True, "data": value}  # result_dict(value), inline: once per call
 
 
-__all__ = ["RPCProxy", "call_arguments", "result_dict", "to_wire"]
+__all__ = ["RPCProxy", "call_arguments", "checked_timeout", "result_dict", "to_wire"]
