@@ -696,7 +696,11 @@ class ClusterBus:
                             message.sender, message.id, None, (error.message, error.code)
                         )
             if scope.cancelled_caught:
-                log.info("node %r stopped waiting for %r: stopped", message.sender, message.kind)
+                log.info(
+                    "stopped serving %r: node %r stopped waiting for it",
+                    message.kind,
+                    message.sender,
+                )
         finally:
             if self._serving_scopes.get(message.id, (None, None))[1] is scope:
                 del self._serving_scopes[message.id]
