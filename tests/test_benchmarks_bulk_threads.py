@@ -57,7 +57,9 @@ def test_a_window_counts_each_thread_between_its_nearest_samples() -> None:
 def test_a_run_reports_every_operation_thread_by_thread(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    argv = ["--size", "8", "--downloads", "1", "--interval", "0.005", "--disk"]
+    # 64 MiB: a window of many samples even on a fast run (8 MiB took ~10 ms
+    # up, two samples, and a side's loop could fall under the 1 % cut).
+    argv = ["--size", "64", "--downloads", "1", "--interval", "0.005", "--disk"]
     assert bulk_threads.main(argv) == 0
     out = capsys.readouterr().out
     tables = out.split("\n\n")

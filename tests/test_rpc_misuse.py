@@ -82,7 +82,8 @@ async def test_a_timeout_that_is_no_number_is_refused_before_the_call_goes(
     }[how]
     with pytest.raises(ValueError, match="NaN"):
         await send("echo", value=1, timeout=math.nan)
-    for wrong in ("1", True, [1.0]):
+    wrongs: list[Any] = ["1", True, [1.0]]
+    for wrong in wrongs:
         with pytest.raises(TypeError, match="timeout must be a number"):
             await send("echo", value=1, timeout=wrong)
     assert _calls_pending(client) == 0  # none was registered and left behind

@@ -342,7 +342,7 @@ async def test_a_reconnect_cut_inside_its_handshake_keeps_the_client_id_in_a_clu
     (before, it was consumed at once, and the client came back under a new
     id). The reconnected client pings at once, and from then on the token is
     spent: replayed, it gives a new id."""
-    quiet = {"heartbeat_interval": 60.0, "heartbeat_timeout": 120.0}
+    quiet: dict[str, Any] = {"heartbeat_interval": 60.0, "heartbeat_timeout": 120.0}
     server = Server(
         ServerDescriptor(
             password="secret",
