@@ -70,6 +70,22 @@ def _bus_contents(engines: Any, namespace: str) -> list[bytes]:
     return found
 
 
+def _solo_server(engines: Any, namespace: str, **fields: Any) -> Server:
+    """An in-process server, node "solo" of the test's cluster (password "secret")."""
+    return Server(
+        ServerDescriptor(
+            password="secret",
+            host="127.0.0.1",
+            port=0,
+            cluster_url=engines.bus.url,
+            cluster_namespace=namespace,
+            node_name="solo",
+            cluster_ttl=TTL,
+            **fields,
+        )
+    )
+
+
 async def _reconnected(roamer: Receiver, cut: Any) -> None:
     """Run ``cut()`` and wait (bounded) for the client's automatic reconnect."""
     back = trio.Event()
@@ -257,17 +273,7 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     # The race the counting closes: a client reconnects here while its stale
     # connection is still ending. Whichever ends first, the id stays registered
     # until the last connection holding it is gone.
-    server = Server(
-        ServerDescriptor(
-            password="secret",
-            host="127.0.0.1",
-            port=0,
-            cluster_url=engines.bus.url,
-            cluster_namespace=bus_namespace,
-            node_name="solo",
-            cluster_ttl=TTL,
-        )
-    )
+    server = _solo_server(engines, bus_namespace)
     await nursery.start(server.run)
     node = server.cluster
     assert node is not None
@@ -343,18 +349,7 @@ async def test_a_reconnect_cut_inside_its_handshake_keeps_the_client_id_in_a_clu
     id). The reconnected client pings at once, and from then on the token is
     spent: replayed, it gives a new id."""
     quiet: dict[str, Any] = {"heartbeat_interval": 60.0, "heartbeat_timeout": 120.0}
-    server = Server(
-        ServerDescriptor(
-            password="secret",
-            host="127.0.0.1",
-            port=0,
-            cluster_url=engines.bus.url,
-            cluster_namespace=bus_namespace,
-            node_name="solo",
-            cluster_ttl=TTL,
-            **quiet,
-        )
-    )
+    server = _solo_server(engines, bus_namespace, **quiet)
 
     def client(port: int, **fields: Any) -> Client:
         return Client(
