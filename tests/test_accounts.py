@@ -6,7 +6,10 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -196,6 +199,38 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     assert (tmp_path / "users.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json", "users.json.lock"]
     assert accounts.usernames() == ["alice"]
+
+
+def test_the_temporary_of_a_writer_killed_before_its_rename_goes_at_the_next_change(
+    tmp_path: Path,
+) -> None:
+    """A ``conduit user add`` killed mid-write leaves its temporary (a copy of
+    the verifiers); the next change, holding the lock, deletes it and nothing else."""
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    before = (tmp_path / "users.json").read_bytes()
+    writer = (
+        "import os, signal, sys\n"
+        "from conduit.accounts import Accounts, StretchParams\n"
+        "accounts = Accounts(sys.argv[1], stretch=StretchParams(opslimit=1, memlimit=8192))\n"
+        "os.replace = lambda *_: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "accounts.add('bob', 'a password of bob')\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", writer, str(tmp_path / "users.json")], timeout=60, check=False
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (tmp_path / "unrelated.tmp").write_bytes(b"not ours")
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".users.json.")]
+    assert len(left) == 1 and left[0].endswith(".tmp")
+    assert (tmp_path / "users.json").read_bytes() == before
+    accounts.add("carol", PASSWORD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "unrelated.tmp",
+        "users.json",
+        "users.json.lock",
+    ]
+    assert accounts.usernames() == ["alice", "carol"]
 
 
 def test_a_file_nested_too_deep_is_a_malformed_file(tmp_path: Path) -> None:

@@ -69,6 +69,35 @@ def test_user_commands_on_an_unusable_accounts_file_are_configuration_errors(
             assert "Traceback" not in result.stderr
 
 
+def test_commands_that_only_read_the_accounts_file_refuse_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    """A mistyped FILE is exit 2 with the way to create it, not a server with
+    no users or an empty listing; only ``user add`` creates the file."""
+    missing = tmp_path / "acounts.json"
+    for command in (
+        ["serve", str(tmp_path / "served"), "--port", "0", "--accounts", str(missing)],
+        ["user", "list", "--accounts", str(missing)],
+        ["user", "remove", "alice", "--accounts", str(missing)],
+    ):
+        result = conduit(*command, password=ALICE, timeout=30)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert f"the accounts file {missing} does not exist" in result.stderr, command
+        assert f"conduit user add NAME --accounts {missing}" in result.stderr
+        assert not missing.exists()
+    assert not (tmp_path / "served").exists()  # refused before it served anything
+    # An existing file whose last user was removed is served, with a warning.
+    assert (
+        conduit("user", "add", "alice", "--accounts", str(missing), password=ALICE).returncode == 0
+    )
+    assert conduit("user", "remove", "alice", "--accounts", str(missing)).returncode == 0
+    server = start_server(tmp_path, "--accounts", str(missing), password="unused")
+    try:
+        server.wait_for_log(r"accounts file .* has no users yet")
+    finally:
+        server.stop()
+
+
 def test_serve_with_accounts_and_log_in_as_a_user(tmp_path: Path) -> None:
     accounts = tmp_path / "accounts.json"
     assert (

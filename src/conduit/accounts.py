@@ -71,6 +71,8 @@ MAX_ROOT = 255
 FAKE_CACHE = 1024
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
 _SECRET_SIZE = 32
+# The suffix of the temporary file a change is written to before its rename.
+_TEMPORARY_SUFFIX = ".tmp"
 
 
 @attrs.frozen(repr=False)
@@ -546,6 +548,7 @@ class Accounts:
     def _changing(self) -> Iterator[dict[str, AccountRecord]]:
         """Lock, re-read the file, let the caller change the users, write it back."""
         with self._lock, self._file_lock():
+            _remove_abandoned_temporaries(self.path)
             state = self._read(keep_secret=self._state.secret)
             users = dict(state.users)
             yield users
@@ -599,13 +602,33 @@ def _keep_owner(fd: int, owner: os.stat_result, path: Path) -> None:
         ) from None
 
 
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Delete the temporary files of writes killed before their rename.
+
+    Called with the file lock held: every writer makes and renames its
+    temporary under that lock, so one found now belongs to a dead writer (a
+    ``conduit user add`` killed mid-write). It would otherwise stay beside the
+    accounts file for ever, holding a copy of the verifiers.
+    """
+    if sys.platform == "win32":  # pragma: no cover - no lock, so no proof of death
+        return
+    prefix = f".{path.name}."
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix) and entry.name.endswith(_TEMPORARY_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a mix."""
     try:
         owner: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
         owner = None
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)

@@ -258,7 +258,7 @@ def serve(
     store = None
     password = None
     if accounts is not None:
-        store = _users.open_accounts(accounts)
+        store = _users.open_accounts(accounts, must_exist=True)
     else:
         password = read_password(prompt="Password for this server: ", confirm=True)
     configure_logging(

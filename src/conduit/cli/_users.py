@@ -13,8 +13,19 @@ from ..accounts import Accounts
 from ._common import CLIError, ExitCode, human_bytes
 
 
-def open_accounts(path: Path) -> Accounts:
-    """The accounts file at ``path`` (missing: empty); CLIError when unreadable."""
+def open_accounts(path: Path, *, must_exist: bool = False) -> Accounts:
+    """The accounts file at ``path``; CLIError when unreadable.
+
+    A missing file is empty (``user add`` creates it) unless ``must_exist``:
+    then it is a CLIError, since a command that only reads the file was
+    most likely given a mistyped path, and serving or listing no users
+    would hide that.
+    """
+    if must_exist and not path.exists():
+        raise CLIError(
+            f"the accounts file {path} does not exist: create it with "
+            f"'conduit user add NAME --accounts {path}'"
+        )
     try:
         return Accounts(path)
     except (OSError, ValueError) as exc:
@@ -45,7 +56,7 @@ def add(
 
 def remove(path: Path, username: str) -> int:
     """Delete the account (its files stay on disk)."""
-    accounts = open_accounts(path)
+    accounts = open_accounts(path, must_exist=True)
     try:
         accounts.remove(username)
     except KeyError:
@@ -60,7 +71,7 @@ def remove(path: Path, username: str) -> int:
 
 def list_users(path: Path) -> int:
     """One line per account: name, root, quota, read-only."""
-    accounts = open_accounts(path)
+    accounts = open_accounts(path, must_exist=True)
     for username in accounts.usernames():
         record = accounts.get(username)
         print(f"{username}\troot={record.root}{_limits(record.quota, record.read_only)}")
