@@ -359,7 +359,7 @@ async def test_ids_and_names_are_unique(
     assert len(fresh) == 40
     assert all(client_id.startswith("c-") for client_id in fresh)
     await node_a.unregister_client("same")
-    await node_b.register_client("same")
+    await node_b.register_client("same")  # a departed client's id is free again
     assert await node_a.locate_client("same") == "b"
     twin = ClusterBus(engines.bus.url, "a", namespace=bus_namespace, ttl=TTL)
     with pytest.raises(NodeNameTaken):
@@ -506,6 +506,48 @@ async def test_a_resumed_client_moves_and_its_old_node_lets_go(
     # Without the move, a re-registration by A would still be refused.
     with pytest.raises(ClientIdTaken):
         await node_a.register_client("fresh")
+
+
+async def test_a_client_that_moves_and_leaves_before_its_old_node_beats_stays_gone(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """The client resumes on B and leaves B before A's next heartbeat: A must
+    not take the entry for one the bus lost and recreate it in its own name."""
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    await node_a.register_client("racer")
+    assert await node_b.move_client("racer") == "a"
+    await node_b.unregister_client("racer")
+    assert await node_a.locate_client("racer") is None  # departed, not on A
+    with trio.fail_after(10):
+        while "racer" in node_a._clients:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.05)
+    await trio.sleep(TTL * 1.2)  # the departed mark has expired; A beat meanwhile
+    assert await node_a.locate_client("racer") is None
+    direct = redis.Redis.from_url(engines.bus.url)
+    try:
+        assert direct.get(f"{bus_namespace}:client:racer") is None
+    finally:
+        direct.close()
+
+
+async def test_entries_the_bus_lost_are_recreated_at_the_next_heartbeat(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """A Redis restart without persistence loses the node's and its clients'
+    entries: the node's next beat writes them again."""
+    node_a = await bus_factory("a")
+    await node_a.register_client("kept")
+    direct = redis.Redis.from_url(engines.bus.url)
+    try:
+        direct.delete(f"{bus_namespace}:node:a", f"{bus_namespace}:client:kept")
+        assert await node_a.locate_client("kept") is None
+        with trio.fail_after(10):
+            while await node_a.locate_client("kept") != "a":  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(0.05)
+        assert await node_a.node_alive("a")
+    finally:
+        direct.close()
 
 
 async def test_resume_entries_are_owned_and_single_use(

@@ -23,6 +23,7 @@ import trio
 from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
 from conduit import Client, ClientDescriptor, Server, ServerDescriptor
 from conduit._resume import token_digest
+from conduit.cluster.bus import _DEPARTED as DEPARTED
 from conftest import served, wait_until
 from cutting_proxy import CuttingProxy
 
@@ -287,7 +288,8 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     await node.release_client_id(client_id)  # the stale connection ends first
     assert _registered_node(engines, bus_namespace, client_id) == "solo"
     await node.release_client_id(client_id)  # then the reconnect's
-    assert _registered_node(engines, bus_namespace, client_id) is None
+    assert _registered_node(engines, bus_namespace, client_id) == DEPARTED
+    assert await node.bus.locate_client(client_id) is None
     await server.close()
 
 

@@ -10,13 +10,17 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
   expiring after ``ttl`` and refreshed every ``ttl / 3`` by a compare-and-extend
   script, so a node that stops refreshing is forgotten within ``ttl`` and a
   second process can never refresh (or steal) another's name.
-* ``client:<id>``: which node a client is connected to; created with ``SET NX``
-  (client ids are unique in the cluster), refreshed with the node's heartbeat,
+* ``client:<id>``: which node a client is connected to; created only where
+  no node holds it (``SET NX``, a departed mark counting as free: client ids
+  are unique in the cluster), refreshed with the node's heartbeat,
   so the clients of a dead node expire with it. A client that resumes its
   session on another node *moves* its entry there (plain ``SET``, see
   :meth:`ClusterBus.move_client`); the old node's refresh and cleanup only
   ever touch an entry that still names it (compare-and-extend,
-  compare-and-delete), so they cannot undo the move.
+  compare-and-set), so they cannot undo the move. A client that leaves
+  leaves a *departed* mark for ``ttl``, not a missing entry: a node it moved
+  from that has not yet seen the move must not take its entry for one the
+  bus lost (a Redis restart), which it recreates.
 * ``resume:<sha256>``: a client's resume token, by the SHA-256 of the token
   (never the token itself): the client id and a tag of the account it was
   issued to, so that any node can give a reconnecting client its id back.
@@ -141,8 +145,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# Extend every KEYS[i] that still holds ARGV[1]; recreate missing ones (NX).
-# Returns the keys another node holds now (their clients moved there).
+# Extend every KEYS[i] that still holds ARGV[1]; recreate missing ones (the bus
+# lost them: a Redis restart, or a heartbeat away past the TTL). Returns the keys
+# that name another node, or _DEPARTED (their clients moved there, and maybe left).
 _EXTEND_CLIENTS: Final = """
 local lost = {}
 for _, key in ipairs(KEYS) do
@@ -156,6 +161,27 @@ return lost
 _DELETE_IF: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+#: What a client entry holds for ``ttl`` after its client left (never a node
+#: name: those have neither a colon nor a space).
+_DEPARTED: Final = ": departed"
+# A client entry that still names this node (ARGV[1]) becomes _DEPARTED (ARGV[2])
+# for ARGV[3] ms rather than vanish: a node that held the client before it
+# moved here, and has not yet seen the move, would take a missing entry for
+# one the bus lost and recreate it in its own name (see _EXTEND_CLIENTS).
+_BURY_CLIENT: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 0
+"""
+# Register a new client id (KEYS[1]) for node ARGV[1] for ARGV[3] ms, unless a
+# node holds it (SET NX, where a departed client's mark ARGV[2] counts as free).
+_REGISTER_CLIENT: Final = """
+local value = redis.call('GET', KEYS[1])
+if value and value ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
 """
 # Redeem a resume entry "OWNER CLIENT_ID": only for its owner (ARGV[1]), and only
 # once (deleted in the same step). Returns the client id, or nil.
@@ -318,6 +344,14 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+def _node_of(entry: object) -> str | None:
+    """The node a client entry names; None for no entry or a departed client."""
+    if entry is None:
+        return None
+    node = _text(entry)
+    return None if node == _DEPARTED else node
+
+
 def _text(value: object) -> str:
     """A Redis reply (bytes with the default decode_responses=False) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -374,6 +408,8 @@ class ClusterBus:
         self._extend = self._redis.register_script(_EXTEND)
         self._extend_clients = self._redis.register_script(_EXTEND_CLIENTS)
         self._delete_if = self._redis.register_script(_DELETE_IF)
+        self._bury_client = self._redis.register_script(_BURY_CLIENT)
+        self._register_client = self._redis.register_script(_REGISTER_CLIENT)
         self._redeem = self._redis.register_script(_REDEEM)
         self._limiter = trio.CapacityLimiter(16)
         self._handler_limiter = trio.CapacityLimiter(max_handlers)
@@ -514,7 +550,9 @@ class ClusterBus:
         def work() -> None:
             pipe = self._redis.pipeline(transaction=False)
             for key in clients:
-                self._delete_if(keys=[key], args=[self.node_name], client=pipe)
+                self._bury_client(
+                    keys=[key], args=[self.node_name, _DEPARTED, _ms(self.ttl)], client=pipe
+                )
             self._delete_if(keys=[node_key], args=[self._registration], client=pipe)
             pipe.delete(inbox)
             pipe.execute()
@@ -774,7 +812,9 @@ class ClusterBus:
         """Record that ``client_id`` is connected here; :class:`ClientIdTaken` if it is not new."""
         self._require_running()
         key = self._key("client", client_id)
-        created = await self._call(self._redis.set, key, self.node_name, nx=True, px=_ms(self.ttl))
+        created = await self._call(
+            self._register_client, keys=[key], args=[self.node_name, _DEPARTED, _ms(self.ttl)]
+        )
         if not created:
             raise ClientIdTaken(f"client id {client_id!r} is already in use in the cluster")
         self._clients.add(client_id)
@@ -805,22 +845,27 @@ class ClusterBus:
             self._redis.set, key, self.node_name, px=_ms(self.ttl), get=True
         )
         self._clients.add(client_id)
-        return None if previous is None else _text(previous)
+        return _node_of(previous)
 
     def forget_client(self, client_id: str) -> None:
         """Stop refreshing ``client_id`` here, without touching its entry (it moved away)."""
         self._clients.discard(client_id)
 
     async def unregister_client(self, client_id: str) -> None:
-        """Forget ``client_id`` (only if this node holds it)."""
+        """Forget ``client_id`` (only if this node holds it).
+
+        Its entry is marked departed for ``ttl`` rather than deleted, so that
+        a node it moved here from cannot recreate it (see ``_BURY_CLIENT``).
+        """
         self._clients.discard(client_id)
         key = self._key("client", client_id)
-        await self._call(self._delete_if, keys=[key], args=[self.node_name])
+        await self._call(
+            self._bury_client, keys=[key], args=[self.node_name, _DEPARTED, _ms(self.ttl)]
+        )
 
     async def locate_client(self, client_id: str) -> str | None:
-        """The node ``client_id`` is connected to, or ``None`` (unknown or its node died)."""
-        value = await self._call(self._redis.get, self._key("client", client_id))
-        return None if value is None else _text(value)
+        """The node ``client_id`` is connected to, or ``None`` (unknown, left, or its node died)."""
+        return _node_of(await self._call(self._redis.get, self._key("client", client_id)))
 
     # ----------------------------------------------------------------- resume tokens
 
