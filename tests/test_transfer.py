@@ -43,7 +43,7 @@ from conduit import (
 )
 from conduit._connection import Connection
 from conduit.errors import failure_dict
-from conduit.transfer import _engine
+from conduit.transfer import _engine, _sender
 from conduit.transfer._names import partial_basename
 from conduit.transfer._storage import PartialFile, StorageRoot
 from conduit.transfer._wire import download_transfer_id, transfer_key
@@ -1082,22 +1082,30 @@ async def test_abandoned_upload_does_not_lock_out_a_retry(
 
     The receiver's ``file_upload_begin`` is held in its worker thread until the
     client has given up (its call timed out, or the caller cancelled), then let go.
+    Held in a system call, as on a slow disk, it cannot stop early: the cancelled
+    sender waits for it to let go at most ``_ABANDON_TIMEOUT`` (shortened here).
     """
     gate = threading.Event()
     entered = threading.Event()
     opened = threading.Event()
     original = StorageRoot.open_partial
+    monkeypatch.setattr(_sender, "_ABANDON_TIMEOUT", 0.5)
 
     def held_open_partial(
-        self: StorageRoot, name: str, transfer_id: str, *, resume: bool
+        self: StorageRoot,
+        name: str,
+        transfer_id: str,
+        *,
+        resume: bool,
+        stop: threading.Event | None = None,
     ) -> PartialFile:
         if not gate.is_set():
             entered.set()
             assert gate.wait(20), "the test never released the gate"
-            partial = original(self, name, transfer_id, resume=resume)
+            partial = original(self, name, transfer_id, resume=resume, stop=stop)
             opened.set()
             return partial
-        return original(self, name, transfer_id, resume=resume)
+        return original(self, name, transfer_id, resume=resume, stop=stop)
 
     monkeypatch.setattr(StorageRoot, "open_partial", held_open_partial)
     with trio.fail_after(30), _released(gate):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,10 +35,11 @@ import trio
 
 from conduit import Client, FileTransferHandler, Server, TransferProgress
 from conduit.errors import RPCError
-from conduit.transfer import _engine, _hashing, _sender
+from conduit.transfer import _engine, _hashing, _sender, _storage
 from conduit.transfer._names import partial_basename
 from conduit.transfer._receiver import Receiver
-from conduit.transfer._storage import StorageRoot, sha256_of_fd
+from conduit.transfer._stoppable import Stopped
+from conduit.transfer._storage import PartialFile, StorageRoot, sha256_of_fd
 from conduit.transfer._wire import download_transfer_id, transfer_key
 from conftest import ClientFactory, ServerFactory, wait_until
 from transfer_helpers import (
@@ -419,6 +421,148 @@ async def test_upload_cancelled_before_the_begin_answer_frees_the_receivers_slot
         await assert_slot_free_and_resumed(sender, client, cut, storage)
 
 
+async def test_upload_cancelled_while_the_receiver_opens_its_partial_frees_the_slot_first(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The sender is cancelled while the receiver's begin is still in the worker
+    thread that hashes the kept partial (long for a big one; it cannot be
+    abandoned: it holds the partial's lock and the slot). The cancelled send
+    returns only once the receiver has let go, so with one slot the very next
+    upload is not refused "overloaded" (it was, while the hash went on)."""
+    with trio.fail_after(30):
+        storage = tmp_path / "server"
+        handler, server, client = await server_and_client(
+            server_factory, client_factory, storage, max_transfers_per_connection=1
+        )
+        cut = await plant_cut_upload(tmp_path / "outbox", storage)
+        hashing = threading.Event()
+        real_rehash = PartialFile.rehash_prefix
+
+        def slow_rehash(partial: PartialFile, stop: threading.Event | None = None) -> int:
+            hashing.set()
+            time.sleep(0.5)  # a step that cannot stop early, in the receiver's worker thread
+            return real_rehash(partial, stop)
+
+        monkeypatch.setattr(PartialFile, "rehash_prefix", slow_rehash)
+        sender = FileTransferHandler(storage_dir=tmp_path / "client")
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_hashing() -> None:
+                await wait_until(hashing.is_set)
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_hashing)
+                await sender.send_to_server(client, cut.source)
+        assert scope.cancelled_caught
+        assert client.id is not None
+        connection = server.clients[client.id].connection
+        assert handler._receiver._slots.in_use(connection) == 0
+        monkeypatch.undo()
+        await assert_slot_free_and_resumed(sender, client, cut, storage)
+
+
+async def test_a_cancelled_upload_stops_the_receivers_hash_of_its_partial(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The receiver hashes a kept partial before it answers a resuming begin
+    (seconds for many GiB). A sender cancelled meanwhile does not wait for the
+    whole hash: the receiver stops it between two blocks (here, blocks of one
+    byte: 3 MiB of them would take seconds) and lets the slot go."""
+    with trio.fail_after(30):
+        storage = tmp_path / "server"
+        handler, server, client = await server_and_client(
+            server_factory, client_factory, storage, max_transfers_per_connection=1
+        )
+        cut = await plant_cut_upload(tmp_path / "outbox", storage)
+        hashing = threading.Event()
+        ended: list[BaseException | int] = []
+        real_rehash = PartialFile.rehash_prefix
+
+        def watched_rehash(partial: PartialFile, stop: threading.Event | None = None) -> int:
+            hashing.set()
+            try:
+                hashed = real_rehash(partial, stop)
+            except BaseException as exc:
+                ended.append(exc)
+                raise
+            ended.append(hashed)
+            return hashed
+
+        monkeypatch.setattr(_storage, "_HASH_BLOCK", 1)
+        monkeypatch.setattr(PartialFile, "rehash_prefix", watched_rehash)
+        sender = FileTransferHandler(storage_dir=tmp_path / "client")
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_hashing() -> None:
+                await wait_until(hashing.is_set)
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_hashing)
+                await sender.send_to_server(client, cut.source)
+        assert scope.cancelled_caught
+        assert len(ended) == 1 and isinstance(ended[0], Stopped), ended
+        assert client.id is not None
+        connection = server.clients[client.id].connection
+        assert handler._receiver._slots.in_use(connection) == 0
+        monkeypatch.undo()
+        await assert_slot_free_and_resumed(sender, client, cut, storage)
+
+
+async def test_a_cancelled_download_stops_hashing_its_partial(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A resuming download first hashes its local partial; cancelled meanwhile,
+    it stops between two blocks (of one byte here) and keeps the partial."""
+    with trio.fail_after(30):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        checksum = await make_file(storage / "big.bin", SIZE)
+        partial = await plant_download_partial(storage / "big.bin", local_dir, KEPT)
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        hashing = threading.Event()
+        ended: list[BaseException | int] = []
+        real_rehash = PartialFile.rehash_prefix
+
+        def watched_rehash(file: PartialFile, stop: threading.Event | None = None) -> int:
+            hashing.set()
+            try:
+                hashed = real_rehash(file, stop)
+            except BaseException as exc:
+                ended.append(exc)
+                raise
+            ended.append(hashed)
+            return hashed
+
+        monkeypatch.setattr(_storage, "_HASH_BLOCK", 1)
+        monkeypatch.setattr(PartialFile, "rehash_prefix", watched_rehash)
+        receiver = FileTransferHandler(storage_dir=tmp_path / "client")
+        with trio.CancelScope() as scope:
+
+            async def cancel_once_hashing() -> None:
+                await wait_until(hashing.is_set)
+                scope.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cancel_once_hashing)
+                await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+        assert scope.cancelled_caught
+        assert len(ended) == 1 and isinstance(ended[0], Stopped), ended
+        assert partial.stat().st_size == KEPT
+        monkeypatch.undo()
+        result = await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+        await assert_resumed(result, local_dir / "big.bin", checksum)
+
+
 async def test_finish_abandons_by_key_alone(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
@@ -524,10 +668,15 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
                 client, "big.bin", local_dir, on_progress=write_it_once
             )
             arrived = local_dir / "big.bin"
-    assert written
-    assert result["success"] is False, result
-    assert result["code"] == "source_changed", result
-    assert not arrived.exists()
+        assert written
+        assert result["success"] is False, result
+        assert result["code"] == "source_changed", result
+        assert not arrived.exists()
+        # Nor is its partial kept: it holds a prefix of a version of the file
+        # that no later send resumes (the transfer key names the old size and
+        # mtime). (An upload's verdict is the sender's own: the server hears of
+        # it from the stream's reset, a moment later.)
+        await wait_until(lambda: partial_files(arrived.parent) == [])
 
 
 #: What an application's on_progress may raise: a bug, or its print() into a

@@ -39,7 +39,7 @@ from ._backend_local import LocalBackend
 from ._hashing import HashGate
 from ._hooks import Hooks
 from ._listing import FileListing
-from ._progress import TransferProgress, callback_errors_as_they_are
+from ._progress import TransferProgress, callback_errors_as_they_are, forward_only
 from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
@@ -311,6 +311,7 @@ class FileTransferHandler:
         ``remote_name`` (default: the file's base name) may contain
         subdirectories, e.g. ``"reports/2024/q1.pdf"``.
         """
+        on_progress = forward_only(on_progress)
         # One look: a directory, or a small file read whole (see ._small).
         found = await probe(path, self._sender.small_file_limit, client)
         if found.is_directory:
@@ -349,7 +350,10 @@ class FileTransferHandler:
         Raises ``ConnectionClosed`` when not connected.
         """
         return await send_files(
-            self._sender, lambda attempt: on_client(client, attempt), files, on_progress
+            self._sender,
+            lambda attempt: on_client(client, attempt),
+            files,
+            forward_only(on_progress),
         )
 
     @bridged
@@ -370,6 +374,7 @@ class FileTransferHandler:
         push to a local client whose connection drops waits up to
         ``push_reconnect_timeout`` seconds for it to come back, then resumes.
         """
+        on_progress = forward_only(on_progress)
         if client_id not in server.clients and server.cluster is not None:
             return await server.cluster.push(client_id, path, remote_name, on_progress)
         result = await on_server(
@@ -411,6 +416,7 @@ class FileTransferHandler:
         that byte range, into ``NAME.range-OFFSET-LENGTH``; the result's
         ``checksum`` is the SHA-256 of the range, verified end to end.
         """
+        on_progress = forward_only(on_progress)
         if offset is not None or length is not None:
             byte_range = (0 if offset is None else offset, length)
             return await on_client(

@@ -9,7 +9,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import attrs
 import trio
 
-from .._callbacks import invoke
+from .._callbacks import _mark, callback_world, invoke
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -72,6 +72,41 @@ class TransferProgress:
             "eta": self.eta,
             "elapsed": self.elapsed,
         }
+
+
+class ForwardOnly:
+    """A user's ``on_progress`` that never sees a file's ``transferred`` go back.
+
+    A transfer that outlives its connection resumes from the receiver's
+    verified offset, which can be below what was already reported: the bytes
+    in flight when the link died are sent again. Reports below the highest one
+    a file (by name and direction) has had are held back, so a progress bar
+    stands still instead of moving backwards; ``resumed_from`` and ``speed``
+    still describe the attempt. One per public transfer call: a later call
+    for the same file starts afresh.
+    """
+
+    def __init__(self, callback: Callable[[TransferProgress], Any]) -> None:
+        self._callback = callback
+        self._highest: dict[tuple[str, str], int] = {}
+        world = callback_world(callback)
+        if world is not None:  # run where the user's callback asked to run
+            _mark(self, world)
+
+    def __call__(self, progress: TransferProgress) -> Any:
+        """Pass ``progress`` on unless it is below what this file already showed."""
+        file = (progress.filename, progress.direction)
+        if progress.transferred < self._highest.get(file, 0):
+            return None
+        self._highest[file] = progress.transferred
+        return self._callback(progress)
+
+
+def forward_only(
+    callback: Callable[[TransferProgress], Any] | None,
+) -> Callable[[TransferProgress], Any] | None:
+    """``callback`` as a :class:`ForwardOnly` (None stays None)."""
+    return None if callback is None else ForwardOnly(callback)
 
 
 class ProgressCallbackError(Exception):

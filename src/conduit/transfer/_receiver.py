@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ from ._ranges import range_name, resolve_range
 from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
+from ._stoppable import run_stoppable
 from ._storage import StorageRoot
 from ._wire import (
     DOWNLOAD,
@@ -135,6 +137,15 @@ class Receiver:
         self._hooks = hooks
         self._slots = slots
 
+    def _begins(self, connection: Connection) -> dict[str, list[trio.Event]]:
+        """``connection``'s begins still running, by transfer key: each event
+        is set once its begin has let go of what it held or handed it to a
+        receive task (owned by the connection)."""
+        begins: dict[str, list[trio.Event]] | None = connection.owned.get((self, "begins"))
+        if begins is None:
+            begins = connection.owned[(self, "begins")] = {}
+        return begins
+
     def _inbound(self, connection: Connection) -> dict[int, _Inbound]:
         """``connection``'s transfers being received, by stream id (owned by the connection)."""
         inbound_here: dict[int, _Inbound] | None = connection.owned.get(self)
@@ -173,6 +184,29 @@ class Receiver:
         for stale in [entry for entry in inbound_here.values() if entry.key == key]:
             stale.scope.cancel()
             await stale.done.wait()
+        begins = self._begins(connection)
+        let_go = trio.Event()
+        begins.setdefault(key, []).append(let_go)
+        try:
+            return await self._begin(caller, name, size, key, restart, inbound_here)
+        finally:
+            running = begins[key]
+            running.remove(let_go)
+            if not running:
+                del begins[key]
+            let_go.set()
+
+    async def _begin(
+        self,
+        caller: Peer,
+        name: str,
+        size: int,
+        key: str,
+        restart: bool,
+        inbound_here: dict[int, _Inbound],
+    ) -> dict[str, Any]:
+        """Claim a slot, admit the file, open the stream and start its receive task."""
+        connection = caller.connection
         settings = self._settings
         with self._slots.claim(connection, settings.max_transfers_per_connection) as slot:
             backend = settings.backend
@@ -240,7 +274,8 @@ class Receiver:
         if key:
             if stream_id is not None or not abandon:
                 raise RPCError("key= names a stream to abandon, alone", "invalid_arguments")
-            return {"abandoned": await self._abandon_key(streams, key)}
+            begins = self._begins(caller.connection)
+            return {"abandoned": await self._abandon_key(streams, begins, key)}
         if stream_id is None:
             raise RPCError("stream_id is required", "invalid_arguments")
         inbound = streams.get(stream_id)
@@ -260,13 +295,21 @@ class Receiver:
         return inbound.result
 
     @staticmethod
-    async def _abandon_key(streams: dict[int, _Inbound], key: str) -> bool:
+    async def _abandon_key(
+        streams: dict[int, _Inbound], begins: dict[str, list[trio.Event]], key: str
+    ) -> bool:
         """Abandon the stream still waiting for ``key``'s data; whether there was one.
 
         The sender's CANCEL of its begin reached us before this call did, so a
-        begin still running has been cancelled (and lets go by itself); one that
-        had answered left its entry here, which is what this lets go.
+        begin still running has been cancelled: it lets go by itself, but only
+        once the worker thread it waits in returns (opening a partial to resume
+        hashes its bytes), so this waits for that first; the sender's slot is
+        then free when its cancelled call returns. A begin that had answered
+        left its entry here, which is what this lets go.
         """
+        running = list(begins.get(key, ()))
+        for let_go in running:
+            await let_go.wait()
         waiting = [
             (stream_id, inbound)
             for stream_id, inbound in streams.items()
@@ -274,7 +317,7 @@ class Receiver:
         ]
         for stream_id, inbound in waiting:
             await _abandon(streams, stream_id, inbound)
-        return bool(waiting)
+        return bool(waiting or running)
 
     @trio_callback
     async def rpc_receive_small(
@@ -456,11 +499,14 @@ class Receiver:
         (before download ids had their prefix) is taken over first.
         """
 
-        def adopt_and_open() -> Any:
+        def adopt_and_open(stop: threading.Event) -> Any:
             local.adopt_partial(target, former_key, key)
-            return local.open_partial(target, key, resume=True)
+            return local.open_partial(target, key, resume=True, stop=stop)
 
-        partial = LocalSink(await trio.to_thread.run_sync(adopt_and_open))
+        # Stoppable: a cancelled download need not wait for the whole hash of
+        # a partial of many GiB (see _stoppable).
+        opened = await run_stoppable(adopt_and_open, name="conduit: open a download's partial")
+        partial = LocalSink(opened)
         try:
             if partial.offset == 0:
                 await trio.to_thread.run_sync(local.remove_other_partials, target, key)
@@ -566,9 +612,12 @@ class Receiver:
             published = await partial.publish(overwrite=overwrite, expected_sha256=trailer.checksum)
         except (ConnectionClosed, StreamReset, trio.Cancelled) as exc:
             # The link or the sender went away, but the bytes we have are good:
-            # keep the partial file so that sending again resumes.
+            # keep the partial file so that sending again resumes. Unless the
+            # sender says its file changed: they are then a prefix of a version
+            # that no later send resumes (its key names the old size and mtime).
+            changed = isinstance(exc, StreamReset) and exc.code == "source_changed"
             with trio.CancelScope(shield=True):
-                await partial.close()
+                await (partial.discard() if changed else partial.close())
             if isinstance(exc, trio.Cancelled) and not stream.finished:
                 # We stop (a newer attempt of the same file replaced this one,
                 # say) while the sender may still be sending: tell it, or it

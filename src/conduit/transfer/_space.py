@@ -70,6 +70,7 @@ import trio
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
 from ._names import check_transfer_id, partial_basename, safe_relative_name, split_name
+from ._stoppable import run_stoppable
 from ._storage import ENTRY_ALLOWANCE, PartialFile, StorageRoot
 
 if TYPE_CHECKING:
@@ -415,8 +416,13 @@ class DiskBudget:
         )
         resume = key is not None and not restart
         try:
-            admission.partial = await trio.to_thread.run_sync(
-                lambda: storage.open_partial(name, admission.transfer_id, resume=resume)
+            # Stoppable: resuming hashes the partial (seconds for many GiB), and a
+            # cancelled sender's slot must not wait for that (see _stoppable).
+            admission.partial = await run_stoppable(
+                lambda stop: storage.open_partial(
+                    name, admission.transfer_id, resume=resume, stop=stop
+                ),
+                name="conduit: open a partial",
             )
             if admission.partial.offset > size:
                 # Longer than the file: not a prefix of it; start over.

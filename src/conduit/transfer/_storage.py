@@ -61,6 +61,7 @@ from ._names import (
     safe_relative_name,
     split_name,
 )
+from ._stoppable import Stopped
 
 log = logging.getLogger("conduit.transfer")
 
@@ -201,14 +202,17 @@ class StorageRoot:
             return
         os.makedirs(self.path, mode=self.dir_mode, exist_ok=True)
 
-    def open_partial(self, name: str, transfer_id: str, *, resume: bool) -> PartialFile:
+    def open_partial(
+        self, name: str, transfer_id: str, *, resume: bool, stop: threading.Event | None = None
+    ) -> PartialFile:
         """Open the partial file that receives ``name`` for ``transfer_id``.
 
         Creates the root and the intermediate directories as needed. With
         ``resume=True`` an existing partial file is kept and its bytes are
-        hashed once (:meth:`PartialFile.rehash_prefix`), so the returned
-        ``offset`` is the length to resume from and ``sha256_hex()`` the hash of
-        that prefix; with ``resume=False`` any existing partial is truncated.
+        hashed once (:meth:`PartialFile.rehash_prefix`, which ``stop`` ends
+        early), so the returned ``offset`` is the length to resume from and
+        ``sha256_hex()`` the hash of that prefix; with ``resume=False`` any
+        existing partial is truncated.
 
         The partial file is locked (``flock``) while open: a second transfer
         with the same id, such as a retry racing the dropped original, gets
@@ -228,7 +232,7 @@ class StorageRoot:
         partial = PartialFile(self, safe, tid, dir_fd, partial_name, fd)
         if resume:
             try:
-                partial.rehash_prefix()
+                partial.rehash_prefix(stop)
             except BaseException:
                 partial.close()
                 raise
@@ -980,18 +984,21 @@ class PartialFile:
                 else:
                     views[first] = view[done:]
 
-    def rehash_prefix(self) -> int:
+    def rehash_prefix(self, stop: threading.Event | None = None) -> int:
         """Hash the bytes already in the file, seeding the running hash; return the length.
 
         Used when resuming. Reads in large blocks, once. If the file changed
         length while being read, it is truncated to what was hashed so that
-        offset, hash and contents agree.
+        offset, hash and contents agree. :class:`Stopped` (the file as it
+        was) if ``stop`` is set between two blocks: the transfer was given up.
         """
         fd = self._require_open()
         digest = hashlib.sha256()
         size = os.fstat(fd).st_size
         position = 0
         while position < size:
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped hashing the partial of {self._name!r}")
             block = os.pread(fd, min(_HASH_BLOCK, size - position), position)
             if not block:
                 break
