@@ -12,9 +12,10 @@ from conduit import __version__
 project = "conduit"
 author = "conduit developers"
 release = version = __version__
+# No napoleon: the field comments (#:) are prose, and napoleon read a first line
+# "X: Y" as a type X described by Y.
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.napoleon",
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}

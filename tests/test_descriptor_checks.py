@@ -41,3 +41,30 @@ def test_an_empty_listening_host_is_refused() -> None:
     with pytest.raises(ValueError, match="host must not be empty"):
         ServerDescriptor(password="x", host="")
     ServerDescriptor(password="x", host="0.0.0.0")
+
+
+@pytest.mark.parametrize("descriptor", [ServerDescriptor, ClientDescriptor])
+@pytest.mark.parametrize("value", ["10", True, None, [1]])
+def test_a_setting_that_is_not_a_number_is_refused_by_name(
+    descriptor: type[Any], value: object
+) -> None:
+    # A string from a config file failed in a comparison that named no field
+    # ("'>' not supported between instances of 'str' and 'int'"); True passed
+    # as 1 (a bool is an int to Python).
+    names = _positive_fields(descriptor)
+    for name in names:
+        if value is None and _allows_none(descriptor, name):
+            continue
+        with pytest.raises(TypeError, match=f"{name} must be a number"):
+            descriptor(password="x", **{name: value})
+    # (A string port is refused by the field's instance_of(int) check, by name.)
+    with pytest.raises(TypeError, match="port must be a whole number"):
+        descriptor(password="x", **{_port_field(descriptor): True})
+
+
+def _allows_none(descriptor: type[Any], name: str) -> bool:
+    return "None" in str(attrs.fields_dict(descriptor)[name].type)
+
+
+def _port_field(descriptor: type[Any]) -> str:
+    return "port" if descriptor is ServerDescriptor else "server_port"

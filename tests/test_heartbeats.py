@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -81,6 +83,32 @@ async def test_a_removed_beat_stops_and_is_released(
             beats.add(beat, trio.current_time())
             await trio.sleep(6)
             assert len(seen) == 3
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_its_last_beat_ended_is_released_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The beat that ends a connection (its heartbeat timed out) returns False;
+    nothing of the timer may keep the connection alive afterwards, although no
+    other connection beats again to replace the timer's locals."""
+
+    class Connection:
+        def beat(self, now: float) -> bool:
+            return False  # timed out: ended
+
+    beats = Heartbeats(5.0)
+    connection = Connection()
+    released = weakref.ref(connection)
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(beats.run)
+            beats.add(connection.beat, trio.current_time())
+            del connection
+            await trio.sleep(6)  # the beat came, and the queue is empty
+            assert len(beats) == 0
+            gc.collect()
+            assert released() is None
             nursery.cancel_scope.cancel()
 
 

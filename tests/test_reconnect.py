@@ -36,6 +36,7 @@ from conduit import (
     ServerDescriptor,
     TransferProgress,
 )
+from conduit._callbacks import asyncio_callback, callback_world, trio_callback
 from conduit._handshake_io import (
     Established,
     client_handshake,
@@ -57,6 +58,7 @@ from conduit.protocol import (
 from conduit.protocol.codec import encode_frame
 from conduit.protocol.handshake import refusal_frame
 from conduit.protocol.messages import Resume, Welcome
+from conduit.transfer import _engine, _progress
 from conduit.transfer._progress import REPORT_INTERVAL
 from conftest import (
     LOOPBACK,
@@ -122,6 +124,8 @@ class Scenario:
         self.server_dir = tmp / "server"
         self.client_dir = tmp / "client-dl"
         self.reconnects = 0
+        #: ``transferred`` of each progress report, in order.
+        self.reported: list[int] = []
 
     def check(self, result: dict[str, Any], proxy: CuttingProxy, ids: tuple[Any, Any]) -> None:
         assert result["success"] is True, result
@@ -137,6 +141,10 @@ class Scenario:
         before, after = ids
         assert before is not None and before == after
         assert self.reconnects == 1
+        # The resume starts from the receiver's verified offset, below what was
+        # reported before the cut (bytes in flight); a report never goes back.
+        assert self.reported == sorted(self.reported), self.reported
+        assert self.reported[-1] == BIG
         print(f"{self.direction}: resent {resent} of {BIG} bytes ({resent / BIG:.1%})")
 
 
@@ -155,13 +163,16 @@ async def _run_scenario(
             if in_asyncio:  # an async hook runs in the application's asyncio loop
                 worlds.append(asyncio.current_task() is not None)
 
+        def progress(report: TransferProgress) -> None:
+            scenario.reported.append(report.transferred)
+
         await client.connect()
         before = client.id
         if scenario.direction == "c2s":
-            result = await transfer.send_to_server(client, scenario.source)
+            result = await transfer.send_to_server(client, scenario.source, progress)
         else:
             result = await transfer.receive_from_server(
-                client, "big.bin", local_dir=scenario.client_dir
+                client, "big.bin", local_dir=scenario.client_dir, on_progress=progress
             )
         after = client.id
         assert after is not None
@@ -184,6 +195,88 @@ async def test_transfer_survives_a_cut_under_trio(tmp_path: Path, direction: Dir
         with trio.fail_after(120):
             await _run_scenario(scenario, server, port)
         await server.close()
+
+
+async def test_forward_only_holds_back_reports_below_a_files_highest() -> None:
+    """The filter itself, on two real attempts' reporters: the second resumes
+    from below what the first showed; its reports show up once they pass it.
+    Files are told apart by name and direction; a marked callback stays marked."""
+    seen: list[tuple[str, str, int]] = []
+
+    @trio_callback
+    def callback(report: TransferProgress) -> None:
+        seen.append((report.filename, report.direction, report.transferred))
+
+    forward = _progress.ForwardOnly(callback)
+    assert callback_world(forward) == "trio"
+    assert callback_world(_progress.ForwardOnly(asyncio_callback(print))) == "asyncio"
+    assert callback_world(_progress.ForwardOnly(print)) is None
+    assert _progress.forward_only(None) is None
+    attempts: list[tuple[str, _progress.Direction, int, list[int]]] = [
+        ("a.bin", "upload", 0, [300, 300]),  # cut at 600 shown
+        ("b.bin", "upload", 0, [100]),
+        ("a.bin", "download", 0, [50]),  # another direction: another file
+        ("a.bin", "upload", 400, [100, 100, 100, 100]),  # verified 400: 500, 600 held
+    ]
+    for filename, direction, resumed_from, steps in attempts:
+        reporter = _progress.ProgressReporter(
+            forward,
+            filename=filename,
+            direction=direction,
+            total_size=1000,
+            resumed_from=resumed_from,
+        )
+        for step in steps:
+            reporter._last_report = float("-inf")  # report every step
+            await reporter.advance(step)
+    assert seen == [
+        ("a.bin", "upload", 300),
+        ("a.bin", "upload", 600),
+        ("b.bin", "upload", 100),
+        ("a.bin", "download", 50),
+        ("a.bin", "upload", 600),  # level with the highest: shown (it stands still)
+        ("a.bin", "upload", 700),
+        ("a.bin", "upload", 800),
+    ]
+
+
+async def test_progress_never_goes_back_across_a_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every block is reported (no report interval, small blocks), so blocks
+    that were in flight when the link was cut had been reported; the resume
+    starts from the server's verified offset, more than a block below them.
+    The callback sees the count stand still until the resume passes it,
+    never go back."""
+    monkeypatch.setattr(_engine, "READ_BLOCK", 128 * 1024)
+    monkeypatch.setattr(_progress, "REPORT_INTERVAL", 0.0)
+    size = 16 * MiB
+    source = tmp_path / "up.bin"
+    digest = await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    FileTransferHandler(tmp_path / "server").register_server_handlers(server)
+    reported: list[tuple[int, int]] = []
+
+    def progress(report: TransferProgress) -> None:
+        reported.append((report.transferred, report.resumed_from))
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with trio.fail_after(120), CuttingProxy(port, cut_after=("c2s", size // 2)) as proxy:
+            client = _client(proxy.port)
+            await client.connect()
+            transfer = FileTransferHandler(tmp_path / "client")
+            result = await transfer.send_to_server(client, source, progress)
+            await client.disconnect()
+        await server.close()
+    assert result["success"] is True and result["checksum"] == digest, result
+    assert proxy.was_cut and result["resumed_from"] > 0
+    counts = [transferred for transferred, _ in reported]
+    assert counts == sorted(counts) and counts[-1] == size, reported
+    # The resumed attempt's own reports are there (the stall ended), all at or
+    # above the highest count shown before the cut.
+    resumed = [transferred for transferred, start in reported if start > 0]
+    assert resumed and resumed[0] >= max(t for t, start in reported if start == 0)
 
 
 @pytest.mark.slow
@@ -714,6 +807,43 @@ async def test_a_push_ends_at_once_when_the_client_disconnects_on_purpose(
             )
         assert result["success"] is False and result["code"] == "connection_closed", result
         await server.close()
+
+
+async def test_a_push_waiting_for_its_client_ends_when_the_server_closes(
+    tmp_path: Path,
+) -> None:
+    """A push whose client's connection was cut waits up to
+    ``push_reconnect_timeout`` for it to come back; a server that closes
+    meanwhile will see no client come back, so the push returns at once."""
+    size = 4 * MiB
+    source = tmp_path / "pushed.bin"
+    await trio.to_thread.run_sync(write_random_file, source, size)
+    server = _server()
+    server_transfer = FileTransferHandler(tmp_path / "server-store")
+    server_transfer.push_reconnect_timeout = 600.0  # what the push must not wait for
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port, cut_after=("s2c", size // 2)) as proxy:
+            client = _client(proxy.port, reconnect_enabled=False)
+            FileTransferHandler(tmp_path / "client-store").register_client_handlers(client)
+            await client.connect()
+            client_id = client.id
+            assert client_id is not None
+            await served(server, client)
+            results: list[dict[str, Any]] = []
+
+            async def push() -> None:
+                results.append(await server_transfer.send_to_client(server, client_id, source))
+
+            with trio.fail_after(30):
+                nursery.start_soon(push)
+                await wait_until(lambda: proxy.was_cut and client_id not in server.clients)
+                await trio.testing.wait_all_tasks_blocked()  # the push waits for the client
+                assert not results
+                await server.close()
+                await wait_until(lambda: bool(results))
+        assert results[0]["success"] is False, results
+        assert results[0]["code"] == "connection_closed", results
 
 
 async def test_client_id_cannot_be_claimed_without_the_token() -> None:

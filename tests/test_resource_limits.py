@@ -52,7 +52,7 @@ from conduit import (
     _connection,
     current_peer,
 )
-from conduit._connection import Connection
+from conduit._connection import _CONTROL_BACKLOG, Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit._receive_memory import SharedReceiveMemory
 from conduit.protocol import FRAME_COST, FrameKind, decode_body
@@ -1111,6 +1111,101 @@ async def test_a_peer_that_never_reads_is_dropped_at_its_heartbeat_timeout(
             await server.close()
     finally:
         await peer.aclose()
+
+
+@hostile(
+    "messages-to-a-peer-that-reads-nothing",
+    area=AREA,
+    attack="a client sends 160 messages of 512 KiB (80 MiB) to a server whose message "
+    "handler holds its reader, so that the server reads nothing more",
+    behaviour="send waits once 8 MiB are queued for the peer: at most the backlog plus one "
+    "message is ever queued, and once the handler lets go all 160 arrive, in order",
+    found="send never waited: a peer that read slower than it was sent to grew the sender's "
+    "memory without bound (250 MiB queued for 600 such messages)",
+)
+async def test_messages_to_a_peer_that_reads_nothing_wait_for_room(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """``send`` waits while 8 MiB of frames are queued for a peer that does not
+    read (here its message handler holds its reader, past its own 32 MiB
+    message queue): this side's memory stays bounded, and once the peer reads
+    again every message arrives, in order."""
+    release = trio.Event()
+    received: list[int] = []
+
+    def register(server: Server) -> None:
+        @server.on("blob")
+        async def on_blob(peer: Any, data: bytes) -> None:
+            await release.wait()
+            received.append(data[0])
+
+    server = await server_factory(register=register, heartbeat_interval=30, heartbeat_timeout=90)
+    client = await client_factory(server)
+    outbox = client.server.connection._outbox
+    count, size = 160, 512 * 1024  # 80 MiB: past the peer's queue, the sockets and the backlog
+    sent = 0
+    highest = 0
+
+    async def send_all() -> None:
+        nonlocal sent, highest
+        for index in range(count):
+            await client.send("blob", bytes([index % 256]) * size)
+            sent += 1
+            highest = max(highest, outbox.control_bytes)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert 0 < sent < count  # waiting for room, not queueing everything
+            release.set()
+        await wait_until(lambda: len(received) == count, timeout=30)
+    assert received == [index % 256 for index in range(count)]
+    assert highest <= _CONTROL_BACKLOG + size + CONTROL_FRAME_OVERHEAD + 64
+
+
+@hostile(
+    "broadcast-to-a-peer-that-never-reads",
+    area=AREA,
+    attack="an authenticated peer (64 KiB socket receive buffer) reads nothing while the "
+    "server broadcasts 48 messages of 512 KiB to it and to an honest client",
+    behaviour="no broadcast waits for it; once 8 MiB are queued for it, it misses the "
+    "broadcasts (a warning says so, and the count returned leaves it out) and the server "
+    "queues no more for it; the honest client gets all 48",
+    found="a broadcast queued every message for every client: a peer that read nothing held "
+    "about 200 MB of the server's memory until its heartbeat timeout",
+)
+async def test_a_broadcast_skips_a_peer_that_reads_nothing(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await server_factory(heartbeat_interval=30, heartbeat_timeout=90)
+    got: list[int] = []
+
+    def register(client: Client) -> None:
+        @client.on("news")
+        def on_news(data: bytes) -> None:
+            got.append(len(data))
+
+    client = await client_factory(server, register=register)
+    peer = await RawPeer.authenticated(server.port, PASSWORD, receive_buffer=64 * 1024)
+    size, counts = 512 * 1024, []
+    try:
+        await wait_until(lambda: len(server.clients) == 2)
+        (stalled,) = [p for p in server.clients.values() if p.id != client.id]
+        with trio.fail_after(30), caplog.at_level(logging.WARNING, logger="conduit.server"):
+            for index in range(48):
+                counts.append(await server.broadcast("news", b"n" * size))
+                queued = stalled.connection._outbox.control_bytes
+                assert queued <= _CONTROL_BACKLOG + size + CONTROL_FRAME_OVERHEAD + 64
+                # The honest one keeps up.
+                await wait_until(lambda expected=index + 1: len(got) == expected)
+    finally:
+        await peer.aclose()
+    assert counts[0] == 2 and counts[-1] == 1, counts
+    assert got == [size] * 48
+    assert any("not sent to client" in record.getMessage() for record in caplog.records)
 
 
 def serve_blobs(server: Server) -> None:

@@ -349,6 +349,10 @@ class Connection:
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
+        # When the peer last showed it reads what we send (a PONG or CREDIT:
+        # ConnectionState.reading_proofs moved), as seen by the heartbeat.
+        self._heard_reading = now
+        self._reading_proofs_seen = 0
         #: The server's receive memory (see _wait_for_receive_memory), if any.
         self._receive_memory = settings.receive_memory
         # Reading stopped for it: the peer's silence (and idleness) is not
@@ -1249,6 +1253,26 @@ class Connection:
             self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
             return False
         waiting = self._send_waiting_since
+        if (
+            self._state.reading_proofs != self._reading_proofs_seen
+            or waiting is not None
+            or self._reading_paused
+        ):
+            # A send under way is judged by its progress (below): our PING may
+            # wait behind its bytes. While we do not read, the peer's answers
+            # cannot reach us.
+            self._reading_proofs_seen = self._state.reading_proofs
+            self._heard_reading = now
+        elif now - self._heard_reading > settings.heartbeat_timeout:
+            # It sends (PINGs, say) but has answered none of our PINGs, nor
+            # granted credit, with nothing of ours stuck in a send: it reads
+            # nothing. What waits for it may be credit (a download it stopped
+            # taking), which no send would ever show.
+            self.abort(
+                f"peer read nothing for {now - self._heard_reading:.1f}s: no answer to "
+                "our pings, no credit (heartbeat timeout)"
+            )
+            return False
         if waiting is not None and now - waiting > settings.heartbeat_timeout:
             # It still sends (so it is not silent) but has taken none of our
             # bytes: a send stuck for good would hold this connection forever.
@@ -1541,11 +1565,30 @@ class Connection:
             self._send_cancel(call_id)
 
     async def send_message(self, event: str, data: Any) -> None:
-        """Send a one-way message."""
+        """Send a one-way message.
+
+        Waits while the control frames queued for the peer hold more than
+        ``_CONTROL_BACKLOG`` (8 MiB): a peer that reads slower than it is
+        sent to, or not at all, must not grow this side's memory without
+        bound. ``ConnectionClosed`` if the connection ends meanwhile.
+        """
         frame = self._state.message_frame(event, data)
+        if self._outbox.control_bytes > _CONTROL_BACKLOG:
+            await self._outbox.wait_control_below(_CONTROL_BACKLOG)
         self._last_activity = trio.current_time()
         self._outbox.put_control((frame,))
         await trio.lowlevel.checkpoint()
+
+    def offer_message(self, event: str, data: Any) -> bool:
+        """Queue a one-way message unless ``_CONTROL_BACKLOG`` is queued for
+        the peer already; whether it was queued. Never waits: for a broadcast,
+        which must not wait on its slowest client."""
+        if self._outbox.control_bytes > _CONTROL_BACKLOG:
+            return False
+        frame = self._state.message_frame(event, data)
+        self._last_activity = trio.current_time()
+        self._outbox.put_control((frame,))
+        return True
 
     def open_incoming_stream(self) -> IncomingStream:
         """Allocate a stream id that the peer may send data on."""

@@ -79,18 +79,27 @@ class Heartbeats:
             # Due times only grow along the queue (one interval, a clock that
             # never goes back): the due entries are a prefix.
             while queue and queue[0][0] <= now:
-                entry = queue.popleft()
-                beat = entry[1]
-                if beat is None:
-                    continue
-                try:
-                    again = beat(now)
-                except Exception:  # one connection's bug must not stop the others' beats
-                    log.exception("heartbeat failed")
-                    again = False
-                if again and entry[1] is not None:
-                    entry[0] = now + self.interval
-                    queue.append(entry)
+                self._beat(queue.popleft(), now)
+
+    def _beat(self, entry: Entry, now: float) -> None:
+        """Beat one due entry, and queue it again if its connection goes on.
+
+        A method of its own so that the loop's locals never hold an entry's
+        callback: a connection whose last beat ended it would otherwise stay
+        in memory until the next beat of another one (on an idle server, for
+        ever).
+        """
+        beat = entry[1]
+        if beat is None:
+            return
+        try:
+            again = beat(now)
+        except Exception:  # one connection's bug must not stop the others' beats
+            log.exception("heartbeat failed")
+            again = False
+        if again and entry[1] is not None:
+            entry[0] = now + self.interval
+            self._queue.append(entry)
 
 
 #: This Trio run's shared timers, by interval (see :func:`shared`).

@@ -82,7 +82,9 @@ class Outbox:
         return self._data_bytes
 
     def put_control(self, frame: OutFrame) -> None:
-        """Queue a control frame. Never blocks: control traffic is bounded by the protocol."""
+        """Queue a control frame. Never blocks: its producers bound what is queued
+        (the reader stops at the connection's backlog, a message sender waits
+        below it, a broadcast skips a peer over it)."""
         self.queue_control(frame)
         self._wake_writer()
 

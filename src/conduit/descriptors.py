@@ -39,17 +39,34 @@ def _listen_host(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> Non
         )
 
 
+def _number(attribute: attrs.Attribute[Any], value: object, *, whole: bool = False) -> None:
+    """TypeError naming the field for anything but a number (an int if ``whole``).
+
+    A bool is an int to Python, never a port or a timeout to a user; a string
+    from a config file would otherwise fail later, in a comparison that does
+    not say which field.
+    """
+    kinds: tuple[type, ...] = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "a whole number" if whole else "a number"
+        raise TypeError(f"{attribute.name} must be {kind}, got {value!r}")
+
+
 def _port(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    _number(attribute, value, whole=True)
     if not 0 <= value <= 65535:
         raise ValueError(f"{attribute.name} must be between 0 and 65535, got {value}")
 
 
 def _positive(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    _number(attribute, value)
     if not value > 0:  # not "value <= 0": NaN must fail too
         raise ValueError(f"{attribute.name} must be positive, got {value}")
 
 
 def _optional_positive(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None:
+        _number(attribute, value)
     if value is not None and not value > 0:  # NaN fails too
         raise ValueError(f"{attribute.name} must be positive or None, got {value}")
 
@@ -68,8 +85,7 @@ def _window(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
 
 def _at_least(minimum: float) -> Any:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{attribute.name} must be a number, got {value!r}")
+        _number(attribute, value)
         if not value >= minimum:  # written so that NaN fails too
             raise ValueError(f"{attribute.name} must be at least {minimum:g}, got {value}")
 
@@ -198,7 +214,8 @@ class ServerDescriptor:
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
     #: Close a connection whose peer has sent nothing for this long, or has
-    #: taken none of the bytes we are waiting to send it for this long.
+    #: read nothing of ours for this long (taken none of the bytes we wait to
+    #: send it, answered none of our pings, granted no credit).
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
@@ -336,14 +353,22 @@ class ClientDescriptor:
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Default timeout of ``client.rpc.call``, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
+    #: Largest frame this side accepts; the server never sends more in one frame.
     max_frame_size: int = attrs.field(
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
     )
+    #: Bytes the server may send on one data stream (a download, a push)
+    #: before we grant more.
     receive_window: int = attrs.field(
         default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
     )
+    #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
+    #: Close the connection (and reconnect, if enabled) when the server has
+    #: sent nothing for this long, or has read nothing of ours for this long.
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
+    #: Close the connection after this long with no calls, messages or data
+    #: (never when None).
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Calls from the server running at once on this client.
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])

@@ -23,8 +23,10 @@ from ._handshake_io import (
     welcome_record,
 )
 from ._heartbeats import Heartbeats
+from ._log_limit import LimitedLog
 from ._peer import Peer
 from ._resume import ResumeTokens, new_token, token_digest
+from ._rpc_proxy import to_wire
 from ._serve_loop import serve_listeners
 from ._socket_io import close_now
 from ._throttle import address_key
@@ -182,6 +184,9 @@ class Server(Endpoint):
         # that replaces a stale connection waits for it); woken on each arrival.
         self._sessions_over: dict[str, trio.Event] = {}
         self._arrivals = trio.lowlevel.ParkingLot()
+        # Broadcasts a client misses for reading too slowly: a few lines per
+        # client, then one per period (a broadcast may come many times a second).
+        self._broadcast_warnings = LimitedLog(log)
         #: This server's node in the cluster when ``descriptor.cluster_url`` is
         #: set (see :doc:`cluster`), else None.
         self.cluster: ClusterNode | None = None
@@ -234,10 +239,13 @@ class Server(Endpoint):
         """The client ``client_id`` once it is connected (again), or None after ``timeout``.
 
         Also None as soon as the client resumed its session on another node
-        of the cluster (``self.cluster.moved_away``).
+        of the cluster (``self.cluster.moved_away``), and once the server is
+        closing or stopped: no client comes back to it.
         """
         with trio.move_on_after(timeout):
             while (peer := self.clients.get(client_id)) is None or not peer.connected:
+                if self._closing or self._run is None:
+                    return None
                 if self.cluster is not None and self.cluster.moved_away(client_id) is not None:
                     return None
                 await self._arrivals.park()
@@ -357,6 +365,7 @@ class Server(Endpoint):
             self._addresses = []
             if self._run is run:
                 self._run = None
+            self._arrivals.unpark_all()  # pushes waiting for a client: none comes back
             run.stopped.set()
 
     async def _serve(
@@ -519,6 +528,7 @@ class Server(Endpoint):
         # this call from here on (a timeout around it, the close of the
         # connection it runs in) cannot keep the run from ending.
         self._closing = True
+        self._arrivals.unpark_all()  # pushes waiting for a client: none comes back
         if not run.stop.is_set():
             run.reason = reason
             run.stop.set()
@@ -550,17 +560,33 @@ class Server(Endpoint):
         return sent
 
     async def _broadcast_local(self, event: str, data: Any, skip: Iterable[str]) -> int:
-        """Send to this server's own clients (not those of other cluster nodes)."""
+        """Send to this server's own clients (not those of other cluster nodes).
+
+        Never waits on a client: one that has 8 MiB of messages and answers
+        queued and unread (a slow or stalled reader) misses this broadcast,
+        with a warning, rather than hold up the others or grow the server.
+        """
         skip = set(skip)
+        wire = to_wire(data)
         sent = 0
         for peer in list(self.clients.values()):
             if peer.id in skip:
                 continue
             try:
-                await peer.send(event, data)
-                sent += 1
+                if peer.connection.offer_message(event, wire):
+                    sent += 1
+                else:
+                    self._broadcast_warnings.warning(
+                        peer.id,
+                        trio.current_time(),
+                        "broadcast %r not sent to client %s: it has not read the "
+                        "messages queued for it",
+                        event,
+                        peer.id,
+                    )
             except ConnectionClosed:
                 continue
+        await trio.lowlevel.checkpoint()
         return sent
 
     # ---------------------------------------------------------------- per connection

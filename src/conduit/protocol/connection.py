@@ -423,6 +423,10 @@ class ConnectionState:
         self._call_ids = itertools.count(1)
         self._call_id_end = MAX_CALL_ID + 1
         self._ping_ids = itertools.count(1)
+        #: PONGs and CREDITs received: frames that say the peer read ours (the
+        #: engine's heartbeat ends a peer whose count stands still for long,
+        #: although it keeps sending).
+        self.reading_proofs = 0
         self._active_calls: set[int] = set()  # incoming calls queued or running
         # Those of them larger than COUNTED_BODY: their bytes on the wire.
         self._large_calls: dict[int, int] = {}
@@ -517,6 +521,7 @@ class ConnectionState:
         if kind is _RESULT:
             return ResultReceived(frame.stream_id, decode_result(frame.payload))
         if kind is FrameKind.CREDIT:
+            self.reading_proofs += 1
             return self._on_credit(frame.stream_id, decode_body(frame, Credit))
         if kind is FrameKind.MESSAGE:
             payload = frame.payload
@@ -538,6 +543,7 @@ class ConnectionState:
             return PingReceived(ping.nonce, self.encode(FrameKind.PONG, 0, Pong(ping.nonce)))
         if kind is FrameKind.PONG:
             decode_body(frame, Pong)
+            self.reading_proofs += 1
             return None
         if kind is FrameKind.GOODBYE:
             goodbye = decode_body(frame, Goodbye)
