@@ -52,6 +52,7 @@ from conduit import (
     _connection,
     current_peer,
 )
+from conduit import server as server_module
 from conduit._connection import _CONTROL_BACKLOG, Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit._receive_memory import SharedReceiveMemory
@@ -67,7 +68,9 @@ from conduit.transfer._wire import Trailer
 from conftest import (
     PASSWORD,
     ClientFactory,
+    PassThroughStream,
     ServerFactory,
+    client_descriptor,
     open_descriptors,
     opened_since,
     wait_until,
@@ -1168,10 +1171,11 @@ async def test_messages_to_a_peer_that_reads_nothing_wait_for_room(
     "broadcast-to-a-peer-that-never-reads",
     area=AREA,
     attack="an authenticated peer (64 KiB socket receive buffer) reads nothing while the "
-    "server broadcasts 48 messages of 512 KiB to it and to an honest client",
-    behaviour="no broadcast waits for it; once 8 MiB are queued for it, it misses the "
-    "broadcasts (a warning says so, and the count returned leaves it out) and the server "
-    "queues no more for it; the honest client gets all 48",
+    "server broadcasts 48 messages of 512 KiB, back to back, to it and to an honest client",
+    behaviour="once 8 MiB are queued for it, a broadcast waits for it only until it has read "
+    "nothing for BROADCAST_PATIENCE (shortened here), then it misses the broadcasts (a warning "
+    "says so, and the count returned leaves it out) and the server queues no more for it; the "
+    "honest client, waited for while it reads, gets all 48",
     found="a broadcast queued every message for every client: a peer that read nothing held "
     "about 200 MB of the server's memory until its heartbeat timeout",
 )
@@ -1179,7 +1183,9 @@ async def test_a_broadcast_skips_a_peer_that_reads_nothing(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(server_module, "BROADCAST_PATIENCE", 0.5)
     server = await server_factory(heartbeat_interval=30, heartbeat_timeout=90)
     got: list[int] = []
 
@@ -1195,17 +1201,60 @@ async def test_a_broadcast_skips_a_peer_that_reads_nothing(
         await wait_until(lambda: len(server.clients) == 2)
         (stalled,) = [p for p in server.clients.values() if p.id != client.id]
         with trio.fail_after(30), caplog.at_level(logging.WARNING, logger="conduit.server"):
-            for index in range(48):
+            for _ in range(48):  # 24 MiB, faster than even the honest one reads
                 counts.append(await server.broadcast("news", b"n" * size))
                 queued = stalled.connection._outbox.control_bytes
                 assert queued <= _CONTROL_BACKLOG + size + CONTROL_FRAME_OVERHEAD + 64
-                # The honest one keeps up.
-                await wait_until(lambda expected=index + 1: len(got) == expected)
+            await wait_until(lambda: len(got) == 48)
     finally:
         await peer.aclose()
     assert counts[0] == 2 and counts[-1] == 1, counts
     assert got == [size] * 48
     assert any("not sent to client" in record.getMessage() for record in caplog.records)
+
+
+class _SlowReader(PassThroughStream):
+    """A client's socket read 16 KiB every 50 ms (about 320 KB/s)."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        await trio.sleep(0.05)
+        return await self.inner.receive_some(16 * 1024)
+
+
+@hostile(
+    "broadcast-burst-to-a-slow-reader",
+    area=AREA,
+    attack="an honest client reads slowly (16 KiB every 50 ms) while the server broadcasts "
+    "messages of 500 KB back to back for 4 s, past the 8 MiB backlog (heartbeat timeout 1.5 s)",
+    behaviour="the server reads nothing of that client while the backlog is full (its PINGs "
+    "wait), and that pause, the server's own, is not taken for the client's silence: the "
+    "client, taking bytes all along, stays connected",
+    found="the pause counted as the client's silence: it was dropped ('peer silent') at its "
+    "first heartbeat timeout",
+)
+async def test_a_slow_reader_of_a_broadcast_burst_is_not_taken_for_a_silent_one(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory(heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    client = Client(
+        client_descriptor(
+            server.port, heartbeat_interval=0.5, heartbeat_timeout=60, reconnect_enabled=False
+        )
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await client.connect(stream=_SlowReader(stream))
+    try:
+        await wait_until(lambda: len(server.clients) == 1)
+        (slow,) = server.clients.values()
+        broadcasts = 0
+        with trio.move_on_after(4):
+            while broadcasts < 1000:
+                assert await server.broadcast("news", b"n" * 500_000) == 1
+                broadcasts += 1
+        assert slow.connected, slow.connection.close_reason
+        assert broadcasts > 16  # past the backlog: the server stopped reading it
+    finally:
+        await client.disconnect()
 
 
 def serve_blobs(server: Server) -> None:

@@ -836,7 +836,7 @@ class Connection:
                     # us queue answers forever: stop reading until they have gone
                     # out, then handle the frames already read (_drain_reader
                     # stopped at the backlog, holding the next one).
-                    await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+                    await self._wait_for_backlog()
                     continue
                 if self._held_frame is not None:
                     # _drain_reader stopped at the backlog, which the flush
@@ -877,6 +877,22 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
         return None
+
+    async def _wait_for_backlog(self) -> None:
+        """Read nothing until what is queued for the peer fits the backlog again.
+
+        Our pause, not the peer's silence: what fills the backlog may be ours
+        (a burst of broadcasts to a slow reader), and a peer we do not read
+        cannot be heard. The pause counts neither as its silence nor as its
+        idleness; a peer that reads nothing meanwhile is ended by the heartbeat
+        all the same, as the send that waits for it makes no progress.
+        """
+        self._reading_paused = True
+        try:
+            await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+        finally:
+            self._reading_paused = False
+            self._last_received = self._last_activity = trio.current_time()
 
     async def _wait_for_receive_memory(self, memory: SharedReceiveMemory) -> None:
         """The server's streams hold more than its budget: read nothing until
@@ -1581,14 +1597,25 @@ class Connection:
 
     def offer_message(self, event: str, data: Any) -> bool:
         """Queue a one-way message unless ``_CONTROL_BACKLOG`` is queued for
-        the peer already; whether it was queued. Never waits: for a broadcast,
-        which must not wait on its slowest client."""
+        the peer already; whether it was queued. Never waits (a broadcast
+        decides how long to wait for room: see :meth:`wait_for_message_room`)."""
         if self._outbox.control_bytes > _CONTROL_BACKLOG:
             return False
         frame = self._state.message_frame(event, data)
         self._last_activity = trio.current_time()
         self._outbox.put_control((frame,))
         return True
+
+    async def wait_for_message_room(self) -> None:
+        """Until :meth:`offer_message` may queue a message (``ConnectionClosed``
+        if the connection ends first)."""
+        await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the peer has taken none of the bytes a send of ours waits to
+        give it (0 when no send waits): what tells a stalled reader from a slow one."""
+        since = self._send_waiting_since
+        return 0.0 if since is None else now - since
 
     def open_incoming_stream(self) -> IncomingStream:
         """Allocate a stream id that the peer may send data on."""

@@ -46,6 +46,12 @@ log = logging.getLogger("conduit.server")
 _HEARD_POLL_FIRST = 0.001
 _HEARD_POLL_MAX = 1.0
 
+#: Seconds a broadcast waits for a client whose queue is full and which has
+#: taken none of our bytes meanwhile, before that client misses it. Longer than
+#: a slow reader's pause between two writes the kernel lets through (a few
+#: seconds, see docs/security.md), far shorter than the heartbeat's timeout.
+BROADCAST_PATIENCE = 5.0
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -68,6 +74,19 @@ class _Arrival:
     def label(self) -> str:
         """For log lines: host:port ([host]:port for IPv6), as people read them."""
         return format_address(self.address)
+
+
+async def _offer_patiently(connection: Connection, event: str, data: Any) -> bool:
+    """Queue a broadcast's message for one client, waiting for room while the
+    client reads; False once it has read nothing for :data:`BROADCAST_PATIENCE`."""
+    while not connection.offer_message(event, data):
+        if connection.stalled_for(trio.current_time()) >= BROADCAST_PATIENCE:
+            return False
+        # Looked at again now and then: the stall is measured by the
+        # connection, which wakes nobody when it passes the patience.
+        with trio.move_on_after(BROADCAST_PATIENCE / 10):
+            await connection.wait_for_message_room()
+    return True
 
 
 def _listener_address(listener: trio.abc.Listener[Any]) -> tuple[str, int] | None:
@@ -562,9 +581,11 @@ class Server(Endpoint):
     async def _broadcast_local(self, event: str, data: Any, skip: Iterable[str]) -> int:
         """Send to this server's own clients (not those of other cluster nodes).
 
-        Never waits on a client: one that has 8 MiB of messages and answers
-        queued and unread (a slow or stalled reader) misses this broadcast,
-        with a warning, rather than hold up the others or grow the server.
+        A client with 8 MiB of messages and answers queued and unread is
+        waited for while it reads (a broadcast goes at the pace of the
+        slowest client that keeps up); one that has read nothing for
+        :data:`BROADCAST_PATIENCE` misses the broadcast, with a warning,
+        rather than hold up the others or grow the server.
         """
         skip = set(skip)
         wire = to_wire(data)
@@ -573,7 +594,7 @@ class Server(Endpoint):
             if peer.id in skip:
                 continue
             try:
-                if peer.connection.offer_message(event, wire):
+                if await _offer_patiently(peer.connection, event, wire):
                     sent += 1
                 else:
                     self._broadcast_warnings.warning(
