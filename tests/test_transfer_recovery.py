@@ -563,6 +563,38 @@ async def test_a_cancelled_download_stops_hashing_its_partial(
         await assert_resumed(result, local_dir / "big.bin", checksum)
 
 
+async def test_an_upload_right_behind_one_cancelled_mid_stream_gets_the_slot(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """One slot; an upload is cancelled while it streams (its stream is reset)
+    and another starts at once on the same connection. The reset reaches the
+    receiver before the new begin, whose slot the cancelled transfer is still
+    letting go of: the begin waits for that, instead of "overloaded"."""
+    with trio.fail_after(60):
+        storage = tmp_path / "server"
+        _, _, client = await server_and_client(
+            server_factory, client_factory, storage, max_transfers_per_connection=1
+        )
+        big, small = tmp_path / "outbox" / "big.bin", tmp_path / "outbox" / "next.bin"
+        await make_file(big, 16 * SIZE)
+        checksum = await make_file(small, SIZE)
+        sender = FileTransferHandler(storage_dir=tmp_path / "client")
+        for attempt in range(5):
+            with trio.CancelScope() as scope:
+
+                def cancel_once_streaming(progress: TransferProgress) -> None:
+                    if progress.transferred > progress.resumed_from:
+                        scope.cancel()
+
+                await sender.send_to_server(
+                    client, big, cancel_once_streaming, remote_name=f"big{attempt}.bin"
+                )
+            assert scope.cancelled_caught
+            result = await sender.send_to_server(client, small, remote_name=f"next{attempt}.bin")
+            assert result["success"] is True, (attempt, result)
+            assert result["checksum"] == checksum
+
+
 async def test_finish_abandons_by_key_alone(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:

@@ -184,6 +184,15 @@ class Receiver:
         for stale in [entry for entry in inbound_here.values() if entry.key == key]:
             stale.scope.cancel()
             await stale.done.wait()
+        # Transfers whose stream the sender reset (its caller cancelled, say)
+        # are letting go of their slot; the reset came before this begin, so
+        # the begin must not find that slot still taken ("overloaded").
+        for ending in [
+            entry
+            for entry in inbound_here.values()
+            if entry.stream.error is not None and not entry.done.is_set()
+        ]:
+            await ending.done.wait()
         begins = self._begins(connection)
         let_go = trio.Event()
         begins.setdefault(key, []).append(let_go)
