@@ -1213,6 +1213,81 @@ async def test_a_broadcast_skips_a_peer_that_reads_nothing(
     assert any("not sent to client" in record.getMessage() for record in caplog.records)
 
 
+class _StoppableReader(PassThroughStream):
+    """A client's socket that delivers nothing once ``stopped`` (it still sends)."""
+
+    stopped: bool = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.stopped:
+            await trio.sleep_forever()
+        return await self.inner.receive_some(max_bytes)
+
+
+@hostile(
+    "download-stalled-by-a-peer-that-pings",
+    area=AREA,
+    attack="an authenticated client downloads 64 MiB, then reads nothing more while its "
+    "heartbeat keeps sending PINGs (server heartbeat 0.5 s / 1.5 s)",
+    behaviour="the download waits for credit (a 256 KiB window: nothing of the server's is "
+    "stuck in a send); the peer sends only PINGs and answers none: after twice the heartbeat "
+    "timeout the server ends the connection and lets go of the file and the transfer slot",
+    found="the heartbeat only judged a send stuck on the socket: a peer that kept pinging "
+    "held the download (its file, its slot, its stream) for as long as it liked",
+)
+async def test_a_download_its_peer_stopped_taking_ends_although_the_peer_pings(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "server"
+    await trio.to_thread.run_sync(write_random_file, storage / "big.bin", 64 * MiB)
+    transfer = FileTransferHandler(storage_dir=storage)
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+
+    server = await server_factory(register=register, heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    # A small window: what the server may send ahead fits the sockets' buffers,
+    # so it waits for credit, never in a send stuck on the socket.
+    client = Client(
+        client_descriptor(
+            server.port,
+            heartbeat_interval=0.25,
+            heartbeat_timeout=600,
+            reconnect_enabled=False,
+            receive_window=256 * 1024,
+        )
+    )
+    stream = _StoppableReader(await trio.open_tcp_stream("127.0.0.1", server.port))
+    await client.connect(stream=stream)
+    downloader = FileTransferHandler(storage_dir=tmp_path / "client")
+    results: list[dict[str, Any]] = []
+
+    def stop_reading(progress: TransferProgress) -> None:
+        stream.stopped = True
+
+    async def download() -> None:
+        results.append(
+            await downloader.receive_from_server(
+                client, "big.bin", local_dir=tmp_path / "downloads", on_progress=stop_reading
+            )
+        )
+
+    try:
+        await wait_until(lambda: len(server.clients) == 1)
+        (peer,) = server.clients.values()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(download)
+            with trio.fail_after(30):
+                await peer.connection.closed.wait()
+            nursery.cancel_scope.cancel()
+        reason = peer.connection.close_reason or ""
+        assert "sent only PINGs" in reason, reason
+        served = str(storage / "big.bin")
+        await wait_until(lambda: open_descriptors()[served] == 0)  # the server's read of it
+    finally:
+        await client.disconnect()
+
+
 class _SlowReader(PassThroughStream):
     """A client's socket read 16 KiB every 50 ms (about 320 KB/s)."""
 

@@ -56,7 +56,7 @@ from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._receive_memory import SharedReceiveMemory
-from ._socket_io import SocketIO, close_now, peer_has_closed
+from ._socket_io import SocketIO, close_now, peer_has_closed, unacknowledged_bytes
 from ._streams import IncomingStream, OutgoingStream
 from .errors import (
     CallbackCancelledError,
@@ -138,6 +138,12 @@ BURST_RECORD_FRAMES = 8
 # Well above any burst of replies (a result may be up to max_frame_size), so
 # only a peer that keeps sending without ever reading meets it.
 _CONTROL_BACKLOG = 8 * 1024 * 1024
+# How many heartbeat timeouts a stream of ours may wait for credit from a peer
+# that sends nothing but PINGs and takes none of our bytes (see beat). More than
+# one: on a slow link whose buffers hold a whole window, the peer's credit comes
+# once per record it receives (1 MiB), and its PONGs wait behind our data; at
+# twice the default 45 s, a link of 12 KB/s or more keeps its transfer.
+_CREDIT_PATIENCE = 2
 # How long the GOODBYE of a run cancelled from outside may take to go out on a
 # stream that cannot send without awaiting (TLS): a socket with room takes it
 # at once, and a teardown must not wait on a peer that does not read.
@@ -349,10 +355,13 @@ class Connection:
         now = trio.current_time()
         self._last_received = now
         self._last_activity = now
-        # When the peer last showed it reads what we send (a PONG or CREDIT:
-        # ConnectionState.reading_proofs moved), as seen by the heartbeat.
+        # When the peer last sent something besides PINGs (a PONG to ours, or
+        # anything else: ConnectionState.frames_besides_pings moved), as seen
+        # by the heartbeat.
         self._heard_reading = now
-        self._reading_proofs_seen = 0
+        self._frames_seen = 0
+        # The socket's unacknowledged bytes at the last beat (None: unknown).
+        self._unacked_seen: int | None = None
         #: The server's receive memory (see _wait_for_receive_memory), if any.
         self._receive_memory = settings.receive_memory
         # Reading stopped for it: the peer's silence (and idleness) is not
@@ -1250,6 +1259,33 @@ class Connection:
                     room.set()
                 del message  # what it decoded goes now, not with the next one
 
+    def _shows_reading(self, sending: bool) -> bool:
+        """For :meth:`beat`: whether nothing says the peer has stopped reading.
+
+        Only a stream of ours waiting for credit is judged here, and only
+        while we read the connection (the peer's answers cannot reach us
+        otherwise) and no send of ours waits (its progress judges it). The
+        peer shows it reads when it sends anything besides PINGs (on a slow
+        link our PONG may wait behind its data or a large result), or when its
+        kernel took some of our bytes (the socket's unacknowledged bytes went
+        down: our PING may wait behind our own data on a slow link).
+        """
+        frames = self._state.frames_besides_pings
+        unacked = unacknowledged_bytes(self.stream)
+        took = (
+            unacked is not None and self._unacked_seen is not None and unacked < self._unacked_seen
+        )
+        heard = frames != self._frames_seen or took
+        self._frames_seen, self._unacked_seen = frames, unacked
+        return heard or sending or self._reading_paused or not self._waiting_for_credit()
+
+    def _waiting_for_credit(self) -> bool:
+        """Whether a stream of ours waits for the peer's credit now."""
+        return any(
+            isinstance(stream, OutgoingStream) and stream.waiting_for_credit
+            for stream in self._state.outgoing.values()
+        )
+
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
         while not await self._sleep_unless_closed(trio.current_time() + interval):
@@ -1269,24 +1305,16 @@ class Connection:
             self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
             return False
         waiting = self._send_waiting_since
-        if (
-            self._state.reading_proofs != self._reading_proofs_seen
-            or waiting is not None
-            or self._reading_paused
-        ):
-            # A send under way is judged by its progress (below): our PING may
-            # wait behind its bytes. While we do not read, the peer's answers
-            # cannot reach us.
-            self._reading_proofs_seen = self._state.reading_proofs
+        if self._shows_reading(waiting is not None):
             self._heard_reading = now
-        elif now - self._heard_reading > settings.heartbeat_timeout:
-            # It sends (PINGs, say) but has answered none of our PINGs, nor
-            # granted credit, with nothing of ours stuck in a send: it reads
-            # nothing. What waits for it may be credit (a download it stopped
-            # taking), which no send would ever show.
+        elif now - self._heard_reading > _CREDIT_PATIENCE * settings.heartbeat_timeout:
+            # A stream of ours waits for its credit, and the peer sends nothing
+            # but PINGs, answers none of ours and takes none of our bytes: it
+            # reads nothing (a download it stopped taking, say), which no send
+            # of ours would ever show.
             self.abort(
-                f"peer read nothing for {now - self._heard_reading:.1f}s: no answer to "
-                "our pings, no credit (heartbeat timeout)"
+                f"peer read nothing for {now - self._heard_reading:.1f}s: it sent only "
+                "PINGs and answered none of ours (heartbeat timeout)"
             )
             return False
         if waiting is not None and now - waiting > settings.heartbeat_timeout:

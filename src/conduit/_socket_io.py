@@ -43,10 +43,20 @@ import mmap
 import os
 import select
 import socket as _socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import trio
+
+if sys.platform == "linux":
+    import fcntl
+    import termios
+
+    #: SIOCOUTQ: a socket's bytes not yet acknowledged by its peer (Linux).
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ
+else:  # pragma: no cover - the heartbeat then judges by frames alone
+    _SIOCOUTQ = None
 
 #: What a read may land in.
 Buffer = bytearray | memoryview | mmap.mmap
@@ -254,3 +264,26 @@ def peer_has_closed(stream: trio.abc.Stream) -> bool:
     poller = select.poll()
     poller.register(fd, _PEER_GONE)
     return any(events & _PEER_GONE for _, events in poller.poll(0))
+
+
+def unacknowledged_bytes(stream: trio.abc.Stream) -> int | None:
+    """Bytes sent on the socket of ``stream`` (plain or under TLS) that its
+    peer's kernel has not acknowledged yet, or None where that cannot be
+    told (no socket, a platform without ``SIOCOUTQ``).
+
+    A count that goes down says the peer takes our bytes, however slowly its
+    link goes; one that stands still says it took none since (its receive
+    buffer is full: it reads nothing). One ``ioctl`` that never waits.
+    """
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream) or _SIOCOUTQ is None:
+        return None
+    fd = stream.socket.fileno()
+    if fd < 0:
+        return None
+    try:
+        answer = fcntl.ioctl(fd, _SIOCOUTQ, bytes(4))
+    except OSError:
+        return None
+    return int.from_bytes(answer, sys.byteorder, signed=True)

@@ -248,6 +248,11 @@ class OutgoingStream(OutboundStream):
         """Wait until at least ``cost`` bytes of credit are available."""
         await self._wait_for_credit(cost)
 
+    @property
+    def waiting_for_credit(self) -> bool:
+        """Whether a producer waits for the peer's credit now."""
+        return bool(self._wakeup)
+
     def wake(self) -> None:
         """Credit arrived (the state machine counted it): let the producer go on."""
         if self._wakeup:

@@ -214,8 +214,8 @@ class ServerDescriptor:
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
     #: Close a connection whose peer has sent nothing for this long, or has
-    #: read nothing of ours for this long (taken none of the bytes we wait to
-    #: send it, answered none of our pings, granted no credit).
+    #: taken none of the bytes we wait to send it for this long (twice as long
+    #: while a stream of ours waits for its credit and it sends only PINGs).
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])

@@ -423,10 +423,11 @@ class ConnectionState:
         self._call_ids = itertools.count(1)
         self._call_id_end = MAX_CALL_ID + 1
         self._ping_ids = itertools.count(1)
-        #: PONGs and CREDITs received: frames that say the peer read ours (the
-        #: engine's heartbeat ends a peer whose count stands still for long,
-        #: although it keeps sending).
-        self.reading_proofs = 0
+        #: Frames received other than PINGs. A peer that sends nothing but PINGs
+        #: for long, answering none of ours with a PONG, reads nothing of what
+        #: we send (the engine's heartbeat ends it); one that sends anything
+        #: else may have our PONG queued behind it on a slow link.
+        self.frames_besides_pings = 0
         self._active_calls: set[int] = set()  # incoming calls queued or running
         # Those of them larger than COUNTED_BODY: their bytes on the wire.
         self._large_calls: dict[int, int] = {}
@@ -490,6 +491,7 @@ class ConnectionState:
         phase = self.phase
         if phase is _CLOSED:
             return None
+        self.frames_besides_pings += 1  # taken back below for a PING
         kind = frame.kind
         if kind is _DATA:  # first: it is most of the traffic
             stream = self.incoming.get(frame.stream_id)
@@ -521,7 +523,6 @@ class ConnectionState:
         if kind is _RESULT:
             return ResultReceived(frame.stream_id, decode_result(frame.payload))
         if kind is FrameKind.CREDIT:
-            self.reading_proofs += 1
             return self._on_credit(frame.stream_id, decode_body(frame, Credit))
         if kind is FrameKind.MESSAGE:
             payload = frame.payload
@@ -539,11 +540,11 @@ class ConnectionState:
         if kind is FrameKind.RESET:
             return self._on_reset(frame.stream_id, decode_body(frame, Reset))
         if kind is FrameKind.PING:
+            self.frames_besides_pings -= 1
             ping = decode_body(frame, Ping)
             return PingReceived(ping.nonce, self.encode(FrameKind.PONG, 0, Pong(ping.nonce)))
         if kind is FrameKind.PONG:
             decode_body(frame, Pong)
-            self.reading_proofs += 1
             return None
         if kind is FrameKind.GOODBYE:
             goodbye = decode_body(frame, Goodbye)

@@ -52,8 +52,10 @@ async def run_stoppable(job: Callable[[threading.Event], T], *, name: str) -> T:
         try:
             result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         except Stopped:
-            await trio.lowlevel.checkpoint()  # raises the cancellation that set stop
-            raise  # pragma: no cover - stop is set only by a cancellation
+            # What set stop (a cancellation, or a KeyboardInterrupt delivered
+            # to this task) comes out at this checkpoint.
+            await trio.lowlevel.checkpoint()
+            raise  # pragma: no cover - stop is set only by an abort
         return result
 
 
