@@ -531,6 +531,27 @@ async def test_a_client_that_moves_and_leaves_before_its_old_node_beats_stays_go
         direct.close()
 
 
+async def test_a_release_that_lands_after_the_clients_resume_on_the_same_node_heals(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """A client's old session on A ends while the client resumes on A itself:
+    the resume's move lands first, then the release marks the entry departed.
+    The mark is A's own and A holds the client again: A's next beat writes the
+    entry back, so the client stays locatable (a mark of another node's would
+    have been a move, and is not written back)."""
+    node_a = await bus_factory("a")
+    await node_a.register_client("c1")
+    assert await node_a.move_client("c1") == "a"  # the resume, here
+    await node_a.unregister_client("c1")  # the old session's release, landing after it
+    node_a._clients.add("c1")  # the node holds it again (the resume's hold)
+    assert await node_a.locate_client("c1") is None
+    with trio.fail_after(10):
+        while await node_a.locate_client("c1") != "a":  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.05)
+    await trio.sleep(TTL * 1.2)
+    assert await node_a.locate_client("c1") == "a" and "c1" in node_a._clients
+
+
 async def test_entries_the_bus_lost_are_recreated_at_the_next_heartbeat(
     engines: Any, bus_namespace: str, bus_factory: BusFactory
 ) -> None:

@@ -17,10 +17,12 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
   session on another node *moves* its entry there (plain ``SET``, see
   :meth:`ClusterBus.move_client`); the old node's refresh and cleanup only
   ever touch an entry that still names it (compare-and-extend,
-  compare-and-set), so they cannot undo the move. A client that leaves
-  leaves a *departed* mark for ``ttl``, not a missing entry: a node it moved
-  from that has not yet seen the move must not take its entry for one the
-  bus lost (a Redis restart), which it recreates.
+  compare-and-set), so they cannot undo the move. A client that leaves node
+  N leaves N's *departed* mark for ``ttl``, not a missing entry: a node it
+  moved from that has not yet seen the move must not take its entry for one
+  the bus lost (a Redis restart), which it recreates. N itself recreates its
+  own mark on an entry of a client it holds again (a resume on N that landed
+  before the release of the client's old session there).
 * ``resume:<sha256>``: a client's resume token, by the SHA-256 of the token
   (never the token itself): the client id and a tag of the account it was
   issued to, so that any node can give a reconnecting client its id back.
@@ -146,14 +148,17 @@ end
 return 0
 """
 # Extend every KEYS[i] that still holds ARGV[1]; recreate missing ones (the bus
-# lost them: a Redis restart, or a heartbeat away past the TTL). Returns the keys
-# that name another node, or _DEPARTED (their clients moved there, and maybe left).
+# lost them: a Redis restart, or a heartbeat away past the TTL) and those holding
+# this node's own departed mark ARGV[3] (its release of a client's old session
+# landed after the client's resume here: it holds the client again). Returns the
+# keys that name another node, or another node's departed mark (their clients
+# moved there, and maybe left).
 _EXTEND_CLIENTS: Final = """
 local lost = {}
 for _, key in ipairs(KEYS) do
   local value = redis.call('GET', key)
   if value == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2])
-  elseif not value then redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  elseif not value or value == ARGV[3] then redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
   else table.insert(lost, key) end
 end
 return lost
@@ -162,13 +167,14 @@ _DELETE_IF: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-#: What a client entry holds for ``ttl`` after its client left (never a node
-#: name: those have neither a colon nor a space).
-_DEPARTED: Final = ": departed"
-# A client entry that still names this node (ARGV[1]) becomes _DEPARTED (ARGV[2])
-# for ARGV[3] ms rather than vanish: a node that held the client before it
-# moved here, and has not yet seen the move, would take a missing entry for
-# one the bus lost and recreate it in its own name (see _EXTEND_CLIENTS).
+#: What a client entry holds for ``ttl`` after its client left node N: this
+#: prefix and N (never a node name: those have neither a colon nor a space).
+_DEPARTED: Final = ": departed "
+# A client entry that still names this node (ARGV[1]) becomes its departed mark
+# (ARGV[2]) for ARGV[3] ms rather than vanish: a node that held the client
+# before it moved here, and has not yet seen the move, would take a missing
+# entry for one the bus lost and recreate it in its own name (see
+# _EXTEND_CLIENTS, which recreates only this node's own mark).
 _BURY_CLIENT: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -176,10 +182,10 @@ end
 return 0
 """
 # Register a new client id (KEYS[1]) for node ARGV[1] for ARGV[3] ms, unless a
-# node holds it (SET NX, where a departed client's mark ARGV[2] counts as free).
+# node holds it (SET NX, where a departed mark, prefix ARGV[2], counts as free).
 _REGISTER_CLIENT: Final = """
 local value = redis.call('GET', KEYS[1])
-if value and value ~= ARGV[2] then return 0 end
+if value and string.sub(value, 1, string.len(ARGV[2])) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
 """
@@ -349,7 +355,7 @@ def _node_of(entry: object) -> str | None:
     if entry is None:
         return None
     node = _text(entry)
-    return None if node == _DEPARTED else node
+    return None if node.startswith(_DEPARTED) else node
 
 
 def _text(value: object) -> str:
@@ -426,6 +432,8 @@ class ClusterBus:
         #: its requesting node (only that node may cancel it).
         self._serving_scopes: dict[str, tuple[str, trio.CancelScope]] = {}
         self._clients: set[str] = set()
+        #: This node's mark on the entry of a client that left it (see _BURY_CLIENT).
+        self._departed = _DEPARTED + self.node_name
         self._registration = ""
         self._running = False
         self._events_in, self._events_out = trio.open_memory_channel[tuple[str, Any, str]](
@@ -551,7 +559,7 @@ class ClusterBus:
             pipe = self._redis.pipeline(transaction=False)
             for key in clients:
                 self._bury_client(
-                    keys=[key], args=[self.node_name, _DEPARTED, _ms(self.ttl)], client=pipe
+                    keys=[key], args=[self.node_name, self._departed, _ms(self.ttl)], client=pipe
                 )
             self._delete_if(keys=[node_key], args=[self._registration], client=pipe)
             pipe.delete(inbox)
@@ -606,7 +614,9 @@ class ClusterBus:
         for start in range(0, len(clients), _CLIENT_BATCH):
             keys = [self._key("client", c) for c in clients[start : start + _CLIENT_BATCH]]
             lost = await self._call(
-                self._extend_clients, keys=keys, args=[self.node_name, _ms(self.ttl)]
+                self._extend_clients,
+                keys=keys,
+                args=[self.node_name, _ms(self.ttl), self._departed],
             )
             if lost:
                 # Their clients resumed on another node: stop claiming them, or
@@ -860,7 +870,7 @@ class ClusterBus:
         self._clients.discard(client_id)
         key = self._key("client", client_id)
         await self._call(
-            self._bury_client, keys=[key], args=[self.node_name, _DEPARTED, _ms(self.ttl)]
+            self._bury_client, keys=[key], args=[self.node_name, self._departed, _ms(self.ttl)]
         )
 
     async def locate_client(self, client_id: str) -> str | None:
