@@ -1616,11 +1616,8 @@ class Connection:
         sent to, or not at all, must not grow this side's memory without
         bound. ``ConnectionClosed`` if the connection ends meanwhile.
         """
-        frame = self._state.message_frame(event, data)
-        if self._outbox.control_bytes > _CONTROL_BACKLOG:
-            await self._outbox.wait_control_below(_CONTROL_BACKLOG)
-        self._last_activity = trio.current_time()
-        self._outbox.put_control((frame,))
+        while not self.offer_message(event, data):
+            await self.wait_for_message_room()
         await trio.lowlevel.checkpoint()
 
     def offer_message(self, event: str, data: Any) -> bool:
