@@ -394,6 +394,14 @@ def test_serve_over_tls(tmp_path: Path) -> None:
         untrusted = conduit("ls", "--from", serving.address, "--tls")  # system CAs only
         assert untrusted.returncode == 4, untrusted.stderr
         assert "TLS handshake failed" in untrusted.stderr
+        # A --tls-ca file that is no CA bundle is a configuration error, not a
+        # failed connection.
+        not_a_ca = tmp_path / "not-a-ca.pem"
+        not_a_ca.write_text("not a certificate\n")
+        unusable = conduit("ls", "--from", serving.address, "--tls-ca", str(not_a_ca))
+        assert unusable.returncode == 2, (unusable.returncode, unusable.stderr)
+        assert f"tls_ca_file '{not_a_ca}' cannot be used" in unusable.stderr
+        assert "Traceback" not in unusable.stderr
     finally:
         serving.stop()
 

@@ -10,6 +10,7 @@ depend on the socket: those tests run TLS over in-memory streams
 with a ``trio.SSLStream``) on the autojump clock.
 """
 
+import re
 import ssl
 from pathlib import Path
 
@@ -274,6 +275,30 @@ def test_server_descriptor_builds_tls_context(pki: Pki) -> None:
     context = descriptor.build_ssl_context()
     assert isinstance(context, ssl.SSLContext)
     assert ServerDescriptor(password=PASSWORD).build_ssl_context() is None
+
+
+def test_tls_settings_that_would_be_ignored_are_refused(pki: Pki, tmp_path: Path) -> None:
+    """Settings that would leave a connection in plain TCP, or serve another
+    certificate, without a word are refused when the descriptor is made; a CA
+    bundle that cannot be used is refused then too, by name, not at connect()."""
+    with pytest.raises(ValueError, match="tls_keyfile needs tls_certfile"):
+        ServerDescriptor(password=PASSWORD, tls_keyfile=pki.key_file)
+    with pytest.raises(ValueError, match="ssl_context or tls_certfile"):
+        ServerDescriptor(
+            password=PASSWORD,
+            tls_certfile=pki.cert_file,
+            ssl_context=ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+        )
+    # A host name to check is a request for TLS.
+    named = client_descriptor(1, tls_server_hostname="localhost")
+    assert isinstance(named.build_ssl_context(), ssl.SSLContext)
+    assert client_descriptor(1).build_ssl_context() is None
+    missing = str(tmp_path / "no-such-ca.pem")
+    with pytest.raises(ValueError, match=re.escape(f"tls_ca_file '{missing}' cannot be used")):
+        client_descriptor(1, tls_ca_file=missing)
+    key_only = re.escape(f"tls_ca_file '{pki.key_file}' cannot be used")
+    with pytest.raises(ValueError, match=key_only):
+        client_descriptor(1, tls_ca_file=pki.key_file)  # a key, not a certificate
 
 
 async def test_a_tls_server_run_cancelled_from_outside_says_goodbye(pki: Pki) -> None:

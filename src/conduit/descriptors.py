@@ -319,6 +319,12 @@ class ServerDescriptor:
                 "ServerDescriptor.__init__() missing 1 required keyword-only argument: "
                 "'password' (or give accounts=)"
             )
+        # Either would be ignored without a word, and the server would serve
+        # plain TCP (or another certificate) where TLS was asked for.
+        if self.tls_keyfile is not None and self.tls_certfile is None:
+            raise ValueError("tls_keyfile needs tls_certfile (the certificate chain)")
+        if self.ssl_context is not None and self.tls_certfile is not None:
+            raise ValueError("give ServerDescriptor an ssl_context or tls_certfile, not both")
 
     def build_ssl_context(self) -> ssl.SSLContext | None:
         """The server-side SSL context, or None when TLS is off."""
@@ -386,9 +392,12 @@ class ClientDescriptor:
     )
     #: Wrap the connection in TLS and verify the server's certificate.
     tls: bool = attrs.field(default=False, validator=v.instance_of(bool))
-    #: CA bundle to verify the server with (default: the system's).
+    #: CA bundle to verify the server with (default: the system's); turns TLS
+    #: on. Loaded when the descriptor is made: a file that cannot be used is
+    #: a ValueError then, not a failed connect later.
     tls_ca_file: str | None = attrs.field(default=None)
-    #: Host name to check the certificate against (default: ``server_host``).
+    #: Host name to check the certificate against (default: ``server_host``);
+    #: turns TLS on.
     tls_server_hostname: str | None = attrs.field(default=None)
     #: A ready SSL context instead of ``tls``/``tls_ca_file``.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
@@ -409,6 +418,15 @@ class ClientDescriptor:
     #: Growth of the wait between attempts (1 keeps it constant).
     reconnect_delay_multiplier: float = attrs.field(default=2.0, validator=_at_least(1))
 
+    def __attrs_post_init__(self) -> None:
+        if self.ssl_context is None and self.tls_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.tls_ca_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ValueError(
+                    f"tls_ca_file {self.tls_ca_file!r} cannot be used: {exc}"
+                ) from None
+
     def reconnect_wait(self, attempt: int) -> float:
         """Seconds before reconnect ``attempt`` (1-based), before jitter."""
         exponent = min(attempt - 1, 64)  # beyond this the cap has long been reached
@@ -423,6 +441,6 @@ class ClientDescriptor:
         """The client-side SSL context, or None when TLS is off."""
         if self.ssl_context is not None:
             return self.ssl_context
-        if not self.tls and self.tls_ca_file is None:
+        if not self.tls and self.tls_ca_file is None and self.tls_server_hostname is None:
             return None
         return ssl.create_default_context(cafile=self.tls_ca_file)

@@ -333,8 +333,8 @@ def describe_connect_error(exc: BaseException) -> str:
 async def connected(options: ClientOptions) -> AsyncIterator[Client]:
     """A connected, authenticated :class:`~conduit.Client`; failures become exit 3 or 4."""
     address = options.address
-    client = Client(
-        ClientDescriptor(
+    try:
+        descriptor = ClientDescriptor(
             server_host=address.host,
             server_port=address.port,
             password=options.password,
@@ -346,7 +346,9 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
             # Transfers can take long; the heartbeat notices a dead server.
             rpc_timeout=None,
         )
-    )
+    except ValueError as exc:  # an unusable --tls-ca file: a configuration error
+        raise CLIError(str(exc)) from None
+    client = Client(descriptor)
     try:
         await client.connect()
     except HandshakeTimeout as exc:
