@@ -748,13 +748,21 @@ async def test_directory_transfer_survives_a_cut(tmp_path: Path, direction: Dire
         await server.close()
 
 
-async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) -> None:
-    size = 4 * MiB
+async def _pushing_server(
+    tmp_path: Path, size: int, reconnect_timeout: float
+) -> tuple[Path, Server, FileTransferHandler]:
+    """A random file of ``size`` bytes to push, and a server whose handler waits
+    ``reconnect_timeout`` seconds for a client to come back."""
     source = tmp_path / "pushed.bin"
     await trio.to_thread.run_sync(write_random_file, source, size)
-    server = _server()
     server_transfer = FileTransferHandler(tmp_path / "server-store")
-    server_transfer.push_reconnect_timeout = 0.5
+    server_transfer.push_reconnect_timeout = reconnect_timeout
+    return source, _server(), server_transfer
+
+
+async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) -> None:
+    size = 4 * MiB
+    source, server, server_transfer = await _pushing_server(tmp_path, size, 0.5)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         with CuttingProxy(port, cut_after=("s2c", size // 2)) as proxy:
@@ -777,11 +785,8 @@ async def test_a_push_ends_at_once_when_the_client_disconnects_on_purpose(
     gone) is not coming back under its id: a push to it in flight returns
     ``connection_closed`` at once, not after ``push_reconnect_timeout``."""
     size = 16 * MiB
-    source = tmp_path / "pushed.bin"
-    await trio.to_thread.run_sync(write_random_file, source, size)
-    server = _server()
-    server_transfer = FileTransferHandler(tmp_path / "server-store")
-    server_transfer.push_reconnect_timeout = 600.0  # what the push must not wait for
+    # 600 s: what the push must not wait for.
+    source, server, server_transfer = await _pushing_server(tmp_path, size, 600.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         client = _client(server.port)
@@ -816,11 +821,8 @@ async def test_a_push_waiting_for_its_client_ends_when_the_server_closes(
     ``push_reconnect_timeout`` for it to come back; a server that closes
     meanwhile will see no client come back, so the push returns at once."""
     size = 4 * MiB
-    source = tmp_path / "pushed.bin"
-    await trio.to_thread.run_sync(write_random_file, source, size)
-    server = _server()
-    server_transfer = FileTransferHandler(tmp_path / "server-store")
-    server_transfer.push_reconnect_timeout = 600.0  # what the push must not wait for
+    # 600 s: what the push must not wait for.
+    source, server, server_transfer = await _pushing_server(tmp_path, size, 600.0)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         with CuttingProxy(port, cut_after=("s2c", size // 2)) as proxy:

@@ -86,14 +86,18 @@ def _server_connections(server: Server) -> dict[str, weakref.ref[Connection]]:
 
 
 async def _file_server(
-    server_factory: ServerFactory, storage: Path, **handler_args: Any
+    server_factory: ServerFactory,
+    storage: Path,
+    *,
+    server_fields: dict[str, Any] | None = None,
+    **handler_args: Any,
 ) -> tuple[Server, FileTransferHandler]:
     transfer = FileTransferHandler(storage_dir=storage, **handler_args)
 
     def register(server: Server) -> None:
         transfer.register_server_handlers(server)
 
-    return await server_factory(register=register), transfer
+    return await server_factory(register=register, **(server_fields or {})), transfer
 
 
 # --------------------------------------------------------------------------- released on end
@@ -1240,12 +1244,11 @@ async def test_a_download_its_peer_stopped_taking_ends_although_the_peer_pings(
 ) -> None:
     storage = tmp_path / "server"
     await trio.to_thread.run_sync(write_random_file, storage / "big.bin", 64 * MiB)
-    transfer = FileTransferHandler(storage_dir=storage)
-
-    def register(server: Server) -> None:
-        transfer.register_server_handlers(server)
-
-    server = await server_factory(register=register, heartbeat_interval=0.5, heartbeat_timeout=1.5)
+    server, _ = await _file_server(
+        server_factory,
+        storage,
+        server_fields={"heartbeat_interval": 0.5, "heartbeat_timeout": 1.5},
+    )
     # A small window: what the server may send ahead fits the sockets' buffers,
     # so it waits for credit, never in a send stuck on the socket.
     client = Client(

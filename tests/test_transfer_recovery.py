@@ -24,7 +24,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -421,6 +421,51 @@ async def test_upload_cancelled_before_the_begin_answer_frees_the_receivers_slot
         await assert_slot_free_and_resumed(sender, client, cut, storage)
 
 
+@attrs.define
+class RehashWatch:
+    """What the patched ``PartialFile.rehash_prefix`` saw: that a hash began,
+    and how each one ended (the length hashed, or what it raised)."""
+
+    hashing: threading.Event = attrs.field(factory=threading.Event)
+    ended: list[BaseException | int] = attrs.field(factory=list)
+
+
+def watch_rehash(monkeypatch: pytest.MonkeyPatch, *, pause: float = 0.0) -> RehashWatch:
+    """Patch ``PartialFile.rehash_prefix`` to report to a :class:`RehashWatch`,
+    after ``pause`` seconds of a step that cannot stop early (a slow disk)."""
+    watch = RehashWatch()
+    real_rehash = PartialFile.rehash_prefix
+
+    def watched_rehash(file: PartialFile, stop: threading.Event | None = None) -> int:
+        watch.hashing.set()
+        if pause:
+            time.sleep(pause)
+        try:
+            hashed = real_rehash(file, stop)
+        except BaseException as exc:
+            watch.ended.append(exc)
+            raise
+        watch.ended.append(hashed)
+        return hashed
+
+    monkeypatch.setattr(PartialFile, "rehash_prefix", watched_rehash)
+    return watch
+
+
+async def cancel_once_hashing(watch: RehashWatch, transfer: Callable[[], Awaitable[Any]]) -> bool:
+    """Run ``transfer``, cancelled as soon as a hash began; whether the cancel was caught."""
+    with trio.CancelScope() as scope:
+
+        async def cancel() -> None:
+            await wait_until(watch.hashing.is_set)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel)
+            await transfer()
+    return scope.cancelled_caught
+
+
 async def test_upload_cancelled_while_the_receiver_opens_its_partial_frees_the_slot_first(
     server_factory: ServerFactory,
     client_factory: ClientFactory,
@@ -438,26 +483,10 @@ async def test_upload_cancelled_while_the_receiver_opens_its_partial_frees_the_s
             server_factory, client_factory, storage, max_transfers_per_connection=1
         )
         cut = await plant_cut_upload(tmp_path / "outbox", storage)
-        hashing = threading.Event()
-        real_rehash = PartialFile.rehash_prefix
-
-        def slow_rehash(partial: PartialFile, stop: threading.Event | None = None) -> int:
-            hashing.set()
-            time.sleep(0.5)  # a step that cannot stop early, in the receiver's worker thread
-            return real_rehash(partial, stop)
-
-        monkeypatch.setattr(PartialFile, "rehash_prefix", slow_rehash)
+        # A step that cannot stop early, in the receiver's worker thread.
+        watch = watch_rehash(monkeypatch, pause=0.5)
         sender = FileTransferHandler(storage_dir=tmp_path / "client")
-        with trio.CancelScope() as scope:
-
-            async def cancel_once_hashing() -> None:
-                await wait_until(hashing.is_set)
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_once_hashing)
-                await sender.send_to_server(client, cut.source)
-        assert scope.cancelled_caught
+        assert await cancel_once_hashing(watch, lambda: sender.send_to_server(client, cut.source))
         assert client.id is not None
         connection = server.clients[client.id].connection
         assert handler._receiver._slots.in_use(connection) == 0
@@ -481,33 +510,11 @@ async def test_a_cancelled_upload_stops_the_receivers_hash_of_its_partial(
             server_factory, client_factory, storage, max_transfers_per_connection=1
         )
         cut = await plant_cut_upload(tmp_path / "outbox", storage)
-        hashing = threading.Event()
-        ended: list[BaseException | int] = []
-        real_rehash = PartialFile.rehash_prefix
-
-        def watched_rehash(partial: PartialFile, stop: threading.Event | None = None) -> int:
-            hashing.set()
-            try:
-                hashed = real_rehash(partial, stop)
-            except BaseException as exc:
-                ended.append(exc)
-                raise
-            ended.append(hashed)
-            return hashed
-
         monkeypatch.setattr(_storage, "_HASH_BLOCK", 1)
-        monkeypatch.setattr(PartialFile, "rehash_prefix", watched_rehash)
+        watch = watch_rehash(monkeypatch)
         sender = FileTransferHandler(storage_dir=tmp_path / "client")
-        with trio.CancelScope() as scope:
-
-            async def cancel_once_hashing() -> None:
-                await wait_until(hashing.is_set)
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_once_hashing)
-                await sender.send_to_server(client, cut.source)
-        assert scope.cancelled_caught
+        assert await cancel_once_hashing(watch, lambda: sender.send_to_server(client, cut.source))
+        ended = watch.ended
         assert len(ended) == 1 and isinstance(ended[0], Stopped), ended
         assert client.id is not None
         connection = server.clients[client.id].connection
@@ -529,33 +536,13 @@ async def test_a_cancelled_download_stops_hashing_its_partial(
         checksum = await make_file(storage / "big.bin", SIZE)
         partial = await plant_download_partial(storage / "big.bin", local_dir, KEPT)
         _, _, client = await server_and_client(server_factory, client_factory, storage)
-        hashing = threading.Event()
-        ended: list[BaseException | int] = []
-        real_rehash = PartialFile.rehash_prefix
-
-        def watched_rehash(file: PartialFile, stop: threading.Event | None = None) -> int:
-            hashing.set()
-            try:
-                hashed = real_rehash(file, stop)
-            except BaseException as exc:
-                ended.append(exc)
-                raise
-            ended.append(hashed)
-            return hashed
-
         monkeypatch.setattr(_storage, "_HASH_BLOCK", 1)
-        monkeypatch.setattr(PartialFile, "rehash_prefix", watched_rehash)
+        watch = watch_rehash(monkeypatch)
         receiver = FileTransferHandler(storage_dir=tmp_path / "client")
-        with trio.CancelScope() as scope:
-
-            async def cancel_once_hashing() -> None:
-                await wait_until(hashing.is_set)
-                scope.cancel()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cancel_once_hashing)
-                await receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
-        assert scope.cancelled_caught
+        assert await cancel_once_hashing(
+            watch, lambda: receiver.receive_from_server(client, "big.bin", local_dir=local_dir)
+        )
+        ended = watch.ended
         assert len(ended) == 1 and isinstance(ended[0], Stopped), ended
         assert partial.stat().st_size == KEPT
         monkeypatch.undo()

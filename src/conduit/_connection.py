@@ -1271,13 +1271,16 @@ class Connection:
         down: our PING may wait behind our own data on a slow link).
         """
         frames = self._state.frames_besides_pings
-        unacked = unacknowledged_bytes(self.stream)
+        judged = not sending and not self._reading_paused and self._waiting_for_credit()
+        # The socket is asked only while it matters (not at every beat of every
+        # idle connection).
+        unacked = unacknowledged_bytes(self.stream) if judged else None
         took = (
             unacked is not None and self._unacked_seen is not None and unacked < self._unacked_seen
         )
         heard = frames != self._frames_seen or took
         self._frames_seen, self._unacked_seen = frames, unacked
-        return heard or sending or self._reading_paused or not self._waiting_for_credit()
+        return heard or not judged
 
     def _waiting_for_credit(self) -> bool:
         """Whether a stream of ours waits for the peer's credit now."""
