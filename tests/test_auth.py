@@ -235,6 +235,25 @@ async def test_mode_mismatch_is_explained(
         await login(shared, "alice", PASSWORD)
 
 
+async def test_a_client_set_up_for_the_other_mode_locks_no_one_out(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    """It tried no password: refusing it counts no failure against its
+    address, where honest clients (behind the same NAT, say) connect too."""
+    with_accounts = await accounts_server(server_factory, accounts, auth_failure_limit=2)
+    shared = await server_factory(auth_failure_limit=2)
+    for server, wrong_username, right_username, password in (
+        (with_accounts, None, "alice", ALICE_PASSWORD),
+        (shared, "alice", None, PASSWORD),
+    ):
+        for _ in range(4):
+            with pytest.raises(AuthenticationError, match="username") as refused:
+                await login(server, wrong_username, password, source="127.0.0.3")
+            assert not isinstance(refused.value, LockedOut)
+        client = await login(server, right_username, password, source="127.0.0.3")
+        await client.disconnect()
+
+
 # --------------------------------------------------------------------------- throttle
 
 

@@ -99,6 +99,17 @@ def test_plain_client_to_a_tls_server_says_use_tls(tmp_path: Path) -> None:
     assert len(lines) == 1 and "the server speaks TLS; use --tls" in lines[0], result.stderr
 
 
+def test_tls_client_to_a_plain_server_says_connect_without_tls(
+    server: ServeProcess,  # noqa: F811
+) -> None:
+    result = conduit("ls", "--from", server.address, "--tls", timeout=30)
+    assert result.returncode == 4, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "the server does not speak TLS" in lines[0], result.stderr
+    assert "connect without --tls" in lines[0], result.stderr
+
+
 def test_rm_and_mv(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
     write_random(server.directory / "a.bin", 10)
     write_random(server.directory / "b.bin", 20)

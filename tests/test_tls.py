@@ -13,6 +13,7 @@ with a ``trio.SSLStream``) on the autojump clock.
 import re
 import ssl
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -41,6 +42,7 @@ from conftest import (
     serve_until_cancelled,
     server_descriptor,
 )
+from cutting_proxy import CuttingProxy
 
 
 @attrs.frozen
@@ -299,6 +301,40 @@ def test_tls_settings_that_would_be_ignored_are_refused(pki: Pki, tmp_path: Path
     key_only = re.escape(f"tls_ca_file '{pki.key_file}' cannot be used")
     with pytest.raises(ValueError, match=key_only):
         client_descriptor(1, tls_ca_file=pki.key_file)  # a key, not a certificate
+
+
+async def test_a_reconnect_reuses_the_clients_ssl_context(
+    server_factory: ServerFactory, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building a context loads its CAs (tens of milliseconds for the
+    system's): a Client builds it once, not at every connect."""
+    server = await tls_server(server_factory, pki)
+    with CuttingProxy(server.port) as proxy:
+        descriptor = client_descriptor(
+            proxy.port,
+            tls_ca_file=pki.ca_file,
+            tls_server_hostname="localhost",
+            reconnect_delay=0.05,
+        )
+        built: list[ssl.SSLContext] = []
+        real_build = ssl.create_default_context
+
+        def counting_build(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+            built.append(real_build(*args, **kwargs))
+            return built[-1]
+
+        monkeypatch.setattr(ssl, "create_default_context", counting_build)
+        client = Client(descriptor)
+        back = trio.Event()
+        client.on_reconnect(back.set)
+        with trio.fail_after(20):
+            await client.connect()
+            proxy.legs[0].close()
+            await back.wait()
+            assert await client.call("add", a=1, b=2) == 3
+            await client.disconnect()
+    assert proxy.accepted == 2
+    assert len(built) == 1
 
 
 async def test_a_tls_server_run_cancelled_from_outside_says_goodbye(pki: Pki) -> None:

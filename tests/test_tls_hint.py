@@ -1,8 +1,10 @@
-"""A plain client that reaches a TLS server is told to use TLS, at once.
+"""A client that speaks TLS to a plain server, or plain text to a TLS one, is told at once.
 
 The TLS server hangs up on conduit's plain HELLO without a word; a server that
 answers with a TLS record (an alert) is recognised by its record header. Either
-way the error names ``tls=True`` instead of leaving the user to guess.
+way the error names ``tls=True`` instead of leaving the user to guess. The
+other way round, a plain conduit server answers a TLS ClientHello with a plain
+refusal, which the client's TLS stack reads as no TLS at all.
 """
 
 from __future__ import annotations
@@ -51,3 +53,21 @@ async def test_a_tls_record_in_reply_to_hello_is_recognised() -> None:
             await client.connect()
         nursery.cancel_scope.cancel()
     assert str(caught.value) == "the server speaks TLS; use --tls / tls=True"
+
+
+async def test_a_tls_client_to_a_plain_server_is_told_to_drop_tls(
+    server_factory: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await server_factory()
+    client = Client(client_descriptor(server.port, tls=True))
+    with trio.fail_after(5), pytest.raises(HandshakeError) as caught:
+        await client.connect()
+    assert str(caught.value) == (
+        "the server does not speak TLS (it answered in plain TCP); connect without --tls / tls=True"
+    )
+    assert "the client speaks TLS; this server serves plain TCP" in caplog.text
+    # The server is none the worse: a plain client gets in.
+    plain = Client(client_descriptor(server.port))
+    with trio.fail_after(5):
+        await plain.connect()
+        await plain.disconnect()

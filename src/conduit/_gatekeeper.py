@@ -282,9 +282,12 @@ class Gatekeeper:
                 welcome=welcome,
             )
         except BaseException as exc:
-            if _server_fault(exc) and not _guess_tested(handshake):
-                # Our own failure, not the peer's (the server logs it): the
-                # attempt is given back, not counted against the address or user.
+            if handshake.wrong_mode or (_server_fault(exc) and not _guess_tested(handshake)):
+                # Our own failure, not the peer's (the server logs it), or a
+                # client set up for the other mode, which tried no password:
+                # the attempt is given back, not counted against the address
+                # or user (a misconfigured client must not lock out the
+                # honest ones behind the same address).
                 self.throttle.released(attempt, _now())
             else:
                 self.throttle.failed(attempt, _now())

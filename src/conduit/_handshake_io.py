@@ -7,6 +7,7 @@ between the socket and :mod:`conduit.protocol.handshake`.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -93,6 +94,7 @@ async def _next_frame(stream: trio.abc.Stream, reader: FrameReader, io: SocketIO
 
 
 _TLS_HINT = "use --tls / tls=True"
+_PLAIN_HINT = "connect without --tls / tls=True"
 
 
 def _looks_like_tls(data: bytes | bytearray) -> bool:
@@ -114,6 +116,33 @@ async def _first_reply(stream: trio.abc.Stream, reader: FrameReader, io: SocketI
     if _looks_like_tls(data):
         raise HandshakeError(f"the server speaks TLS; {_TLS_HINT}")
     reader.feed(data)
+
+
+async def open_tls(
+    stream: trio.abc.Stream, context: ssl.SSLContext, server_hostname: str
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Run the client's TLS handshake on ``stream``; a failure is a ConduitError in words.
+
+    A plain server answers a TLS ClientHello with a plain AUTH_FAILED (see
+    :func:`read_hello`), which OpenSSL reads as a record of a wrong version:
+    the user is told to drop TLS rather than shown OpenSSL's words alone.
+    """
+    tls = trio.SSLStream(stream, context, server_hostname=server_hostname, https_compatible=False)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls)
+        # trio's error has no text of its own; the SSL error is its cause.
+        cause = exc.__cause__ or exc
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            raise HandshakeError(
+                f"the server does not speak TLS (it answered in plain TCP); {_PLAIN_HINT}"
+            ) from exc
+        raise ConnectionClosed(f"TLS handshake failed: {cause}") from exc
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    return tls
 
 
 async def client_handshake(
@@ -314,6 +343,11 @@ async def read_hello(stream: trio.abc.Stream) -> tuple[FrameReader, Frame, Socke
         raise VersionMismatch(
             f"peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}"
         )
+    if _looks_like_tls(first):
+        # A TLS client on a plain server: tell it in the one way its TLS stack
+        # can notice (bytes that are no TLS record), and say so in our log.
+        await refuse(stream, "tls", f"this server does not use TLS; {_PLAIN_HINT}")
+        raise RemoteProtocolError("the client speaks TLS; this server serves plain TCP")
     reader.feed(first)
     return reader, await _next_frame(stream, reader, io), io
 
@@ -455,6 +489,7 @@ __all__ = [
     "Established",
     "VersionMismatch",
     "client_handshake",
+    "open_tls",
     "read_hello",
     "read_resume",
     "refuse",

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -20,7 +21,7 @@ from ._bridge import bridged
 from ._callbacks import calling_task, invoke
 from ._connection import Connection
 from ._endpoint import Endpoint
-from ._handshake_io import ClientRun, Established, client_handshake
+from ._handshake_io import ClientRun, Established, client_handshake, open_tls
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
 from .descriptors import ClientDescriptor
@@ -189,6 +190,8 @@ class Client(Endpoint):
         # The stretched password, kept for the life of this Client: reconnects
         # pay no Argon2id (accounts mode; shared mode memoises per process).
         self._prover_cache = ProverCache()
+        #: The SSL context of :meth:`_ssl_context`, with the descriptor it is of.
+        self._built_ssl_context: tuple[ClientDescriptor, ssl.SSLContext | None] | None = None
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
         self.rpc = RPCProxy(self._current_connection, descriptor.rpc_timeout, self._handlers)
@@ -634,25 +637,20 @@ class Client(Endpoint):
     async def _open_stream(self) -> trio.abc.Stream:
         descriptor = self.descriptor
         stream: trio.abc.Stream = await open_tcp(descriptor.server_host, descriptor.server_port)
-        ssl_context = descriptor.build_ssl_context()
+        ssl_context = self._ssl_context()
         if ssl_context is not None:
-            ssl_stream = trio.SSLStream(
-                stream,
-                ssl_context,
-                server_hostname=descriptor.tls_server_hostname or descriptor.server_host,
-                https_compatible=False,
+            stream = await open_tls(
+                stream, ssl_context, descriptor.tls_server_hostname or descriptor.server_host
             )
-            try:
-                await ssl_stream.do_handshake()
-            except trio.BrokenResourceError as exc:
-                await trio.aclose_forcefully(ssl_stream)
-                # trio's error has no text of its own; the SSL error is its cause.
-                raise ConnectionClosed(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
-            except BaseException:
-                await trio.aclose_forcefully(ssl_stream)
-                raise
-            stream = ssl_stream
         return stream
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """The descriptor's SSL context, built once per descriptor: loading
+        the system's CAs takes tens of milliseconds, at every reconnect else."""
+        descriptor = self.descriptor
+        if self._built_ssl_context is None or self._built_ssl_context[0] is not descriptor:
+            self._built_ssl_context = (descriptor, descriptor.build_ssl_context())
+        return self._built_ssl_context[1]
 
     async def _supervise(
         self, peer: Peer, scope: trio.CancelScope, finished: trio.Event, exited: trio.Event

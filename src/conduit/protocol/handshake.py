@@ -672,6 +672,10 @@ class ServerHandshake(_Handshake):
         #: confirmation checks).
         self.unconfirmed_keys: SessionKeys | None = None
         self.error: AuthenticationError | None = None
+        #: Refused for the wrong mode (a username to a shared-password server,
+        #: none to an accounts server): no password was tried, so the
+        #: server's throttle counts no failure for it.
+        self.wrong_mode = False
         self.client_name = ""
         #: The client announced a resume token (it sends it sealed, first thing).
         self.client_resuming = False
@@ -814,18 +818,16 @@ class ServerHandshake(_Handshake):
             self.client_resuming = hello.resume
             if self._lookup is not None:
                 if not hello.username:
-                    return self._refuse(
-                        "auth_mode",
-                        "this server has user accounts: connect with a username",
+                    return self._refuse_mode(
+                        "this server has user accounts: connect with a username"
                     )
                 reply = self._account_hello(self._lookup, hello, bytes(frame.payload))
             else:
                 assert self._balanced is not None
                 if hello.username:
-                    return self._refuse(
-                        "auth_mode",
+                    return self._refuse_mode(
                         "this server uses a shared password, not user accounts: "
-                        "connect without a username",
+                        "connect without a username"
                     )
                 reply = self._balanced_hello(self._balanced, hello, bytes(frame.payload))
             self.state = HandshakeState.WAIT_CLIENT_CONFIRM
@@ -876,6 +878,10 @@ class ServerHandshake(_Handshake):
         self.state = HandshakeState.FAILED
         self.error = AuthenticationError(reason)
         return refusal_frame(code, reason)
+
+    def _refuse_mode(self, reason: str) -> bytes:
+        self.wrong_mode = True
+        return self._refuse("auth_mode", reason)
 
     def _hello_frame(self, share: bytes, **extra: bytes | int | bool) -> bytes:
         hello = ServerHello(
