@@ -1332,6 +1332,44 @@ async def test_broadcast_with_exclude(
     assert inboxes[2].items == ["to all", "direct"]
 
 
+async def test_a_cancelled_send_or_broadcast_sent_nothing(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Trio's rule: Cancelled means it did not happen. A caller that retries
+    a cancelled send must not deliver the message twice."""
+    to_server, to_client = Inbox(), Inbox()
+
+    def register_server(server: Server) -> None:
+        @server.on("note")
+        async def on_note(peer: Peer, data: Any) -> None:
+            to_server.append(data)
+
+    def register_client(client: Client) -> None:
+        @client.on("note")
+        async def on_note(data: Any) -> None:
+            to_client.append(data)
+
+    server = await server_factory(register=register_server)
+    client = await client_factory(server, register=register_client)
+    assert client.id is not None
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.send("note", "cancelled")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await server.clients[client.id].send("note", "cancelled")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await server.broadcast("note", "cancelled broadcast")
+    # In order: once these are in, the cancelled ones would have been too.
+    await client.send("note", "sent")
+    assert await server.broadcast("note", "sent") == 1
+    assert await to_server.wait_for(1) == ["sent"]
+    assert await to_client.wait_for(1) == ["sent"]
+
+
 async def test_connect_and_disconnect_hooks(
     server_factory: ServerFactory,
     client_factory: ClientFactory,

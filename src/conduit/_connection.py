@@ -1618,10 +1618,15 @@ class Connection:
         ``_CONTROL_BACKLOG`` (8 MiB): a peer that reads slower than it is
         sent to, or not at all, must not grow this side's memory without
         bound. ``ConnectionClosed`` if the connection ends meanwhile.
+        Cancelled means not sent: a cancellation is taken before the message
+        is queued, never after.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not self.offer_message(event, data):
             await self.wait_for_message_room()
-        await trio.lowlevel.checkpoint()
+        # Queued, so it goes: this schedule point must not then report a
+        # cancellation, or a caller that retries would send it twice.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def offer_message(self, event: str, data: Any) -> bool:
         """Queue a one-way message unless ``_CONTROL_BACKLOG`` is queued for

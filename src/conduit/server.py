@@ -585,11 +585,14 @@ class Server(Endpoint):
         waited for while it reads (a broadcast goes at the pace of the
         slowest client that keeps up); one that has read nothing for
         :data:`BROADCAST_PATIENCE` misses the broadcast, with a warning,
-        rather than hold up the others or grow the server.
+        rather than hold up the others or grow the server. Cancelled before
+        the first client's copy is queued, nothing is sent; cancelled while
+        it waits for a slow client, the clients before it got the message.
         """
         skip = set(skip)
         wire = to_wire(data)
         sent = 0
+        await trio.lowlevel.checkpoint_if_cancelled()
         for peer in list(self.clients.values()):
             if peer.id in skip:
                 continue
@@ -607,7 +610,8 @@ class Server(Endpoint):
                     )
             except ConnectionClosed:
                 continue
-        await trio.lowlevel.checkpoint()
+        # Every client's copy is queued: report the count, not a cancellation.
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return sent
 
     # ---------------------------------------------------------------- per connection
