@@ -458,6 +458,20 @@ def test_goodbye(pair: Pair) -> None:
     assert pair.server.close_reason == "peer closed the connection: done here"
 
 
+def test_a_goodbye_says_whether_its_sender_is_going_away(pair: Pair) -> None:
+    """A server shutting down (to restart, maybe) is not one ending this
+    connection: its clients come back. A GOODBYE without the flag (an older
+    peer's) reads as not going away."""
+    frame = pair.server.goodbye("server shutting down", going_away=True)
+    assert frame is not None
+    assert pair.deliver_one(pair.client, frame) == GoodbyeReceived(
+        "server shutting down", going_away=True
+    )
+    older = body_frame(FrameKind.GOODBYE, 0, {"reason": "bye"})
+    other = Pair(machine(is_client=True), machine(is_client=False))
+    assert other.deliver_one(other.client, older) == GoodbyeReceived("bye", going_away=False)
+
+
 def test_once_closing_nothing_new_is_produced(pair: Pair) -> None:
     receiving = inbound(pair.client)
     pair.client.goodbye("bye")

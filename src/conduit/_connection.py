@@ -384,7 +384,8 @@ class Connection:
         #: Set once :meth:`run` has finished: every task is gone.
         self.closed = trio.Event()
         #: Either side said goodbye: the close was meant, not a lost link
-        #: (a client reconnects only after a lost link).
+        #: (a client reconnects only after a lost link, or a server's
+        #: goodbye that says it is going away: see ``_on_goodbye``).
         self.closed_on_purpose = False
         #: State other layers keep for this connection (the transfer registry,
         #: budgets), keyed by its owner. Owned here, not in a registry keyed by
@@ -519,8 +520,12 @@ class Connection:
         """
         if self._outbox.sealed_queued or self._direct_sending or self._record_cut:
             return None
+        # A server going away may be restarting: its clients come back. A
+        # client's run ending is its application's end, as a disconnect():
+        # the server does not wait for it (a push to it fails at once).
         goodbye = self._state.goodbye(
-            "client shutting down" if self.is_client else "server shutting down"
+            "client shutting down" if self.is_client else "server shutting down",
+            going_away=not self.is_client,
         )
         if goodbye is None:
             return None
@@ -654,8 +659,14 @@ class Connection:
             expected += 1
         return len(children) == expected
 
-    async def close(self, reason: str = "closed by this side", grace: float = 2.0) -> None:
+    async def close(
+        self, reason: str = "closed by this side", grace: float = 2.0, *, going_away: bool = False
+    ) -> None:
         """Say goodbye, let queued frames go out, then close. Waits until closed.
+
+        ``going_away``: this side is shutting down, not ending this one
+        connection; a client told so reconnects (see
+        :class:`~conduit.protocol.messages.Goodbye`).
 
         Also before :meth:`run` has started, if it will (:meth:`will_run`):
         the GOODBYE goes out from here, or from the writer that run() then
@@ -684,7 +695,7 @@ class Connection:
                 and self._can_send_directly()
                 and not self._outbox.control_queued
             )
-            goodbye = self._state.goodbye(reason)
+            goodbye = self._state.goodbye(reason, going_away=going_away)
             self.closed_on_purpose = True
             if goodbye is not None and direct:
                 # Nothing queued: sent from here (see _goodbye_now).
@@ -1394,7 +1405,10 @@ class Connection:
             event.outgoing.fail(event.error)
 
     def _on_goodbye(self, event: GoodbyeReceived) -> None:
-        self.closed_on_purpose = True
+        # A peer going away (a server shutting down, to restart or not) did
+        # not end this connection for our sake: to a client with automatic
+        # reconnect it is lost, not closed on purpose, and it comes back.
+        self.closed_on_purpose = not event.going_away
         self.abort(f"peer closed the connection: {event.reason}")
 
     # ------------------------------------------------------------------ calls

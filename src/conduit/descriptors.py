@@ -402,10 +402,12 @@ class ClientDescriptor:
     #: A ready SSL context instead of ``tls``/``tls_ca_file``.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
     #: Reconnect on its own when an established connection is lost (reset,
-    #: timeout, heartbeat), keeping ``client.id``; transfers in flight then
-    #: resume from the verified offset. Not after ``disconnect()``, not when
-    #: either side closed on purpose (a goodbye), never after a refused
-    #: password. The first ``connect()`` is not retried.
+    #: timeout, heartbeat) or the server shuts down (Ctrl-C, ``close()``: it
+    #: may be restarting), keeping ``client.id`` where the server still knows
+    #: it; transfers in flight then resume from the verified offset. Not
+    #: after ``disconnect()``, not when the server closed this connection on
+    #: purpose (``peer.close()``, an idle timeout, a removed account), never
+    #: after a refused password. The first ``connect()`` is not retried.
     reconnect_enabled: bool = attrs.field(default=True, validator=v.instance_of(bool))
     #: Attempts per lost connection before giving up; 0 means unlimited.
     reconnect_attempts: int = attrs.field(default=5, validator=[v.instance_of(int), _at_least(0)])

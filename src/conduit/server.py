@@ -473,7 +473,7 @@ class Server(Endpoint):
         try:
             if stopped_by is not None:
                 await peer.connection.wait_answered(stopped_by)
-            await peer.connection.close(reason, 1.0)
+            await peer.connection.close(reason, 1.0, going_away=True)
         except Exception:
             log.exception("error closing the connection of client %s", peer.id)
 

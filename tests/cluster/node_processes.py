@@ -43,6 +43,10 @@ class NodeProcess:
         """``kill -9``: no goodbye, no unregistering."""
         self.process.send_signal(signal.SIGKILL)
 
+    async def stop(self) -> None:
+        """A clean stop (its standard input closed): goodbyes, unregistering."""
+        await _stop(self.process)
+
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
     data = b""

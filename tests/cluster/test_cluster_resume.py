@@ -268,6 +268,31 @@ async def test_client_of_a_killed_node_resumes_elsewhere_and_others_are_unreacha
                 assert _registered_node(engines, bus_namespace, old_id) == "b"
 
 
+async def test_client_of_a_node_stopped_cleanly_comes_back_through_another_with_its_id(
+    engines: Any, bus_namespace: str, s3_url: str, tmp_path: Path
+) -> None:
+    """A node's clean stop (a restart, a scale-down) says goodbye as going
+    away: its clients reconnect through the balancer to another node and
+    keep their ids, as when a node dies. Before, that goodbye kept them away."""
+    async with engine_nodes(
+        engines, bus_namespace, tmp_path, ["a", "b"], ttl=TTL, staging=s3_url
+    ) as nodes:
+        with CuttingProxy(nodes["a"].port) as proxy:
+            async with receiver(proxy.port, tmp_path / "inbox-roamer", **ROAMING) as roamer:
+                old_id = roamer.id
+                assert _registered_node(engines, bus_namespace, old_id) == "a"
+                proxy.target_port = nodes["b"].port
+                back = trio.Event()
+                roamer.client.on_reconnect(back.set)
+                with trio.fail_after(30):
+                    await nodes["a"].stop()
+                    await back.wait()
+                assert nodes["a"].process.returncode == 0
+                assert roamer.id == old_id
+                assert await roamer.client.call("whoami") == {"node": "b", "client_id": old_id}
+                assert _registered_node(engines, bus_namespace, old_id) == "b"
+
+
 async def test_overlapping_connections_of_one_client_on_one_node(
     engines: Any, bus_namespace: str, nursery: trio.Nursery
 ) -> None:

@@ -189,6 +189,8 @@ class GoodbyeReceived:
     """The peer closed the connection; the machine is now CLOSED."""
 
     reason: str
+    #: The peer is going away (see :class:`~conduit.protocol.messages.Goodbye`).
+    going_away: bool = False
 
 
 # ---------------------------------------------------------------------- streams
@@ -447,13 +449,17 @@ class ConnectionState:
         """Whether new calls, messages and streams may start."""
         return self.phase is Phase.OPEN
 
-    def goodbye(self, reason: str) -> bytes | None:
-        """Start an orderly close: the GOODBYE frame to send, or None if already closing."""
+    def goodbye(self, reason: str, *, going_away: bool = False) -> bytes | None:
+        """Start an orderly close: the GOODBYE frame to send, or None if already closing.
+
+        ``going_away``: this side is going away (shutting down), rather than
+        ending this one connection (see :class:`Goodbye`).
+        """
         if self.phase is not Phase.OPEN:
             return None
         self.phase = Phase.CLOSING
         self.close_reason = reason
-        return encode_frame(FrameKind.GOODBYE, 0, Goodbye(reason))
+        return encode_frame(FrameKind.GOODBYE, 0, Goodbye(reason, going_away))
 
     def close(self, reason: str) -> None:
         """The connection is over; the first reason given (or GOODBYE's) sticks."""
@@ -549,7 +555,7 @@ class ConnectionState:
         if kind is FrameKind.GOODBYE:
             goodbye = decode_body(frame, Goodbye)
             self.close(f"peer closed the connection: {goodbye.reason}")
-            return GoodbyeReceived(goodbye.reason)
+            return GoodbyeReceived(goodbye.reason, goodbye.going_away)
         raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
 
     def _refuse_call(self, call_id: int, error: str | None = None) -> CallRefused:

@@ -176,9 +176,17 @@ class Pong:
 
 @attrs.frozen
 class Goodbye:
-    """Orderly close, with the reason."""
+    """Orderly close, with the reason.
+
+    ``going_away``: the sender itself is going away (a server shutting
+    down, to restart or not), as WebSocket's 1001 and HTTP/2's GOAWAY say;
+    the connection was not ended for the peer's sake, so a client with
+    automatic reconnect comes back. Absent (an older peer), it is False: the
+    connection was closed on purpose, and is not to be reopened by itself.
+    """
 
     reason: str
+    going_away: bool = False
 
 
 Body = (
