@@ -316,11 +316,11 @@ class MemoryClient(Client):
         super().__init__(descriptor)
         self.listener = listener
 
-    async def connect(self, *, stream: trio.abc.Stream | None = None) -> None:
+    async def connect(self, *, stream: trio.abc.Stream | None = None) -> bool:
         """Connect over a new memory connection (or ``stream``)."""
         if stream is None:
             stream = await self.listener.connect()
-        await super().connect(stream=stream)
+        return await super().connect(stream=stream)
 
 
 def memory_listener_of(server: Server) -> MemoryListener:

@@ -180,7 +180,7 @@ class ActingAfterCancel:
 
 
 async def _act_after_cancel(
-    nursery: trio.Nursery, server: Server, action: Callable[[Client], Awaitable[None]]
+    nursery: trio.Nursery, server: Server, action: Callable[[Client], Awaitable[object]]
 ) -> ActingAfterCancel:
     first = CancelledConnect()
     done = trio.Event()

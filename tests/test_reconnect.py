@@ -583,6 +583,55 @@ def test_an_asyncio_reconnect_hook_may_give_up_with_disconnect() -> None:
     assert log == ["attempt 1", "disconnect() returned", "hook ended"]
 
 
+async def test_lifecycle_hooks_that_take_an_argument_get_the_client() -> None:
+    """netconduit's hooks were ``async def on_connect(client)``: such a hook
+    gets the client (it was called with none, and failed in a log nobody
+    saw); one that takes nothing still gets nothing."""
+    server = _server()
+    calls: list[tuple[str, object]] = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        with CuttingProxy(port) as proxy:
+            client = _client(proxy.port)
+            back = trio.Event()
+
+            @client.on_connect
+            async def connected_with(c: Client) -> None:
+                calls.append(("connect", c))
+
+            @client.on_connect
+            def connected() -> None:
+                calls.append(("connect", None))
+
+            @client.on_disconnect
+            def disconnected(c: Client, note: str = "unused") -> None:
+                calls.append(("disconnect", c))
+
+            @client.on_reconnect
+            async def reconnected(c: Client) -> None:
+                calls.append(("reconnect", c))
+                back.set()
+
+            with trio.fail_after(20):
+                await client.connect()
+                proxy.legs[0].close()
+                await back.wait()
+                await client.disconnect()
+        await server.close()
+    assert sorted(calls, key=repr) == sorted(
+        [
+            ("connect", client),
+            ("connect", None),
+            ("disconnect", client),
+            ("connect", client),
+            ("connect", None),
+            ("reconnect", client),
+            ("disconnect", client),
+        ],
+        key=repr,
+    )
+
+
 async def test_a_given_stream_is_not_redialled() -> None:
     server = _server()
     async with trio.open_nursery() as nursery:

@@ -46,6 +46,7 @@ __all__ = [
     "invoke",
     "is_asyncio_hosted",
     "trio_callback",
+    "wants_an_argument",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -173,6 +174,19 @@ def callback_world(callback: Callable[..., Any]) -> World | None:
             target = target.func
             continue
         return None
+
+
+def wants_an_argument(callback: Callable[..., Any]) -> bool:
+    """Whether ``callback`` has a required positional parameter: a client's
+    lifecycle hook written as ``async def on_connect(client)`` (netconduit's
+    form) rather than ``async def on_connect()``. Decided once, when the hook
+    is registered; a callable whose signature cannot be read wants none."""
+    try:
+        parameters = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is p.empty for p in parameters)
 
 
 async def invoke(callback: Callable[..., Any], *args: Any) -> Any:

@@ -18,7 +18,7 @@ import trio
 
 from . import _heartbeats as heartbeats
 from ._bridge import bridged
-from ._callbacks import calling_task, invoke
+from ._callbacks import calling_task, invoke, wants_an_argument
 from ._connection import Connection
 from ._endpoint import Endpoint
 from ._handshake_io import ClientRun, Established, client_handshake, open_tls
@@ -199,23 +199,35 @@ class Client(Endpoint):
     # ---------------------------------------------------------------- registry
 
     def on_connect(self, function: F) -> F:
-        """Call ``function()`` after each successful connect."""
-        self._connect_hooks.append(function)
+        """Call ``function()`` after each successful connect.
+
+        A ``function(client)`` that takes one argument gets this client, as
+        netconduit's hooks did; so do :meth:`on_disconnect` and
+        :meth:`on_reconnect`.
+        """
+        self._connect_hooks.append(self._lifecycle_hook(function))
         return function
 
     def on_disconnect(self, function: F) -> F:
-        """Call ``function()`` after the connection ends, however it ends."""
-        self._disconnect_hooks.append(function)
+        """Call ``function()`` (or ``function(client)``) after the connection
+        ends, however it ends."""
+        self._disconnect_hooks.append(self._lifecycle_hook(function))
         return function
 
     def on_reconnect(self, function: F) -> F:
-        """Call ``function()`` (sync or ``async``) after each automatic reconnect succeeds.
+        """Call ``function()`` (or ``function(client)``; sync or ``async``)
+        after each automatic reconnect succeeds.
 
         Runs after the ``on_connect`` hooks were started, under ``asyncio.run``
         in the application's loop, like them.
         """
-        self._reconnect_hooks.append(function)
+        self._reconnect_hooks.append(self._lifecycle_hook(function))
         return function
+
+    def _lifecycle_hook(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """``function`` as a hook called with no arguments: given this client
+        if it wants one (a required positional parameter)."""
+        return functools.partial(function, self) if wants_an_argument(function) else function
 
     def on_reconnecting(self, function: F) -> F:
         """Call ``function(attempt, delay)`` before each automatic reconnect attempt.
@@ -274,9 +286,12 @@ class Client(Endpoint):
     # ---------------------------------------------------------------- lifecycle
 
     @bridged
-    async def connect(self, *, stream: trio.abc.Stream | None = None) -> None:
-        """Connect and authenticate.
+    async def connect(self, *, stream: trio.abc.Stream | None = None) -> bool:
+        """Connect and authenticate; return True.
 
+        True, never False: a failure raises. (netconduit's ``connect()``
+        returned whether it connected; code written for it, ``if not await
+        client.connect(): ...``, keeps taking the right branch.)
         Raises :class:`~conduit.AuthenticationError` for a wrong password,
         :class:`~conduit.HandshakeTimeout` (a ``TimeoutError``) when the server
         does not answer within ``connect_timeout``, ``OSError`` when nothing
@@ -315,6 +330,11 @@ class Client(Endpoint):
         a ``connect()`` made meanwhile waits for it and takes its session.
         See docs/trio-and-asyncio.md for what still counts.
         """
+        await self._connect_once(stream)
+        return True
+
+    async def _connect_once(self, stream: trio.abc.Stream | None) -> None:
+        """:meth:`connect`'s work: connected on return, else it raised."""
         if self.connected:
             if stream is not None:
                 await trio.aclose_forcefully(stream)

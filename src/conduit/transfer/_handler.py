@@ -245,6 +245,23 @@ class FileTransferHandler:
         self._hooks.received.append(function)
         return function
 
+    def on_progress(self, function: F) -> F:
+        """Register a callback for the progress of every file the peer sends
+        this side: uploads on a server, pushes on a client.
+
+        On a server it is called as ``callback(client, progress)``, on a client
+        as ``callback(progress)``, with a :class:`TransferProgress` whose
+        ``direction`` is ``"receive"``: at most every 0.1 s per file, and once
+        at 100 % (a small file, which arrives in one call, only then). Sync or
+        ``async``, and under ``asyncio.run`` in the application's loop; keep it
+        short, the file's bytes wait for it. One that raises is logged and
+        does not affect the transfer. (The ``on_progress=`` argument of
+        ``send_to_server``, ``receive_from_server`` and ``send_to_client``
+        follows the side that starts a transfer, and stops it if it raises.)
+        """
+        self._hooks.progress.append(function)
+        return function
+
     def on_file_served(self, function: F) -> F:
         """Register a callback for every download this server serves, once it ends.
 

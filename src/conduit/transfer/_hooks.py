@@ -52,18 +52,28 @@ class Hooks:
 
     received: list[Callable[..., Any]] = attrs.field(factory=list)
     served: list[Callable[..., Any]] = attrs.field(factory=list)
+    #: ``on_progress``: the files the peer sends this side on its own
+    #: initiative (uploads to a server, pushes to a client).
+    progress: list[Callable[..., Any]] = attrs.field(factory=list)
 
 
 async def notify(
-    callbacks: list[Callable[..., Any]], event: str, *args: Any, metadata: dict[str, Any]
+    callbacks: list[Callable[..., Any]],
+    event: str,
+    *args: Any,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
-    """Run each callback as ``callback(*args, metadata)``; log (and survive) one that raises.
+    """Run each callback as ``callback(*args, metadata)`` (``callback(*args)``
+    without ``metadata``); log (and survive) one that raises.
 
     Each callback gets its own copy of ``metadata``, so one that edits it does
     not change what the next one sees.
     """
     for callback in callbacks:
         try:
-            await invoke(callback, *args, dict(metadata))
+            if metadata is None:
+                await invoke(callback, *args)
+            else:
+                await invoke(callback, *args, dict(metadata))
         except Exception:
             log.exception("%s callback %r failed", event, callback)

@@ -376,8 +376,27 @@ class Receiver:
         """Store one-shot files (the backend's way); outcomes are left on the entries."""
         await self._settings.backend.store_small(caller, entries)
 
+    def _progress_hooks(self, connection: Connection, peer: Peer) -> ProgressCallback | None:
+        """The handler's ``on_progress`` callbacks as one reporter's callback
+        (None without any). A server's are told which client sends; one that
+        raises is logged and stops nothing, as for ``on_file_received``."""
+        callbacks = self._hooks.progress
+        if not callbacks:
+            return None
+        who = () if connection.is_client else (peer,)
+
+        async def report(progress: TransferProgress) -> None:
+            await notify(callbacks, "on_progress", *who, progress)
+
+        return trio_callback(report)  # ours, run in Trio, not the user's world
+
     async def _announce_stored(self, caller: Peer, entry: Entry, elapsed: float) -> dict[str, Any]:
         assert entry.published is not None
+        report = self._progress_hooks(caller.connection, caller)
+        if report is not None:
+            # A one-shot file arrives whole: its one report, at 100 %.
+            size = len(entry.data)
+            await report(TransferProgress(entry.safe, "receive", size, size, elapsed))
         result = await self._announce(
             caller.connection,
             caller,
@@ -574,7 +593,14 @@ class Receiver:
         try:
             with inbound.scope:
                 inbound.result = await self._receive_into(
-                    connection, inbound.stream, partial, name, size, None, "receive", peer=peer
+                    connection,
+                    inbound.stream,
+                    partial,
+                    name,
+                    size,
+                    self._progress_hooks(connection, peer),
+                    "receive",
+                    peer=peer,
                 )
             if inbound.scope.cancelled_caught:
                 inbound.error = RPCError("replaced by a newer attempt", "superseded")
