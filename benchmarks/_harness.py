@@ -496,8 +496,12 @@ def goal_value_text(goal: dict[str, Any]) -> str:
     return f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
 
 
-def render_scenario(result: ScenarioResult) -> str:
-    """The scenario's table, unavailable contenders, goals and notes as text."""
+def render_scenario(result: ScenarioResult, mode: str) -> str:
+    """The scenario's table, unavailable contenders, goals and notes as text.
+
+    ``mode`` ("quick" or "full") heads it: a quick run's sizes are too small
+    to judge a goal by, and its verdicts say so.
+    """
     headers = ["group", "metric", "contender", "median", "min", "max", "unit"]
     headers += result.ratio_columns
     body: list[list[str]] = []
@@ -521,7 +525,7 @@ def render_scenario(result: ScenarioResult) -> str:
         )
         previous_group = row.group
     parts = [
-        f"== scenario {result.name} ({result.duration_s:.0f} s) ==",
+        f"== scenario {result.name} ({mode} mode, {result.duration_s:.0f} s) ==",
         format_table(headers, body),
     ]
     missing = {name: info for name, info in result.contenders.items() if info.get("status") != "ok"}
@@ -532,7 +536,11 @@ def render_scenario(result: ScenarioResult) -> str:
             summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
             parts.append(f"  {name}: {info.get('status')}: {summary}")
     if result.goals:
-        parts.append("goals (reported, not asserted):")
+        parts.append(
+            "goals (reported, not asserted):"
+            if mode == "full"
+            else f"goals (reported, not asserted; {mode} mode: sizes too small to judge a goal):"
+        )
         for goal in result.goals:
             if goal.get("value") is None:
                 verdict = "not measured"
@@ -626,7 +634,22 @@ def machine_info() -> dict[str, Any]:
         },
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
+        # What made it dirty, so that a record can be told apart from its
+        # commit's code: the results of an earlier run are not code changes.
+        "git_changes": None if status is None else _changed_paths(status),
     }
+
+
+#: The most changed paths a record lists (the count says when there were more).
+_MAX_CHANGES_LISTED = 50
+
+
+def _changed_paths(porcelain: str) -> dict[str, Any]:
+    """``git status --porcelain`` as a count, the paths (up to
+    :data:`_MAX_CHANGES_LISTED`), and whether any is code the suite runs."""
+    paths = [line[3:] for line in porcelain.splitlines() if len(line) > 3]
+    code = [p for p in paths if p.startswith(("src/", "benchmarks/")) and p.endswith(".py")]
+    return {"count": len(paths), "paths": paths[:_MAX_CHANGES_LISTED], "code_changed": bool(code)}
 
 
 def default_results_path(now: float | None = None) -> Path:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"scenario {name} ({config.mode}, {config.repeat} repetitions)")
         result = SCENARIOS[name](config)
         document["scenarios"][name] = result.as_json()
-        print(render_scenario(result), flush=True)
+        print(render_scenario(result, config.mode), flush=True)
         print(flush=True)
     document["duration_s"] = time.time() - started_at
     with contextlib.suppress(OSError):

@@ -148,6 +148,18 @@ def _goal_line(goal: dict[str, Any]) -> str:
     return f"{line} ({goal['context']})" if goal.get("context") else line
 
 
+def _dirt_text(machine: dict[str, Any]) -> str:
+    """What the record says of uncommitted changes, after its commit."""
+    if not machine.get("git_dirty"):
+        return ""
+    changes = machine.get("git_changes")
+    if not changes:  # records before 2026-12-05 18:00 say only "dirty"
+        return " (dirty tree)"
+    if changes["code_changed"]:
+        return f" (dirty tree: {changes['count']} changed paths, code among them)"
+    return f" (dirty tree: {changes['count']} changed paths, no code: results or docs)"
+
+
 def _load_text(machine: dict[str, Any]) -> str:
     parts = []
     for key, label in (("load_average_at_start", "start"), ("load_average_at_end", "end")):
@@ -170,7 +182,8 @@ def render_docs(chosen: dict[str, tuple[Path, dict[str, Any]]]) -> str:
         "SHA-256) is in [benchmarks/README.md](../benchmarks/README.md). Each section "
         "below is the newest full run of that scenario; rerun it with the command shown. "
         "Figures come from a shared 2-vCPU machine: read them with the load average next "
-        "to them, and prefer the ratios (measured back to back) to absolute numbers.",
+        "to them, and prefer the ratios (both sides measured in the same repetition) to absolute "
+        "numbers.",
         "",
     ]
     order = [s for s in SCENARIO_ORDER if s in chosen] + sorted(
@@ -197,8 +210,7 @@ def render_docs(chosen: dict[str, tuple[Path, dict[str, Any]]]) -> str:
             f"- machine: {machine.get('cpu_model', '?')}, {machine.get('usable_cores', '?')} "
             f"usable cores, Python {machine.get('python', '?')}, trio {versions.get('trio')}, "
             f"cryptography {versions.get('cryptography')}; "
-            f"git {str(machine.get('git_commit'))[:10]}"
-            + (" (dirty tree)" if machine.get("git_dirty") else ""),
+            f"git {str(machine.get('git_commit'))[:10]}{_dirt_text(machine)}",
             f"- load average (1/5/15 min): {_load_text(machine)}",
             f"- record: [{path.name}](../{path.relative_to(REPO_ROOT).as_posix()})",
             "",

@@ -101,7 +101,9 @@ def check_header_and_charts(run: QuickRun) -> None:
     for library in ("conduit", "trio", "cryptography"):
         assert machine["versions"][library]
     assert set(record["scenarios"]) == {run.scenario}
-    assert f"== scenario {run.scenario}" in run.stdout
+    assert f"== scenario {run.scenario} (quick mode, " in run.stdout
+    if record["scenarios"][run.scenario]["goals"]:
+        assert "quick mode: sizes too small to judge a goal" in run.stdout
     assert "charts_error" not in record
     groups = {
         (name, row["group"])

@@ -185,6 +185,8 @@ def run(config: RunConfig) -> ScenarioResult:
         notes=[
             "each attack runs against a fresh server process with default settings",
             "latencies depend on the machine's load (other processes share its cores)",
+            "each goal is judged on the worst repetition (the largest count or p99), not the "
+            "median: a bound an attacker must never pass",
         ],
         duration_s=time.perf_counter() - started,
     )

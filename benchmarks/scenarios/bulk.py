@@ -119,9 +119,9 @@ CONTENDERS = (
 NOTES = [
     "MB/s are decimal (10^6 bytes/s) = file size / wall time of the API call in the client: "
     "from the first request to the verified result (upload: the server has hashed, fsynced "
-    "and published; download: this side has)",
-    "ratio columns: contender / reference per repetition (they ran back to back), median over "
-    "repetitions; for MB/s higher is better, for CPU lower is better",
+    "and published; download: this side has; netconduit fsyncs nothing)",
+    "ratio columns: contender / reference per repetition (both measured in the same "
+    "repetition), median over repetitions; for MB/s higher is better, for CPU lower is better",
     "CPU s/GiB: client = its process CPU time (all threads) during the operation; server = "
     "its CPU time from /proc during the operation",
     "every uploaded and downloaded file was hashed by the orchestrator against the source "
@@ -134,7 +134,8 @@ NOTES = [
     "control; they measure moving, hashing, sealing and writing bytes only (bare-trio reads "
     "one record ahead, in a worker thread beside the event loop)",
     "netconduit: base64 chunks in msgpack RPCs, one round trip per 64 KiB; the sender hashes "
-    "the whole file before sending; downloads are neither hashed nor fsynced; no encryption "
+    "the whole file before sending and the server checks it on uploads; downloads are not "
+    "hashed; nothing is fsynced, in either direction; no encryption "
     "(the orchestrator still verifies every file it produced)",
     "both peers share 2 vCPUs with each other and with whatever else runs on the machine: "
     "see load_average in the config",

@@ -96,13 +96,15 @@ IDLE_CONTENDERS = ("conduit-trio", "netconduit")
 
 NOTES = [
     "peak RSS = VmHWM of the server process at the end of the upload (it includes the "
-    "interpreter, imports and the listening server); sampled peak = largest VmRSS seen "
-    "every 20 ms; growth = peak - RSS before the upload",
+    "interpreter, imports and the listening server); process peak RSS = the larger of that "
+    "and the VmHWM after the first handshake (below): the process's peak over its whole "
+    "life, what a memory limit must allow; sampled peak = largest VmRSS seen every 20 ms; "
+    "growth = peak - RSS before the upload",
     "one fresh server process per measurement; one connection (connect, authenticate, "
     "close) before the upload, then VmHWM is reset (/proc/PID/clear_refs): the first "
     "handshake's one-time cost, conduit's Argon2id stretch of the password (64 MiB for "
-    "~0.1 s, once per server process), is not the upload's; the JSON record keeps that "
-    "first peak (first_handshake_peak_rss_mib)",
+    "~0.1 s, once per server process), is not the upload's; it is in the process peak "
+    "(and in the JSON record, first_handshake_peak_rss_mib)",
     "files live on tmpfs (/dev/shm) unless --disk: page-cache/tmpfs pages are not counted "
     "in a process's RSS unless it maps them, and no contender maps the file",
     "idle connections: KiB per connection = (server VmRSS with N more connections held - "
@@ -192,6 +194,11 @@ class _Runner:
             "first_handshake_peak_rss_mib": None
             if first_handshake is None
             else first_handshake / 1024,
+            # The process's own peak over its whole life, the first
+            # handshake's stretch included: what a memory limit must allow.
+            "process_peak_rss_mib": None
+            if peak is None or first_handshake is None
+            else max(peak, first_handshake) / 1024,
             "peak_reset_after_first_handshake": peak_was_reset,
             "samples": len(sampler.samples),
         }
@@ -304,6 +311,13 @@ def run(config: RunConfig) -> ScenarioResult:
             ),
             Metric(
                 group,
+                "process peak RSS",
+                "MiB",
+                "lower",
+                _upload_getter(label, "process_peak_rss_mib"),
+            ),
+            Metric(
+                group,
                 "sampled peak RSS",
                 "MiB",
                 "lower",
@@ -346,6 +360,17 @@ def run(config: RunConfig) -> ScenarioResult:
         goal(
             f"conduit-trio server peak RSS <= 100 MiB receiving {label}",
             median_of(usable, "conduit-trio", _upload_getter(label, "peak_rss_mib")),
+            100.0,
+            at_most=True,
+            unit="MiB",
+        )
+        for label in labels
+    ]
+    goals += [
+        goal(
+            f"conduit-trio server process peak RSS <= 100 MiB receiving {label}, "
+            "its first handshake's one-time Argon2id stretch included",
+            median_of(usable, "conduit-trio", _upload_getter(label, "process_peak_rss_mib")),
             100.0,
             at_most=True,
             unit="MiB",

@@ -137,8 +137,8 @@ CONTENDERS = (
 )
 
 NOTES = [
-    "ratio columns: contender / reference, computed per repetition (the two ran "
-    "back to back) and reported as the median over repetitions; for us and ms lower "
+    "ratio columns: contender / reference, computed per repetition (both measured "
+    "in the same repetition) and reported as the median over repetitions; for us and ms lower "
     "is better, for calls/s higher is better",
     "latencies are per call, measured in the client process (time.perf_counter_ns); "
     "calls/s = calls / wall time of the workload",
@@ -157,12 +157,16 @@ NOTES = [
     "CPU figures do not depend on how busy the machine is as much as latencies do: "
     "client CPU/call = process CPU time of the client during the workload / calls; "
     "server CPU/call = server process CPU (from /proc) during the whole RPC client run "
-    "(warm-up and every workload) / calls; per connect likewise for the handshake run",
+    "(warm-up and every workload, the same calls for every contender: bare-trio's direct "
+    "ping-pong is a client run of its own, not counted) / calls; per connect likewise for "
+    "the handshake run",
 ]
 
 
 def _specs(counts: dict[str, int], contender: Contender) -> dict[str, dict[str, Any]]:
-    """The two client runs of one repetition: RPC workloads, then handshakes."""
+    """The client runs of one repetition: RPC workloads, the reference's
+    direct ping-pong (a run of its own, so that the server CPU of the RPC
+    run covers the same calls for every contender), then handshakes."""
     rpc: dict[str, Any] = {
         "payload_size": PAYLOAD_SIZE,
         "warmup": counts["warmup"],
@@ -172,21 +176,30 @@ def _specs(counts: dict[str, int], contender: Contender) -> dict[str, dict[str, 
             for name, (_, callers) in WORKLOADS.items()
         ],
     }
-    if contender.name == REFERENCE:
-        rpc["direct_calls"] = counts["direct"]
     if contender.name == ACCOUNTS:
         # Its calls run on the same engine as conduit-trio's: only the handshake differs.
         rpc.update(warmup=0, workloads=[])
-    handshake = {"handshakes": counts["handshakes"], "handshake_warmup": 2, "workloads": []}
-    return {"rpc": rpc, "handshake": handshake}
+    specs = {"rpc": rpc}
+    if contender.name == REFERENCE:
+        specs["direct"] = {
+            "payload_size": PAYLOAD_SIZE,
+            "warmup": counts["warmup"],
+            "handshakes": 0,
+            "workloads": [],
+            "direct_calls": counts["direct"],
+        }
+    specs["handshake"] = {
+        "handshakes": counts["handshakes"],
+        "handshake_warmup": 2,
+        "workloads": [],
+    }
+    return specs
 
 
 def _calls_in(spec: dict[str, Any]) -> int:
-    """Round trips the server answers during one RPC client run."""
+    """Round trips the server answers during one client run."""
     calls = spec["warmup"] + sum(workload["calls"] for workload in spec["workloads"])
-    if spec.get("direct_calls"):
-        calls += spec["warmup"] + spec["direct_calls"]
-    return int(calls)
+    return int(calls + spec.get("direct_calls", 0))
 
 
 def _inside(path: str | None, directory: Path) -> bool:
@@ -280,18 +293,27 @@ class _Runner:
         """The RPC run and the handshake run of one repetition, merged."""
         specs = _specs(self.counts, contender)
         result, rpc_cpu = self.client_run(contender, server, specs["rpc"])
+        server_cpu: dict[str, Any] = {}
+        if "direct" in specs:
+            direct, direct_cpu = self.client_run(contender, server, specs["direct"])
+            result["workloads"].update(direct["workloads"])
+            # Kept apart: one-at-a-time calls cost the server more per call
+            # than the multiplexed workloads' batches, and only this
+            # contender makes them.
+            server_cpu.update(direct_calls=_calls_in(specs["direct"]), direct_s=direct_cpu)
         handshakes, handshake_cpu = self.client_run(contender, server, specs["handshake"])
         result["handshake"] = handshakes["handshake"]
         calls = _calls_in(specs["rpc"])
         connects = specs["handshake"]["handshakes"] + specs["handshake"]["handshake_warmup"]
-        result["server_cpu"] = {
-            "rpc_calls": calls,
-            "rpc_s": rpc_cpu,
-            "us_per_call": None if rpc_cpu is None or not calls else rpc_cpu / calls * 1e6,
-            "connects": connects,
-            "handshake_s": handshake_cpu,
-            "ms_per_connect": None if handshake_cpu is None else handshake_cpu / connects * 1e3,
-        }
+        server_cpu.update(
+            rpc_calls=calls,
+            rpc_s=rpc_cpu,
+            us_per_call=None if rpc_cpu is None or not calls else rpc_cpu / calls * 1e6,
+            connects=connects,
+            handshake_s=handshake_cpu,
+            ms_per_connect=None if handshake_cpu is None else handshake_cpu / connects * 1e3,
+        )
+        result["server_cpu"] = server_cpu
         return result
 
     def run(self) -> None:
@@ -447,9 +469,11 @@ def _median_goal(
 def _server_cpu_floor(repetitions: Repetitions) -> str:
     """The bare Trio echo's server CPU per call in the same run: the floor of the 25 us goal.
 
-    That server does the same socket work per call with no protocol at all,
-    so on a machine where it costs more than 25 us the goal is out of reach
-    of any protocol work; the report shows the two side by side.
+    That server answers the same calls (the same workloads, in the same
+    order; its direct ping-pong is not counted) with the same socket work
+    and no protocol at all, so on a machine where it costs more than 25 us
+    the goal is out of reach of any protocol work; the report shows the two
+    side by side.
     """
     floor = _median(_series(repetitions, REFERENCE, "server_cpu", "us_per_call"))
     if floor is None:

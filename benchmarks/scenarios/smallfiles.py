@@ -118,7 +118,8 @@ CONTENDERS = (
 
 NOTES = [
     "files/s = files / wall time of the whole batch in the client; every upload returned "
-    "only after the server verified, fsynced and published the file",
+    "only after the server verified, fsynced and published the file (netconduit: verified; "
+    "it fsyncs nothing)",
     "round trips per file: conduit 1 for files up to chunk_size (file_upload_small: the "
     "data, checked, written, verified, fsynced and published in one call; larger files "
     "take begin + data stream + finish); netconduit 3 (start, one chunk, complete) after "
