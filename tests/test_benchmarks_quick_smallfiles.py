@@ -17,7 +17,14 @@ from benchmark_helpers import (
     scenario_of,
 )
 
-CONTENDERS = {"raw-aead", "conduit-trio", "conduit-trio x8", "conduit-trio dir", "netconduit"}
+CONTENDERS = {
+    "raw-aead",
+    "conduit-trio",
+    "conduit-trio x8",
+    "conduit-trio dir",
+    "netconduit",
+    "netconduit x8",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +51,9 @@ def test_smallfiles_every_file_uploaded(quick_run: QuickRun) -> None:
             # Paced slice by slice with the other contenders, on one connection.
             assert figures["slices"] == smallfiles["config"]["slices"] == 4
     check_rows(smallfiles, record["repeat"])
+    # Like for like: concurrent against netconduit with as many in flight.
+    assert [goal["goal"] for goal in smallfiles["goals"]] == [
+        "conduit-trio files/s >= 3x netconduit",
+        "conduit-trio x8 files/s >= 3x netconduit x8",
+        "conduit-trio dir files/s >= 3x netconduit x8",
+    ]

@@ -131,20 +131,31 @@ async def _smallfiles(port: int, spec: dict[str, Any]) -> dict[str, Any]:
     # storage_dir is where downloads land; an upload names its source path.
     transfer = FileTransferHandler(storage_dir=steps.slices[0]["dir"])
     loop = asyncio.get_running_loop()
+    concurrency = int(spec.get("concurrency", 1))
+
+    async def uploads(source: str, names: list[str]) -> None:
+        queue = iter(names)
+
+        async def worker() -> None:
+            for name in queue:
+                _checked(
+                    await transfer.send_to_server(client, os.path.join(source, name)),
+                    f"upload of {name}",
+                )
+
+        # As conduit's x8 client: that many workers on the one connection.
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
     try:
         steps.ready()
         while (part := await loop.run_in_executor(None, steps.next_slice)) is not None:
             names: list[str] = list(part["names"])
             with _transferlib.OpTimer(steps.server_pid) as timer:
-                for name in names:
-                    _checked(
-                        await transfer.send_to_server(client, os.path.join(part["dir"], name)),
-                        f"upload of {name}",
-                    )
+                await uploads(part["dir"], names)
             steps.finished(len(names), timer)
     finally:
         await client.disconnect()
-    return steps.result(1)
+    return steps.result(concurrency)
 
 
 async def _hol(port: int, spec: dict[str, Any]) -> dict[str, Any]:
