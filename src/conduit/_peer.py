@@ -87,6 +87,9 @@ class Peer:
     async def close(self, reason: str = "closed by the server") -> None:
         """Close this connection gracefully and wait until it is closed.
 
+        The client does not reconnect by itself (``server.close()``, which
+        says the server is going away, lets its clients come back).
+
         From a handler of this same connection it returns once the goodbye
         is on its way: the connection ends after the handler has returned.
         """

@@ -522,6 +522,10 @@ class Server(Endpoint):
     async def close(self, reason: str = "server shutting down") -> None:
         """Say goodbye to every client, stop listening, and wait for :meth:`run` to end.
 
+        The goodbye says the server is going away (it may be restarting):
+        clients with automatic reconnect try to come back, with their usual
+        backoff. To end one client's connection for good, use ``peer.close()``.
+
         A run that is not serving yet (still binding or preparing) ends
         without serving. Cancelling close() (a timeout around it) does not
         stop the shutdown, only the wait for it. Called from a task of the
