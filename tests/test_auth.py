@@ -551,6 +551,19 @@ def test_warnings_are_rate_limited_per_address(caplog: pytest.LogCaptureFixture)
     assert len(lines) <= 6
 
 
+def test_buckets_of_addresses_gone_quiet_are_forgotten() -> None:
+    """A spray of addresses that never come back leaves no table behind: a
+    bucket quiet for burst * period (full again, as a new one) is swept out,
+    a few at each later line; a bucket still limiting its address is kept."""
+    limited = LimitedLog(logging.getLogger("conduit.test_auth"), burst=3, period=10)
+    for index in range(500):
+        limited.warning(f"10.3.{index // 250}.{index % 250}", 0.0, "failed from %s", "x")
+    assert limited.tracked() == 500
+    for second in range(200):
+        limited.warning("10.0.0.1", 31.0 + second * 0.01, "failed from %s", "10.0.0.1")
+    assert limited.tracked() == 1
+
+
 def test_warnings_from_many_addresses_are_rate_limited_in_all(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -353,6 +354,71 @@ async def test_abandoned_partials_per_owner_are_capped(
     # The oldest (all from the first connection) went first, with their directories.
     assert {f"d{i:03}" for i in range(12, total)} <= {p.parent.name for p in kept}
     assert empty_directories(storage) == []
+
+
+@hostile(
+    "disk-abandoned-partials-many-addresses",
+    area="disk",
+    attack="clients from 16 source addresses (127.0.0.x) each leave one abandoned one-byte "
+    "partial, with MAX_ABANDONED set to 10",
+    behaviour="at most MAX_ABANDONED are kept in all, the oldest evicted first: a peer with "
+    "many addresses (each its own owner) cannot pile up partials past it",
+    found="only the per-owner cap bounded the count, and owners were keyed by full address "
+    "(not an IPv6 /64): 80 addresses left 80 partials (soak review)",
+)
+async def test_abandoned_partials_are_capped_in_all(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_space, "MAX_ABANDONED", 10)
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(120):
+        for i in range(16):
+            client = Client(client_descriptor(server.port, reconnect_enabled=False))
+            stream = await trio.open_tcp_stream(
+                "127.0.0.1", server.port, local_address=f"127.0.0.{i + 2}"
+            )
+            await client.connect(stream=stream)
+            answer = await begin(client, f"d{i:03}/f.bin", 1000, f"{i:032x}")
+            assert answer["success"], answer
+            outgoing = client.server.connection.open_outgoing_stream(answer["data"]["stream_id"])
+            await outgoing.send([b"x"])
+
+            def written(n: int = i + 1) -> bool:
+                return sum(p.stat().st_size for p in partial_files(storage)) >= min(n, 10)
+
+            await wait_until(written, timeout=10)
+            await client.disconnect()
+            await wait_until(lambda: not server.clients, timeout=10)
+    kept = partial_files(storage)
+    assert len(kept) == 10, len(kept)
+    assert {p.parent.name for p in kept} == {f"d{i:03}" for i in range(6, 16)}  # the newest
+    assert empty_directories(storage) == []
+
+
+@hostile(
+    "disk-partial-owner-ipv6",
+    area="disk",
+    attack="partials left from two addresses of one IPv6 /64 (a host picks any of its 2^64)",
+    behaviour="one owner, whose per-owner cap they share; another /64 is another owner "
+    "(owners keyed as the password throttle keys addresses)",
+    found="owners were keyed by full address: each address of a /64 was a new owner "
+    "(soak review)",
+)
+def test_an_ipv6_hosts_addresses_are_one_owner() -> None:
+    """Owners are keyed as the password throttle keys addresses: a host can
+    pick any address of its /64, which must not make it many owners."""
+
+    @attrs.define
+    class _Peer:
+        address: tuple[str, int]
+        id: str = "client"
+
+    one = _space.partial_owner(_Peer(("2001:db8:1:2::1", 5000)))  # type: ignore[arg-type]
+    other = _space.partial_owner(_Peer(("2001:db8:1:2:ffff::9", 6000)))  # type: ignore[arg-type]
+    elsewhere = _space.partial_owner(_Peer(("2001:db8:1:3::1", 5000)))  # type: ignore[arg-type]
+    assert one == other != elsewhere
 
 
 @hostile(

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import struct
 import time
 import tracemalloc
@@ -281,6 +282,31 @@ async def test_truncated_hello_then_eof(arena: ArenaFactory) -> None:
     assert await peer.expect_closed() == []
     await a.wait_logged("peer closed the connection during the handshake")
     await a.check_healthy()
+
+
+@hostile(
+    "clear-reset-before-hello-logs",
+    area="hostile peer, before authentication",
+    attack="60 connections from one address that each send the first 7 bytes of a hello and "
+    "reset (RST), with the server logging at INFO",
+    behaviour="a burst of 'lost during the handshake' lines, then the address's budget: not "
+    "one line per connection (a reset before the hello is no attempt the throttle counts)",
+    found="one INFO line per connection, unlimited (soak review: 300 lines for 300)",
+)
+async def test_resets_before_the_hello_are_logged_within_a_budget(arena: ArenaFactory) -> None:
+    a = await arena(auth_timeout=30)
+    hello = ClientHandshake(
+        PASSWORD, name="x", max_frame_size=1 << 20, receive_window=4 << 20
+    ).start()
+    for _ in range(60):
+        peer = await RawPeer.open(a.port, local_address="127.0.0.9")
+        await peer.send_raw(hello[:7])
+        peer.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await peer.aclose()
+    await a.wait_logged("lost during the handshake")
+    await a.check_healthy()  # the server has long handled the resets by then
+    lines = [r for r in a.caplog.records if "lost during the handshake" in r.getMessage()]
+    assert 1 <= len(lines) <= 6, len(lines)
 
 
 @hostile(

@@ -104,3 +104,25 @@ def test_a_released_attempt_frees_its_slot_uncounted() -> None:
     assert isinstance(last, Attempt)
     throttle.failed(last, 2.0)
     assert throttle.retry_after(ADDRESS, 3.0) == pytest.approx(29.0)
+
+
+def test_records_of_addresses_and_names_that_never_return_are_forgotten() -> None:
+    """A spray of failures from addresses (and unknown names) that never come
+    back: once their window and lock-out have passed, later attempts sweep
+    them out, a few each, instead of keeping them until the table is full."""
+    throttle = AuthThrottle(limit=2, window=5.0, lockout=3.0, user_limit=2)
+    for i in range(1000):
+        throttle.record_failure(f"10.2.{i // 256}.{i % 256}", 0.0, f"nobody-{i}")
+    assert throttle.tracked() >= 2000
+    # Long after: an honest client's attempts, one a second.
+    for second in range(300):
+        attempt = throttle.reserve(ADDRESS, "alice", 60.0 + second)
+        assert isinstance(attempt, Attempt)
+        throttle.succeeded(attempt, 60.0 + second)
+    assert throttle.tracked() <= 3  # alice's trust, and what her next attempt adds
+    # A lock-out in force is never swept away.
+    for _ in range(2):
+        throttle.record_failure("10.9.9.9", 400.0)
+    for second in range(50):
+        throttle.reserve(ADDRESS, "", 400.5 + second * 0.01)
+    assert throttle.retry_after("10.9.9.9", 401.0) > 0

@@ -1,4 +1,4 @@
-"""Warning lines about unauthenticated peers, rate-limited per address and in all.
+"""Log lines about unauthenticated peers, rate-limited per address and in all.
 
 A flood of failed handshakes must not become a flood of log lines (disk,
 journald, whoever reads them): each address gets a small burst, then one line
@@ -7,6 +7,10 @@ wrong passwords) are all logged. A flood spread over many addresses (each
 within its own budget) meets a second budget, per kind of line across all
 addresses: a larger burst, then one line per ``total_period``, which says how
 many lines from all addresses were suppressed.
+
+An address's bucket is kept while it could still limit a line: one quiet for
+``burst * period`` (full again) is forgotten, a few at each line logged, so
+a spray of addresses that never come back leaves no table behind.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections import OrderedDict
 from typing import Any
 
 import attrs
+
+#: Buckets looked at, oldest first, at each line (more than the one a line adds).
+SWEEP_STEP = 4
 
 
 @attrs.define
@@ -56,6 +63,16 @@ class LimitedLog:
     def warning(self, key: str, now: float, message: str, *args: Any) -> None:
         """Log ``message % args`` for ``key`` (an address) unless it, or all
         addresses together, have used their budget for this message."""
+        self._emit(logging.WARNING, key, now, message, *args)
+
+    def info(self, key: str, now: float, message: str, *args: Any) -> None:
+        """:meth:`warning` at level INFO (what a peer may cause at will, such as
+        connections reset before their hello, under the same budgets)."""
+        if self.log.isEnabledFor(logging.INFO):
+            self._emit(logging.INFO, key, now, message, *args)
+
+    def _emit(self, level: int, key: str, now: float, message: str, *args: Any) -> None:
+        self._sweep(now)
         slot = (key, message)
         bucket = self._buckets.get(slot)
         if bucket is None:
@@ -85,7 +102,21 @@ class LimitedLog:
             message += " (%d similar lines from all addresses suppressed)"
             args = (*args, total.suppressed)
             total.suppressed = 0
-        self.log.warning(message, *args)
+        self.log.log(level, message, *args)
+
+    def tracked(self) -> int:
+        """Buckets held (per address and message)."""
+        return len(self._buckets)
+
+    def _sweep(self, now: float) -> None:
+        # In order of last use: the first is the quietest. One quiet for
+        # burst * period is full again, as a new one would be; a count of
+        # lines it suppressed goes with it (its address has gone quiet).
+        quiet = self.burst * self.period
+        for _ in range(SWEEP_STEP):
+            if not self._buckets or now - next(iter(self._buckets.values())).stamp < quiet:
+                return
+            self._buckets.popitem(last=False)
 
 
-__all__ = ["LimitedLog"]
+__all__ = ["SWEEP_STEP", "LimitedLog"]

@@ -35,7 +35,11 @@ unlimited), an IPv4-mapped IPv6 address as the IPv4 address it is.
 
 The tables are bounded (``max_tracked`` keys each), but a lock-out is never
 forgotten to make room: when a table is full of locked records, new keys are
-refused as throttled until the first lock ends.
+refused as throttled until the first lock ends. Below that bound, a record
+that no longer matters (no lock-out, no failure within the window, nothing
+in flight) is forgotten a little at a time: each new attempt looks at the
+:data:`SWEEP_STEP` oldest records of each table, so a spray of addresses or
+names that never come back leaves no more behind than its window's worth.
 
 Pure bookkeeping with an injected clock, so tests drive it with Trio's
 autojump clock or with plain numbers.
@@ -53,6 +57,9 @@ import attrs
 TRUST_PERIOD = 24 * 3600.0
 #: IPv6 addresses are throttled per prefix of this length (a typical host's allocation).
 IPV6_PREFIX = 64
+#: Records of each table looked at, oldest first, at each new attempt: more
+#: than the one record an attempt may add, so a table of stale records drains.
+SWEEP_STEP = 4
 
 
 @functools.lru_cache(maxsize=4096)
@@ -142,6 +149,7 @@ class AuthThrottle:
         when the budget is full of attempts still in flight (try again when
         one settles).
         """
+        self._sweep(now)
         wait = self.retry_after(address, now, username)
         if wait > 0:
             return wait
@@ -218,6 +226,7 @@ class AuthThrottle:
 
         Not counted for a new key while its table is full of lock-outs.
         """
+        self._sweep(now)
         if self._room(self._records, address, now) > 0 or (
             username and self._room(self._users, username, now) > 0
         ):
@@ -228,7 +237,28 @@ class AuthThrottle:
             self._record(self._users, username, now).attempts.append(attempt)
         self.failed(attempt, now)
 
+    def tracked(self) -> int:
+        """Keys held in all: addresses, users and (user, address) pairs trusted."""
+        return len(self._records) + len(self._users) + len(self._trusted)
+
     # ------------------------------------------------------------------ internals
+
+    def _sweep(self, now: float) -> None:
+        """Forget a few records that no longer matter, oldest first (see the
+        module docstring). One that still matters goes to the back of its
+        table, so the next sweep looks further; trust ends in order of age."""
+        since = now - self.window
+        for table in (self._records, self._users):
+            for _ in range(min(SWEEP_STEP, len(table))):
+                key = next(iter(table))
+                record = table.pop(key)
+                if record.locked_until > now or not all(a.stale(since) for a in record.attempts):
+                    table[key] = record
+        trusted = self._trusted
+        for _ in range(SWEEP_STEP):
+            if not trusted or now - next(iter(trusted.values())) < TRUST_PERIOD:
+                break
+            trusted.popitem(last=False)
 
     def _is_trusted(self, username: str, address: str, now: float) -> bool:
         since = self._trusted.get((username, address))
@@ -306,4 +336,4 @@ class AuthThrottle:
             del table[key]
 
 
-__all__ = ["IPV6_PREFIX", "TRUST_PERIOD", "Attempt", "AuthThrottle", "address_key"]
+__all__ = ["IPV6_PREFIX", "SWEEP_STEP", "TRUST_PERIOD", "Attempt", "AuthThrottle", "address_key"]

@@ -755,7 +755,15 @@ class Server(Endpoint):
             warn("dropped %s during the handshake: %s", arrival.label, exc)
             return None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("connection from %s lost during the handshake: %s", arrival.label, exc)
+            # Before its hello a peer can cause this at will (connect, write,
+            # reset), uncounted by the throttle: rate-limited as the warnings.
+            self._gate.warnings.info(
+                arrival.host,
+                trio.current_time(),
+                "connection from %s lost during the handshake: %s",
+                arrival.label,
+                exc,
+            )
             return None
         return established, client_id, held
 

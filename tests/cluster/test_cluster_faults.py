@@ -226,6 +226,29 @@ async def test_an_abandoned_partial_nobody_resumed_is_still_evicted(
         assert [u["Key"] for u in uploads] == [store.location.key("two.bin")]
 
 
+async def test_kept_partials_are_capped_in_all_whatever_their_owners(
+    two_nodes: Callable[..., tuple[StoreBackend, StoreBackend]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer with many addresses is many owners: the per-owner cap alone
+    would keep one partial per address. Beyond MAX_ABANDONED in all, the
+    oldest go, whoever they belong to."""
+    monkeypatch.setattr(_backend_store, "MAX_ABANDONED", 2)
+    with trio.fail_after(120):
+        a, _b = two_nodes()
+        for index in range(4):
+            peer = _peer(f"c{index}")
+            peer.address = (f"10.0.0.{index + 10}", 40000)  # an owner each
+            data = os.urandom(2 * PART)
+            admitted = await a.admit(peer, f"p{index}.bin", len(data), f"K{index}", restart=False)
+            await _sink(admitted).write([data[:PART]])
+            await _sink(admitted).close()
+            await a.release(admitted)
+        assert sorted(name for _root, name, _tid in a._kept) == ["p2.bin", "p3.bin"]
+        store = a.store
+        assert isinstance(store, S3Store)
+        assert len(_keys(store, "uploads")) == 2
+
+
 async def test_an_eviction_racing_with_a_resume_does_not_abort_it(
     s3_url: str, s3_client_factory: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

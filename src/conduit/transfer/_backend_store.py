@@ -20,7 +20,8 @@ around a directory is decided here as follows:
   :data:`MAX_UPLOADS` per handler; more are refused with ``overloaded``.
 * **Abandoned partials.** Kept (their whole parts are durable) for a resume
   from any node. This node indexes the ones it left and evicts an owner's
-  oldest beyond :data:`._space.MAX_ABANDONED_PER_OWNER`, and the oldest first
+  oldest beyond :data:`._space.MAX_ABANDONED_PER_OWNER`, the oldest of all
+  beyond :data:`._space.MAX_ABANDONED`, and the oldest first
   when ``max_partial_bytes`` would be exceeded, but only while nobody has
   written it since this node left it (the client may have resumed it
   through another node: see :meth:`StoreBackend._evict`); a sweeper
@@ -40,6 +41,7 @@ location, size and modification time; one hash at a time per connection).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import logging
 import time
@@ -59,7 +61,13 @@ from ._engine import records_of
 from ._hashing import HashGate
 from ._names import safe_relative_name, split_name
 from ._rerun import VariantBudget, names_to_check, skipped_result
-from ._space import MAX_ABANDONED_PER_OWNER, check_writable, owned_transfer_id, partial_owner
+from ._space import (
+    MAX_ABANDONED,
+    MAX_ABANDONED_PER_OWNER,
+    check_writable,
+    owned_transfer_id,
+    partial_owner,
+)
 from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
@@ -503,7 +511,7 @@ class StoreBackend:
                 log.warning("could not look up the partial of %r: %s", upload.name, exc)
                 return
             self._kept[upload.root, upload.name, upload.transfer_id] = kept
-            await self._cap_owner(upload.owner)
+            await self._cap_kept(upload.owner)
 
     async def _evict(self, kept: _Kept) -> bool:
         """Discard a partial this node let go of, unless it is live elsewhere; whether it was.
@@ -527,13 +535,20 @@ class StoreBackend:
         log.info("left partial %r alone: it was resumed or changed elsewhere", kept.name)
         return False
 
-    async def _cap_owner(self, owner: str) -> None:
-        """Evict ``owner``'s oldest kept partials beyond :data:`MAX_ABANDONED_PER_OWNER`."""
+    async def _cap_kept(self, owner: str) -> None:
+        """Evict ``owner``'s oldest kept partials beyond :data:`MAX_ABANDONED_PER_OWNER`,
+        then the oldest of all beyond :data:`MAX_ABANDONED`."""
         mine = sorted(
             (entry for entry in self._kept.values() if entry.owner == owner),
             key=lambda entry: entry.modified,
         )
-        for entry in mine[: max(0, len(mine) - MAX_ABANDONED_PER_OWNER)]:
+        victims = mine[: max(0, len(mine) - MAX_ABANDONED_PER_OWNER)]
+        excess = len(self._kept) - len(victims) - MAX_ABANDONED
+        if excess > 0:
+            chosen = {id(entry) for entry in victims}
+            others = (entry for entry in self._kept.values() if id(entry) not in chosen)
+            victims += heapq.nsmallest(excess, others, key=lambda entry: entry.modified)
+        for entry in victims:
             self._kept.pop((entry.root, entry.name, entry.transfer_id), None)
             try:
                 evicted = await self._evict(entry)
@@ -541,7 +556,7 @@ class StoreBackend:
                 log.warning("could not evict the partial of %r: %s", entry.name, exc)
             else:
                 if evicted:
-                    log.info("evicted abandoned partial %r: too many for %s", entry.name, owner)
+                    log.info("evicted abandoned partial %r: too many kept", entry.name)
 
     async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
         """Each entry in one ``put_file`` (one ``PUT`` on S3), one after the other.

@@ -17,11 +17,14 @@ opens its partial file. The rules, each enforced here and nowhere else:
   written are evicted *before* an upload is refused with ``no_space`` (or
   ``quota_exceeded``). ``max_partial_bytes`` caps abandoned plus in-flight
   partial bytes the same way. A partial with no bytes is removed when its
-  upload ends (nothing to resume), and each owner keeps at most
+  upload ends (nothing to resume), each owner keeps at most
   :data:`MAX_ABANDONED_PER_OWNER` abandoned partials (its oldest go first),
-  so tiny partials cannot pile up inodes and directories.
+  and all owners together :data:`MAX_ABANDONED` (the oldest of all go first:
+  a peer with many addresses is many owners), so tiny partials cannot pile up
+  inodes and directories.
 * **Ownership.** A partial is bound to who created it (the user in accounts
-  mode; the client's network address in shared-password mode) until it
+  mode; the client's network address in shared-password mode, an IPv6
+  address by its /64 as the password throttle counts it) until it
   expires: its id, and so its file name, is derived from the transfer key and
   the owner (:func:`owned_transfer_id`), so another client sending a file with
   the same transfer key gets a partial of its own and can neither resume,
@@ -54,6 +57,7 @@ expiry its wall-clock mtime implies.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import logging
 import math
@@ -67,6 +71,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 import trio
 
+from .._throttle import address_key
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
 from ._names import check_transfer_id, partial_basename, safe_relative_name, split_name
@@ -85,6 +90,10 @@ DEFAULT_FREE_SPACE_MARGIN = 1 << 20
 #: owner's oldest is evicted, so that many tiny partials cannot exhaust the
 #: inodes (``max_partial_bytes`` counts bytes only).
 MAX_ABANDONED_PER_OWNER = 64
+#: Abandoned partials kept in all, whoever owns them: the oldest go first.
+#: The per-owner cap alone bounds nothing against a peer that has many
+#: addresses (an IPv6 /48 holds 65,536 of the /64s owners are keyed by).
+MAX_ABANDONED = 10_000
 
 #: Seconds a quota user's counted bytes stand as a bound before their tree is
 #: walked again: files put into a root behind the server's back count from then.
@@ -254,7 +263,8 @@ def partial_owner(peer: Peer | None) -> str:
         return f"user:{username}"
     address = peer.address
     if isinstance(address, tuple) and address:
-        return f"host:{address[0]}"
+        # Keyed as the password throttle keys addresses: one host's /64 is one owner.
+        return f"host:{address_key(str(address[0]))}"
     return f"connection:{peer.id}"
 
 
@@ -663,6 +673,7 @@ class DiskBudget:
                         now + self._settings.partial_ttl,
                     )
                     self._cap_owner_locked(admission.owner)
+                    self._cap_all_locked()
                     return
                 if info == 0:
                     # Nothing to resume: keeping it would only cost an inode
@@ -686,6 +697,16 @@ class DiskBudget:
                 log.info(
                     "evicted abandoned partial %s: too many for %s", "/".join(entry.path), owner
                 )
+
+    def _cap_all_locked(self) -> None:
+        """Evict the oldest abandoned partials beyond :data:`MAX_ABANDONED`."""
+        excess = len(self._abandoned) - MAX_ABANDONED
+        if excess <= 0:
+            return
+        oldest = heapq.nsmallest(excess, self._abandoned.values(), key=lambda e: e.modified)
+        for entry in oldest:
+            if self._remove_locked(entry):
+                log.info("evicted abandoned partial %s: too many in all", "/".join(entry.path))
 
     def _reserved(self, storage: StorageRoot | None = None) -> int:
         return sum(
