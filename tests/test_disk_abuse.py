@@ -403,8 +403,7 @@ async def test_abandoned_partials_are_capped_in_all(
     attack="partials left from two addresses of one IPv6 /64 (a host picks any of its 2^64)",
     behaviour="one owner, whose per-owner cap they share; another /64 is another owner "
     "(owners keyed as the password throttle keys addresses)",
-    found="owners were keyed by full address: each address of a /64 was a new owner "
-    "(soak review)",
+    found="owners were keyed by full address: each address of a /64 was a new owner (soak review)",
 )
 def test_an_ipv6_hosts_addresses_are_one_owner() -> None:
     """Owners are keyed as the password throttle keys addresses: a host can
