@@ -589,17 +589,19 @@ def _conduit_version() -> str | None:
     return None
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path = REPO_ROOT) -> str | None:
     """Read-only git queries (commit, dirty state) for the record."""
     if shutil.which("git") is None:
         return None
     try:
         completed = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
+    # Only the end is stripped: `status --porcelain` lines begin with a space
+    # for a change not staged, which is part of the line's format.
+    return completed.stdout.rstrip() if completed.returncode == 0 else None
 
 
 def machine_info() -> dict[str, Any]:

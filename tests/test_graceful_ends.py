@@ -152,6 +152,32 @@ async def test_a_server_run_cancelled_from_outside_says_it_is_going_away(
     assert "disconnected: peer closed the connection: server shutting down" in caplog.text
 
 
+async def test_a_server_closed_then_started_again_gets_its_clients_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``server.close()`` (an operator's restart) says the same as a cancelled
+    run: its clients come back to the server started again on the port."""
+    caplog.set_level(logging.INFO, logger="conduit.client")
+    first = _server_with_hello()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            port = first.port
+            client = _client_of(port)
+            back = trio.Event()
+            client.on_reconnect(back.set)
+            await client.connect()
+            assert await client.call("hello") == "hi"
+            await first.close()
+            restarted = _server_with_hello(port)
+            await nursery.start(restarted.run)
+            await back.wait()
+            assert await client.call("hello") == "hi"
+            await client.disconnect()
+            await restarted.close()
+    assert "disconnected: peer closed the connection: server shutting down" in caplog.text
+
+
 def test_an_asyncio_server_task_cancelled_says_it_is_going_away(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -126,3 +126,16 @@ def test_records_of_addresses_and_names_that_never_return_are_forgotten() -> Non
     for second in range(50):
         throttle.reserve(ADDRESS, "", 400.5 + second * 0.01)
     assert throttle.retry_after("10.9.9.9", 401.0) > 0
+
+
+def test_the_sweep_keeps_attempts_in_flight() -> None:
+    """An attempt still in flight counts however long it is held: the sweep,
+    which forgets records that no longer matter, must not forget its record
+    (the attempt would then fail uncounted)."""
+    throttle = AuthThrottle(limit=1, window=5.0, lockout=60.0)
+    held = throttle.reserve(ADDRESS, "", 0.0)
+    assert isinstance(held, Attempt)
+    for index in range(200):  # long after the window, many sweeps
+        throttle.record_failure(f"10.4.0.{index}", 100.0 + index)
+    throttle.failed(held, 400.0)
+    assert throttle.retry_after(ADDRESS, 401.0) == pytest.approx(59.0)

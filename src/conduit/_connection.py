@@ -1408,7 +1408,8 @@ class Connection:
         # A peer going away (a server shutting down, to restart or not) did
         # not end this connection for our sake: to a client with automatic
         # reconnect it is lost, not closed on purpose, and it comes back.
-        self.closed_on_purpose = not event.going_away
+        # (A close of ours that crossed it stays on purpose.)
+        self.closed_on_purpose = self.closed_on_purpose or not event.going_away
         self.abort(f"peer closed the connection: {event.reason}")
 
     # ------------------------------------------------------------------ calls

@@ -95,6 +95,9 @@ async def _next_frame(stream: trio.abc.Stream, reader: FrameReader, io: SocketIO
 
 _TLS_HINT = "use --tls / tls=True"
 _PLAIN_HINT = "connect without --tls / tls=True"
+#: What OpenSSL calls bytes that are no TLS record, in reply to a ClientHello:
+#: "wrong version number" up to 3.1, "record layer failure" from 3.2 on.
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
 
 
 def _looks_like_tls(data: bytes | bytearray) -> bool:
@@ -124,8 +127,9 @@ async def open_tls(
     """Run the client's TLS handshake on ``stream``; a failure is a ConduitError in words.
 
     A plain server answers a TLS ClientHello with a plain AUTH_FAILED (see
-    :func:`read_hello`), which OpenSSL reads as a record of a wrong version:
-    the user is told to drop TLS rather than shown OpenSSL's words alone.
+    :func:`read_hello`), which OpenSSL reads as no TLS record (see
+    :data:`_NOT_TLS_REASONS`): the user is told to drop TLS rather than shown
+    OpenSSL's words alone.
     """
     tls = trio.SSLStream(stream, context, server_hostname=server_hostname, https_compatible=False)
     try:
@@ -134,7 +138,7 @@ async def open_tls(
         await trio.aclose_forcefully(tls)
         # trio's error has no text of its own; the SSL error is its cause.
         cause = exc.__cause__ or exc
-        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+        if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS_REASONS:
             raise HandshakeError(
                 f"the server does not speak TLS (it answered in plain TCP); {_PLAIN_HINT}"
             ) from exc

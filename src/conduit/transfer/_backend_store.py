@@ -549,7 +549,8 @@ class StoreBackend:
             others = (entry for entry in self._kept.values() if id(entry) not in chosen)
             victims += heapq.nsmallest(excess, others, key=lambda entry: entry.modified)
         for entry in victims:
-            self._kept.pop((entry.root, entry.name, entry.transfer_id), None)
+            if self._kept.pop((entry.root, entry.name, entry.transfer_id), None) is None:
+                continue  # taken back meanwhile (a resume began here): not abandoned
             try:
                 evicted = await self._evict(entry)
             except Exception as exc:
