@@ -549,8 +549,12 @@ class StoreBackend:
             others = (entry for entry in self._kept.values() if id(entry) not in chosen)
             victims += heapq.nsmallest(excess, others, key=lambda entry: entry.modified)
         for entry in victims:
-            if self._kept.pop((entry.root, entry.name, entry.transfer_id), None) is None:
-                continue  # taken back meanwhile (a resume began here): not abandoned
+            key = (entry.root, entry.name, entry.transfer_id)
+            if self._kept.get(key) is not entry:
+                # Taken back meanwhile (a resume began here), or left again
+                # since (a newer entry): not this eviction's to remove.
+                continue
+            del self._kept[key]
             try:
                 evicted = await self._evict(entry)
             except Exception as exc:
