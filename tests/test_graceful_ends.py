@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from conduit import Client, ClientDescriptor, FileTransferHandler, Server, ServerDescriptor
-from conftest import PassThroughStream, serve_until_cancelled
+from conftest import PassThroughStream, count_reconnects, serve_until_cancelled
 
 PASSWORD = "graceful-ends"
 
@@ -176,6 +176,24 @@ async def test_a_server_closed_then_started_again_gets_its_clients_back(
             await client.disconnect()
             await restarted.close()
     assert "disconnected: peer closed the connection: server shutting down" in caplog.text
+
+
+async def test_a_server_closed_for_good_lets_its_clients_go() -> None:
+    """``server.close(going_away=False)``: a server retired, not restarted.
+    Its clients end at once, without a minute of reconnect attempts."""
+    server = _server_with_hello()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = _client_of(server.port)
+            attempts = count_reconnects(client)
+            await client.connect()
+            assert await client.call("hello") == "hi"
+            await server.close("retired", going_away=False)
+            with trio.fail_after(5):  # not the 8 attempts _client_of would make
+                await client.wait_closed()
+    assert attempts == []
+    assert not client.connected and not client.reconnecting
 
 
 def test_an_asyncio_server_task_cancelled_says_it_is_going_away(

@@ -632,6 +632,37 @@ async def test_lifecycle_hooks_that_take_an_argument_get_the_client() -> None:
     )
 
 
+async def test_a_transfer_whose_reconnect_gave_up_says_why(tmp_path: Path) -> None:
+    """The server shut down for good in the middle of an upload: the client
+    tries to come back, gives up, and the upload's failure says why (before,
+    only how the connection was lost: "server shutting down")."""
+    source = tmp_path / "big.bin"
+    await trio.to_thread.run_sync(write_random_file, source, 8 * MiB)
+    server = _server()
+    FileTransferHandler(tmp_path / "server").register_server_handlers(server)
+    closed = False
+
+    async def close_the_server_once(progress: TransferProgress) -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            await server.close()  # for good: nothing listens there again
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = _client(server.port, reconnect_attempts=2)
+            await client.connect()
+            sender = FileTransferHandler(tmp_path / "client")
+            result = await sender.send_to_server(client, source, on_progress=close_the_server_once)
+    assert result["success"] is False and result["code"] == "connection_closed", result
+    assert result["error"].startswith(
+        "peer closed the connection: server shutting down (not reconnected: "
+        "2 reconnect attempts failed, the last: "
+    ), result
+    assert result["error"].endswith("Connection refused)"), result
+
+
 async def test_a_given_stream_is_not_redialled() -> None:
     server = _server()
     async with trio.open_nursery() as nursery:

@@ -19,6 +19,7 @@ import trio
 from . import _heartbeats as heartbeats
 from ._bridge import bridged
 from ._callbacks import calling_task, invoke, wants_an_argument
+from ._connect_error import describe_connect_error
 from ._connection import Connection
 from ._endpoint import Endpoint
 from ._handshake_io import ClientRun, Established, client_handshake, open_tls
@@ -190,6 +191,9 @@ class Client(Endpoint):
         # The stretched password, kept for the life of this Client: reconnects
         # pay no Argon2id (accounts mode; shared mode memoises per process).
         self._prover_cache = ProverCache()
+        #: Why the last automatic reconnect gave up (None: it has not), for
+        #: the errors of what waited for it (see :meth:`_wait_reconnected`).
+        self._gave_up: str | None = None
         #: The SSL context of :meth:`_ssl_context`, with the descriptor it is of.
         self._built_ssl_context: tuple[ClientDescriptor, ssl.SSLContext | None] | None = None
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
@@ -639,8 +643,8 @@ class Client(Endpoint):
         handshake presented)."""
         if token and self._peer is not None and welcome.client_id != self._peer.id:
             log.warning(
-                "the server did not recognise this client (resume token expired?): "
-                "client id %s is now %s",
+                "the server did not recognise this client's resume token (it expired, or "
+                "the server was restarted): client id %s is now %s",
                 self._peer.id,
                 welcome.client_id,
             )
@@ -744,6 +748,8 @@ class Client(Endpoint):
         descriptor = self.descriptor
         limit = descriptor.reconnect_attempts
         attempt = 0
+        self._gave_up = None
+        last: BaseException | None = None
         while limit == 0 or attempt < limit:
             attempt += 1
             # Up to 25% less than the nominal wait, so that the clients of a
@@ -780,10 +786,15 @@ class Client(Endpoint):
                 # Never retry a refused password: no retry storm, no lock-out
                 # of the user by their own client.
                 log.error("reconnect refused, giving up: %s", exc)
+                self._gave_up = f"the server refused the reconnect: {exc}"
                 return None
             except (OSError, ConduitError) as exc:
                 log.info("reconnect attempt %d%s failed: %s", attempt, of, exc)
+                last = exc
         log.error("could not reconnect after %d attempts; giving up", attempt)
+        self._gave_up = f"{attempt} reconnect attempts failed" + (
+            f", the last: {describe_connect_error(last)}" if last is not None else ""
+        )
         return None
 
     async def _wait_reconnected(self, lost: Peer) -> Peer:
@@ -794,7 +805,8 @@ class Client(Endpoint):
                 return peer
             if self._finished.is_set() or self._stopping:
                 reason = lost.connection.close_reason or "connection closed"
-                raise ConnectionClosed(f"{reason} (not reconnected)")
+                why = f": {self._gave_up}" if self._gave_up and not self._stopping else ""
+                raise ConnectionClosed(f"{reason} (not reconnected{why})")
             await self._changed.park()
 
     @bridged
@@ -860,7 +872,11 @@ class Client(Endpoint):
     async def wait_closed(self) -> None:
         """Wait until the connection ends for good (for clients that just serve the server's calls).
 
-        A connection that is lost and re-established does not count as ended.
+        A connection that is lost and re-established does not count as ended;
+        nor does one whose server shut down (it may be restarting), until the
+        automatic reconnect has given up (about a minute at the defaults) or
+        succeeded. A server closed with ``close(going_away=False)``, a
+        ``peer.close()`` or ``disconnect()`` end it at once.
         """
         if self._peer is not None:
             await self._peer.connection.closed.wait()

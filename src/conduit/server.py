@@ -109,6 +109,9 @@ class _Run:
     stop: trio.Event = attrs.field(factory=trio.Event)
     #: The goodbye the clients get (the first close()'s).
     reason: str = "server shutting down"
+    #: Whether that goodbye says the server is going away (its clients come
+    #: back), or ends their connections for good (the first close()'s).
+    going_away: bool = True
     #: Accepting connections (the accept loops own the listeners).
     serving: bool = False
     #: The nursery the run serves in (its connections, hooks and handlers run
@@ -456,13 +459,15 @@ class Server(Endpoint):
             with trio.move_on_after(2):
                 async with trio.open_nursery() as nursery:
                     for peer in list(self.clients.values()):
-                        nursery.start_soon(self._say_goodbye, peer, run.reason, run.stopped_by)
+                        nursery.start_soon(
+                            self._say_goodbye, peer, run.reason, run.going_away, run.stopped_by
+                        )
         finally:
             scope.cancel()
 
     @staticmethod
     async def _say_goodbye(
-        peer: Peer, reason: str, stopped_by: trio.lowlevel.Task | None = None
+        peer: Peer, reason: str, going_away: bool, stopped_by: trio.lowlevel.Task | None = None
     ) -> None:
         """Close one client's connection gracefully; an error there stops no other goodbye.
 
@@ -473,7 +478,7 @@ class Server(Endpoint):
         try:
             if stopped_by is not None:
                 await peer.connection.wait_answered(stopped_by)
-            await peer.connection.close(reason, 1.0, going_away=True)
+            await peer.connection.close(reason, 1.0, going_away=going_away)
         except Exception:
             log.exception("error closing the connection of client %s", peer.id)
 
@@ -519,12 +524,15 @@ class Server(Endpoint):
         raise RuntimeError(f"the server stopped before listening: {startup.why}") from startup.error
 
     @bridged
-    async def close(self, reason: str = "server shutting down") -> None:
+    async def close(self, reason: str = "server shutting down", *, going_away: bool = True) -> None:
         """Say goodbye to every client, stop listening, and wait for :meth:`run` to end.
 
         The goodbye says the server is going away (it may be restarting):
         clients with automatic reconnect try to come back, with their usual
-        backoff. To end one client's connection for good, use ``peer.close()``.
+        backoff. ``going_away=False`` ends their connections for good instead
+        (a server retired, not restarted: its clients do not spend a minute
+        trying to come back). To end one client's connection for good, use
+        ``peer.close()``.
 
         A run that is not serving yet (still binding or preparing) ends
         without serving. Cancelling close() (a timeout around it) does not
@@ -554,6 +562,7 @@ class Server(Endpoint):
         self._arrivals.unpark_all()  # pushes waiting for a client: none comes back
         if not run.stop.is_set():
             run.reason = reason
+            run.going_away = going_away
             run.stop.set()
         if not run.serving:
             # Binding or preparing: no client to say goodbye to, nor a task of

@@ -28,6 +28,7 @@ from .. import (
     HandshakeTimeout,
     LockedOut,
 )
+from .._connect_error import describe_connect_error
 from ._tls_probe import speaks_tls
 
 PASSWORD_ENV = "CONDUIT_PASSWORD"
@@ -308,25 +309,6 @@ class ClientOptions:
     tls_server_hostname: str | None = None
     #: The account to log in as (servers with accounts); None: shared password.
     username: str | None = None
-
-
-def describe_connect_error(exc: BaseException) -> str:
-    """Why a connection failed, in words: trio's "all attempts to connect ... failed"
-    hides the per-address reasons (connection refused, unreachable) in its cause."""
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        reasons = []
-        for leaf in cause.exceptions:
-            if isinstance(leaf, OSError) and leaf.errno:
-                reason = os.strerror(leaf.errno)
-            else:
-                reason = str(leaf)
-            if reason not in reasons:
-                reasons.append(reason)
-        return "; ".join(reasons)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
 
 
 @contextlib.asynccontextmanager

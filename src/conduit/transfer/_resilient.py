@@ -69,8 +69,10 @@ async def on_client(client: Client, attempt: Attempt) -> dict[str, Any]:
             return result
         try:
             peer = await client._wait_reconnected(peer)
-        except ConnectionClosed:
-            return result
+        except ConnectionClosed as exc:
+            # Not coming back: the caller's failure says why (the reconnect
+            # gave up, and on what), not only how the connection was lost.
+            return {**result, "error": str(exc)}
         log.info("connection back; resuming the transfer (%s)", result.get("error"))
         result = await _retry_busy(peer, attempt)
     return result
