@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypedDict
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -661,6 +662,16 @@ async def test_a_transfer_whose_reconnect_gave_up_says_why(tmp_path: Path) -> No
         "2 reconnect attempts failed, the last: "
     ), result
     assert result["error"].endswith("Connection refused)"), result
+    # Connected again, the client forgets why that reconnect gave up: a later
+    # loss of another kind must not be explained by it.
+    again = _server()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(again.run)
+        client.descriptor = attrs.evolve(client.descriptor, server_port=again.port)
+        await client.connect()
+        assert client._gave_up is None
+        await client.disconnect()
+        await again.close()
 
 
 async def test_a_given_stream_is_not_redialled() -> None:

@@ -650,6 +650,7 @@ class Client(Endpoint):
             )
         self._resume_token = b"" if given else welcome.resume_token
         self._peer = peer
+        self._gave_up = None  # a new session: a reconnect given up before is history
         if token:
             # The server keeps the token we presented good until it hears from
             # us (our WELCOME may have been lost on the way): a PING now spends
