@@ -21,15 +21,13 @@ import trio
 
 from conduit import (
     Client,
-    ClientDescriptor,
     FileTransferHandler,
     Peer,
     Server,
-    ServerDescriptor,
 )
 from conduit.cli._serve import ServeOptions, build_server
 from conftest import PASSWORD, ClientFactory, ServerFactory, wait_until
-from transfer_helpers import MiB, make_file
+from transfer_helpers import MiB, asyncio_file_server, make_file
 
 Served = tuple[Peer, str, dict[str, Any]]
 
@@ -139,37 +137,19 @@ def test_an_async_callback_runs_in_asyncio_under_asyncio_run(tmp_path: Path) -> 
     seen: list[tuple[str, bool, bool]] = []
 
     async def main() -> None:
-        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
-        transfer = FileTransferHandler(storage_dir=storage)
-        transfer.register_server_handlers(server)
+        async with asyncio_file_server(storage) as (transfer, client):
 
-        @transfer.on_file_served
-        async def served(client: Peer, name: str, metadata: dict[str, Any]) -> None:
-            await asyncio.sleep(0)
-            seen.append((name, metadata["success"], asyncio.current_task() is not None))
+            @transfer.on_file_served
+            async def served(client: Peer, name: str, metadata: dict[str, Any]) -> None:
+                await asyncio.sleep(0)
+                seen.append((name, metadata["success"], asyncio.current_task() is not None))
 
-        task = asyncio.create_task(server.run())
-        try:
+            got = await FileTransferHandler().receive_from_server(client, "f.bin", tmp_path / "out")
+            assert got["checksum"] == hashlib.sha256(data).hexdigest(), got
             for _ in range(500):
-                if server.is_running:
+                if seen:
                     break
                 await asyncio.sleep(0.01)
-            client = Client(ClientDescriptor(server_port=server.port, password="pw"))
-            await client.connect()
-            try:
-                got = await FileTransferHandler().receive_from_server(
-                    client, "f.bin", tmp_path / "out"
-                )
-                assert got["checksum"] == hashlib.sha256(data).hexdigest(), got
-                for _ in range(500):
-                    if seen:
-                        break
-                    await asyncio.sleep(0.01)
-            finally:
-                await client.disconnect()
-        finally:
-            await server.close()
-            await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
     assert seen == [("f.bin", True, True)]

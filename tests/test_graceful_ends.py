@@ -121,26 +121,23 @@ async def test_a_close_right_after_a_download_was_served_lets_its_last_frames_ou
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
-async def test_a_server_run_cancelled_from_outside_says_it_is_going_away(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A server's run() cancelled (what Ctrl-C does to ``trio.run(server.run)``)
-    ends its connections with a GOODBYE that says the server is going away:
-    a client with automatic reconnect comes back once a server listens there
-    again (a restart), as netconduit's clients do. Before, the goodbye made
-    every close look meant, and a restarted server's clients stayed away.
-    (A server closing one connection, ``peer.close()``, is not going away:
-    its client does not come back, see test_server_client.py.)"""
+async def _the_client_comes_back(stop: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client of a server stopped by ``stop`` ("cancel" its run, or
+    "close" it) comes back to the server started again on the same port."""
     caplog.set_level(logging.INFO, logger="conduit.client")
+    first = _server_with_hello()
     with trio.fail_after(20):
         async with trio.open_nursery() as old_run:
-            run_scope, port = await serve_until_cancelled(old_run, _server_with_hello())
+            run_scope, port = await serve_until_cancelled(old_run, first)
             client = _client_of(port)
             back = trio.Event()
             client.on_reconnect(back.set)
             await client.connect()
             assert await client.call("hello") == "hi"
-            run_scope.cancel()
+            if stop == "close":
+                await first.close()
+            else:
+                run_scope.cancel()
         # The first server is gone; the same port serves again.
         restarted = _server_with_hello(port)
         async with trio.open_nursery() as nursery:
@@ -152,30 +149,25 @@ async def test_a_server_run_cancelled_from_outside_says_it_is_going_away(
     assert "disconnected: peer closed the connection: server shutting down" in caplog.text
 
 
+async def test_a_server_run_cancelled_from_outside_says_it_is_going_away(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server's run() cancelled (what Ctrl-C does to ``trio.run(server.run)``)
+    ends its connections with a GOODBYE that says the server is going away:
+    a client with automatic reconnect comes back once a server listens there
+    again (a restart), as netconduit's clients do. Before, the goodbye made
+    every close look meant, and a restarted server's clients stayed away.
+    (A server closing one connection, ``peer.close()``, is not going away:
+    its client does not come back, see test_server_client.py.)"""
+    await _the_client_comes_back("cancel", caplog)
+
+
 async def test_a_server_closed_then_started_again_gets_its_clients_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``server.close()`` (an operator's restart) says the same as a cancelled
     run: its clients come back to the server started again on the port."""
-    caplog.set_level(logging.INFO, logger="conduit.client")
-    first = _server_with_hello()
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(first.run)
-            port = first.port
-            client = _client_of(port)
-            back = trio.Event()
-            client.on_reconnect(back.set)
-            await client.connect()
-            assert await client.call("hello") == "hi"
-            await first.close()
-            restarted = _server_with_hello(port)
-            await nursery.start(restarted.run)
-            await back.wait()
-            assert await client.call("hello") == "hi"
-            await client.disconnect()
-            await restarted.close()
-    assert "disconnected: peer closed the connection: server shutting down" in caplog.text
+    await _the_client_comes_back("close", caplog)
 
 
 async def test_a_server_closed_for_good_lets_its_clients_go() -> None:

@@ -119,6 +119,13 @@ GOOD_FILE_SIZE = 256 * 1024
 U32_MAX = 2**32 - 1
 
 
+def clear_hello(password: str = PASSWORD) -> bytes:
+    """A client's first handshake frame, in clear, for ``password``."""
+    return ClientHandshake(
+        password, name="x", max_frame_size=1 << 20, receive_window=4 << 20
+    ).start()
+
+
 # --------------------------------------------------------------------------- arena
 
 
@@ -273,9 +280,7 @@ async def test_clear_text_length_field_of_2_32_minus_1(arena: ArenaFactory) -> N
 )
 async def test_truncated_hello_then_eof(arena: ArenaFactory) -> None:
     a = await arena(auth_timeout=30)
-    hello = ClientHandshake(
-        PASSWORD, name="x", max_frame_size=1 << 20, receive_window=4 << 20
-    ).start()
+    hello = clear_hello()
     peer = await RawPeer.open(a.port)
     await peer.send_raw(hello[: len(hello) // 2])
     await peer.stream.send_eof()
@@ -295,9 +300,7 @@ async def test_truncated_hello_then_eof(arena: ArenaFactory) -> None:
 )
 async def test_resets_before_the_hello_are_logged_within_a_budget(arena: ArenaFactory) -> None:
     a = await arena(auth_timeout=30)
-    hello = ClientHandshake(
-        PASSWORD, name="x", max_frame_size=1 << 20, receive_window=4 << 20
-    ).start()
+    hello = clear_hello()
     for _ in range(60):
         peer = await RawPeer.open(a.port, local_address="127.0.0.9")
         await peer.send_raw(hello[:7])
@@ -397,9 +400,7 @@ async def test_second_hello_on_one_connection(arena: ArenaFactory) -> None:
     a = await arena(auth_timeout=30)
     peer = await RawPeer.open(a.port)
     for _ in range(2):
-        hello = ClientHandshake(
-            "guess", name="x", max_frame_size=1 << 20, receive_window=4 << 20
-        ).start()
+        hello = clear_hello("guess")
         with contextlib.suppress(trio.BrokenResourceError):
             await peer.send_raw(hello)
     reply = await read_until_closed(peer.stream)
@@ -451,9 +452,7 @@ async def test_replayed_session_is_refused(arena: ArenaFactory, proxy_factory: A
 )
 async def test_slowloris_is_dropped_after_auth_timeout(arena: ArenaFactory) -> None:
     a = await arena(auth_timeout=2)
-    hello = ClientHandshake(
-        PASSWORD, name="x", max_frame_size=1 << 20, receive_window=4 << 20
-    ).start()
+    hello = clear_hello()
     peer = await RawPeer.open(a.port)
     sent = 0
 

@@ -16,15 +16,12 @@ import trio
 
 from conduit import (
     Client,
-    ClientDescriptor,
     FileTransferHandler,
     Peer,
-    Server,
-    ServerDescriptor,
     TransferProgress,
 )
 from conftest import ClientFactory, ServerFactory
-from transfer_helpers import MiB, make_file
+from transfer_helpers import MiB, asyncio_file_server, make_file
 
 
 def _check_reports(reports: list[TransferProgress], name: str, size: int) -> None:
@@ -97,28 +94,15 @@ def test_an_async_callback_runs_in_asyncio_under_asyncio_run(tmp_path: Path) -> 
     seen: list[tuple[int, bool]] = []
 
     async def main() -> None:
-        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
-        transfer = FileTransferHandler(storage_dir=tmp_path / "server")
-        transfer.register_server_handlers(server)
+        async with asyncio_file_server(tmp_path / "server") as (transfer, client):
 
-        @transfer.on_progress
-        async def progress(client: Any, report: TransferProgress) -> None:
-            await asyncio.sleep(0)
-            seen.append((report.transferred, asyncio.current_task() is not None))
+            @transfer.on_progress
+            async def progress(client: Any, report: TransferProgress) -> None:
+                await asyncio.sleep(0)
+                seen.append((report.transferred, asyncio.current_task() is not None))
 
-        task = asyncio.create_task(server.run())
-        try:
-            await asyncio.wait_for(server.wait_listening(), 10)
-            client = Client(ClientDescriptor(server_port=server.port, password="pw"))
-            await client.connect()
-            try:
-                sent = await FileTransferHandler().send_to_server(client, str(source))
-                assert sent["success"], sent
-            finally:
-                await client.disconnect()
-        finally:
-            await server.close()
-            await asyncio.wait_for(task, 10)
+            sent = await FileTransferHandler().send_to_server(client, str(source))
+            assert sent["success"], sent
 
     asyncio.run(main())
     assert seen and seen[-1] == (3 * MiB, True)

@@ -851,19 +851,26 @@ async def _pushing_server(
     return source, _server(), server_transfer
 
 
+async def _push_target(tmp_path: Path, server: Server, port: int) -> str:
+    """The id of a client (no automatic reconnect) that takes pushes into
+    ``tmp_path / "client-store"``, connected through ``port`` and served."""
+    client = _client(port, reconnect_enabled=False)
+    FileTransferHandler(tmp_path / "client-store").register_client_handlers(client)
+    await client.connect()
+    assert client.id is not None
+    await served(server, client)
+    return client.id
+
+
 async def test_push_gives_up_when_the_client_does_not_come_back(tmp_path: Path) -> None:
     size = 4 * MiB
     source, server, server_transfer = await _pushing_server(tmp_path, size, 0.5)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         with CuttingProxy(port, cut_after=("s2c", size // 2)) as proxy:
-            client = _client(proxy.port, reconnect_enabled=False)
-            FileTransferHandler(tmp_path / "client-store").register_client_handlers(client)
-            await client.connect()
-            assert client.id is not None
-            await served(server, client)
+            client_id = await _push_target(tmp_path, server, proxy.port)
             with trio.fail_after(10):
-                result = await server_transfer.send_to_client(server, client.id, source)
+                result = await server_transfer.send_to_client(server, client_id, source)
             assert result["success"] is False and result["code"] == "connection_closed"
             assert proxy.accepted == 1
         await server.close()
@@ -917,12 +924,7 @@ async def test_a_push_waiting_for_its_client_ends_when_the_server_closes(
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         with CuttingProxy(port, cut_after=("s2c", size // 2)) as proxy:
-            client = _client(proxy.port, reconnect_enabled=False)
-            FileTransferHandler(tmp_path / "client-store").register_client_handlers(client)
-            await client.connect()
-            client_id = client.id
-            assert client_id is not None
-            await served(server, client)
+            client_id = await _push_target(tmp_path, server, proxy.port)
             results: list[dict[str, Any]] = []
 
             async def push() -> None:

@@ -9,9 +9,12 @@ so a test never blocks its event loop on the disk while a server is running.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import attrs
 import pytest
 import trio
 
-from conduit import FileTransferHandler, Server
+from conduit import Client, ClientDescriptor, FileTransferHandler, Server, ServerDescriptor
 from conduit._connection import Connection
 from conduit.transfer._names import partial_basename
 from conduit.transfer._space import owned_transfer_id
@@ -231,3 +234,25 @@ def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(Connection, "call", recording)
     return methods
+
+
+@contextlib.asynccontextmanager
+async def asyncio_file_server(storage: Path) -> AsyncIterator[tuple[FileTransferHandler, Client]]:
+    """Under ``asyncio.run``, as the guide's users run one: a server whose
+    transfer handler stores in ``storage``, and a client connected to it; the
+    client disconnected and the server closed on the way out."""
+    server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
+    transfer = FileTransferHandler(storage_dir=storage)
+    transfer.register_server_handlers(server)
+    task = asyncio.create_task(server.run())
+    try:
+        await asyncio.wait_for(server.wait_listening(), 10)
+        client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+        await client.connect()
+        try:
+            yield transfer, client
+        finally:
+            await client.disconnect()
+    finally:
+        await server.close()
+        await asyncio.wait_for(task, 10)
