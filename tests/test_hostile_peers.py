@@ -57,6 +57,7 @@ from conduit import (
     Peer,
     Server,
 )
+from conduit._resume import ResumeTokens
 from conduit._throttle import AuthThrottle
 from conduit.protocol import ClientHandshake, FrameDecoder, FrameKind, encode_frame
 from conduit.protocol.codec import data_header, decode_body
@@ -1311,6 +1312,47 @@ async def test_bytes_argument_given_an_integer(arena: ArenaFactory) -> None:
         tracemalloc.stop()
     assert peak < MEMORY_BOUND, f"a 9-byte argument made the server allocate {peak / MiB:.0f} MiB"
     assert result["success"] is False and result["code"] == "invalid_arguments", result
+    await a.check_healthy()
+
+
+# --------------------------------------------------------------------------- resume tokens
+
+
+async def _session(port: int, *, source: str | None = None, resume_token: bytes = b"") -> Client:
+    """A client connected from ``source`` (a 127.0.0.x address; 127.0.0.1 if None),
+    presenting ``resume_token`` (a client given its stream presents none)."""
+    client = Client(client_descriptor(port))
+    client._resume_token = resume_token
+    stream = None
+    if source is not None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+    with trio.fail_after(10):
+        await client.connect(stream=stream)
+    return client
+
+
+@hostile(
+    "resume-token-flood",
+    area="access control",
+    attack="a client holding the password connects and leaves 40 times from 127.0.0.2, a new "
+    "client each time (the server's resume-token table shrunk to 8), while an honest client "
+    "from 127.0.0.1 is away",
+    behaviour="the flood evicts only its own tokens: the honest client comes back with its "
+    "client id; the table holds 8 tokens",
+)
+async def test_a_flood_of_sessions_evicts_only_its_own_resume_tokens(arena: ArenaFactory) -> None:
+    a = await arena()
+    a.server._resume_tokens = ResumeTokens(max_tokens=8)
+    honest = await _session(a.port)
+    honest_id, honest_token = honest.id, honest._resume_token
+    await honest.disconnect()
+    for _ in range(40):
+        flood = await _session(a.port, source="127.0.0.2")
+        await flood.disconnect()
+    assert len(a.server._resume_tokens) == 8
+    back = await _session(a.port, resume_token=honest_token)
+    assert back.id == honest_id
+    await back.disconnect()
     await a.check_healthy()
 
 

@@ -1294,6 +1294,38 @@ def test_a_redeemed_token_stays_good_until_its_session_hears_from_the_client() -
     assert tokens.redeem(old, 1.0) is None
 
 
+def test_a_full_token_table_evicts_from_whoever_holds_the_most() -> None:
+    tokens = ResumeTokens(ttl=10.0, max_tokens=10)
+    honest = [tokens.issue(f"h{i}", owner=f"host:10.0.0.{i}") for i in range(3)]
+    flood = [tokens.issue(f"f{i}", owner="host:10.9.9.9") for i in range(50)]
+    assert len(tokens) == 10 and tokens.owners() == 4
+    assert all(tokens.redeem(token, 0.0) is None for token in flood[:43])
+    assert [tokens.redeem(token, 0.0) for token in flood[43:]] == [f"f{i}" for i in range(43, 50)]
+    assert [tokens.redeem(token, 0.0) for token in honest] == ["h0", "h1", "h2"]
+    assert len(tokens) == 0 and tokens.owners() == 0
+
+    # Two floods at once share the table evenly, and leave the others be.
+    honest_token = tokens.issue("h", owner="user:alice")
+    pairs = [
+        (tokens.issue(f"f{i}", owner="user:mallory"), tokens.issue(f"g{i}", owner="user:trudy"))
+        for i in range(30)
+    ]
+    assert len(tokens) == 10
+    kept = [tokens.redeem(f, 0.0) is not None for f, _ in pairs]
+    assert sum(kept) == 4 and kept[-4:] == [True] * 4  # the newest (it reached 5 first)
+    assert sum(tokens.redeem(g, 0.0) is not None for _, g in pairs) == 5
+    assert tokens.redeem(honest_token, 0.0) == "h"
+
+    # An owner's replaced, expired and redeemed tokens no longer count against it.
+    for _ in range(20):
+        tokens.issue("same", owner="user:alice")
+    kept = tokens.issue("other", owner="user:bob")
+    assert tokens.owners() == 2 and len(tokens) == 2
+    tokens.start_expiry(tokens.current("same"), now=0.0)
+    tokens.start_expiry(tokens.current("other"), now=50.0)  # sweeps "same"'s, expired
+    assert tokens.owners() == 1 and tokens.redeem(kept, 51.0) == "other"
+
+
 def test_resume_tokens_are_single_use_bounded_and_expire() -> None:
     tokens = ResumeTokens(ttl=10.0, max_tokens=3)
     first = tokens.issue("a")

@@ -12,8 +12,12 @@ alice's id, close her live connection as stale, or receive her pushes.
 Tokens are single-use (each WELCOME replaces the last one), kept as their
 SHA-256 (a table dump does not leak usable tokens), valid for
 :data:`RESUME_TTL` seconds after their connection ended, and the table is
-bounded: when it is full the oldest token goes, and that client simply gets a
-new id when it comes back.
+bounded (:data:`MAX_TOKENS`): when it is full a token goes, and its client
+simply gets a new id when it comes back. The token that goes is the oldest of
+the *owner* with the most tokens (an account, or in shared-password mode the
+address the client came from, see :func:`conduit._throttle.address_key`): one
+client that connects again and again, or many behind one address, evicts its
+own tokens, never those of the clients that come and go now and then.
 
 Single use counts from when the client is known to hold its next token: a
 redeemed token is *held* by the session that redeemed it until that session
@@ -39,7 +43,6 @@ import hashlib
 import heapq
 import math
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable
 
 import attrs
@@ -48,6 +51,9 @@ import attrs
 RESUME_TTL = 3600.0
 #: Tokens kept at most (one per client seen within ``RESUME_TTL``).
 MAX_TOKENS = 100_000
+#: The key of whoever a token counts against when the table is full (see the
+#: module docstring); None: one owner for all the tokens issued without one.
+Owner = str | None
 _TOKEN_BYTES = 32
 
 
@@ -56,6 +62,7 @@ class _Entry:
     client_id: str
     #: The authenticated account the token was issued to (None in shared mode).
     username: str | None
+    owner: Owner = None
     expires: float = math.inf
     #: Redeemed by a session that may not have heard from its client yet:
     #: whether it has (None: not held).
@@ -63,6 +70,20 @@ class _Entry:
     #: Fixed when first held: a token put back never lives past it (or one
     #: leaked could be kept good for ever, redeemed and dropped again and again).
     deadline: float = math.inf
+    #: The owner's tokens are a list, oldest first, linked through these
+    #: digests: a few bytes a token, where a container per owner would double
+    #: the table's size when every client comes from an address of its own.
+    older: bytes | None = None
+    newer: bytes | None = None
+
+
+@attrs.define
+class _OwnerTokens:
+    """The ends of one owner's list of tokens, and its length."""
+
+    oldest: bytes
+    newest: bytes
+    count: int = 1
 
 
 class ResumeTokens:
@@ -75,8 +96,14 @@ class ResumeTokens:
     def __init__(self, *, ttl: float = RESUME_TTL, max_tokens: int = MAX_TOKENS) -> None:
         self._ttl = ttl
         self._max = max_tokens
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: dict[bytes, _Entry] = {}
         self._by_client: dict[str, bytes] = {}
+        # Each owner's tokens, oldest first, and the owners by how many they
+        # hold (each count's owners in the order they reached it): a full
+        # table evicts from the biggest owner in O(1), as an LFU cache does.
+        self._owner_tokens: dict[Owner, _OwnerTokens] = {}
+        self._owners_by_count: dict[int, dict[Owner, None]] = {}
+        self._top_count = 0
         # (expires, digest) of every start_expiry, soonest first: the sweep
         # pops what is due instead of scanning the table on each disconnect.
         # Items whose token was redeemed or replaced since are skipped then.
@@ -86,24 +113,30 @@ class ResumeTokens:
         return len(self._entries)
 
     def issue(
-        self, client_id: str, username: str | None = None, token: bytes | None = None
+        self,
+        client_id: str,
+        username: str | None = None,
+        token: bytes | None = None,
+        *,
+        owner: Owner = None,
     ) -> bytes:
         """A new token for ``client_id`` (logged in as ``username``), replacing the one it had.
 
         ``token``: one made beforehand by :func:`new_token` (a WELCOME sent
         before the client had confirmed carries it; it is valid from now on).
+        ``owner``: whom the token counts against when the table is full (its
+        account, or the address key of its client in shared-password mode).
         """
         self._forget(client_id)
         if token is None:
             token = new_token()
         digest = token_digest(token)
-        self._entries[digest] = _Entry(client_id, username)
+        entry = self._entries[digest] = _Entry(client_id, username, owner)
         self._by_client[client_id] = digest
+        self._count_in(entry, digest)
         while len(self._entries) > self._max:
-            evicted, oldest = self._entries.popitem(last=False)
-            # (A held token is not its client's current one: leave that be.)
-            if self._by_client.get(oldest.client_id) == evicted:
-                del self._by_client[oldest.client_id]
+            biggest = next(iter(self._owners_by_count[self._top_count]))
+            self.spend(self._owner_tokens[biggest].oldest)
         return token
 
     def redeem(
@@ -165,8 +198,12 @@ class ResumeTokens:
     def spend(self, handle: bytes) -> None:
         """Forget ``handle``'s token: good no more (a no-op for one already gone)."""
         entry = self._entries.pop(handle, None)
-        if entry is not None and self._by_client.get(entry.client_id) == handle:
+        if entry is None:
+            return
+        # (A held token is not its client's current one: leave that be.)
+        if self._by_client.get(entry.client_id) == handle:
             del self._by_client[entry.client_id]
+        self._count_out(entry)
 
     def current(self, client_id: str) -> bytes | None:
         """A handle on ``client_id``'s token now (for :meth:`start_expiry`), if it has one."""
@@ -187,10 +224,14 @@ class ResumeTokens:
                 self._rebuild_expiries()
         self._sweep(now)
 
+    def owners(self) -> int:
+        """How many owners hold a token now (for tests and diagnostics)."""
+        return len(self._owner_tokens)
+
     def _forget(self, client_id: str) -> None:
-        digest = self._by_client.pop(client_id, None)
+        digest = self._by_client.get(client_id)
         if digest is not None:
-            self._entries.pop(digest, None)
+            self.spend(digest)
 
     def _sweep(self, now: float) -> None:
         expiries = self._expiries
@@ -198,9 +239,49 @@ class ResumeTokens:
             _, digest = heapq.heappop(expiries)
             entry = self._entries.get(digest)
             if entry is not None and entry.expires <= now:
-                del self._entries[digest]
-                if self._by_client.get(entry.client_id) == digest:
-                    del self._by_client[entry.client_id]
+                self.spend(digest)
+
+    def _count_in(self, entry: _Entry, digest: bytes) -> None:
+        """Append ``entry`` (just put in the table) to its owner's list."""
+        tokens = self._owner_tokens.get(entry.owner)
+        if tokens is None:
+            tokens = self._owner_tokens[entry.owner] = _OwnerTokens(digest, digest, 0)
+        else:
+            entry.older = tokens.newest
+            self._entries[tokens.newest].newer = digest
+            tokens.newest = digest
+        tokens.count += 1
+        self._move(entry.owner, tokens.count - 1, tokens.count)
+        self._top_count = max(self._top_count, tokens.count)
+
+    def _count_out(self, entry: _Entry) -> None:
+        """Unlink ``entry`` (just taken out of the table) from its owner's list."""
+        tokens = self._owner_tokens[entry.owner]
+        older, newer = entry.older, entry.newer
+        if older is not None:
+            self._entries[older].newer = newer
+        elif newer is not None:
+            tokens.oldest = newer
+        if newer is not None:
+            self._entries[newer].older = older
+        elif older is not None:
+            tokens.newest = older
+        tokens.count -= 1
+        self._move(entry.owner, tokens.count + 1, tokens.count)
+        if not tokens.count:
+            del self._owner_tokens[entry.owner]
+        # Counts move by one, so the top count is found again by stepping down.
+        while self._top_count and self._top_count not in self._owners_by_count:
+            self._top_count -= 1
+
+    def _move(self, owner: Owner, old: int, new: int) -> None:
+        if old:
+            owners = self._owners_by_count[old]
+            del owners[owner]
+            if not owners:
+                del self._owners_by_count[old]
+        if new:
+            self._owners_by_count.setdefault(new, {})[owner] = None
 
     def _rebuild_expiries(self) -> None:
         # Bound the heap: drop the items of tokens redeemed, replaced or evicted.
@@ -222,4 +303,4 @@ def token_digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
-__all__ = ["MAX_TOKENS", "RESUME_TTL", "ResumeTokens", "new_token", "token_digest"]
+__all__ = ["MAX_TOKENS", "RESUME_TTL", "Owner", "ResumeTokens", "new_token", "token_digest"]

@@ -75,6 +75,12 @@ class _Arrival:
         """For log lines: host:port ([host]:port for IPv6), as people read them."""
         return format_address(self.address)
 
+    def token_owner(self, username: str | None) -> str:
+        """Whom this client's resume token counts against (see ``conduit._resume``):
+        its account, or in shared-password mode the address it came from (a
+        server is in one mode or the other, so the two never meet)."""
+        return username if username is not None else self.host
+
 
 async def _offer_patiently(connection: Connection, event: str, data: Any) -> bool:
     """Queue a broadcast's message for one client, waiting for room while the
@@ -720,7 +726,10 @@ class Server(Endpoint):
                     established.welcomed = None
                     client_id = welcomed.client_id
                     self._resume_tokens.issue(
-                        client_id, established.username, welcomed.resume_token
+                        client_id,
+                        established.username,
+                        welcomed.resume_token,
+                        owner=arrival.token_owner(established.username),
                     )
                     return established, client_id, None
                 client_id, held = await self._client_id_for(stream, established, arrival)
@@ -738,7 +747,12 @@ class Server(Endpoint):
                     # as on the early path above: a token whose WELCOME was never
                     # sent would stay valid for ever, its clock being started only
                     # by the end of a session (which never began).
-                    self._resume_tokens.issue(client_id, established.username, token)
+                    self._resume_tokens.issue(
+                        client_id,
+                        established.username,
+                        token,
+                        owner=arrival.token_owner(established.username),
+                    )
                 except BaseException:
                     if held is not None:  # its WELCOME, with the next token, never went
                         held.settle(self._resume_tokens)
