@@ -249,6 +249,90 @@ async def test_total_partial_bytes_are_capped(
     assert kept == [], kept  # both abandoned partials made room
 
 
+async def leave_partial(server: Server, storage: Path, source: str, name: str, size: int) -> Path:
+    """The partial an upload from ``source`` leaves after ``size`` of its bytes, its
+    connection closed (of an upload declared one byte longer)."""
+    before = set(partial_files(storage))
+    client = await connect_from(server, source)
+    answer = await begin(client, name, size + 1, hashlib.sha256(name.encode()).hexdigest()[:32])
+    assert answer["success"], answer
+    outgoing = client.server.connection.open_outgoing_stream(answer["data"]["stream_id"])
+    await outgoing.send([os.urandom(size)])
+
+    def written() -> list[Path]:
+        return [p for p in partial_files(storage) if p not in before and p.stat().st_size == size]
+
+    await wait_until(lambda: bool(written()), timeout=10)
+    await client.disconnect()
+    await wait_until(lambda: not server.clients, timeout=10)
+    (partial,) = written()
+    return partial
+
+
+@hostile(
+    "disk-evict-for-nothing",
+    area="disk",
+    attack="max_partial_bytes=3 MiB: two abandoned 1 MiB partials from 127.0.0.1, then a "
+    "client from 127.0.0.5 begins an upload declaring 10**15 bytes, then one of 2 MiB",
+    behaviour="the huge begin is refused with 'no_space' and evicts nothing (all the partials "
+    "together could not make room for it); the 2 MiB begin evicts one partial, the oldest",
+    found="a begin evicted every abandoned partial of every owner before it was refused: one "
+    "size field cost all the other clients their resumes (isolation review)",
+)
+async def test_a_begin_that_cannot_fit_evicts_nothing(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_partial_bytes=3 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(60):
+        older = await leave_partial(server, storage, "127.0.0.1", "a.bin", MiB)
+        newer = await leave_partial(server, storage, "127.0.0.1", "b.bin", MiB)
+        other = await connect_from(server, "127.0.0.5")
+        huge = await begin(other, "huge.bin", 10**15, "e" * 32)
+        assert huge["success"] is False and huge["code"] == "no_space", huge
+        assert set(partial_files(storage)) == {older, newer}
+        fits = await begin(other, "fits.bin", 2 * MiB, "f" * 32)
+        assert fits["success"], fits
+        assert not older.exists() and newer.exists()
+        await other.disconnect()
+
+
+@hostile(
+    "disk-evict-own-first",
+    area="disk",
+    attack="max_partial_bytes=3 MiB: an abandoned 1 MiB partial from 127.0.0.1, then one from "
+    "127.0.0.5; user carol (quota 1 MiB) begins a 2 MiB upload; then a client from 127.0.0.5 "
+    "begins one",
+    behaviour="carol's begin is refused with 'quota_exceeded' and evicts nothing; the begin "
+    "from 127.0.0.5 evicts that address's own partial, though the other is older",
+    found="room was made with the oldest partials whoever they were, and before the quota "
+    "refused the upload (isolation review)",
+)
+async def test_a_begin_evicts_its_owners_partials_first(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    accounts: Accounts,
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_partial_bytes=3 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(60):
+        first = await leave_partial(server, storage, "127.0.0.1", "a.bin", MiB)
+        second = await leave_partial(server, storage, "127.0.0.5", "b.bin", MiB)
+        carol = await client_factory(server)
+        await as_user(server, carol, accounts, "carol")
+        over = await begin(carol, "big.bin", 2 * MiB, "c" * 32)
+        assert over["success"] is False and over["code"] == "quota_exceeded", over
+        assert first.exists() and second.exists()
+        other = await connect_from(server, "127.0.0.5")
+        fits = await begin(other, "fits.bin", 2 * MiB, "f" * 32)
+        assert fits["success"], fits
+        assert first.exists() and not second.exists()
+        await other.disconnect()
+
+
 # --------------------------------------------------------------------------- expiry
 
 

@@ -592,8 +592,8 @@ class DiskBudget:
                             f"{name!r} is being written by another upload; try again later",
                             "busy",
                         )
-            self._make_room_on_disk(storage, size - start, own)
-            self._make_room_for_partials(size, own)
+            # The user's own quota first: what it evicts is the user's own, and
+            # an upload it refuses must not have cost anybody else a partial.
             if quota is not None and not (
                 walked is None and self._fits_bound_locked(storage, prefix, size - start, quota)
             ):
@@ -602,6 +602,8 @@ class DiskBudget:
                     walked = storage.stored_bytes()  # changed since: count again, here
                 root.usage = _Usage(walked, time.monotonic())
                 self._make_room_in_quota(storage, prefix, walked, size - start, quota, own)
+            self._make_room_on_disk(storage, size - start, own, owner)
+            self._make_room_for_partials(size, own, owner)
             self._abandoned.pop(own, None)
             self._active.add(admission)
             # Its partial's directories are made now, before any byte counts:
@@ -713,13 +715,15 @@ class DiskBudget:
             a.remaining() for a in self._active if storage is None or a.storage.path == storage.path
         )
 
-    def _make_room_on_disk(self, storage: StorageRoot, needed: int, own: _Path) -> None:
+    def _make_room_on_disk(
+        self, storage: StorageRoot, needed: int, own: _Path, owner: str
+    ) -> None:
         margin = self._settings.free_space_margin
 
         def shortfall() -> int:
             return needed - (storage.free_space() - self._reserved() - margin)
 
-        if not self._evict_until(shortfall, own, ()):
+        if not self._evict_until(shortfall, own, (), owner):
             available = max(0, storage.free_space() - self._reserved() - margin)
             raise TransferError(
                 f"not enough disk space: {needed} bytes needed, {available} available "
@@ -727,7 +731,7 @@ class DiskBudget:
                 "no_space",
             )
 
-    def _make_room_for_partials(self, size: int, own: _Path) -> None:
+    def _make_room_for_partials(self, size: int, own: _Path, owner: str) -> None:
         cap = self._settings.max_partial_bytes
         if cap is None:
             return
@@ -736,7 +740,7 @@ class DiskBudget:
             kept = sum(e.size for p, e in self._abandoned.items() if p != own)
             return kept + sum(a.size for a in self._active) + size - cap
 
-        if not self._evict_until(shortfall, own, ()):
+        if not self._evict_until(shortfall, own, (), owner):
             raise TransferError(
                 f"unfinished uploads would exceed the limit of {cap} bytes; try again later",
                 "no_space",
@@ -785,15 +789,25 @@ class DiskBudget:
         def shortfall() -> int:
             return self._quota_shortfall(storage, prefix, stored, needed, quota)
 
-        if not self._evict_until(shortfall, own, prefix):
+        if not self._evict_until(shortfall, own, prefix, None):
             raise TransferError(
                 f"the {what} would exceed this account's quota of {quota} bytes",
                 "quota_exceeded",
             )
 
-    def _evict_until(self, shortfall: Callable[[], int], own: _Path, within: _Path) -> bool:
-        """Evict the oldest abandoned partials (below ``within``) until ``shortfall() <= 0``."""
-        if shortfall() <= 0:
+    def _evict_until(
+        self, shortfall: Callable[[], int], own: _Path, within: _Path, owner: str | None
+    ) -> bool:
+        """Evict the oldest abandoned partials (below ``within``) until ``shortfall() <= 0``:
+        ``owner``'s first (the one asking pays first), then the others'.
+
+        Nothing is evicted when all of them together could not cover the
+        shortfall: the request is refused anyway, and a request for more than
+        the disk holds (one size field) must not cost the others their
+        partials, each a resume they were promised.
+        """
+        missing = shortfall()
+        if missing <= 0:
             return True
         candidates = sorted(
             (
@@ -801,8 +815,10 @@ class DiskBudget:
                 for path, entry in self._abandoned.items()
                 if path != own and path[: len(within)] == within
             ),
-            key=lambda entry: entry.modified,
+            key=lambda entry: (entry.owner != owner, entry.modified),
         )
+        if sum(entry.size for entry in candidates) < missing:
+            return False
         for entry in candidates:
             if self._remove_locked(entry):
                 log.info("evicted abandoned partial %s to make room", "/".join(entry.path))
