@@ -1312,18 +1312,19 @@ def test_a_full_token_table_evicts_from_whoever_holds_the_most() -> None:
     ]
     assert len(tokens) == 10
     kept = [tokens.redeem(f, 0.0) is not None for f, _ in pairs]
-    assert sum(kept) == 4 and kept[-4:] == [True] * 4  # the newest (it reached 5 first)
+    # Its newest four: it reached five first, so it was first to give one back.
+    assert sum(kept) == 4 and kept[-4:] == [True] * 4
     assert sum(tokens.redeem(g, 0.0) is not None for _, g in pairs) == 5
     assert tokens.redeem(honest_token, 0.0) == "h"
 
     # An owner's replaced, expired and redeemed tokens no longer count against it.
     for _ in range(20):
         tokens.issue("same", owner="user:alice")
-    kept = tokens.issue("other", owner="user:bob")
+    bobs = tokens.issue("other", owner="user:bob")
     assert tokens.owners() == 2 and len(tokens) == 2
     tokens.start_expiry(tokens.current("same"), now=0.0)
     tokens.start_expiry(tokens.current("other"), now=50.0)  # sweeps "same"'s, expired
-    assert tokens.owners() == 1 and tokens.redeem(kept, 51.0) == "other"
+    assert tokens.owners() == 1 and tokens.redeem(bobs, 51.0) == "other"
 
 
 def test_resume_tokens_are_single_use_bounded_and_expire() -> None:

@@ -715,9 +715,7 @@ class DiskBudget:
             a.remaining() for a in self._active if storage is None or a.storage.path == storage.path
         )
 
-    def _make_room_on_disk(
-        self, storage: StorageRoot, needed: int, own: _Path, owner: str
-    ) -> None:
+    def _make_room_on_disk(self, storage: StorageRoot, needed: int, own: _Path, owner: str) -> None:
         margin = self._settings.free_space_margin
 
         def shortfall() -> int:
