@@ -23,6 +23,7 @@ from conduit import (
     AuthenticationError,
     Client,
     ClientDescriptor,
+    ConnectionClosed,
     FileTransferHandler,
     LockedOut,
     Peer,
@@ -513,6 +514,27 @@ async def test_total_unauthenticated_cap(server_factory: ServerFactory) -> None:
     await wait_until(lambda: server._gate._pending_total == 0)
     client = await login(server, None, PASSWORD, source="127.0.0.30")
     await client.disconnect()
+
+
+async def test_one_user_holds_at_most_its_share_of_the_connections(
+    server_factory: ServerFactory, accounts: Accounts
+) -> None:
+    server = await accounts_server(server_factory, accounts, max_connections_per_user=2)
+    alice = [await login(server, "alice", ALICE_PASSWORD) for _ in range(2)]
+    with pytest.raises(ConnectionClosed, match=r"user 'alice' already holds 2 connections"):
+        await login(server, "alice", ALICE_PASSWORD)
+    # A stranger naming alice with a wrong password takes none of her slots,
+    # and is told what anyone is told once she holds hers.
+    await alice[1].disconnect()
+    with pytest.raises(AuthenticationError):
+        await login(server, "alice", "guess")
+    bob = await login(server, "bob", BOB_PASSWORD)  # another user is not held up
+    again = await login(server, "alice", ALICE_PASSWORD)  # her slot is back
+    assert server._gate._sessions == {"alice": 2, "bob": 1}
+    for client in (alice[0], again, bob):
+        await client.disconnect()
+    await wait_until(lambda: not server._gate._sessions)
+    assert not server._gate._session_of
 
 
 # --------------------------------------------------------------------------- client

@@ -52,10 +52,12 @@ import trio
 from conduit import (
     AuthenticationError,
     Client,
+    ConnectionClosed,
     FileTransferHandler,
     LocalProtocolError,
     Peer,
     Server,
+    ServerDescriptor,
 )
 from conduit._resume import ResumeTokens
 from conduit._throttle import AuthThrottle
@@ -566,7 +568,8 @@ async def test_two_thousand_half_open_connections(arena: ArenaFactory) -> None:
     "and is closed; once the idle ones are gone, a client connects again",
 )
 async def test_max_connections_refuses_with_busy(arena: ArenaFactory) -> None:
-    a = await arena(max_connections=3, auth_timeout=30)
+    # (Every client here is on 127.0.0.1: its share is the whole server.)
+    a = await arena(max_connections=3, max_connections_per_user=3, auth_timeout=30)
     idle = [await RawPeer.open(a.port) for _ in range(2)]  # with the honest client: 3
     await wait_until(lambda: a.server._open_sockets == 3)
     extra = await RawPeer.open(a.port)
@@ -700,7 +703,7 @@ async def test_unknown_or_misplaced_kind_inside_the_session(
     "each connection (and its max_connections slot) until the server stopped",
 )
 async def test_frames_behind_a_goodbye_are_not_handled(arena: ArenaFactory) -> None:
-    a = await arena(max_connections=3)
+    a = await arena(max_connections=3, max_connections_per_user=3)  # all on 127.0.0.1
     for attempt in range(3):
         peer = await RawPeer.authenticated(a.port, PASSWORD)
         await peer.send_sealed(
@@ -1353,6 +1356,37 @@ async def test_a_flood_of_sessions_evicts_only_its_own_resume_tokens(arena: Aren
     back = await _session(a.port, resume_token=honest_token)
     assert back.id == honest_id
     await back.disconnect()
+    await a.check_healthy()
+
+
+@hostile(
+    "connections-per-address",
+    area="access control",
+    attack="max_connections=8: a client holding the password connects from 127.0.0.40 until "
+    "refused, while the honest client on 127.0.0.1 runs",
+    behaviour="the address holds a quarter of max_connections (2, the default share); the "
+    "next is refused 'busy' at its hello ('address 127.0.0.40 already holds 2 connections "
+    "(max_connections_per_user)'); another address connects; the slots come back as they end",
+    found="one client (or user) could take every slot of max_connections: 1,000 idle "
+    "connections in 1.9 s, after which everyone else was refused (isolation review)",
+)
+async def test_one_address_holds_at_most_its_share_of_the_connections(
+    arena: ArenaFactory,
+) -> None:
+    a = await arena(max_connections=8)
+    held = [await _session(a.port, source="127.0.0.40") for _ in range(2)]
+    with pytest.raises(ConnectionClosed, match=r"address 127.0.0.40 already holds 2 conn"):
+        await _session(a.port, source="127.0.0.40")
+    other = await _session(a.port, source="127.0.0.41")
+    for client in (*held, other):
+        await client.disconnect()
+    await wait_until(lambda: "127.0.0.40" not in a.server._gate._sessions)
+    again = await _session(a.port, source="127.0.0.40")
+    await again.disconnect()
+    assert ServerDescriptor(password="x").connections_per_user == 250
+    assert ServerDescriptor(password="x", max_connections_per_user=5).connections_per_user == 5
+    with pytest.raises(ValueError, match="max_connections_per_user"):
+        ServerDescriptor(password="x", max_connections_per_user=0)
     await a.check_healthy()
 
 

@@ -1428,7 +1428,9 @@ async def test_max_connections_refuses_extra_client(
     client_factory: ClientFactory,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = await server_factory(register=register_basics, max_connections=2)
+    server = await server_factory(
+        register=register_basics, max_connections=2, max_connections_per_user=2
+    )
     first = await client_factory(server)
     await client_factory(server)
     extra = await client_factory(server, connect=False)

@@ -38,6 +38,7 @@ async def serve(spec: dict[str, Any]) -> None:
             port=0,
             password=_peerlib.PASSWORD,
             max_connections=int(spec.get("max_connections", 1000)),
+            max_connections_per_user=spec.get("max_connections_per_user"),
         )
     )
     transfer = FileTransferHandler(storage_dir=spec["storage"])

@@ -213,7 +213,13 @@ class _Runner:
             self.connections // self.holders + (1 if i < self.connections % self.holders else 0)
             for i in range(self.holders)
         ]
-        spec = {"storage": str(storage), "max_connections": self.connections + 100}
+        # All from this machine's one address: its share must be the whole server.
+        limit = self.connections + 100
+        spec = {
+            "storage": str(storage),
+            "max_connections": limit,
+            "max_connections_per_user": limit,
+        }
         with self.peers.server(name, spec) as server, contextlib.ExitStack() as stack:
             warmup = stack.enter_context(
                 self.peers.holder(

@@ -166,6 +166,10 @@ class Gatekeeper:
         )
         self._pending: dict[str, int] = {}
         self._pending_total = 0
+        # Authenticated connections per user (per address with a shared
+        # password), and whom each connection's stream counts against.
+        self._sessions: dict[str, int] = {}
+        self._session_of: dict[trio.abc.Stream, str] = {}
         # Set (and replaced) whenever an attempt settles: attempts queued
         # behind a budget full of in-flight ones look again.
         self._settled = trio.Event()
@@ -210,6 +214,25 @@ class Gatekeeper:
             del self._pending[host]
         self._pending_total -= 1
 
+    def end_session(self, stream: trio.abc.Stream) -> None:
+        """The connection on ``stream`` ended: its user (or address) may hold another."""
+        owner = self._session_of.pop(stream, None)
+        if owner is None:
+            return
+        left = self._sessions[owner] - 1
+        if left:
+            self._sessions[owner] = left
+        else:
+            del self._sessions[owner]
+
+    def _sessions_full(self, owner: str) -> str | None:
+        """Why a new connection of ``owner`` is refused, if it holds all it may."""
+        limit = self._descriptor.connections_per_user
+        if self._sessions.get(owner, 0) < limit:
+            return None
+        who = f"user {owner!r}" if self.accounts is not None else f"address {owner}"
+        return f"{who} already holds {limit} connections (max_connections_per_user)"
+
     # ------------------------------------------------------------------ handshake
 
     async def handshake(
@@ -232,6 +255,14 @@ class Gatekeeper:
         reader, hello, io = await read_hello(stream)
         handshake = self._machine()
         username = handshake.hello_username(hello)
+        # Whom the connection counts against once authenticated. Checked now,
+        # before any password work; counted only once the password checked,
+        # so that a stranger naming a user holds none of that user's slots.
+        owner = username if self.accounts is not None else host
+        full = self._sessions_full(owner)
+        if full is not None:
+            await refuse(stream, "busy", full)
+            raise Refused(full)
         while not isinstance(attempt := self.throttle.reserve(host, username, _now()), Attempt):
             if attempt > 0:
                 break
@@ -305,6 +336,8 @@ class Gatekeeper:
             raise
         self.throttle.succeeded(attempt, _now())
         self._wake()
+        self._sessions[owner] = self._sessions.get(owner, 0) + 1
+        self._session_of[stream] = owner  # until end_session, whatever happens next
         established.username = handshake.username
         established.account = cast("AccountRecord | None", handshake.account)
         return established

@@ -199,6 +199,15 @@ class ServerDescriptor:
     name: str = attrs.field(default="conduit-server", validator=v.instance_of(str))
     #: Connections (authenticated or still in the handshake) served at once.
     max_connections: int = attrs.field(default=1000, validator=[v.instance_of(int), _positive])
+    #: Authenticated connections one user may hold at once (in shared-password
+    #: mode: one address, as the password throttle counts addresses); more are
+    #: refused with code "busy" at their hello, before any password work. None:
+    #: a quarter of ``max_connections``, so that no one user, or host, can take
+    #: every slot. Handshakes in flight may pass it by a few (the throttle
+    #: bounds them).
+    max_connections_per_user: int | None = attrs.field(
+        default=None, validator=v.optional([v.instance_of(int), _positive])
+    )
     #: Largest frame this side accepts; peers never send more in one frame.
     max_frame_size: int = attrs.field(
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
@@ -325,6 +334,13 @@ class ServerDescriptor:
             raise ValueError("tls_keyfile needs tls_certfile (the certificate chain)")
         if self.ssl_context is not None and self.tls_certfile is not None:
             raise ValueError("give ServerDescriptor an ssl_context or tls_certfile, not both")
+
+    @property
+    def connections_per_user(self) -> int:
+        """``max_connections_per_user``, or its default: a quarter of ``max_connections``."""
+        if self.max_connections_per_user is not None:
+            return self.max_connections_per_user
+        return max(1, self.max_connections // 4)
 
     def build_ssl_context(self) -> ssl.SSLContext | None:
         """The server-side SSL context, or None when TLS is off."""

@@ -655,6 +655,7 @@ class Server(Endpoint):
         finally:
             if admitted:
                 self._gate.release(arrival.host)
+            self._gate.end_session(stream)
             self._open_sockets -= 1
             # Closed here, last thing, whatever happened (the accept loop does not).
             if not close_now(stream):
