@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import threading
 from typing import Any
 
@@ -1683,3 +1684,73 @@ async def test_oversized_message_fails_that_send_only(
     assert server.is_running
     assert client.connected
     assert await client.call("add", a=1, b=2) == 3
+
+
+# ------------------------------------------------------------------- a peer that stops reading
+
+
+@attrs.define(eq=False)
+class StallingProxy:
+    """A proxy on 127.0.0.1 in front of ``target_port`` with small socket buffers
+    that stops reading what the client sends while ``reading`` is clear."""
+
+    target_port: int
+    reading: trio.Event = attrs.field(factory=trio.Event)
+    port: int = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the accepted inherit it
+        await listener.bind((LOOPBACK, 0))
+        listener.listen()
+        self.port = listener.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(listener)])
+            task_status.started(self.port)
+
+    async def _handle(self, downstream: trio.SocketStream) -> None:
+        upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
+
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream, stalls: bool) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    if stalls:
+                        await self.reading.wait()
+                    data = await source.receive_some(65536)
+                    if not data:
+                        return
+                    await sink.send_all(data)
+
+        async with downstream, upstream, trio.open_nursery() as nursery:
+            nursery.start_soon(pump, downstream, upstream, True)
+            nursery.start_soon(pump, upstream, downstream, False)
+
+
+async def test_a_call_waiting_for_socket_room_keeps_its_deadline_and_cancel_scope(
+    tcp_server_factory: ServerFactory, nursery: trio.Nursery
+) -> None:
+    # A call whose bytes the socket cannot take at once, to a peer that has
+    # stopped reading: the caller's cancel scope and the call's deadline hold.
+    # (The rest of a record was sent from the caller's task, shielded, until
+    # the heartbeat timeout; for ever with heartbeats off.)
+    server = await tcp_server_factory(register=register_basics)
+    proxy = StallingProxy(server.port)
+    await nursery.start(proxy.run)
+    proxy.reading.set()
+    client = Client(client_descriptor(proxy.port, heartbeat_interval=0, rpc_timeout=1.0))
+    stream = await trio.open_tcp_stream(LOOPBACK, proxy.port)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with trio.fail_after(10):
+        await client.connect(stream=stream)
+        assert await client.call("echo", value=1) == 1
+        proxy.reading = trio.Event()  # the peer stops reading
+        blob = bytes(1000 * 1000)  # within a frame; far more than the buffers hold
+        with trio.move_on_after(0.5) as scope:
+            await client.call("echo", value=blob)
+        assert scope.cancelled_caught
+        with pytest.raises(RPCTimeoutError):
+            await client.call("echo", value=blob)
+        # Nothing was cut: once the peer reads again, the calls go through.
+        proxy.reading.set()
+        assert await client.call("echo", value=2) == 2
+    await client.disconnect()

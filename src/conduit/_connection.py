@@ -342,10 +342,6 @@ class Connection:
         # The task running run() while it takes part in reading (see run).
         self._body_task: trio.lowlevel.Task | None = None
         self._task_context = contextvars.copy_context()
-        self._direct_sending = False
-        self._direct_done = trio.lowlevel.ParkingLot()
-        # The shielded scope of a direct send under way: abort() cancels it.
-        self._direct_scope: trio.CancelScope | None = None
         # The heartbeat and idle tasks wait here between their timers: abort()
         # wakes them, so that they end without a cancellation (see abort).
         self._timers_parked = trio.lowlevel.ParkingLot()
@@ -510,7 +506,7 @@ class Connection:
         reconnect and resume. (A run() cancelled because a task beside it
         crashed cannot be told from Ctrl-C here: it says GOODBYE too.)
 
-        Only between records: a record the writer or a direct send left part
+        Only between records: a record the writer left part
         way would take the GOODBYE's bytes for its own (the peer then fails
         to open it, and sees a lost connection, as without this). On a plain
         socket it goes here, in one non-blocking write. Returns the sealed
@@ -518,7 +514,7 @@ class Connection:
         caller sends it with :meth:`_send_at_teardown`, once the session is
         released (nothing else may use the connection while that awaits).
         """
-        if self._outbox.sealed_queued or self._direct_sending or self._record_cut:
+        if self._outbox.sealed_queued or self._record_cut:
             return None
         # A server going away may be restarting: its clients come back. A
         # client's run ending is its application's end, as a disconnect():
@@ -621,8 +617,6 @@ class Connection:
         if self._state.close_reason is None:
             log.debug("%s: closing: %s", self.label, reason)
         self._state.close(reason)
-        if self._direct_scope is not None:  # a direct send, shielded from all else
-            self._direct_scope.cancel()
         # Parked in take(), which close() ends.
         writer_waits = self._writer_started and self._outbox.writer_idle
         self._outbox.close()
@@ -1168,8 +1162,6 @@ class Connection:
         try:
             while True:
                 frames = await self._outbox.take(budget)
-                while self._direct_sending:
-                    await self._direct_done.park()
                 for chunk in self._outbox.take_sealed():
                     await self._write(chunk)
                 for record in writer.iter_records(frames):
@@ -1453,7 +1445,7 @@ class Connection:
 
     def _can_send_directly(self) -> bool:
         # writer_idle also means nothing is queued for it (sealed bytes included).
-        return self._outbox.writer_idle and not self._direct_sending and self._state.phase is _OPEN
+        return self._outbox.writer_idle and self._state.phase is _OPEN
 
     def _all_callers_woken(self) -> None:
         # The callers woken by one batch of results have all run: what they
@@ -1505,7 +1497,13 @@ class Connection:
             if sent == len(record):
                 return
             records = [memoryview(record)[sent:]]
-        await self._send_directly(records)
+        # What the socket did not take at once (or a stream that cannot write
+        # without waiting: TLS, memory) goes to the writer, first, and the
+        # caller goes on to wait for its answer: that wait has the call's
+        # deadline and the caller's cancel scope. A caller that sent the rest
+        # itself had to be shielded (a record cut in half corrupts the
+        # stream), so a peer that stopped reading held it past both.
+        self._outbox.put_sealed(records)
 
     def _flush_control(self) -> None:
         """Send the control frames queued without waking the writer (see Outbox.queue_control).
@@ -1524,7 +1522,6 @@ class Connection:
         if (
             self._socket_io is None
             or not outbox.writer_idle
-            or self._direct_sending
             or self._state.phase is not _OPEN
         ):
             outbox.wake_writer()
@@ -1540,35 +1537,6 @@ class Connection:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
         except ConnectionClosed:
             pass
-
-    async def _send_directly(self, records: list[Any]) -> None:
-        """Send sealed ``records`` from this task while the writer is idle.
-
-        On a plain socket a single record has already gone out with one
-        non-blocking write (a writer that is idle means the socket has room, so
-        it completes at once in practice: see :meth:`_send_soon`). This sends
-        what that write left, or the records of other streams (TLS, memory),
-        shielded: a record cut in half by a cancellation would corrupt the
-        stream. Only :meth:`abort` cancels it (the stream is done with then):
-        a peer that stops reading must not hold this task, and with it the
-        connection and a server's close(), past its heartbeat timeout.
-        """
-        self._direct_sending = True
-        try:
-            with trio.CancelScope(shield=True) as scope:
-                self._direct_scope = scope
-                for record in records:
-                    await self._send_waiting(record)
-            if scope.cancelled_caught:
-                raise ConnectionClosed(self.close_reason or "connection closed")
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
-            raise ConnectionClosed(self.close_reason or "connection lost") from exc
-        finally:
-            self._direct_scope = None
-            self._direct_sending = False
-            if self._direct_done:  # the writer waits for this send to end
-                self._direct_done.unpark_all()
 
     # ------------------------------------------------------------------ API
 
