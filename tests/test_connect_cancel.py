@@ -33,6 +33,7 @@ from conduit.protocol.handshake import shared_secret
 from conftest import (
     LOOPBACK,
     PASSWORD,
+    ClientFactory,
     ServerFactory,
     client_descriptor,
     serve_on_loopback,
@@ -394,3 +395,34 @@ class _AsyncioHoldingRelay:
             sink.write(held)
             if sink.can_write_eof():
                 sink.write_eof()
+
+
+async def test_every_path_of_connect_and_wait_closed_is_a_checkpoint(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    # Trio's rule for an async API: a cancelled scope around it is honoured on
+    # every path, the quick ones too (connect() when connected, wait_closed()
+    # before any connect returned without one).
+    server = await server_factory()
+    client = await client_factory(server)
+    never = Client(client_descriptor(server.port))
+    for operation in (client.connect, never.wait_closed):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await operation()
+        assert scope.cancelled_caught, operation
+
+
+async def test_a_client_being_disconnected_is_not_reconnecting(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    # The body of `async with client` cancelled: its disconnect() goes on, in
+    # the background; meanwhile the client says it is not coming back.
+    server = await server_factory()
+    client = await client_factory(server, connect=False)
+    with trio.move_on_after(0.2):
+        async with client:
+            await trio.sleep_forever()
+    assert not client.connected and not client.reconnecting
+    with trio.fail_after(10):
+        await client.wait_closed()

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -36,6 +37,7 @@ from conduit import (
     _heartbeats,
 )
 from conduit._connection import _CONTROL_BACKLOG
+from conduit._groups import collapsed
 from conduit.protocol.frames import FrameKind
 from conftest import (
     LOOPBACK,
@@ -1754,3 +1756,71 @@ async def test_a_call_waiting_for_socket_room_keeps_its_deadline_and_cancel_scop
         proxy.reading.set()
         assert await client.call("echo", value=2) == 2
     await client.disconnect()
+
+
+# --------------------------------------------------------------------------- what ends a program
+
+
+def test_our_nurseries_groups_come_out_as_the_one_exception_they_hold() -> None:
+    def cancelled() -> trio.Cancelled:
+        return trio.Cancelled._create()
+
+    only_cancelled = BaseExceptionGroup("g", [cancelled(), BaseExceptionGroup("h", [cancelled()])])
+    assert collapsed(only_cancelled) is only_cancelled  # Trio's scopes find theirs in it
+    error = OSError(9, "Bad file descriptor")
+    assert collapsed(BaseExceptionGroup("g", [BaseExceptionGroup("h", [error])])) is error
+    interrupt = KeyboardInterrupt()
+    both = BaseExceptionGroup("g", [cancelled(), error, BaseExceptionGroup("h", [interrupt])])
+    assert collapsed(both) is interrupt  # Ctrl-C ends the program whatever else failed
+    several = ExceptionGroup("g", [error, ValueError("other")])
+    assert collapsed(several) is several
+
+
+async def test_a_handler_calling_sys_exit_ends_server_run_with_that_exit(
+    nursery: trio.Nursery,
+) -> None:
+    server = Server(server_descriptor())
+
+    @server.rpc
+    async def shutdown() -> None:
+        sys.exit(3)
+
+    ended: list[BaseException] = []
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await server.run(task_status=task_status)
+        except BaseException as exc:  # what a `trio.run(server.run)` would raise
+            ended.append(exc)
+
+    await nursery.start(run)
+    client = Client(client_descriptor(server.port, reconnect_enabled=False))
+    with trio.fail_after(10):
+        await client.connect()
+        with pytest.raises(ConnectionClosed):
+            await client.call("shutdown")
+        await wait_until(lambda: bool(ended))
+        await client.disconnect()
+    # Not a group of groups of one (the server's nurseries are its own).
+    assert type(ended[0]) is SystemExit and ended[0].code == 3, repr(ended[0])
+
+
+async def test_a_client_handler_calling_sys_exit_reaches_the_application(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    server = await server_factory(register=register_basics)
+
+    def quit_now(data: Any) -> None:
+        sys.exit(3)
+
+    client = await client_factory(server, register=lambda c: c.on("quit")(quit_now))
+    with trio.fail_after(10):
+        await server.broadcast("quit", None)
+        await wait_until(lambda: not client.connected)
+        # Raised in the application's own task (from a system task, it crashed
+        # Trio with TrioInternalError), once.
+        with pytest.raises(SystemExit) as exited:
+            await client.call("echo", value=1)
+        assert exited.value.code == 3
+        with pytest.raises(ConnectionClosed):
+            await client.call("echo", value=1)

@@ -52,6 +52,7 @@ import trio
 
 from . import _bridge, _host_rpc
 from ._callbacks import BRIDGE_NURSERY, HOST_LOOP
+from ._groups import FATAL, first_leaf
 from ._sigint_guard import SIGINT, SigintGuard, getsignal
 
 __all__ = [
@@ -292,7 +293,7 @@ class _Guest:
                 del _guests[self.loop]
         crash = None
         if isinstance(run_outcome, outcome.Error):
-            self.fatal = _find_fatal(run_outcome.error)
+            self.fatal = first_leaf(run_outcome.error, FATAL)
             if self.fatal is None:
                 crash = run_outcome.error
                 # Every conduit object of the run is gone with it: a fresh
@@ -326,18 +327,6 @@ class _Guest:
         # finalizer from scheduling an aclose() on a loop that may be closed.
         with contextlib.suppress(StopIteration):
             sentinel.aclose().send(None)
-
-
-def _find_fatal(error: BaseException) -> BaseException | None:
-    """The first KeyboardInterrupt or SystemExit in ``error`` (looking inside groups)."""
-    if isinstance(error, KeyboardInterrupt | SystemExit):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = _find_fatal(inner)
-            if found is not None:
-                return found
-    return None
 
 
 # One guest per loop. The lock only guards insertions and removals (loops in
@@ -480,7 +469,7 @@ def _deliver_error(call: _Call[Any], exc: BaseException) -> BaseException | None
     """
     propagate, error = _split_cancelled(exc)
     if error is not None:
-        fatal = _find_fatal(error)
+        fatal = first_leaf(error, FATAL)
         if fatal is not None and fatal is not error:
             if fatal.__context__ is None:
                 fatal.__context__ = error  # the rest of the group, still shown

@@ -1519,11 +1519,7 @@ class Connection:
         if not outbox.control_queued:
             return
         # _can_send_directly, inline: the reader runs this after every read.
-        if (
-            self._socket_io is None
-            or not outbox.writer_idle
-            or self._state.phase is not _OPEN
-        ):
+        if self._socket_io is None or not outbox.writer_idle or self._state.phase is not _OPEN:
             outbox.wake_writer()
             return
         records: list[Any] = self._writer.write_frames(outbox.take_control())

@@ -22,6 +22,7 @@ from ._callbacks import calling_task, invoke, wants_an_argument
 from ._connect_error import describe_connect_error
 from ._connection import Connection
 from ._endpoint import Endpoint
+from ._groups import FATAL, first_leaf
 from ._handshake_io import ClientRun, Established, client_handshake, open_tls
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
@@ -194,6 +195,9 @@ class Client(Endpoint):
         #: Why the last automatic reconnect gave up (None: it has not), for
         #: the errors of what waited for it (see :meth:`_wait_reconnected`).
         self._gave_up: str | None = None
+        #: A SystemExit or KeyboardInterrupt a handler raised, which ended the
+        #: connection: raised again in the application's task (see _supervise).
+        self._fatal: BaseException | None = None
         #: The SSL context of :meth:`_ssl_context`, with the descriptor it is of.
         self._built_ssl_context: tuple[ClientDescriptor, ssl.SSLContext | None] | None = None
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
@@ -260,7 +264,7 @@ class Client(Endpoint):
     @property
     def reconnecting(self) -> bool:
         """Whether the connection was lost and is being re-established."""
-        return not self._finished.is_set() and not self.connected
+        return not self._finished.is_set() and not self.connected and not self._stopping
 
     @property
     def server(self) -> Peer:
@@ -271,6 +275,7 @@ class Client(Endpoint):
         re-established it is the lost session's Peer (closed): file transfers
         started then wait for the reconnect (see :attr:`reconnecting`).
         """
+        self._raise_fatal()
         if self._peer is None:
             raise ConnectionClosed("not connected")
         if self._stopping:
@@ -280,6 +285,7 @@ class Client(Endpoint):
         return self._peer
 
     def _current_connection(self) -> Connection:
+        self._raise_fatal()
         if self._peer is None:
             raise ConnectionClosed("not connected: call connect() first")
         connection = self._peer.connection
@@ -342,6 +348,8 @@ class Client(Endpoint):
         if self.connected:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
+            else:
+                await trio.lowlevel.checkpoint()  # every path of an async API is one
             return
         disconnects = self._disconnects
         if self._connecting is not None and await self._wait_turn(stream, disconnects):
@@ -700,6 +708,17 @@ class Client(Endpoint):
                     peer, first = new_peer, False
         except Exception:  # a system task must never raise; the reason is logged
             log.exception("connection to the server failed")
+        except BaseException as exc:
+            fatal = first_leaf(exc, FATAL)
+            if fatal is None:
+                raise  # Trio's Cancelled: the run is ending
+            # A handler of ours raised it (a message handler calling
+            # sys.exit(3), say). From this system task it would crash Trio
+            # (TrioInternalError); the connection has ended, and the
+            # application's own task gets it from its next call, send,
+            # wait_closed() or disconnect() (the end of `async with client`).
+            log.error("a handler raised %r: the connection is closed", fatal)
+            self._fatal = fatal
         finally:
             if self._supervisor is scope:
                 self._supervisor = None
@@ -866,8 +885,15 @@ class Client(Endpoint):
                 await self._peer.connection.close(reason)
         finally:
             self._changed.unpark_all()
+        self._raise_fatal()
 
     close = disconnect
+
+    def _raise_fatal(self) -> None:
+        """Raise, once, the SystemExit or KeyboardInterrupt a handler raised (see _supervise)."""
+        fatal, self._fatal = self._fatal, None
+        if fatal is not None:
+            raise fatal
 
     @bridged
     async def wait_closed(self) -> None:
@@ -882,6 +908,9 @@ class Client(Endpoint):
         if self._peer is not None:
             await self._peer.connection.closed.wait()
             await self._finished.wait()
+        else:
+            await trio.lowlevel.checkpoint()  # every path of an async API is one
+        self._raise_fatal()
 
     @bridged
     async def call(

@@ -14,6 +14,7 @@ from ._bridge import bridged
 from ._callbacks import calling_task
 from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
 from ._gatekeeper import Gatekeeper, Refused
+from ._groups import collapsed
 from ._handshake_io import (
     Established,
     VersionMismatch,
@@ -365,9 +366,18 @@ class Server(Endpoint):
         listeners = given if given is not None else []
         try:
             with run.scope:
-                if given is None:
-                    listeners = await self._bind()
-                await self._serve(run, startup, listeners, report_started)
+                try:
+                    if given is None:
+                        listeners = await self._bind()
+                    await self._serve(run, startup, listeners, report_started)
+                except BaseExceptionGroup as group:
+                    # Our nurseries' groups are no business of the caller's:
+                    # Ctrl-C comes out as a KeyboardInterrupt, a handler's
+                    # sys.exit(3) as SystemExit(3), one failure as itself.
+                    single = collapsed(group)
+                    if single is group:
+                        raise
+                    raise single from None
         except Exception as exc:
             if not startup.over.is_set():
                 startup.error, startup.why = exc, f"it failed: {exc!r}"

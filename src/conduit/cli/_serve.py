@@ -7,12 +7,13 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import trio
 
 from .. import Accounts, FileTransferHandler, Peer, Server, ServerDescriptor
+from .._groups import first_leaf
 from ..errors import ConduitError
 from ._common import CLIError, ExitCode, Signals, human_bytes
 
@@ -128,21 +129,6 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     return server, transfer
 
 
-E = TypeVar("E", bound=BaseException)
-
-
-def _first(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E | None:
-    """The first ``kind`` among the leaves of ``group``."""
-    for leaf in group.exceptions:
-        if isinstance(leaf, BaseExceptionGroup):
-            found = _first(leaf, kind)
-            if found is not None:
-                return found
-        elif isinstance(leaf, kind):
-            return leaf
-    return None
-
-
 async def _start(nursery: trio.Nursery, server: Server, options: ServeOptions) -> None:
     """Start serving; a port that cannot be bound or a cluster that cannot be joined is a
     :class:`CLIError`."""
@@ -155,7 +141,7 @@ async def _start(nursery: trio.Nursery, server: Server, options: ServeOptions) -
         ) from None
     except BaseExceptionGroup as group:
         # The cluster bus failed to start (Redis unreachable, node name in use).
-        problem = _first(group, ConduitError)
+        problem = first_leaf(group, ConduitError)
         if problem is None:
             raise
         raise CLIError(f"cannot join the cluster: {problem}", ExitCode.CONNECTION_FAILED) from None
@@ -205,7 +191,7 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
             nursery.cancel_scope.cancel()
     except* CLIError as failed:
         # Raised inside the nursery, hence in a group: run_trio wants the error itself.
-        error = _first(failed, CLIError)
+        error = first_leaf(failed, CLIError)
         assert error is not None  # except* matched one
         raise error from None
     log.info("stopped")
