@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from conduit._throttle import Attempt, AuthThrottle
+from conduit._throttle import MAX_TRUSTED_PER_USER, Attempt, AuthThrottle
 
 ADDRESS = "10.0.0.1"
 
@@ -139,3 +139,28 @@ def test_the_sweep_keeps_attempts_in_flight() -> None:
         throttle.record_failure(f"10.4.0.{index}", 100.0 + index)
     throttle.failed(held, 400.0)
     assert throttle.retry_after(ADDRESS, 401.0) == pytest.approx(59.0)
+
+
+def test_one_user_logging_in_from_many_addresses_keeps_the_others_trusted() -> None:
+    """The trust of (user, address) pairs is one bounded table: a user logging in
+    from address after address pushes out its own oldest, never alice's, which
+    keeps her usual address exempt from a lock-out strangers cause."""
+    throttle = AuthThrottle(limit=5, window=60.0, lockout=30.0, user_limit=2, max_tracked=40)
+
+    def log_in(address: str, username: str, now: float) -> None:
+        attempt = throttle.reserve(address, username, now)
+        assert isinstance(attempt, Attempt)
+        throttle.succeeded(attempt, now)
+
+    log_in(ADDRESS, "alice", 0.0)
+    for i in range(500):
+        log_in(f"10.5.{i // 256}.{i % 256}", "mallory", 1.0 + i * 0.001)
+    assert len(throttle._trusted) == 1 + MAX_TRUSTED_PER_USER
+    for i in range(2):  # a stranger locks alice out of new addresses...
+        throttle.record_failure(f"10.6.0.{i}", 2.0, "alice")
+    assert throttle.retry_after("10.6.0.9", 2.5, "alice") > 0
+    assert throttle.retry_after(ADDRESS, 2.5, "alice") == 0  # ...not of her own
+    # The user's latest addresses are the ones kept; logging in again renews one.
+    log_in("10.5.0.0", "mallory", 3.0)
+    assert throttle.retry_after("10.5.0.0", 3.5, "mallory") == 0
+    assert len(throttle._trusted) == 1 + MAX_TRUSTED_PER_USER

@@ -26,8 +26,10 @@ Two budgets apply to each attempt:
 - per user (accounts mode only): ``user_limit`` attempts within ``window``,
   then that user is locked for ``lockout`` seconds, *except* from addresses it
   authenticated from within :data:`TRUST_PERIOD` (still bound by their own
-  address budget). A stranger on another address can therefore lock a user out
-  only of addresses the user has not logged in from recently.
+  address budget), the latest :data:`MAX_TRUSTED_PER_USER` of them. A stranger
+  on another address can therefore lock a user out only of addresses the user
+  has not logged in from recently; and no user, logging in from address after
+  address, can push the others' trusted addresses out of the bounded table.
 
 Addresses are keyed by :func:`address_key`: an IPv6 address by its /64 (one
 host usually owns a whole /64, so per-address budgets would otherwise be
@@ -60,6 +62,10 @@ IPV6_PREFIX = 64
 #: Records of each table looked at, oldest first, at each new attempt: more
 #: than the one record an attempt may add, so a table of stale records drains.
 SWEEP_STEP = 4
+#: Addresses one user is trusted from at once, the latest it logged in from:
+#: an account logging in from address after address pushes out its own
+#: oldest, never the trust of other users (the table is shared and bounded).
+MAX_TRUSTED_PER_USER = 32
 
 
 @functools.lru_cache(maxsize=4096)
@@ -132,6 +138,8 @@ class AuthThrottle:
     _records: dict[str, _Record] = attrs.field(factory=dict, init=False)
     _users: dict[str, _Record] = attrs.field(factory=dict, init=False)
     _trusted: OrderedDict[tuple[str, str], float] = attrs.field(factory=OrderedDict, init=False)
+    #: Each user's trusted addresses, oldest first (at most MAX_TRUSTED_PER_USER).
+    _trusted_from: dict[str, list[str]] = attrs.field(factory=dict, init=False)
     #: Per table (by id): until when it is known to be full of locked records.
     _full_until: dict[int, float] = attrs.field(factory=dict, init=False)
 
@@ -197,11 +205,7 @@ class AuthThrottle:
             # Only this attempt: a stranger's failures against the user keep counting.
             user.attempts = [a for a in user.attempts if a is not attempt]
         if attempt.username:
-            key = (attempt.username, attempt.address)
-            self._trusted[key] = now
-            self._trusted.move_to_end(key)
-            while len(self._trusted) > self.max_tracked:
-                self._trusted.popitem(last=False)
+            self._trust(attempt.username, attempt.address, now)
 
     def failed(self, attempt: Attempt, now: float) -> None:
         """The attempt did not authenticate (wrong password, dropped, timed out, bad frames)."""
@@ -258,7 +262,28 @@ class AuthThrottle:
         for _ in range(SWEEP_STEP):
             if not trusted or now - next(iter(trusted.values())) < TRUST_PERIOD:
                 break
-            trusted.popitem(last=False)
+            self._untrust(next(iter(trusted)))
+
+    def _trust(self, username: str, address: str, now: float) -> None:
+        key = (username, address)
+        addresses = self._trusted_from.setdefault(username, [])
+        if key in self._trusted:
+            addresses.remove(address)  # (at most MAX_TRUSTED_PER_USER long)
+            self._trusted.move_to_end(key)
+        addresses.append(address)
+        self._trusted[key] = now
+        if len(addresses) > MAX_TRUSTED_PER_USER:
+            self._untrust((username, addresses[0]))
+        while len(self._trusted) > self.max_tracked:
+            self._untrust(next(iter(self._trusted)))
+
+    def _untrust(self, key: tuple[str, str]) -> None:
+        del self._trusted[key]
+        username, address = key
+        addresses = self._trusted_from[username]
+        addresses.remove(address)
+        if not addresses:
+            del self._trusted_from[username]
 
     def _is_trusted(self, username: str, address: str, now: float) -> bool:
         since = self._trusted.get((username, address))
@@ -336,4 +361,12 @@ class AuthThrottle:
             del table[key]
 
 
-__all__ = ["IPV6_PREFIX", "SWEEP_STEP", "TRUST_PERIOD", "Attempt", "AuthThrottle", "address_key"]
+__all__ = [
+    "IPV6_PREFIX",
+    "MAX_TRUSTED_PER_USER",
+    "SWEEP_STEP",
+    "TRUST_PERIOD",
+    "Attempt",
+    "AuthThrottle",
+    "address_key",
+]
