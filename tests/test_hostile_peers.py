@@ -584,6 +584,36 @@ async def test_max_connections_refuses_with_busy(arena: ArenaFactory) -> None:
     await a.check_healthy()
 
 
+@hostile(
+    "abandoned-upload-log-flood",
+    area="hostile peer, authenticated",
+    attack="one client begins 60 uploads and abandons each at once (file_upload_finish "
+    "abandon=True), on one connection",
+    behaviour="the server logs 'receiving ... failed' at INFO, not WARNING, at most its burst "
+    "(5) of them for that client's address: the log does not grow with what a peer asks",
+    found="a WARNING line per abandoned upload: 2,000 lines in 3.5 s from one connection "
+    "(isolation review)",
+)
+async def test_abandoned_uploads_log_within_a_budget(arena: ArenaFactory) -> None:
+    a = await arena()
+    client = a.traffic.client
+    with trio.fail_after(60):
+        for index in range(60):
+            begun = await client.rpc.call(
+                "file_upload_begin", name="gone.bin", size=1000, key=f"{index:032x}"
+            )
+            stream_id = begun["data"]["stream_id"]
+            await client.rpc.call("file_upload_finish", stream_id=stream_id, abandon=True)
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in a.caplog.records if r.getMessage().startswith("receiving 'gone.bin'")]
+
+    assert await settle(lambda: len(logged()) >= 5)
+    await a.check_healthy()  # (round trips: what was still to be logged is)
+    assert len(logged()) <= 6, len(logged())
+    assert all(r.levelno == logging.INFO for r in logged())
+
+
 # --------------------------------------------------------------------------- after authentication
 
 

@@ -34,6 +34,7 @@ import trio
 
 from .._callbacks import trio_callback
 from .._connection import Connection
+from .._log_limit import LimitedLog
 from .._peer import Peer
 from .._streams import IncomingStream
 from ..errors import (
@@ -55,6 +56,7 @@ from ._ranges import range_name, resolve_range
 from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
+from ._space import partial_owner
 from ._stoppable import run_stoppable
 from ._storage import StorageRoot
 from ._wire import (
@@ -136,6 +138,8 @@ class Receiver:
         self._settings = settings
         self._hooks = hooks
         self._slots = slots
+        # Lines a peer causes at will, under a budget per owner (user, or host).
+        self._peer_log = LimitedLog(log)
 
     def _begins(self, connection: Connection) -> dict[str, list[trio.Event]]:
         """``connection``'s begins still running, by transfer key: each event
@@ -606,7 +610,21 @@ class Receiver:
                 inbound.error = RPCError("replaced by a newer attempt", "superseded")
         except Exception as exc:
             inbound.error = as_rpc_error(exc, name=name)
-            log.warning("receiving %r failed: %s", name, inbound.error)
+            # A peer ends its uploads at will (abandoned, cut off): INFO; and
+            # any such line under a budget per owner, or one user could make
+            # the log grow as fast as it can ask (570 lines a second).
+            report = (
+                self._peer_log.info
+                if isinstance(exc, (ConnectionClosed, StreamReset))
+                else self._peer_log.warning
+            )
+            report(
+                partial_owner(peer),
+                trio.current_time(),
+                "receiving %r failed: %s",
+                name,
+                inbound.error,
+            )
         finally:
             await self._settings.backend.release(admission)
             inbound.finished_at = now = trio.current_time()

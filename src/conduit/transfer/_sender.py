@@ -29,10 +29,18 @@ import trio
 
 from .._callbacks import trio_callback
 from .._connection import Connection
+from .._log_limit import LimitedLog
 from .._peer import Peer
 from .._rpc import current_peer
 from .._streams import OutgoingStream
-from ..errors import ConduitError, RPCError, RPCTimeoutError, StreamReset, TransferError
+from ..errors import (
+    ConduitError,
+    ConnectionClosed,
+    RPCError,
+    RPCTimeoutError,
+    StreamReset,
+    TransferError,
+)
 from ..protocol import is_valid_stream_id
 from ._answers import begin_answer, finish_answer
 from ._backend import Source
@@ -46,6 +54,7 @@ from ._ranges import WHOLE_FILE, resolve_range
 from ._rerun import asks_for_sha256, says_skipped
 from ._slots import TransferSlots
 from ._small import SmallUploads, send_one
+from ._space import partial_owner
 from ._wire import (
     PUSH_BEGIN,
     PUSH_FINISH,
@@ -95,6 +104,8 @@ class Sender:
         self._hooks = hooks
         self._slots = slots
         self._hash_limiter = trio.CapacityLimiter(_HASH_THREADS)
+        # Lines a peer causes at will, under a budget per owner (user, or host).
+        self._peer_log = LimitedLog(log)
 
     def _budget(self, connection: Connection) -> SendBudget:
         """``connection``'s sending budget, created on first use and owned by the connection."""
@@ -480,7 +491,16 @@ class Sender:
             stream = caller.connection.open_outgoing_stream(stream_id)
             trailer = await self._stream_out(caller, stream, source, start, size, hasher, reporter)
         except (ConduitError, OSError) as exc:
-            log.warning("download of %r stopped: %s", name, exc)
+            # A peer cuts its downloads at will: INFO, under a budget per
+            # owner (see Receiver._receive_task).
+            report = (
+                self._peer_log.info
+                if isinstance(exc, (ConnectionClosed, StreamReset))
+                else self._peer_log.warning
+            )
+            report(
+                partial_owner(caller), trio.current_time(), "download of %r stopped: %s", name, exc
+            )
             outcome = transfer_failure(exc)
         else:
             final = await reporter.finish()
