@@ -72,17 +72,20 @@ class LocalBackend:
         self.cluster_staging: S3Store | None = None
         # Reservations, quotas, partial ownership and expiry (see ._space).
         self.budget = DiskBudget(settings)
-        # Small files' stores: one batch at a time per connection, on threads
+        # One call at a time per connection on each pool, owners (users, or
+        # hosts) in turn when its threads are all busy: a number of
+        # connections buys no bigger share of them.
+        # Small files' stores: one batch at a time, on threads
         # of their own. On the hash gate's, they waited behind the whole-file
         # hashes any peer can ask for in a loop (seconds for a large file);
         # their own re-run hashing reads only same-size files, small ones.
         self._stores = RationedThreads("stores", STORE_THREADS)
-        # Listings: one walk at a time per connection, on threads of their
+        # Listings: one walk at a time, on threads of their
         # own. On Trio's default pool, two connections looping file_list over
         # a tree of many directories held its threads and everyone's
         # file_stat and downloads waited seconds.
         self._listings = RationedThreads("listing", LIST_THREADS)
-        # Deletes and renames: one at a time per connection, on threads of
+        # Deletes and renames: one at a time, on threads of
         # their own. Each scans its directory (for a partial being written)
         # and fsyncs it: on Trio's default pool, one connection keeping many
         # in flight over a large directory held its threads, and everyone's
@@ -116,7 +119,7 @@ class LocalBackend:
             name,
             size,
             sha256,
-            (self._settings.hash_gate, peer.connection),
+            (self._settings.hash_gate, peer),
             overwrite=overwrite,
         )
         return None if stored is None else skipped_result(stored, size, sha256)
@@ -142,7 +145,7 @@ class LocalBackend:
         overwrite = self._settings.overwrite
         try:
             await self._stores.run(
-                peer.connection,
+                peer,
                 lambda: store_batch(entries, admitter, overwrite, digest_of_fd),
                 wait_inline=STORE_WAIT_INLINE if len(entries) == 1 else 0.0,
             )
@@ -163,7 +166,7 @@ class LocalBackend:
         if peer is None:  # the application's own call: no connection to ration
             entries = await trio.to_thread.run_sync(walk)
         else:
-            entries = await self._listings.run(peer.connection, walk)
+            entries = await self._listings.run(peer, walk)
         return [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
 
     async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:
@@ -183,11 +186,11 @@ class LocalBackend:
                 "modified_ns": info.st_mtime_ns,
             }
             if sha256:
-                # Within the connection's hashing share, cached: not on the
-                # default thread pool, where a loop of these would starve others.
+                # Within the owner's hashing share, cached: not on the default
+                # thread pool, where a loop of these would starve others.
                 gate = self._settings.hash_gate
                 answer["sha256"] = await gate.run(
-                    peer.connection, lambda: gate.digest_of_fd(file.fileno(), size)
+                    peer, lambda: gate.digest_of_fd(file.fileno(), size)
                 )
         return answer
 
@@ -210,7 +213,7 @@ class LocalBackend:
             storage.delete(name)
             self.budget.prune_after_removal(prefix, name)
 
-        await self._changes.run(peer.connection, delete)
+        await self._changes.run(peer, delete)
 
     async def rename(self, peer: Peer, old: str, new: str, *, overwrite: bool) -> str:
         """See :meth:`._backend.Backend.rename` (see :meth:`StorageRoot.rename`).
@@ -238,7 +241,7 @@ class LocalBackend:
             self.budget.prune_after_removal(prefix, old, moved_to=renamed)
             return renamed
 
-        return await self._changes.run(peer.connection, rename)
+        return await self._changes.run(peer, rename)
 
 
 def _is_directory(storage: StorageRoot, name: str) -> bool:

@@ -9,7 +9,7 @@ per handler, the same discipline as resume hashing (:mod:`._budget`):
 
 * one hash at a time per connection (a lock the connection owns);
 * at most :data:`HASH_THREADS` hashing threads for all connections together,
-  admitted in arrival order (:class:`._rationed.RationedThreads`); no other
+  admitted by owner in turn (:class:`._rationed.RationedThreads`); no other
   work runs on them, so a peer that keeps them busy delays only other
   peers' whole-file hashes, by at most the hashes already under way (small
   uploads are stored on a pool of their own, :class:`._backend_local.LocalBackend`);

@@ -45,7 +45,7 @@ from ._names import collision_candidates, split_name
 from ._storage import StorageRoot
 
 if TYPE_CHECKING:
-    from .._connection import Connection
+    from .._peer import Peer
     from ._hashing import HashGate
 
 #: The ``reason`` of a skipped file.
@@ -156,24 +156,25 @@ async def find_already_there(
     name: str,
     size: int,
     sha256: str,
-    gate: tuple[HashGate, Connection] | None = None,
+    gate: tuple[HashGate, Peer] | None = None,
     *,
     overwrite: bool,
 ) -> str | None:
     """The stored name (``name`` or, unless ``overwrite``, a variant) holding exactly
     this size and SHA-256, if any.
 
-    ``gate``: the handler's :class:`HashGate` and the asking connection; a
-    peer's request then hashes within that connection's share (one hash at a
-    time, shared threads, cached digests) instead of on Trio's default pool.
+    ``gate``: the handler's :class:`HashGate` and the asking peer; its request
+    then hashes within its connection's share (one hash at a time, shared
+    threads admitting owners in turn, cached digests) instead of on Trio's
+    default pool.
     """
     if gate is None:
         return await trio.to_thread.run_sync(
             lambda: find_sync(storage, name, size, sha256, overwrite=overwrite)
         )
-    hashing, connection = gate
+    hashing, peer = gate
     return await hashing.run(
-        connection,
+        peer,
         lambda: find_sync(storage, name, size, sha256, hashing.digest_of_fd, overwrite=overwrite),
     )
 
