@@ -57,9 +57,9 @@ async def test_an_accept_out_of_file_descriptors_is_retried(nursery: trio.Nurser
 
 async def test_any_other_accept_failure_ends_serving() -> None:
     server = Server(server_descriptor())
-    with pytest.raises(BaseExceptionGroup) as caught, trio.fail_after(10):
+    # The failure itself, not a group of the server's own nurseries.
+    with pytest.raises(OSError, match="simulated accept failure"), trio.fail_after(10):
         await server.serve([_FailingListener(errno.EBADF)])
-    assert caught.group_contains(OSError, match="simulated accept failure", depth=None)
     assert not server.is_running
 
 

@@ -139,9 +139,10 @@ async def _start(nursery: trio.Nursery, server: Server, options: ServeOptions) -
             f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}",
             ExitCode.CONNECTION_FAILED,
         ) from None
-    except BaseExceptionGroup as group:
-        # The cluster bus failed to start (Redis unreachable, node name in use).
-        problem = first_leaf(group, ConduitError)
+    except (ConduitError, BaseExceptionGroup) as exc:
+        # The cluster bus failed to start (Redis unreachable, node name in
+        # use): alone, or beside other failures, in a group.
+        problem = exc if isinstance(exc, ConduitError) else first_leaf(exc, ConduitError)
         if problem is None:
             raise
         raise CLIError(f"cannot join the cluster: {problem}", ExitCode.CONNECTION_FAILED) from None
