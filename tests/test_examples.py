@@ -165,3 +165,29 @@ def test_rpc_example(tmp_path: Path) -> None:
     assert "server asks: 2 x tea?" in result.stdout
     assert "{'success': True, 'data': {'accepted': True, 'client': " in result.stdout
     assert "chat: alice: hello everyone" in result.stdout
+
+
+def test_the_pytest_trio_example_passes(tmp_path: Path) -> None:
+    # As a user runs it: its own directory, no configuration of ours.
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(tmp_path / "pytest.ini"),
+            "--rootdir",
+            str(tmp_path),
+            str(EXAMPLES / "test_app_with_pytest_trio.py"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout, result.stdout
