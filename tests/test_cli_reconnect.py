@@ -10,6 +10,9 @@ resuming". Real subprocesses, through the plain-socket proxy of
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from rich.console import Console
 
 from conduit.cli._display import FileJob, LiveDisplay, reconnecting_line
 from cutting_proxy import CuttingProxy, Direction
-from test_cli import ServeProcess, conduit, sha256, start_server, write_random
+from test_cli import PASSWORD, ServeProcess, _env, conduit, sha256, start_server, write_random
+from transfer_helpers import partial_files as partials
 
 SIZE = 32 * 1024 * 1024
 
@@ -70,3 +74,41 @@ def test_live_display_shows_the_status_above_the_bars() -> None:
         display.file_started(job)
         display.status(reconnecting_line(1, 5, 2.0))
     assert "connection lost, reconnecting in 2 s, attempt 1/5" in buffer.getvalue()
+
+
+def test_send_whose_reconnect_is_refused_the_password_exits_3(
+    tmp_path: Path, served: ServeProcess
+) -> None:
+    # The server stops in the middle of the upload (Ctrl-C: it may be
+    # restarting, so the client comes back) and is restarted under another
+    # password: the transfer fails for the refused password, the exit of a
+    # refused password (3), not of a failed transfer (1).
+    source = write_random(tmp_path / "big.bin", SIZE)
+    sending = subprocess.Popen(
+        [sys.executable, "-m", "conduit", "send", str(source), "--to", served.address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(CONDUIT_PASSWORD=PASSWORD),
+    )
+    restarted: ServeProcess | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size for p in partials(served.directory)):
+            assert time.monotonic() < deadline and sending.poll() is None, "no upload began"
+            time.sleep(0.02)
+        served.stop()
+        (tmp_path / "again").mkdir()
+        restarted = start_server(
+            tmp_path / "again", "--port", str(served.port), password="another password"
+        )
+        out, err = sending.communicate(timeout=120)
+    finally:
+        if sending.poll() is None:
+            sending.kill()
+            sending.communicate(timeout=10)
+        if restarted is not None:
+            restarted.stop()
+    assert sending.returncode == 3, (out, err)
+    assert "refused the reconnect" in out + err, (out, err)

@@ -195,6 +195,8 @@ class Client(Endpoint):
         #: Why the last automatic reconnect gave up (None: it has not), for
         #: the errors of what waited for it (see :meth:`_wait_reconnected`).
         self._gave_up: str | None = None
+        #: The refusal of the password that ended the automatic reconnect.
+        self._refused: AuthenticationError | None = None
         #: A SystemExit or KeyboardInterrupt a handler raised, which ended the
         #: connection: raised again in the application's task (see _supervise).
         self._fatal: BaseException | None = None
@@ -260,6 +262,13 @@ class Client(Endpoint):
     def connected(self) -> bool:
         """Whether the connection is open (False while reconnecting)."""
         return self._peer is not None and self._peer.connected
+
+    @property
+    def reconnect_refused(self) -> AuthenticationError | None:
+        """The server's refusal of the password at an automatic reconnect, which
+        then gave up (a password changed on the server, an account removed);
+        None if that did not happen since the last session began."""
+        return self._refused
 
     @property
     def reconnecting(self) -> bool:
@@ -659,6 +668,7 @@ class Client(Endpoint):
         self._resume_token = b"" if given else welcome.resume_token
         self._peer = peer
         self._gave_up = None  # a new session: a reconnect given up before is history
+        self._refused = None
         if token:
             # The server keeps the token we presented good until it hears from
             # us (our WELCOME may have been lost on the way): a PING now spends
@@ -768,7 +778,7 @@ class Client(Endpoint):
         descriptor = self.descriptor
         limit = descriptor.reconnect_attempts
         attempt = 0
-        self._gave_up = None
+        self._gave_up = self._refused = None
         last: BaseException | None = None
         while limit == 0 or attempt < limit:
             attempt += 1
@@ -807,6 +817,7 @@ class Client(Endpoint):
                 # of the user by their own client.
                 log.error("reconnect refused, giving up: %s", exc)
                 self._gave_up = f"the server refused the reconnect: {exc}"
+                self._refused = exc
                 return None
             except (OSError, ConduitError) as exc:
                 log.info("reconnect attempt %d%s failed: %s", attempt, of, exc)

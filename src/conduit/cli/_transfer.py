@@ -218,12 +218,16 @@ async def _transfer_files(
     return time.monotonic() - started
 
 
-def _exit_code(jobs: Sequence[FileJob], signals: Signals, *, unread: bool = False) -> ExitCode:
-    """The exit code: ``unread`` when local entries meant to be sent could not be read."""
+def _exit_code(
+    jobs: Sequence[FileJob], signals: Signals, *, unread: bool = False, refused: bool = False
+) -> ExitCode:
+    """The exit code: ``unread`` when local entries meant to be sent could not be
+    read; ``refused`` when a reconnect was refused the password (what failed
+    then failed for that: the exit of a refused password)."""
     if signals.received is not None:
         return signals.exit_code
     if unread or any(not job.success for job in file_jobs(jobs)):
-        return ExitCode.TRANSFER_FAILED
+        return ExitCode.AUTH_FAILED if refused else ExitCode.TRANSFER_FAILED
     return ExitCode.OK
 
 
@@ -282,6 +286,7 @@ async def send(
             print(f"{label}  {display_path(entry.local)}: {entry.reason}", flush=True)
     elapsed = 0.0
     started = time.monotonic()
+    refused = False
     try:
         with signals.cancel_on_signal():
             async with connected(options) as client:
@@ -309,6 +314,7 @@ async def send(
                     # Small files many per call (send_files_to_server batches them).
                     group=(handler.chunk_size, upload_group),
                 )
+                refused = client.reconnect_refused is not None
     except CLIError as exc:
         if json_output:
             _fatal_json("send", options.address, exc)
@@ -324,7 +330,7 @@ async def send(
             unread=unread,
             skipped=[entry.to_json() for entry in skipped],
         )
-    return _exit_code(jobs, signals, unread=unread)
+    return _exit_code(jobs, signals, unread=unread, refused=refused)
 
 
 # --------------------------------------------------------------------------- get
@@ -444,6 +450,7 @@ async def get(
     """``conduit get``: download every NAME into ``output_dir``."""
     jobs: list[FileJob] = []
     started = time.monotonic()
+    refused = False
     try:
         with signals.cancel_on_signal():
             async with connected(options) as client:
@@ -464,13 +471,14 @@ async def get(
                 await _transfer_files(
                     "get", jobs, download, parallel=parallel, json_output=json_output, client=client
                 )
+                refused = client.reconnect_refused is not None
     except CLIError as exc:
         if json_output:
             _fatal_json("get", options.address, exc)
         raise
     if json_output:
         _report("get", options.address, jobs, signals, time.monotonic() - started)
-    return _exit_code(jobs, signals)
+    return _exit_code(jobs, signals, refused=refused)
 
 
 # --------------------------------------------------------------------------- ls
