@@ -222,8 +222,8 @@ def _exit_code(
     jobs: Sequence[FileJob], signals: Signals, *, unread: bool = False, refused: bool = False
 ) -> ExitCode:
     """The exit code: ``unread`` when local entries meant to be sent could not be
-    read; ``refused`` when a reconnect was refused the password (what failed
-    then failed for that: the exit of a refused password)."""
+    read; ``refused`` when the automatic reconnect was refused the password,
+    so that the transfers that failed exit as a refused password does (3)."""
     if signals.received is not None:
         return signals.exit_code
     if unread or any(not job.success for job in file_jobs(jobs)):
