@@ -299,6 +299,33 @@ async def test_a_begin_that_cannot_fit_evicts_nothing(
 
 
 @hostile(
+    "disk-evict-for-nothing-on-a-full-disk",
+    area="disk",
+    attack="a 6 MiB volume, max_partial_bytes=3 MiB, two abandoned 1 MiB partials from "
+    "127.0.0.1; a client from 127.0.0.5 begins a 4 MiB upload (the disk could make room by "
+    "evicting one, the cap on unfinished bytes could not be met by any eviction)",
+    behaviour="refused with 'no_space' and nothing evicted: what no eviction could admit is "
+    "refused before any step evicts",
+    found="the disk's step evicted a partial, then the cap's step refused the upload (review "
+    "of this fix's own diff)",
+)
+async def test_a_begin_refused_by_the_partial_cap_evicts_nothing_for_the_disk(
+    server_factory: ServerFactory, tmp_path: Path, volume: Volume
+) -> None:
+    storage = volume(6 * MiB) / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_partial_bytes=3 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    with trio.fail_after(60):
+        older = await leave_partial(server, storage, "127.0.0.1", "a.bin", MiB)
+        newer = await leave_partial(server, storage, "127.0.0.1", "b.bin", MiB)
+        other = await connect_from(server, "127.0.0.5")
+        answer = await begin(other, "big.bin", 4 * MiB, "d" * 32)
+        assert answer["success"] is False and answer["code"] == "no_space", answer
+        assert older.exists() and newer.exists()
+        await other.disconnect()
+
+
+@hostile(
     "disk-evict-own-first",
     area="disk",
     attack="max_partial_bytes=3 MiB: an abandoned 1 MiB partial from 127.0.0.1, then one from "

@@ -1805,8 +1805,9 @@ async def test_a_handler_calling_sys_exit_ends_server_run_with_that_exit(
     assert type(ended[0]) is SystemExit and ended[0].code == 3, repr(ended[0])
 
 
+@pytest.mark.parametrize("next_step", ["call", "connect"])
 async def test_a_client_handler_calling_sys_exit_reaches_the_application(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory, client_factory: ClientFactory, next_step: str
 ) -> None:
     server = await server_factory(register=register_basics)
 
@@ -1819,8 +1820,27 @@ async def test_a_client_handler_calling_sys_exit_reaches_the_application(
         await wait_until(lambda: not client.connected)
         # Raised in the application's own task (from a system task, it crashed
         # Trio with TrioInternalError), once.
+        # (connect: an application that only connects again.)
+        step = client.connect() if next_step == "connect" else client.call("echo", value=1)
         with pytest.raises(SystemExit) as exited:
-            await client.call("echo", value=1)
+            await step
         assert exited.value.code == 3
         with pytest.raises(ConnectionClosed):
             await client.call("echo", value=1)
+
+
+async def test_server_run_raises_a_lone_failure_with_its_own_cause() -> None:
+    class _Broken(trio.abc.Listener[trio.abc.Stream]):
+        async def accept(self) -> trio.abc.Stream:
+            try:
+                raise OSError("the device went away")
+            except OSError as exc:
+                raise RuntimeError("cannot accept") from exc
+
+        async def aclose(self) -> None:
+            pass
+
+    server = Server(server_descriptor())
+    with pytest.raises(RuntimeError, match="cannot accept") as raised, trio.fail_after(10):
+        await server.serve([_Broken()])
+    assert isinstance(raised.value.__cause__, OSError), repr(raised.value.__cause__)

@@ -225,13 +225,17 @@ class Gatekeeper:
         else:
             del self._sessions[owner]
 
-    def _sessions_full(self, owner: str) -> str | None:
-        """Why a new connection of ``owner`` is refused, if it holds all it may."""
+    async def _refuse_if_full(self, stream: trio.abc.Stream, owner: str) -> None:
+        """Refuse a new connection of ``owner`` (Refused) if it holds all it may."""
         limit = self._descriptor.connections_per_user
         if self._sessions.get(owner, 0) < limit:
-            return None
+            return
         who = f"user {owner!r}" if self.accounts is not None else f"address {owner}"
-        return f"{who} already holds {limit} connections (max_connections_per_user)"
+        reason = (
+            f"{who} already holds all the connections it may (max_connections_per_user={limit})"
+        )
+        await refuse(stream, "busy", reason)
+        raise Refused(reason)
 
     # ------------------------------------------------------------------ handshake
 
@@ -255,14 +259,14 @@ class Gatekeeper:
         reader, hello, io = await read_hello(stream)
         handshake = self._machine()
         username = handshake.hello_username(hello)
-        # Whom the connection counts against once authenticated. Checked now,
-        # before any password work; counted only once the password checked,
-        # so that a stranger naming a user holds none of that user's slots.
+        # Whom the connection counts against once authenticated, counted only
+        # once the password checked (a stranger naming a user holds none of
+        # that user's slots). An address is checked now, before any password
+        # work; a user once it proved who it is (told to a stranger, "alice
+        # holds all her connections" would say that alice exists, and more).
         owner = username if self.accounts is not None else host
-        full = self._sessions_full(owner)
-        if full is not None:
-            await refuse(stream, "busy", full)
-            raise Refused(full)
+        if self.accounts is None:
+            await self._refuse_if_full(stream, owner)
         while not isinstance(attempt := self.throttle.reserve(host, username, _now()), Attempt):
             if attempt > 0:
                 break
@@ -336,6 +340,10 @@ class Gatekeeper:
             raise
         self.throttle.succeeded(attempt, _now())
         self._wake()
+        if self.accounts is not None:
+            # Its confirmation is still held back (Established.unsent): the
+            # client reads this refusal in its place.
+            await self._refuse_if_full(stream, owner)
         self._sessions[owner] = self._sessions.get(owner, 0) + 1
         self._session_of[stream] = owner  # until end_session, whatever happens next
         established.username = handshake.username

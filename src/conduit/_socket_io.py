@@ -2,17 +2,19 @@
 
 Each ``trio.SocketStream.send_all`` and ``receive_some`` that completes ends
 with a scheduler pass (``cancel_shielded_checkpoint``), and a producer that
-sends a record itself must shield the send in a cancel scope, so that a
-cancellation cannot cut a record in half: together ~10 us of CPU per RPC round
-trip on the benchmark machine, about as much as all of our protocol work.
+sent a record itself that way would have to shield the send in a cancel
+scope, so that a cancellation could not cut a record in half: together ~10 us
+of CPU per RPC round trip on the benchmark machine, about as much as all of
+our protocol work.
 
 :class:`SocketIO` does the same I/O with the socket's own non-blocking calls
 and Trio's public waiting primitives (:func:`trio.lowlevel.wait_readable`):
 
 * :meth:`SocketIO.send_now` writes what the socket takes at once and never
-  waits, so it needs no shield; the caller sends any rest with
-  :meth:`SocketIO.send_when_writable`, one wait and one write at a time, so
-  that it sees whether the peer still takes bytes;
+  waits, so it needs no shield; what it leaves goes to the connection's
+  writer, which sends it with :meth:`SocketIO.send_when_writable`, one wait
+  and one write at a time, so that it sees whether the peer still takes
+  bytes;
 * :meth:`SocketIO.receive` reads at once when bytes are there and waits for
   readability otherwise. It still checkpoints whenever it returns bytes without
   having waited first (bytes that keep coming), so a busy connection cannot

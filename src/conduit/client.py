@@ -354,6 +354,7 @@ class Client(Endpoint):
 
     async def _connect_once(self, stream: trio.abc.Stream | None) -> None:
         """:meth:`connect`'s work: connected on return, else it raised."""
+        self._raise_fatal()  # a handler's sys.exit() is not undone by connecting again
         if self.connected:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -726,7 +727,8 @@ class Client(Endpoint):
             # sys.exit(3), say). From this system task it would crash Trio
             # (TrioInternalError); the connection has ended, and the
             # application's own task gets it from its next call, send,
-            # wait_closed() or disconnect() (the end of `async with client`).
+            # connect(), wait_closed() or disconnect() (the end of `async
+            # with client`).
             log.error("a handler raised %r: the connection is closed", fatal)
             self._fatal = fatal
         finally:

@@ -201,10 +201,11 @@ class ServerDescriptor:
     max_connections: int = attrs.field(default=1000, validator=[v.instance_of(int), _positive])
     #: Authenticated connections one user may hold at once (in shared-password
     #: mode: one address, as the password throttle counts addresses); more are
-    #: refused with code "busy" at their hello, before any password work. None:
-    #: a quarter of ``max_connections``, so that no one user, or host, can take
-    #: every slot. Handshakes in flight may pass it by a few (the throttle
-    #: bounds them).
+    #: refused with code "busy" (an address at its hello, before any password
+    #: work; a user once its password checked, so that a stranger learns
+    #: nothing of the account). None: a quarter of ``max_connections``, so
+    #: that no one user, or host, can take every slot. Handshakes in flight
+    #: may pass it by a few (the throttle bounds them).
     max_connections_per_user: int | None = attrs.field(
         default=None, validator=v.optional([v.instance_of(int), _positive])
     )

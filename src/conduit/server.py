@@ -377,7 +377,15 @@ class Server(Endpoint):
                     single = collapsed(group)
                     if single is group:
                         raise
-                    raise single from None
+                    # Raised with its own cause and context as they were:
+                    # `raise ... from None` would erase them.
+                    cause, context = single.__cause__, single.__context__
+                    suppress = single.__suppress_context__
+                    try:
+                        raise single
+                    finally:
+                        single.__cause__, single.__context__ = cause, context
+                        single.__suppress_context__ = suppress
         except Exception as exc:
             if not startup.over.is_set():
                 startup.error, startup.why = exc, f"it failed: {exc!r}"

@@ -613,18 +613,13 @@ class Receiver:
             # A peer ends its uploads at will (abandoned, cut off): INFO; and
             # any such line under a budget per owner, or one user could make
             # the log grow as fast as it can ask (570 lines a second).
-            report = (
-                self._peer_log.info
-                if isinstance(exc, (ConnectionClosed, StreamReset))
-                else self._peer_log.warning
-            )
-            report(
-                partial_owner(peer),
-                trio.current_time(),
-                "receiving %r failed: %s",
-                name,
-                inbound.error,
-            )
+            # (Lines of their own: the peer's INFO must not spend the
+            # budget of a WARNING about a failure of ours.)
+            if isinstance(exc, (ConnectionClosed, StreamReset)):
+                report, template = self._peer_log.info, "receiving %r ended by the peer: %s"
+            else:
+                report, template = self._peer_log.warning, "receiving %r failed: %s"
+            report(partial_owner(peer), trio.current_time(), template, name, inbound.error)
         finally:
             await self._settings.backend.release(admission)
             inbound.finished_at = now = trio.current_time()

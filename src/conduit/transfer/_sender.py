@@ -493,14 +493,11 @@ class Sender:
         except (ConduitError, OSError) as exc:
             # A peer cuts its downloads at will: INFO, under a budget per
             # owner (see Receiver._receive_task).
-            report = (
-                self._peer_log.info
-                if isinstance(exc, (ConnectionClosed, StreamReset))
-                else self._peer_log.warning
-            )
-            report(
-                partial_owner(caller), trio.current_time(), "download of %r stopped: %s", name, exc
-            )
+            if isinstance(exc, (ConnectionClosed, StreamReset)):
+                report, template = self._peer_log.info, "download of %r ended by the peer: %s"
+            else:
+                report, template = self._peer_log.warning, "download of %r stopped: %s"
+            report(partial_owner(caller), trio.current_time(), template, name, exc)
             outcome = transfer_failure(exc)
         else:
             final = await reporter.finish()

@@ -602,6 +602,10 @@ class DiskBudget:
                     walked = storage.stored_bytes()  # changed since: count again, here
                 root.usage = _Usage(walked, time.monotonic())
                 self._make_room_in_quota(storage, prefix, walked, size - start, quota, own)
+            # What no eviction could admit is refused before any step evicts:
+            # the disk's step would otherwise evict for an upload that the
+            # cap on unfinished bytes then refuses.
+            self._check_partial_cap(size)
             self._make_room_on_disk(storage, size - start, own, owner)
             self._make_room_for_partials(size, own, owner)
             self._abandoned.pop(own, None)
@@ -729,6 +733,20 @@ class DiskBudget:
                 "no_space",
             )
 
+    def _check_partial_cap(self, size: int) -> None:
+        """Refuse an upload that would pass ``max_partial_bytes`` with every
+        abandoned partial gone (the uploads in progress cannot be evicted)."""
+        cap = self._settings.max_partial_bytes
+        if cap is not None and sum(a.size for a in self._active) + size > cap:
+            raise self._partial_cap_error(cap)
+
+    @staticmethod
+    def _partial_cap_error(cap: int) -> TransferError:
+        return TransferError(
+            f"unfinished uploads would exceed the limit of {cap} bytes; try again later",
+            "no_space",
+        )
+
     def _make_room_for_partials(self, size: int, own: _Path, owner: str) -> None:
         cap = self._settings.max_partial_bytes
         if cap is None:
@@ -739,10 +757,7 @@ class DiskBudget:
             return kept + sum(a.size for a in self._active) + size - cap
 
         if not self._evict_until(shortfall, own, (), owner):
-            raise TransferError(
-                f"unfinished uploads would exceed the limit of {cap} bytes; try again later",
-                "no_space",
-            )
+            raise self._partial_cap_error(cap)
 
     def _fits_bound_locked(
         self, storage: StorageRoot, prefix: _Path, needed: int, quota: int
