@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from conduit import (
     Accounts,
@@ -30,6 +31,7 @@ from conduit import (
     Server,
     ServerDescriptor,
 )
+from conduit._gatekeeper import Gatekeeper, Refused
 from conduit._log_limit import LimitedLog
 from conduit._resume import ResumeTokens
 from conduit._throttle import Attempt, AuthThrottle, address_key
@@ -535,6 +537,76 @@ async def test_one_user_holds_at_most_its_share_of_the_connections(
         await client.disconnect()
     await wait_until(lambda: not server._gate._sessions)
     assert not server._gate._session_of
+
+
+@pytest.mark.parametrize("mode", ["accounts", "shared password"])
+async def test_at_its_share_a_reconnect_resumes_its_own_session_and_nothing_else(
+    server_factory: ServerFactory, accounts: Accounts, mode: str
+) -> None:
+    """A user (an address, with a shared password) holding all its
+    connections may still resume one of them: its reconnect, after a link
+    that died without the server noticing yet, replaces the dead
+    connection. Any other client of that owner is still refused, with a
+    token of a session that has ended as with none, and a refused token
+    stays good."""
+    if mode == "accounts":
+        server = await accounts_server(server_factory, accounts, max_connections_per_user=1)
+        owner, who = "alice", {"username": "alice", "password": ALICE_PASSWORD}
+    else:
+        server = await server_factory(max_connections_per_user=1)
+        owner, who = LOOPBACK, {}
+
+    async def connect(token: bytes = b"") -> Client:
+        client = Client(client_descriptor(server.port, reconnect_enabled=False, **who))
+        client._resume_token = token
+        with trio.fail_after(10):
+            await client.connect()
+        return client
+
+    first = await connect()
+    first_id, ended = first.id, first._resume_token
+    await first.disconnect()  # its token stays good for a while
+    current = await connect()
+    for token in (ended, b"", bytes(32)):
+        with pytest.raises(ConnectionClosed, match=r"already holds all .*=1\)"):
+            await connect(token)
+    # As the current connection's reconnect would, over a new link: the
+    # server closes the connection it replaces.
+    resumed = await connect(current._resume_token)
+    assert resumed.id == current.id
+    # (Counted against its owner until then, the closed one no longer is.)
+    await wait_until(lambda: not current.connected and server._gate._sessions == {owner: 1})
+    await resumed.disconnect()
+    back = await connect(ended)  # refused above, and still good
+    assert back.id == first_id
+    await back.disconnect()
+    await wait_until(lambda: not server._gate._sessions)
+    assert not server._gate._session_of and not server._gate._past_share
+
+
+async def test_a_resume_past_the_share_replaces_only_a_connection_of_its_owner() -> None:
+    # With a shared password the share is an address's: a client that comes
+    # back from another address, full, replaces no connection of that one's.
+    gate = Gatekeeper(
+        ServerDescriptor(password=PASSWORD, max_connections_per_user=1),
+        logging.getLogger("conduit.test_auth"),
+    )
+    (old_link, _), (neighbour, _), (new_link, peer_side) = (
+        trio.testing.memory_stream_pair() for _ in range(3)
+    )
+    gate._count(old_link, "127.0.0.2")  # the session its token resumes
+    gate._count(neighbour, "127.0.0.1")  # the new address is full
+    gate._past_share[new_link] = "127.0.0.1"
+    with pytest.raises(Refused, match=r"address 127\.0\.0\.1 already holds all"):
+        await gate.admit_resumed(new_link, old_link)
+    assert b"already holds all" in await peer_side.receive_some()
+    # Replacing a connection of its own address, it is counted: one over the
+    # share until the server has closed the one it replaces.
+    gate._past_share[new_link] = "127.0.0.1"
+    await gate.admit_resumed(new_link, neighbour)
+    assert gate._sessions == {"127.0.0.1": 2, "127.0.0.2": 1} and not gate._past_share
+    gate.end_session(neighbour)
+    assert gate._sessions == {"127.0.0.1": 1, "127.0.0.2": 1}
 
 
 # --------------------------------------------------------------------------- client

@@ -1406,7 +1406,7 @@ async def test_a_resuming_client_sends_its_token_with_its_confirmation() -> None
     # sending its confirmation first.
     client_stream, server_stream = trio.testing.memory_stream_pair()
     client, server = _machines()
-    answered: list[bytes] = []
+    answered: list[bytes | None] = []
 
     async def serve() -> None:
         established = await _establish(server_stream, server)
@@ -1433,7 +1433,7 @@ async def test_a_token_sent_after_the_servers_confirmation_still_resumes() -> No
     # both would wait for each other until auth_timeout).
     client_stream, server_stream = trio.testing.memory_stream_pair()
     client, server = _machines()
-    answered: list[bytes] = []
+    answered: list[bytes | None] = []
 
     async def serve() -> None:
         established = await _establish(server_stream, server)
@@ -1457,3 +1457,28 @@ async def test_a_token_sent_after_the_servers_confirmation_still_resumes() -> No
             (record,) = writer.write_frames([(encode_frame(FrameKind.MESSAGE, 0, Resume(TOKEN)),)])
             await client_stream.send_all(record)
     assert answered == [TOKEN]
+
+
+async def test_a_token_not_sent_with_the_confirmation_is_not_read_when_it_may_be_refused() -> None:
+    # A server that may still refuse the client (it is past its share: see
+    # Gatekeeper.admit_resumed) must not send its SERVER_CONFIRM to fetch an
+    # older client's token: the refusal goes in the confirmation's place.
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client, server = _machines()
+    answered: list[bytes | None] = []
+    reader = FrameReader()
+
+    async def serve() -> None:
+        established = await _establish(server_stream, server)
+        unsent = established.unsent
+        answered.append(await read_resume(server_stream, established, confirm=False))
+        assert established.unsent == unsent  # still held back
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client_stream.send_all(client.start())
+            reader.feed(await client_stream.receive_some())
+            (server_hello,) = iter(reader.next_frame, None)
+            await client_stream.send_all(client.receive(server_hello))  # no token with it
+    assert answered == [None]

@@ -170,6 +170,10 @@ class Gatekeeper:
         # password), and whom each connection's stream counts against.
         self._sessions: dict[str, int] = {}
         self._session_of: dict[trio.abc.Stream, str] = {}
+        # Resuming clients let past their owner's share, not counted yet:
+        # each is counted only if it replaces one of that owner's
+        # connections (see admit_resumed).
+        self._past_share: dict[trio.abc.Stream, str] = {}
         # Set (and replaced) whenever an attempt settles: attempts queued
         # behind a budget full of in-flight ones look again.
         self._settled = trio.Event()
@@ -216,6 +220,7 @@ class Gatekeeper:
 
     def end_session(self, stream: trio.abc.Stream) -> None:
         """The connection on ``stream`` ended: its user (or address) may hold another."""
+        self._past_share.pop(stream, None)
         owner = self._session_of.pop(stream, None)
         if owner is None:
             return
@@ -225,17 +230,45 @@ class Gatekeeper:
         else:
             del self._sessions[owner]
 
+    def _full(self, owner: str) -> bool:
+        """Whether ``owner`` holds all the connections it may."""
+        return self._sessions.get(owner, 0) >= self._descriptor.connections_per_user
+
+    def _count(self, stream: trio.abc.Stream, owner: str) -> None:
+        self._sessions[owner] = self._sessions.get(owner, 0) + 1
+        self._session_of[stream] = owner  # until end_session, whatever happens next
+
     async def _refuse_if_full(self, stream: trio.abc.Stream, owner: str) -> None:
         """Refuse a new connection of ``owner`` (Refused) if it holds all it may."""
-        limit = self._descriptor.connections_per_user
-        if self._sessions.get(owner, 0) < limit:
+        if not self._full(owner):
             return
+        limit = self._descriptor.connections_per_user
         who = f"user {owner!r}" if self.accounts is not None else f"address {owner}"
         reason = (
             f"{who} already holds all the connections it may (max_connections_per_user={limit})"
         )
         await refuse(stream, "busy", reason)
         raise Refused(reason)
+
+    async def admit_resumed(
+        self, stream: trio.abc.Stream, replacing: trio.abc.Stream | None
+    ) -> None:
+        """Count the resuming client on ``stream``, let past its owner's share
+        (:attr:`~conduit._handshake_io.Established.past_share`), if it takes
+        the place of ``replacing``: that owner's connection of the session
+        its token resumed, which the server closes next (a link that died
+        without the server noticing yet). Else, if its owner still holds all
+        it may, refuse it (Refused; its SERVER_CONFIRM was held back: the
+        client reads the refusal in its place).
+
+        Without this, a client whose share is one connection (a small
+        ``max_connections``) could not resume its own session until the
+        server's heartbeat timeout ended the dead one.
+        """
+        owner = self._past_share.pop(stream)
+        if replacing is None or self._session_of.get(replacing) != owner:
+            await self._refuse_if_full(stream, owner)
+        self._count(stream, owner)
 
     # ------------------------------------------------------------------ handshake
 
@@ -264,8 +297,11 @@ class Gatekeeper:
         # that user's slots). An address is checked now, before any password
         # work; a user once it proved who it is (told to a stranger, "alice
         # holds all her connections" would say that alice exists, and more).
+        # A resuming client is let past a full share, to be counted once its
+        # token says whether it replaces one of its owner's (admit_resumed).
         owner = username if self.accounts is not None else host
-        if self.accounts is None:
+        resuming = handshake.client_resuming
+        if self.accounts is None and not resuming:
             await self._refuse_if_full(stream, owner)
         while not isinstance(attempt := self.throttle.reserve(host, username, _now()), Attempt):
             if attempt > 0:
@@ -340,12 +376,15 @@ class Gatekeeper:
             raise
         self.throttle.succeeded(attempt, _now())
         self._wake()
-        if self.accounts is not None:
-            # Its confirmation is still held back (Established.unsent): the
-            # client reads this refusal in its place.
-            await self._refuse_if_full(stream, owner)
-        self._sessions[owner] = self._sessions.get(owner, 0) + 1
-        self._session_of[stream] = owner  # until end_session, whatever happens next
+        if resuming and self._full(owner):
+            self._past_share[stream] = owner
+            established.past_share = True
+        else:
+            if self.accounts is not None:
+                # Its confirmation is still held back (Established.unsent): the
+                # client reads this refusal in its place.
+                await self._refuse_if_full(stream, owner)
+            self._count(stream, owner)
         established.username = handshake.username
         established.account = cast("AccountRecord | None", handshake.account)
         return established

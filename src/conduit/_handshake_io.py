@@ -56,6 +56,10 @@ class Established:
     #: Server side: the WELCOME already sent, sealed, with an early
     #: SERVER_CONFIRM (see :func:`server_handshake`); None when it is still due.
     welcomed: Welcome | None = None
+    #: Server side: a resuming client whose user (or address) already held
+    #: all the connections it may; served only if its token resumes one of
+    #: them (see :meth:`~conduit._gatekeeper.Gatekeeper.admit_resumed`).
+    past_share: bool = False
 
 
 async def _receive(stream: trio.abc.Stream, io: SocketIO | None) -> bytes | bytearray:
@@ -442,18 +446,24 @@ async def server_handshake(
     )
 
 
-async def read_resume(stream: trio.abc.Stream, established: Established) -> bytes:
+async def read_resume(
+    stream: trio.abc.Stream, established: Established, *, confirm: bool = True
+) -> bytes | None:
     """The resume token an authenticated client announced (its first sealed frame).
 
     A client sends it with its CLIENT_CONFIRM: then it is read already, and
     the SERVER_CONFIRM stays held back to go out with the WELCOME (one send
     answers both). An older client sends it only once it has the
     SERVER_CONFIRM: when the token has not come with the confirmation, that
-    goes out first, then the token is awaited.
+    goes out first, then the token is awaited; with ``confirm=False`` (the
+    server may still refuse the client, in the confirmation's place) None
+    is returned instead.
     """
     reader = established.reader
     frame = reader.next_frame()
     if frame is None:
+        if not confirm:
+            return None
         if established.unsent:
             unsent, established.unsent = established.unsent, b""
             await send_bytes(stream, unsent, established.io)

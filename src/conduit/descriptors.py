@@ -205,7 +205,8 @@ class ServerDescriptor:
     #: work; a user once its password checked, so that a stranger learns
     #: nothing of the account). None: a quarter of ``max_connections``, so
     #: that no one user, or host, can take every slot. Handshakes in flight
-    #: may pass it by a few (the throttle bounds them).
+    #: may pass it by a few (the throttle bounds them). A client resuming its
+    #: own session is let in past it: it replaces its old connection.
     max_connections_per_user: int | None = attrs.field(
         default=None, validator=v.optional([v.instance_of(int), _positive])
     )

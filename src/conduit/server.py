@@ -753,6 +753,11 @@ class Server(Endpoint):
                     return established, client_id, None
                 client_id, held = await self._client_id_for(stream, established, arrival)
                 try:
+                    if established.past_share:
+                        stale = self.clients.get(client_id)
+                        await self._gate.admit_resumed(
+                            stream, None if stale is None else stale.connection.stream
+                        )
                     token = new_token()
                     if self.cluster is not None:
                         await self.cluster.share_resume_token(
@@ -828,7 +833,9 @@ class Server(Endpoint):
         client (None when none was).
         """
         if established.resuming:
-            token = await read_resume(stream, established)
+            token = await read_resume(stream, established, confirm=not established.past_share)
+            if token is None:  # an older client, past its share: refused below
+                return await self._new_client_id(), None
             held: _HeldToken | None = _HeldToken(token_digest(token))
             if self.cluster is not None:
                 # The bus decides and holds it: the token may be another

@@ -797,9 +797,11 @@ class ServerHandshake(_Handshake):
     def hello_username(self, frame: Frame) -> str:
         """The username the CLIENT_HELLO ``frame`` names, as the module's
         :func:`hello_username` reads it; the decoded hello is kept for
-        :meth:`receive` of the same frame, which then does not decode it again."""
+        :meth:`receive` of the same frame, which then does not decode it again.
+        Sets :attr:`client_resuming` already (the server's admission looks at it)."""
         hello = _decode_hello(frame)
         self._peeked = (frame, hello)
+        self.client_resuming = hello.resume
         return hello.username
 
     def _receive(self, frame: Frame) -> bytes:
