@@ -31,7 +31,9 @@ token, and the client came back under a new id.
 
 In a cluster every token is also shared on the bus, again as its SHA-256
 (:meth:`conduit.cluster._node.ClusterNode.share_resume_token`), so that a
-client whose node died can resume on another one; there the bus entry
+client whose node died can resume on another one (the bus keeps the newest
+:data:`~conduit.cluster.bus.RESUME_ENTRIES_PER_OWNER` of each owner's,
+owners as here); there the bus entry
 decides, held in the same way for the whole cluster (the redeeming node
 deletes it once its session has heard from the client:
 :meth:`conduit.cluster._node.ClusterNode.spend_resume_token`).

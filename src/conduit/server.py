@@ -761,7 +761,10 @@ class Server(Endpoint):
                     token = new_token()
                     if self.cluster is not None:
                         await self.cluster.share_resume_token(
-                            token, client_id, established.username
+                            token,
+                            client_id,
+                            established.username,
+                            arrival.token_owner(established.username),
                         )
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token

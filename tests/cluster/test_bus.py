@@ -600,6 +600,49 @@ async def test_resume_entries_are_owned_and_single_use(
         stranger.close()
 
 
+async def test_one_owners_resume_entries_are_bounded_and_evict_only_its_own(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """Past ``keep`` entries counted against one owner (a client connecting
+    in a loop), its oldest go, entry and all; another owner's stay."""
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    flood = [f"{index:02x}" * 32 for index in range(5)]
+    other = "ee" * 32
+    await node_b.share_resume(other, "client-9", "-", 60.0, counted_against="honest")
+    went = [
+        await node_a.share_resume(digest, f"c{i}", "-", 60.0, counted_against="loop", keep=3)
+        for i, digest in enumerate(flood)
+    ]
+    assert went == [0, 0, 0, 1, 1]
+    direct = redis.Redis.from_url(engines.bus.url)
+    try:
+        assert direct.zcard(f"{bus_namespace}:resumes:loop") == 3
+        entries = direct.keys(f"{bus_namespace}:resume:*")
+        assert len(entries) == 4  # the flood's newest three, and the other owner's
+        # A client's next token replaces its last one in the set as on the bus.
+        newer = "ff" * 32
+        assert (
+            await node_a.share_resume(
+                newer, "c4", "-", 60.0, replaces=flood[4], counted_against="loop", keep=3
+            )
+            == 0
+        )
+        assert direct.zcard(f"{bus_namespace}:resumes:loop") == 3
+        assert 0 < direct.pttl(f"{bus_namespace}:resumes:loop") <= 60_000
+    finally:
+        direct.close()
+    for digest in flood[:2] + flood[4:]:
+        assert await node_b.redeem_resume(digest, "-") is None
+    for i, digest in ((2, flood[2]), (3, flood[3]), (4, newer)):
+        assert await node_b.redeem_resume(digest, "-") == f"c{i}"
+    assert await node_a.redeem_resume(other, "-") == "client-9"
+    with pytest.raises(ValueError, match="owner"):
+        await node_a.share_resume(other, "c", "-", 60.0, counted_against="two words")
+    with pytest.raises(ValueError, match="keep"):
+        await node_a.share_resume(other, "c", "-", 60.0, keep=0)
+
+
 async def test_a_held_resume_entry_stays_good_until_spent_and_never_longer_than_its_hold(
     engines: Any, bus_namespace: str, bus_factory: BusFactory
 ) -> None:

@@ -23,6 +23,7 @@ import trio
 from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
 from conduit import Client, ClientDescriptor, Server, ServerDescriptor
 from conduit._resume import token_digest
+from conduit.cluster._node import _tag
 from conduit.cluster.bus import _DEPARTED as DEPARTED
 from conftest import served, wait_until
 from cutting_proxy import CuttingProxy
@@ -293,6 +294,35 @@ async def test_client_of_a_node_stopped_cleanly_comes_back_through_another_with_
                 assert _registered_node(engines, bus_namespace, old_id) == "b"
 
 
+async def test_the_bus_counts_each_token_against_its_clients_address(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    # With a shared password a token counts against the address its client
+    # came from (by a hash, as names are), as in the local table: the bus
+    # bounds the tokens of each (RESUME_ENTRIES_PER_OWNER).
+    server = _solo_server(engines, bus_namespace)
+    await nursery.start(server.run)
+    clients = []
+    for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
+        client = Client(
+            ClientDescriptor(server_host="127.0.0.1", server_port=server.port, password="secret")
+        )
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
+            await client.connect(stream=stream)
+        clients.append(client)
+
+    def tokens_of(address: str) -> int:
+        group = _tag(b"conduit-owner", address)
+        with contextlib.closing(_bus(engines)) as connection:
+            return int(connection.zcard(f"{bus_namespace}:resumes:{group}"))
+
+    assert (tokens_of("127.0.0.1"), tokens_of("127.0.0.2")) == (2, 1)
+    for client in clients:
+        await client.disconnect()
+    await server.close()
+
+
 async def test_overlapping_connections_of_one_client_on_one_node(
     engines: Any, bus_namespace: str, nursery: trio.Nursery
 ) -> None:
@@ -305,7 +335,7 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     assert node is not None
     client_id = await node.new_client_id()
     token = secrets.token_bytes(32)
-    await node.share_resume_token(token, client_id, "alice")
+    await node.share_resume_token(token, client_id, "alice", "alice")
     assert await node.resume_client_id(token, "bob") is None  # another account's try
     assert await node.resume_client_id(token, "alice") == client_id  # the reconnect
     await node.spend_resume_token(token_digest(token))  # its session heard from the client

@@ -241,17 +241,28 @@ class ClusterNode:
 
     # ----------------------------------------------------------------- resume tokens
 
-    async def share_resume_token(self, token: bytes, client_id: str, username: str | None) -> None:
+    async def share_resume_token(
+        self, token: bytes, client_id: str, username: str | None, counted_against: str
+    ) -> None:
         """Make ``token`` (just issued to ``client_id``) redeemable on every node.
 
         Stored as its SHA-256, tied to ``username`` like the local table; it
-        replaces the client's previous token. :class:`BusError` if the bus is
-        unreachable (the handshake then fails, as for a new id).
+        replaces the client's previous token. ``counted_against``: whom it
+        counts against, as in the local table (the account, or the address
+        with a shared password): the bus keeps each one's newest
+        :data:`~conduit.cluster.bus.RESUME_ENTRIES_PER_OWNER` tokens.
+        :class:`BusError` if the bus is unreachable (the handshake then
+        fails, as for a new id).
         """
         digest = token_digest(token).hex()
         previous = self._resume_digests.get(client_id)
         await self.bus.share_resume(
-            digest, client_id, _owner(username), RESUME_TTL, replaces=previous
+            digest,
+            client_id,
+            _owner(username),
+            RESUME_TTL,
+            replaces=previous,
+            counted_against=_tag(b"conduit-owner", counted_against),
         )
         self._resume_digests[client_id] = digest
 
@@ -415,4 +426,9 @@ def _owner(username: str | None) -> str:
     """The bus tag of the account a token is for: a hash, so no name goes into Redis."""
     if username is None:
         return "-"
-    return hashlib.sha256(b"conduit-user\0" + username.encode()).hexdigest()
+    return _tag(b"conduit-user", username)
+
+
+def _tag(kind: bytes, name: str) -> str:
+    """A name (an account, an address) as it goes into Redis: a hash of it."""
+    return hashlib.sha256(kind + b"\0" + name.encode()).hexdigest()

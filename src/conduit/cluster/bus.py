@@ -28,6 +28,12 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
   issued to, so that any node can give a reconnecting client its id back.
   Redeemed by an atomic compare-and-delete (single use in the whole
   cluster); expires ``RESUME_TTL`` after its connection ended.
+* ``resumes:<sha256>``: the resume tokens one owner was issued (an account,
+  or with a shared password an address, by a hash of it), newest last: a
+  sorted set whose oldest members go, with their ``resume:`` entries, past
+  the owner's bound (:meth:`ClusterBus.share_resume`). Without it, one
+  client connecting in a loop left an entry per session on the bus for an
+  hour each, and nothing bounded their number.
 * ``inbox:<name>``: a stream of requests and replies addressed to the node.
   Streams rather than pub/sub: a message sent while the reader is between two
   reads is not lost, and the reader needs no subscription handshake.
@@ -207,6 +213,34 @@ else
 end
 return string.sub(value, string.len(owner) + 1)
 """
+
+
+# Keep a resume entry (KEYS[1], value ARGV[1], for ARGV[2] ms) in its owner's
+# set (KEYS[2]: digest ARGV[3], scored ARGV[7]); delete the entry it replaces
+# (digest ARGV[4], or ''); past ARGV[5] members the oldest go, with their
+# entries (named ARGV[6] .. digest: keys only known here, so this bus needs a
+# single Redis, not a Redis Cluster, as every other script here assumes).
+# Returns how many went.
+_SHARE_RESUME: Final = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[4] ~= '' and ARGV[4] ~= ARGV[3] then
+  redis.call('DEL', ARGV[6] .. ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[4])
+end
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if over <= 0 then return 0 end
+local gone = redis.call('ZPOPMIN', KEYS[2], over)
+for i = 1, #gone, 2 do redis.call('DEL', ARGV[6] .. gone[i]) end
+return over
+"""
+
+
+#: Resume entries one owner (an account, or an address with a shared
+#: password) keeps on the bus: as many clients of its as come back within
+#: ``RESUME_TTL`` keep their ids (about 3 MB of Redis memory at most).
+RESUME_ENTRIES_PER_OWNER: Final = 10_000
 
 
 class BusError(ConduitError):
@@ -417,6 +451,7 @@ class ClusterBus:
         self._bury_client = self._redis.register_script(_BURY_CLIENT)
         self._register_client = self._redis.register_script(_REGISTER_CLIENT)
         self._redeem = self._redis.register_script(_REDEEM)
+        self._share_resume = self._redis.register_script(_SHARE_RESUME)
         self._limiter = trio.CapacityLimiter(16)
         self._handler_limiter = trio.CapacityLimiter(max_handlers)
         # One-way notices (a client moved away, ...) have a limit of their
@@ -880,26 +915,49 @@ class ClusterBus:
     # ----------------------------------------------------------------- resume tokens
 
     async def share_resume(
-        self, digest: str, client_id: str, owner: str, ttl: float, *, replaces: str | None = None
-    ) -> None:
+        self,
+        digest: str,
+        client_id: str,
+        owner: str,
+        ttl: float,
+        *,
+        replaces: str | None = None,
+        counted_against: str | None = None,
+        keep: int = RESUME_ENTRIES_PER_OWNER,
+    ) -> int:
         """Keep a resume token for ``ttl`` seconds, by its ``digest`` (hex SHA-256 of the token).
 
         ``owner`` (no spaces) tags the account it was issued to; only that
         owner can redeem it. ``replaces``: the digest of the client's previous
-        token, deleted in the same round trip (a token is good once).
+        token, deleted in the same step (a token is good once).
+
+        ``counted_against`` (no spaces; ``owner`` when None): whom the token
+        counts against, an account or an address, by a hash of it. Of its
+        tokens the newest ``keep`` stay; older ones go, good no more (their
+        clients get new ids when they come back): one client that connects
+        again and again evicts its own tokens, never another's. Returns how
+        many went.
         """
-        if " " in owner or not owner:
-            raise ValueError("the owner tag must be non-empty, without spaces")
-        key = self._key("resume", digest)
-
-        def work() -> None:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.set(key, f"{owner} {client_id}", px=_ms(ttl))
-            if replaces is not None and replaces != digest:
-                pipe.delete(self._key("resume", replaces))
-            pipe.execute()
-
-        await self._call(work)
+        group = owner if counted_against is None else counted_against
+        for tag in (owner, group):
+            if " " in tag or not tag:
+                raise ValueError("the owner tag must be non-empty, without spaces")
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        went = await self._call(
+            self._share_resume,
+            keys=[self._key("resume", digest), self._key("resumes", group)],
+            args=[
+                f"{owner} {client_id}",
+                _ms(ttl),
+                digest,
+                replaces or "",
+                keep,
+                self._key("resume") + ":",  # what _key("resume", digest) starts with
+                time.time_ns() // 1_000_000,
+            ],
+        )
+        return int(went)
 
     async def redeem_resume(
         self, digest: str, owner: str, *, hold: float | None = None
