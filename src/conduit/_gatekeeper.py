@@ -54,7 +54,7 @@ import trio
 
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
-from ._throttle import Attempt, AuthThrottle, address_key
+from ._throttle import Attempt, AuthThrottle, address_key, owner_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConnectionClosed, HandshakeError, ProtocolError
@@ -299,7 +299,7 @@ class Gatekeeper:
         # holds all her connections" would say that alice exists, and more).
         # A resuming client is let past a full share, to be counted once its
         # token says whether it replaces one of its owner's (admit_resumed).
-        owner = username if self.accounts is not None else host
+        owner = owner_key(username if self.accounts is not None else None, host)
         resuming = handshake.client_resuming
         if self.accounts is None and not resuming:
             await self._refuse_if_full(stream, owner)

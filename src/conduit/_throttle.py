@@ -89,6 +89,14 @@ def address_key(host: str) -> str:
     return str(ip)
 
 
+def owner_key(username: str | None, host: str) -> str:
+    """Whom a client counts against for what one client may hold (its
+    connections, its resume tokens): its account, or with a shared password
+    (no username, None or "") the address key ``host`` (:func:`address_key`).
+    A server is in one mode or the other, so the two kinds never meet."""
+    return username if username else host
+
+
 @attrs.define(eq=False)
 class Attempt:
     """One reserved password attempt (a ticket for :meth:`AuthThrottle.succeeded`/``failed``)."""
@@ -369,4 +377,5 @@ __all__ = [
     "Attempt",
     "AuthThrottle",
     "address_key",
+    "owner_key",
 ]

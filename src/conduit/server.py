@@ -30,7 +30,7 @@ from ._resume import ResumeTokens, new_token, token_digest
 from ._rpc_proxy import to_wire
 from ._serve_loop import serve_listeners
 from ._socket_io import close_now
-from ._throttle import address_key
+from ._throttle import address_key, owner_key
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
 from .protocol.messages import Welcome
@@ -76,11 +76,10 @@ class _Arrival:
         """For log lines: host:port ([host]:port for IPv6), as people read them."""
         return format_address(self.address)
 
-    def token_owner(self, username: str | None) -> str:
-        """Whom this client's resume token counts against (see ``conduit._resume``):
-        its account, or in shared-password mode the address it came from (a
-        server is in one mode or the other, so the two never meet)."""
-        return username if username is not None else self.host
+    def owner(self, username: str | None) -> str:
+        """Whom this client counts against: its account, or with a shared
+        password the address it came from (see :func:`~conduit._throttle.owner_key`)."""
+        return owner_key(username, self.host)
 
 
 async def _offer_patiently(connection: Connection, event: str, data: Any) -> bool:
@@ -748,7 +747,7 @@ class Server(Endpoint):
                         client_id,
                         established.username,
                         welcomed.resume_token,
-                        owner=arrival.token_owner(established.username),
+                        owner=arrival.owner(established.username),
                     )
                     return established, client_id, None
                 client_id, held = await self._client_id_for(stream, established, arrival)
@@ -764,7 +763,7 @@ class Server(Endpoint):
                             token,
                             client_id,
                             established.username,
-                            arrival.token_owner(established.username),
+                            arrival.owner(established.username),
                         )
                     welcome = Welcome(
                         client_id, descriptor.name, descriptor.heartbeat_interval, token
@@ -778,7 +777,7 @@ class Server(Endpoint):
                         client_id,
                         established.username,
                         token,
-                        owner=arrival.token_owner(established.username),
+                        owner=arrival.owner(established.username),
                     )
                 except BaseException:
                     if held is not None:  # its WELCOME, with the next token, never went
