@@ -37,7 +37,7 @@ from conduit import (
     _heartbeats,
 )
 from conduit._connection import _CONTROL_BACKLOG
-from conduit._groups import collapsed
+from conduit._groups import beside, collapsed
 from conduit.protocol.frames import FrameKind
 from conftest import (
     LOOPBACK,
@@ -1772,8 +1772,46 @@ def test_our_nurseries_groups_come_out_as_the_one_exception_they_hold() -> None:
     interrupt = KeyboardInterrupt()
     both = BaseExceptionGroup("g", [cancelled(), error, BaseExceptionGroup("h", [interrupt])])
     assert collapsed(both) is interrupt  # Ctrl-C ends the program whatever else failed
+    assert beside(both, interrupt) == [error]  # for the server to log
     several = ExceptionGroup("g", [error, ValueError("other")])
     assert collapsed(several) is several
+
+
+class _FailingListener(trio.abc.Listener[trio.abc.Stream]):
+    """A listener whose accept raises ``error`` (after a checkpoint)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def accept(self) -> trio.abc.Stream:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        raise self.error
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+async def test_a_failure_beside_a_ctrl_c_is_logged_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # server.run raises the KeyboardInterrupt alone (the program ends anyway);
+    # the other failure that ended it at the same time is in the log.
+    server = Server(server_descriptor())
+    interrupt, failure = KeyboardInterrupt(), OSError(22, "Invalid argument")
+    listeners: list[trio.abc.Listener[Any]] = [
+        _FailingListener(interrupt),
+        _FailingListener(failure),
+    ]
+    with (
+        caplog.at_level(logging.ERROR, logger="conduit.server"),
+        pytest.raises(KeyboardInterrupt) as raised,
+        trio.fail_after(10),
+    ):
+        await server.serve(listeners)
+    assert raised.value is interrupt
+    logged = [record for record in caplog.records if record.exc_info is not None]
+    assert [record.exc_info[1] for record in logged if record.exc_info] == [failure]
+    assert "which ends the server" in logged[0].getMessage()
 
 
 async def test_a_handler_calling_sys_exit_ends_server_run_with_that_exit(

@@ -55,4 +55,15 @@ def collapsed(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return found[0] if len(found) == 1 else group
 
 
-__all__ = ["FATAL", "collapsed", "first_leaf", "leaves"]
+def beside(group: BaseExceptionGroup[BaseException], chosen: BaseException) -> list[BaseException]:
+    """What else ``group`` holds than ``chosen`` (Trio's Cancelled aside): the
+    failures that :func:`collapsed`'s KeyboardInterrupt or SystemExit would
+    hide, for the caller to report."""
+    return [
+        leaf
+        for leaf in leaves(group)
+        if leaf is not chosen and not isinstance(leaf, trio.Cancelled)
+    ]
+
+
+__all__ = ["FATAL", "beside", "collapsed", "first_leaf", "leaves"]

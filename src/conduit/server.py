@@ -14,7 +14,7 @@ from ._bridge import bridged
 from ._callbacks import calling_task
 from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
 from ._gatekeeper import Gatekeeper, Refused
-from ._groups import collapsed
+from ._groups import beside, collapsed
 from ._handshake_io import (
     Established,
     VersionMismatch,
@@ -376,6 +376,11 @@ class Server(Endpoint):
                     single = collapsed(group)
                     if single is group:
                         raise
+                    for other in beside(group, single):
+                        # A Ctrl-C or sys.exit() raised alone would hide them.
+                        log.error(
+                            "besides %r, which ends the server: %r", single, other, exc_info=other
+                        )
                     # Raised with its own cause and context as they were:
                     # `raise ... from None` would erase them.
                     cause, context = single.__cause__, single.__context__
