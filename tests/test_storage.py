@@ -14,10 +14,12 @@ import os
 import posixpath
 import re
 import stat
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -896,6 +898,42 @@ def test_discard(storage: StorageRoot) -> None:
     closed_first.discard()  # after a close it removes the file by name
     assert storage.find_partial("b.txt", TID) is None
     assert os.listdir(storage.path) == []
+
+
+@contextmanager
+def _refusing_removals(directory: Path) -> Iterator[None]:
+    """``directory`` refuses to have its entries removed, for real: immutable
+    as root (``chattr +i``), read-only to anyone else."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
+
+
+def test_a_partial_the_disk_will_not_delete_is_closed_all_the_same(
+    storage: StorageRoot, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failed upload discards its partial; a directory that refuses the
+    # unlink (read-only, a file system remounted so) once left the partial
+    # open and locked, and its name "busy" until the server restarted.
+    partial = storage.open_partial("sub/a.bin", TID, resume=False)
+    partial.write_block(b"x" * 10)
+    with _refusing_removals(storage.path / "sub"), caplog.at_level("WARNING"):
+        partial.discard()  # a cleanup on the way out of a failure: it must not raise
+    assert partial.closed
+    assert "could not delete the partial file of 'sub/a.bin'" in caplog.text
+    again = storage.open_partial("sub/a.bin", TID, resume=True)  # not "busy"
+    assert again.offset == 10  # still there, for the sweep of old partials
+    again.discard()
+    assert storage.find_partial("sub/a.bin", TID) is None
 
 
 def test_a_closed_partial_refuses_use(storage: StorageRoot) -> None:

@@ -1028,20 +1028,36 @@ class PartialFile:
             os.close(dir_fd)
 
     def discard(self) -> None:
-        """Delete the partial file and close. Harmless to call again."""
+        """Delete the partial file and close. Harmless to call again.
+
+        Closed whatever happens: a partial the disk will not let go of (a
+        directory made read-only, a file system remounted so) is logged and
+        left to the sweep of old partials, and its descriptors and lock are
+        released all the same (kept, its name stayed "busy" until the server
+        restarted). Callers discard on their way out of a failure, which an
+        error of the cleanup's own must not replace.
+        """
         if self._finished:
             return
-        partial_name = self._partial_name
-        if partial_name is None:
-            self.close()  # anonymous: the last descriptor's close frees it
-        elif self._fd is None:
-            self._root.discard_partial(self._name, self._transfer_id)
-        else:
-            assert self._dir_fd is not None
-            if _same_file(self._dir_fd, partial_name, self._fd):
-                _unlink_quietly(self._dir_fd, partial_name)
-            self.close()
         self._finished = True
+        partial_name = self._partial_name
+        try:
+            if partial_name is None:
+                pass  # anonymous: the last descriptor's close frees it
+            elif self._fd is None:
+                self._root.discard_partial(self._name, self._transfer_id)
+            else:
+                assert self._dir_fd is not None
+                if _same_file(self._dir_fd, partial_name, self._fd):
+                    _unlink_quietly(self._dir_fd, partial_name)
+        except OSError as exc:
+            log.warning(
+                "could not delete the partial file of %r (the sweep of old partials will): %s",
+                self._name,
+                exc,
+            )
+        finally:
+            self.close()
 
     def publish(
         self,
