@@ -247,6 +247,28 @@ async def test_upload_sizes(
         assert result["resumed_from"] == 0
 
 
+async def test_the_smallest_chunk_size_streams_both_ways(
+    file_server_factory: FileServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    # 1 KiB chunks (the least chunk_size allows): a read block of them is more
+    # buffers than one readv may take (EINVAL from Linux past 1,024), so
+    # every streamed file over 1 MiB failed with "io_error: Invalid argument".
+    size = 2 * _engine.READ_BLOCK + 5
+    with trio.fail_after(60):
+        fs = await file_server_factory(chunk_size=1024)
+        client = await client_factory(fs.server)
+        source = tmp_path / "outbox" / "small-chunks.bin"
+        checksum = await make_file(source, size)
+        sender = FileTransferHandler(storage_dir=tmp_path / "client", chunk_size=1024)
+        result = await sender.send_to_server(client, source)
+        await assert_uploaded(fs, client, result, name=source.name, size=size, checksum=checksum)
+        downloaded = await sender.receive_from_server(
+            client, source.name, local_dir=tmp_path / "downloads"
+        )
+        assert downloaded["success"] is True, downloaded
+        assert (tmp_path / "downloads" / source.name).read_bytes() == source.read_bytes()
+
+
 @pytest.mark.slow
 async def test_upload_300_mb(
     file_server_factory: FileServerFactory, client_factory: ClientFactory, tmp_path: Path

@@ -35,6 +35,7 @@ from ..protocol.connection import Buffer
 from ..protocol.data_runs import DataRecord, RecordBuffers, lay_out
 from ._budget import ByteBudget
 from ._progress import ProgressReporter
+from ._storage import IOV_MAX
 from ._wire import Trailer
 from ._write_behind import WRITE_BEHIND_IDLE, WriteBehind
 
@@ -129,10 +130,12 @@ def _read_records(
 def _fill(fd: int, slots: list[memoryview], size: int) -> bool:
     # readv until the slots hold ``size`` bytes: a read may be short (a network
     # or FUSE file system) without the file having ended; only 0 means it did.
+    # At most IOV_MAX slots a call: a read block of small chunks has more
+    # (2 MiB of 1 KiB chunks, 2,048), which the kernel refuses (EINVAL).
     pending = slots
     filled = 0
     while filled < size:
-        got = os.readv(fd, pending)
+        got = os.readv(fd, pending[:IOV_MAX])
         if got == 0:
             return False
         filled += got

@@ -967,7 +967,7 @@ class PartialFile:
         first = 0
         while first < len(views):
             try:
-                written = os.pwritev(fd, views[first : first + _IOV_MAX], self._offset)
+                written = os.pwritev(fd, views[first : first + IOV_MAX], self._offset)
             except OSError as exc:
                 raise _translate_write_error(exc, self._name) from exc
             if not written:
@@ -1334,8 +1334,9 @@ def _remove_regular(dir_fd: int, entry: str) -> bool:
     return True
 
 
-#: Buffers per ``pwritev`` (Linux's IOV_MAX is 1024).
-_IOV_MAX = 512
+#: Buffers per ``pwritev`` or ``readv`` call (Linux's IOV_MAX is 1024: more
+#: is EINVAL).
+IOV_MAX = 512
 
 
 def _wrote_nothing(size: int, name: str) -> OSError:
