@@ -649,22 +649,35 @@ async def test_the_same_file_sent_twice_at_once_ends_both_sends(
     assert results["first"]["code"] == "superseded", results
 
 
-def _rewrite_tail(path: Path) -> None:
-    """Write new bytes over the last MiB of ``path`` in place (its size stays)."""
+def _rewrite(path: Path, *, keep_mtime: bool = False) -> None:
+    """Write new bytes over the first and the last MiB of ``path`` in place
+    (its size stays): a part already sent, and one not yet. ``keep_mtime``:
+    then put its modification time back, as ``touch -r``, ``rsync --inplace
+    -t`` or tar do."""
+    before = path.stat()
     with open(path, "r+b") as file:
+        file.write(os.urandom(MiB))
         file.seek(-MiB, os.SEEK_END)
         file.write(os.urandom(MiB))
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["mtime-moves", "mtime-put-back"])
 @pytest.mark.parametrize("direction", ["upload", "download"])
 async def test_a_file_written_while_it_is_sent_is_not_published(
-    direction: str, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+    direction: str,
+    keep_mtime: bool,
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
 ) -> None:
     """The sender's file is written in place (same size) while it is sent. The
     bytes received are then no one version of it, though they match the digest
     the sender computed of what it read: the sender finds the file changed
     before its trailer and fails the transfer with source_changed; nothing is
-    published (before, a mix of the two versions was, as a success)."""
+    published (before, a mix of the two versions was, as a success; and still
+    was until 2026-12-05 when the writer put the file's mtime back)."""
     with trio.fail_after(60):
         storage, local_dir = tmp_path / "server", tmp_path / "downloads"
         _, _, client = await server_and_client(server_factory, client_factory, storage)
@@ -674,9 +687,11 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
 
         async def write_it_once(progress: TransferProgress) -> None:
             nonlocal written
-            if progress.transferred and not written:
+            if progress.transferred >= MiB and not written:
                 written = True
-                await trio.to_thread.run_sync(_rewrite_tail, source)
+                await trio.to_thread.run_sync(
+                    functools.partial(_rewrite, source, keep_mtime=keep_mtime)
+                )
 
         transfer = FileTransferHandler(storage_dir=tmp_path / "client")
         if direction == "upload":
@@ -696,6 +711,40 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
         # mtime). (An upload's verdict is the sender's own: the server hears of
         # it from the stream's reset, a moment later.)
         await wait_until(lambda: partial_files(arrived.parent) == [])
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_a_file_whose_mode_changes_while_it_is_sent_is_published(
+    direction: str, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A change of mode moves the file's change time as a write does, but
+    not its content: read again at the end, it is found unchanged, and the
+    transfer succeeds."""
+    with trio.fail_after(60):
+        storage, local_dir = tmp_path / "server", tmp_path / "downloads"
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        source = (tmp_path / "outbox" if direction == "upload" else storage) / "big.bin"
+        checksum = await make_file(source, 4 * SIZE)
+        changed = False
+
+        async def chmod_it_once(progress: TransferProgress) -> None:
+            nonlocal changed
+            if progress.transferred and not changed:
+                changed = True
+                source.chmod(0o640)
+
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+        if direction == "upload":
+            result = await transfer.send_to_server(client, source, on_progress=chmod_it_once)
+            arrived = storage / "big.bin"
+        else:
+            result = await transfer.receive_from_server(
+                client, "big.bin", local_dir, on_progress=chmod_it_once
+            )
+            arrived = local_dir / "big.bin"
+        assert changed
+        assert result["success"] is True, result
+        assert await file_sha256(arrived) == checksum
 
 
 #: What an application's on_progress may raise: a bug, or its print() into a

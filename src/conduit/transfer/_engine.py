@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -38,6 +39,8 @@ from ._progress import ProgressReporter
 from ._storage import IOV_MAX
 from ._wire import Trailer
 from ._write_behind import WRITE_BEHIND_IDLE, WriteBehind
+
+log = logging.getLogger("conduit.transfer")
 
 #: Bytes read (and hashed) per worker-thread call on the sending side: two
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
@@ -84,9 +87,10 @@ class BlockReader(Protocol):
         """
         ...
 
-    async def check_unchanged(self) -> None:
+    async def check_unchanged(self, sent: bytes) -> None:
         """``TransferError`` (``source_changed``) if what was read may not be one
-        version of the source: a local file written to since it was opened."""
+        version of the source: a local file written to since it was opened.
+        ``sent``: the SHA-256 of the bytes read (the whole source)."""
         ...
 
 
@@ -161,6 +165,20 @@ def _hash_prefix(file: io.FileIO, length: int) -> Any:
     return hasher
 
 
+def _digest_of(fd: int, size: int) -> bytes | None:
+    # The SHA-256 of the first ``size`` bytes, read with pread (the file's
+    # position stays); None if the file is shorter.
+    hasher = hashlib.sha256()
+    position = 0
+    while position < size:
+        block = os.pread(fd, min(_HASH_BLOCK, size - position), position)
+        if not block:
+            return None
+        hasher.update(block)
+        position += len(block)
+    return hasher.digest()
+
+
 def _maybe(limiter: trio.CapacityLimiter | None) -> contextlib.AbstractAsyncContextManager[Any]:
     return limiter if limiter is not None else contextlib.nullcontext()
 
@@ -188,6 +206,7 @@ class FileSource:
         self.file = file
         info = os.fstat(file.fileno()) if opened is None else opened
         self._version = (info.st_size, info.st_mtime_ns)
+        self._ctime = info.st_ctime_ns
         # Records are laid out in buffers reused once sealed, not a fresh
         # zero-filled megabyte each (one sender at a time uses them).
         self._buffers = RecordBuffers()
@@ -217,21 +236,35 @@ class FileSource:
         """
         return await hash_prefix(self.file, length, limiter=limiter)
 
-    async def check_unchanged(self) -> None:
+    async def check_unchanged(self, sent: bytes) -> None:
         """See :meth:`BlockReader.check_unchanged`: the file's size and modification
-        time are still those it was opened with.
+        time are still those it was opened with, and if anything else of it
+        changed (its ``st_ctime``), its content is still what was sent.
 
         A file written in place while it is sent (same size) would otherwise be
         sent, hashed and published as a mix of its two versions, verified
-        against a digest of that mix; one that grew, cut at its old size.
-        (A rename or a change of mode is no change: only content is compared.)
+        against a digest of that mix; one that grew, cut at its old size. A
+        writer may put the modification time back (``touch -r``, ``rsync
+        --inplace -t``, tar): the change time it cannot, so a file whose change
+        time moved is read again and its digest compared with ``sent``. That
+        costs a second read of the file, but only then; a rename or a change of
+        mode, which moves it too, is not a change of content and passes.
         """
-        info = await trio.to_thread.run_sync(os.fstat, self.file.fileno())
-        if (info.st_size, info.st_mtime_ns) != self._version:
-            raise TransferError(
-                "the file changed while it was being sent (written to since it was opened)",
-                "source_changed",
+        fd = self.file.fileno()
+        info = await trio.to_thread.run_sync(os.fstat, fd)
+        if (info.st_size, info.st_mtime_ns) == self._version:
+            if info.st_ctime_ns == self._ctime:
+                return
+            log.info(
+                "%s changed (not its size or mtime) while it was sent: reading it again",
+                self.file.name,
             )
+            if await trio.to_thread.run_sync(_digest_of, fd, info.st_size) == sent:
+                return
+        raise TransferError(
+            "the file changed while it was being sent (written to since it was opened)",
+            "source_changed",
+        )
 
     async def seek(self, position: int) -> None:
         """Continue reading from byte ``position``."""
@@ -294,8 +327,9 @@ async def send_file(
         position += amount
         await reporter.advance(amount)
     # Before the trailer: the bytes sent must all be one version of the file.
-    await source.check_unchanged()
-    trailer = Trailer(size, hasher.digest())
+    digest = hasher.digest()
+    await source.check_unchanged(digest)
+    trailer = Trailer(size, digest)
     await stream.finish(trailer.pack())
     return trailer
 
