@@ -51,9 +51,12 @@ def conduit(
     password: str | None = PASSWORD,
     cwd: Path | None = None,
     timeout: float = RUN_TIMEOUT,
+    environment: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m conduit ARGS`` to completion, stdin not a terminal."""
+    """Run ``python -m conduit ARGS`` to completion, stdin not a terminal
+    (``environment``: variables to set besides)."""
     env = _env(CONDUIT_PASSWORD=password) if password is not None else _env()
+    env.update(environment or {})
     return subprocess.run(
         [sys.executable, "-m", "conduit", *args],
         stdin=subprocess.DEVNULL,
@@ -404,6 +407,64 @@ def test_serve_over_tls(tmp_path: Path) -> None:
         assert "Traceback" not in unusable.stderr
     finally:
         serving.stop()
+
+
+@pytest.mark.parametrize("files", [3, 3_000], ids=["at-exit", "mid-listing"])
+def test_output_into_a_reader_that_went_away_ends_quietly(server: ServeProcess, files: int) -> None:
+    # `conduit ls | head -1`: the reader closes the pipe; a small listing
+    # meets it when stdout is flushed at the end, a long one mid-way.
+    served = server.directory
+    served.mkdir(exist_ok=True)
+    for index in range(files):
+        (served / f"file-{index:05}.txt").write_text("x")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "conduit", "ls", "--from", server.address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(CONDUIT_PASSWORD=PASSWORD),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # as `head` does once it has its line
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=RUN_TIMEOUT) == 141, errors
+    assert "Traceback" not in errors and "Exception ignored" not in errors, errors
+
+
+def test_serve_with_a_certificate_whose_key_is_elsewhere_names_the_files(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert_only = tmp_path / "cert.pem"
+    trustme.CA().issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(cert_only))
+    storage = tmp_path / "files"
+    result = conduit("serve", str(storage), "--port", "0", "--tls-cert", str(cert_only))
+    assert result.returncode == 2, result.stderr
+    assert f"cannot load the TLS certificate {cert_only}" in result.stderr
+    assert "--tls-key" in result.stderr and "Traceback" not in result.stderr
+    assert not storage.exists()  # a refused configuration leaves nothing behind
+
+
+def test_serve_in_a_cluster_without_the_cluster_extra_says_what_to_install(
+    tmp_path: Path,
+) -> None:
+    # As if redis were not installed: a package of that name that fails to import.
+    blocker = tmp_path / "no-redis" / "redis"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'redis'\")\n")
+    path = os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")]))
+    storage = tmp_path / "files"
+    result = conduit(
+        "serve",
+        str(storage),
+        "--port",
+        "0",
+        "--cluster",
+        "redis://127.0.0.1:1/0",
+        environment={"PYTHONPATH": path},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'trio-conduit[cluster]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not storage.exists()
 
 
 # --------------------------------------------------------------------------- interruption

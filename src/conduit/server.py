@@ -220,8 +220,13 @@ class Server(Endpoint):
         self.cluster: ClusterNode | None = None
         if descriptor.cluster_url is not None:
             # Imported only here: a server without a cluster never loads redis.
-            from .cluster._node import ClusterNode
-
+            try:
+                from .cluster._node import ClusterNode
+            except ImportError as exc:
+                raise ValueError(
+                    f"cluster_url={descriptor.cluster_url!r} needs the cluster extra: "
+                    f"pip install 'trio-conduit[cluster]' ({exc})"
+                ) from None
             self.cluster = ClusterNode(self, descriptor)
 
     # ---------------------------------------------------------------- registry

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from .._groups import first_leaf
 from .._version import __version__
 from . import _demo, _serve, _transfer, _users
 from ._common import (
@@ -562,6 +564,7 @@ def run(argv: list[str]) -> int:
         return ExitCode.USAGE
     try:
         result = cli.main(args=argv, prog_name="conduit", standalone_mode=False)
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
     except click.exceptions.Abort:  # Ctrl-C or end of input at a prompt
         return ExitCode.INTERRUPTED
     except click.ClickException as exc:
@@ -573,4 +576,12 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BaseException as exc:
+        if first_leaf(exc, BrokenPipeError) is None:
+            raise
+        # The reader of our output is gone (`conduit ls | head -1`): stop, as
+        # any tool would, without a traceback, and without a second one at
+        # exit when Python flushes what stdout still holds.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.BROKEN_PIPE
     return int(result) if isinstance(result, int) else ExitCode.OK

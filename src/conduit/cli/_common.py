@@ -49,6 +49,9 @@ class ExitCode(enum.IntEnum):
     AUTH_FAILED = 3
     CONNECTION_FAILED = 4
     INTERRUPTED = 130
+    #: What reads the output went away (``conduit ls | head -1``): as a tool
+    #: that SIGPIPE ended, quietly.
+    BROKEN_PIPE = 141
     TERMINATED = 143
 
 

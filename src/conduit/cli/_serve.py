@@ -54,13 +54,6 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     """The server and its transfer handler, with the logging hooks; fails early on bad config."""
     if options.tls_key is not None and options.tls_cert is None:
         raise CLIError("--tls-key needs --tls-cert")
-    if isinstance(options.directory, Path):
-        try:
-            options.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CLIError(
-                f"cannot use {options.directory} as the storage directory: {exc}"
-            ) from None
     try:
         descriptor = ServerDescriptor(
             host=options.host,
@@ -74,15 +67,32 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             node_name=options.node_name,
         )
         descriptor.build_ssl_context()  # a bad certificate or key fails now, not per client
-    except (ValueError, OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        key = f"the key in {options.tls_key}" if options.tls_key else "its key in the same file"
+        raise CLIError(
+            f"cannot load the TLS certificate {options.tls_cert} and {key}: {exc} "
+            "(a key in a file of its own needs --tls-key; both in PEM)"
+        ) from None
+    except (ValueError, OSError) as exc:
         raise CLIError(f"invalid server configuration: {exc}") from None
+    try:
+        server = Server(descriptor)  # a cluster without its extra installed fails here
+    except ValueError as exc:
+        raise CLIError(f"invalid server configuration: {exc}") from None
+    # Created once the configuration has checked: a refused one leaves nothing behind.
+    if isinstance(options.directory, Path):
+        try:
+            options.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(
+                f"cannot use {options.directory} as the storage directory: {exc}"
+            ) from None
     try:
         transfer = FileTransferHandler(
             options.directory, max_file_size=options.max_file_size, overwrite=options.overwrite
         )
     except ValueError as exc:  # a malformed s3:// URL, or no S3 client installed
         raise CLIError(f"cannot use {options.directory} as the storage: {exc}") from None
-    server = Server(descriptor)
     transfer.register_server_handlers(server)
 
     @server.on_client_connect
