@@ -14,12 +14,10 @@ import os
 import posixpath
 import re
 import stat
-import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from conduit.transfer._names import (
 from conduit.transfer._storage import FileEntry, PartialFile, StorageRoot
 from conftest import open_descriptors, opened_since
 from hostile_names import HOSTILE_NAMES, NORMALISED_NAMES, SAFE_NAMES
-from transfer_helpers import LinkCounter
+from transfer_helpers import LinkCounter, refusing_changes
 
 TID = "transfer-1"
 
@@ -900,24 +898,6 @@ def test_discard(storage: StorageRoot) -> None:
     assert os.listdir(storage.path) == []
 
 
-@contextmanager
-def _refusing_removals(directory: Path) -> Iterator[None]:
-    """``directory`` refuses to have its entries removed, for real: immutable
-    as root (``chattr +i``), read-only to anyone else."""
-    if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", str(directory)], check=True)
-        try:
-            yield
-        finally:
-            subprocess.run(["chattr", "-i", str(directory)], check=True)
-    else:
-        directory.chmod(0o555)
-        try:
-            yield
-        finally:
-            directory.chmod(0o700)
-
-
 def test_a_partial_the_disk_will_not_delete_is_closed_all_the_same(
     storage: StorageRoot, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -926,7 +906,7 @@ def test_a_partial_the_disk_will_not_delete_is_closed_all_the_same(
     # open and locked, and its name "busy" until the server restarted.
     partial = storage.open_partial("sub/a.bin", TID, resume=False)
     partial.write_block(b"x" * 10)
-    with _refusing_removals(storage.path / "sub"), caplog.at_level("WARNING"):
+    with refusing_changes(storage.path / "sub"), caplog.at_level("WARNING"):
         partial.discard()  # a cleanup on the way out of a failure: it must not raise
     assert partial.closed
     assert "could not delete the partial file of 'sub/a.bin'" in caplog.text

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import unicodedata
@@ -56,6 +57,7 @@ from transfer_helpers import (
     file_sha256,
     make_file,
     partial_files,
+    refusing_changes,
     tree_snapshot,
     upload_partial_name,
     visible_files,
@@ -267,6 +269,36 @@ async def test_the_smallest_chunk_size_streams_both_ways(
         )
         assert downloaded["success"] is True, downloaded
         assert (tmp_path / "downloads" / source.name).read_bytes() == source.read_bytes()
+
+
+async def test_the_servers_own_storage_failures_are_in_its_log(
+    file_server_factory: FileServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A directory the server may not write: the client is told
+    # permission_denied, and until 2026-12-05 the server's log said nothing.
+    fs = await file_server_factory()
+    client = await client_factory(fs.server)
+    (fs.storage / "sub").mkdir(parents=True)
+    sender = FileTransferHandler(storage_dir=tmp_path / "client")
+    sources = []
+    for name, size in (("small.bin", 1000), ("big.bin", _engine.READ_BLOCK + 1)):
+        sources.append(tmp_path / "outbox" / name)
+        await make_file(sources[-1], size)
+    with refusing_changes(fs.storage / "sub"), caplog.at_level(logging.WARNING, "conduit"):
+        for source in sources:
+            with trio.fail_after(30):
+                result = await sender.send_to_server(
+                    client, source, remote_name=f"sub/{source.name}"
+                )
+            assert result["code"] == "permission_denied", result
+    lines = [r.getMessage() for r in caplog.records if "storage failure" in r.getMessage()]
+    assert len(lines) == 2, caplog.text
+    for line, source in zip(lines, sources, strict=True):
+        assert line.startswith(f"storage failure (permission_denied) for 'sub/{source.name}': ")
+        assert "Permission denied" in line or "Operation not permitted" in line, line
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import contextlib
 import hashlib
 import os
 import stat
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,24 @@ class LinkCounter:
             real_link(*args, **kwargs)
 
         monkeypatch.setattr(os, "link", counting_link)
+
+
+@contextlib.contextmanager
+def refusing_changes(directory: Path) -> Iterator[None]:
+    """``directory`` refuses to have entries made or removed, for real:
+    immutable as root (``chattr +i``), read-only to anyone else."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o555)
+        try:
+            yield
+        finally:
+            directory.chmod(0o700)
 
 
 def write_random_file(path: Path, size: int) -> str:

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import struct
+import time
 from typing import Any
 
 import attrs
 
+from .._log_limit import LimitedLog
 from ..errors import RemoteProtocolError, RPCError, failure_dict
 from ._names import DOWNLOAD_ID_PREFIX
+
+#: Codes of failures that are this side's own storage's (a directory it may
+#: not write, a disk full or failing, an object store out of reach), not the
+#: peer's doing: logged where they happen (:func:`as_rpc_error`), since the
+#: peer's error alone leaves whoever runs this side blind to them.
+STORAGE_FAULTS = frozenset({"permission_denied", "io_error", "no_space", "storage_unavailable"})
+# A peer can make them come again and again (one upload after another into a
+# directory the server may not write): one budget per code.
+_storage_log = LimitedLog(logging.getLogger("conduit.transfer"))
 
 _TRAILER = struct.Struct("!Q32s")
 
@@ -89,11 +101,19 @@ def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
     """
     if isinstance(exc, RPCError):
         return exc
+    local = exc
     if isinstance(exc, OSError) and name is not None:
         # OSError(errno, ...) builds the matching subclass (FileNotFoundError...).
         exc = OSError(exc.errno or errno.EIO, exc.strerror or "I/O error", name)
     failure = transfer_failure(exc)
-    return RPCError(failure["error"], failure["code"])
+    code = failure["code"]
+    if code in STORAGE_FAULTS:
+        # The local error itself: it may say more than the peer is told.
+        about = f" for {name!r}" if name is not None else ""
+        _storage_log.warning(
+            code, time.monotonic(), "storage failure (%s)%s: %s", code, about, local
+        )
+    return RPCError(failure["error"], code)
 
 
 def transfer_failure(exc: BaseException) -> dict[str, Any]:
