@@ -271,6 +271,26 @@ def test_a_change_keeps_the_files_owner_and_group(tmp_path: Path) -> None:
 
 
 @_as_root
+@pytest.mark.parametrize(("before", "after"), [(0o640, 0o640), (0o664, 0o660), (0o604, 0o600)])
+def test_a_change_keeps_the_group_permissions_and_gives_others_none(
+    tmp_path: Path, before: int, after: int
+) -> None:
+    # A service reading the file through its group, the file root's: an
+    # administrator's `conduit user add` as root must not take the group's
+    # read away (it did until 2026-12-05: every change made the file 0600),
+    # nor keep what others were given (the verifiers are for offline guessing).
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    os.chown(path, 0, _NOBODY)
+    path.chmod(before)
+    accounts.add("bob", PASSWORD)
+    status = path.stat()
+    assert (status.st_uid, status.st_gid) == (0, _NOBODY)
+    assert stat.S_IMODE(status.st_mode) == after
+
+
+@_as_root
 def test_a_change_that_cannot_keep_the_files_owner_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

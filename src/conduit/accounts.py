@@ -20,8 +20,9 @@ The file::
 Every change is a read-modify-write of the whole file under an advisory lock
 (``<file>.lock``, so two ``conduit user add`` never lose each other's change),
 written to a temporary file, fsynced, and moved over the old one with
-``os.replace`` (mode 0600): a reader sees the old file or the new one, never a
-mix. A missing file is an empty set of accounts.
+``os.replace`` (mode 0600 when new; a rewrite keeps the file's owner, group
+and group permissions, and never gives others any): a reader sees the old
+file or the new one, never a mix. A missing file is an empty set of accounts.
 
 A running server sees changes made by another process by calling
 :meth:`Accounts.reload_if_changed` (one ``stat``) before each lookup.
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 import tempfile
 import threading
@@ -578,28 +580,33 @@ class Accounts:
 
 
 def _keep_owner(fd: int, owner: os.stat_result, path: Path) -> None:
-    """Give the new file the old one's owner and group (an administrator
-    changing a service's file as root must not lock the service out of it).
+    """Give the new file the old one's owner and group, and its mode: owner
+    and group permissions as they were, none for others (an administrator
+    changing a service's file as root must not lock the service out of it,
+    whether the service owns it or reads it through its group).
 
     ``PermissionError`` (with a message that says so) when that is not
     allowed: the file stays as it was rather than become unreadable to its
     owner.
     """
+    mode = stat.S_IMODE(owner.st_mode) & 0o770 | 0o600
     if sys.platform == "win32":  # pragma: no cover - no owners to keep
         return
-    if (owner.st_uid, owner.st_gid) == (os.geteuid(), os.getegid()):
-        return  # mkstemp made it ours already
-    try:
-        os.fchown(fd, owner.st_uid, owner.st_gid)
-    except PermissionError as exc:
-        if owner.st_uid == os.geteuid():
-            return  # ours, only the group is lost: it has no access to a 0600 file
-        raise PermissionError(
-            exc.errno,
-            f"{path} belongs to uid {owner.st_uid} / gid {owner.st_gid}, and the changed "
-            "file could not be given to them (its mode is 0600: its owner could no "
-            "longer read it); change it as that user or as root",
-        ) from None
+    if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):  # else mkstemp's are
+        try:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        except PermissionError as exc:
+            if owner.st_uid != os.geteuid():
+                raise PermissionError(
+                    exc.errno,
+                    f"{path} belongs to uid {owner.st_uid} / gid {owner.st_gid}, and the "
+                    "changed file could not be given to them (its owner could no longer "
+                    "read it); change it as that user or as root",
+                ) from None
+            # Ours, but its group could not be kept: the group it has now
+            # must not get the old group's permissions.
+            mode &= 0o700
+    os.fchmod(fd, mode)
 
 
 def _remove_abandoned_temporaries(path: Path) -> None:
@@ -636,7 +643,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.fsync(file.fileno())
             if owner is not None:
                 _keep_owner(file.fileno(), owner, path)
-        os.chmod(temporary, 0o600)
+            else:
+                os.fchmod(file.fileno(), 0o600)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
