@@ -22,6 +22,7 @@ import trio.testing
 from conduit import (
     Accounts,
     AuthenticationError,
+    AuthModeMismatch,
     Client,
     ClientDescriptor,
     ConnectionClosed,
@@ -231,10 +232,10 @@ async def test_mode_mismatch_is_explained(
     server_factory: ServerFactory, accounts: Accounts
 ) -> None:
     server = await accounts_server(server_factory, accounts)
-    with pytest.raises(AuthenticationError, match="connect with a username"):
+    with pytest.raises(AuthModeMismatch, match="connect with a username"):
         await login(server, None, ALICE_PASSWORD)
     shared = await server_factory()
-    with pytest.raises(AuthenticationError, match="without a username"):
+    with pytest.raises(AuthModeMismatch, match="without a username"):
         await login(shared, "alice", PASSWORD)
 
 

@@ -116,6 +116,9 @@ def test_serve_with_accounts_and_log_in_as_a_user(tmp_path: Path) -> None:
         # No user: the server explains that it has accounts.
         anonymous = conduit("ls", "--from", server.address, password=ALICE)
         assert anonymous.returncode == 3 and "username" in anonymous.stderr
+        # ... and what to do about it: not the password to check, a --user to give.
+        assert "log in with --user NAME" in anonymous.stderr, anonymous.stderr
+        assert "CONDUIT_PASSWORD" not in anonymous.stderr
     finally:
         server.stop()
 

@@ -127,11 +127,15 @@ def test_rm_and_mv(tmp_path: Path, server: ServeProcess) -> None:  # noqa: F811
 
     code, document = conduit_json("mv", "sub/c.bin", "b.bin", "--overwrite", *address)
     assert code == 0 and document["ok"] is True, document
+    (entry,) = document["files"]
+    assert (entry["name"], entry["new_name"], entry["path"]) == ("sub/c.bin", "b.bin", "b.bin")
     assert len(visible_files(server.directory)["b.bin"]) == 10
 
     code, document = conduit_json("rm", "b.bin", "missing.bin", "d", "../x", *address)
     assert code == 1, document
     assert [entry["success"] for entry in document["files"]] == [True, False, False, False]
+    # Each entry says which name it is about, as asked.
+    assert [entry["name"] for entry in document["files"]] == ["b.bin", "missing.bin", "d", "../x"]
     assert [entry.get("code") for entry in document["files"][1:]] == [
         "not_found",
         "unsafe_path",

@@ -20,6 +20,7 @@ from .client import Client
 from .descriptors import ClientDescriptor, ServerDescriptor
 from .errors import (
     AuthenticationError,
+    AuthModeMismatch,
     CallbackCancelledError,
     ChecksumMismatch,
     ConduitError,
@@ -44,6 +45,7 @@ logging.getLogger("conduit").addHandler(logging.NullHandler())
 
 __all__ = [
     "Accounts",
+    "AuthModeMismatch",
     "AuthenticationError",
     "CallbackCancelledError",
     "ChecksumMismatch",

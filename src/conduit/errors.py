@@ -46,6 +46,12 @@ class AuthenticationError(HandshakeError):
     """The password did not match, or the peer failed to prove it knows it."""
 
 
+class AuthModeMismatch(AuthenticationError):
+    """The server is in the other mode: it has user accounts and the client gave
+    no username, or it has a shared password and the client gave one. No
+    password was tried."""
+
+
 class LockedOut(AuthenticationError):
     """The server refused to try the password: too many failed attempts lately.
 
@@ -173,6 +179,7 @@ class CallbackCancelledError(ConduitError):
 
 
 __all__ = [
+    "AuthModeMismatch",
     "AuthenticationError",
     "CallbackCancelledError",
     "ChecksumMismatch",

@@ -21,6 +21,7 @@ import trio
 
 from .. import (
     AuthenticationError,
+    AuthModeMismatch,
     Client,
     ClientDescriptor,
     ConduitError,
@@ -343,6 +344,11 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
             f"{address} has locked this client out after too many failed logins; "
             f"try again in {human_seconds(exc.retry_after)} ({exc})",
             ExitCode.AUTH_FAILED,
+        ) from None
+    except AuthModeMismatch as exc:
+        hint = "drop --user" if options.username else "log in with --user NAME"
+        raise CLIError(
+            f"{address} refused the login: {exc} ({hint})", ExitCode.AUTH_FAILED
         ) from None
     except AuthenticationError as exc:
         raise CLIError(

@@ -533,6 +533,11 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
 # --------------------------------------------------------------------------- rm, mv
 
 
+#: One ``rm``/``mv`` operation: the names it was asked for (its ``--json``
+#: entry starts with them), and what runs it.
+Operation = tuple[dict[str, str], Callable[[FileTransferHandler, Client], Awaitable[Any]]]
+
+
 def _outcome(verb: str, label: str, result: dict[str, Any]) -> bool:
     """Print one line for one operation's result; whether it succeeded."""
     if result.get("success"):
@@ -546,7 +551,7 @@ async def _manage(
     command: str,
     verb: str,
     options: ClientOptions,
-    operations: Sequence[tuple[str, Callable[[FileTransferHandler, Client], Awaitable[Any]]]],
+    operations: Sequence[Operation],
     *,
     json_output: bool,
 ) -> int:
@@ -554,11 +559,11 @@ async def _manage(
     try:
         async with connected(options) as client:
             handler = FileTransferHandler()
-            for label, operation in operations:
-                result = dict(await operation(handler, client))
+            for asked, operation in operations:
+                result = {**asked, **await operation(handler, client)}
                 results.append(result)
                 if not json_output:
-                    _outcome(verb, label, result)
+                    _outcome(verb, " -> ".join(asked.values()), result)
     except CLIError as exc:
         if json_output:
             _fatal_json(command, options.address, exc)
@@ -577,7 +582,7 @@ async def rm(
     def delete(name: str) -> Callable[[FileTransferHandler, Client], Awaitable[Any]]:
         return lambda handler, client: handler.delete(client, name)
 
-    operations = [(name, delete(name)) for name in names]
+    operations = [({"name": name}, delete(name)) for name in names]
     return await _manage("rm", "deleted", options, operations, json_output=json_output)
 
 
@@ -595,6 +600,5 @@ async def mv(
     async def rename(handler: FileTransferHandler, client: Client) -> Any:
         return await handler.rename(client, old, new, overwrite=overwrite)
 
-    return await _manage(
-        "mv", "renamed", options, [(f"{old} -> {new}", rename)], json_output=json_output
-    )
+    asked = {"name": old, "new_name": new}
+    return await _manage("mv", "renamed", options, [(asked, rename)], json_output=json_output)

@@ -94,7 +94,13 @@ from typing import Protocol, TypeVar
 
 import attrs
 
-from ..errors import AuthenticationError, ConnectionClosed, LockedOut, RemoteProtocolError
+from ..errors import (
+    AuthenticationError,
+    AuthModeMismatch,
+    ConnectionClosed,
+    LockedOut,
+    RemoteProtocolError,
+)
 from . import pake
 from .codec import converter, decode_body, encode_frame, pack
 from .frames import (
@@ -527,6 +533,8 @@ class ClientHandshake(_Handshake):
             refusal = decode_body(frame, AuthFailed)
             if refusal.code == "throttled":
                 raise LockedOut(refusal.reason, refusal.retry_after)
+            if refusal.code == "auth_mode":
+                raise AuthModeMismatch(refusal.reason)
             if refusal.code in AUTH_CODES:
                 raise AuthenticationError(refusal.reason)
             raise ConnectionClosed(f"server refused the connection: {refusal.reason}")
