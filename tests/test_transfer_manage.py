@@ -442,6 +442,31 @@ async def test_ranged_download(
     assert not _hidden(out)
 
 
+async def test_a_range_of_a_file_with_a_longest_name_is_saved_under_a_shortened_one(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    # NAME.range-OFF-LEN is longer than a file name may be (255 bytes) when
+    # NAME nearly is: it was refused as unsafe_path. Now the name is
+    # shortened, with a digest of it, as a partial file's is: two such
+    # names do not meet.
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    names = [f"r/{'é' * 120}{tail}.bin" for tail in ("a", "b")]  # 250 bytes each
+    out = tmp_path / "out"
+    saved = []
+    with trio.fail_after(30):
+        for index, name in enumerate(names):
+            _write(tmp_path / "server" / name, bytes([index]) * 100)
+            result = await transfer.receive_from_server(
+                client, name, local_dir=out, offset=10, length=20
+            )
+            assert result["success"] is True, result
+            path = Path(result["path"])
+            assert path.name.endswith(".range-10-20") and len(path.name.encode()) <= 255
+            assert path.read_bytes() == bytes([index]) * 20
+            saved.append(path)
+    assert saved[0] != saved[1]
+
+
 async def test_server_refuses_a_bad_range_from_a_raw_call(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:

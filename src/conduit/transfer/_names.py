@@ -74,6 +74,7 @@ __all__ = [
     "PARTIAL_PREFIX",
     "check_transfer_id",
     "collision_candidates",
+    "fit_segment",
     "is_partial_name",
     "partial_basename",
     "safe_relative_name",
@@ -202,13 +203,19 @@ def partial_basename(basename: str, transfer_id: str) -> str:
     shortened and a digest of the full basename appended, so the result stays
     unique and deterministic (a retry finds the same partial file).
     """
-    head = f"{PARTIAL_PREFIX}{transfer_id}-"
-    full = head + basename
+    return fit_segment(f"{PARTIAL_PREFIX}{transfer_id}-", basename)
+
+
+def fit_segment(head: str, basename: str, tail: str = "") -> str:
+    """``head + basename + tail``, within :data:`MAX_SEGMENT_BYTES`: when it
+    would not be, the basename is shortened and a digest of the whole of it
+    added (before ``tail``), so the result stays unique and deterministic."""
+    full = head + basename + tail
     if len(full.encode("utf-8")) <= MAX_SEGMENT_BYTES:
         return full
     digest = "~" + hashlib.sha256(basename.encode("utf-8")).hexdigest()[:16]
-    budget = MAX_SEGMENT_BYTES - len(head.encode("utf-8")) - len(digest)
-    return head + _truncate_utf8(basename, budget) + digest
+    budget = MAX_SEGMENT_BYTES - len((head + digest + tail).encode("utf-8"))
+    return head + _truncate_utf8(basename, budget) + digest + tail
 
 
 def is_partial_name(basename: str) -> bool:

@@ -12,7 +12,7 @@ interrupted ranged download resumes like any other.
 from __future__ import annotations
 
 from ..errors import TransferError
-from ._names import safe_relative_name
+from ._names import fit_segment, safe_relative_name
 
 #: ``file_download``'s ``range_length`` when no range is asked for (with offset 0).
 WHOLE_FILE = -1
@@ -39,5 +39,9 @@ def resolve_range(size: int, offset: int, length: int | None) -> tuple[int, int]
 
 
 def range_name(name: str, offset: int, length: int) -> str:
-    """The local name of bytes ``offset .. offset+length`` of ``name``."""
-    return safe_relative_name(f"{name}.range-{offset}-{length}")
+    """The local name of bytes ``offset .. offset+length`` of ``name`` (a safe
+    name): ``NAME.range-OFF-LEN``, the basename shortened as a partial's is
+    when that would be too long for a file name (it was refused, ``unsafe_path``)."""
+    directories, _, basename = name.rpartition("/")
+    local = fit_segment("", basename, f".range-{offset}-{length}")
+    return safe_relative_name(f"{directories}/{local}" if directories else local)
