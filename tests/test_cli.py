@@ -126,10 +126,12 @@ class ServeProcess:
     directory: Path
     log: Path
     port: int = 0
+    #: As the server prints it (an IPv6 address in brackets).
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -156,20 +158,24 @@ class ServeProcess:
         return self.process.returncode
 
 
-def start_server(tmp_path: Path, *options: str, password: str = PASSWORD) -> ServeProcess:
+def start_server(
+    tmp_path: Path, *options: str, password: str = PASSWORD, host: str = "127.0.0.1"
+) -> ServeProcess:
     directory = tmp_path / "served"
     log = tmp_path / "serve.log"
+    where = ("--host", host, "--port", "0")
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "conduit", "serve", str(directory), "--port", "0", *options],
+            [sys.executable, "-m", "conduit", "serve", str(directory), *where, *options],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
             env=_env(CONDUIT_PASSWORD=password),
         )
-    server = ServeProcess(process, directory, log)
+    printed = f"[{host}]" if ":" in host else host
+    server = ServeProcess(process, directory, log, host=printed)
     try:
-        match = server.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)")
+        match = server.wait_for_log(rf"listening on {re.escape(printed)}:(\d+)")
     except BaseException:
         server.stop()
         raise
@@ -429,6 +435,19 @@ def test_output_into_a_reader_that_went_away_ends_quietly(server: ServeProcess, 
     errors = process.stderr.read().decode()
     assert process.wait(timeout=RUN_TIMEOUT) == 141, errors
     assert "Traceback" not in errors and "Exception ignored" not in errors, errors
+
+
+def test_serve_on_ipv6_prints_an_address_a_client_takes(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    # [::1]:PORT, as --from takes it (it printed ::1:PORT, which it does not).
+    serving = start_server(tmp_path, host="::1")
+    try:
+        assert serving.address.startswith("[::1]:")
+        listed = conduit("ls", "--from", serving.address)
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        serving.stop()
 
 
 def test_serve_with_a_certificate_whose_key_is_elsewhere_names_the_files(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ def test_user_add_list_remove(tmp_path: Path) -> None:
     )
     assert added.returncode == 0, added.stderr
     assert "added user 'alice'" in added.stdout
+    assert "warning" not in added.stderr
     bob = conduit(
         "user",
         "add",
@@ -47,6 +48,9 @@ def test_user_add_list_remove(tmp_path: Path) -> None:
     assert "bob" not in conduit("user", "list", "--accounts", str(accounts)).stdout
     no_password = conduit("user", "add", "carol", "--accounts", str(accounts), password=None)
     assert no_password.returncode == 2 and "CONDUIT_PASSWORD" in no_password.stderr
+    short = conduit("user", "add", "dave", "--accounts", str(accounts), password="hunter2")
+    assert short.returncode == 0, short.stderr  # the administrator decides, warned
+    assert "warning: the password is short (7 characters)" in short.stderr
 
 
 def test_user_commands_on_an_unusable_accounts_file_are_configuration_errors(

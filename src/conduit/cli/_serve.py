@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from .. import Accounts, FileTransferHandler, Peer, Server, ServerDescriptor
+from .._endpoint import format_address
 from .._groups import first_leaf
 from ..errors import ConduitError
 from ._common import CLIError, ExitCode, Signals, human_bytes
@@ -186,7 +187,7 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
                 limit = f", files up to {human_bytes(options.max_file_size)}"
             tls = ", TLS" if options.tls_cert else ""
             cluster = "" if server.cluster is None else f", cluster node {server.cluster.node_name}"
-            addresses = ", ".join(f"{host}:{port}" for host, port in server.addresses)
+            addresses = ", ".join(format_address(address) for address in server.addresses)
             log.info(
                 "listening on %s%s%s%s, serving %s (Ctrl-C stops)",
                 addresses,

@@ -7,10 +7,14 @@ Plain synchronous work (no Trio): read or change the file through
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..accounts import Accounts
 from ._common import CLIError, ExitCode, human_bytes
+
+#: Fewer characters than this get a warning (as ``serve`` gives a short shared password).
+SHORT_PASSWORD = 12
 
 
 def open_accounts(path: Path, *, must_exist: bool = False) -> Accounts:
@@ -51,6 +55,16 @@ def add(
         raise _cannot_write(path, exc) from None
     record = accounts.get(username)
     print(f"added user {username!r} (root {record.root!r}{_limits(record.quota, read_only)})")
+    if len(password) < SHORT_PASSWORD:
+        # Added all the same: the administrator decides. But the file's
+        # verifiers let whoever copies it try guesses offline, at the
+        # stretch's cost each, and a short password falls to that.
+        print(
+            f"conduit: warning: the password is short ({len(password)} characters); whoever "
+            f"gets a copy of {path} can try guesses offline: use {SHORT_PASSWORD} or more "
+            "random characters",
+            file=sys.stderr,
+        )
     return ExitCode.OK
 
 
