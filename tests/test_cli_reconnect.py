@@ -10,6 +10,7 @@ resuming". Real subprocesses, through the plain-socket proxy of
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -36,8 +37,11 @@ def served(tmp_path: Path) -> Iterator[ServeProcess]:
         serving.stop()
 
 
+@pytest.mark.parametrize("output", ["lines", "json"])
 @pytest.mark.parametrize("verb", ["get", "send"])
-def test_cli_transfer_survives_a_cut(tmp_path: Path, served: ServeProcess, verb: str) -> None:
+def test_cli_transfer_survives_a_cut(
+    tmp_path: Path, served: ServeProcess, verb: str, output: str
+) -> None:
     direction: Direction
     if verb == "get":
         source = write_random(served.directory / "big.bin", SIZE)
@@ -51,12 +55,19 @@ def test_cli_transfer_survives_a_cut(tmp_path: Path, served: ServeProcess, verb:
         landed = served.directory / "big.bin"
     with CuttingProxy(served.port, cut_after=(direction, int(SIZE * 0.4))) as proxy:
         where = "--from" if verb == "get" else "--to"
-        result = conduit(*args, where, f"127.0.0.1:{proxy.port}", timeout=120)
+        json_flag = ["--json"] if output == "json" else []
+        result = conduit(*args, where, f"127.0.0.1:{proxy.port}", *json_flag, timeout=120)
     assert result.returncode == 0, (result.stdout, result.stderr)
-    out = result.stdout
+    # With --json, stdout is the one document and the connection's lines go to
+    # stderr (until 2026-12-05 a script saw nothing while it waited).
+    out = result.stderr if output == "json" else result.stdout
     assert "connection lost, reconnecting in " in out and "attempt 1/5" in out, out
     assert "reconnected, resuming" in out, out
-    assert "(resumed at " in out, out
+    if output == "json":
+        (entry,) = json.loads(result.stdout)["files"]
+        assert entry["success"] is True and entry["resumed_from"] > 0, entry
+    else:
+        assert "(resumed at " in out, out
     assert proxy.accepted == 2
     assert sha256(landed) == sha256(source)
 

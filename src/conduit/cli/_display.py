@@ -7,8 +7,8 @@ Three displays share one small interface (:class:`Display`):
   than one file, and a line per finished file printed above the bars;
 * :class:`PlainDisplay` (a pipe or a file): exactly one line per finished file
   and a summary line, nothing that redraws;
-* :class:`SilentDisplay` (``--json``): nothing; the command prints one JSON
-  document at the end.
+* :class:`SilentDisplay` (``--json``): nothing on stdout, where the command
+  prints one JSON document at the end; the connection's lines go to stderr.
 
 When the connection drops, the client reconnects on its own and the transfers
 resume; the live and plain displays say so in a line ("connection lost,
@@ -22,6 +22,7 @@ burst of impossible speed.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -186,7 +187,13 @@ class Display:
 
 
 class SilentDisplay(Display):
-    """``--json``: nothing until the JSON document."""
+    """``--json``: nothing on stdout until the JSON document."""
+
+    def status(self, line: str) -> None:
+        """Print the line on stderr: a script waiting for the document sees why
+        it is late (the connection is being reconnected), stdout stays one
+        document."""
+        print(f"conduit: {line}", file=sys.stderr, flush=True)
 
 
 @attrs.define
