@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import os
 import threading
 import time
@@ -713,13 +714,13 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
         await wait_until(lambda: partial_files(arrived.parent) == [])
 
 
-@pytest.mark.parametrize("direction", ["upload", "download"])
+@pytest.mark.parametrize("direction", ["upload", "download", "range"])
 async def test_a_file_whose_mode_changes_while_it_is_sent_is_published(
     direction: str, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     """A change of mode moves the file's change time as a write does, but
     not its content: read again at the end, it is found unchanged, and the
-    transfer succeeds."""
+    transfer succeeds (a range too: the part read again is the range)."""
     with trio.fail_after(60):
         storage, local_dir = tmp_path / "server", tmp_path / "downloads"
         _, _, client = await server_and_client(server_factory, client_factory, storage)
@@ -737,11 +738,23 @@ async def test_a_file_whose_mode_changes_while_it_is_sent_is_published(
         if direction == "upload":
             result = await transfer.send_to_server(client, source, on_progress=chmod_it_once)
             arrived = storage / "big.bin"
-        else:
+        elif direction == "download":
             result = await transfer.receive_from_server(
                 client, "big.bin", local_dir, on_progress=chmod_it_once
             )
             arrived = local_dir / "big.bin"
+        else:
+            offset, length = MiB + 3, 2 * SIZE
+            result = await transfer.receive_from_server(
+                client,
+                "big.bin",
+                local_dir,
+                on_progress=chmod_it_once,
+                offset=offset,
+                length=length,
+            )
+            arrived = Path(result.get("path", local_dir / "missing"))
+            checksum = hashlib.sha256(source.read_bytes()[offset : offset + length]).hexdigest()
         assert changed
         assert result["success"] is True, result
         assert await file_sha256(arrived) == checksum

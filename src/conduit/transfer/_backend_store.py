@@ -218,7 +218,9 @@ class StoreSource:
         self._position += len(data)
         return records_of(stream.stream_id, data, shape)
 
-    async def check_unchanged(self, sent: bytes) -> None:
+    async def check_unchanged(
+        self, sent: bytes, span: tuple[int, int], threads: trio.CapacityLimiter | None
+    ) -> None:
         """See :meth:`._engine.BlockReader.check_unchanged`: nothing to check, since
         a read streams one version of the object (and :meth:`seek` refuses another)."""
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -39,8 +38,6 @@ from ._progress import ProgressReporter
 from ._storage import IOV_MAX
 from ._wire import Trailer
 from ._write_behind import WRITE_BEHIND_IDLE, WriteBehind
-
-log = logging.getLogger("conduit.transfer")
 
 #: Bytes read (and hashed) per worker-thread call on the sending side: two
 #: records' worth, as a worker-thread hop costs ~0.1 ms of CPU on the benchmark
@@ -87,10 +84,14 @@ class BlockReader(Protocol):
         """
         ...
 
-    async def check_unchanged(self, sent: bytes) -> None:
+    async def check_unchanged(
+        self, sent: bytes, span: tuple[int, int], threads: trio.CapacityLimiter | None
+    ) -> None:
         """``TransferError`` (``source_changed``) if what was read may not be one
         version of the source: a local file written to since it was opened.
-        ``sent``: the SHA-256 of the bytes read (the whole source)."""
+        ``sent``: the SHA-256 of the bytes read, ``span`` (first byte, count)
+        of the source (the whole of it, or a range); ``threads``: as for
+        :meth:`read_records`, for a read to compare."""
         ...
 
 
@@ -136,20 +137,20 @@ def _fill(fd: int, slots: list[memoryview], size: int) -> bool:
     # or FUSE file system) without the file having ended; only 0 means it did.
     # At most IOV_MAX slots a call: a read block of small chunks has more
     # (2 MiB of 1 KiB chunks, 2,048), which the kernel refuses (EINVAL).
-    pending = slots
-    filled = 0
+    pending = list(slots)  # its first slot is cut down as it fills; theirs stay whole
+    index = filled = 0
     while filled < size:
-        got = os.readv(fd, pending[:IOV_MAX])
+        got = os.readv(fd, pending[index : index + IOV_MAX])
         if got == 0:
             return False
         filled += got
         while got:
-            first = pending[0]
+            first = pending[index]
             if got < len(first):
-                pending = [first[got:], *pending[1:]]
+                pending[index] = first[got:]
                 break
             got -= len(first)
-            pending = pending[1:]
+            index += 1
     return True
 
 
@@ -165,13 +166,13 @@ def _hash_prefix(file: io.FileIO, length: int) -> Any:
     return hasher
 
 
-def _digest_of(fd: int, size: int) -> bytes | None:
-    # The SHA-256 of the first ``size`` bytes, read with pread (the file's
-    # position stays); None if the file is shorter.
+def _digest_of(fd: int, span: tuple[int, int]) -> bytes | None:
+    # The SHA-256 of ``span`` (first byte, count), read with pread (the
+    # file's position stays); None if the file ends before it does.
     hasher = hashlib.sha256()
-    position = 0
-    while position < size:
-        block = os.pread(fd, min(_HASH_BLOCK, size - position), position)
+    position, end = span[0], span[0] + span[1]
+    while position < end:
+        block = os.pread(fd, min(_HASH_BLOCK, end - position), position)
         if not block:
             return None
         hasher.update(block)
@@ -236,10 +237,12 @@ class FileSource:
         """
         return await hash_prefix(self.file, length, limiter=limiter)
 
-    async def check_unchanged(self, sent: bytes) -> None:
+    async def check_unchanged(
+        self, sent: bytes, span: tuple[int, int], threads: trio.CapacityLimiter | None
+    ) -> None:
         """See :meth:`BlockReader.check_unchanged`: the file's size and modification
         time are still those it was opened with, and if anything else of it
-        changed (its ``st_ctime``), its content is still what was sent.
+        changed (its ``st_ctime``), the part sent is still what was sent.
 
         A file written in place while it is sent (same size) would otherwise be
         sent, hashed and published as a mix of its two versions, verified
@@ -255,11 +258,11 @@ class FileSource:
         if (info.st_size, info.st_mtime_ns) == self._version:
             if info.st_ctime_ns == self._ctime:
                 return
-            log.info(
-                "%s changed (not its size or mtime) while it was sent: reading it again",
-                self.file.name,
-            )
-            if await trio.to_thread.run_sync(_digest_of, fd, info.st_size) == sent:
+            # Uncancellable, as every read of ours in a thread: the read
+            # threads' limit (the connection's share) bounds what it holds.
+            async with _maybe(threads):
+                again = await trio.to_thread.run_sync(_digest_of, fd, span)
+            if again == sent:
                 return
         raise TransferError(
             "the file changed while it was being sent (written to since it was opened)",
@@ -286,11 +289,14 @@ async def send_file(
     reporter: ProgressReporter,
     read_ahead: ByteBudget | None = None,
     read_threads: trio.CapacityLimiter | None = None,
+    base: int = 0,
 ) -> Trailer:
-    """Send bytes ``start..size`` of ``source`` (positioned at ``start``) and the trailer.
+    """Send bytes ``start..size`` of ``source`` (positioned at ``base + start``) and the trailer.
 
-    ``hasher`` already covers ``0..start``; the trailer carries the digest of the
-    whole file. A file that shrinks while it is sent is an error, not a short file.
+    ``base``: where the part sent begins in the source (a range's offset; 0
+    for the whole file). ``hasher`` already covers ``0..start``; the trailer
+    carries the digest of the whole part. A file that shrinks while it is
+    sent is an error, not a short file.
     Each block read is taken from ``read_ahead`` (the connection's budget) until
     the outbox has it, and read while holding a ``read_threads`` token (the
     connection's share of the worker threads).
@@ -328,7 +334,7 @@ async def send_file(
         await reporter.advance(amount)
     # Before the trailer: the bytes sent must all be one version of the file.
     digest = hasher.digest()
-    await source.check_unchanged(digest)
+    await source.check_unchanged(digest, (base, size), read_threads)
     trailer = Trailer(size, digest)
     await stream.finish(trailer.pack())
     return trailer

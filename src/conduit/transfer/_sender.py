@@ -298,8 +298,11 @@ class Sender:
         size: int,
         hasher: Any,
         reporter: ProgressReporter,
+        base: int = 0,
     ) -> Trailer:
-        """Send ``source`` from ``start`` on the open ``stream``; reset it if sending stops."""
+        """Send ``source`` from ``start`` on the open ``stream``; reset it if sending stops.
+
+        ``base``: where the part sent begins in the source (a range's offset)."""
         connection = peer.connection
         budget = self._budget(connection)
         try:
@@ -313,6 +316,7 @@ class Sender:
                 reporter=reporter,
                 read_ahead=budget.read_ahead,
                 read_threads=budget.read_threads,
+                base=base,
             )
         except BaseException as exc:
             # The receiver's verdict names the reason (source_changed: the file
@@ -435,6 +439,7 @@ class Sender:
                     size,
                     hasher,
                     reporter,
+                    base,
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -484,12 +489,17 @@ class Sender:
         size: int,
         hasher: Any,
         reporter: ProgressReporter,
+        base: int,
     ) -> None:
-        """The spawned half of a download; owns the source (and, via its slot wrapper, the slot)."""
+        """The spawned half of a download; owns the source (and, via its slot wrapper, the slot).
+
+        ``base``: where the part sent begins in the source (a range's offset)."""
         outcome: dict[str, Any]
         try:
             stream = caller.connection.open_outgoing_stream(stream_id)
-            trailer = await self._stream_out(caller, stream, source, start, size, hasher, reporter)
+            trailer = await self._stream_out(
+                caller, stream, source, start, size, hasher, reporter, base
+            )
         except (ConduitError, OSError) as exc:
             # A peer cuts its downloads at will: INFO, under a budget per
             # owner (see Receiver._receive_task).
