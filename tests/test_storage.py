@@ -352,6 +352,27 @@ def test_ensure_creates_a_private_directory(storage: StorageRoot) -> None:
     assert stat.S_IMODE(storage.path.stat().st_mode) == 0o700 & ~_current_umask()
 
 
+def test_a_new_root_and_its_new_parents_are_made_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each directory ensure() creates has its parent fsynced, as every
+    # directory made below a root has: a root made just before a crash must
+    # not vanish with the files published into it since (files review).
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    StorageRoot(tmp_path / "a" / "b").ensure()
+    assert synced == [str(tmp_path), str(tmp_path / "a")]
+    synced.clear()
+    StorageRoot(tmp_path / "a" / "b").ensure()  # nothing new: nothing to sync
+    assert synced == []
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -16,6 +16,7 @@ from .. import Accounts, FileTransferHandler, Peer, Server, ServerDescriptor
 from .._endpoint import format_address
 from .._groups import first_leaf
 from ..errors import ConduitError
+from ..transfer._storage import make_directories
 from ._common import CLIError, ExitCode, Signals, human_bytes
 
 log = logging.getLogger("conduit.cli.serve")
@@ -83,7 +84,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     # Created once the configuration has checked: a refused one leaves nothing behind.
     if isinstance(options.directory, Path):
         try:
-            options.directory.mkdir(parents=True, exist_ok=True)
+            make_directories(options.directory, 0o755)
         except OSError as exc:
             raise CLIError(
                 f"cannot use {options.directory} as the storage directory: {exc}"

@@ -200,7 +200,7 @@ class StorageRoot:
             assert fd is not None  # created, or raised
             os.close(fd)
             return
-        os.makedirs(self.path, mode=self.dir_mode, exist_ok=True)
+        make_directories(self.path, self.dir_mode)
 
     def open_partial(
         self, name: str, transfer_id: str, *, resume: bool, stop: threading.Event | None = None
@@ -1332,6 +1332,25 @@ def _remove_regular(dir_fd: int, entry: str) -> bool:
         return False
     _unlink_quietly(dir_fd, entry)
     return True
+
+
+def make_directories(path: Path, mode: int = 0o700) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)``, each directory it creates
+    made durable (its parent fsynced, as for every directory made below a
+    root): a storage root made just before a crash must not vanish with the
+    files published into it since."""
+    missing = []
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        missing.append(ancestor)
+        ancestor = ancestor.parent
+    os.makedirs(path, mode=mode, exist_ok=True)
+    for created in reversed(missing):
+        parent = os.open(created.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
 
 
 #: Buffers per ``pwritev`` or ``readv`` call (Linux's IOV_MAX is 1024: more
