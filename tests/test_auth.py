@@ -10,6 +10,7 @@ unauthenticated sockets, and the client keeping its stretched secret.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -575,8 +576,9 @@ async def test_at_its_share_a_reconnect_resumes_its_own_session_and_nothing_else
     # server closes the connection it replaces.
     resumed = await connect(current._resume_token)
     assert resumed.id == current.id
-    # (Counted against its owner until then, the closed one no longer is.)
-    await wait_until(lambda: not current.connected and server._gate._sessions == {owner: 1})
+    # It took the slot of the one it replaced: never one more.
+    assert server._gate._sessions == {owner: 1}
+    await wait_until(lambda: not current.connected)
     await resumed.disconnect()
     back = await connect(ended)  # refused above, and still good
     assert back.id == first_id
@@ -601,13 +603,79 @@ async def test_a_resume_past_the_share_replaces_only_a_connection_of_its_owner()
     with pytest.raises(Refused, match=r"address 127\.0\.0\.1 already holds all"):
         await gate.admit_resumed(new_link, old_link)
     assert b"already holds all" in await peer_side.receive_some()
-    # Replacing a connection of its own address, it is counted: one over the
-    # share until the server has closed the one it replaces.
+    # Replacing a connection of its own address, it takes that one's slot.
     gate._past_share[new_link] = "127.0.0.1"
     await gate.admit_resumed(new_link, neighbour)
-    assert gate._sessions == {"127.0.0.1": 2, "127.0.0.2": 1} and not gate._past_share
-    gate.end_session(neighbour)
-    assert gate._sessions == {"127.0.0.1": 1, "127.0.0.2": 1}
+    assert gate._sessions == {"127.0.0.1": 1, "127.0.0.2": 1} and not gate._past_share
+    assert gate._session_of[new_link] == "127.0.0.1" and neighbour not in gate._session_of
+
+
+async def test_a_resume_past_the_share_takes_the_slot_of_what_it_replaces() -> None:
+    gate = Gatekeeper(
+        ServerDescriptor(password=PASSWORD, max_connections_per_user=1),
+        logging.getLogger("conduit.test_auth"),
+    )
+    old, first, second = (trio.testing.memory_stream_pair()[0] for _ in range(3))
+    gate._count(old, "127.0.0.1")
+    gate._past_share[first] = "127.0.0.1"
+    await gate.admit_resumed(first, old)
+    assert gate._sessions == {"127.0.0.1": 1}  # handed over, not one more
+    # Another connection resuming the same session before the first one
+    # registered (a token stays good until its session hears from its
+    # client) finds nothing left to replace.
+    gate._past_share[second] = "127.0.0.1"
+    with pytest.raises(Refused):
+        await gate.admit_resumed(second, old)
+    gate.end_session(second)
+    gate.end_session(old)  # replaced: gives nothing back
+    assert gate._sessions == {"127.0.0.1": 1}
+    gate.end_session(first)
+    assert gate._sessions == {}
+    # The new connection ends first (its WELCOME never went): the one it was
+    # to replace, still open, has its slot back.
+    gate._count(old, "127.0.0.1")
+    gate._past_share[first] = "127.0.0.1"
+    await gate.admit_resumed(first, old)
+    gate.end_session(first)
+    assert gate._sessions == {"127.0.0.1": 1} and gate._session_of == {old: "127.0.0.1"}
+    gate.end_session(old)
+    assert not (gate._sessions or gate._session_of or gate._replaces or gate._replaced_by)
+
+
+async def test_resumes_of_one_session_at_once_never_pass_the_share(
+    server_factory: ServerFactory,
+) -> None:
+    # Forty connections present the same current token at once, while its
+    # session stands: each may replace the one before it, but the owner never
+    # holds more than its share (it held 6 at once, and 41 with a slow
+    # disconnect hook, before the slot was handed over).
+    server = await server_factory(max_connections_per_user=1)
+    holder = Client(client_descriptor(server.port, reconnect_enabled=False))
+    await holder.connect()
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, server._gate._sessions.get(LOOPBACK, 0))
+            await trio.lowlevel.checkpoint()
+
+    async def resume() -> None:
+        client = Client(client_descriptor(server.port, reconnect_enabled=False))
+        client._resume_token = holder._resume_token
+        with contextlib.suppress(ConnectionClosed):
+            await client.connect()
+            await client.disconnect()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as clients:
+                for _ in range(40):
+                    clients.start_soon(resume)
+            nursery.cancel_scope.cancel()
+        await wait_until(lambda: not server._gate._sessions)
+    assert peak == 1
 
 
 # --------------------------------------------------------------------------- client

@@ -47,7 +47,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import attrs
 import trio
@@ -174,6 +174,10 @@ class Gatekeeper:
         # each is counted only if it replaces one of that owner's
         # connections (see admit_resumed).
         self._past_share: dict[trio.abc.Stream, str] = {}
+        # A slot handed over by admit_resumed: the new stream's, from the
+        # stream it replaces (None once that one has ended), and back.
+        self._replaces: dict[trio.abc.Stream, trio.abc.Stream | None] = {}
+        self._replaced_by: dict[trio.abc.Stream, trio.abc.Stream] = {}
         # Set (and replaced) whenever an attempt settles: attempts queued
         # behind a budget full of in-flight ones look again.
         self._settled = trio.Event()
@@ -221,8 +225,17 @@ class Gatekeeper:
     def end_session(self, stream: trio.abc.Stream) -> None:
         """The connection on ``stream`` ended: its user (or address) may hold another."""
         self._past_share.pop(stream, None)
+        if (successor := self._replaced_by.pop(stream, None)) is not None:
+            self._replaces[successor] = None  # replaced: its slot stays with the successor
+        replaced = self._replaces.pop(stream, None)
         owner = self._session_of.pop(stream, None)
         if owner is None:
+            return
+        if replaced is not None:
+            # It ended before the connection it was to replace (its WELCOME
+            # never went, say): that one, still open, has its slot back.
+            del self._replaced_by[replaced]
+            self._session_of[replaced] = owner
             return
         left = self._sessions[owner] - 1
         if left:
@@ -240,8 +253,11 @@ class Gatekeeper:
 
     async def _refuse_if_full(self, stream: trio.abc.Stream, owner: str) -> None:
         """Refuse a new connection of ``owner`` (Refused) if it holds all it may."""
-        if not self._full(owner):
-            return
+        if self._full(owner):
+            await self._refuse_as_full(stream, owner)
+
+    async def _refuse_as_full(self, stream: trio.abc.Stream, owner: str) -> NoReturn:
+        """Refuse a new connection of ``owner``, which holds all it may (Refused)."""
         limit = self._descriptor.connections_per_user
         who = f"user {owner!r}" if self.accounts is not None else f"address {owner}"
         reason = (
@@ -261,14 +277,33 @@ class Gatekeeper:
         it may, refuse it (Refused; its SERVER_CONFIRM was held back: the
         client reads the refusal in its place).
 
+        The slot is handed over, not added: ``replacing`` counts no more
+        (its end gives nothing back), so a second connection resuming the
+        same session (a token is good until the session that redeemed it
+        hears from its client) finds nothing to replace, and each owner
+        holds its share, not one more per resume. Should ``stream`` end
+        first, the slot goes back to ``replacing``.
+
         Without this, a client whose share is one connection (a small
         ``max_connections``) could not resume its own session until the
         server's heartbeat timeout ended the dead one.
         """
         owner = self._past_share.pop(stream)
-        if replacing is None or self._session_of.get(replacing) != owner:
-            await self._refuse_if_full(stream, owner)
+        if replacing is not None and self._session_of.get(replacing) == owner:
+            del self._session_of[replacing]
+            self._session_of[stream] = owner
+            self._replaces[stream] = replacing
+            self._replaced_by[replacing] = stream
+            return
+        await self._refuse_if_full(stream, owner)
         self._count(stream, owner)
+
+    async def refuse_past_share(self, stream: trio.abc.Stream) -> NoReturn:
+        """Refuse a resuming client let past its owner's share whose token
+        cannot be weighed first (an older client that sends it only after
+        our confirmation; a cluster, where redeeming it moves the id here):
+        Refused, as at a full share."""
+        await self._refuse_as_full(stream, self._past_share.pop(stream))
 
     # ------------------------------------------------------------------ handshake
 

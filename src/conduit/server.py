@@ -845,9 +845,14 @@ class Server(Endpoint):
         client (None when none was).
         """
         if established.resuming:
+            if established.past_share and self.cluster is not None:
+                # Redeeming the token moves the id here, which closes the
+                # client's connection on its node: not for a refusal. A
+                # stale connection on this node is not told apart.
+                await self._gate.refuse_past_share(stream)
             token = await read_resume(stream, established, confirm=not established.past_share)
-            if token is None:  # an older client, past its share: refused below
-                return await self._new_client_id(), None
+            if token is None:  # an older client: its token comes after our confirmation
+                await self._gate.refuse_past_share(stream)
             held: _HeldToken | None = _HeldToken(token_digest(token))
             if self.cluster is not None:
                 # The bus decides and holds it: the token may be another

@@ -21,7 +21,7 @@ import redis
 import trio
 
 from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
-from conduit import Client, ClientDescriptor, Server, ServerDescriptor
+from conduit import Client, ClientDescriptor, ConnectionClosed, Server, ServerDescriptor
 from conduit._resume import token_digest
 from conduit.cluster._node import _tag
 from conduit.cluster.bus import _DEPARTED as DEPARTED
@@ -320,6 +320,41 @@ async def test_the_bus_counts_each_token_against_its_clients_address(
     assert (tokens_of("127.0.0.1"), tokens_of("127.0.0.2")) == (2, 1)
     for client in clients:
         await client.disconnect()
+    await server.close()
+
+
+async def test_a_resume_at_a_full_share_in_a_cluster_is_refused_before_it_moves_the_id(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    # In a cluster, redeeming a token moves the client's id to this node, which
+    # closes its connection on the node it is on: a resume the share refuses
+    # must not get that far. (On a single server it may replace its own stale
+    # connection; a node does not tell its stale ones apart.)
+    server = _solo_server(engines, bus_namespace, max_connections_per_user=1)
+    await nursery.start(server.run)
+    holder = Client(
+        ClientDescriptor(
+            server_host="127.0.0.1",
+            server_port=server.port,
+            password="secret",
+            reconnect_enabled=False,
+        )
+    )
+    await holder.connect()
+    other = Client(
+        ClientDescriptor(
+            server_host="127.0.0.1",
+            server_port=server.port,
+            password="secret",
+            reconnect_enabled=False,
+        )
+    )
+    other._resume_token = holder._resume_token
+    with trio.fail_after(10), pytest.raises(ConnectionClosed, match="already holds all"):
+        await other.connect()
+    assert holder.connected and holder.id in server.clients
+    assert _registered_node(engines, bus_namespace, holder.id or "") == "solo"
+    await holder.disconnect()
     await server.close()
 
 
