@@ -313,6 +313,36 @@ def test_a_change_that_cannot_keep_the_files_owner_is_refused(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json", "users.json.lock"]
 
 
+@_as_root
+@pytest.mark.parametrize("mode", [0o640, 0o600])
+def test_a_group_that_cannot_be_kept_is_refused_only_if_it_may_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    # As for the file's owner, not in its group (a service's, which reads the
+    # file through it): the group cannot be kept. It was dropped without a
+    # word, and the service locked out; now the change is refused when the
+    # group may read the file, and made, the group getting nothing, when not.
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    os.chown(path, 0, _NOBODY)
+    path.chmod(mode)
+    before = path.read_bytes()
+
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+    if mode & 0o070:
+        with pytest.raises(PermissionError, match=f"may be read by its group \\(gid {_NOBODY}\\)"):
+            accounts.add("bob", PASSWORD)
+        assert path.read_bytes() == before and path.stat().st_gid == _NOBODY
+    else:
+        accounts.add("bob", PASSWORD)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json", "users.json.lock"]
+
+
 def test_writes_replace_the_file_whole(tmp_path: Path) -> None:
     # Readers holding the old file keep reading the old contents: the new
     # version is a different file moved into place.

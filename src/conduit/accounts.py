@@ -603,9 +603,16 @@ def _keep_owner(fd: int, owner: os.stat_result, path: Path) -> None:
                     "changed file could not be given to them (its owner could no longer "
                     "read it); change it as that user or as root",
                 ) from None
-            # Ours, but its group could not be kept: the group it has now
-            # must not get the old group's permissions.
-            mode &= 0o700
+            if mode & 0o070:
+                # Ours, but its group, which may read it (a service's), is
+                # one we are not in: that group would lose the file.
+                raise PermissionError(
+                    exc.errno,
+                    f"{path} may be read by its group (gid {owner.st_gid}), which the changed "
+                    "file could not be given to (you are not in it): change it as root or "
+                    "as a member of that group",
+                ) from None
+            mode &= 0o700  # its group had nothing: ours, which gets nothing either
     os.fchmod(fd, mode)
 
 
