@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-from test_cli import conduit, start_server
+import pytest
+
+from test_cli import _env, conduit, start_server
 
 ALICE = "alice's long passphrase"
 
@@ -51,6 +55,32 @@ def test_user_add_list_remove(tmp_path: Path) -> None:
     short = conduit("user", "add", "dave", "--accounts", str(accounts), password="hunter2")
     assert short.returncode == 0, short.stderr  # the administrator decides, warned
     assert "warning: the password is short (7 characters)" in short.stderr
+
+
+@pytest.mark.parametrize("users", [2, 3_000], ids=["at-exit", "mid-listing"])
+def test_user_list_into_a_reader_that_went_away_ends_quietly(tmp_path: Path, users: int) -> None:
+    # `conduit user list | head -1` (a command click runs without Trio: click
+    # itself turned the broken pipe into a bare exit 1).
+    accounts = tmp_path / "accounts.json"
+    assert (
+        conduit("user", "add", "alice", "--accounts", str(accounts), password=ALICE).returncode == 0
+    )
+    document = json.loads(accounts.read_text())
+    record = document["users"]["alice"]
+    document["users"] = {f"user{index:05}": dict(record) for index in range(users)}
+    accounts.write_text(json.dumps(document))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "conduit", "user", "list", "--accounts", str(accounts)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141, errors
+    assert "Traceback" not in errors and "Exception ignored" not in errors, errors
 
 
 def test_user_commands_on_an_unusable_accounts_file_are_configuration_errors(

@@ -92,7 +92,23 @@ def _address(ctx: click.Context, param: click.Parameter, value: str) -> Address:
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=_CONTEXT)
+class _ReaderGone(Exception):
+    """What reads our output has gone (a BrokenPipeError, which click would
+    otherwise turn into a bare exit 1)."""
+
+
+class _Commands(click.Group):
+    """The command group, handing a reader gone on to :func:`run` as itself."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a BrokenPipeError becomes :class:`_ReaderGone`."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as exc:
+            raise _ReaderGone() from exc
+
+
+@click.group(cls=_Commands, context_settings=_CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="conduit")
 @click.option("-v", "--verbose", count=True, help="Also show the library's log lines (-vv: debug).")
 @click.pass_context
@@ -103,7 +119,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
     The password comes from the CONDUIT_PASSWORD environment variable or a
     prompt, never from the command line. Exit codes: 0 ok, 1 a transfer
     failed, 2 usage or configuration error, 3 authentication failed, 4
-    connection failed, 130 interrupted.
+    connection failed, 130 interrupted, 141 the output's reader went away.
     """
     ctx.obj = verbose
 
@@ -554,6 +570,13 @@ def _password_in_argv(argv: list[str]) -> bool:
     return False
 
 
+def _reader_gone(error: BaseException) -> bool:
+    """Whether ``error`` says that what reads our output has gone: a
+    BrokenPipeError, alone or in a group (a command under Trio), as
+    :class:`_Commands` hands it on."""
+    return first_leaf(error, (BrokenPipeError, _ReaderGone)) is not None
+
+
 def run(argv: list[str]) -> int:
     """Parse ``argv``, run the command, map every outcome to an exit code."""
     if _password_in_argv(argv):
@@ -577,7 +600,7 @@ def run(argv: list[str]) -> int:
         print(file=sys.stderr)
         return ExitCode.INTERRUPTED
     except BaseException as exc:
-        if first_leaf(exc, BrokenPipeError) is None:
+        if not _reader_gone(exc):
             raise
         # The reader of our output is gone (`conduit ls | head -1`): stop, as
         # any tool would, without a traceback, and without a second one at
