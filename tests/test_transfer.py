@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterator
@@ -294,6 +295,15 @@ async def test_the_servers_own_storage_failures_are_in_its_log(
                     client, source, remote_name=f"sub/{source.name}"
                 )
             assert result["code"] == "permission_denied", result
+        # A size over the free space is the peer's request refused, not a
+        # fault of the storage: not in the log (one peer could spend the
+        # budget that a real full disk needs).
+        huge = tmp_path / "outbox" / "huge.bin"
+        with open(huge, "wb") as file:
+            file.truncate(shutil.disk_usage(fs.storage).free + (1 << 40))  # sparse
+        with trio.fail_after(30):
+            refused = await sender.send_to_server(client, huge)
+        assert refused["code"] == "no_space", refused
     lines = [r.getMessage() for r in caplog.records if "storage failure" in r.getMessage()]
     assert len(lines) == 2, caplog.text
     for line, source in zip(lines, sources, strict=True):

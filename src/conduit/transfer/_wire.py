@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import struct
+import threading
 import time
 from typing import Any
 
@@ -20,14 +21,26 @@ from .._log_limit import LimitedLog
 from ..errors import RemoteProtocolError, RPCError, failure_dict
 from ._names import DOWNLOAD_ID_PREFIX
 
-#: Codes of failures that are this side's own storage's (a directory it may
-#: not write, a disk full or failing, an object store out of reach), not the
-#: peer's doing: logged where they happen (:func:`as_rpc_error`), since the
-#: peer's error alone leaves whoever runs this side blind to them.
+#: Codes of failures that may be this side's own storage's (a directory it
+#: may not write, a disk full or failing, an object store out of reach):
+#: logged where they happen (:func:`as_rpc_error`) when the storage itself
+#: raised them, since the peer's error alone leaves whoever runs this side
+#: blind to them. (A ``no_space`` of the admission, a size announced over the
+#: free space, is the peer's request refused: not logged.)
 STORAGE_FAULTS = frozenset({"permission_denied", "io_error", "no_space", "storage_unavailable"})
 # A peer can make them come again and again (one upload after another into a
-# directory the server may not write): one budget per code.
+# directory the server may not write): one budget per code. Locked: batches
+# of small files are stored, and their failures turned into errors, in
+# worker threads.
 _storage_log = LimitedLog(logging.getLogger("conduit.transfer"))
+_storage_log_lock = threading.Lock()
+
+
+def _from_storage(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the storage: an OSError, or raised from one
+    (or from an object store's error) by the code that met it."""
+    return isinstance(exc, OSError) or exc.__cause__ is not None
+
 
 _TRAILER = struct.Struct("!Q32s")
 
@@ -107,12 +120,13 @@ def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
         exc = OSError(exc.errno or errno.EIO, exc.strerror or "I/O error", name)
     failure = transfer_failure(exc)
     code = failure["code"]
-    if code in STORAGE_FAULTS:
+    if code in STORAGE_FAULTS and _from_storage(local):
         # The local error itself: it may say more than the peer is told.
         about = f" for {name!r}" if name is not None else ""
-        _storage_log.warning(
-            code, time.monotonic(), "storage failure (%s)%s: %s", code, about, local
-        )
+        with _storage_log_lock:
+            _storage_log.warning(
+                code, time.monotonic(), "storage failure (%s)%s: %s", code, about, local
+            )
     return RPCError(failure["error"], code)
 
 
