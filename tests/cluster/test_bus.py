@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -641,6 +642,24 @@ async def test_one_owners_resume_entries_are_bounded_and_evict_only_its_own(
         await node_a.share_resume(other, "c", "-", 60.0, counted_against="two words")
     with pytest.raises(ValueError, match="keep"):
         await node_a.share_resume(other, "c", "-", 60.0, keep=0)
+
+
+async def test_a_node_whose_clock_is_behind_keeps_the_token_it_just_shared(
+    bus_factory: BusFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner's set is ordered by the Redis server's clock: scored by the
+    # node's own, a token shared by a node two minutes behind was the oldest,
+    # and went in the very call that shared it.
+    node_a = await bus_factory("a")
+    node_b = await bus_factory("b")
+    for index in range(3):
+        await node_a.share_resume(f"{index:02x}" * 32, f"c{index}", "-", 60.0, keep=3)
+    real_time_ns, real_time = time.time_ns, time.time
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() - 120 * 10**9)
+    monkeypatch.setattr(time, "time", lambda: real_time() - 120)
+    assert await node_b.share_resume("bb" * 32, "cb", "-", 60.0, keep=3) == 1
+    assert await node_a.redeem_resume("bb" * 32, "-") == "cb"
+    assert await node_a.redeem_resume("00" * 32, "-") is None  # the oldest went
 
 
 async def test_a_held_resume_entry_stays_good_until_spent_and_never_longer_than_its_hold(

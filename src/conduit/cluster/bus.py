@@ -216,18 +216,20 @@ return string.sub(value, string.len(owner) + 1)
 
 
 # Keep a resume entry (KEYS[1], value ARGV[1], for ARGV[2] ms) in its owner's
-# set (KEYS[2]: digest ARGV[3], scored ARGV[7]); delete the entry it replaces
-# (digest ARGV[4], or ''); past ARGV[5] members the oldest go, with their
-# entries (named ARGV[6] .. digest: keys only known here, so this bus needs a
-# single Redis, not a Redis Cluster, as every other script here assumes).
-# Returns how many went.
+# set (KEYS[2]: digest ARGV[3], scored by the Redis server's clock, not a
+# node's, which may be behind: its new token would be the oldest); delete
+# the entry it replaces (digest ARGV[4], or ''); past ARGV[5] members the
+# oldest go, with their entries (named ARGV[6] .. digest: keys only known
+# here, so this bus needs a single Redis, not a Redis Cluster, as every other
+# script here assumes). Returns how many went.
 _SHARE_RESUME: Final = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if ARGV[4] ~= '' and ARGV[4] ~= ARGV[3] then
   redis.call('DEL', ARGV[6] .. ARGV[4])
   redis.call('ZREM', KEYS[2], ARGV[4])
 end
-redis.call('ZADD', KEYS[2], ARGV[7], ARGV[3])
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[2], now[1] * 1000000 + now[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
 if over <= 0 then return 0 end
@@ -954,7 +956,6 @@ class ClusterBus:
                 replaces or "",
                 keep,
                 self._key("resume") + ":",  # what _key("resume", digest) starts with
-                time.time_ns() // 1_000_000,
             ],
         )
         return int(went)
