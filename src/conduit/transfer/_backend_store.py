@@ -406,7 +406,8 @@ class StoreBackend:
             )
             if partial.offset > size:
                 # Longer than the file: not a prefix of it; start over.
-                await partial.close()
+                with trio.CancelScope(shield=True):  # a pending cancel would skip it
+                    await partial.close()
                 partial = await store.open_partial(
                     name, transfer_id, resume=False, overwrite=overwrite
                 )

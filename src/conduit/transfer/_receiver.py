@@ -506,7 +506,11 @@ class Receiver:
         except (ConduitError, OSError) as exc:
             if stream is not None:
                 connection.close_stream(stream, reset=("aborted", "download aborted"))
-            await partial.close()
+            # Shielded as below: the connection closing often comes with the
+            # caller's own cancellation, which would stop the close before it
+            # began, and the partial would stay open and locked ("busy").
+            with trio.CancelScope(shield=True):
+                await partial.close()
             return transfer_failure(exc)
         except BaseException:
             if stream is not None:
