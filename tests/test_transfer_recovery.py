@@ -834,18 +834,22 @@ async def test_a_progress_callback_that_raises_keeps_the_download_resumable(
     assert await file_sha256(local_dir / "big.bin") == checksum
 
 
+@pytest.mark.parametrize("cancelling", [False, True], ids=["raises", "cancels-and-raises"])
 @pytest.mark.parametrize("error", CALLBACK_ERRORS, ids=["bug", "broken-pipe"])
 @pytest.mark.parametrize("what", ["file", "directory", "files"])
 async def test_a_progress_callback_error_reaches_the_caller_as_it_is(
     what: str,
     error: Exception,
+    cancelling: bool,
     server_factory: ServerFactory,
     client_factory: ClientFactory,
     tmp_path: Path,
 ) -> None:
     """Uploads too: what on_progress raises reaches the caller of the transfer
     itself, not as an io_error result (an OSError) nor inside an ExceptionGroup
-    (several files moved at once: a directory, send_files_to_server)."""
+    (several files moved at once: a directory, send_files_to_server); also
+    when the callback cancels the caller's scope as it raises (then, with the
+    Cancelled beside it, it came out in a group; cancellation stress review)."""
     with trio.fail_after(60):
         _, _, client = await server_and_client(server_factory, client_factory, tmp_path / "s")
         outbox = tmp_path / "outbox"
@@ -853,7 +857,13 @@ async def test_a_progress_callback_error_reaches_the_caller_as_it_is(
             await make_file(outbox / f"f{index}.bin", SIZE if index % 2 else 1000)
         transfer = FileTransferHandler(storage_dir=tmp_path / "client")
 
+        scope = trio.CancelScope()
+
         def fails(progress: TransferProgress) -> None:
+            if cancelling:
+                if progress.total_size < SIZE or progress.transferred == progress.total_size:
+                    return  # while a large file is on its way, with others beside it
+                scope.cancel()  # the caller's scope ends as the callback raises
             raise error
 
         async def send() -> Any:
@@ -864,7 +874,7 @@ async def test_a_progress_callback_error_reaches_the_caller_as_it_is(
             files = sorted(outbox.iterdir())
             return await transfer.send_files_to_server(client, files, on_progress=fails)
 
-        with pytest.raises(type(error)) as raised:
+        with pytest.raises(type(error)) as raised, scope:
             await send()
         assert raised.value is error
 

@@ -131,7 +131,11 @@ def callback_errors_as_they_are(
 
     Also when the callback raised in one of several files moved at once (a
     directory, :meth:`send_files_to_server`): their nursery raises a group of
-    :class:`ProgressCallbackError`, whose first error is raised alone.
+    :class:`ProgressCallbackError`, whose first error is raised alone; and
+    when Trio's Cancelled came with it (the caller's scope cancelled as the
+    callback raised), which the error replaces, as any error raised while a
+    scope is cancelled does. A group with failures of another kind stays a
+    group.
     """
 
     @functools.wraps(function)
@@ -142,7 +146,7 @@ def callback_errors_as_they_are(
             raise exc.error from None
         except BaseExceptionGroup as group:
             matched, rest = group.split(ProgressCallbackError)
-            if matched is None or rest is not None:
+            if matched is None or (rest is not None and rest.split(trio.Cancelled)[1] is not None):
                 raise
             first: BaseException = matched
             while isinstance(first, BaseExceptionGroup):
