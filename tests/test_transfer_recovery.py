@@ -19,10 +19,12 @@ with ``trio.fail_after``; none asserts on speed.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import hashlib
 import os
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -648,6 +650,38 @@ async def test_the_same_file_sent_twice_at_once_ends_both_sends(
     assert await file_sha256(storage / "big.bin") == checksum
     assert results["first"]["success"] is False, results
     assert results["first"]["code"] == "superseded", results
+
+
+async def test_a_send_superseded_before_it_opened_its_stream_says_superseded(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """Two sends of one file to one name on one connection, over a partial
+    an earlier cancelled send left: the older one is told "superseded" (or
+    "busy"), also when the receiver let its stream go before the sender
+    opened it; that one was told "cancelled: the receiver stopped" (9 runs of
+    60; found by the cancellation stress review). Seeded timings."""
+    rng = random.Random(1)
+    _, _, client = await server_and_client(server_factory, client_factory, tmp_path / "s")
+    source = tmp_path / "outbox" / "big.bin"
+    await make_file(source, 4 * SIZE)
+    transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+    codes: collections.Counter[str] = collections.Counter()
+
+    async def send(name: str, delay: float) -> None:
+        await trio.sleep(delay)
+        result = await transfer.send_to_server(client, source, remote_name=name)
+        codes["ok" if result["success"] else result["code"]] += 1
+
+    with trio.fail_after(120):
+        for attempt in range(30):
+            name = f"r{attempt}/big.bin"
+            with trio.move_on_after(rng.uniform(0.005, 0.02)):
+                await transfer.send_to_server(client, source, remote_name=name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, name, 0)
+                nursery.start_soon(send, name, rng.uniform(0, 0.01))
+    assert set(codes) <= {"ok", "superseded", "busy"}, codes
+    assert codes["ok"] >= 30, codes  # every name stored
 
 
 def _rewrite(path: Path, *, keep_mtime: bool = False) -> None:

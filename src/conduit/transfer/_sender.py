@@ -231,12 +231,17 @@ class Sender:
                     total_size=size,
                     resumed_from=start,
                 )
-                stream = peer.connection.open_outgoing_stream(stream_id)
-                # Open: from here its END, or its reset when sending stops
-                # (see _stream_out), is what ends the receiver's wait.
-                unopened = None
-                # If the receiver stops us (StreamReset), its verdict below says why.
+                # If the receiver stops us (StreamReset), its verdict below says
+                # why: while we send, or before we even opened the stream (a
+                # newer send of the same file took over: "superseded").
                 with contextlib.suppress(StreamReset):
+                    try:
+                        stream = peer.connection.open_outgoing_stream(stream_id)
+                    finally:
+                        # Open, or reset by the receiver (which let it go): from
+                        # here its END, or its reset when sending stops (see
+                        # _stream_out), is what ends the receiver's wait.
+                        unopened = None
                     await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
                 result = finish_answer(
                     await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT),
