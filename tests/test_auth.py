@@ -11,6 +11,7 @@ unauthenticated sockets, and the client keeping its stretched secret.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -640,6 +641,19 @@ async def test_a_resume_past_the_share_takes_the_slot_of_what_it_replaces() -> N
     assert gate._sessions == {"127.0.0.1": 1} and gate._session_of == {old: "127.0.0.1"}
     gate.end_session(old)
     assert not (gate._sessions or gate._session_of or gate._replaces or gate._replaced_by)
+    # A chain (each resume replacing the one before), its links ending in
+    # any order: one slot throughout, nothing left behind.
+    for order in itertools.permutations(range(3)):
+        links = [trio.testing.memory_stream_pair()[0] for _ in range(3)]
+        gate._count(links[0], "127.0.0.1")
+        for new, replaced in ((links[1], links[0]), (links[2], links[1])):
+            gate._past_share[new] = "127.0.0.1"
+            await gate.admit_resumed(new, replaced)
+            assert gate._sessions == {"127.0.0.1": 1}
+        for index in order:
+            gate.end_session(links[index])
+            assert gate._sessions.get("127.0.0.1", 0) <= 1
+        assert not (gate._sessions or gate._session_of or gate._replaces or gate._replaced_by)
 
 
 async def test_resumes_of_one_session_at_once_never_pass_the_share(

@@ -225,7 +225,8 @@ class Gatekeeper:
     def end_session(self, stream: trio.abc.Stream) -> None:
         """The connection on ``stream`` ended: its user (or address) may hold another."""
         self._past_share.pop(stream, None)
-        if (successor := self._replaced_by.pop(stream, None)) is not None:
+        successor = self._replaced_by.pop(stream, None)
+        if successor is not None and successor in self._replaces:
             self._replaces[successor] = None  # replaced: its slot stays with the successor
         replaced = self._replaces.pop(stream, None)
         owner = self._session_of.pop(stream, None)
