@@ -935,6 +935,14 @@ def test_a_partial_the_disk_will_not_delete_is_closed_all_the_same(
     assert again.offset == 10  # still there, for the sweep of old partials
     again.discard()
     assert storage.find_partial("sub/a.bin", TID) is None
+    # A peer can make it come again (resume, abandon, again): within a budget.
+    partials = [storage.open_partial(f"sub/{index}.bin", TID, resume=False) for index in range(50)]
+    caplog.clear()
+    with refusing_changes(storage.path / "sub"), caplog.at_level("WARNING"):
+        for partial in partials:
+            partial.discard()
+    assert all(partial.closed for partial in partials)
+    assert 1 <= caplog.text.count("could not delete the partial file") <= 5
 
 
 def test_a_closed_partial_refuses_use(storage: StorageRoot) -> None:
