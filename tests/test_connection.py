@@ -42,10 +42,10 @@ from conduit.protocol.codec import (
 )
 from conduit.protocol.connection import Phase
 from conduit.protocol.frames import HEADER_SIZE, FrameKind
-from conduit.protocol.messages import Ping
+from conduit.protocol.messages import Message, Ping
 from conduit.protocol.records import RecordOpener
 from conduit.protocol.records_io import RECORD_SLACK
-from conftest import PassThroughStream
+from conftest import PassThroughStream, wait_until
 
 WINDOW = 256 * 1024
 
@@ -1477,3 +1477,46 @@ async def test_a_held_burst_of_calls_without_tasks_goes_out_in_records_of_eight(
     assert sorted(result.unwrap().value for result in results) == sorted(
         c for record in full + rest for c in record
     )
+
+
+async def test_messages_that_arrive_while_closing_are_delivered() -> None:
+    """A handler closes its own connection (a "logout") and is still
+    answering: the connection is closing, its GOODBYE behind that answer, and
+    it still reads. Messages the peer sent before it saw the GOODBYE are
+    delivered: a fix for a reset (the connection closed by its own flush)
+    dropped them while merely closing, and left the rest of their read for
+    the next one (found by the review of that fix)."""
+    a, b = socket.socketpair()
+    client_stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    server_stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    p = _pair(client_stream, server_stream)
+    _reader, writer = p.client_frames
+    answered = trio.Event()
+
+    async def logout(conn: Connection) -> str:
+        await trio.sleep(0.05)  # blocks: the reader goes on without it
+        await conn.close("logout", grace=3.0)  # waits for this handler's answer
+        await answered.wait()
+        return "bye"
+
+    p.server_dispatch.methods["logout"] = logout
+
+    async def send(*frames: bytes) -> None:
+        for record in writer.write_frames([frames]):
+            await client_stream.send_all(record)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.server.run)
+        with trio.fail_after(10):
+            await send(encode_frame(FrameKind.MESSAGE, 0, Message("m", 1)))
+            await wait_until(lambda: len(p.server_dispatch.messages) == 1)
+            await send(encode_call(1, "logout", {}))
+            await wait_until(lambda: p.server._state.phase is Phase.CLOSING)
+            await send(
+                encode_frame(FrameKind.MESSAGE, 0, Message("m", 2)),
+                encode_frame(FrameKind.MESSAGE, 0, Message("m", 3)),
+            )
+            await wait_until(lambda: len(p.server_dispatch.messages) == 3)
+        assert p.server_dispatch.messages == [("m", 1), ("m", 2), ("m", 3)]
+        answered.set()
+        nursery.cancel_scope.cancel()

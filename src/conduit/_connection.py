@@ -968,11 +968,12 @@ class Connection:
                 # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
                 self._flush_control()
-                if self._state.phase is not _OPEN:
+                if self._state.phase is _CLOSED:
                     # The flush found the link gone and closed us: no task
                     # may start now (abort() judged that the nursery's
                     # tasks end by themselves; a message task would wait for
-                    # good, and the connection with it).
+                    # good, and the connection with it). While merely
+                    # closing (our GOODBYE queued), messages still arrive.
                     return None
                 if not self._message_task_started:
                     self._message_task_started = True
