@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -654,6 +655,56 @@ async def test_a_resume_past_the_share_takes_the_slot_of_what_it_replaces() -> N
             gate.end_session(links[index])
             assert gate._sessions.get("127.0.0.1", 0) <= 1
         assert not (gate._sessions or gate._session_of or gate._replaces or gate._replaced_by)
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_the_share_holds_through_any_mix_of_connects_resumes_and_ends(seed: int) -> None:
+    # A model check of the gatekeeper's count against what is open: new
+    # connections, resumes (past a full share, replacing one of the owner's
+    # open connections or none), ends in any order, some twice. At every
+    # step no owner holds more than its share, and every open connection is
+    # counted, or its slot is held by an open one that replaces it (a
+    # middle link of a chain of resumes ending first once left its
+    # predecessor counted by nobody; found by the review of the last fixes).
+    rng = random.Random(seed)
+    limit = rng.choice((1, 2, 3))
+    gate = Gatekeeper(
+        ServerDescriptor(password=PASSWORD, max_connections_per_user=limit),
+        logging.getLogger("conduit.test_auth"),
+    )
+    open_: dict[trio.abc.Stream, str] = {}
+    for _ in range(60):
+        owner, roll = rng.choice(("a", "b")), rng.random()
+        stream: trio.abc.Stream = trio.testing.memory_stream_pair()[0]
+        if roll < 0.3 and not gate._full(owner):
+            gate._count(stream, owner)
+            open_[stream] = owner
+        elif roll < 0.6 and gate._full(owner):
+            gate._past_share[stream] = owner
+            mine = [other for other, whose in open_.items() if whose == owner]
+            try:
+                await gate.admit_resumed(stream, rng.choice([*mine, None]))
+            except Refused:
+                gate.end_session(stream)
+            else:
+                open_[stream] = owner
+        elif open_:
+            ending = rng.choice(list(open_))
+            del open_[ending]
+            gate.end_session(ending)
+            if rng.random() < 0.2:
+                gate.end_session(ending)
+        for whose in ("a", "b"):
+            counted = [s for s, o in gate._session_of.items() if o == whose]
+            assert gate._sessions.get(whose, 0) == len(counted) <= limit
+        for link in open_:
+            holder = link
+            while holder not in gate._session_of:  # follow the slot along the chain
+                holder = gate._replaced_by[holder]
+                assert holder in open_
+    for link in list(open_):
+        gate.end_session(link)
+    assert not (gate._sessions or gate._session_of or gate._replaces or gate._replaced_by)
 
 
 async def test_resumes_of_one_session_at_once_never_pass_the_share(

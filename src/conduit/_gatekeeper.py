@@ -226,9 +226,14 @@ class Gatekeeper:
         """The connection on ``stream`` ended: its user (or address) may hold another."""
         self._past_share.pop(stream, None)
         successor = self._replaced_by.pop(stream, None)
-        if successor is not None and successor in self._replaces:
-            self._replaces[successor] = None  # replaced: its slot stays with the successor
         replaced = self._replaces.pop(stream, None)
+        if successor is not None and successor in self._replaces:
+            # Replaced in turn: its successor holds the slot, and should it
+            # end first, gives it back to what this one replaced, if open.
+            self._replaces[successor] = replaced
+            if replaced is not None:
+                self._replaced_by[replaced] = successor
+            replaced = None
         owner = self._session_of.pop(stream, None)
         if owner is None:
             return

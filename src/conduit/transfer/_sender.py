@@ -237,11 +237,12 @@ class Sender:
                 with contextlib.suppress(StreamReset):
                     try:
                         stream = peer.connection.open_outgoing_stream(stream_id)
-                    finally:
-                        # Open, or reset by the receiver (which let it go): from
-                        # here its END, or its reset when sending stops (see
-                        # _stream_out), is what ends the receiver's wait.
-                        unopened = None
+                    except StreamReset:
+                        unopened = None  # the receiver reset it: it let it go
+                        raise
+                    # Open: from here its END, or its reset when sending stops
+                    # (see _stream_out), is what ends the receiver's wait.
+                    unopened = None
                     await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
                 result = finish_answer(
                     await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT),
