@@ -290,6 +290,15 @@ def test_a_change_keeps_the_group_permissions_and_gives_others_none(
     assert stat.S_IMODE(status.st_mode) == after
 
 
+def _refuse_fchown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for a user who may not give a file away: ``fchown`` refused."""
+
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchown", refuse)
+
+
 @_as_root
 def test_a_change_that_cannot_keep_the_files_owner_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -302,11 +311,7 @@ def test_a_change_that_cannot_keep_the_files_owner_is_refused(
     path = tmp_path / "users.json"
     os.chown(path, _NOBODY, _NOBODY)
     before = path.read_bytes()
-
-    def refuse(fd: int, uid: int, gid: int) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "fchown", refuse)
+    _refuse_fchown(monkeypatch)
     with pytest.raises(PermissionError, match=f"belongs to uid {_NOBODY}"):
         accounts.add("bob", PASSWORD)
     assert path.read_bytes() == before and path.stat().st_uid == _NOBODY
@@ -328,11 +333,7 @@ def test_a_group_that_cannot_be_kept_is_refused_only_if_it_may_read(
     os.chown(path, 0, _NOBODY)
     path.chmod(mode)
     before = path.read_bytes()
-
-    def refuse(fd: int, uid: int, gid: int) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "fchown", refuse)
+    _refuse_fchown(monkeypatch)
     if mode & 0o070:
         with pytest.raises(PermissionError, match=f"may be read by its group \\(gid {_NOBODY}\\)"):
             accounts.add("bob", PASSWORD)

@@ -332,23 +332,12 @@ async def test_a_resume_at_a_full_share_in_a_cluster_is_refused_before_it_moves_
     # connection; a node does not tell its stale ones apart.)
     server = _solo_server(engines, bus_namespace, max_connections_per_user=1)
     await nursery.start(server.run)
-    holder = Client(
-        ClientDescriptor(
-            server_host="127.0.0.1",
-            server_port=server.port,
-            password="secret",
-            reconnect_enabled=False,
-        )
+    descriptor = ClientDescriptor(
+        server_host="127.0.0.1", server_port=server.port, password="secret", reconnect_enabled=False
     )
+    holder = Client(descriptor)
     await holder.connect()
-    other = Client(
-        ClientDescriptor(
-            server_host="127.0.0.1",
-            server_port=server.port,
-            password="secret",
-            reconnect_enabled=False,
-        )
-    )
+    other = Client(descriptor)
     other._resume_token = holder._resume_token
     with trio.fail_after(10), pytest.raises(ConnectionClosed, match="already holds all"):
         await other.connect()
