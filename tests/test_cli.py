@@ -159,11 +159,24 @@ class ServeProcess:
 
 
 def start_server(
-    tmp_path: Path, *options: str, password: str = PASSWORD, host: str = "127.0.0.1"
+    tmp_path: Path,
+    *options: str,
+    password: str = PASSWORD,
+    host: str = "127.0.0.1",
+    open_files: tuple[int, int] | None = None,
 ) -> ServeProcess:
+    """``conduit serve`` in a process of its own; ``open_files`` is the (soft, hard)
+    limit on its descriptors it starts with."""
     directory = tmp_path / "served"
     log = tmp_path / "serve.log"
     where = ("--host", host, "--port", "0")
+
+    def limit_descriptors() -> None:
+        import resource
+
+        assert open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "conduit", "serve", str(directory), *where, *options],
@@ -171,6 +184,7 @@ def start_server(
             stdout=log_file,
             stderr=log_file,
             env=_env(CONDUIT_PASSWORD=password),
+            preexec_fn=None if open_files is None else limit_descriptors,
         )
     printed = f"[{host}]" if ":" in host else host
     server = ServeProcess(process, directory, log, host=printed)
@@ -386,6 +400,36 @@ def test_serve_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert "stopped" in log and "Traceback" not in log, log
     finally:
         serving.stop()
+
+
+def _soft_descriptor_limit(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    match = re.search(r"^Max open files +(\d+) +(\d+)", limits, re.M)
+    assert match is not None, limits
+    return int(match.group(1))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/limits")
+def test_serve_raises_its_descriptor_limit_to_what_its_connections_need(tmp_path: Path) -> None:
+    """A soft limit kept low for select() (1,024 by default; 256 here) would
+    refuse connections and files long before ``max_connections``: serve lifts it
+    to the hard limit, and says so when even that is too low."""
+    (tmp_path / "roomy").mkdir()
+    (tmp_path / "tight").mkdir()
+    roomy = start_server(tmp_path / "roomy", open_files=(256, 4096))
+    try:
+        assert _soft_descriptor_limit(roomy.process.pid) == 4096
+        assert "warning" not in roomy.log_text(), roomy.log_text()
+    finally:
+        roomy.stop()
+    tight = start_server(tmp_path / "tight", open_files=(256, 512))
+    try:
+        assert _soft_descriptor_limit(tight.process.pid) == 512
+        assert conduit("ls", "--from", tight.address).returncode == 0
+        log = tight.log_text()
+        assert "may open only 512 files and sockets, fewer than 1000 connections need" in log, log
+    finally:
+        tight.stop()
 
 
 def test_serve_over_tls(tmp_path: Path) -> None:

@@ -23,6 +23,12 @@ log = logging.getLogger("conduit.cli.serve")
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
+#: The soft limit asked for when the hard limit on open descriptors is unlimited.
+_UNLIMITED_DESCRIPTORS_TARGET = 65536
+#: Descriptors the server needs beyond one per connection: its listeners, its
+#: event loop, standard streams, the files being moved, the accounts file.
+_DESCRIPTORS_BESIDE_CONNECTIONS = 64
+
 
 def _who(peer: Peer) -> str:
     user = f" user {peer.username}" if peer.username is not None else ""
@@ -160,9 +166,47 @@ async def _start(nursery: trio.Nursery, server: Server, options: ServeOptions) -
         raise CLIError(f"cannot join the cluster: {problem}", ExitCode.CONNECTION_FAILED) from None
 
 
+def raise_descriptor_limit() -> int | None:
+    """Raise this process's soft limit on open descriptors to its hard limit; the new limit.
+
+    The soft limit is commonly 1,024, kept low for programs that use
+    ``select()``, which Trio does not: systemd's documentation of
+    ``LimitNOFILE=`` asks programs that need more to raise it themselves, and a
+    server with the default ``max_connections`` (1,000) needs more. None where
+    there is no such limit (Windows) or it cannot be read.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    wanted = _UNLIMITED_DESCRIPTORS_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError):  # a platform cap below the hard limit (macOS)
+            return soft
+        return wanted
+    return soft
+
+
 async def serve(signals: Signals, options: ServeOptions) -> int:
     """Serve until Ctrl-C or SIGTERM, then close every connection and return 0."""
     server, transfer = build_server(options)
+    descriptors = raise_descriptor_limit()
+    needed = server.descriptor.max_connections + _DESCRIPTORS_BESIDE_CONNECTIONS
+    if descriptors is not None and descriptors < needed:
+        log.warning(
+            "this process may open only %d files and sockets, fewer than %d connections "
+            "need: raise its limit (ulimit -n, or LimitNOFILE= in a systemd unit)",
+            descriptors,
+            server.descriptor.max_connections,
+        )
     if options.accounts is not None and not len(options.accounts):
         log.warning(
             "the accounts file %s has no users yet: add one with "
