@@ -846,6 +846,27 @@ async def test_silent_peer_hits_the_heartbeat_timeout(
     assert trio.current_time() < 10
 
 
+async def test_a_beat_held_up_by_our_own_stall_does_not_judge_the_peer() -> None:
+    """A process suspended (SIGSTOP, a paused VM) or with its event loop blocked
+    wakes with its beat long overdue and the peer's PINGs unread in its socket:
+    that silence is its own. The late beat pings and puts its verdict off to
+    the next beat, once: that one judges even if it is late too (a loop late
+    at every beat still judges every other one), and this peer, never driven,
+    is silent."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(
+        client_stream,
+        server_stream,
+        server_settings=_settings(heartbeat_interval=1.0, heartbeat_timeout=3.0),
+    )
+    server = p.server
+    stalled = trio.current_time() + 1.0 + 10.0  # the beat comes 10 s after it was due
+    assert server.beat(stalled)
+    assert server.close_reason is None
+    assert not server.beat(stalled + 1.0 + 2.0)  # late again: judged all the same
+    assert "peer silent for 14.0s" in (server.close_reason or ""), server.close_reason
+
+
 async def _ping_every(
     stream: trio.abc.SendStream, writer: FrameWriter, interval: float, until: trio.Event
 ) -> None:

@@ -144,6 +144,10 @@ _CONTROL_BACKLOG = 8 * 1024 * 1024
 # once per record it receives (1 MiB), and its PONGs wait behind our data; at
 # twice the default 45 s, a link of 12 KB/s or more keeps its transfer.
 _CREDIT_PATIENCE = 2
+#: Seconds late after which a heartbeat counts as held up by our own process,
+#: not the peer (see Connection.beat); an event loop merely busy is late by
+#: milliseconds.
+STALL_TOLERANCE = 1.0
 # How long the GOODBYE of a run cancelled from outside may take to go out on a
 # stream that cannot send without awaiting (TLS): a socket with room takes it
 # at once, and a teardown must not wait on a peer that does not read.
@@ -356,6 +360,10 @@ class Connection:
         # by the heartbeat.
         self._heard_reading = now
         self._frames_seen = 0
+        # When the next beat is due, and whether the last one put its verdict
+        # off (see beat: a beat that comes late was held up by our own process).
+        self._beat_due = now + settings.heartbeat_interval
+        self._verdict_put_off = False
         # The socket's unacknowledged bytes at the last beat (None: unknown).
         self._unacked_seen: int | None = None
         #: The server's receive memory (see _wait_for_receive_memory), if any.
@@ -558,8 +566,10 @@ class Connection:
         if self._timer_wanted:  # a call with a timeout made before run()
             nursery.start_soon(self._pending.run_timer)
         if self.settings.heartbeat_interval > 0:
+            now = trio.current_time()
+            self._beat_due = now + self.settings.heartbeat_interval
             if self._heartbeats is not None:
-                self._heartbeat_entry = self._heartbeats.add(self.beat, trio.current_time())
+                self._heartbeat_entry = self._heartbeats.add(self.beat, now)
             else:
                 nursery.start_soon(self._heartbeat_loop)
         if self.settings.idle_timeout is not None:
@@ -1300,8 +1310,7 @@ class Connection:
         )
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.settings.heartbeat_interval
-        while not await self._sleep_unless_closed(trio.current_time() + interval):
+        while not await self._sleep_unless_closed(self._beat_due):
             if not self.beat(trio.current_time()):
                 return
 
@@ -1309,10 +1318,27 @@ class Connection:
         """One heartbeat at ``now``: ping, or end a silent or idle connection.
 
         Returns False once the connection needs no more beats.
+
+        A beat that comes more than :data:`STALL_TOLERANCE` (or half an
+        interval) after it was due was held up by our own process: suspended
+        (SIGSTOP, a laptop's lid, a paused VM) or its event loop blocked.
+        What the peer sent meanwhile waits unread in our socket's buffers, so
+        the silence is ours: such a beat pings but puts every verdict off to
+        the next beat, by when our readers have caught up. Once only: a loop
+        late at every beat still judges every other one.
         """
         if self._state.phase is _CLOSED:
             return False
         settings = self.settings
+        late = now - self._beat_due
+        self._beat_due = now + settings.heartbeat_interval
+        if (
+            late > min(STALL_TOLERANCE, settings.heartbeat_interval / 2)
+            and not self._verdict_put_off
+        ):
+            self._verdict_put_off = True
+            return self._ping()
+        self._verdict_put_off = False
         silent = now - self._last_received
         if silent > settings.heartbeat_timeout and not self._reading_paused:
             self.abort(f"peer silent for {silent:.1f}s (heartbeat timeout)")
@@ -1347,6 +1373,10 @@ class Connection:
             with contextlib.suppress(ConnectionClosed):
                 self.spawn(self.close, f"idle for more than {settings.idle_timeout:g}s")
             return False
+        return self._ping()
+
+    def _ping(self) -> bool:
+        """The beat's ping, and the idle buffers let go; False if the connection closed."""
         try:
             self._outbox.put_control((self._state.ping(),))
         except ConnectionClosed:
