@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,32 @@ async def test_hello_replays_count_as_attempts(server_factory: ServerFactory) ->
     await wait_until(lambda: throttle.retry_after("127.0.0.4", trio.current_time()) > 0)
     with pytest.raises(LockedOut):
         await login(server, None, PASSWORD, source="127.0.0.4")
+
+
+async def test_hellos_whose_clients_left_before_an_answer_are_not_attempts(
+    server_factory: ServerFactory,
+) -> None:
+    """Connects queued in the kernel while the server could not answer (it was
+    suspended, its loop blocked), each a hello its client gave up on and
+    closed: answering them would test no one's guess, and counting them
+    locked honest clients behind one address out as the server woke. A peer
+    that half-closes to wait for an answer gets none either."""
+    server = await server_factory(auth_failure_limit=3, auth_lockout=60)
+    hello = ClientHandshake(
+        "guess", name="stale", max_frame_size=1 << 20, receive_window=4 << 20
+    ).start()
+    # Blocking calls, no checkpoint: the server (this Trio run) reads none of
+    # it before every client has closed, as a server that was paused.
+    for _ in range(6):
+        with socket.create_connection((LOOPBACK, server.port)) as stale:
+            stale.sendall(hello)
+    waiting = socket.create_connection((LOOPBACK, server.port))
+    waiting.sendall(hello)
+    waiting.shutdown(socket.SHUT_WR)
+    with trio.socket.from_stdlib_socket(waiting) as half_closed, trio.fail_after(10):
+        assert await half_closed.recv(4096) == b""  # no SERVER_HELLO to test a guess on
+    client = await login(server, None, PASSWORD)
+    await client.disconnect()
 
 
 async def test_a_stranger_cannot_lock_a_user_out_of_known_addresses(
