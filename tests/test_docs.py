@@ -123,3 +123,54 @@ def test_the_netconduit_typecheck_pins_what_the_benchmarks_install() -> None:
     from benchmarks._venvs import NETCONDUIT_REQUIREMENTS
 
     assert (_noxfile_value("NETCONDUIT"),) == NETCONDUIT_REQUIREMENTS
+
+
+# --------------------------------------------------------------------------- links
+
+_FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.MULTILINE)
+_LABEL = re.compile(r"^\(([\w-]+)\)=\s*$", re.MULTILINE)
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub and MyST (``myst_heading_anchors``) make it."""
+    text = heading.strip().lower().replace("`", "")
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = _FENCE.sub("", path.read_text())
+    return {_slug(heading) for heading in _HEADING.findall(text)} | set(_LABEL.findall(text))
+
+
+def _links() -> list[tuple[str, int, str]]:
+    found = []
+    for path in DOCUMENTS:
+        if path.suffix != ".md":
+            continue
+        text = _FENCE.sub(lambda block: "\n" * block.group(0).count("\n"), path.read_text())
+        for match in _LINK.finditer(text):
+            target = match.group(1)
+            if not target.startswith(("http://", "https://", "mailto:")):
+                line = text.count("\n", 0, match.start()) + 1
+                found.append((path.relative_to(ROOT).as_posix(), line, target))
+    return found
+
+
+def test_every_link_between_pages_resolves() -> None:
+    """Relative links and their anchors, in the README and docs: the docs build
+    cannot check the links that leave the docs tree (``myst.xref_missing`` is
+    silenced for them, see docs/conf.py), so this does, for all of them."""
+    links = _links()
+    assert len(links) > 100
+    broken = []
+    for document, line, target in links:
+        path, _, anchor = target.partition("#")
+        resolved = (ROOT / document).parent / path if path else ROOT / document
+        if not resolved.exists():
+            broken.append(f"{document}:{line}: no such file: {target}")
+        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+            broken.append(f"{document}:{line}: no such heading: {target}")
+    assert not broken, "\n".join(broken)
