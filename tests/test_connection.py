@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 import signal
 import socket
@@ -58,6 +59,9 @@ def _settings(**overrides: Any) -> ConnectionSettings:
         "heartbeat_timeout": 10,
         "idle_timeout": None,
         "max_concurrent_calls": 16,
+        # Windows that stay what they open at, unless a test is about their
+        # growth: in memory, a round trip is as quick as the consumer.
+        "max_receive_window": WINDOW,
     }
     values.update(overrides)
     return ConnectionSettings(**values)
@@ -548,6 +552,141 @@ async def test_receive_ahead_holds_batches_of_many_frames_within_two_windows() -
     async with _running_pair(max_frame_size=16 * 1024) as p:
         most_held = await _hold_each_batch(p, os.urandom(6 * WINDOW + 123), ahead=True)
         assert WINDOW + WINDOW // 2 < most_held <= 2 * WINDOW
+
+
+async def _delay_line(
+    source: trio.abc.ReceiveStream, sink: trio.abc.SendStream, delay: float
+) -> None:
+    """Forward what ``source`` sends to ``sink`` ``delay`` seconds later, in order,
+    without waiting for anything in between: one way of a long link."""
+    send_channel, receive_channel = trio.open_memory_channel[tuple[float, bytes]](math.inf)
+
+    async def forward() -> None:
+        async for due, data in receive_channel:
+            await trio.sleep_until(due)
+            await sink.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forward)
+        while data := await source.receive_some():
+            send_channel.send_nowait((trio.current_time() + delay, bytes(data)))
+        send_channel.close()
+
+
+@attrs.define
+class _LongLinkRun:
+    """What :func:`_upload_over_a_long_link` saw."""
+
+    took: float
+    pair: Pair
+    streams: list[IncomingStream]
+    #: By how much the bytes one stream held at most (buffered and in its
+    #: consumer's batch) exceeded two of its windows at the time.
+    most_over: int = 0
+    #: The most the server's inbound streams had committed of its receive budget.
+    most_committed: int = 0
+
+
+async def _upload_over_a_long_link(
+    payload: bytes,
+    round_trip: float,
+    *,
+    streams: int = 1,
+    consumer_pause: float = 0.0,
+    **server: Any,
+) -> _LongLinkRun:
+    """Send ``payload`` on each of ``streams`` streams at once from the client
+    to the server through a link of ``round_trip`` seconds; each consumer takes
+    every batch at once (or after ``consumer_pause``)."""
+    client_stream, client_end = trio.testing.memory_stream_pair()
+    server_end, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream, server_settings=_settings(**server))
+    run = _LongLinkRun(0.0, p, [])
+
+    async def carry(incoming: IncomingStream) -> None:
+        outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+
+        async def send() -> None:
+            await outgoing.send([payload])
+            await outgoing.finish(b"end")
+
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while True:
+                chunks, trailer = await incoming.receive(ahead=True)
+                held = incoming.buffered_cost + sum(map(len, chunks))
+                # What a stream holds stays within two of its windows, grown or not.
+                run.most_over = max(run.most_over, held - 2 * incoming.window)
+                committed = p.server._state.receive_committed()
+                run.most_committed = max(run.most_committed, committed)
+                received += b"".join(chunks)
+                if trailer is not None:
+                    break
+                if consumer_pause:
+                    await trio.sleep(consumer_pause)
+        assert received == payload
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_delay_line, client_end, server_end, round_trip / 2)
+        nursery.start_soon(_delay_line, server_end, client_end, round_trip / 2)
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        run.streams = [p.server.open_incoming_stream() for _ in range(streams)]
+        started = trio.current_time()
+        async with trio.open_nursery() as carriers:
+            for incoming in run.streams:
+                carriers.start_soon(carry, incoming)
+        run.took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    return run
+
+
+async def test_a_window_grows_to_what_a_long_round_trip_needs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A window per round trip caps a stream at window / round trip: over a link
+    of 100 ms, a stream whose window may grow moves its bytes in well under half
+    the time of one whose window stays, and its window reaches its limit; what
+    the receiving side holds stays within two of its windows all the while."""
+    payload = os.urandom(48 * WINDOW)
+    pinned = await _upload_over_a_long_link(payload, 0.1)
+    grown = await _upload_over_a_long_link(payload, 0.1, max_receive_window=4 * WINDOW)
+    assert pinned.streams[0].window == WINDOW
+    assert grown.streams[0].window == 4 * WINDOW
+    assert grown.took < pinned.took / 2, (grown.took, pinned.took)
+    assert grown.most_over <= 0
+    assert grown.pair.server.round_trip == pytest.approx(0.1, abs=0.01)
+
+
+async def test_a_window_stays_where_the_consumer_is_the_slower_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same link, but a consumer that takes a batch only every half second
+    (a slow disk): the window is not what paces the stream, and it stays."""
+    payload = os.urandom(16 * WINDOW)
+    run = await _upload_over_a_long_link(
+        payload, 0.1, consumer_pause=0.5, max_receive_window=8 * WINDOW
+    )
+    assert run.streams[0].window == WINDOW
+
+
+async def test_grown_windows_leave_room_for_one_more_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Growth comes out of the connection's receive budget, and never takes the
+    window a new stream opens with: two streams that could each grow to five
+    windows of a budget of six share what is left of it."""
+    budget = 6 * WINDOW
+    payload = os.urandom(48 * WINDOW)
+    run = await _upload_over_a_long_link(
+        payload, 0.1, streams=2, max_receive_window=8 * WINDOW, receive_budget=budget
+    )
+    windows = [stream.window for stream in run.streams]
+    assert max(windows) > WINDOW, windows  # grown
+    assert sum(windows) <= budget - WINDOW, windows
+    assert run.most_committed <= budget - WINDOW
+    assert run.most_over <= 0
 
 
 async def test_credit_returned_ahead_leaves_room_for_one_more_stream() -> None:

@@ -37,6 +37,7 @@ from conduit.protocol.connection import (
     OutboundStream,
     Phase,
     PingReceived,
+    PongReceived,
     ReceiveMemory,
     ResultReceived,
     StreamWasReset,
@@ -442,9 +443,10 @@ def test_ping_is_answered_with_a_pong_carrying_the_nonce(pair: Pair) -> None:
     assert event.nonce == 1
     (pong,) = iter_frames(event.reply, MAX_FRAME)
     assert decode_body(pong, Pong) == Pong(1)
-    assert pair.deliver(pair.client, event.reply) == []
+    assert pair.deliver(pair.client, event.reply) == [PongReceived(1)]  # the engine times it
     second = pair.deliver_one(pair.server, pair.client.ping())
     assert isinstance(second, PingReceived) and second.nonce == 2
+    assert pair.client.last_ping == 2
 
 
 def test_goodbye(pair: Pair) -> None:
@@ -644,6 +646,7 @@ EVENT_CLASSES = (
     MessageReceived,
     StreamWasReset,
     PingReceived,
+    PongReceived,
     GoodbyeReceived,
     InboundStream,
     OutboundStream,

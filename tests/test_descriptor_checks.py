@@ -68,3 +68,13 @@ def _allows_none(descriptor: type[Any], name: str) -> bool:
 
 def _port_field(descriptor: type[Any]) -> str:
     return "port" if descriptor is ServerDescriptor else "server_port"
+
+
+@pytest.mark.parametrize("descriptor", [ServerDescriptor, ClientDescriptor])
+def test_a_window_limit_below_the_window_it_opens_with_is_refused(descriptor: type[Any]) -> None:
+    window = 1024 * 1024
+    for wrong in (window - 1, 2 * 1024**3, 2.0 * window, "8 MiB"):
+        with pytest.raises(ValueError, match="max_receive_window must be None or an int"):
+            descriptor(password="x", receive_window=window, max_receive_window=wrong)
+    assert descriptor(password="x", receive_window=window, max_receive_window=window)
+    assert descriptor(password="x").max_receive_window is None  # 8 windows

@@ -74,11 +74,13 @@ from .protocol.connection import (
     MessageReceived,
     Phase,
     PingReceived,
+    PongReceived,
     ResultReceived,
     StreamWasReset,
 )
 from .protocol.messages import Result
 from .protocol.records_io import SCRATCH_MIN
+from .protocol.window_tuning import GROWTH_LIMIT, WindowTuner
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
@@ -169,6 +171,9 @@ class ConnectionSettings:
     max_streams: int | None = None
     #: Sum of the receive windows of all inbound streams; None for no limit.
     receive_budget: int | None = None
+    #: The most an inbound stream's window grows to (see
+    #: :mod:`conduit.protocol.window_tuning`); None: ``GROWTH_LIMIT`` windows.
+    max_receive_window: int | None = None
     #: What the inbound streams of all the endpoint's connections may hold
     #: together (a server's ``server_receive_budget``); None for no bound.
     receive_memory: SharedReceiveMemory | None = attrs.field(default=None, eq=False)
@@ -190,6 +195,7 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
         max_concurrent_calls=descriptor.max_concurrent_calls,
         max_streams=descriptor.max_streams_per_connection,
         receive_budget=descriptor.connection_receive_budget,
+        max_receive_window=descriptor.max_receive_window,
         receive_memory=None if server_budget is None else SharedReceiveMemory(server_budget),
     )
 
@@ -318,6 +324,7 @@ class Connection:
             ResultReceived: self._pending.resolve,
             CallRefused: self._on_reply_needed,
             PingReceived: self._on_reply_needed,
+            PongReceived: self._on_pong,
             CallCancelled: self._on_call_cancelled,
             StreamWasReset: self._on_stream_reset,
             GoodbyeReceived: self._on_goodbye,
@@ -364,6 +371,10 @@ class Connection:
         # off (see beat: a beat that comes late was held up by our own process).
         self._beat_due = now + settings.heartbeat_interval
         self._verdict_put_off = False
+        # The smallest round trip timed (see round_trip), and when the PING
+        # being timed went out (None: none is).
+        self._round_trip: float | None = None
+        self._ping_sent_at: float | None = None
         # The socket's unacknowledged bytes at the last beat (None: unknown).
         self._unacked_seen: int | None = None
         #: The server's receive memory (see _wait_for_receive_memory), if any.
@@ -408,6 +419,23 @@ class Connection:
         """Queue a PING (ahead of data, as the heartbeat's): the peer hears from
         us at once. ``ConnectionClosed`` once closing."""
         self._outbox.put_control((self._state.ping(),))
+        self._ping_sent_at = trio.current_time()
+
+    @property
+    def round_trip(self) -> float | None:
+        """The smallest round trip measured so far (a PING to its PONG), in seconds; None
+        before the first PONG."""
+        return self._round_trip
+
+    def _on_pong(self, event: PongReceived) -> None:
+        # Only the last PING is timed (a PONG to an older one arrives late
+        # by design): the smallest such time is the link's, where the
+        # larger ones waited behind bytes in a queue.
+        if event.nonce == self._state.last_ping and self._ping_sent_at is not None:
+            sample = trio.current_time() - self._ping_sent_at
+            self._ping_sent_at = None
+            if self._round_trip is None or sample < self._round_trip:
+                self._round_trip = sample
 
     @property
     def heard_from_peer(self) -> bool:
@@ -1378,7 +1406,7 @@ class Connection:
     def _ping(self) -> bool:
         """The beat's ping, and the idle buffers let go; False if the connection closed."""
         try:
-            self._outbox.put_control((self._state.ping(),))
+            self.ping_now()
         except ConnectionClosed:
             return False
         # An idle connection must not keep a bulk transfer's megabytes.
@@ -1672,13 +1700,32 @@ class Connection:
             raise ConnectionClosed(self.close_reason or "connection closed")
         grant = self._grant_credit
         max_frame_size = self.settings.max_frame_size
-        room = self._receive_room if self._state.receive_budget is not None else None
+        budget = self._state.receive_budget
+        room = self._receive_room if budget is not None else None
         memory = self._receive_memory
-        return self._state.open_inbound(
-            lambda stream_id, window: IncomingStream(
-                stream_id, window, grant, max_frame_size=max_frame_size, room=room, memory=memory
+        window = self._state.receive_window
+        limit = self.settings.max_receive_window or GROWTH_LIMIT * window
+        if budget is not None:
+            limit = min(limit, budget - window)
+        tuned = limit > window
+        if tuned and self._round_trip is None and self._ping_sent_at is None:
+            # The window grows with the link's round trip: time one now,
+            # before the stream's own bytes queue ahead of the PONG.
+            self.ping_now()
+
+        def make(stream_id: int, window: int) -> IncomingStream:
+            return IncomingStream(
+                stream_id,
+                window,
+                grant,
+                max_frame_size=max_frame_size,
+                room=room,
+                memory=memory,
+                tuner=WindowTuner(limit, trio.current_time()) if tuned else None,
+                round_trip=lambda: self._round_trip,
             )
-        )
+
+        return self._state.open_inbound(make)
 
     def _receive_room(self) -> int:
         """Bytes the receive budget has left beyond what the inbound streams may

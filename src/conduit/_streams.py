@@ -25,6 +25,7 @@ from .protocol.codec import data_header
 from .protocol.connection import Buffer, InboundStream, OutboundStream
 from .protocol.data_runs import DataRecord
 from .protocol.records_io import RECORD_SLACK
+from .protocol.window_tuning import WindowTuner
 
 
 class IncomingStream(InboundStream):
@@ -43,21 +44,33 @@ class IncomingStream(InboundStream):
         max_frame_size: int | None = None,
         room: Callable[[], int] | None = None,
         memory: SharedReceiveMemory | None = None,
+        tuner: WindowTuner | None = None,
+        round_trip: Callable[[], float | None] | None = None,
     ) -> None:
         """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown).
 
         ``room``: how many bytes the connection's receive budget has left beyond
         the windows of its inbound streams and the credit they returned ahead
-        (None: no budget); ``receive(ahead=True)`` returns early only what
-        leaves a window of that room for a stream yet to open.
+        (None: no budget); ``receive(ahead=True)`` returns early, and the
+        window grows, only by what leaves a starting window of that room for
+        a stream yet to open.
 
         ``memory``: the server's receive memory, where the stream counts what
         it holds (None: not counted; see :mod:`conduit._receive_memory`).
+
+        ``tuner`` and ``round_trip`` (the connection's smallest measured round
+        trip): how the window grows where the link's round trip calls for
+        more bytes in flight (see :mod:`conduit.protocol.window_tuning`);
+        None: it stays at ``window``.
         """
         super().__init__(stream_id, window, memory)
         self._shared = memory
         self._grant = grant
         self._room = room
+        # The window a new stream opens with: the room kept free for one.
+        self._opening_window = window
+        self._tuner = tuner
+        self._round_trip = round_trip
         self._wakeup = trio.lowlevel.ParkingLot()
         # Buffered bytes (frame costs included) that wake a waiting consumer:
         # what its receive(at_least=...) asked for.
@@ -196,7 +209,7 @@ class IncomingStream(InboundStream):
         # stream needs (one is refused only when the windows alone fill it).
         early = self.pending_cost
         if self._room is not None:
-            early = min(early, max(0, self._room() - self.window))
+            early = min(early, max(0, self._room() - self._opening_window))
         if early:
             self.pending_cost -= early
             self.taken_cost += early
@@ -206,6 +219,17 @@ class IncomingStream(InboundStream):
             if self.memory is not None:
                 self.memory.held += early
         return early
+
+    def _widen(self, granted: int) -> int:
+        """Grow the window if the tuner finds it is what paces the sender; the growth."""
+        assert self._tuner is not None and self._round_trip is not None
+        more = self._tuner.growth(self.window, granted, trio.current_time(), self._round_trip())
+        if more and self._room is not None:
+            more = min(more, self._room() - self._opening_window)
+        if more <= 0:
+            return 0
+        self.grow(more)
+        return more
 
     async def _gather(self, at_least: int, patience: float) -> None:
         # All credit back first: the cap on at_least assumes the sender has it.
@@ -221,6 +245,8 @@ class IncomingStream(InboundStream):
     def _flush_credit(self, *, force: bool) -> None:
         amount = self.credit_to_return(force=force)
         if amount:
+            if self._tuner is not None:
+                amount += self._widen(amount)
             self._grant(self.stream_id, amount)
         if self._shared is not None:
             self._shared.freed()

@@ -114,6 +114,16 @@ def _accounts(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> Non
         raise TypeError(f"{attribute.name} must be a path or an Accounts, got {value!r}")
 
 
+def _max_receive_window(instance: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is None:
+        return
+    if type(value) is not int or not instance.receive_window <= value <= MAX_WINDOW:
+        raise ValueError(
+            f"{attribute.name} must be None or an int from receive_window "
+            f"({instance.receive_window}) to 1 GiB, got {value!r}"
+        )
+
+
 def _receive_budget(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < instance.receive_window:
         raise ValueError(
@@ -214,10 +224,17 @@ class ServerDescriptor:
     max_frame_size: int = attrs.field(
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
     )
-    #: Bytes a peer may send on one data stream before we grant more.
+    #: Bytes a peer may send on one data stream before we grant more, at first.
     receive_window: int = attrs.field(
         default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
     )
+    #: The most a stream's window grows to where the link's round trip needs
+    #: more bytes in flight than ``receive_window`` (a window per round trip
+    #: caps a stream at window / round trip); within
+    #: ``connection_receive_budget``, and never on a link whose round trip it
+    #: does not need. None: 8 times ``receive_window``; ``receive_window``:
+    #: the window never grows.
+    max_receive_window: int | None = attrs.field(default=None, validator=_max_receive_window)
     #: Seconds a new connection has to finish the (TLS and) password handshake.
     auth_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Close connections with no calls, messages or data for this long (never when None).
@@ -382,10 +399,14 @@ class ClientDescriptor:
         default=DEFAULT_MAX_FRAME_SIZE, validator=[v.instance_of(int), _frame_size]
     )
     #: Bytes the server may send on one data stream (a download, a push)
-    #: before we grant more.
+    #: before we grant more, at first.
     receive_window: int = attrs.field(
         default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
     )
+    #: The most a stream's window grows to where the link's round trip needs
+    #: more bytes in flight than ``receive_window`` (see ServerDescriptor).
+    #: None: 8 times ``receive_window``; ``receive_window``: it never grows.
+    max_receive_window: int | None = attrs.field(default=None, validator=_max_receive_window)
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
     #: Close the connection (and reconnect, if enabled) when the server has

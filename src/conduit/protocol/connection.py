@@ -185,6 +185,13 @@ class PingReceived:
 
 
 @attrs.define(slots=True)
+class PongReceived:
+    """The answer to our PING ``nonce`` (the engine times its round trip)."""
+
+    nonce: int
+
+
+@attrs.define(slots=True)
 class GoodbyeReceived:
     """The peer closed the connection; the machine is now CLOSED."""
 
@@ -336,6 +343,11 @@ class InboundStream:
             return amount
         return 0
 
+    def grow(self, amount: int) -> None:
+        """Widen the window by ``amount``, granted to the peer as credit by the caller."""
+        self.window += amount
+        self.available += amount
+
     def forgotten(self) -> None:
         """The connection no longer holds this stream: what it counted leaves its memory."""
         memory, self.memory = self.memory, None
@@ -375,6 +387,7 @@ Event = (
     | MessageReceived
     | StreamWasReset
     | PingReceived
+    | PongReceived
     | GoodbyeReceived
     | InboundStream
     | OutboundStream
@@ -425,6 +438,8 @@ class ConnectionState:
         self._call_ids = itertools.count(1)
         self._call_id_end = MAX_CALL_ID + 1
         self._ping_ids = itertools.count(1)
+        #: The nonce of the last PING made (0: none yet).
+        self.last_ping = 0
         #: Frames received other than PINGs. A peer that sends nothing but PINGs
         #: for long, answering none of ours with a PONG, reads nothing of what
         #: we send (the engine's heartbeat ends it); one that sends anything
@@ -550,8 +565,7 @@ class ConnectionState:
             ping = decode_body(frame, Ping)
             return PingReceived(ping.nonce, self.encode(FrameKind.PONG, 0, Pong(ping.nonce)))
         if kind is FrameKind.PONG:
-            decode_body(frame, Pong)
-            return None
+            return PongReceived(decode_body(frame, Pong).nonce)
         if kind is FrameKind.GOODBYE:
             goodbye = decode_body(frame, Goodbye)
             self.close(f"peer closed the connection: {goodbye.reason}")
@@ -728,8 +742,9 @@ class ConnectionState:
         return self.encode(FrameKind.MESSAGE, 0, Message(event, data))
 
     def ping(self) -> bytes:
-        """A PING frame with a fresh nonce."""
-        return encode_frame(FrameKind.PING, 0, Ping(next(self._ping_ids)))
+        """A PING frame with a fresh nonce (:attr:`last_ping`)."""
+        self.last_ping = next(self._ping_ids)
+        return encode_frame(FrameKind.PING, 0, Ping(self.last_ping))
 
     # ------------------------------------------------------------ streams
 
@@ -855,6 +870,7 @@ __all__ = [
     "OutboundStream",
     "Phase",
     "PingReceived",
+    "PongReceived",
     "ReceiveMemory",
     "ResultReceived",
     "StreamWasReset",
