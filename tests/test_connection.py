@@ -585,6 +585,8 @@ class _LongLinkRun:
     most_over: int = 0
     #: The most the server's inbound streams had committed of its receive budget.
     most_committed: int = 0
+    #: How many more streams could open ``count_openings_at`` seconds in.
+    openable: int | None = None
 
 
 async def _upload_over_a_long_link(
@@ -593,11 +595,13 @@ async def _upload_over_a_long_link(
     *,
     streams: int = 1,
     consumer_pause: float = 0.0,
+    count_openings_at: float | None = None,
     **server: Any,
 ) -> _LongLinkRun:
     """Send ``payload`` on each of ``streams`` streams at once from the client
     to the server through a link of ``round_trip`` seconds; each consumer takes
-    every batch at once (or after ``consumer_pause``)."""
+    every batch at once (or after ``consumer_pause``). At ``count_openings_at``
+    seconds, count how many more streams the server could open then."""
     client_stream, client_end = trio.testing.memory_stream_pair()
     server_end, server_stream = trio.testing.memory_stream_pair()
     p = _pair(client_stream, server_stream, server_settings=_settings(**server))
@@ -634,9 +638,22 @@ async def _upload_over_a_long_link(
         nursery.start_soon(p.server.run)
         run.streams = [p.server.open_incoming_stream() for _ in range(streams)]
         started = trio.current_time()
+
+        async def count_openings(at: float) -> None:
+            await trio.sleep_until(started + at)
+            opened = []
+            with contextlib.suppress(RPCError):
+                for _ in range(1000):
+                    opened.append(p.server.open_incoming_stream())
+            run.openable = len(opened)
+            for stream in opened:
+                p.server.close_stream(stream, reset=None)
+
         async with trio.open_nursery() as carriers:
             for incoming in run.streams:
                 carriers.start_soon(carry, incoming)
+            if count_openings_at is not None:
+                carriers.start_soon(count_openings, count_openings_at)
         run.took = trio.current_time() - started
         nursery.cancel_scope.cancel()
     return run
@@ -671,21 +688,28 @@ async def test_a_window_stays_where_the_consumer_is_the_slower_end(
     assert run.streams[0].window == WINDOW
 
 
-async def test_grown_windows_leave_room_for_one_more_stream(
+async def test_grown_windows_leave_half_the_budget_to_streams_yet_to_open(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Growth comes out of the connection's receive budget, and never takes the
-    window a new stream opens with: two streams that could each grow to five
-    windows of a budget of six share what is left of it."""
-    budget = 6 * WINDOW
+    """Growth comes out of the connection's receive budget, and windows never
+    shrink: two streams that could each grow to four windows of a budget of
+    eight share half of it, and while they run, four more streams can still
+    open (with a window's reserve only, they took five or six windows and
+    three could: transfers beside them were refused ``too_many_streams``)."""
+    budget = 8 * WINDOW
     payload = os.urandom(48 * WINDOW)
     run = await _upload_over_a_long_link(
-        payload, 0.1, streams=2, max_receive_window=8 * WINDOW, receive_budget=budget
+        payload,
+        0.1,
+        streams=2,
+        count_openings_at=2.2,
+        max_receive_window=4 * WINDOW,
+        receive_budget=budget,
     )
     windows = [stream.window for stream in run.streams]
     assert max(windows) > WINDOW, windows  # grown
-    assert sum(windows) <= budget - WINDOW, windows
-    assert run.most_committed <= budget - WINDOW
+    assert sum(windows) <= budget // 2, windows
+    assert run.openable is not None and run.openable >= 4, run.openable
     assert run.most_over <= 0
 
 

@@ -1705,8 +1705,11 @@ class Connection:
         memory = self._receive_memory
         window = self._state.receive_window
         limit = self.settings.max_receive_window or GROWTH_LIMIT * window
+        # Grown windows leave half the budget (at least a window) to the
+        # streams that open later, which a full budget would refuse.
+        reserve = 0 if budget is None else max(window, budget // 2)
         if budget is not None:
-            limit = min(limit, budget - window)
+            limit = min(limit, budget - reserve)
         tuned = limit > window
         if tuned and self._round_trip is None and self._ping_sent_at is None:
             # The window grows with the link's round trip: time one now,
@@ -1723,6 +1726,7 @@ class Connection:
                 memory=memory,
                 tuner=WindowTuner(limit, trio.current_time()) if tuned else None,
                 round_trip=lambda: self._round_trip,
+                growth_reserve=reserve,
             )
 
         return self._state.open_inbound(make)

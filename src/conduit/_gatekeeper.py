@@ -54,6 +54,7 @@ import trio
 
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
+from ._socket_io import peer_has_closed
 from ._throttle import Attempt, AuthThrottle, address_key, owner_key
 from .accounts import AccountRecord, Accounts
 from .descriptors import ServerDescriptor
@@ -331,14 +332,14 @@ class Gatekeeper:
         """
         descriptor = self._descriptor
         reader, hello, io = await read_hello(stream)
-        if io is not None and io.peer_has_closed():
+        if peer_has_closed(stream):
             # It can never confirm: a connect its client gave up on, queued in
             # the kernel while this server could not answer (suspended, its
             # loop blocked), or a peer that wants our answer to test a guess
             # against and sends nothing more. Neither gets one, nor counts as
             # a failed attempt: after a pause, the stale connects of honest
             # clients behind one address locked that address out.
-            raise ConnectionClosed("the client closed its end right after its hello")
+            raise ConnectionClosed("the client closed its end after its hello")
         handshake = self._machine()
         username = handshake.hello_username(hello)
         # Whom the connection counts against once authenticated, counted only

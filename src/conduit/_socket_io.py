@@ -60,10 +60,6 @@ if sys.platform == "linux":
 else:  # pragma: no cover - the heartbeat then judges by frames alone
     _SIOCOUTQ = None
 
-#: A peek that never waits, whatever the socket object made for it believes
-#: (the descriptor is non-blocking anyway: Trio's).
-_PEEK_WITHOUT_WAITING: int = getattr(_socket, "MSG_DONTWAIT", 0)
-
 #: What a read may land in.
 Buffer = bytearray | memoryview | mmap.mmap
 
@@ -216,21 +212,6 @@ class SocketIO:
                 # Shielded, as Trio's own: the bytes are read, never lose them.
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return result
-
-    def peer_has_closed(self) -> bool:
-        """Whether the next thing to read is the peer's end of stream (or a reset):
-        it sent all it ever will. Takes nothing from the socket."""
-        sock = self._socket
-        # Family and type given, so that making the probe costs no system call.
-        probe = _socket.socket(sock.family, sock.type, sock.proto, self._fd())
-        try:
-            return probe.recv(1, _socket.MSG_PEEK | _PEEK_WITHOUT_WAITING) == b""
-        except (BlockingIOError, InterruptedError):
-            return False  # nothing there yet: the peer may still send
-        except OSError:
-            return True  # reset
-        finally:
-            probe.detach()  # the descriptor stays Trio's
 
     def _fd(self) -> int:
         fd = self._socket.fileno()

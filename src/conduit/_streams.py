@@ -46,14 +46,14 @@ class IncomingStream(InboundStream):
         memory: SharedReceiveMemory | None = None,
         tuner: WindowTuner | None = None,
         round_trip: Callable[[], float | None] | None = None,
+        growth_reserve: int = 0,
     ) -> None:
         """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown).
 
         ``room``: how many bytes the connection's receive budget has left beyond
         the windows of its inbound streams and the credit they returned ahead
-        (None: no budget); ``receive(ahead=True)`` returns early, and the
-        window grows, only by what leaves a starting window of that room for
-        a stream yet to open.
+        (None: no budget); ``receive(ahead=True)`` returns early only what
+        leaves a starting window of that room for a stream yet to open.
 
         ``memory``: the server's receive memory, where the stream counts what
         it holds (None: not counted; see :mod:`conduit._receive_memory`).
@@ -61,7 +61,10 @@ class IncomingStream(InboundStream):
         ``tuner`` and ``round_trip`` (the connection's smallest measured round
         trip): how the window grows where the link's round trip calls for
         more bytes in flight (see :mod:`conduit.protocol.window_tuning`);
-        None: it stays at ``window``.
+        None: it stays at ``window``. It grows only by what leaves
+        ``growth_reserve`` of the ``room`` for streams yet to open: windows
+        never shrink, so what they took would refuse those streams for as
+        long as they last.
         """
         super().__init__(stream_id, window, memory)
         self._shared = memory
@@ -71,6 +74,7 @@ class IncomingStream(InboundStream):
         self._opening_window = window
         self._tuner = tuner
         self._round_trip = round_trip
+        self._growth_reserve = growth_reserve
         self._wakeup = trio.lowlevel.ParkingLot()
         # Buffered bytes (frame costs included) that wake a waiting consumer:
         # what its receive(at_least=...) asked for.
@@ -225,7 +229,7 @@ class IncomingStream(InboundStream):
         assert self._tuner is not None and self._round_trip is not None
         more = self._tuner.growth(self.window, granted, trio.current_time(), self._round_trip())
         if more and self._room is not None:
-            more = min(more, self._room() - self._opening_window)
+            more = min(more, self._room() - self._growth_reserve)
         if more <= 0:
             return 0
         self.grow(more)

@@ -230,7 +230,7 @@ class ServerDescriptor:
     )
     #: The most a stream's window grows to where the link's round trip needs
     #: more bytes in flight than ``receive_window`` (a window per round trip
-    #: caps a stream at window / round trip); within
+    #: caps a stream at window / round trip); within half of
     #: ``connection_receive_budget``, and never on a link whose round trip it
     #: does not need. None: 8 times ``receive_window``; ``receive_window``:
     #: the window never grows.

@@ -25,6 +25,8 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 #: The soft limit asked for when the hard limit on open descriptors is unlimited.
 _UNLIMITED_DESCRIPTORS_TARGET = 65536
+#: The most descriptors macOS gives one process, whatever its hard limit.
+_OPEN_MAX = 10240
 #: Descriptors the server needs beyond one per connection: its listeners, its
 #: event loop, standard streams, the files being moved, the accounts file.
 _DESCRIPTORS_BESIDE_CONNECTIONS = 64
@@ -186,12 +188,16 @@ def raise_descriptor_limit() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     wanted = _UNLIMITED_DESCRIPTORS_TARGET if hard == resource.RLIM_INFINITY else hard
-    if soft < wanted:
+    # macOS refuses more than its per-process cap (OPEN_MAX, 10,240) whatever
+    # the hard limit says: that is the next best.
+    for target in (wanted, min(wanted, _OPEN_MAX)):
+        if soft >= target:
+            break
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (OSError, ValueError):  # a platform cap below the hard limit (macOS)
-            return soft
-        return wanted
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            continue
+        return target
     return soft
 
 
@@ -202,10 +208,12 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
     needed = server.descriptor.max_connections + _DESCRIPTORS_BESIDE_CONNECTIONS
     if descriptors is not None and descriptors < needed:
         log.warning(
-            "this process may open only %d files and sockets, fewer than %d connections "
-            "need: raise its limit (ulimit -n, or LimitNOFILE= in a systemd unit)",
+            "this process may open only %d files and sockets, where %d connections and "
+            "their files need about %d: raise its limit (ulimit -n, or LimitNOFILE= in a "
+            "systemd unit)",
             descriptors,
             server.descriptor.max_connections,
+            needed,
         )
     if options.accounts is not None and not len(options.accounts):
         log.warning(
