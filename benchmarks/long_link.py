@@ -13,7 +13,9 @@ in one run, alternating, ``--repeat`` times:
   upload and download of ``--size`` MiB (``peers/conduit_transfer.py``, Trio
   client), every copy's SHA-256 checked; then calls (``echo``, 100 bytes,
   every 50 ms) on the same connection while it uploads the file again: their
-  latency is what a larger window in flight costs;
+  latency is what a larger window in flight costs. This tree runs twice: with
+  the default window, and with ``max_receive_window`` of ``--grow`` MiB on
+  both ends, the window growing with the round trip (0 leaves that run out);
 * **netconduit** 5.0.0: its upload and download of ``--netconduit-size`` MiB
   (it sends one 64 KiB chunk per round trip, so a file of ``--size`` would
   take minutes; 0 leaves it out).
@@ -106,15 +108,17 @@ def tcp(options: argparse.Namespace) -> dict[str, float]:
 
 def _transfers(
     python: str, peer: str, env: dict[str, str], source: Path, expected: str, scratch: Path,
-    options: argparse.Namespace, *, calls: bool,
+    options: argparse.Namespace, *, calls: bool, settings: dict[str, int] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Upload then download ``source`` through the proxy (and the calls during a
-    second upload when ``calls``); MB/s each way, call latencies in ms."""
+    second upload when ``calls``), both ends' descriptors given ``settings``;
+    MB/s each way, call latencies in ms."""
+    settings = settings or {}
     storage, down = scratch / "store", scratch / "down"
     for directory in (storage, down):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir()
-    server_spec = json.dumps({"storage": str(storage)})
+    server_spec = json.dumps({"storage": str(storage), **settings})
     figures: dict[str, float] = {}
     serve = [python, peer, "server", "--spec", server_spec]
     with (
@@ -125,7 +129,7 @@ def _transfers(
             {"op": "upload", "path": str(source), "name": source.name},
             {"op": "download", "name": source.name, "dir": str(down)},
         ]
-        spec = json.dumps({"kind": "transfer", "ops": ops, "server_pid": server.pid})
+        spec = json.dumps({"kind": "transfer", "ops": ops, "server_pid": server.pid, **settings})
         argv = [python, peer, "client", "--port", str(port), "--spec", spec]
         up, download = run_client(argv, env, CLIENT_TIMEOUT)["ops"]
         verify(storage / source.name, expected, "uploaded copy")
@@ -134,7 +138,7 @@ def _transfers(
         if calls:
             spec = json.dumps({
                 "kind": "hol", "path": str(source), "name": "again.bin",
-                "idle_calls": IDLE_CALLS, "warmup": 5, "pause_s": CALL_PAUSE,
+                "idle_calls": IDLE_CALLS, "warmup": 5, "pause_s": CALL_PAUSE, **settings,
             })  # fmt: skip
             argv = [python, peer, "client", "--port", str(port), "--spec", spec]
             hol = run_client(argv, env, CLIENT_TIMEOUT)["hol"]
@@ -161,14 +165,18 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
     for repetition in range(options.repeat):
         print(f"repetition {repetition + 1}/{options.repeat}", file=sys.stderr)
         found.setdefault("tcp", []).append(tcp(options))
-        for tree in trees if repetition % 2 == 0 else trees[::-1]:
+        runs: list[tuple[Tree, dict[str, int]]] = [(tree, {}) for tree in trees]
+        if options.grow:
+            runs.insert(1, (trees[0], {"max_receive_window": options.grow * MiB}))
+        for tree, settings in runs if repetition % 2 == 0 else runs[::-1]:
             work = scratch / tree.label
             work.mkdir(exist_ok=True)
             figures = _transfers(
                 sys.executable, tree.peer("conduit_transfer.py"), tree.env(), source, expected,
-                work, options, calls=True,
+                work, options, calls=True, settings=settings,
             )  # fmt: skip
-            found.setdefault(f"{tree.label} ({tree.path.name})", []).append(figures)
+            growing = f", growing to {options.grow} MiB" if settings else ""
+            found.setdefault(f"{tree.label} ({tree.path.name}){growing}", []).append(figures)
         if netconduit is not None:
             python, small, digest = netconduit
             work = scratch / "netconduit"
@@ -211,6 +219,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue", type=int, default=32, help="MiB queued each way (default 32)")
     parser.add_argument("--size", type=int, default=256, help="MiB per transfer (default 256)")
     parser.add_argument("--netconduit-size", type=int, default=8, help="MiB; 0: leave it out")
+    parser.add_argument(
+        "--grow", type=int, default=32, help="max_receive_window, MiB (default 32; 0: no such run)"
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="64 MiB, 2 MiB, once")
     options = parser.parse_args(argv)

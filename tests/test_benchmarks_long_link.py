@@ -45,12 +45,15 @@ def test_the_proxy_delays_each_round_trip_and_keeps_the_bytes_in_order() -> None
 def test_a_run_reports_tcp_and_conduit_side_by_side(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert long_link.main(["--rtt", "20", "--size", "2", "--netconduit-size", "0"]) == 0
+    argv = ["--rtt", "20", "--size", "2", "--netconduit-size", "0", "--grow", "4"]
+    assert long_link.main(argv) == 0
     table = capsys.readouterr().out
     rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[2:]}
     conduit = f"conduit ({Path(long_link.parse_args([]).tree).name})"
-    assert set(rows) == {"tcp", conduit}
+    growing = f"{conduit}, growing to 4 MiB"
+    assert set(rows) == {"tcp", conduit, growing}
     assert "MB/s" in table.splitlines()[0]
     # Up, down, then the calls made on the idle connection and during an upload.
-    assert len(rows[conduit].split()) - len(conduit.split()) == 12
+    for name in (conduit, growing):
+        assert len(rows[name].split()) - len(name.split()) == 12
     assert len(rows["tcp"].split()) == 1 + 4

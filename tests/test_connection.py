@@ -585,7 +585,8 @@ class _LongLinkRun:
     most_over: int = 0
     #: The most the server's inbound streams had committed of its receive budget.
     most_committed: int = 0
-    #: How many more streams could open ``count_openings_at`` seconds in.
+    #: The fewest more streams that could open, sampled from ``count_openings_at``
+    #: seconds in until the transfers ended.
     openable: int | None = None
 
 
@@ -595,13 +596,16 @@ async def _upload_over_a_long_link(
     *,
     streams: int = 1,
     consumer_pause: float = 0.0,
+    write_time: float | None = None,
     count_openings_at: float | None = None,
     **server: Any,
 ) -> _LongLinkRun:
     """Send ``payload`` on each of ``streams`` streams at once from the client
     to the server through a link of ``round_trip`` seconds; each consumer takes
-    every batch at once (or after ``consumer_pause``). At ``count_openings_at``
-    seconds, count how many more streams the server could open then."""
+    every batch at once (or after ``consumer_pause``), or, with ``write_time``
+    (seconds per window), keeps up to two batches for a writer as the file
+    receiver does. From ``count_openings_at`` seconds on, count how many more
+    streams the server could open."""
     client_stream, client_end = trio.testing.memory_stream_pair()
     server_end, server_stream = trio.testing.memory_stream_pair()
     p = _pair(client_stream, server_stream, server_settings=_settings(**server))
@@ -615,10 +619,28 @@ async def _upload_over_a_long_link(
             await outgoing.finish(b"end")
 
         received = bytearray()
+        kept = trio.Semaphore(2)
+        to_writer, batches = trio.open_memory_channel[int](math.inf)
+
+        async def writer() -> None:
+            async for size in batches:
+                assert write_time is not None
+                await trio.sleep(write_time * size / WINDOW)
+                incoming.release()
+                kept.release()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
+            nursery.start_soon(writer)
             while True:
-                chunks, trailer = await incoming.receive(ahead=True)
+                if write_time is None:
+                    chunks, trailer = await incoming.receive(ahead=True)
+                else:
+                    await kept.acquire()
+                    chunks, trailer = await incoming.receive(
+                        WINDOW // 2, patience=0.005, ahead=True, keep=True
+                    )
+                    to_writer.send_nowait(sum(map(len, chunks)))
                 held = incoming.buffered_cost + sum(map(len, chunks))
                 # What a stream holds stays within two of its windows, grown or not.
                 run.most_over = max(run.most_over, held - 2 * incoming.window)
@@ -629,6 +651,7 @@ async def _upload_over_a_long_link(
                     break
                 if consumer_pause:
                     await trio.sleep(consumer_pause)
+            to_writer.close()
         assert received == payload
 
     async with trio.open_nursery() as nursery:
@@ -641,19 +664,23 @@ async def _upload_over_a_long_link(
 
         async def count_openings(at: float) -> None:
             await trio.sleep_until(started + at)
-            opened = []
-            with contextlib.suppress(RPCError):
-                for _ in range(1000):
-                    opened.append(p.server.open_incoming_stream())
-            run.openable = len(opened)
-            for stream in opened:
-                p.server.close_stream(stream, reset=None)
+            while True:
+                opened = []
+                with contextlib.suppress(RPCError):
+                    for _ in range(1000):
+                        opened.append(p.server.open_incoming_stream())
+                run.openable = min(len(opened), run.openable or len(opened))
+                for stream in opened:
+                    p.server.close_stream(stream, reset=None)
+                await trio.sleep(0.1)
 
         async with trio.open_nursery() as carriers:
-            for incoming in run.streams:
-                carriers.start_soon(carry, incoming)
             if count_openings_at is not None:
                 carriers.start_soon(count_openings, count_openings_at)
+            async with trio.open_nursery() as transfers:
+                for incoming in run.streams:
+                    transfers.start_soon(carry, incoming)
+            carriers.cancel_scope.cancel()
         run.took = trio.current_time() - started
         nursery.cancel_scope.cancel()
     return run
@@ -711,6 +738,28 @@ async def test_grown_windows_leave_half_the_budget_to_streams_yet_to_open(
     assert sum(windows) <= budget // 2, windows
     assert run.openable is not None and run.openable >= 4, run.openable
     assert run.most_over <= 0
+
+
+async def test_the_batches_of_grown_windows_leave_their_half_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A writer keeping two batches, as the file receiver does: the credit a
+    grown window returns early for them comes out of its own half of the
+    budget too (it took all but one window: one more stream could open, of
+    the eight the other half holds)."""
+    budget = 16 * WINDOW
+    run = await _upload_over_a_long_link(
+        os.urandom(60 * WINDOW),
+        0.08,
+        streams=2,
+        write_time=0.04,
+        count_openings_at=1.5,
+        max_receive_window=8 * WINDOW,
+        receive_budget=budget,
+    )
+    assert max(stream.window for stream in run.streams) > WINDOW  # grown
+    assert run.openable is not None and run.openable >= 8, run.openable
+    assert run.most_committed <= budget // 2
 
 
 async def test_credit_returned_ahead_leaves_room_for_one_more_stream() -> None:

@@ -6,7 +6,7 @@ consumer, within the receive budget) is in ``tests/test_connection.py``.
 
 from __future__ import annotations
 
-from conduit.protocol.window_tuning import EPOCH_ROUND_TRIPS, WindowTuner
+from conduit.protocol.window_tuning import EPOCH_ROUND_TRIPS, MIN_ROUND_TRIP, WindowTuner
 
 WINDOW = 4 * 1024 * 1024
 RTT = 0.08
@@ -59,3 +59,12 @@ def test_without_a_round_trip_there_is_no_verdict() -> None:
         assert tuner.growth(WINDOW, WINDOW, i * 0.001, None) == 0
     assert tuner.epoch_granted == 0  # what was granted without one is not counted later
     assert tuner.growth(WINDOW, WINDOW, 0.1 + EPOCH, RTT) == 0
+
+
+def test_a_round_trip_too_short_to_need_it_grows_nothing() -> None:
+    """Under MIN_ROUND_TRIP a window of a few MiB covers hundreds of MB/s, and
+    such a round trip may be our own loop's lag: credit however fast grows nothing."""
+    tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
+    short = MIN_ROUND_TRIP / 2
+    for i in range(1, 200):
+        assert tuner.growth(WINDOW, WINDOW, i * short, short) == 0

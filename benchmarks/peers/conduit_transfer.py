@@ -39,6 +39,7 @@ async def serve(spec: dict[str, Any]) -> None:
             password=_peerlib.PASSWORD,
             max_connections=int(spec.get("max_connections", 1000)),
             max_connections_per_user=spec.get("max_connections_per_user"),
+            max_receive_window=spec.get("max_receive_window"),
         )
     )
     transfer = FileTransferHandler(storage_dir=spec["storage"])
@@ -55,11 +56,17 @@ async def serve(spec: dict[str, Any]) -> None:
         await server.close()
 
 
-def _make_client(port: int) -> Any:
+def _make_client(port: int, spec: dict[str, Any] | None = None) -> Any:
+    """A client of the server on ``port``; the spec's ``max_receive_window``, if any."""
     from conduit import Client, ClientDescriptor
 
     return Client(
-        ClientDescriptor(server_host=_peerlib.HOST, server_port=port, password=_peerlib.PASSWORD)
+        ClientDescriptor(
+            server_host=_peerlib.HOST,
+            server_port=port,
+            password=_peerlib.PASSWORD,
+            max_receive_window=(spec or {}).get("max_receive_window"),
+        )
     )
 
 
@@ -163,7 +170,7 @@ async def _transfer(
 ) -> None:
     from conduit import FileTransferHandler
 
-    client = _make_client(port)
+    client = _make_client(port, spec)
     await client.connect()
     transfer = FileTransferHandler()
     try:
@@ -263,7 +270,7 @@ async def _hol(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, An
     from conduit import FileTransferHandler
 
     body = _peerlib.payload(spec.get("payload_size", 100))
-    client = _make_client(port)
+    client = _make_client(port, spec)
     await client.connect()
     transfer = FileTransferHandler()
     call = client.rpc.call

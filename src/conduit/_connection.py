@@ -80,7 +80,7 @@ from .protocol.connection import (
 )
 from .protocol.messages import Result
 from .protocol.records_io import SCRATCH_MIN
-from .protocol.window_tuning import GROWTH_LIMIT, WindowTuner
+from .protocol.window_tuning import WindowTuner
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
@@ -172,7 +172,7 @@ class ConnectionSettings:
     #: Sum of the receive windows of all inbound streams; None for no limit.
     receive_budget: int | None = None
     #: The most an inbound stream's window grows to (see
-    #: :mod:`conduit.protocol.window_tuning`); None: ``GROWTH_LIMIT`` windows.
+    #: :mod:`conduit.protocol.window_tuning`); None: it never grows.
     max_receive_window: int | None = None
     #: What the inbound streams of all the endpoint's connections may hold
     #: together (a server's ``server_receive_budget``); None for no bound.
@@ -1704,7 +1704,7 @@ class Connection:
         room = self._receive_room if budget is not None else None
         memory = self._receive_memory
         window = self._state.receive_window
-        limit = self.settings.max_receive_window or GROWTH_LIMIT * window
+        limit = self.settings.max_receive_window or window
         # Grown windows leave half the budget (at least a window) to the
         # streams that open later, which a full budget would refuse.
         reserve = 0 if budget is None else max(window, budget // 2)

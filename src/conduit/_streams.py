@@ -213,7 +213,11 @@ class IncomingStream(InboundStream):
         # stream needs (one is refused only when the windows alone fill it).
         early = self.pending_cost
         if self._room is not None:
-            early = min(early, max(0, self._room() - self._opening_window))
+            # A grown window's batches leave the room its growth left (see _widen).
+            keep = self._opening_window
+            if self.window > self._opening_window:
+                keep = max(keep, self._growth_reserve)
+            early = min(early, max(0, self._room() - keep))
         if early:
             self.pending_cost -= early
             self.taken_cost += early

@@ -27,8 +27,9 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _UNLIMITED_DESCRIPTORS_TARGET = 65536
 #: The most descriptors macOS gives one process, whatever its hard limit.
 _OPEN_MAX = 10240
-#: Descriptors the server needs beyond one per connection: its listeners, its
-#: event loop, standard streams, the files being moved, the accounts file.
+#: Descriptors the server needs beyond two per connection (its socket and a
+#: file being moved): its listeners, its event loop, standard streams, the
+#: accounts file.
 _DESCRIPTORS_BESIDE_CONNECTIONS = 64
 
 
@@ -205,12 +206,12 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
     """Serve until Ctrl-C or SIGTERM, then close every connection and return 0."""
     server, transfer = build_server(options)
     descriptors = raise_descriptor_limit()
-    needed = server.descriptor.max_connections + _DESCRIPTORS_BESIDE_CONNECTIONS
+    needed = 2 * server.descriptor.max_connections + _DESCRIPTORS_BESIDE_CONNECTIONS
     if descriptors is not None and descriptors < needed:
         log.warning(
-            "this process may open only %d files and sockets, where %d connections and "
-            "their files need about %d: raise its limit (ulimit -n, or LimitNOFILE= in a "
-            "systemd unit)",
+            "this process may open only %d files and sockets, where %d connections, each "
+            "moving a file, need about %d: raise its limit (ulimit -n, or LimitNOFILE= in "
+            "a systemd unit)",
             descriptors,
             server.descriptor.max_connections,
             needed,

@@ -6,16 +6,19 @@ link with 80 ms between the ends is 52 MB/s, whatever the link carries (a
 link of 94 MB/s measured 35). A window that large on loopback, where a round
 trip is a tenth of a millisecond, is already far more than the link needs, and
 every byte of it is a byte a call on the same connection may wait behind. So
-the window starts at ``receive_window`` and grows only where the round trip
-calls for it, as QUIC implementations tune theirs (RFC 9000 leaves the policy
-to them; quic-go's is the model, with epochs measured in time):
+where a descriptor's ``max_receive_window`` lets it (growth is opt-in), the
+window starts at ``receive_window`` and grows only where the round trip calls
+for it, as QUIC implementations tune theirs (RFC 9000 leaves the policy to
+them; quic-go's is the model, with epochs measured in time):
 
 - credit is granted in steps as the consumer takes bytes; the grants are
   counted over an *epoch* of at least :data:`EPOCH_ROUND_TRIPS` round trips;
 - if the epoch granted more than half a window per round trip, the bytes came
   back nearly as fast as the window lets them (the sender waited for credit
-  rather than the receiver for data): the window doubles, up to a limit;
-- otherwise the consumer or the link is what paces the stream: it stays.
+  rather than the receiver for data): the window doubles, up to
+  ``max_receive_window``;
+- otherwise the consumer or the link is what paces the stream: it stays;
+- and over a round trip under :data:`MIN_ROUND_TRIP` it always stays.
 
 In steady state that leaves the window between two and four times the
 bandwidth-delay product, and never grows it where the consumer (a disk) is
@@ -34,10 +37,13 @@ from __future__ import annotations
 
 import attrs
 
-#: How many times its starting window a stream's window may grow to.
-GROWTH_LIMIT = 8
 #: The shortest epoch, in round trips (see the module docstring).
 EPOCH_ROUND_TRIPS = 8
+#: Seconds: a shorter round trip never grows a window. Below it a window of
+#: 4 MiB already covers 200 MB/s, and a round trip measured there may be
+#: our own event loop's lag (a loaded machine took a loopback PING for
+#: milliseconds), not the link's.
+MIN_ROUND_TRIP = 0.02
 
 
 @attrs.define(slots=True)
@@ -55,10 +61,11 @@ class WindowTuner:
         """Bytes to add to ``window`` (0 for none), with ``granted`` just granted at ``now``.
 
         ``round_trip``: the smallest round trip measured on the connection,
-        None while none was; without one there is nothing to judge by, and
-        the epoch starts again.
+        None while none was; without one, or with one under
+        :data:`MIN_ROUND_TRIP`, there is nothing to judge by, and the epoch
+        starts again.
         """
-        if round_trip is None or round_trip <= 0:
+        if round_trip is None or round_trip < MIN_ROUND_TRIP:
             self.epoch_start = now
             self.epoch_granted = 0
             return 0
@@ -74,4 +81,4 @@ class WindowTuner:
         return min(window, self.limit - window)
 
 
-__all__ = ["EPOCH_ROUND_TRIPS", "GROWTH_LIMIT", "WindowTuner"]
+__all__ = ["EPOCH_ROUND_TRIPS", "MIN_ROUND_TRIP", "WindowTuner"]
