@@ -669,7 +669,8 @@ async def _upload_over_a_long_link(
                 with contextlib.suppress(RPCError):
                     for _ in range(1000):
                         opened.append(p.server.open_incoming_stream())
-                run.openable = min(len(opened), run.openable or len(opened))
+                found = len(opened)
+                run.openable = found if run.openable is None else min(run.openable, found)
                 for stream in opened:
                     p.server.close_stream(stream, reset=None)
                 await trio.sleep(0.1)
