@@ -255,14 +255,22 @@ _as_root = pytest.mark.skipif(
 )
 
 
+def _file_of(tmp_path: Path, uid: int, gid: int, mode: int | None = None) -> tuple[Accounts, Path]:
+    """Accounts with one user, their file given to ``uid``:``gid`` (and ``mode``)."""
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    path = tmp_path / "users.json"
+    os.chown(path, uid, gid)
+    if mode is not None:
+        path.chmod(mode)
+    return accounts, path
+
+
 @_as_root
 def test_a_change_keeps_the_files_owner_and_group(tmp_path: Path) -> None:
     # An administrator adding a user as root to the file of a server that
     # runs as a service user: the file must stay the service's (mode 0600).
-    accounts = _accounts(tmp_path)
-    accounts.add("alice", PASSWORD)
-    path = tmp_path / "users.json"
-    os.chown(path, _NOBODY, _NOBODY)
+    accounts, path = _file_of(tmp_path, _NOBODY, _NOBODY)
     accounts.add("bob", PASSWORD)
     status = path.stat()
     assert (status.st_uid, status.st_gid) == (_NOBODY, _NOBODY)
@@ -279,11 +287,7 @@ def test_a_change_keeps_the_group_permissions_and_gives_others_none(
     # administrator's `conduit user add` as root must not take the group's
     # read away (it did until 2026-12-05: every change made the file 0600),
     # nor keep what others were given (the verifiers are for offline guessing).
-    accounts = _accounts(tmp_path)
-    accounts.add("alice", PASSWORD)
-    path = tmp_path / "users.json"
-    os.chown(path, 0, _NOBODY)
-    path.chmod(before)
+    accounts, path = _file_of(tmp_path, 0, _NOBODY, before)
     accounts.add("bob", PASSWORD)
     status = path.stat()
     assert (status.st_uid, status.st_gid) == (0, _NOBODY)
@@ -306,10 +310,7 @@ def test_a_change_that_cannot_keep_the_files_owner_is_refused(
     # As for a user who is neither root nor the file's owner: the kernel
     # refuses to give the new file away, and it would be unreadable to its
     # owner; the old file stays, with no temporary left.
-    accounts = _accounts(tmp_path)
-    accounts.add("alice", PASSWORD)
-    path = tmp_path / "users.json"
-    os.chown(path, _NOBODY, _NOBODY)
+    accounts, path = _file_of(tmp_path, _NOBODY, _NOBODY)
     before = path.read_bytes()
     _refuse_fchown(monkeypatch)
     with pytest.raises(PermissionError, match=f"belongs to uid {_NOBODY}"):
@@ -327,11 +328,7 @@ def test_a_group_that_cannot_be_kept_is_refused_only_if_it_may_read(
     # file through it): the group cannot be kept. It was dropped without a
     # word, and the service locked out; now the change is refused when the
     # group may read the file, and made, the group getting nothing, when not.
-    accounts = _accounts(tmp_path)
-    accounts.add("alice", PASSWORD)
-    path = tmp_path / "users.json"
-    os.chown(path, 0, _NOBODY)
-    path.chmod(mode)
+    accounts, path = _file_of(tmp_path, 0, _NOBODY, mode)
     before = path.read_bytes()
     _refuse_fchown(monkeypatch)
     if mode & 0o070:
