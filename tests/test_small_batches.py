@@ -15,12 +15,18 @@ from typing import Any
 import pytest
 import trio
 
-from conduit import FileTransferHandler, LocalProtocolError, RPCError, Server
+from conduit import FileTransferHandler, LocalProtocolError, RPCError
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._batch_store import MAX_BATCH_FILES
 from conftest import ClientFactory, ServerFactory
-from transfer_helpers import partial_files, record_calls, storage_server, visible_files
+from transfer_helpers import (
+    partial_files,
+    record_calls,
+    register_without,
+    storage_server,
+    visible_files,
+)
 
 KiB = 1024
 
@@ -197,18 +203,7 @@ async def test_a_server_without_batches_gets_one_file_per_call(
     storage = tmp_path / "storage"
     handler = FileTransferHandler(storage_dir=storage)
 
-    def register_without_batches(server: Server) -> None:
-        # What a server from before file_upload_batch registers.
-        register = server.register_rpc
-
-        def everything_but_batches(function: Any, name: str | None = None) -> None:
-            if name != "file_upload_batch":
-                register(function, name)
-
-        server.register_rpc = everything_but_batches  # type: ignore[method-assign]
-        handler.register_server_handlers(server)
-
-    server = await server_factory(register=register_without_batches)
+    server = await server_factory(register=register_without(handler, "file_upload_batch"))
     client = await client_factory(server)
     top = tmp_path / "tree"
     top.mkdir()

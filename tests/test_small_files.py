@@ -153,11 +153,11 @@ def test_a_small_files_look_reads_it_whole_and_sees_a_size_that_changed(tmp_path
     # nothing is taken as the file.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        assert _local._small(fd, 4000) is None
+        assert _local.read_small(fd, 4000) is None
         os.lseek(fd, 0, os.SEEK_SET)
-        assert _local._small(fd, 5000) is None
+        assert _local.read_small(fd, 5000) is None
         os.lseek(fd, 0, os.SEEK_SET)
-        assert _local._small(fd, 4096) is not None
+        assert _local.read_small(fd, 4096) is not None
     finally:
         os.close(fd)
 

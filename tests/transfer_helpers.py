@@ -15,7 +15,7 @@ import hashlib
 import os
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +238,22 @@ class Cutter:
         await self.tripped.wait()
         assert self.proxy is not None
         await self.proxy.cut()
+
+
+def register_without(handler: FileTransferHandler, method: str) -> Callable[[Server], None]:
+    """Registers ``handler`` on a server but for ``method``: a server from before it."""
+
+    def register(server: Server) -> None:
+        add = server.register_rpc
+
+        def everything_but(function: Any, name: str | None = None) -> None:
+            if name != method:
+                add(function, name)
+
+        server.register_rpc = everything_but  # type: ignore[method-assign]
+        handler.register_server_handlers(server)
+
+    return register
 
 
 def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:

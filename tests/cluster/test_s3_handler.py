@@ -23,6 +23,7 @@ from conduit import Client, FileTransferHandler, Server
 from conduit.cluster.s3 import S3Store
 from conduit.errors import RPCError
 from conftest import ClientFactory, ServerFactory
+from transfer_helpers import record_calls
 
 MiB = 1024 * 1024
 
@@ -450,22 +451,33 @@ async def test_edge_sizes_on_s3(
 
 @pytest.mark.usefixtures("aws_environment")
 async def test_a_directory_goes_up_and_comes_back_through_s3(
-    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    s3_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with trio.fail_after(120):
         handler, _server, client, _received = await _served(server_factory, client_factory, s3_url)
         tree = tmp_path / "photos"
         sums = {
             "photos/a.jpg": await trio.to_thread.run_sync(_write, tree / "a.jpg", 5000),
+            "photos/empty.txt": await trio.to_thread.run_sync(_write, tree / "empty.txt", 0),
             "photos/2024/b.jpg": await trio.to_thread.run_sync(_write, tree / "2024/b.jpg", MiB),
+            "photos/2024/c.jpg": await trio.to_thread.run_sync(_write, tree / "2024/c.jpg", 9000),
         }
         sent = await handler.send_to_server(client, tree)
         assert sent["success"] is True, sent
         assert sorted(f["name"] for f in await handler.list_files(client)) == sorted(sums)
+        methods = record_calls(monkeypatch)
         back = await handler.receive_from_server(client, "photos", tmp_path / "back")
-        assert [entry["success"] for entry in back["files"]] == [True, True], back
+        assert [entry["success"] for entry in back["files"]] == [True] * 4, back
         for name, checksum in sums.items():
             assert await trio.to_thread.run_sync(_sha256, tmp_path / "back" / name) == checksum
+        # The three small files in one batch, read from the store; b.jpg streamed.
+        assert methods.count("file_download_batch") == 1 and methods.count("file_download") == 1
+        again = await handler.receive_from_server(client, "photos", tmp_path / "back")
+        assert again["skipped"] == 4, again
 
 
 @pytest.mark.usefixtures("aws_environment")

@@ -109,13 +109,70 @@ def download_offset(answer: Any, asked: int) -> int:
     return offset
 
 
+@attrs.frozen
+class BatchFile:
+    """A file a ``file_download_batch`` answer carries whole (its hash not checked yet)."""
+
+    name: str
+    data: bytes
+    sha256: str
+
+
+def failed_entry(answer: dict[str, Any]) -> dict[str, Any]:
+    """A peer's ``{"success": False, "error", "code"}`` for one file, both texts bounded."""
+    error, code = answer.get("error"), answer.get("code")
+    if not isinstance(error, str) or not isinstance(code, str):
+        raise BadAnswer("a failed file's entry lacks error and code")
+    return {"success": False, "error": error[:4096], "code": code[:64]}
+
+
+def _batch_entry(entry: Any, name: str, limit: int) -> BatchFile | dict[str, Any] | None:
+    body = _mapping(entry, "a batch entry")
+    if body.get("name") != name:
+        raise BadAnswer(f"an entry names {body.get('name')!r} where {name!r} was asked")
+    if body.get("success") is False:
+        return failed_entry(body)
+    if body.get("by_itself") is True:
+        return None
+    size = _integer(body, "size", 0, limit)
+    data = body.get("data")
+    if not isinstance(data, bytes) or len(data) != size:
+        raise BadAnswer(f"the data of {name!r} is not {size} bytes")
+    return BatchFile(name, data, _text(body, "sha256", _MAX_HASH_TEXT))
+
+
+def batch_download_answer(
+    answer: Any, names: list[str], limit: int
+) -> list[BatchFile | dict[str, Any] | None]:
+    """Check a ``file_download_batch`` answer: one entry per name asked, in order.
+
+    Each entry becomes the file (at most ``limit`` bytes), that file's
+    failure, or None: download it by itself. An answer that does not list
+    the names asked raises :class:`BadAnswer`; one malformed entry is that
+    file's ``bad_answer`` failure.
+    """
+    listed = _mapping(answer, "the batch answer").get("files")
+    if not isinstance(listed, list) or len(listed) != len(names):
+        raise BadAnswer("a batch answer must list one entry per name asked")
+    entries: list[BatchFile | dict[str, Any] | None] = []
+    for entry, name in zip(listed, names, strict=True):
+        try:
+            entries.append(_batch_entry(entry, name, limit))
+        except BadAnswer as exc:
+            entries.append({"success": False, "error": exc.message, "code": exc.code})
+    return entries
+
+
 __all__ = [
     "BAD_ANSWER",
     "BadAnswer",
+    "BatchFile",
     "BeginAnswer",
     "StatAnswer",
+    "batch_download_answer",
     "begin_answer",
     "download_offset",
+    "failed_entry",
     "finish_answer",
     "stat_answer",
 ]

@@ -33,6 +33,7 @@ import trio
 
 from ..protocol.connection import Buffer
 from ._engine import BlockReader, BlockWriter
+from ._local import SmallFile
 from ._storage import PartialFile
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from ..cluster.s3 import S3Store
     from ._batch_store import Entry
 
-__all__ = ["Admitted", "Backend", "LocalSink", "Sink", "Source"]
+__all__ = ["Admitted", "Backend", "LocalSink", "Sink", "SmallRead", "Source"]
 
 
 class Sink(BlockWriter, Protocol):
@@ -104,6 +105,20 @@ class Opened:
     modified_ns: int
 
 
+@attrs.frozen
+class SmallRead:
+    """A stored file read whole for a download batch (:meth:`Backend.read_small_files`)."""
+
+    size: int
+    modified_ns: int
+    #: Its bytes and their SHA-256; None when it is larger than there was room
+    #: for, it changed while it was read (the per-file path then sends it), or
+    #: it could not be opened.
+    small: SmallFile | None
+    #: Why it could not be opened or read (a missing file, an unsafe name, ...).
+    error: Exception | None = None
+
+
 class Backend(Protocol):
     """The server side of storage, as the transfer roles use it (names are network names)."""
 
@@ -145,6 +160,15 @@ class Backend(Protocol):
 
     async def open_source(self, peer: Peer, name: str) -> Opened:
         """Open the published ``name`` for a download, positioned at byte 0."""
+        ...
+
+    async def read_small_files(
+        self, peer: Peer, names: list[str], limit: int, room: int, threads: trio.CapacityLimiter
+    ) -> list[SmallRead]:
+        """Read the published ``names`` whole, in order, each opened as :meth:`open_source`
+        opens it and read as one version: those of at most ``limit`` bytes, while
+        their sizes add up to at most ``room``. ``threads``: the connection's
+        share of the worker threads (:class:`._budget.SendBudget`)."""
         ...
 
     async def delete(self, peer: Peer, name: str) -> None:

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from ..errors import RPCError, TransferError, UnsafePathError
-from ._backend import Admitted, LocalSink, Opened
+from ._backend import Admitted, LocalSink, Opened, SmallRead
 from ._batch_store import Entry, store_batch
 from ._engine import FileSource
 from ._hashing import HashGate
+from ._local import read_small
 from ._names import safe_relative_name
 from ._rationed import RationedThreads
 from ._rerun import find_already_there, same_size_exists, skipped_result
@@ -60,6 +61,46 @@ class LocalSettings(BudgetSettings, Protocol):
     """The handler settings the local store reads at each use."""
 
     hash_gate: HashGate
+
+
+def read_files(storage: StorageRoot, names: list[str], limit: int, room: int) -> list[SmallRead]:
+    """:meth:`LocalBackend.read_small_files` in a worker thread: the root opened once."""
+    reads = []
+    used = 0
+    with storage.holding_root():
+        for name in names:
+            try:
+                read = read_whole(storage, name, min(limit, room - used))
+            except (OSError, UnsafePathError, TransferError) as exc:
+                read = SmallRead(0, 0, None, exc)
+            if read.small is not None:
+                used += read.size
+            reads.append(read)
+    return reads
+
+
+def read_whole(storage: StorageRoot, name: str, max_size: int) -> SmallRead:
+    """One file of :func:`read_files`: its bytes if it has at most ``max_size``.
+
+    A file whose size, modification or change time moved while it was read
+    is not returned (``small`` None) rather than read again: the per-file
+    path sends it, with its own checks.
+    """
+    file, size = storage.open_for_read(name)
+    with file:
+        fd = file.fileno()
+        before = os.fstat(fd)
+        if size > max_size:
+            return SmallRead(size, before.st_mtime_ns, None)
+        small = read_small(fd, size)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_ctime_ns,
+        ):
+            small = None
+        return SmallRead(size, before.st_mtime_ns, small)
 
 
 class LocalBackend:
@@ -199,6 +240,15 @@ class LocalBackend:
         file, size = await trio.to_thread.run_sync(self.root_for(peer).open_for_read, name)
         info = os.fstat(file.fileno())
         return Opened(FileSource(file, info), size, info.st_mtime_ns)
+
+    async def read_small_files(
+        self, peer: Peer, names: list[str], limit: int, room: int, threads: trio.CapacityLimiter
+    ) -> list[SmallRead]:
+        """See :meth:`._backend.Backend.read_small_files`: one worker-thread hop for
+        them all (:func:`read_files`)."""
+        storage = self.root_for(peer)
+        async with threads:
+            return await trio.to_thread.run_sync(read_files, storage, names, limit, room)
 
     # ------------------------------------------------------------------ changes
 

@@ -22,8 +22,8 @@ import attrs
 import trio
 
 from ..errors import ConduitError, UnsafePathError
-from ._answers import BadAnswer, finish_answer
-from ._batch_store import MAX_BATCH_FILES
+from ._answers import BadAnswer, failed_entry, finish_answer
+from ._batch_store import FRAME_OVERHEAD, MAX_BATCH_FILES, cut_batches, entry_cost
 from ._local import open_local_file
 from ._progress import ProgressReporter, TransferProgress
 from ._wire import UPLOAD_BATCH, transfer_failure
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 ProgressCallback = Callable[[TransferProgress], Any]
 Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
 OnPeer = Callable[[Attempt], Awaitable[dict[str, Any]]]
-
-#: Room kept in every batch call for its framing, the names and the digests.
-FRAME_OVERHEAD = 64 * 1024
-#: Bytes per entry counted besides its data and name (keys, digest, encoding).
-_ENTRY_OVERHEAD = 256
 
 
 @attrs.define
@@ -69,41 +64,13 @@ def _read_small(
     return read, failed
 
 
-def entry_cost(name: str, size: int) -> int:
-    """Bytes a file of ``size`` bytes named ``name`` takes in a batch call (a bound)."""
-    return size + len(name.encode()) + _ENTRY_OVERHEAD
-
-
-def _batches(files: list[_Small], max_bytes: int) -> list[list[_Small]]:
-    """Cut ``files`` into calls of at most MAX_BATCH_FILES entries and ``max_bytes``;
-    a file that does not fit in a call alone is left out (it goes on its own)."""
-    batches: list[list[_Small]] = []
-    current: list[_Small] = []
-    used = 0
-    for small in files:
-        cost = entry_cost(small.name, len(small.data))
-        if cost > max_bytes:
-            continue
-        if current and (len(current) >= MAX_BATCH_FILES or used + cost > max_bytes):
-            batches.append(current)
-            current, used = [], 0
-        current.append(small)
-        used += cost
-    if current:
-        batches.append(current)
-    return batches
-
-
 def entry_result(answer: Any, size: int) -> dict[str, Any]:
     """One file's result from a batch answer's entry (``size``: the bytes sent)."""
     if not isinstance(answer, dict):
         return transfer_failure(BadAnswer("a batch result is not a mapping"))
-    if answer.get("success") is not True:
-        error, code = answer.get("error"), answer.get("code")
-        if not isinstance(error, str) or not isinstance(code, str):
-            return transfer_failure(BadAnswer("a failed batch result lacks error and code"))
-        return {"success": False, "error": error[:4096], "code": code[:64]}
     try:
+        if answer.get("success") is not True:
+            return failed_entry(answer)
         return finish_answer(answer, size)
     except BadAnswer as exc:
         return transfer_failure(exc)
@@ -136,7 +103,8 @@ async def send_small_files(
         async with limiter:
             read, failed = await trio.to_thread.run_sync(_read_small, group, limit, follow_symlinks)
             results.update(failed)
-            for batch in _batches(read, max_bytes):
+            batches = cut_batches(read, lambda s: entry_cost(s.name, len(s.data)), max_bytes)
+            for batch in batches:
                 if unsupported:
                     break
                 outcome = await _call_batch(on_peer, batch, on_progress)

@@ -1,5 +1,9 @@
 """The receiving side of ``file_upload_batch``: several small files per call and per fsync.
 
+(A client stores the answers of ``file_download_batch`` the same way, into
+the download's directory: :class:`DirectoryAdmitter`, see
+:mod:`._batch_download`.)
+
 A batch is a list of ``{"name", "data", "sha256"}`` entries (each one what
 ``file_upload_small`` takes). Its size is bounded on both ends: at most
 :data:`MAX_BATCH_FILES` entries and, like any call, no more bytes than the
@@ -35,21 +39,54 @@ Nothing outside the batch's own files and directories is synced.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
 from ..errors import RPCError, TransferError
 from ._names import safe_relative_name
 from ._rerun import VariantBudget, find_sync, skipped_result
-from ._space import OneShotAdmitter
+from ._space import Admission, owned_transfer_id
+from ._storage import StorageRoot
 from ._wire import as_rpc_error
 
 log = logging.getLogger("conduit.transfer")
 
-#: Entries in one ``file_upload_batch`` call, at most.
+#: Entries in one ``file_upload_batch`` call (or ``file_download_batch``
+#: answer), at most.
 MAX_BATCH_FILES = 64
+#: Room kept in every batch call or answer for its framing, names and digests.
+FRAME_OVERHEAD = 64 * 1024
+#: Bytes per entry counted besides its data and name (keys, digest, encoding).
+_ENTRY_OVERHEAD = 256
+
+T = TypeVar("T")
+
+
+def entry_cost(name: str, size: int) -> int:
+    """Bytes a file of ``size`` bytes named ``name`` takes in a batch (a bound)."""
+    return size + len(name.encode()) + _ENTRY_OVERHEAD
+
+
+def cut_batches(items: Iterable[T], cost: Callable[[T], int], max_bytes: int) -> list[list[T]]:
+    """Cut ``items`` into batches of at most MAX_BATCH_FILES and ``max_bytes`` of
+    :func:`entry_cost` (``cost(item)``); one that does not fit alone is left out."""
+    batches: list[list[T]] = []
+    current: list[T] = []
+    used = 0
+    for item in items:
+        size = cost(item)
+        if size > max_bytes:
+            continue
+        if current and (len(current) >= MAX_BATCH_FILES or used + size > max_bytes):
+            batches.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += size
+    if current:
+        batches.append(current)
+    return batches
 
 
 @attrs.define
@@ -107,15 +144,56 @@ def parse_batch(files: Any, max_bytes: int) -> list[Entry]:
     return entries
 
 
+class Admitter(Protocol):
+    """Admits each one-shot file of a batch (a worker thread calls it)."""
+
+    @property
+    def storage(self) -> StorageRoot:
+        """Where the files go."""
+        ...
+
+    def admit(self, name: str, size: int) -> Admission:
+        """Check and reserve room for ``name``, then open its (anonymous) partial."""
+        ...
+
+    def release(self, admission: Admission) -> None:
+        """The file was published or discarded: free what :meth:`admit` reserved."""
+        ...
+
+
+@attrs.frozen
+class DirectoryAdmitter:
+    """An :class:`Admitter` for a directory of this process's own: the client's side
+    of a download batch (``receive_from_server`` of a directory).
+
+    Each file's size is checked against the free space, as a single
+    download's is; there is no budget, quota or owner to reserve for.
+    """
+
+    storage: StorageRoot
+
+    def admit(self, name: str, size: int) -> Admission:
+        """Check the free space, then open ``name``'s anonymous partial."""
+        self.storage.check_can_accept(size)
+        transfer_id = owned_transfer_id(None, "")
+        partial = self.storage.open_one_shot(name, transfer_id)
+        return Admission(self.storage, (), name, transfer_id, "", size, 0, partial)
+
+    def release(self, admission: Admission) -> None:
+        """Nothing was reserved."""
+
+
 def store_batch(
     entries: Sequence[Entry],
-    admitter: OneShotAdmitter,
+    admitter: Admitter,
     overwrite: bool,
     hash_fd: Callable[[int, int], str] | None = None,
 ) -> None:
     """Skip, admit, write, verify, fsync and publish every entry; then sync the directories.
 
     Runs in one worker thread. Each entry's outcome is left on the entry.
+    ``admitter``: the server's disk budget for its caller
+    (:meth:`._space.DiskBudget.one_shot`), or a :class:`DirectoryAdmitter`.
     ``hash_fd`` hashes a same-size stored file for the re-run check (the
     handler's cached :class:`._hashing.HashGate`, within whose threads this runs).
     """
@@ -126,7 +204,7 @@ def store_batch(
 
 def _store_entries(
     entries: Sequence[Entry],
-    admitter: OneShotAdmitter,
+    admitter: Admitter,
     overwrite: bool,
     hash_fd: Callable[[int, int], str] | None,
 ) -> None:

@@ -50,6 +50,7 @@ from ._storage import StorageRoot
 from ._tree import receive_tree, send_files, send_tree
 from ._wire import (
     DOWNLOAD,
+    DOWNLOAD_BATCH,
     FILE_DELETE,
     FILE_LIST,
     FILE_RENAME,
@@ -278,7 +279,10 @@ class FileTransferHandler:
         server, too many transfers) or stopped (the client gave up), and
         ``error`` and ``code`` say why, as in the failure results. A download
         cut off by the connection closing is not reported here
-        (``on_client_disconnect`` is).
+        (``on_client_disconnect`` is). The small files of a directory download
+        are served many per call (``file_download_batch``) and each is reported
+        as it is read into the answer; one that could not be opened reports
+        ``size`` 0.
         """
         self._hooks.served.append(function)
         return function
@@ -298,6 +302,7 @@ class FileTransferHandler:
         server.register_rpc(self._receiver.rpc_receive_batch, UPLOAD_BATCH)
         server.register_rpc(self._receiver.rpc_finish, UPLOAD_FINISH)
         server.register_rpc(self._sender.rpc_download, DOWNLOAD)
+        server.register_rpc(self._sender.rpc_download_batch, DOWNLOAD_BATCH)
         server.register_rpc(self._manager.rpc_delete, FILE_DELETE)
         server.register_rpc(self._manager.rpc_rename, FILE_RENAME)
         if server.cluster is not None:
@@ -453,6 +458,7 @@ class FileTransferHandler:
             name,
             Path(local_dir),
             on_progress,
+            small_file_limit=self._sender.small_file_limit,
         )
 
     @bridged

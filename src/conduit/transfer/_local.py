@@ -100,8 +100,9 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def _small(fd: int, size: int) -> SmallFile | None:
-    """The file's bytes and hash; None when it did not hold ``size`` bytes (it changed)."""
+def read_small(fd: int, size: int) -> SmallFile | None:
+    """The bytes of ``fd`` from its position, and their hash; None when it did not
+    hold ``size`` bytes (it changed). Blocking: run it in a worker thread."""
     data = _read_exactly(fd, size)
     if len(data) != size:
         return None
@@ -120,7 +121,7 @@ def read_source(
     if info.st_size > limit:
         return LocalSource(file=io.FileIO(fd, "r", closefd=True))
     try:
-        small = _small(fd, info.st_size)
+        small = read_small(fd, info.st_size)
         return LocalSource(small=small, changed=small is None)
     finally:
         os.close(fd)
@@ -156,7 +157,7 @@ def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
             return Probe()
         # Left non-blocking: ``O_NONBLOCK`` does not apply to a regular file's
         # reads (two ``fcntl`` calls saved per small file).
-        return Probe(small=_small(fd, info.st_size))
+        return Probe(small=read_small(fd, info.st_size))
     except OSError:
         return Probe()
     finally:
@@ -170,5 +171,6 @@ __all__ = [
     "open_local_fd",
     "open_local_file",
     "probe_source",
+    "read_small",
     "read_source",
 ]

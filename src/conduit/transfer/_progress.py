@@ -171,7 +171,9 @@ class ProgressReporter:
         direction: Direction,
         total_size: int,
         resumed_from: int = 0,
+        started: float | None = None,
     ) -> None:
+        """``started``: when the transfer began, on Trio's clock (default: now)."""
         self._callback = callback
         self._filename = filename
         self._direction = direction
@@ -179,7 +181,7 @@ class ProgressReporter:
         self._resumed_from = resumed_from
         # Trio's clock, not time.monotonic(): a test's MockClock drives the
         # reporting rate and the elapsed time like everything else in the run.
-        self._started = trio.current_time()
+        self._started = trio.current_time() if started is None else started
         # The first advance always reports, whatever the clock's origin (a
         # MockClock starts at 0).
         self._last_report = float("-inf")

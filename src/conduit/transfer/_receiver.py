@@ -45,9 +45,9 @@ from ..errors import (
     TransferError,
     UnsafePathError,
 )
-from ._answers import download_offset, stat_answer
+from ._answers import BatchFile, download_offset, stat_answer
 from ._backend import Admitted, LocalSink, Sink
-from ._batch_store import Entry, parse_batch
+from ._batch_store import DirectoryAdmitter, Entry, parse_batch, store_batch
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
@@ -519,6 +519,76 @@ class Receiver:
                 await partial.close()
             raise
         return result
+
+    async def keep_small_downloads(
+        self,
+        connection: Connection,
+        local_dir: str | os.PathLike[str],
+        files: list[BatchFile],
+        on_progress: ProgressCallback | None,
+        *,
+        started: float,
+    ) -> list[dict[str, Any]]:
+        """Store the whole files of a download batch in ``local_dir``; one result each.
+
+        As the server stores an upload batch (:func:`._batch_store.store_batch`):
+        one worker-thread hop, each file verified against its SHA-256 and
+        fsynced, the directories synced once; then the partials earlier
+        downloads of these files left go. Each result is what a single
+        download of that file returns (skipped when ``local_dir`` holds it
+        already); ``started``: when the call that brought them was made.
+        """
+        local = StorageRoot(local_dir)
+        entries = [Entry(file.name, file.data, file.sha256) for file in files]
+        overwrite = self._settings.overwrite
+
+        def store() -> None:
+            store_batch(entries, DirectoryAdmitter(local), overwrite)
+            # A cut download of an earlier version of a file left its partial
+            # (a single download removes it when it starts from zero).
+            local.remove_download_partials(e.safe for e in entries if e.error is None)
+
+        await trio.to_thread.run_sync(store)
+        results = []
+        for entry in entries:
+            if entry.error is not None:
+                results.append(entry.failure())
+                continue
+            assert entry.published is not None
+            size, local_path = len(entry.data), str(local.path / entry.published)
+            reporter = ProgressReporter(
+                on_progress,
+                filename=entry.safe,
+                direction="download",
+                total_size=size,
+                resumed_from=size if entry.skipped else 0,
+                started=started,
+            )
+            if entry.skipped:
+                await reporter.finish()
+                results.append(
+                    skipped_result(
+                        entry.published, size, entry.sha256, path=local_path, resumed_from=0
+                    )
+                )
+                continue
+            await reporter.advance(size)
+            final = await reporter.finish()
+            result = await self._announce(
+                connection,
+                None,
+                local_path,
+                entry.published,
+                entry.safe,
+                size,
+                entry.sha256,
+                resumed_from=0,
+                elapsed=final.elapsed,
+            )
+            result["path"] = result.pop("local_path")
+            result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
+            results.append(result)
+        return results
 
     async def _open_download_partial(
         self, local: StorageRoot, target: str, key: str, expected: int, *, former_key: str

@@ -44,6 +44,8 @@ from ..errors import (
 from ..protocol import is_valid_stream_id
 from ._answers import begin_answer, finish_answer
 from ._backend import Source
+from ._batch_serve import BatchServer, parse_request
+from ._batch_store import FRAME_OVERHEAD
 from ._budget import ByteBudget, SendBudget
 from ._engine import FileSource, hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
@@ -394,6 +396,28 @@ class Sender:
         except Exception as exc:
             await self._served(caller, name, {"size": size, **transfer_failure(exc)})
             raise
+
+    @trio_callback
+    async def rpc_download_batch(
+        self, caller: Peer, names: Any, max_bytes: Any
+    ) -> dict[str, list[dict[str, Any]]]:
+        """``file_download_batch``: the small ones of ``names``, read whole into the answer.
+
+        See :mod:`._batch_serve` for the answer and its bounds.
+        """
+        wanted = parse_request(names, max_bytes)
+        connection = caller.connection
+        room = min(max_bytes, connection.keys.peer_max_frame_size - FRAME_OVERHEAD)
+        with self._slots.claim(connection, self._settings.max_transfers_per_connection):
+            batch = BatchServer(
+                self._settings.backend,
+                caller,
+                self._budget(connection),
+                small_limit=self.small_file_limit,
+                room=room,
+                served=self._served,
+            )
+            return {"files": await batch.serve(wanted)}
 
     async def _start_download(
         self,

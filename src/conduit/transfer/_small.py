@@ -37,8 +37,8 @@ import trio
 
 from ..errors import ConduitError, ConnectionClosed
 from ._answers import BadAnswer, finish_answer
-from ._batch import FRAME_OVERHEAD, entry_cost, entry_result
-from ._batch_store import MAX_BATCH_FILES
+from ._batch import entry_result
+from ._batch_store import FRAME_OVERHEAD, MAX_BATCH_FILES, entry_cost
 from ._local import Probe, SmallFile, probe_source
 from ._shared_hop import STALLED_AFTER, SharedHop
 from ._wire import UPLOAD_BATCH, transfer_failure

@@ -576,27 +576,55 @@ class StorageRoot:
         directories, basename = split_name(safe)
         tid = check_transfer_id(transfer_id)
         keep = partial_basename(basename, tid)
+        return self._remove_idle_partials(
+            directories,
+            safe,
+            lambda entry: entry != keep and _is_partial_of(entry, basename, tid),
+        )
+
+    def remove_download_partials(self, names: Iterable[str]) -> int:
+        """Remove the idle partial files downloads of ``names`` left (any version); how many.
+
+        What :meth:`remove_other_partials` does for a download that starts at
+        zero, for many files at once: a batch of a directory's small files
+        arrives whole, and a partial that a cut download of an earlier,
+        larger version left would stay for ever. One listing per directory,
+        not one per file. Only download partials go (never an upload's or a
+        push's), only those no transfer holds locked; best effort, as there.
+        """
+        by_directory: dict[tuple[str, ...], tuple[str, dict[str, str]]] = {}
+        for name in names:
+            safe = safe_relative_name(name)
+            directories, basename = split_name(safe)
+            _, tails = by_directory.setdefault(directories, (safe, {}))
+            # The part after the id: the same for every id of one length.
+            tails[partial_basename(basename, _SOME_DOWNLOAD_ID)[_DOWNLOAD_HEAD:]] = basename
+        return sum(
+            self._remove_idle_partials(directories, some_name, _download_partial_of(tails))
+            for directories, (some_name, tails) in by_directory.items()
+        )
+
+    def _remove_idle_partials(
+        self, directories: tuple[str, ...], name: str, is_one: Callable[[str], bool]
+    ) -> int:
+        """Remove the regular files of ``directories`` that ``is_one`` picks and no
+        transfer holds locked; how many (``name``: the file asked about, for errors).
+        Best effort: a directory that cannot be opened or listed removes nothing."""
         try:
-            dir_fd = self._open_directory(directories, safe, create=False)
+            dir_fd = self._open_directory(directories, name, create=False)
         except (OSError, UnsafePathError, TransferError):
             return 0
-        removed = 0
         with _closing(dir_fd):
             try:
                 with os.scandir(dir_fd) as iterator:
                     candidates = [
                         entry.name
                         for entry in iterator
-                        if entry.name != keep
-                        and _is_partial_of(entry.name, basename, tid)
-                        and entry.is_file(follow_symlinks=False)
+                        if is_one(entry.name) and entry.is_file(follow_symlinks=False)
                     ]
             except OSError:
                 return 0
-            for entry_name in candidates:
-                if _remove_if_idle(dir_fd, entry_name):
-                    removed += 1
-        return removed
+            return sum(_remove_if_idle(dir_fd, entry) for entry in candidates)
 
     def prune_empty_directories(self, directories: tuple[str, ...], *, keep: int = 0) -> int:
         """Remove ``directories`` from the deepest up while each is empty; return how many.
@@ -1699,6 +1727,25 @@ def _is_partial_of(entry: str, basename: str, like_id: str) -> bool:
         and len(transfer_id) == len(like_id)
         and transfer_id.startswith(DOWNLOAD_ID_PREFIX) == like_id.startswith(DOWNLOAD_ID_PREFIX)
     )
+
+
+#: A download's partial id, for its length: every download's has this one.
+_SOME_DOWNLOAD_ID = DOWNLOAD_ID_PREFIX + "0" * 32
+#: Where the part of a download's partial name after its id begins.
+_DOWNLOAD_HEAD = len(PARTIAL_PREFIX) + len(_SOME_DOWNLOAD_ID)
+
+
+def _download_partial_of(tails: dict[str, str]) -> Callable[[str], bool]:
+    """Whether an entry is a download's partial of one of the base names of
+    ``tails`` (the part of such a partial's name after its id → base name)."""
+
+    def is_one(entry: str) -> bool:
+        if not entry.startswith(PARTIAL_PREFIX + DOWNLOAD_ID_PREFIX):
+            return False
+        listed = tails.get(entry[_DOWNLOAD_HEAD:])
+        return listed is not None and _is_partial_of(entry, listed, _SOME_DOWNLOAD_ID)
+
+    return is_one
 
 
 def _remove_if_idle(dir_fd: int, entry: str) -> bool:

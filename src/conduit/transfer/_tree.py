@@ -39,6 +39,7 @@ import trio
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer
 from ._batch import send_small_files
+from ._batch_download import receive_small_files
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
 from ._resilient import Attempt
@@ -65,6 +66,8 @@ class _Entry:
     name: str
     local: str
     result: dict[str, Any] | None = None
+    #: The size a server's listing gave (None: not listed, or not a size).
+    listed_size: int | None = None
 
 
 def _failed(message: str, code: str) -> dict[str, Any]:
@@ -179,7 +182,9 @@ def remote_entries(listing: Any, prefix: str, local_dir: Path) -> list[_Entry]:
             safe = None
         if safe != name or not name.startswith(prefix + "/"):
             raise BadAnswer(f"the server listed {name!r}, not a file under {prefix!r}")
-        entries.append(_Entry(name, str(local_dir / name)))
+        size = item.get("size")
+        listed = size if isinstance(size, int) and not isinstance(size, bool) else None
+        entries.append(_Entry(name, str(local_dir / name), listed_size=listed))
     return entries
 
 
@@ -257,8 +262,12 @@ async def receive_tree(
     name: str,
     local_dir: Path,
     on_progress: ProgressCallback | None,
+    *,
+    small_file_limit: int,
 ) -> dict[str, Any]:
-    """Download every file under the server's directory ``name`` into ``local_dir/name``."""
+    """Download every file under the server's directory ``name`` into ``local_dir/name``:
+    those listed up to ``small_file_limit`` bytes many per call (see
+    :mod:`._batch_download`), the rest one by one."""
     prefix = safe_relative_name(name)
 
     async def list_once(peer: Peer) -> dict[str, Any]:
@@ -287,6 +296,22 @@ async def receive_tree(
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
 
+    small = [
+        (index, entry.name, entry.listed_size)
+        for index, entry in enumerate(entries)
+        if entry.listed_size is not None
+    ]
+    results = await receive_small_files(
+        receiver,
+        on_peer,
+        small,
+        local_dir,
+        limit=small_file_limit,
+        parallel=PARALLEL_FILES,
+        on_progress=on_progress,
+    )
+    for index, result in results.items():
+        entries[index].result = result
     await transfer_all(entries, download)
     extra: dict[str, Any] = {}
     if listing.get("truncated"):

@@ -52,6 +52,7 @@ UPLOAD_FINISH = "file_upload_finish"
 UPLOAD_SMALL = "file_upload_small"
 UPLOAD_BATCH = "file_upload_batch"
 DOWNLOAD = "file_download"
+DOWNLOAD_BATCH = "file_download_batch"
 FILE_DELETE = "file_delete"
 FILE_RENAME = "file_rename"
 # ... and a client registers, to receive pushes.
