@@ -18,7 +18,11 @@ in one run, alternating, ``--repeat`` times:
   both ends, the window growing with the round trip (0 leaves that run out);
 * **netconduit** 5.0.0: its upload and download of ``--netconduit-size`` MiB
   (it sends one 64 KiB chunk per round trip, so a file of ``--size`` would
-  take minutes; 0 leaves it out).
+  take minutes; 0 leaves it out);
+* **directories** (each conduit tree, with this tree's client script): a
+  directory of ``--files`` files of ``--file-kib`` KiB sent up whole
+  (``send_to_server``) and brought back whole (``receive_from_server``),
+  every copy compared with its source; seconds each way (0 files: left out).
 
 Each figure is the median of the repetitions (min-max beside it). The link is
 emulated: a real one adds loss, slow start and a kernel's own window limits,
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import shutil
 import socket
 import statistics
@@ -149,6 +154,55 @@ def _transfers(
     return figures
 
 
+def make_tree(top: Path, files: int, kib: int) -> dict[str, bytes]:
+    """``files`` files of ``kib`` KiB of random bytes under ``top`` (a tenth in a
+    subdirectory); relative name to bytes."""
+    written = {}
+    for index in range(files):
+        name = f"sub/f{index:04d}.bin" if index % 10 == 9 else f"f{index:04d}.bin"
+        data = random.randbytes(kib * 1024)
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_bytes(data)
+        written[name] = data
+    return written
+
+
+def _same_tree(top: Path, expected: dict[str, bytes], what: str) -> None:
+    found = {
+        path.relative_to(top).as_posix(): path.read_bytes()
+        for path in top.rglob("*")
+        if path.is_file()
+    }
+    if found != expected:
+        raise RuntimeError(f"{what}: the directory does not hold what was sent: void")
+
+
+def directories(
+    peer: str, env: dict[str, str], source: Path, expected: dict[str, bytes], scratch: Path,
+    options: argparse.Namespace,
+) -> dict[str, float]:  # fmt: skip
+    """Send the directory ``source`` up and bring it back through the proxy; seconds each way."""
+    storage, down = scratch / "store", scratch / "down"
+    for directory in (storage, down):
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir()
+    serve = [sys.executable, peer, "server", "--spec", json.dumps({"storage": str(storage)})]
+    with (
+        ServerProcess(serve, env, START_TIMEOUT) as server,
+        delayed(server.port, options) as port,
+    ):
+        ops = [
+            {"op": "upload", "path": str(source), "name": "tree"},
+            {"op": "download", "name": "tree", "dir": str(down)},
+        ]
+        spec = json.dumps({"kind": "transfer", "ops": ops, "server_pid": server.pid})
+        argv = [sys.executable, peer, "client", "--port", str(port), "--spec", spec]
+        up, download = run_client(argv, env, CLIENT_TIMEOUT)["ops"]
+    _same_tree(storage / "tree", expected, "uploaded directory")
+    _same_tree(down / "tree", expected, "downloaded directory")
+    return {"dir_up": up["wall_s"], "dir_down": download["wall_s"]}
+
+
 def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[str, float]]]:
     """Every system, ``--repeat`` times, alternating; figures per system and repetition."""
     source = scratch / f"link-{options.size}MiB.bin"
@@ -161,6 +215,8 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
         small = scratch / f"link-{options.netconduit_size}MiB.bin"
         digest = make_source(small, options.netconduit_size * MiB)
         netconduit = (str(netconduit_python()), small, digest)
+    tree_source = scratch / "tree-source"
+    tree_files = make_tree(tree_source, options.files, options.file_kib)
     found: dict[str, list[dict[str, float]]] = {}
     for repetition in range(options.repeat):
         print(f"repetition {repetition + 1}/{options.repeat}", file=sys.stderr)
@@ -175,6 +231,10 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
                 sys.executable, tree.peer("conduit_transfer.py"), tree.env(), source, expected,
                 work, options, calls=True, settings=settings,
             )  # fmt: skip
+            if options.files and not settings:
+                # This tree's client script for every tree: the same work asked of each.
+                client = trees[0].peer("conduit_transfer.py")
+                figures |= directories(client, tree.env(), tree_source, tree_files, work, options)
             growing = f", growing to {options.grow} MiB" if settings else ""
             found.setdefault(f"{tree.label} ({tree.path.name}){growing}", []).append(figures)
         if netconduit is not None:
@@ -194,7 +254,9 @@ def render(found: dict[str, list[dict[str, float]]]) -> str:
     columns = [
         ("up", "upload MB/s"), ("down", "download MB/s"), ("idle_p50", "call p50 ms, idle"),
         ("busy_p50", "p50 during upload"), ("busy_p90", "p90"), ("busy_max", "max"),
+        ("dir_up", "directory up s"), ("dir_down", "directory down s"),
     ]  # fmt: skip
+    digits = {"dir_up": 2, "dir_down": 2}  # seconds: a tenth is most of a figure
     rows = []
     for system, runs in found.items():
         row = [system]
@@ -203,8 +265,8 @@ def render(found: dict[str, list[dict[str, float]]]) -> str:
             if not values:
                 row.append("")
                 continue
-            middle = statistics.median(values)
-            row.append(f"{middle:.1f} ({min(values):.1f}-{max(values):.1f})")
+            middle, places = statistics.median(values), digits.get(key, 1)
+            row.append(f"{middle:.{places}f} ({min(values):.{places}f}-{max(values):.{places}f})")
         rows.append(row)
     return format_table(["system", *(title for _key, title in columns)], rows)
 
@@ -222,6 +284,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--grow", type=int, default=32, help="max_receive_window, MiB (default 32; 0: no such run)"
     )
+    parser.add_argument("--files", type=int, default=200, help="files in the directory runs")
+    parser.add_argument("--file-kib", type=int, default=4, help="KiB per file (default 4)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="64 MiB, 2 MiB, once")
     options = parser.parse_args(argv)
@@ -229,6 +293,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         options.size, options.netconduit_size, options.repeat = 64, 2, 1
     if options.size < 1 or options.repeat < 1 or options.rtt < 0 or options.rate < 0:
         parser.error("--size and --repeat must be at least 1, --rtt and --rate at least 0")
+    if options.files < 0 or options.file_kib < 1:
+        parser.error("--files must be at least 0 and --file-kib at least 1")
     return options
 
 

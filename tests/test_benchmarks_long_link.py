@@ -46,6 +46,7 @@ def test_a_run_reports_tcp_and_conduit_side_by_side(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["--rtt", "20", "--size", "2", "--netconduit-size", "0", "--grow", "4"]
+    argv += ["--files", "12", "--file-kib", "3"]
     assert long_link.main(argv) == 0
     table = capsys.readouterr().out
     rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[2:]}
@@ -53,7 +54,9 @@ def test_a_run_reports_tcp_and_conduit_side_by_side(
     growing = f"{conduit}, growing to 4 MiB"
     assert set(rows) == {"tcp", conduit, growing}
     assert "MB/s" in table.splitlines()[0]
-    # Up, down, then the calls made on the idle connection and during an upload.
-    for name in (conduit, growing):
-        assert len(rows[name].split()) - len(name.split()) == 12
+    # Up, down, then the calls made on the idle connection and during an
+    # upload; and for the default window, the directory up and down.
+    assert len(rows[conduit].split()) - len(conduit.split()) == 16
+    assert len(rows[growing].split()) - len(growing.split()) == 12
+    assert "directory down s" in table.splitlines()[0]
     assert len(rows["tcp"].split()) == 1 + 4

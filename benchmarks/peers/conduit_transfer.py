@@ -190,11 +190,15 @@ async def _transfer(
             with _transferlib.OpTimer(spec.get("server_pid"), spec.get("prime")) as timer:
                 outcome = await driver.while_running(one, ticker)
             _checked(outcome, op["op"])
+            # A directory's result has a size per file.
+            size = outcome.get(
+                "size", sum(file.get("size", 0) for file in outcome.get("files", ()))
+            )
             result["ops"].append(
                 {
                     "op": op["op"],
                     "result": outcome,
-                    **timer.figures(outcome["size"]),
+                    **timer.figures(size),
                     **_stall_figures(lateness),
                 }
             )
