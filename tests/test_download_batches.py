@@ -158,6 +158,22 @@ async def test_a_connection_closed_mid_directory_download_gives_per_file_results
     assert partial_files(out) == []
 
 
+async def test_a_download_directory_that_cannot_be_written_fails_each_file(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    _handler, server = await storage_server(server_factory, tmp_path / "storage")
+    expected = _tree(tmp_path / "storage", 3)
+    client = await client_factory(server)
+    not_a_directory = tmp_path / "out"
+    not_a_directory.write_bytes(b"a file where the download directory should be")
+    with trio.fail_after(10):
+        result = await FileTransferHandler().receive_from_server(client, "d", not_a_directory)
+    assert sorted(entry["name"] for entry in result["files"]) == sorted(expected)
+    assert result["failed"] == 3 and result["success"] is False, result
+    assert all(entry["code"] for entry in result["files"])
+    assert not_a_directory.read_bytes() == b"a file where the download directory should be"
+
+
 async def test_each_file_of_a_download_batch_gets_its_own_answer(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
@@ -332,7 +348,9 @@ async def test_a_servers_lies_in_a_batch_fail_their_files_alone(
     handler = FileTransferHandler(storage_dir=storage)
     expected = _tree(storage, 4)  # d/f000.bin, d/sub/f001.bin, d/f002.bin, d/sub/f003.bin
     names = sorted(expected)
-    good = expected[names[3]]
+    # Larger than the client's small-file limit (64 KiB): the server's may be
+    # higher, and the file may have grown since the listing; it fits the answer.
+    good = os.urandom(100 * KiB)
 
     async def lying(names: list[str], max_bytes: int) -> dict[str, Any]:
         return {

@@ -16,9 +16,11 @@ import pytest
 import trio
 
 from conduit import FileTransferHandler, LocalProtocolError, RPCError
+from conduit._connection import Connection
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._batch_store import MAX_BATCH_FILES
+from conduit.transfer._tree import PARALLEL_FILES
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import (
     partial_files,
@@ -75,6 +77,45 @@ async def test_a_directory_of_small_files_goes_in_batches(
     for entry in result["files"]:
         assert entry["checksum"] == hashlib.sha256(expected[entry["name"]]).hexdigest()
     _nothing_held(handler, storage)
+
+
+async def test_the_batches_of_one_group_of_files_go_out_side_by_side(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    _handler, server = await storage_server(server_factory, storage)
+    client = await client_factory(server)
+    top = tmp_path / "tree"
+    top.mkdir()
+    for index in range(MAX_BATCH_FILES):  # one group, some 60 KiB each: several batches
+        (top / f"f{index:02d}.bin").write_bytes(os.urandom(60 * KiB))
+    in_flight, most = 0, 0
+    original = Connection.call
+
+    async def counting(
+        self: Connection, method: str, args: dict[str, object], timeout: float | None
+    ) -> object:
+        nonlocal in_flight, most
+        if method != "file_upload_batch":
+            return await original(self, method, args, timeout)
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await original(self, method, args, timeout)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(Connection, "call", counting)
+    with trio.fail_after(30):
+        result = await FileTransferHandler().send_to_server(client, top, remote_name="up")
+    assert result["success"] is True and result["transferred"] == MAX_BATCH_FILES, result
+    # Over a long link one after the other cost a round trip each; never more
+    # than PARALLEL_FILES at once.
+    assert 2 <= most <= PARALLEL_FILES, most
+    assert len(visible_files(storage)) == MAX_BATCH_FILES
 
 
 async def test_each_file_of_a_batch_gets_its_own_result(

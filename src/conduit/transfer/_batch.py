@@ -64,6 +64,10 @@ def _read_small(
     return read, failed
 
 
+def _cost(small: _Small) -> int:
+    return entry_cost(small.name, len(small.data))
+
+
 def entry_result(answer: Any, size: int) -> dict[str, Any]:
     """One file's result from a batch answer's entry (``size``: the bytes sent)."""
     if not isinstance(answer, dict):
@@ -95,26 +99,34 @@ async def send_small_files(
     time is ``already_there``).
     """
     results: dict[int, dict[str, Any]] = {}
-    limiter = trio.CapacityLimiter(parallel)
+    reading = trio.CapacityLimiter(parallel)  # groups of files read and held at once
+    sending = trio.CapacityLimiter(parallel)  # batch calls in flight at once
     unsupported = False
 
-    async def one(group: Sequence[tuple[int, str, str]]) -> None:
+    async def send(batch: list[_Small]) -> None:
         nonlocal unsupported
-        async with limiter:
+        async with sending:
+            if unsupported:
+                return
+            outcome = await _call_batch(on_peer, batch, on_progress)
+            if outcome.get("unsupported"):
+                unsupported = True
+            elif not outcome.get("success"):
+                for small in batch:
+                    results[small.index] = dict(outcome)
+            else:
+                await _report(batch, outcome, results)
+
+    async def one(group: Sequence[tuple[int, str, str]]) -> None:
+        # A group's bytes are held until its last batch is answered, so at most
+        # ``parallel`` groups are in memory; its batches go out side by side
+        # (one after the other, a group of larger files took a round trip each).
+        async with reading:
             read, failed = await trio.to_thread.run_sync(_read_small, group, limit, follow_symlinks)
             results.update(failed)
-            batches = cut_batches(read, lambda s: entry_cost(s.name, len(s.data)), max_bytes)
-            for batch in batches:
-                if unsupported:
-                    break
-                outcome = await _call_batch(on_peer, batch, on_progress)
-                if outcome.get("unsupported"):
-                    unsupported = True
-                elif not outcome.get("success"):
-                    for small in batch:
-                        results[small.index] = dict(outcome)
-                else:
-                    await _report(batch, outcome, results)
+            async with trio.open_nursery() as batches:
+                for batch in cut_batches(read, _cost, max_bytes):
+                    batches.start_soon(send, batch)
 
     budget = await on_peer(_frame_budget)
     if not budget.get("success"):

@@ -84,7 +84,7 @@ async def receive_small_files(
         async with limiter:
             if unsupported:
                 return
-            outcome = await _call_batch(on_peer, batch, max_bytes, limit, on_progress)
+            outcome = await _call_batch(on_peer, batch, max_bytes)
             if outcome.get("unsupported"):
                 unsupported = True
             elif not outcome.get("success"):
@@ -110,33 +110,18 @@ async def _answer_budget(peer: Peer) -> dict[str, Any]:
     return {"success": True, "bytes": peer.connection.settings.max_frame_size - FRAME_OVERHEAD}
 
 
-async def _call_batch(
-    on_peer: OnPeer,
-    batch: list[_Wanted],
-    max_bytes: int,
-    limit: int,
-    on_progress: ProgressCallback | None,
-) -> dict[str, Any]:
+async def _call_batch(on_peer: OnPeer, batch: list[_Wanted], max_bytes: int) -> dict[str, Any]:
     """Ask for ``batch`` through ``on_peer``: what :func:`_fetch_batch` returns, or a
     failure dict (the connection gone for good fails the batch, file by file, as
     in :func:`._batch._call_batch`)."""
-    attempt = functools.partial(
-        _fetch_batch, batch=batch, max_bytes=max_bytes, limit=limit, on_progress=on_progress
-    )
+    attempt = functools.partial(_fetch_batch, batch=batch, max_bytes=max_bytes)
     try:
         return await on_peer(attempt)
     except (ConduitError, OSError) as exc:
         return transfer_failure(exc)
 
 
-async def _fetch_batch(
-    peer: Peer,
-    *,
-    batch: list[_Wanted],
-    max_bytes: int,
-    limit: int,
-    on_progress: ProgressCallback | None,
-) -> dict[str, Any]:
+async def _fetch_batch(peer: Peer, *, batch: list[_Wanted], max_bytes: int) -> dict[str, Any]:
     """One ``file_download_batch`` call: ``{"success": True, "entries": [...],
     "started": ..., "connection": ...}``, a failure dict, or ``{"unsupported":
     True}`` when the server does not know the method."""
@@ -151,7 +136,9 @@ async def _fetch_batch(
             max_bytes=max_bytes,
             timeout=math.inf,  # reads take what the disk takes; the heartbeat sees a dead peer
         )
-        entries = batch_download_answer(answer, names, limit)
+        # A file may come larger than our limit (the server's may be higher), never
+        # larger than the answer's room.
+        entries = batch_download_answer(answer, names, max_bytes)
     except ConduitError as exc:
         if getattr(exc, "code", None) == "not_found" and DOWNLOAD_BATCH in str(exc):
             return {"success": True, "unsupported": True}
@@ -182,8 +169,18 @@ async def _keep(
     if not files:
         return
     connection: Connection = outcome["connection"]
-    kept = await receiver.keep_small_downloads(
-        connection, local_dir, [file for _, file in files], on_progress, started=outcome["started"]
-    )
+    try:
+        kept = await receiver.keep_small_downloads(
+            connection,
+            local_dir,
+            [file for _, file in files],
+            on_progress,
+            started=outcome["started"],
+        )
+    except (OSError, ConduitError) as exc:
+        # The directory itself failed (one file's failure is in its result):
+        # each file's failure, as a single download's would be, never an
+        # exception that would cancel the other batches.
+        kept = [transfer_failure(exc)] * len(files)
     for (wanted, _), result in zip(files, kept, strict=True):
         results[wanted.index] = result
