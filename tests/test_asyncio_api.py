@@ -255,6 +255,18 @@ async def _receive_from_server(w: World) -> None:
     assert (w.tmp / "dl" / "down.bin").read_bytes() == b"x" * 70_000
 
 
+async def _receive_files_from_server(w: World) -> None:
+    storage = w.server_transfer.storage_dir
+    (storage / "many").mkdir(exist_ok=True)
+    (storage / "many" / "a.txt").write_bytes(b"a")
+    (storage / "many" / "b.bin").write_bytes(b"b" * 300_000)
+    results = await w.client_transfer.receive_files_from_server(
+        w.client, ["many/a.txt", "many/b.bin", "many/missing.txt"], w.tmp / "several"
+    )
+    assert [result["success"] for result in results] == [True, True, False]
+    assert (w.tmp / "several" / "many" / "b.bin").read_bytes() == b"b" * 300_000
+
+
 async def _list_files(w: World) -> None:
     (w.server_transfer.storage_dir / "listed.txt").write_bytes(b"hi")
     names = {entry["name"] for entry in await w.client_transfer.list_files(w.client)}
@@ -299,6 +311,7 @@ DRIVERS: dict[tuple[str, str], Driver] = {
     ("FileTransferHandler", "send_files_to_server"): _send_files_to_server,
     ("FileTransferHandler", "send_to_client"): _send_to_client,
     ("FileTransferHandler", "receive_from_server"): _receive_from_server,
+    ("FileTransferHandler", "receive_files_from_server"): _receive_files_from_server,
     ("FileTransferHandler", "list_files"): _list_files,
     ("FileTransferHandler", "delete"): _delete,
     ("FileTransferHandler", "rename"): _rename,

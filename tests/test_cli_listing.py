@@ -34,6 +34,8 @@ from conduit import Client, FileTransferHandler, Server
 from conduit.cli._display import FileJob, LiveDisplay, summary_line
 from conduit.cli._transfer import collect_uploads
 from conduit.transfer import FileListing
+from conduit.transfer._batch_serve import BatchServer
+from conduit.transfer._sender import Sender
 from conftest import PASSWORD, ClientFactory, ServerFactory
 from test_cli import (
     ServeProcess,
@@ -175,6 +177,46 @@ async def test_get_dir_is_planned_from_its_own_listing(
     document = _document(result)
     assert [entry["name"] for entry in document["files"]] == ["zdir/f1.txt", "zdir/f2.txt"]
     assert visible_files(out) == {"zdir/f1.txt": b"z1", "zdir/f2.txt": b"z2"}
+
+
+async def test_get_dir_brings_small_files_many_per_call(
+    tmp_path: Path, server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {f"zdir/f{i:03d}.txt": b"z%d" % i for i in range(100)}
+    files["zdir/big.bin"] = os.urandom(300 * 1024)  # over the small-file limit: alone
+    directory = tmp_path / "served"
+    _tree(directory, files)
+    handler = FileTransferHandler(storage_dir=directory)
+    serving = await server_factory(register=handler.register_server_handlers)
+    calls: list[str] = []
+    batch_serve, start_download = BatchServer.serve, Sender._start_download
+
+    async def counted_batch(self: BatchServer, wanted: Any) -> Any:
+        calls.append("batch")
+        return await batch_serve(self, wanted)
+
+    async def counted_download(self: Sender, *args: Any) -> Any:
+        calls.append("download")
+        return await start_download(self, *args)
+
+    monkeypatch.setattr(BatchServer, "serve", counted_batch)
+    monkeypatch.setattr(Sender, "_start_download", counted_download)
+    out = tmp_path / "out"
+    address = f"127.0.0.1:{serving.port}"
+    result = await _run("get", "zdir", "--json", "-o", str(out), "--from", address)
+    assert result.returncode == 0, result
+    document = _document(result)
+    assert len(document["files"]) == len(files) and document["ok"] is True, document
+    assert visible_files(out) == files
+    assert all(Path(entry["path"]).is_file() for entry in document["files"]), document
+    # 100 files in two groups of 64 and 36 (a call each), the big one alone.
+    assert calls.count("download") == 1 and 2 <= calls.count("batch") <= 4, calls
+    calls.clear()
+    again = await _run("get", "zdir", "--json", "-o", str(out), "--from", address)
+    assert again.returncode == 0, again
+    skipped = [entry.get("reason") for entry in _document(again)["files"]]
+    assert skipped == ["already_there"] * len(files), skipped
+    assert visible_files(out) == files
 
 
 async def test_get_dir_with_a_cut_listing_fails_instead_of_passing_for_complete(

@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from conduit import FileTransferHandler, RPCError, Server, TransferProgress
 from conduit.accounts import MIN_STRETCH, Accounts
-from conduit.transfer import _backend_local, _local
+from conduit.transfer import _backend_local, _local, _storage
 from conduit.transfer._backend import SmallRead
-from conduit.transfer._batch_store import MAX_BATCH_FILES, entry_cost
+from conduit.transfer._batch_store import MAX_BATCH_FILES, DirectoryAdmitter, entry_cost
 from conduit.transfer._local import SmallFile
 from conduit.transfer._names import partial_basename
 from conduit.transfer._storage import StorageRoot
@@ -115,14 +116,18 @@ async def test_a_directory_of_small_files_downloads_in_batches(
     assert sent["d/f000.bin"]["checksum"] == _sha256(expected["d/f000.bin"])
     assert sent["d/sub/f001.bin"]["size"] == len(expected["d/sub/f001.bin"])
 
-    # Again: every file is already there, found by the hashes the batches carry.
+    # Again: every file is already there, told by the digests of our copies,
+    # so the server sends no bytes (and serves nothing) for them; a file
+    # changed here comes again, under a collision name (overwrite is off).
+    (out / "d/f002.bin").write_bytes(b"changed here")
     methods.clear()
+    served.clear()
     with trio.fail_after(30):
         again = await local.receive_from_server(client, "d", out)
-    assert again["success"] is True and again["skipped"] == len(expected), again
-    assert {entry["reason"] for entry in again["files"]} == {"already_there"}
+    assert again["success"] is True and again["skipped"] == len(expected) - 1, again
     assert methods.count("file_download_batch") == 2 and "file_download" not in methods
-    assert visible_files(out) == sorted(expected)
+    assert [name for name, _ in served] == ["d/f002.bin"]
+    assert (out / "d/f002 (1).bin").read_bytes() == expected["d/f002.bin"]
 
 
 async def test_a_connection_closed_mid_directory_download_gives_per_file_results(
@@ -158,6 +163,41 @@ async def test_a_connection_closed_mid_directory_download_gives_per_file_results
     assert partial_files(out) == []
 
 
+async def test_every_file_a_batch_stored_is_announced_when_the_caller_stops_early(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    _handler, server = await storage_server(server_factory, tmp_path / "storage")
+    _tree(tmp_path / "storage", 3 * MAX_BATCH_FILES)
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    announced: list[str] = []
+
+    @local.on_file_received
+    async def heard(path: str, metadata: dict[str, Any]) -> None:
+        announced.append(metadata["filename"])
+        await trio.lowlevel.checkpoint()  # a schedule point, where a cancellation may land
+
+    reports = 0
+
+    def progress(_report: TransferProgress) -> None:
+        nonlocal reports
+        reports += 1
+        if reports == 3:
+            raise RuntimeError("the application's progress bar broke")
+
+    out = tmp_path / "out"
+    with trio.fail_after(30), pytest.raises(RuntimeError, match="progress bar broke"):
+        await local.receive_from_server(client, "d", out, on_progress=progress)
+    stored = visible_files(out)
+    assert len(stored) >= MAX_BATCH_FILES  # a whole batch was stored before the error
+    assert sorted(announced) == stored
+    announced.clear()
+    # A caller's deadline: what was stored by then was announced too.
+    with trio.move_on_after(0.05):
+        await local.receive_from_server(client, "d", tmp_path / "again")
+    assert sorted(announced) == visible_files(tmp_path / "again")
+
+
 async def test_a_download_directory_that_cannot_be_written_fails_each_file(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
@@ -172,6 +212,38 @@ async def test_a_download_directory_that_cannot_be_written_fails_each_file(
     assert result["failed"] == 3 and result["success"] is False, result
     assert all(entry["code"] for entry in result["files"])
     assert not_a_directory.read_bytes() == b"a file where the download directory should be"
+
+
+async def test_receive_files_from_server_gives_one_result_per_name_in_order(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    _handler, server = await storage_server(server_factory, storage)
+    expected = _tree(storage, 30)
+    write_bytes(storage / "big.bin", os.urandom(300 * KiB))
+    client = await client_factory(server)
+    local = FileTransferHandler()
+    names = [*sorted(expected), "big.bin", "missing.txt", "../escape.txt", "d"]
+    out = tmp_path / "out"
+    methods = record_calls(monkeypatch)
+    with trio.fail_after(30):
+        results = await local.receive_files_from_server(client, names, out)
+    assert len(results) == len(names)
+    for name, result in zip(sorted(expected), results, strict=False):
+        assert result["success"] is True and result["checksum"] == _sha256(expected[name])
+        assert (out / name).read_bytes() == expected[name]
+    big, missing, escape, directory = results[len(expected) :]
+    assert big["success"] is True and big["size"] == 300 * KiB
+    assert missing["code"] == "not_found" and escape["code"] == "unsafe_path", results
+    assert directory["success"] is False, directory  # a directory is fetched by itself
+    # Sizes not known: each counted as large as a small file may be (64 KiB),
+    # 14 to a call; the big file and the directory by themselves.
+    assert methods.count("file_download_batch") == 3
+    with pytest.raises(ValueError, match="sizes"):
+        await local.receive_files_from_server(client, names, out, sizes=[1])
 
 
 async def test_each_file_of_a_download_batch_gets_its_own_answer(
@@ -215,6 +287,18 @@ async def test_each_file_of_a_download_batch_gets_its_own_answer(
     assert link["success"] is False and link["code"] == "unsafe_path", link
     assert empty["data"] == b"" and empty["sha256"] == _sha256(b"")
     assert b["data"] == b"beta" and b["name"] == "dir/b.txt"
+    # A copy the caller has: its bytes are not sent again; another's are.
+    with trio.fail_after(10):
+        known = await client.call(
+            "file_download_batch",
+            names=["a.txt", "dir/b.txt"],
+            have=[_sha256(b"alpha"), _sha256(b"an older beta")],
+            max_bytes=512 * KiB,
+        )
+    assert known["files"] == [
+        {"name": "a.txt", "size": 5, "sha256": _sha256(b"alpha"), "unchanged": True},
+        {**b, "name": "dir/b.txt"},
+    ]
     # Room for the first file only (each entry counts its name and some
     # framing besides its data): the next is left to the per-file path.
     room = entry_cost("a.txt", 5) + entry_cost("dir/b.txt", 4) - 1
@@ -245,11 +329,16 @@ async def test_a_download_batch_over_the_bounds_is_refused_whole(
         (["a.txt"], True, "invalid_arguments"),
         (["a.txt"], "1000", "invalid_arguments"),
     ]
+    bad_have: list[Any] = ["not a list", [None, None], [7]]
     with trio.fail_after(10):
         for names, max_bytes, code in bad:
             with pytest.raises(RPCError) as refused:
                 await client.call("file_download_batch", names=names, max_bytes=max_bytes)
             assert refused.value.code == code, (names, max_bytes)
+        for have in bad_have:
+            with pytest.raises(RPCError) as refused:
+                await client.call("file_download_batch", names=["a.txt"], max_bytes=1000, have=have)
+            assert refused.value.code == "invalid_arguments", have
         fine = await client.call(
             "file_download_batch",
             names=["a.txt"] * MAX_BATCH_FILES,
@@ -341,24 +430,53 @@ async def test_a_server_without_download_batches_gets_one_file_per_call(
     assert methods.count("file_download_batch") == 1 and methods.count("file_download") == 5
 
 
+async def test_a_batch_refused_as_a_whole_leaves_its_files_to_the_per_file_path(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = tmp_path / "storage"
+    handler = FileTransferHandler(storage_dir=storage)
+    expected = _tree(storage, 5)
+
+    async def busy(names: list[str], max_bytes: int, have: Any = None) -> dict[str, Any]:
+        raise RPCError("too many transfers on this connection (limit 1)", "overloaded")
+
+    def register(server: Server) -> None:
+        handler.register_server_handlers(server)
+        server.register_rpc(busy, "file_download_batch")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    methods = record_calls(monkeypatch)
+    with trio.fail_after(10):
+        result = await FileTransferHandler().receive_from_server(client, "d", tmp_path / "out")
+    assert result["success"] is True and result["transferred"] == 5, result
+    assert methods.count("file_download_batch") == 1 and methods.count("file_download") == 5
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in expected} == expected
+
+
 async def test_a_servers_lies_in_a_batch_fail_their_files_alone(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
     handler = FileTransferHandler(storage_dir=storage)
-    expected = _tree(storage, 4)  # d/f000.bin, d/sub/f001.bin, d/f002.bin, d/sub/f003.bin
+    expected = _tree(storage, 5)  # d/f000.bin, d/f002.bin, d/f004.bin, d/sub/f001.bin, ...
     names = sorted(expected)
     # Larger than the client's small-file limit (64 KiB): the server's may be
     # higher, and the file may have grown since the listing; it fits the answer.
     good = os.urandom(100 * KiB)
 
-    async def lying(names: list[str], max_bytes: int) -> dict[str, Any]:
+    async def lying(names: list[str], max_bytes: int, have: Any = None) -> dict[str, Any]:
         return {
             "files": [
                 {"name": names[0], "size": 3, "sha256": _sha256(b"abc"), "data": b"xyz"},
                 {"name": "../../escape.bin", "size": 1, "sha256": _sha256(b"e"), "data": b"e"},
                 {"name": names[2], "size": 5, "sha256": _sha256(b"abc"), "data": b"abc"},
                 {"name": names[3], "size": len(good), "sha256": _sha256(good), "data": good},
+                # We sent no digest for it: we have no copy it could equal.
+                {"name": names[4], "size": 1, "sha256": "0" * 64, "unchanged": True},
             ]
         }
 
@@ -377,6 +495,7 @@ async def test_a_servers_lies_in_a_batch_fail_their_files_alone(
         names[1]: "bad_answer",
         names[2]: "bad_answer",
         names[3]: None,
+        names[4]: "bad_answer",
     }, result
     assert visible_files(out) == [names[3]]
     assert (out / names[3]).read_bytes() == good
@@ -418,3 +537,19 @@ def test_a_file_written_to_while_it_is_read_for_a_batch_is_not_sent(
     assert _backend_local.read_whole(storage, "f.bin", 12) == SmallRead(
         13, path.stat().st_mtime_ns, None
     )
+
+
+def test_a_partial_a_crash_leaves_in_a_download_directory_goes_with_the_next_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where there is no O_TMPFILE a batch file is written to a named partial
+    # first; a process killed before the link leaves it behind.
+    monkeypatch.setattr(_storage, "_TMPFILE_FLAGS", None)
+    storage = StorageRoot(tmp_path)
+    admission = DirectoryAdmitter(storage).admit("d/b.bin", 3)
+    assert admission.partial is not None
+    admission.partial.write_block(b"abc")
+    admission.partial.close()  # what a crash leaves: the bytes, under a hidden name
+    assert len(partial_files(tmp_path)) == 1
+    assert storage.remove_download_partials(["d/b.bin"]) == 1
+    assert partial_files(tmp_path) == []

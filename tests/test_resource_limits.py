@@ -594,6 +594,45 @@ async def test_stalled_downloads_hold_a_bounded_read_ahead(
     await wait_until(lambda: not server.clients, timeout=20)
 
 
+@hostile(
+    "stalled-download-batches-no-read",
+    area=AREA,
+    attack="32 file_download_batch calls (64 names of a 64 KiB file each, max_frame_size "
+    "16 MiB, so each answer could carry 4 MiB) in one record, from a peer that then never "
+    "reads its socket",
+    behaviour="the answers queued for the peer and the bytes read for answers not yet handed "
+    "over stay within twice read_ahead_per_connection (8 MiB): an answer is handed over only "
+    "once those before it take no more than the budget",
+)
+async def test_stalled_download_batches_hold_a_bounded_memory(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    await trio.to_thread.run_sync(write_random_file, storage / "f.bin", 64 * 1024)
+    server, transfer = await _file_server(server_factory, storage)
+    peer = await RawPeer.authenticated(server.port, PASSWORD, max_frame_size=16 * MiB)
+    await wait_until(lambda: bool(server.clients), timeout=10)
+    (session,) = server.clients.values()
+    connection = session.connection
+    read_ahead = transfer._sender._budget(connection).read_ahead
+    calls = [
+        call_frame(100 + index, "file_download_batch", names=["f.bin"] * 64, max_bytes=16 * MiB)
+        for index in range(32)
+    ]
+    await peer.send_sealed(*calls)
+    most = 0
+    with trio.move_on_after(3):
+        while True:
+            most = max(most, connection._outbox.control_bytes + read_ahead.in_use)
+            await trio.sleep(0.02)
+    # Queued answers up to the budget, the next answers' bytes up to the budget,
+    # and what one more answer carries past it.
+    assert most <= 2 * read_ahead.capacity + 5 * MiB, f"{most / MiB:.1f} MiB held"
+    await peer.aclose()
+    await wait_until(lambda: not server.clients, timeout=20)
+    assert read_ahead.in_use == 0
+
+
 # --------------------------------------------------------------------------- resume hashing
 
 

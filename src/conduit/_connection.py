@@ -1683,6 +1683,12 @@ class Connection:
         self._outbox.put_control((frame,))
         return True
 
+    async def wait_control_below(self, limit: int) -> None:
+        """Until the control frames queued for the peer (answers, messages) take at
+        most ``limit`` bytes: a handler about to answer with many bytes waits for
+        the answers before it to go (``ConnectionClosed`` if the connection ends)."""
+        await self._outbox.wait_control_below(limit)
+
     async def wait_for_message_room(self) -> None:
         """Until :meth:`offer_message` may queue a message (``ConnectionClosed``
         if the connection ends first)."""

@@ -42,7 +42,8 @@ from ._display import (
 Transfer = Callable[[FileJob, ProgressCallback | None], Awaitable[dict[str, Any]]]
 #: Sends several jobs in one go; one result per job, in order.
 GroupTransfer = Callable[[Sequence[FileJob]], Awaitable[list[dict[str, Any]]]]
-#: Small files handed to ``send_files_to_server`` at once (one batch call each).
+#: Small files handed to ``send_files_to_server`` or ``receive_files_from_server``
+#: at once (one batch call each).
 GROUP_FILES = 64
 
 
@@ -468,8 +469,25 @@ async def get(
                         job.local = display_path(str(result["path"]))
                     return result
 
+                async def download_group(group: Sequence[FileJob]) -> list[dict[str, Any]]:
+                    names, sizes = [job.name for job in group], [job.size for job in group]
+                    results = await handler.receive_files_from_server(
+                        client, names, output_dir, sizes=sizes
+                    )
+                    for job, result in zip(group, results, strict=True):
+                        if result.get("success") and "path" in result:
+                            job.local = display_path(str(result["path"]))
+                    return results
+
                 await _transfer_files(
-                    "get", jobs, download, parallel=parallel, json_output=json_output, client=client
+                    "get",
+                    jobs,
+                    download,
+                    parallel=parallel,
+                    json_output=json_output,
+                    client=client,
+                    # Small files many per call (receive_files_from_server batches them).
+                    group=(handler.chunk_size, download_group),
                 )
                 refused = client.reconnect_refused is not None
     except CLIError as exc:

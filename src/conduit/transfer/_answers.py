@@ -118,6 +118,15 @@ class BatchFile:
     sha256: str
 
 
+@attrs.frozen
+class SameFile:
+    """A file a ``file_download_batch`` answer says the caller already has (same SHA-256)."""
+
+    name: str
+    size: int
+    sha256: str
+
+
 def failed_entry(answer: dict[str, Any]) -> dict[str, Any]:
     """A peer's ``{"success": False, "error", "code"}`` for one file, both texts bounded."""
     error, code = answer.get("error"), answer.get("code")
@@ -126,15 +135,22 @@ def failed_entry(answer: dict[str, Any]) -> dict[str, Any]:
     return {"success": False, "error": error[:4096], "code": code[:64]}
 
 
-def _batch_entry(entry: Any, name: str, limit: int) -> BatchFile | dict[str, Any] | None:
+def _batch_entry(
+    entry: Any, name: str, limit: int, have: str | None
+) -> BatchFile | SameFile | dict[str, Any] | None:
     body = _mapping(entry, "a batch entry")
     if body.get("name") != name:
-        raise BadAnswer(f"an entry names {body.get('name')!r} where {name!r} was asked")
+        shown = repr(body.get("name"))[:200]  # the peer's text: bounded in our result
+        raise BadAnswer(f"an entry names {shown} where {name!r} was asked")
     if body.get("success") is False:
         return failed_entry(body)
     if body.get("by_itself") is True:
         return None
     size = _integer(body, "size", 0, limit)
+    if body.get("unchanged") is True:
+        if have is None or body.get("sha256") != have:
+            raise BadAnswer(f"{name!r} is said unchanged, but not with the digest sent")
+        return SameFile(name, size, have)
     data = body.get("data")
     if not isinstance(data, bytes) or len(data) != size:
         raise BadAnswer(f"the data of {name!r} is not {size} bytes")
@@ -142,22 +158,24 @@ def _batch_entry(entry: Any, name: str, limit: int) -> BatchFile | dict[str, Any
 
 
 def batch_download_answer(
-    answer: Any, names: list[str], limit: int
-) -> list[BatchFile | dict[str, Any] | None]:
-    """Check a ``file_download_batch`` answer: one entry per name asked, in order.
+    answer: Any, asked: list[tuple[str, str | None]], limit: int
+) -> list[BatchFile | SameFile | dict[str, Any] | None]:
+    """Check a ``file_download_batch`` answer: one entry per name asked, in order
+    (``asked``: each name with the digest of our copy, or None).
 
-    Each entry becomes the file (at most ``limit`` bytes), that file's
-    failure, or None: download it by itself. An answer that does not list
-    the names asked raises :class:`BadAnswer`; one malformed entry is that
-    file's ``bad_answer`` failure.
+    Each entry becomes the file (at most ``limit`` bytes), a :class:`SameFile`
+    (only where we sent that digest), that file's failure, or None: download
+    it by itself. An answer that does not list the names asked raises
+    :class:`BadAnswer`; one malformed entry is that file's ``bad_answer``
+    failure.
     """
     listed = _mapping(answer, "the batch answer").get("files")
-    if not isinstance(listed, list) or len(listed) != len(names):
+    if not isinstance(listed, list) or len(listed) != len(asked):
         raise BadAnswer("a batch answer must list one entry per name asked")
-    entries: list[BatchFile | dict[str, Any] | None] = []
-    for entry, name in zip(listed, names, strict=True):
+    entries: list[BatchFile | SameFile | dict[str, Any] | None] = []
+    for entry, (name, have) in zip(listed, asked, strict=True):
         try:
-            entries.append(_batch_entry(entry, name, limit))
+            entries.append(_batch_entry(entry, name, limit, have))
         except BadAnswer as exc:
             entries.append({"success": False, "error": exc.message, "code": exc.code})
     return entries
@@ -168,6 +186,7 @@ __all__ = [
     "BadAnswer",
     "BatchFile",
     "BeginAnswer",
+    "SameFile",
     "StatAnswer",
     "batch_download_answer",
     "begin_answer",

@@ -13,6 +13,8 @@ order, each one of:
   was read): download it on its own, as a single file;
 * ``{"name", "success": False, "error", "code"}``: it cannot be served (not
   there, a directory, an unsafe name), with the code a single download gets.
+* ``{"name", "size", "sha256", "unchanged": True}``: the caller said it has
+  a copy with this SHA-256 (``have``), and it is the file's: no bytes sent.
 
 Every name goes through the backend as a single download's does
 (:meth:`._backend.Backend.read_small_files` opens it as ``open_source`` does: the
@@ -21,7 +23,7 @@ each file sent or refused.
 
 Bounds: at most :data:`._batch_store.MAX_BATCH_FILES` names per call, and
 one answer's entries (each counted as :func:`._batch_store.entry_cost` of its
-name and its data; an error message is cut to 512 characters, which
+name and its data; an error message is cut to 512 bytes, which
 :data:`._batch_store.FRAME_OVERHEAD` leaves room for) within the smaller of
 what the caller asks (``max_bytes``) and what the caller's ``max_frame_size``
 leaves (less that overhead); the client sizes its batches by the same count,
@@ -31,9 +33,10 @@ the room for its data out of the connection's read-ahead budget
 (:mod:`._budget`) before it reads: whole, so no batch waits while it holds
 part of the budget (two such could wait for each other for ever). What the
 files did not need goes back at once, the rest when the answer is handed to
-the connection, whose reader stops taking calls while answers wait to be
-sent. The backend reads the files in one go (the local one in a single
-worker-thread hop).
+the connection; and it is handed over only once the answers queued before it
+take no more than the budget, so a peer that stops reading makes the server
+hold at most twice the budget, however many calls it sends. The backend
+reads the files in one go (the local one in a single worker-thread hop).
 """
 
 from __future__ import annotations
@@ -52,16 +55,18 @@ from ._wire import as_rpc_error
 if TYPE_CHECKING:
     from .._peer import Peer
 
-#: Characters of a failed file's error message in an answer, at most (64 of
-#: them fit in FRAME_OVERHEAD, with the digests and the framing).
+#: Bytes (UTF-8) of a failed file's error message in an answer, at most (64
+#: of them fit in FRAME_OVERHEAD, with the digests and the framing).
 _MAX_ERROR = 512
 
 #: ``on_file_served``'s notice: (caller, name, metadata).
 Served = Callable[["Peer", str, dict[str, Any]], Awaitable[None]]
 
 
-def parse_request(names: Any, max_bytes: Any) -> list[str]:
-    """Check a request's shape: a list of at most MAX_BATCH_FILES names, a byte count.
+def parse_request(names: Any, max_bytes: Any, have: Any) -> list[tuple[str, str | None]]:
+    """Check a request's shape: a list of at most MAX_BATCH_FILES names, a byte
+    count, and for each name the SHA-256 of the caller's copy or None (``have``
+    may be None: no copies); each name with its digest.
 
     Malformed, it is refused whole (``invalid_arguments``, or
     ``batch_too_large``): no client of ours sends one. Each name is checked
@@ -75,7 +80,15 @@ def parse_request(names: Any, max_bytes: Any) -> list[str]:
         )
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
         raise RPCError("max_bytes must be a non-negative integer", "invalid_arguments")
-    return names
+    if have is None:
+        have = [None] * len(names)
+    if (
+        not isinstance(have, list)
+        or len(have) != len(names)
+        or not all(digest is None or isinstance(digest, str) for digest in have)
+    ):
+        raise RPCError("have must list a digest (or None) per name", "invalid_arguments")
+    return list(zip(names, have, strict=True))
 
 
 class BatchServer:
@@ -100,8 +113,9 @@ class BatchServer:
         self._room = room
         self._served = served
 
-    async def serve(self, names: list[str]) -> list[dict[str, Any]]:
-        """The answer's entries, one per name."""
+    async def serve(self, wanted: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
+        """The answer's entries, one per name (with the SHA-256 of the caller's copy)."""
+        names = [name for name, _ in wanted]
         read_ahead = self._budget.read_ahead
         # Each name costs its entry whatever becomes of it; the data gets the rest,
         # at most the read-ahead budget's capacity (take's own bound), taken whole
@@ -119,24 +133,34 @@ class BatchServer:
             read_ahead.give_back(taken - kept)
             taken = kept
             elapsed = trio.current_time() - started
+            # Answers leave through the connection's control queue, which
+            # nothing else bounds: hand this one over (and give its room back)
+            # only once those before it take no more than the budget, so a
+            # peer that stops reading holds at most twice the budget here.
+            await self._caller.connection.wait_control_below(read_ahead.capacity)
             return [
-                await self._entry(name, read, elapsed)
-                for name, read in zip(names, reads, strict=True)
+                await self._entry(name, read, elapsed, have)
+                for (name, have), read in zip(wanted, reads, strict=True)
             ]
         finally:
             read_ahead.give_back(taken)
 
-    async def _entry(self, name: str, read: SmallRead, elapsed: float) -> dict[str, Any]:
+    async def _entry(
+        self, name: str, read: SmallRead, elapsed: float, have: str | None
+    ) -> dict[str, Any]:
         caller = self._caller
         if read.error is not None:
             error = as_rpc_error(read.error, name=name)
             # Bounded: a message names the file, and the answer has a frame to fit in.
-            failure = {"success": False, "error": error.message[:_MAX_ERROR], "code": error.code}
+            message = error.message.encode()[:_MAX_ERROR].decode(errors="ignore")
+            failure = {"success": False, "error": message, "code": error.code}
             await self._served(caller, name, {"size": 0, **failure})  # its size is not known
             return {"name": name, **failure}
         small = read.small
         if small is None:  # larger than the room left, or it changed while read
             return {"name": name, "by_itself": True}
+        if have == small.sha256:  # the caller has these bytes: nothing to send, nothing served
+            return {"name": name, "size": read.size, "sha256": small.sha256, "unchanged": True}
         await self._served(
             caller,
             name,

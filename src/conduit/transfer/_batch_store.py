@@ -45,7 +45,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 
 from ..errors import RPCError, TransferError
-from ._names import safe_relative_name
+from ._names import DOWNLOAD_ID_PREFIX, safe_relative_name
 from ._rerun import VariantBudget, find_sync, skipped_result
 from ._space import Admission, owned_transfer_id
 from ._storage import StorageRoot
@@ -175,7 +175,10 @@ class DirectoryAdmitter:
     def admit(self, name: str, size: int) -> Admission:
         """Check the free space, then open ``name``'s anonymous partial."""
         self.storage.check_can_accept(size)
-        transfer_id = owned_transfer_id(None, "")
+        # A download's kind of id: a partial a crash leaves under it (no
+        # O_TMPFILE, or an overwrite's temporary) is one a later download of
+        # the name removes (StorageRoot.remove_download_partials).
+        transfer_id = DOWNLOAD_ID_PREFIX + owned_transfer_id(None, "")
         partial = self.storage.open_one_shot(name, transfer_id)
         return Admission(self.storage, (), name, transfer_id, "", size, 0, partial)
 

@@ -47,7 +47,7 @@ from ._slots import TransferSlots
 from ._small import probe
 from ._space import DEFAULT_FREE_SPACE_MARGIN
 from ._storage import StorageRoot
-from ._tree import receive_tree, send_files, send_tree
+from ._tree import receive_files, receive_tree, send_files, send_tree
 from ._wire import (
     DOWNLOAD,
     DOWNLOAD_BATCH,
@@ -459,6 +459,42 @@ class FileTransferHandler:
             Path(local_dir),
             on_progress,
             small_file_limit=self._sender.small_file_limit,
+        )
+
+    @bridged
+    @callback_errors_as_they_are
+    async def receive_files_from_server(
+        self,
+        client: Client,
+        names: Sequence[str],
+        local_dir: str | os.PathLike[str] = "./downloads",
+        on_progress: ProgressCallback | None = None,
+        *,
+        sizes: Sequence[int | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Download several of the server's files into ``local_dir``; one result per name, in order.
+
+        Each result is what :meth:`receive_from_server` returns for that file
+        (a name that is a directory there fails: download it by itself), and a
+        problem with one file (missing, a refused name) is that file's
+        ``{"success": False, ...}``: nothing raises for it. Small files (up to
+        ``chunk_size`` and 256 KiB) come many per call
+        (``file_download_batch``, see :doc:`file-transfer`), and a local copy
+        with the server's SHA-256 is not sent again; the others come one by
+        one, a few at once. ``sizes`` (one per name, None where not known:
+        what :meth:`list_files` gave) packs the calls: a file of unknown size
+        is counted as large as a small file may be.
+        """
+        if sizes is not None and len(sizes) != len(names):
+            raise ValueError(f"{len(sizes)} sizes for {len(names)} names")
+        return await receive_files(
+            self._receiver,
+            lambda attempt: on_client(client, attempt),
+            names,
+            Path(local_dir),
+            forward_only(on_progress),
+            small_file_limit=self._sender.small_file_limit,
+            sizes=sizes,
         )
 
     @bridged

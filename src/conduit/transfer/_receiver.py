@@ -401,10 +401,25 @@ class Receiver:
             # A one-shot file arrives whole: its one report, at 100 %.
             size = len(entry.data)
             await report(TransferProgress(entry.safe, "receive", size, size, elapsed))
-        result = await self._announce(
-            caller.connection,
-            caller,
-            self._settings.backend.location_of(caller, entry.published),
+        location = self._settings.backend.location_of(caller, entry.published)
+        result = await self._announce_entry(caller.connection, caller, location, entry, elapsed)
+        result.pop("local_path")
+        return result
+
+    async def _announce_entry(
+        self,
+        connection: Connection,
+        peer: Peer | None,
+        local_path: str,
+        entry: Entry,
+        elapsed: float,
+    ) -> dict[str, Any]:
+        """:meth:`_announce` for a one-shot file (of a batch, or alone) stored whole."""
+        assert entry.published is not None
+        return await self._announce(
+            connection,
+            peer,
+            local_path,
             entry.published,
             entry.safe,
             len(entry.data),
@@ -412,8 +427,6 @@ class Receiver:
             resumed_from=0,
             elapsed=elapsed,
         )
-        result.pop("local_path")
-        return result
 
     # ------------------------------------------------------------------ download (client side)
 
@@ -548,47 +561,65 @@ class Receiver:
             # (a single download removes it when it starts from zero).
             local.remove_download_partials(e.safe for e in entries if e.error is None)
 
-        await trio.to_thread.run_sync(store)
         results = []
-        for entry in entries:
-            if entry.error is not None:
-                results.append(entry.failure())
-                continue
-            assert entry.published is not None
-            size, local_path = len(entry.data), str(local.path / entry.published)
-            reporter = ProgressReporter(
-                on_progress,
-                filename=entry.safe,
-                direction="download",
-                total_size=size,
-                resumed_from=size if entry.skipped else 0,
-                started=started,
-            )
-            if entry.skipped:
-                await reporter.finish()
-                results.append(
-                    skipped_result(
-                        entry.published, size, entry.sha256, path=local_path, resumed_from=0
+        announced: set[int] = set()
+        try:
+            await trio.to_thread.run_sync(store)
+            for index, entry in enumerate(entries):
+                if entry.error is not None:
+                    results.append(entry.failure())
+                    continue
+                final = await self._report_kept(entry, on_progress, started)
+                if entry.skipped:
+                    assert entry.published is not None
+                    path, size = str(local.path / entry.published), len(entry.data)
+                    digest = entry.sha256
+                    results.append(
+                        skipped_result(entry.published, size, digest, path=path, resumed_from=0)
                     )
-                )
-                continue
-            await reporter.advance(size)
-            final = await reporter.finish()
-            result = await self._announce(
-                connection,
-                None,
-                local_path,
-                entry.published,
-                entry.safe,
-                size,
-                entry.sha256,
-                resumed_from=0,
-                elapsed=final.elapsed,
-            )
-            result["path"] = result.pop("local_path")
-            result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
-            results.append(result)
+                    continue
+                announced.add(index)  # before: a callback cut short is not run twice
+                result = await self._announce_kept(connection, local, entry, final.elapsed)
+                result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
+                results.append(result)
+        finally:
+            # Every file stored is announced, also when the caller stops or its
+            # on_progress raises before its turn (a batch is stored whole, and
+            # a cancellation may land as the store's thread returns).
+            with trio.CancelScope(shield=True):
+                for index, entry in enumerate(entries):
+                    if entry.published and not entry.skipped and index not in announced:
+                        elapsed = trio.current_time() - started
+                        await self._announce_kept(connection, local, entry, elapsed)
         return results
+
+    @staticmethod
+    async def _report_kept(
+        entry: Entry, on_progress: ProgressCallback | None, started: float
+    ) -> TransferProgress:
+        """The one progress report of a stored (or skipped) file of a download batch."""
+        size = len(entry.data)
+        reporter = ProgressReporter(
+            on_progress,
+            filename=entry.safe,
+            direction="download",
+            total_size=size,
+            resumed_from=size if entry.skipped else 0,
+            started=started,
+        )
+        if not entry.skipped:
+            await reporter.advance(size)
+        return await reporter.finish()
+
+    async def _announce_kept(
+        self, connection: Connection, local: StorageRoot, entry: Entry, elapsed: float
+    ) -> dict[str, Any]:
+        """Tell the callbacks of a stored file of a download batch; its result."""
+        assert entry.published is not None
+        location = str(local.path / entry.published)
+        result = await self._announce_entry(connection, None, location, entry, elapsed)
+        result["path"] = result.pop("local_path")
+        return result
 
     async def _open_download_partial(
         self, local: StorageRoot, target: str, key: str, expected: int, *, former_key: str

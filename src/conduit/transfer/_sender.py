@@ -399,13 +399,14 @@ class Sender:
 
     @trio_callback
     async def rpc_download_batch(
-        self, caller: Peer, names: Any, max_bytes: Any
+        self, caller: Peer, names: Any, max_bytes: Any, have: Any = None
     ) -> dict[str, list[dict[str, Any]]]:
-        """``file_download_batch``: the small ones of ``names``, read whole into the answer.
+        """``file_download_batch``: the small ones of ``names``, read whole into the answer
+        (but those whose SHA-256 the caller gives in ``have``).
 
         See :mod:`._batch_serve` for the answer and its bounds.
         """
-        wanted = parse_request(names, max_bytes)
+        wanted = parse_request(names, max_bytes, have)
         connection = caller.connection
         room = min(max_bytes, connection.keys.peer_max_frame_size - FRAME_OVERHEAD)
         with self._slots.claim(connection, self._settings.max_transfers_per_connection):

@@ -286,6 +286,70 @@ async def receive_tree(
     except ConduitError as exc:
         return {**transfer_failure(exc), "directory": prefix, "files": []}
 
+    await receive_entries(
+        receiver, on_peer, entries, local_dir, on_progress, small_file_limit=small_file_limit
+    )
+    extra: dict[str, Any] = {}
+    if listing.get("truncated"):
+        extra = {"error": "the server listed only part of the directory", "code": "truncated"}
+    return tree_result(prefix, entries, **extra)
+
+
+async def receive_files(
+    receiver: Receiver,
+    on_peer: OnPeer,
+    names: Sequence[str],
+    local_dir: Path,
+    on_progress: ProgressCallback | None,
+    *,
+    small_file_limit: int,
+    sizes: Sequence[int | None] | None = None,
+) -> list[dict[str, Any]]:
+    """Download the server's files ``names`` into ``local_dir``; one result each, in order
+    (``sizes``: what a listing gave for each, or None)."""
+    entries = []
+    for name, size in zip(names, sizes or [None] * len(names), strict=True):
+        entry = _Entry(str(name), "", listed_size=size)
+        try:
+            entry.name = safe_relative_name(name)
+            entry.local = str(local_dir / entry.name)
+        except ConduitError as exc:
+            entry.result = transfer_failure(exc)
+        entries.append(entry)
+    await receive_entries(
+        receiver, on_peer, entries, local_dir, on_progress, small_file_limit=small_file_limit
+    )
+    return [entry.result or {} for entry in entries]
+
+
+async def receive_entries(
+    receiver: Receiver,
+    on_peer: OnPeer,
+    entries: list[_Entry],
+    local_dir: Path,
+    on_progress: ProgressCallback | None,
+    *,
+    small_file_limit: int,
+) -> None:
+    """Download every entry without a result yet: the small ones (by the size listed,
+    or any whose size is not known) many per call, the rest one by one."""
+    pending = [
+        (index, entry.name, entry.listed_size)
+        for index, entry in enumerate(entries)
+        if entry.result is None
+    ]
+    results = await receive_small_files(
+        receiver,
+        on_peer,
+        pending,
+        local_dir,
+        limit=small_file_limit,
+        parallel=PARALLEL_FILES,
+        on_progress=on_progress,
+    )
+    for index, result in results.items():
+        entries[index].result = result
+
     async def download(remote: str, _local: str) -> dict[str, Any]:
         # One file's failure is that file's result, as in send_tree: never an
         # exception that would cancel its siblings and escape as a group.
@@ -296,24 +360,4 @@ async def receive_tree(
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
 
-    small = [
-        (index, entry.name, entry.listed_size)
-        for index, entry in enumerate(entries)
-        if entry.listed_size is not None
-    ]
-    results = await receive_small_files(
-        receiver,
-        on_peer,
-        small,
-        local_dir,
-        limit=small_file_limit,
-        parallel=PARALLEL_FILES,
-        on_progress=on_progress,
-    )
-    for index, result in results.items():
-        entries[index].result = result
     await transfer_all(entries, download)
-    extra: dict[str, Any] = {}
-    if listing.get("truncated"):
-        extra = {"error": "the server listed only part of the directory", "code": "truncated"}
-    return tree_result(prefix, entries, **extra)
