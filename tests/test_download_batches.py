@@ -8,6 +8,7 @@ server stores an upload batch. Real loopback connections and real files.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -29,6 +30,7 @@ from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import download_transfer_id, transfer_key
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import (
+    asyncio_file_server,
     partial_files,
     record_calls,
     register_without,
@@ -196,6 +198,43 @@ async def test_every_file_a_batch_stored_is_announced_when_the_caller_stops_earl
     with trio.move_on_after(0.05):
         await local.receive_from_server(client, "d", tmp_path / "again")
     assert sorted(announced) == visible_files(tmp_path / "again")
+
+
+def test_under_asyncio_every_file_a_batch_stored_is_announced_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    storage = tmp_path / "storage"
+    _tree(storage, 3 * MAX_BATCH_FILES)
+    out = tmp_path / "out"
+    announced: list[str] = []
+
+    async def main() -> None:
+        async with asyncio_file_server(storage) as (_server_side, client):
+            local = FileTransferHandler(storage_dir=tmp_path / "unused")
+
+            @local.on_file_received
+            async def heard(path: str, metadata: dict[str, Any]) -> None:
+                announced.append(metadata["filename"])
+                await asyncio.sleep(0.001)
+
+            reports = 0
+
+            def progress(_report: TransferProgress) -> None:
+                nonlocal reports
+                reports += 1
+                if reports == 3:  # the application gives up, mid-batch
+                    download.cancel()
+
+            download = asyncio.ensure_future(
+                local.receive_from_server(client, "d", out, on_progress=progress)
+            )
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(download, 30)
+
+    asyncio.run(main())
+    stored = visible_files(out)
+    assert len(stored) >= MAX_BATCH_FILES  # a whole batch was stored before the cancel
+    assert sorted(announced) == stored  # each callback ran, none cut before it began
 
 
 async def test_a_download_directory_that_cannot_be_written_fails_each_file(

@@ -578,8 +578,11 @@ class Receiver:
                         skipped_result(entry.published, size, digest, path=path, resumed_from=0)
                     )
                     continue
-                announced.add(index)  # before: a callback cut short is not run twice
-                result = await self._announce_kept(connection, local, entry, final.elapsed)
+                announced.add(index)
+                # Shielded, as below: under asyncio a cancelled callback task
+                # may never start, and the file is stored whatever happens.
+                with trio.CancelScope(shield=True):
+                    result = await self._announce_kept(connection, local, entry, final.elapsed)
                 result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
                 results.append(result)
         finally:
