@@ -26,6 +26,7 @@ from conduit.transfer._backend import SmallRead
 from conduit.transfer._batch_store import MAX_BATCH_FILES, DirectoryAdmitter, entry_cost
 from conduit.transfer._local import SmallFile
 from conduit.transfer._names import partial_basename
+from conduit.transfer._receiver import ANNOUNCE_GRACE
 from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import download_transfer_id, transfer_key
 from conftest import ClientFactory, ServerFactory
@@ -200,11 +201,11 @@ async def test_every_file_a_batch_stored_is_announced_when_the_caller_stops_earl
     assert sorted(announced) == visible_files(tmp_path / "again")
 
 
-def test_under_asyncio_every_file_a_batch_stored_is_announced_when_cancelled(
+def test_under_asyncio_the_files_a_batch_stored_are_announced_when_cancelled(
     tmp_path: Path,
 ) -> None:
     storage = tmp_path / "storage"
-    _tree(storage, 3 * MAX_BATCH_FILES)
+    _tree(storage, MAX_BATCH_FILES)  # one batch
     out = tmp_path / "out"
     announced: list[str] = []
 
@@ -233,8 +234,72 @@ def test_under_asyncio_every_file_a_batch_stored_is_announced_when_cancelled(
 
     asyncio.run(main())
     stored = visible_files(out)
-    assert len(stored) >= MAX_BATCH_FILES  # a whole batch was stored before the cancel
-    assert sorted(announced) == stored  # each callback ran, none cut before it began
+    assert len(stored) == MAX_BATCH_FILES  # the batch was stored whole before the cancel
+    # Each callback ran but the one the cancellation found queued on the loop:
+    # asyncio cancels a task before its first step (see docs/file-transfer.md).
+    assert set(announced) <= set(stored) and len(stored) - len(announced) <= 1, announced
+
+
+async def test_a_caller_stops_within_a_grace_whatever_its_callbacks_wait_for(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    _handler, server = await storage_server(server_factory, tmp_path / "storage")
+    _tree(tmp_path / "storage", 10)
+    client = await client_factory(server)
+    local = FileTransferHandler()
+    send, receive = trio.open_memory_channel[str](0)
+
+    @local.on_file_received
+    async def feed(path: str, metadata: dict[str, Any]) -> None:
+        await send.send(metadata["filename"])  # waits for a consumer that may be gone
+
+    async def consumer() -> None:
+        async for _name in receive:
+            await trio.sleep(0.2)  # slow
+
+    unblocked = False
+
+    async def watchdog() -> None:
+        # Without a bound on the callbacks' grace the caller never gets back
+        # (the consumer is cancelled with it, and the callback waits for it for
+        # ever, shielded): closing the channel is what frees it then.
+        nonlocal unblocked
+        await trio.sleep(10 + ANNOUNCE_GRACE)
+        unblocked = True
+        await send.aclose()
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watchdog)
+        with trio.move_on_after(0.3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(consumer)
+                await local.receive_from_server(client, "d", tmp_path / "out")
+                nursery.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+    assert not unblocked, "the caller was held until its callback could not wait any more"
+
+
+async def test_a_file_whose_directory_sync_failed_is_not_announced(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _handler, server = await storage_server(server_factory, tmp_path / "storage")
+    _tree(tmp_path / "storage", 3)
+    client = await client_factory(server)
+    local = FileTransferHandler()
+    received: list[str] = []
+    local.on_file_received(lambda path, metadata: received.append(metadata["filename"]))
+
+    def failing(self: StorageRoot, names: Any) -> None:
+        raise OSError(5, "EIO on fsync (simulated)")
+
+    monkeypatch.setattr(StorageRoot, "sync_directories", failing)
+    with trio.fail_after(10):
+        result = await local.receive_from_server(client, "d", tmp_path / "out")
+    assert [entry["code"] for entry in result["files"]] == ["io_error"] * 3, result
+    assert received == []  # not known to be stored: not announced
 
 
 async def test_a_download_directory_that_cannot_be_written_fails_each_file(
@@ -277,12 +342,16 @@ async def test_receive_files_from_server_gives_one_result_per_name_in_order(
     big, missing, escape, directory = results[len(expected) :]
     assert big["success"] is True and big["size"] == 300 * KiB
     assert missing["code"] == "not_found" and escape["code"] == "unsafe_path", results
-    assert directory["success"] is False, directory  # a directory is fetched by itself
+    assert directory["code"] == "is_directory", directory  # as receive_from_server finds it
     # Sizes not known: each counted as large as a small file may be (64 KiB),
     # 14 to a call; the big file and the directory by themselves.
     assert methods.count("file_download_batch") == 3
     with pytest.raises(ValueError, match="sizes"):
         await local.receive_files_from_server(client, names, out, sizes=[1])
+    with pytest.raises(TypeError, match="sizes"):
+        await local.receive_files_from_server(client, ["a"], out, sizes=[True])
+    with pytest.raises(TypeError, match="names"):
+        await local.receive_files_from_server(client, "ab", out)
 
 
 async def test_each_file_of_a_download_batch_gets_its_own_answer(
@@ -320,8 +389,8 @@ async def test_each_file_of_a_download_batch_gets_its_own_answer(
     }
     assert missing["success"] is False and missing["code"] == "not_found", missing
     assert escape["success"] is False and escape["code"] == "unsafe_path", escape
-    # (as file_download answers: a tree is fetched by its listing, never by this call)
-    assert directory["code"] == "unsafe_path" and "directory" in directory["error"], directory
+    # (as file_stat answers it: a tree is fetched by its listing, never by this call)
+    assert directory["code"] == "is_directory", directory
     assert big == {"name": "big.bin", "by_itself": True}
     assert link["success"] is False and link["code"] == "unsafe_path", link
     assert empty["data"] == b"" and empty["sha256"] == _sha256(b"")
@@ -494,6 +563,42 @@ async def test_a_batch_refused_as_a_whole_leaves_its_files_to_the_per_file_path(
     assert result["success"] is True and result["transferred"] == 5, result
     assert methods.count("file_download_batch") == 1 and methods.count("file_download") == 5
     assert {name: (tmp_path / "out" / name).read_bytes() for name in expected} == expected
+
+
+async def test_unchanged_is_believed_only_of_the_copy_we_have(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    handler = FileTransferHandler(storage_dir=storage)
+    expected = _tree(storage, 3)
+    names = sorted(expected)
+    out = tmp_path / "out"
+    for name in names:  # copies of all three here
+        write_bytes(out / name, expected[name])
+
+    async def echoing(names: list[str], max_bytes: int, have: Any = None) -> dict[str, Any]:
+        # The digests we sent, echoed back: right, with another size, and for a
+        # file we sent none for.
+        first, second, third = names
+        return {
+            "files": [
+                {"name": first, "size": len(expected[first]), "sha256": have[0], "unchanged": True},
+                {"name": second, "size": 1, "sha256": have[1], "unchanged": True},
+                {"name": third, "size": 5, "sha256": have[0], "unchanged": True},
+            ]
+        }
+
+    def register(server: Server) -> None:
+        handler.register_server_handlers(server)
+        server.register_rpc(echoing, "file_download_batch")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    with trio.fail_after(10):
+        result = await FileTransferHandler().receive_from_server(client, "d", out)
+    codes = [entry.get("code") for entry in result["files"]]
+    reasons = [entry.get("reason") for entry in result["files"]]
+    assert codes == [None, "bad_answer", "bad_answer"] and reasons[0] == "already_there", result
 
 
 async def test_a_servers_lies_in_a_batch_fail_their_files_alone(

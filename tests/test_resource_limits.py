@@ -601,8 +601,9 @@ async def test_stalled_downloads_hold_a_bounded_read_ahead(
     "16 MiB, so each answer could carry 4 MiB) in one record, from a peer that then never "
     "reads its socket",
     behaviour="the answers queued for the peer and the bytes read for answers not yet handed "
-    "over stay within twice read_ahead_per_connection (8 MiB): an answer is handed over only "
-    "once those before it take no more than the budget",
+    "over stay within twice read_ahead_per_connection (8 MiB) and one answer: an answer is "
+    "handed over only once those before it take no more than the budget (what the writer "
+    "has taken off the queue and is sending comes on top)",
 )
 async def test_stalled_download_batches_hold_a_bounded_memory(
     server_factory: ServerFactory, tmp_path: Path

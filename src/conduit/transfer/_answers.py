@@ -136,7 +136,7 @@ def failed_entry(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def _batch_entry(
-    entry: Any, name: str, limit: int, have: str | None
+    entry: Any, name: str, limit: int, have: tuple[str, int] | None
 ) -> BatchFile | SameFile | dict[str, Any] | None:
     body = _mapping(entry, "a batch entry")
     if body.get("name") != name:
@@ -148,9 +148,9 @@ def _batch_entry(
         return None
     size = _integer(body, "size", 0, limit)
     if body.get("unchanged") is True:
-        if have is None or body.get("sha256") != have:
-            raise BadAnswer(f"{name!r} is said unchanged, but not with the digest sent")
-        return SameFile(name, size, have)
+        if have is None or (body.get("sha256"), size) != have:
+            raise BadAnswer(f"{name!r} is said unchanged, but not as the copy we have")
+        return SameFile(name, size, have[0])
     data = body.get("data")
     if not isinstance(data, bytes) or len(data) != size:
         raise BadAnswer(f"the data of {name!r} is not {size} bytes")
@@ -158,13 +158,13 @@ def _batch_entry(
 
 
 def batch_download_answer(
-    answer: Any, asked: list[tuple[str, str | None]], limit: int
+    answer: Any, asked: list[tuple[str, tuple[str, int] | None]], limit: int
 ) -> list[BatchFile | SameFile | dict[str, Any] | None]:
     """Check a ``file_download_batch`` answer: one entry per name asked, in order
-    (``asked``: each name with the digest of our copy, or None).
+    (``asked``: each name with the SHA-256 and size of our copy, or None).
 
     Each entry becomes the file (at most ``limit`` bytes), a :class:`SameFile`
-    (only where we sent that digest), that file's failure, or None: download
+    (only our copy's digest and size), that file's failure, or None: download
     it by itself. An answer that does not list the names asked raises
     :class:`BadAnswer`; one malformed entry is that file's ``bad_answer``
     failure.

@@ -72,11 +72,19 @@ def read_files(storage: StorageRoot, names: list[str], limit: int, room: int) ->
             try:
                 read = read_whole(storage, name, min(limit, room - used))
             except (OSError, UnsafePathError, TransferError) as exc:
-                read = SmallRead(0, 0, None, exc)
+                read = SmallRead(0, 0, None, _as_stat_would(storage, name, exc))
             if read.small is not None:
                 used += read.size
             reads.append(read)
     return reads
+
+
+def _as_stat_would(storage: StorageRoot, name: str, exc: Exception) -> Exception:
+    """A directory refused as not a file is ``is_directory``, as :meth:`LocalBackend.stat`
+    says it."""
+    if isinstance(exc, UnsafePathError) and _is_directory(storage, name):
+        return RPCError(f"{name!r} is a directory", "is_directory")
+    return exc
 
 
 def read_whole(storage: StorageRoot, name: str, max_size: int) -> SmallRead:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from ._receiver import Receiver
 
 ProgressCallback = Callable[[TransferProgress], Any]
+#: Our copy of a file: its SHA-256 and size, or None.
+Have = tuple[str, int] | None
 Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
 OnPeer = Callable[[Attempt], Awaitable[dict[str, Any]]]
 
@@ -126,10 +128,10 @@ async def _answer_budget(peer: Peer) -> dict[str, Any]:
     return {"success": True, "bytes": peer.connection.settings.max_frame_size - FRAME_OVERHEAD}
 
 
-def _local_digests(local: StorageRoot, batch: list[_Wanted]) -> list[str | None]:
-    """The SHA-256 of each file's copy in ``local`` when it has the listed size (or is
-    small, the size not known), else None (in a worker thread; links never
-    followed, as for every local name)."""
+def _local_digests(local: StorageRoot, batch: list[_Wanted]) -> list[Have]:
+    """The SHA-256 and size of each file's copy in ``local`` when it has the listed
+    size (or is small, the size not known), else None (in a worker thread;
+    links never followed, as for every local name)."""
     try:
         with local.holding_root():
             return [_local_digest(local, wanted) for wanted in batch]
@@ -137,7 +139,7 @@ def _local_digests(local: StorageRoot, batch: list[_Wanted]) -> list[str | None]
         return [None] * len(batch)
 
 
-def _local_digest(local: StorageRoot, wanted: _Wanted) -> str | None:
+def _local_digest(local: StorageRoot, wanted: _Wanted) -> Have:
     try:
         size = wanted.listed_size
         if size is None:  # the size of our copy, if it is small
@@ -145,13 +147,14 @@ def _local_digest(local: StorageRoot, wanted: _Wanted) -> str | None:
             if info is None or info.st_size > wanted.limit:
                 return None
             size = info.st_size
-        return local.existing_sha256(wanted.name, size)
+        digest = local.existing_sha256(wanted.name, size)
     except (OSError, UnsafePathError):
         return None
+    return None if digest is None else (digest, size)
 
 
 async def _call_batch(
-    on_peer: OnPeer, batch: list[tuple[_Wanted, str | None]], max_bytes: int
+    on_peer: OnPeer, batch: list[tuple[_Wanted, Have]], max_bytes: int
 ) -> dict[str, Any]:
     """Ask for ``batch`` through ``on_peer``: what :func:`_fetch_batch` returns, or a
     failure dict (the connection gone for good: raised, it would cancel the
@@ -164,7 +167,7 @@ async def _call_batch(
 
 
 async def _fetch_batch(
-    peer: Peer, *, batch: list[tuple[_Wanted, str | None]], max_bytes: int
+    peer: Peer, *, batch: list[tuple[_Wanted, Have]], max_bytes: int
 ) -> dict[str, Any]:
     """One ``file_download_batch`` call: ``{"success": True, "entries": [...],
     "started": ..., "connection": ...}``, a failure dict, or ``{"unsupported":
@@ -177,7 +180,7 @@ async def _fetch_batch(
         answer = await peer.call(
             DOWNLOAD_BATCH,
             names=[name for name, _ in asked],
-            have=[have for _, have in asked],
+            have=[None if have is None else have[0] for _, have in asked],
             max_bytes=max_bytes,
             timeout=math.inf,  # reads take what the disk takes; the heartbeat sees a dead peer
         )

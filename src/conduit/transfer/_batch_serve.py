@@ -35,7 +35,11 @@ part of the budget (two such could wait for each other for ever). What the
 files did not need goes back at once, the rest when the answer is handed to
 the connection; and it is handed over only once the answers queued before it
 take no more than the budget, so a peer that stops reading makes the server
-hold at most twice the budget, however many calls it sends. The backend
+hold a bounded amount however many calls it sends: the answers queued and
+read (each within the budget), and what the connection's writer has taken
+off the queue and is sending (measured with the 8 MiB default and 32 calls:
+21 MiB held, 25 at the peak, against 132 MiB when answers were not
+waited for). The backend
 reads the files in one go (the local one in a single worker-thread hop).
 """
 
@@ -136,7 +140,7 @@ class BatchServer:
             # Answers leave through the connection's control queue, which
             # nothing else bounds: hand this one over (and give its room back)
             # only once those before it take no more than the budget, so a
-            # peer that stops reading holds at most twice the budget here.
+            # peer that stops reading holds a bounded amount here (see above).
             await self._caller.connection.wait_control_below(read_ahead.capacity)
             return [
                 await self._entry(name, read, elapsed, have)

@@ -483,10 +483,17 @@ class FileTransferHandler:
         with the server's SHA-256 is not sent again; the others come one by
         one, a few at once. ``sizes`` (one per name, None where not known:
         what :meth:`list_files` gave) packs the calls: a file of unknown size
-        is counted as large as a small file may be.
+        is counted as large as a small file may be. A name given twice is
+        downloaded twice (the second finds the first ``already_there``, or a
+        large one ``busy``).
         """
-        if sizes is not None and len(sizes) != len(names):
-            raise ValueError(f"{len(sizes)} sizes for {len(names)} names")
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise TypeError("names must be a sequence of str (a single name is ['name'])")
+        if sizes is not None:
+            if len(sizes) != len(names):
+                raise ValueError(f"{len(sizes)} sizes for {len(names)} names")
+            if not all(size is None or type(size) is int for size in sizes):
+                raise TypeError("sizes must be ints (or None where not known)")
         return await receive_files(
             self._receiver,
             lambda attempt: on_client(client, attempt),

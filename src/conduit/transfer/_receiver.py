@@ -77,6 +77,9 @@ ProgressCallback = Callable[[TransferProgress], Any]
 MAX_UNCLAIMED = 16
 #: Seconds (of Trio's clock) a verdict waits for its ``*_finish`` call.
 UNCLAIMED_TTL = 60.0
+#: Seconds the callbacks of a download batch's stored files may still take,
+#: in all, once the caller has stopped (cancelled, or its on_progress raised).
+ANNOUNCE_GRACE = 1.0
 
 
 @attrs.define
@@ -578,20 +581,27 @@ class Receiver:
                         skipped_result(entry.published, size, digest, path=path, resumed_from=0)
                     )
                     continue
+                # A cancellation already pending lands here, before the file is
+                # handed to the callbacks (under asyncio it would cancel the
+                # callback's task before its first step): the finally then
+                # announces it. One that comes while a callback runs cuts it
+                # short, and it is not run again.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 announced.add(index)
-                # Shielded, as below: under asyncio a cancelled callback task
-                # may never start, and the file is stored whatever happens.
-                with trio.CancelScope(shield=True):
-                    result = await self._announce_kept(connection, local, entry, final.elapsed)
+                result = await self._announce_kept(connection, local, entry, final.elapsed)
                 result.update(resumed_from=0, elapsed=final.elapsed, speed=final.speed)
                 results.append(result)
         finally:
-            # Every file stored is announced, also when the caller stops or its
-            # on_progress raises before its turn (a batch is stored whole, and
-            # a cancellation may land as the store's thread returns).
-            with trio.CancelScope(shield=True):
+            # The files stored and not yet announced are announced, also when
+            # the caller stops or its on_progress raises before their turn (a
+            # batch is stored whole, and a cancellation may land as the
+            # store's thread returns): shielded, but for ANNOUNCE_GRACE at most,
+            # so that a callback waiting for something the caller's
+            # cancellation ended cannot keep the caller from stopping.
+            with trio.move_on_after(ANNOUNCE_GRACE, shield=True):
                 for index, entry in enumerate(entries):
-                    if entry.published and not entry.skipped and index not in announced:
+                    stored = entry.published and entry.error is None and not entry.skipped
+                    if stored and index not in announced:
                         elapsed = trio.current_time() - started
                         await self._announce_kept(connection, local, entry, elapsed)
         return results
