@@ -19,7 +19,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from conduit import FileTransferHandler, RPCError, Server, TransferProgress
+from conduit import FileTransferHandler, RPCError, TransferProgress
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer import _backend_local, _local, _storage
 from conduit.transfer._backend import SmallRead
@@ -34,6 +34,7 @@ from transfer_helpers import (
     asyncio_file_server,
     partial_files,
     record_calls,
+    register_replacing,
     register_without,
     storage_server,
     visible_files,
@@ -551,11 +552,7 @@ async def test_a_batch_refused_as_a_whole_leaves_its_files_to_the_per_file_path(
     async def busy(names: list[str], max_bytes: int, have: Any = None) -> dict[str, Any]:
         raise RPCError("too many transfers on this connection (limit 1)", "overloaded")
 
-    def register(server: Server) -> None:
-        handler.register_server_handlers(server)
-        server.register_rpc(busy, "file_download_batch")
-
-    server = await server_factory(register=register)
+    server = await server_factory(register=register_replacing(handler, "file_download_batch", busy))
     client = await client_factory(server)
     methods = record_calls(monkeypatch)
     with trio.fail_after(10):
@@ -588,11 +585,9 @@ async def test_unchanged_is_believed_only_of_the_copy_we_have(
             ]
         }
 
-    def register(server: Server) -> None:
-        handler.register_server_handlers(server)
-        server.register_rpc(echoing, "file_download_batch")
-
-    server = await server_factory(register=register)
+    server = await server_factory(
+        register=register_replacing(handler, "file_download_batch", echoing)
+    )
     client = await client_factory(server)
     with trio.fail_after(10):
         result = await FileTransferHandler().receive_from_server(client, "d", out)
@@ -624,11 +619,9 @@ async def test_a_servers_lies_in_a_batch_fail_their_files_alone(
             ]
         }
 
-    def register(server: Server) -> None:
-        handler.register_server_handlers(server)
-        server.register_rpc(lying, "file_download_batch")
-
-    server = await server_factory(register=register)
+    server = await server_factory(
+        register=register_replacing(handler, "file_download_batch", lying)
+    )
     client = await client_factory(server)
     out = tmp_path / "out"
     with trio.fail_after(10):

@@ -256,6 +256,19 @@ def register_without(handler: FileTransferHandler, method: str) -> Callable[[Ser
     return register
 
 
+def register_replacing(
+    handler: FileTransferHandler, method: str, function: Callable[..., Any]
+) -> Callable[[Server], None]:
+    """Registers ``handler`` on a server with ``function`` as its ``method``:
+    a server that answers that call its own way (a hostile or a busy one)."""
+
+    def register(server: Server) -> None:
+        handler.register_server_handlers(server)
+        server.register_rpc(function, method)
+
+    return register
+
+
 def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The RPC methods every connection calls from now on, in order."""
     methods: list[str] = []
