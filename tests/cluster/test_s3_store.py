@@ -512,12 +512,15 @@ async def test_a_name_reserved_by_an_upload_that_never_began_is_freed(
     assert await store.put_file("notes.txt", data, sha256=hashlib.sha256(data).hexdigest()) == (
         "notes.txt"
     )
-    # A reservation of an upload still under way is not swept.
+    # A reservation of an upload still under way is not swept. (A state
+    # written just now may look up to a second old, the timestamps being
+    # whole seconds: a cutoff of 1 s swept one in a CI run. Its reservation
+    # is 2.1 s old, past a 2 s cutoff; the state written again is not.)
     upload = await store.open_partial("live.bin", "t2", resume=False)
     await upload.append(data)
-    await trio.sleep(1.1)
+    await trio.sleep(2.1)
     await upload.close()  # its state is written again now: the upload is alive
-    await store.cleanup_stale_partials(1)
+    await store.cleanup_stale_partials(2)
     assert await store.put_file("live.bin", data, sha256=hashlib.sha256(data).hexdigest()) == (
         "live (1).bin"
     )
