@@ -219,6 +219,30 @@ async def test_get_dir_brings_small_files_many_per_call(
     assert visible_files(out) == files
 
 
+async def test_more_jobs_than_the_server_takes_move_every_file(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    """``-j 16`` against two transfer slots per connection: each job over the
+    limit waits for one to end (it was refused ``overloaded`` and failed)."""
+    files = {f"jdir/big{i:02d}.bin": os.urandom(200 * 1024 + i) for i in range(12)}
+    files.update({f"jdir/small{i:03d}.txt": b"s%d" % i for i in range(150)})
+    _tree(tmp_path / "mine", files)
+    handler = FileTransferHandler(storage_dir=tmp_path / "served")
+    handler.max_transfers_per_connection = 2
+    serving = await server_factory(register=handler.register_server_handlers)
+    address = f"127.0.0.1:{serving.port}"
+    sent = await _run(
+        "send", str(tmp_path / "mine" / "jdir"), "-j", "16", "--json", "--to", address
+    )
+    assert sent.returncode == 0 and _document(sent)["ok"] is True, _document(sent)
+    assert visible_files(tmp_path / "served") == files
+    out = tmp_path / "out"
+    got = await _run("get", "jdir", "-j", "16", "--json", "-o", str(out), "--from", address)
+    failed = [entry for entry in _document(got)["files"] if not entry["success"]]
+    assert got.returncode == 0 and failed == [], failed
+    assert visible_files(out) == files
+
+
 async def test_get_dir_with_a_cut_listing_fails_instead_of_passing_for_complete(
     tmp_path: Path, server_factory: ServerFactory
 ) -> None:

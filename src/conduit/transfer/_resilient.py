@@ -18,20 +18,24 @@ happen on their own:
   to come back (a reconnecting client keeps its id), then push again.
 
 A failure on a connection that is still open (refused, checksum mismatch, no
-such file) is returned as it is: only a lost link is worth waiting for.
-Cancellation is never caught here; what it leaves behind is the attempt's
+such file) is returned as it is: only a lost link is worth waiting for. The
+exception: an attempt refused at its start because its connection already
+runs all it may (``overloaded``, ``too_many_streams``) waits for another of
+this side's transfers on that connection to end, then tries again (see
+:mod:`._turns`). Cancellation is never caught here; what it leaves behind is the attempt's
 business (a partial file kept for a later resume, everything else freed).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import ConnectionClosed
+from ._turns import Attempt, take_turn
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -39,8 +43,6 @@ if TYPE_CHECKING:
     from ..server import Server
 
 log = logging.getLogger("conduit.transfer")
-
-Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
 
 #: Connections one transfer may outlive (each costs the client a full
 #: reconnect, itself bounded by ``reconnect_attempts``).
@@ -63,7 +65,9 @@ async def on_client(client: Client, attempt: Attempt) -> dict[str, Any]:
     peer = client.server  # raises when disconnected on purpose
     if not peer.connected and not client.reconnecting:
         raise ConnectionClosed(peer.connection.close_reason or "connection closed")
-    result = await attempt(peer)
+    # One of several on a connection that is full waits for a turn (see ._turns).
+    in_turn: Attempt = functools.partial(take_turn, attempt=attempt)
+    result = await in_turn(peer)
     for _ in range(MAX_RESUMES):
         if result.get("success") or peer.connected:
             return result
@@ -74,7 +78,7 @@ async def on_client(client: Client, attempt: Attempt) -> dict[str, Any]:
             # gave up, and on what), not only how the connection was lost.
             return {**result, "error": str(exc)}
         log.info("connection back; resuming the transfer (%s)", result.get("error"))
-        result = await _retry_busy(peer, attempt)
+        result = await _retry_busy(peer, in_turn)
     return result
 
 
@@ -85,7 +89,8 @@ async def on_server(
     peer = server.clients.get(client_id)
     if peer is None:
         raise ConnectionClosed(f"no connected client with id {client_id!r}")
-    result = await attempt(peer)
+    in_turn: Attempt = functools.partial(take_turn, attempt=attempt)
+    result = await in_turn(peer)
     for _ in range(MAX_RESUMES):
         if result.get("success") or peer.connected:
             return result
@@ -101,7 +106,7 @@ async def on_server(
             return result
         peer = back
         log.info("client %s is back; resuming the push", client_id)
-        result = await _retry_busy(peer, attempt)
+        result = await _retry_busy(peer, in_turn)
     return result
 
 

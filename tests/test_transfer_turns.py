@@ -1,0 +1,347 @@
+"""Transfers that a full connection refused wait their turn (``conduit.transfer._turns``).
+
+First :func:`take_turn` itself, with attempts that stand for a connection
+taking ``capacity`` transfers at once (real Trio scheduling, no sockets); then
+the handler end to end over loopback: more uploads and downloads at once than
+the server's transfer slots, and more downloads than the client's own
+receive budget, all succeed, through the Trio API and the asyncio shim.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from conduit import Client, FileTransferHandler, Server
+from conduit.transfer._turns import take_turn
+from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
+from transfer_helpers import MiB, make_file, record_calls
+
+
+class _Connection:
+    """Stands for a connection: the lines only need a weakly referable key."""
+
+
+@attrs.define
+class _Peer:
+    """What ``take_turn`` reads of a peer: its connection (a key) and whether it is up."""
+
+    connection: _Connection = attrs.field(factory=_Connection)
+    connected: bool = True
+
+
+@attrs.define
+class _FullAt:
+    """A connection that takes ``capacity`` transfers at once and refuses the next
+    with ``code``; each admitted transfer runs until :meth:`finish_one`."""
+
+    capacity: int
+    code: str = "overloaded"
+    admitted: int = 0
+    refused: int = 0
+    most_at_once: int = 0
+    running: int = 0
+    _done: trio.MemorySendChannel[None] | None = None
+    _wait: trio.MemoryReceiveChannel[None] | None = None
+
+    def __attrs_post_init__(self) -> None:
+        self._done, self._wait = trio.open_memory_channel[None](math.inf)
+
+    async def attempt(self, _peer: Any) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        if self.running >= self.capacity:
+            self.refused += 1
+            return {"success": False, "error": "full", "code": self.code}
+        self.running += 1
+        self.admitted += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            assert self._wait is not None
+            await self._wait.receive()
+        finally:
+            self.running -= 1
+        return {"success": True}
+
+    def finish_one(self) -> None:
+        assert self._done is not None
+        self._done.send_nowait(None)
+
+
+async def _run_all(peer: _Peer, full: _FullAt, count: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+
+    async def one() -> None:
+        results.append(await take_turn(peer, full.attempt))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+        for _ in range(count):
+            await trio.testing.wait_all_tasks_blocked()
+            full.finish_one()
+    return results
+
+
+@pytest.mark.parametrize("code", ["overloaded", "too_many_streams"])
+async def test_more_attempts_than_the_connection_takes_all_succeed_in_turn(code: str) -> None:
+    full = _FullAt(capacity=3, code=code)
+    with trio.fail_after(10):
+        results = await _run_all(_Peer(), full, 12)
+    assert results == [{"success": True}] * 12
+    assert full.most_at_once == 3
+    # The 9 over capacity are each refused once when they all start; then each
+    # end lets one waiter go, and it is admitted: no stampede of retries.
+    assert full.refused == 9, full.refused
+
+
+async def test_a_refusal_while_nothing_else_runs_is_returned_as_it_is() -> None:
+    calls = 0
+
+    async def refused(_peer: Any) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await trio.lowlevel.checkpoint()
+        return {"success": False, "error": "server-wide limit", "code": "overloaded"}
+
+    with trio.fail_after(10):
+        result = await take_turn(_Peer(), refused)
+    assert result["code"] == "overloaded" and calls == 1
+
+
+async def test_other_failures_are_returned_at_once() -> None:
+    full = _FullAt(capacity=1)
+    peer = _Peer()
+
+    async def missing(_peer: Any) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        return {"success": False, "error": "no such file", "code": "not_found"}
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take_turn, peer, full.attempt)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await take_turn(peer, missing))["code"] == "not_found"
+            full.finish_one()
+
+
+async def test_waiters_all_try_again_when_the_last_of_ours_ends_refused() -> None:
+    """Waiters wait for something of ours to end; when everything of ours has
+    ended in refusals (another client holds a server-wide limit), they try once
+    more and get the refusal, rather than wait for ever."""
+    peer = _Peer()
+    gate = trio.Event()
+    refusals = 0
+
+    async def slow_refusal(_peer: Any) -> dict[str, Any]:
+        nonlocal refusals
+        await gate.wait()
+        refusals += 1
+        return {"success": False, "error": "full", "code": "overloaded"}
+
+    results: list[dict[str, Any]] = []
+
+    async def one() -> None:
+        results.append(await take_turn(peer, slow_refusal))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert [r["code"] for r in results] == ["overloaded"] * 5
+    assert refusals <= 10, refusals
+
+
+async def test_a_waiter_cancelled_in_line_keeps_no_one_else_waiting() -> None:
+    full = _FullAt(capacity=1)
+    peer = _Peer()
+    results: list[dict[str, Any]] = []
+
+    async def one() -> None:
+        results.append(await take_turn(peer, full.attempt))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.CancelScope() as impatient:
+                nursery.start_soon(one)  # waits behind the first
+                await trio.testing.wait_all_tasks_blocked()
+                impatient.cancel()
+            async with trio.open_nursery() as mine:
+                cancelled = trio.CancelScope()
+
+                async def give_up() -> None:
+                    with cancelled:
+                        await take_turn(peer, full.attempt)
+
+                mine.start_soon(give_up)
+                await trio.testing.wait_all_tasks_blocked()
+                cancelled.cancel()  # leaves the line before its turn
+            nursery.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(3):
+                full.finish_one()
+                await trio.testing.wait_all_tasks_blocked()
+    assert results == [{"success": True}] * 3
+    assert full.admitted == 3
+
+
+async def test_a_new_attempt_queues_behind_those_waiting() -> None:
+    full = _FullAt(capacity=1)
+    peer = _Peer()
+    order: list[str] = []
+
+    async def one(label: str) -> None:
+        await take_turn(peer, full.attempt)
+        order.append(label)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "first")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(one, "refused, waits")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(one, "came later")
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(3):
+                full.finish_one()
+                await trio.testing.wait_all_tasks_blocked()
+    assert order == ["first", "refused, waits", "came later"]
+    # The late one never tried while someone waited: one refusal in all.
+    assert full.refused == 1
+
+
+async def test_lines_are_per_connection() -> None:
+    full = _FullAt(capacity=1)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take_turn, _Peer(), full.attempt)
+            await trio.testing.wait_all_tasks_blocked()
+            # Another connection has nothing of ours running: its refusal stands.
+            assert (await take_turn(_Peer(), full.attempt))["code"] == "overloaded"
+            full.finish_one()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+async def _files(directory: Path, count: int, size: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"f{index}.bin" for index in range(count)]
+    for path in paths:
+        await make_file(path, size)
+    return paths
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_more_transfers_at_once_than_the_server_takes_all_succeed(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two slots per connection, ten uploads and then ten downloads at once
+    (files above the small-file limit: each its own begin and stream)."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server", max_transfers_per_connection=2)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client: Client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    paths = await _files(tmp_path / "mine", 10, MiB)
+    calls = record_calls(monkeypatch)
+    results: list[dict[str, Any]] = []
+
+    async def upload(path: Path) -> None:
+        results.append(await local.send_to_server(client, path))
+
+    async def download(path: Path) -> None:
+        results.append(await local.receive_from_server(client, path.name, tmp_path / "back"))
+
+    with trio.fail_after(60):
+        for each in (upload, download):
+            async with trio.open_nursery() as nursery:
+                for path in paths:
+                    nursery.start_soon(each, path)
+    assert [r.get("code") for r in results if not r["success"]] == []
+    assert len(results) == 20
+    for path in paths:
+        assert _digest(transfer.storage_dir / path.name) == _digest(path)
+        assert _digest(tmp_path / "back" / path.name) == _digest(path)
+    # Each over the limit was refused about once: a turn per end, no stampede.
+    assert 10 < calls.count("file_upload_begin") <= 20, calls.count("file_upload_begin")
+    assert 10 < calls.count("file_download") <= 20, calls.count("file_download")
+
+
+async def test_more_downloads_at_once_than_the_client_budget_holds_all_succeed(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The client's own receive budget takes two windows: six downloads at once
+    (each would have been refused ``too_many_streams`` by our own side)."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    server = await server_factory(register=transfer.register_server_handlers)
+    client: Client = await client_factory(
+        server, receive_window=MiB, connection_receive_budget=2 * MiB
+    )
+    paths = await _files(transfer.storage_dir, 6, 3 * MiB)
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    results: list[dict[str, Any]] = []
+
+    async def download(path: Path) -> None:
+        results.append(await local.receive_from_server(client, path.name, tmp_path / "back"))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(download, path)
+    assert [r.get("code") for r in results if not r["success"]] == []
+    for path in paths:
+        assert _digest(tmp_path / "back" / path.name) == _digest(path)
+
+
+def test_under_asyncio_gathered_uploads_over_the_limit_all_succeed(tmp_path: Path) -> None:
+    """The shim's callers get the same turns: ``asyncio.gather`` of eight uploads
+    against one slot per connection."""
+
+    async def main() -> list[dict[str, Any]]:
+        server = Server(server_descriptor())
+        transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+        transfer.max_transfers_per_connection = 1
+        transfer.register_server_handlers(server)
+        running = asyncio.create_task(server.run())
+        try:
+            for _ in range(500):  # 5 s at most
+                if server.is_running:
+                    break
+                await asyncio.sleep(0.01)
+            client = Client(client_descriptor(server.port))
+            await client.connect()
+            local = FileTransferHandler(storage_dir=tmp_path / "client")
+            try:
+                return await asyncio.wait_for(
+                    asyncio.gather(*(local.send_to_server(client, p) for p in paths)), 60
+                )
+            finally:
+                await client.disconnect()
+        finally:
+            await server.close()
+            await running
+
+    paths = [tmp_path / f"a{index}.bin" for index in range(8)]
+    for index, path in enumerate(paths):
+        path.write_bytes(bytes([index]) * (MiB // 2 + index))
+    results = asyncio.run(main())
+    assert [r.get("code") for r in results if not r["success"]] == []
+    for path in paths:
+        assert (tmp_path / "server" / path.name).read_bytes() == path.read_bytes()
