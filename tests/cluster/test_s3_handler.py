@@ -478,6 +478,12 @@ async def test_a_directory_goes_up_and_comes_back_through_s3(
         assert methods.count("file_download_batch") == 1 and methods.count("file_download") == 1
         again = await handler.receive_from_server(client, "photos", tmp_path / "back")
         assert again["skipped"] == 4, again
+        # A directory named in a batch: is_directory, as file_stat says (and
+        # the local store's batch), not not_found.
+        named = await handler.receive_files_from_server(
+            client, ["photos/2024", "photos/none.txt"], tmp_path / "named"
+        )
+        assert [r.get("code") for r in named] == ["is_directory", "not_found"], named
 
 
 @pytest.mark.usefixtures("aws_environment")

@@ -696,9 +696,7 @@ class StoreBackend:
         try:
             stored = await store.stat(name)
         except FileNotFoundError as exc:
-            if await _is_directory(store, name):
-                raise RPCError(f"{name!r} is a directory", "is_directory") from None
-            raise as_rpc_error(exc, name=name) from None
+            raise await _missing(store, name, exc) from None
         except Exception as exc:
             raise as_rpc_error(exc, name=name) from None
         answer: dict[str, Any] = {
@@ -730,6 +728,9 @@ class StoreBackend:
         for name in names:
             try:
                 read = await self._read_whole(store, name, min(limit, room - used), threads)
+            except FileNotFoundError as exc:
+                # As file_stat answers it (the local store's batch does the same).
+                read = SmallRead(0, 0, None, await _missing(store, name, exc))
             except (OSError, UnsafePathError, TransferError, RPCError) as exc:
                 read = SmallRead(0, 0, None, exc)
             if read.small is not None:
@@ -809,6 +810,13 @@ async def _find_partial(store: Store, kept: _Kept) -> tuple[int, str | None]:
 def _identity(reader: FileReader) -> tuple[int, int, str]:
     """What tells two versions of a stored file apart (the version: mtimes are to the second)."""
     return reader.size, reader.modified_ns, reader.version
+
+
+async def _missing(store: Store, name: str, exc: FileNotFoundError) -> RPCError:
+    """What a name with no object says: ``is_directory`` when files live below it."""
+    if await _is_directory(store, name):
+        return RPCError(f"{name!r} is a directory", "is_directory")
+    return as_rpc_error(exc, name=name)
 
 
 async def _is_directory(store: Store, name: str) -> bool:
