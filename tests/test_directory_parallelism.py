@@ -4,7 +4,8 @@ Files over the small-file limit each cost two or three round trips besides
 their bytes, so medium ones (up to ``MEDIUM_FILE_SIZE``) go
 ``PARALLEL_MEDIUM_FILES`` at once, and larger ones (or of a size not known)
 no more than ``PARALLEL_FILES`` of those. Counted at the handler's own
-single-file entry points, both ways, over loopback.
+single-file entry points, both ways, over loopback; and the CLI's jobs,
+which take the same places unless ``-j`` says how many.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
+import trio.testing
 
 from conduit import FileTransferHandler
+from conduit.cli._display import FileJob, SilentDisplay
+from conduit.cli._transfer import _run_jobs
 from conduit.transfer._receiver import Receiver
 from conduit.transfer._sender import Sender
 from conduit.transfer._tree import MEDIUM_FILE_SIZE, PARALLEL_FILES, PARALLEL_MEDIUM_FILES
@@ -95,3 +100,50 @@ async def test_medium_files_go_more_at_once_than_large_ones_both_ways(
         # held to it; never more than either limit.
         assert PARALLEL_FILES < seen.most <= PARALLEL_MEDIUM_FILES, seen
         assert 1 <= seen.most_large <= PARALLEL_FILES, seen
+
+
+_MEDIUM = [FileJob(f"m{i}", None, 200 * KiB) for i in range(30)]
+_LARGE = [FileJob(f"L{i}", None, MEDIUM_FILE_SIZE + 1) for i in range(10)]
+_UNKNOWN = [FileJob("u", None, None)]  # of a size not known: as a large one
+
+
+@pytest.mark.parametrize(
+    ("jobs", "kinds", "most"),
+    [
+        (None, "medium", PARALLEL_MEDIUM_FILES),
+        (None, "large", PARALLEL_FILES),
+        (None, "all", PARALLEL_MEDIUM_FILES),
+        (3, "all", 3),
+        (20, "large", len(_LARGE) + 1),  # -j says how many, whatever the sizes
+    ],
+    ids=lambda value: "default" if value is None else str(value),
+)
+async def test_the_cli_jobs_take_the_same_places(jobs: int | None, kinds: str, most: int) -> None:
+    chosen = {
+        "medium": _MEDIUM,
+        "large": [*_LARGE, *_UNKNOWN],
+        "all": [*_LARGE, *_UNKNOWN, *_MEDIUM],
+    }[kinds]
+    planned = [FileJob(job.name, job.local, job.size) for job in chosen]
+    seen = _InFlight({job.name for job in [*_LARGE, *_UNKNOWN]})
+    let_go = trio.Event()
+
+    async def transfer(_name: str, _job: FileJob, _on_progress: Any) -> dict[str, Any]:
+        await let_go.wait()
+        return {"success": True}
+
+    counted = seen.wrap(transfer, 0)
+
+    async def by_name(job: FileJob, on_progress: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await counted(job.name, job, on_progress)
+        return result
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_jobs, planned, by_name, SilentDisplay(), jobs)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen.most == most, seen
+            if jobs is None:
+                assert seen.most_large <= PARALLEL_FILES, seen
+            let_go.set()
+    assert all(job.success for job in planned)

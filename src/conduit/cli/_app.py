@@ -171,9 +171,8 @@ _jobs_option = click.option(
     "-j",
     "--jobs",
     type=click.IntRange(1, 64),
-    default=4,
-    show_default=True,
-    help="Files transferred at once.",
+    default=None,
+    help="Files transferred at once [default: 12 of up to 1 MiB, of which 4 larger].",
 )
 
 
@@ -329,7 +328,7 @@ def send(
     json_output: bool,
     username: str | None,
     rename: str | None,
-    jobs: int,
+    jobs: int | None,
 ) -> int:
     """Upload files; directories recursively, keeping their layout (DIR/sub/file).
 
@@ -376,7 +375,7 @@ def get(
     username: str | None,
     output: Path,
     overwrite: bool,
-    jobs: int,
+    jobs: int | None,
 ) -> int:
     """Download files; a NAME that is a directory on the server brings all of it.
 

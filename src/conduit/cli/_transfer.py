@@ -16,7 +16,7 @@ import trio
 from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
 from ..transfer._names import safe_relative_name
-from ..transfer._tree import local_directory_name
+from ..transfer._tree import FilePlaces, local_directory_name
 from ._common import (
     Address,
     ClientOptions,
@@ -146,20 +146,21 @@ async def _run_jobs(
     jobs: Sequence[FileJob],
     transfer: Transfer,
     display: Display,
-    parallel: int,
+    parallel: int | None,
     group: tuple[int, GroupTransfer] | None = None,
 ) -> None:
-    """Run every job, ``parallel`` at a time.
+    """Run every job, ``parallel`` at a time (None: as the library moves a
+    directory's files, see :class:`~conduit.transfer._tree.FilePlaces`).
 
     With ``group = (limit, send)``, the jobs of at most ``limit`` bytes go
     :data:`GROUP_FILES` at a time through ``send`` (many files per call); each
-    group takes one of the ``parallel`` places, and its files get their lines
-    as the group ends (no bar: each is done in one step).
+    group takes a place of a large file, and its files get their lines as the
+    group ends (no bar: each is done in one step).
     """
-    limiter = trio.CapacityLimiter(parallel)
+    places = FilePlaces() if parallel is None else FilePlaces(parallel, parallel)
 
     async def one(job: FileJob) -> None:
-        async with limiter:
+        async with places.taken(job.size):
             on_progress = display.file_started(job)
             try:
                 job.result = await transfer(job, on_progress)
@@ -168,7 +169,8 @@ async def _run_jobs(
             display.file_finished(job)
 
     async def several(batch: Sequence[FileJob], send: GroupTransfer) -> None:
-        async with limiter:
+        # As many bytes held as a large file may (up to GROUP_FILES small files).
+        async with places.taken(None):
             try:
                 results = await send(batch)
             except (OSError, ConduitError) as exc:
@@ -196,7 +198,7 @@ async def _transfer_files(
     jobs: Sequence[FileJob],
     transfer: Transfer,
     *,
-    parallel: int,
+    parallel: int | None,
     json_output: bool,
     client: Client,
     group: tuple[int, GroupTransfer] | None = None,
@@ -276,7 +278,7 @@ async def send(
     jobs: list[FileJob],
     skipped: list[Skipped],
     *,
-    parallel: int,
+    parallel: int | None,
     json_output: bool,
 ) -> int:
     """``conduit send``: upload every job; the exit code says how it went."""
@@ -445,7 +447,7 @@ async def get(
     output_dir: Path,
     *,
     overwrite: bool,
-    parallel: int,
+    parallel: int | None,
     json_output: bool,
 ) -> int:
     """``conduit get``: download every NAME into ``output_dir``."""

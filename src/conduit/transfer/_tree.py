@@ -27,9 +27,10 @@ ones ``"skipped": True, "reason": "hidden"``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,20 +147,43 @@ def remote_prefix(top: Path, remote_name: str | None) -> str:
     return safe_relative_name(remote_name) if remote_name else ""
 
 
-async def transfer_all(entries: list[_Entry], transfer: FileTransfer) -> None:
-    """Run ``transfer(name, local)`` for every entry without a result yet, a few at a time:
-    :data:`PARALLEL_MEDIUM_FILES` at once, of which :data:`PARALLEL_FILES` larger ones."""
-    any_file = trio.CapacityLimiter(PARALLEL_MEDIUM_FILES)
-    large_file = trio.CapacityLimiter(PARALLEL_FILES)
+class FilePlaces:
+    """The places of files that move one by one: ``at_once`` in all, of which
+    ``large_at_once`` larger than :data:`MEDIUM_FILE_SIZE` (or of a size not known).
 
-    async def one(entry: _Entry) -> None:
-        if entry.size is not None and entry.size <= MEDIUM_FILE_SIZE:
-            async with any_file:
-                entry.result = await transfer(entry.name, entry.local)
+    ::
+
+        places = FilePlaces()
+        async with places.taken(size):
+            ...  # transfer the file
+    """
+
+    def __init__(
+        self, at_once: int = PARALLEL_MEDIUM_FILES, large_at_once: int = PARALLEL_FILES
+    ) -> None:
+        self._any = trio.CapacityLimiter(at_once)
+        self._large = trio.CapacityLimiter(min(large_at_once, at_once))
+
+    @contextlib.asynccontextmanager
+    async def taken(self, size: int | None) -> AsyncIterator[None]:
+        """Hold a place for a file of ``size`` bytes (None: not known) while inside."""
+        if size is not None and size <= MEDIUM_FILE_SIZE:
+            async with self._any:
+                yield
             return
         # The scarcer place first, so a large file that waits for it keeps no
         # medium one out.
-        async with large_file, any_file:
+        async with self._large, self._any:
+            yield
+
+
+async def transfer_all(entries: list[_Entry], transfer: FileTransfer) -> None:
+    """Run ``transfer(name, local)`` for every entry without a result yet, a few at a
+    time (:class:`FilePlaces`)."""
+    places = FilePlaces()
+
+    async def one(entry: _Entry) -> None:
+        async with places.taken(entry.size):
             entry.result = await transfer(entry.name, entry.local)
 
     async with trio.open_nursery() as nursery:
