@@ -53,6 +53,35 @@ async def test_claims_up_to_the_limit_then_refuses_overloaded() -> None:
     assert slots.in_use(_Key()) == 0  # counted per connection
 
 
+async def test_a_claim_waits_for_a_slot_that_is_ending_not_for_one_under_way() -> None:
+    slots, key = TransferSlots(), _Key()
+    running = slots.claim(key, 1)
+    with pytest.raises(RPCError) as refused:
+        await slots.claim_after_ending(key, 1)  # under way: refused at once
+    assert refused.value.code == "overloaded"
+    running.ending()
+    claimed: list[TransferSlot] = []
+
+    async def claim() -> None:
+        claimed.append(await slots.claim_after_ending(key, 1))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim)
+            await trio.testing.wait_all_tasks_blocked()
+            assert claimed == []  # waits for the ending slot
+            running.release()
+    assert len(claimed) == 1 and slots.in_use(key) == 1
+    claimed[0].release()
+    assert slots.in_use(key) == 0
+    # An ending slot given back is no longer counted as ending: with a slot
+    # under way again, a claim is refused at once.
+    again = slots.claim(key, 1)
+    with trio.fail_after(1), pytest.raises(RPCError):
+        await slots.claim_after_ending(key, 1)
+    again.release()
+
+
 async def test_leaving_the_block_without_a_spawn_releases() -> None:
     slots, key = TransferSlots(), _Key()
     with slots.claim(key, 1) as slot:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,99 @@ async def test_a_new_attempt_queues_behind_those_waiting() -> None:
     assert full.refused == 1
 
 
+async def test_a_pool_that_starts_its_next_job_at_each_end_does_not_overtake_a_waiter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two workers drain 40 jobs back to back on a connection that takes two;
+    one more transfer arrives meanwhile. Each end wakes it, and the worker
+    whose job ended queues behind it (until the woken one runs again, the
+    line counts it as waiting): it ends after at most the jobs running when
+    it arrived and one more, not last, and is refused once, or twice when
+    its refusal crossed an end on the way."""
+    peer = _Peer()
+    running = 0
+    finished: list[str] = []
+    refused_late = 0
+
+    def attempt_for(label: str) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+        async def attempt(_peer: Any) -> dict[str, Any]:
+            nonlocal running, refused_late
+            await trio.lowlevel.checkpoint()
+            if running >= 2:
+                refused_late += label == "late"
+                return {"success": False, "error": "full", "code": "overloaded"}
+            running += 1
+            try:
+                await trio.sleep(0.001)
+            finally:
+                running -= 1
+            finished.append(label)
+            return {"success": True}
+
+        return attempt
+
+    jobs = iter(range(40))
+
+    async def worker() -> None:
+        for job in jobs:
+            await take_turn(peer, attempt_for(f"job{job}"))
+
+    arrived_after = 0
+
+    async def late() -> None:
+        nonlocal arrived_after
+        await trio.sleep(0.0105)  # while the pool runs its eleventh pair of jobs
+        arrived_after = len(finished)
+        assert (await take_turn(peer, attempt_for("late")))["success"]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker)
+            nursery.start_soon(worker)
+            nursery.start_soon(late)
+    overtaken_by = finished.index("late") - arrived_after
+    assert 0 < arrived_after < 30, arrived_after
+    assert overtaken_by <= 3 and 1 <= refused_late <= 2, (overtaken_by, refused_late, finished)
+
+
+async def test_a_refusal_that_crossed_an_end_on_its_way_asks_again_at_once() -> None:
+    """The connection refused B while A ran; A ended (its last bytes came)
+    before B's refusal did, so nothing of ours runs any more: B asks again
+    rather than returning a refusal the room A left would have lifted."""
+    peer = _Peer()
+    holding = False
+    a_done, release_a = trio.Event(), trio.Event()
+    tries = 0
+
+    async def a(_peer: Any) -> dict[str, Any]:
+        nonlocal holding
+        holding = True
+        await release_a.wait()
+        holding = False
+        return {"success": True}
+
+    async def b(_peer: Any) -> dict[str, Any]:
+        nonlocal tries
+        tries += 1
+        if holding:
+            release_a.set()
+            await a_done.wait()  # the refusal arrives after A's end
+            return {"success": False, "error": "full", "code": "overloaded"}
+        await trio.lowlevel.checkpoint()
+        return {"success": True}
+
+    async def run_a() -> None:
+        await take_turn(peer, a)
+        a_done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_a)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await take_turn(peer, b))["success"]
+    assert tries == 2
+
+
 async def test_lines_are_per_connection() -> None:
     full = _FullAt(capacity=1)
     with trio.fail_after(10):
@@ -282,6 +376,37 @@ async def test_more_transfers_at_once_than_the_server_takes_all_succeed(
     # Each over the limit was refused about once: a turn per end, no stampede.
     assert 10 < calls.count("file_upload_begin") <= 20, calls.count("file_upload_begin")
     assert 10 < calls.count("file_download") <= 20, calls.count("file_download")
+
+
+async def test_a_download_that_finds_a_slot_still_ending_waits_for_it(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """One slot; the server holds a served download's slot while its
+    on_file_served runs (0.3 s), after the client has the file: the next
+    download, woken by that end, waits for the slot on the server instead of
+    being refused (its turn was lost to that moment)."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server", max_transfers_per_connection=1)
+
+    @transfer.on_file_served
+    async def audit(_client: Any, _name: str, _metadata: dict[str, Any]) -> None:
+        await trio.sleep(0.3)
+
+    server = await server_factory(register=transfer.register_server_handlers)
+    client: Client = await client_factory(server)
+    paths = await _files(transfer.storage_dir, 3, MiB)
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    results: list[dict[str, Any]] = []
+
+    async def download(path: Path) -> None:
+        results.append(await local.receive_from_server(client, path.name, tmp_path / "back"))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(download, path)
+    assert [r.get("code") for r in results if not r["success"]] == []
+    for path in paths:
+        assert _digest(tmp_path / "back" / path.name) == _digest(path)
 
 
 async def test_more_downloads_at_once_than_the_client_budget_holds_all_succeed(

@@ -54,7 +54,7 @@ from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
 from ._rerun import asks_for_sha256, says_skipped
-from ._slots import TransferSlots
+from ._slots import TransferSlot, TransferSlots
 from ._small import SmallUploads, send_one
 from ._space import partial_owner
 from ._wire import (
@@ -435,7 +435,7 @@ class Sender:
             raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
         connection = caller.connection
         limit = self._settings.max_transfers_per_connection
-        with self._slots.claim(connection, limit) as slot:
+        with await self._slots.claim_after_ending(connection, limit) as slot:
             try:
                 opened = await self._settings.backend.open_source(caller, name)
             except Exception as exc:
@@ -471,6 +471,7 @@ class Sender:
                     hasher,
                     reporter,
                     base,
+                    slot,
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
@@ -521,16 +522,24 @@ class Sender:
         hasher: Any,
         reporter: ProgressReporter,
         base: int,
+        slot: TransferSlot,
     ) -> None:
         """The spawned half of a download; owns the source (and, via its slot wrapper, the slot).
 
         ``base``: where the part sent begins in the source (a range's offset)."""
         outcome: dict[str, Any]
         try:
-            stream = caller.connection.open_outgoing_stream(stream_id)
-            trailer = await self._stream_out(
-                caller, stream, source, start, size, hasher, reporter, base
-            )
+            try:
+                stream = caller.connection.open_outgoing_stream(stream_id)
+                trailer = await self._stream_out(
+                    caller, stream, source, start, size, hasher, reporter, base
+                )
+            finally:
+                # The client may now see the end (the trailer, or the stream's
+                # reset) and ask for its next download before this task has
+                # closed the file and run on_file_served: that one waits for
+                # this slot instead of being refused "overloaded".
+                slot.ending()
         except (ConduitError, OSError) as exc:
             # A peer cuts its downloads at will: INFO, under a budget per
             # owner (see Receiver._receive_task).

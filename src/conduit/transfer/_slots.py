@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any
 
 import attrs
+import trio
 
 from ..errors import RPCError
 
@@ -31,6 +32,10 @@ class TransferSlots:
 
     def __init__(self) -> None:
         self._counts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        #: Slots whose transfer the peer may already have seen end (see
+        #: :meth:`TransferSlot.ending`), per connection.
+        self._ending: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._given_back = trio.lowlevel.ParkingLot()
 
     def in_use(self, connection: object) -> int:
         """The slots ``connection`` holds now."""
@@ -44,10 +49,30 @@ class TransferSlots:
         self._counts[connection] = count + 1
         return TransferSlot(self, connection)
 
-    def _give_back(self, connection: object) -> None:
+    async def claim_after_ending(self, connection: object, limit: int) -> TransferSlot:
+        """:meth:`claim`, once the slots of transfers that are ending have come back.
+
+        A peer that saw a transfer end (a download's last bytes) may start the
+        next at once, while the task that served it still holds its slot (it
+        closes the file, then runs ``on_file_served``): that start waits for
+        the slot rather than being refused. Only for those: a connection
+        whose slots are all held by transfers still under way is refused at
+        once, as by :meth:`claim`.
+        """
+        while self.in_use(connection) >= limit and self._ending.get(connection, 0) > 0:
+            await self._given_back.park()
+        return self.claim(connection, limit)
+
+    def _give_back(self, connection: object, *, was_ending: bool) -> None:
         count = self._counts.get(connection, 0)
         if count > 0:
             self._counts[connection] = count - 1
+        if was_ending:
+            self._ending[connection] = self._ending.get(connection, 1) - 1
+            self._given_back.unpark_all()
+
+    def _mark_ending(self, connection: object) -> None:
+        self._ending[connection] = self._ending.get(connection, 0) + 1
 
 
 @attrs.define(eq=False)
@@ -69,17 +94,26 @@ class TransferSlot:
     _connection: object
     _held: bool = True
     _handed_off: bool = False
+    _ending: bool = False
 
     @property
     def held(self) -> bool:
         """Whether this slot still counts against the connection's limit."""
         return self._held
 
+    def ending(self) -> None:
+        """Say that the peer may have seen this transfer end: a start that finds
+        the connection's slots full waits for this one (see
+        :meth:`TransferSlots.claim_after_ending`) until it is given back."""
+        if self._held and not self._ending:
+            self._ending = True
+            self._slots._mark_ending(self._connection)
+
     def release(self) -> None:
         """Give the slot back; later calls do nothing."""
         if self._held:
             self._held = False
-            self._slots._give_back(self._connection)
+            self._slots._give_back(self._connection, was_ending=self._ending)
 
     def spawn(self, spawner: Spawner, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start ``fn(*args)`` with ``spawner``; that task now owns the slot.

@@ -12,15 +12,23 @@ them) is asking too much at once, not for something it cannot have. The
 same holds for a server's pushes into a client's slots.
 
 So a refused attempt, while others of ours run on the same connection,
-waits for one of them to end and tries again; attempts that arrive while
-some wait queue behind them, so the ones that wait are not overtaken and
-each end lets exactly one go (no stampede of retries). What runs stays at
-what the connection was shown to take, clocked by what ends, as TCP is by
-its acknowledgements. A refusal while nothing else of ours runs is
+waits for one of them to end and tries again (at once, if one ended while
+its refusal was on the way); attempts that arrive while some wait, or have
+just been woken, queue behind them, so the ones that wait are not overtaken
+and each end lets exactly one go (no stampede of retries). What runs stays
+at what the connection was shown to take, clocked by what ends, as TCP is
+by its acknowledgements. A refusal while nothing else of ours runs is
 returned as it is, and so is a waiter's second refusal when nothing of ours
 that held room has ended since it began to wait: no end of ours will free
 that room (another client holds a server-wide limit, or ours were all
-refused too).
+refused too). A wait lasts as long as the transfers of ours ahead of it
+take: a caller that wants a bound puts a deadline around its transfer.
+
+A server frees a download's slot a moment after its last bytes leave (it
+closes the file and runs ``on_file_served`` first); it makes a download
+that arrives meanwhile wait for that slot rather than refuse it
+(:meth:`~._slots.TransferSlots.claim_after_ending`), so the turn an end
+gives is not lost to that moment.
 
 The lines are kept per connection, weakly: a reconnect starts a fresh one.
 """
@@ -64,25 +72,34 @@ class _Line:
     """The attempts of one connection: how many run, and who waits for one to end."""
 
     running: int = 0
-    #: Attempts that ended having held room: a waiter whose retry is refused
-    #: again waits on only if one has ended since it began waiting.
+    #: Attempts that ended having held room (not refused at their start).
     freed: int = 0
+    #: Waiters woken and not yet running again: those that arrive meanwhile
+    #: queue behind them rather than take the room that woke them.
+    handing_off: int = 0
     waiting: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
 
+    def must_queue(self) -> bool:
+        """Whether an attempt that arrives now goes behind others waiting for a turn."""
+        return bool(self.waiting) or self.handing_off > 0
+
     async def wait_for_an_end(self) -> None:
-        """Park until one of the running attempts ends (at once when none runs)."""
-        if self.running > 0:
-            await self.waiting.park()
+        """Park until an attempt ends that lets us go (at once when nothing could)."""
+        if self.running == 0 and self.handing_off == 0:
+            return
+        await self.waiting.park()
+        # No checkpoint between our wake-up and the attempt we make next.
+        self.handing_off -= 1
 
     def ended(self, *, freed: bool) -> None:
         """One attempt ended; ``freed``: it held room (it was not refused at its start)."""
         self.running -= 1
         if freed:
             self.freed += 1
-            self.waiting.unpark()
-        elif self.running == 0:
+            self.handing_off += len(self.waiting.unpark())
+        elif self.running == 0 and self.handing_off == 0:
             # Nothing of ours is left to free room: every waiter tries once more.
-            self.waiting.unpark_all()
+            self.handing_off += len(self.waiting.unpark_all())
 
 
 _lines: weakref.WeakKeyDictionary[object, _Line] = weakref.WeakKeyDictionary()
@@ -94,14 +111,15 @@ async def take_turn(
     """Run ``attempt(peer)``, again each time one of ours ends while the connection is full.
 
     Returns the attempt's result: its first that is not a full-connection
-    refusal, or a refusal met while nothing else of ours ran on
-    ``peer``'s connection (or once that connection is gone).
+    refusal, or a refusal that nothing of ours will lift (see the module
+    docstring), or any result once ``peer``'s connection is gone.
     """
     line = _lines.setdefault(peer.connection, _Line())
-    if line.waiting:
+    if line.must_queue():
         await line.wait_for_an_end()
     waited_since: int | None = None
     while True:
+        freed_before = line.freed
         line.running += 1
         refused = False
         try:
@@ -109,7 +127,13 @@ async def take_turn(
             refused = result.get("code") in FULL_CODES
         finally:
             line.ended(freed=not refused)
-        if not refused or line.running == 0 or not peer.connected or waited_since == line.freed:
+        if not refused or not peer.connected:
+            return result
+        if line.freed != freed_before:
+            # Room came free while we asked (the refusal was on its way when
+            # one of ours ended): ask again at once.
+            continue
+        if line.running == 0 or waited_since == line.freed:
             return result
         waited_since = line.freed
         await line.wait_for_an_end()
