@@ -22,8 +22,9 @@ such file) is returned as it is: only a lost link is worth waiting for. The
 exception: an attempt refused at its start because its connection already
 runs all it may (``overloaded``, ``too_many_streams``) waits for another of
 this side's transfers on that connection to end, then tries again (see
-:mod:`._turns`). Cancellation is never caught here; what it leaves behind is the attempt's
-business (a partial file kept for a later resume, everything else freed).
+:mod:`._turns`). Cancellation is never caught here; what it leaves behind
+is the attempt's business (a partial file kept for a later resume,
+everything else freed).
 """
 
 from __future__ import annotations
