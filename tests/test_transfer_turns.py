@@ -21,10 +21,10 @@ import pytest
 import trio
 import trio.testing
 
-from conduit import Client, FileTransferHandler, Server
+from conduit import Client, FileTransferHandler, Peer, RPCError, Server
 from conduit.transfer._turns import take_turn
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
-from transfer_helpers import MiB, make_file, record_calls
+from transfer_helpers import MiB, make_file, record_calls, register_replacing
 
 
 class _Connection:
@@ -433,6 +433,43 @@ async def test_more_downloads_at_once_than_the_client_budget_holds_all_succeed(
     assert [r.get("code") for r in results if not r["success"]] == []
     for path in paths:
         assert _digest(tmp_path / "back" / path.name) == _digest(path)
+
+
+async def test_a_verdict_refused_by_the_call_limit_is_asked_again_not_the_upload(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``file_upload_finish`` refused ``overloaded`` (the server's
+    ``max_concurrent_calls`` full: the call never ran) after the bytes were
+    sent: the sender asks for the verdict again; the upload is neither begun
+    again nor reported skipped."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    refused: list[int | None] = []
+
+    async def finish_once_refused(
+        caller: Peer, stream_id: int | None = None, abandon: bool = False, key: str = ""
+    ) -> dict[str, Any]:
+        if not abandon and len(refused) < 2:
+            refused.append(stream_id)
+            raise RPCError("too many calls at once (limit 128)", "overloaded")
+        answer: dict[str, Any] = await transfer._receiver.rpc_finish(
+            caller, stream_id=stream_id, abandon=abandon, key=key
+        )
+        return answer
+
+    server = await server_factory(
+        register=register_replacing(transfer, "file_upload_finish", finish_once_refused)
+    )
+    client: Client = await client_factory(server)
+    (path,) = await _files(tmp_path / "mine", 1, 2 * MiB)
+    calls = record_calls(monkeypatch)
+    with trio.fail_after(30):
+        result = await FileTransferHandler().send_to_server(client, path)
+    assert result["success"] is True and not result.get("skipped"), result
+    assert len(refused) == 2 and calls.count("file_upload_begin") == 1, calls
+    assert _digest(transfer.storage_dir / path.name) == _digest(path)
 
 
 def test_under_asyncio_gathered_uploads_over_the_limit_all_succeed(tmp_path: Path) -> None:

@@ -246,10 +246,7 @@ class Sender:
                     # (see _stream_out), is what ends the receiver's wait.
                     unopened = None
                     await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
-                result = finish_answer(
-                    await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT),
-                    size,
-                )
+                result = finish_answer(await _ask_verdict(peer, finish_method, stream_id), size)
             except (ConduitError, OSError) as exc:
                 return transfer_failure(exc)
             finally:
@@ -571,6 +568,31 @@ class Sender:
             name,
             metadata={"filename": name, "client_id": caller.id, **metadata},
         )
+
+
+async def _ask_verdict(peer: Peer, finish_method: str, stream_id: int) -> Any:
+    """The receiver's verdict on a stream we have sent: its ``*_finish`` answer.
+
+    A ``*_finish`` refused ``overloaded`` never ran: the peer's call limit
+    (``max_concurrent_calls``) was full of our other calls. The bytes are
+    sent and the verdict waits there (for ``UNCLAIMED_TTL``, a minute), so
+    ask again after a pause, rather than fail a transfer that may have
+    succeeded (whose retry would find it ``already_there``, sending it again
+    in vain). The last refusal, after :data:`_VERDICT_PAUSES`, is raised.
+    """
+    for pause in _VERDICT_PAUSES:
+        try:
+            return await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
+        except RPCError as exc:
+            if exc.code != "overloaded":
+                raise
+        await trio.sleep(pause)
+    return await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
+
+
+#: Pauses between the asks of a verdict refused ``overloaded``: 30.44 s in all,
+#: within the minute the receiver keeps it.
+_VERDICT_PAUSES = (0.01, 0.03, 0.1, 0.3, *([1.0] * 30))
 
 
 async def _abandon(
