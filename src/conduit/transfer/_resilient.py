@@ -121,4 +121,4 @@ async def _retry_busy(peer: Peer, attempt: Attempt) -> dict[str, Any]:
     return result
 
 
-__all__ = ["MAX_RESUMES", "Attempt", "on_client", "on_server"]
+__all__ = ["MAX_RESUMES", "on_client", "on_server"]

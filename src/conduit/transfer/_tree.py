@@ -43,7 +43,7 @@ from ._batch import send_small_files
 from ._batch_download import receive_small_files
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
-from ._resilient import Attempt
+from ._turns import Attempt
 from ._wire import FILE_LIST, transfer_failure
 
 if TYPE_CHECKING:

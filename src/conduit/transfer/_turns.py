@@ -139,4 +139,4 @@ async def take_turn(
         await line.wait_for_an_end()
 
 
-__all__ = ["FULL_CODES", "take_turn"]
+__all__ = ["FULL_CODES", "Attempt", "take_turn"]
