@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from conduit import Client, FileTransferHandler, RPCError, Server
-from conduit.transfer._slots import TransferSlot, TransferSlots
+from conduit.transfer._slots import ENDING_WAIT, TransferSlot, TransferSlots
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import MiB, make_file
 
@@ -80,6 +80,41 @@ async def test_a_claim_waits_for_a_slot_that_is_ending_not_for_one_under_way() -
     with trio.fail_after(1), pytest.raises(RPCError):
         await slots.claim_after_ending(key, 1)
     again.release()
+
+
+async def test_any_slot_given_back_lets_a_waiting_claim_in() -> None:
+    """Two slots: one ending, one under way. The one under way comes back
+    first (an upload, a batch): the waiting claim takes it at once, without
+    waiting for the ending one."""
+    slots, key = TransferSlots(), _Key()
+    ending, under_way = slots.claim(key, 2), slots.claim(key, 2)
+    ending.ending()
+    claimed: list[TransferSlot] = []
+
+    async def claim() -> None:
+        claimed.append(await slots.claim_after_ending(key, 2))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim)
+            await trio.testing.wait_all_tasks_blocked()
+            assert claimed == []
+            under_way.release()
+    assert len(claimed) == 1 and ending.held
+
+
+async def test_a_claim_waits_for_an_ending_slot_only_so_long(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An ending slot whose on_file_served never returns: the claim is refused
+    ``overloaded`` after ENDING_WAIT, as a full connection's is."""
+    slots, key = TransferSlots(), _Key()
+    slots.claim(key, 1).ending()
+    started = trio.current_time()
+    with trio.fail_after(2 * ENDING_WAIT), pytest.raises(RPCError) as refused:
+        await slots.claim_after_ending(key, 1)
+    assert refused.value.code == "overloaded"
+    assert trio.current_time() - started == pytest.approx(ENDING_WAIT)
 
 
 async def test_leaving_the_block_without_a_spawn_releases() -> None:

@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from conduit import Client, FileTransferHandler, Peer, RPCError, Server
+from conduit.transfer._sender import _ask_verdict
 from conduit.transfer._turns import take_turn
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
 from transfer_helpers import MiB, make_file, record_calls, register_replacing
@@ -470,6 +471,79 @@ async def test_a_verdict_refused_by_the_call_limit_is_asked_again_not_the_upload
     assert result["success"] is True and not result.get("skipped"), result
     assert len(refused) == 2 and calls.count("file_upload_begin") == 1, calls
     assert _digest(transfer.storage_dir / path.name) == _digest(path)
+
+
+async def test_more_verdicts_than_sixteen_wait_while_their_finishes_are_refused(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+) -> None:
+    """Twenty uploads end while every ``file_upload_finish`` is refused
+    ``overloaded`` for a while: the receiver keeps a verdict per transfer
+    slot (32), not 16, so each is there when asked again."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    refusing = True
+
+    async def finish_refused_for_a_while(
+        caller: Peer, stream_id: int | None = None, abandon: bool = False, key: str = ""
+    ) -> dict[str, Any]:
+        if refusing and not abandon:
+            raise RPCError("too many calls at once (limit 128)", "overloaded")
+        answer: dict[str, Any] = await transfer._receiver.rpc_finish(
+            caller, stream_id=stream_id, abandon=abandon, key=key
+        )
+        return answer
+
+    server = await server_factory(
+        register=register_replacing(transfer, "file_upload_finish", finish_refused_for_a_while),
+        receive_window=MiB,  # twenty streams fit the receive budget at once
+    )
+    client: Client = await client_factory(server)
+    paths = await _files(tmp_path / "mine", 20, 200 * 1024)
+    received: list[str] = []
+
+    @transfer.on_file_received
+    def stored(_client: Any, name: str, _metadata: dict[str, Any]) -> None:
+        received.append(name)
+
+        if len(received) == len(paths):
+            all_stored.set()
+
+    all_stored = trio.Event()
+    results: list[dict[str, Any]] = []
+
+    async def upload(path: Path) -> None:
+        results.append(await FileTransferHandler().send_to_server(client, path))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(upload, path)
+            await all_stored.wait()
+            refusing = False
+    assert [r for r in results if not r["success"] or r.get("skipped")] == []
+
+
+async def test_a_verdict_dropped_while_refused_is_the_refusal() -> None:
+    """Asked again, the verdict is gone (``not_found``: the receiver kept no
+    more): what the transfer gets is the refusal, which a retry of the whole
+    transfer settles, not a ``not_found`` that would say the file is missing."""
+
+    @attrs.define
+    class _Answers:
+        codes: list[str]
+
+        async def call(self, _method: str, **_kwargs: Any) -> Any:
+            await trio.lowlevel.checkpoint()
+            code = self.codes.pop(0)
+            raise RPCError(f"refused ({code})", code)
+
+    with trio.fail_after(10), pytest.raises(RPCError) as refused:
+        await _ask_verdict(_Answers(["overloaded", "not_found"]), "file_upload_finish", 3)  # type: ignore[arg-type]
+    assert refused.value.code == "overloaded"
+    with trio.fail_after(10), pytest.raises(RPCError) as missing:
+        await _ask_verdict(_Answers(["not_found"]), "file_upload_finish", 3)  # type: ignore[arg-type]
+    assert missing.value.code == "not_found"  # never refused: a real not_found
 
 
 def test_under_asyncio_gathered_uploads_over_the_limit_all_succeed(tmp_path: Path) -> None:

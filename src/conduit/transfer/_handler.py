@@ -282,7 +282,9 @@ class FileTransferHandler:
         (``on_client_disconnect`` is). The small files of a directory download
         are served many per call (``file_download_batch``) and each is reported
         as it is read into the answer; one that could not be opened reports
-        ``size`` 0.
+        ``size`` 0. A download's transfer slot is given back once the callbacks
+        have returned; a download the same client asks for meanwhile, finding
+        its slots full, waits for it (up to 5 s): keep them short.
         """
         self._hooks.served.append(function)
         return function

@@ -8,7 +8,7 @@
   The registry of a connection is owned by the connection
   (``Connection.owned``), so it goes when the connection ends, however it ends;
   verdicts nobody asks for are kept for at most :data:`UNCLAIMED_TTL` seconds,
-  :data:`MAX_UNCLAIMED` per connection.
+  :data:`MAX_UNCLAIMED` per connection (or one per transfer slot, if more).
 * :meth:`Receiver.rpc_receive_small` -- a whole small file in one call.
 * :meth:`Receiver.download` -- ``receive_from_server``: the client's side of a
   download, the same receive path with the roles of who opens what swapped.
@@ -73,7 +73,10 @@ log = logging.getLogger("conduit.transfer")
 ProgressCallback = Callable[[TransferProgress], Any]
 
 #: Finished transfers whose verdict a connection has not asked for
-#: (``*_finish``), kept at most; the oldest go first.
+#: (``*_finish``), kept at most (or one per transfer slot of the
+#: connection, when it has more: a sender whose ``*_finish`` was refused
+#: by the call limit asks again, see ``_sender._ask_verdict``); the oldest
+#: go first.
 MAX_UNCLAIMED = 16
 #: Seconds (of Trio's clock) a verdict waits for its ``*_finish`` call.
 UNCLAIMED_TTL = 60.0
@@ -96,7 +99,7 @@ class _Inbound:
     finished_at: float | None = None
 
 
-def _forget_unclaimed(inbound_here: dict[int, _Inbound], now: float) -> None:
+def _forget_unclaimed(inbound_here: dict[int, _Inbound], now: float, keep: int) -> None:
     """Drop verdicts nobody asked for: too old, or too many (the oldest first).
 
     A peer that begins transfers and never finishes them (a bad checksum, then
@@ -107,7 +110,7 @@ def _forget_unclaimed(inbound_here: dict[int, _Inbound], now: float) -> None:
         for stream_id, entry in inbound_here.items()
         if entry.finished_at is not None
     )
-    excess = len(finished) - MAX_UNCLAIMED
+    excess = len(finished) - keep
     for index, (finished_at, stream_id) in enumerate(finished):
         if index < excess or now - finished_at > UNCLAIMED_TTL:
             del inbound_here[stream_id]
@@ -742,7 +745,8 @@ class Receiver:
             await self._settings.backend.release(admission)
             inbound.finished_at = now = trio.current_time()
             inbound.done.set()
-            _forget_unclaimed(inbound_here, now)
+            keep = max(MAX_UNCLAIMED, self._settings.max_transfers_per_connection)
+            _forget_unclaimed(inbound_here, now, keep)
 
     async def _receive_into(
         self,

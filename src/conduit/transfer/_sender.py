@@ -575,19 +575,28 @@ async def _ask_verdict(peer: Peer, finish_method: str, stream_id: int) -> Any:
 
     A ``*_finish`` refused ``overloaded`` never ran: the peer's call limit
     (``max_concurrent_calls``) was full of our other calls. The bytes are
-    sent and the verdict waits there (for ``UNCLAIMED_TTL``, a minute), so
+    sent and the verdict waits there (for ``UNCLAIMED_TTL``, a minute, and
+    beside at most as many others as the connection has transfer slots), so
     ask again after a pause, rather than fail a transfer that may have
     succeeded (whose retry would find it ``already_there``, sending it again
-    in vain). The last refusal, after :data:`_VERDICT_PAUSES`, is raised.
+    in vain). The last refusal, after :data:`_VERDICT_PAUSES`, is raised;
+    so is the refusal when the verdict was dropped meanwhile (``not_found``:
+    more verdicts waited than the receiver keeps), which a retry of the
+    whole transfer then settles (``already_there`` if it was stored).
     """
-    for pause in _VERDICT_PAUSES:
+    pauses = iter(_VERDICT_PAUSES)
+    refused: RPCError | None = None
+    while True:
         try:
             return await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
         except RPCError as exc:
-            if exc.code != "overloaded":
+            if refused is not None and exc.code == "not_found":
+                raise refused from None
+            pause = next(pauses, None)
+            if exc.code != "overloaded" or pause is None:
                 raise
+            refused = exc
         await trio.sleep(pause)
-    return await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
 
 
 #: Pauses between the asks of a verdict refused ``overloaded``: 30.44 s in all,

@@ -23,6 +23,22 @@ from ..errors import RPCError
 Spawner = Callable[..., None]
 
 
+#: Longest a start waits for the slot of a transfer that is ending (its
+#: ``on_file_served`` may take its time): then it is refused as by a full
+#: connection.
+ENDING_WAIT = 5.0
+
+
+@attrs.define(eq=False)
+class _Held:
+    """One connection's slots: how many are held, how many of them are ending,
+    and the starts waiting for one to come back."""
+
+    count: int = 0
+    ending: int = 0
+    given_back: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+
+
 class TransferSlots:
     """How many transfers each connection has running; refuses one over the limit.
 
@@ -31,22 +47,19 @@ class TransferSlots:
     """
 
     def __init__(self) -> None:
-        self._counts: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        #: Slots whose transfer the peer may already have seen end (see
-        #: :meth:`TransferSlot.ending`), per connection.
-        self._ending: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self._given_back = trio.lowlevel.ParkingLot()
+        self._held: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
 
     def in_use(self, connection: object) -> int:
         """The slots ``connection`` holds now."""
-        return self._counts.get(connection, 0)
+        held = self._held.get(connection)
+        return 0 if held is None else held.count
 
     def claim(self, connection: object, limit: int) -> TransferSlot:
         """Take one of ``connection``'s ``limit`` slots, or raise ``RPCError("overloaded")``."""
-        count = self._counts.get(connection, 0)
-        if count >= limit:
+        held = self._held.setdefault(connection, _Held())
+        if held.count >= limit:
             raise RPCError(f"too many transfers on this connection (limit {limit})", "overloaded")
-        self._counts[connection] = count + 1
+        held.count += 1
         return TransferSlot(self, connection)
 
     async def claim_after_ending(self, connection: object, limit: int) -> TransferSlot:
@@ -55,24 +68,28 @@ class TransferSlots:
         A peer that saw a transfer end (a download's last bytes) may start the
         next at once, while the task that served it still holds its slot (it
         closes the file, then runs ``on_file_served``): that start waits for
-        the slot rather than being refused. Only for those: a connection
-        whose slots are all held by transfers still under way is refused at
-        once, as by :meth:`claim`.
+        the slot rather than being refused, up to :data:`ENDING_WAIT`. Only
+        for those: a connection whose slots are all held by transfers still
+        under way is refused at once, as by :meth:`claim`. Each slot this
+        connection gives back wakes its waiters (only its own) to look again.
         """
-        while self.in_use(connection) >= limit and self._ending.get(connection, 0) > 0:
-            await self._given_back.park()
+        held = self._held.setdefault(connection, _Held())
+        with trio.move_on_after(ENDING_WAIT):
+            while held.count >= limit and held.ending > 0:
+                await held.given_back.park()
         return self.claim(connection, limit)
 
     def _give_back(self, connection: object, *, was_ending: bool) -> None:
-        count = self._counts.get(connection, 0)
-        if count > 0:
-            self._counts[connection] = count - 1
+        held = self._held.get(connection)
+        if held is None:
+            return
+        held.count = max(0, held.count - 1)
         if was_ending:
-            self._ending[connection] = self._ending.get(connection, 1) - 1
-            self._given_back.unpark_all()
+            held.ending -= 1
+        held.given_back.unpark_all()
 
     def _mark_ending(self, connection: object) -> None:
-        self._ending[connection] = self._ending.get(connection, 0) + 1
+        self._held.setdefault(connection, _Held()).ending += 1
 
 
 @attrs.define(eq=False)
