@@ -60,19 +60,9 @@ async def test_a_claim_waits_for_a_slot_that_is_ending_not_for_one_under_way() -
         await slots.claim_after_ending(key, 1)  # under way: refused at once
     assert refused.value.code == "overloaded"
     running.ending()
-    claimed: list[TransferSlot] = []
-
-    async def claim() -> None:
-        claimed.append(await slots.claim_after_ending(key, 1))
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(claim)
-            await trio.testing.wait_all_tasks_blocked()
-            assert claimed == []  # waits for the ending slot
-            running.release()
-    assert len(claimed) == 1 and slots.in_use(key) == 1
-    claimed[0].release()
+    claimed = await _claimed_once_released(slots, key, 1, running)
+    assert slots.in_use(key) == 1
+    claimed.release()
     assert slots.in_use(key) == 0
     # An ending slot given back is no longer counted as ending: with a slot
     # under way again, a claim is refused at once.
@@ -89,18 +79,28 @@ async def test_any_slot_given_back_lets_a_waiting_claim_in() -> None:
     slots, key = TransferSlots(), _Key()
     ending, under_way = slots.claim(key, 2), slots.claim(key, 2)
     ending.ending()
+    await _claimed_once_released(slots, key, 2, under_way)
+    assert ending.held
+
+
+async def _claimed_once_released(
+    slots: TransferSlots, key: _Key, limit: int, held: TransferSlot
+) -> TransferSlot:
+    """A ``claim_after_ending`` that waits while ``held`` is held, and gets a
+    slot once it is given back."""
     claimed: list[TransferSlot] = []
 
     async def claim() -> None:
-        claimed.append(await slots.claim_after_ending(key, 2))
+        claimed.append(await slots.claim_after_ending(key, limit))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(claim)
             await trio.testing.wait_all_tasks_blocked()
-            assert claimed == []
-            under_way.release()
-    assert len(claimed) == 1 and ending.held
+            assert claimed == []  # waiting
+            held.release()
+    assert len(claimed) == 1
+    return claimed[0]
 
 
 async def test_a_claim_waits_for_an_ending_slot_only_so_long(

@@ -379,6 +379,24 @@ async def test_more_transfers_at_once_than_the_server_takes_all_succeed(
     assert 10 < calls.count("file_download") <= 20, calls.count("file_download")
 
 
+async def _download_all_at_once(client: Client, paths: list[Path], tmp_path: Path) -> None:
+    """Download every one of ``paths`` (by name) at once into ``tmp_path/back``;
+    each must arrive whole."""
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    results: list[dict[str, Any]] = []
+
+    async def download(path: Path) -> None:
+        results.append(await local.receive_from_server(client, path.name, tmp_path / "back"))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(download, path)
+    assert [r.get("code") for r in results if not r["success"]] == []
+    for path in paths:
+        assert _digest(tmp_path / "back" / path.name) == _digest(path)
+
+
 async def test_a_download_that_finds_a_slot_still_ending_waits_for_it(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
@@ -395,19 +413,7 @@ async def test_a_download_that_finds_a_slot_still_ending_waits_for_it(
     server = await server_factory(register=transfer.register_server_handlers)
     client: Client = await client_factory(server)
     paths = await _files(transfer.storage_dir, 3, MiB)
-    local = FileTransferHandler(storage_dir=tmp_path / "client")
-    results: list[dict[str, Any]] = []
-
-    async def download(path: Path) -> None:
-        results.append(await local.receive_from_server(client, path.name, tmp_path / "back"))
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for path in paths:
-                nursery.start_soon(download, path)
-    assert [r.get("code") for r in results if not r["success"]] == []
-    for path in paths:
-        assert _digest(tmp_path / "back" / path.name) == _digest(path)
+    await _download_all_at_once(client, paths, tmp_path)
 
 
 async def test_more_downloads_at_once_than_the_client_budget_holds_all_succeed(
@@ -421,19 +427,7 @@ async def test_more_downloads_at_once_than_the_client_budget_holds_all_succeed(
         server, receive_window=MiB, connection_receive_budget=2 * MiB
     )
     paths = await _files(transfer.storage_dir, 6, 3 * MiB)
-    local = FileTransferHandler(storage_dir=tmp_path / "client")
-    results: list[dict[str, Any]] = []
-
-    async def download(path: Path) -> None:
-        results.append(await local.receive_from_server(client, path.name, tmp_path / "back"))
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for path in paths:
-                nursery.start_soon(download, path)
-    assert [r.get("code") for r in results if not r["success"]] == []
-    for path in paths:
-        assert _digest(tmp_path / "back" / path.name) == _digest(path)
+    await _download_all_at_once(client, paths, tmp_path)
 
 
 async def test_a_verdict_refused_by_the_call_limit_is_asked_again_not_the_upload(
