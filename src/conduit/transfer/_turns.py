@@ -26,7 +26,7 @@ take: a caller that wants a bound puts a deadline around its transfer.
 
 A server frees a download's slot a moment after its last bytes leave (it
 closes the file and runs ``on_file_served`` first); it makes a download
-that arrives meanwhile wait for that slot rather than refuse it
+that arrives meanwhile wait for that slot (up to 5 s) rather than refuse it
 (:meth:`~._slots.TransferSlots.claim_after_ending`), so the turn an end
 gives is not lost to that moment.
 
