@@ -4,7 +4,10 @@ First :func:`take_turn` itself, with attempts that stand for a connection
 taking ``capacity`` transfers at once (real Trio scheduling, no sockets); then
 the handler end to end over loopback: more uploads and downloads at once than
 the server's transfer slots, and more downloads than the client's own
-receive budget, all succeed, through the Trio API and the asyncio shim.
+receive budget, all succeed, through the Trio API and the asyncio shim; a
+download that finds a served one's slot still ending waits for it; and a
+transfer's verdict call refused by the call limit is asked again, not the
+transfer.
 """
 
 from __future__ import annotations
