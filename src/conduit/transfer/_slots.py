@@ -74,9 +74,10 @@ class TransferSlots:
         connection gives back wakes its waiters (only its own) to look again.
         """
         held = self._held.setdefault(connection, _Held())
-        with trio.move_on_after(ENDING_WAIT):
-            while held.count >= limit and held.ending > 0:
-                await held.given_back.park()
+        if held.count >= limit and held.ending > 0:  # (no deadline to arm on every download)
+            with trio.move_on_after(ENDING_WAIT):
+                while held.count >= limit and held.ending > 0:
+                    await held.given_back.park()
         return self.claim(connection, limit)
 
     def _give_back(self, connection: object, *, was_ending: bool) -> None:
