@@ -48,11 +48,18 @@ READ_BLOCK = 2 * 1024 * 1024
 #: written, as :data:`READ_BLOCK` does on the sending side. The stream caps it
 #: at half its window.
 WRITE_BATCH = 2 * 1024 * 1024
-#: Seconds the receiver waits for :data:`WRITE_BATCH` once some data is here:
-#: longer than a second record takes to arrive at bulk speed (~1.5-3 ms per MiB
-#: on the benchmark machine), short enough that bytes of a sender that pauses
-#: reach the partial file (and a later resume) at once.
-WRITE_PATIENCE = 0.02
+#: Seconds the receiver waits for :data:`WRITE_BATCH` once some data is here.
+#: The credit of what arrived goes back only when the batch is taken, so every
+#: millisecond of waiting keeps that much of the window from the link: 20 ms
+#: held a 2 MiB batch's credit back while it filled at 100 MB/s, and a 4 MiB
+#: window over a 20 ms round trip moved 77 MB/s where the link carried 98
+#: (95 with 5 ms; docs/benchmark-journal.md, "Long links: the receiver's
+#: batches hold less credit"). On loopback a second record usually comes
+#: sooner (2.7 ms median, 5 ms at the 90th percentile, measured in a 1 GiB
+#: upload): a batch cut short costs one more worker-thread hop (~0.1 ms of
+#: CPU). Short enough too that bytes of a sender that pauses reach the
+#: partial file (and a later resume) at once.
+WRITE_PATIENCE = 0.005
 #: Bytes read per step when hashing a resume prefix.
 _HASH_BLOCK = 4 * 1024 * 1024
 #: Threads for the senders' read steps, all connections together (as many as
