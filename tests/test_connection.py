@@ -791,7 +791,7 @@ class _MemorySink:
     """A partial file in memory, for :func:`receive_file`: written as it is awaited."""
 
     data: bytearray = attrs.field(factory=bytearray)
-    blocking_write: None = None
+    blocking_write: Callable[[Sequence[Buffer]], None] | None = None
 
     @property
     def offset(self) -> int:
