@@ -49,16 +49,15 @@ READ_BLOCK = 2 * 1024 * 1024
 #: at half its window.
 WRITE_BATCH = 2 * 1024 * 1024
 #: Seconds the receiver waits for :data:`WRITE_BATCH` once some data is here.
-#: The credit of what arrived goes back only when the batch is taken, so every
-#: millisecond of waiting keeps that much of the window from the link: 20 ms
-#: held a 2 MiB batch's credit back while it filled at 100 MB/s, and a 4 MiB
-#: window over a 20 ms round trip moved 77 MB/s where the link carried 98
-#: (95 with 5 ms; docs/benchmark-journal.md, "Long links: the receiver's
-#: batches hold less credit"). On loopback a second record usually comes
-#: sooner (2.7 ms median, 5 ms at the 90th percentile, measured in a 1 GiB
-#: upload): a batch cut short costs one more worker-thread hop (~0.1 ms of
-#: CPU). Short enough too that bytes of a sender that pauses reach the
-#: partial file (and a later resume) at once.
+#: The credit of what arrived goes back only when the batch is taken, so
+#: every millisecond of waiting keeps that much of the window from the link:
+#: waiting 20 ms, a 4 MiB window over a 20 ms round trip moved 77 MB/s where
+#: the link carried 99 (97 with 5 ms; docs/benchmark-journal.md, "Long
+#: links: the receiver's batches hold less credit"). On loopback a second
+#: record usually comes sooner (2.3-3.1 ms median, 4.4-5.7 ms at the 90th
+#: percentile, in 1 GiB uploads and downloads): a batch cut short costs one
+#: more worker-thread hop (~0.1 ms of CPU). Short enough too that bytes of a
+#: sender that pauses reach the partial file (and a later resume) at once.
 WRITE_PATIENCE = 0.005
 #: Bytes read per step when hashing a resume prefix.
 _HASH_BLOCK = 4 * 1024 * 1024
