@@ -3,9 +3,10 @@
 A sender may have at most a window of bytes in flight, so one stream moves at
 most a window per round trip: 4 MiB (the default ``receive_window``) over a
 link with 80 ms between the ends is 52 MB/s, whatever the link carries
-(through a delay proxy carrying 97 MB/s it moved 40). A window that large on loopback, where a round
-trip is a tenth of a millisecond, is already far more than the link needs, and
-every byte of it is a byte a call on the same connection may wait behind. So
+(through a delay proxy carrying 97 MB/s it moved 40). A window that large on
+loopback, where a round trip is a tenth of a millisecond, is already far more
+than the link needs, and every byte of it is a byte a call on the same
+connection may wait behind. So
 where a descriptor's ``max_receive_window`` lets it (growth is opt-in), the
 window starts at ``receive_window`` and grows only where the round trip calls
 for it, as QUIC implementations tune theirs (RFC 9000 leaves the policy to
