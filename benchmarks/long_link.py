@@ -13,7 +13,7 @@ in one run, alternating, ``--repeat`` times:
   upload and download of ``--size`` MiB (``peers/conduit_transfer.py``, Trio
   client), every copy's SHA-256 checked; then calls (``echo``, 100 bytes,
   every 50 ms) on the same connection while it uploads the file again: their
-  latency is what a larger window in flight costs. This tree runs twice: with
+  latency is what a larger window in flight costs. Each tree runs twice: with
   the default window, and with ``max_receive_window`` of ``--grow`` MiB on
   both ends, the window growing with the round trip (0 leaves that run out);
 * **netconduit** 5.0.0: its upload and download of ``--netconduit-size`` MiB
@@ -221,9 +221,11 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
     for repetition in range(options.repeat):
         print(f"repetition {repetition + 1}/{options.repeat}", file=sys.stderr)
         found.setdefault("tcp", []).append(tcp(options))
-        runs: list[tuple[Tree, dict[str, int]]] = [(tree, {}) for tree in trees]
-        if options.grow:
-            runs.insert(1, (trees[0], {"max_receive_window": options.grow * MiB}))
+        runs: list[tuple[Tree, dict[str, int]]] = []
+        for tree in trees:
+            runs.append((tree, {}))
+            if options.grow:
+                runs.append((tree, {"max_receive_window": options.grow * MiB}))
         for tree, settings in runs if repetition % 2 == 0 else runs[::-1]:
             work = scratch / tree.label
             work.mkdir(exist_ok=True)

@@ -627,6 +627,7 @@ async def _upload_over_a_long_link(
     payload: bytes,
     round_trip: float,
     *,
+    rate: float | None = None,
     streams: int = 1,
     consumer_pause: float = 0.0,
     write_time: float | None = None,
@@ -634,7 +635,8 @@ async def _upload_over_a_long_link(
     **server: Any,
 ) -> _LongLinkRun:
     """Send ``payload`` on each of ``streams`` streams at once from the client
-    to the server through a link of ``round_trip`` seconds; each consumer takes
+    to the server through a link of ``round_trip`` seconds (carrying at most
+    ``rate`` bytes per second, if given: see :func:`_delay_line`); each consumer takes
     every batch at once (or after ``consumer_pause``), or, with ``write_time``
     (seconds per window), keeps up to two batches for a writer as the file
     receiver does. From ``count_openings_at`` seconds on, count how many more
@@ -648,6 +650,9 @@ async def _upload_over_a_long_link(
         outgoing = p.client.open_outgoing_stream(incoming.stream_id)
 
         async def send() -> None:
+            # As an upload's sender, which starts when the call that opened
+            # the stream is answered: after the PING its opening sent.
+            await trio.sleep(round_trip)
             await outgoing.send([payload])
             await outgoing.finish(b"end")
 
@@ -688,8 +693,8 @@ async def _upload_over_a_long_link(
         assert received == payload
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_delay_line, client_end, server_end, round_trip / 2)
-        nursery.start_soon(_delay_line, server_end, client_end, round_trip / 2)
+        nursery.start_soon(_delay_line, client_end, server_end, round_trip / 2, rate)
+        nursery.start_soon(_delay_line, server_end, client_end, round_trip / 2, rate)
         nursery.start_soon(p.client.run)
         nursery.start_soon(p.server.run)
         run.streams = [p.server.open_incoming_stream() for _ in range(streams)]
@@ -747,6 +752,104 @@ async def test_a_window_stays_where_the_consumer_is_the_slower_end(
         payload, 0.1, consumer_pause=0.5, max_receive_window=8 * WINDOW
     )
     assert run.streams[0].window == WINDOW
+
+
+async def test_a_growing_window_reads_the_round_trips_timed_since_its_epoch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``round_trips_since``: the round trips of the PINGs sent since, the one
+    still out counted at how long it has been out once that is longer than
+    the smallest round trip (a queue no PONG has come back through yet is
+    still a queue); ``probe_round_trip`` sends none while one is out."""
+    autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
+    client_stream, client_end = trio.testing.memory_stream_pair()
+    server_end, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream)
+    rate = 1e6  # a slow link: 100 KB ahead of a PONG make it 100 ms late
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_delay_line, client_end, server_end, 0.025, rate)
+        nursery.start_soon(_delay_line, server_end, client_end, 0.025, rate)
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        started = trio.current_time()
+        assert p.server.round_trips_since(started) == []
+        p.server.probe_round_trip()
+        await trio.sleep(0.03)
+        # Out for 30 ms, but no round trip was timed yet to be late against.
+        assert p.server.round_trips_since(started) == []
+        p.server.probe_round_trip()  # one is out: its PONG is still timed
+        await trio.sleep(0.03)
+        first = p.server.round_trip
+        assert first == pytest.approx(0.05, abs=0.001)
+        assert p.server.round_trips_since(started) == [first]
+        assert p.server.round_trips_since(started + 0.001) == []
+
+        # 100 KB from the client ahead of the next PONG: a queue.
+        incoming = p.server.open_incoming_stream()
+        outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+        await outgoing.send([os.urandom(100_000)])
+        queued = trio.current_time()
+        p.server.probe_round_trip()
+        await trio.sleep(0.04)
+        assert p.server.round_trips_since(queued) == []  # not late yet
+        await trio.sleep(0.03)
+        assert p.server.round_trips_since(queued) == [pytest.approx(0.07)]  # late
+        await trio.sleep(0.1)
+        # Behind the 75 KB still queued when the PING reached the client.
+        [took] = p.server.round_trips_since(queued)
+        assert took == pytest.approx(0.05 + 0.075, abs=0.002)
+        assert p.server.round_trip == first
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_window_that_fills_the_link_stops_growing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Over 45 ms at 100 MB/s a window of 4 MiB leaves the link idle at times:
+    it doubles. At 8 MiB the link is full and what the window holds beyond it
+    waits in the link's queue, so every PING comes back late by the time the
+    queue takes to drain, and the window stays: by the credit alone (4.5 MB
+    came back per round trip, over half of 8 MiB) it doubled again, putting
+    another 8 MiB, 84 ms, in the queue ahead of every call."""
+    autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
+    window, rate, round_trip = 4 * 1024 * 1024, 100e6, 0.045
+    payload = os.urandom(32 * window)
+    run = await _upload_over_a_long_link(
+        payload,
+        round_trip,
+        rate=rate,
+        receive_window=window,
+        max_receive_window=8 * window,
+        receive_budget=32 * window,
+    )
+    assert run.streams[0].window == 2 * window
+    assert run.pair.server.round_trip == pytest.approx(round_trip, abs=0.001)
+    # At the link's rate but for the first epoch (a window of 4 MiB would
+    # have taken 1.35 times as long).
+    link_time = len(payload) / rate + round_trip
+    assert run.took < link_time * 1.15, (run.took, link_time)
+
+
+async def test_a_window_grows_until_the_link_is_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Over 80 ms at 100 MB/s (8 MB per round trip) a window of 4 MiB leaves
+    the link half idle: it doubles, and again while its PINGs find no queue
+    (8 MiB is just under what the link holds), and the stream moves at
+    nearly the link's rate, where the window that stays moves at 52 MB/s."""
+    autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
+    window, rate, round_trip = 4 * 1024 * 1024, 100e6, 0.08
+    payload = os.urandom(24 * window)
+    settings: dict[str, Any] = {"receive_window": window, "receive_budget": 32 * window}
+    pinned = await _upload_over_a_long_link(
+        payload, round_trip, rate=rate, max_receive_window=window, **settings
+    )
+    grown = await _upload_over_a_long_link(
+        payload, round_trip, rate=rate, max_receive_window=8 * window, **settings
+    )
+    assert grown.streams[0].window == 4 * window
+    assert pinned.took > len(payload) * round_trip / window  # a window per round trip
+    assert grown.took < pinned.took * 0.7, (grown.took, pinned.took)
 
 
 async def test_grown_windows_leave_half_the_budget_to_streams_yet_to_open(

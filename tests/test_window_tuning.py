@@ -6,14 +6,27 @@ consumer, within the receive budget) is in ``tests/test_connection.py``.
 
 from __future__ import annotations
 
-from conduit.protocol.window_tuning import EPOCH_ROUND_TRIPS, MIN_ROUND_TRIP, WindowTuner
+from collections.abc import Callable, Sequence
+
+from conduit.protocol.window_tuning import (
+    EPOCH_ROUND_TRIPS,
+    MIN_ROUND_TRIP,
+    QUEUE_TOLERANCE,
+    WindowTuner,
+)
 
 WINDOW = 4 * 1024 * 1024
 RTT = 0.08
 EPOCH = EPOCH_ROUND_TRIPS * RTT
 
 
-def _epoch(tuner: WindowTuner, window: int, per_round_trip: float, start: float) -> int:
+def _epoch(
+    tuner: WindowTuner,
+    window: int,
+    per_round_trip: float,
+    start: float,
+    round_trips_since: Callable[[float], Sequence[float]] | None = None,
+) -> int:
     """Grant ``per_round_trip`` bytes per round trip, a quarter window at a time,
     for one epoch from ``start`` (a hair longer, so that its last grant ends
     it); the growth that grant brings."""
@@ -21,7 +34,8 @@ def _epoch(tuner: WindowTuner, window: int, per_round_trip: float, start: float)
     grants = round(per_round_trip * EPOCH_ROUND_TRIPS / step)
     growth = 0
     for i in range(1, grants + 1):
-        growth += tuner.growth(window, step, start + 1.001 * EPOCH * i / grants, RTT)
+        now = start + 1.001 * EPOCH * i / grants
+        growth += tuner.growth(window, step, now, RTT, round_trips_since)
     assert tuner.epoch_granted == 0  # the epoch ended with its last grant
     return growth
 
@@ -68,3 +82,62 @@ def test_a_round_trip_too_short_to_need_it_grows_nothing() -> None:
     short = MIN_ROUND_TRIP / 2
     for i in range(1, 200):
         assert tuner.growth(WINDOW, WINDOW, i * short, short) == 0
+
+
+def test_a_queue_that_stood_most_of_the_epoch_keeps_the_window() -> None:
+    """Credit at nearly a window per round trip, but half or more of the round
+    trips timed since the epoch's first took more than QUEUE_TOLERANCE longer
+    than the smallest: the link, not the window, is full, and the window
+    stays. With most of them within the tolerance, it grows."""
+    late, early = RTT * (1 + QUEUE_TOLERANCE) * 1.01, RTT * (1 + QUEUE_TOLERANCE) * 0.99
+    asked: list[float] = []
+
+    def half_late(since: float) -> list[float]:
+        asked.append(since)
+        return [late, early, late, early]
+
+    tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
+    assert _epoch(tuner, WINDOW, 0.9 * WINDOW, 0.0, half_late) == 0
+    # Asked once, at the verdict, for those sent after the epoch's first round
+    # trip (the last growth's to take effect in).
+    assert asked == [RTT]
+    start = tuner.epoch_start
+    assert _epoch(tuner, WINDOW, 0.9 * WINDOW, start, lambda _: [late, early, early]) == WINDOW
+
+
+def test_without_a_round_trip_timed_under_load_the_credit_decides() -> None:
+    tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
+    assert _epoch(tuner, WINDOW, 0.9 * WINDOW, 0.0, lambda _since: []) == WINDOW
+
+
+def test_a_window_the_credit_keeps_asks_for_no_round_trip() -> None:
+    """The queue is looked at only where the credit says grow."""
+    asked: list[float] = []
+
+    def record(since: float) -> list[float]:
+        asked.append(since)
+        return []
+
+    tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
+    assert _epoch(tuner, WINDOW, 0.4 * WINDOW, 0.0, record) == 0
+    assert asked == []
+
+
+def test_a_round_trip_is_timed_once_a_round_trip_from_the_epochs_second() -> None:
+    tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
+    times = [0.0, 0.5 * RTT, 0.99 * RTT, RTT, 1.5 * RTT, 1.99 * RTT, 2 * RTT, 2.5 * RTT]
+    assert [tuner.probe_due(t, RTT) for t in times] == [
+        False, False, False, True, False, False, True, False,
+    ]  # fmt: skip
+    # A new epoch starts the count again.
+    tuner.growth(WINDOW, 0, EPOCH, RTT)
+    assert tuner.epoch_start == EPOCH
+    assert not tuner.probe_due(EPOCH + 0.5 * RTT, RTT)
+    assert tuner.probe_due(EPOCH + 1.01 * RTT, RTT)
+
+
+def test_no_round_trip_is_timed_where_none_could_grow_the_window() -> None:
+    tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
+    short = MIN_ROUND_TRIP / 2
+    assert not any(tuner.probe_due(i * short, short) for i in range(1, 50))
+    assert not any(tuner.probe_due(i * RTT, None) for i in range(1, 50))

@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -154,6 +155,9 @@ STALL_TOLERANCE = 1.0
 # stream that cannot send without awaiting (TLS): a socket with room takes it
 # at once, and a teardown must not wait on a peer that does not read.
 _TEARDOWN_SEND_GRACE = 0.5
+#: Round trips kept for :meth:`Connection.round_trips_since`: a growing
+#: window's epoch asks for one a round trip, eight or so.
+ROUND_TRIPS_KEPT = 32
 
 
 @attrs.frozen
@@ -375,6 +379,10 @@ class Connection:
         # being timed went out (None: none is).
         self._round_trip: float | None = None
         self._ping_sent_at: float | None = None
+        # The latest round trips, (sent at, took), the smallest of all being
+        # _round_trip: a growing window asks whether a queue stood behind
+        # its bytes over its last epoch (one a round trip or so).
+        self._round_trips: deque[tuple[float, float]] = deque(maxlen=ROUND_TRIPS_KEPT)
         # The socket's unacknowledged bytes at the last beat (None: unknown).
         self._unacked_seen: int | None = None
         #: The server's receive memory (see _wait_for_receive_memory), if any.
@@ -427,12 +435,35 @@ class Connection:
         before the first PONG."""
         return self._round_trip
 
+    def round_trips_since(self, start: float) -> list[float]:
+        """The round trips, in seconds, of the PINGs sent at ``start`` or later
+        (of the last :data:`ROUND_TRIPS_KEPT`), the one out now counted at how
+        long it has been out once that is longer than the smallest round trip
+        (its PONG is late by at least the difference: a queue no PONG has come
+        back through yet is still a queue)."""
+        found = [took for sent, took in self._round_trips if sent >= start]
+        sent_at, smallest = self._ping_sent_at, self._round_trip
+        if sent_at is not None and smallest is not None and sent_at >= start:
+            out = trio.current_time() - sent_at
+            if out > smallest:
+                found.append(out)
+        return found
+
+    def probe_round_trip(self) -> None:
+        """Time a round trip now (a PING), unless one is being timed or the
+        connection is closing: a growing window's look at the queue behind
+        its bytes (:meth:`IncomingStream._widen`)."""
+        if self._ping_sent_at is None:
+            with contextlib.suppress(ConnectionClosed):
+                self.ping_now()
+
     def _on_pong(self, event: PongReceived) -> None:
         # Only the last PING is timed (a PONG to an older one arrives late
         # by design): the smallest such time is the link's, where the
         # larger ones waited behind bytes in a queue.
         if event.nonce == self._state.last_ping and self._ping_sent_at is not None:
             sample = trio.current_time() - self._ping_sent_at
+            self._round_trips.append((self._ping_sent_at, sample))
             self._ping_sent_at = None
             if self._round_trip is None or sample < self._round_trip:
                 self._round_trip = sample
@@ -1731,7 +1762,7 @@ class Connection:
                 room=room,
                 memory=memory,
                 tuner=WindowTuner(limit, trio.current_time()) if tuned else None,
-                round_trip=lambda: self._round_trip,
+                round_trips=self,
                 growth_reserve=reserve,
             )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -26,6 +27,20 @@ from .protocol.connection import Buffer, InboundStream, OutboundStream
 from .protocol.data_runs import DataRecord
 from .protocol.records_io import RECORD_SLACK
 from .protocol.window_tuning import WindowTuner
+
+
+class RoundTrips(Protocol):
+    """What a growing window asks its connection about the link's round trip."""
+
+    @property
+    def round_trip(self) -> float | None:
+        """The smallest round trip measured (a PING to its PONG); None before one."""
+
+    def round_trips_since(self, start: float) -> list[float]:
+        """The round trips of the PINGs sent at ``start`` or later."""
+
+    def probe_round_trip(self) -> None:
+        """Time a round trip now (a PING), unless one is being timed."""
 
 
 class IncomingStream(InboundStream):
@@ -45,7 +60,7 @@ class IncomingStream(InboundStream):
         room: Callable[[], int] | None = None,
         memory: SharedReceiveMemory | None = None,
         tuner: WindowTuner | None = None,
-        round_trip: Callable[[], float | None] | None = None,
+        round_trips: RoundTrips | None = None,
         growth_reserve: int = 0,
     ) -> None:
         """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown).
@@ -58,7 +73,7 @@ class IncomingStream(InboundStream):
         ``memory``: the server's receive memory, where the stream counts what
         it holds (None: not counted; see :mod:`conduit._receive_memory`).
 
-        ``tuner`` and ``round_trip`` (the connection's smallest measured round
+        ``tuner`` and ``round_trips`` (the connection, which times the round
         trip): how the window grows where the link's round trip calls for
         more bytes in flight (see :mod:`conduit.protocol.window_tuning`);
         None: it stays at ``window``. It grows only by what leaves
@@ -73,7 +88,7 @@ class IncomingStream(InboundStream):
         # The window a new stream opens with: the room kept free for one.
         self._opening_window = window
         self._tuner = tuner
-        self._round_trip = round_trip
+        self._round_trips = round_trips
         self._growth_reserve = growth_reserve
         self._wakeup = trio.lowlevel.ParkingLot()
         # Buffered bytes (frame costs included) that wake a waiting consumer:
@@ -230,8 +245,12 @@ class IncomingStream(InboundStream):
 
     def _widen(self, granted: int) -> int:
         """Grow the window if the tuner finds it is what paces the sender; the growth."""
-        assert self._tuner is not None and self._round_trip is not None
-        more = self._tuner.growth(self.window, granted, trio.current_time(), self._round_trip())
+        tuner, round_trips = self._tuner, self._round_trips
+        assert tuner is not None and round_trips is not None
+        now, round_trip = trio.current_time(), round_trips.round_trip
+        more = tuner.growth(self.window, granted, now, round_trip, round_trips.round_trips_since)
+        if tuner.probe_due(now, round_trip):
+            round_trips.probe_round_trip()
         if more and self._room is not None:
             more = min(more, self._room() - self._growth_reserve)
         if more <= 0:
