@@ -20,7 +20,12 @@ import trio
 import trio.testing
 
 from conduit._call_workers import MAX_IDLE_FOLLOWERS
-from conduit._connection import BURST_RECORD_FRAMES, Connection, ConnectionSettings
+from conduit._connection import (
+    BURST_RECORD_FRAMES,
+    ROUND_TRIPS_KEPT,
+    Connection,
+    ConnectionSettings,
+)
 from conduit._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
 from conduit._streams import IncomingStream
 from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError, StreamReset
@@ -47,6 +52,7 @@ from conduit.protocol.frames import HEADER_SIZE, FrameKind
 from conduit.protocol.messages import Message, Ping
 from conduit.protocol.records import RecordOpener
 from conduit.protocol.records_io import RECORD_SLACK
+from conduit.protocol.window_tuning import EPOCH_ROUND_TRIPS
 from conduit.transfer._engine import receive_file
 from conduit.transfer._progress import ProgressReporter
 from conduit.transfer._wire import Trailer
@@ -757,10 +763,11 @@ async def test_a_window_stays_where_the_consumer_is_the_slower_end(
 async def test_a_growing_window_reads_the_round_trips_timed_since_its_epoch(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """``round_trips_since``: the round trips of the PINGs sent since, the one
-    still out counted at how long it has been out once that is longer than
-    the smallest round trip (a queue no PONG has come back through yet is
-    still a queue); ``probe_round_trip`` sends none while one is out."""
+    """``round_trips_since``: the round trips of the PINGs sent since (the last
+    ``ROUND_TRIPS_KEPT``, kept from the first ``probe_round_trip`` on), the
+    one still out counted at how long it has been out once that makes it
+    late (a queue no PONG has come back through yet is still a queue);
+    ``probe_round_trip`` sends none while one is out."""
     autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
     client_stream, client_end = trio.testing.memory_stream_pair()
     server_end, server_stream = trio.testing.memory_stream_pair()
@@ -790,29 +797,42 @@ async def test_a_growing_window_reads_the_round_trips_timed_since_its_epoch(
         await outgoing.send([os.urandom(100_000)])
         queued = trio.current_time()
         p.server.probe_round_trip()
-        await trio.sleep(0.04)
+        await trio.sleep(0.06)
         assert p.server.round_trips_since(queued) == []  # not late yet
-        await trio.sleep(0.03)
-        assert p.server.round_trips_since(queued) == [pytest.approx(0.07)]  # late
+        await trio.sleep(0.01)  # 70 ms: over 1.25 times the smallest (50)
+        assert p.server.round_trips_since(queued) == [pytest.approx(0.07)]
         await trio.sleep(0.1)
         # Behind the 75 KB still queued when the PING reached the client.
         [took] = p.server.round_trips_since(queued)
         assert took == pytest.approx(0.05 + 0.075, abs=0.002)
         assert p.server.round_trip == first
+
+        # The connection keeps the last ROUND_TRIPS_KEPT round trips, no more,
+        # and no fewer than an epoch asks for.
+        for _ in range(ROUND_TRIPS_KEPT + 8):
+            p.server.probe_round_trip()
+            await trio.sleep(0.06)
+        assert EPOCH_ROUND_TRIPS <= len(p.server.round_trips_since(started)) == ROUND_TRIPS_KEPT
+        # The client, whose windows never asked for one, keeps none.
+        p.client.ping_now()
+        await trio.sleep(0.06)
+        assert p.client.round_trip is not None
+        assert p.client.round_trips_since(started) == []
         nursery.cancel_scope.cancel()
 
 
 async def test_a_window_that_fills_the_link_stops_growing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Over 45 ms at 100 MB/s a window of 4 MiB leaves the link idle at times:
+    """Over 47 ms at 100 MB/s a window of 4 MiB leaves the link idle at times:
     it doubles. At 8 MiB the link is full and what the window holds beyond it
-    waits in the link's queue, so every PING comes back late by the time the
-    queue takes to drain, and the window stays: by the credit alone (4.5 MB
-    came back per round trip, over half of 8 MiB) it doubled again, putting
-    another 8 MiB, 84 ms, in the queue ahead of every call."""
+    waits in the link's queue: every PONG comes back 63-73 ms after its PING
+    (over 1.25 times 47), and the window stays. By the credit alone it would
+    double again (4.4-4.7 MB came back per round trip, over half of 8 MiB,
+    4.19 MB), putting another 8 MiB, 84 ms, in the queue ahead of every call.
+    """
     autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
-    window, rate, round_trip = 4 * 1024 * 1024, 100e6, 0.045
+    window, rate, round_trip = 4 * 1024 * 1024, 100e6, 0.047
     payload = os.urandom(32 * window)
     run = await _upload_over_a_long_link(
         payload,
@@ -824,19 +844,21 @@ async def test_a_window_that_fills_the_link_stops_growing(
     )
     assert run.streams[0].window == 2 * window
     assert run.pair.server.round_trip == pytest.approx(round_trip, abs=0.001)
-    # At the link's rate but for the first epoch (a window of 4 MiB would
-    # have taken 1.35 times as long).
+    # At the link's rate but for the first epoch: 1.13 times the link's
+    # time (a window of 4 MiB took 1.80 times it).
     link_time = len(payload) / rate + round_trip
-    assert run.took < link_time * 1.15, (run.took, link_time)
+    assert run.took < link_time * 1.2, (run.took, link_time)
 
 
 async def test_a_window_grows_until_the_link_is_full(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Over 80 ms at 100 MB/s (8 MB per round trip) a window of 4 MiB leaves
-    the link half idle: it doubles, and again while its PINGs find no queue
-    (8 MiB is just under what the link holds), and the stream moves at
-    nearly the link's rate, where the window that stays moves at 52 MB/s."""
+    the link half idle: it doubles, and at 8 MiB (8.39 MB, the link nearly
+    full: PONGs come back on time or 10.5 ms late, a record behind, under
+    the tolerance of 20) doubles again; the stream takes 0.56 times as long as
+    with the window that stays (1.66 s against 2.96, the first epochs at the
+    smaller windows included)."""
     autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
     window, rate, round_trip = 4 * 1024 * 1024, 100e6, 0.08
     payload = os.urandom(24 * window)

@@ -126,18 +126,20 @@ def test_a_window_the_credit_keeps_asks_for_no_round_trip() -> None:
 def test_a_round_trip_is_timed_once_a_round_trip_from_the_epochs_second() -> None:
     tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
     times = [0.0, 0.5 * RTT, 0.99 * RTT, RTT, 1.5 * RTT, 1.99 * RTT, 2 * RTT, 2.5 * RTT]
-    assert [tuner.probe_due(t, RTT) for t in times] == [
+    assert [tuner.probe_due(WINDOW, t, RTT) for t in times] == [
         False, False, False, True, False, False, True, False,
     ]  # fmt: skip
     # A new epoch starts the count again.
     tuner.growth(WINDOW, 0, EPOCH, RTT)
     assert tuner.epoch_start == EPOCH
-    assert not tuner.probe_due(EPOCH + 0.5 * RTT, RTT)
-    assert tuner.probe_due(EPOCH + 1.01 * RTT, RTT)
+    assert not tuner.probe_due(WINDOW, EPOCH + 0.5 * RTT, RTT)
+    assert tuner.probe_due(WINDOW, EPOCH + 1.01 * RTT, RTT)
 
 
 def test_no_round_trip_is_timed_where_none_could_grow_the_window() -> None:
     tuner = WindowTuner(limit=8 * WINDOW, epoch_start=0.0)
     short = MIN_ROUND_TRIP / 2
-    assert not any(tuner.probe_due(i * short, short) for i in range(1, 50))
-    assert not any(tuner.probe_due(i * RTT, None) for i in range(1, 50))
+    assert not any(tuner.probe_due(WINDOW, i * short, short) for i in range(1, 50))
+    assert not any(tuner.probe_due(WINDOW, i * RTT, None) for i in range(1, 50))
+    # A window at its limit: no verdict could grow it.
+    assert not any(tuner.probe_due(8 * WINDOW, i * RTT, RTT) for i in range(1, 50))

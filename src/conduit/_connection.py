@@ -81,7 +81,7 @@ from .protocol.connection import (
 )
 from .protocol.messages import Result
 from .protocol.records_io import SCRATCH_MIN
-from .protocol.window_tuning import WindowTuner
+from .protocol.window_tuning import QUEUE_TOLERANCE, WindowTuner
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
@@ -381,8 +381,10 @@ class Connection:
         self._ping_sent_at: float | None = None
         # The latest round trips, (sent at, took), the smallest of all being
         # _round_trip: a growing window asks whether a queue stood behind
-        # its bytes over its last epoch (one a round trip or so).
-        self._round_trips: deque[tuple[float, float]] = deque(maxlen=ROUND_TRIPS_KEPT)
+        # its bytes over its last epoch (one a round trip or so). Kept only
+        # once a growing window asked for one (probe_round_trip): an idle
+        # connection's heartbeats would fill it for nothing.
+        self._round_trips: deque[tuple[float, float]] | None = None
         # The socket's unacknowledged bytes at the last beat (None: unknown).
         self._unacked_seen: int | None = None
         #: The server's receive memory (see _wait_for_receive_memory), if any.
@@ -437,22 +439,28 @@ class Connection:
 
     def round_trips_since(self, start: float) -> list[float]:
         """The round trips, in seconds, of the PINGs sent at ``start`` or later
-        (of the last :data:`ROUND_TRIPS_KEPT`), the one out now counted at how
-        long it has been out once that is longer than the smallest round trip
-        (its PONG is late by at least the difference: a queue no PONG has come
-        back through yet is still a queue)."""
-        found = [took for sent, took in self._round_trips if sent >= start]
+        (of the last :data:`ROUND_TRIPS_KEPT` since :meth:`probe_round_trip`
+        was first called), the one out now counted at how long it has been
+        out once that makes it late (over the smallest round trip by more
+        than ``QUEUE_TOLERANCE``: a queue no PONG has come back through yet is
+        still a queue; before that, all its time says is how late it is at
+        least)."""
+        kept = self._round_trips or ()
+        found = [took for sent, took in kept if sent >= start]
         sent_at, smallest = self._ping_sent_at, self._round_trip
         if sent_at is not None and smallest is not None and sent_at >= start:
             out = trio.current_time() - sent_at
-            if out > smallest:
+            if out > smallest * (1 + QUEUE_TOLERANCE):
                 found.append(out)
         return found
 
     def probe_round_trip(self) -> None:
         """Time a round trip now (a PING), unless one is being timed or the
         connection is closing: a growing window's look at the queue behind
-        its bytes (:meth:`IncomingStream._widen`)."""
+        its bytes (:meth:`IncomingStream._widen`), from which on the
+        connection keeps its round trips."""
+        if self._round_trips is None:
+            self._round_trips = deque(maxlen=ROUND_TRIPS_KEPT)
         if self._ping_sent_at is None:
             with contextlib.suppress(ConnectionClosed):
                 self.ping_now()
@@ -463,7 +471,8 @@ class Connection:
         # larger ones waited behind bytes in a queue.
         if event.nonce == self._state.last_ping and self._ping_sent_at is not None:
             sample = trio.current_time() - self._ping_sent_at
-            self._round_trips.append((self._ping_sent_at, sample))
+            if self._round_trips is not None:
+                self._round_trips.append((self._ping_sent_at, sample))
             self._ping_sent_at = None
             if self._round_trip is None or sample < self._round_trip:
                 self._round_trip = sample

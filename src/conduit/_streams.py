@@ -249,7 +249,7 @@ class IncomingStream(InboundStream):
         assert tuner is not None and round_trips is not None
         now, round_trip = trio.current_time(), round_trips.round_trip
         more = tuner.growth(self.window, granted, now, round_trip, round_trips.round_trips_since)
-        if tuner.probe_due(now, round_trip):
+        if tuner.probe_due(self.window, now, round_trip):
             round_trips.probe_round_trip()
         if more and self._room is not None:
             more = min(more, self._room() - self._growth_reserve)

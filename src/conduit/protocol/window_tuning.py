@@ -30,13 +30,15 @@ The credit rule alone cannot tell a full window from a full link: a link
 moving at its own rate, just over half a window per round trip, brings the
 credit back as fast as a window that paces it would, and a window doubled
 there adds only bytes waiting in the link's queue (and every call on the
-connection waits behind them). The queue shows in the round trip: a PING
-sent behind the window's bytes comes back late by the time they take to
-drain. A queue that stands most of the time says the window already fills
+connection waits behind them). The queue shows in the round trip: the
+PONG to a PING comes back behind the window's bytes, late by the time they
+take to drain. A queue that stands most of the time says the window already fills
 the link: doubling it there only doubles what every call waits behind. So
-a window grows at most about once past the point where it fills the link
-(the growth that overshoots is seen only in the next epoch), not on and on
-while the credit keeps coming at more than half a window per round trip.
+a stream's window grows at most about once past the point where it fills
+the link (the growth that overshoots is seen only in the next epoch), not
+on and on while the credit keeps coming at more than half a window per
+round trip. Streams growing on one connection each judge the queue they
+share: two whose verdicts fall together may both double into it once.
 Where the consumer (a disk) is the slower end the window never grows.
 
 The epoch spans many round trips because credit goes back in bursts (a
@@ -121,11 +123,12 @@ class WindowTuner:
                 return 0
         return min(window, self.limit - window)
 
-    def probe_due(self, now: float, round_trip: float | None) -> bool:
+    def probe_due(self, window: int, now: float, round_trip: float | None) -> bool:
         """Whether to time a round trip now, behind the stream's bytes: once a
         round trip from the epoch's second on, so that the verdict finds
-        several, the last growth having had its round trip to take effect."""
-        if round_trip is None or round_trip < MIN_ROUND_TRIP:
+        several, the last growth having had its round trip to take effect;
+        never once ``window`` is at the limit (no verdict could grow it)."""
+        if round_trip is None or round_trip < MIN_ROUND_TRIP or window >= self.limit:
             return False
         last = self.epoch_start if self.last_probe is None else self.last_probe
         if now - last < round_trip:
