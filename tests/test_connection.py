@@ -53,6 +53,7 @@ from conduit.protocol.messages import Message, Ping
 from conduit.protocol.records import RecordOpener
 from conduit.protocol.records_io import RECORD_SLACK
 from conduit.protocol.window_tuning import EPOCH_ROUND_TRIPS
+from conduit.transfer import _engine
 from conduit.transfer._engine import receive_file
 from conduit.transfer._progress import ProgressReporter
 from conduit.transfer._wire import Trailer
@@ -937,21 +938,12 @@ class _MemorySink:
             self.data += chunk
 
 
-async def test_the_file_receiver_keeps_a_link_its_window_covers_busy(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """The file receiver batches its writes (``WRITE_BATCH``), but the credit
-    of what arrived goes back only when it takes the batch, so it waits for one
-    no longer than ``WRITE_PATIENCE``: over a link of 20 ms and 100 MB/s, which
-    a window of 4 MiB covers twice over, 64 MiB arrive within 5 % of the
-    link's own time. Waiting 20 ms, as it did, took 18 % longer (0.80 s
-    against the link's 0.68)."""
-    # Nothing here runs in a thread (the sink writes as it is awaited, records
-    # are sealed and opened on the loop), so the clock may jump the moment all
-    # tasks wait: with the fixture's threshold, each of the link's ~1,200
-    # idle spells would cost 20 ms of real time.
-    autojump_clock.autojump_threshold = 0
-    window, rate, size, round_trip = 4 * 1024 * 1024, 100e6, 64 * 1024 * 1024, 0.02
+async def _receive_a_file_over_a_link(size: int, round_trip: float, rate: float) -> float:
+    """Seconds :func:`receive_file` takes for ``size`` bytes from the client,
+    sent in 64 KiB chunks through a link of ``round_trip`` seconds carrying
+    ``rate`` bytes per second, into memory, with windows of 4 MiB (the
+    default); every byte checked."""
+    window = 4 * 1024 * 1024
     payload = os.urandom(size)
     settings = _settings(receive_window=window, max_receive_window=window)
     client_stream, client_end = trio.testing.memory_stream_pair()
@@ -980,8 +972,79 @@ async def test_the_file_receiver_keeps_a_link_its_window_covers_busy(
         took = trio.current_time() - started
         nursery.cancel_scope.cancel()
     assert sink.data == payload
+    return took
+
+
+async def test_the_file_receiver_keeps_a_link_its_window_covers_busy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The file receiver batches its writes (``WRITE_BATCH``), but the credit
+    of what arrived goes back only when it takes the batch, so it waits for one
+    no longer than ``WRITE_PATIENCE``: over a link of 20 ms and 100 MB/s, which
+    a window of 4 MiB covers twice over, 64 MiB arrive within 5 % of the
+    link's own time. Waiting 20 ms, as it did, took 18 % longer (0.80 s
+    against the link's 0.68)."""
+    # Nothing here runs in a thread (the sink writes as it is awaited, records
+    # are sealed and opened on the loop), so the clock may jump the moment all
+    # tasks wait: with the fixture's threshold, each of the link's ~1,200
+    # idle spells would cost 20 ms of real time.
+    autojump_clock.autojump_threshold = 0
+    size, rate, round_trip = 64 * 1024 * 1024, 100e6, 0.02
+    took = await _receive_a_file_over_a_link(size, round_trip, rate)
     link_time = size / rate + round_trip / 2
     assert took <= link_time * 1.05, (took, link_time)
+
+
+async def test_the_file_receiver_waits_for_no_batch_a_slow_link_brings_apart(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 100 MB/s a record of 1 MiB arrives every 10.5 ms, further apart than
+    ``WRITE_PATIENCE``: a wait for the rest of a batch would run out every
+    time, holding the credit of what arrived back for 5 ms a record. Over a
+    link of 40 ms, which the default window barely covers, the file arrives
+    as fast as with a receiver that never waits (patience 0; waiting every
+    time took 9 % longer)."""
+    autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
+    size, rate, round_trip = 64 * 1024 * 1024, 100e6, 0.04
+    took = await _receive_a_file_over_a_link(size, round_trip, rate)
+    monkeypatch.setattr(_engine, "WRITE_PATIENCE", 0.0)
+    impatient = await _receive_a_file_over_a_link(size, round_trip, rate)
+    assert took <= impatient * 1.01, (took, impatient)
+
+
+async def test_receive_waits_for_a_batch_only_while_data_comes_close_together(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``receive(at_least, patience=...)`` waits for the rest of a batch while
+    one of the last two gaps between DATA events was at most ``patience``:
+    after one long gap (a sender pausing between pairs of records, a late
+    record) it still waits; after two, it returns what is there at once; and
+    once data comes close together again, it waits again."""
+    # Frames of 16 KiB at most: a batch of half the window can be waited for.
+    async with _running_pair(max_frame_size=16 * 1024) as p:
+        incoming = p.server.open_incoming_stream()
+        outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+
+        async def send_after(pause: float, *chunks: bytes) -> None:
+            await trio.sleep(pause)
+            for chunk in chunks:
+                await outgoing.send([chunk])
+                await trio.testing.wait_all_tasks_blocked()
+
+        async def receive() -> tuple[int, float]:
+            """Bytes returned, and seconds waited for them."""
+            before = trio.current_time()
+            chunks, _ = await incoming.receive(WINDOW // 2, patience=0.5)
+            return sum(map(len, chunks)), trio.current_time() - before
+
+        await send_after(0, b"a" * 1000, b"b" * 1000)  # a moment apart
+        assert await receive() == pytest.approx((2000, 0.5))
+        await send_after(1, b"c" * 1000)  # one long gap: it still waits
+        assert await receive() == pytest.approx((1000, 0.5))
+        await send_after(1, b"d" * 1000)  # two: it does not
+        assert await receive() == (1000, 0)
+        await send_after(1, b"e" * 1000, b"f" * 1000)  # close together again
+        assert await receive() == pytest.approx((2000, 0.5))
 
 
 async def test_credit_returned_ahead_leaves_room_for_one_more_stream() -> None:

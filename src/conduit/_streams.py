@@ -14,6 +14,7 @@ what needs Trio: parking the consumer or producer until the state changes.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -104,14 +105,24 @@ class IncomingStream(InboundStream):
         # Batches a consumer keeps (receive(keep=True)), oldest first: the
         # credit of each not yet returned, and the credit returned ahead for it.
         self._held: deque[tuple[int, int]] = deque()
+        # Seconds between the last three DATA events (two gaps), and when the
+        # last came: a consumer waits for the rest of a batch only while data
+        # comes closer together than its patience (see receive). Until there
+        # are gaps to go by, it waits (they are -inf).
+        self._arrival_gap = self._previous_gap = -math.inf
+        self._last_arrival = math.inf
 
     def wake(self) -> None:
         """Data arrived: let the consumer look, once there is as much as it waits for.
 
         Called for every DATA event (one per record of bulk data): cheap when
         nobody waits, and a consumer waiting for a batch is not woken for
-        less (a wake-up it would only answer by parking again).
+        less (a wake-up it would only answer by parking again). It also notes
+        the time since the last event, for :meth:`receive`'s patience.
         """
+        now = trio.current_time()
+        self._previous_gap, self._arrival_gap = self._arrival_gap, now - self._last_arrival
+        self._last_arrival = now
         if self._wakeup and (self.buffered_cost >= self._wake_at or self.trailer is not None):
             self._wakeup.unpark_all()
 
@@ -135,7 +146,13 @@ class IncomingStream(InboundStream):
         included) are buffered, or the stream ends or fails. A consumer that
         pays a fixed cost per batch (a worker-thread hop per write) then pays
         it less often while data streams in, and a sender that pauses leaves
-        its bytes waiting no longer than ``patience``. ``at_least`` is capped
+        its bytes waiting no longer than ``patience``. It waits only while one
+        of the last two gaps between DATA events was at most ``patience``:
+        over a link slower than that (a record of 1 MiB every 10.5 ms at 100
+        MB/s) the wait would run out every time, holding back the credit of
+        what arrived for nothing; but a sender that sends its records in
+        pairs, a pause between them (its reads set the pace), or one late
+        record on a fast link, still has its records batched. ``at_least`` is capped
         at half the window, and below what a sender blocked on credit may leave
         unsent, so a sender that keeps sending can always fill the batch.
         Calling ``receive`` again tells the stream the previous chunks were
@@ -174,6 +191,7 @@ class IncomingStream(InboundStream):
         if (
             patience > 0
             and self.buffered_cost < at_least
+            and min(self._arrival_gap, self._previous_gap) <= patience
             and self.trailer is None
             and self.error is None
         ):
