@@ -152,9 +152,10 @@ class IncomingStream(InboundStream):
         MB/s) the wait would run out every time, holding back the credit of
         what arrived for nothing; but a sender that sends its records in
         pairs, a pause between them (its reads set the pace), or one late
-        record on a fast link, still has its records batched. ``at_least`` is capped
-        at half the window, and below what a sender blocked on credit may leave
-        unsent, so a sender that keeps sending can always fill the batch.
+        record on a fast link, still has its records batched. ``at_least``
+        is capped at half the window, and below what a sender blocked on
+        credit may leave unsent, so a sender that keeps sending can always
+        fill the batch.
         Calling ``receive`` again tells the stream the previous chunks were
         consumed, which returns their credit to the sender.
 

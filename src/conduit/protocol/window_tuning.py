@@ -32,14 +32,14 @@ credit back as fast as a window that paces it would, and a window doubled
 there adds only bytes waiting in the link's queue (and every call on the
 connection waits behind them). The queue shows in the round trip: the
 PONG to a PING comes back behind the window's bytes, late by the time they
-take to drain. A queue that stands most of the time says the window already fills
-the link: doubling it there only doubles what every call waits behind. So
-a stream's window grows at most about once past the point where it fills
-the link (the growth that overshoots is seen only in the next epoch), not
-on and on while the credit keeps coming at more than half a window per
-round trip. Streams growing on one connection each judge the queue they
-share: two whose verdicts fall together may both double into it once.
-Where the consumer (a disk) is the slower end the window never grows.
+take to drain. A queue that stands most of the time says the window
+already fills the link: doubling it there only doubles what every call
+waits behind. So a stream's window grows at most about once past the point
+where it fills the link (the growth that overshoots is seen only in the
+next epoch), not on and on while the credit keeps coming at more than half
+a window per round trip. Streams growing on one connection each judge the
+queue they share: two whose verdicts fall together may both double into it
+once. Where the consumer (a disk) is the slower end the window never grows.
 
 The epoch spans many round trips because credit goes back in bursts (a
 consumer's whole batch at once, up to a window): over a short epoch one

@@ -59,9 +59,9 @@ WRITE_BATCH = 2 * 1024 * 1024
 #: more worker-thread hop (~0.1 ms of CPU). Short enough too that bytes of a
 #: sender that pauses reach the partial file (and a later resume) at once.
 #: The stream waits only while one of its last two gaps between records was
-#: no longer (IncomingStream.receive): at 100 MB/s, a record every 10.5 ms, every wait
-#: would run out (the default window over 40 ms moved 67 MB/s of 98 with
-#: it, 73 without).
+#: no longer (IncomingStream.receive): at 100 MB/s, a record every 10.5 ms,
+#: every wait would run out (the default window over 40 ms moved 67 MB/s of
+#: 98 with it, 73 without).
 WRITE_PATIENCE = 0.005
 #: Bytes read per step when hashing a resume prefix.
 _HASH_BLOCK = 4 * 1024 * 1024
