@@ -613,6 +613,28 @@ async def _delay_line(
         send_channel.close()
 
 
+@contextlib.asynccontextmanager
+async def _running_pair_over_a_link(
+    round_trip: float,
+    *,
+    rate: float | None = None,
+    server_settings: ConnectionSettings | None = None,
+) -> AsyncIterator[Pair]:
+    """A connected pair, both running, through a link of ``round_trip``
+    seconds, half of it each way, carrying at most ``rate`` bytes per second
+    if given (see :func:`_delay_line`). Cancelled on exit."""
+    client_stream, client_end = trio.testing.memory_stream_pair()
+    server_end, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream, server_settings=server_settings)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_delay_line, client_end, server_end, round_trip / 2, rate)
+        nursery.start_soon(_delay_line, server_end, client_end, round_trip / 2, rate)
+        nursery.start_soon(p.client.run)
+        nursery.start_soon(p.server.run)
+        yield p
+        nursery.cancel_scope.cancel()
+
+
 @attrs.define
 class _LongLinkRun:
     """What :func:`_upload_over_a_long_link` saw."""
@@ -648,62 +670,57 @@ async def _upload_over_a_long_link(
     (seconds per window), keeps up to two batches for a writer as the file
     receiver does. From ``count_openings_at`` seconds on, count how many more
     streams the server could open."""
-    client_stream, client_end = trio.testing.memory_stream_pair()
-    server_end, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream, server_settings=_settings(**server))
-    run = _LongLinkRun(0.0, p, [])
+    async with _running_pair_over_a_link(
+        round_trip, rate=rate, server_settings=_settings(**server)
+    ) as p:
+        run = _LongLinkRun(0.0, p, [])
 
-    async def carry(incoming: IncomingStream) -> None:
-        outgoing = p.client.open_outgoing_stream(incoming.stream_id)
+        async def carry(incoming: IncomingStream) -> None:
+            outgoing = p.client.open_outgoing_stream(incoming.stream_id)
 
-        async def send() -> None:
-            # As an upload's sender, which starts when the call that opened
-            # the stream is answered: after the PING its opening sent.
-            await trio.sleep(round_trip)
-            await outgoing.send([payload])
-            await outgoing.finish(b"end")
+            async def send() -> None:
+                # As an upload's sender, which starts when the call that opened
+                # the stream is answered: after the PING its opening sent.
+                await trio.sleep(round_trip)
+                await outgoing.send([payload])
+                await outgoing.finish(b"end")
 
-        received = bytearray()
-        kept = trio.Semaphore(2)
-        to_writer, batches = trio.open_memory_channel[int](math.inf)
+            received = bytearray()
+            kept = trio.Semaphore(2)
+            to_writer, batches = trio.open_memory_channel[int](math.inf)
 
-        async def writer() -> None:
-            async for size in batches:
-                assert write_time is not None
-                await trio.sleep(write_time * size / WINDOW)
-                incoming.release()
-                kept.release()
+            async def writer() -> None:
+                async for size in batches:
+                    assert write_time is not None
+                    await trio.sleep(write_time * size / WINDOW)
+                    incoming.release()
+                    kept.release()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send)
-            nursery.start_soon(writer)
-            while True:
-                if write_time is None:
-                    chunks, trailer = await incoming.receive(ahead=True)
-                else:
-                    await kept.acquire()
-                    chunks, trailer = await incoming.receive(
-                        WINDOW // 2, patience=0.005, ahead=True, keep=True
-                    )
-                    to_writer.send_nowait(sum(map(len, chunks)))
-                held = incoming.buffered_cost + sum(map(len, chunks))
-                # What a stream holds stays within two of its windows, grown or not.
-                run.most_over = max(run.most_over, held - 2 * incoming.window)
-                committed = p.server._state.receive_committed()
-                run.most_committed = max(run.most_committed, committed)
-                received += b"".join(chunks)
-                if trailer is not None:
-                    break
-                if consumer_pause:
-                    await trio.sleep(consumer_pause)
-            to_writer.close()
-        assert received == payload
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send)
+                nursery.start_soon(writer)
+                while True:
+                    if write_time is None:
+                        chunks, trailer = await incoming.receive(ahead=True)
+                    else:
+                        await kept.acquire()
+                        chunks, trailer = await incoming.receive(
+                            WINDOW // 2, patience=0.005, ahead=True, keep=True
+                        )
+                        to_writer.send_nowait(sum(map(len, chunks)))
+                    held = incoming.buffered_cost + sum(map(len, chunks))
+                    # What a stream holds stays within two of its windows, grown or not.
+                    run.most_over = max(run.most_over, held - 2 * incoming.window)
+                    committed = p.server._state.receive_committed()
+                    run.most_committed = max(run.most_committed, committed)
+                    received += b"".join(chunks)
+                    if trailer is not None:
+                        break
+                    if consumer_pause:
+                        await trio.sleep(consumer_pause)
+                to_writer.close()
+            assert received == payload
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_delay_line, client_end, server_end, round_trip / 2, rate)
-        nursery.start_soon(_delay_line, server_end, client_end, round_trip / 2, rate)
-        nursery.start_soon(p.client.run)
-        nursery.start_soon(p.server.run)
         run.streams = [p.server.open_incoming_stream() for _ in range(streams)]
         started = trio.current_time()
 
@@ -728,7 +745,6 @@ async def _upload_over_a_long_link(
                     transfers.start_soon(carry, incoming)
             carriers.cancel_scope.cancel()
         run.took = trio.current_time() - started
-        nursery.cancel_scope.cancel()
     return run
 
 
@@ -770,15 +786,8 @@ async def test_a_growing_window_reads_the_round_trips_timed_since_its_epoch(
     late (a queue no PONG has come back through yet is still a queue);
     ``probe_round_trip`` sends none while one is out."""
     autojump_clock.autojump_threshold = 0  # nothing here runs in a thread
-    client_stream, client_end = trio.testing.memory_stream_pair()
-    server_end, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream)
-    rate = 1e6  # a slow link: 100 KB ahead of a PONG make it 100 ms late
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_delay_line, client_end, server_end, 0.025, rate)
-        nursery.start_soon(_delay_line, server_end, client_end, 0.025, rate)
-        nursery.start_soon(p.client.run)
-        nursery.start_soon(p.server.run)
+    # A slow link: 100 KB ahead of a PONG make it 100 ms late.
+    async with _running_pair_over_a_link(0.05, rate=1e6) as p:
         started = trio.current_time()
         assert p.server.round_trips_since(started) == []
         p.server.probe_round_trip()
@@ -819,7 +828,6 @@ async def test_a_growing_window_reads_the_round_trips_timed_since_its_epoch(
         await trio.sleep(0.06)
         assert p.client.round_trip is not None
         assert p.client.round_trips_since(started) == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_window_that_fills_the_link_stops_growing(
@@ -946,15 +954,11 @@ async def _receive_a_file_over_a_link(size: int, round_trip: float, rate: float)
     window = 4 * 1024 * 1024
     payload = os.urandom(size)
     settings = _settings(receive_window=window, max_receive_window=window)
-    client_stream, client_end = trio.testing.memory_stream_pair()
-    server_end, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream, server_settings=settings)
     sink = _MemorySink()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_delay_line, client_end, server_end, round_trip / 2, rate)
-        nursery.start_soon(_delay_line, server_end, client_end, round_trip / 2, rate)
-        nursery.start_soon(p.client.run)
-        nursery.start_soon(p.server.run)
+    async with (
+        _running_pair_over_a_link(round_trip, rate=rate, server_settings=settings) as p,
+        trio.open_nursery() as nursery,
+    ):
         incoming = p.server.open_incoming_stream()
         outgoing = p.client.open_outgoing_stream(incoming.stream_id)
         trailer = Trailer(size, hashlib.sha256(payload).digest())
