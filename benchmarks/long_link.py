@@ -13,9 +13,11 @@ in one run, alternating, ``--repeat`` times:
   upload and download of ``--size`` MiB (``peers/conduit_transfer.py``, Trio
   client), every copy's SHA-256 checked; then calls (``echo``, 100 bytes,
   every 50 ms) on the same connection while it uploads the file again: their
-  latency is what a larger window in flight costs. Each tree runs twice: with
-  the default window, and with ``max_receive_window`` of ``--grow`` MiB on
-  both ends, the window growing with the round trip (0 leaves that run out);
+  latency is what a larger window in flight costs. Each tree runs with its
+  descriptors' defaults (here, a window free to grow to 32 MiB), with fixed
+  windows (``max_receive_window=None`` on both ends; ``--no-fixed`` leaves
+  that run out), and, with ``--grow`` MiB, with ``max_receive_window`` of
+  that on both ends;
 * **netconduit** 5.0.0: its upload and download of ``--netconduit-size`` MiB
   (it sends one 64 KiB chunk per round trip, so a file of ``--size`` would
   take minutes; 0 leaves it out);
@@ -113,7 +115,7 @@ def tcp(options: argparse.Namespace) -> dict[str, float]:
 
 def _transfers(
     python: str, peer: str, env: dict[str, str], source: Path, expected: str, scratch: Path,
-    options: argparse.Namespace, *, calls: bool, settings: dict[str, int] | None = None,
+    options: argparse.Namespace, *, calls: bool, settings: dict[str, int | None] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Upload then download ``source`` through the proxy (and the calls during a
     second upload when ``calls``), both ends' descriptors given ``settings``;
@@ -221,9 +223,11 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
     for repetition in range(options.repeat):
         print(f"repetition {repetition + 1}/{options.repeat}", file=sys.stderr)
         found.setdefault("tcp", []).append(tcp(options))
-        runs: list[tuple[Tree, dict[str, int]]] = []
+        runs: list[tuple[Tree, dict[str, int | None]]] = []
         for tree in trees:
             runs.append((tree, {}))
+            if options.fixed:
+                runs.append((tree, {"max_receive_window": None}))
             if options.grow:
                 runs.append((tree, {"max_receive_window": options.grow * MiB}))
         for tree, settings in runs if repetition % 2 == 0 else runs[::-1]:
@@ -237,8 +241,8 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
                 # This tree's client script for every tree: the same work asked of each.
                 client = trees[0].peer("conduit_transfer.py")
                 figures |= directories(client, tree.env(), tree_source, tree_files, work, options)
-            growing = f", growing to {options.grow} MiB" if settings else ""
-            found.setdefault(f"{tree.label} ({tree.path.name}){growing}", []).append(figures)
+            name = f"{tree.label} ({tree.path.name}){_window_label(settings)}"
+            found.setdefault(name, []).append(figures)
         if netconduit is not None:
             python, small, digest = netconduit
             work = scratch / "netconduit"
@@ -249,6 +253,14 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
             )
             found.setdefault(f"netconduit ({options.netconduit_size} MiB)", []).append(figures)
     return found
+
+
+def _window_label(settings: dict[str, int | None]) -> str:
+    """How a run's windows were set, for its row's name."""
+    if "max_receive_window" not in settings:
+        return ""
+    limit = settings["max_receive_window"]
+    return ", fixed window" if limit is None else f", growing to {limit // MiB} MiB"
 
 
 def render(found: dict[str, list[dict[str, float]]]) -> str:
@@ -284,7 +296,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="MiB per transfer (default 256)")
     parser.add_argument("--netconduit-size", type=int, default=8, help="MiB; 0: leave it out")
     parser.add_argument(
-        "--grow", type=int, default=32, help="max_receive_window, MiB (default 32; 0: no such run)"
+        "--grow", type=int, default=0, help="a run with max_receive_window of this, MiB (0: none)"
+    )
+    parser.add_argument(
+        "--fixed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a run with fixed windows (max_receive_window=None; default: yes)",
     )
     parser.add_argument("--files", type=int, default=200, help="files in the directory runs")
     parser.add_argument("--file-kib", type=int, default=4, help="KiB per file (default 4)")

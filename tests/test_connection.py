@@ -19,12 +19,14 @@ import pytest
 import trio
 import trio.testing
 
+from conduit import ServerDescriptor
 from conduit._call_workers import MAX_IDLE_FOLLOWERS
 from conduit._connection import (
     BURST_RECORD_FRAMES,
     ROUND_TRIPS_KEPT,
     Connection,
     ConnectionSettings,
+    settings_from,
 )
 from conduit._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
 from conduit._streams import IncomingStream
@@ -763,6 +765,26 @@ async def test_a_window_grows_to_what_a_long_round_trip_needs(
     assert grown.took < pinned.took / 2, (grown.took, pinned.took)
     assert grown.most_over <= 0
     assert grown.pair.server.round_trip == pytest.approx(0.1, abs=0.01)
+
+
+async def test_a_descriptor_lets_windows_grow_unless_told_not_to(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server descriptor's settings, as a connection is given them: by
+    default a window may grow to eight times its opening size, and over a
+    link of 100 ms it does; with ``max_receive_window=None`` it stays where
+    it opens. (A client descriptor's default is the same: see
+    tests/test_descriptor_checks.py.)"""
+    payload = os.urandom(96 * WINDOW)
+    windows = []
+    defaults = ServerDescriptor(password="x", receive_window=WINDOW)
+    for descriptor in (defaults, attrs.evolve(defaults, max_receive_window=None)):
+        settings = settings_from(descriptor)
+        run = await _upload_over_a_long_link(
+            payload, 0.1, max_receive_window=settings.max_receive_window
+        )
+        windows.append(run.streams[0].window)
+    assert windows == [8 * WINDOW, WINDOW]
 
 
 async def test_a_window_stays_where_the_consumer_is_the_slower_end(

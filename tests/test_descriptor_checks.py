@@ -77,4 +77,16 @@ def test_a_window_limit_below_the_window_it_opens_with_is_refused(descriptor: ty
         with pytest.raises(ValueError, match="max_receive_window must be None or an int"):
             descriptor(password="x", receive_window=window, max_receive_window=wrong)
     assert descriptor(password="x", receive_window=window, max_receive_window=window)
-    assert descriptor(password="x").max_receive_window is None  # 8 windows
+
+
+@pytest.mark.parametrize("descriptor", [ServerDescriptor, ClientDescriptor])
+def test_a_window_may_grow_to_eight_times_its_opening_size_unless_told_otherwise(
+    descriptor: type[Any],
+) -> None:
+    assert descriptor(password="x").max_receive_window == 32 * 1024 * 1024
+    assert descriptor(password="x", receive_window=1024**2).max_receive_window == 8 * 1024**2
+    # Never past the protocol's largest window.
+    big = 256 * 1024**2
+    grown = descriptor(password="x", receive_window=big, connection_receive_budget=big)
+    assert grown.max_receive_window == 1024**3
+    assert descriptor(password="x", max_receive_window=None).max_receive_window is None
