@@ -51,12 +51,13 @@ def test_a_run_reports_tcp_and_conduit_side_by_side(
     table = capsys.readouterr().out
     rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[2:]}
     conduit = f"conduit ({Path(long_link.parse_args([]).tree).name})"
-    growing = f"{conduit}, growing to 4 MiB"
-    assert set(rows) == {"tcp", conduit, growing}
+    growing, fixed = f"{conduit}, growing to 4 MiB", f"{conduit}, fixed window"
+    assert set(rows) == {"tcp", conduit, fixed, growing}
     assert "MB/s" in table.splitlines()[0]
     # Up, down, then the calls made on the idle connection and during an
-    # upload; and for the default window, the directory up and down.
+    # upload; and for the defaults, the directory up and down.
     assert len(rows[conduit].split()) - len(conduit.split()) == 16
-    assert len(rows[growing].split()) - len(growing.split()) == 12
+    for other in (growing, fixed):
+        assert len(rows[other].split()) - len(other.split()) == 12
     assert "directory down s" in table.splitlines()[0]
     assert len(rows["tcp"].split()) == 1 + 4
