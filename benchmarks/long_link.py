@@ -15,9 +15,9 @@ in one run, alternating, ``--repeat`` times:
   every 50 ms) on the same connection while it uploads the file again: their
   latency is what a larger window in flight costs. Each tree runs with its
   descriptors' defaults (here, a window free to grow to 32 MiB), with fixed
-  windows (``max_receive_window=None`` on both ends; ``--no-fixed`` leaves
-  that run out), and, with ``--grow`` MiB, with ``max_receive_window`` of
-  that on both ends;
+  windows (``max_receive_window`` of 4 MiB, the default ``receive_window``,
+  on both ends; ``--no-fixed`` leaves that run out), and, with ``--grow``
+  MiB, with ``max_receive_window`` of that on both ends;
 * **netconduit** 5.0.0: its upload and download of ``--netconduit-size`` MiB
   (it sends one 64 KiB chunk per round trip, so a file of ``--size`` would
   take minutes; 0 leaves it out);
@@ -54,6 +54,9 @@ from .ab import CLIENT_TIMEOUT, START_TIMEOUT, Tree
 from .scenarios._transfer import RAM_DIR, make_source, verify
 
 MiB = 1024 * 1024
+#: The descriptors' default ``receive_window``: as ``max_receive_window``,
+#: windows that never grow.
+FIXED_WINDOW = 4 * MiB
 PROXY = Path(__file__).resolve().parent / "peers" / "delay_proxy.py"
 #: Calls timed on the idle connection, then every this many seconds during the upload.
 IDLE_CALLS = 20
@@ -115,7 +118,7 @@ def tcp(options: argparse.Namespace) -> dict[str, float]:
 
 def _transfers(
     python: str, peer: str, env: dict[str, str], source: Path, expected: str, scratch: Path,
-    options: argparse.Namespace, *, calls: bool, settings: dict[str, int | None] | None = None,
+    options: argparse.Namespace, *, calls: bool, settings: dict[str, int] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Upload then download ``source`` through the proxy (and the calls during a
     second upload when ``calls``), both ends' descriptors given ``settings``;
@@ -223,11 +226,11 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
     for repetition in range(options.repeat):
         print(f"repetition {repetition + 1}/{options.repeat}", file=sys.stderr)
         found.setdefault("tcp", []).append(tcp(options))
-        runs: list[tuple[Tree, dict[str, int | None]]] = []
+        runs: list[tuple[Tree, dict[str, int]]] = []
         for tree in trees:
             runs.append((tree, {}))
             if options.fixed:
-                runs.append((tree, {"max_receive_window": None}))
+                runs.append((tree, {"max_receive_window": FIXED_WINDOW}))
             if options.grow:
                 runs.append((tree, {"max_receive_window": options.grow * MiB}))
         for tree, settings in runs if repetition % 2 == 0 else runs[::-1]:
@@ -255,12 +258,12 @@ def measure(options: argparse.Namespace, scratch: Path) -> dict[str, list[dict[s
     return found
 
 
-def _window_label(settings: dict[str, int | None]) -> str:
+def _window_label(settings: dict[str, int]) -> str:
     """How a run's windows were set, for its row's name."""
     if "max_receive_window" not in settings:
         return ""
     limit = settings["max_receive_window"]
-    return ", fixed window" if limit is None else f", growing to {limit // MiB} MiB"
+    return ", fixed window" if limit == FIXED_WINDOW else f", growing to {limit // MiB} MiB"
 
 
 def render(found: dict[str, list[dict[str, float]]]) -> str:
@@ -302,7 +305,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--fixed",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="a run with fixed windows (max_receive_window=None; default: yes)",
+        help="a run with fixed windows (max_receive_window 4 MiB; default: yes)",
     )
     parser.add_argument("--files", type=int, default=200, help="files in the directory runs")
     parser.add_argument("--file-kib", type=int, default=4, help="KiB per file (default 4)")
@@ -313,6 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         options.size, options.netconduit_size, options.repeat = 64, 2, 1
     if options.size < 1 or options.repeat < 1 or options.rtt < 0 or options.rate < 0:
         parser.error("--size and --repeat must be at least 1, --rtt and --rate at least 0")
+    if options.grow and options.grow * MiB <= FIXED_WINDOW:
+        parser.error(f"--grow must be more than {FIXED_WINDOW // MiB}, the window it opens with")
     if options.files < 0 or options.file_kib < 1:
         parser.error("--files must be at least 0 and --file-kib at least 1")
     return options

@@ -42,16 +42,21 @@ def test_the_proxy_delays_each_round_trip_and_keeps_the_bytes_in_order() -> None
                 assert got == message
 
 
+def test_a_window_limit_that_would_not_grow_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        long_link.parse_args(["--grow", "4"])
+
+
 def test_a_run_reports_tcp_and_conduit_side_by_side(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["--rtt", "20", "--size", "2", "--netconduit-size", "0", "--grow", "4"]
+    argv = ["--rtt", "20", "--size", "2", "--netconduit-size", "0", "--grow", "8"]
     argv += ["--files", "12", "--file-kib", "3"]
     assert long_link.main(argv) == 0
     table = capsys.readouterr().out
     rows = {line.split("  ")[0].strip(): line for line in table.splitlines()[2:]}
     conduit = f"conduit ({Path(long_link.parse_args([]).tree).name})"
-    growing, fixed = f"{conduit}, growing to 4 MiB", f"{conduit}, fixed window"
+    growing, fixed = f"{conduit}, growing to 8 MiB", f"{conduit}, fixed window"
     assert set(rows) == {"tcp", conduit, fixed, growing}
     assert "MB/s" in table.splitlines()[0]
     # Up, down, then the calls made on the idle connection and during an

@@ -772,13 +772,13 @@ async def test_a_descriptor_lets_windows_grow_unless_told_not_to(
 ) -> None:
     """A server descriptor's settings, as a connection is given them: by
     default a window may grow to eight times its opening size, and over a
-    link of 100 ms it does; with ``max_receive_window=None`` it stays where
-    it opens. (A client descriptor's default is the same: see
+    link of 100 ms it does; with ``max_receive_window=receive_window`` it
+    stays where it opens. (A client descriptor's default is the same: see
     tests/test_descriptor_checks.py.)"""
     payload = os.urandom(96 * WINDOW)
     windows = []
     defaults = ServerDescriptor(password="x", receive_window=WINDOW)
-    for descriptor in (defaults, attrs.evolve(defaults, max_receive_window=None)):
+    for descriptor in (defaults, attrs.evolve(defaults, max_receive_window=WINDOW)):
         settings = settings_from(descriptor)
         run = await _upload_over_a_long_link(
             payload, 0.1, max_receive_window=settings.max_receive_window

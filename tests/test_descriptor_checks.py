@@ -9,6 +9,7 @@ import attrs
 import pytest
 
 from conduit import ClientDescriptor, ServerDescriptor
+from conduit._connection import settings_from
 from conduit.descriptors import _optional_positive, _positive
 
 
@@ -83,10 +84,26 @@ def test_a_window_limit_below_the_window_it_opens_with_is_refused(descriptor: ty
 def test_a_window_may_grow_to_eight_times_its_opening_size_unless_told_otherwise(
     descriptor: type[Any],
 ) -> None:
-    assert descriptor(password="x").max_receive_window == 32 * 1024 * 1024
-    assert descriptor(password="x", receive_window=1024**2).max_receive_window == 8 * 1024**2
+    """``max_receive_window`` None (the default) is eight windows, from the
+    descriptor's own ``receive_window``, however the descriptor was made;
+    ``receive_window`` itself keeps windows fixed."""
+
+    def limit(made: Any) -> int | None:
+        return settings_from(made).max_receive_window
+
+    defaults = descriptor(password="x")
+    assert defaults.max_receive_window is None
+    assert limit(defaults) == 32 * 1024**2
+    assert limit(descriptor(password="x", receive_window=1024**2)) == 8 * 1024**2
     # Never past the protocol's largest window.
     big = 256 * 1024**2
-    grown = descriptor(password="x", receive_window=big, connection_receive_budget=big)
-    assert grown.max_receive_window == 1024**3
-    assert descriptor(password="x", max_receive_window=None).max_receive_window is None
+    assert (
+        limit(descriptor(password="x", receive_window=big, connection_receive_budget=big))
+        == 1024**3
+    )
+    # A descriptor evolved to another window grows from that one.
+    evolved = attrs.evolve(defaults, receive_window=big, connection_receive_budget=2 * big)
+    assert limit(evolved) == 1024**3
+    assert limit(attrs.evolve(defaults, receive_window=1024**2)) == 8 * 1024**2
+    fixed = descriptor(password="x", max_receive_window=4 * 1024**2)
+    assert limit(fixed) == fixed.receive_window

@@ -39,7 +39,7 @@ async def serve(spec: dict[str, Any]) -> None:
             password=_peerlib.PASSWORD,
             max_connections=int(spec.get("max_connections", 1000)),
             max_connections_per_user=spec.get("max_connections_per_user"),
-            **_window_settings(spec),
+            max_receive_window=spec.get("max_receive_window"),
         )
     )
     transfer = FileTransferHandler(storage_dir=spec["storage"])
@@ -56,14 +56,6 @@ async def serve(spec: dict[str, Any]) -> None:
         await server.close()
 
 
-def _window_settings(spec: dict[str, Any] | None) -> dict[str, Any]:
-    """The spec's ``max_receive_window`` (None: fixed windows), if it names
-    one; otherwise nothing, and the descriptor's default holds."""
-    if spec and "max_receive_window" in spec:
-        return {"max_receive_window": spec["max_receive_window"]}
-    return {}
-
-
 def _make_client(port: int, spec: dict[str, Any] | None = None) -> Any:
     """A client of the server on ``port``; the spec's ``max_receive_window``, if any."""
     from conduit import Client, ClientDescriptor
@@ -73,7 +65,7 @@ def _make_client(port: int, spec: dict[str, Any] | None = None) -> Any:
             server_host=_peerlib.HOST,
             server_port=port,
             password=_peerlib.PASSWORD,
-            **_window_settings(spec),
+            max_receive_window=(spec or {}).get("max_receive_window"),
         )
     )
 

@@ -59,6 +59,7 @@ from ._receive_buffer import ReceiveBuffer
 from ._receive_memory import SharedReceiveMemory
 from ._socket_io import SocketIO, close_now, peer_has_closed, unacknowledged_bytes
 from ._streams import IncomingStream, OutgoingStream
+from .descriptors import window_limit
 from .errors import (
     CallbackCancelledError,
     ConnectionClosed,
@@ -199,7 +200,7 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
         max_concurrent_calls=descriptor.max_concurrent_calls,
         max_streams=descriptor.max_streams_per_connection,
         receive_budget=descriptor.connection_receive_budget,
-        max_receive_window=descriptor.max_receive_window,
+        max_receive_window=window_limit(descriptor.receive_window, descriptor.max_receive_window),
         receive_memory=None if server_budget is None else SharedReceiveMemory(server_budget),
     )
 

@@ -114,15 +114,20 @@ def _accounts(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> Non
         raise TypeError(f"{attribute.name} must be a path or an Accounts, got {value!r}")
 
 
-#: How many times its opening window a stream's window may grow to by default.
+#: How many times its opening window a stream's window may grow to when
+#: ``max_receive_window`` is None (the default): as many windows as half the
+#: default receive budget holds (32 MiB of 64), the most growth may take.
 GROWTH_FACTOR = 8
 
 
-def _default_max_receive_window(instance: Any) -> int:
-    # As many windows as half the default receive budget holds (32 MiB of
-    # 64): a stream grown to it leaves the other half to those opening later.
-    window: int = instance.receive_window
-    return min(GROWTH_FACTOR * window, MAX_WINDOW)
+def window_limit(receive_window: int, max_receive_window: int | None) -> int:
+    """The most a stream's window may grow to, for a descriptor's
+    ``receive_window`` and ``max_receive_window`` (None: :data:`GROWTH_FACTOR`
+    windows, never over the protocol's largest); ``receive_window`` itself
+    when it may not grow."""
+    if max_receive_window is None:
+        return min(GROWTH_FACTOR * receive_window, MAX_WINDOW)
+    return max_receive_window
 
 
 def _max_receive_window(instance: Any, attribute: attrs.Attribute[Any], value: int | None) -> None:
@@ -243,13 +248,11 @@ class ServerDescriptor:
     #: round trip needs more bytes in flight than ``receive_window`` (a window
     #: per round trip caps a stream at window / round trip: 4 MiB over 80 ms
     #: is 52 MB/s); within half of ``connection_receive_budget``, never over a
-    #: round trip under 20 ms, and never once the link's queue stands. By
-    #: default 8 times ``receive_window`` (32 MiB); None: the window never
-    #: grows (calls on a connection then wait behind less of a transfer).
-    max_receive_window: int | None = attrs.field(
-        default=attrs.Factory(_default_max_receive_window, takes_self=True),
-        validator=_max_receive_window,
-    )
+    #: round trip under 20 ms, and not past the doubling after which the
+    #: link's queue stands. None (the default): 8 times ``receive_window``
+    #: (32 MiB). ``receive_window`` itself: the window never grows (calls on a
+    #: connection then wait behind less of a transfer over a long link).
+    max_receive_window: int | None = attrs.field(default=None, validator=_max_receive_window)
     #: Seconds a new connection has to finish the (TLS and) password handshake.
     auth_timeout: float = attrs.field(default=10.0, validator=_positive)
     #: Close connections with no calls, messages or data for this long (never when None).
@@ -419,12 +422,10 @@ class ClientDescriptor:
         default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
     )
     #: Let a stream's window (a download's, a push's) grow up to this where
-    #: the link's round trip needs it (see ServerDescriptor). By default 8
-    #: times ``receive_window`` (32 MiB); None: the window never grows.
-    max_receive_window: int | None = attrs.field(
-        default=attrs.Factory(_default_max_receive_window, takes_self=True),
-        validator=_max_receive_window,
-    )
+    #: the link's round trip needs it (see ServerDescriptor). None (the
+    #: default): 8 times ``receive_window`` (32 MiB); ``receive_window``
+    #: itself: the window never grows.
+    max_receive_window: int | None = attrs.field(default=None, validator=_max_receive_window)
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
     #: Close the connection (and reconnect, if enabled) when the server has
