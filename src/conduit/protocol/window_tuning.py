@@ -8,10 +8,10 @@ loopback, where a round trip is a tenth of a millisecond, is already far more
 than the link needs, and every byte of it is a byte a call on the same
 connection may wait behind. So where a descriptor's
 ``max_receive_window`` lets it (by default up to 8 windows; set to
-``receive_window``, every window stays where it starts), the window starts at ``receive_window`` and
-grows only where the round trip calls for it, as QUIC implementations tune
-theirs (RFC 9000 leaves the policy to them; quic-go's is the model, with
-epochs measured in time):
+``receive_window``, every window stays where it starts), the window starts
+at ``receive_window`` and grows only where the round trip calls for it, as
+QUIC implementations tune theirs (RFC 9000 leaves the policy to them;
+quic-go's is the model, with epochs measured in time):
 
 - credit is granted in steps as the consumer takes bytes; the grants are
   counted over an *epoch* of at least :data:`EPOCH_ROUND_TRIPS` round trips;
