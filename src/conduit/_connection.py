@@ -82,7 +82,7 @@ from .protocol.connection import (
 )
 from .protocol.messages import Result
 from .protocol.records_io import SCRATCH_MIN
-from .protocol.window_tuning import QUEUE_TOLERANCE, WindowTuner
+from .protocol.window_tuning import WindowTuner, waited_in_a_queue
 
 # Enum members are class attribute lookups (~0.1 us each); these run per call.
 _OPEN = Phase.OPEN
@@ -442,16 +442,15 @@ class Connection:
         """The round trips, in seconds, of the PINGs sent at ``start`` or later
         (of the last :data:`ROUND_TRIPS_KEPT` since :meth:`probe_round_trip`
         was first called), the one out now counted at how long it has been
-        out once that makes it late (over the smallest round trip by more
-        than ``QUEUE_TOLERANCE``: a queue no PONG has come back through yet is
-        still a queue; before that, all its time says is how late it is at
-        least)."""
+        out once that makes it late (``waited_in_a_queue``: a queue no PONG
+        has come back through yet is still a queue; before that, all its
+        time says is how late it is at least)."""
         kept = self._round_trips or ()
         found = [took for sent, took in kept if sent >= start]
         sent_at, smallest = self._ping_sent_at, self._round_trip
         if sent_at is not None and smallest is not None and sent_at >= start:
             out = trio.current_time() - sent_at
-            if out > smallest * (1 + QUEUE_TOLERANCE):
+            if waited_in_a_queue(out, smallest):
                 found.append(out)
         return found
 

@@ -74,6 +74,12 @@ MIN_ROUND_TRIP = 0.02
 QUEUE_TOLERANCE = 0.25
 
 
+def waited_in_a_queue(took: float, smallest: float) -> bool:
+    """Whether a round trip that ``took`` seconds, against the ``smallest``
+    measured, waited in a queue (more than :data:`QUEUE_TOLERANCE` longer)."""
+    return took > smallest * (1 + QUEUE_TOLERANCE)
+
+
 @attrs.define(slots=True)
 class WindowTuner:
     """The growth of one inbound stream's window (see the module docstring)."""
@@ -119,8 +125,8 @@ class WindowTuner:
             return 0
         if round_trips_since is not None:
             loaded = round_trips_since(loaded_since)
-            queued = round_trip * (1 + QUEUE_TOLERANCE)
-            if loaded and 2 * sum(took > queued for took in loaded) >= len(loaded):
+            queued = sum(waited_in_a_queue(took, round_trip) for took in loaded)
+            if loaded and 2 * queued >= len(loaded):
                 return 0
         return min(window, self.limit - window)
 
@@ -143,4 +149,10 @@ class WindowTuner:
         self.last_probe = None
 
 
-__all__ = ["EPOCH_ROUND_TRIPS", "MIN_ROUND_TRIP", "QUEUE_TOLERANCE", "WindowTuner"]
+__all__ = [
+    "EPOCH_ROUND_TRIPS",
+    "MIN_ROUND_TRIP",
+    "QUEUE_TOLERANCE",
+    "WindowTuner",
+    "waited_in_a_queue",
+]
