@@ -2,8 +2,8 @@
 
 Everything conduit raises on purpose derives from :class:`ConduitError`, so one
 ``except ConduitError`` catches all of it. Where Python already has the right
-meaning, the class derives from that too (``TimeoutError``, ``ValueError``,
-``PermissionError``), so ordinary handlers keep working.
+meaning, the class derives from that too (``TimeoutError``, ``ValueError``),
+so ordinary handlers keep working.
 """
 
 from __future__ import annotations
