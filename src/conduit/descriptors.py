@@ -351,8 +351,10 @@ class ServerDescriptor:
     #: waits while that node collects it (objects under ``PREFIX/.conduit/staging/``,
     #: removed once delivered). Endpoint and credentials come from the standard
     #: AWS environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). None:
-    #: pushes to clients of other nodes fail with code ``"no_staging"``. Use
-    #: the location of the file store, so one bucket holds both.
+    #: the transfer handler's own store when its ``storage_dir`` is
+    #: ``s3://...``, else pushes to clients of other nodes fail with code
+    #: ``"no_staging"``. Use the location of the file store, so one bucket
+    #: holds both.
     cluster_staging: str | None = attrs.field(
         default=None, validator=[_needs_cluster, _cluster_staging]
     )
