@@ -23,7 +23,15 @@ from typing import Any
 import attrs
 import pytest
 
-from conduit.cli._common import Address, parse_address, parse_size
+from conduit.cli._common import (
+    Address,
+    ClientOptions,
+    CLIError,
+    client_descriptor,
+    parse_address,
+    parse_size,
+)
+from conduit.cli._serve import ServeOptions, build_server
 
 PASSWORD = "cli test password \N{GREEK SMALL LETTER BETA} 7"
 RUN_TIMEOUT = 120
@@ -319,6 +327,43 @@ def test_json_documents(tmp_path: Path, server: ServeProcess) -> None:
     assert missing["success"] is False and missing["code"] == "not_found" and missing["error"]
 
 
+def test_a_window_limit_reaches_the_descriptors_of_serve_and_get(tmp_path: Path) -> None:
+    # --max-receive-window: serve's uploads, get's downloads; the library's
+    # default (None: eight windows) when it is not given.
+    window = parse_size("4M")
+    served, _ = build_server(
+        ServeOptions(tmp_path / "s", "127.0.0.1", 0, PASSWORD, max_receive_window=window)
+    )
+    assert served.descriptor.max_receive_window == window
+    default, _ = build_server(ServeOptions(tmp_path / "d", "127.0.0.1", 0, PASSWORD))
+    assert default.descriptor.max_receive_window is None
+    address = Address("127.0.0.1", 1)
+    fixed = client_descriptor(ClientOptions(address, PASSWORD, max_receive_window=window))
+    assert fixed.max_receive_window == window
+    assert client_descriptor(ClientOptions(address, PASSWORD)).max_receive_window is None
+    with pytest.raises(CLIError, match="max_receive_window"):
+        client_descriptor(ClientOptions(address, PASSWORD, max_receive_window=window // 4))
+
+
+def test_fixed_windows_from_the_command_line_move_files_both_ways(tmp_path: Path) -> None:
+    serving = start_server(tmp_path, "--max-receive-window", "4M")
+    try:
+        source = write_random(tmp_path / "f.bin", 9 * 1024 * 1024)
+        code, sent = conduit_json("send", str(source), "--to", serving.address)
+        assert code == 0 and sent["files"][0]["success"] is True
+        out = tmp_path / "out"
+        code, got = conduit_json(
+            "get", "f.bin", "-o", str(out), "--from", serving.address, "--max-receive-window", "4M"
+        )
+        assert code == 0 and got["files"][0]["checksum"] == sha256(source)
+        assert (out / "f.bin").read_bytes() == source.read_bytes()
+        # Under the window it would grow from: refused before connecting.
+        refused = conduit("get", "f.bin", "--from", serving.address, "--max-receive-window", "1M")
+        assert refused.returncode == 2 and "max_receive_window" in refused.stderr
+    finally:
+        serving.stop()
+
+
 def test_too_large_is_a_failed_transfer(tmp_path: Path) -> None:
     serving = start_server(tmp_path, "--max-file-size", "1K")
     try:
@@ -387,6 +432,9 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert conduit("send", str(tmp_path / "missing")).returncode == 2
     assert conduit("ls", "--from", "host:notaport").returncode == 2
     assert conduit("serve", str(tmp_path), "--max-file-size", "lots").returncode == 2
+    refused = conduit("serve", str(tmp_path / "w"), "--port", "0", "--max-receive-window", "1M")
+    assert refused.returncode == 2 and "max_receive_window" in refused.stderr
+    assert not (tmp_path / "w").exists()  # refused before the storage was made
     assert conduit("no-such-command").returncode == 2
 
 

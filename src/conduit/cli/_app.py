@@ -167,6 +167,17 @@ def _client_options(direction: str) -> Callable[[F], F]:
     return decorate
 
 
+_window_option = click.option(
+    "--max-receive-window",
+    callback=_size,
+    metavar="SIZE",
+    help=(
+        "Largest a receive window may grow (serve: uploads; get: downloads) [default: "
+        "32M, eight windows of 4M, grown only as a long link's round trip needs]; 4M "
+        "keeps every window fixed."
+    ),
+)
+
 _jobs_option = click.option(
     "-j",
     "--jobs",
@@ -177,7 +188,12 @@ _jobs_option = click.option(
 
 
 def _connect_options(
-    address: Address, tls: bool, tls_ca: str | None, verbose: int, username: str | None = None
+    address: Address,
+    tls: bool,
+    tls_ca: str | None,
+    verbose: int,
+    username: str | None = None,
+    max_receive_window: int | None = None,
 ) -> ClientOptions:
     if verbose:
         configure_logging(cli_level=logging.INFO, library_level=_library_level(verbose))
@@ -189,6 +205,7 @@ def _connect_options(
         tls=tls or tls_ca is not None,
         tls_ca_file=tls_ca,
         username=username,
+        max_receive_window=max_receive_window,
     )
 
 
@@ -246,6 +263,7 @@ def _connect_options(
     metavar="NAME",
     help="This node's name in the cluster (default: HOST-PID-RANDOM).",
 )
+@_window_option
 @click.pass_obj
 def serve(
     verbose: int,
@@ -259,6 +277,7 @@ def serve(
     accounts: Path | None,
     cluster_url: str | None,
     node_name: str | None,
+    max_receive_window: int | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
 
@@ -295,6 +314,7 @@ def serve(
         accounts=store,
         cluster_url=cluster_url,
         node_name=node_name,
+        max_receive_window=max_receive_window,
     )
     return run_trio(functools.partial(_serve.serve, options=options), cancel=False)
 
@@ -364,6 +384,7 @@ def send(
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing local files.")
 @_jobs_option
+@_window_option
 @click.pass_obj
 def get(
     verbose: int,
@@ -376,12 +397,13 @@ def get(
     output: Path,
     overwrite: bool,
     jobs: int | None,
+    max_receive_window: int | None,
 ) -> int:
     """Download files; a NAME that is a directory on the server brings all of it.
 
     An interrupted download resumes when you run the same command again.
     """
-    options = _connect_options(address, tls, tls_ca, verbose, username)
+    options = _connect_options(address, tls, tls_ca, verbose, username, max_receive_window)
     return run_trio(
         functools.partial(
             _transfer.get,

@@ -313,14 +313,18 @@ class ClientOptions:
     tls_server_hostname: str | None = None
     #: The account to log in as (servers with accounts); None: shared password.
     username: str | None = None
+    #: The largest a download's receive window may grow (see
+    #: ``ClientDescriptor.max_receive_window``); None: the library's default.
+    max_receive_window: int | None = None
 
 
-@contextlib.asynccontextmanager
-async def connected(options: ClientOptions) -> AsyncIterator[Client]:
-    """A connected, authenticated :class:`~conduit.Client`; failures become exit 3 or 4."""
+def client_descriptor(options: ClientOptions) -> ClientDescriptor:
+    """The descriptor of a client command's connection; a setting it refuses
+    (an unusable ``--tls-ca`` file, a window limit under the window) is a
+    configuration error, exit 2."""
     address = options.address
     try:
-        descriptor = ClientDescriptor(
+        return ClientDescriptor(
             server_host=address.host,
             server_port=address.port,
             password=options.password,
@@ -331,10 +335,17 @@ async def connected(options: ClientOptions) -> AsyncIterator[Client]:
             tls_server_hostname=options.tls_server_hostname,
             # Transfers can take long; the heartbeat notices a dead server.
             rpc_timeout=None,
+            max_receive_window=options.max_receive_window,
         )
-    except ValueError as exc:  # an unusable --tls-ca file: a configuration error
+    except ValueError as exc:
         raise CLIError(str(exc)) from None
-    client = Client(descriptor)
+
+
+@contextlib.asynccontextmanager
+async def connected(options: ClientOptions) -> AsyncIterator[Client]:
+    """A connected, authenticated :class:`~conduit.Client`; failures become exit 3 or 4."""
+    address = options.address
+    client = Client(client_descriptor(options))
     try:
         await client.connect()
     except HandshakeTimeout as exc:

@@ -59,6 +59,9 @@ class ServeOptions:
     accounts: Accounts | None = None
     cluster_url: str | None = None
     node_name: str | None = None
+    #: The largest a transfer's receive window may grow (see
+    #: ``ServerDescriptor.max_receive_window``); None: the library's default.
+    max_receive_window: int | None = None
 
 
 def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
@@ -76,6 +79,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             tls_keyfile=str(options.tls_key) if options.tls_key else None,
             cluster_url=options.cluster_url,
             node_name=options.node_name,
+            max_receive_window=options.max_receive_window,
         )
         descriptor.build_ssl_context()  # a bad certificate or key fails now, not per client
     except ssl.SSLError as exc:
