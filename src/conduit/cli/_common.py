@@ -343,7 +343,8 @@ def client_descriptor(options: ClientOptions) -> ClientDescriptor:
 
 @contextlib.asynccontextmanager
 async def connected(options: ClientOptions) -> AsyncIterator[Client]:
-    """A connected, authenticated :class:`~conduit.Client`; failures become exit 3 or 4."""
+    """A connected, authenticated :class:`~conduit.Client`; failures become exit
+    2 (a setting the descriptor refuses), 3 or 4."""
     address = options.address
     client = Client(client_descriptor(options))
     try:
