@@ -357,9 +357,24 @@ def test_fixed_windows_from_the_command_line_move_files_both_ways(tmp_path: Path
         )
         assert code == 0 and got["files"][0]["checksum"] == sha256(source)
         assert (out / "f.bin").read_bytes() == source.read_bytes()
-        # Under the window it would grow from: refused before connecting.
-        refused = conduit("get", "f.bin", "--from", serving.address, "--max-receive-window", "1M")
-        assert refused.returncode == 2 and "max_receive_window" in refused.stderr
+        # Under the window it opens with, or over the most it grows to by
+        # default: a usage error, before any password or connection.
+        for size in ("1M", "64M"):
+            refused = conduit(
+                "get",
+                "f.bin",
+                "-o",
+                str(tmp_path / "r"),
+                "--from",
+                serving.address,
+                "--max-receive-window",
+                size,
+                password=None,
+                timeout=30,
+            )
+            assert refused.returncode == 2, refused.stderr
+            assert f"'--max-receive-window': {size} is outside 4M" in refused.stderr
+        assert not (tmp_path / "r").exists()
     finally:
         serving.stop()
 
@@ -432,8 +447,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert conduit("send", str(tmp_path / "missing")).returncode == 2
     assert conduit("ls", "--from", "host:notaport").returncode == 2
     assert conduit("serve", str(tmp_path), "--max-file-size", "lots").returncode == 2
-    refused = conduit("serve", str(tmp_path / "w"), "--port", "0", "--max-receive-window", "1M")
-    assert refused.returncode == 2 and "max_receive_window" in refused.stderr
+    refused = conduit(
+        "serve", str(tmp_path / "w"), "--port", "0", "--max-receive-window", "1M", timeout=30
+    )
+    assert refused.returncode == 2 and "'--max-receive-window': 1M" in refused.stderr
     assert not (tmp_path / "w").exists()  # refused before the storage was made
     assert conduit("no-such-command").returncode == 2
 

@@ -1,9 +1,10 @@
 """Hostile peers over real loopback sockets: nothing let in, and nobody else hurt.
 
-Every test that uses a socket runs a real :class:`~conduit.Server` (with a
-``FileTransferHandler``) and, next to it, an honest client doing RPCs and
-SHA-256-verified uploads in a loop (:class:`hostile_helpers.GoodTraffic`).
-The attacker is a raw Trio socket: either speaking clear text before
+The tests of the ``arena`` fixture run a real :class:`~conduit.Server` (with
+a ``FileTransferHandler``) and, next to it unless they turn it off, an honest
+client doing RPCs and SHA-256-verified uploads in a loop
+(:class:`hostile_helpers.GoodTraffic`); the confinement tests build their
+servers and clients themselves. The attacker is a raw Trio socket: either speaking clear text before
 authentication, or a :class:`RawPeer` that runs the real password handshake
 by hand and then seals whatever frames it likes with the session keys, so
 hostile input also reaches the parser behind the AEAD.

@@ -374,8 +374,9 @@ class OutgoingStream(OutboundStream):
     async def send_records(self, records: Sequence[DataRecord]) -> None:
         """Send DATA frames already laid out as records (see :meth:`record_shape`).
 
-        Credit is spent per frame, as :meth:`send` does; each record is queued
-        as one piece, which the writer seals without copying it again.
+        Credit is spent per record (its payload plus :data:`FRAME_COST` per
+        frame), waiting for a whole record's credit; each record is queued as
+        one piece, which the writer seals without copying it again.
         """
         batch: list[tuple[OutFrame, int]] = []
         self._check()

@@ -114,6 +114,10 @@ def _accounts(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> Non
         raise TypeError(f"{attribute.name} must be a path or an Accounts, got {value!r}")
 
 
+#: The window a stream opens with unless a descriptor's ``receive_window``
+#: says otherwise (both descriptors' default).
+RECEIVE_WINDOW = 4 * 1024 * 1024
+
 #: How many times its opening window a stream's window may grow to when
 #: ``max_receive_window`` is None (the default): as many windows as half the
 #: default receive budget holds (32 MiB of 64), the most growth may take.
@@ -242,7 +246,7 @@ class ServerDescriptor:
     )
     #: Bytes a peer may send on one data stream before we grant more, at first.
     receive_window: int = attrs.field(
-        default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
+        default=RECEIVE_WINDOW, validator=[v.instance_of(int), _window]
     )
     #: Let a stream's window (an upload's) grow up to this where the link's
     #: round trip needs more bytes in flight than ``receive_window`` (a window
@@ -421,7 +425,7 @@ class ClientDescriptor:
     #: Bytes the server may send on one data stream (a download, a push)
     #: before we grant more, at first.
     receive_window: int = attrs.field(
-        default=4 * 1024 * 1024, validator=[v.instance_of(int), _window]
+        default=RECEIVE_WINDOW, validator=[v.instance_of(int), _window]
     )
     #: Let a stream's window (a download's, a push's) grow up to this where
     #: the link's round trip needs it (see ServerDescriptor). None (the

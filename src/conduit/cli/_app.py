@@ -23,6 +23,7 @@ from click.core import ParameterSource
 
 from .._groups import first_leaf
 from .._version import __version__
+from ..descriptors import RECEIVE_WINDOW, window_limit
 from . import _demo, _serve, _transfer, _users
 from ._common import (
     ADDRESS_ENV,
@@ -52,6 +53,26 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         return parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from None
+
+
+#: The most a window grows to by default: with the window a stream opens with,
+#: the range of ``--max-receive-window`` (above it, half the connection's
+#: receive budget caps a window anyway, and the tool does not change the budget).
+_WINDOW_LIMIT = window_limit(RECEIVE_WINDOW, None)
+_MIB = 1024 * 1024
+
+
+def _window(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Option callback: a window limit from the opening window to the default limit."""
+    size = _size(ctx, param, value)
+    if size is not None and not RECEIVE_WINDOW <= size <= _WINDOW_LIMIT:
+        raise click.BadParameter(
+            f"{value} is outside {RECEIVE_WINDOW // _MIB}M (every window fixed) to "
+            f"{_WINDOW_LIMIT // _MIB}M (the default)",
+            ctx,
+            param,
+        )
+    return size
 
 
 def _cluster_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -167,16 +188,19 @@ def _client_options(direction: str) -> Callable[[F], F]:
     return decorate
 
 
-_window_option = click.option(
-    "--max-receive-window",
-    callback=_size,
-    metavar="SIZE",
-    help=(
-        "Largest a receive window may grow (serve: uploads; get: downloads) [default: "
-        "32M, eight windows of 4M, grown only as a long link's round trip needs]; 4M "
-        "keeps every window fixed."
-    ),
-)
+def _window_option(transfers: str) -> Callable[[F], F]:
+    """``--max-receive-window``: how far the windows of ``transfers`` may grow."""
+    return click.option(
+        "--max-receive-window",
+        callback=_window,
+        metavar="SIZE",
+        help=(
+            f"Largest the receive window of {transfers} may grow, as a long link's round "
+            f"trip needs: {RECEIVE_WINDOW // _MIB}M (every window fixed) to "
+            f"{_WINDOW_LIMIT // _MIB}M [default: {_WINDOW_LIMIT // _MIB}M]."
+        ),
+    )
+
 
 _jobs_option = click.option(
     "-j",
@@ -263,7 +287,7 @@ def _connect_options(
     metavar="NAME",
     help="This node's name in the cluster (default: HOST-PID-RANDOM).",
 )
-@_window_option
+@_window_option("an upload")
 @click.pass_obj
 def serve(
     verbose: int,
@@ -384,7 +408,7 @@ def send(
 )
 @click.option("--overwrite", is_flag=True, help="Replace existing local files.")
 @_jobs_option
-@_window_option
+@_window_option("a download")
 @click.pass_obj
 def get(
     verbose: int,

@@ -320,8 +320,7 @@ class ClientOptions:
 
 def client_descriptor(options: ClientOptions) -> ClientDescriptor:
     """The descriptor of a client command's connection; a setting it refuses
-    (an unusable ``--tls-ca`` file, a window limit under the window) is a
-    configuration error, exit 2."""
+    (an unusable ``--tls-ca`` file, say) is a configuration error, exit 2."""
     address = options.address
     try:
         return ClientDescriptor(
