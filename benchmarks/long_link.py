@@ -48,6 +48,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from conduit.descriptors import RECEIVE_WINDOW
+
 from ._harness import ServerProcess, foreign_env, format_table, run_client
 from ._venvs import netconduit_python
 from .ab import CLIENT_TIMEOUT, START_TIMEOUT, Tree
@@ -56,7 +58,7 @@ from .scenarios._transfer import RAM_DIR, make_source, verify
 MiB = 1024 * 1024
 #: The descriptors' default ``receive_window``: as ``max_receive_window``,
 #: windows that never grow.
-FIXED_WINDOW = 4 * MiB
+FIXED_WINDOW = RECEIVE_WINDOW
 PROXY = Path(__file__).resolve().parent / "peers" / "delay_proxy.py"
 #: Calls timed on the idle connection, then every this many seconds during the upload.
 IDLE_CALLS = 20
