@@ -89,4 +89,8 @@ def test_the_peer_is_told_what_a_local_caller_gets(exc: BaseException) -> None:
     result: dict[str, Any] = transfer_failure(exc)
     assert (told.message, told.code) == (result["error"], result["code"])
     if isinstance(exc, RPCError):
-        assert told is exc  # passed on as it is, subclass and all
+        # Passed on as it is, subclass and all, but as a copy without a
+        # traceback: fit to be kept (see conduit._stored_errors).
+        assert type(told) is type(exc) and told is not exc
+        assert (told.args, vars(told)) == (exc.args, vars(exc))
+        assert told.__traceback__ is None

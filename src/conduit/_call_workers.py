@@ -113,6 +113,12 @@ def _resume(
                 trap = context.run(coroutine.send, reply)
             except StopIteration as stop:
                 return stop.value
+            finally:
+                # Trio's answer may be an Error outcome (a Cancelled, say): its
+                # exception, raised out of the coroutine and through this frame,
+                # must not find it still here (a reference cycle, see
+                # conduit._stored_errors).
+                del reply
 
 
 async def _over(*_: object) -> None:

@@ -288,7 +288,12 @@ async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[A
     error = future.exception()  # marks it retrieved: no "never retrieved" log
     if error is not None:
         # An error while unwinding replaces the cancellation, as in Trio.
-        raise error
+        try:
+            raise error
+        finally:
+            # Its traceback holds this frame: neither the error nor the future
+            # that keeps it may stay in it (a cycle, see conduit._stored_errors).
+            del error, future
     if cancel_requested:
         # The task finished anyway (ignored or missed the cancellation); the Trio
         # caller asked to be cancelled, so honour that rather than return.

@@ -232,7 +232,7 @@ class _Closed:
 _OVER = _Closed()
 
 
-def _only_cancellation(exc: BaseException | None) -> bool:
+def _only_cancellation(exc: BaseException) -> bool:
     """Whether ``exc``, what ends :meth:`Connection.run`, is cancellation
     only (Trio's Cancelled or a KeyboardInterrupt, alone or grouped), not a failure."""
     cancellation = (trio.Cancelled, KeyboardInterrupt)
@@ -510,7 +510,10 @@ class Connection:
         once), as they would have before a close that followed the start.
         """
         released = socket_closed = False
-        ending: BaseException | None = None
+        # Whether cancellation alone ends it (not the exception itself: kept in
+        # this frame, which its traceback holds, it would make a reference
+        # cycle holding the whole connection; see conduit._stored_errors).
+        only_cancelled = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -545,13 +548,13 @@ class Connection:
                     self._release()
                     socket_closed = close_now(self.stream)
         except BaseException as exc:
-            ending = exc
+            only_cancelled = _only_cancellation(exc)
             raise
         finally:
             goodbye = None
             try:
                 if not released:
-                    if self._state.phase is _OPEN and _only_cancellation(ending):
+                    if self._state.phase is _OPEN and only_cancelled:
                         goodbye = self._goodbye_on_teardown()
                     self._release()
                 if goodbye is not None:
@@ -660,11 +663,18 @@ class Connection:
         ninety objects a connection in reference cycles, freed only by
         Python's cycle collector, whose passes then cost every connection.
         Unlinked, they go as soon as the last reference does.
+
+        Its buffers go now too (the socket reads' mapping, the record buffers
+        kept for reuse): whatever still holds this object after its end, a
+        reference cycle not yet collected say, holds no megabytes with it.
         """
         self._handlers.clear()
         self._calls.detach()
         self._pending.detach()
         self._dispatcher = _OVER
+        self._receive_buffer.release()
+        self._reader.release_buffers()
+        self._writer.release_buffers()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start a task that lives no longer than this connection.

@@ -14,6 +14,7 @@ import attrs
 import trio
 
 from ._socket_io import SocketIO
+from ._stored_errors import detached
 from .accounts import AccountRecord
 from .errors import ConnectionClosed, HandshakeError, RemoteProtocolError
 from .protocol import (
@@ -424,7 +425,7 @@ async def server_handshake(
         if reply:
             await send_bytes(stream, reply, io)
         if handshake.error is not None:
-            raise handshake.error
+            raise detached(handshake.error)
         if precompute is not None:
             precompute()
         reply = await run(await _next_frame(stream, reader, io))

@@ -53,6 +53,15 @@ class PendingCall:
         """The outcome left for a caller that was not parked (None: none yet)."""
         return self.early
 
+    def take(self) -> outcome.Outcome[Result]:
+        """The outcome left for the caller, handed over: unwrapped, an Error's
+        exception must not find it still kept here, where the caller's frame
+        (in its traceback) reaches it: a reference cycle (see
+        :mod:`conduit._stored_errors`)."""
+        early, self.early = self.early, None
+        assert early is not None
+        return early
+
     def deliver(self, result: outcome.Outcome[Result]) -> bool:
         """Wake the caller, or leave the outcome for it if it is still sending.
 
@@ -161,7 +170,7 @@ class PendingCalls:
             self._calls.pop(call_id, None)
             raise
         if pending.early is not None:  # answered, timed out or failed while sending
-            return _value(pending.early.unwrap())
+            return _value(pending.take().unwrap())
         # Only a caller waiting alone reads for itself: with others waiting the
         # reading task wakes them all from one read anyway (tested here, before
         # the hook: one Python call less per call when callers are concurrent).
@@ -176,8 +185,8 @@ class PendingCalls:
                 if self._calls.pop(call_id, None) is not None:
                     self._send_cancel(call_id)
                 raise
-            if (early := pending.settled()) is not None:
-                return _value(early.unwrap())
+            if pending.settled() is not None:  # (a call: the read may have settled it)
+                return _value(pending.take().unwrap())
             # Handed the reading role back before the outcome: wait for the reader.
         pending.parked = True
 

@@ -180,6 +180,12 @@ class ReceiveBuffer:
         """Whether reads land in the mapping (bulk data flowed since the last idle release)."""
         return self._mapping is not None
 
+    def release(self) -> None:
+        """Drop the mapping for good (the connection is over; a read after
+        this reads small again). It is unmapped once no view of it is left."""
+        self._mapping = None
+        self._bulk = False
+
     def release_idle(self) -> None:
         """Drop the mapping unless bulk data arrived since the previous call,
         and read whatever is there (the low-water mark goes back to one byte).

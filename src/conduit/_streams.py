@@ -22,6 +22,7 @@ from typing import Protocol
 import trio
 
 from ._receive_memory import SharedReceiveMemory
+from ._stored_errors import detached
 from .protocol import FLAG_END, FRAME_COST, HEADER_SIZE, OutFrame
 from .protocol.codec import data_header
 from .protocol.connection import Buffer, InboundStream, OutboundStream
@@ -127,8 +128,13 @@ class IncomingStream(InboundStream):
             self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
-        """End the stream with an error (reset by the peer, or connection lost)."""
-        super().fail(exc)
+        """End the stream with an error (reset by the peer, or connection lost).
+
+        Kept :func:`~conduit._stored_errors.detached`, and raised as a fresh
+        copy each time: a frame that holds this stream must not end up in a
+        traceback this stream holds.
+        """
+        super().fail(detached(exc))
         self._wakeup.unpark_all()
 
     async def receive(
@@ -183,7 +189,7 @@ class IncomingStream(InboundStream):
             self._consume_all()
         while not self.chunks and self.trailer is None:
             if self.error is not None:
-                raise self.error
+                raise detached(self.error)
             # About to wait: hand back all credit, or the sender could be
             # waiting for credit we are sitting on.
             self._flush_credit(force=True)
@@ -198,7 +204,7 @@ class IncomingStream(InboundStream):
         ):
             await self._gather(at_least, patience)
         if self.error is not None and self.trailer is None and not self.chunks:
-            raise self.error
+            raise detached(self.error)
         result = self.take()
         early = self._return_ahead() if ahead and self.trailer is None else 0
         if keep:
@@ -331,8 +337,9 @@ class OutgoingStream(OutboundStream):
             self._wakeup.unpark_all()
 
     def fail(self, exc: BaseException) -> None:
-        """The peer reset the stream or the connection ended."""
-        super().fail(exc)
+        """The peer reset the stream or the connection ended (kept and raised
+        detached, as :meth:`IncomingStream.fail` says)."""
+        super().fail(detached(exc))
         self._wakeup.unpark_all()
 
     async def send(self, chunks: Sequence[Buffer]) -> None:
@@ -413,7 +420,7 @@ class OutgoingStream(OutboundStream):
 
     def _check(self) -> None:
         if self.error is not None:
-            raise self.error
+            raise detached(self.error)
 
 
 __all__ = ["IncomingStream", "OutgoingStream"]

@@ -342,7 +342,12 @@ async def deliver_staged(
         if isinstance(failure, ConnectionClosed):  # the client left just now
             raise RPCError(failure.reason, "connection_closed") from None
         if failure is not None:
-            raise failure
+            try:
+                raise failure
+            finally:
+                # Its traceback holds this frame: a cycle otherwise (see
+                # conduit._stored_errors).
+                del failure
         # After run() stopped (a send in flight completes first), so the final
         # report goes out after every earlier one and before the reply.
         with trio.move_on_after(_LAST_REPORT_TIMEOUT):

@@ -101,6 +101,7 @@ import msgpack
 import redis
 import trio
 
+from .._stored_errors import detached
 from ..errors import ConduitError, RPCError
 
 __all__ = [
@@ -1090,7 +1091,7 @@ class ClusterBus:
         if pending.error is not None:
             if pending.error.code == "node_unreachable":
                 raise NodeUnreachable(pending.error.message)
-            raise pending.error
+            raise detached(pending.error)
         assert pending.reply is not None
         return pending.reply
 

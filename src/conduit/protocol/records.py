@@ -144,8 +144,8 @@ class RecordOpener:
     megabytes the process never gives back after they end; and a fresh
     mapping per record would pay a page fault per 4 KiB (measured ~9x the
     cost of the decryption itself). Kept mappings pay neither, and are
-    unmapped, memory returned to the system, when the connection ends or
-    stays idle (:meth:`release_idle_buffers`).
+    unmapped, memory returned to the system, when the connection ends
+    (:meth:`release_buffers`) or stays idle (:meth:`release_idle_buffers`).
     """
 
     def __init__(self, key: bytes, max_plaintext: int, initial: bytes = b"") -> None:
@@ -277,6 +277,13 @@ class RecordOpener:
         self._counter += 1
         self._offset = end
         return plaintext
+
+    def release_buffers(self) -> None:
+        """Drop every buffer, the bytes not yet opened too: the connection is
+        over. Kept mappings are unmapped with their last view."""
+        self._mapped = []
+        self._buffer = b""
+        self._offset = 0
 
     def release_idle_buffers(self) -> None:
         """Unmap the kept buffers unless used since the previous call (and no

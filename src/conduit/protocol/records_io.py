@@ -89,6 +89,11 @@ class FrameReader:
         if self._opener is not None:
             self._opener.release_idle_buffers()
 
+    def release_buffers(self) -> None:
+        """Drop every buffer now: the connection is over (nothing more is read)."""
+        if self._opener is not None:
+            self._opener.release_buffers()
+
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed.
 
@@ -208,6 +213,10 @@ class FrameWriter:
         if not self._buffers_used:
             self._plain = self._sealed = None
         self._buffers_used = False
+
+    def release_buffers(self) -> None:
+        """Drop the reusable record buffers now: the connection is over."""
+        self._plain = self._sealed = None
 
     def _batches(
         self, frames: Sequence[OutFrame]

@@ -36,6 +36,7 @@ from .._callbacks import trio_callback
 from .._connection import Connection
 from .._log_limit import LimitedLog
 from .._peer import Peer
+from .._stored_errors import detached
 from .._streams import IncomingStream
 from ..errors import (
     ConduitError,
@@ -309,7 +310,7 @@ class Receiver:
         await inbound.done.wait()
         streams.pop(stream_id, None)
         if inbound.error is not None:
-            raise inbound.error
+            raise detached(inbound.error)
         assert inbound.result is not None
         return inbound.result
 
@@ -354,7 +355,7 @@ class Receiver:
         entry = Entry(name, data, sha256)
         await self._store(caller, [entry])
         if entry.error is not None:
-            raise entry.error
+            raise detached(entry.error)
         if entry.skipped:
             return entry.skipped_result()
         return await self._announce_stored(caller, entry, trio.current_time() - started)

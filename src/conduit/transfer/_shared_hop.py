@@ -107,8 +107,15 @@ class SharedHop(Generic[A, R]):
                 await job.wake.wait()  # taken by a hop under way: its call is running
         else:
             await self._alone(job)
-        if job.error is not None:
-            raise job.error
+        error, job.error = job.error, None
+        if error is not None:
+            try:
+                raise error
+            finally:
+                # Its traceback holds the worker's frames (which hold the job)
+                # and this one: neither may hold it back (see
+                # conduit._stored_errors), or the cycle outlives the call.
+                del error
         return job.result  # type: ignore[return-value]
 
     def close(self) -> None:

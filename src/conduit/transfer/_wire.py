@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from .._log_limit import LimitedLog
+from .._stored_errors import detached
 from ..errors import RemoteProtocolError, RPCError, failure_dict
 from ._names import DOWNLOAD_ID_PREFIX
 
@@ -111,10 +112,12 @@ def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
     (:func:`conduit.errors.failure_dict`), so both sides of a transfer name a
     failure alike. An ``OSError`` names the path it failed on, which may be
     this side's absolute storage path: given ``name`` (the file the peer asked
-    for), the peer is told that instead.
+    for), the peer is told that instead. It is new, or a
+    :func:`~conduit._stored_errors.detached` copy of ``exc``: without a
+    traceback, fit to be kept as a transfer's verdict.
     """
     if isinstance(exc, RPCError):
-        return exc
+        return detached(exc)
     local = exc
     if isinstance(exc, OSError) and name is not None:
         # OSError(errno, ...) builds the matching subclass (FileNotFoundError...).

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import outcome
 import trio
 
+from .._stored_errors import detached
 from ..protocol.connection import Buffer
 
 #: Batches queued or being written at once: one being written and the next.
@@ -121,7 +121,7 @@ class WriteBehind:
         while self.outstanding >= WRITE_DEPTH and self._failure is None:
             await self._done.park()
         if self._failure is not None:
-            raise self._failure
+            raise detached(self._failure)
 
     async def put(self, chunks: Sequence[Buffer]) -> None:
         """Queue ``chunks`` behind the batches queued (after :meth:`wait_for_room`, at once).
@@ -136,7 +136,7 @@ class WriteBehind:
         """Wait until every batch queued was written; raise what a write raised."""
         await self.settle()
         if self._failure is not None:
-            raise self._failure
+            raise detached(self._failure)
 
     async def settle(self) -> None:
         """Wait until no batch is queued or being written, whatever happened to them."""
@@ -162,12 +162,10 @@ class WriteBehind:
                     self._write(chunks)
                 except BaseException as exc:
                     failed = True
-                    # The failure is kept (raised by the transfer's next call,
-                    # then as its stream's error): the frames it was raised in
-                    # must not keep the batch's records alive with it. (Not
-                    # outcome.capture: its own frame, which the write's frame
-                    # points back to, would keep the batch in its arguments.)
-                    traceback.clear_frames(exc.__traceback__)
+                    # Kept detached (_batch_done): its traceback, and the
+                    # batch's records the frames in it hold, go with this
+                    # outcome. (Not outcome.capture: its own frame would be
+                    # in the traceback too, the batch in its arguments.)
                     result = outcome.Error(exc)
                 else:
                     result = outcome.Value(None)
@@ -176,6 +174,10 @@ class WriteBehind:
                 self._token.run_sync_soon(self._batch_done, result, count)
             except trio.RunFinishedError:
                 return
+            finally:
+                # A failure's traceback holds this frame: the frame must not
+                # hold the failure back (a cycle, see conduit._stored_errors).
+                del result
 
     def _batch_done(self, result: outcome.Outcome[Any] | None, count: int) -> None:
         # In the Trio thread, in the order the batches were written (None: one
@@ -189,7 +191,9 @@ class WriteBehind:
             self.bytes_written += count
             result = outcome.capture(self._written)
         if isinstance(result, outcome.Error) and self._failure is None:
-            self._failure = result.error
+            # Kept detached, raised as fresh copies (see conduit._stored_errors):
+            # its traceback holds the writer's frames, which hold this object.
+            self._failure = detached(result.error)
         self._done.unpark_all()
 
     def _thread_ended(self, result: outcome.Outcome[Any]) -> None:

@@ -1,0 +1,53 @@
+"""Errors kept to be raised later, without the reference cycles that makes.
+
+An exception raised carries a traceback: every frame it passed through, each
+with its local variables. When the object it is kept in (a stream's ``error``,
+a job's failure, an upload's verdict) is reachable from one of those frames
+(a ``stream`` local of the function it was raised through, say), exception,
+traceback, frame and keeper form a reference cycle. Reference counting never
+frees a cycle; only the cycle collector does, and its full passes are rare (on
+a server they come once the number of long-lived objects has grown by a
+quarter). Until then the cycle holds everything those frames reach: the
+whole connection, its record buffers and socket reads, megabytes each. A
+server whose clients gave up uploads part way held 100 to 200 MiB so.
+
+So an error that is kept is kept :func:`detached` (a copy without traceback,
+context or cause), and each place that raises it raises a fresh detached copy:
+no object that outlives the raise is ever part of a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+ErrorT = TypeVar("ErrorT", bound=BaseException)
+
+
+def detached(error: ErrorT) -> ErrorT:
+    """A copy of ``error`` to keep or raise: the same type, arguments and
+    attributes, and no ``__traceback__``, ``__context__`` or ``__cause__``.
+
+    The copy is made without calling ``__init__`` (its signature may differ
+    from ``args``, as :class:`~conduit.errors.LockedOut`'s does): the
+    arguments go to ``__new__``, the attributes are copied as they are.
+    An exception class whose ``__new__`` refuses its own arguments is
+    returned as it is (correct, only not cycle-free).
+    """
+    kind = type(error)
+    try:
+        duplicate = kind.__new__(kind, *error.args)
+    except TypeError:
+        return error
+    duplicate.args = error.args
+    if isinstance(error, OSError) and isinstance(duplicate, OSError):
+        # Not in ``args``: the path(s) an OSError names. (Only if named: a
+        # None set by hand would show as "-> None" in the message.)
+        if error.filename is not None:
+            duplicate.filename = error.filename
+        if error.filename2 is not None:
+            duplicate.filename2 = error.filename2
+    duplicate.__dict__.update(error.__dict__)
+    return duplicate
+
+
+__all__ = ["detached"]
