@@ -571,9 +571,11 @@ class Connection:
                 else:
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(self.stream)
-                self.owned.clear()
-                self._unlink()
-                self.closed.set()
+                try:
+                    self.owned.clear()
+                    self._unlink()
+                finally:  # whatever failed: the connection is closed
+                    self.closed.set()
 
     def _goodbye_on_teardown(self) -> bytes | bytearray | None:
         """:meth:`run` is cancelled from outside with the connection still
@@ -665,13 +667,15 @@ class Connection:
         Unlinked, they go as soon as the last reference does.
 
         Its buffers go now too (the socket reads' mapping, the record buffers
-        kept for reuse): whatever still holds this object after its end, a
-        reference cycle not yet collected say, holds no megabytes with it.
+        kept for reuse, frames opened and not taken): whatever still holds
+        this object after its end, a reference cycle not yet collected say,
+        holds none of them (a view a consumer still holds keeps its own).
         """
         self._handlers.clear()
         self._calls.detach()
         self._pending.detach()
         self._dispatcher = _OVER
+        self._held_frame = None
         self._receive_buffer.release()
         self._reader.release_buffers()
         self._writer.release_buffers()

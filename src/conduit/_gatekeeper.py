@@ -52,6 +52,7 @@ from typing import Any, NoReturn, cast
 import attrs
 import trio
 
+from . import _threads
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
 from ._socket_io import peer_has_closed
@@ -190,10 +191,10 @@ class Gatekeeper:
         """
         descriptor = self._descriptor
         if descriptor.password is not None:
-            await trio.to_thread.run_sync(shared_secret, descriptor.password)
+            await _threads.run_sync(shared_secret, descriptor.password)
         elif self.accounts is None:
             path = cast("str | os.PathLike[str]", descriptor.accounts)
-            self.accounts = await trio.to_thread.run_sync(Accounts, path)
+            self.accounts = await _threads.run_sync(Accounts, path)
 
     # ------------------------------------------------------------------ sockets
 
@@ -457,7 +458,7 @@ class Gatekeeper:
                 return step()
             finally:
                 self.loop_share.spend(time.perf_counter() - started)
-        return await trio.to_thread.run_sync(step, limiter=self.limiter)
+        return await _threads.run_sync(step, limiter=self.limiter)
 
     def _inline(self, step: Callable[[], object]) -> bool:
         """Run ``step`` now if alone or if the loop share allows it; whether it ran."""
@@ -520,7 +521,7 @@ class Gatekeeper:
         ``conduit user add`` logs in at once); a malformed or unreadable file
         (an I/O error, a permission refused) keeps the old data."""
         try:
-            await trio.to_thread.run_sync(accounts.reload_if_changed, limiter=self.limiter)
+            await _threads.run_sync(accounts.reload_if_changed, limiter=self.limiter)
         except (ValueError, OSError) as exc:
             self.warnings.warning(
                 "accounts file",

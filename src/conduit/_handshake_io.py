@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from . import _threads
 from ._socket_io import SocketIO
 from ._stored_errors import detached
 from .accounts import AccountRecord
@@ -285,7 +286,7 @@ class ClientRun:
             if handshake.will_stretch(frame):
                 # Cancelled, it raises before the thread starts: the frame
                 # stays pending, unhandled.
-                reply = await trio.to_thread.run_sync(handshake.receive, frame)
+                reply = await _threads.run_sync(handshake.receive, frame)
             else:
                 reply = handshake.receive(frame)
             self._frame = None

@@ -11,9 +11,10 @@ quarter). Until then the cycle holds everything those frames reach: the
 whole connection, its record buffers and socket reads, megabytes each. A
 server whose clients gave up uploads part way held 100 to 200 MiB so.
 
-So an error that is kept is kept :func:`detached` (a copy without traceback,
-context or cause), and each place that raises it raises a fresh detached copy:
-no object that outlives the raise is ever part of a traceback.
+So an error that is kept is kept :func:`detached` (a copy without traceback
+or context, its cause detached too), and each place that raises it raises a
+fresh detached copy; an error kept once is taken from its keeper before it is
+raised, and a frame that raises a local deletes it on the way out.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ ErrorT = TypeVar("ErrorT", bound=BaseException)
 
 def detached(error: ErrorT) -> ErrorT:
     """A copy of ``error`` to keep or raise: the same type, arguments and
-    attributes, and no ``__traceback__``, ``__context__`` or ``__cause__``.
+    attributes, its ``__cause__`` detached in turn (``raise ... from`` says
+    where an error came from, and callers read it: an error raised from an
+    ``OSError`` is a storage failure), and no ``__traceback__`` or
+    ``__context__``.
 
     The copy is made without calling ``__init__`` (its signature may differ
     from ``args``, as :class:`~conduit.errors.LockedOut`'s does): the
@@ -47,6 +51,8 @@ def detached(error: ErrorT) -> ErrorT:
         if error.filename2 is not None:
             duplicate.filename2 = error.filename2
     duplicate.__dict__.update(error.__dict__)
+    if error.__cause__ is not None and error.__cause__ is not error:
+        duplicate.__cause__ = detached(error.__cause__)
     return duplicate
 
 

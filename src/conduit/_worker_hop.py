@@ -91,6 +91,14 @@ class _Call:
         #: The outcome, when it is handed over through ``waiter``.
         self.outcome: outcome.Outcome[Any] | None = None
 
+    def take_outcome(self) -> outcome.Outcome[Any]:
+        """The outcome handed over, no longer kept here: unwrapped, an error's
+        traceback holds the caller's frame, which holds this call (a reference
+        cycle otherwise, see :mod:`conduit._stored_errors`)."""
+        taken, self.outcome = self.outcome, None
+        assert taken is not None
+        return taken
+
 
 class _Stop:
     """Handed to an idle thread by :meth:`WorkerHop.close`: exit."""
@@ -207,7 +215,7 @@ class WorkerHop:
                             self._misses = 0
                             self._slow_until = time.monotonic() + INLINE_BACKOFF
             if call.outcome is not None:
-                result_: R = call.outcome.unwrap()
+                result_: R = call.take_outcome().unwrap()
                 return result_
 
         def abort(_: Any) -> trio.lowlevel.Abort:

@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from . import _heartbeats as heartbeats
+from . import _threads
 from ._bridge import bridged
 from ._callbacks import calling_task, invoke, wants_an_argument
 from ._connect_error import describe_connect_error
@@ -468,7 +469,7 @@ class Client(Endpoint):
         if descriptor.username is None and not shared_secret_ready(descriptor.password):
             # The shared password's stretch (memoised), off the event loop and
             # outside connect_timeout: it is this process's one-time cost.
-            await trio.to_thread.run_sync(shared_secret, descriptor.password)
+            await _threads.run_sync(shared_secret, descriptor.password)
         # A token is good only at the server that issued it: the descriptor's
         # target. A given stream may lead anywhere, so it gets none, and the
         # one its server sends back is not kept for the descriptor's target.

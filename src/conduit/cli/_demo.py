@@ -33,6 +33,7 @@ from .. import (
     Server,
     ServerDescriptor,
     TransferProgress,
+    _threads,
 )
 from ._common import ExitCode, Signals, human_bytes, human_rate, human_seconds
 from ._display import ProgressCallback, progress_columns
@@ -72,7 +73,7 @@ async def generate_file(path: Path, size: int) -> str:
                 remaining -= len(block)
             return remaining > 0
 
-        while await trio.to_thread.run_sync(step):
+        while await _threads.run_sync(step):
             pass
     return hasher.hexdigest()
 
@@ -90,7 +91,7 @@ async def sha256_of(path: Path) -> str:
                 hasher.update(block)
             return True
 
-        while await trio.to_thread.run_sync(step):
+        while await _threads.run_sync(step):
             pass
     return hasher.hexdigest()
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
+from .. import _threads
 from .._callbacks import invoke, trio_callback
 from ..errors import ConduitError, ConnectionClosed, RPCError, TransferError, failure_dict
 from ..transfer._local import open_local_file
@@ -156,7 +157,7 @@ async def push_via_node(
     """
     local = Path(path)
     name = safe_relative_name(local.name if remote_name is None else remote_name)
-    file = await trio.to_thread.run_sync(open_local_file, local)
+    file = await _threads.run_sync(open_local_file, local)
     try:
         if store is None:
             return failure_dict(
@@ -174,7 +175,7 @@ async def push_via_node(
             return failure_dict(exc, default_code="transfer_failed")
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(file.close)
+            await _threads.run_sync(file.close)
     request = PushRequest(client_id, token, name, size, digest, modified_ns)
     delivered = False
 
@@ -282,7 +283,7 @@ async def _stage(store: S3Store, token: str, file: io.FileIO) -> tuple[int, str]
     size = 0
     try:
         while True:
-            chunk = await trio.to_thread.run_sync(file.read, _CHUNK)
+            chunk = await _threads.run_sync(file.read, _CHUNK)
             if not chunk:
                 break
             hasher.update(chunk)
@@ -322,7 +323,7 @@ async def deliver_staged(
     handler sends from a local file (and may resume from it). The push's
     progress goes to ``report``, the last report before the result.
     """
-    directory = Path(await trio.to_thread.run_sync(tempfile.mkdtemp, None, "conduit-push-"))
+    directory = Path(await _threads.run_sync(tempfile.mkdtemp, None, "conduit-push-"))
     try:
         local = directory / "file"
         await _fetch(store, request, local)
@@ -355,7 +356,7 @@ async def deliver_staged(
         return result
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(shutil.rmtree, directory, True)
+            await _threads.run_sync(shutil.rmtree, directory, True)
 
 
 async def _fetch(store: S3Store, request: PushRequest, local: Path) -> None:
@@ -368,14 +369,14 @@ async def _fetch(store: S3Store, request: PushRequest, local: Path) -> None:
     hasher = hashlib.sha256()
     size = 0
     try:
-        with await trio.to_thread.run_sync(io.FileIO, local, "w") as out:
+        with await _threads.run_sync(io.FileIO, local, "w") as out:
             while True:
                 chunk = await reader.read(_CHUNK)
                 if not chunk:
                     break
                 hasher.update(chunk)
                 size += len(chunk)
-                await trio.to_thread.run_sync(_write_all, out, chunk)
+                await _threads.run_sync(_write_all, out, chunk)
     except TransferError as exc:
         raise RPCError(exc.message, exc.code) from None
     finally:
@@ -384,4 +385,4 @@ async def _fetch(store: S3Store, request: PushRequest, local: Path) -> None:
     if size != request.size or hasher.hexdigest() != request.sha256:
         raise RPCError("the staged file differs from what was staged", "checksum_mismatch")
     modified = request.modified_ns
-    await trio.to_thread.run_sync(lambda: os.utime(local, ns=(modified, modified)))
+    await _threads.run_sync(lambda: os.utime(local, ns=(modified, modified)))

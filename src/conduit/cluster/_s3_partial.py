@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import botocore.exceptions  # type: ignore[import-untyped]
 import trio
 
+from .. import _threads
 from ..errors import ChecksumMismatch, TransferError
 from ._s3_wire import (
     MAX_PARTS,
@@ -129,7 +130,7 @@ class S3Partial:
         number = self._next_part
         if number > MAX_PARTS:
             raise TransferError(f"{self.name!r} needs more than {MAX_PARTS} parts", "too_large")
-        checksum, hasher = await trio.to_thread.run_sync(self._hash_part, data)
+        checksum, hasher = await _threads.run_sync(self._hash_part, data)
         await self._wait_inflight()
         # A last part may end off a 64-byte boundary; its state is never resumed from.
         saved = hasher.save() if hasher.length % 64 == 0 else b""
@@ -403,4 +404,4 @@ class S3Reader:
         """Close the HTTP response."""
         body, self._body = self._body, None
         if body is not None:
-            await trio.to_thread.run_sync(body.close)
+            await _threads.run_sync(body.close)

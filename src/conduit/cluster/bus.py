@@ -101,6 +101,7 @@ import msgpack
 import redis
 import trio
 
+from .. import _threads
 from .._stored_errors import detached
 from ..errors import ConduitError, RPCError
 
@@ -485,7 +486,7 @@ class ClusterBus:
 
     async def _call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         try:
-            return await trio.to_thread.run_sync(
+            return await _threads.run_sync(
                 functools.partial(function, *args, **kwargs), limiter=self._limiter
             )
         except redis.RedisError as exc:
@@ -566,7 +567,7 @@ class ClusterBus:
                 log.warning("could not unregister node %r; it expires by itself", self.node_name)
             self._clients.clear()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(reader.close, abandon_on_cancel=True)
+                await _threads.run_sync(reader.close, abandon_on_cancel=True)
 
     async def _claim_name(self, node_key: str) -> None:
         """Register the name; a previous holder gets one TTL to prove it is alive.
@@ -670,7 +671,7 @@ class ClusterBus:
         while True:
             # Abandoned on cancel: the thread ends by itself within the block timeout.
             try:
-                found = await trio.to_thread.run_sync(
+                found = await _threads.run_sync(
                     _read_streams, reader, dict(positions), abandon_on_cancel=True
                 )
             except redis.RedisError as exc:

@@ -22,8 +22,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import trio
-
+from .. import _threads
 from ..transfer._names import safe_relative_name, split_name
 from ..transfer._storage import (
     PartialFile,
@@ -42,7 +41,7 @@ T = TypeVar("T")
 
 
 async def _run(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    return await trio.to_thread.run_sync(functools.partial(function, *args, **kwargs))
+    return await _threads.run_sync(functools.partial(function, *args, **kwargs))
 
 
 class LocalStore:

@@ -80,6 +80,7 @@ import botocore.config  # type: ignore[import-untyped]
 import botocore.exceptions  # type: ignore[import-untyped]
 import trio
 
+from .. import _threads
 from ..errors import ChecksumMismatch, TransferError, UnsafePathError
 from ..transfer._names import (
     check_transfer_id,
@@ -179,7 +180,7 @@ class S3Store:
         return self.location.bucket
 
     async def _run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(
+        return await _threads.run_sync(
             functools.partial(function, *args, **kwargs), limiter=self._limiter
         )
 

@@ -798,7 +798,12 @@ class ConnectionState:
             raise LocalProtocolError(f"stream {stream_id} is already being sent")
         early_reset = self._early_resets.pop(stream_id, None)
         if early_reset is not None:
-            raise early_reset
+            try:
+                raise early_reset
+            finally:
+                # This frame is in its traceback: it must not hold it too (a
+                # reference cycle through the caller's frames otherwise).
+                del early_reset
         stream = make(stream_id, self.peer_receive_window, self.peer_max_frame_size)
         self.outgoing[stream_id] = stream
         return stream

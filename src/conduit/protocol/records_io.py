@@ -90,7 +90,9 @@ class FrameReader:
             self._opener.release_idle_buffers()
 
     def release_buffers(self) -> None:
-        """Drop every buffer now: the connection is over (nothing more is read)."""
+        """Drop every buffer now, and the frames opened but not taken (views
+        of them): the connection is over (nothing more is read)."""
+        self._pending.clear()
         if self._opener is not None:
             self._opener.release_buffers()
 

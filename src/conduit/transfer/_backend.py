@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
+from .. import _threads
 from ..protocol.connection import Buffer
 from ._engine import BlockReader, BlockWriter
 from ._local import SmallFile
@@ -206,24 +207,24 @@ class LocalSink:
         joining the chunks first (a copy made holding the GIL; see
         docs/benchmark-journal.md, "Fifth round (wave 7, bulk)").
         """
-        await trio.to_thread.run_sync(self.partial.write_chunks, chunks)
+        await _threads.run_sync(self.partial.write_chunks, chunks)
 
     async def publish(self, *, overwrite: bool, expected_sha256: str) -> str:
         """Verify, fsync, link without overwriting (see :meth:`PartialFile.publish`)."""
         # No write can still be running: a worker thread is waited for, even
         # when the upload is cancelled.
         partial = self.partial
-        return await trio.to_thread.run_sync(
+        return await _threads.run_sync(
             lambda: partial.publish(overwrite=overwrite, expected_sha256=expected_sha256)
         )
 
     async def close(self) -> None:
         """Close, keeping the partial file for a resume."""
-        await trio.to_thread.run_sync(self.partial.close)
+        await _threads.run_sync(self.partial.close)
 
     async def discard(self) -> None:
         """Delete the partial file."""
-        await trio.to_thread.run_sync(self.partial.discard)
+        await _threads.run_sync(self.partial.discard)
 
     def location_of(self, name: str) -> str:
         """The absolute path of the published ``name``."""

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from .. import _threads
+from .._stored_errors import detached
 from ..errors import RPCError, TransferError, UnsafePathError
 from ._backend import Admitted, LocalSink, Opened, SmallRead
 from ._batch_store import Entry, store_batch
@@ -72,7 +74,8 @@ def read_files(storage: StorageRoot, names: list[str], limit: int, room: int) ->
             try:
                 read = read_whole(storage, name, min(limit, room - used))
             except (OSError, UnsafePathError, TransferError) as exc:
-                read = SmallRead(0, 0, None, _as_stat_would(storage, name, exc))
+                # Detached: kept in ``reads``, which this frame (in its traceback) holds.
+                read = SmallRead(0, 0, None, detached(_as_stat_would(storage, name, exc)))
             if read.small is not None:
                 used += read.size
             reads.append(read)
@@ -213,7 +216,7 @@ class LocalBackend:
             return storage.list_files(max_entries=max_entries, prefix=prefix)
 
         if peer is None:  # the application's own call: no connection to ration
-            entries = await trio.to_thread.run_sync(walk)
+            entries = await _threads.run_sync(walk)
         else:
             entries = await self._listings.run(peer, walk)
         return [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
@@ -222,9 +225,9 @@ class LocalBackend:
         """See :meth:`._backend.Backend.stat` (``sha256``: cached, within the hash gate)."""
         storage = self.root_for(peer)
         try:
-            file, size = await trio.to_thread.run_sync(storage.open_for_read, name)
+            file, size = await _threads.run_sync(storage.open_for_read, name)
         except Exception as exc:
-            if await trio.to_thread.run_sync(_is_directory, storage, name):
+            if await _threads.run_sync(_is_directory, storage, name):
                 raise RPCError(f"{name!r} is a directory", "is_directory") from None
             raise as_rpc_error(exc, name=name) from None
         with file:
@@ -245,7 +248,7 @@ class LocalBackend:
 
     async def open_source(self, peer: Peer, name: str) -> Opened:
         """See :meth:`._backend.Backend.open_source` (an open descriptor, read in threads)."""
-        file, size = await trio.to_thread.run_sync(self.root_for(peer).open_for_read, name)
+        file, size = await _threads.run_sync(self.root_for(peer).open_for_read, name)
         info = os.fstat(file.fileno())
         return Opened(FileSource(file, info), size, info.st_mtime_ns)
 
@@ -256,7 +259,7 @@ class LocalBackend:
         them all (:func:`read_files`)."""
         storage = self.root_for(peer)
         async with threads:
-            return await trio.to_thread.run_sync(read_files, storage, names, limit, room)
+            return await _threads.run_sync(read_files, storage, names, limit, room)
 
     # ------------------------------------------------------------------ changes
 

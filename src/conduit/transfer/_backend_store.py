@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 import attrs
 import trio
 
+from .. import _threads
+from .._stored_errors import detached
 from ..accounts import check_root
 from ..cluster.store import FileReader, PartialUpload, Store, StoredFile
 from ..errors import RPCError, TransferError, UnsafePathError
@@ -215,7 +217,7 @@ class StoreSource:
                 data = await self._reader.read(size)
         if not data:
             return None
-        await trio.to_thread.run_sync(hasher.update, data)
+        await _threads.run_sync(hasher.update, data)
         self._position += len(data)
         return records_of(stream.stream_id, data, shape)
 
@@ -233,7 +235,7 @@ class StoreSource:
             block = await self._reader.read(min(_HASH_BLOCK, remaining))
             if not block:
                 raise TransferError("the file is shorter than the part to resume", "source_changed")
-            await trio.to_thread.run_sync(hasher.update, block, limiter=limiter)
+            await _threads.run_sync(hasher.update, block, limiter=limiter)
             remaining -= len(block)
             self._position += len(block)
         return hasher
@@ -730,9 +732,10 @@ class StoreBackend:
                 read = await self._read_whole(store, name, min(limit, room - used), threads)
             except FileNotFoundError as exc:
                 # As file_stat answers it (the local store's batch does the same).
-                read = SmallRead(0, 0, None, await _missing(store, name, exc))
+                read = SmallRead(0, 0, None, detached(await _missing(store, name, exc)))
             except (OSError, UnsafePathError, TransferError, RPCError) as exc:
-                read = SmallRead(0, 0, None, exc)
+                # Detached: kept in ``reads``, which this frame (in its traceback) holds.
+                read = SmallRead(0, 0, None, detached(exc))
             if read.small is not None:
                 used += read.size
             reads.append(read)
@@ -764,7 +767,7 @@ class StoreBackend:
         if read != size:
             return SmallRead(size, modified_ns, None)
         data = b"".join(parts)
-        digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
+        digest = await _threads.run_sync(lambda: hashlib.sha256(data).hexdigest())
         return SmallRead(size, modified_ns, SmallFile(data, digest))
 
     # ------------------------------------------------------------------ changes

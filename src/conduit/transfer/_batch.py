@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import _threads
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer, failed_entry, finish_answer
 from ._batch_store import FRAME_OVERHEAD, MAX_BATCH_FILES, cut_batches, entry_cost
@@ -122,7 +123,7 @@ async def send_small_files(
         # ``parallel`` groups are in memory; its batches go out side by side
         # (one after the other, a group of larger files took a round trip each).
         async with reading:
-            read, failed = await trio.to_thread.run_sync(_read_small, group, limit, follow_symlinks)
+            read, failed = await _threads.run_sync(_read_small, group, limit, follow_symlinks)
             results.update(failed)
             async with trio.open_nursery() as batches:
                 for batch in cut_batches(read, _cost, max_bytes):

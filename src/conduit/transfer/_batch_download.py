@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import _threads
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BatchFile, SameFile, batch_download_answer
 from ._batch_store import FRAME_OVERHEAD, cut_batches, entry_cost
@@ -97,7 +98,7 @@ async def receive_small_files(
                 return
             # A re-run: the digests of the copies already here, so that the
             # server sends none of the bytes it would send again.
-            have = await trio.to_thread.run_sync(_local_digests, local, batch)
+            have = await _threads.run_sync(_local_digests, local, batch)
             outcome = await _call_batch(on_peer, list(zip(batch, have, strict=True)), max_bytes)
             if outcome.get("unsupported"):
                 unsupported = True

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .. import _threads
 from .._streams import IncomingStream, OutgoingStream
 from .._worker_hop import WorkerHop
 from ..errors import TransferError
@@ -198,7 +199,7 @@ async def hash_prefix(
     file: io.FileIO, length: int, *, limiter: trio.CapacityLimiter | None = None
 ) -> Any:
     """Hash the first ``length`` bytes (the file position ends there). Returns the hasher."""
-    return await trio.to_thread.run_sync(_hash_prefix, file, length, limiter=limiter)
+    return await _threads.run_sync(_hash_prefix, file, length, limiter=limiter)
 
 
 class FileSource:
@@ -264,14 +265,14 @@ class FileSource:
         mode, which moves it too, is not a change of content and passes.
         """
         fd = self.file.fileno()
-        info = await trio.to_thread.run_sync(os.fstat, fd)
+        info = await _threads.run_sync(os.fstat, fd)
         if (info.st_size, info.st_mtime_ns) == self._version:
             if info.st_ctime_ns == self._ctime:
                 return
             # Uncancellable, as every read of ours in a thread: the read
             # threads' limit (the connection's share) bounds what it holds.
             async with _maybe(threads):
-                again = await trio.to_thread.run_sync(_digest_of, fd, span)
+                again = await _threads.run_sync(_digest_of, fd, span)
             if again == sent:
                 return
         raise TransferError(
@@ -281,11 +282,11 @@ class FileSource:
 
     async def seek(self, position: int) -> None:
         """Continue reading from byte ``position``."""
-        await trio.to_thread.run_sync(self.file.seek, position)
+        await _threads.run_sync(self.file.seek, position)
 
     async def aclose(self) -> None:
         """Close the file."""
-        await trio.to_thread.run_sync(self.file.close)
+        await _threads.run_sync(self.file.close)
 
 
 async def send_file(

@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import _threads
 from .._callbacks import trio_callback
 from .._connection import Connection
 from .._log_limit import LimitedLog
@@ -514,11 +515,9 @@ class Receiver:
                 # The server did not recognise our prefix: start over.
                 await partial.close()
                 partial = LocalSink(
-                    await trio.to_thread.run_sync(
-                        lambda: local.open_partial(target, key, resume=False)
-                    )
+                    await _threads.run_sync(lambda: local.open_partial(target, key, resume=False))
                 )
-                await trio.to_thread.run_sync(local.remove_other_partials, target, key)
+                await _threads.run_sync(local.remove_other_partials, target, key)
             result = await self._receive_into(
                 connection, stream, partial, target, expected, on_progress, "download", peer=None
             )
@@ -571,7 +570,7 @@ class Receiver:
         results = []
         announced: set[int] = set()
         try:
-            await trio.to_thread.run_sync(store)
+            await _threads.run_sync(store)
             for index, entry in enumerate(entries):
                 if entry.error is not None:
                     results.append(entry.failure())
@@ -663,11 +662,9 @@ class Receiver:
         partial = LocalSink(opened)
         try:
             if partial.offset == 0:
-                await trio.to_thread.run_sync(local.remove_other_partials, target, key)
+                await _threads.run_sync(local.remove_other_partials, target, key)
             held = min(partial.offset, expected)
-            await trio.to_thread.run_sync(
-                lambda: local.check_can_accept(expected, None, offset=held)
-            )
+            await _threads.run_sync(lambda: local.check_can_accept(expected, None, offset=held))
         except TransferError:
             with trio.CancelScope(shield=True):
                 await (partial.close() if partial.offset else partial.discard())

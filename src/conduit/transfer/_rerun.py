@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import trio
 
+from .. import _threads
 from ._names import collision_candidates, split_name
 from ._storage import StorageRoot
 
@@ -125,7 +125,7 @@ async def same_size_exists(storage: StorageRoot, name: str, size: int, *, overwr
     """Whether ``storage`` has ``name`` (or, unless ``overwrite``, a collision variant)
     of ``size`` bytes (cheap)."""
     return bool(
-        await trio.to_thread.run_sync(lambda: _candidates(storage, name, size, overwrite=overwrite))
+        await _threads.run_sync(lambda: _candidates(storage, name, size, overwrite=overwrite))
     )
 
 
@@ -169,7 +169,7 @@ async def find_already_there(
     default pool.
     """
     if gate is None:
-        return await trio.to_thread.run_sync(
+        return await _threads.run_sync(
             lambda: find_sync(storage, name, size, sha256, overwrite=overwrite)
         )
     hashing, peer = gate

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import trio
 
+from .. import _threads
 from .._callbacks import trio_callback
 from .._connection import Connection
 from .._log_limit import LimitedLog
@@ -145,7 +146,7 @@ class Sender:
         if small is None:
             # One worker-thread hop: open, check, and for a small file read,
             # hash and close (see ._local.read_source).
-            source = await trio.to_thread.run_sync(
+            source = await _threads.run_sync(
                 lambda: read_source(path, self.small_file_limit, follow_symlinks=follow_symlinks)
             )
             if source.changed:
@@ -192,7 +193,7 @@ class Sender:
                     # The receiver has a file of this name and size: if it is
                     # this very file, there is nothing to send (see _rerun).
                     digest = (await hash_prefix(file, size)).hexdigest()
-                    await trio.to_thread.run_sync(file.seek, 0)
+                    await _threads.run_sync(file.seek, 0)
                     raw = await call_begin(sha256=digest)
                 if says_skipped(raw):
                     skipped = finish_answer(raw, size)
@@ -225,7 +226,7 @@ class Sender:
                     start, stream_id = 0, begin.stream_id
                     unopened = stream_id
                     hasher = hashlib.sha256()
-                    await trio.to_thread.run_sync(file.seek, 0)
+                    await _threads.run_sync(file.seek, 0)
                 reporter = ProgressReporter(
                     on_progress,
                     filename=name,
@@ -261,7 +262,7 @@ class Sender:
             return result
         finally:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(file.close)
+                await _threads.run_sync(file.close)
 
     async def _send_small(
         self,

@@ -34,6 +34,7 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
+from .. import _threads
 from .._worker_hop import IDLE_TIMEOUT, WorkerHop
 
 A = TypeVar("A")
@@ -145,7 +146,7 @@ class SharedHop(Generic[A, R]):
 
     async def _alone(self, job: _Job[A, R]) -> None:
         """Run one call in a hop of its own, beside the shared ones."""
-        await trio.to_thread.run_sync(self._run_all, [job])
+        await _threads.run_sync(self._run_all, [job])
         job.done = True
 
     def _run_all(self, jobs: list[_Job[A, R]]) -> None:

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 import trio
 
+from .. import _threads
 from .._throttle import address_key
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
@@ -421,7 +422,7 @@ class DiskBudget:
         storage, prefix = user_storage(settings.storage, peer)
         owner = partial_owner(peer)
         quota = None if account is None else account.quota
-        admission = await trio.to_thread.run_sync(
+        admission = await _threads.run_sync(
             self._admit_sync, storage, prefix, name, size, key, owner, restart, quota
         )
         resume = key is not None and not restart
@@ -436,14 +437,14 @@ class DiskBudget:
             )
             if admission.partial.offset > size:
                 # Longer than the file: not a prefix of it; start over.
-                await trio.to_thread.run_sync(admission.partial.close)
-                admission.partial = await trio.to_thread.run_sync(
+                await _threads.run_sync(admission.partial.close)
+                admission.partial = await _threads.run_sync(
                     lambda: storage.open_partial(name, admission.transfer_id, resume=False)
                 )
         except BaseException:
             with trio.CancelScope(shield=True):
                 if admission.partial is not None:
-                    await trio.to_thread.run_sync(admission.partial.close)
+                    await _threads.run_sync(admission.partial.close)
                 await self.release(admission)
             raise
         return admission
@@ -466,7 +467,7 @@ class DiskBudget:
     async def release(self, admission: Admission) -> None:
         """The upload ended: free its reservation; index its partial if one was kept."""
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._release_sync, admission, trio.current_time())
+            await _threads.run_sync(self._release_sync, admission, trio.current_time())
         self._wake_sweeper()
 
     # ------------------------------------------------------------------ sweeper
@@ -481,7 +482,7 @@ class DiskBudget:
             self._wake = trio.Event()
             self._loaded = trio.Event()
             try:
-                await trio.to_thread.run_sync(self._load_sync, trio.current_time())
+                await _threads.run_sync(self._load_sync, trio.current_time())
             except Exception:
                 log.exception(
                     "could not index the partial files in %s", self._settings.storage.path
@@ -515,7 +516,7 @@ class DiskBudget:
             if self._wake.is_set():
                 self._wake = trio.Event()
             try:
-                removed = await trio.to_thread.run_sync(self._sweep_sync, trio.current_time())
+                removed = await _threads.run_sync(self._sweep_sync, trio.current_time())
             except Exception:
                 log.exception("sweeping expired partial files failed")
                 await trio.sleep(1)  # do not spin on a persistent error

@@ -19,6 +19,8 @@ from typing import TypeVar
 import outcome
 import trio
 
+from .. import _threads
+
 T = TypeVar("T")
 
 
@@ -40,7 +42,7 @@ async def run_stoppable(job: Callable[[threading.Event], T], *, name: str) -> T:
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
 
-        def deliver(result: outcome.Outcome[T]) -> None:
+        def deliver(result: outcome.Outcome[T | _threads.Raised]) -> None:
             # The task is parked until this runs, so the run cannot have ended.
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
@@ -48,9 +50,11 @@ async def run_stoppable(job: Callable[[threading.Event], T], *, name: str) -> T:
             stop.set()
             return trio.lowlevel.Abort.FAILED  # rescheduled by deliver, soon
 
-        trio.lowlevel.start_thread_soon(lambda: job(stop), deliver, name=name)
+        # The job's error comes back as a value (see conduit._threads: raised
+        # out of the thread, it would be in a reference cycle).
+        trio.lowlevel.start_thread_soon(lambda: _threads.returned(job, stop), deliver, name=name)
         try:
-            result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+            result: T = _threads.unwrap(await trio.lowlevel.wait_task_rescheduled(abort))
         except Stopped:
             # What set stop (a cancellation, or a KeyboardInterrupt delivered
             # to this task) comes out at this checkpoint.

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from .. import _threads
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer
 from ._batch import send_small_files
@@ -244,7 +245,7 @@ async def send_tree(
 ) -> dict[str, Any]:
     """Upload every file under ``top`` (``send_to_server`` on a directory)."""
     prefix = remote_prefix(top, remote_name)
-    entries = await trio.to_thread.run_sync(walk_local, top, prefix)
+    entries = await _threads.run_sync(walk_local, top, prefix)
     await send_entries(sender, on_peer, entries, on_progress, follow_symlinks=False)
     return tree_result(prefix, entries)
 
@@ -300,7 +301,7 @@ async def send_entries(
     )
     for index, result in results.items():
         entries[index].result = result
-    await trio.to_thread.run_sync(_look_at_sizes, entries, follow_symlinks)
+    await _threads.run_sync(_look_at_sizes, entries, follow_symlinks)
     await transfer_all(entries, upload)
 
 
