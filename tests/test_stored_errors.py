@@ -145,3 +145,20 @@ async def test_a_failed_streams_error_is_raised_fresh_each_time() -> None:
         raised.append(caught.value)
     assert raised[0] is not raised[1]
     assert all(error is not stream.error and str(error) == "the sender gave up" for error in raised)
+
+
+def test_the_cause_is_kept_detached() -> None:
+    """``raise ... from`` says where an error came from (a storage failure is
+    one raised from an OSError): the copy keeps a detached copy of it."""
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as error:
+            raise TransferError("could not write the block", "no_space") from error
+    except TransferError as caught:
+        original = caught
+    copy = detached(original)
+    assert isinstance(copy.__cause__, OSError)
+    assert copy.__cause__ is not original.__cause__
+    assert copy.__cause__.__traceback__ is None
+    assert str(copy.__cause__) == str(original.__cause__)
