@@ -9,7 +9,7 @@ frees a cycle; only the cycle collector does, and its full passes are rare (on
 a server they come once the number of long-lived objects has grown by a
 quarter). Until then the cycle holds everything those frames reach: the
 whole connection, its record buffers and socket reads, megabytes each. A
-server whose clients gave up uploads part way held 100 to 200 MiB so.
+server whose clients gave up uploads part way held 65 to 198 MiB so.
 
 So an error that is kept is kept :func:`detached` (a copy without traceback
 or context, its cause detached too), and each place that raises it raises a

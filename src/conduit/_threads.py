@@ -16,8 +16,9 @@ is returned (:class:`Raised`) with the worker-side tracebacks dropped, and
 raised again in the Trio thread, from frames that keep no reference to it.
 The worker-side traceback of an error that is not an ``OSError`` or one of
 conduit's own (a bug, most likely) is kept as a note on it, as text.
-:func:`returned` and :func:`unwrap` are the two halves, for thread hops of
-conduit's own (:mod:`conduit._worker_hop`, :mod:`conduit.transfer._stoppable`).
+:func:`returned` and :func:`unwrap` are the two halves, for a thread started
+by other means (:mod:`conduit.transfer._stoppable`'s). (:mod:`conduit._worker_hop`
+keeps no outcome in its threads' frames: it hands its outcome over instead.)
 """
 
 from __future__ import annotations
