@@ -25,6 +25,46 @@ def _bug() -> None:
     raise KeyError("a bug")
 
 
+def _refused_while_cleaning_up() -> None:
+    # A cause and, apart from it, a context: the refusal is raised from one
+    # failure while another is being handled.
+    try:
+        open("/nonexistent/conduit-test-file")  # noqa: SIM115 - the failure is the point
+    except FileNotFoundError as error:
+        missing = error
+    try:
+        raise ValueError("while cleaning up")
+    except ValueError:
+        raise TransferError("not there", "not_found") from missing
+
+
+def _several() -> None:
+    # A group's members were raised (and so hold worker frames) before it.
+    failures: list[Exception] = []
+    for failing in (_missing, _bug):
+        try:
+            failing()
+        except Exception as error:
+            failures.append(error)
+    raise ExceptionGroup("two failures", failures)
+
+
+def _tracebacks_left(error: BaseException) -> list[str]:
+    """Every error reachable from ``error`` that still has a traceback."""
+    left, pending, seen = [], [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current is not error and current.__traceback__ is not None:
+            left.append(repr(current))
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+        if isinstance(current, BaseExceptionGroup):
+            pending += current.exceptions
+    return left
+
+
 async def _cyclic_garbage_of(call: Callable[[], Awaitable[None]]) -> list[str]:
     """The frames and exceptions left in reference cycles by ``await call()``,
     a call that raises, with the cycle collector off (after one more
@@ -59,6 +99,23 @@ async def test_values_come_back_and_errors_are_raised_with_their_cause() -> None
     frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(caught.value.__traceback__)]
     assert "_missing" not in frames
     assert caught.value.__cause__.__traceback__ is None
+
+
+@pytest.mark.parametrize("function", [_refused_while_cleaning_up, _several])
+async def test_every_error_it_leads_to_loses_its_worker_traceback(
+    function: Callable[[], None],
+) -> None:
+    with pytest.raises(BaseException) as caught:
+        await _threads.run_sync(function)
+    # The cause, the context (a different error) and a group's members all
+    # held worker frames: each would make the cycle on its own.
+    assert _tracebacks_left(caught.value) == []
+    if function is _refused_while_cleaning_up:
+        assert isinstance(caught.value.__cause__, FileNotFoundError)
+        assert isinstance(caught.value.__context__, ValueError)
+    else:
+        assert isinstance(caught.value, ExceptionGroup)
+        assert [type(e) for e in caught.value.exceptions] == [TransferError, KeyError]
 
 
 async def test_an_unexpected_error_keeps_its_worker_traceback_as_a_note() -> None:

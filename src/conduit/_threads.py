@@ -47,7 +47,8 @@ class Raised:
 def returned(function: Callable[[*Ts], R], *args: *Ts) -> R | Raised:
     """In the worker thread: ``function(*args)``, or its error as a :class:`Raised`.
 
-    The error and every error in its chain lose their traceback (their frames
+    The error and every error it leads to (cause, context, a group's members)
+    lose their traceback (their frames
     are this thread's, and reach the thread machinery's, see the module
     docstring); an unexpected one keeps it as a note.
     """
@@ -56,13 +57,28 @@ def returned(function: Callable[[*Ts], R], *args: *Ts) -> R | Raised:
     except BaseException as exc:
         if not isinstance(exc, (OSError, ConduitError)):
             exc.add_note("in a worker thread:\n" + "".join(traceback.format_tb(exc.__traceback__)))
-        seen: set[int] = set()
-        error: BaseException | None = exc
-        while error is not None and id(error) not in seen:
-            seen.add(id(error))
-            error.__traceback__ = None
-            error = error.__cause__ or error.__context__
+        _drop_tracebacks(exc)
         return Raised(exc)
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Drop the traceback of ``exc`` and of every error it leads to.
+
+    Its cause *and* its context (an error raised ``from`` one while handling
+    another has both, and either's frames make the cycle), and a group's
+    members; each error once, however they are linked.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        error.__traceback__ = None
+        pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+        if isinstance(error, BaseExceptionGroup):
+            pending.extend(error.exceptions)
 
 
 def unwrap(result: R | Raised) -> R:
