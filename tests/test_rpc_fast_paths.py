@@ -16,22 +16,28 @@
   closed stream, and cancellation still works.
 * The writer sends small records with one non-blocking write: what the socket
   does not take still goes out, in order.
+* ``to_wire`` walks plain dicts and lists itself: it gives exactly what the
+  converter gives, for attrs instances, tuples, sets and enums at any depth too.
 """
 
 from __future__ import annotations
 
+import enum
 import socket
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import msgpack
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conduit._rpc_proxy import call_arguments, to_wire
 from conduit._socket_io import SocketIO
 from conduit.errors import IntegrityError, RemoteProtocolError
+from conduit.protocol import converter
 from conduit.protocol.codec import (
     decode_body,
     decode_call,
@@ -66,6 +72,53 @@ _VALUES = st.recursive(
     max_leaves=12,
 )
 _ARGS = st.dictionaries(st.text(max_size=8), _VALUES, max_size=4)
+
+
+@attrs.frozen
+class _Point:
+    x: int
+    label: str
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+#: Values of every kind the converter unstructures, not only plain data.
+_ANY_VALUES = st.recursive(
+    _SCALARS | st.builds(_Point, st.integers(), st.text(max_size=4)) | st.just(_Colour.RED),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.frozensets(st.integers(0, 9), max_size=3)
+        | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_ANY_VALUES, st.dictionaries(st.text(max_size=8), _ANY_VALUES, max_size=4))
+def test_to_wire_gives_what_the_converter_gives(value: Any, kwargs: dict[str, Any]) -> None:
+    assert to_wire(value) == converter.unstructure(value)
+    assert type(to_wire(value)) is type(converter.unstructure(value))
+    assert call_arguments(None, kwargs) == converter.unstructure(kwargs)
+    if isinstance(value, dict | list):
+        assert to_wire(value) is not value  # a copy, as the converter's is
+
+
+def test_to_wire_refuses_what_the_converter_refuses() -> None:
+    # A key the wire cannot carry (a tuple becomes a list, which no map takes).
+    for unsendable in ({(0, 0): "origin"}, [{"a": {(1,): 2}}]):
+        with pytest.raises(TypeError):
+            converter.unstructure(unsendable)
+        with pytest.raises(TypeError):
+            to_wire(unsendable)
+    deep: list[Any] = []
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(RecursionError):
+        to_wire(deep)
 
 
 @settings(max_examples=300, deadline=None)

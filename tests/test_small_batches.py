@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ import trio
 from conduit import FileTransferHandler, LocalProtocolError, RPCError
 from conduit._connection import Connection
 from conduit.accounts import MIN_STRETCH, Accounts
-from conduit.transfer._backend_local import LocalBackend
-from conduit.transfer._batch_store import MAX_BATCH_FILES
+from conduit.transfer import _backend_local
+from conduit.transfer._backend_local import INLINE_BATCH_FILES, LocalBackend
+from conduit.transfer._batch_store import MAX_BATCH_FILES, store_batch
 from conduit.transfer._tree import PARALLEL_FILES
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import (
@@ -161,6 +163,41 @@ async def test_each_file_of_a_batch_gets_its_own_result(
     )
     assert not (tmp_path / "escape.txt").exists()
     assert sorted(received) == ["dir/nested.txt", "fresh.txt", "taken (1).txt"]
+    _nothing_held(handler, storage)
+
+
+async def test_a_short_batch_is_waited_for_inline_and_a_long_one_through_the_loop(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch of up to INLINE_BATCH_FILES files is waited for on a lock (as a
+    # lone file is), a longer one through the loop: seen from the store
+    # thread, whether the Trio loop runs a callback while it stores.
+    storage = tmp_path / "storage"
+    handler, server = await storage_server(server_factory, storage)
+    client = await client_factory(server)
+    monkeypatch.setattr(_backend_local, "STORE_WAIT_INLINE", 30.0)  # never outlasted here
+    token = trio.lowlevel.current_trio_token()
+    loop_ran: list[bool] = []
+    real_store = store_batch
+
+    def watched_store(*args: Any) -> None:
+        answered = threading.Event()
+        token.run_sync_soon(answered.set)
+        loop_ran.append(answered.wait(0.5))
+        real_store(*args)
+
+    monkeypatch.setattr(_backend_local, "store_batch", watched_store)
+    await client.call("file_upload_batch", files=[_entry("first.txt", b"starts a thread")])
+    loop_ran.clear()
+    for count in (1, 2, INLINE_BATCH_FILES, INLINE_BATCH_FILES + 1):
+        files = [_entry(f"{count}-{index}.txt", b"x" * index) for index in range(count)]
+        with trio.fail_after(10):
+            answer = await client.call("file_upload_batch", files=files)
+        assert all(result["success"] for result in answer["results"]), answer
+    assert loop_ran == [False, False, False, True]
     _nothing_held(handler, storage)
 
 
