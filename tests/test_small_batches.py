@@ -186,18 +186,20 @@ async def test_a_short_batch_is_waited_for_inline_and_a_long_one_through_the_loo
     def watched_store(*args: Any) -> None:
         answered = threading.Event()
         token.run_sync_soon(answered.set)
-        loop_ran.append(answered.wait(0.5))
+        # The loop, idle meanwhile, answers at once unless it is blocked on
+        # this store; seconds of room for a loaded machine.
+        loop_ran.append(answered.wait(2.0))
         real_store(*args)
 
     monkeypatch.setattr(_backend_local, "store_batch", watched_store)
     await client.call("file_upload_batch", files=[_entry("first.txt", b"starts a thread")])
     loop_ran.clear()
-    for count in (1, 2, INLINE_BATCH_FILES, INLINE_BATCH_FILES + 1):
+    for count in (2, INLINE_BATCH_FILES, INLINE_BATCH_FILES + 1):
         files = [_entry(f"{count}-{index}.txt", b"x" * index) for index in range(count)]
         with trio.fail_after(10):
             answer = await client.call("file_upload_batch", files=files)
         assert all(result["success"] for result in answer["results"]), answer
-    assert loop_ran == [False, False, False, True]
+    assert loop_ran == [False, False, True]
     _nothing_held(handler, storage)
 
 
