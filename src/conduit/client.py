@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -139,6 +140,25 @@ class _Connecting:
     waiters: int = 0
 
 
+def _weakly(method: Callable[[], Connection]) -> Callable[[], Connection]:
+    """``method`` (a client's bound method) without a reference to its client.
+
+    ``client.rpc`` keeps it: the bound method itself would tie the client and
+    its proxy into a reference cycle, and a client dropped without a
+    collection would keep its last connection (its socket's buffers) until
+    Python's cycle collector ran.
+    """
+    weak = weakref.WeakMethod(method)
+
+    def connection() -> Connection:
+        bound = weak()
+        if bound is None:
+            raise ConnectionClosed("the client is gone")
+        return bound()
+
+    return connection
+
+
 class Client(Endpoint):
     """A conduit client.
 
@@ -205,7 +225,9 @@ class Client(Endpoint):
         self._built_ssl_context: tuple[ClientDescriptor, ssl.SSLContext | None] | None = None
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
-        self.rpc = RPCProxy(self._current_connection, descriptor.rpc_timeout, self._handlers)
+        self.rpc = RPCProxy(
+            _weakly(self._current_connection), descriptor.rpc_timeout, self._handlers
+        )
 
     # ---------------------------------------------------------------- registry
 

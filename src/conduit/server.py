@@ -380,6 +380,11 @@ class Server(Endpoint):
                     # sys.exit(3) as SystemExit(3), one failure as itself.
                     single = collapsed(group)
                     if single is group:
+                        # Raised on, the group's traceback holds this frame,
+                        # which must not hold the group (a reference cycle
+                        # holding every connection it ended: see
+                        # conduit._stored_errors).
+                        del single
                         raise
                     for other in beside(group, single):
                         # A Ctrl-C or sys.exit() raised alone would hide them.
@@ -395,6 +400,8 @@ class Server(Endpoint):
                     finally:
                         single.__cause__, single.__context__ = cause, context
                         single.__suppress_context__ = suppress
+                        # As above: its traceback holds this frame.
+                        del single, cause, context
         except Exception as exc:
             if not startup.over.is_set():
                 startup.error, startup.why = exc, f"it failed: {exc!r}"

@@ -767,8 +767,11 @@ class ClusterBus:
                     if not one_way:
                         await self._reply(message.sender, message.id, reply, None)
                 except Exception as exc:
+                    # A copy: this frame keeps ``error`` after the block, and
+                    # the handler's own error has this frame in its traceback
+                    # (a reference cycle, see conduit._stored_errors).
                     error = (
-                        exc
+                        detached(exc)
                         if isinstance(exc, RPCError)
                         else RPCError(f"{type(exc).__name__}: {exc}")
                     )

@@ -1,0 +1,489 @@
+"""Errors raised from where they were kept leave no reference cycle behind.
+
+An error kept by an object and raised later takes the frames it passes
+through into its traceback, and a frame that holds the keeper closes a cycle
+(keeper -> error -> traceback -> frame -> keeper) that only a full pass of
+Python's cycle collector frees, holding whatever those frames reach (a whole
+connection, its buffers) until then: see ``conduit._stored_errors``. Each test
+here drives one site that keeps or raises such an error through its real
+path (over loopback sockets; the cluster's against real Valkey and SeaweedFS,
+as the cluster tests do) with the cycle collector off, and checks that no
+cyclic garbage holds a frame, an exception, a ``Connection`` or a page
+mapping. Each test's docstring names its site; each fails with that site's
+fix reverted.
+
+Garbage is looked for only once the server is done with what the test did
+(the connection closed, the socket closed, the thread back): a frame still
+running holds the cycle, which is not garbage yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import resource
+import secrets
+import signal
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+
+from cluster_engines import S3Engine, seaweedfs, valkey
+from conduit import (
+    Accounts,
+    AuthenticationError,
+    Client,
+    ClientDescriptor,
+    ConnectionClosed,
+    FileTransferHandler,
+    RPCError,
+    Server,
+    ServerDescriptor,
+)
+from conduit.cluster._push import PushRequest, deliver_staged
+from conduit.cluster.bus import ClusterBus
+from conduit.cluster.s3 import S3Store, make_s3_client
+from conduit.transfer import _small, _write_behind
+from conftest import (
+    ALICE_PASSWORD,
+    ClientFactory,
+    ServerFactory,
+    client_descriptor,
+    open_descriptors,
+    opened_since,
+    server_descriptor,
+    wait_until,
+)
+from test_resource_limits import _cycle_collector_off, _what_cycles_hold
+from transfer_helpers import make_file, storage_server
+
+MiB = 1024 * 1024
+T = TypeVar("T")
+
+
+class _Hanging:
+    """An RPC handler that blocks until cancelled, counting calls begun and ended."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ended = 0
+
+    async def hang(self) -> None:
+        self.started += 1
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.ended += 1
+
+
+async def test_a_blocked_handler_cancelled_leaves_no_cycle(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """``_call_workers._resume`` (its ``del reply``): a handler that blocked
+    goes on in a task that passes Trio's answers to it; the answer to a wait
+    cancelled is an Error outcome holding the Cancelled, which the handler
+    raises through ``_resume``'s frame. Kept there, it closes a cycle holding
+    the handler's frames. Cancelled here by the client giving up on the call
+    (its CANCEL), three times, and by the connection ending under it."""
+    handler = _Hanging()
+    server = await server_factory(register=lambda server: server.register_rpc(handler.hang))
+    client = await client_factory(server)
+    (peer,) = server.clients.values()
+    with _cycle_collector_off() as garbage:
+        for count in (1, 2, 3):
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.call, "hang")
+                    await wait_until(lambda: handler.started == count)  # noqa: B023
+                    nursery.cancel_scope.cancel()
+                await wait_until(lambda: handler.ended == count)  # noqa: B023
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_call_cut_short, client)
+            await wait_until(lambda: handler.started == 4)
+            await client.disconnect()
+        # Its end waits for every task of it: the handlers' are over.
+        with trio.fail_after(10):
+            await peer.connection.closed.wait()
+        assert handler.ended == 4
+        del peer
+    assert _what_cycles_hold(garbage) == []
+
+
+async def _call_cut_short(client: Client) -> None:
+    with pytest.raises(ConnectionClosed, match="disconnected"):
+        await client.call("hang")
+
+
+async def test_a_connection_its_trio_run_ends_under_leaves_no_cycle(
+    server_factory: ServerFactory,
+) -> None:
+    """``Connection.run`` (it keeps whether cancellation alone ended it, not
+    the exception that did): cancelled from outside while the connection is
+    open, as when the Trio run of a client program ends with its client
+    connected (its connection is a system task of that run; ``asyncio.run()``
+    ending does the same), it tells a cancellation from a failure (only the
+    first says GOODBYE). The exception kept in its frame for that, which that
+    exception's traceback holds, made a cycle holding the whole connection.
+
+    Each client program runs in a Trio run of its own, in a worker thread.
+    A run that has ended leaves its own objects in cycles, its tasks and what
+    they hold (its client's connection too): no frame or exception, which are
+    what must not be there.
+    """
+    server = await server_factory(register=lambda server: server.register_rpc(_echo))
+    with _cycle_collector_off() as garbage:
+        for _ in range(2):
+            with trio.fail_after(20):
+                await trio.to_thread.run_sync(_run_a_client_left_connected, server.port)
+        await wait_until(lambda: not server.clients)
+    assert [held for held in _what_cycles_hold(garbage) if held != "Connection"] == []
+
+
+async def _echo(value: int) -> int:
+    return value
+
+
+def _run_a_client_left_connected(port: int) -> None:
+    """A client program whose Trio run ends with its client connected."""
+
+    async def main() -> None:
+        client = Client(client_descriptor(port, reconnect_enabled=False))
+        with trio.fail_after(10):
+            await client.connect()
+            assert await client.call("_echo", value=7) == 7
+
+    trio.run(main)
+
+
+async def test_handshakes_the_server_refuses_leave_no_cycle(
+    server_factory: ServerFactory, accounts: Accounts, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``_handshake_io.server_handshake`` (it raises the error detached): a
+    handshake the server refuses (a wrong password, an unknown user, a client
+    of the other mode) keeps its error on the handshake machine, which the
+    frame raising it holds: raised as it is, a cycle through the
+    gatekeeper's frames. (A shared-password server confirms first, and a
+    client with the wrong password leaves without the server refusing it:
+    this takes a server with accounts.)"""
+    # The server's warning about each refusal has the error among its
+    # arguments: a record kept (pytest keeps every test's) would keep the
+    # cycle reachable, hidden from this test.
+    caplog.set_level(logging.ERROR, logger="conduit.server")
+    server = await server_factory(password=None, accounts=accounts)
+    attempts = [
+        {"username": "alice", "password": "not alice's password"},
+        {"username": "mallory", "password": ALICE_PASSWORD},
+        {"password": ALICE_PASSWORD},  # no username: the shared-password mode
+    ]
+    before = open_descriptors()
+    with _cycle_collector_off() as garbage:
+        for fields in attempts:
+            refused = Client(client_descriptor(server.port, **fields))
+            with pytest.raises(AuthenticationError), trio.fail_after(10):
+                await refused.connect()
+            del refused
+        # The client reads the refusal before the server's task is over; the
+        # socket's close is its last step.
+        await wait_until(lambda: not opened_since(before))
+    assert _what_cycles_hold(garbage) == []
+
+
+async def test_a_probe_failing_in_the_shared_hop_leaves_no_cycle(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """``transfer._shared_hop.SharedHop.run`` (it takes the error off the job
+    and deletes it once raised): once a run has seen slow looks, the sending
+    side looks at each file in the shared worker-thread hop, whose job keeps
+    the call's error; raised from there, its traceback holds the worker's and
+    the callers' frames, which hold the job: a cycle. A path with a NUL byte
+    makes the look raise (``ValueError``)."""
+    _, server = await storage_server(server_factory, tmp_path / "storage")
+    client = await client_factory(server)
+    transfer = FileTransferHandler()
+    # This run's file system has been slow three times (a per-run state).
+    _small._looks().slow = _small.INLINE_SLOW_LOOKS
+    assert not _small.looks_inline()
+    with _cycle_collector_off() as garbage:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="null byte"), trio.fail_after(10):
+                await transfer.send_to_server(client, str(tmp_path / "bad\0name"))
+    assert _what_cycles_hold(garbage) == []
+
+
+@contextlib.contextmanager
+def _files_capped_at(size: int) -> Iterator[None]:
+    """For the block, a write past ``size`` bytes of a file fails in this
+    process (``RLIMIT_FSIZE``: the kernel's ``EFBIG``), with ``SIGXFSZ``,
+    which would kill the process, ignored."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+async def test_a_download_whose_write_fails_leaves_no_cycle(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """``transfer._write_behind`` (the failure kept detached, ``del result``
+    in the thread's loop): a download's writes past its first batches go
+    through a writer thread, which keeps a write's failure for the transfer
+    to raise. Kept with its traceback, which holds the thread loop's frame,
+    and so the writer, it closes a cycle; left in that frame once the loop is
+    over, it closes another.
+
+    The write fails for real: past the file's last byte but one, the
+    kernel refuses it (``EFBIG``). The failing batch is the last one, and so
+    the last the thread's loop handles (a batch after it would replace the
+    failure in that frame)."""
+    storage = tmp_path / "storage"
+    size = 24 * MiB
+    await make_file(storage / "big.bin", size)
+    _, server = await storage_server(server_factory, storage)
+    client = await client_factory(server)
+    (peer,) = server.clients.values()
+    with _cycle_collector_off() as garbage:
+        with _files_capped_at(size - 1), trio.fail_after(30):
+            result = await FileTransferHandler().receive_from_server(
+                client, "big.bin", tmp_path / "down"
+            )
+        assert result["success"] is False and result["code"] == "too_large", result
+        del result
+        # The writer thread's loop is over once its token is back.
+        limiter = _write_behind._threads()
+        await wait_until(lambda: limiter.borrowed_tokens == 0)
+        await client.disconnect()
+        with trio.fail_after(10):
+            await peer.connection.closed.wait()
+        del peer
+    assert _what_cycles_hold(garbage) == []
+
+
+async def test_a_server_run_cancelled_with_clients_connected_leaves_no_cycle() -> None:
+    """``Server._run_claimed`` (it deletes the error it raises from its frame):
+    a server's run that ends through its nurseries' group (cancelled here, as
+    Ctrl-C or a program's end does, with two clients connected) raises the
+    group's one error alone, kept in a local of the frame its traceback then
+    holds: a cycle holding every connection the run ended."""
+    server = Server(server_descriptor())
+    clients: list[Client] = []
+    with _cycle_collector_off() as garbage:
+        async with trio.open_nursery() as nursery:
+            serving = trio.CancelScope()
+            stopped = trio.Event()
+
+            async def serve() -> None:
+                with serving:
+                    await server.run()
+                stopped.set()
+
+            nursery.start_soon(serve)
+            with trio.fail_after(10):
+                port = await server.wait_listening()
+                for _ in range(2):
+                    client = Client(client_descriptor(port, reconnect_enabled=False))
+                    await client.connect()
+                    clients.append(client)
+                await wait_until(lambda: len(server.clients) == 2)
+                serving.cancel()
+                await stopped.wait()
+                for client in clients:
+                    await client.disconnect()
+        del client
+        clients.clear()
+    assert _what_cycles_hold(garbage) == []
+
+
+async def test_a_client_dropped_after_its_connection_leaves_no_cycle(
+    server_factory: ServerFactory,
+) -> None:
+    """``Client.rpc`` (it reaches its client's connection through a weak
+    method): the proxy kept the client's bound method, the client kept the
+    proxy, and a client dropped after use kept its last connection until the
+    cycle collector ran. Freed by reference counting, the connection goes
+    with it (a weak reference says so)."""
+    server = await server_factory(register=lambda server: server.register_rpc(_echo))
+    with _cycle_collector_off() as garbage:
+        client = Client(client_descriptor(server.port, reconnect_enabled=False))
+        with trio.fail_after(10):
+            await client.connect()
+            assert await client.rpc.invoke("_echo", value=3) == 3
+            await client.disconnect()
+        gone = weakref.ref(client)
+        del client
+        assert gone() is None
+    assert _what_cycles_hold(garbage) == []
+
+
+def test_an_asyncio_handler_failing_leaves_no_cycle() -> None:
+    """``_callbacks._await_on_host`` (``del error, future`` once raised):
+    under ``asyncio.run`` an ``async def`` handler runs as an asyncio task on
+    the host loop; its error, taken from the task, is raised again in the
+    Trio task that awaits it, from a frame that kept both the error and the
+    task: a cycle through the call's frames."""
+    cycles: list[str] = []
+
+    async def main() -> None:
+        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
+
+        @server.rpc
+        async def refuse() -> None:
+            await asyncio.sleep(0)  # an asyncio handler, on the asyncio loop
+            raise RPCError("refused", "forbidden")
+
+        task = asyncio.create_task(server.run())
+        await asyncio.wait_for(server.wait_listening(), 5)
+        with _cycle_collector_off() as garbage:
+            client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+            async with client:
+                (peer,) = await _asyncio_until(lambda: list(server.clients.values()))
+                for _ in range(3):
+                    # Not under asyncio.wait_for: Python 3.11's makes a cycle
+                    # of its own with the error it passes on.
+                    with pytest.raises(RPCError, match="forbidden"):
+                        await client.call("refuse")
+            # Its end waits for every task of it: the handlers' are over.
+            await _asyncio_until(peer.connection.closed.is_set)
+            del client, peer
+        cycles.extend(_what_cycles_hold(garbage))
+        await server.close()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert cycles == []
+
+
+async def _asyncio_until(predicate: Callable[[], T], seconds: float = 10.0) -> T:
+    """``predicate()`` once it is true, polled from asyncio code."""
+    for _ in range(int(seconds / 0.01)):
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def bus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Valkey (or Redis) on 127.0.0.1 for this module's cluster bus
+    (see ``cluster_engines``; the cluster tests' ``engines`` start SeaweedFS too)."""
+    with valkey(tmp_path_factory.mktemp("valkey")) as engine:
+        yield engine.url
+
+
+@pytest.mark.parametrize(
+    ("failure", "answered"),
+    [
+        (lambda: ValueError("a bug"), "ValueError: a bug"),
+        (lambda: RPCError("not yours", "denied"), "not yours"),
+    ],
+    ids=["a bug", "a refusal"],
+)
+async def test_a_cluster_request_that_failed_leaves_no_cycle(
+    bus_url: str,
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    failure: Callable[[], Exception],
+    answered: str,
+) -> None:
+    """Both ends of a cluster request whose handler fails.
+
+    ``cluster.bus.ClusterBus.request`` (it raises the reply's error
+    detached): the error a node answers a request with is kept on the
+    request's pending record, which the frame raising it holds: raised as it
+    is, a cycle through the requester's frames.
+
+    ``ClusterBus._serve_request`` (it keeps a copy of a handler's
+    ``RPCError``): the serving node keeps the error to answer with in a local
+    of the frame the error's traceback holds: the handler's own ``RPCError``
+    kept as it is (an ordinary refusal of a real node's handler) closed a
+    cycle through the handler's frames there. A bug (a ``ValueError``) is
+    answered with a new ``RPCError``; its log line would keep the bug's
+    traceback: off.
+    """
+    caplog.set_level(logging.CRITICAL, logger="conduit.cluster.bus")
+    namespace = f"conduit-test-{secrets.token_hex(6)}"
+    asking, answering = (ClusterBus(bus_url, name, namespace=namespace) for name in "ab")
+    for bus in (asking, answering):
+        await nursery.start(bus.run)
+
+    @answering.on_request
+    async def fail(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        raise failure()  # a new one each time: raising one again would free the last cycle
+
+    with _cycle_collector_off() as garbage:
+        for _ in range(3):
+            with pytest.raises(RPCError, match=answered), trio.fail_after(10):
+                await asking.request("b", "fail", {})
+        # The serving task is over once it has answered: its frame is gone.
+        await wait_until(lambda: not answering._serving)
+    assert _what_cycles_hold(garbage) == []
+
+
+@pytest.fixture(scope="module")
+def s3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Engine]:
+    """A real SeaweedFS S3 gateway on 127.0.0.1 for this module (see ``cluster_engines``)."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as engine:
+        yield engine
+
+
+@pytest.fixture
+def staging(s3_engine: S3Engine) -> Iterator[S3Store]:
+    """A cluster staging area of the test's own, on the real S3 store."""
+    client = make_s3_client(
+        endpoint_url=s3_engine.endpoint_url,
+        aws_access_key_id=s3_engine.access_key,
+        aws_secret_access_key=s3_engine.secret_key,
+        region_name=s3_engine.region,
+    )
+    store = S3Store(f"s3://{s3_engine.bucket}/t-{secrets.token_hex(6)}", client=client)
+    yield store
+    store.close()
+    client.close()
+
+
+async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
+    server_factory: ServerFactory, client_factory: ClientFactory, staging: S3Store
+) -> None:
+    """``cluster._push.deliver_staged`` (``del failure`` once raised): the
+    client's node fetches a push another node staged and hands it to its
+    pusher; what the pusher raised is kept (to be raised outside the relay's
+    nursery, not in its group) and raised from that frame: kept there, a
+    cycle through the frames of the push, its peer's among them.
+
+    Driven from ``deliver_staged`` itself, as the node's request handler
+    calls it, with a staged file on a real S3 store and a pusher that
+    refuses (``serve_pushes`` takes any; the transfer handler's returns its
+    failures rather than raising them).
+    """
+    server = await server_factory()
+    client = await client_factory(server)
+    (peer,) = server.clients.values()
+
+    async def refusing(*_: object) -> dict[str, Any]:
+        raise RPCError("the client refused the push", "denied")
+
+    async def report(_: object) -> None:
+        await trio.lowlevel.checkpoint()
+
+    with _cycle_collector_off() as garbage:
+        for index in range(3):
+            data = f"staged file {index}".encode()
+            digest = hashlib.sha256(data).hexdigest()
+            token = secrets.token_hex(8)
+            staged = await staging.open_staging(token)
+            await staged.append(data)
+            await staged.publish(expected_sha256=digest)
+            request = PushRequest(client.id or "", token, "pushed.bin", len(data), digest, 0)
+            with pytest.raises(RPCError, match="refused"), trio.fail_after(20):
+                await deliver_staged(staging, request, peer, refusing, report)
+        del peer
+    assert _what_cycles_hold(garbage) == []
