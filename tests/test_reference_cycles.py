@@ -26,6 +26,7 @@ import logging
 import resource
 import secrets
 import signal
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -307,7 +308,7 @@ async def test_a_client_dropped_after_its_connection_leaves_no_cycle(
     server_factory: ServerFactory,
 ) -> None:
     """``Client.rpc`` (it reaches its client's connection through a weak
-    method): the proxy kept the client's bound method, the client kept the
+    reference): the proxy kept the client's bound method, the client kept the
     proxy, and a client dropped after use kept its last connection until the
     cycle collector ran. Freed by reference counting, the connection goes
     with it (a weak reference says so)."""
@@ -321,6 +322,42 @@ async def test_a_client_dropped_after_its_connection_leaves_no_cycle(
         gone = weakref.ref(client)
         del client
         assert gone() is None
+    assert _what_cycles_hold(garbage) == []
+
+
+async def test_a_server_run_ended_by_one_error_leaves_no_cycle() -> None:
+    """``Server._run_claimed``, its other way out: a run that ends with one
+    error taken out of its nurseries' group (a handler's ``sys.exit(3)``,
+    raised from ``run()`` as ``SystemExit(3)``, with two clients connected)
+    raises that error from the frame that kept it in a local."""
+    server = Server(server_descriptor())
+
+    @server.rpc
+    async def shutdown() -> None:
+        sys.exit(3)
+
+    ended: list[str] = []
+    with _cycle_collector_off() as garbage:
+        async with trio.open_nursery() as nursery:
+
+            async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                try:
+                    await server.run(task_status=task_status)
+                except SystemExit as exc:
+                    ended.append(repr(exc))
+
+            with trio.fail_after(10):
+                port = await nursery.start(run)
+                clients = [Client(client_descriptor(port, reconnect_enabled=False)) for _ in "ab"]
+                for client in clients:
+                    await client.connect()
+                with pytest.raises(ConnectionClosed):
+                    await clients[0].call("shutdown")
+                await wait_until(lambda: bool(ended))
+                for client in clients:
+                    await client.disconnect()
+        del client, clients
+    assert ended == ["SystemExit(3)"]
     assert _what_cycles_hold(garbage) == []
 
 

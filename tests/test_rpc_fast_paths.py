@@ -100,11 +100,27 @@ _ANY_VALUES = st.recursive(
 @settings(max_examples=500, deadline=None)
 @given(_ANY_VALUES, st.dictionaries(st.text(max_size=8), _ANY_VALUES, max_size=4))
 def test_to_wire_gives_what_the_converter_gives(value: Any, kwargs: dict[str, Any]) -> None:
-    assert to_wire(value) == converter.unstructure(value)
-    assert type(to_wire(value)) is type(converter.unstructure(value))
-    assert call_arguments(None, kwargs) == converter.unstructure(kwargs)
+    _assert_same(to_wire(value), converter.unstructure(value))
+    _assert_same(call_arguments(None, kwargs), converter.unstructure(kwargs))
     if isinstance(value, dict | list):
         assert to_wire(value) is not value  # a copy, as the converter's is
+
+
+def _assert_same(ours: Any, theirs: Any) -> None:
+    """Equal, and of the same type at every depth (``==`` alone takes
+    ``True`` for ``1`` and ``b""`` for ``bytearray()``)."""
+    assert type(ours) is type(theirs), (ours, theirs)
+    if isinstance(ours, dict):
+        assert list(ours) == list(theirs)
+        for key in ours:
+            _assert_same(key, next(k for k in theirs if k == key))
+            _assert_same(ours[key], theirs[key])
+    elif isinstance(ours, list | tuple):
+        assert len(ours) == len(theirs)
+        for mine, other in zip(ours, theirs, strict=True):
+            _assert_same(mine, other)
+    else:
+        assert ours == theirs or (ours != ours and theirs != theirs)  # NaN is itself
 
 
 def test_to_wire_refuses_what_the_converter_refuses() -> None:

@@ -20,7 +20,7 @@ from conduit import FileTransferHandler, LocalProtocolError, RPCError
 from conduit._connection import Connection
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer import _backend_local
-from conduit.transfer._backend_local import INLINE_BATCH_FILES, LocalBackend
+from conduit.transfer._backend_local import INLINE_BATCH_BYTES, INLINE_BATCH_FILES, LocalBackend
 from conduit.transfer._batch_store import MAX_BATCH_FILES, store_batch
 from conduit.transfer._tree import PARALLEL_FILES
 from conftest import ClientFactory, ServerFactory
@@ -172,9 +172,10 @@ async def test_a_short_batch_is_waited_for_inline_and_a_long_one_through_the_loo
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A batch of up to INLINE_BATCH_FILES files is waited for on a lock (as a
-    # lone file is), a longer one through the loop: seen from the store
-    # thread, whether the Trio loop runs a callback while it stores.
+    # A batch of up to INLINE_BATCH_FILES files and INLINE_BATCH_BYTES is
+    # waited for on a lock (as a lone file is), a longer one through the loop:
+    # seen from the store thread, whether the Trio loop runs a callback while
+    # it stores.
     storage = tmp_path / "storage"
     handler, server = await storage_server(server_factory, storage)
     client = await client_factory(server)
@@ -194,12 +195,20 @@ async def test_a_short_batch_is_waited_for_inline_and_a_long_one_through_the_loo
     monkeypatch.setattr(_backend_local, "store_batch", watched_store)
     await client.call("file_upload_batch", files=[_entry("first.txt", b"starts a thread")])
     loop_ran.clear()
-    for count in (2, INLINE_BATCH_FILES, INLINE_BATCH_FILES + 1):
-        files = [_entry(f"{count}-{index}.txt", b"x" * index) for index in range(count)]
+    half = INLINE_BATCH_BYTES // 2
+    batches = [
+        [b"x" * index for index in range(2)],
+        [b"x" * index for index in range(INLINE_BATCH_FILES)],
+        [b"x" * index for index in range(INLINE_BATCH_FILES + 1)],  # too many files
+        [b"y" * half, b"z" * (half + 1)],  # too many bytes
+        [b"w" * (2 * INLINE_BATCH_BYTES)],  # a lone file: any small size
+    ]
+    for number, contents in enumerate(batches):
+        files = [_entry(f"{number}-{index}.txt", data) for index, data in enumerate(contents)]
         with trio.fail_after(10):
             answer = await client.call("file_upload_batch", files=files)
         assert all(result["success"] for result in answer["results"]), answer
-    assert loop_ran == [False, False, True]
+    assert loop_ran == [False, False, True, True, False]
     _nothing_held(handler, storage)
 
 

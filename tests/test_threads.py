@@ -115,7 +115,12 @@ async def test_every_error_it_leads_to_loses_its_worker_traceback(
         assert isinstance(caught.value.__context__, ValueError)
     else:
         assert isinstance(caught.value, ExceptionGroup)
-        assert [type(e) for e in caught.value.exceptions] == [TransferError, KeyError]
+        missing, bug = caught.value.exceptions
+        assert (type(missing), type(bug)) == (TransferError, KeyError)
+        # The bug's worker traceback is kept as text; the expected error's is not.
+        (note,) = bug.__notes__
+        assert note.startswith("in a worker thread:") and "_bug" in note
+        assert not getattr(missing, "__notes__", None)
 
 
 async def test_an_unexpected_error_keeps_its_worker_traceback_as_a_note() -> None:

@@ -386,6 +386,45 @@ async def test_a_call_that_outlasts_its_inline_wait_is_heard_through_the_loop_an
         hop.close()
 
 
+async def test_each_kind_of_call_backs_off_on_its_own_misses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A short kind answered in time between the misses of a long kind does
+    # not excuse the long one: it backs off after INLINE_MISSES of its own,
+    # and the short kind is still waited for inline.
+    monkeypatch.setattr(_worker_hop, "INLINE_BACKOFF", 3600.0)
+    hop = WorkerHop("kinds")
+    token = trio.lowlevel.current_trio_token()
+    release = threading.Event()
+
+    def slow() -> str:
+        release.wait(10)  # set by a Trio task: only once the inline wait gave up
+        return "slow"
+
+    async def releaser() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+
+    try:
+        await hop.run(int)
+        with trio.fail_after(20):
+            for _ in range(_worker_hop.INLINE_MISSES):
+                release.clear()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(releaser)
+                    assert await hop.run(slow, wait_inline=0.001, inline_kind="long") == "slow"
+                # The short kind, in time: waited inline (the loop did not run).
+                assert await hop.run(_loop_answers, token, 0.2, wait_inline=30.0) is False
+            # The long kind backs off; the short one does not.
+            assert (
+                await hop.run(_loop_answers, token, 10.0, wait_inline=30.0, inline_kind="long")
+                is True
+            )
+            assert await hop.run(_loop_answers, token, 0.2, wait_inline=30.0) is False
+    finally:
+        hop.close()
+
+
 async def test_a_call_wakes_the_thread_idle_for_the_shortest_time_alone() -> None:
     # Two threads, both idle: each call is handed to the one that went idle
     # last (its own lock released, the other thread never woken), so

@@ -48,15 +48,13 @@ def returned(function: Callable[[*Ts], R], *args: *Ts) -> R | Raised:
     """In the worker thread: ``function(*args)``, or its error as a :class:`Raised`.
 
     The error and every error it leads to (cause, context, a group's members)
-    lose their traceback (their frames
-    are this thread's, and reach the thread machinery's, see the module
-    docstring); an unexpected one keeps it as a note.
+    lose their traceback (their frames are this thread's, and reach the
+    thread machinery's, see the module docstring); an unexpected one keeps
+    it as a note.
     """
     try:
         return function(*args)
     except BaseException as exc:
-        if not isinstance(exc, (OSError, ConduitError)):
-            exc.add_note("in a worker thread:\n" + "".join(traceback.format_tb(exc.__traceback__)))
         _drop_tracebacks(exc)
         return Raised(exc)
 
@@ -66,7 +64,9 @@ def _drop_tracebacks(exc: BaseException) -> None:
 
     Its cause *and* its context (an error raised ``from`` one while handling
     another has both, and either's frames make the cycle), and a group's
-    members; each error once, however they are linked.
+    members; each error once, however they are linked. One that is neither an
+    ``OSError`` nor conduit's own (a bug, most likely) keeps its traceback as
+    a note, as text.
     """
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
@@ -75,6 +75,9 @@ def _drop_tracebacks(exc: BaseException) -> None:
         if id(error) in seen:
             continue
         seen.add(id(error))
+        if error.__traceback__ is not None and not isinstance(error, (OSError, ConduitError)):
+            lines = traceback.format_tb(error.__traceback__)
+            error.add_note("in a worker thread:\n" + "".join(lines))
         error.__traceback__ = None
         pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
         if isinstance(error, BaseExceptionGroup):

@@ -35,7 +35,8 @@ finishing) cost the Trio thread about 60-100 µs of CPU, more than the store
 itself. Waiting on a lock the worker releases costs one futex wake. The loop
 stalls for at most ``wait_inline``; a call that outlasts it is heard back
 through the loop as usual; after :data:`INLINE_MISSES` such calls in a row
-the hop stops waiting inline for :data:`INLINE_BACKOFF` seconds, so a disk
+(of one kind: ``inline_kind``) the hop stops waiting inline for calls of
+that kind for :data:`INLINE_BACKOFF` seconds, so a disk
 whose fsyncs take milliseconds costs the loop two ``wait_inline`` per backoff
 period, not one per call (one miss alone, a thread preempted on a loaded
 machine, does not turn it off). A call that has to start a thread is not
@@ -53,7 +54,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import outcome
@@ -119,6 +120,18 @@ class _Worker:
         self.handed: _Call | _Stop | None = None
 
 
+class _InlineRecord:
+    """One kind of call's inline waits: misses in a row, and until when it is not waited for."""
+
+    __slots__ = ("misses", "slow_until")
+
+    def __init__(self) -> None:
+        #: Inline waits in a row that timed out.
+        self.misses = 0
+        #: Until when (``time.monotonic``) calls of the kind are not waited for inline.
+        self.slow_until = 0.0
+
+
 class WorkerHop:
     """Run blocking functions in up to ``max_threads`` persistent worker threads.
 
@@ -146,30 +159,44 @@ class WorkerHop:
         #: Busy threads that :meth:`close` asked to exit once out of work.
         self._retiring = 0
         self._started = 0
-        #: Until when (``time.monotonic``) calls are not waited for inline.
-        self._slow_until = 0.0
-        #: Inline waits in a row that timed out.
-        self._misses = 0
+        #: Each kind of call's record of inline waits (see :meth:`run`).
+        self._inline: dict[Hashable, _InlineRecord] = {}
 
     @property
     def threads(self) -> int:
         """Worker threads alive now (busy or idle)."""
         return self._threads
 
-    async def run(self, function: Callable[..., R], *args: Any, wait_inline: float = 0.0) -> R:
+    async def run(
+        self,
+        function: Callable[..., R],
+        *args: Any,
+        wait_inline: float = 0.0,
+        inline_kind: Hashable = None,
+    ) -> R:
         """``function(*args)`` in a worker thread; its result, or its exception.
 
         ``wait_inline``: seconds the Trio thread may block waiting for a short
         call before it waits through the loop (see the module docstring). A
         call is always a cancel point; one answered within ``wait_inline`` is
         not a schedule point (the loop did not run meanwhile).
+
+        ``inline_kind``: calls of one kind (of about the same length) share
+        their record of misses and back off together; a kind's calls answered
+        in time do not excuse another's that keep outlasting the wait. Give a
+        few kinds per hop, not one per call.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         call = _Call(function, args)
         waiter = None
-        if wait_inline > 0.0 and time.monotonic() >= self._slow_until:
-            waiter = threading.Lock()
-            waiter.acquire()
+        record = None
+        if wait_inline > 0.0:
+            record = self._inline.get(inline_kind)
+            if record is None:
+                record = self._inline[inline_kind] = _InlineRecord()
+            if time.monotonic() >= record.slow_until:
+                waiter = threading.Lock()
+                waiter.acquire()
         start = False
         worker = None
         with self._lock:
@@ -203,17 +230,18 @@ class WorkerHop:
                 self._withdraw(call)
                 raise
         if waiter is not None:
+            assert record is not None
             if waiter.acquire(timeout=wait_inline):
-                self._misses = 0
+                record.misses = 0
             else:
                 with self._lock:
                     if call.outcome is None:
                         # Still running: hear back through the loop.
                         call.waiter = None
-                        self._misses += 1
-                        if self._misses >= INLINE_MISSES:
-                            self._misses = 0
-                            self._slow_until = time.monotonic() + INLINE_BACKOFF
+                        record.misses += 1
+                        if record.misses >= INLINE_MISSES:
+                            record.misses = 0
+                            record.slow_until = time.monotonic() + INLINE_BACKOFF
             if call.outcome is not None:
                 result_: R = call.take_outcome().unwrap()
                 return result_

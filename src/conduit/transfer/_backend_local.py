@@ -40,26 +40,43 @@ LIST_THREADS = 2
 #: Worker threads deleting and renaming files, all connections together.
 CHANGE_THREADS = 2
 
-#: Seconds the Trio thread may wait inline for one small file's store (see
-#: :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
+#: Seconds the Trio thread may wait inline for a small file's store, or a
+#: short batch's (see :meth:`.._worker_hop.WorkerHop.run`): the loop stalls at most this long per
 #: store. A store on tmpfs or a fast disk takes 0.1-0.3 ms in the worker, and
 #: waiting for it on a lock instead of through the loop cut the Trio thread's
 #: CPU per sequential upload by about a quarter (docs/benchmark-journal.md). At 0.5 ms,
 #: 2-4 % of tmpfs stores outlasted the wait at load 4 on two cores; at 1 ms,
 #: almost none. Stores whose fsyncs take milliseconds outlast it twice in a
 #: row, and the hop then waits through the loop for
-#: :data:`.._worker_hop.INLINE_BACKOFF` seconds. A batch of up to
-#: :data:`INLINE_BATCH_FILES` files is waited for the same way.
+#: :data:`.._worker_hop.INLINE_BACKOFF` seconds. A short batch (see
+#: :func:`_inline_kind`) is waited for the same way; each number of files
+#: keeps its own record of misses, so lone files stored in time do not
+#: excuse batches that keep outlasting the wait.
 STORE_WAIT_INLINE = 0.001
 
 #: The most files a batch may have for its store to be waited for inline too
-#: (the most eight sends in flight put in one, see :mod:`._small`): about
-#: 0.35 ms in the worker on tmpfs, well within :data:`STORE_WAIT_INLINE`, and
-#: 45-50 µs less of the server's CPU per call than through
-#: the loop (2 and 8 files, 2026-12-06). A directory's batches (up to 64
-#: files, ~3 ms) would outlast the wait every time, stalling the loop for
-#: nothing: they are waited for through the loop.
+#: (as eight sends in flight put theirs in one, see :mod:`._small`): eight of
+#: 4 KiB take about 0.35 ms in the worker on tmpfs, well within
+#: :data:`STORE_WAIT_INLINE`, and 45-50 µs less of the server's CPU per call
+#: than through the loop (2 and 8 files, 2026-12-06). A directory's batches
+#: (up to 64 files, ~3 ms) would outlast the wait every time, stalling the
+#: loop for nothing: they are waited for through the loop.
 INLINE_BATCH_FILES = 8
+#: And the most bytes its files may hold together (small files go up to 256
+#: KiB each: eight of those are no short store).
+INLINE_BATCH_BYTES = 64 * 1024
+
+
+def _inline_kind(entries: list[Entry]) -> int | None:
+    """The kind of inline wait a store of ``entries`` gets (its number of
+    files), or None when it is waited for through the loop."""
+    count = len(entries)
+    if count == 1:
+        return 1  # a lone file of any small size, as before batches waited inline
+    if count <= INLINE_BATCH_FILES and sum(len(e.data) for e in entries) <= INLINE_BATCH_BYTES:
+        return count
+    return None
+
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -205,10 +222,12 @@ class LocalBackend:
         digest_of_fd = self._settings.hash_gate.digest_of_fd  # the cache, not its threads
         overwrite = self._settings.overwrite
         try:
+            kind = _inline_kind(entries)
             await self._stores.run(
                 peer,
                 lambda: store_batch(entries, admitter, overwrite, digest_of_fd),
-                wait_inline=STORE_WAIT_INLINE if len(entries) <= INLINE_BATCH_FILES else 0.0,
+                wait_inline=0.0 if kind is None else STORE_WAIT_INLINE,
+                inline_kind=kind,
             )
         finally:
             admitter.finished()

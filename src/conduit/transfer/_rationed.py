@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
@@ -125,10 +125,17 @@ class RationedThreads:
             lock = connection.owned[self] = trio.Lock()
         return lock
 
-    async def run(self, peer: Peer, function: Callable[[], T], *, wait_inline: float = 0.0) -> T:
+    async def run(
+        self,
+        peer: Peer,
+        function: Callable[[], T],
+        *,
+        wait_inline: float = 0.0,
+        inline_kind: Hashable = None,
+    ) -> T:
         """Run ``function`` on the pool, within the share of ``peer``'s connection and owner.
 
-        ``wait_inline``: see :meth:`.._worker_hop.WorkerHop.run`.
+        ``wait_inline``, ``inline_kind``: see :meth:`.._worker_hop.WorkerHop.run`.
         """
         # The fast paths take a free lock and slot without the two
         # checkpoints each of ``async with`` costs; the hop itself is the
@@ -144,7 +151,9 @@ class RationedThreads:
             if not limiter.acquire_nowait():
                 await limiter.acquire(partial_owner(peer))
             try:
-                return await self.hop.run(function, wait_inline=wait_inline)
+                return await self.hop.run(
+                    function, wait_inline=wait_inline, inline_kind=inline_kind
+                )
             finally:
                 limiter.release()
         finally:
