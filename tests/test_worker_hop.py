@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -352,34 +353,39 @@ async def test_an_inline_wait_blocks_the_loop_for_the_call_and_brings_back_its_o
         hop.close()
 
 
+async def _miss_inline(hop: WorkerHop, inline_kind: Hashable = None) -> bool:
+    """One call of ``inline_kind`` that outlasts its inline wait; whether the
+    loop ran while it did (it must: only a Trio task lets the call finish)."""
+    release = threading.Event()
+    loop_ran = False
+
+    def slow() -> str:
+        release.wait(10)
+        return "slow, but here"
+
+    async def releaser() -> None:
+        nonlocal loop_ran
+        await trio.testing.wait_all_tasks_blocked()
+        loop_ran = True
+        release.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(releaser)
+        assert await hop.run(slow, wait_inline=0.001, inline_kind=inline_kind) == "slow, but here"
+    return loop_ran
+
+
 async def test_a_call_that_outlasts_its_inline_wait_is_heard_through_the_loop_and_backs_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_worker_hop, "INLINE_BACKOFF", 3600.0)
     hop = WorkerHop("outlasting")
     token = trio.lowlevel.current_trio_token()
-    release = threading.Event()
-    loop_ran: list[bool] = []
-
-    def slow() -> str:
-        # Only a Trio task sets ``release``: it can run once the inline wait gave up.
-        release.wait(10)
-        return "slow, but here"
-
-    async def releaser() -> None:
-        await trio.testing.wait_all_tasks_blocked()
-        loop_ran.append(True)
-        release.set()
-
     try:
         await hop.run(int)
         with trio.fail_after(20):
             for _ in range(_worker_hop.INLINE_MISSES):
-                release.clear()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(releaser)
-                    assert await hop.run(slow, wait_inline=0.001) == "slow, but here"
-            assert loop_ran == [True] * _worker_hop.INLINE_MISSES
+                assert await _miss_inline(hop)
             # That many misses in a row: no inline wait for a while, even a long one.
             assert await hop.run(_loop_answers, token, 10.0, wait_inline=30.0) is True
     finally:
@@ -395,24 +401,11 @@ async def test_each_kind_of_call_backs_off_on_its_own_misses(
     monkeypatch.setattr(_worker_hop, "INLINE_BACKOFF", 3600.0)
     hop = WorkerHop("kinds")
     token = trio.lowlevel.current_trio_token()
-    release = threading.Event()
-
-    def slow() -> str:
-        release.wait(10)  # set by a Trio task: only once the inline wait gave up
-        return "slow"
-
-    async def releaser() -> None:
-        await trio.testing.wait_all_tasks_blocked()
-        release.set()
-
     try:
         await hop.run(int)
         with trio.fail_after(20):
             for _ in range(_worker_hop.INLINE_MISSES):
-                release.clear()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(releaser)
-                    assert await hop.run(slow, wait_inline=0.001, inline_kind="long") == "slow"
+                assert await _miss_inline(hop, "long")
                 # The short kind, in time: waited inline (the loop did not run).
                 assert await hop.run(_loop_answers, token, 0.2, wait_inline=30.0) is False
             # The long kind backs off; the short one does not.
