@@ -51,8 +51,11 @@ if TYPE_CHECKING:
     from ..client import Client
 
 #: Calls of small uploads in flight on one connection at once; the files that
-#: arrive meanwhile queue for the next batch. Two keep the server busy while
-#: the client collects the next batch.
+#: arrive meanwhile queue for the next batch. A second call lets sends that
+#: arrive while one is on its way leave without waiting for its answer; sends
+#: released together by one answer (eight callers in step) gather into one
+#: call, so the two processes then take turns (docs/benchmark-journal.md,
+#: "Small files with eight in flight": 1, 2 and 3 measured level).
 MAX_SMALL_CALLS = 2
 
 
