@@ -26,13 +26,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import struct
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict, TypeVar
 
 import attrs
 import pytest
@@ -45,6 +46,7 @@ from conduit.protocol.pake import StretchParams
 
 PASSWORD = "correct horse battery staple \N{GREEK SMALL LETTER ALPHA} 42"
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 #: The one user of the ``accounts`` fixture, "alice", logs in with this.
 ALICE_PASSWORD = "alice's long passphrase"
 #: The cheapest Argon2id stretch libsodium allows: accounts tests need not pay a real one.
@@ -120,6 +122,16 @@ async def wait_until(
     with trio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(interval)
+
+
+async def asyncio_until(predicate: Callable[[], T], seconds: float = 10.0) -> T:
+    """``predicate()``'s value once it is true, polled from asyncio code; fail
+    the test after ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
 
 
 async def served(server: Server, client: Client) -> None:

@@ -36,7 +36,7 @@ from conduit import (
     run_in_trio,
     trio_callback,
 )
-from conftest import connected
+from conftest import asyncio_until, connected
 
 
 def public_async_methods() -> set[tuple[str, str]]:
@@ -101,7 +101,7 @@ async def _client_call(w: World) -> None:
 
 async def _client_send(w: World) -> None:
     await w.client.send("note", "from client")
-    await _until(lambda: "from client" in w.events)
+    await asyncio_until(lambda: "from client" in w.events)
 
 
 async def _client_aenter_aexit(w: World) -> None:
@@ -151,7 +151,7 @@ async def _peer_call(w: World) -> None:
 
 async def _peer_send(w: World) -> None:
     await w.peer.send("news", "from server")
-    await _until(lambda: "from server" in w.events)
+    await asyncio_until(lambda: "from server" in w.events)
 
 
 async def _peer_close(w: World) -> None:
@@ -165,14 +165,14 @@ async def _peer_close(w: World) -> None:
 
 async def _server_broadcast(w: World) -> None:
     assert await w.server.broadcast("news", "to everyone") >= 1
-    await _until(lambda: "to everyone" in w.events)
+    await asyncio_until(lambda: "to everyone" in w.events)
 
 
 async def _server_run(w: World) -> None:
     # run() is what the fixture started under asyncio; also start a second one.
     other = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
     task = asyncio.create_task(other.run())
-    await _until(lambda: other.is_running)
+    await asyncio_until(lambda: other.is_running)
     await other.close()
     await asyncio.wait_for(task, 5)
     assert task.result() is None
@@ -187,7 +187,7 @@ async def _server_serve(w: World) -> None:
 
     listeners = await run_in_trio(functools.partial(trio.open_tcp_listeners, 0, host="127.0.0.1"))
     task = asyncio.create_task(other.serve(listeners))
-    await _until(lambda: other.is_running)
+    await asyncio_until(lambda: other.is_running)
     client = Client(ClientDescriptor(server_port=other.port, password="pw"))
     async with client:
         assert await client.call("where") == "served"
@@ -213,7 +213,7 @@ async def _server_wait_listening(w: World) -> None:
 async def _server_stop(w: World) -> None:
     other = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
     task = asyncio.create_task(other.run())
-    await _until(lambda: other.is_running)
+    await asyncio_until(lambda: other.is_running)
     await other.stop()
     await asyncio.wait_for(task, 5)
 
@@ -318,18 +318,10 @@ DRIVERS: dict[tuple[str, str], Driver] = {
 }
 
 
-async def _until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
-
-
 async def _served(w: World, client: Client) -> None:
     """Until the server serves ``client`` (connect() returns before: the
     server confirms first, see conftest.served)."""
-    await _until(lambda: client.id in w.server.clients)
+    await asyncio_until(lambda: client.id in w.server.clients)
 
 
 def test_every_public_coroutine_method_has_a_driver() -> None:
@@ -394,7 +386,7 @@ async def _world(tmp: Path) -> tuple[World, asyncio.Task[None]]:
         events.append(data)
 
     task = asyncio.create_task(server.run())
-    await _until(lambda: server.is_running)
+    await asyncio_until(lambda: server.is_running)
     client = Client(
         ClientDescriptor(server_host="127.0.0.1", server_port=server.port, password="pw")
     )

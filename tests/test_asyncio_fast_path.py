@@ -30,6 +30,7 @@ from conduit import (
     _asyncio,
 )
 from conduit._connection import Connection
+from conftest import asyncio_until
 from cutting_proxy import CuttingProxy
 from test_asyncio_bridge import run_strict
 
@@ -58,18 +59,10 @@ class Rig:
         return _asyncio._guests[asyncio.get_running_loop()].completed
 
 
-async def until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
-
-
 async def start_rig() -> tuple[Rig, asyncio.Task[None]]:
     server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
     server_task = asyncio.create_task(server.run())
-    await until(lambda: server.is_running)
+    await asyncio_until(lambda: server.is_running)
     client = Client(
         ClientDescriptor(server_host="127.0.0.1", server_port=server.port, password="pw")
     )
@@ -208,7 +201,7 @@ def test_timeout_raises_rpc_timeout_error_and_cancels_on_the_server() -> None:
         result = await r.client.rpc.call("block", timeout=0.2)
         assert result["success"] is False
         assert result["code"] == "timeout"
-        await until(lambda: len(r.block_ends) == 2)
+        await asyncio_until(lambda: len(r.block_ends) == 2)
         assert r.block_ends == ["cancelled", "cancelled"]
         assert len(r.connection._pending) == 0
 
@@ -230,7 +223,7 @@ def test_cancelling_the_caller_mid_call_cancels_it_on_the_server(how: str) -> No
                     await r.client.rpc.invoke("block")
         # Forgotten at once, and the server was told: its handler is cancelled.
         assert len(r.connection._pending) == 0
-        await until(lambda: bool(r.block_ends))
+        await asyncio_until(lambda: bool(r.block_ends))
         assert r.block_ends == ["cancelled"]
         assert await r.client.rpc.invoke("echo", data="after") == "after"
 
@@ -335,7 +328,7 @@ def test_a_cut_connection_fails_the_call_and_the_next_connection_is_fast_again()
                 # The end of the stream, read on the loop, reached the reading task.
                 reason = first.connection.close_reason or ""
                 assert reason == "peer closed the connection" or "reset by peer" in reason
-                await until(lambda: client._peer is not first and client.connected)
+                await asyncio_until(lambda: client._peer is not first and client.connected)
                 before = r.worker_calls()
                 assert await client.rpc.invoke("echo", data="again") == "again"
                 assert r.worker_calls() == before

@@ -30,7 +30,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
@@ -55,6 +55,7 @@ from conftest import (
     ALICE_PASSWORD,
     ClientFactory,
     ServerFactory,
+    asyncio_until,
     client_descriptor,
     open_descriptors,
     opened_since,
@@ -65,7 +66,6 @@ from test_resource_limits import _cycle_collector_off, _what_cycles_hold
 from transfer_helpers import make_file, storage_server
 
 MiB = 1024 * 1024
-T = TypeVar("T")
 
 
 class _Hanging:
@@ -382,14 +382,14 @@ def test_an_asyncio_handler_failing_leaves_no_cycle() -> None:
         with _cycle_collector_off() as garbage:
             client = Client(ClientDescriptor(server_port=server.port, password="pw"))
             async with client:
-                (peer,) = await _asyncio_until(lambda: list(server.clients.values()))
+                (peer,) = await asyncio_until(lambda: list(server.clients.values()))
                 for _ in range(3):
                     # Not under asyncio.wait_for: Python 3.11's makes a cycle
                     # of its own with the error it passes on.
                     with pytest.raises(RPCError, match="forbidden"):
                         await client.call("refuse")
             # Its end waits for every task of it: the handlers' are over.
-            await _asyncio_until(peer.connection.closed.is_set)
+            await asyncio_until(peer.connection.closed.is_set)
             del client, peer
         cycles.extend(_what_cycles_hold(garbage))
         await server.close()
@@ -397,15 +397,6 @@ def test_an_asyncio_handler_failing_leaves_no_cycle() -> None:
 
     asyncio.run(main())
     assert cycles == []
-
-
-async def _asyncio_until(predicate: Callable[[], T], seconds: float = 10.0) -> T:
-    """``predicate()`` once it is true, polled from asyncio code."""
-    for _ in range(int(seconds / 0.01)):
-        if value := predicate():
-            return value
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.fixture(scope="module")
