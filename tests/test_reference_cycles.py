@@ -43,14 +43,18 @@ from conduit import (
     ClientDescriptor,
     ConnectionClosed,
     FileTransferHandler,
+    Peer,
     RPCError,
+    RPCTimeoutError,
     Server,
     ServerDescriptor,
+    run_in_trio,
 )
 from conduit.cluster._push import PushRequest, deliver_staged
 from conduit.cluster.bus import ClusterBus
 from conduit.cluster.s3 import S3Store, make_s3_client
 from conduit.transfer import _small, _write_behind
+from conduit.transfer._progress import TransferProgress
 from conftest import (
     ALICE_PASSWORD,
     ClientFactory,
@@ -63,7 +67,7 @@ from conftest import (
     wait_until,
 )
 from test_resource_limits import _cycle_collector_off, _what_cycles_hold
-from transfer_helpers import make_file, storage_server
+from transfer_helpers import make_file, register_replacing, storage_server
 
 MiB = 1024 * 1024
 
@@ -515,3 +519,333 @@ async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
                 await deliver_staged(staging, request, peer, refusing, report)
         del peer
     assert _what_cycles_hold(garbage) == []
+
+
+# ------------------------------------------------------- the sender asking for its verdict
+
+
+@pytest.mark.parametrize("then", ["not_found", "answered"])
+async def test_a_verdict_refused_overloaded_leaves_no_cycle(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, then: str
+) -> None:
+    """``transfer._sender._ask_verdict``: the receiver refuses the sender's
+    ``file_upload_finish`` ``overloaded`` (its call limit was full), so the
+    sender keeps that refusal in a local (``refused``) and asks again. Asked
+    again, the verdict is gone (``not_found``): the refusal is raised
+    (``raise refused from None``) and the upload fails ``overloaded``; or it
+    is answered, and the upload succeeds. Both over real sockets, with the
+    server's finish replaced by one that refuses the first ask of each upload."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    asked = 0
+
+    async def finish_refused_first(
+        caller: Peer, stream_id: int | None = None, abandon: bool = False, key: str = ""
+    ) -> dict[str, Any]:
+        nonlocal asked
+        if not abandon:
+            asked += 1
+            if asked % 2 == 1:
+                raise RPCError("too many calls at once (limit 128)", "overloaded")
+            if then == "not_found":
+                raise RPCError("no verdict waits for that stream", "not_found")
+        answer: dict[str, Any] = await transfer._receiver.rpc_finish(
+            caller, stream_id=stream_id, abandon=abandon, key=key
+        )
+        return answer
+
+    server = await server_factory(
+        register=register_replacing(transfer, "file_upload_finish", finish_refused_first)
+    )
+    client = await client_factory(server)
+    (peer,) = server.clients.values()
+    source = tmp_path / "big.bin"
+    await make_file(source, MiB)
+    sender = FileTransferHandler(storage_dir=tmp_path / "client")
+    with _cycle_collector_off() as garbage:
+        for index in range(3):
+            with trio.fail_after(20):
+                result = await sender.send_to_server(client, source, remote_name=f"up{index}.bin")
+            if then == "not_found":
+                assert result["success"] is False and result["code"] == "overloaded", result
+            else:
+                assert result["success"] is True, result
+            del result
+        assert asked == 6
+        await client.disconnect()
+        with trio.fail_after(10):
+            await peer.connection.closed.wait()
+        del peer
+    held = _what_cycles_hold(garbage)
+    assert held == [], "\n".join(held)
+
+
+# ------------------------------------------------------------- a progress callback raising
+
+
+@pytest.mark.parametrize("what", ["file", "directory", "files"])
+async def test_a_progress_callback_that_raises_leaves_no_cycle(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, what: str
+) -> None:
+    """``transfer._progress.callback_errors_as_they_are``: what on_progress
+    raised comes through the transfer as a ``ProgressCallbackError`` (alone
+    for one file, in a group for several at once: a directory,
+    ``send_files_to_server``), and the public method raises the callback's
+    own error from the frame that took it out (``exc``/``matched``/``first``)."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    (peer,) = server.clients.values()
+    outbox = tmp_path / "outbox"
+    for index in range(4):
+        await make_file(outbox / f"f{index}.bin", MiB if index % 2 else 1000)
+    sender = FileTransferHandler(storage_dir=tmp_path / "client")
+
+    def fails(progress: TransferProgress) -> None:
+        # A new error each time, of the callback's own frame only.
+        raise RuntimeError("a bug in the progress bar")
+
+    async def send() -> Any:
+        if what == "file":
+            return await sender.send_to_server(client, outbox / "f1.bin", on_progress=fails)
+        if what == "directory":
+            return await sender.send_to_server(client, outbox, on_progress=fails)
+        files = sorted(outbox.iterdir())
+        return await sender.send_files_to_server(client, files, on_progress=fails)
+
+    with _cycle_collector_off() as garbage:
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="progress bar"), trio.fail_after(20):
+                await send()
+        await client.disconnect()
+        with trio.fail_after(10):
+            await peer.connection.closed.wait()
+        del peer
+    held = _what_cycles_hold(garbage)
+    assert held == [], "\n".join(held)
+
+
+# ---------------------------------------------------------- a client handler ending the process
+
+
+@pytest.mark.parametrize("next_step", ["call", "connect", "disconnect"])
+async def test_a_client_handler_calling_sys_exit_leaves_no_cycle(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+    next_step: str,
+) -> None:
+    """``Client._raise_fatal``: a SystemExit a client's handler raised ends
+    the connection; the client keeps it (``_fatal``) and raises it in the
+    application's task from its next call, connect() or disconnect()."""
+    # The client's error line has the SystemExit among its arguments: a
+    # record kept would keep the cycle reachable, hidden from this test.
+    caplog.set_level(logging.CRITICAL, logger="conduit.client")
+
+    async def echo(value: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return value
+
+    server = await server_factory(register=lambda s: s.register_rpc(echo))
+
+    def quit_now(data: Any) -> None:
+        sys.exit(3)
+
+    with _cycle_collector_off() as garbage:
+        for _ in range(3):
+            client = await client_factory(
+                server, register=lambda c: c.on("quit")(quit_now), reconnect_enabled=False
+            )
+            with trio.fail_after(10):
+                await server.broadcast("quit", None)
+                await wait_until(lambda: not client.connected)  # noqa: B023
+                with pytest.raises(SystemExit):
+                    await _next_step(client, next_step)
+                await client.disconnect()
+        await wait_until(lambda: not server.clients)
+    held = _what_cycles_hold(garbage)
+    assert held == [], "\n".join(held)
+
+
+async def _next_step(client: Client, step: str) -> None:
+    if step == "call":
+        await client.call("echo", value=1)
+    elif step == "connect":
+        await client.connect()
+    else:
+        await client.disconnect()
+
+
+# ----------------------------------------------------------------------- the asyncio shim
+
+
+def _asyncio_cycles(body: Any) -> list[str]:
+    """Run ``body(server)`` under asyncio.run with a server that has a
+    ``hang`` and an ``echo`` RPC, with the cycle collector off; the cyclic
+    garbage it left."""
+    cycles: list[str] = []
+
+    async def main() -> None:
+        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
+
+        @server.rpc
+        async def hang() -> None:
+            await asyncio.sleep(3600)
+
+        @server.rpc
+        async def echo(value: int) -> int:
+            return value
+
+        task = asyncio.create_task(server.run())
+        await asyncio.wait_for(server.wait_listening(), 5)
+        with _cycle_collector_off() as garbage:
+            await body(server)
+            await asyncio_until(lambda: not server.clients)
+        cycles.extend(_what_cycles_hold(garbage))
+        await server.close()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    return cycles
+
+
+def test_an_asyncio_fast_path_call_timing_out_leaves_no_cycle() -> None:
+    """``_host_rpc._HostCalls.call``: a call awaited from asyncio on the loop
+    hosting its connection awaits an asyncio future; its failure (here the
+    call timer's ``RPCTimeoutError``) is set on that future and raised from
+    it in the frame that holds the future."""
+
+    async def body(server: Server) -> None:
+        client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+        async with client:
+            for _ in range(3):
+                with pytest.raises(RPCTimeoutError):
+                    await client.call("hang", timeout=0.05)
+        del client
+
+    cycles = _asyncio_cycles(body)
+    assert cycles == [], "\n".join(cycles)
+
+
+def test_a_bridged_call_failing_under_asyncio_leaves_no_cycle() -> None:
+    """``_bridge.bridged`` (its wrapper): a bridged method awaited from
+    asyncio runs in the guest run; its failure is set on the call's future,
+    which the wrapper's ``call`` holds, and raised from there. Here a
+    ``send_to_server`` whose path has a NUL byte (``ValueError``)."""
+
+    async def body(server: Server) -> None:
+        client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+        async with client:
+            for _ in range(3):
+                with pytest.raises(ValueError, match="null byte"):
+                    await FileTransferHandler().send_to_server(client, "bad\0name")
+        del client
+
+    cycles = _asyncio_cycles(body)
+    assert cycles == [], "\n".join(cycles)
+
+
+def test_run_in_trio_failing_leaves_no_cycle() -> None:
+    """``_asyncio.run_in_trio``: the same, through the public function."""
+
+    async def fails() -> None:
+        await trio.lowlevel.checkpoint()
+        raise ValueError("the Trio side failed")
+
+    async def body(server: Server) -> None:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="Trio side failed"):
+                await run_in_trio(fails)
+
+    cycles = _asyncio_cycles(body)
+    assert cycles == [], "\n".join(cycles)
+
+
+# ------------------------------------------------- a handler returning a failed asyncio future
+
+
+def test_a_handler_returning_a_failed_asyncio_future_leaves_no_cycle() -> None:
+    """``_callbacks._await_on_host`` (and ``invoke``) when the awaitable a
+    handler returns is itself an asyncio future: its error, taken from the
+    future, is raised in the Trio task that awaits it, from frames that hold
+    the future (``awaitable``, ``result``)."""
+    cycles: list[str] = []
+
+    async def main() -> None:
+        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
+
+        @server.rpc
+        def refuse_later() -> asyncio.Future[None]:
+            # A plain function: called in the Trio task, its future awaited
+            # on the host loop.
+            future = asyncio.get_running_loop().create_future()
+            future.get_loop().call_soon(future.set_exception, RPCError("refused", "forbidden"))
+            return future
+
+        task = asyncio.create_task(server.run())
+        await asyncio.wait_for(server.wait_listening(), 5)
+        with _cycle_collector_off() as garbage:
+            client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+            async with client:
+                (peer,) = await asyncio_until(lambda: list(server.clients.values()))
+                for _ in range(3):
+                    with pytest.raises(RPCError, match="forbidden"):
+                        await client.call("refuse_later")
+            await asyncio_until(peer.connection.closed.is_set)
+            del client, peer
+        cycles.extend(_what_cycles_hold(garbage))
+        await server.close()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert cycles == [], "\n".join(cycles)
+
+
+def test_run_in_trio_cancelled_failing_as_it_unwinds_leaves_no_cycle() -> None:
+    """``_asyncio.run_in_trio`` / ``_worker``, their cancelled path: the
+    caller is cancelled and the Trio side raises while unwinding; that error
+    is kept on the call (``late_error``) and chained as the cause of the
+    caller's ``CancelledError``."""
+    started: list[int] = []
+
+    async def fails_unwinding() -> None:
+        started.append(1)
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise ValueError("failed as it unwound")
+
+    async def body(server: Server) -> None:
+        for count in (1, 2, 3):
+            task = asyncio.create_task(run_in_trio(fails_unwinding))
+            await asyncio_until(lambda: len(started) == count)  # noqa: B023
+            task.cancel()
+            # Not asyncio.wait_for: Python 3.11's makes a cycle of its own
+            # with the error it passes on.
+            done, _ = await asyncio.wait([task], timeout=5)
+            assert task in done and task.cancelled()
+            del done, task
+
+    cycles = _asyncio_cycles(body)
+    assert cycles == [], "\n".join(cycles)
+
+
+def test_an_asyncio_client_connection_ended_is_freed_with_no_cycle() -> None:
+    """Not an error site: found while fixing ``_asyncio._worker`` above. An
+    asyncio client's connection has a host reader (``_host_reader``), whose
+    callback is the connection's bound ``_drain_on_host``: a cycle
+    (connection -> reader -> method -> connection) that ``Connection._unlink``
+    did not break. It was hidden: an idle bridge worker kept the last call
+    handed to it (``handed``), ``disconnect()``'s, and with it the client and
+    its connection (kept alive, not garbage). Ended, the connection must go
+    by reference counting."""
+    connections: list[weakref.ref[Any]] = []
+
+    async def body(server: Server) -> None:
+        client = Client(ClientDescriptor(server_port=server.port, password="pw"))
+        async with client:
+            connections.append(weakref.ref(client.server.connection))
+            assert await client.call("echo", value=5) == 5
+        del client
+
+    cycles = _asyncio_cycles(body)
+    assert (cycles, [ref() for ref in connections]) == ([], [None])

@@ -452,6 +452,7 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
                 # (it reschedules us with that call).
                 handed = await trio.lowlevel.wait_task_rescheduled(worker.abort)
             call = handed
+            del handed  # the call is deleted once over (above): no other name may keep it
 
 
 def _deliver_error(call: _Call[Any], exc: BaseException) -> BaseException | None:
@@ -744,13 +745,25 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             "code, so await the function directly (a @bridged method does that itself)"
         )
     call = _submit(loop, fn, args, {})
+    cancelled: asyncio.CancelledError | None = None
     try:
-        return await call.future
-    except asyncio.CancelledError as cancel:
+        try:
+            return await call.future
+        except asyncio.CancelledError as cancel:
+            cancelled = cancel
+        # Unwound out of the except clause: in it, the Trio side's Cancelled
+        # (raised by _unwind's cancel) would take this CancelledError as its
+        # context, and an error raised while unwinding takes that Cancelled
+        # as its own, chained below as this one's cause: a cycle.
         await _unwind(call)
         if call.late_error is not None:
-            raise cancel from call.late_error
-        raise
+            raise cancelled from call.late_error
+        raise cancelled
+    finally:
+        # The call keeps the error raised (its future's, or the late one
+        # chained), whose traceback holds this frame, as the CancelledError's
+        # does (see conduit._stored_errors).
+        del call, cancelled
 
 
 def _submit(
@@ -797,6 +810,10 @@ async def _unwind(call: _Call[Any]) -> None:
     # retrieved".
     if call.future.done() and not call.future.cancelled():
         call.future.exception()
+    # The Trio side's Cancelled, raised from the cancel above in this frame,
+    # holds it; an error raised while unwinding has that Cancelled as its
+    # context and is kept on the call (see conduit._stored_errors).
+    del call
 
 
 _bridge.install_asyncio_runner(_submit, _unwind)

@@ -164,13 +164,26 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
             if awaitable is not None:
                 return await awaitable  # type: ignore[no-any-return]
         call = _submit(loop, method, args, kwargs)
+        cancelled: asyncio.CancelledError | None = None
         try:
-            result: T = await call.future
-        except asyncio.CancelledError as cancel:
+            try:
+                result: T = await call.future
+                return result
+            except asyncio.CancelledError as cancel:
+                cancelled = cancel
+            # Unwound out of the except clause: in it, the Trio side's
+            # Cancelled (raised by _unwind's cancel) would take this
+            # CancelledError as its context, and an error raised while
+            # unwinding takes that Cancelled as its own, chained below as
+            # this one's cause: a cycle.
             await _unwind(call)
             if call.late_error is not None:
-                raise cancel from call.late_error
-            raise
-        return result
+                raise cancelled from call.late_error
+            raise cancelled
+        finally:
+            # The call keeps the error raised (its future's, or the late one
+            # chained), whose traceback holds this frame, as the
+            # CancelledError's does (see conduit._stored_errors).
+            del call, cancelled
 
     return wrapper

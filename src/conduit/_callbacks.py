@@ -227,7 +227,12 @@ async def invoke(callback: Callable[..., Any], *args: Any) -> Any:
         return result
     if world == "trio" or loop is None:
         return await result
-    return await _await_on_host(loop, result)
+    try:
+        return await _await_on_host(loop, result)
+    finally:
+        # An asyncio future the callback returned keeps the error raised
+        # here, whose traceback holds this frame (see conduit._stored_errors).
+        del result
 
 
 async def _call_in_task(callback: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -292,8 +297,9 @@ async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[A
             raise error
         finally:
             # Its traceback holds this frame: neither the error nor the future
-            # that keeps it may stay in it (a cycle, see conduit._stored_errors).
-            del error, future
+            # that keeps it may stay in it (a cycle, see conduit._stored_errors),
+            # nor the awaitable, when it is that future.
+            del error, future, awaitable
     if cancel_requested:
         # The task finished anyway (ignored or missed the cancellation); the Trio
         # caller asked to be cancelled, so honour that rather than return.

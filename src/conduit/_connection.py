@@ -675,6 +675,8 @@ class Connection:
         self._calls.detach()
         self._pending.detach()
         self._dispatcher = _OVER
+        if self.host_reader is not None:
+            self.host_reader.unlink()
         self._held_frame = None
         self._receive_buffer.release()
         self._reader.release_buffers()

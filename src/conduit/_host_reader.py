@@ -163,5 +163,16 @@ class HostReader:
             self._task = None
             self.loop.remove_reader(self._fd)
 
+    def unlink(self) -> None:
+        """Drop the connection's callback, once it is over (see ``Connection._unlink``):
+        it holds the connection, which holds this reader."""
+        self._drain = _over
+
+
+def _over(_data: bytes) -> bool:
+    """The callback of a reader whose connection is over (its reading ended
+    first: never called)."""
+    return False
+
 
 __all__ = ["HostReader", "Received"]

@@ -104,6 +104,9 @@ class _HostCalls:
             # (cancelled it is, asyncio's rule; the error is marked retrieved).
             future.exception()
             self._resumed()
+            # The future keeps the error raised, whose traceback holds this
+            # frame (see conduit._stored_errors).
+            del future
             raise
         self._resumed()
         if not result.ok:

@@ -929,7 +929,11 @@ class Client(Endpoint):
         """Raise, once, the SystemExit or KeyboardInterrupt a handler raised (see _supervise)."""
         fatal, self._fatal = self._fatal, None
         if fatal is not None:
-            raise fatal
+            try:
+                raise fatal
+            finally:
+                # Its traceback holds this frame (see conduit._stored_errors).
+                del fatal
 
     @bridged
     async def wait_closed(self) -> None:

@@ -143,16 +143,32 @@ def callback_errors_as_they_are(
         try:
             return await function(*args, **kwargs)
         except ProgressCallbackError as exc:
-            raise exc.error from None
+            error = exc.error
         except BaseExceptionGroup as group:
             matched, rest = group.split(ProgressCallbackError)
-            if matched is None or (rest is not None and rest.split(trio.Cancelled)[1] is not None):
-                raise
-            first: BaseException = matched
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            assert isinstance(first, ProgressCallbackError)
-            raise first.error from None
+            try:
+                if matched is None or (
+                    rest is not None and rest.split(trio.Cancelled)[1] is not None
+                ):
+                    raise
+                first: BaseException = matched
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                assert isinstance(first, ProgressCallbackError)
+                error = first.error
+                del first
+            finally:
+                # The parts of the group hold its traceback, which holds this
+                # frame (see conduit._stored_errors).
+                del matched, rest
+        # Raised out here, not in the except clauses: there, the error would
+        # take the ProgressCallbackError (or group) handled as its context,
+        # which holds it (``.error``): a cycle.
+        try:
+            raise error from None
+        finally:
+            # Its traceback holds this frame.
+            del error
 
     return wrapper
 

@@ -587,17 +587,23 @@ async def _ask_verdict(peer: Peer, finish_method: str, stream_id: int) -> Any:
     """
     pauses = iter(_VERDICT_PAUSES)
     refused: RPCError | None = None
-    while True:
-        try:
-            return await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
-        except RPCError as exc:
-            if refused is not None and exc.code == "not_found":
-                raise refused from None
-            pause = next(pauses, None)
-            if exc.code != "overloaded" or pause is None:
-                raise
-            refused = exc
-        await trio.sleep(pause)
+    try:
+        while True:
+            try:
+                return await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
+            except RPCError as exc:
+                if refused is not None and exc.code == "not_found":
+                    raise refused from None
+                pause = next(pauses, None)
+                if exc.code != "overloaded" or pause is None:
+                    raise
+                refused = exc
+            await trio.sleep(pause)
+    finally:
+        # The refusal kept is raised through this frame, and was caught in it
+        # (its traceback holds this frame either way): this frame must not
+        # hold it once over, however it ends (see conduit._stored_errors).
+        del refused
 
 
 #: Pauses between the asks of a verdict refused ``overloaded``: 30.44 s in all,
