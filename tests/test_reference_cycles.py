@@ -371,16 +371,25 @@ def test_an_asyncio_handler_failing_leaves_no_cycle() -> None:
     the host loop; its error, taken from the task, is raised again in the
     Trio task that awaits it, from a frame that kept both the error and the
     task: a cycle through the call's frames."""
+
+    async def refuse() -> None:
+        await asyncio.sleep(0)  # an asyncio handler, on the asyncio loop
+        raise RPCError("refused", "forbidden")
+
+    cycles = _cycles_of_asyncio_calls_refused(refuse)
+    assert cycles == [], "\n".join(cycles)
+
+
+def _cycles_of_asyncio_calls_refused(refuse: Callable[[], Any]) -> list[str]:
+    """Under ``asyncio.run``, a server with ``refuse`` as its RPC handler and a
+    client calling it three times, each call refused ``forbidden``, with the
+    cycle collector off until the server has seen the client go: the cyclic
+    garbage left."""
     cycles: list[str] = []
 
     async def main() -> None:
         server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
-
-        @server.rpc
-        async def refuse() -> None:
-            await asyncio.sleep(0)  # an asyncio handler, on the asyncio loop
-            raise RPCError("refused", "forbidden")
-
+        server.register_rpc(refuse)
         task = asyncio.create_task(server.run())
         await asyncio.wait_for(server.wait_listening(), 5)
         with _cycle_collector_off() as garbage:
@@ -400,7 +409,7 @@ def test_an_asyncio_handler_failing_leaves_no_cycle() -> None:
         await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
-    assert cycles == []
+    return cycles
 
 
 @pytest.fixture(scope="module")
@@ -768,35 +777,15 @@ def test_a_handler_returning_a_failed_asyncio_future_leaves_no_cycle() -> None:
     handler returns is itself an asyncio future: its error, taken from the
     future, is raised in the Trio task that awaits it, from frames that hold
     the future (``awaitable``, ``result``)."""
-    cycles: list[str] = []
 
-    async def main() -> None:
-        server = Server(ServerDescriptor(host="127.0.0.1", port=0, password="pw"))
+    def refuse() -> asyncio.Future[None]:
+        # A plain function: called in the Trio task, its future awaited on
+        # the host loop.
+        future = asyncio.get_running_loop().create_future()
+        future.get_loop().call_soon(future.set_exception, RPCError("refused", "forbidden"))
+        return future
 
-        @server.rpc
-        def refuse_later() -> asyncio.Future[None]:
-            # A plain function: called in the Trio task, its future awaited
-            # on the host loop.
-            future = asyncio.get_running_loop().create_future()
-            future.get_loop().call_soon(future.set_exception, RPCError("refused", "forbidden"))
-            return future
-
-        task = asyncio.create_task(server.run())
-        await asyncio.wait_for(server.wait_listening(), 5)
-        with _cycle_collector_off() as garbage:
-            client = Client(ClientDescriptor(server_port=server.port, password="pw"))
-            async with client:
-                (peer,) = await asyncio_until(lambda: list(server.clients.values()))
-                for _ in range(3):
-                    with pytest.raises(RPCError, match="forbidden"):
-                        await client.call("refuse_later")
-            await asyncio_until(peer.connection.closed.is_set)
-            del client, peer
-        cycles.extend(_what_cycles_hold(garbage))
-        await server.close()
-        await asyncio.wait_for(task, 5)
-
-    asyncio.run(main())
+    cycles = _cycles_of_asyncio_calls_refused(refuse)
     assert cycles == [], "\n".join(cycles)
 
 
