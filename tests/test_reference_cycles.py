@@ -818,6 +818,37 @@ def test_run_in_trio_cancelled_failing_as_it_unwinds_leaves_no_cycle() -> None:
     assert cycles == [], "\n".join(cycles)
 
 
+def test_a_bridge_worker_keeps_nothing_of_its_last_call() -> None:
+    """``_asyncio._worker`` (``del handed``): a worker of the guest run that
+    was handed a call keeps nothing of it once it is over. It kept the call
+    while it waited for the next one (the few ticks it stays runnable for a
+    caller that calls again at once, see ``_spin``), and so its arguments:
+    those of a bridged method hold the client, and the client its
+    connection. The caller, resumed, finds its argument held by nobody else;
+    several calls one after the other, as all but the first go to a worker
+    that was handed them."""
+
+    class Argument:
+        """An object only the call holds."""
+
+    async def takes(argument: Argument) -> None:
+        await trio.lowlevel.checkpoint()
+
+    held: list[int] = []
+
+    async def main() -> None:
+        for number in range(6):
+            argument = Argument()
+            alive = weakref.ref(argument)
+            await run_in_trio(takes, argument)
+            del argument
+            if alive() is not None:
+                held.append(number)
+
+    asyncio.run(main())
+    assert held == []
+
+
 def test_an_asyncio_client_connection_ended_is_freed_with_no_cycle() -> None:
     """Not an error site: found while fixing ``_asyncio._worker`` above. An
     asyncio client's connection has a host reader (``_host_reader``), whose

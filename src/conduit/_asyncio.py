@@ -615,7 +615,7 @@ async def _loop_end_sentinel(guest: _Guest) -> AsyncGenerator[None, None]:
 async def _wait_ignoring_cancel(future: asyncio.Future[Any]) -> None:
     """Wait until ``future`` is done, whatever cancellations arrive meanwhile.
 
-    The caller re-raises the CancelledError it is handling afterwards, so the
+    The caller raises the CancelledError it caught afterwards, so the
     cancellations swallowed here are not lost.
     """
     while not future.done():
