@@ -491,9 +491,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def goal_value_text(goal: dict[str, Any]) -> str:
-    """A measured goal's value in its unit: ``0.54x`` for a ratio, ``6.5 ms``, ``100.0 %``."""
+    """A measured goal's value in its unit: ``0.54x`` for a ratio, ``6.5 ms``, ``100.0 %``.
+
+    A value under 1 in its unit keeps two decimals (``0.46 ms``): one would
+    round a goal's figure by up to a tenth of its own size.
+    """
     unit = goal.get("unit", "x")
-    return f"{goal['value']:.2f}x" if unit == "x" else f"{goal['value']:.1f} {unit}"
+    value = goal["value"]
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:.2f} {unit}" if abs(value) < 1 else f"{value:.1f} {unit}"
 
 
 def render_scenario(result: ScenarioResult, mode: str) -> str:

@@ -128,7 +128,7 @@ def test_rows_ratios_and_goals(quick_run: QuickRun) -> None:
         # A reference that measured zero (server CPU of a TCP connect, below the
         # kernel's tick) has no ratio to itself.
         assert (ratio is None and row["metric"].startswith("server CPU")) or ratio["median"] == 1.0
-    assert len(rpc["goals"]) == 9
+    assert len(rpc["goals"]) == 11
     for goal in rpc["goals"]:
         assert is_number(goal["value"])
         assert isinstance(goal["met"], bool)

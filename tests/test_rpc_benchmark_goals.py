@@ -1,4 +1,4 @@
-"""The rpc scenario's goal on server CPU shows the bare Trio echo's own cost beside it."""
+"""The rpc scenario's goals on server CPU: per RPC beside the bare Trio echo, per connect."""
 
 from __future__ import annotations
 
@@ -36,3 +36,30 @@ def test_server_cpu_goal_without_the_reference_has_no_floor() -> None:
     assert goal["met"] is True
     assert "context" not in goal
     assert _goal_line(goal).endswith("-> met")
+
+
+def _connect_repetition(ms_per_connect: float | None) -> dict[str, Any]:
+    return {"server_cpu": {"ms_per_connect": ms_per_connect}, "workloads": {}}
+
+
+def test_server_cpu_per_connect_goals_take_each_modes_median() -> None:
+    repetitions = {
+        "conduit-trio": [_connect_repetition(v) for v in (0.46, 0.9, 0.44)],
+        "conduit-accounts": [_connect_repetition(v) for v in (1.2, 1.1, 0.6)],
+    }
+    goals = {g["goal"]: g for g in _goals(repetitions) if "per connect" in g["goal"]}
+    assert set(goals) == {
+        "conduit-trio server CPU per connect <= 1 ms",
+        "conduit-accounts server CPU per connect <= 1 ms",
+    }
+    shared = goals["conduit-trio server CPU per connect <= 1 ms"]
+    accounts = goals["conduit-accounts server CPU per connect <= 1 ms"]
+    assert (shared["value"], shared["met"]) == (0.46, True)
+    assert (accounts["value"], accounts["met"]) == (1.1, False)
+    assert _goal_line(shared) == "- conduit-trio server CPU per connect <= 1 ms: **0.46 ms** -> met"
+
+
+def test_server_cpu_per_connect_goal_without_figures_is_not_judged() -> None:
+    goals = _goals({"conduit-trio": [_connect_repetition(None)]})
+    (shared,) = [g for g in goals if g["goal"].startswith("conduit-trio server CPU per connect")]
+    assert shared["value"] is None and shared["met"] is None
