@@ -54,7 +54,11 @@ from conduit.cluster._push import PushRequest, deliver_staged
 from conduit.cluster.bus import ClusterBus
 from conduit.cluster.s3 import S3Store, make_s3_client
 from conduit.transfer import _small, _write_behind
-from conduit.transfer._progress import TransferProgress
+from conduit.transfer._progress import (
+    ProgressCallbackError,
+    TransferProgress,
+    callback_errors_as_they_are,
+)
 from conftest import (
     ALICE_PASSWORD,
     ClientFactory,
@@ -629,6 +633,34 @@ async def test_a_progress_callback_that_raises_leaves_no_cycle(
         with trio.fail_after(10):
             await peer.connection.closed.wait()
         del peer
+    held = _what_cycles_hold(garbage)
+    assert held == [], "\n".join(held)
+
+
+async def test_a_progress_error_beside_another_failure_stays_a_group_with_no_cycle() -> None:
+    """``transfer._progress.callback_errors_as_they_are``'s bare ``raise``: a
+    group holding a ``ProgressCallbackError`` beside a failure of another kind
+    (several files at once, one whose callback raised and one whose transfer
+    failed) is raised as it is, and the parts split out of it (``matched``,
+    ``rest``), which carry its traceback, do not stay in the frame that
+    traceback holds. Raised here by the wrapped function itself: no public
+    transfer fails that way on demand."""
+    callback_error = RuntimeError("a bug in the progress bar")
+    other = OSError(5, "the disk failed")
+
+    @callback_errors_as_they_are
+    async def several_files() -> None:
+        await trio.lowlevel.checkpoint()
+        raise ExceptionGroup("two files", [ProgressCallbackError(callback_error), other])
+
+    with _cycle_collector_off() as garbage:
+        for _ in range(3):
+            with pytest.raises(ExceptionGroup) as raised:
+                await several_files()
+            carried, failed = raised.value.exceptions
+            assert isinstance(carried, ProgressCallbackError)
+            assert carried.error is callback_error and failed is other
+            del raised, carried, failed
     held = _what_cycles_hold(garbage)
     assert held == [], "\n".join(held)
 
