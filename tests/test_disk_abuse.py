@@ -224,10 +224,10 @@ async def test_abandoned_partials_are_evicted_before_refusing_for_space(
 @hostile(
     "disk-partial-cap",
     area="disk",
-    attack="max_partial_bytes=6 MiB: two abandoned 2.5 MiB partials, then three concurrent "
-    "2 MiB begins",
-    behaviour="the abandoned partials are evicted, oldest first, to admit the begins; in-flight "
-    "bytes beyond the cap are refused with 'no_space'",
+    attack="max_partial_bytes=6 MiB: two abandoned 2.5 MiB partials, then four 2 MiB begins "
+    "in turn",
+    behaviour="the abandoned partials are evicted, oldest first, to admit the first three "
+    "begins; the fourth, in-flight bytes beyond the cap, is refused with 'no_space'",
 )
 async def test_total_partial_bytes_are_capped(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
@@ -1220,10 +1220,10 @@ async def test_the_budget_forgets_the_counts_of_idle_quota_users(
 @hostile(
     "accounts-quota-read-only",
     area="disk",
-    attack="a user with a 1 MiB quota sends 600 KiB twice (streamed and small-file paths); "
-    "a read-only user uploads",
-    behaviour="the second upload fails with 'quota_exceeded' and nothing of it is published; "
-    "the read-only user's uploads fail with 'forbidden'",
+    attack="a user with a 1 MiB quota streams 600 KiB twice, then sends a 500,000-byte file "
+    "in one file_upload_small call; a read-only user uploads",
+    behaviour="the second upload and the small file fail with 'quota_exceeded' and nothing of "
+    "them is published; the read-only user's upload fails with 'forbidden'",
 )
 async def test_quota_and_read_only(
     server_factory: ServerFactory,

@@ -570,7 +570,7 @@ def test_server_handshake_hello_with_integer_pake() -> None:
 @hostile(
     "deep-nesting-fast-path",
     area="sans-IO fuzzing (finding)",
-    attack="CALL / RESULT / MESSAGE / CREDIT body that is a list nested 900-1024 deep "
+    attack="CALL / RESULT / MESSAGE / CREDIT body that is a list nested 990-1024 deep "
     "(msgpack's own limit is 1024)",
     behaviour="RemoteProtocolError('malformed ... body')",
     found="the hand-written fast decoders format the raw value with str() for the error "
