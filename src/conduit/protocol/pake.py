@@ -310,7 +310,8 @@ class BalancedSecret:
 def balanced_secret(password: str, id_a: bytes, id_b: bytes) -> BalancedSecret:
     """``w = Argon2id(pw, idA, idB) mod L``, memoised per process.
 
-    The first call for a password costs the stretch (~0.1-0.2 s): call it in a
+    The first call for a password costs the stretch (0.07 s of one core on the
+    2026-12-06 benchmark machine): call it in a
     worker thread (``trio.to_thread.run_sync``) before the first handshake, and
     every later handshake finds it cached.
     """
