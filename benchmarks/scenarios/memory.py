@@ -8,7 +8,7 @@ reads ``VmHWM`` at the end. Two file sizes (64 MiB and 256 MiB quick; 1 GiB and
 4 GiB full) show whether memory is flat in the file size. Contenders:
 ``conduit-trio`` (the goal: peak <= 100 MiB), ``raw-aead`` (the same-work
 reference from ``bulk``: the floor of a Python process doing it) and
-``netconduit`` (the smaller size only: it moves ~0.1 GB/s).
+``netconduit`` (the smaller size only: it moves ~0.15-0.2 GB/s).
 
 Part 2, **idle connections**: one fresh server per repetition; a warm-up
 client process holds 8 connections (so one-time costs are paid), the server's
@@ -103,14 +103,14 @@ NOTES = [
     "one fresh server process per measurement; one connection (connect, authenticate, "
     "close) before the upload, then VmHWM is reset (/proc/PID/clear_refs): the one-time "
     "costs before it, above all conduit's Argon2id stretch of the shared password when "
-    "the server starts (64 MiB for ~0.1 s, once per server process, before it serves), are "
+    "the server starts (64 MiB for ~0.07 s, once per server process, before it serves), are "
     "not the upload's; they are in the process peak (and in the JSON record, "
     "first_handshake_peak_rss_mib)",
     "files live on tmpfs (/dev/shm) unless --disk: page-cache/tmpfs pages are not counted "
     "in a process's RSS unless it maps them, and no contender maps the file",
     "idle connections: KiB per connection = (server VmRSS with N more connections held - "
     "VmRSS with the 8 warm-up connections) / N, after a 0.2 s settle",
-    "netconduit is measured at the smaller upload size only (about 0.1 GB/s)",
+    "netconduit is measured at the smaller upload size only (about 0.15-0.2 GB/s)",
 ]
 
 

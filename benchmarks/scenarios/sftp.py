@@ -54,8 +54,8 @@ NOTES = [
     "not the same work: conduit hashes (SHA-256) and fsyncs on the receiver and verifies "
     "before publishing; SFTP moves the bytes only (integrity from the SSH MAC/AEAD per packet)",
     "connect p50 = connect + authenticate, measured in the client; conduit: TCP + SPAKE2 "
-    "(libsodium) + key confirmation; SSH: TCP + curve25519 key exchange + Ed25519 "
-    "public-key user auth",
+    "(libsodium) + key confirmation; SSH: TCP + asyncssh's default key exchange (with "
+    "asyncssh 2.24.1 mlkem768x25519-sha256 comes first) + Ed25519 public-key user auth",
     "ratio column: contender / sftp per repetition, median over repetitions",
     "right before each upload and each download the client wrote and removed twice the file "
     "size on /dev/shm (config: primed; see the bulk scenario)",
