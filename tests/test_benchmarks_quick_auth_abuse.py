@@ -7,6 +7,7 @@ has a module of its own.
 from __future__ import annotations
 
 import pytest
+from benchmarks._harness import goal_value_text
 
 from benchmark_helpers import QuickRun, check_header_and_charts, check_rows, is_number, run_quick
 
@@ -16,7 +17,7 @@ GROUPS = {
     "100 parallel wrong guesses",
     "hello flood, 32 sockets, 1 address",
     "hello flood, 32 sockets, 32 addresses",
-    "hello flood, 1 socket at a time, 4,000 addresses",
+    "hello flood, 1 socket at a time, 40,000 addresses",
     "idle-socket flood from 127.0.0.30",
 }
 
@@ -51,9 +52,17 @@ def test_every_attack_ran_and_was_measured(quick_run: QuickRun) -> None:
     for attack in FLOODS:
         for flood in results[attack]:
             assert flood["hellos_sent"] >= 1
+            assert 0 <= flood["hellos_refused"] <= flood["hellos_sent"]
             # The honest client's calls during the flood.
             assert flood["calls"] >= 1
             assert all(is_number(flood[key]) for key in ("baseline_p99_ms", "p99_ms"))
+    for flood in results["hello_flood_seq"]:
+        # Sized to stay under every address's lock-out: a refused hello means
+        # the flood did less work than it claims to.
+        assert flood["hellos_refused"] == 0, flood
+    for flood in results["hello_flood_1"]:
+        # One address, 32 sockets: locked out within its first few failures.
+        assert flood["hellos_refused"] > 0, flood
     tries = scenario["config"]["attacks"]["idle_flood"]["tries"]
     for flood in results["idle_flood"]:
         assert flood["tries"] == tries
@@ -65,4 +74,4 @@ def test_every_attack_ran_and_was_measured(quick_run: QuickRun) -> None:
     # Each goal is shown in its own unit (a count, a latency, a share), never as a ratio.
     assert [goal["unit"] for goal in scenario["goals"]] == ["guesses", "ms", "ms", "ms", "%"]
     for goal in scenario["goals"]:
-        assert f"{goal['goal']}: {goal['value']:.1f} {goal['unit']} -> " in quick_run.stdout
+        assert f"{goal['goal']}: {goal_value_text(goal)} -> " in quick_run.stdout

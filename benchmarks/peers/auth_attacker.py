@@ -6,7 +6,7 @@ the attack and its size::
 
     {"attack": "guesses", "guesses": 100, "window_s": 10}
     {"attack": "hello_flood", "sockets": 32, "seconds": 15, "addresses": 1}
-    {"attack": "hello_flood", "sockets": 1, "seconds": 15, "addresses": 4000}
+    {"attack": "hello_flood", "sockets": 1, "seconds": 15, "addresses": 40000}
     {"attack": "idle_flood", "rate": 100, "seconds": 15, "tries": 25}
     {"attack": "honest", "seconds": 15, "baseline_s": 2}   (started by hello_flood)
 
@@ -34,6 +34,7 @@ import trio
 
 from conduit import AuthenticationError, Client, ClientDescriptor, LockedOut
 from conduit.protocol import ClientHandshake
+from conduit.protocol.frames import HEADER, MAGIC, FrameKind
 
 
 def _descriptor(port: int, password: str = _peerlib.PASSWORD) -> ClientDescriptor:
@@ -125,11 +126,15 @@ async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
 
     Each new socket comes from the next of ``addresses`` source addresses
     (127.0.20.1 on), in turn: 32 sockets over 1 or 32 addresses flood from
-    each at once; 1 socket over thousands sends one hello at a time from an
-    address that has failed too few times to be locked out (the per-address
-    budget is 5 failures a minute). A socket is closed once answered; the
-    server has let its attempt go by the time the next one's hello is read
-    (counted: every step of such a flood ran alone in the server's gate).
+    each at once; 1 socket over tens of thousands sends one hello at a time
+    from an address that has failed too few times to be locked out (the
+    per-address budget is 5 failures a minute). A socket is closed once
+    answered; the server has let its attempt go by the time the next one's
+    hello is read (counted: every step of such a flood ran alone in the
+    server's gate). ``hellos_refused`` counts the answers that were a
+    refusal (AUTH_FAILED: an address locked out, or the server's own limits),
+    not a SERVER_HELLO: a flood meant to stay under the lock-out that is
+    refused has not done the work it was sized for.
     """
     hello = ClientHandshake(
         "wrong guess", name="flood", max_frame_size=1 << 20, receive_window=4 << 20
@@ -140,9 +145,10 @@ async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"addresses must be 1 to {236 * 250}, not {addresses}")
     sent = 0
     opened = 0
+    refused = 0
 
     async def flooder(stop: trio.Event) -> None:
-        nonlocal sent, opened
+        nonlocal sent, opened, refused
         while not stop.is_set():
             index = opened % addresses
             opened += 1
@@ -152,8 +158,11 @@ async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
                 try:
                     await stream.send_all(hello)
                     sent += 1
+                    answer = b""
                     with trio.move_on_after(2):
-                        await stream.receive_some(4096)
+                        answer = await stream.receive_some(4096)
+                    if _is_refusal(answer):
+                        refused += 1
                 finally:
                     await trio.aclose_forcefully(stream)
 
@@ -182,7 +191,20 @@ async def hello_flood(port: int, spec: dict[str, Any]) -> dict[str, Any]:
             await process.wait()
     measured: dict[str, Any] = json.loads(line[len("RESULT ") :])
     measured.pop("attack", None)
-    return {"hellos_sent": sent, "attacker_cpu_s": attacker_cpu, **measured}
+    return {
+        "hellos_sent": sent,
+        "hellos_refused": refused,
+        "attacker_cpu_s": attacker_cpu,
+        **measured,
+    }
+
+
+def _is_refusal(answer: bytes) -> bool:
+    """Whether the server's first bytes are an AUTH_FAILED frame (not a SERVER_HELLO)."""
+    if len(answer) < HEADER.size:
+        return False
+    magic, _version, kind, *_ = HEADER.unpack_from(answer)
+    return bool(magic == MAGIC and kind == FrameKind.AUTH_FAILED)
 
 
 async def _sleep_then_set(seconds: float, event: trio.Event) -> None:
