@@ -9,16 +9,20 @@ The probe reads RSS and counts closed connections first as the server is,
 then after ``gc.collect()``: the verdicts use the first (what reference
 counting freed), as a server's rare full collections would leave it.
 
-* ``dropped``: 150 uploads dropped mid-way (the socket closed under them) plus
-  10 cancelled by honest clients -> RSS back within 40 MiB of the baseline and
-  no closed connection alive, without a collection;
+* ``dropped``: 150 uploads of 64 MiB dropped mid-way (the socket closed under
+  them once the server has written 2 MiB of each) plus 10 cancelled by honest
+  clients -> RSS back within 40 MiB of the baseline and no closed connection
+  alive, without a collection (an upload that finishes uncut fails it);
 * ``bad-checksum``: 5,000 begin + bad-checksum END cycles, never finished, on
   one live connection -> RSS growth < 8 MiB;
 * ``stalled``: 4 connections x 128 ``file_download`` calls that never read their
-  socket -> RSS growth < 96 MiB;
+  socket -> RSS growth < 96 MiB (the server admits 32 a connection and refuses
+  the rest ``overloaded``: the answers are read and reported afterwards);
 * ``resume-hash``: 4 connections x 128 downloads of a 256 MiB file claiming a
   resume offset with a wrong prefix hash, while an honest client calls
-  ``file_list`` every 20 ms -> its p99 < 300 ms.
+  ``file_list`` every 20 ms -> its p99 < 300 ms (admitted and refused reported
+  as for ``stalled``; the server hashes a connection's wrong claims only up to
+  its ``resume_hash_budget`` and serves the rest from offset 0).
 
 ``--scale`` shrinks every count (0.1 for a quick look). The CI-sized versions
 of the same findings are ``tests/test_resource_limits.py``; malformed answers
@@ -49,7 +53,6 @@ from conduit import (
     FileTransferHandler,
     Server,
     ServerDescriptor,
-    TransferProgress,
 )
 from conduit.protocol import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -60,7 +63,8 @@ from conduit.protocol import (
     decode_body,
 )
 from conduit.protocol.codec import encode_frame
-from conduit.protocol.messages import Call
+from conduit.protocol.messages import Call, Result
+from conduit.transfer._names import PARTIAL_PREFIX
 from conduit.transfer._wire import Trailer
 
 PASSWORD = "abuse-benchmark"
@@ -68,6 +72,10 @@ MiB = 1024 * 1024
 PROBE = "abuse_probe"
 #: Uploads of the ``dropped`` scenario running at once.
 DROP_CONCURRENCY = 8
+#: The dropped uploads' file, and how much of it the server has written when
+#: its upload is cut (the server's receive window is 4 MiB: more is in flight).
+DROP_SIZE = 64 * MiB
+CUT_AT = 2 * MiB
 
 
 # --------------------------------------------------------------------------- the server process
@@ -188,8 +196,9 @@ async def probe(port: int, *, trim: bool = False, collect: bool = False) -> dict
 class NeverReads:
     """A hand-driven client: real handshake, then sealed CALLs; never reads its socket."""
 
-    def __init__(self, stream: trio.SocketStream, writer: FrameWriter) -> None:
+    def __init__(self, stream: trio.SocketStream, reader: FrameReader, writer: FrameWriter) -> None:
         self.stream = stream
+        self.reader = reader
         self.writer = writer
 
     @classmethod
@@ -224,7 +233,7 @@ class NeverReads:
         welcome = await next_frame()
         assert welcome.kind is FrameKind.WELCOME, welcome
         decode_body(welcome)
-        return cls(stream, writer)
+        return cls(stream, reader, writer)
 
     async def send_calls(self, calls: list[tuple[str, dict[str, Any]]], first_id: int) -> None:
         """Send ``calls`` as CALL frames numbered from ``first_id``, sealed in records."""
@@ -234,6 +243,34 @@ class NeverReads:
         ]
         for record in self.writer.write_frames(frames):
             await self.stream.send_all(record)
+
+    async def answers(self, expected: int, timeout: float = 10.0) -> dict[str, int]:
+        """Read until ``expected`` RESULTs came (or ``timeout``): how many of each kind.
+
+        Kinds: ``ok`` (``ok_from_zero`` too when its value says ``offset`` 0) or
+        the refusal's code. Reading lets the server send what it held back, so
+        call this only once what is measured has been read.
+        """
+        counts: dict[str, int] = {}
+        seen = 0
+        with trio.move_on_after(timeout):
+            while seen < expected:
+                frame = self.reader.next_frame()
+                if frame is None:
+                    data = await self.stream.receive_some(1 << 20)
+                    if not data:
+                        break
+                    self.reader.feed(data)
+                    continue
+                if frame.kind is not FrameKind.RESULT:
+                    continue
+                seen += 1
+                result = decode_body(frame, Result)
+                kind = "ok" if result.ok else result.code
+                counts[kind] = counts.get(kind, 0) + 1
+                if result.ok and isinstance(result.value, dict) and result.value.get("offset") == 0:
+                    counts["ok_from_zero"] = counts.get("ok_from_zero", 0) + 1
+        return counts
 
     async def aclose(self) -> None:
         """Drop the connection at once (no GOODBYE)."""
@@ -257,30 +294,54 @@ async def dropped(port: int, work: Path, scale: float) -> tuple[str, bool]:
     receive window on the server: what stays after they are gone follows that
     peak unless the bulk buffers are given back (they are page mappings,
     unmapped with their connection and upload), not their number.
+
+    Each upload is cut once the server has written ``CUT_AT`` of it (its
+    partial file on disk says so), not at a progress report: a report comes
+    when a block is queued, before any of it is sent, and a cut there
+    reached the server before a byte of data (until 2026-12-06). An upload
+    that finishes before its cut, or a cut the server never saw data for,
+    fails the scenario: it would not be the attack it names.
     """
     concurrency = DROP_CONCURRENCY
+    storage = work / "storage"
     source = work / "upload.bin"
-    _write_file(source, 8 * MiB)
+    _write_file(source, DROP_SIZE)
     warm = _client(port)
     await warm.connect()
     await FileTransferHandler(work / "c").send_to_server(warm, source, remote_name="warm.bin")
     await warm.disconnect()
     baseline = (await probe(port))["rss"]
     drops, cancels = max(1, int(150 * scale)), max(1, int(10 * scale))
+    finished_uncut = 0
+
+    def received(index: int) -> int:
+        partials = (storage / "d").glob(f"{PARTIAL_PREFIX}*-{index}.bin")
+        return max((path.stat().st_size for path in partials), default=0)
 
     async def one(index: int, drop: bool) -> None:
+        nonlocal finished_uncut
         client = _client(port)
         await client.connect()
         transfer = FileTransferHandler(work / "c")
-        with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as scope:
 
-            async def cut(progress: TransferProgress) -> None:
-                if progress.transferred >= 2 * MiB:
+                async def cut() -> None:
+                    with trio.fail_after(60):
+                        # Another process's file: there is no event to wait on.
+                        while received(index) < CUT_AT:  # noqa: ASYNC110
+                            await trio.sleep(0.002)
                     if drop:  # the socket goes away under the upload, as a crash would
                         await trio.aclose_forcefully(client.server.connection.stream)
                     scope.cancel()
 
-            await transfer.send_to_server(client, source, cut, remote_name=f"d/{index}.bin")
+                nursery.start_soon(cut)
+                result = await transfer.send_to_server(client, source, remote_name=f"d/{index}.bin")
+                # A dropped socket comes back as a failure dict (the
+                # connection lost, no reconnect); a success means no cut.
+                if result["success"]:
+                    finished_uncut += 1
+            nursery.cancel_scope.cancel()
         await client.disconnect()
 
     async with trio.open_nursery() as nursery:
@@ -292,23 +353,33 @@ async def dropped(port: int, work: Path, scale: float) -> tuple[str, bool]:
 
         for index in range(drops + cancels):
             nursery.start_soon(limited, index, index < drops)
+    cut_bytes = sum(received(index) for index in range(drops + cancels))
     for _ in range(100):
         report = await probe(port)
-        if report["clients"] == 0 and report["closed_alive"] == 0:
+        # The probe's own connection is the one client left.
+        if report["clients"] == 1 and report["closed_alive"] == 0:
             break
         await trio.sleep(0.2)
     # Trio's idle worker threads (and what their malloc arenas hold) go after 10 s.
     await trio.sleep(12)
     report = await probe(port, trim=True, collect=True)
     growth = report["rss"] - baseline
-    ok = growth < 40 * MiB and report["closed_alive"] == 0
+    ok = (
+        growth < 40 * MiB
+        and report["closed_alive"] == 0
+        and report["clients"] == 1
+        and finished_uncut == 0
+    )
     return (
-        f"{drops} dropped + {cancels} cancelled uploads, {concurrency} at a time: "
-        f"RSS {baseline / MiB:.0f} -> "
+        f"{drops} dropped + {cancels} cancelled uploads, {concurrency} at a time, each cut "
+        f"once the server had written {CUT_AT // MiB} MiB of its {DROP_SIZE // MiB} MiB "
+        f"({cut_bytes / MiB:.0f} MiB in their partials; {finished_uncut} finished before "
+        f"their cut): RSS {baseline / MiB:.0f} -> "
         f"{report['rss'] / MiB:.0f} MiB (+{growth / MiB:.1f}; "
         f"{report['rss_after_gc'] / MiB:.0f} MiB after gc.collect(), "
         f"{report['rss_trimmed'] / MiB:.0f} after malloc_trim), closed connections alive: "
-        f"{report['closed_alive']} ({report['closed_alive_after_gc']} after gc.collect())",
+        f"{report['closed_alive']} ({report['closed_alive_after_gc']} after gc.collect()), "
+        f"clients left besides the probe: {report['clients'] - 1}",
         ok,
     )
 
@@ -365,13 +436,17 @@ async def stalled(port: int, work: Path, scale: float) -> tuple[str, bool]:
     for _ in range(25):  # 5 s: the senders fill whatever they are allowed to
         await trio.sleep(0.2)
         peak = max(peak, (await probe(port))["rss"])
+    # Afterwards, what each call was answered: the server admits
+    # max_transfers_per_connection (32) a connection and refuses the rest.
+    answers = _added([await peer.answers(per_connection) for peer in peers])
     for peer in peers:
         await peer.aclose()
     growth = peak - baseline
+    answered = sum(count for kind, count in answers.items() if kind != "ok_from_zero")
     return (
-        f"4 connections x {per_connection} stalled downloads: RSS {baseline / MiB:.0f} -> "
-        f"peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
-        growth < 96 * MiB,
+        f"4 connections x {per_connection} stalled downloads ({_answers_text(answers)}): "
+        f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
+        growth < 96 * MiB and answered == 4 * per_connection and answers.get("ok", 0) > 0,
     )
 
 
@@ -405,15 +480,39 @@ async def resume_hash(port: int, work: Path, scale: float) -> tuple[str, bool]:
         await honest.call("file_list")
         timings.append(time.perf_counter() - started)
         await trio.sleep(0.02)
+    answers = _added([await peer.answers(per_connection) for peer in peers])
     for peer in peers:
         await peer.aclose()
     await honest.disconnect()
     p99 = statistics.quantiles(timings, n=100)[98] if len(timings) > 1 else timings[0]
+    answered = sum(count for kind, count in answers.items() if kind != "ok_from_zero")
     return (
-        f"4 connections x {per_connection} wrong resume claims on a 256 MiB file: honest "
+        f"4 connections x {per_connection} wrong resume claims on a 256 MiB file "
+        f"({_answers_text(answers)}): honest "
         f"file_list p99 {p99 * 1000:.0f} ms over {len(timings)} calls in 15 s",
-        p99 < 0.3,
+        p99 < 0.3 and answered == 4 * per_connection and answers.get("ok", 0) > 0,
     )
+
+
+def _added(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for kind, number in count.items():
+            total[kind] = total.get(kind, 0) + number
+    return total
+
+
+def _answers_text(answers: dict[str, int]) -> str:
+    """:meth:`NeverReads.answers` in words: ``32 admitted, 96 refused 'overloaded'``."""
+    parts = [f"{answers.get('ok', 0)} admitted"]
+    if "ok_from_zero" in answers:
+        parts[0] += f" ({answers['ok_from_zero']} from offset 0)"
+    parts += [
+        f"{number} refused {kind!r}"
+        for kind, number in sorted(answers.items())
+        if kind not in ("ok", "ok_from_zero")
+    ]
+    return ", ".join(parts)
 
 
 SCENARIOS: dict[str, Callable[[int, Path, float], Any]] = {

@@ -1,0 +1,42 @@
+"""``python -m benchmarks.abuse`` at a small scale: each scenario does the attack it names.
+
+The full-size runs are figures (``nox -s stress``); this runs the same code
+at ``--scale 0.05`` against its real server process and checks what each
+scenario now verifies of its own attack: the dropped uploads were cut after
+the server had data of them (none finished uncut), and the stalled and
+resume-claiming downloads were all answered (admitted or refused), some
+admitted.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.abuse", "--scale", "0.05"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 4, lines
+    dropped, _bad, stalled, resume = lines
+    assert "0 finished before their cut" in dropped, dropped
+    cut = re.search(r"\((\d+) MiB in their partials", dropped)
+    assert cut is not None and int(cut.group(1)) > 0, dropped
+    for line in (stalled, resume):
+        # 6 calls on each of 4 connections: under the cap of 32, all admitted.
+        assert "(24 admitted" in line, line
