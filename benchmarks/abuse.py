@@ -299,8 +299,9 @@ async def dropped(port: int, work: Path, scale: float) -> tuple[str, bool]:
     partial file on disk says so), not at a progress report: a report comes
     when a block is queued, before any of it is sent, and a cut there
     reached the server before a byte of data (until 2026-12-06). An upload
-    that finishes before its cut, or a cut the server never saw data for,
-    fails the scenario: it would not be the attack it names.
+    that finishes before its cut fails the scenario, and one whose data the
+    server has not written within 60 s stops it with an error: neither
+    would be the attack it names.
     """
     concurrency = DROP_CONCURRENCY
     storage = work / "storage"
