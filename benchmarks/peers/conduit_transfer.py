@@ -71,8 +71,16 @@ def _make_client(port: int, spec: dict[str, Any] | None = None) -> Any:
 
 
 def _checked(outcome: dict[str, Any], what: str) -> dict[str, Any]:
+    """``outcome`` if the transfer succeeded and moved every byte it is timed for.
+
+    A transfer that resumed, or was skipped because an equal file was already
+    there, would be timed for bytes it never sent: the figures would flatter it.
+    """
     if not outcome.get("success"):
         raise RuntimeError(f"{what} failed: {outcome!r}")
+    for moved in (outcome, *outcome.get("files", ())):
+        if moved.get("resumed_from") or moved.get("skipped") or moved.get("already_there"):
+            raise RuntimeError(f"{what} did not move the whole file: {moved!r}")
     return outcome
 
 

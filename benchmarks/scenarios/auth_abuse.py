@@ -138,6 +138,11 @@ def run(config: RunConfig) -> ScenarioResult:
     if results["guesses"]:
         evaluated = [float(r["evaluated"]) for r in results["guesses"]]
         rows.append(_row("100 parallel wrong guesses", "evaluated", "guesses", evaluated, "lower"))
+        # The rest: refused as locked out, or before any work (more than
+        # max_unauthenticated_per_address sockets at once from one address).
+        for key, metric in (("locked_out", "refused, locked out"), ("other", "refused, other")):
+            counts = [float(r[key]) for r in results["guesses"]]
+            rows.append(_row("100 parallel wrong guesses", metric, "guesses", counts, "higher"))
         goals.append(
             goal(
                 "password attempts evaluated in 10 s <= 12",
