@@ -15,7 +15,9 @@ The pieces:
   loop's guest run and returns its result, with exceptions and cancellation
   crossing in both directions;
 * importing this module installs its ``_submit`` / ``_unwind`` as the way
-  :func:`conduit._bridge.bridged` methods awaited from asyncio reach the guest;
+  :func:`conduit._bridge.bridged` methods awaited from asyncio reach the guest
+  (both they and :func:`run_in_trio` await a call through
+  :func:`conduit._bridge.run_on_guest`);
 * each guest run sets :data:`conduit._callbacks.HOST_LOOP`, which tells Trio
   code that its user lives in asyncio, so user callbacks can be run there;
 * :func:`get_guest_token` gives the guest run's :class:`trio.lowlevel.TrioToken`.
@@ -744,26 +746,7 @@ async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
             "run_in_trio() must be awaited from asyncio code; this is already Trio "
             "code, so await the function directly (a @bridged method does that itself)"
         )
-    call = _submit(loop, fn, args, {})
-    cancelled: asyncio.CancelledError | None = None
-    try:
-        try:
-            return await call.future
-        except asyncio.CancelledError as cancel:
-            cancelled = cancel
-        # Unwound out of the except clause: in it, the Trio side's Cancelled
-        # (raised by _unwind's cancel) would take this CancelledError as its
-        # context, and an error raised while unwinding takes that Cancelled
-        # as its own, chained below as this one's cause: a cycle.
-        await _unwind(call)
-        if call.late_error is not None:
-            raise cancelled from call.late_error
-        raise cancelled
-    finally:
-        # The call keeps the error raised (its future's, or the late one
-        # chained), whose traceback holds this frame, as the CancelledError's
-        # does (see conduit._stored_errors).
-        del call, cancelled
+    return await _bridge.run_on_guest(loop, fn, args, {})
 
 
 def _submit(

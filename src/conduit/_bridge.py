@@ -30,6 +30,7 @@ __all__ = [
     "current_flavor",
     "install_asyncio_fast_path",
     "install_asyncio_runner",
+    "run_on_guest",
 ]
 
 T = TypeVar("T")
@@ -69,12 +70,48 @@ _fast_paths: dict[Callable[..., Any], FastPath] = {}
 def install_asyncio_runner(submit: Submit, unwind: Unwind) -> None:
     """Called once by the shim at import: how bridged calls from asyncio are run.
 
-    Two plain hooks rather than one coroutine, so the hot path of a bridged call
-    from asyncio has no extra coroutine frame: the wrapper awaits the call's
-    future itself.
+    The shim starts a call and unwinds a cancelled one; :func:`run_on_guest`
+    awaits it, for bridged methods and ``run_in_trio`` alike.
     """
     global _submit, _unwind
     _submit, _unwind = submit, unwind
+
+
+async def run_on_guest(
+    loop: asyncio.AbstractEventLoop,
+    fn: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> T:
+    """``fn(*args, **kwargs)`` in ``loop``'s Trio guest run, awaited from asyncio on that loop.
+
+    Its result or exception comes back as it is. Cancelling the caller cancels
+    the Trio side and waits until it has unwound, then raises the
+    ``CancelledError``, chained to an error the Trio side raised meanwhile.
+    """
+    if _submit is None or _unwind is None:  # pragma: no cover - conduit/__init__ installs it
+        raise RuntimeError("conduit's asyncio shim is not loaded (import conduit)")
+    call = _submit(loop, fn, args, kwargs)
+    cancelled: asyncio.CancelledError | None = None
+    try:
+        try:
+            result: T = await call.future
+            return result
+        except asyncio.CancelledError as cancel:
+            cancelled = cancel
+        # Unwound out of the except clause: in it, the Trio side's Cancelled
+        # (raised by _unwind's cancel) would take this CancelledError as its
+        # context, and an error raised while unwinding takes that Cancelled
+        # as its own, chained below as this one's cause: a cycle.
+        await _unwind(call)
+        if call.late_error is not None:
+            raise cancelled from call.late_error
+        raise cancelled
+    finally:
+        # The call keeps the error raised (its future's, or the late one
+        # chained), whose traceback holds this frame, as the CancelledError's
+        # does (see conduit._stored_errors).
+        del call, cancelled
 
 
 def install_asyncio_fast_path(wrapper: Callable[..., Any], fast_path: FastPath) -> None:
@@ -156,34 +193,11 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
         loop = asyncio_caller_loop()
         if loop is None:
             return await method(*args, **kwargs)
-        if _submit is None or _unwind is None:  # pragma: no cover - conduit/__init__ installs it
-            raise RuntimeError("conduit's asyncio shim is not loaded (import conduit)")
         fast = _fast_paths.get(method)
         if fast is not None:
             awaitable = fast(loop, *args, **kwargs)
             if awaitable is not None:
                 return await awaitable  # type: ignore[no-any-return]
-        call = _submit(loop, method, args, kwargs)
-        cancelled: asyncio.CancelledError | None = None
-        try:
-            try:
-                result: T = await call.future
-                return result
-            except asyncio.CancelledError as cancel:
-                cancelled = cancel
-            # Unwound out of the except clause: in it, the Trio side's
-            # Cancelled (raised by _unwind's cancel) would take this
-            # CancelledError as its context, and an error raised while
-            # unwinding takes that Cancelled as its own, chained below as
-            # this one's cause: a cycle.
-            await _unwind(call)
-            if call.late_error is not None:
-                raise cancelled from call.late_error
-            raise cancelled
-        finally:
-            # The call keeps the error raised (its future's, or the late one
-            # chained), whose traceback holds this frame, as the
-            # CancelledError's does (see conduit._stored_errors).
-            del call, cancelled
+        return await run_on_guest(loop, method, args, kwargs)
 
     return wrapper
