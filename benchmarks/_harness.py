@@ -335,6 +335,39 @@ def task_times(pid: int) -> dict[str, TaskTimes]:
     return found
 
 
+def established_connections(pid: int, port: int) -> int | None:
+    """TCP connections of ``pid`` ESTABLISHED on its local ``port``, or None without ``/proc``.
+
+    Counted on the server's side, from its own descriptors (``/proc/<pid>/fd``)
+    and the kernel's socket tables (``/proc/<pid>/net/tcp`` and ``tcp6``): what a
+    client reports holding proves nothing about what the server still holds.
+    """
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    inodes = set()
+    for entry in entries:
+        try:
+            link = os.readlink(entry)
+        except OSError:
+            continue  # closed since the listing (the listing's own descriptor, for one)
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
 def thread_stats(pid: int) -> dict[str, tuple[str, int, int]]:
     """Thread id -> (name, CPU ns, voluntary switches) of each live thread of ``pid``.
 

@@ -52,6 +52,8 @@ def test_memory_upload_peaks_and_idle_connections(quick_run: QuickRun) -> None:
             if name in ("conduit-trio", "netconduit"):
                 idle = repetition["idle"]
                 assert idle["connections"] == connections
+                # Counted on the server's side, the warm-up's connections with them.
+                assert idle["server_connections"] == connections + idle["warmup_connections"]
                 assert is_number(idle["rss_after_mib"])
                 assert isinstance(idle["kib_per_connection"], float)
     groups = {row["group"] for row in memory["rows"]}

@@ -15,7 +15,9 @@ client process holds 8 connections (so one-time costs are paid), the server's
 RSS is read, then client processes open N more authenticated connections
 (1000 full, 100 quick; a few processes with many ``Client`` objects each) and
 hold them; the RSS is read again once all report ``READY`` and the server has
-settled. KiB per connection = growth / N (goal <= 64 KiB).
+settled, and the server's own count of its established connections (from
+``/proc``) must match what the clients hold. KiB per connection = growth / N
+(goal <= 64 KiB).
 
 Uploaded files are verified (SHA-256) against the source and removed.
 """
@@ -34,6 +36,7 @@ from .._harness import (
     RunConfig,
     ScenarioResult,
     alternating_order,
+    established_connections,
     log,
     memory_kib,
 )
@@ -242,14 +245,26 @@ class _Runner:
             opened = time.perf_counter() - started
             time.sleep(SETTLE_S)
             after = memory_kib(server.pid)
+            on_server = (
+                None if server.pid is None else established_connections(server.pid, server.port)
+            )
             server.check_alive()
         held = sum(int(h.ready["connections"]) for h in holders)
         if held != self.connections:
             raise PeerError(f"{name}: {held} connections held, {self.connections} wanted")
+        # The clients' word is not enough: the growth is per connection the
+        # server still holds when its RSS is read.
+        warmup_held = int(warmup.ready["connections"])
+        if on_server != held + warmup_held:
+            raise PeerError(
+                f"{name}: the server holds {on_server} connections, "
+                f"its clients {held + warmup_held}"
+            )
         growth = after["VmRSS"] - before["VmRSS"]
         return {
             "connections": held,
-            "warmup_connections": int(warmup.ready["connections"]),
+            "warmup_connections": warmup_held,
+            "server_connections": on_server,
             "rss_before_mib": before["VmRSS"] / 1024,
             "rss_after_mib": after["VmRSS"] / 1024,
             "kib_per_connection": growth / held,
