@@ -41,7 +41,13 @@ def test_hol_rpcs_ran_during_the_upload(quick_run: QuickRun) -> None:
             assert figures["idle"]["calls"] == hol["config"]["idle_calls"]
             assert figures["during_upload"]["calls"] >= 1
             assert is_number(figures["during_upload"]["p99_us"])
+            # The data's window is inside the upload's: fewer calls, a shorter time.
+            in_data = figures["during_data"]
+            assert 1 <= in_data["calls"] <= figures["during_upload"]["calls"]
+            assert 0 < in_data["wall_s"] <= figures["during_upload"]["wall_s"]
+            assert is_number(in_data["p99_us"])
             assert figures["upload"]["bytes"] == hol["config"]["upload_bytes"]
     check_rows(hol, record["repeat"])
     assert len(hol["goals"]) == 1
     assert hol["goals"][0]["unit"] == "ms"
+    assert "data flows" in hol["goals"][0]["goal"]

@@ -115,6 +115,52 @@ class OpTimer:
         }
 
 
+class DataWindow:
+    """When an upload's data flowed: from its first progress report to the one at 100 %.
+
+    Pass :meth:`on_progress` as the upload's progress callback (conduit's and
+    netconduit's progress objects both have ``transferred`` and
+    ``total_size``). What comes before (the begin's round trip) and after (the
+    last records in flight, the server's verify, fsync and publish) is left out,
+    so that calls timed "during the data" met the data on the connection.
+    """
+
+    def __init__(self) -> None:
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self._first_cpu_ns = 0
+        #: This process's CPU between the first and the last report.
+        self.cpu_ns = 0
+
+    def on_progress(self, progress: Any) -> None:
+        """The upload's progress callback."""
+        now = time.perf_counter_ns()
+        if self.first_ns is None:
+            self.first_ns = now
+            self._first_cpu_ns = time.process_time_ns()
+        if self.last_ns is None and progress.transferred >= progress.total_size:
+            self.last_ns = now
+            self.cpu_ns = time.process_time_ns() - self._first_cpu_ns
+
+    @property
+    def wall_ns(self) -> int:
+        """The window's length; 0 until it closed."""
+        if self.first_ns is None or self.last_ns is None:
+            return 0
+        return self.last_ns - self.first_ns
+
+    def calls_within(self, starts_ns: list[int], latencies_ns: list[int]) -> list[int]:
+        """The latencies of the calls that started inside the window."""
+        if self.first_ns is None or self.last_ns is None:
+            raise RuntimeError("the upload never reported its first and last byte")
+        first, last = self.first_ns, self.last_ns
+        return [
+            latency
+            for start, latency in zip(starts_ns, latencies_ns, strict=True)
+            if first <= start <= last
+        ]
+
+
 def prime_memory(prime: dict[str, Any]) -> bool:
     """Write ``prime["bytes"]`` to a scratch file in ``prime["dir"]``, then remove it;
     whether it could (no room, or an error: nothing done, the operation runs unprimed).

@@ -310,16 +310,21 @@ async def _hol(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, An
             idle, time.perf_counter_ns() - started, time.process_time_ns() - cpu
         )
         busy: list[int] = []
+        starts: list[int] = []
+        window = _transferlib.DataWindow()
 
         async def rpc_loop() -> None:
             while not driver.stopping:
+                starts.append(time.perf_counter_ns())
                 busy.append(await one_call())
                 if pause:
                     await driver.sleep(pause)
 
         async def upload() -> dict[str, Any]:
             return _checked(
-                await transfer.send_to_server(client, spec["path"], remote_name=spec["name"]),
+                await transfer.send_to_server(
+                    client, spec["path"], window.on_progress, remote_name=spec["name"]
+                ),
                 "upload",
             )
 
@@ -328,11 +333,16 @@ async def _hol(port: int, spec: dict[str, Any], driver: _Driver) -> dict[str, An
         if not busy:
             raise RuntimeError("no RPC completed during the upload")
         busy_figures = _peerlib.summarize(busy, timer.wall_ns, timer.cpu_ns)
+        in_data = window.calls_within(starts[: len(busy)], busy)
+        if not in_data:
+            raise RuntimeError("no RPC started while the upload's data flowed")
+        data_figures = _peerlib.summarize(in_data, window.wall_ns, window.cpu_ns)
     finally:
         await client.disconnect()
     return {
         "idle": idle_figures,
         "during_upload": busy_figures,
+        "during_data": data_figures,
         "upload": {"result": outcome, **timer.figures(outcome["size"])},
     }
 

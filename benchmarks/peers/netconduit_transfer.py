@@ -188,6 +188,8 @@ async def _hol(port: int, spec: dict[str, Any]) -> dict[str, Any]:
             idle, time.perf_counter_ns() - started, time.process_time_ns() - cpu
         )
         busy: list[int] = []
+        starts: list[int] = []
+        window = _transferlib.DataWindow()
         uploading = True
 
         async def rpc_loop() -> None:
@@ -195,12 +197,16 @@ async def _hol(port: int, spec: dict[str, Any]) -> dict[str, Any]:
             # netconduit's call uses) can swallow a cancellation that races with
             # the reply, and the loop would then run forever.
             while uploading:
+                starts.append(time.perf_counter_ns())
                 busy.append(await one_call())
 
         with _transferlib.OpTimer(spec.get("server_pid")) as timer:
             loop = asyncio.ensure_future(rpc_loop())
             try:
-                raw = _checked(await transfer.send_to_server(client, spec["path"]), "upload")
+                raw = _checked(
+                    await transfer.send_to_server(client, spec["path"], window.on_progress),
+                    "upload",
+                )
             finally:
                 uploading = False
                 loop.cancel()
@@ -209,12 +215,17 @@ async def _hol(port: int, spec: dict[str, Any]) -> dict[str, Any]:
         if not busy:
             raise RuntimeError("no RPC completed during the upload")
         busy_figures = _peerlib.summarize(busy, timer.wall_ns, timer.cpu_ns)
+        in_data = window.calls_within(starts[: len(busy)], busy)
+        if not in_data:
+            raise RuntimeError("no RPC started while the upload's data flowed")
+        data_figures = _peerlib.summarize(in_data, window.wall_ns, window.cpu_ns)
     finally:
         await client.disconnect()
     outcome = _upload_outcome(raw, _transferlib.file_size(spec["path"]))
     return {
         "idle": idle_figures,
         "during_upload": busy_figures,
+        "during_data": data_figures,
         "upload": {"result": outcome, **timer.figures(outcome["size"])},
     }
 

@@ -6,7 +6,11 @@ One client process per repetition and contender, one connection:
    baseline);
 2. ``during upload``: the same calls, back to back, from a second task while a
    bulk upload (128 MiB quick, 1 GiB full) runs on the *same* connection; the
-   loop stops when the upload returns.
+   loop stops when the upload returns. Of these, the calls that started while
+   the upload's data flowed (from its first progress report to its report of
+   the last byte) are reported again on their own, ``during data``: the
+   begin's round trip and the server's verify, fsync and publish would
+   otherwise dilute the tail with calls that met no data. The goal is on those.
 
 conduit's writer sends control frames (calls, results, credit) before queued
 data frames, and seals at most ~1 MiB per record, so a call should wait for at
@@ -67,6 +71,10 @@ NOTES = [
     "latency = one echo call (~100-byte payload) measured in the client "
     "(time.perf_counter_ns), calls issued back to back by one task; 'during upload' "
     "calls run on the same connection as the upload, from another task, until it returns",
+    "'while its data flows': the calls of 'during upload' that started between the "
+    "upload's first progress report and its report of the last byte, so neither the "
+    "begin's round trip nor the server's verify, fsync and publish dilute them; the "
+    "goal is on these",
     "upload throughput is with the RPC loop running beside it (compare with `bulk`)",
     "ratio column: contender / conduit-trio, per repetition",
     "both peers share 2 vCPUs with each other and with whatever else runs on the machine: "
@@ -166,6 +174,7 @@ def run(config: RunConfig) -> ScenarioResult:
     label = size_label(runner.size)
     idle_group = "RPC on an idle connection"
     busy_group = f"RPC during a {label} upload, same connection"
+    data_group = f"RPC while the {label} upload's data flows, same connection"
     layout = [
         Metric(idle_group, "p50", "ms", "lower", _ms("idle", "p50_us")),
         Metric(idle_group, "p99", "ms", "lower", _ms("idle", "p99_us")),
@@ -175,11 +184,16 @@ def run(config: RunConfig) -> ScenarioResult:
         Metric(busy_group, "max", "ms", "lower", _ms("during_upload", "max_us")),
         Metric(busy_group, "calls completed", "calls", "higher", _get("during_upload", "calls")),
         Metric(busy_group, "upload throughput", "MB/s", "higher", _get("upload", "mb_per_s")),
+        Metric(data_group, "p50", "ms", "lower", _ms("during_data", "p50_us")),
+        Metric(data_group, "p99", "ms", "lower", _ms("during_data", "p99_us")),
+        Metric(data_group, "max", "ms", "lower", _ms("during_data", "max_us")),
+        Metric(data_group, "calls completed", "calls", "higher", _get("during_data", "calls")),
     ]
     goals = [
         goal(
-            f"conduit-trio RPC p99 < 20 ms during a {label} upload on the same connection",
-            median_of(usable, REFERENCE, _ms("during_upload", "p99_us")),
+            f"conduit-trio RPC p99 < 20 ms while a {label} upload's data flows on the same "
+            "connection",
+            median_of(usable, REFERENCE, _ms("during_data", "p99_us")),
             20.0,
             at_most=True,
             unit="ms",
