@@ -22,7 +22,9 @@ counting freed), as a server's rare full collections would leave it.
   resume offset with a wrong prefix hash, while an honest client calls
   ``file_list`` every 20 ms -> its p99 < 300 ms (admitted and refused reported
   as for ``stalled``; the server hashes a connection's wrong claims only up to
-  its ``resume_hash_budget`` and serves the rest from offset 0).
+  its ``resume_hash_budget`` and serves the rest from offset 0: the server
+  counts the claims it hashed and their bytes, which must be some and at most
+  4 x (the budget + one claim)).
 
 ``--scale`` shrinks every count (0.1 for a quick look). The CI-sized versions
 of the same findings are ``tests/test_resource_limits.py``; malformed answers
@@ -91,9 +93,27 @@ def _rss_bytes() -> int:
 def serve(storage: str) -> None:
     """Run the server under test (default settings) until killed; print ``PORT n`` first."""
     from conduit._connection import Connection
+    from conduit.transfer import _sender
 
     server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=PASSWORD))
-    FileTransferHandler(storage_dir=storage).register_server_handlers(server)
+    handler = FileTransferHandler(storage_dir=storage)
+    handler.register_server_handlers(server)
+    # What the resume claims cost: every check of a claim goes through
+    # resume_hasher, which hashes the ``start`` bytes before the claimed
+    # offset. Counted around the real function, which still does the work.
+    hashing = {
+        "resume_claims_hashed": 0,
+        "resume_bytes_hashed": 0,
+        "resume_hash_budget": handler.resume_hash_budget,
+    }
+    resume_hasher = _sender.resume_hasher
+
+    async def counted_resume_hasher(source: Any, start: int, *args: Any, **kwargs: Any) -> Any:
+        hashing["resume_claims_hashed"] += 1
+        hashing["resume_bytes_hashed"] += start
+        return await resume_hasher(source, start, *args, **kwargs)
+
+    _sender.resume_hasher = counted_resume_hasher
 
     def closed_alive() -> int:
         return sum(
@@ -120,6 +140,7 @@ def serve(storage: str) -> None:
             "rss_trimmed": _rss_bytes(),
             "closed_alive": closed,
             "clients": len(server.clients),
+            **hashing,
         }
 
     server.register_rpc(abuse_probe, PROBE)
@@ -456,6 +477,7 @@ async def resume_hash(port: int, work: Path, scale: float) -> tuple[str, bool]:
     size = 256 * MiB
     _write_file(work / "storage" / "huge.bin", size)
     per_connection = max(1, int(128 * scale))
+    before = await probe(port)
     honest = _client(port)
     await honest.connect()
     timings: list[float] = []
@@ -482,16 +504,27 @@ async def resume_hash(port: int, work: Path, scale: float) -> tuple[str, bool]:
         timings.append(time.perf_counter() - started)
         await trio.sleep(0.02)
     answers = _added([await peer.answers(per_connection) for peer in peers])
+    after = await probe(port)
     for peer in peers:
         await peer.aclose()
     await honest.disconnect()
     p99 = statistics.quantiles(timings, n=100)[98] if len(timings) > 1 else timings[0]
     answered = sum(count for kind, count in answers.items() if kind != "ok_from_zero")
+    claims = after["resume_claims_hashed"] - before["resume_claims_hashed"]
+    hashed = after["resume_bytes_hashed"] - before["resume_bytes_hashed"]
+    # Each connection's claims are hashed until they cost resume_hash_budget
+    # (checked before each claim, so at most one claim more); the rest are
+    # refused unhashed. Unbounded, 4 x 32 admitted claims would hash 32 GiB.
+    budget = after["resume_hash_budget"]
+    claim = size - 1
+    most = len(peers) * (budget + claim)
+    bounded = 0 < hashed <= most and claims <= len(peers) * (-(-budget // claim) + 1)
     return (
         f"4 connections x {per_connection} wrong resume claims on a 256 MiB file "
-        f"({_answers_text(answers)}): honest "
+        f"({_answers_text(answers)}; {claims} hashed, {hashed / 2**30:.2f} GiB, "
+        f"at most {most / 2**30:.2f} allowed): honest "
         f"file_list p99 {p99 * 1000:.0f} ms over {len(timings)} calls in 15 s",
-        p99 < 0.3 and answered == 4 * per_connection and answers.get("ok", 0) > 0,
+        p99 < 0.3 and answered == 4 * per_connection and answers.get("ok", 0) > 0 and bounded,
     )
 
 

@@ -5,7 +5,8 @@ at ``--scale 0.05`` against its real server process and checks what each
 scenario now verifies of its own attack: the dropped uploads were cut after
 the server had data of them (none finished uncut), and the stalled and
 resume-claiming downloads were all answered (admitted or refused), some
-admitted.
+admitted, and the server hashed some of the wrong resume claims but no more
+than each connection's budget allows.
 """
 
 from __future__ import annotations
@@ -40,3 +41,9 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     for line in (stalled, resume):
         # 6 calls on each of 4 connections: under the cap of 32, all admitted.
         assert "(24 admitted" in line, line
+    # 6 claims of 256 MiB - 1 a connection, a budget of 1 GiB: 5 hashed (4 cost
+    # 4 bytes less than the budget), the sixth refused unhashed.
+    hashed = re.search(r"; (\d+) hashed, ([\d.]+) GiB", resume)
+    assert hashed is not None, resume
+    assert int(hashed.group(1)) == 20, resume
+    assert float(hashed.group(2)) == pytest.approx(5.0, abs=0.01), resume

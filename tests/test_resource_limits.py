@@ -886,9 +886,10 @@ async def test_stalled_download_batches_hold_a_bounded_memory(
     attack="10 file_download calls for an 8 MiB file claiming a resume offset of 8 MiB - 1 with "
     "a wrong prefix hash, on one connection, with resume_hash_budget=16 MiB",
     behaviour="every download restarts from offset 0; claims are hashed until 16 MiB have "
-    "been hashed in vain (3 claims: the budget is checked before each), the other 7 are "
-    "refused without hashing (logged 'resume of ... refused'); another connection's claims "
-    "are still checked",
+    "been hashed in vain (3 claims: the budget is checked before each), the others are "
+    "refused without hashing, a true claim among them too (logged 'resume of ... "
+    "refused', 5 lines, then the owner's log budget holds the rest back); another "
+    "connection's true claim is checked and resumes",
 )
 async def test_wrong_resume_claims_cost_a_bounded_amount_of_hashing(
     server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -899,26 +900,40 @@ async def test_wrong_resume_claims_cost_a_bounded_amount_of_hashing(
     await trio.to_thread.run_sync(write_random_file, storage / "big.bin", size)
     server, _ = await _file_server(server_factory, storage, resume_hash_budget=16 * MiB)
 
-    async def claim(peer: RawPeer, index: int) -> None:
+    data = await trio.to_thread.run_sync((storage / "big.bin").read_bytes)
+    true_prefix = hashlib.sha256(data[: size - 1]).hexdigest()
+
+    async def claim(peer: RawPeer, index: int, prefix: str = "0" * 64) -> int:
+        """Claim to hold all but the last byte; the offset the server sends from."""
         result = await peer.call(
             "file_download",
             name="big.bin",
             stream_id=2 * index + 1,
             size=size,
             offset=size - 1,
-            prefix_sha256="0" * 64,
+            prefix_sha256=prefix,
         )
         assert result.ok, result
-        assert result.value["offset"] == 0
+        offset: int = result.value["offset"]
+        return offset
+
+    def refusals() -> int:
+        return caplog.text.count("refused: its wrong resume claims")
 
     attacker = await RawPeer.authenticated(server.port, PASSWORD, receive_window=64 * 1024)
-    for index in range(10):
-        await claim(attacker, index)
-    refusals = caplog.text.count("refused: its wrong resume claims")
-    assert refusals == 7, caplog.text
+    for index in range(3):  # hashed in vain: 3 x (8 MiB - 1) reaches the 16 MiB budget
+        assert await claim(attacker, index) == 0
+    assert refusals() == 0, caplog.text
+    for index in range(3, 8):  # refused, each logged while the owner's log budget lasts
+        assert await claim(attacker, index) == 0
+        assert refusals() == index - 2, caplog.text
+    # Refused unhashed: even a true claim restarts from zero now.
+    assert await claim(attacker, 8, true_prefix) == 0
+    assert await claim(attacker, 9) == 0
+    assert refusals() == 5, caplog.text  # the rest not logged: a peer cannot flood the log
+    # Another connection's claims are still checked: a true one resumes.
     other = await RawPeer.authenticated(server.port, PASSWORD, receive_window=64 * 1024)
-    await claim(other, 0)
-    assert caplog.text.count("refused: its wrong resume claims") == refusals
+    assert await claim(other, 0, true_prefix) == size - 1
     await attacker.aclose()
     await other.aclose()
 

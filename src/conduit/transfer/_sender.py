@@ -495,7 +495,11 @@ class Sender:
         limit = self._settings.resume_hash_budget
         async with budget.hash_lock:
             if budget.hashed_in_vain >= limit:
-                log.warning(
+                # A peer repeats a wrong claim at will: one line per claim would
+                # be a log flood, so under its owner's budget like its other lines.
+                self._peer_log.warning(
+                    partial_owner(caller),
+                    trio.current_time(),
                     "%s: resume of %r refused: its wrong resume claims already cost "
                     "%d bytes of hashing (resume_hash_budget %d); sending from zero",
                     caller.id,
