@@ -26,6 +26,7 @@ import logging
 import resource
 import secrets
 import signal
+import socket
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -366,6 +367,23 @@ async def test_a_server_run_ended_by_one_error_leaves_no_cycle() -> None:
                     await client.disconnect()
         del client, clients
     assert ended == ["SystemExit(3)"]
+    assert _what_cycles_hold(garbage) == []
+
+
+async def test_a_server_that_failed_to_start_leaves_no_cycle() -> None:
+    """``Server._run_claimed``'s record of a start that failed (the port in
+    use), kept for a ``wait_listening()`` that nobody makes: the server is
+    then dropped, and reference counting alone must free it."""
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        server = Server(server_descriptor(port=blocker.getsockname()[1]))
+        gone = weakref.ref(server)
+        with _cycle_collector_off() as garbage:
+            with trio.fail_after(10), pytest.raises(OSError):
+                await server.run()
+            del server
+            assert gone() is None  # with the collector off: by reference counting
     assert _what_cycles_hold(garbage) == []
 
 

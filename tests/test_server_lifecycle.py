@@ -271,8 +271,14 @@ async def test_wait_listening_raises_when_run_fails_then_waits_for_the_next_run(
             nursery.start_soon(failed.run, server)
             with pytest.raises(RuntimeError, match="stopped before listening") as info:
                 await server.wait_listening()
-            assert isinstance(info.value.__cause__, OSError)
-            assert info.value.__cause__ is failed.error
+            cause = info.value.__cause__
+            assert isinstance(cause, OSError) and isinstance(failed.error, OSError)
+            # The run's own error, as a detached copy (no traceback, which
+            # would hold the server: see conduit._stored_errors); run()
+            # raised the original with its traceback.
+            assert (cause.errno, cause.args) == (failed.error.errno, failed.error.args)
+            assert cause.__traceback__ is None and failed.error.__traceback__ is not None
+            del cause
     # The port is free again, and a new run binds it: a wait_listening()
     # made before that run has taken a step is about it, not the failure
     # already reported.

@@ -30,6 +30,7 @@ from ._resume import ResumeTokens, new_token, token_digest
 from ._rpc_proxy import to_wire
 from ._serve_loop import serve_listeners
 from ._socket_io import close_now
+from ._stored_errors import detached
 from ._throttle import address_key, owner_key
 from .descriptors import ServerDescriptor
 from .errors import AuthenticationError, ConduitError, ConnectionClosed, ProtocolError
@@ -140,7 +141,7 @@ class _Startup:
     listening: bool = False
     #: ... on this port (None when it serves no socket listener).
     port: int | None = None
-    #: Why it ended before listening: the error it raised, if any ...
+    #: Why it ended before listening: the error it raised, if any (detached) ...
     error: Exception | None = None
     #: ... and in words (an error, a close(), a cancellation).
     why: str = ""
@@ -404,7 +405,9 @@ class Server(Endpoint):
                         del single, cause, context
         except Exception as exc:
             if not startup.over.is_set():
-                startup.error, startup.why = exc, f"it failed: {exc!r}"
+                # Kept detached: the error itself, raised on from here, carries
+                # this frame (and so the server) in its traceback.
+                startup.error, startup.why = detached(exc), f"it failed: {exc!r}"
             raise
         except BaseException:
             if not startup.over.is_set():
@@ -546,7 +549,9 @@ class Server(Endpoint):
 
         The asyncio way to know a server started with ``asyncio.create_task(
         server.run())`` is ready (Trio code can use ``nursery.start`` instead).
-        Raises :exc:`RuntimeError` (chained to the run's error, if any) when
+        Raises :exc:`RuntimeError` (chained to the run's error, if any: a
+        copy without its traceback, which would hold the server; ``run()``
+        raises the original) when
         the run ends before it listens: it failed (the port is in use, the
         accounts file is unreadable, ...), was cancelled, or :meth:`close`
         came first. The calls waiting then get that error, or else the next
