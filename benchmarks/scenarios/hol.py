@@ -119,6 +119,8 @@ class _Runner:
         try:
             result = self.peers.client(name, server, spec, CLIENT_TIMEOUT[self.config.mode])
             verify(storage / result["hol"]["upload"]["result"]["path"], digest, f"{name} upload")
+            if result["hol"]["during_data"] is None:
+                raise PeerError(f"{name}: no RPC started while the upload's data flowed")
         finally:
             clear_dir(storage)
         return result
