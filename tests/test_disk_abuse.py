@@ -22,6 +22,7 @@ The full-size figures are in ``benchmarks/scenarios/disk_abuse.py``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import threading
@@ -433,12 +434,18 @@ async def test_empty_abandoned_partials_do_not_pile_up(
     attack=f"one client leaves {_space.MAX_ABANDONED_PER_OWNER + 6} abandoned one-byte partials "
     "in distinct directories",
     behaviour="at most MAX_ABANDONED_PER_OWNER are kept for that owner, its oldest evicted "
-    "first with their directories",
-    found="abandoned partials were bounded by bytes only, not by count (inodes)",
+    "first with their directories; the 6 evictions are logged under the owner's log budget "
+    "(5 lines)",
+    found="abandoned partials were bounded by bytes only, not by count (inodes); each "
+    "eviction was a log line however often the peer caused one (2026-12-07)",
 )
 async def test_abandoned_partials_per_owner_are_capped(
-    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="conduit.transfer")
     storage = tmp_path / "storage"
     transfer = FileTransferHandler(storage_dir=storage)
     server = await server_factory(register=transfer.register_server_handlers)
@@ -465,6 +472,9 @@ async def test_abandoned_partials_per_owner_are_capped(
     # The oldest (all from the first connection) went first, with their directories.
     assert {f"d{i:03}" for i in range(12, total)} <= {p.parent.name for p in kept}
     assert empty_directories(storage) == []
+    # Six evictions the peer caused at will: the owner's burst of five lines.
+    evictions = [r for r in caplog.records if "evicted abandoned partial" in r.getMessage()]
+    assert len(evictions) == 5, [r.getMessage() for r in evictions]
 
 
 @hostile(

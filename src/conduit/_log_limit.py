@@ -16,6 +16,8 @@ a spray of addresses that never come back leaves no table behind.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -119,4 +121,29 @@ class LimitedLog:
             self._buckets.popitem(last=False)
 
 
-__all__ = ["SWEEP_STEP", "LimitedLog"]
+class ThreadedLimitedLog:
+    """A :class:`LimitedLog` for lines logged from worker threads too.
+
+    Its budgets are locked, and its clock is :func:`time.monotonic` (a worker
+    thread has no Trio clock). ``info(key, msg, *args)`` and
+    ``warning(key, msg, *args)`` as :class:`LimitedLog`'s, without the clock.
+    """
+
+    __slots__ = ("_limited", "_lock")
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._limited = LimitedLog(log)
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args: Any) -> None:
+        """:meth:`LimitedLog.warning`, from any thread."""
+        with self._lock:
+            self._limited.warning(key, time.monotonic(), message, *args)
+
+    def info(self, key: str, message: str, *args: Any) -> None:
+        """:meth:`LimitedLog.info`, from any thread."""
+        with self._lock:
+            self._limited.info(key, time.monotonic(), message, *args)
+
+
+__all__ = ["SWEEP_STEP", "LimitedLog", "ThreadedLimitedLog"]

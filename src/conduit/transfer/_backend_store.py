@@ -53,6 +53,7 @@ import attrs
 import trio
 
 from .. import _threads
+from .._log_limit import ThreadedLimitedLog
 from .._stored_errors import detached
 from ..accounts import check_root
 from ..cluster.store import FileReader, PartialUpload, Store, StoredFile
@@ -323,6 +324,9 @@ class StoreBackend:
         self._storing: dict[str, int] = {}
         self._digests: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         self._token: trio.lowlevel.TrioToken | None = None
+        # Lines about evicted partials, under a budget per owner (a peer
+        # evicts its own at will, as with the local disk's DiskBudget).
+        self._eviction_log = ThreadedLimitedLog(log)
 
     # ------------------------------------------------------------------ roots
 
@@ -401,7 +405,9 @@ class StoreBackend:
         try:
             for kept in evict:
                 if await self._evict(kept):
-                    log.info("evicted abandoned partial %r to make room", kept.name)
+                    self._eviction_log.info(
+                        kept.owner, "evicted abandoned partial %r to make room", kept.name
+                    )
             resume = key is not None and not restart
             overwrite = settings.overwrite
             partial = await store.open_partial(
@@ -567,7 +573,9 @@ class StoreBackend:
                 log.warning("could not evict the partial of %r: %s", entry.name, exc)
             else:
                 if evicted:
-                    log.info("evicted abandoned partial %r: too many kept", entry.name)
+                    self._eviction_log.info(
+                        entry.owner, "evicted abandoned partial %r: too many kept", entry.name
+                    )
 
     async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
         """Each entry in one ``put_file`` (one ``PUT`` on S3), one after the other.

@@ -72,6 +72,7 @@ import attrs
 import trio
 
 from .. import _threads
+from .._log_limit import ThreadedLimitedLog
 from .._throttle import address_key
 from ..accounts import check_root
 from ..errors import TransferError, UnsafePathError
@@ -383,6 +384,11 @@ class DiskBudget:
 
     def __init__(self, settings: BudgetSettings) -> None:
         self._settings = settings
+        # The lines about evicted partials, under a budget per owner: a peer
+        # evicts its own abandoned partials at will (begin, send a byte,
+        # leave: one eviction per upload past its cap). Admissions and
+        # releases run in worker threads, hence the threaded kind.
+        self._eviction_log = ThreadedLimitedLog(log)
         # Held (in worker threads) around every decision and every removal, so
         # that two admissions cannot both count the same free bytes and a
         # sweep never removes a directory an admitted upload is about to use.
@@ -701,8 +707,11 @@ class DiskBudget:
         )
         for entry in mine[: max(0, len(mine) - MAX_ABANDONED_PER_OWNER)]:
             if self._remove_locked(entry):
-                log.info(
-                    "evicted abandoned partial %s: too many for %s", "/".join(entry.path), owner
+                self._eviction_log.info(
+                    owner,
+                    "evicted abandoned partial %s: too many for %s",
+                    "/".join(entry.path),
+                    owner,
                 )
 
     def _cap_all_locked(self) -> None:
@@ -713,7 +722,11 @@ class DiskBudget:
         oldest = heapq.nsmallest(excess, self._abandoned.values(), key=lambda e: e.modified)
         for entry in oldest:
             if self._remove_locked(entry):
-                log.info("evicted abandoned partial %s: too many in all", "/".join(entry.path))
+                self._eviction_log.info(
+                    entry.owner,
+                    "evicted abandoned partial %s: too many in all",
+                    "/".join(entry.path),
+                )
 
     def _reserved(self, storage: StorageRoot | None = None) -> int:
         return sum(
@@ -835,7 +848,9 @@ class DiskBudget:
             return False
         for entry in candidates:
             if self._remove_locked(entry):
-                log.info("evicted abandoned partial %s to make room", "/".join(entry.path))
+                self._eviction_log.info(
+                    entry.owner, "evicted abandoned partial %s to make room", "/".join(entry.path)
+                )
                 if shortfall() <= 0:
                     return True
         return shortfall() <= 0

@@ -49,7 +49,7 @@ from typing import Final
 
 import attrs
 
-from .._log_limit import LimitedLog
+from .._log_limit import ThreadedLimitedLog
 from ..errors import ChecksumMismatch, TransferError, UnsafePathError
 from ._names import (
     DOWNLOAD_ID_PREFIX,
@@ -67,9 +67,8 @@ from ._stoppable import Stopped
 log = logging.getLogger("conduit.transfer")
 # Partials the disk would not delete: a peer can make the line come again
 # (resuming and abandoning into a directory that refuses deletes), so it has
-# a budget; discards run in worker threads, so the budget is locked.
-_undeleted_log = LimitedLog(log)
-_undeleted_lock = threading.Lock()
+# a budget; discards run in worker threads.
+_undeleted_log = ThreadedLimitedLog(log)
 
 __all__ = [
     "ENTRY_ALLOWANCE",
@@ -1085,14 +1084,12 @@ class PartialFile:
                 if _same_file(self._dir_fd, partial_name, self._fd):
                     _unlink_quietly(self._dir_fd, partial_name)
         except OSError as exc:
-            with _undeleted_lock:
-                _undeleted_log.warning(
-                    "undeleted partial",
-                    time.monotonic(),
-                    "could not delete the partial file of %r (the sweep of old partials will): %s",
-                    self._name,
-                    exc,
-                )
+            _undeleted_log.warning(
+                "undeleted partial",
+                "could not delete the partial file of %r (the sweep of old partials will): %s",
+                self._name,
+                exc,
+            )
         finally:
             self.close()
 

@@ -11,13 +11,11 @@ import errno
 import hashlib
 import logging
 import struct
-import threading
-import time
 from typing import Any
 
 import attrs
 
-from .._log_limit import LimitedLog
+from .._log_limit import ThreadedLimitedLog
 from .._stored_errors import detached
 from ..errors import RemoteProtocolError, RPCError, failure_dict
 from ._names import DOWNLOAD_ID_PREFIX
@@ -33,8 +31,7 @@ STORAGE_FAULTS = frozenset({"permission_denied", "io_error", "no_space", "storag
 # directory the server may not write): one budget per code. Locked: batches
 # of small files are stored, and their failures turned into errors, in
 # worker threads.
-_storage_log = LimitedLog(logging.getLogger("conduit.transfer"))
-_storage_log_lock = threading.Lock()
+_storage_log = ThreadedLimitedLog(logging.getLogger("conduit.transfer"))
 
 
 def _from_storage(exc: BaseException) -> bool:
@@ -127,10 +124,7 @@ def as_rpc_error(exc: BaseException, *, name: str | None = None) -> RPCError:
     if code in STORAGE_FAULTS and _from_storage(local):
         # The local error itself: it may say more than the peer is told.
         about = f" for {name!r}" if name is not None else ""
-        with _storage_log_lock:
-            _storage_log.warning(
-                code, time.monotonic(), "storage failure (%s)%s: %s", code, about, local
-            )
+        _storage_log.warning(code, "storage failure (%s)%s: %s", code, about, local)
     return RPCError(failure["error"], code)
 
 
