@@ -23,17 +23,20 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import resource
 import secrets
 import signal
 import socket
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import trio
 
 from cluster_engines import S3Engine, seaweedfs, valkey
@@ -52,7 +55,7 @@ from conduit import (
     run_in_trio,
 )
 from conduit.cluster._push import PushRequest, deliver_staged
-from conduit.cluster.bus import ClusterBus
+from conduit.cluster.bus import ClusterBus, RequestLost
 from conduit.cluster.s3 import S3Store, make_s3_client
 from conduit.transfer import _small, _write_behind
 from conduit.transfer._progress import (
@@ -60,8 +63,10 @@ from conduit.transfer._progress import (
     TransferProgress,
     callback_errors_as_they_are,
 )
+from conduit.transfer._shared_hop import SharedHop
 from conftest import (
     ALICE_PASSWORD,
+    FAST_STRETCH,
     ClientFactory,
     ServerFactory,
     asyncio_until,
@@ -226,6 +231,52 @@ async def test_a_probe_failing_in_the_shared_hop_leaves_no_cycle(
     assert _what_cycles_hold(garbage) == []
 
 
+async def test_a_shared_hop_call_whose_caller_left_leaves_no_cycle() -> None:
+    """``transfer._shared_hop.SharedHop._run_all``: a queued call taken into a
+    hop, its caller cancelled while it runs, fails; nobody takes the error
+    off its job, whose traceback holds the worker's frame, which held the
+    job."""
+    started = {0: threading.Event(), 1: threading.Event()}
+    release = {0: threading.Event(), 1: threading.Event()}
+
+    def work(arg: int) -> int:
+        if arg in started:
+            started[arg].set()
+            release[arg].wait(10)
+        if arg == 2:
+            raise ValueError("its caller is gone")
+        return arg
+
+    hop: SharedHop[int, int] = SharedHop(work)
+    leaving = trio.CancelScope()
+
+    async def leaves() -> None:
+        with leaving:
+            await hop.run(2)
+
+    try:
+        with _cycle_collector_off() as garbage:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hop.run, 0)  # the first hop, under way at once
+                    await trio.to_thread.run_sync(started[0].wait, 10)
+                    nursery.start_soon(hop.run, 1)  # queued: leads the next hop ...
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(leaves)  # ... which takes this one too
+                    await trio.testing.wait_all_tasks_blocked()
+                    release[0].set()
+                    await trio.to_thread.run_sync(started[1].wait, 10)
+                    leaving.cancel()  # gone while its call waits in the hop
+                    await trio.testing.wait_all_tasks_blocked()
+                    release[1].set()
+    finally:
+        for event in release.values():
+            event.set()
+        hop.close()
+    assert leaving.cancelled_caught
+    assert _what_cycles_hold(garbage) == []
+
+
 @contextlib.contextmanager
 def _files_capped_at(size: int) -> Iterator[None]:
     """For the block, a write past ``size`` bytes of a file fails in this
@@ -387,6 +438,78 @@ async def test_a_server_that_failed_to_start_leaves_no_cycle() -> None:
     assert _what_cycles_hold(garbage) == []
 
 
+@pytest.mark.parametrize("ending", ["attempts-failed", "password-refused"])
+async def test_a_client_whose_reconnect_gave_up_leaves_no_cycle(
+    ending: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Client._reconnect_attempts``: the last failed attempt's error (kept
+    for the "gave up" message) and the server's refusal of the password
+    (``reconnect_refused``), both raised through the frame that kept them.
+    The client, disconnected and dropped, must go by reference counting."""
+    # The client's log lines carry the error as an argument, and pytest's
+    # capture keeps every record (with the error's traceback, its frames, the
+    # client) until the test ends: what a handler keeps is not the library's.
+    caplog.set_level(logging.CRITICAL, logger="conduit.client")
+    server = Server(server_descriptor())
+    with _cycle_collector_off() as garbage:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.run)
+            client = Client(
+                client_descriptor(
+                    port,
+                    reconnect_attempts=2,
+                    reconnect_delay=0.05,
+                    reconnect_delay_max=0.1,
+                    heartbeat_interval=0,
+                )
+            )
+            await client.connect()
+            await server.close()  # going away: the client tries to come back
+        async with trio.open_nursery() as nursery:
+            other: Server | None = None
+            if ending == "password-refused":
+                # Back on the same port with another password.
+                other = Server(server_descriptor(port=port, password="not the one it knows"))
+                await nursery.start(other.run)
+
+            def gave_up(of: Client = client) -> bool:
+                return of._gave_up is not None
+
+            await wait_until(gave_up, timeout=20)
+            del gave_up  # it holds the client
+            refused = client.reconnect_refused
+            assert (refused is not None) == (ending == "password-refused"), client._gave_up
+            del refused
+            await client.disconnect()
+            gone = weakref.ref(client)
+            del client
+            assert gone() is None  # with the collector off: by reference counting
+            if other is not None:
+                await other.close()
+    assert _what_cycles_hold(garbage) == []
+
+
+def test_accounts_whose_file_cannot_be_stated_leave_no_cycle(tmp_path: Path) -> None:
+    """``Accounts._current_signature`` (it keeps the ``stat`` error detached in
+    ``stat_error``): kept as it is, its traceback holds that method's frame,
+    which holds the accounts. A symlink loop stands in for a directory that
+    refuses access (as root no permission bit stops ``stat``)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "cfg").symlink_to(real)
+    accounts = Accounts(tmp_path / "cfg" / "users.json", stretch=FAST_STRETCH)
+    accounts.add("alice", ALICE_PASSWORD)
+    (tmp_path / "cfg").unlink()
+    (tmp_path / "cfg").symlink_to(tmp_path / "cfg")
+    with _cycle_collector_off() as garbage:
+        assert not accounts.changed()
+        assert isinstance(accounts.stat_error, OSError)
+        gone = weakref.ref(accounts)
+        del accounts
+        assert gone() is None  # with the collector off: by reference counting
+    assert _what_cycles_hold(garbage) == []
+
+
 def test_an_asyncio_handler_failing_leaves_no_cycle() -> None:
     """``_callbacks._await_on_host`` (``del error, future`` once raised):
     under ``asyncio.run`` an ``async def`` handler runs as an asyncio task on
@@ -491,6 +614,69 @@ async def test_a_cluster_request_that_failed_leaves_no_cycle(
     assert _what_cycles_hold(garbage) == []
 
 
+async def test_a_cluster_request_its_progress_callback_ended_leaves_no_cycle(
+    bus_url: str, nursery: trio.Nursery
+) -> None:
+    """``cluster.bus.ClusterBus.request`` (``del failed`` once raised): what
+    ``on_progress`` raises ends the wait; it is kept in a local, to be raised
+    outside the watch's nursery, and raised from that frame."""
+    namespace = f"conduit-test-{secrets.token_hex(6)}"
+    asking, answering = (ClusterBus(bus_url, name, namespace=namespace) for name in "ab")
+    for bus in (asking, answering):
+        await nursery.start(bus.run)
+
+    @answering.on_request
+    async def slow(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        await answering.report_progress({"done": 1})
+        await trio.sleep(30)  # cancelled: the requester stops waiting
+        return {}
+
+    async def stops(data: Any) -> None:
+        raise ValueError("the caller stops here")
+
+    with _cycle_collector_off() as garbage:
+        for _ in range(3):
+            with pytest.raises(ValueError, match="stops here"), trio.fail_after(10):
+                await asking.request("b", "slow", {}, on_progress=stops)
+        await wait_until(lambda: not answering._serving)
+    assert _what_cycles_hold(garbage) == []
+
+
+async def test_a_cluster_request_the_bus_lost_leaves_no_cycle(
+    bus_url: str, nursery: trio.Nursery
+) -> None:
+    """``cluster.bus.ClusterBus.request`` (the watch's verdict taken from its
+    list, raised, then deleted): a node that stays registered but never
+    reads its inbox (a request lost on the bus) ends the wait with
+    ``RequestLost`` a TTL later, raised from the frame whose list kept it."""
+    ttl = 0.6
+    namespace = f"conduit-test-{secrets.token_hex(6)}"
+    asking = ClusterBus(bus_url, "a", namespace=namespace, ttl=ttl)
+    await nursery.start(asking.run)
+    registry = redis.Redis.from_url(bus_url)
+
+    async def deaf_node() -> None:
+        # Registered as the bus registers a node; its inbox never read.
+        while True:
+            await trio.to_thread.run_sync(
+                lambda: registry.set(f"{namespace}:node:deaf", "the test", px=int(ttl * 1000))
+            )
+            await trio.sleep(ttl / 3)
+
+    try:
+        with trio.CancelScope() as registering:
+            nursery.start_soon(deaf_node)
+            await wait_until(lambda: registry.exists(f"{namespace}:node:deaf") == 1)
+            with _cycle_collector_off() as garbage:
+                for _ in range(3):
+                    with pytest.raises(RequestLost), trio.fail_after(10 * ttl):
+                        await asking.request("deaf", "push", {}, timeout=math.inf)
+            registering.cancel()
+    finally:
+        registry.close()
+    assert _what_cycles_hold(garbage) == []
+
+
 @pytest.fixture(scope="module")
 def s3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Engine]:
     """A real SeaweedFS S3 gateway on 127.0.0.1 for this module (see ``cluster_engines``)."""
@@ -513,8 +699,20 @@ def staging(s3_engine: S3Engine) -> Iterator[S3Store]:
     client.close()
 
 
+@pytest.mark.parametrize(
+    ("refusal", "answered"),
+    [
+        (lambda: RPCError("the client refused the push", "denied"), "denied"),
+        (lambda: ConnectionClosed("the client left"), "connection_closed"),
+    ],
+    ids=["refused", "client-left"],
+)
 async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
-    server_factory: ServerFactory, client_factory: ClientFactory, staging: S3Store
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    staging: S3Store,
+    refusal: Callable[[], Exception],
+    answered: str,
 ) -> None:
     """``cluster._push.deliver_staged`` (``del failure`` once raised): the
     client's node fetches a push another node staged and hands it to its
@@ -524,15 +722,17 @@ async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
 
     Driven from ``deliver_staged`` itself, as the node's request handler
     calls it, with a staged file on a real S3 store and a pusher that
-    refuses (``serve_pushes`` takes any; the transfer handler's returns its
-    failures rather than raising them).
+    refuses, or finds the client gone (``ConnectionClosed``, answered as a
+    new ``RPCError`` with the code ``connection_closed``: the kept error was
+    not deleted on that way out) (``serve_pushes`` takes any; the transfer
+    handler's returns its failures rather than raising them).
     """
     server = await server_factory()
     client = await client_factory(server)
     (peer,) = server.clients.values()
 
     async def refusing(*_: object) -> dict[str, Any]:
-        raise RPCError("the client refused the push", "denied")
+        raise refusal()
 
     async def report(_: object) -> None:
         await trio.lowlevel.checkpoint()
@@ -546,8 +746,10 @@ async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
             await staged.append(data)
             await staged.publish(expected_sha256=digest)
             request = PushRequest(client.id or "", token, "pushed.bin", len(data), digest, 0)
-            with pytest.raises(RPCError, match="refused"), trio.fail_after(20):
+            with pytest.raises(RPCError) as raised, trio.fail_after(20):
                 await deliver_staged(staging, request, peer, refusing, report)
+            assert raised.value.code == answered
+            del raised
         del peer
     assert _what_cycles_hold(garbage) == []
 

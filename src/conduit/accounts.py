@@ -51,6 +51,7 @@ from typing import Any
 import attrs
 from nacl import bindings as sodium
 
+from ._stored_errors import detached
 from .protocol.handshake import account_verifier
 from .protocol.pake import (
     DEFAULT_STRETCH,
@@ -504,7 +505,9 @@ class Accounts:
         try:
             signature = self._signature()
         except OSError as exc:
-            self.stat_error = exc
+            # Detached: its traceback holds this frame, which holds self (see
+            # conduit._stored_errors).
+            self.stat_error = detached(exc)
             return self._state.signature
         self.stat_error = None
         return signature

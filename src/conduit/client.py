@@ -28,6 +28,7 @@ from ._groups import FATAL, first_leaf
 from ._handshake_io import ClientRun, Established, client_handshake, open_tls
 from ._peer import Peer
 from ._rpc_proxy import RPCProxy
+from ._stored_errors import detached
 from .descriptors import ClientDescriptor
 from .errors import (
     AuthenticationError,
@@ -753,7 +754,11 @@ class Client(Endpoint):
             # connect(), wait_closed() or disconnect() (the end of `async
             # with client`).
             log.error("a handler raised %r: the connection is closed", fatal)
-            self._fatal = fatal
+            # Detached: kept until the application's next call, and its
+            # traceback holds this frame, which holds the client (as the
+            # local does: deleted).
+            self._fatal = detached(fatal)
+            del fatal
         finally:
             if self._supervisor is scope:
                 self._supervisor = None
@@ -804,7 +809,9 @@ class Client(Endpoint):
         limit = descriptor.reconnect_attempts
         attempt = 0
         self._gave_up = self._refused = None
-        last: BaseException | None = None
+        # In words: the error itself, kept in this frame's local, would hold
+        # the frame (and the client) in a cycle through its traceback.
+        last: str | None = None
         while limit == 0 or attempt < limit:
             attempt += 1
             # Up to 25% less than the nominal wait, so that the clients of a
@@ -842,14 +849,14 @@ class Client(Endpoint):
                 # of the user by their own client.
                 log.error("reconnect refused, giving up: %s", exc)
                 self._gave_up = f"the server refused the reconnect: {exc}"
-                self._refused = exc
+                self._refused = detached(exc)  # see conduit._stored_errors
                 return None
             except (OSError, ConduitError) as exc:
                 log.info("reconnect attempt %d%s failed: %s", attempt, of, exc)
-                last = exc
+                last = describe_connect_error(exc)
         log.error("could not reconnect after %d attempts; giving up", attempt)
         self._gave_up = f"{attempt} reconnect attempts failed" + (
-            f", the last: {describe_connect_error(last)}" if last is not None else ""
+            f", the last: {last}" if last is not None else ""
         )
         return None
 

@@ -340,10 +340,10 @@ async def deliver_staged(
                 failure = exc
             finally:
                 nursery.cancel_scope.cancel()
-        if isinstance(failure, ConnectionClosed):  # the client left just now
-            raise RPCError(failure.reason, "connection_closed") from None
         if failure is not None:
             try:
+                if isinstance(failure, ConnectionClosed):  # the client left just now
+                    raise RPCError(failure.reason, "connection_closed") from None
                 raise failure
             finally:
                 # Its traceback holds this frame: a cycle otherwise (see

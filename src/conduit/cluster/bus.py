@@ -1074,10 +1074,20 @@ class ClusterBus:
                     except Exception as exc:  # on_progress's: raised as is, not in a group
                         failed = exc
                     nursery.cancel_scope.cancel()
+                # Raised from locals of this frame, which their tracebacks
+                # will hold: deleted on the way out (see conduit._stored_errors).
                 if failed is not None:
-                    raise failed
+                    try:
+                        raise failed
+                    finally:
+                        del failed
                 if verdict and not pending.done.is_set():
-                    raise verdict[0]
+                    lost = verdict.pop(0)
+                    verdict.clear()
+                    try:
+                        raise lost
+                    finally:
+                        del lost
                 # A report that came in with the reply: the reply follows it on
                 # the stream, so it is the last one and must not be lost.
                 await _hand_over_progress(pending, on_progress)

@@ -55,6 +55,8 @@ class _Job(Generic[A, R]):
     done: bool = False
     result: R | None = None
     error: BaseException | None = None
+    #: Its caller was cancelled: nobody will take the outcome.
+    abandoned: bool = False
 
 
 class SharedHop(Generic[A, R]):
@@ -85,29 +87,36 @@ class SharedHop(Generic[A, R]):
     async def run(self, arg: A) -> R:
         """``function(arg)``, run in a worker thread; its result, or its exception."""
         job: _Job[A, R] = _Job(arg)
-        if not self._busy:
-            self._busy = True
-            await self._hop(job)
-        elif trio.current_time() - self._started < STALLED_AFTER:
-            self._queue.append(job)
-            try:
-                with trio.move_on_after(STALLED_AFTER):
-                    await job.wake.wait()
-            except BaseException:
-                if not job.done:
-                    self._leave(job)
-                raise
-            if job.lead:
-                self._queue.remove(job)
+        try:
+            if not self._busy:
+                self._busy = True
                 await self._hop(job)
-            elif job in self._queue:
-                # Still queued behind a stalled hop: go alone.
-                self._queue.remove(job)
-                await self._alone(job)
+            elif trio.current_time() - self._started < STALLED_AFTER:
+                self._queue.append(job)
+                try:
+                    with trio.move_on_after(STALLED_AFTER):
+                        await job.wake.wait()
+                except BaseException:
+                    if not job.done:
+                        self._leave(job)
+                    raise
+                if job.lead:
+                    self._queue.remove(job)
+                    await self._hop(job)
+                elif job in self._queue:
+                    # Still queued behind a stalled hop: go alone.
+                    self._queue.remove(job)
+                    await self._alone(job)
+                else:
+                    await job.wake.wait()  # taken by a hop under way: its call is running
             else:
-                await job.wake.wait()  # taken by a hop under way: its call is running
-        else:
-            await self._alone(job)
+                await self._alone(job)
+        except BaseException:
+            # Cancelled: the error nobody will raise is dropped, here if its
+            # hop is over, else by that hop when it is (see _hop).
+            job.abandoned = True
+            job.error = None
+            raise
         error, job.error = job.error, None
         if error is not None:
             try:
@@ -141,6 +150,11 @@ class SharedHop(Generic[A, R]):
         finally:
             for job in jobs:
                 job.done = True
+                if job.abandoned:
+                    # Its traceback holds the worker's frames, which hold the
+                    # jobs: kept, it would close a cycle (see
+                    # conduit._stored_errors).
+                    job.error = None
                 job.wake.set()
             self._hand_on()
 
