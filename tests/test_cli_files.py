@@ -7,12 +7,17 @@ spoken to in plain text). Real subprocesses, helpers from ``test_cli.py``.
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
+from conduit import Client, ClientDescriptor
 from test_cli import (
+    PASSWORD,
     ServeProcess,
     conduit,
     conduit_json,
@@ -177,3 +182,35 @@ def test_send_many_small_files_each_reported(tmp_path: Path, server: ServeProces
     assert sorted(stored) == sorted(Path(source).name for source in sources)
     assert stored["n07.txt"] == b"note 7"
     assert not partial_files(server.directory)
+
+
+def test_failed_downloads_are_logged_under_a_budget(server: ServeProcess) -> None:  # noqa: F811
+    """A client that asks again and again for a name that is not there gets
+    a failure each time; the server logs the first five, then holds the rest
+    back (one line per 10 s says how many), as for the library's own lines a
+    peer causes at will."""
+
+    async def ask_for_missing_files() -> list[dict[str, Any]]:
+        client = Client(
+            ClientDescriptor(server_host="127.0.0.1", server_port=server.port, password=PASSWORD)
+        )
+        async with client:
+            # The protocol's own call (a download's first step; the
+            # handler's receive_from_server looks first and stops there).
+            return [
+                await client.rpc.call(
+                    "file_download",
+                    name=f"missing-{index}.bin",
+                    stream_id=2 * index + 1,
+                    size=0,
+                    offset=0,
+                    prefix_sha256="",
+                )
+                for index in range(8)
+            ]
+
+    results = trio.run(ask_for_missing_files)
+    assert [result["success"] for result in results] == [False] * 8, results
+    # The hook logs before each answer is sent: every line there will be is there.
+    failed = re.findall(r"download +'missing-\d\.bin' for .* failed", server.log_text())
+    assert len(failed) == 5, server.log_text()

@@ -15,7 +15,9 @@ import trio
 from .. import Accounts, FileTransferHandler, Peer, Server, ServerDescriptor
 from .._endpoint import format_address
 from .._groups import first_leaf
+from .._log_limit import ThreadedLimitedLog
 from ..errors import ConduitError
+from ..transfer._space import partial_owner
 from ..transfer._storage import make_directories
 from ._common import CLIError, ExitCode, Signals, human_bytes
 
@@ -109,6 +111,11 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     except ValueError as exc:  # a malformed s3:// URL, or no S3 client installed
         raise CLIError(f"cannot use {options.directory} as the storage: {exc}") from None
     transfer.register_server_handlers(server)
+    # A failed download is a line a client causes at will (a name that is not
+    # there, asked again and again): under a budget per owner, as the
+    # library's own lines of that kind. The lines of work done are the log's
+    # point, one per file.
+    failures = ThreadedLimitedLog(log)
 
     @server.on_client_connect
     def connect(peer: Peer) -> None:
@@ -139,7 +146,13 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
         if not metadata["success"]:
             # repr: a refused name is the client's raw text, never to be
             # written into the log as is.
-            log.warning("download   %r for %s failed: %s", name, _who(peer), metadata["error"])
+            failures.warning(
+                partial_owner(peer),
+                "download   %r for %s failed: %s",
+                name,
+                _who(peer),
+                metadata["error"],
+            )
             return
         resumed = int(metadata.get("resumed_from", 0))
         note = f", resumed at {human_bytes(resumed)}" if resumed else ""
