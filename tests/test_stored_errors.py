@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from conduit import errors
-from conduit._stored_errors import detached
+from conduit._stored_errors import ErrorT, detached
 from conduit._streams import IncomingStream
 from conduit.errors import ConnectionClosed, LockedOut, StreamReset, TransferError
 
@@ -79,6 +79,37 @@ def test_os_errors_keep_their_number_and_paths(error: OSError) -> None:
         error.filename2,
     )
     assert str(copy) == str(error)
+
+
+@pytest.mark.parametrize("code", [3, "a message", None])
+def test_a_system_exit_keeps_its_exit_status(code: int | str | None) -> None:
+    # A handler's sys.exit(3), kept for the application's next call, must
+    # still end the process with status 3.
+    copy = detached(_raised(SystemExit(code)))
+    assert isinstance(copy, SystemExit) and copy.code == code
+
+
+def test_a_group_keeps_detached_copies_of_its_members() -> None:
+    members: list[Exception] = [ValueError("a"), KeyError("b")]
+    members[0] = _raised(members[0])
+    group = _raised(ExceptionGroup("two failures", members))
+    assert isinstance(group, ExceptionGroup)
+    copy = detached(group)
+    assert isinstance(copy, ExceptionGroup) and copy is not group
+    assert str(copy) == str(group)
+    for member, original in zip(copy.exceptions, group.exceptions, strict=True):
+        assert member is not original
+        assert (type(member), member.args) == (type(original), original.args)
+        assert member.__traceback__ is None
+    assert group.exceptions[0].__traceback__ is not None  # the original left as it was
+
+
+def _raised(error: ErrorT) -> ErrorT:
+    """``error``, raised and caught: with a traceback."""
+    try:
+        raise error
+    except BaseException:
+        return error
 
 
 def test_an_error_whose_new_refuses_its_arguments_is_returned_as_it_is() -> None:

@@ -19,7 +19,7 @@ raised, and a frame that raises a local deletes it on the way out.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 ErrorT = TypeVar("ErrorT", bound=BaseException)
 
@@ -33,16 +33,28 @@ def detached(error: ErrorT) -> ErrorT:
 
     The copy is made without calling ``__init__`` (its signature may differ
     from ``args``, as :class:`~conduit.errors.LockedOut`'s does): the
-    arguments go to ``__new__``, the attributes are copied as they are.
+    arguments go to ``__new__``, the attributes are copied as they are
+    (``SystemExit.code`` too, which only ``__init__`` sets). An exception
+    group's copy holds detached copies of its members.
     An exception class whose ``__new__`` refuses its own arguments is
     returned as it is (correct, only not cycle-free).
     """
     kind = type(error)
-    try:
-        duplicate = kind.__new__(kind, *error.args)
-    except TypeError:
-        return error
-    duplicate.args = error.args
+    duplicate: BaseException
+    if isinstance(error, BaseExceptionGroup):
+        # Its members carry tracebacks of their own: detached in turn.
+        # (derive(), as the group's own split() does: its message, a group of
+        # its kind; the notes, cause and context are copied below.)
+        duplicate = error.derive([detached(member) for member in error.exceptions])
+    else:
+        try:
+            duplicate = kind.__new__(kind, *error.args)
+        except TypeError:
+            return error
+        duplicate.args = error.args
+    if isinstance(error, SystemExit) and isinstance(duplicate, SystemExit):
+        # Set by __init__, not from ``args`` by __new__: sys.exit(3)'s exit status.
+        duplicate.code = error.code
     if isinstance(error, OSError) and isinstance(duplicate, OSError):
         # Not in ``args``: the path(s) an OSError names. (Only if named: a
         # None set by hand would show as "-> None" in the message.)
@@ -53,7 +65,7 @@ def detached(error: ErrorT) -> ErrorT:
     duplicate.__dict__.update(error.__dict__)
     if error.__cause__ is not None and error.__cause__ is not error:
         duplicate.__cause__ = detached(error.__cause__)
-    return duplicate
+    return cast("ErrorT", duplicate)
 
 
 __all__ = ["detached"]
