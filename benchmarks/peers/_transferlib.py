@@ -116,43 +116,49 @@ class OpTimer:
 
 
 class DataWindow:
-    """When an upload's data flowed: from its first progress report to the one at 100 %.
+    """When an upload's data flowed: its first progress report to its last one below 100 %.
 
     Pass :meth:`on_progress` as the upload's progress callback (conduit's and
     netconduit's progress objects both have ``transferred`` and
-    ``total_size``). What comes before (the begin's round trip) and after (the
-    last records in flight, the server's verify, fsync and publish) is left out,
-    so that calls timed "during the data" met the data on the connection.
+    ``total_size``). The report of 100 % is not the end: conduit reports at
+    most every 0.1 s while it sends, and its report of 100 % comes when the
+    upload returns, after the server's verify, fsync and publish; netconduit
+    reports after each chunk's answer. So the window ends at the last report
+    of a count below the size: at most 0.1 s (conduit) or one chunk
+    (netconduit) before the last data left. What comes before the first
+    report (the begin's round trip) and after the window is left out, so that
+    calls timed "during the data" met the data on the connection.
     """
 
     def __init__(self) -> None:
         self.first_ns: int | None = None
         self.last_ns: int | None = None
         self._first_cpu_ns = 0
-        #: This process's CPU between the first and the last report.
+        #: This process's CPU between the first and the last report below 100 %.
         self.cpu_ns = 0
 
     def on_progress(self, progress: Any) -> None:
         """The upload's progress callback."""
+        if progress.transferred >= progress.total_size:
+            return
         now = time.perf_counter_ns()
         if self.first_ns is None:
             self.first_ns = now
             self._first_cpu_ns = time.process_time_ns()
-        if self.last_ns is None and progress.transferred >= progress.total_size:
-            self.last_ns = now
-            self.cpu_ns = time.process_time_ns() - self._first_cpu_ns
+        self.last_ns = now
+        self.cpu_ns = time.process_time_ns() - self._first_cpu_ns
 
     @property
     def wall_ns(self) -> int:
-        """The window's length; 0 until it closed."""
+        """The window's length; 0 without one."""
         if self.first_ns is None or self.last_ns is None:
             return 0
         return self.last_ns - self.first_ns
 
     def calls_within(self, starts_ns: list[int], latencies_ns: list[int]) -> list[int]:
-        """The latencies of the calls that started inside the window."""
+        """The latencies of the calls that started inside the window (none without one)."""
         if self.first_ns is None or self.last_ns is None:
-            raise RuntimeError("the upload never reported its first and last byte")
+            return []
         first, last = self.first_ns, self.last_ns
         return [
             latency

@@ -7,10 +7,11 @@ One client process per repetition and contender, one connection:
 2. ``during upload``: the same calls, back to back, from a second task while a
    bulk upload (128 MiB quick, 1 GiB full) runs on the *same* connection; the
    loop stops when the upload returns. Of these, the calls that started while
-   the upload's data flowed (from its first progress report to its report of
-   the last byte) are reported again on their own, ``during data``: the
-   begin's round trip and the server's verify, fsync and publish would
-   otherwise dilute the tail with calls that met no data. The goal is on those.
+   the upload's data flowed (from its first progress report to its last one
+   below 100 %: see ``peers/_transferlib.DataWindow``) are reported again on
+   their own, ``during data``: the begin's round trip and the server's
+   verify, fsync and publish would otherwise dilute the tail with calls that
+   met no data. The goal is on those.
 
 conduit's writer sends control frames (calls, results, credit) before queued
 data frames, and seals at most ~1 MiB per record, so a call should wait for at
@@ -72,9 +73,10 @@ NOTES = [
     "(time.perf_counter_ns), calls issued back to back by one task; 'during upload' "
     "calls run on the same connection as the upload, from another task, until it returns",
     "'while its data flows': the calls of 'during upload' that started between the "
-    "upload's first progress report and its report of the last byte, so neither the "
-    "begin's round trip nor the server's verify, fsync and publish dilute them; the "
-    "goal is on these",
+    "upload's first progress report and its last one below 100 % (conduit reports at most "
+    "every 0.1 s while it sends, and 100 % only once the upload returns; netconduit after "
+    "each chunk's answer), so neither the begin's round trip nor the server's verify, "
+    "fsync and publish dilute them; the goal is on these",
     "upload throughput is with the RPC loop running beside it (compare with `bulk`)",
     "ratio column: contender / conduit-trio, per repetition",
     "both peers share 2 vCPUs with each other and with whatever else runs on the machine: "

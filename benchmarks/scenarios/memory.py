@@ -255,6 +255,8 @@ class _Runner:
         # The clients' word is not enough: the growth is per connection the
         # server still holds when its RSS is read.
         warmup_held = int(warmup.ready["connections"])
+        if on_server is None:
+            raise PeerError(f"{name}: cannot count the server's connections (no /proc)")
         if on_server != held + warmup_held:
             raise PeerError(
                 f"{name}: the server holds {on_server} connections, "
