@@ -1,14 +1,16 @@
-"""Log lines about unauthenticated peers, rate-limited per address and in all.
+"""Log lines a peer causes at will, rate-limited per key and in all.
 
-A flood of failed handshakes must not become a flood of log lines (disk,
-journald, whoever reads them): each address gets a small burst, then one line
-per ``period`` that says how many were suppressed. Honest mistakes (a few
-wrong passwords) are all logged. A flood spread over many addresses (each
-within its own budget) meets a second budget, per kind of line across all
-addresses: a larger burst, then one line per ``total_period``, which says how
-many lines from all addresses were suppressed.
+A flood of failed handshakes, or of requests an authenticated peer repeats
+for nothing, must not become a flood of log lines (disk, journald, whoever
+reads them). Each key gets a small burst, then one line per ``period`` that
+says how many were suppressed. A key is an address before authentication,
+and an owner after it (a user, or with a shared password a client's host).
+Honest mistakes (a few wrong passwords) are all logged. A flood spread over
+many keys (each within its own budget) meets a second budget, per kind of
+line across all keys: a larger burst, then one line per ``total_period``,
+which says how many lines from all were suppressed.
 
-An address's bucket is kept while it could still limit a line: one quiet for
+A key's bucket is kept while it could still limit a line: one quiet for
 ``burst * period`` (full again) is forgotten, a few at each line logged, so
 a spray of addresses that never come back leaves no table behind.
 """
@@ -43,7 +45,7 @@ class _Bucket:
 class LimitedLog:
     """``warning(key, clock_now, msg, *args)``: at most ``burst`` lines, then one per ``period``.
 
-    Budgets are per ``key`` (an address) and message template, so a flood of
+    Budgets are per ``key`` (an address, or an owner) and message template, so a flood of
     one kind does not hide the first lines of another; and per message
     template across all keys (``total_burst``, then one per
     ``total_period``), so a flood from many addresses is not one line per
@@ -63,7 +65,7 @@ class LimitedLog:
     _totals: dict[str, _Bucket] = attrs.field(factory=dict, init=False)
 
     def warning(self, key: str, now: float, message: str, *args: Any) -> None:
-        """Log ``message % args`` for ``key`` (an address) unless it, or all
+        """Log ``message % args`` for ``key`` (an address, an owner) unless it, or all
         addresses together, have used their budget for this message."""
         self._emit(logging.WARNING, key, now, message, *args)
 
@@ -97,7 +99,7 @@ class LimitedLog:
         bucket.tokens -= 1
         total.tokens -= 1
         if bucket.suppressed:
-            message += " (%d similar lines from this address suppressed)"
+            message += " (%d similar lines from this source suppressed)"
             args = (*args, bucket.suppressed)
             bucket.suppressed = 0
         if total.suppressed:

@@ -291,7 +291,9 @@ class Client(Endpoint):
     def reconnect_refused(self) -> AuthenticationError | None:
         """The server's refusal of the password at an automatic reconnect, which
         then gave up (a password changed on the server, an account removed);
-        None if that did not happen since the last session began."""
+        None if that did not happen since the last session began. A copy of
+        the error raised, without its traceback (which would keep the client's
+        frames alive)."""
         return self._refused
 
     @property

@@ -15,7 +15,7 @@ import trio
 from .. import Accounts, FileTransferHandler, Peer, Server, ServerDescriptor
 from .._endpoint import format_address
 from .._groups import first_leaf
-from .._log_limit import ThreadedLimitedLog
+from .._log_limit import LimitedLog
 from ..errors import ConduitError
 from ..transfer._space import partial_owner
 from ..transfer._storage import make_directories
@@ -114,8 +114,8 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
     # A failed download is a line a client causes at will (a name that is not
     # there, asked again and again): under a budget per owner, as the
     # library's own lines of that kind. The lines of work done are the log's
-    # point, one per file.
-    failures = ThreadedLimitedLog(log)
+    # point, one per file. (The hooks run in the server's Trio tasks.)
+    failures = LimitedLog(log)
 
     @server.on_client_connect
     def connect(peer: Peer) -> None:
@@ -148,6 +148,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             # written into the log as is.
             failures.warning(
                 partial_owner(peer),
+                trio.current_time(),
                 "download   %r for %s failed: %s",
                 name,
                 _who(peer),

@@ -53,7 +53,7 @@ import attrs
 import trio
 
 from .. import _threads
-from .._log_limit import ThreadedLimitedLog
+from .._log_limit import LimitedLog
 from .._stored_errors import detached
 from ..accounts import check_root
 from ..cluster.store import FileReader, PartialUpload, Store, StoredFile
@@ -325,8 +325,9 @@ class StoreBackend:
         self._digests: OrderedDict[tuple[str, int, str], str] = OrderedDict()
         self._token: trio.lowlevel.TrioToken | None = None
         # Lines about evicted partials, under a budget per owner (a peer
-        # evicts its own at will, as with the local disk's DiskBudget).
-        self._eviction_log = ThreadedLimitedLog(log)
+        # evicts its own at will, as with the local disk's DiskBudget). On
+        # Trio's clock: this backend evicts from Trio tasks only.
+        self._eviction_log = LimitedLog(log)
 
     # ------------------------------------------------------------------ roots
 
@@ -405,8 +406,12 @@ class StoreBackend:
         try:
             for kept in evict:
                 if await self._evict(kept):
+                    # On the budget of the one asking for room, not the victim's.
                     self._eviction_log.info(
-                        kept.owner, "evicted abandoned partial %r to make room", kept.name
+                        owner,
+                        trio.current_time(),
+                        "evicted abandoned partial %r to make room",
+                        kept.name,
                     )
             resume = key is not None and not restart
             overwrite = settings.overwrite
@@ -573,8 +578,12 @@ class StoreBackend:
                 log.warning("could not evict the partial of %r: %s", entry.name, exc)
             else:
                 if evicted:
+                    # On the budget of the owner who left one too many.
                     self._eviction_log.info(
-                        entry.owner, "evicted abandoned partial %r: too many kept", entry.name
+                        owner,
+                        trio.current_time(),
+                        "evicted abandoned partial %r: too many kept",
+                        entry.name,
                     )
 
     async def store_small(self, peer: Peer, entries: list[Entry]) -> None:

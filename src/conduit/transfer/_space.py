@@ -686,7 +686,7 @@ class DiskBudget:
                         now + self._settings.partial_ttl,
                     )
                     self._cap_owner_locked(admission.owner)
-                    self._cap_all_locked()
+                    self._cap_all_locked(admission.owner)
                     return
                 if info == 0:
                     # Nothing to resume: keeping it would only cost an inode
@@ -714,16 +714,18 @@ class DiskBudget:
                     owner,
                 )
 
-    def _cap_all_locked(self) -> None:
-        """Evict the oldest abandoned partials beyond :data:`MAX_ABANDONED`."""
+    def _cap_all_locked(self, cause: str) -> None:
+        """Evict the oldest abandoned partials beyond :data:`MAX_ABANDONED`
+        (``cause``: the owner whose partial was one too many)."""
         excess = len(self._abandoned) - MAX_ABANDONED
         if excess <= 0:
             return
         oldest = heapq.nsmallest(excess, self._abandoned.values(), key=lambda e: e.modified)
         for entry in oldest:
             if self._remove_locked(entry):
+                # Logged on the budget of whoever caused it, not the victim's.
                 self._eviction_log.info(
-                    entry.owner,
+                    cause,
                     "evicted abandoned partial %s: too many in all",
                     "/".join(entry.path),
                 )
@@ -848,8 +850,12 @@ class DiskBudget:
             return False
         for entry in candidates:
             if self._remove_locked(entry):
+                # On the budget of the one asking for room (a user's own
+                # quota: that user's partials), not the victim's.
                 self._eviction_log.info(
-                    entry.owner, "evicted abandoned partial %s to make room", "/".join(entry.path)
+                    entry.owner if owner is None else owner,
+                    "evicted abandoned partial %s to make room",
+                    "/".join(entry.path),
                 )
                 if shortfall() <= 0:
                     return True
