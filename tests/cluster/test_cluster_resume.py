@@ -372,6 +372,38 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     await server.close()
 
 
+async def test_a_resume_whose_handshake_ends_mid_claim_leaves_no_id_registered(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect's handshake runs out of time (its ``auth_timeout``) while
+    the node, having moved the client's id here, tells the node it came
+    from: the id must not stay registered here, refreshed for ever with no
+    connection to release it (an authenticated client could pile them up)."""
+    server = _solo_server(engines, bus_namespace)
+    await nursery.start(server.run)
+    node = server.cluster
+    assert node is not None
+    client_id = await node.new_client_id()
+    token = secrets.token_bytes(32)
+    await node.share_resume_token(token, client_id, "alice", "alice")
+    await node.release_client_id(client_id)  # its connection ended
+    # Since then it resumed on node "b", which holds its entry now.
+    with contextlib.closing(_bus(engines)) as connection:
+        connection.set(f"{bus_namespace}:client:{client_id}", "b", px=int(TTL * 1000))
+
+    async def the_bus_is_slow(*_: Any) -> None:
+        await trio.sleep_forever()  # the notice to "b" waits for the bus
+
+    monkeypatch.setattr(node.bus, "tell", the_bus_is_slow)
+    with trio.move_on_after(0.5) as deadline:  # the handshake's deadline
+        await node.resume_client_id(token, "alice")
+    assert deadline.cancelled_caught
+    # Moved here, then let go: marked departed, and no longer refreshed.
+    await trio.sleep(3 * TTL)
+    assert _registered_node(engines, bus_namespace, client_id) != "solo"
+    await server.close()
+
+
 async def test_a_moved_notice_that_crossed_a_claim_here_keeps_the_id(
     engines: Any, bus_namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

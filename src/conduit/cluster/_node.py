@@ -288,8 +288,16 @@ class ClusterNode:
                 # refreshed (its hold would outlive its deadline) nor deleted
                 # as replaced by the WELCOME's new one (which may be lost).
                 del self._resume_digests[client_id]
-            await self.claim_client_id(client_id)
+            # Held before the move registers it here: a handshake whose
+            # deadline ends the claim after the move (while the old node is
+            # told) would otherwise leave the id registered, refreshed by
+            # this node for ever, with nobody to release it.
             self._hold(client_id)
+            try:
+                await self.claim_client_id(client_id)
+            except BaseException:
+                await self.release_client_id(client_id)  # shielded, bounded, never raises
+                raise
         return client_id
 
     async def spend_resume_token(self, token_handle: bytes) -> None:
