@@ -298,6 +298,8 @@ class ClusterNode:
             except BaseException:
                 await self.release_client_id(client_id)  # shielded, bounded, never raises
                 raise
+            # Here now, whatever a notice handled during the claim said.
+            self._moved_away.pop(client_id, None)
         return client_id
 
     async def spend_resume_token(self, token_handle: bytes) -> None:
