@@ -609,9 +609,12 @@ def test_a_malformed_file_is_read_once_until_it_changes(
     assert len(reads) == 2 and accounts.usernames() == ["alice", "bob"]
 
 
-def test_a_file_that_cannot_be_stated_counts_as_unchanged(tmp_path: Path) -> None:
-    """As root no permission bit stops ``stat``; a symlink loop (ELOOP) stands in
-    for EACCES on the directory, ESTALE or EIO."""
+def accounts_behind_a_looped_link(tmp_path: Path) -> tuple[Accounts, Path]:
+    """Accounts (user "alice") in a directory reached through the link
+    ``tmp_path / "cfg"``, which then points at itself: the file's ``stat``
+    fails (ELOOP). As root no permission bit stops ``stat``; the loop stands
+    in for EACCES on the directory, ESTALE or EIO. Also returns the real
+    directory, which the link can be pointed at again."""
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "cfg").symlink_to(real)
@@ -619,6 +622,11 @@ def test_a_file_that_cannot_be_stated_counts_as_unchanged(tmp_path: Path) -> Non
     accounts.add("alice", PASSWORD)
     (tmp_path / "cfg").unlink()
     (tmp_path / "cfg").symlink_to(tmp_path / "cfg")
+    return accounts, real
+
+
+def test_a_file_that_cannot_be_stated_counts_as_unchanged(tmp_path: Path) -> None:
+    accounts, real = accounts_behind_a_looped_link(tmp_path)
     assert not accounts.changed()
     assert isinstance(accounts.stat_error, OSError)
     assert not accounts.reload_if_changed()

@@ -65,7 +65,6 @@ from conduit.transfer._progress import (
 )
 from conftest import (
     ALICE_PASSWORD,
-    FAST_STRETCH,
     ClientFactory,
     ServerFactory,
     asyncio_until,
@@ -75,6 +74,7 @@ from conftest import (
     server_descriptor,
     wait_until,
 )
+from test_accounts import accounts_behind_a_looped_link
 from test_resource_limits import _cycle_collector_off, _what_cycles_hold
 from transfer_helpers import make_file, register_replacing, storage_server
 
@@ -500,13 +500,7 @@ def test_accounts_whose_file_cannot_be_stated_leave_no_cycle(tmp_path: Path) -> 
     ``stat_error``): kept as it is, its traceback holds that method's frame,
     which holds the accounts. A symlink loop stands in for a directory that
     refuses access (as root no permission bit stops ``stat``)."""
-    real = tmp_path / "real"
-    real.mkdir()
-    (tmp_path / "cfg").symlink_to(real)
-    accounts = Accounts(tmp_path / "cfg" / "users.json", stretch=FAST_STRETCH)
-    accounts.add("alice", ALICE_PASSWORD)
-    (tmp_path / "cfg").unlink()
-    (tmp_path / "cfg").symlink_to(tmp_path / "cfg")
+    accounts, _ = accounts_behind_a_looped_link(tmp_path)
     with _cycle_collector_off() as garbage:
         assert not accounts.changed()
         assert isinstance(accounts.stat_error, OSError)
@@ -571,6 +565,15 @@ def bus_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield engine.url
 
 
+async def _two_buses(bus_url: str, nursery: trio.Nursery) -> tuple[ClusterBus, ClusterBus]:
+    """Nodes "a" (asking) and "b" (answering) on the real bus, in a namespace of their own."""
+    namespace = f"conduit-test-{secrets.token_hex(6)}"
+    buses = [ClusterBus(bus_url, name, namespace=namespace) for name in "ab"]
+    for bus in buses:
+        await nursery.start(bus.run)
+    return buses[0], buses[1]
+
+
 @pytest.mark.parametrize(
     ("failure", "answered"),
     [
@@ -602,10 +605,7 @@ async def test_a_cluster_request_that_failed_leaves_no_cycle(
     traceback: off.
     """
     caplog.set_level(logging.CRITICAL, logger="conduit.cluster.bus")
-    namespace = f"conduit-test-{secrets.token_hex(6)}"
-    asking, answering = (ClusterBus(bus_url, name, namespace=namespace) for name in "ab")
-    for bus in (asking, answering):
-        await nursery.start(bus.run)
+    asking, answering = await _two_buses(bus_url, nursery)
 
     @answering.on_request
     async def fail(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
@@ -626,10 +626,7 @@ async def test_a_cluster_request_its_progress_callback_ended_leaves_no_cycle(
     """``cluster.bus.ClusterBus.request`` (``del failed`` once raised): what
     ``on_progress`` raises ends the wait; it is kept in a local, to be raised
     outside the watch's nursery, and raised from that frame."""
-    namespace = f"conduit-test-{secrets.token_hex(6)}"
-    asking, answering = (ClusterBus(bus_url, name, namespace=namespace) for name in "ab")
-    for bus in (asking, answering):
-        await nursery.start(bus.run)
+    asking, answering = await _two_buses(bus_url, nursery)
 
     @answering.on_request
     async def slow(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import trio
 from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
 from conduit import Client, ClientDescriptor, ConnectionClosed, Server, ServerDescriptor
 from conduit._resume import token_digest
-from conduit.cluster._node import _tag
+from conduit.cluster._node import ClusterNode, _tag
 from conduit.cluster.bus import _DEPARTED as DEPARTED
 from conftest import served, wait_until
 from cutting_proxy import CuttingProxy
@@ -347,19 +347,30 @@ async def test_a_resume_at_a_full_share_in_a_cluster_is_refused_before_it_moves_
     await server.close()
 
 
-async def test_overlapping_connections_of_one_client_on_one_node(
-    engines: Any, bus_namespace: str, nursery: trio.Nursery
-) -> None:
-    # The race the counting closes: a client reconnects here while its stale
-    # connection is still ending. Whichever ends first, the id stays registered
-    # until the last connection holding it is gone.
-    server = _solo_server(engines, bus_namespace)
+async def _node_with_a_shared_token(
+    engines: Any, namespace: str, nursery: trio.Nursery
+) -> tuple[Server, ClusterNode, str, bytes]:
+    """Node "solo", serving, and a client id it holds with a resume token
+    (user "alice") shared on the bus."""
+    server = _solo_server(engines, namespace)
     await nursery.start(server.run)
     node = server.cluster
     assert node is not None
     client_id = await node.new_client_id()
     token = secrets.token_bytes(32)
     await node.share_resume_token(token, client_id, "alice", "alice")
+    return server, node, client_id, token
+
+
+async def test_overlapping_connections_of_one_client_on_one_node(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    # The race the counting closes: a client reconnects here while its stale
+    # connection is still ending. Whichever ends first, the id stays registered
+    # until the last connection holding it is gone.
+    server, node, client_id, token = await _node_with_a_shared_token(
+        engines, bus_namespace, nursery
+    )
     assert await node.resume_client_id(token, "bob") is None  # another account's try
     assert await node.resume_client_id(token, "alice") == client_id  # the reconnect
     await node.spend_resume_token(token_digest(token))  # its session heard from the client
@@ -379,13 +390,9 @@ async def test_a_resume_whose_handshake_ends_mid_claim_leaves_no_id_registered(
     the node, having moved the client's id here, tells the node it came
     from: the id must not stay registered here, refreshed for ever with no
     connection to release it (an authenticated client could pile them up)."""
-    server = _solo_server(engines, bus_namespace)
-    await nursery.start(server.run)
-    node = server.cluster
-    assert node is not None
-    client_id = await node.new_client_id()
-    token = secrets.token_bytes(32)
-    await node.share_resume_token(token, client_id, "alice", "alice")
+    server, node, client_id, token = await _node_with_a_shared_token(
+        engines, bus_namespace, nursery
+    )
     await node.release_client_id(client_id)  # its connection ended
     # Since then it resumed on node "b", which holds its entry now.
     with contextlib.closing(_bus(engines)) as connection:
