@@ -24,7 +24,20 @@ counting freed), as a server's rare full collections would leave it.
   as for ``stalled``; the server hashes a connection's wrong claims only up to
   its ``resume_hash_budget`` and serves the rest from offset 0: the server
   counts the claims it hashed and their bytes, which must be some and at most
-  4 x (the budget + one claim)).
+  4 x (the budget + one claim));
+* ``large-calls``: 64 connections x 8 calls of 340,000 two-character strings
+  (1 MiB on the wire, 20 MB in memory decoded) to a handler that waits (as
+  one waiting on a slow database does) -> the calls admitted hold at most the
+  server's ``server_call_budget`` (512 MiB) plus one call by its count, and
+  the server's RSS grows by less than twice that budget. (The count is
+  ``codec.unpack_sized``'s bound, 21.7 MiB a call here; what a call held
+  costs the server's RSS was measured at about 31 MiB: 19.2 MiB of decoded
+  objects, the handler's structured copy of its list, 2.8 MiB, and the
+  allocator's share, with the refused calls decoded beside them.) Each
+  connection's own 32 MiB bound alone lets every connection hold one: 1.8 GB
+  here, and 250 connections of one user several times that. At a smaller
+  ``--scale`` the budget shrinks with the connections (at least 64 MiB), so
+  that it is still what refuses.
 
 ``--scale`` shrinks every count (0.1 for a quick look). The CI-sized versions
 of the same findings are ``tests/test_resource_limits.py``; malformed answers
@@ -47,6 +60,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from conduit import (
@@ -72,6 +86,8 @@ from conduit.transfer._wire import Trailer
 PASSWORD = "abuse-benchmark"
 MiB = 1024 * 1024
 PROBE = "abuse_probe"
+HOLD = "abuse_hold"
+RELEASE = "abuse_release"
 #: Uploads of the ``dropped`` scenario running at once.
 DROP_CONCURRENCY = 8
 #: The dropped uploads' file, and how much of it the server has written when
@@ -90,12 +106,16 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def serve(storage: str) -> None:
-    """Run the server under test (default settings) until killed; print ``PORT n`` first."""
+def serve(storage: str, call_budget: int | None = None) -> None:
+    """Run the server under test (default settings, but ``call_budget`` for
+    ``server_call_budget`` if given) until killed; print ``PORT n`` first."""
     from conduit._connection import Connection
     from conduit.transfer import _sender
 
-    server = Server(ServerDescriptor(host="127.0.0.1", port=0, password=PASSWORD))
+    descriptor = ServerDescriptor(host="127.0.0.1", port=0, password=PASSWORD)
+    if call_budget is not None:
+        descriptor = attrs.evolve(descriptor, server_call_budget=call_budget)
+    server = Server(descriptor)
     handler = FileTransferHandler(storage_dir=storage)
     handler.register_server_handlers(server)
     # What the resume claims cost: every check of a claim goes through
@@ -134,16 +154,33 @@ def serve(storage: str) -> None:
             # What glibc keeps of freed memory counts as RSS too; after
             # malloc_trim what remains is memory still in use.
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+        call_memory = getattr(server._settings, "call_memory", None)
         return {
             "rss": rss,
             **collected,
             "rss_trimmed": _rss_bytes(),
             "closed_alive": closed,
             "clients": len(server.clients),
+            # -1: a server with no call memory (before 2026-12-07).
+            "call_memory_held": -1 if call_memory is None else call_memory.held,
+            "call_memory_limit": -1 if call_memory is None else call_memory.limit,
             **hashing,
         }
 
+    # A handler that takes its time, as one awaiting a slow database does:
+    # what its callers sent stays decoded until it returns (``large-calls``).
+    held_calls = trio.Event()
+
+    async def abuse_hold(items: list[str]) -> int:
+        await held_calls.wait()
+        return len(items)
+
+    def abuse_release() -> None:
+        held_calls.set()
+
     server.register_rpc(abuse_probe, PROBE)
+    server.register_rpc(abuse_hold, HOLD)
+    server.register_rpc(abuse_release, RELEASE)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -156,14 +193,15 @@ def serve(storage: str) -> None:
 class ServerUnderTest:
     """``serve`` in a subprocess; always killed on exit."""
 
-    def __init__(self, storage: Path) -> None:
+    def __init__(self, storage: Path, options: list[str] | None = None) -> None:
         self.storage = storage
+        self.options = options or []
         self.port = 0
         self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> ServerUnderTest:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.abuse", "serve", str(self.storage)],
+            [sys.executable, "-m", "benchmarks.abuse", "serve", str(self.storage), *self.options],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -269,8 +307,10 @@ class NeverReads:
         """Read until ``expected`` RESULTs came (or ``timeout``): how many of each kind.
 
         Kinds: ``ok`` (``ok_from_zero`` too when its value says ``offset`` 0) or
-        the refusal's code. Reading lets the server send what it held back, so
-        call this only once what is measured has been read.
+        the refusal's code (``overloaded (server)`` for a refusal by the
+        server's call memory rather than the connection's). Reading lets the
+        server send what it held back, so call this only once what is
+        measured has been read.
         """
         counts: dict[str, int] = {}
         seen = 0
@@ -288,6 +328,8 @@ class NeverReads:
                 seen += 1
                 result = decode_body(frame, Result)
                 kind = "ok" if result.ok else result.code
+                if kind == "overloaded" and "the server's calls" in (result.error or ""):
+                    kind = "overloaded (server)"
                 counts[kind] = counts.get(kind, 0) + 1
                 if result.ok and isinstance(result.value, dict) and result.value.get("offset") == 0:
                     counts["ok_from_zero"] = counts.get("ok_from_zero", 0) + 1
@@ -528,6 +570,63 @@ async def resume_hash(port: int, work: Path, scale: float) -> tuple[str, bool]:
     )
 
 
+#: ``large-calls``: 1 MiB on the wire (3 bytes each), 20 MB decoded (59 each),
+#: 22.8 MB by ``codec.unpack_sized``'s bound: one per connection fits its 32 MiB.
+LARGE_CALL_STRINGS = 340_000
+#: The least ``server_call_budget`` that ``large-calls`` shrinks the default to.
+_SMALLEST_CALL_BUDGET = 64 * MiB
+
+
+def _call_budget(scale: float) -> int:
+    """``large-calls``' ``server_call_budget`` at ``scale``: the default, shrunk with it."""
+    default: int = ServerDescriptor(password="x").server_call_budget
+    return max(_SMALLEST_CALL_BUDGET, int(default * scale))
+
+
+async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """64 connections x 8 large calls that wait: within the server's call budget."""
+    connections = max(2, int(64 * scale))
+    per_connection = 8
+    items = ["ab"] * LARGE_CALL_STRINGS
+    before = await probe(port)
+    baseline = before["rss"]
+    peers = [await NeverReads.connect(port) for _ in range(connections)]
+    calls = [(HOLD, {"items": items})] * per_connection
+    for peer in peers:
+        await peer.send_calls(calls, first_id=1)
+    # Every call read and decided: each connection's first admitted (alone,
+    # it fits its 32 MiB), those behind it refused by that bound or the server's.
+    peak, held = baseline, 0
+    for _ in range(40):  # 8 s: the server decodes 0.5 GB of calls at full scale
+        await trio.sleep(0.2)
+        report = await probe(port)
+        peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
+    releaser = _client(port)
+    await releaser.connect()
+    await releaser.call(RELEASE)
+    await releaser.disconnect()
+    answers = _added([await peer.answers(per_connection, timeout=30) for peer in peers])
+    for peer in peers:
+        await peer.aclose()
+    growth = peak - baseline
+    limit = before["call_memory_limit"]
+    admitted = answers.get("ok", 0)
+    answered = sum(answers.values())
+    # Bounded: the calls admitted hold at most the limit plus one (each is
+    # 22.8 MB by the count), and the RSS grew by less than twice the limit
+    # (see the module docstring for what a call held costs beyond its count).
+    bound = 22_000_000
+    bounded = limit > 0 and admitted <= limit // bound + 1 and growth < 2 * limit
+    budget = "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+    return (
+        f"{connections} connections x {per_connection} calls of {len(items):,} strings "
+        f"(1 MiB each on the wire) to a handler that waits, {budget} "
+        f"({_answers_text(answers)}; the server's count peaked at {held / MiB:.0f} MiB): "
+        f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
+        bounded and answered == connections * per_connection and 0 < admitted < connections,
+    )
+
+
 def _added(counts: list[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for count in counts:
@@ -554,7 +653,21 @@ SCENARIOS: dict[str, Callable[[int, Path, float], Any]] = {
     "bad-checksum": bad_checksum,
     "stalled": stalled,
     "resume-hash": resume_hash,
+    "large-calls": large_calls,
 }
+
+
+#: Options of the server process a scenario needs at a ``--scale`` (none at 1:
+#: every scenario's server has the default settings at full size).
+def _large_calls_options(scale: float) -> list[str]:
+    return [] if scale == 1 else ["--call-budget", str(_call_budget(scale))]
+
+
+def _no_options(_scale: float) -> list[str]:
+    return []
+
+
+SERVER_OPTIONS: dict[str, Callable[[float], list[str]]] = {"large-calls": _large_calls_options}
 
 
 def run(names: list[str], scale: float) -> bool:
@@ -564,7 +677,8 @@ def run(names: list[str], scale: float) -> bool:
         with tempfile.TemporaryDirectory(prefix="conduit-abuse-") as tmp:
             work = Path(tmp)
             (work / "storage").mkdir()
-            with ServerUnderTest(work / "storage") as server:
+            options = SERVER_OPTIONS.get(name, _no_options)(scale)
+            with ServerUnderTest(work / "storage", options) as server:
                 started = time.monotonic()
                 line, ok = trio.run(SCENARIOS[name], server.port, work, scale)
             verdict = "PASS" if ok else "FAIL"
@@ -577,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: ``serve STORAGE`` (the server under test) or the scenarios."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"]:
-        serve(args[1])
+        budget = int(args[3]) if args[2:3] == ["--call-budget"] else None
+        serve(args[1], budget)
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.abuse", description=__doc__)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))

@@ -5,8 +5,9 @@ at ``--scale 0.05`` against its real server process and checks what each
 scenario now verifies of its own attack: the dropped uploads were cut after
 the server had data of them (none finished uncut), and the stalled and
 resume-claiming downloads were all answered (admitted or refused), some
-admitted, and the server hashed some of the wrong resume claims but no more
-than each connection's budget allows.
+admitted, the server hashed some of the wrong resume claims but no more
+than each connection's budget allows, and the large calls of all connections
+were admitted only within the server's call budget.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 4, lines
-    dropped, _bad, stalled, resume = lines
+    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 5, lines
+    dropped, _bad, stalled, resume, large = lines
     assert "0 finished before their cut" in dropped, dropped
     cut = re.search(r"\((\d+) MiB in their partials", dropped)
     assert cut is not None and int(cut.group(1)) > 0, dropped
@@ -47,3 +48,7 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     assert hashed is not None, resume
     assert int(hashed.group(1)) == 20, resume
     assert float(hashed.group(2)) == pytest.approx(5.0, abs=0.01), resume
+    # 3 connections x 8 calls of 21.7 MiB (by the count) against a budget of
+    # 64 MiB: two admitted; the third connection's first refused by the
+    # server's budget (its own bound had room), and everything behind it.
+    assert "(2 admitted, 14 refused 'overloaded', 8 refused 'overloaded (server)'" in large, large

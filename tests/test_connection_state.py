@@ -27,6 +27,7 @@ from conduit.protocol.codec import COUNTED_BODY, data_header, iter_frames
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
     CallCancelled,
+    CallMemory,
     CallReceived,
     CallRefused,
     ConnectionState,
@@ -339,6 +340,60 @@ def test_large_calls_are_admitted_by_what_they_hold_decoded(
     pair.server.finish_value(9, None)
     lone = call_frame(11, "store", items=["ab"] * 21_000)
     assert isinstance(pair.deliver_one(pair.server, lone), CallReceived)  # alone: any size
+
+
+def test_large_calls_of_all_connections_share_the_servers_call_memory() -> None:
+    """Connections given one :class:`CallMemory` (a server's
+    ``server_call_budget``) admit large calls while all of them together hold
+    at most its limit: a call that fits its own connection's bound is refused
+    when the others hold the rest, and admitted once one of theirs finishes.
+    What a connection's calls still hold when its engine ends leaves the
+    memory (``release_calls``); small calls are not counted."""
+    memory = CallMemory(3 * 1024 * 1024)
+    first, second = (machine(is_client=False, call_memory=memory) for _ in range(2))
+    wire = Pair(machine(is_client=True), first)
+    strings = ["ab"] * 20_000  # 60 KB on the wire, about 1.3 MB decoded
+    assert isinstance(wire.deliver_one(first, call_frame(1, "store", items=strings)), CallReceived)
+    one = memory.held
+    assert one > 1_000_000
+    assert isinstance(wire.deliver_one(second, call_frame(1, "store", items=strings)), CallReceived)
+    assert memory.held == 2 * one
+    refused = wire.deliver_one(first, call_frame(3, "store", items=strings))
+    assert isinstance(refused, CallRefused)  # first holds one: its own bound has room
+    refusal = decode_body(iter_frames(refused.reply, MAX_FRAME)[0], Result)
+    assert refusal.code == "overloaded"
+    assert "the server's calls and messages hold" in refusal.error
+    assert isinstance(wire.deliver_one(first, call_frame(5, "ping")), CallReceived)
+    assert memory.held == 2 * one  # the small call is not counted
+    second.finish_value(1, None)
+    assert memory.held == one
+    assert isinstance(wire.deliver_one(first, call_frame(7, "store", items=strings)), CallReceived)
+    assert memory.held == 2 * one
+    first.drop_streams()  # the connection is over; its handlers may still run
+    assert memory.held == 2 * one
+    first.call_finished(1)
+    assert memory.held == one
+    first.release_calls()  # the engine ended: call 7 never said it finished
+    assert memory.held == 0
+    first.call_finished(7)  # a late word changes nothing
+    assert memory.held == 0
+
+
+def test_a_lone_call_of_any_size_fits_the_servers_call_memory() -> None:
+    """While the server holds nothing, a call larger than its whole call
+    memory is admitted (the largest frame may decode to ~72 times its
+    bytes); a second then waits for it."""
+    memory = CallMemory(1024 * 1024)
+    server = machine(is_client=False, call_memory=memory)
+    wire = Pair(machine(is_client=True), server)
+    strings = ["ab"] * 20_000
+    assert isinstance(wire.deliver_one(server, call_frame(1, "store", items=strings)), CallReceived)
+    assert memory.held > memory.limit
+    other = machine(is_client=False, call_memory=memory)
+    small = ["ab"] * 2_000  # over COUNTED_BODY, about 130 KB decoded
+    assert isinstance(wire.deliver_one(other, call_frame(1, "store", items=small)), CallRefused)
+    server.call_finished(1)
+    assert isinstance(wire.deliver_one(other, call_frame(1, "store", items=small)), CallReceived)
 
 
 def test_a_large_body_of_empty_lists_is_a_valid_call(pair: Pair) -> None:

@@ -51,6 +51,7 @@ from conduit import (
     AuthenticationError,
     Client,
     ClientDescriptor,
+    ConnectionClosed,
     FileTransferHandler,
     Peer,
     RPCError,
@@ -773,6 +774,149 @@ async def test_empty_data_frames_leave_nothing_counted_in_the_servers_receive_me
         assert stream_id in connection._state.incoming  # still open, holding nothing
         nursery.cancel_scope.cancel()
     await peer.aclose()
+
+
+#: 60 KB on the wire, about 1.3 MB decoded (``codec.unpack_sized``'s bound):
+#: two fit a call memory of 3 MiB, three do not.
+_STRINGS = ["ab"] * 20_000
+
+
+@hostile(
+    "server-call-budget",
+    area="resource limits, whole server",
+    attack="3 connections each run a call of 20,000 short strings (60 KB on the wire, about "
+    "1.3 MB decoded) whose handler waits, against server_call_budget=3 MiB; then one "
+    "disconnects while its call runs",
+    behaviour="two are admitted and the third is refused 'overloaded', naming the server's "
+    "budget (its connection's own bound, 32 MiB, had room: before, all three ran, and 250 "
+    "connections of one user could hold 7.8 GiB); a small call on that connection is answered "
+    "meanwhile; once the handlers end the third runs; a call whose connection ended is "
+    "uncounted once its handler has ended, and the server counts nothing at the end",
+)
+async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    released = trio.Event()
+    running: list[str] = []
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def store(items: list[str]) -> int:
+            running.append("store")
+            await released.wait()
+            return len(items)
+
+        @server.rpc
+        async def hold(items: list[str]) -> None:
+            await trio.sleep_forever()
+
+        @server.rpc
+        def ping() -> str:
+            return "pong"
+
+    server = await server_factory(register=register, server_call_budget=3 * MiB)
+    memory = server._settings.call_memory
+    assert memory is not None and memory.limit == 3 * MiB
+    clients = [await client_factory(server) for _ in range(3)]
+    results: list[int] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def store(client: Client) -> None:
+                results.append(await client.call("store", items=_STRINGS))
+
+            for client in clients[:2]:
+                nursery.start_soon(store, client)
+            await wait_until(lambda: len(running) == 2)
+            assert 2 * 1_000_000 < memory.held <= 3 * MiB
+            with pytest.raises(RPCError) as refused:
+                await clients[2].call("store", items=_STRINGS)
+            assert refused.value.code == "overloaded"
+            assert "the server's calls and messages hold" in str(refused.value)
+            assert await clients[2].call("ping") == "pong"
+            released.set()
+        assert results == [20_000, 20_000]
+        assert memory.held == 0
+        assert await clients[2].call("store", items=_STRINGS) == 20_000
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:
+                with contextlib.suppress(ConnectionClosed, RPCError):
+                    await clients[0].call("hold", items=_STRINGS)
+
+            nursery.start_soon(hold)
+            await wait_until(lambda: memory.held > 1_000_000)
+            await clients[0].disconnect()
+        await wait_until(lambda: memory.held == 0)
+        for client in clients[1:]:
+            await client.disconnect()
+        await wait_until(lambda: not server.clients)
+        assert memory.held == 0
+
+
+@hostile(
+    "server-call-budget-messages",
+    area="resource limits, whole server",
+    attack="one connection sends two messages of 20,000 short strings (about 1.3 MB decoded "
+    "each) to a message handler that waits, against server_call_budget=3 MiB; a second "
+    "connection then sends one more, and a call behind it; a third only calls",
+    behaviour="the second connection's message waits, and that connection is not read (its "
+    "call waits behind the message) until the handlers have released enough, then both are "
+    "handled; the third connection is answered meanwhile; messages still queued "
+    "when their connection ends leave nothing counted",
+)
+async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    released = trio.Event()
+    handled: list[tuple[str, int]] = []
+
+    def register(server: Server) -> None:
+        @server.on("event")
+        async def on_event(peer: Peer, data: dict[str, Any]) -> None:
+            handled.append((data["name"], len(data["items"])))
+            await released.wait()
+
+        @server.rpc
+        def ping(name: str) -> str:
+            handled.append((name, 0))
+            return "pong"
+
+    server = await server_factory(register=register, server_call_budget=3 * MiB)
+    memory = server._settings.call_memory
+    assert memory is not None
+    first, second, third = [await client_factory(server) for _ in range(3)]
+    with trio.fail_after(30):
+        for _ in range(2):
+            await first.send("event", {"items": _STRINGS, "name": "first"})
+        await wait_until(lambda: memory.held > 2 * 1_000_000)
+        await second.send("event", {"items": _STRINGS, "name": "second"})
+        answers: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def call_behind() -> None:
+                answers.append(await second.call("ping", name="second's call"))
+
+            nursery.start_soon(call_behind)
+            assert await third.call("ping", name="third") == "pong"
+            connection = server.clients[second.id or ""].connection
+            await wait_until(lambda: connection._reading_paused)
+            await trio.sleep(0.5)
+            assert answers == [] and ("second", 20_000) not in handled
+            released.set()
+        assert answers == ["pong"]
+        assert handled[:2] == [("first", 20_000), ("third", 0)]
+        # (A call runs as it is read, a message in the message task: each
+        # connection's messages keep their order, not their order with calls.)
+        assert sorted(handled[2:]) == [("first", 20_000), ("second", 20_000), ("second's call", 0)]
+        await wait_until(lambda: memory.held == 0)
+        released = trio.Event()
+        for _ in range(2):
+            await first.send("event", {"items": _STRINGS, "name": "left"})
+        await wait_until(lambda: memory.held > 2 * 1_000_000)
+        await first.disconnect()
+        await wait_until(lambda: memory.held == 0)
+        assert ("left", 20_000) in handled
 
 
 @hostile(

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 from collections import deque
@@ -48,6 +49,7 @@ import attrs
 import outcome
 import trio
 
+from ._call_memory import SharedCallMemory
 from ._call_workers import Blocked, CallRunners
 from ._callbacks import calling_task
 from ._heartbeats import Entry, Heartbeats
@@ -182,15 +184,21 @@ class ConnectionSettings:
     #: What the inbound streams of all the endpoint's connections may hold
     #: together (a server's ``server_receive_budget``); None for no bound.
     receive_memory: SharedReceiveMemory | None = attrs.field(default=None, eq=False)
+    #: What the large calls and queued messages of all the endpoint's
+    #: connections may hold decoded together (a server's
+    #: ``server_call_budget``); None for no bound beyond each connection's.
+    call_memory: SharedCallMemory | None = attrs.field(default=None, eq=False)
 
 
 def settings_from(descriptor: Any) -> ConnectionSettings:
     """The per-connection settings a Server- or ClientDescriptor asks for.
 
-    A server's settings carry its :class:`SharedReceiveMemory`, made here: one
-    per endpoint, as the endpoint makes its settings once.
+    A server's settings carry its :class:`SharedReceiveMemory` and its
+    :class:`SharedCallMemory`, made here: one each per endpoint, as the
+    endpoint makes its settings once.
     """
     server_budget: int | None = getattr(descriptor, "server_receive_budget", None)
+    call_budget: int | None = getattr(descriptor, "server_call_budget", None)
     return ConnectionSettings(
         max_frame_size=descriptor.max_frame_size,
         receive_window=descriptor.receive_window,
@@ -202,6 +210,7 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
         receive_budget=descriptor.connection_receive_budget,
         max_receive_window=window_limit(descriptor.receive_window, descriptor.max_receive_window),
         receive_memory=None if server_budget is None else SharedReceiveMemory(server_budget),
+        call_memory=None if call_budget is None else SharedCallMemory(call_budget),
     )
 
 
@@ -301,6 +310,7 @@ class Connection:
             max_concurrent_calls=settings.max_concurrent_calls,
             max_streams=settings.max_streams,
             receive_budget=settings.receive_budget,
+            call_memory=settings.call_memory,
         )
         self._outbox = Outbox(settings.send_buffer, state, self._start_writer)
         self._pending = PendingCalls(
@@ -350,6 +360,9 @@ class Connection:
         self._message_task_started = False
         self._message_bytes = 0  # see _MESSAGE_QUEUE_BYTES
         self._message_room: trio.Event | None = None
+        # The server's call memory, where the messages count too (see
+        # _queue_message), if any.
+        self._call_memory = settings.call_memory
         self._timer_wanted = False
         # Likewise the writer: results and calls go out directly while it is
         # idle, so it starts with the first frame that must wait (see Outbox).
@@ -656,6 +669,14 @@ class Connection:
         self._shutdown(self.close_reason or "connection closed")
         if self._role is not None:
             self._role.close()
+        # No handler runs now (the nursery's tasks are over): what the calls
+        # and queued messages still counted in the server's call memory
+        # leaves it, however the connection ended.
+        self._state.release_calls()
+        memory = self._call_memory
+        if memory is not None and self._message_bytes:
+            memory.release(self._message_bytes)
+        self._message_bytes = 0
 
     def _unlink(self) -> None:
         """Drop the links from this connection's parts back to it, now that it is over.
@@ -1083,15 +1104,59 @@ class Connection:
         return None
 
     async def _queue_message(self, message: MessageReceived) -> None:
+        """Queue ``message`` for the message task once it fits both this
+        connection's queue and the server's call memory (a lone one always
+        fits each)."""
         charge = max(message.size, _MESSAGE_CHARGE)
-        while self._message_bytes and self._message_bytes + charge > _MESSAGE_QUEUE_BYTES:
-            room = self._message_room = trio.Event()
-            await self._wait_for_message_room(room.wait)
+        memory = self._call_memory
+        while True:
+            if self._message_bytes and self._message_bytes + charge > _MESSAGE_QUEUE_BYTES:
+                room = self._message_room = trio.Event()
+                await self._wait_for_message_room(room.wait)
+            elif memory is not None and not memory.admits(charge) and not self._read_to_the_end:
+                await self._wait_for_message_room(
+                    functools.partial(self._wait_for_call_memory, memory, charge),
+                    "the server's call memory (server_call_budget)",
+                )
+            else:
+                break
         self._message_bytes += charge
+        if memory is not None:
+            memory.take(charge)
         self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
 
-    async def _wait_for_message_room(self, wait: Callable[[], Awaitable[None]]) -> None:
-        """``wait()`` for room in the message queue, saying so if it takes long.
+    async def _wait_for_call_memory(self, memory: SharedCallMemory, charge: int) -> None:
+        """Other connections' calls and messages fill the server's call memory:
+        read nothing until ``charge`` more fits, or the connection is over.
+
+        Our pause, as for the receive memory (:meth:`_wait_for_receive_memory`):
+        it counts neither as the peer's silence nor as its idleness, and a
+        peer that closed its side meanwhile is read to its end (it sends
+        nothing more), its messages let in past the limit.
+        """
+        state = self._state
+        stream = self.stream
+
+        def still_needed() -> bool:
+            if state.phase is _CLOSED:
+                return False
+            if peer_has_closed(stream):
+                self._read_to_the_end = True
+                return False
+            return True
+
+        self._reading_paused = True
+        try:
+            await memory.wait_for_room(charge, still_needed)
+        finally:
+            self._reading_paused = False
+            self._last_received = self._last_activity = trio.current_time()
+
+    async def _wait_for_message_room(
+        self, wait: Callable[[], Awaitable[None]], full: str = "the message queue"
+    ) -> None:
+        """``wait()`` for room in the message queue (or, as ``full`` says, in
+        the server's call memory), saying so if it takes long.
 
         While it waits the reader reads nothing, answers included: a message
         handler that awaits a call on this same connection then waits for
@@ -1105,11 +1170,12 @@ class Connection:
             return
         if len(self._pending):
             log.warning(
-                "%s: the message queue has been full for %g s, so this connection "
+                "%s: %s has been full for %g s, so this connection "
                 "reads nothing, while %d call(s) of ours wait for answers: a message "
                 "handler that awaits a call on its own connection cannot get the "
-                "answer until the queue drains (run such work in a task of its own)",
+                "answer until it drains (run such work in a task of its own)",
                 self.label,
+                full,
                 _MESSAGE_STALL_WARNING,
                 len(self._pending),
             )
@@ -1356,7 +1422,10 @@ class Connection:
             except Exception:
                 log.exception("%s: handler for message %r failed", self.label, message.event)
             finally:
-                self._message_bytes -= max(message.size, _MESSAGE_CHARGE)
+                charge = max(message.size, _MESSAGE_CHARGE)
+                self._message_bytes -= charge
+                if self._call_memory is not None:
+                    self._call_memory.release(charge)
                 room = self._message_room
                 if room is not None:
                     self._message_room = None

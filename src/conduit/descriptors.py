@@ -291,6 +291,19 @@ class ServerDescriptor:
     server_receive_budget: int = attrs.field(
         default=1024 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
     )
+    #: Bytes that the arguments of the large calls running (bodies over 4 KiB)
+    #: and the messages queued for the message handlers, of all connections
+    #: together, may hold decoded (counted as ``codec.unpack_sized`` bounds
+    #: them). Over it, a large call is refused with code "overloaded" (the
+    #: caller may try again), and a connection with a message to queue stops
+    #: reading until the handlers have released enough; calls under 4 KiB
+    #: run on. Each connection's own share is bounded apart (32 MiB of large
+    #: calls, 32 MiB of messages); this bounds the server, whatever the
+    #: number of connections. A call or message of any size is let in while
+    #: the server holds nothing of the kind.
+    server_call_budget: int = attrs.field(
+        default=512 * 1024 * 1024, validator=[v.instance_of(int), _positive]
+    )
     #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
     #: Failed handshakes from one address, within ``auth_failure_window``,

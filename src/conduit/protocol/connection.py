@@ -13,7 +13,9 @@ What it owns: frame-kind dispatch, stream-id parity and allocation, early
 resets, the per-stream credit counters and their checks (and the count of what
 the inbound streams hold, in a :class:`ReceiveMemory` that many connections
 may share), call-id allocation and
-uniqueness, the concurrency limit, PING -> PONG, GOODBYE and the closing state.
+uniqueness, the concurrency limit and what large calls hold decoded (in a
+:class:`CallMemory` that many connections may share too), PING -> PONG,
+GOODBYE and the closing state.
 What it does not: time (heartbeats, idleness, call timeouts), waiting, tasks.
 
 The hot path is DATA: it allocates nothing per frame, and the consecutive DATA
@@ -226,6 +228,45 @@ class ReceiveMemory:
         self.held = 0
 
 
+class CallMemory:
+    """What the large calls and queued messages of many connections hold decoded.
+
+    One for all the connections of a server (``server_call_budget``): each
+    connection's CALLs over :data:`~conduit.protocol.codec.COUNTED_BODY`
+    count here what they hold decoded (``codec.unpack_sized``'s bound) from
+    their admission until they finish, and the engine counts here the
+    messages its message task has queued or is handling. Each connection's
+    own share is bounded apart (:data:`LARGE_CALL_BYTES`, the engine's message
+    queue); this bounds all of them together, whatever the number of
+    connections. A large call that does not fit is refused (``overloaded``);
+    a message that does not fit waits (the engine stops reading its
+    connection). Only what the whole server holds nothing of is let in past
+    the limit, so that a lone body of any size still runs: it holds at most
+    the limit plus one body.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        #: What :attr:`held` may reach (see :meth:`admits`).
+        self.limit = limit
+        #: What the calls and messages counting here hold now.
+        self.held = 0
+
+    def admits(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit (always, while nothing is held)."""
+        held = self.held
+        return not held or held + size <= self.limit
+
+    def take(self, size: int) -> None:
+        """A call or message holding ``size`` bytes decoded was let in."""
+        self.held += size
+
+    def release(self, size: int) -> None:
+        """A call or message that held ``size`` bytes is over."""
+        self.held -= size
+
+
 def _held(view: memoryview) -> int:
     """Bytes of the buffer ``view`` keeps alive (its record, or the mapping it was opened in)."""
     # bytes (a small record), an mmap (a bulk one): both sized.
@@ -414,6 +455,7 @@ class ConnectionState:
         max_concurrent_calls: int,
         max_streams: int | None = None,
         receive_budget: int | None = None,
+        call_memory: CallMemory | None = None,
     ) -> None:
         self.is_client = is_client
         self.receive_window = receive_window
@@ -449,6 +491,10 @@ class ConnectionState:
         # Those of them larger than COUNTED_BODY: their bytes on the wire.
         self._large_calls: dict[int, int] = {}
         self._large_call_bytes = 0
+        #: Where the large calls count what they hold, beside this
+        #: connection's own count, until they finish (see :class:`CallMemory`);
+        #: None for no bound beyond the connection's.
+        self.call_memory = call_memory
         # Stream ids are allocated by the receiving side: odd by clients, even
         # by servers, so the two never collide.
         self._stream_ids = itertools.count(1 if is_client else 2, 2)
@@ -491,9 +537,19 @@ class ConnectionState:
         self.incoming.clear()
         self.outgoing.clear()
         self._active_calls.clear()
+        return streams
+
+    def release_calls(self) -> None:
+        """The engine has ended: no handler runs any more, so what the large
+        calls still counted (those whose end :meth:`call_finished` was not
+        told) leaves :attr:`call_memory`. Until then a handler still running
+        after the connection ended (a cancelled one finishing) holds its
+        arguments, and they count."""
+        memory = self.call_memory
+        if memory is not None:
+            memory.release(self._large_call_bytes)
         self._large_calls.clear()
         self._large_call_bytes = 0
-        return streams
 
     # ------------------------------------------------------------ receiving
 
@@ -587,7 +643,9 @@ class ConnectionState:
     def _large_call(self, call_id: int, payload: bytes | memoryview) -> CallReceived | CallRefused:
         """A CALL larger than :data:`COUNTED_BODY`: admitted while what the large
         calls queued or running hold decoded (``codec.unpack_sized``'s bound)
-        stays within :data:`LARGE_CALL_BYTES` (a lone one always is)."""
+        stays within :data:`LARGE_CALL_BYTES` (a lone one always is), and
+        within :attr:`call_memory`'s limit for those of all the connections
+        sharing it."""
         method, args, size = decode_call_sized(payload)
         held = self._large_call_bytes
         if held and held + size > LARGE_CALL_BYTES:
@@ -598,16 +656,30 @@ class ConnectionState:
                 f"calls holding {held} bytes of arguments are running (limit "
                 f"{LARGE_CALL_BYTES}); try again when they are done",
             )
+        memory = self.call_memory
+        if memory is not None and not memory.admits(size):
+            # Other connections' calls and messages hold the server's share.
+            return self._refuse_call(
+                call_id,
+                f"the server's calls and messages hold {memory.held} bytes decoded (limit "
+                f"{memory.limit}); try again when they are done",
+            )
         active = self._active_calls
         if call_id in active or len(active) >= self.max_concurrent_calls:
             return self._refuse_call(call_id)
         active.add(call_id)
         self._large_calls[call_id] = size
         self._large_call_bytes = held + size
+        if memory is not None:
+            memory.take(size)
         return CallReceived(call_id, method, args)
 
     def _release_large_call(self, call_id: int) -> None:
-        self._large_call_bytes -= self._large_calls.pop(call_id, 0)
+        size = self._large_calls.pop(call_id, 0)
+        self._large_call_bytes -= size
+        memory = self.call_memory
+        if memory is not None and size:
+            memory.release(size)
 
     def _on_credit(self, stream_id: int, credit: Credit) -> OutboundStream | None:
         if not 0 < credit.increment <= 1 << 31:
@@ -865,6 +937,7 @@ __all__ = [
     "MAX_CALL_ID",
     "MAX_EARLY_RESETS",
     "CallCancelled",
+    "CallMemory",
     "CallReceived",
     "CallRefused",
     "ConnectionState",
