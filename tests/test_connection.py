@@ -20,7 +20,6 @@ import trio
 import trio.testing
 
 from conduit import ServerDescriptor
-from conduit._call_memory import SharedCallMemory
 from conduit._call_workers import MAX_IDLE_FOLLOWERS
 from conduit._connection import (
     BURST_RECORD_FRAMES,
@@ -1222,45 +1221,6 @@ async def test_a_reader_waits_for_room_in_the_servers_receive_memory(
             assert len(returned) == 1, change
             waited = returned[0] - start
             assert waited == 0 if change == "freed" else 0 < waited <= RECHECK_INTERVAL, change
-
-
-async def test_a_reader_waits_for_room_in_the_servers_call_memory(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """``SharedCallMemory.wait_for_room`` returns at once when a release makes
-    room for the reader's message, not at a release that leaves too little,
-    and within ``RECHECK_INTERVAL`` once the reader no longer needs room (its
-    connection ended); a lone message (nothing held) never waits."""
-    memory = SharedCallMemory(100)
-    needed = True
-    returned: list[float] = []
-
-    async def reader(size: int) -> None:
-        await memory.wait_for_room(size, lambda: needed)
-        returned.append(trio.current_time())
-
-    await reader(1000)  # nothing held: any size fits
-    assert returned == [0.0]
-    returned.clear()
-    async with trio.open_nursery() as nursery:
-        memory.take(90)
-        nursery.start_soon(reader, 20)
-        await trio.sleep(5.5 * RECHECK_INTERVAL)
-        memory.release(5)  # 85 + 20 > 100: still waits
-        await trio.sleep(5.5 * RECHECK_INTERVAL)
-        assert returned == []
-        start = trio.current_time()
-        memory.release(5)  # 80 + 20 fits
-        await trio.sleep(2 * RECHECK_INTERVAL)
-        assert returned == [start]
-        returned.clear()
-        memory.take(20)
-        nursery.start_soon(reader, 20)
-        await trio.sleep(5.5 * RECHECK_INTERVAL)
-        assert returned == []
-        start, needed = trio.current_time(), False
-        await trio.sleep(2 * RECHECK_INTERVAL)
-        assert len(returned) == 1 and 0 < returned[0] - start <= RECHECK_INTERVAL
 
 
 async def test_kept_batches_stay_within_the_connection_receive_budget() -> None:

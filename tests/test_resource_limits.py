@@ -857,13 +857,14 @@ async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
 @hostile(
     "server-call-budget-messages",
     area="resource limits, whole server",
-    attack="one connection sends two messages of 20,000 short strings (about 1.3 MB decoded "
-    "each) to a message handler that waits, against server_call_budget=3 MiB; a second "
-    "connection then sends one more, and a call behind it; a third only calls",
-    behaviour="the second connection's message waits, and that connection is not read (its "
-    "call waits behind the message) until the handlers have released enough, then both are "
-    "handled; the third connection is answered meanwhile; messages still queued "
-    "when their connection ends leave nothing counted",
+    attack="against server_call_budget=3 MiB, to a message handler that waits: one connection "
+    "sends two messages of 20,000 short strings (about 1.3 MB decoded each); a second sends "
+    "two more, and a call behind them; a third only calls",
+    behaviour="the second connection's first message is let in (it has nothing queued of its "
+    "own: a wait for room the others hold could last for good), its second waits, and that "
+    "connection is not read (its call waits behind the message) until its own handler has "
+    "taken a message out; the third connection is answered meanwhile; then everything is "
+    "handled; messages still queued when their connection ends leave nothing counted",
 )
 async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
     server_factory: ServerFactory, client_factory: ClientFactory
@@ -890,7 +891,9 @@ async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
         for _ in range(2):
             await first.send("event", {"items": _STRINGS, "name": "first"})
         await wait_until(lambda: memory.held > 2 * 1_000_000)
-        await second.send("event", {"items": _STRINGS, "name": "second"})
+        one = memory.held // 2
+        for name in ("second", "second again"):
+            await second.send("event", {"items": _STRINGS, "name": name})
         answers: list[str] = []
         async with trio.open_nursery() as nursery:
 
@@ -898,17 +901,25 @@ async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
                 answers.append(await second.call("ping", name="second's call"))
 
             nursery.start_soon(call_behind)
-            assert await third.call("ping", name="third") == "pong"
             connection = server.clients[second.id or ""].connection
             await wait_until(lambda: connection._reading_paused)
-            await trio.sleep(0.5)
-            assert answers == [] and ("second", 20_000) not in handled
+            # Past the limit by the second's first, and by nothing more.
+            assert memory.limit < memory.held < 3 * one + 64
+            assert await third.call("ping", name="third") == "pong"
+            assert connection._reading_paused and answers == []
+            assert ("second", 20_000) in handled and ("second again", 20_000) not in handled
             released.set()
         assert answers == ["pong"]
-        assert handled[:2] == [("first", 20_000), ("third", 0)]
         # (A call runs as it is read, a message in the message task: each
         # connection's messages keep their order, not their order with calls.)
-        assert sorted(handled[2:]) == [("first", 20_000), ("second", 20_000), ("second's call", 0)]
+        assert sorted(handled) == [
+            ("first", 20_000),
+            ("first", 20_000),
+            ("second", 20_000),
+            ("second again", 20_000),
+            ("second's call", 0),
+            ("third", 0),
+        ]
         await wait_until(lambda: memory.held == 0)
         released = trio.Event()
         for _ in range(2):
@@ -917,6 +928,49 @@ async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
         await first.disconnect()
         await wait_until(lambda: memory.held == 0)
         assert ("left", 20_000) in handled
+
+
+@hostile(
+    "server-call-budget-answer-behind-a-message",
+    area="resource limits, whole server",
+    attack="against server_call_budget=2 MiB, a call of 20,000 short strings (about 1.3 MB "
+    "decoded) whose handler calls the client back; the client's handler sends a message of "
+    "the same size before it answers",
+    behaviour="the call returns: the message is let in past the full budget (its connection "
+    "had nothing queued), so the reader reads on to the answer the handler waits for (before: "
+    "the reader waited for room that only the handler's end would make, until rpc_timeout, "
+    "or for good without one)",
+    found="in review of this change",
+)
+async def test_an_answer_behind_a_message_is_read_when_the_call_memory_is_full(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    got: list[Any] = []
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def ask(items: list[str]) -> int:
+            got.append(await current_peer().call("details", timeout=None))
+            return len(items)
+
+        @server.on("event")
+        async def on_event(peer: Peer, data: dict[str, Any]) -> None:
+            got.append(("message", len(data["items"])))
+
+    def register_client(client: Client) -> None:
+        @client.rpc
+        async def details() -> str:
+            await client.send("event", {"items": _STRINGS})  # before the answer
+            return "here"
+
+    server = await server_factory(register=register, server_call_budget=2 * MiB)
+    memory = server._settings.call_memory
+    assert memory is not None
+    client = await client_factory(server, register=register_client)
+    with trio.fail_after(20):
+        assert await client.call("ask", items=_STRINGS, timeout=None) == 20_000
+        await wait_until(lambda: memory.held == 0)
+    assert sorted(got, key=str) == [("message", 20_000), "here"]
 
 
 @hostile(

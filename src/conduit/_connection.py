@@ -49,7 +49,6 @@ import attrs
 import outcome
 import trio
 
-from ._call_memory import SharedCallMemory
 from ._call_workers import Blocked, CallRunners
 from ._callbacks import calling_task
 from ._heartbeats import Entry, Heartbeats
@@ -58,7 +57,7 @@ from ._outbox import Outbox, OutboxClosed
 from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
-from ._receive_memory import SharedReceiveMemory
+from ._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
 from ._socket_io import SocketIO, close_now, peer_has_closed, unacknowledged_bytes
 from ._streams import IncomingStream, OutgoingStream
 from .descriptors import window_limit
@@ -71,6 +70,7 @@ from .errors import (
 from .protocol import Frame, FrameKind, FrameReader, FrameWriter, SessionKeys
 from .protocol.connection import (
     CallCancelled,
+    CallMemory,
     CallReceived,
     CallRefused,
     ConnectionState,
@@ -187,15 +187,15 @@ class ConnectionSettings:
     #: What the large calls and queued messages of all the endpoint's
     #: connections may hold decoded together (a server's
     #: ``server_call_budget``); None for no bound beyond each connection's.
-    call_memory: SharedCallMemory | None = attrs.field(default=None, eq=False)
+    call_memory: CallMemory | None = attrs.field(default=None, eq=False)
 
 
 def settings_from(descriptor: Any) -> ConnectionSettings:
     """The per-connection settings a Server- or ClientDescriptor asks for.
 
     A server's settings carry its :class:`SharedReceiveMemory` and its
-    :class:`SharedCallMemory`, made here: one each per endpoint, as the
-    endpoint makes its settings once.
+    :class:`~conduit.protocol.connection.CallMemory`, made here: one each per
+    endpoint, as the endpoint makes its settings once.
     """
     server_budget: int | None = getattr(descriptor, "server_receive_budget", None)
     call_budget: int | None = getattr(descriptor, "server_call_budget", None)
@@ -210,7 +210,7 @@ def settings_from(descriptor: Any) -> ConnectionSettings:
         receive_budget=descriptor.connection_receive_budget,
         max_receive_window=window_limit(descriptor.receive_window, descriptor.max_receive_window),
         receive_memory=None if server_budget is None else SharedReceiveMemory(server_budget),
-        call_memory=None if call_budget is None else SharedCallMemory(call_budget),
+        call_memory=None if call_budget is None else CallMemory(call_budget),
     )
 
 
@@ -585,6 +585,7 @@ class Connection:
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(self.stream)
                 try:
+                    self._release_call_memory()
                     self.owned.clear()
                     self._unlink()
                 finally:  # whatever failed: the connection is closed
@@ -669,9 +670,13 @@ class Connection:
         self._shutdown(self.close_reason or "connection closed")
         if self._role is not None:
             self._role.close()
-        # No handler runs now (the nursery's tasks are over): what the calls
-        # and queued messages still counted in the server's call memory
-        # leaves it, however the connection ended.
+
+    def _release_call_memory(self) -> None:
+        """What the calls and queued messages still counted in the server's
+        call memory leaves it (run()'s last step, after every task of the
+        connection, its handlers included, is over; whatever failed before:
+        the count is the whole server's, and a leak would stay for the
+        process's life)."""
         self._state.release_calls()
         memory = self._call_memory
         if memory is not None and self._message_bytes:
@@ -1104,16 +1109,31 @@ class Connection:
         return None
 
     async def _queue_message(self, message: MessageReceived) -> None:
-        """Queue ``message`` for the message task once it fits both this
-        connection's queue and the server's call memory (a lone one always
-        fits each)."""
+        """Queue ``message`` for the message task once it fits this connection's
+        queue and, while this connection has messages of its own queued, the
+        server's call memory (a lone one always fits each).
+
+        A connection with nothing queued is let in past the server's limit:
+        a wait for room the other connections hold could last for good (a
+        handler of this connection's, a large call's say, may be waiting for
+        an answer only this reader can read). One whose own messages are
+        queued waits for them (its own message task ends each wait), or for
+        room, whichever comes first; so the server holds at most its limit
+        plus a message per connection.
+        """
         charge = max(message.size, _MESSAGE_CHARGE)
         memory = self._call_memory
         while True:
-            if self._message_bytes and self._message_bytes + charge > _MESSAGE_QUEUE_BYTES:
+            own = self._message_bytes
+            if own and own + charge > _MESSAGE_QUEUE_BYTES:
                 room = self._message_room = trio.Event()
                 await self._wait_for_message_room(room.wait)
-            elif memory is not None and not memory.admits(charge) and not self._read_to_the_end:
+            elif (
+                own
+                and memory is not None
+                and not memory.admits(charge)
+                and self._state.phase is not _CLOSED
+            ):
                 await self._wait_for_message_room(
                     functools.partial(self._wait_for_call_memory, memory, charge),
                     "the server's call memory (server_call_budget)",
@@ -1125,29 +1145,26 @@ class Connection:
             memory.take(charge)
         self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
 
-    async def _wait_for_call_memory(self, memory: SharedCallMemory, charge: int) -> None:
-        """Other connections' calls and messages fill the server's call memory:
-        read nothing until ``charge`` more fits, or the connection is over.
+    async def _wait_for_call_memory(self, memory: CallMemory, charge: int) -> None:
+        """Read nothing until the message task has handled one of this
+        connection's messages, or ``charge`` more fits the server's call
+        memory (looked at every :data:`RECHECK_INTERVAL`: what other
+        connections release is not announced here), or the connection is over.
 
         Our pause, as for the receive memory (:meth:`_wait_for_receive_memory`):
-        it counts neither as the peer's silence nor as its idleness, and a
-        peer that closed its side meanwhile is read to its end (it sends
-        nothing more), its messages let in past the limit.
+        it counts neither as the peer's silence nor as its idleness.
         """
-        state = self._state
-        stream = self.stream
-
-        def still_needed() -> bool:
-            if state.phase is _CLOSED:
-                return False
-            if peer_has_closed(stream):
-                self._read_to_the_end = True
-                return False
-            return True
-
+        own = self._message_bytes
         self._reading_paused = True
         try:
-            await memory.wait_for_room(charge, still_needed)
+            while (
+                self._message_bytes == own
+                and not memory.admits(charge)
+                and self._state.phase is not _CLOSED
+            ):
+                room = self._message_room = trio.Event()
+                with trio.move_on_after(RECHECK_INTERVAL):
+                    await room.wait()
         finally:
             self._reading_paused = False
             self._last_received = self._last_activity = trio.current_time()

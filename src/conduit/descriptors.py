@@ -295,12 +295,15 @@ class ServerDescriptor:
     #: and the messages queued for the message handlers, of all connections
     #: together, may hold decoded (counted as ``codec.unpack_sized`` bounds
     #: them). Over it, a large call is refused with code "overloaded" (the
-    #: caller may try again), and a connection with a message to queue stops
-    #: reading until the handlers have released enough; calls under 4 KiB
-    #: run on. Each connection's own share is bounded apart (32 MiB of large
-    #: calls, 32 MiB of messages); this bounds the server, whatever the
-    #: number of connections. A call or message of any size is let in while
-    #: the server holds nothing of the kind.
+    #: caller may try again; calls under 4 KiB run on), and a connection
+    #: with messages of its own queued reads nothing more (answers included)
+    #: until its message handler has taken one out or there is room. Each
+    #: connection's own share is bounded apart (32 MiB of large calls, 32 MiB
+    #: of messages); this bounds the server, whatever the number of
+    #: connections, to the budget plus one call (let in while the server
+    #: holds nothing) plus one message per connection (let in while that
+    #: connection has none queued: room that others hold may never come to
+    #: a connection whose handler waits for an answer from its peer).
     server_call_budget: int = attrs.field(
         default=512 * 1024 * 1024, validator=[v.instance_of(int), _positive]
     )

@@ -238,11 +238,13 @@ class CallMemory:
     messages its message task has queued or is handling. Each connection's
     own share is bounded apart (:data:`LARGE_CALL_BYTES`, the engine's message
     queue); this bounds all of them together, whatever the number of
-    connections. A large call that does not fit is refused (``overloaded``);
-    a message that does not fit waits (the engine stops reading its
-    connection). Only what the whole server holds nothing of is let in past
-    the limit, so that a lone body of any size still runs: it holds at most
-    the limit plus one body.
+    connections. A large call that does not fit is refused (``overloaded``),
+    unless the whole server holds nothing, so that a lone call of any size
+    still runs. A message that does not fit waits, its connection unread,
+    while that connection has messages of its own queued (the engine's
+    ``_queue_message``): one is let in past the limit per connection. So
+    the server holds at most the limit, plus a call, plus a message per
+    connection.
     """
 
     __slots__ = ("held", "limit")
@@ -659,10 +661,11 @@ class ConnectionState:
         memory = self.call_memory
         if memory is not None and not memory.admits(size):
             # Other connections' calls and messages hold the server's share.
+            # (How much the server holds is not said: that is other users' business.)
             return self._refuse_call(
                 call_id,
-                f"the server's calls and messages hold {memory.held} bytes decoded (limit "
-                f"{memory.limit}); try again when they are done",
+                "the server's calls and messages hold all that its server_call_budget "
+                "allows; try again when they are done",
             )
         active = self._active_calls
         if call_id in active or len(active) >= self.max_concurrent_calls:
