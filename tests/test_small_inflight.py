@@ -21,7 +21,7 @@ import trio
 from conduit import FileTransferHandler
 from conduit.accounts import Accounts
 from conduit.protocol.pake import MIN_STRETCH
-from conduit.transfer import _small
+from conduit.transfer import _shared_hop, _small
 from conduit.transfer._backend_local import LocalBackend
 from conduit.transfer._shared_hop import SharedHop
 from conduit.transfer._space import DIRECTORY_ALLOWANCE
@@ -303,6 +303,56 @@ async def test_a_shared_hop_runs_queued_calls_together_and_drops_cancelled_ones(
     assert isinstance(results[3], ValueError)  # its own exception, nobody else's
     # One hop for the first call, one for the three still queued behind it.
     assert hop.hops == [1, 3]
+
+
+async def test_a_hop_that_fails_as_a_whole_fails_every_call_it_carried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shared hop whose thread cannot be had (``can't start new thread``)
+    fails its leader with that error and each call it carried with a copy of
+    it: none of them ran, and none returns None as if it had (before, the
+    calls carried along did)."""
+    release = threading.Event()
+    ran: list[int] = []
+
+    def work(arg: int) -> int:
+        if arg == 0:
+            release.wait(10)  # the first hop is under way while the others queue
+        ran.append(arg)
+        return arg * 10
+
+    # Queued calls stay queued however slow this machine is today.
+    monkeypatch.setattr(_shared_hop, "STALLED_AFTER", 60.0)
+    hop = SharedHop(work)
+    outcomes: dict[int, object] = {}
+
+    async def call(arg: int) -> None:
+        try:
+            outcomes[arg] = await hop.run(arg)
+        except RuntimeError as exc:
+            outcomes[arg] = exc
+
+    async def no_thread(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("can't start new thread")
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, 0)
+                await trio.testing.wait_all_tasks_blocked()
+                for arg in (1, 2, 3):  # queued: 1 leads the next hop, 2 and 3 go with it
+                    nursery.start_soon(call, arg)
+                await trio.testing.wait_all_tasks_blocked()
+                monkeypatch.setattr(hop._worker, "run", no_thread)
+                release.set()
+    finally:
+        release.set()
+        hop.close()
+    assert ran == [0] and outcomes[0] == 0
+    errors = [outcomes[arg] for arg in (1, 2, 3)]
+    assert all(isinstance(error, RuntimeError) for error in errors), outcomes
+    assert all(str(error) == "can't start new thread" for error in errors)
+    assert len({id(error) for error in errors}) == 3  # a copy each
 
 
 async def test_a_stalled_hop_holds_nobody_up(autojump_clock: trio.testing.MockClock) -> None:

@@ -11,7 +11,9 @@ small file would pay eight hops; :class:`SharedHop` makes them pay one:
   first queued task leads the next hop, which runs every queued call in one
   worker thread, one after the other.
 
-Each call gets its own result or exception. A queued task that is cancelled
+Each call gets its own result or exception; a hop that fails as a whole
+(no worker thread could be had) fails each call it carried that had not run
+with a copy of its error. A queued task that is cancelled
 before its hop starts is dropped (its call never runs); a call already in a
 hop runs to its end, as any worker-thread call does (the leader's hop is
 shielded: its cancellation must not leave the calls it carries unanswered).
@@ -35,6 +37,7 @@ import attrs
 import trio
 
 from .. import _threads
+from .._stored_errors import detached
 from .._worker_hop import IDLE_TIMEOUT, WorkerHop
 
 A = TypeVar("A")
@@ -53,10 +56,21 @@ class _Job(Generic[A, R]):
     wake: trio.Event = attrs.field(factory=trio.Event)
     lead: bool = False
     done: bool = False
+    #: Its call was run (a worker thread took it): its outcome is its own.
+    ran: bool = False
     result: R | None = None
     error: BaseException | None = None
     #: Its caller was cancelled: nobody will take the outcome.
     abandoned: bool = False
+
+
+def _not_run(failure: BaseException) -> Exception:
+    """The error of a call whose hop failed before running it: a copy of the
+    hop's ``failure``, or a ``RuntimeError`` naming it if it is not an
+    ``Exception`` (a ``KeyboardInterrupt`` is its leader's to raise)."""
+    if isinstance(failure, Exception):
+        return detached(failure)
+    return RuntimeError(f"the shared hop ended before this call ran ({type(failure).__name__})")
 
 
 class SharedHop(Generic[A, R]):
@@ -147,6 +161,15 @@ class SharedHop(Generic[A, R]):
         try:
             with trio.CancelScope(shield=True):
                 await self._worker.run(self._run_all, jobs)
+        except BaseException as exc:
+            # The hop failed as a whole (no thread could be started, say):
+            # the leader raises it; a call carried along that never ran must
+            # fail too, not return None as if it had (a copy each: see
+            # conduit._stored_errors).
+            for job in jobs[1:]:
+                if not job.ran:
+                    job.error = _not_run(exc)
+            raise
         finally:
             for job in jobs:
                 job.done = True
@@ -166,6 +189,7 @@ class SharedHop(Generic[A, R]):
     def _run_all(self, jobs: list[_Job[A, R]]) -> None:
         # Worker thread: each call's outcome on its own job.
         for job in jobs:
+            job.ran = True
             try:
                 job.result = self._function(job.arg)
             except Exception as exc:
