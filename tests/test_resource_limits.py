@@ -863,7 +863,7 @@ async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
     behaviour="the second connection's first message is let in (it has nothing queued of its "
     "own: a wait for room the others hold could last for good), its second waits, and that "
     "connection is not read (its call waits behind the message) until its own handler has "
-    "taken a message out; the third connection is answered meanwhile; then everything is "
+    "finished a message; the third connection is answered meanwhile; then everything is "
     "handled; messages still queued when their connection ends leave nothing counted",
 )
 async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
@@ -971,6 +971,62 @@ async def test_an_answer_behind_a_message_is_read_when_the_call_memory_is_full(
         assert await client.call("ask", items=_STRINGS, timeout=None) == 20_000
         await wait_until(lambda: memory.held == 0)
     assert sorted(got, key=str) == [("message", 20_000), "here"]
+
+
+@hostile(
+    "server-call-budget-message-handler-calls-back",
+    area="resource limits, whole server",
+    attack="against server_call_budget=1 MiB, another connection holds the whole budget with a "
+    "call of 20,000 short strings whose handler waits; a client sends a small message whose "
+    "handler calls it back, and the client sends one more small message before it answers",
+    behaviour="the answer is read and the handler ends while the other call still holds the "
+    "budget: a connection whose calls wait for answers is not made to wait for room (before: "
+    "its reader waited, behind the second message, for room only the other connection's end "
+    "would make)",
+    found="in review of this change",
+)
+async def test_a_message_handler_calling_back_is_answered_when_others_hold_the_call_memory(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    got: list[Any] = []
+    release = trio.Event()
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def hold(items: list[str]) -> None:
+            await release.wait()
+
+        @server.on("event")
+        async def on_event(peer: Peer, n: int) -> None:
+            if n == 1:
+                got.append(await peer.call("details", timeout=None))
+            got.append(("message", n))
+
+    def register_client(client: Client) -> None:
+        @client.rpc
+        async def details() -> str:
+            await client.send("event", 2)  # before the answer
+            return "here"
+
+    server = await server_factory(register=register, server_call_budget=MiB)
+    memory = server._settings.call_memory
+    assert memory is not None
+    holder = await client_factory(server)
+    client = await client_factory(server, register=register_client)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:
+                await holder.call("hold", items=_STRINGS, timeout=None)
+
+            nursery.start_soon(hold)
+            await wait_until(lambda: memory.held > memory.limit)
+            await client.send("event", 1)
+            await wait_until(lambda: ("message", 2) in got)
+            assert got == ["here", ("message", 1), ("message", 2)]
+            assert memory.held > memory.limit  # still held by the other connection
+            release.set()
+        await wait_until(lambda: memory.held == 0)
 
 
 @hostile(

@@ -340,7 +340,7 @@ async def test_a_hop_that_fails_as_a_whole_fails_every_call_it_carried(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(call, 0)
                 await trio.testing.wait_all_tasks_blocked()
-                for arg in (1, 2, 3):  # queued: 1 leads the next hop, 2 and 3 go with it
+                for arg in (1, 2, 3):  # queued: one leads the next hop, the others go with it
                     nursery.start_soon(call, arg)
                 await trio.testing.wait_all_tasks_blocked()
                 monkeypatch.setattr(hop._worker, "run", no_thread)
@@ -353,6 +353,64 @@ async def test_a_hop_that_fails_as_a_whole_fails_every_call_it_carried(
     assert all(isinstance(error, RuntimeError) for error in errors), outcomes
     assert all(str(error) == "can't start new thread" for error in errors)
     assert len({id(error) for error in errors}) == 3  # a copy each
+    # Only the leader's error went through the failed hop's frames; the
+    # copies carry none of them (see conduit._stored_errors).
+    through_the_hop = [error for error in errors if "no_thread" in _frames(error)]
+    assert len(through_the_hop) == 1
+
+
+def _frames(error: object) -> set[str]:
+    """The names of the functions in ``error``'s traceback."""
+    assert isinstance(error, BaseException)
+    names = set()
+    traceback = error.__traceback__
+    while traceback is not None:
+        names.add(traceback.tb_frame.f_code.co_name)
+        traceback = traceback.tb_next
+    return names
+
+
+async def test_a_call_that_raises_systemexit_in_a_hop_is_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call whose function raises a ``BaseException`` (``SystemExit``) in a
+    shared hop gets it raised to its own caller; the calls beside it in the
+    hop run and return their values (before: that call returned None, the
+    calls behind it never ran, and the hop's leader raised the exit)."""
+    release = threading.Event()
+
+    def work(arg: int) -> int:
+        if arg == 0:
+            release.wait(10)
+        if arg == 2:
+            raise SystemExit(3)
+        return arg * 10
+
+    monkeypatch.setattr(_shared_hop, "STALLED_AFTER", 60.0)
+    hop = SharedHop(work)
+    outcomes: dict[int, object] = {}
+
+    async def call(arg: int) -> None:
+        try:
+            outcomes[arg] = await hop.run(arg)
+        except SystemExit as exc:
+            outcomes[arg] = exc
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, 0)
+                await trio.testing.wait_all_tasks_blocked()
+                for arg in (1, 2, 3):
+                    nursery.start_soon(call, arg)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+    finally:
+        release.set()
+        hop.close()
+    exit_ = outcomes.pop(2)
+    assert isinstance(exit_, SystemExit) and exit_.code == 3
+    assert outcomes == {0: 0, 1: 10, 3: 30}
 
 
 async def test_a_stalled_hop_holds_nobody_up(autojump_clock: trio.testing.MockClock) -> None:

@@ -564,6 +564,10 @@ class Connection:
             only_cancelled = _only_cancellation(exc)
             raise
         finally:
+            # Every task of the connection is over, its handlers too: what they
+            # counted in the server's call memory leaves it first, before
+            # anything below can fail (a leak would stay for the process's life).
+            self._release_call_memory()
             goodbye = None
             try:
                 if not released:
@@ -585,7 +589,6 @@ class Connection:
                     with trio.CancelScope(shield=True):
                         await trio.aclose_forcefully(self.stream)
                 try:
-                    self._release_call_memory()
                     self.owned.clear()
                     self._unlink()
                 finally:  # whatever failed: the connection is closed
@@ -673,10 +676,8 @@ class Connection:
 
     def _release_call_memory(self) -> None:
         """What the calls and queued messages still counted in the server's
-        call memory leaves it (run()'s last step, after every task of the
-        connection, its handlers included, is over; whatever failed before:
-        the count is the whole server's, and a leak would stay for the
-        process's life)."""
+        call memory leaves it (run()'s teardown, after every task of the
+        connection, its handlers included, is over)."""
         self._state.release_calls()
         memory = self._call_memory
         if memory is not None and self._message_bytes:
@@ -1110,17 +1111,8 @@ class Connection:
 
     async def _queue_message(self, message: MessageReceived) -> None:
         """Queue ``message`` for the message task once it fits this connection's
-        queue and, while this connection has messages of its own queued, the
-        server's call memory (a lone one always fits each).
-
-        A connection with nothing queued is let in past the server's limit:
-        a wait for room the other connections hold could last for good (a
-        handler of this connection's, a large call's say, may be waiting for
-        an answer only this reader can read). One whose own messages are
-        queued waits for them (its own message task ends each wait), or for
-        room, whichever comes first; so the server holds at most its limit
-        plus a message per connection.
-        """
+        queue (a lone one always does) and, when it must (see
+        :meth:`_held_by_call_memory`), the server's call memory."""
         charge = max(message.size, _MESSAGE_CHARGE)
         memory = self._call_memory
         while True:
@@ -1128,12 +1120,7 @@ class Connection:
             if own and own + charge > _MESSAGE_QUEUE_BYTES:
                 room = self._message_room = trio.Event()
                 await self._wait_for_message_room(room.wait)
-            elif (
-                own
-                and memory is not None
-                and not memory.admits(charge)
-                and self._state.phase is not _CLOSED
-            ):
+            elif memory is not None and self._held_by_call_memory(memory, charge):
                 await self._wait_for_message_room(
                     functools.partial(self._wait_for_call_memory, memory, charge),
                     "the server's call memory (server_call_budget)",
@@ -1145,26 +1132,50 @@ class Connection:
             memory.take(charge)
         self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
 
+    def _held_by_call_memory(self, memory: CallMemory, charge: int) -> bool:
+        """Whether the reader must wait before it queues a message of ``charge``
+        bytes: it does not fit the server's call memory, and waiting cannot
+        hold up what this connection's own handlers wait for.
+
+        Only while messages of its own are queued (their handler's end ends
+        the wait, whatever the other connections hold) and no call of ours
+        waits for an answer (a handler calling its peer back, a message
+        handler's say, needs this reader to read the answer: it would wait for
+        room that only its own end makes). Not once the connection is over,
+        or once its peer has closed its side (read to its end: it sends
+        nothing more). So the server holds at most its limit plus a message
+        per connection. A handler that waits for something else its peer is
+        to send (a CALL, say) may still wait here until a handler of its own
+        connection ends or room is seen.
+        """
+        return (
+            self._message_bytes > 0
+            and not memory.admits(charge)
+            and not len(self._pending)
+            and not self._read_to_the_end
+            and self._state.phase is not _CLOSED
+        )
+
     async def _wait_for_call_memory(self, memory: CallMemory, charge: int) -> None:
         """Read nothing until the message task has handled one of this
-        connection's messages, or ``charge`` more fits the server's call
-        memory (looked at every :data:`RECHECK_INTERVAL`: what other
-        connections release is not announced here), or the connection is over.
+        connection's messages, or the reader need not wait any more (see
+        :meth:`_held_by_call_memory`: looked at every :data:`RECHECK_INTERVAL`,
+        since what other connections release, a callback started or the
+        peer's close are not announced here).
 
         Our pause, as for the receive memory (:meth:`_wait_for_receive_memory`):
         it counts neither as the peer's silence nor as its idleness.
         """
         own = self._message_bytes
+        stream = self.stream
         self._reading_paused = True
         try:
-            while (
-                self._message_bytes == own
-                and not memory.admits(charge)
-                and self._state.phase is not _CLOSED
-            ):
+            while self._message_bytes == own and self._held_by_call_memory(memory, charge):
                 room = self._message_room = trio.Event()
                 with trio.move_on_after(RECHECK_INTERVAL):
                     await room.wait()
+                if peer_has_closed(stream):
+                    self._read_to_the_end = True
         finally:
             self._reading_paused = False
             self._last_received = self._last_activity = trio.current_time()

@@ -66,11 +66,16 @@ class _Job(Generic[A, R]):
 
 def _not_run(failure: BaseException) -> Exception:
     """The error of a call whose hop failed before running it: a copy of the
-    hop's ``failure``, or a ``RuntimeError`` naming it if it is not an
-    ``Exception`` (a ``KeyboardInterrupt`` is its leader's to raise)."""
+    hop's ``failure`` (its leader raises the failure itself), or a
+    ``RuntimeError`` naming it where no copy can be made (the same object,
+    raised in many tasks, would carry their tracebacks into one another) or
+    where it is not an ``Exception`` (a ``KeyboardInterrupt`` is the
+    leader's to raise)."""
     if isinstance(failure, Exception):
-        return detached(failure)
-    return RuntimeError(f"the shared hop ended before this call ran ({type(failure).__name__})")
+        copy = detached(failure)
+        if copy is not failure:
+            return copy
+    return RuntimeError(f"the shared hop failed before this call ran: {failure!r}")
 
 
 class SharedHop(Generic[A, R]):
@@ -187,12 +192,14 @@ class SharedHop(Generic[A, R]):
         job.done = True
 
     def _run_all(self, jobs: list[_Job[A, R]]) -> None:
-        # Worker thread: each call's outcome on its own job.
+        # Worker thread: each call's outcome on its own job, a BaseException
+        # (SystemExit) too: it is that call's, raised to its own caller, and
+        # the calls behind it still run.
         for job in jobs:
             job.ran = True
             try:
                 job.result = self._function(job.arg)
-            except Exception as exc:
+            except BaseException as exc:
                 job.error = exc
 
     def _hand_on(self) -> None:
