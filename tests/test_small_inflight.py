@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,49 @@ async def test_a_shared_hop_runs_queued_calls_together_and_drops_cancelled_ones(
     assert hop.hops == [1, 3]
 
 
+async def _hop_with_three_queued(
+    work: Callable[[int], int],
+    monkeypatch: pytest.MonkeyPatch,
+    before_release: Callable[[SharedHop[int, int]], None] = lambda hop: None,
+) -> dict[int, object]:
+    """Run ``work`` in a shared hop: 0 in a first hop, held under way while
+    1, 2 and 3 queue behind it (one leads the next hop, the others go with
+    it), then ``before_release(hop)`` and the first hop's end. Each call's
+    value, or the exception it raised."""
+    release = threading.Event()
+
+    def first_held(arg: int) -> int:
+        if arg == 0:
+            release.wait(10)
+        return work(arg)
+
+    # Queued calls stay queued however slow this machine is today.
+    monkeypatch.setattr(_shared_hop, "STALLED_AFTER", 60.0)
+    hop = SharedHop(first_held)
+    outcomes: dict[int, object] = {}
+
+    async def call(arg: int) -> None:
+        try:
+            outcomes[arg] = await hop.run(arg)
+        except (Exception, SystemExit) as exc:
+            outcomes[arg] = exc
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call, 0)
+                await trio.testing.wait_all_tasks_blocked()
+                for arg in (1, 2, 3):
+                    nursery.start_soon(call, arg)
+                await trio.testing.wait_all_tasks_blocked()
+                before_release(hop)
+                release.set()
+    finally:
+        release.set()
+        hop.close()
+    return outcomes
+
+
 async def test_a_hop_that_fails_as_a_whole_fails_every_call_it_carried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -312,42 +356,19 @@ async def test_a_hop_that_fails_as_a_whole_fails_every_call_it_carried(
     fails its leader with that error and each call it carried with a copy of
     it: none of them ran, and none returns None as if it had (before, the
     calls carried along did)."""
-    release = threading.Event()
     ran: list[int] = []
 
     def work(arg: int) -> int:
-        if arg == 0:
-            release.wait(10)  # the first hop is under way while the others queue
         ran.append(arg)
         return arg * 10
-
-    # Queued calls stay queued however slow this machine is today.
-    monkeypatch.setattr(_shared_hop, "STALLED_AFTER", 60.0)
-    hop = SharedHop(work)
-    outcomes: dict[int, object] = {}
-
-    async def call(arg: int) -> None:
-        try:
-            outcomes[arg] = await hop.run(arg)
-        except RuntimeError as exc:
-            outcomes[arg] = exc
 
     async def no_thread(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("can't start new thread")
 
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(call, 0)
-                await trio.testing.wait_all_tasks_blocked()
-                for arg in (1, 2, 3):  # queued: one leads the next hop, the others go with it
-                    nursery.start_soon(call, arg)
-                await trio.testing.wait_all_tasks_blocked()
-                monkeypatch.setattr(hop._worker, "run", no_thread)
-                release.set()
-    finally:
-        release.set()
-        hop.close()
+    def refuse_threads(hop: SharedHop[int, int]) -> None:
+        monkeypatch.setattr(hop._worker, "run", no_thread)
+
+    outcomes = await _hop_with_three_queued(work, monkeypatch, refuse_threads)
     assert ran == [0] and outcomes[0] == 0
     errors = [outcomes[arg] for arg in (1, 2, 3)]
     assert all(isinstance(error, RuntimeError) for error in errors), outcomes
@@ -377,37 +398,13 @@ async def test_a_call_that_raises_systemexit_in_a_hop_is_its_own(
     shared hop gets it raised to its own caller; the calls beside it in the
     hop run and return their values (before: that call returned None, the
     calls behind it never ran, and the hop's leader raised the exit)."""
-    release = threading.Event()
 
     def work(arg: int) -> int:
-        if arg == 0:
-            release.wait(10)
         if arg == 2:
             raise SystemExit(3)
         return arg * 10
 
-    monkeypatch.setattr(_shared_hop, "STALLED_AFTER", 60.0)
-    hop = SharedHop(work)
-    outcomes: dict[int, object] = {}
-
-    async def call(arg: int) -> None:
-        try:
-            outcomes[arg] = await hop.run(arg)
-        except SystemExit as exc:
-            outcomes[arg] = exc
-
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(call, 0)
-                await trio.testing.wait_all_tasks_blocked()
-                for arg in (1, 2, 3):
-                    nursery.start_soon(call, arg)
-                await trio.testing.wait_all_tasks_blocked()
-                release.set()
-    finally:
-        release.set()
-        hop.close()
+    outcomes = await _hop_with_three_queued(work, monkeypatch)
     exit_ = outcomes.pop(2)
     assert isinstance(exit_, SystemExit) and exit_.code == 3
     assert outcomes == {0: 0, 1: 10, 3: 30}

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 import math
 from collections import deque
@@ -1121,10 +1120,9 @@ class Connection:
                 room = self._message_room = trio.Event()
                 await self._wait_for_message_room(room.wait)
             elif memory is not None and self._held_by_call_memory(memory, charge):
-                await self._wait_for_message_room(
-                    functools.partial(self._wait_for_call_memory, memory, charge),
-                    "the server's call memory (server_call_budget)",
-                )
+                # (No stall warning, as _wait_for_message_room gives: this
+                # wait ends once a call of ours waits for an answer.)
+                await self._wait_for_call_memory(memory, charge)
             else:
                 break
         self._message_bytes += charge
@@ -1180,11 +1178,8 @@ class Connection:
             self._reading_paused = False
             self._last_received = self._last_activity = trio.current_time()
 
-    async def _wait_for_message_room(
-        self, wait: Callable[[], Awaitable[None]], full: str = "the message queue"
-    ) -> None:
-        """``wait()`` for room in the message queue (or, as ``full`` says, in
-        the server's call memory), saying so if it takes long.
+    async def _wait_for_message_room(self, wait: Callable[[], Awaitable[None]]) -> None:
+        """``wait()`` for room in the message queue, saying so if it takes long.
 
         While it waits the reader reads nothing, answers included: a message
         handler that awaits a call on this same connection then waits for
@@ -1198,12 +1193,11 @@ class Connection:
             return
         if len(self._pending):
             log.warning(
-                "%s: %s has been full for %g s, so this connection "
+                "%s: the message queue has been full for %g s, so this connection "
                 "reads nothing, while %d call(s) of ours wait for answers: a message "
                 "handler that awaits a call on its own connection cannot get the "
-                "answer until it drains (run such work in a task of its own)",
+                "answer until the queue drains (run such work in a task of its own)",
                 self.label,
-                full,
                 _MESSAGE_STALL_WARNING,
                 len(self._pending),
             )
