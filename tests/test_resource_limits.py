@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gc
 import hashlib
 import inspect
@@ -85,7 +86,7 @@ from conftest import (
     opened_since,
     wait_until,
 )
-from hostile_helpers import MiB, PeakRSS, RawPeer, call_frame, hostile
+from hostile_helpers import MiB, PeakRSS, RawPeer, body_frame, call_frame, hostile
 from test_server_client import register_basics
 from transfer_helpers import LinkCounter, write_random_file
 
@@ -1026,6 +1027,64 @@ async def test_a_message_handler_calling_back_is_answered_when_others_hold_the_c
             assert got == ["here", ("message", 1), ("message", 2)]
             assert memory.held > memory.limit  # still held by the other connection
             release.set()
+        await wait_until(lambda: memory.held == 0)
+
+
+@hostile(
+    "server-call-budget-peer-closes-while-paused",
+    area="resource limits, whole server",
+    attack="against server_call_budget=1 MiB held by another connection's waiting call, a peer "
+    "sends a message whose handler waits, then a second (its connection stops being read), "
+    "then closes its sending side (FIN) and waits",
+    behaviour="the server sees the close at its next look (every 0.1 s), reads the connection "
+    "to its end (the peer sends nothing more) and ends it; what its messages counted leaves "
+    "the call memory once their handler is cancelled, while the other connection's call still "
+    "holds the budget (without the look, the connection stayed unread until that call ended)",
+    found="in review of this change",
+)
+async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer_closes(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    release = trio.Event()
+    handled: list[int] = []
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def hold(items: list[str]) -> None:
+            await release.wait()
+
+        @server.on("event")
+        async def on_event(peer: Peer, n: int) -> None:
+            handled.append(n)
+            await release.wait()
+
+    server = await server_factory(register=register, server_call_budget=MiB)
+    memory = server._settings.call_memory
+    assert memory is not None
+    holder = await client_factory(server)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(holder.call, "hold", items=_STRINGS, timeout=None))
+            await wait_until(lambda: memory.held > memory.limit)
+            held_by_the_call = memory.held
+            peer = await RawPeer.authenticated(server.port, PASSWORD)
+            await wait_until(lambda: len(server.clients) == 2)
+            connection = next(
+                client.connection
+                for client in server.clients.values()
+                if client.address == peer.stream.socket.getsockname()[:2]
+            )
+            for n in (1, 2):
+                await peer.send_sealed(
+                    body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": n})
+                )
+            await wait_until(lambda: connection._reading_paused and handled == [1])
+            await peer.stream.send_eof()
+            await wait_until(lambda: not connection.is_open)
+            await wait_until(lambda: memory.held == held_by_the_call)
+            assert not release.is_set()  # the other call holds on all along
+            release.set()
+        await peer.aclose()
         await wait_until(lambda: memory.held == 0)
 
 
