@@ -68,6 +68,7 @@ from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit._receive_memory import SharedReceiveMemory
 from conduit.protocol import FRAME_COST, FrameKind, decode_body
 from conduit.protocol.codec import data_header, encode_frame
+from conduit.protocol.connection import CallMemory
 from conduit.protocol.messages import Credit, Ping
 from conduit.transfer import _hashing, _receiver, _rerun
 from conduit.transfer._backend_local import CHANGE_THREADS, LIST_THREADS
@@ -780,6 +781,22 @@ async def test_empty_data_frames_leave_nothing_counted_in_the_servers_receive_me
 #: 60 KB on the wire, about 1.3 MB decoded (``codec.unpack_sized``'s bound):
 #: two fit a call memory of 3 MiB, three do not.
 _STRINGS = ["ab"] * 20_000
+#: 100 KB on the wire, 13.7 MB decoded by that bound.
+_EMPTY_MAPS: list[dict[str, int]] = [{}] * 100_000
+
+
+class _PeakCallMemory(CallMemory):
+    """A server's call memory that remembers the most it held."""
+
+    __slots__ = ("peak",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.peak = 0
+
+    def take(self, size: int) -> None:
+        super().take(size)
+        self.peak = max(self.peak, self.held)
 
 
 @hostile(
@@ -1034,19 +1051,21 @@ async def test_a_message_handler_calling_back_is_answered_when_others_hold_the_c
     "server-call-budget-peer-closes-while-paused",
     area="resource limits, whole server",
     attack="against server_call_budget=1 MiB held by another connection's waiting call, a peer "
-    "sends a message whose handler waits, then a second (its connection stops being read), "
-    "then closes its sending side (FIN) and waits",
-    behaviour="the server sees the close at its next look (every 0.1 s), reads the connection "
-    "to its end (the peer sends nothing more) and ends it; what its messages counted leaves "
-    "the call memory once their handler is cancelled, while the other connection's call still "
-    "holds the budget (without the look, the connection stayed unread until that call ended)",
-    found="in review of this change",
+    "sends a message whose handler waits, then a second (its connection stops being read) and "
+    "one of 100,000 empty maps (13.7 MB by the count) behind it, then closes its sending side "
+    "(FIN) and waits",
+    behaviour="the server sees the close at its next look (every 0.1 s) and ends the connection "
+    "(what the peer sent before its close is not read); what its messages counted leaves the "
+    "call memory once their handler is cancelled, while the other connection's call still "
+    "holds the budget (without the look, the connection stayed unread until that call ended; "
+    "read to its end instead, it let in every message behind, up to its own 32 MiB queue)",
+    found="in review of this change (twice)",
 )
 async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer_closes(
     server_factory: ServerFactory, client_factory: ClientFactory
 ) -> None:
     release = trio.Event()
-    handled: list[int] = []
+    handled: list[object] = []
 
     def register(server: Server) -> None:
         @server.rpc
@@ -1054,13 +1073,13 @@ async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer
             await release.wait()
 
         @server.on("event")
-        async def on_event(peer: Peer, n: int) -> None:
+        async def on_event(peer: Peer, n: object) -> None:
             handled.append(n)
             await release.wait()
 
     server = await server_factory(register=register, server_call_budget=MiB)
-    memory = server._settings.call_memory
-    assert memory is not None
+    memory = _PeakCallMemory(MiB)
+    server._settings = attrs.evolve(server._settings, call_memory=memory)
     holder = await client_factory(server)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -1074,17 +1093,87 @@ async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer
                 for client in server.clients.values()
                 if client.address == peer.stream.socket.getsockname()[:2]
             )
-            for n in (1, 2):
+            # (What waits unread must fit the sockets' buffers: one behind.)
+            for data in (1, 2, _EMPTY_MAPS):
                 await peer.send_sealed(
-                    body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": n})
+                    body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": data})
                 )
             await wait_until(lambda: connection._reading_paused and handled == [1])
             await peer.stream.send_eof()
             await wait_until(lambda: not connection.is_open)
             await wait_until(lambda: memory.held == held_by_the_call)
             assert not release.is_set()  # the other call holds on all along
+            # The two small messages were counted, the one behind them never.
+            assert memory.peak == held_by_the_call + 2 * 1024
             release.set()
         await peer.aclose()
+        await wait_until(lambda: memory.held == 0)
+
+
+@hostile(
+    "server-call-budget-answers-awaited",
+    area="resource limits, whole server",
+    attack="against server_call_budget=1 MiB held by another connection's waiting call, a peer "
+    "sends a message whose handler calls it back (and never gets the answer), then three of "
+    "100,000 empty maps (13.7 MB each by the count)",
+    behaviour="one of them is let in past the budget while the answer is awaited (it may come "
+    "behind it), the rest wait with the connection unread, and the log says so after the "
+    "stall warning's delay (0.5 s here); the server's count grows by that one message (before: "
+    "while an answer was awaited every message was let in, up to the connection's own 32 MiB "
+    "queue); the peer's end releases everything",
+    found="in review of this change",
+)
+async def test_a_connection_awaiting_answers_gets_one_message_past_the_call_memory(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(_connection, "_MESSAGE_STALL_WARNING", 0.5)
+    release = trio.Event()
+    handled: list[object] = []
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def hold(items: list[str]) -> None:
+            await release.wait()
+
+        @server.on("event")
+        async def on_event(peer: Peer, n: object) -> None:
+            handled.append(n if isinstance(n, int) else len(n))  # type: ignore[arg-type]
+            if n == 1:
+                await peer.call("details", timeout=None)  # the raw peer never answers
+
+    server = await server_factory(register=register, server_call_budget=MiB)
+    memory = server._settings.call_memory
+    assert memory is not None
+    holder = await client_factory(server)
+    with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="conduit.connection"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(holder.call, "hold", items=_STRINGS, timeout=None))
+            await wait_until(lambda: memory.held > memory.limit)
+            held_by_the_call = memory.held
+            peer = await RawPeer.authenticated(server.port, PASSWORD)
+            await wait_until(lambda: len(server.clients) == 2)
+            connection = next(
+                client.connection
+                for client in server.clients.values()
+                if client.address == peer.stream.socket.getsockname()[:2]
+            )
+            for data in (1, _EMPTY_MAPS, _EMPTY_MAPS, _EMPTY_MAPS):
+                await peer.send_sealed(
+                    body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": data})
+                )
+            await wait_until(lambda: connection._reading_paused)
+            await wait_until(
+                lambda: any("server_call_budget" in record.message for record in caplog.records)
+            )
+            assert connection._reading_paused and handled == [1]
+            one_message = memory.held - held_by_the_call - 1024  # past the small first one
+            assert 10_000_000 < one_message < 20_000_000  # one of the three, no more
+            await peer.aclose()
+            await wait_until(lambda: memory.held == held_by_the_call)
+            release.set()
         await wait_until(lambda: memory.held == 0)
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 from collections import deque
@@ -360,8 +361,10 @@ class Connection:
         self._message_bytes = 0  # see _MESSAGE_QUEUE_BYTES
         self._message_room: trio.Event | None = None
         # The server's call memory, where the messages count too (see
-        # _queue_message), if any.
+        # _queue_message), if any; and whether a message was let in past it
+        # while answers were awaited, since the queue was last empty.
         self._call_memory = settings.call_memory
+        self._message_overdraft = False
         self._timer_wanted = False
         # Likewise the writer: results and calls go out directly while it is
         # idle, so it starts with the first frame that must wait (see Outbox).
@@ -1120,14 +1123,19 @@ class Connection:
                 room = self._message_room = trio.Event()
                 await self._wait_for_message_room(room.wait)
             elif memory is not None and self._held_by_call_memory(memory, charge):
-                # (No stall warning, as _wait_for_message_room gives: this
-                # wait ends once a call of ours waits for an answer.)
-                await self._wait_for_call_memory(memory, charge)
+                await self._wait_for_message_room(
+                    functools.partial(self._wait_for_call_memory, memory, charge),
+                    "the server's call memory (server_call_budget) has been full",
+                )
             else:
                 break
-        self._message_bytes += charge
         if memory is not None:
+            if self._message_bytes and not memory.admits(charge):
+                # Let in past the limit behind messages of its own: the one
+                # allowance while answers are awaited (see _held_by_call_memory).
+                self._message_overdraft = True
             memory.take(charge)
+        self._message_bytes += charge
         self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
 
     def _held_by_call_memory(self, memory: CallMemory, charge: int) -> bool:
@@ -1135,22 +1143,22 @@ class Connection:
         bytes: it does not fit the server's call memory, and waiting cannot
         hold up what this connection's own handlers wait for.
 
-        Only while messages of its own are queued (their handler's end ends
-        the wait, whatever the other connections hold) and no call of ours
-        waits for an answer (a handler calling its peer back, a message
-        handler's say, needs this reader to read the answer: it would wait for
-        room that only its own end makes). Not once the connection is over,
-        or once its peer has closed its side (read to its end: it sends
-        nothing more). So the server holds at most its limit plus a message
-        per connection. A handler that waits for something else its peer is
-        to send (a CALL, say) may still wait here until a handler of its own
-        connection ends or room is seen.
+        Only while messages of its own are queued: their handler's end ends
+        the wait, whatever the other connections hold (a connection with none
+        queued is let in past the limit). While calls of ours wait for
+        answers (a handler calling its peer back, a message handler's say,
+        needs this reader to read the answer, which may come behind this
+        message), one message is let in past the limit, and no more until
+        the connection's queue has emptied (``_message_overdraft``): a peer
+        that sends more than that before it answers waits, and the log says
+        so after :data:`_MESSAGE_STALL_WARNING` seconds. So the server holds
+        at most its limit plus two messages per connection. Not once the
+        connection is over.
         """
         return (
             self._message_bytes > 0
             and not memory.admits(charge)
-            and not len(self._pending)
-            and not self._read_to_the_end
+            and (self._message_overdraft or not len(self._pending))
             and self._state.phase is not _CLOSED
         )
 
@@ -1158,11 +1166,14 @@ class Connection:
         """Read nothing until the message task has handled one of this
         connection's messages, or the reader need not wait any more (see
         :meth:`_held_by_call_memory`: looked at every :data:`RECHECK_INTERVAL`,
-        since what other connections release, a callback started or the
-        peer's close are not announced here).
+        since what other connections release or a callback started are not
+        announced here).
 
         Our pause, as for the receive memory (:meth:`_wait_for_receive_memory`):
-        it counts neither as the peer's silence nor as its idleness.
+        it counts neither as the peer's silence nor as its idleness. A peer
+        that closes its side meanwhile (seen at the same looks) ends the
+        connection: it sends nothing more, and what it sent before its end
+        would otherwise be read on past the limit, or wait for good.
         """
         own = self._message_bytes
         stream = self.stream
@@ -1173,13 +1184,18 @@ class Connection:
                 with trio.move_on_after(RECHECK_INTERVAL):
                     await room.wait()
                 if peer_has_closed(stream):
-                    self._read_to_the_end = True
+                    self.abort(self.close_reason or "peer closed the connection")
         finally:
             self._reading_paused = False
             self._last_received = self._last_activity = trio.current_time()
 
-    async def _wait_for_message_room(self, wait: Callable[[], Awaitable[None]]) -> None:
-        """``wait()`` for room in the message queue, saying so if it takes long.
+    async def _wait_for_message_room(
+        self,
+        wait: Callable[[], Awaitable[None]],
+        full: str = "the message queue has been full",
+    ) -> None:
+        """``wait()`` for room in the message queue (or, as ``full`` says, in
+        the server's call memory), saying so if it takes long.
 
         While it waits the reader reads nothing, answers included: a message
         handler that awaits a call on this same connection then waits for
@@ -1193,11 +1209,12 @@ class Connection:
             return
         if len(self._pending):
             log.warning(
-                "%s: the message queue has been full for %g s, so this connection "
+                "%s: %s for %g s, so this connection "
                 "reads nothing, while %d call(s) of ours wait for answers: a message "
                 "handler that awaits a call on its own connection cannot get the "
                 "answer until the queue drains (run such work in a task of its own)",
                 self.label,
+                full,
                 _MESSAGE_STALL_WARNING,
                 len(self._pending),
             )
@@ -1448,6 +1465,8 @@ class Connection:
                 self._message_bytes -= charge
                 if self._call_memory is not None:
                     self._call_memory.release(charge)
+                if not self._message_bytes:
+                    self._message_overdraft = False  # see _held_by_call_memory
                 room = self._message_room
                 if room is not None:
                     self._message_room = None

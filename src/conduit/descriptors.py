@@ -296,15 +296,15 @@ class ServerDescriptor:
     #: together, may hold decoded (counted as ``codec.unpack_sized`` bounds
     #: them). Over it, a large call is refused with code "overloaded" (the
     #: caller may try again; calls under 4 KiB run on), and a connection
-    #: with messages of its own queued, and no calls of the server's waiting
-    #: for its answers, reads nothing more until its message handler has
-    #: finished one or there is room. Each connection's own share is bounded
+    #: with messages of its own queued reads nothing more until its message
+    #: handler has finished one or there is room (a connection whose peer
+    #: closes meanwhile is ended). Each connection's own share is bounded
     #: apart (32 MiB of large calls, 32 MiB of messages); this bounds the
     #: server, whatever the number of connections, to the budget plus one
-    #: call (let in while the server holds nothing) plus one message per
-    #: connection (let in while that connection has none queued, or waits
-    #: for answers: room that others hold may never come to a connection
-    #: whose handler waits for its peer).
+    #: call (let in while the server holds nothing) plus two messages per
+    #: connection: one let in while it has none queued, and one more while
+    #: calls of the server's wait for its answers (room that others hold may
+    #: never come to a connection whose handler waits for its peer).
     server_call_budget: int = attrs.field(
         default=512 * 1024 * 1024, validator=[v.instance_of(int), _positive]
     )

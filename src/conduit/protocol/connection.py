@@ -241,11 +241,10 @@ class CallMemory:
     connections. A large call that does not fit is refused (``overloaded``),
     unless the whole server holds nothing, so that a lone call of any size
     still runs. A message that does not fit waits, its connection unread,
-    while that connection has messages of its own queued and no answers of
-    its peer's awaited (the engine's ``_queue_message``): one is let in past
-    the limit per connection. So
-    the server holds at most the limit, plus a call, plus a message per
-    connection.
+    while that connection has messages of its own queued (the engine's
+    ``_queue_message``): one is let in past the limit per connection, and
+    one more while answers of its peer's are awaited. So the server holds
+    at most the limit, plus a call, plus two messages per connection.
     """
 
     __slots__ = ("held", "limit")
