@@ -998,7 +998,7 @@ async def test_an_answer_behind_a_message_is_read_when_the_call_memory_is_full(
     "call of 20,000 short strings whose handler waits; a client sends a small message whose "
     "handler calls it back, and the client sends one more small message before it answers",
     behaviour="the answer is read and the handler ends while the other call still holds the "
-    "budget: a connection whose calls wait for answers is not made to wait for room (before: "
+    "budget: a connection whose calls wait for answers gets one message past it (before: "
     "its reader waited, behind the second message, for room only the other connection's end "
     "would make)",
     found="in review of this change",
