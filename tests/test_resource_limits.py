@@ -785,6 +785,44 @@ _STRINGS = ["ab"] * 20_000
 _EMPTY_MAPS: list[dict[str, int]] = [{}] * 100_000
 
 
+def _hold_until(
+    release: trio.Event, on_event: Callable[[Peer, Any], Awaitable[None]]
+) -> Callable[[Server], None]:
+    """Register ``hold``, a call whose handler waits for ``release``, and
+    ``on_event`` for the messages of the event "event"."""
+
+    def register(server: Server) -> None:
+        async def hold(items: list[str]) -> None:
+            await release.wait()
+
+        server.register_rpc(hold, "hold")
+        server.on("event")(on_event)
+
+    return register
+
+
+async def _messages_behind_a_held_budget(
+    server: Server, holder: Client, memory: CallMemory, nursery: trio.Nursery, *messages: object
+) -> tuple[RawPeer, Connection, int]:
+    """``holder`` takes all of ``memory`` with a call of ``hold`` (whose
+    handler waits), started in ``nursery``; then a raw peer connects and
+    sends ``messages`` (the data of MESSAGEs for the event "event"). The peer,
+    the server's connection to it, and what the call holds."""
+    nursery.start_soon(functools.partial(holder.call, "hold", items=_STRINGS, timeout=None))
+    await wait_until(lambda: memory.held > memory.limit)
+    held_by_the_call = memory.held
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    await wait_until(lambda: len(server.clients) == 2)
+    connection = next(
+        client.connection
+        for client in server.clients.values()
+        if client.address == peer.stream.socket.getsockname()[:2]
+    )
+    for data in messages:
+        await peer.send_sealed(body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": data}))
+    return peer, connection, held_by_the_call
+
+
 class _PeakCallMemory(CallMemory):
     """A server's call memory that remembers the most it held."""
 
@@ -1067,37 +1105,20 @@ async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer
     release = trio.Event()
     handled: list[object] = []
 
-    def register(server: Server) -> None:
-        @server.rpc
-        async def hold(items: list[str]) -> None:
-            await release.wait()
+    async def on_event(peer: Peer, n: object) -> None:
+        handled.append(n)
+        await release.wait()
 
-        @server.on("event")
-        async def on_event(peer: Peer, n: object) -> None:
-            handled.append(n)
-            await release.wait()
-
-    server = await server_factory(register=register, server_call_budget=MiB)
+    server = await server_factory(register=_hold_until(release, on_event), server_call_budget=MiB)
     memory = _PeakCallMemory(MiB)
     server._settings = attrs.evolve(server._settings, call_memory=memory)
     holder = await client_factory(server)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(holder.call, "hold", items=_STRINGS, timeout=None))
-            await wait_until(lambda: memory.held > memory.limit)
-            held_by_the_call = memory.held
-            peer = await RawPeer.authenticated(server.port, PASSWORD)
-            await wait_until(lambda: len(server.clients) == 2)
-            connection = next(
-                client.connection
-                for client in server.clients.values()
-                if client.address == peer.stream.socket.getsockname()[:2]
-            )
             # (What waits unread must fit the sockets' buffers: one behind.)
-            for data in (1, 2, _EMPTY_MAPS):
-                await peer.send_sealed(
-                    body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": data})
-                )
+            peer, connection, held_by_the_call = await _messages_behind_a_held_budget(
+                server, holder, memory, nursery, 1, 2, _EMPTY_MAPS
+            )
             await wait_until(lambda: connection._reading_paused and handled == [1])
             await peer.stream.send_eof()
             await wait_until(lambda: not connection.is_open)
@@ -1133,37 +1154,20 @@ async def test_a_connection_awaiting_answers_gets_one_message_past_the_call_memo
     release = trio.Event()
     handled: list[object] = []
 
-    def register(server: Server) -> None:
-        @server.rpc
-        async def hold(items: list[str]) -> None:
-            await release.wait()
+    async def on_event(peer: Peer, n: object) -> None:
+        handled.append(n if isinstance(n, int) else len(n))  # type: ignore[arg-type]
+        if n == 1:
+            await peer.call("details", timeout=None)  # the raw peer never answers
 
-        @server.on("event")
-        async def on_event(peer: Peer, n: object) -> None:
-            handled.append(n if isinstance(n, int) else len(n))  # type: ignore[arg-type]
-            if n == 1:
-                await peer.call("details", timeout=None)  # the raw peer never answers
-
-    server = await server_factory(register=register, server_call_budget=MiB)
+    server = await server_factory(register=_hold_until(release, on_event), server_call_budget=MiB)
     memory = server._settings.call_memory
     assert memory is not None
     holder = await client_factory(server)
     with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="conduit.connection"):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(holder.call, "hold", items=_STRINGS, timeout=None))
-            await wait_until(lambda: memory.held > memory.limit)
-            held_by_the_call = memory.held
-            peer = await RawPeer.authenticated(server.port, PASSWORD)
-            await wait_until(lambda: len(server.clients) == 2)
-            connection = next(
-                client.connection
-                for client in server.clients.values()
-                if client.address == peer.stream.socket.getsockname()[:2]
+            peer, connection, held_by_the_call = await _messages_behind_a_held_budget(
+                server, holder, memory, nursery, 1, _EMPTY_MAPS, _EMPTY_MAPS, _EMPTY_MAPS
             )
-            for data in (1, _EMPTY_MAPS, _EMPTY_MAPS, _EMPTY_MAPS):
-                await peer.send_sealed(
-                    body_frame(FrameKind.MESSAGE, 0, {"event": "event", "data": data})
-                )
             await wait_until(lambda: connection._reading_paused)
             await wait_until(
                 lambda: any("server_call_budget" in record.message for record in caplog.records)
