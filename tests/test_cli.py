@@ -7,6 +7,7 @@ travels in ``CONDUIT_PASSWORD`` only, as the tool requires.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,8 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import click
 import pytest
+import trio
 
+from conduit import Client, ClientDescriptor, ServerDescriptor
+from conduit.cli._app import cli
 from conduit.cli._common import (
     Address,
     ClientOptions,
@@ -31,7 +36,7 @@ from conduit.cli._common import (
     parse_address,
     parse_size,
 )
-from conduit.cli._serve import ServeOptions, build_server
+from conduit.cli._serve import ServeLimits, ServeOptions, build_server
 
 PASSWORD = "cli test password \N{GREEK SMALL LETTER BETA} 7"
 RUN_TIMEOUT = 120
@@ -345,6 +350,80 @@ def test_a_window_limit_reaches_the_descriptors_of_serve_and_get(tmp_path: Path)
         client_descriptor(ClientOptions(address, PASSWORD, max_receive_window=window // 4))
 
 
+def test_serve_limits_reach_the_descriptor_and_default_to_the_librarys(tmp_path: Path) -> None:
+    limits = ServeLimits(
+        max_connections=10,
+        max_connections_per_user=2,
+        idle_timeout=5.5,
+        receive_budget=parse_size("64M"),
+        call_budget=parse_size("32M"),
+    )
+    served, _ = build_server(ServeOptions(tmp_path / "s", "127.0.0.1", 0, PASSWORD, limits=limits))
+    given = served.descriptor
+    assert (given.max_connections, given.max_connections_per_user, given.idle_timeout) == (
+        10,
+        2,
+        5.5,
+    )
+    assert (given.server_receive_budget, given.server_call_budget) == (64 << 20, 32 << 20)
+    default, _ = build_server(ServeOptions(tmp_path / "d", "127.0.0.1", 0, PASSWORD))
+    library = ServerDescriptor(password=PASSWORD)
+    for name in (
+        "max_connections",
+        "max_connections_per_user",
+        "idle_timeout",
+        "server_receive_budget",
+        "server_call_budget",
+    ):
+        assert getattr(default.descriptor, name) == getattr(library, name), name
+
+
+async def test_serve_refuses_a_connection_over_the_users_limit_and_closes_an_idle_one(
+    tmp_path: Path,
+) -> None:
+    # With a shared password, "a user" is one client address: the test's held
+    # connection leaves no room for the CLI's from the same address.
+    serving = start_server(tmp_path, "--max-connections-per-user", "1", "--idle-timeout", "1")
+    try:
+        descriptor = ClientDescriptor(
+            server_host="127.0.0.1",
+            server_port=serving.port,
+            password=PASSWORD,
+            reconnect_enabled=False,
+        )
+        async with Client(descriptor) as held:
+            # Kept busy while the CLI is refused, so that its idleness cannot
+            # end it first: a listing every 0.2 s (at most 600 of them).
+            async def keep_busy() -> None:
+                for _ in range(600):
+                    await held.call("file_list")
+                    await trio.sleep(0.2)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_busy)
+                refused = await trio.to_thread.run_sync(
+                    functools.partial(conduit, "ls", "--from", serving.address)
+                )
+                nursery.cancel_scope.cancel()
+            assert refused.returncode == 4, refused.stdout
+            assert "already holds all the connections it may (max_connections_per_user=1)" in (
+                refused.stderr
+            )
+            assert "Traceback" not in refused.stderr
+            # Left alone, it is closed after its second of idleness (bounded
+            # by the wait below), and the address may connect again.
+            with trio.fail_after(30):
+                await held.wait_closed()
+            assert not held.connected
+        await trio.to_thread.run_sync(serving.wait_for_log, r"disconnect client \w+ .* after")
+        code, listed = await trio.to_thread.run_sync(
+            functools.partial(conduit_json, "ls", "--from", serving.address)
+        )
+        assert code == 0 and listed["ok"] is True, listed
+    finally:
+        serving.stop()
+
+
 def test_fixed_windows_from_the_command_line_move_files_both_ways(tmp_path: Path) -> None:
     serving = start_server(tmp_path, "--max-receive-window", "4M")
     try:
@@ -439,6 +518,25 @@ def test_password_is_never_an_argument(tmp_path: Path) -> None:
     assert conduit("ls", password="").returncode == 2  # set but empty
 
 
+def test_every_option_is_in_the_cli_docs() -> None:
+    # docs/cli.md is where a user looks an option up: one added to a command
+    # and not there is found here, by any of its names.
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    missing = []
+    commands: list[tuple[str, click.Command]] = [("conduit", cli)]
+    while commands:
+        path, command = commands.pop()
+        if isinstance(command, click.Group):
+            commands.extend((f"{path} {name}", sub) for name, sub in command.commands.items())
+        for option in command.params:
+            names = [*option.opts, *getattr(option, "secondary_opts", [])]
+            if isinstance(option, click.Option) and not any(
+                re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) for name in names
+            ):
+                missing.append(f"{path} {'/'.join(names)}")
+    assert not missing, missing
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     a = write_random(tmp_path / "a", 1)
     b = write_random(tmp_path / "b", 1)
@@ -451,6 +549,15 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         "serve", str(tmp_path / "w"), "--port", "0", "--max-receive-window", "1M", timeout=30
     )
     assert refused.returncode == 2 and "'--max-receive-window': 1M" in refused.stderr
+    for option, value, said in (
+        ("--receive-budget", "1M", "1M is less than 4M"),
+        ("--call-budget", "0", "0 is less than 1 byte"),
+        ("--max-connections", "0", "0 is not in the range x>=1"),
+        ("--max-connections-per-user", "-1", "-1 is not in the range x>=1"),
+        ("--idle-timeout", "0", "0.0 is not in the range x>0"),
+    ):
+        refused = conduit("serve", str(tmp_path / "w"), "--port", "0", option, value, timeout=30)
+        assert refused.returncode == 2 and f"'{option}': {said}" in refused.stderr, refused.stderr
     assert not (tmp_path / "w").exists()  # refused before the storage was made
     assert conduit("no-such-command").returncode == 2
 

@@ -117,6 +117,12 @@ def _accounts(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> Non
 #: The window a stream opens with unless a descriptor's ``receive_window``
 #: says otherwise (both descriptors' default).
 RECEIVE_WINDOW = 4 * 1024 * 1024
+#: ``ServerDescriptor.server_receive_budget``'s default.
+SERVER_RECEIVE_BUDGET = 1024 * 1024 * 1024
+#: ``ServerDescriptor.server_call_budget``'s default.
+SERVER_CALL_BUDGET = 512 * 1024 * 1024
+#: ``ServerDescriptor.max_connections``' default.
+MAX_CONNECTIONS = 1000
 
 #: How many times its opening window a stream's window may grow to when
 #: ``max_receive_window`` is None (the default): as many windows as half the
@@ -228,7 +234,9 @@ class ServerDescriptor:
     #: Name reported to clients.
     name: str = attrs.field(default="conduit-server", validator=v.instance_of(str))
     #: Connections (authenticated or still in the handshake) served at once.
-    max_connections: int = attrs.field(default=1000, validator=[v.instance_of(int), _positive])
+    max_connections: int = attrs.field(
+        default=MAX_CONNECTIONS, validator=[v.instance_of(int), _positive]
+    )
     #: Authenticated connections one user may hold at once (in shared-password
     #: mode: one address, as the password throttle counts addresses); more are
     #: refused with code "busy" (an address at its hello, before any password
@@ -289,7 +297,7 @@ class ServerDescriptor:
     #: share is bounded by ``connection_receive_budget``; this bounds the
     #: server, whatever the number of connections. At least ``receive_window``.
     server_receive_budget: int = attrs.field(
-        default=1024 * 1024 * 1024, validator=[v.instance_of(int), _receive_budget]
+        default=SERVER_RECEIVE_BUDGET, validator=[v.instance_of(int), _receive_budget]
     )
     #: Bytes that the arguments of the large calls running (bodies over 4 KiB)
     #: and the messages queued for the message handlers, of all connections
@@ -306,7 +314,7 @@ class ServerDescriptor:
     #: calls of the server's wait for its answers (room that others hold may
     #: never come to a connection whose handler waits for its peer).
     server_call_budget: int = attrs.field(
-        default=512 * 1024 * 1024, validator=[v.instance_of(int), _positive]
+        default=SERVER_CALL_BUDGET, validator=[v.instance_of(int), _positive]
     )
     #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)

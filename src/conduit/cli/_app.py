@@ -23,7 +23,13 @@ from click.core import ParameterSource
 
 from .._groups import first_leaf
 from .._version import __version__
-from ..descriptors import RECEIVE_WINDOW, window_limit
+from ..descriptors import (
+    MAX_CONNECTIONS,
+    RECEIVE_WINDOW,
+    SERVER_CALL_BUDGET,
+    SERVER_RECEIVE_BUDGET,
+    window_limit,
+)
 from . import _demo, _serve, _transfer, _users
 from ._common import (
     ADDRESS_ENV,
@@ -40,6 +46,7 @@ from ._common import (
     print_error,
     read_password,
     run_trio,
+    size_text,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,6 +80,21 @@ def _window(ctx: click.Context, param: click.Parameter, value: str | None) -> in
             param,
         )
     return size
+
+
+def _size_at_least(
+    minimum: int,
+) -> Callable[[click.Context, click.Parameter, str | None], int | None]:
+    """Option callback: a size (as :func:`_size`) of at least ``minimum`` bytes."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+        size = _size(ctx, param, value)
+        if size is not None and size < minimum:
+            least = size_text(minimum) + (" byte" if minimum == 1 else "")
+            raise click.BadParameter(f"{value} is less than {least}", ctx, param)
+        return size
+
+    return check
 
 
 def _cluster_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -288,6 +310,48 @@ def _connect_options(
     help="This node's name in the cluster (default: HOST-PID-RANDOM).",
 )
 @_window_option("an upload")
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    metavar="N",
+    help=(
+        f"Connections served at once, in the handshake or logged in [default: {MAX_CONNECTIONS}]."
+    ),
+)
+@click.option(
+    "--max-connections-per-user",
+    type=click.IntRange(1),
+    metavar="N",
+    help=(
+        "Connections one user (with a shared password: one client address) may hold "
+        "[default: a quarter of --max-connections]."
+    ),
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(0, min_open=True),
+    metavar="SECONDS",
+    help="Close a connection with no calls, messages or file data for this long [default: never].",
+)
+@click.option(
+    "--receive-budget",
+    callback=_size_at_least(RECEIVE_WINDOW),
+    metavar="SIZE",
+    help=(
+        "Upload data all connections together may hold received and not yet written; "
+        f"at least {size_text(RECEIVE_WINDOW)} "
+        f"[default: {size_text(SERVER_RECEIVE_BUDGET)}]."
+    ),
+)
+@click.option(
+    "--call-budget",
+    callback=_size_at_least(1),
+    metavar="SIZE",
+    help=(
+        "Memory the large calls and queued messages of all connections together may "
+        f"hold decoded [default: {size_text(SERVER_CALL_BUDGET)}]."
+    ),
+)
 @click.pass_obj
 def serve(
     verbose: int,
@@ -302,6 +366,11 @@ def serve(
     cluster_url: str | None,
     node_name: str | None,
     max_receive_window: int | None,
+    max_connections: int | None,
+    max_connections_per_user: int | None,
+    idle_timeout: float | None,
+    receive_budget: int | None,
+    call_budget: int | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
 
@@ -339,6 +408,13 @@ def serve(
         cluster_url=cluster_url,
         node_name=node_name,
         max_receive_window=max_receive_window,
+        limits=_serve.ServeLimits(
+            max_connections=max_connections,
+            max_connections_per_user=max_connections_per_user,
+            idle_timeout=idle_timeout,
+            receive_budget=receive_budget,
+            call_budget=call_budget,
+        ),
     )
     return run_trio(functools.partial(_serve.serve, options=options), cancel=False)
 

@@ -99,6 +99,16 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
+def size_text(size: int) -> str:
+    """``10485760`` -> ``"10M"``: a size as :func:`parse_size` reads it, in the
+    largest unit that divides it exactly."""
+    for unit in ("T", "G", "M", "K"):
+        factor = _UNITS[unit.lower()]
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
 def human_bytes(size: float) -> str:
     """``1536`` -> ``"1.5 KiB"``."""
     value = float(size)

@@ -44,6 +44,34 @@ def _who(peer: Peer) -> str:
 
 
 @attrs.frozen
+class ServeLimits:
+    """The server's bounds that ``conduit serve`` was given; None keeps the library's default."""
+
+    #: ``ServerDescriptor.max_connections``.
+    max_connections: int | None = None
+    #: ``ServerDescriptor.max_connections_per_user``.
+    max_connections_per_user: int | None = None
+    #: ``ServerDescriptor.idle_timeout`` (the library's default: never).
+    idle_timeout: float | None = None
+    #: ``ServerDescriptor.server_receive_budget``.
+    receive_budget: int | None = None
+    #: ``ServerDescriptor.server_call_budget``.
+    call_budget: int | None = None
+
+    def descriptor_fields(self) -> dict[str, Any]:
+        """The descriptor's fields these set, by name: only those given (``Any``:
+        the fields differ in type, and the descriptor's validators check each)."""
+        named = {
+            "max_connections": self.max_connections,
+            "max_connections_per_user": self.max_connections_per_user,
+            "idle_timeout": self.idle_timeout,
+            "server_receive_budget": self.receive_budget,
+            "server_call_budget": self.call_budget,
+        }
+        return {name: value for name, value in named.items() if value is not None}
+
+
+@attrs.frozen
 class ServeOptions:
     """What ``conduit serve`` was asked to do."""
 
@@ -64,6 +92,8 @@ class ServeOptions:
     #: The largest a transfer's receive window may grow (see
     #: ``ServerDescriptor.max_receive_window``); None: the library's default.
     max_receive_window: int | None = None
+    #: Connections, idleness and memory; the library's defaults where not given.
+    limits: ServeLimits = ServeLimits()
 
 
 def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
@@ -82,6 +112,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
             cluster_url=options.cluster_url,
             node_name=options.node_name,
             max_receive_window=options.max_receive_window,
+            **options.limits.descriptor_fields(),
         )
         descriptor.build_ssl_context()  # a bad certificate or key fails now, not per client
     except ssl.SSLError as exc:
