@@ -38,6 +38,18 @@ counting freed), as a server's rare full collections would leave it.
   here, and 250 connections of one user several times that. At a smaller
   ``--scale`` the budget shrinks with the connections (at least 64 MiB), so
   that it is still what refuses.
+* ``small-messages``: 16 connections x 1,000 messages of 4,062 empty maps (a
+  body of 4 KiB on the wire, 293 KB decoded) to a message handler that waits
+  -> the server's count within the same budget plus a message per
+  connection, every message handled once the handler goes on, and the RSS
+  growth under twice the budget and under twice the count's peak (plus 16
+  MiB): what is held is counted. Until 2026-12-07 a message of up to 4 KiB
+  counted its bytes on the wire, 70 times less than it holds.
+* ``small-calls``: 32 connections x 128 calls (the most a connection runs) of
+  4,058 empty maps (4 KiB, 292 KB decoded) to a handler that waits -> the
+  calls admitted within the budget plus one by the count, and the RSS growth
+  bounded and counted as for ``small-messages``. Until 2026-12-07 calls of up
+  to 4 KiB ran uncounted.
 
 ``--scale`` shrinks every count (0.1 for a quick look). The CI-sized versions
 of the same findings are ``tests/test_resource_limits.py``; malformed answers
@@ -79,7 +91,7 @@ from conduit.protocol import (
     decode_body,
 )
 from conduit.protocol.codec import encode_frame
-from conduit.protocol.messages import Call, Result
+from conduit.protocol.messages import Call, Message, Result
 from conduit.transfer._names import PARTIAL_PREFIX
 from conduit.transfer._wire import Trailer
 
@@ -87,7 +99,11 @@ PASSWORD = "abuse-benchmark"
 MiB = 1024 * 1024
 PROBE = "abuse_probe"
 HOLD = "abuse_hold"
+#: ``abuse_hold`` for arguments of any shape (``small-calls``).
+HOLD_ANY = "abuse_hold_any"
 RELEASE = "abuse_release"
+#: The event of the ``small-messages`` scenario, handled by a handler that waits.
+HOLD_MESSAGE = "abuse_hold_message"
 #: Uploads of the ``dropped`` scenario running at once.
 DROP_CONCURRENCY = 8
 #: The dropped uploads' file, and how much of it the server has written when
@@ -175,11 +191,23 @@ def serve(storage: str, call_budget: int | None = None) -> None:
         await held_calls.wait()
         return len(items)
 
+    async def abuse_hold_any(items: Any) -> int:
+        await held_calls.wait()
+        return len(items)
+
     def abuse_release() -> None:
         held_calls.set()
 
+    # Messages of ``small-messages``: each waits as ``abuse_hold`` does, then counts.
+    async def abuse_hold_message(_peer: Any, _data: Any) -> None:
+        await held_calls.wait()
+        hashing["messages_handled"] += 1
+
+    hashing["messages_handled"] = 0
+    server.on(HOLD_MESSAGE)(abuse_hold_message)
     server.register_rpc(abuse_probe, PROBE)
     server.register_rpc(abuse_hold, HOLD)
+    server.register_rpc(abuse_hold_any, HOLD_ANY)
     server.register_rpc(abuse_release, RELEASE)
 
     async def main() -> None:
@@ -299,6 +327,14 @@ class NeverReads:
         frames = [
             (encode_frame(FrameKind.CALL, first_id + index, Call(method, args)),)
             for index, (method, args) in enumerate(calls)
+        ]
+        for record in self.writer.write_frames(frames):
+            await self.stream.send_all(record)
+
+    async def send_messages(self, messages: list[tuple[str, Any]]) -> None:
+        """Send ``messages`` (event, data) as MESSAGE frames, sealed in records."""
+        frames = [
+            (encode_frame(FrameKind.MESSAGE, 0, Message(event, data)),) for event, data in messages
         ]
         for record in self.writer.write_frames(frames):
             await self.stream.send_all(record)
@@ -627,6 +663,114 @@ async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     )
 
 
+#: ``small-messages``: each message's data, a list of this many empty maps:
+#: a MESSAGE body of 4,096 bytes (the most a body counted by its bytes on the
+#: wire had until 2026-12-07), 293 KB decoded (measured with tracemalloc),
+#: 556,928 bytes by ``codec.unpack_sized``'s bound.
+SMALL_MESSAGE_MAPS = 4062
+
+
+async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """16 connections x 1,000 messages of 4 KiB of empty maps to a handler that
+    waits: what they hold decoded within the server's call budget."""
+    connections = max(2, int(16 * scale))
+    per_connection = max(100, int(1000 * scale))
+    data: list[dict[str, Any]] = [{}] * SMALL_MESSAGE_MAPS
+    before = await probe(port)
+    baseline = before["rss"]
+    peers = [await NeverReads.connect(port) for _ in range(connections)]
+    messages = [(HOLD_MESSAGE, data)] * per_connection
+    peak, held = baseline, 0
+    async with trio.open_nursery() as nursery:
+        # The sends block once the server stops reading a connection (TCP).
+        for peer in peers:
+            nursery.start_soon(peer.send_messages, messages)
+        for _ in range(40):  # 8 s: the server decodes 16,000 messages meanwhile
+            await trio.sleep(0.2)
+            report = await probe(port)
+            peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
+        releaser = _client(port)
+        await releaser.connect()
+        await releaser.call(RELEASE)
+        total = connections * per_connection
+        handled = 0
+        for _ in range(300):  # 60 s at most for every message to be handled
+            handled = (await probe(port))["messages_handled"]
+            if handled >= total:
+                break
+            await trio.sleep(0.2)
+        await releaser.disconnect()
+    for peer in peers:
+        await peer.aclose()
+    growth = peak - baseline
+    limit = before["call_memory_limit"]
+    # Bounded: the count within the limit plus the messages let in past it
+    # (one a connection: none of these awaits answers), and the RSS grew by
+    # less than twice the limit; and counted: by less than twice the count's
+    # peak (and 16 MiB of the connections' own buffers), which a count of
+    # the bytes on the wire, 70 times less than what is held, is not.
+    bound = 556_928
+    bounded = limit > 0 and held <= limit + connections * bound and growth < 2 * limit
+    counted = growth < 2 * held + 16 * MiB
+    budget = "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+    return (
+        f"{connections} connections x {per_connection} messages of {SMALL_MESSAGE_MAPS:,} "
+        f"empty maps (4 KiB each on the wire) to a handler that waits, {budget} "
+        f"({handled} of {total} handled; the server's count peaked at {held / MiB:.0f} MiB): "
+        f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
+        bounded and counted and handled == total,
+    )
+
+
+#: ``small-calls``: each call's ``items``, a list of this many empty maps: a
+#: CALL body of 4,096 bytes (the most a call ran uncounted with until
+#: 2026-12-07), 292 KB decoded (tracemalloc), 556,584 bytes by the bound.
+SMALL_CALL_MAPS = 4058
+
+
+async def small_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """32 connections x 128 calls of 4 KiB of empty maps to a handler that
+    waits: what they hold decoded within the server's call budget."""
+    connections = max(3, int(32 * scale))
+    per_connection = 128  # the server's max_concurrent_calls
+    items: list[dict[str, Any]] = [{}] * SMALL_CALL_MAPS
+    before = await probe(port)
+    baseline = before["rss"]
+    peers = [await NeverReads.connect(port) for _ in range(connections)]
+    calls = [(HOLD_ANY, {"items": items})] * per_connection
+    for peer in peers:
+        await peer.send_calls(calls, first_id=1)
+    peak, held = baseline, 0
+    for _ in range(40):  # 8 s: the server decodes 4,096 calls meanwhile
+        await trio.sleep(0.2)
+        report = await probe(port)
+        peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
+    releaser = _client(port)
+    await releaser.connect()
+    await releaser.call(RELEASE)
+    await releaser.disconnect()
+    answers = _added([await peer.answers(per_connection, timeout=30) for peer in peers])
+    for peer in peers:
+        await peer.aclose()
+    growth = peak - baseline
+    limit = before["call_memory_limit"]
+    admitted = answers.get("ok", 0)
+    # Bounded and counted, as for ``small-messages``: the calls admitted by
+    # the count within the limit plus one, the RSS growth under twice the
+    # limit and under twice the count's peak (and 16 MiB).
+    bound = 556_584
+    bounded = limit > 0 and admitted <= limit // bound + 1 and growth < 2 * limit
+    counted = growth < 2 * held + 16 * MiB
+    budget = "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+    return (
+        f"{connections} connections x {per_connection} calls of {SMALL_CALL_MAPS:,} empty "
+        f"maps (4 KiB each on the wire) to a handler that waits, {budget} "
+        f"({_answers_text(answers)}; the server's count peaked at {held / MiB:.0f} MiB): "
+        f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
+        bounded and counted and sum(answers.values()) == connections * per_connection,
+    )
+
+
 def _added(counts: list[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
     for count in counts:
@@ -654,12 +798,14 @@ SCENARIOS: dict[str, Callable[[int, Path, float], Any]] = {
     "stalled": stalled,
     "resume-hash": resume_hash,
     "large-calls": large_calls,
+    "small-messages": small_messages,
+    "small-calls": small_calls,
 }
 
 
 #: Options of the server process a scenario needs at a ``--scale`` (none at 1:
 #: every scenario's server has the default settings at full size).
-def _large_calls_options(scale: float) -> list[str]:
+def _scaled_call_budget(scale: float) -> list[str]:
     return [] if scale == 1 else ["--call-budget", str(_call_budget(scale))]
 
 
@@ -667,7 +813,11 @@ def _no_options(_scale: float) -> list[str]:
     return []
 
 
-SERVER_OPTIONS: dict[str, Callable[[float], list[str]]] = {"large-calls": _large_calls_options}
+SERVER_OPTIONS: dict[str, Callable[[float], list[str]]] = {
+    "large-calls": _scaled_call_budget,
+    "small-messages": _scaled_call_budget,
+    "small-calls": _scaled_call_budget,
+}
 
 
 def run(names: list[str], scale: float) -> bool:

@@ -6,7 +6,8 @@ scenario now verifies of its own attack: the dropped uploads were cut after
 the server had data of them (none finished uncut), and the stalled and
 resume-claiming downloads were all answered (admitted or refused), some
 admitted, the server hashed some of the wrong resume claims but no more
-than each connection's budget allows, and the large calls of all connections
+than each connection's budget allows, and the large calls of all connections,
+and the small calls and messages that hold far more decoded than their bytes,
 were admitted only within the server's call budget.
 """
 
@@ -34,8 +35,8 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 5, lines
-    dropped, _bad, stalled, resume, large = lines
+    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 7, lines
+    dropped, _bad, stalled, resume, large, messages, calls = lines
     assert "0 finished before their cut" in dropped, dropped
     cut = re.search(r"\((\d+) MiB in their partials", dropped)
     assert cut is not None and int(cut.group(1)) > 0, dropped
@@ -52,3 +53,9 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     # 64 MiB: two admitted; the third connection's first refused by the
     # server's budget (its own bound had room), and everything behind it.
     assert "(2 admitted, 14 refused 'overloaded', 8 refused 'overloaded (server)'" in large, large
+    # Bodies under 4 KiB of empty maps (556 KB each by the count) against the
+    # same 64 MiB: 2 x 100 messages, all handled, the count at the budget
+    # while they wait; 3 x 128 calls, 120 admitted (each connection's own
+    # bound lets in 60), the rest refused by one bound or the other.
+    assert "(200 of 200 handled; the server's count peaked at 64 MiB)" in messages, messages
+    assert "(120 admitted, " in calls and "the server's count peaked at 64 MiB" in calls, calls

@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 
 from conduit.errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from conduit.protocol import FRAME_COST, MAX_STREAM_ID, Frame, FrameKind, connection, decode_body
-from conduit.protocol.codec import COUNTED_BODY, data_header, iter_frames
+from conduit.protocol.codec import (
+    CONTAINER_OVERHEAD,
+    COUNTED_BODY,
+    data_header,
+    iter_frames,
+    unpack_sized,
+)
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
     CallCancelled,
@@ -43,6 +49,7 @@ from conduit.protocol.connection import (
     ResultReceived,
     StreamWasReset,
 )
+from conduit.protocol.frames import HEADER_SIZE
 from conduit.protocol.messages import Pong, Result
 from hostile_helpers import body_frame, call_frame, raw_header
 
@@ -394,6 +401,33 @@ def test_a_lone_call_of_any_size_fits_the_servers_call_memory() -> None:
     assert isinstance(wire.deliver_one(other, call_frame(1, "store", items=small)), CallRefused)
     server.call_finished(1)
     assert isinstance(wire.deliver_one(other, call_frame(1, "store", items=small)), CallReceived)
+
+
+def test_small_bodies_count_what_they_hold_decoded() -> None:
+    """A MESSAGE of any size counts ``unpack_sized``'s bound, not its bytes
+    on the wire (4 KiB of empty maps holds about 290 KB); a CALL does once
+    its body is over COUNTED_BODY, and one at it runs uncounted."""
+    memory = CallMemory(64 * 1024 * 1024)
+    server = machine(is_client=False, call_memory=memory)
+    wire = Pair(machine(is_client=True), server)
+    maps: list[dict[str, int]] = [{}] * 4_000
+    message = body_frame(FrameKind.MESSAGE, 0, {"event": "e", "data": maps})
+    assert len(message) < 4_096 + 64
+    event = wire.deliver_one(server, message)
+    assert isinstance(event, MessageReceived) and event.data == maps
+    _, bound = unpack_sized(message[HEADER_SIZE:])
+    assert event.size == bound > 4_000 * CONTAINER_OVERHEAD
+    # The body's bytes beside its maps (one each), as the list's length takes them.
+    beside = len(call_frame(1, "m", items=[{}] * 16)) - HEADER_SIZE - 16
+    uncounted = call_frame(1, "m", items=[{}] * (COUNTED_BODY - beside))
+    assert len(uncounted) - HEADER_SIZE == COUNTED_BODY
+    assert isinstance(wire.deliver_one(server, uncounted), CallReceived)
+    assert memory.held == 0
+    counted = call_frame(2, "m", items=[{}] * (COUNTED_BODY - beside + 1))
+    assert isinstance(wire.deliver_one(server, counted), CallReceived)
+    assert memory.held == unpack_sized(counted[HEADER_SIZE:])[1]
+    server.call_finished(2)
+    assert memory.held == 0
 
 
 def test_a_large_body_of_empty_lists_is_a_valid_call(pair: Pair) -> None:

@@ -986,6 +986,60 @@ async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
         assert ("left", 20_000) in handled
 
 
+#: Under 4 KiB on the wire (a CALL or MESSAGE body of ~4,030 bytes), about
+#: 290 KB decoded (tracemalloc), 550 KB by ``codec.unpack_sized``'s bound.
+_SMALL_EMPTY_MAPS: list[dict[str, int]] = [{}] * 4_000
+
+
+@hostile(
+    "server-call-budget-small-bodies",
+    area="resource limits, whole server",
+    attack="against server_call_budget=4 MiB, to handlers that wait: one connection sends 40 "
+    "messages of 4,000 empty maps (under 4 KiB each on the wire, about 290 KB decoded); a "
+    "second then calls with the same 4,000 empty maps",
+    behaviour="each message counts what it holds decoded (550 KB by the bound), so the first "
+    "connection is not read once the budget is full, with 8 of its 40 messages in; the call is "
+    "refused 'overloaded' by the server's budget; once the handlers go on, every message is "
+    "handled and the call runs (before: bodies up to 4 KiB were counted by their bytes on the "
+    "wire, or not at all for calls: all 40 messages were queued, about 11.6 MB decoded for a "
+    "count of 160 KiB, and the call ran uncounted)",
+    found="in review of the bounds' figures",
+)
+async def test_small_bodies_count_what_they_hold_decoded(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    released = trio.Event()
+    handled: list[int] = []
+
+    async def on_event(peer: Peer, data: list[dict[str, int]]) -> None:
+        handled.append(len(data))
+        await released.wait()
+
+    server = await server_factory(
+        register=_hold_until(released, on_event), server_call_budget=4 * MiB
+    )
+    memory = server._settings.call_memory
+    assert memory is not None
+    sender, caller = [await client_factory(server) for _ in range(2)]
+    with trio.fail_after(30):
+        for _ in range(40):
+            await sender.send("event", _SMALL_EMPTY_MAPS)
+        connection = server.clients[sender.id or ""].connection
+        await wait_until(lambda: connection._reading_paused)
+        one = 550_000
+        assert memory.limit - one < memory.held <= memory.limit + one
+        assert 6 <= connection._message_bytes // one <= 8
+        with pytest.raises(RPCError) as refused:
+            await caller.call("hold", items=_SMALL_EMPTY_MAPS)
+        assert refused.value.code == "overloaded"
+        assert "the server's calls and messages hold" in str(refused.value)
+        released.set()
+        await wait_until(lambda: len(handled) == 40)
+        assert handled == [4_000] * 40
+        await caller.call("hold", items=_SMALL_EMPTY_MAPS)
+        await wait_until(lambda: memory.held == 0)
+
+
 @hostile(
     "server-call-budget-answer-behind-a-message",
     area="resource limits, whole server",

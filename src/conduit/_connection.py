@@ -101,8 +101,8 @@ log = logging.getLogger("conduit.connection")
 # more: a larger read would grow the record opener's buffer, and peak RSS, with it.
 RECEIVE_SIZE = 1024 * 1024 + 8 * 1024
 # What the messages queued for, or being handled by, the message task hold
-# decoded (their bytes on the wire for small ones, codec.unpack_sized's bound
-# for larger ones, and at least _MESSAGE_CHARGE each). The reader waits for
+# decoded (codec.unpack_sized's bound, whatever their size: 4 KiB of empty
+# maps holds 290 KB; and at least _MESSAGE_CHARGE each). The reader waits for
 # room beyond it (a lone message of any size is let in). Large, so that a
 # handler awaiting a call on the same connection (whose answer the reader must
 # read) rarely finds it waiting: a reader that waits reads nothing else. A

@@ -299,11 +299,11 @@ class ServerDescriptor:
     server_receive_budget: int = attrs.field(
         default=SERVER_RECEIVE_BUDGET, validator=[v.instance_of(int), _receive_budget]
     )
-    #: Bytes that the arguments of the large calls running (bodies over 4 KiB)
+    #: Bytes that the arguments of the large calls running (bodies over 256 bytes)
     #: and the messages queued for the message handlers, of all connections
     #: together, may hold decoded (counted as ``codec.unpack_sized`` bounds
     #: them). Over it, a large call is refused with code "overloaded" (the
-    #: caller may try again; calls under 4 KiB run on), and a connection
+    #: caller may try again; smaller calls run on), and a connection
     #: with messages of its own queued reads nothing more until its message
     #: handler has finished one or there is room (a connection whose peer
     #: closes meanwhile is ended). Each connection's own share is bounded
