@@ -555,6 +555,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
         ("--max-connections", "0", "0 is not in the range x>=1"),
         ("--max-connections-per-user", "-1", "-1 is not in the range x>=1"),
         ("--idle-timeout", "0", "0.0 is not in the range x>0"),
+        ("--idle-timeout", "nan", "nan is not a number of seconds"),
     ):
         refused = conduit("serve", str(tmp_path / "w"), "--port", "0", option, value, timeout=30)
         assert refused.returncode == 2 and f"'{option}': {said}" in refused.stderr, refused.stderr

@@ -32,6 +32,7 @@ from conduit.protocol.codec import (
 )
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
+    UNCOUNTED_CALL_BYTES,
     CallCancelled,
     CallMemory,
     CallReceived,
@@ -405,27 +406,29 @@ def test_a_lone_call_of_any_size_fits_the_servers_call_memory() -> None:
 
 def test_small_bodies_count_what_they_hold_decoded() -> None:
     """A MESSAGE of any size counts ``unpack_sized``'s bound, not its bytes
-    on the wire (4 KiB of empty maps holds about 290 KB); a CALL does once
-    its body is over COUNTED_BODY, and one at it runs uncounted."""
+    on the wire (200 bytes of empty maps hold about 27 KB by it); a CALL
+    counts it when it is over UNCOUNTED_CALL_BYTES (1 KiB of empty maps: 137
+    KB), and runs uncounted under it (a kilobyte of bytes, as a small file's
+    upload)."""
     memory = CallMemory(64 * 1024 * 1024)
     server = machine(is_client=False, call_memory=memory)
     wire = Pair(machine(is_client=True), server)
-    maps: list[dict[str, int]] = [{}] * 4_000
-    message = body_frame(FrameKind.MESSAGE, 0, {"event": "e", "data": maps})
-    assert len(message) < 4_096 + 64
-    event = wire.deliver_one(server, message)
-    assert isinstance(event, MessageReceived) and event.data == maps
-    _, bound = unpack_sized(message[HEADER_SIZE:])
-    assert event.size == bound > 4_000 * CONTAINER_OVERHEAD
-    # The body's bytes beside its maps (one each), as the list's length takes them.
-    beside = len(call_frame(1, "m", items=[{}] * 16)) - HEADER_SIZE - 16
-    uncounted = call_frame(1, "m", items=[{}] * (COUNTED_BODY - beside))
-    assert len(uncounted) - HEADER_SIZE == COUNTED_BODY
-    assert isinstance(wire.deliver_one(server, uncounted), CallReceived)
+    shapes: list[list[dict[str, int]]] = [[{}] * 200, [{}] * 4_000]
+    for maps in shapes:
+        message = body_frame(FrameKind.MESSAGE, 0, {"event": "e", "data": maps})
+        event = wire.deliver_one(server, message)
+        assert isinstance(event, MessageReceived) and event.data == maps
+        _, bound = unpack_sized(message[HEADER_SIZE:])
+        assert event.size == bound > len(maps) * CONTAINER_OVERHEAD
+    upload = call_frame(1, "upload", name="a.bin", data=b"x" * 1024)
+    assert len(upload) - HEADER_SIZE > COUNTED_BODY
+    assert isinstance(wire.deliver_one(server, upload), CallReceived)
     assert memory.held == 0
-    counted = call_frame(2, "m", items=[{}] * (COUNTED_BODY - beside + 1))
-    assert isinstance(wire.deliver_one(server, counted), CallReceived)
-    assert memory.held == unpack_sized(counted[HEADER_SIZE:])[1]
+    maps_call = call_frame(2, "m", items=[{}] * 1_000)
+    held = unpack_sized(maps_call[HEADER_SIZE:])[1]
+    assert len(maps_call) - HEADER_SIZE < 1_100 and held > UNCOUNTED_CALL_BYTES
+    assert isinstance(wire.deliver_one(server, maps_call), CallReceived)
+    assert memory.held == held
     server.call_finished(2)
     assert memory.held == 0
 

@@ -672,6 +672,55 @@ async def test_a_connection_the_server_stopped_reading_still_ends_when_its_peer_
 
 
 @hostile(
+    "download-read-slowly-not-idle",
+    area="resource limits, whole server",
+    attack="a download of a 16 MiB file read slowly: after the first 4 MiB window, 256 KiB "
+    "of credit every 0.25 s for 3 s, and nothing else sent, against idle_timeout=1 s; then no "
+    "more credit",
+    behaviour="the connection stays open while the peer takes data (each CREDIT for a stream "
+    "of ours is activity; before, 'idle for more than 1s' cut the download after a second: "
+    "`conduit serve --idle-timeout` cut any download longer than its timeout); once the peer "
+    "stops taking data it is closed as idle",
+    found="in review of `conduit serve --idle-timeout`",
+)
+async def test_a_download_read_slowly_is_not_idle(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    await trio.to_thread.run_sync(write_random_file, storage / "big.bin", 16 * MiB)
+    server, _ = await _file_server(server_factory, storage, server_fields={"idle_timeout": 1})
+    peer = await RawPeer.authenticated(server.port, PASSWORD)
+    await wait_until(lambda: len(server.clients) == 1)
+    (connection,) = (client.connection for client in server.clients.values())
+    await peer.send_sealed(
+        call_frame(
+            7,
+            "file_download",
+            name="big.bin",
+            stream_id=1,
+            size=16 * MiB,
+            offset=0,
+            prefix_sha256="",
+        )
+    )
+    received = 0
+    with trio.fail_after(30):
+        for _ in range(12):
+            with trio.move_on_after(0.25):
+                while True:
+                    frame = await peer.next_frame()
+                    if frame.kind is FrameKind.DATA and frame.stream_id == 1:
+                        # A record's run of DATA frames comes as one (data_runs.py).
+                        received += getattr(frame, "size", len(frame.payload))
+            await peer.send_sealed(body_frame(FrameKind.CREDIT, 1, {"increment": 256 * 1024}))
+        assert connection.is_open, connection.close_reason
+        assert 4 * MiB < received < 16 * MiB
+        await wait_until(lambda: not connection.is_open, timeout=5)
+    assert "idle for more than 1s" in (connection.close_reason or "")
+    await peer.aclose()
+
+
+@hostile(
     "server-receive-budget-not-idle",
     area="resource limits, whole server",
     attack="one connection sends 960 KiB on each of two uploads while the server's uploads "

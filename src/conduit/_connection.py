@@ -1612,6 +1612,9 @@ class Connection:
         stream.wake()
 
     def _on_credit(self, stream: OutgoingStream) -> None:
+        # The peer took data of ours (a download it reads): not idle, though
+        # it sends nothing else. (A CREDIT for no stream of ours is no event.)
+        self._last_activity = self._last_received
         stream.wake()
 
     def _on_reply_needed(self, event: CallRefused | PingReceived) -> None:

@@ -299,7 +299,7 @@ class ServerDescriptor:
     server_receive_budget: int = attrs.field(
         default=SERVER_RECEIVE_BUDGET, validator=[v.instance_of(int), _receive_budget]
     )
-    #: Bytes that the arguments of the large calls running (bodies over 256 bytes)
+    #: Bytes that the arguments of the large calls running (over 64 KiB decoded)
     #: and the messages queued for the message handlers, of all connections
     #: together, may hold decoded (counted as ``codec.unpack_sized`` bounds
     #: them). Over it, a large call is refused with code "overloaded" (the

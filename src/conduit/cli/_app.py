@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import shutil
 import sys
@@ -95,6 +96,13 @@ def _size_at_least(
         return size
 
     return check
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Option callback: a duration (click's range checks let NaN through)."""
+    if value is not None and math.isnan(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx, param)
+    return value
 
 
 def _cluster_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -330,6 +338,7 @@ def _connect_options(
 @click.option(
     "--idle-timeout",
     type=click.FloatRange(0, min_open=True),
+    callback=_seconds,
     metavar="SECONDS",
     help="Close a connection with no calls, messages or file data for this long [default: never].",
 )

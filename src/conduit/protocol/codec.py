@@ -81,13 +81,14 @@ def _unpackable(exc: Exception) -> LocalProtocolError:
 
 
 #: CALL bodies up to this many bytes are decoded as they are, uncounted: a
-#: body of 256 bytes holds at most about 12 KB decoded (empty maps, measured;
-#: 34 KB by :func:`unpack_sized`'s bound), so the calls one connection runs
-#: at once (128 by default) hold at most about 1.5 MB. A larger one is decoded
-#: counting its lists and maps, so that what it holds can be bounded (it was
-#: 4 KiB until 2026-12-07: 288 KB decoded a call, 37 MB a connection). The
-#: calls of the RPC benchmarks (100-byte payloads) stay under it. MESSAGE
-#: bodies are counted whatever their size: the engine queues them.
+#: body of 256 bytes holds at most about 17 KB decoded (empty maps, measured;
+#: 34 KB by :func:`unpack_sized`'s bound). A larger one is decoded counting
+#: its lists and maps, so that what it holds can be bounded (until
+#: 2026-12-07 the line was 4 KiB: 4 KiB of empty maps holds 285-293 KB, and
+#: 37 MB for the 128 calls a connection runs). Which of them count is the
+#: connection's choice (``connection.UNCOUNTED_CALL_BYTES``). The calls of
+#: the RPC benchmarks (100-byte payloads) stay under it. MESSAGE bodies are
+#: counted whatever their size: the engine queues them.
 COUNTED_BODY = 256
 #: What a decoded list or map, and each item in one (a map's key and value are
 #: two), may take in memory beyond the item's own bytes on the wire: a list's

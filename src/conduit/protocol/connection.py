@@ -82,8 +82,18 @@ _RESULT = FrameKind.RESULT
 #: as DATA for a stream it had reset, pinned 8 times its credit.)
 PIN_RATIO = 2
 
-#: What the CALLs larger than COUNTED_BODY queued or running at once may hold
-#: decoded (bounded by codec.unpack_sized), for as long as their handlers run:
+#: A CALL whose body is over COUNTED_BODY is decoded counting what it holds
+#: (codec.unpack_sized's bound); one that holds at most this runs uncounted,
+#: as one at or under COUNTED_BODY does (whose bound is at most 34 KB: 256
+#: bytes of empty maps). So the calls a connection runs uncounted hold at most
+#: max_concurrent_calls (128) x 64 KiB by the bound (4 KiB of empty maps
+#: holds 557 KB by it, and ran uncounted until 2026-12-07), while the calls of
+#: ordinary size (a file of up to ~60 KiB, a batch of 60 names) are never
+#: refused for what others hold.
+UNCOUNTED_CALL_BYTES = 64 * 1024
+
+#: What the calls counted (over UNCOUNTED_CALL_BYTES) queued or running at
+#: once may hold decoded, for as long as their handlers run:
 #: one more is refused with ``overloaded``; a lone call of any size is admitted
 #: (a frame of the largest size may hold ~72 times its bytes: a megabyte of
 #: empty maps). Eight calls of 50,000 short strings each (0.5 MB on the wire,
@@ -232,8 +242,8 @@ class CallMemory:
     """What the large calls and queued messages of many connections hold decoded.
 
     One for all the connections of a server (``server_call_budget``): each
-    connection's CALLs over :data:`~conduit.protocol.codec.COUNTED_BODY`
-    count here what they hold decoded (``codec.unpack_sized``'s bound) from
+    connection's CALLs holding over :data:`UNCOUNTED_CALL_BYTES` decoded
+    (``codec.unpack_sized``'s bound) count here what they hold from
     their admission until they finish, and the engine counts here the
     messages its message task has queued or is handling. Each connection's
     own share is bounded apart (:data:`LARGE_CALL_BYTES`, the engine's message
@@ -490,7 +500,7 @@ class ConnectionState:
         #: else may have our PONG queued behind it on a slow link.
         self.frames_besides_pings = 0
         self._active_calls: set[int] = set()  # incoming calls queued or running
-        # Those of them larger than COUNTED_BODY: what each holds decoded
+        # Those of them counted (holding over UNCOUNTED_CALL_BYTES): what each holds decoded
         # (codec.unpack_sized's bound).
         self._large_calls: dict[int, int] = {}
         self._large_call_bytes = 0
@@ -591,7 +601,7 @@ class ConnectionState:
                 return None
             payload = frame.payload
             if len(payload) > COUNTED_BODY:
-                return self._large_call(frame.stream_id, payload)
+                return self._sized_call(frame.stream_id, payload)
             method, args = decode_call(payload)
             call_id = frame.stream_id
             active = self._active_calls
@@ -641,13 +651,20 @@ class ConnectionState:
         )
         return CallRefused(call_id, encode_frame(FrameKind.RESULT, call_id, refusal))
 
-    def _large_call(self, call_id: int, payload: bytes | memoryview) -> CallReceived | CallRefused:
-        """A CALL larger than :data:`COUNTED_BODY`: admitted while what the large
-        calls queued or running hold decoded (``codec.unpack_sized``'s bound)
-        stays within :data:`LARGE_CALL_BYTES` (a lone one always is), and
-        within :attr:`call_memory`'s limit for those of all the connections
-        sharing it."""
+    def _sized_call(self, call_id: int, payload: bytes | memoryview) -> CallReceived | CallRefused:
+        """A CALL larger than :data:`COUNTED_BODY`, decoded counting what it
+        holds (``codec.unpack_sized``'s bound). Up to :data:`UNCOUNTED_CALL_BYTES`
+        it is admitted as a small one; a larger (a large call) while what the
+        large calls queued or running hold stays within :data:`LARGE_CALL_BYTES`
+        (a lone one always is), and within :attr:`call_memory`'s limit for
+        those of all the connections sharing it."""
         method, args, size = decode_call_sized(payload)
+        active = self._active_calls
+        if size <= UNCOUNTED_CALL_BYTES:
+            if call_id not in active and len(active) < self.max_concurrent_calls:
+                active.add(call_id)
+                return CallReceived(call_id, method, args)
+            return self._refuse_call(call_id)
         held = self._large_call_bytes
         if held and held + size > LARGE_CALL_BYTES:
             # Dropped at once (the peer hears why): the arguments held by the
@@ -666,7 +683,6 @@ class ConnectionState:
                 "the server's calls and messages hold all that its server_call_budget "
                 "allows; try again when they are done",
             )
-        active = self._active_calls
         if call_id in active or len(active) >= self.max_concurrent_calls:
             return self._refuse_call(call_id)
         active.add(call_id)
