@@ -619,21 +619,33 @@ def _call_budget(scale: float) -> int:
     return max(_SMALLEST_CALL_BUDGET, int(default * scale))
 
 
-async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
-    """64 connections x 8 large calls that wait: within the server's call budget."""
-    connections = max(2, int(64 * scale))
-    per_connection = 8
-    items = ["ab"] * LARGE_CALL_STRINGS
+@attrs.frozen
+class _HeldCalls:
+    """What the server did with calls whose handler waits (:func:`_held_calls`)."""
+
+    #: The server's RSS before, and its peak while the calls were held.
+    baseline: int
+    peak: int
+    #: Its ``server_call_budget`` (-1: none), and its count's peak meanwhile.
+    limit: int
+    held: int
+    #: The calls' answers by kind (see :meth:`NeverReads.answers`).
+    answers: dict[str, int]
+
+
+async def _held_calls(
+    port: int, connections: int, per_connection: int, method: str, args: dict[str, Any]
+) -> _HeldCalls:
+    """``connections`` raw peers send ``per_connection`` calls of ``method``
+    (a handler that waits) each; the server is watched for 8 s, then its
+    handlers are released and every answer is read."""
     before = await probe(port)
-    baseline = before["rss"]
     peers = [await NeverReads.connect(port) for _ in range(connections)]
-    calls = [(HOLD, {"items": items})] * per_connection
+    calls = [(method, args)] * per_connection
     for peer in peers:
         await peer.send_calls(calls, first_id=1)
-    # Every call read and decided: each connection's first admitted (alone,
-    # it fits its 32 MiB), those behind it refused by that bound or the server's.
-    peak, held = baseline, 0
-    for _ in range(40):  # 8 s: the server decodes 0.5 GB of calls at full scale
+    peak, held = before["rss"], 0
+    for _ in range(40):  # 8 s: the server decodes every call meanwhile
         await trio.sleep(0.2)
         report = await probe(port)
         peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
@@ -644,8 +656,20 @@ async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     answers = _added([await peer.answers(per_connection, timeout=30) for peer in peers])
     for peer in peers:
         await peer.aclose()
+    return _HeldCalls(before["rss"], peak, before["call_memory_limit"], held, answers)
+
+
+async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """64 connections x 8 large calls that wait: within the server's call budget."""
+    connections = max(2, int(64 * scale))
+    per_connection = 8
+    items = ["ab"] * LARGE_CALL_STRINGS
+    # Every call read and decided: each connection's first admitted (alone,
+    # it fits its 32 MiB), those behind it refused by that bound or the server's.
+    seen = await _held_calls(port, connections, per_connection, HOLD, {"items": items})
+    baseline, peak, held, answers = seen.baseline, seen.peak, seen.held, seen.answers
     growth = peak - baseline
-    limit = before["call_memory_limit"]
+    limit = seen.limit
     admitted = answers.get("ok", 0)
     answered = sum(answers.values())
     # Bounded: the calls admitted hold at most the limit plus one (each is
@@ -734,26 +758,10 @@ async def small_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     connections = max(3, int(32 * scale))
     per_connection = 128  # the server's max_concurrent_calls
     items: list[dict[str, Any]] = [{}] * SMALL_CALL_MAPS
-    before = await probe(port)
-    baseline = before["rss"]
-    peers = [await NeverReads.connect(port) for _ in range(connections)]
-    calls = [(HOLD_ANY, {"items": items})] * per_connection
-    for peer in peers:
-        await peer.send_calls(calls, first_id=1)
-    peak, held = baseline, 0
-    for _ in range(40):  # 8 s: the server decodes 4,096 calls meanwhile
-        await trio.sleep(0.2)
-        report = await probe(port)
-        peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
-    releaser = _client(port)
-    await releaser.connect()
-    await releaser.call(RELEASE)
-    await releaser.disconnect()
-    answers = _added([await peer.answers(per_connection, timeout=30) for peer in peers])
-    for peer in peers:
-        await peer.aclose()
+    seen = await _held_calls(port, connections, per_connection, HOLD_ANY, {"items": items})
+    baseline, peak, held, answers = seen.baseline, seen.peak, seen.held, seen.answers
     growth = peak - baseline
-    limit = before["call_memory_limit"]
+    limit = seen.limit
     admitted = answers.get("ok", 0)
     # Bounded and counted, as for ``small-messages``: the calls admitted by
     # the count within the limit plus one, the RSS growth under twice the
