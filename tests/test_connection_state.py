@@ -431,6 +431,28 @@ def test_small_bodies_count_what_they_hold_decoded() -> None:
     assert memory.held == held
     server.call_finished(2)
     assert memory.held == 0
+    # 64 KiB the line, by what a call holds: 60 KiB of bytes run uncounted,
+    # with 100 short names beside them (6.4 KB more by the count) they are
+    # counted; so are 20,000 characters with an emoji among them, which
+    # Python keeps in 4 bytes each (80 KB).
+    for call_id, args, counted in (
+        (3, {"data": b"x" * 60 * 1024}, False),
+        (5, {"data": b"x" * 60 * 1024, "names": ["n"] * 100}, True),
+        (7, {"data": "\U0001f600" + "a" * 20_000}, True),
+    ):
+        frame = call_frame(call_id, "upload", **args)
+        assert isinstance(wire.deliver_one(server, frame), CallReceived)
+        assert (memory.held > 0) is counted, call_id
+        server.call_finished(call_id)
+        assert memory.held == 0
+    # Uncounted, such a call still takes its id and a place among the calls
+    # running (8 here): a ninth is refused, an id in use is a protocol error.
+    server.call_finished(1)
+    uploads = [call_frame(n, "upload", data=b"x" * 1024) for n in range(11, 20)]
+    assert all(isinstance(wire.deliver_one(server, f), CallReceived) for f in uploads[:8])
+    assert isinstance(wire.deliver_one(server, uploads[8]), CallRefused)
+    with pytest.raises(RemoteProtocolError, match="already in use"):
+        wire.deliver_one(server, uploads[0])
 
 
 def test_a_large_body_of_empty_lists_is_a_valid_call(pair: Pair) -> None:

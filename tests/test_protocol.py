@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import struct
+import tracemalloc
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +24,7 @@ from conduit.protocol import (
     encode_frame,
     iter_frames,
 )
-from conduit.protocol.codec import data_header
+from conduit.protocol.codec import data_header, unpack, unpack_sized
 from conduit.protocol.frames import FLAG_END, MAGIC, PROTOCOL_VERSION
 from conduit.protocol.messages import (
     BODY_TYPES,
@@ -77,6 +79,40 @@ def test_every_control_frame_round_trips(kind: FrameKind, body: Any) -> None:
 def test_every_frame_kind_with_a_body_is_covered() -> None:
     covered = {kind for kind, _ in SAMPLE_BODIES}
     assert covered | {FrameKind.DATA} == set(FrameKind)
+
+
+#: Shapes whose decoded size differs most from their bytes on the wire.
+_DECODED_SHAPES: dict[str, Any] = {
+    "an emoji and 60,000 ASCII characters": {"s": "\U0001f600" + "a" * 60_000},
+    "a CJK character and 60,000 ASCII characters": {"s": "\u4e2d" + "a" * 60_000},
+    "Latin-1 text": {"s": "\u00e9" * 30_000},
+    "128 strings of an emoji and 400 characters": ["\U0001f600" + "a" * 400] * 128,
+    "200 keys with an emoji": {"\U0001f600" + "k" * 100 + str(n): 1 for n in range(200)},
+    "5,000 extension values": [msgpack.ExtType(5, b"x")] * 5_000,
+    "5,000 timestamps": [msgpack.Timestamp(1, 2)] * 5_000,
+    "4,000 empty maps": [{}] * 4_000,
+    "20,000 two-character strings": ["ab"] * 20_000,
+    "64 KiB of bytes": {"data": b"x" * 65_536},
+    "100 rows of three fields": [{"id": n, "name": f"n{n}", "value": n * 1.5} for n in range(100)],
+}
+
+
+@pytest.mark.parametrize("shape", list(_DECODED_SHAPES), ids=list(_DECODED_SHAPES))
+def test_unpack_sized_bounds_what_the_decoded_value_holds(shape: str) -> None:
+    """The bound is at least what decoding allocates (tracemalloc), and the
+    value is the one ``unpack`` gives. (Until 2026-12-07 a string with a
+    character beyond U+FFFF counted a quarter of what it holds, and an
+    extension value less than it holds.)"""
+    data = msgpack.packb(_DECODED_SHAPES[shape])
+    tracemalloc.start()
+    try:
+        value = unpack(data)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    sized, bound = unpack_sized(data)
+    assert sized == value
+    assert held <= bound <= 6 * held + 1024, (held, bound)
 
 
 def test_data_frame_carries_raw_bytes_byte_by_byte() -> None:

@@ -13,7 +13,9 @@ transfer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import itertools
 import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,9 +27,16 @@ import trio
 import trio.testing
 
 from conduit import Client, FileTransferHandler, Peer, RPCError, Server
+from conduit.protocol.connection import SERVER_BUDGET_REFUSAL
 from conduit.transfer._sender import _ask_verdict
-from conduit.transfer._turns import take_turn
-from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
+from conduit.transfer._turns import BUDGET_PATIENCE, take_turn
+from conftest import (
+    ClientFactory,
+    ServerFactory,
+    client_descriptor,
+    server_descriptor,
+    wait_until,
+)
 from transfer_helpers import MiB, make_file, record_calls, register_replacing
 
 
@@ -119,6 +128,35 @@ async def test_a_refusal_while_nothing_else_runs_is_returned_as_it_is() -> None:
     with trio.fail_after(10):
         result = await take_turn(_Peer(), refused)
     assert result["code"] == "overloaded" and calls == 1
+
+
+async def test_a_refusal_by_the_servers_call_memory_is_waited_out_within_a_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Others' calls hold that room, and nothing of ours frees it: tried
+    again after pauses (0.05 s, doubling to 1 s) while it lasts, for at most
+    BUDGET_PATIENCE seconds in all."""
+    asked: list[float] = []
+
+    def refusing_until(free_at: float) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+        async def attempt(_peer: Any) -> dict[str, Any]:
+            await trio.lowlevel.checkpoint()
+            asked.append(trio.current_time())
+            if trio.current_time() >= free_at:
+                return {"success": True}
+            return {"success": False, "error": SERVER_BUDGET_REFUSAL, "code": "overloaded"}
+
+        return attempt
+
+    start = trio.current_time()
+    assert await take_turn(_Peer(), refusing_until(start + 2.0)) == {"success": True}
+    pauses = [round(b - a, 3) for a, b in itertools.pairwise(asked)]
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0]
+    asked.clear()
+    start = trio.current_time()
+    result = await take_turn(_Peer(), refusing_until(math.inf))
+    assert result["code"] == "overloaded"
+    assert BUDGET_PATIENCE <= trio.current_time() - start < BUDGET_PATIENCE + 1.5
 
 
 async def test_other_failures_are_returned_at_once() -> None:
@@ -398,6 +436,53 @@ async def _download_all_at_once(client: Client, paths: list[Path], tmp_path: Pat
     assert [r.get("code") for r in results if not r["success"]] == []
     for path in paths:
         assert _digest(tmp_path / "back" / path.name) == _digest(path)
+
+
+async def test_a_small_upload_refused_for_the_servers_call_memory_waits_for_room(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another client's call holds the server's call memory (1 MiB): a 64 KiB
+    file, uploaded in one call that counts against it, is refused at first
+    and stored once that call ends (before: refused 'overloaded' for good)."""
+    released = trio.Event()
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+
+        async def hold(items: list[str]) -> int:
+            await released.wait()
+            return len(items)
+
+        server.register_rpc(hold, "hold")
+
+    server = await server_factory(register=register, server_call_budget=MiB)
+    memory = server._settings.call_memory
+    assert memory is not None
+    holder: Client = await client_factory(server)
+    uploader: Client = await client_factory(server)
+    (path,) = await _files(tmp_path / "mine", 1, 64 * 1024)
+    calls = record_calls(monkeypatch)
+    local = FileTransferHandler(storage_dir=tmp_path / "client")
+    results: list[dict[str, Any]] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(holder.call, "hold", items=["ab"] * 20_000))
+            await wait_until(lambda: memory.held > MiB)
+
+            async def upload() -> None:
+                results.append(await local.send_to_server(uploader, path))
+
+            nursery.start_soon(upload)
+            await trio.sleep(0.5)  # refused meanwhile, and asked again
+            assert results == []
+            released.set()
+    assert [r["success"] for r in results] == [True], results
+    assert _digest(transfer.storage_dir / path.name) == _digest(path)
+    assert calls.count("file_upload_small") > 1
 
 
 async def test_a_download_that_finds_a_slot_still_ending_waits_for_it(

@@ -267,7 +267,9 @@ class ServerDescriptor:
     max_receive_window: int | None = attrs.field(default=None, validator=_max_receive_window)
     #: Seconds a new connection has to finish the (TLS and) password handshake.
     auth_timeout: float = attrs.field(default=10.0, validator=_positive)
-    #: Close connections with no calls, messages or data for this long (never when None).
+    #: Close connections with no calls, messages or data for this long (never
+    #: when None). Data counts either way: a peer taking a download of ours
+    #: (its credit for more) is not idle.
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
@@ -463,7 +465,8 @@ class ClientDescriptor:
     #: sent nothing for this long, or has read nothing of ours for this long.
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Close the connection after this long with no calls, messages or data
-    #: (never when None).
+    #: (never when None). Data counts either way: the server taking an
+    #: upload of ours (its credit for more) is not idleness.
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Calls from the server running at once on this client.
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])

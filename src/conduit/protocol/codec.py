@@ -96,24 +96,53 @@ COUNTED_BODY = 256
 #: pointer and a 2-character string (51 + 8 bytes for 3 on the wire).
 CONTAINER_OVERHEAD = 72
 ITEM_OVERHEAD = 64
+#: A string with a character beyond ASCII: the larger header Python gives
+#: it (76 bytes against 49 for 4 bytes a character), a third of it, since
+#: what such a string holds beyond its bytes is counted three times.
+_WIDE_HEADER = 10
+#: What an extension value (``msgpack.ExtType``: a named tuple and its bytes)
+#: may take beyond its bytes on the wire and its item's overhead.
+EXT_OVERHEAD = 96
 
 
 def unpack_sized(data: bytes | memoryview) -> tuple[Any, int]:
     """:func:`unpack`, and a bound of the memory the value it decoded holds:
     its bytes, plus :data:`CONTAINER_OVERHEAD` per list or map and
-    :data:`ITEM_OVERHEAD` per item in them (1-2 times the real size on the
-    shapes measured: strings, small dicts, pairs, integers, bytes).
+    :data:`ITEM_OVERHEAD` per item in them, plus three times the length of
+    each string in them with a character beyond ASCII (Python keeps a
+    string with one character beyond U+FFFF in 4 bytes a character, which
+    UTF-8 sends in one for ASCII), plus :data:`EXT_OVERHEAD` per extension
+    value. 1-2.5 times the real size on the shapes measured (strings of
+    ASCII, CJK or emoji, small dicts, pairs, integers, bytes, empty lists
+    and maps, extension values, timestamps), 5 times for Latin-1 text (one
+    byte a character in Python, two in UTF-8, counted as if four).
 
     No shape is refused (a list of empty lists is a valid argument): what
     the bound is for is admitting calls and queueing messages by it.
     """
-    containers = items = 0
+    containers = items = beyond = extensions = 0
 
     def count(container: Any) -> Any:
-        nonlocal containers, items
+        nonlocal containers, items, beyond
         containers += 1
-        items += len(container) << (type(container) is dict)
+        if type(container) is dict:
+            items += len(container) << 1
+            for key, value in container.items():
+                if type(key) is str and not key.isascii():
+                    beyond += len(key) + _WIDE_HEADER
+                if type(value) is str and not value.isascii():
+                    beyond += len(value) + _WIDE_HEADER
+        else:
+            items += len(container)
+            for item in container:
+                if type(item) is str and not item.isascii():
+                    beyond += len(item) + _WIDE_HEADER
         return container
+
+    def extension(code: int, payload: bytes) -> msgpack.ExtType:
+        nonlocal extensions
+        extensions += 1
+        return msgpack.ExtType(code, payload)  # what msgpack gives without the hook
 
     try:
         value = _unpackb(
@@ -123,10 +152,17 @@ def unpack_sized(data: bytes | memoryview) -> tuple[Any, int]:
             use_list=True,
             object_hook=count,
             list_hook=count,
+            ext_hook=extension,
         )
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise RemoteProtocolError(f"malformed msgpack body: {exc}") from exc
-    return value, len(data) + containers * CONTAINER_OVERHEAD + items * ITEM_OVERHEAD
+    return value, (
+        len(data)
+        + containers * CONTAINER_OVERHEAD
+        + items * ITEM_OVERHEAD
+        + 3 * beyond
+        + extensions * EXT_OVERHEAD
+    )
 
 
 def unpack(data: bytes | memoryview) -> Any:

@@ -92,6 +92,14 @@ PIN_RATIO = 2
 #: refused for what others hold.
 UNCOUNTED_CALL_BYTES = 64 * 1024
 
+#: How a call refused by the server's call memory (``server_call_budget``)
+#: is told so: the room is other connections', and comes back as their
+#: handlers end, so a client may wait for it (the transfer code does).
+SERVER_BUDGET_REFUSAL = (
+    "the server's calls and messages hold all that its server_call_budget allows; "
+    "try again when they are done"
+)
+
 #: What the calls counted (over UNCOUNTED_CALL_BYTES) queued or running at
 #: once may hold decoded, for as long as their handlers run:
 #: one more is refused with ``overloaded``; a lone call of any size is admitted
@@ -678,11 +686,7 @@ class ConnectionState:
         if memory is not None and not memory.admits(size):
             # Other connections' calls and messages hold the server's share.
             # (How much the server holds is not said: that is other users' business.)
-            return self._refuse_call(
-                call_id,
-                "the server's calls and messages hold all that its server_call_budget "
-                "allows; try again when they are done",
-            )
+            return self._refuse_call(call_id, SERVER_BUDGET_REFUSAL)
         if call_id in active or len(active) >= self.max_concurrent_calls:
             return self._refuse_call(call_id)
         active.add(call_id)

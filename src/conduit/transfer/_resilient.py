@@ -21,9 +21,11 @@ A failure on a connection that is still open (refused, checksum mismatch, no
 such file) is returned as it is: only a lost link is worth waiting for. The
 exception: an attempt refused at its start because its connection already
 runs all it may (``overloaded``, ``too_many_streams``) waits for another of
-this side's transfers on that connection to end, then tries again (see
-:mod:`._turns`). Cancellation is never caught here; what it leaves behind
-is the attempt's business (a partial file kept for a later resume,
+this side's transfers on that connection to end, then tries again, and
+one refused because other connections' calls hold the server's call
+memory tries again after a pause, for up to 30 s (see :mod:`._turns`).
+Cancellation is never caught here; what it leaves behind is the attempt's
+business (a partial file kept for a later resume,
 everything else freed).
 """
 

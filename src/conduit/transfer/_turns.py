@@ -24,6 +24,14 @@ that room (another client holds a server-wide limit, or ours were all
 refused too). A wait lasts as long as the transfers of ours ahead of it
 take: a caller that wants a bound puts a deadline around its transfer.
 
+One refusal is waited out whatever runs of ours: a server's call memory
+(``server_call_budget``) held by other connections' calls and messages
+(:data:`~conduit.protocol.connection.SERVER_BUDGET_REFUSAL`). No end of
+ours frees it, theirs do, and nothing says when: the attempt is made again
+after a pause that doubles from :data:`BUDGET_PAUSE` up to a second, for
+at most :data:`BUDGET_PATIENCE` seconds in all (a server whose memory
+others keep full for longer refuses the transfer as it is).
+
 A server frees a download's slot a moment after its last bytes leave (it
 closes the file and runs ``on_file_served`` first); it makes a download
 that arrives meanwhile wait for that slot (up to 5 s) rather than refuse it
@@ -42,11 +50,18 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import attrs
 import trio
 
+from ..protocol.connection import SERVER_BUDGET_REFUSAL
+
 if TYPE_CHECKING:
     from .._peer import Peer
 
 #: Refusals that say "this connection runs all it may now", at a transfer's start.
 FULL_CODES = frozenset({"overloaded", "too_many_streams"})
+
+#: The first pause before an attempt refused by the server's call memory is
+#: made again (doubling, up to a second), and the most such pauses add up to.
+BUDGET_PAUSE = 0.05
+BUDGET_PATIENCE = 30.0
 
 #: One try of a transfer on a peer: its result dict (see :mod:`._resilient`).
 Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
@@ -112,12 +127,15 @@ async def take_turn(
 
     Returns the attempt's result: its first that is not a full-connection
     refusal, or a refusal that nothing of ours will lift (see the module
-    docstring), or any result once ``peer``'s connection is gone.
+    docstring), or any result once ``peer``'s connection is gone. A refusal
+    by the server's call memory is tried again after pauses, for up to
+    :data:`BUDGET_PATIENCE` seconds.
     """
     line = _lines.setdefault(peer.connection, _Line())
     if line.must_queue():
         await line.wait_for_an_end()
     waited_since: int | None = None
+    budget_pause, budget_waited = BUDGET_PAUSE, 0.0
     while True:
         freed_before = line.freed
         line.running += 1
@@ -129,6 +147,13 @@ async def take_turn(
             line.ended(freed=not refused)
         if not refused or not peer.connected:
             return result
+        if SERVER_BUDGET_REFUSAL in str(result.get("error", "")):
+            if budget_waited >= BUDGET_PATIENCE:
+                return result
+            await trio.sleep(budget_pause)
+            budget_waited += budget_pause
+            budget_pause = min(2 * budget_pause, 1.0)
+            continue
         if line.freed != freed_before:
             # Room came free while we asked (the refusal was on its way when
             # one of ours ended): ask again at once.
