@@ -89,7 +89,12 @@ _DECODED_SHAPES: dict[str, Any] = {
     "128 strings of an emoji and 400 characters": ["\U0001f600" + "a" * 400] * 128,
     "200 keys with an emoji": {"\U0001f600" + "k" * 100 + str(n): 1 for n in range(200)},
     "5,000 extension values": [msgpack.ExtType(5, b"x")] * 5_000,
-    "5,000 timestamps": [msgpack.Timestamp(1, 2)] * 5_000,
+    "5,000 timestamps": [msgpack.Timestamp(1_700_000_000 + n, 999_999_999) for n in range(5_000)],
+    "5,000 timestamps, 96-bit": [msgpack.Timestamp(2**40 + n, 1) for n in range(5_000)],
+    "a map of 5,000 timestamps to timestamps": {
+        msgpack.Timestamp(1_700_000_000 + n, 1): msgpack.Timestamp(1_700_000_000 + n, 2)
+        for n in range(5_000)
+    },
     "4,000 empty maps": [{}] * 4_000,
     "20,000 two-character strings": ["ab"] * 20_000,
     "64 KiB of bytes": {"data": b"x" * 65_536},

@@ -28,9 +28,12 @@ One refusal is waited out whatever runs of ours: a server's call memory
 (``server_call_budget``) held by other connections' calls and messages
 (:data:`~conduit.protocol.connection.SERVER_BUDGET_REFUSAL`). No end of
 ours frees it, theirs do, and nothing says when: the attempt is made again
-after a pause that doubles from :data:`BUDGET_PAUSE` up to a second, for
-at most :data:`BUDGET_PATIENCE` seconds in all (a server whose memory
-others keep full for longer refuses the transfer as it is).
+after a pause that doubles from :data:`BUDGET_PAUSE` up to a second
+(jittered by half either way, so that attempts refused together do not
+come back together), until :data:`BUDGET_PATIENCE` seconds after its first
+such refusal (a server whose memory others keep full for longer refuses the
+transfer as it is). Each try sends the attempt's first call again: the
+server refused it whole.
 
 A server frees a download's slot a moment after its last bytes leave (it
 closes the file and runs ``on_file_served`` first); it makes a download
@@ -43,6 +46,8 @@ The lines are kept per connection, weakly: a reconnect starts a fresh one.
 
 from __future__ import annotations
 
+import math
+import random
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -128,14 +133,14 @@ async def take_turn(
     Returns the attempt's result: its first that is not a full-connection
     refusal, or a refusal that nothing of ours will lift (see the module
     docstring), or any result once ``peer``'s connection is gone. A refusal
-    by the server's call memory is tried again after pauses, for up to
-    :data:`BUDGET_PATIENCE` seconds.
+    by the server's call memory is tried again after pauses, until
+    :data:`BUDGET_PATIENCE` seconds after the first.
     """
     line = _lines.setdefault(peer.connection, _Line())
     if line.must_queue():
         await line.wait_for_an_end()
     waited_since: int | None = None
-    budget_pause, budget_waited = BUDGET_PAUSE, 0.0
+    budget_pause, budget_deadline = BUDGET_PAUSE, math.inf
     while True:
         freed_before = line.freed
         line.running += 1
@@ -148,11 +153,18 @@ async def take_turn(
         if not refused or not peer.connected:
             return result
         if SERVER_BUDGET_REFUSAL in str(result.get("error", "")):
-            if budget_waited >= BUDGET_PATIENCE:
+            now = trio.current_time()
+            budget_deadline = min(budget_deadline, now + BUDGET_PATIENCE)
+            if now >= budget_deadline:
                 return result
-            await trio.sleep(budget_pause)
-            budget_waited += budget_pause
+            # Jittered, so that the transfers a full server refused together
+            # (each sending its whole call again) do not come back together.
+            pause = budget_pause * random.uniform(0.5, 1.5)
+            await trio.sleep_until(min(now + pause, budget_deadline))
             budget_pause = min(2 * budget_pause, 1.0)
+            if line.must_queue():
+                # Ours wait in line (for a connection-full turn): behind them.
+                await line.wait_for_an_end()
             continue
         if line.freed != freed_before:
             # Room came free while we asked (the refusal was on its way when
