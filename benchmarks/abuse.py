@@ -619,6 +619,18 @@ def _call_budget(scale: float) -> int:
     return max(_SMALLEST_CALL_BUDGET, int(default * scale))
 
 
+async def _watch(port: int, baseline: int) -> tuple[int, int]:
+    """The server's peak RSS (from ``baseline``) and its call memory's peak
+    count, looked at every 0.2 s for 8 s (the server decodes what it was sent
+    meanwhile)."""
+    peak, held = baseline, 0
+    for _ in range(40):
+        await trio.sleep(0.2)
+        report = await probe(port)
+        peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
+    return peak, held
+
+
 @attrs.frozen
 class _HeldCalls:
     """What the server did with calls whose handler waits (:func:`_held_calls`)."""
@@ -644,11 +656,7 @@ async def _held_calls(
     calls = [(method, args)] * per_connection
     for peer in peers:
         await peer.send_calls(calls, first_id=1)
-    peak, held = before["rss"], 0
-    for _ in range(40):  # 8 s: the server decodes every call meanwhile
-        await trio.sleep(0.2)
-        report = await probe(port)
-        peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
+    peak, held = await _watch(port, before["rss"])
     releaser = _client(port)
     await releaser.connect()
     await releaser.call(RELEASE)
@@ -704,15 +712,11 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
     baseline = before["rss"]
     peers = [await NeverReads.connect(port) for _ in range(connections)]
     messages = [(HOLD_MESSAGE, data)] * per_connection
-    peak, held = baseline, 0
     async with trio.open_nursery() as nursery:
         # The sends block once the server stops reading a connection (TCP).
         for peer in peers:
             nursery.start_soon(peer.send_messages, messages)
-        for _ in range(40):  # 8 s: the server decodes 16,000 messages meanwhile
-            await trio.sleep(0.2)
-            report = await probe(port)
-            peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
+        peak, held = await _watch(port, baseline)
         releaser = _client(port)
         await releaser.connect()
         await releaser.call(RELEASE)

@@ -88,7 +88,7 @@ PIN_RATIO = 2
 #: bytes of empty maps). So the calls a connection runs uncounted hold at most
 #: max_concurrent_calls (128) x 64 KiB by the bound (4 KiB of empty maps
 #: holds 557 KB by it, and ran uncounted until 2026-12-07), while the calls of
-#: ordinary size (a file of up to ~60 KiB, a batch of 60 names) are never
+#: ordinary size (a file of up to ~63 KiB, a batch of 60 names) are never
 #: refused for what others hold.
 UNCOUNTED_CALL_BYTES = 64 * 1024
 

@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 FULL_CODES = frozenset({"overloaded", "too_many_streams"})
 
 #: The first pause before an attempt refused by the server's call memory is
-#: made again (doubling, up to a second), and the most such pauses add up to.
+#: made again (doubling, up to a second), and how long after its first such
+#: refusal it goes on being made.
 BUDGET_PAUSE = 0.05
 BUDGET_PATIENCE = 30.0
 
