@@ -314,7 +314,9 @@ class ServerDescriptor:
     #: call (let in while the server holds nothing) plus two messages per
     #: connection: one let in while it has none queued, and one more while
     #: calls of the server's wait for its answers (room that others hold may
-    #: never come to a connection whose handler waits for its peer).
+    #: never come to a connection whose handler waits for its peer); and
+    #: beside it, per connection, its calls of up to 64 KiB by the count,
+    #: which are not counted (8 MiB by the count at ``max_concurrent_calls``).
     server_call_budget: int = attrs.field(
         default=SERVER_CALL_BUDGET, validator=[v.instance_of(int), _positive]
     )
