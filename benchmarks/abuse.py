@@ -619,6 +619,11 @@ def _call_budget(scale: float) -> int:
     return max(_SMALLEST_CALL_BUDGET, int(default * scale))
 
 
+def _budget_text(limit: int) -> str:
+    """The server's ``server_call_budget`` as a scenario's line says it (-1: none)."""
+    return "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+
+
 async def _watch(port: int, baseline: int) -> tuple[int, int]:
     """The server's peak RSS (from ``baseline``) and its call memory's peak
     count, looked at every 0.2 s for 8 s (the server decodes what it was sent
@@ -685,7 +690,7 @@ async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     # (see the module docstring for what a call held costs beyond its count).
     bound = 22_000_000
     bounded = limit > 0 and admitted <= limit // bound + 1 and growth < 2 * limit
-    budget = "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+    budget = _budget_text(limit)
     return (
         f"{connections} connections x {per_connection} calls of {len(items):,} strings "
         f"(1 MiB each on the wire) to a handler that waits, {budget} "
@@ -740,7 +745,7 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
     bound = 556_928
     bounded = limit > 0 and held <= limit + connections * bound and growth < 2 * limit
     counted = growth < 2 * held + 16 * MiB
-    budget = "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+    budget = _budget_text(limit)
     return (
         f"{connections} connections x {per_connection} messages of {SMALL_MESSAGE_MAPS:,} "
         f"empty maps (4 KiB each on the wire) to a handler that waits, {budget} "
@@ -773,7 +778,7 @@ async def small_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     bound = 556_584
     bounded = limit > 0 and admitted <= limit // bound + 1 and growth < 2 * limit
     counted = growth < 2 * held + 16 * MiB
-    budget = "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+    budget = _budget_text(limit)
     return (
         f"{connections} connections x {per_connection} calls of {SMALL_CALL_MAPS:,} empty "
         f"maps (4 KiB each on the wire) to a handler that waits, {budget} "

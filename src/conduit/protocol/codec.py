@@ -145,7 +145,7 @@ def unpack_sized(data: bytes | memoryview) -> tuple[Any, int]:
             extensions += 1
 
     def count(container: Any) -> Any:
-        nonlocal containers, items, beyond, extensions
+        nonlocal containers, items, beyond
         containers += 1
         if not container:
             return container
