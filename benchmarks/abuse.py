@@ -50,6 +50,17 @@ counting freed), as a server's rare full collections would leave it.
   calls admitted within the budget plus one by the count, and the RSS growth
   bounded and counted as for ``small-messages``. Until 2026-12-07 calls of up
   to 4 KiB ran uncounted.
+* ``one-user``: ``large-calls`` from one address (one user, with a shared
+  password), then 4 such calls from another address, one a connection ->
+  the first user's count within its ``user_call_budget`` (a quarter of the
+  server's) plus one call, and the second user's calls run, refused if at
+  all by its own share, never by the server's budget for what the first
+  holds. Until 2026-12-07 one user could hold the whole server budget.
+
+The connections of ``large-calls``, ``small-messages`` and ``small-calls``
+come from 8 loopback addresses in turn (``127.0.0.101`` on): with a shared
+password each address is a user, whose count is checked against its
+``user_call_budget`` too.
 
 ``--scale`` shrinks every count (0.1 for a quick look). The CI-sized versions
 of the same findings are ``tests/test_resource_limits.py``; malformed answers
@@ -171,6 +182,8 @@ def serve(storage: str, call_budget: int | None = None) -> None:
             # malloc_trim what remains is memory still in use.
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         call_memory = getattr(server._settings, "call_memory", None)
+        # Each user's share of it (none before 2026-12-07 08:00).
+        shares = getattr(server, "_call_shares", None)
         return {
             "rss": rss,
             **collected,
@@ -180,6 +193,8 @@ def serve(storage: str, call_budget: int | None = None) -> None:
             # -1: a server with no call memory (before 2026-12-07).
             "call_memory_held": -1 if call_memory is None else call_memory.held,
             "call_memory_limit": -1 if call_memory is None else call_memory.limit,
+            "call_share_held": -1 if shares is None else max((s.held for s in shares), default=0),
+            "call_share_limit": -1 if shares is None else shares.limit,
             **hashing,
         }
 
@@ -289,9 +304,12 @@ class NeverReads:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, receive_window: int = 4 * MiB) -> NeverReads:
-        """Connect and authenticate to the server on ``port``; return once WELCOMEd."""
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async def connect(
+        cls, port: int, receive_window: int = 4 * MiB, source: str | None = None
+    ) -> NeverReads:
+        """Connect and authenticate to the server on ``port`` (from the loopback
+        address ``source``, if given: one user each); return once WELCOMEd."""
+        stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
         reader = FrameReader()
         handshake = ClientHandshake(
             PASSWORD,
@@ -344,7 +362,8 @@ class NeverReads:
 
         Kinds: ``ok`` (``ok_from_zero`` too when its value says ``offset`` 0) or
         the refusal's code (``overloaded (server)`` for a refusal by the
-        server's call memory rather than the connection's). Reading lets the
+        server's call memory rather than the connection's, ``overloaded
+        (user)`` by its user's share of it). Reading lets the
         server send what it held back, so call this only once what is
         measured has been read.
         """
@@ -366,6 +385,8 @@ class NeverReads:
                 kind = "ok" if result.ok else result.code
                 if kind == "overloaded" and "the server's calls" in (result.error or ""):
                     kind = "overloaded (server)"
+                elif kind == "overloaded" and "user_call_budget" in (result.error or ""):
+                    kind = "overloaded (user)"
                 counts[kind] = counts.get(kind, 0) + 1
                 if result.ok and isinstance(result.value, dict) and result.value.get("offset") == 0:
                     counts["ok_from_zero"] = counts.get("ok_from_zero", 0) + 1
@@ -619,21 +640,64 @@ def _call_budget(scale: float) -> int:
     return max(_SMALLEST_CALL_BUDGET, int(default * scale))
 
 
-def _budget_text(limit: int) -> str:
-    """The server's ``server_call_budget`` as a scenario's line says it (-1: none)."""
-    return "no call memory" if limit < 0 else f"server_call_budget {limit / MiB:.0f} MiB"
+#: The held-attack scenarios' connections come from this many loopback
+#: addresses (``127.0.0.101`` on), in turn: with a shared password each
+#: address is a user, with its share of the call memory (``user_call_budget``).
+USERS = 8
 
 
-async def _watch(port: int, baseline: int) -> tuple[int, int]:
-    """The server's peak RSS (from ``baseline``) and its call memory's peak
-    count, looked at every 0.2 s for 8 s (the server decodes what it was sent
-    meanwhile)."""
-    peak, held = baseline, 0
+def _source(connection: int) -> str:
+    """The loopback address the ``connection``-th attacking connection comes from."""
+    return f"127.0.0.{101 + connection % USERS}"
+
+
+def _per_user(share_limit: int, share_held: int, allowance: int) -> bool:
+    """Whether the largest user's count stayed within ``user_call_budget``
+    plus ``allowance`` (what its rules let past it); a server without shares
+    (-1) has no such bound to meet."""
+    return share_limit < 0 or share_held <= share_limit + allowance
+
+
+def _users_text(connections: int, share_held: int) -> str:
+    """How many users the connections were, and the largest one's peak count."""
+    users = min(connections, USERS)
+    peak = (
+        "" if share_held < 0 else f"; the largest user's count peaked at {share_held / MiB:.0f} MiB"
+    )
+    return f"{users} addresses (users){peak}"
+
+
+def _budget_text(limit: int, share_limit: int) -> str:
+    """The server's ``server_call_budget`` and ``user_call_budget`` as a
+    scenario's line says them (-1: none)."""
+    if limit < 0:
+        return "no call memory"
+    share = "" if share_limit < 0 else f", user_call_budget {share_limit / MiB:.0f} MiB"
+    return f"server_call_budget {limit / MiB:.0f} MiB{share}"
+
+
+@attrs.frozen
+class _Watched:
+    """What :func:`_watch` saw: peaks over its looks."""
+
+    #: The server's RSS.
+    rss: int
+    #: Its call memory's count, and the largest of its users' shares' counts.
+    held: int
+    share_held: int
+
+
+async def _watch(port: int, baseline: int) -> _Watched:
+    """The server's peak RSS (from ``baseline``), its call memory's peak
+    count and its users' shares' largest, looked at every 0.2 s for 8 s (the
+    server decodes what it was sent meanwhile)."""
+    peak, held, share_held = baseline, 0, -1
     for _ in range(40):
         await trio.sleep(0.2)
         report = await probe(port)
         peak, held = max(peak, report["rss"]), max(held, report["call_memory_held"])
-    return peak, held
+        share_held = max(share_held, report["call_share_held"])
+    return _Watched(peak, held, share_held)
 
 
 @attrs.frozen
@@ -646,6 +710,9 @@ class _HeldCalls:
     #: Its ``server_call_budget`` (-1: none), and its count's peak meanwhile.
     limit: int
     held: int
+    #: Its ``user_call_budget`` (-1: none), and the largest user's peak meanwhile.
+    share_limit: int
+    share_held: int
     #: The calls' answers by kind (see :meth:`NeverReads.answers`).
     answers: dict[str, int]
 
@@ -657,11 +724,11 @@ async def _held_calls(
     (a handler that waits) each; the server is watched for 8 s, then its
     handlers are released and every answer is read."""
     before = await probe(port)
-    peers = [await NeverReads.connect(port) for _ in range(connections)]
+    peers = [await NeverReads.connect(port, source=_source(i)) for i in range(connections)]
     calls = [(method, args)] * per_connection
     for peer in peers:
         await peer.send_calls(calls, first_id=1)
-    peak, held = await _watch(port, before["rss"])
+    watched = await _watch(port, before["rss"])
     releaser = _client(port)
     await releaser.connect()
     await releaser.call(RELEASE)
@@ -669,7 +736,15 @@ async def _held_calls(
     answers = _added([await peer.answers(per_connection, timeout=30) for peer in peers])
     for peer in peers:
         await peer.aclose()
-    return _HeldCalls(before["rss"], peak, before["call_memory_limit"], held, answers)
+    return _HeldCalls(
+        before["rss"],
+        watched.rss,
+        before["call_memory_limit"],
+        watched.held,
+        before["call_share_limit"],
+        watched.share_held,
+        answers,
+    )
 
 
 async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
@@ -690,13 +765,20 @@ async def large_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     # (see the module docstring for what a call held costs beyond its count).
     bound = 22_000_000
     bounded = limit > 0 and admitted <= limit // bound + 1 and growth < 2 * limit
-    budget = _budget_text(limit)
+    # And each user (address) within its share plus the one call a user
+    # holding nothing is let in with (one is 22.8 MB by the count).
+    shared = _per_user(seen.share_limit, seen.share_held, 23_000_000)
+    budget = _budget_text(limit, seen.share_limit)
     return (
         f"{connections} connections x {per_connection} calls of {len(items):,} strings "
         f"(1 MiB each on the wire) to a handler that waits, {budget} "
-        f"({_answers_text(answers)}; the server's count peaked at {held / MiB:.0f} MiB): "
+        f"({_answers_text(answers)}; the server's count peaked at {held / MiB:.0f} MiB; "
+        f"{_users_text(connections, seen.share_held)}): "
         f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
-        bounded and answered == connections * per_connection and 0 < admitted < connections,
+        bounded
+        and shared
+        and answered == connections * per_connection
+        and 0 < admitted < connections,
     )
 
 
@@ -715,13 +797,13 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
     data: list[dict[str, Any]] = [{}] * SMALL_MESSAGE_MAPS
     before = await probe(port)
     baseline = before["rss"]
-    peers = [await NeverReads.connect(port) for _ in range(connections)]
+    peers = [await NeverReads.connect(port, source=_source(i)) for i in range(connections)]
     messages = [(HOLD_MESSAGE, data)] * per_connection
     async with trio.open_nursery() as nursery:
         # The sends block once the server stops reading a connection (TCP).
         for peer in peers:
             nursery.start_soon(peer.send_messages, messages)
-        peak, held = await _watch(port, baseline)
+        watched = await _watch(port, baseline)
         releaser = _client(port)
         await releaser.connect()
         await releaser.call(RELEASE)
@@ -735,6 +817,7 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
         await releaser.disconnect()
     for peer in peers:
         await peer.aclose()
+    peak, held = watched.rss, watched.held
     growth = peak - baseline
     limit = before["call_memory_limit"]
     # Bounded: the count within the limit plus the messages let in past it
@@ -745,13 +828,18 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
     bound = 556_928
     bounded = limit > 0 and held <= limit + connections * bound and growth < 2 * limit
     counted = growth < 2 * held + 16 * MiB
-    budget = _budget_text(limit)
+    # Each user within its share plus a message per connection of its own.
+    share_limit = before["call_share_limit"]
+    most_connections = -(-connections // USERS)
+    shared = _per_user(share_limit, watched.share_held, most_connections * bound)
+    budget = _budget_text(limit, share_limit)
     return (
         f"{connections} connections x {per_connection} messages of {SMALL_MESSAGE_MAPS:,} "
         f"empty maps (4 KiB each on the wire) to a handler that waits, {budget} "
-        f"({handled} of {total} handled; the server's count peaked at {held / MiB:.0f} MiB): "
+        f"({handled} of {total} handled; the server's count peaked at {held / MiB:.0f} MiB; "
+        f"{_users_text(connections, watched.share_held)}): "
         f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
-        bounded and counted and handled == total,
+        bounded and counted and shared and handled == total,
     )
 
 
@@ -778,13 +866,70 @@ async def small_calls(port: int, work: Path, scale: float) -> tuple[str, bool]:
     bound = 556_584
     bounded = limit > 0 and admitted <= limit // bound + 1 and growth < 2 * limit
     counted = growth < 2 * held + 16 * MiB
-    budget = _budget_text(limit)
+    # Each user within its share plus one call.
+    shared = _per_user(seen.share_limit, seen.share_held, bound)
+    budget = _budget_text(limit, seen.share_limit)
     return (
         f"{connections} connections x {per_connection} calls of {SMALL_CALL_MAPS:,} empty "
         f"maps (4 KiB each on the wire) to a handler that waits, {budget} "
-        f"({_answers_text(answers)}; the server's count peaked at {held / MiB:.0f} MiB): "
+        f"({_answers_text(answers)}; the server's count peaked at {held / MiB:.0f} MiB; "
+        f"{_users_text(connections, seen.share_held)}): "
         f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
-        bounded and counted and sum(answers.values()) == connections * per_connection,
+        bounded and counted and shared and sum(answers.values()) == connections * per_connection,
+    )
+
+
+#: ``one-user``: the large calls the second user makes once the first holds
+#: what it may, one a connection (a connection holds one such call at once).
+OTHER_USER_CALLS = 4
+
+
+async def one_user(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """``large-calls`` from one address, then a second user's large calls:
+    the first holds at most its share, the second's are not refused for it."""
+    connections = max(2, int(64 * scale))
+    per_connection = 8
+    call = (HOLD, {"items": ["ab"] * LARGE_CALL_STRINGS})
+    before = await probe(port)
+    hog = [await NeverReads.connect(port, source=_source(0)) for _ in range(connections)]
+    for peer in hog:
+        await peer.send_calls([call] * per_connection, first_id=1)
+    watched = await _watch(port, before["rss"])
+    others = [await NeverReads.connect(port, source=_source(1)) for _ in range(OTHER_USER_CALLS)]
+    for peer in others:
+        await peer.send_calls([call], first_id=1)
+    for _ in range(50):  # read and decided by the server: its count moves
+        await trio.sleep(0.2)
+        if (await probe(port))["call_memory_held"] > watched.held:
+            break
+    releaser = _client(port)
+    await releaser.connect()
+    await releaser.call(RELEASE)
+    await releaser.disconnect()
+    first = _added([await peer.answers(per_connection, timeout=30) for peer in hog])
+    second = _added([await peer.answers(1, timeout=30) for peer in others])
+    for peer in (*hog, *others):
+        await peer.aclose()
+    share_limit = before["call_share_limit"]
+    # The first user within its share plus the one call a user holding
+    # nothing is let in with (22.8 MB by the count); the second's calls
+    # refused, if at all, by its own share, never for what the first holds.
+    shared = share_limit > 0 and _per_user(share_limit, watched.share_held, 23_000_000)
+    admitted = second.get("ok", 0)
+    answered = sum(first.values()) + sum(second.values())
+    budget = _budget_text(before["call_memory_limit"], share_limit)
+    users = "" if share_limit < 0 else f", that user's at {watched.share_held / MiB:.0f} MiB"
+    return (
+        f"{connections} connections of one address x {per_connection} calls of "
+        f"{LARGE_CALL_STRINGS:,} strings to a handler that waits, {budget} "
+        f"({_answers_text(first)}; the server's count peaked at "
+        f"{watched.held / MiB:.0f} MiB{users}); then another address's "
+        f"{OTHER_USER_CALLS} connections, a call each: {_answers_text(second)}; RSS "
+        f"{before['rss'] / MiB:.0f} -> peak {watched.rss / MiB:.0f} MiB before the other's",
+        shared
+        and admitted > 0
+        and "overloaded (server)" not in second
+        and answered == connections * per_connection + OTHER_USER_CALLS,
     )
 
 
@@ -817,6 +962,7 @@ SCENARIOS: dict[str, Callable[[int, Path, float], Any]] = {
     "large-calls": large_calls,
     "small-messages": small_messages,
     "small-calls": small_calls,
+    "one-user": one_user,
 }
 
 
@@ -834,6 +980,7 @@ SERVER_OPTIONS: dict[str, Callable[[float], list[str]]] = {
     "large-calls": _scaled_call_budget,
     "small-messages": _scaled_call_budget,
     "small-calls": _scaled_call_budget,
+    "one-user": _scaled_call_budget,
 }
 
 

@@ -8,7 +8,8 @@ resume-claiming downloads were all answered (admitted or refused), some
 admitted, the server hashed some of the wrong resume claims but no more
 than each connection's budget allows, and the large calls of all connections,
 and the small calls and messages that hold far more decoded than their bytes,
-were admitted only within the server's call budget.
+were admitted only within the server's call budget and each user's share
+of it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 7, lines
-    dropped, _bad, stalled, resume, large, messages, calls = lines
+    assert [line.split("]")[0] for line in lines] == ["[PASS"] * 8, lines
+    dropped, _bad, stalled, resume, large, messages, calls, one_user = lines
     assert "0 finished before their cut" in dropped, dropped
     cut = re.search(r"\((\d+) MiB in their partials", dropped)
     assert cut is not None and int(cut.group(1)) > 0, dropped
@@ -49,13 +50,27 @@ def test_every_abuse_scenario_runs_and_passes_at_a_small_scale() -> None:
     assert hashed is not None, resume
     assert int(hashed.group(1)) == 20, resume
     assert float(hashed.group(2)) == pytest.approx(5.0, abs=0.01), resume
-    # 3 connections x 8 calls of 21.7 MiB (by the count) against a budget of
-    # 64 MiB: two admitted; the third connection's first refused by the
-    # server's budget (its own bound had room), and everything behind it.
+    # 3 connections (3 users: addresses) x 8 calls of 21.7 MiB (by the count)
+    # against a budget of 64 MiB, 16 MiB a user: two admitted, each its
+    # user's first (a user holding nothing is let one in); the third user's
+    # first refused by the server's budget (its own share had room), and
+    # everything behind them.
     assert "(2 admitted, 14 refused 'overloaded', 8 refused 'overloaded (server)'" in large, large
-    # Bodies under 4 KiB of empty maps (556 KB each by the count) against the
-    # same 64 MiB: 2 x 100 messages, all handled, the count at the budget
-    # while they wait; 3 x 128 calls, 120 admitted (each connection's own
-    # bound lets in 60), the rest refused by one bound or the other.
-    assert "(200 of 200 handled; the server's count peaked at 64 MiB)" in messages, messages
-    assert "(120 admitted, " in calls and "the server's count peaked at 64 MiB" in calls, calls
+    assert "the largest user's count peaked at 22 MiB" in large, large
+    # Bodies under 4 KiB of empty maps (556 KB each by the count), one
+    # connection a user, against the same budgets: 2 x 100 messages, all
+    # handled, each user's count at its share while they wait; 3 x 128
+    # calls, 30 a user admitted (its share; each connection's own bound
+    # would let in 60), the rest refused by the share.
+    assert (
+        "(200 of 200 handled; the server's count peaked at 32 MiB; 2 addresses (users); "
+        "the largest user's count peaked at 16 MiB)"
+    ) in messages, messages
+    assert "(90 admitted, 294 refused 'overloaded (user)'" in calls, calls
+    assert "the largest user's count peaked at 16 MiB" in calls, calls
+    # The same large calls from one address: its first admitted (it held
+    # nothing), the rest refused by its connections' bounds or its share;
+    # another address's call (it holds nothing either) still runs, and its
+    # next ones are refused by its own share, never by the server's budget.
+    assert "(1 admitted, 7 refused 'overloaded', 16 refused 'overloaded (user)'" in one_user
+    assert "a call each: 1 admitted, 3 refused 'overloaded (user)'" in one_user, one_user

@@ -357,6 +357,7 @@ def test_serve_limits_reach_the_descriptor_and_default_to_the_librarys(tmp_path:
         idle_timeout=5.5,
         receive_budget=parse_size("64M"),
         call_budget=parse_size("32M"),
+        user_call_budget=parse_size("16M"),
     )
     served, _ = build_server(ServeOptions(tmp_path / "s", "127.0.0.1", 0, PASSWORD, limits=limits))
     given = served.descriptor
@@ -366,6 +367,7 @@ def test_serve_limits_reach_the_descriptor_and_default_to_the_librarys(tmp_path:
         5.5,
     )
     assert (given.server_receive_budget, given.server_call_budget) == (64 << 20, 32 << 20)
+    assert given.user_call_budget == given.call_budget_per_user == 16 << 20
     default, _ = build_server(ServeOptions(tmp_path / "d", "127.0.0.1", 0, PASSWORD))
     library = ServerDescriptor(password=PASSWORD)
     for name in (
@@ -374,6 +376,7 @@ def test_serve_limits_reach_the_descriptor_and_default_to_the_librarys(tmp_path:
         "idle_timeout",
         "server_receive_budget",
         "server_call_budget",
+        "user_call_budget",
     ):
         assert getattr(default.descriptor, name) == getattr(library, name), name
 
@@ -552,6 +555,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     for option, value, said in (
         ("--receive-budget", "1M", "1M is less than 4M"),
         ("--call-budget", "0", "0 is less than 1 byte"),
+        ("--user-call-budget", "0", "0 is less than 1 byte"),
         ("--max-connections", "0", "0 is not in the range x>=1"),
         ("--max-connections-per-user", "-1", "-1 is not in the range x>=1"),
         ("--idle-timeout", "0", "0.0 is not in the range x>0"),

@@ -32,11 +32,14 @@ from conduit.protocol.codec import (
 )
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
+    SERVER_BUDGET_REFUSAL,
     UNCOUNTED_CALL_BYTES,
+    USER_BUDGET_REFUSAL,
     CallCancelled,
     CallMemory,
     CallReceived,
     CallRefused,
+    CallShare,
     ConnectionState,
     Event,
     GoodbyeReceived,
@@ -402,6 +405,65 @@ def test_a_lone_call_of_any_size_fits_the_servers_call_memory() -> None:
     assert isinstance(wire.deliver_one(other, call_frame(1, "store", items=small)), CallRefused)
     server.call_finished(1)
     assert isinstance(wire.deliver_one(other, call_frame(1, "store", items=small)), CallReceived)
+
+
+def test_each_users_share_bounds_what_its_connections_hold() -> None:
+    """Connections given one user's :class:`CallShare` of the server's
+    :class:`CallMemory` admit large calls while that user's calls hold at
+    most the share's limit, and while the server's hold at most its own:
+    the user over its share is refused with its own reason while another
+    user's calls are admitted; a server full of other users' calls refuses
+    with the server's reason; a user holding nothing is let one call past
+    its share. Everything taken comes back out of both."""
+    memory = CallMemory(4 * 1024 * 1024 + 512 * 1024)
+    strings = ["ab"] * 20_000  # 60 KB on the wire, about 1.3 MB decoded
+    shares = [CallShare(3 * 1024 * 1024, memory) for _ in range(3)]
+    # Two connections of the first user, one of each other user.
+    first, first_again, second, third = (
+        machine(is_client=False, call_memory=share)
+        for share in (shares[0], shares[0], shares[1], shares[2])
+    )
+    wire = Pair(machine(is_client=True), first)
+
+    def reason(event: object) -> str:
+        assert isinstance(event, CallRefused)
+        refusal = decode_body(iter_frames(event.reply, MAX_FRAME)[0], Result)
+        assert refusal.code == "overloaded"
+        return refusal.error or ""
+
+    def store(server: ConnectionState, call_id: int) -> object:
+        return wire.deliver_one(server, call_frame(call_id, "store", items=strings))
+
+    assert isinstance(store(first, 1), CallReceived)
+    one = shares[0].held
+    assert 1_000_000 < one < 1_500_000 and memory.held == one
+    assert isinstance(store(first_again, 1), CallReceived)  # the share holds two
+    # A third from either connection of the first user: each one's own bound
+    # has room, and so has the server; the user's share has not.
+    assert reason(store(first_again, 3)) == USER_BUDGET_REFUSAL
+    assert reason(store(first, 3)) == USER_BUDGET_REFUSAL
+    assert isinstance(store(second, 1), CallReceived)  # another user's runs
+    assert memory.held == 3 * one and shares[1].held == one
+    # The server holds three, and a fourth is past its limit: the third
+    # user, holding nothing, is refused for what the others hold.
+    assert reason(store(third, 1)) == SERVER_BUDGET_REFUSAL
+    first.call_finished(1)
+    first_again.call_finished(1)
+    assert shares[0].held == 0 and memory.held == one
+    assert isinstance(store(third, 3), CallReceived)
+    assert isinstance(store(second, 3), CallReceived)
+    assert memory.held == 3 * one and shares[1].held == 2 * one
+    second.release_calls()  # its engine ended
+    third.call_finished(3)
+    assert memory.held == shares[1].held == shares[2].held == 0
+    # A user holding nothing is let one call of any size past its share.
+    lone = CallShare(1024, memory)
+    alone = machine(is_client=False, call_memory=lone)
+    assert isinstance(store(alone, 1), CallReceived)
+    assert lone.held == memory.held == one
+    assert reason(store(alone, 3)) == USER_BUDGET_REFUSAL
+    alone.call_finished(1)
+    assert lone.held == memory.held == 0
 
 
 def test_small_bodies_count_what_they_hold_decoded() -> None:

@@ -63,6 +63,7 @@ from conduit import (
     current_peer,
 )
 from conduit import server as server_module
+from conduit._call_shares import CallShares
 from conduit._connection import _CONTROL_BACKLOG, Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit._receive_memory import SharedReceiveMemory
@@ -872,6 +873,15 @@ async def _messages_behind_a_held_budget(
     return peer, connection, held_by_the_call
 
 
+def _call_budget(size: int) -> dict[str, int]:
+    """``server_call_budget=size``, and a ``user_call_budget`` out of the
+    way: these tests' clients all come from one address, one user in
+    shared-password mode, and what they meet is the server's own bound
+    (with a share as large, the share, full at the same time, would speak
+    first)."""
+    return {"server_call_budget": size, "user_call_budget": 2 * size}
+
+
 class _PeakCallMemory(CallMemory):
     """A server's call memory that remembers the most it held."""
 
@@ -919,7 +929,7 @@ async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
         def ping() -> str:
             return "pong"
 
-    server = await server_factory(register=register, server_call_budget=3 * MiB)
+    server = await server_factory(register=register, **_call_budget(3 * MiB))
     memory = server._settings.call_memory
     assert memory is not None and memory.limit == 3 * MiB
     clients = [await client_factory(server) for _ in range(3)]
@@ -959,6 +969,86 @@ async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
         assert memory.held == 0
 
 
+async def _client_from(server: Server, source: str) -> Client:
+    """A client of ``server`` connected from the loopback address ``source``:
+    with a shared password, each address is one user."""
+    client = Client(client_descriptor(server.port))
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
+    with trio.fail_after(10):
+        await client.connect(stream=stream)
+    return client
+
+
+@hostile(
+    "user-call-budget",
+    area="resource limits, whole server",
+    attack="against server_call_budget=8 MiB and user_call_budget=3 MiB, one user (an address, "
+    "with a shared password) runs calls of 20,000 short strings (about 1.3 MB decoded each) "
+    "whose handler waits, from two connections; then another user calls too",
+    behaviour="the first user's two calls run and its third is refused 'overloaded' on either "
+    "connection, naming its own share (user_call_budget), with room left in the server's "
+    "budget, while the other user's call runs; once the handlers end nothing is counted, and "
+    "the server keeps no share for users with no connection left (before: one user could hold "
+    "the whole server_call_budget, and every other user's large calls were refused, and their "
+    "messages waited, for as long as it liked)",
+)
+async def test_one_user_holds_at_most_its_share_of_the_call_memory(
+    server_factory: ServerFactory,
+) -> None:
+    released = trio.Event()
+    running: list[int] = []
+
+    def register(server: Server) -> None:
+        @server.rpc
+        async def store(items: list[str]) -> int:
+            running.append(len(items))
+            await released.wait()
+            return len(items)
+
+    server = await server_factory(
+        register=register, server_call_budget=8 * MiB, user_call_budget=3 * MiB
+    )
+    memory = server._settings.call_memory
+    assert memory is not None
+    clients = [await _client_from(server, source) for source in ("127.0.0.21",) * 2]
+    clients.append(await _client_from(server, "127.0.0.22"))
+    results: list[int] = []
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+
+                async def store(client: Client) -> None:
+                    results.append(await client.call("store", items=_STRINGS, timeout=None))
+
+                for client in clients[:2]:
+                    nursery.start_soon(store, client)
+                await wait_until(lambda: len(running) == 2)
+                share = server._call_shares.of("127.0.0.21")
+                assert share.held == memory.held > 2 * 1_000_000
+                assert len(server._call_shares) == 2  # both addresses' connections hold one
+                for client in clients[:2]:
+                    with pytest.raises(RPCError) as refused:
+                        await client.call("store", items=_STRINGS)
+                    assert refused.value.code == "overloaded"
+                    assert "user_call_budget" in str(refused.value)
+                assert memory.admits(share.held // 2)  # the server's budget has room
+                nursery.start_soon(store, clients[2])
+                await wait_until(lambda: len(running) == 3)
+                assert memory.held == share.held * 3 // 2
+                released.set()
+            assert results == [20_000] * 3
+            assert memory.held == share.held == 0
+            del share
+            for client in clients:
+                await client.disconnect()
+            await wait_until(lambda: not server.clients)
+            # Kept weakly: gone with the connections (once their cycles are collected).
+            await wait_until(lambda: gc.collect() >= 0 and len(server._call_shares) == 0)
+    finally:
+        for client in clients:
+            await client.disconnect()
+
+
 @hostile(
     "server-call-budget-messages",
     area="resource limits, whole server",
@@ -988,7 +1078,7 @@ async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
             handled.append((name, 0))
             return "pong"
 
-    server = await server_factory(register=register, server_call_budget=3 * MiB)
+    server = await server_factory(register=register, **_call_budget(3 * MiB))
     memory = server._settings.call_memory
     assert memory is not None
     first, second, third = [await client_factory(server) for _ in range(3)]
@@ -1064,9 +1154,7 @@ async def test_small_bodies_count_what_they_hold_decoded(
         handled.append(len(data))
         await released.wait()
 
-    server = await server_factory(
-        register=_hold_until(released, on_event), server_call_budget=4 * MiB
-    )
+    server = await server_factory(register=_hold_until(released, on_event), **_call_budget(4 * MiB))
     memory = server._settings.call_memory
     assert memory is not None
     sender, caller = [await client_factory(server) for _ in range(2)]
@@ -1122,7 +1210,7 @@ async def test_an_answer_behind_a_message_is_read_when_the_call_memory_is_full(
             await client.send("event", {"items": _STRINGS})  # before the answer
             return "here"
 
-    server = await server_factory(register=register, server_call_budget=2 * MiB)
+    server = await server_factory(register=register, **_call_budget(2 * MiB))
     memory = server._settings.call_memory
     assert memory is not None
     client = await client_factory(server, register=register_client)
@@ -1167,7 +1255,7 @@ async def test_a_message_handler_calling_back_is_answered_when_others_hold_the_c
             await client.send("event", 2)  # before the answer
             return "here"
 
-    server = await server_factory(register=register, server_call_budget=MiB)
+    server = await server_factory(register=register, **_call_budget(MiB))
     memory = server._settings.call_memory
     assert memory is not None
     holder = await client_factory(server)
@@ -1212,9 +1300,10 @@ async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer
         handled.append(n)
         await release.wait()
 
-    server = await server_factory(register=_hold_until(release, on_event), server_call_budget=MiB)
+    server = await server_factory(register=_hold_until(release, on_event), **_call_budget(MiB))
     memory = _PeakCallMemory(MiB)
     server._settings = attrs.evolve(server._settings, call_memory=memory)
+    server._call_shares = CallShares(memory, 2 * MiB)  # as _call_budget's
     holder = await client_factory(server)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -1262,7 +1351,7 @@ async def test_a_connection_awaiting_answers_gets_one_message_past_the_call_memo
         if n == 1:
             await peer.call("details", timeout=None)  # the raw peer never answers
 
-    server = await server_factory(register=_hold_until(release, on_event), server_call_budget=MiB)
+    server = await server_factory(register=_hold_until(release, on_event), **_call_budget(MiB))
     memory = server._settings.call_memory
     assert memory is not None
     holder = await client_factory(server)

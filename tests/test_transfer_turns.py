@@ -27,7 +27,7 @@ import trio
 import trio.testing
 
 from conduit import Client, FileTransferHandler, Peer, RPCError, Server
-from conduit.protocol.connection import SERVER_BUDGET_REFUSAL
+from conduit.protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
 from conduit.transfer._sender import _ask_verdict
 from conduit.transfer._turns import BUDGET_PATIENCE, take_turn
 from conftest import (
@@ -130,13 +130,15 @@ async def test_a_refusal_while_nothing_else_runs_is_returned_as_it_is() -> None:
     assert result["code"] == "overloaded" and calls == 1
 
 
+@pytest.mark.parametrize("refusal", [SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL])
 async def test_a_refusal_by_the_servers_call_memory_is_waited_out_within_a_bound(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, refusal: str
 ) -> None:
-    """Others' calls hold that room, and nothing of ours frees it: tried
-    again after pauses (0.05 s, doubling to 1 s, each jittered by half) while
-    it lasts, until BUDGET_PATIENCE seconds after the first refusal, however
-    long each try takes."""
+    """Others' calls hold that room (the server's, or our user's share of
+    it), and nothing of ours on this connection frees it: tried again after
+    pauses (0.05 s, doubling to 1 s, each jittered by half) while it lasts,
+    until BUDGET_PATIENCE seconds after the first refusal, however long each
+    try takes."""
     asked: list[float] = []
 
     def refusing_until(
@@ -147,7 +149,7 @@ async def test_a_refusal_by_the_servers_call_memory_is_waited_out_within_a_bound
             asked.append(trio.current_time())
             if trio.current_time() >= free_at:
                 return {"success": True}
-            return {"success": False, "error": SERVER_BUDGET_REFUSAL, "code": "overloaded"}
+            return {"success": False, "error": refusal, "code": "overloaded"}
 
         return attempt
 
@@ -470,7 +472,12 @@ async def test_a_small_upload_refused_for_the_servers_call_memory_waits_for_room
 
         server.register_rpc(hold, "hold")
 
-    server = await server_factory(register=register, server_call_budget=MiB)
+    server = await server_factory(
+        # One address, one user: as large a share, to meet the server's bound.
+        register=register,
+        server_call_budget=MiB,
+        user_call_budget=MiB,
+    )
     memory = server._settings.call_memory
     assert memory is not None
     holder: Client = await client_factory(server)

@@ -1125,7 +1125,8 @@ class Connection:
             elif memory is not None and self._held_by_call_memory(memory, charge):
                 await self._wait_for_message_room(
                     functools.partial(self._wait_for_call_memory, memory, charge),
-                    "the server's call memory (server_call_budget) has been full",
+                    "the call memory (server_call_budget, or the user's share of it, "
+                    "user_call_budget) has been full",
                 )
             else:
                 break

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from ._callbacks import invoke
@@ -22,6 +23,7 @@ from ._heartbeats import Heartbeats
 from ._peer import Peer
 from ._rpc import Handlers
 from .errors import CallbackCancelledError
+from .protocol.connection import CallMemory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,13 +94,19 @@ class Endpoint:
         default_timeout: float | None,
         label: str,
         heartbeats: Heartbeats | None = None,
+        call_memory: CallMemory | None = None,
     ) -> Peer:
         """The Peer of a finished handshake, with its connection (not running yet).
 
         ``heartbeats``: a timer shared with other connections (a server's, or
         the run's for clients: :func:`conduit._heartbeats.shared`), else the
-        connection beats in a task of its own.
+        connection beats in a task of its own. ``call_memory``: where the
+        connection counts its large calls and queued messages, in place of
+        the settings' (a server gives its user's share of its own).
         """
+        settings = self._settings
+        if call_memory is not None:
+            settings = attrs.evolve(settings, call_memory=call_memory)
 
         def connect(peer: Peer) -> Connection:
             return Connection(
@@ -107,7 +115,7 @@ class Endpoint:
                 established.writer,
                 established.keys,
                 is_client=is_client,
-                settings=self._settings,
+                settings=settings,
                 dispatcher=self._handlers.bound_to(peer),
                 label=label,
                 heartbeats=heartbeats,

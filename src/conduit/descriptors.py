@@ -317,8 +317,21 @@ class ServerDescriptor:
     #: never come to a connection whose handler waits for its peer); and
     #: beside it, per connection, its calls of up to 64 KiB by the count,
     #: which are not counted (8 MiB by the count at ``max_concurrent_calls``).
+    #: No one user holds more of it than ``user_call_budget``.
     server_call_budget: int = attrs.field(
         default=SERVER_CALL_BUDGET, validator=[v.instance_of(int), _positive]
+    )
+    #: Bytes of ``server_call_budget`` that the large calls and queued
+    #: messages of one user's connections together may hold (in
+    #: shared-password mode: of one address's, as for
+    #: ``max_connections_per_user``). Over it, that user's large calls are
+    #: refused with code "overloaded" and its connections' further messages
+    #: wait, as over the server's budget, while the other users' run on: no
+    #: one user, holding calls to a handler that waits say, can keep the
+    #: server's budget full for the others. None: a quarter of
+    #: ``server_call_budget``.
+    user_call_budget: int | None = attrs.field(
+        default=None, validator=v.optional([v.instance_of(int), _positive])
     )
     #: Default timeout of server-to-client calls, in seconds (none when None).
     rpc_timeout: float | None = attrs.field(default=30.0, validator=_optional_positive)
@@ -413,6 +426,13 @@ class ServerDescriptor:
         if self.max_connections_per_user is not None:
             return self.max_connections_per_user
         return max(1, self.max_connections // 4)
+
+    @property
+    def call_budget_per_user(self) -> int:
+        """``user_call_budget``, or its default: a quarter of ``server_call_budget``."""
+        if self.user_call_budget is not None:
+            return self.user_call_budget
+        return max(1, self.server_call_budget // 4)
 
     def build_ssl_context(self) -> ssl.SSLContext | None:
         """The server-side SSL context, or None when TLS is off."""

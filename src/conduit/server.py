@@ -11,6 +11,7 @@ import attrs
 import trio
 
 from ._bridge import bridged
+from ._call_shares import CallShares
 from ._callbacks import calling_task
 from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
 from ._gatekeeper import Gatekeeper, Refused
@@ -207,6 +208,11 @@ class Server(Endpoint):
         # Set by close(): connections arriving now are refused.
         self._closing = False
         self._resume_tokens = ResumeTokens()
+        # Each user's share of the call memory (user_call_budget), which its
+        # connections count in beside the server's memory (server_call_budget).
+        memory = self._settings.call_memory
+        assert memory is not None  # settings_from makes one for every server
+        self._call_shares = CallShares(memory, descriptor.call_budget_per_user)
         # One heartbeat timer for every client's connection, while serving.
         self._heartbeats: Heartbeats | None = None
         # Set when a client's session has ended, hooks included (a reconnect
@@ -959,6 +965,7 @@ class Server(Endpoint):
                 default_timeout=self.descriptor.rpc_timeout,
                 label=f"client {client_id} {arrival.label}",
                 heartbeats=self._heartbeats,
+                call_memory=self._call_shares.of(arrival.owner(established.username)),
             )
         except BaseException:
             # Welcomed but never served: as in the finally below, its token

@@ -361,6 +361,15 @@ def _connect_options(
         f"hold decoded [default: {size_text(SERVER_CALL_BUDGET)}]."
     ),
 )
+@click.option(
+    "--user-call-budget",
+    callback=_size_at_least(1),
+    metavar="SIZE",
+    help=(
+        "The part of --call-budget one user's connections together may hold (with a "
+        "shared password: one client address's) [default: a quarter of --call-budget]."
+    ),
+)
 @click.pass_obj
 def serve(
     verbose: int,
@@ -380,6 +389,7 @@ def serve(
     idle_timeout: float | None,
     receive_budget: int | None,
     call_budget: int | None,
+    user_call_budget: int | None,
 ) -> int:
     """Serve DIR: clients may upload into it, list it and download from it.
 
@@ -423,6 +433,7 @@ def serve(
             idle_timeout=idle_timeout,
             receive_budget=receive_budget,
             call_budget=call_budget,
+            user_call_budget=user_call_budget,
         ),
     )
     return run_trio(functools.partial(_serve.serve, options=options), cancel=False)

@@ -57,6 +57,8 @@ class ServeLimits:
     receive_budget: int | None = None
     #: ``ServerDescriptor.server_call_budget``.
     call_budget: int | None = None
+    #: ``ServerDescriptor.user_call_budget``.
+    user_call_budget: int | None = None
 
     def descriptor_fields(self) -> dict[str, Any]:
         """The descriptor's fields these set, by name: only those given (``Any``:
@@ -67,6 +69,7 @@ class ServeLimits:
             "idle_timeout": self.idle_timeout,
             "server_receive_budget": self.receive_budget,
             "server_call_budget": self.call_budget,
+            "user_call_budget": self.user_call_budget,
         }
         return {name: value for name, value in named.items() if value is not None}
 

@@ -14,7 +14,8 @@ resets, the per-stream credit counters and their checks (and the count of what
 the inbound streams hold, in a :class:`ReceiveMemory` that many connections
 may share), call-id allocation and
 uniqueness, the concurrency limit and what large calls hold decoded (in a
-:class:`CallMemory` that many connections may share too), PING -> PONG,
+:class:`CallMemory` that many connections may share too, and a
+:class:`CallShare` of it per user), PING -> PONG,
 GOODBYE and the closing state.
 What it does not: time (heartbeats, idleness, call timeouts), waiting, tasks.
 
@@ -98,6 +99,14 @@ UNCOUNTED_CALL_BYTES = 64 * 1024
 SERVER_BUDGET_REFUSAL = (
     "the server's calls and messages hold all that its server_call_budget allows; "
     "try again when they are done"
+)
+#: How a call refused by its user's share of the call memory
+#: (``user_call_budget``: see :class:`CallShare`) is told so: the room is
+#: held by that user's own calls and messages, on this connection or
+#: another, and comes back as their handlers end.
+USER_BUDGET_REFUSAL = (
+    "your calls and messages hold all of the server's call memory that one user "
+    "may (user_call_budget); try again when they are done"
 )
 
 #: What the calls counted (over UNCOUNTED_CALL_BYTES) queued or running at
@@ -262,7 +271,8 @@ class CallMemory:
     while that connection has messages of its own queued (the engine's
     ``_queue_message``): one is let in past the limit per connection, and
     one more while answers of its peer's are awaited. So the server holds
-    at most the limit, plus a call, plus two messages per connection.
+    at most the limit, plus a call, plus two messages per connection. Each
+    user's connections count here through that user's :class:`CallShare`.
     """
 
     __slots__ = ("held", "limit")
@@ -285,6 +295,58 @@ class CallMemory:
     def release(self, size: int) -> None:
         """A call or message that held ``size`` bytes is over."""
         self.held -= size
+
+    def refusal(self, size: int) -> str:
+        """What a call of ``size`` bytes that :meth:`admits` refused is told."""
+        return SERVER_BUDGET_REFUSAL
+
+
+class CallShare(CallMemory):
+    """One user's part of the server's :class:`CallMemory` (``user_call_budget``).
+
+    What the large calls and queued messages of one user's connections hold
+    (one address's, in shared-password mode) counts here and in the server's
+    memory at once, and a call or message fits when it fits both. Without
+    it one user could hold the whole server's budget, with calls to a
+    handler that waits, say, and so keep every other user's large calls
+    refused and their messages waiting for as long as it liked; with it a
+    user holds at most its limit, plus a call while it holds nothing, plus
+    the two messages per connection that :class:`CallMemory` lets past (as
+    the server does: the rules are the same, with this limit).
+
+    The server keeps one per user while any connection of the user's holds
+    it (:class:`conduit._call_shares.CallShares`).
+    """
+
+    __slots__ = ("__weakref__", "server")
+
+    def __init__(self, limit: int, server: CallMemory) -> None:
+        super().__init__(limit)
+        #: The server's memory, which counts what this share does.
+        self.server = server
+
+    def admits(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit both this share (always, while it
+        holds nothing) and the server's memory."""
+        held = self.held
+        return (not held or held + size <= self.limit) and self.server.admits(size)
+
+    def take(self, size: int) -> None:
+        """A call or message holding ``size`` bytes decoded was let in."""
+        self.held += size
+        self.server.take(size)
+
+    def release(self, size: int) -> None:
+        """A call or message that held ``size`` bytes is over."""
+        self.held -= size
+        self.server.release(size)
+
+    def refusal(self, size: int) -> str:
+        """The user's own refusal when its share is what is full, else the server's."""
+        held = self.held
+        if held and held + size > self.limit:
+            return USER_BUDGET_REFUSAL
+        return SERVER_BUDGET_REFUSAL
 
 
 def _held(view: memoryview) -> int:
@@ -684,9 +746,9 @@ class ConnectionState:
             )
         memory = self.call_memory
         if memory is not None and not memory.admits(size):
-            # Other connections' calls and messages hold the server's share.
-            # (How much the server holds is not said: that is other users' business.)
-            return self._refuse_call(call_id, SERVER_BUDGET_REFUSAL)
+            # The user's calls and messages hold its share, or everyone's hold
+            # the server's. (How much is not said: that is other users' business.)
+            return self._refuse_call(call_id, memory.refusal(size))
         if call_id in active or len(active) >= self.max_concurrent_calls:
             return self._refuse_call(call_id)
         active.add(call_id)
@@ -958,10 +1020,13 @@ class ConnectionState:
 __all__ = [
     "MAX_CALL_ID",
     "MAX_EARLY_RESETS",
+    "SERVER_BUDGET_REFUSAL",
+    "USER_BUDGET_REFUSAL",
     "CallCancelled",
     "CallMemory",
     "CallReceived",
     "CallRefused",
+    "CallShare",
     "ConnectionState",
     "Event",
     "GoodbyeReceived",

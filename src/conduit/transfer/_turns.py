@@ -26,9 +26,12 @@ take: a caller that wants a bound puts a deadline around its transfer.
 
 One refusal is waited out whatever runs of ours: a server's call memory
 (``server_call_budget``) held by other connections' calls and messages
-(:data:`~conduit.protocol.connection.SERVER_BUDGET_REFUSAL`). No end of
-ours frees it, theirs do, and nothing says when: the attempt is made again
-after a pause that doubles from :data:`BUDGET_PAUSE` up to a second
+(:data:`~conduit.protocol.connection.SERVER_BUDGET_REFUSAL`), or our
+user's share of it (``user_call_budget``), held by our user's calls and
+messages on other connections too
+(:data:`~conduit.protocol.connection.USER_BUDGET_REFUSAL`). No end of
+ours on this connection need free it, theirs do, and nothing says when:
+the attempt is made again after a pause that doubles from :data:`BUDGET_PAUSE` up to a second
 (jittered by half either way, so that attempts refused together do not
 come back together), until :data:`BUDGET_PATIENCE` seconds after its first
 such refusal (a server whose memory others keep full for longer refuses the
@@ -55,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import attrs
 import trio
 
-from ..protocol.connection import SERVER_BUDGET_REFUSAL
+from ..protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -68,6 +71,8 @@ FULL_CODES = frozenset({"overloaded", "too_many_streams"})
 #: refusal it goes on being made.
 BUDGET_PAUSE = 0.05
 BUDGET_PATIENCE = 30.0
+#: What those refusals say: the server's memory is full, or its user's share.
+BUDGET_REFUSALS = (SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL)
 
 #: One try of a transfer on a peer: its result dict (see :mod:`._resilient`).
 Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
@@ -153,7 +158,8 @@ async def take_turn(
             line.ended(freed=not refused)
         if not refused or not peer.connected:
             return result
-        if SERVER_BUDGET_REFUSAL in str(result.get("error", "")):
+        error = str(result.get("error", ""))
+        if any(refusal in error for refusal in BUDGET_REFUSALS):
             now = trio.current_time()
             budget_deadline = min(budget_deadline, now + BUDGET_PATIENCE)
             if now >= budget_deadline:
