@@ -182,7 +182,7 @@ def serve(storage: str, call_budget: int | None = None) -> None:
             # malloc_trim what remains is memory still in use.
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         call_memory = getattr(server._settings, "call_memory", None)
-        # Each user's share of it (none before 2026-12-07 08:00).
+        # Each user's share of it (none in e54f4e2 and before).
         shares = getattr(server, "_call_shares", None)
         return {
             "rss": rss,

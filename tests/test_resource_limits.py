@@ -49,6 +49,7 @@ import trio.lowlevel
 import trio.testing
 
 from conduit import (
+    Accounts,
     AuthenticationError,
     Client,
     ClientDescriptor,
@@ -78,6 +79,7 @@ from conduit.transfer._hashing import HASH_THREADS
 from conduit.transfer._storage import StorageRoot
 from conduit.transfer._wire import Trailer
 from conftest import (
+    FAST_STRETCH,
     PASSWORD,
     ClientFactory,
     PassThroughStream,
@@ -86,6 +88,7 @@ from conftest import (
     client_descriptor,
     open_descriptors,
     opened_since,
+    served,
     wait_until,
 )
 from hostile_helpers import MiB, PeakRSS, RawPeer, body_frame, call_frame, hostile
@@ -969,13 +972,15 @@ async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
         assert memory.held == 0
 
 
-async def _client_from(server: Server, source: str) -> Client:
-    """A client of ``server`` connected from the loopback address ``source``:
-    with a shared password, each address is one user."""
-    client = Client(client_descriptor(server.port))
+async def _client_from(server: Server, source: str, **fields: Any) -> Client:
+    """A client of ``server`` (``fields`` for its descriptor) connected from
+    the loopback address ``source``, once served: with a shared password,
+    each address is one user."""
+    client = Client(client_descriptor(server.port, **fields))
     stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
     with trio.fail_after(10):
         await client.connect(stream=stream)
+        await served(server, client)
     return client
 
 
@@ -992,9 +997,13 @@ async def _client_from(server: Server, source: str) -> Client:
     "the whole server_call_budget, and every other user's large calls were refused, and their "
     "messages waited, for as long as it liked)",
 )
+@pytest.mark.parametrize("mode", ["shared password", "accounts"])
 async def test_one_user_holds_at_most_its_share_of_the_call_memory(
-    server_factory: ServerFactory,
+    server_factory: ServerFactory, tmp_path: Path, mode: str
 ) -> None:
+    """A user is an address with a shared password (the first user's two
+    connections from 127.0.0.21, the other's from 127.0.0.22), an account in
+    accounts mode (alice twice and bob, all from 127.0.0.21)."""
     released = trio.Event()
     running: list[int] = []
 
@@ -1005,13 +1014,27 @@ async def test_one_user_holds_at_most_its_share_of_the_call_memory(
             await released.wait()
             return len(items)
 
-    server = await server_factory(
-        register=register, server_call_budget=8 * MiB, user_call_budget=3 * MiB
-    )
+    budgets = {"server_call_budget": 8 * MiB, "user_call_budget": 3 * MiB}
+    users: list[tuple[str, str | None]]  # (address, account)
+    if mode == "accounts":
+        accounts = Accounts(tmp_path / "accounts.json", stretch=FAST_STRETCH)
+        for account in ("alice", "bob"):
+            accounts.add(account, f"{account}'s long passphrase")
+        server = await server_factory(
+            register=register, password=None, accounts=accounts, **budgets
+        )
+        users = [("127.0.0.21", "alice"), ("127.0.0.21", "alice"), ("127.0.0.21", "bob")]
+        first = "alice"
+    else:
+        server = await server_factory(register=register, **budgets)
+        users = [("127.0.0.21", None), ("127.0.0.21", None), ("127.0.0.22", None)]
+        first = "127.0.0.21"
     memory = server._settings.call_memory
     assert memory is not None
-    clients = [await _client_from(server, source) for source in ("127.0.0.21",) * 2]
-    clients.append(await _client_from(server, "127.0.0.22"))
+    clients: list[Client] = []
+    for source, name in users:
+        login = {} if name is None else {"username": name, "password": f"{name}'s long passphrase"}
+        clients.append(await _client_from(server, source, **login))
     results: list[int] = []
     try:
         with trio.fail_after(30):
@@ -1023,9 +1046,9 @@ async def test_one_user_holds_at_most_its_share_of_the_call_memory(
                 for client in clients[:2]:
                     nursery.start_soon(store, client)
                 await wait_until(lambda: len(running) == 2)
-                share = server._call_shares.of("127.0.0.21")
+                share = server._call_shares.of(first)
                 assert share.held == memory.held > 2 * 1_000_000
-                assert len(server._call_shares) == 2  # both addresses' connections hold one
+                assert len(server._call_shares) == 2  # both users' connections hold one
                 for client in clients[:2]:
                     with pytest.raises(RPCError) as refused:
                         await client.call("store", items=_STRINGS)

@@ -473,10 +473,12 @@ async def test_a_small_upload_refused_for_the_servers_call_memory_waits_for_room
         server.register_rpc(hold, "hold")
 
     server = await server_factory(
-        # One address, one user: as large a share, to meet the server's bound.
+        # Both clients come from one address, one user: its share out of the
+        # way (a share as large, full at the same time, would speak first),
+        # so that what the upload meets is the server's bound.
         register=register,
         server_call_budget=MiB,
-        user_call_budget=MiB,
+        user_call_budget=2 * MiB,
     )
     memory = server._settings.call_memory
     assert memory is not None
