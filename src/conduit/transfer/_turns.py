@@ -31,12 +31,12 @@ user's share of it (``user_call_budget``), held by our user's calls and
 messages on other connections too
 (:data:`~conduit.protocol.connection.USER_BUDGET_REFUSAL`). No end of
 ours on this connection need free it, theirs do, and nothing says when:
-the attempt is made again after a pause that doubles from :data:`BUDGET_PAUSE` up to a second
-(jittered by half either way, so that attempts refused together do not
-come back together), until :data:`BUDGET_PATIENCE` seconds after its first
-such refusal (a server whose memory others keep full for longer refuses the
-transfer as it is). Each try sends the attempt's first call again: the
-server refused it whole.
+the attempt is made again after a pause that doubles from
+:data:`BUDGET_PAUSE` up to a second (jittered by half either way, so that
+attempts refused together do not come back together), until
+:data:`BUDGET_PATIENCE` seconds after its first such refusal (a server
+whose memory others keep full for longer refuses the transfer as it is).
+Each try sends the attempt's first call again: the server refused it whole.
 
 A server frees a download's slot a moment after its last bytes leave (it
 closes the file and runs ``on_file_served`` first); it makes a download
