@@ -987,9 +987,10 @@ async def _client_from(server: Server, source: str, **fields: Any) -> Client:
 @hostile(
     "user-call-budget",
     area="resource limits, whole server",
-    attack="against server_call_budget=8 MiB and user_call_budget=3 MiB, one user (an address, "
-    "with a shared password) runs calls of 20,000 short strings (about 1.3 MB decoded each) "
-    "whose handler waits, from two connections; then another user calls too",
+    attack="against server_call_budget=8 MiB and user_call_budget=3 MiB, one user (an address "
+    "with a shared password, an account in accounts mode: both are run) runs calls of 20,000 "
+    "short strings (about 1.3 MB decoded each) whose handler waits, from two connections; then "
+    "another user calls too",
     behaviour="the first user's two calls run and its third is refused 'overloaded' on either "
     "connection, naming its own share (user_call_budget), with room left in the server's "
     "budget, while the other user's call runs; once the handlers end nothing is counted, and "
