@@ -92,6 +92,7 @@ from conftest import (
     wait_until,
 )
 from hostile_helpers import MiB, PeakRSS, RawPeer, body_frame, call_frame, hostile
+from test_auth import login
 from test_server_client import register_basics
 from transfer_helpers import LinkCounter, write_random_file
 
@@ -972,18 +973,6 @@ async def test_the_server_bounds_what_the_large_calls_of_all_connections_hold(
         assert memory.held == 0
 
 
-async def _client_from(server: Server, source: str, **fields: Any) -> Client:
-    """A client of ``server`` (``fields`` for its descriptor) connected from
-    the loopback address ``source``, once served: with a shared password,
-    each address is one user."""
-    client = Client(client_descriptor(server.port, **fields))
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
-    with trio.fail_after(10):
-        await client.connect(stream=stream)
-        await served(server, client)
-    return client
-
-
 @hostile(
     "user-call-budget",
     area="resource limits, whole server",
@@ -1034,8 +1023,9 @@ async def test_one_user_holds_at_most_its_share_of_the_call_memory(
     assert memory is not None
     clients: list[Client] = []
     for source, name in users:
-        login = {} if name is None else {"username": name, "password": f"{name}'s long passphrase"}
-        clients.append(await _client_from(server, source, **login))
+        password = PASSWORD if name is None else f"{name}'s long passphrase"
+        clients.append(await login(server, name, password, source=source))
+        await served(server, clients[-1])
     results: list[int] = []
     try:
         with trio.fail_after(30):
