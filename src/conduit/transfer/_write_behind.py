@@ -170,22 +170,28 @@ class WriteBehind:
                 else:
                     result = outcome.Value(None)
             del chunks, job  # the records the chunks pin can be reused now
+            # Handed over in a box that the Trio thread empties: once the batch
+            # is reported, this frame holds nothing of a failure, whose
+            # traceback holds this frame (a cycle, see conduit._stored_errors)
+            # and the write's, which holds the batch's records. (A local
+            # deleted after the hand-off held them until this thread ran
+            # again, which a loaded machine may put off past the report.)
+            handed: list[outcome.Outcome[Any] | None] = [result]
+            del result
             try:
-                self._token.run_sync_soon(self._batch_done, result, count)
+                self._token.run_sync_soon(self._batch_done, handed, count)
             except trio.RunFinishedError:
                 return
-            finally:
-                # A failure's traceback holds this frame: the frame must not
-                # hold the failure back (a cycle, see conduit._stored_errors).
-                del result
 
-    def _batch_done(self, result: outcome.Outcome[Any] | None, count: int) -> None:
+    def _batch_done(self, handed: list[outcome.Outcome[Any] | None], count: int) -> None:
         # In the Trio thread, in the order the batches were written (None: one
         # skipped after a failure). Outside any task: an exception escaping
         # here would crash the whole run, so the callback's is the transfer's
         # failure instead. Every batch written is reported, an empty one too
         # (a peer's zero-length DATA): the stream releases its kept batches
-        # oldest first, one per report.
+        # oldest first, one per report. ``handed`` holds the batch's outcome
+        # (None: skipped), taken out of it here.
+        result = handed.pop()
         self.outstanding -= 1
         if isinstance(result, outcome.Value):
             self.bytes_written += count
