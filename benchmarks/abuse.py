@@ -56,9 +56,17 @@ counting freed), as a server's rare full collections would leave it.
   server's) plus one call, and the second user's calls run, refused if at
   all by its own share, never by the server's budget for what the first
   holds. Until 2026-12-07 one user could hold the whole server budget.
+* ``first-messages``: 256 connections (32 a user) x one message of 100,000
+  empty maps (100 KB on the wire, 13.7 MB by the count, about 7.2 MB
+  decoded) to a message handler that waits -> the server's count within
+  twice its budget (the overdraft, into which a connection's first message
+  is let past the budget), each user's within twice its share, every
+  message handled once the handler goes on, and the RSS growth under twice
+  the budget. Until 2026-12-07 every connection's first message was let in
+  past any bound: here 3.4 GB by the count.
 
-The connections of ``large-calls``, ``small-messages`` and ``small-calls``
-come from 8 loopback addresses in turn (``127.0.0.101`` on): with a shared
+The connections of ``large-calls``, ``small-messages``, ``small-calls`` and
+``first-messages`` come from 8 loopback addresses in turn (``127.0.0.101`` on): with a shared
 password each address is a user, whose count is checked against its
 ``user_call_budget`` too.
 
@@ -804,17 +812,8 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
         for peer in peers:
             nursery.start_soon(peer.send_messages, messages)
         watched = await _watch(port, baseline)
-        releaser = _client(port)
-        await releaser.connect()
-        await releaser.call(RELEASE)
         total = connections * per_connection
-        handled = 0
-        for _ in range(300):  # 60 s at most for every message to be handled
-            handled = (await probe(port))["messages_handled"]
-            if handled >= total:
-                break
-            await trio.sleep(0.2)
-        await releaser.disconnect()
+        handled = await _release_messages(port, total)
     for peer in peers:
         await peer.aclose()
     peak, held = watched.rss, watched.held
@@ -840,6 +839,65 @@ async def small_messages(port: int, work: Path, scale: float) -> tuple[str, bool
         f"{_users_text(connections, watched.share_held)}): "
         f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
         bounded and counted and shared and handled == total,
+    )
+
+
+async def _release_messages(port: int, total: int) -> int:
+    """Let the server's message handlers go on; how many messages were
+    handled once ``total`` were, or after 60 s."""
+    releaser = _client(port)
+    await releaser.connect()
+    await releaser.call(RELEASE)
+    handled = 0
+    for _ in range(300):
+        handled = (await probe(port))["messages_handled"]
+        if handled >= total:
+            break
+        await trio.sleep(0.2)
+    await releaser.disconnect()
+    return handled
+
+
+#: ``first-messages``: each connection's one message, a list of this many
+#: empty maps: 100 KB on the wire, about 7.2 MB decoded, 13.7 MB by
+#: ``codec.unpack_sized``'s bound (at most this, with its event's name).
+FIRST_MESSAGE_MAPS = 100_000
+FIRST_MESSAGE_COUNT = 13_701_000
+
+
+async def first_messages(port: int, work: Path, scale: float) -> tuple[str, bool]:
+    """256 connections x one message of 100,000 empty maps to a handler that
+    waits: the messages let in past the call budget within its overdraft."""
+    connections = max(12, int(256 * scale))
+    data: list[dict[str, Any]] = [{}] * FIRST_MESSAGE_MAPS
+    before = await probe(port)
+    baseline = before["rss"]
+    peers = [await NeverReads.connect(port, source=_source(i)) for i in range(connections)]
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(peer.send_messages, [(HOLD_MESSAGE, data)])
+        watched = await _watch(port, baseline)
+        handled = await _release_messages(port, connections)
+    for peer in peers:
+        await peer.aclose()
+    peak, held = watched.rss, watched.held
+    growth = peak - baseline
+    limit, share_limit = before["call_memory_limit"], before["call_share_limit"]
+    # Bounded: each connection's first message is let in past the limit
+    # (its own large call could be what fills it), but only into the
+    # overdraft, twice the limit, the server's and each user's; the RSS
+    # grew by less than that.
+    bound = FIRST_MESSAGE_COUNT
+    bounded = limit > 0 and held <= max(2 * limit, bound) and growth < 2 * limit
+    shared = share_limit < 0 or watched.share_held <= max(2 * share_limit, bound)
+    budget = _budget_text(limit, share_limit)
+    return (
+        f"{connections} connections x one message of {FIRST_MESSAGE_MAPS:,} empty maps "
+        f"(100 KB on the wire, 13.7 MB by the count) to a handler that waits, {budget} "
+        f"({handled} of {connections} handled; the server's count peaked at "
+        f"{held / MiB:.0f} MiB; {_users_text(connections, watched.share_held)}): "
+        f"RSS {baseline / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f})",
+        bounded and shared and handled == connections,
     )
 
 
@@ -963,6 +1021,7 @@ SCENARIOS: dict[str, Callable[[int, Path, float], Any]] = {
     "small-messages": small_messages,
     "small-calls": small_calls,
     "one-user": one_user,
+    "first-messages": first_messages,
 }
 
 
@@ -981,6 +1040,7 @@ SERVER_OPTIONS: dict[str, Callable[[float], list[str]]] = {
     "small-messages": _scaled_call_budget,
     "small-calls": _scaled_call_budget,
     "one-user": _scaled_call_budget,
+    "first-messages": _scaled_call_budget,
 }
 
 

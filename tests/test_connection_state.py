@@ -466,6 +466,29 @@ def test_each_users_share_bounds_what_its_connections_hold() -> None:
     assert lone.held == memory.held == 0
 
 
+def test_the_overdraft_is_twice_the_limit_of_the_share_and_of_the_server() -> None:
+    """What the engine lets in past the limit (a connection's first queued
+    message, one more while answers are awaited) must fit the overdraft:
+    twice the limit of the user's share and of the server's memory, or
+    anything while nothing is held."""
+    memory = CallMemory(1000)
+    assert memory.admits_overdraft(5000)  # nothing held: any size
+    memory.take(900)
+    assert not memory.admits(101) and memory.admits(100)
+    assert memory.admits_overdraft(1100) and not memory.admits_overdraft(1101)
+    share = CallShare(300, memory)
+    assert share.admits_overdraft(1100) and not share.admits_overdraft(1101)  # the server's
+    share.take(500)
+    assert (memory.held, share.held) == (1400, 500)
+    assert not share.admits(1)
+    assert share.admits_overdraft(100) and not share.admits_overdraft(101)  # the share's
+    memory.take(590)
+    assert share.admits_overdraft(10) and not share.admits_overdraft(11)  # the server's
+    share.release(500)
+    memory.release(1490)
+    assert memory.held == share.held == 0
+
+
 def test_small_bodies_count_what_they_hold_decoded() -> None:
     """A MESSAGE of any size counts ``unpack_sized``'s bound, not its bytes
     on the wire (200 bytes of empty maps hold about 27 KB by it); a CALL

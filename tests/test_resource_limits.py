@@ -36,6 +36,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import msgpack
 import pytest
 import trio
 import trio.lowlevel
@@ -68,7 +70,7 @@ from conduit._call_shares import CallShares
 from conduit._connection import _CONTROL_BACKLOG, Connection
 from conduit._outbox import CONTROL_FRAME_OVERHEAD
 from conduit._receive_memory import SharedReceiveMemory
-from conduit.protocol import FRAME_COST, FrameKind, decode_body
+from conduit.protocol import FRAME_COST, FrameKind, codec, decode_body
 from conduit.protocol.codec import data_header, encode_frame
 from conduit.protocol.connection import CallMemory
 from conduit.protocol.messages import Credit, Ping
@@ -1139,6 +1141,94 @@ async def test_the_server_bounds_what_the_messages_of_all_connections_hold(
         assert ("left", 20_000) in handled
 
 
+@hostile(
+    "server-call-budget-first-messages",
+    area="resource limits, whole server",
+    attack="against server_call_budget=2 MiB, 8 connections each send one message of 5,000 "
+    "empty maps (5 KB on the wire, 685 KB by the count) to a handler that waits, then a small "
+    "call",
+    behaviour="the first three fit the budget; three more, each its connection's first "
+    "message, are let in past it into the overdraft (twice the budget, 4 MiB); the last two "
+    "wait with their connections unread (their calls unanswered), while the server counts at "
+    "most 4 MiB; once the handlers go on every message is handled and every call answered, "
+    "and the count returns to 0 (before: every connection's first message was let in past "
+    "any bound, here all 8, 5.5 MB; 1,000 connections with messages of the largest frame "
+    "could make the server hold 72 GB)",
+    found="listed as open in the closing note of 2026-12-07, 08:30",
+)
+async def test_the_messages_let_past_the_call_memory_have_a_bound(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    released = trio.Event()
+    handled: list[int] = []
+
+    def register(server: Server) -> None:
+        @server.on("event")
+        async def on_event(peer: Peer, data: list[dict[str, int]]) -> None:
+            handled.append(len(data))
+            await released.wait()
+
+        @server.rpc
+        def ping() -> str:
+            return "pong"
+
+    server = await server_factory(register=register, **_call_budget(2 * MiB))
+    memory = _PeakCallMemory(2 * MiB)
+    server._settings = attrs.evolve(server._settings, call_memory=memory)
+    server._call_shares = CallShares(memory, 4 * MiB)  # as _call_budget's
+    clients = [await client_factory(server) for _ in range(8)]
+    answers: list[str] = []
+    one = 685_421  # what a message of 5,000 empty maps counts
+    payload = msgpack.packb({"event": "event", "data": [{}] * 5_000})
+    with trio.fail_after(30), _decoded_memory() as decoded:
+        kept = codec.decode_message_sized(payload)
+        one_decoded = decoded()  # what such a message holds decoded (about 360 KB)
+        del kept
+        base = decoded()
+        assert 300_000 < one_decoded - base < 400_000
+        async with trio.open_nursery() as nursery:
+
+            async def send_then_call(client: Client) -> None:
+                await client.send("event", [{}] * 5_000)
+                answers.append(await client.call("ping"))
+
+            for client in clients:
+                nursery.start_soon(send_then_call, client)
+            connections = [server.clients[client.id or ""].connection for client in clients]
+
+            def paused() -> int:
+                return sum(connection._reading_paused for connection in connections)
+
+            await wait_until(lambda: len(handled) + paused() == 8 and len(answers) == len(handled))
+            assert len(handled) == 6 and paused() == 2
+            assert memory.held == memory.peak == 6 * one <= 2 * memory.limit
+            # The two waiting hold their bytes (5 KB each), not their decoded data.
+            assert 5.5 * one_decoded < decoded() - base < 6.5 * one_decoded
+            await trio.sleep(0.3)  # three looks for room: still none
+            assert len(handled) == len(answers) == 6 and memory.peak == 6 * one
+            released.set()
+        assert handled == [5_000] * 8 and answers == ["pong"] * 8
+        assert memory.peak <= 2 * memory.limit
+        await wait_until(lambda: memory.held == 0)
+
+
+@contextlib.contextmanager
+def _decoded_memory() -> Iterator[Callable[[], int]]:
+    """Trace memory allocations meanwhile; yields what tells the bytes alive
+    that were allocated decoding bodies (in ``protocol/codec.py``)."""
+    tracemalloc.start()
+    try:
+
+        def decoded() -> int:
+            only_decoding = [tracemalloc.Filter(True, codec.__file__)]
+            snapshot = tracemalloc.take_snapshot().filter_traces(only_decoding)
+            return sum(stat.size for stat in snapshot.statistics("filename"))
+
+        yield decoded
+    finally:
+        tracemalloc.stop()
+
+
 #: Under 4 KiB on the wire (a CALL or MESSAGE body of ~4,030 bytes), about
 #: 290 KB decoded (tracemalloc), 550 KB by ``codec.unpack_sized``'s bound.
 _SMALL_EMPTY_MAPS: list[dict[str, int]] = [{}] * 4_000
@@ -1342,12 +1432,12 @@ async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer
     area="resource limits, whole server",
     attack="against server_call_budget=1 MiB held by another connection's waiting call, a peer "
     "sends a message whose handler calls it back (and never gets the answer), then three of "
-    "100,000 empty maps (13.7 MB each by the count)",
-    behaviour="one of them is let in past the budget while the answer is awaited (it may come "
-    "behind it), the rest wait with the connection unread, and the log says so after the "
-    "stall warning's delay (0.5 s here); the server's count grows by that one message (before: "
-    "while an answer was awaited every message was let in, up to the connection's own 32 MiB "
-    "queue); the peer's end releases everything",
+    "5,000 empty maps (685 KB each by the count)",
+    behaviour="one of them is let in past the budget, into its overdraft, while the answer is "
+    "awaited (it may come behind it), the rest wait with the connection unread, and the log says "
+    "so after the stall warning's delay (0.5 s here); the server's count grows by that one "
+    "message (before: while an answer was awaited every message was let in, up to the "
+    "connection's own 32 MiB queue); the peer's end releases everything",
     found="in review of this change",
 )
 async def test_a_connection_awaiting_answers_gets_one_message_past_the_call_memory(
@@ -1371,8 +1461,10 @@ async def test_a_connection_awaiting_answers_gets_one_message_past_the_call_memo
     holder = await client_factory(server)
     with trio.fail_after(20), caplog.at_level(logging.WARNING, logger="conduit.connection"):
         async with trio.open_nursery() as nursery:
+            # (Each fits the overdraft, twice the budget, past what the call holds.)
+            maps: list[dict[str, int]] = [{}] * 5_000
             peer, connection, held_by_the_call = await _messages_behind_a_held_budget(
-                server, holder, memory, nursery, 1, _EMPTY_MAPS, _EMPTY_MAPS, _EMPTY_MAPS
+                server, holder, memory, nursery, 1, maps, maps, maps
             )
             await wait_until(lambda: connection._reading_paused)
             await wait_until(
@@ -1380,7 +1472,7 @@ async def test_a_connection_awaiting_answers_gets_one_message_past_the_call_memo
             )
             assert connection._reading_paused and handled == [1]
             one_message = memory.held - held_by_the_call - 1024  # past the small first one
-            assert 10_000_000 < one_message < 20_000_000  # one of the three, no more
+            assert 600_000 < one_message < 700_000  # one of the three (685 KB), no more
             await peer.aclose()
             await wait_until(lambda: memory.held == held_by_the_call)
             release.set()

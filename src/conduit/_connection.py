@@ -68,6 +68,7 @@ from .errors import (
     ProtocolError,
 )
 from .protocol import Frame, FrameKind, FrameReader, FrameWriter, SessionKeys
+from .protocol.codec import decode_message_sized
 from .protocol.connection import (
     CallCancelled,
     CallMemory,
@@ -1108,21 +1109,30 @@ class Connection:
                     self._task_context.run(
                         self._nursery.start_soon, self._message_task, messages_out
                     )
-                await self._queue_message(event)
+                await self._queue_message(event, frame.payload)
         return None
 
-    async def _queue_message(self, message: MessageReceived) -> None:
+    async def _queue_message(self, message: MessageReceived, body: bytes | memoryview) -> None:
         """Queue ``message`` for the message task once it fits this connection's
         queue (a lone one always does) and, when it must (see
-        :meth:`_held_by_call_memory`), the server's call memory."""
+        :meth:`_held_by_call_memory`), the server's call memory.
+
+        While it waits it is kept as ``body`` (its frame's payload, copied),
+        not decoded, and decoded again once it fits: what it holds decoded
+        is what the waits bound, up to 72 times its bytes (until 2026-12-07
+        each connection waiting held one such message beside the bounds).
+        """
         charge = max(message.size, _MESSAGE_CHARGE)
         memory = self._call_memory
+        set_aside: bytes | None = None
         while True:
             own = self._message_bytes
             if own and own + charge > _MESSAGE_QUEUE_BYTES:
+                set_aside = set_aside or self._set_aside(message, body)
                 room = self._message_room = trio.Event()
                 await self._wait_for_message_room(room.wait)
             elif memory is not None and self._held_by_call_memory(memory, charge):
+                set_aside = set_aside or self._set_aside(message, body)
                 await self._wait_for_message_room(
                     functools.partial(self._wait_for_call_memory, memory, charge),
                     "the call memory (server_call_budget, or the user's share of it, "
@@ -1130,6 +1140,8 @@ class Connection:
                 )
             else:
                 break
+        if set_aside is not None:
+            message.data = decode_message_sized(set_aside)[0].data
         if memory is not None:
             if self._message_bytes and not memory.admits(charge):
                 # Let in past the limit behind messages of its own: the one
@@ -1139,29 +1151,39 @@ class Connection:
         self._message_bytes += charge
         self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
 
+    @staticmethod
+    def _set_aside(message: MessageReceived, body: bytes | memoryview) -> bytes:
+        """``message``'s bytes (``body``, copied: the buffer it lies in is
+        the reader's), its decoded data dropped until it fits."""
+        message.data = None
+        return bytes(body)
+
     def _held_by_call_memory(self, memory: CallMemory, charge: int) -> bool:
         """Whether the reader must wait before it queues a message of ``charge``
-        bytes: it does not fit the server's call memory, and waiting cannot
-        hold up what this connection's own handlers wait for.
+        bytes: it does not fit the server's call memory (or its user's share
+        of it), nor, where waiting could hold up what this connection's own
+        handlers wait for, the memory's overdraft.
 
-        Only while messages of its own are queued: their handler's end ends
-        the wait, whatever the other connections hold (a connection with none
-        queued is let in past the limit). While calls of ours wait for
-        answers (a handler calling its peer back, a message handler's say,
-        needs this reader to read the answer, which may come behind this
-        message), one message is let in past the limit, and no more until
-        the connection's queue has emptied (``_message_overdraft``): a peer
-        that sends more than that before it answers waits, and the log says
-        so after :data:`_MESSAGE_STALL_WARNING` seconds. So the server holds
-        at most its limit plus two messages per connection. Not once the
+        Waiting could hold them up in two cases, and the message is then let
+        in past the limit, into the overdraft (``admits_overdraft``: up to
+        twice the limit). The connection has no message queued: its own
+        large call may be what fills the memory, with a handler that waits
+        for this very message. Or calls of ours wait for answers (a handler
+        calling its peer back, a message handler's say, needs this reader to
+        read the answer, which may come behind this message): one message,
+        and no more until the connection's queue has emptied
+        (``_message_overdraft``). A peer that sends more than that before
+        it answers waits, and the log says so after
+        :data:`_MESSAGE_STALL_WARNING` seconds. So the server holds at most
+        twice its limit, however many connections it has (until 2026-12-07
+        the two messages were let in past any bound). Not once the
         connection is over.
         """
-        return (
-            self._message_bytes > 0
-            and not memory.admits(charge)
-            and (self._message_overdraft or not len(self._pending))
-            and self._state.phase is not _CLOSED
-        )
+        if self._state.phase is _CLOSED or memory.admits(charge):
+            return False
+        if not self._message_bytes or (not self._message_overdraft and len(self._pending)):
+            return not memory.admits_overdraft(charge)
+        return True
 
     async def _wait_for_call_memory(self, memory: CallMemory, charge: int) -> None:
         """Read nothing until the message task has handled one of this

@@ -310,14 +310,16 @@ class ServerDescriptor:
     #: handler has finished one or there is room (a connection whose peer
     #: closes meanwhile is ended). Each connection's own share is bounded
     #: apart (32 MiB of large calls, 32 MiB of messages); this bounds the
-    #: server, whatever the number of connections, to the budget plus one
-    #: call (let in while the server holds nothing) plus two messages per
-    #: connection: one let in while it has none queued, and one more while
-    #: calls of the server's wait for its answers (room that others hold may
-    #: never come to a connection whose handler waits for its peer); and
-    #: beside it, per connection, its calls of up to 64 KiB by the count,
-    #: which are not counted (8 MiB by the count at ``max_concurrent_calls``).
-    #: No one user holds more of it than ``user_call_budget``.
+    #: server, whatever the number of connections, to twice the budget, or
+    #: one call or message of any size (let in while the server holds
+    #: nothing). Past the budget, up to twice it (the overdraft), a
+    #: connection's message is let in while it has none queued, and one
+    #: more while calls of the server's wait for its answers (room that
+    #: others hold may never come to a connection whose handler waits for
+    #: its peer). Beside it, per connection, its calls of up to 64 KiB by
+    #: the count are not counted (8 MiB by the count at
+    #: ``max_concurrent_calls``). No one user holds more of it than twice
+    #: ``user_call_budget``.
     server_call_budget: int = attrs.field(
         default=SERVER_CALL_BUDGET, validator=[v.instance_of(int), _positive]
     )

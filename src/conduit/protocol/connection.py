@@ -267,12 +267,14 @@ class CallMemory:
     queue); this bounds all of them together, whatever the number of
     connections. A large call that does not fit is refused (``overloaded``),
     unless the whole server holds nothing, so that a lone call of any size
-    still runs. A message that does not fit waits, its connection unread,
-    while that connection has messages of its own queued (the engine's
-    ``_queue_message``): one is let in past the limit per connection, and
-    one more while answers of its peer's are awaited. So the server holds
-    at most the limit, plus a call, plus two messages per connection. Each
-    user's connections count here through that user's :class:`CallShare`.
+    still runs. A message that does not fit waits, its connection unread
+    (the engine's ``_queue_message``), except that a connection's first
+    queued message, and one more while answers of its peer's are awaited,
+    are let in past the limit, into the overdraft (:meth:`admits_overdraft`):
+    waiting could hold up what the connection's own handlers wait for. So
+    the server holds at most twice the limit, or one call or message of
+    any size. Each user's connections count here through that user's
+    :class:`CallShare`.
     """
 
     __slots__ = ("held", "limit")
@@ -287,6 +289,19 @@ class CallMemory:
         """Whether ``size`` more bytes fit (always, while nothing is held)."""
         held = self.held
         return not held or held + size <= self.limit
+
+    def admits_overdraft(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit the overdraft: up to twice the
+        limit (always, while nothing is held).
+
+        For the messages the engine lets in past the limit. Until
+        2026-12-07 they had no bound but the number of connections: one or
+        two messages each, of up to 72 times the largest frame decoded, so
+        250 connections of one user could make the server hold 36 GiB by
+        the count.
+        """
+        held = self.held
+        return not held or held + size <= 2 * self.limit
 
     def take(self, size: int) -> None:
         """A call or message holding ``size`` bytes decoded was let in."""
@@ -310,9 +325,8 @@ class CallShare(CallMemory):
     it one user could hold the whole server's budget, with calls to a
     handler that waits, say, and so keep every other user's large calls
     refused and their messages waiting for as long as it liked; with it a
-    user holds at most its limit, plus a call while it holds nothing, plus
-    the two messages per connection that :class:`CallMemory` lets past (as
-    the server does: the rules are the same, with this limit).
+    user holds at most twice its limit, or one call or message of any size
+    (as the server does: the rules are the same, with this limit).
 
     The server keeps one per user while any connection of the user's holds
     it (:class:`conduit._call_shares.CallShares`).
@@ -330,6 +344,12 @@ class CallShare(CallMemory):
         holds nothing) and the server's memory."""
         held = self.held
         return (not held or held + size <= self.limit) and self.server.admits(size)
+
+    def admits_overdraft(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit the overdraft of both this share
+        and the server's memory (see :meth:`CallMemory.admits_overdraft`)."""
+        held = self.held
+        return (not held or held + size <= 2 * self.limit) and self.server.admits_overdraft(size)
 
     def take(self, size: int) -> None:
         """A call or message holding ``size`` bytes decoded was let in."""
