@@ -469,21 +469,27 @@ def test_each_users_share_bounds_what_its_connections_hold() -> None:
 def test_the_overdraft_is_twice_the_limit_of_the_share_and_of_the_server() -> None:
     """What the engine lets in past the limit (a connection's first queued
     message, one more while answers are awaited) must fit the overdraft:
-    twice the limit of the user's share and of the server's memory, or
-    anything while nothing is held."""
+    twice the limit of the user's share and of the server's memory, what
+    the asking connection holds itself not counted, or anything while
+    nothing else is held."""
     memory = CallMemory(1000)
-    assert memory.admits_overdraft(5000)  # nothing held: any size
+    assert memory.admits_overdraft(5000, 0)  # nothing held: any size
     memory.take(900)
     assert not memory.admits(101) and memory.admits(100)
-    assert memory.admits_overdraft(1100) and not memory.admits_overdraft(1101)
+    assert memory.admits_overdraft(1100, 0) and not memory.admits_overdraft(1101, 0)
+    # What the asking connection holds is left out: only its own end frees it.
+    assert memory.admits_overdraft(1500, 400) and not memory.admits_overdraft(1501, 400)
+    assert memory.admits_overdraft(10**9, 900)  # it holds all there is
     share = CallShare(300, memory)
-    assert share.admits_overdraft(1100) and not share.admits_overdraft(1101)  # the server's
+    assert share.admits_overdraft(1100, 0) and not share.admits_overdraft(1101, 0)  # the server's
     share.take(500)
     assert (memory.held, share.held) == (1400, 500)
     assert not share.admits(1)
-    assert share.admits_overdraft(100) and not share.admits_overdraft(101)  # the share's
+    assert share.admits_overdraft(100, 0) and not share.admits_overdraft(101, 0)  # the share's
+    assert share.admits_overdraft(300, 200) and not share.admits_overdraft(301, 200)
     memory.take(590)
-    assert share.admits_overdraft(10) and not share.admits_overdraft(11)  # the server's
+    assert share.admits_overdraft(10, 0) and not share.admits_overdraft(11, 0)  # the server's
+    assert share.admits_overdraft(210, 200) and not share.admits_overdraft(211, 200)
     share.release(500)
     memory.release(1490)
     assert memory.held == share.held == 0

@@ -1284,17 +1284,20 @@ async def test_small_bodies_count_what_they_hold_decoded(
 @hostile(
     "server-call-budget-answer-behind-a-message",
     area="resource limits, whole server",
-    attack="against server_call_budget=2 MiB, a call of 20,000 short strings (about 1.3 MB "
-    "decoded) whose handler calls the client back; the client's handler sends a message of "
-    "the same size before it answers",
-    behaviour="the call returns: the message is let in past the full budget (its connection "
-    "had nothing queued), so the reader reads on to the answer the handler waits for (before: "
-    "the reader waited for room that only the handler's end would make, until rpc_timeout, "
-    "or for good without one)",
-    found="in review of this change",
+    attack="against server_call_budget=2 MiB (with user_call_budget out of the way, or the "
+    "default quarter, 512 KiB), a call of 20,000 short strings (about 1.3 MB decoded) whose "
+    "handler calls the client back; the client's handler sends a message of the same size "
+    "before it answers",
+    behaviour="the call returns: the message is let in past the full budget or share (its "
+    "connection had nothing queued, and what the connection holds itself is not counted "
+    "against it), so the reader reads on to the answer the handler waits for (before: the "
+    "reader waited for room that only the handler's end would make, until rpc_timeout, or for "
+    "good without one)",
+    found="in review of this change; the share's case in review of the overdraft",
 )
+@pytest.mark.parametrize("share", ["out of the way", "default"])
 async def test_an_answer_behind_a_message_is_read_when_the_call_memory_is_full(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory, client_factory: ClientFactory, share: str
 ) -> None:
     got: list[Any] = []
 
@@ -1314,7 +1317,10 @@ async def test_an_answer_behind_a_message_is_read_when_the_call_memory_is_full(
             await client.send("event", {"items": _STRINGS})  # before the answer
             return "here"
 
-    server = await server_factory(register=register, **_call_budget(2 * MiB))
+    budgets: dict[str, int | None] = {**_call_budget(2 * MiB)}
+    if share == "default":
+        budgets["user_call_budget"] = None  # a quarter: 512 KiB, under one call
+    server = await server_factory(register=register, **budgets)
     memory = server._settings.call_memory
     assert memory is not None
     client = await client_factory(server, register=register_client)
@@ -1384,18 +1390,21 @@ async def test_a_message_handler_calling_back_is_answered_when_others_hold_the_c
     "server-call-budget-peer-closes-while-paused",
     area="resource limits, whole server",
     attack="against server_call_budget=1 MiB held by another connection's waiting call, a peer "
-    "sends a message whose handler waits, then a second (its connection stops being read) and "
-    "one of 100,000 empty maps (13.7 MB by the count) behind it, then closes its sending side "
-    "(FIN) and waits",
+    "sends a message whose handler waits, then a second (its connection stops being read: a "
+    "small one, with one of 100,000 empty maps, 13.7 MB by the count, behind it; or that "
+    "large one), then closes its sending side (FIN) and waits",
     behaviour="the server sees the close at its next look (every 0.1 s) and ends the connection "
-    "(what the peer sent before its close is not read); what its messages counted leaves the "
-    "call memory once their handler is cancelled, while the other connection's call still "
-    "holds the budget (without the look, the connection stayed unread until that call ended; "
-    "read to its end instead, it let in every message behind, up to its own 32 MiB queue)",
-    found="in review of this change (twice)",
+    "(what the peer sent before its close is not read, and the message waiting is dropped, "
+    "never counted); what the first counted leaves the call memory once its handler is "
+    "cancelled, while the other connection's call still holds the budget (without the look, "
+    "the connection stayed unread until that call ended; read to its end instead, it let in "
+    "every message behind, up to its own 32 MiB queue; until 2026-12-07 the waiting message "
+    "was counted once the connection had ended)",
+    found="in review of this change (three times)",
 )
+@pytest.mark.parametrize("waiting", ["small", "large"])
 async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer_closes(
-    server_factory: ServerFactory, client_factory: ClientFactory
+    server_factory: ServerFactory, client_factory: ClientFactory, waiting: str
 ) -> None:
     release = trio.Event()
     handled: list[object] = []
@@ -1412,16 +1421,17 @@ async def test_a_connection_waiting_for_the_call_memory_still_ends_when_its_peer
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             # (What waits unread must fit the sockets' buffers: one behind.)
+            behind = (2, _EMPTY_MAPS) if waiting == "small" else (_EMPTY_MAPS,)
             peer, connection, held_by_the_call = await _messages_behind_a_held_budget(
-                server, holder, memory, nursery, 1, 2, _EMPTY_MAPS
+                server, holder, memory, nursery, 1, *behind
             )
             await wait_until(lambda: connection._reading_paused and handled == [1])
             await peer.stream.send_eof()
             await wait_until(lambda: not connection.is_open)
             await wait_until(lambda: memory.held == held_by_the_call)
             assert not release.is_set()  # the other call holds on all along
-            # The two small messages were counted, the one behind them never.
-            assert memory.peak == held_by_the_call + 2 * 1024
+            # The first was counted; the one waiting, and any behind it, never.
+            assert memory.peak == held_by_the_call + 1024
             release.set()
         await peer.aclose()
         await wait_until(lambda: memory.held == 0)

@@ -70,6 +70,7 @@ from .errors import (
 from .protocol import Frame, FrameKind, FrameReader, FrameWriter, SessionKeys
 from .protocol.codec import decode_message_sized
 from .protocol.connection import (
+    UNCOUNTED_CALL_BYTES,
     CallCancelled,
     CallMemory,
     CallReceived,
@@ -362,8 +363,9 @@ class Connection:
         self._message_bytes = 0  # see _MESSAGE_QUEUE_BYTES
         self._message_room: trio.Event | None = None
         # The server's call memory, where the messages count too (see
-        # _queue_message), if any; and whether a message was let in past it
-        # while answers were awaited, since the queue was last empty.
+        # _queue_message), if any; and whether a message was let in past its
+        # limit, into its overdraft, while answers were awaited, since the
+        # queue was last empty.
         self._call_memory = settings.call_memory
         self._message_overdraft = False
         self._timer_wanted = False
@@ -1117,31 +1119,43 @@ class Connection:
         queue (a lone one always does) and, when it must (see
         :meth:`_held_by_call_memory`), the server's call memory.
 
-        While it waits it is kept as ``body`` (its frame's payload, copied),
-        not decoded, and decoded again once it fits: what it holds decoded
-        is what the waits bound, up to 72 times its bytes (until 2026-12-07
-        each connection waiting held one such message beside the bounds).
+        A large one (holding over :data:`UNCOUNTED_CALL_BYTES` decoded, as
+        for calls) waits as ``body``, its frame's payload, its decoded data
+        dropped, and is decoded again once it fits: what it holds decoded,
+        up to 72 times its bytes, is what the waits bound (until 2026-12-07
+        each waiting connection held one beside the bounds). The payload
+        lies in the reader's buffer, which the reader keeps while it waits
+        anyway. A smaller one waits decoded, as a small call runs
+        uncounted: decoding each message of a flood twice would cost more.
+        A connection that ends while its message waits drops it (what the
+        peer sent is not read on).
         """
         charge = max(message.size, _MESSAGE_CHARGE)
         memory = self._call_memory
-        set_aside: bytes | None = None
+        waited = set_aside = False
         while True:
             own = self._message_bytes
             if own and own + charge > _MESSAGE_QUEUE_BYTES:
-                set_aside = set_aside or self._set_aside(message, body)
                 room = self._message_room = trio.Event()
-                await self._wait_for_message_room(room.wait)
+                wait: Callable[[], Awaitable[None]] = room.wait
+                full = "the message queue has been full"
             elif memory is not None and self._held_by_call_memory(memory, charge):
-                set_aside = set_aside or self._set_aside(message, body)
-                await self._wait_for_message_room(
-                    functools.partial(self._wait_for_call_memory, memory, charge),
+                wait = functools.partial(self._wait_for_call_memory, memory, charge)
+                full = (
                     "the call memory (server_call_budget, or the user's share of it, "
-                    "user_call_budget) has been full",
+                    "user_call_budget) has been full"
                 )
             else:
                 break
-        if set_aside is not None:
-            message.data = decode_message_sized(set_aside)[0].data
+            if not waited and charge > UNCOUNTED_CALL_BYTES:
+                message.data, set_aside = None, True  # decoded again below
+            waited = True
+            await self._wait_for_message_room(wait, full)
+        if waited:
+            if self._state.phase is _CLOSED:
+                return
+            if set_aside:
+                message.data = decode_message_sized(body)[0].data
         if memory is not None:
             if self._message_bytes and not memory.admits(charge):
                 # Let in past the limit behind messages of its own: the one
@@ -1151,13 +1165,6 @@ class Connection:
         self._message_bytes += charge
         self._messages_in.send_nowait(message)  # unbounded: the bytes bound it
 
-    @staticmethod
-    def _set_aside(message: MessageReceived, body: bytes | memoryview) -> bytes:
-        """``message``'s bytes (``body``, copied: the buffer it lies in is
-        the reader's), its decoded data dropped until it fits."""
-        message.data = None
-        return bytes(body)
-
     def _held_by_call_memory(self, memory: CallMemory, charge: int) -> bool:
         """Whether the reader must wait before it queues a message of ``charge``
         bytes: it does not fit the server's call memory (or its user's share
@@ -1166,23 +1173,28 @@ class Connection:
 
         Waiting could hold them up in two cases, and the message is then let
         in past the limit, into the overdraft (``admits_overdraft``: up to
-        twice the limit). The connection has no message queued: its own
-        large call may be what fills the memory, with a handler that waits
-        for this very message. Or calls of ours wait for answers (a handler
-        calling its peer back, a message handler's say, needs this reader to
-        read the answer, which may come behind this message): one message,
-        and no more until the connection's queue has emptied
+        twice the limit, what this connection holds itself not counted, since
+        only its own end frees that). The connection has no message queued:
+        its own large call may be what fills the memory, with a handler that
+        waits for this very message. Or calls of ours wait for answers (a
+        handler calling its peer back, a message handler's say, needs this
+        reader to read the answer, which may come behind this message): one
+        message, and no more until the connection's queue has emptied
         (``_message_overdraft``). A peer that sends more than that before
         it answers waits, and the log says so after
-        :data:`_MESSAGE_STALL_WARNING` seconds. So the server holds at most
-        twice its limit, however many connections it has (until 2026-12-07
-        the two messages were let in past any bound). Not once the
-        connection is over.
+        :data:`_MESSAGE_STALL_WARNING` seconds; so does one whose message
+        does not fit what others hold even then, until they release some or
+        its calls' timeout ends the wait. So the server holds at most twice
+        its limit plus what one connection holds itself (its 32 MiB of large
+        calls and 32 MiB of messages, or a lone call of any size), however
+        many connections it has (until 2026-12-07 the two messages were let
+        in past any bound). Not once the connection is over.
         """
         if self._state.phase is _CLOSED or memory.admits(charge):
             return False
         if not self._message_bytes or (not self._message_overdraft and len(self._pending)):
-            return not memory.admits_overdraft(charge)
+            own = self._state.large_call_bytes + self._message_bytes
+            return not memory.admits_overdraft(charge, own)
         return True
 
     async def _wait_for_call_memory(self, memory: CallMemory, charge: int) -> None:

@@ -310,16 +310,18 @@ class ServerDescriptor:
     #: handler has finished one or there is room (a connection whose peer
     #: closes meanwhile is ended). Each connection's own share is bounded
     #: apart (32 MiB of large calls, 32 MiB of messages); this bounds the
-    #: server, whatever the number of connections, to twice the budget, or
-    #: one call or message of any size (let in while the server holds
-    #: nothing). Past the budget, up to twice it (the overdraft), a
-    #: connection's message is let in while it has none queued, and one
-    #: more while calls of the server's wait for its answers (room that
-    #: others hold may never come to a connection whose handler waits for
-    #: its peer). Beside it, per connection, its calls of up to 64 KiB by
-    #: the count are not counted (8 MiB by the count at
-    #: ``max_concurrent_calls``). No one user holds more of it than twice
-    #: ``user_call_budget``.
+    #: server, whatever the number of connections, to twice the budget plus
+    #: what one connection holds itself (its 64 MiB, or a call or message
+    #: of any size let in while nothing else is held). Past the budget, up
+    #: to twice it (the overdraft, what the connection holds itself not
+    #: counted), a connection's message is let in while it has none queued,
+    #: and one more while calls of the server's wait for its answers (room
+    #: may otherwise never come to a connection whose handler waits for its
+    #: peer); past the overdraft those wait too, until others release some.
+    #: Beside it, per connection, its calls of up to 64 KiB by the count are
+    #: not counted (8 MiB by the count at ``max_concurrent_calls``). No one
+    #: user holds more of it than twice ``user_call_budget`` plus what one
+    #: connection holds itself.
     server_call_budget: int = attrs.field(
         default=SERVER_CALL_BUDGET, validator=[v.instance_of(int), _positive]
     )

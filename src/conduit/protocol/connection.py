@@ -272,9 +272,10 @@ class CallMemory:
     queued message, and one more while answers of its peer's are awaited,
     are let in past the limit, into the overdraft (:meth:`admits_overdraft`):
     waiting could hold up what the connection's own handlers wait for. So
-    the server holds at most twice the limit, or one call or message of
-    any size. Each user's connections count here through that user's
-    :class:`CallShare`.
+    the server holds at most twice the limit plus what one connection holds
+    itself (its own bounds: 32 MiB of large calls, 32 MiB of messages, or
+    a lone call of any size). Each user's connections count here through
+    that user's :class:`CallShare`.
     """
 
     __slots__ = ("held", "limit")
@@ -290,18 +291,20 @@ class CallMemory:
         held = self.held
         return not held or held + size <= self.limit
 
-    def admits_overdraft(self, size: int) -> bool:
+    def admits_overdraft(self, size: int, own: int) -> bool:
         """Whether ``size`` more bytes fit the overdraft: up to twice the
-        limit (always, while nothing is held).
+        limit, not counting ``own``, what the asking connection holds here
+        itself (always, while nothing else is held).
 
-        For the messages the engine lets in past the limit. Until
-        2026-12-07 they had no bound but the number of connections: one or
-        two messages each, of up to 72 times the largest frame decoded, so
-        250 connections of one user could make the server hold 36 GiB by
-        the count.
+        For the messages the engine lets in past the limit, so that a
+        connection's handler waiting for its peer is not held up by what
+        only its own end frees. Until 2026-12-07 they had no bound but the
+        number of connections: one or two messages each, of up to 72 times
+        the largest frame decoded, so 250 connections of one user could
+        make the server hold 36 GiB by the count.
         """
-        held = self.held
-        return not held or held + size <= 2 * self.limit
+        others = self.held - own
+        return not others or others + size <= 2 * self.limit
 
     def take(self, size: int) -> None:
         """A call or message holding ``size`` bytes decoded was let in."""
@@ -325,8 +328,8 @@ class CallShare(CallMemory):
     it one user could hold the whole server's budget, with calls to a
     handler that waits, say, and so keep every other user's large calls
     refused and their messages waiting for as long as it liked; with it a
-    user holds at most twice its limit, or one call or message of any size
-    (as the server does: the rules are the same, with this limit).
+    user holds at most twice its limit plus what one connection holds
+    itself (as the server does: the rules are the same, with this limit).
 
     The server keeps one per user while any connection of the user's holds
     it (:class:`conduit._call_shares.CallShares`).
@@ -345,11 +348,13 @@ class CallShare(CallMemory):
         held = self.held
         return (not held or held + size <= self.limit) and self.server.admits(size)
 
-    def admits_overdraft(self, size: int) -> bool:
+    def admits_overdraft(self, size: int, own: int) -> bool:
         """Whether ``size`` more bytes fit the overdraft of both this share
         and the server's memory (see :meth:`CallMemory.admits_overdraft`)."""
-        held = self.held
-        return (not held or held + size <= 2 * self.limit) and self.server.admits_overdraft(size)
+        others = self.held - own
+        return (not others or others + size <= 2 * self.limit) and self.server.admits_overdraft(
+            size, own
+        )
 
     def take(self, size: int) -> None:
         """A call or message holding ``size`` bytes decoded was let in."""
@@ -641,6 +646,12 @@ class ConnectionState:
         self.outgoing.clear()
         self._active_calls.clear()
         return streams
+
+    @property
+    def large_call_bytes(self) -> int:
+        """What this connection's large calls queued or running hold decoded
+        (counted in :attr:`call_memory` too)."""
+        return self._large_call_bytes
 
     def release_calls(self) -> None:
         """The engine has ended: no handler runs any more, so what the large
