@@ -1185,8 +1185,9 @@ class Connection:
         :data:`_MESSAGE_STALL_WARNING` seconds; so does one whose message
         does not fit what others hold even then, until they release some or
         its calls' timeout ends the wait. So the server holds at most twice
-        its limit plus what one connection holds itself (its 32 MiB of large
-        calls and 32 MiB of messages, or a lone call of any size), however
+        its limit plus what one connection holds itself (its large calls, 32
+        MiB or one larger call, and its messages, 32 MiB or one larger
+        message, each up to 72 times the largest frame by the count), however
         many connections it has (until 2026-12-07 the two messages were let
         in past any bound). Not once the connection is over.
         """

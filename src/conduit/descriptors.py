@@ -311,8 +311,9 @@ class ServerDescriptor:
     #: closes meanwhile is ended). Each connection's own share is bounded
     #: apart (32 MiB of large calls, 32 MiB of messages); this bounds the
     #: server, whatever the number of connections, to twice the budget plus
-    #: what one connection holds itself (its 64 MiB, or a call or message
-    #: of any size let in while nothing else is held). Past the budget, up
+    #: what one connection holds itself (its large calls, 32 MiB or one
+    #: larger call, and its messages, 32 MiB or one larger message, each up
+    #: to 72 times ``max_frame_size`` by the count). Past the budget, up
     #: to twice it (the overdraft, what the connection holds itself not
     #: counted), a connection's message is let in while it has none queued,
     #: and one more while calls of the server's wait for its answers (room

@@ -273,8 +273,9 @@ class CallMemory:
     are let in past the limit, into the overdraft (:meth:`admits_overdraft`):
     waiting could hold up what the connection's own handlers wait for. So
     the server holds at most twice the limit plus what one connection holds
-    itself (its own bounds: 32 MiB of large calls, 32 MiB of messages, or
-    a lone call of any size). Each user's connections count here through
+    itself (its own bounds: large calls, 32 MiB or one larger call, and
+    messages, 32 MiB or one larger message, each up to 72 times the largest
+    frame by the count). Each user's connections count here through
     that user's :class:`CallShare`.
     """
 
