@@ -34,7 +34,7 @@ import pytest
 import sniffio
 import trio
 
-from conduit import _asyncio
+from conduit import Client, Server, _asyncio
 from conduit._asyncio import get_guest_token, run_in_trio
 from conduit._bridge import bridged, current_flavor
 from conduit._callbacks import (
@@ -46,7 +46,8 @@ from conduit._callbacks import (
     is_asyncio_hosted,
     trio_callback,
 )
-from conduit.errors import CallbackCancelledError
+from conduit.errors import CallbackCancelledError, ConnectionClosed
+from conftest import client_descriptor, server_descriptor
 
 T = TypeVar("T")
 
@@ -1455,6 +1456,81 @@ def test_asyncio_callback_can_call_back_into_bridged_code() -> None:
         return await invoke(callback)  # type: ignore[no-any-return]
 
     assert _run_in_guest(trio_side) == 20
+
+
+# --------------------------------------------------------------------------- sys.exit in handlers
+
+
+async def _wait_for(predicate: Callable[[], bool]) -> None:
+    """Under asyncio: return once ``predicate()`` holds (at most 10 s)."""
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 10 s")
+
+
+def test_a_server_handler_calling_sys_exit_as_asyncio_run_ends_leaves_no_guest_run() -> None:
+    """A server handler calls ``sys.exit(3)``; the application's main task awaits
+    the call that made it, not ``server.run()``, and returns: asyncio.run then
+    cancels ``server.run()`` with every other task, and its SystemExit comes
+    out of ``asyncio.run`` once the guest run is over. (Raised from the loop at
+    once, it stopped asyncio.run's shutdown with the run still going: "Trio
+    guest run got abandoned", its runner left in the thread.)"""
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+
+        @server.rpc
+        def stop() -> None:
+            sys.exit(3)
+
+        serving = asyncio.create_task(server.run())
+        port = await server.wait_listening()
+        client = Client(client_descriptor(port, reconnect_enabled=False))
+        await client.connect()
+        with pytest.raises(ConnectionClosed):
+            await client.call("stop")
+        assert not serving.done()
+
+    exited = run_strict_raises(SystemExit, main)
+    assert isinstance(exited, SystemExit) and exited.code == 3
+
+
+def test_an_asyncio_client_handler_calling_sys_exit_reaches_the_application_once() -> None:
+    """As under Trio (``tests/test_server_client.py``): the connection ends, the
+    server's call gets ``connection_closed``, and the application's next call
+    raises the SystemExit, once. (asyncio's Task raised it straight out of the
+    loop, the conduit task awaiting the handler never saw it, and it came out
+    of asyncio.run besides.)"""
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+        serving = asyncio.create_task(server.run())
+        port = await server.wait_listening()
+        client = Client(client_descriptor(port, reconnect_enabled=False))
+
+        @client.rpc
+        async def leave() -> None:
+            await asyncio.sleep(0)
+            sys.exit(3)
+
+        await client.connect()
+        client_id = client.id
+        assert client_id is not None
+        await _wait_for(lambda: client_id in server.clients)
+        answer = await asyncio.wait_for(server.clients[client_id].rpc.call("leave"), 10)
+        assert answer["code"] == "connection_closed", answer
+        await _wait_for(lambda: not client.connected)
+        with pytest.raises(SystemExit) as exited:
+            await client.call("anything")
+        assert exited.value.code == 3
+        with pytest.raises(ConnectionClosed):
+            await client.call("anything")
+        await server.close()
+        await serving
+
+    run_strict(main)
 
 
 # --------------------------------------------------------------------------- Ctrl-C

@@ -13,6 +13,7 @@ any later frame can reach a handler.
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import attrs
@@ -32,6 +33,7 @@ from conduit.protocol.codec import (
 )
 from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
+    MAX_PEER_TEXT,
     SERVER_BUDGET_REFUSAL,
     UNCOUNTED_CALL_BYTES,
     USER_BUDGET_REFUSAL,
@@ -52,6 +54,7 @@ from conduit.protocol.connection import (
     ReceiveMemory,
     ResultReceived,
     StreamWasReset,
+    peer_text,
 )
 from conduit.protocol.frames import HEADER_SIZE
 from conduit.protocol.messages import Pong, Result
@@ -283,6 +286,34 @@ def test_small_payloads_are_copied_out_of_the_record_that_holds_them() -> None:
     chunks, _ = stream.take()
     assert [type(chunk) for chunk in chunks] == [bytes, memoryview, bytes, bytes] + [memoryview] * 2
     assert [len(chunk) for chunk in chunks] == [1, 32 * 1024, 10, 10, 30000, len(full) - 30000]
+
+
+def test_a_runs_small_frames_are_copied_not_kept_as_views() -> None:
+    """A view is an object of about 200 bytes beside its data, which a frame's
+    credit (its payload + FRAME_COST, 64) does not cover: a run's frames under
+    VIEW_MIN are copied (an empty one or a byte costs no allocation at all).
+    Views of 10,000 empty and one-byte frames beside one filling half the
+    record held 3.2 MB (tracemalloc) on a credit of 645 KB."""
+    stream = InboundStream(1, 1 << 30)
+    record = bytes(1 << 20)
+    tiny_sizes = [i % 2 for i in range(10_000)]
+    tiny_credit = sum(size + FRAME_COST for size in tiny_sizes)
+    tracemalloc.start()
+    try:
+        # The frames' views are made here, as the record's split makes them,
+        # and live on only if the stream keeps them.
+        run = [memoryview(record)[: 1 << 19]]
+        run += [memoryview(record)[(1 << 19) + i :][:size] for i, size in enumerate(tiny_sizes)]
+        stream.on_data_run(run, sum(len(view) for view in run))
+        del run
+        chunks, _ = stream.take()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert type(chunks[0]) is memoryview  # half the record: kept as it is
+    assert all(type(chunk) is bytes for chunk in chunks[1:])
+    assert b"".join(chunks[1:]) == bytes(sum(tiny_sizes))
+    assert held < tiny_credit // 2  # the list of chunks, nothing per frame
 
 
 # A record's pieces: (payload bytes, how the stream gets them); the record's
@@ -628,6 +659,27 @@ def test_early_resets_are_bounded_oldest_first(pair: Pair) -> None:
     outbound(pair.client, 2)  # among the first ten: forgotten
     with pytest.raises(StreamReset):
         outbound(pair.client, 2 * (count - 1) + 2)
+
+
+def test_a_peers_text_is_kept_cut_to_a_bound(pair: Pair) -> None:
+    """A RESET's code and reason and a GOODBYE's reason are the peer's text, in a
+    frame of up to max_frame_size: what the machine keeps and reports of them is
+    cut to MAX_PEER_TEXT characters (1,024 early resets held whole were 1 GiB)."""
+    long_text = "é" * 15_000  # 30 KB on the wire (the pair's frames hold 64 KiB)
+    early = body_frame(FrameKind.RESET, 2, {"code": long_text, "reason": long_text})
+    assert pair.deliver(pair.client, early) == []
+    remembered = pair.client._early_resets[2]
+    cut = f"{'é' * MAX_PEER_TEXT}... ({15_000 - MAX_PEER_TEXT} characters cut)"
+    assert remembered.code == cut
+    assert str(remembered) == f"peer aborted the stream: {cut}"
+
+    goodbye = body_frame(FrameKind.GOODBYE, 0, {"reason": long_text})
+    (event,) = pair.deliver(pair.client, goodbye)
+    assert isinstance(event, GoodbyeReceived)
+    assert event.reason == cut
+    assert pair.client.close_reason == f"peer closed the connection: {cut}"
+    # Text within the bound is kept as it is.
+    assert peer_text("x" * MAX_PEER_TEXT) == "x" * MAX_PEER_TEXT
 
 
 def test_reset_of_an_unknown_stream_of_our_own_is_not_remembered(pair: Pair) -> None:

@@ -1185,6 +1185,56 @@ async def test_reset_flood_is_bounded(arena: ArenaFactory) -> None:
 
 
 @hostile(
+    "reset-reasons",
+    area="hostile peer, authenticated",
+    attack="200 RESET frames for distinct stream ids nobody opened, each with a reason of "
+    "half a megabyte (100 MB in all)",
+    behaviour="each reason is kept cut to 256 characters (MAX_PEER_TEXT): memory bounded, "
+    "connection keeps working",
+    found="the early-reset table bounded its entries (1,024), not their size: it kept each "
+    "reason whole, up to a frame (1 GiB per connection at the default max_frame_size; "
+    "+1,038 MiB for 1,100 RESETs of 1 MiB)",
+)
+async def test_reset_reasons_are_kept_cut(arena: ArenaFactory) -> None:
+    a = await arena()
+    peer = await RawPeer.authenticated(a.port, PASSWORD)
+    reason = "r" * (512 * 1024)
+    with PeakRSS() as memory:
+        for batch in range(10):
+            await peer.send_sealed(
+                *(
+                    encode_frame(FrameKind.RESET, 2 * (20 * batch + i) + 1, Reset("x", reason))
+                    for i in range(20)
+                )
+            )
+            echoed = await peer.call("echo", value=batch, timeout=LOADED_MACHINE_BOUND)
+            assert echoed.value == batch
+    assert memory.growth < MEMORY_BOUND, f"server grew by {memory.growth / MiB:.0f} MiB"
+    await peer.aclose()
+    await a.check_healthy()
+
+
+@hostile(
+    "goodbye-reason",
+    area="hostile peer, authenticated",
+    attack="a GOODBYE whose reason is half a megabyte",
+    behaviour="the connection ends; the reason is logged and reported cut to 256 characters",
+    found="the server logged the reason whole at INFO ('client ... disconnected: ...'): a "
+    "megabyte of log per connection, at whatever rate handshakes complete",
+)
+async def test_a_goodbye_reason_is_logged_cut(arena: ArenaFactory) -> None:
+    a = await arena()
+    peer = await RawPeer.authenticated(a.port, PASSWORD)
+    await peer.send_sealed(encode_frame(FrameKind.GOODBYE, 0, Goodbye("g" * (512 * 1024))))
+    await peer.expect_closed()
+    cut = f"{'g' * 256}... ({512 * 1024 - 256} characters cut)"
+    await a.wait_logged(f"disconnected: peer closed the connection: {cut}")
+    assert "g" * 257 not in a.log()
+    await peer.aclose()
+    await a.check_healthy()
+
+
+@hostile(
     "ping-flood-no-read",
     area="hostile peer, authenticated",
     attack="PING frames (~18 MB, 800,000 of them) from a peer that never reads its socket, so "

@@ -80,6 +80,43 @@ def test_free_buffers_are_reused_and_idle_ones_unmapped() -> None:
     assert opener._mapped == []
 
 
+def test_buffers_a_burst_needed_go_once_records_come_one_at_a_time() -> None:
+    """An opener keeps only as many buffers as were in use at once since the
+    last release: a burst's twelve go once large records arrive one at a time
+    (a peer trickling one 64 KiB record per heartbeat interval kept all twelve,
+    12 MiB of a connection no budget counts, for as long as it went on)."""
+    sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
+    held = []
+    for index in range(MAPPED_KEEP):  # a burst: every record still referenced
+        opener.feed(sealed(sealer, index))
+        held.append(opener.next_record())
+    assert len(opener._mapped) == MAPPED_KEEP
+    del held
+    opener.release_idle_buffers()  # all used in this interval: kept
+    assert len(opener._mapped) == MAPPED_KEEP
+    for _interval in range(3):  # then one record at a time, each let go at once
+        opener.feed(sealed(sealer, 1))
+        record = opener.next_record()
+        assert record is not None and bytes(record[:1]) == b"\x01"
+        del record
+        opener.release_idle_buffers()
+        assert len(opener._mapped) == 1
+    # A buffer past the reach but still referenced stays until its view goes.
+    opener.feed(sealed(sealer, 2))
+    first = opener.next_record()
+    opener.feed(sealed(sealer, 3))
+    second = opener.next_record()
+    assert len(opener._mapped) == 2
+    del first
+    opener.release_idle_buffers()  # both handed out since the last call
+    opener.release_idle_buffers()  # the first idle: dropped; the second referenced
+    assert len(opener._mapped) == 1
+    assert second is not None and bytes(second[:1]) == b"\x03"
+    del second
+    opener.release_idle_buffers()
+    assert opener._mapped == []
+
+
 def test_small_records_are_plain_bytes() -> None:
     sealer, opener = RecordSealer(KEY, LIMIT), RecordOpener(KEY, LIMIT)
     payload = os.urandom(MAPPED_MIN // 2)

@@ -29,6 +29,7 @@ from conduit import (
     ConduitError,
     ConnectionClosed,
     HandshakeTimeout,
+    LocalProtocolError,
     Peer,
     RPCError,
     RPCTimeoutError,
@@ -1670,6 +1671,29 @@ async def test_oversized_arguments_fail_that_call_only(
     assert not isinstance(raised.value, ConnectionClosed), raised.value
     assert client.connected
     assert await client.call("add", a=1, b=2) == 3
+
+
+@pytest.mark.parametrize("flavor", ["call", "invoke"])
+async def test_a_call_that_cannot_be_sent_raises_before_anything_is_sent(
+    server_factory: ServerFactory, client_factory: ClientFactory, flavor: str
+) -> None:
+    """A method name that is no str raises TypeError, an argument that cannot
+    go on the wire LocalProtocolError, before anything is sent: the server
+    would take either for a protocol error (it ended the connection when the
+    method was an int) or never see it."""
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server)
+    send = client.rpc.call if flavor == "call" else client.rpc.invoke
+    with trio.fail_after(10):
+        with pytest.raises(TypeError, match="a method name is a str, not int"):
+            await send(123)  # type: ignore[arg-type]
+        # cattrs makes the tuple key a list, which no dict takes.
+        with pytest.raises(LocalProtocolError, match="value cannot be sent"):
+            await send("echo", value={(1, 2): 3})
+        with pytest.raises(LocalProtocolError, match="value cannot be sent"):
+            await send("echo", args={"value": {(1, 2): 3}})
+        assert client.connected
+        assert await client.call("add", a=1, b=2) == 3
 
 
 async def test_oversized_message_fails_that_send_only(

@@ -412,7 +412,7 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
                     future.set_result(value)
                 del value
             except BaseException as exc:
-                propagate = _deliver_error(call, exc)
+                propagate = _deliver_error(guest, call, exc)
                 # A Cancelled re-raised here ends the worker: either its call
                 # was cancelled (the worker's scope absorbs it) or the guest run
                 # is ending: by shutdown, or crashing (cancelled by nobody of
@@ -457,7 +457,7 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
             del handed  # the call is deleted once over (above): no other name may keep it
 
 
-def _deliver_error(call: _Call[Any], exc: BaseException) -> BaseException | None:
+def _deliver_error(guest: _Guest, call: _Call[Any], exc: BaseException) -> BaseException | None:
     """Give ``call``'s caller what ``exc`` holds for it; return what Trio must see.
 
     Only trio.Cancelled (and GeneratorExit) must keep propagating: Trio's cancel
@@ -481,7 +481,14 @@ def _deliver_error(call: _Call[Any], exc: BaseException) -> BaseException | None
             # The caller was cancelled meanwhile; it chains this error onto its
             # CancelledError. A Ctrl-C must still stop the loop.
             call.late_error = error
-            if fatal is not None:
+            if fatal is not None and guest.state is _State.CLOSING:
+                # The loop is ending (asyncio.run cancelled the caller with
+                # every other task): raised now, it would stop that shutdown
+                # with the guest run still going (abandoned, with a warning).
+                # The keeper, or on_done, re-raises it once the run is over.
+                if guest.fatal is None:
+                    guest.fatal = fatal
+            elif fatal is not None:
                 call.future.get_loop().call_soon(_reraise, fatal)
         else:
             _set_exception(call.future, error)

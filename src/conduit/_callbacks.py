@@ -242,8 +242,31 @@ async def _call_in_task(callback: Callable[..., Any], args: tuple[Any, ...]) -> 
     return result
 
 
-async def _await_for_task(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
+class _Exit:
+    """A SystemExit or KeyboardInterrupt of a callback's asyncio task, carried out as its value."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: SystemExit | KeyboardInterrupt) -> None:
+        self.error = error
+
+
+async def _exits_returned(awaitable: Awaitable[Any]) -> Any:
+    """Await ``awaitable`` as an asyncio task's coroutine, a SystemExit or
+    KeyboardInterrupt returned as an :class:`_Exit`.
+
+    asyncio's ``Task`` re-raises those two straight out of the loop's
+    ``run_forever`` (besides keeping them as its result): the conduit task
+    awaiting the callback would never get it, the asyncio caller of the
+    operation under way would see its task cancelled instead, and the error
+    would come out of ``asyncio.run`` beside the one conduit raises from the
+    application's next call (twice in all). Returned, it goes where it does
+    under Trio.
+    """
+    try:
+        return await awaitable
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return _Exit(exc)
 
 
 async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[Any]) -> Any:
@@ -252,9 +275,7 @@ async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[A
     if asyncio.isfuture(awaitable):
         future = awaitable
     else:
-        coro: Coroutine[Any, Any, Any] = (
-            awaitable if inspect.iscoroutine(awaitable) else _await_for_task(awaitable)
-        )
+        coro: Coroutine[Any, Any, Any] = _exits_returned(awaitable)
         # asyncio.Task directly, not loop.create_task: an eager task factory
         # (Python 3.12+) would run the first step right here, inside Trio's
         # scheduler tick, where sniffio says "trio" and Trio's current task is
@@ -300,8 +321,14 @@ async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[A
             # that keeps it may stay in it (a cycle, see conduit._stored_errors),
             # nor the awaitable, when it is that future.
             del error, future, awaitable
+    value = future.result()
+    if type(value) is _Exit:
+        try:
+            raise value.error
+        finally:
+            del value, future, awaitable  # its traceback holds this frame (as above)
     if cancel_requested:
         # The task finished anyway (ignored or missed the cancellation); the Trio
         # caller asked to be cancelled, so honour that rather than return.
         await trio.lowlevel.checkpoint()
-    return future.result()
+    return value

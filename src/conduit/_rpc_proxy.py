@@ -15,7 +15,7 @@ import attrs
 
 from ._bridge import bridged
 from ._connection import Connection
-from .errors import ConduitError, ConnectionClosed, RPCError, failure_dict
+from .errors import ConduitError, ConnectionClosed, LocalProtocolError, RPCError, failure_dict
 from .protocol import converter
 
 if TYPE_CHECKING:
@@ -55,20 +55,28 @@ def to_wire(value: Any) -> Any:
 
 
 def call_arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``args`` (a mapping, an attrs instance or None) with keyword arguments."""
-    if args is None:
-        merged: dict[str, Any] = {}
-    elif attrs.has(type(args)):
-        merged = converter.unstructure(args)
-    elif isinstance(args, dict):
-        merged = {str(key): to_wire(value) for key, value in args.items()}
-    else:
+    """Merge ``args`` (a mapping, an attrs instance or None) with keyword arguments.
+
+    A value that cannot be made fit for the wire (a dict with tuple keys,
+    whose keys become lists) raises ``LocalProtocolError("value cannot be
+    sent: ...")``, as one msgpack refuses does, before anything is sent.
+    """
+    if not (args is None or attrs.has(type(args)) or isinstance(args, dict)):
         raise TypeError(
             f"args must be a dict, an attrs instance or None, not {type(args).__name__}"
         )
-    for key, value in kwargs.items():
-        # to_wire's test, inline: one call less per argument of every call.
-        merged[key] = value if type(value) in _PRIMITIVES else to_wire(value)
+    try:
+        if args is None:
+            merged: dict[str, Any] = {}
+        elif attrs.has(type(args)):
+            merged = converter.unstructure(args)
+        else:
+            merged = {str(key): to_wire(value) for key, value in args.items()}
+        for key, value in kwargs.items():
+            # to_wire's test, inline: one call less per argument of every call.
+            merged[key] = value if type(value) in _PRIMITIVES else to_wire(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"value cannot be sent: {exc}") from exc
     return merged
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import deque
-from collections.abc import Callable, Collection, Sized
+from collections.abc import Callable, Collection, Sequence, Sized
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -83,6 +83,13 @@ _RESULT = FrameKind.RESULT
 #: as DATA for a stream it had reset, pinned 8 times its credit.)
 PIN_RATIO = 2
 
+#: The smallest payload of a run's DATA frames kept as a view of its record:
+#: a smaller one is copied. A view is an object of about 200 bytes beside the
+#: data, which FRAME_COST (64) does not cover; a small copy is its data plus
+#: 33. (Views of a run's tiny or empty frames, beside one frame filling half
+#: the record, held 2.8 times their credit.)
+VIEW_MIN = 1024
+
 #: A CALL whose body is over COUNTED_BODY is decoded counting what it holds
 #: (codec.unpack_sized's bound); one that holds at most this runs uncounted,
 #: as one at or under COUNTED_BODY does (whose bound is at most 34 KB: 256
@@ -126,6 +133,14 @@ MAX_CALL_ID = MAX_STREAM_ID
 #: resetting stream ids we never use cannot grow our memory.
 MAX_EARLY_RESETS = 1024
 
+#: The most characters of a peer's text (a RESET's code and reason, a
+#: GOODBYE's reason) the connection keeps or reports: the rest is cut (see
+#: :func:`peer_text`). Such text is for people, and the frame that carries it
+#: may be as large as ``max_frame_size``: kept whole, 1,024 early resets of a
+#: megabyte each held a gigabyte per connection, and each GOODBYE put its
+#: megabyte into the log.
+MAX_PEER_TEXT = 256
+
 Buffer = bytes | bytearray | memoryview
 
 
@@ -142,6 +157,14 @@ class Phase(enum.Enum):
 
 _OPEN = Phase.OPEN  # tested for every CALL received
 _CLOSED = Phase.CLOSED  # tested for every frame received (see _DATA)
+
+
+def peer_text(text: str, limit: int = MAX_PEER_TEXT) -> str:
+    """``text`` from the peer, cut to ``limit`` characters (saying how many were cut)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} characters cut)"
+
 
 # ---------------------------------------------------------------------- events
 # Plain slotted classes (not frozen): an instance per call or result is on the
@@ -453,11 +476,20 @@ class InboundStream:
         if self.memory is not None:
             self.memory.held += cost
         self.buffered_cost += cost
-        if payloads and size * PIN_RATIO < _held(payloads[0]):
+        self.bytes_received += size
+        if not payloads:
+            return
+        kept: Sequence[Buffer]
+        if min(map(len, payloads)) >= VIEW_MIN:  # bulk data: every frame a view
+            viewed, kept = size, payloads
+        else:
+            viewed = size - sum(len(payload) for payload in payloads if len(payload) < VIEW_MIN)
+            kept = [payload if len(payload) >= VIEW_MIN else bytes(payload) for payload in payloads]
+        # What is kept as views must be at least half the record, or all is copied.
+        if viewed * PIN_RATIO < _held(payloads[0]):
             self.chunks.extend(bytes(payload) for payload in payloads)
         else:
-            self.chunks.extend(payloads)
-        self.bytes_received += size
+            self.chunks.extend(kept)
 
     def fail(self, exc: BaseException) -> None:
         """End the stream with an error (reset by the peer, or connection lost)."""
@@ -737,8 +769,9 @@ class ConnectionState:
             return PongReceived(decode_body(frame, Pong).nonce)
         if kind is FrameKind.GOODBYE:
             goodbye = decode_body(frame, Goodbye)
-            self.close(f"peer closed the connection: {goodbye.reason}")
-            return GoodbyeReceived(goodbye.reason, goodbye.going_away)
+            reason = peer_text(goodbye.reason)
+            self.close(f"peer closed the connection: {reason}")
+            return GoodbyeReceived(reason, goodbye.going_away)
         raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
 
     def _refuse_call(self, call_id: int, error: str | None = None) -> CallRefused:
@@ -806,7 +839,9 @@ class ConnectionState:
         return stream
 
     def _on_reset(self, stream_id: int, reset: Reset) -> StreamWasReset | None:
-        error = StreamReset(f"peer aborted the stream: {reset.reason}", code=reset.code)
+        error = StreamReset(
+            f"peer aborted the stream: {peer_text(reset.reason)}", code=peer_text(reset.code)
+        )
         incoming = self.incoming.pop(stream_id, None)
         if incoming is not None:
             incoming.forgotten()
@@ -836,8 +871,12 @@ class ConnectionState:
 
         Ids run from 1 to :data:`MAX_CALL_ID` (the header holds 32 bits), then
         start again at 1, skipping ids in :attr:`calls_in_use`: an id is never
-        reused while its call awaits its result.
+        reused while its call awaits its result. A ``method`` that is no str
+        raises ``TypeError``: the peer would take the CALL for a protocol
+        error and end the connection.
         """
+        if type(method) is not str and not isinstance(method, str):
+            raise TypeError(f"a method name is a str, not {type(method).__name__}")
         call_id = next(self._call_ids)
         if call_id >= self._call_id_end:  # past the last id, or at one that may be in use
             call_id = self._free_call_id(call_id)
@@ -1052,6 +1091,7 @@ class ConnectionState:
 __all__ = [
     "MAX_CALL_ID",
     "MAX_EARLY_RESETS",
+    "MAX_PEER_TEXT",
     "SERVER_BUDGET_REFUSAL",
     "USER_BUDGET_REFUSAL",
     "CallCancelled",
@@ -1071,4 +1111,5 @@ __all__ = [
     "ReceiveMemory",
     "ResultReceived",
     "StreamWasReset",
+    "peer_text",
 ]

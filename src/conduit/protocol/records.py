@@ -160,7 +160,9 @@ class RecordOpener:
         self._buffer: bytes | bytearray | memoryview = bytearray(initial)
         self._offset = 0
         self._mapped: list[mmap.mmap] = []
-        self._mapped_used = False
+        # How many of _mapped (from the front) were handed out since the last
+        # release_idle_buffers: the buffers past that were idle all along.
+        self._mapped_reach = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the socket.
@@ -286,22 +288,36 @@ class RecordOpener:
         self._offset = 0
 
     def release_idle_buffers(self) -> None:
-        """Unmap the kept buffers unless used since the previous call (and no
-        longer referenced): an idle connection holds no bulk megabytes."""
-        if not self._mapped_used:
+        """Unmap the kept buffers not handed out since the previous call (and no
+        longer referenced): an idle connection holds no bulk megabytes, and
+        one whose large records come one at a time keeps one buffer, not as
+        many as a burst once needed.
+
+        Exact per buffer without looking at each on every record: buffers are
+        handed out from the front (the first one free), so one handed out
+        since the last call lies within the reach recorded, and one past it
+        was not used since.
+        """
+        reach = self._mapped_reach
+        if reach < len(self._mapped):
             # Dropped ones are unmapped with their last view.
-            self._mapped = [buffer for buffer in self._mapped if has_views(buffer)]
-        self._mapped_used = False
+            self._mapped = self._mapped[:reach] + [
+                buffer for buffer in self._mapped[reach:] if has_views(buffer)
+            ]
+        self._mapped_reach = 0
 
     def _mapped_buffer(self) -> memoryview:
         """A kept mapping no view refers to any more, or a new one."""
-        self._mapped_used = True
-        for buffer in self._mapped:
+        mapped = self._mapped
+        for index, buffer in enumerate(mapped):
             if not has_views(buffer):
+                if index >= self._mapped_reach:
+                    self._mapped_reach = index + 1
                 return memoryview(buffer)
         buffer = anonymous_buffer(self._max_sealed)
-        if len(self._mapped) < MAPPED_KEEP:
-            self._mapped.append(buffer)
+        if len(mapped) < MAPPED_KEEP:
+            mapped.append(buffer)
+            self._mapped_reach = len(mapped)
         # Not kept: unmapped when its last view goes.
         return memoryview(buffer)
 
