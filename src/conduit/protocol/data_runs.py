@@ -34,7 +34,7 @@ from .records import MAPPED_KEEP, MAPPED_MIN, REUSABLE, anonymous_buffer, has_vi
 _DATA = FrameKind.DATA
 
 
-@attrs.frozen
+@attrs.define  # as Frame: not frozen (see frames.py)
 class DataRun(Frame):
     """Two or more consecutive DATA frames of one stream (none of them the END) in one record.
 

@@ -88,9 +88,13 @@ HANDSHAKE_KINDS = frozenset(
 _KIND_VALUES = frozenset(int(k) for k in FrameKind)
 
 
-@attrs.frozen
+# Not frozen: one is built per frame received, on both sides of every call,
+# and attrs' frozen __init__ (``object.__setattr__`` per field) costs ~250 ns
+# more (docs/benchmark-journal.md, "Frames and results built unfrozen").
+# Treat it as read-only: a payload may be a view of a record buffer.
+@attrs.define
 class Frame:
-    """One decoded frame.
+    """One decoded frame (read-only by convention: never assign its fields).
 
     ``payload`` is the raw payload: msgpack for control frames (decode it with
     :func:`conduit.protocol.codec.decode_body`), file bytes for ``DATA``. It may be

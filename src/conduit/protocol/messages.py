@@ -1,6 +1,7 @@
 """Typed bodies of control frames.
 
-Each body is a frozen attrs class; :mod:`conduit.protocol.codec` turns them into
+Each body is a frozen attrs class (except :class:`Result`, built once per call
+received: see its comment); :mod:`conduit.protocol.codec` turns them into
 msgpack maps and back with cattrs, so a malformed body from the network becomes a
 :class:`~conduit.errors.RemoteProtocolError`, never a stray ``KeyError``.
 """
@@ -122,7 +123,11 @@ class Call:
     args: dict[str, Any] = attrs.field(factory=dict)
 
 
-@attrs.frozen
+# Not frozen, as the connection's events are not: the caller's side builds one
+# per call received, and attrs' frozen __init__ (``object.__setattr__`` per
+# field) costs ~250 ns more, 2-3 % of a call's client CPU with 16 callers
+# (measured with Frame's, docs/benchmark-journal.md). Treat it as read-only.
+@attrs.define
 class Result:
     """Outcome of a call. ``ok`` decides whether ``value`` or ``error``/``code`` count."""
 
