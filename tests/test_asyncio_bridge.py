@@ -1324,6 +1324,26 @@ def test_invoke_async_callback_runs_on_the_asyncio_loop_when_hosted() -> None:
     }
 
 
+def test_an_asyncio_callback_cancelled_before_it_starts_is_not_reported_unawaited() -> None:
+    """The callback's coroutine runs inside a wrapper that returns SystemExit
+    as a value; cancelled before its task's first step, the task closes only
+    the wrapper, and the callback's coroutine was reported as "never awaited"
+    (run_strict fails on that warning)."""
+    started: list[bool] = []
+
+    async def callback() -> None:
+        started.append(True)
+
+    async def trio_side() -> bool:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled before the asyncio task gets its first step
+            await invoke(callback)
+        return scope.cancelled_caught
+
+    assert _run_in_guest(trio_side)
+    assert started == []
+
+
 def test_calling_task_of_a_bridged_call_is_the_task_awaiting_its_asyncio_callback() -> None:
     # A Trio task awaits an asyncio callback (a handler), which awaits a
     # bridged call: that call runs in a worker on the Trio task's behalf

@@ -306,6 +306,11 @@ async def _await_on_host(loop: asyncio.AbstractEventLoop, awaitable: Awaitable[A
     await trio.lowlevel.wait_task_rescheduled(abort)
 
     if future.cancelled():
+        if inspect.iscoroutine(awaitable):
+            # Cancelled before its first step, the task closed only the
+            # wrapper (_exits_returned): close the callback's coroutine too,
+            # or it is reported as never awaited. (A no-op once it ran.)
+            awaitable.close()
         if cancel_requested:
             # Raise a genuine trio.Cancelled: our scope is cancelled, so this
             # checkpoint raises it.
