@@ -1,6 +1,6 @@
 """Typed bodies of control frames.
 
-Each body is a frozen attrs class (except :class:`Result`, built once per call
+Each body is a frozen attrs class (except :class:`Result`, built once per result
 received: see its comment); :mod:`conduit.protocol.codec` turns them into
 msgpack maps and back with cattrs, so a malformed body from the network becomes a
 :class:`~conduit.errors.RemoteProtocolError`, never a stray ``KeyError``.
@@ -124,9 +124,9 @@ class Call:
 
 
 # Not frozen, as the connection's events are not: the caller's side builds one
-# per call received, and attrs' frozen __init__ (``object.__setattr__`` per
-# field) costs ~250 ns more, 2-3 % of a call's client CPU with 16 callers
-# (measured with Frame's, docs/benchmark-journal.md). Treat it as read-only.
+# per result received, and attrs' frozen __init__ (``object.__setattr__`` per
+# field) costs ~250 ns more (timeit, with Frame's: docs/benchmark-journal.md,
+# "Frames and results built unfrozen"). Treat it as read-only.
 @attrs.define
 class Result:
     """Outcome of a call. ``ok`` decides whether ``value`` or ``error``/``code`` count."""
