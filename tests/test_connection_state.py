@@ -27,6 +27,8 @@ from conduit.protocol import FRAME_COST, MAX_STREAM_ID, Frame, FrameKind, connec
 from conduit.protocol.codec import (
     CONTAINER_OVERHEAD,
     COUNTED_BODY,
+    ITEM_OVERHEAD,
+    HoldsTooMuch,
     data_header,
     iter_frames,
     unpack_sized,
@@ -382,6 +384,78 @@ def test_large_calls_are_admitted_by_what_they_hold_decoded(
     pair.server.finish_value(9, None)
     lone = call_frame(11, "store", items=["ab"] * 21_000)
     assert isinstance(pair.deliver_one(pair.server, lone), CallReceived)  # alone: any size
+
+
+def _truncated_call(call_id: int, maps: int) -> bytes:
+    """A CALL whose argument is a list of ``maps`` empty maps with its last one
+    missing: malformed, but only at its very end."""
+    whole: bytes = msgpack.packb({"method": "store", "args": {"items": [{}] * maps}})
+    body = whole[:-1]
+    return raw_header(FrameKind.CALL, call_id, len(body)) + body
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-bound", "call-memory"])
+def test_a_call_that_will_be_refused_is_not_decoded_past_the_room_left(
+    shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While large calls hold the room (the connection's own bound, or the
+    server's call memory), a large CALL is refused as soon as what it holds
+    decoded passes what is left (never under UNCOUNTED_CALL_BYTES): the rest
+    of its body is not decoded. This one is cut short at its end, which a
+    full decoding reports as a protocol error; so it is when there is room."""
+    memory = CallMemory(1024 * 1024) if shared else None
+    if not shared:
+        monkeypatch.setattr(connection, "LARGE_CALL_BYTES", 1024 * 1024)
+    server = machine(is_client=False, call_memory=memory)
+    wire = Pair(machine(is_client=True), server)
+    holding = ["ab"] * 20_000  # 60 KB on the wire, 1.3 MB by the count: a lone call
+    assert isinstance(wire.deliver_one(server, call_frame(1, "store", items=holding)), CallReceived)
+    refused = wire.deliver_one(server, _truncated_call(3, 2_000))  # 272 KB by the count
+    assert isinstance(refused, CallRefused)
+    refusal = decode_body(iter_frames(refused.reply, MAX_FRAME)[0], Result)
+    expected = "the server's calls and messages hold" if shared else "bytes of arguments"
+    assert refusal.code == "overloaded" and expected in refusal.error
+    # Under UNCOUNTED_CALL_BYTES a call is admitted whatever the others hold,
+    # so it is decoded whole: this malformed one is found so.
+    with pytest.raises(RemoteProtocolError, match="malformed msgpack body"):
+        wire.deliver_one(server, _truncated_call(5, 400))
+    server.call_finished(1)
+    with pytest.raises(RemoteProtocolError, match="malformed msgpack body"):
+        wire.deliver_one(machine(is_client=False, call_memory=memory), _truncated_call(3, 2_000))
+
+
+def test_unpack_sized_stops_past_its_limit() -> None:
+    """With a limit, decoding stops once the part decoded holds more than it
+    by the bound (HoldsTooMuch, with what that part held); within it, the
+    value and its bound are those of a decoding without one."""
+    data = msgpack.packb({"a": [{}] * 10_000, "b": ["xy"] * 100})
+    value, bound = unpack_sized(data)
+    assert unpack_sized(data, bound) == (value, bound)
+    with pytest.raises(HoldsTooMuch) as stopped:
+        unpack_sized(data, 100_000)
+    assert 100_000 < stopped.value.held < 100_000 + CONTAINER_OVERHEAD + ITEM_OVERHEAD
+    assert stopped.value.held < bound
+    with pytest.raises(HoldsTooMuch):  # its bytes alone are over
+        unpack_sized(data, len(data) - 1)
+
+
+def test_a_result_nobody_awaits_is_dropped_unread(pair: Pair) -> None:
+    """With ``calls_in_use`` set (the engine's table of pending calls), a
+    RESULT for another id (a call given up on, or never made) is dropped
+    without being decoded: this one is malformed, which decoding reports.
+    A machine driven alone (``calls_in_use`` None) decodes every RESULT."""
+    malformed = raw_header(FrameKind.RESULT, 7, 1) + b"\xc1"  # a byte msgpack never uses
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        pair.deliver_one(pair.client, malformed)
+    client = machine(is_client=True)
+    wire = Pair(client, machine(is_client=False))
+    client.calls_in_use = {5: None}
+    assert wire.deliver_one(client, malformed) is None
+    assert wire.deliver_one(client, body_frame(FrameKind.RESULT, 9, {"ok": True})) is None
+    answered = wire.deliver_one(client, body_frame(FrameKind.RESULT, 5, {"ok": True, "value": 2}))
+    assert answered == ResultReceived(5, Result(True, 2))
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        wire.deliver_one(client, raw_header(FrameKind.RESULT, 5, 1) + b"\xc1")
 
 
 def test_large_calls_of_all_connections_share_the_servers_call_memory() -> None:

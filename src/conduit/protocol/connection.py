@@ -40,6 +40,7 @@ import attrs
 from ..errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from .codec import (
     COUNTED_BODY,
+    HoldsTooMuch,
     decode_body,
     decode_call,
     decode_call_sized,
@@ -315,6 +316,11 @@ class CallMemory:
         held = self.held
         return not held or held + size <= self.limit
 
+    def room(self) -> int | None:
+        """The largest size :meth:`admits` takes now (None: any, while nothing is held)."""
+        held = self.held
+        return self.limit - held if held else None
+
     def admits_overdraft(self, size: int, own: int) -> bool:
         """Whether ``size`` more bytes fit the overdraft: up to twice the
         limit, not counting ``own``, what the asking connection holds here
@@ -371,6 +377,16 @@ class CallShare(CallMemory):
         holds nothing) and the server's memory."""
         held = self.held
         return (not held or held + size <= self.limit) and self.server.admits(size)
+
+    def room(self) -> int | None:
+        """The largest size :meth:`admits` takes now: the smaller of this
+        share's and the server's (None: any)."""
+        held = self.held
+        server = self.server.room()
+        if not held:
+            return server
+        own = self.limit - held
+        return own if server is None else min(own, server)
 
     def admits_overdraft(self, size: int, own: int) -> bool:
         """Whether ``size`` more bytes fit the overdraft of both this share
@@ -611,10 +627,14 @@ class ConnectionState:
         self.phase = Phase.OPEN
         self.close_reason: str | None = None
         #: The ids of this side's calls still awaiting their result, which a
-        #: call id must not reuse once the ids start again at 1. The engine
-        #: sets it to its table of pending calls (``PendingCalls`` does, a
-        #: view, not a copy: nothing per call); none for a machine alone.
-        self.calls_in_use: Collection[int] = ()
+        #: call id must not reuse once the ids start again at 1, and whose
+        #: RESULTs are the only ones decoded: one for another id (a call
+        #: given up on, or never made) is dropped unread, so a peer cannot
+        #: make this side decode what nobody waits for. The engine sets it to
+        #: its table of pending calls (``PendingCalls`` does, a view, not a
+        #: copy: nothing per call). None, for a machine driven alone: no id
+        #: is skipped, and every RESULT is decoded and reported.
+        self.calls_in_use: Collection[int] | None = None
         # The next call ids, and the first of them that may be in use (once
         # they wrapped): start_call's common case is next() and one comparison.
         self._call_ids = itertools.count(1)
@@ -745,6 +765,12 @@ class ConnectionState:
                 return CallReceived(call_id, method, args)
             return self._refuse_call(call_id)
         if kind is _RESULT:
+            awaited = self.calls_in_use
+            if awaited is not None and frame.stream_id not in awaited:
+                # Given up on (timed out, cancelled) or never made: nobody
+                # reads it, so it is not decoded (a megabyte of empty maps
+                # takes ~0.1 s and ~75 MiB to decode).
+                return None
             return ResultReceived(frame.stream_id, decode_result(frame.payload))
         if kind is FrameKind.CREDIT:
             return self._on_credit(frame.stream_id, decode_body(frame, Credit))
@@ -793,27 +819,24 @@ class ConnectionState:
         large calls queued or running hold stays within :data:`LARGE_CALL_BYTES`
         (a lone one always is), and within :attr:`call_memory`'s limit for
         those of all the connections sharing it."""
-        method, args, size = decode_call_sized(payload)
+        held = self._large_call_bytes
+        memory = self.call_memory
+        try:
+            method, args, size = decode_call_sized(payload, self._large_call_room(held, memory))
+        except HoldsTooMuch as exc:
+            # It holds more than would be admitted: refused without decoding the rest.
+            refused = self._large_call_refusal(call_id, held, exc.held, memory)
+            assert refused is not None  # (_large_call_room's limit is what it refuses past)
+            return refused
         active = self._active_calls
         if size <= UNCOUNTED_CALL_BYTES:
             if call_id not in active and len(active) < self.max_concurrent_calls:
                 active.add(call_id)
                 return CallReceived(call_id, method, args)
             return self._refuse_call(call_id)
-        held = self._large_call_bytes
-        if held and held + size > LARGE_CALL_BYTES:
-            # Dropped at once (the peer hears why): the arguments held by the
-            # calls already running are what the limit is about.
-            return self._refuse_call(
-                call_id,
-                f"calls holding {held} bytes of arguments are running (limit "
-                f"{LARGE_CALL_BYTES}); try again when they are done",
-            )
-        memory = self.call_memory
-        if memory is not None and not memory.admits(size):
-            # The user's calls and messages hold its share, or everyone's hold
-            # the server's. (How much is not said: that is other users' business.)
-            return self._refuse_call(call_id, memory.refusal(size))
+        refused = self._large_call_refusal(call_id, held, size, memory)
+        if refused is not None:
+            return refused
         if call_id in active or len(active) >= self.max_concurrent_calls:
             return self._refuse_call(call_id)
         active.add(call_id)
@@ -822,6 +845,38 @@ class ConnectionState:
         if memory is not None:
             memory.take(size)
         return CallReceived(call_id, method, args)
+
+    def _large_call_refusal(
+        self, call_id: int, held: int, size: int, memory: CallMemory | None
+    ) -> CallRefused | None:
+        """The refusal of a large call holding ``size`` bytes decoded, if
+        what the others hold leaves it no room (None: it fits)."""
+        if held and held + size > LARGE_CALL_BYTES:
+            # Dropped at once (the peer hears why): the arguments held by the
+            # calls already running are what the limit is about.
+            return self._refuse_call(
+                call_id,
+                f"calls holding {held} bytes of arguments are running (limit "
+                f"{LARGE_CALL_BYTES}); try again when they are done",
+            )
+        if memory is not None and not memory.admits(size):
+            # The user's calls and messages hold its share, or everyone's hold
+            # the server's. (How much is not said: that is other users' business.)
+            return self._refuse_call(call_id, memory.refusal(size))
+        return None
+
+    @staticmethod
+    def _large_call_room(held: int, memory: CallMemory | None) -> int | None:
+        """What a call may hold decoded and still be admitted by :meth:`_sized_call`
+        (None: any), so that decoding one that will be refused stops there.
+        Never under :data:`UNCOUNTED_CALL_BYTES`: up to that, a call is admitted
+        whatever the others hold."""
+        room = LARGE_CALL_BYTES - held if held else None
+        if memory is not None:
+            shared = memory.room()
+            if shared is not None and (room is None or shared < room):
+                room = shared
+        return None if room is None else max(room, UNCOUNTED_CALL_BYTES)
 
     def _release_large_call(self, call_id: int) -> None:
         size = self._large_calls.pop(call_id, 0)
@@ -894,7 +949,7 @@ class ConnectionState:
         all below the counter. So this runs once at each wrap and once per
         call outstanding across it, not per call.
         """
-        in_use = self.calls_in_use
+        in_use = self.calls_in_use or ()
         if len(in_use) >= MAX_CALL_ID:
             raise LocalProtocolError("every call id is in use")
         while True:
