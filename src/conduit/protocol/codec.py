@@ -8,6 +8,7 @@ header's length has been checked against the limit.
 from __future__ import annotations
 
 import reprlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
@@ -96,12 +97,17 @@ COUNTED_BODY = 256
 #: pointer and a 2-character string (51 + 8 bytes for 3 on the wire).
 CONTAINER_OVERHEAD = 72
 ITEM_OVERHEAD = 64
-#: What a string with a character beyond ASCII may hold beyond its bytes on
-#: the wire, per character (Python keeps one with a character beyond U+FFFF
-#: in 4 bytes a character, which UTF-8 sends in one for ASCII) ...
-_WIDE_PER_CHARACTER = 3
-#: ... and beyond that, for its larger header (76 bytes, against 49 for ASCII).
-_WIDE_HEADER = 32
+#: A string with a character beyond ASCII is counted as what Python holds for
+#: it (``sys.getsizeof``: 1, 2 or 4 bytes a character, by its widest, and a
+#: header of 73-76 bytes), less what its item is counted already: its bytes
+#: on the wire, at least one a character, and ITEM_OVERHEAD less a pointer.
+#: (Until 2026-12-07 it counted 3 bytes a character and 32 more beyond its
+#: bytes on the wire, whatever its width: 5 times what Latin-1 text holds.)
+_STRING_COUNTED = ITEM_OVERHEAD - 8
+#: The most a string's header and its terminating character may take beyond
+#: what ITEM_OVERHEAD counts, for strings counted together (see unpack_sized).
+_STRING_HEADER_BEYOND = 76 + 4 - _STRING_COUNTED
+_getsizeof = sys.getsizeof
 #: What an extension value (``msgpack.ExtType``, or a ``msgpack.Timestamp``:
 #: an object, its integers or bytes) may take beyond its bytes on the wire
 #: and its item's overhead.
@@ -125,13 +131,13 @@ def unpack_sized(data: bytes | memoryview, limit: int | None = None) -> tuple[An
 
     The bound: its bytes on the wire, plus :data:`CONTAINER_OVERHEAD` per
     list or map and :data:`ITEM_OVERHEAD` per item in them; for each string
-    in them with a character beyond ASCII, 3 bytes a character and 32 more;
-    for each extension value or timestamp in them, :data:`EXT_OVERHEAD`.
-    1-2.5 times the real size on the shapes measured (strings of ASCII, CJK
-    or emoji, small dicts, pairs, integers, floats, bytes, empty lists and
-    maps, extension values, timestamps), up to 5 times for Latin-1 text
-    (one byte a character in Python, two in UTF-8, counted as if four), and
-    more for strings of one character that Python shares. What is not in a
+    in them with a character beyond ASCII, what Python holds for it beyond
+    that (its width, 1, 2 or 4 bytes a character, and its header); for each
+    extension value or timestamp in them, :data:`EXT_OVERHEAD`. 1-2.5 times
+    the real size on the shapes measured (strings of ASCII, Latin-1, CJK or
+    emoji, small dicts, pairs, integers, floats, bytes, empty lists and
+    maps, extension values, timestamps), and more for strings of one
+    character that Python shares. What is not in a
     list or map is not counted beyond its bytes: call and message bodies are
     maps. (msgpack also adds each distinct map key to Python's table of
     interned strings, whose size never shrinks: a high-water mark of the
@@ -159,7 +165,7 @@ def unpack_sized(data: bytes | memoryview, limit: int | None = None) -> tuple[An
         kind = type(item)
         if kind is str:
             if not item.isascii():
-                beyond += _WIDE_PER_CHARACTER * len(item) + _WIDE_HEADER
+                beyond += _getsizeof(item) - len(item) - _STRING_COUNTED
         elif kind is _Timestamp or kind is _ExtType:
             extensions += 1
 
@@ -179,8 +185,9 @@ def unpack_sized(data: bytes | memoryview, limit: int | None = None) -> tuple[An
             items += len(container)
             # At C speed where it can be: a list of strings only is joined,
             # whose flag says at once whether any is beyond ASCII (then each
-            # is counted as if it were); another is looked at item by item
-            # only if it holds a string or an extension value.
+            # is counted as if it were as wide as the widest, with the
+            # largest header); another is looked at item by item only if it
+            # holds a string or an extension value.
             try:
                 joined = "".join(container)
             except TypeError:
@@ -190,7 +197,9 @@ def unpack_sized(data: bytes | memoryview, limit: int | None = None) -> tuple[An
                         look(item)
             else:
                 if not joined.isascii():
-                    beyond += _WIDE_PER_CHARACTER * len(joined) + _WIDE_HEADER * len(container)
+                    beyond += (
+                        _getsizeof(joined) - len(joined) + _STRING_HEADER_BEYOND * len(container)
+                    )
         return container
 
     def held() -> int:
