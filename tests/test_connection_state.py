@@ -394,34 +394,81 @@ def _truncated_call(call_id: int, maps: int) -> bytes:
     return raw_header(FrameKind.CALL, call_id, len(body)) + body
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["own-bound", "call-memory"])
+@pytest.mark.parametrize("limit", ["own-bound", "server-memory", "user-share"])
 def test_a_call_that_will_be_refused_is_not_decoded_past_the_room_left(
-    shared: bool, monkeypatch: pytest.MonkeyPatch
+    limit: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While large calls hold the room (the connection's own bound, or the
-    server's call memory), a large CALL is refused as soon as what it holds
-    decoded passes what is left (never under UNCOUNTED_CALL_BYTES): the rest
-    of its body is not decoded. This one is cut short at its end, which a
-    full decoding reports as a protocol error; so it is when there is room."""
-    memory = CallMemory(1024 * 1024) if shared else None
-    if not shared:
+    """While large calls hold the room (the connection's own bound, the
+    server's call memory, or the user's share of it, here held by another
+    connection), a large CALL is refused as soon as what it holds decoded
+    passes what is left (never under UNCOUNTED_CALL_BYTES): the rest of its
+    body is not decoded. This one is cut short at its end, which a full
+    decoding reports as a protocol error; so it is when there is room."""
+    memory: CallMemory | None = None
+    if limit == "own-bound":
         monkeypatch.setattr(connection, "LARGE_CALL_BYTES", 1024 * 1024)
-    server = machine(is_client=False, call_memory=memory)
+    elif limit == "server-memory":
+        memory = CallMemory(1024 * 1024)
+    else:
+        memory = CallShare(1024 * 1024, CallMemory(64 * 1024 * 1024))
+    holder = machine(is_client=False, call_memory=memory)
+    server = holder if limit == "own-bound" else machine(is_client=False, call_memory=memory)
     wire = Pair(machine(is_client=True), server)
     holding = ["ab"] * 20_000  # 60 KB on the wire, 1.3 MB by the count: a lone call
-    assert isinstance(wire.deliver_one(server, call_frame(1, "store", items=holding)), CallReceived)
+    assert isinstance(wire.deliver_one(holder, call_frame(1, "store", items=holding)), CallReceived)
     refused = wire.deliver_one(server, _truncated_call(3, 2_000))  # 272 KB by the count
     assert isinstance(refused, CallRefused)
     refusal = decode_body(iter_frames(refused.reply, MAX_FRAME)[0], Result)
-    expected = "the server's calls and messages hold" if shared else "bytes of arguments"
+    expected = {
+        "own-bound": "bytes of arguments are running",
+        "server-memory": SERVER_BUDGET_REFUSAL,
+        "user-share": USER_BUDGET_REFUSAL,
+    }[limit]
     assert refusal.code == "overloaded" and expected in refusal.error
     # Under UNCOUNTED_CALL_BYTES a call is admitted whatever the others hold,
     # so it is decoded whole: this malformed one is found so.
     with pytest.raises(RemoteProtocolError, match="malformed msgpack body"):
         wire.deliver_one(server, _truncated_call(5, 400))
-    server.call_finished(1)
+    holder.call_finished(1)
     with pytest.raises(RemoteProtocolError, match="malformed msgpack body"):
-        wire.deliver_one(machine(is_client=False, call_memory=memory), _truncated_call(3, 2_000))
+        wire.deliver_one(machine(is_client=False, call_memory=memory), _truncated_call(7, 2_000))
+
+
+@pytest.mark.parametrize("case", ["own-bound-first", "share-first"])
+def test_a_call_stopped_early_is_refused_for_the_reason_a_whole_one_would_be(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding stops at the room of the first limit the refusal names, not
+    the smallest room: the connection's own bound while its own large calls
+    hold some (then the server's call memory), a user's share while it holds
+    some (then the server's). So a call over both is told the reason a whole
+    decoding tells it, and the transfer code waits for what that reason
+    says (its own connection's calls, or the call memory). Found by the
+    review of the change that stops decoding: stopped at the smaller room,
+    both calls here were told the server's call memory was full."""
+    holding = ["ab"] * 20_000  # 1.3 MB by the count
+    server = CallMemory(1536 * 1024 if case == "own-bound-first" else 3 * 1024 * 1024)
+    if case == "own-bound-first":
+        monkeypatch.setattr(connection, "LARGE_CALL_BYTES", 2 * 1024 * 1024)
+        memory: CallMemory = server
+    else:
+        server.take(1536 * 1024)  # other users' calls
+        memory = CallShare(2 * 1024 * 1024, server)
+    holder = machine(is_client=False, call_memory=memory)
+    wire = Pair(machine(is_client=True), holder)
+    assert isinstance(wire.deliver_one(holder, call_frame(1, "store", items=holding)), CallReceived)
+    # The server's room is now the smaller: 0.2 MB (0.4 MB shared), against
+    # 0.8 MB left by the connection's own bound (the user's share).
+    receiver = holder if case == "own-bound-first" else machine(is_client=False, call_memory=memory)
+    # Maps, each counted as it ends: a decoding stopped early stops among them.
+    maps: list[dict[str, int]] = [{}] * 10_000  # 1.37 MB by the count
+    refused = wire.deliver_one(receiver, call_frame(3, "store", items=maps))
+    assert isinstance(refused, CallRefused)
+    refusal = decode_body(iter_frames(refused.reply, MAX_FRAME)[0], Result)
+    expected = (
+        "bytes of arguments are running" if case == "own-bound-first" else USER_BUDGET_REFUSAL
+    )
+    assert expected in refusal.error, refusal.error
 
 
 def test_unpack_sized_stops_past_its_limit() -> None:

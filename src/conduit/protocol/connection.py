@@ -317,7 +317,10 @@ class CallMemory:
         return not held or held + size <= self.limit
 
     def room(self) -> int | None:
-        """The largest size :meth:`admits` takes now (None: any, while nothing is held)."""
+        """What a call may hold and fit the limit :meth:`refusal` names first
+        (None: none applies, while nothing is held). A call over it is refused,
+        and named so; one within it fits this limit, but may not fit one
+        behind it (a share's server's)."""
         held = self.held
         return self.limit - held if held else None
 
@@ -379,14 +382,10 @@ class CallShare(CallMemory):
         return (not held or held + size <= self.limit) and self.server.admits(size)
 
     def room(self) -> int | None:
-        """The largest size :meth:`admits` takes now: the smaller of this
-        share's and the server's (None: any)."""
+        """This share's room while it holds something (:meth:`refusal` names
+        it first), else the server's (see :meth:`CallMemory.room`)."""
         held = self.held
-        server = self.server.room()
-        if not held:
-            return server
-        own = self.limit - held
-        return own if server is None else min(own, server)
+        return self.limit - held if held else self.server.room()
 
     def admits_overdraft(self, size: int, own: int) -> bool:
         """Whether ``size`` more bytes fit the overdraft of both this share
@@ -867,15 +866,18 @@ class ConnectionState:
 
     @staticmethod
     def _large_call_room(held: int, memory: CallMemory | None) -> int | None:
-        """What a call may hold decoded and still be admitted by :meth:`_sized_call`
-        (None: any), so that decoding one that will be refused stops there.
-        Never under :data:`UNCOUNTED_CALL_BYTES`: up to that, a call is admitted
-        whatever the others hold."""
-        room = LARGE_CALL_BYTES - held if held else None
-        if memory is not None:
-            shared = memory.room()
-            if shared is not None and (room is None or shared < room):
-                room = shared
+        """What a call may hold decoded before :meth:`_large_call_refusal`'s
+        first limit that applies refuses it (None: none applies), so that
+        decoding one that will be refused stops there. Not the smallest of the
+        limits: a call refused by a later one then would be told the wrong
+        reason, and the transfer code waits differently for each (the
+        connection's own calls, or the call memory). Never under
+        :data:`UNCOUNTED_CALL_BYTES`: up to that, a call is admitted whatever
+        the others hold."""
+        if held:
+            room: int | None = LARGE_CALL_BYTES - held
+        else:
+            room = None if memory is None else memory.room()
         return None if room is None else max(room, UNCOUNTED_CALL_BYTES)
 
     def _release_large_call(self, call_id: int) -> None:
