@@ -27,6 +27,7 @@ import errno
 import functools
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -592,6 +593,35 @@ async def test_the_sweeper_removes_what_a_publish_could_not_clean_up(
         assert _keys(store, "uploads") == []
         assert _keys(store, "names") == []
         assert await _read_all(store, "kept.bin") == data
+        store.close()
+
+
+async def test_a_state_of_another_shape_in_the_bucket_stops_no_sweep(
+    s3_url: str, s3_client_factory: Callable[[], Any]
+) -> None:
+    """Objects under the upload states' prefix that are JSON but no state
+    (``null``, a list, fields of other types) are skipped: the sweep still
+    removes an abandoned upload beside them. Found by a review: a state of
+    ``null`` raised AttributeError out of every sweep of its prefix, so
+    nothing under it was ever swept again."""
+    with trio.fail_after(120):
+        store = S3Store(s3_url, client=s3_client_factory(), part_size=PART)
+        partial = await store.open_partial("abandoned.bin", "a" * 32, resume=False)
+        await partial.append(os.urandom(PART))
+        await partial.close()  # its writer went away, its part stored
+        good = json.loads(store._get(_keys(store, "uploads")[0])[0])  # type: ignore[index]
+        shapes: list[Any] = [None, [], 7, {**good, "part_size": "5"}, {**good, "overwrite": 1}]
+        for index, shape in enumerate(shapes):
+            key = store.location.key(f".conduit/uploads/{index:02}.json")
+            store.client.put_object(Bucket=store.bucket, Key=key, Body=json.dumps(shape).encode())
+        assert await store.cleanup_stale_partials(-3600) == 1
+        assert _keys(store, "uploads") == [
+            store.location.key(f".conduit/uploads/{index:02}.json") for index in range(len(shapes))
+        ]
+        uploads = store.client.list_multipart_uploads(
+            Bucket=store.bucket, Prefix=store.location.list_prefix
+        ).get("Uploads", [])
+        assert uploads == []
         store.close()
 
 

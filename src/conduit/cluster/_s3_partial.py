@@ -205,7 +205,7 @@ class S3Partial:
             data, etag = found
             try:
                 theirs = UploadState.loads(data)
-            except (ValueError, TypeError, KeyError, AttributeError):
+            except ValueError:  # malformed (UploadState.loads)
                 return None
             ours = self._state
             if (

@@ -147,18 +147,74 @@ class UploadState:
 
     @classmethod
     def loads(cls, data: bytes) -> UploadState:
-        """Parse :meth:`dumps` output; ``ValueError``/``TypeError``/``KeyError`` if malformed."""
-        document = json.loads(data)
+        """Parse :meth:`dumps` output; ``ValueError`` for anything else.
+
+        The object is in the bucket, where anyone with its credentials may
+        have written anything: every field is checked for its type here, so
+        that no other kind of error reaches the code that reads states (one
+        that did, from a state of ``null``, stopped every sweep of its prefix).
+        """
+        try:
+            document = json.loads(data)
+        except ValueError as exc:  # (UnicodeDecodeError is one)
+            raise ValueError(f"upload state is not JSON: {exc}") from exc
+        if type(document) is not dict:
+            raise ValueError("upload state is not a JSON object")
         if document.pop("version", None) != STATE_VERSION:
             raise ValueError("unknown upload state version")
         document.pop("updated", None)
-        document["parts"] = [Part(**part) for part in document["parts"]]
-        return cls(**document)
+        parts = document.pop("parts", None)
+        if type(parts) is not list:
+            raise ValueError("upload state has no list of parts")
+        fields = _checked_fields(document, _STATE_FIELDS, "upload state")
+        checked = [Part(**_checked_fields(part, _PART_FIELDS, "state part")) for part in parts]
+        return cls(**fields, parts=checked)
 
     @property
     def durable(self) -> int:
         """Bytes in the recorded parts."""
         return sum(part.size for part in self.parts)
+
+
+#: The fields of a saved :class:`UploadState` (beside its parts, version and
+#: time of writing) and of each :class:`Part`, with their JSON types; a
+#: field with a default may be missing.
+_STATE_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "name": (str,),
+    "transfer_id": (str,),
+    "key": (str,),
+    "upload_id": (str,),
+    "part_size": (int,),
+    "overwrite": (bool,),
+    "reservation": (str, type(None)),
+    "closing": (bool,),
+}
+_PART_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "number": (int,),
+    "size": (int,),
+    "etag": (str,),
+    "sha256_b64": (str,),
+    "hash_state": (str,),
+}
+_OPTIONAL_FIELDS: Final = frozenset({"closing"})
+
+
+def _checked_fields(document: Any, types: dict[str, tuple[type, ...]], what: str) -> dict[str, Any]:
+    """``document`` if it is a JSON object of exactly these fields, of these types."""
+    if type(document) is not dict:
+        raise ValueError(f"{what} is not a JSON object")
+    unknown = document.keys() - types.keys()
+    if unknown:
+        raise ValueError(f"{what} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    for name, kinds in types.items():
+        if name not in document:
+            if name in _OPTIONAL_FIELDS:
+                continue
+            raise ValueError(f"{what} has no {name!r}")
+        # type(), not isinstance: JSON's true is no int here.
+        if type(document[name]) not in kinds:
+            raise ValueError(f"{what}'s {name!r} is a {type(document[name]).__name__}")
+    return document
 
 
 def b64_sha256(data: bytes) -> str:

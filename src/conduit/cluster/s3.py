@@ -341,7 +341,7 @@ class S3Store:
         data, etag = found
         try:
             state = UploadState.loads(data)
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except ValueError:  # malformed (UploadState.loads)
             return None, etag
         if state.name != name or state.transfer_id != transfer_id or not self._own(state):
             return None, etag
@@ -584,7 +584,7 @@ class S3Store:
                 continue
             try:
                 state = UploadState.loads(found[0])
-            except (ValueError, TypeError, KeyError):
+            except ValueError:  # malformed (UploadState.loads)
                 continue
             if not self._own(state):
                 log.warning("ignoring upload state %s: it names keys not its own", entry["Key"])
@@ -714,7 +714,7 @@ class S3Store:
             return
         try:
             state = UploadState.loads(found[0])
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except ValueError:  # malformed (UploadState.loads)
             pass
         else:
             self._abort(state.key, state.upload_id)
