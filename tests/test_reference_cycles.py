@@ -721,7 +721,7 @@ async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
     client's node fetches a push another node staged and hands it to its
     pusher; what the pusher raised is kept (to be raised outside the relay's
     nursery, not in its group) and raised from that frame: kept there, a
-    cycle through the frames of the push, its peer's among them.
+    cycle through the frames of the push, its server's among them.
 
     Driven from ``deliver_staged`` itself, as the node's request handler
     calls it, with a staged file on a real S3 store and a pusher that
@@ -732,7 +732,6 @@ async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
     """
     server = await server_factory()
     client = await client_factory(server)
-    (peer,) = server.clients.values()
 
     async def refusing(*_: object) -> dict[str, Any]:
         raise refusal()
@@ -750,10 +749,9 @@ async def test_a_staged_push_its_pusher_fails_leaves_no_cycle(
             await staged.publish(expected_sha256=digest)
             request = PushRequest(client.id or "", token, "pushed.bin", len(data), digest, 0)
             with pytest.raises(RPCError) as raised, trio.fail_after(20):
-                await deliver_staged(staging, request, peer, refusing, report)
+                await deliver_staged(staging, request, server, refusing, report)
             assert raised.value.code == answered
             del raised
-        del peer
     assert _what_cycles_hold(garbage) == []
 
 

@@ -56,3 +56,11 @@ def s3_url(engines: Engines) -> str:
 def bus_namespace() -> str:
     """A fresh key namespace on the shared Valkey for one test."""
     return f"conduit-test-{secrets.token_hex(6)}"
+
+
+@pytest.fixture
+def aws_environment(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point boto3 at the test store through the standard variables, as a user
+    would (for servers made in the test process with ``s3://`` storage)."""
+    for name, value in engines.s3.environment().items():
+        monkeypatch.setenv(name, value)

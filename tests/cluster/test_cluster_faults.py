@@ -504,13 +504,6 @@ async def test_a_request_is_not_taken_for_lost_the_moment_the_bus_comes_back(
 # --------------------------------------------------------------------------- C: publishing
 
 
-@pytest.fixture
-def aws_environment(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point boto3 at the test store through the standard variables."""
-    for name, value in engines.s3.environment().items():
-        monkeypatch.setenv(name, value)
-
-
 @pytest.mark.usefixtures("aws_environment")
 async def test_a_published_file_is_reported_published_when_the_clean_up_fails(
     server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import trio
 
-from cluster_engines import Engines
 from conduit import Client, FileTransferHandler, Server
 from conduit.cluster.s3 import S3Store
 from conduit.errors import RPCError
@@ -26,13 +25,6 @@ from conftest import ClientFactory, ServerFactory
 from transfer_helpers import record_calls
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def aws_environment(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point boto3 (through the standard variables, as a user would) at the test store."""
-    for name, value in engines.s3.environment().items():
-        monkeypatch.setenv(name, value)
 
 
 async def _served(

@@ -128,7 +128,9 @@ class ClusterNode:
         """Deliver pushes from other nodes to this node's clients with ``pusher``.
 
         ``FileTransferHandler.register_server_handlers`` calls this with its
-        sender, so the files go out exactly as a local push would, and with
+        local push, so the files go out exactly as a local push would (in
+        their turn, waiting for a client whose connection drops to come
+        back, and resuming), and with
         its S3 store if it stores in one (the staging area without
         ``cluster_staging``).
         """
@@ -418,7 +420,7 @@ class ClusterNode:
             raise RPCError(f"unknown cluster request {kind!r}", "not_found")
         request = PushRequest.parse(payload)
         peer = self._server.clients.get(request.client_id)
-        if peer is None:
+        if peer is None:  # (looked at before the staged file is fetched)
             raise RPCError(
                 f"client {request.client_id!r} is not connected to node {self.node_name!r}",
                 "connection_closed",
@@ -429,7 +431,9 @@ class ClusterNode:
         if staging is None:
             raise RPCError(f"node {self.node_name!r} has no cluster_staging", "no_staging")
         log.info("push of %r to client %s, staged by node %r", request.name, peer.id, sender)
-        return await deliver_staged(staging, request, peer, self._pusher, self.bus.report_progress)
+        return await deliver_staged(
+            staging, request, self._server, self._pusher, self.bus.report_progress
+        )
 
 
 def _owner(username: str | None) -> str:

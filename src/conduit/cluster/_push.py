@@ -54,7 +54,7 @@ from ..transfer._progress import TransferProgress
 from .bus import BusError, ClusterBus, NodeUnreachable
 
 if TYPE_CHECKING:
-    from .._peer import Peer
+    from ..server import Server
     from .s3 import S3Store
 
 __all__ = ["PUSH_REQUEST", "PushRequest", "Pusher", "deliver_staged", "push_via_node"]
@@ -74,9 +74,11 @@ _TOKEN: Final = re.compile(r"[0-9a-f]{32}")
 
 #: ``on_progress(progress)``, as ``send_to_client`` takes it.
 ProgressCallback = Callable[[TransferProgress], Any]
-#: ``pusher(peer, path, remote_name, on_progress, "push")``: the transfer
-#: handler's sender, which sends a local file to one of this node's clients.
-Pusher = Callable[["Peer", Path, str, ProgressCallback | None, Any], Awaitable[dict[str, Any]]]
+#: ``pusher(server, client_id, path, remote_name, on_progress)``: the transfer
+#: handler's push to one of this node's clients, exactly as a local
+#: ``send_to_client`` (in its turn; waiting for the client to come back and
+#: resuming); ``ConnectionClosed`` if the client is not connected.
+Pusher = Callable[["Server", str, Path, str, ProgressCallback | None], Awaitable[dict[str, Any]]]
 #: ``report(data)``: sends a progress report to the origin (``ClusterBus.report_progress``).
 Reporter = Callable[[Any], Awaitable[None]]
 
@@ -315,9 +317,10 @@ def _write_all(out: io.FileIO, data: bytes) -> None:
 
 
 async def deliver_staged(
-    store: S3Store, request: PushRequest, peer: Peer, pusher: Pusher, report: Reporter
+    store: S3Store, request: PushRequest, server: Server, pusher: Pusher, report: Reporter
 ) -> dict[str, Any]:
-    """Fetch the staged file, check it, delete it, push it to ``peer``; the push's result.
+    """Fetch the staged file, check it, delete it, push it to the request's client
+    of ``server``; the push's result.
 
     The copy goes through a private temporary file because the transfer
     handler sends from a local file (and may resume from it). The push's
@@ -335,7 +338,7 @@ async def deliver_staged(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.run)
             try:
-                result = await pusher(peer, local, request.name, relay.update, "push")
+                result = await pusher(server, request.client_id, local, request.name, relay.update)
             except Exception as exc:  # raised below as is, not inside the nursery's group
                 failure = exc
             finally:

@@ -310,7 +310,7 @@ class FileTransferHandler:
         if server.cluster is not None:
             # Pushes that other nodes stage for this node's clients go out
             # through us; an S3 storage is also where pushes may be staged.
-            server.cluster.serve_pushes(self._sender.send, self.backend.cluster_staging)
+            server.cluster.serve_pushes(self._push_here, self.backend.cluster_staging)
 
     def register_client_handlers(self, client: Client) -> None:
         """Let the server push files to this client, into ``storage_dir``."""
@@ -401,18 +401,32 @@ class FileTransferHandler:
         on_progress = forward_only(on_progress)
         if client_id not in server.clients and server.cluster is not None:
             return await server.cluster.push(client_id, path, remote_name, on_progress)
-        result = await on_server(
-            server,
-            client_id,
-            self.push_reconnect_timeout,
-            lambda peer: self._sender.send(peer, path, remote_name, on_progress, "push"),
-        )
+        result = await self._push_here(server, client_id, path, remote_name, on_progress)
         cluster = server.cluster
         if not result.get("success") and cluster is not None and cluster.moved_away(client_id):
             # It resumed its session on another node meanwhile: finish there
             # (from the client's partial file, as a local resume would).
             return await cluster.push(client_id, path, remote_name, on_progress)
         return result
+
+    async def _push_here(
+        self,
+        server: Server,
+        client_id: str,
+        path: str | os.PathLike[str],
+        remote_name: str | None,
+        on_progress: ProgressCallback | None,
+    ) -> dict[str, Any]:
+        """Push to a client connected to ``server`` (this node): in its turn, and
+        again, resuming, if its connection drops and it comes back within
+        ``push_reconnect_timeout``. Pushes staged by other nodes of a cluster
+        for this node's clients go out through this too."""
+        return await on_server(
+            server,
+            client_id,
+            self.push_reconnect_timeout,
+            lambda peer: self._sender.send(peer, path, remote_name, on_progress, "push"),
+        )
 
     @bridged
     @callback_errors_as_they_are
