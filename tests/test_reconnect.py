@@ -1050,6 +1050,57 @@ async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> 
         await second.disconnect()
 
 
+async def test_a_call_to_a_replacement_never_run_fails_when_the_server_is_cancelled() -> None:
+    """As above, but ``server.run()`` is cancelled from outside (as Ctrl-C
+    does), not closed; meanwhile the application calls the client on its
+    replacement connection, registered but not yet run. The call fails
+    ``ConnectionClosed``: the never-run connection is aborted. Found by a
+    review: only unregistered, it kept the call (a push's, with its open
+    source file, since a push's calls have no timeout) waiting for ever."""
+    server = _server()
+    hook_running, release = trio.Event(), trio.Event()
+
+    async def slow_goodbye(peer: Any) -> None:
+        hook_running.set()
+        await release.wait()
+
+    server.on_client_disconnect(slow_goodbye)
+    outcome: list[Exception] = []
+    async with trio.open_nursery() as nursery:
+        serving = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            with serving:
+                await server.run(task_status=task_status)
+
+        port = await nursery.start(serve)
+        client = _client(port, reconnect_enabled=False)
+        await client.connect()
+        second = _client(port, reconnect_enabled=False)
+        second._resume_token = client._resume_token
+        with trio.fail_after(10):
+            await second.connect()
+            await hook_running.wait()  # the replacement now waits for this hook
+            replacement = server.clients[client.id or ""]
+            called = trio.Event()
+
+            async def call() -> None:
+                try:
+                    await replacement.call("anything")
+                except Exception as exc:  # (checked below)
+                    outcome.append(exc)
+                called.set()
+
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            serving.cancel()
+            await called.wait()
+        release.set()
+        await client.disconnect()
+        await second.disconnect()
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed), outcome
+
+
 async def test_a_given_stream_is_not_shown_the_resume_token() -> None:
     # The token is for the descriptor's target only: a stream the caller
     # hands over may lead anywhere, so the client must not present it there.

@@ -1026,6 +1026,10 @@ class Server(Endpoint):
                     await self._spend_held(held)
             if not expiring:  # the session never ran: ended() did not see it out
                 self._resume_tokens.start_expiry(token, trio.current_time())
+                # Nor did its connection, which the application may have used
+                # meanwhile (it was registered): calls made on it must fail,
+                # not wait for ever for answers nobody will read.
+                peer.connection.abort("closed before its session started")
             if self.clients.get(client_id) is peer:
                 del self.clients[client_id]
             if over is not None:
