@@ -25,6 +25,7 @@ from ._s3_wire import (
     UploadState,
     b64_sha256,
     is_precondition,
+    retried,
     storage_error,
 )
 from ._sha256 import ResumableSha256
@@ -273,6 +274,11 @@ class S3Partial:
         except botocore.exceptions.ClientError as exc:
             if not is_precondition(exc):
                 raise
+            if retried(exc) and self._store._list_parts(state.key, state.upload_id) is None:
+                # Refused on a retry, and the upload is gone: an attempt whose
+                # answer was lost completed it (nobody else ends an upload
+                # being published), so the object there is this file.
+                return
             self._remove()
             raise TransferError(
                 f"{state.name!r}: {self._store.location.relative(state.key)!r} was created by "

@@ -75,6 +75,17 @@ def is_precondition(exc: botocore.exceptions.ClientError) -> bool:
     return error_code(exc) == "PreconditionFailed" or http_status(exc) == 412
 
 
+def retried(exc: botocore.exceptions.ClientError) -> bool:
+    """Whether the request that failed was sent more than once (boto3 retries
+    a request whose answer did not come: a dropped connection, a timeout).
+
+    A conditional write refused on a retry may have been done by an earlier
+    attempt, whose answer was lost: the write is then ours, and the refusal
+    is of our own object. The caller looks at what is there to tell.
+    """
+    return int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
+
+
 def is_write_conflict(exc: botocore.exceptions.ClientError) -> bool:
     """Whether AWS answered a conditional write with 409 ``ConditionalRequestConflict``:
     another write to the key was under way (it may yet fail, so the name may be free)."""

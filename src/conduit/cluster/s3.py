@@ -105,6 +105,7 @@ from ._s3_wire import (
     is_precondition,
     is_write_conflict,
     make_s3_client,
+    retried,
     short_digest,
     storage_error,
 )
@@ -245,10 +246,21 @@ class S3Store:
         try:
             answer = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
         except botocore.exceptions.ClientError as exc:
-            if is_precondition(exc):
-                return None
-            raise
+            if not is_precondition(exc):
+                raise
+            if retried(exc):
+                # Perhaps written by an attempt whose answer was lost: ours if
+                # it holds what we wrote (a state holds its time of writing).
+                found = self._get(key)
+                if found is not None and found[0] == data:
+                    return found[1]
+            return None
         return str(answer["ETag"])
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether the object at ``key`` holds exactly ``data`` (a small file's bytes)."""
+        found = self._get(key)
+        return found is not None and found[0] == data
 
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
@@ -971,9 +983,14 @@ class S3Store:
                     IfNoneMatch="*",
                 )
             except botocore.exceptions.ClientError as exc:
-                if is_precondition(exc):
-                    continue
-                raise
+                if not is_precondition(exc):
+                    raise
+                # Refused on a retry: our first attempt may have stored it,
+                # its answer lost; then it is ours (else the file would be
+                # stored twice, here and under the next name).
+                if retried(exc) and self._holds(key, data):
+                    return final
+                continue
             return final
         raise TransferError(f"no free name for {basename!r}", "name_collision")
 
