@@ -248,6 +248,55 @@ def test_a_file_nested_too_deep_is_a_malformed_file(tmp_path: Path) -> None:
     assert accounts.usernames() == ["alice"]  # the old data stays
 
 
+def test_the_temporaries_of_another_accounts_file_beside_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    """``acc`` and ``acc.json`` in one directory: a change of ``acc`` deletes
+    its own abandoned temporaries, not the live one of a change of
+    ``acc.json`` (whose writer holds another lock). Found by a review: every
+    name starting ``.acc.`` was taken, and the other change then failed at
+    its rename."""
+    accounts = _accounts(tmp_path, "acc")
+    accounts.add("alice", PASSWORD)
+    theirs = tmp_path / f".acc.json.{'ab' * 16}.tmp"
+    abandoned = tmp_path / f".acc.{'cd' * 16}.tmp"
+    theirs.write_bytes(b"the other file's change, being written")
+    abandoned.write_bytes(b"a copy of the verifiers")
+    accounts.add("bob", PASSWORD)
+    assert theirs.exists() and not abandoned.exists()
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused(tmp_path: Path) -> None:
+    """Whoever may write the accounts file's directory (a service) could make
+    the lock a link to anywhere; a change as root then created the file it
+    points to. Now the change is refused, saying why, and creates nothing."""
+    accounts = _accounts(tmp_path)
+    accounts.add("alice", PASSWORD)
+    (tmp_path / "users.json.lock").unlink()
+    target = tmp_path / "elsewhere" / "nologin"
+    target.parent.mkdir()
+    (tmp_path / "users.json.lock").symlink_to(target)
+    with pytest.raises(PermissionError, match="is a symbolic link"):
+        accounts.add("bob", PASSWORD)
+    assert not target.exists()
+    assert accounts.usernames() == ["alice"]
+
+
+def test_a_deleted_file_is_an_empty_one_at_the_next_reload(tmp_path: Path) -> None:
+    """A missing file is an empty set of accounts, whether it was there or
+    malformed before. Found by a review: deleted while a server ran, it
+    counted as unchanged (its users kept logging in), unless a malformed
+    file had been seen first."""
+    writer = _accounts(tmp_path)
+    writer.add("alice", PASSWORD)
+    server_view = _accounts(tmp_path)
+    (tmp_path / "users.json").unlink()
+    assert server_view.changed() is True
+    assert server_view.reload_if_changed() is True
+    assert server_view.usernames() == []
+    assert server_view.reload_if_changed() is False
+
+
 _NOBODY = 65534
 _as_root = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0,
@@ -292,6 +341,21 @@ def test_a_change_keeps_the_group_permissions_and_gives_others_none(
     status = path.stat()
     assert (status.st_uid, status.st_gid) == (0, _NOBODY)
     assert stat.S_IMODE(status.st_mode) == after
+
+
+@_as_root
+def test_a_change_as_root_gives_the_lock_file_to_the_files_owner(tmp_path: Path) -> None:
+    """An administrator's change as root made the lock file root's, 0600:
+    the service owning the accounts file could then change it no more
+    ("cannot write the accounts file: Permission denied", the lock's). Now a
+    change as root gives the lock the file's owner, group and mode."""
+    accounts, _ = _file_of(tmp_path, _NOBODY, _NOBODY)
+    lock = tmp_path / "users.json.lock"
+    os.chown(lock, 0, 0)  # as a change before this one left it
+    accounts.add("bob", PASSWORD)
+    status = lock.stat()
+    assert (status.st_uid, status.st_gid) == (_NOBODY, _NOBODY)
+    assert stat.S_IMODE(status.st_mode) == 0o600
 
 
 def _refuse_fchown(monkeypatch: pytest.MonkeyPatch) -> None:

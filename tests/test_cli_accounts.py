@@ -173,3 +173,22 @@ def test_lock_out_is_reported_with_its_duration(tmp_path: Path) -> None:
         assert "check CONDUIT_PASSWORD" not in locked.stderr
     finally:
         server.stop()
+
+
+def test_an_accounts_file_whose_directory_may_not_be_searched_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Path.exists`` raises ``PermissionError`` (it does not say False) for a
+    file in a directory the user may not search: reading commands gave a
+    traceback and exit 1, where docs/cli.md says an unreadable file is a
+    one-line error (exit 2). (Simulated: these tests may run as root, whom
+    no directory refuses.)"""
+    from conduit.cli._common import CLIError
+    from conduit.cli._users import open_accounts
+
+    def refused(self: Path, **_: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", refused)
+    with pytest.raises(CLIError, match=r"cannot read the accounts file .*Permission denied"):
+        open_accounts(tmp_path / "locked" / "users.json", must_exist=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -41,7 +42,6 @@ import re
 import secrets
 import stat
 import sys
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -76,6 +76,14 @@ _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*\Z")
 _SECRET_SIZE = 32
 # The suffix of the temporary file a change is written to before its rename.
 _TEMPORARY_SUFFIX = ".tmp"
+
+
+class _NoFile:
+    """What :data:`_NO_FILE` is: no malformed file seen (a missing file's
+    signature is None, and a missing file is an empty set of accounts)."""
+
+
+_NO_FILE = _NoFile()
 
 
 @attrs.frozen(repr=False)
@@ -280,8 +288,9 @@ class Accounts:
         #: this process): a server compares it to end the sessions of users
         #: whose record changed (see :meth:`current`).
         self.generation = 0
-        # The signature of a file that failed to parse: not read again until it moves.
-        self._malformed: tuple[int, int, int] | None = None
+        # The signature of a file that failed to parse: not read again until it
+        # moves. (Not None when there is none: None is a missing file's.)
+        self._malformed: tuple[int, int, int] | _NoFile | None = _NO_FILE
         #: The error of the last ``stat`` of the file, if it failed (other than
         #: a missing file): the accounts keep their data meanwhile (see changed).
         self.stat_error: OSError | None = None
@@ -496,7 +505,7 @@ class Accounts:
                 # and may pass, so only a malformed file is remembered.
                 self._malformed = signature
                 raise
-            self._malformed = None
+            self._malformed = _NO_FILE
             return True
 
     def _current_signature(self) -> tuple[int, int, int] | None:
@@ -566,20 +575,64 @@ class Accounts:
             _write_atomic(self.path, (json.dumps(document, indent=2) + "\n").encode())
             self._state = _State(state.secret, users, self._signature())
             self.generation += 1
-            self._malformed = None
+            self._malformed = _NO_FILE
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
         if sys.platform == "win32":  # pragma: no cover
             yield
             return
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = _open_lock(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _open_lock(path: Path) -> int:
+    """Open (or create) the lock file beside the accounts file ``path``.
+
+    Never through a symbolic link: whoever may write the directory (a
+    service whose file root changes) could otherwise make the changer create
+    a file anywhere it may. Given the accounts file's owner, group and mode
+    (as :func:`_keep_owner` gives the file), so that the file's owner can
+    still change its file after root did. A lock that is not ours to open
+    says whose it is.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PermissionError(
+                exc.errno, f"{lock_path} is a symbolic link: remove it (a lock file is plain)"
+            ) from None
+        if isinstance(exc, PermissionError):
+            try:
+                held = os.stat(lock_path, follow_symlinks=False)
+            except OSError:
+                raise exc from None
+            raise PermissionError(
+                exc.errno,
+                f"{lock_path} belongs to uid {held.st_uid} / gid {held.st_gid}: give it "
+                "to the accounts file's owner, or remove it",
+            ) from None
+        raise
+    try:
+        lock = os.fstat(fd)
+        if not stat.S_ISREG(lock.st_mode):
+            raise PermissionError(errno.EPERM, f"{lock_path} is not a plain file: remove it")
+        with contextlib.suppress(FileNotFoundError):
+            owner = os.stat(path)
+            if (lock.st_uid, lock.st_gid) != (owner.st_uid, owner.st_gid):
+                # Root may; anyone else keeps the lock as it is (it is theirs).
+                with contextlib.suppress(PermissionError):
+                    _keep_owner(fd, owner, lock_path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _keep_owner(fd: int, owner: os.stat_result, path: Path) -> None:
@@ -629,10 +682,13 @@ def _remove_abandoned_temporaries(path: Path) -> None:
     """
     if sys.platform == "win32":  # pragma: no cover - no lock, so no proof of death
         return
-    prefix = f".{path.name}."
+    # Exactly _write_atomic's names: a prefix alone would also take those of
+    # another accounts file whose name starts with this one's (".acc." is
+    # the start of ".acc.json.*"), whose writer holds another lock.
+    ours = re.compile(re.escape(f".{path.name}.") + r"[0-9a-f]{32}" + re.escape(_TEMPORARY_SUFFIX))
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
         for entry in entries:
-            if entry.name.startswith(prefix) and entry.name.endswith(_TEMPORARY_SUFFIX):
+            if ours.fullmatch(entry.name):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 
@@ -643,8 +699,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
         owner: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
         owner = None
-    fd, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=_TEMPORARY_SUFFIX, dir=path.parent
+    # Named as _remove_abandoned_temporaries expects; O_EXCL, as mkstemp.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(16)}{_TEMPORARY_SUFFIX}")
+    fd = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
     )
     try:
         with os.fdopen(fd, "wb") as file:

@@ -25,14 +25,14 @@ def open_accounts(path: Path, *, must_exist: bool = False) -> Accounts:
     most likely given a mistyped path, and serving or listing no users
     would hide that.
     """
-    if must_exist and not path.exists():
-        raise CLIError(
-            f"the accounts file {path} does not exist: create it with "
-            f"'conduit user add NAME --accounts {path}'"
-        )
     try:
+        if must_exist and not path.exists():
+            raise CLIError(
+                f"the accounts file {path} does not exist: create it with "
+                f"'conduit user add NAME --accounts {path}'"
+            )
         return Accounts(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # exists() raises too: a directory we may not search
         raise CLIError(f"cannot read the accounts file {path}: {exc}") from None
 
 
