@@ -348,6 +348,54 @@ async def test_broadcast_reaches_every_other_node(bus_factory: BusFactory) -> No
     assert received["a"] == []  # the sender delivers to its own clients itself
 
 
+async def test_broadcasts_behind_a_slow_event_handler_are_bounded_by_their_bytes(
+    bus_factory: BusFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node whose event handler waits (a broadcast to a client that reads
+    slowly) queues at most 32 MiB of broadcasts; the rest are dropped, and
+    said so. Found by a review: only their number was bounded (1,024), and
+    300 broadcasts of a megabyte grew a node by 309 MB."""
+    sender, slow = await bus_factory("a"), await bus_factory("b", max_message_bytes=2 << 20)
+    sender.max_message_bytes = 2 << 20
+    release, first = trio.Event(), trio.Event()
+    handled: list[int] = []
+
+    async def wait_then_take(event: str, data: Any, node: str) -> None:
+        first.set()
+        await release.wait()
+        handled.append(int(data["n"]))
+
+    slow.on_event(wait_then_take)
+    payload = os.urandom(1 << 20)
+    with caplog.at_level(logging.WARNING, logger="conduit.cluster.bus"), trio.fail_after(60):
+        await sender.broadcast("big", {"n": 0, "blob": payload})
+        await first.wait()  # the handler holds the first; the rest queue behind it
+        for n in range(1, 61):
+            await sender.broadcast("big", {"n": n, "blob": payload})
+        await sender.broadcast("last", {"n": 61})
+        # Polled: the other node's reading task gives no event to wait on.
+        while _dropped(caplog) + _queued(slow) < 61:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        assert _queued(slow) <= 32  # (61 before: only 1,024 were a bound)
+        queued = slow._events_bytes
+        release.set()
+        while not handled or slow._events_bytes:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    assert 0 < queued <= 32 * 1024 * 1024
+    assert _dropped(caplog) > 20
+    # The first, then the 31 that fit behind it in order; the small last one
+    # may have found room again.
+    assert handled[:32] == list(range(32)), handled
+
+
+def _dropped(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("dropped cluster event" in record.getMessage() for record in caplog.records)
+
+
+def _queued(bus: ClusterBus) -> int:
+    return bus._events_out.statistics().current_buffer_used
+
+
 async def test_ids_and_names_are_unique(
     engines: Any, bus_namespace: str, bus_factory: BusFactory
 ) -> None:

@@ -137,6 +137,10 @@ _STREAM_MAXLEN: Final = 10_000
 _CLIENT_BATCH: Final = 500
 #: Broadcasts waiting for the event handler; beyond this they are dropped (and logged).
 _EVENT_BACKLOG: Final = 1024
+#: ... and the bytes they came in (each up to ``max_message_bytes``): beyond
+#: this too. (Until 2026-12-07 only their number was bounded: 1,024 messages
+#: of a megabyte, a gigabyte per node behind one slow client.)
+_EVENT_BACKLOG_BYTES: Final = 32 * 1024 * 1024
 #: Seconds a requester that stopped waiting tries to tell the serving node so.
 _CANCEL_TIMEOUT: Final = 5.0
 
@@ -396,6 +400,14 @@ def _node_of(entry: object) -> str | None:
     return None if node.startswith(_DEPARTED) else node
 
 
+def _last_node_of(entry: object) -> str | None:
+    """The node a client entry names, or the one that marked it departed; None for no entry."""
+    if entry is None:
+        return None
+    node = _text(entry)
+    return node.removeprefix(_DEPARTED) or None
+
+
 def _text(value: object) -> str:
     """A Redis reply (bytes with the default decode_responses=False) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -475,9 +487,11 @@ class ClusterBus:
         self._departed = _DEPARTED + self.node_name
         self._registration = ""
         self._running = False
-        self._events_in, self._events_out = trio.open_memory_channel[tuple[str, Any, str]](
+        self._events_in, self._events_out = trio.open_memory_channel[tuple[str, Any, str, int]](
             _EVENT_BACKLOG
         )
+        #: The bytes of the broadcasts queued for the event handler (see _EVENT_BACKLOG_BYTES).
+        self._events_bytes = 0
 
     # ----------------------------------------------------------------- plumbing
 
@@ -742,10 +756,15 @@ class ClusterBus:
         elif message.type == "evt" and message.sender != self.node_name:
             if self._event_handler is None:
                 return
+            size = len(raw)
             try:
-                self._events_in.send_nowait((message.kind, message.payload, message.sender))
+                if self._events_bytes + size > _EVENT_BACKLOG_BYTES:
+                    raise trio.WouldBlock
+                self._events_in.send_nowait((message.kind, message.payload, message.sender, size))
             except trio.WouldBlock:
                 log.warning("event handler too slow: dropped cluster event %r", message.kind)
+            else:
+                self._events_bytes += size
 
     async def _serve_request(self, message: _Message, scope: trio.CancelScope) -> None:
         """Run the handler for ``message`` and reply; ``scope`` is cancelled
@@ -804,7 +823,8 @@ class ClusterBus:
 
     async def _event_loop(self) -> None:
         # One at a time, in stream order: broadcasts arrive in the order they were sent.
-        async for event, data, sender in self._events_out:
+        async for event, data, sender, size in self._events_out:
+            self._events_bytes -= size
             handler = self._event_handler
             if handler is None:
                 continue
@@ -883,7 +903,10 @@ class ClusterBus:
         raise BusError("could not find a free client id")  # pragma: no cover - 2**-64 odds
 
     async def move_client(self, client_id: str) -> str | None:
-        """Register ``client_id`` here whoever held it; the node that held it before, if any.
+        """Register ``client_id`` here whoever held it; the node that held it
+        before, if any, or that it left last (its departed mark, kept ``ttl``):
+        that node may have pushes waiting for the client to come back, which
+        must hear that it came back elsewhere.
 
         For a client resuming its session here after it lost its connection to
         another node (it proved it is the same client with its resume token):
@@ -897,7 +920,7 @@ class ClusterBus:
             self._redis.set, key, self.node_name, px=_ms(self.ttl), get=True
         )
         self._clients.add(client_id)
-        return _node_of(previous)
+        return _last_node_of(previous)
 
     def forget_client(self, client_id: str) -> None:
         """Stop refreshing ``client_id`` here, without touching its entry (it moved away)."""

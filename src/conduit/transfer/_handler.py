@@ -401,13 +401,7 @@ class FileTransferHandler:
         on_progress = forward_only(on_progress)
         if client_id not in server.clients and server.cluster is not None:
             return await server.cluster.push(client_id, path, remote_name, on_progress)
-        result = await self._push_here(server, client_id, path, remote_name, on_progress)
-        cluster = server.cluster
-        if not result.get("success") and cluster is not None and cluster.moved_away(client_id):
-            # It resumed its session on another node meanwhile: finish there
-            # (from the client's partial file, as a local resume would).
-            return await cluster.push(client_id, path, remote_name, on_progress)
-        return result
+        return await self._push_here(server, client_id, path, remote_name, on_progress)
 
     async def _push_here(
         self,
@@ -419,14 +413,22 @@ class FileTransferHandler:
     ) -> dict[str, Any]:
         """Push to a client connected to ``server`` (this node): in its turn, and
         again, resuming, if its connection drops and it comes back within
-        ``push_reconnect_timeout``. Pushes staged by other nodes of a cluster
-        for this node's clients go out through this too."""
-        return await on_server(
+        ``push_reconnect_timeout``, or through the node of a cluster it
+        resumed its session on meanwhile. Pushes staged by other nodes for
+        this node's clients go out through this too, so they follow the
+        client as a local push does."""
+        result = await on_server(
             server,
             client_id,
             self.push_reconnect_timeout,
             lambda peer: self._sender.send(peer, path, remote_name, on_progress, "push"),
         )
+        cluster = server.cluster
+        if not result.get("success") and cluster is not None and cluster.moved_away(client_id):
+            # It resumed its session on another node meanwhile: finish there
+            # (from the client's partial file, as a local resume would).
+            return await cluster.push(client_id, path, remote_name, on_progress)
+        return result
 
     @bridged
     @callback_errors_as_they_are
