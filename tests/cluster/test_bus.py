@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -394,6 +395,75 @@ def _dropped(caplog: pytest.LogCaptureFixture) -> int:
 
 def _queued(bus: ClusterBus) -> int:
     return bus._events_out.statistics().current_buffer_used
+
+
+def _echoing(bus: ClusterBus) -> None:
+    @bus.on_request
+    async def echo(kind: str, payload: dict[str, Any], sender: str) -> dict[str, Any]:
+        return {"kind": kind}
+
+
+async def test_a_key_of_another_type_in_place_of_a_stream_is_cleared(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """A value written by hand where the events stream lives made every read
+    of a node's streams fail (``WRONGTYPE``), its inbox's with it: requests
+    were lost. The node now deletes such a key (the namespace is the
+    cluster's) and reads on. Found by a review of the bus."""
+    node_a, node_b = await bus_factory("a"), await bus_factory("b")
+    _echoing(node_b)
+    with contextlib.closing(redis.Redis.from_url(engines.bus.url)) as redis_client:
+        redis_client.set(f"{bus_namespace}:events", "not a stream")
+        with trio.fail_after(30):
+            assert await node_a.request("b", "ping", {}) == {"kind": "ping"}
+        assert redis_client.type(f"{bus_namespace}:events") in (b"stream", b"none")
+
+
+async def test_an_inbox_made_anew_with_lower_ids_is_read_from_its_start(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """A node reads its inbox on from the last id it read. After an entry
+    with an id far ahead (forged, or from a clock that was ahead), an inbox
+    that expired while idle and was made anew has ids below it: the node
+    waited for ids it would not see for centuries, and every request to it
+    was lost. It now reads such a stream from its start. Found by a review."""
+    node_a, node_b = await bus_factory("a"), await bus_factory("b")
+    _echoing(node_b)
+    inbox = f"{bus_namespace}:inbox:b"
+    with contextlib.closing(redis.Redis.from_url(engines.bus.url)) as redis_client:
+        with trio.fail_after(30):
+            assert await node_a.request("b", "ping", {}) == {"kind": "ping"}  # (its expiry set)
+        redis_client.xadd(inbox, {"m": b"x"}, id="99999999999999-0")
+        with trio.fail_after(30):
+            while redis_client.exists(inbox):  # noqa: ASYNC110 (it expires: 3 TTLs idle)
+                await trio.sleep(0.2)
+            assert await node_a.request("b", "ping", {}) == {"kind": "ping"}
+
+
+async def test_a_stream_whose_ids_are_used_up_is_made_anew(
+    engines: Any, bus_namespace: str, bus_factory: BusFactory
+) -> None:
+    """An entry with the largest id leaves none to add after it: every
+    broadcast then failed, and the failing pipeline's expiry kept the stream
+    alive for ever. It is now made anew, and the other nodes read it from
+    its start. Found by a review."""
+    node_a, node_b = await bus_factory("a"), await bus_factory("b")
+    received: list[Any] = []
+    arrived = trio.Event()
+
+    async def on_event(event: str, data: Any, sender: str) -> None:
+        received.append(data)
+        arrived.set()
+
+    node_b.on_event(on_event)
+    with contextlib.closing(redis.Redis.from_url(engines.bus.url)) as redis_client:
+        redis_client.xadd(
+            f"{bus_namespace}:events", {"m": b"x"}, id="18446744073709551615-18446744073709551615"
+        )
+        with trio.fail_after(30):
+            await node_a.broadcast("tick", 1)
+            await arrived.wait()
+    assert received == [1]
 
 
 async def test_ids_and_names_are_unique(

@@ -92,7 +92,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
@@ -413,6 +413,45 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _entry_id(text: str) -> tuple[int, int]:
+    """A stream entry id (``"MS-SEQ"``) as a pair that orders as Redis does."""
+    milliseconds, _, sequence = text.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _streams_behind(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
+    """The streams whose last id is below the position read to: made anew
+    since (expired while idle, or Redis restarted without its data) with ids
+    from a clock that is behind the one of the old entries, or read past an
+    entry whose id was forged far ahead. Reading on from the position would
+    wait for ids the stream may not reach for a long time, or never."""
+    behind = []
+    for stream, position in positions.items():
+        try:
+            info: Any = reader.xinfo_stream(stream)
+        except redis.ResponseError:  # no such stream (yet): nothing to read
+            continue
+        if _entry_id(_text(info["last-generated-id"])) < _entry_id(position):
+            behind.append(stream)
+    return behind
+
+
+def _clear_wrong_types(reader: redis.Redis, streams: Iterable[str]) -> list[str]:
+    """Delete the keys among ``streams`` that hold something else than a stream.
+
+    The namespace is the cluster's own: such a key is garbage (written by
+    hand or by another program), and while it is there every read of this
+    node's streams fails, its inbox's with it (they are read together).
+    """
+    cleared = []
+    for stream in streams:
+        kind = _text(reader.type(stream))
+        if kind not in ("stream", "none"):
+            reader.delete(stream)
+            cleared.append(f"{stream} ({kind})")
+    return cleared
+
+
 def _read_streams(reader: redis.Redis, positions: dict[str, str]) -> list[tuple[str, str, bytes]]:
     """One ``XREAD BLOCK``: (stream, entry id, message) in order; [] after the block timeout."""
     streams: dict[Any, Any] = dict(positions)
@@ -513,6 +552,20 @@ class ClusterBus:
         return data
 
     def _xadd(self, stream: str, data: bytes) -> None:
+        try:
+            self._xadd_once(stream, data)
+        except redis.ResponseError as exc:
+            if "last possible ID" not in str(exc):
+                raise
+            # An entry with the largest id (forged: nodes' ids are times) leaves
+            # no id to add after it, for ever, and the failing pipeline's
+            # PEXPIRE keeps the stream alive: it is made anew. Its readers
+            # find it behind where they read to, and read it from its start.
+            log.warning("cluster bus: %s has used up its ids; made anew", stream)
+            self._redis.delete(stream)
+            self._xadd_once(stream, data)
+
+    def _xadd_once(self, stream: str, data: bytes) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(stream, {"m": data}, maxlen=_STREAM_MAXLEN, approximate=True)
         # An inbox outlives its node by a little, never forever.
@@ -682,6 +735,7 @@ class ClusterBus:
     async def _read_loop(
         self, nursery: trio.Nursery, reader: redis.Redis, positions: dict[str, str]
     ) -> None:
+        looked = trio.current_time()
         while True:
             # Abandoned on cancel: the thread ends by itself within the block timeout.
             try:
@@ -691,11 +745,43 @@ class ClusterBus:
             except redis.RedisError as exc:
                 # Redis away for a moment: retry; the node is forgotten if it stays away.
                 log.warning("cluster bus read failed: %s", exc)
+                if "WRONGTYPE" in str(exc):
+                    await self._heal(self._clear_wrong_types_of, reader, positions)
                 await trio.sleep(min(1.0, self.ttl / 3))
                 continue
             for stream, entry_id, data in found:
                 positions[stream] = entry_id
                 self._dispatch(nursery, data)
+            if not found and trio.current_time() - looked >= self.ttl / 3:
+                # Idle for a while: is a stream behind where this node read to?
+                looked = trio.current_time()
+                await self._heal(self._restart_behind, reader, positions)
+
+    async def _heal(
+        self,
+        how: Callable[[redis.Redis, dict[str, str]], list[str]],
+        reader: redis.Redis,
+        positions: dict[str, str],
+    ) -> None:
+        """Run ``how`` (a repair of the streams read) in a thread; a failure is logged."""
+        try:
+            repaired = await _threads.run_sync(how, reader, positions, abandon_on_cancel=True)
+        except redis.RedisError as exc:
+            log.warning("cluster bus: could not look at its streams: %s", exc)
+            return
+        if repaired:
+            log.warning("cluster bus: repaired %s", ", ".join(repaired))
+
+    @staticmethod
+    def _clear_wrong_types_of(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
+        return [f"{key}: deleted" for key in _clear_wrong_types(reader, positions)]
+
+    @staticmethod
+    def _restart_behind(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
+        behind = _streams_behind(reader, positions)
+        for stream in behind:
+            positions[stream] = "0-0"  # every entry it has now is one not read yet
+        return [f"{stream}: read again from its start" for stream in behind]
 
     # ----------------------------------------------------------------- messages
 
