@@ -752,8 +752,9 @@ class ClusterBus:
             for stream, entry_id, data in found:
                 positions[stream] = entry_id
                 self._dispatch(nursery, data)
-            if not found and trio.current_time() - looked >= self.ttl / 3:
-                # Idle for a while: is a stream behind where this node read to?
+            if trio.current_time() - looked >= self.ttl / 3:
+                # Is a stream behind where this node read to? (Not only while
+                # idle: the other stream's traffic would keep this one unread.)
                 looked = trio.current_time()
                 await self._heal(self._restart_behind, reader, positions)
 
