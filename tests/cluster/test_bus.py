@@ -153,6 +153,25 @@ async def test_restarted_node_takes_its_name_back(
     assert await reborn.locate_client("c1-again") == "phoenix"
 
 
+async def test_a_node_that_lost_its_name_leaves_the_new_holders_inbox_alone(
+    engines: Any, bus_namespace: str
+) -> None:
+    """A node cut off for longer than its TTL loses its name; a newer process
+    takes it, with the inbox. When the old one stops, it must not delete that
+    inbox (it did, until 2026-12-07: found by a review of the bus)."""
+    old = ClusterBus(engines.bus.url, "x", namespace=bus_namespace, ttl=30.0)
+    inbox, node_key = f"{bus_namespace}:inbox:x", f"{bus_namespace}:node:x"
+    with contextlib.closing(redis.Redis.from_url(engines.bus.url)) as redis_client:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(old.run)
+            # As if its registration had expired and another process registered:
+            redis_client.set(node_key, "a newer process's registration")
+            redis_client.xadd(inbox, {"m": b"a request for the newer process"})
+            nursery.cancel_scope.cancel()
+        assert redis_client.get(node_key) == b"a newer process's registration"
+        assert redis_client.xlen(inbox) == 1
+
+
 async def test_requests_between_nodes(bus_factory: BusFactory) -> None:
     node_a = await bus_factory("a")
     node_b = await bus_factory("b")

@@ -179,6 +179,16 @@ _DELETE_IF: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# A node leaving: its registration KEYS[1] and its inbox KEYS[2] go, if the
+# registration is still its own (ARGV[1]). Else the name is a newer
+# process's now, and so is the inbox (until 2026-12-07 it was deleted anyway).
+_UNREGISTER_NODE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 #: What a client entry holds for ``ttl`` after its client left node N: this
 #: prefix and N (never a node name: those have neither a colon nor a space).
 _DEPARTED: Final = ": departed "
@@ -503,6 +513,7 @@ class ClusterBus:
         self._extend = self._redis.register_script(_EXTEND)
         self._extend_clients = self._redis.register_script(_EXTEND_CLIENTS)
         self._delete_if = self._redis.register_script(_DELETE_IF)
+        self._unregister_node = self._redis.register_script(_UNREGISTER_NODE)
         self._bury_client = self._redis.register_script(_BURY_CLIENT)
         self._register_client = self._redis.register_script(_REGISTER_CLIENT)
         self._redeem = self._redis.register_script(_REDEEM)
@@ -667,8 +678,7 @@ class ClusterBus:
                 self._bury_client(
                     keys=[key], args=[self.node_name, self._departed, _ms(self.ttl)], client=pipe
                 )
-            self._delete_if(keys=[node_key], args=[self._registration], client=pipe)
-            pipe.delete(inbox)
+            self._unregister_node(keys=[node_key, inbox], args=[self._registration], client=pipe)
             pipe.execute()
 
         try:
