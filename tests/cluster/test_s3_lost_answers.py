@@ -9,8 +9,8 @@ connection closed (botocore's ``ConnectionClosedError``), so its standard
 retry sends it again. Found by a review of the cluster mode: a publish was
 then reported a name collision (the file stored, the client told it failed,
 ``on_file_received`` never run), a small file was stored twice (under its
-name and the next free one), and an upload's state rewrite made the upload
-fail ``busy``.
+name and the next free one), an upload's state rewrite made the upload
+fail ``busy``, and a rename left the file under two names.
 """
 
 from __future__ import annotations
@@ -97,5 +97,21 @@ async def test_a_state_rewrite_whose_answer_was_lost_keeps_the_upload_going(
     name = await partial.publish(expected_sha256=hashlib.sha256(data).hexdigest())
     assert dropped and name == "big.bin"
     reader = await store.open_reader("big.bin")
+    assert await reader.read(2 * len(data)) == data
+    store.close()
+
+
+async def test_a_rename_whose_answer_was_lost_renames_once(
+    s3_url: str, s3_client_factory: Callable[[], Any]
+) -> None:
+    store = S3Store(s3_url, client=s3_client_factory(), part_size=PART)
+    data = os.urandom(PART + 77)  # stored in parts: its ETag is the parts'
+    partial = await store.open_partial("a.bin", "r" * 32, resume=False)
+    await partial.append(data)
+    await partial.publish(expected_sha256=hashlib.sha256(data).hexdigest())
+    dropped = _drop_first_answer(store, "CopyObject", "b.bin")
+    assert await store.rename("a.bin", "b.bin") == "b.bin"
+    assert dropped and _names(store) == ["b.bin"]
+    reader = await store.open_reader("b.bin")
     assert await reader.read(2 * len(data)) == data
     store.close()

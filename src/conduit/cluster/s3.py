@@ -817,11 +817,12 @@ class S3Store:
                 # free one is used, never an overwrite.
                 if not (is_precondition(exc) or is_write_conflict(exc)):
                     raise
-                if self._source_changed(source, etag):
-                    raise TransferError(
-                        f"{safe!r} changed during the rename; try again", "busy"
-                    ) from None
-                continue  # the target name is taken
+                if not self._copied_by_a_lost_attempt(exc, key, etag):
+                    if self._source_changed(source, etag):
+                        raise TransferError(
+                            f"{safe!r} changed during the rename; try again", "busy"
+                        ) from None
+                    continue  # the target name is taken
             # Remove the source only if it is still what was copied: a file
             # written there meanwhile stays (the copy is then a second name for
             # the old bytes, not the loss of the new ones). S3 has no
@@ -831,6 +832,23 @@ class S3Store:
                 self._delete(source)
             return final
         raise TransferError(f"no free name for {basename!r}", "name_collision")
+
+    def _copied_by_a_lost_attempt(
+        self, exc: botocore.exceptions.ClientError, key: str, etag: str
+    ) -> bool:
+        """Whether a copy to ``key`` refused on a retry was made by an earlier
+        attempt, whose answer was lost: the object there has the source's ETag.
+
+        A copy keeps the ETag on SeaweedFS (measured), and an object stored
+        in one PUT has its content's MD5 as its ETag on most stores, its copy
+        too; a store that gives a copy a new one (AWS S3, for an object stored
+        in parts) makes such a lost answer still leave the file under a
+        second name.
+        """
+        if not (retried(exc) and is_precondition(exc)):
+            return False
+        now = self._head(key)
+        return now is not None and str(now["ETag"]) == etag
 
     def _copy(
         self, source: str, found: Mapping[str, Any], key: str, condition: dict[str, str]
