@@ -1010,10 +1010,9 @@ async def test_stale_connection_is_replaced_by_the_reconnect() -> None:
         await server.close()
 
 
-async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> None:
-    # The stale connection's disconnect hook holds the replacement back; the
-    # server is closed while it waits. Nothing of the replacement may stay
-    # behind: no registered client, no token that never expires.
+def _server_whose_goodbye_waits() -> tuple[Server, trio.Event, trio.Event]:
+    """A server whose disconnect hook sets the first event, then waits for the
+    second: a reconnect replacing a stale connection waits for that hook."""
     server = _server()
     hook_running, release = trio.Event(), trio.Event()
 
@@ -1022,6 +1021,14 @@ async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> 
         await release.wait()
 
     server.on_client_disconnect(slow_goodbye)
+    return server, hook_running, release
+
+
+async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> None:
+    # The stale connection's disconnect hook holds the replacement back; the
+    # server is closed while it waits. Nothing of the replacement may stay
+    # behind: no registered client, no token that never expires.
+    server, hook_running, release = _server_whose_goodbye_waits()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         client = _client(port, reconnect_enabled=False)
@@ -1057,14 +1064,7 @@ async def test_a_call_to_a_replacement_never_run_fails_when_the_server_is_cancel
     ``ConnectionClosed``: the never-run connection is aborted. Found by a
     review: only unregistered, it kept the call (a push's, with its open
     source file, since a push's calls have no timeout) waiting for ever."""
-    server = _server()
-    hook_running, release = trio.Event(), trio.Event()
-
-    async def slow_goodbye(peer: Any) -> None:
-        hook_running.set()
-        await release.wait()
-
-    server.on_client_disconnect(slow_goodbye)
+    server, hook_running, release = _server_whose_goodbye_waits()
     outcome: list[Exception] = []
     async with trio.open_nursery() as nursery:
         serving = trio.CancelScope()
