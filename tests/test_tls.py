@@ -278,6 +278,32 @@ def test_server_descriptor_builds_tls_context(pki: Pki) -> None:
     assert ServerDescriptor(password=PASSWORD).build_ssl_context() is None
 
 
+def test_an_encrypted_key_is_refused_saying_so_without_asking(pki: Pki, tmp_path: Path) -> None:
+    """A key that needs a passphrase: OpenSSL asked for it on the terminal
+    (twice under ``conduit serve``, which checks the context before serving),
+    and without one failed with a bare ``[Errno 22] Invalid argument`` that
+    named no file. Found by a review of the TLS layer. Now a ValueError says
+    which key and what to do, and nothing is asked."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(pki.key_file).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"a passphrase"),
+        )
+    )
+    descriptor = ServerDescriptor(
+        password=PASSWORD, tls_certfile=pki.cert_file, tls_keyfile=str(encrypted)
+    )
+    with pytest.raises(
+        ValueError, match=f"the TLS key in {re.escape(str(encrypted))} is encrypted"
+    ):
+        descriptor.build_ssl_context()
+
+
 def test_tls_settings_that_would_be_ignored_are_refused(pki: Pki, tmp_path: Path) -> None:
     """Settings that would leave a connection in plain TCP, or serve another
     certificate, without a word are refused when the descriptor is made; a CA

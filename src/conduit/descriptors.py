@@ -446,7 +446,19 @@ class ServerDescriptor:
         if self.tls_certfile is None:
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.tls_certfile, self.tls_keyfile)
+        keyfile = self.tls_keyfile or self.tls_certfile
+
+        def no_passphrase() -> str:
+            # Called only for a key that needs one. Without it, OpenSSL would
+            # prompt on the terminal, each time a context is built, or fail
+            # with a bare EINVAL where there is none (a service).
+            raise ValueError(
+                f"the TLS key in {keyfile} is encrypted (it needs a passphrase), which "
+                "conduit does not ask for: give it the key decrypted "
+                "(openssl pkey -in ENCRYPTED -out PLAIN), readable by the server only"
+            )
+
+        context.load_cert_chain(self.tls_certfile, self.tls_keyfile, password=no_passphrase)
         return context
 
 
