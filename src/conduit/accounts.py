@@ -648,7 +648,7 @@ def _keep_owner(fd: int, owner: os.stat_result, path: Path) -> None:
     mode = stat.S_IMODE(owner.st_mode) & 0o770 | 0o600
     if sys.platform == "win32":  # pragma: no cover - no owners to keep
         return
-    if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):  # else mkstemp's are
+    if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):  # else a new file's are
         try:
             os.fchown(fd, owner.st_uid, owner.st_gid)
         except PermissionError as exc:
@@ -699,7 +699,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         owner: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
         owner = None
-    # Named as _remove_abandoned_temporaries expects; O_EXCL, as mkstemp.
+    # Named as _remove_abandoned_temporaries expects; O_EXCL: never someone else's file.
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(16)}{_TEMPORARY_SUFFIX}")
     fd = os.open(
         temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600

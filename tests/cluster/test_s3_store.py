@@ -338,7 +338,7 @@ async def test_unreadable_state_starts_afresh(
 ) -> None:
     store = make_store(s3_url, s3_client_factory)
     state_key = store._state_key("g.bin", "k")
-    for garbage in (b"not json", b'{"version": 1}', b"[]", b"null", b"7", b"\xff"):
+    for garbage in (b"not json", b'{"version": 1}', b"[]", b"null", b"7", b"\xff", b"[" * 100_000):
         store.client.put_object(Bucket=store.bucket, Key=state_key, Body=garbage)
         assert await store.find_partial("g.bin", "k") is None
         partial = await store.open_partial("g.bin", "k", resume=True)

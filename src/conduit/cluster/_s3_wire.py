@@ -167,8 +167,9 @@ class UploadState:
         """
         try:
             document = json.loads(data)
-        except ValueError as exc:  # (UnicodeDecodeError is one)
-            raise ValueError(f"upload state is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError;
+            # RecursionError: arrays nested deeper than the interpreter's stack)
+            raise ValueError(f"upload state is not JSON: {exc}") from None
         if type(document) is not dict:
             raise ValueError("upload state is not a JSON object")
         if document.pop("version", None) != STATE_VERSION:
