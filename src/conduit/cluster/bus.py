@@ -774,7 +774,8 @@ class ClusterBus:
         reader: redis.Redis,
         positions: dict[str, str],
     ) -> None:
-        """Run ``how`` (a repair of the streams read) in a thread; a failure is logged."""
+        """Run ``how`` (a repair of the streams read) in a thread; what it
+        repaired is logged, and so is a failure to look."""
         try:
             repaired = await _threads.run_sync(how, reader, positions, abandon_on_cancel=True)
         except redis.RedisError as exc:
