@@ -7,6 +7,7 @@ spoken to in plain text). Real subprocesses, helpers from ``test_cli.py``.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -214,3 +215,60 @@ def test_failed_downloads_are_logged_under_a_budget(server: ServeProcess) -> Non
     # The hook logs before each answer is sent: every line there will be is there.
     failed = re.findall(r"download +'missing-\d\.bin' for .* failed", server.log_text())
     assert len(failed) == 5, server.log_text()
+
+
+def test_empty_and_refused_names_fetch_and_send_nothing_else(
+    tmp_path: Path,
+    server: ServeProcess,  # noqa: F811
+) -> None:
+    """``get ""`` (an unset ``"$NAME"``) fetched every file of the server, as
+    its listing with an empty prefix lists everything; ``send DIR --as ""``
+    sent the directory's files into the server's root. Found by a review of
+    the CLI. Now the first fails ``unsafe_path`` as ``.`` does, and the second
+    is a usage error naming ``--as /``, which still sends into the root."""
+    write_random(server.directory / "kept.bin", 10)
+    fetched = conduit("get", "", "-o", str(tmp_path / "dl"), "--from", server.address)
+    assert fetched.returncode == 1, fetched.stdout + fetched.stderr
+    assert "[unsafe_path]" in fetched.stdout
+    assert not (tmp_path / "dl").exists() or not list((tmp_path / "dl").iterdir())
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    write_random(tree / "t.bin", 10)
+    refused = conduit("send", str(tree), "--as", "", "--to", server.address)
+    assert refused.returncode == 2 and "--as /" in refused.stderr, refused.stderr
+    assert sorted(visible_files(server.directory)) == ["kept.bin"]
+    into_root = conduit("send", str(tree), "--as", "/", "--to", server.address)
+    assert into_root.returncode == 0, into_root.stdout + into_root.stderr
+    assert sorted(visible_files(server.directory)) == ["kept.bin", "t.bin"]
+
+
+def test_a_special_file_named_to_send_fails_as_not_a_regular_file(
+    tmp_path: Path,
+    server: ServeProcess,  # noqa: F811
+) -> None:
+    """A FIFO named on the command line failed "is a directory" (the
+    library's IsADirectoryError for anything but a regular file); found by a
+    review of the CLI."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = conduit("send", str(fifo), "--to", server.address)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not a regular file" in result.stdout and "is a directory" not in result.stdout
+
+
+def test_a_rerun_says_where_a_file_that_collided_is_stored(
+    tmp_path: Path,
+    server: ServeProcess,  # noqa: F811
+) -> None:
+    """Two files of one name are stored as ``same.txt`` and ``same (1).txt``;
+    sent again, each is unchanged, and the second says where it is stored
+    (its re-run line hid it: found by a review of the CLI)."""
+    for folder, size in (("p", 10), ("q", 20)):
+        (tmp_path / folder).mkdir()
+        write_random(tmp_path / folder / "same.txt", size)
+    sources = [str(tmp_path / "p" / "same.txt"), str(tmp_path / "q" / "same.txt")]
+    first = conduit("send", *sources, "--to", server.address)
+    assert first.returncode == 0 and "(stored as same (1).txt)" in first.stdout, first.stdout
+    again = conduit("send", *sources, "--to", server.address)
+    assert again.returncode == 0, again.stdout
+    assert "stored as same (1).txt, not sent again" in again.stdout, again.stdout

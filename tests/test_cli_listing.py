@@ -341,3 +341,15 @@ def test_collect_uploads_names_dot_and_dotdot_by_what_they_are(
     assert not skipped
     assert [job.name for job in jobs] == ([f"{top}/sub/b.txt"] if top == "proj" else ["sub/b.txt"])
     assert all(os.path.isfile(str(job.local)) for job in jobs)
+
+
+def test_ls_shows_a_time_no_date_can_hold_as_unknown() -> None:
+    """A listed time past the year 9999 (a tmpfs allows it; a server could
+    send anything) ended ``ls`` with a traceback (``ValueError: year 10000 is
+    out of range``). Found by a review of the CLI; ``--json`` gives it as it came."""
+    from conduit.cli._transfer import _listed_time
+
+    assert _listed_time({"modified": 253402300800.0}) == "????-??-?? ??:??"
+    assert _listed_time({"modified": "soon"}) == "????-??-?? ??:??"
+    assert _listed_time({"modified": float("nan")}) == "????-??-?? ??:??"
+    assert len(_listed_time({"modified": 1_700_000_000.0})) == 16

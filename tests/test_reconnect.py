@@ -1170,6 +1170,67 @@ async def test_cancelled_upload_keeps_its_partial_and_frees_the_rest(tmp_path: P
         await server.close()
 
 
+async def test_a_resend_after_a_cancel_during_the_publish_stores_no_second_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender's caller cancels after the last bytes went, while the
+    receiver verifies and publishes (which nothing stops); the same file is
+    sent again at once. The resend's begin waits for that attempt to end
+    before it looks for the file, finds it there and sends nothing. Found by
+    a review of the asyncio shim (under Trio too): the look came first,
+    found only the partial, and the resend stored all of it again as
+    ``up (1).bin``. The publish is held here until the resend has begun."""
+    from conduit.transfer._backend import LocalSink
+
+    size = 4 * MiB
+    source = tmp_path / "up.bin"
+    digest = await trio.to_thread.run_sync(write_random_file, source, size)
+    publishing, release = trio.Event(), trio.Event()
+    publish = LocalSink.publish
+
+    async def held_publish(self: LocalSink, *, overwrite: bool, expected_sha256: str) -> str:
+        publishing.set()
+        # All of it unstoppable, as the real publish once in its worker thread.
+        with trio.CancelScope(shield=True):
+            await release.wait()
+            published = await publish(self, overwrite=overwrite, expected_sha256=expected_sha256)
+        return published
+
+    monkeypatch.setattr(LocalSink, "publish", held_publish)
+    server = _server()
+    store = tmp_path / "store"
+    receiving = FileTransferHandler(store)
+    receiving.register_server_handlers(server)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        client = _client(port)
+        await client.connect()
+        transfer = FileTransferHandler(tmp_path / "unused")
+        with trio.fail_after(60):
+            async with trio.open_nursery() as sending:
+                sending.start_soon(transfer.send_to_server, client, source)
+                await publishing.wait()  # all sent; the receiver publishes
+                sending.cancel_scope.cancel()
+            resent: dict[str, Any] = {}
+
+            async def resend() -> None:
+                resent.update(await transfer.send_to_server(client, source))
+
+            nursery.start_soon(resend)
+            (peer,) = server.clients.values()
+            attempts = receiving._receiver._inbound(peer.connection)
+            # The resend's begin has come in and stopped the first attempt
+            # (whose publish goes on): only now does the publish end.
+            await wait_until(lambda: any(a.scope.cancel_called for a in attempts.values()))
+            release.set()
+            await wait_until(lambda: bool(resent))
+        assert resent["success"] is True and resent.get("skipped") is True, resent
+        assert sorted(p.name for p in store.iterdir()) == ["up.bin"]
+        assert sha256_of(store / "up.bin") == digest
+        await client.disconnect()
+        await server.close()
+
+
 async def test_cancelled_download_keeps_its_partial_and_frees_the_rest(tmp_path: Path) -> None:
     size = 32 * MiB
     store = tmp_path / "store"

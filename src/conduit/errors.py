@@ -157,7 +157,10 @@ def failure_dict(exc: BaseException, *, default_code: str = "error") -> dict[str
     elif isinstance(exc, FileNotFoundError):
         message, code = f"no such file: {exc.filename or exc}", "not_found"
     elif isinstance(exc, IsADirectoryError):
-        message, code = f"is a directory: {exc.filename or exc}", "not_a_file"
+        # Also what a FIFO, a device or a socket raises (transfer._local),
+        # saying so: "not a regular file".
+        what = "not a regular file" if exc.strerror == "not a regular file" else "is a directory"
+        message, code = f"{what}: {exc.filename or exc}", "not_a_file"
     elif isinstance(exc, PermissionError):
         message, code = f"permission denied: {exc.filename or exc}", "permission_denied"
     elif isinstance(exc, OSError):

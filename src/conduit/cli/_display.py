@@ -112,8 +112,11 @@ def outcome_line(verb: Verb, job: FileJob) -> str:
         return f"FAILED    {job.name}: {error} [{result.get('code')}]"
     size = int(result.get("size", job.size or 0))
     if result.get("skipped"):
-        # A re-run: the peer (or this side) already has exactly these bytes.
-        return f"unchanged {job.name}  {human_bytes(size)}  (already there, not sent again)"
+        # A re-run: the peer (or this side) already has exactly these bytes,
+        # maybe under a variant of the name (a collision the first time).
+        stored = str(result.get("path", job.name)) if verb == "send" else job.name
+        where = f", stored as {stored}" if stored != job.name else ""
+        return f"unchanged {job.name}  {human_bytes(size)}  (already there{where}, not sent again)"
     if verb == "send":
         head = f"sent      {job.name}"
         stored = str(result.get("path", job.name))

@@ -82,6 +82,10 @@ def collect_uploads(
     """
     if rename is not None and len(sources) != 1:
         raise CLIError("--as needs exactly one FILE_OR_DIR")
+    if rename == "":
+        # Most likely an unset "$NAME": a directory's files would land in
+        # the server's root. Saying so takes "--as /".
+        raise CLIError("--as needs a name (--as / sends a directory's files into the root)")
     jobs: list[FileJob] = []
     skipped: list[Skipped] = []
     seen: set[tuple[str, str]] = set()
@@ -339,6 +343,20 @@ async def send(
 # --------------------------------------------------------------------------- get
 
 
+def _listed_time(entry: dict[str, Any]) -> str:
+    """A listed file's modification time as ``ls`` shows it (16 characters).
+
+    The server's to give: a time past the year 9999 (a tmpfs allows it), or
+    no number at all, is shown as unknown rather than end ``ls`` with a
+    traceback (``--json`` gives it as it came).
+    """
+    try:
+        modified = datetime.datetime.fromtimestamp(float(entry["modified"]))
+    except (TypeError, ValueError, OverflowError, OSError, KeyError):
+        return "????-??-?? ??:??"
+    return f"{modified:%Y-%m-%d %H:%M}"
+
+
 def download_name(name: str) -> str:
     """NAME as the server names it: ``./photos/`` is ``photos``, ``a//b`` is ``a/b``.
 
@@ -365,6 +383,12 @@ async def _plan_name(handler: FileTransferHandler, client: Client, name: str) ->
     part is fetched whole by ``receive_from_server``, whose result names its
     files and says it is incomplete (code ``truncated``).
     """
+    try:
+        safe_relative_name(name)
+    except UnsafePathError:
+        # Never a listing: "" lists the whole server (an unset "$NAME" in a
+        # script fetched every file), "." its root. Its download says why.
+        return [FileJob(name=name, local=None, size=None)]
     try:
         listing = await handler.list_files(client, prefix=name)
     except ConduitError:
@@ -537,8 +561,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
         )
         return code
     for entry in files:
-        modified = datetime.datetime.fromtimestamp(float(entry["modified"]))
-        print(f"{human_bytes(int(entry['size'])):>11}  {modified:%Y-%m-%d %H:%M}  {entry['name']}")
+        print(f"{human_bytes(int(entry['size'])):>11}  {_listed_time(entry)}  {entry['name']}")
     total = sum(int(entry["size"]) for entry in files)
     print(f"{len(files)} files, {human_bytes(total)}" if files else "no files", flush=True)
     if files.truncated:

@@ -185,17 +185,21 @@ class Receiver:
         ``{"check_sha256": True}`` (begin again with ``sha256=``) or
         ``{"already_there": True, ...}`` (nothing to send).
         """
-        rerun = await self._rerun_answer(caller, name, size, sha256)
-        if rerun is not None:
-            return rerun
         connection = caller.connection
         inbound_here = self._inbound(connection)
         # A retry of the same file on this connection replaces an attempt the
         # sender gave up on (its begin timed out or was cancelled after we had
         # opened the partial), which would otherwise hold the partial's lock.
+        # Waited for before the look for the file below: an attempt given up
+        # on while we verified and published it (which nothing stops) has
+        # published it once this wait ends, and the retry must find it there,
+        # not only the partial (it stored a second copy, under "NAME (1)").
         for stale in [entry for entry in inbound_here.values() if entry.key == key]:
             stale.scope.cancel()
             await stale.done.wait()
+        rerun = await self._rerun_answer(caller, name, size, sha256)
+        if rerun is not None:
+            return rerun
         # Transfers whose stream the sender reset (its caller cancelled, say)
         # are letting go of their slot; the reset came before this begin, so
         # the begin must not find that slot still taken ("overloaded").
