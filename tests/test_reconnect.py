@@ -1024,6 +1024,17 @@ def _server_whose_goodbye_waits() -> tuple[Server, trio.Event, trio.Event]:
     return server, hook_running, release
 
 
+async def _a_client_and_its_reconnect(port: int) -> tuple[Client, Client]:
+    """A client, and a second one presenting its resume token (its reconnect,
+    while the server still holds the first connection): both connected."""
+    client = _client(port, reconnect_enabled=False)
+    await client.connect()
+    second = _client(port, reconnect_enabled=False)
+    second._resume_token = client._resume_token
+    await second.connect()
+    return client, second
+
+
 async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> None:
     # The stale connection's disconnect hook holds the replacement back; the
     # server is closed while it waits. Nothing of the replacement may stay
@@ -1031,12 +1042,8 @@ async def test_server_closed_while_a_reconnect_replaces_a_stale_connection() -> 
     server, hook_running, release = _server_whose_goodbye_waits()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
-        client = _client(port, reconnect_enabled=False)
-        await client.connect()
-        second = _client(port, reconnect_enabled=False)
-        second._resume_token = client._resume_token
         with trio.fail_after(10):
-            await second.connect()
+            client, second = await _a_client_and_its_reconnect(port)
             assert second.id == client.id
             await hook_running.wait()  # the replacement now waits for this hook
             closed = trio.Event()
@@ -1074,12 +1081,8 @@ async def test_a_call_to_a_replacement_never_run_fails_when_the_server_is_cancel
                 await server.run(task_status=task_status)
 
         port = await nursery.start(serve)
-        client = _client(port, reconnect_enabled=False)
-        await client.connect()
-        second = _client(port, reconnect_enabled=False)
-        second._resume_token = client._resume_token
         with trio.fail_after(10):
-            await second.connect()
+            client, second = await _a_client_and_its_reconnect(port)
             await hook_running.wait()  # the replacement now waits for this hook
             replacement = server.clients[client.id or ""]
             called = trio.Event()
