@@ -39,8 +39,15 @@ CASES: list[tuple[BaseException, str, str]] = [
         "not_found",
     ),
     (
-        IsADirectoryError(errno.EISDIR, "not a regular file", "/data"),
+        IsADirectoryError(errno.EISDIR, "Is a directory", "/data"),
         "is a directory: /data",
+        "not_a_file",
+    ),
+    (
+        # What transfer._local raises for a FIFO, a device or a socket: it
+        # read "is a directory" too until 2026-12-07 (found by a review of the CLI).
+        IsADirectoryError(errno.EISDIR, "not a regular file", "/dev/null"),
+        "not a regular file: /dev/null",
         "not_a_file",
     ),
     (
