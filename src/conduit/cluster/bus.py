@@ -92,7 +92,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
@@ -429,36 +429,42 @@ def _entry_id(text: str) -> tuple[int, int]:
     return int(milliseconds), int(sequence or 0)
 
 
-def _streams_behind(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
-    """The streams whose last id is below the position read to: made anew
-    since (expired while idle, or Redis restarted without its data) with ids
-    from a clock that is behind the one of the old entries, or read past an
-    entry whose id was forged far ahead. Reading on from the position would
-    wait for ids the stream may not reach for a long time, or never."""
-    behind = []
+def _restart_behind(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
+    """Read again from its start each stream whose last id is below the
+    position read to; what was repaired.
+
+    Such a stream was made anew (expired while idle, or Redis restarted
+    without its data) with ids from a clock behind the one of the old
+    entries, or read past an entry whose id was forged far ahead: reading on
+    from the position would wait for ids it may not reach for a long time,
+    or never. Every entry it has now is one not read yet.
+    """
+    repaired = []
     for stream, position in positions.items():
         try:
             info: Any = reader.xinfo_stream(stream)
         except redis.ResponseError:  # no such stream (yet): nothing to read
             continue
         if _entry_id(_text(info["last-generated-id"])) < _entry_id(position):
-            behind.append(stream)
-    return behind
+            positions[stream] = "0-0"
+            repaired.append(f"{stream}: read again from its start")
+    return repaired
 
 
-def _clear_wrong_types(reader: redis.Redis, streams: Iterable[str]) -> list[str]:
-    """Delete the keys among ``streams`` that hold something else than a stream.
+def _clear_wrong_types(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
+    """Delete the keys of the streams read that hold something else than a
+    stream; what was repaired.
 
     The namespace is the cluster's own: such a key is garbage (written by
     hand or by another program), and while it is there every read of this
     node's streams fails, its inbox's with it (they are read together).
     """
     cleared = []
-    for stream in streams:
+    for stream in positions:
         kind = _text(reader.type(stream))
         if kind not in ("stream", "none"):
             reader.delete(stream)
-            cleared.append(f"{stream} ({kind})")
+            cleared.append(f"{stream} ({kind}): deleted")
     return cleared
 
 
@@ -756,7 +762,7 @@ class ClusterBus:
                 # Redis away for a moment: retry; the node is forgotten if it stays away.
                 log.warning("cluster bus read failed: %s", exc)
                 if "WRONGTYPE" in str(exc):
-                    await self._heal(self._clear_wrong_types_of, reader, positions)
+                    await self._heal(_clear_wrong_types, reader, positions)
                 await trio.sleep(min(1.0, self.ttl / 3))
                 continue
             for stream, entry_id, data in found:
@@ -766,7 +772,7 @@ class ClusterBus:
                 # Is a stream behind where this node read to? (Not only while
                 # idle: the other stream's traffic would keep this one unread.)
                 looked = trio.current_time()
-                await self._heal(self._restart_behind, reader, positions)
+                await self._heal(_restart_behind, reader, positions)
 
     async def _heal(
         self,
@@ -783,17 +789,6 @@ class ClusterBus:
             return
         if repaired:
             log.warning("cluster bus: repaired %s", ", ".join(repaired))
-
-    @staticmethod
-    def _clear_wrong_types_of(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
-        return [f"{key}: deleted" for key in _clear_wrong_types(reader, positions)]
-
-    @staticmethod
-    def _restart_behind(reader: redis.Redis, positions: dict[str, str]) -> list[str]:
-        behind = _streams_behind(reader, positions)
-        for stream in behind:
-            positions[stream] = "0-0"  # every entry it has now is one not read yet
-        return [f"{stream}: read again from its start" for stream in behind]
 
     # ----------------------------------------------------------------- messages
 
@@ -855,14 +850,16 @@ class ClusterBus:
             if self._event_handler is None:
                 return
             size = len(raw)
-            try:
-                if self._events_bytes + size > _EVENT_BACKLOG_BYTES:
-                    raise trio.WouldBlock
-                self._events_in.send_nowait((message.kind, message.payload, message.sender, size))
-            except trio.WouldBlock:
-                log.warning("event handler too slow: dropped cluster event %r", message.kind)
-            else:
-                self._events_bytes += size
+            if self._events_bytes + size <= _EVENT_BACKLOG_BYTES:
+                try:
+                    queued = (message.kind, message.payload, message.sender, size)
+                    self._events_in.send_nowait(queued)
+                except trio.WouldBlock:  # its number is full (_EVENT_BACKLOG)
+                    pass
+                else:
+                    self._events_bytes += size
+                    return
+            log.warning("event handler too slow: dropped cluster event %r", message.kind)
 
     async def _serve_request(self, message: _Message, scope: trio.CancelScope) -> None:
         """Run the handler for ``message`` and reply; ``scope`` is cancelled

@@ -248,19 +248,15 @@ class S3Store:
         except botocore.exceptions.ClientError as exc:
             if not is_precondition(exc):
                 raise
-            if retried(exc):
-                # Perhaps written by an attempt whose answer was lost: ours if
-                # it holds what we wrote (a state holds its time of writing).
-                found = self._get(key)
-                if found is not None and found[0] == data:
-                    return found[1]
-            return None
+            # Perhaps written by an attempt whose answer was lost: ours if it
+            # holds what we wrote (a state holds its time of writing).
+            return self._etag_if_holding(key, data) if retried(exc) else None
         return str(answer["ETag"])
 
-    def _holds(self, key: str, data: bytes) -> bool:
-        """Whether the object at ``key`` holds exactly ``data`` (a small file's bytes)."""
+    def _etag_if_holding(self, key: str, data: bytes) -> str | None:
+        """The ETag of the object at ``key`` if it holds exactly ``data`` (None: it does not)."""
         found = self._get(key)
-        return found is not None and found[0] == data
+        return found[1] if found is not None and found[0] == data else None
 
     def _delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
@@ -1006,7 +1002,7 @@ class S3Store:
                 # Refused on a retry: our first attempt may have stored it,
                 # its answer lost; then it is ours (else the file would be
                 # stored twice, here and under the next name).
-                if retried(exc) and self._holds(key, data):
+                if retried(exc) and self._etag_if_holding(key, data) is not None:
                     return final
                 continue
             return final
