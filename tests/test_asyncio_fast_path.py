@@ -163,6 +163,24 @@ def test_concurrent_callers_calling_again_as_soon_as_woken() -> None:
     run(body)
 
 
+def test_large_results_read_on_the_loop_reach_their_callers_and_leave_nothing_counted() -> None:
+    """Results over RESULTS_IN_HAND_BYTES together (8 of ~11 MB decoded each,
+    by the count), read on the loop: every caller gets its own, and nothing
+    stays counted in hand (a loop's future takes its result at once)."""
+
+    async def body(r: Rig) -> None:
+        @r.server.rpc
+        async def maps(n: int) -> list[dict[str, int]]:
+            return [{}] * n
+
+        sizes = [150_000 + index for index in range(8)]
+        values = await asyncio.gather(*(r.client.rpc.invoke("maps", n=size) for size in sizes))
+        assert [len(value) for value in values] == sizes
+        assert r.connection._results_in_hand.held == 0
+
+    run(body)
+
+
 def test_failures_keep_their_types() -> None:
     async def body(r: Rig) -> None:
         with pytest.raises(RPCError) as info:

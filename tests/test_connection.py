@@ -29,6 +29,7 @@ from conduit._connection import (
     settings_from,
 )
 from conduit._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
+from conduit._result_gate import ResultGate
 from conduit._streams import IncomingStream
 from conduit.errors import ConnectionClosed, RPCError, RPCTimeoutError, StreamReset
 from conduit.protocol import (
@@ -41,6 +42,7 @@ from conduit.protocol import (
     ServerHandshake,
     SessionKeys,
 )
+from conduit.protocol import connection as protocol_connection
 from conduit.protocol.codec import (
     data_header,
     decode_result,
@@ -355,6 +357,64 @@ async def test_a_burst_of_calls_runs_each_once_and_each_gets_its_own_outcome(pai
     for n, how in calls:
         want = expected[how.removeprefix("block_") if how != "block" else "ok"]
         assert outcomes[n] == (n * 10 if want is None else want)
+
+
+class _CountingGate(ResultGate):
+    """A :class:`ResultGate` that records how many results were in hand at most."""
+
+    __slots__ = ("in_hand", "most")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_hand = self.most = 0
+
+    def take(self, size: int) -> None:
+        super().take(size)
+        self.in_hand += 1
+        self.most = max(self.most, self.in_hand)
+
+    def release(self, size: int) -> None:
+        self.in_hand -= 1
+        super().release(size)
+
+
+async def test_large_results_wait_unread_until_those_in_hand_are_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Results read together whose callers have not run yet are not all
+    decoded at once: past RESULTS_IN_HAND_BYTES (1 MiB here), the reader
+    waits until the callers woken took theirs. Every caller gets its own
+    value, and nothing is left counted once they have."""
+    monkeypatch.setattr(protocol_connection, "RESULTS_IN_HAND_BYTES", 1024 * 1024)
+    gate = _CountingGate()
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    p = _pair(client_stream, server_stream, client_settings=_settings(results_in_hand=gate))
+    release = trio.Event()
+    started: list[int] = []
+
+    async def maps(_c: Connection, n: int) -> list[dict[str, int]]:
+        started.append(n)
+        await release.wait()  # all answered together, in one read or few
+        return [{}] * n  # 20 KB on the wire, ~1.4 MB decoded
+
+    p.server_dispatch.methods["maps"] = maps
+    got: dict[int, int] = {}
+
+    async def caller(index: int) -> None:
+        got[index] = len(await p.client.call("maps", {"n": 20_000 + index}, None))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.client.run)
+            nursery.start_soon(p.server.run)
+            async with trio.open_nursery() as callers:
+                for index in range(8):
+                    callers.start_soon(caller, index)
+                await wait_until(lambda: len(started) == 8)
+                release.set()
+            nursery.cancel_scope.cancel()
+    assert got == {index: 20_000 + index for index in range(8)}
+    assert gate.most == 1 and gate.held == 0 and gate.in_hand == 0
 
 
 async def test_handler_may_call_back_into_its_peer(pair: Pair) -> None:

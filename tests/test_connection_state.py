@@ -13,6 +13,7 @@ any later frame can reach a handler.
 
 from __future__ import annotations
 
+import struct
 import tracemalloc
 from typing import Any
 
@@ -37,6 +38,7 @@ from conduit.protocol.connection import (
     MAX_EARLY_RESETS,
     MAX_PEER_TEXT,
     SERVER_BUDGET_REFUSAL,
+    UNCOUNTABLE_RESULT,
     UNCOUNTED_CALL_BYTES,
     USER_BUDGET_REFUSAL,
     CallCancelled,
@@ -54,7 +56,9 @@ from conduit.protocol.connection import (
     PingReceived,
     PongReceived,
     ReceiveMemory,
+    ResultMustWait,
     ResultReceived,
+    ResultsInHand,
     StreamWasReset,
     peer_text,
 )
@@ -503,6 +507,67 @@ def test_a_result_nobody_awaits_is_dropped_unread(pair: Pair) -> None:
     assert answered == ResultReceived(5, Result(True, 2))
     with pytest.raises(RemoteProtocolError, match="malformed"):
         wire.deliver_one(client, raw_header(FrameKind.RESULT, 5, 1) + b"\xc1")
+
+
+def _truncated_result(call_id: int, maps: int) -> bytes:
+    """A RESULT whose value is a list of ``maps`` empty maps with its last one
+    missing: malformed, but only at its very end."""
+    whole: bytes = msgpack.packb({"ok": True, "value": [{}] * maps})
+    body = whole[:-1]
+    return raw_header(FrameKind.RESULT, call_id, len(body)) + body
+
+
+def test_large_results_count_in_hand_until_taken_and_wait_past_the_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The RESULTs of one endpoint's connections (one :class:`ResultsInHand`)
+    holding over UNCOUNTED_CALL_BYTES decoded count there until the engine
+    releases them (their callers took them): a lone one of any size is let
+    in; while others are held, one past the room left is not decoded
+    further (this one is malformed at its very end, which a whole decoding
+    finds) and must wait. Small ones are never counted."""
+    monkeypatch.setattr(connection, "RESULTS_IN_HAND_BYTES", 1024 * 1024)
+    hand = ResultsInHand()
+    first, second = (machine(is_client=True, results_in_hand=hand) for _ in range(2))
+    for side in (first, second):
+        side.calls_in_use = {1: None, 3: None, 5: None}
+    wire = Pair(first, machine(is_client=False))
+    lone = wire.deliver_one(
+        first, body_frame(FrameKind.RESULT, 1, {"ok": True, "value": [{}] * 20_000})
+    )
+    assert isinstance(lone, ResultReceived) and lone.result.value == [{}] * 20_000
+    assert lone.held > 1024 * 1024 and hand.held == lone.held  # over the limit: a lone one
+    small = wire.deliver_one(
+        second, body_frame(FrameKind.RESULT, 3, {"ok": True, "value": "x" * 1000})
+    )
+    assert small == ResultReceived(3, Result(True, "x" * 1000)) and hand.held == lone.held
+    assert wire.deliver_one(second, _truncated_result(5, 2_000)) == ResultMustWait(5)
+    hand.release(lone.held)
+    with pytest.raises(RemoteProtocolError, match="malformed msgpack body"):
+        wire.deliver_one(second, _truncated_result(5, 2_000))
+    whole = wire.deliver_one(
+        second, body_frame(FrameKind.RESULT, 5, {"ok": True, "value": [{}] * 2_000})
+    )
+    assert isinstance(whole, ResultReceived) and hand.held == whole.held > UNCOUNTED_CALL_BYTES
+
+
+def test_a_result_decoded_uncounted_cannot_hold_what_would_be_counted() -> None:
+    """A RESULT of at most UNCOUNTABLE_RESULT bytes is decoded without
+    counting: of the shapes that hold the most a byte (empty maps and lists
+    in a list, strings of one character beyond ASCII), one of that size
+    holds at most UNCOUNTED_CALL_BYTES by unpack_sized's bound, and one a
+    byte larger may hold more."""
+
+    def body(item: bytes, extra: int = 0) -> bytes:
+        # A list of as many items as fit, then nils (1 byte each) to the size.
+        room = UNCOUNTABLE_RESULT + extra - 5
+        count, nils = divmod(room, len(item))
+        return b"\xdd" + struct.pack("!I", count + nils) + item * count + b"\xc0" * nils
+
+    for item in (b"\x80", b"\x90", "é".encode().join([b"\xa2", b""]), b"\xd4\x01\x01"):
+        assert len(body(item)) == UNCOUNTABLE_RESULT
+        assert unpack_sized(body(item))[1] <= UNCOUNTED_CALL_BYTES, item
+    assert unpack_sized(body(b"\x80", 137))[1] > UNCOUNTED_CALL_BYTES
 
 
 def test_large_calls_of_all_connections_share_the_servers_call_memory() -> None:

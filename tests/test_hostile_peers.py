@@ -1251,10 +1251,7 @@ async def test_a_goodbye_reason_is_logged_cut(arena: ArenaFactory) -> None:
 async def test_results_nobody_awaits_are_not_decoded(arena: ArenaFactory) -> None:
     a = await arena()
     peer = await RawPeer.authenticated(a.port, PASSWORD)
-    count = 1024 * 1024 - 64
-    body = b"\x84" + msgpack.packb("ok") + msgpack.packb(True) + msgpack.packb("value")
-    body += b"\xdd" + struct.pack("!I", count) + b"\x80" * count
-    body += msgpack.packb("error") + msgpack.packb("") + msgpack.packb("code") + msgpack.packb("")
+    body = _empty_maps_result(1024 * 1024 - 64)
     with PeakRSS() as memory:
         for call_id in range(1000, 1004):
             await peer.send_sealed(raw_frame(FrameKind.RESULT, call_id, body))
@@ -1264,6 +1261,68 @@ async def test_results_nobody_awaits_are_not_decoded(arena: ArenaFactory) -> Non
         assert echoed.value == "after"
     assert memory.growth < MEMORY_BOUND, f"server grew by {memory.growth / MiB:.0f} MiB"
     await peer.aclose()
+    await a.check_healthy()
+
+
+def _empty_maps_result(count: int) -> bytes:
+    """A RESULT body whose value is a list of ``count`` empty maps (each
+    decodes to a dict of ~64 bytes from one byte on the wire)."""
+    head = b"\x84" + msgpack.packb("ok") + msgpack.packb(True) + msgpack.packb("value")
+    tail = msgpack.packb("error") + msgpack.packb("") + msgpack.packb("code") + msgpack.packb("")
+    return bytes(head + b"\xdd" + struct.pack("!I", count) + b"\x80" * count + tail)
+
+
+@hostile(
+    "results-of-the-servers-calls",
+    area="hostile peer, authenticated",
+    attack="8 peers answer a call the server made to each of them (as a push's begin is) at "
+    "the same moment, each with 256 KiB of empty maps (about 18 MiB each when decoded)",
+    behaviour="what the RESULTs decoded for the server's callers hold until the callers take "
+    "them is at most 32 MiB, or one larger result: the others wait unread for a pass of the "
+    "scheduler; memory bounded, every call answered",
+    found="every RESULT read in one pass of the scheduler was decoded before any caller ran, "
+    "uncounted: 8 x 18 MiB held at once (a megabyte of empty maps each: 75 MiB a peer)",
+)
+async def test_results_of_the_servers_own_calls_are_held_a_bounded_amount_at_once(
+    arena: ArenaFactory,
+) -> None:
+    a = await arena()
+    peers = [await RawPeer.authenticated(a.port, PASSWORD) for _ in range(8)]
+    count = 256 * 1024 - 64
+    body = _empty_maps_result(count)
+    answers: list[Any] = []
+
+    async def ask(peer: RawPeer) -> None:
+        answer = await a.server.clients[peer.welcome.client_id].rpc.call(
+            "question", timeout=LOADED_MACHINE_BOUND
+        )
+        # Only the length is kept: what a caller keeps is the application's.
+        answers.append(len(answer["data"]) if answer["success"] else answer)
+
+    with trio.fail_after(LOADED_MACHINE_BOUND):
+        await wait_until(lambda: all(p.welcome.client_id in a.server.clients for p in peers))
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer)
+            records = []
+            for peer in peers:
+                while (frame := await peer.next_frame()).kind is not FrameKind.CALL:
+                    pass
+                records.append(peer.seal(raw_frame(FrameKind.RESULT, frame.stream_id, body)))
+            with PeakRSS() as memory:
+                # Each record but its last byte, which the server reads and
+                # keeps; then every last byte with no checkpoint between:
+                # the server's readers find all 8 RESULTs whole in one pass.
+                for peer, record in zip(peers, records, strict=True):
+                    await peer.send_raw(record[:-1])
+                await trio.sleep(0.5)
+                for peer, record in zip(peers, records, strict=True):
+                    os.write(peer.stream.socket.fileno(), record[-1:])
+                await wait_until(lambda: len(answers) == len(peers))
+    assert answers == [count] * len(peers)
+    assert memory.growth < MEMORY_BOUND, f"server grew by {memory.growth / MiB:.0f} MiB"
+    for peer in peers:
+        await peer.aclose()
     await a.check_healthy()
 
 

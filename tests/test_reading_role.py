@@ -78,6 +78,34 @@ async def test_a_sequential_caller_reads_its_own_reply() -> None:
                 assert await p.client.call("echo", {"x": n}, 5) == n
 
 
+async def test_a_large_result_read_by_its_caller_waits_while_others_are_in_hand() -> None:
+    """A caller holding the role reads its own large result (over
+    UNCOUNTED_CALL_BYTES decoded): counted in hand until it takes it. While
+    results of other connections of the endpoint are in hand (their callers
+    not yet run: held here by the test), its RESULT is not decoded but handed
+    to the reading task, which waits until they are taken, then delivers it."""
+    maps: list[dict[str, int]] = [{}] * 10_000  # 10 KB on the wire, ~700 KB decoded by the count
+    with trio.fail_after(10):
+        async with _running() as (p, nursery):
+            gate = p.client._results_in_hand
+            assert await p.client.call("echo", {"x": maps}, 5) == maps
+            assert gate.held == 0
+            gate.take(40 * 1024 * 1024)  # others' results, over RESULTS_IN_HAND_BYTES
+            results: list[Any] = []
+            answered = trio.Event()
+
+            async def call() -> None:
+                results.append(await p.client.call("echo", {"x": maps}, 5))
+                answered.set()
+
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not results and not _role_held(p.client)  # the reading task waits
+            gate.release(40 * 1024 * 1024)
+            await answered.wait()
+            assert results == [maps] and gate.held == 0
+
+
 async def test_the_peers_call_and_message_reach_the_reading_task_while_a_caller_reads() -> None:
     """The server calls back into the client and sends it a message while a client
     caller holds the role: the caller hands both to the reading task and still

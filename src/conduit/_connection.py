@@ -58,6 +58,7 @@ from ._pending_calls import PendingCall, PendingCalls
 from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
+from ._result_gate import ResultGate
 from ._socket_io import SocketIO, close_now, peer_has_closed, unacknowledged_bytes
 from ._streams import IncomingStream, OutgoingStream
 from .descriptors import window_limit
@@ -81,6 +82,7 @@ from .protocol.connection import (
     Phase,
     PingReceived,
     PongReceived,
+    ResultMustWait,
     ResultReceived,
     StreamWasReset,
 )
@@ -190,6 +192,10 @@ class ConnectionSettings:
     #: connections may hold decoded together (a server's
     #: ``server_call_budget``); None for no bound beyond each connection's.
     call_memory: CallMemory | None = attrs.field(default=None, eq=False)
+    #: What the large RESULTs decoded for the endpoint's callers hold until
+    #: they take them: one for all its connections, as the endpoint makes
+    #: its settings once (see :class:`~conduit._result_gate.ResultGate`).
+    results_in_hand: ResultGate = attrs.field(factory=ResultGate, eq=False)
 
 
 def settings_from(descriptor: Any) -> ConnectionSettings:
@@ -313,7 +319,9 @@ class Connection:
             max_streams=settings.max_streams,
             receive_budget=settings.receive_budget,
             call_memory=settings.call_memory,
+            results_in_hand=settings.results_in_hand,
         )
+        self._results_in_hand = settings.results_in_hand
         self._outbox = Outbox(settings.send_buffer, state, self._start_writer)
         self._pending = PendingCalls(
             state,
@@ -1090,6 +1098,10 @@ class Connection:
             handler = handlers.get(type(event))
             if handler is not None:
                 handler(event)
+            elif type(event) is ResultMustWait:
+                # Read again once the results in hand have been taken.
+                held = frame
+                await self._wait_for_results_taken()
             elif isinstance(event, MessageReceived):
                 # Not a table entry: the queue's backpressure holds the reader.
                 self._last_activity = self._last_received
@@ -1197,6 +1209,21 @@ class Connection:
             own = self._state.large_call_bytes + self._message_bytes
             return not memory.admits_overdraft(charge, own)
         return True
+
+    async def _wait_for_results_taken(self) -> None:
+        """Read nothing until the results in hand (see
+        :class:`~conduit._result_gate.ResultGate`) have been taken by their
+        callers, which were woken already: a pass of the scheduler or two.
+
+        Our pause, as for the receive memory: it counts neither as the
+        peer's silence nor as its idleness.
+        """
+        self._reading_paused = True
+        try:
+            await self._results_in_hand.wait_taken()
+        finally:
+            self._reading_paused = False
+            self._last_received = self._last_activity = trio.current_time()
 
     async def _wait_for_call_memory(self, memory: CallMemory, charge: int) -> None:
         """Read nothing until the message task has handled one of this
@@ -1354,7 +1381,8 @@ class Connection:
     def _drain_to_call(self) -> bool:
         """Handle the frames read so far whose handlers never wait.
 
-        Stops at the first CALL or MESSAGE, or once the answers queued back up
+        Stops at the first CALL or MESSAGE, at a RESULT that must wait for
+        the results in hand to be taken, or once the answers queued back up
         past the backlog, leaving that frame in ``_held_frame`` for the reading
         task (False); True when every frame was handled.
         """
@@ -1370,6 +1398,10 @@ class Connection:
             event = receive_frame(frame)
             if event is not None and (handler := handlers.get(type(event))) is not None:
                 handler(event)
+            elif type(event) is ResultMustWait:
+                # The reading task waits for room, then reads it again.
+                self._held_frame = frame
+                return False
         return True
 
     async def _receive(self) -> Received:

@@ -29,7 +29,7 @@ _reschedule = trio.lowlevel.reschedule
 class PendingCall:
     """One call this side waits on: who waits, and how to hand it the outcome."""
 
-    __slots__ = ("done", "early", "interrupt", "method", "parked", "task", "timeout")
+    __slots__ = ("done", "early", "held", "interrupt", "method", "parked", "task", "timeout")
 
     def __init__(
         self,
@@ -48,6 +48,9 @@ class PendingCall:
         #: Set while the caller waits for the socket itself, holding the
         #: reading role (see conduit._reading_role): wakes it from that wait.
         self.interrupt: Callable[[], None] | None = None
+        #: What its result holds in the endpoint's ResultsInHand until taken
+        #: (0: a small one, or none yet).
+        self.held = 0
 
     def settled(self) -> outcome.Outcome[Result] | None:
         """The outcome left for a caller that was not parked (None: none yet)."""
@@ -117,6 +120,8 @@ class PendingCalls:
         # The machine skips these ids when its call ids wrap: the dict itself,
         # so nothing is added per call (fail_all empties it in place).
         state.calls_in_use = self._calls
+        # What the large results count in until their callers take them.
+        self._in_hand = state.results_in_hand
         #: Callers woken whose task has not run yet. While some are, a caller
         #: sending its next call queues it behind theirs: one record for the
         #: burst (see Connection._send_soon).
@@ -168,8 +173,10 @@ class PendingCalls:
             await send(frame)
         except BaseException:
             self._calls.pop(call_id, None)
+            self._taken(pending)
             raise
         if pending.early is not None:  # answered, timed out or failed while sending
+            self._taken(pending)
             return _value(pending.take().unwrap())
         # Only a caller waiting alone reads for itself: with others waiting the
         # reading task wakes them all from one read anyway (tested here, before
@@ -184,8 +191,10 @@ class PendingCalls:
             except BaseException:  # cancelled (or worse) while holding the reading role
                 if self._calls.pop(call_id, None) is not None:
                     self._send_cancel(call_id)
+                self._taken(pending)
                 raise
             if pending.settled() is not None:  # (a call: the read may have settled it)
+                self._taken(pending)
                 return _value(pending.take().unwrap())
             # Handed the reading role back before the outcome: wait for the reader.
         pending.parked = True
@@ -207,6 +216,8 @@ class PendingCalls:
                 self._send_cancel(call_id)
             raise
         self._resumed()
+        if pending.held:  # (_taken, inline: a large result is rare)
+            self._in_hand.release(pending.held)
         if result.ok:  # _value's common case, inline
             return result.value
         raise RPCError(result.error or "remote call failed", result.code or "error")
@@ -238,6 +249,13 @@ class PendingCalls:
         """The caller of a :meth:`register`-ed call gave up; whether it was still waiting."""
         return self._calls.pop(call_id, None) is not None
 
+    def _taken(self, pending: PendingCall) -> None:
+        """``pending``'s caller took its outcome (or gave up on it): what its
+        result held in hand is released."""
+        if pending.held:
+            self._in_hand.release(pending.held)
+            pending.held = 0
+
     def _resumed(self) -> None:
         self.waking -= 1
         if not self.waking:
@@ -255,13 +273,21 @@ class PendingCalls:
         """
         pending = self._calls.pop(event.call_id, None)
         if pending is None:
+            # (The machine decodes only awaited RESULTs: a caller gone
+            # meanwhile, by some path that did not pop it first.)
+            if event.held:
+                self._in_hand.release(event.held)
             return
+        # Released when the caller takes it (see wait), at once for a callback.
+        pending.held = event.held
         if pending.parked:
             # PendingCall.deliver's common case, inline: a parked Trio caller.
             _reschedule(pending.task, outcome.Value(event.result))  # type: ignore[arg-type]
             self.waking += 1
         elif pending.deliver(outcome.Value(event.result)):
             self.waking += 1
+        elif pending.done is not None:
+            self._taken(pending)
 
     def fail_all(self, reason: str) -> None:
         """The connection ended: every waiting caller gets ConnectionClosed."""

@@ -342,6 +342,15 @@ def decode_message_sized(payload: bytes | memoryview) -> tuple[Message, int]:
     return _structure_message(raw), held
 
 
+def decode_result_sized(
+    payload: bytes | memoryview, limit: int | None = None
+) -> tuple[Result, int]:
+    """:func:`decode_result`, and what the result holds decoded (see
+    :func:`unpack_sized`; :class:`HoldsTooMuch` once it holds more than ``limit``)."""
+    raw, held = unpack_sized(payload, limit)
+    return _structure_result(raw), held
+
+
 def decode_result(payload: bytes | memoryview) -> Result:
     """``decode_body(frame, Result)`` of a RESULT frame's payload."""
     try:  # unpack(), inline, as in decode_call

@@ -39,13 +39,16 @@ import attrs
 
 from ..errors import LocalProtocolError, RemoteProtocolError, RPCError, StreamReset
 from .codec import (
+    CONTAINER_OVERHEAD,
     COUNTED_BODY,
+    ITEM_OVERHEAD,
     HoldsTooMuch,
     decode_body,
     decode_call,
     decode_call_sized,
     decode_message_sized,
     decode_result,
+    decode_result_sized,
     encode_call,
     encode_frame,
     encode_result,
@@ -125,6 +128,18 @@ USER_BUDGET_REFUSAL = (
 #: 3.7 MB by the bound) fit, as do batches of small files (1 MiB of bytes each).
 LARGE_CALL_BYTES = 32 * 1024 * 1024
 
+#: The largest RESULT body that cannot hold over UNCOUNTED_CALL_BYTES by
+#: codec.unpack_sized's bound, whose most for one byte on the wire is an
+#: empty map in a list (the byte, a container and an item): decoded without
+#: counting, which costs ~1 us less (a CALL's line is COUNTED_BODY).
+UNCOUNTABLE_RESULT = UNCOUNTED_CALL_BYTES // (1 + CONTAINER_OVERHEAD + ITEM_OVERHEAD)
+
+#: What the RESULTs decoded but not yet taken by their callers may hold
+#: together, beyond those that hold at most UNCOUNTED_CALL_BYTES: over all
+#: the connections of an endpoint (see :class:`ResultsInHand`). A lone
+#: result of any size is let in.
+RESULTS_IN_HAND_BYTES = 32 * 1024 * 1024
+
 #: The largest call id: the header's 32-bit stream id field. Call ids run from
 #: 1 to this and start again at 1, skipping those of this side's calls still
 #: awaiting their result (:attr:`ConnectionState.calls_in_use`).
@@ -203,10 +218,25 @@ class CallCancelled:
 
 @attrs.define(slots=True)
 class ResultReceived:
-    """The outcome of a call this side made (the id may be one we gave up on)."""
+    """The outcome of a call this side made, which its caller awaits."""
 
     call_id: int
     result: Result
+    #: What it holds decoded (``codec.unpack_sized``'s bound), counted in the
+    #: endpoint's :class:`ResultsInHand` until its caller has taken it; 0
+    #: for a small one, not counted (see :data:`UNCOUNTED_CALL_BYTES`).
+    held: int = 0
+
+
+@attrs.define(slots=True)
+class ResultMustWait:
+    """A RESULT holding more than the room its endpoint's
+    :class:`ResultsInHand` has left: not decoded past that room. The engine
+    keeps the frame and hands it to :meth:`ConnectionState.receive_frame`
+    again once the results in hand have been taken by their callers (with
+    none in hand, one of any size is let in)."""
+
+    call_id: int
 
 
 @attrs.define(slots=True)
@@ -277,6 +307,51 @@ class ReceiveMemory:
         self.limit = limit
         #: What the streams counting here hold now.
         self.held = 0
+
+
+class ResultsInHand:
+    """What the RESULTs decoded for this side's callers hold, until the callers take them.
+
+    One for all the connections of an endpoint (a server's, or a client's
+    connection after connection). A RESULT for an awaited call is decoded
+    as soon as it is read, and its caller runs only later (in the next pass
+    of the scheduler): the RESULTs read meanwhile, on this connection or
+    any other, are all held at once. A megabyte of empty maps holds ~75 MiB
+    decoded, so a hundred clients answering a server's pushes that way at
+    once held gigabytes (until 2026-12-07: "decoded uncounted, as the
+    application asked for them"). So the RESULTs holding over
+    :data:`UNCOUNTED_CALL_BYTES` count here from their decoding until their
+    callers have taken them; one that does not fit is not decoded past the
+    room left (:class:`ResultMustWait`), and its connection reads on once
+    the results in hand have been taken, which their callers do in their
+    next step. What the results in hand hold is so at most
+    :data:`RESULTS_IN_HAND_BYTES`, or one larger result, plus what the
+    uncounted ones hold. What a caller does with its result after taking it
+    is the application's.
+    """
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        #: What the counted results not yet taken by their callers hold.
+        self.held = 0
+
+    def room(self) -> int | None:
+        """What a result may hold decoded and be let in now (None: any size,
+        while nothing is held); never under :data:`UNCOUNTED_CALL_BYTES`,
+        which a result holds uncounted."""
+        held = self.held
+        if not held:
+            return None
+        return max(RESULTS_IN_HAND_BYTES - held, UNCOUNTED_CALL_BYTES)
+
+    def take(self, size: int) -> None:
+        """A result holding ``size`` bytes decoded was handed to its caller."""
+        self.held += size
+
+    def release(self, size: int) -> None:
+        """The caller of a result that held ``size`` bytes has taken it."""
+        self.held -= size
 
 
 class CallMemory:
@@ -580,6 +655,7 @@ Event = (
     | CallRefused
     | CallCancelled
     | ResultReceived
+    | ResultMustWait
     | MessageReceived
     | StreamWasReset
     | PingReceived
@@ -611,6 +687,7 @@ class ConnectionState:
         max_streams: int | None = None,
         receive_budget: int | None = None,
         call_memory: CallMemory | None = None,
+        results_in_hand: ResultsInHand | None = None,
     ) -> None:
         self.is_client = is_client
         self.receive_window = receive_window
@@ -655,6 +732,10 @@ class ConnectionState:
         #: connection's own count, until they finish (see :class:`CallMemory`);
         #: None for no bound beyond the connection's.
         self.call_memory = call_memory
+        #: Where the large RESULTs count what they hold until their callers
+        #: take them (the engine releases it then); a machine of its own if
+        #: none is given.
+        self.results_in_hand = ResultsInHand() if results_in_hand is None else results_in_hand
         # Stream ids are allocated by the receiving side: odd by clients, even
         # by servers, so the two never collide.
         self._stream_ids = itertools.count(1 if is_client else 2, 2)
@@ -770,7 +851,10 @@ class ConnectionState:
                 # reads it, so it is not decoded (a megabyte of empty maps
                 # takes ~0.1 s and ~75 MiB to decode).
                 return None
-            return ResultReceived(frame.stream_id, decode_result(frame.payload))
+            payload = frame.payload
+            if len(payload) <= UNCOUNTABLE_RESULT:
+                return ResultReceived(frame.stream_id, decode_result(payload))
+            return self._sized_result(frame.stream_id, payload)
         if kind is FrameKind.CREDIT:
             return self._on_credit(frame.stream_id, decode_body(frame, Credit))
         if kind is FrameKind.MESSAGE:
@@ -798,6 +882,24 @@ class ConnectionState:
             self.close(f"peer closed the connection: {reason}")
             return GoodbyeReceived(reason, goodbye.going_away)
         raise RemoteProtocolError(f"{kind.name} frame is not allowed after the handshake")
+
+    def _sized_result(
+        self, call_id: int, payload: bytes | memoryview
+    ) -> ResultReceived | ResultMustWait:
+        """A RESULT larger than :data:`UNCOUNTABLE_RESULT`, decoded counting what it
+        holds: one holding over :data:`UNCOUNTED_CALL_BYTES` is counted in
+        :attr:`results_in_hand` (the engine releases it once its caller has
+        taken it), or, past the room left there, not decoded further
+        (:class:`ResultMustWait`)."""
+        hand = self.results_in_hand
+        try:
+            result, size = decode_result_sized(payload, hand.room())
+        except HoldsTooMuch:
+            return ResultMustWait(call_id)
+        if size <= UNCOUNTED_CALL_BYTES:
+            return ResultReceived(call_id, result)
+        hand.take(size)
+        return ResultReceived(call_id, result, size)
 
     def _refuse_call(self, call_id: int, error: str | None = None) -> CallRefused:
         """A CALL whose id is in use (a protocol error), over the concurrency
@@ -1149,7 +1251,9 @@ __all__ = [
     "MAX_CALL_ID",
     "MAX_EARLY_RESETS",
     "MAX_PEER_TEXT",
+    "RESULTS_IN_HAND_BYTES",
     "SERVER_BUDGET_REFUSAL",
+    "UNCOUNTABLE_RESULT",
     "USER_BUDGET_REFUSAL",
     "CallCancelled",
     "CallMemory",
@@ -1166,7 +1270,9 @@ __all__ = [
     "PingReceived",
     "PongReceived",
     "ReceiveMemory",
+    "ResultMustWait",
     "ResultReceived",
+    "ResultsInHand",
     "StreamWasReset",
     "peer_text",
 ]
