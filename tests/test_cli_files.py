@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 import trio
 
-from conduit import Client, ClientDescriptor
+from conduit import Client, ClientDescriptor, FileTransferHandler, Server
+from conduit.cli._common import error_line, printable
+from conduit.cli._display import FileJob, outcome_line
+from conduit.cli._transfer import _outcome, _plan_name
+from conftest import ClientFactory, ServerFactory
 from test_cli import (
     PASSWORD,
     ServeProcess,
@@ -272,3 +276,49 @@ def test_a_rerun_says_where_a_file_that_collided_is_stored(
     again = conduit("send", *sources, "--to", server.address)
     assert again.returncode == 0, again.stdout
     assert "stored as same (1).txt, not sent again" in again.stdout, again.stdout
+
+
+async def test_get_plans_no_file_outside_the_name_a_server_lists(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A server whose listing of ``photos`` names ``docs/important.txt``:
+    ``conduit get photos`` plans no job for it (until 2026-12-07 it fetched
+    it into the output directory, and replaced the user's own file there
+    with ``--overwrite``); the name alone is left, whose download then says
+    ``bad_answer``."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    (tmp_path / "server" / "photos").mkdir(parents=True)
+
+    def register(hostile: Server) -> None:
+        transfer.register_server_handlers(hostile)
+
+        async def file_list(prefix: str = "") -> dict[str, Any]:
+            return {"files": [{"name": "docs/important.txt", "size": 4, "modified": 0.0}]}
+
+        hostile.register_rpc(file_list, "file_list")
+
+    client = await client_factory(await server_factory(register=register))
+    with trio.fail_after(30):
+        jobs = await _plan_name(FileTransferHandler(), client, "photos")
+    assert jobs == [FileJob(name="photos", local=None, size=None)]
+
+
+def test_what_the_server_says_reaches_the_terminal_escaped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An error's text and code, and where a file was stored, are the server's:
+    every character that is not printable is shown escaped, so an escape
+    sequence can neither clear the screen nor retitle the window, and a
+    newline cannot make up a line (until 2026-12-07 they went out raw)."""
+    hostile = "\x1b[2J\x1b]0;PWNED\x07\nsent      fake.txt"
+    failed = FileJob("a.txt", None, 1, {"success": False, "error": hostile, "code": hostile})
+    stored = FileJob("b.txt", None, 1, {"success": True, "size": 1, "path": hostile})
+    for job in (failed, stored):
+        line = outcome_line("send", job)
+        assert "\x1b" not in line and "\x07" not in line and "\n" not in line, line
+        assert "\\x1b[2J\\x1b]0;PWNED\\x07\\nsent      fake.txt" in line, line
+    assert not _outcome("deleted", "a.txt", {"success": False, "error": hostile, "code": "x"})
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and "\x1b" not in printed, printed
+    assert printable("café ok") == "café ok"
+    assert error_line("bad\u202etxt.exe") == "conduit: error: bad\\u202etxt.exe"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from conduit import Client, FileTransferHandler, RPCError, Server
+from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
 from conduit.transfer._storage import StorageRoot
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
 
@@ -489,3 +489,116 @@ async def test_server_refuses_a_bad_range_from_a_raw_call(
                 )
             connection.close_stream(stream)
             assert refused.value.code == "invalid_range", (offset, length)
+
+
+# --------------------------------------------------------------------------- a server's answers
+
+
+def _listed(name: Any, size: Any = 1, modified: Any = 0.0) -> dict[str, Any]:
+    return {"files": [{"name": name, "size": size, "modified": modified}]}
+
+
+#: ``file_list`` answers a hostile server may give for ``prefix="photos"``.
+_BAD_LISTINGS: dict[str, Any] = {
+    "not-a-map": 5,
+    "nothing": None,
+    "a-list": [],
+    "no-files": {},
+    "files-not-a-list": {"files": 7},
+    "an-entry-not-a-map": {"files": [5]},
+    "a-name-not-text": _listed(5),
+    "outside-the-prefix": _listed("docs/important.txt"),
+    "the-prefix-itself": _listed("photos"),
+    "dot-dot": _listed("photos/../docs/important.txt"),
+    "absolute": _listed("/etc/passwd"),
+    "an-escape-sequence": _listed("photos/a\x1b[2J.txt"),
+    "a-size-not-a-number": _listed("photos/a.txt", size="many"),
+    "a-size-that-is-a-bool": _listed("photos/a.txt", size=True),
+    "a-negative-size": _listed("photos/a.txt", size=-1),
+    "no-modified": {"files": [{"name": "photos/a.txt", "size": 1}]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_LISTINGS))
+async def test_a_malformed_listing_is_a_bad_answer_and_fetches_nothing(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, case: str
+) -> None:
+    """``list_files`` checks the server's answer (until 2026-12-07 it took
+    whatever came: ``conduit get photos`` then wrote, and with
+    ``--overwrite`` replaced, ``docs/important.txt`` in its output
+    directory; a listing of another shape raised ``TypeError`` out of it);
+    a directory download of such a listing fetches nothing."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    _write(tmp_path / "server" / "photos" / "a.txt", b"a")
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+
+        async def file_list(prefix: str = "") -> Any:
+            return _BAD_LISTINGS[case]
+
+        server.register_rpc(file_list, "file_list")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    out = tmp_path / "out"
+    with trio.fail_after(30):
+        with pytest.raises(TransferError) as refused:
+            await local.list_files(client, prefix="photos")
+        assert refused.value.code == "bad_answer", refused.value
+        result = await local.receive_from_server(client, "photos", local_dir=out)
+    assert result["success"] is False and result["code"] == "bad_answer", result
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize("answer", [5, None, {"nofiles": 1}, {"success": False}, [1, 2]])
+async def test_a_malformed_answer_to_delete_or_rename_is_a_bad_answer(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, answer: Any
+) -> None:
+    """Until 2026-12-07 ``dict(answer)`` raised ``TypeError`` or ``ValueError``
+    out of ``delete`` and ``rename`` (a traceback from ``conduit rm``), or
+    took a map without ``success`` for a result."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+
+        async def hostile(**_ignored: Any) -> Any:
+            return answer
+
+        server.register_rpc(hostile, "file_delete")
+        server.register_rpc(hostile, "file_rename")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    with trio.fail_after(30):
+        deleted = await local.delete(client, "a.txt")
+        renamed = await local.rename(client, "a.txt", "b.txt")
+    for result in (deleted, renamed):
+        assert result["success"] is False and result["code"] == "bad_answer", result
+
+
+async def test_max_file_size_bounds_downloads_too(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The receiver's ``max_file_size`` holds for what a client downloads, a
+    file the server picks in a directory download among them (until
+    2026-12-07 only uploads and pushes were checked): ``too_large``, and
+    nothing written."""
+    _, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    _write(tmp_path / "server" / "big.bin", os.urandom(5000))
+    _write(tmp_path / "server" / "photos" / "large.bin", os.urandom(3000))
+    _write(tmp_path / "server" / "photos" / "small.bin", b"s" * 500)
+    _write(tmp_path / "server" / "huge.bin", os.urandom(BIG))
+    local = FileTransferHandler(storage_dir=tmp_path / "unused", max_file_size=1000)
+    out = tmp_path / "out"
+    with trio.fail_after(60):
+        for name in ("big.bin", "huge.bin"):
+            single = await local.receive_from_server(client, name, local_dir=out)
+            assert single["success"] is False and single["code"] == "too_large", single
+        tree = await local.receive_from_server(client, "photos", local_dir=out)
+    outcomes = {entry["name"]: entry.get("code", "ok") for entry in tree["files"]}
+    assert outcomes == {"photos/large.bin": "too_large", "photos/small.bin": "ok"}, tree
+    assert _visible(out) == {"photos/small.bin": b"s" * 500}

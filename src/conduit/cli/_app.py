@@ -170,7 +170,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
     The password comes from the CONDUIT_PASSWORD environment variable or a
     prompt, never from the command line. Exit codes: 0 ok, 1 a transfer
     failed, 2 usage or configuration error, 3 authentication failed, 4
-    connection failed, 130 interrupted, 141 the output's reader went away.
+    connection failed, 130 interrupted, 141 the output's reader went away,
+    143 terminated (SIGTERM).
     """
     ctx.obj = verbose
 
@@ -644,7 +645,11 @@ def user() -> None:
 @click.option(
     "--quota", callback=_size, metavar="SIZE", help="Bytes the user may store (e.g. 500M, 2G)."
 )
-@click.option("--read-only", is_flag=True, help="The user may list and download, not upload.")
+@click.option(
+    "--read-only",
+    is_flag=True,
+    help="The user may list and download, not upload, delete or rename.",
+)
 def user_add(
     name: str, accounts: Path, root: str | None, quota: int | None, read_only: bool
 ) -> int:

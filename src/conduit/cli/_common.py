@@ -65,9 +65,23 @@ class CLIError(Exception):
         self.exit_code = exit_code
 
 
+def printable(text: str) -> str:
+    """``text`` fit for a terminal: each character that is not printable
+    shown as its Python escape (``\\x1b``, ``\\u202e``, ``\\n``).
+
+    What the server sends (an error's text and code, where it stored a
+    file) reaches the terminal in these lines: an escape sequence in it
+    could clear the screen, retitle the window or hide what follows, and a
+    newline could make up a line of its own.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def error_line(message: str) -> str:
-    """How fatal errors look on stderr."""
-    return f"conduit: error: {message}"
+    """How fatal errors look on stderr (see :func:`printable`)."""
+    return f"conduit: error: {printable(message)}"
 
 
 def print_error(message: str) -> None:

@@ -44,7 +44,7 @@ from rich.table import Column
 from rich.text import Text
 
 from .. import TransferProgress
-from ._common import finite, human_bytes, human_eta, human_rate, human_seconds
+from ._common import finite, human_bytes, human_eta, human_rate, human_seconds, printable
 
 Verb = Literal["send", "get"]
 ProgressCallback = Callable[[TransferProgress], None]
@@ -105,7 +105,12 @@ def shorten(label: str, width: int = _LABEL_WIDTH) -> str:
 
 
 def outcome_line(verb: Verb, job: FileJob) -> str:
-    """The one line printed when a file is done."""
+    """The one line printed when a file is done (see :func:`printable`: the
+    server's error text, code and stored names are the peer's)."""
+    return printable(_outcome_text(verb, job))
+
+
+def _outcome_text(verb: Verb, job: FileJob) -> str:
     result = job.result or {}
     if not job.success:
         error = result.get("error", "not transferred")
@@ -196,12 +201,17 @@ class SilentDisplay(Display):
         """Print the line on stderr: a script waiting for the document sees why
         it is late (the connection is being reconnected), stdout stays one
         document."""
-        print(f"conduit: {line}", file=sys.stderr, flush=True)
+        print(f"conduit: {printable(line)}", file=sys.stderr, flush=True)
 
 
 @attrs.define
 class PlainDisplay(Display):
-    """One line per finished file, then a summary line; for pipes and log files."""
+    """One line per finished file, then a summary line; for pipes and log files.
+
+    Nothing else goes to stdout: a status line (the connection is being
+    reconnected) goes to stderr, as under ``--json``, so that a script
+    reading the lines finds only files and the summary there.
+    """
 
     verb: Verb
 
@@ -211,8 +221,8 @@ class PlainDisplay(Display):
             print(outcome_line(self.verb, part), flush=True)
 
     def status(self, line: str) -> None:
-        """Print the line."""
-        print(line, flush=True)
+        """Print the line on stderr."""
+        print(f"conduit: {printable(line)}", file=sys.stderr, flush=True)
 
     def finished(self, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> None:
         """Print the summary line."""
@@ -380,7 +390,7 @@ class LiveDisplay(Display):
 
     def status(self, line: str) -> None:
         """Print the line above the bars (they stay, paused, until the transfers resume)."""
-        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self.progress.console.print(printable(line), markup=False, highlight=False, soft_wrap=True)
 
     def finished(self, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> None:
         """Remember the summary line; it is printed once the bars are gone."""

@@ -27,6 +27,7 @@ from ._common import (
     emit_json,
     human_bytes,
     print_error,
+    printable,
 )
 from ._display import (
     RECONNECTED_LINE,
@@ -561,6 +562,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
         )
         return code
     for entry in files:
+        # (Names are safe relative names: list_files checked them.)
         print(f"{human_bytes(int(entry['size'])):>11}  {_listed_time(entry)}  {entry['name']}")
     total = sum(int(entry["size"]) for entry in files)
     print(f"{len(files)} files, {human_bytes(total)}" if files else "no files", flush=True)
@@ -584,9 +586,9 @@ Operation = tuple[dict[str, str], Callable[[FileTransferHandler, Client], Awaita
 def _outcome(verb: str, label: str, result: dict[str, Any]) -> bool:
     """Print one line for one operation's result; whether it succeeded."""
     if result.get("success"):
-        print(f"{verb:<9} {label}", flush=True)
+        print(printable(f"{verb:<9} {label}"), flush=True)
         return True
-    print(f"FAILED    {label}: {result.get('error')} [{result.get('code')}]", flush=True)
+    print(printable(f"FAILED    {label}: {result.get('error')} [{result.get('code')}]"), flush=True)
     return False
 
 

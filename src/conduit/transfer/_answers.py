@@ -15,8 +15,9 @@ from typing import Any
 
 import attrs
 
-from ..errors import TransferError
+from ..errors import TransferError, UnsafePathError
 from ..protocol import is_valid_stream_id
+from ._names import safe_relative_name
 
 #: The failure code of an answer that does not make sense.
 BAD_ANSWER = "bad_answer"
@@ -99,6 +100,58 @@ def stat_answer(answer: Any) -> StatAnswer:
     return StatAnswer(
         _integer(body, "size", 0, None), _integer(body, "modified_ns", -(2**63), 2**63 - 1)
     )
+
+
+def listing_answer(answer: Any, prefix: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """Check a ``file_list`` answer: its files, and whether the server cut them short.
+
+    A map whose ``files`` is a list of maps, each with a ``name`` that is
+    already a safe relative name (``_names.safe_relative_name``: no control
+    character, nothing outside the root),
+    under the directory ``prefix`` when one was asked for, a ``size`` (an
+    integer, 0 or more) and a ``modified`` time (a number). Anything else
+    raises :class:`BadAnswer`: a caller building local paths from the names
+    (``conduit get``) must never find one outside what it asked for.
+    """
+    body = _mapping(answer, "the file_list answer")
+    files = body.get("files")
+    if not isinstance(files, list):
+        raise BadAnswer(f"'files' is {type(files).__name__}, not a list")
+    under = ""
+    if prefix is not None:
+        try:
+            under = safe_relative_name(prefix) + "/"
+        except UnsafePathError:
+            raise BadAnswer(f"it lists files under {prefix!r}, which is no directory") from None
+    for item in files:
+        entry = _mapping(item, "a listed file")
+        name = entry.get("name")
+        try:
+            safe = safe_relative_name(name) == name  # type: ignore[arg-type]
+        except UnsafePathError:
+            safe = False
+        if not safe or not name.startswith(under):  # type: ignore[union-attr]
+            where = f"a file under {prefix!r}" if under else "a safe relative name"
+            raise BadAnswer(f"the server listed {name!r}, not {where}")
+        _integer(entry, "size", 0, None)
+        modified = entry.get("modified")
+        if not isinstance(modified, int | float) or isinstance(modified, bool):
+            raise BadAnswer(f"{name!r}'s 'modified' is {type(modified).__name__}, not a number")
+    return files, body.get("truncated") is True
+
+
+def outcome_answer(answer: Any, what: str) -> dict[str, Any]:
+    """Check the answer to a call that reports its outcome as a result dict
+    (``file_delete``, ``file_rename``): a map whose ``success`` is a bool, and
+    whose ``error`` and ``code`` are strings when it failed."""
+    body = _mapping(answer, what)
+    success = body.get("success")
+    if not isinstance(success, bool):
+        raise BadAnswer(f"{what}'s 'success' is {type(success).__name__}, not a bool")
+    if not success:
+        _text(body, "error", 64 * 1024)
+        _text(body, "code", 256)
+    return dict(body)
 
 
 def download_offset(answer: Any, asked: int) -> int:

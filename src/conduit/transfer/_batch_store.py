@@ -166,15 +166,17 @@ class DirectoryAdmitter:
     """An :class:`Admitter` for a directory of this process's own: the client's side
     of a download batch (``receive_from_server`` of a directory).
 
-    Each file's size is checked against the free space, as a single
-    download's is; there is no budget, quota or owner to reserve for.
+    Each file's size is checked against the handler's ``max_file_size`` and
+    the free space, as a single download's is; there is no budget, quota or
+    owner to reserve for.
     """
 
     storage: StorageRoot
+    max_file_size: int | None = None
 
     def admit(self, name: str, size: int) -> Admission:
-        """Check the free space, then open ``name``'s anonymous partial."""
-        self.storage.check_can_accept(size)
+        """Check the size and the free space, then open ``name``'s anonymous partial."""
+        self.storage.check_can_accept(size, self.max_file_size)
         # A download's kind of id: a partial a crash leaves under it (no
         # O_TMPFILE, or an overwrite's temporary) is one a later download of
         # the name removes (StorageRoot.remove_download_partials).

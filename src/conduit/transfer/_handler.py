@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._bridge import bridged
 from . import _manage as manage
+from ._answers import listing_answer
 from ._backend import Backend
 from ._backend_local import LocalBackend
 from ._hashing import HashGate
@@ -540,7 +541,8 @@ class FileTransferHandler:
         else:
             answer = await client.call(FILE_LIST, prefix=prefix)
         # The server adds "truncated" only when it cut the list; older ones never do.
-        return FileListing(answer["files"], truncated=answer.get("truncated") is True)
+        files, truncated = listing_answer(answer, prefix)
+        return FileListing(files, truncated=truncated)
 
     @bridged
     async def delete(self, client: Client, name: str) -> dict[str, Any]:

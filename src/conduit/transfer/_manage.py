@@ -18,6 +18,7 @@ from typing import Any
 from .._callbacks import trio_callback
 from .._peer import Peer
 from ..errors import ConduitError, TransferError, UnsafePathError
+from ._answers import outcome_answer
 from ._hooks import TransferSettings
 from ._names import safe_relative_name
 from ._space import check_writable
@@ -71,7 +72,8 @@ def _checked(name: str) -> str:
 async def delete(peer: Peer, name: str) -> dict[str, Any]:
     """Ask the server to delete ``name``; the result dict."""
     try:
-        return dict(await peer.call(FILE_DELETE, name=_checked(name)))
+        answer = await peer.call(FILE_DELETE, name=_checked(name))
+        return outcome_answer(answer, "the file_delete answer")
     except (ConduitError, OSError) as exc:
         return transfer_failure(exc)
 
@@ -79,8 +81,9 @@ async def delete(peer: Peer, name: str) -> dict[str, Any]:
 async def rename(peer: Peer, old: str, new: str, *, overwrite: bool) -> dict[str, Any]:
     """Ask the server to rename ``old`` to ``new``; the result dict."""
     try:
-        return dict(
-            await peer.call(FILE_RENAME, old=_checked(old), new=_checked(new), overwrite=overwrite)
+        answer = await peer.call(
+            FILE_RENAME, old=_checked(old), new=_checked(new), overwrite=overwrite
         )
+        return outcome_answer(answer, "the file_rename answer")
     except (ConduitError, OSError) as exc:
         return transfer_failure(exc)

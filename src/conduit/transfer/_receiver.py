@@ -566,7 +566,7 @@ class Receiver:
         overwrite = self._settings.overwrite
 
         def store() -> None:
-            store_batch(entries, DirectoryAdmitter(local), overwrite)
+            store_batch(entries, DirectoryAdmitter(local, self._settings.max_file_size), overwrite)
             # A cut download of an earlier version of a file left its partial
             # (a single download removes it when it starts from zero).
             local.remove_download_partials(e.safe for e in entries if e.error is None)
@@ -668,7 +668,8 @@ class Receiver:
             if partial.offset == 0:
                 await _threads.run_sync(local.remove_other_partials, target, key)
             held = min(partial.offset, expected)
-            await _threads.run_sync(lambda: local.check_can_accept(expected, None, offset=held))
+            limit = self._settings.max_file_size
+            await _threads.run_sync(lambda: local.check_can_accept(expected, limit, offset=held))
         except TransferError:
             with trio.CancelScope(shield=True):
                 await (partial.close() if partial.offset else partial.discard())

@@ -38,8 +38,8 @@ import attrs
 import trio
 
 from .. import _threads
-from ..errors import ConduitError, UnsafePathError
-from ._answers import BadAnswer
+from ..errors import ConduitError
+from ._answers import listing_answer
 from ._batch import send_small_files
 from ._batch_download import receive_small_files
 from ._names import MAX_DEPTH, safe_relative_name
@@ -209,31 +209,21 @@ def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str
     }
 
 
-def remote_entries(listing: Any, prefix: str, local_dir: Path) -> list[_Entry]:
-    """The files a ``file_list(prefix=...)`` answer names, each to land at ``local_dir/name``.
+def remote_entries(listing: Any, prefix: str, local_dir: Path) -> tuple[list[_Entry], bool]:
+    """The files a ``file_list(prefix=...)`` answer names, each to land at
+    ``local_dir/name``, and whether the server cut the listing short.
 
-    The server is not trusted: the answer must be a map whose ``files`` is a
-    list of maps, each with a ``name`` that is already a safe relative name
-    under ``prefix``; anything else raises :class:`BadAnswer` (``bad_answer``)
-    before a single file is fetched or a local path is made from it.
+    The server is not trusted: the answer is checked (:func:`._answers.listing_answer`:
+    a map whose ``files`` are maps, each with a name that is already a safe
+    relative name under ``prefix``), and anything else raises
+    :class:`BadAnswer` (``bad_answer``) before a single file is fetched or a
+    local path is made from it.
     """
-    if not isinstance(listing, dict) or not isinstance(listing.get("files", []), list):
-        raise BadAnswer("the directory listing is not a map with a list of files")
-    entries = []
-    for item in listing.get("files", []):
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str):
-            raise BadAnswer(f"a listed file is {type(item).__name__} without a text name")
-        try:
-            safe = safe_relative_name(name)
-        except UnsafePathError:
-            safe = None
-        if safe != name or not name.startswith(prefix + "/"):
-            raise BadAnswer(f"the server listed {name!r}, not a file under {prefix!r}")
-        size = item.get("size")
-        listed = size if isinstance(size, int) and not isinstance(size, bool) else None
-        entries.append(_Entry(name, str(local_dir / name), size=listed))
-    return entries
+    files, truncated = listing_answer(listing, prefix)
+    entries = [
+        _Entry(item["name"], str(local_dir / item["name"]), size=item["size"]) for item in files
+    ]
+    return entries, truncated
 
 
 async def send_tree(
@@ -340,9 +330,8 @@ async def receive_tree(
     listed = await on_peer(list_once)
     if not listed.get("success"):
         return {**listed, "directory": prefix, "files": []}
-    listing = listed["listing"]
     try:
-        entries = remote_entries(listing, prefix, local_dir)
+        entries, truncated = remote_entries(listed["listing"], prefix, local_dir)
     except ConduitError as exc:
         return {**transfer_failure(exc), "directory": prefix, "files": []}
 
@@ -350,7 +339,7 @@ async def receive_tree(
         receiver, on_peer, entries, local_dir, on_progress, small_file_limit=small_file_limit
     )
     extra: dict[str, Any] = {}
-    if listing.get("truncated"):
+    if truncated:
         extra = {"error": "the server listed only part of the directory", "code": "truncated"}
     return tree_result(prefix, entries, **extra)
 
