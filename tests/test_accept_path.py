@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 
 import pytest
 import trio
@@ -53,6 +54,30 @@ async def test_an_accept_out_of_file_descriptors_is_retried(nursery: trio.Nurser
     assert client.connected and not listener.errors
     await client.disconnect()
     await server.close()
+
+
+def test_accepts_failing_for_long_are_logged_within_a_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """300 accepts out of file descriptors in a row (30 s of retries, on a
+    clock that jumps): five lines, then one every 10 s, each without a
+    traceback (until 2026-12-07, one line and its traceback per retry: ten
+    a second for as long as the descriptors ran out)."""
+    caplog.set_level(logging.ERROR, logger="conduit.server")
+    listener = _FailingListener(*([errno.EMFILE] * 300))
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [listener])
+            await trio.sleep(31)  # the retries' 30 s, on the jumping clock
+            await server.close()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    lines = [r for r in caplog.records if "accept returned EMFILE" in r.getMessage()]
+    assert not listener.errors and 5 <= len(lines) <= 10, len(lines)
+    assert all(r.exc_info is None for r in lines)
+    assert "similar lines from this source suppressed" in lines[-1].getMessage()
 
 
 async def test_any_other_accept_failure_ends_serving() -> None:

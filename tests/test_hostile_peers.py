@@ -2045,3 +2045,40 @@ def test_hostile_inputs_doc_is_generated_from_the_tests() -> None:
     assert generated_block(doc) == render_table(), (
         "docs/hostile-inputs.md is out of date: run `python tests/hostile_helpers.py --write`"
     )
+
+
+@hostile(
+    "close-while-the-peer-sends",
+    area="hostile peer, authenticated",
+    attack="the server closes the connection (Peer.close) while bytes the peer sent are "
+    "unread in its socket, and the peer goes on sending",
+    behaviour="the server half-closes and reads to the peer's end before closing its socket: "
+    "the peer's sends go on, and it reads the GOODBYE",
+    found="the socket was closed at once: the kernel answered the unread bytes with a reset, "
+    "the peer's next send failed on it, and the peer took the end for a lost connection "
+    "(clients reconnected; pushes waited out push_reconnect_timeout)",
+)
+async def test_a_close_reaches_a_peer_still_sending_with_bytes_unread(arena: ArenaFactory) -> None:
+    """The server closes a connection (``Peer.close()``) while bytes its peer
+    sent are still unread in its socket, and the peer goes on sending (a
+    client whose upload runs): the peer still reads the GOODBYE. Until
+    2026-12-07 the socket was closed at once: the kernel answered the unread
+    bytes with a reset, the peer's next send failed on it, and the peer took
+    the end for a lost connection before its reader came to the GOODBYE (a
+    client reconnected; a server's push waited out its
+    ``push_reconnect_timeout``). Now the socket is half-closed and read to
+    the peer's end first (``conduit._socket_io.linger``)."""
+    a = await arena()
+    peer = await RawPeer.authenticated(a.port, PASSWORD)
+    await wait_until(lambda: peer.welcome.client_id in a.server.clients)
+    pings = peer.seal(*(encode_frame(FrameKind.PING, 0, Ping(n)) for n in range(1, 2001)))
+    # Written without a checkpoint: the server's reader has no turn before the close.
+    os.write(peer.stream.socket.fileno(), pings)
+    with trio.fail_after(LOADED_MACHINE_BOUND):
+        await a.server.clients[peer.welcome.client_id].close("kicked")
+        await peer.send_raw(pings)  # still sending: a reset would fail this
+        while (frame := await peer.next_frame()).kind is not FrameKind.GOODBYE:
+            pass
+    assert decode_body(frame, Goodbye).reason == "kicked"
+    await peer.aclose()
+    await a.check_healthy()

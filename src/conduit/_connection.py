@@ -59,7 +59,7 @@ from ._reading_role import ReadingRole
 from ._receive_buffer import ReceiveBuffer
 from ._receive_memory import RECHECK_INTERVAL, SharedReceiveMemory
 from ._result_gate import ResultGate
-from ._socket_io import SocketIO, close_now, peer_has_closed, unacknowledged_bytes
+from ._socket_io import SocketIO, close_now, linger, peer_has_closed, unacknowledged_bytes
 from ._streams import IncomingStream, OutgoingStream
 from .descriptors import window_limit
 from .errors import (
@@ -419,6 +419,9 @@ class Connection:
         # Reading stopped for it: the peer's silence (and idleness) is not
         # counted meanwhile.
         self._reading_paused = False
+        # Our GOODBYE went out whole: the socket lingers before it closes
+        # (see conduit._socket_io.linger).
+        self._goodbye_out = False
         # The handlers whose answers a deferred GOODBYE waits for (see
         # close); None unless one is deferred.
         self._goodbye_waits_for: set[trio.lowlevel.Task] | None = None
@@ -572,6 +575,8 @@ class Connection:
                     # pass per connection's end instead of two.
                     released = True
                     self._release()
+                    if self._goodbye_out:
+                        await linger(self.stream)
                     socket_closed = close_now(self.stream)
         except BaseException as exc:
             only_cancelled = _only_cancellation(exc)
@@ -590,6 +595,8 @@ class Connection:
                 if goodbye is not None:
                     await self._send_at_teardown(goodbye)
             finally:  # whatever failed above: the stream is closed all the same
+                if self._goodbye_out and not socket_closed:
+                    await linger(self.stream)
                 if socket_closed:
                     pass  # the nursery's exit made the pass
                 elif close_now(self.stream):
@@ -642,7 +649,7 @@ class Connection:
         if io is None:
             return record
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            io.send_now(record)
+            self._goodbye_out = io.send_now(record) == len(record)
         return None
 
     async def _send_at_teardown(self, record: bytes | bytearray) -> None:
@@ -654,6 +661,7 @@ class Connection:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + _TEARDOWN_SEND_GRACE
                 await self.stream.send_all(record)
+            self._goodbye_out = not scope.cancelled_caught
         except Exception as exc:
             log.debug("%s: the GOODBYE of the teardown was not sent: %r", self.label, exc)
 
@@ -941,6 +949,7 @@ class Connection:
             self.abort(self.close_reason or f"connection lost: {exc or type(exc).__name__}")
             return True
         if sent == len(record):
+            self._goodbye_out = True
             return True
         self._outbox.put_sealed([memoryview(record)[sent:]])
         self._outbox.wake_writer()
@@ -1444,6 +1453,9 @@ class Connection:
                         bulk = True
                     await self._write(record)
         except OutboxClosed:
+            # CLOSING, not CLOSED: the outbox ended after our GOODBYE went
+            # out (an abort closes the machine first).
+            self._goodbye_out = self._state.phase is _CLOSING
             self.abort(self.close_reason or "closed")
         except ConnectionClosed:
             pass

@@ -69,6 +69,11 @@ class LimitedLog:
         addresses together, have used their budget for this message."""
         self._emit(logging.WARNING, key, now, message, *args)
 
+    def error(self, key: str, now: float, message: str, *args: Any) -> None:
+        """:meth:`warning` at level ERROR (a condition that repeats for as long
+        as it lasts, such as the server out of file descriptors)."""
+        self._emit(logging.ERROR, key, now, message, *args)
+
     def info(self, key: str, now: float, message: str, *args: Any) -> None:
         """:meth:`warning` at level INFO (what a peer may cause at will, such as
         connections reset before their hello, under the same budgets)."""

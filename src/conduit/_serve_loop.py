@@ -9,7 +9,11 @@ also tells who connected (``accept_with_address``, as
 itself) passes that address to the handler, which then asks the socket for
 nothing. Everything else is Trio's: each listener is closed when serving
 ends, and an ``accept`` failing for lack of resources (file descriptors,
-memory) is logged and retried after :data:`SLEEP_TIME`, not fatal.
+memory) is retried after :data:`SLEEP_TIME`, not fatal; it is logged
+within a budget (:class:`~conduit._log_limit.LimitedLog`: five lines, then
+one every 10 s, saying how many were left out), without a traceback, which
+says nothing an errno does not (until 2026-12-07, ten lines of traceback a
+second for as long as the descriptors ran out).
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from typing import Any
 
 import trio
 
+from ._log_limit import LimitedLog
+
 #: ``accept`` errors that mean the system is overloaded (Trio's list).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Seconds to wait after one of those.
 SLEEP_TIME = 0.1
 
 log = logging.getLogger("conduit.server")
+_limited = LimitedLog(log)
 
 #: ``handler(stream, address)``: the peer's (host, port), or None when unknown.
 Handler = Callable[[Any, "tuple[str, int] | None"], Awaitable[object]]
@@ -47,12 +54,13 @@ async def _serve_one(
             except OSError as exc:
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
-                log.error(
+                _limited.error(
+                    "accept",
+                    trio.current_time(),
                     "accept returned %s (%s); retrying in %s seconds",
                     errno.errorcode[exc.errno],
                     os.strerror(exc.errno),
                     SLEEP_TIME,
-                    exc_info=True,
                 )
                 await trio.sleep(SLEEP_TIME)
             else:

@@ -247,6 +247,50 @@ def close_now(stream: trio.abc.Stream) -> bool:
 _PEER_GONE = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a socket stream, plain or under TLS (None: in memory)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket if isinstance(stream, trio.SocketStream) else None
+
+
+#: How long a connection that said GOODBYE reads on, discarding, for the
+#: peer's end of stream before it closes its socket (see :func:`linger`).
+LINGER_AFTER_GOODBYE = 1.0
+
+
+async def linger(stream: trio.abc.Stream, timeout: float = LINGER_AFTER_GOODBYE) -> None:
+    """Half-close the socket of ``stream`` (plain or under TLS), then read,
+    discarding, until the peer's end of stream, for at most ``timeout``
+    seconds; shielded. Nothing for a stream on no socket.
+
+    For a connection whose GOODBYE went out, before it closes its socket.
+    Closing a socket with bytes unread makes the kernel answer with a
+    reset, and a reset makes the peer's kernel drop what the peer has not
+    read yet: our GOODBYE too, when its reader lags behind its own sending
+    (a push or an upload of its own under way). The peer then took a close
+    meant for good for a lost link: a client reconnected, a server's push
+    waited out its ``push_reconnect_timeout`` (until 2026-12-07, under TLS
+    most of the time). Here the peer reads our GOODBYE, ends, and its end of
+    stream ends the wait. (Under TLS the half-close goes under the TLS
+    layer: the GOODBYE, sealed, already said the connection is over.)
+    """
+    sock = _socket_of(stream)
+    if sock is None or sock.fileno() < 0:
+        return
+    try:
+        sock.shutdown(_socket.SHUT_WR)
+    except OSError:
+        return  # the connection failed already: nothing left to lose
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + timeout
+        try:
+            while await sock.recv(256 * 1024):
+                pass
+        except OSError:
+            pass
+
+
 def peer_has_closed(stream: trio.abc.Stream) -> bool:
     """Whether the peer of a socket stream (plain or under TLS) has closed its
     side or the connection failed, even with unread bytes before its end.
@@ -256,11 +300,10 @@ def peer_has_closed(stream: trio.abc.Stream) -> bool:
     no socket (in memory), and when nothing says so yet. One ``poll`` that
     never waits.
     """
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream):
+    sock = _socket_of(stream)
+    if sock is None:
         return False
-    fd = stream.socket.fileno()
+    fd = sock.fileno()
     if fd < 0:
         return True  # closed here
     poller = select.poll()
@@ -277,11 +320,10 @@ def unacknowledged_bytes(stream: trio.abc.Stream) -> int | None:
     link goes; one that stands still says it took none since (its receive
     buffer is full: it reads nothing). One ``ioctl`` that never waits.
     """
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream) or _SIOCOUTQ is None:
+    sock = _socket_of(stream)
+    if sock is None or _SIOCOUTQ is None:
         return None
-    fd = stream.socket.fileno()
+    fd = sock.fileno()
     if fd < 0:
         return None
     try:
