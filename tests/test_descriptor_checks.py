@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -107,3 +108,45 @@ def test_a_window_may_grow_to_eight_times_its_opening_size_unless_told_otherwise
     assert limit(attrs.evolve(defaults, receive_window=1024**2)) == 8 * 1024**2
     fixed = descriptor(password="x", max_receive_window=4 * 1024**2)
     assert limit(fixed) == fixed.receive_window
+
+
+@pytest.mark.parametrize("value", ["15", True, math.nan, -1])
+def test_heartbeat_intervals_and_cluster_ttls_are_checked_by_name(value: Any) -> None:
+    """Until 2026-12-07 ``heartbeat_interval=True`` was taken (as 1 s), and
+    ``"15"`` or ``cluster_ttl="10"`` failed in a comparison that named no field."""
+    error = (
+        ValueError if isinstance(value, float | int) and not isinstance(value, bool) else TypeError
+    )
+    for descriptor in (ServerDescriptor, ClientDescriptor):
+        with pytest.raises(error, match="heartbeat_interval must be"):
+            descriptor(password="x", heartbeat_interval=value)
+    if value != -1:  # (-1 is a number, outside the bound: a ValueError of its own)
+        with pytest.raises(error, match="cluster_ttl must be"):
+            ServerDescriptor(password="x", cluster_ttl=value)
+    ServerDescriptor(password="x", heartbeat_interval=0, cluster_ttl=10)
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "field"),
+    [
+        (ServerDescriptor, "tls_certfile"),
+        (ServerDescriptor, "tls_keyfile"),
+        (ClientDescriptor, "tls_ca_file"),
+        (ClientDescriptor, "tls_server_hostname"),
+    ],
+)
+def test_tls_paths_and_names_are_text(descriptor: type[Any], field: str) -> None:
+    """Until 2026-12-07 ``tls_server_hostname=5`` was taken, and the connect
+    then failed with ``AttributeError: 'int' object has no attribute 'decode'``."""
+    extra = {"tls_certfile": "chain.pem"} if field == "tls_keyfile" else {}
+    with pytest.raises(TypeError, match=f"{field} must be a str or None"):
+        descriptor(password="x", **{field: 5}, **extra)
+
+
+def test_a_tls_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    """The server reads its TLS files when it starts: until 2026-12-07 a
+    missing one failed there with a bare ``[Errno 2] No such file or
+    directory`` that named no file."""
+    missing = str(tmp_path / "missing-chain.pem")
+    with pytest.raises(ValueError, match=r"missing-chain\.pem cannot be used"):
+        ServerDescriptor(password="x", tls_certfile=missing).build_ssl_context()

@@ -71,6 +71,18 @@ def _optional_positive(_inst: Any, attribute: attrs.Attribute[Any], value: float
         raise ValueError(f"{attribute.name} must be positive or None, got {value}")
 
 
+def _non_negative(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    _number(attribute, value)
+    if not value >= 0:  # NaN fails too
+        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
+
+
+def _optional_text(_inst: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    """A file's path or a host name: a str, or None."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{attribute.name} must be a str or None, got {value!r}")
+
+
 def _frame_size(_inst: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
         raise ValueError(
@@ -186,6 +198,7 @@ def _node_name(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -
 
 
 def _cluster_ttl(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    _number(attribute, value)
     if not 0.3 <= value <= 30.0:
         raise ValueError(f"{attribute.name} must be between 0.3 and 30 seconds, got {value}")
 
@@ -272,7 +285,7 @@ class ServerDescriptor:
     #: (its credit for more) is not idle.
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Seconds between pings; 0 disables heartbeats.
-    heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
+    heartbeat_interval: float = attrs.field(default=15.0, validator=_non_negative)
     #: Close a connection whose peer has sent nothing for this long, or has
     #: taken none of the bytes we wait to send it for this long (twice as long
     #: while a stream of ours waits for its credit and it sends only PINGs).
@@ -372,9 +385,11 @@ class ServerDescriptor:
         default=32, validator=[v.instance_of(int), _positive]
     )
     #: PEM certificate chain and key: serve TLS (on top of the password handshake).
-    tls_certfile: str | None = attrs.field(default=None)
+    #: Read when the server starts (:meth:`build_ssl_context`): a file that
+    #: cannot be used fails :meth:`~conduit.Server.run` then, naming it.
+    tls_certfile: str | None = attrs.field(default=None, validator=_optional_text)
     #: PEM private key for ``tls_certfile`` (None when the chain file holds it).
-    tls_keyfile: str | None = attrs.field(default=None)
+    tls_keyfile: str | None = attrs.field(default=None, validator=_optional_text)
     #: A ready SSL context instead of the two files.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
     #: Join a cluster of conduit nodes through this Redis or Valkey server:
@@ -458,7 +473,12 @@ class ServerDescriptor:
                 "(openssl pkey -in ENCRYPTED -out PLAIN), readable by the server only"
             )
 
-        context.load_cert_chain(self.tls_certfile, self.tls_keyfile, password=no_passphrase)
+        try:
+            context.load_cert_chain(self.tls_certfile, self.tls_keyfile, password=no_passphrase)
+        except (OSError, ssl.SSLError) as exc:
+            # A bare "[Errno 2] No such file or directory" names no file.
+            files = self.tls_certfile + (f" and {self.tls_keyfile}" if self.tls_keyfile else "")
+            raise ValueError(f"the TLS files {files} cannot be used: {exc}") from None
         return context
 
 
@@ -499,7 +519,7 @@ class ClientDescriptor:
     #: itself: the window never grows.
     max_receive_window: int | None = attrs.field(default=None, validator=_max_receive_window)
     #: Seconds between pings; 0 disables heartbeats.
-    heartbeat_interval: float = attrs.field(default=15.0, validator=v.ge(0))
+    heartbeat_interval: float = attrs.field(default=15.0, validator=_non_negative)
     #: Close the connection (and reconnect, if enabled) when the server has
     #: sent nothing for this long, or has read nothing of ours for this long.
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
@@ -526,10 +546,10 @@ class ClientDescriptor:
     #: CA bundle to verify the server with (default: the system's); turns TLS
     #: on. Loaded when the descriptor is made: a file that cannot be used is
     #: a ValueError then, not a failed connect later.
-    tls_ca_file: str | None = attrs.field(default=None)
+    tls_ca_file: str | None = attrs.field(default=None, validator=_optional_text)
     #: Host name to check the certificate against (default: ``server_host``);
     #: turns TLS on.
-    tls_server_hostname: str | None = attrs.field(default=None)
+    tls_server_hostname: str | None = attrs.field(default=None, validator=_optional_text)
     #: A ready SSL context instead of ``tls``/``tls_ca_file``.
     ssl_context: ssl.SSLContext | None = attrs.field(default=None, eq=False, repr=False)
     #: Reconnect on its own when an established connection is lost (reset,
