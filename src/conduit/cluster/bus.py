@@ -1248,7 +1248,11 @@ class ClusterBus:
         Never raises. Looks every ``ttl / 3``. A look that fails (the bus did
         not answer) proves nothing about the node: one Redis blip must not
         fail a long request, so it is tried again at the next look. The node
-        is taken for gone when it is seen missing, or when the bus has not
+        is taken for gone when it is seen missing and has sent no word about
+        the request for half a TTL (a bus restarted empty has lost every
+        registration, which each node writes again at its next heartbeat,
+        a third of a TTL later at most: until 2026-12-07 one look in that
+        gap failed a push the node was still delivering), or when the bus has not
         answered for a whole TTL since the node was last seen (by then the
         node's own registration may have expired unseen, and nothing can be
         learnt). The request is taken for lost when the node is seen
@@ -1278,6 +1282,8 @@ class ClusterBus:
                 scope.cancel()
                 return
             if not alive:  # request() says so: no reply came
+                if trio.current_time() - pending.heard <= self.ttl / 2:
+                    continue  # it still serves: its registration comes back
                 scope.cancel()
                 return
             seen = trio.current_time()
