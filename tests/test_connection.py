@@ -188,12 +188,14 @@ def _pair(
 
 
 @contextlib.asynccontextmanager
-async def _running_pair(**server_overrides: Any) -> AsyncIterator[Pair]:
+async def _running_pair(
+    client_settings: ConnectionSettings | None = None, **server_overrides: Any
+) -> AsyncIterator[Pair]:
     """A connected pair over memory streams, both running; the server's
     settings with ``server_overrides``. Cancelled on exit."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
     server_settings = _settings(**server_overrides) if server_overrides else None
-    p = _pair(client_stream, server_stream, server_settings=server_settings)
+    p = _pair(client_stream, server_stream, client_settings, server_settings)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.client.run)
         nursery.start_soon(p.server.run)
@@ -387,32 +389,27 @@ async def test_large_results_wait_unread_until_those_in_hand_are_taken(
     value, and nothing is left counted once they have."""
     monkeypatch.setattr(protocol_connection, "RESULTS_IN_HAND_BYTES", 1024 * 1024)
     gate = _CountingGate()
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    p = _pair(client_stream, server_stream, client_settings=_settings(results_in_hand=gate))
     release = trio.Event()
     started: list[int] = []
+    got: dict[int, int] = {}
 
     async def maps(_c: Connection, n: int) -> list[dict[str, int]]:
         started.append(n)
         await release.wait()  # all answered together, in one read or few
         return [{}] * n  # 20 KB on the wire, ~1.4 MB decoded
 
-    p.server_dispatch.methods["maps"] = maps
-    got: dict[int, int] = {}
-
-    async def caller(index: int) -> None:
-        got[index] = len(await p.client.call("maps", {"n": 20_000 + index}, None))
-
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.client.run)
-            nursery.start_soon(p.server.run)
+        async with _running_pair(_settings(results_in_hand=gate)) as p:
+            p.server_dispatch.methods["maps"] = maps
+
+            async def caller(index: int) -> None:
+                got[index] = len(await p.client.call("maps", {"n": 20_000 + index}, None))
+
             async with trio.open_nursery() as callers:
                 for index in range(8):
                     callers.start_soon(caller, index)
                 await wait_until(lambda: len(started) == 8)
                 release.set()
-            nursery.cancel_scope.cancel()
     assert got == {index: 20_000 + index for index in range(8)}
     assert gate.most == 1 and gate.held == 0 and gate.in_hand == 0
 
