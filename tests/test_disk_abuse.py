@@ -178,6 +178,41 @@ async def test_concurrent_begins_never_reserve_more_than_the_free_space(
 
 
 @hostile(
+    "disk-reservation-without-data",
+    area="disk",
+    attack="on a 16 MiB volume, a client that keeps its connection (it answers heartbeats) "
+    "begins a 14 MiB upload and never sends a byte, then an honest 4 MiB upload",
+    behaviour="the upload that brings nothing fails 'stalled' after twice heartbeat_timeout "
+    "(here 2 x 1 s), its reservation released, its partial kept; the honest upload, refused "
+    "'no_space' meanwhile, then succeeds",
+    found="the reservation stood for as long as the connection lived: every other upload "
+    "was refused 'no_space' (a review: 65.7 GiB declared, 0 written, refused 60 s later)",
+)
+async def test_an_upload_that_brings_nothing_gives_its_reservation_back(
+    server_factory: ServerFactory, client_factory: ClientFactory, volume: Volume, tmp_path: Path
+) -> None:
+    storage = volume(16 * MiB) / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(
+        register=transfer.register_server_handlers, heartbeat_interval=0.2, heartbeat_timeout=1.0
+    )
+    hog = await client_factory(server, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    honest = await client_factory(server)
+    source = tmp_path / "honest.bin"
+    source.write_bytes(os.urandom(4 * MiB))
+    sender = FileTransferHandler(storage_dir=tmp_path / "scratch")
+    with trio.fail_after(60):
+        assert (await begin(hog, "hog.bin", 14 * MiB, "h" * 32))["success"]
+        refused = await sender.send_to_server(honest, source)
+        assert refused["success"] is False and refused["code"] == "no_space", refused
+        await trio.sleep(3)  # past the stall: twice the server's heartbeat_timeout
+        stored = await sender.send_to_server(honest, source)
+    assert stored["success"] is True, stored
+    assert (storage / "honest.bin").read_bytes() == source.read_bytes()
+    assert hog.connected  # its connection lives on: only the upload ended
+
+
+@hostile(
     "disk-evict-abandoned",
     area="disk",
     attack="on a 16 MiB volume, uploads of 3.75 MiB dropped at 3.25 MiB (their partials "

@@ -20,6 +20,7 @@ import trio
 from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
 from conduit.transfer._storage import StorageRoot
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
+from transfer_helpers import register_replacing
 
 BIG = 3 * 1024 * 1024 + 7  # streamed, not sent in one call
 
@@ -602,3 +603,38 @@ async def test_max_file_size_bounds_downloads_too(
     outcomes = {entry["name"]: entry.get("code", "ok") for entry in tree["files"]}
     assert outcomes == {"photos/large.bin": "too_large", "photos/small.bin": "ok"}, tree
     assert _visible(out) == {"photos/small.bin": b"s" * 500}
+
+
+async def test_a_download_whose_data_never_comes_fails_stalled_and_keeps_its_partial(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A server that answers ``file_download`` and then sends nothing (while
+    it answers heartbeats): the download fails ``stalled`` after twice the
+    client's ``heartbeat_timeout`` (here 2 x 1 s), its partial kept for a
+    resume. Until 2026-12-07 it waited for as long as the connection lived.
+    The same file from an honest server then downloads whole."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    data = os.urandom(BIG)
+    _write(tmp_path / "server" / "big.bin", data)
+    answered: list[int] = []
+
+    async def file_download(stream_id: int, **_ignored: Any) -> dict[str, int]:
+        answered.append(stream_id)
+        return {"offset": 0}  # and never a byte
+
+    hostile = await server_factory(
+        register=register_replacing(transfer, "file_download", file_download)
+    )
+    client = await client_factory(hostile, heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    out = tmp_path / "out"
+    with trio.fail_after(30):
+        stalled = await local.receive_from_server(client, "big.bin", local_dir=out)
+    assert stalled["success"] is False and stalled["code"] == "stalled", stalled
+    assert answered and client.connected
+    assert not (out / "big.bin").exists()
+    honest = await client_factory(await server_factory(register=transfer.register_server_handlers))
+    with trio.fail_after(30):
+        whole = await local.receive_from_server(honest, "big.bin", local_dir=out)
+    assert whole["success"] is True, whole
+    assert (out / "big.bin").read_bytes() == data

@@ -1982,9 +1982,14 @@ class Connection:
                 tuner=WindowTuner(limit, trio.current_time()) if tuned else None,
                 round_trips=self,
                 growth_reserve=reserve,
+                reading_paused=self._is_reading_paused,
             )
 
         return self._state.open_inbound(make)
+
+    def _is_reading_paused(self) -> bool:
+        """Whether this side has stopped reading the socket for now (see _reading_paused)."""
+        return self._reading_paused
 
     def _receive_room(self) -> int:
         """Bytes the receive budget has left beyond what the inbound streams may

@@ -64,6 +64,7 @@ class IncomingStream(InboundStream):
         tuner: WindowTuner | None = None,
         round_trips: RoundTrips | None = None,
         growth_reserve: int = 0,
+        reading_paused: Callable[[], bool] = lambda: False,
     ) -> None:
         """``max_frame_size``: the largest DATA payload the peer may send us (None: unknown).
 
@@ -82,8 +83,14 @@ class IncomingStream(InboundStream):
         ``growth_reserve`` of the ``room`` for streams yet to open: windows
         never shrink, so what they took would refuse those streams for as
         long as they last.
+
+        ``reading_paused``: whether the connection has stopped reading its
+        socket for now (its receive memory is full, say): no data can come
+        then, which says nothing against the sender.
         """
         super().__init__(stream_id, window, memory)
+        #: See ``reading_paused`` above.
+        self.reading_paused = reading_paused
         self._shared = memory
         self._grant = grant
         self._room = room

@@ -363,11 +363,20 @@ def records_of(stream_id: int, block: Buffer, shape: tuple[int, int]) -> list[Da
 
 
 async def receive_file(
-    stream: IncomingStream, partial: BlockWriter, *, size: int, reporter: ProgressReporter
+    stream: IncomingStream,
+    partial: BlockWriter,
+    *,
+    size: int,
+    reporter: ProgressReporter,
+    stall_after: float = math.inf,
 ) -> Trailer:
     """Write the stream into ``partial`` until its END; return the sender's trailer.
 
-    Refuses (``size_mismatch``) a sender that sends more than it announced.
+    Refuses (``size_mismatch``) a sender that sends more than it announced,
+    and (``stalled``) one that has sent nothing for ``stall_after`` seconds
+    while this side waited for data and read its socket: a peer that
+    answers heartbeats but never sends held the transfer (and on a server,
+    the disk space reserved for it) for as long as its connection lived.
     Once the stream has shown it is bulk (:data:`WRITE_BATCH` taken), and
     where the sink has a blocking append, a thread of the transfer's own
     writes each batch while the next one is taken (:class:`WriteBehind`);
@@ -392,6 +401,11 @@ async def receive_file(
     # A writer thread is asked for once this much was taken: when the stream
     # has shown it is bulk, and after each batch while it has none.
     writer_from = WRITE_BATCH
+    # When this side began to wait for the stream's next bytes, having
+    # written the last ones (or last stopped reading its socket, which no
+    # sender can be blamed for): the stall clock counts only our waits.
+    heard = trio.current_time()
+    brought = False
     try:
         while True:
             # Batches only once the stream has shown it is bulk: a short stream,
@@ -412,12 +426,22 @@ async def receive_file(
             # says it was written (bounded: see IncomingStream.receive). A
             # wait cut short leaves the stream as it was.
             idle = WRITE_BEHIND_IDLE if behind is not None else math.inf
-            with trio.move_on_after(idle) as waiting:
+            now = trio.current_time()
+            if brought:
+                heard, brought = now, False
+            with trio.move_on_at(min(now + idle, heard + stall_after)) as waiting:
                 chunks, raw_trailer = await stream.receive(
                     batch, patience=WRITE_PATIENCE, ahead=True, keep=True
                 )
-            if waiting.cancelled_caught and behind is not None:
-                if not behind.outstanding:
+            if waiting.cancelled_caught:
+                now = trio.current_time()
+                if now >= heard + stall_after:
+                    if not stream.reading_paused():
+                        raise TransferError(
+                            f"the sender sent nothing for {stall_after:g} s", "stalled"
+                        )
+                    heard = now
+                if behind is not None and not behind.outstanding:
                     # Nothing came to write for that long (a stalled or slow
                     # sender): the thread goes back to the run's few; another
                     # is asked for once the stream brings the next batch.
@@ -427,6 +451,7 @@ async def receive_file(
                     behind = None
                     writer_from = taken + WRITE_BATCH
                 continue
+            brought = True
             if chunks:
                 amount = _length(chunks)
                 if start + taken + amount > size:

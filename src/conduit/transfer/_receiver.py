@@ -128,10 +128,20 @@ async def _abandon(streams: dict[int, _Inbound], stream_id: int, inbound: _Inbou
 #: Failures that say nothing against the bytes already stored, so the partial
 #: is kept for a resume rather than discarded: "busy" (another writer, the node
 #: the sender used before and not done letting go, stored a part under us),
+#: a sender that stopped sending ("stalled": see STALL_HEARTBEAT_TIMEOUTS),
 #: and an object store's refusal or absence ("storage_error",
 #: "storage_unavailable": a 503 SlowDown burst or a connection reset outlasting
 #: the client's retries), after which the parts it acknowledged are intact.
-_KEPT_ON_FAILURE = frozenset({"busy", "storage_error", "storage_unavailable"})
+_KEPT_ON_FAILURE = frozenset({"busy", "stalled", "storage_error", "storage_unavailable"})
+#: A stream that has brought nothing for this many times ``heartbeat_timeout``
+#: (90 s at the default) while this side waited for it and read its socket
+#: fails ``stalled``, its partial kept: a peer that answers heartbeats but
+#: never sends (a client that began an upload, a server that answered a
+#: download) held the transfer, its slot, its file and, on a server, the
+#: disk space reserved for it, for as long as its connection lived (until
+#: 2026-12-07). As long as a sender whose own peer stopped reading waits for
+#: its credit (``_CREDIT_PATIENCE`` in the engine).
+STALL_HEARTBEAT_TIMEOUTS = 2
 #: What a download keeps besides: a full disk ("no_space") says nothing
 #: against what reached the file either. A download cut there resumes once
 #: room is made, as one refused up front for room does (the server's uploads
@@ -775,7 +785,13 @@ class Receiver:
         )
         overwrite = self._settings.overwrite
         try:
-            trailer = await receive_file(stream, partial, size=size, reporter=reporter)
+            trailer = await receive_file(
+                stream,
+                partial,
+                size=size,
+                reporter=reporter,
+                stall_after=STALL_HEARTBEAT_TIMEOUTS * connection.settings.heartbeat_timeout,
+            )
             if trailer.size != size or partial.offset != size:
                 raise TransferError(
                     f"size mismatch: announced {size}, trailer says {trailer.size}, "
