@@ -475,7 +475,9 @@ class ServerDescriptor:
 
         try:
             context.load_cert_chain(self.tls_certfile, self.tls_keyfile, password=no_passphrase)
-        except (OSError, ssl.SSLError) as exc:
+        except ssl.SSLError:
+            raise  # what is wrong with their contents (`conduit serve` says which file)
+        except OSError as exc:
             # A bare "[Errno 2] No such file or directory" names no file.
             files = self.tls_certfile + (f" and {self.tls_keyfile}" if self.tls_keyfile else "")
             raise ValueError(f"the TLS files {files} cannot be used: {exc}") from None
