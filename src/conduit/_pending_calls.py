@@ -214,6 +214,7 @@ class PendingCalls:
                 self._resumed()
             else:  # abort() succeeded: never woken by us, so not counted
                 self._send_cancel(call_id)
+            self._taken(pending)
             raise
         self._resumed()
         if pending.held:  # (_taken, inline: a large result is rare)

@@ -265,11 +265,11 @@ async def linger(stream: trio.abc.Stream, timeout: float = LINGER_AFTER_GOODBYE)
     seconds; shielded. Nothing for a stream on no socket.
 
     For a connection whose GOODBYE went out, before it closes its socket.
-    Closing a socket with bytes unread makes the kernel answer with a
-    reset, and a reset makes the peer's kernel drop what the peer has not
-    read yet: our GOODBYE too, when its reader lags behind its own sending
-    (a push or an upload of its own under way). The peer then took a close
-    meant for good for a lost link: a client reconnected, a server's push
+    Closing a socket with bytes unread, or that the peer still sends to,
+    makes the kernel answer with a reset, on which the peer's next send
+    fails: a peer still sending (a push or an upload of its own under way)
+    then ended as for a lost link before its reader came to our GOODBYE,
+    behind what it had not read yet. A client reconnected, a server's push
     waited out its ``push_reconnect_timeout`` (until 2026-12-07, under TLS
     most of the time). Here the peer reads our GOODBYE, ends, and its end of
     stream ends the wait. (Under TLS the half-close goes under the TLS

@@ -127,10 +127,10 @@ def listing_answer(answer: Any, prefix: str | None) -> tuple[list[dict[str, Any]
         entry = _mapping(item, "a listed file")
         name = entry.get("name")
         try:
-            safe = safe_relative_name(name) == name  # type: ignore[arg-type]
+            safe = isinstance(name, str) and safe_relative_name(name) == name
         except UnsafePathError:
             safe = False
-        if not safe or not name.startswith(under):  # type: ignore[union-attr]
+        if not safe or not str(name).startswith(under):
             where = f"a file under {prefix!r}" if under else "a safe relative name"
             raise BadAnswer(f"the server listed {name!r}, not {where}")
         _integer(entry, "size", 0, None)
