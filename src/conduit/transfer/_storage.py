@@ -62,6 +62,7 @@ from ._names import (
     safe_relative_name,
     split_name,
 )
+from ._prefix_digests import PREFIX_DIGESTS
 from ._stoppable import Stopped
 
 log = logging.getLogger("conduit.transfer")
@@ -1026,11 +1027,15 @@ class PartialFile:
         was) if ``stop`` is set between two blocks: the transfer was given up.
         """
         fd = self._require_open()
-        digest = hashlib.sha256()
-        size = os.fstat(fd).st_size
-        position = 0
+        status = os.fstat(fd)
+        size = status.st_size
+        # A hash kept when the partial was last closed (or given up part
+        # way), if the file is as it was: nothing, or only the rest, to read.
+        kept = PREFIX_DIGESTS.take(status)
+        position, digest = kept if kept is not None else (0, hashlib.sha256())
         while position < size:
             if stop is not None and stop.is_set():
+                PREFIX_DIGESTS.keep(status, position, digest)
                 raise Stopped(f"stopped hashing the partial of {self._name!r}")
             block = os.pread(fd, min(_HASH_BLOCK, size - position), position)
             if not block:
@@ -1052,10 +1057,16 @@ class PartialFile:
         os.fsync(self._require_open())
 
     def close(self) -> None:
-        """Release the descriptors and the lock; the partial file stays for a resume."""
+        """Release the descriptors and the lock; the partial file stays for a resume
+        (its running hash is kept for it: see :mod:`._prefix_digests`)."""
         fd, dir_fd = self._fd, self._dir_fd
         self._fd = self._dir_fd = None
         if fd is not None:
+            if self._partial_name is not None and not self._finished:
+                with suppress(OSError):
+                    status = os.fstat(fd)
+                    if status.st_size == self._offset:
+                        PREFIX_DIGESTS.keep(status, self._offset, self._hash.copy())
             os.close(fd)
         if dir_fd is not None:
             os.close(dir_fd)
