@@ -42,7 +42,7 @@ import functools
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import attrs
@@ -1044,9 +1044,17 @@ class Connection:
         idleness; a peer that reads nothing meanwhile is ended by the heartbeat
         all the same, as the send that waits for it makes no progress.
         """
+        with self._our_pause():
+            await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+
+    @contextlib.contextmanager
+    def _our_pause(self) -> Iterator[None]:
+        """This side stops reading for the block: the peer's silence and
+        idleness are not counted meanwhile (a peer we do not read cannot be
+        heard), and both start again after it."""
         self._reading_paused = True
         try:
-            await self._outbox.wait_control_below(_CONTROL_BACKLOG)
+            yield
         finally:
             self._reading_paused = False
             self._last_received = self._last_activity = trio.current_time()
@@ -1074,12 +1082,8 @@ class Connection:
                 return False
             return True
 
-        self._reading_paused = True
-        try:
+        with self._our_pause():
             await memory.wait_for_room(still_needed)
-        finally:
-            self._reading_paused = False
-            self._last_received = self._last_activity = trio.current_time()
 
     async def _drain_reader(self) -> Blocked | None:
         next_frame = self._reader.next_frame
@@ -1227,12 +1231,8 @@ class Connection:
         Our pause, as for the receive memory: it counts neither as the
         peer's silence nor as its idleness.
         """
-        self._reading_paused = True
-        try:
+        with self._our_pause():
             await self._results_in_hand.wait_taken()
-        finally:
-            self._reading_paused = False
-            self._last_received = self._last_activity = trio.current_time()
 
     async def _wait_for_call_memory(self, memory: CallMemory, charge: int) -> None:
         """Read nothing until the message task has handled one of this
@@ -1249,17 +1249,13 @@ class Connection:
         """
         own = self._message_bytes
         stream = self.stream
-        self._reading_paused = True
-        try:
+        with self._our_pause():
             while self._message_bytes == own and self._held_by_call_memory(memory, charge):
                 room = self._message_room = trio.Event()
                 with trio.move_on_after(RECHECK_INTERVAL):
                     await room.wait()
                 if peer_has_closed(stream):
                     self.abort(self.close_reason or "peer closed the connection")
-        finally:
-            self._reading_paused = False
-            self._last_received = self._last_activity = trio.current_time()
 
     async def _wait_for_message_room(
         self,
