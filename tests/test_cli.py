@@ -605,8 +605,8 @@ def test_serve_raises_its_descriptor_limit_to_what_its_connections_need(tmp_path
         assert conduit("ls", "--from", tight.address).returncode == 0
         log = tight.log_text()
         assert (
-            "may open only 512 files and sockets, where 1000 connections, each moving a "
-            "file, need about 2064"
+            "may open only 512 files and sockets, where 1000 connections and 256 more "
+            "authenticating need about 2640"
         ) in log, log
     finally:
         tight.stop()

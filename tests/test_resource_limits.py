@@ -2657,3 +2657,99 @@ async def test_a_crowded_name_costs_few_links_per_file(
     for index in range(batch):
         assert (storage / f"a ({crowd + 1 + index}).txt").read_bytes() == b"%d" % index
     assert links.count < 20 * batch, links.count
+
+
+async def _connect_from(client_factory: ClientFactory, server: Server, source: str) -> Client:
+    """A client of ``server`` whose connection comes from ``source`` (a 127.0.0.x
+    address): with a shared password, each source address is an owner."""
+    client = await client_factory(server, connect=False)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
+    await client.connect(stream=stream)
+    await served(server, client)
+    return client
+
+
+async def _begin_sending_nothing(client: Client, name: str) -> str:
+    """A raw ``file_upload_begin`` of 1 MiB that sends no data: "ok" once admitted
+    (the server holds its partial and directory open), else the refusal."""
+    answer = await client.rpc.call(
+        "file_upload_begin", name=name, size=MiB, key=hashlib.sha256(name.encode()).hexdigest()
+    )
+    return "ok" if answer["success"] else f"{answer['code']}: {answer['error']}"
+
+
+@hostile(
+    "open-files-of-all-connections",
+    area="resource limits, whole server",
+    attack="one address opens 3 connections and begins 3 uploads on each that send nothing "
+    "(each holds its partial and its directory open); another address begins 3; then a third "
+    "address sends a file",
+    behaviour="the first address runs at most max_transfers_per_user (4) over all its "
+    "connections, the second what is left of max_transfers (6); the rest are refused "
+    "'overloaded', saying which limit; the server holds at most two descriptors in its "
+    "storage per transfer; the third address's upload waits (its client tries again) and "
+    "succeeds once the second address leaves; every slot comes back when all have left",
+    found="nothing bounded the transfers of all connections together: one user's 63 "
+    "connections held 2,064 descriptors, the process's limit, and nobody could connect until "
+    "they left (a review, 2026-12-07)",
+)
+async def test_the_transfers_of_one_owner_and_of_the_whole_server_are_bounded(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(
+        storage_dir=storage,
+        max_transfers_per_connection=3,
+        max_transfers_per_user=4,
+        max_transfers=6,
+    )
+    server = await server_factory(register=transfer.register_server_handlers)
+    slots = transfer._receiver._slots
+    before = open_descriptors()
+    with trio.fail_after(60):
+        hogs = [await _connect_from(client_factory, server, "127.0.0.1") for _ in range(3)]
+        answers = [
+            await _begin_sending_nothing(hog, f"hog{index}-{upload}.bin")
+            for index, hog in enumerate(hogs)
+            for upload in range(3)
+        ]
+        assert answers.count("ok") == 4, answers
+        refused = [answer for answer in answers if answer != "ok"]
+        assert all(
+            answer.startswith("overloaded: ")
+            and "max_transfers_per_user" in answer
+            and "(limit 4)" in answer
+            for answer in refused
+        ), answers
+        other = await _connect_from(client_factory, server, "127.0.0.2")
+        others = [await _begin_sending_nothing(other, f"other{upload}.bin") for upload in range(3)]
+        assert others[:2] == ["ok", "ok"], others
+        assert others[2].startswith("overloaded: ") and "(max_transfers)" in others[2], others
+        assert (slots.owned_by("host:127.0.0.1"), slots.total) == (4, 6)
+        in_storage = sum(
+            count
+            for target, count in opened_since(before).items()
+            if target.startswith(str(storage))
+        )
+        assert 6 <= in_storage <= 2 * 6, opened_since(before)
+
+        source = tmp_path / "honest.bin"
+        source.write_bytes(os.urandom(MiB))
+        honest = await _connect_from(client_factory, server, "127.0.0.3")
+        sender = FileTransferHandler(storage_dir=tmp_path / "scratch")
+        results: list[dict[str, Any]] = []
+
+        async def send() -> None:
+            results.append(await sender.send_to_server(honest, source))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            await trio.sleep(0.5)  # refused and trying again: the server is full
+            assert results == [] and not (storage / "honest.bin").exists()
+            await other.disconnect()
+        assert results[0]["success"] is True, results
+        assert (storage / "honest.bin").read_bytes() == source.read_bytes()
+        for client in (*hogs, honest):
+            await client.disconnect()
+        await wait_until(lambda: slots.total == 0, timeout=10)
+    assert slots.owned_by("host:127.0.0.1") == 0

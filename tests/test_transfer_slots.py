@@ -9,6 +9,9 @@ next transfer on the same connection fail with ``overloaded``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,15 @@ import trio
 import trio.testing
 
 from conduit import Client, FileTransferHandler, RPCError, Server
-from conduit.transfer._slots import ENDING_WAIT, TransferSlot, TransferSlots
+from conduit.transfer._slots import (
+    ENDING_WAIT,
+    SERVER_TRANSFERS_REFUSAL,
+    USER_TRANSFERS_REFUSAL,
+    TransferLimits,
+    TransferSlot,
+    TransferSlots,
+)
+from conduit.transfer._turns import BUDGET_REFUSALS
 from conftest import ClientFactory, ServerFactory
 from transfer_helpers import MiB, make_file
 
@@ -36,15 +47,24 @@ class _Key:
     """Stands for a connection: the slots only need a weakly referable key."""
 
 
+#: The owner the slot object's tests claim for.
+OWNER = "host:127.0.0.1"
+
+
+def per_connection(limit: int) -> TransferLimits:
+    """Limits where only the connection's counts: its owner and the handler have room."""
+    return TransferLimits(per_connection=limit, per_owner=1000, total=1000)
+
+
 # --------------------------------------------------------------------------- the slot object
 
 
 async def test_claims_up_to_the_limit_then_refuses_overloaded() -> None:
     slots, key = TransferSlots(), _Key()
-    first = slots.claim(key, 2)
-    slots.claim(key, 2)
+    first = slots.claim(key, OWNER, per_connection(2))
+    slots.claim(key, OWNER, per_connection(2))
     with pytest.raises(RPCError) as refused:
-        slots.claim(key, 2)
+        slots.claim(key, OWNER, per_connection(2))
     assert refused.value.code == "overloaded"
     assert slots.in_use(key) == 2
     first.release()
@@ -55,9 +75,9 @@ async def test_claims_up_to_the_limit_then_refuses_overloaded() -> None:
 
 async def test_a_claim_waits_for_a_slot_that_is_ending_not_for_one_under_way() -> None:
     slots, key = TransferSlots(), _Key()
-    running = slots.claim(key, 1)
+    running = slots.claim(key, OWNER, per_connection(1))
     with pytest.raises(RPCError) as refused:
-        await slots.claim_after_ending(key, 1)  # under way: refused at once
+        await slots.claim_after_ending(key, OWNER, per_connection(1))  # under way: refused at once
     assert refused.value.code == "overloaded"
     running.ending()
     claimed = await _claimed_once_released(slots, key, 1, running)
@@ -66,9 +86,9 @@ async def test_a_claim_waits_for_a_slot_that_is_ending_not_for_one_under_way() -
     assert slots.in_use(key) == 0
     # An ending slot given back is no longer counted as ending: with a slot
     # under way again, a claim is refused at once.
-    again = slots.claim(key, 1)
+    again = slots.claim(key, OWNER, per_connection(1))
     with trio.fail_after(1), pytest.raises(RPCError):
-        await slots.claim_after_ending(key, 1)
+        await slots.claim_after_ending(key, OWNER, per_connection(1))
     again.release()
 
 
@@ -77,7 +97,10 @@ async def test_any_slot_given_back_lets_a_waiting_claim_in() -> None:
     first (an upload, a batch): the waiting claim takes it at once, without
     waiting for the ending one."""
     slots, key = TransferSlots(), _Key()
-    ending, under_way = slots.claim(key, 2), slots.claim(key, 2)
+    ending, under_way = (
+        slots.claim(key, OWNER, per_connection(2)),
+        slots.claim(key, OWNER, per_connection(2)),
+    )
     ending.ending()
     await _claimed_once_released(slots, key, 2, under_way)
     assert ending.held
@@ -91,7 +114,7 @@ async def _claimed_once_released(
     claimed: list[TransferSlot] = []
 
     async def claim() -> None:
-        claimed.append(await slots.claim_after_ending(key, limit))
+        claimed.append(await slots.claim_after_ending(key, OWNER, per_connection(limit)))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -109,31 +132,31 @@ async def test_a_claim_waits_for_an_ending_slot_only_so_long(
     """An ending slot whose on_file_served never returns: the claim is refused
     ``overloaded`` after ENDING_WAIT, as a full connection's is."""
     slots, key = TransferSlots(), _Key()
-    slots.claim(key, 1).ending()
+    slots.claim(key, OWNER, per_connection(1)).ending()
     started = trio.current_time()
     with trio.fail_after(2 * ENDING_WAIT), pytest.raises(RPCError) as refused:
-        await slots.claim_after_ending(key, 1)
+        await slots.claim_after_ending(key, OWNER, per_connection(1))
     assert refused.value.code == "overloaded"
     assert trio.current_time() - started == pytest.approx(ENDING_WAIT)
 
 
 async def test_leaving_the_block_without_a_spawn_releases() -> None:
     slots, key = TransferSlots(), _Key()
-    with slots.claim(key, 1) as slot:
+    with slots.claim(key, OWNER, per_connection(1)) as slot:
         assert held(slot) and slots.in_use(key) == 1
     assert not held(slot) and slots.in_use(key) == 0
 
 
 async def test_a_failure_before_the_spawn_releases() -> None:
     slots, key = TransferSlots(), _Key()
-    with pytest.raises(OSError, match="disk on fire"), slots.claim(key, 1):
+    with pytest.raises(OSError, match="disk on fire"), slots.claim(key, OWNER, per_connection(1)):
         raise OSError("disk on fire")
     assert slots.in_use(key) == 0
 
 
 async def test_a_cancellation_before_the_spawn_releases() -> None:
     slots, key = TransferSlots(), _Key()
-    with trio.CancelScope() as scope, slots.claim(key, 1):
+    with trio.CancelScope() as scope, slots.claim(key, OWNER, per_connection(1)):
         scope.cancel()
         await trio.sleep_forever()
     assert scope.cancelled_caught
@@ -144,7 +167,7 @@ async def test_the_spawned_task_owns_the_slot_until_it_returns() -> None:
     slots, key = TransferSlots(), _Key()
     go = trio.Event()
     async with trio.open_nursery() as nursery:
-        with slots.claim(key, 1) as slot:
+        with slots.claim(key, OWNER, per_connection(1)) as slot:
             slot.spawn(nursery.start_soon, go.wait)
         assert slots.in_use(key) == 1  # the block is left, the task still holds it
         await trio.testing.wait_all_tasks_blocked()
@@ -162,7 +185,7 @@ async def test_a_spawned_task_that_fails_releases() -> None:
 
     with pytest.RaisesGroup(pytest.RaisesExc(ValueError, match="receiver broke")):
         async with trio.open_nursery() as nursery:
-            with slots.claim(key, 1) as slot:
+            with slots.claim(key, OWNER, per_connection(1)) as slot:
                 slot.spawn(nursery.start_soon, fail)
     assert slots.in_use(key) == 0
 
@@ -178,7 +201,7 @@ async def test_a_cancelled_spawned_task_releases(when: str) -> None:
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
-        with slots.claim(key, 1) as slot:
+        with slots.claim(key, OWNER, per_connection(1)) as slot:
             slot.spawn(nursery.start_soon, receive)
         if when == "before it starts":
             nursery.cancel_scope.cancel()  # the task has not run yet
@@ -194,9 +217,85 @@ async def test_a_spawner_that_refuses_leaves_the_slot_to_the_block() -> None:
     slots, key = TransferSlots(), _Key()
     async with trio.open_nursery() as closed:
         pass  # a nursery that has closed refuses new tasks, like a closed connection
-    with pytest.raises(RuntimeError), slots.claim(key, 1) as slot:
+    with pytest.raises(RuntimeError), slots.claim(key, OWNER, per_connection(1)) as slot:
         slot.spawn(closed.start_soon, trio.sleep_forever)
     assert slots.in_use(key) == 0
+
+
+async def test_an_owner_and_all_connections_together_are_bounded_too() -> None:
+    """Three limits: a connection's, its owner's over all its connections, and
+    the handler's over all; each refusal says which (the client waits out the
+    two wider ones, since other connections hold them), and a slot given back
+    counts in all three."""
+    slots = TransferSlots()
+    limits = TransferLimits(per_connection=2, per_owner=3, total=4)
+    first, second, third = _Key(), _Key(), _Key()
+    held = [slots.claim(first, "a", limits), slots.claim(first, "a", limits)]
+    held.append(slots.claim(second, "a", limits))
+    with pytest.raises(RPCError) as by_owner:
+        slots.claim(second, "a", limits)  # its connection has room; its owner has none
+    assert by_owner.value.code == "overloaded"
+    assert USER_TRANSFERS_REFUSAL in str(by_owner.value) and "(limit 3)" in str(by_owner.value)
+    held.append(slots.claim(third, "b", limits))
+    with pytest.raises(RPCError) as by_server:
+        slots.claim(third, "b", limits)  # "b" holds 1 of 3, the server 4 of 4
+    assert by_server.value.code == "overloaded"
+    assert SERVER_TRANSFERS_REFUSAL in str(by_server.value)
+    assert any(refusal in str(by_server.value) for refusal in BUDGET_REFUSALS)
+    assert any(refusal in str(by_owner.value) for refusal in BUDGET_REFUSALS)
+    assert (slots.owned_by("a"), slots.owned_by("b"), slots.total) == (3, 1, 4)
+    held[2].release()
+    # Room for "a" again on any of its connections, and for the server.
+    slots.claim(third, "a", limits).release()
+    for slot in held:
+        slot.release()
+    assert (slots.owned_by("a"), slots.owned_by("b"), slots.total) == (0, 0, 0)
+    assert not slots._by_owner  # an owner with nothing held is not kept
+
+
+def test_the_default_limits_follow_the_descriptor_limit(tmp_path: Path) -> None:
+    """By default transfers hold at most half of the process's descriptors (a
+    quarter of the soft limit in transfers of two each), one owner a quarter of
+    that, read when a transfer starts (``conduit serve`` raises the limit after
+    the handler is made); explicit settings win. Checked in a child process,
+    whose limit may be lowered without touching the test run's."""
+    script = textwrap.dedent(
+        """
+        import resource
+        import sys
+        from conduit import FileTransferHandler
+        handler = FileTransferHandler(storage_dir=sys.argv[1])
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        low = handler.transfer_limits()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+        raised = handler.transfer_limits()
+        handler.max_transfers = 10
+        explicit = handler.transfer_limits()
+        handler.max_transfers_per_user = 7
+        both = handler.transfer_limits()
+        print(low.total, low.per_owner, raised.total, raised.per_owner,
+              explicit.total, explicit.per_owner, both.per_owner, both.per_connection)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "storage")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["256", "64", "512", "128", "10", "2", "7", "32"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("max_transfers", 0), ("max_transfers_per_user", -1), ("max_transfers", "8")],
+)
+def test_transfer_limits_are_checked(setting: str, value: Any, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=setting):
+        FileTransferHandler(storage_dir=tmp_path, **{setting: value})
 
 
 # --------------------------------------------------------------------------- end to end

@@ -29,9 +29,8 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _UNLIMITED_DESCRIPTORS_TARGET = 65536
 #: The most descriptors macOS gives one process, whatever its hard limit.
 _OPEN_MAX = 10240
-#: Descriptors the server needs beyond two per connection (its socket and a
-#: file being moved): its listeners, its event loop, standard streams, the
-#: accounts file.
+#: Descriptors the server needs beyond its connections' sockets: its
+#: listeners, its event loop, standard streams, the accounts file.
 _DESCRIPTORS_BESIDE_CONNECTIONS = 64
 
 
@@ -258,14 +257,23 @@ async def serve(signals: Signals, options: ServeOptions) -> int:
     """Serve until Ctrl-C or SIGTERM, then close every connection and return 0."""
     server, transfer = build_server(options)
     descriptors = raise_descriptor_limit()
-    needed = 2 * server.descriptor.max_connections + _DESCRIPTORS_BESIDE_CONNECTIONS
+    # The transfers of all connections hold at most half of the descriptors
+    # (FileTransferHandler.max_transfers); the sockets must fit in the rest.
+    sockets = (
+        server.descriptor.max_connections
+        + server.descriptor.max_unauthenticated
+        + _DESCRIPTORS_BESIDE_CONNECTIONS
+    )
+    needed = 2 * sockets
     if descriptors is not None and descriptors < needed:
         log.warning(
-            "this process may open only %d files and sockets, where %d connections, each "
-            "moving a file, need about %d: raise its limit (ulimit -n, or LimitNOFILE= in "
-            "a systemd unit)",
+            "this process may open only %d files and sockets, where %d connections and %d "
+            "more authenticating need about %d: as many for the files of their transfers "
+            "as for their sockets; raise its limit (ulimit -n, or LimitNOFILE= in a "
+            "systemd unit)",
             descriptors,
             server.descriptor.max_connections,
+            server.descriptor.max_unauthenticated,
             needed,
         )
     if options.accounts is not None and not len(options.accounts):

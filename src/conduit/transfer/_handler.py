@@ -44,7 +44,7 @@ from ._progress import TransferProgress, callback_errors_as_they_are, forward_on
 from ._receiver import Receiver
 from ._resilient import on_client, on_server
 from ._sender import Sender
-from ._slots import TransferSlots
+from ._slots import TransferLimits, TransferSlots, default_max_transfers
 from ._small import probe
 from ._space import DEFAULT_FREE_SPACE_MARGIN
 from ._storage import StorageRoot
@@ -99,7 +99,13 @@ class FileTransferHandler:
 
     * ``max_transfers_per_connection`` -- transfers (uploads, pushes, downloads
       served) running at once on one connection; more are refused with code
-      ``"overloaded"``. Each holds an open file.
+      ``"overloaded"``. Each holds an open file (an upload two).
+    * ``max_transfers_per_user`` and ``max_transfers`` -- the same, over all the
+      connections of one user (with a shared password: of one client host),
+      and over all connections: by default a quarter of the process's
+      descriptor limit for all (so transfers hold at most half of the
+      descriptors), and a quarter of that for one user. A transfer refused by
+      either is tried again by its client for up to 30 s.
     * ``read_ahead_per_connection`` -- bytes of file data read ahead of the
       socket for all of a connection's outgoing transfers together; a peer that
       stops reading holds at most this much (plus the connection's send buffer).
@@ -139,6 +145,8 @@ class FileTransferHandler:
         partial_ttl: float = 24 * 3600.0,
         max_listed: int = 10_000,
         max_transfers_per_connection: int = 32,
+        max_transfers_per_user: int | None = None,
+        max_transfers: int | None = None,
         read_ahead_per_connection: int = 8 * 1024 * 1024,
         resume_hash_budget: int = 1024 * 1024 * 1024,
         free_space_margin: int = DEFAULT_FREE_SPACE_MARGIN,
@@ -157,6 +165,12 @@ class FileTransferHandler:
                 "max_transfers_per_connection must be at least 1, "
                 f"got {max_transfers_per_connection}"
             )
+        for setting, value in (
+            ("max_transfers_per_user", max_transfers_per_user),
+            ("max_transfers", max_transfers),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{setting} must be at least 1 or None, got {value!r}")
         if read_ahead_per_connection < chunk_size:
             raise ValueError(
                 f"read_ahead_per_connection must be at least chunk_size ({chunk_size}), "
@@ -196,6 +210,15 @@ class FileTransferHandler:
         #: Transfers (uploads, pushes, downloads served) one connection may run
         #: at once; more are refused with code ``"overloaded"``.
         self.max_transfers_per_connection = max_transfers_per_connection
+        #: Transfers the connections of one user (with a shared password: of
+        #: one client host) may run at once; more are refused with code
+        #: ``"overloaded"``. None: a quarter of :attr:`max_transfers`.
+        self.max_transfers_per_user = max_transfers_per_user
+        #: Transfers all connections may run at once; more are refused with
+        #: code ``"overloaded"``. None: a quarter of the process's descriptor
+        #: limit (``RLIMIT_NOFILE``), read at each transfer's start, or 4,096
+        #: where there is none.
+        self.max_transfers = max_transfers
         #: Bytes of file data read ahead of the socket per connection (all its
         #: outgoing transfers together).
         self.read_ahead_per_connection = read_ahead_per_connection
@@ -216,6 +239,14 @@ class FileTransferHandler:
         self._sender = Sender(self, hooks, slots)
         self._receiver = Receiver(self, hooks, slots)
         self._manager = manage.Manager(self)
+
+    def transfer_limits(self) -> TransferLimits:
+        """The limits a transfer starting now counts against (see the settings above)."""
+        total = default_max_transfers() if self.max_transfers is None else self.max_transfers
+        per_owner = self.max_transfers_per_user
+        if per_owner is None:
+            per_owner = max(1, total // 4)
+        return TransferLimits(self.max_transfers_per_connection, per_owner, total)
 
     @property
     def storage(self) -> StorageRoot:

@@ -20,6 +20,7 @@ from ._hashing import HashGate
 
 if TYPE_CHECKING:
     from ._backend import Backend
+    from ._slots import TransferLimits
 
 log = logging.getLogger("conduit.transfer")
 
@@ -39,11 +40,16 @@ class TransferSettings(Protocol):
     partial_ttl: float
     max_listed: int
     max_transfers_per_connection: int
+    max_transfers: int | None
+    max_transfers_per_user: int | None
     free_space_margin: int
     max_partial_bytes: int | None
     read_ahead_per_connection: int
     resume_hash_budget: int
     hash_gate: HashGate
+
+    def transfer_limits(self) -> TransferLimits:
+        """The limits a transfer's slot counts against, as they stand now."""
 
 
 @attrs.define

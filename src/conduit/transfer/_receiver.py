@@ -243,7 +243,8 @@ class Receiver:
         """Claim a slot, admit the file, open the stream and start its receive task."""
         connection = caller.connection
         settings = self._settings
-        with self._slots.claim(connection, settings.max_transfers_per_connection) as slot:
+        limits = settings.transfer_limits()
+        with self._slots.claim(connection, partial_owner(caller), limits) as slot:
             backend = settings.backend
             try:
                 safe = safe_relative_name(name)

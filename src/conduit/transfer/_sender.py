@@ -412,7 +412,8 @@ class Sender:
         wanted = parse_request(names, max_bytes, have)
         connection = caller.connection
         room = min(max_bytes, connection.keys.peer_max_frame_size - FRAME_OVERHEAD)
-        with self._slots.claim(connection, self._settings.max_transfers_per_connection):
+        limits = self._settings.transfer_limits()
+        with self._slots.claim(connection, partial_owner(caller), limits):
             batch = BatchServer(
                 self._settings.backend,
                 caller,
@@ -437,8 +438,9 @@ class Sender:
         if not is_valid_stream_id(stream_id):
             raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
         connection = caller.connection
-        limit = self._settings.max_transfers_per_connection
-        with await self._slots.claim_after_ending(connection, limit) as slot:
+        limits = self._settings.transfer_limits()
+        owner = partial_owner(caller)
+        with await self._slots.claim_after_ending(connection, owner, limits) as slot:
             try:
                 opened = await self._settings.backend.open_source(caller, name)
             except Exception as exc:

@@ -24,18 +24,23 @@ that room (another client holds a server-wide limit, or ours were all
 refused too). A wait lasts as long as the transfers of ours ahead of it
 take: a caller that wants a bound puts a deadline around its transfer.
 
-One refusal is waited out whatever runs of ours: a server's call memory
+Some refusals are waited out whatever runs of ours: a server's call memory
 (``server_call_budget``) held by other connections' calls and messages
 (:data:`~conduit.protocol.connection.SERVER_BUDGET_REFUSAL`), or our
 user's share of it (``user_call_budget``), held by our user's calls and
 messages on other connections too
-(:data:`~conduit.protocol.connection.USER_BUDGET_REFUSAL`). No end of
+(:data:`~conduit.protocol.connection.USER_BUDGET_REFUSAL`). So are two
+like it: the server's transfers over all connections at their limit
+(``max_transfers``: :data:`._slots.SERVER_TRANSFERS_REFUSAL`), or our
+user's (``max_transfers_per_user``, which our other connections count
+against: :data:`._slots.USER_TRANSFERS_REFUSAL`). No end of
 ours on this connection need free it, theirs do, and nothing says when:
 the attempt is made again after a pause that doubles from
 :data:`BUDGET_PAUSE` up to a second (jittered by half either way, so that
 attempts refused together do not come back together), until
 :data:`BUDGET_PATIENCE` seconds after its first such refusal (a server
-whose memory others keep full for longer refuses the transfer as it is).
+whose memory or transfers others keep full for longer refuses the transfer
+as it is).
 Each try sends the attempt's first call again: the server refused it whole.
 
 A server frees a download's slot a moment after its last bytes leave (it
@@ -59,6 +64,7 @@ import attrs
 import trio
 
 from ..protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
+from ._slots import SERVER_TRANSFERS_REFUSAL, USER_TRANSFERS_REFUSAL
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -66,13 +72,19 @@ if TYPE_CHECKING:
 #: Refusals that say "this connection runs all it may now", at a transfer's start.
 FULL_CODES = frozenset({"overloaded", "too_many_streams"})
 
-#: The first pause before an attempt refused by the server's call memory is
-#: made again (doubling, up to a second), and how long after its first such
-#: refusal it goes on being made.
+#: The first pause before an attempt refused for what other connections hold
+#: (:data:`BUDGET_REFUSALS`) is made again (doubling, up to a second), and
+#: how long after its first such refusal it goes on being made.
 BUDGET_PAUSE = 0.05
 BUDGET_PATIENCE = 30.0
-#: What those refusals say: the server's memory is full, or its user's share.
-BUDGET_REFUSALS = (SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL)
+#: What those refusals say: the server's memory is full, or its user's share;
+#: the server runs all the transfers it may, or our user's connections do.
+BUDGET_REFUSALS = (
+    SERVER_BUDGET_REFUSAL,
+    USER_BUDGET_REFUSAL,
+    SERVER_TRANSFERS_REFUSAL,
+    USER_TRANSFERS_REFUSAL,
+)
 
 #: One try of a transfer on a peer: its result dict (see :mod:`._resilient`).
 Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
@@ -139,7 +151,7 @@ async def take_turn(
     Returns the attempt's result: its first that is not a full-connection
     refusal, or a refusal that nothing of ours will lift (see the module
     docstring), or any result once ``peer``'s connection is gone. A refusal
-    by the server's call memory is tried again after pauses, until
+    for what other connections hold (:data:`BUDGET_REFUSALS`) is tried again after pauses, until
     :data:`BUDGET_PATIENCE` seconds after the first.
     """
     line = _lines.setdefault(peer.connection, _Line())
