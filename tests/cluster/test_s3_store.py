@@ -12,7 +12,7 @@ import botocore.exceptions  # type: ignore[import-untyped]
 import pytest
 import trio
 
-from conduit.cluster import s3
+from conduit.cluster import _s3_partial, s3
 from conduit.cluster._s3_wire import is_precondition, is_write_conflict
 from conduit.cluster.location import parse_s3_url
 from conduit.cluster.s3 import MIN_PART_SIZE, S3Partial, S3Store
@@ -585,3 +585,63 @@ async def test_staging_for_another_node(s3_url: str, s3_client_factory: ClientFa
             await node_a.open_staging(token)
         with pytest.raises(UnsafePathError):
             await node_b.open_staged(token)
+
+
+def _stalling_client(engines: Any, proxy: Any, timeout: float) -> Any:
+    """A client of the test store through ``proxy``, with both of its timeouts ``timeout``."""
+    from conduit.cluster.s3 import make_s3_client
+
+    return make_s3_client(
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        aws_access_key_id=engines.s3.access_key,
+        aws_secret_access_key=engines.s3.secret_key,
+        region_name=engines.s3.region,
+        connect_timeout=timeout,
+        read_timeout=timeout,
+    )
+
+
+async def test_a_store_that_stops_answering_fails_calls_within_the_clients_timeouts(
+    s3_url: str, engines: Any, proxy_factory: Any
+) -> None:
+    """A store that stops answering (a frozen process, a dropped route: the
+    proxy swallows both directions) fails each call within the client's
+    timeouts and its retries, as ``storage_unavailable``. With botocore's
+    60 s timeouts, which conduit's client used until 2026-12-07, a call took
+    about 4 minutes (a review); here they are 1 s, to keep the test short."""
+    proxy = await proxy_factory(int(engines.s3.endpoint_url.rsplit(":", 1)[1]))
+    client = _stalling_client(engines, proxy, 1.0)
+    store = S3Store(s3_url, client=client, part_size=PART)
+    await store.put_file("before.bin", b"x", sha256=hashlib.sha256(b"x").hexdigest())
+    proxy.blackhole("c2s")
+    proxy.blackhole("s2c")
+    with trio.fail_after(60), pytest.raises(TransferError) as caught:
+        await store.put_file("small.bin", b"x", sha256=hashlib.sha256(b"x").hexdigest())
+    assert caught.value.code == "storage_unavailable", caught.value
+    assert "Read timeout" in caught.value.message, caught.value
+    store.close()
+    client.close()
+
+
+async def test_closing_a_partial_whose_part_never_ends_waits_only_so_long(
+    s3_url: str, engines: Any, proxy_factory: Any
+) -> None:
+    """The part in flight into a store that stopped answering: closing the
+    partial (as a node's clean close does) gives up on it after
+    ``CLOSE_PATIENCE`` instead of waiting out the client's timeouts and
+    retries (60 s each here, botocore's defaults: a close with an upload in
+    flight had not ended 8 minutes into such a stall, a review found on
+    2026-12-07). The part's thread goes on until those end it."""
+    proxy = await proxy_factory(int(engines.s3.endpoint_url.rsplit(":", 1)[1]))
+    client = _stalling_client(engines, proxy, 60.0)
+    store = S3Store(s3_url, client=client, part_size=PART)
+    partial = await store.open_partial("stalled.bin", "t", resume=False)
+    proxy.blackhole("c2s")
+    proxy.blackhole("s2c")
+    await partial.append(os.urandom(PART))  # its part goes up in the background, into the stall
+    started = trio.current_time()
+    with trio.fail_after(_s3_partial.CLOSE_PATIENCE + 20):
+        await partial.close()
+    assert trio.current_time() - started >= _s3_partial.CLOSE_PATIENCE
+    # The abandoned part's thread ends once the proxy goes (refused at once).
+    store.close()

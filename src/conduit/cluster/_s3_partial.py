@@ -38,6 +38,14 @@ __all__ = ["S3Partial", "S3Reader"]
 
 log = logging.getLogger("conduit.cluster.s3")
 
+#: Longest closing a partial waits for its part upload in flight, and then
+#: for the state that says it closed to be stored. A store that stopped
+#: answering would otherwise hold the close (and a node's clean close with
+#: it) for the client's timeouts and retries, about a minute a call; the part
+#: upload and the save go on in their threads until those end them (a part
+#: whose upload never ends is sent again by the resume).
+CLOSE_PATIENCE = 10.0
+
 
 class S3Partial:
     """:class:`~conduit.cluster.store.PartialUpload` as a multipart upload.
@@ -159,14 +167,23 @@ class S3Partial:
         except S3_ERRORS as exc:
             raise storage_error(exc, f"storing {self.name!r}") from exc
 
-    async def _settle(self) -> None:
-        """Wait for an upload in flight, whatever the cancellation; its errors do not matter."""
-        with trio.CancelScope(shield=True):
+    async def _settle(self) -> bool:
+        """Wait for an upload in flight, whatever the cancellation, up to
+        :data:`CLOSE_PATIENCE`; its errors do not matter. Whether it ended."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_PATIENCE) as patience:
             try:
                 await self._wait_inflight()
             except Exception as exc:
                 # Closing or discarding anyway: the part is resent or thrown away.
                 log.debug("part upload for %r failed while closing: %s", self.name, exc)
+        if patience.cancelled_caught:
+            log.warning(
+                "the part upload of %r did not end within %.0f s; closing without it",
+                self.name,
+                CLOSE_PATIENCE,
+            )
+            return False
+        return True
 
     def _send_part(self, number: int, data: bytes, checksum: str, hash_state: str) -> None:
         """Upload one part and record it in the state (worker thread)."""
@@ -330,13 +347,17 @@ class S3Partial:
         self._buffer.clear()
         self._closed = True
         self._state.closing = True
-        await self._settle()
-        if not self._finished and not self._saved_closing:
+        # A part still in flight may yet change the state in its thread: then
+        # nothing is saved (the store is not answering anyway).
+        settled = await self._settle()
+        if settled and not self._finished and not self._saved_closing:
             # Say so even with no part in flight: a node resuming this partial
             # then need not wait to see whether a writer is still at work.
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_PATIENCE):
                 try:
-                    await self._store._guard(f"closing {self.name!r}", self._save_closing)
+                    await self._store._guard(
+                        f"closing {self.name!r}", self._save_closing, abandon_on_cancel=True
+                    )
                 except TransferError as exc:
                     log.debug("could not mark %r as closing: %s", self.name, exc)
 

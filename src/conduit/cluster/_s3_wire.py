@@ -31,18 +31,41 @@ SUFFIX_ROOM: Final = len(f" ({MAX_COLLISION_ATTEMPTS})")
 LIST_PAGE: Final = 1000
 
 
-def make_s3_client(**overrides: Any) -> Any:
+#: Seconds to open a connection to the store, and to wait on one for the next
+#: bytes (either way: a send that stalls too). botocore's defaults are 60 s
+#: each, which with its retries made a call to a store that stopped
+#: answering (a frozen process, a dropped route) fail after about 4 minutes,
+#: and a node's clean close wait as long for the part upload in flight (a
+#: review of the engines' outages, 2026-12-07). A healthy store answers a
+#: part's upload, or sends a download's next bytes, well within this.
+CONNECT_TIMEOUT: Final = 5.0
+READ_TIMEOUT: Final = 20.0
+#: Tries of each call (the first and its retries, botocore's "standard" mode:
+#: throttling, 5xx and connection errors, with jittered backoff).
+MAX_ATTEMPTS: Final = 3
+
+
+def make_s3_client(
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    read_timeout: float = READ_TIMEOUT,
+    **overrides: Any,
+) -> Any:
     """A boto3 S3 client configured from the standard AWS environment.
 
     ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` and
     ``AWS_DEFAULT_REGION`` are read by boto3 itself; ``overrides`` (e.g.
     ``endpoint_url=...``) win. Path-style addressing, because self-hosted
     stores (SeaweedFS, MinIO) rarely have wildcard DNS; checksums only where
-    conduit supplies them (it sends SHA-256 per part itself).
+    conduit supplies them (it sends SHA-256 per part itself). A store that
+    stops answering fails a call within about ``MAX_ATTEMPTS`` times
+    ``connect_timeout`` plus ``read_timeout`` (see :data:`READ_TIMEOUT`).
     """
     config = botocore.config.Config(
         s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         max_pool_connections=16,

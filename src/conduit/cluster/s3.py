@@ -1125,10 +1125,26 @@ class S3Store:
         """
         return await self._guard("cleaning up staging", self._cleanup_staging, max_age_seconds)
 
-    async def _guard(self, what: str, function: Callable[..., T], /, *args: Any) -> T:
-        """Run ``function`` in a thread; S3 failures become :class:`TransferError`."""
+    async def _guard(
+        self,
+        what: str,
+        function: Callable[..., T],
+        /,
+        *args: Any,
+        abandon_on_cancel: bool = False,
+    ) -> T:
+        """Run ``function`` in a thread; S3 failures become :class:`TransferError`.
+
+        ``abandon_on_cancel``: a cancelled caller returns at once, the thread
+        going on until the client's timeouts end it (holding its limiter slot
+        until then).
+        """
         try:
-            return await self._run(function, *args)
+            return await _threads.run_sync(
+                functools.partial(function, *args),
+                limiter=self._limiter,
+                abandon_on_cancel=abandon_on_cancel,
+            )
         except S3_ERRORS as exc:
             raise storage_error(exc, what) from exc
 
