@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conduit import Accounts
+from conduit.protocol.handshake import account_verifier
 from test_cli import _env, conduit, start_server
 
 ALICE = "alice's long passphrase"
@@ -55,6 +57,54 @@ def test_user_add_list_remove(tmp_path: Path) -> None:
     short = conduit("user", "add", "dave", "--accounts", str(accounts), password="hunter2")
     assert short.returncode == 0, short.stderr  # the administrator decides, warned
     assert "warning: the password is short (7 characters)" in short.stderr
+
+
+def test_user_passwd_gives_a_new_password_and_keeps_the_rest(tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.json"
+    assert (
+        conduit(
+            "user", "add", "alice", "--accounts", str(accounts), "--quota", "10M", password=ALICE
+        ).returncode
+        == 0
+    )
+    before = json.loads(accounts.read_text())["users"]["alice"]
+    changed = conduit(
+        "user", "passwd", "alice", "--accounts", str(accounts), password="a new long passphrase"
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert "changed the password of user 'alice'" in changed.stdout
+    after = json.loads(accounts.read_text())["users"]["alice"]
+    assert after["w0"] != before["w0"] and after["salt"] != before["salt"]
+    assert {key: after[key] for key in ("root", "quota")} == {"root": "alice", "quota": 10 << 20}
+    record = Accounts(accounts).get("alice")
+    for password, matches in (("a new long passphrase", True), (ALICE, False)):
+        verifier = account_verifier(password, "alice", record.salt, record.stretch)
+        assert (verifier.w0 == record.verifier.w0) is matches
+    unknown = conduit("user", "passwd", "bob", "--accounts", str(accounts), password=ALICE)
+    assert unknown.returncode == 2 and "no user named 'bob'" in unknown.stderr
+    short = conduit("user", "passwd", "alice", "--accounts", str(accounts), password="hunter2")
+    assert short.returncode == 0 and "the password is short" in short.stderr
+
+
+def test_user_commands_refuse_an_accounts_file_given_as_a_link(tmp_path: Path) -> None:
+    """Changing the file through a symbolic link would replace the link with a
+    plain file: a server reading the target never saw the change (a removed
+    user kept logging in). The change is refused, naming the file to give;
+    reading through the link (list, serve) is fine."""
+    real = tmp_path / "etc" / "accounts.json"
+    real.parent.mkdir()
+    link = tmp_path / "accounts.json"
+    link.symlink_to(real)
+    assert conduit("user", "add", "alice", "--accounts", str(real), password=ALICE).returncode == 0
+    text = real.read_text()
+    for command in (["add", "bob"], ["passwd", "alice"], ["remove", "alice"]):
+        result = conduit("user", *command, "--accounts", str(link), password=ALICE)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "is a symbolic link" in result.stderr and f"--accounts {real}" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert link.is_symlink() and real.read_text() == text
+    listed = conduit("user", "list", "--accounts", str(link))
+    assert listed.returncode == 0 and listed.stdout.startswith("alice\t"), listed.stderr
 
 
 @pytest.mark.parametrize("users", [2, 3_000], ids=["at-exit", "mid-listing"])

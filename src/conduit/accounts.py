@@ -560,8 +560,18 @@ class Accounts:
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[dict[str, AccountRecord]]:
-        """Lock, re-read the file, let the caller change the users, write it back."""
+        """Lock, re-read the file, let the caller change the users, write it back.
+
+        Never through a symbolic link (``PermissionError``): the new file
+        replaces what is at the path, so the link would become a plain file
+        and a server reading the link's target would never see the change (a
+        removed user kept logging in, found by a review on 2026-12-07); and
+        writing to wherever the link points would let whoever may write its
+        directory make the changer (root, say) replace any file.
+        """
+        _refuse_a_link(self.path)
         with self._lock, self._file_lock():
+            _refuse_a_link(self.path)  # made a link while we waited for the lock
             _remove_abandoned_temporaries(self.path)
             state = self._read(keep_secret=self._state.secret)
             users = dict(state.users)
@@ -588,6 +598,21 @@ class Accounts:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _refuse_a_link(path: Path) -> None:
+    """``PermissionError`` naming the file to give instead if ``path`` is a symbolic link."""
+    if not path.is_symlink():
+        return
+    try:
+        target = str(path.resolve(strict=False))
+    except (OSError, RuntimeError):  # a loop of links
+        target = os.readlink(path)
+    raise PermissionError(
+        errno.ELOOP,
+        f"{path} is a symbolic link (to {target}): accounts are changed only in the file "
+        f"itself, which a server reading either name sees; give that: --accounts {target}",
+    )
 
 
 def _open_lock(path: Path) -> int:

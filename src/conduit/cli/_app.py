@@ -666,6 +666,16 @@ def user_remove(name: str, accounts: Path) -> int:
     return _users.remove(accounts, name)
 
 
+@user.command("passwd", context_settings=_CONTEXT)
+@click.argument("name")
+@_accounts_option
+def user_passwd(name: str, accounts: Path) -> int:
+    """Give user NAME a new password (from CONDUIT_PASSWORD or a prompt); its open
+    sessions end."""
+    password = read_password(prompt=f"New password for user {name}: ", confirm=True)
+    return _users.passwd(accounts, name, password)
+
+
 @user.command("list", context_settings=_CONTEXT)
 @_accounts_option
 def user_list(accounts: Path) -> int:

@@ -55,8 +55,29 @@ def add(
         raise _cannot_write(path, exc) from None
     record = accounts.get(username)
     print(f"added user {username!r} (root {record.root!r}{_limits(record.quota, read_only)})")
+    _warn_if_short(path, password)
+    return ExitCode.OK
+
+
+def passwd(path: Path, username: str, password: str) -> int:
+    """Give the account a new password (a running server ends its open sessions)."""
+    accounts = open_accounts(path, must_exist=True)
+    try:
+        accounts.set_password(username, password)
+    except KeyError:
+        raise CLIError(f"no user named {username!r} in {path}") from None
+    except ValueError as exc:  # a password refused, or a file changed into something unreadable
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    print(f"changed the password of user {username!r} (its open sessions end)")
+    _warn_if_short(path, password)
+    return ExitCode.OK
+
+
+def _warn_if_short(path: Path, password: str) -> None:
     if len(password) < SHORT_PASSWORD:
-        # Added all the same: the administrator decides. But the file's
+        # Set all the same: the administrator decides. But the file's
         # verifiers let whoever copies it try guesses offline, at the
         # stretch's cost each, and a short password falls to that.
         print(
@@ -65,7 +86,6 @@ def add(
             "random characters",
             file=sys.stderr,
         )
-    return ExitCode.OK
 
 
 def remove(path: Path, username: str) -> int:
@@ -104,4 +124,4 @@ def _limits(quota: int | None, read_only: bool) -> str:
     return text + (", read-only" if read_only else "")
 
 
-__all__ = ["add", "list_users", "open_accounts", "remove"]
+__all__ = ["add", "list_users", "open_accounts", "passwd", "remove"]
