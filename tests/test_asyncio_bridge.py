@@ -1634,3 +1634,106 @@ def test_ctrl_c_stops_long_bridged_calls(mode: str) -> None:
         proc.wait(timeout=10)
         reader.join(timeout=10)  # EOF once the child is gone
         proc.stdout.close()
+
+
+# ------------------------------------------------------------------- another thread's objects
+
+
+def test_a_servers_methods_awaited_from_another_threads_loop_are_refused() -> None:
+    """A server served by one thread's ``asyncio.run``, awaited from another's:
+    its methods touch its run's nurseries and tasks, and awaited from the other
+    run they corrupted both (found by a review on 2026-12-07: the broadcast
+    seemed to succeed, then both runs crashed). Refused now, saying where to
+    await them; ``asyncio.run_coroutine_threadsafe`` on the server's loop works;
+    once that run is over, the objects may be used from anywhere again."""
+    server = Server(server_descriptor())
+    client = Client(client_descriptor(0))
+    loop_of_the_server: asyncio.AbstractEventLoop | None = None
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+
+    async def serve() -> None:
+        nonlocal loop_of_the_server, client, stop
+        loop_of_the_server, stop = asyncio.get_running_loop(), asyncio.Event()
+        serving = asyncio.create_task(server.run())
+        await server.wait_listening()
+        client = Client(client_descriptor(server.port))
+        await client.connect()
+        await client.rpc.call("nothing")  # answered: the server lists the client
+        ready.set()
+        await stop.wait()
+        await client.disconnect()
+        await server.close()
+        await serving
+
+    thread = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(serve(), 60)))
+    thread.start()
+    try:
+        assert ready.wait(30)
+
+        async def from_here() -> tuple[list[str], int]:
+            refused = []
+            for awaitable in (
+                lambda: server.broadcast("news", 1),
+                lambda: client.call("echo", text="x"),
+                lambda: client.rpc.call("echo", text="x"),
+                lambda: server.clients[str(client.id)].call("echo"),
+                lambda: client.disconnect(),
+            ):
+                with pytest.raises(RuntimeError, match="of another thread, which still runs"):
+                    await awaitable()
+                refused.append("refused")
+            assert loop_of_the_server is not None
+            there = asyncio.run_coroutine_threadsafe(
+                server.broadcast("news", 1), loop_of_the_server
+            )
+            return refused, await asyncio.wrap_future(there)
+
+        # (Not run_strict: the server's thread has a guest run of its own.)
+        refused, reached = asyncio.run(asyncio.wait_for(from_here(), 30))
+        assert refused == ["refused"] * 5 and reached == 1
+        assert client.connected  # nothing of its run was touched
+    finally:
+        if loop_of_the_server is not None and stop is not None:
+            loop_of_the_server.call_soon_threadsafe(stop.set)
+        thread.join(60)
+    assert not thread.is_alive()
+
+    async def after_its_run() -> None:
+        # That run is over: this thread may run the server and connect the client.
+        serving = asyncio.create_task(server.run())
+        await server.wait_listening()
+        again = Client(client_descriptor(server.port))
+        await again.connect()
+        await again.disconnect()
+        await server.close()
+        await serving
+
+    run_strict(after_its_run)
+
+
+def test_a_clients_calls_from_another_threads_trio_run_are_refused() -> None:
+    """The same between two ``trio.run`` threads."""
+    refused: list[str] = []
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = Client(client_descriptor(server.port))
+            await client.connect()
+
+            def other_thread() -> None:
+                async def call() -> None:
+                    with pytest.raises(RuntimeError, match="of another thread, which still runs"):
+                        await client.rpc.call("anything")
+                    refused.append("refused")
+
+                trio.run(call)
+
+            await trio.to_thread.run_sync(other_thread)
+            await client.disconnect()
+            await server.close()
+
+    trio.run(main)
+    assert refused == ["refused"]

@@ -10,19 +10,33 @@ The shim registers its hooks here (:func:`install_asyncio_runner`) when it is
 imported, and ``conduit/__init__.py`` imports it, so it is always in place
 before any bridged method can be called. The dependency points from the shim to
 this module, never back: this module decides, the shim executes.
+
+An object that lives in one Trio run (a running :class:`~conduit.Server`, a
+connected :class:`~conduit.Client`, their peers and RPC proxies: each a
+:class:`RunBound`) is refused, with a ``RuntimeError`` that says where to
+await it, to a caller in another thread while that run lives. Its methods
+touch that run's nurseries and tasks; awaited from another thread's run (a
+server served by one thread's ``asyncio.run``, awaited from another's) they
+corrupted both runs, after seeming to work (found by a review on
+2026-12-07).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
+import attrs
 import sniffio
+import trio
 
 __all__ = [
     "BridgedCall",
+    "RunBinding",
+    "RunBound",
     "Submit",
     "Unwind",
     "asyncio_caller_loop",
@@ -44,6 +58,59 @@ class BridgedCall(Protocol):
     future: asyncio.Future[Any]
     #: An error the Trio side raised while unwinding after the caller was cancelled.
     late_error: BaseException | None
+
+
+@attrs.frozen
+class RunBinding:
+    """The Trio run an object lives in: its thread, and its token to ask whether it still runs."""
+
+    thread: int
+    token: trio.lowlevel.TrioToken
+
+    @classmethod
+    def current(cls) -> RunBinding:
+        """The run of the calling Trio task."""
+        return cls(threading.get_ident(), trio.lowlevel.current_trio_token())
+
+    def is_foreign(self) -> bool:
+        """Whether the caller is in another thread while this run still lives."""
+        if self.thread == threading.get_ident():
+            return False
+        try:
+            # Thread-safe by design; a no-op in that run if it lives.
+            self.token.run_sync_soon(_nothing)
+        except trio.RunFinishedError:
+            return False  # its run is over: nothing of it is left to corrupt
+        return True
+
+
+def _nothing() -> None:
+    """Run in another Trio run to learn that it lives."""
+
+
+class RunBound:
+    """An object whose bridged methods must be awaited in the run it lives in (see above)."""
+
+    def _run_binding(self) -> RunBinding | None:
+        """The run this object lives in; None while it lives in none (not yet running)."""
+        return None
+
+
+def _refuse_another_threads_objects(args: tuple[Any, ...]) -> None:
+    """``RuntimeError`` for an argument of a bridged call that lives in a Trio run of
+    another thread, while that run lives."""
+    for arg in args:
+        if isinstance(arg, RunBound):
+            binding = arg._run_binding()
+            if binding is not None and binding.is_foreign():
+                what = type(arg).__name__
+                raise RuntimeError(
+                    f"this {what} lives in a Trio run (or an asyncio event loop's, under "
+                    f"the shim) of another thread, which still runs: await its methods "
+                    f"there, not from this thread (from asyncio: "
+                    f"asyncio.run_coroutine_threadsafe(coroutine, its_loop); from Trio: "
+                    f"trio.from_thread.run, with its trio token)"
+                )
 
 
 #: Starts ``fn(*args, **kwargs)`` in the guest run of the given loop (the shim's
@@ -186,6 +253,9 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        # Only two arguments can live in a run: the method's object, and a
+        # transfer's client or peer.
+        _refuse_another_threads_objects(args[:2])
         # asyncio_caller_loop()'s first test, inline: under Trio (the common
         # case) this runs on every call, and a Python call is ~0.1 us.
         if sniffio.thread_local.name == "trio":

@@ -49,6 +49,7 @@ import attrs
 import outcome
 import trio
 
+from ._bridge import RunBinding
 from ._call_workers import Blocked, CallRunners
 from ._callbacks import calling_task
 from ._heartbeats import Entry, Heartbeats
@@ -283,6 +284,8 @@ class Connection:
         socket_io: SocketIO | None = None,
     ) -> None:
         self.stream = stream
+        #: The Trio run this connection's tasks run in (see _bridge.RunBound).
+        self.binding = RunBinding.current()
         #: Plain sockets skip Trio's per-operation overhead (see _socket_io);
         #: the handshake's, when given, knows whether its last read drained the socket.
         self._socket_io = socket_io if socket_io is not None else SocketIO.of(stream)

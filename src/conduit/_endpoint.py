@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from ._bridge import RunBinding, RunBound
 from ._callbacks import invoke
 from ._connection import Connection, ConnectionSettings, settings_from
 from ._handshake_io import Established
@@ -52,15 +53,21 @@ def format_address(address: tuple[str, int] | None) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class Endpoint:
+class Endpoint(RunBound):
     """The base of :class:`~conduit.Server` and :class:`~conduit.Client`."""
 
     def __init__(self, descriptor: Any, *, message_handler_takes_peer: bool) -> None:
+        #: The Trio run this endpoint last started in (a server's run(), a
+        #: client's connect()): see :class:`._bridge.RunBound`.
+        self._binding: RunBinding | None = None
         self._handlers = Handlers(message_handler_takes_peer=message_handler_takes_peer)
         self._connect_hooks: list[Callable[..., Any]] = []
         self._disconnect_hooks: list[Callable[..., Any]] = []
         self._settings: ConnectionSettings = settings_from(descriptor)
         self._log = logging.getLogger(type(self).__module__)
+
+    def _run_binding(self) -> RunBinding | None:
+        return self._binding
 
     # ---------------------------------------------------------------- registry
 

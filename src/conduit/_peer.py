@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._bridge import bridged
+from ._bridge import RunBinding, RunBound, bridged
 from ._connection import Connection
 from ._rpc_proxy import RPCProxy, to_wire
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .accounts import AccountRecord
 
 
-class Peer:
+class Peer(RunBound):
     """The other end of one connection, as seen from this side."""
 
     def __init__(
@@ -56,6 +56,9 @@ class Peer:
         # proxy in a reference cycle would outlive every connection until
         # Python's cycle collector ran.
         self.rpc = RPCProxy(lambda: connection, default_timeout)
+
+    def _run_binding(self) -> RunBinding | None:
+        return self._connection.binding
 
     def __repr__(self) -> str:
         user = f" username={self.username!r}" if self.username is not None else ""

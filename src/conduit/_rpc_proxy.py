@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import attrs
 
-from ._bridge import bridged
+from ._bridge import RunBinding, RunBound, bridged
 from ._connection import Connection
 from .errors import ConduitError, ConnectionClosed, LocalProtocolError, RPCError, failure_dict
 from .protocol import converter
@@ -101,7 +101,7 @@ def checked_timeout(timeout: float) -> float:
     return timeout
 
 
-class RPCProxy:
+class RPCProxy(RunBound):
     """Call methods on the peer; on a client also ``@client.rpc`` registers handlers."""
 
     def __init__(
@@ -113,6 +113,12 @@ class RPCProxy:
         self._connection = connection
         self._handlers = handlers
         self.default_timeout = default_timeout
+
+    def _run_binding(self) -> RunBinding | None:
+        try:
+            return self._connection().binding
+        except Exception:  # not connected: the call itself says so
+            return None
 
     @overload
     def __call__(self, function: F, *, name: str | None = None) -> F: ...

@@ -19,7 +19,7 @@ import trio
 
 from . import _heartbeats as heartbeats
 from . import _threads
-from ._bridge import bridged
+from ._bridge import RunBinding, bridged
 from ._callbacks import calling_task, invoke, wants_an_argument
 from ._connect_error import describe_connect_error
 from ._connection import Connection
@@ -391,6 +391,8 @@ class Client(Endpoint):
         if self._connecting is not None and await self._wait_turn(stream, disconnects):
             return
         connecting = self._connecting = _Connecting(trio.lowlevel.current_task())
+        # The run this client now lives in: what it starts runs there.
+        self._binding = RunBinding.current()
         try:
             await self._connect(stream, connecting, disconnects)
         finally:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import attrs
 import trio
 
-from ._bridge import bridged
+from ._bridge import RunBinding, bridged
 from ._call_shares import CallShares
 from ._callbacks import calling_task
 from ._endpoint import HOOK_TIMEOUT, Endpoint, address_of, format_address
@@ -309,6 +309,8 @@ class Server(Endpoint):
             raise RuntimeError("this server is already running")
         run = self._run = _Run()
         self._closing = False
+        # The run this server now lives in: its connections' tasks run there.
+        self._binding = RunBinding.current()
         if self._startup.over.is_set():
             # The last run's outcome, which no wait_listening() asked for: the
             # calls from now on are about this run.
