@@ -911,6 +911,41 @@ def test_accounts_under_asyncio(accounts: Accounts) -> None:
 # --------------------------------------------------------------------------- storage per user
 
 
+async def test_a_read_only_user_sending_files_the_server_holds_is_refused_not_answered_success(
+    server_factory: ServerFactory, accounts: Accounts, tmp_path: Path
+) -> None:
+    """bob is read-only; his root already holds exactly the files he sends.
+    The look for a file already there ran before the check: every way of
+    sending (one large file, one small, a batch) answered ``success`` with
+    ``already_there`` for an upload he may not make (a review, 2026-12-07)."""
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(
+        register=transfer.register_server_handlers, password=None, accounts=accounts
+    )
+    held = storage / "shared" / "bob"
+    held.mkdir(parents=True)
+    local = tmp_path / "local"
+    local.mkdir()
+    for name, size in (("large.bin", 2 * 1024 * 1024), ("small.bin", 1000), ("b1.bin", 10)):
+        data = os.urandom(size)
+        (held / name).write_bytes(data)
+        (local / name).write_bytes(data)
+    bob = await login(server, "bob", BOB_PASSWORD)
+    sender = FileTransferHandler(storage_dir=tmp_path / "client")
+    try:
+        with trio.fail_after(30):
+            results = [
+                await sender.send_to_server(bob, local / "large.bin"),
+                await sender.send_to_server(bob, local / "small.bin"),
+                *await sender.send_files_to_server(bob, [local / "b1.bin", local / "small.bin"]),
+            ]
+    finally:
+        with trio.move_on_after(5):
+            await bob.disconnect()
+    assert [(r["success"], r.get("code")) for r in results] == [(False, "forbidden")] * 4, results
+
+
 async def test_logged_in_users_are_isolated_end_to_end(
     server_factory: ServerFactory, accounts: Accounts, tmp_path: Path
 ) -> None:

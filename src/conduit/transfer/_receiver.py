@@ -58,7 +58,7 @@ from ._ranges import range_name, resolve_range
 from ._rerun import find_already_there, same_size_exists, skipped_result
 from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
-from ._space import partial_owner
+from ._space import check_writable, partial_owner
 from ._stoppable import run_stoppable
 from ._storage import StorageRoot
 from ._wire import (
@@ -285,6 +285,9 @@ class Receiver:
         self, caller: Peer, name: str, size: int, sha256: str
     ) -> dict[str, Any] | None:
         try:
+            # A read-only account is refused before the look: "already there"
+            # would answer it success for an upload it may not make.
+            check_writable(caller)
             safe = safe_relative_name(name)
             # (A hostile size matches no stored file; the admission refuses it.)
             return await self._settings.backend.rerun_answer(caller, safe, size, sha256)
@@ -400,7 +403,19 @@ class Receiver:
         return {"results": results}
 
     async def _store(self, caller: Peer, entries: list[Entry]) -> None:
-        """Store one-shot files (the backend's way); outcomes are left on the entries."""
+        """Store one-shot files (the backend's way); outcomes are left on the entries.
+
+        A read-only account's are each refused ``forbidden`` before any look:
+        one the store holds already would otherwise be answered success.
+        """
+        try:
+            check_writable(caller)
+        except TransferError as exc:
+            refused = as_rpc_error(exc)
+            for entry in entries:
+                entry.error = refused
+            await trio.lowlevel.checkpoint()
+            return
         await self._settings.backend.store_small(caller, entries)
 
     def _progress_hooks(self, connection: Connection, peer: Peer) -> ProgressCallback | None:
