@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from nacl import bindings as sodium
 
+from conduit import accounts as accounts_module
 from conduit.accounts import DEFAULT_STRETCH, AccountRecord, Accounts, StretchParams
 from conduit.errors import AuthenticationError
 from conduit.protocol import (
@@ -638,14 +639,15 @@ def test_the_mix_of_fake_costs_follows_the_records_on_reload(tmp_path: Path) -> 
 
 
 def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every read of an accounts file's contents from now on, in a list."""
     reads: list[Path] = []
-    read_bytes = Path.read_bytes
+    read = accounts_module._read_regular_file
 
-    def counting(self: Path) -> bytes:
-        reads.append(self)
-        return read_bytes(self)
+    def counting(path: Path) -> bytes:
+        reads.append(path)
+        return read(path)
 
-    monkeypatch.setattr(Path, "read_bytes", counting)
+    monkeypatch.setattr(accounts_module, "_read_regular_file", counting)
     return reads
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import trio
 
 import conduit
 from conduit import Accounts, Client, ConduitError, LockedOut, Server
+from conduit import accounts as accounts_module
 from conduit.protocol import Frame, FrameKind, ServerHandshake
 from conduit.protocol.pake import StretchParams
 from conftest import ServerFactory, client_descriptor, count_reconnects
@@ -268,3 +271,66 @@ async def test_a_session_already_closing_when_its_account_changes_keeps_its_good
         await alice.wait_closed()
     assert reconnects == []
     assert not alice.connected
+
+
+async def test_a_fifo_in_the_accounts_files_place_keeps_the_logins_working(
+    server_factory: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO put in the file's place (``mkfifo``): its open and its read would
+    block until a writer came. Until 2026-12-07 every login then waited on it
+    to its auth_timeout, and the server's close hung (a review). It is no
+    regular file: the old data stays, with a warning; the file put back is
+    read again."""
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    good = store.path.read_bytes()
+    server = await _accounts_server(server_factory, str(store.path))
+    store.path.unlink()
+    os.mkfifo(store.path)
+    with caplog.at_level(logging.WARNING, logger="conduit.server"):
+        for _ in range(3):
+            await _login(server, "alice", ALICE_PASSWORD)
+    assert any("is not a regular file" in r.getMessage() for r in caplog.records)
+    store.path.unlink()
+    Accounts(tmp_path / "other.json", stretch=FAST).add("carol", CAROL_PASSWORD)
+    document = json.loads(good)
+    document["users"]["carol"] = json.loads((tmp_path / "other.json").read_text())["users"]["carol"]
+    store.path.write_text(json.dumps(document))
+    await _login(server, "carol", CAROL_PASSWORD)  # read again once it is a file
+
+
+async def test_a_read_of_the_accounts_file_that_never_ends_holds_no_login_nor_the_close(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that blocks (a hung network mount; here the read function waits
+    on an event until the test ends) after the file changed: each login waits
+    for it a second at most (``RELOAD_PATIENCE``), with the old data, and only
+    one read is made for all of them; the server closes at once."""
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    server = await _accounts_server(server_factory, str(store.path))
+    release = threading.Event()
+    reads: list[Path] = []
+    read = accounts_module._read_regular_file
+
+    def hung(path: Path) -> bytes:
+        reads.append(path)
+        release.wait(60)
+        return read(path)
+
+    monkeypatch.setattr(accounts_module, "_read_regular_file", hung)
+    try:
+        store.path.write_text(store.path.read_text() + " ")  # changed: read again
+        started = trio.current_time()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(_login, server, "alice", ALICE_PASSWORD)
+            await _login(server, "alice", ALICE_PASSWORD)
+        # Each waited for the read it shared a second at most, then logged in.
+        assert trio.current_time() - started < 8
+        assert len(reads) == 1
+        with trio.fail_after(10):
+            await server.close()
+    finally:
+        release.set()

@@ -53,6 +53,7 @@ import attrs
 import trio
 
 from . import _threads
+from ._accounts_reload import Reloader
 from ._handshake_io import Established, read_hello, refuse, server_handshake
 from ._log_limit import LimitedLog
 from ._socket_io import peer_has_closed
@@ -166,6 +167,7 @@ class Gatekeeper:
         self.accounts: Accounts | None = (
             descriptor.accounts if isinstance(descriptor.accounts, Accounts) else None
         )
+        self._reloader: Reloader | None = None
         self._pending: dict[str, int] = {}
         self._pending_total = 0
         # Authenticated connections per user (per address with a shared
@@ -517,19 +519,13 @@ class Gatekeeper:
             )
 
     async def _reload(self, accounts: Accounts) -> None:
-        """Re-read the changed accounts file in a worker thread (a user added by
-        ``conduit user add`` logs in at once); a malformed or unreadable file
-        (an I/O error, a permission refused) keeps the old data."""
-        try:
-            await _threads.run_sync(accounts.reload_if_changed, limiter=self.limiter)
-        except (ValueError, OSError) as exc:
-            self.warnings.warning(
-                "accounts file",
-                _now(),
-                "accounts file %s unreadable, keeping the old data: %s",
-                accounts.path,
-                exc,
-            )
+        """Re-read the changed accounts file (a user added by ``conduit user add``
+        logs in at once), waiting for it a second at most; a malformed or
+        unreadable file (an I/O error, a permission refused, not a regular
+        file) keeps the old data (see :mod:`._accounts_reload`)."""
+        if self._reloader is None or self._reloader.accounts is not accounts:
+            self._reloader = Reloader(accounts, self.warnings)
+        await self._reloader.reload()
 
     def screen(self, listener: trio.abc.Listener[Any]) -> trio.abc.Listener[Any]:
         """``listener``, refusing locked-out addresses as it accepts (socket listeners only).

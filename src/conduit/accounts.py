@@ -531,7 +531,7 @@ class Accounts:
     def _read(self, keep_secret: bytes | None = None) -> _State:
         signature = self._signature()
         try:
-            text = self.path.read_bytes()
+            text = _read_regular_file(self.path)
         except FileNotFoundError:
             return _State(keep_secret or secrets.token_bytes(_SECRET_SIZE), {}, None)
         try:
@@ -598,6 +598,21 @@ class Accounts:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``; ``ValueError`` if it is not a regular file.
+
+    A FIFO put in the file's place would block its open and its read until a
+    writer came (a server's logins waited on it for good until 2026-12-07), a
+    device would give anything: neither holds accounts. Opened without
+    blocking, then looked at before anything is read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        return file.read()
 
 
 def _refuse_a_link(path: Path) -> None:
