@@ -748,6 +748,39 @@ async def test_a_file_written_while_it_is_sent_is_not_published(
         await wait_until(lambda: partial_files(arrived.parent) == [])
 
 
+async def test_an_upload_whose_file_changed_leaves_no_partial_when_its_client_leaves_at_once(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The sender's file grows while it is sent, and its client disconnects as
+    soon as the transfer returns ``source_changed`` (as ``async with client:``
+    or the CLI does). The reset that tells the receiver to remove its partial
+    travels behind the data still in flight: until 2026-12-07 the transfer
+    returned at once, the connection closed before the server read the reset,
+    and the server kept the whole partial, which no send resumes (a review:
+    3 of 3 at 256 MiB). The sender now waits for the receiver to have taken
+    its reset (a few seconds at most)."""
+    with trio.fail_after(60):
+        storage = tmp_path / "server"
+        _, server, client = await server_and_client(server_factory, client_factory, storage)
+        source = tmp_path / "outbox" / "growing.bin"
+        await make_file(source, 64 * MiB)
+        grown = False
+
+        def grow_once(progress: TransferProgress) -> None:
+            nonlocal grown
+            if progress.transferred >= 8 * MiB and not grown:
+                grown = True
+                with source.open("ab") as file:
+                    file.write(b"x" * 10)
+
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+        result = await transfer.send_to_server(client, source, on_progress=grow_once)
+        await client.disconnect()
+        assert result["code"] == "source_changed", result
+        await wait_until(lambda: not server.clients, timeout=10)
+    assert partial_files(storage) == []
+
+
 @pytest.mark.parametrize("direction", ["upload", "download", "range"])
 async def test_a_file_whose_mode_changes_while_it_is_sent_is_published(
     direction: str, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path

@@ -90,4 +90,5 @@ class Reloader:
                 result.error,
             )
 
+
 __all__ = ["LOG_KEY", "RELOAD_PATIENCE", "Reloader"]

@@ -251,7 +251,11 @@ class Sender:
                     # Open: from here its END, or its reset when sending stops
                     # (see _stream_out), is what ends the receiver's wait.
                     unopened = None
-                    await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
+                    try:
+                        await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
+                    except TransferError:
+                        await _until_reset_taken(peer, finish_method, stream_id)
+                        raise
                 result = finish_answer(await _ask_verdict(peer, finish_method, stream_id), size)
             except (ConduitError, OSError) as exc:
                 return transfer_failure(exc)
@@ -621,6 +625,25 @@ async def _ask_verdict(peer: Peer, finish_method: str, stream_id: int) -> Any:
 #: Pauses between the asks of a verdict refused ``overloaded``: 30.44 s in all,
 #: within the minute the receiver keeps it.
 _VERDICT_PAUSES = (0.01, 0.03, 0.1, 0.3, *([1.0] * 30))
+
+
+async def _until_reset_taken(peer: Peer, finish_method: str, stream_id: int) -> None:
+    """Wait, :data:`_ABANDON_TIMEOUT` at most, for the receiver's verdict on a
+    stream we reset (our file changed while it was sent, or could not be read).
+
+    The reset travels behind the data still in flight, and the receiver acts
+    on it (removing a partial that no send resumes, for ``source_changed``)
+    only once it has read that far. A caller that closes the connection as
+    soon as the transfer returns (``async with client:``, the CLI) closed it
+    before: until 2026-12-07 the receiver then took the stream for cut and
+    kept the whole partial. Its verdict comes once it has acted; what it
+    says is ours already.
+    """
+    with trio.move_on_after(_ABANDON_TIMEOUT):
+        try:
+            await peer.call(finish_method, stream_id=stream_id, timeout=NO_TIMEOUT)
+        except (ConduitError, OSError) as exc:
+            log.debug("verdict on reset stream %s: %s", stream_id, exc)
 
 
 async def _abandon(
