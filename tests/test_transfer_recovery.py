@@ -781,6 +781,74 @@ async def test_an_upload_whose_file_changed_leaves_no_partial_when_its_client_le
     assert partial_files(storage) == []
 
 
+async def _cut_upload(
+    transfer: FileTransferHandler, client: Client, source: Path, remote_name: str
+) -> None:
+    """An upload of ``source`` cancelled once a MiB has gone: its partial is kept."""
+    with trio.CancelScope() as scope:
+
+        def cancel_once_moving(progress: TransferProgress) -> None:
+            if progress.transferred >= MiB:
+                scope.cancel()
+
+        await transfer.send_to_server(
+            client, source, on_progress=cancel_once_moving, remote_name=remote_name
+        )
+    assert scope.cancelled_caught
+
+
+async def test_publishing_a_file_removes_its_senders_partials_of_older_versions(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A cut upload leaves a partial keyed by the file's size and modification
+    time; the file then changes and is sent whole. No send resumes the old
+    partial: until 2026-12-07 it stayed for partial_ttl beside the published
+    file (a review: up to half the file each time). The sender's own partials
+    of older versions go when the file is published."""
+    with trio.fail_after(60):
+        storage = tmp_path / "server"
+        _, _, client = await server_and_client(server_factory, client_factory, storage)
+        source = tmp_path / "outbox" / "report.bin"
+        await make_file(source, SIZE)
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+        await _cut_upload(transfer, client, source, "report.bin")
+        await wait_until(lambda: len(partial_files(storage)) == 1)
+        await make_file(source, SIZE + 1)  # another version: size and mtime moved
+        result = await transfer.send_to_server(client, source)
+        assert result["success"] is True and result["resumed_from"] == 0, result
+    assert partial_files(storage) == []
+    assert await file_sha256(storage / "report.bin") == await file_sha256(source)
+
+
+async def test_a_begin_answered_already_there_removes_the_senders_partial_of_it(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A cut upload left its partial; the same bytes then arrived from another
+    address (another owner) under the name. Sending again is answered
+    ``already_there``, and the partial, which nothing will resume, goes with
+    it (until 2026-12-07 it stayed, a review found)."""
+    with trio.fail_after(60):
+        storage = tmp_path / "server"
+        _, server, client = await server_and_client(server_factory, client_factory, storage)
+        source = tmp_path / "outbox" / "x.bin"
+        await make_file(source, SIZE)
+        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
+        await _cut_upload(transfer, client, source, "x.bin")
+        await wait_until(lambda: len(partial_files(storage)) == 1)
+        other = await client_factory(server, connect=False)
+        await other.connect(
+            stream=await trio.open_tcp_stream("127.0.0.1", server.port, local_address="127.0.0.2")
+        )
+        copy = tmp_path / "elsewhere" / "x.bin"
+        copy.parent.mkdir()
+        copy.write_bytes(source.read_bytes())  # the same bytes, another mtime
+        assert (await transfer.send_to_server(other, copy))["success"] is True
+        assert len(partial_files(storage)) == 1  # the first owner's, not the other's to take
+        again = await transfer.send_to_server(client, source)
+        assert again["success"] is True and again.get("skipped") is True, again
+    assert partial_files(storage) == []
+
+
 @pytest.mark.parametrize("direction", ["upload", "download", "range"])
 async def test_a_file_whose_mode_changes_while_it_is_sent_is_published(
     direction: str, server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path

@@ -141,6 +141,11 @@ class Backend(Protocol):
         """Check the upload against every limit, open its partial (resuming unless ``restart``)."""
         ...
 
+    async def forget_partial(self, peer: Peer, name: str, key: str) -> None:
+        """Remove ``peer``'s idle partial of ``name`` under ``key``: its begin was
+        answered ``already_there``, so nothing will resume it."""
+        ...
+
     async def release(self, admitted: Admitted) -> None:
         """The upload ended (published, kept for a resume or discarded): free its reservation."""
         ...

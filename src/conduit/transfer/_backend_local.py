@@ -209,9 +209,14 @@ class LocalBackend:
         return Admitted(LocalSink(admission.partial), admission)
 
     async def release(self, admitted: Admitted) -> None:
-        """See :meth:`._backend.Backend.release`."""
+        """See :meth:`._backend.Backend.release` (a published file takes its owner's
+        partials of older versions with it)."""
         admission: Admission = admitted.ticket
         await self.budget.release(admission)
+
+    async def forget_partial(self, peer: Peer, name: str, key: str) -> None:
+        """See :meth:`._backend.Backend.forget_partial`."""
+        await self.budget.forget_partial(peer, name, key)
 
     async def store_small(self, peer: Peer, entries: list[Entry]) -> None:
         """All of ``entries`` in one worker-thread hop, one fsync pass (:mod:`._batch_store`)."""

@@ -504,6 +504,7 @@ class StoreBackend:
         if sink is not None and sink.published:
             # No longer counted as in progress: counted as published instead.
             self._published(upload.root, upload.size)
+            await self._drop_older_versions(upload)
         if sink is None or sink.finished:
             return
         with trio.CancelScope(shield=True):
@@ -529,6 +530,34 @@ class StoreBackend:
                 return
             self._kept[upload.root, upload.name, upload.transfer_id] = kept
             await self._cap_kept(upload.owner)
+
+    async def _drop_older_versions(self, published: _Upload) -> None:
+        """Evict its owner's kept partials of the file just published: their keys
+        name older versions, which no send resumes (as the local disk budget does)."""
+        for key, kept in list(self._kept.items()):
+            if (kept.root, kept.name, kept.owner) == (
+                published.root,
+                published.name,
+                published.owner,
+            ) and self._kept.get(key) is kept:
+                del self._kept[key]
+                await self._evict_logged(kept)
+
+    async def forget_partial(self, peer: Peer, name: str, key: str) -> None:
+        """See :meth:`._backend.Backend.forget_partial`."""
+        root, _store = self._store_for(peer)
+        own = (root, safe_relative_name(name), owned_transfer_id(key, partial_owner(peer)))
+        kept = self._kept.pop(own, None)
+        if kept is not None:
+            await self._evict_logged(kept)
+
+    async def _evict_logged(self, kept: _Kept) -> None:
+        """:meth:`_evict`, a failure logged (the partial then expires as any other)."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._evict(kept)
+            except Exception as exc:
+                log.warning("could not evict the partial of %r: %s", kept.name, exc)
 
     async def _evict(self, kept: _Kept) -> bool:
         """Discard a partial this node let go of, unless it is live elsewhere; whether it was.

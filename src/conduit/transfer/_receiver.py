@@ -23,6 +23,7 @@ side of a download always writes to a local directory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -55,7 +56,7 @@ from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._ranges import range_name, resolve_range
-from ._rerun import find_already_there, same_size_exists, skipped_result
+from ._rerun import find_already_there, same_size_exists, says_skipped, skipped_result
 from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
 from ._space import check_writable, partial_owner
@@ -193,7 +194,8 @@ class Receiver:
 
         Or, for a file this side already has (see :mod:`._rerun`),
         ``{"check_sha256": True}`` (begin again with ``sha256=``) or
-        ``{"already_there": True, ...}`` (nothing to send).
+        a skipped result, ``{"skipped": True, "reason": "already_there", ...}``
+        (nothing to send).
         """
         connection = caller.connection
         inbound_here = self._inbound(connection)
@@ -209,6 +211,13 @@ class Receiver:
             await stale.done.wait()
         rerun = await self._rerun_answer(caller, name, size, sha256)
         if rerun is not None:
+            if says_skipped(rerun):
+                # Published already (by another send): the caller's partial
+                # of it, left by a cut attempt, will never be resumed.
+                with contextlib.suppress(ConduitError, OSError):
+                    await self._settings.backend.forget_partial(
+                        caller, safe_relative_name(name), key
+                    )
             return rerun
         # Transfers whose stream the sender reset (its caller cancelled, say)
         # are letting go of their slot; the reset came before this begin, so

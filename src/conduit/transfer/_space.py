@@ -293,6 +293,11 @@ class Admission:
         """The partial file's path below the storage directory."""
         return (*self.directories, partial_basename(split_name(self.name)[1], self.transfer_id))
 
+    @property
+    def target(self) -> _Path:
+        """The file it is published as, below the storage directory."""
+        return (*self.prefix, *self.name.split("/"))
+
     def remaining(self) -> int:
         """Bytes still to be written: the part of the reservation not yet on disk by a name.
 
@@ -316,6 +321,9 @@ class _Abandoned:
     size: int
     modified: float  # wall clock: eviction order, oldest first
     expires: float  # Trio clock
+    #: The file it would be published as (below the storage directory); ()
+    #: when not known (found on the disk at start).
+    target: _Path = ()
 
 
 @attrs.frozen
@@ -684,6 +692,7 @@ class DiskBudget:
                         info,
                         time.time(),
                         now + self._settings.partial_ttl,
+                        admission.target,
                     )
                     self._cap_owner_locked(admission.owner)
                     self._cap_all_locked(admission.owner)
@@ -693,9 +702,53 @@ class DiskBudget:
                     # (and directories) per begin for partial_ttl.
                     directories, basename = admission.path[:-1], admission.path[-1]
                     self._settings.storage.remove_idle_partial(directories, basename)
+            if partial is not None and partial.published:
+                self._drop_older_versions_locked(admission)
             # Published, discarded or never opened: the directories made for it
             # may now be empty.
             self._prune_locked(admission.directories)
+
+    def _drop_older_versions_locked(self, published: Admission) -> None:
+        """Remove its owner's abandoned partials of the file just published.
+
+        A partial's key names its file's size and modification time: one a
+        cut upload of an earlier version left is resumed by no later send,
+        and stayed for ``partial_ttl`` after the new version was published
+        (found by a review on 2026-12-07; a download does the same for its
+        partials of older versions). Only the owner's own, which only its
+        sends could have resumed, and only idle ones.
+        """
+        owner, target = published.owner, published.target
+        if not owner:
+            return
+        for entry in [
+            entry
+            for entry in self._abandoned.values()
+            if entry.target == target and entry.owner == owner
+        ]:
+            self._remove_locked(entry)
+
+    async def forget_partial(self, peer: Peer | None, name: str, key: str) -> None:
+        """Remove ``peer``'s abandoned partial of ``name`` under ``key``, if idle.
+
+        For a begin answered ``already_there`` (the file it was sending is
+        published already, by another send): nothing will resume it.
+        """
+        _storage, prefix = user_storage(self._settings.storage, peer)
+        directories, basename = split_name(name)
+        path = (
+            *prefix,
+            *directories,
+            partial_basename(basename, owned_transfer_id(key, partial_owner(peer))),
+        )
+
+        def forget() -> None:
+            with self._lock:
+                entry = self._abandoned.get(path)
+                if entry is not None:
+                    self._remove_locked(entry)
+
+        await _threads.run_sync(forget)
 
     def _cap_owner_locked(self, owner: str) -> None:
         """Evict ``owner``'s oldest abandoned partials beyond :data:`MAX_ABANDONED_PER_OWNER`."""
