@@ -821,3 +821,37 @@ async def test_an_upload_aborted_behind_our_back_is_retried_from_zero(
         assert again["success"] is True, again
         assert again["resumed_from"] == 0, again
         assert await _read_all(store, "big.bin") == data
+
+
+async def test_a_published_file_takes_its_owners_partials_of_older_versions_with_it(
+    two_nodes: Callable[..., tuple[StoreBackend, StoreBackend]],
+) -> None:
+    """As on a local disk: a partial a cut upload of an older version left
+    (its key names that version) goes when its owner publishes the file, and
+    one whose begin is answered ``already_there`` goes with that answer;
+    another owner's stays. Until 2026-12-07 they stayed for partial_ttl."""
+    with trio.fail_after(120):
+        a, _b = two_nodes()
+        store = a.store
+        assert isinstance(store, S3Store)
+        await _left_on(a, "r.bin", os.urandom(2 * PART), "K1", parts=1)
+        elsewhere = _peer("c2")
+        elsewhere.address = ("10.0.0.2", 40000)  # another host: another owner
+        admitted = await a.admit(elsewhere, "s.bin", 2 * PART, "K9", restart=False)
+        await _sink(admitted).write([os.urandom(PART)])
+        await _sink(admitted).close()
+        await a.release(admitted)  # another owner's, of another name
+        assert len(_keys(store, "uploads")) == 2
+        new = os.urandom(PART + 5)
+        admitted = await a.admit(_peer("c1"), "r.bin", len(new), "K2", restart=False)
+        assert await _finish(admitted, new, [new]) == "r.bin"
+        await a.release(admitted)
+        assert len(_keys(store, "uploads")) == 1  # only c2's is left
+        await _left_on(a, "t.bin", os.urandom(2 * PART), "K3", parts=1)
+        assert len(_keys(store, "uploads")) == 2
+        await a.forget_partial(_peer("c1"), "t.bin", "K3")
+        await a.forget_partial(_peer("c1"), "s.bin", "K9")  # the other owner's: stays
+    uploads = store.client.list_multipart_uploads(
+        Bucket=store.bucket, Prefix=store.location.list_prefix
+    ).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == [store.location.key("s.bin")]

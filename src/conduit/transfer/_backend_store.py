@@ -398,12 +398,15 @@ class StoreBackend:
             raise TransferError("too many uploads at once; try again later", "overloaded")
         self._check_room(root, name, size, quota, used)
         own = (root, name, transfer_id)
+        older = self._older_versions(own, owner) if owner else []
         evict = self._room_for_partials(size, own)
         upload = _Upload(root, store, name, transfer_id, owner, size, uploads)
         self._active.add(upload)
         uploads.add(upload)
         self._kept.pop(own, None)
         try:
+            for kept in older:
+                await self._evict_logged(kept)
             for kept in evict:
                 if await self._evict(kept):
                     # On the budget of the one asking for room, not the victim's.
@@ -504,7 +507,6 @@ class StoreBackend:
         if sink is not None and sink.published:
             # No longer counted as in progress: counted as published instead.
             self._published(upload.root, upload.size)
-            await self._drop_older_versions(upload)
         if sink is None or sink.finished:
             return
         with trio.CancelScope(shield=True):
@@ -531,17 +533,18 @@ class StoreBackend:
             self._kept[upload.root, upload.name, upload.transfer_id] = kept
             await self._cap_kept(upload.owner)
 
-    async def _drop_older_versions(self, published: _Upload) -> None:
-        """Evict its owner's kept partials of the file just published: their keys
-        name older versions, which no send resumes (as the local disk budget does)."""
-        for key, kept in list(self._kept.items()):
-            if (kept.root, kept.name, kept.owner) == (
-                published.root,
-                published.name,
-                published.owner,
-            ) and self._kept.get(key) is kept:
-                del self._kept[key]
-                await self._evict_logged(kept)
+    def _older_versions(self, own: tuple[str, str, str], owner: str) -> list[_Kept]:
+        """Take out of the index ``owner``'s kept partials of the name ``own``
+        uploads under another key: older versions of the file, which no send
+        resumes, and whose hold on the name would make the new version's
+        publish take the next free name ("r (1).bin"; until 2026-12-07)."""
+        root, name, _transfer_id = own
+        older = [
+            key
+            for key, kept in self._kept.items()
+            if key != own and (kept.root, kept.name, kept.owner) == (root, name, owner)
+        ]
+        return [self._kept.pop(key) for key in older]
 
     async def forget_partial(self, peer: Peer, name: str, key: str) -> None:
         """See :meth:`._backend.Backend.forget_partial`."""

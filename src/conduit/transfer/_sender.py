@@ -253,7 +253,9 @@ class Sender:
                     unopened = None
                     try:
                         await self._stream_out(peer, stream, sending, start, size, hasher, reporter)
-                    except TransferError:
+                    except StreamReset:
+                        raise  # the receiver's reset: its verdict is asked below
+                    except TransferError:  # ours (see _stream_out)
                         await _until_reset_taken(peer, finish_method, stream_id)
                         raise
                 result = finish_answer(await _ask_verdict(peer, finish_method, stream_id), size)

@@ -600,6 +600,8 @@ class DiskBudget:
                     start = 0
             admission = Admission(storage, prefix, name, transfer_id, owner, size, start)
             own = admission.path
+            if key is not None:
+                self._drop_older_versions_locked(admission)
             if settings.overwrite:
                 for other in self._active:
                     if other.storage.path == storage.path and other.name == name:
@@ -702,29 +704,29 @@ class DiskBudget:
                     # (and directories) per begin for partial_ttl.
                     directories, basename = admission.path[:-1], admission.path[-1]
                     self._settings.storage.remove_idle_partial(directories, basename)
-            if partial is not None and partial.published:
-                self._drop_older_versions_locked(admission)
             # Published, discarded or never opened: the directories made for it
             # may now be empty.
             self._prune_locked(admission.directories)
 
-    def _drop_older_versions_locked(self, published: Admission) -> None:
-        """Remove its owner's abandoned partials of the file just published.
+    def _drop_older_versions_locked(self, admission: Admission) -> None:
+        """Remove the owner's abandoned partials of the file ``admission`` uploads
+        under another key.
 
         A partial's key names its file's size and modification time: one a
         cut upload of an earlier version left is resumed by no later send,
-        and stayed for ``partial_ttl`` after the new version was published
-        (found by a review on 2026-12-07; a download does the same for its
-        partials of older versions). Only the owner's own, which only its
-        sends could have resumed, and only idle ones.
+        and stayed for ``partial_ttl`` beside the new version (found by a
+        review on 2026-12-07; a download does the same for its partials of
+        older versions). Only the owner's own, which only its sends could
+        have resumed, and only idle ones; before the room for the upload is
+        counted, which they then leave to it.
         """
-        owner, target = published.owner, published.target
+        owner, target, own = admission.owner, admission.target, admission.path
         if not owner:
             return
         for entry in [
             entry
             for entry in self._abandoned.values()
-            if entry.target == target and entry.owner == owner
+            if entry.target == target and entry.owner == owner and entry.path != own
         ]:
             self._remove_locked(entry)
 

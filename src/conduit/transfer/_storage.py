@@ -932,8 +932,6 @@ class PartialFile:
         self._hash = hashlib.sha256()
         self._offset = 0
         self._finished = False  # published or discarded: nothing left on disk to manage
-        #: Published under its name (not discarded, nor still open).
-        self.published = False
 
     @property
     def root(self) -> StorageRoot:
@@ -1178,7 +1176,7 @@ class PartialFile:
                     placed = _place_anonymous(fd, dest, basename, self._transfer_id, overwrite)
                     if sync_directory:
                         os.fsync(dest)
-            self._finished = self.published = True
+            self._finished = True
             self.close()
             return "/".join((*directories, placed))
         if not _same_file(self._dir_fd, partial_name, fd):
@@ -1190,7 +1188,7 @@ class PartialFile:
                 os.fsync(dest_fd)
             if sync_directory and not os.path.samestat(os.fstat(dest_fd), os.fstat(self._dir_fd)):
                 os.fsync(self._dir_fd)  # the partial's removal lives in another directory
-        self._finished = self.published = True
+        self._finished = True
         self.close()
         return "/".join((*directories, placed))
 
