@@ -69,7 +69,12 @@ def test_add_remove_and_list(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "username",
-    ["", "a" * 65, "..", ".hidden", "a/b", "a\\b", "a..b", "al\x00ice", "al\nice", "é", " a"],
+    [
+        *("", "a" * 65, "..", ".hidden", "a/b", "a\\b", "a..b", "al\x00ice", "al\nice", "é", " a"),
+        # Names of the root they name by default, refused as a stored file's
+        # name is (until 2026-12-07 they were let through, a review found):
+        *("CON", "nul", "COM1.txt", "a."),
+    ],
 )
 def test_invalid_usernames_are_refused(tmp_path: Path, username: str) -> None:
     accounts = _accounts(tmp_path)
@@ -96,6 +101,13 @@ def test_invalid_usernames_are_refused(tmp_path: Path, username: str) -> None:
         ".conduit",  # an S3 store's control keys: its sweeper acts on them
         "alice/.conduit",
         ".hidden/alice",
+        # As a stored file's name is (until 2026-12-07 they were let through):
+        "CON",
+        "shared/CON",
+        "a ",
+        "a.",
+        "x\u202ey",  # a right-to-left override, which `user list` printed
+        "cafe\u0301",  # not in its normal form (NFC: "café")
     ],
 )
 def test_invalid_roots_are_refused(tmp_path: Path, root: str) -> None:

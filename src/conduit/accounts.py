@@ -131,6 +131,7 @@ def check_username(username: object) -> str:
             f"invalid username {username!r}: use letters, digits and . _ @ + - "
             "(starting with a letter or digit, no '..')"
         )
+    _as_stored_names_are(username, f"invalid username {username!r} (it names its root)")
     return username
 
 
@@ -151,7 +152,31 @@ def check_root(root: object) -> str:
         # .conduit/ control keys, which its sweeper acts on): a user's files
         # must never live among them.
         raise ValueError(f"root {root!r} must not contain hidden components (starting with '.')")
+    _as_stored_names_are(root, f"root {root!r}")
     return root
+
+
+def _as_stored_names_are(path: str, what: str) -> None:
+    """``ValueError`` unless ``path`` passes, unchanged, the checks of a stored file's name.
+
+    A root is a directory of the store, and a username its default root: the
+    same rules as every name a client may store hold for them (no reserved
+    device names such as ``CON``, no trailing dot or space, no bidirectional
+    overrides, Unicode in normal form; see :mod:`conduit.transfer._names`).
+    Until 2026-12-07 roots and names were checked by rules of their own,
+    which let these through (a review): on Windows ``a`` and ``a.`` are one
+    directory, and ``user list`` printed a right-to-left override as it was.
+    """
+    # Imported here: the transfer package imports this module.
+    from .errors import UnsafePathError
+    from .transfer._names import safe_relative_name
+
+    try:
+        checked = safe_relative_name(path)
+    except UnsafePathError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    if checked != path:
+        raise ValueError(f"{what}: use its normal form, {checked!r}")
 
 
 def _check_quota(quota: object) -> int | None:
