@@ -1737,3 +1737,44 @@ def test_a_clients_calls_from_another_threads_trio_run_are_refused() -> None:
 
     trio.run(main)
     assert refused == ["refused"]
+
+
+def test_a_handlers_generator_exit_ends_its_server_not_the_guest_run() -> None:
+    """A handler that raises ``GeneratorExit`` (a ``BaseException``): as under
+    ``trio.run``, it comes out of its server's ``run()``, and the loop's other
+    conduit objects work on. It was taken for the worker's coroutine being
+    closed, went to Trio, and crashed the guest run with every conduit object
+    on the loop (found by a review on 2026-12-07)."""
+
+    async def main() -> tuple[str, Any]:
+        crashing, steady = Server(server_descriptor()), Server(server_descriptor())
+
+        @crashing.rpc
+        async def boom() -> int:
+            raise GeneratorExit("from the handler")
+
+        @steady.rpc
+        def ok() -> int:
+            return 7
+
+        crashing_run = asyncio.create_task(crashing.run())
+        steady_run = asyncio.create_task(steady.run())
+        await crashing.wait_listening()
+        await steady.wait_listening()
+        victim = Client(client_descriptor(crashing.port))
+        bystander = Client(client_descriptor(steady.port))
+        await victim.connect()
+        await bystander.connect()
+        answer = await victim.rpc.call("boom")
+        with pytest.raises(GeneratorExit, match="from the handler"):
+            await crashing_run
+        after = await bystander.rpc.call("ok")
+        await victim.disconnect()
+        await bystander.disconnect()
+        await steady.close()
+        await steady_run
+        return answer["code"], after
+
+    code, after = asyncio.run(asyncio.wait_for(main(), 30))
+    assert code == "connection_closed"
+    assert after == {"success": True, "data": 7}

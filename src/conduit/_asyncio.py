@@ -412,7 +412,7 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
                     future.set_result(value)
                 del value
             except BaseException as exc:
-                propagate = _deliver_error(guest, call, exc)
+                propagate = _deliver_error(guest, call, exc, closed=not _stepping(task))
                 # A Cancelled re-raised here ends the worker: either its call
                 # was cancelled (the worker's scope absorbs it) or the guest run
                 # is ending: by shutdown, or crashing (cancelled by nobody of
@@ -457,11 +457,27 @@ async def _worker(guest: _Guest, worker: _Worker, call: _Call[Any]) -> None:
             del handed  # the call is deleted once over (above): no other name may keep it
 
 
-def _deliver_error(guest: _Guest, call: _Call[Any], exc: BaseException) -> BaseException | None:
+def _stepping(task: trio.lowlevel.Task) -> bool:
+    """Whether ``task`` is the Trio task running now (not: its coroutine is being
+    closed, by the garbage collector of an abandoned run, say)."""
+    try:
+        return trio.lowlevel.current_task() is task
+    except RuntimeError:  # outside any Trio run
+        return False
+
+
+def _deliver_error(
+    guest: _Guest, call: _Call[Any], exc: BaseException, *, closed: bool
+) -> BaseException | None:
     """Give ``call``'s caller what ``exc`` holds for it; return what Trio must see.
 
-    Only trio.Cancelled (and GeneratorExit) must keep propagating: Trio's cancel
-    scopes absorb them. Everything else goes to the caller, including
+    Only trio.Cancelled (and a GeneratorExit when the worker's coroutine is
+    being ``closed``) must keep propagating: Trio's cancel scopes absorb
+    them, and a closed coroutine must not go on. A GeneratorExit the call
+    raised while its worker ran (a handler's own) is the caller's, as any
+    other error: until 2026-12-07 it went to Trio too, and crashed the guest
+    run with every conduit object on its loop (found by a review; under
+    ``trio.run`` it came out of ``server.run()`` alone, as it does now). Everything else goes to the caller, including
     KeyboardInterrupt and SystemExit, which asyncio then raises out of the loop
     from the caller's task as it would for any task; letting them crash the
     service nursery would end every other call too. A KeyboardInterrupt or
@@ -470,7 +486,7 @@ def _deliver_error(guest: _Guest, call: _Call[Any], exc: BaseException) -> BaseE
     lets only a bare one out of the loop, and would keep a group as the task's
     result, the Ctrl-C swallowed.
     """
-    propagate, error = _split_cancelled(exc)
+    propagate, error = _split_cancelled(exc, closed=closed)
     if error is not None:
         fatal = first_leaf(error, FATAL)
         if fatal is not None and fatal is not error:
@@ -554,13 +570,17 @@ async def _spin(guest: _Guest, worker: _Worker) -> _Call[Any] | None:
 
 
 def _split_cancelled(
-    exc: BaseException,
+    exc: BaseException, *, closed: bool
 ) -> tuple[BaseException | None, BaseException | None]:
-    """Split ``exc`` into (what Trio must see, what the caller must see)."""
-    if isinstance(exc, trio.Cancelled | GeneratorExit):
+    """Split ``exc`` into (what Trio must see, what the caller must see); a
+    GeneratorExit is Trio's only when the worker's coroutine is ``closed``."""
+    trios: tuple[type[BaseException], ...] = (
+        (trio.Cancelled, GeneratorExit) if closed else (trio.Cancelled,)
+    )
+    if isinstance(exc, trios):
         return exc, None
     if isinstance(exc, BaseExceptionGroup):
-        return exc.split((trio.Cancelled, GeneratorExit))
+        return exc.split(trios)
     return None, exc
 
 
