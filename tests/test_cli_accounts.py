@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
-from conduit import Accounts
+from conduit import Accounts, Client, ClientDescriptor
 from conduit.protocol.handshake import account_verifier
 from test_cli import _env, conduit, start_server
 
@@ -203,6 +204,48 @@ def test_serve_with_accounts_and_log_in_as_a_user(tmp_path: Path) -> None:
         # ... and what to do about it: not the password to check, a --user to give.
         assert "log in with --user NAME" in anonymous.stderr, anonymous.stderr
         assert "CONDUIT_PASSWORD" not in anonymous.stderr
+    finally:
+        server.stop()
+
+
+def test_the_server_log_says_why_a_session_ended(tmp_path: Path) -> None:
+    """A session the server ends (its account removed) and one its client ends
+    each say why in their disconnect line: without -v, a removed user's
+    session ending looked like any other (a review, 2026-12-07)."""
+    accounts = tmp_path / "accounts.json"
+    assert (
+        conduit("user", "add", "alice", "--accounts", str(accounts), password=ALICE).returncode == 0
+    )
+    server = start_server(tmp_path, "--accounts", str(accounts), password="unused")
+    try:
+        assert (
+            conduit("ls", "--from", server.address, "--user", "alice", password=ALICE).returncode
+            == 0
+        )
+        server.wait_for_log(r"disconnect client \w+ user alice \(.*\) after [\d.]+ s \(.+\)")
+
+        async def session() -> None:
+            client = Client(
+                ClientDescriptor(
+                    server_host=server.host,
+                    server_port=server.port,
+                    username="alice",
+                    password=ALICE,
+                )
+            )
+            with trio.fail_after(60):
+                await client.connect()
+                removed = await trio.to_thread.run_sync(
+                    lambda: conduit("user", "remove", "alice", "--accounts", str(accounts))
+                )
+                assert removed.returncode == 0, removed.stderr
+                await trio.to_thread.run_sync(
+                    server.wait_for_log,
+                    r"disconnect client \w+ user alice .* \(account 'alice' was removed\)",
+                )
+                await client.disconnect()
+
+        trio.run(session)
     finally:
         server.stop()
 

@@ -19,7 +19,7 @@ from .._log_limit import LimitedLog
 from ..errors import ConduitError
 from ..transfer._space import partial_owner
 from ..transfer._storage import make_directories
-from ._common import CLIError, ExitCode, Signals, human_bytes
+from ._common import CLIError, ExitCode, Signals, human_bytes, printable
 
 log = logging.getLogger("conduit.cli.serve")
 
@@ -156,7 +156,16 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
 
     @server.on_client_disconnect
     def disconnect(peer: Peer) -> None:
-        log.info("disconnect %s after %.1f s", _who(peer), time.time() - peer.connected_at)
+        # Why, too: a session the server ended (an account removed or
+        # changed, an idle timeout) looked like any other. The reason may be
+        # the client's own text (its goodbye's): shown escaped.
+        reason = peer.connection.close_reason or "connection closed"
+        log.info(
+            "disconnect %s after %.1f s (%s)",
+            _who(peer),
+            time.time() - peer.connected_at,
+            printable(reason),
+        )
 
     @transfer.on_file_received
     def received(peer: Peer, filepath: str, metadata: dict[str, Any]) -> None:
