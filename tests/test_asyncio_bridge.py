@@ -1713,7 +1713,7 @@ def test_a_servers_methods_awaited_from_another_threads_loop_are_refused() -> No
 
 
 def test_a_clients_calls_from_another_threads_trio_run_are_refused() -> None:
-    """The same between two ``trio.run`` threads."""
+    """The same between two ``trio.run`` threads, while the client is connected."""
     refused: list[str] = []
 
     async def main() -> None:
@@ -1733,10 +1733,24 @@ def test_a_clients_calls_from_another_threads_trio_run_are_refused() -> None:
 
             await trio.to_thread.run_sync(other_thread)
             await client.disconnect()
+
+            def connect_there() -> None:
+                # Disconnected, the client lives nowhere, though its run goes
+                # on: another thread's run may connect it (a review found it
+                # refused).
+                async def use() -> None:
+                    await client.connect()
+                    await client.rpc.call("anything")
+                    await client.disconnect()
+
+                trio.run(use)
+                refused.append("connected there")
+
+            await trio.to_thread.run_sync(connect_there)
             await server.close()
 
     trio.run(main)
-    assert refused == ["refused"]
+    assert refused == ["refused", "connected there"]
 
 
 def test_a_handlers_generator_exit_ends_its_server_not_the_guest_run() -> None:

@@ -477,7 +477,8 @@ def _deliver_error(
     raised while its worker ran (a handler's own) is the caller's, as any
     other error: until 2026-12-07 it went to Trio too, and crashed the guest
     run with every conduit object on its loop (found by a review; under
-    ``trio.run`` it came out of ``server.run()`` alone, as it does now). Everything else goes to the caller, including
+    ``trio.run`` it came out of ``server.run()`` alone, as it does now).
+    Everything else goes to the caller, including
     KeyboardInterrupt and SystemExit, which asyncio then raises out of the loop
     from the caller's task as it would for any task; letting them crash the
     service nursery would end every other call too. A KeyboardInterrupt or

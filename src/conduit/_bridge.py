@@ -72,15 +72,13 @@ class RunBinding:
         """The run of the calling Trio task."""
         return cls(threading.get_ident(), trio.lowlevel.current_trio_token())
 
-    def is_foreign(self) -> bool:
-        """Whether the caller is in another thread while this run still lives."""
-        if self.thread == threading.get_ident():
-            return False
+    def is_alive(self) -> bool:
+        """Whether this run still runs."""
         try:
             # Thread-safe by design; a no-op in that run if it lives.
             self.token.run_sync_soon(_nothing)
         except trio.RunFinishedError:
-            return False  # its run is over: nothing of it is left to corrupt
+            return False
         return True
 
 
@@ -91,26 +89,39 @@ def _nothing() -> None:
 class RunBound:
     """An object whose bridged methods must be awaited in the run it lives in (see above)."""
 
+    #: The thread of the run it last lived in (0: none yet). A quick filter,
+    #: looked at on every call: a caller in another thread is then checked
+    #: with :meth:`_run_binding`, which decides.
+    _thread_of_run: int = 0
+
     def _run_binding(self) -> RunBinding | None:
-        """The run this object lives in; None while it lives in none (not yet running)."""
+        """The run this object lives in; None while it lives in none (not running,
+        not connected: its last run over)."""
         return None
 
 
-def _refuse_another_threads_objects(args: tuple[Any, ...]) -> None:
-    """``RuntimeError`` for an argument of a bridged call that lives in a Trio run of
-    another thread, while that run lives."""
-    for arg in args:
-        if isinstance(arg, RunBound):
-            binding = arg._run_binding()
-            if binding is not None and binding.is_foreign():
-                what = type(arg).__name__
-                raise RuntimeError(
-                    f"this {what} lives in a Trio run (or an asyncio event loop's, under "
-                    f"the shim) of another thread, which still runs: await its methods "
-                    f"there, not from this thread (from asyncio: "
-                    f"asyncio.run_coroutine_threadsafe(coroutine, its_loop); from Trio: "
-                    f"trio.from_thread.run, with its trio token)"
-                )
+_this_thread = threading.get_ident
+
+
+def _refuse_if_foreign(arg: RunBound) -> None:
+    """``RuntimeError`` if ``arg`` lives in a run of another thread that still runs."""
+    binding = arg._run_binding()
+    if binding is not None and binding.thread != _this_thread() and binding.is_alive():
+        raise RuntimeError(
+            f"this {type(arg).__name__} lives in a Trio run (or an asyncio event loop's, "
+            "under the shim) of another thread, which still runs: await its methods "
+            "there, not from this thread (from asyncio code: await asyncio.wrap_future("
+            "asyncio.run_coroutine_threadsafe(coroutine, its_loop)); from a Trio task: "
+            "await trio.to_thread.run_sync(functools.partial(trio.from_thread.run, "
+            "function, trio_token=its_token)))"
+        )
+
+
+def _check_kwargs(kwargs: dict[str, Any]) -> None:
+    """The objects passed by keyword (``client=``): see :func:`bridged`."""
+    for arg in kwargs.values():
+        if isinstance(arg, RunBound) and arg._thread_of_run:
+            _refuse_if_foreign(arg)
 
 
 #: Starts ``fn(*args, **kwargs)`` in the guest run of the given loop (the shim's
@@ -253,9 +264,20 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        # Only two arguments can live in a run: the method's object, and a
-        # transfer's client or peer.
-        _refuse_another_threads_objects(args[:2])
+        # An object living in another thread's run is refused (see RunBound):
+        # the method's own object, or a transfer's client or peer, the first
+        # of the two that can live in a run; else one passed by keyword. On
+        # every call: inline, and only a caller in another thread than the
+        # object's last run is looked at closer.
+        for arg in args[:2]:
+            if isinstance(arg, RunBound):
+                thread = arg._thread_of_run
+                if thread and thread != _this_thread():
+                    _refuse_if_foreign(arg)
+                break
+        else:
+            if kwargs:
+                _check_kwargs(kwargs)
         # asyncio_caller_loop()'s first test, inline: under Trio (the common
         # case) this runs on every call, and a Python call is ~0.1 us.
         if sniffio.thread_local.name == "trio":

@@ -284,8 +284,9 @@ class Connection:
         socket_io: SocketIO | None = None,
     ) -> None:
         self.stream = stream
-        #: The Trio run this connection's tasks run in (see _bridge.RunBound).
-        self.binding = RunBinding.current()
+        #: The Trio run this connection's tasks run in (see _bridge.RunBound);
+        #: None once it is closed (it lives nowhere then).
+        self.binding: RunBinding | None = RunBinding.current()
         #: Plain sockets skip Trio's per-operation overhead (see _socket_io);
         #: the handshake's, when given, knows whether its last read drained the socket.
         self._socket_io = socket_io if socket_io is not None else SocketIO.of(stream)
@@ -959,6 +960,7 @@ class Connection:
         return False
 
     def _shutdown(self, reason: str) -> None:
+        self.binding = None
         self._state.close(reason)
         self._outbox.close()
         self._fail_waiters()

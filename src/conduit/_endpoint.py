@@ -66,9 +66,6 @@ class Endpoint(RunBound):
         self._settings: ConnectionSettings = settings_from(descriptor)
         self._log = logging.getLogger(type(self).__module__)
 
-    def _run_binding(self) -> RunBinding | None:
-        return self._binding
-
     # ---------------------------------------------------------------- registry
 
     def on(self, event: str) -> Callable[[F], F]:

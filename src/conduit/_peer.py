@@ -6,6 +6,7 @@ what handlers receive as the caller, and ``client.server`` on a client.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -52,10 +53,11 @@ class Peer(RunBound):
         #: ``time.time()`` when the connection was authenticated.
         self.connected_at = time.time()
         self._connection = connection = connect(self)
+        self._thread_of_run = threading.get_ident()  # made in its connection's run
         # The connection, not this peer, in the closure: the peer and its
         # proxy in a reference cycle would outlive every connection until
         # Python's cycle collector ran.
-        self.rpc = RPCProxy(lambda: connection, default_timeout)
+        self.rpc = RPCProxy(lambda: connection, default_timeout)  # its binding: the connection's
 
     def _run_binding(self) -> RunBinding | None:
         return self._connection.binding

@@ -8,6 +8,7 @@ dispatch) is :mod:`conduit._rpc`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -109,16 +110,20 @@ class RPCProxy(RunBound):
         connection: Callable[[], Connection],
         default_timeout: float | None,
         handlers: Handlers | None = None,
+        binding: Callable[[], RunBinding | None] | None = None,
     ) -> None:
         self._connection = connection
         self._handlers = handlers
         self.default_timeout = default_timeout
+        #: The run its calls go through lives in (its owner's: see _bridge.RunBound);
+        #: a peer's proxy is made in its connection's run, a client's is told
+        #: of each run it connects in.
+        self._binding = binding if binding is not None else lambda: connection().binding
+        if binding is None:
+            self._thread_of_run = threading.get_ident()
 
     def _run_binding(self) -> RunBinding | None:
-        try:
-            return self._connection().binding
-        except Exception:  # not connected: the call itself says so
-            return None
+        return self._binding()
 
     @overload
     def __call__(self, function: F, *, name: str | None = None) -> F: ...

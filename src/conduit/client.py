@@ -141,6 +141,17 @@ class _Connecting:
     waiters: int = 0
 
 
+def _binding_of(client: Client) -> Callable[[], RunBinding | None]:
+    """``client``'s run binding, for its RPC proxy (weakly: see :func:`_connection_of`)."""
+    weak = weakref.ref(client)
+
+    def binding() -> RunBinding | None:
+        current = weak()
+        return None if current is None else current._run_binding()
+
+    return binding
+
+
 def _connection_of(client: Client) -> Callable[[], Connection]:
     """``client``'s current connection (its ``_current_connection()``), without
     a reference to ``client``.
@@ -228,7 +239,9 @@ class Client(Endpoint):
         self._built_ssl_context: tuple[ClientDescriptor, ssl.SSLContext | None] | None = None
         #: ``client.rpc.call(...)`` / ``client.rpc.invoke(...)`` call the server;
         #: ``@client.rpc`` registers methods the server may call.
-        self.rpc = RPCProxy(_connection_of(self), descriptor.rpc_timeout, self._handlers)
+        self.rpc = RPCProxy(
+            _connection_of(self), descriptor.rpc_timeout, self._handlers, _binding_of(self)
+        )
 
     # ---------------------------------------------------------------- registry
 
@@ -276,6 +289,13 @@ class Client(Endpoint):
         return function
 
     # ---------------------------------------------------------------- state
+
+    def _run_binding(self) -> RunBinding | None:
+        # It lives in a run while a connect is on its way there, or its
+        # background task (the connection, the reconnects) runs there.
+        if self._connecting is None and self._supervisor_exited.is_set():
+            return None
+        return self._binding
 
     @property
     def id(self) -> str | None:
@@ -393,6 +413,7 @@ class Client(Endpoint):
         connecting = self._connecting = _Connecting(trio.lowlevel.current_task())
         # The run this client now lives in: what it starts runs there.
         self._binding = RunBinding.current()
+        self._thread_of_run = self.rpc._thread_of_run = self._binding.thread
         try:
             await self._connect(stream, connecting, disconnects)
         finally:

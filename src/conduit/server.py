@@ -299,6 +299,10 @@ class Server(Endpoint):
 
     # ---------------------------------------------------------------- lifecycle
 
+    def _run_binding(self) -> RunBinding | None:
+        # It lives in the run of its run() or serve(), while that runs.
+        return self._binding if self._run is not None else None
+
     def _claim(self) -> _Run:
         """Mark the server as running, for the run() or serve() calling this.
 
@@ -311,6 +315,7 @@ class Server(Endpoint):
         self._closing = False
         # The run this server now lives in: its connections' tasks run there.
         self._binding = RunBinding.current()
+        self._thread_of_run = self._binding.thread
         if self._startup.over.is_set():
             # The last run's outcome, which no wait_listening() asked for: the
             # calls from now on are about this run.

@@ -209,8 +209,7 @@ class LocalBackend:
         return Admitted(LocalSink(admission.partial), admission)
 
     async def release(self, admitted: Admitted) -> None:
-        """See :meth:`._backend.Backend.release` (a published file takes its owner's
-        partials of older versions with it)."""
+        """See :meth:`._backend.Backend.release`."""
         admission: Admission = admitted.ticket
         await self.budget.release(admission)
 
