@@ -25,7 +25,7 @@ from conduit import Accounts, Client, ConduitError, LockedOut, Server
 from conduit import accounts as accounts_module
 from conduit.protocol import Frame, FrameKind, ServerHandshake
 from conduit.protocol.pake import StretchParams
-from conftest import ServerFactory, client_descriptor, count_reconnects
+from conftest import ServerFactory, client_descriptor, count_reconnects, server_descriptor
 
 FAST = StretchParams(opslimit=1, memlimit=8 * 1024)
 ALICE_PASSWORD = "alice's long passphrase"
@@ -334,3 +334,48 @@ async def test_a_read_of_the_accounts_file_that_never_ends_holds_no_login_nor_th
             await server.close()
     finally:
         release.set()
+
+
+def test_a_server_run_again_rereads_its_accounts_file_after_a_read_left_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ends while a read of the accounts file is in flight: the
+    read's outcome is never delivered to that run. The same server run again
+    (a new ``trio.run``) read the file no more: its reloader waited on the
+    old run's flight for good, on the old run's clock (a review, 2026-12-07);
+    a user added between the runs could not log in. Each run has a
+    reloader of its own."""
+    store = Accounts(tmp_path / "accounts.json", stretch=FAST)
+    store.add("alice", ALICE_PASSWORD)
+    server = Server(server_descriptor(password=None, accounts=str(store.path)))
+    release, hang = threading.Event(), threading.Event()
+    read = accounts_module._read_regular_file
+
+    def hung(path: Path) -> bytes:
+        if hang.is_set():  # not the read of the server's start
+            release.wait(60)
+        return read(path)
+
+    async def first_run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            hang.set()
+            store.path.write_text(store.path.read_text() + " ")  # changed: a read starts
+            await _login(server, "alice", ALICE_PASSWORD)  # waits a second at most
+            await server.close()
+
+    async def second_run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            with trio.fail_after(15):
+                await _login(server, "carol", CAROL_PASSWORD)
+            await server.close()
+
+    monkeypatch.setattr(accounts_module, "_read_regular_file", hung)
+    try:
+        trio.run(first_run)
+    finally:
+        release.set()
+    monkeypatch.setattr(accounts_module, "_read_regular_file", read)
+    Accounts(store.path, stretch=FAST).add("carol", CAROL_PASSWORD)  # another process
+    trio.run(second_run)

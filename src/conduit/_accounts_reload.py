@@ -36,15 +36,27 @@ LOG_KEY = "accounts file"
 
 
 class Reloader:
-    """One read of ``accounts`` at a time, waited for at most :data:`RELOAD_PATIENCE`."""
+    """One read of ``accounts`` at a time, waited for at most :data:`RELOAD_PATIENCE`.
+
+    Made in, and for, one Trio run (the server's :meth:`~conduit.Server.run`):
+    its waits are on that run's clock, and a read that ends after the run is
+    over is not delivered (see :meth:`belongs_here`).
+    """
 
     def __init__(self, accounts: Accounts, warnings: LimitedLog) -> None:
         """Re-read ``accounts`` when asked; problems go to ``warnings``."""
         #: The accounts it re-reads.
         self.accounts = accounts
         self._warnings = warnings
+        self._token = trio.lowlevel.current_trio_token()
         self._in_flight: trio.Event | None = None
         self._began = 0.0
+
+    def belongs_here(self) -> bool:
+        """Whether it was made in the calling task's Trio run: a server run
+        again gets a reloader of its own (a read of the run before, never
+        delivered, would hold this one's flight for good; found by a review)."""
+        return self._token is trio.lowlevel.current_trio_token()
 
     async def reload(self) -> None:
         """Re-read the file if it changed (the read shared with others under way),

@@ -523,9 +523,10 @@ class Gatekeeper:
         logs in at once), waiting for it a second at most; a malformed or
         unreadable file (an I/O error, a permission refused, not a regular
         file) keeps the old data (see :mod:`._accounts_reload`)."""
-        if self._reloader is None or self._reloader.accounts is not accounts:
-            self._reloader = Reloader(accounts, self.warnings)
-        await self._reloader.reload()
+        reloader = self._reloader
+        if reloader is None or reloader.accounts is not accounts or not reloader.belongs_here():
+            reloader = self._reloader = Reloader(accounts, self.warnings)
+        await reloader.reload()
 
     def screen(self, listener: trio.abc.Listener[Any]) -> trio.abc.Listener[Any]:
         """``listener``, refusing locked-out addresses as it accepts (socket listeners only).
