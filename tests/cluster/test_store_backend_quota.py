@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from conduit.cluster.local import LocalStore
+from conduit.errors import TransferError
 from conduit.transfer._backend_store import StoreBackend
 from conduit.transfer._batch_store import Entry
 from conduit.transfer._storage import ENTRY_ALLOWANCE
@@ -112,3 +113,34 @@ async def test_an_upload_published_during_a_listing_is_counted(tmp_path: Path) -
                 refused.append(getattr(exc, "code", repr(exc)))
     assert refused == ["quota_exceeded"]
     assert await stored_bytes(tmp_path) == 400_000
+
+
+async def test_a_refused_new_version_leaves_the_older_versions_partial_counted(
+    tmp_path: Path,
+) -> None:
+    """The owner's partial of an older version is evicted when a new version's
+    upload is admitted, not before: a new version refused (here by
+    ``max_partial_bytes``) left it in the store, no longer counted by the cap
+    (a review, 2026-12-07). Admitted, the new version takes it away."""
+    base = tmp_path / "base"
+    backend = StoreBackend(
+        LocalStore(base),
+        Settings(max_partial_bytes=1000),
+        substore=lambda root: LocalStore(base / root),
+    )
+    with trio.fail_after(30):
+        cut = await backend.admit(user(1), "r.bin", 800, "k" * 32, restart=False)
+        await cut.sink.write([b"x" * 400])
+        await backend.release(cut)  # cut: kept for a resume
+        assert [key[1] for key in backend._kept] == ["r.bin"]
+        refused = None
+        try:
+            await backend.admit(user(2), "r.bin", 1200, "j" * 32, restart=False)
+        except TransferError as exc:
+            refused = exc.code
+        assert refused == "no_space"
+        assert [key[1] for key in backend._kept] == ["r.bin"]  # still counted
+        admitted = await backend.admit(user(3), "r.bin", 900, "i" * 32, restart=False)
+        assert backend._kept == {}  # the older version's partial went
+        await admitted.sink.close()
+        await backend.release(admitted)

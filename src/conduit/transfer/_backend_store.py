@@ -398,8 +398,11 @@ class StoreBackend:
             raise TransferError("too many uploads at once; try again later", "overloaded")
         self._check_room(root, name, size, quota, used)
         own = (root, name, transfer_id)
-        older = self._older_versions(own, owner) if owner else []
-        evict = self._room_for_partials(size, own)
+        # Taken out of the index only once the upload is admitted: refused,
+        # they stay counted (and are evicted in their turn).
+        going = self._older_versions(own, owner) if owner else []
+        evict = self._room_for_partials(size, own, going=going)
+        older = [self._kept.pop(key) for key in going]
         upload = _Upload(root, store, name, transfer_id, owner, size, uploads)
         self._active.add(upload)
         uploads.add(upload)
@@ -460,13 +463,17 @@ class StoreBackend:
                     "quota_exceeded",
                 )
 
-    def _room_for_partials(self, size: int, own: tuple[str, str, str]) -> list[_Kept]:
-        """The abandoned partials to evict (oldest first) so that ``max_partial_bytes`` holds."""
+    def _room_for_partials(
+        self, size: int, own: tuple[str, str, str], *, going: list[tuple[str, str, str]]
+    ) -> list[_Kept]:
+        """The abandoned partials to evict (oldest first) so that ``max_partial_bytes``
+        holds, besides those ``going`` (older versions the upload evicts)."""
         cap = self._settings.max_partial_bytes
         if cap is None:
             return []
+        leaving = {own, *going}
         kept = sorted(
-            (entry for key, entry in self._kept.items() if key != own),
+            (entry for key, entry in self._kept.items() if key not in leaving),
             key=lambda entry: entry.modified,
         )
         total = sum(e.size for e in kept) + sum(a.size for a in self._active) + size
@@ -533,18 +540,17 @@ class StoreBackend:
             self._kept[upload.root, upload.name, upload.transfer_id] = kept
             await self._cap_kept(upload.owner)
 
-    def _older_versions(self, own: tuple[str, str, str], owner: str) -> list[_Kept]:
-        """Take out of the index ``owner``'s kept partials of the name ``own``
+    def _older_versions(self, own: tuple[str, str, str], owner: str) -> list[tuple[str, str, str]]:
+        """The index's keys of ``owner``'s kept partials of the name ``own``
         uploads under another key: older versions of the file, which no send
         resumes, and whose hold on the name would make the new version's
         publish take the next free name ("r (1).bin"; until 2026-12-07)."""
         root, name, _transfer_id = own
-        older = [
+        return [
             key
             for key, kept in self._kept.items()
             if key != own and (kept.root, kept.name, kept.owner) == (root, name, owner)
         ]
-        return [self._kept.pop(key) for key in older]
 
     async def forget_partial(self, peer: Peer, name: str, key: str) -> None:
         """See :meth:`._backend.Backend.forget_partial`."""
@@ -555,12 +561,13 @@ class StoreBackend:
             await self._evict_logged(kept)
 
     async def _evict_logged(self, kept: _Kept) -> None:
-        """:meth:`_evict`, a failure logged (the partial then expires as any other)."""
-        with trio.CancelScope(shield=True):
-            try:
-                await self._evict(kept)
-            except Exception as exc:
-                log.warning("could not evict the partial of %r: %s", kept.name, exc)
+        """:meth:`_evict`, a failure logged: the partial then expires as any other
+        (not shielded: the store's calls may take its client's timeouts in a
+        stall, and a cancelled begin need not wait for them all)."""
+        try:
+            await self._evict(kept)
+        except Exception as exc:
+            log.warning("could not evict the partial of %r: %s", kept.name, exc)
 
     async def _evict(self, kept: _Kept) -> bool:
         """Discard a partial this node let go of, unless it is live elsewhere; whether it was.
