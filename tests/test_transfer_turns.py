@@ -29,6 +29,7 @@ import trio.testing
 from conduit import Client, FileTransferHandler, Peer, RPCError, Server
 from conduit.protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
 from conduit.transfer._sender import _ask_verdict
+from conduit.transfer._slots import TransferLimits, TransferSlots
 from conduit.transfer._turns import BUDGET_PATIENCE, take_turn
 from conftest import (
     ClientFactory,
@@ -170,6 +171,48 @@ async def test_a_refusal_by_the_servers_call_memory_is_waited_out_within_a_bound
         # From the first refusal (one try in), to the end of the last try.
         elapsed = trio.current_time() - start
         assert BUDGET_PATIENCE - 1e-6 <= elapsed <= BUDGET_PATIENCE + 2 * taking + 1e-6
+
+
+async def test_our_users_transfer_limit_held_by_ours_here_waits_for_one_of_ours(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The server refuses for our user's transfers (``max_transfers_per_user``)
+    while one of ours runs on this connection (a user limit below the
+    connection's): that one ending frees a slot, so the refused one waits for
+    it, however long it takes, as for a full connection. Taken for a budget
+    others hold, it was given up on BUDGET_PATIENCE seconds after the first
+    refusal (a review, 2026-12-07). With none of ours running, the refusal
+    is waited out as the budgets' are (the test above)."""
+    slots = TransferSlots()
+    limits = TransferLimits(per_connection=32, per_owner=1, total=100)
+    peer = _Peer()
+
+    def transfer(lasting: float) -> Callable[[Any], Awaitable[dict[str, Any]]]:
+        async def attempt(_peer: Any) -> dict[str, Any]:
+            await trio.lowlevel.checkpoint()
+            try:
+                slot = slots.claim(peer.connection, "user:u", limits)
+            except RPCError as refused:
+                return {"success": False, "error": str(refused), "code": refused.code}
+            with slot:
+                await trio.sleep(lasting)
+            return {"success": True, "lasting": lasting}
+
+        return attempt
+
+    results: list[dict[str, Any]] = []
+
+    async def run(lasting: float) -> None:
+        results.append(await take_turn(peer, transfer(lasting)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, 3 * BUDGET_PATIENCE)
+        await trio.sleep(0.01)
+        nursery.start_soon(run, 0.1)
+    assert results == [
+        {"success": True, "lasting": 3 * BUDGET_PATIENCE},
+        {"success": True, "lasting": 0.1},
+    ]
 
 
 async def test_other_failures_are_returned_at_once() -> None:

@@ -33,7 +33,9 @@ messages on other connections too
 like it: the server's transfers over all connections at their limit
 (``max_transfers``: :data:`._slots.SERVER_TRANSFERS_REFUSAL`), or our
 user's (``max_transfers_per_user``, which our other connections count
-against: :data:`._slots.USER_TRANSFERS_REFUSAL`). No end of
+against: :data:`._slots.USER_TRANSFERS_REFUSAL`; while transfers of ours
+run on this connection, one of them ending frees a slot, and is waited for
+as for a full connection). No end of
 ours on this connection need free it, theirs do, and nothing says when:
 the attempt is made again after a pause that doubles from
 :data:`BUDGET_PAUSE` up to a second (jittered by half either way, so that
@@ -171,7 +173,13 @@ async def take_turn(
         if not refused or not peer.connected:
             return result
         error = str(result.get("error", ""))
-        if any(refusal in error for refusal in BUDGET_REFUSALS):
+        # Our user's transfers at their limit while some of them are ours on
+        # this connection: one of ours ending frees a slot, as for a full
+        # connection (a user limit below the connection's, say: on a process
+        # of 256 descriptors by default), so wait for that, not for a budget's
+        # patience (30 s, then given up: found by a review).
+        ours_hold_it = USER_TRANSFERS_REFUSAL in error and line.running > 0
+        if not ours_hold_it and any(refusal in error for refusal in BUDGET_REFUSALS):
             now = trio.current_time()
             budget_deadline = min(budget_deadline, now + BUDGET_PATIENCE)
             if now >= budget_deadline:
