@@ -16,7 +16,7 @@ import logging
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import pytest
@@ -38,6 +38,7 @@ from conduit import (
     _heartbeats,
 )
 from conduit._connection import _CONTROL_BACKLOG
+from conduit._endpoint import HOOK_TIMEOUT
 from conduit._groups import beside, collapsed
 from conduit.protocol.frames import FrameKind
 from conftest import (
@@ -541,6 +542,117 @@ async def test_arguments_are_structured_from_annotations(
     bad_attrs = await client.rpc.call("shift", point={"x": 1}, dx=1)
     assert bad_attrs["code"] == "invalid_arguments"
     assert "point" in bad_attrs["error"]
+
+
+async def test_binding_cases_a_review_found(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by a review on 2026-12-07, each checked here:
+
+    * one annotation that cannot be resolved (a type imported only under
+      TYPE_CHECKING) left every annotation of the handler a string, which
+      turned off the structuring and checking of all its arguments; now only
+      that parameter's values pass unchecked, and a warning says so;
+    * a parameter of an attrs class that takes the whole arguments, with a
+      default, got an object made of {} (or a refusal) instead of its default;
+    * a value outside a ``Literal`` came back ``handler_error``, logged as the
+      handler's failure, instead of ``invalid_arguments``.
+    """
+
+    def register(server: Server) -> None:
+        @server.rpc
+        def typed(point: "Point", note: "NotImportedAtRunTime | None" = None) -> list[Any]:  # type: ignore[name-defined]  # noqa: F821
+            return [type(point).__name__, note]
+
+        @server.rpc
+        def ranged(span: Span = Span(0, 5)) -> int:  # noqa: B008
+            return span.end - span.start
+
+        @server.rpc
+        def pick(kind: Literal["a", "b"]) -> str:
+            return kind
+
+    with caplog.at_level(logging.WARNING, logger="conduit.rpc"):
+        server = await server_factory(register=register)
+    assert any(
+        "'NotImportedAtRunTime | None' of parameter 'note' cannot be resolved" in r.getMessage()
+        for r in caplog.records
+    )
+    client = await client_factory(server)
+    with trio.fail_after(10):
+        assert await client.call("typed", point={"x": 1, "y": 2}, note="n") == ["Point", "n"]
+        refused = await client.rpc.call("typed", point="garbage")
+        assert refused["code"] == "invalid_arguments", refused
+        assert await client.call("ranged") == 5
+        assert await client.call("ranged", start=1, end=3) == 2
+        assert await client.call("pick", kind="b") == "b"
+        outside = await client.rpc.call("pick", kind="c")
+        assert outside["code"] == "invalid_arguments", outside
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_disconnect_hooks_share_one_time_limit_and_a_cut_is_logged(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two disconnect hooks of 0.6 x HOOK_TIMEOUT each: the second is cut off
+    at HOOK_TIMEOUT, all together, and a warning says so (it left no trace
+    until 2026-12-07, and the docs said each hook had the whole time)."""
+    ended: list[str] = []
+
+    def register(server: Server) -> None:
+        @server.on_client_disconnect
+        async def first(_peer: Peer) -> None:
+            await trio.sleep(0.6 * HOOK_TIMEOUT)
+            ended.append("first")
+
+        @server.on_client_disconnect
+        async def second(_peer: Peer) -> None:
+            await trio.sleep(0.6 * HOOK_TIMEOUT)
+            ended.append("second")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    with caplog.at_level(logging.WARNING, logger="conduit.server"):
+        await client.disconnect()
+        await trio.sleep(2 * HOOK_TIMEOUT)
+    assert ended == ["first"]
+    assert any("cut off" in r.getMessage() for r in caplog.records), caplog.records
+
+
+async def test_every_message_handler_runs_whatever_the_one_before_did(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two handlers of one event, the first raising: the second still gets the
+    message, and the failure is logged (the first failure stopped the rest
+    until 2026-12-07, a review found)."""
+    seen = Inbox()
+
+    def register(server: Server) -> None:
+        @server.on("chat")
+        def first(_peer: Peer, _data: Any) -> None:
+            raise ValueError("the first handler fails")
+
+        @server.on("chat")
+        def second(_peer: Peer, data: Any) -> None:
+            seen.append(data)
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    with trio.fail_after(10):
+        await client.send("chat", 1)
+        await client.send("chat", 2)
+        assert await seen.wait_for(2) == [1, 2]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "handler test_every_message_handler_runs_whatever_the_one_before_did.<locals>."
+        "register.<locals>.first for message 'chat' failed"
+    ] * 2
 
 
 async def test_unions_of_primitives_are_strict(

@@ -164,9 +164,17 @@ class Endpoint(RunBound):
             if on_ended is not None:
                 on_ended()
             if self._disconnect_hooks:  # the scopes cost every connection otherwise
-                with trio.CancelScope(shield=True), trio.move_on_after(HOOK_TIMEOUT):
+                with trio.CancelScope(shield=True), trio.move_on_after(HOOK_TIMEOUT) as limit:
                     for hook in self._disconnect_hooks:
                         await self._run_hook(hook, hook_args, "disconnect")
+                if limit.cancelled_caught:
+                    # Else a hook cut off, and the ones after it, left no trace.
+                    self._log.warning(
+                        "disconnect hooks for client %s cut off: together they may take "
+                        "%.0f s (HOOK_TIMEOUT)",
+                        peer.id,
+                        HOOK_TIMEOUT,
+                    )
 
     async def _run_hook(self, hook: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
         about = f" for client {args[0].id}" if args else ""

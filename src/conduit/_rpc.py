@@ -21,12 +21,13 @@ from typing import Any, TypeVar, overload
 
 import attrs
 import cattrs
+from cattrs.errors import CattrsError, StructureHandlerNotFoundError
 
 from ._call_workers import UnsendableResult
 from ._callbacks import callback_world, current_host_loop, invoke
 from ._peer import Peer
 from ._rpc_proxy import to_wire
-from .errors import RPCError
+from .errors import CallbackCancelledError, RPCError
 from .protocol import converter
 
 log = logging.getLogger("conduit.rpc")
@@ -96,6 +97,60 @@ def _is_none(value: Any) -> bool:
     return value is None
 
 
+def _resolved_hints(
+    name: str, function: Callable[..., Any], signature: inspect.Signature
+) -> dict[str, Any]:
+    """The parameters' annotations, resolved (``from __future__ import annotations``
+    makes them strings).
+
+    When ``typing.get_type_hints`` fails (one annotation names a type imported
+    only under ``TYPE_CHECKING``, or a class local to a function, or the
+    return's does), each parameter's is resolved alone: until 2026-12-07 all
+    were then left as strings, which turned off the structuring and checking
+    of every argument of the handler, silently (found by a review). One that
+    still cannot be resolved is left as its string, which passes its values
+    as they come, unchecked, and a warning at registration says so and what
+    to do; one naming ``Peer`` needs no resolving (the calling peer is
+    recognised by name).
+    """
+    try:
+        return typing.get_type_hints(function)
+    except Exception:
+        pass
+    namespace = getattr(inspect.unwrap(function), "__globals__", {})
+    hints: dict[str, Any] = {}
+    for parameter in signature.parameters.values():
+        annotation = parameter.annotation
+        if not isinstance(annotation, str) or _is_peer_annotation(annotation):
+            hints[parameter.name] = annotation
+            continue
+        try:
+            hints[parameter.name] = typing.get_type_hints(
+                _Annotated(annotation), globalns=namespace
+            )["value"]
+        except Exception as exc:
+            log.warning(
+                "RPC handler %r: the annotation %r of parameter %r cannot be resolved "
+                "(%s: %s), so its values are passed as they come, unchecked: import its "
+                "type at module level, at run time (not only under TYPE_CHECKING)",
+                name,
+                annotation,
+                parameter.name,
+                type(exc).__name__,
+                exc,
+            )
+            hints[parameter.name] = annotation
+    return hints
+
+
+class _Annotated:
+    """An object whose one annotation, ``value``, is ``annotation``: resolved by
+    ``typing.get_type_hints`` with the namespace given, as a function's are."""
+
+    def __init__(self, annotation: str) -> None:
+        self.__annotations__ = {"value": annotation}
+
+
 def _is_peer_annotation(annotation: Any) -> bool:
     return annotation is Peer or (
         isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "Peer"
@@ -119,10 +174,7 @@ class RPCMethod:
     def from_function(cls, name: str, function: Callable[..., Any]) -> RPCMethod:
         """Inspect ``function``'s signature once, at registration."""
         signature = inspect.signature(function)
-        try:
-            hints = typing.get_type_hints(function)
-        except Exception:  # unresolvable forward references: fall back to raw annotations
-            hints = {}
+        hints = _resolved_hints(name, function, signature)
         params: list[_Param] = []
         accepts_extra = False
         for parameter in signature.parameters.values():
@@ -164,8 +216,11 @@ class RPCMethod:
                     )
                 kwargs[param.name] = peer
             elif param is self.whole_args and param.name not in remaining:
-                kwargs[param.name] = _structure(remaining, param)
-                remaining = {}
+                # The arguments are the object's fields; none given and a
+                # default declared: the default (not an object made of {}).
+                if remaining or param.required:
+                    kwargs[param.name] = _structure(remaining, param)
+                    remaining = {}
             elif param.name in remaining:
                 value = remaining.pop(param.name)
                 # Already the declared primitive type: no _structure call.
@@ -211,8 +266,10 @@ def _structure(value: Any, param: _Param) -> Any:
         )
     try:
         return converter.structure(value, annotation)
+    except StructureHandlerNotFoundError:
+        raise  # the handler's annotation, not the caller's value: a handler_error
     except (
-        cattrs.BaseValidationError,
+        CattrsError,  # its validation errors, and a value outside a Literal
         TypeError,
         ValueError,
         KeyError,
@@ -337,10 +394,22 @@ class PeerDispatcher:
         token = _current_peer.set(peer)
         try:
             for handler in handlers:
-                if self.handlers.message_handler_takes_peer:
-                    await invoke(handler, peer, data)
-                else:
-                    await invoke(handler, data)
+                # Each handler runs whatever the one before did: one that
+                # raises is logged, and the next runs (until 2026-12-07 the
+                # first failure stopped the rest, a review found).
+                try:
+                    if self.handlers.message_handler_takes_peer:
+                        await invoke(handler, peer, data)
+                    else:
+                        await invoke(handler, data)
+                except CallbackCancelledError:
+                    raise  # asyncio's shutdown: the rest would be cancelled too
+                except Exception:
+                    log.exception(
+                        "handler %s for message %r failed",
+                        getattr(handler, "__qualname__", handler),
+                        event,
+                    )
         finally:
             _current_peer.reset(token)
 
