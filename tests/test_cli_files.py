@@ -322,3 +322,23 @@ def test_what_the_server_says_reaches_the_terminal_escaped(
     assert printed.count("\n") == 1 and "\x1b" not in printed, printed
     assert printable("café ok") == "café ok"
     assert error_line("bad\u202etxt.exe") == "conduit: error: bad\\u202etxt.exe"
+
+
+def test_entries_that_cannot_be_read_count_in_the_summary_and_print_escaped(
+    tmp_path: Path,
+    server: ServeProcess,  # noqa: F811
+) -> None:
+    """A tree with a file and a link that leads nowhere (which cannot be
+    read), named with an escape sequence: the summary counts it as failed
+    (it said "1 of 1 files sent" until 2026-12-07), and its FAILED line
+    shows the name escaped, as every other line does (it went out raw)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "ok.txt").write_bytes(b"fine")
+    (tree / "dang\x1b[31mRED").symlink_to(tmp_path / "nowhere")
+    result = conduit("send", str(tree), "--to", server.address)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("FAILED") and "dang\\x1b[31mRED" in line for line in lines), lines
+    assert "\x1b" not in result.stdout
+    assert lines[-1].startswith("1 of 2 files sent") and lines[-1].endswith("; 1 failed"), lines

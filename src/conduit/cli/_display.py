@@ -139,19 +139,27 @@ def _outcome_text(verb: Verb, job: FileJob) -> str:
     return line
 
 
-def summary_line(verb: Verb, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> str:
-    """The closing line: counts, bytes, time; what to do after an interruption."""
+def summary_line(
+    verb: Verb, jobs: Sequence[FileJob], elapsed: float, interrupted: bool, unread: int = 0
+) -> str:
+    """The closing line: counts, bytes, time; what to do after an interruption.
+
+    ``unread``: local entries meant to be sent that could not be read (their
+    ``FAILED`` lines came first): failures too, which the counts include
+    (until 2026-12-07 a run whose only failures were those said "1 of 1
+    files sent", a review found).
+    """
     jobs = file_jobs(jobs)
     done = [job for job in jobs if job.success]
-    failed = [job for job in jobs if job.result is not None and not job.success]
+    failed = len([job for job in jobs if job.result is not None and not job.success]) + unread
     moved = sum(int((job.result or {}).get("size", 0)) for job in done)
     past = "sent" if verb == "send" else "received"
     line = (
-        f"{len(done)} of {len(jobs)} files {past} ({human_bytes(moved)}) "
+        f"{len(done)} of {len(jobs) + unread} files {past} ({human_bytes(moved)}) "
         f"in {human_seconds(elapsed)}"
     )
     if failed:
-        line += f"; {len(failed)} failed"
+        line += f"; {failed} failed"
     if interrupted:
         line = f"interrupted: {line}; run the same command again to resume"
     return line
@@ -168,6 +176,9 @@ RECONNECTED_LINE = "reconnected, resuming"
 
 class Display:
     """What the transfer commands tell a display (the base class shows nothing)."""
+
+    #: Local entries that could not be read, counted in the summary (see summary_line).
+    unread = 0
 
     def status(self, line: str) -> None:
         """A line about the connection (reconnecting, reconnected)."""
@@ -226,7 +237,7 @@ class PlainDisplay(Display):
 
     def finished(self, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> None:
         """Print the summary line."""
-        print(summary_line(self.verb, jobs, elapsed, interrupted), flush=True)
+        print(summary_line(self.verb, jobs, elapsed, interrupted, self.unread), flush=True)
 
 
 class SpeedColumn(ProgressColumn):
@@ -394,16 +405,24 @@ class LiveDisplay(Display):
 
     def finished(self, jobs: Sequence[FileJob], elapsed: float, interrupted: bool) -> None:
         """Remember the summary line; it is printed once the bars are gone."""
-        self._summary = summary_line(self.verb, jobs, elapsed, interrupted)
+        self._summary = summary_line(self.verb, jobs, elapsed, interrupted, self.unread)
 
 
 def make_display(
-    verb: Verb, jobs: Sequence[FileJob], *, json_output: bool, console: Console | None = None
+    verb: Verb,
+    jobs: Sequence[FileJob],
+    *,
+    json_output: bool,
+    console: Console | None = None,
+    unread: int = 0,
 ) -> Display:
-    """The display for this run: silent for ``--json``, live on a terminal, plain otherwise."""
+    """The display for this run: silent for ``--json``, live on a terminal, plain
+    otherwise; ``unread`` local entries that could not be read count as failed."""
+    display: Display
     if json_output:
-        return SilentDisplay()
-    console = console or Console()
-    if console.is_interactive:
-        return LiveDisplay(verb, console, jobs)
-    return PlainDisplay(verb)
+        display = SilentDisplay()
+    else:
+        console = console or Console()
+        display = LiveDisplay(verb, console, jobs) if console.is_interactive else PlainDisplay(verb)
+    display.unread = unread
+    return display

@@ -207,9 +207,11 @@ async def _transfer_files(
     json_output: bool,
     client: Client,
     group: tuple[int, GroupTransfer] | None = None,
+    unread: int = 0,
 ) -> float:
-    """Run every job with a display; return the elapsed time."""
-    display = make_display(verb, jobs, json_output=json_output)
+    """Run every job with a display; return the elapsed time (``unread``: local
+    entries that could not be read, failures the summary counts)."""
+    display = make_display(verb, jobs, json_output=json_output, unread=unread)
     attempts = client.descriptor.reconnect_attempts
     client.on_reconnecting(
         lambda attempt, delay: display.status(reconnecting_line(attempt, attempts, delay))
@@ -287,11 +289,13 @@ async def send(
     json_output: bool,
 ) -> int:
     """``conduit send``: upload every job; the exit code says how it went."""
-    unread = any(entry.failed for entry in skipped)
+    unread = sum(entry.failed for entry in skipped)
     if not json_output:
         for entry in skipped:
             label = "FAILED  " if entry.failed else "skipped "
-            print(f"{label}  {display_path(entry.local)}: {entry.reason}", flush=True)
+            # Local names too may hold escape sequences or newlines (a tree
+            # unpacked from an archive): shown escaped, as every other line.
+            print(printable(f"{label}  {display_path(entry.local)}: {entry.reason}"), flush=True)
     elapsed = 0.0
     started = time.monotonic()
     refused = False
@@ -321,6 +325,7 @@ async def send(
                     client=client,
                     # Small files many per call (send_files_to_server batches them).
                     group=(handler.chunk_size, upload_group),
+                    unread=unread,
                 )
                 refused = client.reconnect_refused is not None
     except CLIError as exc:
@@ -335,10 +340,10 @@ async def send(
             jobs,
             signals,
             elapsed,
-            unread=unread,
+            unread=bool(unread),
             skipped=[entry.to_json() for entry in skipped],
         )
-    return _exit_code(jobs, signals, unread=unread, refused=refused)
+    return _exit_code(jobs, signals, unread=bool(unread), refused=refused)
 
 
 # --------------------------------------------------------------------------- get
