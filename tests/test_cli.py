@@ -887,6 +887,28 @@ def test_demo_keep(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- dependencies
 
 
+def test_a_ctrl_c_while_the_command_starts_is_exit_130_without_a_traceback() -> None:
+    """A Ctrl-C landing while the command imports its modules (half a second
+    after it starts), before it handles signals itself: here an import hook
+    raises it where the signal would. It printed a traceback until
+    2026-12-07 (a review)."""
+    program = (
+        "import sys, importlib.abc\n"
+        "class Interrupt(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'conduit.cli._app':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "import conduit.cli\n"
+        "sys.exit(conduit.cli.main(['ls']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=_env(), timeout=60
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "conduit: interrupted"
+
+
 def test_missing_cli_dependencies_print_a_hint() -> None:
     program = (
         "import sys\n"

@@ -33,13 +33,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``conduit`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
 
     The console script ``conduit`` and ``python -m conduit`` both call this.
+    A Ctrl-C before the command has installed its own handling (while its
+    modules are imported: about half a second) is exit 130, with no
+    traceback (until 2026-12-07 it printed one, a review found).
     """
-    if _missing_dependency() is not None:
-        print(MISSING_DEPENDENCIES_HINT, file=sys.stderr)
-        return 2
-    from ._app import run
+    try:
+        if _missing_dependency() is not None:
+            print(MISSING_DEPENDENCIES_HINT, file=sys.stderr)
+            return 2
+        from ._app import run
 
-    return run(list(sys.argv[1:] if argv is None else argv))
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("conduit: interrupted", file=sys.stderr)
+        return 130
 
 
 __all__ = ["MISSING_DEPENDENCIES_HINT", "main"]
