@@ -91,6 +91,9 @@ def test_serve_on_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+    # Nothing made either: the storage directory is created once the server
+    # listens (it was left behind until 2026-12-07).
+    assert not (tmp_path / "d").exists()
 
 
 def test_plain_client_to_a_tls_server_says_use_tls(tmp_path: Path) -> None:
