@@ -2018,3 +2018,35 @@ async def test_server_run_raises_a_lone_failure_with_its_own_cause() -> None:
     with pytest.raises(RuntimeError, match="cannot accept") as raised, trio.fail_after(10):
         await server.serve([_Broken()])
     assert isinstance(raised.value.__cause__, OSError), repr(raised.value.__cause__)
+
+
+async def test_unsendable_results_are_logged_and_the_whole_args_style_refuses_extras(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by a review on 2026-12-07: a result msgpack cannot carry (an int
+    past 64 bits, a plain object) was answered ``bad_result`` with no log line
+    (only what cattrs refused was logged); and a handler taking one attrs
+    class and the peer took ``caller=`` and unknown names among the class's
+    fields, where the other style refuses them."""
+
+    def register(server: Server) -> None:
+        @server.rpc
+        def huge() -> int:
+            return 2**70
+
+        @server.rpc
+        def place(point: Point, caller: Peer) -> list[int]:
+            return [point.x, point.y]
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    with trio.fail_after(10), caplog.at_level(logging.ERROR):
+        answer = await client.rpc.call("huge")
+        assert answer["code"] == "bad_result", answer
+        assert await client.call("place", x=1, y=2) == [1, 2]
+        for extra in ({"caller": "me"}, {"bogus": 9}):
+            refused = await client.rpc.call("place", x=1, y=2, **extra)
+            assert refused["code"] == "invalid_arguments", refused
+    assert any("cannot be sent" in r.getMessage() for r in caplog.records), caplog.records

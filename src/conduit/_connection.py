@@ -1735,6 +1735,8 @@ class Connection:
             self._outbox.queue_control((self._state.result_frame(call_id, result),))
         except ConnectionClosed:
             return  # closing: the result has nowhere to go
+        if self._state.unsendable_results:
+            self._log_unsendable()
 
     def _queue_value(self, call_id: int, value: Any) -> None:
         # The same for a call that returned ``value``, whose id it also frees
@@ -1744,11 +1746,29 @@ class Connection:
             self._outbox.queue_control((self._state.finish_value(call_id, value),))
         except ConnectionClosed:
             return
+        if self._state.unsendable_results:
+            self._log_unsendable()
 
     async def _send_result(self, call_id: int, result: Result) -> None:
         frame = self._state.result_frame(call_id, result)
+        if self._state.unsendable_results:
+            self._log_unsendable()
         with contextlib.suppress(ConnectionClosed):
             await self._send_soon(frame)
+
+    def _log_unsendable(self) -> None:
+        """Log the results the protocol could not encode (answered ``bad_result``):
+        the handler's doing, which its caller only sees as the code (until
+        2026-12-07 only those cattrs refused were logged, a review found)."""
+        unsendable = self._state.unsendable_results
+        while unsendable:
+            call_id, why = unsendable.popleft()
+            log.error(
+                "%s: the result of an RPC handler (call %d) cannot be sent: %s",
+                self.label,
+                call_id,
+                why,
+            )
 
     def _spawn_follower(self, fn: Callable[[], Awaitable[None]]) -> None:
         # Not spawn(): the reading role must pass on while CLOSING too, or the

@@ -169,6 +169,8 @@ class RPCMethod:
     whole_args: _Param | None
     #: Where the handler asked to run (``@trio_callback`` / ``@asyncio_callback``).
     world: str | None = None
+    #: The names ``whole_args``' class takes (its fields' aliases).
+    whole_fields: frozenset[str] = frozenset()
 
     @classmethod
     def from_function(cls, name: str, function: Callable[..., Any]) -> RPCMethod:
@@ -196,9 +198,23 @@ class RPCMethod:
             )
         data_params = [p for p in params if not p.wants_peer]
         whole = None
+        fields: frozenset[str] = frozenset()
         if len(data_params) == 1 and attrs.has(data_params[0].annotation):
             whole = data_params[0]
-        return cls(name, function, tuple(params), accepts_extra, whole, callback_world(function))
+            fields = frozenset(field.alias for field in attrs.fields(whole.annotation))
+        # The parameters that get the calling peer come first, so that an
+        # argument of their name is refused whatever the order (the whole-args
+        # parameter, before them, took it among its fields: a review).
+        ordered = sorted(params, key=lambda param: not param.wants_peer)
+        return cls(
+            name,
+            function,
+            tuple(ordered),
+            accepts_extra,
+            whole,
+            callback_world(function),
+            fields,
+        )
 
     def bind(self, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """Structure wire arguments into keyword arguments for the handler."""
@@ -219,6 +235,15 @@ class RPCMethod:
                 # The arguments are the object's fields; none given and a
                 # default declared: the default (not an object made of {}).
                 if remaining or param.required:
+                    unknown = remaining.keys() - self.whole_fields
+                    if unknown and not self.accepts_extra:
+                        # cattrs drops keys that are no field: refused, as an
+                        # unexpected argument is in the other style.
+                        names = ", ".join(sorted(map(repr, unknown)))
+                        raise RPCError(
+                            f"{self.name}() got unexpected arguments {names}",
+                            "invalid_arguments",
+                        )
                     kwargs[param.name] = _structure(remaining, param)
                     remaining = {}
             elif param.name in remaining:

@@ -702,6 +702,10 @@ class ConnectionState:
         self.max_concurrent_calls = max_concurrent_calls
         self.phase = Phase.OPEN
         self.close_reason: str | None = None
+        #: The results of incoming calls answered ``bad_result`` because they
+        #: could not be encoded (call id, why), for the engine to log and
+        #: take out (the last 16 at most).
+        self.unsendable_results: deque[tuple[int, str]] = deque(maxlen=16)
         #: The ids of this side's calls still awaiting their result, which a
         #: call id must not reuse once the ids start again at 1, and whose
         #: RESULTs are the only ones decoded: one for another id (a call
@@ -1088,6 +1092,7 @@ class ConnectionState:
                 return frame
             return self._checked(_RESULT, frame)
         except LocalProtocolError as exc:
+            self.unsendable_results.append((call_id, str(exc)))
             refusal = Result(
                 False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
             )
