@@ -1808,6 +1808,24 @@ async def test_a_call_that_cannot_be_sent_raises_before_anything_is_sent(
         assert await client.call("add", a=1, b=2) == 3
 
 
+async def test_a_message_that_cannot_be_sent_raises_as_a_call_does(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """``send`` and ``broadcast`` of data that cannot go on the wire raise
+    ``LocalProtocolError`` as a call's arguments do (a bare ``TypeError``
+    until 2026-12-07, a review found), and the connection lives on."""
+    server = await server_factory(register=register_basics)
+    client = await client_factory(server)
+    with trio.fail_after(10):
+        for send in (
+            lambda: client.send("news", {(1, 2): 3}),
+            lambda: server.broadcast("news", {(1, 2): 3}),
+        ):
+            with pytest.raises(LocalProtocolError, match="value cannot be sent"):
+                await send()
+        assert await client.call("add", a=1, b=2) == 3
+
+
 async def test_oversized_message_fails_that_send_only(
     server_factory: ServerFactory,
     client_factory: ClientFactory,

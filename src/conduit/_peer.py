@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._bridge import RunBinding, RunBound, bridged
 from ._connection import Connection
-from ._rpc_proxy import RPCProxy, to_wire
+from ._rpc_proxy import RPCProxy, message_data
 
 if TYPE_CHECKING:
     from .accounts import AccountRecord
@@ -86,7 +86,7 @@ class Peer(RunBound):
     @bridged
     async def send(self, event: str, data: Any = None) -> None:
         """Send a one-way message to this peer."""
-        await self._connection.send_message(event, to_wire(data))
+        await self._connection.send_message(event, message_data(data))
 
     @bridged
     async def close(self, reason: str = "closed by the server") -> None:

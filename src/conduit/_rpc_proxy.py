@@ -55,6 +55,16 @@ def to_wire(value: Any) -> Any:
     return converter.unstructure(value)
 
 
+def message_data(data: Any) -> Any:
+    """A message's ``data`` made fit for the wire (:func:`to_wire`); one that
+    cannot be raises ``LocalProtocolError("value cannot be sent: ...")``, as a
+    call's arguments do (a bare ``TypeError`` until 2026-12-07)."""
+    try:
+        return to_wire(data)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"value cannot be sent: {exc}") from exc
+
+
 def call_arguments(args: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Merge ``args`` (a mapping, an attrs instance or None) with keyword arguments.
 
@@ -179,4 +189,11 @@ class RPCProxy(RunBound):
         return {"success": True, "data": value}  # result_dict(value), inline: once per call
 
 
-__all__ = ["RPCProxy", "call_arguments", "checked_timeout", "result_dict", "to_wire"]
+__all__ = [
+    "RPCProxy",
+    "call_arguments",
+    "checked_timeout",
+    "message_data",
+    "result_dict",
+    "to_wire",
+]

@@ -28,7 +28,7 @@ from ._heartbeats import Heartbeats
 from ._log_limit import LimitedLog
 from ._peer import Peer
 from ._resume import ResumeTokens, new_token, token_digest
-from ._rpc_proxy import to_wire
+from ._rpc_proxy import message_data
 from ._serve_loop import serve_listeners
 from ._socket_io import close_now
 from ._stored_errors import detached
@@ -661,7 +661,7 @@ class Server(Endpoint):
         it waits for a slow client, the clients before it got the message.
         """
         skip = set(skip)
-        wire = to_wire(data)
+        wire = message_data(data)
         sent = 0
         await trio.lowlevel.checkpoint_if_cancelled()
         for peer in list(self.clients.values()):
