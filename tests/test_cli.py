@@ -887,6 +887,13 @@ def test_demo_keep(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- dependencies
 
 
+def _python(program: str) -> subprocess.CompletedProcess[str]:
+    """Run ``program`` with ``python -c`` in the tests' environment."""
+    return subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=_env(), timeout=60
+    )
+
+
 def test_a_ctrl_c_while_the_command_starts_is_exit_130_without_a_traceback() -> None:
     """A Ctrl-C landing while the command imports its modules (half a second
     after it starts), before it handles signals itself: here an import hook
@@ -902,9 +909,7 @@ def test_a_ctrl_c_while_the_command_starts_is_exit_130_without_a_traceback() -> 
         "import conduit.cli\n"
         "sys.exit(conduit.cli.main(['ls']))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, env=_env(), timeout=60
-    )
+    result = _python(program)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "conduit: interrupted"
 
@@ -917,13 +922,7 @@ def test_missing_cli_dependencies_print_a_hint() -> None:
         "import conduit.cli\n"
         "sys.exit(conduit.cli.main(['ls']))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=60,
-    )
+    result = _python(program)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "conduit: the command-line tool needs its extra packages: pip install 'trio-conduit[cli]'"
@@ -936,9 +935,7 @@ def test_import_conduit_does_not_import_the_cli_packages() -> None:
         "loaded = [m for m in ('click', 'rich') if m in sys.modules]\n"
         "print(loaded)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, env=_env(), timeout=60
-    )
+    result = _python(program)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -781,20 +781,37 @@ async def test_an_upload_whose_file_changed_leaves_no_partial_when_its_client_le
     assert partial_files(storage) == []
 
 
-async def _cut_upload(
-    transfer: FileTransferHandler, client: Client, source: Path, remote_name: str
-) -> None:
-    """An upload of ``source`` cancelled once a MiB has gone: its partial is kept."""
+@attrs.frozen
+class _LeftPartial:
+    """A server, a client of it, and the partial a cut upload of ``source`` left."""
+
+    server: Server
+    client: Client
+    storage: Path
+    source: Path
+    transfer: FileTransferHandler
+
+
+async def _left_partial(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, name: str
+) -> _LeftPartial:
+    """Upload ``SIZE`` bytes as ``name``, cancelled once a MiB has gone: its
+    partial is kept (waited for, on the server)."""
+    storage = tmp_path / "server"
+    _, server, client = await server_and_client(server_factory, client_factory, storage)
+    source = tmp_path / "outbox" / name
+    await make_file(source, SIZE)
+    transfer = FileTransferHandler(storage_dir=tmp_path / "client")
     with trio.CancelScope() as scope:
 
         def cancel_once_moving(progress: TransferProgress) -> None:
             if progress.transferred >= MiB:
                 scope.cancel()
 
-        await transfer.send_to_server(
-            client, source, on_progress=cancel_once_moving, remote_name=remote_name
-        )
+        await transfer.send_to_server(client, source, on_progress=cancel_once_moving)
     assert scope.cancelled_caught
+    await wait_until(lambda: len(partial_files(storage)) == 1)
+    return _LeftPartial(server, client, storage, source, transfer)
 
 
 async def test_publishing_a_file_removes_its_senders_partials_of_older_versions(
@@ -804,20 +821,14 @@ async def test_publishing_a_file_removes_its_senders_partials_of_older_versions(
     time; the file then changes and is sent whole. No send resumes the old
     partial: until 2026-12-07 it stayed for partial_ttl beside the published
     file (a review: up to half the file each time). The sender's own partials
-    of older versions go when the file is published."""
+    of older versions go when the new version's upload begins."""
     with trio.fail_after(60):
-        storage = tmp_path / "server"
-        _, _, client = await server_and_client(server_factory, client_factory, storage)
-        source = tmp_path / "outbox" / "report.bin"
-        await make_file(source, SIZE)
-        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
-        await _cut_upload(transfer, client, source, "report.bin")
-        await wait_until(lambda: len(partial_files(storage)) == 1)
-        await make_file(source, SIZE + 1)  # another version: size and mtime moved
-        result = await transfer.send_to_server(client, source)
+        left = await _left_partial(server_factory, client_factory, tmp_path, "report.bin")
+        await make_file(left.source, SIZE + 1)  # another version: size and mtime moved
+        result = await left.transfer.send_to_server(left.client, left.source)
         assert result["success"] is True and result["resumed_from"] == 0, result
-    assert partial_files(storage) == []
-    assert await file_sha256(storage / "report.bin") == await file_sha256(source)
+    assert partial_files(left.storage) == []
+    assert await file_sha256(left.storage / "report.bin") == await file_sha256(left.source)
 
 
 async def test_a_begin_answered_already_there_removes_the_senders_partial_of_it(
@@ -828,25 +839,21 @@ async def test_a_begin_answered_already_there_removes_the_senders_partial_of_it(
     ``already_there``, and the partial, which nothing will resume, goes with
     it (until 2026-12-07 it stayed, a review found)."""
     with trio.fail_after(60):
-        storage = tmp_path / "server"
-        _, server, client = await server_and_client(server_factory, client_factory, storage)
-        source = tmp_path / "outbox" / "x.bin"
-        await make_file(source, SIZE)
-        transfer = FileTransferHandler(storage_dir=tmp_path / "client")
-        await _cut_upload(transfer, client, source, "x.bin")
-        await wait_until(lambda: len(partial_files(storage)) == 1)
-        other = await client_factory(server, connect=False)
+        left = await _left_partial(server_factory, client_factory, tmp_path, "x.bin")
+        other = await client_factory(left.server, connect=False)
         await other.connect(
-            stream=await trio.open_tcp_stream("127.0.0.1", server.port, local_address="127.0.0.2")
+            stream=await trio.open_tcp_stream(
+                "127.0.0.1", left.server.port, local_address="127.0.0.2"
+            )
         )
         copy = tmp_path / "elsewhere" / "x.bin"
         copy.parent.mkdir()
-        copy.write_bytes(source.read_bytes())  # the same bytes, another mtime
-        assert (await transfer.send_to_server(other, copy))["success"] is True
-        assert len(partial_files(storage)) == 1  # the first owner's, not the other's to take
-        again = await transfer.send_to_server(client, source)
+        copy.write_bytes(left.source.read_bytes())  # the same bytes, another mtime
+        assert (await left.transfer.send_to_server(other, copy))["success"] is True
+        assert len(partial_files(left.storage)) == 1  # the first owner's, not the other's
+        again = await left.transfer.send_to_server(left.client, left.source)
         assert again["success"] is True and again.get("skipped") is True, again
-    assert partial_files(storage) == []
+    assert partial_files(left.storage) == []
 
 
 @pytest.mark.parametrize("direction", ["upload", "download", "range"])
