@@ -887,6 +887,17 @@ def test_demo_keep(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- dependencies
 
 
+def test_a_bad_address_from_the_environment_names_the_variable() -> None:
+    """Click names the option, which the user did not give: the variable is
+    named too (a review, 2026-12-07)."""
+    given = conduit("ls", "--from", "foo:bar")
+    assert given.returncode == 2 and "not a port" in given.stderr
+    assert "CONDUIT_ADDRESS" not in given.stderr
+    from_environment = conduit("ls", environment={"CONDUIT_ADDRESS": "foo:bar"})
+    assert from_environment.returncode == 2, from_environment.stderr
+    assert "not a port: 'bar' in 'foo:bar' (from $CONDUIT_ADDRESS)" in from_environment.stderr
+
+
 def _python(program: str) -> subprocess.CompletedProcess[str]:
     """Run ``program`` with ``python -c`` in the tests' environment."""
     return subprocess.run(

@@ -133,11 +133,18 @@ def _cluster_url(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 def _address(ctx: click.Context, param: click.Parameter, value: str) -> Address:
-    """Option callback: ``HOST:PORT``, ``[IPv6]:PORT``, ``HOST`` or ``:PORT``."""
+    """Option callback: ``HOST:PORT``, ``[IPv6]:PORT``, ``HOST`` or ``:PORT``.
+
+    A bad value taken from ``$CONDUIT_ADDRESS`` says so: click's message names
+    only the option, which the user did not give (a review, 2026-12-07).
+    """
     try:
         return parse_address(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
+        message = str(exc)
+        if ctx.get_parameter_source(str(param.name)) is click.core.ParameterSource.ENVIRONMENT:
+            message = f"{message} (from ${param.envvar})"
+        raise click.BadParameter(message, ctx, param) from None
 
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
