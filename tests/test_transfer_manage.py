@@ -284,6 +284,13 @@ async def test_rename(
         assert not (storage / "new").exists()  # left empty by the rename: pruned
         gone = await transfer.rename(client, "a.txt", "c.txt")
         assert gone["code"] == "not_found"
+        (storage / "adir").mkdir()
+        for overwrite in (False, True):
+            onto_a_directory = await transfer.rename(client, "b.txt", "adir", overwrite=overwrite)
+            # Said so, not "already exists" (a review, 2026-12-07).
+            assert onto_a_directory["code"] == "exists", onto_a_directory
+            assert "is a directory" in onto_a_directory["error"], onto_a_directory
+        (storage / "adir").rmdir()
         through_link = await transfer.rename(client, "b.txt", "escape/b.txt")
         assert through_link["code"] == "unsafe_path"
         link_source = await transfer.rename(client, "escape", "e2")

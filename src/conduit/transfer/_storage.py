@@ -773,7 +773,13 @@ class StorageRoot:
     ) -> None:
         _refuse_busy(dest_fd, dest_base, target)
         existing = _lstat(dest_fd, dest_base)
-        if existing is not None and (not overwrite or stat.S_ISDIR(existing.st_mode)):
+        if existing is not None and stat.S_ISDIR(existing.st_mode):
+            # Said so: "already exists" read as if --overwrite would do (a
+            # review, 2026-12-07); nothing replaces a directory.
+            raise TransferError(
+                f"{target!r} is a directory: a file is never moved over one", "exists"
+            )
+        if existing is not None and not overwrite:
             raise TransferError(f"{target!r} already exists", "exists")
         if overwrite:
             os.replace(src_base, dest_base, src_dir_fd=src_fd, dst_dir_fd=dest_fd)
