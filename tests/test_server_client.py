@@ -86,6 +86,13 @@ class Span:
 
 
 @attrs.define
+class Secret:
+    """A class with a private field: its alias is "secret", the map's key "_secret"."""
+
+    _secret: int
+
+
+@attrs.define
 class Inbox:
     """What handlers received, with a way to wait for it that does not poll."""
 
@@ -2068,3 +2075,36 @@ async def test_unsendable_results_are_logged_and_the_whole_args_style_refuses_ex
             refused = await client.rpc.call("place", x=1, y=2, **extra)
             assert refused["code"] == "invalid_arguments", refused
     assert any("cannot be sent" in r.getMessage() for r in caplog.records), caplog.records
+
+
+async def test_the_whole_args_style_takes_a_private_fields_name(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The converter reads the map by the fields' names ("_secret"), and so
+    does the check of unexpected arguments (it used their aliases, and
+    refused every call of such a handler, the second review found); a
+    result larger than the frames the peer announced is answered
+    ``bad_result`` without a log line (the peer's own doing: logged, it was
+    a line per call that the peer could make)."""
+
+    def register(server: Server) -> None:
+        @server.rpc
+        def reveal(secret: Secret) -> int:
+            return secret._secret
+
+        @server.rpc
+        def blob() -> bytes:
+            return b"x" * 100_000
+
+    server = await server_factory(register=register)
+    client = await client_factory(server, max_frame_size=16 * 1024)
+    with trio.fail_after(10), caplog.at_level(logging.WARNING):
+        assert await client.call("reveal", _secret=7) == 7
+        refused = await client.rpc.call("reveal", secret=7)
+        assert refused["code"] == "invalid_arguments", refused
+        for _ in range(3):
+            too_large = await client.rpc.call("blob")
+            assert too_large["code"] == "bad_result", too_large
+    assert not [r for r in caplog.records if "cannot be sent" in r.getMessage()]

@@ -29,7 +29,7 @@ import trio.testing
 from conduit import Client, FileTransferHandler, Peer, RPCError, Server
 from conduit.protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
 from conduit.transfer._sender import _ask_verdict
-from conduit.transfer._slots import TransferLimits, TransferSlots
+from conduit.transfer._slots import USER_TRANSFERS_REFUSAL, TransferLimits, TransferSlots
 from conduit.transfer._turns import BUDGET_PATIENCE, take_turn
 from conftest import (
     ClientFactory,
@@ -213,6 +213,40 @@ async def test_our_users_transfer_limit_held_by_ours_here_waits_for_one_of_ours(
         {"success": True, "lasting": 3 * BUDGET_PATIENCE},
         {"success": True, "lasting": 0.1},
     ]
+
+
+async def test_our_users_transfer_limit_freed_by_its_other_connection_is_taken_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The same refusal, while one long transfer of ours runs here, and the
+    user's other connection frees a slot half a second later: taken then, not
+    when ours ends a minute later (the second review of 2026-12-07)."""
+    peer = _Peer()
+    others_hold_it = True
+
+    async def ours(_peer: Any) -> dict[str, Any]:
+        await trio.sleep(60)
+        return {"success": True}
+
+    async def second(_peer: Any) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        if others_hold_it:
+            return {"success": False, "code": "overloaded", "error": USER_TRANSFERS_REFUSAL}
+        return {"success": True}
+
+    async def other_connection_frees() -> None:
+        nonlocal others_hold_it
+        await trio.sleep(0.5)
+        others_hold_it = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take_turn, peer, ours)
+        nursery.start_soon(other_connection_frees)
+        await trio.sleep(0.01)
+        started = trio.current_time()
+        assert await take_turn(peer, second) == {"success": True}
+        assert trio.current_time() - started < 2.0
+        nursery.cancel_scope.cancel()
 
 
 async def test_other_failures_are_returned_at_once() -> None:

@@ -285,7 +285,7 @@ class Connection:
     ) -> None:
         self.stream = stream
         #: The Trio run this connection's tasks run in (see _bridge.RunBound);
-        #: None once it is closed (it lives nowhere then).
+        #: None once it is closed, its tasks over (it lives nowhere then).
         self.binding: RunBinding | None = RunBinding.current()
         #: Plain sockets skip Trio's per-operation overhead (see _socket_io);
         #: the handshake's, when given, knows whether its last read drained the socket.
@@ -616,6 +616,9 @@ class Connection:
                     self.owned.clear()
                     self._unlink()
                 finally:  # whatever failed: the connection is closed
+                    # It lives nowhere now, not before: until its tasks are
+                    # over another thread's call would touch them (a review).
+                    self.binding = None
                     self.closed.set()
 
     def _goodbye_on_teardown(self) -> bytes | bytearray | None:
@@ -960,7 +963,6 @@ class Connection:
         return False
 
     def _shutdown(self, reason: str) -> None:
-        self.binding = None
         self._state.close(reason)
         self._outbox.close()
         self._fail_waiters()

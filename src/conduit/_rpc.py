@@ -117,7 +117,10 @@ def _resolved_hints(
         return typing.get_type_hints(function)
     except Exception:
         pass
-    namespace = getattr(inspect.unwrap(function), "__globals__", {})
+    target = inspect.unwrap(function)
+    while isinstance(target, functools.partial):  # resolved in its function's module
+        target = inspect.unwrap(target.func)
+    namespace = getattr(target, "__globals__", {})
     hints: dict[str, Any] = {}
     for parameter in signature.parameters.values():
         annotation = parameter.annotation
@@ -169,7 +172,7 @@ class RPCMethod:
     whole_args: _Param | None
     #: Where the handler asked to run (``@trio_callback`` / ``@asyncio_callback``).
     world: str | None = None
-    #: The names ``whole_args``' class takes (its fields' aliases).
+    #: The names ``whole_args``' class takes (its fields' names).
     whole_fields: frozenset[str] = frozenset()
 
     @classmethod
@@ -201,7 +204,9 @@ class RPCMethod:
         fields: frozenset[str] = frozenset()
         if len(data_params) == 1 and attrs.has(data_params[0].annotation):
             whole = data_params[0]
-            fields = frozenset(field.alias for field in attrs.fields(whole.annotation))
+            # By their names: the converter reads the map by them (a private
+            # field "_secret" is sent as "_secret", not as its alias).
+            fields = frozenset(field.name for field in attrs.fields(whole.annotation))
         # The parameters that get the calling peer come first, so that an
         # argument of their name is refused whatever the order (the whole-args
         # parameter, before them, took it among its fields: a review).

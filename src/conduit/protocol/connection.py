@@ -1088,15 +1088,24 @@ class ConnectionState:
         """The RESULT frame for an incoming call; a result too large to send becomes an error."""
         try:
             frame = encode_result(call_id, result)
-            if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:  # _checked's test, inline
-                return frame
+        except LocalProtocolError as exc:
+            # The handler's value, which msgpack refuses: noted for the engine
+            # to log. Not one larger than the peer's frames (below), which the
+            # peer chose at its handshake and could make every result be.
+            self.unsendable_results.append((call_id, str(exc)))
+            return self._result_refused(call_id, exc)
+        if len(frame) - HEADER_SIZE <= self.peer_max_frame_size:  # _checked's test, inline
+            return frame
+        try:
             return self._checked(_RESULT, frame)
         except LocalProtocolError as exc:
-            self.unsendable_results.append((call_id, str(exc)))
-            refusal = Result(
-                False, error=f"the handler's result cannot be sent: {exc}", code="bad_result"
-            )
-            return self.encode(FrameKind.RESULT, call_id, refusal)
+            return self._result_refused(call_id, exc)
+
+    def _result_refused(self, call_id: int, why: LocalProtocolError) -> bytes:
+        refusal = Result(
+            False, error=f"the handler's result cannot be sent: {why}", code="bad_result"
+        )
+        return self.encode(FrameKind.RESULT, call_id, refusal)
 
     def finish_value(self, call_id: int, value: Any) -> bytes:
         """An incoming call returned ``value``: free its id (:meth:`call_finished`)

@@ -566,6 +566,12 @@ class StoreBackend:
         stall, and a cancelled begin need not wait for them all)."""
         try:
             await self._evict(kept)
+        except trio.Cancelled:
+            # Not evicted: back into the index, where it counts and is found
+            # again (else a cancelled begin left it uncounted in the store,
+            # holding its name: the second review).
+            self._kept.setdefault((kept.root, kept.name, kept.transfer_id), kept)
+            raise
         except Exception as exc:
             log.warning("could not evict the partial of %r: %s", kept.name, exc)
 

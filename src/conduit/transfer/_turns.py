@@ -176,10 +176,17 @@ async def take_turn(
         # Our user's transfers at their limit while some of them are ours on
         # this connection: one of ours ending frees a slot, as for a full
         # connection (a user limit below the connection's, say: on a process
-        # of 256 descriptors by default), so wait for that, not for a budget's
-        # patience (30 s, then given up: found by a review).
-        ours_hold_it = USER_TRANSFERS_REFUSAL in error and line.running > 0
-        if not ours_hold_it and any(refusal in error for refusal in BUDGET_REFUSALS):
+        # of 256 descriptors by default), and so may the user's other
+        # connections: tried again at whichever comes first, one of ours
+        # ending or the budget's pause, with no patience to run out (a
+        # budget's 30 s gave it up, a review found; waiting for ours alone
+        # held it as long as ours ran, the next review found).
+        if USER_TRANSFERS_REFUSAL in error and line.running > 0:
+            with trio.move_on_after(budget_pause * random.uniform(0.5, 1.5)):
+                await line.wait_for_an_end()
+            budget_pause = min(2 * budget_pause, 1.0)
+            continue
+        if any(refusal in error for refusal in BUDGET_REFUSALS):
             now = trio.current_time()
             budget_deadline = min(budget_deadline, now + BUDGET_PATIENCE)
             if now >= budget_deadline:
