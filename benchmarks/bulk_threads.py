@@ -85,8 +85,11 @@ def shares(
 ) -> list[ThreadShare]:
     """Each thread's shares between the samples nearest ``start`` and ``end``.
 
-    Threads that ran less than 1 % of the window are left out; one absent
-    from the first sample (started within the window) counts from zero.
+    Threads that ran less than 1 % of the window are left out, but each
+    side's main thread (its event loop), which is always shown: on a loaded
+    machine a side's loop fell under the cut in a short window, and its row
+    went missing (a CI run on 2026-12-07). One absent from the first sample
+    (started within the window) counts from zero.
     ``main_threads`` (side -> thread id: the process id) marks each side's
     main thread, whose name is the interpreter's, with ``(main)``.
     """
@@ -105,10 +108,11 @@ def shares(
                 sample[side][tid].name for sample in within if tid in sample.get(side, {})
             )
             name = names.most_common(1)[0][0]
-            if main_threads is not None and main_threads.get(side) == tid:
+            main = main_threads is not None and main_threads.get(side) == tid
+            if main:
                 name = f"{name} (main)"
             run = (now.run_ns - then.run_ns) / 1e9 / wall
-            if run < 0.01:
+            if run < 0.01 and not main:
                 continue
             found.append(
                 ThreadShare(
