@@ -4,7 +4,8 @@ Issue 11 (items 4, 9 and 12) and issue 12's storage isolation, CI-sized:
 
 * concurrent begins can never be promised more bytes than the disk has;
 * abandoned partials are evicted, oldest first, before an honest upload is
-  refused with ``no_space``; ``max_partial_bytes`` caps unfinished uploads;
+  refused with ``no_space``; ``max_partial_bytes`` caps unfinished uploads,
+  ``max_reserved_per_user`` one owner's reservations;
 * abandoned partials and the directories made for them go soon after
   ``partial_ttl`` (here 1 s), not at the next 10-minute sweep;
 * a partial is bound to its creator: another client knowing the transfer key
@@ -40,7 +41,14 @@ from conduit.transfer import _space
 from conduit.transfer._names import is_partial_name
 from conduit.transfer._storage import ENTRY_ALLOWANCE, StorageRoot
 from conduit.transfer._wire import transfer_key
-from conftest import ClientFactory, ServerFactory, TcpProxy, client_descriptor, wait_until
+from conftest import (
+    ClientFactory,
+    ServerFactory,
+    TcpProxy,
+    client_descriptor,
+    served,
+    wait_until,
+)
 from hostile_helpers import MiB, hostile
 from transfer_helpers import (
     Cutter,
@@ -210,6 +218,83 @@ async def test_an_upload_that_brings_nothing_gives_its_reservation_back(
     assert stored["success"] is True, stored
     assert (storage / "honest.bin").read_bytes() == source.read_bytes()
     assert hog.connected  # its connection lives on: only the upload ended
+
+
+async def _from_address(client_factory: ClientFactory, server: Server, source: str) -> Client:
+    """A client of ``server`` whose connection comes from ``source`` (a 127.0.0.x
+    address): with a shared password, each source address is an owner."""
+    client = await client_factory(server, connect=False)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
+    await client.connect(stream=stream)
+    await served(server, client)
+    return client
+
+
+@hostile(
+    "disk-reservation-per-user",
+    area="disk",
+    attack="with max_reserved_per_user 6 MiB, one address begins uploads of 4 MiB and 2 MiB "
+    "that send nothing, then one of 1 MiB and one of 7 MiB; its second connection sends a "
+    "1 MiB file; another address sends 4 MiB",
+    behaviour="the first address's uploads reserve at most 6 MiB: the 1 MiB begin is refused "
+    "'overloaded' (naming max_reserved_per_user, with the figure), the 7 MiB one 'no_space' "
+    "(alone more than one user may reserve); the other address's upload succeeds at once; "
+    "the second connection's send waits (its client tries again) and succeeds once the "
+    "first connection leaves and its reservations go",
+    found="nothing capped one owner's share of the reservations: begins declaring the free "
+    "space and sending a byte now and then kept every other user's uploads 'no_space' (a "
+    "review: 65.7 GiB declared, 0 bytes written)",
+)
+async def test_one_owners_uploads_reserve_at_most_max_reserved_per_user(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, max_reserved_per_user=6 * MiB)
+    server = await server_factory(register=transfer.register_server_handlers)
+    sender = FileTransferHandler(storage_dir=tmp_path / "scratch")
+    small, other_file = tmp_path / "small.bin", tmp_path / "other.bin"
+    small.write_bytes(os.urandom(MiB))
+    other_file.write_bytes(os.urandom(4 * MiB))
+    with trio.fail_after(60):
+        hog = await _from_address(client_factory, server, "127.0.0.1")
+        assert (await begin(hog, "a.bin", 4 * MiB, "a" * 32))["success"]
+        assert (await begin(hog, "b.bin", 2 * MiB, "b" * 32))["success"]
+        refused = await begin(hog, "c.bin", MiB, "c" * 32)
+        assert refused["code"] == "overloaded", refused
+        assert "max_reserved_per_user" in refused["error"], refused
+        assert f"(limit {6 * MiB} bytes)" in refused["error"], refused
+        alone = await begin(hog, "d.bin", 7 * MiB, "d" * 32)
+        assert alone["code"] == "no_space" and "max_reserved_per_user" in alone["error"], alone
+
+        other = await _from_address(client_factory, server, "127.0.0.2")
+        stored = await sender.send_to_server(other, other_file)
+        assert stored["success"] is True, stored
+
+        second = await _from_address(client_factory, server, "127.0.0.1")
+        results: list[dict[str, Any]] = []
+
+        async def send() -> None:
+            results.append(await sender.send_to_server(second, small))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            await trio.sleep(0.5)  # refused and trying again: its owner's room is held
+            assert results == [] and not (storage / "small.bin").exists()
+            await hog.disconnect()
+        assert results[0]["success"] is True, results
+    assert (storage / "small.bin").read_bytes() == small.read_bytes()
+    assert (storage / "other.bin").read_bytes() == other_file.read_bytes()
+
+
+def test_max_reserved_per_user_is_checked(tmp_path: Path) -> None:
+    """A negative or non-integer limit is refused when the handler is made."""
+    for wrong in (-1, 1.5, "1"):
+        with pytest.raises(ValueError, match="max_reserved_per_user"):
+            FileTransferHandler(storage_dir=tmp_path, max_reserved_per_user=wrong)  # type: ignore[arg-type]
+    assert (
+        FileTransferHandler(storage_dir=tmp_path, max_reserved_per_user=0).max_reserved_per_user
+        == 0
+    )
 
 
 @hostile(

@@ -152,6 +152,7 @@ class _Settings:
     partial_ttl: float = 3600.0
     free_space_margin: int = 0
     max_partial_bytes: int | None = None
+    max_reserved_per_user: int | None = None
 
 
 def test_a_written_one_shot_file_still_counts_against_the_quota(

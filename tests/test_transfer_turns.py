@@ -30,6 +30,7 @@ from conduit import Client, FileTransferHandler, Peer, RPCError, Server
 from conduit.protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
 from conduit.transfer._sender import _ask_verdict
 from conduit.transfer._slots import USER_TRANSFERS_REFUSAL, TransferLimits, TransferSlots
+from conduit.transfer._space import USER_RESERVATION_REFUSAL
 from conduit.transfer._turns import BUDGET_PATIENCE, take_turn
 from conftest import (
     ClientFactory,
@@ -246,6 +247,39 @@ async def test_our_users_transfer_limit_freed_by_its_other_connection_is_taken_a
         started = trio.current_time()
         assert await take_turn(peer, second) == {"success": True}
         assert trio.current_time() - started < 2.0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("ours_running", [False, True])
+async def test_our_users_reservations_at_their_limit_are_waited_out(
+    autojump_clock: trio.testing.MockClock, ours_running: bool
+) -> None:
+    """The server refuses an upload because our user's uploads in progress
+    reserve all the disk space one user may (``max_reserved_per_user``), and
+    the room comes back 5 s later (one of them, on another connection, ends):
+    the upload is tried again and taken then, whether or not one of ours runs
+    on this connection (one that runs 3 x BUDGET_PATIENCE does not make it
+    wait that long, nor give up)."""
+    peer = _Peer()
+    started = trio.current_time()
+
+    async def ours(_peer: Any) -> dict[str, Any]:
+        await trio.sleep(3 * BUDGET_PATIENCE)
+        return {"success": True}
+
+    async def refused_for_5_s(_peer: Any) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        if trio.current_time() - started < 5.0:
+            error = f"{USER_RESERVATION_REFUSAL} (limit 1024 bytes)"
+            return {"success": False, "code": "overloaded", "error": error}
+        return {"success": True}
+
+    async with trio.open_nursery() as nursery:
+        if ours_running:
+            nursery.start_soon(take_turn, peer, ours)
+            await trio.sleep(0.01)
+        assert await take_turn(peer, refused_for_5_s) == {"success": True}
+        assert trio.current_time() - started < 7.0
         nursery.cancel_scope.cancel()
 
 

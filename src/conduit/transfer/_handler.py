@@ -118,7 +118,10 @@ class FileTransferHandler:
     reserved minus ``free_space_margin`` bytes; abandoned partial files are
     removed within moments of ``partial_ttl`` passing, and the oldest of them
     first whenever space is needed; ``max_partial_bytes`` (default: no cap
-    besides the disk) caps the bytes of unfinished uploads, abandoned or not.
+    besides the disk) caps the bytes of unfinished uploads, abandoned or not;
+    ``max_reserved_per_user`` (default: no cap besides the disk) caps what the
+    uploads in progress of one user (with a shared password: of one client
+    host) reserve together.
     On a server with accounts, each user sees only their own root below
     ``storage_dir``, within their quota.
 
@@ -151,6 +154,7 @@ class FileTransferHandler:
         resume_hash_budget: int = 1024 * 1024 * 1024,
         free_space_margin: int = DEFAULT_FREE_SPACE_MARGIN,
         max_partial_bytes: int | None = None,
+        max_reserved_per_user: int | None = None,
     ) -> None:
         if not 1024 <= chunk_size <= 1024 * 1024:
             raise ValueError(f"chunk_size must be between 1 KiB and 1 MiB, got {chunk_size}")
@@ -160,6 +164,12 @@ class FileTransferHandler:
             raise ValueError("free_space_margin must not be negative")
         if max_partial_bytes is not None and max_partial_bytes < 0:
             raise ValueError("max_partial_bytes must be positive or None")
+        if max_reserved_per_user is not None and (
+            not isinstance(max_reserved_per_user, int) or max_reserved_per_user < 0
+        ):
+            raise ValueError(
+                f"max_reserved_per_user must be positive or None, got {max_reserved_per_user!r}"
+            )
         if max_transfers_per_connection < 1:
             raise ValueError(
                 "max_transfers_per_connection must be at least 1, "
@@ -207,6 +217,11 @@ class FileTransferHandler:
         #: Cap on the bytes of unfinished uploads (in progress plus abandoned
         #: partials); None: only the disk bounds them.
         self.max_partial_bytes = max_partial_bytes
+        #: Cap on the bytes the uploads in progress of one user (with a shared
+        #: password: of one client host) reserve together (what they still have
+        #: to write); more is refused ``"overloaded"``, and an upload that alone
+        #: needs more ``"no_space"``. None: only the disk bounds them.
+        self.max_reserved_per_user = max_reserved_per_user
         #: Transfers (uploads, pushes, downloads served) one connection may run
         #: at once; more are refused with code ``"overloaded"``.
         self.max_transfers_per_connection = max_transfers_per_connection

@@ -44,6 +44,7 @@ class TransferSettings(Protocol):
     max_transfers_per_user: int | None
     free_space_margin: int
     max_partial_bytes: int | None
+    max_reserved_per_user: int | None
     read_ahead_per_connection: int
     resume_hash_budget: int
     hash_gate: HashGate

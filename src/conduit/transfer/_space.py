@@ -9,6 +9,8 @@ opens its partial file. The rules, each enforced here and nowhere else:
   the free space minus every other reservation minus ``free_space_margin``, so
   the declared sizes of concurrent uploads can never add up to more than the
   disk holds. The check and the registration happen under one lock.
+  ``max_reserved_per_user`` (default: none) bounds what one owner's uploads
+  in progress reserve together (:meth:`DiskBudget._check_owner_reservation_locked`).
 * **Abandoned partials** (kept for a resume when a connection drops) are
   indexed in memory with their expiry, ``partial_ttl`` after they were last
   written. A sweeper task sleeps until the earliest expiry and removes what has
@@ -110,6 +112,16 @@ DIRECTORY_ALLOWANCE = 4096
 #: Directories a user's bound remembers having charged since its walk; past
 #: this many, each file charges its directories again.
 MAX_CHARGED_DIRECTORIES = 4096
+
+#: What an upload refused because its owner's uploads in progress already
+#: reserve what one owner may (``max_reserved_per_user``) is told, with the
+#: figure after it. The room comes back as the owner's own uploads write
+#: their bytes or end: our client waits it out as it does a full call memory
+#: (:mod:`._turns`).
+USER_RESERVATION_REFUSAL = (
+    "your uploads in progress reserve all the disk space one user may reserve "
+    "at once (max_reserved_per_user); try again when some are done"
+)
 
 _Path = tuple[str, ...]  # a partial file's path below the storage directory
 
@@ -234,6 +246,7 @@ class BudgetSettings(Protocol):
     partial_ttl: float
     free_space_margin: int
     max_partial_bytes: int | None
+    max_reserved_per_user: int | None
 
 
 def user_storage(storage: StorageRoot, peer: Peer | None) -> tuple[StorageRoot, _Path]:
@@ -601,6 +614,10 @@ class DiskBudget:
             admission = Admission(storage, prefix, name, transfer_id, owner, size, start)
             own = admission.path
             if key is not None:
+                # Refused before anything is dropped or evicted for it. A
+                # one-shot small file (no key) is stored and released within
+                # one hop: it holds no reservation a peer could keep.
+                self._check_owner_reservation_locked(owner, size - start)
                 self._drop_older_versions_locked(admission)
             if settings.overwrite:
                 for other in self._active:
@@ -784,6 +801,31 @@ class DiskBudget:
                     "evicted abandoned partial %s: too many in all",
                     "/".join(entry.path),
                 )
+
+    def _check_owner_reservation_locked(self, owner: str, needed: int) -> None:
+        """Refuse an upload of ``needed`` more bytes that would take ``owner``'s
+        reservations past ``max_reserved_per_user``.
+
+        Without it one owner's begins, declaring the free space and then sending
+        a byte now and then, kept every other user's uploads ``no_space`` for
+        as long as their connection lived (a review, 2026-12-07). An upload
+        that alone needs more than the limit is refused ``no_space``: it could
+        never begin. One that fits once the owner's others write their bytes or
+        end is refused ``overloaded`` (:data:`USER_RESERVATION_REFUSAL`), which
+        our client waits out.
+        """
+        cap = self._settings.max_reserved_per_user
+        if cap is None or not owner:
+            return
+        if needed > cap:
+            raise TransferError(
+                f"this upload needs {needed} bytes of disk space, more than one user "
+                f"may reserve at once (max_reserved_per_user: {cap})",
+                "no_space",
+            )
+        held = sum(a.remaining() for a in self._active if a.owner == owner)
+        if held + needed > cap:
+            raise TransferError(f"{USER_RESERVATION_REFUSAL} (limit {cap} bytes)", "overloaded")
 
     def _reserved(self, storage: StorageRoot | None = None) -> int:
         return sum(

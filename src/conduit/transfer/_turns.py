@@ -33,9 +33,11 @@ messages on other connections too
 like it: the server's transfers over all connections at their limit
 (``max_transfers``: :data:`._slots.SERVER_TRANSFERS_REFUSAL`), or our
 user's (``max_transfers_per_user``, which our other connections count
-against: :data:`._slots.USER_TRANSFERS_REFUSAL`; while transfers of ours
-run on this connection, one of them ending frees a slot, and is waited for
-as for a full connection). No end of
+against: :data:`._slots.USER_TRANSFERS_REFUSAL`), or the disk space our
+user's uploads in progress may reserve together (``max_reserved_per_user``:
+:data:`._space.USER_RESERVATION_REFUSAL`). For those two of our user's,
+while transfers of ours run on this connection, one of them ending gives
+the room back, and is waited for as for a full connection. No end of
 ours on this connection need free it, theirs do, and nothing says when:
 the attempt is made again after a pause that doubles from
 :data:`BUDGET_PAUSE` up to a second (jittered by half either way, so that
@@ -67,6 +69,7 @@ import trio
 
 from ..protocol.connection import SERVER_BUDGET_REFUSAL, USER_BUDGET_REFUSAL
 from ._slots import SERVER_TRANSFERS_REFUSAL, USER_TRANSFERS_REFUSAL
+from ._space import USER_RESERVATION_REFUSAL
 
 if TYPE_CHECKING:
     from .._peer import Peer
@@ -80,13 +83,18 @@ FULL_CODES = frozenset({"overloaded", "too_many_streams"})
 BUDGET_PAUSE = 0.05
 BUDGET_PATIENCE = 30.0
 #: What those refusals say: the server's memory is full, or its user's share;
-#: the server runs all the transfers it may, or our user's connections do.
+#: the server runs all the transfers it may, or our user's connections do;
+#: our user's uploads reserve all the disk space one user may.
 BUDGET_REFUSALS = (
     SERVER_BUDGET_REFUSAL,
     USER_BUDGET_REFUSAL,
     SERVER_TRANSFERS_REFUSAL,
     USER_TRANSFERS_REFUSAL,
+    USER_RESERVATION_REFUSAL,
 )
+#: Of those, the ones for room our user's own transfers hold, which one of
+#: ours on this connection ending may give back.
+OWN_REFUSALS = (USER_TRANSFERS_REFUSAL, USER_RESERVATION_REFUSAL)
 
 #: One try of a transfer on a peer: its result dict (see :mod:`._resilient`).
 Attempt = Callable[["Peer"], Awaitable[dict[str, Any]]]
@@ -173,15 +181,16 @@ async def take_turn(
         if not refused or not peer.connected:
             return result
         error = str(result.get("error", ""))
-        # Our user's transfers at their limit while some of them are ours on
-        # this connection: one of ours ending frees a slot, as for a full
+        # Our user's transfers (or the disk space its uploads reserve) at
+        # their limit while some of them are ours on this connection: one of
+        # ours ending frees a slot (or its reservation), as for a full
         # connection (a user limit below the connection's, say: on a process
         # of 256 descriptors by default), and so may the user's other
         # connections: tried again at whichever comes first, one of ours
         # ending or the budget's pause, with no patience to run out (a
         # budget's 30 s gave it up, a review found; waiting for ours alone
         # held it as long as ours ran, the next review found).
-        if USER_TRANSFERS_REFUSAL in error and line.running > 0:
+        if line.running > 0 and any(refusal in error for refusal in OWN_REFUSALS):
             with trio.move_on_after(budget_pause * random.uniform(0.5, 1.5)):
                 await line.wait_for_an_end()
             budget_pause = min(2 * budget_pause, 1.0)
