@@ -286,17 +286,6 @@ async def test_one_owners_uploads_reserve_at_most_max_reserved_per_user(
     assert (storage / "other.bin").read_bytes() == other_file.read_bytes()
 
 
-def test_max_reserved_per_user_is_checked(tmp_path: Path) -> None:
-    """A negative or non-integer limit is refused when the handler is made."""
-    for wrong in (-1, 1.5, "1"):
-        with pytest.raises(ValueError, match="max_reserved_per_user"):
-            FileTransferHandler(storage_dir=tmp_path, max_reserved_per_user=wrong)  # type: ignore[arg-type]
-    assert (
-        FileTransferHandler(storage_dir=tmp_path, max_reserved_per_user=0).max_reserved_per_user
-        == 0
-    )
-
-
 @hostile(
     "disk-evict-abandoned",
     area="disk",

@@ -291,7 +291,13 @@ def test_the_default_limits_follow_the_descriptor_limit(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("max_transfers", 0), ("max_transfers_per_user", -1), ("max_transfers", "8")],
+    [
+        ("max_transfers", 0),
+        ("max_transfers_per_user", -1),
+        ("max_transfers", "8"),
+        ("max_reserved_per_user", -1),
+        ("max_reserved_per_user", 1.5),
+    ],
 )
 def test_transfer_limits_are_checked(setting: str, value: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=setting):
