@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
+from conduit.transfer import _tree as tree_module
 from conduit.transfer._storage import StorageRoot
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
 from transfer_helpers import register_replacing
@@ -100,6 +101,72 @@ async def test_send_a_directory_keeps_its_layout_and_reports_each_file(
         f"photos/{n}": (top / n).read_bytes()
         for n in ("a.txt", "empty.bin", "2024/summer/beach.raw", "2024/caf\u00e9.txt")
     }
+
+
+async def test_directories_replaced_after_the_walk_are_not_followed_out_of_the_tree(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the walk of a directory and the opening of its files, another
+    local program replaces a subdirectory by a link to a directory outside
+    the tree, an intermediate one by a link, and one by another directory
+    moved into its place: every file below them is refused ``unsafe_path``
+    (small ones, read for batches, and a large one, sent alone), and nothing
+    from outside reaches the server. Opened by its path with ``O_NOFOLLOW``
+    (a link refused only in the path's last part), each sent the outside
+    file under the tree's name (a review, 2026-12-07)."""
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    top = tmp_path / "local" / "top"
+    _write(top / "kept.txt", b"kept\n")
+    _write(top / "sub" / "small.txt", b"inside\n")
+    _write(top / "sub" / "big.bin", b"i" * BIG)
+    _write(top / "deep" / "er" / "small.txt", b"inside deeper\n")
+    _write(top / "moved" / "small.txt", b"inside moved\n")
+    outside = tmp_path / "outside"
+    for directory in (outside, outside / "er"):
+        _write(directory / "small.txt", b"OUTSIDE SECRET\n")
+        _write(directory / "big.bin", b"O" * BIG)
+    real_walk = tree_module.walk_local
+
+    def walk_then_swap(walked: Path, prefix: str) -> Any:
+        entries = real_walk(walked, prefix)
+        for name, target in (("sub", outside), ("deep", outside)):
+            (top / name).rename(tmp_path / f"away-{name}")
+            (top / name).symlink_to(target, target_is_directory=True)
+        (top / "moved").rename(tmp_path / "away-moved")
+        outside.rename(top / "moved")  # a real directory, not the one walked
+        outside.symlink_to(
+            top / "moved", target_is_directory=True
+        )  # the links above still lead there
+        return entries
+
+    monkeypatch.setattr(tree_module, "walk_local", walk_then_swap)
+    with trio.fail_after(60):
+        result = await transfer.send_to_server(client, top)
+    files = {entry["name"]: entry for entry in result["files"]}
+    assert files["top/kept.txt"]["success"] is True, files
+    for name in ("sub/small.txt", "sub/big.bin", "deep/er/small.txt", "moved/small.txt"):
+        entry = files[f"top/{name}"]
+        assert entry["success"] is False and entry["code"] == "unsafe_path", entry
+    stored = _visible(tmp_path / "server")
+    assert stored == {"top/kept.txt": b"kept\n"}, sorted(stored)
+
+
+async def test_a_directory_named_through_a_link_is_sent(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """The directory the caller names may be a link (its choice): it is walked
+    and its files are sent; links below it are not followed."""
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    real = _tree(tmp_path / "local")
+    link = tmp_path / "album"
+    link.symlink_to(real, target_is_directory=True)
+    with trio.fail_after(60):
+        result = await transfer.send_to_server(client, link)
+    assert result["success"] is True and result["transferred"] == 4, result
+    assert _visible(tmp_path / "server" / "album") == _visible(real)
 
 
 async def test_directory_rerun_skips_what_arrived_and_sends_what_changed(

@@ -25,7 +25,7 @@ from .. import _threads
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer, failed_entry, finish_answer
 from ._batch_store import FRAME_OVERHEAD, MAX_BATCH_FILES, cut_batches, entry_cost
-from ._local import open_local_file
+from ._local import DirectoryId, WalkedDirectories, open_local_file
 from ._progress import ProgressReporter, TransferProgress
 from ._wire import UPLOAD_BATCH, transfer_failure
 
@@ -47,21 +47,27 @@ class _Small:
     sha256: str
 
 
+#: A file to send: its index, remote name, local path, and the directory a
+#: walk found it in (None: a path the caller named, links followed).
+LocalFile = tuple[int, str, str, DirectoryId | None]
+
+
 def _read_small(
-    names: Sequence[tuple[int, str, str]], limit: int, follow_symlinks: bool
+    names: Sequence[LocalFile], limit: int
 ) -> tuple[list[_Small], dict[int, dict[str, Any]]]:
     """Read the files up to ``limit`` bytes: (read, failed results); larger ones are left."""
     read: list[_Small] = []
     failed: dict[int, dict[str, Any]] = {}
-    for index, name, local in names:
-        try:
-            with open_local_file(local, follow_symlinks=follow_symlinks) as file:
-                data = file.read(limit + 1)
-        except (OSError, UnsafePathError) as exc:
-            failed[index] = transfer_failure(exc)
-            continue
-        if len(data) <= limit:
-            read.append(_Small(index, name, data, hashlib.sha256(data).hexdigest()))
+    with WalkedDirectories() as walked:
+        for index, name, local, within in names:
+            try:
+                with open_local_file(local, within=within, walked=walked) as file:
+                    data = file.read(limit + 1)
+            except (OSError, UnsafePathError) as exc:
+                failed[index] = transfer_failure(exc)
+                continue
+            if len(data) <= limit:
+                read.append(_Small(index, name, data, hashlib.sha256(data).hexdigest()))
     return read, failed
 
 
@@ -83,21 +89,20 @@ def entry_result(answer: Any, size: int) -> dict[str, Any]:
 
 async def send_small_files(
     on_peer: OnPeer,
-    files: Sequence[tuple[int, str, str]],
+    files: Sequence[LocalFile],
     limit: int,
     parallel: int,
     on_progress: ProgressCallback | None,
-    *,
-    follow_symlinks: bool,
 ) -> dict[int, dict[str, Any]]:
-    """Upload the small ones of ``files`` (index, remote name, local path) in batches.
+    """Upload the small ones of ``files`` (index, remote name, local path, walked
+    directory) in batches.
 
     Returns the results by index; the files without one are left for the
     per-file path (larger than ``limit``, or the server does not take batches).
-    ``follow_symlinks=False`` (directory walks) refuses a link, as a single
-    send does. ``on_peer`` runs each call on the connection, again after a
-    reconnect (a batch sent twice stores nothing twice: what arrived the first
-    time is ``already_there``).
+    A file a walk found is opened through its directory, as a single send
+    opens it (:class:`._local.WalkedDirectories`). ``on_peer`` runs each call
+    on the connection, again after a reconnect (a batch sent twice stores
+    nothing twice: what arrived the first time is ``already_there``).
     """
     results: dict[int, dict[str, Any]] = {}
     reading = trio.CapacityLimiter(parallel)  # groups of files read and held at once
@@ -118,12 +123,12 @@ async def send_small_files(
             else:
                 await _report(batch, outcome, results)
 
-    async def one(group: Sequence[tuple[int, str, str]]) -> None:
+    async def one(group: Sequence[LocalFile]) -> None:
         # A group's bytes are held until its last batch is answered, so at most
         # ``parallel`` groups are in memory; its batches go out side by side
         # (one after the other, a group of larger files took a round trip each).
         async with reading:
-            read, failed = await _threads.run_sync(_read_small, group, limit, follow_symlinks)
+            read, failed = await _threads.run_sync(_read_small, group, limit)
             results.update(failed)
             async with trio.open_nursery() as batches:
                 for batch in cut_batches(read, _cost, max_bytes):

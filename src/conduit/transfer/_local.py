@@ -4,6 +4,11 @@ And look at it once, in one worker-thread hop: :func:`read_source` opens and
 checks it and, for a small file, reads and hashes it and closes it (it was
 four hops: a directory check, open, read, close); :func:`probe_source` is the
 same look for ``send_to_server``, which must also tell a directory apart.
+
+A file a directory walk found is opened through its directory
+(:class:`WalkedDirectories`): the walk's path to it names directories that
+another local program may replace, after the walk, by a link to a directory
+outside the tree.
 """
 
 from __future__ import annotations
@@ -19,9 +24,90 @@ import attrs
 
 from ..errors import UnsafePathError
 
+#: A directory as a walk found it: its ``(st_dev, st_ino)``.
+DirectoryId = tuple[int, int]
+
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def directory_id(info: os.stat_result) -> DirectoryId:
+    """The identity of the directory ``info`` describes."""
+    return info.st_dev, info.st_ino
+
+
+class WalkedDirectories:
+    """Opens the files a directory walk found, each through its directory.
+
+    The walk gives each file's path and the identity of the directory it
+    listed (:data:`DirectoryId`). A file is opened relative to a descriptor
+    of its directory (``openat``), with ``O_NOFOLLOW``, once that descriptor
+    is checked to be the directory the walk listed. A path of the walk that
+    another program turned, since, into a way out of the tree (a directory
+    replaced by a link to another, or by another directory: anywhere from
+    the walk's top down) is refused with :class:`UnsafePathError`; the path
+    alone, opened with ``O_NOFOLLOW``, refused a link only in its last part
+    (a review, 2026-12-07: a file outside the tree uploaded under the
+    tree's name). The descriptor of the last directory is kept for the
+    next file (a walk's files come directory by directory); :meth:`close`
+    lets it go. Use from one thread at a time.
+    """
+
+    def __init__(self) -> None:
+        """No directory open yet."""
+        self._open: tuple[str, int] | None = None
+
+    def open(self, path: str | os.PathLike[str], within: DirectoryId) -> int:
+        """A descriptor of the file at ``path``, in the directory ``within`` (raw, as
+        ``os.open`` gives it: the caller checks and closes it)."""
+        directory, basename = os.path.split(os.fspath(path))
+        dir_fd = self._directory(directory or ".", within)
+        try:
+            return os.open(basename, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePathError(
+                    f"{os.fspath(path)!r} is a symbolic link; not followed"
+                ) from None
+            raise
+
+    def _directory(self, directory: str, within: DirectoryId) -> int:
+        if self._open is not None:
+            if self._open[0] == directory:
+                return self._open[1]
+            self.close()
+        # Links are followed here (the walk's top may be one, the caller's
+        # choice): what is checked is where they lead.
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | _READ_FLAGS)
+        try:
+            if directory_id(os.fstat(dir_fd)) != within:
+                raise UnsafePathError(
+                    f"{directory!r} is no longer the directory that was walked "
+                    "(replaced since, by a link or another directory); not followed"
+                )
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._open = (directory, dir_fd)
+        return dir_fd
+
+    def close(self) -> None:
+        """Close the directory kept open. Harmless to call again."""
+        if self._open is not None:
+            fd, self._open = self._open[1], None
+            os.close(fd)
+
+    def __enter__(self) -> WalkedDirectories:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def open_local_fd(
-    path: str | os.PathLike[str], *, follow_symlinks: bool = True
+    path: str | os.PathLike[str],
+    *,
+    within: DirectoryId | None = None,
+    walked: WalkedDirectories | None = None,
 ) -> tuple[int, os.stat_result]:
     """Open ``path`` for reading if it is a regular file: its descriptor (blocking) and fstat.
 
@@ -29,19 +115,19 @@ def open_local_fd(
     ``open``: a FIFO swapped in between would block the worker thread until
     a writer came. ``O_NONBLOCK`` makes opening a FIFO (or a device) return at
     once; anything but a regular file raises ``IsADirectoryError`` (code
-    ``not_a_file``). ``follow_symlinks=False`` refuses a symbolic link
-    atomically (``O_NOFOLLOW``) with :class:`UnsafePathError`. Else the usual
-    OSError subclass. The caller closes the descriptor.
+    ``not_a_file``). ``within``: ``path`` is a file a directory walk found in
+    the directory of that identity, opened through it (``walked``'s, else
+    one of its own: see :class:`WalkedDirectories`), and a symbolic link,
+    there or in its place, is refused with :class:`UnsafePathError`.
+    Else the usual OSError subclass. The caller closes the descriptor.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags)  # FileNotFoundError, PermissionError as usual
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow_symlinks:
-            raise UnsafePathError(f"{str(path)!r} is a symbolic link; not followed") from None
-        raise
+    if within is None:
+        fd = os.open(path, _READ_FLAGS)  # FileNotFoundError, PermissionError as usual
+    elif walked is not None:
+        fd = walked.open(path, within)
+    else:
+        with WalkedDirectories() as own:
+            fd = own.open(path, within)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -53,9 +139,14 @@ def open_local_fd(
     return fd, info
 
 
-def open_local_file(path: str | os.PathLike[str], *, follow_symlinks: bool = True) -> io.FileIO:
+def open_local_file(
+    path: str | os.PathLike[str],
+    *,
+    within: DirectoryId | None = None,
+    walked: WalkedDirectories | None = None,
+) -> io.FileIO:
     """:func:`open_local_fd` as a file object (which owns the descriptor)."""
-    fd, _ = open_local_fd(path, follow_symlinks=follow_symlinks)
+    fd, _ = open_local_fd(path, within=within, walked=walked)
     return io.FileIO(fd, "r", closefd=True)
 
 
@@ -110,14 +201,14 @@ def read_small(fd: int, size: int) -> SmallFile | None:
 
 
 def read_source(
-    path: str | os.PathLike[str], limit: int, *, follow_symlinks: bool = True
+    path: str | os.PathLike[str], limit: int, *, within: DirectoryId | None = None
 ) -> LocalSource:
     """Open ``path`` to send it (worker thread): a small file comes back read and closed.
 
     Raises what :func:`._local.open_local_file` raises (a missing file, not a
-    regular file, a refused symbolic link).
+    regular file, a refused symbolic link or directory replaced since a walk).
     """
-    fd, info = open_local_fd(path, follow_symlinks=follow_symlinks)
+    fd, info = open_local_fd(path, within=within)
     if info.st_size > limit:
         return LocalSource(file=io.FileIO(fd, "r", closefd=True))
     try:
@@ -143,9 +234,8 @@ def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
     file that changed while read) is left to the sending path, which reports it
     as it always does.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         # An unreadable directory is still a directory (its walk reports it).
         return Probe(is_directory=os.path.isdir(path))
@@ -165,9 +255,12 @@ def probe_source(path: str | os.PathLike[str], limit: int) -> Probe:
 
 
 __all__ = [
+    "DirectoryId",
     "LocalSource",
     "Probe",
     "SmallFile",
+    "WalkedDirectories",
+    "directory_id",
     "open_local_fd",
     "open_local_file",
     "probe_source",

@@ -50,7 +50,7 @@ from ._batch_store import FRAME_OVERHEAD
 from ._budget import ByteBudget, SendBudget
 from ._engine import FileSource, hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
-from ._local import SmallFile, read_source
+from ._local import DirectoryId, SmallFile, read_source
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
 from ._ranges import WHOLE_FILE, resolve_range
@@ -138,13 +138,15 @@ class Sender:
         on_progress: ProgressCallback | None,
         direction: SendDirection,
         *,
-        follow_symlinks: bool = True,
+        within: DirectoryId | None = None,
         small: SmallFile | None = None,
     ) -> dict[str, Any]:
         """Send ``path`` to ``peer``'s receiver; the result dict (raises only before sending).
 
-        ``follow_symlinks=False`` (directory walks) refuses a ``path`` that is a
-        symbolic link, atomically (``O_NOFOLLOW``), instead of sending its target.
+        ``within``: ``path`` is a file a directory walk found in that directory,
+        opened through it: a symbolic link, there or in place of a directory
+        of the walk, is refused instead of followed (see
+        :class:`._local.WalkedDirectories`).
         ``small``: ``path``'s bytes, already read (see :func:`._local.probe_source`).
         """
         begin_method, finish_method, small_method = _METHODS[direction]
@@ -152,7 +154,7 @@ class Sender:
             # One worker-thread hop: open, check, and for a small file read,
             # hash and close (see ._local.read_source).
             source = await _threads.run_sync(
-                lambda: read_source(path, self.small_file_limit, follow_symlinks=follow_symlinks)
+                lambda: read_source(path, self.small_file_limit, within=within)
             )
             if source.changed:
                 return transfer_failure(

@@ -10,8 +10,12 @@ is a directory on the server lists the files under it (``file_list`` with a
 
 The local walk never follows a symbolic link: a link (to a file or a
 directory) and a special file (FIFO, device, socket) each become a failed entry
-with code ``"unsafe_path"`` or ``"not_a_file"``; every file is then opened with
-``O_NOFOLLOW``, so a link swapped in after the walk is refused too. Hidden
+with code ``"unsafe_path"`` or ``"not_a_file"``. Each directory is listed
+through a descriptor opened with ``O_NOFOLLOW``, and each file is then opened
+through its directory, checked to be the one listed
+(:class:`._local.WalkedDirectories`), with ``O_NOFOLLOW``: a link swapped in
+after the walk, for the file or for any directory of the tree, is refused
+too (``unsafe_path``). Hidden
 entries (``.git``, ``.DS_Store``) are skipped, not failed: no receiver accepts
 hidden names. The result::
 
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,8 +43,9 @@ import trio
 from .. import _threads
 from ..errors import ConduitError
 from ._answers import listing_answer
-from ._batch import send_small_files
+from ._batch import LocalFile, send_small_files
 from ._batch_download import receive_small_files
+from ._local import DirectoryId, directory_id
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
 from ._turns import Attempt
@@ -69,7 +73,6 @@ PARALLEL_MEDIUM_FILES = 12
 #: so a directory of them holds none.
 MEDIUM_FILE_SIZE = 1024 * 1024
 
-FileTransfer = Callable[[str, str], Awaitable[dict[str, Any]]]
 #: Runs one attempt (a call on a peer, returning a result dict) on the
 #: client's connection, again after each reconnect: ``on_client`` bound to
 #: the client, so every file of a tree survives a cut on its own.
@@ -85,45 +88,77 @@ class _Entry:
     #: Its size as known before the transfer: what the server's listing gave
     #: (downloads) or a look at the local file (uploads); None when not known.
     size: int | None = None
+    #: The directory a walk listed it in (uploads of a directory); None for a
+    #: path the caller named (links followed).
+    within: DirectoryId | None = None
+
+
+FileTransfer = Callable[[_Entry], Awaitable[dict[str, Any]]]
 
 
 def _failed(message: str, code: str) -> dict[str, Any]:
     return {"success": False, "error": message, "code": code}
 
 
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def walk_local(top: Path, prefix: str) -> list[_Entry]:
-    """The entries under ``top`` to send as ``prefix/relative``; links are never followed."""
+    """The entries under ``top`` to send as ``prefix/relative``; links are never followed.
+
+    Each directory is listed through a descriptor (a subdirectory's opened
+    with ``O_NOFOLLOW`` in its parent's), and each file's entry records the
+    identity of the directory listed, through which it is opened later.
+    """
     entries: list[_Entry] = []
 
-    def visit(directory: Path, relative: tuple[str, ...]) -> None:
+    def visit(dir_fd: int, path: str, relative: tuple[str, ...]) -> None:
+        within = directory_id(os.fstat(dir_fd))
         try:
-            with os.scandir(directory) as iterator:
+            with os.scandir(dir_fd) as iterator:
                 children = sorted(iterator, key=lambda entry: entry.name)
         except OSError as exc:
-            name = "/".join((prefix, *relative)) or "."
-            entries.append(_Entry(name, str(directory), _failed(f"cannot read: {exc}", "io_error")))
+            cannot_read(path, relative, exc)
             return
         for child in children:
             parts = (*relative, child.name)
             name = "/".join(part for part in (prefix, *parts) if part)
-            entry = _Entry(name, child.path)
+            entry = _Entry(name, os.path.join(path, child.name), within=within)
             if child.name.startswith("."):
                 entry.result = {"success": True, "skipped": True, "reason": "hidden"}
             elif child.is_symlink():
                 entry.result = _failed("a symbolic link; not followed", "unsafe_path")
             elif child.is_dir(follow_symlinks=False):
                 if len(parts) < MAX_DEPTH:
-                    visit(Path(child.path), parts)
+                    descend(dir_fd, entry.local, parts)
                     continue
                 entry.result = _failed(f"nested deeper than {MAX_DEPTH} levels", "unsafe_path")
             elif not child.is_file(follow_symlinks=False):
                 entry.result = _failed("not a regular file (FIFO, device or socket)", "not_a_file")
             entries.append(entry)
 
-    info = os.stat(top)  # the top directory is the caller's choice: it may be a link
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotADirectoryError(str(top))
-    visit(top, ())
+    def descend(parent_fd: int, path: str, relative: tuple[str, ...]) -> None:
+        try:
+            # Not followed: a link swapped in since the listing is refused.
+            dir_fd = os.open(relative[-1], _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except OSError as exc:
+            cannot_read(path, relative, exc)
+            return
+        try:
+            visit(dir_fd, path, relative)
+        finally:
+            os.close(dir_fd)
+
+    def cannot_read(path: str, relative: tuple[str, ...], exc: OSError) -> None:
+        name = "/".join((prefix, *relative)) or "."
+        entries.append(_Entry(name, path, _failed(f"cannot read: {exc}", "io_error")))
+
+    # The top directory is the caller's choice: it may be a link.
+    top_fd = os.open(top, _DIRECTORY_FLAGS)  # NotADirectoryError if it is not one
+    try:
+        visit(top_fd, os.fspath(top), ())
+    finally:
+        os.close(top_fd)
     return entries
 
 
@@ -179,13 +214,13 @@ class FilePlaces:
 
 
 async def transfer_all(entries: list[_Entry], transfer: FileTransfer) -> None:
-    """Run ``transfer(name, local)`` for every entry without a result yet, a few at a
+    """Run ``transfer(entry)`` for every entry without a result yet, a few at a
     time (:class:`FilePlaces`)."""
     places = FilePlaces()
 
     async def one(entry: _Entry) -> None:
         async with places.taken(entry.size):
-            entry.result = await transfer(entry.name, entry.local)
+            entry.result = await transfer(entry)
 
     async with trio.open_nursery() as nursery:
         for entry in entries:
@@ -236,7 +271,7 @@ async def send_tree(
     """Upload every file under ``top`` (``send_to_server`` on a directory)."""
     prefix = remote_prefix(top, remote_name)
     entries = await _threads.run_sync(walk_local, top, prefix)
-    await send_entries(sender, on_peer, entries, on_progress, follow_symlinks=False)
+    await send_entries(sender, on_peer, entries, on_progress)
     return tree_result(prefix, entries)
 
 
@@ -256,7 +291,7 @@ async def send_files(
         except ConduitError as exc:
             entry.name, entry.result = str(remote), transfer_failure(exc)
         entries.append(entry)
-    await send_entries(sender, on_peer, entries, on_progress, follow_symlinks=True)
+    await send_entries(sender, on_peer, entries, on_progress)
     return [entry.result or {} for entry in entries]
 
 
@@ -265,43 +300,43 @@ async def send_entries(
     on_peer: OnPeer,
     entries: list[_Entry],
     on_progress: ProgressCallback | None,
-    *,
-    follow_symlinks: bool,
 ) -> None:
-    """Upload every entry without a result yet: small files many per call, the rest one by one."""
+    """Upload every entry without a result yet: small files many per call, the rest one by one.
 
-    async def upload(name: str, local: str) -> dict[str, Any]:
+    An entry a walk found (``within``) is opened through its directory; one
+    the caller named, as the caller named it (links followed).
+    """
+
+    async def upload(entry: _Entry) -> dict[str, Any]:
         try:
             return await on_peer(
                 lambda peer: sender.send(
-                    peer, local, name, on_progress, "upload", follow_symlinks=follow_symlinks
+                    peer, entry.local, entry.name, on_progress, "upload", within=entry.within
                 )
             )
         except (OSError, ConduitError) as exc:
             return transfer_failure(exc)
 
-    pending = [(i, e.name, e.local) for i, e in enumerate(entries) if e.result is None]
+    pending: list[LocalFile] = [
+        (i, e.name, e.local, e.within) for i, e in enumerate(entries) if e.result is None
+    ]
     results = await send_small_files(
-        on_peer,
-        pending,
-        sender.small_file_limit,
-        PARALLEL_FILES,
-        on_progress,
-        follow_symlinks=follow_symlinks,
+        on_peer, pending, sender.small_file_limit, PARALLEL_FILES, on_progress
     )
     for index, result in results.items():
         entries[index].result = result
-    await _threads.run_sync(_look_at_sizes, entries, follow_symlinks)
+    await _threads.run_sync(_look_at_sizes, entries)
     await transfer_all(entries, upload)
 
 
-def _look_at_sizes(entries: list[_Entry], follow_symlinks: bool) -> None:
+def _look_at_sizes(entries: list[_Entry]) -> None:
     """Each local file's size, for the ones still to send (a file that cannot be
-    looked at is left to its transfer, which reports why)."""
+    looked at is left to its transfer, which reports why). Only an order: the
+    largest go first; what is sent is what the transfer opens."""
     for entry in entries:
         if entry.result is None:
             try:
-                entry.size = os.stat(entry.local, follow_symlinks=follow_symlinks).st_size
+                entry.size = os.stat(entry.local, follow_symlinks=entry.within is None).st_size
             except OSError:
                 entry.size = None
 
@@ -399,7 +434,8 @@ async def receive_entries(
     for index, result in results.items():
         entries[index].result = result
 
-    async def download(remote: str, _local: str) -> dict[str, Any]:
+    async def download(entry: _Entry) -> dict[str, Any]:
+        remote = entry.name
         # One file's failure is that file's result, as in send_tree: never an
         # exception that would cancel its siblings and escape as a group.
         try:
