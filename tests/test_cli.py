@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from conduit import Client, ClientDescriptor, ServerDescriptor
+from conduit._extras import extra_packages
 from conduit.cli._app import cli
 from conduit.cli._common import (
     Address,
@@ -705,7 +706,8 @@ def test_serve_in_a_cluster_without_the_cluster_extra_says_what_to_install(
         environment={"PYTHONPATH": path},
     )
     assert result.returncode == 2, result.stderr
-    assert "pip install 'trio-conduit[cluster]'" in result.stderr
+    assert "(in a checkout of conduit: pip install '.[cluster]')" in result.stderr
+    assert "pip install 'boto3" in result.stderr
     assert "Traceback" not in result.stderr
     assert not storage.exists()
 
@@ -935,9 +937,14 @@ def test_missing_cli_dependencies_print_a_hint() -> None:
     )
     result = _python(program)
     assert result.returncode == 2
+    # The packages themselves, as installed (conduit is not on PyPI yet:
+    # 'trio-conduit[cli]' would find nothing there), and a checkout's form.
     assert result.stderr.strip().splitlines() == [
-        "conduit: the command-line tool needs its extra packages: pip install 'trio-conduit[cli]'"
+        "conduit: the command-line tool needs its extra packages: pip install "
+        f"{' '.join(repr(p) for p in extra_packages('cli'))} "
+        "(in a checkout of conduit: pip install '.[cli]')"
     ]
+    assert any(p.startswith("click") for p in extra_packages("cli"))
 
 
 def test_import_conduit_does_not_import_the_cli_packages() -> None:

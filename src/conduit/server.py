@@ -230,9 +230,11 @@ class Server(Endpoint):
             try:
                 from .cluster._node import ClusterNode
             except ImportError as exc:
+                from ._extras import install_hint
+
                 raise ValueError(
                     f"cluster_url={descriptor.cluster_url!r} needs the cluster extra: "
-                    f"pip install 'trio-conduit[cluster]' ({exc})"
+                    f"{install_hint('cluster')} ({exc})"
                 ) from None
             self.cluster = ClusterNode(self, descriptor)
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-#: The one-line hint printed when click or rich is missing.
-MISSING_DEPENDENCIES_HINT = (
-    "conduit: the command-line tool needs its extra packages: pip install 'trio-conduit[cli]'"
-)
+
+def missing_dependencies_hint() -> str:
+    """The one-line hint printed when click or rich is missing."""
+    from .._extras import install_hint
+
+    return f"conduit: the command-line tool needs its extra packages: {install_hint('cli')}"
+
 
 _CLI_PACKAGES = ("click", "rich")
 
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         if _missing_dependency() is not None:
-            print(MISSING_DEPENDENCIES_HINT, file=sys.stderr)
+            print(missing_dependencies_hint(), file=sys.stderr)
             return 2
         from ._app import run
 
@@ -49,4 +52,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["MISSING_DEPENDENCIES_HINT", "main"]
+__all__ = ["main", "missing_dependencies_hint"]

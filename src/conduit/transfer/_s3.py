@@ -22,8 +22,10 @@ def s3_backend(url: str, settings: StoreSettings) -> StoreBackend:
     try:
         from ..cluster.s3 import S3Store
     except ImportError as exc:
+        from .._extras import install_hint
+
         raise ValueError(
-            f"storage_dir={url!r} needs the S3 client: pip install 'trio-conduit[cluster]' ({exc})"
+            f"storage_dir={url!r} needs the S3 client: {install_hint('cluster')} ({exc})"
         ) from None
     store = S3Store(url)
     backend = StoreBackend(store, settings, substore=store.child)
