@@ -87,6 +87,38 @@ def test_user_passwd_gives_a_new_password_and_keeps_the_rest(tmp_path: Path) -> 
     assert short.returncode == 0 and "the password is short" in short.stderr
 
 
+def test_user_add_and_passwd_check_what_they_can_before_asking_for_a_password(
+    tmp_path: Path,
+) -> None:
+    """A name or root refused, a user that exists (add) or does not (passwd),
+    a file that is missing (passwd): said before any password is asked for.
+    Asked first, the password was typed twice and then refused for a reason
+    known before (a review, 2026-12-07). Run with no password to give (no
+    CONDUIT_PASSWORD, no terminal): each ends on its own reason, not on that."""
+    accounts = tmp_path / "accounts.json"
+    assert (
+        conduit("user", "add", "alice", "--accounts", str(accounts), password=ALICE).returncode == 0
+    )
+    cases = [
+        (["add", "bad/name"], "username"),
+        (["add", "CON"], "username"),
+        (["add", "bob", "--root", "../up"], "root"),
+        (["add", "alice"], "already exists"),
+        (["passwd", "bob"], "no user named 'bob'"),
+    ]
+    for command, reason in cases:
+        result = conduit("user", *command, "--accounts", str(accounts), password=None)
+        assert result.returncode == 2, (command, result.stderr)
+        assert reason in result.stderr and "CONDUIT_PASSWORD" not in result.stderr, (
+            command,
+            result.stderr,
+        )
+    missing = tmp_path / "missing.json"
+    result = conduit("user", "passwd", "alice", "--accounts", str(missing), password=None)
+    assert result.returncode == 2 and "does not exist" in result.stderr, result.stderr
+    assert "CONDUIT_PASSWORD" not in result.stderr and not missing.exists()
+
+
 def test_user_commands_refuse_an_accounts_file_given_as_a_link(tmp_path: Path) -> None:
     """Changing the file through a symbolic link would replace the link with a
     plain file: a server reading the target never saw the change (a removed

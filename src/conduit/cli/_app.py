@@ -661,8 +661,14 @@ def user_add(
     name: str, accounts: Path, root: str | None, quota: int | None, read_only: bool
 ) -> int:
     """Add user NAME; its password comes from CONDUIT_PASSWORD or a prompt."""
-    password = read_password(prompt=f"Password for user {name}: ", confirm=True)
-    return _users.add(accounts, name, password, root=root, quota=quota, read_only=read_only)
+    return _users.add(
+        accounts,
+        name,
+        lambda: read_password(prompt=f"Password for user {name}: ", confirm=True),
+        root=root,
+        quota=quota,
+        read_only=read_only,
+    )
 
 
 @user.command("remove", context_settings=_CONTEXT)
@@ -679,8 +685,11 @@ def user_remove(name: str, accounts: Path) -> int:
 def user_passwd(name: str, accounts: Path) -> int:
     """Give user NAME a new password (from CONDUIT_PASSWORD or a prompt); its open
     sessions end."""
-    password = read_password(prompt=f"New password for user {name}: ", confirm=True)
-    return _users.passwd(accounts, name, password)
+    return _users.passwd(
+        accounts,
+        name,
+        lambda: read_password(prompt=f"New password for user {name}: ", confirm=True),
+    )
 
 
 @user.command("list", context_settings=_CONTEXT)

@@ -8,9 +8,10 @@ Plain synchronous work (no Trio): read or change the file through
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ..accounts import Accounts
+from ..accounts import Accounts, check_root, check_username
 from ._common import CLIError, ExitCode, human_bytes
 
 #: Fewer characters than this get a warning (as ``serve`` gives a short shared password).
@@ -39,14 +40,26 @@ def open_accounts(path: Path, *, must_exist: bool = False) -> Accounts:
 def add(
     path: Path,
     username: str,
-    password: str,
+    ask_password: Callable[[], str],
     *,
     root: str | None,
     quota: int | None,
     read_only: bool,
 ) -> int:
-    """Create the account; a clear error if it exists or an argument is invalid."""
+    """Create the account; a clear error if it exists or an argument is invalid.
+
+    Those are checked before ``ask_password`` is called: a password typed
+    twice and then refused for a reason known before was a review's finding.
+    """
+    try:
+        check_username(username)
+        check_root(username if root is None else root)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
     accounts = open_accounts(path)
+    if username in accounts:
+        raise CLIError(f"an account named {username!r} already exists in {path}")
+    password = ask_password()
     try:
         accounts.add(username, password, root=root, quota=quota, read_only=read_only)
     except ValueError as exc:
@@ -59,9 +72,13 @@ def add(
     return ExitCode.OK
 
 
-def passwd(path: Path, username: str, password: str) -> int:
-    """Give the account a new password (a running server ends its open sessions)."""
+def passwd(path: Path, username: str, ask_password: Callable[[], str]) -> int:
+    """Give the account a new password (a running server ends its open sessions);
+    ``ask_password`` is called once the file and the account are found."""
     accounts = open_accounts(path, must_exist=True)
+    if username not in accounts:
+        raise CLIError(f"no user named {username!r} in {path}")
+    password = ask_password()
     try:
         accounts.set_password(username, password)
     except KeyError:
