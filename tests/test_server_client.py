@@ -1709,6 +1709,44 @@ async def test_heartbeat_timeout_closes_silent_peer_in_memory(
     await wait_until(lambda: not server.clients)
 
 
+async def test_a_server_that_pings_but_reads_nothing_ends_a_call_waiting_for_it(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The link goes down from the client to the server only: the server still
+    sends its PINGs (so it is not silent) and its own heartbeat is long, but
+    it reads nothing, so it answers neither the client's PINGs nor its call.
+    The client, waiting for that answer, ends the connection after twice its
+    heartbeat timeout, and the call fails with it, long before the call's own
+    timeout. Only a stream waiting for credit was judged so until 2026-12-07:
+    every call timed out, the connection stayed up, and the client never
+    reconnected (a review). A call that takes long on a link that works (the
+    server answering PINGs meanwhile) keeps the connection."""
+    server = await server_factory(
+        register=register_basics, heartbeat_interval=1, heartbeat_timeout=3600
+    )
+
+    @server.rpc
+    async def slow(seconds: float) -> str:
+        await trio.sleep(seconds)
+        return "done"
+
+    client = await client_factory(server, connect=False, heartbeat_interval=1, heartbeat_timeout=10)
+    gate = Gate(await memory_listener_of(server).connect())
+    await client.connect(stream=gate)
+    assert await client.call("slow", seconds=120, timeout=600) == "done"
+    assert client.connected
+    gate.drop_sends = True
+    started = trio.current_time()
+    with trio.fail_after(60), pytest.raises(ConnectionClosed):
+        await client.call("add", a=1, b=1, timeout=3600)
+    assert trio.current_time() - started <= 2 * 10 + 2 * 1 + 1
+    assert not client.connected
+    reason = client.server.connection.close_reason or ""
+    assert "peer read nothing" in reason, reason
+
+
 # --------------------------------------------------------------------------- leaks
 
 

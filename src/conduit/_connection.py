@@ -1559,16 +1559,27 @@ class Connection:
     def _shows_reading(self, sending: bool) -> bool:
         """For :meth:`beat`: whether nothing says the peer has stopped reading.
 
-        Only a stream of ours waiting for credit is judged here, and only
-        while we read the connection (the peer's answers cannot reach us
-        otherwise) and no send of ours waits (its progress judges it). The
-        peer shows it reads when it sends anything besides PINGs (on a slow
-        link our PONG may wait behind its data or a large result), or when its
-        kernel took some of our bytes (the socket's unacknowledged bytes went
-        down: our PING may wait behind our own data on a slow link).
+        Judged only while we wait for something of the peer's that its
+        reading would bring: credit for a stream of ours, or the answer to a
+        call of ours (a peer that reads nothing while we wait for nothing
+        costs nothing, and its own heartbeat judges us). And only while we
+        read the connection (the peer's answers cannot reach us otherwise)
+        and no send of ours waits (its progress judges it). The peer shows
+        it reads when it sends anything besides PINGs (its PONGs to ours; on
+        a slow link our PONG may wait behind its data or a large result), or
+        when its kernel took some of our bytes (the socket's unacknowledged
+        bytes went down: our PING may wait behind our own data on a slow
+        link). Until 2026-12-07 the answers of calls were not judged: a
+        server that still sent PINGs but read nothing (a link down one way)
+        left every call to time out, the connection up, and no reconnect
+        (a review).
         """
         frames = self._state.frames_besides_pings
-        judged = not sending and not self._reading_paused and self._waiting_for_credit()
+        judged = (
+            not sending
+            and not self._reading_paused
+            and (len(self._pending) > 0 or self._waiting_for_credit())
+        )
         # The socket is asked only while it matters (not at every beat of every
         # idle connection).
         unacked = unacknowledged_bytes(self.stream) if judged else None
@@ -1624,10 +1635,11 @@ class Connection:
         if self._shows_reading(waiting is not None):
             self._heard_reading = now
         elif now - self._heard_reading > _CREDIT_PATIENCE * settings.heartbeat_timeout:
-            # A stream of ours waits for its credit, and the peer sends nothing
-            # but PINGs, answers none of ours and takes none of our bytes: it
-            # reads nothing (a download it stopped taking, say), which no send
-            # of ours would ever show.
+            # A stream of ours waits for its credit, or a call of ours for its
+            # answer, and the peer sends nothing but PINGs, answers none of
+            # ours and takes none of our bytes: it reads nothing (a download
+            # it stopped taking, a link down one way), which no send of ours
+            # would ever show.
             self.abort(
                 f"peer read nothing for {now - self._heard_reading:.1f}s: it sent only "
                 "PINGs and answered none of ours (heartbeat timeout)"

@@ -288,7 +288,8 @@ class ServerDescriptor:
     heartbeat_interval: float = attrs.field(default=15.0, validator=_non_negative)
     #: Close a connection whose peer has sent nothing for this long, or has
     #: taken none of the bytes we wait to send it for this long (twice as long
-    #: while a stream of ours waits for its credit and it sends only PINGs).
+    #: while a stream of ours waits for its credit, or a call of ours for its
+    #: answer, and it sends only PINGs).
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Calls from one client running at once; more are refused with code "overloaded".
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])
@@ -523,7 +524,9 @@ class ClientDescriptor:
     #: Seconds between pings; 0 disables heartbeats.
     heartbeat_interval: float = attrs.field(default=15.0, validator=_non_negative)
     #: Close the connection (and reconnect, if enabled) when the server has
-    #: sent nothing for this long, or has read nothing of ours for this long.
+    #: sent nothing for this long, or has taken none of the bytes we wait to
+    #: send it for this long (twice as long while a stream of ours waits for
+    #: its credit, or a call of ours for its answer, and it sends only PINGs).
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Close the connection after this long with no calls, messages or data
     #: (never when None). Data counts either way: the server taking an
