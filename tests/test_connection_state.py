@@ -799,10 +799,23 @@ def test_credit_for_an_unknown_stream_is_ignored(pair: Pair) -> None:
 
 
 def test_open_outbound_checks_the_stream_id(pair: Pair) -> None:
-    for bad in (0, -1, MAX_STREAM_ID + 1):
+    """Out of range, or of this side's own parity: the peer allocates the ids
+    we send on (a download's id of the server's parity shared it with an
+    upload the server received, a review found)."""
+    for side, bad in (
+        (pair.client, 0),
+        (pair.client, -1),
+        (pair.client, MAX_STREAM_ID + 1),
+        (pair.client, 1),
+        (pair.server, 2),
+    ):
         with pytest.raises(RPCError) as info:
-            outbound(pair.client, bad)
+            outbound(side, bad)
         assert info.value.code == "invalid_arguments"
+    assert "a server allocates even ids" in str(
+        pytest.raises(RPCError, outbound, pair.client, 3).value
+    )
+    outbound(pair.server, 1)
     outbound(pair.client, 2)
     with pytest.raises(LocalProtocolError, match="already being sent"):
         outbound(pair.client, 2)

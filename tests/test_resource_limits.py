@@ -1706,6 +1706,8 @@ _PUSH_CASES = {
     "begin-stream-negative": _Hostile("file_push_begin", _begin(stream_id=-1)),
     "begin-stream-zero": _Hostile("file_push_begin", _begin(stream_id=0)),
     "begin-stream-huge": _Hostile("file_push_begin", _begin(stream_id=2**40)),
+    # A server's own parity: the id of a stream the server receives on.
+    "begin-stream-even": _Hostile("file_push_begin", _begin(stream_id=2)),
     "begin-stream-string": _Hostile("file_push_begin", _begin(stream_id="1")),
     "begin-stream-missing": _Hostile("file_push_begin", _begin(stream_id=_MISSING)),
     "begin-prefix-int": _Hostile("file_push_begin", _begin(prefix_sha256=5)),
@@ -1726,8 +1728,8 @@ _PUSH_CASES = {
     "push-malformed-answers",
     area=AREA,
     attack="a client whose file_push_begin / _finish / _small answers are each forged in turn: "
-    "not a map, negative / oversized / non-integer / missing offset, invalid stream ids, "
-    "wrong-typed or missing prefix, path, size and checksum",
+    "not a map, negative / oversized / non-integer / missing offset, invalid stream ids "
+    "(one of the server's own parity too), wrong-typed or missing prefix, path, size and checksum",
     behaviour="send_to_client returns success False with code 'bad_answer' (no exception); a "
     "negative offset sends no data at all; the connection stays usable",
 )

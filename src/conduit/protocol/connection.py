@@ -1191,9 +1191,20 @@ class ConnectionState:
 
         ``make(stream_id, window, max_payload)`` builds it. Raises the peer's
         :class:`StreamReset` if it already gave up on that stream.
+
+        The id must be one the peer allocates (odd from a client, even from a
+        server): one of ours would share its id with a stream we receive on,
+        and a RESET of either would end both (a fuzzing review, 2026-12-07).
         """
         if not is_valid_stream_id(stream_id):
             raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
+        if self._is_our_stream_id(stream_id):
+            side = "server" if self.is_client else "client"
+            raise RPCError(
+                f"invalid stream id {stream_id}: a {side} allocates "
+                f"{'even' if side == 'server' else 'odd'} ids",
+                "invalid_arguments",
+            )
         if stream_id in self.outgoing:
             raise LocalProtocolError(f"stream {stream_id} is already being sent")
         early_reset = self._early_resets.pop(stream_id, None)

@@ -43,7 +43,7 @@ from ..errors import (
     TransferError,
 )
 from ..protocol import is_valid_stream_id
-from ._answers import begin_answer, finish_answer
+from ._answers import BadAnswer, begin_answer, finish_answer
 from ._backend import Source
 from ._batch_serve import BatchServer, parse_request
 from ._batch_store import FRAME_OVERHEAD
@@ -250,6 +250,10 @@ class Sender:
                     except StreamReset:
                         unopened = None  # the receiver reset it: it let it go
                         raise
+                    except RPCError as exc:
+                        # An id the receiver may not allocate (one of our
+                        # parity): its answer was wrong, not our arguments.
+                        raise BadAnswer(f"the begin answer's {exc}") from None
                     # Open: from here its END, or its reset when sending stops
                     # (see _stream_out), is what ends the receiver's wait.
                     unopened = None
