@@ -30,6 +30,7 @@ import itertools
 import os
 import struct
 import tracemalloc
+import typing
 from typing import Any
 
 import attrs
@@ -335,12 +336,49 @@ def test_every_body_field_with_every_wrong_type(kind: FrameKind) -> None:
         {},
         deep,
     ]
+    hints = typing.get_type_hints(BODY_TYPES[kind])
     for name in names or [""]:
         for sample in samples:
             payload = msgpack.packb({name: sample} if name else sample, use_bin_type=True)
             body = decode_checked(Frame(kind, 1, 0, payload))
             if body is not None:
                 assert isinstance(body, BODY_TYPES[kind])
+                _assert_fields_hold_their_types(body, hints)
+
+
+def _assert_fields_hold_their_types(body: Any, hints: dict[str, Any]) -> None:
+    """Every plain field holds a value of its own type, not one converted from
+    another (cattrs' defaults made "77" a nonce of 77 and "no" a True
+    ``going_away``: a fuzzing review, 2026-12-07)."""
+    for field in attrs.fields(type(body)):
+        kind = hints[field.name]
+        if kind in (int, str, bool, bytes, float):
+            value = getattr(body, field.name)
+            assert type(value) is kind, (type(body).__name__, field.name, value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (FrameKind.PING, {"nonce": "77"}),
+        (FrameKind.PING, {"nonce": 1e308}),
+        (FrameKind.PING, {"nonce": True}),
+        (FrameKind.PONG, {"nonce": "77"}),
+        (FrameKind.RESET, {"code": "x", "reason": [1]}),
+        (FrameKind.GOODBYE, {"reason": "bye", "going_away": "no"}),
+        (FrameKind.GOODBYE, {"reason": "bye", "going_away": 1}),
+    ],
+)
+def test_a_field_of_another_type_is_refused_not_converted(
+    kind: FrameKind, body: dict[str, Any]
+) -> None:
+    """Checked, not coerced: a GOODBYE's ``going_away: "no"`` became True (a
+    client reconnected that was told not to), a PING's nonce of 1e308 an
+    integer no PONG could carry (the connection then ended as if by a fault
+    of ours)."""
+    payload = msgpack.packb(body, use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode_body(Frame(kind, 0, 0, payload))
 
 
 # --------------------------------------------------------------------------- sealed records

@@ -44,6 +44,37 @@ def _structure_bytes(value: Any, _type: Any) -> bytes:
 
 converter.register_structure_hook(bytes, _structure_bytes)
 
+
+def _structure_exactly(kind: type[Any]) -> Callable[[Any, Any], Any]:
+    """A hook that takes a value of ``kind`` as it is and refuses anything else.
+
+    cattrs' defaults convert: ``int("77")``, ``str([1])``, ``bool("no")``
+    (True: a GOODBYE's ``going_away`` decides whether a client comes back),
+    ``int(1e308)`` (a PING's nonce that no PONG can carry). A peer's body
+    must hold what its field says (a fuzzing review, 2026-12-07), as the
+    hand-written bodies of calls and data below already demand.
+    """
+    name = kind.__name__
+
+    def structure(value: Any, _type: Any) -> Any:
+        if type(value) is kind:
+            return value
+        raise TypeError(f"expected {name}, got {type(value).__name__}")
+
+    return structure
+
+
+def _structure_float(value: Any, _type: Any) -> float:
+    # An integer is a number of seconds as good as a float (msgpack keeps 1.0 a float).
+    if type(value) is float or type(value) is int:
+        return float(value)
+    raise TypeError(f"expected float, got {type(value).__name__}")
+
+
+for _kind in (int, str, bool):
+    converter.register_structure_hook(_kind, _structure_exactly(_kind))
+converter.register_structure_hook(float, _structure_float)
+
 T = TypeVar("T")
 B = TypeVar("B", bound=Body)
 
