@@ -750,6 +750,39 @@ async def test_overwrite_cannot_replace_a_file_being_written(
     assert visible_files(storage) == []
 
 
+@hostile(
+    "disk-overwrite-while-writing-nested-roots",
+    area="disk",
+    attack="with overwrite=True and accounts whose roots nest (lead's 'team', bob's "
+    "'team/bob'), lead begins an upload of 'bob/x.bin' and bob uploads 'x.bin': one file",
+    behaviour="bob's upload is refused with 'busy' (the file lead is writing); nothing is "
+    "published meanwhile",
+    found="the check compared each user's own root and name: both uploads ran, both were "
+    "answered success, and the name held whichever was published last (a review)",
+)
+async def test_overwrite_sees_a_file_being_written_through_a_nested_root(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    users = Accounts(tmp_path / "accounts.json", stretch=MIN_STRETCH)
+    users.add("lead", "pw-lead", root="team")
+    users.add("bob", "pw-bob", root="team/bob")
+    storage = tmp_path / "storage"
+    transfer = FileTransferHandler(storage_dir=storage, overwrite=True)
+    server = await server_factory(register=transfer.register_server_handlers)
+    lead = await client_factory(server)
+    bob = await client_factory(server)
+    await as_user(server, lead, users, "lead")
+    await as_user(server, bob, users, "bob")
+    with trio.fail_after(30):
+        answer = await begin(lead, "bob/x.bin", 1000, "a" * 32)
+        assert answer["success"], answer
+        source = tmp_path / "outbox" / "x.bin"
+        await make_file(source, 2000)
+        result = await FileTransferHandler(storage_dir=tmp_path / "c").send_to_server(bob, source)
+    assert result["success"] is False and result["code"] == "busy", result
+    assert visible_files(storage) == []
+
+
 # --------------------------------------------------------------------------- accounts
 
 

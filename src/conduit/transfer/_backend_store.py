@@ -81,6 +81,11 @@ if TYPE_CHECKING:
     from ..protocol.data_runs import DataRecord
     from ._batch_store import Entry
 
+
+def _published_key(root: str, name: str) -> str:
+    """Where ``name`` of the root ``root`` ("" for none) is published, below the store's top."""
+    return f"{root}/{name}" if root else name
+
 __all__ = [
     "MAX_UPLOADS",
     "MAX_UPLOADS_PER_CONNECTION",
@@ -448,8 +453,10 @@ class StoreBackend:
 
     def _check_room(self, root: str, name: str, size: int, quota: int | None, used: int) -> None:
         """The checks against uploads in progress (no waiting: call right before registering)."""
+        # By the key it publishes: two users' roots may nest ("s", "s/b").
+        target = _published_key(root, name)
         if self._settings.overwrite and any(
-            other.root == root and other.name == name for other in self._active
+            _published_key(other.root, other.name) == target for other in self._active
         ):
             raise TransferError(
                 f"{name!r} is being written by another upload; try again later", "busy"

@@ -620,8 +620,11 @@ class DiskBudget:
                 self._check_owner_reservation_locked(owner, size - start)
                 self._drop_older_versions_locked(admission)
             if settings.overwrite:
+                # By the file it publishes: two users' roots may nest (alice's
+                # "s", bob's "s/b"), and alice's "b/x.bin" is bob's "x.bin"
+                # (both were let through, a review found on 2026-12-07).
                 for other in self._active:
-                    if other.storage.path == storage.path and other.name == name:
+                    if other.target == admission.target:
                         raise TransferError(
                             f"{name!r} is being written by another upload; try again later",
                             "busy",
