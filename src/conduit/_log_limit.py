@@ -111,6 +111,12 @@ class LimitedLog:
             message += " (%d similar lines from all addresses suppressed)"
             args = (*args, total.suppressed)
             total.suppressed = 0
+        # An exception in a line's arguments would go into its record, and
+        # with it its traceback: every frame it passed, and the connection
+        # they hold, kept alive by whatever handler keeps records (a memory
+        # buffer, a test's capture; a fuzzing review, 2026-12-07). Its text
+        # says what the line needs.
+        args = tuple(str(arg) if isinstance(arg, BaseException) else arg for arg in args)
         self.log.log(level, message, *args)
 
     def tracked(self) -> int:
