@@ -1499,6 +1499,7 @@ async def test_connect_and_disconnect_hooks(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     events = Inbox()
+    reasons: list[str | None] = []
 
     def register_server(server: Server) -> None:
         @server.on_client_connect
@@ -1508,6 +1509,7 @@ async def test_connect_and_disconnect_hooks(
         @server.on_client_disconnect
         def disconnected(peer: Peer) -> None:
             events.append(("server disconnect", peer.id))
+            reasons.append(peer.close_reason)
 
     def register_client(client: Client) -> None:
         @client.on_connect
@@ -1535,12 +1537,15 @@ async def test_connect_and_disconnect_hooks(
     await client.connect()
     await events.wait_for(2)
     assert client.id is not None
-    await server.clients[client.id].close()
+    await server.clients[client.id].close("tidying up")
     assert sorted((await events.wait_for(4))[2:]) == [
         ("client disconnect", client.id),
         ("server disconnect", client.id),
     ]
     assert not client.connected
+    # Each hook can say why (Peer.close_reason): the client's goodbye, then ours.
+    assert len(reasons) == 2 and all(reasons), reasons
+    assert "tidying up" in (reasons[1] or "") and "tidying up" in (client.server.close_reason or "")
 
 
 # --------------------------------------------------------------------------- limits and timers
@@ -1744,7 +1749,7 @@ async def test_a_server_that_pings_but_reads_nothing_ends_a_call_waiting_for_it(
     assert trio.current_time() - started <= 2 * 10 + 2 * 1 + 1
     with trio.fail_after(1):
         await client.wait_closed()
-    reason = client.server.connection.close_reason or ""
+    reason = client.server.close_reason or ""
     assert "peer read nothing" in reason, reason
 
 

@@ -72,6 +72,14 @@ class Peer(RunBound):
         return self._connection.is_open
 
     @property
+    def close_reason(self) -> str | None:
+        """Why the connection closed or is closing (``"peer silent for 45.0s
+        (heartbeat timeout)"``, ``"account 'alice' was removed"``, the peer's
+        goodbye); None while it is open. What an ``on_client_disconnect``
+        hook or a log line would say of it."""
+        return self._connection.close_reason
+
+    @property
     def connection(self) -> Connection:
         """The engine carrying this peer (for features built on streams)."""
         return self._connection

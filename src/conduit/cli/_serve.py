@@ -151,7 +151,7 @@ def build_server(options: ServeOptions) -> tuple[Server, FileTransferHandler]:
         # Why, too: a session the server ended (an account removed or
         # changed, an idle timeout) looked like any other. The reason may be
         # the client's own text (its goodbye's): shown escaped.
-        reason = peer.connection.close_reason or "connection closed"
+        reason = peer.close_reason or "connection closed"
         log.info(
             "disconnect %s after %.1f s (%s)",
             _who(peer),
