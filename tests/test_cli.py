@@ -900,6 +900,17 @@ def test_a_bad_address_from_the_environment_names_the_variable() -> None:
     assert "not a port: 'bar' in 'foo:bar' (from $CONDUIT_ADDRESS)" in from_environment.stderr
 
 
+def test_help_does_not_claim_a_default_address_the_variable_replaced() -> None:
+    """With $CONDUIT_ADDRESS set, ``--help`` said ``[default: 127.0.0.1:8080]``
+    all the same (a review, 2026-12-07): the help text says both, and click
+    shows no default of its own."""
+    shown = conduit("ls", "--help", environment={"CONDUIT_ADDRESS": "files.example:9000"})
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "default: 127.0.0.1:8080]" not in text and "[default:" not in text, text
+    assert "(default: $CONDUIT_ADDRESS, else 127.0.0.1:8080)" in text, text
+
+
 def _python(program: str) -> subprocess.CompletedProcess[str]:
     """Run ``program`` with ``python -c`` in the tests' environment."""
     return subprocess.run(

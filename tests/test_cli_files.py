@@ -279,6 +279,9 @@ def test_a_rerun_says_where_a_file_that_collided_is_stored(
     again = conduit("send", *sources, "--to", server.address)
     assert again.returncode == 0, again.stdout
     assert "stored as same (1).txt, not sent again" in again.stdout, again.stdout
+    # The summary does not claim them sent (it said "2 of 2 files sent (30 B)").
+    summary = again.stdout.strip().splitlines()[-1]
+    assert summary.startswith("0 of 2 files sent (0 B), 2 unchanged in "), summary
 
 
 async def test_get_plans_no_file_outside_the_name_a_server_lists(

@@ -239,8 +239,10 @@ class ServerDescriptor:
     accounts: str | os.PathLike[str] | Accounts | None = attrs.field(
         default=None, validator=_accounts
     )
-    #: Address to bind; "0.0.0.0" is every IPv4 interface, "::" every IPv6 one
-    #: (an empty one is refused rather than taken for every interface).
+    #: Address to bind; "0.0.0.0" (the default, as netconduit's) is every IPv4
+    #: interface, "::" every IPv6 one (an empty one is refused rather than
+    #: taken for every interface). Give "127.0.0.1" for a server only this
+    #: machine may reach (``conduit serve``'s default).
     host: str = attrs.field(default="0.0.0.0", validator=[v.instance_of(str), _listen_host])
     #: Port to bind; 0 picks a free one (read it back from ``Server.port``).
     port: int = attrs.field(default=8080, validator=[v.instance_of(int), _port])

@@ -200,7 +200,8 @@ def _client_options(direction: str) -> Callable[[F], F]:
                 metavar="HOST:PORT",
                 envvar=ADDRESS_ENV,
                 default=DEFAULT_ADDRESS,
-                show_default=True,
+                # Not shown by click: with the variable set, it showed the
+                # fallback as the default all the same. The help says both.
                 help=f"The server (default: ${ADDRESS_ENV}, else {DEFAULT_ADDRESS}).",
             ),
             click.option("--tls", is_flag=True, help="Use TLS and check the server's certificate."),

@@ -147,17 +147,22 @@ def summary_line(
     ``unread``: local entries meant to be sent that could not be read (their
     ``FAILED`` lines came first): failures too, which the counts include
     (until 2026-12-07 a run whose only failures were those said "1 of 1
-    files sent", a review found).
+    files sent", a review found). Files the other side had already
+    (``unchanged`` lines) are counted apart, and their bytes are not among
+    those moved: a re-run that sent nothing said "2 of 2 files sent (2.9
+    MiB)" until 2026-12-07 (a review).
     """
     jobs = file_jobs(jobs)
     done = [job for job in jobs if job.success]
+    unchanged = [job for job in done if (job.result or {}).get("skipped")]
+    moved_jobs = [job for job in done if not (job.result or {}).get("skipped")]
     failed = len([job for job in jobs if job.result is not None and not job.success]) + unread
-    moved = sum(int((job.result or {}).get("size", 0)) for job in done)
+    moved = sum(int((job.result or {}).get("size", 0)) for job in moved_jobs)
     past = "sent" if verb == "send" else "received"
-    line = (
-        f"{len(done)} of {len(jobs) + unread} files {past} ({human_bytes(moved)}) "
-        f"in {human_seconds(elapsed)}"
-    )
+    line = f"{len(moved_jobs)} of {len(jobs) + unread} files {past} ({human_bytes(moved)})"
+    if unchanged:
+        line += f", {len(unchanged)} unchanged"
+    line += f" in {human_seconds(elapsed)}"
     if failed:
         line += f"; {failed} failed"
     if interrupted:
