@@ -247,6 +247,11 @@ def test_empty_and_refused_names_fetch_and_send_nothing_else(
     into_root = conduit("send", str(tree), "--as", "/", "--to", server.address)
     assert into_root.returncode == 0, into_root.stdout + into_root.stderr
     assert sorted(visible_files(server.directory)) == ["kept.bin", "t.bin"]
+    # A file has no files to put into the root: a usage error, before
+    # connecting (it connected and failed [unsafe_path], a review found).
+    a_file = conduit("send", str(tree / "t.bin"), "--as", "/", "--to", "127.0.0.1:9")
+    assert a_file.returncode == 2, a_file.stdout + a_file.stderr
+    assert "is not a directory: give the file a name" in a_file.stderr, a_file.stderr
 
 
 def test_a_special_file_named_to_send_fails_as_not_a_regular_file(

@@ -99,6 +99,12 @@ def collect_uploads(
 
     for source in sources:
         if not source.is_dir():
+            if rename is not None and not rename.strip("/"):
+                # Said before connecting: the server would refuse the name.
+                raise CLIError(
+                    f"--as {rename} sends a directory's files into the root; "
+                    f"{source} is not a directory: give the file a name"
+                )
             try:
                 size: int | None = source.stat().st_size
             except OSError:
