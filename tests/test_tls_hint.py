@@ -34,6 +34,8 @@ async def test_plain_client_to_a_tls_server_is_told_to_use_tls(
     with trio.fail_after(5), pytest.raises(ConnectionClosed) as caught:
         await client.connect()
     assert "tls=True" in str(caught.value)
+    # A proxy whose server is down hangs up the same way: said too.
+    assert "or a proxy in front of it could not reach it" in str(caught.value)
 
 
 async def test_a_tls_record_in_reply_to_hello_is_recognised() -> None:

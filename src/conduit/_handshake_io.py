@@ -119,8 +119,13 @@ async def _first_reply(stream: trio.abc.Stream, reader: FrameReader, io: SocketI
     """
     data = await _receive(stream, io)
     if not data:
+        # Two causes look alike from here: a TLS server hanging up on plain
+        # text, and a proxy or load balancer that took the connection but
+        # could not reach its server (a review found the TLS hint alone
+        # misleading behind one).
         raise ConnectionClosed(
-            f"the server closed the connection without answering (if it speaks TLS, {_TLS_HINT})"
+            "the server closed the connection without answering: it may speak TLS "
+            f"({_TLS_HINT}), or a proxy in front of it could not reach it"
         )
     if _looks_like_tls(data):
         raise HandshakeError(f"the server speaks TLS; {_TLS_HINT}")
