@@ -679,14 +679,82 @@ async def test_max_file_size_bounds_downloads_too(
     assert _visible(out) == {"photos/small.bin": b"s" * 500}
 
 
+async def test_a_download_refused_before_any_byte_leaves_nothing_in_the_destination(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A server that lists files and then refuses each ``file_download`` (the
+    file deleted since its ``file_stat``, or a hostile server listing many
+    names): the downloads fail, and the destination holds neither their empty
+    hidden partials nor the directories made for them (a review found 20
+    partials and 21 directories left for good after 20 such names). A
+    directory that was there before stays, empty or not."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    for index in range(3):  # over the small-file limit: one download each, not a batch
+        _write(tmp_path / "server" / "d" / f"s{index}" / "f.bin", b"x" * 100_000)
+
+    async def file_download(**_ignored: Any) -> dict[str, Any]:
+        raise RPCError("gone since", "not_found")
+
+    server = await server_factory(
+        register=register_replacing(transfer, "file_download", file_download)
+    )
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    out = tmp_path / "out"
+    (out / "d" / "mine").mkdir(parents=True)  # the user's own, empty
+    with trio.fail_after(30):
+        result = await local.receive_from_server(client, "d", local_dir=out)
+        single = await local.receive_from_server(client, "d/s0/f.bin", local_dir=out)
+    assert result["success"] is False and result["failed"] == 3, result
+    assert single["success"] is False and single["code"] == "not_found", single
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert left == ["d", "d/mine"], left
+
+
+def test_a_download_into_a_directory_that_cannot_take_it_is_a_result(tmp_path: Path) -> None:
+    """The destination is a regular file (or read-only): the download's result
+    says so, under asyncio as under Trio, naming the file asked for; it
+    raised an OSError naming the hidden partial (a review, 2026-12-07),
+    which in a nursery of downloads cancelled the others."""
+    storage = tmp_path / "server"
+    _write(storage / "f.bin", b"x" * 10)
+    _write(storage / "big.bin", os.urandom(BIG))
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_bytes(b"")
+
+    async def main() -> list[dict[str, Any]]:
+        transfer = FileTransferHandler(storage_dir=storage)
+        server = Server(server_descriptor(port=0))
+        transfer.register_server_handlers(server)
+        task = asyncio.create_task(server.run())
+        try:
+            port = await server.wait_listening()
+            async with Client(client_descriptor(port)) as client:
+                local = FileTransferHandler(storage_dir=tmp_path / "unused")
+                return [
+                    await local.receive_from_server(client, name, local_dir=not_a_directory)
+                    for name in ("f.bin", "big.bin")
+                ]
+        finally:
+            await server.close()
+            task.cancel()
+
+    results = asyncio.run(main())
+    for result in results:
+        assert result["success"] is False, result
+        assert ".conduit-partial" not in result["error"], result
+    assert not_a_directory.read_bytes() == b""
+
+
 async def test_a_download_whose_data_never_comes_fails_stalled_and_keeps_its_partial(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     """A server that answers ``file_download`` and then sends nothing (while
     it answers heartbeats): the download fails ``stalled`` after twice the
     client's ``heartbeat_timeout`` (here 2 x 1 s), its partial kept for a
-    resume. Until 2026-12-07 it waited for as long as the connection lived.
-    The same file from an honest server then downloads whole."""
+    resume had it held bytes (this one, empty, is removed). Until 2026-12-07
+    it waited for as long as the connection lived. The same file from an
+    honest server then downloads whole."""
     transfer = FileTransferHandler(storage_dir=tmp_path / "server")
     data = os.urandom(BIG)
     _write(tmp_path / "server" / "big.bin", data)

@@ -24,6 +24,7 @@ side of a download always writes to a local directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -53,7 +54,7 @@ from ._backend import Admitted, LocalSink, Sink
 from ._batch_store import DirectoryAdmitter, Entry, parse_batch, store_batch
 from ._engine import receive_file
 from ._hooks import Hooks, TransferSettings, notify
-from ._names import safe_relative_name
+from ._names import safe_relative_name, split_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._ranges import range_name, resolve_range
 from ._rerun import find_already_there, same_size_exists, says_skipped, skipped_result
@@ -61,7 +62,7 @@ from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
 from ._space import check_writable, partial_owner
 from ._stoppable import run_stoppable
-from ._storage import StorageRoot
+from ._storage import PartialFile, StorageRoot
 from ._wire import (
     DOWNLOAD,
     FILE_STAT,
@@ -148,6 +149,45 @@ STALL_HEARTBEAT_TIMEOUTS = 2
 #: room is made, as one refused up front for room does (the server's uploads
 #: remove theirs: the room is the server's users', not one peer's).
 _DOWNLOAD_KEPT_ON_FAILURE = _KEPT_ON_FAILURE | {"no_space"}
+
+
+class _DownloadPartial(LocalSink):
+    """A download's local partial, and how many directories were made for it.
+
+    A download that fails (or is cancelled) before a byte reached its partial
+    removes it, and those directories: a download refused by the server
+    (the file deleted since its ``file_stat``, a malformed answer, one of
+    many names a hostile server listed and then refused) left an empty
+    hidden file and its directories in the user's destination for good
+    (a review, 2026-12-07). One that holds bytes stays for a resume.
+    """
+
+    def __init__(self, partial: PartialFile, made: int) -> None:
+        """Wrap ``partial``, for which the last ``made`` of its directories were made."""
+        super().__init__(partial)
+        self.made = made
+
+    async def let_go(self) -> None:
+        """Keep the partial for a resume if it holds bytes; else remove it, and
+        the directories made for it that are empty."""
+        if self.offset:
+            await self.close()
+            return
+        await self.discard()
+        if self.made:
+            partial = self.partial
+            directories = split_name(partial.name)[0]
+            keep = len(directories) - self.made
+            await _threads.run_sync(
+                lambda: partial.root.prune_empty_directories(directories, keep=keep)
+            )
+
+
+def _naming(exc: BaseException, target: str) -> BaseException:
+    """``exc``, an OSError naming ``target`` rather than the hidden partial it failed on."""
+    if isinstance(exc, OSError) and not isinstance(exc, ConduitError):
+        return OSError(exc.errno or errno.EIO, exc.strerror or "I/O error", target)
+    return exc
 
 
 class Receiver:
@@ -507,7 +547,10 @@ class Receiver:
             expected = requested[1]
             extra = {"range_offset": requested[0], "range_length": requested[1]}
         else:
-            skipped = await self._local_copy_is_current(peer, local, safe, size)
+            try:
+                skipped = await self._local_copy_is_current(peer, local, safe, size)
+            except OSError as exc:  # the destination cannot be looked at (see below)
+                return transfer_failure(_naming(exc, safe))
             if skipped is not None:
                 # Complete already: the callback still sees its one 100% report.
                 await ProgressReporter(
@@ -530,8 +573,12 @@ class Receiver:
             partial = await self._open_download_partial(
                 local, target, key, expected, former_key=former_key
             )
-        except TransferError as exc:
-            return transfer_failure(exc)
+        except (ConduitError, OSError) as exc:
+            # The local directory cannot take it (read-only, a file in its
+            # place, full): a result, as for any other failure of a download
+            # (until 2026-12-07 an OSError was raised, naming the hidden
+            # partial: a review).
+            return transfer_failure(_naming(exc, target))
         stream: IncomingStream | None = None
         try:
             stream = connection.open_incoming_stream()
@@ -553,8 +600,9 @@ class Receiver:
             if start != partial.offset:
                 # The server did not recognise our prefix: start over.
                 await partial.close()
-                partial = LocalSink(
-                    await _threads.run_sync(lambda: local.open_partial(target, key, resume=False))
+                partial = _DownloadPartial(
+                    await _threads.run_sync(lambda: local.open_partial(target, key, resume=False)),
+                    partial.made,
                 )
                 await _threads.run_sync(local.remove_other_partials, target, key)
             result = await self._receive_into(
@@ -568,13 +616,13 @@ class Receiver:
             # caller's own cancellation, which would stop the close before it
             # began, and the partial would stay open and locked ("busy").
             with trio.CancelScope(shield=True):
-                await partial.close()
-            return transfer_failure(exc)
+                await partial.let_go()
+            return transfer_failure(_naming(exc, target))
         except BaseException:
             if stream is not None:
                 connection.close_stream(stream, reset=("cancelled", "download cancelled"))
             with trio.CancelScope(shield=True):
-                await partial.close()
+                await partial.let_go()
             raise
         return result
 
@@ -678,7 +726,7 @@ class Receiver:
 
     async def _open_download_partial(
         self, local: StorageRoot, target: str, key: str, expected: int, *, former_key: str
-    ) -> LocalSink:
+    ) -> _DownloadPartial:
         """Open (resuming) the partial that receives ``target``, if the disk can take the rest.
 
         Only the ``expected`` bytes the partial does not hold yet need room: a
@@ -691,27 +739,23 @@ class Receiver:
         (before download ids had their prefix) is taken over first.
         """
 
-        def adopt_and_open(stop: threading.Event) -> Any:
+        def adopt_and_open(stop: threading.Event) -> _DownloadPartial:
+            made = local.missing_directories(split_name(target)[0])
             local.adopt_partial(target, former_key, key)
-            return local.open_partial(target, key, resume=True, stop=stop)
+            return _DownloadPartial(local.open_partial(target, key, resume=True, stop=stop), made)
 
         # Stoppable: a cancelled download need not wait for the whole hash of
         # a partial of many GiB (see _stoppable).
-        opened = await run_stoppable(adopt_and_open, name="conduit: open a download's partial")
-        partial = LocalSink(opened)
+        partial = await run_stoppable(adopt_and_open, name="conduit: open a download's partial")
         try:
             if partial.offset == 0:
                 await _threads.run_sync(local.remove_other_partials, target, key)
             held = min(partial.offset, expected)
             limit = self._settings.max_file_size
             await _threads.run_sync(lambda: local.check_can_accept(expected, limit, offset=held))
-        except TransferError:
-            with trio.CancelScope(shield=True):
-                await (partial.close() if partial.offset else partial.discard())
-            raise
         except BaseException:
             with trio.CancelScope(shield=True):
-                await partial.close()
+                await partial.let_go()
             raise
         return partial
 

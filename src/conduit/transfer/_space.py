@@ -376,30 +376,6 @@ class OneShotAdmitter:
         self.budget._wake_sweeper()
 
 
-def _missing_directories(storage: StorageRoot, directories: _Path) -> int:
-    """How many of ``directories`` (a path below ``storage``'s root, outermost first)
-    do not exist yet: what making them would add.
-
-    Through :meth:`StorageRoot.is_directory` (its confinement: no symlink
-    followed): one look when they all exist, the common case; else a binary
-    search for the deepest that does (directories exist as a prefix of the
-    path), a handful of looks at 63 levels. A segment that is not a directory
-    counts as missing, with all below it: that can only overcount (the
-    rename itself then refuses it).
-    """
-    if not directories or storage.is_directory("/".join(directories)):
-        return 0
-    # The first ``there`` levels exist; the first ``absent + 1`` do not.
-    there, absent = 0, len(directories) - 1
-    while there < absent:
-        middle = (there + absent + 1) // 2
-        if storage.is_directory("/".join(directories[:middle])):
-            there = middle
-        else:
-            absent = middle - 1
-    return len(directories) - there
-
-
 class DiskBudget:
     """Admits uploads against the disk, the partial cap and quotas; reclaims partials."""
 
@@ -674,7 +650,7 @@ class DiskBudget:
             parts = tuple(safe_relative_name(new).split("/"))
         except UnsafePathError:
             return  # the rename refuses the name and makes nothing
-        missing = _missing_directories(storage, parts[:-1])
+        missing = storage.missing_directories(parts[:-1])
         if not missing:
             return
         needed = ENTRY_ALLOWANCE + missing * (DIRECTORY_ALLOWANCE + ENTRY_ALLOWANCE)

@@ -712,6 +712,28 @@ class StorageRoot:
             return False
         return True
 
+    def missing_directories(self, directories: tuple[str, ...]) -> int:
+        """How many of ``directories`` (a path below the root, outermost first) do
+        not exist yet: what making them would add (the last ones of the path).
+
+        Through :meth:`is_directory` (its confinement: no symlink followed):
+        one look when they all exist, the common case; else a binary search
+        for the deepest that does (directories exist as a prefix of the path),
+        a handful of looks at 63 levels. A segment that is not a directory
+        counts as missing, with all below it: that can only overcount.
+        """
+        if not directories or self.is_directory("/".join(directories)):
+            return 0
+        # The first ``there`` levels exist; the first ``absent + 1`` do not.
+        there, absent = 0, len(directories) - 1
+        while there < absent:
+            middle = (there + absent + 1) // 2
+            if self.is_directory("/".join(directories[:middle])):
+                there = middle
+            else:
+                absent = middle - 1
+        return len(directories) - there
+
     def delete(self, name: str) -> None:
         """Remove the published file ``name``.
 
