@@ -11,6 +11,7 @@ file descriptors) the tests ask for ``tcp_server_factory`` /
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import socket
@@ -549,6 +550,38 @@ async def test_arguments_are_structured_from_annotations(
     bad_attrs = await client.rpc.call("shift", point={"x": 1}, dx=1)
     assert bad_attrs["code"] == "invalid_arguments"
     assert "point" in bad_attrs["error"]
+
+
+class _Colour(enum.StrEnum):
+    RED = "red"
+    GREEN = "green"
+
+
+class _Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+async def test_enum_arguments_are_members_and_others_are_refused(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """A parameter annotated with an Enum built on ``str`` or ``int`` gets the
+    member, and a value that is none is refused ``invalid_arguments``. The
+    strict types of the protocol's own bodies, given to the converter of RPC
+    data too, made these a plain str and int and let any value through (the
+    review of that change's diff, 2026-12-07)."""
+    server = await server_factory()
+
+    @server.rpc
+    async def paint(colour: _Colour, level: _Level) -> str:
+        return f"{type(colour).__name__}.{colour.name} {type(level).__name__}.{level.name}"
+
+    client = await client_factory(server)
+    assert await client.call("paint", colour="red", level=2) == "_Colour.RED _Level.HIGH"
+    for wrong in ({"colour": "blue", "level": 1}, {"colour": "red", "level": 99}):
+        with pytest.raises(RPCError) as refused:
+            await client.call("paint", **wrong)
+        assert refused.value.code == "invalid_arguments", refused.value
 
 
 async def test_binding_cases_a_review_found(

@@ -31,8 +31,16 @@ from .frames import (
 )
 from .messages import BODY_TYPES, Body, Call, Credit, Message, Result
 
-#: The wire converter: attrs bodies to msgpack-ready primitives and back.
+#: The converter of RPC data (a handler's arguments, from their annotations):
+#: cattrs' msgpack preset, converting as it does (``docs/rpc.md``), bytes
+#: excepted (below).
 converter = make_converter()
+#: The converter of the protocol's own bodies (frames, handshake): every field
+#: must hold its own type (:func:`_structure_exactly`). Not the RPC data's:
+#: its conversions (an ``IntEnum`` from an int, a ``str`` Enum's check of its
+#: members) are what a handler's annotations ask for (the review of this
+#: change's own diff found them lost when one converter did both).
+body_converter = make_converter()
 
 
 def _structure_bytes(value: Any, _type: Any) -> bytes:
@@ -43,6 +51,7 @@ def _structure_bytes(value: Any, _type: Any) -> bytes:
 
 
 converter.register_structure_hook(bytes, _structure_bytes)
+body_converter.register_structure_hook(bytes, _structure_bytes)
 
 
 def _structure_exactly(kind: type[Any]) -> Callable[[Any, Any], Any]:
@@ -72,8 +81,8 @@ def _structure_float(value: Any, _type: Any) -> float:
 
 
 for _kind in (int, str, bool):
-    converter.register_structure_hook(_kind, _structure_exactly(_kind))
-converter.register_structure_hook(float, _structure_float)
+    body_converter.register_structure_hook(_kind, _structure_exactly(_kind))
+body_converter.register_structure_hook(float, _structure_float)
 
 T = TypeVar("T")
 B = TypeVar("B", bound=Body)
@@ -291,7 +300,7 @@ def unpack(data: bytes | memoryview) -> Any:
 def encode_frame(kind: FrameKind, stream_id: int, body: Body, flags: int = 0) -> bytes:
     """Encode a control frame carrying ``body``."""
     fast = _FAST_UNSTRUCTURE.get(type(body))
-    payload = pack(fast(body) if fast is not None else converter.unstructure(body))
+    payload = pack(fast(body) if fast is not None else body_converter.unstructure(body))
     return encode_header(kind, stream_id, flags, len(payload)) + payload
 
 
@@ -425,7 +434,7 @@ def decode_body(frame: Frame, expected: type[Any] | None = None) -> Any:
 def structure_from_wire(raw: Any, cls: type[T], *, what: str) -> T:
     """Structure untrusted data, mapping every failure to RemoteProtocolError."""
     try:
-        return converter.structure(raw, cls)
+        return body_converter.structure(raw, cls)
     except (cattrs.BaseValidationError, TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RemoteProtocolError(f"malformed {what} body: {_describe(exc)}") from exc
 

@@ -102,7 +102,7 @@ from ..errors import (
     RemoteProtocolError,
 )
 from . import pake
-from .codec import converter, decode_body, encode_frame, pack
+from .codec import body_converter, decode_body, encode_frame, pack
 from .frames import (
     HEADER,
     HEADER_SIZE,
@@ -1021,5 +1021,5 @@ def version_refusal(version: int) -> bytes:
         f"protocol version mismatch: the server speaks conduit protocol version "
         f"{PROTOCOL_VERSION}, this client speaks version {version}; upgrade conduit"
     )
-    payload = pack(converter.unstructure(AuthFailed("protocol_version", reason, 0.0)))
+    payload = pack(body_converter.unstructure(AuthFailed("protocol_version", reason, 0.0)))
     return HEADER.pack(MAGIC, version & 0xFF, FrameKind.AUTH_FAILED, 0, 0, len(payload)) + payload
