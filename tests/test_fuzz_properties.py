@@ -357,6 +357,17 @@ def _assert_fields_hold_their_types(body: Any, hints: dict[str, Any]) -> None:
             assert type(value) is kind, (type(body).__name__, field.name, value)
 
 
+@hostile(
+    "fuzz-body-field-types",
+    area="sans-IO fuzzing",
+    attack="PING / PONG nonces of '77', 1e308 and True; a RESET reason of [1]; a GOODBYE's "
+    "going_away of 'no' and 1",
+    behaviour="RemoteProtocolError ('malformed ... body'): every field holds its own type, "
+    "nothing is converted",
+    found="cattrs converted them: a going_away of 'no' became True (a client told not to "
+    "come back reconnected), a nonce of 1e308 an integer no PONG could carry, which ended "
+    "the connection as a fault of ours (a fuzzing review, 2026-12-07)",
+)
 @pytest.mark.parametrize(
     ("kind", "body"),
     [
