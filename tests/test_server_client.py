@@ -578,9 +578,10 @@ async def test_enum_arguments_are_members_and_others_are_refused(
 
     client = await client_factory(server)
     assert await client.call("paint", colour="red", level=2) == "_Colour.RED _Level.HIGH"
-    for wrong in ({"colour": "blue", "level": 1}, {"colour": "red", "level": 99}):
+    wrongs: list[dict[str, Any]] = [{"colour": "blue", "level": 1}, {"colour": "red", "level": 99}]
+    for wrong in wrongs:
         with pytest.raises(RPCError) as refused:
-            await client.call("paint", **wrong)
+            await client.call("paint", wrong)
         assert refused.value.code == "invalid_arguments", refused.value
 
 
@@ -1784,6 +1785,40 @@ async def test_a_server_that_pings_but_reads_nothing_ends_a_call_waiting_for_it(
         await client.wait_closed()
     reason = client.server.close_reason or ""
     assert "peer read nothing" in reason, reason
+
+
+async def test_a_server_that_paused_its_reading_keeps_a_call_waiting_for_it(
+    tcp_server_factory: ServerFactory, tcp_client_factory: ClientFactory
+) -> None:
+    """The server stops reading a client whose messages fill its queue while
+    a slow message handler runs (here 4 s, four times the client's heartbeat
+    timeout); it sends its PINGs and its kernel takes every byte of ours. A
+    call of the client's waits meanwhile: it is answered when the server reads
+    again, and the connection stays. The rule above (a call waiting on a peer
+    that reads nothing) ended it after twice the heartbeat timeout, the
+    review of that rule's diff found: a paused peer is told from a cut one by
+    the socket, whose bytes the paused one's kernel acknowledges."""
+    first = trio.Event()
+
+    def register(server: Server) -> None:
+        @server.on("load")
+        async def load(_peer: Peer, _data: Any) -> None:
+            if not first.is_set():
+                first.set()
+                await trio.sleep(4)
+
+        register_basics(server)
+
+    server = await tcp_server_factory(
+        register=register, heartbeat_interval=0.3, heartbeat_timeout=3600
+    )
+    client = await tcp_client_factory(server, heartbeat_interval=0.3, heartbeat_timeout=1.0)
+    blob = b"x" * 1_000_000
+    with trio.fail_after(60):
+        for _ in range(40):  # past the server's 32 MiB of queued messages
+            await client.send("load", blob)
+        assert await client.call("add", a=1, b=1, timeout=60) == 2
+    assert client.connected
 
 
 # --------------------------------------------------------------------------- leaks

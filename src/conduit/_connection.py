@@ -1572,17 +1572,23 @@ class Connection:
         link). Until 2026-12-07 the answers of calls were not judged: a
         server that still sent PINGs but read nothing (a link down one way)
         left every call to time out, the connection up, and no reconnect
-        (a review).
+        (a review). A call alone is judged only while the socket shows bytes
+        of ours unacknowledged (or cannot tell): see below.
         """
         frames = self._state.frames_besides_pings
-        judged = (
-            not sending
-            and not self._reading_paused
-            and (len(self._pending) > 0 or self._waiting_for_credit())
-        )
+        credit = self._waiting_for_credit()
+        judged = not sending and not self._reading_paused and (credit or len(self._pending) > 0)
         # The socket is asked only while it matters (not at every beat of every
         # idle connection).
         unacked = unacknowledged_bytes(self.stream) if judged else None
+        if not credit and unacked == 0:
+            # Only a call of ours waits, and the peer's kernel took every byte
+            # we sent, our PINGs too: a peer that paused its reading (its
+            # message queue or memory full while its handlers run) is alive,
+            # and its calls' own timeouts bound the wait (the review of this
+            # rule's diff found such a server ended after twice the timeout).
+            # A link down one way leaves our bytes unacknowledged.
+            judged = False
         took = (
             unacked is not None and self._unacked_seen is not None and unacked < self._unacked_seen
         )
