@@ -154,6 +154,42 @@ async def test_directories_replaced_after_the_walk_are_not_followed_out_of_the_t
     assert stored == {"top/kept.txt": b"kept\n"}, sorted(stored)
 
 
+async def test_a_directory_that_cannot_be_listed_is_a_failed_entry_not_an_exception(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A directory named to send that may not be read (mode 000) is the tree
+    result's one failed entry, ``io_error`` "cannot read", as one below it
+    is; opening it for the walk raised ``PermissionError`` (the review of the
+    change that opened it so, 2026-12-07). Root reads any directory: there
+    the refusal is the one the kernel gives anyone else, put in ``os.open``'s
+    place for that path alone."""
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    top = tmp_path / "local" / "locked"
+    _write(top / "a.txt", b"a\n")
+    if os.geteuid() == 0:
+        real_open = os.open
+
+        def refusing(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if os.fspath(path) == str(top):
+                raise PermissionError(13, "Permission denied", str(top))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(tree_module.os, "open", refusing)
+    else:
+        top.chmod(0o000)
+    try:
+        with trio.fail_after(30):
+            result = await transfer.send_to_server(client, top)
+    finally:
+        top.chmod(0o700)
+    assert result["success"] is False and result["failed"] == 1, result
+    (entry,) = result["files"]
+    assert entry["code"] == "io_error" and "cannot read" in entry["error"], entry
+
+
 async def test_a_directory_named_through_a_link_is_sent(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:

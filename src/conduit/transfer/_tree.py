@@ -154,7 +154,13 @@ def walk_local(top: Path, prefix: str) -> list[_Entry]:
         entries.append(_Entry(name, path, _failed(f"cannot read: {exc}", "io_error")))
 
     # The top directory is the caller's choice: it may be a link.
-    top_fd = os.open(top, _DIRECTORY_FLAGS)  # NotADirectoryError if it is not one
+    try:
+        top_fd = os.open(top, _DIRECTORY_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        raise  # not a directory to send: the caller's mistake, raised as before the walk
+    except OSError as exc:  # there, but it may not be listed: the tree's one failed entry
+        cannot_read(os.fspath(top), (), exc)
+        return entries
     try:
         visit(top_fd, os.fspath(top), ())
     finally:
