@@ -177,7 +177,7 @@ async def test_a_directory_that_cannot_be_listed_is_a_failed_entry_not_an_except
                 raise PermissionError(13, "Permission denied", str(top))
             return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(tree_module.os, "open", refusing)
+        monkeypatch.setattr(os, "open", refusing)  # the module _tree calls
     else:
         top.chmod(0o000)
     try:
@@ -600,6 +600,27 @@ async def test_server_refuses_a_bad_range_from_a_raw_call(
                 )
             connection.close_stream(stream)
             assert refused.value.code == "invalid_range", (offset, length)
+
+
+async def test_a_download_naming_a_stream_id_of_the_servers_parity_is_refused_first(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """``file_download(stream_id=2)``: an id the server allocates itself (its
+    uploads' streams), not one a client may give. Refused ``invalid_arguments``
+    before the server takes a slot or opens the file; it answered, then
+    stopped the download when it opened the stream (the review of that
+    check's diff, 2026-12-07)."""
+    transfer, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    _write(tmp_path / "server" / "f.bin", b"x" * 100)
+    slots = transfer._sender._slots
+    with trio.fail_after(10):
+        with pytest.raises(RPCError, match="a client allocates odd ids") as refused:
+            await client.call(
+                "file_download", name="f.bin", stream_id=2, size=100, offset=0, prefix_sha256=""
+            )
+        assert refused.value.code == "invalid_arguments"
+        assert slots.total == 0
+        assert await client.call("file_stat", name="f.bin")  # the connection goes on
 
 
 # --------------------------------------------------------------------------- a server's answers

@@ -2038,6 +2038,11 @@ class Connection:
         state = self._state
         return (state.receive_budget or 0) - state.receive_committed()
 
+    def check_outgoing_stream_id(self, stream_id: int) -> None:
+        """``RPCError`` (``invalid_arguments``) unless the peer may give us
+        ``stream_id`` to send on (see ``ConnectionState.check_peer_stream_id``)."""
+        self._state.check_peer_stream_id(stream_id)
+
     def open_outgoing_stream(self, stream_id: int) -> OutgoingStream:
         """Start sending on a stream id the peer allocated for us."""
         if not self.is_open:

@@ -1192,19 +1192,9 @@ class ConnectionState:
         ``make(stream_id, window, max_payload)`` builds it. Raises the peer's
         :class:`StreamReset` if it already gave up on that stream.
 
-        The id must be one the peer allocates (odd from a client, even from a
-        server): one of ours would share its id with a stream we receive on,
-        and a RESET of either would end both (a fuzzing review, 2026-12-07).
+        The id must be one the peer allocates (see :meth:`check_peer_stream_id`).
         """
-        if not is_valid_stream_id(stream_id):
-            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
-        if self._is_our_stream_id(stream_id):
-            side = "server" if self.is_client else "client"
-            raise RPCError(
-                f"invalid stream id {stream_id}: a {side} allocates "
-                f"{'even' if side == 'server' else 'odd'} ids",
-                "invalid_arguments",
-            )
+        self.check_peer_stream_id(stream_id)
         if stream_id in self.outgoing:
             raise LocalProtocolError(f"stream {stream_id} is already being sent")
         early_reset = self._early_resets.pop(stream_id, None)
@@ -1218,6 +1208,23 @@ class ConnectionState:
         stream = make(stream_id, self.peer_receive_window, self.peer_max_frame_size)
         self.outgoing[stream_id] = stream
         return stream
+
+    def check_peer_stream_id(self, stream_id: int) -> None:
+        """``RPCError`` (``invalid_arguments``) unless ``stream_id`` is one the peer
+        may allocate for us to send on: in range, and of its parity (odd from a
+        client, even from a server). One of ours would share its id with a
+        stream we receive on, and a RESET of either would end both (a fuzzing
+        review, 2026-12-07). Asked first by a call that names the id (a
+        download), before it commits anything to it."""
+        if not is_valid_stream_id(stream_id):
+            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
+        if self._is_our_stream_id(stream_id):
+            side = "server" if self.is_client else "client"
+            raise RPCError(
+                f"invalid stream id {stream_id}: a {side} allocates "
+                f"{'even' if side == 'server' else 'odd'} ids",
+                "invalid_arguments",
+            )
 
     def _check_stream_count(self) -> None:
         # Outbound streams count too, but are only refused here, when this side

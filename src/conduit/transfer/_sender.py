@@ -42,7 +42,6 @@ from ..errors import (
     StreamReset,
     TransferError,
 )
-from ..protocol import is_valid_stream_id
 from ._answers import BadAnswer, begin_answer, finish_answer
 from ._backend import Source
 from ._batch_serve import BatchServer, parse_request
@@ -447,9 +446,9 @@ class Sender:
         range_offset: int,
         range_length: int,
     ) -> dict[str, Any]:
-        if not is_valid_stream_id(stream_id):
-            raise RPCError(f"invalid stream id {stream_id}", "invalid_arguments")
         connection = caller.connection
+        # Before a slot, the file or a resume's hash is spent on it.
+        connection.check_outgoing_stream_id(stream_id)
         limits = self._settings.transfer_limits()
         owner = partial_owner(caller)
         with await self._slots.claim_after_ending(connection, owner, limits) as slot:
