@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from conduit import Client, ClientDescriptor, ServerDescriptor
-from conduit._extras import extra_packages
+from conduit._extras import extra_packages, requirements_of
 from conduit.cli._app import cli
 from conduit.cli._common import (
     Address,
@@ -956,6 +956,19 @@ def test_missing_cli_dependencies_print_a_hint() -> None:
         "(in a checkout of conduit: pip install '.[cli]')"
     ]
     assert any(p.startswith("click") for p in extra_packages("cli"))
+
+
+def test_an_extras_requirements_are_read_whichever_quotes_the_metadata_uses() -> None:
+    """hatchling writes ``extra == 'cli'``; packaging's writer ``extra == "cli"``."""
+    requires = [
+        "trio>=0.27",
+        "click>=8.1; extra == 'cli'",
+        'rich>=13.7; extra == "cli"',
+        "boto3>=1.36; extra == 'cluster'",
+        "clicky; extra == 'client'",
+    ]
+    assert requirements_of("cli", requires) == ["click>=8.1", "rich>=13.7"]
+    assert requirements_of("cluster", requires) == ["boto3>=1.36"]
 
 
 def test_import_conduit_does_not_import_the_cli_packages() -> None:

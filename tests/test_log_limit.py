@@ -55,3 +55,24 @@ def test_an_exception_in_a_lines_arguments_is_kept_as_its_text() -> None:
         assert not any(isinstance(arg, BaseException) for arg in record.args or ())
     finally:
         logger.removeHandler(handler)
+
+
+class _Unshowable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_an_exception_that_cannot_be_shown_does_not_stop_the_line() -> None:
+    """Its text is asked for here now (not by logging, which would have
+    reported a failure to format): one that cannot give it is named by its
+    type, and the line is logged all the same."""
+    logger = logging.getLogger("conduit.test_log_limit.unshowable")
+    handler = _KeepRecords()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        LimitedLog(logger).warning("owner", 0.0, "failed: %s", _Unshowable())
+        (record,) = handler.records
+        assert record.getMessage() == "failed: <_Unshowable that cannot be shown>"
+    finally:
+        logger.removeHandler(handler)

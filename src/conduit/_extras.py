@@ -9,6 +9,7 @@ checkout.
 
 from __future__ import annotations
 
+import re
 from importlib import metadata
 
 #: The distribution's name (``pyproject.toml``).
@@ -22,8 +23,18 @@ def extra_packages(extra: str) -> list[str]:
         requires = metadata.requires(DISTRIBUTION) or []
     except metadata.PackageNotFoundError:
         return []
-    marker = f"extra == '{extra}'"
-    return [requirement.split(";")[0].strip() for requirement in requires if marker in requirement]
+    return requirements_of(extra, requires)
+
+
+def requirements_of(extra: str, requires: list[str]) -> list[str]:
+    """The requirements (``Requires-Dist`` lines) of ``requires`` that ``extra`` brings."""
+    # Either quote: hatchling writes 'cli', packaging's own writer "cli".
+    marker = re.compile(rf"""extra\s*==\s*(['"]){re.escape(extra)}\1""")
+    return [
+        requirement.partition(";")[0].strip()
+        for requirement in requires
+        if marker.search(requirement.partition(";")[2])
+    ]
 
 
 def install_hint(extra: str) -> str:
@@ -37,4 +48,4 @@ def install_hint(extra: str) -> str:
     return f"pip install {listed} (in a checkout of conduit: {checkout})"
 
 
-__all__ = ["DISTRIBUTION", "extra_packages", "install_hint"]
+__all__ = ["DISTRIBUTION", "extra_packages", "install_hint", "requirements_of"]

@@ -41,6 +41,15 @@ class _Bucket:
         self.stamp = now
 
 
+def _as_text(error: BaseException) -> str:
+    """``str(error)``, or its type and repr when its ``__str__`` fails (a line
+    must not raise where logging would have reported a formatting error)."""
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__name__} that cannot be shown>"
+
+
 @attrs.define
 class LimitedLog:
     """``warning(key, clock_now, msg, *args)``: at most ``burst`` lines, then one per ``period``.
@@ -116,7 +125,7 @@ class LimitedLog:
         # they hold, kept alive by whatever handler keeps records (a memory
         # buffer, a test's capture; a fuzzing review, 2026-12-07). Its text
         # says what the line needs.
-        args = tuple(str(arg) if isinstance(arg, BaseException) else arg for arg in args)
+        args = tuple(_as_text(arg) if isinstance(arg, BaseException) else arg for arg in args)
         self.log.log(level, message, *args)
 
     def tracked(self) -> int:

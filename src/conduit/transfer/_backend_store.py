@@ -86,6 +86,7 @@ def _published_key(root: str, name: str) -> str:
     """Where ``name`` of the root ``root`` ("" for none) is published, below the store's top."""
     return f"{root}/{name}" if root else name
 
+
 __all__ = [
     "MAX_UPLOADS",
     "MAX_UPLOADS_PER_CONNECTION",
