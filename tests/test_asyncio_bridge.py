@@ -418,6 +418,54 @@ def test_a_second_ctrl_c_landing_in_trio_code_stops_asyncio_run_without_crashing
     _assert_guest_gone()
 
 
+@pytest.mark.parametrize("ctrl_cs", [1, 2])
+def test_a_ctrl_c_while_asyncio_run_shuts_down_lets_the_guest_run_end_first(ctrl_cs: int) -> None:
+    """A Ctrl-C while ``asyncio.run`` cancels what its main coroutine left
+    (here in a task of the application's, as it is cancelled) came to
+    Python's default handler, which the runner had put back: raised there, it
+    stopped the shutdown, and the guest run was abandoned (Trio's warning;
+    a review of 2026-12-07 found this after a second Ctrl-C, 8 runs in 15).
+    Now it is held until the guest run has ended, then ``KeyboardInterrupt``
+    comes out of ``asyncio.run`` and Python's default handler is back. Two
+    of them: the second is raised at once (whoever presses twice wants out),
+    and the run still ends whole when what it was doing lets it."""
+
+    async def left_running() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            for _ in range(ctrl_cs):
+                with contextlib.suppress(KeyboardInterrupt):
+                    signal.raise_signal(signal.SIGINT)
+            raise
+
+    async def main() -> None:
+        await run_in_trio(_return_after_checkpoint, None)  # the guest runs
+        asyncio.get_running_loop().create_task(left_running())
+        await asyncio.sleep(0)
+
+    def run(problems: Any) -> None:
+        with asyncio.Runner() as runner:
+            runner.get_loop().set_exception_handler(
+                lambda _loop, context: problems.handler_contexts.append(context)
+            )
+            runner.run(main())
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with _strict() as problems:
+            with pytest.raises(KeyboardInterrupt):
+                run(problems)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            gc.collect()
+    finally:
+        signal.signal(signal.SIGINT, default)
+    assert not (problems.log_records or problems.handler_contexts or problems.unraisable), (
+        problems.describe()
+    )
+    _assert_guest_gone()
+
+
 def test_the_sigint_guard_steps_aside_as_each_run_of_a_runner_ends() -> None:
     """While a run of ``asyncio.Runner`` goes on, its SIGINT handler has the
     guard in front (a new one for each run); when the run ends, Python's

@@ -289,7 +289,7 @@ class _Guest:
     def on_done(self, run_outcome: outcome.Outcome[None]) -> None:
         """The guest's done callback: runs in the loop's thread after the run ended."""
         self.state = _State.DONE
-        self.sigint.release()
+        held_interrupt = self.sigint.release()
         with _registry_lock:
             if _guests.get(self.loop) is self:
                 del _guests[self.loop]
@@ -302,6 +302,9 @@ class _Guest:
                 # run started by the next call would let them fail deep in
                 # Trio instead, so later calls on this loop get a clear error.
                 _crashes[self.loop] = repr(crash)
+        if held_interrupt and self.fatal is None:
+            # A Ctrl-C held while the run ended (see _sigint_guard): out now.
+            self.fatal = KeyboardInterrupt()
         # Normally empty (the service nursery waited for every worker), but a
         # crashed root may leave queued calls behind: never leave a caller hanging.
         for call in [*self.calls, *self.pending]:

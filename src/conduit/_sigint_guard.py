@@ -10,27 +10,44 @@ or the tick that raised is never followed by the next one and the program hangs
 until a third Ctrl-C.
 
 While such a handler is installed, :class:`SigintGuard` puts a wrapper in front
-of it. A signal that lands in a guest tick reaches the handler from the next
-turn of the loop instead, where asyncio lets ``KeyboardInterrupt`` out as when
-the signal lands in its ``select()``; anywhere else (the asyncio side) the
-handler runs at once, as without conduit. Not only Trio's scheduler: from the
-asyncio side, everything a tick runs is a library's inside (conduit's tasks,
-the Trio code handed to ``run_in_trio``), whose state a ``KeyboardInterrupt``
-between two of its steps would leave half-changed (a task taken off a list and
-not yet woken, say) for the unwinding that follows to trip over. The tick
-itself returns quickly: it runs each runnable Trio task up to its next
-``await``, so the delay is at most that.
+of it. A signal that lands in a guest tick, or anywhere in Trio's or conduit's
+own code, reaches the handler from the next turn of the loop instead, where
+asyncio lets ``KeyboardInterrupt`` out as when the signal lands in its
+``select()``; anywhere else (the application's code, asyncio's) the handler
+runs at once, as without conduit. Not only Trio's scheduler: everything a tick
+runs is a library's inside (conduit's tasks, the Trio code handed to
+``run_in_trio``), and so is what conduit does on the asyncio side (the calls
+of the fast path wake and start Trio tasks from there), whose state a
+``KeyboardInterrupt`` between two of its steps would leave half-changed (a
+task scheduled and not yet on the run queue, say) for the unwinding that
+follows to trip over: a review of 2026-12-07 found a second Ctrl-C that
+landed in a cancelled call's clean-up on the asyncio side hang the program
+until a third. The delay is at most the rest of that step: a tick runs each
+runnable Trio task up to its next ``await``.
+
+A deferred Ctrl-C that finds the run's main task done is dropped: the run is
+already ending (for the Ctrl-C before it, or because its work is done), and
+raised in the loop's shutdown it stopped that shutdown and left the guest run
+abandoned (or turned the run's ``KeyboardInterrupt`` into a ``RuntimeError``).
 
 The wrapper steps aside before ``asyncio.Runner.run`` returns (its main task is
 done, or its handler raises), because the runner puts back Python's default
-handler only if it finds its own installed. Other handlers (Trio's own, which
-Trio installs in place of Python's default, or an application's) are left
-alone.
+handler only if it finds its own installed. Then the loop shuts down
+(``asyncio.run`` cancels its tasks, and with the keeper the guest run), under
+Python's default handler, which would raise anywhere, Trio's scheduler
+included. So once the runner has put it back, while the guest run ends, a
+handler of ours holds a Ctrl-C: the run ends whole, then the
+``KeyboardInterrupt`` comes out of the loop (:meth:`SigintGuard.release` says
+so to the guest's done callback). A second Ctrl-C meanwhile is raised at once:
+whoever presses it twice wants out, whatever it leaves unfinished. Other
+handlers (Trio's own, which Trio installs in place of Python's default, or an
+application's) are left alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import signal
 import threading
@@ -85,10 +102,17 @@ class SigintGuard:
         self.seen: object = None
         self._wrapper: Any = None
         self._wrapped: Any = None
+        #: The main task of the runner whose handler was wrapped last.
+        self._main_task: asyncio.Future[Any] | None = None
+        #: The handler that holds a Ctrl-C while the loop shuts down, once installed.
+        self._holder: Any = None
+        self._held = False
+        #: The guest run has ended (:meth:`release`): nothing of ours goes in again.
+        self._released = False
 
     def follow(self) -> None:
         """At a guest tick: wrap a newly installed ``asyncio.Runner`` handler."""
-        if not self.active:
+        if not self.active or self._released:
             return
         current = getsignal(SIGINT)
         if current is self.seen:
@@ -96,20 +120,76 @@ class SigintGuard:
         self.seen = current
         main_task = _runner_main_task(current)
         if main_task is None or main_task.done():
+            if current is signal.default_int_handler and self._ended(self._main_task):
+                self._hold_while_shutting_down()
             return
-        wrapper = self._wrap(current)
+        wrapper = self._wrap(current, main_task)
         signal.signal(SIGINT, wrapper)
         self.seen, self._wrapper, self._wrapped = wrapper, wrapper, current
-        main_task.add_done_callback(lambda _task: self.release())
+        self._main_task = main_task
+        main_task.add_done_callback(lambda _task: self._step_aside(ending=True))
 
-    def release(self) -> None:
-        """Put back the handler wrapped, if the wrapper is still installed."""
+    @staticmethod
+    def _ended(task: asyncio.Future[Any] | None) -> bool:
+        return task is not None and task.done()
+
+    def _step_aside(self, *, ending: bool = False) -> None:
+        """Put back the handler wrapped, if the wrapper is still installed.
+
+        ``ending``: the run's main task is done. The runner then puts back
+        Python's default handler before the loop runs again, for its shutdown:
+        the first thing that shutdown runs (queued now, so before the tasks it
+        cancels take their steps) is the holder's installation.
+        """
         wrapper, wrapped = self._wrapper, self._wrapped
         self._wrapper = self._wrapped = None
         if wrapper is not None and getsignal(SIGINT) is wrapper:
             signal.signal(SIGINT, wrapped)
+        if ending:
+            self.loop.call_soon(self._hold_if_shutting_down)
 
-    def _wrap(self, handler: Any) -> Any:
+    def _hold_if_shutting_down(self) -> None:
+        """The first step of the loop after its run: hold Ctrl-C if it shuts down."""
+        current = getsignal(SIGINT)
+        if self._released or current is self.seen or current is not signal.default_int_handler:
+            return
+        self.seen = current
+        if self._ended(self._main_task):
+            self._hold_while_shutting_down()
+
+    def _hold_while_shutting_down(self) -> None:
+        """The runner put back Python's default handler: its loop is shutting
+        down, the guest run with it. Hold a Ctrl-C until the run has ended."""
+
+        def holder(signum: int, frame: FrameType | None) -> None:
+            self._hold()
+
+        signal.signal(SIGINT, holder)
+        self.seen = self._holder = holder
+
+    def _hold(self) -> None:
+        """Hold a Ctrl-C until the guest run has ended; a second is raised at once
+        (and any once the loop is closed: a run abandoned would never end)."""
+        if self._held or self.loop.is_closed():
+            self._put_back_default()
+            raise KeyboardInterrupt
+        self._held = True
+
+    def _put_back_default(self) -> None:
+        holder, self._holder = self._holder, None
+        if holder is not None and getsignal(SIGINT) is holder:
+            signal.signal(SIGINT, signal.default_int_handler)
+
+    def release(self) -> bool:
+        """The guest run has ended: put back what was there before us. Whether a
+        Ctrl-C was held meanwhile (the caller raises ``KeyboardInterrupt`` then)."""
+        self._released = True
+        self._step_aside()
+        self._put_back_default()
+        held, self._held = self._held, False
+        return held
+
+    def _wrap(self, handler: Any, main_task: asyncio.Future[Any]) -> Any:
         def call_handler(signum: int, frame: FrameType | None) -> None:
             try:
                 handler(signum, frame)
@@ -119,21 +199,45 @@ class SigintGuard:
                 self.release()
                 raise
 
+        def deferred(signum: int) -> None:
+            if main_task.done():
+                self._hold()  # the run is ending already: see the module docstring
+            else:
+                call_handler(signum, None)
+
         def wrapper(signum: int, frame: FrameType | None) -> None:
-            if self._in_guest_tick(frame):
-                self.loop.call_soon_threadsafe(call_handler, signum, None)
+            if main_task.done():
+                # Its handler would raise at once, in the loop's callbacks
+                # while the runner's own (its done callback) waits to run,
+                # which then stops the shutdown's loop (a RuntimeError, and
+                # the guest run abandoned): held as in the shutdown.
+                self._hold()
+            elif self._in_library_code(frame):
+                with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
+                    self.loop.call_soon_threadsafe(deferred, signum)
             else:
                 call_handler(signum, frame)
 
         return wrapper
 
-    def _in_guest_tick(self, frame: FrameType | None) -> bool:
-        """Whether ``frame`` (where the signal landed) is part of a guest tick."""
+    def _in_library_code(self, frame: FrameType | None) -> bool:
+        """Whether ``frame`` (where the signal landed) or a frame that called it is
+        a guest tick, or Trio's or conduit's code."""
         while frame is not None:
-            if frame.f_code is self.tick_code:
+            if frame.f_code is self.tick_code or _is_library_module(
+                frame.f_globals.get("__name__")
+            ):
                 return True
             frame = frame.f_back
         return False
+
+
+def _is_library_module(name: object) -> bool:
+    """Whether ``name`` is a module of Trio's or of conduit's."""
+    if not isinstance(name, str):
+        return False
+    top = name.partition(".")[0]
+    return top == "trio" or top == "conduit"
 
 
 __all__ = ["SIGINT", "SigintGuard", "getsignal"]
