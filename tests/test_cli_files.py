@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import pytest
 import trio
 
 from conduit import Client, ClientDescriptor, FileTransferHandler, Server
-from conduit.cli._common import error_line, printable
+from conduit.cli._common import ExitCode, Signals, error_line, printable
 from conduit.cli._display import FileJob, outcome_line
-from conduit.cli._transfer import _outcome, _plan_name
+from conduit.cli._transfer import _cut_short, _exit_code, _outcome, _plan_name
 from conftest import ClientFactory, ServerFactory
 from test_cli import (
     PASSWORD,
@@ -353,3 +354,26 @@ def test_entries_that_cannot_be_read_count_in_the_summary_and_print_escaped(
     assert any(line.startswith("FAILED") and "dang\\x1b[31mRED" in line for line in lines), lines
     assert "\x1b" not in result.stdout
     assert lines[-1].startswith("1 of 2 files sent") and lines[-1].endswith("; 1 failed"), lines
+
+
+def test_a_signal_after_every_file_arrived_cuts_nothing() -> None:
+    """A Ctrl-C that came once every file was there exited 130, beside a
+    summary that said all were (a review, 2026-12-07): 0 now, and the JSON
+    document says it was not interrupted. One that came before a file ended
+    is still 130 (143 for SIGTERM); without a signal, a failure is 1."""
+    done = [
+        FileJob("a.bin", "a.bin", 1, {"success": True}),
+        FileJob("b.bin", "b.bin", 1, {"success": True}),
+    ]
+    cut = [done[0], FileJob("c.bin", "c.bin", 1, {"success": False, "code": "connection_closed"})]
+    interrupted = Signals()
+    interrupted.received = signal.SIGINT
+    terminated = Signals()
+    terminated.received = signal.SIGTERM
+    assert _exit_code(done, interrupted) == ExitCode.OK
+    assert not _cut_short(done, interrupted, unread=False)
+    assert _exit_code(cut, interrupted) == ExitCode.INTERRUPTED
+    assert _exit_code(cut, terminated) == ExitCode.TERMINATED
+    assert _cut_short(cut, interrupted, unread=False)
+    assert _exit_code(done, interrupted, unread=True) == ExitCode.INTERRUPTED
+    assert _exit_code(cut, Signals()) == ExitCode.TRANSFER_FAILED

@@ -239,12 +239,26 @@ def _exit_code(
 ) -> ExitCode:
     """The exit code: ``unread`` when local entries meant to be sent could not be
     read; ``refused`` when the automatic reconnect was refused the password,
-    so that the transfers that failed exit as a refused password does (3)."""
-    if signals.received is not None:
+    so that the transfers that failed exit as a refused password does (3).
+
+    A signal that came once every file had arrived cut nothing: 0, as if it
+    had come a moment later (it was 130 until 2026-12-07, a review found,
+    for a run whose summary said every file was there)."""
+    if _cut_short(jobs, signals, unread=unread):
         return signals.exit_code
-    if unread or any(not job.success for job in file_jobs(jobs)):
+    if not _complete(jobs, unread=unread):
         return ExitCode.AUTH_FAILED if refused else ExitCode.TRANSFER_FAILED
     return ExitCode.OK
+
+
+def _complete(jobs: Sequence[FileJob], *, unread: bool) -> bool:
+    """Whether every file arrived (and every local entry could be read)."""
+    return not unread and all(job.success for job in file_jobs(jobs))
+
+
+def _cut_short(jobs: Sequence[FileJob], signals: Signals, *, unread: bool) -> bool:
+    """Whether a signal stopped the run before every file had arrived."""
+    return signals.received is not None and not _complete(jobs, unread=unread)
 
 
 def _report(
@@ -262,7 +276,7 @@ def _report(
             "command": command,
             "server": str(address),
             "ok": _exit_code(jobs, signals, unread=unread) == ExitCode.OK,
-            "interrupted": signals.received is not None,
+            "interrupted": _cut_short(jobs, signals, unread=unread),
             "elapsed": elapsed,
             "files": [job.to_json() for job in file_jobs(jobs)],
             **extra,
