@@ -145,6 +145,16 @@ async def served(server: Server, client: Client) -> None:
     await wait_until(lambda: client.id in server.clients)
 
 
+async def served_from(client_factory: ClientFactory, server: Server, source: str) -> Client:
+    """A client of ``server`` whose connection comes from ``source`` (a 127.0.0.x
+    address): with a shared password, each source address is an owner."""
+    client = await client_factory(server, connect=False)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
+    await client.connect(stream=stream)
+    await served(server, client)
+    return client
+
+
 @contextlib.asynccontextmanager
 async def competing_handshake(server: Server) -> AsyncIterator[trio.SocketStream]:
     """A socket in ``server``'s gate (admitted, sending nothing) for the body's duration.

@@ -46,7 +46,7 @@ from conftest import (
     ServerFactory,
     TcpProxy,
     client_descriptor,
-    served,
+    served_from,
     wait_until,
 )
 from hostile_helpers import MiB, hostile
@@ -220,16 +220,6 @@ async def test_an_upload_that_brings_nothing_gives_its_reservation_back(
     assert hog.connected  # its connection lives on: only the upload ended
 
 
-async def _from_address(client_factory: ClientFactory, server: Server, source: str) -> Client:
-    """A client of ``server`` whose connection comes from ``source`` (a 127.0.0.x
-    address): with a shared password, each source address is an owner."""
-    client = await client_factory(server, connect=False)
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
-    await client.connect(stream=stream)
-    await served(server, client)
-    return client
-
-
 @hostile(
     "disk-reservation-per-user",
     area="disk",
@@ -256,7 +246,7 @@ async def test_one_owners_uploads_reserve_at_most_max_reserved_per_user(
     small.write_bytes(os.urandom(MiB))
     other_file.write_bytes(os.urandom(4 * MiB))
     with trio.fail_after(60):
-        hog = await _from_address(client_factory, server, "127.0.0.1")
+        hog = await served_from(client_factory, server, "127.0.0.1")
         assert (await begin(hog, "a.bin", 4 * MiB, "a" * 32))["success"]
         assert (await begin(hog, "b.bin", 2 * MiB, "b" * 32))["success"]
         refused = await begin(hog, "c.bin", MiB, "c" * 32)
@@ -266,11 +256,11 @@ async def test_one_owners_uploads_reserve_at_most_max_reserved_per_user(
         alone = await begin(hog, "d.bin", 7 * MiB, "d" * 32)
         assert alone["code"] == "no_space" and "max_reserved_per_user" in alone["error"], alone
 
-        other = await _from_address(client_factory, server, "127.0.0.2")
+        other = await served_from(client_factory, server, "127.0.0.2")
         stored = await sender.send_to_server(other, other_file)
         assert stored["success"] is True, stored
 
-        second = await _from_address(client_factory, server, "127.0.0.1")
+        second = await served_from(client_factory, server, "127.0.0.1")
         results: list[dict[str, Any]] = []
 
         async def send() -> None:

@@ -91,6 +91,7 @@ from conftest import (
     open_descriptors,
     opened_since,
     served,
+    served_from,
     wait_until,
 )
 from hostile_helpers import MiB, PeakRSS, RawPeer, body_frame, call_frame, hostile
@@ -2661,16 +2662,6 @@ async def test_a_crowded_name_costs_few_links_per_file(
     assert links.count < 20 * batch, links.count
 
 
-async def _connect_from(client_factory: ClientFactory, server: Server, source: str) -> Client:
-    """A client of ``server`` whose connection comes from ``source`` (a 127.0.0.x
-    address): with a shared password, each source address is an owner."""
-    client = await client_factory(server, connect=False)
-    stream = await trio.open_tcp_stream("127.0.0.1", server.port, local_address=source)
-    await client.connect(stream=stream)
-    await served(server, client)
-    return client
-
-
 async def _begin_sending_nothing(client: Client, name: str) -> str:
     """A raw ``file_upload_begin`` of 1 MiB that sends no data: "ok" once admitted
     (the server holds its partial and directory open), else the refusal."""
@@ -2709,7 +2700,7 @@ async def test_the_transfers_of_one_owner_and_of_the_whole_server_are_bounded(
     slots = transfer._receiver._slots
     before = open_descriptors()
     with trio.fail_after(60):
-        hogs = [await _connect_from(client_factory, server, "127.0.0.1") for _ in range(3)]
+        hogs = [await served_from(client_factory, server, "127.0.0.1") for _ in range(3)]
         answers = [
             await _begin_sending_nothing(hog, f"hog{index}-{upload}.bin")
             for index, hog in enumerate(hogs)
@@ -2723,7 +2714,7 @@ async def test_the_transfers_of_one_owner_and_of_the_whole_server_are_bounded(
             and "(limit 4)" in answer
             for answer in refused
         ), answers
-        other = await _connect_from(client_factory, server, "127.0.0.2")
+        other = await served_from(client_factory, server, "127.0.0.2")
         others = [await _begin_sending_nothing(other, f"other{upload}.bin") for upload in range(3)]
         assert others[:2] == ["ok", "ok"], others
         assert others[2].startswith("overloaded: ") and "(max_transfers)" in others[2], others
@@ -2737,7 +2728,7 @@ async def test_the_transfers_of_one_owner_and_of_the_whole_server_are_bounded(
 
         source = tmp_path / "honest.bin"
         source.write_bytes(os.urandom(MiB))
-        honest = await _connect_from(client_factory, server, "127.0.0.3")
+        honest = await served_from(client_factory, server, "127.0.0.3")
         sender = FileTransferHandler(storage_dir=tmp_path / "scratch")
         results: list[dict[str, Any]] = []
 
