@@ -625,6 +625,31 @@ def test_a_rename_survives_its_target_directory_being_pruned(
     assert read_back(storage, "new/dir/a.txt") == b"a"
 
 
+def test_a_partial_survives_its_directory_being_pruned(
+    storage: StorageRoot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download beside this one made ``sub/``, gave up with nothing and
+    removes the directories it made: between this one's opening of ``sub/``
+    and the creation of its partial there (a review, 2026-12-07: the second
+    download failed "no such file" for a file the server had)."""
+    real_open = _storage._open_partial_fd
+    opens = 0
+
+    def pruned_before_the_first_open(*args: Any, **kwargs: Any) -> int:
+        nonlocal opens
+        opens += 1
+        if opens == 1:
+            assert storage.prune_empty_directories(("sub",)) == 1
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(_storage, "_open_partial_fd", pruned_before_the_first_open)
+    partial = storage.open_partial("sub/b.bin", "t1", resume=False)
+    partial.write_block(b"b")
+    assert partial.publish() == "sub/b.bin"
+    assert opens == 2
+    assert read_back(storage, "sub/b.bin") == b"b"
+
+
 @pytest.mark.parametrize("fallback", ["link", "renameat2", "placeholder"])
 def test_concurrent_publishes_get_distinct_names(
     storage: StorageRoot, monkeypatch: pytest.MonkeyPatch, fallback: str

@@ -229,12 +229,23 @@ class StorageRoot:
         tid = check_transfer_id(transfer_id)
         directories, basename = split_name(safe)
         partial_name = partial_basename(basename, tid)
-        dir_fd = self._open_directory(directories, safe, create=True)
-        try:
-            fd = _open_partial_fd(dir_fd, partial_name, safe, truncate=not resume)
-        except BaseException:
-            os.close(dir_fd)
-            raise
+        for attempt in range(1, _PRUNED_ATTEMPTS + 1):
+            dir_fd = self._open_directory(directories, safe, create=True)
+            try:
+                fd = _open_partial_fd(dir_fd, partial_name, safe, truncate=not resume)
+            except OSError:
+                removed = os.fstat(dir_fd).st_nlink == 0
+                os.close(dir_fd)
+                if removed and attempt < _PRUNED_ATTEMPTS:
+                    # Made empty and pruned since it was opened (a download
+                    # beside this one gave up with nothing and removed the
+                    # directories it made, a review found): make it again.
+                    continue
+                raise
+            except BaseException:
+                os.close(dir_fd)
+                raise
+            break
         partial = PartialFile(self, safe, tid, dir_fd, partial_name, fd)
         if resume:
             try:
