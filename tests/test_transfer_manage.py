@@ -797,8 +797,9 @@ def test_a_download_into_a_directory_that_cannot_take_it_is_a_result(tmp_path: P
             task.cancel()
 
     results = asyncio.run(main())
-    for result in results:
-        assert result["success"] is False, result
+    for name, result in zip(("f.bin", "big.bin"), results, strict=True):
+        assert result["success"] is False and result["code"] == "io_error", result
+        assert result["error"].startswith(f"cannot store {name!r} in {str(not_a_directory)!r}: ")
         assert ".conduit-partial" not in result["error"], result
     assert not_a_directory.read_bytes() == b""
 

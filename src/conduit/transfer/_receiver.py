@@ -183,11 +183,28 @@ class _DownloadPartial(LocalSink):
             )
 
 
-def _naming(exc: BaseException, target: str) -> BaseException:
-    """``exc``, an OSError naming ``target`` rather than the hidden partial it failed on."""
-    if isinstance(exc, OSError) and not isinstance(exc, ConduitError):
-        return OSError(exc.errno or errno.EIO, exc.strerror or "I/O error", target)
-    return exc
+def _in_destination(
+    exc: BaseException, target: str, local_dir: str | os.PathLike[str]
+) -> BaseException:
+    """``exc``, an OSError of the local destination, as a failure that says so.
+
+    It names ``target`` (not the hidden partial it failed on) and the
+    destination, with a code of the destination's: ``permission_denied``,
+    ``no_space``, else ``io_error``. Its own class would say ``not_found``
+    for a destination gone, which reads as the server's file missing (the
+    second review of this change).
+    """
+    if not isinstance(exc, OSError) or isinstance(exc, ConduitError):
+        return exc
+    if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        code = "permission_denied"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        code = "no_space"
+    else:
+        code = "io_error"
+    return TransferError(
+        f"cannot store {target!r} in {os.fspath(local_dir)!r}: {exc.strerror or exc}", code
+    )
 
 
 class Receiver:
@@ -550,7 +567,7 @@ class Receiver:
             try:
                 skipped = await self._local_copy_is_current(peer, local, safe, size)
             except OSError as exc:  # the destination cannot be looked at (see below)
-                return transfer_failure(_naming(exc, safe))
+                return transfer_failure(_in_destination(exc, safe, local_dir))
             if skipped is not None:
                 # Complete already: the callback still sees its one 100% report.
                 await ProgressReporter(
@@ -578,7 +595,7 @@ class Receiver:
             # place, full): a result, as for any other failure of a download
             # (until 2026-12-07 an OSError was raised, naming the hidden
             # partial: a review).
-            return transfer_failure(_naming(exc, target))
+            return transfer_failure(_in_destination(exc, target, local_dir))
         stream: IncomingStream | None = None
         try:
             stream = connection.open_incoming_stream()
@@ -617,7 +634,7 @@ class Receiver:
             # began, and the partial would stay open and locked ("busy").
             with trio.CancelScope(shield=True):
                 await partial.let_go()
-            return transfer_failure(_naming(exc, target))
+            return transfer_failure(_in_destination(exc, target, local_dir))
         except BaseException:
             if stream is not None:
                 connection.close_stream(stream, reset=("cancelled", "download cancelled"))
