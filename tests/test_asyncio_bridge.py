@@ -434,6 +434,16 @@ def test_a_ctrl_c_while_asyncio_run_shuts_down_lets_the_guest_run_end_first(ctrl
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
+            # Once the shutdown has reached the guest run (the tasks it
+            # cancels take their steps in no set order): before, a Ctrl-C is
+            # Python's own, as without conduit.
+            loop = asyncio.get_running_loop()
+            for _ in range(1000):
+                guest = _asyncio._guests.get(loop)
+                if guest is None or guest.state is not _asyncio._State.RUNNING:
+                    break
+                await asyncio.sleep(0)
+            assert guest is not None and guest.state is _asyncio._State.CLOSING
             for _ in range(ctrl_cs):
                 with contextlib.suppress(KeyboardInterrupt):
                     signal.raise_signal(signal.SIGINT)
@@ -463,6 +473,70 @@ def test_a_ctrl_c_while_asyncio_run_shuts_down_lets_the_guest_run_end_first(ctrl
     assert not (problems.log_records or problems.handler_contexts or problems.unraisable), (
         problems.describe()
     )
+    _assert_guest_gone()
+
+
+def test_a_ctrl_c_in_an_async_handler_conduit_called_is_raised_there_at_once() -> None:
+    """An ``async def`` RPC handler runs on the asyncio side under conduit's
+    frames: the second Ctrl-C that lands in it is raised there, at once, as
+    without conduit, so a loop in it can be stopped. Deferred because
+    conduit's frames were below it, a busy handler held it until its next
+    await, for ever in a loop (the review of the guard's first version)."""
+    steps: list[str] = []
+
+    async def main() -> None:
+        server = Server(server_descriptor(port=0))
+
+        @server.rpc
+        async def busy() -> None:
+            signal.raise_signal(signal.SIGINT)  # the first: cancels the main task
+            signal.raise_signal(signal.SIGINT)  # the second: raised here
+            steps.append("went on")
+
+        task = asyncio.get_running_loop().create_task(server.run())
+        try:
+            port = await server.wait_listening()
+            async with Client(client_descriptor(port)) as client:
+                await client.call("busy")
+        finally:
+            await server.close()
+            task.cancel()
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, default)
+    assert steps == []
+    _assert_guest_gone()
+
+
+def test_a_ctrl_c_after_a_runners_run_is_pythons_own_while_the_guest_lives() -> None:
+    """A run of ``asyncio.Runner`` left conduit's guest run alive, and the
+    program goes on with the runner's loop (``run_until_complete``): a
+    Ctrl-C there is Python's, raised at once. The first version of the
+    shutdown's holder took "the run's main task is done and Python's default
+    handler is back" for the shutdown, and held it for the whole loop run
+    (the review of that version). The holder now comes only with the guest
+    run's shutdown."""
+    steps: list[str] = []
+
+    async def later() -> None:
+        signal.raise_signal(signal.SIGINT)
+        steps.append("went on")
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with asyncio.Runner() as runner:
+            runner.run(run_in_trio(_return_after_checkpoint, None))  # the guest runs on
+            with pytest.raises(KeyboardInterrupt):
+                runner.get_loop().run_until_complete(later())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, default)
+    assert steps == []
     _assert_guest_gone()
 
 

@@ -279,9 +279,14 @@ class _Guest:
         self.nursery.start_soon(_worker, self, worker, call, name=_WORKER_NAME)
 
     def shutdown(self) -> None:
-        """Ask the guest run to end: cancel the root scope. Idempotent."""
+        """Ask the guest run to end: cancel the root scope. Idempotent.
+
+        A Ctrl-C is held from now on until the run has ended (see
+        :mod:`conduit._sigint_guard`).
+        """
         if self.state in (_State.STARTING, _State.RUNNING):
             self.state = _State.CLOSING
+            self.sigint.shutting_down()
             self.root_scope.cancel()
 
     # -- called by Trio --------------------------------------------------------

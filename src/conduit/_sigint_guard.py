@@ -25,18 +25,26 @@ landed in a cancelled call's clean-up on the asyncio side hang the program
 until a third. The delay is at most the rest of that step: a tick runs each
 runnable Trio task up to its next ``await``.
 
-A deferred Ctrl-C that finds the run's main task done is dropped: the run is
-already ending (for the Ctrl-C before it, or because its work is done), and
-raised in the loop's shutdown it stopped that shutdown and left the guest run
-abandoned (or turned the run's ``KeyboardInterrupt`` into a ``RuntimeError``).
+Where the signal landed is decided as Trio decides its own protection: a
+guest tick anywhere in the stack, else the innermost frame that is not the
+standard library's (nor a helper library's Trio calls into). An
+application's ``async def`` handler that conduit called gets its Ctrl-C at
+once, as without conduit (the review of the first version, which asked
+every frame, found a busy one could not be stopped).
+
+A Ctrl-C that finds the run's main task done is dropped: the run is already
+returning (for the Ctrl-C before it, or because its work is done), and
+raised among the loop's last callbacks it stopped the shutdown's loop (a
+``RuntimeError``, the guest run abandoned).
 
 The wrapper steps aside before ``asyncio.Runner.run`` returns (its main task is
 done, or its handler raises), because the runner puts back Python's default
 handler only if it finds its own installed. Then the loop shuts down
 (``asyncio.run`` cancels its tasks, and with the keeper the guest run), under
 Python's default handler, which would raise anywhere, Trio's scheduler
-included. So once the runner has put it back, while the guest run ends, a
-handler of ours holds a Ctrl-C: the run ends whole, then the
+included. So once the guest run is asked to end (:meth:`SigintGuard.shutting_down`,
+over Python's default handler only), a handler of ours holds a Ctrl-C: the
+run ends whole, then the
 ``KeyboardInterrupt`` comes out of the loop (:meth:`SigintGuard.release` says
 so to the guest's done callback). A second Ctrl-C meanwhile is raised at once:
 whoever presses it twice wants out, whatever it leaves unfinished. Other
@@ -50,6 +58,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import CodeType, FrameType
@@ -84,12 +93,20 @@ def _runner_main_task(handler: Any) -> asyncio.Future[Any] | None:
     return task if isinstance(task, asyncio.Future) else None
 
 
+#: Libraries Trio and conduit call into, whose frames say nothing of whose
+#: code runs (as the standard library's): the frame that called them decides.
+_PASSED_THROUGH = frozenset(
+    {"outcome", "sniffio", "attr", "attrs", "cattrs", "sortedcontainers", "exceptiongroup"}
+)
+
+
 class SigintGuard:
     """The SIGINT wrapper of one guest run (see the module docstring).
 
     At each guest tick the caller compares ``getsignal(SIGINT)`` with
     :attr:`seen` (one C call) and calls :meth:`follow` when they differ.
-    :meth:`release` runs when the guest run ends.
+    :meth:`shutting_down` runs when the guest run is asked to end,
+    :meth:`release` when it has ended.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick_code: CodeType) -> None:
@@ -102,9 +119,7 @@ class SigintGuard:
         self.seen: object = None
         self._wrapper: Any = None
         self._wrapped: Any = None
-        #: The main task of the runner whose handler was wrapped last.
-        self._main_task: asyncio.Future[Any] | None = None
-        #: The handler that holds a Ctrl-C while the loop shuts down, once installed.
+        #: The handler that holds a Ctrl-C while the guest run ends, once installed.
         self._holder: Any = None
         self._held = False
         #: The guest run has ended (:meth:`release`): nothing of ours goes in again.
@@ -120,46 +135,35 @@ class SigintGuard:
         self.seen = current
         main_task = _runner_main_task(current)
         if main_task is None or main_task.done():
-            if current is signal.default_int_handler and self._ended(self._main_task):
-                self._hold_while_shutting_down()
             return
         wrapper = self._wrap(current, main_task)
         signal.signal(SIGINT, wrapper)
         self.seen, self._wrapper, self._wrapped = wrapper, wrapper, current
-        self._main_task = main_task
-        main_task.add_done_callback(lambda _task: self._step_aside(ending=True))
+        main_task.add_done_callback(lambda _task: self._step_aside())
 
-    @staticmethod
-    def _ended(task: asyncio.Future[Any] | None) -> bool:
-        return task is not None and task.done()
-
-    def _step_aside(self, *, ending: bool = False) -> None:
-        """Put back the handler wrapped, if the wrapper is still installed.
-
-        ``ending``: the run's main task is done. The runner then puts back
-        Python's default handler before the loop runs again, for its shutdown:
-        the first thing that shutdown runs (queued now, so before the tasks it
-        cancels take their steps) is the holder's installation.
-        """
+    def _step_aside(self) -> None:
+        """Put back the handler wrapped, if the wrapper is still installed (and
+        never wrap it again: a tick between its ``KeyboardInterrupt`` and the
+        run's end, as the exception crosses Trio's side, found it new and
+        wrapped it, and the runner then left its own handler installed)."""
         wrapper, wrapped = self._wrapper, self._wrapped
         self._wrapper = self._wrapped = None
         if wrapper is not None and getsignal(SIGINT) is wrapper:
             signal.signal(SIGINT, wrapped)
-        if ending:
-            self.loop.call_soon(self._hold_if_shutting_down)
+            self.seen = wrapped
 
-    def _hold_if_shutting_down(self) -> None:
-        """The first step of the loop after its run: hold Ctrl-C if it shuts down."""
-        current = getsignal(SIGINT)
-        if self._released or current is self.seen or current is not signal.default_int_handler:
+    def shutting_down(self) -> None:
+        """The guest run is asked to end (the loop's shutdown cancelled it, say):
+        from now on a Ctrl-C is held until it has (see the module docstring).
+
+        Only over Python's default handler, which the runner puts back before
+        its shutdown: a wrapper of ours still in place defers as it does, and
+        an application's own handler is left alone.
+        """
+        if not self.active or self._released or self._holder is not None:
             return
-        self.seen = current
-        if self._ended(self._main_task):
-            self._hold_while_shutting_down()
-
-    def _hold_while_shutting_down(self) -> None:
-        """The runner put back Python's default handler: its loop is shutting
-        down, the guest run with it. Hold a Ctrl-C until the run has ended."""
+        if getsignal(SIGINT) is not signal.default_int_handler:
+            return
 
         def holder(signum: int, frame: FrameType | None) -> None:
             self._hold()
@@ -191,53 +195,54 @@ class SigintGuard:
 
     def _wrap(self, handler: Any, main_task: asyncio.Future[Any]) -> Any:
         def call_handler(signum: int, frame: FrameType | None) -> None:
+            if main_task.done():
+                # The run is returning already (its KeyboardInterrupt, if this
+                # is the Ctrl-C after one). Its handler would raise at once,
+                # among the loop's last callbacks, before the runner's own
+                # done callback: that one then stopped the shutdown's loop (a
+                # RuntimeError, the guest run abandoned). Dropped.
+                return
             try:
                 handler(signum, frame)
             except KeyboardInterrupt:
                 # Runner.run is about to end: step aside, so that it finds its
                 # own handler and puts back Python's default.
-                self.release()
+                self._step_aside()
                 raise
 
-        def deferred(signum: int) -> None:
-            if main_task.done():
-                self._hold()  # the run is ending already: see the module docstring
-            else:
-                call_handler(signum, None)
-
         def wrapper(signum: int, frame: FrameType | None) -> None:
-            if main_task.done():
-                # Its handler would raise at once, in the loop's callbacks
-                # while the runner's own (its done callback) waits to run,
-                # which then stops the shutdown's loop (a RuntimeError, and
-                # the guest run abandoned): held as in the shutdown.
-                self._hold()
-            elif self._in_library_code(frame):
+            if self._in_library_code(frame):
                 with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
-                    self.loop.call_soon_threadsafe(deferred, signum)
+                    self.loop.call_soon_threadsafe(call_handler, signum, None)
             else:
                 call_handler(signum, frame)
 
         return wrapper
 
     def _in_library_code(self, frame: FrameType | None) -> bool:
-        """Whether ``frame`` (where the signal landed) or a frame that called it is
-        a guest tick, or Trio's or conduit's code."""
+        """Whether the signal landed in a guest tick, or in Trio's or conduit's
+        code on the asyncio side.
+
+        A guest tick anywhere in the stack decides (everything it runs is a
+        library's inside). Otherwise the innermost frame that is not the
+        standard library's decides, as Trio's own protection does: an
+        application's callback that conduit called (an ``async def`` RPC
+        handler, a hook, a progress callback) gets its Ctrl-C at once, and a
+        loop in it can be stopped (the review of the first version found
+        every frame of the stack asked, and conduit's below the callback
+        held a Ctrl-C until it next awaited, for ever in a busy loop).
+        """
+        deciding: str | None = None
         while frame is not None:
-            if frame.f_code is self.tick_code or _is_library_module(
-                frame.f_globals.get("__name__")
-            ):
+            if frame.f_code is self.tick_code:
                 return True
+            if deciding is None:
+                name = frame.f_globals.get("__name__")
+                top = name.partition(".")[0] if isinstance(name, str) else ""
+                if top not in sys.stdlib_module_names and top not in _PASSED_THROUGH:
+                    deciding = top
             frame = frame.f_back
-        return False
-
-
-def _is_library_module(name: object) -> bool:
-    """Whether ``name`` is a module of Trio's or of conduit's."""
-    if not isinstance(name, str):
-        return False
-    top = name.partition(".")[0]
-    return top == "trio" or top == "conduit"
+        return deciding in ("trio", "conduit")
 
 
 __all__ = ["SIGINT", "SigintGuard", "getsignal"]
