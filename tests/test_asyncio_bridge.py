@@ -471,6 +471,39 @@ def test_a_ctrl_c_while_asyncio_run_shuts_down_lets_the_guest_run_end_first(ctrl
     _assert_guest_gone()
 
 
+def test_a_ctrl_c_deferred_while_the_main_task_ends_is_not_lost() -> None:
+    """A Ctrl-C lands in the guest tick that hands the main task its last
+    result, and the main task ends before the deferred handler runs: the
+    Ctrl-C came while it ran, so ``asyncio.run`` still ends with
+    ``KeyboardInterrupt`` (raised once the guest run has ended). Dropped
+    because the main task was done by then, the program went on as if it had
+    never been pressed (the third review of the guard)."""
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        await run_in_trio(_return_after_checkpoint, None)  # the guest runs, the handler wrapped
+        last: asyncio.Future[str] = loop.create_future()
+
+        async def hand_over() -> None:
+            last.set_result("last result")  # the main task's wake-up is queued
+            signal.raise_signal(signal.SIGINT)  # the Ctrl-C, in this guest tick
+
+        background = loop.create_task(run_in_trio(hand_over))
+        try:
+            return await last
+        finally:
+            background.cancel()
+
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(main())
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, default)
+    _assert_guest_gone()
+
+
 def test_a_ctrl_c_in_an_async_handler_conduit_called_is_raised_there_at_once() -> None:
     """An ``async def`` RPC handler runs on the asyncio side under conduit's
     frames: the second Ctrl-C that lands in it is raised there, at once, as

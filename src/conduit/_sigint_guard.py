@@ -32,10 +32,13 @@ application's ``async def`` handler that conduit called gets its Ctrl-C at
 once, as without conduit (the review of the first version, which asked
 every frame, found a busy one could not be stopped).
 
-A Ctrl-C that finds the run's main task done is dropped: the run is already
-returning (for the Ctrl-C before it, or because its work is done), and
-raised among the loop's last callbacks it stopped the shutdown's loop (a
-``RuntimeError``, the guest run abandoned).
+A Ctrl-C that comes once the run's main task is done is dropped: the run is
+already returning (for the Ctrl-C before it, or because its work is done),
+and raised among the loop's last callbacks it stopped the shutdown's loop (a
+``RuntimeError``, the guest run abandoned). One that came while the main
+task ran, deferred past its end, is held: raised once the guest run has
+ended, or delivered to the next run of a reused ``asyncio.Runner`` that
+wakes the guest run.
 
 The wrapper steps aside before ``asyncio.Runner.run`` returns (its main task is
 done, or its handler raises), because the runner puts back Python's default
@@ -136,10 +139,15 @@ class SigintGuard:
         main_task = _runner_main_task(current)
         if main_task is None or main_task.done():
             return
-        wrapper = self._wrap(current, main_task)
+        wrapper, deliver = self._wrap(current, main_task)
         signal.signal(SIGINT, wrapper)
         self.seen, self._wrapper, self._wrapped = wrapper, wrapper, current
         main_task.add_done_callback(lambda _task: self._step_aside())
+        if self._held and self._holder is None:
+            # A Ctrl-C that came as the run before this one ended (see
+            # _wrap): this run's, as if pressed now (a reused Runner).
+            self._held = False
+            self.loop.call_soon(deliver, SIGINT, None)
 
     def _step_aside(self) -> None:
         """Put back the handler wrapped, if the wrapper is still installed (and
@@ -193,14 +201,22 @@ class SigintGuard:
         held, self._held = self._held, False
         return held
 
-    def _wrap(self, handler: Any, main_task: asyncio.Future[Any]) -> Any:
+    def _wrap(
+        self, handler: Any, main_task: asyncio.Future[Any]
+    ) -> tuple[Callable[[int, FrameType | None], None], Callable[[int, FrameType | None], None]]:
+        """The wrapper of ``handler``, and what delivers a Ctrl-C to it."""
+
         def call_handler(signum: int, frame: FrameType | None) -> None:
             if main_task.done():
-                # The run is returning already (its KeyboardInterrupt, if this
-                # is the Ctrl-C after one). Its handler would raise at once,
-                # among the loop's last callbacks, before the runner's own
-                # done callback: that one then stopped the shutdown's loop (a
-                # RuntimeError, the guest run abandoned). Dropped.
+                # Deferred, and the main task ended meanwhile: the Ctrl-C came
+                # while it ran, and is not lost (a review found it was):
+                # held, for the next run of a reused Runner (follow) or the
+                # guest run's end (release), which raise it where it cannot
+                # stop a shutdown. Its handler would raise among the loop's
+                # last callbacks, before the runner's own done callback, which
+                # then stopped the shutdown's loop (a RuntimeError, the guest
+                # run abandoned).
+                self._held = True
                 return
             try:
                 handler(signum, frame)
@@ -211,13 +227,18 @@ class SigintGuard:
                 raise
 
         def wrapper(signum: int, frame: FrameType | None) -> None:
+            if main_task.done():
+                # The run is returning already (its KeyboardInterrupt, if this
+                # is the Ctrl-C after one): dropped, as the runner would not
+                # act on it either before its done callback ran.
+                return
             if self._in_library_code(frame):
                 with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
                     self.loop.call_soon_threadsafe(call_handler, signum, None)
             else:
                 call_handler(signum, frame)
 
-        return wrapper
+        return wrapper, call_handler
 
     def _in_library_code(self, frame: FrameType | None) -> bool:
         """Whether the signal landed in a guest tick, or in Trio's or conduit's
