@@ -38,6 +38,7 @@ from conduit import (
     _connection,
     _heartbeats,
 )
+from conduit import _connection as _connection_module
 from conduit._connection import _CONTROL_BACKLOG
 from conduit._endpoint import HOOK_TIMEOUT
 from conduit._groups import beside, collapsed
@@ -1788,7 +1789,9 @@ async def test_a_server_that_pings_but_reads_nothing_ends_a_call_waiting_for_it(
 
 
 async def test_a_server_that_paused_its_reading_keeps_a_call_waiting_for_it(
-    tcp_server_factory: ServerFactory, tcp_client_factory: ClientFactory
+    tcp_server_factory: ServerFactory,
+    tcp_client_factory: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The server stops reading a client whose messages fill its queue while
     a slow message handler runs (here 4 s, four times the client's heartbeat
@@ -1797,7 +1800,10 @@ async def test_a_server_that_paused_its_reading_keeps_a_call_waiting_for_it(
     again, and the connection stays. The rule above (a call waiting on a peer
     that reads nothing) ended it after twice the heartbeat timeout, the
     review of that rule's diff found: a paused peer is told from a cut one by
-    the socket, whose bytes the paused one's kernel acknowledges."""
+    the socket, whose bytes the paused one's kernel acknowledges. (The queue
+    is made 1 MiB, so that what waits behind it fits the sockets' buffers: a
+    send of ours stuck for the heartbeat timeout is ended by another rule.)"""
+    monkeypatch.setattr(_connection_module, "_MESSAGE_QUEUE_BYTES", 1024 * 1024)
     first = trio.Event()
 
     def register(server: Server) -> None:
@@ -1813,9 +1819,9 @@ async def test_a_server_that_paused_its_reading_keeps_a_call_waiting_for_it(
         register=register, heartbeat_interval=0.3, heartbeat_timeout=3600
     )
     client = await tcp_client_factory(server, heartbeat_interval=0.3, heartbeat_timeout=1.0)
-    blob = b"x" * 1_000_000
+    blob = b"x" * 400_000
     with trio.fail_after(60):
-        for _ in range(40):  # past the server's 32 MiB of queued messages
+        for _ in range(3):  # the first in the handler, the third past the queue's 1 MiB
             await client.send("load", blob)
         assert await client.call("add", a=1, b=1, timeout=60) == 2
     assert client.connected
