@@ -351,7 +351,8 @@ async def test_serve_a_socket_listener(
     client = await tcp_client_factory(server)
     assert await client.call("add", a=1, b=2) == 3
     assert client.id is not None
-    assert server.clients[client.id].address[0] == LOOPBACK
+    address = server.clients[client.id].address
+    assert address is not None and address[0] == LOOPBACK
     with trio.fail_after(5):
         await server.close()
     with pytest.raises(OSError):

@@ -47,7 +47,7 @@ import sys
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, TypeVarTuple
 
 import outcome
 import trio
@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+ArgsT = TypeVarTuple("ArgsT")
 
 
 class _State(enum.Enum):
@@ -752,7 +753,7 @@ def get_guest_token(
     return guest.token
 
 
-async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+async def run_in_trio(fn: Callable[[*ArgsT], Awaitable[T]], *args: *ArgsT) -> T:
     """Run ``await fn(*args)`` in this asyncio loop's Trio guest run; return its result.
 
     Must be awaited from asyncio. The first call on a loop starts the guest run;

@@ -26,7 +26,11 @@ from ._rpc import Handlers
 from .errors import CallbackCancelledError
 from .protocol.connection import CallMemory
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: A one-way message's handler: ``handler(peer, data)`` on a server,
+#: ``handler(data)`` on a client; sync or ``async``.
+MessageHandler = TypeVar(
+    "MessageHandler", bound=Callable[[Peer, Any], object] | Callable[[Any], object]
+)
 
 #: How long disconnect hooks may take, all together, once a session has ended.
 HOOK_TIMEOUT = 10.0
@@ -68,13 +72,13 @@ class Endpoint(RunBound):
 
     # ---------------------------------------------------------------- registry
 
-    def on(self, event: str) -> Callable[[F], F]:
+    def on(self, event: str) -> Callable[[MessageHandler], MessageHandler]:
         """Handle one-way messages from the peer: ``@x.on("news") async def h(...): ...``.
 
         On a server the handler gets ``(peer, data)``, on a client ``(data)``.
         """
 
-        def decorator(function: F) -> F:
+        def decorator(function: MessageHandler) -> MessageHandler:
             self._handlers.add_event(event, function)
             return function
 
@@ -94,7 +98,7 @@ class Endpoint(RunBound):
         is_client: bool,
         peer_id: str,
         name: str,
-        address: Any,
+        address: tuple[str, int] | None,
         default_timeout: float | None,
         label: str,
         heartbeats: Heartbeats | None = None,

@@ -28,7 +28,7 @@ class Peer(RunBound):
         *,
         peer_id: str,
         name: str,
-        address: Any,
+        address: tuple[str, int] | None,
         default_timeout: float | None,
         username: str | None = None,
         account: AccountRecord | None = None,
@@ -48,7 +48,9 @@ class Peer(RunBound):
         self.id = peer_id
         #: The name the peer announced in its handshake.
         self.name = name
-        #: The peer's socket address, when known.
+        #: The peer's socket address, ``(host, port)``; None when unknown (a
+        #: connection over a stream that is not a socket, such as
+        #: ``Client(stream=...)`` or a listener of another kind).
         self.address = address
         #: ``time.time()`` when the connection was authenticated.
         self.connected_at = time.time()
@@ -57,6 +59,7 @@ class Peer(RunBound):
         # The connection, not this peer, in the closure: the peer and its
         # proxy in a reference cycle would outlive every connection until
         # Python's cycle collector ran.
+        #: ``peer.rpc.call(...)`` / ``peer.rpc.invoke(...)`` call the peer's methods.
         self.rpc = RPCProxy(lambda: connection, default_timeout)  # its binding: the connection's
 
     def _run_binding(self) -> RunBinding | None:

@@ -124,6 +124,7 @@ class RPCProxy(RunBound):
     ) -> None:
         self._connection = connection
         self._handlers = handlers
+        #: The timeout of a call that gives none (seconds; None: no limit).
         self.default_timeout = default_timeout
         #: The run its calls go through lives in (its owner's: see _bridge.RunBound);
         #: a peer's proxy is made in its connection's run, a client's is told

@@ -305,7 +305,9 @@ class Accounts:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, stretch: StretchParams = DEFAULT_STRETCH):
+        #: The accounts file.
         self.path = Path(path)
+        #: The Argon2id cost of the records this object writes.
         self.stretch = stretch.check()
         self._lock = threading.Lock()
         self._state = self._read()

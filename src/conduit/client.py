@@ -44,7 +44,10 @@ from .protocol.messages import Welcome
 
 log = logging.getLogger("conduit.client")
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: A lifecycle hook: ``hook()`` or ``hook(client)``, sync or ``async``.
+LifecycleHook = TypeVar("LifecycleHook", bound="Callable[[], object] | Callable[[Client], object]")
+#: ``hook(attempt, delay)``, sync or ``async``.
+ReconnectingHook = TypeVar("ReconnectingHook", bound=Callable[[int, float], object])
 
 #: Seconds a disconnect() gives the handshake of a cancelled connect(), going
 #: on alone, to finish and say goodbye before it cuts it (less if its
@@ -196,6 +199,7 @@ class Client(Endpoint):
 
     def __init__(self, descriptor: ClientDescriptor) -> None:
         super().__init__(descriptor, message_handler_takes_peer=False)
+        #: The settings this client was made with.
         self.descriptor = descriptor
         self._peer: Peer | None = None
         self._reconnect_hooks: list[Callable[..., Any]] = []
@@ -245,7 +249,7 @@ class Client(Endpoint):
 
     # ---------------------------------------------------------------- registry
 
-    def on_connect(self, function: F) -> F:
+    def on_connect(self, function: LifecycleHook) -> LifecycleHook:
         """Call ``function()`` after each successful connect.
 
         A ``function(client)`` that takes one argument gets this client, as
@@ -255,13 +259,13 @@ class Client(Endpoint):
         self._connect_hooks.append(self._lifecycle_hook(function))
         return function
 
-    def on_disconnect(self, function: F) -> F:
+    def on_disconnect(self, function: LifecycleHook) -> LifecycleHook:
         """Call ``function()`` (or ``function(client)``) after the connection
         ends, however it ends."""
         self._disconnect_hooks.append(self._lifecycle_hook(function))
         return function
 
-    def on_reconnect(self, function: F) -> F:
+    def on_reconnect(self, function: LifecycleHook) -> LifecycleHook:
         """Call ``function()`` (or ``function(client)``; sync or ``async``)
         after each automatic reconnect succeeds.
 
@@ -276,7 +280,7 @@ class Client(Endpoint):
         if it wants one (a required positional parameter)."""
         return functools.partial(function, self) if wants_an_argument(function) else function
 
-    def on_reconnecting(self, function: F) -> F:
+    def on_reconnecting(self, function: ReconnectingHook) -> ReconnectingHook:
         """Call ``function(attempt, delay)`` before each automatic reconnect attempt.
 
         ``attempt`` counts from 1 (of ``descriptor.reconnect_attempts``; 0

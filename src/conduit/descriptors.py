@@ -400,7 +400,8 @@ class ServerDescriptor:
     #: with a password). Client ids are then unique across the nodes,
     #: ``server.broadcast`` reaches the clients of every node and
     #: ``send_to_client`` a client connected to any node. Needs
-    #: ``pip install 'trio-conduit[cluster]'``; see :doc:`cluster`. None: one
+    #: the ``cluster`` extra (``pip install '.[cluster]'`` in a checkout);
+    #: see :doc:`cluster`. None: one
     #: server on its own (nothing of the cluster is imported).
     cluster_url: str | None = attrs.field(default=None, validator=_cluster_url)
     #: This node's name in the cluster: 1-63 letters, digits, ``.``, ``_``,

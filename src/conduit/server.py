@@ -56,6 +56,8 @@ _HEARD_POLL_MAX = 1.0
 BROADCAST_PATIENCE = 5.0
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: ``hook(peer)``, sync or ``async``.
+ClientHook = TypeVar("ClientHook", bound=Callable[[Peer], object])
 
 
 @attrs.frozen
@@ -192,6 +194,7 @@ class Server(Endpoint):
 
     def __init__(self, descriptor: ServerDescriptor) -> None:
         super().__init__(descriptor, message_handler_takes_peer=True)
+        #: The settings this server was made with.
         self.descriptor = descriptor
         #: Authenticated clients by client id.
         self.clients: dict[str, Peer] = {}
@@ -253,12 +256,12 @@ class Server(Endpoint):
         """
         return self._handlers.decorator(function, name=name)
 
-    def on_client_connect(self, function: F) -> F:
+    def on_client_connect(self, function: ClientHook) -> ClientHook:
         """Call ``function(peer)`` after each client authenticates."""
         self._connect_hooks.append(function)
         return function
 
-    def on_client_disconnect(self, function: F) -> F:
+    def on_client_disconnect(self, function: ClientHook) -> ClientHook:
         """Call ``function(peer)`` after each authenticated client goes away."""
         self._disconnect_hooks.append(function)
         return function

@@ -37,7 +37,7 @@ from ..errors import ConduitError, UnsafePathError
 from ._answers import BatchFile, SameFile, batch_download_answer
 from ._batch_store import FRAME_OVERHEAD, cut_batches, entry_cost
 from ._progress import ProgressReporter, TransferProgress
-from ._rerun import skipped_result
+from ._rerun import kept_download_result
 from ._storage import StorageRoot
 from ._wire import DOWNLOAD_BATCH, transfer_failure
 
@@ -253,4 +253,4 @@ async def _already_there(
         started=outcome["started"],
     ).finish()
     path = str(local.path / same.name)
-    return skipped_result(same.name, same.size, same.sha256, path=path, resumed_from=0)
+    return kept_download_result(same.name, same.size, same.sha256, path)

@@ -70,7 +70,18 @@ if TYPE_CHECKING:
     from ..client import Client
     from ..server import Server
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: ``callback(client, filepath, metadata)`` on a server, ``callback(filepath,
+#: metadata)`` on a client; sync or ``async``.
+ReceivedHook = TypeVar(
+    "ReceivedHook", bound="Callable[[Peer, str, Any], object] | Callable[[str, Any], object]"
+)
+#: ``callback(client, progress)`` on a server, ``callback(progress)`` on a client.
+ProgressHook = TypeVar(
+    "ProgressHook",
+    bound="Callable[[Peer, TransferProgress], object] | Callable[[TransferProgress], object]",
+)
+#: ``callback(client, name, metadata)``, sync or ``async``.
+ServedHook = TypeVar("ServedHook", bound="Callable[[Peer, str, Any], object]")
 ProgressCallback = Callable[[TransferProgress], Any]
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
@@ -126,7 +137,8 @@ class FileTransferHandler:
     ``storage_dir``, within their quota.
 
     ``storage_dir="s3://BUCKET/PREFIX"`` keeps the files in an S3-compatible
-    object store instead (``pip install 'trio-conduit[cluster]'``; endpoint
+    object store instead (the ``cluster`` extra: ``pip install '.[cluster]'``
+    in a checkout; endpoint
     and credentials from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), which every node of a
     cluster can share (see :doc:`cluster`): the same checks (SHA-256 verified
@@ -205,10 +217,17 @@ class FileTransferHandler:
             url = str(self._storage.path)
         #: Where received files go: the ``s3://`` URL, or the directory made absolute.
         self.storage_url = url
+        #: The largest DATA frame this side sends, and the size up to which a
+        #: file (up to 256 KiB) goes whole in one call; bytes, 1 KiB to 1 MiB.
         self.chunk_size = chunk_size
+        #: The largest file this side accepts (bytes); None: no limit but the disk's.
         self.max_file_size = max_file_size
+        #: Whether a received file replaces one of its name (else it is
+        #: published as ``name (1).ext``).
         self.overwrite = overwrite
+        #: Seconds an abandoned partial file is kept for a resume.
         self.partial_ttl = partial_ttl
+        #: The most entries one ``list_files`` answer holds.
         self.max_listed = max_listed
         #: Free bytes never handed out to uploads (1 MiB by default): an upload
         #: is accepted only if its size fits in free space minus reservations
@@ -281,7 +300,7 @@ class FileTransferHandler:
             raise ValueError(f"storage {self.storage_url!r} is not a local directory")
         return self.backend.root_for(peer)
 
-    def on_file_received(self, function: F) -> F:
+    def on_file_received(self, function: ReceivedHook) -> ReceivedHook:
         """Register a callback for every file this side receives and publishes.
 
         On a server it is called as ``callback(client, filepath, metadata)``; on
@@ -293,7 +312,7 @@ class FileTransferHandler:
         self._hooks.received.append(function)
         return function
 
-    def on_progress(self, function: F) -> F:
+    def on_progress(self, function: ProgressHook) -> ProgressHook:
         """Register a callback for the progress of every file the peer sends
         this side: uploads on a server, pushes on a client.
 
@@ -310,7 +329,7 @@ class FileTransferHandler:
         self._hooks.progress.append(function)
         return function
 
-    def on_file_served(self, function: F) -> F:
+    def on_file_served(self, function: ServedHook) -> ServedHook:
         """Register a callback for every download this server serves, once it ends.
 
         Called as ``callback(client, name, metadata)``, like ``on_file_received``:

@@ -57,7 +57,7 @@ from ._hooks import Hooks, TransferSettings, notify
 from ._names import safe_relative_name, split_name
 from ._progress import Direction, ProgressReporter, TransferProgress
 from ._ranges import range_name, resolve_range
-from ._rerun import find_already_there, same_size_exists, says_skipped, skipped_result
+from ._rerun import find_already_there, kept_download_result, same_size_exists, says_skipped
 from ._sender import NO_TIMEOUT
 from ._slots import TransferSlots
 from ._space import check_writable, partial_owner
@@ -684,9 +684,7 @@ class Receiver:
                     assert entry.published is not None
                     path, size = str(local.path / entry.published), len(entry.data)
                     digest = entry.sha256
-                    results.append(
-                        skipped_result(entry.published, size, digest, path=path, resumed_from=0)
-                    )
+                    results.append(kept_download_result(entry.published, size, digest, path))
                     continue
                 # A cancellation already pending lands here, before the file is
                 # handed to the callbacks (under asyncio it would cancel the
@@ -798,7 +796,7 @@ class Receiver:
         stored = await find_already_there(local, name, size, digest, overwrite=overwrite)
         if stored is None:
             return None
-        return skipped_result(stored, size, digest, path=str(local.path / stored), resumed_from=0)
+        return kept_download_result(stored, size, digest, str(local.path / stored))
 
     # ------------------------------------------------------------------ receiving
 

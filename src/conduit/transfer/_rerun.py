@@ -201,3 +201,9 @@ def skipped_result(name: str, size: int, sha256: str, **extra: Any) -> dict[str,
         "checksum": sha256,
         **extra,
     }
+
+
+def kept_download_result(name: str, size: int, sha256: str, path: str) -> dict[str, Any]:
+    """The success result of a download whose file this side already holds at ``path``:
+    the keys of a download that moved its bytes, none of them moved."""
+    return skipped_result(name, size, sha256, path=path, resumed_from=0, elapsed=0.0, speed=0.0)
