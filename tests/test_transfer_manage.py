@@ -684,13 +684,25 @@ async def test_a_malformed_listing_is_a_bad_answer_and_fetches_nothing(
     assert not out.exists() or not any(out.rglob("*"))
 
 
-@pytest.mark.parametrize("answer", [5, None, {"nofiles": 1}, {"success": False}, [1, 2]])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        5,
+        None,
+        {"nofiles": 1},
+        {"success": False},
+        [1, 2],
+        {"success": True, "path": ["a.txt"]},
+        {"success": True, "old": 7, "path": "b.txt"},
+    ],
+)
 async def test_a_malformed_answer_to_delete_or_rename_is_a_bad_answer(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, answer: Any
 ) -> None:
     """Until 2026-12-07 ``dict(answer)`` raised ``TypeError`` or ``ValueError``
     out of ``delete`` and ``rename`` (a traceback from ``conduit rm``), or
-    took a map without ``success`` for a result."""
+    took a map without ``success`` for a result; and a name (``path``,
+    ``old``) that was not a string was handed on as the result's."""
     transfer = FileTransferHandler(storage_dir=tmp_path / "server")
 
     def register(server: Server) -> None:

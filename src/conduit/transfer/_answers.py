@@ -142,8 +142,9 @@ def listing_answer(answer: Any, prefix: str | None) -> tuple[list[dict[str, Any]
 
 def outcome_answer(answer: Any, what: str) -> dict[str, Any]:
     """Check the answer to a call that reports its outcome as a result dict
-    (``file_delete``, ``file_rename``): a map whose ``success`` is a bool, and
-    whose ``error`` and ``code`` are strings when it failed."""
+    (``file_delete``, ``file_rename``): a map whose ``success`` is a bool, whose
+    ``error`` and ``code`` are strings when it failed, and whose names
+    (``path``, ``old``), when there, are strings: what the result's type says."""
     body = _mapping(answer, what)
     success = body.get("success")
     if not isinstance(success, bool):
@@ -151,6 +152,9 @@ def outcome_answer(answer: Any, what: str) -> dict[str, Any]:
     if not success:
         _text(body, "error", 64 * 1024)
         _text(body, "code", 256)
+    for name in ("path", "old"):
+        if name in body:
+            _text(body, name, 64 * 1024)
     return dict(body)
 
 
