@@ -258,14 +258,14 @@ async def test_get_dir_with_a_cut_listing_fails_instead_of_passing_for_complete(
     by_name = {entry["name"]: entry for entry in document["files"]}
     cut = by_name.pop("zdir")
     assert cut["success"] is False and cut["code"] == "truncated", cut
-    assert "only the first 3 files" in cut["error"], cut
+    assert "listed only 3 files" in cut["error"], cut
     # What was listed did arrive, and is reported file by file.
     assert len(by_name) == MAX_LISTED and all(e["success"] for e in by_name.values())
     assert len(visible_files(out)) == MAX_LISTED
 
     plain = await _run("get", "zdir", "-o", str(tmp_path / "out2"), "--from", address)
     assert plain.returncode == 1, plain
-    assert "FAILED    zdir: the server listed only the first 3 files" in plain.stdout.decode()
+    assert "FAILED    zdir: the server listed only 3 files" in plain.stdout.decode()
 
 
 @pytest.mark.parametrize("spelling", ["./photos", "photos/", "photos//sub", "./photos/sub/"])
@@ -341,6 +341,34 @@ def test_collect_uploads_names_dot_and_dotdot_by_what_they_are(
     assert not skipped
     assert [job.name for job in jobs] == ([f"{top}/sub/b.txt"] if top == "proj" else ["sub/b.txt"])
     assert all(os.path.isfile(str(job.local)) for job in jobs)
+
+
+def test_a_tree_deeper_than_the_systems_path_limit_is_a_failed_entry_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A subdirectory whose path passes PATH_MAX (made through descriptors, as
+    an archive can unpack it) cannot be looked at by its path: its subtree is
+    listed as failed and the rest is sent. Until 2026-12-07 the error
+    (``File name too long``) ended ``conduit send`` with a traceback, nothing
+    sent (found by a review of directory transfers at scale)."""
+    top = tmp_path / "tree"
+    _tree(top, {"ok/a.txt": b"a"})
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(5000 // 250):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        written = os.open("deep.txt", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.close(written)
+    finally:
+        os.close(fd)
+    jobs, skipped = collect_uploads([top])
+    assert [job.name for job in jobs] == ["tree/ok/a.txt"]
+    assert len(skipped) == 1 and skipped[0].failed, skipped
+    assert skipped[0].reason == "cannot read: File name too long", skipped
+    assert len(skipped[0].local) > 4096
 
 
 def test_ls_shows_a_time_no_date_can_hold_as_unknown() -> None:

@@ -18,7 +18,9 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
+from conduit.protocol.frames import MIN_FRAME_SIZE
 from conduit.transfer import _tree as tree_module
+from conduit.transfer._listing import ENTRY_OVERHEAD, LISTING_OVERHEAD
 from conduit.transfer._storage import StorageRoot
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
 from transfer_helpers import register_replacing
@@ -850,3 +852,39 @@ async def test_a_download_whose_data_never_comes_fails_stalled_and_keeps_its_par
         whole = await local.receive_from_server(honest, "big.bin", local_dir=out)
     assert whole["success"] is True, whole
     assert (out / "big.bin").read_bytes() == data
+
+
+async def test_a_listing_is_cut_to_what_fits_in_the_callers_frame(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """Long names: the answer is cut (``truncated``) where it would pass the
+    caller's ``max_frame_size``, well below ``max_listed``. Until 2026-12-07
+    the whole call failed (``bad_result``: "RESULT of ... bytes exceeds the
+    peer's max_frame_size"): the directory could be neither listed nor
+    downloaded (a review: 300 files of 4 KB names, at the default 1 MiB)."""
+    storage = tmp_path / "server"
+    names = [f"long/{'x' * 200}{index:04d}.txt" for index in range(2 * MIN_FRAME_SIZE // 250)]
+    for name in names:
+        _write(storage / name, name[-8:].encode())
+    transfer = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server, max_frame_size=MIN_FRAME_SIZE)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    out = tmp_path / "out"
+    with trio.fail_after(60):
+        whole = await local.list_files(client)
+        under = await local.list_files(client, prefix="long")
+        fetched = await local.receive_from_server(client, "long", local_dir=out)
+    for listing in (whole, under):
+        assert listing.truncated
+        assert 0 < len(listing) < len(names)
+        assert {entry["name"] for entry in listing} <= set(names)
+        # As many as fit, with the envelope's room kept: not one more.
+        per_entry = ENTRY_OVERHEAD + len(names[0])
+        left = MIN_FRAME_SIZE - len(listing) * per_entry
+        assert LISTING_OVERHEAD <= left < LISTING_OVERHEAD + per_entry
+    assert fetched["success"] is False and fetched["code"] == "truncated", fetched
+    received = [entry for entry in fetched["files"] if entry["success"]]
+    assert len(received) == len(under) == len(fetched["files"])
+    for entry in received:
+        assert (out / entry["name"]).read_bytes() == entry["name"][-8:].encode()

@@ -70,6 +70,15 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _is_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory (following a link); False when it cannot be
+    told (a path too long for the system): sent as a file, it fails as one."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def collect_uploads(
     sources: Sequence[Path], rename: str | None = None
 ) -> tuple[list[FileJob], list[Skipped]]:
@@ -98,7 +107,7 @@ def collect_uploads(
             jobs.append(FileJob(name=name, local=str(local), size=size))
 
     for source in sources:
-        if not source.is_dir():
+        if not _is_directory(source):
             if rename is not None and not rename.strip("/"):
                 # Said before connecting: the server would refuse the name.
                 raise CLIError(
@@ -127,7 +136,17 @@ def collect_uploads(
                 path = root_path / directory
                 if _is_hidden(directory):
                     skipped.append(Skipped(str(path), "hidden (servers refuse hidden names)"))
-                elif path.is_symlink():
+                    continue
+                try:
+                    is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+                except OSError as exc:
+                    # A path the system cannot take (longer than PATH_MAX), or
+                    # an entry gone since it was listed: that subtree is not
+                    # sent, and says so (until 2026-12-07 the error ended the
+                    # command with a traceback, nothing sent).
+                    skipped.append(Skipped(str(path), f"cannot read: {exc.strerror}", failed=True))
+                    continue
+                if is_link:
                     skipped.append(Skipped(str(path), "symbolic link to a directory"))
                 else:
                     keep.append(directory)
@@ -471,7 +490,7 @@ def _tree_parts(name: str, result: dict[str, Any]) -> list[FileJob]:
         error = str(result["error"])
         if result.get("code") == "truncated":
             error = (
-                f"the server listed only the first {len(parts)} files of this directory "
+                f"the server listed only {len(parts)} files of this directory "
                 "(its limit per listing); the others were not received: "
                 "get its subdirectories one at a time"
             )
@@ -596,7 +615,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
             f"truncated: the server lists at most {len(files)} files at once and holds more",
             flush=True,
         )
-        print_error(f"{options.address} listed only part of its files (the first {len(files)})")
+        print_error(f"{options.address} listed only part of its files ({len(files)} of them)")
     return code
 
 

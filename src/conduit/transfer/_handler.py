@@ -596,8 +596,10 @@ class FileTransferHandler:
         name that is not a directory there lists as empty.
 
         The result is a :class:`~conduit.transfer.FileListing`: a ``list`` with
-        a ``truncated`` attribute, True when the server had more files than its
-        ``max_listed`` (10,000 by default) and returned only the first ones.
+        a ``truncated`` attribute, True when the server had more files than it
+        answers at once (its ``max_listed``, 10,000 by default, or fewer when
+        their names are long: the answer must fit in one message of this
+        side's ``max_frame_size``) and returned only some of them.
         Check it before treating the listing as everything there is (a
         directory download planned from a cut listing would miss files).
         """

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["FileListing"]
+__all__ = ["ENTRY_OVERHEAD", "LISTING_OVERHEAD", "FileListing", "listing_within"]
+
+#: The most bytes a listed file's entry takes in the answer besides its name:
+#: ``{"name": ..., "size": ..., "modified": ...}`` packed (a map header, the
+#: three keys, a name's string header, a 64-bit integer and a float).
+ENTRY_OVERHEAD = 48
+#: Room kept in the answer's frame for the rest of it: the RESULT's envelope
+#: (its call id, the ``files`` list's header, ``"truncated": True``).
+LISTING_OVERHEAD = 1024
 
 
 class FileListing(list[dict[str, Any]]):
@@ -26,3 +34,24 @@ class FileListing(list[dict[str, Any]]):
     def __init__(self, files: Iterable[dict[str, Any]] = (), *, truncated: bool = False) -> None:
         super().__init__(files)
         self.truncated = truncated
+
+
+def listing_within(
+    entries: Sequence[dict[str, Any]], max_listed: int, room: int
+) -> tuple[list[dict[str, Any]], bool]:
+    """The first ``entries`` that a ``file_list`` answer may hold, and whether any were left out.
+
+    At most ``max_listed`` of them, and no more than fit in ``room`` bytes (the
+    peer's ``max_frame_size``, which the answer must fit in): a listing of long
+    names passed 1 MiB well below 10,000 files, and the whole call then
+    failed (``bad_result``) where it could have been cut (a review found a
+    directory of 300 files with 4 KB names that could not be listed at all).
+    """
+    budget = room - LISTING_OVERHEAD
+    kept: list[dict[str, Any]] = []
+    for entry in entries[:max_listed]:
+        budget -= len(str(entry["name"]).encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD
+        if budget < 0:
+            return kept, True
+        kept.append(entry)
+    return kept, len(entries) > max_listed

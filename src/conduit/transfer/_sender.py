@@ -49,6 +49,7 @@ from ._batch_store import FRAME_OVERHEAD
 from ._budget import ByteBudget, SendBudget
 from ._engine import FileSource, hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
+from ._listing import listing_within
 from ._local import DirectoryId, SmallFile, read_source
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
@@ -360,17 +361,21 @@ class Sender:
     async def rpc_file_list(self, prefix: str = "") -> dict[str, Any]:
         """``file_list``: the storage's visible files (only those under the directory ``prefix``).
 
-        ``"truncated": True`` is added when ``max_listed`` cut the listing short.
+        ``"truncated": True`` is added when ``max_listed``, or the caller's
+        ``max_frame_size`` (which the answer must fit in), cut the listing short.
         """
         settings = self._settings
+        caller = current_peer()
         try:
             entries = await settings.backend.list_files(
-                current_peer(), max_entries=settings.max_listed + 1, prefix=prefix or None
+                caller, max_entries=settings.max_listed + 1, prefix=prefix or None
             )
         except Exception as exc:
             raise as_rpc_error(exc) from None
-        answer: dict[str, Any] = {"files": entries[: settings.max_listed]}
-        if len(entries) > settings.max_listed:
+        room = caller.connection.keys.peer_max_frame_size
+        listed, truncated = listing_within(entries, settings.max_listed, room)
+        answer: dict[str, Any] = {"files": listed}
+        if truncated:
             answer["truncated"] = True
         return answer
 
