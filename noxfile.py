@@ -50,6 +50,19 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadfile", *session.posargs)
 
 
+@nox.session(python=["3.12", "3.13"])
+def tests_other_pythons(session: nox.Session) -> None:
+    """The whole test suite on the other Pythons ``pyproject.toml`` names (3.12, 3.13).
+
+    Not a default session: each run takes as long as ``tests``, three would
+    triple CI's time. Run it (``python -m nox -s tests_other_pythons``)
+    after changing the asyncio shim, which leans on asyncio's behaviour
+    where it changes between versions, and before a release.
+    """
+    session.install("-e", ".[test,cli]")
+    session.run("python", "-m", "pytest", "-n", "2", "--dist", "loadfile", *session.posargs)
+
+
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """Ruff lint and format check (``examples/`` keeps the guide's own formatting)."""

@@ -1914,34 +1914,39 @@ def test_a_handlers_generator_exit_ends_its_server_not_the_guest_run() -> None:
     on the loop (found by a review on 2026-12-07)."""
 
     async def main() -> tuple[str, Any]:
-        crashing, steady = Server(server_descriptor()), Server(server_descriptor())
+        # The timeout in this coroutine, the task's own: awaited through
+        # another (asyncio.wait_for's since Python 3.12, any wrapper's), a
+        # GeneratorExit out of the awaited task is Python's signal to close
+        # this coroutine, which then sees a new, empty one.
+        async with asyncio.timeout(30):
+            crashing, steady = Server(server_descriptor()), Server(server_descriptor())
 
-        @crashing.rpc
-        async def boom() -> int:
-            raise GeneratorExit("from the handler")
+            @crashing.rpc
+            async def boom() -> int:
+                raise GeneratorExit("from the handler")
 
-        @steady.rpc
-        def ok() -> int:
-            return 7
+            @steady.rpc
+            def ok() -> int:
+                return 7
 
-        crashing_run = asyncio.create_task(crashing.run())
-        steady_run = asyncio.create_task(steady.run())
-        await crashing.wait_listening()
-        await steady.wait_listening()
-        victim = Client(client_descriptor(crashing.port))
-        bystander = Client(client_descriptor(steady.port))
-        await victim.connect()
-        await bystander.connect()
-        answer = await victim.rpc.call("boom")
-        with pytest.raises(GeneratorExit, match="from the handler"):
-            await crashing_run
-        after = await bystander.rpc.call("ok")
-        await victim.disconnect()
-        await bystander.disconnect()
-        await steady.close()
-        await steady_run
-        return answer["code"], after
+            crashing_run = asyncio.create_task(crashing.run())
+            steady_run = asyncio.create_task(steady.run())
+            await crashing.wait_listening()
+            await steady.wait_listening()
+            victim = Client(client_descriptor(crashing.port))
+            bystander = Client(client_descriptor(steady.port))
+            await victim.connect()
+            await bystander.connect()
+            answer = await victim.rpc.call("boom")
+            with pytest.raises(GeneratorExit, match="from the handler"):
+                await crashing_run
+            after = await bystander.rpc.call("ok")
+            await victim.disconnect()
+            await bystander.disconnect()
+            await steady.close()
+            await steady_run
+            return answer["code"], after
 
-    code, after = asyncio.run(asyncio.wait_for(main(), 30))
+    code, after = asyncio.run(main())
     assert code == "connection_closed"
     assert after == {"success": True, "data": 7}
