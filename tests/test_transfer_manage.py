@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
-from conduit.protocol.frames import MIN_FRAME_SIZE
+from conduit.protocol.codec import encode_value, pack
+from conduit.protocol.frames import HEADER_SIZE, MIN_FRAME_SIZE
 from conduit.transfer import _tree as tree_module
-from conduit.transfer._listing import ENTRY_OVERHEAD, LISTING_OVERHEAD
+from conduit.transfer._listing import ENTRY_OVERHEAD, LISTING_OVERHEAD, listing_within
 from conduit.transfer._storage import StorageRoot
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
 from transfer_helpers import register_replacing
@@ -888,3 +890,31 @@ async def test_a_listing_is_cut_to_what_fits_in_the_callers_frame(
     assert len(received) == len(under) == len(fetched["files"])
     for entry in received:
         assert (out / entry["name"]).read_bytes() == entry["name"][-8:].encode()
+
+
+@pytest.mark.parametrize("room", [MIN_FRAME_SIZE, 20_000, 1 << 20])
+def test_a_cut_listing_always_fits_its_frame_whatever_its_entries(room: int) -> None:
+    """The bound ``listing_within`` counts per entry is an upper bound of what
+    the codec packs (names at each string-header boundary, in 1- to 4-byte
+    UTF-8, the largest sizes, a time as int or float), and the envelope's room
+    covers the rest: the RESULT frame never passes ``room``."""
+    widths = {1: "x", 2: "é", 3: "€", 4: "😀"}
+    name_bytes = [1, 31, 32, 255, 256, 4096, 65_536]
+    names = [widths[width] * max(1, size // width) for width in widths for size in name_bytes]
+    sizes = [0, 127, 128, 2**31, 2**63 - 1, 2**64 - 1]
+    times: list[float] = [0, 0.5, 2**62, 1e308]
+    for name in names:
+        for size in sizes:
+            for modified in times:
+                entry = {"name": name, "size": size, "modified": modified}
+                assert len(pack(entry)) <= len(name.encode()) + ENTRY_OVERHEAD, entry
+    rng = random.Random(room)
+    for _ in range(100):
+        entries = [
+            {"name": rng.choice(names), "size": rng.choice(sizes), "modified": rng.choice(times)}
+            for _ in range(rng.randint(1, 400))
+        ]
+        kept, truncated = listing_within(entries, 10_000, room)
+        answer: dict[str, Any] = {"files": kept, **({"truncated": True} if truncated else {})}
+        assert len(encode_value(2**32 - 1, answer)) - HEADER_SIZE <= room
+        assert truncated == (len(kept) < len(entries))

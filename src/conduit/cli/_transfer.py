@@ -467,8 +467,9 @@ def _tree_parts(name: str, result: dict[str, Any]) -> list[FileJob]:
     """A directory download's result as one finished job per file.
 
     Plus one failed job for the directory itself when it failed as a whole:
-    its listing failed, or was cut at the server's ``max_listed`` (the files
-    listed were received; the others were not, and must not pass unnoticed).
+    its listing failed, or was cut short (the server's ``max_listed``, or
+    what fits in one message: the files listed were received; the others were
+    not, and must not pass unnoticed).
     """
     parts: list[FileJob] = []
     for entry in result["files"]:
@@ -491,7 +492,7 @@ def _tree_parts(name: str, result: dict[str, Any]) -> list[FileJob]:
         if result.get("code") == "truncated":
             error = (
                 f"the server listed only {len(parts)} files of this directory "
-                "(its limit per listing); the others were not received: "
+                "(what it answers at once); the others were not received: "
                 "get its subdirectories one at a time"
             )
         failure = {"success": False, "error": error, "code": result.get("code")}
@@ -612,7 +613,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
     print(f"{len(files)} files, {human_bytes(total)}" if files else "no files", flush=True)
     if files.truncated:
         print(
-            f"truncated: the server lists at most {len(files)} files at once and holds more",
+            f"truncated: the server listed {len(files)} files and holds more",
             flush=True,
         )
         print_error(f"{options.address} listed only part of its files ({len(files)} of them)")

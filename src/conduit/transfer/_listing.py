@@ -22,13 +22,15 @@ class FileListing(list[dict[str, Any]]):
     A plain ``list`` in every other way (it compares equal to a list with the
     same entries, iterates, sorts and slices like one), so code written for a
     list keeps working. A server lists at most its ``max_listed`` files
-    (10,000 by default) in one answer; :attr:`truncated` is True when it had
-    more, so a caller can tell "these are all the files" from "these are the
-    first files". A slice or a copy made with ``list(...)`` is a plain list and
-    loses the flag.
+    (10,000 by default), and no more than fit in one message of the caller's
+    ``max_frame_size``, in one answer; :attr:`truncated` is True when it had
+    more, so a caller can tell "these are all the files" from "these are some
+    of the files" (not the first ones by name: see :func:`listing_within`). A
+    slice or a copy made with ``list(...)`` is a plain list and loses the flag.
     """
 
-    #: True when the server cut the listing at its ``max_listed``: more files exist.
+    #: True when the server cut the listing (its ``max_listed``, or the size
+    #: of one message): more files exist.
     truncated: bool
 
     def __init__(self, files: Iterable[dict[str, Any]] = (), *, truncated: bool = False) -> None:
