@@ -96,6 +96,10 @@ def register_hooks_of_wrong_shapes(
 
     def one_str(attempt: str) -> None: ...
 
+    def data_only(data: Any) -> None: ...
+
+    def peer_and_data(peer: Peer, data: Any) -> None: ...
+
     handler.on_file_received(progress_only)  # type: ignore[type-var]
     handler.on_progress(three_ints)  # type: ignore[type-var]
     handler.on_file_served(nothing)  # type: ignore[type-var]
@@ -103,6 +107,8 @@ def register_hooks_of_wrong_shapes(
     client.on_connect(int_and_str)  # type: ignore[type-var]
     client.on_reconnecting(one_str)  # type: ignore[type-var]
     server.on("note")(nothing)  # type: ignore[type-var]
+    server.on("note")(data_only)  # type: ignore[type-var]
+    client.on("note")(peer_and_data)  # type: ignore[type-var]
 
 
 async def wrong_arguments_for_run_in_trio() -> None:

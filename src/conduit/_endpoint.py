@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import trio
@@ -25,12 +25,6 @@ from ._peer import Peer
 from ._rpc import Handlers
 from .errors import CallbackCancelledError
 from .protocol.connection import CallMemory
-
-#: A one-way message's handler: ``handler(peer, data)`` on a server,
-#: ``handler(data)`` on a client; sync or ``async``.
-MessageHandler = TypeVar(
-    "MessageHandler", bound=Callable[[Peer, Any], object] | Callable[[Any], object]
-)
 
 #: How long disconnect hooks may take, all together, once a session has ended.
 HOOK_TIMEOUT = 10.0
@@ -71,18 +65,6 @@ class Endpoint(RunBound):
         self._log = logging.getLogger(type(self).__module__)
 
     # ---------------------------------------------------------------- registry
-
-    def on(self, event: str) -> Callable[[MessageHandler], MessageHandler]:
-        """Handle one-way messages from the peer: ``@x.on("news") async def h(...): ...``.
-
-        On a server the handler gets ``(peer, data)``, on a client ``(data)``.
-        """
-
-        def decorator(function: MessageHandler) -> MessageHandler:
-            self._handlers.add_event(event, function)
-            return function
-
-        return decorator
 
     def register_rpc(self, function: Callable[..., Any], name: str | None = None) -> None:
         """Register an RPC method the peer may call, without decorator syntax."""

@@ -48,6 +48,8 @@ log = logging.getLogger("conduit.client")
 LifecycleHook = TypeVar("LifecycleHook", bound="Callable[[], object] | Callable[[Client], object]")
 #: ``hook(attempt, delay)``, sync or ``async``.
 ReconnectingHook = TypeVar("ReconnectingHook", bound=Callable[[int, float], object])
+#: A one-way message's handler: ``handler(data)``, sync or ``async``.
+MessageHandler = TypeVar("MessageHandler", bound=Callable[[Any], object])
 
 #: Seconds a disconnect() gives the handshake of a cancelled connect(), going
 #: on alone, to finish and say goodbye before it cuts it (less if its
@@ -248,6 +250,16 @@ class Client(Endpoint):
         )
 
     # ---------------------------------------------------------------- registry
+
+    def on(self, event: str) -> Callable[[MessageHandler], MessageHandler]:
+        """Handle one-way messages from the server:
+        ``@client.on("news") async def h(data): ...``."""
+
+        def decorator(function: MessageHandler) -> MessageHandler:
+            self._handlers.add_event(event, function)
+            return function
+
+        return decorator
 
     def on_connect(self, function: LifecycleHook) -> LifecycleHook:
         """Call ``function()`` after each successful connect.

@@ -58,6 +58,8 @@ BROADCAST_PATIENCE = 5.0
 F = TypeVar("F", bound=Callable[..., Any])
 #: ``hook(peer)``, sync or ``async``.
 ClientHook = TypeVar("ClientHook", bound=Callable[[Peer], object])
+#: A one-way message's handler: ``handler(peer, data)``, sync or ``async``.
+MessageHandler = TypeVar("MessageHandler", bound=Callable[[Peer, Any], object])
 
 
 @attrs.frozen
@@ -255,6 +257,16 @@ class Server(Endpoint):
         receives the calling client.
         """
         return self._handlers.decorator(function, name=name)
+
+    def on(self, event: str) -> Callable[[MessageHandler], MessageHandler]:
+        """Handle one-way messages from clients:
+        ``@server.on("news") async def h(peer, data): ...``."""
+
+        def decorator(function: MessageHandler) -> MessageHandler:
+            self._handlers.add_event(event, function)
+            return function
+
+        return decorator
 
     def on_client_connect(self, function: ClientHook) -> ClientHook:
         """Call ``function(peer)`` after each client authenticates."""
