@@ -1950,3 +1950,48 @@ def test_a_handlers_generator_exit_ends_its_server_not_the_guest_run() -> None:
     code, after = asyncio.run(main())
     assert code == "connection_closed"
     assert after == {"success": True, "data": 7}
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12's")
+def test_an_eager_task_made_in_a_plain_handler_calls_through_the_bridge() -> None:
+    """Under ``asyncio.eager_task_factory``, a task a plain ``def`` handler
+    creates takes its first step at once, inside the Trio guest tick that runs
+    the handler, where sniffio says "trio": its bridged call was awaited as
+    Trio code and failed ("Task got bad yield: WaitTaskRescheduled"; a review
+    of Python 3.12 and 3.13 found it). Run with ``nox -s tests_other_pythons``."""
+    outcomes: list[Any] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        server = Server(server_descriptor())
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def notify(client: Client) -> None:
+            try:
+                outcomes.append((await client.rpc.call("add", a=1, b=2))["data"])
+            except BaseException as exc:
+                outcomes.append(exc)
+
+        @server.rpc
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        @server.rpc
+        def poke() -> None:
+            tasks.add(loop.create_task(notify(client)))
+
+        running = asyncio.create_task(server.run())
+        await server.wait_listening()
+        client = Client(client_descriptor(server.port))
+        await client.connect()
+        await client.rpc.call("poke")
+        assert tasks  # made by the handler before it answered
+        async with asyncio.timeout(10):
+            await asyncio.gather(*tasks)
+        await client.disconnect()
+        await server.close()
+        await running
+
+    asyncio.run(main())
+    assert outcomes == [3], outcomes

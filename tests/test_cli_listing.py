@@ -1,12 +1,15 @@
 """``conduit ls`` and ``conduit get DIR`` against listings, and ``conduit send ..``.
 
 A server lists at most ``max_listed`` files in one answer. ``list_files``
-says when it had more (``FileListing.truncated``); ``ls`` reports a cut
-listing and exits 1; ``get DIR`` plans from DIR's own listing, never the
-server's whole (cut) one, and a directory whose own listing is cut fails
-instead of passing for complete. ``get`` also takes a directory by any
-spelling (``./photos``, ``photos//sub``, ``photos/``) and an empty one, and
-``send ..`` names the tree after the directory ``..`` is.
+says when it had more (``FileListing.truncated``) and where the next page
+starts (``FileListing.next``); ``ls`` and a directory's download go page
+after page; against a server that does not page (one of before
+2026-12-07), ``ls`` reports a cut listing and exits 1, and a directory
+whose own listing is cut fails instead of passing for complete. ``get
+DIR`` plans from DIR's own listing, never the server's whole one. ``get``
+also takes a directory by any spelling (``./photos``, ``photos//sub``,
+``photos/``) and an empty one, and ``send ..`` names the tree after the
+directory ``..`` is.
 
 The cut-listing cases need a small ``max_listed``, which ``conduit serve``
 does not offer: the server runs in this process (``server_factory``, real
@@ -66,13 +69,44 @@ def _tree(root: Path, files: dict[str, bytes]) -> None:
         path.write_bytes(data)
 
 
-async def _served(tmp_path: Path, server_factory: ServerFactory, files: dict[str, bytes]) -> Server:
-    """A server in this process with ``max_listed=MAX_LISTED``, storing ``files``."""
+async def _served(
+    tmp_path: Path, server_factory: ServerFactory, files: dict[str, bytes], *, paging: bool = True
+) -> Server:
+    """A server in this process with ``max_listed=MAX_LISTED``, storing ``files``
+    (``paging=False``: its ``file_list`` answers as before 2026-12-07, no ``next``)."""
     directory = tmp_path / "served"
     _tree(directory, files)
     handler = FileTransferHandler(storage_dir=directory, max_listed=MAX_LISTED)
-    register: Callable[[Server], None] = handler.register_server_handlers
+
+    def register(serving: Server) -> None:
+        handler.register_server_handlers(serving)
+        if not paging:
+            serving.register_rpc(_file_list_without_pages(directory), "file_list")
+
     return await server_factory(register=register)
+
+
+def _file_list_without_pages(directory: Path) -> Callable[..., Any]:
+    """``file_list`` as a server that does not page answers: the first
+    ``MAX_LISTED`` files and ``truncated``, never a ``next``."""
+
+    async def file_list(prefix: str = "") -> dict[str, Any]:
+        below = directory / prefix if prefix else directory
+        paths = sorted(path for path in below.rglob("*") if path.is_file())
+        files = [
+            {
+                "name": path.relative_to(directory).as_posix(),
+                "size": path.stat().st_size,
+                "modified": path.stat().st_mtime,
+            }
+            for path in paths
+        ]
+        answer: dict[str, Any] = {"files": files[:MAX_LISTED]}
+        if len(files) > MAX_LISTED:
+            answer["truncated"] = True
+        return answer
+
+    return file_list
 
 
 async def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -115,7 +149,16 @@ async def test_list_files_says_when_the_server_cut_it(
         nothing = await handler.list_files(client, prefix="missing")
     assert isinstance(everything, FileListing) and isinstance(everything, list)
     assert everything.truncated is True and len(everything) == MAX_LISTED
-    assert directory.truncated is False
+    # The first files by name, and where the rest starts.
+    assert [entry["name"] for entry in everything] == sorted(files)[:MAX_LISTED]
+    assert everything.next == everything[-1]["name"]
+    pages = [everything]
+    with trio.fail_after(10):
+        while pages[-1].next is not None:
+            pages.append(await handler.list_files(client, after=pages[-1].next))
+    assert [entry["name"] for page in pages for entry in page] == sorted(files)
+    assert [page.truncated for page in pages] == [True, True, False]
+    assert directory.truncated is False and directory.next is None
     # Still a list to every caller written for one: equal to a plain list, sortable.
     assert directory == [dict(entry) for entry in directory]
     assert [entry["name"] for entry in sorted(directory, key=lambda e: e["name"])] == [
@@ -128,9 +171,21 @@ async def test_list_files_says_when_the_server_cut_it(
 # --------------------------------------------------------------------------- ls
 
 
+async def test_ls_goes_page_after_page(tmp_path: Path, server_factory: ServerFactory) -> None:
+    """Until 2026-12-07 ``ls`` showed the first ``max_listed`` files and exited 1."""
+    files = {f"f{i}.txt": b"%d" % i for i in range(1, 10)}
+    serving = await _served(tmp_path, server_factory, files)
+    result = await _run("ls", "--json", "--from", f"127.0.0.1:{serving.port}")
+    assert result.returncode == 0, result
+    document = _document(result)
+    assert document["truncated"] is False and document["ok"] is True, document
+    assert [entry["name"] for entry in document["files"]] == sorted(files)
+
+
 async def test_ls_says_the_listing_was_cut(tmp_path: Path, server_factory: ServerFactory) -> None:
+    """By a server that does not page."""
     serving = await _served(
-        tmp_path, server_factory, {f"f{i}.txt": b"%d" % i for i in range(1, 10)}
+        tmp_path, server_factory, {f"f{i}.txt": b"%d" % i for i in range(1, 10)}, paging=False
     )
     address = f"127.0.0.1:{serving.port}"
 
@@ -243,11 +298,27 @@ async def test_more_jobs_than_the_server_takes_move_every_file(
     assert visible_files(out) == files
 
 
+async def test_get_dir_goes_page_after_page(tmp_path: Path, server_factory: ServerFactory) -> None:
+    """Until 2026-12-07 a directory of more files than ``max_listed`` failed
+    (``truncated``) with only those listed received."""
+    files = {f"zdir/f{i}.txt": b"z%d" % i for i in range(1, 9)} | {"zdir/sub/a": b"a"}
+    serving = await _served(tmp_path, server_factory, files)
+    out = tmp_path / "out"
+    address = f"127.0.0.1:{serving.port}"
+    result = await _run("get", "zdir", "--json", "-o", str(out), "--from", address)
+    assert result.returncode == 0, result
+    document = _document(result)
+    assert document["ok"] is True, document
+    assert sorted(entry["name"] for entry in document["files"]) == sorted(files)
+    assert visible_files(out) == files
+
+
 async def test_get_dir_with_a_cut_listing_fails_instead_of_passing_for_complete(
     tmp_path: Path, server_factory: ServerFactory
 ) -> None:
+    """A server that does not page cut the directory's listing."""
     files = {f"zdir/f{i}.txt": b"z%d" % i for i in range(1, 6)}
-    serving = await _served(tmp_path, server_factory, files)
+    serving = await _served(tmp_path, server_factory, files, paging=False)
     address = f"127.0.0.1:{serving.port}"
 
     out = tmp_path / "out"

@@ -1272,3 +1272,34 @@ def test_a_resume_takes_the_hash_kept_at_close_and_reads_only_what_it_lacks(
     rest = storage.open_partial("big.bin", TID, resume=True)
     assert (rest.offset, rest.sha256_hex(), sum(read)) == (len(grown), sha256(grown), len(grown))
     rest.close()
+
+
+def test_a_listing_is_in_name_order_and_pages_from_any_name(tmp_path: Path) -> None:
+    """The walk yields names in plain name order (``a-z.txt`` and ``a.txt``
+    before ``a/b``, which comes before ``a0``), so a listing cut at N files
+    holds the first N by name, and ``after=`` starts the next page whatever
+    name it is given, one that exists or not, skipping the directories all
+    of whose names come before it."""
+    names = [
+        "a-z.txt", "a.txt", "a/b", "a/b-c", "a/c-", "a/c/d", "a/c/e/f", "a/é", "a0", "b",
+        "zz/y", "é",
+    ]  # fmt: skip
+    for name in names:
+        path = tmp_path / "root" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())
+    root = StorageRoot(tmp_path / "root")
+    assert [entry.name for entry in root.list_files()] == sorted(names)
+    for size in range(1, 6):
+        listed: list[str] = []
+        after = None
+        while page := [entry.name for entry in root.list_files(max_entries=size, after=after)]:
+            listed += page
+            after = page[-1]
+        assert listed == sorted(names), size
+    for after in ["", "a", "a/", "a/c", "a/c/", "a/c/d", "a/c/e", "a/zzz", "a-", "zz", "\uffff"]:
+        expected = [name for name in sorted(names) if name > after]
+        assert [entry.name for entry in root.list_files(after=after)] == expected, after
+    assert [entry.name for entry in root.list_files(prefix="a", after="a/c")] == [
+        "a/c-", "a/c/d", "a/c/e/f", "a/é",
+    ]  # fmt: skip

@@ -652,6 +652,9 @@ _BAD_LISTINGS: dict[str, Any] = {
     "a-size-that-is-a-bool": _listed("photos/a.txt", size=True),
     "a-negative-size": _listed("photos/a.txt", size=-1),
     "no-modified": {"files": [{"name": "photos/a.txt", "size": 1}]},
+    "a-next-not-the-last-name": {**_listed("photos/a.txt"), "truncated": True, "next": "photos/z"},
+    "a-next-of-a-whole-listing": {**_listed("photos/a.txt"), "next": "photos/a.txt"},
+    "a-next-not-text": {**_listed("photos/a.txt"), "truncated": True, "next": 5},
 }
 
 
@@ -859,11 +862,13 @@ async def test_a_download_whose_data_never_comes_fails_stalled_and_keeps_its_par
 async def test_a_listing_is_cut_to_what_fits_in_the_callers_frame(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
-    """Long names: the answer is cut (``truncated``) where it would pass the
-    caller's ``max_frame_size``, well below ``max_listed``. Until 2026-12-07
-    the whole call failed (``bad_result``: "RESULT of ... bytes exceeds the
-    peer's max_frame_size"): the directory could be neither listed nor
-    downloaded (a review: 300 files of 4 KB names, at the default 1 MiB)."""
+    """Long names: the answer is cut (``truncated``, with the ``next`` page's
+    start) where it would pass the caller's ``max_frame_size``, well below
+    ``max_listed``, and the directory's download goes page after page. Until
+    2026-12-07 the whole call failed (``bad_result``: "RESULT of ... bytes
+    exceeds the peer's max_frame_size"): the directory could be neither
+    listed nor downloaded (a review: 300 files of 4 KB names, at the default
+    1 MiB)."""
     storage = tmp_path / "server"
     names = [f"long/{'x' * 200}{index:04d}.txt" for index in range(2 * MIN_FRAME_SIZE // 250)]
     for name in names:
@@ -878,18 +883,17 @@ async def test_a_listing_is_cut_to_what_fits_in_the_callers_frame(
         under = await local.list_files(client, prefix="long")
         fetched = await local.receive_from_server(client, "long", local_dir=out)
     for listing in (whole, under):
-        assert listing.truncated
-        assert 0 < len(listing) < len(names)
-        assert {entry["name"] for entry in listing} <= set(names)
-        # As many as fit, with the envelope's room kept: not one more.
+        assert listing.truncated and listing.next == listing[-1]["name"]
+        assert [entry["name"] for entry in listing] == sorted(names)[: len(listing)]
+        # As many as fit, with the envelope's room kept and the last name
+        # again as "next": not one more.
         per_entry = ENTRY_OVERHEAD + len(names[0])
-        left = MIN_FRAME_SIZE - len(listing) * per_entry
+        left = MIN_FRAME_SIZE - len(listing) * per_entry - len(names[0])
         assert LISTING_OVERHEAD <= left < LISTING_OVERHEAD + per_entry
-    assert fetched["success"] is False and fetched["code"] == "truncated", fetched
-    received = [entry for entry in fetched["files"] if entry["success"]]
-    assert len(received) == len(under) == len(fetched["files"])
-    for entry in received:
-        assert (out / entry["name"]).read_bytes() == entry["name"][-8:].encode()
+    assert fetched["success"] is True, fetched
+    assert sorted(entry["name"] for entry in fetched["files"]) == sorted(names)
+    for name in names:
+        assert (out / name).read_bytes() == name[-8:].encode()
 
 
 @pytest.mark.parametrize("room", [MIN_FRAME_SIZE, 20_000, 1 << 20])
@@ -918,3 +922,46 @@ def test_a_cut_listing_always_fits_its_frame_whatever_its_entries(room: int) -> 
         answer: dict[str, Any] = {"files": kept, **({"truncated": True} if truncated else {})}
         assert len(encode_value(2**32 - 1, answer)) - HEADER_SIZE <= room
         assert truncated == (len(kept) < len(entries))
+
+
+async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A hostile server's second page names a file of the first: the directory
+    download stops there (``bad_answer``) and fetches nothing, instead of
+    listing without end or fetching a file twice at once."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    _write(tmp_path / "server" / "photos" / "a.txt", b"a")
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+
+        async def file_list(prefix: str = "", after: str | None = None) -> Any:
+            if after is None:
+                return {**_listed("photos/b.txt"), "truncated": True, "next": "photos/b.txt"}
+            return {**_listed("photos/a.txt"), "truncated": True, "next": "photos/a.txt"}
+
+        server.register_rpc(file_list, "file_list")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    out = tmp_path / "out"
+    with trio.fail_after(30):
+        result = await local.receive_from_server(client, "photos", local_dir=out)
+        with pytest.raises(TransferError) as refused:
+            await local.list_files(client, prefix="photos", after="photos/b.txt")
+    assert result["success"] is False and result["code"] == "bad_answer", result
+    assert "on the page after 'photos/b.txt'" in result["error"], result
+    assert refused.value.code == "bad_answer"
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize("after", [5, "../etc", "/abs", ".hidden", "a\x00b"])
+async def test_a_listing_after_a_name_no_listing_gives_is_refused(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, after: Any
+) -> None:
+    _, client = await _pair(server_factory, client_factory, tmp_path / "server")
+    with trio.fail_after(10), pytest.raises(RPCError) as refused:
+        await client.call("file_list", after=after)
+    assert refused.value.code == "invalid_arguments", refused.value

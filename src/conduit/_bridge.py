@@ -135,6 +135,10 @@ Unwind = Callable[[Any], Awaitable[None]]
 
 _submit: Submit | None = None
 _unwind: Unwind | None = None
+#: Trio guest runs the shim started that have not ended (it counts them): while
+#: there are none, sniffio's "trio" means Trio's own code (see
+#: ``_stepping_asyncio_loop``), and nothing more is asked on the hot path.
+hosted_guest_runs = 0
 
 #: A bridged method's asyncio-native implementation: called with the caller's
 #: loop and the call's arguments, it returns an awaitable to await instead of
@@ -238,7 +242,7 @@ def asyncio_caller_loop() -> asyncio.AbstractEventLoop | None:
     """
     name = sniffio.thread_local.name
     if name == "trio":  # set by Trio while it runs (trio.run, guest ticks)
-        return None
+        return _stepping_asyncio_loop() if hosted_guest_runs else None
     if name is None and sniffio.current_async_library_cvar.get() is None:
         try:
             task = asyncio.current_task()
@@ -249,6 +253,24 @@ def asyncio_caller_loop() -> asyncio.AbstractEventLoop | None:
     if current_flavor() == "trio":  # raises outside Trio and asyncio
         return None
     return asyncio.get_running_loop()
+
+
+def _stepping_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """Where sniffio says Trio runs: the asyncio loop whose task is stepping there
+    anyway, if one is; None when it is Trio's own code.
+
+    An asyncio task can take a step inside a Trio guest tick: one a plain
+    callback conduit runs there creates, under Python 3.12's
+    ``asyncio.eager_task_factory``, takes its first step at once. sniffio
+    still says "trio", and a bridged call awaited there as Trio code failed
+    ("Task got bad yield: WaitTaskRescheduled", found by a review of 3.12 and
+    3.13). Only asked while the shim hosts a guest run (``hosted_guest_runs``):
+    without one, no asyncio task can step where Trio runs.
+    """
+    loop = asyncio._get_running_loop()
+    if loop is None or asyncio.current_task(loop) is None:
+        return None
+    return loop
 
 
 def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -280,7 +302,9 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
                 _check_kwargs(kwargs)
         # asyncio_caller_loop()'s first test, inline: under Trio (the common
         # case) this runs on every call, and a Python call is ~0.1 us.
-        if sniffio.thread_local.name == "trio":
+        if sniffio.thread_local.name == "trio" and (
+            not hosted_guest_runs or _stepping_asyncio_loop() is None
+        ):
             return await method(*args, **kwargs)
         loop = asyncio_caller_loop()
         if loop is None:

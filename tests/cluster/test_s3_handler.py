@@ -507,3 +507,33 @@ async def test_overwriting_replaces_the_name_even_when_a_variant_holds_its_bytes
         fetched = await handler.receive_from_server(client, "a.txt", tmp_path / "fetched")
         assert fetched["success"] is True, fetched
         assert _sha256(tmp_path / "fetched" / "a.txt") == checksum
+
+
+@pytest.mark.usefixtures("aws_environment")
+async def test_an_s3_listing_goes_page_after_page(
+    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+) -> None:
+    """``max_listed`` files at a time, in name order, each page after the
+    last's ``next`` (S3's ``StartAfter``); a directory's download gets them all."""
+    names = ["d/a-z.txt", "d/a.txt", "d/a/b", "d/a/é", "d/a0", "d/b", "top.txt"]
+    with trio.fail_after(120):
+        handler, _server, client, _received = await _served(
+            server_factory, client_factory, s3_url, max_listed=2
+        )
+        for name in names:
+            _write(tmp_path / "src" / name, 100)
+        sent = await handler.send_files_to_server(
+            client, [(tmp_path / "src" / name, name) for name in names]
+        )
+        assert all(result["success"] for result in sent), sent
+        pages = [await handler.list_files(client)]
+        while pages[-1].next is not None:
+            pages.append(await handler.list_files(client, after=pages[-1].next))
+        assert [[entry["name"] for entry in page] for page in pages] == [
+            names[0:2], names[2:4], names[4:6], names[6:7]
+        ]  # fmt: skip
+        under = await handler.list_files(client, prefix="d", after="d/a/b")
+        assert [entry["name"] for entry in under] == ["d/a/é", "d/a0"] and under.truncated
+        tree = await handler.receive_from_server(client, "d", tmp_path / "out")
+        assert tree["success"] is True, tree
+        assert sorted(entry["name"] for entry in tree["files"]) == names[:6]

@@ -15,6 +15,7 @@ import trio
 
 from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
+from ..transfer._listing import FileListing
 from ..transfer._names import safe_relative_name
 from ..transfer._tree import FilePlaces, local_directory_name
 from ._common import (
@@ -46,6 +47,9 @@ GroupTransfer = Callable[[Sequence[FileJob]], Awaitable[list[dict[str, Any]]]]
 #: Small files handed to ``send_files_to_server`` or ``receive_files_from_server``
 #: at once (one batch call each).
 GROUP_FILES = 64
+#: The most files ``ls`` lists (page after page); past it the listing is
+#: reported cut (``truncated``).
+LS_MAX_FILES = 1_000_000
 
 
 @attrs.frozen
@@ -577,13 +581,15 @@ async def get(
 async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> int:
     """``conduit ls``: the server's files, one per line (or ``--json``).
 
-    A listing the server cut at its ``max_listed`` says so (``"truncated":
+    Page after page (a server answers at most its ``max_listed`` files at
+    once), up to ``LS_MAX_FILES``; a listing cut short all the same (that
+    many files, or a server that does not page) says so (``"truncated":
     true``) and exits 1: it is not everything the server holds.
     """
     try:
         async with connected(options) as client:
             try:
-                files = await FileTransferHandler().list_files(client)
+                files = await _list_all(FileTransferHandler(), client)
             except ConduitError as exc:
                 raise CLIError(
                     f"{options.address} could not list its files: {exc}",
@@ -618,6 +624,16 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
         )
         print_error(f"{options.address} listed only part of its files ({len(files)} of them)")
     return code
+
+
+async def _list_all(handler: FileTransferHandler, client: Client) -> FileListing:
+    """The server's files, page after page, up to :data:`LS_MAX_FILES`."""
+    listing = await handler.list_files(client)
+    while listing.truncated and listing.next is not None and len(listing) < LS_MAX_FILES:
+        page = await handler.list_files(client, after=listing.next)
+        listing.extend(page)
+        listing.truncated, listing.next = page.truncated, page.next
+    return listing
 
 
 # --------------------------------------------------------------------------- rm, mv

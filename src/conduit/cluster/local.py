@@ -92,10 +92,12 @@ class LocalStore:
         await _run(self.root.check_can_accept, size, max_file_size, offset=offset)
 
     async def list_files(
-        self, *, max_entries: int = 100_000, prefix: str | None = None
+        self, *, max_entries: int = 100_000, prefix: str | None = None, after: str | None = None
     ) -> list[StoredFile]:
         """See :meth:`conduit.cluster.store.Store.list_files`."""
-        entries = await _run(self.root.list_files, max_entries=max_entries, prefix=prefix)
+        entries = await _run(
+            self.root.list_files, max_entries=max_entries, prefix=prefix, after=after
+        )
         return [StoredFile(e.name, e.size, int(e.modified * 1e9)) for e in entries]
 
     async def used_bytes(self) -> int:

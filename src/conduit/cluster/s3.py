@@ -69,6 +69,7 @@ import concurrent.futures
 import copy
 import functools
 import hashlib
+import heapq
 import hmac
 import itertools
 import logging
@@ -637,22 +638,20 @@ class S3Store:
 
     # ----------------------------------------------------------------- published (sync)
 
-    def _list(self, max_entries: int, below: str) -> list[StoredFile]:
-        entries: list[StoredFile] = []
-        for entry in self._list_keys(below):
-            if len(entries) >= max_entries:
-                break
-            relative = self.location.relative(str(entry["Key"]))
-            if relative is None or not _listable(relative):
-                continue
-            modified = entry["LastModified"].timestamp()
-            entries.append(
-                StoredFile(
-                    relative, int(entry["Size"]), int(modified * 1e9), str(entry.get("ETag", ""))
-                )
-            )
-        entries.sort(key=lambda item: item.name)
-        return entries
+    def _list(self, max_entries: int, below: str, after: str | None) -> list[StoredFile]:
+        def listed() -> Iterator[StoredFile]:
+            for entry in self._list_keys(below):
+                relative = self.location.relative(str(entry["Key"]))
+                if relative is None or not _listable(relative):
+                    continue
+                if after is not None and relative <= after:
+                    continue
+                modified = entry["LastModified"].timestamp()
+                etag = str(entry.get("ETag", ""))
+                yield StoredFile(relative, int(entry["Size"]), int(modified * 1e9), etag)
+
+        # The first by name, whatever order the store lists in; never more held.
+        return heapq.nsmallest(max_entries, listed(), key=lambda item: item.name)
 
     def _used_bytes(self) -> int:
         total = 0
@@ -1056,15 +1055,23 @@ class S3Store:
             )
 
     async def list_files(
-        self, *, max_entries: int = 100_000, prefix: str | None = None
+        self, *, max_entries: int = 100_000, prefix: str | None = None, after: str | None = None
     ) -> list[StoredFile]:
-        """See :meth:`conduit.cluster.store.Store.list_files` (keys below ``prefix/``)."""
+        """See :meth:`conduit.cluster.store.Store.list_files` (keys below ``prefix/``).
+
+        Every key below is read, for each page: S3 lists keys in the order of
+        their bytes, which is the names' order, but a store may not (SeaweedFS
+        lists a directory's keys before its names that sort ahead of them:
+        ``a/b`` before ``a-z.txt``), and its ``StartAfter`` then skips names
+        that come after ``after``. Only the first ``max_entries`` by name are
+        kept while reading.
+        """
         if max_entries < 0:
             raise ValueError("max_entries must not be negative")
         below = self.location.list_prefix
         if prefix is not None:
             below = self.location.key(self._checked_name(prefix)) + "/"
-        return await self._guard("listing", self._list, max_entries, below)
+        return await self._guard("listing", self._list, max_entries, below, after)
 
     async def used_bytes(self) -> int:
         """See :meth:`conduit.cluster.store.Store.used_bytes` (one listing, summed as it pages)."""

@@ -175,12 +175,14 @@ class Store(Protocol):
         ...
 
     async def list_files(
-        self, *, max_entries: int = 100_000, prefix: str | None = None
+        self, *, max_entries: int = 100_000, prefix: str | None = None, after: str | None = None
     ) -> list[StoredFile]:
-        """Published files sorted by name; never partials, never unsafe names.
+        """The first ``max_entries`` published files, sorted by name; never partials,
+        never unsafe names.
 
         With ``prefix`` (a directory name, checked like any name), only the
-        files below it, still named from the root.
+        files below it, still named from the root; with ``after``, only those
+        named after it (the next page of a listing).
         """
         ...
 

@@ -102,8 +102,29 @@ def stat_answer(answer: Any) -> StatAnswer:
     )
 
 
-def listing_answer(answer: Any, prefix: str | None) -> tuple[list[dict[str, Any]], bool]:
-    """Check a ``file_list`` answer: its files, and whether the server cut them short.
+@attrs.frozen
+class ListedPage:
+    """A checked ``file_list`` answer."""
+
+    files: list[dict[str, Any]]
+    #: The server had more files than it answered.
+    truncated: bool
+    #: Where the next page starts (``after=``): the last name of this one; None
+    #: when the listing is whole, or cut by a server that does not page.
+    next: str | None
+
+
+def listing_arguments(prefix: str | None, after: str | None) -> dict[str, str]:
+    """The arguments of a ``file_list`` call: only those given (a server that does
+    not page refuses an ``after`` it does not know, and is never sent one: it
+    gives no ``next``)."""
+    arguments = {"prefix": prefix, "after": after}
+    return {key: value for key, value in arguments.items() if value is not None}
+
+
+def listing_answer(answer: Any, prefix: str | None, after: str | None = None) -> ListedPage:
+    """Check a ``file_list`` answer: its files, whether the server cut them short,
+    and where its next page starts (``after``: where this page was asked to).
 
     A map whose ``files`` is a list of maps, each with a ``name`` that is
     already a safe relative name (``_names.safe_relative_name``: no control
@@ -111,7 +132,10 @@ def listing_answer(answer: Any, prefix: str | None) -> tuple[list[dict[str, Any]
     under the directory ``prefix`` when one was asked for, a ``size`` (an
     integer, 0 or more) and a ``modified`` time (a number). Anything else
     raises :class:`BadAnswer`: a caller building local paths from the names
-    (``conduit get``) must never find one outside what it asked for.
+    (``conduit get``) must never find one outside what it asked for. A
+    ``next`` must be the last name listed, of a cut listing, and every name of
+    a page asked for ``after`` a name must come after it: a page that started
+    again where an earlier one did would never end, or list a file twice.
     """
     body = _mapping(answer, "the file_list answer")
     files = body.get("files")
@@ -133,11 +157,17 @@ def listing_answer(answer: Any, prefix: str | None) -> tuple[list[dict[str, Any]
         if not safe or not str(name).startswith(under):
             where = f"a file under {prefix!r}" if under else "a safe relative name"
             raise BadAnswer(f"the server listed {name!r}, not {where}")
+        if after is not None and str(name) <= after:
+            raise BadAnswer(f"the server listed {name!r} on the page after {after!r}")
         _integer(entry, "size", 0, None)
         modified = entry.get("modified")
         if not isinstance(modified, int | float) or isinstance(modified, bool):
             raise BadAnswer(f"{name!r}'s 'modified' is {type(modified).__name__}, not a number")
-    return files, body.get("truncated") is True
+    truncated = body.get("truncated") is True
+    following = body.get("next")
+    if following is not None and (not truncated or not files or following != files[-1].get("name")):
+        raise BadAnswer(f"'next' is {following!r}, not the last name of a cut listing")
+    return ListedPage(files, truncated, following)
 
 
 def outcome_answer(answer: Any, what: str) -> dict[str, Any]:

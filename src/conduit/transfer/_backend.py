@@ -155,9 +155,10 @@ class Backend(Protocol):
         ...
 
     async def list_files(
-        self, peer: Peer | None, *, max_entries: int, prefix: str | None
+        self, peer: Peer | None, *, max_entries: int, prefix: str | None, after: str | None = None
     ) -> list[dict[str, Any]]:
-        """Published files as ``{"name", "size", "modified"}``, sorted by name."""
+        """The first ``max_entries`` published files by name (named after ``after``,
+        when given) as ``{"name", "size", "modified"}``, in name order."""
         ...
 
     async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:

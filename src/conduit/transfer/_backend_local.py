@@ -239,13 +239,13 @@ class LocalBackend:
     # ------------------------------------------------------------------ reads
 
     async def list_files(
-        self, peer: Peer | None, *, max_entries: int, prefix: str | None
+        self, peer: Peer | None, *, max_entries: int, prefix: str | None, after: str | None = None
     ) -> list[dict[str, Any]]:
         """See :meth:`._backend.Backend.list_files`."""
         storage = self.root_for(peer)
 
         def walk() -> list[FileEntry]:
-            return storage.list_files(max_entries=max_entries, prefix=prefix)
+            return storage.list_files(max_entries=max_entries, prefix=prefix, after=after)
 
         if peer is None:  # the application's own call: no connection to ration
             entries = await _threads.run_sync(walk)

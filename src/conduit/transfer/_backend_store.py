@@ -755,11 +755,11 @@ class StoreBackend:
     # ------------------------------------------------------------------ reads
 
     async def list_files(
-        self, peer: Peer | None, *, max_entries: int, prefix: str | None
+        self, peer: Peer | None, *, max_entries: int, prefix: str | None, after: str | None = None
     ) -> list[dict[str, Any]]:
         """See :meth:`._backend.Backend.list_files`."""
         _root, store = self._store_for(peer)
-        entries = await store.list_files(max_entries=max_entries, prefix=prefix)
+        entries = await store.list_files(max_entries=max_entries, prefix=prefix, after=after)
         return [{"name": e.name, "size": e.size, "modified": e.modified} for e in entries]
 
     async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._bridge import bridged
 from . import _manage as manage
-from ._answers import listing_answer
+from ._answers import listing_answer, listing_arguments
 from ._backend import Backend
 from ._backend_local import LocalBackend
 from ._hashing import HashGate
@@ -589,8 +589,11 @@ class FileTransferHandler:
         )
 
     @bridged
-    async def list_files(self, client: Client, *, prefix: str | None = None) -> FileListing:
-        """The server's files as ``[{"name", "size", "modified"}, ...]`` (raises on failure).
+    async def list_files(
+        self, client: Client, *, prefix: str | None = None, after: str | None = None
+    ) -> FileListing:
+        """The server's files as ``[{"name", "size", "modified"}, ...]``, by name
+        (raises on failure).
 
         ``prefix`` (a directory on the server) lists only the files under it; a
         name that is not a directory there lists as empty.
@@ -599,17 +602,16 @@ class FileTransferHandler:
         a ``truncated`` attribute, True when the server had more files than it
         answers at once (its ``max_listed``, 10,000 by default, or fewer when
         their names are long: the answer must fit in one message of this
-        side's ``max_frame_size``) and returned only some of them.
-        Check it before treating the listing as everything there is (a
-        directory download planned from a cut listing would miss files).
+        side's ``max_frame_size``) and returned the first ones by name. Its
+        ``next`` is then where the next page starts: ``list_files(client,
+        prefix=..., after=listing.next)`` (None from a server that does not
+        page). Check ``truncated`` before treating the listing as everything
+        there is.
         """
-        if prefix is None:
-            answer = await client.call(FILE_LIST)
-        else:
-            answer = await client.call(FILE_LIST, prefix=prefix)
+        answer = await client.call(FILE_LIST, listing_arguments(prefix, after))
         # The server adds "truncated" only when it cut the list; older ones never do.
-        files, truncated = listing_answer(answer, prefix)
-        return FileListing(files, truncated=truncated)
+        page = listing_answer(answer, prefix, after)
+        return FileListing(page.files, truncated=page.truncated, next=page.next)
 
     @bridged
     async def delete(self, client: Client, name: str) -> dict[str, Any]:

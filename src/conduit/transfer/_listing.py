@@ -12,7 +12,9 @@ __all__ = ["ENTRY_OVERHEAD", "LISTING_OVERHEAD", "FileListing", "listing_within"
 #: three keys, a name's string header, a 64-bit integer and a float).
 ENTRY_OVERHEAD = 48
 #: Room kept in the answer's frame for the rest of it: the RESULT's envelope
-#: (its call id, the ``files`` list's header, ``"truncated": True``).
+#: (its call id, the ``files`` list's header, ``"truncated": True``, the
+#: ``next`` key and its string's header; the name ``next`` holds is counted
+#: apart).
 LISTING_OVERHEAD = 1024
 
 
@@ -24,18 +26,28 @@ class FileListing(list[dict[str, Any]]):
     list keeps working. A server lists at most its ``max_listed`` files
     (10,000 by default), and no more than fit in one message of the caller's
     ``max_frame_size``, in one answer; :attr:`truncated` is True when it had
-    more, so a caller can tell "these are all the files" from "these are some
-    of the files" (not the first ones by name: see :func:`listing_within`). A
-    slice or a copy made with ``list(...)`` is a plain list and loses the flag.
+    more, so a caller can tell "these are all the files" from "these are the
+    first files" (by name; :attr:`next` says where the rest starts). A slice
+    or a copy made with ``list(...)`` is a plain list and loses both.
     """
 
     #: True when the server cut the listing (its ``max_listed``, or the size
     #: of one message): more files exist.
     truncated: bool
+    #: Of a cut listing, where the next page starts: pass it as ``list_files``'
+    #: ``after``. None when the listing is whole, or the server does not page.
+    next: str | None
 
-    def __init__(self, files: Iterable[dict[str, Any]] = (), *, truncated: bool = False) -> None:
+    def __init__(
+        self,
+        files: Iterable[dict[str, Any]] = (),
+        *,
+        truncated: bool = False,
+        next: str | None = None,  # the protocol's name (it shadows a builtin here only)
+    ) -> None:
         super().__init__(files)
         self.truncated = truncated
+        self.next = next
 
 
 def listing_within(
@@ -44,16 +56,19 @@ def listing_within(
     """The first ``entries`` that a ``file_list`` answer may hold, and whether any were left out.
 
     At most ``max_listed`` of them, and no more than fit in ``room`` bytes (the
-    peer's ``max_frame_size``, which the answer must fit in): a listing of long
-    names passed 1 MiB well below 10,000 files, and the whole call then
-    failed (``bad_result``) where it could have been cut (a review found a
-    directory of 300 files with 4 KB names that could not be listed at all).
+    peer's ``max_frame_size``, which the answer must fit in) with the last
+    one's name again as the answer's ``next``: a listing of long names passed
+    1 MiB well below 10,000 files, and the whole call then failed
+    (``bad_result``) where it could have been cut (a review found a directory
+    of 300 files with 4 KB names that could not be listed at all).
     """
     budget = room - LISTING_OVERHEAD
+    used = 0
     kept: list[dict[str, Any]] = []
     for entry in entries[:max_listed]:
-        budget -= len(str(entry["name"]).encode("utf-8", "surrogatepass")) + ENTRY_OVERHEAD
-        if budget < 0:
+        name = len(str(entry["name"]).encode("utf-8", "surrogatepass"))
+        if used + name + ENTRY_OVERHEAD + name > budget:  # with its name as "next"
             return kept, True
+        used += name + ENTRY_OVERHEAD
         kept.append(entry)
     return kept, len(entries) > max_listed

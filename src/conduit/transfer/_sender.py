@@ -41,6 +41,7 @@ from ..errors import (
     RPCTimeoutError,
     StreamReset,
     TransferError,
+    UnsafePathError,
 )
 from ._answers import BadAnswer, begin_answer, finish_answer
 from ._backend import Source
@@ -358,17 +359,25 @@ class Sender:
     # the application lives in asyncio (where plain coroutines run on asyncio).
 
     @trio_callback
-    async def rpc_file_list(self, prefix: str = "") -> dict[str, Any]:
-        """``file_list``: the storage's visible files (only those under the directory ``prefix``).
+    async def rpc_file_list(self, prefix: str = "", after: Any = None) -> dict[str, Any]:
+        """``file_list``: the storage's visible files by name (only those under the
+        directory ``prefix``; only those named after ``after``: the next page).
 
-        ``"truncated": True`` is added when ``max_listed``, or the caller's
-        ``max_frame_size`` (which the answer must fit in), cut the listing short.
+        When ``max_listed``, or the caller's ``max_frame_size`` (which the answer
+        must fit in), cut the listing short, ``"truncated": True`` and ``"next"``
+        (the last name listed: the ``after`` of the next page) are added.
         """
         settings = self._settings
         caller = current_peer()
+        if after is not None:
+            try:
+                if not isinstance(after, str) or safe_relative_name(after) != after:
+                    raise UnsafePathError(f"{after!r} is not a name a listing gave")
+            except UnsafePathError as exc:
+                raise RPCError(f"after: {exc}", "invalid_arguments") from None
         try:
             entries = await settings.backend.list_files(
-                caller, max_entries=settings.max_listed + 1, prefix=prefix or None
+                caller, max_entries=settings.max_listed + 1, prefix=prefix or None, after=after
             )
         except Exception as exc:
             raise as_rpc_error(exc) from None
@@ -377,6 +386,8 @@ class Sender:
         answer: dict[str, Any] = {"files": listed}
         if truncated:
             answer["truncated"] = True
+            if listed:
+                answer["next"] = listed[-1]["name"]
         return answer
 
     @trio_callback

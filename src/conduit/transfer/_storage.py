@@ -343,9 +343,14 @@ class StorageRoot:
         return io.FileIO(fd, "r", closefd=True), size
 
     def list_files(
-        self, *, max_entries: int = _DEFAULT_MAX_ENTRIES, prefix: str | None = None
+        self,
+        *,
+        max_entries: int = _DEFAULT_MAX_ENTRIES,
+        prefix: str | None = None,
+        after: str | None = None,
     ) -> list[FileEntry]:
-        """Every published file below the root, sorted by name, at most ``max_entries``.
+        """The first ``max_entries`` published files below the root, by name (those
+        named after ``after``, when given: the next page of a listing).
 
         Never follows symlinks (they are skipped, as are FIFOs and other
         special files), never lists hidden or partial files, and skips any
@@ -370,15 +375,15 @@ class StorageRoot:
                 root_fd = None
         if root_fd is None:
             return entries
-        with _closing(root_fd), closing(_walk_directory(root_fd, segments)) as walk:
+        walk = _walk_directory(root_fd, segments, after=after)
+        with _closing(root_fd), closing(walk):
             for _directory, entry, relative in walk:
                 if len(entries) >= max_entries:
                     break
                 listed = _listing_entry(entry, relative)
                 if listed is not None:
                     entries.append(listed)
-        entries.sort(key=lambda item: item.name)
-        return entries
+        return entries  # in name order: the walk's
 
     def free_space(self) -> int:
         """Bytes available to this (unprivileged) process on the root's file system.
@@ -1691,29 +1696,60 @@ _PARTIAL_WALK_DEPTH: Final = 128 + MAX_DEPTH
 def _walk_tree(root_fd: int, max_depth: int = MAX_DEPTH) -> _Walk:
     """Yield (directory fd, entry, relative name) for the non-hidden entries below the root.
 
-    Depth-first, children in name order; hidden entries are yielded (cleanup
-    needs the partial files) but hidden directories are not entered, nor are
-    symlinks, nor directories past ``max_depth`` segments. A directory that is
-    replaced while the walk runs is skipped, not followed.
+    Depth-first, in the order of the relative names (see
+    :func:`_walk_directory`); hidden entries are yielded (cleanup needs the
+    partial files) but hidden directories are not entered, nor are symlinks,
+    nor directories past ``max_depth`` segments. A directory that is replaced
+    while the walk runs is skipped, not followed.
     """
     yield from _walk_directory(root_fd, (), max_depth)
 
 
-def _walk_directory(dir_fd: int, prefix: tuple[str, ...], max_depth: int = MAX_DEPTH) -> _Walk:
+def _walk_key(entry: os.DirEntry[str]) -> str:
+    """What orders a directory's children so that the walk yields relative names in
+    name order: a directory ``a`` sorts as ``a/``, as every name below it starts
+    (``a-z.txt``, then ``a/b``, then ``a0``)."""
+    try:
+        return entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name
+    except OSError:
+        return entry.name
+
+
+def _walk_directory(
+    dir_fd: int,
+    prefix: tuple[str, ...],
+    max_depth: int = MAX_DEPTH,
+    after: str | None = None,
+) -> _Walk:
+    """Yield (directory fd, entry, relative name) below ``dir_fd``, whose own name is
+    ``prefix``, in name order; with ``after``, only the entries named after it
+    (a directory all of whose names come before it is not even read)."""
     with os.scandir(dir_fd) as iterator:
-        children = sorted(iterator, key=lambda entry: entry.name)
+        children = sorted(iterator, key=_walk_key)
     for entry in children:
         relative = "/".join((*prefix, entry.name))
+        key = prefix_key = _walk_key(entry)
+        if prefix:
+            prefix_key = "/".join(prefix) + "/" + key
+        below = after
+        if after is not None:
+            if key.endswith("/"):
+                if after >= prefix_key and not after.startswith(prefix_key):
+                    continue  # every name below comes before ``after``
+                if not after.startswith(prefix_key):
+                    below = None  # every name below comes after it
+            elif relative <= after:
+                continue
         yield dir_fd, entry, relative
         if entry.name.startswith(".") or len(prefix) + 1 >= max_depth:
             continue
-        if entry.is_dir(follow_symlinks=False):
+        if key.endswith("/"):
             try:
                 child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
             except OSError:
                 continue  # removed or swapped for a symlink since the scan
             with _closing(child):
-                yield from _walk_directory(child, (*prefix, entry.name), max_depth)
+                yield from _walk_directory(child, (*prefix, entry.name), max_depth, below)
 
 
 def _listing_entry(entry: os.DirEntry[str], relative: str) -> FileEntry | None:

@@ -42,7 +42,7 @@ import trio
 
 from .. import _threads
 from ..errors import ConduitError
-from ._answers import listing_answer
+from ._answers import ListedPage, listing_answer, listing_arguments
 from ._batch import LocalFile, send_small_files
 from ._batch_download import receive_small_files
 from ._local import DirectoryId, directory_id
@@ -72,6 +72,10 @@ PARALLEL_MEDIUM_FILES = 12
 #: receiver gives a transfer a writer thread of its own (see ._write_behind),
 #: so a directory of them holds none.
 MEDIUM_FILE_SIZE = 1024 * 1024
+#: The most files one directory download lists, page after page: past it the
+#: download is ``truncated`` (about 1.5 KB of this side's memory per file
+#: until it returns: a server listing without end would take it all).
+MAX_TREE_FILES = 200_000
 
 #: Runs one attempt (a call on a peer, returning a result dict) on the
 #: client's connection, again after each reconnect: ``on_client`` bound to
@@ -250,21 +254,25 @@ def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str
     }
 
 
-def remote_entries(listing: Any, prefix: str, local_dir: Path) -> tuple[list[_Entry], bool]:
-    """The files a ``file_list(prefix=...)`` answer names, each to land at
-    ``local_dir/name``, and whether the server cut the listing short.
+def remote_entries(
+    listing: Any, prefix: str, local_dir: Path, after: str | None = None
+) -> tuple[list[_Entry], ListedPage]:
+    """The files a ``file_list(prefix=..., after=...)`` answer names, each to land
+    at ``local_dir/name``, and the checked page (whether the server cut the
+    listing short, where its next page starts).
 
     The server is not trusted: the answer is checked (:func:`._answers.listing_answer`:
     a map whose ``files`` are maps, each with a name that is already a safe
-    relative name under ``prefix``), and anything else raises
+    relative name under ``prefix``, after ``after``), and anything else raises
     :class:`BadAnswer` (``bad_answer``) before a single file is fetched or a
     local path is made from it.
     """
-    files, truncated = listing_answer(listing, prefix)
+    page = listing_answer(listing, prefix, after)
     entries = [
-        _Entry(item["name"], str(local_dir / item["name"]), size=item["size"]) for item in files
+        _Entry(item["name"], str(local_dir / item["name"]), size=item["size"])
+        for item in page.files
     ]
-    return entries, truncated
+    return entries, page
 
 
 async def send_tree(
@@ -360,21 +368,34 @@ async def receive_tree(
     those listed up to ``small_file_limit`` bytes many per call (see
     :mod:`._batch_download`), the rest one by one."""
     prefix = safe_relative_name(name)
+    entries: list[_Entry] = []
+    after: str | None = None
+    truncated = True
+    # Page after page (a server answers at most its max_listed files, fewer
+    # when their names are long), up to MAX_TREE_FILES: a server that never
+    # ends its listing must not make this side hold files without end.
+    while truncated and len(entries) < MAX_TREE_FILES:
+        arguments = listing_arguments(prefix, after)
 
-    async def list_once(peer: Peer) -> dict[str, Any]:
-        # A result dict, so that on_peer retries a listing cut by a lost link.
+        async def list_once(peer: Peer, arguments: dict[str, str] = arguments) -> dict[str, Any]:
+            # A result dict, so that on_peer retries a listing cut by a lost link.
+            try:
+                return {"success": True, "listing": await peer.call(FILE_LIST, arguments)}
+            except ConduitError as exc:
+                return transfer_failure(exc)
+
+        listed = await on_peer(list_once)
+        if not listed.get("success"):
+            return {**listed, "directory": prefix, "files": []}
         try:
-            return {"success": True, "listing": await peer.call(FILE_LIST, prefix=prefix)}
+            found, page = remote_entries(listed["listing"], prefix, local_dir, after)
         except ConduitError as exc:
-            return transfer_failure(exc)
-
-    listed = await on_peer(list_once)
-    if not listed.get("success"):
-        return {**listed, "directory": prefix, "files": []}
-    try:
-        entries, truncated = remote_entries(listed["listing"], prefix, local_dir)
-    except ConduitError as exc:
-        return {**transfer_failure(exc), "directory": prefix, "files": []}
+            return {**transfer_failure(exc), "directory": prefix, "files": []}
+        entries.extend(found)
+        truncated = page.truncated
+        if page.next is None:
+            break  # whole, or cut by a server that does not page
+        after = page.next
 
     await receive_entries(
         receiver, on_peer, entries, local_dir, on_progress, small_file_limit=small_file_limit
