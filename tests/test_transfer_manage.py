@@ -961,7 +961,16 @@ async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
 async def test_a_listing_after_a_name_no_listing_gives_is_refused(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, after: Any
 ) -> None:
+    """The next page's start is a name (a listing gave it), checked as every
+    name from the network is; a name that no longer exists is fine."""
     _, client = await _pair(server_factory, client_factory, tmp_path / "server")
-    with trio.fail_after(10), pytest.raises(RPCError) as refused:
-        await client.call("file_list", after=after)
+    for name in ("a.txt", "b.txt"):
+        _write(tmp_path / "server" / name, name.encode())
+    with trio.fail_after(10):
+        after_a = await client.call("file_list", after="a.txt")
+        after_gone = await client.call("file_list", after="a.zip")
+        with pytest.raises(RPCError) as refused:
+            await client.call("file_list", after=after)
+    assert [entry["name"] for entry in after_a["files"]] == ["b.txt"], after_a
+    assert [entry["name"] for entry in after_gone["files"]] == ["b.txt"], after_gone
     assert refused.value.code == "invalid_arguments", refused.value
