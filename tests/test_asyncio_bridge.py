@@ -1995,3 +1995,50 @@ def test_an_eager_task_made_in_a_plain_handler_calls_through_the_bridge() -> Non
 
     asyncio.run(main())
     assert outcomes == [3], outcomes
+
+
+def test_trio_run_from_an_asyncio_task_is_trio_while_another_thread_hosts_a_guest() -> None:
+    """A ``trio.run`` started inside an asyncio task of one thread runs Trio's
+    code there, while another thread's loop hosts a guest run: the bridge's
+    test for an asyncio task stepping in a guest tick is for the thread that
+    ticks (its first version counted guest runs over the process, and sent
+    this thread's Trio calls to asyncio: "cannot start conduit's Trio guest
+    run", found by a review)."""
+    outcome: dict[str, Any] = {}
+
+    async def main() -> None:
+        server = Server(server_descriptor())
+
+        @server.rpc
+        def add(a: int, b: int) -> int:
+            return a + b
+
+        running = asyncio.create_task(server.run())
+        await server.wait_listening()
+        port = server.port
+
+        def other_thread() -> None:
+            async def in_trio() -> Any:
+                client = Client(client_descriptor(port))
+                await client.connect()
+                try:
+                    return await client.rpc.call("add", a=1, b=2)
+                finally:
+                    await client.disconnect()
+
+            async def in_asyncio() -> None:
+                try:
+                    outcome["value"] = trio.run(in_trio)
+                except BaseException as exc:
+                    outcome["error"] = exc
+
+            asyncio.run(in_asyncio())
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        await asyncio.to_thread(thread.join, 30)
+        await server.close()
+        await running
+
+    asyncio.run(main())
+    assert outcome == {"value": {"success": True, "data": 3}}, outcome

@@ -329,14 +329,14 @@ async def test_get_dir_with_a_cut_listing_fails_instead_of_passing_for_complete(
     by_name = {entry["name"]: entry for entry in document["files"]}
     cut = by_name.pop("zdir")
     assert cut["success"] is False and cut["code"] == "truncated", cut
-    assert "listed only 3 files" in cut["error"], cut
+    assert "only 3 files of this directory were listed" in cut["error"], cut
     # What was listed did arrive, and is reported file by file.
     assert len(by_name) == MAX_LISTED and all(e["success"] for e in by_name.values())
     assert len(visible_files(out)) == MAX_LISTED
 
     plain = await _run("get", "zdir", "-o", str(tmp_path / "out2"), "--from", address)
     assert plain.returncode == 1, plain
-    assert "FAILED    zdir: the server listed only 3 files" in plain.stdout.decode()
+    assert "FAILED    zdir: only 3 files of this directory were listed" in plain.stdout.decode()
 
 
 @pytest.mark.parametrize("spelling", ["./photos", "photos/", "photos//sub", "./photos/sub/"])

@@ -655,6 +655,15 @@ _BAD_LISTINGS: dict[str, Any] = {
     "a-next-not-the-last-name": {**_listed("photos/a.txt"), "truncated": True, "next": "photos/z"},
     "a-next-of-a-whole-listing": {**_listed("photos/a.txt"), "next": "photos/a.txt"},
     "a-next-not-text": {**_listed("photos/a.txt"), "truncated": True, "next": 5},
+    "names-out-of-order": {
+        "files": [
+            {"name": "photos/c.txt", "size": 1, "modified": 0.0},
+            {"name": "photos/b.txt", "size": 1, "modified": 0.0},
+        ],
+    },
+    "a-name-twice": {
+        "files": [{"name": "photos/a.txt", "size": 1, "modified": 0.0}] * 2,
+    },
 }
 
 
@@ -974,3 +983,33 @@ async def test_a_listing_after_a_name_no_listing_gives_is_refused(
     assert [entry["name"] for entry in after_a["files"]] == ["b.txt"], after_a
     assert [entry["name"] for entry in after_gone["files"]] == ["b.txt"], after_gone
     assert refused.value.code == "invalid_arguments", refused.value
+
+
+async def test_a_directory_listing_gathers_no_more_than_this_side_takes(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Page after page, up to ``MAX_GATHERED_FILES`` files or
+    ``MAX_GATHERED_NAME_BYTES`` of names: a server that listed without end must
+    not take all of this side's memory; past either, the download is cut."""
+    from conduit.transfer import _listing
+
+    storage = tmp_path / "server"
+    for index in range(9):
+        _write(storage / "d" / f"f{index}.txt", b"%d" % index)
+    transfer = FileTransferHandler(storage_dir=storage, max_listed=2)
+    server = await server_factory(register=transfer.register_server_handlers)
+    client = await client_factory(server)
+    local = FileTransferHandler(storage_dir=tmp_path / "unused")
+    monkeypatch.setattr(_listing, "MAX_GATHERED_FILES", 5)
+    with trio.fail_after(30):
+        by_count = await local.receive_from_server(client, "d", local_dir=tmp_path / "a")
+    monkeypatch.setattr(_listing, "MAX_GATHERED_FILES", 1000)
+    monkeypatch.setattr(_listing, "MAX_GATHERED_NAME_BYTES", 3 * len("d/f0.txt"))
+    with trio.fail_after(30):
+        by_bytes = await local.receive_from_server(client, "d", local_dir=tmp_path / "b")
+    assert by_count["code"] == "truncated" and len(by_count["files"]) == 6, by_count
+    assert by_bytes["code"] == "truncated" and len(by_bytes["files"]) == 4, by_bytes
+    assert all(entry["success"] for entry in by_count["files"] + by_bytes["files"])

@@ -225,7 +225,12 @@ class _Guest:
         sigint = self.sigint
         if sigint.active and getsignal(SIGINT) is not sigint.seen:
             sigint.follow()
-        tick()
+        thread = threading.get_ident()
+        _bridge.ticking_threads.add(thread)
+        try:
+            tick()
+        finally:
+            _bridge.ticking_threads.discard(thread)
 
     # -- asyncio side, between guest ticks ------------------------------------
 
@@ -299,7 +304,6 @@ class _Guest:
         with _registry_lock:
             if _guests.get(self.loop) is self:
                 del _guests[self.loop]
-            _bridge.hosted_guest_runs -= 1
         crash = None
         if isinstance(run_outcome, outcome.Error):
             self.fatal = first_leaf(run_outcome.error, FATAL)
@@ -717,7 +721,6 @@ def _start_guest(loop: asyncio.AbstractEventLoop) -> _Guest:
     guest.hooks = sys.get_asyncgen_hooks()  # the guest run's, installed as it started
     with _registry_lock:
         _guests[loop] = guest
-        _bridge.hosted_guest_runs += 1
     # asyncio.Task itself, not loop.create_task: a task factory written before
     # Python 3.11 takes no context, and failing here would leave the guest
     # running with no keeper to end it.

@@ -135,10 +135,11 @@ Unwind = Callable[[Any], Awaitable[None]]
 
 _submit: Submit | None = None
 _unwind: Unwind | None = None
-#: Trio guest runs the shim started that have not ended (it counts them): while
-#: there are none, sniffio's "trio" means Trio's own code (see
-#: ``_stepping_asyncio_loop``), and nothing more is asked on the hot path.
-hosted_guest_runs = 0
+#: The threads running a guest tick now (the shim's ``_Guest.tick`` adds and
+#: discards its own): in no other thread can an asyncio task step where
+#: sniffio says "trio" (see ``_stepping_asyncio_loop``), and while it is empty
+#: nothing more is asked on the hot path.
+ticking_threads: set[int] = set()
 
 #: A bridged method's asyncio-native implementation: called with the caller's
 #: loop and the call's arguments, it returns an awaitable to await instead of
@@ -242,7 +243,7 @@ def asyncio_caller_loop() -> asyncio.AbstractEventLoop | None:
     """
     name = sniffio.thread_local.name
     if name == "trio":  # set by Trio while it runs (trio.run, guest ticks)
-        return _stepping_asyncio_loop() if hosted_guest_runs else None
+        return _stepping_asyncio_loop() if ticking_threads else None
     if name is None and sniffio.current_async_library_cvar.get() is None:
         try:
             task = asyncio.current_task()
@@ -264,9 +265,13 @@ def _stepping_asyncio_loop() -> asyncio.AbstractEventLoop | None:
     ``asyncio.eager_task_factory``, takes its first step at once. sniffio
     still says "trio", and a bridged call awaited there as Trio code failed
     ("Task got bad yield: WaitTaskRescheduled", found by a review of 3.12 and
-    3.13). Only asked while the shim hosts a guest run (``hosted_guest_runs``):
-    without one, no asyncio task can step where Trio runs.
+    3.13). Only in a guest tick of this thread (``ticking_threads``): a
+    ``trio.run`` started from an asyncio task is Trio's code, whatever
+    another thread hosts (counting guest runs over the process took it for
+    asyncio's, a review found).
     """
+    if _this_thread() not in ticking_threads:
+        return None
     loop = asyncio._get_running_loop()
     if loop is None or asyncio.current_task(loop) is None:
         return None
@@ -303,7 +308,7 @@ def bridged(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any
         # asyncio_caller_loop()'s first test, inline: under Trio (the common
         # case) this runs on every call, and a Python call is ~0.1 us.
         if sniffio.thread_local.name == "trio" and (
-            not hosted_guest_runs or _stepping_asyncio_loop() is None
+            not ticking_threads or _stepping_asyncio_loop() is None
         ):
             return await method(*args, **kwargs)
         loop = asyncio_caller_loop()

@@ -15,7 +15,7 @@ import trio
 
 from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
-from ..transfer._listing import FileListing
+from ..transfer._listing import FileListing, gathered_enough
 from ..transfer._names import safe_relative_name
 from ..transfer._tree import FilePlaces, local_directory_name
 from ._common import (
@@ -47,9 +47,6 @@ GroupTransfer = Callable[[Sequence[FileJob]], Awaitable[list[dict[str, Any]]]]
 #: Small files handed to ``send_files_to_server`` or ``receive_files_from_server``
 #: at once (one batch call each).
 GROUP_FILES = 64
-#: The most files ``ls`` lists (page after page); past it the listing is
-#: reported cut (``truncated``).
-LS_MAX_FILES = 1_000_000
 
 
 @attrs.frozen
@@ -495,9 +492,10 @@ def _tree_parts(name: str, result: dict[str, Any]) -> list[FileJob]:
         error = str(result["error"])
         if result.get("code") == "truncated":
             error = (
-                f"the server listed only {len(parts)} files of this directory "
-                "(what it answers at once); the others were not received: "
-                "get its subdirectories one at a time"
+                f"only {len(parts)} files of this directory were listed (all a "
+                "server that does not page answers at once, or all this side "
+                "takes); the others were not received: get its subdirectories "
+                "one at a time"
             )
         failure = {"success": False, "error": error, "code": result.get("code")}
         parts.append(FileJob(name=name, local=None, size=None, result=failure))
@@ -582,9 +580,10 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
     """``conduit ls``: the server's files, one per line (or ``--json``).
 
     Page after page (a server answers at most its ``max_listed`` files at
-    once), up to ``LS_MAX_FILES``; a listing cut short all the same (that
-    many files, or a server that does not page) says so (``"truncated":
-    true``) and exits 1: it is not everything the server holds.
+    once), up to what this side takes (``_listing.gathered_enough``); a
+    listing cut short all the same (that many files, or a server that does
+    not page) says so (``"truncated": true``) and exits 1: it is not
+    everything the server holds.
     """
     try:
         async with connected(options) as client:
@@ -627,11 +626,13 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
 
 
 async def _list_all(handler: FileTransferHandler, client: Client) -> FileListing:
-    """The server's files, page after page, up to :data:`LS_MAX_FILES`."""
+    """The server's files, page after page, up to what this side takes."""
     listing = await handler.list_files(client)
-    while listing.truncated and listing.next is not None and len(listing) < LS_MAX_FILES:
+    name_bytes = sum(len(str(entry["name"])) for entry in listing)
+    while listing.next is not None and not gathered_enough(listing, name_bytes):
         page = await handler.list_files(client, after=listing.next)
         listing.extend(page)
+        name_bytes += sum(len(str(entry["name"])) for entry in page)
         listing.truncated, listing.next = page.truncated, page.next
     return listing
 

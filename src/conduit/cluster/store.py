@@ -135,6 +135,10 @@ class PartialUpload(Protocol):
 class Store(Protocol):
     """Where received files go and where served files come from."""
 
+    #: Whether :meth:`list_files` answers the first files by name, so that a
+    #: listing can go on from its last name (``file_list``'s pages).
+    pages_by_name: bool
+
     def location_of(self, name: str) -> str:
         """Where ``name`` lives, for logs and the ``path`` of callbacks (a path or a URL)."""
         ...

@@ -132,10 +132,11 @@ def listing_answer(answer: Any, prefix: str | None, after: str | None = None) ->
     under the directory ``prefix`` when one was asked for, a ``size`` (an
     integer, 0 or more) and a ``modified`` time (a number). Anything else
     raises :class:`BadAnswer`: a caller building local paths from the names
-    (``conduit get``) must never find one outside what it asked for. A
-    ``next`` must be the last name listed, of a cut listing, and every name of
-    a page asked for ``after`` a name must come after it: a page that started
-    again where an earlier one did would never end, or list a file twice.
+    (``conduit get``) must never find one outside what it asked for. The
+    names must come in name order, each once, and a ``next`` must be the
+    last, of a cut listing; every name of a page asked for ``after`` a name
+    must come after it: a page that started again where an earlier one did
+    would never end, or list a file twice.
     """
     body = _mapping(answer, "the file_list answer")
     files = body.get("files")
@@ -147,6 +148,7 @@ def listing_answer(answer: Any, prefix: str | None, after: str | None = None) ->
             under = safe_relative_name(prefix) + "/"
         except UnsafePathError:
             raise BadAnswer(f"it lists files under {prefix!r}, which is no directory") from None
+    previous: str | None = None
     for item in files:
         entry = _mapping(item, "a listed file")
         name = entry.get("name")
@@ -159,6 +161,9 @@ def listing_answer(answer: Any, prefix: str | None, after: str | None = None) ->
             raise BadAnswer(f"the server listed {name!r}, not {where}")
         if after is not None and str(name) <= after:
             raise BadAnswer(f"the server listed {name!r} on the page after {after!r}")
+        if previous is not None and str(name) <= previous:
+            raise BadAnswer(f"the server listed {name!r} after {previous!r}: not in name order")
+        previous = str(name)
         _integer(entry, "size", 0, None)
         modified = entry.get("modified")
         if not isinstance(modified, int | float) or isinstance(modified, bool):

@@ -126,6 +126,9 @@ class Backend(Protocol):
     #: The S3 store a cluster node may stage cross-node pushes in when it has
     #: no ``cluster_staging`` (None: this backend has none).
     cluster_staging: S3Store | None
+    #: Whether :meth:`list_files` answers the first files by name, so that a
+    #: ``file_list`` answer cut short can say where the next page starts.
+    pages_by_name: bool
 
     def location_of(self, peer: Peer | None, name: str) -> str:
         """Where ``peer``'s published ``name`` lives (a path or a URL)."""

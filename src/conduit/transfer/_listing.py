@@ -5,7 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["ENTRY_OVERHEAD", "LISTING_OVERHEAD", "FileListing", "listing_within"]
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "LISTING_OVERHEAD",
+    "MAX_GATHERED_FILES",
+    "MAX_GATHERED_NAME_BYTES",
+    "FileListing",
+    "gathered_enough",
+    "listing_within",
+]
+
+#: The most files a listing that goes page after page gathers (a directory's
+#: download, ``conduit ls``), and the most bytes of their names: what this
+#: side holds of it (about 0.5 KB per file, and its name two or three times
+#: over) must stay bounded whatever a server lists (a review measured 7.9 KB
+#: per file of a 4 KB name). Past either, the listing counts as cut.
+MAX_GATHERED_FILES = 200_000
+MAX_GATHERED_NAME_BYTES = 64 * 1024 * 1024
 
 #: The most bytes a listed file's entry takes in the answer besides its name:
 #: ``{"name": ..., "size": ..., "modified": ...}`` packed (a map header, the
@@ -48,6 +64,13 @@ class FileListing(list[dict[str, Any]]):
         super().__init__(files)
         self.truncated = truncated
         self.next = next
+
+
+def gathered_enough(files: Sequence[dict[str, Any]] | int, name_bytes: int) -> bool:
+    """Whether a listing gathered page after page (``files``, or their count, and
+    ``name_bytes`` of names) is as long as this side takes."""
+    count = files if isinstance(files, int) else len(files)
+    return count >= MAX_GATHERED_FILES or name_bytes >= MAX_GATHERED_NAME_BYTES
 
 
 def listing_within(

@@ -386,7 +386,7 @@ class Sender:
         answer: dict[str, Any] = {"files": listed}
         if truncated:
             answer["truncated"] = True
-            if listed:
+            if listed and settings.backend.pages_by_name:
                 answer["next"] = listed[-1]["name"]
         return answer
 

@@ -45,6 +45,7 @@ from ..errors import ConduitError
 from ._answers import ListedPage, listing_answer, listing_arguments
 from ._batch import LocalFile, send_small_files
 from ._batch_download import receive_small_files
+from ._listing import gathered_enough
 from ._local import DirectoryId, directory_id
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
@@ -72,10 +73,6 @@ PARALLEL_MEDIUM_FILES = 12
 #: receiver gives a transfer a writer thread of its own (see ._write_behind),
 #: so a directory of them holds none.
 MEDIUM_FILE_SIZE = 1024 * 1024
-#: The most files one directory download lists, page after page: past it the
-#: download is ``truncated`` (about 1.5 KB of this side's memory per file
-#: until it returns: a server listing without end would take it all).
-MAX_TREE_FILES = 200_000
 
 #: Runs one attempt (a call on a peer, returning a result dict) on the
 #: client's connection, again after each reconnect: ``on_client`` bound to
@@ -371,10 +368,12 @@ async def receive_tree(
     entries: list[_Entry] = []
     after: str | None = None
     truncated = True
+    name_bytes = 0
     # Page after page (a server answers at most its max_listed files, fewer
-    # when their names are long), up to MAX_TREE_FILES: a server that never
-    # ends its listing must not make this side hold files without end.
-    while truncated and len(entries) < MAX_TREE_FILES:
+    # when their names are long), up to what this side takes (see
+    # _listing.gathered_enough): a server that never ends its listing must not
+    # make this side hold files without end.
+    while truncated and not gathered_enough(len(entries), name_bytes):
         arguments = listing_arguments(prefix, after)
 
         async def list_once(peer: Peer, arguments: dict[str, str] = arguments) -> dict[str, Any]:
@@ -392,6 +391,7 @@ async def receive_tree(
         except ConduitError as exc:
             return {**transfer_failure(exc), "directory": prefix, "files": []}
         entries.extend(found)
+        name_bytes += sum(len(entry.name) for entry in found)
         truncated = page.truncated
         if page.next is None:
             break  # whole, or cut by a server that does not page
