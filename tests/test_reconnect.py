@@ -781,7 +781,11 @@ async def test_push_resumes_when_the_client_comes_back(tmp_path: Path) -> None:
     assert result["resumed_from"] > 0
     assert pushed["id_kept"] and proxy.accepted == 2
     assert pushed["intact"]
-    assert proxy.after_cut("s2c") < 0.7 * 16 * MiB
+    # After the cut, only the rest from where it resumed (and the protocol's
+    # own bytes). Not a fixed share of the file: what the client's socket
+    # held, unread, when the cut came is sent again, and a loaded machine
+    # leaves more there (12.65 MB after a cut at 40 % of 16 MiB, once).
+    assert proxy.after_cut("s2c") < 16 * MiB - result["resumed_from"] + MiB
 
 
 async def test_push_resumes_when_the_clients_reconnect_replaces_the_connection_it_was_on(

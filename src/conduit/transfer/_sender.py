@@ -359,7 +359,7 @@ class Sender:
     # the application lives in asyncio (where plain coroutines run on asyncio).
 
     @trio_callback
-    async def rpc_file_list(self, prefix: str = "", after: Any = None) -> dict[str, Any]:
+    async def rpc_file_list(self, prefix: str = "", after: str | None = None) -> dict[str, Any]:
         """``file_list``: the storage's visible files by name (only those under the
         directory ``prefix``; only those named after ``after``: the next page).
 
@@ -371,7 +371,7 @@ class Sender:
         caller = current_peer()
         if after is not None:
             try:
-                if not isinstance(after, str) or safe_relative_name(after) != after:
+                if safe_relative_name(after) != after:
                     raise UnsafePathError(f"{after!r} is not a name a listing gave")
             except UnsafePathError as exc:
                 raise RPCError(f"after: {exc}", "invalid_arguments") from None
