@@ -226,11 +226,14 @@ class _Guest:
         if sigint.active and getsignal(SIGINT) is not sigint.seen:
             sigint.follow()
         thread = threading.get_ident()
-        _bridge.ticking_threads.add(thread)
+        ticking = _bridge.ticking_threads
+        entered = thread not in ticking  # (ticks do not nest; if one did, the outer leaves)
+        ticking.add(thread)
         try:
             tick()
         finally:
-            _bridge.ticking_threads.discard(thread)
+            if entered:
+                ticking.discard(thread)
 
     # -- asyncio side, between guest ticks ------------------------------------
 

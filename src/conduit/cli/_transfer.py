@@ -15,7 +15,7 @@ import trio
 
 from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
-from ..transfer._listing import FileListing, gathered_enough
+from ..transfer._listing import FileListing, gathered_enough, name_bytes
 from ..transfer._names import safe_relative_name
 from ..transfer._tree import FilePlaces, local_directory_name
 from ._common import (
@@ -628,11 +628,11 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
 async def _list_all(handler: FileTransferHandler, client: Client) -> FileListing:
     """The server's files, page after page, up to what this side takes."""
     listing = await handler.list_files(client)
-    name_bytes = sum(len(str(entry["name"])) for entry in listing)
-    while listing.next is not None and not gathered_enough(listing, name_bytes):
+    listed_bytes = name_bytes(listing)
+    while listing.next is not None and not gathered_enough(listing, listed_bytes):
         page = await handler.list_files(client, after=listing.next)
         listing.extend(page)
-        name_bytes += sum(len(str(entry["name"])) for entry in page)
+        listed_bytes += name_bytes(page)
         listing.truncated, listing.next = page.truncated, page.next
     return listing
 

@@ -181,12 +181,13 @@ class Store(Protocol):
     async def list_files(
         self, *, max_entries: int = 100_000, prefix: str | None = None, after: str | None = None
     ) -> list[StoredFile]:
-        """The first ``max_entries`` published files, sorted by name; never partials,
-        never unsafe names.
+        """At most ``max_entries`` published files, sorted by name; never partials,
+        never unsafe names. The first by name where :attr:`pages_by_name`, else
+        the first in the store's own order.
 
         With ``prefix`` (a directory name, checked like any name), only the
         files below it, still named from the root; with ``after``, only those
-        named after it (the next page of a listing).
+        named after it (the next page of a listing, where the store pages).
         """
         ...
 

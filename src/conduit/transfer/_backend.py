@@ -160,8 +160,9 @@ class Backend(Protocol):
     async def list_files(
         self, peer: Peer | None, *, max_entries: int, prefix: str | None, after: str | None = None
     ) -> list[dict[str, Any]]:
-        """The first ``max_entries`` published files by name (named after ``after``,
-        when given) as ``{"name", "size", "modified"}``, in name order."""
+        """At most ``max_entries`` published files (named after ``after``, when
+        given) as ``{"name", "size", "modified"}``, in name order: the first by
+        name where :attr:`pages_by_name`."""
         ...
 
     async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:

@@ -602,10 +602,11 @@ class FileTransferHandler:
         a ``truncated`` attribute, True when the server had more files than it
         answers at once (its ``max_listed``, 10,000 by default, or fewer when
         their names are long: the answer must fit in one message of this
-        side's ``max_frame_size``) and returned the first ones by name. Its
-        ``next`` is then where the next page starts: ``list_files(client,
-        prefix=..., after=listing.next)`` (None from a server that does not
-        page). Check ``truncated`` before treating the listing as everything
+        side's ``max_frame_size``) and returned only some. A server that stores
+        locally returns the first ones by name, and ``next`` says where the
+        next page starts: ``list_files(client, prefix=..., after=listing.next)``;
+        one that stores in S3 (or of before 2026-12-07) does not page: ``next``
+        is None. Check ``truncated`` before treating the listing as everything
         there is.
         """
         answer = await client.call(FILE_LIST, listing_arguments(prefix, after))

@@ -13,6 +13,7 @@ __all__ = [
     "FileListing",
     "gathered_enough",
     "listing_within",
+    "name_bytes",
 ]
 
 #: The most files a listing that goes page after page gathers (a directory's
@@ -64,6 +65,11 @@ class FileListing(list[dict[str, Any]]):
         super().__init__(files)
         self.truncated = truncated
         self.next = next
+
+
+def name_bytes(files: Iterable[dict[str, Any]]) -> int:
+    """The bytes of the names of ``files`` (UTF-8), what :func:`gathered_enough` counts."""
+    return sum(len(str(entry["name"]).encode("utf-8", "surrogatepass")) for entry in files)
 
 
 def gathered_enough(files: Sequence[dict[str, Any]] | int, name_bytes: int) -> bool:

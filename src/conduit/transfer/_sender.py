@@ -360,16 +360,23 @@ class Sender:
 
     @trio_callback
     async def rpc_file_list(self, prefix: str = "", after: str | None = None) -> dict[str, Any]:
-        """``file_list``: the storage's visible files by name (only those under the
+        """``file_list``: the storage's visible files (only those under the
         directory ``prefix``; only those named after ``after``: the next page).
 
         When ``max_listed``, or the caller's ``max_frame_size`` (which the answer
-        must fit in), cut the listing short, ``"truncated": True`` and ``"next"``
-        (the last name listed: the ``after`` of the next page) are added.
+        must fit in), cut the listing short, ``"truncated": True`` is added,
+        and from a storage that lists the first files by name (local, not S3:
+        ``Backend.pages_by_name``) ``"next"``, the last name listed: the
+        ``after`` of the next page.
         """
         settings = self._settings
         caller = current_peer()
         if after is not None:
+            if not settings.backend.pages_by_name:
+                # It gives no "next" (an S3 store's first keys are not always
+                # the first names): an "after" would only make it read every
+                # key below the prefix to leave them out.
+                raise RPCError("after: this server's storage does not page", "invalid_arguments")
             try:
                 if safe_relative_name(after) != after:
                     raise UnsafePathError(f"{after!r} is not a name a listing gave")

@@ -45,7 +45,7 @@ from ..errors import ConduitError
 from ._answers import ListedPage, listing_answer, listing_arguments
 from ._batch import LocalFile, send_small_files
 from ._batch_download import receive_small_files
-from ._listing import gathered_enough
+from ._listing import gathered_enough, name_bytes
 from ._local import DirectoryId, directory_id
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
@@ -368,12 +368,12 @@ async def receive_tree(
     entries: list[_Entry] = []
     after: str | None = None
     truncated = True
-    name_bytes = 0
+    listed_bytes = 0
     # Page after page (a server answers at most its max_listed files, fewer
     # when their names are long), up to what this side takes (see
     # _listing.gathered_enough): a server that never ends its listing must not
     # make this side hold files without end.
-    while truncated and not gathered_enough(len(entries), name_bytes):
+    while truncated and not gathered_enough(len(entries), listed_bytes):
         arguments = listing_arguments(prefix, after)
 
         async def list_once(peer: Peer, arguments: dict[str, str] = arguments) -> dict[str, Any]:
@@ -391,7 +391,7 @@ async def receive_tree(
         except ConduitError as exc:
             return {**transfer_failure(exc), "directory": prefix, "files": []}
         entries.extend(found)
-        name_bytes += sum(len(entry.name) for entry in found)
+        listed_bytes += name_bytes(page.files)
         truncated = page.truncated
         if page.next is None:
             break  # whole, or cut by a server that does not page
