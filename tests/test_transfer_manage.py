@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -667,6 +668,26 @@ _BAD_LISTINGS: dict[str, Any] = {
 }
 
 
+async def _serving_a_listing(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    file_list: Callable[..., Awaitable[Any]],
+) -> tuple[Client, FileTransferHandler, Path]:
+    """A server storing ``photos/a.txt`` whose ``file_list`` is ``file_list``; a
+    client of it, a handler to list and download with, and where to."""
+    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
+    _write(tmp_path / "server" / "photos" / "a.txt", b"a")
+
+    def register(server: Server) -> None:
+        transfer.register_server_handlers(server)
+        server.register_rpc(file_list, "file_list")
+
+    server = await server_factory(register=register)
+    client = await client_factory(server)
+    return client, FileTransferHandler(storage_dir=tmp_path / "unused"), tmp_path / "out"
+
+
 @pytest.mark.parametrize("case", sorted(_BAD_LISTINGS))
 async def test_a_malformed_listing_is_a_bad_answer_and_fetches_nothing(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, case: str
@@ -676,21 +697,13 @@ async def test_a_malformed_listing_is_a_bad_answer_and_fetches_nothing(
     ``--overwrite`` replaced, ``docs/important.txt`` in its output
     directory; a listing of another shape raised ``TypeError`` out of it);
     a directory download of such a listing fetches nothing."""
-    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
-    _write(tmp_path / "server" / "photos" / "a.txt", b"a")
 
-    def register(server: Server) -> None:
-        transfer.register_server_handlers(server)
+    async def file_list(prefix: str = "") -> Any:
+        return _BAD_LISTINGS[case]
 
-        async def file_list(prefix: str = "") -> Any:
-            return _BAD_LISTINGS[case]
-
-        server.register_rpc(file_list, "file_list")
-
-    server = await server_factory(register=register)
-    client = await client_factory(server)
-    local = FileTransferHandler(storage_dir=tmp_path / "unused")
-    out = tmp_path / "out"
+    client, local, out = await _serving_a_listing(
+        server_factory, client_factory, tmp_path, file_list
+    )
     with trio.fail_after(30):
         with pytest.raises(TransferError) as refused:
             await local.list_files(client, prefix="photos")
@@ -939,23 +952,15 @@ async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
     """A hostile server's second page names a file of the first: the directory
     download stops there (``bad_answer``) and fetches nothing, instead of
     listing without end or fetching a file twice at once."""
-    transfer = FileTransferHandler(storage_dir=tmp_path / "server")
-    _write(tmp_path / "server" / "photos" / "a.txt", b"a")
 
-    def register(server: Server) -> None:
-        transfer.register_server_handlers(server)
+    async def file_list(prefix: str = "", after: str | None = None) -> Any:
+        if after is None:
+            return {**_listed("photos/b.txt"), "truncated": True, "next": "photos/b.txt"}
+        return {**_listed("photos/a.txt"), "truncated": True, "next": "photos/a.txt"}
 
-        async def file_list(prefix: str = "", after: str | None = None) -> Any:
-            if after is None:
-                return {**_listed("photos/b.txt"), "truncated": True, "next": "photos/b.txt"}
-            return {**_listed("photos/a.txt"), "truncated": True, "next": "photos/a.txt"}
-
-        server.register_rpc(file_list, "file_list")
-
-    server = await server_factory(register=register)
-    client = await client_factory(server)
-    local = FileTransferHandler(storage_dir=tmp_path / "unused")
-    out = tmp_path / "out"
+    client, local, out = await _serving_a_listing(
+        server_factory, client_factory, tmp_path, file_list
+    )
     with trio.fail_after(30):
         result = await local.receive_from_server(client, "photos", local_dir=out)
         with pytest.raises(TransferError) as refused:
