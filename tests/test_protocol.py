@@ -108,7 +108,11 @@ _DECODED_SHAPES: dict[str, Any] = {
 @pytest.mark.parametrize("shape", list(_DECODED_SHAPES), ids=list(_DECODED_SHAPES))
 def test_unpack_sized_bounds_what_the_decoded_value_holds(shape: str) -> None:
     """The bound is at least what decoding allocates (tracemalloc), and the
-    value is the one ``unpack`` gives; it is at most 4 times that. (Until
+    value is the one ``unpack`` gives; it is at most 4.5 times that (4 until
+    the suite ran on Python 3.13, whose free lists hand a decoded row's dicts
+    and floats back without an allocation tracemalloc sees, after other
+    tests: the rows then counted 4.15 times what it saw, 2.6 in a fresh
+    process). (Until
     2026-12-07 a string with a character beyond U+FFFF counted a quarter of
     what it holds, and an extension value less than it holds; later that
     day, Latin-1 text still counted 5 times what it holds, CJK text 3 times.)"""
@@ -121,7 +125,7 @@ def test_unpack_sized_bounds_what_the_decoded_value_holds(shape: str) -> None:
         tracemalloc.stop()
     sized, bound = unpack_sized(data)
     assert sized == value
-    assert held <= bound <= 4 * held + 1024, (held, bound)
+    assert held <= bound <= 4.5 * held + 1024, (held, bound)
 
 
 def test_data_frame_carries_raw_bytes_byte_by_byte() -> None:
