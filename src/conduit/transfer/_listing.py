@@ -69,7 +69,12 @@ class FileListing(list[dict[str, Any]]):
 
 def name_bytes(files: Iterable[dict[str, Any]]) -> int:
     """The bytes of the names of ``files`` (UTF-8), what :func:`gathered_enough` counts."""
-    return sum(len(str(entry["name"]).encode("utf-8", "surrogatepass")) for entry in files)
+    return sum(map(_name_size, files))
+
+
+def _name_size(entry: dict[str, Any]) -> int:
+    """The bytes of a listed file's name, as the wire and this side's memory hold it."""
+    return len(str(entry["name"]).encode("utf-8", "surrogatepass"))
 
 
 def gathered_enough(files: Sequence[dict[str, Any]] | int, name_bytes: int) -> bool:
@@ -95,7 +100,7 @@ def listing_within(
     used = 0
     kept: list[dict[str, Any]] = []
     for entry in entries[:max_listed]:
-        name = len(str(entry["name"]).encode("utf-8", "surrogatepass"))
+        name = _name_size(entry)
         if used + name + ENTRY_OVERHEAD + name > budget:  # with its name as "next"
             return kept, True
         used += name + ENTRY_OVERHEAD

@@ -1725,10 +1725,11 @@ def _walk_directory(
     ``prefix``, in name order; with ``after``, only the entries named after it
     (a directory all of whose names come before it is not even read)."""
     with os.scandir(dir_fd) as iterator:
-        children = sorted(iterator, key=_walk_key)
-    for entry in children:
+        # (Keys are unique, as names are: entries themselves are never compared.)
+        children = sorted((_walk_key(entry), entry) for entry in iterator)
+    for key, entry in children:
         relative = "/".join((*prefix, entry.name))
-        key = prefix_key = _walk_key(entry)
+        prefix_key = key
         if prefix:
             prefix_key = "/".join(prefix) + "/" + key
         below = after
