@@ -20,10 +20,17 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
+from conduit.cli._transfer import _list_all
 from conduit.protocol.codec import encode_value, pack
 from conduit.protocol.frames import HEADER_SIZE, MIN_FRAME_SIZE
 from conduit.transfer import _tree as tree_module
-from conduit.transfer._listing import ENTRY_OVERHEAD, LISTING_OVERHEAD, listing_within
+from conduit.transfer._answers import listing_answer
+from conduit.transfer._listing import (
+    ENTRY_OVERHEAD,
+    LISTING_OVERHEAD,
+    listing_page,
+    listing_within,
+)
 from conduit.transfer._storage import StorageRoot
 from conftest import ClientFactory, ServerFactory, client_descriptor, server_descriptor
 from transfer_helpers import register_replacing
@@ -653,7 +660,7 @@ _BAD_LISTINGS: dict[str, Any] = {
     "a-size-that-is-a-bool": _listed("photos/a.txt", size=True),
     "a-negative-size": _listed("photos/a.txt", size=-1),
     "no-modified": {"files": [{"name": "photos/a.txt", "size": 1}]},
-    "a-next-not-the-last-name": {**_listed("photos/a.txt"), "truncated": True, "next": "photos/z"},
+    "a-next-not-on-the-page": {**_listed("photos/a.txt"), "truncated": True, "next": "photos/z"},
     "a-next-of-a-whole-listing": {**_listed("photos/a.txt"), "next": "photos/a.txt"},
     "a-next-not-text": {**_listed("photos/a.txt"), "truncated": True, "next": 5},
     "names-out-of-order": {
@@ -949,9 +956,11 @@ def test_a_cut_listing_always_fits_its_frame_whatever_its_entries(room: int) -> 
 async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
-    """A hostile server's second page names a file of the first: the directory
-    download stops there (``bad_answer``) and fetches nothing, instead of
-    listing without end or fetching a file twice at once."""
+    """A hostile server's third page names a file of the second: the directory
+    download and ``conduit ls`` stop there (``bad_answer``), fetching nothing,
+    instead of listing without end or fetching a file twice at once. (A page
+    of names before the last page's is no fault: a store's order may not be
+    the names', so the check is across every page gathered.)"""
 
     async def file_list(prefix: str = "", after: str | None = None) -> Any:
         if after is None:
@@ -963,12 +972,37 @@ async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
     )
     with trio.fail_after(30):
         result = await local.receive_from_server(client, "photos", local_dir=out)
+        second = await local.list_files(client, prefix="photos", after="photos/b.txt")
         with pytest.raises(TransferError) as refused:
-            await local.list_files(client, prefix="photos", after="photos/b.txt")
+            await _list_all(local, client)
     assert result["success"] is False and result["code"] == "bad_answer", result
-    assert "on the page after 'photos/b.txt'" in result["error"], result
+    assert "listed 'photos/a.txt' again, on a later page" in result["error"], result
+    assert [entry["name"] for entry in second] == ["photos/a.txt"]
     assert refused.value.code == "bad_answer"
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_a_page_is_sorted_and_goes_on_from_its_last_in_the_storages_order() -> None:
+    """The storage's first files in its own order (SeaweedFS's, not the
+    names'): the answer sorts them, and its ``next`` is the last in the
+    storage's order, which the client takes though it is not the page's last
+    name; a ``next`` not on the page is refused."""
+    in_store_order = [
+        {"name": name, "size": 1, "modified": 0.0}
+        for name in ("d/a/b", "d/a/c", "d/a-z.txt", "d/a.txt")
+    ]
+    answer = listing_page(in_store_order, 3, 1 << 20)
+    assert [entry["name"] for entry in answer["files"]] == ["d/a-z.txt", "d/a/b", "d/a/c"]
+    assert answer["truncated"] is True and answer["next"] == "d/a-z.txt", answer
+    page = listing_answer(answer, "d")
+    assert page.next == "d/a-z.txt" and page.truncated
+    whole = listing_page(in_store_order, 10, 1 << 20)
+    assert "next" not in whole and "truncated" not in whole
+    assert [entry["name"] for entry in whole["files"]] == sorted(
+        entry["name"] for entry in in_store_order
+    )
+    with pytest.raises(TransferError, match="not a name of a cut listing"):
+        listing_answer({**answer, "next": "d/a.txt"}, "d")
 
 
 @pytest.mark.parametrize("after", [5, "../etc", "/abs", ".hidden", "a\x00b"])

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, Server
+from conduit.cli._transfer import _list_all
 from conduit.cluster.s3 import S3Store
 from conduit.errors import RPCError
 from conftest import ClientFactory, ServerFactory
@@ -510,33 +511,39 @@ async def test_overwriting_replaces_the_name_even_when_a_variant_holds_its_bytes
 
 
 @pytest.mark.usefixtures("aws_environment")
-async def test_an_s3_listing_cut_short_says_so_and_gives_no_next_page(
+async def test_an_s3_listing_goes_page_after_page_in_the_stores_order(
     server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
 ) -> None:
-    """An S3 store lists the first keys in its own order (SeaweedFS: ``d/a/b``
-    before ``d/a-z.txt``), not always the first names, so its listing does
-    not page: a cut one is ``truncated`` with no ``next``, and a directory's
-    download says it got only part. (A version that read every key below the
-    prefix to page by name made each listing cost the whole prefix.) An
-    ``after`` given by hand is refused: it would only make the store read
-    every key below the prefix."""
+    """An S3 store's pages follow its own order (SeaweedFS: ``d/a/b`` before
+    ``d/a-z.txt``): each page sorted, ``next`` its last in the store's order,
+    and together every file once; a directory's download and ``conduit ls``
+    get them all. (Until 2026-12-08 it did not page: a directory past
+    ``max_listed`` was ``truncated``; a version that read every key below the
+    prefix to page by name made each listing cost the whole prefix.)"""
     names = ["d/a-z.txt", "d/a.txt", "d/a/b", "d/a/é", "d/a0", "d/b", "top.txt"]
     with trio.fail_after(120):
         handler, _server, client, _received = await _served(
             server_factory, client_factory, s3_url, max_listed=2
         )
-        for name in names:
-            _write(tmp_path / "src" / name, 100)
+        digests = {
+            name: _write(tmp_path / "src" / name, 100 + index) for index, name in enumerate(names)
+        }
         sent = await handler.send_files_to_server(
             client, [(tmp_path / "src" / name, name) for name in names]
         )
         assert all(result["success"] for result in sent), sent
-        first = await handler.list_files(client)
-        assert first.truncated and first.next is None and len(first) == 2, first
-        assert {entry["name"] for entry in first} <= set(names)
-        with pytest.raises(RPCError) as refused:
-            await handler.list_files(client, prefix="d", after="d/a0")
-        assert refused.value.code == "invalid_arguments", refused.value
+        pages = [await handler.list_files(client, prefix="d")]
+        while pages[-1].next is not None and len(pages) <= len(names):
+            pages.append(await handler.list_files(client, prefix="d", after=pages[-1].next))
+        listed = [entry["name"] for page in pages for entry in page]
+        assert sorted(listed) == sorted(name for name in names if name.startswith("d/")), pages
+        assert all(page == sorted(page, key=lambda entry: entry["name"]) for page in pages)
+        assert [page.truncated for page in pages] == [True] * (len(pages) - 1) + [False]
+        everything = await _list_all(handler, client)
+        assert sorted(entry["name"] for entry in everything) == sorted(names)
+        assert everything.truncated is False
         tree = await handler.receive_from_server(client, "d", tmp_path / "out")
-        assert tree["success"] is False and tree["code"] == "truncated", tree
-        assert len(tree["files"]) == 2 and all(entry["success"] for entry in tree["files"])
+        assert tree["success"] is True, tree
+    for name in names:
+        if name.startswith("d/"):
+            assert _sha256(tmp_path / "out" / name) == digests[name], name

@@ -244,6 +244,42 @@ async def test_listing_hides_partials(stores: StorePair) -> None:
     assert await node_b.find_partial("pending.bin", "t") is None
 
 
+#: Names whose order SeaweedFS's listing does not keep: it lists a directory
+#: before the names that extend its own with a character below "/".
+PAGED_NAMES = ["d/a b", "d/a-z.txt", "d/a.txt", "d/a/b", "d/a/c-1", "d/a/c/x", "d/a/é", "d/a0", "z"]
+
+
+@pytest.mark.parametrize("page", [1, 2, 3, 4])
+async def test_pages_going_on_from_the_last_name_list_every_file_once(
+    stores: StorePair, page: int
+) -> None:
+    """``list_files(after=LAST)`` goes on where the page before ended, in the
+    store's order (a local directory's is the names', SeaweedFS's is not), so
+    the pages list every file once; with ``prefix``, those below it. (Until
+    2026-12-08 an S3 store's page was sorted, and the last by name skipped the
+    files of the store's order between.)"""
+    node_a, node_b = stores
+    for index, name in enumerate(PAGED_NAMES):
+        await put(node_a, name, name.encode(), f"t{index}")
+    for prefix, expected in (
+        (None, PAGED_NAMES),
+        ("d/a", [name for name in PAGED_NAMES if name.startswith("d/a/")]),
+    ):
+        listed: list[str] = []
+        after: str | None = None
+        for _ in range(len(PAGED_NAMES) + 1):
+            entries = await node_b.list_files(max_entries=page, prefix=prefix, after=after)
+            if not entries:
+                break
+            listed += [entry.name for entry in entries]
+            after = entries[-1].name
+        assert sorted(listed) == expected, (prefix, listed)
+    if isinstance(node_b, LocalStore):  # whose order is the names'
+        assert [entry.name for entry in await node_b.list_files(after="d/a.txt")] == [
+            name for name in PAGED_NAMES if name > "d/a.txt"
+        ]
+
+
 async def test_used_bytes_counts_every_published_file(stores: StorePair) -> None:
     node_a, node_b = stores
     assert await node_b.used_bytes() == 0

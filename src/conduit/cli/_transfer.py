@@ -15,7 +15,7 @@ import trio
 
 from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
-from ..transfer._listing import FileListing, gathered_enough, name_bytes
+from ..transfer._listing import FileListing, GatheredListing
 from ..transfer._names import safe_relative_name
 from ..transfer._tree import FilePlaces, local_directory_name
 from ._common import (
@@ -580,7 +580,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
     """``conduit ls``: the server's files, one per line (or ``--json``).
 
     Page after page (a server answers at most its ``max_listed`` files at
-    once), up to what this side takes (``_listing.gathered_enough``); a
+    once), up to what this side takes (``_listing.GatheredListing``); a
     listing cut short all the same (that many files, or a server that does
     not page) says so (``"truncated": true``) and exits 1: it is not
     everything the server holds.
@@ -628,11 +628,12 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
 async def _list_all(handler: FileTransferHandler, client: Client) -> FileListing:
     """The server's files, page after page, up to what this side takes."""
     listing = await handler.list_files(client)
-    listed_bytes = name_bytes(listing)
-    while listing.next is not None and not gathered_enough(listing, listed_bytes):
+    gathered = GatheredListing()
+    gathered.add(listing)
+    while listing.next is not None and not gathered.full:
         page = await handler.list_files(client, after=listing.next)
+        gathered.add(page)
         listing.extend(page)
-        listed_bytes += name_bytes(page)
         listing.truncated, listing.next = page.truncated, page.next
     return listing
 

@@ -47,9 +47,6 @@ async def _run(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 class LocalStore:
     """:class:`~conduit.cluster.store.Store` on a local directory (a ``StorageRoot``)."""
 
-    #: A listing is the first names: the next page goes on from the last.
-    pages_by_name = True
-
     def __init__(self, root: StorageRoot | str | os.PathLike[str]) -> None:
         """Wrap ``root`` (a StorageRoot or a directory path); touches nothing on disk."""
         self.root = root if isinstance(root, StorageRoot) else StorageRoot(root)

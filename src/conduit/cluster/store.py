@@ -135,10 +135,6 @@ class PartialUpload(Protocol):
 class Store(Protocol):
     """Where received files go and where served files come from."""
 
-    #: Whether :meth:`list_files` answers the first files by name, so that a
-    #: listing can go on from its last name (``file_list``'s pages).
-    pages_by_name: bool
-
     def location_of(self, name: str) -> str:
         """Where ``name`` lives, for logs and the ``path`` of callbacks (a path or a URL)."""
         ...
@@ -181,13 +177,18 @@ class Store(Protocol):
     async def list_files(
         self, *, max_entries: int = 100_000, prefix: str | None = None, after: str | None = None
     ) -> list[StoredFile]:
-        """At most ``max_entries`` published files, sorted by name; never partials,
-        never unsafe names. The first by name where :attr:`pages_by_name`, else
-        the first in the store's own order.
+        """The first ``max_entries`` published files in the store's listing
+        order; never partials, never unsafe names.
 
         With ``prefix`` (a directory name, checked like any name), only the
         files below it, still named from the root; with ``after``, only those
-        named after it (the next page of a listing, where the store pages).
+        that come after it in that order (the next page of a listing goes on
+        from the last name of the one before). The order is the names' for a
+        local directory and for an S3 store that lists keys by their bytes
+        (AWS, MinIO); SeaweedFS lists a directory before the names that
+        extend its own with a character below ``/`` (``d/a/b`` before
+        ``d/a-z.txt``). The same order on every call: pages never repeat or
+        skip a file that stays.
         """
         ...
 

@@ -109,8 +109,10 @@ class ListedPage:
     files: list[dict[str, Any]]
     #: The server had more files than it answered.
     truncated: bool
-    #: Where the next page starts (``after=``): the last name of this one; None
-    #: when the listing is whole, or cut by a server that does not page.
+    #: Where the next page starts (``after=``): one of this page's names (its
+    #: last in the storage's order); None when the listing is whole, or cut by
+    #: a server that does not page (one of before 2026-12-07, or of that day
+    #: with S3 storage).
     next: str | None
 
 
@@ -122,9 +124,9 @@ def listing_arguments(prefix: str | None, after: str | None) -> dict[str, str]:
     return {key: value for key, value in arguments.items() if value is not None}
 
 
-def listing_answer(answer: Any, prefix: str | None, after: str | None = None) -> ListedPage:
+def listing_answer(answer: Any, prefix: str | None) -> ListedPage:
     """Check a ``file_list`` answer: its files, whether the server cut them short,
-    and where its next page starts (``after``: where this page was asked to).
+    and where its next page starts.
 
     A map whose ``files`` is a list of maps, each with a ``name`` that is
     already a safe relative name (``_names.safe_relative_name``: no control
@@ -133,10 +135,11 @@ def listing_answer(answer: Any, prefix: str | None, after: str | None = None) ->
     integer, 0 or more) and a ``modified`` time (a number). Anything else
     raises :class:`BadAnswer`: a caller building local paths from the names
     (``conduit get``) must never find one outside what it asked for. The
-    names must come in name order, each once, and a ``next`` must be the
-    last, of a cut listing; every name of a page asked for ``after`` a name
-    must come after it: a page that started again where an earlier one did
-    would never end, or list a file twice.
+    names must come in name order, each once, and a ``next`` must be one of
+    them, of a cut listing. (That no page names a file an earlier one did is
+    checked by whoever gathers them: ``_listing.GatheredListing``. The pages
+    follow the storage's order, which is not always the names': a page may
+    hold names before the ``after`` it was asked for.)
     """
     body = _mapping(answer, "the file_list answer")
     files = body.get("files")
@@ -159,8 +162,6 @@ def listing_answer(answer: Any, prefix: str | None, after: str | None = None) ->
         if not safe or not str(name).startswith(under):
             where = f"a file under {prefix!r}" if under else "a safe relative name"
             raise BadAnswer(f"the server listed {name!r}, not {where}")
-        if after is not None and str(name) <= after:
-            raise BadAnswer(f"the server listed {name!r} on the page after {after!r}")
         if previous is not None and str(name) <= previous:
             raise BadAnswer(f"the server listed {name!r} after {previous!r}: not in name order")
         previous = str(name)
@@ -170,9 +171,17 @@ def listing_answer(answer: Any, prefix: str | None, after: str | None = None) ->
             raise BadAnswer(f"{name!r}'s 'modified' is {type(modified).__name__}, not a number")
     truncated = body.get("truncated") is True
     following = body.get("next")
-    if following is not None and (not truncated or not files or following != files[-1].get("name")):
-        raise BadAnswer(f"'next' is {following!r}, not the last name of a cut listing")
+    if following is not None and (
+        not truncated or not isinstance(following, str) or not _names_one_of(following, files)
+    ):
+        raise BadAnswer(f"'next' is {following!r}, not a name of a cut listing")
     return ListedPage(files, truncated, following)
+
+
+def _names_one_of(name: str, files: list[dict[str, Any]]) -> bool:
+    """Whether one of the (checked) listed ``files`` is ``name``; the last, from
+    a storage that lists by name, is looked at first."""
+    return any(entry["name"] == name for entry in reversed(files))
 
 
 def outcome_answer(answer: Any, what: str) -> dict[str, Any]:

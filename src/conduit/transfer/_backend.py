@@ -126,9 +126,6 @@ class Backend(Protocol):
     #: The S3 store a cluster node may stage cross-node pushes in when it has
     #: no ``cluster_staging`` (None: this backend has none).
     cluster_staging: S3Store | None
-    #: Whether :meth:`list_files` answers the first files by name, so that a
-    #: ``file_list`` answer cut short can say where the next page starts.
-    pages_by_name: bool
 
     def location_of(self, peer: Peer | None, name: str) -> str:
         """Where ``peer``'s published ``name`` lives (a path or a URL)."""
@@ -160,9 +157,9 @@ class Backend(Protocol):
     async def list_files(
         self, peer: Peer | None, *, max_entries: int, prefix: str | None, after: str | None = None
     ) -> list[dict[str, Any]]:
-        """At most ``max_entries`` published files (named after ``after``, when
-        given) as ``{"name", "size", "modified"}``, in name order: the first by
-        name where :attr:`pages_by_name`."""
+        """The first ``max_entries`` published files (after ``after``, when
+        given) as ``{"name", "size", "modified"}``, in the storage's listing
+        order (:meth:`conduit.cluster.store.Store.list_files`)."""
         ...
 
     async def stat(self, peer: Peer, name: str, *, sha256: bool) -> dict[str, Any]:

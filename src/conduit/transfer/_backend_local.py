@@ -148,8 +148,6 @@ class LocalBackend:
         self._settings = settings
         #: A local directory cannot stage pushes for other nodes.
         self.cluster_staging: S3Store | None = None
-        #: Its walk yields names in name order (see ``_storage._walk_directory``).
-        self.pages_by_name = True
         # Reservations, quotas, partial ownership and expiry (see ._space).
         self.budget = DiskBudget(settings)
         # One call at a time per connection on each pool, owners (users, or

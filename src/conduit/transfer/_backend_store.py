@@ -313,8 +313,6 @@ class StoreBackend:
     ) -> None:
         """Serve ``store``; ``substore(root)`` gives a user's root (None: no accounts)."""
         self.store = store
-        #: As the store lists (a user's root is a store of the same kind).
-        self.pages_by_name = store.pages_by_name
         #: Set by whoever built ``store`` when it is an S3 store: a cluster node
         #: without ``cluster_staging`` stages cross-node pushes in it.
         self.cluster_staging: S3Store | None = None

@@ -602,16 +602,18 @@ class FileTransferHandler:
         a ``truncated`` attribute, True when the server had more files than it
         answers at once (its ``max_listed``, 10,000 by default, or fewer when
         their names are long: the answer must fit in one message of this
-        side's ``max_frame_size``) and returned only some. A server that stores
-        locally returns the first ones by name, and ``next`` says where the
-        next page starts: ``list_files(client, prefix=..., after=listing.next)``;
-        one that stores in S3 (or of before 2026-12-07) does not page: ``next``
-        is None. Check ``truncated`` before treating the listing as everything
-        there is.
+        side's ``max_frame_size``) and returned only some, and ``next`` says
+        where the next page starts: ``list_files(client, prefix=...,
+        after=listing.next)``. Each page is sorted by name; the pages follow
+        the storage's listing order, the names' but on an S3 store that lists
+        otherwise (see :class:`~conduit.transfer.FileListing`). A server of
+        before 2026-12-07 does not page (``next`` is None; one of 2026-12-07
+        pages only local storage). Check ``truncated`` before treating the
+        listing as everything there is.
         """
         answer = await client.call(FILE_LIST, listing_arguments(prefix, after))
         # The server adds "truncated" only when it cut the list; older ones never do.
-        page = listing_answer(answer, prefix, after)
+        page = listing_answer(answer, prefix)
         return FileListing(page.files, truncated=page.truncated, next=page.next)
 
     @bridged

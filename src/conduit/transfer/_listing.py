@@ -1,9 +1,14 @@
-"""What :meth:`FileTransferHandler.list_files` returns: a list that says whether it is complete."""
+"""Listings in pages: what a server answers to ``file_list`` (:func:`listing_page`),
+what :meth:`FileTransferHandler.list_files` returns (:class:`FileListing`, a
+list that says whether it is complete), and what a side that goes page after
+page keeps of them (:class:`GatheredListing`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from ._answers import BadAnswer
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -11,9 +16,10 @@ __all__ = [
     "MAX_GATHERED_FILES",
     "MAX_GATHERED_NAME_BYTES",
     "FileListing",
+    "GatheredListing",
     "gathered_enough",
+    "listing_page",
     "listing_within",
-    "name_bytes",
 ]
 
 #: The most files a listing that goes page after page gathers (a directory's
@@ -44,15 +50,21 @@ class FileListing(list[dict[str, Any]]):
     (10,000 by default), and no more than fit in one message of the caller's
     ``max_frame_size``, in one answer; :attr:`truncated` is True when it had
     more, so a caller can tell "these are all the files" from "these are the
-    first files" (by name; :attr:`next` says where the rest starts). A slice
-    or a copy made with ``list(...)`` is a plain list and loses both.
+    first files" (:attr:`next` says where the rest starts). Its files are
+    sorted by name; the pages follow the server storage's listing order,
+    which is the names' but on an S3 store that lists otherwise (SeaweedFS:
+    ``d/a/b`` before ``d/a-z.txt``), where a page may hold names before the
+    last page's. A slice or a copy made with ``list(...)`` is a plain list
+    and loses both.
     """
 
     #: True when the server cut the listing (its ``max_listed``, or the size
     #: of one message): more files exist.
     truncated: bool
     #: Of a cut listing, where the next page starts: pass it as ``list_files``'
-    #: ``after``. None when the listing is whole, or the server does not page.
+    #: ``after``. One of its names (the last, but from such a store). None
+    #: when the listing is whole, or the server does not page (one of before
+    #: 2026-12-07, or of that day with S3 storage).
     next: str | None
 
     def __init__(
@@ -67,21 +79,46 @@ class FileListing(list[dict[str, Any]]):
         self.next = next
 
 
-def name_bytes(files: Iterable[dict[str, Any]]) -> int:
-    """The bytes of the names of ``files`` (UTF-8), what :func:`gathered_enough` counts."""
-    return sum(map(_name_size, files))
-
-
 def _name_size(entry: dict[str, Any]) -> int:
     """The bytes of a listed file's name, as the wire and this side's memory hold it."""
     return len(str(entry["name"]).encode("utf-8", "surrogatepass"))
 
 
-def gathered_enough(files: Sequence[dict[str, Any]] | int, name_bytes: int) -> bool:
-    """Whether a listing gathered page after page (``files``, or their count, and
-    ``name_bytes`` of names) is as long as this side takes."""
-    count = files if isinstance(files, int) else len(files)
+def gathered_enough(count: int, name_bytes: int) -> bool:
+    """Whether a listing gathered page after page (``count`` files, ``name_bytes``
+    of names) is as long as this side takes."""
     return count >= MAX_GATHERED_FILES or name_bytes >= MAX_GATHERED_NAME_BYTES
+
+
+class GatheredListing:
+    """The names the pages of one listing gave so far (a directory's download,
+    ``conduit ls``), checked across pages.
+
+    A page that names a file an earlier one did is refused (:class:`BadAnswer`):
+    a server that started again where it had been would list without end, or
+    have a file fetched twice. (Within a page, ``listing_answer`` checks the
+    names; across pages they follow the storage's order, which only the server
+    knows, so this is the check.) :attr:`full` once this side holds as much
+    of a listing as it takes (:func:`gathered_enough`).
+    """
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+        self._name_bytes = 0
+
+    def add(self, files: Iterable[dict[str, Any]]) -> None:
+        """Take a checked page's files; :class:`BadAnswer` if one came before."""
+        for entry in files:
+            name = str(entry["name"])
+            if name in self._names:
+                raise BadAnswer(f"the server listed {name!r} again, on a later page")
+            self._names.add(name)
+            self._name_bytes += _name_size(entry)
+
+    @property
+    def full(self) -> bool:
+        """Whether the pages gathered are as many as this side takes."""
+        return gathered_enough(len(self._names), self._name_bytes)
 
 
 def listing_within(
@@ -106,3 +143,24 @@ def listing_within(
         used += name + ENTRY_OVERHEAD
         kept.append(entry)
     return kept, len(entries) > max_listed
+
+
+def listing_page(entries: Sequence[dict[str, Any]], max_listed: int, room: int) -> dict[str, Any]:
+    """The ``file_list`` answer of ``entries``, the storage's first files in its
+    listing order: those that fit (:func:`listing_within`), sorted by name; of
+    a cut listing, ``truncated`` and ``next``, the last kept in the storage's
+    order, where the next page goes on from (the last by name too, but on a
+    store that lists otherwise, such as SeaweedFS: see ``Store.list_files``).
+    """
+    listed, truncated = listing_within(entries, max_listed, room)
+    answer: dict[str, Any] = {"files": listed}
+    if truncated:
+        answer["truncated"] = True
+        if listed:
+            answer["next"] = listed[-1]["name"]
+    listed.sort(key=_listed_name)  # already so, but on such a store
+    return answer
+
+
+def _listed_name(entry: dict[str, Any]) -> str:
+    return str(entry["name"])

@@ -50,7 +50,7 @@ from ._batch_store import FRAME_OVERHEAD
 from ._budget import ByteBudget, SendBudget
 from ._engine import FileSource, hash_prefix, send_file
 from ._hooks import Hooks, TransferSettings, notify
-from ._listing import listing_within
+from ._listing import listing_page
 from ._local import DirectoryId, SmallFile, read_source
 from ._names import safe_relative_name
 from ._progress import ProgressReporter, TransferProgress
@@ -363,20 +363,17 @@ class Sender:
         """``file_list``: the storage's visible files (only those under the
         directory ``prefix``; only those named after ``after``: the next page).
 
-        When ``max_listed``, or the caller's ``max_frame_size`` (which the answer
-        must fit in), cut the listing short, ``"truncated": True`` is added,
-        and from a storage that lists the first files by name (local, not S3:
-        ``Backend.pages_by_name``) ``"next"``, the last name listed: the
-        ``after`` of the next page.
+        A page is the first files in the storage's listing order (the names'
+        order, but for an S3 store that lists otherwise: see
+        ``Store.list_files``), sent sorted by name. When ``max_listed``, or the
+        caller's ``max_frame_size`` (which the answer must fit in), cut the
+        listing short, ``"truncated": True`` is added, and ``"next"``: the
+        page's last name in the storage's order (its last by name, but on such
+        a store), the ``after`` of the next page.
         """
         settings = self._settings
         caller = current_peer()
         if after is not None:
-            if not settings.backend.pages_by_name:
-                # It gives no "next" (an S3 store's first keys are not always
-                # the first names): an "after" would only make it read every
-                # key below the prefix to leave them out.
-                raise RPCError("after: this server's storage does not page", "invalid_arguments")
             try:
                 if safe_relative_name(after) != after:
                     raise UnsafePathError(f"{after!r} is not a name a listing gave")
@@ -389,13 +386,7 @@ class Sender:
         except Exception as exc:
             raise as_rpc_error(exc) from None
         room = caller.connection.keys.peer_max_frame_size
-        listed, truncated = listing_within(entries, settings.max_listed, room)
-        answer: dict[str, Any] = {"files": listed}
-        if truncated:
-            answer["truncated"] = True
-            if listed and settings.backend.pages_by_name:
-                answer["next"] = listed[-1]["name"]
-        return answer
+        return listing_page(entries, settings.max_listed, room)
 
     @trio_callback
     async def rpc_file_stat(self, name: str, sha256: bool = False) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from ..errors import ConduitError
 from ._answers import ListedPage, listing_answer, listing_arguments
 from ._batch import LocalFile, send_small_files
 from ._batch_download import receive_small_files
-from ._listing import gathered_enough, name_bytes
+from ._listing import GatheredListing
 from ._local import DirectoryId, directory_id
 from ._names import MAX_DEPTH, safe_relative_name
 from ._progress import TransferProgress
@@ -251,20 +251,18 @@ def tree_result(directory: str, entries: list[_Entry], **extra: Any) -> dict[str
     }
 
 
-def remote_entries(
-    listing: Any, prefix: str, local_dir: Path, after: str | None = None
-) -> tuple[list[_Entry], ListedPage]:
-    """The files a ``file_list(prefix=..., after=...)`` answer names, each to land
-    at ``local_dir/name``, and the checked page (whether the server cut the
+def remote_entries(listing: Any, prefix: str, local_dir: Path) -> tuple[list[_Entry], ListedPage]:
+    """The files a ``file_list(prefix=...)`` answer names, each to land at
+    ``local_dir/name``, and the checked page (whether the server cut the
     listing short, where its next page starts).
 
     The server is not trusted: the answer is checked (:func:`._answers.listing_answer`:
     a map whose ``files`` are maps, each with a name that is already a safe
-    relative name under ``prefix``, after ``after``), and anything else raises
+    relative name under ``prefix``), and anything else raises
     :class:`BadAnswer` (``bad_answer``) before a single file is fetched or a
     local path is made from it.
     """
-    page = listing_answer(listing, prefix, after)
+    page = listing_answer(listing, prefix)
     entries = [
         _Entry(item["name"], str(local_dir / item["name"]), size=item["size"])
         for item in page.files
@@ -368,12 +366,12 @@ async def receive_tree(
     entries: list[_Entry] = []
     after: str | None = None
     truncated = True
-    listed_bytes = 0
+    gathered = GatheredListing()
     # Page after page (a server answers at most its max_listed files, fewer
     # when their names are long), up to what this side takes (see
     # _listing.gathered_enough): a server that never ends its listing must not
     # make this side hold files without end.
-    while truncated and not gathered_enough(len(entries), listed_bytes):
+    while truncated and not gathered.full:
         arguments = listing_arguments(prefix, after)
 
         async def list_once(peer: Peer, arguments: dict[str, str] = arguments) -> dict[str, Any]:
@@ -387,11 +385,11 @@ async def receive_tree(
         if not listed.get("success"):
             return {**listed, "directory": prefix, "files": []}
         try:
-            found, page = remote_entries(listed["listing"], prefix, local_dir, after)
+            found, page = remote_entries(listed["listing"], prefix, local_dir)
+            gathered.add(page.files)
         except ConduitError as exc:
             return {**transfer_failure(exc), "directory": prefix, "files": []}
         entries.extend(found)
-        listed_bytes += name_bytes(page.files)
         truncated = page.truncated
         if page.next is None:
             break  # whole, or cut by a server that does not page
