@@ -255,6 +255,79 @@ async def test_a_connect_after_a_cancelled_one_takes_its_handshake_over(
         await client.disconnect()
 
 
+async def test_a_cancelled_reconnect_finished_alone_keeps_the_client_id_for_the_next(
+    server_factory: ServerFactory, nursery: trio.Nursery
+) -> None:
+    """A client whose connection was lost connects again, and that connect()
+    is cancelled: its handshake, finished alone, resumed the client id, and
+    its GOODBYE says the client comes back (``going_away``), so the server
+    keeps the new token the next connect() presents: the same id again. (A
+    GOODBYE for good makes the server forget the token: the next connect()
+    then got a new id.)"""
+    server = await server_factory()
+    relay = GatedRelay(server.port, gated=2)
+    relay.port = await nursery.start(serve_on_loopback, relay.handle)
+    client = Client(client_descriptor(relay.port, reconnect_enabled=False))
+    with trio.fail_after(30):
+        await client.connect()
+        first_id = client.id
+        assert client._peer is not None
+        client._peer.connection.abort("the link is lost")  # no goodbye: the token is kept
+        await wait_until(lambda: first_id not in server.clients and relay.ended == 1)
+        with trio.CancelScope() as scope:
+            nursery.start_soon(_cancel_when, relay.server_spoke, scope)
+            await client.connect()  # its hello is out: the server answered it
+        assert scope.cancelled_caught
+        relay.release.set()
+        await wait_until(lambda: relay.ended == 2)  # the handshake went on, and said goodbye
+        await client.connect()
+        assert client.id == first_id
+        await client.disconnect()
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+@attrs.define(eq=False)
+class GatedRelay:
+    """A TCP relay in front of ``target_port`` whose connection number ``gated``
+    (from 1) holds the server's bytes until :attr:`release` is set, and sets
+    :attr:`server_spoke` when the first of them come."""
+
+    target_port: int
+    gated: int
+    port: int = 0
+    connections: int = 0
+    ended: int = 0
+    server_spoke: trio.Event = attrs.Factory(trio.Event)
+    release: trio.Event = attrs.Factory(trio.Event)
+
+    async def handle(self, downstream: trio.SocketStream) -> None:
+        """Relay one connection (served by :func:`conftest.serve_on_loopback`)."""
+        self.connections += 1
+        gated = self.connections == self.gated
+        upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipe, downstream, upstream, False)
+                nursery.start_soon(self._pipe, upstream, downstream, gated)
+        finally:
+            await trio.aclose_forcefully(downstream)
+            await trio.aclose_forcefully(upstream)
+            self.ended += 1
+
+    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream, gated: bool) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await source.receive_some(65536):
+                if gated:
+                    self.server_spoke.set()
+                    await self.release.wait()
+                await sink.send_all(data)
+            await sink.send_eof()
+
+
 async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
     server_factory: ServerFactory, nursery: trio.Nursery
 ) -> None:

@@ -1875,12 +1875,14 @@ async def test_a_run_cancelled_from_outside_says_goodbye_on_a_stream_that_awaits
             await p.server.closed.wait()
     assert wrapped.closed
     assert p.client.closed_on_purpose
+    assert p.client.left_for_good  # its application's end: no coming back on its token
     assert phases_at_send == [Phase.CLOSED]  # one send, the GOODBYE, once released
     if send_fails:
         assert wrapped.sends_armed == 1  # the GOODBYE was tried
     else:
         assert p.server.close_reason == "peer closed the connection: client shutting down"
         assert p.server.closed_on_purpose
+        assert p.server.peer_left_for_good
 
 
 _SET_BY_A_HANDLER: contextvars.ContextVar[str] = contextvars.ContextVar(

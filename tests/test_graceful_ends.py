@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +219,47 @@ def test_an_asyncio_server_task_cancelled_says_it_is_going_away(
 
     asyncio.run(main())
     assert "disconnected: peer closed the connection: server shutting down" in caplog.text
+
+
+def test_a_client_left_connected_as_asyncio_run_ends_leaves_no_resume_token() -> None:
+    """``asyncio.run()`` returning with a client still connected: the end of
+    its run says goodbye for good, as ``disconnect()`` does, so the client
+    forgets its resume token and the server forgets it too (until 2026-12-08
+    it kept it for the hour a lost client has to come back)."""
+    server = _server_with_hello()
+    listening = threading.Event()
+    trio_token: list[trio.lowlevel.TrioToken] = []
+
+    async def serve() -> None:
+        trio_token.append(trio.lowlevel.current_trio_token())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            listening.set()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    try:
+        assert listening.wait(10)
+        client = _client_of(server.port)
+
+        async def main() -> str | None:
+            await client.connect()
+            assert await client.call("hello") == "hi"
+            return client.id  # and asyncio.run ends, the client still connected
+
+        client_id = asyncio.run(main())
+
+        def server_side() -> tuple[bool, int]:
+            return client_id in server.clients, len(server._resume_tokens)
+
+        for _ in range(200):
+            still_there, tokens = trio.from_thread.run_sync(server_side, trio_token=trio_token[0])
+            if not still_there:
+                break
+            time.sleep(0.05)
+        assert (still_there, tokens) == (False, 0)
+        assert client._resume_token == b""
+    finally:
+        if trio_token:
+            trio.from_thread.run(server.close, trio_token=trio_token[0])
+        thread.join(10)

@@ -1502,7 +1502,7 @@ async def test_bytes_argument_given_an_integer(arena: ArenaFactory) -> None:
 async def _session(port: int, *, source: str | None = None, resume_token: bytes = b"") -> Client:
     """A client connected from ``source`` (a 127.0.0.x address; 127.0.0.1 if None),
     presenting ``resume_token`` (a client given its stream presents none)."""
-    client = Client(client_descriptor(port))
+    client = Client(client_descriptor(port, reconnect_enabled=False))
     client._resume_token = resume_token
     stream = None
     if source is not None:
@@ -1512,12 +1512,20 @@ async def _session(port: int, *, source: str | None = None, resume_token: bytes 
     return client
 
 
+async def _drop_the_link(client: Client) -> None:
+    """End ``client``'s connection without a goodbye (which would make the
+    server forget its token at once): the link lost, as a flood can make it."""
+    assert client._peer is not None
+    client._peer.connection.abort("the link is lost")
+    await client.disconnect()
+
+
 @hostile(
     "resume-token-flood",
     area="access control",
-    attack="a client holding the password connects and leaves 40 times from 127.0.0.2, a new "
-    "client each time (the server's resume-token table shrunk to 8), while an honest client "
-    "from 127.0.0.1 is away",
+    attack="a client holding the password connects and drops the link 40 times from 127.0.0.2, "
+    "a new client each time (the server's resume-token table shrunk to 8), while an honest "
+    "client from 127.0.0.1 is away",
     behaviour="the flood evicts only its own tokens: the honest client comes back with its "
     "client id; the table holds 8 tokens",
 )
@@ -1526,10 +1534,14 @@ async def test_a_flood_of_sessions_evicts_only_its_own_resume_tokens(arena: Aren
     a.server._resume_tokens = ResumeTokens(max_tokens=8)
     honest = await _session(a.port)
     honest_id, honest_token = honest.id, honest._resume_token
-    await honest.disconnect()
+    await _drop_the_link(honest)
+    gone = {honest_id}
     for _ in range(40):
         flood = await _session(a.port, source="127.0.0.2")
-        await flood.disconnect()
+        gone.add(flood.id)
+        await _drop_the_link(flood)
+    with trio.fail_after(10):
+        await wait_until(lambda: gone.isdisjoint(a.server.clients))
     assert len(a.server._resume_tokens) == 8
     back = await _session(a.port, resume_token=honest_token)
     assert back.id == honest_id

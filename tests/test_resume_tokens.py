@@ -89,3 +89,28 @@ async def test_a_session_that_cannot_open_still_lets_its_token_expire(
     entries = list(server._resume_tokens._entries.values())
     assert len(entries) == 1 and entries[0].client_id == client.id
     assert entries[0].expires != math.inf
+
+
+async def test_a_client_that_says_goodbye_leaves_no_token_and_a_lost_one_does(
+    memory_server_factory: ServerFactory, memory_client_factory: ClientFactory
+) -> None:
+    """``disconnect()`` says GOODBYE for good and forgets the client's token, so
+    the server forgets it too, at once (until 2026-12-08 it kept it for
+    ``RESUME_TTL``, an hour, up to ``MAX_TOKENS`` of them: about 400 bytes each
+    for every client that had come and gone); a connection lost without a
+    goodbye keeps its token, to resume with, and its clock starts."""
+    server = await memory_server_factory()
+    leaving = await memory_client_factory(server, reconnect_enabled=False)
+    lost = await memory_client_factory(server, reconnect_enabled=False)
+    leaving_id, lost_id = leaving.id, lost.id
+    assert len(server._resume_tokens) == 2
+    with trio.fail_after(10):
+        await leaving.disconnect()
+        await wait_until(lambda: leaving_id not in server.clients)
+        assert leaving._resume_token == b""
+        assert lost._peer is not None
+        lost._peer.connection.abort("the link is lost")  # no goodbye
+        await wait_until(lambda: lost_id not in server.clients)
+    entries = list(server._resume_tokens._entries.values())
+    assert [entry.client_id for entry in entries] == [lost_id]
+    assert entries[0].expires != math.inf

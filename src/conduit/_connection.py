@@ -446,6 +446,12 @@ class Connection:
         #: (a client reconnects only after a lost link, or a server's
         #: goodbye that says it is going away: see ``_on_goodbye``).
         self.closed_on_purpose = False
+        #: This side said GOODBYE for good (not ``going_away``): a client that
+        #: will not come back on this session's resume token.
+        self.left_for_good = False
+        #: The peer said GOODBYE for good (not ``going_away``): to a server, a
+        #: client that forgot its resume token (see ``Server``'s sessions).
+        self.peer_left_for_good = False
         #: State other layers keep for this connection (the transfer registry,
         #: budgets), keyed by its owner. Owned here, not in a registry keyed by
         #: the connection, so that it cannot outlive the connection: it is
@@ -651,6 +657,7 @@ class Connection:
         if goodbye is None:
             return None
         self.closed_on_purpose = True
+        self.left_for_good = self.is_client
         (record,) = self._writer.write_frames([(goodbye,)])
         io = self._socket_io
         if io is None:
@@ -840,6 +847,7 @@ class Connection:
             )
             goodbye = self._state.goodbye(reason, going_away=going_away)
             self.closed_on_purpose = True
+            self.left_for_good = goodbye is not None and not going_away
             if goodbye is not None and direct:
                 # Nothing queued: sent from here (see _goodbye_now).
                 waits = not self._goodbye_now(goodbye)
@@ -1737,6 +1745,7 @@ class Connection:
         # reconnect it is lost, not closed on purpose, and it comes back.
         # (A close of ours that crossed it stays on purpose.)
         self.closed_on_purpose = self.closed_on_purpose or not event.going_away
+        self.peer_left_for_good = not event.going_away
         self.abort(f"peer closed the connection: {event.reason}")
 
     # ------------------------------------------------------------------ calls

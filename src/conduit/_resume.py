@@ -11,7 +11,9 @@ alice's id, close her live connection as stale, or receive her pushes.
 
 Tokens are single-use (each WELCOME replaces the last one), kept as their
 SHA-256 (a table dump does not leak usable tokens), valid for
-:data:`RESUME_TTL` seconds after their connection ended, and the table is
+:data:`RESUME_TTL` seconds after their connection was lost (not after a
+client's GOODBYE for good: a client that disconnects forgets its token, and
+the server its digest, :meth:`ResumeTokens.retire`), and the table is
 bounded (:data:`MAX_TOKENS`): when it is full a token goes, and its client
 simply gets a new id when it comes back. The token that goes is the oldest of
 the *owner* with the most tokens (an account, or in shared-password mode the
@@ -224,6 +226,17 @@ class ResumeTokens:
             heapq.heappush(self._expiries, (entry.expires, handle))
             if len(self._expiries) > 2 * self._max + 64:
                 self._rebuild_expiries()
+        self._sweep(now)
+
+    def retire(self, handle: bytes | None, now: float) -> None:
+        """The connection that got ``handle``'s token ended with its client's
+        GOODBYE for good: the client forgot the token (``Client.disconnect``),
+        so it goes now rather than in ``ttl`` seconds. A token redeemed or
+        replaced since is not touched, as by :meth:`start_expiry`.
+        """
+        entry = self._entries.get(handle) if handle is not None else None
+        if entry is not None and handle is not None and entry.held_by is None:
+            self.spend(handle)
         self._sweep(now)
 
     def owners(self) -> int:

@@ -490,7 +490,7 @@ class Client(Endpoint):
             # session is said goodbye to and closed here, never run.
             if peer is not None:
                 with trio.CancelScope(shield=True):
-                    await _close_unrun(peer, "client disconnected")
+                    await _close_unrun(peer, "client disconnected", coming_back=False)
             raise ConnectionClosed("disconnect() was called during connect()")
         assert peer is not None  # not cancelled: only disconnect() cancels the scope
         self._start(peer, redial=stream is None)
@@ -559,7 +559,7 @@ class Client(Endpoint):
         # no new session in self._peer, and no token it cleared written again.
         if reconnect and self._stopping:
             with trio.CancelScope(shield=True):
-                await _close_unrun(peer, "client disconnected")
+                await _close_unrun(peer, "client disconnected", coming_back=False)
             return None
         self._install(peer, welcome, token, given=given)
         return peer
@@ -680,12 +680,13 @@ class Client(Endpoint):
                     self._install(peer, welcome, token, given=given)
                     self._start(peer, redial=not given)
                     return
-                if token and ours:
+                keeps_id = bool(token) and ours
+                if keeps_id:
                     # The token it presented is spent (single use): the WELCOME's
                     # replaces it, or the next connect() would lose our client id.
                     self._resume_token = welcome.resume_token
                 log.debug("the handshake of a cancelled connect() finished; closing its session")
-                await _close_unrun(peer, "connect() was cancelled")
+                await _close_unrun(peer, "connect() was cancelled", coming_back=keeps_id)
             if connecting.scope.cancelled_caught:
                 log.info(
                     "the handshake of a cancelled connect() ran out of time "
@@ -824,6 +825,10 @@ class Client(Endpoint):
 
         def ended() -> None:
             log.info("disconnected: %s", peer.connection.close_reason)
+            if peer.connection.left_for_good and self._peer is peer:
+                # Our goodbye for good (run() torn down: as a disconnect()):
+                # the server forgets the token once it reads it.
+                self._resume_token = b""
             if not self._should_reconnect(peer):
                 # Say so now, not after the disconnect hooks: transfers waiting
                 # for a reconnect give up at once.
@@ -1027,18 +1032,20 @@ class Client(Endpoint):
         await self.disconnect()
 
 
-async def _close_unrun(peer: Peer, reason: str) -> None:
+async def _close_unrun(peer: Peer, reason: str, *, coming_back: bool) -> None:
     """Say goodbye on ``peer``'s new connection and close it, without serving it.
 
     Its run() starts nothing on a connection closed before it ran (no
     reading, no hooks: see :meth:`Connection.will_run`); it only closes the
-    socket, once close() has sent the GOODBYE.
+    socket, once close() has sent the GOODBYE. ``coming_back``: the client
+    keeps this session's resume token for its next connect(); its GOODBYE
+    then says ``going_away``, since one for good makes the server forget it.
     """
     connection = peer.connection
     connection.will_run()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connection.run)
-        await connection.close(reason)
+        await connection.close(reason, going_away=coming_back)
 
 
 __all__ = ["Client"]

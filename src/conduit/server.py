@@ -1013,7 +1013,13 @@ class Server(Endpoint):
         def ended() -> None:
             nonlocal expiring
             expiring = True
-            self._resume_tokens.start_expiry(token, trio.current_time())
+            if peer.connection.peer_left_for_good:
+                # It said goodbye for good, and forgot its token (see
+                # Client.disconnect): nobody presents it again, and it would
+                # take its place in the table for RESUME_TTL.
+                self._resume_tokens.retire(token, trio.current_time())
+            else:
+                self._resume_tokens.start_expiry(token, trio.current_time())
             if self.clients.get(client_id) is peer:
                 del self.clients[client_id]
             log.info("client %s disconnected: %s", client_id, peer.connection.close_reason)
@@ -1060,6 +1066,9 @@ class Server(Endpoint):
                 over.set()
                 if self._sessions_over.get(client_id) is over:
                     del self._sessions_over[client_id]
+            left_for_good = peer.connection.peer_left_for_good
+            if self.cluster is not None and token is not None and left_for_good:
+                await self.cluster.spend_resume_token(token)  # its copy: shielded, bounded
             # Each connection releases the id it was given; the cluster counts
             # them, so a newer connection of the same client keeps holding it.
             await self._release_client_id(client_id)  # shielded, bounded

@@ -19,6 +19,7 @@ import redis
 import trio
 
 from cluster.node_processes import Receiver, engine_nodes, random_file, receiver
+from conduit._resume import token_digest
 
 #: Short, to see a killed node forgotten quickly, with room for a loaded machine.
 TTL = 1.5
@@ -157,6 +158,39 @@ async def test_push_to_another_node_needs_staging(
         assert "cluster_staging" in result["error"]
         # Broadcasts and ids need no store.
         assert _registered_node(engines, bus_namespace, target.id) == "b"
+
+
+def _resume_entry_exists(engines: Any, namespace: str, token: bytes) -> bool:
+    connection = redis.Redis.from_url(engines.bus.url)
+    try:
+        return bool(connection.exists(f"{namespace}:resume:{token_digest(token).hex()}"))
+    finally:
+        connection.close()
+
+
+async def test_a_client_that_says_goodbye_leaves_no_resume_entry_on_the_bus(
+    engines: Any, bus_namespace: str, tmp_path: Path
+) -> None:
+    """Its node spends the bus's copy of its token once it has its GOODBYE for
+    good (the client forgot it: until 2026-12-08 the entry stayed for an
+    hour); a client whose link is lost keeps its entry, to resume anywhere."""
+    async with (
+        engine_nodes(engines, bus_namespace, tmp_path, ["a"], ttl=TTL, staging=None) as nodes,
+        receiver(nodes["a"].port, tmp_path / "inbox-1", reconnect_enabled=False) as leaving,
+        receiver(nodes["a"].port, tmp_path / "inbox-2", reconnect_enabled=False) as lost,
+    ):
+        leaving_token, lost_token = leaving.client._resume_token, lost.client._resume_token
+        assert _resume_entry_exists(engines, bus_namespace, leaving_token)
+        assert _resume_entry_exists(engines, bus_namespace, lost_token)
+        lost_id = lost.id
+        await leaving.client.disconnect()
+        assert lost.client._peer is not None
+        lost.client._peer.connection.abort("the link is lost")  # no goodbye
+        await _wait_unregistered(engines, bus_namespace, lost_id)
+        with trio.fail_after(15):
+            while _resume_entry_exists(engines, bus_namespace, leaving_token):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert _resume_entry_exists(engines, bus_namespace, lost_token)
 
 
 async def test_a_cross_node_push_its_caller_stops_is_not_delivered(

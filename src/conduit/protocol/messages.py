@@ -186,8 +186,11 @@ class Goodbye:
     ``going_away``: the sender itself is going away (a server shutting
     down, to restart or not), as WebSocket's 1001 and HTTP/2's GOAWAY say;
     the connection was not ended for the peer's sake, so a client with
-    automatic reconnect comes back. Absent (an older peer), it is False: the
-    connection was closed on purpose, and is not to be reopened by itself.
+    automatic reconnect comes back. From a client: it comes back on its
+    resume token (the handshake of a cancelled ``connect()``, finished
+    alone). Absent (an older peer), it is False: the connection was closed on
+    purpose, and is not to be reopened by itself; a client's then says it
+    forgot its resume token, which its server forgets too.
     """
 
     reason: str
