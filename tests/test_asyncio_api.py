@@ -273,6 +273,13 @@ async def _list_files(w: World) -> None:
     assert "listed.txt" in names
 
 
+async def _list_all_files(w: World) -> None:
+    (w.server_transfer.storage_dir / "all-listed.txt").write_bytes(b"hi")
+    listing = await w.client_transfer.list_all_files(w.client)
+    assert "all-listed.txt" in {entry["name"] for entry in listing}
+    assert listing.truncated is False
+
+
 async def _delete(w: World) -> None:
     (w.server_transfer.storage_dir / "doomed.txt").write_bytes(b"bye")
     result = await w.client_transfer.delete(w.client, "doomed.txt")
@@ -313,6 +320,7 @@ DRIVERS: dict[tuple[str, str], Driver] = {
     ("FileTransferHandler", "receive_from_server"): _receive_from_server,
     ("FileTransferHandler", "receive_files_from_server"): _receive_files_from_server,
     ("FileTransferHandler", "list_files"): _list_files,
+    ("FileTransferHandler", "list_all_files"): _list_all_files,
     ("FileTransferHandler", "delete"): _delete,
     ("FileTransferHandler", "rename"): _rename,
 }

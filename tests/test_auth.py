@@ -622,7 +622,12 @@ async def test_at_its_share_a_reconnect_resumes_its_own_session_and_nothing_else
 
     first = await connect()
     first_id, ended = first.id, first._resume_token
-    await first.disconnect()  # its token stays good for a while
+    # Its link lost, no goodbye: its token stays good for a while (a
+    # disconnect() would make the server forget it).
+    assert first._peer is not None
+    first._peer.connection.abort("the link is lost")
+    await first.disconnect()
+    await wait_until(lambda: first_id not in server.clients)
     current = await connect()
     for token in (ended, b"", bytes(32)):
         with pytest.raises(ConnectionClosed, match=r"already holds all .*=1\)"):

@@ -20,7 +20,6 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, RPCError, Server, TransferError
-from conduit.cli._transfer import _list_all
 from conduit.protocol.codec import encode_value, pack
 from conduit.protocol.frames import HEADER_SIZE, MIN_FRAME_SIZE
 from conduit.transfer import _tree as tree_module
@@ -957,7 +956,8 @@ async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
     server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
 ) -> None:
     """A hostile server's third page names a file of the second: the directory
-    download and ``conduit ls`` stop there (``bad_answer``), fetching nothing,
+    download and ``list_all_files`` (``conduit ls``) stop there
+    (``bad_answer``), fetching nothing,
     instead of listing without end or fetching a file twice at once. (A page
     of names before the last page's is no fault: a store's order may not be
     the names', so the check is across every page gathered.)"""
@@ -974,12 +974,20 @@ async def test_a_page_that_lists_what_came_before_is_a_bad_answer(
         result = await local.receive_from_server(client, "photos", local_dir=out)
         second = await local.list_files(client, prefix="photos", after="photos/b.txt")
         with pytest.raises(TransferError) as refused:
-            await _list_all(local, client)
+            await local.list_all_files(client)
     assert result["success"] is False and result["code"] == "bad_answer", result
     assert "listed 'photos/a.txt' again, on a later page" in result["error"], result
     assert [entry["name"] for entry in second] == ["photos/a.txt"]
     assert refused.value.code == "bad_answer"
     assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize("max_listed", [0, -1, True, 2.5])
+def test_a_handler_that_could_list_nothing_is_refused(tmp_path: Path, max_listed: Any) -> None:
+    """``max_listed=0`` answered every listing with no file and no next page:
+    a directory could never be listed or downloaded."""
+    with pytest.raises(ValueError, match="max_listed must be at least 1"):
+        FileTransferHandler(storage_dir=tmp_path, max_listed=max_listed)
 
 
 def test_a_page_is_sorted_and_goes_on_from_its_last_in_the_storages_order() -> None:

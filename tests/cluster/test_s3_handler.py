@@ -19,7 +19,6 @@ import pytest
 import trio
 
 from conduit import Client, FileTransferHandler, Server
-from conduit.cli._transfer import _list_all
 from conduit.cluster.s3 import S3Store
 from conduit.errors import RPCError
 from conftest import ClientFactory, ServerFactory
@@ -511,19 +510,25 @@ async def test_overwriting_replaces_the_name_even_when_a_variant_holds_its_bytes
 
 
 @pytest.mark.usefixtures("aws_environment")
+@pytest.mark.parametrize("per_page", [2, 3])
 async def test_an_s3_listing_goes_page_after_page_in_the_stores_order(
-    server_factory: ServerFactory, client_factory: ClientFactory, s3_url: str, tmp_path: Path
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    s3_url: str,
+    tmp_path: Path,
+    per_page: int,
 ) -> None:
     """An S3 store's pages follow its own order (SeaweedFS: ``d/a/b`` before
     ``d/a-z.txt``): each page sorted, ``next`` its last in the store's order,
-    and together every file once; a directory's download and ``conduit ls``
-    get them all. (Until 2026-12-08 it did not page: a directory past
-    ``max_listed`` was ``truncated``; a version that read every key below the
-    prefix to page by name made each listing cost the whole prefix.)"""
+    and together every file once; a directory's download and
+    ``list_all_files`` (``conduit ls``) get them all, whatever the page's
+    size. (Until 2026-12-08 it did not page: a directory past ``max_listed``
+    was ``truncated``; a version that read every key below the prefix to page
+    by name made each listing cost the whole prefix.)"""
     names = ["d/a-z.txt", "d/a.txt", "d/a/b", "d/a/é", "d/a0", "d/b", "top.txt"]
     with trio.fail_after(120):
         handler, _server, client, _received = await _served(
-            server_factory, client_factory, s3_url, max_listed=2
+            server_factory, client_factory, s3_url, max_listed=per_page
         )
         digests = {
             name: _write(tmp_path / "src" / name, 100 + index) for index, name in enumerate(names)
@@ -539,9 +544,10 @@ async def test_an_s3_listing_goes_page_after_page_in_the_stores_order(
         assert sorted(listed) == sorted(name for name in names if name.startswith("d/")), pages
         assert all(page == sorted(page, key=lambda entry: entry["name"]) for page in pages)
         assert [page.truncated for page in pages] == [True] * (len(pages) - 1) + [False]
-        everything = await _list_all(handler, client)
+        everything = await handler.list_all_files(client)
         assert sorted(entry["name"] for entry in everything) == sorted(names)
         assert everything.truncated is False
+        assert [entry["name"] for entry in everything] == sorted(names)
         tree = await handler.receive_from_server(client, "d", tmp_path / "out")
         assert tree["success"] is True, tree
     for name in names:

@@ -222,6 +222,39 @@ async def test_part_corrupted_in_transit_is_bad_digest(
     client.close()
 
 
+async def test_a_page_reads_only_the_keys_after_its_start(
+    s3_url: str, s3_client_factory: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next page asks the store for the keys after the last one's
+    (``StartAfter``): one listing request for a page of fewer keys than a
+    request brings, however deep in the prefix it starts, not one per
+    ``LIST_PAGE`` keys before it. A long key another tool wrote (past the
+    room kept for our suffixes) can end a page and start the next."""
+    monkeypatch.setattr(s3, "LIST_PAGE", 5)
+    store = make_store(s3_url, s3_client_factory)
+    location = parse_s3_url(s3_url)
+    # A key of 1022 bytes, in parts of at most 200 (SeaweedFS's limit on one).
+    room = 1022 - len(location.key("").encode())
+    long_name = "/".join("l" * min(200, room - start) for start in range(0, room, 201))
+    assert len(location.key(long_name).encode()) == 1022
+    names = [f"f{index:02}" for index in range(40)] + [long_name, "z"]
+    for name in names:
+        store.client.put_object(Bucket=location.bucket, Key=location.key(name), Body=b"x")
+    requests: list[dict[str, Any]] = []
+    store.client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2", lambda params, **_: requests.append(params)
+    )
+    everything = [entry.name for entry in await store.list_files()]
+    assert sorted(everything) == sorted(names)
+    requests.clear()
+    page = await store.list_files(max_entries=3, after=everything[30])
+    assert [entry.name for entry in page] == everything[31:34]
+    assert len(requests) == 1, requests
+    last = everything.index(long_name)
+    after_long = await store.list_files(after=everything[last])
+    assert [entry.name for entry in after_long] == everything[last + 1 :]
+
+
 async def test_listing_hides_partials_and_foreign_keys(
     s3_url: str, s3_client_factory: ClientFactory
 ) -> None:

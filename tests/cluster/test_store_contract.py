@@ -280,6 +280,21 @@ async def test_pages_going_on_from_the_last_name_list_every_file_once(
         ]
 
 
+async def test_a_page_goes_on_after_a_last_entry_deleted_meanwhile(stores: StorePair) -> None:
+    """The next page starts after the last name of the one before even once
+    that file (and its directory) is gone: the rest still comes, once."""
+    node_a, node_b = stores
+    for index, name in enumerate(PAGED_NAMES):
+        await put(node_a, name, name.encode(), f"t{index}")
+    everything = [entry.name for entry in await node_b.list_files()]
+    cut = everything.index("d/a/c/x") + 1
+    first = [entry.name for entry in await node_b.list_files(max_entries=cut)]
+    assert first == everything[:cut]
+    assert await node_a.delete("d/a/c/x")
+    rest = [entry.name for entry in await node_b.list_files(after=first[-1])]
+    assert rest == everything[cut:]
+
+
 async def test_used_bytes_counts_every_published_file(stores: StorePair) -> None:
     node_a, node_b = stores
     assert await node_b.used_bytes() == 0

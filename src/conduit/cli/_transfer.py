@@ -15,7 +15,6 @@ import trio
 
 from .. import Client, ConduitError, FileTransferHandler, UnsafePathError
 from ..errors import failure_dict
-from ..transfer._listing import FileListing, GatheredListing
 from ..transfer._names import safe_relative_name
 from ..transfer._tree import FilePlaces, local_directory_name
 from ._common import (
@@ -580,7 +579,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
     """``conduit ls``: the server's files, one per line (or ``--json``).
 
     Page after page (a server answers at most its ``max_listed`` files at
-    once), up to what this side takes (``_listing.GatheredListing``); a
+    once), up to what this side takes (``FileTransferHandler.list_all_files``); a
     listing cut short all the same (that many files, or a server that does
     not page) says so (``"truncated": true``) and exits 1: it is not
     everything the server holds.
@@ -588,7 +587,7 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
     try:
         async with connected(options) as client:
             try:
-                files = await _list_all(FileTransferHandler(), client)
+                files = await FileTransferHandler().list_all_files(client)
             except ConduitError as exc:
                 raise CLIError(
                     f"{options.address} could not list its files: {exc}",
@@ -598,7 +597,6 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
         if json_output:
             _fatal_json("ls", options.address, exc)
         raise
-    files.sort(key=lambda entry: str(entry["name"]))
     code = ExitCode.TRANSFER_FAILED if files.truncated else ExitCode.OK
     if json_output:
         emit_json(
@@ -623,19 +621,6 @@ async def ls(signals: Signals, options: ClientOptions, *, json_output: bool) -> 
         )
         print_error(f"{options.address} listed only part of its files ({len(files)} of them)")
     return code
-
-
-async def _list_all(handler: FileTransferHandler, client: Client) -> FileListing:
-    """The server's files, page after page, up to what this side takes."""
-    listing = await handler.list_files(client)
-    gathered = GatheredListing()
-    gathered.add(listing)
-    while listing.next is not None and not gathered.full:
-        page = await handler.list_files(client, after=listing.next)
-        gathered.add(page)
-        listing.extend(page)
-        listing.truncated, listing.next = page.truncated, page.next
-    return listing
 
 
 # --------------------------------------------------------------------------- rm, mv

@@ -1082,7 +1082,9 @@ class S3Store:
         if prefix is not None:
             below = self.location.key(self._checked_name(prefix)) + "/"
         if after is not None:
-            after = self._checked_name(after)
+            # Not _checked_name: a key another tool wrote may use the room
+            # that one keeps for our suffixes, and be a page's last.
+            after = safe_relative_name(after)
         return await self._guard("listing", self._list, max_entries, below, after)
 
     async def used_bytes(self) -> int:

@@ -183,7 +183,7 @@ class Store(Protocol):
         With ``prefix`` (a directory name, checked like any name), only the
         files below it, still named from the root; with ``after``, only those
         that come after it in that order (the next page of a listing goes on
-        from the last name of the one before). The order is the names' for a
+        from the name of the last entry of the one before). The order is the names' for a
         local directory and for an S3 store that lists keys by their bytes
         (AWS, MinIO); SeaweedFS lists a directory before the names that
         extend its own with a character below ``/`` (``d/a/b`` before

@@ -39,7 +39,7 @@ from ._backend import Backend
 from ._backend_local import LocalBackend
 from ._hashing import HashGate
 from ._hooks import Hooks
-from ._listing import FileListing
+from ._listing import FileListing, GatheredListing
 from ._progress import TransferProgress, callback_errors_as_they_are, forward_only
 from ._receiver import Receiver
 from ._resilient import on_client, on_server
@@ -182,6 +182,9 @@ class FileTransferHandler:
             raise ValueError(
                 f"max_reserved_per_user must be positive or None, got {max_reserved_per_user!r}"
             )
+        if not isinstance(max_listed, int) or isinstance(max_listed, bool) or max_listed < 1:
+            # 0 would answer every listing with nothing and no next page.
+            raise ValueError(f"max_listed must be at least 1, got {max_listed!r}")
         if max_transfers_per_connection < 1:
             raise ValueError(
                 "max_transfers_per_connection must be at least 1, "
@@ -609,8 +612,39 @@ class FileTransferHandler:
         otherwise (see :class:`~conduit.transfer.FileListing`). A server of
         before 2026-12-07 does not page (``next`` is None; one of 2026-12-07
         pages only local storage). Check ``truncated`` before treating the
-        listing as everything there is.
+        listing as everything there is. :meth:`list_all_files` goes page
+        after page, and checks that no page repeats a file.
         """
+        return await self._listed_page(client, prefix, after)
+
+    @bridged
+    async def list_all_files(self, client: Client, *, prefix: str | None = None) -> FileListing:
+        """Every file the server lists (under the directory ``prefix``), page
+        after page, sorted by name: what ``conduit ls`` and a directory's
+        download gather.
+
+        Each page is checked as by :meth:`list_files`, and a page that names a
+        file an earlier one did is refused (:class:`~conduit.TransferError`
+        ``bad_answer``: a server could list without end). Up to 200,000 files
+        or 64 MiB of names (their UTF-8 bytes): a server that listed without
+        end must not take all of this side's memory. Past that, or from a
+        server that does not page (one of before 2026-12-07), the result is
+        ``truncated``; its ``next`` is where the next page would start.
+        """
+        listing = await self._listed_page(client, prefix, None)
+        gathered = GatheredListing()
+        gathered.add(listing)
+        while listing.next is not None and not gathered.full:
+            page = await self._listed_page(client, prefix, listing.next)
+            gathered.add(page)
+            listing.extend(page)
+            listing.truncated, listing.next = page.truncated, page.next
+        listing.sort(key=_listed_name)  # each page is; the pages follow the storage's order
+        return listing
+
+    async def _listed_page(
+        self, client: Client, prefix: str | None, after: str | None
+    ) -> FileListing:
         answer = await client.call(FILE_LIST, listing_arguments(prefix, after))
         # The server adds "truncated" only when it cut the list; older ones never do.
         page = listing_answer(answer, prefix)
@@ -636,6 +670,10 @@ class FileTransferHandler:
         new}`` or a failure (codes as :meth:`delete`, plus ``exists``).
         """
         return await manage.rename(client.server, old, new, overwrite=overwrite)
+
+
+def _listed_name(entry: dict[str, Any]) -> str:
+    return str(entry["name"])
 
 
 __all__ = ["FileTransferHandler"]

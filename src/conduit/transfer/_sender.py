@@ -361,7 +361,8 @@ class Sender:
     @trio_callback
     async def rpc_file_list(self, prefix: str = "", after: str | None = None) -> dict[str, Any]:
         """``file_list``: the storage's visible files (only those under the
-        directory ``prefix``; only those named after ``after``: the next page).
+        directory ``prefix``; only those after ``after`` in the storage's
+        listing order: the next page).
 
         A page is the first files in the storage's listing order (the names'
         order, but for an S3 store that lists otherwise: see
