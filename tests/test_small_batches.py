@@ -19,6 +19,7 @@ import trio
 from conduit import FileTransferHandler, LocalProtocolError, RPCError
 from conduit._connection import Connection
 from conduit.accounts import MIN_STRETCH, Accounts
+from conduit.protocol.frames import MIN_FRAME_SIZE
 from conduit.transfer import _backend_local
 from conduit.transfer._backend_local import INLINE_BATCH_BYTES, INLINE_BATCH_FILES, LocalBackend
 from conduit.transfer._batch_store import MAX_BATCH_FILES, store_batch
@@ -340,3 +341,75 @@ async def test_send_files_to_server_gives_one_result_per_file(
     assert [result.get("reason") for result in again] == ["already_there"] * 2
     assert len(visible_files(storage)) == len(small) + 2
     _nothing_held(handler, storage)
+
+
+def _long_named(top: Path, count: int, parts: int = 4) -> dict[str, bytes]:
+    """``count`` small files under ``top`` whose names are about ``parts`` x 191 bytes."""
+    files: dict[str, bytes] = {}
+    for index in range(count):
+        name = f"{index:02}/" + "/".join(["n" * 190] * parts)
+        files[name] = b"small %d" % index
+        (top / name).parent.mkdir(parents=True, exist_ok=True)
+        (top / name).write_bytes(files[name])
+    return files
+
+
+@pytest.mark.parametrize("way", ["send_files_to_server", "send_to_server side by side"])
+async def test_a_batchs_answer_fits_in_the_senders_frame(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path, way: str
+) -> None:
+    """Each file's result names it (twice, and maybe in an error's text): 40
+    files of 800-byte names made an answer of about 100 KB, past a client's
+    16 KiB ``max_frame_size``, and every file of the batch failed
+    (``bad_result``) though the server had stored it (until 2026-12-08). A
+    batch is cut to what both its call and its answer fit in."""
+    storage = tmp_path / "storage"
+    _handler, server = await storage_server(server_factory, storage)
+    client = await client_factory(server, max_frame_size=MIN_FRAME_SIZE)
+    files = _long_named(tmp_path / "out", 40)
+    sender = FileTransferHandler()
+    with trio.fail_after(60):
+        if way == "send_files_to_server":
+            results = await sender.send_files_to_server(
+                client, [(tmp_path / "out" / name, name) for name in files]
+            )
+        else:
+            results = []
+
+            async def one(name: str) -> None:
+                path = tmp_path / "out" / name
+                results.append(await sender.send_to_server(client, path, remote_name=name))
+
+            async with trio.open_nursery() as nursery:
+                for name in files:
+                    nursery.start_soon(one, name)
+    assert all(result["success"] for result in results), results
+    assert {name: (storage / name).read_bytes() for name in files} == files
+
+
+async def test_a_download_batchs_call_fits_in_the_servers_frame(
+    server_factory: ServerFactory,
+    client_factory: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The names a batch download asks for fit in the server's frame: 40 names
+    of 2,900 bytes are past a server's 16 KiB ``max_frame_size``, the call
+    could not be sent, and every file took a call of its own (until
+    2026-12-08)."""
+    storage = tmp_path / "storage"
+    handler = FileTransferHandler(storage_dir=storage)
+    server = await server_factory(
+        register=handler.register_server_handlers, max_frame_size=MIN_FRAME_SIZE
+    )
+    client = await client_factory(server)
+    files = _long_named(storage, 40, parts=15)
+    methods = record_calls(monkeypatch)
+    with trio.fail_after(60):
+        results = await FileTransferHandler().receive_files_from_server(
+            client, list(files), tmp_path / "in"
+        )
+    assert all(result["success"] for result in results), results
+    batches = methods.count("file_download_batch")
+    assert 1 < batches < len(files) and "file_download" not in methods, methods
+    assert {name: (tmp_path / "in" / name).read_bytes() for name in files} == files

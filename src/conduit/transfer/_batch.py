@@ -24,7 +24,14 @@ import trio
 from .. import _threads
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BadAnswer, failed_entry, finish_answer
-from ._batch_store import FRAME_OVERHEAD, MAX_BATCH_FILES, cut_batches, entry_cost
+from ._batch_store import (
+    ENVELOPE_OVERHEAD,
+    FRAME_OVERHEAD,
+    MAX_BATCH_FILES,
+    cut_batches,
+    entry_cost,
+    result_cost,
+)
 from ._local import DirectoryId, WalkedDirectories, open_local_file
 from ._progress import ProgressReporter, TransferProgress
 from ._wire import UPLOAD_BATCH, transfer_failure
@@ -73,6 +80,10 @@ def _read_small(
 
 def _cost(small: _Small) -> int:
     return entry_cost(small.name, len(small.data))
+
+
+def _result_cost(small: _Small) -> int:
+    return result_cost(small.name)
 
 
 def entry_result(answer: Any, size: int) -> dict[str, Any]:
@@ -131,13 +142,14 @@ async def send_small_files(
             read, failed = await _threads.run_sync(_read_small, group, limit)
             results.update(failed)
             async with trio.open_nursery() as batches:
-                for batch in cut_batches(read, _cost, max_bytes):
+                for batch in cut_batches(read, (_cost, max_bytes), (_result_cost, answer_bytes)):
                     batches.start_soon(send, batch)
 
     budget = await on_peer(_frame_budget)
     if not budget.get("success"):
         return results  # not connected: the per-file path reports it, file by file
     max_bytes: int = budget["bytes"]
+    answer_bytes: int = budget["answer_bytes"]
     async with trio.open_nursery() as nursery:
         for start in range(0, len(files), MAX_BATCH_FILES):
             nursery.start_soon(one, files[start : start + MAX_BATCH_FILES])
@@ -145,9 +157,14 @@ async def send_small_files(
 
 
 async def _frame_budget(peer: Peer) -> dict[str, Any]:
-    """The data bytes one batch call to ``peer`` may carry."""
+    """The data bytes one batch call to ``peer`` may carry, and its answer (what
+    our frames take)."""
     await trio.lowlevel.checkpoint()
-    return {"success": True, "bytes": peer.connection.keys.peer_max_frame_size - FRAME_OVERHEAD}
+    return {
+        "success": True,
+        "bytes": peer.connection.keys.peer_max_frame_size - FRAME_OVERHEAD,
+        "answer_bytes": peer.connection.settings.max_frame_size - ENVELOPE_OVERHEAD,
+    }
 
 
 async def _call_batch(

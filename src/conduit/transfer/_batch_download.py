@@ -35,7 +35,7 @@ import trio
 from .. import _threads
 from ..errors import ConduitError, UnsafePathError
 from ._answers import BatchFile, SameFile, batch_download_answer
-from ._batch_store import FRAME_OVERHEAD, cut_batches, entry_cost
+from ._batch_store import ENVELOPE_OVERHEAD, FRAME_OVERHEAD, cut_batches, entry_cost, name_cost
 from ._progress import ProgressReporter, TransferProgress
 from ._rerun import kept_download_result
 from ._storage import StorageRoot
@@ -67,6 +67,10 @@ class _Wanted:
         """What it may take in an answer, at most."""
         size = self.limit if self.listed_size is None else self.listed_size
         return entry_cost(self.name, size)
+
+    def call_cost(self) -> int:
+        """What it takes in the call, at most."""
+        return name_cost(self.name)
 
 
 async def receive_small_files(
@@ -118,15 +122,21 @@ async def receive_small_files(
         if size is None or 0 <= size <= limit
     ]
     async with trio.open_nursery() as nursery:
-        for batch in cut_batches(wanted, _Wanted.cost, max_bytes):
+        budgets = (_Wanted.cost, max_bytes), (_Wanted.call_cost, budget["call_bytes"])
+        for batch in cut_batches(wanted, *budgets):
             nursery.start_soon(one, batch)
     return results
 
 
 async def _answer_budget(peer: Peer) -> dict[str, Any]:
-    """The data bytes one batch answer from ``peer`` may carry: what our frames take."""
+    """The data bytes one batch answer from ``peer`` may carry (what our frames
+    take), and the bytes of names its call may (what the peer's take)."""
     await trio.lowlevel.checkpoint()
-    return {"success": True, "bytes": peer.connection.settings.max_frame_size - FRAME_OVERHEAD}
+    return {
+        "success": True,
+        "bytes": peer.connection.settings.max_frame_size - FRAME_OVERHEAD,
+        "call_bytes": peer.connection.keys.peer_max_frame_size - ENVELOPE_OVERHEAD,
+    }
 
 
 def _local_digests(local: StorageRoot, batch: list[_Wanted]) -> list[Have]:

@@ -60,8 +60,18 @@ MAX_BATCH_FILES = 64
 FRAME_OVERHEAD = 64 * 1024
 #: Bytes per entry counted besides its data and name (keys, digest, encoding).
 _ENTRY_OVERHEAD = 256
+#: Room kept in a batch message whose entries hold no data (an upload's
+#: answer, a download's call) for its envelope.
+ENVELOPE_OVERHEAD = 1024
+#: Bytes one file's result in a batch upload's answer takes besides its name,
+#: at most (its keys, digest, size, times, code and an error's own words).
+_RESULT_OVERHEAD = 512
 
 T = TypeVar("T")
+
+#: One bound of a batch: what an item costs in one of its messages, and the
+#: room that message has (the call's in the peer's frame, the answer's in ours).
+Budget = tuple[Callable[[T], int], int]
 
 
 def entry_cost(name: str, size: int) -> int:
@@ -69,21 +79,43 @@ def entry_cost(name: str, size: int) -> int:
     return size + len(name.encode()) + _ENTRY_OVERHEAD
 
 
-def cut_batches(items: Iterable[T], cost: Callable[[T], int], max_bytes: int) -> list[list[T]]:
-    """Cut ``items`` into batches of at most MAX_BATCH_FILES and ``max_bytes`` of
-    :func:`entry_cost` (``cost(item)``); one that does not fit alone is left out."""
+def result_cost(name: str) -> int:
+    """Bytes the result of a file named ``name`` takes in a batch upload's
+    answer, at most: the name comes back as ``path`` and ``filename`` (a
+    published ``name (1).ext`` a little longer), and an error's text may
+    quote it."""
+    return 3 * (len(name.encode()) + 16) + _RESULT_OVERHEAD
+
+
+def name_cost(name: str) -> int:
+    """Bytes a name takes in a batch download's call, at most."""
+    return len(name.encode()) + _ENTRY_OVERHEAD
+
+
+def cut_batches(items: Iterable[T], *budgets: Budget[T]) -> list[list[T]]:
+    """Cut ``items`` into batches of at most MAX_BATCH_FILES that stay within
+    every budget (the call in the peer's frame, its answer in ours: each
+    file's result names it, so long names filled a small frame's answer
+    long before its call); an item that does not fit one alone is left out
+    (the per-file path takes it)."""
     batches: list[list[T]] = []
     current: list[T] = []
-    used = 0
+    used = [0] * len(budgets)
     for item in items:
-        size = cost(item)
-        if size > max_bytes:
+        sizes = [cost(item) for cost, _room in budgets]
+        fits, full = True, len(current) >= MAX_BATCH_FILES
+        for index, (_cost, room) in enumerate(budgets):
+            fits = fits and sizes[index] <= room
+            full = full or used[index] + sizes[index] > room
+        if not fits:
             continue
-        if current and (len(current) >= MAX_BATCH_FILES or used + size > max_bytes):
+        if current and full:
             batches.append(current)
-            current, used = [], 0
+            used = [0] * len(budgets)
+            current = []
         current.append(item)
-        used += size
+        for index, size in enumerate(sizes):
+            used[index] += size
     if current:
         batches.append(current)
     return batches

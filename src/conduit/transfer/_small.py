@@ -38,7 +38,13 @@ import trio
 from ..errors import ConduitError, ConnectionClosed
 from ._answers import BadAnswer, finish_answer
 from ._batch import entry_result
-from ._batch_store import FRAME_OVERHEAD, MAX_BATCH_FILES, entry_cost
+from ._batch_store import (
+    ENVELOPE_OVERHEAD,
+    FRAME_OVERHEAD,
+    MAX_BATCH_FILES,
+    entry_cost,
+    result_cost,
+)
 from ._local import Probe, SmallFile, probe_source
 from ._shared_hop import STALLED_AFTER, SharedHop
 from ._wire import UPLOAD_BATCH, transfer_failure
@@ -289,7 +295,7 @@ class SmallUploads:
                 await _preparing(peer.connection).wait_settled()
             finally:
                 self._flushing = False
-            batch = _take_batch(self._queue, peer.connection.keys.peer_max_frame_size)
+            batch = _take_batch(self._queue, peer.connection)
             if self._no_batches or len(batch) == 1:
                 for queued in batch:
                     queued.result = await send_one(peer, queued.name, queued.small, _SMALL_OF)
@@ -336,17 +342,22 @@ def _settle(batch: Sequence[_Queued], result: dict[str, Any]) -> None:
             queued.done.set()
 
 
-def _take_batch(queue: list[_Queued], max_frame_size: int) -> list[_Queued]:
-    """The queue's first files that fit in one call (at least one); they leave the queue."""
-    room = max_frame_size - FRAME_OVERHEAD
+def _take_batch(queue: list[_Queued], connection: Connection) -> list[_Queued]:
+    """The queue's first files whose call fits in the peer's frame and whose
+    answer fits in ours (at least one); they leave the queue."""
+    room = connection.keys.peer_max_frame_size - FRAME_OVERHEAD
+    answer_room = connection.settings.max_frame_size - ENVELOPE_OVERHEAD
     taken: list[_Queued] = []
-    used = 0
+    used = answered = 0
     for queued in queue:
         cost = entry_cost(queued.name, len(queued.small.data))
-        if taken and (len(taken) >= MAX_BATCH_FILES or used + cost > room):
+        answer = result_cost(queued.name)
+        full = used + cost > room or answered + answer > answer_room
+        if taken and (len(taken) >= MAX_BATCH_FILES or full):
             break
         taken.append(queued)
         used += cost
+        answered += answer
     del queue[: len(taken)]
     return taken
 
