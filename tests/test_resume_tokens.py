@@ -107,10 +107,28 @@ async def test_a_client_that_says_goodbye_leaves_no_token_and_a_lost_one_does(
     with trio.fail_after(10):
         await leaving.disconnect()
         await wait_until(lambda: leaving_id not in server.clients)
-        assert leaving._resume_token == b""
         assert lost._peer is not None
         lost._peer.connection.abort("the link is lost")  # no goodbye
         await wait_until(lambda: lost_id not in server.clients)
     entries = list(server._resume_tokens._entries.values())
     assert [entry.client_id for entry in entries] == [lost_id]
     assert entries[0].expires != math.inf
+
+
+async def test_a_client_that_closes_when_idle_comes_back_under_a_new_id(
+    server_factory: ServerFactory, client_factory: ClientFactory
+) -> None:
+    """Its ``idle_timeout`` is a close of its own, as ``disconnect()``: no
+    reconnect, its token forgotten on both sides (until 2026-12-08 the server
+    kept it for an hour, and the next ``connect()`` got the id back). Over
+    TCP: a client given its stream presents no token."""
+    server = await server_factory()
+    client = await client_factory(server, connect=False, idle_timeout=0.2)
+    with trio.fail_after(10):
+        await client.connect()
+        first_id = client.id
+        await wait_until(lambda: not client.connected and first_id not in server.clients)
+        assert len(server._resume_tokens) == 0
+        await client.connect()
+    assert client.id != first_id
+    await client.disconnect()

@@ -816,7 +816,8 @@ class Connection:
 
         ``going_away``: this side is shutting down, not ending this one
         connection; a client told so reconnects (see
-        :class:`~conduit.protocol.messages.Goodbye`).
+        :class:`~conduit.protocol.messages.Goodbye`). From a client: it comes
+        back on its resume token, which the server then keeps.
 
         Also before :meth:`run` has started, if it will (:meth:`will_run`):
         the GOODBYE goes out from here, or from the writer that run() then

@@ -826,8 +826,9 @@ class Client(Endpoint):
         def ended() -> None:
             log.info("disconnected: %s", peer.connection.close_reason)
             if peer.connection.left_for_good and self._peer is peer:
-                # Our goodbye for good (run() torn down: as a disconnect()):
-                # the server forgets the token once it reads it.
+                # Our goodbye for good (the run we lived in ending, our
+                # idle_timeout, client.server.close(): closed by this side, as
+                # by disconnect()): the server forgets the token once it reads it.
                 self._resume_token = b""
             if not self._should_reconnect(peer):
                 # Say so now, not after the disconnect hooks: transfers waiting

@@ -533,7 +533,9 @@ class ClientDescriptor:
     heartbeat_timeout: float = attrs.field(default=45.0, validator=[_positive, _heartbeat_pair])
     #: Close the connection after this long with no calls, messages or data
     #: (never when None). Data counts either way: the server taking an
-    #: upload of ours (its credit for more) is not idleness.
+    #: upload of ours (its credit for more) is not idleness. A close of ours,
+    #: as ``disconnect()``: no reconnect, and the next ``connect()`` gets a
+    #: new client id.
     idle_timeout: float | None = attrs.field(default=None, validator=_optional_positive)
     #: Calls from the server running at once on this client.
     max_concurrent_calls: int = attrs.field(default=128, validator=[v.instance_of(int), _positive])

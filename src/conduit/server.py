@@ -945,13 +945,14 @@ class Server(Endpoint):
             held.spent = True
             await self.cluster.spend_resume_token(held.handle)
 
-    async def _release_client_id(self, client_id: str) -> None:
+    async def _release_client_id(self, client_id: str, *, left_for_good: bool = False) -> None:
         """A connection given this id ended: release it in the cluster (bounded, never raises).
 
-        Called once per id :meth:`_client_id_for` handed out.
+        Called once per id :meth:`_client_id_for` handed out; ``left_for_good``:
+        its client said goodbye for good, and its token goes too.
         """
         if self.cluster is not None:
-            await self.cluster.release_client_id(client_id)
+            await self.cluster.release_client_id(client_id, left_for_good=left_for_good)
 
     async def _serve_client(
         self,
@@ -1066,12 +1067,13 @@ class Server(Endpoint):
                 over.set()
                 if self._sessions_over.get(client_id) is over:
                     del self._sessions_over[client_id]
-            left_for_good = peer.connection.peer_left_for_good
-            if self.cluster is not None and token is not None and left_for_good:
-                await self.cluster.spend_resume_token(token)  # its copy: shielded, bounded
             # Each connection releases the id it was given; the cluster counts
             # them, so a newer connection of the same client keeps holding it.
-            await self._release_client_id(client_id)  # shielded, bounded
+            # (Shielded, bounded; the bus's copy of the token goes with it when
+            # the client said goodbye for good.)
+            await self._release_client_id(
+                client_id, left_for_good=peer.connection.peer_left_for_good
+            )
 
 
 __all__ = ["Server"]

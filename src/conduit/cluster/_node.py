@@ -218,13 +218,15 @@ class ClusterNode:
                     "could not tell node %r that client %s moved: %s", previous, client_id, exc
                 )
 
-    async def release_client_id(self, client_id: str) -> None:
+    async def release_client_id(self, client_id: str, *, left_for_good: bool = False) -> None:
         """A connection given ``client_id`` ended; never raises, bounded in time.
 
         Once no connection of this node holds the id any more (one handed
         out by :meth:`new_client_id` or :meth:`resume_client_id`, once per
         connection), it is unregistered, and its resume token stays
-        redeemable on any node for ``RESUME_TTL`` from now.
+        redeemable on any node for ``RESUME_TTL`` from now; or, when its
+        client said goodbye for good (``left_for_good``: it forgot the
+        token), is spent.
         """
         left = self._holders.get(client_id, 0) - 1
         if left > 0:  # a reconnect of the same client, here, holds it now
@@ -235,7 +237,9 @@ class ClusterNode:
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
             try:
                 await self.bus.unregister_client(client_id)
-                if digest is not None:
+                if digest is not None and left_for_good:
+                    await self.bus.spend_resume(digest)
+                elif digest is not None:
                     await self.bus.expire_resume([digest], RESUME_TTL)
             except BusError as exc:
                 # The bus no longer refreshes it, so the entry expires within the TTL.

@@ -27,7 +27,8 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
   (never the token itself): the client id and a tag of the account it was
   issued to, so that any node can give a reconnecting client its id back.
   Redeemed by an atomic compare-and-delete (single use in the whole
-  cluster); expires ``RESUME_TTL`` after its connection ended.
+  cluster); expires ``RESUME_TTL`` after its connection ended, or is
+  deleted then if its client said goodbye for good (it forgot the token).
 * ``resumes:<sha256>``: the resume tokens one owner was issued (an account,
   or with a shared password an address, by a hash of it), newest last: a
   sorted set whose oldest members go, with their ``resume:`` entries, past
