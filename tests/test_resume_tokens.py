@@ -129,6 +129,7 @@ async def test_a_client_that_closes_when_idle_comes_back_under_a_new_id(
         first_id = client.id
         await wait_until(lambda: not client.connected and first_id not in server.clients)
         assert len(server._resume_tokens) == 0
+        assert client._resume_token == b""  # forgotten here too: none presented
         await client.connect()
     assert client.id != first_id
     await client.disconnect()

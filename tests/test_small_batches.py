@@ -413,3 +413,63 @@ async def test_a_download_batchs_call_fits_in_the_servers_frame(
     batches = methods.count("file_download_batch")
     assert 1 < batches < len(files) and "file_download" not in methods, methods
     assert {name: (tmp_path / "in" / name).read_bytes() for name in files} == files
+
+
+async def test_a_batchs_answer_fits_whatever_the_server_makes_of_its_names(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """What a result may hold past a name's bytes: the server's NFC form of it
+    (U+1D160, 4 bytes, is 12) and a failure's text, which quotes the name
+    and a part of it, escaped (U+0378, 2 bytes, is ``\\u0378``): both made an
+    answer past a client's 16 KiB frame, every file of the batch
+    ``bad_result``, the stored ones too. A failure's text is cut now, and a
+    name's bytes counted as NFC may make them."""
+    storage = tmp_path / "storage"
+    _handler, server = await storage_server(server_factory, storage)
+    client = await client_factory(server, max_frame_size=MIN_FRAME_SIZE)
+    sender = FileTransferHandler()
+    top = tmp_path / "tree"
+    deep = top.joinpath(*["\U0001d160" * 21] * 14)  # 252 bytes a part once NFC
+    deep.mkdir(parents=True)
+    for index in range(6):
+        (deep / f"f{index}").write_bytes(b"x%d" % index)
+    unprintable = "\u0378" * 127
+    (tmp_path / "plain").write_bytes(b"first")
+    (tmp_path / "ok").write_bytes(b"stored")
+    with trio.fail_after(60):
+        tree = await sender.send_to_server(client, top, remote_name="up")
+        seeded = await sender.send_to_server(client, tmp_path / "plain", remote_name=unprintable)
+        # Each of these fails (a file is in the way of its directory), and
+        # its error quotes its name and that part.
+        results = await sender.send_files_to_server(
+            client,
+            [(tmp_path / "plain", f"{unprintable}/x{index}") for index in range(11)]
+            + [(tmp_path / "ok", "ok.txt")],
+        )
+    assert tree["success"] is True and tree["transferred"] == 6, tree
+    assert seeded["success"] is True, seeded
+    assert [result.get("code") for result in results] == ["conflict"] * 11 + [None], results
+    assert all(len(result["error"].encode()) <= 512 for result in results[:11])
+    assert (storage / "ok.txt").read_bytes() == b"stored"
+
+
+async def test_a_directorys_file_whose_name_is_not_text_fails_alone(
+    server_factory: ServerFactory, client_factory: ClientFactory, tmp_path: Path
+) -> None:
+    """A local name that is not UTF-8 (bytes Python keeps as surrogates) is
+    that file's failure: sent, it raised out of the directory's upload (the
+    batch's size counted its bytes; until 2026-12-08), and once counted, it
+    failed its whole batch's call."""
+    storage = tmp_path / "storage"
+    _handler, server = await storage_server(server_factory, storage)
+    client = await client_factory(server)
+    top = tmp_path / "tree"
+    top.mkdir()
+    (top / "good").write_bytes(b"good")
+    with open(os.path.join(os.fsencode(top), b"bad\xff"), "wb") as file:
+        file.write(b"bad")
+    with trio.fail_after(30):
+        result = await FileTransferHandler().send_to_server(client, top, remote_name="up")
+    outcomes = {entry["name"]: entry.get("code") for entry in result["files"]}
+    assert outcomes == {"up/bad\udcff": "unsafe_path", "up/good": None}, result
+    assert (storage / "up" / "good").read_bytes() == b"good"

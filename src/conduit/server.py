@@ -945,14 +945,17 @@ class Server(Endpoint):
             held.spent = True
             await self.cluster.spend_resume_token(held.handle)
 
-    async def _release_client_id(self, client_id: str, *, left_for_good: bool = False) -> None:
+    async def _release_client_id(
+        self, client_id: str, *, forgotten_token: bytes | None = None
+    ) -> None:
         """A connection given this id ended: release it in the cluster (bounded, never raises).
 
-        Called once per id :meth:`_client_id_for` handed out; ``left_for_good``:
-        its client said goodbye for good, and its token goes too.
+        Called once per id :meth:`_client_id_for` handed out;
+        ``forgotten_token``: the handle of the token of a connection whose
+        client said goodbye for good, which goes too.
         """
         if self.cluster is not None:
-            await self.cluster.release_client_id(client_id, left_for_good=left_for_good)
+            await self.cluster.release_client_id(client_id, forgotten_token=forgotten_token)
 
     async def _serve_client(
         self,
@@ -1071,9 +1074,8 @@ class Server(Endpoint):
             # them, so a newer connection of the same client keeps holding it.
             # (Shielded, bounded; the bus's copy of the token goes with it when
             # the client said goodbye for good.)
-            await self._release_client_id(
-                client_id, left_for_good=peer.connection.peer_left_for_good
-            )
+            forgotten = token if peer.connection.peer_left_for_good else None
+            await self._release_client_id(client_id, forgotten_token=forgotten)
 
 
 __all__ = ["Server"]

@@ -383,6 +383,32 @@ async def test_overlapping_connections_of_one_client_on_one_node(
     await server.close()
 
 
+async def test_a_token_forgotten_while_a_stale_connection_holds_the_id_stays_spent(
+    engines: Any, bus_namespace: str, nursery: trio.Nursery
+) -> None:
+    """The reconnect's session ends first, its client saying goodbye for good,
+    while the stale connection still holds the id (its end waited on past
+    its hooks' time): the token the client forgot is spent at once, and the
+    stale connection's end does not make it good again for an hour (a review
+    found it did, once the first release left it alone)."""
+    server, node, client_id, token = await _node_with_a_shared_token(
+        engines, bus_namespace, nursery
+    )
+    assert await node.resume_client_id(token, "alice") == client_id  # the reconnect
+    following = secrets.token_bytes(32)  # its WELCOME's
+    await node.share_resume_token(following, client_id, "alice", "alice")
+    await node.spend_resume_token(token_digest(token))  # its session heard from the client
+    key = f"{bus_namespace}:resume:{token_digest(following).hex()}"
+    with contextlib.closing(_bus(engines)) as connection:
+        assert connection.exists(key)
+        await node.release_client_id(client_id, forgotten_token=token_digest(following))
+        assert not connection.exists(key)
+        await node.release_client_id(client_id)  # the stale connection ends, lost
+        assert not connection.exists(key)
+        assert _registered_node(engines, bus_namespace, client_id) == DEPARTED + "solo"
+    await server.close()
+
+
 async def test_a_resume_whose_handshake_ends_mid_claim_leaves_no_id_registered(
     engines: Any, bus_namespace: str, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

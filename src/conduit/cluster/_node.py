@@ -218,28 +218,36 @@ class ClusterNode:
                     "could not tell node %r that client %s moved: %s", previous, client_id, exc
                 )
 
-    async def release_client_id(self, client_id: str, *, left_for_good: bool = False) -> None:
+    async def release_client_id(
+        self, client_id: str, *, forgotten_token: bytes | None = None
+    ) -> None:
         """A connection given ``client_id`` ended; never raises, bounded in time.
 
         Once no connection of this node holds the id any more (one handed
         out by :meth:`new_client_id` or :meth:`resume_client_id`, once per
         connection), it is unregistered, and its resume token stays
-        redeemable on any node for ``RESUME_TTL`` from now; or, when its
-        client said goodbye for good (``left_for_good``: it forgot the
-        token), is spent.
+        redeemable on any node for ``RESUME_TTL`` from now.
+        ``forgotten_token``: the handle (:func:`~conduit._resume.token_digest`)
+        of the token of a connection whose client said goodbye for good (it
+        forgot it): spent now, even while another connection of that client
+        holds the id (a stale one, whose end must not make it good again).
         """
+        forgotten = None if forgotten_token is None else forgotten_token.hex()
+        if forgotten is not None and self._resume_digests.get(client_id) == forgotten:
+            del self._resume_digests[client_id]  # neither refreshed nor expired again
         left = self._holders.get(client_id, 0) - 1
         if left > 0:  # a reconnect of the same client, here, holds it now
             self._holders[client_id] = left
-            return
-        self._holders.pop(client_id, None)
-        digest = self._resume_digests.pop(client_id, None)
+        else:
+            self._holders.pop(client_id, None)
+        digest = self._resume_digests.pop(client_id, None) if left <= 0 else None
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
             try:
-                await self.bus.unregister_client(client_id)
-                if digest is not None and left_for_good:
-                    await self.bus.spend_resume(digest)
-                elif digest is not None:
+                if left <= 0:
+                    await self.bus.unregister_client(client_id)
+                if forgotten is not None:
+                    await self.bus.spend_resume(forgotten)
+                if digest is not None:
                     await self.bus.expire_resume([digest], RESUME_TTL)
             except BusError as exc:
                 # The bus no longer refreshes it, so the entry expires within the TTL.

@@ -3,7 +3,8 @@
 ``send_to_server`` on a directory sends its files up to the small-file limit
 (one chunk, at most 256 KiB) in batches: up to
 :data:`._batch_store.MAX_BATCH_FILES` files per call, no more bytes than the
-server's ``max_frame_size`` allows, a few batches in flight. The server stores
+server's ``max_frame_size`` allows, and no more files than their answer fits
+in this side's (:func:`._batch_store.result_cost`), a few batches in flight. The server stores
 each batch with one fsync pass (see :mod:`._batch_store`) and answers one
 result per file, exactly what a single small upload returns; a file that fails
 fails alone. Larger files, and every file when the server predates batches

@@ -52,16 +52,13 @@ import trio
 
 from ..errors import RPCError
 from ._backend import Backend, SmallRead
-from ._batch_store import MAX_BATCH_FILES, entry_cost
+from ._batch_store import MAX_BATCH_FILES, MAX_ERROR_TEXT, entry_cost
 from ._budget import SendBudget
 from ._wire import as_rpc_error
 
 if TYPE_CHECKING:
     from .._peer import Peer
 
-#: Bytes (UTF-8) of a failed file's error message in an answer, at most (64
-#: of them fit in FRAME_OVERHEAD, with the digests and the framing).
-_MAX_ERROR = 512
 
 #: ``on_file_served``'s notice: (caller, name, metadata).
 Served = Callable[["Peer", str, dict[str, Any]], Awaitable[None]]
@@ -156,7 +153,7 @@ class BatchServer:
         if read.error is not None:
             error = as_rpc_error(read.error, name=name)
             # Bounded: a message names the file, and the answer has a frame to fit in.
-            message = error.message.encode()[:_MAX_ERROR].decode(errors="ignore")
+            message = error.message.encode()[:MAX_ERROR_TEXT].decode(errors="ignore")
             failure = {"success": False, "error": message, "code": error.code}
             await self._served(caller, name, {"size": 0, **failure})  # its size is not known
             return {"name": name, **failure}

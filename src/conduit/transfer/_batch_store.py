@@ -8,7 +8,8 @@ A batch is a list of ``{"name", "data", "sha256"}`` entries (each one what
 ``file_upload_small`` takes). Its size is bounded on both ends: at most
 :data:`MAX_BATCH_FILES` entries and, like any call, no more bytes than the
 receiving connection's ``max_frame_size`` (the frame decoder already refuses a
-larger call; the sender sizes its batches by the peer's limit). A batch over
+larger call; the sender sizes its batches by the peer's limit, and by its
+own for the answer, :func:`result_cost`). A batch over
 either bound is refused whole with code ``"batch_too_large"`` before anything
 is stored.
 
@@ -45,7 +46,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 
 from ..errors import RPCError, TransferError
-from ._names import DOWNLOAD_ID_PREFIX, safe_relative_name
+from ._names import DOWNLOAD_ID_PREFIX, MAX_NAME_BYTES, safe_relative_name
 from ._rerun import VariantBudget, find_sync, skipped_result
 from ._space import Admission, owned_transfer_id
 from ._storage import StorageRoot
@@ -63,9 +64,13 @@ _ENTRY_OVERHEAD = 256
 #: Room kept in a batch message whose entries hold no data (an upload's
 #: answer, a download's call) for its envelope.
 ENVELOPE_OVERHEAD = 1024
-#: Bytes one file's result in a batch upload's answer takes besides its name,
-#: at most (its keys, digest, size, times, code and an error's own words).
+#: Bytes one file's result in a batch upload's answer takes besides its name
+#: and an error's text, at most (its keys, digest, size, times and code).
 _RESULT_OVERHEAD = 512
+#: Bytes (UTF-8) of a failed file's error text in a batch's answer, at most:
+#: a message may quote the name and a part of it, escaped, and the answer has
+#: a frame to fit in (see :func:`result_cost`).
+MAX_ERROR_TEXT = 512
 
 T = TypeVar("T")
 
@@ -76,20 +81,30 @@ Budget = tuple[Callable[[T], int], int]
 
 def entry_cost(name: str, size: int) -> int:
     """Bytes a file of ``size`` bytes named ``name`` takes in a batch (a bound)."""
-    return size + len(name.encode()) + _ENTRY_OVERHEAD
+    return size + name_bytes(name) + _ENTRY_OVERHEAD
 
 
 def result_cost(name: str) -> int:
     """Bytes the result of a file named ``name`` takes in a batch upload's
-    answer, at most: the name comes back as ``path`` and ``filename`` (a
-    published ``name (1).ext`` a little longer), and an error's text may
-    quote it."""
-    return 3 * (len(name.encode()) + 16) + _RESULT_OVERHEAD
+    answer, at most: the name comes back as ``path`` and ``filename``, in
+    the server's form (NFC, which can make a name up to three times as
+    long: U+1D160, 4 bytes, is 12; a published ``name (1).ext`` a little
+    longer still), and an error's text is cut at :data:`MAX_ERROR_TEXT`."""
+    size = name_bytes(name)
+    if not name.isascii():
+        size = min(3 * size, MAX_NAME_BYTES)  # a longer one is refused: its error
+    return 2 * (size + 16) + _RESULT_OVERHEAD + MAX_ERROR_TEXT
 
 
 def name_cost(name: str) -> int:
     """Bytes a name takes in a batch download's call, at most."""
-    return len(name.encode()) + _ENTRY_OVERHEAD
+    return name_bytes(name) + _ENTRY_OVERHEAD
+
+
+def name_bytes(name: str) -> int:
+    """A name's UTF-8 bytes; a local name that is not UTF-8 (a surrogate of
+    its undecodable bytes) counts as it would be sent, were it not refused."""
+    return len(name.encode("utf-8", "surrogatepass"))
 
 
 def cut_batches(items: Iterable[T], *budgets: Budget[T]) -> list[list[T]]:
@@ -138,7 +153,10 @@ class Entry:
     def failure(self) -> dict[str, Any]:
         """The entry's failure result (``error`` is set)."""
         assert self.error is not None
-        return {"success": False, "error": self.error.message, "code": self.error.code}
+        # Cut: a message may quote the name, and the answer must fit the
+        # sender's frame (result_cost).
+        message = self.error.message.encode()[:MAX_ERROR_TEXT].decode(errors="ignore")
+        return {"success": False, "error": message, "code": self.error.code}
 
     def skipped_result(self) -> dict[str, Any]:
         """The entry's ``already_there`` result."""

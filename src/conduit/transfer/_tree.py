@@ -101,6 +101,16 @@ def _failed(message: str, code: str) -> dict[str, Any]:
     return {"success": False, "error": message, "code": code}
 
 
+def _is_text(name: str) -> bool:
+    """Whether a local name is text (not bytes the file system decoding left
+    as surrogates, which no message can carry)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -127,6 +137,13 @@ def walk_local(top: Path, prefix: str) -> list[_Entry]:
             entry = _Entry(name, os.path.join(path, child.name), within=within)
             if child.name.startswith("."):
                 entry.result = {"success": True, "skipped": True, "reason": "hidden"}
+            elif not _is_text(child.name):
+                # Its own failure (a directory's: its whole subtree): sent, it
+                # failed the call of every file in its batch.
+                entry.result = _failed(
+                    f"{os.fsencode(child.name)!r} is not UTF-8: a name must be text",
+                    "unsafe_path",
+                )
             elif child.is_symlink():
                 entry.result = _failed("a symbolic link; not followed", "unsafe_path")
             elif child.is_dir(follow_symlinks=False):
