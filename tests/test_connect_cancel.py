@@ -88,11 +88,13 @@ class Sessions:
 @attrs.define(eq=False)
 class HoldingRelay:
     """A TCP relay in front of ``target_port``: on each connection, once more
-    than the server's first frame has come, it holds the server's bytes, awaits
+    than the server's first frame has come (or what ``holds_at`` says of the
+    server's bytes so far), it holds the server's bytes, awaits
     ``on_hold()``, then lets them through and relays on."""
 
     target_port: int
     on_hold: Callable[[], Awaitable[None]]
+    holds_at: Callable[[bytes | bytearray], bool] = _past_first_frame
     port: int = 0
     #: Connections relayed, and those over (both directions ended); the
     #: connections whose client side has ended (its socket closed).
@@ -120,7 +122,7 @@ class HoldingRelay:
             while data := await source.receive_some(65536):
                 if hold:
                     held += data
-                    if not _past_first_frame(held):
+                    if not self.holds_at(held):
                         continue
                     hold = False
                     await self.on_hold()
@@ -265,7 +267,15 @@ async def test_a_cancelled_reconnect_finished_alone_keeps_the_client_id_for_the_
     GOODBYE for good makes the server forget the token: the next connect()
     then got a new id.)"""
     server = await server_factory()
-    relay = GatedRelay(server.port, gated=2)
+    pending: list[CancelledConnect] = []
+
+    async def on_hold() -> None:
+        if pending:  # the connect() to cancel, its hello out: the server answered it
+            await pending.pop().cancel()
+
+    # From the server's first bytes: a reconnect's handshake sends no more
+    # before the client's next flight.
+    relay = HoldingRelay(server.port, on_hold, holds_at=bool)
     relay.port = await nursery.start(serve_on_loopback, relay.handle)
     client = Client(client_descriptor(relay.port, reconnect_enabled=False))
     with trio.fail_after(30):
@@ -274,58 +284,13 @@ async def test_a_cancelled_reconnect_finished_alone_keeps_the_client_id_for_the_
         assert client._peer is not None
         client._peer.connection.abort("the link is lost")  # no goodbye: the token is kept
         await wait_until(lambda: first_id not in server.clients and relay.ended == 1)
-        with trio.CancelScope() as scope:
-            nursery.start_soon(_cancel_when, relay.server_spoke, scope)
-            await client.connect()  # its hello is out: the server answered it
-        assert scope.cancelled_caught
-        relay.release.set()
+        cancelled = CancelledConnect()
+        pending.append(cancelled)
+        await cancelled.run(client)
         await wait_until(lambda: relay.ended == 2)  # the handshake went on, and said goodbye
         await client.connect()
         assert client.id == first_id
         await client.disconnect()
-
-
-async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
-@attrs.define(eq=False)
-class GatedRelay:
-    """A TCP relay in front of ``target_port`` whose connection number ``gated``
-    (from 1) holds the server's bytes until :attr:`release` is set, and sets
-    :attr:`server_spoke` when the first of them come."""
-
-    target_port: int
-    gated: int
-    port: int = 0
-    connections: int = 0
-    ended: int = 0
-    server_spoke: trio.Event = attrs.Factory(trio.Event)
-    release: trio.Event = attrs.Factory(trio.Event)
-
-    async def handle(self, downstream: trio.SocketStream) -> None:
-        """Relay one connection (served by :func:`conftest.serve_on_loopback`)."""
-        self.connections += 1
-        gated = self.connections == self.gated
-        upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pipe, downstream, upstream, False)
-                nursery.start_soon(self._pipe, upstream, downstream, gated)
-        finally:
-            await trio.aclose_forcefully(downstream)
-            await trio.aclose_forcefully(upstream)
-            self.ended += 1
-
-    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream, gated: bool) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while data := await source.receive_some(65536):
-                if gated:
-                    self.server_spoke.set()
-                    await self.release.wait()
-                await sink.send_all(data)
-            await sink.send_eof()
 
 
 async def test_a_disconnect_waits_for_the_handshake_going_on_alone(
