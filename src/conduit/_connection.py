@@ -446,7 +446,7 @@ class Connection:
         #: (a client reconnects only after a lost link, or a server's
         #: goodbye that says it is going away: see ``_on_goodbye``).
         self.closed_on_purpose = False
-        #: This side said GOODBYE for good (not ``going_away``): a client that
+        #: This side, a client, said GOODBYE for good (not ``going_away``): it
         #: will not come back on this session's resume token.
         self.left_for_good = False
         #: The peer said GOODBYE for good (not ``going_away``): to a server, a
@@ -848,7 +848,7 @@ class Connection:
             )
             goodbye = self._state.goodbye(reason, going_away=going_away)
             self.closed_on_purpose = True
-            self.left_for_good = goodbye is not None and not going_away
+            self.left_for_good = self.is_client and goodbye is not None and not going_away
             if goodbye is not None and direct:
                 # Nothing queued: sent from here (see _goodbye_now).
                 waits = not self._goodbye_now(goodbye)

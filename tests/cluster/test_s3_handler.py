@@ -550,6 +550,8 @@ async def test_an_s3_listing_goes_page_after_page_in_the_stores_order(
         assert [entry["name"] for entry in everything] == sorted(names)
         tree = await handler.receive_from_server(client, "d", tmp_path / "out")
         assert tree["success"] is True, tree
+        # In name order, as from a local storage, whatever the store's order.
+        assert [entry["name"] for entry in tree["files"]] == sorted(listed), tree
     for name in names:
         if name.startswith("d/"):
             assert _sha256(tmp_path / "out" / name) == digests[name], name

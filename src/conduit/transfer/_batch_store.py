@@ -64,9 +64,11 @@ _ENTRY_OVERHEAD = 256
 #: Room kept in a batch message whose entries hold no data (an upload's
 #: answer, a download's call) for its envelope.
 ENVELOPE_OVERHEAD = 1024
-#: Bytes one file's result in a batch upload's answer takes besides its name
-#: and an error's text, at most (its keys, digest, size, times and code).
-_RESULT_OVERHEAD = 512
+#: Bytes a success's result in a batch upload's answer takes besides its
+#: name, at most (its keys, digest, size, times and flags), and a failure's
+#: besides its error's text (its keys and code; it does not name the file).
+_SUCCESS_OVERHEAD = 256
+_FAILURE_OVERHEAD = 128
 #: Bytes (UTF-8) of a failed file's error text in a batch's answer, at most:
 #: a message may quote the name and a part of it, escaped, and the answer has
 #: a frame to fit in (see :func:`result_cost`).
@@ -86,14 +88,15 @@ def entry_cost(name: str, size: int) -> int:
 
 def result_cost(name: str) -> int:
     """Bytes the result of a file named ``name`` takes in a batch upload's
-    answer, at most: the name comes back as ``path`` and ``filename``, in
-    the server's form (NFC, which can make a name up to three times as
-    long: U+1D160, 4 bytes, is 12; a published ``name (1).ext`` a little
-    longer still), and an error's text is cut at :data:`MAX_ERROR_TEXT`."""
+    answer, at most: a success names it as ``path`` and ``filename``, in the
+    server's form (NFC, which can make a name up to three times as long:
+    U+1D160, 4 bytes, is 12; a published ``name (1).ext`` a little longer
+    still); a failure has an error's text, cut at :data:`MAX_ERROR_TEXT`
+    (it may quote the name, escaped), instead."""
     size = name_bytes(name)
     if not name.isascii():
         size = min(3 * size, MAX_NAME_BYTES)  # a longer one is refused: its error
-    return 2 * (size + 16) + _RESULT_OVERHEAD + MAX_ERROR_TEXT
+    return max(2 * (size + 16) + _SUCCESS_OVERHEAD, MAX_ERROR_TEXT + _FAILURE_OVERHEAD)
 
 
 def name_cost(name: str) -> int:

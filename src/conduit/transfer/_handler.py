@@ -39,7 +39,7 @@ from ._backend import Backend
 from ._backend_local import LocalBackend
 from ._hashing import HashGate
 from ._hooks import Hooks
-from ._listing import FileListing, GatheredListing
+from ._listing import FileListing, GatheredListing, listed_name
 from ._progress import TransferProgress, callback_errors_as_they_are, forward_only
 from ._receiver import Receiver
 from ._resilient import on_client, on_server
@@ -613,7 +613,8 @@ class FileTransferHandler:
         before 2026-12-07 does not page (``next`` is None; one of 2026-12-07
         pages only local storage). Check ``truncated`` before treating the
         listing as everything there is. :meth:`list_all_files` goes page
-        after page, and checks that no page repeats a file.
+        after page, and checks that no page repeats a file (a loop of one's
+        own must: a server could list without end).
         """
         return await self._listed_page(client, prefix, after)
 
@@ -639,7 +640,7 @@ class FileTransferHandler:
             gathered.add(page)
             listing.extend(page)
             listing.truncated, listing.next = page.truncated, page.next
-        listing.sort(key=_listed_name)  # each page is; the pages follow the storage's order
+        listing.sort(key=listed_name)  # each page is; the pages follow the storage's order
         return listing
 
     async def _listed_page(
@@ -670,10 +671,6 @@ class FileTransferHandler:
         new}`` or a failure (codes as :meth:`delete`, plus ``exists``).
         """
         return await manage.rename(client.server, old, new, overwrite=overwrite)
-
-
-def _listed_name(entry: dict[str, Any]) -> str:
-    return str(entry["name"])
 
 
 __all__ = ["FileTransferHandler"]

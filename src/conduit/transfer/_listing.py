@@ -18,6 +18,7 @@ __all__ = [
     "FileListing",
     "GatheredListing",
     "gathered_enough",
+    "listed_name",
     "listing_page",
     "listing_within",
 ]
@@ -158,9 +159,10 @@ def listing_page(entries: Sequence[dict[str, Any]], max_listed: int, room: int) 
         answer["truncated"] = True
         if listed:
             answer["next"] = listed[-1]["name"]
-    listed.sort(key=_listed_name)  # already so, but on such a store
+    listed.sort(key=listed_name)  # already so, but on such a store
     return answer
 
 
-def _listed_name(entry: dict[str, Any]) -> str:
+def listed_name(entry: dict[str, Any]) -> str:
+    """A listed file's name (a key to sort a listing by)."""
     return str(entry["name"])

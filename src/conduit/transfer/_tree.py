@@ -97,6 +97,10 @@ class _Entry:
 FileTransfer = Callable[[_Entry], Awaitable[dict[str, Any]]]
 
 
+def _entry_name(entry: _Entry) -> str:
+    return entry.name
+
+
 def _failed(message: str, code: str) -> dict[str, Any]:
     return {"success": False, "error": message, "code": code}
 
@@ -411,6 +415,9 @@ async def receive_tree(
         if page.next is None:
             break  # whole, or cut by a server that does not page
         after = page.next
+    # Each page is in name order, the pages in the storage's: the result is in
+    # name order, as a local walk's (a store such as SeaweedFS lists otherwise).
+    entries.sort(key=_entry_name)
 
     await receive_entries(
         receiver, on_peer, entries, local_dir, on_progress, small_file_limit=small_file_limit
