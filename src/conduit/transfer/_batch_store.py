@@ -46,7 +46,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 
 from ..errors import RPCError, TransferError
-from ._names import DOWNLOAD_ID_PREFIX, MAX_NAME_BYTES, safe_relative_name
+from ._names import DOWNLOAD_ID_PREFIX, MAX_NAME_BYTES, name_bytes, safe_relative_name
 from ._rerun import VariantBudget, find_sync, skipped_result
 from ._space import Admission, owned_transfer_id
 from ._storage import StorageRoot
@@ -102,12 +102,6 @@ def result_cost(name: str) -> int:
 def name_cost(name: str) -> int:
     """Bytes a name takes in a batch download's call, at most."""
     return name_bytes(name) + _ENTRY_OVERHEAD
-
-
-def name_bytes(name: str) -> int:
-    """A name's UTF-8 bytes; a local name that is not UTF-8 (a surrogate of
-    its undecodable bytes) counts as it would be sent, were it not refused."""
-    return len(name.encode("utf-8", "surrogatepass"))
 
 
 def cut_batches(items: Iterable[T], *budgets: Budget[T]) -> list[list[T]]:

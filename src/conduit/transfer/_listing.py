@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ._answers import BadAnswer
+from ._names import name_bytes
 
 __all__ = [
     "ENTRY_OVERHEAD",
@@ -82,13 +83,13 @@ class FileListing(list[dict[str, Any]]):
 
 def _name_size(entry: dict[str, Any]) -> int:
     """The bytes of a listed file's name, as the wire and this side's memory hold it."""
-    return len(str(entry["name"]).encode("utf-8", "surrogatepass"))
+    return name_bytes(str(entry["name"]))
 
 
-def gathered_enough(count: int, name_bytes: int) -> bool:
-    """Whether a listing gathered page after page (``count`` files, ``name_bytes``
-    of names) is as long as this side takes."""
-    return count >= MAX_GATHERED_FILES or name_bytes >= MAX_GATHERED_NAME_BYTES
+def gathered_enough(count: int, names_size: int) -> bool:
+    """Whether a listing gathered page after page (``count`` files, ``names_size``
+    bytes of names) is as long as this side takes."""
+    return count >= MAX_GATHERED_FILES or names_size >= MAX_GATHERED_NAME_BYTES
 
 
 class GatheredListing:

@@ -76,6 +76,8 @@ __all__ = [
     "collision_candidates",
     "fit_segment",
     "is_partial_name",
+    "is_text",
+    "name_bytes",
     "partial_basename",
     "safe_relative_name",
     "split_name",
@@ -308,11 +310,25 @@ def _require_text(value: object) -> str:
     return value
 
 
-def _require_encodable(text: str) -> None:
+def is_text(name: str) -> bool:
+    """Whether ``name`` is text: no lone surrogate (what Python makes of a
+    local name's bytes that are not UTF-8), which no message can carry."""
     try:
-        text.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
-        raise _unsafe(text, "it contains a lone surrogate (not valid Unicode)") from None
+        return False
+    return True
+
+
+def name_bytes(name: str) -> int:
+    """A name's UTF-8 bytes, as the wire and memory hold it; a lone surrogate
+    counts as it would be sent, were it not refused."""
+    return len(name.encode("utf-8", "surrogatepass"))
+
+
+def _require_encodable(text: str) -> None:
+    if not is_text(text):
+        raise _unsafe(text, "it contains a lone surrogate (not valid Unicode)")
 
 
 def _check_characters(original: str, text: str, *, allow_slash: bool) -> None:

@@ -47,7 +47,7 @@ from ._batch import LocalFile, send_small_files
 from ._batch_download import receive_small_files
 from ._listing import GatheredListing
 from ._local import DirectoryId, directory_id
-from ._names import MAX_DEPTH, safe_relative_name
+from ._names import MAX_DEPTH, is_text, safe_relative_name
 from ._progress import TransferProgress
 from ._turns import Attempt
 from ._wire import FILE_LIST, transfer_failure
@@ -105,16 +105,6 @@ def _failed(message: str, code: str) -> dict[str, Any]:
     return {"success": False, "error": message, "code": code}
 
 
-def _is_text(name: str) -> bool:
-    """Whether a local name is text (not bytes the file system decoding left
-    as surrogates, which no message can carry)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -141,7 +131,7 @@ def walk_local(top: Path, prefix: str) -> list[_Entry]:
             entry = _Entry(name, os.path.join(path, child.name), within=within)
             if child.name.startswith("."):
                 entry.result = {"success": True, "skipped": True, "reason": "hidden"}
-            elif not _is_text(child.name):
+            elif not is_text(child.name):
                 # Its own failure (a directory's: its whole subtree): sent, it
                 # failed the call of every file in its batch.
                 entry.result = _failed(
