@@ -17,6 +17,7 @@ import stat
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1303,3 +1304,62 @@ def test_a_listing_is_in_name_order_and_pages_from_any_name(tmp_path: Path) -> N
     assert [entry.name for entry in root.list_files(prefix="a", after="a/c")] == [
         "a/c-", "a/c/d", "a/c/e/f", "a/é",
     ]  # fmt: skip
+
+
+def test_a_directory_past_a_slice_is_read_again_and_every_name_listed_once(tmp_path: Path) -> None:
+    """A listing holds a slice of a directory's children at a time (at least
+    ``_LISTING_SLICE``) and reads the directory again for the next: across
+    slices of empty directories, hidden and partial files and files named
+    among the directories, every page lists the next names by name, each
+    once, from any ``after``."""
+    root_path = tmp_path / "root"
+    root_path.mkdir()
+    listable: list[str] = []
+    for i in range(_storage._LISTING_SLICE + 44):
+        (root_path / f"a{i:03d}").mkdir()  # empty: nothing listed
+        (root_path / f".h{i:03d}").write_bytes(b"")
+        if i % 50 == 7:
+            (root_path / f"a{i:03d}-x").write_bytes(b"x")  # sorts before "a007/"
+            listable.append(f"a{i:03d}-x")
+    (root_path / ".conduit-partial-1-b000").write_bytes(b"")
+    for i in range(_storage._LISTING_SLICE + 100):
+        (root_path / f"b{i:03d}").write_bytes(b"b")
+        listable.append(f"b{i:03d}")
+    (root_path / "a299" / "in").write_bytes(b"deep")
+    listable.append("a299/in")
+    listable.sort()
+    root = StorageRoot(root_path)
+    for size in [1, 7, 300, len(listable) + 1]:
+        listed: list[str] = []
+        after = None
+        for _ in range(len(listable) + 1):
+            page = [entry.name for entry in root.list_files(max_entries=size, after=after)]
+            assert len(page) <= size
+            if not page:
+                break
+            listed += page
+            after = page[-1]
+        assert listed == listable, size
+    for after in ["a007", "a007-x", "a200", "a299", "a299/", "a299/in", "a300", "b", "b299", "c"]:
+        expected = [name for name in listable if name > after][:300]
+        assert [entry.name for entry in root.list_files(max_entries=300, after=after)] == expected
+
+
+def test_a_listing_holds_a_slice_of_a_large_directory_not_all_of_it(tmp_path: Path) -> None:
+    """A page of a directory of 20,000 files holds about the page's worth of
+    entries, not the directory (before 2026-12-08 every child was read and
+    sorted: 150,000 files held 30 MB for a page of two)."""
+    directory = tmp_path / "root" / "d"
+    directory.mkdir(parents=True)
+    for i in range(20_000):
+        (directory / f"f{i:05d}").write_bytes(b"")
+    root = StorageRoot(tmp_path / "root")
+    for after, expected in [(None, ["d/f00000", "d/f00001"]), ("d/f10000", ["d/f10001", "d/f10002"])]:
+        tracemalloc.start()
+        try:
+            names = [entry.name for entry in root.list_files(max_entries=2, after=after)]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert names == expected
+        assert peak < 512 * 1024, peak  # 20,000 entries held took over 3 MB
