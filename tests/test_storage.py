@@ -1354,7 +1354,8 @@ def test_a_listing_holds_a_slice_of_a_large_directory_not_all_of_it(tmp_path: Pa
     for i in range(20_000):
         (directory / f"f{i:05d}").write_bytes(b"")
     root = StorageRoot(tmp_path / "root")
-    for after, expected in [(None, ["d/f00000", "d/f00001"]), ("d/f10000", ["d/f10001", "d/f10002"])]:
+    pages = [(None, ["d/f00000", "d/f00001"]), ("d/f10000", ["d/f10001", "d/f10002"])]
+    for after, expected in pages:
         tracemalloc.start()
         try:
             names = [entry.name for entry in root.list_files(max_entries=2, after=after)]
@@ -1363,3 +1364,36 @@ def test_a_listing_holds_a_slice_of_a_large_directory_not_all_of_it(tmp_path: Pa
             tracemalloc.stop()
         assert names == expected
         assert peak < 512 * 1024, peak  # 20,000 entries held took over 3 MB
+
+
+def test_the_walks_of_every_entry_hold_one_entry_per_level(tmp_path: Path) -> None:
+    """The quota's count and the search for partial files visit every entry
+    in whatever order the directories give: they hold no directory whole (a
+    directory of 20,000 files took over 3 MB, read whole and sorted, until
+    2026-12-08) and still count and find every one."""
+    directory = tmp_path / "root" / "d"
+    directory.mkdir(parents=True)
+    for i in range(20_000):
+        (directory / f"f{i:05d}").write_bytes(b"x")
+    (directory / ".conduit-partial-1-f00000").write_bytes(b"part")
+    root = StorageRoot(tmp_path / "root")
+    expected = (
+        20_000 * (1 + _storage.ENTRY_ALLOWANCE)
+        + os.stat(tmp_path / "root").st_size
+        + os.stat(directory).st_size
+    )
+    for walk, check in [
+        (root.stored_bytes, lambda total: total == expected),
+        (
+            root.list_partials,
+            lambda found: [p.basename for p in found] == [".conduit-partial-1-f00000"],
+        ),
+    ]:
+        tracemalloc.start()
+        try:
+            result = walk()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert check(result), result
+        assert peak < 512 * 1024, peak
