@@ -161,6 +161,9 @@ class _HeldToken:
     """
 
     handle: bytes
+    #: Whom the client counts against (:meth:`_Arrival.owner`): in a cluster,
+    #: the bound on the bus the token leaves when spent.
+    counted_against: str
     connection: Connection | None = None
     #: In a cluster: whether it was spent on the bus (see Server._spend_held).
     spent: bool = False
@@ -895,7 +898,9 @@ class Server(Endpoint):
             token = await read_resume(stream, established, confirm=not established.past_share)
             if token is None:  # an older client: its token comes after our confirmation
                 await self._gate.refuse_past_share(stream)
-            held: _HeldToken | None = _HeldToken(token_digest(token))
+            held: _HeldToken | None = _HeldToken(
+                token_digest(token), arrival.owner(established.username)
+            )
             if self.cluster is not None:
                 # The bus decides and holds it: the token may be another
                 # node's (the local entry is spent, the bus entry is the one).
@@ -943,19 +948,26 @@ class Server(Endpoint):
         assert self.cluster is not None
         if not held.spent:
             held.spent = True
-            await self.cluster.spend_resume_token(held.handle)
+            await self.cluster.spend_resume_token(held.handle, held.counted_against)
 
     async def _release_client_id(
-        self, client_id: str, *, forgotten_token: bytes | None = None
+        self,
+        client_id: str,
+        *,
+        forgotten_token: bytes | None = None,
+        counted_against: str | None = None,
     ) -> None:
         """A connection given this id ended: release it in the cluster (bounded, never raises).
 
         Called once per id :meth:`_client_id_for` handed out;
         ``forgotten_token``: the handle of the token of a connection whose
-        client said goodbye for good, which goes too.
+        client said goodbye for good, which goes too, out of the bound of
+        ``counted_against`` (whom it counted against).
         """
         if self.cluster is not None:
-            await self.cluster.release_client_id(client_id, forgotten_token=forgotten_token)
+            await self.cluster.release_client_id(
+                client_id, forgotten_token=forgotten_token, counted_against=counted_against
+            )
 
     async def _serve_client(
         self,
@@ -1075,7 +1087,11 @@ class Server(Endpoint):
             # (Shielded, bounded; the bus's copy of the token goes with it when
             # the client said goodbye for good.)
             forgotten = token if peer.connection.peer_left_for_good else None
-            await self._release_client_id(client_id, forgotten_token=forgotten)
+            await self._release_client_id(
+                client_id,
+                forgotten_token=forgotten,
+                counted_against=arrival.owner(established.username),
+            )
 
 
 __all__ = ["Server"]

@@ -823,6 +823,14 @@ async def test_a_held_resume_entry_stays_good_until_spent_and_never_longer_than_
         await node_b.spend_resume(digest)
         assert await node_a.redeem_resume(digest, "alice", hold=30.0) is None
         await node_b.spend_resume(digest)  # already gone: nothing happens
+        # Spent with whom it counted against, it leaves that bound's set too
+        # (its member stayed until 2026-12-08, about 130 bytes a goodbye).
+        counted = f"{bus_namespace}:resumes:group"
+        await node_a.share_resume(digest, "client-3", "alice", 60.0, counted_against="group")
+        assert stranger.zscore(counted, digest) is not None
+        await node_b.spend_resume(digest, counted_against="group")
+        assert stranger.zscore(counted, digest) is None
+        assert not stranger.exists(key)
         # The hold runs out by itself when nobody spends it.
         await node_a.share_resume(other, "client-4", "alice", 60.0)
         assert await node_a.redeem_resume(other, "alice", hold=0.05) == "client-4"

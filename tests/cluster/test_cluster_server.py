@@ -161,9 +161,14 @@ async def test_push_to_another_node_needs_staging(
 
 
 def _resume_entry_exists(engines: Any, namespace: str, token: bytes) -> bool:
+    """Whether the bus has the token's entry, or its digest in an owner's bound."""
     connection = redis.Redis.from_url(engines.bus.url)
+    digest = token_digest(token).hex()
     try:
-        return bool(connection.exists(f"{namespace}:resume:{token_digest(token).hex()}"))
+        if connection.exists(f"{namespace}:resume:{digest}"):
+            return True
+        bounds = connection.scan_iter(match=f"{namespace}:resumes:*", count=1000)
+        return any(connection.zscore(bound, digest) is not None for bound in bounds)
     finally:
         connection.close()
 
@@ -173,11 +178,15 @@ async def test_a_client_that_says_goodbye_leaves_no_resume_entry_on_the_bus(
 ) -> None:
     """Its node spends the bus's copy of its token once it has its GOODBYE for
     good (the client forgot it: until 2026-12-08 the entry stayed for an
-    hour); a client whose link is lost keeps its entry, to resume anywhere."""
+    hour), and the token leaves its owner's bound (its member stayed there
+    until the bound's own expiry); so does a token redeemed by a resume once
+    the session heard from its client. A client whose link is lost keeps its
+    entry, to resume anywhere."""
     async with (
         engine_nodes(engines, bus_namespace, tmp_path, ["a"], ttl=TTL, staging=None) as nodes,
         receiver(nodes["a"].port, tmp_path / "inbox-1", reconnect_enabled=False) as leaving,
         receiver(nodes["a"].port, tmp_path / "inbox-2", reconnect_enabled=False) as lost,
+        receiver(nodes["a"].port, tmp_path / "inbox-3", reconnect_delay=0.1) as resuming,
     ):
         leaving_token, lost_token = leaving.client._resume_token, lost.client._resume_token
         assert _resume_entry_exists(engines, bus_namespace, leaving_token)
@@ -191,6 +200,24 @@ async def test_a_client_that_says_goodbye_leaves_no_resume_entry_on_the_bus(
             while _resume_entry_exists(engines, bus_namespace, leaving_token):  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert _resume_entry_exists(engines, bus_namespace, lost_token)
+        # A resume: the redeemed token goes once the session hears from the
+        # client, and the next one with its goodbye.
+        redeemed, resuming_id = resuming.client._resume_token, resuming.id
+        assert resuming.client._peer is not None
+        resuming.client._peer.connection.abort("the link is lost")
+        with trio.fail_after(15):
+            while resuming.client._resume_token == redeemed:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert resuming.id == resuming_id  # resumed, not a new session
+        with trio.fail_after(15):
+            while _resume_entry_exists(engines, bus_namespace, redeemed):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        last = resuming.client._resume_token
+        assert _resume_entry_exists(engines, bus_namespace, last)
+        await resuming.client.disconnect()
+        with trio.fail_after(15):
+            while _resume_entry_exists(engines, bus_namespace, last):  # noqa: ASYNC110
+                await trio.sleep(0.05)
 
 
 async def test_a_cross_node_push_its_caller_stops_is_not_delivered(

@@ -219,7 +219,11 @@ class ClusterNode:
                 )
 
     async def release_client_id(
-        self, client_id: str, *, forgotten_token: bytes | None = None
+        self,
+        client_id: str,
+        *,
+        forgotten_token: bytes | None = None,
+        counted_against: str | None = None,
     ) -> None:
         """A connection given ``client_id`` ended; never raises, bounded in time.
 
@@ -230,7 +234,9 @@ class ClusterNode:
         ``forgotten_token``: the handle (:func:`~conduit._resume.token_digest`)
         of the token of a connection whose client said goodbye for good (it
         forgot it): spent now, even while another connection of that client
-        holds the id (a stale one, whose end must not make it good again).
+        holds the id (a stale one, whose end must not make it good again);
+        ``counted_against``: whom that token counted against (as given to
+        :meth:`share_resume_token`), whose bound on the bus it leaves too.
         """
         forgotten = None if forgotten_token is None else forgotten_token.hex()
         if forgotten is not None and self._resume_digests.get(client_id) == forgotten:
@@ -246,7 +252,9 @@ class ClusterNode:
                 if left <= 0:
                     await self.bus.unregister_client(client_id)
                 if forgotten is not None:
-                    await self.bus.spend_resume(forgotten)
+                    await self.bus.spend_resume(
+                        forgotten, counted_against=_counted_tag(counted_against)
+                    )
                 if digest is not None:
                     await self.bus.expire_resume([digest], RESUME_TTL)
             except BusError as exc:
@@ -276,7 +284,7 @@ class ClusterNode:
             _owner(username),
             RESUME_TTL,
             replaces=previous,
-            counted_against=_tag(b"conduit-owner", counted_against),
+            counted_against=_counted_tag(counted_against),
         )
         self._resume_digests[client_id] = digest
 
@@ -316,15 +324,20 @@ class ClusterNode:
             self._moved_away.pop(client_id, None)
         return client_id
 
-    async def spend_resume_token(self, token_handle: bytes) -> None:
+    async def spend_resume_token(
+        self, token_handle: bytes, counted_against: str | None = None
+    ) -> None:
         """The session that redeemed a token has heard from its client, who
         holds the next one: the token (``token_handle``, its
-        :func:`~conduit._resume.token_digest`) is good no more. Never raises,
-        bounded in time (if the bus is unreachable, the hold's own deadline
-        ends it)."""
+        :func:`~conduit._resume.token_digest`) is good no more, and leaves
+        the bound of ``counted_against`` (whom it counted against, as given
+        to :meth:`share_resume_token`). Never raises, bounded in time (if the
+        bus is unreachable, the hold's own deadline ends it)."""
         with trio.CancelScope(shield=True), trio.move_on_after(_RELEASE_TIMEOUT):
             try:
-                await self.bus.spend_resume(token_handle.hex())
+                await self.bus.spend_resume(
+                    token_handle.hex(), counted_against=_counted_tag(counted_against)
+                )
             except BusError as exc:
                 log.warning("spending a redeemed resume token: %s", exc)
 
@@ -453,6 +466,11 @@ def _owner(username: str | None) -> str:
     if username is None:
         return "-"
     return _tag(b"conduit-user", username)
+
+
+def _counted_tag(counted_against: str | None) -> str | None:
+    """The bus tag of whom tokens count against (an account, an address)."""
+    return None if counted_against is None else _tag(b"conduit-owner", counted_against)
 
 
 def _tag(kind: bytes, name: str) -> str:

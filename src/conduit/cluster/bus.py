@@ -32,7 +32,8 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
 * ``resumes:<sha256>``: the resume tokens one owner was issued (an account,
   or with a shared password an address, by a hash of it), newest last: a
   sorted set whose oldest members go, with their ``resume:`` entries, past
-  the owner's bound (:meth:`ClusterBus.share_resume`). Without it, one
+  the owner's bound (:meth:`ClusterBus.share_resume`); a spent token leaves
+  it (:meth:`ClusterBus.spend_resume`). Without it, one
   client connecting in a loop left an entry per session on the bus for an
   hour each, and nothing bounded their number.
 * ``inbox:<name>``: a stream of requests and replies addressed to the node.
@@ -1104,9 +1105,26 @@ class ClusterBus:
         )
         return None if value is None else _text(value)
 
-    async def spend_resume(self, digest: str) -> None:
-        """Forget the token with ``digest``: good no more (a no-op for one already gone)."""
-        await self._call(self._redis.delete, self._key("resume", digest))
+    async def spend_resume(self, digest: str, *, counted_against: str | None = None) -> None:
+        """Forget the token with ``digest``: good no more (a no-op for one already gone).
+
+        ``counted_against``: whom it counted against (as given to
+        :meth:`share_resume`), whose set it leaves too (else its member
+        stays there, about 130 bytes, until the set passes its bound or
+        expires).
+        """
+        entry = self._key("resume", digest)
+        if counted_against is None:
+            await self._call(self._redis.delete, entry)
+            return
+
+        def work() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(entry)
+            pipe.zrem(self._key("resumes", counted_against), digest)
+            pipe.execute()
+
+        await self._call(work)
 
     async def expire_resume(self, digests: list[str], ttl: float) -> None:
         """Let the tokens with these digests live ``ttl`` more seconds (gone ones stay gone)."""
