@@ -32,8 +32,8 @@ forgets it within ``ttl`` seconds. What lives in Redis, all under
 * ``resumes:<sha256>``: the resume tokens one owner was issued (an account,
   or with a shared password an address, by a hash of it), newest last: a
   sorted set whose oldest members go, with their ``resume:`` entries, past
-  the owner's bound (:meth:`ClusterBus.share_resume`); a spent token leaves
-  it (:meth:`ClusterBus.spend_resume`). Without it, one
+  the owner's bound (:meth:`ClusterBus.share_resume`); a token spent with
+  whom it counted against leaves it (:meth:`ClusterBus.spend_resume`). Without it, one
   client connecting in a loop left an entry per session on the bus for an
   hour each, and nothing bounded their number.
 * ``inbox:<name>``: a stream of requests and replies addressed to the node.
