@@ -14,6 +14,8 @@ import os
 import posixpath
 import re
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1364,6 +1366,102 @@ def test_a_listing_holds_a_slice_of_a_large_directory_not_all_of_it(tmp_path: Pa
             tracemalloc.stop()
         assert names == expected
         assert peak < 512 * 1024, peak  # 20,000 entries held took over 3 MB
+
+
+def test_what_a_listing_never_shows_takes_no_room_in_its_slices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hidden files, symlinks and FIFOs ahead of a page's first file are left
+    out before a directory's slice is cut (20,000 hidden files filled 78
+    slices, and their directory was read 78 times for a page of two), and
+    the slices grow while a directory's children list nothing (3,000 empty
+    directories: 4 readings, not 12)."""
+    readings: list[int] = []
+    children = _storage._children
+
+    def counted(dir_fd: int, *args: Any) -> Any:
+        readings.append(dir_fd)
+        return children(dir_fd, *args)
+
+    monkeypatch.setattr(_storage, "_children", counted)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for i in range(3_000):
+        (hidden / f".h{i:04d}").write_bytes(b"")
+        (hidden / f"l{i:04d}").symlink_to("z")
+    os.mkfifo(hidden / "fifo")
+    (hidden / "z").write_bytes(b"z")
+    assert [entry.name for entry in StorageRoot(hidden).list_files(max_entries=2)] == ["z"]
+    assert len(readings) == 1
+    readings.clear()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(3_000):
+        (empty / f"d{i:04d}").mkdir()
+    (empty / "z").write_bytes(b"z")
+    assert [entry.name for entry in StorageRoot(empty).list_files(max_entries=2)] == ["z"]
+    top = readings[0]
+    assert readings.count(top) == 4  # slices of 256, 512, 1,024, 2,048 children and more
+
+
+def test_a_listing_of_nothing_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    """``max_entries=0`` lists nothing and closes the directory it opened."""
+    (tmp_path / "root" / "d").mkdir(parents=True)
+    (tmp_path / "root" / "d" / "f").write_bytes(b"f")
+    root = StorageRoot(tmp_path / "root")
+    before = open_descriptors()
+    for prefix in [None, "d"] * 10:
+        assert root.list_files(max_entries=0, prefix=prefix) == []
+    assert not opened_since(before)
+
+
+def test_a_walk_short_of_descriptors_fails_rather_than_count_short(tmp_path: Path) -> None:
+    """A directory the quota's count, the search for partial files or a listing
+    cannot open for want of a descriptor raises; one that is gone, or a
+    symlink, is passed over. (Every open failure passed its directory over
+    as if gone: the first version of the walk that holds a directory open
+    per level counted short, without a word, under every odd limit from 11
+    to 39 descriptors; the walk before it failed on a directory's reading
+    first, by luck.)"""
+    deep = tmp_path / "root" / "/".join(f"d{i}" for i in range(40))
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"deep")
+    (deep / ".conduit-partial-1-g").write_bytes(b"partial")
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "root" / "d0", target_is_directory=True)
+    # Under each limit from too few descriptors to enough, each walk either
+    # raises or finds everything (which limit makes which open fail depends
+    # on what the interpreter holds: so every one in between is tried).
+    script = f"""
+import resource
+from conduit.transfer._storage import StorageRoot
+root = StorageRoot({str(tmp_path / "root")!r})
+walks = {{
+    "stored_bytes": root.stored_bytes,
+    "list_partials": lambda: [(p.directories, p.basename) for p in root.list_partials()],
+    "list_files": lambda: [e.name for e in root.list_files()],
+}}
+whole = {{name: walk() for name, walk in walks.items()}}
+assert whole["list_files"] == ["/".join(f"d{{i}}" for i in range(40)) + "/f"], whole
+assert len(whole["list_partials"]) == 1, whole
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+for limit in range(10, 80):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    for name, walk in walks.items():
+        try:
+            found = walk()
+        except OSError as exc:
+            print(limit, name, "raised", exc.errno)
+        else:
+            print(limit, name, "whole" if found == whole[name] else "short")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    outcomes = [line.split(" ", 2)[2] for line in done.stdout.splitlines()]
+    assert "short" not in outcomes, done.stdout
+    assert f"raised {errno.EMFILE}" in outcomes, done.stdout  # the limits were low enough
+    assert outcomes[-3:] == ["whole"] * 3, done.stdout  # and high enough
 
 
 def test_the_walks_of_every_entry_hold_one_entry_per_level(tmp_path: Path) -> None:

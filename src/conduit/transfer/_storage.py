@@ -121,6 +121,11 @@ _DEFAULT_MAX_ENTRIES: Final = 100_000
 #: takes as many as the listing asks for, when more): each slice past the
 #: first reads the directory again.
 _LISTING_SLICE: Final = 256
+#: What a listing's slices grow to, doubling at each reading of a directory
+#: after the first (when the listing asks for fewer): a directory of many
+#: entries that list nothing (empty directories) is read a few times, not
+#: once per 256 of them.
+_LISTING_SLICE_GROWN: Final = 4096
 
 # errno values meaning "this file system cannot make hard links".
 _NO_HARDLINK_ERRNOS: Final = frozenset(
@@ -380,17 +385,18 @@ class StorageRoot:
                 root_fd = None
         if root_fd is None:
             return entries
-        if max_entries == 0:
-            return entries
-        slice_size = max(max_entries, _LISTING_SLICE)
-        walk = _walk_directory(root_fd, segments, after=after, slice_size=slice_size)
-        with _closing(root_fd), closing(walk):
-            for _directory, entry, relative in walk:
-                listed = _listing_entry(entry, relative)
-                if listed is not None:
-                    entries.append(listed)
-                    if len(entries) == max_entries:
-                        break
+        with _closing(root_fd):
+            if max_entries == 0:
+                return entries
+            slice_size = max(max_entries, _LISTING_SLICE)
+            walk = _walk_directory(root_fd, segments, after=after, slice_size=slice_size)
+            with closing(walk):
+                for _directory, entry, relative in walk:
+                    listed = _listing_entry(entry, relative)
+                    if listed is not None:
+                        entries.append(listed)
+                        if len(entries) == max_entries:
+                            break
         return entries  # in name order: the walk's
 
     def free_space(self) -> int:
@@ -1702,35 +1708,61 @@ _PARTIAL_WALK_DEPTH: Final = 128 + MAX_DEPTH
 
 
 def _walk_tree(root_fd: int, max_depth: int = MAX_DEPTH, prefix: tuple[str, ...] = ()) -> _Walk:
-    """Yield (directory fd, entry, relative name) for the entries below the root.
+    """Yield (directory fd, entry, relative name) for the entries below ``root_fd``,
+    whose own name is ``prefix``.
 
-    Depth-first, in the order the directories hold their entries (the walks
-    that visit every entry need no other, and so hold one entry per level
-    at a time, not each directory's entries: the quota's count of a
-    directory of 150,000 files, read whole and sorted, held 120 MB until
-    2026-12-08); hidden entries are yielded (cleanup
-    needs the partial files) but hidden directories are not entered, nor are
-    symlinks, nor directories past ``max_depth`` segments. A directory that
-    is replaced while the walk runs is skipped, not followed.
+    In the order each directory gives its entries, a directory's
+    subdirectories after its reading has ended: the walks that visit every
+    entry need no other order, and so hold the names of a directory's
+    subdirectories, not all its entries (the quota's count of a directory of
+    150,000 files, read whole and sorted, held 120 MB until 2026-12-08), and
+    one open directory per level (two descriptors while it is read). Hidden
+    entries are yielded (cleanup needs the partial files) but hidden
+    directories are not entered, nor are symlinks, nor directories past
+    ``max_depth`` segments. A directory that is replaced while the walk runs
+    is skipped, not followed; one that cannot be opened for another reason
+    (no descriptor left) raises, rather than go uncounted.
     """
     base = "/".join(prefix) + "/" if prefix else ""
+    below: list[str] = []
     with os.scandir(root_fd) as iterator:
         for entry in iterator:
             yield root_fd, entry, base + entry.name
             if entry.name.startswith(".") or len(prefix) + 1 >= max_depth:
                 continue
-            try:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-                child = os.open(entry.name, _DIR_FLAGS, dir_fd=root_fd)
-            except OSError:
-                continue  # removed or swapped for a symlink since the scan
+            with suppress(OSError):  # gone since the scan: nothing below it to walk
+                if entry.is_dir(follow_symlinks=False):
+                    below.append(entry.name)
+    for name in below:
+        child = _open_walked_directory(root_fd, name)
+        if child is not None:
             with _closing(child):
-                yield from _walk_tree(child, max_depth, (*prefix, entry.name))
+                yield from _walk_tree(child, max_depth, (*prefix, name))
+
+
+def _open_walked_directory(dir_fd: int, name: str) -> int | None:
+    """The directory a walk found, opened; None if it is gone, or no longer a
+    directory (a symlink, which is never followed, or a file), or unreadable.
+
+    Any other failure raises (no descriptor left, an I/O error): a walk that
+    went on without the directory would count or list the tree short.
+    """
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _WALK_SKIPPED_ERRNOS:
+            return None
+        raise
+
+
+#: Why a directory a walk found may not open, and is passed over.
+_WALK_SKIPPED_ERRNOS: Final = frozenset(
+    {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES, errno.EPERM}
+)
 
 
 def _walk_key(entry: os.DirEntry[str]) -> str:
-    """What orders a directory's children so that the walk yields relative names in
+    """What orders a directory's children so that a listing's walk yields relative names in
     name order: a directory ``a`` sorts as ``a/``, as every name below it starts
     (``a-z.txt``, then ``a/b``, then ``a0``)."""
     try:
@@ -1765,39 +1797,46 @@ def _walk_directory(
         else:
             rest = after[len(base) :]
     walked: str | None = None  # the key of the last child walked
+    most = slice_size
     while True:
-        children = _children(dir_fd, rest, walked, slice_size)
+        children = _children(dir_fd, rest, walked, most)
         for key, entry in children:
             yield dir_fd, entry, base + entry.name
-            if entry.name.startswith(".") or len(prefix) + 1 >= max_depth:
+            if len(prefix) + 1 >= max_depth or not key.endswith("/"):
                 continue
-            if key.endswith("/"):
-                try:
-                    child = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
-                except OSError:
-                    continue  # removed or swapped for a symlink since the scan
-                # ``after`` goes on below only if it lies there: else every
-                # name below comes after it.
-                below = after if rest is not None and rest.startswith(key) else None
-                with _closing(child):
-                    yield from _walk_directory(
-                        child, (*prefix, entry.name), max_depth, below, slice_size
-                    )
-        if len(children) < slice_size:
+            child = _open_walked_directory(dir_fd, entry.name)
+            if child is None:
+                continue
+            # ``after`` goes on below only if it lies there: else every name
+            # below comes after it.
+            below = after if rest is not None and rest.startswith(key) else None
+            with _closing(child):
+                yield from _walk_directory(
+                    child, (*prefix, entry.name), max_depth, below, slice_size
+                )
+        if len(children) < most:
             return
         walked = children[-1][0]
+        most = max(most, min(most * 2, _LISTING_SLICE_GROWN))
 
 
 def _children(
     dir_fd: int, after: str | None, walked: str | None, most: int
 ) -> list[tuple[str, os.DirEntry[str]]]:
-    """The children of the directory ``dir_fd`` still to walk, with their
-    :func:`_walk_key`, in its order: those whose key comes after ``walked``,
-    and that are named after ``after`` (named from this directory) or are a
-    directory ``after`` lies below; the first ``most`` of them."""
+    """The children of the directory ``dir_fd`` a listing still has to walk,
+    with their :func:`_walk_key`, in key order: files and directories, not
+    hidden, whose key comes after ``walked``, and that are named after
+    ``after`` (named from this directory) or are a directory ``after`` lies
+    below; the first ``most`` of them.
+
+    What a listing never shows (hidden names, symlinks, special files) is
+    left out here, before the slice is cut: 20,000 hidden files ahead of a
+    page's first file took 78 readings of their directory when they filled
+    the slices.
+    """
     with os.scandir(dir_fd) as iterator:
         keyed: Iterator[tuple[str, os.DirEntry[str]]] = (
-            (_walk_key(entry), entry) for entry in iterator
+            (_walk_key(entry), entry) for entry in iterator if _may_list(entry)
         )
         if walked is not None:
             keyed = (child for child in keyed if child[0] > walked)
@@ -1809,6 +1848,17 @@ def _children(
             )
         # (Keys are unique, as names are: entries themselves are never compared.)
         return heapq.nsmallest(most, keyed)
+
+
+def _may_list(entry: os.DirEntry[str]) -> bool:
+    """Whether a listing's walk may show ``entry`` or something below it: a
+    directory or a regular file (never followed through a link), not hidden."""
+    if entry.name.startswith("."):
+        return False
+    try:
+        return entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False  # gone since the scan
 
 
 def _listing_entry(entry: os.DirEntry[str], relative: str) -> FileEntry | None:
