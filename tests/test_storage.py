@@ -1372,8 +1372,8 @@ def test_what_a_listing_never_shows_takes_no_room_in_its_slices(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hidden files, symlinks and FIFOs ahead of a page's first file are left
-    out before a directory's slice is cut (20,000 hidden files filled 78
-    slices, and their directory was read 78 times for a page of two), and
+    out before a directory's slice is cut (20,000 hidden files filled 79
+    slices, and their directory was read 79 times for a page of two), and
     the slices grow while a directory's children list nothing (3,000 empty
     directories: 4 readings, not 12)."""
     readings: list[int] = []

@@ -1831,7 +1831,7 @@ def _children(
 
     What a listing never shows (hidden names, symlinks, special files) is
     left out here, before the slice is cut: 20,000 hidden files ahead of a
-    page's first file took 78 readings of their directory when they filled
+    page's first file took 79 readings of their directory when they filled
     the slices.
     """
     with os.scandir(dir_fd) as iterator:
