@@ -1277,6 +1277,32 @@ def test_a_resume_takes_the_hash_kept_at_close_and_reads_only_what_it_lacks(
     rest.close()
 
 
+def test_a_removed_partial_takes_its_kept_hash_with_it(storage: StorageRoot) -> None:
+    """Each way a partial goes (expired by the sweep, evicted or dropped by
+    its directory, discarded by name) forgets the hash kept for it at its
+    close (until 2026-12-08 those stayed until 10,000 later ones pushed them
+    out); a partial that stays keeps its own."""
+    from conduit.transfer._prefix_digests import PREFIX_DIGESTS
+
+    def kept(status: os.stat_result) -> bool:
+        return (status.st_dev, status.st_ino) in PREFIX_DIGESTS._kept
+
+    ids = [f"{i:032x}" for i in range(1, 5)]
+    paths = [storage.path / partial_basename("kept.bin", tid) for tid in ids]
+    for transfer_id in ids:
+        partial = storage.open_partial("kept.bin", transfer_id, resume=False)
+        partial.write_block(b"some bytes")
+        partial.close()
+    stats = [path.stat() for path in paths]
+    assert all(kept(status) for status in stats)
+    os.utime(paths[0], (1, 1))  # old enough for the sweep
+    assert storage.cleanup_stale_partials(3600) == 1
+    assert storage.remove_idle_partial((), paths[1].name)
+    assert storage.discard_partial("kept.bin", ids[2])
+    assert storage.remove_other_partials("kept.bin", ids[3]) == 0  # its own stays
+    assert [kept(status) for status in stats] == [False, False, False, True]
+
+
 def test_a_listing_is_in_name_order_and_pages_from_any_name(tmp_path: Path) -> None:
     """The walk yields names in plain name order (``a-z.txt`` and ``a.txt``
     before ``a/b``, which comes before ``a0``), so a listing cut at N files

@@ -16,7 +16,8 @@ resume that finds the file so takes the hash over instead of reading it;
 one that finds it otherwise reads it whole, as before. A hash stopped part
 way (its transfer given up) keeps what it read, and the next resume reads
 on from there. Bounded: the last :data:`MAX_KEPT` partials, a hash object
-(about 200 bytes) each.
+(about 200 bytes) each; a partial this process removes (expired, evicted,
+discarded) takes its hash with it.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ class PrefixDigests:
         ):
             return None
         return kept.hashed, kept.digest
+
+    def forget(self, stat: os.stat_result) -> None:
+        """Forget the hash kept for the file ``stat`` describes, if any: it is
+        being removed (its entry would otherwise stay until the table's
+        bound pushed it out)."""
+        with self._lock:
+            self._kept.pop((stat.st_dev, stat.st_ino), None)
 
     def __len__(self) -> int:
         return len(self._kept)

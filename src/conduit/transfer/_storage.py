@@ -1434,6 +1434,7 @@ def _remove_regular(dir_fd: int, entry: str) -> bool:
     if info is None or not stat.S_ISREG(info.st_mode):
         return False
     _unlink_quietly(dir_fd, entry)
+    PREFIX_DIGESTS.forget(info)
     return True
 
 
@@ -1954,4 +1955,5 @@ def _remove_if_idle(dir_fd: int, entry: str) -> bool:
         if not _same_file(dir_fd, entry, fd):
             return False
         _unlink_quietly(dir_fd, entry)
+        PREFIX_DIGESTS.forget(os.fstat(fd))
     return True
