@@ -22,6 +22,7 @@ The full-size figures are in ``benchmarks/scenarios/disk_abuse.py``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -51,6 +52,7 @@ from conftest import (
 )
 from hostile_helpers import MiB, hostile
 from transfer_helpers import (
+    BudgetSettings,
     Cutter,
     file_sha256,
     make_file,
@@ -1396,3 +1398,41 @@ async def test_quota_and_read_only(
     assert visible_files(storage / "carol") == ["first.bin"]
     assert partial_files(storage) == []
     assert not (storage / "dave").exists() or visible_files(storage / "dave") == []
+
+
+async def test_an_index_of_partials_that_failed_to_load_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The index of the partial files already on disk, loaded at a run's first
+    upload, is tried again at an upload :data:`_space.INDEX_RETRY_PAUSE`
+    after a load that failed (a walk short of descriptors raises now): until
+    2026-12-08 a failed load left the index empty for the rest of the run,
+    and no partial left from before was expired, counted or evicted."""
+    storage = StorageRoot(tmp_path / "storage")
+    left = storage.open_partial("left.bin", "0" * 32, resume=False)
+    left.write_block(b"left from before")
+    left.close()
+    budget = _space.DiskBudget(BudgetSettings(storage))
+    real = StorageRoot.list_partials
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def failing_once(root: StorageRoot) -> list[Any]:
+        if failures:
+            raise failures.pop()
+        return real(root)
+
+    monkeypatch.setattr(StorageRoot, "list_partials", failing_once)
+
+    async def upload(name: str) -> None:
+        admission = await budget.admit(None, name, 1, None, restart=False)
+        assert admission.partial is not None
+        await trio.to_thread.run_sync(admission.partial.discard)
+        await budget.release(admission)
+
+    await upload("first.bin")
+    assert not failures and len(budget._abandoned) == 0
+    await upload("soon.bin")  # within the pause: not tried yet
+    assert len(budget._abandoned) == 0
+    await trio.sleep(_space.INDEX_RETRY_PAUSE)
+    await upload("later.bin")
+    assert len(budget._abandoned) == 1  # left.bin's, indexed

@@ -17,7 +17,6 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-import attrs
 import pytest
 
 from conduit.errors import ChecksumMismatch, TransferError
@@ -25,6 +24,7 @@ from conduit.transfer import _space, _storage
 from conduit.transfer._names import check_transfer_id, is_partial_name
 from conduit.transfer._space import DiskBudget, OneShotAdmitter
 from conduit.transfer._storage import ENTRY_ALLOWANCE, StorageRoot
+from transfer_helpers import BudgetSettings
 
 TID = "one-shot-1"
 
@@ -142,19 +142,6 @@ def test_publish_under_another_name(storage: StorageRoot, mode: str) -> None:
     assert not any(is_partial_name(name) for name in entries(storage.path))
 
 
-@attrs.define
-class _Settings:
-    """What :class:`DiskBudget` reads (the handler's settings, for a budget alone)."""
-
-    storage: StorageRoot
-    max_file_size: int | None = None
-    overwrite: bool = False
-    partial_ttl: float = 3600.0
-    free_space_margin: int = 0
-    max_partial_bytes: int | None = None
-    max_reserved_per_user: int | None = None
-
-
 def test_a_written_one_shot_file_still_counts_against_the_quota(
     storage: StorageRoot, mode: str
 ) -> None:
@@ -162,7 +149,7 @@ def test_a_written_one_shot_file_still_counts_against_the_quota(
     # the first one's bytes, written but not yet linked, must still count, or
     # the second is admitted over the quota. Anonymous bytes are invisible to
     # the quota's walk of the tree, so their reservation stays whole.
-    budget = DiskBudget(_Settings(storage))
+    budget = DiskBudget(BudgetSettings(storage))
     storage.ensure()
     # Two files of 4096 bytes, their entries (one is counted once stored) and
     # the root directory's own size.
@@ -214,7 +201,7 @@ def test_one_shot_ids_are_unique_without_a_random_draw_per_file(
     # A one-shot file's transfer id comes from a secret drawn once per process
     # and a counter: no getrandom per file. Each admission's id is new, valid
     # as a partial's name, and (named fallback, overwrite) names its own temporary.
-    budget = DiskBudget(_Settings(storage))
+    budget = DiskBudget(BudgetSettings(storage))
     admitter = OneShotAdmitter(budget, None, storage, (), "host:127.0.0.1", None, 0.0)
 
     def no_draw(_nbytes: int | None = None) -> str:

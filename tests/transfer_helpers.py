@@ -27,6 +27,7 @@ from conduit import Client, ClientDescriptor, FileTransferHandler, Server, Serve
 from conduit._connection import Connection
 from conduit.transfer._names import partial_basename
 from conduit.transfer._space import owned_transfer_id
+from conduit.transfer._storage import StorageRoot
 from conftest import Direction, ServerFactory, Tamper, TcpProxy
 from hostile_names import PARTIAL_PREFIX
 
@@ -57,6 +58,20 @@ LOOPBACK_OWNER = "host:127.0.0.1"
 def upload_partial_name(name: str, key: str, owner: str = LOOPBACK_OWNER) -> str:
     """The basename of the partial file a server keeps for ``owner``'s upload of ``name``."""
     return partial_basename(name, owned_transfer_id(key, owner))
+
+
+@attrs.define
+class BudgetSettings:
+    """What :class:`~conduit.transfer._space.DiskBudget` reads (the handler's
+    settings, for a budget alone)."""
+
+    storage: StorageRoot
+    max_file_size: int | None = None
+    overwrite: bool = False
+    partial_ttl: float = 3600.0
+    free_space_margin: int = 0
+    max_partial_bytes: int | None = None
+    max_reserved_per_user: int | None = None
 
 
 class LinkCounter:

@@ -99,6 +99,10 @@ MAX_ABANDONED_PER_OWNER = 64
 #: addresses (an IPv6 /48 holds 65,536 of the /64s owners are keyed by).
 MAX_ABANDONED = 10_000
 
+#: Seconds before an index of the partial files that failed to load is tried
+#: again (at the next upload after them).
+INDEX_RETRY_PAUSE = 30
+
 #: Seconds a quota user's counted bytes stand as a bound before their tree is
 #: walked again: files put into a root behind the server's back count from then.
 USAGE_RECOUNT_SECONDS = 60.0
@@ -405,6 +409,8 @@ class DiskBudget:
         self._forgot_at = time.monotonic()
         # Per Trio run: the sweeper task, its wake-up event, the index load.
         self._token: trio.lowlevel.TrioToken | None = None
+        # The run and the time of the last index load that failed.
+        self._index_failed: tuple[trio.lowlevel.TrioToken, float] | None = None
         self._sweeping = False
         self._wake = trio.Event()
         self._loaded = trio.Event()
@@ -477,7 +483,7 @@ class DiskBudget:
 
     async def _ensure_running(self) -> None:
         token = trio.lowlevel.current_trio_token()
-        if self._token is not token:
+        if self._token is not token and not self._index_failed_lately(token):
             # A new Trio run (or the first): the index's expiries were on another
             # clock, so load it afresh from the disk, once.
             self._token = token
@@ -488,8 +494,16 @@ class DiskBudget:
                 await _threads.run_sync(self._load_sync, trio.current_time())
             except Exception:
                 log.exception(
-                    "could not index the partial files in %s", self._settings.storage.path
+                    "could not index the partial files in %s (tried again at an upload "
+                    "%d s from now)",
+                    self._settings.storage.path,
+                    INDEX_RETRY_PAUSE,
                 )
+                # Tried again: an index missing for the rest of the run would
+                # expire, count and evict no partial (a walk that ran out of
+                # descriptors once, say). Meanwhile uploads go on without it.
+                self._token = None
+                self._index_failed = (token, trio.current_time())
             finally:
                 self._loaded.set()
             self._wake_sweeper()
@@ -497,6 +511,15 @@ class DiskBudget:
             # Loaded already (every call but the first few): no checkpoint
             # here; the callers' own worker-thread hop is one.
             await self._loaded.wait()
+
+    def _index_failed_lately(self, token: trio.lowlevel.TrioToken) -> bool:
+        """Whether this run's index failed to load less than :data:`INDEX_RETRY_PAUSE` ago."""
+        failed = self._index_failed
+        return (
+            failed is not None
+            and failed[0] is token
+            and trio.current_time() - failed[1] < INDEX_RETRY_PAUSE
+        )
 
     def _wake_sweeper(self) -> None:
         """Make sure a sweeper is waiting for the earliest expiry (it stops when none is left)."""

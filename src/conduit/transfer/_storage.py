@@ -381,7 +381,16 @@ class StorageRoot:
             segments = tuple(safe.split("/"))
             try:
                 root_fd = self._open_directory(segments, safe, create=False)
-            except (OSError, UnsafePathError, TransferError):
+            except (
+                FileNotFoundError,
+                NotADirectoryError,
+                PermissionError,
+                UnsafePathError,
+                TransferError,
+            ):
+                # Not a directory here (or not one we may read): nothing
+                # below it. Anything else (no descriptor left) raises: an
+                # empty listing would say the directory holds nothing.
                 root_fd = None
         if root_fd is None:
             return entries
@@ -1848,7 +1857,12 @@ def _children(
                 if key > after or (key.endswith("/") and after.startswith(key))
             )
         # (Keys are unique, as names are: entries themselves are never compared.)
-        return heapq.nsmallest(most, keyed)
+        first = list(itertools.islice(keyed, most))
+        past = next(keyed, None)
+        if past is None:  # the directory fits the slice (most do): a plain sort
+            first.sort()
+            return first
+        return heapq.nsmallest(most, itertools.chain(first, (past,), keyed))
 
 
 def _may_list(entry: os.DirEntry[str]) -> bool:
