@@ -39,7 +39,7 @@ import trio
 from conduit import Client, FileTransferHandler, Server
 from conduit.accounts import MIN_STRETCH, Accounts
 from conduit.transfer import _space
-from conduit.transfer._names import is_partial_name
+from conduit.transfer._names import is_partial_name, partial_basename
 from conduit.transfer._storage import ENTRY_ALLOWANCE, StorageRoot
 from conduit.transfer._wire import transfer_key
 from conftest import (
@@ -1401,13 +1401,14 @@ async def test_quota_and_read_only(
 
 
 async def test_an_index_of_partials_that_failed_to_load_is_tried_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
 ) -> None:
     """The index of the partial files already on disk, loaded at a run's first
-    upload, is tried again at an upload :data:`_space.INDEX_RETRY_PAUSE`
-    after a load that failed (a walk short of descriptors raises now): until
-    2026-12-08 a failed load left the index empty for the rest of the run,
-    and no partial left from before was expired, counted or evicted."""
+    upload, is tried again at the first upload :data:`_space.INDEX_RETRY_PAUSE`
+    or more after a load that failed (a walk short of descriptors raises
+    now): until 2026-12-08 a failed load left the index empty for the rest of
+    the run, and no partial left from before was expired, counted or
+    evicted. The retry indexes no partial of an upload still in progress."""
     storage = StorageRoot(tmp_path / "storage")
     left = storage.open_partial("left.bin", "0" * 32, resume=False)
     left.write_block(b"left from before")
@@ -1430,9 +1431,14 @@ async def test_an_index_of_partials_that_failed_to_load_is_tried_again(
         await budget.release(admission)
 
     await upload("first.bin")
-    assert not failures and len(budget._abandoned) == 0
+    assert not failures and not budget._abandoned
+    running = await budget.admit(None, "running.bin", 100, "k" * 32, restart=False)
+    assert running.partial is not None
+    await trio.to_thread.run_sync(running.partial.write_block, b"x" * 10)
     await upload("soon.bin")  # within the pause: not tried yet
-    assert len(budget._abandoned) == 0
-    await trio.sleep(_space.INDEX_RETRY_PAUSE)
+    assert not budget._abandoned
+    mock_clock.jump(_space.INDEX_RETRY_PAUSE)
     await upload("later.bin")
-    assert len(budget._abandoned) == 1  # left.bin's, indexed
+    assert [path[-1] for path in budget._abandoned] == [partial_basename("left.bin", "0" * 32)]
+    await trio.to_thread.run_sync(running.partial.discard)
+    await budget.release(running)

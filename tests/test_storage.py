@@ -38,6 +38,7 @@ from conduit.transfer._names import (
     partial_basename,
     safe_relative_name,
 )
+from conduit.transfer._prefix_digests import PREFIX_DIGESTS
 from conduit.transfer._stoppable import Stopped
 from conduit.transfer._storage import FileEntry, PartialFile, StorageRoot
 from conftest import open_descriptors, opened_since
@@ -1282,7 +1283,6 @@ def test_a_removed_partial_takes_its_kept_hash_with_it(storage: StorageRoot) -> 
     its directory, discarded by name) forgets the hash kept for it at its
     close (until 2026-12-08 those stayed until 10,000 later ones pushed them
     out); a partial that stays keeps its own."""
-    from conduit.transfer._prefix_digests import PREFIX_DIGESTS
 
     def kept(status: os.stat_result) -> bool:
         return (status.st_dev, status.st_ino) in PREFIX_DIGESTS._kept

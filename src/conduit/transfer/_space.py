@@ -485,17 +485,19 @@ class DiskBudget:
         token = trio.lowlevel.current_trio_token()
         if self._token is not token and not self._index_failed_lately(token):
             # A new Trio run (or the first): the index's expiries were on another
-            # clock, so load it afresh from the disk, once.
+            # clock, so load it afresh from the disk (once, unless that fails).
+            failed = self._index_failed
+            retry = failed is not None and failed[0] is token
             self._token = token
             self._sweeping = False
             self._wake = trio.Event()
             self._loaded = trio.Event()
             try:
-                await _threads.run_sync(self._load_sync, trio.current_time())
+                await _threads.run_sync(self._load_sync, trio.current_time(), retry)
             except Exception:
                 log.exception(
-                    "could not index the partial files in %s (tried again at an upload "
-                    "%d s from now)",
+                    "could not index the partial files in %s (tried again at the first "
+                    "upload %d s or more from now)",
                     self._settings.storage.path,
                     INDEX_RETRY_PAUSE,
                 )
@@ -560,14 +562,24 @@ class DiskBudget:
 
     # ------------------------------------------------------------------ worker-thread side
 
-    def _load_sync(self, now: float) -> None:
+    def _load_sync(self, now: float, retry: bool) -> None:
+        """Index the partial files on disk, their expiries on this run's clock.
+
+        ``retry``: a load after one of this run failed, while uploads went on:
+        what they left is indexed already (with its owner), and stays so. The
+        partials of uploads in progress are not abandoned: never indexed.
+        """
         wall = time.time()
         ttl = self._settings.partial_ttl
         found = self._settings.storage.list_partials()
         with self._lock:
-            self._abandoned.clear()
+            if not retry:
+                self._abandoned.clear()
+            active = {admission.path for admission in self._active}
             for entry in found:
                 path = (*entry.directories, entry.basename)
+                if path in active or path in self._abandoned:
+                    continue
                 expires = now + max(0.0, entry.modified + ttl - wall)
                 self._abandoned[path] = _Abandoned(path, "", entry.size, entry.modified, expires)
 

@@ -1442,8 +1442,9 @@ def _remove_regular(dir_fd: int, entry: str) -> bool:
     info = _lstat(dir_fd, entry)
     if info is None or not stat.S_ISREG(info.st_mode):
         return False
-    _unlink_quietly(dir_fd, entry)
+    # Forgotten first: once unlinked, the inode may be a new partial's.
     PREFIX_DIGESTS.forget(info)
+    _unlink_quietly(dir_fd, entry)
     return True
 
 
@@ -1784,7 +1785,6 @@ def _walk_key(entry: os.DirEntry[str]) -> str:
 def _walk_directory(
     dir_fd: int,
     prefix: tuple[str, ...],
-    max_depth: int = MAX_DEPTH,
     after: str | None = None,
     slice_size: int = _LISTING_SLICE,
 ) -> _Walk:
@@ -1792,10 +1792,12 @@ def _walk_directory(
     ``prefix``, in name order; with ``after``, only the entries named after it
     (a directory all of whose names come before it is not even read).
 
-    At most ``slice_size`` of a directory's children are held at once (the
-    first by name of those not yet walked), and a directory with more is
-    read again for the next ones: a listing's memory stays bounded by the
-    slice and the depth whatever a directory holds (150,000 files in one,
+    A slice of a directory's children is held at once (the first by name of
+    those not yet walked: ``slice_size`` of them, and a slice smaller than
+    :data:`_LISTING_SLICE_GROWN` doubles at each new reading, up to it), and
+    a directory with more is read again for the next ones: a listing's
+    memory stays bounded by the slice and the depth (:data:`MAX_DEPTH`)
+    whatever a directory holds (150,000 files in one,
     read whole and sorted, held 30 MB for a page of two, until 2026-12-08).
     """
     base = "/".join(prefix) + "/" if prefix else ""
@@ -1812,7 +1814,7 @@ def _walk_directory(
         children = _children(dir_fd, rest, walked, most)
         for key, entry in children:
             yield dir_fd, entry, base + entry.name
-            if len(prefix) + 1 >= max_depth or not key.endswith("/"):
+            if len(prefix) + 1 >= MAX_DEPTH or not key.endswith("/"):
                 continue
             child = _open_walked_directory(dir_fd, entry.name)
             if child is None:
@@ -1821,9 +1823,7 @@ def _walk_directory(
             # below comes after it.
             below = after if rest is not None and rest.startswith(key) else None
             with _closing(child):
-                yield from _walk_directory(
-                    child, (*prefix, entry.name), max_depth, below, slice_size
-                )
+                yield from _walk_directory(child, (*prefix, entry.name), below, slice_size)
         if len(children) < most:
             return
         walked = children[-1][0]
