@@ -1400,6 +1400,17 @@ async def test_quota_and_read_only(
     assert not (storage / "dave").exists() or visible_files(storage / "dave") == []
 
 
+@hostile(
+    "disk-partial-index-retry",
+    area="disk",
+    attack="the walk that indexes the partial files already on disk (at a run's first "
+    "upload) fails, as one short of descriptors does; uploads go on, one left running",
+    behaviour="the index is tried again at the first upload INDEX_RETRY_PAUSE (30 s) or more "
+    "later: the partial left from before is indexed (expired, counted, evicted as any), the "
+    "running upload's is not",
+    found="a failed load left the index empty for the rest of the run: no partial from "
+    "before was expired, counted or evicted until a restart",
+)
 async def test_an_index_of_partials_that_failed_to_load_is_tried_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
 ) -> None:
