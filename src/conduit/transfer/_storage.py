@@ -1797,8 +1797,8 @@ def _walk_directory(
     :data:`_LISTING_SLICE_GROWN` doubles at each new reading, up to it), and
     a directory with more is read again for the next ones: a listing's
     memory stays bounded by the slice and the depth (:data:`MAX_DEPTH`)
-    whatever a directory holds (150,000 files in one,
-    read whole and sorted, held 30 MB for a page of two, until 2026-12-08).
+    whatever a directory holds (150,000 files in one, read whole and sorted,
+    held 30 MB for a page of two, until 2026-12-08).
     """
     base = "/".join(prefix) + "/" if prefix else ""
     rest = None  # ``after`` as named from this directory
