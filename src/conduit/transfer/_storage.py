@@ -1877,8 +1877,9 @@ def _may_list(entry: os.DirEntry[str]) -> bool:
 
 
 def _listing_entry(entry: os.DirEntry[str], relative: str) -> FileEntry | None:
-    """The listing row for ``entry``, or None if it must not be listed."""
-    if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+    """The listing row for ``entry`` (one :func:`_may_list` let through), or None
+    if it must not be listed: a directory, or a name not downloadable as it is."""
+    if not entry.is_file(follow_symlinks=False):
         return None
     try:
         if safe_relative_name(relative) != relative:
